@@ -1,0 +1,71 @@
+"""Backend registry: which implementation of the hot paths runs an op.
+
+``GUIDEDROP_BACKEND=reference|triton|cuda`` forces one (read at every call) and fails
+loudly, with the reason, when it is unavailable or cannot take the input; ``auto`` (the
+default) takes the first available kernel backend that supports the input, in the
+order of :data:`AUTO_ORDER`, and the reference otherwise (CPU tensors, float64).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+MODULES = {
+    "reference": "guidedrop.reference",
+    "triton": "guidedrop.triton_kernels",
+    "cuda": "guidedrop.cuda_backend",
+}
+# Triton first: it is the backend the benchmarks measured; cuda takes over where it is
+# the only one available.
+AUTO_ORDER = ("triton", "cuda")
+
+_loaded: dict[str, tuple[ModuleType | None, str]] = {"reference": (reference, "")}
+
+
+def load(name: str) -> tuple[ModuleType | None, str]:
+    """(module, "") when backend ``name`` is usable here, else (None, why not)."""
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(MODULES[name])
+            why = mod.unavailable() if hasattr(mod, "unavailable") else ""
+            _loaded[name] = (None, why) if why else (mod, "")
+        except ImportError as e:  # triton or guidedrop._C missing
+            _loaded[name] = (None, f"{MODULES[name]} does not import ({e})")
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    return [name for name in MODULES if load(name)[0] is not None]
+
+
+def requested() -> str:
+    name = os.environ.get("GUIDEDROP_BACKEND", "auto").strip().lower() or "auto"
+    if name != "auto" and name not in MODULES:
+        raise ValueError(f"GUIDEDROP_BACKEND must be one of auto, {', '.join(MODULES)}; got {name!r}")
+    return name
+
+
+def _unsupported(mod: ModuleType, x: torch.Tensor) -> str:
+    return mod.unsupported(x) if hasattr(mod, "unsupported") else ""
+
+
+def backend_for(x: torch.Tensor) -> ModuleType:
+    """The backend module that runs an op on ``x``."""
+    name = requested()
+    if name != "auto":
+        mod, why = load(name)
+        why = why or _unsupported(mod, x)
+        if why:
+            raise RuntimeError(f"GUIDEDROP_BACKEND={name}, but it cannot run here: {why}")
+        return mod
+    for name in AUTO_ORDER:
+        mod, _ = load(name)
+        if mod is not None and not _unsupported(mod, x):
+            return mod
+    return reference

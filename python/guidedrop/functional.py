@@ -1,0 +1,169 @@
+"""Functional form of every layer: validate, dispatch to a backend, apply with autograd.
+
+Every op takes ``x: (N, C, H, W)`` (float32/float16/bfloat16, float64 on the reference
+path; contiguous, channels_last or strided) and returns a tensor of x's shape, dtype and
+memory format. ``training=False`` or a rate of 0 returns ``x`` itself. ``noise`` (uniforms
+in [0, 1) of the shape each op names, on x's device) makes the op a deterministic
+function of ``(x, noise)`` on every backend; without it the randomness comes from
+``generator`` (default: torch's generator for x's device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validation as V
+from . import autograd, dispatch, layers
+
+
+def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    backend = dispatch.backend_for(x)
+    with torch.no_grad():
+        plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)
+    return x if plan is None else autograd.apply(backend, plan, x)
+
+
+def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
+    """Whether the op is the identity: eval mode, a zero rate, or an empty tensor."""
+    return not training or any(r == 0 for r in rates) or x.numel() == 0
+
+
+def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=None,
+             generator=None):
+    """CorrDrop (SPEC §2): drop k x k blocks of weakly correlated pooled positions.
+
+    x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size.
+    """
+    V.feature_map(x)
+    V.real("p", p)
+    V.block_size(block_size)
+    V.choice("normalize", normalize, V.NORMALIZE)
+    n, _, h, w = x.shape
+    V.noise(noise, (2, n, math.ceil(h / block_size), math.ceil(w / block_size)), x)
+    if _idle(x, training, p):
+        return x
+    return _run("corrdrop", x, p, block_size, normalize=normalize, noise=noise,
+                generator=generator)
+
+
+def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, generator=None):
+    """SelectScale (SPEC §3): scale the top channels by max |x| by U[retain, 2 - retain].
+
+    x: (N, C, H, W); noise: (N, C).
+    """
+    V.feature_map(x)
+    V.real("top_rate", top_rate)
+    V.real("retain", retain)
+    V.noise(noise, x.shape[:2], x)
+    if _idle(x, training, 1 - retain):
+        return x
+    return _run("selectscale", x, top_rate, retain, noise=noise, generator=generator)
+
+
+def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
+    """SpatialScale (SPEC §3): scale every channel by U[retain, 2 - retain].
+
+    x: (N, C, H, W); noise: (N, C).
+    """
+    V.feature_map(x)
+    V.real("retain", retain)
+    V.noise(noise, x.shape[:2], x)
+    if _idle(x, training, 1 - retain):
+        return x
+    return _run("spatialscale", x, retain, noise=noise, generator=generator)
+
+
+def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator=None):
+    """Selectout (SPEC §3): drop round((1-keep) C) of the top channels, scale the rest 1/keep.
+
+    x: (N, C, H, W); noise: (N, C).
+    """
+    V.feature_map(x)
+    V.real("top_rate", top_rate)
+    V.real("keep", keep, open_lo=True)
+    V.noise(noise, x.shape[:2], x)
+    c = x.shape[1]
+    n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
+    if c > 0 and n_drop > n_top:
+        raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more than "
+                         f"the {n_top} candidates of top_rate={top_rate}: raise top_rate or keep")
+    if _idle(x, training, 1 - keep):
+        return x
+    return _run("selectout", x, top_rate, keep, noise=noise, generator=generator)
+
+
+def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", training=True,
+                  noise=None, generator=None):
+    """AttentionDrop (SPEC §4): soft-mask the top beta % of a map, in an alpha share of maps.
+
+    x: (N, C, H, W); noise: (N, C).
+    """
+    V.feature_map(x)
+    V.real("alpha", alpha)
+    V.real("beta", beta, 0, 100, open_lo=True)
+    V.choice("mode", mode, V.MODES)
+    V.choice("normalize", normalize, V.NORMALIZE)
+    V.noise(noise, x.shape[:2], x)
+    if _idle(x, training, alpha):
+        return x
+    return _run("attentiondrop", x, alpha, beta, mode=mode, normalize=normalize, noise=noise,
+                generator=generator)
+
+
+def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, noise=None,
+                    generator=None):
+    """FocusedDropout (SPEC §5): keep the positions where the most active channel is high.
+
+    x: (N, C, H, W); noise: (N,), or (N, H, W) with per_position=True. The module
+    :class:`guidedrop.FocusedDropout` adds the per-batch participation draw.
+    """
+    V.feature_map(x)
+    V.low_high(low, high)
+    V.flag("per_position", per_position)
+    n, _, h, w = x.shape
+    V.noise(noise, (n, h, w) if per_position else (n,), x)
+    if _idle(x, training):
+        return x
+    return _run("focused_dropout", x, low, high, per_position=per_position, noise=noise,
+                generator=generator)
+
+
+def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
+            normalize="batch", training=True, noise=None, generator=None):
+    """CamDrop (SPEC §6): DropBlock seeded only where the class activation map is high.
+
+    x: (N, C, H, W); weight: (K, C_fc) classifier after global pooling, C_fc a multiple
+    of C; target: (N,) class indices; noise: (N, C, H, W).
+    """
+    V.feature_map(x)
+    V.block_size(block_size)
+    V.real("keep", keep)
+    V.real("channel_rate", channel_rate)
+    V.choice("normalize", normalize, V.NORMALIZE)
+    V.noise(noise, x.shape, x)
+    if _idle(x, training, 1 - keep):
+        return x
+    V.cam_inputs(weight, target, x)
+    return _run("camdrop", x, weight, target, block_size, keep, channel_rate=channel_rate,
+                normalize=normalize, noise=noise, generator=generator)
+
+
+def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch",
+              training=True, noise=None, generator=None):
+    """DropBlock (SPEC §7): drop r x r blocks around Bernoulli seeds, r = min(block_size, H, W).
+
+    x: (N, C, H, W); noise: (N, C, H, W), or (N, 1, H, W) with shared_channels=True.
+    """
+    V.feature_map(x)
+    V.real("p", p)
+    V.block_size(block_size)
+    V.flag("shared_channels", shared_channels)
+    V.choice("normalize", normalize, V.NORMALIZE)
+    n, c, h, w = x.shape
+    V.noise(noise, (n, 1 if shared_channels else c, h, w), x)
+    if _idle(x, training, p):
+        return x
+    return _run("dropblock", x, p, block_size, shared_channels=shared_channels,
+                normalize=normalize, noise=noise, generator=generator)

@@ -1,0 +1,198 @@
+"""The layers of SPEC.md, written once over a backend's hot-path primitives.
+
+Each layer function takes a backend module ``B`` (see ``backend_contract.md``), an
+already validated input ``x: (N, C, H, W)`` and its parameters, and returns a
+:class:`Plan`: the small state from which ``w`` is rebuilt by one of the backend's apply
+kernels, in the forward (on x) and in the backward (on grad_y). ``None`` means the
+layer is the identity for this input. The arithmetic between the primitives works on
+(N,)-, (N, C)- or (N, H', W')-sized tensors only, and is the same for every backend,
+so backends whose primitives agree produce the same masks.
+
+Functions here do no validation and no autograd: see :mod:`guidedrop.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class Plan(NamedTuple):
+    kind: str  # "channel" | "block" | "seeds" | "attention": which apply kernel
+    meta: tuple  # python ints / strings the apply kernel needs
+    state: tuple  # small tensors kept for backward
+
+
+def apply(B, plan: Plan, t: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """t * w, w rebuilt from ``plan`` (x is needed only by AttentionDrop's soft mask)."""
+    kind, meta, s = plan
+    if kind == "channel":
+        return B.apply_channel(t, s[0])
+    if kind == "block":
+        return B.apply_block(t, s[0], meta[0], s[1])
+    if kind == "seeds":
+        return B.apply_seeds(t, s[0], meta[0], s[1])
+    return B.apply_attention(t, x, *s[:4], meta[0], s[4])
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _uniform(noise, shape, generator, x):
+    if noise is not None:
+        return noise
+    return torch.rand(shape, generator=generator, device=x.device)
+
+
+def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tensor:
+    """(N,) multiplier of SPEC §1 from the kept weight per sample; 0 where nothing is kept."""
+    n = kept.shape[0]
+    if normalize == "none":
+        return torch.ones(n, dtype=dtype, device=kept.device)
+    kept = kept.to(torch.float64)
+    if normalize == "batch":
+        kept, units = kept.sum().expand(n), units * n
+    return torch.where(kept > 0, units / kept.clamp_min(1e-300), 0).to(dtype)
+
+
+def _top(B, v: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of v (R, L): the top k by value, ties kept (SPEC §1) -> bool (R, L)."""
+    return v >= B.kth_largest(v.float() if v.dtype != torch.float64 else v, k)[:, None]
+
+
+# --------------------------------------------------------------------------- CorrDrop
+
+
+def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
+    """SPEC §2. State: S (N, H', W') uint8 and scale (N,)."""
+    n, c, h, w = x.shape
+    k = block_size
+    hp, wp = -(-h // k), -(-w // k)
+    u = _uniform(noise, (2, n, hp, wp), generator, x).flatten(2)
+    f = B.pooled_correlation(x, k).flatten(1)  # (N, N')
+    fmin, fmax = f.amin(dim=1, keepdim=True), f.amax(dim=1, keepdim=True)
+    rng = fmax - fmin
+    kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
+    m = u[0] < kappa
+    p_block = p * h * w / (k * k * hp * wp)  # eq. 11
+    z = (~m).sum(dim=1, keepdim=True)
+    # eq. 6; z = 0 means every block is kept by M already.
+    p_hat = (torch.tensor(p_block * hp * wp, dtype=f.dtype) / z.clamp_min(1)).clamp(max=1)
+    keep = m | (u[1] < 1 - p_hat)
+    # Units of each pooled block (border blocks are cut): kept units per channel.
+    rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)
+    cols = (w - torch.arange(wp, device=x.device) * k).clamp(max=k)
+    kept = (keep * (rows[:, None] * cols[None, :]).flatten()).sum(dim=1)
+    scale = _scale(kept, h * w, normalize, f.dtype)
+    return Plan("block", (k,), (keep.view(n, hp, wp).to(torch.uint8), scale))
+
+
+# --------------------------------------------------------------------------- SelectScale
+
+
+def _channel_candidates(B, x, top_rate):
+    amax, _ = B.channel_stats(x)
+    return _top(B, amax, max(1, round(top_rate * x.shape[1])))
+
+
+def selectscale(B, x, top_rate, retain, *, noise=None, generator=None):
+    """SPEC §3. State: w (N, C)."""
+    u = _uniform(noise, x.shape[:2], generator, x)
+    cand = _channel_candidates(B, x, top_rate)
+    w = torch.where(cand, retain + 2 * (1 - retain) * u, 1)
+    return Plan("channel", (), (w,))
+
+
+def spatialscale(B, x, retain, *, noise=None, generator=None):
+    """SPEC §3, every channel a candidate. State: w (N, C)."""
+    u = _uniform(noise, x.shape[:2], generator, x)
+    return Plan("channel", (), (retain + 2 * (1 - retain) * u,))
+
+
+def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
+    """SPEC §3. State: w (N, C)."""
+    n, c = x.shape[:2]
+    u = _uniform(noise, (n, c), generator, x)
+    cand = _channel_candidates(B, x, top_rate)
+    n_drop = round((1 - keep) * c)
+    # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
+    order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
+    drop = torch.zeros_like(cand).scatter_(1, order[:, :n_drop], True)
+    w = torch.where(drop, 0.0, torch.tensor(1 / keep, dtype=torch.float32, device=x.device))
+    return Plan("channel", (), (w,))
+
+
+# --------------------------------------------------------------------------- AttentionDrop
+
+
+def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=None):
+    """SPEC §4. State: per-map thr, min, max, gamma (N, C), scale (N,); and x."""
+    n, c, h, w = x.shape
+    u = _uniform(noise, (n, c), generator, x)
+    active = u < torch.tensor(alpha, dtype=torch.float32)  # gamma: drawn first, stats only there
+    n_beta = max(1, math.ceil(beta * h * w / 100))
+    thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
+    kept = torch.where(active, msum, h * w).sum(dim=1)
+    scale = _scale(kept, c * h * w, normalize, msum.dtype)
+    return Plan("attention", (mode,), (thr, mn, mx, active, scale))
+
+
+# --------------------------------------------------------------------------- FocusedDropout
+
+
+def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None):
+    """SPEC §5. State: the spatial mask (N, H, W) uint8 shared by every channel."""
+    n, c, h, w = x.shape
+    u = _uniform(noise, (n, h, w) if per_position else (n,), generator, x)
+    _, mean = B.channel_stats(x)
+    ref = x[torch.arange(n, device=x.device), mean.argmax(dim=1)].to(mean.dtype)  # (N, H, W)
+    v = ref.flatten(1).amax(dim=1)
+    gamma = low + (high - low) * u
+    if not per_position:
+        gamma = gamma[:, None, None]
+    keep = (ref > gamma * v[:, None, None]) | (v <= 0)[:, None, None]
+    return Plan("block", (1,), (keep.to(torch.uint8), torch.ones(n, device=x.device)))
+
+
+# --------------------------------------------------------------------------- CamDrop / DropBlock
+
+
+def _seed_rate(rate, r, h, w):
+    """DropBlock's seed rate g (SPEC §6.4, §7); r <= H and r <= W."""
+    return rate / r**2 * (h * w) / ((h - r + 1) * (w - r + 1))
+
+
+def _seeds_plan(B, bits, r, c, h, w, normalize, dtype):
+    covered = B.seed_coverage(bits, r, w) * (c // bits.shape[1])  # shared mask: every channel
+    scale = _scale(c * h * w - covered, c * h * w, normalize, dtype)
+    return Plan("seeds", (r,), (bits, scale))
+
+
+def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
+            noise=None, generator=None):
+    """SPEC §6. State: the packed seeds (N, C, H, ceil(W/8)) uint8 and scale (N,)."""
+    n, c, h, w = x.shape
+    r = block_size
+    if r > h or r > w:  # no valid centre: nothing is dropped
+        return None
+    dt = _compute_dtype(x)
+    alpha = weight.detach()[target].to(dt)  # (N, C_fc)
+    alpha = alpha.view(n, c, -1).mean(dim=2)  # C_fc / C consecutive weights per channel
+    cam = B.cam(x, alpha)
+    cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
+    cand_c = _top(B, alpha, max(1, round(channel_rate * c)))
+    g = _seed_rate(1 - keep, r, h, w)
+    bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, (n, c, h, w), x.device)
+    return _seeds_plan(B, bits, r, c, h, w, normalize, dt)
+
+
+def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, generator=None):
+    """SPEC §7. State: the packed seeds (N, C or 1, H, ceil(W/8)) uint8 and scale (N,)."""
+    n, c, h, w = x.shape
+    r = min(block_size, h, w)
+    shape = (n, 1 if shared_channels else c, h, w)
+    bits = B.seed_bits(noise, generator, _seed_rate(p, r, h, w), r, None, None, shape, x.device)
+    return _seeds_plan(B, bits, r, c, h, w, normalize, _compute_dtype(x))

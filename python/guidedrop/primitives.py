@@ -1,0 +1,60 @@
+"""The hot paths the kernels fuse, as public ops on the dispatched backend.
+
+They are what the layers are built from (see :mod:`guidedrop.layers`); exposed for
+users who build their own guided regularisers and for the tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validation as V
+from . import dispatch
+
+
+def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32: CorrDrop's F (SPEC §2 step 2).
+
+    Mean over pooled positions j of |â_i·â_j − δ_ij|, â the L2-normalised channel vectors
+    of the k x k average-pooled map.
+    """
+    V.feature_map(x)
+    V.block_size(k, "k")
+    return dispatch.backend_for(x).pooled_correlation(x, k)
+
+
+def channel_max(x: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x|."""
+    V.feature_map(x)
+    return dispatch.backend_for(x).channel_stats(x)[0]
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C) float32: mean over H, W."""
+    V.feature_map(x)
+    return dispatch.backend_for(x).channel_stats(x)[1]
+
+
+def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C) float32: the n_β-th largest value of each map.
+
+    n_β = max(1, ceil(beta * H * W / 100)); the top beta % of a map are the units >= it.
+    """
+    V.feature_map(x)
+    V.real("beta", beta, 0, 100, open_lo=True)
+    h, w = x.shape[-2:]
+    return dispatch.backend_for(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
+
+
+def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
+    """mask: (N, H', W') -> (N, H, W): nearest upsampling by k, cropped to H x W.
+
+    out[n, i, j] = mask[n, i // k, j // k]. The layers never materialise this: their
+    apply kernels read the small mask at (i // k, j // k).
+    """
+    V.block_size(k, "k")
+    if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
+        raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
+    return mask.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :h, :w]

@@ -1,0 +1,188 @@
+"""Pure-PyTorch backend: the hot-path primitives of ``backend_contract.md``.
+
+This is the test oracle and the path that runs everywhere (CPU, float64, GPUs without
+Triton). The layer logic lives in :mod:`guidedrop.layers`; ``guidedrop.reference.<layer>``
+(e.g. :func:`corrdrop`) runs a layer on this backend, without autograd.
+
+Statistics are float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+name = "reference"
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _maps(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H*W) in the compute dtype."""
+    return x.to(compute_dtype(x)).flatten(2)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)), SPEC §2 step 2."""
+    n, c, h, w = x.shape
+    # ceil_mode with no padding: a window cut by the border averages its valid units.
+    a = F.avg_pool2d(x.to(compute_dtype(x)), k, stride=k, ceil_mode=True)
+    hp, wp = a.shape[-2:]
+    rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
+    rows = rows / rows.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    eye = torch.eye(hp * wp, dtype=rows.dtype, device=rows.device)
+    p = (rows @ rows.transpose(1, 2) - eye).abs()
+    return p.mean(dim=2).view(n, hp, wp)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) -> (max |x|, mean), each (N, C)."""
+    m = _maps(x)
+    return m.abs().amax(dim=2), m.mean(dim=2)
+
+
+def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
+    """v: (R, L) -> (R,), the k-th largest value of each row."""
+    return v.topk(k, dim=1).values[:, -1]
+
+
+def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C), the k-th largest value of each map."""
+    n, c = x.shape[:2]
+    return kth_largest(_maps(x).flatten(0, 1), k).view(n, c)
+
+
+def _soft_mask(xf, thr, mn, mx, mode):
+    """SPEC §4 step 3 on maps xf (..., L) with per-map stats (..., 1)."""
+    if mode == "am":
+        return (xf < thr).to(xf.dtype)
+    rng = mx - mn
+    fhat = torch.where(rng > 0, (xf - mn) / torch.where(rng > 0, rng, 1), 0)
+    if mode == "sm":
+        return 1 - fhat
+    return 1 - fhat * (xf >= thr)
+
+
+def attention_stats(x, k, active, mode):
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C)."""
+    m = _maps(x)
+    thr = m.topk(k, dim=2).values[..., -1]
+    mn, mx = m.amin(dim=2), m.amax(dim=2)
+    msum = _soft_mask(m, thr[..., None], mn[..., None], mx[..., None], mode).sum(dim=2)
+    return thr, mn, mx, msum
+
+
+def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c]."""
+    return torch.einsum("nchw,nc->nhw", x.to(compute_dtype(x)), alpha.to(compute_dtype(x)))
+
+
+# --------------------------------------------------------------------------- seed masks
+
+def pack_bits(b: torch.Tensor) -> torch.Tensor:
+    """bool (..., W) -> uint8 (..., ceil(W/8)); bit j of byte q holds element 8q + j."""
+    w = b.shape[-1]
+    b = F.pad(b.to(torch.uint8), (0, -w % 8)).unflatten(-1, (-1, 8))
+    weights = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return (b << weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(p: torch.Tensor, w: int) -> torch.Tensor:
+    """uint8 (..., ceil(W/8)) -> bool (..., W); inverse of :func:`pack_bits`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=p.device)
+    return ((p.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :w].bool()
+
+
+def valid_centres(h: int, w: int, r: int, device) -> torch.Tensor:
+    """(H, W) bool: centres whose r x r block (offset r//2 before the centre) fits."""
+    def axis(n):
+        i = torch.arange(n, device=device)
+        return (i >= r // 2) & (i <= n - r + r // 2)
+    return axis(h)[:, None] & axis(w)[None, :]
+
+
+def expand_seeds(seeds: torch.Tensor, r: int) -> torch.Tensor:
+    """bool (N, C, H, W) seeds -> bool: units inside the r x r block of some seed."""
+    lo, hi = r - 1 - r // 2, r // 2  # unit h is covered by seeds at h - lo .. h + hi
+    s = F.pad(seeds.to(torch.float32), (lo, hi, lo, hi))
+    return F.max_pool2d(s, r, stride=1) > 0
+
+
+def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
+    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md."""
+    n, cs, h, w = shape
+    if noise is None:
+        noise = torch.rand(shape, generator=generator, device=device)
+    seeds = (noise < torch.tensor(g, dtype=torch.float32)) & valid_centres(h, w, r, noise.device)
+    if cand_s is not None:
+        seeds &= cand_s[:, None]
+    if cand_c is not None:
+        seeds &= cand_c[:, :, None, None]
+    return pack_bits(seeds)
+
+
+def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
+    """(N,) int64: units covered by the r x r expansion of the seeds in ``bits``."""
+    return expand_seeds(unpack_bits(bits, w), r).sum(dim=(1, 2, 3))
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _mul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t * w in the compute dtype, cast back, in t's memory format."""
+    ct = compute_dtype(t)
+    out = torch.empty_like(t)  # keeps channels_last
+    return out.copy_(t.to(ct) * w.to(ct))
+
+
+def apply_channel(t, w):
+    """t: (N, C, H, W), w: (N, C) -> t * w[n, c]."""
+    return _mul(t, w[:, :, None, None])
+
+
+def apply_block(t, mask, k, scale):
+    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
+    h, w = t.shape[-2:]
+    m = mask.to(scale.dtype) * scale[:, None, None]
+    m = m.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :h, :w]
+    return _mul(t, m[:, None])
+
+
+def apply_seeds(t, bits, r, scale):
+    """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds."""
+    keep = ~expand_seeds(unpack_bits(bits, t.shape[-1]), r)
+    return _mul(t, keep.to(scale.dtype) * scale[:, None, None, None])
+
+
+def apply_attention(t, x, thr, mn, mx, active, mode, scale):
+    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
+    n, c, h, w = x.shape
+    s = _soft_mask(_maps(x), thr[..., None], mn[..., None], mx[..., None], mode)
+    s = torch.where(active[..., None], s, 1) * scale[:, None, None]
+    return _mul(t, s.view(n, c, h, w))
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _layer(layer: str):
+    def run(x: torch.Tensor, *args, noise=None, generator=None, **params) -> torch.Tensor:
+        from . import layers, reference
+        with torch.no_grad():
+            plan = getattr(layers, layer)(reference, x, *args, noise=noise, generator=generator, **params)
+            return layers.apply(reference, plan, x, x)
+    run.__name__ = run.__qualname__ = layer
+    run.__doc__ = f"``{layer}`` on the reference backend, without autograd (see guidedrop.functional)."
+    return run
+
+
+corrdrop, selectscale, spatialscale, selectout = map(
+    _layer, ["corrdrop", "selectscale", "spatialscale", "selectout"])
+attentiondrop, focused_dropout, camdrop, dropblock = map(
+    _layer, ["attentiondrop", "focused_dropout", "camdrop", "dropblock"])
