@@ -110,7 +110,8 @@ def expand_seeds(seeds: torch.Tensor, r: int) -> torch.Tensor:
     """bool (N, C, H, W) seeds -> bool: units inside the r x r block of some seed."""
     lo, hi = r - 1 - r // 2, r // 2  # unit h is covered by seeds at h - lo .. h + hi
     s = F.pad(seeds.to(torch.float32), (lo, hi, lo, hi))
-    return F.max_pool2d(s, r, stride=1) > 0
+    s = F.max_pool2d(F.max_pool2d(s, (r, 1), stride=1), (1, r), stride=1)  # separable
+    return s > 0
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
