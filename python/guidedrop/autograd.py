@@ -15,7 +15,9 @@ from . import layers
 
 class _ApplyPlan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, backend, kind, meta, *state):
+    def forward(ctx, x, backend, kind, meta, state):
+        # state is one tuple, not *state: with a varargs forward, Dynamo's no-grad path
+        # mistakes the argument count for a forward without ctx (torch 2.14).
         ctx.backend, ctx.kind, ctx.meta = backend, kind, meta
         keep_x = (x,) if kind == "attention" else ()
         ctx.save_for_backward(*keep_x, *state)
@@ -27,9 +29,9 @@ class _ApplyPlan(torch.autograd.Function):
         x, state = (saved[0], saved[1:]) if ctx.kind == "attention" else (None, saved)
         plan = layers.Plan(ctx.kind, ctx.meta, state)
         g = layers.apply(ctx.backend, plan, grad, x) if ctx.needs_input_grad[0] else None
-        return (g, None, None, None, *(None for _ in state))
+        return g, None, None, None, None
 
 
 def apply(backend, plan: layers.Plan, x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> x * w(plan), differentiable in x."""
-    return _ApplyPlan.apply(x, backend, plan.kind, plan.meta, *plan.state)
+    return _ApplyPlan.apply(x, backend, plan.kind, plan.meta, plan.state)

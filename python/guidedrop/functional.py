@@ -17,10 +17,16 @@ import torch
 from . import _validation as V
 from . import autograd, dispatch, layers
 
+# Import every backend now, not at the first call: a first call inside a torch.compile
+# trace cannot import a module (Dynamo skips importlib), which is a graph break.
+dispatch.available()
+
 
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     backend = dispatch.backend_for(x)
-    with torch.no_grad():
+    # Statistics in float32 also under torch.autocast (SPEC §1), which would run the
+    # reference's matmuls (pooled correlation, CAM) in bfloat16 / float16.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)
     return x if plan is None else autograd.apply(backend, plan, x)
 

@@ -42,9 +42,9 @@ def _compute_dtype(x):
 
 
 def _uniform(noise, shape, generator, x):
-    if noise is not None:
-        return noise
-    return torch.rand(shape, generator=generator, device=x.device)
+    """The op's uniforms: ``noise`` or a fresh draw, in the compute dtype of x."""
+    u = noise if noise is not None else torch.rand(shape, generator=generator, device=x.device)
+    return u.to(_compute_dtype(x))
 
 
 def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tensor:
@@ -120,8 +120,10 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     n_drop = round((1 - keep) * c)
     # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
     order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
-    drop = torch.zeros_like(cand).scatter_(1, order[:, :n_drop], True)
-    w = torch.where(drop, 0.0, torch.tensor(1 / keep, dtype=torch.float32, device=x.device))
+    drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape
+    # torch.full, not torch.tensor(..., device=x.device): a copy from the host is a sync
+    # on CUDA (and fails under CUDA graph capture).
+    w = torch.where(drop, 0.0, torch.full((n, c), 1 / keep, dtype=u.dtype, device=x.device))
     return Plan("channel", (), (w,))
 
 

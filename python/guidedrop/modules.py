@@ -133,10 +133,23 @@ class FocusedDropout(GuidedDropout):
         self.last_applied = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _traced(x):
+            # A Python branch on a random draw would be a graph break under torch.compile
+            # and frozen by CUDA graph capture: draw on x's device and select instead.
+            applied = torch.rand((), device=x.device) < self.participation
+            self.last_applied = applied  # a 0-d bool tensor here
+            y = F.focused_dropout(x, self.low, self.high, per_position=self.per_position)
+            return torch.where(applied, y, x)
         self.last_applied = self.training and bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             return x
         return F.focused_dropout(x, self.low, self.high, per_position=self.per_position)
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this forward runs under torch.compile or CUDA graph capture."""
+    return torch.compiler.is_compiling() or (
+        x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class CamDrop(GuidedDropout):

@@ -14,27 +14,31 @@ from . import _validation as V
 from . import dispatch
 
 
+def _backend(x: torch.Tensor):
+    """The backend that runs a primitive on x (validated)."""
+    V.feature_map(x)
+    return dispatch.backend_for(x)
+
+
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32: CorrDrop's F (SPEC §2 step 2).
 
     Mean over pooled positions j of |â_i·â_j − δ_ij|, â the L2-normalised channel vectors
     of the k x k average-pooled map.
     """
-    V.feature_map(x)
     V.block_size(k, "k")
-    return dispatch.backend_for(x).pooled_correlation(x, k)
+    with torch.autocast(x.device.type, enabled=False):
+        return _backend(x).pooled_correlation(x, k)
 
 
 def channel_max(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x|."""
-    V.feature_map(x)
-    return dispatch.backend_for(x).channel_stats(x)[0]
+    return _backend(x).channel_stats(x)[0]
 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: mean over H, W."""
-    V.feature_map(x)
-    return dispatch.backend_for(x).channel_stats(x)[1]
+    return _backend(x).channel_stats(x)[1]
 
 
 def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -42,10 +46,9 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
 
     n_β = max(1, ceil(beta * H * W / 100)); the top beta % of a map are the units >= it.
     """
-    V.feature_map(x)
     V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
-    return dispatch.backend_for(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
+    return _backend(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
 
 
 def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:

@@ -34,9 +34,12 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     a = F.avg_pool2d(x.to(compute_dtype(x)), k, stride=k, ceil_mode=True)
     hp, wp = a.shape[-2:]
     rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
-    rows = rows / rows.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    eye = torch.eye(hp * wp, dtype=rows.dtype, device=rows.device)
-    p = (rows @ rows.transpose(1, 2) - eye).abs()
+    norm = rows.norm(dim=2)
+    rows = rows / norm.clamp_min(1e-12)[..., None]
+    p = (rows @ rows.transpose(1, 2)).abs()
+    # The diagonal |â_i·â_i − 1| exactly: 0 for a unit row, 1 for a zero row (a rounded
+    # â_i·â_i would make equal F values differ in the last bit and break F_max = F_min).
+    p.diagonal(dim1=1, dim2=2).copy_(1 - (norm.clamp_max(1e-12) / 1e-12) ** 2)
     return p.mean(dim=2).view(n, hp, wp)
 
 

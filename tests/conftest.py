@@ -1,0 +1,21 @@
+"""pytest configuration shared by every test.
+
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET is read when
+``@triton.jit`` decorates a kernel, so it is set here, before anything imports
+``guidedrop`` (and through it ``guidedrop.triton_kernels``).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from torch.manual_seed(0) (CPU and CUDA generators)."""
+    torch.manual_seed(0)

@@ -1,0 +1,499 @@
+"""Public API: argument validation (SPEC §1), modules, CamDrop wiring, schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import guidedrop
+import guidedrop.functional as F
+
+X = (2, 4, 6, 6)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """These tests pin the reference path (issue 2); kernel backends have their own tests."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+
+
+def _x(shape=X):
+    return torch.randn(shape)
+
+
+def _cam(shape=X, c_fc=None):
+    return torch.randn(5, c_fc or shape[1]), torch.zeros(shape[0], dtype=torch.long)
+
+
+# Every op with arguments that make it valid; each bad case overrides one keyword.
+OPS = {
+    "corrdrop": (F.corrdrop, dict(p=0.3, block_size=3)),
+    "selectscale": (F.selectscale, dict(top_rate=0.5, retain=0.2)),
+    "spatialscale": (F.spatialscale, dict(retain=0.2)),
+    "selectout": (F.selectout, dict(top_rate=0.5, keep=0.8)),
+    "attentiondrop": (F.attentiondrop, dict(alpha=0.5, beta=30.0)),
+    "focused_dropout": (F.focused_dropout, dict(low=0.3, high=0.6)),
+    "camdrop": (F.camdrop, dict(block_size=3, keep=0.5)),
+    "dropblock": (F.dropblock, dict(p=0.3, block_size=3)),
+}
+
+
+def call(name, x=None, **override):
+    op, kw = OPS[name]
+    x = _x() if x is None else x
+    kw = {**kw, **override}
+    if name == "camdrop":
+        ok = isinstance(x, torch.Tensor) and x.dim() == 4
+        weight, target = _cam(tuple(x.shape) if ok else X)
+        weight = kw.pop("weight", weight)
+        target = kw.pop("target", target)
+        return op(x, weight, target, **kw)
+    return op(x, **kw)
+
+
+BAD = [
+    # (op, override, exception, argument named in the message)
+    ("corrdrop", dict(p=-0.1), ValueError, "p"),
+    ("corrdrop", dict(p=1.5), ValueError, "p"),
+    ("corrdrop", dict(p=float("nan")), ValueError, "p"),
+    ("corrdrop", dict(p="0.1"), TypeError, "p"),
+    ("corrdrop", dict(block_size=0), ValueError, "block_size"),
+    ("corrdrop", dict(block_size=-3), ValueError, "block_size"),
+    ("corrdrop", dict(block_size=2.5), TypeError, "block_size"),
+    ("corrdrop", dict(block_size="7"), TypeError, "block_size"),
+    ("corrdrop", dict(normalize="batchwise"), ValueError, "normalize"),
+    ("corrdrop", dict(normalize=None), (TypeError, ValueError), "normalize"),
+    ("selectscale", dict(top_rate=1.2), ValueError, "top_rate"),
+    ("selectscale", dict(top_rate=-0.2), ValueError, "top_rate"),
+    ("selectscale", dict(retain=-0.1), ValueError, "retain"),
+    ("selectscale", dict(retain=1.1), ValueError, "retain"),
+    ("spatialscale", dict(retain=2.0), ValueError, "retain"),
+    ("spatialscale", dict(retain=[0.1]), TypeError, "retain"),
+    ("selectout", dict(keep=0.0), ValueError, "keep"),
+    ("selectout", dict(keep=1.2), ValueError, "keep"),
+    ("selectout", dict(top_rate=1.5), ValueError, "top_rate"),
+    # n_d = round(0.5 * 4) = 2 > n_t = max(1, round(0.1 * 4)) = 1
+    ("selectout", dict(top_rate=0.1, keep=0.5), ValueError, "keep|top_rate"),
+    ("attentiondrop", dict(alpha=1.5), ValueError, "alpha"),
+    ("attentiondrop", dict(alpha=-1e-3), ValueError, "alpha"),
+    ("attentiondrop", dict(beta=0.0), ValueError, "beta"),
+    ("attentiondrop", dict(beta=100.5), ValueError, "beta"),
+    ("attentiondrop", dict(beta=-5.0), ValueError, "beta"),
+    ("attentiondrop", dict(mode="bd"), ValueError, "mode"),
+    ("attentiondrop", dict(mode=1), (TypeError, ValueError), "mode"),
+    ("attentiondrop", dict(normalize="per-sample"), ValueError, "normalize"),
+    ("focused_dropout", dict(low=-0.1), ValueError, "low"),
+    ("focused_dropout", dict(high=1.5), ValueError, "high"),
+    ("focused_dropout", dict(low=0.7, high=0.3), ValueError, "low|high"),
+    ("camdrop", dict(block_size=0), ValueError, "block_size"),
+    ("camdrop", dict(block_size=2.0), TypeError, "block_size"),
+    ("camdrop", dict(keep=1.5), ValueError, "keep"),
+    ("camdrop", dict(keep=-0.5), ValueError, "keep"),
+    ("camdrop", dict(channel_rate=1.5), ValueError, "channel_rate"),
+    ("camdrop", dict(normalize="bad"), ValueError, "normalize"),
+    # C_fc = 6 is not a multiple of C = 4
+    ("camdrop", dict(weight=torch.randn(5, 6)), ValueError, "C_fc|weight"),
+    ("camdrop", dict(target=None), (ValueError, TypeError, RuntimeError), "target"),
+    ("camdrop", dict(weight=None), (ValueError, TypeError, RuntimeError), "weight"),
+    ("dropblock", dict(p=2.0), ValueError, "p"),
+    ("dropblock", dict(block_size=0), ValueError, "block_size"),
+    ("dropblock", dict(block_size=3.0), TypeError, "block_size"),
+    ("dropblock", dict(normalize="all"), ValueError, "normalize"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,match", BAD,
+                         ids=[f"{b[0]}-{list(b[1])[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_arguments(name, override, exc, match):
+    with pytest.raises(exc, match=match):
+        call(name, **override)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_bad_x(name):
+    with pytest.raises(ValueError, match="x"):
+        call(name, x=torch.randn(4, 6, 6))          # 3-D
+    with pytest.raises(ValueError, match="x"):
+        call(name, x=torch.randn(1, 2, 4, 6, 6))    # 5-D
+    with pytest.raises(TypeError, match="x"):
+        call(name, x=torch.ones(X, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x"):
+        call(name, x=torch.ones(X, dtype=torch.bool))
+    with pytest.raises(TypeError, match="x"):
+        call(name, x=[[1.0]])
+
+
+NOISE_SHAPES = {
+    "corrdrop": (2, 2, 2, 2),        # x (2, 4, 6, 6), block 3 -> (2, N, 2, 2)
+    "selectscale": (2, 4),
+    "spatialscale": (2, 4),
+    "selectout": (2, 4),
+    "attentiondrop": (2, 4),
+    "focused_dropout": (2,),
+    "camdrop": X,
+    "dropblock": X,
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_noise_checks(name):
+    good = NOISE_SHAPES[name]
+    call(name, noise=torch.rand(good))                 # the right shape works
+    wrong = (good[0] + 1,) + tuple(good[1:])
+    with pytest.raises(ValueError, match="noise"):
+        call(name, noise=torch.rand(wrong))
+    with pytest.raises(ValueError, match="noise"):
+        call(name, noise=torch.rand(good + (1,)))
+    with pytest.raises(ValueError, match="noise"):
+        call(name, noise=torch.rand(good, device="meta"))
+    with pytest.raises(TypeError, match="noise"):
+        call(name, noise=torch.zeros(good, dtype=torch.int64))
+
+
+def test_noise_shape_variants():
+    x = _x()
+    with pytest.raises(ValueError, match="noise"):   # per_position wants (N, H, W)
+        F.focused_dropout(x, per_position=True, noise=torch.rand(2))
+    F.focused_dropout(x, per_position=True, noise=torch.rand(2, 6, 6))
+    with pytest.raises(ValueError, match="noise"):   # shared channels want (N, 1, H, W)
+        F.dropblock(x, 0.3, 3, shared_channels=True, noise=torch.rand(X))
+    F.dropblock(x, 0.3, 3, shared_channels=True, noise=torch.rand(2, 1, 6, 6))
+    # CorrDrop's pooled grid uses ceil: 7 x 5 with block 3 -> (2, N, 3, 2)
+    F.corrdrop(torch.randn(2, 4, 7, 5), 0.3, 3, noise=torch.rand(2, 2, 3, 2))
+    with pytest.raises(ValueError, match="noise"):
+        F.corrdrop(torch.randn(2, 4, 7, 5), 0.3, 3, noise=torch.rand(2, 2, 2, 1))
+
+
+def test_rates_checked_in_eval_too():
+    """Like torch.nn.functional.dropout, a bad rate is an error in eval mode as well."""
+    with pytest.raises(ValueError, match="p"):
+        F.corrdrop(_x(), p=1.5, training=False)
+    with pytest.raises(ValueError, match="beta"):
+        F.attentiondrop(_x(), beta=0.0, training=False)
+
+
+# ------------------------------------------------------------------------ modules
+
+MODULES = {
+    guidedrop.CorrDrop: dict(p=0.1, block_size=7, normalize="batch"),
+    guidedrop.SelectScale: dict(top_rate=0.2, retain=0.1),
+    guidedrop.SpatialScale: dict(retain=0.4),
+    guidedrop.Selectout: dict(top_rate=0.2, keep=0.9),
+    guidedrop.AttentionDrop: dict(alpha=0.1, beta=20.0, mode="ad", normalize="batch"),
+    guidedrop.FocusedDropout: dict(participation=0.1, low=0.3, high=0.6, per_position=False),
+    guidedrop.CamDrop: dict(block_size=5, keep=0.9, channel_rate=0.125, normalize="batch"),
+    guidedrop.DropBlock2d: dict(p=0.1, block_size=7, shared_channels=False, normalize="batch"),
+}
+
+# module -> (attribute, whether drop_rate = 1 - attribute)
+RATE = {
+    guidedrop.CorrDrop: ("p", False),
+    guidedrop.DropBlock2d: ("p", False),
+    guidedrop.AttentionDrop: ("alpha", False),
+    guidedrop.FocusedDropout: ("participation", False),
+    guidedrop.CamDrop: ("keep", True),
+    guidedrop.SelectScale: ("retain", True),
+    guidedrop.SpatialScale: ("retain", True),
+    guidedrop.Selectout: ("keep", True),
+}
+
+
+@pytest.mark.parametrize("cls", list(MODULES), ids=lambda c: c.__name__)
+def test_module_defaults_and_repr(cls):
+    m = cls()
+    for k, v in MODULES[cls].items():
+        assert getattr(m, k) == pytest.approx(v) if isinstance(v, float) else getattr(m, k) == v
+    r = repr(m)
+    assert r.startswith(cls.__name__)
+    for k in MODULES[cls]:
+        assert k in r, f"extra_repr of {cls.__name__} does not mention {k}: {r}"
+    assert isinstance(m, nn.Module)
+    assert m.training
+
+
+@pytest.mark.parametrize("cls", list(MODULES), ids=lambda c: c.__name__)
+def test_module_drop_rate(cls):
+    attr, inverted = RATE[cls]
+    m = cls()
+    base = getattr(m, attr)
+    assert m.drop_rate == pytest.approx(1 - base if inverted else base)
+    m.drop_rate = 0.25
+    assert getattr(m, attr) == pytest.approx(0.75 if inverted else 0.25)
+    assert m.drop_rate == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="drop_rate"):
+        m.drop_rate = 1.5
+
+
+@pytest.mark.parametrize("cls", list(MODULES), ids=lambda c: c.__name__)
+def test_module_eval_identity(cls):
+    m = cls().eval()
+    x = _x((2, 8, 9, 9))
+    assert m(x) is x       # CamDrop needs no cam_targets in eval mode
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="p"):
+        guidedrop.CorrDrop(p=1.5)
+    with pytest.raises(TypeError, match="block_size"):
+        guidedrop.DropBlock2d(block_size=2.5)
+    with pytest.raises(ValueError, match="mode"):
+        guidedrop.AttentionDrop(mode="xx")
+    with pytest.raises(ValueError, match="beta"):
+        guidedrop.AttentionDrop(beta=0.0)
+    with pytest.raises(ValueError, match="low|high"):
+        guidedrop.FocusedDropout(low=0.8, high=0.2)
+    with pytest.raises(ValueError, match="keep"):
+        guidedrop.Selectout(keep=0.0)
+    with pytest.raises(ValueError, match="normalize"):
+        guidedrop.CamDrop(normalize="x")
+
+
+MODULE_VS_FUNCTIONAL = [
+    (guidedrop.CorrDrop(p=0.3, block_size=3, normalize="sample"),
+     lambda x: F.corrdrop(x, 0.3, 3, normalize="sample")),
+    (guidedrop.SelectScale(0.5, 0.2), lambda x: F.selectscale(x, 0.5, 0.2)),
+    (guidedrop.SpatialScale(0.3), lambda x: F.spatialscale(x, 0.3)),
+    (guidedrop.Selectout(0.5, 0.75), lambda x: F.selectout(x, 0.5, 0.75)),
+    (guidedrop.AttentionDrop(0.5, 30.0, mode="am"),
+     lambda x: F.attentiondrop(x, 0.5, 30.0, mode="am")),
+    (guidedrop.DropBlock2d(0.3, 3, shared_channels=True),
+     lambda x: F.dropblock(x, 0.3, 3, shared_channels=True)),
+]
+
+
+@pytest.mark.parametrize("m,fn", MODULE_VS_FUNCTIONAL, ids=lambda v: type(v).__name__)
+def test_module_matches_functional(m, fn):
+    x = _x((2, 8, 9, 9))
+    torch.manual_seed(5)
+    y = m(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, fn(x))
+    assert not torch.equal(y, x)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    assert xg.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------ CamDrop wiring
+
+
+class TinyNet(nn.Module):
+    def __init__(self, c=4, fc_in=8, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.drop = guidedrop.CamDrop(block_size=3, keep=0.5, channel_rate=0.5)
+        self.head = nn.Conv2d(c, fc_in, 1)
+        self.fc = nn.Linear(fc_in, classes)
+
+    def forward(self, x):
+        h = self.drop(self.conv(x))
+        return self.fc(self.head(h).mean((2, 3)))
+
+
+def test_cam_targets_context():
+    torch.manual_seed(0)
+    net = TinyNet(c=8, fc_in=8)
+    x = torch.randn(3, 3, 10, 10)
+    labels = torch.tensor([0, 3, 4])
+    with guidedrop.cam_targets(net.fc, labels):
+        out = net(x)
+    out.sum().backward()
+    assert out.shape == (3, 5)
+    # the module reads W and y: same draw as the functional op on the conv features
+    feats = net.conv(x).detach()
+    torch.manual_seed(11)
+    with guidedrop.cam_targets(net.fc, labels):
+        y_mod = net.drop(feats)
+    torch.manual_seed(11)
+    y_fn = F.camdrop(feats, net.fc.weight, labels, 3, 0.5, channel_rate=0.5)
+    assert torch.equal(y_mod, y_fn)
+    assert not torch.equal(y_mod, feats)
+    # a weight tensor works as well as the module
+    torch.manual_seed(11)
+    with guidedrop.cam_targets(net.fc.weight, labels):
+        assert torch.equal(net.drop(feats), y_fn)
+
+
+def test_cam_targets_group_average():
+    """C_fc = 8 = 2 * C: the module accepts the wider classifier (α averaged in pairs)."""
+    torch.manual_seed(0)
+    net = TinyNet(c=4, fc_in=8)
+    fc = nn.Linear(8, 5)
+    feats = torch.randn(2, 4, 9, 9)
+    with guidedrop.cam_targets(fc, torch.tensor([1, 2])):
+        y = net.drop(feats)
+    assert y.shape == feats.shape
+    with guidedrop.cam_targets(nn.Linear(6, 5), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="C_fc|weight"):
+            net.drop(feats)
+
+
+def test_camdrop_without_context_raises():
+    m = guidedrop.CamDrop()
+    x = torch.randn(2, 4, 9, 9)
+    with pytest.raises(RuntimeError, match="cam_targets"):
+        m(x)
+    # leaving the block clears it
+    with guidedrop.cam_targets(torch.randn(3, 4), torch.tensor([0, 1])):
+        m(x)
+    with pytest.raises(RuntimeError, match="cam_targets"):
+        m(x)
+    # an exception inside the block clears it too
+    with pytest.raises(KeyError):
+        with guidedrop.cam_targets(torch.randn(3, 4), torch.tensor([0, 1])):
+            raise KeyError
+    with pytest.raises(RuntimeError, match="cam_targets"):
+        m(x)
+    m.eval()
+    assert m(x) is x
+
+
+def test_cam_targets_nested_inner_wins():
+    m = guidedrop.CamDrop(block_size=3, keep=0.3, channel_rate=1.0)
+    x = torch.randn(2, 4, 9, 9)
+    w_outer, w_inner = torch.randn(3, 4), torch.randn(3, 4)
+    t = torch.tensor([0, 2])
+    with guidedrop.cam_targets(w_outer, t):
+        with guidedrop.cam_targets(w_inner, t):
+            torch.manual_seed(1)
+            y = m(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, F.camdrop(x, w_inner, t, 3, 0.3, channel_rate=1.0))
+
+
+# ----------------------------------------------------------------- FocusedDropout
+
+
+def test_focused_dropout_participation():
+    x = torch.randn(2, 4, 6, 6).abs() + 0.1
+    m = guidedrop.FocusedDropout(participation=1.0, low=0.5, high=0.5)
+    y = m(x)
+    assert m.last_applied is True
+    assert not torch.equal(y, x)
+    m = guidedrop.FocusedDropout(participation=0.0)
+    assert m(x) is x and m.last_applied is False
+    m = guidedrop.FocusedDropout(participation=0.5)
+    torch.manual_seed(0)
+    applied = 0
+    for _ in range(200):
+        m(x)
+        applied += m.last_applied
+    assert 70 <= applied <= 130    # Binomial(200, 0.5): sd 7.1, bounds at ~4.2 sd
+    torch.manual_seed(0)
+    again = 0
+    for _ in range(200):
+        m(x)
+        again += m.last_applied
+    assert again == applied
+    m.eval()
+    assert m(x) is x and m.last_applied is False
+
+
+def test_focused_dropout_module_applies_the_op():
+    x = torch.randn(2, 4, 6, 6)
+    m = guidedrop.FocusedDropout(participation=1.0, low=0.3, high=0.6, per_position=True)
+    y = m(x)
+    keep = y != 0
+    # one spatial mask shared by every channel, values unscaled
+    assert torch.equal(keep, keep[:, :1].expand_as(keep)) or torch.equal(y, x)
+    assert torch.equal(y[keep], x[keep])
+
+
+# ----------------------------------------------------------------------- schedules
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        guidedrop.CorrDrop(p=0.2, block_size=3),
+        guidedrop.DropBlock2d(p=0.1, block_size=3),
+        guidedrop.AttentionDrop(alpha=0.3),
+        nn.Dropout(0.5),
+        nn.Sequential(guidedrop.SelectScale(retain=0.2), guidedrop.Selectout(keep=0.8),
+                      guidedrop.SpatialScale(retain=0.6)),
+        guidedrop.FocusedDropout(participation=0.4),
+        guidedrop.CamDrop(keep=0.7),
+    )
+
+
+def _rates(model):
+    return [m.drop_rate for m in model.modules() if isinstance(m, guidedrop.GuidedDropout)]
+
+
+TARGETS = [0.2, 0.1, 0.3, 0.8, 0.2, 0.4, 0.4, 0.3]
+
+
+def test_linear_ramp():
+    model = _model()
+    assert _rates(model) == pytest.approx(TARGETS)
+    sched = guidedrop.LinearRamp(model, steps=10)
+    assert _rates(model) == pytest.approx([0.0] * 8)
+    assert model[1].p == 0 and model[7].keep == pytest.approx(1.0)
+    for step in range(1, 21):
+        sched.step()
+        frac = min(1.0, step / 10)
+        assert _rates(model) == pytest.approx([t * frac for t in TARGETS], abs=1e-12), step
+    assert model[4].p == 0.5      # a plain nn.Dropout is not touched
+
+
+def test_linear_ramp_checkpoints_at_0_5_10_20():
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=10)
+    seen = {0: _rates(model)}
+    for step in range(1, 21):
+        sched.step()
+        seen[step] = _rates(model)
+    assert seen[0] == pytest.approx([0.0] * 8)
+    assert seen[5] == pytest.approx([t / 2 for t in TARGETS])
+    assert seen[10] == pytest.approx(TARGETS)
+    assert seen[20] == pytest.approx(TARGETS)
+
+
+def test_linear_ramp_state_dict_round_trip():
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=10)
+    for _ in range(3):
+        sched.step()
+    state = sched.state_dict()
+    rates = _rates(model)
+
+    fresh = _model()
+    sched2 = guidedrop.LinearRamp(fresh, steps=10)
+    assert _rates(fresh) == pytest.approx([0.0] * 8)
+    sched2.load_state_dict(state)
+    assert _rates(fresh) == pytest.approx(rates)
+    sched.step()
+    sched2.step()
+    assert _rates(fresh) == pytest.approx(_rates(model))
+    assert _rates(fresh) == pytest.approx([t * 0.4 for t in TARGETS])
+
+
+def test_linear_ramp_layers_argument():
+    model = _model()
+    chosen = [model[1], model[3]]
+    sched = guidedrop.LinearRamp(layers=chosen, steps=4)
+    rates = _rates(model)
+    assert rates[0] == 0 and rates[2] == 0
+    assert [rates[i] for i in (1, 3, 4, 5, 6, 7)] == pytest.approx(
+        [TARGETS[i] for i in (1, 3, 4, 5, 6, 7)])
+    sched.step()
+    sched.step()
+    assert model[1].p == pytest.approx(0.1) and model[3].alpha == pytest.approx(0.15)
+    assert model[2].p == pytest.approx(0.1)
+
+
+def test_forward_never_changes_rates():
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=10)
+    for _ in range(4):
+        sched.step()
+    before = _rates(model)
+    x = torch.randn(2, 3, 9, 9)
+    with guidedrop.cam_targets(torch.randn(5, 8), torch.tensor([0, 1])):
+        for _ in range(3):
+            model(x).sum().backward()
+    assert _rates(model) == before
+    model.eval()
+    model(x)
+    assert _rates(model) == before

@@ -1,0 +1,117 @@
+"""The testing helpers: dtypes, devices, layouts, awkward shapes and tolerances.
+
+Combine them with ``itertools.product`` in ``pytest.mark.parametrize``::
+
+    from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_close_dtype, devices, make_x
+
+    @pytest.mark.parametrize("dtype,device,layout", product(DTYPES, devices(), LAYOUTS))
+    def test_op(dtype, device, layout): ...
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before this module is imported when no
+GPU is present, so :data:`INTERPRET` tells whether Triton runs under the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REF_DTYPES = DTYPES + [torch.float64]  # float64 only on the reference path
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _imports(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON = _imports("triton")
+HAS_EXT = _imports("guidedrop._C")  # the CUDA extension is built (it imports without a GPU)
+
+
+def devices() -> list[str]:
+    """The devices to test on: "cpu", plus "cuda" when a GPU is visible."""
+    return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+# Tolerances for comparing two implementations in the same dtype. Both compute the
+# multiplier w in float32 and round t * w once to the dtype, so they differ by at most a
+# rounding flip of the output (one ulp: 2**-10 relative for float16, 2**-7 for bfloat16)
+# plus float32 reduction-order error in statistics such as the normalisation sum.
+_TOL = {
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """``dict(atol=..., rtol=...)`` for comparing results of ``dtype``."""
+    return dict(_TOL[dtype])
+
+
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+# Small awkward (N, C, H, W): N=1, C=1, 1x1 maps, H != W, sides that are not multiples of
+# the block or pooling sizes (5, 7) nor of a power of two.
+ODD_SHAPES = [
+    (1, 1, 1, 1),
+    (2, 3, 5, 7),
+    (1, 4, 9, 9),
+    (3, 1, 13, 6),
+    (2, 5, 15, 15),
+    (2, 8, 14, 14),
+]
+
+
+def make_x(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """A standard-normal (N, C, H, W) tensor in ``layout``.
+
+    The values are drawn on the CPU in float32 (float64 for float64) and then converted,
+    so they are the same on every device and the same, up to rounding, in every dtype.
+
+    layout: "contiguous"; "channels_last"; "sliced": a view cut out of a larger tensor
+    (every stride but the last differs from the default and the storage offset is not 0).
+    """
+    n, c, h, w = shape
+    src = torch.float64 if dtype == torch.float64 else torch.float32
+    if layout == "sliced":
+        base = torch.randn(n + 1, c + 2, h + 3, w + 5, dtype=src)
+        return base.to(device=device, dtype=dtype)[1:, 2:, 1 : h + 1, 3 : w + 3]
+    x = torch.randn(shape, dtype=src).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        return x
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def assert_close_dtype(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
+    """Assert ``actual`` matches ``expected`` within :func:`tol` of ``dtype``.
+
+    ``dtype`` defaults to ``actual.dtype``. Both are compared in float64 on the CPU, so
+    ``expected`` may be a float64 reference. Shapes must be equal; NaNs must match.
+    """
+    dtype = actual.dtype if dtype is None else dtype
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(
+        actual.detach().cpu().double(),
+        expected.detach().cpu().double(),
+        equal_nan=True,
+        **tol(dtype),
+    )
