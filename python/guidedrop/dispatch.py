@@ -35,8 +35,8 @@ def load(name: str) -> tuple[ModuleType | None, str]:
             mod = importlib.import_module(MODULES[name])
             why = mod.unavailable() if hasattr(mod, "unavailable") else ""
             _loaded[name] = (None, why) if why else (mod, "")
-        except ImportError as e:  # triton or guidedrop._C missing
-            _loaded[name] = (None, f"{MODULES[name]} does not import ({e})")
+        except Exception as e:  # triton or guidedrop._C missing or broken: never fatal here
+            _loaded[name] = (None, f"{MODULES[name]} does not import ({type(e).__name__}: {e})")
     return _loaded[name]
 
 

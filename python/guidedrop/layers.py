@@ -41,9 +41,16 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def rand(shape, generator, device) -> torch.Tensor:
+    """Uniforms in [0, 1) from ``generator`` (None: torch's default for ``device``)."""
+    if generator is None:  # torch.rand(..., generator=None) fails on symbolic shapes
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def _uniform(noise, shape, generator, x):
     """The op's uniforms: ``noise`` or a fresh draw, in the compute dtype of x."""
-    u = noise if noise is not None else torch.rand(shape, generator=generator, device=x.device)
+    u = noise if noise is not None else rand(shape, generator, x.device)
     return u.to(_compute_dtype(x))
 
 
@@ -80,7 +87,9 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     p_block = p * h * w / (k * k * hp * wp)  # eq. 11
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already.
-    p_hat = (torch.tensor(p_block * hp * wp, dtype=f.dtype) / z.clamp_min(1)).clamp(max=1)
+    # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other
+    # rounding), and a tensor fill value would freeze p under torch.compile.
+    p_hat = (torch.ones_like(f[:, :1]) * (p_block * hp * wp) / z.clamp_min(1)).clamp(max=1)
     keep = m | (u[1] < 1 - p_hat)
     # Units of each pooled block (border blocks are cut): kept units per channel.
     rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)
@@ -117,13 +126,15 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     n, c = x.shape[:2]
     u = _uniform(noise, (n, c), generator, x)
     cand = _channel_candidates(B, x, top_rate)
-    n_drop = round((1 - keep) * c)
+    # round((1 - keep) * C) as a float64 tensor (torch.round rounds half to even, like
+    # round()), so that torch.compile does not recompile for every keep a schedule sets.
+    n_drop = torch.ones((), dtype=torch.float64, device=x.device).mul((1 - keep) * c).round()
     # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
     order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
     drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape
     # torch.full, not torch.tensor(..., device=x.device): a copy from the host is a sync
     # on CUDA (and fails under CUDA graph capture).
-    w = torch.where(drop, 0.0, torch.full((n, c), 1 / keep, dtype=u.dtype, device=x.device))
+    w = torch.where(drop, 0.0, torch.ones_like(u) * (1 / keep))
     return Plan("channel", (), (w,))
 
 
@@ -134,7 +145,7 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     """SPEC §4. State: per-map thr, min, max, gamma (N, C), scale (N,); and x."""
     n, c, h, w = x.shape
     u = _uniform(noise, (n, c), generator, x)
-    active = u < torch.tensor(alpha, dtype=torch.float32)  # gamma: drawn first, stats only there
+    active = u < alpha  # gamma, drawn first: statistics only where it is 1
     n_beta = max(1, math.ceil(beta * h * w / 100))
     thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
     kept = torch.where(active, msum, h * w).sum(dim=1)

@@ -118,7 +118,8 @@ class FocusedDropout(GuidedDropout):
     Applies to a whole batch with probability ``participation`` (one draw per training
     forward from torch's CPU generator: no device sync) and is the identity otherwise.
     ``last_applied`` tells whether the last forward applied it, so a training loop can
-    raise weight decay on those steps (the paper's MWD).
+    raise weight decay on those steps (the paper's MWD). Under torch.compile or CUDA graph
+    capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor.
     """
 
     _fields, _rate = ("participation", "low", "high", "per_position"), "participation"

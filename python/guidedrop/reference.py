@@ -121,8 +121,10 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md."""
     n, cs, h, w = shape
     if noise is None:
-        noise = torch.rand(shape, generator=generator, device=device)
-    seeds = (noise < torch.tensor(g, dtype=torch.float32)) & valid_centres(h, w, r, noise.device)
+        from .layers import rand
+        noise = rand(shape, generator, device)
+    # A python float compares in the tensor's dtype: g is rounded to float32 first.
+    seeds = (noise < g) & valid_centres(h, w, r, noise.device)
     if cand_s is not None:
         seeds &= cand_s[:, None]
     if cand_c is not None:

@@ -1,0 +1,247 @@
+// Block masks: DropBlock / CamDrop seeds packed into bits, their r x r coverage, and the
+// apply kernels that upsample a small block mask (CorrDrop, FocusedDropout) or expand the
+// packed seeds (DropBlock, CamDrop) inside the kernel, never materialising an x-sized mask.
+//
+// seed_bits: one thread per output byte (n, cs, h, q) = units w = 8q .. 8q + 7. A unit is a
+//   seed when u < g, it is a valid centre, and it is a spatial / channel candidate. u is
+//   noise[n, cs, h, w] (compared in noise's dtype, like the reference's
+//   `noise < torch.tensor(g, dtype=float32)`), or, without noise, a Philox-4x32-10 uniform
+//   keyed by the logical element index e = ((n * Cs + cs) * H + h) * W + w: counter
+//   (offset / 4, e / 4), key = seed, word e % 4 — the value curand_init(seed, e / 4, offset)
+//   followed by curand4() would give — as u = (bits >> 8) * 2^-24 in [0, 1). The seed and
+//   offset come from the generator's philox_cuda_state(4) (graph-safe: unpacked in the
+//   kernel), so any tiling, and a rerun with the same generator state, draws the same u.
+// seed_coverage: one thread per unit, counting the units covered by a seed's block; block
+//   sums, then one int64 atomicAdd per block and sample (integer: deterministic).
+// apply_block: w = mask[n, h / k, w / k] * scale[n].
+// apply_seeds: w = (covered ? 0 : 1) * scale[n], with the r x r OR over the packed bits of
+//   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel.
+#include "common.cuh"
+#include "launchers.h"
+
+#include <ATen/cuda/PhiloxUtils.cuh>
+
+namespace guidedrop {
+namespace {
+
+// Philox-4x32-10 (Salmon et al. 2011), the generator behind curand's
+// curandStatePhilox4_32_10_t and torch's CUDA RNG.
+__device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
+  constexpr uint32_t kMulA = 0xD2511F53u, kMulB = 0xCD9E8D57u;
+  constexpr uint32_t kWeylA = 0x9E3779B9u, kWeylB = 0xBB67AE85u;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t lo0 = kMulA * ctr.x, hi0 = __umulhi(kMulA, ctr.x);
+    const uint32_t lo1 = kMulB * ctr.z, hi1 = __umulhi(kMulB, ctr.z);
+    ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
+    key.x += kWeylA;
+    key.y += kWeylB;
+  }
+  return ctr;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ bool valid_centre(int64_t i, int64_t n, int64_t r) {
+  return i >= r / 2 && i <= n - r + r / 2;
+}
+
+template <typename T>
+__device__ __forceinline__ double as_double(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+__device__ __forceinline__ double as_double<double>(double v) {
+  return v;
+}
+
+// noise == nullptr: Philox. Outputs one byte per thread.
+template <typename noise_t>
+__global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Strides4 ns,
+                                 const bool* __restrict__ cand_s, const bool* __restrict__ cand_c,
+                                 const int64_t N, const int64_t Cs, const int64_t H,
+                                 const int64_t W, const int64_t Wb, const int64_t r,
+                                 const double g_noise, const float g,
+                                 const at::PhiloxCudaState philox, uint8_t* __restrict__ bits) {
+  uint64_t seed = 0, offset = 0;
+  if (noise == nullptr) {
+    const auto so = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(so);
+    offset = std::get<1>(so);
+  }
+  const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint64_t ctr_lo = offset / 4;
+  const int64_t total = N * Cs * H * Wb;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = idx % Wb, row = idx / Wb;  // row = (n * Cs + cs) * H + h
+    const int64_t h = row % H, nc = row / H;
+    const int64_t cs = nc % Cs, n = nc / Cs;
+    uint32_t byte = 0;
+    if (valid_centre(h, H, r) && (cand_c == nullptr || cand_c[nc])) {
+      uint64_t group = ~uint64_t(0);  // Philox block of the cached draw
+      uint4 draw = make_uint4(0, 0, 0, 0);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t w = 8 * q + j;
+        if (w >= W) break;
+        if (!valid_centre(w, W, r)) continue;
+        if (cand_s != nullptr && !cand_s[(n * H + h) * W + w]) continue;
+        bool seeded;
+        if (noise != nullptr) {
+          seeded = as_double(noise[off4(ns, n, cs, h, w)]) < g_noise;
+        } else {
+          const uint64_t e = static_cast<uint64_t>(row * W + w);
+          if (e / 4 != group) {
+            group = e / 4;
+            const uint4 ctr = make_uint4(static_cast<uint32_t>(ctr_lo),
+                                         static_cast<uint32_t>(ctr_lo >> 32),
+                                         static_cast<uint32_t>(group),
+                                         static_cast<uint32_t>(group >> 32));
+            draw = philox4x32_10(ctr, key);
+          }
+          const float u = static_cast<float>(word(draw, static_cast<int>(e % 4)) >> 8) *
+                          (1.0f / 16777216.0f);
+          seeded = u < g;
+        }
+        if (seeded) byte |= 1u << j;
+      }
+    }
+    bits[idx] = static_cast<uint8_t>(byte);
+  }
+}
+
+// Whether unit (h, w) lies in the r x r block of a seed of the map whose packed rows start
+// at `rows` (H rows of Wb bytes): a seed at (h', w') with h - lo <= h' <= h + hi, same in w.
+__device__ __forceinline__ bool covered(const uint8_t* __restrict__ rows, int64_t H, int64_t W,
+                                        int64_t Wb, int64_t r, int64_t h, int64_t w) {
+  const int64_t lo = r - 1 - r / 2, hi = r / 2;
+  const int64_t h0 = max(h - lo, int64_t(0)), h1 = min(h + hi, H - 1);
+  const int64_t w0 = max(w - lo, int64_t(0)), w1 = min(w + hi, W - 1);
+  if (h0 > h1 || w0 > w1) return false;
+  const int64_t q0 = w0 >> 3, q1 = w1 >> 3;
+  const unsigned first = 0xffu << (w0 & 7), last = 0xffu >> (7 - (w1 & 7));
+  for (int64_t hh = h0; hh <= h1; ++hh) {
+    const uint8_t* row = rows + hh * Wb;
+    for (int64_t qq = q0; qq <= q1; ++qq) {
+      unsigned m = 0xffu;
+      if (qq == q0) m &= first;
+      if (qq == q1) m &= last;
+      if (row[qq] & m) return true;
+    }
+  }
+  return false;
+}
+
+__global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int64_t N,
+                                     const int64_t Cs, const int64_t H, const int64_t W,
+                                     const int64_t Wb, const int64_t r,
+                                     long long* __restrict__ out) {
+  __shared__ unsigned long long part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t per_sample = Cs * H * W;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
+    unsigned long long count = 0;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < per_sample;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t w = i % W, h = (i / W) % H, cs = i / (H * W);
+      const uint8_t* rows = bits + (n * Cs + cs) * H * Wb;
+      count += covered(rows, H, W, Wb, r, h, w) ? 1 : 0;
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) count += __shfl_xor_sync(kFullMask, count, d);
+    if (lane == 0) part[warp] = count;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long total = 0;
+      for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += part[i];
+      if (total) atomicAdd(reinterpret_cast<unsigned long long*>(out + n), total);
+    }
+    __syncthreads();  // before the next sample rewrites part
+  }
+}
+
+struct BlockW {
+  const uint8_t* mask;
+  const float* scale;
+  int64_t Hs, Ws;
+  int k;  // h, w and k fit in 32 bits (checked by the caller): cheaper divisions
+  __device__ __forceinline__ float operator()(const Coord4& p) const {
+    const int64_t hs = static_cast<int>(p.h) / k, ws = static_cast<int>(p.w) / k;
+    return static_cast<float>(mask[(p.n * Hs + hs) * Ws + ws]) * scale[p.n];
+  }
+};
+
+struct SeedsW {
+  const uint8_t* bits;
+  const float* scale;
+  int64_t Cs, H, W, Wb, r;
+  __device__ __forceinline__ float operator()(const Coord4& p) const {
+    const uint8_t* rows = bits + (p.n * Cs + (Cs == 1 ? 0 : p.c)) * H * Wb;
+    return (covered(rows, H, W, Wb, r, p.h, p.w) ? 0.f : 1.f) * scale[p.n];
+  }
+};
+
+}  // namespace
+
+void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
+                      const at::TensorBase& cand_c, double g, int64_t r, int64_t W,
+                      at::PhiloxCudaState philox, const at::TensorBase& bits) {
+  const int64_t N = bits.size(0), Cs = bits.size(1), H = bits.size(2), Wb = bits.size(3);
+  const int64_t total = bits.numel();
+  if (total == 0) return;
+  const float g32 = static_cast<float>(g);  // reference: torch.tensor(g, dtype=float32)
+  const bool* cs_ptr = cand_s.defined() ? cand_s.data_ptr<bool>() : nullptr;
+  const bool* cc_ptr = cand_c.defined() ? cand_c.data_ptr<bool>() : nullptr;
+  const unsigned grid = grid_for(total, kThreads);
+  if (!noise.defined()) {
+    seed_bits_kernel<float><<<grid, kThreads, 0, current_stream()>>>(
+        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Wb, r, 0.0, g32, philox,
+        bits.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // `noise < g32` in noise's dtype (a 0-dim float32 tensor does not promote a float16
+  // tensor): g32 rounded to that dtype, compared exactly in double.
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, noise.scalar_type(), "guidedrop::seed_bits",
+      [&] {
+        const double g_noise = static_cast<double>(static_cast<scalar_t>(g32));
+        seed_bits_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+            noise.data_ptr<scalar_t>(), strides4(noise), cs_ptr, cc_ptr, N, Cs, H, W, Wb, r,
+            g_noise, g32, philox, bits.data_ptr<uint8_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t W,
+                          const at::TensorBase& out) {
+  const int64_t N = bits.size(0), Cs = bits.size(1), H = bits.size(2), Wb = bits.size(3);
+  const int64_t per_sample = Cs * H * W;
+  if (N == 0 || per_sample == 0) return;
+  const dim3 grid(std::min<unsigned>(grid_for(per_sample, kThreads), 1024u),
+                  static_cast<unsigned>(std::min<int64_t>(N, 65535)));
+  seed_coverage_kernel<<<grid, kThreads, 0, current_stream()>>>(
+      bits.data_ptr<uint8_t>(), N, Cs, H, W, Wb, r,
+      reinterpret_cast<long long*>(out.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int64_t k,
+                        const at::TensorBase& scale, const at::TensorBase& out) {
+  const BlockW wfn{mask.data_ptr<uint8_t>(), scale.data_ptr<float>(), mask.size(1), mask.size(2),
+                   static_cast<int>(k)};
+  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block",
+                          [&] { launch_apply<scalar_t>(t, out, wfn); });
+}
+
+void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
+                        const at::TensorBase& scale, const at::TensorBase& out) {
+  const SeedsW wfn{bits.data_ptr<uint8_t>(), scale.data_ptr<float>(), bits.size(1),
+                   bits.size(2), t.size(3), bits.size(3), r};
+  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_seeds",
+                          [&] { launch_apply<scalar_t>(t, out, wfn); });
+}
+
+}  // namespace guidedrop

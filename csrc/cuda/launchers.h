@@ -1,0 +1,65 @@
+// Host launchers of the CUDA kernels, called by csrc/guidedrop.cpp after it has checked
+// every argument and allocated every output. Included by the .cpp and by every .cu, so a
+// signature mismatch is a compile error. Only light ATen/c10 headers here: the .cu files
+// must not pull in torch/extension.h (see shared/ENVIRONMENT.md, compile time).
+//
+// Conventions: x, t: (N, C, H, W) float32/float16/bfloat16, any strides. Small tensors
+// (per-sample, per-map, masks, bits) are contiguous, on x's device, of the dtype named in
+// python/guidedrop/backend_contract.md. Outputs are freshly allocated by the caller.
+#pragma once
+
+#include <ATen/core/TensorBase.h>
+#include <ATen/cuda/PhiloxCudaState.h>
+
+#include <cstdint>
+
+namespace guidedrop {
+
+// Soft-mask modes of AttentionDrop (SPEC §4), as passed to the kernels.
+enum AttentionMode : int { kModeAM = 0, kModeSM = 1, kModeAD = 2 };
+
+// pooled_correlation.cu. pooled: (N, N', C) float32 scratch, F: (N, H', W') float32.
+void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
+                               const at::TensorBase& F);
+
+// channel_ranking.cu. amax, mean: (N, C) float32. w: (N, C) float32.
+void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& amax,
+                          const at::TensorBase& mean);
+void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
+                          const at::TensorBase& out);
+
+// percentile_threshold.cu. v: (R, L) float32 any strides, out: (R,) float32.
+void launch_kth_largest(const at::TensorBase& v, int64_t k, const at::TensorBase& out);
+// out: (N, C) float32.
+void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBase& out);
+// active: (N, C) bool; thr, mn, mx, msum: (N, C) float32 (zeros for inactive maps).
+void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& active,
+                            int mode, const at::TensorBase& thr, const at::TensorBase& mn,
+                            const at::TensorBase& mx, const at::TensorBase& msum);
+// thr, mn, mx: (N, C) float32, active: (N, C) bool, scale: (N,) float32.
+void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
+                            const at::TensorBase& thr, const at::TensorBase& mn,
+                            const at::TensorBase& mx, const at::TensorBase& active, int mode,
+                            const at::TensorBase& scale, const at::TensorBase& out);
+
+// class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
+void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
+
+// block_mask.cu.
+// bits: (N, Cs, H, ceil(W/8)) uint8 output. noise: undefined, or (N, Cs, H, W) floating of
+// any dtype and strides (then `philox` is unused); cand_s: undefined or (N, H, W) bool;
+// cand_c: undefined or (N, Cs) bool.
+void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
+                      const at::TensorBase& cand_c, double g, int64_t r, int64_t W,
+                      at::PhiloxCudaState philox, const at::TensorBase& bits);
+// out: (N,) int64, zero-initialised by the caller.
+void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t W,
+                          const at::TensorBase& out);
+// mask: (N, Hs, Ws) uint8, scale: (N,) float32.
+void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int64_t k,
+                        const at::TensorBase& scale, const at::TensorBase& out);
+// bits: (N, Cs, H, ceil(W/8)) uint8 with Cs == 1 or C, scale: (N,) float32.
+void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
+                        const at::TensorBase& scale, const at::TensorBase& out);
+
+}  // namespace guidedrop

@@ -1,0 +1,374 @@
+// guidedrop._C: the operator schemas (TORCH_LIBRARY) and their CUDA implementations
+// (TORCH_LIBRARY_IMPL) of the hot-path primitives of python/guidedrop/backend_contract.md.
+//
+// This is the only translation unit that includes <torch/library.h> (and Python.h):
+// it checks every argument (TORCH_CHECK with the op and argument names), allocates the
+// outputs and calls the launchers of csrc/cuda/*.cu, which include only ATen/c10 headers.
+// Every op is functional: inputs are never mutated, outputs are new tensors (so
+// torch.library.opcheck and torch.compile can use the fake implementations registered in
+// python/guidedrop/cuda_backend.py). CPU tensors get a clear error from a CPU kernel that
+// only raises.
+#include <Python.h>
+
+#include <ATen/core/Generator.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <string>
+
+#include "cuda/launchers.h"
+
+namespace guidedrop {
+namespace {
+
+constexpr int64_t kMaxRow = (int64_t(1) << 31) - 1;  // rows / maps selected in one block
+
+// ------------------------------------------------------------------------ checks
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name,
+              " must be a CUDA tensor (the guidedrop CUDA kernels run on the GPU; use the "
+              "reference backend elsewhere), got a tensor on ",
+              t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor");
+}
+
+void check_feature_map(const at::Tensor& x, const char* op, const char* name) {
+  check_cuda(x, op, name);
+  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dt,
+              " (float64 runs on the reference backend)");
+}
+
+// A small state tensor: on `like`'s device, of `dtype` and exactly `shape`.
+void check_small(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
+                 at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+}
+
+void check_positive(int64_t v, const char* op, const char* name) {
+  TORCH_CHECK(v >= 1, op, ": ", name, " must be >= 1, got ", v);
+}
+
+void check_k(int64_t k, int64_t L, const char* op) {
+  TORCH_CHECK(L <= kMaxRow, op, ": rows of more than 2^31 - 1 values are not supported, got ", L);
+  TORCH_CHECK(k >= 1 && k <= L, op, ": k must be in [1, ", L, "], got ", k);
+}
+
+int parse_mode(c10::string_view mode_view, const char* op) {
+  const std::string mode(mode_view.data(), mode_view.size());
+  if (mode == "am") return kModeAM;
+  if (mode == "sm") return kModeSM;
+  TORCH_CHECK(mode == "ad", op, ": mode must be one of 'am', 'sm', 'ad', got '", mode, "'");
+  return kModeAD;
+}
+
+at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
+
+// ------------------------------------------------------------------------ statistics
+
+at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
+  constexpr const char* op = "guidedrop::pooled_correlation";
+  check_feature_map(x, op, "x");
+  check_positive(k, op, "k");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
+  at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
+  at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
+  launch_pooled_correlation(x, k, pooled, F);
+  return F;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x) {
+  constexpr const char* op = "guidedrop::channel_stats";
+  check_feature_map(x, op, "x");
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(N * C == 0 || x.size(2) * x.size(3) > 0, op,
+              ": maps must not be empty (H * W > 0), got shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor amax = at::empty({N, C}, f32(x));
+  at::Tensor mean = at::empty({N, C}, f32(x));
+  launch_channel_stats(x, amax, mean);
+  return {amax, mean};
+}
+
+at::Tensor kth_largest(const at::Tensor& v, int64_t k) {
+  constexpr const char* op = "guidedrop::kth_largest";
+  check_cuda(v, op, "v");
+  TORCH_CHECK(v.dim() == 2, op, ": v must be 2-D (R, L), got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v must be float32, got ", v.scalar_type());
+  check_k(k, v.size(1), op);
+  const c10::cuda::CUDAGuard guard(v.device());
+  at::Tensor out = at::empty({v.size(0)}, f32(v));
+  launch_kth_largest(v, k, out);
+  return out;
+}
+
+at::Tensor map_threshold(const at::Tensor& x, int64_t k) {
+  constexpr const char* op = "guidedrop::map_threshold";
+  check_feature_map(x, op, "x");
+  check_k(k, x.size(2) * x.size(3), op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, f32(x));
+  launch_map_threshold(x, k, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_stats(
+    const at::Tensor& x, int64_t k, const at::Tensor& active, c10::string_view mode) {
+  constexpr const char* op = "guidedrop::attention_stats";
+  check_feature_map(x, op, "x");
+  check_k(k, x.size(2) * x.size(3), op);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_small(active, x, op, "active", at::kBool, {N, C});
+  const int m = parse_mode(mode, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor act = active.contiguous();
+  at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
+  at::Tensor mx = at::empty({N, C}, f32(x)), msum = at::empty({N, C}, f32(x));
+  launch_attention_stats(x, k, act, m, thr, mn, mx, msum);
+  return {thr, mn, mx, msum};
+}
+
+at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
+  constexpr const char* op = "guidedrop::cam";
+  check_feature_map(x, op, "x");
+  check_small(alpha, x, op, "alpha", at::kFloat, {x.size(0), x.size(1)});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor a = alpha.contiguous();
+  at::Tensor J = at::empty({x.size(0), x.size(2), x.size(3)}, f32(x));
+  launch_cam(x, a, J);
+  return J;
+}
+
+// ------------------------------------------------------------------------ seed masks
+
+at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
+                     const std::optional<at::Tensor>& cand_s,
+                     const std::optional<at::Tensor>& cand_c, at::IntArrayRef shape, double g,
+                     int64_t r, std::optional<at::Generator> generator) {
+  constexpr const char* op = "guidedrop::seed_bits";
+  check_cuda(device_like, op, "device_like");
+  TORCH_CHECK(shape.size() == 4, op, ": shape must be (N, Cs, H, W), got ", shape);
+  for (const int64_t s : shape) TORCH_CHECK(s >= 0, op, ": shape must be >= 0, got ", shape);
+  check_positive(r, op, "r");
+  const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
+  at::Tensor nz, cs, cc;  // undefined when absent
+  if (noise.has_value() && noise->defined()) {
+    nz = *noise;
+    TORCH_CHECK(nz.device() == device_like.device(), op, ": noise must be on ",
+                device_like.device(), ", got ", nz.device());
+    TORCH_CHECK(at::isFloatingType(nz.scalar_type()), op,
+                ": noise must be a floating tensor, got ", nz.scalar_type());
+    TORCH_CHECK(nz.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
+                nz.sizes());
+  }
+  if (cand_s.has_value() && cand_s->defined()) {
+    check_small(*cand_s, device_like, op, "cand_s", at::kBool, {N, H, W});
+    cs = cand_s->contiguous();
+  }
+  if (cand_c.has_value() && cand_c->defined()) {
+    check_small(*cand_c, device_like, op, "cand_c", at::kBool, {N, Cs});
+    cc = cand_c->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(device_like.device());
+  at::Tensor bits = at::empty({N, Cs, H, (W + 7) / 8}, device_like.options().dtype(at::kByte));
+  at::PhiloxCudaState philox;
+  if (!nz.defined() && bits.numel() > 0) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator(device_like.device().index()));
+    // See ATen's Note [Acquire lock when using random generators]. Each 128-bit Philox
+    // output feeds 4 units, so every logical element uses 4 of the offset's 32-bit values.
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(4);
+  }
+  launch_seed_bits(nz, cs, cc, g, r, W, philox, bits);
+  return bits;
+}
+
+at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t w) {
+  constexpr const char* op = "guidedrop::seed_coverage";
+  check_cuda(bits, op, "bits");
+  TORCH_CHECK(bits.dim() == 4 && bits.scalar_type() == at::kByte, op,
+              ": bits must be uint8 (N, Cs, H, ceil(W/8)), got ", bits.scalar_type(), " ",
+              bits.sizes());
+  check_positive(r, op, "r");
+  TORCH_CHECK(w >= 0 && bits.size(3) == (w + 7) / 8, op, ": bits has ", bits.size(3),
+              " bytes per row, which does not fit W = ", w);
+  const c10::cuda::CUDAGuard guard(bits.device());
+  const at::Tensor b = bits.contiguous();
+  at::Tensor out = at::zeros({bits.size(0)}, bits.options().dtype(at::kLong));
+  launch_seed_coverage(b, r, w, out);
+  return out;
+}
+
+// ------------------------------------------------------------------------ apply
+
+at::Tensor apply_channel(const at::Tensor& t, const at::Tensor& w) {
+  constexpr const char* op = "guidedrop::apply_channel";
+  check_feature_map(t, op, "t");
+  check_small(w, t, op, "w", at::kFloat, {t.size(0), t.size(1)});
+  const c10::cuda::CUDAGuard guard(t.device());
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty_like(t);
+  launch_apply_channel(t, wc, out);
+  return out;
+}
+
+at::Tensor apply_block(const at::Tensor& t, const at::Tensor& mask, int64_t k,
+                       const at::Tensor& scale) {
+  constexpr const char* op = "guidedrop::apply_block";
+  check_feature_map(t, op, "t");
+  check_positive(k, op, "k");
+  TORCH_CHECK(mask.defined() && mask.dim() == 3, op, ": mask must be 3-D (N, Hs, Ws)");
+  const int64_t N = t.size(0);
+  check_small(mask, t, op, "mask", at::kByte, {N, mask.size(1), mask.size(2)});
+  TORCH_CHECK(mask.size(1) * k >= t.size(2) && mask.size(2) * k >= t.size(3), op,
+              ": mask (N, Hs, Ws) = ", mask.sizes(), " does not cover H x W = ", t.size(2),
+              " x ", t.size(3), " with k = ", k);
+  check_small(scale, t, op, "scale", at::kFloat, {N});
+  TORCH_CHECK(k <= kMaxRow && t.size(2) <= kMaxRow && t.size(3) <= kMaxRow, op,
+              ": k, H and W must be < 2^31");
+  const c10::cuda::CUDAGuard guard(t.device());
+  const at::Tensor m = mask.contiguous(), s = scale.contiguous();
+  at::Tensor out = at::empty_like(t);
+  launch_apply_block(t, m, k, s, out);
+  return out;
+}
+
+at::Tensor apply_seeds(const at::Tensor& t, const at::Tensor& bits, int64_t r,
+                       const at::Tensor& scale) {
+  constexpr const char* op = "guidedrop::apply_seeds";
+  check_feature_map(t, op, "t");
+  check_positive(r, op, "r");
+  TORCH_CHECK(bits.defined() && bits.dim() == 4, op, ": bits must be 4-D (N, Cs, H, ceil(W/8))");
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t Cs = bits.size(1);
+  TORCH_CHECK(Cs == 1 || Cs == C, op, ": bits must have 1 or C = ", C, " channels, got ", Cs);
+  check_small(bits, t, op, "bits", at::kByte, {N, Cs, H, (W + 7) / 8});
+  check_small(scale, t, op, "scale", at::kFloat, {N});
+  const c10::cuda::CUDAGuard guard(t.device());
+  const at::Tensor b = bits.contiguous(), s = scale.contiguous();
+  at::Tensor out = at::empty_like(t);
+  launch_apply_seeds(t, b, r, s, out);
+  return out;
+}
+
+at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::Tensor& thr,
+                           const at::Tensor& mn, const at::Tensor& mx, const at::Tensor& active,
+                           c10::string_view mode, const at::Tensor& scale) {
+  constexpr const char* op = "guidedrop::apply_attention";
+  check_feature_map(t, op, "t");
+  check_feature_map(x, op, "x");
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": t and x must have the same shape, got ", t.sizes(),
+              " and ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": t and x must have the same dtype, got ",
+              t.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": t and x must be on the same device, got ",
+              t.device(), " and ", x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  check_small(thr, x, op, "thr", at::kFloat, {N, C});
+  check_small(mn, x, op, "mn", at::kFloat, {N, C});
+  check_small(mx, x, op, "mx", at::kFloat, {N, C});
+  check_small(active, x, op, "active", at::kBool, {N, C});
+  check_small(scale, x, op, "scale", at::kFloat, {N});
+  const int m = parse_mode(mode, op);
+  const c10::cuda::CUDAGuard guard(t.device());
+  const at::Tensor thr_c = thr.contiguous(), mn_c = mn.contiguous(), mx_c = mx.contiguous();
+  const at::Tensor act_c = active.contiguous(), scale_c = scale.contiguous();
+  at::Tensor out = at::empty_like(t);
+  launch_apply_attention(t, x, thr_c, mn_c, mx_c, act_c, m, scale_c, out);
+  return out;
+}
+
+// ------------------------------------------------------------------------ CPU: a clear error
+
+void cpu_error(const c10::OperatorHandle& handle, torch::jit::Stack* /*stack*/) {
+  TORCH_CHECK(false, handle.schema().name(),
+              ": got CPU tensors, but guidedrop._C has CUDA kernels only; move the tensors to a "
+              "GPU, or use the reference backend (GUIDEDROP_BACKEND=reference or auto)");
+}
+
+constexpr const char* kOps[] = {
+    "pooled_correlation", "channel_stats", "kth_largest",  "map_threshold",
+    "attention_stats",    "cam",           "seed_bits",    "seed_coverage",
+    "apply_channel",      "apply_block",   "apply_seeds",  "apply_attention",
+};
+
+}  // namespace
+
+// Every op returns new tensors and mutates nothing (no `Tensor(a!)` annotations).
+TORCH_LIBRARY(guidedrop, m) {
+  m.def("pooled_correlation(Tensor x, int k) -> Tensor");
+  m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("kth_largest(Tensor v, int k) -> Tensor");
+  m.def("map_threshold(Tensor x, int k) -> Tensor");
+  m.def("attention_stats(Tensor x, int k, Tensor active, str mode) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cam(Tensor x, Tensor alpha) -> Tensor");
+  // device_like: any tensor on the target device (only its device is read). It gives the
+  // dispatcher a tensor when noise, cand_s and cand_c are all None (DropBlock).
+  m.def("seed_bits(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
+        "SymInt[] shape, float g, int r, Generator? generator=None) -> Tensor");
+  m.def("seed_coverage(Tensor bits, int r, SymInt w) -> Tensor");
+  m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
+  m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
+  m.def("apply_seeds(Tensor t, Tensor bits, int r, Tensor scale) -> Tensor");
+  m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor mx, Tensor active, "
+        "str mode, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
+  m.impl("pooled_correlation", &pooled_correlation);
+  m.impl("channel_stats", &channel_stats);
+  m.impl("kth_largest", &kth_largest);
+  m.impl("map_threshold", &map_threshold);
+  m.impl("attention_stats", &attention_stats);
+  m.impl("cam", &cam);
+  m.impl("seed_bits", &seed_bits);
+  m.impl("seed_coverage", &seed_coverage);
+  m.impl("apply_channel", &apply_channel);
+  m.impl("apply_block", &apply_block);
+  m.impl("apply_seeds", &apply_seeds);
+  m.impl("apply_attention", &apply_attention);
+}
+
+TORCH_LIBRARY_IMPL(guidedrop, CPU, m) {
+  for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cpu_error>());
+}
+
+}  // namespace guidedrop
+
+// `import guidedrop._C` loads this library, which registers the ops above as
+// torch.ops.guidedrop.*; the module itself is empty. A bare CPython module (no pybind11,
+// no torch/extension.h) keeps this file's compile time down.
+#define GD_CONCAT_(a, b) a##b
+#define GD_CONCAT(a, b) GD_CONCAT_(a, b)
+#define GD_STR_(a) #a
+#define GD_STR(a) GD_STR_(a)
+
+extern "C" PyMODINIT_FUNC GD_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {
+      PyModuleDef_HEAD_INIT,
+      GD_STR(TORCH_EXTENSION_NAME),
+      "guidedrop CUDA kernels, registered as torch.ops.guidedrop.* (import torch first)",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,204 @@
+"""CUDA backend: the primitives of ``backend_contract.md`` on the ``guidedrop._C`` operators.
+
+``guidedrop._C`` (built from ``csrc/``) registers ``torch.ops.guidedrop.<op>`` with CUDA
+kernels; this module adds the fake (meta) implementations that ``torch.compile`` and
+``torch.library.opcheck`` trace with, and the thin glue from the contract's signatures to
+the operators' schemas. No host synchronisation anywhere.
+
+Importing it raises ImportError (with the build command) when the extension is not built;
+:func:`guidedrop.dispatch.load` turns that into "backend unavailable".
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.guidedrop.*)
+except ImportError as e:  # not built, or built against another torch
+    raise ImportError(
+        f"guidedrop._C, the CUDA extension, does not import ({e}). Build it against the "
+        "installed torch on a machine with nvcc: `CUDA_HOME=/usr/local/cuda FORCE_CUDA=1 "
+        "python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`"
+    ) from e
+
+name = "cuda"
+
+_ops = torch.ops.guidedrop
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Every operator of guidedrop._C (the schemas are in csrc/guidedrop.cpp).
+OPS = (
+    "pooled_correlation", "channel_stats", "kth_largest", "map_threshold", "attention_stats",
+    "cam", "seed_bits", "seed_coverage", "apply_channel", "apply_block", "apply_seeds",
+    "apply_attention",
+)
+
+
+def unavailable() -> str:
+    """Why the kernels cannot run here; empty when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return ""
+
+
+def unsupported(x: torch.Tensor) -> str:
+    """Why the kernels cannot take ``x``; empty when they can."""
+    if not x.is_cuda:
+        return f"x is on {x.device}; the CUDA kernels need a CUDA tensor"
+    if x.dtype not in _DTYPES:
+        return f"x has dtype {x.dtype}; the CUDA kernels take float32, float16 or bfloat16"
+    return ""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32, SPEC §2 step 2."""
+    return _ops.pooled_correlation(x, k)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) -> (max |x|, mean), each (N, C) float32."""
+    amax, mean = _ops.channel_stats(x)
+    return amax, mean
+
+
+def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
+    """v: (R, L) float32 -> (R,) float32, the k-th largest value of each row (ties counted)."""
+    return _ops.kth_largest(v, k)
+
+
+def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C) float32, the k-th largest value of each map."""
+    return _ops.map_threshold(x, k)
+
+
+def attention_stats(x, k, active, mode):
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C) float32.
+
+    Entries of inactive maps are 0.
+    """
+    thr, mn, mx, msum = _ops.attention_stats(x, k, active, mode)
+    return thr, mn, mx, msum
+
+
+def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) float32 = sum_c alpha[n, c] x[n, c]."""
+    return _ops.cam(x, alpha.to(torch.float32))
+
+
+# --------------------------------------------------------------------------- seed masks
+
+
+def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
+    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md.
+
+    Without ``noise`` the kernel draws Philox uniforms from ``generator`` (default: the
+    CUDA generator of ``device``), graph-safe, keyed by the logical element index.
+    """
+    # Only the device of this tensor is read: it lets the dispatcher pick the CUDA kernel
+    # when noise, cand_s and cand_c are all None.
+    device_like = torch.empty(0, dtype=torch.uint8, device=device)
+    return _ops.seed_bits(device_like, noise, cand_s, cand_c, list(shape), float(g), int(r),
+                          generator)
+
+
+def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
+    """(N,) int64: units covered by the r x r expansion of the seeds (summed over Cs)."""
+    return _ops.seed_coverage(bits, r, w)
+
+
+# --------------------------------------------------------------------------- apply
+# The multipliers are float32 (the reference casts them to float32 before multiplying).
+
+
+def apply_channel(t, w):
+    """t: (N, C, H, W), w: (N, C) -> t * w[n, c]."""
+    return _ops.apply_channel(t, w.to(torch.float32))
+
+
+def apply_block(t, mask, k, scale):
+    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
+    return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
+
+
+def apply_seeds(t, bits, r, scale):
+    """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds."""
+    return _ops.apply_seeds(t, bits, r, scale.to(torch.float32))
+
+
+def apply_attention(t, x, thr, mn, mx, active, mode, scale):
+    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
+    f32 = torch.float32
+    return _ops.apply_attention(t, x, thr.to(f32), mn.to(f32), mx.to(f32), active, mode,
+                                scale.to(f32))
+
+
+# --------------------------------------------------------------------------- fake kernels
+# Shapes, dtypes and memory formats of the outputs, for torch.compile and opcheck.
+
+
+def _register_fakes() -> None:
+    register = torch.library.register_fake
+
+    def stats(x):
+        return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
+
+    @register("guidedrop::pooled_correlation")
+    def _(x, k):
+        n, _, h, w = x.shape
+        return x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.float32)
+
+    @register("guidedrop::channel_stats")
+    def _(x):
+        return stats(x), stats(x)
+
+    @register("guidedrop::kth_largest")
+    def _(v, k):
+        return v.new_empty((v.shape[0],), dtype=torch.float32)
+
+    @register("guidedrop::map_threshold")
+    def _(x, k):
+        return stats(x)
+
+    @register("guidedrop::attention_stats")
+    def _(x, k, active, mode):
+        return stats(x), stats(x), stats(x), stats(x)
+
+    @register("guidedrop::cam")
+    def _(x, alpha):
+        n, _, h, w = x.shape
+        return x.new_empty((n, h, w), dtype=torch.float32)
+
+    @register("guidedrop::seed_bits")
+    def _(device_like, noise, cand_s, cand_c, shape, g, r, generator=None):
+        n, cs, h, w = shape
+        return device_like.new_empty((n, cs, h, (w + 7) // 8), dtype=torch.uint8)
+
+    @register("guidedrop::seed_coverage")
+    def _(bits, r, w):
+        return bits.new_empty((bits.shape[0],), dtype=torch.int64)
+
+    def like(t):
+        return torch.empty_like(t)  # t's memory format, as the CUDA op's at::empty_like
+
+    @register("guidedrop::apply_channel")
+    def _(t, w):
+        return like(t)
+
+    @register("guidedrop::apply_block")
+    def _(t, mask, k, scale):
+        return like(t)
+
+    @register("guidedrop::apply_seeds")
+    def _(t, bits, r, scale):
+        return like(t)
+
+    @register("guidedrop::apply_attention")
+    def _(t, x, thr, mn, mx, active, mode, scale):
+        return like(t)
+
+
+_register_fakes()

@@ -1,0 +1,219 @@
+"""guidedrop.models with real torchvision and timm ResNets, and SmallResNet.
+
+- ``insert`` puts each layer where its paper does (the placement table below), leaves the
+  state_dict keys (pretrained checkpoints) unchanged, trains (forward + backward) and is
+  the identity in eval mode;
+- ``swap_timm_dropblock`` replaces timm's DropBlock2d, keeping drop_prob / block_size.
+
+Runs on the reference backend (as tests/test_training.py does).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import guidedrop
+from guidedrop import models
+from guidedrop.modules import GuidedDropout
+
+torchvision = pytest.importorskip("torchvision")
+
+LAYERS = models.LAYERS
+
+# What the papers say (issue 5): groups of a 4-group ResNet -> block size (or None).
+PLACEMENT_4 = {
+    "corrdrop": {"layer1": 9, "layer2": 7, "layer3": 5},  # after the groups, 9/7/5
+    "selectscale": {"layer3": None, "layer4": None},  # after the convs of the last groups
+    "selectout": {"layer3": None, "layer4": None},
+    "spatialscale": {"layer3": None, "layer4": None},
+    "attentiondrop": {"layer1": None, "layer2": None},  # after layer1 and layer2
+    "focused_dropout": {"layer3": None},  # after the penultimate group
+    "camdrop": {"layer3": 5, "layer4": 5},  # the last groups, reading model.fc
+    "dropblock": {"layer3": 7, "layer4": 7},  # groups 3-4
+}
+# A CIFAR ResNet has three groups: the same rules on layer1..layer3.
+PLACEMENT_3 = {
+    "corrdrop": {"layer1": 9, "layer2": 7, "layer3": 5},
+    "selectscale": {"layer2": None, "layer3": None},
+    "selectout": {"layer2": None, "layer3": None},
+    "spatialscale": {"layer2": None, "layer3": None},
+    "attentiondrop": {"layer1": None, "layer2": None},
+    "focused_dropout": {"layer2": None},
+    "camdrop": {"layer2": 5, "layer3": 5},
+    "dropblock": {"layer2": 7, "layer3": 7},
+}
+CLASSES = {
+    "corrdrop": guidedrop.CorrDrop, "selectscale": guidedrop.SelectScale,
+    "selectout": guidedrop.Selectout, "spatialscale": guidedrop.SpatialScale,
+    "attentiondrop": guidedrop.AttentionDrop, "focused_dropout": guidedrop.FocusedDropout,
+    "camdrop": guidedrop.CamDrop, "dropblock": guidedrop.DropBlock2d,
+}
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+
+
+def _timm():
+    return pytest.importorskip("timm")
+
+
+def resnet18(lib: str, **kw) -> nn.Module:
+    if lib == "torchvision":
+        return torchvision.models.resnet18(weights=None, num_classes=10)
+    return _timm().create_model("resnet18", pretrained=False, num_classes=10, **kw)
+
+
+def guided(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GuidedDropout)]
+
+
+def placement(model) -> dict[str, list[tuple[type, int | None]]]:
+    """group -> [(class, block_size or None)] of the guidedrop layers at its end."""
+    out = {}
+    for group in models.residual_groups(model):
+        found = [(type(m), getattr(m, "block_size", None)) for m in getattr(model, group)
+                 if isinstance(m, GuidedDropout)]
+        if found:
+            out[group] = found
+    return out
+
+
+def train_step(model, x, y):
+    model.train()
+    with guidedrop.cam_targets(model.fc, y):
+        out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    return out, loss
+
+
+def data(n=2, side=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, side, side, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- insert
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("lib", ["torchvision", "timm"])
+def test_insert_resnet18_placement(lib, layer):
+    model = resnet18(lib)
+    keys = list(model.state_dict())
+    added = models.insert(model, layer)
+    expected = {g: [(CLASSES[layer], b if b is not None else getattr(m, "block_size", None))]
+                for (g, b), m in zip(PLACEMENT_4[layer].items(), added, strict=True)}
+    assert placement(model) == expected
+    assert all(getattr(model, g)[-1] is m for g, m in zip(PLACEMENT_4[layer], added, strict=True))
+    assert list(model.state_dict()) == keys  # pretrained checkpoints still load
+
+
+@pytest.mark.parametrize("lib", ["torchvision", "timm"])
+def test_every_layer_in_one_resnet18_trains(lib):
+    """Every layer inserted: a training step (forward + backward) runs, eval mode is the
+    identity (the same output as the model without the layers)."""
+    model = resnet18(lib)
+    plain = copy.deepcopy(model)
+    for layer in LAYERS:
+        models.insert(model, layer)
+    assert len(guided(model)) == sum(len(v) for v in PLACEMENT_4.values())
+    for _, m in guided(model):
+        if isinstance(m, guidedrop.FocusedDropout):
+            m.participation = 1.0
+    seen = []
+    for _, m in guided(model):
+        m.register_forward_hook(lambda mod, args, out: seen.append((mod, out is not args[0])))
+
+    x, y = data()
+    out, loss = train_step(model, x, y)
+    assert out.shape == (2, 10) and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # every layer acted, but CamDrop: its block 5 does not fit the 4 x 4 and 2 x 2 maps of
+    # layer3 / layer4 at this input size (see test_camdrop_reads_fc)
+    assert all(acted != isinstance(mod, guidedrop.CamDrop) for mod, acted in seen)
+
+    model.eval()
+    plain.eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    model.train()
+    with pytest.raises(RuntimeError, match="cam_targets"):  # CamDrop needs its targets
+        model(x)
+
+
+def test_camdrop_reads_fc():
+    """CamDrop in layer3 / layer4 of a torchvision ResNet reads model.fc (512 weights per
+    class, averaged in pairs for layer3's 256 channels) through cam_targets. Block 1 so
+    that it acts on the small maps of a 64 x 64 input."""
+    model = resnet18("torchvision")
+    added = models.insert(model, "camdrop", lambda i, n: guidedrop.CamDrop(1, keep=0.5))
+    seen = []
+    for m in added:
+        m.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    x, y = data()
+    train_step(model, x, y)
+    assert [inp.shape[1] for inp, _ in seen] == [256, 512]
+    for inp, out in seen:
+        assert ((out == 0) & (inp != 0)).any()
+
+
+def test_small_resnet_placement():
+    """3-group CIFAR ResNet: CorrDrop after every group with blocks 9/7/5."""
+    for layer in LAYERS:
+        model = models.SmallResNet()
+        models.insert(model, layer)
+        got = placement(model)
+        assert set(got) == set(PLACEMENT_3[layer]), layer
+        for g, block in PLACEMENT_3[layer].items():
+            assert got[g][0][0] is CLASSES[layer]
+            if block is not None:
+                assert got[g][0][1] == block
+
+
+def test_insert_factory_and_errors():
+    model = resnet18("torchvision")
+    added = models.insert(model, "dropblock", lambda i, n: guidedrop.DropBlock2d(0.2, 3))
+    assert [(m.p, m.block_size) for m in added] == [(0.2, 3), (0.2, 3)]
+    with pytest.raises(ValueError, match="layer must be one of"):
+        models.insert(model, "dropout")
+    with pytest.raises(ValueError, match="residual groups"):
+        models.insert(nn.Sequential(nn.Conv2d(3, 3, 1)), "corrdrop")
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def test_swap_timm_dropblock():
+    timm = _timm()
+    model = resnet18("timm", drop_block_rate=0.1)
+    olds = {name: m for name, m in model.named_modules()
+            if isinstance(m, timm.layers.DropBlock2d)}
+    assert olds  # timm puts DropBlock in the blocks of layer3 and layer4
+    keys = list(model.state_dict())
+    x, y = data()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+
+    assert models.swap_timm_dropblock(model) == len(olds)
+    modules = dict(model.named_modules())
+    for name, old in olds.items():
+        new = modules[name]
+        assert type(new) is guidedrop.DropBlock2d
+        assert (new.p, new.block_size, new.shared_channels) == (
+            old.drop_prob, old.block_size, old.couple_channels)
+    assert not any(isinstance(m, timm.layers.DropBlock2d) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert models.swap_timm_dropblock(model) == 0
+
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # eval: the identity, before and after
+    out, loss = train_step(model, x, y)
+    assert torch.isfinite(loss)
