@@ -3,7 +3,7 @@
 - ``insert`` puts each layer where its paper does (the placement table below), leaves the
   state_dict keys (pretrained checkpoints) unchanged, trains (forward + backward) and is
   the identity in eval mode;
-- ``swap_timm_dropblock`` replaces timm's DropBlock2d, keeping drop_prob / block_size.
+- ``swap_timm_dropblock`` replaces timm's DropBlock2d, keeping its seed rate and block size.
 
 Runs on the reference backend (as tests/test_training.py does).
 """
@@ -207,8 +207,10 @@ def test_swap_timm_dropblock():
     for name, old in olds.items():
         new = modules[name]
         assert type(new) is guidedrop.DropBlock2d
+        # timm multiplies its seed rate by gamma_scale (0.25 in layer3): the same seeds
         assert (new.p, new.block_size, new.shared_channels) == (
-            old.drop_prob, old.block_size, old.couple_channels)
+            min(1.0, old.drop_prob * old.gamma_scale), old.block_size, old.couple_channels)
+    assert any(old.gamma_scale != 1 for old in olds.values())
     assert not any(isinstance(m, timm.layers.DropBlock2d) for m in model.modules())
     assert list(model.state_dict()) == keys
     assert models.swap_timm_dropblock(model) == 0

@@ -84,11 +84,13 @@ def swap_timm_dropblock(model: nn.Module,
                         factory: Callable[[nn.Module], nn.Module] | None = None) -> int:
     """Replace every ``timm.layers.DropBlock2d`` in ``model`` by a guidedrop layer.
 
-    The default factory keeps timm's settings: ``DropBlock2d(p=drop_prob,
-    block_size=block_size, shared_channels=couple_channels)``. Returns the count.
+    The default factory keeps timm's settings: ``DropBlock2d(p=drop_prob * gamma_scale,
+    block_size=block_size, shared_channels=couple_channels)`` (timm scales its seed rate
+    by gamma_scale, e.g. 0.25 in a ResNet's layer3). Returns the count.
     """
     def default(old):
-        return M.DropBlock2d(p=float(old.drop_prob), block_size=int(old.block_size),
+        p = min(1.0, float(old.drop_prob) * float(getattr(old, "gamma_scale", 1.0)))
+        return M.DropBlock2d(p=p, block_size=int(old.block_size),
                              shared_channels=bool(getattr(old, "couple_channels", True)))
 
     factory = factory or default
