@@ -25,13 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="default: cuda when present")
     demo.add_argument("--seed", type=int, default=0)
 
+    from . import bench, show
+    bench.add_parser(sub)
+    show.add_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from .demo import run
             run(args)
+        elif args.command == "bench":
+            bench.run(args)
+        elif args.command == "show":
+            show.run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except bench.MismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 

@@ -1,0 +1,1038 @@
+"""``python -m guidedrop bench``: time every layer on every available backend.
+
+For each layer x shape x dtype the bench first checks each backend against the eager
+reference, given the same ``noise``, on a slice of the input (forward output and
+``grad_x``; a disagreement raises :class:`MismatchError` naming the layer, backend and
+max error), then times it in each mode:
+
+- ``forward``: ``y = op(x)`` with ``x.requires_grad`` (what a training forward does);
+- ``backward``: ``torch.autograd.grad(y, x, dy)`` of a kept ``y``;
+- ``full``: both.
+
+Backends ("providers"): ``reference`` (eager PyTorch), ``compile``
+(``torch.compile(reference)``), and ``triton`` / ``cuda`` where
+:func:`guidedrop.dispatch.load` has them and they take the device. Timing: on CUDA
+``triton.testing.do_bench`` (median, L2 flushed) or CUDA events; on CPU
+``time.perf_counter`` over a few repetitions.
+
+The bandwidth floor is measured in the same run: a device-to-device copy of a large
+tensor gives the bandwidth B (bytes read + written per second); the floor of a mode is
+the bytes a fused kernel must move at least — forward 3 passes over x (statistics read,
+apply read + write), backward 2 (read grad_y, write grad_x), full 5 — divided by B.
+
+The library API used by ``benchmarks/``: :class:`Case`, :func:`make_inputs`,
+:func:`provider_fn`, :func:`forced_backend`, :func:`check`, :func:`mode_fn`,
+:func:`kept_bytes`, :class:`Timer`, :func:`measure_bandwidth`, :func:`default_providers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import dispatch, functional, models
+
+LAYERS = models.LAYERS
+PROVIDERS = ("reference", "compile", "triton", "cuda")
+MODES = ("forward", "backward", "full")
+PASSES = {"forward": 3, "backward": 2, "full": 5}  # passes over x's bytes in the floor
+
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "r56": (128, 64, 56, 56),  # ResNet-50 after layer1 (25.7M elements)
+    "r28": (128, 256, 28, 28),  # after layer2
+    "r14": (128, 1024, 14, 14),  # after layer3
+    "c32": (128, 16, 32, 32),  # CIFAR ResNet, first group
+    "small": (8, 64, 28, 28),  # CPU default
+    "tiny": (2, 16, 14, 14),  # CPU --quick (CI)
+}
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+               torch.float64: "fp64"}
+
+# The issue's shapes and dtypes (CUDA), and a small CPU default that finishes in < 1 min.
+CUDA_DEFAULT = [("r56", "bf16"), ("r56", "fp32"), ("r28", "bf16"), ("r28", "fp32"),
+                ("r14", "bf16"), ("r14", "fp32"), ("c32", "fp32")]
+CUDA_QUICK = [("c32", "fp32")]
+CPU_DEFAULT = [("small", "fp32")]
+CPU_QUICK = [("tiny", "fp32")]
+
+# The functional ops' defaults (the modules' defaults); FocusedDropout's functional form
+# always applies (participation 1).
+PARAMS: dict[str, dict] = {
+    "corrdrop": dict(p=0.1, block_size=7),
+    "selectscale": dict(top_rate=0.2, retain=0.1),
+    "spatialscale": dict(retain=0.4),
+    "selectout": dict(top_rate=0.2, keep=0.9),
+    "attentiondrop": dict(alpha=0.1, beta=20.0),
+    "focused_dropout": dict(low=0.3, high=0.6),
+    "camdrop": dict(block_size=5, keep=0.9),
+    "dropblock": dict(p=0.1, block_size=7),
+}
+CAM_CLASSES = 10  # classifier rows of CamDrop's weight (K, C)
+
+# Comparing a backend with the reference in the same dtype (as tests/testing.py): both
+# compute w in float32 and round t * w once, so they differ by at most a rounding flip.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+CHECK_ELEMENTS = 1 << 22  # the correctness check runs on the first samples, up to this size
+
+
+class MismatchError(RuntimeError):
+    """A backend disagrees with the reference: the bench stops (exit status 1)."""
+
+
+def usage_error(msg: str) -> Exception:
+    from .cli import UsageError
+    return UsageError(msg)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One layer on one input: x (N, C, H, W) of ``dtype`` on ``device``."""
+
+    layer: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer} {fmt_shape(self.shape)} {DTYPE_NAMES[self.dtype]}"
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor  # (N, C, H, W)
+    dy: torch.Tensor  # (N, C, H, W), the incoming gradient
+    weight: torch.Tensor  # (K, C) classifier for CamDrop
+    target: torch.Tensor  # (N,) classes for CamDrop
+    extra: dict = field(default_factory=dict)
+
+
+def fmt_shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def make_inputs(case: Case, seed: int = 0) -> Inputs:
+    """Standard-normal x and dy, a random classifier and targets, drawn on the device."""
+    gen = torch.Generator(device=case.device).manual_seed(seed)
+    n, c = case.shape[:2]
+
+    def randn(shape):
+        t = torch.randn(shape, generator=gen, device=case.device).to(case.dtype)
+        return t.contiguous(memory_format=torch.channels_last) if case.channels_last else t
+
+    x, dy = randn(case.shape), randn(case.shape)
+    weight = torch.randn((CAM_CLASSES, c), generator=gen, device=case.device)
+    target = torch.randint(0, CAM_CLASSES, (n,), generator=gen, device=case.device)
+    return Inputs(x, dy, weight, target)
+
+
+def noise_shape(layer: str, shape) -> tuple[int, ...]:
+    """Shape of the ``noise`` argument of ``layer`` for x of ``shape`` (see functional)."""
+    n, c, h, w = shape
+    if layer == "corrdrop":
+        k = PARAMS[layer]["block_size"]
+        return (2, n, -(-h // k), -(-w // k))
+    if layer == "focused_dropout":
+        return (n,)
+    if layer in ("camdrop", "dropblock"):
+        return (n, c, h, w)
+    return (n, c)
+
+
+def op(layer: str) -> Callable:
+    """run(x, weight, target, noise=None) -> y: the functional op with PARAMS."""
+    f, params = getattr(functional, layer), PARAMS[layer]
+    if layer == "camdrop":
+        def run(x, weight, target, noise=None):
+            return f(x, weight, target, noise=noise, **params)
+    else:
+        def run(x, weight, target, noise=None):
+            return f(x, noise=noise, **params)
+    return run
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def _dispatch_name(provider: str) -> str:
+    return "reference" if provider in ("reference", "compile") else provider
+
+
+@contextlib.contextmanager
+def forced_backend(provider: str) -> Iterator[None]:
+    """Run guidedrop ops on ``provider``'s backend (GUIDEDROP_BACKEND), restored after."""
+    old = os.environ.get("GUIDEDROP_BACKEND")
+    os.environ["GUIDEDROP_BACKEND"] = _dispatch_name(provider)
+    try:
+        if provider == "compile":
+            with _compile_config():
+                yield
+        else:
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("GUIDEDROP_BACKEND", None)
+        else:
+            os.environ["GUIDEDROP_BACKEND"] = old
+
+
+def _compile_config():
+    # Donated buffers forbid backward(retain_graph=True), which the "backward" mode uses.
+    try:
+        import torch._functorch.config as fconfig
+        if hasattr(fconfig, "donated_buffer"):
+            return fconfig.patch(donated_buffer=False)
+    except ImportError:
+        pass
+    return contextlib.nullcontext()
+
+
+def provider_fn(provider: str, layer: str) -> Callable:
+    """The callable run(x, weight, target, noise=None) of ``layer`` on ``provider``.
+
+    Call it inside ``forced_backend(provider)``. ``compile`` is a fresh
+    ``torch.compile(..., dynamic=False)``: call ``torch.compiler.reset()`` between
+    cases (dynamo's recompile limit is per code object, shared by every layer here).
+    """
+    fn = op(layer)
+    return torch.compile(fn, dynamic=False) if provider == "compile" else fn
+
+
+def unsupported(provider: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why ``provider`` cannot run ``dtype`` tensors on ``device`` ("" when it can)."""
+    if provider not in PROVIDERS:
+        return f"unknown backend {provider!r}; choose from {', '.join(PROVIDERS)}"
+    if provider in ("reference", "compile"):
+        return ""
+    mod, why = dispatch.load(provider)
+    if mod is None:
+        return why
+    if device.type != "cuda":
+        if provider == "cuda":
+            return "the CUDA extension runs on CUDA tensors only"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)"
+    if hasattr(mod, "unsupported"):
+        return mod.unsupported(torch.empty((1, 1, 1, 1), device=device, dtype=dtype))
+    return ""
+
+
+def default_providers(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Every provider that can run here; Triton under TRITON_INTERPRET on CPU is left out
+    (it works, but times the interpreter)."""
+    out = []
+    for p in PROVIDERS:
+        if (p == "triton" and device.type == "cpu"
+                and os.environ.get("TRITON_INTERPRET") == "1"):
+            continue
+        if not unsupported(p, device, dtype):
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def check_slice(case: Case, inputs: Inputs) -> Inputs:
+    """The first samples of the inputs (at most CHECK_ELEMENTS elements, at least one
+    sample) with fixed noise for ``case.layer``."""
+    n, c, h, w = case.shape
+    k = max(1, min(n, CHECK_ELEMENTS // max(1, c * h * w)))
+    gen = torch.Generator(device=case.device).manual_seed(1234)
+    shape = (k, c, h, w)
+    noise = torch.rand(noise_shape(case.layer, shape), generator=gen, device=case.device)
+    return Inputs(inputs.x[:k], inputs.dy[:k], inputs.weight, inputs.target[:k],
+                  {"noise": noise})
+
+
+def run_with_grad(fn: Callable, s: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, grad_x) of fn on the slice s with its noise."""
+    x = s.x.detach().clone().requires_grad_()
+    y = fn(x, s.weight, s.target, noise=s.extra["noise"])
+    (g,) = torch.autograd.grad(y, x, s.dy)
+    return y.detach(), g
+
+
+def _max_error(actual: torch.Tensor, expected: torch.Tensor, dtype) -> tuple[float, int]:
+    """(max |actual - expected|, count of elements beyond the dtype's tolerance)."""
+    atol, rtol = TOL[dtype]
+    a, e = actual.double(), expected.double()
+    diff = (a - e).abs()
+    nan_mismatch = a.isnan() != e.isnan()
+    bad = ((diff > atol + rtol * e.abs()) & ~(a.isnan() & e.isnan())) | nan_mismatch
+    err = diff.nan_to_num(nan=math.inf).max().item() if diff.numel() else 0.0
+    if nan_mismatch.any():
+        err = math.inf
+    return err, int(bad.sum().item())
+
+
+def check(case: Case, provider: str, fn: Callable, s: Inputs,
+          expected: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Raise MismatchError when ``fn`` (run inside forced_backend(provider)) disagrees
+    with the reference ``expected = (y, grad_x)`` on the slice ``s``."""
+    try:
+        got = run_with_grad(fn, s)
+    except Exception as e:  # a crash is a disagreement too
+        raise MismatchError(f"{case.label}: backend {provider} failed on the correctness "
+                            f"check: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from e
+    for what, a, b in (("output", got[0], expected[0]), ("grad_x", got[1], expected[1])):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise MismatchError(f"{case.label}: backend {provider} returns {what} of shape "
+                                f"{tuple(a.shape)} {a.dtype}, the reference "
+                                f"{tuple(b.shape)} {b.dtype}")
+        err, bad = _max_error(a, b, case.dtype)
+        if bad:
+            atol, rtol = TOL[case.dtype]
+            raise MismatchError(
+                f"{case.label}: backend {provider} disagrees with the reference on {what} "
+                f"(same noise, first {s.x.shape[0]} samples): max abs error {err:.3g}, "
+                f"{bad} of {a.numel()} elements beyond atol={atol:g}, rtol={rtol:g}")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
+    """The closure timed for ``mode`` (forward / backward / full)."""
+    x = inputs.x.detach().requires_grad_()
+    w, t, dy = inputs.weight, inputs.target, inputs.dy
+    if mode == "forward":
+        return lambda: fn(x, w, t)
+    if mode == "backward":
+        y = fn(x, w, t)
+        return lambda: torch.autograd.grad(y, x, dy, retain_graph=True)
+    if mode == "full":
+        return lambda: torch.autograd.grad(fn(x, w, t), x, dy)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+class Timer:
+    """t(fn) -> (median, 20th, 80th percentile) milliseconds per call of fn."""
+
+    def __init__(self, device: torch.device, quick: bool = False):
+        self.device, self.quick = device, quick
+        self.method = "perf_counter"
+        if device.type == "cuda":
+            try:
+                from triton.testing import do_bench
+                self._do_bench, self.method = do_bench, "triton.testing.do_bench"
+            except ImportError:
+                self._do_bench, self.method = None, "torch.cuda.Event"
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        if self.device.type == "cuda":
+            if self._do_bench is not None:
+                q = self._do_bench(fn, warmup=5 if self.quick else 25,
+                                   rep=20 if self.quick else 100, quantiles=[0.5, 0.2, 0.8])
+                return float(q[0]), float(q[1]), float(q[2])
+            return self._events(fn)
+        return self._cpu(fn)
+
+    def _events(self, fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5 if self.quick else 30):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return _quantiles(times)
+
+    def _cpu(self, fn):
+        fn()  # warm-up
+        budget, times = (0.05 if self.quick else 0.3), []
+        start = time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return _quantiles(times)
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) < 2:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def measure_bandwidth(device: torch.device, timer: Timer) -> tuple[float, int]:
+    """(bytes per second read + written by a device-to-device copy, bytes copied)."""
+    if device.type == "cuda":
+        nbytes = (256 if timer.quick else 1024) << 20
+    else:  # larger than the last-level cache
+        nbytes = (64 if timer.quick else 256) << 20
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))[0]
+    return 2 * nbytes / (ms * 1e-3), nbytes
+
+
+def kept_bytes(fn: Callable, inputs: Inputs) -> int:
+    """Bytes that the forward of fn saves for backward, x itself (or views of it) left out."""
+    x = inputs.x.detach().requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, inputs.weight, inputs.target)
+    x_storage = x.untyped_storage().data_ptr()
+    seen, total = set(), 0
+    for t in saved:
+        if t.untyped_storage().data_ptr() == x_storage and t.numel() > 0:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar on stderr: rich's on a terminal when rich is installed, else a
+    plain one; not on a terminal, one line per step."""
+
+    def __init__(self, total: int, label: str = "bench"):
+        self.total, self.done, self._rich = max(total, 1), 0, None
+        self.tty = sys.stderr.isatty()
+        if self.tty:
+            try:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+                self._rich = Progress(TextColumn("{task.description:<40}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=Console(stderr=True), transient=True)
+                self._task = self._rich.add_task(label, total=self.total)
+                self._rich.start()
+            except ImportError:
+                self._rich = None
+
+    def step(self, label: str) -> None:
+        """Start the next unit of work, called ``label``."""
+        if self._rich is not None:
+            self._rich.update(self._task, description=label)
+        elif self.tty:
+            filled = int(30 * self.done / self.total)
+            print(f"\r{label[:40]:40s} [{'#' * filled}{'.' * (30 - filled)}] "
+                  f"{self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def note(self, label: str) -> None:
+        """Relabel the current unit (on a terminal only)."""
+        if self.tty:
+            self.step(label)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    n = torch.get_num_threads()
+    return f"CPU {model} ({n} thread{'' if n == 1 else 's'})"
+
+
+def _versions() -> str:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return f"torch {torch.__version__}, triton {tv}"
+
+
+def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer,
+               bandwidth: float, progress: Progress | None = None) -> list[dict]:
+    """Check, then time ``case`` on each provider; one row per provider and mode."""
+    if "compile" in providers:
+        torch.compiler.reset()  # a fresh recompile budget for this case
+    inputs = make_inputs(case)
+    s = check_slice(case, inputs)
+    with forced_backend("reference"):
+        expected = run_with_grad(op(case.layer), s)
+    fns = {}
+    for p in providers:
+        if progress:
+            progress.note(f"{case.label} {p}: check")
+        with forced_backend(p):
+            fns[p] = provider_fn(p, case.layer)
+            if p != "reference":
+                check(case, p, fns[p], s, expected)
+    del s, expected
+    x_bytes = inputs.x.numel() * inputs.x.element_size()
+    rows = []
+    for p in providers:
+        if progress:
+            progress.step(f"{case.label} {p}")
+        with forced_backend(p):
+            try:
+                kept = kept_bytes(fns[p], inputs) / x_bytes
+            except Exception:  # saved-tensor hooks unsupported on this path
+                kept = math.nan
+            for mode in modes:
+                ms, lo, hi = timer(mode_fn(fns[p], inputs, mode))
+                floor_bytes = PASSES[mode] * x_bytes
+                floor_ms = floor_bytes / bandwidth * 1e3
+                rows.append(dict(
+                    bench="op", layer=case.layer, shape=fmt_shape(case.shape),
+                    dtype=DTYPE_NAMES[case.dtype], mode=mode, backend=p, ms=ms,
+                    ms_p20=lo, ms_p80=hi, gbps=floor_bytes / (ms * 1e-3) / 1e9,
+                    x_floor=ms / floor_ms, floor_ms=floor_ms, kept_fraction=kept))
+        if progress:
+            progress.advance()
+    if "compile" in providers:
+        torch.compiler.reset()
+    return rows
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    base = {(r["layer"], r["shape"], r["dtype"], r["mode"], r["backend"]): r["ms"]
+            for r in rows}
+    for r in rows:
+        k = (r["layer"], r["shape"], r["dtype"], r["mode"])
+        eager, comp = base.get((*k, "reference")), base.get((*k, "compile"))
+        r["speedup_eager"] = eager / r["ms"] if eager else math.nan
+        r["speedup_compile"] = comp / r["ms"] if comp else math.nan
+
+
+# --------------------------------------------------------------------------- ResNet-50 step
+
+
+def _resnet_setup(device: torch.device, quick: bool):
+    try:
+        import torchvision
+    except ImportError as e:
+        raise usage_error(f"--resnet needs torchvision ({e})") from None
+    gpu = device.type == "cuda"
+    batch, px = ((32 if quick else 128), 224) if gpu else ((2, 32) if quick else (4, 96))
+    # channels_last, except for the CPU smoke test (--quick): oneDNN's first
+    # channels_last step on CPU costs seconds of kernel generation.
+    fmt = torch.contiguous_format if (quick and not gpu) else torch.channels_last
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)  # never downloads
+    model = model.to(device).to(memory_format=fmt).train()
+    images = torch.randn(batch, 3, px, px, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return model, images, labels, opt
+
+
+def _resnet_step(model, images, labels, opt, device):
+    from .context import cam_targets
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with cam_targets(model.fc, labels):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _time_steps(step: Callable[[], None], device: torch.device, quick: bool) -> float:
+    """Median milliseconds of a training step."""
+    gpu = device.type == "cuda"
+    if quick:
+        warm, reps = (2, 5) if gpu else (1, 1)
+    else:
+        warm, reps = (5, 20) if gpu else (1, 3)
+    for _ in range(warm):
+        step()
+    times = []
+    for _ in range(reps):
+        if gpu:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _resnet_layer(layer: str, i: int) -> torch.nn.Module:
+    mod = models.PLACEMENTS[layer][1](i, 3)  # the paper's settings for position i
+    if layer == "focused_dropout":
+        mod.participation = 1.0  # apply on every step when timing
+    return mod
+
+
+def resnet_rows(layers: list[str], providers: list[str], device: torch.device, quick: bool,
+                progress: Progress | None = None) -> list[dict]:
+    """Step time of torchvision ResNet-50 (bf16 autocast on CUDA, channels_last) with
+    ``layer`` appended to layer1, layer2 and layer3, per layer and provider.
+
+    Batch 128 at 224 px on CUDA (32 with ``quick``); on CPU a tiny batch (4 at 96 px;
+    ``quick``: 2 at 32 px, contiguous, one timed step: a smoke test, not a measurement).
+    """
+    model, images, labels, opt = _resnet_setup(device, quick)
+    shape = fmt_shape(images.shape)
+    dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
+
+    def step():
+        _resnet_step(model, images, labels, opt, device)
+
+    if progress:
+        progress.step("resnet50 plain")
+    plain = _time_steps(step, device, quick)
+    if progress:
+        progress.advance()
+    groups = [model.layer1, model.layer2, model.layer3]
+    timed = []
+    for layer in layers:
+        for p in providers:
+            if progress:
+                progress.step(f"resnet50 {layer} {p}")
+            for i, g in enumerate(groups):
+                g.append(_resnet_layer(layer, i).to(device))
+            try:
+                with forced_backend(p):
+                    timed.append((layer, p, _time_steps(step, device, quick)))
+            finally:
+                for g in groups:
+                    del g[-1]
+            if progress:
+                progress.advance()
+    if timed and not (quick and device.type != "cuda"):
+        # The plain model again, now that every cache is warm: the baseline is the faster
+        # of the two (the overheads err on the high side, never hide a cost).
+        plain = min(plain, _time_steps(step, device, quick))
+    rows = [dict(bench="resnet50-step", layer="none", shape=shape, dtype=dtype, mode="train",
+                 backend="-", ms=plain, overhead_pct=0.0)]
+    rows += [dict(bench="resnet50-step", layer=layer, shape=shape, dtype=dtype, mode="train",
+                  backend=p, ms=ms, overhead_pct=100 * (ms - plain) / plain)
+             for layer, p, ms in timed]
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+OP_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
+              ("mode", "mode", "{}"), ("backend", "backend", "{}"), ("ms", "ms", "{:.4g}"),
+              ("gbps", "GB/s", "{:.1f}"), ("x_floor", "x floor", "{:.2f}"),
+              ("speedup_eager", "vs eager", "{:.2f}"),
+              ("speedup_compile", "vs compile", "{:.2f}"),
+              ("kept_fraction", "kept/x", "{:.4f}")]
+RESNET_COLUMNS = [("layer", "layer", "{}"), ("backend", "backend", "{}"),
+                  ("shape", "batch", "{}"), ("dtype", "dtype", "{}"),
+                  ("ms", "step ms", "{:.2f}"), ("overhead_pct", "overhead %", "{:+.1f}")]
+CSV_FIELDS = ["date", "device", "versions", "copy_gbps", "bench", "layer", "shape", "dtype",
+              "mode", "backend", "ms", "ms_p20", "ms_p80", "gbps", "x_floor", "floor_ms",
+              "speedup_eager", "speedup_compile", "kept_fraction", "overhead_pct"]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key, "")
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return fmt.format(v) if v != "" else "-"
+
+
+def format_table(rows: list[dict], columns, markdown: bool = False) -> str:
+    cells = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    numeric = [k not in ("layer", "shape", "dtype", "mode", "backend") for k, _, _ in columns]
+    if markdown:
+        lines = ["| " + " | ".join(heads) + " |",
+                 "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, h in enumerate(heads)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def write_csv(path: str, rows: list[dict], meta: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(v) for k, v in {**meta, **r}.items()})
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def write_plot(path: str, rows: list[dict], meta: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [r for r in rows if r["bench"] == "op"]
+    res = [r for r in rows if r["bench"] == "resnet50-step" and r["layer"] != "none"]
+    configs = list(dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in ops))
+    panels = len(configs) + (1 if res else 0)
+    ncols = 1 if panels == 1 else 2
+    nrows = -(-panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 3.4 * nrows + 0.8),
+                             squeeze=False, layout="constrained")
+    colours = {"reference": "#9e9e9e", "compile": "#5c6bc0", "triton": "#ef6c00",
+               "cuda": "#2e7d32"}
+    legend: dict = {}
+    for ax, (shape, dtype, mode) in zip(list(axes.flat)[:len(configs)], configs, strict=True):
+        sel = [r for r in ops if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)]
+        layers = list(dict.fromkeys(r["layer"] for r in sel))
+        provs = list(dict.fromkeys(r["backend"] for r in sel))
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            xs, ys = [], []
+            for i, layer in enumerate(layers):
+                for r in sel:
+                    if r["layer"] == layer and r["backend"] == p:
+                        xs.append(i + (j - (len(provs) - 1) / 2) * width)
+                        ys.append(r["ms"])
+            ax.bar(xs, ys, width, label=p, color=colours.get(p))
+        floor = sel[0]["floor_ms"]
+        ax.axhline(floor, color="k", ls="--", lw=1, label="bandwidth floor")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{shape} {dtype}, {mode}: floor {floor:.3g} ms", fontsize=10)
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    if res:
+        ax = axes.flat[len(configs)]
+        layers = list(dict.fromkeys(r["layer"] for r in res))
+        provs = list(dict.fromkeys(r["backend"] for r in res))
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            pts = [(i + (j - (len(provs) - 1) / 2) * width, r["overhead_pct"])
+                   for i, layer in enumerate(layers) for r in res
+                   if r["layer"] == layer and r["backend"] == p]
+            ax.bar([a for a, _ in pts], [b for _, b in pts], width, label=p,
+                   color=colours.get(p))
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("overhead % per step")
+        ax.set_title(f"ResNet-50 training step ({res[0]['shape']}, {res[0]['dtype']})",
+                     fontsize=10)
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    fig.suptitle(f"guidedrop bench — {meta['device']}, {meta['date']}, "
+                 f"device-to-device copy {meta['copy_gbps']:.0f} GB/s", fontsize=11)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center",
+               ncol=len(legend), fontsize=9, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) -> None:
+    ops = [r for r in rows if r["bench"] == "op"]
+    res = [r for r in rows if r["bench"] == "resnet50-step"]
+    parts = [f"Device: {meta['device']}; {meta['versions']}; {meta['date']}.",
+             f"Measured device-to-device copy bandwidth: {meta['copy_gbps']:.1f} GB/s "
+             f"(read + write). Floor = passes over x at that bandwidth: "
+             + ", ".join(f"{m} {PASSES[m]}" for m in modes) + ". `kept/x`: bytes saved for "
+             "backward (x itself excluded) / bytes of x.", ""]
+    if ops:
+        parts += [format_table(ops, OP_COLUMNS, markdown=True), ""]
+    if res:
+        parts += ["ResNet-50 training step, layer appended to layer1, layer2 and layer3:", "",
+                  format_table(res, RESNET_COLUMNS, markdown=True), ""]
+    Path(path).write_text("\n".join(parts))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_shape(s: str) -> tuple[int, int, int, int]:
+    s = s.strip()
+    if s in SHAPES:
+        return SHAPES[s]
+    parts = s.lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise usage_error(f"unknown shape {s!r}: give a name ({', '.join(SHAPES)}) or "
+                          "NxCxHxW, e.g. 8x64x28x28") from None
+    if len(dims) != 4:
+        raise usage_error(f"shape {s!r} has {len(dims)} dimensions; layers take 4: NxCxHxW")
+    if min(dims) < 1:
+        raise usage_error(f"shape {s!r} is empty: every dimension of NxCxHxW must be >= 1")
+    return dims  # type: ignore[return-value]
+
+
+def parse_dtype(s: str) -> torch.dtype:
+    if s.strip().lower() not in DTYPES:
+        raise usage_error(f"unknown dtype {s!r}; choose from fp32, bf16, fp16, fp64")
+    return DTYPES[s.strip().lower()]
+
+
+def _split(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def parse_layers(s: str) -> list[str]:
+    if s == "all":
+        return list(LAYERS)
+    names = _split(s)
+    for name in names:
+        if name not in LAYERS:
+            raise usage_error(f"unknown layer {name!r}; choose from {', '.join(LAYERS)}")
+    if not names:
+        raise usage_error("--layers is empty")
+    return names
+
+
+def parse_device(s: str | None) -> torch.device:
+    try:
+        device = torch.device(s or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise usage_error(f"device {s!r} is not available here "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return device
+
+
+def writable(path: str | None, option: str) -> None:
+    """Raise UsageError unless ``path`` can be written (created and removed again)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise usage_error(f"{option} {path}: is a directory, give a file name")
+    if not p.parent.is_dir():
+        raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise usage_error(f"{option} {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        p.unlink()
+
+
+def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
+    gpu = device.type == "cuda"
+    if args.shapes is None and args.dtype is None:
+        named = (CUDA_QUICK if args.quick else CUDA_DEFAULT) if gpu else \
+            (CPU_QUICK if args.quick else CPU_DEFAULT)
+        return [(SHAPES[s], DTYPES[d]) for s, d in named]
+    if args.shapes is None:
+        shapes = list(dict.fromkeys(s for s, _ in (CUDA_DEFAULT if gpu else CPU_DEFAULT)))
+        if args.quick:
+            shapes = [s for s, _ in (CUDA_QUICK if gpu else CPU_QUICK)]
+        shapes = [SHAPES[s] for s in shapes]
+    else:
+        shapes = [parse_shape(s) for s in _split(args.shapes)]
+        if not shapes:
+            raise usage_error("--shapes is empty")
+    if args.dtype is None:
+        dtypes = [torch.bfloat16, torch.float32] if gpu else [torch.float32]
+    else:
+        dtypes = list(dict.fromkeys(parse_dtype(d) for d in _split(args.dtype)))
+        if not dtypes:
+            raise usage_error("--dtype is empty")
+    return [(s, d) for s in shapes for d in dtypes]
+
+
+def choose_providers(arg: str | None, device: torch.device,
+                     dtypes: list[torch.dtype]) -> tuple[list[str], bool]:
+    """(providers, explicit). Named ones must exist and take every dtype on the device."""
+    if arg is None:
+        return [p for p in PROVIDERS if any(p in default_providers(device, d) for d in dtypes)
+                ], False
+    names = list(dict.fromkeys(_split(arg)))
+    if not names:
+        raise usage_error("--backends is empty")
+    for p in names:
+        if p not in PROVIDERS:
+            raise usage_error(f"unknown backend {p!r}; choose from {', '.join(PROVIDERS)}")
+        for d in dtypes:
+            why = unsupported(p, device, d)
+            if why:
+                raise usage_error(f"backend {p} is not available for {DTYPE_NAMES[d]} on "
+                                  f"{device}: {why}")
+    return names, True
+
+
+def run(args) -> list[dict]:
+    """The ``bench`` command; returns its rows."""
+    layers = parse_layers(args.layers)
+    modes = list(dict.fromkeys(_split(args.mode)))
+    for m in modes:
+        if m not in MODES:
+            raise usage_error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if not modes:
+        raise usage_error("--mode is empty")
+    device = parse_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise usage_error(f"--threads {args.threads}: give 1 or more CPU threads")
+        torch.set_num_threads(args.threads)
+    cases = configs(args, device)
+    providers, explicit = choose_providers(args.backends, device,
+                                           list(dict.fromkeys(d for _, d in cases)))
+    for path, opt in ((args.csv, "--csv"), (args.plot, "--plot"), (args.md, "--md")):
+        writable(path, opt)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise usage_error("--plot needs matplotlib: pip install 'guidedrop[bench]'") from None
+    if args.resnet:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError as e:
+            raise usage_error(f"--resnet needs torchvision ({e})") from None
+
+    timer = Timer(device, args.quick)
+    bandwidth, copied = measure_bandwidth(device, timer)
+    meta = dict(date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                device=device_name(device), versions=_versions(), copy_gbps=bandwidth / 1e9)
+    print(f"guidedrop bench on {meta['device']} ({meta['versions']}), {meta['date']}")
+    print(f"device-to-device copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
+          f"(read + write); floor = passes over x at that rate: "
+          + ", ".join(f"{m} {PASSES[m]}" for m in modes) + f"; timing: {timer.method}")
+
+    plan = []
+    for shape, dtype in cases:
+        ok = [p for p in providers if not unsupported(p, device, dtype)
+              and (explicit or p in default_providers(device, dtype))]
+        plan += [(Case(layer, shape, dtype, device, args.channels_last), ok)
+                 for layer in layers]
+    res_providers = [p for p in providers if p != "compile"
+                     and not unsupported(p, device, torch.bfloat16 if device.type == "cuda"
+                                         else torch.float32)]
+    total = sum(len(ok) for _, ok in plan)
+    if args.resnet:
+        total += 1 + len(layers) * len(res_providers)
+    progress = Progress(total)
+    rows: list[dict] = []
+    try:
+        for case, ok in plan:
+            rows += bench_case(case, ok, modes, timer, bandwidth, progress)
+        if args.resnet:
+            rows += resnet_rows(layers, res_providers, device, args.quick, progress)
+    finally:
+        progress.close()
+    _add_speedups([r for r in rows if r["bench"] == "op"])
+
+    ops = [r for r in rows if r["bench"] == "op"]
+    print()
+    print(format_table(ops, OP_COLUMNS))
+    if args.resnet:
+        res = [r for r in rows if r["bench"] == "resnet50-step"]
+        note = " (torch.compile is not timed here)" if "compile" in providers else ""
+        print(f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:")
+        print(format_table(res, RESNET_COLUMNS))
+    try:
+        if args.csv:
+            write_csv(args.csv, rows, meta)
+            print(f"wrote {args.csv}")
+        if args.md:
+            write_markdown(args.md, rows, meta, modes)
+            print(f"wrote {args.md}")
+        if args.plot:
+            write_plot(args.plot, rows, meta)
+            print(f"wrote {args.plot}")
+    except OSError as e:
+        raise usage_error(f"cannot write the results: {e}") from None
+    return rows
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="time every layer on every available backend",
+                       description="Check every backend against the reference with the same "
+                       "noise, then time it; compare with the bandwidth floor measured in "
+                       "the same run.")
+    b.add_argument("--layers", default="all", help=f"comma list of {', '.join(LAYERS)}")
+    b.add_argument("--shapes", default=None,
+                   help="comma list of NxCxHxW or names: "
+                        + ", ".join(f"{k}={fmt_shape(v)}" for k, v in SHAPES.items())
+                        + " (default: the issue's shapes on CUDA, small on CPU)")
+    b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64")
+    b.add_argument("--mode", default="full", help="forward, backward, full, or a comma list")
+    b.add_argument("--backends", default=None,
+                   help=f"comma list of {', '.join(PROVIDERS)} (default: every available one)")
+    b.add_argument("--device", default=None, help="default: cuda when present")
+    b.add_argument("--channels-last", action="store_true", help="channels_last inputs")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+    b.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
+    b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
+    b.add_argument("--md", default=None, metavar="PATH", help="write a markdown table")
+    b.add_argument("--resnet", action="store_true",
+                   help="also time a ResNet-50 training step with each layer")
+    b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")

@@ -1,0 +1,629 @@
+"""The kernel backends (Triton, and CUDA when built) against ``guidedrop.reference``.
+
+Every primitive of ``python/guidedrop/backend_contract.md`` on awkward inputs (odd
+shapes, N = 1, C = 1, 1 x 1 maps, H != W, every dtype, contiguous / channels_last /
+sliced): exact agreement for masks, bits, counts, thresholds, maxima, minima and every
+apply (the same float32 operations in the same order), float tolerance for sums, means
+and correlations. Every layer with ``GUIDEDROP_BACKEND`` forced: the same output and
+gradient as the reference with explicit noise, seeded reproducibility and drop rates
+with ``noise=None``, and the bytes autograd keeps for backward.
+
+Without a GPU the Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1``
+(tests/conftest.py), which costs ~10 ms per program instance: the shapes here are small.
+Tests marked ``gpu`` take full-size shapes and need CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import naive
+import pytest
+import torch
+from testing import HAS_CUDA, make_x, tol
+
+import guidedrop.functional as F
+from guidedrop import dispatch
+from guidedrop import reference as R
+
+BACKENDS = ["triton", "cuda"]
+DEV = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def load_backend(name: str):
+    """The backend module, or skip: not built / not importable / cannot run here."""
+    if name == "cuda" and not HAS_CUDA:
+        pytest.skip("the CUDA backend needs a GPU")
+    mod, why = dispatch.load(name)
+    if mod is None:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    probe = torch.zeros(1, 1, 1, 1, device=DEV)
+    why = mod.unsupported(probe) if hasattr(mod, "unsupported") else ""
+    if why:
+        pytest.skip(f"backend {name} cannot run on {DEV}: {why}")
+    return mod
+
+
+@pytest.fixture(params=BACKENDS)
+def B(request):
+    return load_backend(request.param)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request, monkeypatch):
+    """Forces GUIDEDROP_BACKEND for the layer tests (after checking it can run)."""
+    load_backend(request.param)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
+    return request.param
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def x_device() -> torch.device:
+    return torch.device(DEV)
+
+
+def rand(shape, seed: int) -> torch.Tensor:
+    """Uniforms drawn on the CPU (the same on every device), moved to DEV."""
+    return torch.rand(shape, generator=gen(seed)).to(DEV)
+
+
+def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-for-bit equal values (NaNs where the other has NaNs), same shape and dtype."""
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32, scale=1.0) -> None:
+    t = tol(dtype)
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
+                               rtol=t["rtol"], atol=t["atol"] * scale, equal_nan=True)
+
+
+# Awkward shapes: 1 x 1 maps, C = 1, N = 1, H != W, odd sides. Every shape in float32 and
+# every layout; half precisions on two shapes (the interpreter is slow).
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 9, 9), (3, 1, 13, 6), (2, 5, 15, 15)]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+COMBOS = [(s, torch.float32, lay) for s in SHAPES for lay in LAYOUTS] + [
+    (s, dt, lay) for s in [(2, 3, 5, 7), (2, 5, 15, 15)]
+    for dt in (torch.float16, torch.bfloat16) for lay in LAYOUTS]
+
+
+def combo_id(c) -> str:
+    shape, dt, lay = c
+    return f"{'x'.join(map(str, shape))}-{str(dt)[6:]}-{lay}"
+
+
+@pytest.fixture(params=COMBOS, ids=combo_id)
+def x(request):
+    shape, dtype, layout = request.param
+    torch.manual_seed(sum(shape) + len(layout))
+    return make_x(shape, dtype, DEV, layout)
+
+
+def with_ties(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to a few values (many ties), same layout."""
+    return (x.float() * 2).round().clamp(-3, 3).to(x.dtype) / 2
+
+
+# ------------------------------------------------------------------ backend module
+
+
+def test_triton_module_contract():
+    mod = load_backend("triton")
+    assert mod.name == "triton"
+    for fn in ("pooled_correlation", "channel_stats", "kth_largest", "map_threshold",
+               "attention_stats", "cam", "seed_bits", "seed_coverage", "apply_channel",
+               "apply_block", "apply_seeds", "apply_attention", "unavailable", "unsupported"):
+        assert callable(getattr(mod, fn)), fn
+    assert mod.unavailable() == ""
+    assert mod.unsupported(torch.zeros(1, 1, 1, 1, dtype=torch.float64, device=DEV))
+    assert mod.unsupported(torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=DEV))
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert mod.unsupported(torch.zeros(1, 1, 1, 1, dtype=dt, device=DEV)) == ""
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_channel_stats(B, x):
+    amax, mean = B.channel_stats(x)
+    ramax, rmean = R.channel_stats(x)
+    same(amax, ramax)
+    close(mean, rmean, scale=10)
+
+
+def test_map_threshold(B, x):
+    h, w = x.shape[-2:]
+    for xx in (x, with_ties(x)):
+        for k in sorted({1, max(1, h * w // 3), h * w}):
+            same(B.map_threshold(xx, k), R.map_threshold(xx, k))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 64), (2, 1000)], ids=str)
+def test_kth_largest(B, shape):
+    torch.manual_seed(shape[1])
+    v = torch.randn(shape).to(DEV)
+    v[:, : shape[1] // 4] = v[:, :1]  # ties
+    for vv in (v, v.t().contiguous().t(), -v.abs()):  # strided rows; all negative
+        for k in sorted({1, shape[1] // 4 + 1, shape[1]}):
+            same(B.kth_largest(vv, k), R.kth_largest(vv, k))
+
+
+def test_kth_largest_long_rows(B):
+    """Rows longer than a program keeps in registers: chunked counting passes."""
+    v = torch.randn(2, 20000, generator=gen(1)).to(DEV)
+    v[1, 100:200] = v[1, 7]
+    same(B.kth_largest(v, 150), R.kth_largest(v, 150))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+def test_statistics_nan_inf(B):
+    x = make_x((2, 3, 6, 5), torch.float32, DEV).clone()
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 2, 2] = float("inf")
+    x[1, 2, 0, 0] = -float("inf")
+    same(B.channel_stats(x)[0], R.channel_stats(x)[0])
+    for k in (1, 4, 30):
+        same(B.map_threshold(x, k), R.map_threshold(x, k))
+    active = torch.ones(2, 3, dtype=torch.bool, device=DEV)
+    thr, mn, mx, _ = B.attention_stats(x, 4, active, "ad")
+    rthr, rmn, rmx, _ = R.attention_stats(x, 4, active, "ad")
+    same(thr, rthr)
+    same(mn, rmn)
+    same(mx, rmx)
+
+
+@pytest.mark.parametrize("mode", ["am", "sm", "ad"])
+def test_attention_stats(B, x, mode):
+    n, c, h, w = x.shape
+    active = rand((n, c), 3) < 0.6
+    active[0, 0] = True
+    for xx in (x, with_ties(x)):
+        k = max(1, math.ceil(0.3 * h * w))
+        got = B.attention_stats(xx, k, active, mode)
+        ref = R.attention_stats(xx, k, active, mode)
+        for g, r in zip(got[:3], ref[:3], strict=True):  # thr, min, max: exact where active
+            same(g[active], r[active])
+        close(got[3][active], ref[3][active], scale=10)  # sum of the soft mask
+
+
+def test_cam(B, x):
+    n, c = x.shape[:2]
+    alpha = torch.randn(n, c, generator=gen(4)).to(DEV)
+    close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_pooled_correlation(B, x, k):
+    close(B.pooled_correlation(x, k), R.pooled_correlation(x, k), scale=10)
+
+
+@pytest.mark.parametrize("shape,k", [((1, 4, 32, 32), 1), ((2, 5, 15, 15), 7),
+                                     ((1, 40, 6, 7), 1), ((2, 3, 4, 4), 5)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pooled_correlation_sizes(B, shape, k, layout):
+    """N' = 1024 pooled positions (several Gram tiles), C over one channel chunk, N' = 1."""
+    x = make_x(shape, torch.float32, DEV, layout)
+    close(B.pooled_correlation(x, k), R.pooled_correlation(x, k), scale=10)
+    z = torch.zeros_like(x)  # zero rows: P_ii = 1
+    close(B.pooled_correlation(z, k), R.pooled_correlation(z, k))
+
+
+# ------------------------------------------------------------------ seeds
+
+
+SEED_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 9, 17), (2, 4, 13, 8), (3, 2, 7, 16)]
+
+
+@pytest.mark.parametrize("shape", SEED_SHAPES, ids=str)
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+def test_seed_bits_with_noise(B, shape, r):
+    n, c, h, w = shape
+    cand_s = rand((n, h, w), 1) < 0.7
+    for cs in sorted({c, 1}):
+        noise = rand((n, cs, h, w), 2)
+        cand_c = rand((n, cs), 3) < 0.7
+        for cands in [(None, None), (cand_s, None), (None, cand_c), (cand_s, cand_c)]:
+            args = (0.3, r, *cands, (n, cs, h, w), x_device())
+            same(B.seed_bits(noise, None, *args), R.seed_bits(noise, None, *args))
+        # a noise view with strides, and float16 noise (compared in float16, as torch does)
+        wide = rand((n, cs, h, w + 3), 5)[..., 1:w + 1]
+        args = (0.3, r, None, None, (n, cs, h, w), x_device())
+        same(B.seed_bits(wide, None, *args), R.seed_bits(wide, None, *args))
+        half = noise.half()
+        same(B.seed_bits(half, None, *args), R.seed_bits(half, None, *args))
+
+
+def test_seed_bits_philox(B):
+    """noise=None: reproducible under torch.manual_seed and generator=, rate g, only at
+    valid centres and candidates, zero padding bits."""
+    shape, g, r = (2, 4, 32, 30), 0.2, 3
+    n, c, h, w = shape
+    dev = x_device()
+    torch.manual_seed(5)
+    a = B.seed_bits(None, None, g, r, None, None, shape, dev)
+    torch.manual_seed(5)
+    b = B.seed_bits(None, None, g, r, None, None, shape, dev)
+    same(a, b)
+    gpu_gen = torch.Generator(device=dev)
+    c1 = B.seed_bits(None, gpu_gen.manual_seed(3), g, r, None, None, shape, dev)
+    c2 = B.seed_bits(None, gpu_gen.manual_seed(3), g, r, None, None, shape, dev)
+    same(c1, c2)
+    assert not torch.equal(a, c1)
+    seeds = R.unpack_bits(a, w)
+    assert torch.equal(R.pack_bits(seeds), a)  # bits beyond W are 0
+    valid = R.valid_centres(h, w, r, dev)
+    assert not seeds[..., ~valid].any()
+    m = valid.sum().item() * n * c
+    frac = seeds.sum().item() / m
+    assert abs(frac - g) < 5 * math.sqrt(g * (1 - g) / m), frac
+    # candidates
+    cand_s = rand((n, h, w), 6) < 0.5
+    cand_c = rand((n, c), 7) < 0.5
+    s = R.unpack_bits(B.seed_bits(None, None, 0.9, r, cand_s, cand_c, shape, dev), w)
+    assert not (s & ~(cand_s[:, None] & cand_c[:, :, None, None])).any()
+    assert s.any()
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 9, 13])
+def test_seed_coverage_and_apply_seeds(B, r):
+    shape = (2, 3, 17, 21)
+    n, c, h, w = shape
+    for cs in (c, 1):
+        noise = rand((n, cs, h, w), r)
+        bits = R.seed_bits(noise, None, 0.04, r, None, None, (n, cs, h, w), noise.device)
+        same(B.seed_coverage(bits, r, w), R.seed_coverage(bits, r, w))
+        xx = make_x(shape, torch.float32, DEV)
+        scale = rand((n,), 8) + 0.5
+        same(B.apply_seeds(xx, bits, r, scale), R.apply_seeds(xx, bits, r, scale))
+
+
+@pytest.mark.parametrize("shape,r", [((1, 2, 60, 70), 53), ((1, 1, 50, 120), 49),
+                                     ((1, 2, 30, 100), 25)], ids=str)
+def test_seed_coverage_large_blocks(B, shape, r):
+    """Blocks wider than one 48-offset piece of the byte expansion."""
+    n, c, h, w = shape
+    seeds = torch.zeros(shape, dtype=torch.bool)
+    seeds[..., h // 2, w // 2] = True
+    seeds[0, 0, r // 2, w - r + r // 2] = True
+    bits = R.pack_bits(seeds).to(DEV)
+    same(B.seed_coverage(bits, r, w), R.seed_coverage(bits, r, w))
+    xx = make_x(shape, torch.float32, DEV)
+    one = torch.ones(n, device=DEV)
+    same(B.apply_seeds(xx, bits, r, one), R.apply_seeds(xx, bits, r, one))
+
+
+# ------------------------------------------------------------------ applies
+
+
+def check_apply(out: torch.Tensor, ref: torch.Tensor, t: torch.Tensor) -> None:
+    same(out, ref)
+    assert out.device == t.device
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def grad_like(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for grad_y with another layout than x (contiguous), and an expanded one."""
+    g = torch.randn(x.shape, generator=gen(11)).to(device=x.device, dtype=x.dtype)
+    return [g, g[:1, :1, :1, :1].expand(x.shape)]
+
+
+def test_apply_channel(B, x):
+    w = rand(x.shape[:2], 1)
+    for t in [x, *grad_like(x)]:
+        check_apply(B.apply_channel(t, w), R.apply_channel(t, w), t)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_apply_block(B, x, k):
+    n, _, h, w = x.shape
+    mask = (rand((n, -(-h // k), -(-w // k)), k) < 0.5).to(torch.uint8)
+    scale = rand((n,), 2) * 3
+    for t in [x, *grad_like(x)]:
+        check_apply(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale), t)
+
+
+@pytest.mark.parametrize("r", [2, 3])  # r = 1 .. 13 and huge r: test_seed_coverage_*
+def test_apply_seeds(B, x, r):
+    n, c, h, w = x.shape
+    scale = rand((n,), 3) + 0.5
+    for cs in sorted({c, 1}):
+        bits = R.seed_bits(rand((n, cs, h, w), r), None, 0.15, r, None, None,
+                           (n, cs, h, w), x.device)
+        for t in [x, *grad_like(x)]:
+            check_apply(B.apply_seeds(t, bits, r, scale), R.apply_seeds(t, bits, r, scale), t)
+
+
+@pytest.mark.parametrize("mode", ["am", "sm", "ad"])
+def test_apply_attention(B, x, mode):
+    n, c, h, w = x.shape
+    active = rand((n, c), 5) < 0.5
+    k = max(1, math.ceil(0.2 * h * w))
+    thr, mn, mx, _ = R.attention_stats(x, k, active, mode)
+    scale = rand((n,), 6) + 0.5
+    for t in [x, *grad_like(x)]:  # forward (t is x) and backward (t = grad_y)
+        check_apply(B.apply_attention(t, x, thr, mn, mx, active, mode, scale),
+                    R.apply_attention(t, x, thr, mn, mx, active, mode, scale), t)
+
+
+def test_applies_empty(B):
+    t = torch.zeros(0, 3, 4, 4, device=DEV)
+    assert B.apply_channel(t, torch.zeros(0, 3, device=DEV)).shape == t.shape
+    bits = torch.zeros(0, 3, 4, 1, dtype=torch.uint8, device=DEV)
+    assert B.apply_seeds(t, bits, 3, torch.zeros(0, device=DEV)).shape == t.shape
+
+
+def test_triton_int64_indexing(monkeypatch):
+    """The int64 offset path (tensors of 2**31 elements or more) gives the same results:
+    forced on small tensors."""
+    mod = load_backend("triton")
+    import importlib
+    for sub in ("block_mask", "channel_ranking", "class_activation", "percentile_threshold",
+                "pooled_correlation"):
+        monkeypatch.setattr(importlib.import_module(f"{mod.__name__}.{sub}"), "needs_int64",
+                            lambda *ts: True)
+    x = make_x((2, 3, 9, 10), torch.float32, DEV, "channels_last")
+    n, c, h, w = x.shape
+    same(mod.channel_stats(x)[0], R.channel_stats(x)[0])
+    same(mod.map_threshold(x, 7), R.map_threshold(x, 7))
+    active = rand((n, c), 1) < 0.5
+    st, rst = mod.attention_stats(x, 7, active, "ad"), R.attention_stats(x, 7, active, "ad")
+    same(st[0][active], rst[0][active])
+    close(mod.cam(x, rand((n, c), 2)), R.cam(x, rand((n, c), 2)), scale=10)
+    close(mod.pooled_correlation(x, 3), R.pooled_correlation(x, 3), scale=10)
+    scale = rand((n,), 3) + 0.5
+    for t in (x, x.contiguous()):
+        same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))
+        mask = (rand((n, 3, 4), 5) < 0.5).to(torch.uint8)
+        same(mod.apply_block(t, mask, 3, scale), R.apply_block(t, mask, 3, scale))
+        same(mod.apply_attention(t, x, *rst[:3], active, "ad", scale),
+             R.apply_attention(t, x, *rst[:3], active, "ad", scale))
+        for cs in (c, 1):
+            noise = rand((n, cs, h, w), 6)
+            args = (0.2, 3, None, None, (n, cs, h, w), x_device())
+            bits = mod.seed_bits(noise, None, *args)
+            same(bits, R.seed_bits(noise, None, *args))
+            same(mod.seed_coverage(bits, 3, w), R.seed_coverage(bits, 3, w))
+            same(mod.apply_seeds(t, bits, 3, scale), R.apply_seeds(t, bits, 3, scale))
+    mod.seed_bits(None, None, 0.2, 3, None, None, (n, c, h, w), x_device())
+
+
+# ------------------------------------------------------------------ layers
+
+
+def cam_inputs(n, c):
+    g = gen(1000 + c)
+    weight = torch.randn(4, 2 * c, generator=g)
+    return weight.to(DEV), torch.randint(0, 4, (n,), generator=g).to(DEV)
+
+
+def _cam(x, noise, **kw):
+    weight, target = cam_inputs(*x.shape[:2])
+    return F.camdrop(x, weight, target, noise=noise, **kw)
+
+
+# name -> (op(x, noise=, **params), noise shape of x's shape, params, binary mask?)
+LAYERS = {
+    "corrdrop": (F.corrdrop, lambda s: (2, s[0], -(-s[2] // 3), -(-s[3] // 3)),
+                 dict(p=0.4, block_size=3), True),
+    "selectscale": (F.selectscale, lambda s: s[:2], dict(top_rate=0.4, retain=0.1), False),
+    "spatialscale": (F.spatialscale, lambda s: s[:2], dict(retain=0.2), False),
+    "selectout": (F.selectout, lambda s: s[:2], dict(top_rate=0.6, keep=0.7), True),
+    "attentiondrop-am": (F.attentiondrop, lambda s: s[:2],
+                         dict(alpha=0.5, beta=30.0, mode="am"), True),
+    "attentiondrop-sm": (F.attentiondrop, lambda s: s[:2],
+                         dict(alpha=0.5, beta=30.0, mode="sm"), False),
+    "attentiondrop-ad": (F.attentiondrop, lambda s: s[:2],
+                         dict(alpha=0.5, beta=30.0, mode="ad", normalize="sample"), False),
+    "focused_dropout": (F.focused_dropout, lambda s: s[:1], dict(low=0.3, high=0.6), True),
+    "focused_dropout-pp": (F.focused_dropout, lambda s: (s[0], s[2], s[3]),
+                           dict(low=0.3, high=0.6, per_position=True), True),
+    "camdrop": (_cam, tuple, dict(block_size=3, keep=0.5, channel_rate=0.5), True),
+    "dropblock": (F.dropblock, tuple, dict(p=0.3, block_size=3), True),
+    "dropblock-shared": (F.dropblock, lambda s: (s[0], 1, s[2], s[3]),
+                         dict(p=0.3, block_size=3, shared_channels=True, normalize="none"),
+                         True),
+}
+LAYER_INPUTS = [((2, 6, 10, 10), torch.float32, "contiguous"),
+                ((2, 5, 15, 15), torch.bfloat16, "channels_last"),
+                ((3, 4, 13, 6), torch.float16, "sliced")]
+
+
+def layer_noise(case, x, seed):
+    op, shape_of, params, _ = LAYERS[case]
+    if case == "corrdrop":
+        return naive.safe_corrdrop_noise(x.cpu(), params["p"], params["block_size"],
+                                         gen(seed)).to(DEV)
+    return rand(shape_of(tuple(x.shape)), seed)
+
+
+def run_layer(case, x, noise, grad):
+    """(y, x.grad) of the layer on the backend GUIDEDROP_BACKEND names."""
+    op, _, params, _ = LAYERS[case]
+    xg = x.detach().clone().requires_grad_()
+    y = op(xg, noise=noise, **params)
+    y.backward(grad)
+    return y.detach(), xg.grad
+
+
+@pytest.mark.parametrize("inputs", LAYER_INPUTS, ids=combo_id)
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_layer_matches_reference(backend_name, monkeypatch, case, inputs):
+    shape, dtype, layout = inputs
+    torch.manual_seed(7)
+    x = make_x(shape, dtype, DEV, layout)
+    noise = layer_noise(case, x, 3)
+    grad = torch.randn(shape, generator=gen(9)).to(DEV, dtype)
+    y, gx = run_layer(case, x, noise, grad)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    y_ref, gx_ref = run_layer(case, x, noise, grad)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    binary = LAYERS[case][3]
+    if case == "corrdrop":  # kappa decided by rounding when F is (nearly) constant
+        ok = torch.tensor(naive.corrdrop_well_conditioned(x.cpu(), 3), device=DEV)
+        y, y_ref, gx, gx_ref = (t[ok] for t in (y, y_ref, gx, gx_ref))
+    if binary:
+        assert torch.equal(gx == 0, gx_ref == 0), f"{case}: masks differ"
+    close(y, y_ref, dtype)
+    close(gx, gx_ref, dtype)
+
+
+SEEDED = {
+    "corrdrop": lambda x, **k: F.corrdrop(x, 0.4, 3, **k),
+    "selectscale": lambda x, **k: F.selectscale(x, 0.4, 0.1, **k),
+    "selectout": lambda x, **k: F.selectout(x, 0.6, 0.7, **k),
+    "attentiondrop": lambda x, **k: F.attentiondrop(x, 0.5, 30.0, **k),
+    "focused_dropout": lambda x, **k: F.focused_dropout(x, 0.3, 0.6, **k),
+    "camdrop": lambda x, **k: _cam(x, None, block_size=3, keep=0.5, channel_rate=0.5, **k),
+    "dropblock": lambda x, **k: F.dropblock(x, 0.3, 3, **k),
+    "dropblock-shared": lambda x, **k: F.dropblock(x, 0.3, 3, shared_channels=True, **k),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_layer_seeded(backend_name, name):
+    """noise=None: the same torch.manual_seed gives the same output; others differ; the
+    output is x * w of a mask (w = 0 exactly where y = 0 for x != 0)."""
+    op = SEEDED[name]
+    torch.manual_seed(5)
+    x = make_x((4, 6, 9, 9), torch.float32, DEV)
+    torch.manual_seed(123)
+    a = op(x)
+    torch.manual_seed(123)
+    b = op(x)
+    same(a, b)
+    outs = set()
+    for s in range(4):
+        torch.manual_seed(s)
+        outs.add(op(x).sum().item())
+    assert len(outs) > 1, "different seeds should give different outputs"
+
+
+def _dropblock_expected_fraction(p, r, h, w):
+    """E[fraction dropped] = mean over units of 1 - (1 - g)^(#valid centres covering it)."""
+    g = float(torch.tensor(p / r**2 * h * w / ((h - r + 1) * (w - r + 1)), dtype=torch.float32))
+
+    def cover(i, size):
+        return sum(1 for s in range(size - r + 1) if s <= i <= s + r - 1)
+    tot = sum(1 - (1 - g) ** (cover(i, h) * cover(j, w)) for i in range(h) for j in range(w))
+    return tot / (h * w)
+
+
+def test_dropblock_drop_rate(backend_name):
+    """Philox seeds in the kernel: the dropped fraction matches DropBlock's expectation."""
+    torch.manual_seed(1)
+    p = 0.2
+    x = (torch.randn(16, 8, 28, 28).abs() + 1).to(DEV)
+    expected = _dropblock_expected_fraction(p, 7, 28, 28)
+    for shared in (False, True):
+        z = F.dropblock(x, p, 7, shared_channels=shared, normalize="none") == 0
+        if shared:
+            assert torch.equal(z, z[:, :1].expand_as(z))
+            z = z[:, :1]
+        per_map = z.double().mean(dim=(2, 3)).flatten()
+        se = per_map.std().item() / math.sqrt(per_map.numel())
+        assert abs(per_map.mean().item() - expected) < 5 * se + 1e-3, (per_map.mean(), expected)
+
+
+def test_corrdrop_drop_rate(backend_name):
+    """p = 0.2, 28 x 28 maps, k = 7: E[dropped fraction] = p (binomial over the blocks)."""
+    torch.manual_seed(0)
+    p = 0.2
+    x = torch.randn(64, 4, 28, 28).to(DEV)
+    dropped = (F.corrdrop(x, p, 7, normalize="none") == 0).double()
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))
+    sd = math.sqrt(p * (1 - p) / (64 * 16))
+    assert abs(dropped.mean().item() - p) < 5 * sd
+
+
+def saved_bytes(op, x) -> int:
+    """Bytes of the tensors autograd keeps for backward, x itself excluded."""
+    kept = []
+
+    def pack(t):
+        if not (t.data_ptr() == x.data_ptr() and t.shape == x.shape):
+            kept.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = op(x)
+    y.sum().backward()
+    return sum(kept)
+
+
+MEMORY = {**{k: v for k, v in SEEDED.items()},
+          "spatialscale": lambda x, **k: F.spatialscale(x, 0.2, **k),
+          "focused_dropout-pp": lambda x, **k: F.focused_dropout(x, 0.3, 0.6, per_position=True,
+                                                                 **k)}
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 28, 32), (2, 64, 28, 28)], ids=str)
+@pytest.mark.parametrize("name", list(MEMORY))
+def test_saved_for_backward(backend_name, name, shape):
+    """At most x's bytes / 16 (bf16 x) plus a few bytes per sample (the (N,) scale) kept
+    for backward; AttentionDrop keeps x and its per-map statistics. The seed layers keep
+    ceil(W/8) bytes per row of W units: x / 16 only when 8 divides W."""
+    if name in ("camdrop", "dropblock") and shape[3] % 8:
+        pytest.xfail("packed seed rows of ceil(W/8) bytes exceed x/16 for bf16 when W % 8 != 0")
+    torch.manual_seed(2)
+    x = make_x(shape, torch.bfloat16, DEV).requires_grad_()
+    kept = saved_bytes(MEMORY[name], x)
+    budget = x.numel() * x.element_size() // 16 + 16 * x.shape[0]
+    if name == "attentiondrop":
+        budget = 64 * x.shape[0] * x.shape[1]  # per-map statistics only, x excepted
+    assert kept <= budget, (kept, budget)
+
+
+# ------------------------------------------------------------------ full size (GPU)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("inputs", [
+    ((8, 64, 56, 56), torch.bfloat16, "channels_last"),
+    ((8, 64, 56, 56), torch.float32, "contiguous"),
+    ((4, 16, 112, 112), torch.float16, "sliced"),
+    ((4, 256, 14, 14), torch.bfloat16, "contiguous")], ids=combo_id)
+@pytest.mark.parametrize("case", [c for c in LAYERS if c != "corrdrop"] + ["corrdrop7"])
+def test_layer_full_size(backend_name, monkeypatch, case, inputs):
+    shape, dtype, layout = inputs
+    torch.manual_seed(3)
+    x = make_x(shape, dtype, DEV, layout)
+    grad = torch.randn(shape, device=DEV, dtype=dtype)
+    if case == "corrdrop7":  # no naive safe noise at this size: compare F, then the apply
+        B = load_backend(backend_name)
+        close(B.pooled_correlation(x, 7), R.pooled_correlation(x, 7), scale=10)
+        return
+    noise = rand(LAYERS[case][1](shape), 4)
+    y, gx = run_layer(case, x, noise, grad)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    y_ref, gx_ref = run_layer(case, x, noise, grad)
+    if LAYERS[case][3]:
+        mismatch = ((gx == 0) != (gx_ref == 0)).double().mean().item()
+        assert mismatch < 1e-4, f"{case}: masks differ on {mismatch:.2e} of the units"
+    close(y, y_ref, dtype)
+    close(gx, gx_ref, dtype)
+
+
+@gpu
+@needs_cuda
+def test_primitives_full_size(B):
+    x = make_x((8, 64, 56, 56), torch.bfloat16, DEV, "channels_last")
+    same(B.channel_stats(x)[0], R.channel_stats(x)[0])
+    same(B.map_threshold(x, 628), R.map_threshold(x, 628))
+    v = torch.randn(16, 112 * 112, device=DEV)
+    same(B.kth_largest(v, 500), R.kth_largest(v, 500))
+    v = torch.randn(4, 50000, device=DEV)  # longer than a register row: chunked passes
+    same(B.kth_largest(v, 777), R.kth_largest(v, 777))
+    x = make_x((2, 32, 112, 112), torch.float32, DEV)
+    close(B.pooled_correlation(x, 4), R.pooled_correlation(x, 4), scale=10)  # N' = 784
+    bits = R.seed_bits(None, None, 0.01, 7, None, None, (8, 64, 56, 56), DEV)
+    same(B.seed_coverage(bits, 7, 56), R.seed_coverage(bits, 7, 56))

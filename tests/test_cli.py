@@ -1,0 +1,292 @@
+"""``python -m guidedrop bench`` and ``show``: the quick forms run and write their files,
+bad input gives one line and exit status 2, and the bench's correctness pre-check stops
+the run (exit status 1) when a backend disagrees with the reference.
+
+The bench tests pin ``--device cpu`` and name their backends (torch.compile on CPU is
+slow: it is timed once, on one layer); one test runs the default device, so on a GPU
+machine the CUDA timing path runs too.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import guidedrop
+from guidedrop import bench, cli, dispatch, models, reference
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK = ["bench", "--quick", "--device", "cpu"]
+
+
+def _env() -> dict:
+    """This process's environment, with the folder of the guidedrop imported here first."""
+    env = dict(os.environ)
+    here = str(Path(guidedrop.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guidedrop", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_quick_every_layer_subprocess(tmp_path):
+    out = tmp_path / "bench.csv"
+    r = run_module(*QUICK, "--backends", "reference", "--csv", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(out)
+    assert [row["layer"] for row in rows] == list(models.LAYERS)
+    for row in rows:
+        assert row["device"].startswith("CPU") and row["date"]
+        assert row["backend"] == "reference" and row["mode"] == "full"
+        assert float(row["ms"]) > 0 and float(row["x_floor"]) > 0 and float(row["gbps"]) > 0
+        assert float(row["speedup_eager"]) == pytest.approx(1.0)
+        assert 0 <= float(row["kept_fraction"]) < 1
+    assert "x floor" in r.stdout and "device-to-device copy" in r.stdout
+    for layer in models.LAYERS:
+        assert layer in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_writes_csv_plot_markdown(tmp_path, capsys):
+    paths = {k: tmp_path / f"b.{k}" for k in ("csv", "png", "md")}
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale,dropblock",
+                   "--shapes", "2x3x9x11,tiny", "--dtype", "fp32,bf16", "--mode",
+                   "forward,backward", "--csv", str(paths["csv"]), "--plot", str(paths["png"]),
+                   "--md", str(paths["md"])])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_csv(paths["csv"])
+    assert len(rows) == 2 * 2 * 2 * 2  # layers x shapes x dtypes x modes
+    assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
+    assert {r["shape"] for r in rows} == {"2x3x9x11", "2x16x14x14"}
+    fwd = next(r for r in rows if r["mode"] == "forward")
+    bwd = next(r for r in rows if r["mode"] == "backward" and r["layer"] == fwd["layer"]
+               and r["shape"] == fwd["shape"] and r["dtype"] == fwd["dtype"])
+    # floors: 3 passes over x forward, 2 backward, at the same measured bandwidth
+    assert float(fwd["floor_ms"]) / float(bwd["floor_ms"]) == pytest.approx(1.5, rel=1e-3)
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+    md = paths["md"].read_text()
+    assert "| layer | shape |" in md and "selectscale" in md and "Device: CPU" in md
+
+
+def test_bench_compile_and_kept_bytes(tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    rc = cli.main([*QUICK, "--backends", "reference,compile", "--layers", "spatialscale",
+                   "--mode", "forward,full", "--csv", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = {(r["backend"], r["mode"]): r for r in read_csv(out)}
+    assert set(rows) == {(b, m) for b in ("reference", "compile") for m in ("forward", "full")}
+    for (b, m), r in rows.items():
+        other = rows[("compile" if b == "reference" else "reference", m)]
+        assert float(r["speedup_compile"]) == pytest.approx(
+            float(rows[("compile", m)]["ms"]) / float(r["ms"]), rel=1e-3)
+        assert float(r["speedup_eager"]) == pytest.approx(
+            float(rows[("reference", m)]["ms"]) / float(r["ms"]), rel=1e-3)
+        assert other
+    # SpatialScale keeps w (N, C) in float32 for backward: N*C*4 bytes of x's N*C*H*W*4.
+    assert float(rows[("reference", "full")]["kept_fraction"]) == pytest.approx(1 / (14 * 14),
+                                                                               rel=1e-3)
+
+
+def test_bench_resnet_step_quick(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "r.csv"
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "camdrop",
+                   "--resnet", "--csv", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = [r for r in read_csv(out) if r["bench"] == "resnet50-step"]
+    assert [(r["layer"], r["backend"]) for r in rows] == [("none", "-"), ("camdrop", "reference")]
+    assert all(float(r["ms"]) > 0 for r in rows) and rows[1]["overhead_pct"] != ""
+    assert "ResNet-50 training step" in capsys.readouterr().out
+
+
+def test_bench_default_device(tmp_path, capsys):
+    """The default device (cuda when present) with the reference backend."""
+    rc = cli.main(["bench", "--quick", "--backends", "reference", "--layers", "dropblock",
+                   "--csv", str(tmp_path / "d.csv")])
+    assert rc == 0, capsys.readouterr().err
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert read_csv(tmp_path / "d.csv")[0]["device"].startswith(
+        "CPU" if device == "cpu" else torch.cuda.get_device_name())
+
+
+# --------------------------------------------------------------------------- show
+
+
+def test_show_writes_masks_png(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "masks.png"
+    assert cli.main(["show", "--quick", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    stdout = capsys.readouterr().out
+    for layer in models.LAYERS:
+        assert layer in stdout
+
+
+def test_show_masks_are_the_layers_multipliers():
+    pytest.importorskip("sklearn")
+    from guidedrop import show
+    x = show.features(show.load_photo(size=48))
+    assert x.shape[:2] == (1, 16) and (x >= 0).all() and x.std() > 0
+    with bench.forced_backend("reference"):
+        masks = {layer: show.mask_of(layer, x, seed=0) for layer in models.LAYERS}
+        again = show.mask_of("dropblock", x, seed=0)
+        y = guidedrop.functional.corrdrop(x, **show.SHOW_PARAMS["corrdrop"],
+                                          generator=torch.Generator().manual_seed(0))
+    for w in masks.values():
+        assert w.shape == x.shape and (w >= 0).all()
+    assert torch.equal(masks["dropblock"], again)  # the same seed, the same mask
+    dropped, _ = show.summary(masks["dropblock"])
+    assert 0.05 < dropped < 0.6
+    assert torch.equal(y, x * masks["corrdrop"])  # w is the multiplier: y = x * w
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD = [
+    (["bench", "--layers", "nosuch"], "unknown layer 'nosuch'"),
+    (["bench", "--layers", "corrdrop,bogus"], "unknown layer 'bogus'"),
+    (["bench", "--shapes", "huge"], "unknown shape 'huge'"),
+    (["bench", "--shapes", "0x3x4x4"], "empty"),
+    (["bench", "--shapes", "1x2x3"], "3 dimensions"),
+    (["bench", "--shapes", "2x-1x4x4"], "empty"),
+    (["bench", "--dtype", "int8"], "unknown dtype"),
+    (["bench", "--mode", "sideways"], "unknown mode"),
+    (["bench", "--backends", "nosuch"], "unknown backend 'nosuch'"),
+    (["bench", "--device", "nosuchdevice"], "not available"),
+    (["bench", "--threads", "0"], "--threads 0"),
+    (["show", "--layers", "nosuch"], "unknown layer 'nosuch'"),
+    (["show", "--image", "nosuch.jpg"], "unknown image"),
+    (["show", "--size", "0"], "--size 0"),
+]
+
+
+def _one_line_error(capsys, rc: int, expected: str) -> None:
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path):
+    if argv[0] == "bench" and "--device" not in argv:
+        argv = [*argv, "--device", "cpu"]
+    if argv[0] == "show":
+        pytest.importorskip("sklearn")
+        argv = [*argv, "--out", str(tmp_path / "m.png")]
+    _one_line_error(capsys, cli.main(argv), expected)
+
+
+@pytest.mark.parametrize("option", ["--csv", "--plot", "--md"])
+def test_bench_unwritable_paths(option, tmp_path, capsys):
+    rc = cli.main([*QUICK, option, str(tmp_path / "missing" / "out.file")])
+    _one_line_error(capsys, rc, "does not exist")
+    rc = cli.main([*QUICK, option, str(tmp_path)])
+    _one_line_error(capsys, rc, "is a directory")
+
+
+def test_show_unwritable_out(tmp_path, capsys):
+    _one_line_error(capsys, cli.main(["show", "--out", str(tmp_path / "no" / "m.png")]),
+                    "does not exist")
+    _one_line_error(capsys, cli.main(["show", "--out", str(tmp_path / "m.txt")]), ".png")
+
+
+def test_unavailable_backend(capsys):
+    why = bench.unsupported("cuda", torch.device("cpu"), torch.float32)
+    assert why  # the CUDA extension never takes CPU tensors
+    _one_line_error(capsys, cli.main([*QUICK, "--backends", "reference,cuda"]),
+                    "backend cuda is not available")
+
+
+def test_bad_input_subprocess_has_no_traceback(tmp_path):
+    r = run_module("bench", "--shapes", "0x3x4x4", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: shape '0x3x4x4' is empty: every dimension of NxCxHxW must be >= 1"]
+
+
+# --------------------------------------------------------------------------- pre-check
+
+
+def _fake_backend(**overrides) -> types.ModuleType:
+    """The reference backend with some primitives replaced."""
+    mod = types.ModuleType("fake_triton")
+    mod.__dict__.update({k: v for k, v in vars(reference).items() if not k.startswith("__")})
+    mod.name = "triton"
+    mod.__dict__.update(overrides)
+    return mod
+
+
+def _wrong_apply_channel(t, w):
+    return reference.apply_channel(t, w * 1.01)  # 1 % off: far beyond float32 tolerance
+
+
+def _wrong_seed_bits(*args, **kwargs):
+    bits = reference.seed_bits(*args, **kwargs).clone()
+    bits.view(-1)[0] ^= 1  # one extra (or missing) seed: one block differs
+    return bits
+
+
+WRONG = [("selectscale", {"apply_channel": _wrong_apply_channel}),
+         ("dropblock", {"seed_bits": _wrong_seed_bits})]
+
+
+@pytest.mark.parametrize("layer,override", WRONG, ids=[layer for layer, _ in WRONG])
+def test_precheck_fails_loudly_when_a_backend_disagrees(layer, override, tmp_path, monkeypatch,
+                                                       capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets "triton" take CPU tensors
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(**override), ""))
+    out = tmp_path / "never.csv"
+    rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", layer,
+                   "--csv", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith(f"error: {layer} 2x16x14x14 fp32: backend triton disagrees "
+                              "with the reference on output")
+    assert "max abs error" in err[-1]
+    assert not out.exists()  # nothing timed, nothing written
+
+
+def test_precheck_passes_for_an_agreeing_backend(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(), ""))
+    out = tmp_path / "ok.csv"
+    rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", "corrdrop",
+                   "--csv", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert [r["backend"] for r in read_csv(out)] == ["reference", "triton"]
+
+
+def test_precheck_reports_a_crashing_backend(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    case = bench.Case("selectout", (2, 4, 5, 5), torch.float32, torch.device("cpu"))
+    s = bench.check_slice(case, bench.make_inputs(case))
+    with bench.forced_backend("reference"):
+        expected = bench.run_with_grad(bench.op("selectout"), s)
+    with bench.forced_backend("triton"), pytest.raises(bench.MismatchError,
+                                                       match="backend triton failed.*launch"):
+        bench.check(case, "triton", bench.provider_fn("triton", "selectout"), s, expected)

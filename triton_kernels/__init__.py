@@ -1,0 +1,36 @@
+"""guidedrop.triton_kernels: the Triton backend (see python/guidedrop/backend_contract.md).
+
+Installed as ``guidedrop.triton_kernels`` (setup.py maps this folder there). One module per
+hot path; each kernel indexes x by logical (n, c, h, w) with x's strides (contiguous,
+channels_last and sliced inputs alike, no copies). Importing it without Triton raises
+ImportError, which guidedrop.dispatch reports as "unavailable".
+"""
+
+import triton  # noqa: F401  (ImportError here: the backend is unavailable)
+
+from ._common import unavailable, unsupported
+from .block_mask import apply_block, apply_seeds, seed_bits, seed_coverage
+from .channel_ranking import apply_channel, channel_stats
+from .class_activation import cam
+from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
+from .pooled_correlation import pooled_correlation
+
+name = "triton"
+
+__all__ = [
+    "name",
+    "unavailable",
+    "unsupported",
+    "pooled_correlation",
+    "channel_stats",
+    "kth_largest",
+    "map_threshold",
+    "attention_stats",
+    "cam",
+    "seed_bits",
+    "seed_coverage",
+    "apply_channel",
+    "apply_block",
+    "apply_seeds",
+    "apply_attention",
+]

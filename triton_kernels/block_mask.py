@@ -1,0 +1,379 @@
+"""Block masks: nearest-upsampled small masks and r x r expanded seed bits, in the apply.
+
+- ``apply_block(t, mask, k, scale)``: ``t * mask[n, h//k, w//k] * scale[n]``, the small
+  mask read inside the streaming tile (CorrDrop, FocusedDropout with k = 1).
+- ``seed_bits``: packed seeds (N, Cs, H, ceil(W/8)) uint8, one program per 8 * BB units
+  (BB bytes). Uniforms are the given ``noise`` or Philox in the kernel: ``tl.rand4x``
+  keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
+  CUDA-graph safe) and a counter that is a function of the logical position only (two
+  counters per output byte, four uniforms each), never of the program id.
+- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample.
+- ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``; the dropped bits
+  of 8 consecutive w are built per byte inside the apply kernel (``_dropped_byte``: OR of
+  the r seed rows of a few neighbouring bytes, then r shifts), so the x-sized mask never
+  exists and each seed byte is read ~3r times per 8 units instead of 2r times per unit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    APPLY_TILE,
+    TILE,
+    apply_geometry,
+    bf16_fix,
+    cast_out,
+    cdiv,
+    needs_int64,
+    out_like,
+    pow2,
+    same_layout,
+    warps,
+)
+
+# --------------------------------------------------------------------------- apply_block
+
+
+@triton.jit
+def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
+                        t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, m_sN, m_sH, m_sW,
+                        K: tl.constexpr, CL: tl.constexpr, BO: tl.constexpr,
+                        BI: tl.constexpr, IDX64: tl.constexpr,
+                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    ov = o < OUTER
+    m = ov[:, None] & (i < INNER)[None, :]
+    if IDX64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+    if CL:  # rows (n, h, w), inner c: one mask value per row
+        w_ = o % W
+        nh = o // W
+        h = nh % H
+        n = nh // H
+        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
+        mv = tl.load(m_ptr + n * m_sN + (h // K) * m_sH + (w_ // K) * m_sW, mask=ov, other=0)
+        wt = (mv.to(tl.float32) * tl.load(s_ptr + n, mask=ov, other=0.0))[:, None]
+    else:  # rows (n, c, h), inner w
+        h = o % H
+        nc = o // H
+        c = nc % C
+        n = nc // C
+        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
+        moff = (n * m_sN + (h // K) * m_sH)[:, None] + ((i // K) * m_sW)[None, :]
+        mv = tl.load(m_ptr + moff, mask=m, other=0)
+        wt = mv.to(tl.float32) * tl.load(s_ptr + n, mask=ov, other=0.0)[:, None]
+    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
+def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
+    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32."""
+    out = out_like(t)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = t.shape
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    scale = scale.to(torch.float32).contiguous()
+    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    _apply_block_kernel[grid](
+        t, out, mask, scale, outer, inner, c, h, w, *t.stride(), *out.stride(), *mask.stride(),
+        K=int(k), CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, out), SAME=same_layout(t, out),
+        BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+    return out
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+@triton.jit
+def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Cs, H, W, Wb,
+                      g, h_lo, h_hi, w_lo, w_hi,
+                      u_sN, u_sC, u_sH, u_sW, s_sN, s_sH, s_sW, c_sN, c_sC,
+                      HAS_NOISE: tl.constexpr, HAS_CS: tl.constexpr, HAS_CC: tl.constexpr,
+                      BB: tl.constexpr, IDX64: tl.constexpr):
+    b = tl.program_id(0) * BB + tl.arange(0, BB)  # logical byte index into (N, Cs, H, Wb)
+    bv = b < NBYTES
+    if IDX64:
+        b = b.to(tl.int64)
+    q = b % Wb
+    row = b // Wb
+    h = row % H
+    ncs = row // H
+    cs = ncs % Cs
+    n = ncs // Cs
+    ok = bv & (h >= h_lo) & (h <= h_hi)  # valid centre rows
+    if HAS_CC:
+        ok = ok & (tl.load(cc_ptr + n * c_sN + cs * c_sC, mask=bv, other=0) != 0)
+    half = tl.arange(0, 2)
+    if not HAS_NOISE:
+        seed = tl.load(seed_ptr)
+        u0, u1, u2, u3 = tl.rand4x(seed, b[:, None] * 2 + half[None, :])
+    byte = tl.zeros([BB], tl.int32)
+    for lane in tl.static_range(4):
+        w = q[:, None] * 8 + half[None, :] * 4 + lane  # (BB, 2): bits lane and lane + 4
+        okw = ok[:, None] & (w < W) & (w >= w_lo) & (w <= w_hi)
+        if HAS_CS:
+            okw = okw & (tl.load(cs_ptr + (n * s_sN + h * s_sH)[:, None] + w * s_sW,
+                                 mask=okw, other=0) != 0)
+        if HAS_NOISE:
+            u = tl.load(noise_ptr + (n * u_sN + cs * u_sC + h * u_sH)[:, None] + w * u_sW,
+                        mask=okw, other=1.0)
+        elif lane == 0:
+            u = u0
+        elif lane == 1:
+            u = u1
+        elif lane == 2:
+            u = u2
+        else:
+            u = u3
+        bit = (okw & (u < g)).to(tl.int32)
+        byte = byte | tl.sum(bit << (half[None, :] * 4 + lane), axis=1)
+    tl.store(out_ptr + b, byte.to(tl.uint8), mask=bv)
+
+
+def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
+    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md.
+
+    seed at (n, c, h, w) iff u < g (g as float32), (h, w) a valid centre of an r x r
+    block, cand_s[n, h, w] and cand_c[n, c] (each optional). u = noise (N, Cs, H, W) when
+    given, else Philox uniforms seeded from ``generator`` (torch's default when None).
+    """
+    n, cs, h, w = shape
+    wb = cdiv(w, 8)
+    out = torch.empty((n, cs, h, wb), dtype=torch.uint8, device=device)
+    if out.numel() == 0:
+        return out
+    g32 = torch.tensor(g, dtype=torch.float32)  # a CPU scalar: no device sync
+    if noise is not None and noise.dtype in (torch.float16, torch.bfloat16):
+        g32 = g32.to(noise.dtype)  # torch compares a half tensor with a 0-dim f32 in half
+    g32 = float(g32)  # exactly representable in float32
+    if noise is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+        noise_arg, u_strides = out, (0, 0, 0, 0)
+    else:
+        seed, noise_arg, u_strides = out, noise, noise.stride()
+    cs_arg = out if cand_s is None else cand_s.to(torch.bool).view(torch.uint8)
+    cc_arg = out if cand_c is None else cand_c.to(torch.bool).view(torch.uint8)
+    s_strides = (0, 0, 0) if cand_s is None else cs_arg.stride()
+    c_strides = (0, 0) if cand_c is None else cc_arg.stride()
+    bb = max(1, min(TILE // 8, pow2(out.numel())))
+    _seed_bits_kernel[(cdiv(out.numel(), bb),)](
+        out, noise_arg, seed, cs_arg, cc_arg, out.numel(), cs, h, w, wb,
+        g32, r // 2, h - r + r // 2, r // 2, w - r + r // 2,
+        *u_strides, *s_strides, *c_strides,
+        HAS_NOISE=noise is not None, HAS_CS=cand_s is not None, HAS_CC=cand_c is not None,
+        BB=bb, IDX64=needs_int64(out, noise), num_warps=warps(bb * 2))
+    return out
+
+
+@triton.jit
+def _dropped_piece(bits_ptr, plane, h, q, H, Wb, b_sH, zero,
+                   R: tl.constexpr, LO: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """_dropped_byte for the seed offsets d = w' - w in [DA, DB] (DB - DA < 48)."""
+    E0: tl.constexpr = DA // 8  # bytes q + E0 .. q + E1 hold every w' = 8q + j + d
+    E1: tl.constexpr = (DB + 7) // 8
+    word = zero.to(tl.int64)
+    for dh in range(R):  # OR of the seed rows h - LO .. h + R - 1 - LO
+        hh = h + (dh - LO)
+        rv = (hh >= 0) & (hh < H)
+        rptr = bits_ptr + plane + hh * b_sH
+        for e in tl.static_range(E0, E1 + 1):
+            qq = q + e
+            v = tl.load(rptr + qq, mask=rv & (qq >= 0) & (qq < Wb), other=0)
+            word = word | (v.to(tl.int64) << (8 * (e - E0)))
+    dropped = zero.to(tl.int32)
+    for d in tl.static_range(DA, DB + 1):  # bit j <- word bit j + d - 8 * E0
+        dropped = dropped | ((word >> (d - 8 * E0)) & 0xFF).to(tl.int32)
+    return dropped
+
+
+@triton.jit
+def _dropped_byte(bits_ptr, plane, h, q, H, Wb, b_sH, R: tl.constexpr, LO: tl.constexpr):
+    """Bits of units w = 8q .. 8q+7 of row h covered by the r x r expansion of the seeds.
+
+    A unit (h, w) is covered by a seed at (h', w') with h' - h and w' - w in [-LO, HI],
+    LO = r - 1 - r // 2, HI = r // 2. The r seed rows of the bytes that can hold such w'
+    are OR-ed into one int64 word, then the word is OR-ed with itself shifted by every
+    offset d in [-LO, HI]: about 3r byte loads and r shifts per 8 units for r <= 17.
+    Offsets are taken in pieces of at most 48 (a word holds 8 bytes). plane, h, q: int
+    tensors that broadcast together (plane = offset of the (n, cs) plane).
+    """
+    HI: tl.constexpr = R - 1 - LO
+    NPIECE: tl.constexpr = (R + 47) // 48
+    zero = plane * 0 + h * 0 + q * 0
+    dropped = zero.to(tl.int32)
+    for piece in tl.static_range(NPIECE):
+        # piece p covers d in [48p - LO, min(48p - LO + 47, HI)] (constexpr arguments)
+        dropped = dropped | _dropped_piece(
+            bits_ptr, plane, h, q, H, Wb, b_sH, zero, R, LO, piece * 48 - LO,
+            piece * 48 - LO + 47 - (piece * 48 - LO + 47 - HI) * ((piece + 1) // NPIECE))
+    return dropped
+
+
+@triton.jit
+def _seed_coverage_kernel(bits_ptr, part_ptr, PER, Cs, H, W, Wb, b_sN, b_sC, b_sH, P,
+                          R: tl.constexpr, LO: tl.constexpr, BB: tl.constexpr,
+                          IDX64: tl.constexpr):
+    n = tl.program_id(0)
+    b = tl.program_id(1) * BB + tl.arange(0, BB)  # byte index inside sample n
+    bv = b < PER
+    if IDX64:
+        n = n.to(tl.int64)
+        b = b.to(tl.int64)
+    q = b % Wb
+    row = b // Wb
+    h = row % H
+    cs = row // H
+    dropped = _dropped_byte(bits_ptr, n * b_sN + cs * b_sC, h, q, H, Wb, b_sH, R, LO)
+    j = tl.arange(0, 8)
+    hit = ((dropped[:, None] >> j[None, :]) & 1) != 0
+    hit = hit & bv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
+    tl.store(part_ptr + n * P + tl.program_id(1), tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
+
+
+def _bits_args(bits: torch.Tensor):
+    bits = bits.contiguous()
+    return bits, bits.stride(0), (bits.stride(1) if bits.shape[1] > 1 else 0), bits.stride(2)
+
+
+def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
+    """bits: (N, Cs, H, ceil(W/8)) uint8 -> (N,) int64: units covered by the r x r
+    expansion of the seeds, summed over Cs."""
+    n, cs, h, wb = bits.shape
+    per = cs * h * wb
+    if n == 0 or per == 0:
+        return torch.zeros((n,), dtype=torch.int64, device=bits.device)
+    bits, b_sn, b_sc, b_sh = _bits_args(bits)
+    bb = max(1, min(TILE // 8, pow2(per)))
+    p = cdiv(per, bb)
+    part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
+    _seed_coverage_kernel[(n, p)](
+        bits, part, per, cs, h, w, wb, b_sn, b_sc, b_sh, p,
+        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb, IDX64=needs_int64(bits),
+        num_warps=warps(bb * 8))
+    return part.sum(dim=1)
+
+
+# --------------------------------------------------------------------------- apply_seeds
+
+
+@triton.jit
+def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
+                             t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
+                             b_sN, b_sC, b_sH,
+                             R: tl.constexpr, LO: tl.constexpr, BR: tl.constexpr,
+                             BQ: tl.constexpr, IDX64: tl.constexpr,
+                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Tile (rows (n, c, h)) x (bytes q) x (bits j): w = 8q + j."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    q = tl.program_id(1) * BQ + tl.arange(0, BQ)
+    rv = r < ROWS
+    if IDX64:
+        r = r.to(tl.int64)
+        q = q.to(tl.int64)
+    h = r % H
+    nc = r // H
+    c = nc % C
+    n = nc // C
+    plane = (n * b_sN + c * b_sC)[:, None] + q[None, :] * 0
+    dropped = _dropped_byte(bits_ptr, plane, h[:, None], q[None, :], H, Wb, b_sH, R, LO)
+    j = tl.arange(0, 8)
+    w = q[:, None] * 8 + j[None, :]  # (BQ, 8)
+    m = rv[:, None, None] & (w < W)[None, :, :]
+    keep = (1 - ((dropped[:, :, None] >> j[None, None, :]) & 1)).to(tl.float32)
+    wt = keep * tl.load(s_ptr + n, mask=rv, other=0.0)[:, None, None]
+    t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None, None] + (w * t_sW)[None, :, :]
+    if SAME:
+        o_off = t_off
+    else:
+        o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None, None] + (w * o_sW)[None, :, :]
+    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
+@triton.jit
+def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
+                           t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
+                           b_sN, b_sC, b_sH,
+                           R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
+                           BG: tl.constexpr, BC: tl.constexpr, IDX64: tl.constexpr,
+                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Tile (groups (n, h, q)) x (bits j) x (channels c): w = 8q + j, c innermost."""
+    g = tl.program_id(0) * BG + tl.arange(0, BG)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    gv = g < GROUPS
+    cv = c < C
+    if IDX64:
+        g = g.to(tl.int64)
+        c = c.to(tl.int64)
+    q = g % Wb
+    nh = g // Wb
+    h = nh % H
+    n = nh // H
+    if SHARED:  # one mask for every channel: (BG, 1)
+        plane = (n * b_sN)[:, None]
+    else:
+        plane = (n * b_sN)[:, None] + (c * b_sC)[None, :]
+    dropped = _dropped_byte(bits_ptr, plane, h[:, None], q[:, None], H, Wb, b_sH, R, LO)
+    j = tl.arange(0, 8)
+    w = q[:, None] * 8 + j[None, :]  # (BG, 8)
+    m = (gv[:, None] & (w < W))[:, :, None] & cv[None, None, :]
+    keep = (1 - ((dropped[:, None, :] >> j[None, :, None]) & 1)).to(tl.float32)
+    wt = keep * tl.load(s_ptr + n, mask=gv, other=0.0)[:, None, None]
+    t_off = ((n * t_sN + h * t_sH)[:, None] + w * t_sW)[:, :, None] + (c * t_sC)[None, None, :]
+    if SAME:
+        o_off = t_off
+    else:
+        o_off = ((n * o_sN + h * o_sH)[:, None] + w * o_sW)[:, :, None] + (c * o_sC)[None, None, :]
+    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
+def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor) -> torch.Tensor:
+    """t * ((1 - dropped) * scale[n]); dropped = r x r expansion of the packed seeds.
+
+    bits: (N, Cs, H, ceil(W/8)) uint8, Cs = C or 1 (one mask shared by the channels).
+    """
+    out = out_like(t)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = t.shape
+    wb = bits.shape[3]
+    bits, b_sn, b_sc, b_sh = _bits_args(bits)
+    scale = scale.to(torch.float32).contiguous()
+    r, lo = int(r), int(r) - 1 - int(r) // 2
+    cl, *_ = apply_geometry(out)
+    flags = dict(IDX64=needs_int64(t, out, bits), SAME=same_layout(t, out), BF16_FIX=bf16_fix(out))
+    if cl:
+        bc = min(pow2(c), 64)
+        bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
+        grid = (cdiv(n * h * wb, bg), cdiv(c, bc))
+        _apply_seeds_cl_kernel[grid](
+            t, out, bits, scale, n * h * wb, c, h, w, wb, *t.stride(), *out.stride(),
+            b_sn, b_sc, b_sh, R=r, LO=lo, SHARED=bits.shape[1] == 1, BG=bg, BC=bc,
+            num_warps=warps(bg * 8 * bc), **flags)
+    else:
+        bq = min(pow2(wb), max(1, APPLY_TILE // 8))
+        br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
+        grid = (cdiv(n * c * h, br), cdiv(wb, bq))
+        _apply_seeds_nchw_kernel[grid](
+            t, out, bits, scale, n * c * h, c, h, w, wb, *t.stride(), *out.stride(),
+            b_sn, b_sc, b_sh, R=r, LO=lo, BR=br, BQ=bq, num_warps=warps(br * bq * 8), **flags)
+    return out
+
+
+__all__ = ["apply_block", "seed_bits", "seed_coverage", "apply_seeds"]

@@ -1,0 +1,137 @@
+"""Per-channel ranking: max |x| and mean of every (n, c) map, and the per-channel apply.
+
+- ``channel_stats``: one pass over x. A program owns ROWS maps x BLOCK positions (a 2-D
+  tile, several small maps per program; maps longer than BLOCK are looped over), rows are
+  consecutive (n, c), so in channels_last the tile's rows are the contiguous axis.
+- ``apply_channel``: ``t * w[n, c]``, a 2-D streaming tile (see ``_common``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    TILE,
+    apply_geometry,
+    bf16_fix,
+    cast_out,
+    cdiv,
+    hw_flat,
+    needs_int64,
+    out_like,
+    pos_offset,
+    pow2,
+    same_layout,
+    walk_channels_last,
+    warps,
+)
+
+
+@triton.jit
+def _channel_stats_kernel(x_ptr, amax_ptr, mean_ptr, R, C, W, L,
+                          sN, sC, sH, sW,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_FLAT: tl.constexpr,
+                          IDX64: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rv = rows < R
+    if IDX64:
+        rows = rows.to(tl.int64)
+    base = (rows // C) * sN + (rows % C) * sC
+    acc_max = tl.zeros([ROWS, BLOCK], tl.float32)
+    acc_sum = tl.zeros([ROWS, BLOCK], tl.float32)
+    for p0 in range(0, L, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        if IDX64:
+            p = p.to(tl.int64)
+        off = base[:, None] + pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
+        m = rv[:, None] & (p < L)[None, :]
+        v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        acc_max = tl.maximum(acc_max, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        acc_sum += v
+    # tl.max drops NaNs on a GPU: add 0, or NaN where a map has one (torch.amax propagates)
+    amax = tl.max(acc_max, axis=1) + tl.sum(tl.where(acc_max != acc_max, acc_max, 0.0), axis=1)
+    total = tl.sum(acc_sum, axis=1)
+    tl.store(amax_ptr + rows, amax, mask=rv)
+    tl.store(mean_ptr + rows, total / L, mask=rv)
+
+
+def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a (maps x positions) tile: channels_last puts more maps per tile."""
+    if walk_channels_last(x):
+        r = min(pow2(x.shape[1]), 64, pow2(rows))
+        return r, max(1, min(TILE // r, pow2(length)))
+    block = min(pow2(length), max(TILE // 2, 1))
+    return max(1, min(TILE // block, pow2(rows))), block
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) -> (max |x|, mean over H, W), each (N, C) float32."""
+    n, c, h, w = x.shape
+    amax = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    if amax.numel() == 0 or h * w == 0:
+        return amax.fill_(float("nan") if h * w == 0 else 0), mean.fill_(float("nan"))
+    rows, block = row_tile(x, h * w, n * c)
+    _channel_stats_kernel[(cdiv(n * c, rows),)](
+        x, amax, mean, n * c, c, w, h * w, *x.stride(),
+        ROWS=rows, BLOCK=block, HW_FLAT=hw_flat(x), IDX64=needs_int64(x),
+        num_warps=warps(rows * block))
+    return amax, mean
+
+
+@triton.jit
+def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
+                          t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, w_sN, w_sC,
+                          CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                          IDX64: tl.constexpr,
+                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    m = (o < OUTER)[:, None] & (i < INNER)[None, :]
+    if IDX64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+    if CL:  # rows (n, h, w), inner c
+        w_ = o % W
+        nh = o // W
+        h = nh % H
+        n = nh // H
+        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
+        wt = tl.load(w_ptr + (n * w_sN)[:, None] + (i * w_sC)[None, :], mask=m, other=0.0)
+    else:  # rows (n, c, h), inner w
+        h = o % H
+        nc = o // H
+        c = nc % C
+        n = nc // C
+        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
+        wt = tl.load(w_ptr + n * w_sN + c * w_sC, mask=o < OUTER, other=0.0)[:, None]
+    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
+def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t: (N, C, H, W), w: (N, C) float32 -> t * w[n, c] in t's dtype and memory format."""
+    out = out_like(t)
+    if out.numel() == 0:
+        return out
+    n, c, h, wd = t.shape
+    w = w.to(torch.float32)
+    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    _apply_channel_kernel[grid](
+        t, out, w, outer, inner, c, h, wd, *t.stride(), *out.stride(), *w.stride(),
+        CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, out), SAME=same_layout(t, out),
+        BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+    return out
+
+
+__all__ = ["channel_stats", "apply_channel"]

@@ -1,0 +1,60 @@
+"""Class activation map: J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w] (CamDrop).
+
+One pass over x. Grid (N, position blocks); a program accumulates a (channels x
+positions) tile over channel chunks and reduces it over the channels at the end. The
+tile's contiguous axis follows x's layout (positions for NCHW, channels for
+channels_last).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TILE, cdiv, hw_flat, needs_int64, pos_offset, pow2, walk_channels_last, warps
+
+
+@triton.jit
+def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
+                BC: tl.constexpr, BP: tl.constexpr, HW_FLAT: tl.constexpr,
+                IDX64: tl.constexpr):
+    n = tl.program_id(0)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    pv = p < L
+    if IDX64:
+        n = n.to(tl.int64)
+        p = p.to(tl.int64)
+    poff = pos_offset(p, W, sH, sW, HW_FLAT)
+    acc = tl.zeros([BC, BP], tl.float32)
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)
+        cv = cc < C
+        al = tl.load(a_ptr + n * a_sN + cc * a_sC, mask=cv, other=0.0)
+        off = n * sN + (cc * sC)[:, None] + poff[None, :]
+        v = tl.load(x_ptr + off, mask=cv[:, None] & pv[None, :], other=0.0).to(tl.float32)
+        acc += al[:, None] * v
+    tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0), mask=pv)
+
+
+def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W), alpha: (N, C) float32 -> J: (N, H, W) float32."""
+    n, c, h, w = x.shape
+    out = torch.zeros((n, h, w), dtype=torch.float32, device=x.device)
+    if out.numel() == 0 or c == 0:
+        return out
+    alpha = alpha.to(torch.float32)
+    length = h * w
+    if walk_channels_last(x):
+        bc = min(pow2(c), 64)
+        bp = max(1, min(TILE // bc, pow2(length)))
+    else:
+        bp = min(pow2(length), max(1, TILE // 4))
+        bc = max(1, min(TILE // bp, pow2(c)))
+    _cam_kernel[(n, cdiv(length, bp))](
+        x, alpha, out, c, w, length, *x.stride(), *alpha.stride(),
+        BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), num_warps=warps(bc * bp))
+    return out
+
+
+__all__ = ["cam"]

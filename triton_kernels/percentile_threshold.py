@@ -1,0 +1,266 @@
+"""Top-percentile thresholding: the exact k-th largest value of rows / maps, without sorting.
+
+Selection is a bisection on the order-preserving int32 key of the float32 value
+(``_common.float_key``): starting from [min key, max key] of the row, each pass counts the
+keys >= mid and keeps the half holding the k-th largest, so after at most 32 counting
+passes lo == hi == the k-th largest key, which is the key of an element of the row
+(exact, ties by value as torch.topk). Rows of up to ``MAX_ROW`` elements are loaded once
+into registers (ROWS rows per program when they are short); longer rows are re-read chunk
+by chunk at each pass.
+
+- ``kth_largest(v, k)``: rows of v (R, L).
+- ``map_threshold(x, k)``: rows = the (n, c) maps of x.
+- ``attention_stats(x, k, active, mode)``: for the active maps only (a program whose maps
+  are all inactive exits before loading anything): the threshold, min, max and the sum
+  of AttentionDrop's soft mask (SPEC §4).
+- ``apply_attention``: ``t * S * scale[n]``, S rebuilt from x and the per-map stats; x is
+  read only for active maps (masked loads), and not at all again when t is x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    MAX_ROW,
+    TILE,
+    apply_geometry,
+    bf16_fix,
+    cast_out,
+    cdiv,
+    float_key,
+    hw_flat,
+    key_float,
+    needs_int64,
+    out_like,
+    pos_offset,
+    pow2,
+    same_layout,
+    warps,
+)
+
+MODES = {"am": 0, "sm": 1, "ad": 2}
+CHUNK = 4096  # elements per step when a row does not fit in registers
+
+
+@triton.jit
+def soft_mask(xv, thr, mn, mx, MODE: tl.constexpr):
+    """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order."""
+    if MODE == 0:  # "am"
+        s = (xv < thr).to(tl.float32)
+    else:
+        rng = mx - mn
+        pos = rng > 0
+        fhat = tl.where(pos, tl.math.div_rn(xv - mn, tl.where(pos, rng, 1.0)), 0.0)
+        if MODE == 1:  # "sm"
+            s = 1.0 - fhat
+        else:  # "ad": 1 - fhat * [x >= t] (the product is exact: fma or not, same result)
+            s = 1.0 - fhat * (xv >= thr).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _load_keys(x_ptr, base, live, p0, L, W, sH, sW,
+               BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+    p = p0 + tl.arange(0, BLOCK)
+    if IDX64:
+        p = p.to(tl.int64)
+    valid = live[:, None] & (p < L)[None, :]
+    off = base[:, None] + pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
+    v = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
+    return float_key(v), valid
+
+
+@triton.jit
+def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr,
+                   R, C, W, L, k, sN, sC, sH, sW,
+                   HAS_ACT: tl.constexpr, STATS: tl.constexpr, MODE: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+    KMAX: tl.constexpr = 2147483647
+    KMIN: tl.constexpr = -2147483647 - 1
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = rows < R
+    if HAS_ACT:
+        live = live & (tl.load(act_ptr + rows, mask=live, other=0) != 0)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    base = (rows // C) * sN + (rows % C) * sC
+    if tl.max(live.to(tl.int32), axis=0) > 0:  # inactive maps cost nothing
+        # pass 0: the key range of each row
+        if SINGLE:
+            key, valid = _load_keys(x_ptr, base, live, 0, L, W, sH, sW, BLOCK, HW_FLAT, IDX64)
+            kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
+            kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
+        else:
+            kmin = tl.full([ROWS], KMAX, tl.int32)
+            kmax = tl.full([ROWS], KMIN, tl.int32)
+            for p0 in range(0, L, BLOCK):
+                key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK, HW_FLAT,
+                                        IDX64)
+                kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=1))
+                kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=1))
+        # invariant: #{key >= lo} >= k and #{key > hi} < k (dead rows: lo > hi, idle)
+        lo = kmin.to(tl.int64)
+        hi = kmax.to(tl.int64)
+        while tl.max((hi > lo).to(tl.int32), axis=0) > 0:
+            mid = lo + (hi - lo + 1) // 2
+            mid32 = mid.to(tl.int32)[:, None]
+            if SINGLE:
+                cnt = tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
+            else:
+                cnt = tl.zeros([ROWS], tl.int32)
+                for p0 in range(0, L, BLOCK):
+                    key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
+                                            HW_FLAT, IDX64)
+                    cnt += tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
+            busy = hi > lo
+            lo = tl.where(busy & (cnt >= k), mid, lo)
+            hi = tl.where(busy & (cnt < k), mid - 1, hi)
+        thr = key_float(lo.to(tl.int32))
+        tl.store(thr_ptr + rows, thr, mask=live)
+        if STATS:
+            mx = key_float(kmax)
+            mn = tl.where(kmax == 0x7FC00000, mx, key_float(kmin))  # a NaN: amin is NaN too
+            if SINGLE:
+                s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
+                msum = tl.sum(tl.where(valid, s, 0.0), axis=1)
+            else:
+                acc = tl.zeros([ROWS, BLOCK], tl.float32)
+                for p0 in range(0, L, BLOCK):
+                    key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
+                                            HW_FLAT, IDX64)
+                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
+                    acc += tl.where(valid, s, 0.0)
+                msum = tl.sum(acc, axis=1)
+            tl.store(mn_ptr + rows, mn, mask=live)
+            tl.store(mx_ptr + rows, mx, mask=live)
+            tl.store(msum_ptr + rows, msum, mask=live)
+
+
+def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
+    """x4: (N, C, H, W), any strides -> (1 or 4, N, C) float32: thr (, min, max, msum)."""
+    n, c, h, w = x4.shape
+    stats = mode is not None
+    out = torch.zeros((4 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
+    rcount, length = n * c, h * w
+    if rcount == 0 or length == 0:
+        return out
+    if not 1 <= k <= length:
+        raise ValueError(f"k must be in [1, {length}], got {k}")
+    if length <= MAX_ROW:
+        single, block = True, pow2(length)
+        rows = max(1, min(TILE // block, pow2(rcount)))
+    else:
+        single, block, rows = False, CHUNK, 1
+    act = out if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
+    stat = out[1:] if stats else out.expand(3, n, c)  # unused when not stats
+    _select_kernel[(cdiv(rcount, rows),)](
+        x4, act, out[0], stat[0], stat[1], stat[2], rcount, c, w, length, int(k), *x4.stride(),
+        HAS_ACT=active is not None, STATS=stats, MODE=MODES.get(mode, 0),
+        ROWS=rows, BLOCK=block, SINGLE=single, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
+        num_warps=warps(rows * block))
+    return out
+
+
+def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
+    """v: (R, L) float32, 1 <= k <= L -> (R,) float32: the k-th largest value of each row."""
+    return _select(v.to(torch.float32)[:, None, None, :], k)[0, :, 0]
+
+
+def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C) float32: the k-th largest value of each map."""
+    return _select(x, k)[0]
+
+
+def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C) float32.
+
+    Entries of inactive maps are 0 (the contract leaves them unspecified).
+    """
+    out = _select(x, k, active, mode)
+    return out[0], out[1], out[2], out[3]
+
+
+@triton.jit
+def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr, sc_ptr,
+                            OUTER, INNER, C, H, W,
+                            t_sN, t_sC, t_sH, t_sW, x_sN, x_sC, x_sH, x_sW,
+                            o_sN, o_sC, o_sH, o_sW,
+                            MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
+                            BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
+                            SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    ov = o < OUTER
+    m = ov[:, None] & (i < INNER)[None, :]
+    if IDX64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+    if CL:  # rows (n, h, w), inner c: per-element stats (contiguous along c)
+        w_ = o % W
+        nh = o // W
+        h = nh % H
+        n = nh // H
+        sidx = (n * C)[:, None] + i[None, :]
+        smask = m
+        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
+        x_off = (n * x_sN + h * x_sH + w_ * x_sW)[:, None] + (i * x_sC)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
+    else:  # rows (n, c, h), inner w: per-row stats
+        h = o % H
+        nc = o // H
+        c = nc % C
+        n = nc // C
+        sidx = nc[:, None]
+        smask = ov[:, None]
+        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
+        x_off = (n * x_sN + c * x_sC + h * x_sH)[:, None] + (i * x_sW)[None, :]
+        if SAME:
+            o_off = t_off
+        else:
+            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
+    act = tl.load(act_ptr + sidx, mask=smask, other=0) != 0
+    thr = tl.load(thr_ptr + sidx, mask=smask & act, other=0.0)
+    mn = tl.load(mn_ptr + sidx, mask=smask & act, other=0.0)
+    mx = tl.load(mx_ptr + sidx, mask=smask & act, other=0.0)
+    sc = tl.load(sc_ptr + n, mask=ov, other=0.0)[:, None]
+    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+    if X_IS_T:
+        xv = tv
+    else:  # x is read only where the map is active
+        xv = tl.load(x_ptr + x_off, mask=m & act, other=0.0).to(tl.float32)
+    s = tl.where(act, soft_mask(xv, thr, mn, mx, MODE), 1.0)
+    tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
+
+
+def apply_attention(t, x, thr, mn, mx, active, mode, scale):
+    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4).
+
+    t, x: (N, C, H, W) (any strides, not necessarily alike); thr, mn, mx: (N, C) float32;
+    active: (N, C) bool; scale: (N,) float32.
+    """
+    out = out_like(t)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = t.shape
+    f32 = torch.float32
+    thr, mn, mx = (s.to(f32).contiguous() for s in (thr, mn, mx))
+    act = active.to(torch.bool).contiguous().view(torch.uint8)
+    scale = scale.to(f32).contiguous()
+    x_is_t = t.data_ptr() == x.data_ptr() and t.dtype == x.dtype and t.stride() == x.stride()
+    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    _apply_attention_kernel[grid](
+        t, x, out, thr, mn, mx, act, scale, outer, inner, c, h, w,
+        *t.stride(), *x.stride(), *out.stride(),
+        MODE=MODES[mode], X_IS_T=x_is_t, CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, x, out),
+        SAME=same_layout(t, out), BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+    return out
+
+
+__all__ = ["kth_largest", "map_threshold", "attention_stats", "apply_attention"]
