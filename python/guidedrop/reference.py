@@ -111,10 +111,17 @@ def valid_centres(h: int, w: int, r: int, device) -> torch.Tensor:
 
 def expand_seeds(seeds: torch.Tensor, r: int) -> torch.Tensor:
     """bool (N, C, H, W) seeds -> bool: units inside the r x r block of some seed."""
+    h, w = seeds.shape[-2:]
     lo, hi = r - 1 - r // 2, r // 2  # unit h is covered by seeds at h - lo .. h + hi
-    s = F.pad(seeds.to(torch.float32), (lo, hi, lo, hi))
-    s = F.max_pool2d(F.max_pool2d(s, (r, 1), stride=1), (1, r), stride=1)  # separable
-    return s > 0
+    s = F.pad(seeds.to(torch.uint8), (lo, hi, lo, hi))
+    # A separable OR of r shifted views: far cheaper on CPU than max_pool2d.
+    rows = s[..., :h, :].clone()
+    for d in range(1, r):
+        rows |= s[..., d:d + h, :]
+    out = rows[..., :w].clone()
+    for d in range(1, r):
+        out |= rows[..., d:d + w]
+    return out.bool()
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
