@@ -100,20 +100,31 @@ def out_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def apply_geometry(out: torch.Tensor):
-    """(channels_last walk, OUTER, INNER, BLOCK_O, BLOCK_I, grid) of a 2-D apply tile."""
+def same_layout(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether out's offsets are t's (the usual case: out = empty_like(dense t))."""
+    return t.stride() == out.stride()
+
+
+def apply_flags(t: torch.Tensor, out: torch.Tensor, *more) -> dict:
+    """IDX64, SAME, BF16_FIX of an apply t -> out (more: other tensors the kernel indexes)."""
+    return dict(IDX64=needs_int64(t, out, *more), SAME=same_layout(t, out),
+                BF16_FIX=bf16_fix(out))
+
+
+def apply_launch(t: torch.Tensor, out: torch.Tensor, *more):
+    """(grid, OUTER, INNER, meta) of a 2-D apply tile (``apply_tile``) from t to out.
+
+    meta: the kernel's CL (channels_last walk), BO, BI (tile), IDX64, SAME, BF16_FIX and
+    num_warps keywords; more: other tensors the kernel indexes.
+    """
     n, c, h, w = out.shape
     cl = walk_channels_last(out)
     outer, inner = (n * h * w, c) if cl else (n * c * h, w)
     bi = min(pow2(inner), APPLY_TILE)
     bo = max(1, min(APPLY_TILE // bi, pow2(outer)))
     grid = (cdiv(outer, bo), cdiv(inner, bi))
-    return cl, outer, inner, bo, bi, grid
-
-
-def same_layout(t: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether out's offsets are t's (the usual case: out = empty_like(dense t))."""
-    return t.stride() == out.stride()
+    meta = dict(CL=cl, BO=bo, BI=bi, num_warps=warps(bo * bi), **apply_flags(t, out, *more))
+    return grid, outer, inner, meta
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -127,6 +138,71 @@ def pos_offset(p, W, sH, sW, HW_FLAT: tl.constexpr):
     else:
         off = (p // W) * sH + (p % W) * sW
     return off
+
+
+@triton.jit
+def tile_nchw(o, i, C, H, W, CL: tl.constexpr):
+    """Logical (n, c, h, w) of rows o x inner i of an apply tile, and the rows' map index.
+
+    CL: rows (n, h, w), inner c; else rows (n, c, h), inner w. The row coordinates are
+    (BO,) vectors, the inner one is i itself, (BI,). map0 = n * C + c of each row's first
+    map: (n, 0) for CL (add the inner c), (n, c) otherwise.
+    """
+    if CL:
+        w = o % W
+        nh = o // W
+        h = nh % H
+        n = nh // H
+        c = i
+        map0 = n * C
+    else:
+        h = o % H
+        nc = o // H
+        c = nc % C
+        n = nc // C
+        w = i
+        map0 = nc
+    return n, c, h, w, map0
+
+
+@triton.jit
+def tile_offset(n, c, h, w, sN, sC, sH, sW, CL: tl.constexpr):
+    """(BO, BI) offsets of a tensor with strides (sN, sC, sH, sW) at tile_nchw's coordinates."""
+    if CL:
+        off = (n * sN + h * sH + w * sW)[:, None] + (c * sC)[None, :]
+    else:
+        off = (n * sN + c * sC + h * sH)[:, None] + (w * sW)[None, :]
+    return off
+
+
+@triton.jit
+def apply_tile(OUTER, INNER, C, H, W, CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+               IDX64: tl.constexpr):
+    """This program's 2-D apply tile (see the module docstring), launched by apply_launch.
+
+    Returns (ov, m, n, c, h, w, map0): ov (BO,) the valid rows, m (BO, BI) the valid
+    elements, (n, c, h, w, map0) as tile_nchw.
+    """
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    ov = o < OUTER
+    m = ov[:, None] & (i < INNER)[None, :]
+    if IDX64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+    n, c, h, w, map0 = tile_nchw(o, i, C, H, W, CL)
+    return ov, m, n, c, h, w, map0
+
+
+@triton.jit
+def out_offset(t_off, n, c, h, w, sN, sC, sH, sW, CL: tl.constexpr, SAME: tl.constexpr):
+    """tile_offset of the output with strides (sN, sC, sH, sW); SAME: out has t's strides,
+    t_off serves (no second offset computation)."""
+    if SAME:
+        o_off = t_off
+    else:
+        o_off = tile_offset(n, c, h, w, sN, sC, sH, sW, CL)
+    return o_off
 
 
 @triton.jit

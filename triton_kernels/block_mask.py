@@ -23,14 +23,18 @@ import triton.language as tl
 from ._common import (
     APPLY_TILE,
     TILE,
-    apply_geometry,
-    bf16_fix,
+    apply_flags,
+    apply_launch,
+    apply_tile,
     cast_out,
     cdiv,
     needs_int64,
     out_like,
+    out_offset,
     pow2,
-    same_layout,
+    tile_nchw,
+    tile_offset,
+    walk_channels_last,
     warps,
 )
 
@@ -42,37 +46,15 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
                         t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, m_sN, m_sH, m_sW,
                         K: tl.constexpr, CL: tl.constexpr, BO: tl.constexpr,
                         BI: tl.constexpr, IDX64: tl.constexpr,
-                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    o = tl.program_id(0) * BO + tl.arange(0, BO)
-    i = tl.program_id(1) * BI + tl.arange(0, BI)
-    ov = o < OUTER
-    m = ov[:, None] & (i < INNER)[None, :]
-    if IDX64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
+                        SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
+    o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c: one mask value per row
-        w_ = o % W
-        nh = o // W
-        h = nh % H
-        n = nh // H
-        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
-        mv = tl.load(m_ptr + n * m_sN + (h // K) * m_sH + (w_ // K) * m_sW, mask=ov, other=0)
+        mv = tl.load(m_ptr + n * m_sN + (h // K) * m_sH + (w // K) * m_sW, mask=ov, other=0)
         wt = (mv.to(tl.float32) * tl.load(s_ptr + n, mask=ov, other=0.0))[:, None]
     else:  # rows (n, c, h), inner w
-        h = o % H
-        nc = o // H
-        c = nc % C
-        n = nc // C
-        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
-        moff = (n * m_sN + (h // K) * m_sH)[:, None] + ((i // K) * m_sW)[None, :]
+        moff = (n * m_sN + (h // K) * m_sH)[:, None] + ((w // K) * m_sW)[None, :]
         mv = tl.load(m_ptr + moff, mask=m, other=0)
         wt = mv.to(tl.float32) * tl.load(s_ptr + n, mask=ov, other=0.0)[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
@@ -88,11 +70,10 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    grid, outer, inner, meta = apply_launch(t, out)
     _apply_block_kernel[grid](
         t, out, mask, scale, outer, inner, c, h, w, *t.stride(), *out.stride(), *mask.stride(),
-        K=int(k), CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, out), SAME=same_layout(t, out),
-        BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+        K=int(k), **meta)
     return out
 
 
@@ -277,7 +258,7 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
                              b_sN, b_sC, b_sH,
                              R: tl.constexpr, LO: tl.constexpr, BR: tl.constexpr,
                              BQ: tl.constexpr, IDX64: tl.constexpr,
-                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
     """Tile (rows (n, c, h)) x (bytes q) x (bits j): w = 8q + j."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     q = tl.program_id(1) * BQ + tl.arange(0, BQ)
@@ -285,10 +266,7 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
     if IDX64:
         r = r.to(tl.int64)
         q = q.to(tl.int64)
-    h = r % H
-    nc = r // H
-    c = nc % C
-    n = nc // C
+    n, c, h, _, _ = tile_nchw(r, q, C, H, W, False)  # rows (n, c, h)
     plane = (n * b_sN + c * b_sC)[:, None] + q[None, :] * 0
     dropped = _dropped_byte(bits_ptr, plane, h[:, None], q[None, :], H, Wb, b_sH, R, LO)
     j = tl.arange(0, 8)
@@ -311,7 +289,7 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
                            b_sN, b_sC, b_sH,
                            R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
                            BG: tl.constexpr, BC: tl.constexpr, IDX64: tl.constexpr,
-                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                           SAME: tl.constexpr, BF16_FIX: tl.constexpr):
     """Tile (groups (n, h, q)) x (bits j) x (channels c): w = 8q + j, c innermost."""
     g = tl.program_id(0) * BG + tl.arange(0, BG)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -320,10 +298,7 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
     if IDX64:
         g = g.to(tl.int64)
         c = c.to(tl.int64)
-    q = g % Wb
-    nh = g // Wb
-    h = nh % H
-    n = nh // H
+    n, _, h, q, _ = tile_nchw(g, c, C, H, Wb, True)  # rows (n, h, q), q the byte of w
     if SHARED:  # one mask for every channel: (BG, 1)
         plane = (n * b_sN)[:, None]
     else:
@@ -356,9 +331,8 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor
     bits, b_sn, b_sc, b_sh = _bits_args(bits)
     scale = scale.to(torch.float32).contiguous()
     r, lo = int(r), int(r) - 1 - int(r) // 2
-    cl, *_ = apply_geometry(out)
-    flags = dict(IDX64=needs_int64(t, out, bits), SAME=same_layout(t, out), BF16_FIX=bf16_fix(out))
-    if cl:
+    flags = apply_flags(t, out, bits)
+    if walk_channels_last(out):
         bc = min(pow2(c), 64)
         bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
         grid = (cdiv(n * h * wb, bg), cdiv(c, bc))

@@ -14,16 +14,17 @@ import triton.language as tl
 
 from ._common import (
     TILE,
-    apply_geometry,
-    bf16_fix,
+    apply_launch,
+    apply_tile,
     cast_out,
     cdiv,
     hw_flat,
     needs_int64,
     out_like,
+    out_offset,
     pos_offset,
     pow2,
-    same_layout,
+    tile_offset,
     walk_channels_last,
     warps,
 )
@@ -86,35 +87,14 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
                           t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, w_sN, w_sC,
                           CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
                           IDX64: tl.constexpr,
-                SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    o = tl.program_id(0) * BO + tl.arange(0, BO)
-    i = tl.program_id(1) * BI + tl.arange(0, BI)
-    m = (o < OUTER)[:, None] & (i < INNER)[None, :]
-    if IDX64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
+                          SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
+    o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c
-        w_ = o % W
-        nh = o // W
-        h = nh % H
-        n = nh // H
-        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
-        wt = tl.load(w_ptr + (n * w_sN)[:, None] + (i * w_sC)[None, :], mask=m, other=0.0)
+        wt = tl.load(w_ptr + (n * w_sN)[:, None] + (c * w_sC)[None, :], mask=m, other=0.0)
     else:  # rows (n, c, h), inner w
-        h = o % H
-        nc = o // H
-        c = nc % C
-        n = nc // C
-        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
-        wt = tl.load(w_ptr + n * w_sN + c * w_sC, mask=o < OUTER, other=0.0)[:, None]
+        wt = tl.load(w_ptr + n * w_sN + c * w_sC, mask=ov, other=0.0)[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -126,11 +106,9 @@ def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return out
     n, c, h, wd = t.shape
     w = w.to(torch.float32)
-    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    grid, outer, inner, meta = apply_launch(t, out)
     _apply_channel_kernel[grid](
-        t, out, w, outer, inner, c, h, wd, *t.stride(), *out.stride(), *w.stride(),
-        CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, out), SAME=same_layout(t, out),
-        BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+        t, out, w, outer, inner, c, h, wd, *t.stride(), *out.stride(), *w.stride(), **meta)
     return out
 
 

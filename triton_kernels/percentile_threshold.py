@@ -26,8 +26,8 @@ import triton.language as tl
 from ._common import (
     MAX_ROW,
     TILE,
-    apply_geometry,
-    bf16_fix,
+    apply_launch,
+    apply_tile,
     cast_out,
     cdiv,
     float_key,
@@ -35,9 +35,10 @@ from ._common import (
     key_float,
     needs_int64,
     out_like,
+    out_offset,
     pos_offset,
     pow2,
-    same_layout,
+    tile_offset,
     warps,
 )
 
@@ -192,39 +193,16 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
                             MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
                             BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    o = tl.program_id(0) * BO + tl.arange(0, BO)
-    i = tl.program_id(1) * BI + tl.arange(0, BI)
-    ov = o < OUTER
-    m = ov[:, None] & (i < INNER)[None, :]
-    if IDX64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
+    ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
     if CL:  # rows (n, h, w), inner c: per-element stats (contiguous along c)
-        w_ = o % W
-        nh = o // W
-        h = nh % H
-        n = nh // H
-        sidx = (n * C)[:, None] + i[None, :]
+        sidx = map0[:, None] + c[None, :]
         smask = m
-        t_off = (n * t_sN + h * t_sH + w_ * t_sW)[:, None] + (i * t_sC)[None, :]
-        x_off = (n * x_sN + h * x_sH + w_ * x_sW)[:, None] + (i * x_sC)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + h * o_sH + w_ * o_sW)[:, None] + (i * o_sC)[None, :]
     else:  # rows (n, c, h), inner w: per-row stats
-        h = o % H
-        nc = o // H
-        c = nc % C
-        n = nc // C
-        sidx = nc[:, None]
+        sidx = map0[:, None]
         smask = ov[:, None]
-        t_off = (n * t_sN + c * t_sC + h * t_sH)[:, None] + (i * t_sW)[None, :]
-        x_off = (n * x_sN + c * x_sC + h * x_sH)[:, None] + (i * x_sW)[None, :]
-        if SAME:
-            o_off = t_off
-        else:
-            o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None] + (i * o_sW)[None, :]
+    t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
+    x_off = tile_offset(n, c, h, w, x_sN, x_sC, x_sH, x_sW, CL)
+    o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     act = tl.load(act_ptr + sidx, mask=smask, other=0) != 0
     thr = tl.load(thr_ptr + sidx, mask=smask & act, other=0.0)
     mn = tl.load(mn_ptr + sidx, mask=smask & act, other=0.0)
@@ -254,12 +232,10 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
     x_is_t = t.data_ptr() == x.data_ptr() and t.dtype == x.dtype and t.stride() == x.stride()
-    cl, outer, inner, bo, bi, grid = apply_geometry(out)
+    grid, outer, inner, meta = apply_launch(t, out, x)
     _apply_attention_kernel[grid](
         t, x, out, thr, mn, mx, act, scale, outer, inner, c, h, w,
-        *t.stride(), *x.stride(), *out.stride(),
-        MODE=MODES[mode], X_IS_T=x_is_t, CL=cl, BO=bo, BI=bi, IDX64=needs_int64(t, x, out),
-        SAME=same_layout(t, out), BF16_FIX=bf16_fix(out), num_warps=warps(bo * bi))
+        *t.stride(), *x.stride(), *out.stride(), MODE=MODES[mode], X_IS_T=x_is_t, **meta)
     return out
 
 
