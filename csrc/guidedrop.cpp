@@ -90,7 +90,8 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  launch_pooled_correlation(x, k, pooled, F);
+  at::Tensor diag = at::empty({N, Hp * Wp}, f32(x));       // P_ii of each pooled row
+  launch_pooled_correlation(x, k, pooled, diag, F);
   return F;
 }
 

@@ -78,6 +78,7 @@ def _corr_kernel(a_ptr, nrm_ptr, f_ptr, C, NP,
     diag = 1.0 - d * d
     arow = a_ptr + (n * NP + i) * C
     rowsum = tl.zeros([BM], tl.float32)
+    dii = tl.zeros([BM], tl.float32)  # |â_i·â_i| as summed, swapped for diag at the end
     for j0 in range(0, NP, BN):
         j = j0 + tl.arange(0, BN)
         jv = j < NP
@@ -92,9 +93,12 @@ def _corr_kernel(a_ptr, nrm_ptr, f_ptr, C, NP,
             ai = tl.math.div_rn(ai, ni[:, None])  # â = a / max(|a|, 1e-12), as the reference
             ajt = tl.math.div_rn(ajt, nj[None, :])
             acc = tl.dot(ai, ajt, acc, input_precision="ieee")
-        p = tl.where(i[:, None] == j[None, :], diag[:, None], tl.abs(acc))
+        # Every |â_i·â_j| in the same order for all rows (equal rows -> equal sums), the
+        # diagonal term swapped afterwards, as in the reference.
+        p = tl.abs(acc)
         rowsum += tl.sum(tl.where(jv[None, :], p, 0.0), axis=1)
-    tl.store(f_ptr + n * NP + i, rowsum / NP, mask=iv)
+        dii += tl.sum(tl.where(i[:, None] == j[None, :], p, 0.0), axis=1)
+    tl.store(f_ptr + n * NP + i, (rowsum - dii + diag) / NP, mask=iv)
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -37,10 +37,13 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     norm = rows.norm(dim=2)
     rows = rows / norm.clamp_min(1e-12)[..., None]
     p = (rows @ rows.transpose(1, 2)).abs()
-    # The diagonal |â_i·â_i − 1| exactly: 0 for a unit row, 1 for a zero row (a rounded
-    # â_i·â_i would make equal F values differ in the last bit and break F_max = F_min).
-    p.diagonal(dim1=1, dim2=2).copy_(1 - (norm.clamp_max(1e-12) / 1e-12) ** 2)
-    return p.mean(dim=2).view(n, hp, wp)
+    # The diagonal |â_i·â_i − 1| exactly: 0 for a unit row, 1 for a zero row. A rounded
+    # â_i·â_i, or a diagonal term summed at a different place in each row, would make the
+    # F of equal rows differ in the last bit and break F_max = F_min. So: sum every
+    # |â_i·â_j| in the same order for all rows, then swap the diagonal term.
+    diag = 1 - (norm.clamp_max(1e-12) / 1e-12) ** 2
+    s = p.sum(dim=2) - p.diagonal(dim1=1, dim2=2) + diag
+    return (s / p.shape[2]).view(n, hp, wp)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

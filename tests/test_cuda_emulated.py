@@ -1,0 +1,503 @@
+"""The CUDA kernels of csrc/, run on the CPU by the SIMT emulator of tests/cuda_emu/.
+
+tests/cuda_emu/build.py compiles csrc/guidedrop.cpp and csrc/cuda/*.cu with the host
+compiler against tests/cuda_emu/emu.h (one OS thread per CUDA thread), as the library
+``guidedrop_emu``: ``torch.ops.guidedrop_emu.<op>`` is the CUDA op on CPU tensors. So CI,
+which has no GPU, runs the real kernel source: every op against ``guidedrop.reference`` on
+small odd shapes x DTYPES x LAYOUTS (exact where the reference is exact), the kernels'
+special paths (long rows, misaligned and channels_last applies, Philox), and every layer
+of ``guidedrop.layers`` on a backend module whose primitives are the emulated ops.
+
+The build (~20 s on 2 cores, cached under ~/.cache/guidedrop-emu/) is part of the test: a
+kernel that no longer compiles, or that the emulator's rewrites no longer fit, fails here.
+The only skip is for a missing CUDA include folder (vector_types.h).
+
+Not checked here (see tests/cuda_emu/emu.h): FMA contraction by nvcc, nvcc-only compile
+errors, real inter-block concurrency and memory ordering, speed, graph capture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import pytest
+import test_cuda_ops as T
+import torch
+from testing import DTYPES, LAYOUTS, assert_close_dtype, make_x
+
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+
+
+def _load_build_module():
+    """tests/cuda_emu/build.py under a name of its own (not the `build` package)."""
+    name = "guidedrop_cuda_emu_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EMU_DIR / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+emu = _load_build_module()
+
+pytestmark = pytest.mark.skipif(bool(emu.unavailable()),
+                                reason=f"CUDA emulator: {emu.unavailable()}")
+
+
+@pytest.fixture(scope="module")
+def E():
+    """torch.ops.guidedrop_emu, built once per session (a build error fails the tests)."""
+    t0 = time.perf_counter()
+    path = emu.build()
+    print(f"\nguidedrop_emu: {path} ({time.perf_counter() - t0:.1f} s to build or load)")
+    return torch.ops.guidedrop_emu
+
+
+@pytest.fixture(scope="module")
+def B(E):
+    """python/guidedrop/cuda_backend.py on the emulated ops."""
+    return emu.backend()
+
+
+def same(got: torch.Tensor, want: torch.Tensor, what="") -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape,
+                                                                  got.dtype, want.dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------- the emulator
+
+
+def test_emulator_rewrites():
+    """The source rewrites, and the loud failure when one no longer fits."""
+    src = """
+extern __shared__ uint32_t keys[];
+__shared__ float tile[32][33];
+void launch() {
+  kern<scalar_t, Op<int>>
+      <<<grid_for(n, 1), dim3(32, 8), smem, current_stream()>>>(a, b);
+  other<<<1, 32>>>();
+}
+"""
+    out = emu.rewrite_cuda(src, "x.cu")
+    assert "uint32_t* keys = emu::dyn_smem<uint32_t>();" in out
+    assert "__shared__ float tile[32][33];" in out  # emu.h makes __shared__ static
+    assert ("emu::Launcher(grid_for(n, 1), dim3(32, 8), smem, current_stream())"
+            "(kern<scalar_t, Op<int>>, a, b);") in out
+    assert "emu::Launcher(1, 32)(other);" in out
+    with pytest.raises(emu.RewriteError, match="kernel launch"):
+        emu.rewrite_cuda("void f() { (*table[0])<<<1, 32>>>(x); }", "y.cu")
+    with pytest.raises(emu.RewriteError, match="TORCH_LIBRARY"):
+        emu.rewrite_ops("TORCH_LIBRARY_FRAGMENT(guidedrop, m) {}", "z.cpp")
+
+
+# Small kernels on emu.h alone: lane exchange semantics, and errors instead of hangs.
+_SELFTEST = r"""
+#include "emu.h"
+#include <cstdio>
+__global__ void lanes(int* out) {
+  const int l = threadIdx.x & 31;
+  out[threadIdx.x] = __shfl_up_sync(0xffffffffu, l, 3) * 1000 +
+                     __shfl_down_sync(0xffffffffu, l, 2) +
+                     __shfl_xor_sync(0xffffffffu, l, 5) * 100000 +
+                     (__ballot_sync(0xffffffffu, l % 2) == 0xAAAAAAAAu) * 10000000 +
+                     __popc(__match_any_sync(0xffffffffu, l / 4)) * 100000000;
+}
+__global__ void divergent_sync(int* out) {
+  if (threadIdx.x < 32) __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void exited_lane(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+__global__ void split_barriers(int* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+  else __syncthreads();
+}
+int main() {
+  std::vector<int> out(64);
+  auto run = [&](const char* name, auto kernel) {
+    try {
+      emu::Launcher(dim3(2), dim3(64))(kernel, out.data());
+      std::printf("%s: ok\n", name);
+    } catch (const std::exception& e) {
+      std::printf("%s: %s\n", name, e.what());
+    }
+  };
+  run("lanes", lanes);
+  std::printf("lanes: %d %d %d\n", out[0], out[5], out[33]);
+  run("divergent_sync", divergent_sync);
+  run("exited_lane", exited_lane);
+  run("split_barriers", split_barriers);
+  try { emu::Launcher(dim3(1), dim3(48))(lanes, out.data()); } catch (const std::exception& e) {
+    std::printf("partial warp: %s\n", e.what());
+  }
+}
+"""
+
+
+def test_emulator_selftest(tmp_path):
+    (tmp_path / "t.cpp").write_text(_SELFTEST)
+    cxx = os.environ.get("CXX", "c++")
+    cc = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{EMU_DIR}",
+                         f"-I{emu.cuda_include()}", "t.cpp", "-o", "t"],
+                        cwd=tmp_path, capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    env = dict(os.environ, GUIDEDROP_EMU_TIMEOUT="2")
+    res = subprocess.run(["./t"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    lines = dict(line.split(": ", 1) for line in res.stdout.splitlines() if line != "lanes: ok")
+    assert "lanes: ok" in res.stdout, res.stdout
+
+    def lane(t):  # what `lanes` computes for thread t
+        i = t % 32
+        return ((i - 3 if i >= 3 else i) * 1000 + (i + 2 if i + 2 < 32 else i) + (i ^ 5) * 100000
+                + 10000000 + 4 * 100000000)
+
+    assert lines["lanes"] == f"{lane(0)} {lane(5)} {lane(33)}", res.stdout
+    assert "while the others wait at __syncthreads" in lines["divergent_sync"]
+    assert "while the others wait at a warp intrinsic of warp 0" in lines["exited_lane"]
+    assert "no progress in 2" in lines["split_barriers"], res.stdout
+    assert "48 of 64" in lines["split_barriers"] and "16 of 32" in lines["split_barriers"]
+    assert "whole warps" in lines["partial warp"]
+
+
+# --------------------------------------------------------------------------- every op
+
+# Small odd shapes in every dtype and layout; two wider ones (C > 32 channel lanes / tiles;
+# N' = 42 pooled positions, maps of 340 > 256 threads) once per dtype and per layout.
+SMALL = [(1, 1, 1, 1), (2, 3, 5, 7)]
+WIDE = [(1, 33, 4, 6), (2, 2, 17, 20)]
+WIDE_COMBOS = list(zip(DTYPES, LAYOUTS, strict=True))
+
+
+def _cases(dtype):
+    for shape, layout in product(SMALL, LAYOUTS):
+        yield shape, layout
+    for shape in WIDE:
+        for wd, layout in WIDE_COMBOS:
+            if wd == dtype:
+                yield shape, layout
+
+
+def _check_op(op, args, got, want, what):
+    got, want = T._as_tuple(got), T._as_tuple(want)
+    assert len(got) == len(want), what
+    for i, (g, e) in enumerate(zip(got, want, strict=True)):
+        tag = f"{what} output {i}"
+        assert g.shape == e.shape and g.dtype == e.dtype, (tag, g.shape, e.shape, g.dtype, e.dtype)
+        if op == "attention_stats":  # entries of inactive maps are unspecified (0 here)
+            act = args[2]
+            g, e = g[act], e[act]
+            if i < 3:  # thr, min, max exact; the soft-mask sum is a float32 sum
+                same(g, e, tag)
+                continue
+        if op in T.EXACT or (op == "channel_stats" and i == 0):
+            same(g, e, tag)
+        else:
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, tag=tag: f"{tag}: {m}")
+        if op.startswith("apply_"):
+            assert g.stride() == e.stride(), (tag, g.stride(), e.stride())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", T.OPS)
+def test_emulated_op_matches_reference(E, op, dtype):
+    for shape, layout in _cases(dtype):
+        args = T._samples(dtype, layout, device="cpu", shape=shape)[op]
+        _check_op(op, args, getattr(E, op)(*args), T._reference(op, args),
+                  f"{op} {shape} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("op", T.OPS)
+def test_emulated_opcheck(B, op):
+    """Schema (no input mutated, no output aliased) and the fake kernels of cuda_backend.py
+    against the real kernels' outputs (shapes, dtypes, strides)."""
+    for dtype, layout in WIDE_COMBOS:
+        args = T._samples(dtype, layout, device="cpu")[op]
+        torch.library.opcheck(getattr(torch.ops.guidedrop_emu, op), args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_emulated_ops_registered(E):
+    for op in T.OPS:
+        assert getattr(E, op).default._schema.name == f"guidedrop_emu::{op}"
+
+
+def test_emulated_ops_check_arguments(E):
+    x = torch.randn(2, 3, 5, 7)
+    with pytest.raises(RuntimeError, match="float64 runs on the reference backend"):
+        E.channel_stats(x.double())
+    with pytest.raises(RuntimeError, match="k must be in"):
+        E.map_threshold(x, 36)
+    with pytest.raises(RuntimeError, match="mode must be one of"):
+        E.attention_stats(x, 3, torch.ones(2, 3, dtype=torch.bool), "xx")
+
+
+def test_emulated_statistics_nan_inf_ties(E):
+    x = make_x((2, 3, 6, 5), torch.float32).clone()
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 2, 2] = float("inf")
+    x[1, 2, 0, 0] = -float("inf")
+    ties = (make_x((2, 3, 6, 5), torch.float16, layout="channels_last").float() * 2).round() / 2
+    active = torch.ones(2, 3, dtype=torch.bool)
+    for xx in (x, ties):
+        same(E.channel_stats(xx)[0], R.channel_stats(xx)[0], "amax")
+        for k in (1, 4, 30):
+            same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"map_threshold k={k}")
+        for mode in ("am", "sm", "ad"):
+            got = E.attention_stats(xx, 4, active, mode)
+            want = R.attention_stats(xx, 4, active, mode)
+            for i in range(3):
+                same(got[i], want[i], f"attention_stats {mode} {i}")
+
+
+def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
+    rows = [
+        [5.0, 1.0, 5.0, 2.0, 5.0, 0.0, 3.0, 4.0, -1.0, 0.5],
+        [float("nan"), 1.0, float("inf"), -float("inf"), 2.0, float("nan"), 0.0, -0.0, 3.0, 3.0],
+        [-0.0, 0.0, -0.0, 0.0, -1e-45, 1e-45, -3.0, -2.0, -2.0, -2.0],
+        [7.0] * 10,
+    ]
+    v = torch.tensor(rows)
+    for k in range(1, 11):
+        same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
+    # Rows longer than the shared-memory buffer (10240 keys): keys re-read from memory.
+    big = torch.randn(2, 10300, generator=torch.Generator().manual_seed(3)).round(decimals=1)
+    for k in (1, 17, 5150, 10300):
+        same(E.kth_largest(big, k), R.kth_largest(big, k), f"long rows k={k}")
+        same(E.kth_largest(big.t().contiguous().t(), k), R.kth_largest(big, k), f"strided k={k}")
+
+
+def test_emulated_map_threshold_large_maps(E):
+    x = make_x((1, 2, 103, 100), torch.float16, layout="channels_last")  # 10300 > 10240 keys
+    for k in (1, 2200):
+        same(E.map_threshold(x, k), R.map_threshold(x, k), f"k={k}")
+    active = torch.tensor([[True, False]])
+    got, want = E.attention_stats(x, 2200, active, "ad"), R.attention_stats(x, 2200, active, "ad")
+    for i in range(3):
+        same(got[i][active], want[i][active], f"attention_stats {i}")
+    torch.testing.assert_close(got[3][active], want[3][active], rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("op", ["apply_channel", "apply_block", "apply_seeds", "apply_attention"])
+def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
+    """Aligned dense input (16-byte vector path) vs a misaligned copy (scalar path)."""
+    shape = (2, 3, 9, 13)  # numel not a multiple of the vector width: a tail chunk
+    for dtype in DTYPES:
+        args = T._samples(dtype, "contiguous", device="cpu", shape=shape)[op]
+        x = args[0]
+        x_odd = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
+        assert x_odd.data_ptr() % 16 != 0
+        odd = (x_odd, x_odd, *args[2:]) if op == "apply_attention" else (x_odd, *args[1:])
+        a = getattr(E, op)(*args)
+        same(a, T._reference(op, args), f"{op} {dtype} aligned")
+        same(getattr(E, op)(*odd), a, f"{op} {dtype} misaligned")
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        cl = (xcl, xcl, *args[2:]) if op == "apply_attention" else (xcl, *args[1:])
+        same(getattr(E, op)(*cl), a, f"{op} {dtype} channels_last")
+    # backward passes grad_y in any layout, e.g. the stride-0 grad of y.sum()
+    args = T._samples(torch.float32, "channels_last", device="cpu")[op]
+    g = torch.ones(1).expand(args[0].shape)
+    gargs = (g, *args[1:])
+    same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def test_emulated_pooled_correlation_constant_inputs(E):
+    """The exact diagonal P_ii: equal rows give exactly equal F (CorrDrop's kappa = 0)."""
+    ones, zeros = torch.ones(1, 3, 6, 6), torch.zeros(1, 3, 6, 6)
+    f1, f0 = E.pooled_correlation(ones, 3), E.pooled_correlation(zeros, 3)
+    same(f1, R.pooled_correlation(ones, 3), "ones")
+    same(f0, R.pooled_correlation(zeros, 3), "zeros")
+    assert (f1 == f1.flatten()[0]).all() and abs(f1.flatten()[0].item() - 0.75) < 1e-6
+    assert (f0 == 0.25).all()
+    # More pooled positions than a Gram tile (N' = 33, 45, 110): the diagonal falls in
+    # different lanes of the row sum, every F must still be equal.
+    gen = torch.Generator().manual_seed(0)
+    for shape, k in [((1, 3, 1, 33), 1), ((1, 33, 5, 9), 1), ((2, 5, 30, 30), 3)]:
+        c = shape[1]
+        for v in (torch.ones(c), torch.randn(c, generator=gen)):
+            x = v[None, :, None, None].expand(shape).contiguous()
+            f = E.pooled_correlation(x, k)
+            assert (f == f.flatten()[0]).all(), (shape, k, f.unique())
+            torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5)
+        z = E.pooled_correlation(torch.zeros(shape), k)
+        assert (z == 1 / z[0].numel()).all(), shape
+
+
+def test_emulated_pooled_correlation_sizes(E):
+    for shape, k, layout in [((1, 4, 12, 11), 1, "channels_last"), ((2, 40, 6, 7), 1, "sliced"),
+                             ((2, 3, 4, 4), 5, "contiguous")]:
+        x = make_x(shape, torch.float32, layout=layout)
+        torch.testing.assert_close(E.pooled_correlation(x, k), R.pooled_correlation(x, k),
+                                   rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Philox
+
+_MASK = 0xFFFFFFFF
+
+
+def _philox4x32_10(ctr, key):
+    """Philox-4x32-10 (Salmon et al. 2011) on Python ints."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK, (k1 + 0xBB67AE85) & _MASK
+    return c0, c1, c2, c3
+
+
+def test_philox_known_answers():
+    """The Random123 known-answer vectors (kat_vectors, philox4x32_10)."""
+    kat = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((_MASK,) * 4, (_MASK, _MASK), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for ctr, key, want in kat:
+        assert _philox4x32_10(ctr, key) == want
+
+
+def _philox_uniforms(shape, seed, offset):
+    """The kernel's u for every element e of shape: word e % 4 of Philox(counter
+    (offset / 4, e / 4), key seed), as (bits >> 8) * 2^-24."""
+    n = math.prod(shape)
+    key = (seed & _MASK, seed >> 32)
+    ctr_lo = offset // 4
+    u = []
+    for group in range((n + 3) // 4):
+        words = _philox4x32_10((ctr_lo & _MASK, ctr_lo >> 32, group & _MASK, group >> 32), key)
+        u += [(wd >> 8) * 2.0**-24 for wd in words]
+    return torch.tensor(u[:n], dtype=torch.float32).view(shape)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_emulated_seed_bits_philox(E, B, shared):
+    """Without noise: Philox uniforms keyed by the element index, the generator's offset
+    advancing by 4 per call, candidates respected; bits as the reference's from those u."""
+    n, c, h, w, r, g = 2, 3, 9, 11, 3, 0.2
+    shape = (n, 1 if shared else c, h, w)
+    seed = 0x1234_5678_9ABC_DEF1
+    gen = torch.Generator().manual_seed(5)
+    cand_s = torch.rand(n, h, w, generator=gen) < 0.7
+    cand_c = torch.rand(n, shape[1], generator=gen) < 0.7
+    for cs, cc in [(None, None), (cand_s, cand_c)]:
+        E.emu_set_philox(seed, 8)
+        a = B.seed_bits(None, None, g, r, cs, cc, shape, "cpu")
+        b = B.seed_bits(None, None, g, r, cs, cc, shape, "cpu")
+        E.emu_set_philox(seed, 12)
+        same(B.seed_bits(None, None, g, r, cs, cc, shape, "cpu"), b, "offset advances by 4")
+        assert not torch.equal(a, b)
+        for bits, offset in ((a, 8), (b, 12)):
+            u = _philox_uniforms(shape, seed, offset)
+            same(bits, R.seed_bits(u, None, g, r, cs, cc, shape, "cpu"), f"offset {offset}")
+
+
+def test_emulated_seed_bits_noise_dtypes(E):
+    """noise < float32(g) is compared in noise's dtype, like the reference."""
+    shape, g = (2, 3, 8, 9), 0.30000001
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        noise = torch.rand(shape, dtype=torch.float64).to(dtype)
+        noise[0, 0, 4, 4] = torch.tensor(g, dtype=torch.float32).to(dtype)  # the boundary
+        got = E.seed_bits(torch.empty(0), noise, None, None, list(shape), g, 1, None)
+        same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _run(B, layer, x, *args, **kw):
+    plan = getattr(L, layer)(B, x, *args, **kw)
+    return x if plan is None else L.apply(B, plan, x, x)
+
+
+def _layer_cases(layer, n, c, h, w, gen):
+    def u(*s):
+        return torch.rand(s, generator=gen)
+
+    k = 3
+    if layer == "corrdrop":
+        return [((0.3, k), dict(normalize="batch", noise=u(2, n, -(-h // k), -(-w // k))))]
+    if layer == "selectscale":
+        return [((0.5, 0.1), dict(noise=u(n, c)))]
+    if layer == "spatialscale":
+        return [((0.1,), dict(noise=u(n, c)))]
+    if layer == "selectout":
+        return [((0.6, 0.7), dict(noise=u(n, c)))]
+    if layer == "attentiondrop":
+        return [((0.6, 20.0), dict(mode="ad", normalize="batch", noise=u(n, c))),
+                ((0.6, 33.0), dict(mode="sm", normalize="sample", noise=u(n, c))),
+                ((0.6, 50.0), dict(mode="am", normalize="none", noise=u(n, c)))]
+    if layer == "focused_dropout":
+        return [((0.3, 0.6), dict(per_position=False, noise=u(n))),
+                ((0.3, 0.6), dict(per_position=True, noise=u(n, h, w)))]
+    if layer == "camdrop":
+        weight = torch.randn(10, 2 * c, generator=gen)
+        target = torch.randint(0, 10, (n,), generator=gen)
+        return [((weight, target, 3, 0.7), dict(channel_rate=0.5, normalize="batch",
+                                                noise=u(n, c, h, w)))]
+    assert layer == "dropblock"
+    return [((0.3, 3), dict(shared_channels=False, normalize="batch", noise=u(n, c, h, w))),
+            ((0.3, 3), dict(shared_channels=True, normalize="sample", noise=u(n, 1, h, w)))]
+
+
+LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
+          "focused_dropout", "camdrop", "dropblock"]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_emulated_layer_matches_reference(B, layer):
+    """guidedrop.layers.<layer> on the emulated CUDA backend vs on the reference, with
+    explicit noise: identical outputs (AttentionDrop: its scale comes from a float32 sum)."""
+    gen = torch.Generator().manual_seed(11)
+    for shape, (dtype, layout) in product([(2, 3, 5, 7), (2, 4, 9, 8)], WIDE_COMBOS):
+        torch.manual_seed(sum(shape))
+        x = make_x(shape, dtype, "cpu", layout)
+        for args, kw in _layer_cases(layer, *shape, gen):
+            what = f"{layer} {shape} {dtype} {layout} {kw.get('mode', '')}"
+            y = _run(B, layer, x, *args, **kw)
+            want = _run(R, layer, x, *args, **kw)
+            assert y.stride() == want.stride(), what
+            if layer == "attentiondrop":
+                assert_close_dtype(y, want)
+            else:
+                same(y, want, what)
+
+
+def test_emulated_dropblock_philox(B, E):
+    """DropBlock without noise: Philox seeds in the kernel, about the requested drop rate."""
+    E.emu_set_philox(7, 0)
+    x = torch.randn(2, 4, 16, 16)
+    y = _run(B, "dropblock", x, 0.2, 3, shared_channels=False, normalize="batch")
+    dropped = (y == 0).float().mean().item()
+    assert 0.1 < dropped < 0.3, dropped
+    E.emu_set_philox(7, 0)
+    same(_run(B, "dropblock", x, 0.2, 3, shared_channels=False, normalize="batch"), y, "rerun")
+
+
+def test_emulated_layers_constant_input(B):
+    """CorrDrop on a constant map: F all equal, kappa = 0, so the emulated kernels and the
+    reference draw the same mask from the same noise."""
+    x = torch.ones(2, 3, 9, 9)
+    noise = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    same(_run(B, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise),
+         _run(R, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise), "corrdrop ones")
