@@ -15,6 +15,7 @@ Tests marked ``gpu`` take full-size shapes and need CUDA.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import naive
@@ -627,3 +628,113 @@ def test_primitives_full_size(B):
     close(B.pooled_correlation(x, 4), R.pooled_correlation(x, 4), scale=10)  # N' = 784
     bits = R.seed_bits(None, None, 0.01, 7, None, None, (8, 64, 56, 56), DEV)
     same(B.seed_coverage(bits, 7, 56), R.seed_coverage(bits, 7, 56))
+
+
+# ------------------------------------------------------------------ custom ops
+
+
+def triton_ops():
+    """torch.ops.guidedrop_triton, or skip (no Triton backend here, or torch < 2.6)."""
+    load_backend("triton")
+    from guidedrop.triton_kernels import _common
+    if not _common.HAS_OPS:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6 (the plain launchers run)")
+    return torch.ops.guidedrop_triton
+
+
+def op_samples():
+    """Arguments of every guidedrop_triton op (small: each opcheck runs the kernels a few
+    times)."""
+    x = make_x((2, 3, 5, 6), torch.float32, DEV, "channels_last")
+    n, c, h, w = x.shape
+    t = torch.randn(x.shape, generator=gen(1)).to(DEV, torch.bfloat16)
+    active = rand((n, c), 2) < 0.5
+    thr, mn, mx, _ = R.attention_stats(x, 7, active, "ad")
+    scale = rand((n,), 3) + 0.5
+    bits = R.seed_bits(rand((n, c, h, w), 4), None, 0.3, 3, None, None, (n, c, h, w), DEV)
+    seed = torch.tensor([12345], device=DEV)
+    return {
+        "apply_channel": [(x, rand((n, c), 5)), (t, rand((n, c), 5))],
+        "apply_block": [(x, (rand((n, 2, 2), 6) < 0.5).to(torch.uint8), 3, scale)],
+        "apply_seeds": [(x, bits, 3, scale), (t, bits[:, :1], 3, scale)],
+        "apply_attention": [(x, x, thr, mn, mx, active, "ad", scale),
+                            (t, x, thr, mn, mx, active, "sm", scale)],
+        "channel_stats": [(x,)],
+        "map_threshold": [(x, 7)],
+        "kth_largest": [(rand((3, 9), 7), 4)],
+        "attention_stats": [(x, 7, active, "am")],
+        "cam": [(x, rand((n, c), 8))],
+        "pooled_correlation": [(x, 2)],
+        "seed_bits": [(rand((n, c, h, w), 9), seed[:0], 0.3, 3, None, None, [n, c, h, w]),
+                      (None, seed, 0.3, 3, rand((n, h, w), 10) < 0.5, rand((n, c), 11) < 0.5,
+                       [n, 1, h, w])],
+        "seed_coverage": [(bits, 3, w)],
+    }
+
+
+def test_triton_ops_registered():
+    """Every primitive is an op guidedrop_triton::<name>, and the backend's public
+    functions are the ops or thin wrappers around them (same contract signatures)."""
+    ops = triton_ops()
+    mod = load_backend("triton")
+    assert set(op_samples()) == set(ops)
+    for name in op_samples():
+        assert getattr(ops, name).default._schema.name == f"guidedrop_triton::{name}"
+        assert callable(getattr(mod, name))
+
+
+@pytest.mark.parametrize("name", [
+    "apply_channel", "apply_block", "apply_seeds", "apply_attention", "channel_stats",
+    "map_threshold", "kth_largest", "attention_stats", "cam", "pooled_correlation",
+    "seed_bits", "seed_coverage"])
+def test_triton_opcheck(name):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration and AOT
+    dispatch of each op. On a GPU the ops are triton_ops (wrap_triton kernels); under
+    TRITON_INTERPRET=1, where wrap_triton cannot trace interpreted kernels, they are
+    custom_ops whose fake kernel is the launcher with the launches skipped."""
+    ops = triton_ops()
+    for args in op_samples()[name]:
+        torch.library.opcheck(getattr(ops, name), args)
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_layer_compile_fullgraph(monkeypatch, case):
+    """torch.compile(fullgraph=True) of the layer on the Triton backend (inductor on a GPU,
+    aot_eager under the interpreter: inductor cannot compile CPU tensors' interpreted
+    kernels) gives eager's output and x.grad for the same noise."""
+    triton_ops()
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    torch._dynamo.reset()
+    op, _, params, binary = LAYERS[case]
+    x = make_x((2, 4, 9, 9), torch.float32, DEV, "channels_last")
+    noise = layer_noise(case, x, 3)
+    grad = torch.randn(x.shape, generator=gen(9)).to(DEV)
+
+    if case == "camdrop":  # the CAM inputs drawn outside (Dynamo cannot trace Generator())
+        weight, target = cam_inputs(*x.shape[:2])
+        op = functools.partial(F.camdrop, weight=weight, target=target)
+
+    def fn(x, u):
+        return op(x, noise=u, **params)
+
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    ye, gxe = run_layer_fn(fn, x, noise, grad)
+    yc, gxc = run_layer_fn(compiled, x, noise, grad)
+    if binary:
+        assert torch.equal(gxc == 0, gxe == 0), f"{case}: masks differ"
+    if backend == "inductor":  # x * w may be fused differently: a float32 rounding
+        close(yc, ye)
+        close(gxc, gxe)
+    else:
+        same(yc, ye)
+        same(gxc, gxe)
+    with torch.no_grad():
+        close(compiled(x, noise), ye)
+
+
+def run_layer_fn(fn, x, noise, grad):
+    xg = x.detach().clone().requires_grad_()
+    y = fn(xg, noise)
+    y.backward(grad)
+    return y.detach(), xg.grad

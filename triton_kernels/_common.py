@@ -10,6 +10,7 @@ stores stay coalesced and the integer divisions happen once per row, not per ele
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -31,6 +32,68 @@ APPLY_TILE = 16384 if INTERPRET else 2048
 MAX_ROW = 16384
 
 INT32_MAX = 2**31 - 1
+
+
+# Each public launcher is a custom op guidedrop_triton::<name> (torch >= 2.6): a
+# torch.library.triton_op launching its kernels through torch.library.wrap_triton, so that
+# torch.compile traces it with FakeTensors (the host code below reads shapes, strides and
+# dtypes only) and inductor sees the kernels. Under TRITON_INTERPRET=1, wrap_triton cannot
+# trace interpreted kernels: the launcher is a plain torch.library.custom_op whose fake
+# kernel is the launcher itself with the launches skipped (``launch``). Older torch: the
+# plain functions.
+HAS_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def op(name: str):
+    """Decorator: registers a launcher (type-hinted for schema inference) as
+    guidedrop_triton::<name> and returns the op (the plain function on older torch)."""
+    def register(fn):
+        if not HAS_OPS:
+            return fn
+        qualname = f"guidedrop_triton::{name}"
+        if not INTERPRET:
+            return torch.library.triton_op(qualname, mutates_args=())(fn)
+        custom = torch.library.custom_op(qualname, mutates_args=())(fn)
+        custom.register_fake(fn)
+        return custom
+    return register
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](...)``: kernel[grid](...) through wrap_triton (see ``op``)."""
+    if not HAS_OPS:
+        return kernel
+    if not INTERPRET:
+        return torch.library.wrap_triton(kernel)
+    return _Interpreted(kernel)
+
+
+class _Interpreted:
+    """An interpreted kernel that does not run on FakeTensors (shape-only tracing)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+            if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta)
+                       for a in args):
+                self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def round_to(g: float, dtype: torch.dtype) -> float:
+    """float(torch.tensor(g, dtype=torch.float32).to(dtype)) for float32/float16/bfloat16
+    (f32 first, then round to nearest even), without a tensor: traceable host code."""
+    g = struct.unpack("f", struct.pack("f", g))[0]
+    if dtype == torch.float16:
+        g = struct.unpack("e", struct.pack("e", g))[0]
+    elif dtype == torch.bfloat16 and g == g:
+        b = struct.unpack("I", struct.pack("f", g))[0]
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        g = struct.unpack("f", struct.pack("I", b & 0xFFFFFFFF))[0]
+    return g
 
 
 def unavailable() -> str:

@@ -28,10 +28,13 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    launch,
     needs_int64,
+    op,
     out_like,
     out_offset,
     pow2,
+    round_to,
     tile_nchw,
     tile_offset,
     walk_channels_last,
@@ -61,6 +64,7 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@op("apply_block")
 def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32."""
     out = out_like(t)
@@ -71,7 +75,7 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
     grid, outer, inner, meta = apply_launch(t, out)
-    _apply_block_kernel[grid](
+    launch(_apply_block_kernel)[grid](
         t, out, mask, scale, outer, inner, c, h, w, *t.stride(), *out.stride(), *mask.stride(),
         K=int(k), **meta)
     return out
@@ -133,26 +137,40 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     block, cand_s[n, h, w] and cand_c[n, c] (each optional). u = noise (N, Cs, H, W) when
     given, else Philox uniforms seeded from ``generator`` (torch's default when None).
     """
+    # The generator cannot enter an op's schema: the int64 seed is drawn here (an empty
+    # tensor when noise is given: it only carries the device).
+    if noise is not None:
+        seed = torch.empty((0,), dtype=torch.int64, device=device)
+    elif generator is None:  # as layers.rand: generator=None fails on symbolic shapes
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
+    else:
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+    return _seed_bits(noise, seed, float(g), int(r), cand_s, cand_c, list(shape))
+
+
+@op("seed_bits")
+def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
+               cand_s: torch.Tensor | None, cand_c: torch.Tensor | None,
+               shape: list[int]) -> torch.Tensor:
+    """seed_bits with the seed drawn: seed (1,) int64 on the output's device."""
     n, cs, h, w = shape
     wb = cdiv(w, 8)
-    out = torch.empty((n, cs, h, wb), dtype=torch.uint8, device=device)
+    out = torch.empty((n, cs, h, wb), dtype=torch.uint8, device=seed.device)
     if out.numel() == 0:
         return out
-    g32 = torch.tensor(g, dtype=torch.float32)  # a CPU scalar: no device sync
-    if noise is not None and noise.dtype in (torch.float16, torch.bfloat16):
-        g32 = g32.to(noise.dtype)  # torch compares a half tensor with a 0-dim f32 in half
-    g32 = float(g32)  # exactly representable in float32
+    # torch compares a half tensor with a 0-dim f32 in half; exactly a float32 value
+    g32 = round_to(g, torch.float32 if noise is None else noise.dtype)
+    # unused pointers get an input, never out: no kernel argument aliases the output
     if noise is None:
-        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
-        noise_arg, u_strides = out, (0, 0, 0, 0)
+        dummy, noise_arg, u_strides = seed, seed, (0, 0, 0, 0)
     else:
-        seed, noise_arg, u_strides = out, noise, noise.stride()
-    cs_arg = out if cand_s is None else cand_s.to(torch.bool).view(torch.uint8)
-    cc_arg = out if cand_c is None else cand_c.to(torch.bool).view(torch.uint8)
+        dummy, seed, noise_arg, u_strides = noise, noise, noise, noise.stride()
+    cs_arg = dummy if cand_s is None else cand_s.to(torch.bool).view(torch.uint8)
+    cc_arg = dummy if cand_c is None else cand_c.to(torch.bool).view(torch.uint8)
     s_strides = (0, 0, 0) if cand_s is None else cs_arg.stride()
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
     bb = max(1, min(TILE // 8, pow2(out.numel())))
-    _seed_bits_kernel[(cdiv(out.numel(), bb),)](
+    launch(_seed_bits_kernel)[(cdiv(out.numel(), bb),)](
         out, noise_arg, seed, cs_arg, cc_arg, out.numel(), cs, h, w, wb,
         g32, r // 2, h - r + r // 2, r // 2, w - r + r // 2,
         *u_strides, *s_strides, *c_strides,
@@ -231,6 +249,7 @@ def _bits_args(bits: torch.Tensor):
     return bits, bits.stride(0), (bits.stride(1) if bits.shape[1] > 1 else 0), bits.stride(2)
 
 
+@op("seed_coverage")
 def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
     """bits: (N, Cs, H, ceil(W/8)) uint8 -> (N,) int64: units covered by the r x r
     expansion of the seeds, summed over Cs."""
@@ -242,7 +261,7 @@ def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
     bb = max(1, min(TILE // 8, pow2(per)))
     p = cdiv(per, bb)
     part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
-    _seed_coverage_kernel[(n, p)](
+    launch(_seed_coverage_kernel)[(n, p)](
         bits, part, per, cs, h, w, wb, b_sn, b_sc, b_sh, p,
         R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb, IDX64=needs_int64(bits),
         num_warps=warps(bb * 8))
@@ -318,6 +337,7 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@op("apply_seeds")
 def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor) -> torch.Tensor:
     """t * ((1 - dropped) * scale[n]); dropped = r x r expansion of the packed seeds.
 
@@ -336,7 +356,7 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor
         bc = min(pow2(c), 64)
         bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
         grid = (cdiv(n * h * wb, bg), cdiv(c, bc))
-        _apply_seeds_cl_kernel[grid](
+        launch(_apply_seeds_cl_kernel)[grid](
             t, out, bits, scale, n * h * wb, c, h, w, wb, *t.stride(), *out.stride(),
             b_sn, b_sc, b_sh, R=r, LO=lo, SHARED=bits.shape[1] == 1, BG=bg, BC=bc,
             num_warps=warps(bg * 8 * bc), **flags)
@@ -344,7 +364,7 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor
         bq = min(pow2(wb), max(1, APPLY_TILE // 8))
         br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
         grid = (cdiv(n * c * h, br), cdiv(wb, bq))
-        _apply_seeds_nchw_kernel[grid](
+        launch(_apply_seeds_nchw_kernel)[grid](
             t, out, bits, scale, n * c * h, c, h, w, wb, *t.stride(), *out.stride(),
             b_sn, b_sc, b_sh, R=r, LO=lo, BR=br, BQ=bq, num_warps=warps(br * bq * 8), **flags)
     return out

@@ -19,7 +19,9 @@ from ._common import (
     cast_out,
     cdiv,
     hw_flat,
+    launch,
     needs_int64,
+    op,
     out_like,
     out_offset,
     pos_offset,
@@ -67,6 +69,7 @@ def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
     return max(1, min(TILE // block, pow2(rows))), block
 
 
+@op("channel_stats")
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) -> (max |x|, mean over H, W), each (N, C) float32."""
     n, c, h, w = x.shape
@@ -75,7 +78,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if amax.numel() == 0 or h * w == 0:
         return amax.fill_(float("nan") if h * w == 0 else 0), mean.fill_(float("nan"))
     rows, block = row_tile(x, h * w, n * c)
-    _channel_stats_kernel[(cdiv(n * c, rows),)](
+    launch(_channel_stats_kernel)[(cdiv(n * c, rows),)](
         x, amax, mean, n * c, c, w, h * w, *x.stride(),
         ROWS=rows, BLOCK=block, HW_FLAT=hw_flat(x), IDX64=needs_int64(x),
         num_warps=warps(rows * block))
@@ -99,6 +102,7 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@op("apply_channel")
 def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """t: (N, C, H, W), w: (N, C) float32 -> t * w[n, c] in t's dtype and memory format."""
     out = out_like(t)
@@ -107,7 +111,7 @@ def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, c, h, wd = t.shape
     w = w.to(torch.float32)
     grid, outer, inner, meta = apply_launch(t, out)
-    _apply_channel_kernel[grid](
+    launch(_apply_channel_kernel)[grid](
         t, out, w, outer, inner, c, h, wd, *t.stride(), *out.stride(), *w.stride(), **meta)
     return out
 

@@ -12,7 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TILE, cdiv, hw_flat, needs_int64, pos_offset, pow2, walk_channels_last, warps
+from ._common import (
+    TILE,
+    cdiv,
+    hw_flat,
+    launch,
+    needs_int64,
+    op,
+    pos_offset,
+    pow2,
+    walk_channels_last,
+    warps,
+)
 
 
 @triton.jit
@@ -37,6 +48,7 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
     tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0), mask=pv)
 
 
+@op("cam")
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W), alpha: (N, C) float32 -> J: (N, H, W) float32."""
     n, c, h, w = x.shape
@@ -51,7 +63,7 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     else:
         bp = min(pow2(length), max(1, TILE // 4))
         bc = max(1, min(TILE // bp, pow2(c)))
-    _cam_kernel[(n, cdiv(length, bp))](
+    launch(_cam_kernel)[(n, cdiv(length, bp))](
         x, alpha, out, c, w, length, *x.stride(), *alpha.stride(),
         BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), num_warps=warps(bc * bp))
     return out

@@ -33,7 +33,9 @@ from ._common import (
     float_key,
     hw_flat,
     key_float,
+    launch,
     needs_int64,
+    op,
     out_like,
     out_offset,
     pos_offset,
@@ -156,9 +158,9 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
         rows = max(1, min(TILE // block, pow2(rcount)))
     else:
         single, block, rows = False, CHUNK, 1
-    act = out if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
+    act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
     stat = out[1:] if stats else out.expand(3, n, c)  # unused when not stats
-    _select_kernel[(cdiv(rcount, rows),)](
+    launch(_select_kernel)[(cdiv(rcount, rows),)](
         x4, act, out[0], stat[0], stat[1], stat[2], rcount, c, w, length, int(k), *x4.stride(),
         HAS_ACT=active is not None, STATS=stats, MODE=MODES.get(mode, 0),
         ROWS=rows, BLOCK=block, SINGLE=single, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
@@ -166,11 +168,13 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
     return out
 
 
+@op("kth_largest")
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     """v: (R, L) float32, 1 <= k <= L -> (R,) float32: the k-th largest value of each row."""
     return _select(v.to(torch.float32)[:, None, None, :], k)[0, :, 0]
 
 
+@op("map_threshold")
 def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the k-th largest value of each map."""
     return _select(x, k)[0]
@@ -181,8 +185,14 @@ def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
 
     Entries of inactive maps are 0 (the contract leaves them unspecified).
     """
-    out = _select(x, k, active, mode)
+    out = _attention_stats(x, k, active, mode)
     return out[0], out[1], out[2], out[3]
+
+
+@op("attention_stats")
+def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str) -> torch.Tensor:
+    """(4, N, C): thr, mn, mx, msum (one output: an op's outputs may not alias)."""
+    return _select(x, k, active, mode)
 
 
 @triton.jit
@@ -217,7 +227,10 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
     tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
-def apply_attention(t, x, thr, mn, mx, active, mode, scale):
+@op("apply_attention")
+def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: torch.Tensor,
+                    mx: torch.Tensor, active: torch.Tensor, mode: str,
+                    scale: torch.Tensor) -> torch.Tensor:
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4).
 
     t, x: (N, C, H, W) (any strides, not necessarily alike); thr, mn, mx: (N, C) float32;
@@ -231,9 +244,9 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
     thr, mn, mx = (s.to(f32).contiguous() for s in (thr, mn, mx))
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
-    x_is_t = t.data_ptr() == x.data_ptr() and t.dtype == x.dtype and t.stride() == x.stride()
+    x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
     grid, outer, inner, meta = apply_launch(t, out, x)
-    _apply_attention_kernel[grid](
+    launch(_apply_attention_kernel)[grid](
         t, x, out, thr, mn, mx, act, scale, outer, inner, c, h, w,
         *t.stride(), *x.stride(), *out.stride(), MODE=MODES[mode], X_IS_T=x_is_t, **meta)
     return out

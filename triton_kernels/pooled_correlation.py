@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TILE, cdiv, needs_int64, pow2, warps
+from ._common import INTERPRET, TILE, cdiv, launch, needs_int64, op, pow2, warps
 
 
 @triton.jit
@@ -101,6 +101,7 @@ def _corr_kernel(a_ptr, nrm_ptr, f_ptr, C, NP,
     tl.store(f_ptr + n * NP + i, (rowsum - dii + diag) / NP, mask=iv)
 
 
+@op("pooled_correlation")
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2)."""
     n, c, h, w = x.shape
@@ -119,13 +120,13 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     bc = max(1, min(pow2(c), TILE // (bwp * kp)))
     idx64 = needs_int64(x, a)
     ph_per = hp if INTERPRET else 1  # a program per pooled row (the interpreter: per sample)
-    _pool_kernel[(n, cdiv(hp, ph_per), cdiv(wp, bwp))](
+    launch(_pool_kernel)[(n, cdiv(hp, ph_per), cdiv(wp, bwp))](
         x, a, nrm, c, h, w, hp, wp, np_, k, ph_per, *x.stride(),
         BC=bc, BWP=bwp, KP=kp, IDX64=idx64, num_warps=warps(bc * bwp * kp))
     # 64 x 64 Gram tiles on a GPU; the interpreter pays per operation, not per element
     bm = min(256 if INTERPRET else 64, max(16, pow2(np_)))
     bk = min(256 if INTERPRET else 32, max(16, pow2(c)))
-    _corr_kernel[(n, cdiv(np_, bm))](
+    launch(_corr_kernel)[(n, cdiv(np_, bm))](
         a, nrm, f, c, np_, BM=bm, BN=bm, BK=bk, IDX64=idx64, num_warps=4)
     return f
 

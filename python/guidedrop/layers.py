@@ -132,8 +132,8 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
     order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
     drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape
-    # torch.full, not torch.tensor(..., device=x.device): a copy from the host is a sync
-    # on CUDA (and fails under CUDA graph capture).
+    # ones * (1/keep): no host-to-device copy (a sync, and an error under CUDA graph
+    # capture), and keep stays symbolic under torch.compile.
     w = torch.where(drop, 0.0, torch.ones_like(u) * (1 / keep))
     return Plan("channel", (), (w,))
 
