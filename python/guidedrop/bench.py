@@ -334,6 +334,20 @@ def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _elapsed_ms(fn: Callable[[], object], gpu: bool) -> float:
+    """Milliseconds of one call of fn: CUDA events on the GPU, perf_counter on the CPU."""
+    if not gpu:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 class Timer:
     """t(fn) -> (median, 20th, 80th percentile) milliseconds per call of fn."""
 
@@ -360,24 +374,14 @@ class Timer:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(5 if self.quick else 30):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return _quantiles(times)
+        return _quantiles([_elapsed_ms(fn, True) for _ in range(5 if self.quick else 30)])
 
     def _cpu(self, fn):
         fn()  # warm-up
         budget, times = (0.05 if self.quick else 0.3), []
         start = time.perf_counter()
         while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(_elapsed_ms(fn, False))
         return _quantiles(times)
 
 
@@ -602,20 +606,7 @@ def _time_steps(step: Callable[[], None], device: torch.device, quick: bool) -> 
         warm, reps = (5, 20) if gpu else (1, 3)
     for _ in range(warm):
         step()
-    times = []
-    for _ in range(reps):
-        if gpu:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_elapsed_ms(step, gpu) for _ in range(reps))
 
 
 def _resnet_layer(layer: str, i: int) -> torch.nn.Module:
