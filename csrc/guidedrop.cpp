@@ -188,7 +188,8 @@ at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tens
     cc = cand_c->contiguous();
   }
   const c10::cuda::CUDAGuard guard(device_like.device());
-  at::Tensor bits = at::empty({N, Cs, H, (W + 7) / 8}, device_like.options().dtype(at::kByte));
+  // One bit string per sample, no padding per row or map: 1/16 of a 16-bit x.
+  at::Tensor bits = at::empty({N, (Cs * H * W + 7) / 8}, device_like.options().dtype(at::kByte));
   at::PhiloxCudaState philox;
   if (!nz.defined() && bits.numel() > 0) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
@@ -198,23 +199,24 @@ at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tens
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  launch_seed_bits(nz, cs, cc, g, r, W, philox, bits);
+  launch_seed_bits(nz, cs, cc, g, r, Cs, H, W, philox, bits);
   return bits;
 }
 
-at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t w) {
+at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t cs, int64_t h, int64_t w) {
   constexpr const char* op = "guidedrop::seed_coverage";
   check_cuda(bits, op, "bits");
-  TORCH_CHECK(bits.dim() == 4 && bits.scalar_type() == at::kByte, op,
-              ": bits must be uint8 (N, Cs, H, ceil(W/8)), got ", bits.scalar_type(), " ",
-              bits.sizes());
   check_positive(r, op, "r");
-  TORCH_CHECK(w >= 0 && bits.size(3) == (w + 7) / 8, op, ": bits has ", bits.size(3),
-              " bytes per row, which does not fit W = ", w);
+  TORCH_CHECK(cs >= 0 && h >= 0 && w >= 0, op, ": Cs, H, W must be >= 0, got ", cs, ", ", h,
+              ", ", w);
+  TORCH_CHECK(bits.dim() == 2 && bits.scalar_type() == at::kByte &&
+                  bits.size(1) == (cs * h * w + 7) / 8,
+              op, ": bits must be uint8 (N, ceil(Cs*H*W/8)) = (N, ", (cs * h * w + 7) / 8,
+              "), got ", bits.scalar_type(), " ", bits.sizes());
   const c10::cuda::CUDAGuard guard(bits.device());
   const at::Tensor b = bits.contiguous();
   at::Tensor out = at::zeros({bits.size(0)}, bits.options().dtype(at::kLong));
-  launch_seed_coverage(b, r, w, out);
+  launch_seed_coverage(b, r, cs, h, w, out);
   return out;
 }
 
@@ -252,21 +254,19 @@ at::Tensor apply_block(const at::Tensor& t, const at::Tensor& mask, int64_t k,
   return out;
 }
 
-at::Tensor apply_seeds(const at::Tensor& t, const at::Tensor& bits, int64_t r,
+at::Tensor apply_seeds(const at::Tensor& t, const at::Tensor& bits, int64_t r, bool shared,
                        const at::Tensor& scale) {
   constexpr const char* op = "guidedrop::apply_seeds";
   check_feature_map(t, op, "t");
   check_positive(r, op, "r");
-  TORCH_CHECK(bits.defined() && bits.dim() == 4, op, ": bits must be 4-D (N, Cs, H, ceil(W/8))");
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
-  const int64_t Cs = bits.size(1);
-  TORCH_CHECK(Cs == 1 || Cs == C, op, ": bits must have 1 or C = ", C, " channels, got ", Cs);
-  check_small(bits, t, op, "bits", at::kByte, {N, Cs, H, (W + 7) / 8});
+  const int64_t Cs = shared ? 1 : C;
+  check_small(bits, t, op, "bits", at::kByte, {N, (Cs * H * W + 7) / 8});
   check_small(scale, t, op, "scale", at::kFloat, {N});
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor b = bits.contiguous(), s = scale.contiguous();
   at::Tensor out = at::empty_like(t);
-  launch_apply_seeds(t, b, r, s, out);
+  launch_apply_seeds(t, b, r, shared, s, out);
   return out;
 }
 
@@ -326,10 +326,10 @@ TORCH_LIBRARY(guidedrop, m) {
   // dispatcher a tensor when noise, cand_s and cand_c are all None (DropBlock).
   m.def("seed_bits(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, float g, int r, Generator? generator=None) -> Tensor");
-  m.def("seed_coverage(Tensor bits, int r, SymInt w) -> Tensor");
+  m.def("seed_coverage(Tensor bits, int r, SymInt cs, SymInt h, SymInt w) -> Tensor");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
-  m.def("apply_seeds(Tensor t, Tensor bits, int r, Tensor scale) -> Tensor");
+  m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
   m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor mx, Tensor active, "
         "str mode, Tensor scale) -> Tensor");
 }

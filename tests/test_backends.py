@@ -257,8 +257,8 @@ def test_seed_bits_philox(B):
     c2 = B.seed_bits(None, gpu_gen.manual_seed(3), g, r, None, None, shape, dev)
     same(c1, c2)
     assert not torch.equal(a, c1)
-    seeds = R.unpack_bits(a, w)
-    assert torch.equal(R.pack_bits(seeds), a)  # bits beyond W are 0
+    seeds = R.unpack_seeds(a, c, h, w)
+    assert torch.equal(R.pack_bits(seeds.flatten(1)), a)  # bits beyond C*H*W are 0
     valid = R.valid_centres(h, w, r, dev)
     assert not seeds[..., ~valid].any()
     m = valid.sum().item() * n * c
@@ -267,7 +267,7 @@ def test_seed_bits_philox(B):
     # candidates
     cand_s = rand((n, h, w), 6) < 0.5
     cand_c = rand((n, c), 7) < 0.5
-    s = R.unpack_bits(B.seed_bits(None, None, 0.9, r, cand_s, cand_c, shape, dev), w)
+    s = R.unpack_seeds(B.seed_bits(None, None, 0.9, r, cand_s, cand_c, shape, dev), c, h, w)
     assert not (s & ~(cand_s[:, None] & cand_c[:, :, None, None])).any()
     assert s.any()
 
@@ -279,10 +279,38 @@ def test_seed_coverage_and_apply_seeds(B, r):
     for cs in (c, 1):
         noise = rand((n, cs, h, w), r)
         bits = R.seed_bits(noise, None, 0.04, r, None, None, (n, cs, h, w), noise.device)
-        same(B.seed_coverage(bits, r, w), R.seed_coverage(bits, r, w))
+        same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
         xx = make_x(shape, torch.float32, DEV)
         scale = rand((n,), 8) + 0.5
-        same(B.apply_seeds(xx, bits, r, scale), R.apply_seeds(xx, bits, r, scale))
+        same(B.apply_seeds(xx, bits, r, cs == 1, scale), R.apply_seeds(xx, bits, r, cs == 1, scale))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 9, 13), (2, 2, 6, 10), (1, 3, 4, 4)],
+                         ids=str)
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+def test_seeds_at_every_valid_centre(B, shape, r):
+    """g = 1: a seed at every valid centre, the border ones included, in maps whose H*W is
+    not a multiple of 8: the kernels read a row's bits as one string per sample, so a
+    block must stop at its map's edge (and at the next map's first bit)."""
+    n, c, h, w = shape
+    for cs in (c, 1):
+        bits = R.seed_bits(rand((n, cs, h, w), r), None, 1.0, r, None, None, (n, cs, h, w), DEV)
+        seeds = R.unpack_seeds(bits, cs, h, w)
+        assert seeds[..., R.valid_centres(h, w, r, DEV)].all()
+        same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
+        assert (R.seed_coverage(bits, r, cs, h, w) == cs * h * w).all()
+        xx = make_x(shape, torch.float32, DEV, "channels_last")
+        one = torch.ones(n, device=DEV)
+        same(B.apply_seeds(xx, bits, r, cs == 1, one), R.apply_seeds(xx, bits, r, cs == 1, one))
+        # only the last valid centre of each map: its block ends at the map's last unit
+        last = torch.zeros(n, cs, h, w, dtype=torch.bool, device=DEV)
+        last[..., h - r + r // 2, w - r + r // 2] = True
+        first = torch.zeros_like(last)
+        first[..., r // 2, r // 2] = True
+        for s in (last, first):
+            b = R.pack_bits(s.flatten(1))
+            same(B.seed_coverage(b, r, cs, h, w), R.seed_coverage(b, r, cs, h, w))
+            same(B.apply_seeds(xx, b, r, cs == 1, one), R.apply_seeds(xx, b, r, cs == 1, one))
 
 
 @pytest.mark.parametrize("shape,r", [((1, 2, 60, 70), 53), ((1, 1, 50, 120), 49),
@@ -293,11 +321,11 @@ def test_seed_coverage_large_blocks(B, shape, r):
     seeds = torch.zeros(shape, dtype=torch.bool)
     seeds[..., h // 2, w // 2] = True
     seeds[0, 0, r // 2, w - r + r // 2] = True
-    bits = R.pack_bits(seeds).to(DEV)
-    same(B.seed_coverage(bits, r, w), R.seed_coverage(bits, r, w))
+    bits = R.pack_bits(seeds.flatten(1)).to(DEV)
+    same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
     xx = make_x(shape, torch.float32, DEV)
     one = torch.ones(n, device=DEV)
-    same(B.apply_seeds(xx, bits, r, one), R.apply_seeds(xx, bits, r, one))
+    same(B.apply_seeds(xx, bits, r, False, one), R.apply_seeds(xx, bits, r, False, one))
 
 
 # ------------------------------------------------------------------ applies
@@ -339,7 +367,8 @@ def test_apply_seeds(B, x, r):
         bits = R.seed_bits(rand((n, cs, h, w), r), None, 0.15, r, None, None,
                            (n, cs, h, w), x.device)
         for t in [x, *grad_like(x)]:
-            check_apply(B.apply_seeds(t, bits, r, scale), R.apply_seeds(t, bits, r, scale), t)
+            check_apply(B.apply_seeds(t, bits, r, cs == 1, scale),
+                        R.apply_seeds(t, bits, r, cs == 1, scale), t)
 
 
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
@@ -357,8 +386,8 @@ def test_apply_attention(B, x, mode):
 def test_applies_empty(B):
     t = torch.zeros(0, 3, 4, 4, device=DEV)
     assert B.apply_channel(t, torch.zeros(0, 3, device=DEV)).shape == t.shape
-    bits = torch.zeros(0, 3, 4, 1, dtype=torch.uint8, device=DEV)
-    assert B.apply_seeds(t, bits, 3, torch.zeros(0, device=DEV)).shape == t.shape
+    bits = torch.zeros(0, 6, dtype=torch.uint8, device=DEV)
+    assert B.apply_seeds(t, bits, 3, False, torch.zeros(0, device=DEV)).shape == t.shape
 
 
 def test_triton_int64_indexing(monkeypatch):
@@ -391,8 +420,9 @@ def test_triton_int64_indexing(monkeypatch):
             args = (0.2, 3, None, None, (n, cs, h, w), x_device())
             bits = mod.seed_bits(noise, None, *args)
             same(bits, R.seed_bits(noise, None, *args))
-            same(mod.seed_coverage(bits, 3, w), R.seed_coverage(bits, 3, w))
-            same(mod.apply_seeds(t, bits, 3, scale), R.apply_seeds(t, bits, 3, scale))
+            same(mod.seed_coverage(bits, 3, cs, h, w), R.seed_coverage(bits, 3, cs, h, w))
+            same(mod.apply_seeds(t, bits, 3, cs == 1, scale),
+                 R.apply_seeds(t, bits, 3, cs == 1, scale))
     mod.seed_bits(None, None, 0.2, 3, None, None, (n, c, h, w), x_device())
 
 
@@ -566,14 +596,13 @@ MEMORY = {**{k: v for k, v in SEEDED.items()},
                                                                  **k)}
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 28, 32), (2, 64, 28, 28)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 64, 28, 32), (2, 64, 28, 28), (2, 32, 14, 14),
+                                   (3, 16, 7, 7)], ids=str)
 @pytest.mark.parametrize("name", list(MEMORY))
 def test_saved_for_backward(backend_name, name, shape):
     """At most x's bytes / 16 (bf16 x) plus a few bytes per sample (the (N,) scale) kept
-    for backward; AttentionDrop keeps x and its per-map statistics. The seed layers keep
-    ceil(W/8) bytes per row of W units: x / 16 only when 8 divides W."""
-    if name in ("camdrop", "dropblock") and shape[3] % 8:
-        pytest.xfail("packed seed rows of ceil(W/8) bytes exceed x/16 for bf16 when W % 8 != 0")
+    for backward, whatever H and W (the seed bits are one string per sample); AttentionDrop
+    keeps x and its per-map statistics."""
     torch.manual_seed(2)
     x = make_x(shape, torch.bfloat16, DEV).requires_grad_()
     kept = saved_bytes(MEMORY[name], x)
@@ -627,7 +656,7 @@ def test_primitives_full_size(B):
     x = make_x((2, 32, 112, 112), torch.float32, DEV)
     close(B.pooled_correlation(x, 4), R.pooled_correlation(x, 4), scale=10)  # N' = 784
     bits = R.seed_bits(None, None, 0.01, 7, None, None, (8, 64, 56, 56), DEV)
-    same(B.seed_coverage(bits, 7, 56), R.seed_coverage(bits, 7, 56))
+    same(B.seed_coverage(bits, 7, 64, 56, 56), R.seed_coverage(bits, 7, 64, 56, 56))
 
 
 # ------------------------------------------------------------------ custom ops
@@ -652,11 +681,12 @@ def op_samples():
     thr, mn, mx, _ = R.attention_stats(x, 7, active, "ad")
     scale = rand((n,), 3) + 0.5
     bits = R.seed_bits(rand((n, c, h, w), 4), None, 0.3, 3, None, None, (n, c, h, w), DEV)
+    bits1 = R.seed_bits(rand((n, 1, h, w), 4), None, 0.3, 3, None, None, (n, 1, h, w), DEV)
     seed = torch.tensor([12345], device=DEV)
     return {
         "apply_channel": [(x, rand((n, c), 5)), (t, rand((n, c), 5))],
         "apply_block": [(x, (rand((n, 2, 2), 6) < 0.5).to(torch.uint8), 3, scale)],
-        "apply_seeds": [(x, bits, 3, scale), (t, bits[:, :1], 3, scale)],
+        "apply_seeds": [(x, bits, 3, False, scale), (t, bits1, 3, True, scale)],
         "apply_attention": [(x, x, thr, mn, mx, active, "ad", scale),
                             (t, x, thr, mn, mx, active, "sm", scale)],
         "channel_stats": [(x,)],
@@ -668,7 +698,7 @@ def op_samples():
         "seed_bits": [(rand((n, c, h, w), 9), seed[:0], 0.3, 3, None, None, [n, c, h, w]),
                       (None, seed, 0.3, 3, rand((n, h, w), 10) < 0.5, rand((n, c), 11) < 0.5,
                        [n, 1, h, w])],
-        "seed_coverage": [(bits, 3, w)],
+        "seed_coverage": [(bits, 3, c, h, w), (bits1, 2, 1, h, w)],
     }
 
 

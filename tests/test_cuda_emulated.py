@@ -422,6 +422,30 @@ def test_emulated_seed_bits_noise_dtypes(E):
         same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
 
 
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+def test_emulated_seeds_at_map_edges(E, r):
+    """Seeds at every valid centre, at the first one only and at the last one only, in maps
+    whose H*W is not a multiple of 8: the bits of a sample are one string, so a block must
+    stop at its map's edge."""
+    for n, c, h, w in [(2, 3, 5, 7), (1, 4, 9, 13)]:
+        for cs in (c, 1):
+            every = R.unpack_seeds(R.seed_bits(torch.rand(n, cs, h, w), None, 1.0, r, None,
+                                               None, (n, cs, h, w), "cpu"), cs, h, w)
+            assert (R.seed_coverage(R.pack_bits(every.flatten(1)), r, cs, h, w)
+                    == cs * h * w).all()
+            first, last = torch.zeros_like(every), torch.zeros_like(every)
+            first[..., r // 2, r // 2] = True
+            last[..., h - r + r // 2, w - r + r // 2] = True
+            x = make_x((n, c, h, w), torch.float32, "cpu")
+            one = torch.ones(n)
+            for name, seeds in [("every", every), ("first", first), ("last", last)]:
+                bits = R.pack_bits(seeds.flatten(1))
+                same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w),
+                     f"coverage {name} {cs}")
+                same(E.apply_seeds(x, bits, r, cs == 1, one),
+                     R.apply_seeds(x, bits, r, cs == 1, one), f"apply {name} {cs}")
+
+
 # --------------------------------------------------------------------------- layers
 
 

@@ -65,10 +65,10 @@ def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 
         "attention_stats": (x, kt, active, "ad"),
         "cam": (x, rand(n, c) - 0.5),
         "seed_bits": (empty, noise, cand_s, cand_c, [n, c, h, w], 0.3, r, None),
-        "seed_coverage": (bits, r, w),
+        "seed_coverage": (bits, r, c, h, w),
         "apply_channel": (x, rand(n, c) * 2),
         "apply_block": (x, mask, k, scale),
-        "apply_seeds": (x, bits, r, scale),
+        "apply_seeds": (x, bits, r, False, scale),
         "apply_attention": (x, x, thr, mn, mx, active, "ad", scale),
     }
 
@@ -303,7 +303,7 @@ def test_cuda_seed_bits_philox(shared):
     a2 = B.seed_bits(None, gen, g, r, None, None, shape, "cuda")
     assert torch.equal(a, a2), "same seed, same bits"
     assert not torch.equal(a, b), "the generator's offset advances"
-    seeds = R.unpack_bits(a, w)
+    seeds = R.unpack_seeds(a, shape[1], h, w)
     valid = R.valid_centres(h, w, r, "cuda")
     assert not seeds[..., ~valid].any(), "seeds only at valid centres"
     rate = seeds[..., valid].float().mean().item()
@@ -312,7 +312,7 @@ def test_cuda_seed_bits_philox(shared):
     # candidates are respected
     cand_s = torch.rand(n, h, w, device="cuda") < 0.5
     cand_c = torch.rand(n, shape[1], device="cuda") < 0.5
-    s = R.unpack_bits(B.seed_bits(None, None, 0.5, r, cand_s, cand_c, shape, "cuda"), w)
+    s = R.unpack_seeds(B.seed_bits(None, None, 0.5, r, cand_s, cand_c, shape, "cuda"), *shape[1:])
     assert not (s & ~(cand_s[:, None] & cand_c[:, :, None, None])).any()
 
 

@@ -2,16 +2,16 @@
 
 - ``apply_block(t, mask, k, scale)``: ``t * mask[n, h//k, w//k] * scale[n]``, the small
   mask read inside the streaming tile (CorrDrop, FocusedDropout with k = 1).
-- ``seed_bits``: packed seeds (N, Cs, H, ceil(W/8)) uint8, one program per 8 * BB units
-  (BB bytes). Uniforms are the given ``noise`` or Philox in the kernel: ``tl.rand4x``
+- ``seed_bits``: packed seeds (N, ceil(Cs*H*W/8)) uint8, one bit string per sample (1/16
+  of a 16-bit x), one program per 8 * BB units (BB bytes). Uniforms are the given ``noise`` or Philox in the kernel: ``tl.rand4x``
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.
 - ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample.
 - ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``; the dropped bits
-  of 8 consecutive w are built per byte inside the apply kernel (``_dropped_byte``: OR of
-  the r seed rows of a few neighbouring bytes, then r shifts), so the x-sized mask never
-  exists and each seed byte is read ~3r times per 8 units instead of 2r times per unit.
+  of 8 consecutive w are built inside the apply kernel (``_dropped_byte``: OR of the r
+  seed rows, each a few bytes shifted into one word, then r shifts), so the x-sized mask
+  never exists and each seed byte is read ~3r times per 8 units instead of 2r per unit.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import (
     APPLY_TILE,
+    INT32_MAX,
     TILE,
     apply_flags,
     apply_launch,
@@ -85,37 +86,35 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
 
 
 @triton.jit
-def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Cs, H, W, Wb,
+def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Bn, Cs, H, W,
                       g, h_lo, h_hi, w_lo, w_hi,
                       u_sN, u_sC, u_sH, u_sW, s_sN, s_sH, s_sW, c_sN, c_sC,
                       HAS_NOISE: tl.constexpr, HAS_CS: tl.constexpr, HAS_CC: tl.constexpr,
                       BB: tl.constexpr, IDX64: tl.constexpr):
-    b = tl.program_id(0) * BB + tl.arange(0, BB)  # logical byte index into (N, Cs, H, Wb)
+    b = tl.program_id(0) * BB + tl.arange(0, BB)  # logical byte index into (N, Bn)
     bv = b < NBYTES
     if IDX64:
         b = b.to(tl.int64)
-    q = b % Wb
-    row = b // Wb
-    h = row % H
-    ncs = row // H
-    cs = ncs % Cs
-    n = ncs // Cs
-    ok = bv & (h >= h_lo) & (h <= h_hi)  # valid centre rows
-    if HAS_CC:
-        ok = ok & (tl.load(cc_ptr + n * c_sN + cs * c_sC, mask=bv, other=0) != 0)
+    n = b // Bn
+    q = b % Bn  # bits 8q .. 8q + 7 of sample n: units i = (cs * H + h) * W + w
     half = tl.arange(0, 2)
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
         u0, u1, u2, u3 = tl.rand4x(seed, b[:, None] * 2 + half[None, :])
     byte = tl.zeros([BB], tl.int32)
     for lane in tl.static_range(4):
-        w = q[:, None] * 8 + half[None, :] * 4 + lane  # (BB, 2): bits lane and lane + 4
-        okw = ok[:, None] & (w < W) & (w >= w_lo) & (w <= w_hi)
+        i = q[:, None] * 8 + half[None, :] * 4 + lane  # (BB, 2): bits lane and lane + 4
+        w = i % W
+        h = (i // W) % H
+        cs = i // (W * H)
+        okw = bv[:, None] & (cs < Cs) & (h >= h_lo) & (h <= h_hi) & (w >= w_lo) & (w <= w_hi)
+        if HAS_CC:
+            okw = okw & (tl.load(cc_ptr + n[:, None] * c_sN + cs * c_sC, mask=okw, other=0) != 0)
         if HAS_CS:
-            okw = okw & (tl.load(cs_ptr + (n * s_sN + h * s_sH)[:, None] + w * s_sW,
+            okw = okw & (tl.load(cs_ptr + n[:, None] * s_sN + h * s_sH + w * s_sW,
                                  mask=okw, other=0) != 0)
         if HAS_NOISE:
-            u = tl.load(noise_ptr + (n * u_sN + cs * u_sC + h * u_sH)[:, None] + w * u_sW,
+            u = tl.load(noise_ptr + n[:, None] * u_sN + cs * u_sC + h * u_sH + w * u_sW,
                         mask=okw, other=1.0)
         elif lane == 0:
             u = u0
@@ -131,7 +130,7 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Cs, 
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
-    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md.
+    """Packed seeds uint8 (N, ceil(Cs*H*W/8)); see backend_contract.md.
 
     seed at (n, c, h, w) iff u < g (g as float32), (h, w) a valid centre of an r x r
     block, cand_s[n, h, w] and cand_c[n, c] (each optional). u = noise (N, Cs, H, W) when
@@ -154,8 +153,8 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
                shape: list[int]) -> torch.Tensor:
     """seed_bits with the seed drawn: seed (1,) int64 on the output's device."""
     n, cs, h, w = shape
-    wb = cdiv(w, 8)
-    out = torch.empty((n, cs, h, wb), dtype=torch.uint8, device=seed.device)
+    bn = cdiv(cs * h * w, 8)
+    out = torch.empty((n, bn), dtype=torch.uint8, device=seed.device)
     if out.numel() == 0:
         return out
     # torch compares a half tensor with a 0-dim f32 in half; exactly a float32 value
@@ -171,64 +170,71 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
     bb = max(1, min(TILE // 8, pow2(out.numel())))
     launch(_seed_bits_kernel)[(cdiv(out.numel(), bb),)](
-        out, noise_arg, seed, cs_arg, cc_arg, out.numel(), cs, h, w, wb,
+        out, noise_arg, seed, cs_arg, cc_arg, out.numel(), bn, cs, h, w,
         g32, r // 2, h - r + r // 2, r // 2, w - r + r // 2,
         *u_strides, *s_strides, *c_strides,
         HAS_NOISE=noise is not None, HAS_CS=cand_s is not None, HAS_CC=cand_c is not None,
-        BB=bb, IDX64=needs_int64(out, noise), num_warps=warps(bb * 2))
+        BB=bb, IDX64=needs_int64(noise) or 8 * out.numel() >= INT32_MAX - 2 * TILE,
+        num_warps=warps(bb * 2))
     return out
 
 
 @triton.jit
-def _dropped_piece(bits_ptr, plane, h, q, H, Wb, b_sH, zero,
+def _dropped_piece(bits_ptr, sample, plane, h, q, H, W, Bn, zero,
                    R: tl.constexpr, LO: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
     """_dropped_byte for the seed offsets d = w' - w in [DA, DB] (DB - DA < 48)."""
-    E0: tl.constexpr = DA // 8  # bytes q + E0 .. q + E1 hold every w' = 8q + j + d
-    E1: tl.constexpr = (DB + 7) // 8
-    word = zero.to(tl.int64)
+    # bits p0 .. p0 + 7 + DB - DA of a row, p0 % 8 <= 7: in at most NLOAD <= 8 bytes
+    NLOAD: tl.constexpr = (DB - DA + 14) // 8 + 1
+    acc = zero.to(tl.int64)
     for dh in range(R):  # OR of the seed rows h - LO .. h + R - 1 - LO
         hh = h + (dh - LO)
         rv = (hh >= 0) & (hh < H)
-        rptr = bits_ptr + plane + hh * b_sH
-        for e in tl.static_range(E0, E1 + 1):
-            qq = q + e
-            v = tl.load(rptr + qq, mask=rv & (qq >= 0) & (qq < Wb), other=0)
-            word = word | (v.to(tl.int64) << (8 * (e - E0)))
+        p0 = plane + hh * W + q * 8 + DA  # bit of the seed at (hh, 8q + DA); may be < 0
+        b0 = p0 >> 3  # floor, also below 0
+        word = zero.to(tl.int64)
+        for e in tl.static_range(NLOAD):
+            bb = b0 + e
+            v = tl.load(bits_ptr + sample + bb, mask=rv & (bb >= 0) & (bb < Bn), other=0)
+            word = word | (v.to(tl.int64) << (8 * e))
+        acc = acc | (word >> (p0 & 7))  # bit i <- the seed at (hh, 8q + DA + i)
     dropped = zero.to(tl.int32)
-    for d in tl.static_range(DA, DB + 1):  # bit j <- word bit j + d - 8 * E0
-        dropped = dropped | ((word >> (d - 8 * E0)) & 0xFF).to(tl.int32)
+    for d in tl.static_range(0, DB - DA + 1):  # unit j <- seeds at 8q + j + DA + d
+        dropped = dropped | ((acc >> d) & 0xFF).to(tl.int32)
     return dropped
 
 
 @triton.jit
-def _dropped_byte(bits_ptr, plane, h, q, H, Wb, b_sH, R: tl.constexpr, LO: tl.constexpr):
+def _dropped_byte(bits_ptr, sample, plane, h, q, H, W, Bn, R: tl.constexpr, LO: tl.constexpr):
     """Bits of units w = 8q .. 8q+7 of row h covered by the r x r expansion of the seeds.
 
     A unit (h, w) is covered by a seed at (h', w') with h' - h and w' - w in [-LO, HI],
-    LO = r - 1 - r // 2, HI = r // 2. The r seed rows of the bytes that can hold such w'
-    are OR-ed into one int64 word, then the word is OR-ed with itself shifted by every
-    offset d in [-LO, HI]: about 3r byte loads and r shifts per 8 units for r <= 17.
-    Offsets are taken in pieces of at most 48 (a word holds 8 bytes). plane, h, q: int
-    tensors that broadcast together (plane = offset of the (n, cs) plane).
+    LO = r - 1 - r // 2, HI = r // 2. For each of the r seed rows, the bits of w' = 8q - LO
+    .. 8q + 7 + HI are read as one int64 word (a few byte loads, shifted into place), the
+    rows OR-ed, then the word OR-ed with itself shifted by every offset: about 3r byte
+    loads and r shifts per 8 units for r <= 17. The bits are one string per sample (byte
+    offset ``sample``; ``plane`` = the map's first bit, cs * H * W), so w' < 0 or >= W
+    reads a neighbouring row's or map's edge bits: never seeds, as seeds sit at valid
+    centres only (backend_contract.md). Offsets are taken in pieces of at most 48.
+    sample, plane, h, q: int tensors that broadcast together.
     """
     HI: tl.constexpr = R - 1 - LO
     NPIECE: tl.constexpr = (R + 47) // 48
-    zero = plane * 0 + h * 0 + q * 0
+    zero = sample * 0 + plane * 0 + h * 0 + q * 0
     dropped = zero.to(tl.int32)
     for piece in tl.static_range(NPIECE):
         # piece p covers d in [48p - LO, min(48p - LO + 47, HI)] (constexpr arguments)
         dropped = dropped | _dropped_piece(
-            bits_ptr, plane, h, q, H, Wb, b_sH, zero, R, LO, piece * 48 - LO,
+            bits_ptr, sample, plane, h, q, H, W, Bn, zero, R, LO, piece * 48 - LO,
             piece * 48 - LO + 47 - (piece * 48 - LO + 47 - HI) * ((piece + 1) // NPIECE))
     return dropped
 
 
 @triton.jit
-def _seed_coverage_kernel(bits_ptr, part_ptr, PER, Cs, H, W, Wb, b_sN, b_sC, b_sH, P,
+def _seed_coverage_kernel(bits_ptr, part_ptr, PER, H, W, Wb, Bn, P,
                           R: tl.constexpr, LO: tl.constexpr, BB: tl.constexpr,
                           IDX64: tl.constexpr):
     n = tl.program_id(0)
-    b = tl.program_id(1) * BB + tl.arange(0, BB)  # byte index inside sample n
+    b = tl.program_id(1) * BB + tl.arange(0, BB)  # (cs, h, q) inside sample n: w = 8q + j
     bv = b < PER
     if IDX64:
         n = n.to(tl.int64)
@@ -237,34 +243,30 @@ def _seed_coverage_kernel(bits_ptr, part_ptr, PER, Cs, H, W, Wb, b_sN, b_sC, b_s
     row = b // Wb
     h = row % H
     cs = row // H
-    dropped = _dropped_byte(bits_ptr, n * b_sN + cs * b_sC, h, q, H, Wb, b_sH, R, LO)
+    dropped = _dropped_byte(bits_ptr, n * Bn, cs * H * W, h, q, H, W, Bn, R, LO)
     j = tl.arange(0, 8)
     hit = ((dropped[:, None] >> j[None, :]) & 1) != 0
     hit = hit & bv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
     tl.store(part_ptr + n * P + tl.program_id(1), tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
 
 
-def _bits_args(bits: torch.Tensor):
-    bits = bits.contiguous()
-    return bits, bits.stride(0), (bits.stride(1) if bits.shape[1] > 1 else 0), bits.stride(2)
-
-
 @op("seed_coverage")
-def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
-    """bits: (N, Cs, H, ceil(W/8)) uint8 -> (N,) int64: units covered by the r x r
-    expansion of the seeds, summed over Cs."""
-    n, cs, h, wb = bits.shape
+def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
+    """bits: (N, ceil(Cs*H*W/8)) uint8 -> (N,) int64: units covered by the r x r
+    expansion of the seeds, summed over the Cs maps."""
+    n, bn = bits.shape
+    wb = cdiv(w, 8)
     per = cs * h * wb
     if n == 0 or per == 0:
         return torch.zeros((n,), dtype=torch.int64, device=bits.device)
-    bits, b_sn, b_sc, b_sh = _bits_args(bits)
+    bits = bits.contiguous()
     bb = max(1, min(TILE // 8, pow2(per)))
     p = cdiv(per, bb)
     part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
     launch(_seed_coverage_kernel)[(n, p)](
-        bits, part, per, cs, h, w, wb, b_sn, b_sc, b_sh, p,
-        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb, IDX64=needs_int64(bits),
-        num_warps=warps(bb * 8))
+        bits, part, per, h, w, wb, bn, p,
+        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
+        IDX64=8 * bits.numel() >= INT32_MAX - 2 * TILE, num_warps=warps(bb * 8))
     return part.sum(dim=1)
 
 
@@ -272,11 +274,10 @@ def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
 
 
 @triton.jit
-def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
+def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
                              t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
-                             b_sN, b_sC, b_sH,
-                             R: tl.constexpr, LO: tl.constexpr, BR: tl.constexpr,
-                             BQ: tl.constexpr, IDX64: tl.constexpr,
+                             R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
+                             BR: tl.constexpr, BQ: tl.constexpr, IDX64: tl.constexpr,
                              SAME: tl.constexpr, BF16_FIX: tl.constexpr):
     """Tile (rows (n, c, h)) x (bytes q) x (bits j): w = 8q + j."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -286,8 +287,12 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
         r = r.to(tl.int64)
         q = q.to(tl.int64)
     n, c, h, _, _ = tile_nchw(r, q, C, H, W, False)  # rows (n, c, h)
-    plane = (n * b_sN + c * b_sC)[:, None] + q[None, :] * 0
-    dropped = _dropped_byte(bits_ptr, plane, h[:, None], q[None, :], H, Wb, b_sH, R, LO)
+    if SHARED:  # one mask for every channel: the sample's only map
+        plane = c * 0
+    else:
+        plane = c * H * W
+    dropped = _dropped_byte(bits_ptr, (n * Bn)[:, None], plane[:, None], h[:, None],
+                            q[None, :], H, W, Bn, R, LO)
     j = tl.arange(0, 8)
     w = q[:, None] * 8 + j[None, :]  # (BQ, 8)
     m = rv[:, None, None] & (w < W)[None, :, :]
@@ -303,9 +308,8 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Wb,
 
 
 @triton.jit
-def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
+def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb, Bn,
                            t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
-                           b_sN, b_sC, b_sH,
                            R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
                            BG: tl.constexpr, BC: tl.constexpr, IDX64: tl.constexpr,
                            SAME: tl.constexpr, BF16_FIX: tl.constexpr):
@@ -319,10 +323,11 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
         c = c.to(tl.int64)
     n, _, h, q, _ = tile_nchw(g, c, C, H, Wb, True)  # rows (n, h, q), q the byte of w
     if SHARED:  # one mask for every channel: (BG, 1)
-        plane = (n * b_sN)[:, None]
+        plane = n[:, None] * 0
     else:
-        plane = (n * b_sN)[:, None] + (c * b_sC)[None, :]
-    dropped = _dropped_byte(bits_ptr, plane, h[:, None], q[:, None], H, Wb, b_sH, R, LO)
+        plane = (c * H * W)[None, :]
+    dropped = _dropped_byte(bits_ptr, (n * Bn)[:, None], plane, h[:, None], q[:, None],
+                            H, W, Bn, R, LO)
     j = tl.arange(0, 8)
     w = q[:, None] * 8 + j[None, :]  # (BG, 8)
     m = (gv[:, None] & (w < W))[:, :, None] & cv[None, None, :]
@@ -338,35 +343,39 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb,
 
 
 @op("apply_seeds")
-def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, scale: torch.Tensor) -> torch.Tensor:
+def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
+                scale: torch.Tensor) -> torch.Tensor:
     """t * ((1 - dropped) * scale[n]); dropped = r x r expansion of the packed seeds.
 
-    bits: (N, Cs, H, ceil(W/8)) uint8, Cs = C or 1 (one mask shared by the channels).
+    bits: (N, ceil(Cs*H*W/8)) uint8, Cs = 1 when ``shared`` (one mask for all channels),
+    else C.
     """
     out = out_like(t)
     if out.numel() == 0:
         return out
     n, c, h, w = t.shape
-    wb = bits.shape[3]
-    bits, b_sn, b_sc, b_sh = _bits_args(bits)
+    wb = cdiv(w, 8)
+    bits = bits.contiguous()
+    bn = bits.shape[1]
     scale = scale.to(torch.float32).contiguous()
     r, lo = int(r), int(r) - 1 - int(r) // 2
-    flags = apply_flags(t, out, bits)
+    flags = apply_flags(t, out)
     if walk_channels_last(out):
         bc = min(pow2(c), 64)
         bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
         grid = (cdiv(n * h * wb, bg), cdiv(c, bc))
         launch(_apply_seeds_cl_kernel)[grid](
-            t, out, bits, scale, n * h * wb, c, h, w, wb, *t.stride(), *out.stride(),
-            b_sn, b_sc, b_sh, R=r, LO=lo, SHARED=bits.shape[1] == 1, BG=bg, BC=bc,
+            t, out, bits, scale, n * h * wb, c, h, w, wb, bn, *t.stride(), *out.stride(),
+            R=r, LO=lo, SHARED=bool(shared), BG=bg, BC=bc,
             num_warps=warps(bg * 8 * bc), **flags)
     else:
         bq = min(pow2(wb), max(1, APPLY_TILE // 8))
         br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
         grid = (cdiv(n * c * h, br), cdiv(wb, bq))
         launch(_apply_seeds_nchw_kernel)[grid](
-            t, out, bits, scale, n * c * h, c, h, w, wb, *t.stride(), *out.stride(),
-            b_sn, b_sc, b_sh, R=r, LO=lo, BR=br, BQ=bq, num_warps=warps(br * bq * 8), **flags)
+            t, out, bits, scale, n * c * h, c, h, w, bn, *t.stride(), *out.stride(),
+            R=r, LO=lo, SHARED=bool(shared), BR=br, BQ=bq,
+            num_warps=warps(br * bq * 8), **flags)
     return out
 
 

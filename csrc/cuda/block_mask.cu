@@ -2,7 +2,9 @@
 // apply kernels that upsample a small block mask (CorrDrop, FocusedDropout) or expand the
 // packed seeds (DropBlock, CamDrop) inside the kernel, never materialising an x-sized mask.
 //
-// seed_bits: one thread per output byte (n, cs, h, q) = units w = 8q .. 8q + 7. A unit is a
+// Seeds are packed as one bit string per sample: bit i of sample n is the unit (cs, h, w) with
+// i = (cs * H + h) * W + w, no padding per row or map (1/16 of a 16-bit x, any W).
+// seed_bits: one thread per output byte (n, q) = bits i = 8q .. 8q + 7. A unit is a
 //   seed when u < g, it is a valid centre, and it is a spatial / channel candidate. u is
 //   noise[n, cs, h, w] (compared in noise's dtype, like the reference's
 //   `noise < torch.tensor(g, dtype=float32)`), or, without noise, a Philox-4x32-10 uniform
@@ -62,7 +64,7 @@ template <typename noise_t>
 __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Strides4 ns,
                                  const bool* __restrict__ cand_s, const bool* __restrict__ cand_c,
                                  const int64_t N, const int64_t Cs, const int64_t H,
-                                 const int64_t W, const int64_t Wb, const int64_t r,
+                                 const int64_t W, const int64_t Bn, const int64_t r,
                                  const double g_noise, const float g,
                                  const at::PhiloxCudaState philox, uint8_t* __restrict__ bits) {
   uint64_t seed = 0, offset = 0;
@@ -73,62 +75,60 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
   }
   const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const uint64_t ctr_lo = offset / 4;
-  const int64_t total = N * Cs * H * Wb;
+  const int64_t per_sample = Cs * H * W, total = N * Bn;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t q = idx % Wb, row = idx / Wb;  // row = (n * Cs + cs) * H + h
-    const int64_t h = row % H, nc = row / H;
-    const int64_t cs = nc % Cs, n = nc / Cs;
+    const int64_t n = idx / Bn, q = idx % Bn;
     uint32_t byte = 0;
-    if (valid_centre(h, H, r) && (cand_c == nullptr || cand_c[nc])) {
-      uint64_t group = ~uint64_t(0);  // Philox block of the cached draw
-      uint4 draw = make_uint4(0, 0, 0, 0);
-      for (int j = 0; j < 8; ++j) {
-        const int64_t w = 8 * q + j;
-        if (w >= W) break;
-        if (!valid_centre(w, W, r)) continue;
-        if (cand_s != nullptr && !cand_s[(n * H + h) * W + w]) continue;
-        bool seeded;
-        if (noise != nullptr) {
-          seeded = as_double(noise[off4(ns, n, cs, h, w)]) < g_noise;
-        } else {
-          const uint64_t e = static_cast<uint64_t>(row * W + w);
-          if (e / 4 != group) {
-            group = e / 4;
-            const uint4 ctr = make_uint4(static_cast<uint32_t>(ctr_lo),
-                                         static_cast<uint32_t>(ctr_lo >> 32),
-                                         static_cast<uint32_t>(group),
-                                         static_cast<uint32_t>(group >> 32));
-            draw = philox4x32_10(ctr, key);
-          }
-          const float u = static_cast<float>(word(draw, static_cast<int>(e % 4)) >> 8) *
-                          (1.0f / 16777216.0f);
-          seeded = u < g;
+    uint64_t group = ~uint64_t(0);  // Philox block of the cached draw
+    uint4 draw = make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < 8; ++j) {
+      const int64_t i = 8 * q + j;
+      if (i >= per_sample) break;
+      const int64_t w = i % W, h = (i / W) % H, cs = i / (H * W);
+      if (!valid_centre(h, H, r) || !valid_centre(w, W, r)) continue;
+      if (cand_c != nullptr && !cand_c[n * Cs + cs]) continue;
+      if (cand_s != nullptr && !cand_s[(n * H + h) * W + w]) continue;
+      bool seeded;
+      if (noise != nullptr) {
+        seeded = as_double(noise[off4(ns, n, cs, h, w)]) < g_noise;
+      } else {
+        const uint64_t e = static_cast<uint64_t>(n * per_sample + i);  // logical element
+        if (e / 4 != group) {
+          group = e / 4;
+          const uint4 ctr = make_uint4(static_cast<uint32_t>(ctr_lo),
+                                       static_cast<uint32_t>(ctr_lo >> 32),
+                                       static_cast<uint32_t>(group),
+                                       static_cast<uint32_t>(group >> 32));
+          draw = philox4x32_10(ctr, key);
         }
-        if (seeded) byte |= 1u << j;
+        const float u = static_cast<float>(word(draw, static_cast<int>(e % 4)) >> 8) *
+                        (1.0f / 16777216.0f);
+        seeded = u < g;
       }
+      if (seeded) byte |= 1u << j;
     }
     bits[idx] = static_cast<uint8_t>(byte);
   }
 }
 
-// Whether unit (h, w) lies in the r x r block of a seed of the map whose packed rows start
-// at `rows` (H rows of Wb bytes): a seed at (h', w') with h - lo <= h' <= h + hi, same in w.
-__device__ __forceinline__ bool covered(const uint8_t* __restrict__ rows, int64_t H, int64_t W,
-                                        int64_t Wb, int64_t r, int64_t h, int64_t w) {
+// Whether unit (h, w) of a map lies in the r x r block of a seed: a seed at (h', w') with
+// h - lo <= h' <= h + hi, same in w. `sample` is the sample's bit string, `plane` the map's
+// first bit (cs * H * W).
+__device__ __forceinline__ bool covered(const uint8_t* __restrict__ sample, int64_t plane,
+                                        int64_t H, int64_t W, int64_t r, int64_t h, int64_t w) {
   const int64_t lo = r - 1 - r / 2, hi = r / 2;
   const int64_t h0 = max(h - lo, int64_t(0)), h1 = min(h + hi, H - 1);
   const int64_t w0 = max(w - lo, int64_t(0)), w1 = min(w + hi, W - 1);
   if (h0 > h1 || w0 > w1) return false;
-  const int64_t q0 = w0 >> 3, q1 = w1 >> 3;
-  const unsigned first = 0xffu << (w0 & 7), last = 0xffu >> (7 - (w1 & 7));
   for (int64_t hh = h0; hh <= h1; ++hh) {
-    const uint8_t* row = rows + hh * Wb;
+    const int64_t p0 = plane + hh * W + w0, p1 = plane + hh * W + w1;  // bits p0 .. p1
+    const int64_t q0 = p0 >> 3, q1 = p1 >> 3;
     for (int64_t qq = q0; qq <= q1; ++qq) {
       unsigned m = 0xffu;
-      if (qq == q0) m &= first;
-      if (qq == q1) m &= last;
-      if (row[qq] & m) return true;
+      if (qq == q0) m &= 0xffu << (p0 & 7);
+      if (qq == q1) m &= 0xffu >> (7 - (p1 & 7));
+      if (sample[qq] & m) return true;
     }
   }
   return false;
@@ -136,7 +136,7 @@ __device__ __forceinline__ bool covered(const uint8_t* __restrict__ rows, int64_
 
 __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int64_t N,
                                      const int64_t Cs, const int64_t H, const int64_t W,
-                                     const int64_t Wb, const int64_t r,
+                                     const int64_t Bn, const int64_t r,
                                      long long* __restrict__ out) {
   __shared__ unsigned long long part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -145,9 +145,8 @@ __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int
     unsigned long long count = 0;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < per_sample;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int64_t w = i % W, h = (i / W) % H, cs = i / (H * W);
-      const uint8_t* rows = bits + (n * Cs + cs) * H * Wb;
-      count += covered(rows, H, W, Wb, r, h, w) ? 1 : 0;
+      const int64_t w = i % W, h = (i / W) % H;
+      count += covered(bits + n * Bn, i - i % (H * W), H, W, r, h, w) ? 1 : 0;
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) count += __shfl_xor_sync(kFullMask, count, d);
@@ -176,19 +175,21 @@ struct BlockW {
 struct SeedsW {
   const uint8_t* bits;
   const float* scale;
-  int64_t Cs, H, W, Wb, r;
+  int64_t H, W, Bn, r;
+  bool shared;
   __device__ __forceinline__ float operator()(const Coord4& p) const {
-    const uint8_t* rows = bits + (p.n * Cs + (Cs == 1 ? 0 : p.c)) * H * Wb;
-    return (covered(rows, H, W, Wb, r, p.h, p.w) ? 0.f : 1.f) * scale[p.n];
+    const int64_t plane = shared ? 0 : p.c * H * W;
+    return (covered(bits + p.n * Bn, plane, H, W, r, p.h, p.w) ? 0.f : 1.f) * scale[p.n];
   }
 };
 
 }  // namespace
 
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, double g, int64_t r, int64_t W,
-                      at::PhiloxCudaState philox, const at::TensorBase& bits) {
-  const int64_t N = bits.size(0), Cs = bits.size(1), H = bits.size(2), Wb = bits.size(3);
+                      const at::TensorBase& cand_c, double g, int64_t r, int64_t Cs,
+                      int64_t H, int64_t W, at::PhiloxCudaState philox,
+                      const at::TensorBase& bits) {
+  const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t total = bits.numel();
   if (total == 0) return;
   const float g32 = static_cast<float>(g);  // reference: torch.tensor(g, dtype=float32)
@@ -197,7 +198,7 @@ void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
   const unsigned grid = grid_for(total, kThreads);
   if (!noise.defined()) {
     seed_bits_kernel<float><<<grid, kThreads, 0, current_stream()>>>(
-        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Wb, r, 0.0, g32, philox,
+        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, 0.0, g32, philox,
         bits.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -209,21 +210,21 @@ void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
       [&] {
         const double g_noise = static_cast<double>(static_cast<scalar_t>(g32));
         seed_bits_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
-            noise.data_ptr<scalar_t>(), strides4(noise), cs_ptr, cc_ptr, N, Cs, H, W, Wb, r,
+            noise.data_ptr<scalar_t>(), strides4(noise), cs_ptr, cc_ptr, N, Cs, H, W, Bn, r,
             g_noise, g32, philox, bits.data_ptr<uint8_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t W,
-                          const at::TensorBase& out) {
-  const int64_t N = bits.size(0), Cs = bits.size(1), H = bits.size(2), Wb = bits.size(3);
+void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int64_t H,
+                          int64_t W, const at::TensorBase& out) {
+  const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t per_sample = Cs * H * W;
   if (N == 0 || per_sample == 0) return;
   const dim3 grid(std::min<unsigned>(grid_for(per_sample, kThreads), 1024u),
                   static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   seed_coverage_kernel<<<grid, kThreads, 0, current_stream()>>>(
-      bits.data_ptr<uint8_t>(), N, Cs, H, W, Wb, r,
+      bits.data_ptr<uint8_t>(), N, Cs, H, W, Bn, r,
       reinterpret_cast<long long*>(out.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -237,9 +238,9 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
 }
 
 void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
-                        const at::TensorBase& scale, const at::TensorBase& out) {
-  const SeedsW wfn{bits.data_ptr<uint8_t>(), scale.data_ptr<float>(), bits.size(1),
-                   bits.size(2), t.size(3), bits.size(3), r};
+                        bool shared, const at::TensorBase& scale, const at::TensorBase& out) {
+  const SeedsW wfn{bits.data_ptr<uint8_t>(), scale.data_ptr<float>(), t.size(2), t.size(3),
+                   bits.size(1), r, shared};
   GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_seeds",
                           [&] { launch_apply<scalar_t>(t, out, wfn); });
 }

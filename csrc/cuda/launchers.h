@@ -47,20 +47,23 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
 
 // block_mask.cu.
-// bits: (N, Cs, H, ceil(W/8)) uint8 output. noise: undefined, or (N, Cs, H, W) floating of
+// bits: (N, ceil(Cs*H*W/8)) uint8 output, one bit string per sample, bit i = the unit
+// (cs, h, w) with i = (cs * H + h) * W + w. noise: undefined, or (N, Cs, H, W) floating of
 // any dtype and strides (then `philox` is unused); cand_s: undefined or (N, H, W) bool;
 // cand_c: undefined or (N, Cs) bool.
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, double g, int64_t r, int64_t W,
-                      at::PhiloxCudaState philox, const at::TensorBase& bits);
+                      const at::TensorBase& cand_c, double g, int64_t r, int64_t Cs,
+                      int64_t H, int64_t W, at::PhiloxCudaState philox,
+                      const at::TensorBase& bits);
 // out: (N,) int64, zero-initialised by the caller.
-void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t W,
-                          const at::TensorBase& out);
+void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int64_t H,
+                          int64_t W, const at::TensorBase& out);
 // mask: (N, Hs, Ws) uint8, scale: (N,) float32.
 void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int64_t k,
                         const at::TensorBase& scale, const at::TensorBase& out);
-// bits: (N, Cs, H, ceil(W/8)) uint8 with Cs == 1 or C, scale: (N,) float32.
+// bits: (N, ceil(Cs*H*W/8)) uint8, Cs = 1 when shared (one map for every channel) else C;
+// scale: (N,) float32.
 void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
-                        const at::TensorBase& scale, const at::TensorBase& out);
+                        bool shared, const at::TensorBase& scale, const at::TensorBase& out);
 
 }  // namespace guidedrop

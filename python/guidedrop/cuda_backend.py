@@ -93,7 +93,7 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
-    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md.
+    """Packed seeds uint8 (N, ceil(Cs*H*W/8)); see backend_contract.md.
 
     Without ``noise`` the kernel draws Philox uniforms from ``generator`` (default: the
     CUDA generator of ``device``), graph-safe, keyed by the logical element index.
@@ -105,9 +105,9 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
                           generator)
 
 
-def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
+def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
     """(N,) int64: units covered by the r x r expansion of the seeds (summed over Cs)."""
-    return _ops.seed_coverage(bits, r, w)
+    return _ops.seed_coverage(bits, r, cs, h, w)
 
 
 # --------------------------------------------------------------------------- apply
@@ -124,9 +124,9 @@ def apply_block(t, mask, k, scale):
     return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
 
 
-def apply_seeds(t, bits, r, scale):
+def apply_seeds(t, bits, r, shared, scale):
     """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds."""
-    return _ops.apply_seeds(t, bits, r, scale.to(torch.float32))
+    return _ops.apply_seeds(t, bits, r, shared, scale.to(torch.float32))
 
 
 def apply_attention(t, x, thr, mn, mx, active, mode, scale):
@@ -175,10 +175,10 @@ def _register_fakes() -> None:
     @register("guidedrop::seed_bits")
     def _(device_like, noise, cand_s, cand_c, shape, g, r, generator=None):
         n, cs, h, w = shape
-        return device_like.new_empty((n, cs, h, (w + 7) // 8), dtype=torch.uint8)
+        return device_like.new_empty((n, (cs * h * w + 7) // 8), dtype=torch.uint8)
 
     @register("guidedrop::seed_coverage")
-    def _(bits, r, w):
+    def _(bits, r, cs, h, w):
         return bits.new_empty((bits.shape[0],), dtype=torch.int64)
 
     def like(t):
@@ -193,7 +193,7 @@ def _register_fakes() -> None:
         return like(t)
 
     @register("guidedrop::apply_seeds")
-    def _(t, bits, r, scale):
+    def _(t, bits, r, shared, scale):
         return like(t)
 
     @register("guidedrop::apply_attention")

@@ -33,7 +33,7 @@ def apply(B, plan: Plan, t: torch.Tensor, x: torch.Tensor | None) -> torch.Tenso
     if kind == "block":
         return B.apply_block(t, s[0], meta[0], s[1])
     if kind == "seeds":
-        return B.apply_seeds(t, s[0], meta[0], s[1])
+        return B.apply_seeds(t, s[0], meta[0], meta[1], s[1])
     return B.apply_attention(t, x, *s[:4], meta[0], s[4])
 
 
@@ -178,15 +178,17 @@ def _seed_rate(rate, r, h, w):
     return rate / r**2 * (h * w) / ((h - r + 1) * (w - r + 1))
 
 
-def _seeds_plan(B, bits, r, c, h, w, normalize, dtype):
-    covered = B.seed_coverage(bits, r, w) * (c // bits.shape[1])  # shared mask: every channel
+def _seeds_plan(B, bits, r, shape, c, normalize, dtype):
+    """shape: (N, Cs, H, W) of the seeds, Cs = 1 (one mask for the C channels) or C."""
+    _, cs, h, w = shape
+    covered = B.seed_coverage(bits, r, cs, h, w) * (c // cs)  # a shared map covers every channel
     scale = _scale(c * h * w - covered, c * h * w, normalize, dtype)
-    return Plan("seeds", (r,), (bits, scale))
+    return Plan("seeds", (r, cs == 1), (bits, scale))
 
 
 def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
             noise=None, generator=None):
-    """SPEC §6. State: the packed seeds (N, C, H, ceil(W/8)) uint8 and scale (N,)."""
+    """SPEC §6. State: the packed seeds (N, ceil(C*H*W/8)) uint8 and scale (N,)."""
     n, c, h, w = x.shape
     r = block_size
     if r > h or r > w:  # no valid centre: nothing is dropped
@@ -198,14 +200,14 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
     cand_c = _top(B, alpha, max(1, round(channel_rate * c)))
     g = _seed_rate(1 - keep, r, h, w)
-    bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, (n, c, h, w), x.device)
-    return _seeds_plan(B, bits, r, c, h, w, normalize, dt)
+    bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, x.shape, x.device)
+    return _seeds_plan(B, bits, r, x.shape, c, normalize, dt)
 
 
 def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, generator=None):
-    """SPEC §7. State: the packed seeds (N, C or 1, H, ceil(W/8)) uint8 and scale (N,)."""
+    """SPEC §7. State: the packed seeds (N, ceil(Cs*H*W/8)) uint8 (Cs = 1 or C) and scale (N,)."""
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = (n, 1 if shared_channels else c, h, w)
     bits = B.seed_bits(noise, generator, _seed_rate(p, r, h, w), r, None, None, shape, x.device)
-    return _seeds_plan(B, bits, r, c, h, w, normalize, _compute_dtype(x))
+    return _seeds_plan(B, bits, r, shape, c, normalize, _compute_dtype(x))

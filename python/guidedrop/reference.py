@@ -91,17 +91,22 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- seed masks
 
 def pack_bits(b: torch.Tensor) -> torch.Tensor:
-    """bool (..., W) -> uint8 (..., ceil(W/8)); bit j of byte q holds element 8q + j."""
+    """bool (..., L) -> uint8 (..., ceil(L/8)); bit j of byte q holds element 8q + j."""
     w = b.shape[-1]
     b = F.pad(b.to(torch.uint8), (0, -w % 8)).unflatten(-1, (-1, 8))
     weights = torch.arange(8, dtype=torch.uint8, device=b.device)
     return (b << weights).sum(dim=-1, dtype=torch.uint8)
 
 
-def unpack_bits(p: torch.Tensor, w: int) -> torch.Tensor:
-    """uint8 (..., ceil(W/8)) -> bool (..., W); inverse of :func:`pack_bits`."""
+def unpack_bits(p: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (..., ceil(L/8)) -> bool (..., L), L = n; inverse of :func:`pack_bits`."""
     shifts = torch.arange(8, dtype=torch.uint8, device=p.device)
-    return ((p.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :w].bool()
+    return ((p.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :n].bool()
+
+
+def unpack_seeds(bits: torch.Tensor, cs: int, h: int, w: int) -> torch.Tensor:
+    """Packed seeds uint8 (N, ceil(Cs*H*W/8)) -> bool (N, Cs, H, W)."""
+    return unpack_bits(bits, cs * h * w).unflatten(-1, (cs, h, w))
 
 
 def valid_centres(h: int, w: int, r: int, device) -> torch.Tensor:
@@ -128,7 +133,8 @@ def expand_seeds(seeds: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
-    """Packed seeds uint8 (N, Cs, H, ceil(W/8)); see backend_contract.md."""
+    """Packed seeds uint8 (N, ceil(Cs*H*W/8)): one bit string per sample, the units in
+    (cs, h, w) order; see backend_contract.md."""
     n, cs, h, w = shape
     if noise is None:
         from .layers import rand
@@ -139,12 +145,12 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
         seeds &= cand_s[:, None]
     if cand_c is not None:
         seeds &= cand_c[:, :, None, None]
-    return pack_bits(seeds)
+    return pack_bits(seeds.flatten(1))
 
 
-def seed_coverage(bits: torch.Tensor, r: int, w: int) -> torch.Tensor:
-    """(N,) int64: units covered by the r x r expansion of the seeds in ``bits``."""
-    return expand_seeds(unpack_bits(bits, w), r).sum(dim=(1, 2, 3))
+def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
+    """(N,) int64: units covered by the r x r expansion of the seeds of the Cs maps."""
+    return expand_seeds(unpack_seeds(bits, cs, h, w), r).sum(dim=(1, 2, 3))
 
 
 # --------------------------------------------------------------------------- apply
@@ -170,9 +176,11 @@ def apply_block(t, mask, k, scale):
     return _mul(t, m[:, None])
 
 
-def apply_seeds(t, bits, r, scale):
-    """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds."""
-    keep = ~expand_seeds(unpack_bits(bits, t.shape[-1]), r)
+def apply_seeds(t, bits, r, shared, scale):
+    """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds of
+    1 map (``shared``: one mask for every channel) or C maps per sample."""
+    n, c, h, w = t.shape
+    keep = ~expand_seeds(unpack_seeds(bits, 1 if shared else c, h, w), r)
     return _mul(t, keep.to(scale.dtype) * scale[:, None, None, None])
 
 

@@ -1,0 +1,135 @@
+"""Every Triton kernel compiles for the GPU (sm_90: the H100 and H200), on a machine without
+one.
+
+The interpreter runs the kernels' logic, not Triton's compiler: a type error, an operation
+the compiler does not support or a tile too large for it shows only when a kernel is
+compiled. So the Triton backend's launches are recorded (the kernels are not run: their
+outputs are left uninitialised) for every layer, forward and backward, with and without
+noise, on benchmark-sized maps (N = 2) and small odd ones, every dtype, both layouts and
+the int64 offset path; then every distinct specialisation is compiled through Triton's
+whole pipeline, ptxas included, in a child process without TRITON_INTERPRET
+(``tests/triton_compile.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_backends as TB
+import torch
+
+from guidedrop import dispatch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (shape, dtype): the largest tiles (56 x 56 maps), many channels (14 x 14 maps, C = 1024),
+# small odd tiles; float16 compiles as bfloat16 but for its cast, so once is enough.
+INPUTS = [(shape, dtype) for shape in [(2, 64, 56, 56), (2, 1024, 14, 14), (3, 5, 7, 9)]
+          for dtype in (torch.float32, torch.bfloat16)] + [((3, 5, 7, 9), torch.float16)]
+BIG_BLOCKS = {"corrdrop": dict(block_size=7), "camdrop": dict(block_size=7),
+              "dropblock": dict(block_size=7), "dropblock-shared": dict(block_size=53)}
+
+
+def _describe(a):
+    """A positional kernel argument as triton_compile.py reads it."""
+    if isinstance(a, torch.Tensor):
+        return ["ptr", str(a.dtype).removeprefix("torch.")]
+    if a is None:
+        return ["none"]
+    if isinstance(a, bool):
+        return ["bool", a]
+    if isinstance(a, int):
+        return ["int", 32 if -2**31 <= a < 2**31 else 64, a]
+    if isinstance(a, float):
+        return ["float", a]
+    raise TypeError(f"unexpected kernel argument {a!r}")
+
+
+class _Recorder:
+    """Stands in for ``_common.launch``: ``launch(kernel)[grid](*args, **kwargs)`` records
+    one spec per distinct (kernel, argument types, keyword arguments) and runs nothing."""
+
+    def __init__(self):
+        self.specs = {}
+
+    def __call__(self, kernel):
+        fn = kernel.fn  # the Python function, interpreted or not
+
+        def run(*args, **kwargs):
+            spec = {"module": fn.__module__, "kernel": fn.__name__,
+                    "args": [_describe(a) for a in args], "kwargs": kwargs}
+            # non-constexpr int values do not change the compiled kernel
+            key = json.dumps({**spec, "args": [a[:2] for a in spec["args"]]}, sort_keys=True)
+            self.specs.setdefault(key, spec)
+        return _Grid(run)
+
+
+class _Grid:
+    def __init__(self, run):
+        self.run = run
+
+    def __getitem__(self, grid):
+        return self.run
+
+
+def _kernel_modules(mod):
+    return [m for name, m in sorted(sys.modules.items())
+            if name.startswith(mod.__name__ + ".") and hasattr(m, "launch")]
+
+
+def _drive(inputs):
+    """Every layer of test_backends.LAYERS, forward and backward, on each (shape, dtype) in
+    both layouts: with and without noise, and with blocks of 7 (53 for the shared mask)."""
+    for shape, dtype in inputs:
+        for layout in ("contiguous", "channels_last"):
+            x = TB.make_x(shape, dtype, "cpu", layout)
+            for case, (op, noise_shape, params, _) in TB.LAYERS.items():
+                base = case.split("-")[0] if case != "dropblock-shared" else case
+                # the noise shape of corrdrop follows block_size: big blocks draw theirs
+                runs = [(None, params), (torch.rand(noise_shape(shape)), params)]
+                if base in BIG_BLOCKS:
+                    runs.append((None, {**params, **BIG_BLOCKS[base]}))
+                for noise, kw in runs:
+                    xg = x.detach().requires_grad_()
+                    op(xg, noise=noise, **kw).sum().backward()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    recorder = _Recorder()
+    modules = _kernel_modules(mod)
+    for m in modules:
+        monkeypatch.setattr(m, "launch", recorder)
+    _drive(INPUTS)
+    for m in modules:  # the int64 offset path of tensors of 2**31 elements or more
+        if hasattr(m, "needs_int64"):
+            monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
+    _drive(INPUTS[1:2])
+
+    defined = {(m.__name__, k) for m in modules for k in vars(m)
+               if k.startswith("_") and k.endswith("_kernel")}
+    launched = {(s["module"], s["kernel"]) for s in recorder.specs.values()}
+    assert defined <= launched, f"kernels never launched here: {sorted(defined - launched)}"
+
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(list(recorder.specs.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    script = Path(__file__).with_name("triton_compile.py")
+    done = subprocess.run([sys.executable, str(script), str(path)], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    print(done.stdout)
