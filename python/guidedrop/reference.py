@@ -92,16 +92,16 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def pack_bits(b: torch.Tensor) -> torch.Tensor:
     """bool (..., L) -> uint8 (..., ceil(L/8)); bit j of byte q holds element 8q + j."""
-    w = b.shape[-1]
-    b = F.pad(b.to(torch.uint8), (0, -w % 8)).unflatten(-1, (-1, 8))
+    length = b.shape[-1]
+    b = F.pad(b.to(torch.uint8), (0, -length % 8)).unflatten(-1, (-1, 8))
     weights = torch.arange(8, dtype=torch.uint8, device=b.device)
     return (b << weights).sum(dim=-1, dtype=torch.uint8)
 
 
-def unpack_bits(p: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 (..., ceil(L/8)) -> bool (..., L), L = n; inverse of :func:`pack_bits`."""
+def unpack_bits(p: torch.Tensor, length: int) -> torch.Tensor:
+    """uint8 (..., ceil(L/8)) -> bool (..., L), L = length; inverse of :func:`pack_bits`."""
     shifts = torch.arange(8, dtype=torch.uint8, device=p.device)
-    return ((p.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :n].bool()
+    return ((p.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :length].bool()
 
 
 def unpack_seeds(bits: torch.Tensor, cs: int, h: int, w: int) -> torch.Tensor:
