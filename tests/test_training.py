@@ -539,7 +539,7 @@ def _ddp_worker(rank, world, port, steps):
                 loss = nn.functional.cross_entropy(ddp(x), y)
             assert _layer_attrs(model) == attrs, "a layer changed state in forward"
             assert sched.state_dict() == sched_state
-            assert not guidedrop.context._stack
+            assert not guidedrop.context._blocks.get()
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -13,39 +13,54 @@ NORMALIZE = ("batch", "sample", "none")
 MODES = ("am", "sm", "ad")
 
 
-def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = False) -> None:
-    """A number in [lo, hi] ((lo, hi] with open_lo)."""
+def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = False) -> float:
+    """A real number in [lo, hi] ((lo, hi] with open_lo), returned as a python float.
+
+    Any ``numbers.Real`` is accepted (int, float, numpy scalars, Fraction); a bool or a
+    tensor is a TypeError. The layers only ever see the returned float.
+    """
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if v != v or v > hi or v < lo or (open_lo and v == lo):
+    f = float(v)
+    if f != f or f > hi or f < lo or (open_lo and f == lo):
         left = "(" if open_lo else "["
         raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {v}")
+    return f
 
 
-def block_size(v, name: str = "block_size") -> None:
+def integer(name: str, v, lo: int = 1) -> int:
+    """An integral number >= lo (any ``numbers.Integral`` but bool), returned as a python int."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+    i = int(v)  # before comparing: numpy's small ints wrap around in arithmetic
+    if i < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {i}")
+    return i
 
 
-def choice(name: str, v, options: tuple[str, ...]) -> None:
+def block_size(v, name: str = "block_size") -> int:
+    return integer(name, v, 1)
+
+
+def choice(name: str, v, options: tuple[str, ...]) -> str:
     if not isinstance(v, str):
         raise TypeError(f"{name} must be a str, one of {options}, got {type(v).__name__}")
     if v not in options:
         raise ValueError(f"{name} must be one of {options}, got {v!r}")
+    return str(v)
 
 
-def flag(name: str, v) -> None:
+def flag(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
 
 
-def low_high(low, high) -> None:
-    real("low", low)
-    real("high", high)
+def low_high(low, high) -> tuple[float, float]:
+    low, high = real("low", low), real("high", high)
     if low > high:
         raise ValueError(f"low must be <= high, got low={low}, high={high}")
+    return low, high
 
 
 def feature_map(x) -> None:
@@ -72,21 +87,52 @@ def noise(u, shape: tuple[int, ...], x: torch.Tensor) -> None:
         raise ValueError(f"noise must be on x's device {x.device}, got {u.device}")
 
 
-def cam_inputs(weight, target, x: torch.Tensor) -> None:
-    """weight: (K, C_fc) with C_fc a multiple of C; target: (N,) integer class indices."""
+def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
+    """CamDrop's classifier weight and targets (SPEC §6 step 0); returns target as int64.
+
+    weight: a floating (K, C_fc) tensor on x's device, K >= 1, C_fc >= 1 a multiple of
+    x's C. target: (N,) class indices in [0, K), any integer dtype (bool is a TypeError;
+    uint8 is an index, never a mask), on x's device. An index out of range is a
+    ValueError naming ``target`` for a CPU target; on a GPU (and in a torch.compile'd
+    graph) an asynchronous assertion (``torch._assert_async``) naming ``target``, without
+    a host sync.
+    """
     if weight is None or target is None:
         raise ValueError("camdrop needs the classifier weight and the targets "
                          "(use guidedrop.cam_targets(model.fc, labels) with the module)")
-    if not isinstance(weight, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("weight and target must be torch.Tensors")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"weight must be a 2-D float tensor (K, C_fc), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be a 2-D floating tensor (K, C_fc), got shape "
+                         f"{tuple(weight.shape)} and dtype {weight.dtype}")
+    k, c_fc = weight.shape
+    if k < 1 or c_fc < 1:
+        raise ValueError(f"weight (K, C_fc) needs K >= 1 classes and C_fc >= 1 columns, "
+                         f"got shape {tuple(weight.shape)}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must be an integer tensor of class indices, got dtype "
+                        f"{target.dtype}")
     if target.dim() != 1 or target.shape[0] != x.shape[0]:
         raise ValueError(f"target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"target must be an integer tensor, got dtype {target.dtype}")
-    c, c_fc = x.shape[1], weight.shape[1]
+    c = x.shape[1]
     if c > 0 and c_fc % c != 0:
         raise ValueError(f"weight has C_fc={c_fc} columns, not a multiple of x's C={c}")
-    if weight.device != x.device or target.device != x.device:
-        raise ValueError(f"weight and target must be on x's device {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if target.device != x.device:
+        raise ValueError(f"target must be on x's device {x.device}, got {target.device}")
+    target = target.long()
+    inside = (target >= 0) & (target < k)
+    # Under torch.compile a host check would be a data-dependent graph break: there the
+    # CPU takes the device path too (a RuntimeError naming target when the step runs).
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(inside.all()):
+            bad = target[~inside][0].item()
+            raise ValueError(f"target must hold class indices in [0, {k}), got {bad}")
+        return target
+    # No host sync on a device: assert asynchronously, and clamp so that the indexing
+    # after it never raises a second, anonymous device assertion.
+    torch._assert_async(inside.all(), f"target must hold class indices in [0, {k})")
+    return target.clamp(0, k - 1)

@@ -4,38 +4,72 @@
         loss = criterion(model(images), labels)
 
 Every CamDrop module that runs inside the block reads them; the model's ``forward``
-signature does not change. A plain stack (not a ContextVar) so that the threads of
-``nn.DataParallel`` see it too.
+signature does not change. The blocks live in a ``contextvars.ContextVar`` (SPEC §8):
+each thread (and each asyncio task) sees only its own blocks, so two threads training
+at once never read or pop each other's targets. ``nn.DataParallel`` runs its replicas
+in threads that do not see the caller's block: CamDrop refuses to run there (use
+DistributedDataParallel).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from torch import nn
 
-_stack: list[tuple[torch.Tensor, torch.Tensor]] = []
+# A tuple (immutable), so that a context copied by another thread or task never shares
+# a mutable stack with this one.
+_blocks: contextvars.ContextVar[tuple[tuple[torch.Tensor, torch.Tensor], ...]] = (
+    contextvars.ContextVar("guidedrop_cam_targets", default=()))
 
 
 @contextlib.contextmanager
 def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
-    """classifier: the linear layer after global pooling (or its weight (K, C_fc));
-    target: (N,) ground-truth classes of the batch."""
-    weight = classifier.weight if isinstance(classifier, nn.Module) else classifier
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError("cam_targets needs an nn.Linear-like module or a (K, C_fc) weight")
-    _stack.append((weight, target))
+    """Make ``(weight, target)`` visible to the CamDrop layers run inside the block.
+
+    classifier: the linear layer after global pooling (a module whose ``weight`` is a 2-D
+    tensor, e.g. ``nn.Linear``), or that weight itself, a floating (K, C_fc) tensor.
+    target: (N,) ground-truth class indices of the batch, any integer dtype but bool.
+    Raises TypeError for anything else. Shapes against x (N, C_fc a multiple of C),
+    devices and the range [0, K) are checked by the layer (SPEC §6 step 0).
+    """
+    if isinstance(classifier, nn.Module):
+        weight = getattr(classifier, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"cam_targets needs the classifier after global pooling (a module "
+                            f"with a 2-D weight, like nn.Linear) or its (K, C_fc) weight; "
+                            f"got {type(classifier).__name__}")
+    elif isinstance(classifier, torch.Tensor):
+        weight = classifier
+        if weight.dim() != 2:
+            raise TypeError(f"cam_targets needs a (K, C_fc) weight, got shape "
+                            f"{tuple(weight.shape)}")
+    else:
+        raise TypeError(f"cam_targets needs an nn.Linear-like module or a (K, C_fc) weight, "
+                        f"got {type(classifier).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"the classifier weight must be floating, got dtype {weight.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got "
+                        f"{type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must be an integer tensor of class indices, got dtype "
+                        f"{target.dtype}")
+    token = _blocks.set(_blocks.get() + ((weight, target),))
     try:
         yield
     finally:
-        _stack.pop()
+        _blocks.reset(token)
 
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, target) of the innermost :func:`cam_targets` block."""
-    if not _stack:
+    """(weight, target) of the innermost :func:`cam_targets` block of this thread."""
+    blocks = _blocks.get()
+    if not blocks:
         raise RuntimeError(
             "CamDrop ran in training mode without classifier weights and targets: wrap the "
-            "training step in `with guidedrop.cam_targets(model.fc, labels): ...`")
-    return _stack[-1]
+            "training step in `with guidedrop.cam_targets(model.fc, labels): ...` (in the "
+            "thread that runs the model)")
+    return blocks[-1]

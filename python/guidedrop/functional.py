@@ -6,6 +6,10 @@ memory format. ``training=False`` or a rate of 0 returns ``x`` itself. ``noise``
 in [0, 1) of the shape each op names, on x's device) makes the op a deterministic
 function of ``(x, noise)`` on every backend; without it the randomness comes from
 ``generator`` (default: torch's generator for x's device).
+
+Rates are any real number (int, float, numpy scalar, Fraction), block sizes any integral
+number; a bool or a tensor is a TypeError. They are converted to python float / int
+once, here, so the layers only see those (SPEC §1).
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size.
     """
     V.feature_map(x)
-    V.real("p", p)
-    V.block_size(block_size)
-    V.choice("normalize", normalize, V.NORMALIZE)
+    p, block_size = V.real("p", p), V.block_size(block_size)
+    normalize = V.choice("normalize", normalize, V.NORMALIZE)
     n, _, h, w = x.shape
     V.noise(noise, (2, n, math.ceil(h / block_size), math.ceil(w / block_size)), x)
     if _idle(x, training, p):
@@ -60,8 +63,7 @@ def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, gener
     x: (N, C, H, W); noise: (N, C).
     """
     V.feature_map(x)
-    V.real("top_rate", top_rate)
-    V.real("retain", retain)
+    top_rate, retain = V.real("top_rate", top_rate), V.real("retain", retain)
     V.noise(noise, x.shape[:2], x)
     if _idle(x, training, 1 - retain):
         return x
@@ -74,7 +76,7 @@ def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
     x: (N, C, H, W); noise: (N, C).
     """
     V.feature_map(x)
-    V.real("retain", retain)
+    retain = V.real("retain", retain)
     V.noise(noise, x.shape[:2], x)
     if _idle(x, training, 1 - retain):
         return x
@@ -87,8 +89,7 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
     x: (N, C, H, W); noise: (N, C).
     """
     V.feature_map(x)
-    V.real("top_rate", top_rate)
-    V.real("keep", keep, open_lo=True)
+    top_rate, keep = V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
     V.noise(noise, x.shape[:2], x)
     c = x.shape[1]
     n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
@@ -107,10 +108,9 @@ def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", trai
     x: (N, C, H, W); noise: (N, C).
     """
     V.feature_map(x)
-    V.real("alpha", alpha)
-    V.real("beta", beta, 0, 100, open_lo=True)
-    V.choice("mode", mode, V.MODES)
-    V.choice("normalize", normalize, V.NORMALIZE)
+    alpha, beta = V.real("alpha", alpha), V.real("beta", beta, 0, 100, open_lo=True)
+    mode = V.choice("mode", mode, V.MODES)
+    normalize = V.choice("normalize", normalize, V.NORMALIZE)
     V.noise(noise, x.shape[:2], x)
     if _idle(x, training, alpha):
         return x
@@ -126,7 +126,7 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
     :class:`guidedrop.FocusedDropout` adds the per-batch participation draw.
     """
     V.feature_map(x)
-    V.low_high(low, high)
+    low, high = V.low_high(low, high)
     V.flag("per_position", per_position)
     n, _, h, w = x.shape
     V.noise(noise, (n, h, w) if per_position else (n,), x)
@@ -141,17 +141,21 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
     """CamDrop (SPEC §6): DropBlock seeded only where the class activation map is high.
 
     x: (N, C, H, W); weight: (K, C_fc) classifier after global pooling, C_fc a multiple
-    of C; target: (N,) class indices; noise: (N, C, H, W).
+    of C, K >= 1, floating, on x's device; target: (N,) class indices in [0, K) of any
+    integer dtype, on x's device; noise: (N, C, H, W). Raises ValueError / TypeError
+    naming the argument (SPEC §6 step 0; a target out of range on a GPU is an
+    asynchronous device assertion naming ``target``).
     """
     V.feature_map(x)
-    V.block_size(block_size)
-    V.real("keep", keep)
-    V.real("channel_rate", channel_rate)
-    V.choice("normalize", normalize, V.NORMALIZE)
+    block_size, keep = V.block_size(block_size), V.real("keep", keep)
+    channel_rate = V.real("channel_rate", channel_rate)
+    normalize = V.choice("normalize", normalize, V.NORMALIZE)
     V.noise(noise, x.shape, x)
+    # Checked whenever given (also in eval mode); required only when the op runs.
+    if weight is not None or target is not None or not _idle(x, training, 1 - keep):
+        target = V.cam_inputs(weight, target, x)
     if _idle(x, training, 1 - keep):
         return x
-    V.cam_inputs(weight, target, x)
     return _run("camdrop", x, weight, target, block_size, keep, channel_rate=channel_rate,
                 normalize=normalize, noise=noise, generator=generator)
 
@@ -163,10 +167,9 @@ def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch
     x: (N, C, H, W); noise: (N, C, H, W), or (N, 1, H, W) with shared_channels=True.
     """
     V.feature_map(x)
-    V.real("p", p)
-    V.block_size(block_size)
+    p, block_size = V.real("p", p), V.block_size(block_size)
     V.flag("shared_channels", shared_channels)
-    V.choice("normalize", normalize, V.NORMALIZE)
+    normalize = V.choice("normalize", normalize, V.NORMALIZE)
     n, c, h, w = x.shape
     V.noise(noise, (n, 1 if shared_channels else c, h, w), x)
     if _idle(x, training, p):

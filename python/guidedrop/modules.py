@@ -3,6 +3,13 @@ in :mod:`guidedrop.functional`. Eval mode is the identity (the input itself).
 
 Every module has ``drop_rate``: the strength that schedules ramp from 0 to its target
 (p, alpha, participation, or 1 - keep / 1 - retain).
+
+Every parameter is validated and converted (to a python float / int / str / bool) when it
+is assigned, in ``__init__`` and later (``m.p = ...``, ``m.drop_rate = ...``), so a bad
+value is refused where it is set and ``forward`` reads only valid values (SPEC §1);
+constraints between parameters (``low <= high``, Selectout's drop count) are checked at
+forward. Under ``torch.fx`` tracing (``symbolic_trace``, torchvision's
+``create_feature_extractor``) every module is one leaf node, like ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -15,9 +22,50 @@ from . import context
 from . import functional as F
 
 
+def _checked(name: str, check):
+    """A property holding parameter ``name``, set to ``check(name, value)`` at every
+    assignment (the check raises, naming ``name``, or returns the converted value)."""
+    key = "_" + name
+
+    def fset(self, value):
+        object.__setattr__(self, key, check(name, value))
+
+    return property(lambda self: getattr(self, key), fset)
+
+
+# The checks, check(name, value) -> converted value. A rate is in [0, 1] (V.real's default).
+_REAL = V.real
+
+
+def _BLOCK(name, v):
+    return V.block_size(v, name)
+
+
+def _NORMALIZE(name, v):
+    return V.choice(name, v, V.NORMALIZE)
+
+
+def _MODE(name, v):
+    return V.choice(name, v, V.MODES)
+
+
+def _open_rate(name, v):
+    return V.real(name, v, open_lo=True)
+
+
+def _beta(name, v):
+    return V.real(name, v, 0, 100, open_lo=True)
+
+
+def _is_replica(m: nn.Module) -> bool:
+    """Whether m is a copy made by nn.DataParallel for one device (torch marks them)."""
+    return getattr(m, "_is_replica", False)
+
+
 class GuidedDropout(nn.Module):
-    """Base class. Subclasses name their parameters in ``_fields`` and the one that
-    ``drop_rate`` maps to in ``_rate`` (``_rate_inverted``: drop_rate = 1 - it)."""
+    """Base class. Subclasses name their parameters in ``_fields`` (each a :func:`_checked`
+    property) and the one that ``drop_rate`` maps to in ``_rate`` (``_rate_inverted``:
+    drop_rate = 1 - it), and implement ``_forward``."""
 
     _fields: tuple[str, ...] = ()
     _rate: str = "p"
@@ -30,7 +78,7 @@ class GuidedDropout(nn.Module):
 
     @drop_rate.setter
     def drop_rate(self, rate: float) -> None:
-        V.real("drop_rate", rate)
+        rate = V.real("drop_rate", rate)
         setattr(self, self._rate, 1 - rate if self._rate_inverted else rate)
 
     def _params(self) -> dict:
@@ -39,18 +87,30 @@ class GuidedDropout(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._params().items())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            # One leaf node under any FX tracer (as nn.Dropout): the traced module calls
+            # this module, so train()/eval() and the rates keep working on it.
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class CorrDrop(GuidedDropout):
     """CorrDrop (SPEC §2). x: (N, C, H, W) -> same."""
 
     _fields = ("p", "block_size", "normalize")
+    p, block_size = _checked("p", _REAL), _checked("block_size", _BLOCK)
+    normalize = _checked("normalize", _NORMALIZE)
 
     def __init__(self, p: float = 0.1, block_size: int = 7, normalize: str = "batch"):
         super().__init__()
-        V.real("p", p), V.block_size(block_size), V.choice("normalize", normalize, V.NORMALIZE)
         self.p, self.block_size, self.normalize = p, block_size, normalize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.corrdrop(x, **self._params(), training=self.training)
 
 
@@ -58,13 +118,13 @@ class SelectScale(GuidedDropout):
     """SelectScale (SPEC §3). x: (N, C, H, W) -> same."""
 
     _fields, _rate, _rate_inverted = ("top_rate", "retain"), "retain", True
+    top_rate, retain = _checked("top_rate", _REAL), _checked("retain", _REAL)
 
     def __init__(self, top_rate: float = 0.2, retain: float = 0.1):
         super().__init__()
-        V.real("top_rate", top_rate), V.real("retain", retain)
         self.top_rate, self.retain = top_rate, retain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.selectscale(x, **self._params(), training=self.training)
 
 
@@ -72,13 +132,13 @@ class SpatialScale(GuidedDropout):
     """SpatialScale (SPEC §3). x: (N, C, H, W) -> same."""
 
     _fields, _rate, _rate_inverted = ("retain",), "retain", True
+    retain = _checked("retain", _REAL)
 
     def __init__(self, retain: float = 0.4):
         super().__init__()
-        V.real("retain", retain)
         self.retain = retain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.spatialscale(x, **self._params(), training=self.training)
 
 
@@ -86,13 +146,13 @@ class Selectout(GuidedDropout):
     """Selectout (SPEC §3). x: (N, C, H, W) -> same."""
 
     _fields, _rate, _rate_inverted = ("top_rate", "keep"), "keep", True
+    top_rate, keep = _checked("top_rate", _REAL), _checked("keep", _open_rate)
 
     def __init__(self, top_rate: float = 0.2, keep: float = 0.9):
         super().__init__()
-        V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
         self.top_rate, self.keep = top_rate, keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.selectout(x, **self._params(), training=self.training)
 
 
@@ -100,15 +160,15 @@ class AttentionDrop(GuidedDropout):
     """AttentionDrop (SPEC §4). x: (N, C, H, W) -> same."""
 
     _fields, _rate = ("alpha", "beta", "mode", "normalize"), "alpha"
+    alpha, beta = _checked("alpha", _REAL), _checked("beta", _beta)
+    mode, normalize = _checked("mode", _MODE), _checked("normalize", _NORMALIZE)
 
     def __init__(self, alpha: float = 0.1, beta: float = 20.0, mode: str = "ad",
                  normalize: str = "batch"):
         super().__init__()
-        V.real("alpha", alpha), V.real("beta", beta, 0, 100, open_lo=True)
-        V.choice("mode", mode, V.MODES), V.choice("normalize", normalize, V.NORMALIZE)
         self.alpha, self.beta, self.mode, self.normalize = alpha, beta, mode, normalize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.attentiondrop(x, **self._params(), training=self.training)
 
 
@@ -120,20 +180,34 @@ class FocusedDropout(GuidedDropout):
     ``last_applied`` tells whether the last forward applied it, so a training loop can
     raise weight decay on those steps (the paper's MWD). Under torch.compile or CUDA graph
     capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor.
+    In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
+    would draw for its own part of the batch and write ``last_applied`` to its own copy):
+    use DistributedDataParallel (SPEC §5).
     """
 
     _fields, _rate = ("participation", "low", "high", "per_position"), "participation"
+    participation = _checked("participation", _REAL)
+    low, high = _checked("low", _REAL), _checked("high", _REAL)
+    per_position = _checked("per_position", V.flag)
 
     def __init__(self, participation: float = 0.1, low: float = 0.3, high: float = 0.6,
                  per_position: bool = False):
         super().__init__()
-        V.real("participation", participation), V.low_high(low, high)
-        V.flag("per_position", per_position)
+        V.low_high(low, high)
         self.participation, self.low, self.high = participation, low, high
         self.per_position = per_position
         self.last_applied = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each is checked when set; their order only here (setting low then high passes
+        # through a state low > high).
+        V.low_high(self.low, self.high)
+        if self.training and _is_replica(self):
+            raise RuntimeError(
+                "FocusedDropout does not support nn.DataParallel in training: each replica "
+                "would draw its own participation and set last_applied on its own copy, so "
+                "the training loop would read a stale value. Use "
+                "torch.nn.parallel.DistributedDataParallel (one process per GPU).")
         if self.training and _traced(x):
             # A Python branch on a random draw would be a graph break under torch.compile
             # and frozen by CUDA graph capture: draw on x's device and select instead.
@@ -155,22 +229,31 @@ def _traced(x: torch.Tensor) -> bool:
 
 class CamDrop(GuidedDropout):
     """CamDrop (SPEC §6). x: (N, C, H, W) -> same. In training it reads the classifier
-    weight and the targets from the enclosing :func:`guidedrop.cam_targets` block."""
+    weight and the targets from the enclosing :func:`guidedrop.cam_targets` block of the
+    current thread (RuntimeError without one). In training inside ``nn.DataParallel``
+    replicas it raises RuntimeError pointing to DistributedDataParallel (SPEC §8)."""
 
     _fields = ("block_size", "keep", "channel_rate", "normalize")
     _rate, _rate_inverted = "keep", True
+    block_size, keep = _checked("block_size", _BLOCK), _checked("keep", _REAL)
+    channel_rate, normalize = _checked("channel_rate", _REAL), _checked("normalize", _NORMALIZE)
 
     def __init__(self, block_size: int = 5, keep: float = 0.9, channel_rate: float = 0.125,
                  normalize: str = "batch"):
         super().__init__()
-        V.block_size(block_size), V.real("keep", keep), V.real("channel_rate", channel_rate)
-        V.choice("normalize", normalize, V.NORMALIZE)
         self.block_size, self.keep, self.channel_rate = block_size, keep, channel_rate
         self.normalize = normalize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.keep == 1:
             return x
+        if _is_replica(self):
+            # The replicas run in threads that do not see the caller's cam_targets
+            # (a per-thread context variable), and the batch is split across them.
+            raise RuntimeError(
+                "CamDrop does not support nn.DataParallel in training: the replicas cannot "
+                "read the step's cam_targets. Use torch.nn.parallel.DistributedDataParallel "
+                "(one process per GPU, each with its own `with guidedrop.cam_targets(...)`).")
         weight, target = context.current()
         return F.camdrop(x, weight, target, **self._params())
 
@@ -179,14 +262,15 @@ class DropBlock2d(GuidedDropout):
     """DropBlock (SPEC §7), the baseline. x: (N, C, H, W) -> same."""
 
     _fields = ("p", "block_size", "shared_channels", "normalize")
+    p, block_size = _checked("p", _REAL), _checked("block_size", _BLOCK)
+    shared_channels = _checked("shared_channels", V.flag)
+    normalize = _checked("normalize", _NORMALIZE)
 
     def __init__(self, p: float = 0.1, block_size: int = 7, shared_channels: bool = False,
                  normalize: str = "batch"):
         super().__init__()
-        V.real("p", p), V.block_size(block_size), V.flag("shared_channels", shared_channels)
-        V.choice("normalize", normalize, V.NORMALIZE)
         self.p, self.block_size = p, block_size
         self.shared_channels, self.normalize = shared_channels, normalize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropblock(x, **self._params(), training=self.training)
