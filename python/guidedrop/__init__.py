@@ -5,7 +5,7 @@ CamDrop and the DropBlock2d baseline; see ``guidedrop.functional`` for the ops a
 SPEC.md for their exact behaviour.
 """
 
-from . import functional, primitives, reference
+from . import functional, models, primitives, reference
 from .context import cam_targets
 from .dispatch import available as available_backends
 from .modules import (
@@ -26,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionDrop", "CamDrop", "CorrDrop", "DropBlock2d", "FocusedDropout", "GuidedDropout",
     "LinearRamp", "SelectScale", "Selectout", "SpatialScale", "available_backends",
-    "cam_targets", "functional", "primitives", "reference",
+    "cam_targets", "functional", "models", "primitives", "reference",
 ]

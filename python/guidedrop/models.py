@@ -80,27 +80,62 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     return added
 
 
+# timm.layers.DropBlock2d's settings (timm 0.9 to 1.0.x) and how each maps; any other
+# public attribute (a newer timm setting) refuses the swap rather than being dropped.
+_TIMM_SETTINGS = ("drop_prob", "block_size", "gamma_scale", "with_noise", "inplace",
+                  "couple_channels", "scale_by_keep", "batchwise", "fast")
+
+
+def _from_timm(old: nn.Module) -> M.DropBlock2d:
+    """guidedrop's DropBlock2d computing what ``old`` (a timm DropBlock2d) computes.
+
+    drop_prob * gamma_scale -> p (timm scales its seed rate by gamma_scale; the seed rate
+    formula is SPEC §7's); block_size -> block_size; couple_channels -> shared_channels
+    (timm < 1.0.23 had no such setting and drew one mask per channel); scale_by_keep ->
+    normalize="batch" (timm divides by the kept fraction of the whole batch tensor) or
+    "none"; inplace: the values are the same (guidedrop never writes into x); fast and
+    batchwise=False: the same distribution. with_noise=True (Gaussian noise in the dropped
+    blocks), batchwise=True (one mask for the whole batch, timm < 1.0.23), an unknown
+    setting or a rate above 1: ValueError naming the setting. Keeps train/eval mode.
+    """
+    def refuse(setting, why):
+        raise ValueError(f"swap_timm_dropblock cannot map timm DropBlock2d({setting}): {why}; "
+                         f"pass factory= to choose the replacement yourself")
+
+    unknown = sorted(k for k in vars(old) if not k.startswith("_") and k != "training"
+                     and k not in _TIMM_SETTINGS)
+    if unknown:
+        refuse(f"{unknown[0]}={getattr(old, unknown[0])!r}", "a setting guidedrop does not know")
+    if getattr(old, "with_noise", False):
+        refuse("with_noise=True", "guidedrop drops blocks to zero, never adds noise")
+    if getattr(old, "batchwise", False):
+        refuse("batchwise=True", "that timm draws one mask for the whole batch")
+    p = float(old.drop_prob) * float(getattr(old, "gamma_scale", 1.0))
+    if not 0 <= p <= 1:
+        refuse(f"drop_prob * gamma_scale = {p}", "guidedrop's p must be in [0, 1]")
+    new = M.DropBlock2d(
+        p=p, block_size=old.block_size,
+        shared_channels=bool(getattr(old, "couple_channels", False)),
+        normalize="batch" if getattr(old, "scale_by_keep", True) else "none")
+    return new.train(old.training)
+
+
 def swap_timm_dropblock(model: nn.Module,
                         factory: Callable[[nn.Module], nn.Module] | None = None) -> int:
     """Replace every ``timm.layers.DropBlock2d`` in ``model`` by a guidedrop layer.
 
-    The default factory keeps timm's settings: ``DropBlock2d(p=drop_prob * gamma_scale,
-    block_size=block_size, shared_channels=couple_channels)`` (timm scales its seed rate
-    by gamma_scale, e.g. 0.25 in a ResNet's layer3). Returns the count.
+    The default factory maps every timm setting (see :func:`_from_timm`) or raises
+    ValueError naming the one it cannot map; every layer is checked before any is
+    replaced. ``factory(old) -> module`` overrides it. Returns the count.
     """
-    def default(old):
-        p = min(1.0, float(old.drop_prob) * float(getattr(old, "gamma_scale", 1.0)))
-        return M.DropBlock2d(p=p, block_size=int(old.block_size),
-                             shared_channels=bool(getattr(old, "couple_channels", True)))
-
-    factory = factory or default
-    count = 0
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child).__name__ == "DropBlock2d" and type(child).__module__.startswith("timm"):
-                setattr(parent, child_name, factory(child))
-                count += 1
-    return count
+    found = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if type(child).__name__ == "DropBlock2d"
+             and type(child).__module__.startswith("timm")]
+    new = [(factory or _from_timm)(child) for _, _, child in found]
+    for (parent, name, _), mod in zip(found, new):
+        setattr(parent, name, mod)
+    return len(found)
 
 
 class _Block(nn.Module):

@@ -3,10 +3,11 @@ changed in ``forward`` is lost under ``nn.DataParallel``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from . import _validation as V
 from .modules import GuidedDropout
 
 
@@ -19,7 +20,8 @@ class LinearRamp:
             train_step(batch)
             sched.step()
 
-    ``layers`` restricts it to the given modules.
+    ``layers`` restricts it to the given modules. ``steps``: any integral number >= 0
+    (0: the targets at once). Raises TypeError / ValueError naming the argument.
     """
 
     def __init__(self, model: nn.Module | None = None, steps: int = 1,
@@ -27,11 +29,14 @@ class LinearRamp:
         if layers is None:
             if model is None:
                 raise ValueError("LinearRamp needs a model or layers")
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
         self.layers = list(layers)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        self.steps = steps
+        for m in self.layers:
+            if not isinstance(m, GuidedDropout):
+                raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
+        self.steps = V.integer("steps", steps, 0)
         self.targets = [m.drop_rate for m in self.layers]
         self.step_count = 0
         self._set()
@@ -48,9 +53,32 @@ class LinearRamp:
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "steps": self.steps, "targets": list(self.targets)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["targets"]) != len(self.layers):
-            raise ValueError("state_dict holds a different number of layers")
-        self.step_count, self.steps = state["step_count"], state["steps"]
-        self.targets = list(state["targets"])
-        self._set()
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict`. Everything is checked before anything changes: a
+        refused state (TypeError / ValueError naming the key) leaves the ramp and its
+        layers as they were."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from LinearRamp.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("step_count", "steps", "targets") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}: not a LinearRamp state")
+        step_count = V.integer("step_count", state["step_count"], 0)
+        steps = V.integer("steps", state["steps"], 0)
+        targets = state["targets"]
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+            raise TypeError(f"targets must be a list of rates, got {type(targets).__name__}")
+        targets = [V.real(f"targets[{i}]", t) for i, t in enumerate(targets)]
+        if len(targets) != len(self.layers):
+            raise ValueError(f"targets holds {len(targets)} rates for {len(self.layers)} layers")
+        # A layer may still refuse its rate (Selectout's keep = 1 - drop_rate must be > 0):
+        # then put everything back.
+        before = (self.step_count, self.steps, self.targets), [m.drop_rate for m in self.layers]
+        self.step_count, self.steps, self.targets = step_count, steps, targets
+        try:
+            self._set()
+        except (TypeError, ValueError):
+            (self.step_count, self.steps, self.targets), rates = before
+            for m, rate in zip(self.layers, rates):
+                m.drop_rate = rate
+            raise
