@@ -497,3 +497,312 @@ def test_forward_never_changes_rates():
     model.eval()
     model(x)
     assert _rates(model) == before
+
+
+# ----------------------------------------------------------------- issue 11: fuzzing faults
+# These run on every backend (reference; Triton under the interpreter; CUDA with a GPU):
+# the values reach the layers, so a backend that specialises on a python type or reads
+# an unconverted value fails here.
+
+import threading  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import numpy as np  # noqa: E402
+from test_backends import DEV, load_backend  # noqa: E402
+
+
+@pytest.fixture(params=["reference", "triton", "cuda"])
+def every_backend(request, monkeypatch):
+    """GUIDEDROP_BACKEND forced to each backend that can run here (overrides the pin)."""
+    if request.param != "reference":
+        load_backend(request.param)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
+    return request.param
+
+
+SMALL = (2, 4, 6, 6)
+# op -> (noise shape, rates given as other number types, the same as python values)
+TYPED = {
+    "corrdrop": ((2, 2, 2, 2), dict(p=Fraction(3, 10), block_size=np.uint8(3)),
+                 dict(p=0.3, block_size=3)),
+    "selectscale": ((2, 4), dict(top_rate=np.float32(0.5), retain=Fraction(1, 5)),
+                    dict(top_rate=float(np.float32(0.5)), retain=0.2)),
+    "spatialscale": ((2, 4), dict(retain=Fraction(1, 5)), dict(retain=0.2)),
+    "selectout": ((2, 4), dict(top_rate=Fraction(1, 2), keep=np.float64(0.75)),
+                  dict(top_rate=0.5, keep=0.75)),
+    "attentiondrop": ((2, 4), dict(alpha=Fraction(1, 2), beta=np.int64(30)),
+                      dict(alpha=0.5, beta=30.0)),
+    "focused_dropout": ((2,), dict(low=Fraction(1, 4), high=np.float16(0.5)),
+                        dict(low=0.25, high=0.5)),
+    "camdrop": ((2, 4, 6, 6), dict(block_size=np.int16(3), keep=Fraction(1, 2),
+                                   channel_rate=np.float32(0.5)),
+                dict(block_size=3, keep=0.5, channel_rate=0.5)),
+    "dropblock": ((2, 4, 6, 6), dict(p=Fraction(3, 10), block_size=np.int64(3)),
+                  dict(p=0.3, block_size=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(TYPED))
+def test_rate_types_every_backend(every_backend, name):
+    """SPEC §1: a rate is any real number (float()), a block size any integral number
+    (int()): Fraction and numpy scalars give exactly the python values' output."""
+    shape, typed, plain = TYPED[name]
+    x = torch.randn(SMALL, device=DEV)
+    u = torch.rand(shape, device=DEV)
+    extra = {}
+    if name == "camdrop":
+        extra = dict(weight=torch.randn(3, 4, device=DEV),
+                     target=torch.tensor([0, 2], device=DEV))
+    expected = call(name, x, noise=u, **plain, **extra)
+    assert torch.equal(call(name, x, noise=u, **typed, **extra), expected)
+    if name != "focused_dropout":  # its module adds the participation draw
+        assert not torch.equal(expected, x), "the op must act for this test to mean anything"
+
+
+@pytest.mark.parametrize("bad", [True, torch.tensor(0.1), np.bool_(True), "0.1", None])
+@pytest.mark.parametrize("name", list(TYPED))
+def test_rate_bool_tensor_refused(name, bad):
+    """SPEC §1: a bool or a tensor (or anything not a real number) is a TypeError."""
+    arg = next(iter(TYPED[name][2]))
+    with pytest.raises(TypeError, match=arg):
+        call(name, **{arg: bad})
+
+
+@pytest.mark.parametrize("bad", [2.5, Fraction(5, 2), np.float32(3.0), True, torch.tensor(3)])
+def test_block_size_must_be_integral(bad):
+    with pytest.raises(TypeError, match="block_size"):
+        call("dropblock", block_size=bad)
+
+
+MODULE_FIELDS = [
+    (guidedrop.CorrDrop, "p", 1.5), (guidedrop.CorrDrop, "block_size", 0),
+    (guidedrop.CorrDrop, "normalize", "batches"), (guidedrop.SelectScale, "top_rate", -0.1),
+    (guidedrop.SelectScale, "retain", 2), (guidedrop.SpatialScale, "retain", float("nan")),
+    (guidedrop.Selectout, "keep", 0.0), (guidedrop.Selectout, "top_rate", 1.1),
+    (guidedrop.AttentionDrop, "alpha", 7.0), (guidedrop.AttentionDrop, "beta", 0),
+    (guidedrop.AttentionDrop, "mode", "xx"), (guidedrop.FocusedDropout, "participation", 7.0),
+    (guidedrop.FocusedDropout, "low", -1), (guidedrop.FocusedDropout, "high", 1.5),
+    (guidedrop.FocusedDropout, "per_position", 1), (guidedrop.CamDrop, "keep", 1.5),
+    (guidedrop.CamDrop, "block_size", 2.0), (guidedrop.CamDrop, "channel_rate", -1),
+    (guidedrop.DropBlock2d, "p", True), (guidedrop.DropBlock2d, "shared_channels", "yes"),
+    (guidedrop.DropBlock2d, "block_size", np.uint8(0)),
+]
+
+
+@pytest.mark.parametrize("cls, field, bad", MODULE_FIELDS)
+def test_module_assignment_checked(cls, field, bad):
+    """Every value forward reads is checked when set (FocusedDropout().participation = 7
+    used to pass silently); a refused value leaves the old one."""
+    m = cls()
+    before = getattr(m, field)
+    with pytest.raises((TypeError, ValueError), match=field):
+        setattr(m, field, bad)
+    assert getattr(m, field) == before
+
+
+def test_module_values_converted_once():
+    m = guidedrop.DropBlock2d(p=Fraction(1, 10), block_size=np.uint8(3))
+    assert type(m.p) is float and m.p == 0.1
+    assert type(m.block_size) is int and m.block_size == 3
+    m.drop_rate = np.float32(0.25)
+    assert type(m.p) is float
+    s = guidedrop.Selectout()
+    s.drop_rate = Fraction(1, 4)
+    assert type(s.keep) is float and s.keep == 0.75
+    with pytest.raises(ValueError, match="keep"):
+        s.drop_rate = 1  # keep = 0 is not in (0, 1]
+    assert s.keep == 0.75
+
+
+def test_focused_dropout_low_above_high_at_forward():
+    m = guidedrop.FocusedDropout(participation=0.0)
+    m.low = 0.9  # each alone is valid; the pair is checked where forward reads them
+    with pytest.raises(ValueError, match="low"):
+        m(torch.randn(2, 3, 4, 4))
+
+
+# --- CamDrop targets and weights (SPEC §6 step 0)
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+              torch.uint32]
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_camdrop_target_dtypes_every_backend(every_backend, dtype):
+    """Any integer dtype is a class index, never a mask: N = K with uint8 targets used to
+    pick rows by a boolean mask."""
+    n = k = 3
+    x = torch.randn(n, 4, 6, 6, device=DEV)
+    weight = torch.randn(k, 4, device=DEV)
+    u = torch.rand(x.shape, device=DEV)
+    t64 = torch.tensor([2, 0, 1], device=DEV)
+    # expected: the reference with W[y] computed by hand (rows 2, 0, 1 of W)
+    expected = F.camdrop(x, weight, t64, 3, 0.3, channel_rate=0.5, noise=u)
+    assert torch.equal(F.camdrop(x, weight, t64.to(dtype), 3, 0.3, channel_rate=0.5, noise=u),
+                       expected)
+    perm = torch.tensor([2, 0, 1], device=DEV)
+    same_rows = F.camdrop(x, weight[perm], torch.arange(3, device=DEV), 3, 0.3,
+                          channel_rate=0.5, noise=u)
+    assert torch.equal(same_rows, expected)
+
+
+@pytest.mark.parametrize("target", [[0, 5], [0, 3], [-1, 0], [0, -3]])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.int16])
+def test_camdrop_target_out_of_range(target, dtype):
+    """A CPU target outside [0, K) is a ValueError naming target (not IndexError, not
+    class K + t)."""
+    with pytest.raises(ValueError, match="target"):
+        F.camdrop(torch.randn(2, 4, 6, 6), torch.randn(3, 4), torch.tensor(target, dtype=dtype),
+                  3, 0.5)
+
+
+@pytest.mark.parametrize("target", [torch.tensor([True, False]), torch.tensor([0.0, 1.0]),
+                                    [0, 1]])
+def test_camdrop_target_not_integer(target):
+    with pytest.raises(TypeError, match="target"):
+        F.camdrop(torch.randn(2, 4, 6, 6), torch.randn(3, 4), target, 3, 0.5)
+
+
+@pytest.mark.parametrize("weight, match", [
+    (torch.randn(0, 4), "K"), (torch.randn(3, 0), "C_fc"), (torch.randn(3, 6), "C_fc"),
+    (torch.randn(3, 4, dtype=torch.float64).long(), "weight"), (torch.randn(12), "weight")])
+def test_camdrop_weight_checked(weight, match):
+    with pytest.raises(ValueError, match=match):
+        F.camdrop(torch.randn(2, 4, 6, 6), weight, torch.tensor([0, 0]), 3, 0.5)
+
+
+def test_camdrop_targets_checked_in_eval_too():
+    x = torch.randn(2, 4, 6, 6)
+    assert F.camdrop(x, torch.randn(3, 4), torch.tensor([0, 1]), training=False) is x
+    with pytest.raises(ValueError, match="target"):
+        F.camdrop(x, torch.randn(3, 4), torch.tensor([0, 3]), training=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_camdrop_target_out_of_range_cuda_is_async():
+    """On a GPU the range check is an asynchronous assertion naming target: no sync."""
+    x = torch.randn(2, 4, 6, 6, device="cuda")
+    w = torch.randn(3, 4, device="cuda")
+    target = torch.tensor([0, 1], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # a host sync raises
+    try:
+        F.camdrop(x, w, target, 3, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("classifier", [nn.ReLU(), nn.Conv2d(4, 3, 1), "fc", torch.randn(3)])
+def test_cam_targets_bad_classifier(classifier):
+    """cam_targets(nn.ReLU(), t) used to raise AttributeError."""
+    with pytest.raises(TypeError, match="cam_targets|weight"):
+        with guidedrop.cam_targets(classifier, torch.tensor([0, 1])):
+            pass
+
+
+@pytest.mark.parametrize("target", [torch.tensor([0.0, 1.0]), torch.tensor([True, False]),
+                                    [0, 1]])
+def test_cam_targets_bad_target(target):
+    with pytest.raises(TypeError, match="target"):
+        with guidedrop.cam_targets(nn.Linear(4, 3), target):
+            pass
+
+
+# --- threads and replicas (SPEC §5, §8)
+
+
+def test_cam_targets_per_thread():
+    """Two threads, each inside its own block at the same time, read only their own
+    weight and targets; the first to leave does not pop the other's."""
+    m = guidedrop.CamDrop(block_size=3, keep=0.3, channel_rate=1.0)
+    x = torch.randn(2, 4, 9, 9)
+    u = torch.rand(x.shape)
+    blocks = {0: (torch.randn(3, 4), torch.tensor([0, 2])),
+              1: (torch.randn(5, 4), torch.tensor([4, 1]))}
+    both_inside, first_left = threading.Barrier(2), threading.Event()
+    seen, errors = {}, []
+
+    def worker(i):
+        try:
+            weight, target = blocks[i]
+            with guidedrop.cam_targets(weight, target):
+                both_inside.wait(timeout=30)
+                if i == 1:
+                    first_left.wait(timeout=30)  # thread 0 has left its block
+                w, t = guidedrop.context.current()
+                seen[i] = (w is weight and t is target,
+                           torch.equal(F.camdrop(x, w, t, 3, 0.3, channel_rate=1.0, noise=u),
+                                       F.camdrop(x, weight, target, 3, 0.3, channel_rate=1.0,
+                                                 noise=u)))
+            if i == 0:
+                first_left.set()
+            with pytest.raises(RuntimeError, match="cam_targets"):
+                m(x)  # outside its block: nothing, whatever the other thread holds
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+            first_left.set()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert seen == {0: (True, True), 1: (True, True)}
+
+
+@pytest.mark.parametrize("cls", [guidedrop.CamDrop, guidedrop.FocusedDropout])
+def test_data_parallel_replicas_refused(cls):
+    """SPEC §5/§8: in nn.DataParallel replicas (made by Module._replicate_for_data_parallel,
+    as torch.nn.parallel.replicate does) CamDrop and FocusedDropout refuse to train with an
+    error pointing to DistributedDataParallel; eval mode stays the identity."""
+    m = cls(**({"participation": 1.0} if cls is guidedrop.FocusedDropout else {}))
+    replica = m._replicate_for_data_parallel()
+    x = torch.randn(2, 4, 9, 9)
+    with guidedrop.cam_targets(torch.randn(3, 4), torch.tensor([0, 1])):
+        with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+            replica(x)
+        m(x)  # the module itself still trains
+    replica.eval()
+    assert replica(x) is x
+
+
+# --- LinearRamp (schedule)
+
+
+def test_linear_ramp_integral_steps():
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=np.int64(4))
+    assert type(sched.steps) is int and sched.steps == 4
+    for bad, exc in [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("5", TypeError)]:
+        with pytest.raises(exc, match="steps"):
+            guidedrop.LinearRamp(_model(), steps=bad)
+
+
+@pytest.mark.parametrize("state, exc, match", [
+    ([1, 2], TypeError, "dict"),
+    ({}, ValueError, "step_count"),
+    ({"step_count": 1, "steps": 10}, ValueError, "targets"),
+    ({"step_count": 1, "steps": -1, "targets": None}, ValueError, "steps"),
+    ({"step_count": -2, "steps": 10, "targets": None}, ValueError, "step_count"),
+    ({"step_count": 1.5, "steps": 10, "targets": None}, TypeError, "step_count"),
+    ({"step_count": 1, "steps": 10, "targets": 0.1}, TypeError, "targets"),
+    ({"step_count": 1, "steps": 10, "targets": [0.1]}, ValueError, "targets"),
+    ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
+    ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),
+    ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
+])
+def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
+    model = nn.Sequential(guidedrop.CorrDrop(p=0.2), guidedrop.Selectout(keep=0.8),
+                          guidedrop.AttentionDrop(alpha=0.3))
+    sched = guidedrop.LinearRamp(model, steps=4)
+    sched.step()
+    if isinstance(state, dict) and isinstance(state.get("targets"), str):
+        state = {**state, "targets": {"high": [0.1, 0.1, 1.5], "above": [0.1, 0.1, 7],
+                                      "selectout_one": [0.1, 1.0, 0.1]}[state["targets"]]}
+    if isinstance(state, dict) and "targets" in state and state["targets"] is None:
+        state = {**state, "targets": [0.1, 0.1, 0.1]}
+    before, rates = sched.state_dict(), [m.drop_rate for m in model]
+    with pytest.raises(exc, match=match):
+        sched.load_state_dict(state)
+    assert sched.state_dict() == before
+    assert [m.drop_rate for m in model] == rates
