@@ -219,3 +219,87 @@ def test_swap_timm_dropblock():
         assert torch.equal(model(x), before)  # eval: the identity, before and after
     out, loss = train_step(model, x, y)
     assert torch.isfinite(loss)
+
+
+TIMM_CASES = [
+    # timm settings -> (p, block_size, shared_channels, normalize) of guidedrop's layer
+    (dict(), (0.1, 7, True, "batch")),
+    (dict(scale_by_keep=False), (0.1, 7, True, "none")),
+    (dict(couple_channels=False, drop_prob=0.2, gamma_scale=0.25, block_size=5),
+     (0.05, 5, False, "batch")),
+    (dict(inplace=True, block_size=3), (0.1, 3, True, "batch")),
+]
+
+
+@pytest.mark.parametrize("settings, expected", TIMM_CASES)
+def test_swap_timm_dropblock_maps_every_setting(settings, expected):
+    """Each timm setting is mapped: scale_by_keep=False used to become a normalising layer."""
+    timm = _timm()
+    old = timm.layers.DropBlock2d(**settings)
+    model = nn.Sequential(nn.Identity(), old).eval()
+    assert models.swap_timm_dropblock(model) == 1
+    new = model[1]
+    assert (new.p, new.block_size, new.shared_channels, new.normalize) == expected
+    assert not new.training  # the model's mode is kept
+    if not settings.get("scale_by_keep", True):
+        # timm's scale_by_keep=False: every unit is 0 or x itself, never rescaled
+        new.train()
+        x = torch.rand(2, 3, 8, 8) + 1
+        y = new(x)
+        assert ((y == 0) | (y == x)).all() and (y == 0).any()
+
+
+@pytest.mark.parametrize("settings, setting", [
+    (dict(with_noise=True), "with_noise"), (dict(drop_prob=0.9, gamma_scale=2.0), "gamma_scale"),
+    ("unknown", "new_setting")])
+def test_swap_timm_dropblock_refuses_what_it_cannot_map(settings, setting):
+    timm = _timm()
+    if settings == "unknown":  # a setting of a later timm
+        old = timm.layers.DropBlock2d()
+        old.new_setting = 3
+    else:
+        old = timm.layers.DropBlock2d(**settings)
+    kept = timm.layers.DropBlock2d()
+    model = nn.Sequential(kept, old)
+    with pytest.raises(ValueError, match=setting):
+        models.swap_timm_dropblock(model)
+    assert model[0] is kept and model[1] is old  # nothing replaced
+    assert models.swap_timm_dropblock(model, factory=lambda m: nn.Identity()) == 2
+
+
+# --------------------------------------------------------------------------- torch.fx
+
+from test_api import every_backend  # noqa: E402, F401 (a fixture)
+
+
+def test_symbolic_trace_leaf():
+    """Like nn.Dropout, each layer is one call_module node under torch.fx."""
+    for layer in models.LAYERS:
+        mod = models.PLACEMENTS[layer][1](0, 1)
+        gm = torch.fx.symbolic_trace(nn.Sequential(mod))
+        ops = [(n.op, n.target) for n in gm.graph.nodes]
+        assert ops[1] == ("call_module", "0") and len(ops) == 3, (layer, ops)
+
+
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_create_feature_extractor(every_backend, layer):
+    """torchvision's create_feature_extractor on a ResNet holding each layer (it used to
+    raise on x being a Proxy): the layers are leaf nodes, and the traced model computes
+    what the eager one computes, in train and in eval mode."""
+    fe = pytest.importorskip("torchvision.models.feature_extraction")
+    torch.manual_seed(0)
+    model = resnet18("torchvision")
+    added = models.insert(model, layer)
+    traced = fe.create_feature_extractor(model, {"fc": "out", "layer3": "l3"})
+    names = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    paths = {name for name, m in model.named_modules() if any(m is a for a in added)}
+    assert paths <= names  # each guidedrop layer is one call_module node
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    for train in (True, False):
+        model.train(train), traced.train(train)
+        with torch.no_grad(), guidedrop.cam_targets(model.fc, y):
+            torch.manual_seed(5)
+            eager = model(x)
+            torch.manual_seed(5)
+            out = traced(x)["out"]
+        assert torch.equal(out, eager), (layer, train)
