@@ -806,3 +806,17 @@ def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
         sched.load_state_dict(state)
     assert sched.state_dict() == before
     assert [m.drop_rate for m in model] == rates
+
+
+def test_primitives_convert_their_arguments():
+    """The primitives follow SPEC §1's argument types too: numpy and Fraction values give
+    the python values' results; bool is refused."""
+    x = torch.randn(2, 3, 7, 7)
+    P = guidedrop.primitives
+    assert torch.equal(P.pooled_correlation(x, np.uint8(3)), P.pooled_correlation(x, 3))
+    assert torch.equal(P.top_percentile_threshold(x, Fraction(50)),
+                       P.top_percentile_threshold(x, 50.0))
+    mask = torch.rand(2, 3, 3) < 0.5
+    assert torch.equal(P.block_upsample(mask, np.int8(3), 7, 7), P.block_upsample(mask, 3, 7, 7))
+    with pytest.raises(TypeError, match="k"):
+        P.pooled_correlation(x, True)

@@ -26,7 +26,7 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     Mean over pooled positions j of |â_i·â_j − δ_ij|, â the L2-normalised channel vectors
     of the k x k average-pooled map.
     """
-    V.block_size(k, "k")
+    k = V.block_size(k, "k")
     with torch.autocast(x.device.type, enabled=False):
         return _backend(x).pooled_correlation(x, k)
 
@@ -46,7 +46,7 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
 
     n_β = max(1, ceil(beta * H * W / 100)); the top beta % of a map are the units >= it.
     """
-    V.real("beta", beta, 0, 100, open_lo=True)
+    beta = V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
     return _backend(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
 
@@ -57,7 +57,7 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     out[n, i, j] = mask[n, i // k, j // k]. The layers never materialise this: their
     apply kernels read the small mask at (i // k, j // k).
     """
-    V.block_size(k, "k")
+    k = V.block_size(k, "k")
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
     return mask.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :h, :w]
