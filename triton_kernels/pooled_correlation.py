@@ -5,9 +5,9 @@ position i (k x k average pooling, ceil mode: a window cut by the border average
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
-- |â_i·â_j| is a sum over the channels in one fixed order, whatever the tile position of
-  (i, j), so the same for (j, i) and for equal rows (an outer-product loop, not tl.dot,
-  whose order is the hardware's / BLAS's);
+- â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), the sum over the channels
+  in one fixed order whatever the tile position of (i, j): the same for (j, i), exactly 1
+  for equal rows (an outer-product loop, not tl.dot, whose order is the hardware's / BLAS's);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
   independent of the order of the terms.
 k is clamped to max(H, W) first (a block >= the map is one window).
@@ -21,7 +21,7 @@ Two kernels, one pass over x, the N' x N' matrix never leaves the chip:
    small, L2-resident for the usual k = 7), and per position the max |a| and the norm of
    a / max|a| (a running rescaled sum of squares over the channel chunks).
 2. ``_corr_kernel``, grid (N, N'-blocks of BM rows): loops over blocks of BN columns and
-   over the channels, accumulating the outer products â_I[c] â_J[c] (IEEE float32), then
+   over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then
    adds the rounded |G| of the tile to int64 row sums (the diagonal set exactly).
 """
 
@@ -107,12 +107,16 @@ def _corr_kernel(at_ptr, s_ptr, nb_ptr, f_ptr, C, NP,
         jv = j < NP
         sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
         nbj = tl.load(nb_ptr + n * NP + j, mask=jv, other=1.0)
-        acc = tl.zeros([BM, BN], tl.float32)
+        acc = tl.zeros([BM, BN], tl.float32)  # ‖â_i − â_j‖²
         for c in range(0, C):
             ai = _unit(tl.load(abase + c * NP + i, mask=iv, other=0.0), si, nbi)
             aj = _unit(tl.load(abase + c * NP + j, mask=jv, other=0.0), sj, nbj)
-            acc += ai[:, None] * aj[None, :]
-        p = tl.abs(acc)
+            d = ai[:, None] - aj[None, :]
+            acc += d * d
+        # â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows (a float32
+        # dot of a rounded â with itself is not); 0 with a zero row.
+        zero = (si == 0)[:, None] | (sj == 0)[None, :]
+        p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * acc))
         valid = iv[:, None] & jv[None, :]
         poison += tl.sum(tl.where(valid & (p != p), p, 0.0), axis=1)
         term = valid & (p == p) & (i[:, None] != j[None, :])

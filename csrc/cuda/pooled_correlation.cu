@@ -6,8 +6,9 @@
 // guidedrop.reference.pooled_correlation:
 // - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|: the norm neither overflows nor underflows, F is
 //   invariant to positive scaling of x;
-// - â_i·â_j is a sum over the channels in one fixed order for every (i, j): the same for
-//   (j, i) (products commute, and so do fma's factors) and for equal rows;
+// - â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), a sum over the channels
+//   in one fixed order for every (i, j): the same for (j, i) ((x − y)² = (y − x)²), and
+//   exactly 1 for equal rows;
 // - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
 //   independent of where the diagonal or an equal term falls in the row;
 // - a NaN in row i of P (NaN or Inf in the sample's x) makes F_i NaN.
@@ -20,8 +21,8 @@
 //    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N, N', C)
 //    and the zero-row flag (N, N').
 // 2. gram_rowsum_kernel: a block of 32 x 8 threads takes 32 rows i of one sample and walks
-//    the columns j in tiles of 32, accumulating â_i·â_j over channel tiles of 32 held in
-//    shared memory (a plain tiled GEMM); each thread keeps 4 rows x 1 column, adds the
+//    the columns j in tiles of 32, accumulating ‖â_i − â_j‖² over channel tiles of 32 held
+//    in shared memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1 column, adds the
 //    rounded |dot| to its int64 row partials, and a warp reduction over the 32 columns of a
 //    tile row gives Σ_{j≠i} P_ij. The N' x N' matrix never leaves registers.
 #include "common.cuh"
@@ -103,7 +104,10 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
         for (int cc = 0; cc < kTile; ++cc) {
           const float bj = aj[tx][cc];
 #pragma unroll
-          for (int q = 0; q < kPerThread; ++q) acc[q] += ai[ty + kRowsY * q][cc] * bj;
+          for (int q = 0; q < kPerThread; ++q) {
+            const float d = ai[ty + kRowsY * q][cc] - bj;
+            acc[q] += d * d;  // ‖â_i − â_j‖²
+          }
         }
         __syncthreads();
       }
@@ -112,7 +116,10 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
-          const float p = fabsf(acc[q]);
+          // â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows; 0 with
+          // a zero row
+          const bool zero = zero_row[n * Np + i] != 0.f || zero_row[n * Np + j] != 0.f;
+          const float p = zero ? 0.f : fabsf(1.f - 0.5f * acc[q]);
           if (p != p) {
             poison[q] += p;
           } else if (i != j) {

@@ -44,7 +44,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     F decides CorrDrop's blocks (F_min = F_max, the order of the F_i), so mathematically
     equal F must be exactly equal (SPEC §1):
     - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
-      of the norm, F is invariant to positive scaling of x;
+      of the norm, F is invariant to positive scaling of x; float64, so that equal or
+      parallel rows give P_ij = 1 exactly once rounded to the grid;
     - P is symmetric to the last bit (the upper triangle mirrored);
     - each P_ij is rounded to a multiple of QUANTUM and the row sums are int64: exact, so
       independent of the order of the terms (the diagonal P_ii, 0 for a nonzero row and 1
@@ -60,11 +61,12 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
     # ceil_mode with no padding: a window cut by the border averages its valid units.
     a = F.avg_pool2d(x.to(ct), k, stride=k, ceil_mode=True)
-    rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
+    rows = a.flatten(2).transpose(1, 2).double()  # (N, N', C)
     s = rows.abs().amax(dim=2, keepdim=True)
     b = rows / s
-    hat = torch.where(s == 0, 0, b / b.norm(dim=2, keepdim=True)).double()
-    g = (hat @ hat.transpose(1, 2)).abs()  # float64: a correctly rounded |â_i·â_j| (nearly)
+    # float64: |â_i·â_j| within ~1e-16 (1 for equal rows once rounded to the grid)
+    hat = torch.where(s == 0, 0, b / b.norm(dim=2, keepdim=True))
+    g = (hat @ hat.transpose(1, 2)).abs()
     g = g.triu() + g.triu(1).transpose(1, 2)  # each |â_i·â_j| once, for rows i and j
     nan = g.isnan().any(dim=2)
     q = torch.where(g.isnan(), 0, g / QUANTUM + 0.5).floor().long()
@@ -125,8 +127,13 @@ def attention_stats(x, k, active, mode):
 
 
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c]."""
-    return torch.einsum("nchw,nc->nhw", x.to(compute_dtype(x)), alpha.to(compute_dtype(x)))
+    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c].
+
+    Summed in float64, so that mathematically equal J (the same channel terms in another
+    order) are exactly equal: J's top-k decides CamDrop's candidates (SPEC §1).
+    """
+    f64 = torch.float64
+    return torch.einsum("nchw,nc->nhw", x.to(f64), alpha.to(f64)).to(compute_dtype(x))
 
 
 # --------------------------------------------------------------------------- seed masks
