@@ -33,8 +33,8 @@ import triton.language as tl
 
 from ._common import INTERPRET, TILE, cdiv, launch, needs_int64, op, pow2, warps
 
-QUANTUM_INV = 4294967296.0  # 2^32: P_ij is rounded to a multiple of 2^-32
-QUANTUM = 1.0 / QUANTUM_INV
+QUANTUM_INV = tl.constexpr(4294967296.0)  # 2^32: P_ij is rounded to a multiple of 2^-32
+QUANTUM = tl.constexpr(2.0**-32)
 
 
 @triton.jit
