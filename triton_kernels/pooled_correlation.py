@@ -65,7 +65,8 @@ def _pool_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, C, H, W, WP, NP, k, KH, KW, sN, s
             for dx0 in range(0, KW, KP):
                 d = dx0 + dx
                 colv = rv[:, None] & (d[None, :] < ncols[:, None])
-                off = (cc * sC)[:, None, None] + (roff[:, None] + (w0[:, None] + d[None, :]) * sW)[None, :, :]
+                pos = roff[:, None] + (w0[:, None] + d[None, :]) * sW  # (BP, KP)
+                off = (cc * sC)[:, None, None] + pos[None, :, :]
                 v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
                 acc += tl.sum(v.to(tl.float32), axis=2)
         avg = acc / cnt[None, :]

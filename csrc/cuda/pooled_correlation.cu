@@ -22,9 +22,9 @@
 //    and the zero-row flag (N, N').
 // 2. gram_rowsum_kernel: a block of 32 x 8 threads takes 32 rows i of one sample and walks
 //    the columns j in tiles of 32, accumulating ‖â_i − â_j‖² over channel tiles of 32 held
-//    in shared memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1 column, adds the
-//    rounded |dot| to its int64 row partials, and a warp reduction over the 32 columns of a
-//    tile row gives Σ_{j≠i} P_ij. The N' x N' matrix never leaves registers.
+//    in shared memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1
+//    column, adds the rounded |dot| to its int64 row partials, and a warp reduction over
+//    the 32 columns of a tile row gives Σ_{j≠i} P_ij. The N' x N' matrix never leaves registers.
 #include "common.cuh"
 #include "launchers.h"
 
