@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <mutex>
 #include <string>
 
@@ -87,11 +89,12 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   check_positive(k, op, "k");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  at::Tensor diag = at::empty({N, Hp * Wp}, f32(x));       // P_ii of each pooled row
-  launch_pooled_correlation(x, k, pooled, diag, F);
+  at::Tensor zero_row = at::empty({N, Hp * Wp}, f32(x));   // 1 for a zero pooled row
+  launch_pooled_correlation(x, k, pooled, zero_row, F);
   return F;
 }
 
@@ -99,11 +102,14 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x) {
   constexpr const char* op = "guidedrop::channel_stats";
   check_feature_map(x, op, "x");
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(N * C == 0 || x.size(2) * x.size(3) > 0, op,
-              ": maps must not be empty (H * W > 0), got shape ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor amax = at::empty({N, C}, f32(x));
   at::Tensor mean = at::empty({N, C}, f32(x));
+  if (x.size(2) * x.size(3) == 0) {  // empty maps: max |x| = 0, mean = NaN (as torch.mean)
+    amax.fill_(0.f);
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {amax, mean};
+  }
   launch_channel_stats(x, amax, mean);
   return {amax, mean};
 }
@@ -123,9 +129,13 @@ at::Tensor kth_largest(const at::Tensor& v, int64_t k) {
 at::Tensor map_threshold(const at::Tensor& x, int64_t k) {
   constexpr const char* op = "guidedrop::map_threshold";
   check_feature_map(x, op, "x");
-  check_k(k, x.size(2) * x.size(3), op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1)}, f32(x));
+  if (x.size(2) * x.size(3) == 0) {  // no k-th largest in an empty map
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    return out;
+  }
+  check_k(k, x.size(2) * x.size(3), op);
   launch_map_threshold(x, k, out);
   return out;
 }

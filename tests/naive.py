@@ -280,7 +280,9 @@ def attention_soft_mask(x, beta, mode) -> list:
             for hh in range(h):
                 for ww in range(w):
                     v = xs[b][ch][hh][ww]
+                    # f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf)
                     fh = (v - mn) / (mx - mn) if mx != mn else 0.0
+                    fh = fh if 0.0 <= fh <= 1.0 else 0.0
                     top = v >= t[b][ch]
                     if mode == "am":
                         s = 0.0 if top else 1.0

@@ -1,6 +1,7 @@
 """Per-channel ranking: max |x| and mean of every (n, c) map, and the per-channel apply.
 
-- ``channel_stats``: one pass over x. A program owns ROWS maps x BLOCK positions (a 2-D
+- ``channel_stats``: one pass over x, sums in float64 (equal values in any order give
+  exactly equal means). A program owns ROWS maps x BLOCK positions (a 2-D
   tile, several small maps per program; maps longer than BLOCK are looped over), rows are
   consecutive (n, c), so in channels_last the tile's rows are the contiguous axis.
 - ``apply_channel``: ``t * w[n, c]``, a 2-D streaming tile (see ``_common``).
@@ -43,7 +44,8 @@ def _channel_stats_kernel(x_ptr, amax_ptr, mean_ptr, R, C, W, L,
         rows = rows.to(tl.int64)
     base = (rows // C) * sN + (rows % C) * sC
     acc_max = tl.zeros([ROWS, BLOCK], tl.float32)
-    acc_sum = tl.zeros([ROWS, BLOCK], tl.float32)
+    # float64 sums: mathematically equal means are exactly equal (FocusedDropout's argmax)
+    acc_sum = tl.zeros([ROWS, BLOCK], tl.float64)
     for p0 in range(0, L, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         if IDX64:
@@ -52,12 +54,12 @@ def _channel_stats_kernel(x_ptr, amax_ptr, mean_ptr, R, C, W, L,
         m = rv[:, None] & (p < L)[None, :]
         v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc_max = tl.maximum(acc_max, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-        acc_sum += v
+        acc_sum += v.to(tl.float64)
     # tl.max drops NaNs on a GPU: add 0, or NaN where a map has one (torch.amax propagates)
     amax = tl.max(acc_max, axis=1) + tl.sum(tl.where(acc_max != acc_max, acc_max, 0.0), axis=1)
     total = tl.sum(acc_sum, axis=1)
     tl.store(amax_ptr + rows, amax, mask=rv)
-    tl.store(mean_ptr + rows, total / L, mask=rv)
+    tl.store(mean_ptr + rows, (total / L).to(tl.float32), mask=rv)
 
 
 def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
@@ -75,8 +77,8 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     amax = torch.empty((n, c), dtype=torch.float32, device=x.device)
     mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
-    if amax.numel() == 0 or h * w == 0:
-        return amax.fill_(float("nan") if h * w == 0 else 0), mean.fill_(float("nan"))
+    if amax.numel() == 0 or h * w == 0:  # empty maps: max |x| = 0, mean = NaN (torch.mean)
+        return amax.fill_(0.0), mean.fill_(float("nan"))
     rows, block = row_tile(x, h * w, n * c)
     launch(_channel_stats_kernel)[(cdiv(n * c, rows),)](
         x, amax, mean, n * c, c, w, h * w, *x.stride(),

@@ -1,6 +1,8 @@
 """Class activation map: J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w] (CamDrop).
 
-One pass over x. Grid (N, position blocks); a program accumulates a (channels x
+Products and sums in float64 (the output float32), so that mathematically equal J (the
+same channel terms in another order) are exactly equal: J's top-k decides CamDrop's
+candidates (SPEC §1). One pass over x. Grid (N, position blocks); a program accumulates a (channels x
 positions) tile over channel chunks and reduces it over the channels at the end. The
 tile's contiguous axis follows x's layout (positions for NCHW, channels for
 channels_last).
@@ -37,15 +39,15 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
         n = n.to(tl.int64)
         p = p.to(tl.int64)
     poff = pos_offset(p, W, sH, sW, HW_FLAT)
-    acc = tl.zeros([BC, BP], tl.float32)
+    acc = tl.zeros([BC, BP], tl.float64)
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
         al = tl.load(a_ptr + n * a_sN + cc * a_sC, mask=cv, other=0.0)
         off = n * sN + (cc * sC)[:, None] + poff[None, :]
         v = tl.load(x_ptr + off, mask=cv[:, None] & pv[None, :], other=0.0).to(tl.float32)
-        acc += al[:, None] * v
-    tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0), mask=pv)
+        acc += al.to(tl.float64)[:, None] * v.to(tl.float64)
+    tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0).to(tl.float32), mask=pv)
 
 
 @op("cam")

@@ -54,9 +54,9 @@ def soft_mask(xv, thr, mn, mx, MODE: tl.constexpr):
     if MODE == 0:  # "am"
         s = (xv < thr).to(tl.float32)
     else:
-        rng = mx - mn
-        pos = rng > 0
-        fhat = tl.where(pos, tl.math.div_rn(xv - mn, tl.where(pos, rng, 1.0)), 0.0)
+        # f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf, an overflow)
+        q = tl.math.div_rn(xv - mn, mx - mn)
+        fhat = tl.where((q >= 0.0) & (q <= 1.0), q, 0.0)
         if MODE == 1:  # "sm"
             s = 1.0 - fhat
         else:  # "ad": 1 - fhat * [x >= t] (the product is exact: fma or not, same result)
@@ -149,7 +149,12 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
     stats = mode is not None
     out = torch.zeros((4 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
     rcount, length = n * c, h * w
-    if rcount == 0 or length == 0:
+    if rcount == 0:
+        return out
+    if length == 0:  # no k-th largest (nor min, max) in an empty map; nothing to sum
+        out[:3] = float("nan")
+        if stats:
+            out[3] = 0.0
         return out
     if not 1 <= k <= length:
         raise ValueError(f"k must be in [1, {length}], got {k}")

@@ -2,18 +2,27 @@
 
 F[n, i] = (1/N') sum_j |â_i · â_j − δ_ij|, â_i the L2-normalised channel vector of pooled
 position i (k x k average pooling, ceil mode: a window cut by the border averages its
-valid units). Two kernels, one pass over x, the N' x N' matrix never leaves the chip:
+valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
+(SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
+- â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
+- â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), the sum over the channels
+  in one fixed order whatever the tile position of (i, j): the same for (j, i), exactly 1
+  for equal rows (an outer-product loop, not tl.dot, whose order is the hardware's / BLAS's);
+- each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
+  independent of the order of the terms.
+k is clamped to max(H, W) first (a block >= the map is one window).
 
-1. ``_pool_kernel``, grid (N, H', W'-blocks): a program sums the k x k windows of one
-   row of pooled positions (of every row of the sample under the interpreter), for a
-   chunk of channels at a time (a (channels x windows x window-columns) tile, contiguous
-   along w for NCHW and along c for channels_last),
-   writes the pooled rows a (N, N', C) float32 (x.numel() / k² values: small, L2-resident
-   for the usual k = 7) and their norms (N, N').
-2. ``_corr_kernel``, grid (N, N'-blocks of BM rows): loops over blocks of BN columns, and
-   over channel chunks accumulates Â_I Â_Jᵀ with ``tl.dot`` (IEEE float32), then adds the
-   row sums of |G − I| of that tile (the diagonal set exactly). Any N' (tiles of 16..64
-   rows, loops beyond).
+Two kernels, one pass over x, the N' x N' matrix never leaves the chip:
+
+1. ``_pool_kernel``, grid (N, blocks of BP pooled positions): a program sums the k x k
+   windows of its positions for a chunk of channels at a time (a (channels x positions x
+   window-columns) tile, contiguous along w for NCHW and along c for channels_last),
+   writes the pooled values transposed, aT (N, C, N') float32 (x.numel() / k² values:
+   small, L2-resident for the usual k = 7), and per position the max |a| and the norm of
+   a / max|a| (a running rescaled sum of squares over the channel chunks).
+2. ``_corr_kernel``, grid (N, N'-blocks of BM rows): loops over blocks of BN columns and
+   over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then
+   adds the rounded |G| of the tile to int64 row sums (the diagonal set exactly).
 """
 
 from __future__ import annotations
@@ -24,87 +33,109 @@ import triton.language as tl
 
 from ._common import INTERPRET, TILE, cdiv, launch, needs_int64, op, pow2, warps
 
+QUANTUM_INV = tl.constexpr(4294967296.0)  # 2^32: P_ij is rounded to a multiple of 2^-32
+QUANTUM = tl.constexpr(2.0**-32)
+
 
 @triton.jit
-def _pool_kernel(x_ptr, a_ptr, nrm_ptr, C, H, W, HP, WP, NP, k, PH_PER, sN, sC, sH, sW,
-                 BC: tl.constexpr, BWP: tl.constexpr, KP: tl.constexpr, IDX64: tl.constexpr):
+def _pool_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, C, H, W, WP, NP, k, KH, KW, sN, sC, sH, sW,
+                 BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr, IDX64: tl.constexpr):
     n = tl.program_id(0)
-    pw = tl.program_id(2) * BWP + tl.arange(0, BWP)
-    pwv = pw < WP
+    i = tl.program_id(1) * BP + tl.arange(0, BP)
+    iv = i < NP
     dx = tl.arange(0, KP)
     if IDX64:
         n = n.to(tl.int64)
+        i = i.to(tl.int64)
     xb = x_ptr + n * sN
-    ph0 = tl.program_id(1) * PH_PER
-    for ph in range(ph0, tl.minimum(ph0 + PH_PER, HP)):
-        h0 = ph * k
-        nrows = tl.minimum(H - h0, k)
-        cnt = (nrows * tl.minimum(W - pw * k, k)).to(tl.float32)  # valid units per window
-        cnt = tl.where(pwv, cnt, 1.0)
-        sq = tl.zeros([BWP], tl.float32)
-        for c0 in range(0, C, BC):
-            cc = c0 + tl.arange(0, BC)
-            cv = cc < C
-            acc = tl.zeros([BC, BWP], tl.float32)
-            for dy in range(0, nrows):
-                roff = (h0 + dy) * sH
-                for dx0 in range(0, k, KP):
-                    d = dx0 + dx
-                    col = pw[:, None] * k + d[None, :]
-                    colv = pwv[:, None] & (d < k)[None, :] & (col < W)
-                    off = (cc * sC)[:, None, None] + roff + (col * sW)[None, :, :]
-                    v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
-                    acc += tl.sum(v.to(tl.float32), axis=2)
-            avg = acc / cnt[None, :]
-            rows = n * NP + ph * WP + pw
-            tl.store(a_ptr + rows[None, :] * C + cc[:, None], avg,
-                     mask=cv[:, None] & pwv[None, :])
-            sq += tl.sum(avg * avg, axis=0)
-        tl.store(nrm_ptr + n * NP + ph * WP + pw, tl.sqrt_rn(sq), mask=pwv)
+    h0 = (i // WP) * k
+    w0 = (i % WP) * k
+    nrows = tl.minimum(H - h0, k)
+    ncols = tl.minimum(W - w0, k)
+    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
+    smax = tl.zeros([BP], tl.float32)  # max |a| over the channels so far
+    ssq = tl.zeros([BP], tl.float32)  # sum of (a / smax)^2 so far
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)
+        cv = cc < C
+        acc = tl.zeros([BC, BP], tl.float32)
+        for dy in range(0, KH):
+            rv = iv & (dy < nrows)
+            roff = (h0 + dy) * sH
+            for dx0 in range(0, KW, KP):
+                d = dx0 + dx
+                colv = rv[:, None] & (d[None, :] < ncols[:, None])
+                pos = roff[:, None] + (w0[:, None] + d[None, :]) * sW  # (BP, KP)
+                off = (cc * sC)[:, None, None] + pos[None, :, :]
+                v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
+                acc += tl.sum(v.to(tl.float32), axis=2)
+        avg = acc / cnt[None, :]
+        tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
+                 mask=cv[:, None] & iv[None, :])
+        cmax = tl.max(tl.where(cv[:, None], tl.abs(avg), 0.0), axis=0)
+        new = tl.maximum(smax, cmax, propagate_nan=tl.PropagateNan.ALL)
+        pos = new > 0
+        den = tl.where(pos, new, 1.0)
+        r = tl.math.div_rn(smax, den)
+        b = tl.math.div_rn(avg, den[None, :])
+        ssq = ssq * r * r + tl.sum(tl.where(cv[:, None], b * b, 0.0), axis=0)
+        smax = new
+    tl.store(s_ptr + n * NP + i, smax, mask=iv)
+    tl.store(nb_ptr + n * NP + i, tl.sqrt_rn(ssq), mask=iv)
 
 
 @triton.jit
-def _corr_kernel(a_ptr, nrm_ptr, f_ptr, C, NP,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IDX64: tl.constexpr):
+def _unit(a, s, nb):
+    """â = (a / s) / nb, 0 for a zero row (s = 0); the same operations for rows and columns."""
+    return tl.where(s == 0, 0.0, tl.math.div_rn(tl.math.div_rn(a, s), nb))
+
+
+@triton.jit
+def _corr_kernel(at_ptr, s_ptr, nb_ptr, f_ptr, C, NP,
+                 BM: tl.constexpr, BN: tl.constexpr, IDX64: tl.constexpr):
     n = tl.program_id(0)
     i = tl.program_id(1) * BM + tl.arange(0, BM)
     iv = i < NP
     if IDX64:
         n = n.to(tl.int64)
-    ri = tl.load(nrm_ptr + n * NP + i, mask=iv, other=1.0)
-    ni = tl.maximum(ri, 1e-12)
-    # The diagonal |â_i·â_i − 1| exactly, as the reference: 0 for a unit row, 1 for a zero row.
-    d = tl.math.div_rn(tl.minimum(ri, 1e-12), 1e-12)
-    diag = 1.0 - d * d
-    arow = a_ptr + (n * NP + i) * C
-    rowsum = tl.zeros([BM], tl.float32)
-    dii = tl.zeros([BM], tl.float32)  # |â_i·â_i| as summed, swapped for diag at the end
+    si = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
+    nbi = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
+    rowsum = tl.zeros([BM], tl.int64)
+    poison = tl.zeros([BM], tl.float32)  # NaN where a P_ij is NaN
+    abase = at_ptr + n * C * NP
     for j0 in range(0, NP, BN):
         j = j0 + tl.arange(0, BN)
         jv = j < NP
-        nj = tl.maximum(tl.load(nrm_ptr + n * NP + j, mask=jv, other=1.0), 1e-12)
-        brow = a_ptr + (n * NP + j) * C
-        acc = tl.zeros([BM, BN], tl.float32)
-        for c0 in range(0, C, BK):
-            cc = c0 + tl.arange(0, BK)
-            cv = cc < C
-            ai = tl.load(arow[:, None] + cc[None, :], mask=iv[:, None] & cv[None, :], other=0.0)
-            ajt = tl.load(brow[None, :] + cc[:, None], mask=cv[:, None] & jv[None, :], other=0.0)
-            ai = tl.math.div_rn(ai, ni[:, None])  # â = a / max(|a|, 1e-12), as the reference
-            ajt = tl.math.div_rn(ajt, nj[None, :])
-            acc = tl.dot(ai, ajt, acc, input_precision="ieee")
-        # Every |â_i·â_j| in the same order for all rows (equal rows -> equal sums), the
-        # diagonal term swapped afterwards, as in the reference.
-        p = tl.abs(acc)
-        rowsum += tl.sum(tl.where(jv[None, :], p, 0.0), axis=1)
-        dii += tl.sum(tl.where(i[:, None] == j[None, :], p, 0.0), axis=1)
-    tl.store(f_ptr + n * NP + i, (rowsum - dii + diag) / NP, mask=iv)
+        sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
+        nbj = tl.load(nb_ptr + n * NP + j, mask=jv, other=1.0)
+        acc = tl.zeros([BM, BN], tl.float32)  # ‖â_i − â_j‖²
+        for c in range(0, C):
+            ai = _unit(tl.load(abase + c * NP + i, mask=iv, other=0.0), si, nbi)
+            aj = _unit(tl.load(abase + c * NP + j, mask=jv, other=0.0), sj, nbj)
+            d = ai[:, None] - aj[None, :]
+            acc += d * d
+        # â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows (a float32
+        # dot of a rounded â with itself is not); 0 with a zero row.
+        zero = (si == 0)[:, None] | (sj == 0)[None, :]
+        p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * acc))
+        valid = iv[:, None] & jv[None, :]
+        poison += tl.sum(tl.where(valid & (p != p), p, 0.0), axis=1)
+        term = valid & (p == p) & (i[:, None] != j[None, :])
+        q = (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
+        rowsum += tl.sum(tl.where(term, q, 0), axis=1)
+    rowsum += tl.where(si == 0, 4294967296, 0).to(tl.int64)  # P_ii: 1 for a zero row, else 0
+    f = rowsum.to(tl.float64) * QUANTUM / NP
+    tl.store(f_ptr + n * NP + i, f.to(tl.float32) + poison, mask=iv)
 
 
 @op("pooled_correlation")
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2)."""
+    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2).
+
+    Empty x (N, H or W = 0): an empty F; C = 0: zero rows, F = 1 / N'.
+    """
     n, c, h, w = x.shape
+    k = min(k, max(h, w, 1))  # a block >= the map is one window
     hp, wp = cdiv(h, k), cdiv(w, k)
     np_ = hp * wp
     f = torch.empty((n, hp, wp), dtype=torch.float32, device=x.device)
@@ -113,21 +144,22 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     if c == 0:  # zero rows: P = I, F = 1 / N'
         return f.fill_(1.0 / np_)
     dev = x.device
-    a = torch.empty((n, np_, c), dtype=torch.float32, device=dev)
-    nrm = torch.empty((n, np_), dtype=torch.float32, device=dev)
-    kp = min(pow2(k), 256)
-    bwp = max(1, min(pow2(wp), 512 // kp))
-    bc = max(1, min(pow2(c), TILE // (bwp * kp)))
-    idx64 = needs_int64(x, a)
-    ph_per = hp if INTERPRET else 1  # a program per pooled row (the interpreter: per sample)
-    launch(_pool_kernel)[(n, cdiv(hp, ph_per), cdiv(wp, bwp))](
-        x, a, nrm, c, h, w, hp, wp, np_, k, ph_per, *x.stride(),
-        BC=bc, BWP=bwp, KP=kp, IDX64=idx64, num_warps=warps(bc * bwp * kp))
+    at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
+    smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
+    nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
+    kh, kw = min(k, h), min(k, w)
+    kp = min(pow2(kw), 256)
+    # the interpreter pays per operation, not per element: large tiles
+    bp = max(1, min(pow2(np_), (TILE if INTERPRET else 512) // kp))
+    bc = max(1, min(pow2(c), TILE // (bp * kp)))
+    idx64 = needs_int64(x, at)
+    launch(_pool_kernel)[(n, cdiv(np_, bp))](
+        x, at, smax, nb, c, h, w, wp, np_, k, kh, kw, *x.stride(),
+        BC=bc, BP=bp, KP=kp, IDX64=idx64, num_warps=warps(bc * bp * kp))
     # 64 x 64 Gram tiles on a GPU; the interpreter pays per operation, not per element
     bm = min(256 if INTERPRET else 64, max(16, pow2(np_)))
-    bk = min(256 if INTERPRET else 32, max(16, pow2(c)))
     launch(_corr_kernel)[(n, cdiv(np_, bm))](
-        a, nrm, f, c, np_, BM=bm, BN=bm, BK=bk, IDX64=idx64, num_warps=4)
+        at, smax, nb, f, c, np_, BM=bm, BN=bm, IDX64=idx64, num_warps=4)
     return f
 
 

@@ -8,7 +8,8 @@
 //   threads takes 32 consecutive channels of one sample (coalesced across lanes), the 8
 //   rows of threads split the H*W positions, and shared memory combines them in a fixed
 //   order.
-// Sums are float32; mean = sum / (H*W).
+// Sums are float64, so that mathematically equal means (the same values in another order)
+// are exactly equal (FocusedDropout's argmax, SPEC §1); mean = float(sum / (H*W)).
 #include "common.cuh"
 #include "launchers.h"
 
@@ -27,17 +28,18 @@ __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const 
        m += static_cast<int64_t>(gridDim.x) * warps) {  // uniform within the warp
     const int64_t n = m / C, c = m % C;
     const scalar_t* base = x + n * s.n + c * s.c;
-    float mx = 0.f, sum = 0.f;
+    float mx = 0.f;
+    double sum = 0.0;
     for (int64_t i = lane; i < HW; i += 32) {
       const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
       mx = max_nan(mx, fabsf(v));
-      sum += v;
+      sum += static_cast<double>(v);
     }
     mx = warp_reduce(mx, MaxOp());
     sum = warp_reduce(sum, SumOp());
     if (lane == 0) {
       amax[m] = mx;
-      mean[m] = sum / static_cast<float>(HW);
+      mean[m] = static_cast<float>(sum / static_cast<double>(HW));
     }
   }
 }
@@ -51,19 +53,20 @@ __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const 
                                           const int64_t W, float* __restrict__ amax,
                                           float* __restrict__ mean) {
   __shared__ float smax[kRowsHW][kLanesC];
-  __shared__ float ssum[kRowsHW][kLanesC];
+  __shared__ double ssum[kRowsHW][kLanesC];
   const int64_t tiles = (C + kLanesC - 1) / kLanesC;
   const int64_t HW = H * W;
   for (int64_t b = blockIdx.x; b < N * tiles; b += gridDim.x) {  // uniform in the block
     const int64_t n = b / tiles;
     const int64_t c = (b % tiles) * kLanesC + threadIdx.x;
-    float mx = 0.f, sum = 0.f;
+    float mx = 0.f;
+    double sum = 0.0;
     if (c < C) {
       const scalar_t* base = x + n * s.n + c * s.c;
       for (int64_t i = threadIdx.y; i < HW; i += kRowsHW) {
         const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
         mx = max_nan(mx, fabsf(v));
-        sum += v;
+        sum += static_cast<double>(v);
       }
     }
     smax[threadIdx.y][threadIdx.x] = mx;
@@ -75,7 +78,7 @@ __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const 
         sum += ssum[r][threadIdx.x];
       }
       amax[n * C + c] = mx;
-      mean[n * C + c] = sum / static_cast<float>(HW);
+      mean[n * C + c] = static_cast<float>(sum / static_cast<double>(HW));
     }
     __syncthreads();  // before the next iteration overwrites smax / ssum
   }

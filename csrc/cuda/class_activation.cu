@@ -1,11 +1,13 @@
-// CamDrop's class activation map J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w] (float32).
+// CamDrop's class activation map J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w]: float32
+// output, the products and sums in float64, so that mathematically equal J (the same
+// channel terms in another order) are exactly equal: J's top-k decides the candidates.
 //
 // Two kernels, both correct for any strides:
 // - position per thread (NCHW-like inputs): consecutive threads take consecutive (h, w)
 //   of a sample, so each step over c is a coalesced row read; c ascending;
 // - position per warp (channels_last-like inputs, stride(C) < stride(W)): the lanes of a
 //   warp stride over the channels of one position (coalesced), then a butterfly sum.
-// The summation order differs from torch.einsum's (a batched GEMM): float32 rounding only.
+// The summation order differs from torch.einsum's (a batched GEMM): float64 rounding only.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -23,9 +25,9 @@ __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4
     const int64_t n = i / HW, hw = i % HW;
     const scalar_t* p = x + n * s.n + (hw / W) * s.h + (hw % W) * s.w;
     const float* a = alpha + n * C;
-    float acc = 0.f;
-    for (int64_t c = 0; c < C; ++c) acc += a[c] * to_float(p[c * s.c]);
-    J[i] = acc;
+    double acc = 0.0;
+    for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(a[c]) * to_float(p[c * s.c]);
+    J[i] = static_cast<float>(acc);
   }
 }
 
@@ -42,10 +44,10 @@ __global__ void cam_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s
     const int64_t n = i / HW, hw = i % HW;
     const scalar_t* p = x + n * s.n + (hw / W) * s.h + (hw % W) * s.w;
     const float* a = alpha + n * C;
-    float acc = 0.f;
-    for (int64_t c = lane; c < C; c += 32) acc += a[c] * to_float(p[c * s.c]);
+    double acc = 0.0;
+    for (int64_t c = lane; c < C; c += 32) acc += static_cast<double>(a[c]) * to_float(p[c * s.c]);
     acc = warp_reduce(acc, SumOp());
-    if (lane == 0) J[i] = acc;
+    if (lane == 0) J[i] = static_cast<float>(acc);
   }
 }
 

@@ -213,7 +213,8 @@ __device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a
 __device__ __forceinline__ float min_nan(float a, float b) { return (a != a || a < b) ? a : b; }
 
 struct SumOp {
-  __device__ float operator()(float a, float b) const { return a + b; }
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
 };
 struct MaxOp {
   __device__ float operator()(float a, float b) const { return max_nan(a, b); }
@@ -345,8 +346,10 @@ __device__ uint32_t block_select_kth_largest(const Get& get, int64_t L, uint32_t
 // The soft mask S of SPEC §4 step 3 at one unit, exactly as reference._soft_mask.
 __device__ __forceinline__ float soft_mask(float x, float thr, float mn, float mx, int mode) {
   if (mode == 0) return x < thr ? 1.f : 0.f;  // "am"
-  const float rng = mx - mn;
-  const float fhat = rng > 0.f ? (x - mn) / rng : 0.f;
+  // f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf in the map, max − min
+  // overflowing): every S is finite and in [0, 1] (SPEC §1, §4).
+  const float q = (x - mn) / (mx - mn);
+  const float fhat = (q >= 0.f && q <= 1.f) ? q : 0.f;
   if (mode == 1) return 1.f - fhat;  // "sm"
   return 1.f - fhat * (x >= thr ? 1.f : 0.f);  // "ad" (fhat * 0/1 is exact: no FMA issue)
 }

@@ -18,10 +18,10 @@ namespace guidedrop {
 // Soft-mask modes of AttentionDrop (SPEC §4), as passed to the kernels.
 enum AttentionMode : int { kModeAM = 0, kModeSM = 1, kModeAD = 2 };
 
-// pooled_correlation.cu. pooled: (N, N', C) and diag: (N, N') float32 scratch,
+// pooled_correlation.cu. pooled: (N, N', C) and zero_row: (N, N') float32 scratch,
 // F: (N, H', W') float32.
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
-                               const at::TensorBase& diag, const at::TensorBase& F);
+                               const at::TensorBase& zero_row, const at::TensorBase& F);
 
 // channel_ranking.cu. amax, mean: (N, C) float32. w: (N, C) float32.
 void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& amax,

@@ -1,41 +1,45 @@
 // CorrDrop's pooled correlation (SPEC §2 step 2):
 //   a = avg_pool2d(x, k, stride=k, ceil_mode=True)   (N, N' = H'W', C)
-//   â_i = a_i / max(‖a_i‖₂, 1e-12);  F_i = (1/N') Σ_j P_ij,  P_ij = |â_i·â_j| (j ≠ i),
-//   P_ii = 1 − (min(‖a_i‖₂, 1e-12) / 1e-12)² exactly as the reference sets it (0 for a unit
-//   row, 1 for a zero row; a rounded |â_i·â_i − 1| would make equal F differ in the last bit).
+//   â_i = a_i / ‖a_i‖₂ (0 for a zero row);  F_i = (1/N') Σ_j P_ij,  P_ij = |â_i·â_j| (j ≠ i),
+//   P_ii = 0 for a nonzero row, 1 for a zero row.
+// F decides CorrDrop's blocks, so mathematically equal F are exactly equal (SPEC §1), as in
+// guidedrop.reference.pooled_correlation:
+// - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|: the norm neither overflows nor underflows, F is
+//   invariant to positive scaling of x;
+// - â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), a sum over the channels
+//   in one fixed order for every (i, j): the same for (j, i) ((x − y)² = (y − x)²), and
+//   exactly 1 for equal rows;
+// - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
+//   independent of where the diagonal or an equal term falls in the row;
+// - a NaN in row i of P (NaN or Inf in the sample's x) makes F_i NaN.
+// The host clamps k to max(H, W) (a block >= the map is one window).
 //
 // Two kernels; the only intermediate is the pooled tensor (k² times smaller than x):
 // 1. pool_normalize_kernel: one warp per pooled position (n, i); the lanes stride over the
 //    channels, each summing its k x k window (rows then columns, like ATen's avg_pool2d;
-//    divided by the number of valid units of a border window), then the warp sums the
-//    squares and the lanes divide their channels by the clamped norm. Writes â (N, N', C)
-//    and P_ii (N, N').
+//    divided by the number of valid units of a border window), then the warp takes the
+//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N, N', C)
+//    and the zero-row flag (N, N').
 // 2. gram_rowsum_kernel: a block of 32 x 8 threads takes 32 rows i of one sample and walks
-//    the columns j in tiles of 32, accumulating â_i·â_j over channel tiles of 32 held in
-//    shared memory (a plain tiled GEMM); each thread keeps 4 rows x 1 column, adds |dot| to
-//    its row partials, and a warp reduction over the 32 columns of a tile row gives
-//    Σ_j |â_i·â_j|, from which F_i swaps the rounded |â_i·â_i| for P_ii. The N' x N' matrix
-//    never leaves registers.
+//    the columns j in tiles of 32, accumulating ‖â_i − â_j‖² over channel tiles of 32 held
+//    in shared memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1
+//    column, adds the rounded |dot| to its int64 row partials, and a warp reduction over
+//    the 32 columns of a tile row gives Σ_{j≠i} P_ij. The N' x N' matrix never leaves registers.
 #include "common.cuh"
 #include "launchers.h"
 
 namespace guidedrop {
 namespace {
 
-// P_ii = |â_i·â_i − 1| exactly, as the reference sets it: 1 − (min(‖a_i‖, 1e-12) / 1e-12)²,
-// i.e. 0 for a row of norm >= 1e-12 (a unit row) and 1 for a zero row (NaN stays NaN).
-// __fmul_rn: no FMA contraction, the reference rounds q * q before the subtraction.
-__device__ __forceinline__ float diagonal_term(float norm) {
-  const float q = min_nan(norm, 1e-12f) / 1e-12f;
-  return 1.f - __fmul_rn(q, q);
-}
+constexpr double kQuantumInv = 4294967296.0;  // 2^32: P_ij rounded to a multiple of 2^-32
+constexpr long long kOne = 4294967296LL;        // P_ii = 1 on that grid
 
 template <typename scalar_t>
 __global__ void pool_normalize_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                       const int64_t N, const int64_t C, const int64_t H,
                                       const int64_t W, const int64_t k, const int64_t Hp,
                                       const int64_t Wp, float* __restrict__ pooled,
-                                      float* __restrict__ diag) {
+                                      float* __restrict__ zero_row) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = blockDim.x >> 5;
   const int64_t Np = Hp * Wp, total = N * Np;
@@ -46,7 +50,7 @@ __global__ void pool_normalize_kernel(const scalar_t* __restrict__ x, const Stri
     const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
     const float count = static_cast<float>((h1 - h0) * (w1 - w0));
     float* row = pooled + r * C;
-    float ss = 0.f;
+    float mx = 0.f;
     for (int64_t c = lane; c < C; c += 32) {
       const scalar_t* p = x + n * s.n + c * s.c;
       float sum = 0.f;
@@ -54,13 +58,18 @@ __global__ void pool_normalize_kernel(const scalar_t* __restrict__ x, const Stri
         for (int64_t w = w0; w < w1; ++w) sum += to_float(p[h * s.h + w * s.w]);
       const float a = sum / count;
       row[c] = a;
-      ss += a * a;
+      mx = max_nan(mx, fabsf(a));
+    }
+    mx = warp_reduce(mx, MaxOp());
+    float ss = 0.f;
+    for (int64_t c = lane; c < C; c += 32) {  // this lane wrote row[c]
+      const float b = row[c] / mx;
+      ss += b * b;
     }
     ss = warp_reduce(ss, SumOp());
-    const float norm = sqrtf(ss);
-    const float denom = max_nan(norm, 1e-12f);  // clamp_min keeps NaN
-    for (int64_t c = lane; c < C; c += 32) row[c] = row[c] / denom;  // this lane wrote row[c]
-    if (lane == 0) diag[r] = diagonal_term(norm);
+    const float nb = sqrtf(ss);
+    for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
+    if (lane == 0) zero_row[r] = mx == 0.f ? 1.f : 0.f;
   }
 }
 
@@ -68,7 +77,7 @@ constexpr int kTile = 32;  // rows i, columns j and channels per tile
 constexpr int kRowsY = 8;  // threadIdx.y; each thread holds kTile / kRowsY rows
 constexpr int kPerThread = kTile / kRowsY;
 
-__global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __restrict__ diag,
+__global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __restrict__ zero_row,
                                    const int64_t N, const int64_t Np, const int64_t C,
                                    float* __restrict__ F) {
   __shared__ float ai[kTile][kTile + 1];
@@ -77,7 +86,8 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile;
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
     const float* an = a + n * Np * C;
-    float part[kPerThread] = {}, self[kPerThread] = {};
+    long long part[kPerThread] = {};
+    float poison[kPerThread] = {};  // NaN where a P_ij is NaN
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
       float acc[kPerThread] = {};
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
@@ -94,7 +104,10 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
         for (int cc = 0; cc < kTile; ++cc) {
           const float bj = aj[tx][cc];
 #pragma unroll
-          for (int q = 0; q < kPerThread; ++q) acc[q] += ai[ty + kRowsY * q][cc] * bj;
+          for (int q = 0; q < kPerThread; ++q) {
+            const float d = ai[ty + kRowsY * q][cc] - bj;
+            acc[q] += d * d;  // ‖â_i − â_j‖²
+          }
         }
         __syncthreads();
       }
@@ -103,24 +116,28 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
-          const float p = fabsf(acc[q]);
-          part[q] += p;
-          if (i == j) self[q] = p;
+          // â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows; 0 with
+          // a zero row
+          const bool zero = zero_row[n * Np + i] != 0.f || zero_row[n * Np + j] != 0.f;
+          const float p = zero ? 0.f : fabsf(1.f - 0.5f * acc[q]);
+          if (p != p) {
+            poison[q] += p;
+          } else if (i != j) {
+            part[q] += static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
+          }
         }
       }
     }
-    // blockDim.x == 32: the lanes of a warp are the 32 columns of one tile row; lane
-    // tx = ty + kRowsY * q (= i - j0 in the tile that holds j = i) has |â_i·â_i|.
-    // F_i = (Σ_j |â_i·â_j| − |â_i·â_i| + P_ii) / N': the sum over every j takes the same
-    // values in the same order for equal rows, wherever the diagonal falls, so equal rows
-    // give exactly equal F (summing P_ii in place of |â_i·â_i| would not: Np = 33).
+    // blockDim.x == 32: the lanes of a warp are the 32 columns of one tile row.
 #pragma unroll
     for (int q = 0; q < kPerThread; ++q) {
-      const float sum = warp_reduce(part[q], SumOp());
-      const float pii = __shfl_sync(kFullMask, self[q], ty + kRowsY * q);
+      const long long sum = warp_reduce(part[q], SumOp());
+      const float nan = warp_reduce(poison[q], SumOp());
       const int64_t i = i0 + ty + kRowsY * q;
       if (tx == 0 && i < Np) {
-        F[n * Np + i] = ((sum - pii) + diag[n * Np + i]) / static_cast<float>(Np);
+        const long long total = sum + (zero_row[n * Np + i] != 0.f ? kOne : 0);
+        const double f = static_cast<double>(total) / kQuantumInv / static_cast<double>(Np);
+        F[n * Np + i] = static_cast<float>(f) + nan;
       }
     }
   }
@@ -129,7 +146,7 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
 }  // namespace
 
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
-                               const at::TensorBase& diag, const at::TensorBase& F) {
+                               const at::TensorBase& zero_row, const at::TensorBase& F) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hp = ceil_div(H, k), Wp = ceil_div(W, k), Np = Hp * Wp;
   if (N * Np == 0) return;
@@ -138,14 +155,14 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
                                       current_stream()>>>(x.data_ptr<scalar_t>(), strides4(x),
                                                           N, C, H, W, k, Hp, Wp,
                                                           pooled.data_ptr<float>(),
-                                                          diag.data_ptr<float>());
+                                                          zero_row.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const dim3 block(kTile, kRowsY);
   const dim3 grid(static_cast<unsigned>(ceil_div(Np, kTile)),
                   static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   gram_rowsum_kernel<<<grid, block, 0, current_stream()>>>(
-      pooled.data_ptr<float>(), diag.data_ptr<float>(), N, Np, C, F.data_ptr<float>());
+      pooled.data_ptr<float>(), zero_row.data_ptr<float>(), N, Np, C, F.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

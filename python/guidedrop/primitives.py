@@ -24,7 +24,12 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32: CorrDrop's F (SPEC §2 step 2).
 
     Mean over pooled positions j of |â_i·â_j − δ_ij|, â the L2-normalised channel vectors
-    of the k x k average-pooled map.
+    of the k x k average-pooled map. Mathematically equal F are exactly equal (each
+    |â_i·â_j| rounded to a multiple of 2^-32, exact row sums), F does not change when x is
+    scaled by a positive factor, and a k >= max(H, W) is one window (no work grows with
+    k). NaN or Inf in a sample: that sample's F are NaN. Empty x (N, H or W = 0): an
+    empty F of that shape; C = 0 (zero rows): F = 1 / N'.
+    Raises ValueError / TypeError for a k that is not an integer >= 1.
     """
     k = V.block_size(k, "k")
     with torch.autocast(x.device.type, enabled=False):
@@ -32,12 +37,14 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def channel_max(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x|."""
+    """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x| (0 for empty maps, NaN for
+    a map with a NaN)."""
     return _backend(x).channel_stats(x)[0]
 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C) float32: mean over H, W."""
+    """x: (N, C, H, W) -> (N, C) float32: mean over H, W (summed in float64, so equal
+    values in any order give exactly equal means; NaN for empty maps, as torch.mean)."""
     return _backend(x).channel_stats(x)[1]
 
 
@@ -45,6 +52,8 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the n_β-th largest value of each map.
 
     n_β = max(1, ceil(beta * H * W / 100)); the top beta % of a map are the units >= it.
+    Exact (a value of the map; NaN counts as the largest). Empty maps (H * W = 0): NaN.
+    Raises ValueError for beta outside (0, 100].
     """
     beta = V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
@@ -55,9 +64,13 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     """mask: (N, H', W') -> (N, H, W): nearest upsampling by k, cropped to H x W.
 
     out[n, i, j] = mask[n, i // k, j // k]. The layers never materialise this: their
-    apply kernels read the small mask at (i // k, j // k).
+    apply kernels read the small mask at (i // k, j // k). Any k >= 1 (no memory grows
+    with k); an empty mask or H, W = 0 gives an empty output. Raises ValueError for a mask
+    that is not (N, >= ceil(H/k), >= ceil(W/k)).
     """
     k = V.block_size(k, "k")
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
-    return mask.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :h, :w]
+    rows = torch.arange(h, device=mask.device) // k
+    cols = torch.arange(w, device=mask.device) // k
+    return mask[:, rows[:, None], cols[None, :]]

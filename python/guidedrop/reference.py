@@ -9,6 +9,8 @@ Statistics are float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,48 +29,89 @@ def _maps(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- statistics
 
 
+QUANTUM = 2.0**-32  # the grid each P_ij is rounded to before F's row sums (exact in int64)
+
+
+def one_window(k: int, h: int, w: int) -> int:
+    """k clamped to max(H, W): a block at least as large as the map is one window (the
+    same pooling), so no work or memory grows with k beyond the map (SPEC §1)."""
+    return min(k, max(h, w, 1))
+
+
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)), SPEC §2 step 2."""
+    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)), SPEC §2 step 2.
+
+    F decides CorrDrop's blocks (F_min = F_max, the order of the F_i), so mathematically
+    equal F must be exactly equal (SPEC §1):
+    - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
+      of the norm, F is invariant to positive scaling of x; float64, so that equal or
+      parallel rows give P_ij = 1 exactly once rounded to the grid;
+    - P is symmetric to the last bit (the upper triangle mirrored);
+    - each P_ij is rounded to a multiple of QUANTUM and the row sums are int64: exact, so
+      independent of the order of the terms (the diagonal P_ii, 0 for a nonzero row and 1
+      for a zero row, included as an exact term);
+    - a NaN in P_i. makes F_i NaN (a NaN or Inf in a sample's x: every F of that sample).
+    Empty x (N, H or W = 0): an empty F; C = 0: zero rows, F = 1 / N'.
+    """
     n, c, h, w = x.shape
+    k = one_window(k, h, w)
+    hp, wp = -(-h // k), -(-w // k)
+    ct = compute_dtype(x)
+    if n * hp * wp == 0 or c == 0:
+        return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
     # ceil_mode with no padding: a window cut by the border averages its valid units.
-    a = F.avg_pool2d(x.to(compute_dtype(x)), k, stride=k, ceil_mode=True)
-    hp, wp = a.shape[-2:]
-    rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
-    norm = rows.norm(dim=2)
-    rows = rows / norm.clamp_min(1e-12)[..., None]
-    p = (rows @ rows.transpose(1, 2)).abs()
-    # The diagonal |â_i·â_i − 1| exactly: 0 for a unit row, 1 for a zero row. A rounded
-    # â_i·â_i, or a diagonal term summed at a different place in each row, would make the
-    # F of equal rows differ in the last bit and break F_max = F_min. So: sum every
-    # |â_i·â_j| in the same order for all rows, then swap the diagonal term.
-    diag = 1 - (norm.clamp_max(1e-12) / 1e-12) ** 2
-    s = p.sum(dim=2) - p.diagonal(dim1=1, dim2=2) + diag
-    return (s / p.shape[2]).view(n, hp, wp)
+    a = F.avg_pool2d(x.to(ct), k, stride=k, ceil_mode=True)
+    rows = a.flatten(2).transpose(1, 2).double()  # (N, N', C)
+    s = rows.abs().amax(dim=2, keepdim=True)
+    b = rows / s
+    # float64: |â_i·â_j| within ~1e-16 (1 for equal rows once rounded to the grid)
+    hat = torch.where(s == 0, 0, b / b.norm(dim=2, keepdim=True))
+    g = (hat @ hat.transpose(1, 2)).abs()
+    g = g.triu() + g.triu(1).transpose(1, 2)  # each |â_i·â_j| once, for rows i and j
+    nan = g.isnan().any(dim=2)
+    q = torch.where(g.isnan(), 0, g / QUANTUM + 0.5).floor().long()
+    eye = torch.eye(hp * wp, dtype=torch.bool, device=x.device)
+    q = torch.where(eye, (s == 0).long() * int(1 / QUANTUM), q)  # P_ii exactly
+    f = q.sum(dim=2).double() * QUANTUM / (hp * wp)
+    return torch.where(nan, math.nan, f).to(ct).view(n, hp, wp)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (N, C, H, W) -> (max |x|, mean), each (N, C)."""
+    """x: (N, C, H, W) -> (max |x|, mean), each (N, C); empty maps: 0 and NaN.
+
+    The sums are float64, so that mathematically equal means (the same values in another
+    order) are exactly equal: FocusedDropout's argmax decides on them (SPEC §1).
+    """
     m = _maps(x)
-    return m.abs().amax(dim=2), m.mean(dim=2)
+    if m.shape[2] == 0:
+        return m.new_zeros(m.shape[:2]), m.new_full(m.shape[:2], float("nan"))
+    mean = (m.sum(dim=2, dtype=torch.float64) / m.shape[2]).to(m.dtype)
+    return m.abs().amax(dim=2), mean
 
 
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     """v: (R, L) -> (R,), the k-th largest value of each row."""
-    return v.topk(k, dim=1).values[:, -1]
+    # clone: a view would keep the whole (R, k) topk buffer alive
+    return v.topk(k, dim=1).values[:, -1].clone()
 
 
 def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C), the k-th largest value of each map."""
+    """x: (N, C, H, W) -> (N, C), the k-th largest value of each map (NaN: empty maps)."""
     n, c = x.shape[:2]
-    return kth_largest(_maps(x).flatten(0, 1), k).view(n, c)
+    m = _maps(x).flatten(0, 1)
+    if m.shape[1] == 0:  # no k-th largest in an empty map
+        return m.new_full((n, c), float("nan"))
+    return kth_largest(m, k).view(n, c)
 
 
 def _soft_mask(xf, thr, mn, mx, mode):
     """SPEC §4 step 3 on maps xf (..., L) with per-map stats (..., 1)."""
     if mode == "am":
         return (xf < thr).to(xf.dtype)
-    rng = mx - mn
-    fhat = torch.where(rng > 0, (xf - mn) / torch.where(rng > 0, rng, 1), 0)
+    # f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf in the map, max − min
+    # overflowing): every S is then finite and in [0, 1] (SPEC §1, §4).
+    q = (xf - mn) / (mx - mn)
+    fhat = torch.where((q >= 0) & (q <= 1), q, 0)
     if mode == "sm":
         return 1 - fhat
     return 1 - fhat * (xf >= thr)
@@ -77,15 +120,20 @@ def _soft_mask(xf, thr, mn, mx, mode):
 def attention_stats(x, k, active, mode):
     """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C)."""
     m = _maps(x)
-    thr = m.topk(k, dim=2).values[..., -1]
+    thr = m.topk(k, dim=2).values[..., -1].clone()  # not a view of the (N, C, k) buffer
     mn, mx = m.amin(dim=2), m.amax(dim=2)
     msum = _soft_mask(m, thr[..., None], mn[..., None], mx[..., None], mode).sum(dim=2)
     return thr, mn, mx, msum
 
 
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c]."""
-    return torch.einsum("nchw,nc->nhw", x.to(compute_dtype(x)), alpha.to(compute_dtype(x)))
+    """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c].
+
+    Summed in float64, so that mathematically equal J (the same channel terms in another
+    order) are exactly equal: J's top-k decides CamDrop's candidates (SPEC §1).
+    """
+    f64 = torch.float64
+    return torch.einsum("nchw,nc->nhw", x.to(f64), alpha.to(f64)).to(compute_dtype(x))
 
 
 # --------------------------------------------------------------------------- seed masks

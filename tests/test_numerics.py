@@ -1,0 +1,332 @@
+"""Numerics of the statistics on every backend (issue 11): non-finite inputs, decisions on
+mathematically equal statistics, block sizes beyond the map, empty maps, the state kept
+for backward, and the interpreter's time on long maps.
+
+Every test runs on the reference, on Triton (under the interpreter without a GPU) and on
+the CUDA sources (on the CPU SIMT emulator of tests/cuda_emu/), through the layers of
+``guidedrop.layers`` written over each backend's primitives. The expected values come from
+SPEC.md §1, §2, §4 and §5, not from another backend.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import test_cuda_emulated as EMU
+import torch
+
+from guidedrop import dispatch
+from guidedrop import layers as L
+from guidedrop import primitives as P
+from guidedrop import reference as R
+
+BACKENDS = ["reference", "triton", "cuda_emu"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def B(request):
+    if request.param == "reference":
+        return R
+    if request.param == "cuda_emu":
+        if EMU.emu.unavailable():
+            pytest.skip(f"CUDA emulator: {EMU.emu.unavailable()}")
+        return EMU.emu.backend()
+    mod, why = dispatch.load("triton")
+    if mod is None or mod.unsupported(torch.zeros(1, 1, 1, 1)):
+        pytest.skip(f"triton cannot run here: {why}")
+    return mod
+
+
+def run(B, layer, x, *args, **kw):
+    """The layer's output on backend B (forward only)."""
+    plan = getattr(L, layer)(B, x, *args, **kw)
+    return x if plan is None else L.apply(B, plan, x, x)
+
+
+def same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- 1. non-finite
+
+BAD = {"inf": [math.inf], "-inf": [-math.inf], "nan": [math.nan], "3e38": [3e38, -3e38]}
+
+
+def spoil(x, values):
+    """x with the first units of map (0, 0) set to ``values``."""
+    y = x.clone()
+    for i, v in enumerate(values):
+        y[0, 0, 0, i] = v
+    return y
+
+
+def cam_args(x):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(5, x.shape[1], generator=g), torch.tensor([1, 4])
+
+
+# (layer, args, kwargs, normalised per sample): "sample" or "none" normalisation, so
+# that a sample's output depends on that sample only (SPEC §1).
+LAYERS = {
+    "attentiondrop-ad": ("attentiondrop", (0.5, 20.0), dict(mode="ad", normalize="sample")),
+    "attentiondrop-sm": ("attentiondrop", (0.5, 20.0), dict(mode="sm", normalize="sample")),
+    "attentiondrop-am": ("attentiondrop", (0.5, 20.0), dict(mode="am", normalize="sample")),
+    "corrdrop": ("corrdrop", (0.3, 2), dict(normalize="sample")),
+    "selectscale": ("selectscale", (0.5, 0.1), {}),
+    "selectout": ("selectout", (0.5, 0.7), {}),
+    "focused_dropout": ("focused_dropout", (0.3, 0.6), dict(per_position=False)),
+    "camdrop": ("camdrop", (2, 0.8), dict(channel_rate=0.5, normalize="sample")),
+    "dropblock": ("dropblock", (0.3, 2), dict(shared_channels=False, normalize="sample")),
+}
+
+
+def layer_noise(name, x, seed):
+    n, c, h, w = x.shape
+    g = torch.Generator().manual_seed(seed)
+    shape = {"attentiondrop": (n, c), "corrdrop": (2, n, -(-h // 2), -(-w // 2)),
+             "selectscale": (n, c), "selectout": (n, c), "focused_dropout": (n,),
+             "camdrop": (n, c, h, w), "dropblock": (n, c, h, w)}[name]
+    return torch.rand(shape, generator=g)
+
+
+def layer_out(B, case, x, noise):
+    name, args, kw = LAYERS[case]
+    if name == "camdrop":
+        args = (*cam_args(x), *args)
+    return run(B, name, x, *args, noise=noise, **kw)
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_nonfinite_sample_does_not_leak(B, case, bad):
+    """NaN, ±Inf or ±3e38 in sample 0 leave sample 1's output exactly as without them
+    (per-sample normalisation), and every output of sample 1 stays finite (SPEC §1)."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 4, 4) + 0.1
+    noise = layer_noise(LAYERS[case][0], x, 7)
+    if LAYERS[case][0] == "attentiondrop":
+        noise = torch.zeros_like(noise)  # every map active
+    clean = layer_out(B, case, x, noise)
+    dirty = layer_out(B, case, spoil(x, BAD[bad]), noise)
+    assert torch.isfinite(dirty[1]).all()
+    same(dirty[1], clean[1])
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("mode", ["ad", "sm", "am"])
+def test_attentiondrop_batch_nonfinite(B, mode, bad):
+    """The issue's case: batch normalisation, every map active; the finite sample keeps
+    its units (w finite in [0, 1], the normalisation sum finite)."""
+    torch.manual_seed(0)
+    x = spoil(torch.rand(2, 3, 4, 4), BAD[bad])
+    out = run(B, "attentiondrop", x, 0.5, 20.0, mode=mode, normalize="batch",
+              noise=torch.zeros(2, 3))
+    assert torch.isfinite(out[1]).all()
+    assert (out[1] != 0).sum() >= 3 * 16 - 3 * math.ceil(0.2 * 16)  # only its top units
+    thr, mn, mx, msum = B.attention_stats(x, math.ceil(20 * 16 / 100),
+                                          torch.ones(2, 3, dtype=torch.bool), mode)
+    assert torch.isfinite(msum).all() and (msum >= 0).all() and (msum <= 16).all()
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "3e38"])
+def test_soft_mask_not_a_number_is_zero(B, bad):
+    """SPEC §4 step 2: f̂ = 0 where it is not a number in [0, 1]: with ±Inf, or max − min
+    overflowing, in a map, every f̂ of the map is 0 or NaN, so S = 1 ("sm") everywhere."""
+    x = spoil(torch.rand(1, 2, 3, 3), BAD[bad])
+    act = torch.ones(1, 2, dtype=torch.bool)
+    thr, mn, mx, msum = B.attention_stats(x, 2, act, "sm")
+    assert msum[0, 0].item() == 9.0
+    out = B.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1))
+    same(out[0, 0], x[0, 0])
+
+
+# --------------------------------------------------------------------------- 4. decisions
+
+
+def test_pooled_correlation_two_positions_equal(B):
+    """Two pooled positions: F_0 = F_1 = P_01 / 2 mathematically, so exactly (SPEC §1, §2):
+    κ = 0 for both, and CorrDrop keeps the blocks the noise of B alone decides."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        x = torch.rand(1, 2, 2, 8, generator=g)
+        f = B.pooled_correlation(x, 6).flatten()
+        assert f[0].item() == f[1].item()
+    u = torch.tensor([0.0, 0.0, 0.99, 0.01]).view(2, 1, 1, 2)
+    out = run(B, "corrdrop", x, 0.5, 6, normalize="none", noise=u)
+    # M = 0 for both (κ = 0); p' = 0.5*16/(36*2) -> p̂ = p'·2/2; B_i = u1 < 1 − p̂
+    p_hat = 0.5 * 16 / 72
+    keep = [0.99 < 1 - p_hat, 0.01 < 1 - p_hat]
+    want = torch.cat([x[..., :6] * keep[0], x[..., 6:] * keep[1]], dim=-1)
+    same(out, want)
+
+
+def test_pooled_correlation_equal_rows_and_symmetry(B):
+    """Equal pooled rows give equal F, whatever their positions; a map whose pooled rows
+    take two values (each row with the same multiset of P_ij) gives F_min = F_max."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        a, b = torch.rand(5, generator=g), torch.rand(5, generator=g)
+        rows = torch.stack([a, b, b, a, a, b, b, a, a, b, b, a])  # 6 a's and 6 b's
+        x = rows.t().reshape(1, 5, 3, 4).contiguous()
+        f = B.pooled_correlation(x, 1).flatten()
+        assert (f == f[0]).all(), f
+
+
+@pytest.mark.parametrize("scale", [2.0**60, 2.0**-60, 1e20, 1e-30, 3e30])
+def test_pooled_correlation_scale_invariant(B, scale):
+    """F is invariant to a positive scaling of x (the norm computed without overflow);
+    exactly for powers of two."""
+    torch.manual_seed(2)
+    x = torch.rand(2, 5, 9, 7) + 0.01
+    f, fs = B.pooled_correlation(x, 3), B.pooled_correlation(x * scale, 3)
+    assert torch.isfinite(fs).all()
+    if math.log2(scale).is_integer():
+        same(fs, f)
+    else:
+        torch.testing.assert_close(fs, f, rtol=0, atol=1e-6)
+
+
+def test_focused_dropout_permuted_channels(B):
+    """Three channels with the same values in different orders have equal means: the
+    reference channel is the first of them (SPEC §1 argmax, §5)."""
+    g = torch.Generator().manual_seed(3)
+    bad = 0
+    for _ in range(10):
+        v = torch.rand(7 * 9, generator=g) * 3
+        chans = [v[torch.randperm(v.numel(), generator=g)].view(7, 9) for _ in range(3)]
+        x = torch.stack([chans[0] * 0.5, chans[0], chans[1], chans[2]])[None]
+        u = torch.tensor([0.5])
+        out = run(B, "focused_dropout", x, 0.3, 0.6, per_position=False, noise=u)
+        ref = x[0, 1]
+        keep = ref > (0.3 + 0.3 * 0.5) * ref.max()
+        bad += not torch.equal(out, x * keep)
+        _, mean = B.channel_stats(x)
+        assert mean[0, 1] == mean[0, 2] == mean[0, 3]
+    assert bad == 0
+
+
+def test_cam_permuted_terms_equal(B):
+    """J at two positions holding the same channel terms in another order is exactly equal
+    (the sums in float64): the spatial top-k of CamDrop does not depend on the order."""
+    g = torch.Generator().manual_seed(4)
+    c = 37
+    v = torch.randn(c, generator=g) * 10.0 ** torch.randint(-3, 4, (c,), generator=g)
+    x = torch.stack([v, v[torch.randperm(c, generator=g)], v.flip(0)], dim=1).view(1, c, 1, 3)
+    j = B.cam(x.contiguous(), torch.ones(1, c))
+    assert j[0, 0, 0] == j[0, 0, 1] == j[0, 0, 2]
+
+
+# --------------------------------------------------------------------------- 3. huge k
+
+
+@pytest.mark.parametrize("k", [10, 10**5, 2**31, 2**40, 10**12])
+@pytest.mark.parametrize("shape", [(1, 2, 8, 8), (2, 3, 3, 9), (1, 2, 9, 3)])
+def test_pooled_correlation_block_beyond_map(B, shape, k):
+    """A block at least as large as the map is one window: F equals F with k = max(H, W),
+    at once, with no work or memory growing with k (SPEC §1)."""
+    x = torch.rand(shape)
+    t0 = time.perf_counter()
+    f = B.pooled_correlation(x, k)
+    assert time.perf_counter() - t0 < 30
+    same(f, B.pooled_correlation(x, max(shape[2:])))
+    assert f.shape == (shape[0], 1, 1)
+    noise = torch.rand(2, shape[0], 1, 1)
+    # CorrDrop's plan (the one-block mask and scale; applying it is the block kernels')
+    got = L.corrdrop(B, x, 0.5, k, normalize="batch", noise=noise).state
+    want = L.corrdrop(R, x, 0.5, max(shape[2:]), normalize="batch", noise=noise).state
+    for a, b in zip(got, want, strict=True):
+        same(a, b)
+
+
+# --------------------------------------------------------------------------- 11. empty
+
+EMPTY = [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("shape", EMPTY, ids=str)
+def test_primitives_on_empty(B, shape):
+    """Backend primitives on any zero dimension: the shapes of the contract, max |x| = 0,
+    mean and thresholds NaN over empty maps, F = 1/N' for zero rows (C = 0), J = 0."""
+    n, c, h, w = shape
+    x = torch.rand(shape)
+    amax, mean = B.channel_stats(x)
+    assert amax.shape == mean.shape == (n, c)
+    assert (amax == 0).all() if h * w == 0 else True
+    assert mean.isnan().all() if h * w == 0 else True
+    thr = B.map_threshold(x, 1)
+    assert thr.shape == (n, c) and (thr.isnan().all() if h * w == 0 else True)
+    f = B.pooled_correlation(x, 3)
+    assert f.shape == (n, -(-h // 3), -(-w // 3)) and f.dtype == torch.float32
+    if c == 0:
+        assert (f == 1 / max(f.shape[1] * f.shape[2], 1)).all()
+    j = B.cam(x, torch.ones(n, c))
+    assert j.shape == (n, h, w) and (j == 0).all()
+
+
+@pytest.mark.parametrize("shape", EMPTY, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_primitives_on_empty(monkeypatch, backend, shape):
+    """guidedrop.primitives on any zero dimension: one behaviour, documented."""
+    if backend == "triton" and dispatch.load("triton")[0] is None:
+        pytest.skip("triton unavailable")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", backend)
+    n, c, h, w = shape
+    x = torch.rand(shape)
+    nan_if_empty = torch.full((n, c), math.nan if h * w == 0 else 0.0)
+    mx, mean = P.channel_max(x), P.channel_mean(x)
+    same(mx, torch.zeros(n, c)) if h * w == 0 else None
+    assert mx.shape == mean.shape == (n, c) and mx.dtype == mean.dtype == torch.float32
+    if h * w == 0:
+        same(mean, nan_if_empty)
+        same(P.top_percentile_threshold(x, 20.0), nan_if_empty)
+    assert P.top_percentile_threshold(x, 20.0).shape == (n, c)
+    f = P.pooled_correlation(x, 2)
+    assert f.shape == (n, -(-h // 2), -(-w // 2))
+    up = P.block_upsample(torch.ones(n, -(-h // 2), -(-w // 2)), 2, h, w)
+    assert up.shape == (n, h, w)
+
+
+# --------------------------------------------------------------------------- 12. backward
+
+
+def test_reference_attentiondrop_keeps_only_map_state():
+    """The reference AttentionDrop keeps x and (N, C) / (N,) state, not the (N, C, n_β)
+    topk buffer (a view of it would keep it alive): every saved tensor's storage."""
+    import guidedrop.functional as F
+
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    storages = []
+
+    def pack(t):
+        if t.data_ptr() != x.data_ptr():
+            storages.append(t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("GUIDEDROP_BACKEND", "reference")
+            y = F.attentiondrop(x, 0.5, 50.0, noise=torch.zeros(2, 3))
+    y.sum().backward()
+    assert storages and max(storages) <= 2 * 3 * 8, storages
+
+
+def test_reference_thresholds_not_views():
+    v = torch.rand(4, 100)
+    assert R.kth_largest(v, 30).untyped_storage().nbytes() == 4 * 4
+    thr = R.attention_stats(torch.rand(2, 3, 10, 10), 30, torch.ones(2, 3, dtype=torch.bool),
+                            "ad")[0]
+    assert thr.untyped_storage().nbytes() == 2 * 3 * 4
+
+
+# --------------------------------------------------------------------------- 14. time
+
+
+def test_pooled_correlation_long_map_is_parallel(B):
+    """A 1 x 2 x 5000 x 1 map (715 pooled rows) takes seconds, not minutes, also under the
+    Triton interpreter; equal to the reference within float32 rounding."""
+    x = torch.rand(1, 2, 5000, 1)
+    t0 = time.perf_counter()
+    f = B.pooled_correlation(x, 7)
+    assert time.perf_counter() - t0 < 20
+    torch.testing.assert_close(f, R.pooled_correlation(x, 7), rtol=0, atol=1e-6)
