@@ -137,7 +137,8 @@ def rate_tensor(g, device) -> torch.Tensor:
     dtype), a python float as float32 (backend_contract.md)."""
     if isinstance(g, torch.Tensor):
         return g.reshape(())
-    return torch.tensor(float(g), dtype=torch.float32, device=device)
+    # ones * g, not torch.tensor(g, device=...): no host-to-device copy (graph capture)
+    return torch.ones((), dtype=torch.float32, device=device) * float(g)
 
 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
