@@ -386,7 +386,7 @@ def test_rate_ramp_never_recompiles(forced, layer):
     x = torch.randn(2, 3, 7, 7, generator=gen(26)).to(DEV)
     frames = []
     with guidedrop.cam_targets(weight, target):
-        for _ in range(21):
+        for _ in range(12):  # past the 8 recompiles that used to fail at step 9
             compiled(x).sum().backward()
             sched.step()
             frames.append(counter.frame_count)

@@ -64,14 +64,22 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
-@op("apply_block")
 def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
-    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32."""
+    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32.
+
+    Any int k >= 1: a block larger than the map is the whole map (the same indices as
+    k = max(H, W)), so the op, its int64 schema and the constexpr K stay bounded."""
+    return _apply_block(t, mask, min(int(k), max(t.shape[-2], t.shape[-1], 1)), scale)
+
+
+@op("apply_block")
+def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
+    """apply_block with 1 <= k <= max(H, W, 1)."""
     out = out_like(t)
     if out.numel() == 0:
         return out
     n, c, h, w = t.shape
-    k = min(int(k), max(h, w))  # a larger block is the whole map: same indices, K bounded
+    k = min(int(k), max(h, w))
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
