@@ -329,13 +329,14 @@ def test_gradgradcheck_every_layer(B):
     plan, and AttentionDrop's source of S, fixed): double backward never raises and is
     never silently wrong. float64 on the reference, float32 with loose tolerances else."""
     dtype = torch.float64 if B is R else torch.float32
-    x0 = torch.randn(2, 3, 5, 6, generator=gen(24), dtype=dtype).to(DEV)
+    x0 = torch.randn(2, 2, 5, 6, generator=gen(24), dtype=dtype).to(DEV)
     loose = {} if dtype == torch.float64 else dict(eps=1e-2, atol=1e-2, rtol=1e-2)
     for layer, plan in _plans(B, x0):
         def fn(t, plan=plan):
             src = x0 if plan.kind == "attention" else None
             return A._ApplyPlan.apply(t, src, B, plan.kind, plan.meta, plan.state)
-        assert torch.autograd.gradgradcheck(fn, (x0.clone().requires_grad_(),), **loose), layer
+        assert torch.autograd.gradgradcheck(fn, (x0.clone().requires_grad_(),), fast_mode=True,
+                                            **loose), layer
 
 
 def test_second_order_functional(forced):
