@@ -93,11 +93,12 @@ def same(a, b, what=""):
 
 def _cam_args(n, c, seed=5):
     g = gen(seed)
-    return torch.randn(10, 2 * c, generator=g).to(DEV), torch.randint(0, 10, (n,), generator=g).to(DEV)
+    weight = torch.randn(10, 2 * c, generator=g)  # C_fc = 2 C: grouped weights
+    return weight.to(DEV), torch.randint(0, 10, (n,), generator=g).to(DEV)
 
 
-def layer_case(layer, n, c, h, w, noise64):
-    """(args, kwargs, noise shape) of each layer; noise64(shape) makes its float64 noise."""
+def layer_case(layer, n, c, h, w):
+    """(args, kwargs, noise shape) of each layer on an (N, C, H, W) map."""
     k = 3
     if layer == "corrdrop":
         return (0.4, k), dict(normalize="batch"), (2, n, -(-h // k), -(-w // k))
@@ -152,7 +153,7 @@ def test_noise_dtype_does_not_change_the_draw(B, layer):
     uniforms placed within rounding of the layer's thresholds; and the reference's."""
     n, c, h, w = 2, 3, 7, 8
     x = torch.randn(n, c, h, w, generator=gen(1)).to(DEV)
-    args, kw, shape = layer_case(layer, n, c, h, w, None)
+    args, kw, shape = layer_case(layer, n, c, h, w)
     if layer == "dropblock":
         q = [L._seed_rate(0.4, 3, h, w)]
     elif layer == "camdrop":
@@ -188,12 +189,13 @@ def test_noise_dtype_float64_x_reference(layer):
     """float64 x (reference only): u and q compared in float64; float32 noise is exact."""
     n, c, h, w = 2, 3, 7, 8
     x = torch.randn(n, c, h, w, generator=gen(2), dtype=torch.float64)
-    args, kw, shape = layer_case(layer, n, c, h, w, None)
+    args, kw, shape = layer_case(layer, n, c, h, w)
     args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
     noise = torch.rand(shape, generator=gen(4))
     for dtype in (torch.float16, torch.bfloat16):
         u = noise.to(dtype)
-        same(run(R, layer, x, *args, noise=u, **kw), run(R, layer, x, *args, noise=u.double(), **kw))
+        same(run(R, layer, x, *args, noise=u, **kw),
+             run(R, layer, x, *args, noise=u.double(), **kw))
     g = L._seed_rate(0.4, 3, h, w)
     if layer == "dropblock":  # a uniform between g32 and g: kept in float64, dropped in float32
         g32 = float(torch.tensor(g, dtype=torch.float32))
@@ -297,7 +299,7 @@ def _plans(B, x, seed=20):
     n, c, h, w = x.shape
     g = gen(seed)
     for layer in LAYERS:
-        args, kw, shape = layer_case(layer, n, c, h, w, None)
+        args, kw, shape = layer_case(layer, n, c, h, w)
         noise = torch.rand(shape, generator=g).to(DEV)
         yield layer, getattr(L, layer)(B, x, *args, noise=noise, **kw)
 
@@ -346,7 +348,7 @@ def test_second_order_functional(forced):
     x0 = (torch.rand(n, c, h, w, generator=gen(27)) + 0.5).to(DEV)
     v = torch.randn(x0.shape, generator=gen(28)).to(DEV)
     for layer in LAYERS:
-        args, kw, shape = layer_case(layer, n, c, h, w, None)
+        args, kw, shape = layer_case(layer, n, c, h, w)
         noise = torch.rand(shape, generator=gen(29)).to(DEV)
         fn = getattr(F, layer)
         wt = fn(x0, *args, noise=noise, **kw) / x0
