@@ -171,13 +171,15 @@ at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
 
 at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
                      const std::optional<at::Tensor>& cand_s,
-                     const std::optional<at::Tensor>& cand_c, at::IntArrayRef shape, double g,
+                     const std::optional<at::Tensor>& cand_c, at::IntArrayRef shape, const at::Tensor& g,
                      int64_t r, std::optional<at::Generator> generator) {
   constexpr const char* op = "guidedrop::seed_bits";
   check_cuda(device_like, op, "device_like");
   TORCH_CHECK(shape.size() == 4, op, ": shape must be (N, Cs, H, W), got ", shape);
   for (const int64_t s : shape) TORCH_CHECK(s >= 0, op, ": shape must be >= 0, got ", shape);
   check_positive(r, op, "r");
+  // g: the seed rate as a 0-dim float32 tensor, read in the kernel (a runtime value).
+  check_small(g, device_like, op, "g", at::kFloat, {});
   const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
   at::Tensor nz, cs, cc;  // undefined when absent
   if (noise.has_value() && noise->defined()) {
@@ -209,7 +211,7 @@ at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tens
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  launch_seed_bits(nz, cs, cc, g, r, Cs, H, W, philox, bits);
+  launch_seed_bits(nz, cs, cc, g.contiguous(), r, Cs, H, W, philox, bits);
   return bits;
 }
 
@@ -250,13 +252,15 @@ at::Tensor apply_block(const at::Tensor& t, const at::Tensor& mask, int64_t k,
   check_positive(k, op, "k");
   TORCH_CHECK(mask.defined() && mask.dim() == 3, op, ": mask must be 3-D (N, Hs, Ws)");
   const int64_t N = t.size(0);
+  // A block larger than the map is the whole map: the same indices h / k, w / k (all 0),
+  // and no product below can overflow, however large k is.
+  k = std::min(k, std::max<int64_t>({t.size(2), t.size(3), 1}));
   check_small(mask, t, op, "mask", at::kByte, {N, mask.size(1), mask.size(2)});
   TORCH_CHECK(mask.size(1) * k >= t.size(2) && mask.size(2) * k >= t.size(3), op,
               ": mask (N, Hs, Ws) = ", mask.sizes(), " does not cover H x W = ", t.size(2),
               " x ", t.size(3), " with k = ", k);
   check_small(scale, t, op, "scale", at::kFloat, {N});
-  TORCH_CHECK(k <= kMaxRow && t.size(2) <= kMaxRow && t.size(3) <= kMaxRow, op,
-              ": k, H and W must be < 2^31");
+  TORCH_CHECK(t.size(2) <= kMaxRow && t.size(3) <= kMaxRow, op, ": H and W must be < 2^31");
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor m = mask.contiguous(), s = scale.contiguous();
   at::Tensor out = at::empty_like(t);
@@ -335,7 +339,7 @@ TORCH_LIBRARY(guidedrop, m) {
   // device_like: any tensor on the target device (only its device is read). It gives the
   // dispatcher a tensor when noise, cand_s and cand_c are all None (DropBlock).
   m.def("seed_bits(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
-        "SymInt[] shape, float g, int r, Generator? generator=None) -> Tensor");
+        "SymInt[] shape, Tensor g, int r, Generator? generator=None) -> Tensor");
   m.def("seed_coverage(Tensor bits, int r, SymInt cs, SymInt h, SymInt w) -> Tensor");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");

@@ -683,6 +683,7 @@ def op_samples():
     bits = R.seed_bits(rand((n, c, h, w), 4), None, 0.3, 3, None, None, (n, c, h, w), DEV)
     bits1 = R.seed_bits(rand((n, 1, h, w), 4), None, 0.3, 3, None, None, (n, 1, h, w), DEV)
     seed = torch.tensor([12345], device=DEV)
+    g = torch.tensor(0.3, dtype=torch.float32, device=DEV)  # the rate: a 0-dim tensor
     return {
         "apply_channel": [(x, rand((n, c), 5)), (t, rand((n, c), 5))],
         "apply_block": [(x, (rand((n, 2, 2), 6) < 0.5).to(torch.uint8), 3, scale)],
@@ -695,8 +696,8 @@ def op_samples():
         "attention_stats": [(x, 7, active, "am")],
         "cam": [(x, rand((n, c), 8))],
         "pooled_correlation": [(x, 2)],
-        "seed_bits": [(rand((n, c, h, w), 9), seed[:0], 0.3, 3, None, None, [n, c, h, w]),
-                      (None, seed, 0.3, 3, rand((n, h, w), 10) < 0.5, rand((n, c), 11) < 0.5,
+        "seed_bits": [(rand((n, c, h, w), 9), seed[:0], g, 3, None, None, [n, c, h, w]),
+                      (None, seed, g, 3, rand((n, h, w), 10) < 0.5, rand((n, c), 11) < 0.5,
                        [n, 1, h, w])],
         "seed_coverage": [(bits, 3, c, h, w), (bits1, 2, 1, h, w)],
     }

@@ -413,12 +413,13 @@ def test_emulated_seed_bits_philox(E, B, shared):
 
 
 def test_emulated_seed_bits_noise_dtypes(E):
-    """noise < float32(g) is compared in noise's dtype, like the reference."""
+    """u < g with u rounded to float32 whatever noise's dtype (SPEC §1), like the reference."""
     shape, g = (2, 3, 8, 9), 0.30000001
+    g32 = torch.tensor(g, dtype=torch.float32)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         noise = torch.rand(shape, dtype=torch.float64).to(dtype)
-        noise[0, 0, 4, 4] = torch.tensor(g, dtype=torch.float32).to(dtype)  # the boundary
-        got = E.seed_bits(torch.empty(0), noise, None, None, list(shape), g, 1, None)
+        noise[0, 0, 4, 4] = g32.to(dtype)  # the boundary
+        got = E.seed_bits(torch.empty(0), noise, None, None, list(shape), g32, 1, None)
         same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
 
 

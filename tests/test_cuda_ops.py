@@ -38,6 +38,11 @@ def _op(name):
 # --------------------------------------------------------------------------- samples
 
 
+def _g(g: float, device) -> torch.Tensor:
+    """The seed rate as the ops take it: a 0-dim float32 tensor (a runtime value)."""
+    return torch.tensor(g, dtype=torch.float32, device=device)
+
+
 def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 3, 5, 7)):
     """{op: args} with small awkward inputs; state tensors from the reference primitives."""
     gen = torch.Generator().manual_seed(1)
@@ -64,7 +69,7 @@ def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 
         "map_threshold": (x, kt),
         "attention_stats": (x, kt, active, "ad"),
         "cam": (x, rand(n, c) - 0.5),
-        "seed_bits": (empty, noise, cand_s, cand_c, [n, c, h, w], 0.3, r, None),
+        "seed_bits": (empty, noise, cand_s, cand_c, [n, c, h, w], _g(0.3, device), r, None),
         "seed_coverage": (bits, r, c, h, w),
         "apply_channel": (x, rand(n, c) * 2),
         "apply_block": (x, mask, k, scale),
@@ -178,7 +183,8 @@ def test_cuda_opcheck(op, dtype, layout):
 def test_cuda_opcheck_seed_bits_philox():
     # Random without noise: only the checks that do not compare two runs' values.
     empty = torch.empty(0, dtype=torch.uint8, device="cuda")
-    torch.library.opcheck(_op("seed_bits"), (empty, None, None, None, [2, 3, 9, 11], 0.2, 3),
+    torch.library.opcheck(_op("seed_bits"), (empty, None, None, None, [2, 3, 9, 11],
+                                             _g(0.2, "cuda"), 3),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -319,13 +325,13 @@ def test_cuda_seed_bits_philox(shared):
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_seed_bits_noise_dtypes():
-    """noise < float32(g) is compared in noise's dtype, like the reference."""
+    """u < g with u rounded to float32 whatever noise's dtype (SPEC §1), like the reference."""
     shape, g = (2, 3, 8, 9), 0.30000001
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         noise = torch.rand(shape, device="cuda", dtype=torch.float64).to(dtype)
         noise[0, 0, 4, 4] = torch.tensor(g, dtype=torch.float32).to(dtype)  # the boundary
         got = _op("seed_bits")(torch.empty(0, device="cuda"), noise, None, None, list(shape),
-                               g, 1, None)
+                               _g(g, "cuda"), 1, None)
         assert torch.equal(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cuda"))
 
 

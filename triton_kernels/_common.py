@@ -10,7 +10,6 @@ stores stay coalesced and the integer divisions happen once per row, not per ele
 from __future__ import annotations
 
 import os
-import struct
 
 import torch
 import triton
@@ -81,19 +80,6 @@ class _Interpreted:
                        for a in args):
                 self.kernel[grid](*args, **kwargs)
         return run
-
-
-def round_to(g: float, dtype: torch.dtype) -> float:
-    """float(torch.tensor(g, dtype=torch.float32).to(dtype)) for float32/float16/bfloat16
-    (f32 first, then round to nearest even), without a tensor: traceable host code."""
-    g = struct.unpack("f", struct.pack("f", g))[0]
-    if dtype == torch.float16:
-        g = struct.unpack("e", struct.pack("e", g))[0]
-    elif dtype == torch.bfloat16 and g == g:
-        b = struct.unpack("I", struct.pack("f", g))[0]
-        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-        g = struct.unpack("f", struct.pack("I", b & 0xFFFFFFFF))[0]
-    return g
 
 
 def unavailable() -> str:

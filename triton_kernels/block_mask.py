@@ -35,7 +35,6 @@ from ._common import (
     out_like,
     out_offset,
     pow2,
-    round_to,
     tile_nchw,
     tile_offset,
     walk_channels_last,
@@ -65,20 +64,29 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
-@op("apply_block")
 def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
-    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32."""
+    """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32.
+
+    Any int k >= 1: a block larger than the map is the whole map (the same indices as
+    k = max(H, W)), so the op, its int64 schema and the constexpr K stay bounded."""
+    return _apply_block(t, mask, min(int(k), max(t.shape[-2], t.shape[-1], 1)), scale)
+
+
+@op("apply_block")
+def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
+    """apply_block with 1 <= k <= max(H, W, 1)."""
     out = out_like(t)
     if out.numel() == 0:
         return out
     n, c, h, w = t.shape
+    k = min(int(k), max(h, w))
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
     grid, outer, inner, meta = apply_launch(t, out)
     launch(_apply_block_kernel)[grid](
         t, out, mask, scale, outer, inner, c, h, w, *t.stride(), *out.stride(), *mask.stride(),
-        K=int(k), **meta)
+        K=k, **meta)
     return out
 
 
@@ -86,8 +94,8 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
 
 
 @triton.jit
-def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Bn, Cs, H, W,
-                      g, h_lo, h_hi, w_lo, w_hi,
+def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, NBYTES, Bn, Cs, H, W,
+                      h_lo, h_hi, w_lo, w_hi,
                       u_sN, u_sC, u_sH, u_sW, s_sN, s_sH, s_sW, c_sN, c_sC,
                       HAS_NOISE: tl.constexpr, HAS_CS: tl.constexpr, HAS_CC: tl.constexpr,
                       BB: tl.constexpr, IDX64: tl.constexpr):
@@ -98,6 +106,7 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Bn, 
     n = b // Bn
     q = b % Bn  # bits 8q .. 8q + 7 of sample n: units i = (cs * H + h) * W + w
     half = tl.arange(0, 2)
+    g = tl.load(g_ptr)  # float32: a runtime value, never a specialisation (SPEC §8)
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
         u0, u1, u2, u3 = tl.rand4x(seed, b[:, None] * 2 + half[None, :])
@@ -115,7 +124,7 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Bn, 
                                  mask=okw, other=0) != 0)
         if HAS_NOISE:
             u = tl.load(noise_ptr + n[:, None] * u_sN + cs * u_sC + h * u_sH + w * u_sW,
-                        mask=okw, other=1.0)
+                        mask=okw, other=1.0).to(tl.float32)  # u rounded to f32 (SPEC §1)
         elif lane == 0:
             u = u0
         elif lane == 1:
@@ -132,7 +141,8 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, NBYTES, Bn, 
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     """Packed seeds uint8 (N, ceil(Cs*H*W/8)); see backend_contract.md.
 
-    seed at (n, c, h, w) iff u < g (g as float32), (h, w) a valid centre of an r x r
+    seed at (n, c, h, w) iff u < g (g: 0-dim float32 tensor; u rounded to float32 whatever
+    noise's dtype, SPEC §1), (h, w) a valid centre of an r x r
     block, cand_s[n, h, w] and cand_c[n, c] (each optional). u = noise (N, Cs, H, W) when
     given, else Philox uniforms seeded from ``generator`` (torch's default when None).
     """
@@ -144,11 +154,13 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
         seed = torch.randint(0, 2**31 - 1, (1,), device=device)
     else:
         seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
-    return _seed_bits(noise, seed, float(g), int(r), cand_s, cand_c, list(shape))
+    from guidedrop.reference import rate_tensor
+    g = rate_tensor(g, device).to(device=device, dtype=torch.float32)
+    return _seed_bits(noise, seed, g, int(r), cand_s, cand_c, list(shape))
 
 
 @op("seed_bits")
-def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
+def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: torch.Tensor, r: int,
                cand_s: torch.Tensor | None, cand_c: torch.Tensor | None,
                shape: list[int]) -> torch.Tensor:
     """seed_bits with the seed drawn: seed (1,) int64 on the output's device."""
@@ -157,8 +169,6 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
     out = torch.empty((n, bn), dtype=torch.uint8, device=seed.device)
     if out.numel() == 0:
         return out
-    # torch compares a half tensor with a 0-dim f32 in half; exactly a float32 value
-    g32 = round_to(g, torch.float32 if noise is None else noise.dtype)
     # unused pointers get an input, never out: no kernel argument aliases the output
     if noise is None:
         dummy, noise_arg, u_strides = seed, seed, (0, 0, 0, 0)
@@ -170,8 +180,8 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: float, r: int,
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
     bb = max(1, min(TILE // 8, pow2(out.numel())))
     launch(_seed_bits_kernel)[(cdiv(out.numel(), bb),)](
-        out, noise_arg, seed, cs_arg, cc_arg, out.numel(), bn, cs, h, w,
-        g32, r // 2, h - r + r // 2, r // 2, w - r + r // 2,
+        out, noise_arg, seed, cs_arg, cc_arg, g, out.numel(), bn, cs, h, w,
+        r // 2, h - r + r // 2, r // 2, w - r + r // 2,
         *u_strides, *s_strides, *c_strides,
         HAS_NOISE=noise is not None, HAS_CS=cand_s is not None, HAS_CC=cand_c is not None,
         BB=bb, IDX64=needs_int64(noise) or 8 * out.numel() >= INT32_MAX - 2 * TILE,

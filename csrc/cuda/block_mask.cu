@@ -5,9 +5,10 @@
 // Seeds are packed as one bit string per sample: bit i of sample n is the unit (cs, h, w) with
 // i = (cs * H + h) * W + w, no padding per row or map (1/16 of a 16-bit x, any W).
 // seed_bits: one thread per output byte (n, q) = bits i = 8q .. 8q + 7. A unit is a
-//   seed when u < g, it is a valid centre, and it is a spatial / channel candidate. u is
-//   noise[n, cs, h, w] (compared in noise's dtype, like the reference's
-//   `noise < torch.tensor(g, dtype=float32)`), or, without noise, a Philox-4x32-10 uniform
+//   seed when u < g, it is a valid centre, and it is a spatial / channel candidate. g is a
+//   float32 read from device memory (a runtime rate: no recompile, no host read); u is
+//   noise[n, cs, h, w] rounded to float32 whatever noise's dtype (SPEC §1: u and g both in
+//   the compute dtype), or, without noise, a Philox-4x32-10 uniform
 //   keyed by the logical element index e = ((n * Cs + cs) * H + h) * W + w: counter
 //   (offset / 4, e / 4), key = seed, word e % 4 — the value curand_init(seed, e / 4, offset)
 //   followed by curand4() would give — as u = (bits >> 8) * 2^-24 in [0, 1). The seed and
@@ -50,23 +51,15 @@ __device__ __forceinline__ bool valid_centre(int64_t i, int64_t n, int64_t r) {
   return i >= r / 2 && i <= n - r + r / 2;
 }
 
-template <typename T>
-__device__ __forceinline__ double as_double(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-__device__ __forceinline__ double as_double<double>(double v) {
-  return v;
-}
-
 // noise == nullptr: Philox. Outputs one byte per thread.
 template <typename noise_t>
 __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Strides4 ns,
                                  const bool* __restrict__ cand_s, const bool* __restrict__ cand_c,
                                  const int64_t N, const int64_t Cs, const int64_t H,
                                  const int64_t W, const int64_t Bn, const int64_t r,
-                                 const double g_noise, const float g,
+                                 const float* __restrict__ g_ptr,
                                  const at::PhiloxCudaState philox, uint8_t* __restrict__ bits) {
+  const float g = *g_ptr;
   uint64_t seed = 0, offset = 0;
   if (noise == nullptr) {
     const auto so = at::cuda::philox::unpack(philox);
@@ -91,7 +84,7 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
       if (cand_s != nullptr && !cand_s[(n * H + h) * W + w]) continue;
       bool seeded;
       if (noise != nullptr) {
-        seeded = as_double(noise[off4(ns, n, cs, h, w)]) < g_noise;
+        seeded = static_cast<float>(noise[off4(ns, n, cs, h, w)]) < g;
       } else {
         const uint64_t e = static_cast<uint64_t>(n * per_sample + i);  // logical element
         if (e / 4 != group) {
@@ -186,32 +179,29 @@ struct SeedsW {
 }  // namespace
 
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, double g, int64_t r, int64_t Cs,
+                      const at::TensorBase& cand_c, const at::TensorBase& g, int64_t r, int64_t Cs,
                       int64_t H, int64_t W, at::PhiloxCudaState philox,
                       const at::TensorBase& bits) {
   const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t total = bits.numel();
   if (total == 0) return;
-  const float g32 = static_cast<float>(g);  // reference: torch.tensor(g, dtype=float32)
+  const float* g_ptr = g.data_ptr<float>();
   const bool* cs_ptr = cand_s.defined() ? cand_s.data_ptr<bool>() : nullptr;
   const bool* cc_ptr = cand_c.defined() ? cand_c.data_ptr<bool>() : nullptr;
   const unsigned grid = grid_for(total, kThreads);
   if (!noise.defined()) {
     seed_bits_kernel<float><<<grid, kThreads, 0, current_stream()>>>(
-        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, 0.0, g32, philox,
+        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, g_ptr, philox,
         bits.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // `noise < g32` in noise's dtype (a 0-dim float32 tensor does not promote a float16
-  // tensor): g32 rounded to that dtype, compared exactly in double.
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, noise.scalar_type(), "guidedrop::seed_bits",
       [&] {
-        const double g_noise = static_cast<double>(static_cast<scalar_t>(g32));
         seed_bits_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
             noise.data_ptr<scalar_t>(), strides4(noise), cs_ptr, cc_ptr, N, Cs, H, W, Bn, r,
-            g_noise, g32, philox, bits.data_ptr<uint8_t>());
+            g_ptr, philox, bits.data_ptr<uint8_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

@@ -52,7 +52,7 @@ void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::
 // any dtype and strides (then `philox` is unused); cand_s: undefined or (N, H, W) bool;
 // cand_c: undefined or (N, Cs) bool.
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, double g, int64_t r, int64_t Cs,
+                      const at::TensorBase& cand_c, const at::TensorBase& g, int64_t r, int64_t Cs,
                       int64_t H, int64_t W, at::PhiloxCudaState philox,
                       const at::TensorBase& bits);
 // out: (N,) int64, zero-initialised by the caller.

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from guidedrop.reference import rate_tensor as _rate_tensor
+
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.guidedrop.*)
 except ImportError as e:  # not built, or built against another torch
@@ -101,7 +103,10 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     # Only the device of this tensor is read: it lets the dispatcher pick the CUDA kernel
     # when noise, cand_s and cand_c are all None.
     device_like = torch.empty(0, dtype=torch.uint8, device=device)
-    return _ops.seed_bits(device_like, noise, cand_s, cand_c, list(shape), float(g), int(r),
+    # g stays a tensor (loaded in the kernel): a rate is a runtime value, never a
+    # compile-time constant or a host read (SPEC §8).
+    g = _rate_tensor(g, device).to(device=device, dtype=torch.float32)
+    return _ops.seed_bits(device_like, noise, cand_s, cand_c, list(shape), g, int(r),
                           generator)
 
 
@@ -121,6 +126,7 @@ def apply_channel(t, w):
 
 def apply_block(t, mask, k, scale):
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
+    k = min(int(k), max(t.shape[-2], t.shape[-1], 1))  # larger: one block, same indices
     return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
 
 
@@ -173,7 +179,7 @@ def _register_fakes() -> None:
         return x.new_empty((n, h, w), dtype=torch.float32)
 
     @register("guidedrop::seed_bits")
-    def _(device_like, noise, cand_s, cand_c, shape, g, r, generator=None):
+    def _(device_like, noise, cand_s, cand_c, shape, g, r, generator=None):  # g: 0-dim f32
         n, cs, h, w = shape
         return device_like.new_empty((n, (cs * h * w + 7) // 8), dtype=torch.uint8)
 

@@ -14,7 +14,6 @@ once, here, so the layers only see those (SPEC §1).
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -50,7 +49,7 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     p, block_size = V.real("p", p), V.block_size(block_size)
     normalize = V.choice("normalize", normalize, V.NORMALIZE)
     n, _, h, w = x.shape
-    V.noise(noise, (2, n, math.ceil(h / block_size), math.ceil(w / block_size)), x)
+    V.noise(noise, (2, n, -(-h // block_size), -(-w // block_size)), x)  # exact for any int size
     if _idle(x, training, p):
         return x
     return _run("corrdrop", x, p, block_size, normalize=normalize, noise=noise,

@@ -49,9 +49,25 @@ def rand(shape, generator, device) -> torch.Tensor:
 
 
 def _uniform(noise, shape, generator, x):
-    """The op's uniforms: ``noise`` or a fresh draw, in the compute dtype of x."""
+    """The op's uniforms: ``noise`` or a fresh draw, rounded to the compute dtype of x
+    (SPEC §1: ``bernoulli(q)`` is ``u < q`` with u and q both in the compute dtype)."""
     u = noise if noise is not None else rand(shape, generator, x.device)
     return u.to(_compute_dtype(x))
+
+
+def _rate(q, x) -> torch.Tensor:
+    """A rate q (python float, or symbolic under torch.compile) as a 0-dim tensor in the
+    compute dtype of x: rounded like the uniforms it is compared with (SPEC §1), and a
+    runtime value for the kernels (SPEC §8: a python float argument of a kernel op would be
+    a compile-time constant, one recompile per rate). ones * q, not full((), q): a tensor
+    fill value would freeze q under torch.compile; no host-to-device copy (no sync)."""
+    return torch.ones((), dtype=_compute_dtype(x), device=x.device) * q
+
+
+def _block_extent(k: int, h: int, w: int) -> int:
+    """The block size that indexes an H x W map like k does: k itself, or max(H, W) when
+    k is larger (one block then; any int k >= 1, however large, SPEC §1)."""
+    return min(k, max(h, w, 1))
 
 
 def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tensor:
@@ -76,7 +92,9 @@ def _top(B, v: torch.Tensor, k: int) -> torch.Tensor:
 def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     """SPEC §2. State: S (N, H', W') uint8 and scale (N,)."""
     n, c, h, w = x.shape
-    k = block_size
+    # Blocks larger than the map are one block: the pooling, the border arithmetic and the
+    # apply take k = max(H, W) (same windows, same indices); only p' reads the real k.
+    k = _block_extent(block_size, h, w)
     hp, wp = -(-h // k), -(-w // k)
     u = _uniform(noise, (2, n, hp, wp), generator, x).flatten(2)
     f = B.pooled_correlation(x, k).flatten(1)  # (N, N')
@@ -84,13 +102,15 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     rng = fmax - fmin
     kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
     m = u[0] < kappa
-    p_block = p * h * w / (k * k * hp * wp)  # eq. 11
+    # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size. int / int is
+    # exact-then-rounded in python and never overflows (k ** 2 may exceed any float).
+    p_blocks = p * ((h * w) / (block_size * block_size))
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already.
     # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other
     # rounding), and a tensor fill value would freeze p under torch.compile.
-    p_hat = (torch.ones_like(f[:, :1]) * (p_block * hp * wp) / z.clamp_min(1)).clamp(max=1)
-    keep = m | (u[1] < 1 - p_hat)
+    p_hat = (torch.ones_like(f[:, :1]) * p_blocks / z.clamp_min(1)).clamp(max=1)
+    keep = m | (u[1] < (1 - p_hat).to(u.dtype))
     # Units of each pooled block (border blocks are cut): kept units per channel.
     rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)
     cols = (w - torch.arange(wp, device=x.device) * k).clamp(max=k)
@@ -145,7 +165,7 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     """SPEC §4. State: per-map thr, min, max, gamma (N, C), scale (N,); and x."""
     n, c, h, w = x.shape
     u = _uniform(noise, (n, c), generator, x)
-    active = u < alpha  # gamma, drawn first: statistics only where it is 1
+    active = u < _rate(alpha, x)  # gamma, drawn first: statistics only where it is 1
     n_beta = max(1, math.ceil(beta * h * w / 100))
     thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
     kept = torch.where(active, msum, h * w).sum(dim=1)
@@ -199,7 +219,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     cam = B.cam(x, alpha)
     cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
     cand_c = _top(B, alpha, max(1, round(channel_rate * c)))
-    g = _seed_rate(1 - keep, r, h, w)
+    g = _rate(_seed_rate(1 - keep, r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, x.shape, x.device)
     return _seeds_plan(B, bits, r, x.shape, c, normalize, dt)
 
@@ -209,5 +229,6 @@ def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, ge
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = (n, 1 if shared_channels else c, h, w)
-    bits = B.seed_bits(noise, generator, _seed_rate(p, r, h, w), r, None, None, shape, x.device)
+    g = _rate(_seed_rate(p, r, h, w), x)
+    bits = B.seed_bits(noise, generator, g, r, None, None, shape, x.device)
     return _seeds_plan(B, bits, r, shape, c, normalize, _compute_dtype(x))

@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import _validation as V
-from . import dispatch
+from . import dispatch, reference
 
 
 def _backend(x: torch.Tensor):
@@ -63,14 +63,15 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
 def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     """mask: (N, H', W') -> (N, H, W): nearest upsampling by k, cropped to H x W.
 
-    out[n, i, j] = mask[n, i // k, j // k]. The layers never materialise this: their
-    apply kernels read the small mask at (i // k, j // k). Any k >= 1 (no memory grows
-    with k); an empty mask or H, W = 0 gives an empty output. Raises ValueError for a mask
-    that is not (N, >= ceil(H/k), >= ceil(W/k)).
+    out[n, i, j] = mask[n, i // k, j // k]. Any k >= 1 is valid: a k of at least max(H, W)
+    makes the map one block (out = mask[n, 0, 0] everywhere); neither work nor memory grows
+    with k. An empty mask or H, W = 0 gives an empty output. The layers never materialise
+    this: their apply kernels read the small mask at (i // k, j // k).
+
+    Raises TypeError / ValueError for a k that is not an int >= 1, ValueError for a mask that
+    is not 3-D or does not cover H x W.
     """
     k = V.block_size(k, "k")
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
-    rows = torch.arange(h, device=mask.device) // k
-    cols = torch.arange(w, device=mask.device) // k
-    return mask[:, rows[:, None], cols[None, :]]
+    return reference.upsample(mask, k, h, w)

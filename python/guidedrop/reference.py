@@ -180,15 +180,25 @@ def expand_seeds(seeds: torch.Tensor, r: int) -> torch.Tensor:
     return out.bool()
 
 
+def rate_tensor(g, device) -> torch.Tensor:
+    """A rate as a 0-dim tensor: g itself when it is one (the layers pass the compute
+    dtype), a python float as float32 (backend_contract.md)."""
+    if isinstance(g, torch.Tensor):
+        return g.reshape(())
+    # ones * g, not torch.tensor(g, device=...): no host-to-device copy (graph capture)
+    return torch.ones((), dtype=torch.float32, device=device) * float(g)
+
+
 def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     """Packed seeds uint8 (N, ceil(Cs*H*W/8)): one bit string per sample, the units in
-    (cs, h, w) order; see backend_contract.md."""
+    (cs, h, w) order; see backend_contract.md. g: 0-dim tensor in the compute dtype."""
     n, cs, h, w = shape
+    g = rate_tensor(g, device)
     if noise is None:
         from .layers import rand
         noise = rand(shape, generator, device)
-    # A python float compares in the tensor's dtype: g is rounded to float32 first.
-    seeds = (noise < g) & valid_centres(h, w, r, noise.device)
+    # u < g with u rounded to g's dtype (the compute dtype) whatever noise's dtype (SPEC §1).
+    seeds = (noise.to(g.dtype) < g) & valid_centres(h, w, r, noise.device)
     if cand_s is not None:
         seeds &= cand_s[:, None]
     if cand_c is not None:
@@ -216,11 +226,19 @@ def apply_channel(t, w):
     return _mul(t, w[:, :, None, None])
 
 
+def upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
+    """(N, Hs, Ws) -> (N, H, W): mask[n, i // k, j // k]. Indexed, so that neither work nor
+    memory grows with k (any k >= 1; k >= max(H, W) reads mask[n, 0, 0])."""
+    k = min(k, max(h, w, 1))
+    i = torch.arange(h, device=mask.device) // k
+    j = torch.arange(w, device=mask.device) // k
+    return mask[:, i[:, None], j[None, :]]
+
+
 def apply_block(t, mask, k, scale):
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
     h, w = t.shape[-2:]
-    m = mask.to(scale.dtype) * scale[:, None, None]
-    m = m.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :h, :w]
+    m = upsample(mask.to(scale.dtype) * scale[:, None, None], k, h, w)
     return _mul(t, m[:, None])
 
 

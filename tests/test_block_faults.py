@@ -1,0 +1,397 @@
+"""Faults found by fuzzing (issue 11) in the block masks, the Bernoulli draws and autograd,
+on every backend: the reference, Triton (under TRITON_INTERPRET=1 without a GPU) and the
+CUDA sources (on the SIMT emulator of tests/cuda_emu/ without a GPU, the real ops with one).
+
+- Noise dtype (SPEC §1): ``bernoulli(q)`` is ``u < q`` with u and q both rounded to the
+  compute dtype first, whatever the dtype of ``noise``.
+- Block sizes beyond the map (SPEC §1): any block size >= 1 is valid; it is then one block,
+  and no work or memory grows with it.
+- Second order (SPEC §1): the backward is grad_y * w with w constant, differentiable again.
+- Rates are runtime values (SPEC §8): a schedule never recompiles a compiled model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+from testing import HAS_CUDA
+from torch import nn
+
+import guidedrop
+import guidedrop.functional as F
+from guidedrop import autograd as A
+from guidedrop import dispatch, primitives
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ["reference", "triton", "cuda"]
+LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
+          "focused_dropout", "camdrop", "dropblock"]
+
+
+@functools.cache
+def _emulated_cuda():
+    """python/guidedrop/cuda_backend.py on the emulated ops (None: no emulator here)."""
+    import test_cuda_emulated as CE
+    if CE.emu.unavailable():
+        return None
+    mod = CE.emu.backend()
+    mod.unsupported = lambda x: ""  # the emulated ops take CPU tensors
+    return mod
+
+
+def backend(name: str):
+    """The backend module ``name`` that runs on DEV tensors, or skip."""
+    if name == "cuda" and not HAS_CUDA:
+        mod = _emulated_cuda()
+        if mod is None:
+            pytest.skip("no GPU and no CUDA emulator")
+        return mod
+    mod, why = dispatch.load(name)
+    if mod is None:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    why = mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV)) if name != "reference" else ""
+    if why:
+        pytest.skip(f"backend {name}: {why}")
+    return mod
+
+
+@pytest.fixture(params=BACKENDS)
+def B(request):
+    return backend(request.param)
+
+
+@pytest.fixture(params=BACKENDS)
+def forced(request, monkeypatch):
+    """Forces the backend of guidedrop.functional (the emulated CUDA ops without a GPU)."""
+    mod = backend(request.param)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
+    monkeypatch.setitem(dispatch._loaded, request.param, (mod, ""))
+    return mod
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def run(B, layer, x, *args, **kw):
+    """x * w of ``layer`` on backend B with autograd (x when the layer is the identity)."""
+    plan = getattr(L, layer)(B, x.detach(), *args, **kw)
+    return x if plan is None else A.apply(B, plan, x)
+
+
+def same(a, b, what=""):
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _cam_args(n, c, seed=5):
+    g = gen(seed)
+    weight = torch.randn(10, 2 * c, generator=g)  # C_fc = 2 C: grouped weights
+    return weight.to(DEV), torch.randint(0, 10, (n,), generator=g).to(DEV)
+
+
+def layer_case(layer, n, c, h, w):
+    """(args, kwargs, noise shape) of each layer on an (N, C, H, W) map."""
+    k = 3
+    if layer == "corrdrop":
+        return (0.4, k), dict(normalize="batch"), (2, n, -(-h // k), -(-w // k))
+    if layer == "selectscale":
+        return (0.5, 0.1), {}, (n, c)
+    if layer == "spatialscale":
+        return (0.3,), {}, (n, c)
+    if layer == "selectout":
+        return (0.5, 0.75), {}, (n, c)
+    if layer == "attentiondrop":
+        return (0.6, 20.0), dict(mode="ad", normalize="batch"), (n, c)
+    if layer == "focused_dropout":
+        return (0.3, 0.6), dict(per_position=True), (n, h, w)
+    if layer == "camdrop":
+        weight, target = _cam_args(n, c)
+        return (weight, target, 3, 0.6), dict(channel_rate=1.0, normalize="batch"), (n, c, h, w)
+    return (0.4, 3), dict(shared_channels=False, normalize="batch"), (n, c, h, w)
+
+
+# --------------------------------------------------------------------------- noise dtype
+
+
+def _near(q: float, shape, seed) -> torch.Tensor:
+    """float64 uniforms within rounding of q: q in float32, one float64 step either side of
+    it (well under half a float32 ulp), the midpoint between q and float32(q), and q."""
+    q32 = float(torch.tensor(q, dtype=torch.float32))
+    d = 2.0 ** -40
+    vals = torch.tensor([q32 - d, q32 + d, (q + q32) / 2, q, q32, q32 - 2 * d], dtype=torch.float64)
+    idx = torch.randint(0, len(vals), shape, generator=gen(seed))
+    far = torch.rand(shape, generator=gen(seed + 1), dtype=torch.float64)
+    return torch.where(torch.rand(shape, generator=gen(seed + 2)) < 0.75, vals[idx], far)
+
+
+def test_dropblock_noise_between_roundings(B):
+    """The fuzzed case: float64 noise between g in float32 and g in float64 (float32 x)
+    drops exactly what float32(noise) < float32(g) drops, on every backend."""
+    x = torch.randn(2, 2, 8, 8, generator=gen(0)).to(DEV)
+    g = L._seed_rate(0.3, 3, 8, 8)
+    g32 = float(torch.tensor(g, dtype=torch.float32))
+    for u in ((g + g32) / 2, g32 - 2.0 ** -40, g32 + 2.0 ** -40):
+        noise = torch.full(x.shape, u, dtype=torch.float64, device=DEV)
+        y = run(B, "dropblock", x, 0.3, 3, shared_channels=False, normalize="none", noise=noise)
+        seeds = (noise.float() < g32) & R.valid_centres(8, 8, 3, DEV)
+        want = x * ~R.expand_seeds(seeds, 3)
+        same(y, want, f"u = {u!r}")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_noise_dtype_does_not_change_the_draw(B, layer):
+    """Every Bernoulli (and every uniform) of every layer: noise of any float dtype gives
+    the output of the same noise rounded to float32 (the compute dtype of float32 x), with
+    uniforms placed within rounding of the layer's thresholds; and the reference's."""
+    n, c, h, w = 2, 3, 7, 8
+    x = torch.randn(n, c, h, w, generator=gen(1)).to(DEV)
+    args, kw, shape = layer_case(layer, n, c, h, w)
+    if layer == "dropblock":
+        q = [L._seed_rate(0.4, 3, h, w)]
+    elif layer == "camdrop":
+        q = [L._seed_rate(1 - 0.6, 3, h, w)]
+    elif layer == "attentiondrop":
+        q = [0.6]
+    elif layer == "corrdrop":  # kappa of each block, and 1 - p_hat for z = N' (kappa = 0)
+        f = R.pooled_correlation(x.cpu(), 3).flatten(1).double()
+        kappa = (f - f.amin(1, keepdim=True)) / (f.amax(1, keepdim=True) - f.amin(1, keepdim=True))
+        p_hat = 0.4 * h * w / 9 / f.shape[1]
+        q = [kappa.flatten()[i].item() for i in range(6)] + [1 - p_hat]
+    else:
+        q = [0.5]
+    noise64 = torch.cat([_near(v, (math.prod(shape),), 10 + i)[None] for i, v in enumerate(q)])
+    pick = torch.randint(0, len(q), (math.prod(shape),), generator=gen(3))
+    noise64 = noise64.gather(0, pick[None])[0].view(shape).to(DEV)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        noise = noise64.to(dtype)
+        y = run(B, layer, x, *args, noise=noise, **kw)
+        want = run(B, layer, x, *args, noise=noise.float(), **kw)
+        ref = run(R, layer, x, *args, noise=noise, **kw)
+        what = f"{layer} {dtype}"
+        same(y, want, what)
+        if layer == "attentiondrop":  # its scale is a float32 sum on the kernel backends
+            torch.testing.assert_close(y, ref)
+            same(y == 0, ref == 0, what)
+        else:
+            same(y, ref, what)
+
+
+@pytest.mark.parametrize("layer", ["dropblock", "camdrop", "attentiondrop", "corrdrop"])
+def test_noise_dtype_float64_x_reference(layer):
+    """float64 x (reference only): u and q compared in float64; float32 noise is exact."""
+    n, c, h, w = 2, 3, 7, 8
+    x = torch.randn(n, c, h, w, generator=gen(2), dtype=torch.float64)
+    args, kw, shape = layer_case(layer, n, c, h, w)
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    noise = torch.rand(shape, generator=gen(4))
+    for dtype in (torch.float16, torch.bfloat16):
+        u = noise.to(dtype)
+        same(run(R, layer, x, *args, noise=u, **kw),
+             run(R, layer, x, *args, noise=u.double(), **kw))
+    g = L._seed_rate(0.4, 3, h, w)
+    if layer == "dropblock":  # a uniform between g32 and g: kept in float64, dropped in float32
+        g32 = float(torch.tensor(g, dtype=torch.float32))
+        u = torch.full((n, c, h, w), (g + g32) / 2, dtype=torch.float64)
+        y = run(R, layer, x, *args, noise=u, **dict(kw, normalize="none"))
+        seeds = (u < g) & R.valid_centres(h, w, 3, "cpu")
+        same(y, x * ~R.expand_seeds(seeds, 3))
+
+
+# --------------------------------------------------------------------------- block sizes
+
+HUGE = [10**5, 2**31, 2**63 - 1, 2**63 + 5, 2**64 + 1, 10**400]
+
+
+def test_corrdrop_block_larger_than_map(B):
+    """k >= max(H, W): one block per sample; kept iff u[1] < 1 - p_hat with
+    p_hat = min(1, p H W / k^2) (z = 1); the output equals the k = max(H, W) one wherever
+    p_hat agrees (always kept once p_hat < 2^-25), on every backend, for any int k."""
+    n, c, h, w = 3, 2, 8, 6
+    x = torch.rand(n, c, h, w, generator=gen(5)).to(DEV)
+    noise = torch.rand(2, n, 1, 1, generator=gen(6)).to(DEV)
+    noise[1, 0] = 0.9999  # dropped for k = 8 (p_hat = 0.375), kept once p_hat is tiny
+    kept_at_8 = noise[1, :, 0, 0] < 1 - 0.5 * h * w / 64
+    at_map = run(B, "corrdrop", x, 0.5, 8, normalize="none", noise=noise)
+    same(at_map, x * kept_at_8[:, None, None, None], "k = 8")
+    same(run(B, "corrdrop", x, 0.5, 9, normalize="none", noise=noise),
+         x * (noise[1, :, 0, 0] < 1 - 0.5 * h * w / 81)[:, None, None, None], "k = 9")
+    for k in HUGE:
+        y = run(B, "corrdrop", x, 0.5, k, normalize="batch", noise=noise)
+        same(y, x, f"k = {k if k < 2**70 else 'huge'}")  # every block kept, scale 1
+    # Through the public op (validation included), also on a map wider than tall.
+    x2 = torch.rand(1, 2, 3, 11, generator=gen(7)).to(DEV)
+    u2 = torch.rand(2, 1, 1, 1, generator=gen(8)).to(DEV)
+    for k in (11, 12, 2**63 + 1):
+        plan = L.corrdrop(B, x2, 0.3, k, normalize="batch", noise=u2)
+        assert plan.state[0].shape == (1, 1, 1) and plan.meta[0] <= 11
+
+
+def test_corrdrop_block_between_map_sides(B):
+    """H < k < W: blocks cut by the bottom border; same as the reference."""
+    x = torch.rand(2, 3, 4, 19, generator=gen(9)).to(DEV)
+    noise = torch.rand(2, 2, 1, 3, generator=gen(10)).to(DEV)
+    same(run(B, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise),
+         run(R, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise))
+
+
+def test_functional_corrdrop_huge_block(forced):
+    x = torch.rand(1, 2, 8, 8, generator=gen(11)).to(DEV)
+    noise = torch.rand(2, 1, 1, 1, generator=gen(12)).to(DEV)
+    # (10**400 here waits on functional's noise-shape check: math.ceil(h / k) is 0 there.)
+    for k in (10**5, 2**31, 2**63 + 1):
+        same(F.corrdrop(x, 0.5, k, noise=noise), x)
+    y = guidedrop.CorrDrop(p=0.5, block_size=10**6)(x)  # noise=None: fresh draws
+    assert y.shape == x.shape
+
+
+def test_apply_block_huge_k(B):
+    """apply_block with k beyond the map reads mask[n, 0, 0]: as k = max(H, W)."""
+    n, c, h, w = 2, 3, 5, 7
+    t = torch.randn(n, c, h, w, generator=gen(13)).to(DEV)
+    mask = (torch.rand(n, 1, 1, generator=gen(14)) < 0.5).to(torch.uint8).to(DEV)
+    scale = (torch.rand(n, generator=gen(15)) + 0.5).to(DEV)
+    want = R.apply_block(t, mask, 7, scale)
+    for k in HUGE:
+        same(B.apply_block(t, mask, k, scale), want, f"k = {k if k < 2**70 else 'huge'}")
+
+
+def test_block_upsample_any_k():
+    """primitives.block_upsample: any k >= 1; k >= max(H, W) is one block (mask[:, 0, 0])."""
+    mask = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    for k, (h, w) in [(1, (3, 4)), (2, (5, 7)), (3, (7, 10)), (3, (9, 12))]:
+        i, j = torch.arange(h) // k, torch.arange(w) // k
+        same(primitives.block_upsample(mask, k, h, w), mask[:, i][:, :, j], f"k = {k}")
+    for k in [12, 13] + HUGE:
+        same(primitives.block_upsample(mask, k, 5, 12),
+             mask[:, :1, :1].expand(2, 5, 12).contiguous(), f"k = {k if k < 2**70 else 'huge'}")
+    with pytest.raises(ValueError, match="mask"):
+        primitives.block_upsample(mask, 2, 7, 8)
+
+
+def test_dropblock_camdrop_huge_blocks(B):
+    """DropBlock: r = min(block_size, H, W) for any block_size; CamDrop with r > H or W
+    drops nothing (returns x)."""
+    n, c, h, w = 2, 3, 6, 5
+    x = torch.randn(n, c, h, w, generator=gen(16)).to(DEV)
+    noise = torch.rand(n, c, h, w, generator=gen(17)).to(DEV) * 0.01
+    want = run(R, "dropblock", x, 0.3, 5, shared_channels=False, normalize="batch", noise=noise)
+    for k in HUGE:
+        same(run(B, "dropblock", x, 0.3, k, shared_channels=False, normalize="batch",
+                 noise=noise), want, f"k = {k if k < 2**70 else 'huge'}")
+    weight, target = _cam_args(n, c)
+    for k in HUGE:
+        same(run(B, "camdrop", x, weight, target, k, 0.5, channel_rate=1.0, normalize="batch",
+                 noise=noise), x)
+
+
+# --------------------------------------------------------------------------- second order
+
+
+def _plans(B, x, seed=20):
+    n, c, h, w = x.shape
+    g = gen(seed)
+    for layer in LAYERS:
+        args, kw, shape = layer_case(layer, n, c, h, w)
+        noise = torch.rand(shape, generator=g).to(DEV)
+        yield layer, getattr(L, layer)(B, x, *args, noise=noise, **kw)
+
+
+def test_second_order_every_layer(B):
+    """create_graph=True with loss sum(y^2): g = 2 x w^2, d(sum(g v))/dx = 2 w^2 v, and the
+    first backward's derivative in grad_y is w; w the backend's constant multiplier (for
+    AttentionDrop no derivative through S), equal to the reference's."""
+    x0 = torch.randn(2, 3, 7, 8, generator=gen(21)).to(DEV)
+    v = torch.randn(x0.shape, generator=gen(22)).to(DEV)
+    ref_w = {layer: L.apply(R, p, torch.ones_like(x0), x0) for layer, p in _plans(R, x0)}
+    for layer, plan in _plans(B, x0):
+        w = L.apply(B, plan, torch.ones_like(x0), x0)
+        torch.testing.assert_close(w, ref_w[layer], rtol=1e-6, atol=0)
+        x = x0.clone().requires_grad_()
+        y = A.apply(B, plan, x)
+        (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        torch.testing.assert_close(gx, 2 * x0 * w * w, rtol=1e-6, atol=1e-6)
+        (hx,) = torch.autograd.grad((gx * v).sum(), x)
+        torch.testing.assert_close(hx, 2 * w * w * v, rtol=1e-6, atol=1e-6, msg=layer)
+        gy = torch.randn(x0.shape, generator=gen(23)).to(DEV).requires_grad_()
+        (gx,) = torch.autograd.grad(A.apply(B, plan, x), x, gy, create_graph=True)
+        (dgy,) = torch.autograd.grad((gx * v).sum(), gy)
+        torch.testing.assert_close(dgy, w * v, rtol=1e-6, atol=1e-6, msg=layer)
+
+
+def test_gradgradcheck_every_layer(B):
+    """torch.autograd.gradgradcheck of x -> x * w with the layer's w held constant (its
+    plan, and AttentionDrop's source of S, fixed): double backward never raises and is
+    never silently wrong. float64 on the reference, float32 with loose tolerances else."""
+    dtype = torch.float64 if B is R else torch.float32
+    x0 = torch.randn(2, 2, 5, 6, generator=gen(24), dtype=dtype).to(DEV)
+    loose = {} if dtype == torch.float64 else dict(eps=1e-2, atol=1e-2, rtol=1e-2)
+    for layer, plan in _plans(B, x0):
+        def fn(t, plan=plan):
+            src = x0 if plan.kind == "attention" else None
+            return A._ApplyPlan.apply(t, src, B, plan.kind, plan.meta, plan.state)
+        assert torch.autograd.gradgradcheck(fn, (x0.clone().requires_grad_(),), fast_mode=True,
+                                            **loose), layer
+
+
+def test_second_order_functional(forced):
+    """The public ops with create_graph=True: the Hessian-vector product of sum(y^2) is
+    2 w^2 v, w = y / x from the same noise (x without zeros)."""
+    n, c, h, w = 2, 3, 5, 6
+    x0 = (torch.rand(n, c, h, w, generator=gen(27)) + 0.5).to(DEV)
+    v = torch.randn(x0.shape, generator=gen(28)).to(DEV)
+    for layer in LAYERS:
+        args, kw, shape = layer_case(layer, n, c, h, w)
+        noise = torch.rand(shape, generator=gen(29)).to(DEV)
+        fn = getattr(F, layer)
+        wt = fn(x0, *args, noise=noise, **kw) / x0
+        x = x0.clone().requires_grad_()
+        y = fn(x, *args, noise=noise, **kw)
+        (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        (hx,) = torch.autograd.grad((gx * v).sum(), x)
+        torch.testing.assert_close(hx, 2 * wt * wt * v, rtol=1e-5, atol=1e-5, msg=layer)
+
+
+# --------------------------------------------------------------------------- recompiles
+
+
+def _module(layer):
+    return {
+        "corrdrop": lambda: guidedrop.CorrDrop(p=0.5, block_size=3),
+        "selectscale": lambda: guidedrop.SelectScale(top_rate=0.5),
+        "selectout": lambda: guidedrop.Selectout(top_rate=0.5, keep=0.75),
+        "spatialscale": lambda: guidedrop.SpatialScale(),
+        "attentiondrop": lambda: guidedrop.AttentionDrop(alpha=0.5),
+        "focused_dropout": lambda: guidedrop.FocusedDropout(participation=1.0),
+        "camdrop": lambda: guidedrop.CamDrop(block_size=3, keep=0.5, channel_rate=0.5),
+        "dropblock": lambda: guidedrop.DropBlock2d(p=0.3, block_size=3),
+    }[layer]()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_rate_ramp_never_recompiles(forced, layer):
+    """Conv + layer compiled with fullgraph=True and driven by LinearRamp(steps=20), the
+    README's set-up: after the first rates (0: the identity; then the rate made symbolic)
+    no step recompiles (SPEC §8), on every backend."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _module(layer)).to(DEV)
+    sched = guidedrop.LinearRamp(model, steps=20)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    weight, target = _cam_args(2, 4)
+    x = torch.randn(2, 3, 7, 7, generator=gen(26)).to(DEV)
+    frames = []
+    with guidedrop.cam_targets(weight, target):
+        for _ in range(12):  # past the 8 recompiles that used to fail at step 9
+            compiled(x).sum().backward()
+            sched.step()
+            frames.append(counter.frame_count)
+    assert frames[-1] == frames[3], frames  # no compile after the first rates
+    assert frames[-1] <= 3, frames
