@@ -14,7 +14,6 @@ once, here, so the layers only see those (SPEC §1).
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _validation as V
