@@ -106,7 +106,6 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
 
 
 def test_bench_resnet_step_quick(tmp_path, capsys):
-    pytest.importorskip("torchvision")
     out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "camdrop",
                    "--resnet", "--csv", str(out)])
@@ -131,8 +130,6 @@ def test_bench_default_device(tmp_path, capsys):
 
 
 def test_show_writes_masks_png(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
     out = tmp_path / "masks.png"
     assert cli.main(["show", "--quick", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
@@ -142,7 +139,6 @@ def test_show_writes_masks_png(tmp_path, capsys):
 
 
 def test_show_masks_are_the_layers_multipliers():
-    pytest.importorskip("sklearn")
     from guidedrop import show
     x = show.features(show.load_photo(size=48))
     assert x.shape[:2] == (1, 16) and (x >= 0).all() and x.std() > 0
@@ -192,7 +188,6 @@ def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path):
     if argv[0] == "bench" and "--device" not in argv:
         argv = [*argv, "--device", "cpu"]
     if argv[0] == "show":
-        pytest.importorskip("sklearn")
         argv = [*argv, "--out", str(tmp_path / "m.png")]
     _one_line_error(capsys, cli.main(argv), expected)
 
