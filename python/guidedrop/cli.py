@@ -53,8 +53,8 @@ def parse_device(s: str | None) -> torch.device:
     run on, checked by allocating on it; UsageError otherwise."""
     try:
         device = torch.device(s or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"device {s!r} is not a device name ({_first_line(e)})") from None
+    except (RuntimeError, ValueError):
+        raise UsageError(f"device {s!r} is not a device name; give cpu or cuda[:i]") from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"device {s!r}: guidedrop runs on cpu or cuda, not {device.type}")
     if device.type == "cpu" and device.index not in (None, 0):
