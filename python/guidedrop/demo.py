@@ -193,7 +193,7 @@ COLUMNS = [("layer", "layer"), ("train_acc", "train acc"), ("test_acc", "test ac
 def cells(row: dict, seeds: int) -> list[str]:
     def pm(key, fmt):
         v = format(row[key], fmt)
-        return f"{v} ± {format(row[key + '_std'], fmt)}" if seeds > 1 else v
+        return f"{v} ± {format(row[key + '_std'], fmt.lstrip('+'))}" if seeds > 1 else v
 
     over = "" if row["layer"] == "none" else (
         "-" if row["overhead_pct"] != row["overhead_pct"] else f"{row['overhead_pct']:+.0f}")
