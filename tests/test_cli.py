@@ -13,6 +13,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -106,7 +107,6 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
 
 
 def test_bench_resnet_step_quick(tmp_path, capsys):
-    pytest.importorskip("torchvision")
     out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "camdrop",
                    "--resnet", "--csv", str(out)])
@@ -131,8 +131,6 @@ def test_bench_default_device(tmp_path, capsys):
 
 
 def test_show_writes_masks_png(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
     out = tmp_path / "masks.png"
     assert cli.main(["show", "--quick", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
@@ -142,7 +140,6 @@ def test_show_writes_masks_png(tmp_path, capsys):
 
 
 def test_show_masks_are_the_layers_multipliers():
-    pytest.importorskip("sklearn")
     from guidedrop import show
     x = show.features(show.load_photo(size=48))
     assert x.shape[:2] == (1, 16) and (x >= 0).all() and x.std() > 0
@@ -171,11 +168,38 @@ BAD = [
     (["bench", "--dtype", "int8"], "unknown dtype"),
     (["bench", "--mode", "sideways"], "unknown mode"),
     (["bench", "--backends", "nosuch"], "unknown backend 'nosuch'"),
-    (["bench", "--device", "nosuchdevice"], "not available"),
-    (["bench", "--threads", "0"], "--threads 0"),
+    (["bench", "--device", "nosuchdevice"], "not a device name"),
+    (["bench", "--threads", "0"], "--threads: 0 is out of range"),
+    (["bench", "--threads", "many"], "--threads: 'many' is not an integer"),
+    (["bench", "--device", "meta"], "guidedrop runs on cpu or cuda, not meta"),
+    (["bench", "--device", "cpu:3"], "one CPU device"),
+    (["bench", "--device", "cuda:99"], "not available"),
+    (["bench", "--shapes", "100000000000x1x1x1"], "needs about"),
+    (["bench", "--shapes", "tiny,4096x4096x4096x4096"], "needs about"),
+    (["bench", "--nosuch"], "unrecognized arguments: --nosuch"),
     (["show", "--layers", "nosuch"], "unknown layer 'nosuch'"),
     (["show", "--image", "nosuch.jpg"], "unknown image"),
-    (["show", "--size", "0"], "--size 0"),
+    (["show", "--size", "0"], "--size: 0 is out of range"),
+    (["show", "--size", "100000"], "--size: 100000 is out of range"),
+    (["show", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
+    (["show", "--seed", "-1"], "--seed: -1 is out of range"),
+    (["demo", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
+    (["demo", "--seed", "-1"], "--seed: -1 is out of range"),
+    (["demo", "--epochs", "-1"], "--epochs: -1 is out of range"),
+    (["demo", "--epochs", "0"], "--epochs: 0 is out of range"),
+    (["demo", "--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
+    (["demo", "--seeds", "0"], "--seeds: 0 is out of range"),
+    (["demo", "--train-images", "0"], "--train-images: 0 is out of range"),
+    (["demo", "--train-images", "5000"], "--train-images: 5000 is out of range"),
+    (["demo", "--device", "meta"], "guidedrop runs on cpu or cuda, not meta"),
+    (["demo", "--device", "cuda:99"], "not available"),
+    (["demo", "--device", "nosuchdevice"], "not a device name"),
+    (["demo", "--layers", "none,bogus"], "unknown layer 'bogus'"),
+    (["demo", "--layers", ","], "--layers is empty"),
+    (["demo", "--plot", "nodir/demo.png"], "does not exist"),
+    (["demo", "--plot", "demo.jpg"], ".png"),
+    (["demo", "--epochs"], "expected one argument"),
+    ([], "the following arguments are required: command"),
 ]
 
 
@@ -188,13 +212,16 @@ def _one_line_error(capsys, rc: int, expected: str) -> None:
 
 
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path):
-    if argv[0] == "bench" and "--device" not in argv:
+def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
+    if argv[:1] == ["bench"] and "--device" not in argv:
         argv = [*argv, "--device", "cpu"]
-    if argv[0] == "show":
-        pytest.importorskip("sklearn")
+    if argv[:1] == ["show"]:
         argv = [*argv, "--out", str(tmp_path / "m.png")]
+    monkeypatch.chdir(tmp_path)  # demo's default --plot is demo.png in the working folder
+    t0 = time.perf_counter()
     _one_line_error(capsys, cli.main(argv), expected)
+    assert time.perf_counter() - t0 < 10  # refused before any work
+    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize("option", ["--csv", "--plot", "--md"])
@@ -218,9 +245,24 @@ def test_unavailable_backend(capsys):
                     "backend cuda is not available")
 
 
-def test_bad_input_subprocess_has_no_traceback(tmp_path):
+SUBPROCESS_BAD = [["bench", "--shapes", "0x3x4x4"], ["bench", "--device", "meta"],
+                  ["bench", "--shapes", "100000000000x1x1x1"], ["demo", "--epochs", "0"],
+                  ["demo", "--device", "meta"], ["demo", "--seed", "1" + "0" * 23],
+                  ["show", "--seed", "1" + "0" * 23], ["demo", "--epochs", "-1"]]
+
+
+@pytest.mark.parametrize("argv", SUBPROCESS_BAD, ids=" ".join)
+def test_bad_input_subprocess_has_no_traceback(argv, tmp_path):
+    """What a user sees: one line on stderr, exit status 2, nothing on stdout."""
+    r = run_module(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_shape_error_names_the_shape(tmp_path):
     r = run_module("bench", "--shapes", "0x3x4x4", cwd=tmp_path)
-    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: shape '0x3x4x4' is empty: every dimension of NxCxHxW must be >= 1"]
 
@@ -290,3 +332,56 @@ def test_precheck_reports_a_crashing_backend(monkeypatch):
     with bench.forced_backend("triton"), pytest.raises(bench.MismatchError,
                                                        match="backend triton failed.*launch"):
         bench.check(case, "triton", bench.provider_fn("triton", "selectout"), s, expected)
+
+
+# --------------------------------------------------------------------------- demo
+
+TINY_DEMO = ["demo", "--layers", "none,corrdrop,camdrop", "--epochs", "2",
+             "--train-images", "64", "--device", "cpu"]
+
+
+def test_demo_table_plot_markdown(tmp_path, capsys):
+    png, md = tmp_path / "d.png", tmp_path / "d.md"
+    rows = demo_run([*TINY_DEMO, "--seeds", "2", "--plot", str(png), "--md", str(md)])
+    out = capsys.readouterr().out
+    assert [r["layer"] for r in rows] == ["none", "corrdrop", "camdrop"]
+    for r in rows:
+        assert r["runs"] == 2
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["s_per_epoch"] > 0
+        assert r["gap"] == pytest.approx(r["train_acc"] - r["test_acc"])
+    assert rows[0]["overhead_pct"] == 0
+    assert rows[1]["overhead_pct"] == pytest.approx(
+        100 * (rows[1]["s_per_epoch"] / rows[0]["s_per_epoch"] - 1))
+    for head in ("train acc", "test acc", "s/epoch", "overhead %", "±"):
+        assert head in out
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| layer | train acc | test acc | train − test | s/epoch | overhead % |"
+    assert len(lines) == 2 + 3 and lines[3].startswith("| corrdrop | ")
+
+
+def demo_run(argv):
+    from guidedrop import demo
+    parser = cli._Parser()
+    demo.add_parser(parser.add_subparsers(dest="command"))
+    return demo.run(parser.parse_args(argv))
+
+
+def test_demo_subprocess_output_is_clean(tmp_path):
+    """No warning or traceback in what a user sees; the table goes to stdout."""
+    r = run_module(*TINY_DEMO, "--plot", "demo.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "camdrop" in r.stdout and "wrote demo.png" in r.stdout
+    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_quick_baseline_learns():
+    """--quick's setting: the model without a regulariser reaches >= 0.90 test accuracy
+    (it was 0.09, chance, when --quick ran 20 SGD steps), and trains on its data."""
+    from guidedrop import demo
+    data = demo.load_digits(torch.device("cpu"), demo.QUICK["train"])
+    assert len(data[1]) == 1347 and len(data[3]) == 450
+    r = demo.train_one("none", data, epochs=demo.QUICK["epochs"], device=torch.device("cpu"),
+                       seed=0, curves=False)
+    assert r["test_acc"] >= 0.90 and r["train_acc"] >= 0.90, r

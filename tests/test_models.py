@@ -13,14 +13,14 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm  # installed by [test], as torchvision
 import torch
+import torchvision
 from torch import nn
 
 import guidedrop
 from guidedrop import models
 from guidedrop.modules import GuidedDropout
-
-torchvision = pytest.importorskip("torchvision")
 
 LAYERS = models.LAYERS
 
@@ -60,7 +60,7 @@ def _reference_backend(monkeypatch):
 
 
 def _timm():
-    return pytest.importorskip("timm")
+    return timm
 
 
 def resnet18(lib: str, **kw) -> nn.Module:

@@ -98,6 +98,7 @@ def _drive(inputs):
                     op(xg, noise=noise, **kw).sum().backward()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
     mod, why = dispatch.load("triton")

@@ -3,9 +3,28 @@
 Layers: CorrDrop, SelectScale, SpatialScale, Selectout, AttentionDrop, FocusedDropout,
 CamDrop and the DropBlock2d baseline; see ``guidedrop.functional`` for the ops and
 SPEC.md for their exact behaviour.
+
+Every public submodule is an attribute of the package: ``guidedrop.functional``,
+``guidedrop.models``, ``guidedrop.primitives``, ``guidedrop.reference``, ``guidedrop.layers``,
+``guidedrop.modules``, ``guidedrop.schedule``, ``guidedrop.context``, ``guidedrop.dispatch``
+are imported with it; the kernel backends ``guidedrop.triton_kernels`` and
+``guidedrop.cuda_backend`` (they need Triton or the built extension) and the command line's
+``guidedrop.bench`` / ``demo`` / ``show`` / ``cli`` are imported on first access.
 """
 
-from . import functional, models, primitives, reference
+import importlib as _importlib
+
+from . import (
+    context,
+    dispatch,
+    functional,
+    layers,
+    models,
+    modules,
+    primitives,
+    reference,
+    schedule,
+)
 from .context import cam_targets
 from .dispatch import available as available_backends
 from .modules import (
@@ -26,5 +45,24 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionDrop", "CamDrop", "CorrDrop", "DropBlock2d", "FocusedDropout", "GuidedDropout",
     "LinearRamp", "SelectScale", "Selectout", "SpatialScale", "available_backends",
-    "cam_targets", "functional", "models", "primitives", "reference",
+    "bench", "cam_targets", "cli", "context", "cuda_backend", "demo", "dispatch", "functional",
+    "layers", "models", "modules", "primitives", "reference", "schedule", "show",
+    "triton_kernels",
 ]
+
+# Imported on first access: the kernel backends need Triton or the built extension, and the
+# command line's modules are not needed to train with the layers.
+_LAZY = ("triton_kernels", "cuda_backend", "bench", "demo", "show", "cli")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'guidedrop' has no attribute {name!r}")
+    try:
+        return _importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:
+        raise AttributeError(f"guidedrop.{name} is not available here: {e}") from e
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

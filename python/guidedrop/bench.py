@@ -431,56 +431,39 @@ def kept_bytes(fn: Callable, inputs: Inputs) -> int:
 
 
 class Progress:
-    """A progress bar on stderr: rich's on a terminal when rich is installed, else a
-    plain one; not on a terminal, one line per step."""
+    """rich's progress bar on stderr when it is a terminal; otherwise (a CI log) one line
+    per unit of work."""
 
     def __init__(self, total: int, label: str = "bench"):
-        self.total, self.done, self._rich = max(total, 1), 0, None
-        self.tty = sys.stderr.isatty()
-        if self.tty:
-            try:
-                from rich.console import Console
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeElapsedColumn,
-                )
-                self._rich = Progress(TextColumn("{task.description:<40}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(),
-                                      console=Console(stderr=True), transient=True)
-                self._task = self._rich.add_task(label, total=self.total)
-                self._rich.start()
-            except ImportError:
-                self._rich = None
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
+        from .cli import console
+        self.total, self.done = max(total, 1), 0
+        err = console(stderr=True)
+        self.tty = err.is_terminal
+        self._rich = RichProgress("{task.description:<40}", BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=err, transient=True,
+                                  disable=not self.tty)
+        self._task = self._rich.add_task(label, total=self.total)
+        self._rich.start()
 
     def step(self, label: str) -> None:
         """Start the next unit of work, called ``label``."""
-        if self._rich is not None:
-            self._rich.update(self._task, description=label)
-        elif self.tty:
-            filled = int(30 * self.done / self.total)
-            print(f"\r{label[:40]:40s} [{'#' * filled}{'.' * (30 - filled)}] "
-                  f"{self.done}/{self.total}", end="", file=sys.stderr, flush=True)
-        else:
+        self._rich.update(self._task, description=label)
+        if not self.tty:
             print(f"[{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
 
     def note(self, label: str) -> None:
         """Relabel the current unit (on a terminal only)."""
-        if self.tty:
-            self.step(label)
+        self._rich.update(self._task, description=label)
 
     def advance(self) -> None:
         self.done += 1
-        if self._rich is not None:
-            self._rich.update(self._task, completed=self.done)
+        self._rich.update(self._task, completed=self.done)
 
     def close(self) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-        elif self.tty:
-            print(file=sys.stderr, flush=True)
+        self._rich.stop()
 
 
 # --------------------------------------------------------------------------- the run
@@ -687,7 +670,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(v) if v != "" else "-"
 
 
-def format_table(rows: list[dict], columns, markdown: bool = False) -> str:
+def format_table(rows: list[dict], columns, markdown: bool = False):
+    """The rows as a markdown table (a string), or else as a rich Table to print."""
     cells = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     heads = [h for _, h, _ in columns]
     numeric = [k not in ("layer", "shape", "dtype", "mode", "backend") for k, _, _ in columns]
@@ -696,14 +680,13 @@ def format_table(rows: list[dict], columns, markdown: bool = False) -> str:
                  "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
-              for i, h in enumerate(heads)]
-
-    def line(vals):
-        return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(vals, widths, numeric, strict=True)).rstrip()
-
-    return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
+    from rich.table import Table
+    table = Table()
+    for head, num in zip(heads, numeric, strict=True):
+        table.add_column(head, justify="right" if num else "left", no_wrap=True)
+    for c in cells:
+        table.add_row(*c)
+    return table
 
 
 def write_csv(path: str, rows: list[dict], meta: dict) -> None:
@@ -846,13 +829,8 @@ def parse_layers(s: str) -> list[str]:
 
 
 def parse_device(s: str | None) -> torch.device:
-    try:
-        device = torch.device(s or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise usage_error(f"device {s!r} is not available here "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return device
+    from .cli import parse_device
+    return parse_device(s)
 
 
 def writable(path: str | None, option: str) -> None:
@@ -898,6 +876,32 @@ def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int],
     return [(s, d) for s in shapes for d in dtypes]
 
 
+# Bytes a case holds at once, per element of x: x, dy, y, grad_x, the forward's x copy with
+# requires_grad, in x's dtype, and float32 noise / multipliers / statistics.
+_TENSORS_PER_CASE, _FLOAT32_PER_CASE = 5, 3
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for tensors on ``device`` (CUDA: the driver's count; CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def fits(shape, dtype: torch.dtype, device: torch.device) -> None:
+    """UsageError unless a case of ``shape`` x ``dtype`` fits in the device's free memory."""
+    numel = math.prod(shape)
+    need = numel * (_TENSORS_PER_CASE * dtype.itemsize + _FLOAT32_PER_CASE * 4)
+    free = free_bytes(device)
+    if need > free:
+        raise usage_error(f"shape {fmt_shape(shape)} ({numel:.3g} elements, "
+                          f"{DTYPE_NAMES[dtype]}) needs about {need / 2**30:.3g} GiB; "
+                          f"{device} has {free / 2**30:.3g} GiB free")
+
+
 def choose_providers(arg: str | None, device: torch.device,
                      dtypes: list[torch.dtype]) -> tuple[list[str], bool]:
     """(providers, explicit). Named ones must exist and take every dtype on the device."""
@@ -928,11 +932,11 @@ def run(args) -> list[dict]:
     if not modes:
         raise usage_error("--mode is empty")
     device = parse_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise usage_error(f"--threads {args.threads}: give 1 or more CPU threads")
-        torch.set_num_threads(args.threads)
     cases = configs(args, device)
+    for shape, dtype in cases:
+        fits(shape, dtype, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     providers, explicit = choose_providers(args.backends, device,
                                            list(dict.fromkeys(d for _, d in cases)))
     for path, opt in ((args.csv, "--csv"), (args.plot, "--plot"), (args.md, "--md")):
@@ -981,13 +985,16 @@ def run(args) -> list[dict]:
     _add_speedups([r for r in rows if r["bench"] == "op"])
 
     ops = [r for r in rows if r["bench"] == "op"]
-    print()
-    print(format_table(ops, OP_COLUMNS))
+    from .cli import console
+    out = console()
+    out.print()
+    out.print(format_table(ops, OP_COLUMNS))
     if args.resnet:
         res = [r for r in rows if r["bench"] == "resnet50-step"]
         note = " (torch.compile is not timed here)" if "compile" in providers else ""
-        print(f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:")
-        print(format_table(res, RESNET_COLUMNS))
+        out.print(f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:",
+                  highlight=False)
+        out.print(format_table(res, RESNET_COLUMNS))
     try:
         if args.csv:
             write_csv(args.csv, rows, meta)
@@ -1004,6 +1011,7 @@ def run(args) -> list[dict]:
 
 
 def add_parser(sub) -> None:
+    from .cli import int_in
     b = sub.add_parser("bench", help="time every layer on every available backend",
                        description="Check every backend against the reference with the same "
                        "noise, then time it; compare with the bandwidth floor measured in "
@@ -1017,9 +1025,9 @@ def add_parser(sub) -> None:
     b.add_argument("--mode", default="full", help="forward, backward, full, or a comma list")
     b.add_argument("--backends", default=None,
                    help=f"comma list of {', '.join(PROVIDERS)} (default: every available one)")
-    b.add_argument("--device", default=None, help="default: cuda when present")
+    b.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
     b.add_argument("--channels-last", action="store_true", help="channels_last inputs")
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=int_in(1, 4096), default=None,
                    help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     b.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
     b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")

@@ -1,6 +1,8 @@
 """Command line of ``python -m guidedrop``: demo, bench and show.
 
-Errors a user can fix (unknown names, unavailable backends) print one line and exit 2.
+A bad command line (unknown names, numbers out of range, a device that is not here, an
+unwritable path) prints one line ``error: ...`` on stderr and exits with status 2, before
+any work starts; a backend that disagrees with the reference in ``bench`` exits with 1.
 """
 
 from __future__ import annotations
@@ -8,32 +10,89 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+SEED_MAX = 2**32 - 1  # torch.manual_seed takes up to 2**64 - 1; the demo adds run numbers
+
 
 class UsageError(Exception):
     """A bad command line: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (unknown options, bad numbers) raised as UsageError:
+    one line instead of the usage text."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{s} is out of range: give {lo} to {hi}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def seed_arg(parser, default: int = 0) -> None:
+    parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=default,
+                        help=f"random seed, 0 to {SEED_MAX} (default {default})")
+
+
+def parse_device(s: str | None) -> torch.device:
+    """``s`` ('cpu', 'cuda', 'cuda:1'; None = cuda when present) as a device these layers
+    run on, checked by allocating on it; UsageError otherwise."""
+    try:
+        device = torch.device(s or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise UsageError(f"device {s!r} is not a device name; give cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {s!r}: guidedrop runs on cpu or cuda, not {device.type}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"device {s!r}: there is one CPU device, cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"device {s!r} is not available here ({_first_line(e)})") from None
+    return device
+
+
+def console(stderr: bool = False):
+    """A rich Console for tables: the terminal's width, or wide enough for any table of
+    ours when the output goes to a file or pipe (rich would otherwise assume 80 columns and
+    fold the columns)."""
+    from rich.console import Console
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guidedrop",
-                                     description="guided structured dropout: demo, bench, show")
+    parser = _Parser(prog="python -m guidedrop",
+                     description="guided structured dropout: demo, bench, show")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a small ResNet on digits with each layer")
-    demo.add_argument("--quick", action="store_true", help="a few steps per layer (CI)")
-    demo.add_argument("--epochs", type=int, default=None)
-    demo.add_argument("--layers", default="all", help="comma-separated, 'none' = no layer")
-    demo.add_argument("--device", default=None, help="default: cuda when present")
-    demo.add_argument("--seed", type=int, default=0)
-
-    from . import bench, show
+    from . import bench, demo, show
+    demo.add_parser(sub)
     bench.add_parser(sub)
     show.add_parser(sub)
 
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.command == "demo":
-            from .demo import run
-            run(args)
+            demo.run(args)
         elif args.command == "bench":
             bench.run(args)
         elif args.command == "show":
@@ -45,4 +104,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-

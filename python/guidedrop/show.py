@@ -207,8 +207,6 @@ def render(photo: torch.Tensor, x: torch.Tensor, masks: dict[str, torch.Tensor],
 def run(args) -> dict[str, torch.Tensor]:
     from .bench import forced_backend, parse_layers, writable
     layers = parse_layers(args.layers)
-    if not 16 <= args.size <= 2048:
-        raise _usage(f"--size {args.size}: give the image's shorter side in pixels, 16 to 2048")
     if not str(args.out).lower().endswith(".png"):
         raise _usage(f"--out {args.out}: give a .png file name")
     writable(args.out, "--out")
@@ -222,12 +220,21 @@ def run(args) -> dict[str, torch.Tensor]:
     # the reference, whatever GUIDEDROP_BACKEND or TRITON_INTERPRET say.
     with forced_backend("reference"):
         masks = {layer: mask_of(layer, x, args.seed) for layer in layers}
-    print(f"{args.image}: {tuple(photo.shape[-2:])} px -> feature map {tuple(x.shape)}")
+    from rich.table import Table
+
+    from .cli import console
+    out = console()
+    out.print(f"{args.image}: {tuple(photo.shape[-2:])} px -> feature map {tuple(x.shape)}",
+              highlight=False)
+    table = Table()
+    for head in ("layer", "dropped %", "scaled down %", "min w", "max w", "mask"):
+        table.add_column(head, justify="left" if head in ("layer", "mask") else "right")
     for layer, w in masks.items():
         dropped, down = summary(w)
-        print(f"{layer:16s} dropped {100 * dropped:5.1f}%  scaled down {100 * down:5.1f}%  "
-              f"w in [{float(w.min()):.3f}, {float(w.max()):.3f}]  "
-              f"{'same mask in every channel' if _shared(w) else 'per-channel mask'}")
+        table.add_row(layer, f"{100 * dropped:.1f}", f"{100 * down:.1f}", f"{float(w.min()):.3f}",
+                      f"{float(w.max()):.3f}",
+                      "same in every channel" if _shared(w) else "per channel")
+    out.print(table)
     try:
         render(photo, x, masks, args.out, args.seed, dpi=60 if args.quick else 110)
     except OSError as e:
@@ -237,6 +244,7 @@ def run(args) -> dict[str, torch.Tensor]:
 
 
 def add_parser(sub) -> None:
+    from .cli import int_in, seed_arg
     s = sub.add_parser("show", help="draw what each layer drops on a photograph",
                        description="Apply each layer (training mode, fixed seed) to filter "
                        "responses of a photograph shipped with scikit-learn and draw its "
@@ -244,6 +252,7 @@ def add_parser(sub) -> None:
     s.add_argument("--out", default="masks.png", help="PNG file to write (default masks.png)")
     s.add_argument("--layers", default="all", help=f"comma list of {', '.join(models.LAYERS)}")
     s.add_argument("--image", default="china.jpg", help="china.jpg or flower.jpg")
-    s.add_argument("--size", type=int, default=128, help="shorter side in pixels")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int_in(16, 2048), default=128,
+                   help="shorter side in pixels, 16 to 2048 (default 128)")
+    seed_arg(s)
     s.add_argument("--quick", action="store_true", help="a smaller image (CI)")
