@@ -40,7 +40,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 KERNEL_BACKENDS = ["triton", "cuda"]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
-SETTINGS = settings(max_examples=4, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                     phases=[Phase.explicit, Phase.generate],
                     suppress_health_check=list(HealthCheck))
 
@@ -236,8 +236,6 @@ def same_output(y, x, ref_of, noise, binary, step, rows=None, values=True):
                 break
         else:
             bad = (dropped(y, x) != dropped(ref_of(noise), x)).nonzero()[:5].tolist()
-            if os.environ.get("DUMP"):
-                torch.save(dict(x=x, noise=noise, y=y, ref=ref_of(noise)), os.environ["DUMP"])
             raise AssertionError(f"masks differ from the reference at {bad}")
     if values:
         torch.testing.assert_close(sel(y).double(), sel(y_ref).double(), equal_nan=True,
@@ -310,7 +308,7 @@ ISOLATION = {  # layer -> op(x, noise, normalize) and its noise shape
 
 @pytest.mark.parametrize("layer", list(ISOLATION))
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-@settings(SETTINGS, max_examples=2)
+@settings(SETTINGS, max_examples=1)
 @given(n=st.integers(2, 3), c=st.integers(1, 4), h=st.integers(1, 8), w=st.integers(1, 8),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        layout=st.sampled_from(["contiguous", "channels_last", "sliced"]),
