@@ -207,6 +207,7 @@ def test_compile_randomness(device):
     _assert_same(x * g1, y1, backend)
 
 
+@pytest.mark.slow  # ~2 min for the 8 ops on 2 cores: .ci/run's slow stage
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_compile_dynamic_batch(op):
     """A new batch size (the last, smaller batch of an epoch) recompiles with symbolic
