@@ -786,6 +786,8 @@ def test_linear_ramp_integral_steps():
     ({"step_count": -2, "steps": 10, "targets": None}, ValueError, "step_count"),
     ({"step_count": 1.5, "steps": 10, "targets": None}, TypeError, "step_count"),
     ({"step_count": 1, "steps": 10, "targets": 0.1}, TypeError, "targets"),
+    ({"step_count": 1, "steps": 10, "targets": {0: 0.1, 1: 0.1, 2: 0.1}}, TypeError, "targets"),
+    ({"step_count": 1, "steps": 10, "targets": {0.1, 0.2, 0.3}}, TypeError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": [0.1]}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),

@@ -246,8 +246,7 @@ def test_corrdrop_block_between_map_sides(B):
 def test_functional_corrdrop_huge_block(forced):
     x = torch.rand(1, 2, 8, 8, generator=gen(11)).to(DEV)
     noise = torch.rand(2, 1, 1, 1, generator=gen(12)).to(DEV)
-    # (10**400 here waits on functional's noise-shape check: math.ceil(h / k) is 0 there.)
-    for k in (10**5, 2**31, 2**63 + 1):
+    for k in (10**5, 2**31, 2**63 + 1, 10**400):
         same(F.corrdrop(x, 0.5, k, noise=noise), x)
     y = guidedrop.CorrDrop(p=0.5, block_size=10**6)(x)  # noise=None: fresh draws
     assert y.shape == x.shape
@@ -262,6 +261,20 @@ def test_apply_block_huge_k(B):
     want = R.apply_block(t, mask, 7, scale)
     for k in HUGE:
         same(B.apply_block(t, mask, k, scale), want, f"k = {k if k < 2**70 else 'huge'}")
+
+
+def test_pooled_correlation_huge_k(B, monkeypatch):
+    """pooled_correlation with k beyond the map is one window, as k = max(H, W), on every
+    backend and through guidedrop.primitives: also k >= 2**63, which the int64 schema of
+    a kernel op cannot take unclamped."""
+    x = torch.randn(2, 3, 5, 7, generator=gen(18)).to(DEV)
+    want = R.pooled_correlation(x, 7)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", B.name)
+    monkeypatch.setitem(dispatch._loaded, B.name, (B, ""))
+    for k in HUGE:
+        label = f"k = {k if k < 2**70 else 'huge'}"
+        same(B.pooled_correlation(x, k), want, label)
+        same(primitives.pooled_correlation(x, k), want, label)
 
 
 def test_block_upsample_any_k():

@@ -169,6 +169,8 @@ BAD = [
     (["bench", "--mode", "sideways"], "unknown mode"),
     (["bench", "--backends", "nosuch"], "unknown backend 'nosuch'"),
     (["bench", "--device", "nosuchdevice"], "not a device name"),
+    (["bench", "--device", ""], "not a device name"),
+    (["demo", "--device", ""], "not a device name"),
     (["bench", "--threads", "0"], "--threads: 0 is out of range"),
     (["bench", "--threads", "many"], "--threads: 'many' is not an integer"),
     (["bench", "--device", "meta"], "guidedrop runs on cpu or cuda, not meta"),

@@ -128,14 +128,19 @@ def _corr_kernel(at_ptr, s_ptr, nb_ptr, f_ptr, C, NP,
     tl.store(f_ptr + n * NP + i, f.to(tl.float32) + poison, mask=iv)
 
 
-@op("pooled_correlation")
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2).
 
+    Any int k >= 1: a block at least as large as the map is one window, so k is clamped to
+    max(H, W) here, before the op (whose int64 schema would refuse k >= 2**63).
     Empty x (N, H or W = 0): an empty F; C = 0: zero rows, F = 1 / N'.
     """
+    return _pooled_correlation(x, min(int(k), max(x.shape[-2], x.shape[-1], 1)))
+
+
+@op("pooled_correlation")
+def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     n, c, h, w = x.shape
-    k = min(k, max(h, w, 1))  # a block >= the map is one window
     hp, wp = cdiv(h, k), cdiv(w, k)
     np_ = hp * wp
     f = torch.empty((n, hp, wp), dtype=torch.float32, device=x.device)

@@ -52,7 +52,8 @@ def parse_device(s: str | None) -> torch.device:
     """``s`` ('cpu', 'cuda', 'cuda:1'; None = cuda when present) as a device these layers
     run on, checked by allocating on it; UsageError otherwise."""
     try:
-        device = torch.device(s or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # `s is None`, not `not s`: an explicit empty --device "" is a bad name, not the default
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s is None else s)
     except (RuntimeError, ValueError):
         raise UsageError(f"device {s!r} is not a device name; give cpu or cuda[:i]") from None
     if device.type not in ("cpu", "cuda"):

@@ -57,8 +57,9 @@ def unsupported(x: torch.Tensor) -> str:
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32, SPEC §2 step 2."""
-    return _ops.pooled_correlation(x, k)
+    """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32, SPEC §2 step 2; any int
+    k >= 1 (larger than the map: one window, so clamped before the int64 op schema)."""
+    return _ops.pooled_correlation(x, min(int(k), max(x.shape[-2], x.shape[-1], 1)))
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ changed in ``forward`` is lost under ``nn.DataParallel``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -66,7 +66,9 @@ class LinearRamp:
         step_count = V.integer("step_count", state["step_count"], 0)
         steps = V.integer("steps", state["steps"], 0)
         targets = state["targets"]
-        if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        # A sequence, one rate per layer in order: a dict or a set iterates its keys or
+        # in no fixed order, which would load wrong rates without an error.
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
             raise TypeError(f"targets must be a list of rates, got {type(targets).__name__}")
         targets = [V.real(f"targets[{i}]", t) for i, t in enumerate(targets)]
         if len(targets) != len(self.layers):
