@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="train a small ResNet on digits with each layer",
                        description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     d.add_argument("--quick", action="store_true",
-                   help=f"all training images, {QUICK['epochs']} epochs, 1 seed (< 90 s on CPU)")
+                   help=f"all training images, {QUICK['epochs']} epochs, 1 seed")
     d.add_argument("--epochs", type=int_in(1, 1000), default=None,
                    help=f"epochs per run (default {FULL['epochs']}, --quick {QUICK['epochs']})")
     d.add_argument("--train-images", type=int_in(BATCH, 1797 - TEST_IMAGES), default=None,
