@@ -269,7 +269,7 @@ def test_swap_timm_dropblock_refuses_what_it_cannot_map(settings, setting):
 
 # --------------------------------------------------------------------------- torch.fx
 
-from test_api import every_backend  # noqa: E402, F401 (a fixture)
+from test_api import every_backend  # noqa: E402, F401, F811 (a fixture)
 
 
 def test_symbolic_trace_leaf():
@@ -282,7 +282,7 @@ def test_symbolic_trace_leaf():
 
 
 @pytest.mark.parametrize("layer", models.LAYERS)
-def test_create_feature_extractor(every_backend, layer):
+def test_create_feature_extractor(every_backend, layer):  # noqa: F811 (the fixture)
     """torchvision's create_feature_extractor on a ResNet holding each layer (it used to
     raise on x being a Proxy): the layers are leaf nodes, and the traced model computes
     what the eager one computes, in train and in eval mode."""

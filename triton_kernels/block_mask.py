@@ -3,7 +3,8 @@
 - ``apply_block(t, mask, k, scale)``: ``t * mask[n, h//k, w//k] * scale[n]``, the small
   mask read inside the streaming tile (CorrDrop, FocusedDropout with k = 1).
 - ``seed_bits``: packed seeds (N, ceil(Cs*H*W/8)) uint8, one bit string per sample (1/16
-  of a 16-bit x), one program per 8 * BB units (BB bytes). Uniforms are the given ``noise`` or Philox in the kernel: ``tl.rand4x``
+  of a 16-bit x), one program per 8 * BB units (BB bytes). Uniforms are the given
+  ``noise`` or Philox in the kernel: ``tl.rand4x``
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.

@@ -34,8 +34,8 @@ from .modules import (
     DropBlock2d,
     FocusedDropout,
     GuidedDropout,
-    SelectScale,
     Selectout,
+    SelectScale,
     SpatialScale,
 )
 from .schedule import LinearRamp

@@ -137,7 +137,7 @@ def train_one(layer: str, data, *, epochs: int, device, seed: int, curves: bool,
 def _accuracy(model, x, y) -> float:
     model.eval()
     return sum((model(xb).argmax(1) == yb).sum().item()
-               for xb, yb in zip(x.split(256), y.split(256))) / len(y)
+               for xb, yb in zip(x.split(256), y.split(256), strict=True)) / len(y)
 
 
 def _parse_layers(s: str) -> list[str]:

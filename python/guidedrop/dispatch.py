@@ -47,7 +47,8 @@ def available() -> list[str]:
 def requested() -> str:
     name = os.environ.get("GUIDEDROP_BACKEND", "auto").strip().lower() or "auto"
     if name != "auto" and name not in MODULES:
-        raise ValueError(f"GUIDEDROP_BACKEND must be one of auto, {', '.join(MODULES)}; got {name!r}")
+        raise ValueError(
+            f"GUIDEDROP_BACKEND must be one of auto, {', '.join(MODULES)}; got {name!r}")
     return name
 
 

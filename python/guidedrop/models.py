@@ -133,7 +133,7 @@ def swap_timm_dropblock(model: nn.Module,
              if type(child).__name__ == "DropBlock2d"
              and type(child).__module__.startswith("timm")]
     new = [(factory or _from_timm)(child) for _, _, child in found]
-    for (parent, name, _), mod in zip(found, new):
+    for (parent, name, _), mod in zip(found, new, strict=True):
         setattr(parent, name, mod)
     return len(found)
 

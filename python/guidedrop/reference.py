@@ -265,10 +265,12 @@ def _layer(layer: str):
     def run(x: torch.Tensor, *args, noise=None, generator=None, **params) -> torch.Tensor:
         from . import layers, reference
         with torch.no_grad():
-            plan = getattr(layers, layer)(reference, x, *args, noise=noise, generator=generator, **params)
+            plan = getattr(layers, layer)(reference, x, *args, noise=noise, generator=generator,
+                                          **params)
             return layers.apply(reference, plan, x, x)
     run.__name__ = run.__qualname__ = layer
-    run.__doc__ = f"``{layer}`` on the reference backend, without autograd (see guidedrop.functional)."
+    run.__doc__ = (f"``{layer}`` on the reference backend, without autograd "
+                   "(see guidedrop.functional).")
     return run
 
 

@@ -43,7 +43,7 @@ class LinearRamp:
 
     def _set(self) -> None:
         frac = 1.0 if self.steps == 0 else min(1.0, self.step_count / self.steps)
-        for m, target in zip(self.layers, self.targets):
+        for m, target in zip(self.layers, self.targets, strict=True):
             m.drop_rate = target * frac
 
     def step(self) -> None:
@@ -81,6 +81,6 @@ class LinearRamp:
             self._set()
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
-            for m, rate in zip(self.layers, rates):
+            for m, rate in zip(self.layers, rates, strict=True):
                 m.drop_rate = rate
             raise
