@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (pyproject's addopts: one worker per core), one intra-op thread per
+# worker: the workers already fill the cores, and more threads only contend.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def seed():

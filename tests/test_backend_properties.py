@@ -40,7 +40,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 KERNEL_BACKENDS = ["triton", "cuda"]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
-SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=5, deadline=None, derandomize=True, database=None,
                     phases=[Phase.explicit, Phase.generate],
                     suppress_health_check=list(HealthCheck))
 

@@ -100,7 +100,21 @@ def combo_id(c) -> str:
     return f"{'x'.join(map(str, shape))}-{str(dt)[6:]}-{lay}"
 
 
-@pytest.fixture(params=COMBOS, ids=combo_id)
+# The default run takes every shape, layout and dtype at least once (and every layout with
+# an odd shape and with a half precision); the whole matrix is marked slow (.ci/run's slow
+# stage), since the interpreter pays ~10 ms per program instance.
+DEFAULT_COMBOS = {"1x1x1x1-float32-contiguous", "2x3x5x7-float32-contiguous",
+                  "2x3x5x7-float32-channels_last", "2x3x5x7-float32-sliced",
+                  "1x4x9x9-float32-sliced", "3x1x13x6-float32-channels_last",
+                  "2x5x15x15-float32-contiguous", "2x3x5x7-float16-channels_last",
+                  "2x5x15x15-bfloat16-sliced"}
+COMBO_PARAMS = [pytest.param(c, id=combo_id(c),
+                             marks=() if combo_id(c) in DEFAULT_COMBOS else pytest.mark.slow)
+                for c in COMBOS]
+assert len(DEFAULT_COMBOS & {p.id for p in COMBO_PARAMS}) == len(DEFAULT_COMBOS)
+
+
+@pytest.fixture(params=COMBO_PARAMS)
 def x(request):
     shape, dtype, layout = request.param
     torch.manual_seed(sum(shape) + len(layout))
@@ -596,8 +610,9 @@ MEMORY = {**{k: v for k, v in SEEDED.items()},
                                                                  **k)}
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 28, 32), (2, 64, 28, 28), (2, 32, 14, 14),
-                                   (3, 16, 7, 7)], ids=str)
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) for s in
+                                   [(2, 64, 28, 32), (2, 64, 28, 28), (2, 32, 14, 14)]]
+                         + [(3, 16, 7, 7)], ids=str)
 @pytest.mark.parametrize("name", list(MEMORY))
 def test_saved_for_backward(backend_name, name, shape):
     """At most x's bytes / 16 (bf16 x) plus a few bytes per sample (the (N,) scale) kept

@@ -383,6 +383,12 @@ def _module(layer):
     return m
 
 
+# The kernel backends' ramps are slow: tests/test_training.py ramps the default backend.
+RAMP_BACKENDS = [b if b == "reference" else pytest.param(b, marks=pytest.mark.slow)
+                 for b in BACKENDS]
+
+
+@pytest.mark.parametrize("forced", RAMP_BACKENDS, indirect=True)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_rate_ramp_never_recompiles(forced, layer):
     """Conv + layer compiled with fullgraph=True and driven by LinearRamp(steps=20), the

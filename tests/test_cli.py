@@ -253,7 +253,8 @@ SUBPROCESS_BAD = [["bench", "--shapes", "0x3x4x4"], ["bench", "--device", "meta"
                   ["show", "--seed", "1" + "0" * 23], ["demo", "--epochs", "-1"]]
 
 
-@pytest.mark.parametrize("argv", SUBPROCESS_BAD, ids=" ".join)
+@pytest.mark.parametrize("argv", [a if i < 2 else pytest.param(a, marks=pytest.mark.slow)
+                                  for i, a in enumerate(SUBPROCESS_BAD)], ids=" ".join)
 def test_bad_input_subprocess_has_no_traceback(argv, tmp_path):
     """What a user sees: one line on stderr, exit status 2, nothing on stdout."""
     r = run_module(*argv, cwd=tmp_path)
