@@ -9,6 +9,7 @@ stores stay coalesced and the integer divisions happen once per row, not per ele
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -45,16 +46,28 @@ HAS_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_t
 
 def op(name: str):
     """Decorator: registers a launcher (type-hinted for schema inference) as
-    guidedrop_triton::<name> and returns the op (the plain function on older torch)."""
+    guidedrop_triton::<name>. The function it returns calls the launcher itself in eager
+    mode (an op's dispatch costs ~10 µs of host time per call, issue 12) and the op while
+    torch.compile traces (``.op``; the plain function on older torch)."""
     def register(fn):
         if not HAS_OPS:
+            fn.op = fn
             return fn
         qualname = f"guidedrop_triton::{name}"
         if not INTERPRET:
-            return torch.library.triton_op(qualname, mutates_args=())(fn)
-        custom = torch.library.custom_op(qualname, mutates_args=())(fn)
-        custom.register_fake(fn)
-        return custom
+            registered = torch.library.triton_op(qualname, mutates_args=())(fn)
+        else:
+            registered = torch.library.custom_op(qualname, mutates_args=())(fn)
+            registered.register_fake(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return registered(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        call.op = registered
+        return call
     return register
 
 

@@ -9,10 +9,20 @@ layer is the identity for this input. The arithmetic between the primitives work
 so backends whose primitives agree produce the same masks.
 
 Functions here do no validation and no autograd: see :mod:`guidedrop.functional`.
+
+Plan kernels. The torch code of each layer below is the reference plan: the oracle and the
+contract. A kernel backend may fuse a layer's arithmetic between the primitives into its
+own plan kernel, exposed as ``B.plan_<layer>(x, ...)`` with the layer's signature less
+``B``; the layer function then calls it instead of its torch code (:func:`fusable`). A
+plan kernel returns the same :class:`Plan` as the torch code on the reference backend, for
+the same ``noise``, bit for bit (tests/test_plans.py), in at most the launch budget of
+tests/test_launches.py, with no host synchronisation and with every rate a runtime
+argument (SPEC §8).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -23,6 +33,20 @@ class Plan(NamedTuple):
     kind: str  # "channel" | "block" | "seeds" | "attention": which apply kernel
     meta: tuple  # python ints / strings the apply kernel needs
     state: tuple  # small tensors kept for backward
+
+
+def fusable(layer):
+    """Decorator: run ``B.plan_<layer>`` (the backend's plan kernel) when B has one, else
+    the torch code of the layer (the reference plan)."""
+    name = f"plan_{layer.__name__}"
+
+    @functools.wraps(layer)
+    def run(B, *args, **kwargs):
+        fused = getattr(B, name, None)
+        return layer(B, *args, **kwargs) if fused is None else fused(*args, **kwargs)
+
+    run.reference = layer  # the torch code itself, whatever the backend
+    return run
 
 
 def apply(B, plan: Plan, t: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +113,7 @@ def _top(B, v: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- CorrDrop
 
 
+@fusable
 def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     """SPEC §2. State: S (N, H', W') uint8 and scale (N,)."""
     n, c, h, w = x.shape
@@ -127,6 +152,7 @@ def _channel_candidates(B, x, top_rate):
     return _top(B, amax, max(1, round(top_rate * x.shape[1])))
 
 
+@fusable
 def selectscale(B, x, top_rate, retain, *, noise=None, generator=None):
     """SPEC §3. State: w (N, C)."""
     u = _uniform(noise, x.shape[:2], generator, x)
@@ -135,12 +161,14 @@ def selectscale(B, x, top_rate, retain, *, noise=None, generator=None):
     return Plan("channel", (), (w,))
 
 
+@fusable
 def spatialscale(B, x, retain, *, noise=None, generator=None):
     """SPEC §3, every channel a candidate. State: w (N, C)."""
     u = _uniform(noise, x.shape[:2], generator, x)
     return Plan("channel", (), (retain + 2 * (1 - retain) * u,))
 
 
+@fusable
 def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     """SPEC §3. State: w (N, C)."""
     n, c = x.shape[:2]
@@ -161,6 +189,7 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
 # --------------------------------------------------------------------------- AttentionDrop
 
 
+@fusable
 def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=None):
     """SPEC §4. State: per-map thr, min, max, gamma (N, C), scale (N,); and x."""
     n, c, h, w = x.shape
@@ -176,6 +205,7 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
 # --------------------------------------------------------------------------- FocusedDropout
 
 
+@fusable
 def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None):
     """SPEC §5. State: the spatial mask (N, H, W) uint8 shared by every channel."""
     n, c, h, w = x.shape
@@ -206,6 +236,7 @@ def _seeds_plan(B, bits, r, shape, c, normalize, dtype):
     return Plan("seeds", (r, cs == 1), (bits, scale))
 
 
+@fusable
 def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
             noise=None, generator=None):
     """SPEC §6. State: the packed seeds (N, ceil(C*H*W/8)) uint8 and scale (N,)."""
@@ -224,6 +255,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     return _seeds_plan(B, bits, r, x.shape, c, normalize, dt)
 
 
+@fusable
 def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, generator=None):
     """SPEC §7. State: the packed seeds (N, ceil(Cs*H*W/8)) uint8 (Cs = 1 or C) and scale (N,)."""
     n, c, h, w = x.shape

@@ -14,8 +14,9 @@ What changes on the way (every rewrite is checked; a source it no longer fits fa
   ``emu::Launcher(cfg)(kernel, args)`` (``__shared__`` itself becomes ``static`` in emu.h).
 - ``guidedrop.cpp``: the library is ``guidedrop_emu`` with the kernels registered for CPU
   (instead of CUDA; the CPU error kernels are dropped), the "must be a CUDA tensor" checks
-  ask for CPU tensors, and one more op, ``emu_set_philox(int seed, int offset) -> ()``, sets
-  the state of the emulated CUDA generator (seed 0, offset 0 at load).
+  ask for CPU tensors, and two more ops: ``emu_set_philox(int seed, int offset) -> ()`` sets
+  the state of the emulated CUDA generator (seed 0, offset 0 at load), and
+  ``emu_launches() -> int`` counts the kernel launches since the library was loaded.
 - The CUDA runtime headers csrc includes (``c10/cuda/CUDAStream.h``, ``CUDAGuard.h``,
   ``CUDAException.h``, ``ATen/cuda/CUDAGeneratorImpl.h``) are replaced by stubs.
 
@@ -147,7 +148,9 @@ def rewrite_ops(text: str, where: str) -> str:
 
 
 _EXTRA_OPS = f"""
-// ---- added by tests/cuda_emu/build.py: the state of the emulated CUDA generator
+// ---- added by tests/cuda_emu/build.py: the state of the emulated CUDA generator, and the
+// launch count
+#include "emu.h"
 namespace {{
 void emu_set_philox(int64_t seed, int64_t offset) {{
   auto& gen = emu::generator();
@@ -155,9 +158,11 @@ void emu_set_philox(int64_t seed, int64_t offset) {{
   gen.seed_ = static_cast<uint64_t>(seed);
   gen.offset_ = static_cast<uint64_t>(offset);
 }}
+int64_t emu_launches() {{ return emu::launch_count().load(); }}
 }}  // namespace
 TORCH_LIBRARY_FRAGMENT({NAME}, m) {{
   m.def("emu_set_philox(int seed, int offset) -> ()", &emu_set_philox);
+  m.def("emu_launches() -> int", &emu_launches);
 }}
 """
 

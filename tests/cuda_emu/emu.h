@@ -175,6 +175,13 @@ inline std::string str(const dim3& d) {
          ")";
 }
 
+// Kernel launches since the library was loaded (tests/test_launches.py reads it through
+// torch.ops.guidedrop_emu.emu_launches()).
+inline std::atomic<int64_t>& launch_count() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -203,6 +210,7 @@ struct Launcher {
   template <class F, class... A>
   void operator()(F f, A... a) {
     check();
+    ++launch_count();
     std::lock_guard<std::mutex> launch_lock(launch_mutex());
     const int nt = static_cast<int>(b.x * b.y * b.z);
     gridDim_ = g;
