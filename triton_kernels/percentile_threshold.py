@@ -77,17 +77,32 @@ def _load_keys(x_ptr, base, live, p0, L, W, sH, sW,
 
 
 @triton.jit
-def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr,
+def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aout_ptr, alpha,
                    R, C, W, L, k, sN, sC, sH, sW,
-                   HAS_ACT: tl.constexpr, STATS: tl.constexpr, MODE: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+                   HAS_ACT: tl.constexpr, U_ACT: tl.constexpr, ALPHA_PTR: tl.constexpr,
+                   STATS: tl.constexpr,
+                   MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                   SINGLE: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = rows < R
-    if HAS_ACT:
+    if U_ACT:  # AttentionDrop's gamma = u < alpha, u and alpha in float32 (SPEC §1, §4)
+        u = tl.load(u_ptr + rows, mask=live, other=1.0).to(tl.float32)
+        if ALPHA_PTR:  # a 0-dim float32 tensor (traced by torch.compile), else a float
+            alpha = tl.load(alpha)
+        act = u < alpha
+        tl.store(aout_ptr + rows, act.to(tl.int8), mask=live)
+        live = live & act
+    elif HAS_ACT:
         live = live & (tl.load(act_ptr + rows, mask=live, other=0) != 0)
+    if HAS_ACT or U_ACT:  # inactive maps: 0 (outputs are not zero-filled: no extra launch)
+        dead = (rows < R) & ~live
+        tl.store(thr_ptr + rows, 0.0, mask=dead)
+        if STATS:
+            tl.store(mn_ptr + rows, 0.0, mask=dead)
+            tl.store(mx_ptr + rows, 0.0, mask=dead)
+            tl.store(msum_ptr + rows, 0.0, mask=dead)
     if IDX64:
         rows = rows.to(tl.int64)
     base = (rows // C) * sN + (rows % C) * sC
@@ -143,11 +158,18 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr,
             tl.store(msum_ptr + rows, msum, mask=live)
 
 
-def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
-    """x4: (N, C, H, W), any strides -> (1 or 4, N, C) float32: thr (, min, max, msum)."""
+def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
+            active_out=None) -> torch.Tensor:
+    """x4: (N, C, H, W), any strides -> (1 or 4, N, C) float32: thr (, min, max, msum).
+
+    The maps are those where ``active`` (N, C) bool, or, given ``u`` (N, C) (any float
+    dtype), where u < alpha in float32, written to ``active_out`` (N, C) bool; the entries
+    of the other maps are 0. Every entry is written by the kernel (no zero fill). alpha: a
+    float, or a 0-dim float32 tensor (read on the device).
+    """
     n, c, h, w = x4.shape
     stats = mode is not None
-    out = torch.zeros((4 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
+    out = torch.empty((4 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
     rcount, length = n * c, h * w
     if rcount == 0:
         return out
@@ -155,6 +177,8 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
         out[:3] = float("nan")
         if stats:
             out[3] = 0.0
+        if u is not None:
+            active_out.copy_(u.to(torch.float32) < alpha)
         return out
     if not 1 <= k <= length:
         raise ValueError(f"k must be in [1, {length}], got {k}")
@@ -164,10 +188,15 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None) -> torch.Tensor:
     else:
         single, block, rows = False, CHUNK, 1
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
+    u_act = u is not None
+    u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
+    aout = active_out.view(torch.uint8) if u_act else x4
     stat = out[1:] if stats else out.expand(3, n, c)  # unused when not stats
     launch(_select_kernel)[(cdiv(rcount, rows),)](
-        x4, act, out[0], stat[0], stat[1], stat[2], rcount, c, w, length, int(k), *x4.stride(),
-        HAS_ACT=active is not None, STATS=stats, MODE=MODES.get(mode, 0),
+        x4, act, out[0], stat[0], stat[1], stat[2], u, aout, alpha,
+        rcount, c, w, length, int(k), *x4.stride(),
+        HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
+        STATS=stats, MODE=MODES.get(mode, 0),
         ROWS=rows, BLOCK=block, SINGLE=single, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
     return out

@@ -197,7 +197,10 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     active = u < _rate(alpha, x)  # gamma, drawn first: statistics only where it is 1
     n_beta = max(1, math.ceil(beta * h * w / 100))
     thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
-    kept = torch.where(active, msum, h * w).sum(dim=1)
+    # Inactive maps: 0 (the contract leaves them unspecified; plans compare exactly).
+    thr, mn, mx = (torch.where(active, s, 0) for s in (thr, mn, mx))
+    # Summed in float64: exact for float32 terms of similar magnitude, in any order.
+    kept = torch.where(active, msum.double(), h * w).sum(dim=1)
     scale = _scale(kept, c * h * w, normalize, msum.dtype)
     return Plan("attention", (mode,), (thr, mn, mx, active, scale))
 

@@ -1,0 +1,73 @@
+"""AttentionDrop's plan kernels against the reference plan (``layers.attentiondrop`` torch
+code on ``guidedrop.reference``), with explicit noise: gamma, the per-map threshold, min
+and max exactly; the scale to within one float32 ulp (the soft mask's per-map sums are
+float32 sums, summed in another order on each backend)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_backends import load_backend
+from testing import make_x
+
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+ULP = 2.0**-23
+
+
+def _noise(n, c, alpha, seed):
+    """Uniforms with some exactly at alpha (rounded to float32): those maps stay inactive."""
+    u = torch.rand((n, c), generator=torch.Generator().manual_seed(seed))
+    u.view(-1)[::3] = torch.tensor(alpha, dtype=torch.float32)
+    return u
+
+
+def check(B, x, alpha, beta, mode, normalize, u):
+    want = L.attentiondrop(R, x, alpha, beta, mode=mode, normalize=normalize, noise=u)
+    got = L.attentiondrop(B, x, alpha, beta, mode=mode, normalize=normalize, noise=u)
+    assert (got.kind, got.meta) == (want.kind, want.meta)
+    for i, (g, w) in enumerate(zip(got.state, want.state, strict=True)):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), i
+        tol = ULP if i == 4 else 0
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=tol, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("normalize", ["batch", "sample", "none"])
+@pytest.mark.parametrize("mode", ["ad", "sm", "am"])
+@pytest.mark.parametrize("shape,dtype,layout", [
+    ((1, 1, 1, 1), torch.float32, "contiguous"),
+    ((2, 5, 7, 9), torch.float32, "channels_last"),
+    ((3, 4, 6, 5), torch.bfloat16, "sliced"),
+    ((2, 3, 5, 5), torch.float16, "contiguous"),
+])
+def test_plan_matches_reference(shape, dtype, layout, mode, normalize):
+    B = load_backend("triton")
+    torch.manual_seed(sum(shape))
+    x = make_x(shape, dtype, "cpu", layout)
+    check(B, x, 0.5, 20.0, mode, normalize, _noise(*shape[:2], 0.5, sum(shape)))
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1 / 3, 1.0])
+def test_plan_ties_nonfinite_and_noise_dtypes(alpha):
+    B = load_backend("triton")
+    x = (torch.randn(2, 6, 5, 7) * 2).round() / 2  # many ties
+    x[0, 1, 2, 3], x[1, 2, 0, 0], x[1, 3, 4, 6] = math.inf, -math.inf, math.nan
+    for dt in (torch.float64, torch.float16, torch.float32):
+        u = _noise(2, 6, alpha, 7).to(dt)
+        for mode in ("ad", "sm"):
+            check(B, x, alpha, 35.0, mode, "batch", u)
+
+
+def test_noise_none_draws_like_the_reference():
+    """Without noise the plan draws its uniforms as the reference does: same generator
+    state, same plan."""
+    B = load_backend("triton")
+    x = torch.randn(2, 4, 6, 6)
+    want = L.attentiondrop(R, x, 0.5, 20.0, mode="ad", normalize="batch",
+                           generator=torch.Generator().manual_seed(3))
+    got = L.attentiondrop(B, x, 0.5, 20.0, mode="ad", normalize="batch",
+                          generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.state[3], want.state[3], rtol=0, atol=0)

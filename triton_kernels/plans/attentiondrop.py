@@ -1,0 +1,91 @@
+"""AttentionDrop's plan on Triton (``layers.attentiondrop``, SPEC §4) in 2 launches.
+
+1. statistics (``percentile_threshold._select_kernel``): gamma = u < alpha per map, drawn
+   first, and for the active maps only the threshold, min, max and the soft mask's sum;
+2. plan (``_attention_scale_kernel``, one program): the kept weight of each sample,
+   sum_c (gamma ? msum : H*W) in float64, and the scale of ``normalize``.
+
+The apply (``apply_attention``) is the third launch; with ``noise=None`` the uniforms are
+one more (``torch.rand``, as the reference draws them). alpha is a runtime argument.
+The scale is equal to the reference's to within one float32 ulp, not bit for bit: the
+soft mask's per-map sums (``msum``) are float32 sums whose order differs across backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from guidedrop.layers import Plan, _rate, rand
+
+from .._common import launch, op, pow2
+from ..percentile_threshold import MODES, _select
+
+NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
+
+
+@triton.jit
+def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
+                            NORM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    # kept[n] = sum_c (active ? msum : HW) in float64 (exact: float32 terms of one sample's
+    # magnitude), then SPEC §1's multiplier: units / kept, over the batch for "batch".
+    total = tl.zeros([BN], tl.float64)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        kept = tl.zeros([BN], tl.float64)
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            m = (n < N)[:, None] & (c < C)[None, :]
+            off = n[:, None] * C + c[None, :]
+            act = tl.load(act_ptr + off, mask=m, other=0) != 0
+            s = tl.load(msum_ptr + off, mask=m, other=0.0).to(tl.float64)
+            kept += tl.sum(tl.where(m, tl.where(act, s, HW.to(tl.float64)), 0.0), axis=1)
+        if NORM == 0:
+            tl.store(sc_ptr + n, tl.full([BN], 1.0, tl.float32), mask=n < N)
+        elif NORM == 1:
+            sc = tl.where(kept > 0, units.to(tl.float64) / tl.maximum(kept, 1e-300), 0.0)
+            tl.store(sc_ptr + n, sc.to(tl.float32), mask=n < N)
+        else:
+            total += kept
+    if NORM == 2:
+        kept_all = tl.sum(total, axis=0)
+        units_all = units.to(tl.float64) * N
+        sc = tl.where(kept_all > 0, units_all / tl.maximum(kept_all, 1e-300), 0.0)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            tl.store(sc_ptr + n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=n < N)
+
+
+@op("attentiondrop_plan")
+def _plan(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, n_beta: int, mode: str,
+          normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stats (4, N, C) float32: thr, mn, mx, msum; active (N, C) bool; scale (N,) f32)."""
+    n, c, h, w = x.shape
+    active = torch.empty((n, c), dtype=torch.bool, device=x.device)
+    stats = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    bc = min(pow2(c), 1024)
+    bn = max(1, min(pow2(n), 4096 // bc))
+    launch(_attention_scale_kernel)[(1,)](
+        stats[3], active.view(torch.uint8), scale, n, c, h * w, c * h * w,
+        NORM=NORMALIZE[normalize], BN=bn, BC=bc)
+    return stats, active, scale
+
+
+def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator=None):
+    """``layers.attentiondrop`` fused: the same Plan, bit for bit, in 2 launches (+1 draw)."""
+    n, c, h, w = x.shape
+    u = noise if noise is not None else rand((n, c), generator, x.device)
+    n_beta = max(1, math.ceil(beta * h * w / 100))
+    # alpha: a kernel argument in eager mode (the launcher is called directly); a 0-dim
+    # tensor while torch.compile traces the op, so that a new alpha is a new input, not a
+    # recompile (a float argument of an op is specialised on, SPEC §8).
+    alpha = _rate(alpha, x) if torch.compiler.is_compiling() else float(alpha)
+    stats, active, scale = _plan(x, u, alpha, n_beta, mode, normalize)
+    return Plan("attention", (mode,), (stats[0], stats[1], stats[2], active, scale))
+
+
+__all__ = ["plan_attentiondrop", "MODES"]
