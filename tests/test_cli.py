@@ -66,6 +66,23 @@ def test_bench_quick_every_layer_subprocess(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_bench_model_counts_launches(capsys):
+    """``bench --model``: launches, bytes against the floor and syncs per layer and backend,
+    the same counts as tests/test_launches.py."""
+    args = cli.build_parser().parse_args(
+        ["bench", "--model", "--device", "cpu", "--shapes", "2x4x6x6",
+         "--layers", "attentiondrop,spatialscale"])
+    rows = bench.run(args)
+    by = {(r["layer"], r["backend"]): r for r in rows}
+    assert {"reference"} <= {b for _, b in by}
+    for (_, backend), r in by.items():
+        assert r["syncs"] == 0 and r["fwd"] >= 1 and r["x_floor"] > 0, r
+        if backend != "reference":
+            assert r["bwd"] == 1 and r["fwd"] <= 3 and r["fresh"] <= 4, r
+    out = capsys.readouterr().out
+    assert "launches fwd" in out and "× floor" in out
+
+
 def test_bench_writes_csv_plot_markdown(tmp_path, capsys):
     paths = {k: tmp_path / f"b.{k}" for k in ("csv", "png", "md")}
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale,dropblock",

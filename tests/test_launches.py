@@ -1,8 +1,9 @@
 """The launch budget of every layer on the kernel backends (issue 12), counted on the CPU.
 
 One forward of ``guidedrop.functional.<layer>`` with ``GUIDEDROP_BACKEND`` forced, and one
-backward, counted by :class:`launches.LaunchCounter` (aten ops that compute, Triton
-launches under the interpreter, the emulated CUDA extension's kernel launches):
+backward, counted by :func:`guidedrop.launches.count_layer` (aten ops that compute, Triton
+launches under the interpreter, the emulated CUDA extension's kernel launches; the same
+counts as ``python -m guidedrop bench --model``):
 
 - forward with ``noise`` given: at most 3 launches (statistics, plan, apply); CamDrop 5
   (CAM, candidates, seeds, coverage, apply);
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launches import LaunchCounter
 
 import guidedrop.functional as F
 from guidedrop import dispatch
+from guidedrop.launches import count_layer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
@@ -67,27 +68,17 @@ def backend(request, monkeypatch):
     return name
 
 
-def count(fn):
-    with LaunchCounter() as c:
-        out = fn()
-    return out, c
-
-
 @pytest.mark.parametrize("layer", list(BUDGET))
 def test_launch_budget(backend, layer, request):
     if (backend, layer) not in MEETS_BUDGET:
         request.applymarker(pytest.mark.xfail(
             strict=True, reason=f"{layer}: no plan kernel on {backend} yet (issue 12)"))
     call, noise_shape = _cases()[layer]
-    x = torch.randn(N, C, H, W, device=DEV, requires_grad=True)
-    u = torch.rand(noise_shape, device=DEV)
-    grad = torch.ones(N, C, H, W, device=DEV)
+    x = torch.randn(N, C, H, W, device=DEV)
+    c = count_layer(call, x, torch.rand(noise_shape, device=DEV))
 
-    y, fwd = count(lambda: call(x, u))
-    _, bwd = count(lambda: y.backward(grad))
-    _, fresh = count(lambda: call(x, None))
-
-    assert not (fwd.syncs or bwd.syncs or fresh.syncs), (fwd.syncs, bwd.syncs, fresh.syncs)
-    assert len(bwd.launches) == 1, bwd.launches
-    assert len(fwd.launches) <= BUDGET[layer], fwd.launches
-    assert len(fresh.launches) <= BUDGET[layer] + 1, fresh.launches
+    syncs = c.forward.syncs + c.backward.syncs + c.fresh.syncs
+    assert not syncs, syncs
+    assert len(c.backward.launches) == 1, c.backward.names
+    assert len(c.forward.launches) <= BUDGET[layer], c.forward.names
+    assert len(c.fresh.launches) <= BUDGET[layer] + 1, c.fresh.names

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import math
 import os
 import platform
@@ -663,6 +664,51 @@ CSV_FIELDS = ["date", "device", "versions", "copy_gbps", "bench", "layer", "shap
               "speedup_eager", "speedup_compile", "kept_fraction", "overhead_pct"]
 
 
+MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
+                 ("backend", "backend", "{}"), ("fwd", "launches fwd", "{}"),
+                 ("fresh", "fwd noise=None", "{}"), ("bwd", "bwd", "{}"),
+                 ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
+                 ("syncs", "host syncs", "{}")]
+
+
+def model_report(layers, cases, providers, explicit, device, channels_last) -> list[dict]:
+    """``bench --model``: per layer and backend, the launches of one forward (with noise,
+    and with noise=None) and one backward, the bytes their tensors hold (an upper bound on
+    what they move) against the floor of 3 reads + 2 writes of x, and the host syncs.
+    Counted, not timed (guidedrop.launches): the same on any machine, the interpreter
+    included, so Triton runs here under TRITON_INTERPRET=1 too."""
+    from .cli import console
+    from .launches import count_layer
+
+    rows = []
+    for shape, dtype in cases:
+        # Every backend that runs here, Triton under the interpreter included: nothing is
+        # timed.
+        ok = [p for p in (providers if explicit else PROVIDERS)
+              if p != "compile" and not unsupported(p, device, dtype)]
+        for layer in layers:
+            inputs = make_inputs(Case(layer, shape, dtype, device, channels_last))
+            noise = torch.rand(noise_shape(layer, shape), device=device)
+            run = functools.partial(
+                lambda x, u, run, w, t: run(x, w, t, noise=u),
+                run=op(layer), w=inputs.weight, t=inputs.target)
+            for p in ok:
+                with forced_backend(p):
+                    c = count_layer(run, inputs.x, noise)
+                moved = c.forward.nbytes + c.backward.nbytes
+                rows.append(dict(layer=layer, shape=fmt_shape(shape), dtype=DTYPE_NAMES[dtype],
+                                 backend=p, fwd=len(c.forward.launches),
+                                 fresh=len(c.fresh.launches), bwd=len(c.backward.launches),
+                                 mb=moved / 1e6, x_floor=moved / c.floor_bytes,
+                                 syncs=len(c.forward.syncs + c.fresh.syncs + c.backward.syncs)))
+    out = console()
+    out.print(f"launches and bytes of one forward + backward on {device_name(device)} "
+              "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward)",
+              highlight=False)
+    out.print(format_table(rows, MODEL_COLUMNS))
+    return rows
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key, "")
     if isinstance(v, float) and math.isnan(v):
@@ -952,6 +998,8 @@ def run(args) -> list[dict]:
         except ImportError as e:
             raise usage_error(f"--resnet needs torchvision ({e})") from None
 
+    if args.model:
+        return model_report(layers, cases, providers, explicit, device, args.channels_last)
     timer = Timer(device, args.quick)
     bandwidth, copied = measure_bandwidth(device, timer)
     meta = dict(date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -1035,3 +1083,6 @@ def add_parser(sub) -> None:
     b.add_argument("--resnet", action="store_true",
                    help="also time a ResNet-50 training step with each layer")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")
+    b.add_argument("--model", action="store_true",
+                   help="count instead of time: launches forward/backward, bytes against the "
+                        "floor and host syncs per layer and backend (runs on any machine)")

@@ -80,7 +80,8 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m guidedrop`` (its errors raise UsageError)."""
     parser = _Parser(prog="python -m guidedrop",
                      description="guided structured dropout: demo, bench, show")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_parser(sub)
     bench.add_parser(sub)
     show.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import bench, demo, show
 
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.command == "demo":
             demo.run(args)
         elif args.command == "bench":
