@@ -13,6 +13,8 @@ from .block_mask import apply_block, apply_seeds, seed_bits, seed_coverage
 from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
 from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
+from .plans.focused_dropout import plan_focused_dropout
+from .plans.selectscale import plan_selectout, plan_selectscale
 from .pooled_correlation import pooled_correlation
 
 name = "triton"
@@ -33,4 +35,7 @@ __all__ = [
     "apply_block",
     "apply_seeds",
     "apply_attention",
+    "plan_selectscale",
+    "plan_selectout",
+    "plan_focused_dropout",
 ]
