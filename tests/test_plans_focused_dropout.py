@@ -1,0 +1,103 @@
+"""FocusedDropout's plan kernel against the reference plan (``layers.focused_dropout``'s torch
+code on ``guidedrop.reference``), with explicit noise: the mask (N, H, W) uint8 and the
+scale (N,) bit for bit, per sample and per position.
+
+Covers odd shapes, every dtype and layout, tied channel means (first index), a NaN mean
+(the first NaN, as torch.argmax), NaN / Inf in the reference map, v <= 0 (all kept),
+x exactly at gamma * v (strict >), noise of other float dtypes, maps longer than one chunk
+and the rate arguments as 0-dim tensors (the path torch.compile traces).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import pytest
+import torch
+from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
+from test_plans_selectscale import _cases, assert_same_plan
+from testing import DTYPES, LAYOUTS, ODD_SHAPES, make_x
+
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+
+def check(B, x, low, high, per_position, u):  # noqa: F811
+    got = L.focused_dropout(B, x, low, high, per_position=per_position, noise=u)
+    want = L.focused_dropout.reference(R, x, low, high, per_position=per_position, noise=u)
+    assert_same_plan(got, want)
+    return want.state[0]
+
+
+def _noise(x, per_position, dtype=torch.float32):
+    n, _, h, w = x.shape
+    return torch.rand((n, h, w) if per_position else (n,), dtype=dtype, device=x.device)
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("shape,dtype,layout", _cases())
+def test_plan_matches_reference(B, shape, dtype, layout, per_position):  # noqa: F811
+    torch.manual_seed(sum(shape))
+    x = make_x(shape, dtype, "cpu", layout).to(DEV)
+    check(B, x, 0.3, 0.6, per_position, _noise(x, per_position))
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_ties_nonfinite_thresholds(B, per_position):  # noqa: F811
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, 3, 5)
+    x[0, 2] = x[0, 1] = x[0].mean(dim=0).abs() + 1  # tied top means: the first, channel 1
+    x[1, 1, 0, 0] = math.nan  # a NaN mean: the first NaN channel, v NaN, nothing kept
+    x[1, 3, 2, 2] = math.nan
+    x[2] = -x[2].abs()  # v <= 0: everything kept
+    x[3, 0] += 10
+    x[3, 0, 1, 1] = math.inf  # v = Inf
+    # sample 4: v = 1 and x on gamma = low + (high - low) u exactly (low 0, high 1: gamma = u)
+    x[4] = 0.0
+    x[4, 2] = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).repeat(3, 1)
+    x = x.to(DEV)
+    u = _noise(x, per_position)
+    if per_position:
+        u[4] = x[4, 2]
+    else:
+        u[4] = 0.5
+    for dt in (torch.float64, torch.float16):
+        mask = check(B, x, 0.0, 1.0, per_position, u.to(dt))
+        assert mask[2].all() and not mask[1].any()
+    mask = check(B, x, 0.3, 0.6, per_position, u)
+    assert 0 < mask.sum() < mask.numel()
+
+
+def test_long_maps(B):  # noqa: F811
+    """H * W longer than one chunk of the plan kernel (4096 positions), many channels."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 67, 63).to(DEV).contiguous(memory_format=torch.channels_last)
+    for per_position in (False, True):
+        check(B, x, 0.2, 0.7, per_position, _noise(x, per_position))
+
+
+def test_rate_tensors(B):  # noqa: F811
+    """The traced path (rates as 0-dim tensors) gives the eager plan."""
+    if not hasattr(B, "plan_focused_dropout"):
+        pytest.skip("no FocusedDropout plan kernel on this backend")
+    from guidedrop.triton_kernels.plans import focused_dropout as P
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, 5, 6, device=DEV)
+    _, mean = B.channel_stats(x)
+    for per_position, (low, high) in product((False, True), ((0.3, 0.6), (0.1, 1 / 3))):
+        u = _noise(x, per_position)
+        want = P._focused_plan(x, mean, u, low, high - low, per_position)
+        got = P._focused_plan(x, mean, u, torch.tensor(low), torch.tensor(high - low),
+                              per_position)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("shape,dtype,layout", list(product(ODD_SHAPES, DTYPES, LAYOUTS)))
+def test_plan_matches_reference_all(B, shape, dtype, layout, per_position):  # noqa: F811
+    torch.manual_seed(sum(shape))
+    x = make_x(shape, dtype, "cpu", layout).to(DEV)
+    for low, high in ((0.3, 0.6), (0.0, 1.0), (0.5, 0.5)):
+        check(B, x, low, high, per_position, _noise(x, per_position))

@@ -1,0 +1,161 @@
+"""The SelectScale family's plan kernels against the reference plan (``layers.<layer>``'s
+torch code on ``guidedrop.reference``), with explicit noise: w (N, C) bit for bit.
+
+Covers odd shapes, every dtype and layout, ties in max |x| (more candidates than k), NaN
+and ±Inf in x, ties and -0 in u (Selectout's stable order), noise of other float dtypes
+(rounded to float32 in the kernel), n_drop = 0, rows longer than one chunk, and the rate
+arguments as 0-dim tensors (the path torch.compile traces).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import pytest
+import torch
+from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
+from testing import DTYPES, LAYOUTS, ODD_SHAPES, make_x
+
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+
+def assert_same_plan(got, want):
+    """Same kind, meta, and state tensors: shape, dtype and bits (NaN where NaN)."""
+    assert (got.kind, got.meta) == (want.kind, want.meta)
+    for g, w in zip(got.state, want.state, strict=True):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+        g, w = g.cpu(), w.cpu()
+        assert torch.equal(g.isnan(), w.isnan()), (g, w)
+        if g.is_floating_point():
+            g, w = g.nan_to_num(0.5), w.nan_to_num(0.5)
+            assert torch.equal(g.view(torch.int32), w.view(torch.int32)), (g, w)
+        else:
+            assert torch.equal(g, w), (g, w)
+
+
+def check(B, layer, x, *args, noise):  # noqa: F811
+    got = getattr(L, layer)(B, x, *args, noise=noise)
+    want = getattr(L, layer).reference(R, x, *args, noise=noise)
+    assert_same_plan(got, want)
+    return want.state[0]
+
+
+def _cases():
+    """(shape, dtype, layout): every shape, dtype and layout at least once."""
+    combos = list(product(DTYPES, LAYOUTS))
+    return [(ODD_SHAPES[i % len(ODD_SHAPES)], *combos[i]) for i in range(len(combos))]
+
+
+@pytest.mark.parametrize("shape,dtype,layout", _cases())
+def test_plans_match_reference(B, shape, dtype, layout):  # noqa: F811
+    torch.manual_seed(sum(shape))
+    n, c = shape[:2]
+    x = make_x(shape, dtype, "cpu", layout).to(DEV)
+    u = torch.rand(n, c, device=x.device)
+    check(B, "selectscale", x, 0.5, 0.1, noise=u)
+    check(B, "selectout", x, 0.5, 1 - 1 / c if c > 1 else 0.75, noise=u)
+
+
+def _tied_x(n, c, h, w):
+    """max |x| with many ties (values on a coarse grid), a NaN, +Inf and -Inf channel."""
+    x = (torch.randn(n, c, h, w) * 2).round().clamp(-3, 3) / 2
+    x[0, 1, 0, 0] = math.nan
+    x[0, 2, 1, 1] = math.inf
+    if n > 1:
+        x[1, 0, 0, 1] = -math.inf
+        x[1, 3] = 0.0  # max |x| = 0
+    return x.to(DEV)
+
+
+@pytest.mark.parametrize("top_rate", [0.25, 1.0])
+def test_selectscale_ties_nonfinite_noise_dtypes(B, top_rate):  # noqa: F811
+    torch.manual_seed(1)
+    x = _tied_x(3, 9, 3, 4)
+    for dt, retain in ((torch.float64, 0.1), (torch.float16, 1 / 3)):
+        u = torch.rand(3, 9, dtype=torch.float64, device=x.device)
+        u[:, ::4] = 0.0
+        w = check(B, "selectscale", x, top_rate, retain, noise=u.to(dt))
+        if top_rate == 0.25:  # k = 2, ties of max |x| keep more channels: the test can fail
+            assert ((w != 1).sum(dim=1) > 2).any(), w
+
+
+def test_selectscale_rounding_many_u(B):  # noqa: F811
+    """retain + 2 (1 - retain) u, rounded as torch rounds it (float32, no fma)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 512, 1, 1, device=DEV)
+    u = torch.rand(2, 512, dtype=torch.float64, device=x.device)
+    for retain in (0.1, 1 / 3, 0.7):
+        check(B, "selectscale", x, 1.0, retain, noise=u)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_selectout_ties_nonfinite_noise_dtypes(B, keep):  # noqa: F811
+    torch.manual_seed(3)
+    x = _tied_x(3, 10, 2, 3)
+    # u ties (stable order: first index), -0.0 (== +0), float64 values equal in float32
+    u = torch.tensor([0.5, 0.25, 0.25, -0.0, 0.0, 0.25, 0.5, 0.125, 0.0, 0.25],
+                     dtype=torch.float64)
+    u = torch.stack([u, u.flip(0), u + 2.0**-40]).to(x.device)
+    for dt in (torch.float64, torch.float16):
+        w = check(B, "selectout", x, 0.5, keep, noise=u.to(dt))
+        assert ((w == 0).sum(dim=1) <= round((1 - keep) * 10)).all()
+    u_nan = u.clone()
+    u_nan[:, 1::3] = math.nan
+    check(B, "selectout", x, 1.0, keep, noise=u_nan)
+
+
+def test_selectout_no_drop(B):  # noqa: F811
+    """round((1 - keep) * C) = 0: nothing dropped, every channel scaled by 1/keep."""
+    x = torch.randn(2, 3, 4, 4, device=DEV)
+    u = torch.zeros(2, 3, device=x.device)
+    w = check(B, "selectout", x, 0.4, 0.9, noise=u)
+    assert (w != 0).all()
+
+
+def test_long_rows(B):  # noqa: F811
+    """C longer than one chunk of the plan kernel (4096 channels)."""
+    torch.manual_seed(4)
+    c = 4099
+    x = (torch.randn(1, c, 1, 1) * 4).round().to(DEV)  # ties across chunks
+    u = (torch.rand(1, c) * 64).floor().div(64).to(x.device)
+    check(B, "selectscale", x, 0.3, 0.2, noise=u)
+    check(B, "selectout", x, 0.3, 0.8, noise=u)
+
+
+def test_rate_tensors(B):  # noqa: F811
+    """The traced path (rates as 0-dim tensors) gives the eager plan."""
+    if not hasattr(B, "plan_selectscale"):
+        pytest.skip("no SelectScale plan kernel on this backend")
+    from guidedrop.triton_kernels.plans import selectscale as S
+    torch.manual_seed(5)
+    x = torch.randn(3, 11, 4, 4, device=DEV)
+    u = torch.rand(3, 11, device=x.device)
+    amax, _ = B.channel_stats(x)
+    f32, f64 = torch.float32, torch.float64
+    for retain in (0.1, 1 / 3):
+        want = S._selectscale_plan(amax, u, 4, retain, 2 * (1 - retain))
+        got = S._selectscale_plan(amax, u, 4, torch.tensor(retain, dtype=f32),
+                                  torch.tensor(2 * (1 - retain), dtype=f32))
+        assert torch.equal(got, want)
+    for keep in (0.7, 1 / 3):
+        nd = round((1 - keep) * 11)
+        want = S._selectout_plan(amax, u, 8, 1 / keep, nd)
+        got = S._selectout_plan(amax, u, 8, torch.tensor(1 / keep, dtype=f32),
+                                torch.tensor(float(nd), dtype=f64))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,dtype,layout", list(product(ODD_SHAPES, DTYPES, LAYOUTS)))
+def test_plans_match_reference_all(B, shape, dtype, layout):  # noqa: F811
+    torch.manual_seed(sum(shape))
+    n, c = shape[:2]
+    x = make_x(shape, dtype, "cpu", layout).to(DEV)
+    u = torch.rand(n, c, device=x.device)
+    for top_rate, retain in ((0.2, 0.1), (1.0, 0.5)):
+        check(B, "selectscale", x, top_rate, retain, noise=u)
+    for top_rate, keep in ((0.5, 0.75), (1.0, 0.5), (0.3, 0.9)):
+        if round((1 - keep) * c) <= max(1, round(top_rate * c)):
+            check(B, "selectout", x, top_rate, keep, noise=u)
