@@ -14,6 +14,7 @@ from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
 from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
 from .plans.attentiondrop import plan_attentiondrop
+from .plans.corrdrop import plan_corrdrop
 from .pooled_correlation import pooled_correlation
 
 name = "triton"
@@ -35,4 +36,5 @@ __all__ = [
     "apply_seeds",
     "apply_attention",
     "plan_attentiondrop",
+    "plan_corrdrop",
 ]
