@@ -46,8 +46,8 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H
             i = i0 + tl.arange(0, BP)
             m = nv[:, None] & (i < NP)[None, :]
             f = tl.load(f_ptr + n[:, None] * NP + i[None, :], mask=m, other=0.0)
-            fmin = tl.minimum(fmin, tl.min(tl.where(m, f, float("inf")), axis=1))
-            fmax = tl.maximum(fmax, tl.max(tl.where(m, f, float("-inf")), axis=1))
+            fmin = tl.minimum(fmin, tl.min(tl.where(m & (f == f), f, float("inf")), axis=1))
+            fmax = tl.maximum(fmax, tl.max(tl.where(m & (f == f), f, float("-inf")), axis=1))
             nan = tl.maximum(nan, tl.max(tl.where(m & (f != f), 1, 0), axis=1))
         # torch's amin / amax are NaN with a NaN F, then range > 0 is false: kappa = 0.
         ok = (fmax - fmin > 0) & (nan == 0)
