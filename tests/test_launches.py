@@ -32,6 +32,7 @@ BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
 MEETS_BUDGET = {
     ("cuda", "spatialscale"),
     ("triton", "attentiondrop"),
+    ("triton", "corrdrop"),
     ("triton", "focused_dropout"),
     ("triton", "selectout"),
     ("triton", "selectscale"),

@@ -14,6 +14,7 @@ from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
 from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
 from .plans.attentiondrop import plan_attentiondrop
+from .plans.corrdrop import plan_corrdrop
 from .plans.focused_dropout import plan_focused_dropout
 from .plans.selectscale import plan_selectout, plan_selectscale
 from .pooled_correlation import pooled_correlation
@@ -40,4 +41,5 @@ __all__ = [
     "plan_selectscale",
     "plan_selectout",
     "plan_focused_dropout",
+    "plan_corrdrop",
 ]

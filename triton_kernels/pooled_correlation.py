@@ -12,17 +12,22 @@ valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly
   independent of the order of the terms.
 k is clamped to max(H, W) first (a block >= the map is one window).
 
-Two kernels, one pass over x, the N' x N' matrix never leaves the chip:
+One kernel (one launch: CorrDrop's statistics, issue 12), grid (N,): a program pools its
+sample, then correlates it; the N' x N' matrix never leaves the chip:
 
-1. ``_pool_kernel``, grid (N, blocks of BP pooled positions): a program sums the k x k
-   windows of its positions for a chunk of channels at a time (a (channels x positions x
+1. pooling (``_pool_positions``), BP pooled positions at a time: sums the k x k windows of
+   its positions for a chunk of channels at a time (a (channels x positions x
    window-columns) tile, contiguous along w for NCHW and along c for channels_last),
    writes the pooled values transposed, aT (N, C, N') float32 (x.numel() / k² values:
    small, L2-resident for the usual k = 7), and per position the max |a| and the norm of
-   a / max|a| (a running rescaled sum of squares over the channel chunks).
-2. ``_corr_kernel``, grid (N, N'-blocks of BM rows): loops over blocks of BN columns and
-   over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then
-   adds the rounded |G| of the tile to int64 row sums (the diagonal set exactly).
+   a / max|a| (a running rescaled sum of squares over the channel chunks);
+2. a barrier (the program's own aT, written by its other threads, is read next);
+3. correlation (``_corr_rows``), BM rows at a time: loops over blocks of BM columns and
+   over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then adds the
+   rounded |G| of the tile to int64 row sums (the diagonal set exactly).
+
+The parallelism is the batch (N programs, each looping over its sample's tiles): the
+pooling and the correlation of one sample in one launch, without a launch in between.
 """
 
 from __future__ import annotations
@@ -38,15 +43,11 @@ QUANTUM = tl.constexpr(2.0**-32)
 
 
 @triton.jit
-def _pool_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, C, H, W, WP, NP, k, KH, KW, sN, sC, sH, sW,
-                 BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr, IDX64: tl.constexpr):
-    n = tl.program_id(0)
-    i = tl.program_id(1) * BP + tl.arange(0, BP)
+def _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
+                    sN, sC, sH, sW, BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr):
+    """Pools positions i (BP,) of sample n: aT, max |a| and ‖a / max|a|‖."""
     iv = i < NP
     dx = tl.arange(0, KP)
-    if IDX64:
-        n = n.to(tl.int64)
-        i = i.to(tl.int64)
     xb = x_ptr + n * sN
     h0 = (i // WP) * k
     w0 = (i % WP) * k
@@ -91,13 +92,9 @@ def _unit(a, s, nb):
 
 
 @triton.jit
-def _corr_kernel(at_ptr, s_ptr, nb_ptr, f_ptr, C, NP,
-                 BM: tl.constexpr, BN: tl.constexpr, IDX64: tl.constexpr):
-    n = tl.program_id(0)
-    i = tl.program_id(1) * BM + tl.arange(0, BM)
+def _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, i, C, NP, BM: tl.constexpr, BN: tl.constexpr):
+    """F of rows i (BM,) of sample n, from the pooled aT, max |a| and norms of the sample."""
     iv = i < NP
-    if IDX64:
-        n = n.to(tl.int64)
     si = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
     nbi = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
     rowsum = tl.zeros([BM], tl.int64)
@@ -128,6 +125,26 @@ def _corr_kernel(at_ptr, s_ptr, nb_ptr, f_ptr, C, NP,
     tl.store(f_ptr + n * NP + i, f.to(tl.float32) + poison, mask=iv)
 
 
+@triton.jit
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, f_ptr, C, H, W, WP, NP, k, KH, KW,
+                               sN, sC, sH, sW, BC: tl.constexpr, BP: tl.constexpr,
+                               KP: tl.constexpr, BM: tl.constexpr, IDX64: tl.constexpr):
+    n = tl.program_id(0)
+    if IDX64:
+        n = n.to(tl.int64)
+    for p0 in range(0, NP, BP):
+        i = p0 + tl.arange(0, BP)
+        if IDX64:
+            i = i.to(tl.int64)
+        _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
+                        sN, sC, sH, sW, BC, BP, KP)
+    # The rows below read what the other threads of this program wrote: a block-wide
+    # barrier orders those global stores before these loads.
+    tl.debug_barrier()
+    for r0 in range(0, NP, BM):
+        _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, r0 + tl.arange(0, BM), C, NP, BM, BM)
+
+
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2).
 
@@ -148,6 +165,14 @@ def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
         return f
     if c == 0:  # zero rows: P = I, F = 1 / N'
         return f.fill_(1.0 / np_)
+    _pooled_correlation_launch(x, k, f.view(n, np_))
+    return f
+
+
+def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None:
+    """F of x (N, C, H, W), C > 0, k <= max(H, W), into f (N, N') float32: one launch."""
+    n, c, h, w = x.shape
+    wp, np_ = cdiv(w, k), f.shape[1]
     dev = x.device
     at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
     smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
@@ -157,15 +182,11 @@ def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     # the interpreter pays per operation, not per element: large tiles
     bp = max(1, min(pow2(np_), (TILE if INTERPRET else 512) // kp))
     bc = max(1, min(pow2(c), TILE // (bp * kp)))
-    idx64 = needs_int64(x, at)
-    launch(_pool_kernel)[(n, cdiv(np_, bp))](
-        x, at, smax, nb, c, h, w, wp, np_, k, kh, kw, *x.stride(),
-        BC=bc, BP=bp, KP=kp, IDX64=idx64, num_warps=warps(bc * bp * kp))
-    # 64 x 64 Gram tiles on a GPU; the interpreter pays per operation, not per element
+    # 64 x 64 Gram tiles on a GPU
     bm = min(256 if INTERPRET else 64, max(16, pow2(np_)))
-    launch(_corr_kernel)[(n, cdiv(np_, bm))](
-        at, smax, nb, f, c, np_, BM=bm, BN=bm, IDX64=idx64, num_warps=4)
-    return f
+    launch(_pooled_correlation_kernel)[(n,)](
+        x, at, smax, nb, f, c, h, w, wp, np_, k, kh, kw, *x.stride(),
+        BC=bc, BP=bp, KP=kp, BM=bm, IDX64=needs_int64(x, at), num_warps=warps(bc * bp * kp))
 
 
 __all__ = ["pooled_correlation"]

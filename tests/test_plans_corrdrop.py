@@ -1,0 +1,136 @@
+"""CorrDrop's plan kernel against the reference plan, with explicit noise: S and the scale
+bit for bit.
+
+The contract is ``layers.corrdrop``'s torch code on the same F (``layers.corrdrop.reference``
+on the Triton backend: Triton's F, the torch arithmetic after it); where Triton's F equals
+the reference backend's to the bit, the plan is also ``layers.corrdrop(guidedrop.reference)``'s.
+The noise puts some u0 exactly on kappa and some u1 exactly on 1 - p_hat (the thresholds
+the plan compares with, in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_backends import load_backend
+from testing import make_x
+
+from guidedrop import layers as L
+from guidedrop import reference as R
+
+
+def _thresholds(f, u, p, block_size, h, w):
+    """kappa and 1 - p_hat of the torch code for F (N, N') and u0, in float32."""
+    fmin, fmax = f.amin(dim=1, keepdim=True), f.amax(dim=1, keepdim=True)
+    rng = fmax - fmin
+    kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
+    z = (~(u[0].flatten(1) < kappa)).sum(dim=1, keepdim=True)
+    p_hat = (torch.ones_like(f[:, :1]) * (p * ((h * w) / (block_size**2))) / z.clamp_min(1))
+    return kappa, 1 - p_hat.clamp(max=1)
+
+
+def _noise(B, x, p, block_size, seed, dtype=torch.float32):
+    """Uniforms (2, N, H', W'), every third u0 set to its kappa and every third u1 to
+    1 - p_hat (both exactly representable in float32, so in dtype float32 / float64)."""
+    n, _, h, w = x.shape
+    k = L._block_extent(block_size, h, w)
+    hp, wp = -(-h // k), -(-w // k)
+    u = torch.rand((2, n, hp, wp), generator=torch.Generator().manual_seed(seed))
+    f = B.pooled_correlation(x, k).flatten(1)
+    kappa, _ = _thresholds(f, u, p, block_size, h, w)
+    u[0].view(n, -1)[:, ::3] = kappa[:, ::3]
+    _, q = _thresholds(f, u, p, block_size, h, w)
+    u[1].view(n, -1)[:, 1::3] = q.expand(n, hp * wp)[:, 1::3]
+    return u.to(dtype)
+
+
+def check(B, x, p, block_size, normalize, u):
+    want = L.corrdrop.reference(B, x, p, block_size, normalize=normalize, noise=u)
+    got = L.corrdrop(B, x, p, block_size, normalize=normalize, noise=u)
+    assert (got.kind, got.meta) == (want.kind, want.meta)
+    for g, w in zip(got.state, want.state, strict=True):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0, equal_nan=True)
+    k = L._block_extent(block_size, *x.shape[2:])
+    if torch.equal(B.pooled_correlation(x, k).cpu(), R.pooled_correlation(x.cpu(), k)):
+        ref = L.corrdrop(R, x.cpu(), p, block_size, normalize=normalize, noise=u.cpu())
+        for g, w in zip(got.state, ref.state, strict=True):
+            torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+    return got
+
+
+@pytest.mark.parametrize("shape,block_size,dtype,layout,normalize", [
+    ((1, 1, 1, 1), 3, torch.float32, "contiguous", "batch"),
+    ((2, 5, 7, 9), 3, torch.float32, "channels_last", "batch"),
+    ((2, 5, 7, 9), 3, torch.float32, "contiguous", "sample"),
+    ((3, 4, 6, 5), 2, torch.bfloat16, "sliced", "sample"),
+    ((2, 3, 5, 5), 2, torch.float16, "contiguous", "none"),
+    ((3, 2, 5, 1), 2, torch.float32, "sliced", "batch"),  # W' = 1
+    ((1, 3, 1, 6), 4, torch.float32, "contiguous", "sample"),  # H' = 1, N = 1, border block
+    ((2, 3, 4, 6), 9, torch.float32, "channels_last", "batch"),  # block beyond the map
+])
+def test_plan_matches_reference(shape, block_size, dtype, layout, normalize):
+    B = load_backend("triton")
+    torch.manual_seed(sum(shape))
+    x = make_x(shape, dtype, "cpu", layout)
+    check(B, x, 0.3, block_size, normalize, _noise(B, x, 0.3, block_size, sum(shape)))
+
+
+@pytest.mark.parametrize("p", [1e-3, 0.3, 0.9])
+def test_plan_rates_noise_dtypes_and_thresholds(p):
+    """p_hat below and at its clamp to 1; noise in float64/float16/bfloat16 (rounded to
+    float32); u exactly on kappa and on 1 - p_hat; a non-contiguous noise view."""
+    B = load_backend("triton")
+    x = torch.randn(2, 3, 8, 7)
+    u = _noise(B, x, p, 2, 5, torch.float64)
+    check(B, x, p, 2, "batch", u)
+    check(B, x, p, 2, "sample", u.to(torch.float16 if p < 0.5 else torch.bfloat16))
+    check(B, x, p, 2, "sample", u.float().transpose(2, 3).contiguous().transpose(2, 3))
+    # u0 = 0, u1 = 1: only M keeps (kappa > 0: all but each sample's min F)
+    plan = check(B, x, p, 2, "batch", torch.stack([torch.zeros_like(u[0]), torch.ones_like(u[1])]))
+    assert 0 < plan.state[0].sum() < plan.state[0].numel()
+    if p == 1e-3:  # p_hat < 1: u1 = 0 keeps every block, scale 1
+        plan = check(B, x, p, 2, "batch", torch.zeros_like(u))
+        assert plan.state[0].all() and torch.equal(plan.state[1], torch.ones(2))
+
+
+def test_plan_constant_and_nonfinite_maps():
+    """F constant (range 0: kappa = 0), F NaN (a NaN or Inf in x: kappa = 0), and nothing
+    kept in one sample (scale 0 for "sample")."""
+    B = load_backend("triton")
+    x = torch.randn(3, 2, 6, 6)
+    x[0] = 1.0  # constant: every pooled row equal
+    x[1, 0, 2, 3] = math.nan
+    x[2, 1, 5, 5] = -math.inf
+    u = _noise(B, x, 0.4, 3, 2)
+    assert B.pooled_correlation(x, 3)[1:].isnan().all()
+    check(B, x, 0.4, 3, "batch", u)
+    u[1, 0] = 1.0  # sample 0: nothing kept by the draw, and kappa = 0 keeps nothing
+    u[0, 0] = 0.5
+    plan = check(B, x, 0.4, 3, "sample", u)
+    assert not plan.state[0][0].any() and plan.state[1][0] == 0
+    check(B, torch.zeros(2, 3, 4, 4), 0.4, 2, "batch", _noise(B, torch.zeros(2, 3, 4, 4), 0.4, 2, 3))
+
+
+def test_noise_none_draws_like_the_reference():
+    """Without noise the plan draws its uniforms as the torch code does: same generator
+    state, same plan."""
+    B = load_backend("triton")
+    x = torch.randn(2, 4, 7, 6)
+    want = L.corrdrop.reference(B, x, 0.3, 3, normalize="batch",
+                                generator=torch.Generator().manual_seed(3))
+    got = L.corrdrop(B, x, 0.3, 3, normalize="batch",
+                     generator=torch.Generator().manual_seed(3))
+    for g, w in zip(got.state, want.state, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalize", ["batch", "sample"])
+def test_plan_matches_reference_large(normalize):
+    """Several chunks of pooled positions per sample (N' = 1225 > 1024) and of samples."""
+    B = load_backend("triton")
+    x = torch.randn(5, 2, 70, 70)
+    check(B, x, 0.2, 2, normalize, _noise(B, x, 0.2, 2, 11))

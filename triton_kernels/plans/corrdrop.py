@@ -1,0 +1,143 @@
+"""CorrDrop's plan on Triton (``layers.corrdrop``, SPEC §2) in 2 launches.
+
+1. statistics (``pooled_correlation._pooled_correlation_kernel``): F (N, N') float32, the
+   pooling and the correlation of a sample in one program;
+2. plan (``_corrdrop_plan_kernel``, one program over the batch): per sample, kappa from F's
+   min and max, M = u0 < kappa, z = #not M, p_hat = min(1, p_blocks / max(z, 1)),
+   keep = M | (u1 < 1 - p_hat), the kept units (border blocks cut) and the scale of
+   ``normalize`` in float64: the reference's float32 / float64 operations in its order, so
+   S and the scale are bit for bit the torch code's on the same F.
+
+The apply (``apply_block``) is the third launch; with ``noise=None`` the uniforms are one
+more (``torch.rand``, as the reference draws them). p_blocks is a runtime argument.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from guidedrop.layers import Plan, _block_extent, _rate, rand
+
+from .._common import cdiv, launch, op, pow2
+from ..pooled_correlation import _pooled_correlation_launch
+
+NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
+
+
+@triton.jit
+def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H, W, k,
+                          units, su0, suN, suH, suW, P_PTR: tl.constexpr, NORM: tl.constexpr,
+                          BN: tl.constexpr, BP: tl.constexpr):
+    # BN samples x BP pooled positions per tile; a sample longer than BP is read in chunks,
+    # three passes: (min, max, NaN of F), z, then keep and the kept units.
+    if P_PTR:
+        p_blocks = tl.load(p_blocks)
+    NP = HP * WP
+    total = tl.zeros([BN], tl.int64)  # kept units of the tile's rows over the batch
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nv = n < N
+        fmin = tl.full([BN], float("inf"), tl.float32)
+        fmax = tl.full([BN], float("-inf"), tl.float32)
+        nan = tl.zeros([BN], tl.int32)
+        for i0 in range(0, NP, BP):
+            i = i0 + tl.arange(0, BP)
+            m = nv[:, None] & (i < NP)[None, :]
+            f = tl.load(f_ptr + n[:, None] * NP + i[None, :], mask=m, other=0.0)
+            fmin = tl.minimum(fmin, tl.min(tl.where(m & (f == f), f, float("inf")), axis=1))
+            fmax = tl.maximum(fmax, tl.max(tl.where(m & (f == f), f, float("-inf")), axis=1))
+            nan = tl.maximum(nan, tl.max(tl.where(m & (f != f), 1, 0), axis=1))
+        # torch's amin / amax are NaN with a NaN F, then range > 0 is false: kappa = 0.
+        ok = (fmax - fmin > 0) & (nan == 0)
+        rng = tl.where(ok, fmax - fmin, 1.0)
+        z = tl.zeros([BN], tl.int32)
+        for i0 in range(0, NP, BP):
+            i = i0 + tl.arange(0, BP)
+            m = nv[:, None] & (i < NP)[None, :]
+            f = tl.load(f_ptr + n[:, None] * NP + i[None, :], mask=m, other=0.0)
+            uoff = n[:, None] * suN + ((i // WP) * suH + (i % WP) * suW)[None, :]
+            u0 = tl.load(u_ptr + uoff, mask=m, other=0.0).to(tl.float32)
+            kappa = tl.where(ok[:, None],
+                             tl.math.div_rn(f - fmin[:, None], rng[:, None]), 0.0)
+            z += tl.sum(tl.where(m & ~(u0 < kappa), 1, 0), axis=1)
+        # (ones * p_blocks) / clamp_min(z, 1), clamped to 1: float32, as the reference.
+        p_hat = tl.math.div_rn(tl.zeros([BN], tl.float32) + p_blocks,
+                               tl.maximum(z, 1).to(tl.float32))
+        q = 1.0 - tl.minimum(p_hat, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        kept = tl.zeros([BN], tl.int64)
+        for i0 in range(0, NP, BP):
+            i = i0 + tl.arange(0, BP)
+            m = nv[:, None] & (i < NP)[None, :]
+            f = tl.load(f_ptr + n[:, None] * NP + i[None, :], mask=m, other=0.0)
+            hi, wi = i // WP, i % WP
+            uoff = n[:, None] * suN + (hi * suH + wi * suW)[None, :]
+            u0 = tl.load(u_ptr + uoff, mask=m, other=0.0).to(tl.float32)
+            u1 = tl.load(u_ptr + su0 + uoff, mask=m, other=0.0).to(tl.float32)
+            kappa = tl.where(ok[:, None],
+                             tl.math.div_rn(f - fmin[:, None], rng[:, None]), 0.0)
+            keep = (u0 < kappa) | (u1 < q[:, None])
+            tl.store(keep_ptr + n[:, None] * NP + i[None, :], keep.to(tl.uint8), mask=m)
+            # units of each pooled block: border blocks are cut
+            area = (tl.minimum(H - hi.to(tl.int64) * k, k) *
+                    tl.minimum(W - wi.to(tl.int64) * k, k))
+            kept += tl.sum(tl.where(m & keep, area[None, :], 0), axis=1)
+        if NORM == 0:
+            tl.store(sc_ptr + n, tl.full([BN], 1.0, tl.float32), mask=nv)
+        elif NORM == 1:
+            # units / kept in torch is reciprocal(kept) * units, in float64
+            kd = tl.where(kept > 0, kept.to(tl.float64), 1.0)
+            sc = tl.where(kept > 0, (1.0 / kd) * units.to(tl.float64), 0.0)
+            tl.store(sc_ptr + n, sc.to(tl.float32), mask=nv)
+        else:
+            total += kept
+    if NORM == 2:
+        kept_all = tl.sum(total, axis=0)  # exact in float64 below 2**53, as torch's sum
+        kd = tl.where(kept_all > 0, kept_all.to(tl.float64), 1.0)
+        sc = tl.where(kept_all > 0, (1.0 / kd) * units.to(tl.float64), 0.0)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            tl.store(sc_ptr + n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=n < N)
+
+
+@op("corrdrop_plan")
+def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
+          normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S (N, H', W') uint8, scale (N,) float32) of x with block extent k <= max(H, W)."""
+    n, c, h, w = x.shape
+    hp, wp = cdiv(h, k), cdiv(w, k)
+    f = torch.empty((n, hp * wp), dtype=torch.float32, device=x.device)
+    _pooled_correlation_launch(x, k, f)
+    keep = torch.empty((n, hp, wp), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    bp = min(pow2(hp * wp), 1024)
+    bn = max(1, min(pow2(n), 4096 // bp))
+    units = h * w * (n if normalize == "batch" else 1)
+    launch(_corrdrop_plan_kernel)[(1,)](
+        f, u, keep, scale, p_blocks, n, hp, wp, h, w, k, units, *u.stride(),
+        P_PTR=isinstance(p_blocks, torch.Tensor), NORM=NORMALIZE[normalize], BN=bn, BP=bp)
+    return keep, scale
+
+
+def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
+    """``layers.corrdrop`` fused: the same Plan, bit for bit, in 2 launches (+1 draw).
+
+    x: (N, C, H, W) float32/float16/bfloat16, C >= 1 and H, W >= 1 (functional returns
+    empty inputs unchanged); noise: (2, N, H', W') of any float dtype (rounded to float32),
+    or None: one ``torch.rand`` from ``generator``. Returns Plan("block", (k,), (S, scale)).
+    """
+    n, c, h, w = x.shape
+    k = _block_extent(block_size, h, w)
+    hp, wp = -(-h // k), -(-w // k)
+    u = noise if noise is not None else rand((2, n, hp, wp), generator, x.device)
+    # eq. 11 times N' with the real block size, rounded to float32 like the reference's
+    # ones * p_blocks. A kernel argument in eager mode; a 0-dim tensor while torch.compile
+    # traces, so that a new p is a new input, not a recompile (SPEC §8).
+    p_blocks = p * ((h * w) / (block_size * block_size))
+    p_blocks = _rate(p_blocks, x) if torch.compiler.is_compiling() else float(p_blocks)
+    keep, scale = _plan(x, u, p_blocks, k, normalize)
+    return Plan("block", (k,), (keep, scale))
+
+
+__all__ = ["plan_corrdrop"]
