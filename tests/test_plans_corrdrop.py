@@ -111,7 +111,8 @@ def test_plan_constant_and_nonfinite_maps():
     u[0, 0] = 0.5
     plan = check(B, x, 0.4, 3, "sample", u)
     assert not plan.state[0][0].any() and plan.state[1][0] == 0
-    check(B, torch.zeros(2, 3, 4, 4), 0.4, 2, "batch", _noise(B, torch.zeros(2, 3, 4, 4), 0.4, 2, 3))
+    zeros = torch.zeros(2, 3, 4, 4)
+    check(B, zeros, 0.4, 2, "batch", _noise(B, zeros, 0.4, 2, 3))
 
 
 def test_noise_none_draws_like_the_reference():
