@@ -28,6 +28,12 @@ ULP = 2.0**-23
 NORMALIZE = ["batch", "sample", "none"]
 
 
+def _pairs(a, b, default):
+    """Every (a, b) pair; those not in `default` are marked slow (the full sweep)."""
+    return [pytest.param(i, j, marks=() if (i, j) in default else pytest.mark.slow)
+            for i in a for j in b]
+
+
 @pytest.fixture(scope="module")
 def B():
     """python/guidedrop/cuda_backend.py on the emulated ops (plan_<layer> included)."""
@@ -63,8 +69,8 @@ def check_att(B, x, alpha, beta, mode, normalize, u):
     return got
 
 
-@pytest.mark.parametrize("normalize", NORMALIZE)
-@pytest.mark.parametrize("mode", ["ad", "sm", "am"])
+@pytest.mark.parametrize("mode,normalize", _pairs(
+    ["ad", "sm", "am"], NORMALIZE, {("ad", "batch"), ("sm", "sample"), ("am", "none")}))
 @pytest.mark.parametrize("shape,dtype,layout", [
     ((1, 1, 1, 1), torch.float32, "contiguous"),
     ((2, 5, 7, 9), torch.float32, "channels_last"),
@@ -87,9 +93,8 @@ def test_attentiondrop_ties_nonfinite_and_noise_dtypes(B, alpha):
     for dt in (torch.float64, torch.float16, torch.bfloat16, torch.float32):
         u = _att_noise(2, 6, alpha, 7).to(dt)
         u[1, 5] = math.nan  # NaN noise: never < alpha
-        for mode in ("ad", "sm", "am"):
-            for normalize in NORMALIZE:
-                check_att(B, x, alpha, 35.0, mode, normalize, u)
+        for mode, normalize in zip(("ad", "sm", "am"), NORMALIZE, strict=True):
+            check_att(B, x, alpha, 35.0, mode, normalize, u)
     # non-contiguous noise
     u = _att_noise(6, 2, alpha, 8).t()
     check_att(B, x, alpha, 50.0, "ad", "sample", u)
@@ -136,8 +141,9 @@ def check_db(B, x, p, k, shared, normalize, u):
     return got
 
 
-@pytest.mark.parametrize("normalize", NORMALIZE)
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared,normalize", _pairs(
+    [False, True], NORMALIZE,
+    {(False, "batch"), (True, "sample"), (True, "batch"), (False, "none")}))
 @pytest.mark.parametrize("shape,dtype,layout,k", [
     ((1, 1, 1, 1), torch.float32, "contiguous", 3),
     ((2, 3, 7, 5), torch.float32, "channels_last", 3),
@@ -199,6 +205,7 @@ def test_dropblock_rate_tensor_equals_rate_float():
 
 def test_plan_ops_opcheck(B):
     """Schemas (functional) and fake kernels of the two plan ops."""
+    assert callable(B.plan_attentiondrop) and callable(B.plan_dropblock)  # what layers calls
     E = CE.emu.ops()
     x = make_x((2, 3, 5, 6), torch.float16, "cpu", "channels_last")
     u = _att_noise(2, 3, 0.5, 0)

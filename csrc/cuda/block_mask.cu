@@ -14,6 +14,9 @@
 //   followed by curand4() would give — as u = (bits >> 8) * 2^-24 in [0, 1). The seed and
 //   offset come from the generator's philox_cuda_state(4) (graph-safe: unpacked in the
 //   kernel), so any tiling, and a rerun with the same generator state, draws the same u.
+//   For seeds_plan it also zeroes the counters of plans/dropblock.cu's coverage + scale
+//   kernel, the next launch on the stream (no memset launch).
+// covered (seed_cover.cuh): the r x r test, shared with plans/dropblock.cu.
 // seed_coverage: one thread per unit, counting the units covered by a seed's block; block
 //   sums, then one int64 atomicAdd per block and sample (integer: deterministic).
 // apply_block: w = mask[n, h / k, w / k] * scale[n].

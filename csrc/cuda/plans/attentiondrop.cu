@@ -52,7 +52,8 @@ void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase
                                 int64_t HW, int normalize, const at::TensorBase& scale) {
   const int64_t N = msum.size(0), C = msum.size(1);
   if (N == 0) return;
-  const int threads = static_cast<int>(std::min<int64_t>(kPlanThreads, std::max<int64_t>(N, 1) * 32));
+  // One warp per sample, up to kPlanThreads.
+  const int threads = static_cast<int>(std::min<int64_t>(kPlanThreads, N * 32));
   attentiondrop_scale_kernel<<<1, threads, 0, current_stream()>>>(
       msum.data_ptr<float>(), active.data_ptr<bool>(), N, C, HW, normalize,
       scale.data_ptr<float>());
