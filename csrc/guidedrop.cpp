@@ -169,50 +169,74 @@ at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
 
 // ------------------------------------------------------------------------ seed masks
 
+// The arguments of seed_bits / seeds_plan checked, the bits allocated and, without noise,
+// the Philox state taken from the generator.
+struct Seeds {
+  at::Tensor noise, cand_s, cand_c, g, bits;  // undefined when absent
+  float g_value = 0.f;
+  at::PhiloxCudaState philox;
+};
+
+Seeds prepare_seeds(const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
+                    const std::optional<at::Tensor>& cand_s,
+                    const std::optional<at::Tensor>& cand_c, at::IntArrayRef shape,
+                    const std::optional<at::Tensor>& g, double g_value, int64_t r,
+                    const std::optional<at::Generator>& generator, const char* op) {
+  check_cuda(device_like, op, "device_like");
+  TORCH_CHECK(shape.size() == 4, op, ": shape must be (N, Cs, H, W), got ", shape);
+  for (const int64_t s : shape) TORCH_CHECK(s >= 0, op, ": shape must be >= 0, got ", shape);
+  check_positive(r, op, "r");
+  Seeds out;
+  // g: the seed rate, a 0-dim float32 tensor read in the kernel or a float argument of it
+  // (a runtime value either way), rounded to float32 like the uniforms (SPEC §1).
+  if (g.has_value() && g->defined()) {
+    check_small(*g, device_like, op, "g", at::kFloat, {});
+    out.g = g->contiguous();
+  }
+  out.g_value = static_cast<float>(g_value);
+  const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
+  if (noise.has_value() && noise->defined()) {
+    out.noise = *noise;
+    TORCH_CHECK(out.noise.device() == device_like.device(), op, ": noise must be on ",
+                device_like.device(), ", got ", out.noise.device());
+    TORCH_CHECK(at::isFloatingType(out.noise.scalar_type()), op,
+                ": noise must be a floating tensor, got ", out.noise.scalar_type());
+    TORCH_CHECK(out.noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
+                out.noise.sizes());
+  }
+  if (cand_s.has_value() && cand_s->defined()) {
+    check_small(*cand_s, device_like, op, "cand_s", at::kBool, {N, H, W});
+    out.cand_s = cand_s->contiguous();
+  }
+  if (cand_c.has_value() && cand_c->defined()) {
+    check_small(*cand_c, device_like, op, "cand_c", at::kBool, {N, Cs});
+    out.cand_c = cand_c->contiguous();
+  }
+  // One bit string per sample, no padding per row or map: 1/16 of a 16-bit x.
+  out.bits = at::empty({N, (Cs * H * W + 7) / 8}, device_like.options().dtype(at::kByte));
+  if (!out.noise.defined() && out.bits.numel() > 0) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator(device_like.device().index()));
+    // See ATen's Note [Acquire lock when using random generators]. Each 128-bit Philox
+    // output feeds 4 units, so every logical element uses 4 of the offset's 32-bit values.
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    out.philox = gen->philox_cuda_state(4);
+  }
+  return out;
+}
+
 at::Tensor seed_bits(const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
                      const std::optional<at::Tensor>& cand_s,
                      const std::optional<at::Tensor>& cand_c, at::IntArrayRef shape, const at::Tensor& g,
                      int64_t r, std::optional<at::Generator> generator) {
   constexpr const char* op = "guidedrop::seed_bits";
   check_cuda(device_like, op, "device_like");
-  TORCH_CHECK(shape.size() == 4, op, ": shape must be (N, Cs, H, W), got ", shape);
-  for (const int64_t s : shape) TORCH_CHECK(s >= 0, op, ": shape must be >= 0, got ", shape);
-  check_positive(r, op, "r");
-  // g: the seed rate as a 0-dim float32 tensor, read in the kernel (a runtime value).
-  check_small(g, device_like, op, "g", at::kFloat, {});
-  const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
-  at::Tensor nz, cs, cc;  // undefined when absent
-  if (noise.has_value() && noise->defined()) {
-    nz = *noise;
-    TORCH_CHECK(nz.device() == device_like.device(), op, ": noise must be on ",
-                device_like.device(), ", got ", nz.device());
-    TORCH_CHECK(at::isFloatingType(nz.scalar_type()), op,
-                ": noise must be a floating tensor, got ", nz.scalar_type());
-    TORCH_CHECK(nz.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
-                nz.sizes());
-  }
-  if (cand_s.has_value() && cand_s->defined()) {
-    check_small(*cand_s, device_like, op, "cand_s", at::kBool, {N, H, W});
-    cs = cand_s->contiguous();
-  }
-  if (cand_c.has_value() && cand_c->defined()) {
-    check_small(*cand_c, device_like, op, "cand_c", at::kBool, {N, Cs});
-    cc = cand_c->contiguous();
-  }
+  TORCH_CHECK(g.defined(), op, ": g is an undefined tensor");
   const c10::cuda::CUDAGuard guard(device_like.device());
-  // One bit string per sample, no padding per row or map: 1/16 of a 16-bit x.
-  at::Tensor bits = at::empty({N, (Cs * H * W + 7) / 8}, device_like.options().dtype(at::kByte));
-  at::PhiloxCudaState philox;
-  if (!nz.defined() && bits.numel() > 0) {
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        generator, at::cuda::detail::getDefaultCUDAGenerator(device_like.device().index()));
-    // See ATen's Note [Acquire lock when using random generators]. Each 128-bit Philox
-    // output feeds 4 units, so every logical element uses 4 of the offset's 32-bit values.
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);
-  }
-  launch_seed_bits(nz, cs, cc, g.contiguous(), r, Cs, H, W, philox, bits);
-  return bits;
+  Seeds sd = prepare_seeds(device_like, noise, cand_s, cand_c, shape, g, 0.0, r, generator, op);
+  launch_seed_bits(sd.noise, sd.cand_s, sd.cand_c, sd.g, sd.g_value, r, shape[1], shape[2],
+                   shape[3], sd.philox, sd.bits, at::Tensor());
+  return sd.bits;
 }
 
 at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t cs, int64_t h, int64_t w) {
@@ -230,6 +254,78 @@ at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t cs, int64_t 
   at::Tensor out = at::zeros({bits.size(0)}, bits.options().dtype(at::kLong));
   launch_seed_coverage(b, r, cs, h, w, out);
   return out;
+}
+
+// ------------------------------------------------------------------------ plans
+// AttentionDrop's and DropBlock's plans (issue 12): statistics + plan kernel in one op, two
+// launches, no other device op (no zeros / fill / .to: every output is written by a
+// kernel). Rates are runtime values: a float argument of the kernel in eager mode, or a
+// 0-dim float32 tensor read in the kernel (what torch.compile traces: a float argument of
+// an op would be specialised on, one recompile per rate, SPEC §8).
+
+int parse_normalize(c10::string_view view, const char* op) {
+  const std::string s(view.data(), view.size());
+  if (s == "none") return kNormNone;
+  if (s == "sample") return kNormSample;
+  TORCH_CHECK(s == "batch", op, ": normalize must be one of 'none', 'sample', 'batch', got '", s,
+              "'");
+  return kNormBatch;
+}
+
+// -> (thr, mn, mx, active, scale): (N, C) float32 x3 (0 where inactive), (N, C) bool,
+// (N,) float32. gamma = noise < alpha, both rounded to float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attentiondrop_plan(
+    const at::Tensor& x, const at::Tensor& noise, const std::optional<at::Tensor>& alpha_t,
+    double alpha, int64_t k, c10::string_view mode, c10::string_view normalize) {
+  constexpr const char* op = "guidedrop::attentiondrop_plan";
+  check_feature_map(x, op, "x");
+  check_k(k, x.size(2) * x.size(3), op);
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(noise.defined() && noise.device() == x.device(), op, ": noise must be on ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op,
+              ": noise must be a floating tensor, got ", noise.scalar_type());
+  TORCH_CHECK(noise.sizes() == at::IntArrayRef({N, C}), op, ": noise must have shape ",
+              at::IntArrayRef({N, C}), ", got ", noise.sizes());
+  at::Tensor a;  // undefined: alpha
+  if (alpha_t.has_value() && alpha_t->defined()) {
+    check_small(*alpha_t, x, op, "alpha", at::kFloat, {});
+    a = alpha_t->contiguous();
+  }
+  const int m = parse_mode(mode, op), norm = parse_normalize(normalize, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
+  at::Tensor mx = at::empty({N, C}, f32(x)), msum = at::empty({N, C}, f32(x));
+  at::Tensor active = at::empty({N, C}, x.options().dtype(at::kBool));
+  at::Tensor scale = at::empty({N}, f32(x));
+  launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, thr, mn, mx, msum,
+                             active);
+  launch_attentiondrop_scale(msum, active, x.size(2) * x.size(3), norm, scale);
+  return {thr, mn, mx, active, scale};
+}
+
+// DropBlock / CamDrop seeds and their multiplier -> (bits, scale): seed_bits' bits, and
+// scale (N,) float32 = layers._scale(C*H*W - covered * (C / Cs), C*H*W, normalize).
+std::tuple<at::Tensor, at::Tensor> seeds_plan(
+    const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& cand_s, const std::optional<at::Tensor>& cand_c,
+    at::IntArrayRef shape, const std::optional<at::Tensor>& g, double g_value, int64_t r,
+    int64_t c, c10::string_view normalize, std::optional<at::Generator> generator) {
+  constexpr const char* op = "guidedrop::seeds_plan";
+  check_cuda(device_like, op, "device_like");
+  const int norm = parse_normalize(normalize, op);
+  const c10::cuda::CUDAGuard guard(device_like.device());
+  Seeds sd = prepare_seeds(device_like, noise, cand_s, cand_c, shape, g, g_value, r, generator,
+                           op);
+  const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
+  TORCH_CHECK(Cs == 1 || Cs == c, op, ": Cs (shape[1]) must be 1 or C = ", c, ", got ", Cs);
+  // N covered counts + the last-block ticket, zeroed by the seed_bits kernel.
+  at::Tensor ws = at::empty({N + 1}, device_like.options().dtype(at::kLong));
+  at::Tensor scale = at::empty({N}, device_like.options().dtype(at::kFloat));
+  launch_seed_bits(sd.noise, sd.cand_s, sd.cand_c, sd.g, sd.g_value, r, Cs, H, W, sd.philox,
+                   sd.bits, ws);
+  launch_seeds_scale(sd.bits, r, c, Cs, H, W, norm, ws, scale);
+  return {sd.bits, scale};
 }
 
 // ------------------------------------------------------------------------ apply
@@ -322,6 +418,7 @@ void cpu_error(const c10::OperatorHandle& handle, torch::jit::Stack* /*stack*/) 
 constexpr const char* kOps[] = {
     "pooled_correlation", "channel_stats", "kth_largest",  "map_threshold",
     "attention_stats",    "cam",           "seed_bits",    "seed_coverage",
+    "attentiondrop_plan", "seeds_plan",
     "apply_channel",      "apply_block",   "apply_seeds",  "apply_attention",
 };
 
@@ -341,6 +438,13 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("seed_bits(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, Tensor g, int r, Generator? generator=None) -> Tensor");
   m.def("seed_coverage(Tensor bits, int r, SymInt cs, SymInt h, SymInt w) -> Tensor");
+  // Plans (issue 12). alpha / g: a 0-dim float32 tensor (under torch.compile), else None
+  // and the float after it.
+  m.def("attentiondrop_plan(Tensor x, Tensor noise, Tensor? alpha_t, float alpha, int k, "
+        "str mode, str normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("seeds_plan(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
+        "SymInt[] shape, Tensor? g_t, float g, int r, SymInt c, str normalize, "
+        "Generator? generator=None) -> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
@@ -357,6 +461,8 @@ TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
   m.impl("cam", &cam);
   m.impl("seed_bits", &seed_bits);
   m.impl("seed_coverage", &seed_coverage);
+  m.impl("attentiondrop_plan", &attentiondrop_plan);
+  m.impl("seeds_plan", &seeds_plan);
   m.impl("apply_channel", &apply_channel);
   m.impl("apply_block", &apply_block);
   m.impl("apply_seeds", &apply_seeds);

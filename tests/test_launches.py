@@ -30,6 +30,8 @@ BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
 # (backend, layer) pairs that meet the budget (their plan is fused into plan kernels, or
 # is as small as SpatialScale's).
 MEETS_BUDGET = {
+    ("cuda", "attentiondrop"),
+    ("cuda", "dropblock"),
     ("cuda", "spatialscale"),
     ("triton", "attentiondrop"),
     ("triton", "corrdrop"),

@@ -14,6 +14,9 @@
 //   followed by curand4() would give — as u = (bits >> 8) * 2^-24 in [0, 1). The seed and
 //   offset come from the generator's philox_cuda_state(4) (graph-safe: unpacked in the
 //   kernel), so any tiling, and a rerun with the same generator state, draws the same u.
+//   For seeds_plan it also zeroes the counters of plans/dropblock.cu's coverage + scale
+//   kernel, the next launch on the stream (no memset launch).
+// covered (seed_cover.cuh): the r x r test, shared with plans/dropblock.cu.
 // seed_coverage: one thread per unit, counting the units covered by a seed's block; block
 //   sums, then one int64 atomicAdd per block and sample (integer: deterministic).
 // apply_block: w = mask[n, h / k, w / k] * scale[n].
@@ -21,6 +24,7 @@
 //   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel.
 #include "common.cuh"
 #include "launchers.h"
+#include "seed_cover.cuh"
 
 #include <ATen/cuda/PhiloxUtils.cuh>
 
@@ -57,9 +61,14 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
                                  const bool* __restrict__ cand_s, const bool* __restrict__ cand_c,
                                  const int64_t N, const int64_t Cs, const int64_t H,
                                  const int64_t W, const int64_t Bn, const int64_t r,
-                                 const float* __restrict__ g_ptr,
-                                 const at::PhiloxCudaState philox, uint8_t* __restrict__ bits) {
-  const float g = *g_ptr;
+                                 const float* __restrict__ g_ptr, const float g_value,
+                                 const at::PhiloxCudaState philox, uint8_t* __restrict__ bits,
+                                 long long* __restrict__ zero_ws, const int64_t n_ws) {
+  const float g = g_ptr != nullptr ? *g_ptr : g_value;
+  // The counters of seeds_scale_kernel, next on the stream: zeroed here, not by a memset.
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_ws;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    zero_ws[i] = 0;
   uint64_t seed = 0, offset = 0;
   if (noise == nullptr) {
     const auto so = at::cuda::philox::unpack(philox);
@@ -103,28 +112,6 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
     }
     bits[idx] = static_cast<uint8_t>(byte);
   }
-}
-
-// Whether unit (h, w) of a map lies in the r x r block of a seed: a seed at (h', w') with
-// h - lo <= h' <= h + hi, same in w. `sample` is the sample's bit string, `plane` the map's
-// first bit (cs * H * W).
-__device__ __forceinline__ bool covered(const uint8_t* __restrict__ sample, int64_t plane,
-                                        int64_t H, int64_t W, int64_t r, int64_t h, int64_t w) {
-  const int64_t lo = r - 1 - r / 2, hi = r / 2;
-  const int64_t h0 = max(h - lo, int64_t(0)), h1 = min(h + hi, H - 1);
-  const int64_t w0 = max(w - lo, int64_t(0)), w1 = min(w + hi, W - 1);
-  if (h0 > h1 || w0 > w1) return false;
-  for (int64_t hh = h0; hh <= h1; ++hh) {
-    const int64_t p0 = plane + hh * W + w0, p1 = plane + hh * W + w1;  // bits p0 .. p1
-    const int64_t q0 = p0 >> 3, q1 = p1 >> 3;
-    for (int64_t qq = q0; qq <= q1; ++qq) {
-      unsigned m = 0xffu;
-      if (qq == q0) m &= 0xffu << (p0 & 7);
-      if (qq == q1) m &= 0xffu >> (7 - (p1 & 7));
-      if (sample[qq] & m) return true;
-    }
-  }
-  return false;
 }
 
 __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int64_t N,
@@ -179,20 +166,23 @@ struct SeedsW {
 }  // namespace
 
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, const at::TensorBase& g, int64_t r, int64_t Cs,
-                      int64_t H, int64_t W, at::PhiloxCudaState philox,
-                      const at::TensorBase& bits) {
+                      const at::TensorBase& cand_c, const at::TensorBase& g, float g_value,
+                      int64_t r, int64_t Cs, int64_t H, int64_t W, at::PhiloxCudaState philox,
+                      const at::TensorBase& bits, const at::TensorBase& zero_ws) {
   const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t total = bits.numel();
   if (total == 0) return;
-  const float* g_ptr = g.data_ptr<float>();
+  const float* g_ptr = g.defined() ? g.data_ptr<float>() : nullptr;
+  long long* ws = zero_ws.defined() ? reinterpret_cast<long long*>(zero_ws.data_ptr<int64_t>())
+                                    : nullptr;
+  const int64_t n_ws = zero_ws.defined() ? zero_ws.numel() : 0;
   const bool* cs_ptr = cand_s.defined() ? cand_s.data_ptr<bool>() : nullptr;
   const bool* cc_ptr = cand_c.defined() ? cand_c.data_ptr<bool>() : nullptr;
   const unsigned grid = grid_for(total, kThreads);
   if (!noise.defined()) {
     seed_bits_kernel<float><<<grid, kThreads, 0, current_stream()>>>(
-        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, g_ptr, philox,
-        bits.data_ptr<uint8_t>());
+        nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, g_ptr, g_value, philox,
+        bits.data_ptr<uint8_t>(), ws, n_ws);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -201,7 +191,7 @@ void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
       [&] {
         seed_bits_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
             noise.data_ptr<scalar_t>(), strides4(noise), cs_ptr, cc_ptr, N, Cs, H, W, Bn, r,
-            g_ptr, philox, bits.data_ptr<uint8_t>());
+            g_ptr, g_value, philox, bits.data_ptr<uint8_t>(), ws, n_ws);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

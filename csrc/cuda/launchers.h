@@ -37,11 +37,34 @@ void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBa
 void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& active,
                             int mode, const at::TensorBase& thr, const at::TensorBase& mn,
                             const at::TensorBase& mx, const at::TensorBase& msum);
+// AttentionDrop's statistics drawing gamma = u < alpha itself (plan, issue 12): noise (N, C)
+// any floating dtype and strides; alpha_t: undefined (then `alpha`) or a 0-dim float32;
+// writes active (N, C) bool, and thr, mn, mx, msum (N, C) float32 (zeros where inactive).
+void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
+                                const at::TensorBase& alpha_t, float alpha, int mode,
+                                const at::TensorBase& thr, const at::TensorBase& mn,
+                                const at::TensorBase& mx, const at::TensorBase& msum,
+                                const at::TensorBase& active);
 // thr, mn, mx: (N, C) float32, active: (N, C) bool, scale: (N,) float32.
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                             const at::TensorBase& thr, const at::TensorBase& mn,
                             const at::TensorBase& mx, const at::TensorBase& active, int mode,
                             const at::TensorBase& scale, const at::TensorBase& out);
+
+// ------------------------------------------------------------------------ plan kernels
+// csrc/cuda/plans/ (issue 12). normalize: 0 none, 1 sample, 2 batch (SPEC §1, layers._scale).
+enum Normalize : int { kNormNone = 0, kNormSample = 1, kNormBatch = 2 };
+
+// plans/attentiondrop.cu. msum: (N, C) float32, active: (N, C) bool, scale: (N,) float32:
+// kept[n] = sum_c (active ? msum : H*W) in float64, scale = layers._scale(kept, C*H*W).
+void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase& active,
+                                int64_t HW, int normalize, const at::TensorBase& scale);
+
+// plans/dropblock.cu. bits: (N, ceil(Cs*H*W/8)) uint8 from launch_seed_bits with zero_ws =
+// ws: (N + 1) int64; scale: (N,) float32 = layers._scale(C*H*W - covered * (C / Cs)).
+void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_t Cs, int64_t H,
+                        int64_t W, int normalize, const at::TensorBase& ws,
+                        const at::TensorBase& scale);
 
 // class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
@@ -50,11 +73,13 @@ void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::
 // bits: (N, ceil(Cs*H*W/8)) uint8 output, one bit string per sample, bit i = the unit
 // (cs, h, w) with i = (cs * H + h) * W + w. noise: undefined, or (N, Cs, H, W) floating of
 // any dtype and strides (then `philox` is unused); cand_s: undefined or (N, H, W) bool;
-// cand_c: undefined or (N, Cs) bool.
+// cand_c: undefined or (N, Cs) bool; g: the seed rate, a 0-dim float32 read in the kernel,
+// or undefined (then `g_value`). zero_ws: undefined, or an int64 workspace the kernel sets
+// to 0 (the counters of launch_seeds_scale, which runs next on the stream: no memset).
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
-                      const at::TensorBase& cand_c, const at::TensorBase& g, int64_t r, int64_t Cs,
-                      int64_t H, int64_t W, at::PhiloxCudaState philox,
-                      const at::TensorBase& bits);
+                      const at::TensorBase& cand_c, const at::TensorBase& g, float g_value,
+                      int64_t r, int64_t Cs, int64_t H, int64_t W, at::PhiloxCudaState philox,
+                      const at::TensorBase& bits, const at::TensorBase& zero_ws);
 // out: (N,) int64, zero-initialised by the caller.
 void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int64_t H,
                           int64_t W, const at::TensorBase& out);

@@ -10,6 +10,11 @@
 // the top k are exactly the values >= the result). Block-stride loops cover rows of any
 // length. attention_stats skips the maps whose gamma is 0 (their outputs are 0) and adds
 // the NaN-propagating min / max and the float32 sum of the soft mask S (SPEC §4).
+// attentiondrop_stats (AttentionDrop's plan, issue 12) is the same kernel drawing gamma
+// itself: gamma[m] = u[n, c] < alpha, u read from noise of any floating dtype and strides
+// and rounded to float32 in the kernel (SPEC §1), alpha a float32 kernel argument or a
+// 0-dim float32 tensor read in the kernel (a runtime rate either way: no recompile); it
+// writes gamma as the `active` mask, and 0 to thr / mn / mx / msum of the inactive maps.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -20,6 +25,44 @@ namespace {
 
 constexpr int64_t kSmemKeys = 10240;  // 40 KiB of keys: under the 48 KiB default limit
 
+// u[i0, i1] of a 2-D noise of any floating dtype and strides, rounded to float32. The dtype
+// is a runtime tag, not a template parameter (one instantiation per x dtype only).
+struct Noise2 {
+  enum Type : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+  const void* p;  // nullptr: no draw (gamma given as `active`)
+  int64_t s0, s1;
+  int type;
+  __device__ __forceinline__ float operator()(int64_t i0, int64_t i1) const {
+    const int64_t o = i0 * s0 + i1 * s1;
+    switch (type) {
+      case kDouble: return static_cast<float>(static_cast<const double*>(p)[o]);
+      case kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[o]);
+      case kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[o]);
+      default: return static_cast<const float*>(p)[o];
+    }
+  }
+};
+
+Noise2 noise2(const at::TensorBase& u) {
+  Noise2 n{u.data_ptr(), u.stride(0), u.stride(1), Noise2::kFloat};
+  switch (u.scalar_type()) {
+    case at::kDouble: n.type = Noise2::kDouble; break;
+    case at::kHalf: n.type = Noise2::kHalf; break;
+    case at::kBFloat16: n.type = Noise2::kBFloat16; break;
+    default: break;
+  }
+  return n;
+}
+
+// gamma: given (active, read), or drawn (u.p set: u < alpha, written to active_out).
+struct Gamma {
+  const bool* active;
+  Noise2 u;
+  const float* alpha_ptr;  // nullptr: alpha
+  float alpha;
+  bool* active_out;
+};
+
 int select_threads(int64_t L) {
   if (L >= kThreads) return kThreads;
   return static_cast<int>(std::max<int64_t>(32, ceil_div(L, 32) * 32));
@@ -28,24 +71,32 @@ int select_threads(int64_t L) {
 // Rows are maps (n, c) of x: unit i of map m = n * C + c sits at
 // n * s.n + c * s.c + (i / W) * s.h + (i % W) * s.w. A matrix v (R, L) is the case
 // C = 1, H = 1, W = L, s = (stride(0), 0, 0, stride(1)).
-// active == nullptr: threshold only (mn, mx, msum unused, may be nullptr).
+// gamma.active == nullptr and gamma.u.p == nullptr: threshold only (mn, mx, msum unused,
+// may be nullptr).
 template <typename scalar_t>
 __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                   const int64_t maps, const int64_t C, const int64_t H,
-                                  const int64_t W, const uint32_t k,
-                                  const bool* __restrict__ active, const int mode,
+                                  const int64_t W, const uint32_t k, const Gamma gamma,
+                                  const int mode,
                                   const bool use_smem, float* __restrict__ thr,
                                   float* __restrict__ mn, float* __restrict__ mx,
                                   float* __restrict__ msum) {
   extern __shared__ uint32_t keys[];  // H * W keys when use_smem
   __shared__ SelectSmem sel;
   __shared__ float scratch[32];
-  const bool stats = active != nullptr;
+  const bool draw = gamma.u.p != nullptr;
+  const bool stats = draw || gamma.active != nullptr;
+  const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
   const int64_t L = H * W;
   for (int64_t m = blockIdx.x; m < maps; m += gridDim.x) {  // uniform in the block
-    if (stats && !active[m]) {
-      if (threadIdx.x == 0) thr[m] = mn[m] = mx[m] = msum[m] = 0.f;
-      continue;
+    if (stats) {
+      // NaN u: not < alpha, inactive (as the reference's comparison).
+      const bool act = draw ? gamma.u(m / C, m % C) < alpha : gamma.active[m];
+      if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
+      if (!act) {
+        if (threadIdx.x == 0) thr[m] = mn[m] = mx[m] = msum[m] = 0.f;
+        continue;
+      }
     }
     const scalar_t* base = x + (m / C) * s.n + (m % C) * s.c;
     auto load = [&](int64_t i) { return to_float(base[(i / W) * s.h + (i % W) * s.w]); };
@@ -85,15 +136,15 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 
 template <typename scalar_t>
 void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64_t C, int64_t H,
-                       int64_t W, int64_t k, const bool* active, int mode, float* thr, float* mn,
-                       float* mx, float* msum) {
+                       int64_t W, int64_t k, const Gamma& gamma, int mode, float* thr,
+                       float* mn, float* mx, float* msum) {
   if (maps == 0) return;
   const int64_t L = H * W;
   const bool use_smem = L <= kSmemKeys;
   const size_t smem = use_smem ? static_cast<size_t>(L) * sizeof(uint32_t) : 0;
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
-          x, s, maps, C, H, W, static_cast<uint32_t>(k), active, mode, use_smem, thr, mn, mx,
+          x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, mx,
           msum);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -119,14 +170,14 @@ struct AttentionW {
 
 void launch_kth_largest(const at::TensorBase& v, int64_t k, const at::TensorBase& out) {
   const Strides4 s{v.stride(0), 0, 0, v.stride(1)};
-  launch_map_select<float>(v.data_ptr<float>(), s, v.size(0), 1, 1, v.size(1), k, nullptr, 0,
+  launch_map_select<float>(v.data_ptr<float>(), s, v.size(0), 1, 1, v.size(1), k, Gamma{}, 0,
                            out.data_ptr<float>(), nullptr, nullptr, nullptr);
 }
 
 void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBase& out) {
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::map_threshold", [&] {
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
-                                x.size(1), x.size(2), x.size(3), k, nullptr, 0,
+                                x.size(1), x.size(2), x.size(3), k, Gamma{}, 0,
                                 out.data_ptr<float>(), nullptr, nullptr, nullptr);
   });
 }
@@ -136,8 +187,25 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
                             const at::TensorBase& mx, const at::TensorBase& msum) {
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attention_stats", [&] {
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
-                                x.size(1), x.size(2), x.size(3), k, active.data_ptr<bool>(),
+                                x.size(1), x.size(2), x.size(3), k,
+                                Gamma{active.data_ptr<bool>(), Noise2{}, nullptr, 0.f, nullptr},
                                 mode, thr.data_ptr<float>(), mn.data_ptr<float>(),
+                                mx.data_ptr<float>(), msum.data_ptr<float>());
+  });
+}
+
+void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
+                                const at::TensorBase& alpha_t, float alpha, int mode,
+                                const at::TensorBase& thr, const at::TensorBase& mn,
+                                const at::TensorBase& mx, const at::TensorBase& msum,
+                                const at::TensorBase& active) {
+  const Gamma gamma{nullptr, noise2(noise),
+                    alpha_t.defined() ? alpha_t.data_ptr<float>() : nullptr, alpha,
+                    active.data_ptr<bool>()};
+  GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attentiondrop_plan", [&] {
+    launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
+                                x.size(1), x.size(2), x.size(3), k, gamma, mode,
+                                thr.data_ptr<float>(), mn.data_ptr<float>(),
                                 mx.data_ptr<float>(), msum.data_ptr<float>());
   });
 }

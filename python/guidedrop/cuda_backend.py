@@ -11,8 +11,11 @@ Importing it raises ImportError (with the build command) when the extension is n
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from guidedrop.layers import Plan, _rate, _seed_rate, rand
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -143,6 +146,53 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
                                 scale.to(f32))
 
 
+# --------------------------------------------------------------------------- plans
+# layers.<layer> calls plan_<layer> (layers.fusable) instead of its torch code: the same
+# Plan (exact; AttentionDrop's scale to within one float32 ulp) in fewer launches (issue 12).
+
+
+def _runtime_rate(q, x):
+    """A rate as the plan ops take it: (None, float(q)) in eager mode, a kernel argument;
+    (0-dim float32 tensor, 0.0) while torch.compile traces, so that a new rate is a new
+    input of the graph, not a recompile (a float argument of an op is specialised on)."""
+    if torch.compiler.is_compiling():
+        return _rate(q, x), 0.0
+    return None, float(q)
+
+
+def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator=None):
+    """SPEC §4 in 2 launches before the apply (+1 ``torch.rand`` without noise).
+
+    x: (N, C, H, W) float32/float16/bfloat16; noise: (N, C) of any floating dtype, or None
+    -> Plan("attention", (mode,), (thr, mn, mx (N, C) float32, 0 where inactive;
+    active (N, C) bool; scale (N,) float32)). gamma = u < alpha, both rounded to float32.
+    """
+    n, c, h, w = x.shape
+    u = noise if noise is not None else rand((n, c), generator, x.device)
+    n_beta = max(1, math.ceil(beta * h * w / 100))
+    a_t, a = _runtime_rate(alpha, x)
+    thr, mn, mx, active, scale = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
+    return Plan("attention", (mode,), (thr, mn, mx, active, scale))
+
+
+def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
+                   generator=None):
+    """SPEC §7 in 2 launches before the apply (seeds, coverage + scale), with or without
+    noise (Philox in the seed kernel).
+
+    x: (N, C, H, W); noise: (N, Cs, H, W) of any floating dtype (Cs = 1 if shared_channels
+    else C), or None -> Plan("seeds", (r, shared), (bits (N, ceil(Cs*H*W/8)) uint8,
+    scale (N,) float32)).
+    """
+    n, c, h, w = x.shape
+    r = min(block_size, h, w)
+    shape = [n, 1 if shared_channels else c, h, w]
+    g_t, g = _runtime_rate(_seed_rate(p, r, h, w), x)
+    bits, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,
+                                  generator)
+    return Plan("seeds", (r, shape[1] == 1), (bits, scale))
+
+
 # --------------------------------------------------------------------------- fake kernels
 # Shapes, dtypes and memory formats of the outputs, for torch.compile and opcheck.
 
@@ -183,6 +233,18 @@ def _register_fakes() -> None:
     def _(device_like, noise, cand_s, cand_c, shape, g, r, generator=None):  # g: 0-dim f32
         n, cs, h, w = shape
         return device_like.new_empty((n, (cs * h * w + 7) // 8), dtype=torch.uint8)
+
+    @register("guidedrop::attentiondrop_plan")
+    def _(x, noise, alpha_t, alpha, k, mode, normalize):
+        n = x.shape[0]
+        return (stats(x), stats(x), stats(x), x.new_empty(x.shape[:2], dtype=torch.bool),
+                x.new_empty((n,), dtype=torch.float32))
+
+    @register("guidedrop::seeds_plan")
+    def _(device_like, noise, cand_s, cand_c, shape, g_t, g, r, c, normalize, generator=None):
+        n, cs, h, w = shape
+        return (device_like.new_empty((n, (cs * h * w + 7) // 8), dtype=torch.uint8),
+                device_like.new_empty((n,), dtype=torch.float32))
 
     @register("guidedrop::seed_coverage")
     def _(bits, r, cs, h, w):
