@@ -64,7 +64,7 @@ def _nvidia_include_dirs() -> list[str]:
 
 
 def _extensions() -> tuple[list, dict]:
-    sources = _rel("csrc/*.cpp") + _rel("csrc/cuda/*.cu")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/plans/*.cu")
     if not sources:
         _log("no sources in csrc/: pure-Python install")
         return [], {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from guidedrop.layers import Plan, rand
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -35,6 +36,9 @@ OPS = (
     "cam", "seed_bits", "seed_coverage", "apply_channel", "apply_block", "apply_seeds",
     "apply_attention",
 )
+# The plan kernels (csrc/cuda/plans/): a layer's arithmetic between its statistics and its
+# apply in one launch (issue 12), used by guidedrop.layers through the plan_<layer> below.
+PLAN_OPS = ("selectscale_plan", "selectout_plan", "focused_dropout_plan")
 
 
 def unavailable() -> str:
@@ -143,6 +147,42 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
                                 scale.to(f32))
 
 
+# --------------------------------------------------------------------------- plans
+# layers.<layer> calls plan_<layer> (layers.fusable): the statistics op, ONE plan kernel,
+# and the Plan the apply kernel takes, bit for bit the reference plan's. noise of any
+# floating dtype goes to the kernel as it is (rounded to float32 there: no .to launch);
+# without noise, one torch.rand exactly as layers.rand draws it. Rates are passed as they
+# come (python floats, or symbolic under torch.compile): runtime arguments of the ops, never
+# float() here (that would specialise the compiled graph on the rate).
+
+
+def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
+    """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
+    float32. 3 launches (channel_stats, selectscale_plan; rand without noise)."""
+    amax, _ = _ops.channel_stats(x)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
+    return Plan("channel", (), (_ops.selectscale_plan(amax, u, top_rate, retain),))
+
+
+def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
+    """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
+    float32. RuntimeError when round((1 - keep) * C) exceeds the candidates."""
+    amax, _ = _ops.channel_stats(x)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
+    return Plan("channel", (), (_ops.selectout_plan(amax, u, top_rate, keep),))
+
+
+def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=None):
+    """SPEC §5. x: (N, C, H, W); noise: (N, H, W) if per_position else (N,), or None ->
+    Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
+    n, _, h, w = x.shape
+    _, mean = _ops.channel_stats(x)
+    u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
+                                             x.device)
+    mask, scale = _ops.focused_dropout_plan(x, mean, u, low, high, per_position)
+    return Plan("block", (1,), (mask, scale))
+
+
 # --------------------------------------------------------------------------- fake kernels
 # Shapes, dtypes and memory formats of the outputs, for torch.compile and opcheck.
 
@@ -206,6 +246,20 @@ def _register_fakes() -> None:
     @register("guidedrop::apply_attention")
     def _(t, x, thr, mn, mx, active, mode, scale):
         return like(t)
+
+    @register("guidedrop::selectscale_plan")
+    def _(amax, noise, top_rate, retain):
+        return amax.new_empty(amax.shape, dtype=torch.float32)
+
+    @register("guidedrop::selectout_plan")
+    def _(amax, noise, top_rate, keep):
+        return amax.new_empty(amax.shape, dtype=torch.float32)
+
+    @register("guidedrop::focused_dropout_plan")
+    def _(x, mean, noise, low, high, per_position):
+        n, _, h, w = x.shape
+        return (x.new_empty((n, h, w), dtype=torch.uint8),
+                x.new_empty((n,), dtype=torch.float32))
 
 
 _register_fakes()

@@ -1,6 +1,6 @@
 """Build csrc/ as a CPU extension, ``guidedrop_emu``, that runs the CUDA kernels emulated.
 
-The kernels of ``csrc/cuda/*.cu`` and the op wrappers of ``csrc/guidedrop.cpp`` are
+The kernels of ``csrc/cuda/*.cu`` (and ``csrc/cuda/plans/*.cu``) and the op wrappers of ``csrc/guidedrop.cpp`` are
 compiled by the host C++ compiler against ``tests/cuda_emu/emu.h`` (one OS thread per CUDA
 thread, see there), so tests on a machine without a GPU run the real kernel source:
 ``torch.ops.guidedrop_emu.<op>`` takes CPU tensors and does what ``torch.ops.guidedrop.<op>``
@@ -277,19 +277,25 @@ def generate(src: Path) -> list[Path]:
         raise RewriteError(f"csrc/ has sources tests/cuda_emu/build.py does not know: {unknown}; "
                            "add them to its generate()")
     units = []
-    for path in sorted((CSRC / "cuda").iterdir()):
-        rel = f"csrc/cuda/{path.name}"
+    # csrc/cuda and its subfolders (csrc/cuda/plans/), the tree kept, so that relative
+    # includes ("../common.cuh") resolve as they do for nvcc.
+    for path in sorted(p for p in (CSRC / "cuda").rglob("*") if p.is_file()):
+        rel = path.relative_to(CSRC)
         text = path.read_text()
         if path.suffix == ".cu":
-            out = src / "cuda" / (path.stem + ".cpp")
-            _write(out, rewrite_cuda(text, rel))
+            out = src / rel.with_suffix(".cpp")
+            _write(out, rewrite_cuda(text, f"csrc/{rel}"))
             units.append(out)
         elif path.suffix == ".cuh":
-            _write(src / "cuda" / path.name, rewrite_cuda(text, rel))
+            _write(src / rel, rewrite_cuda(text, f"csrc/{rel}"))
         elif path.suffix in (".h", ".hpp"):
-            _write(src / "cuda" / path.name, text)
+            _write(src / rel, text)
     if not units:
         raise RewriteError("csrc/cuda has no .cu sources")
+    stems = [u.stem for u in units]
+    clash = sorted({s for s in stems if stems.count(s) > 1} | ({"guidedrop"} & set(stems)))
+    if clash:  # torch's ninja build names each object file after its source's base name
+        raise RewriteError(f"csrc/cuda has sources of the same base name in two folders: {clash}")
     ops = src / "guidedrop.cpp"
     _write(ops, rewrite_ops((CSRC / "guidedrop.cpp").read_text(), "csrc/guidedrop.cpp"))
     _write(src / "include" / "emu.h", (HERE / "emu.h").read_text())
