@@ -317,6 +317,13 @@ at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::T
 // arguments (`float` in the schema, never a template parameter), and the counts derived
 // from them are computed here exactly as layers.py computes them in Python: round() is
 // round-half-even on a double, as std::nearbyint in the default rounding mode.
+//
+// A `float` argument is a constant of the graph under torch.compile (Dynamo specialises
+// the rate it is given: one recompile per rate of a schedule). So the Python glue passes
+// the rates as the optional `rates` tensor when torch.compile traces (float64 (2,) on the
+// device, symbolic there): the kernel then reads them, with the same double arithmetic,
+// and the float arguments are ignored (not checked: they are placeholders). Eager calls
+// pass floats and no tensor (no launch to build it).
 
 void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
                  at::IntArrayRef shape) {
@@ -330,6 +337,14 @@ void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op
               noise.sizes());
 }
 
+// rates: undefined, or float64 (2,) on like's device -> contiguous.
+at::Tensor check_rates(const std::optional<at::Tensor>& rates, const at::Tensor& like,
+                       const char* op) {
+  if (!rates.has_value() || !rates->defined()) return at::Tensor();
+  check_small(*rates, like, op, "rates", at::kDouble, {2});
+  return rates->contiguous();
+}
+
 void check_rate(double q, const char* op, const char* name, bool open_at_zero = false) {
   TORCH_CHECK(open_at_zero ? (q > 0 && q <= 1) : (q >= 0 && q <= 1), op, ": ", name,
               " must be in ", open_at_zero ? "(0, 1]" : "[0, 1]", ", got ", q);
@@ -341,46 +356,51 @@ int64_t top_count(double top_rate, int64_t C) {
 }
 
 std::tuple<at::Tensor, int64_t> channel_plan_setup(const at::Tensor& amax, const at::Tensor& noise,
-                                                   double top_rate, const char* op) {
+                                                   double top_rate, bool traced, const char* op) {
   check_cuda(amax, op, "amax");
   TORCH_CHECK(amax.dim() == 2 && amax.scalar_type() == at::kFloat, op,
               ": amax must be float32 (N, C), got ", amax.scalar_type(), " ", amax.sizes());
   TORCH_CHECK(amax.size(1) <= kMaxRow, op, ": more than 2^31 - 1 channels are not supported");
   check_noise(noise, amax, op, amax.sizes());
-  check_rate(top_rate, op, "top_rate");
-  return {amax.contiguous(), top_count(top_rate, amax.size(1))};
+  if (!traced) check_rate(top_rate, op, "top_rate");
+  return {amax.contiguous(), traced ? 1 : top_count(top_rate, amax.size(1))};
 }
 
 at::Tensor selectscale_plan(const at::Tensor& amax, const at::Tensor& noise, double top_rate,
-                            double retain) {
+                            double retain, const std::optional<at::Tensor>& rates) {
   constexpr const char* op = "guidedrop::selectscale_plan";
-  check_rate(retain, op, "retain");
-  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, op);
+  const at::Tensor r = check_rates(rates, amax, op);
+  if (!r.defined()) check_rate(retain, op, "retain");
+  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, r.defined(), op);
   const c10::cuda::CUDAGuard guard(amax.device());
   at::Tensor w = at::empty(amax.sizes(), f32(amax));
   // retain + 2 * (1 - retain) * u: the python scalars rounded to float32 as torch does.
   launch_selectscale_plan(a, noise, k, static_cast<float>(retain),
-                          static_cast<float>(2.0 * (1.0 - retain)), w);
+                          static_cast<float>(2.0 * (1.0 - retain)), r, w);
   return w;
 }
 
 at::Tensor selectout_plan(const at::Tensor& amax, const at::Tensor& noise, double top_rate,
-                          double keep) {
+                          double keep, const std::optional<at::Tensor>& rates) {
   constexpr const char* op = "guidedrop::selectout_plan";
-  check_rate(keep, op, "keep", /*open_at_zero=*/true);
-  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, op);
-  const int64_t n_drop = static_cast<int64_t>(std::nearbyint((1.0 - keep) * static_cast<double>(amax.size(1))));
+  const at::Tensor r = check_rates(rates, amax, op);
+  if (!r.defined()) check_rate(keep, op, "keep", /*open_at_zero=*/true);
+  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, r.defined(), op);
+  const int64_t n_drop =
+      r.defined() ? 0 : static_cast<int64_t>(std::nearbyint((1.0 - keep) * static_cast<double>(amax.size(1))));
   TORCH_CHECK(n_drop <= k, op, ": round((1 - keep) * C) = ", n_drop,
               " channels to drop, more than the ", k, " candidates (SPEC §3)");
   const c10::cuda::CUDAGuard guard(amax.device());
   at::Tensor w = at::empty(amax.sizes(), f32(amax));
-  launch_selectout_plan(a, noise, k, n_drop, static_cast<float>(1.0 / keep), w);
+  launch_selectout_plan(a, noise, k, n_drop, r.defined() ? 1.f : static_cast<float>(1.0 / keep),
+                        r, w);
   return w;
 }
 
 std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, const at::Tensor& mean,
                                                         const at::Tensor& noise, double low,
-                                                        double high, bool per_position) {
+                                                        double high, bool per_position,
+                                                        const std::optional<at::Tensor>& rates) {
   constexpr const char* op = "guidedrop::focused_dropout_plan";
   check_feature_map(x, op, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -388,7 +408,8 @@ std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, con
   check_small(mean, x, op, "mean", at::kFloat, {N, C});
   if (per_position) check_noise(noise, x, op, {N, H, W});
   else check_noise(noise, x, op, {N});
-  TORCH_CHECK(0 <= low && low <= high && high <= 1, op,
+  const at::Tensor r = check_rates(rates, x, op);
+  TORCH_CHECK(r.defined() || (0 <= low && low <= high && high <= 1), op,
               ": low and high must satisfy 0 <= low <= high <= 1, got ", low, ", ", high);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor m = mean.contiguous();
@@ -396,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, con
   at::Tensor scale = at::empty({N}, f32(x));  // ones, written by the kernel
   // low + (high - low) * u: the python scalars rounded to float32 as torch does.
   launch_focused_dropout_plan(x, m, noise, per_position, static_cast<float>(low),
-                              static_cast<float>(high - low), mask, scale);
+                              static_cast<float>(high - low), r, mask, scale);
   return {mask, scale};
 }
 
@@ -438,10 +459,14 @@ TORCH_LIBRARY(guidedrop, m) {
         "str mode, Tensor scale) -> Tensor");
   // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's
   // uniforms, any floating dtype. Rates are runtime floats (no recompile per rate).
-  m.def("selectscale_plan(Tensor amax, Tensor noise, float top_rate, float retain) -> Tensor");
-  m.def("selectout_plan(Tensor amax, Tensor noise, float top_rate, float keep) -> Tensor");
+  // rates: None, or (torch.compile) float64 (2,) [top_rate, retain | keep] / [low, high]
+  // read by the kernel instead of the float arguments (see "plans" above).
+  m.def("selectscale_plan(Tensor amax, Tensor noise, float top_rate, float retain, "
+        "Tensor? rates=None) -> Tensor");
+  m.def("selectout_plan(Tensor amax, Tensor noise, float top_rate, float keep, "
+        "Tensor? rates=None) -> Tensor");
   m.def("focused_dropout_plan(Tensor x, Tensor mean, Tensor noise, float low, float high, "
-        "bool per_position) -> (Tensor, Tensor)");
+        "bool per_position, Tensor? rates=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {

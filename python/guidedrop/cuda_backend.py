@@ -154,6 +154,25 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
 # without noise, one torch.rand exactly as layers.rand draws it. Rates are passed as they
 # come (python floats, or symbolic under torch.compile): runtime arguments of the ops, never
 # float() here (that would specialise the compiled graph on the rate).
+#
+# Under torch.compile a python float argument of a custom op is a constant of the graph:
+# Dynamo specialises on it, one recompile per rate. So while tracing (only then) the rates
+# go as a float64 (2,) tensor, `rates`, that the kernel reads (the float arguments are then
+# placeholders); eagerly they go as floats, with no launch to build a tensor.
+
+
+def _rates(x, a, b):
+    """None in eager mode; while torch.compile traces, [a, b] as a float64 (2,) tensor on
+    x's device (ones * q, as layers._rate: q stays symbolic, no host-to-device copy)."""
+    if not torch.compiler.is_compiling():
+        return None
+    one = torch.ones((), dtype=torch.float64, device=x.device)
+    return torch.stack([one * a, one * b])
+
+
+def _floats(rates, a, b):
+    """The float arguments of a plan op: the rates, or placeholders when `rates` carries them."""
+    return (a, b) if rates is None else (0.0, 0.0)
 
 
 def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
@@ -161,7 +180,9 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     float32. 3 launches (channel_stats, selectscale_plan; rand without noise)."""
     amax, _ = _ops.channel_stats(x)
     u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
-    return Plan("channel", (), (_ops.selectscale_plan(amax, u, top_rate, retain),))
+    rates = _rates(x, top_rate, retain)
+    w = _ops.selectscale_plan(amax, u, *_floats(rates, top_rate, retain), rates)
+    return Plan("channel", (), (w,))
 
 
 def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
@@ -169,7 +190,9 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     float32. RuntimeError when round((1 - keep) * C) exceeds the candidates."""
     amax, _ = _ops.channel_stats(x)
     u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
-    return Plan("channel", (), (_ops.selectout_plan(amax, u, top_rate, keep),))
+    rates = _rates(x, top_rate, keep)
+    w = _ops.selectout_plan(amax, u, *_floats(rates, top_rate, keep), rates)
+    return Plan("channel", (), (w,))
 
 
 def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=None):
@@ -179,7 +202,9 @@ def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=No
     _, mean = _ops.channel_stats(x)
     u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
                                              x.device)
-    mask, scale = _ops.focused_dropout_plan(x, mean, u, low, high, per_position)
+    rates = _rates(x, low, high)
+    mask, scale = _ops.focused_dropout_plan(x, mean, u, *_floats(rates, low, high), per_position,
+                                            rates)
     return Plan("block", (1,), (mask, scale))
 
 
@@ -248,15 +273,15 @@ def _register_fakes() -> None:
         return like(t)
 
     @register("guidedrop::selectscale_plan")
-    def _(amax, noise, top_rate, retain):
+    def _(amax, noise, top_rate, retain, rates=None):
         return amax.new_empty(amax.shape, dtype=torch.float32)
 
     @register("guidedrop::selectout_plan")
-    def _(amax, noise, top_rate, keep):
+    def _(amax, noise, top_rate, keep, rates=None):
         return amax.new_empty(amax.shape, dtype=torch.float32)
 
     @register("guidedrop::focused_dropout_plan")
-    def _(x, mean, noise, low, high, per_position):
+    def _(x, mean, noise, low, high, per_position, rates=None):
         n, _, h, w = x.shape
         return (x.new_empty((n, h, w), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))

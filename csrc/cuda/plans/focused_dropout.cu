@@ -12,6 +12,8 @@
 //    reference's tensor ops: no FMA contraction); keep = x[n, r, h, w] > gamma * v, or
 //    v <= 0 (the sample is left unchanged).
 // The scale is written here (1 per sample) rather than by a torch.ones launch.
+// Rates: lo and span from the host (eager), or, when `rates` is not null (torch.compile
+// traces: symbolic rates), from the float64 (2,) tensor [low, high] with the same arithmetic.
 #include "../launchers.h"
 #include "plan_common.cuh"
 
@@ -32,9 +34,14 @@ __global__ void focused_dropout_plan_kernel(const scalar_t* __restrict__ x, cons
                                             const float* __restrict__ mean, const Uniforms u,
                                             const int64_t N, const int64_t C, const int64_t H,
                                             const int64_t W, const bool per_position,
-                                            const float lo, const float span,
+                                            float lo, float span,
+                                            const double* __restrict__ rates,
                                             uint8_t* __restrict__ mask,
                                             float* __restrict__ scale) {
+  if (rates != nullptr) {
+    lo = static_cast<float>(rates[0]);
+    span = static_cast<float>(rates[1] - rates[0]);
+  }
   __shared__ float best_v[kThreads];
   __shared__ int64_t best_i[kThreads];
   __shared__ float scratch[32];
@@ -85,15 +92,16 @@ __global__ void focused_dropout_plan_kernel(const scalar_t* __restrict__ x, cons
 
 void launch_focused_dropout_plan(const at::TensorBase& x, const at::TensorBase& mean,
                                  const at::TensorBase& noise, bool per_position, float lo,
-                                 float span, const at::TensorBase& mask,
-                                 const at::TensorBase& scale) {
+                                 float span, const at::TensorBase& rates,
+                                 const at::TensorBase& mask, const at::TensorBase& scale) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (N == 0) return;
   const int threads = plan_threads(std::max(C, H * W));
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::focused_dropout_plan", [&] {
     focused_dropout_plan_kernel<scalar_t><<<grid_for(N, 1), threads, 0, current_stream()>>>(
         x.data_ptr<scalar_t>(), strides4(x), mean.data_ptr<float>(), uniforms(noise), N, C, H,
-        W, per_position, lo, span, mask.data_ptr<uint8_t>(), scale.data_ptr<float>());
+        W, per_position, lo, span, rates.defined() ? rates.data_ptr<double>() : nullptr,
+        mask.data_ptr<uint8_t>(), scale.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

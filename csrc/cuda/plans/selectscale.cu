@@ -14,6 +14,9 @@
 //   n_drop-th smallest key t by the same radix select on inverted keys; then every key < t
 //   is dropped, and of the keys == t the first (n_drop - #{key < t}) in channel order, found
 //   by a block-wide prefix count of the ties. w = 0 there, float(1 / keep) elsewhere.
+// Rates: computed on the host (eager), or, when `rates` is not null (torch.compile traces:
+// the rates are symbolic there, a float64 (2,) tensor of [top_rate, retain or keep]), read
+// and turned into k, n_drop, lo, span, 1 / keep here with the host's double arithmetic.
 #include "../launchers.h"
 #include "plan_common.cuh"
 
@@ -23,11 +26,36 @@ namespace {
 // Ascending sort key of torch.sort on float32: -0 and +0 equal, every NaN equal and last.
 __device__ __forceinline__ uint32_t sort_key(float v) { return float_key(v == 0.f ? 0.f : v); }
 
+struct ChannelRates {
+  uint32_t k, n_drop;
+  float lo, span, inv_keep;
+};
+
+// The host's arithmetic of csrc/guidedrop.cpp on rates = [top_rate, retain or keep]: round()
+// is rint (half to even), every product and quotient in double, then rounded to float32.
+__device__ __forceinline__ ChannelRates device_rates(const double* rates, int64_t C,
+                                                     bool selectout) {
+  const double top_rate = rates[0], q = rates[1], c = static_cast<double>(C);
+  ChannelRates r;
+  int64_t k = static_cast<int64_t>(rint(top_rate * c));
+  k = k < 1 ? 1 : (k > C ? C : k);
+  int64_t n_drop = selectout ? static_cast<int64_t>(rint((1.0 - q) * c)) : 0;
+  n_drop = n_drop < 0 ? 0 : (n_drop > k ? k : n_drop);  // functional.selectout checks n_drop <= k
+  r.k = static_cast<uint32_t>(k);
+  r.n_drop = static_cast<uint32_t>(n_drop);
+  r.lo = static_cast<float>(q);
+  r.span = static_cast<float>(2.0 * (1.0 - q));
+  r.inv_keep = static_cast<float>(1.0 / q);
+  return r;
+}
+
 template <bool kSelectout>
 __global__ void channel_plan_kernel(const float* __restrict__ amax, const Uniforms u,
-                                    const int64_t N, const int64_t C, const uint32_t k,
-                                    const uint32_t n_drop, const float lo, const float span,
-                                    const float inv_keep, float* __restrict__ w) {
+                                    const int64_t N, const int64_t C, ChannelRates rt,
+                                    const double* __restrict__ rates, float* __restrict__ w) {
+  if (rates != nullptr) rt = device_rates(rates, C, kSelectout);
+  const uint32_t k = rt.k, n_drop = rt.n_drop;
+  const float lo = rt.lo, span = rt.span, inv_keep = rt.inv_keep;
   __shared__ SelectSmem sel;
   __shared__ uint32_t scratch[32];    // block_reduce
   __shared__ uint32_t warp_ties[32];  // ties per warp of a chunk
@@ -74,27 +102,31 @@ __global__ void channel_plan_kernel(const float* __restrict__ amax, const Unifor
 }
 
 template <bool kSelectout>
-void launch(const at::TensorBase& amax, const at::TensorBase& noise, int64_t k, int64_t n_drop,
-            float lo, float span, float inv_keep, const at::TensorBase& w) {
+void launch(const at::TensorBase& amax, const at::TensorBase& noise, const ChannelRates& rt,
+            const at::TensorBase& rates, const at::TensorBase& w) {
   const int64_t N = amax.size(0), C = amax.size(1);
   if (N * C == 0) return;
   const int threads = plan_threads(C);
   channel_plan_kernel<kSelectout><<<grid_for(N, 1), threads, 0, current_stream()>>>(
-      amax.data_ptr<float>(), uniforms(noise), N, C, static_cast<uint32_t>(k),
-      static_cast<uint32_t>(n_drop), lo, span, inv_keep, w.data_ptr<float>());
+      amax.data_ptr<float>(), uniforms(noise), N, C, rt,
+      rates.defined() ? rates.data_ptr<double>() : nullptr, w.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 void launch_selectscale_plan(const at::TensorBase& amax, const at::TensorBase& noise, int64_t k,
-                             float lo, float span, const at::TensorBase& w) {
-  launch<false>(amax, noise, k, 0, lo, span, 0.f, w);
+                             float lo, float span, const at::TensorBase& rates,
+                             const at::TensorBase& w) {
+  launch<false>(amax, noise, {static_cast<uint32_t>(k), 0u, lo, span, 0.f}, rates, w);
 }
 
 void launch_selectout_plan(const at::TensorBase& amax, const at::TensorBase& noise, int64_t k,
-                           int64_t n_drop, float inv_keep, const at::TensorBase& w) {
-  launch<true>(amax, noise, k, n_drop, 0.f, 0.f, inv_keep, w);
+                           int64_t n_drop, float inv_keep, const at::TensorBase& rates,
+                           const at::TensorBase& w) {
+  launch<true>(amax, noise,
+               {static_cast<uint32_t>(k), static_cast<uint32_t>(n_drop), 0.f, 0.f, inv_keep},
+               rates, w);
 }
 
 }  // namespace guidedrop
