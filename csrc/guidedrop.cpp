@@ -352,7 +352,8 @@ void check_rate(double q, const char* op, const char* name, bool open_at_zero = 
 
 // The candidates max(1, round(top_rate * C)) of the SelectScale family (SPEC §3).
 int64_t top_count(double top_rate, int64_t C) {
-  return std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(top_rate * static_cast<double>(C))));
+  const double k = std::nearbyint(top_rate * static_cast<double>(C));
+  return std::max<int64_t>(1, static_cast<int64_t>(k));
 }
 
 std::tuple<at::Tensor, int64_t> channel_plan_setup(const at::Tensor& amax, const at::Tensor& noise,
@@ -386,8 +387,8 @@ at::Tensor selectout_plan(const at::Tensor& amax, const at::Tensor& noise, doubl
   const at::Tensor r = check_rates(rates, amax, op);
   if (!r.defined()) check_rate(keep, op, "keep", /*open_at_zero=*/true);
   const auto [a, k] = channel_plan_setup(amax, noise, top_rate, r.defined(), op);
-  const int64_t n_drop =
-      r.defined() ? 0 : static_cast<int64_t>(std::nearbyint((1.0 - keep) * static_cast<double>(amax.size(1))));
+  const double c = static_cast<double>(amax.size(1));
+  const int64_t n_drop = r.defined() ? 0 : static_cast<int64_t>(std::nearbyint((1.0 - keep) * c));
   TORCH_CHECK(n_drop <= k, op, ": round((1 - keep) * C) = ", n_drop,
               " channels to drop, more than the ", k, " candidates (SPEC §3)");
   const c10::cuda::CUDAGuard guard(amax.device());

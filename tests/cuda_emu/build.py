@@ -1,8 +1,9 @@
 """Build csrc/ as a CPU extension, ``guidedrop_emu``, that runs the CUDA kernels emulated.
 
-The kernels of ``csrc/cuda/*.cu`` (and ``csrc/cuda/plans/*.cu``) and the op wrappers of ``csrc/guidedrop.cpp`` are
-compiled by the host C++ compiler against ``tests/cuda_emu/emu.h`` (one OS thread per CUDA
-thread, see there), so tests on a machine without a GPU run the real kernel source:
+The kernels of ``csrc/cuda/*.cu`` (and ``csrc/cuda/plans/*.cu``) and the op wrappers of
+``csrc/guidedrop.cpp`` are compiled by the host C++ compiler against ``tests/cuda_emu/emu.h``
+(one OS thread per CUDA thread, see there), so tests on a machine without a GPU run the real
+kernel source:
 ``torch.ops.guidedrop_emu.<op>`` takes CPU tensors and does what ``torch.ops.guidedrop.<op>``
 does on a GPU.
 

@@ -50,7 +50,8 @@ inline Uniforms uniforms(const at::TensorBase& noise) {
 // Threads per block of a one-block-per-sample plan kernel over `work` items per sample:
 // whole warps, at most kThreads (small layers waste no idle warps).
 inline int plan_threads(int64_t work) {
-  return static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
+  const int64_t warps = std::max<int64_t>(1, ceil_div(work, 32));
+  return static_cast<int>(std::min<int64_t>(kThreads, 32 * warps));
 }
 
 }  // namespace guidedrop

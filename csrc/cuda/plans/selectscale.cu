@@ -76,7 +76,8 @@ __global__ void channel_plan_kernel(const float* __restrict__ amax, const Unifor
       continue;
     }
     // t: the n_drop-th smallest key = ~(the n_drop-th largest inverted key).
-    const uint32_t t = ~block_select_kth_largest([&](int64_t c) { return ~key(c); }, C, n_drop, sel);
+    const uint32_t t =
+        ~block_select_kth_largest([&](int64_t c) { return ~key(c); }, C, n_drop, sel);
     uint32_t below = 0;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) below += key(c) < t;
     const uint32_t ties_dropped = n_drop - block_reduce(below, SumOp(), scratch);
