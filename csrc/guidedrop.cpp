@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -407,6 +408,116 @@ at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::T
   return out;
 }
 
+// ------------------------------------------------------------------------ plans
+// One launch each between a layer's statistics and its apply (issue 12). Rates are runtime
+// arguments (`float` in the schema, never a template parameter), and the counts derived
+// from them are computed here exactly as layers.py computes them in Python: round() is
+// round-half-even on a double, as std::nearbyint in the default rounding mode.
+//
+// A `float` argument is a constant of the graph under torch.compile (Dynamo specialises
+// the rate it is given: one recompile per rate of a schedule). So the Python glue passes
+// the rates as the optional `rates` tensor when torch.compile traces (float64 (2,) on the
+// device, symbolic there): the kernel then reads them, with the same double arithmetic,
+// and the float arguments are ignored (not checked: they are placeholders). Eager calls
+// pass floats and no tensor (no launch to build it).
+
+void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
+                 at::IntArrayRef shape) {
+  TORCH_CHECK(noise.defined(), op, ": noise is an undefined tensor");
+  TORCH_CHECK(noise.device() == like.device(), op, ": noise must be on ", like.device(),
+              ", got ", noise.device());
+  const auto dt = noise.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": noise must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
+              noise.sizes());
+}
+
+// rates: undefined, or float64 (2,) on like's device -> contiguous.
+at::Tensor check_rates(const std::optional<at::Tensor>& rates, const at::Tensor& like,
+                       const char* op) {
+  if (!rates.has_value() || !rates->defined()) return at::Tensor();
+  check_small(*rates, like, op, "rates", at::kDouble, {2});
+  return rates->contiguous();
+}
+
+void check_rate(double q, const char* op, const char* name, bool open_at_zero = false) {
+  TORCH_CHECK(open_at_zero ? (q > 0 && q <= 1) : (q >= 0 && q <= 1), op, ": ", name,
+              " must be in ", open_at_zero ? "(0, 1]" : "[0, 1]", ", got ", q);
+}
+
+// The candidates max(1, round(top_rate * C)) of the SelectScale family (SPEC §3).
+int64_t top_count(double top_rate, int64_t C) {
+  const double k = std::nearbyint(top_rate * static_cast<double>(C));
+  return std::max<int64_t>(1, static_cast<int64_t>(k));
+}
+
+std::tuple<at::Tensor, int64_t> channel_plan_setup(const at::Tensor& amax, const at::Tensor& noise,
+                                                   double top_rate, bool traced, const char* op) {
+  check_cuda(amax, op, "amax");
+  TORCH_CHECK(amax.dim() == 2 && amax.scalar_type() == at::kFloat, op,
+              ": amax must be float32 (N, C), got ", amax.scalar_type(), " ", amax.sizes());
+  TORCH_CHECK(amax.size(1) <= kMaxRow, op, ": more than 2^31 - 1 channels are not supported");
+  check_noise(noise, amax, op, amax.sizes());
+  if (!traced) check_rate(top_rate, op, "top_rate");
+  return {amax.contiguous(), traced ? 1 : top_count(top_rate, amax.size(1))};
+}
+
+at::Tensor selectscale_plan(const at::Tensor& amax, const at::Tensor& noise, double top_rate,
+                            double retain, const std::optional<at::Tensor>& rates) {
+  constexpr const char* op = "guidedrop::selectscale_plan";
+  const at::Tensor r = check_rates(rates, amax, op);
+  if (!r.defined()) check_rate(retain, op, "retain");
+  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, r.defined(), op);
+  const c10::cuda::CUDAGuard guard(amax.device());
+  at::Tensor w = at::empty(amax.sizes(), f32(amax));
+  // retain + 2 * (1 - retain) * u: the python scalars rounded to float32 as torch does.
+  launch_selectscale_plan(a, noise, k, static_cast<float>(retain),
+                          static_cast<float>(2.0 * (1.0 - retain)), r, w);
+  return w;
+}
+
+at::Tensor selectout_plan(const at::Tensor& amax, const at::Tensor& noise, double top_rate,
+                          double keep, const std::optional<at::Tensor>& rates) {
+  constexpr const char* op = "guidedrop::selectout_plan";
+  const at::Tensor r = check_rates(rates, amax, op);
+  if (!r.defined()) check_rate(keep, op, "keep", /*open_at_zero=*/true);
+  const auto [a, k] = channel_plan_setup(amax, noise, top_rate, r.defined(), op);
+  const double c = static_cast<double>(amax.size(1));
+  const int64_t n_drop = r.defined() ? 0 : static_cast<int64_t>(std::nearbyint((1.0 - keep) * c));
+  TORCH_CHECK(n_drop <= k, op, ": round((1 - keep) * C) = ", n_drop,
+              " channels to drop, more than the ", k, " candidates (SPEC §3)");
+  const c10::cuda::CUDAGuard guard(amax.device());
+  at::Tensor w = at::empty(amax.sizes(), f32(amax));
+  launch_selectout_plan(a, noise, k, n_drop, r.defined() ? 1.f : static_cast<float>(1.0 / keep),
+                        r, w);
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, const at::Tensor& mean,
+                                                        const at::Tensor& noise, double low,
+                                                        double high, bool per_position,
+                                                        const std::optional<at::Tensor>& rates) {
+  constexpr const char* op = "guidedrop::focused_dropout_plan";
+  check_feature_map(x, op, "x");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C >= 1 || N == 0, op, ": x must have at least one channel, got shape ", x.sizes());
+  check_small(mean, x, op, "mean", at::kFloat, {N, C});
+  if (per_position) check_noise(noise, x, op, {N, H, W});
+  else check_noise(noise, x, op, {N});
+  const at::Tensor r = check_rates(rates, x, op);
+  TORCH_CHECK(r.defined() || (0 <= low && low <= high && high <= 1), op,
+              ": low and high must satisfy 0 <= low <= high <= 1, got ", low, ", ", high);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor m = mean.contiguous();
+  at::Tensor mask = at::empty({N, H, W}, x.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({N}, f32(x));  // ones, written by the kernel
+  // low + (high - low) * u: the python scalars rounded to float32 as torch does.
+  launch_focused_dropout_plan(x, m, noise, per_position, static_cast<float>(low),
+                              static_cast<float>(high - low), r, mask, scale);
+  return {mask, scale};
+}
+
 // ------------------------------------------------------------------------ CPU: a clear error
 
 void cpu_error(const c10::OperatorHandle& handle, torch::jit::Stack* /*stack*/) {
@@ -420,6 +531,7 @@ constexpr const char* kOps[] = {
     "attention_stats",    "cam",           "seed_bits",    "seed_coverage",
     "attentiondrop_plan", "seeds_plan",
     "apply_channel",      "apply_block",   "apply_seeds",  "apply_attention",
+    "selectscale_plan",   "selectout_plan", "focused_dropout_plan",
 };
 
 }  // namespace
@@ -450,6 +562,16 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
   m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor mx, Tensor active, "
         "str mode, Tensor scale) -> Tensor");
+  // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's
+  // uniforms, any floating dtype. Rates are runtime floats (no recompile per rate).
+  // rates: None, or (torch.compile) float64 (2,) [top_rate, retain | keep] / [low, high]
+  // read by the kernel instead of the float arguments (see "plans" above).
+  m.def("selectscale_plan(Tensor amax, Tensor noise, float top_rate, float retain, "
+        "Tensor? rates=None) -> Tensor");
+  m.def("selectout_plan(Tensor amax, Tensor noise, float top_rate, float keep, "
+        "Tensor? rates=None) -> Tensor");
+  m.def("focused_dropout_plan(Tensor x, Tensor mean, Tensor noise, float low, float high, "
+        "bool per_position, Tensor? rates=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
@@ -467,6 +589,9 @@ TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
   m.impl("apply_block", &apply_block);
   m.impl("apply_seeds", &apply_seeds);
   m.impl("apply_attention", &apply_attention);
+  m.impl("selectscale_plan", &selectscale_plan);
+  m.impl("selectout_plan", &selectout_plan);
+  m.impl("focused_dropout_plan", &focused_dropout_plan);
 }
 
 TORCH_LIBRARY_IMPL(guidedrop, CPU, m) {

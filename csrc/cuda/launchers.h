@@ -91,4 +91,28 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
 void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
                         bool shared, const at::TensorBase& scale, const at::TensorBase& out);
 
+// ------------------------------------------------------------------------ plan kernels
+// csrc/cuda/plans/: one launch each between a layer's statistics and its apply (issue 12).
+// noise: floating of any dtype (rounded to float32 in the kernel) and any strides.
+// rates: undefined (the rates as the float arguments computed on the host), or float64 (2,)
+// contiguous on the device, read by the kernel instead (torch.compile: symbolic rates).
+
+// plans/selectscale.cu. amax: (N, C) float32 contiguous, noise: (N, C), w: (N, C) float32.
+// k: the candidates (1 <= k <= C); lo, span: float(retain), float(2 * (1 - retain)).
+void launch_selectscale_plan(const at::TensorBase& amax, const at::TensorBase& noise, int64_t k,
+                             float lo, float span, const at::TensorBase& rates,
+                             const at::TensorBase& w);
+// n_drop: the channels dropped (0 <= n_drop <= C); inv_keep: float(1 / keep).
+void launch_selectout_plan(const at::TensorBase& amax, const at::TensorBase& noise, int64_t k,
+                           int64_t n_drop, float inv_keep, const at::TensorBase& rates,
+                           const at::TensorBase& w);
+
+// plans/focused_dropout.cu. mean: (N, C) float32 contiguous (C >= 1); noise: (N, H, W) when
+// per_position, else (N,); lo, span: float(low), float(high - low); mask: (N, H, W) uint8,
+// scale: (N,) float32 (ones).
+void launch_focused_dropout_plan(const at::TensorBase& x, const at::TensorBase& mean,
+                                 const at::TensorBase& noise, bool per_position, float lo,
+                                 float span, const at::TensorBase& rates,
+                                 const at::TensorBase& mask, const at::TensorBase& scale);
+
 }  // namespace guidedrop

@@ -38,6 +38,9 @@ OPS = (
     "cam", "seed_bits", "seed_coverage", "apply_channel", "apply_block", "apply_seeds",
     "apply_attention",
 )
+# The plan kernels (csrc/cuda/plans/): a layer's arithmetic between its statistics and its
+# apply in one launch (issue 12), used by guidedrop.layers through the plan_<layer> below.
+PLAN_OPS = ("selectscale_plan", "selectout_plan", "focused_dropout_plan")
 
 
 def unavailable() -> str:
@@ -147,8 +150,64 @@ def apply_attention(t, x, thr, mn, mx, active, mode, scale):
 
 
 # --------------------------------------------------------------------------- plans
-# layers.<layer> calls plan_<layer> (layers.fusable) instead of its torch code: the same
-# Plan (exact; AttentionDrop's scale to within one float32 ulp) in fewer launches (issue 12).
+# layers.<layer> calls plan_<layer> (layers.fusable): the statistics op, ONE plan kernel,
+# and the Plan the apply kernel takes, bit for bit the reference plan's. noise of any
+# floating dtype goes to the kernel as it is (rounded to float32 there: no .to launch);
+# without noise, one torch.rand exactly as layers.rand draws it. Rates are passed as they
+# come (python floats, or symbolic under torch.compile): runtime arguments of the ops, never
+# float() here (that would specialise the compiled graph on the rate).
+#
+# Under torch.compile a python float argument of a custom op is a constant of the graph:
+# Dynamo specialises on it, one recompile per rate. So while tracing (only then) the rates
+# go as a float64 (2,) tensor, `rates`, that the kernel reads (the float arguments are then
+# placeholders); eagerly they go as floats, with no launch to build a tensor.
+
+
+def _rates(x, a, b):
+    """None in eager mode; while torch.compile traces, [a, b] as a float64 (2,) tensor on
+    x's device (ones * q, as layers._rate: q stays symbolic, no host-to-device copy)."""
+    if not torch.compiler.is_compiling():
+        return None
+    one = torch.ones((), dtype=torch.float64, device=x.device)
+    return torch.stack([one * a, one * b])
+
+
+def _floats(rates, a, b):
+    """The float arguments of a plan op: the rates, or placeholders when `rates` carries them."""
+    return (a, b) if rates is None else (0.0, 0.0)
+
+
+def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
+    """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
+    float32. 3 launches (channel_stats, selectscale_plan; rand without noise)."""
+    amax, _ = _ops.channel_stats(x)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
+    rates = _rates(x, top_rate, retain)
+    w = _ops.selectscale_plan(amax, u, *_floats(rates, top_rate, retain), rates)
+    return Plan("channel", (), (w,))
+
+
+def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
+    """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
+    float32. RuntimeError when round((1 - keep) * C) exceeds the candidates."""
+    amax, _ = _ops.channel_stats(x)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
+    rates = _rates(x, top_rate, keep)
+    w = _ops.selectout_plan(amax, u, *_floats(rates, top_rate, keep), rates)
+    return Plan("channel", (), (w,))
+
+
+def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=None):
+    """SPEC §5. x: (N, C, H, W); noise: (N, H, W) if per_position else (N,), or None ->
+    Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
+    n, _, h, w = x.shape
+    _, mean = _ops.channel_stats(x)
+    u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
+                                             x.device)
+    rates = _rates(x, low, high)
+    mask, scale = _ops.focused_dropout_plan(x, mean, u, *_floats(rates, low, high), per_position,
+                                            rates)
+    return Plan("block", (1,), (mask, scale))
 
 
 def _runtime_rate(q, x):
@@ -268,6 +327,20 @@ def _register_fakes() -> None:
     @register("guidedrop::apply_attention")
     def _(t, x, thr, mn, mx, active, mode, scale):
         return like(t)
+
+    @register("guidedrop::selectscale_plan")
+    def _(amax, noise, top_rate, retain, rates=None):
+        return amax.new_empty(amax.shape, dtype=torch.float32)
+
+    @register("guidedrop::selectout_plan")
+    def _(amax, noise, top_rate, keep, rates=None):
+        return amax.new_empty(amax.shape, dtype=torch.float32)
+
+    @register("guidedrop::focused_dropout_plan")
+    def _(x, mean, noise, low, high, per_position, rates=None):
+        n, _, h, w = x.shape
+        return (x.new_empty((n, h, w), dtype=torch.uint8),
+                x.new_empty((n,), dtype=torch.float32))
 
 
 _register_fakes()
