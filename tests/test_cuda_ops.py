@@ -100,7 +100,9 @@ def _to(args, device):
 
 @needs_ext
 def test_cuda_schemas_registered():
-    for op in OPS:
+    from guidedrop import cuda_backend as B
+
+    for op in (*OPS, *B.PLAN_OPS):
         schema = _op(op).default._schema
         assert schema.name == f"guidedrop::{op}"
         # functional: no argument is written to, no output aliases an input
