@@ -28,7 +28,7 @@ BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
           "attentiondrop": 3, "focused_dropout": 3, "camdrop": 5, "dropblock": 3}
 # (backend, layer) pairs that meet the budget (their plan is fused into plan kernels, or
 # is as small as SpatialScale's).
-MEETS_BUDGET = {("triton", "spatialscale"), ("cuda", "spatialscale")}
+MEETS_BUDGET = {("triton", "spatialscale"), ("cuda", "spatialscale"), ("triton", "dropblock")}
 
 N, C, H, W = 2, 8, 12, 12
 CLASSES = 10
