@@ -13,6 +13,7 @@ from .block_mask import apply_block, apply_seeds, seed_bits, seed_coverage
 from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
 from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
+from .plans.camdrop import plan_camdrop
 from .plans.dropblock import plan_dropblock
 from .pooled_correlation import pooled_correlation
 
@@ -34,5 +35,6 @@ __all__ = [
     "apply_block",
     "apply_seeds",
     "apply_attention",
+    "plan_camdrop",
     "plan_dropblock",
 ]
