@@ -342,6 +342,9 @@ def _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM: tl.constexpr,
 
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
+# Counts (samples x parts) the scale program reads per step (tests shrink it to take the
+# loops of _coverage_scale).
+SCALE_TILE = 4096
 
 
 def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
@@ -357,13 +360,14 @@ def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
     if n == 0 or p == 0:
         return part
     plan = scale is not None
-    bp = min(pow2(p), 256)
+    bp = max(1, min(pow2(p), SCALE_TILE // 16))
     launch(_seed_coverage_kernel)[(n, p)](
         bits, part, ticket if plan else part, scale if plan else part, per, h, w, wb, bn, p,
         n, int(units), int(mult),
         R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
         IDX64=8 * bits.numel() >= INT32_MAX - 2 * TILE,
-        NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), 4096 // bp)), BP=bp,
+        NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), SCALE_TILE // bp)),
+        BP=bp,
         num_warps=warps(bb * 8))
     return part
 
