@@ -20,60 +20,88 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _seed_rate
 
-from .._common import cdiv, float_key, key_float, launch, op, pow2, warps
+from .._common import MAX_ROW, TILE, cdiv, float_key, key_float, launch, op, pow2, warps
 from ..block_mask import draw_seed, seed_launch, seeds_scale
 from ..class_activation import cam_launch
 from .dropblock import rate_args
 
-CHUNK = 4096  # elements of a row per step of the selection
+CHUNK = 4096  # elements of a row per step when it does not fit in registers
 
 
 @triton.jit
-def _top_row(v_ptr, o_ptr, base, L, k, BLOCK: tl.constexpr):
-    """o[base + i] = v[base + i] >= the k-th largest of v[base .. base + L) (float32,
-    NaN largest, as kth_largest: a bisection on the order-preserving key), as uint8."""
+def _row_keys(v_ptr, rows, live, p0, L, BLOCK: tl.constexpr):
+    p = p0 + tl.arange(0, BLOCK)
+    valid = live[:, None] & (p < L)[None, :]
+    v = tl.load(v_ptr + rows[:, None] * L + p[None, :], mask=valid, other=0.0)
+    return float_key(v), valid
+
+
+@triton.jit
+def _top_rows(v_ptr, o_ptr, R, L, k, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+              SINGLE: tl.constexpr):
+    """o[r, i] = v[r, i] >= the k-th largest of row r of v (R, L) float32 contiguous, as
+    uint8, for this program's ROWS rows: the k-th largest as kth_largest finds it (NaN
+    largest; a bisection on the order-preserving key, every row of the program at once;
+    SINGLE: a row fits in BLOCK and stays in registers)."""
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
-    kmin = tl.full([], KMAX, tl.int32)
-    kmax = tl.full([], KMIN, tl.int32)
-    for p0 in range(0, L, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        valid = p < L
-        key = float_key(tl.load(v_ptr + base + p, mask=valid, other=0.0))
-        kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=0))
-    # invariant: #{key >= lo} >= k and #{key > hi} < k
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    live = rows < R
+    if SINGLE:
+        key, valid = _row_keys(v_ptr, rows, live, 0, L, BLOCK)
+        kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
+        kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
+    else:
+        kmin = tl.full([ROWS], KMAX, tl.int32)
+        kmax = tl.full([ROWS], KMIN, tl.int32)
+        for p0 in range(0, L, BLOCK):
+            key, valid = _row_keys(v_ptr, rows, live, p0, L, BLOCK)
+            kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=1))
+            kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=1))
+    # invariant: #{key >= lo} >= k and #{key > hi} < k (dead rows: lo > hi, idle)
     lo = kmin.to(tl.int64)
     hi = kmax.to(tl.int64)
-    while hi > lo:
+    while tl.max((hi > lo).to(tl.int32), axis=0) > 0:
         mid = lo + (hi - lo + 1) // 2
-        cnt = tl.zeros([], tl.int32)
-        for p0 in range(0, L, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            valid = p < L
-            key = float_key(tl.load(v_ptr + base + p, mask=valid, other=0.0))
-            cnt += tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
-        if cnt >= k:
-            lo = mid
+        mid32 = mid.to(tl.int32)[:, None]
+        if SINGLE:
+            cnt = tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
         else:
-            hi = mid - 1
-    thr = key_float(lo.to(tl.int32))
+            cnt = tl.zeros([ROWS], tl.int32)
+            for p0 in range(0, L, BLOCK):
+                key, valid = _row_keys(v_ptr, rows, live, p0, L, BLOCK)
+                cnt += tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
+        busy = hi > lo
+        lo = tl.where(busy & (cnt >= k), mid, lo)
+        hi = tl.where(busy & (cnt < k), mid - 1, hi)
+    thr = key_float(lo.to(tl.int32))[:, None]
     for p0 in range(0, L, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        valid = p < L
-        v = tl.load(v_ptr + base + p, mask=valid, other=0.0)
-        tl.store(o_ptr + base + p, (v >= thr).to(tl.uint8), mask=valid)
+        valid = live[:, None] & (p < L)[None, :]
+        off = rows[:, None] * L + p[None, :]
+        v = tl.load(v_ptr + off, mask=valid, other=0.0)
+        tl.store(o_ptr + off, (v >= thr).to(tl.uint8), mask=valid)
 
 
 @triton.jit
-def _candidates_kernel(j_ptr, cs_ptr, a_ptr, cc_ptr, L, C, k_s, k_c, BLOCK: tl.constexpr):
-    """Grid (N, 2): program (n, 0) the spatial candidates of sample n (top k_s of J's row),
-    (n, 1) its channel candidates (top k_c of alpha's row)."""
-    n = tl.program_id(0).to(tl.int64)
+def _candidates_kernel(j_ptr, cs_ptr, a_ptr, cc_ptr, N, L, C, k_s, k_c,
+                       ROWS_S: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_S: tl.constexpr,
+                       ROWS_C: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr):
+    """Grid (programs, 2): axis 1 = 0, the spatial candidates (top k_s of J's rows (N, L));
+    1, the channel candidates (top k_c of alpha's rows (N, C)). Programs past their rows
+    do nothing."""
     if tl.program_id(1) == 0:
-        _top_row(j_ptr, cs_ptr, n * L, L, k_s, BLOCK)
+        _top_rows(j_ptr, cs_ptr, N, L, k_s, ROWS_S, BLOCK_S, SINGLE_S)
     else:
-        _top_row(a_ptr, cc_ptr, n * C, C, k_c, BLOCK)
+        _top_rows(a_ptr, cc_ptr, N, C, k_c, ROWS_C, BLOCK_C, SINGLE_C)
+
+
+def _rows_geometry(n: int, length: int):
+    """(ROWS, BLOCK, SINGLE) of _top_rows for n rows of ``length`` (as _select)."""
+    if length <= MAX_ROW:
+        block = pow2(length)
+        return max(1, min(TILE // block, pow2(n))), block, True
+    return 1, CHUNK, False
 
 
 @op("camdrop_plan")
@@ -92,10 +120,12 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     ticket = torch.empty((1,), dtype=torch.int32, device=dev)
     if n > 0:
         cam_launch(x, j, weight=weight, target=target, alpha_out=alpha)
-        block = min(pow2(max(h * w, c)), CHUNK)
-        launch(_candidates_kernel)[(n, 2)](
-            j, cand_s.view(torch.uint8), alpha, cand_c.view(torch.uint8), h * w, c, k_s, k_c,
-            BLOCK=block, num_warps=warps(block))
+        rs, bs, ss = _rows_geometry(n, h * w)
+        rc, bc, sc = _rows_geometry(n, c)
+        launch(_candidates_kernel)[(max(cdiv(n, rs), cdiv(n, rc)), 2)](
+            j, cand_s.view(torch.uint8), alpha, cand_c.view(torch.uint8), n, h * w, c, k_s, k_c,
+            ROWS_S=rs, BLOCK_S=bs, SINGLE_S=ss, ROWS_C=rc, BLOCK_C=bc, SINGLE_C=sc,
+            num_warps=warps(max(rs * bs, rc * bc)))
     seed_launch(bits, noise, seed, g_t, g_val, r, cand_s, cand_c, [n, c, h, w], ticket)
     return bits, seeds_scale(bits, ticket, r, c, c, h, w, normalize)
 
