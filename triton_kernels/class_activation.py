@@ -106,7 +106,7 @@ def _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC: tl.constexpr, V: tl.constexpr):
             s += tl.load(w_ptr + wrow + (col + t) * w_sC, mask=cv, other=0.0).to(tl.float32)
         for lane in tl.static_range(V):  # one lane at a time (x + 0 is x)
             s += tl.sum(tl.where(lanes[None, :] == lane, vs, 0.0), axis=1)
-    return s / G
+    return tl.math.div_rn(s, tl.cast(G, tl.float32))  # IEEE division, as torch's div_
 
 
 @op("cam")
