@@ -8,7 +8,10 @@
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.
-- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample.
+- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample;
+  ``seeds_scale`` (the DropBlock / CamDrop plans): the same kernel also writes the scale
+  of ``layers._seeds_plan`` in its last program (an atomic ticket that the seeds kernel
+  zeroes), so that coverage and scale are one launch.
 - ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``; the dropped bits
   of 8 consecutive w are built inside the apply kernel (``_dropped_byte``: OR of the r
   seed rows, each a few bytes shifted into one word, then r shifts), so the x-sized mask
@@ -114,7 +117,7 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, g_val
         g = tl.load(g_ptr)
     else:
         g = tl.cast(g_val, tl.float32)
-    if TICKET:  # the coverage kernel's ticket (seed_coverage_scale), zeroed before it runs
+    if TICKET:  # the coverage kernel's ticket (seeds_scale), zeroed before it runs
         if tl.program_id(0) == 0:
             tl.store(ticket_ptr, 0)
     if not HAS_NOISE:
@@ -277,7 +280,7 @@ def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, PER, H, W, Wb,
                           IDX64: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr,
                           BP: tl.constexpr):
     """Grid (N, P): part[n, p] = units covered in byte block p of sample n. NORM >= 0 (the
-    plan, ``seed_coverage_scale``): the last program to finish also writes scale (N,)."""
+    plan, ``seeds_scale``): the last program to finish also writes scale (N,)."""
     n = tl.program_id(0)
     b = tl.program_id(1) * BB + tl.arange(0, BB)  # (cs, h, q) inside sample n: w = 8q + j
     bv = b < PER
