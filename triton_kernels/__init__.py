@@ -14,7 +14,9 @@ from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
 from .percentile_threshold import apply_attention, attention_stats, kth_largest, map_threshold
 from .plans.attentiondrop import plan_attentiondrop
+from .plans.camdrop import plan_camdrop
 from .plans.corrdrop import plan_corrdrop
+from .plans.dropblock import plan_dropblock
 from .plans.focused_dropout import plan_focused_dropout
 from .plans.selectscale import plan_selectout, plan_selectscale
 from .pooled_correlation import pooled_correlation
@@ -42,4 +44,6 @@ __all__ = [
     "plan_selectout",
     "plan_focused_dropout",
     "plan_corrdrop",
+    "plan_camdrop",
+    "plan_dropblock",
 ]

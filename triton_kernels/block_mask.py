@@ -8,7 +8,10 @@
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.
-- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample.
+- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample;
+  ``seeds_scale`` (the DropBlock / CamDrop plans): the same kernel also writes the scale
+  of ``layers._seeds_plan`` in its last program (an atomic ticket that the seeds kernel
+  zeroes), so that coverage and scale are one launch.
 - ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``; the dropped bits
   of 8 consecutive w are built inside the apply kernel (``_dropped_byte``: OR of the r
   seed rows, each a few bytes shifted into one word, then r shifts), so the x-sized mask
@@ -95,10 +98,11 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
 
 
 @triton.jit
-def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, NBYTES, Bn, Cs, H, W,
-                      h_lo, h_hi, w_lo, w_hi,
+def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, g_val, ticket_ptr,
+                      NBYTES, Bn, Cs, H, W, h_lo, h_hi, w_lo, w_hi,
                       u_sN, u_sC, u_sH, u_sW, s_sN, s_sH, s_sW, c_sN, c_sC,
                       HAS_NOISE: tl.constexpr, HAS_CS: tl.constexpr, HAS_CC: tl.constexpr,
+                      G_PTR: tl.constexpr, TICKET: tl.constexpr,
                       BB: tl.constexpr, IDX64: tl.constexpr):
     b = tl.program_id(0) * BB + tl.arange(0, BB)  # logical byte index into (N, Bn)
     bv = b < NBYTES
@@ -107,7 +111,15 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, NBYTE
     n = b // Bn
     q = b % Bn  # bits 8q .. 8q + 7 of sample n: units i = (cs * H + h) * W + w
     half = tl.arange(0, 2)
-    g = tl.load(g_ptr)  # float32: a runtime value, never a specialisation (SPEC §8)
+    # g: float32, a runtime value, never a specialisation (SPEC §8): loaded from a 0-dim
+    # tensor (G_PTR) or the scalar argument g_val (already a float32 value, see seed_launch)
+    if G_PTR:
+        g = tl.load(g_ptr)
+    else:
+        g = tl.cast(g_val, tl.float32)
+    if TICKET:  # the coverage kernel's ticket (seeds_scale), zeroed before it runs
+        if tl.program_id(0) == 0:
+            tl.store(ticket_ptr, 0)
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
         u0, u1, u2, u3 = tl.rand4x(seed, b[:, None] * 2 + half[None, :])
@@ -147,14 +159,7 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     block, cand_s[n, h, w] and cand_c[n, c] (each optional). u = noise (N, Cs, H, W) when
     given, else Philox uniforms seeded from ``generator`` (torch's default when None).
     """
-    # The generator cannot enter an op's schema: the int64 seed is drawn here (an empty
-    # tensor when noise is given: it only carries the device).
-    if noise is not None:
-        seed = torch.empty((0,), dtype=torch.int64, device=device)
-    elif generator is None:  # as layers.rand: generator=None fails on symbolic shapes
-        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
-    else:
-        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+    seed = draw_seed(noise, generator, device)
     from guidedrop.reference import rate_tensor
     g = rate_tensor(g, device).to(device=device, dtype=torch.float32)
     return _seed_bits(noise, seed, g, int(r), cand_s, cand_c, list(shape))
@@ -165,29 +170,57 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: torch.Tensor, 
                cand_s: torch.Tensor | None, cand_c: torch.Tensor | None,
                shape: list[int]) -> torch.Tensor:
     """seed_bits with the seed drawn: seed (1,) int64 on the output's device."""
+    out = torch.empty((shape[0], cdiv(shape[1] * shape[2] * shape[3], 8)), dtype=torch.uint8,
+                      device=seed.device)
+    seed_launch(out, noise, seed, g, 0.0, r, cand_s, cand_c, shape, None)
+    return out
+
+
+def draw_seed(noise, generator, device) -> torch.Tensor:
+    """The Philox seed of seed_bits: (1,) int64 drawn with ``generator`` (a launch), or an
+    empty tensor when noise is given (it only carries the device). The generator cannot
+    enter an op's schema: the seed is drawn outside the op."""
+    if noise is not None:
+        return torch.empty((0,), dtype=torch.int64, device=device)
+    if generator is None:  # as layers.rand: generator=None fails on symbolic shapes
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+
+
+def seed_launch(out, noise, seed, g_t, g_val, r, cand_s, cand_c, shape, ticket):
+    """Launch _seed_bits_kernel into out (N, ceil(Cs*H*W/8)) uint8 (nothing when empty).
+
+    The rate is g_t (0-dim float32 tensor) when given, else g_val, a python float that
+    must hold a float32 value (so that Triton's float32 argument is exact). cand_s, cand_c:
+    bool (or uint8 0/1) tensors or None. ticket: (1,) int32 that the kernel sets to 0, or
+    None.
+    """
     n, cs, h, w = shape
-    bn = cdiv(cs * h * w, 8)
-    out = torch.empty((n, bn), dtype=torch.uint8, device=seed.device)
+    bn = out.shape[1]
     if out.numel() == 0:
-        return out
+        return
     # unused pointers get an input, never out: no kernel argument aliases the output
     if noise is None:
         dummy, noise_arg, u_strides = seed, seed, (0, 0, 0, 0)
     else:
         dummy, seed, noise_arg, u_strides = noise, noise, noise, noise.stride()
-    cs_arg = dummy if cand_s is None else cand_s.to(torch.bool).view(torch.uint8)
-    cc_arg = dummy if cand_c is None else cand_c.to(torch.bool).view(torch.uint8)
+
+    def as_u8(t):  # bool -> uint8 is a view (no launch); other dtypes are converted
+        return dummy if t is None else (t if t.dtype == torch.uint8 else
+                                        t.to(torch.bool).view(torch.uint8))
+    cs_arg, cc_arg = as_u8(cand_s), as_u8(cand_c)
     s_strides = (0, 0, 0) if cand_s is None else cs_arg.stride()
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
     bb = max(1, min(TILE // 8, pow2(out.numel())))
     launch(_seed_bits_kernel)[(cdiv(out.numel(), bb),)](
-        out, noise_arg, seed, cs_arg, cc_arg, g, out.numel(), bn, cs, h, w,
+        out, noise_arg, seed, cs_arg, cc_arg, dummy if g_t is None else g_t, float(g_val),
+        dummy if ticket is None else ticket, out.numel(), bn, cs, h, w,
         r // 2, h - r + r // 2, r // 2, w - r + r // 2,
         *u_strides, *s_strides, *c_strides,
         HAS_NOISE=noise is not None, HAS_CS=cand_s is not None, HAS_CC=cand_c is not None,
+        G_PTR=g_t is not None, TICKET=ticket is not None,
         BB=bb, IDX64=needs_int64(noise) or 8 * out.numel() >= INT32_MAX - 2 * TILE,
         num_warps=warps(bb * 2))
-    return out
 
 
 @triton.jit
@@ -241,9 +274,13 @@ def _dropped_byte(bits_ptr, sample, plane, h, q, H, W, Bn, R: tl.constexpr, LO: 
 
 
 @triton.jit
-def _seed_coverage_kernel(bits_ptr, part_ptr, PER, H, W, Wb, Bn, P,
+def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, PER, H, W, Wb, Bn, P,
+                          N, units, mult,
                           R: tl.constexpr, LO: tl.constexpr, BB: tl.constexpr,
-                          IDX64: tl.constexpr):
+                          IDX64: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr,
+                          BP: tl.constexpr):
+    """Grid (N, P): part[n, p] = units covered in byte block p of sample n. NORM >= 0 (the
+    plan, ``seeds_scale``): the last program to finish also writes scale (N,)."""
     n = tl.program_id(0)
     b = tl.program_id(1) * BB + tl.arange(0, BB)  # (cs, h, q) inside sample n: w = 8q + j
     bv = b < PER
@@ -259,26 +296,101 @@ def _seed_coverage_kernel(bits_ptr, part_ptr, PER, H, W, Wb, Bn, P,
     hit = ((dropped[:, None] >> j[None, :]) & 1) != 0
     hit = hit & bv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
     tl.store(part_ptr + n * P + tl.program_id(1), tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
+    if NORM >= 0:
+        # The scale of "batch" needs every sample's count: rather than a second launch,
+        # the last program to finish (an atomic ticket) reads all the parts and writes the
+        # scales. The ticket is zeroed by the seeds kernel launched just before on the same
+        # stream (seed_launch's TICKET), not kept in a persistent workspace: nothing to
+        # allocate and zero once (a launch), nothing shared between streams or graphs.
+        # The barriers order every thread's store before the release, and the acquire
+        # before every thread's loads (the classic threadfence-reduction pattern).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.debug_barrier()
+            _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM, BN, BP)
+
+
+@triton.jit
+def _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM: tl.constexpr,
+                    BN: tl.constexpr, BP: tl.constexpr):
+    """scale (N,) float32 of layers._scale from part (N, P) int32 covered-unit counts:
+    kept = units - mult * covered per sample, float64 arithmetic rounded to float32."""
+    units64 = tl.cast(units, tl.float64)
+    total = tl.zeros([BN], tl.float64)  # "batch": kept of the whole batch (exact integers)
+    for n0 in range(0, N, BN):
+        nn = n0 + tl.arange(0, BN)
+        nv = nn < N
+        cov = tl.zeros([BN], tl.int64)
+        for p0 in range(0, P, BP):
+            pp = p0 + tl.arange(0, BP)
+            m = nv[:, None] & (pp < P)[None, :]
+            v = tl.load(part_ptr + nn[:, None].to(tl.int64) * P + pp[None, :], mask=m,
+                        other=0, volatile=True)
+            cov += tl.sum(v.to(tl.int64), axis=1)
+        kept = (tl.cast(units, tl.int64) - cov * mult).to(tl.float64)
+        if NORM == 0:  # "none"
+            tl.store(sc_ptr + nn, tl.full([BN], 1.0, tl.float32), mask=nv)
+        elif NORM == 1:  # "sample"
+            sc = tl.where(kept > 0, units64 / tl.maximum(kept, 1e-300), 0.0)
+            tl.store(sc_ptr + nn, sc.to(tl.float32), mask=nv)
+        else:
+            total += tl.where(nv, kept, 0.0)
+    if NORM == 2:  # "batch": units * N / sum(kept), every sample
+        kept_all = tl.sum(total, axis=0)
+        sc = tl.where(kept_all > 0, (units64 * N) / tl.maximum(kept_all, 1e-300), 0.0)
+        for n0 in range(0, N, BN):
+            nn = n0 + tl.arange(0, BN)
+            tl.store(sc_ptr + nn, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=nn < N)
+
+
+NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
+# Counts (samples x parts) the scale program reads per step (tests shrink it to take the
+# loops of _coverage_scale).
+SCALE_TILE = 4096
+
+
+def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
+                    normalize="none"):
+    """Launch _seed_coverage_kernel over bits (N, Bn); returns part (N, P) int32. With
+    scale (N,) float32 and ticket (zeroed by the seeds kernel): the plan's scales too."""
+    n, bn = bits.shape
+    wb = cdiv(w, 8)
+    per = cs * h * wb
+    bb = max(1, min(TILE // 8, pow2(per)))
+    p = cdiv(per, bb)
+    part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
+    if n == 0 or p == 0:
+        return part
+    plan = scale is not None
+    bp = max(1, min(pow2(p), SCALE_TILE // 16))
+    launch(_seed_coverage_kernel)[(n, p)](
+        bits, part, ticket if plan else part, scale if plan else part, per, h, w, wb, bn, p,
+        n, int(units), int(mult),
+        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
+        IDX64=8 * bits.numel() >= INT32_MAX - 2 * TILE,
+        NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), SCALE_TILE // bp)),
+        BP=bp,
+        num_warps=warps(bb * 8))
+    return part
 
 
 @op("seed_coverage")
 def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
     """bits: (N, ceil(Cs*H*W/8)) uint8 -> (N,) int64: units covered by the r x r
     expansion of the seeds, summed over the Cs maps."""
-    n, bn = bits.shape
-    wb = cdiv(w, 8)
-    per = cs * h * wb
-    if n == 0 or per == 0:
+    n = bits.shape[0]
+    if n == 0 or cs * h * w == 0:
         return torch.zeros((n,), dtype=torch.int64, device=bits.device)
-    bits = bits.contiguous()
-    bb = max(1, min(TILE // 8, pow2(per)))
-    p = cdiv(per, bb)
-    part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
-    launch(_seed_coverage_kernel)[(n, p)](
-        bits, part, per, h, w, wb, bn, p,
-        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
-        IDX64=8 * bits.numel() >= INT32_MAX - 2 * TILE, num_warps=warps(bb * 8))
-    return part.sum(dim=1)
+    return coverage_launch(bits.contiguous(), r, cs, h, w).sum(dim=1)
+
+
+def seeds_scale(bits, ticket, r, c, cs, h, w, normalize):
+    """scale (N,) float32 of layers._seeds_plan in the coverage launch (bits contiguous,
+    ticket zeroed by the seeds kernel that wrote bits)."""
+    scale = torch.empty(bits.shape[0], dtype=torch.float32, device=bits.device)
+    coverage_launch(bits, r, cs, h, w, scale, ticket, c * h * w, c // cs, normalize)
+    return scale
 
 
 # --------------------------------------------------------------------------- apply_seeds

@@ -1,0 +1,168 @@
+"""CamDrop's plan kernels (``B.plan_camdrop``, issue 12) against the reference plan.
+
+Bit for bit (see test_plans_dropblock.assert_same_plan) for the same explicit noise: odd
+shapes, every dtype and layout, every normalisation, classifier weights of every float
+dtype and layout with C_fc / C columns per channel (the in-kernel mean must sum in the
+reference's order), ties in the CAM and in alpha (top-k keeps them), non-finite x and
+weights, and noise on the seed rate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_backends import DEV, with_ties
+from test_plans_dropblock import (
+    DTYPES,
+    KERNEL_BACKENDS,
+    LAYOUTS,
+    NORMALIZE,
+    assert_same_plan,
+    on_threshold,
+    plan_backend,
+)
+from testing import make_x
+
+from guidedrop import layers
+from guidedrop import reference as R
+
+K = 5  # classes
+
+
+def weights(c, groups, dtype=torch.float32, seed=0, transposed=False):
+    """(K, C * groups): magnitudes over 6 decades, so that the order of the mean's sum
+    shows in its rounding."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(K, c * groups, generator=g) * torch.logspace(-3, 3, c * groups)
+    if transposed:  # a non-contiguous weight, as a Linear's weight.t() would be
+        return w.to(DEV, dtype).t().contiguous().t()
+    return w.to(DEV, dtype)
+
+
+def targets(n, seed=0):
+    return torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def compare(name, x, weight, target, block_size, keep, channel_rate, normalize, noise):
+    B = plan_backend(name, "camdrop")
+    kw = dict(channel_rate=channel_rate, normalize=normalize, noise=noise)
+    got = layers.camdrop(B, x, weight, target, block_size, keep, **kw)
+    want = layers.camdrop.reference(R, x, weight, target, block_size, keep, **kw)
+    assert_same_plan(got, want)
+    return got
+
+
+def noise_for(x, seed=0):
+    return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,block_size", [((1, 1, 3, 3), 3), ((2, 3, 5, 7), 3),
+                                              ((3, 2, 4, 9), 2), ((2, 3, 1, 1), 1),
+                                              ((2, 3, 5, 7), 6)])
+def test_plan_shapes(name, shape, block_size):
+    """Odd shapes (C = 1, 1x1 maps, H != W, r = 1, even r; r > H: no plan)."""
+    x = make_x(shape, device=DEV)
+    n, c, h, w = shape
+    r = block_size
+    g = layers._seed_rate(1 - 0.7, r, h, w) if r <= min(h, w) else 0.5
+    u = on_threshold(noise_for(x, 1), g)
+    for normalize in NORMALIZE:
+        compare(name, x, weights(c, 1), targets(n), block_size, 0.7, 0.5, normalize, u)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 8, 13, 40])
+def test_plan_alpha_mean(name, groups):
+    """alpha = weight[target] averaged over C_fc / C columns: bit-exact (the channel
+    candidates and J depend on its last bit), for the scalar and the vector order."""
+    x = make_x((2, 6, 4, 5), device=DEV)
+    for wdt, transposed in ((torch.float32, False), (torch.float64, True)):
+        w = weights(6, groups, wdt, seed=groups, transposed=transposed)
+        compare(name, x, w, targets(2, groups), 2, 0.6, 0.5, "batch", noise_for(x, 2))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plan_dtypes_layouts(name, dtype, layout):
+    x = make_x((2, 3, 5, 7), dtype, DEV, layout)
+    w = weights(3, 2, torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    compare(name, x, w, targets(2, 3), 3, 0.8, 0.7, "batch", noise_for(x, 3))
+    compare(name, x, weights(3, 1), targets(2, 4), 2, 0.8, 0.4, "sample", noise_for(x, 4))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_ties(name):
+    """Ties in J (x on a few values) and in alpha (a weight on a few values): top-k keeps
+    every tie; the same target twice."""
+    x = with_ties(make_x((3, 6, 5, 6), device=DEV))
+    w = weights(6, 2).round().clamp(-2, 2)
+    t = torch.tensor([1, 1, 4], device=DEV)
+    for rate in (0.0, 0.34, 1.0):
+        plan = compare(name, x, w, t, 2, 0.5, rate, "batch", noise_for(x, 5))
+    assert plan.state[0].any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf * 0
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_nonfinite(name):
+    """NaN / ±Inf in x (J NaN or infinite: NaN ranks largest, never a candidate) and in
+    the weight (alpha NaN or infinite)."""
+    x = make_x((2, 4, 5, 5), device=DEV)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, :, 0, 0] = float("inf")
+    x[1, 2, 4, :] = -float("inf")
+    w = weights(4, 2)
+    w[2, 3] = float("nan")
+    w[3, 0] = float("inf")
+    u = noise_for(x, 6)
+    for t in ([2, 3], [0, 1], [3, 2]):
+        compare(name, x, w, torch.tensor(t, device=DEV), 2, 0.5, 0.5, "sample", u)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_fresh_noise(name):
+    B = plan_backend(name, "camdrop")
+    x = make_x((2, 3, 6, 6), device=DEV)
+    gen = torch.Generator(device=DEV)
+    kw = dict(channel_rate=0.5, normalize="batch")
+    a = layers.camdrop(B, x, weights(3, 1), targets(2), 3, 0.5, **kw,
+                       generator=gen.manual_seed(1))
+    b = layers.camdrop(B, x, weights(3, 1), targets(2), 3, 0.5, **kw,
+                       generator=gen.manual_seed(1))
+    assert_same_plan(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 3), (3, 1, 13, 6), (2, 5, 15, 15), (4, 3, 9, 20)])
+def test_plan_matrix(name, dtype, layout, shape):
+    x = make_x(shape, dtype, DEV, layout)
+    n, c = shape[:2]
+    for groups in (1, 4, 9):
+        for block_size in (1, 3, 7):
+            for normalize in NORMALIZE:
+                compare(name, x, weights(c, groups, seed=groups), targets(n, groups),
+                        block_size, 0.8, 0.5, normalize, noise_for(x, 7))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_selection_geometry(name, monkeypatch):
+    """Rows longer than a register tile (re-read chunk by chunk) and several programs of
+    rows, the spatial and channel programs differing in number (geometry shrunk so that
+    small shapes take those paths)."""
+    B = plan_backend(name, "camdrop")
+    if name != "triton":
+        pytest.skip("Triton launch geometry")
+    import guidedrop.triton_kernels.plans.camdrop as CD
+    x = make_x((3, 6, 4, 5), device=DEV)
+    u = noise_for(x, 8)
+    w = weights(6, 1).round()  # ties in alpha
+    for max_row, chunk, tile in ((8, 8, 8), (32, 4096, 16)):
+        monkeypatch.setattr(CD, "MAX_ROW", max_row)
+        monkeypatch.setattr(CD, "CHUNK", chunk)
+        monkeypatch.setattr(CD, "TILE", tile)
+        compare(B.name, x, w, targets(3, 9), 2, 0.5, 0.5, "batch", u)

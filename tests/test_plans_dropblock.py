@@ -1,0 +1,184 @@
+"""DropBlock's plan kernels (``B.plan_dropblock``, issue 12) against the reference plan.
+
+The plan of a kernel backend must be the reference's ``layers.dropblock`` plan bit for bit
+(same kind and meta; state tensors of the same shape and dtype, equal values) for the same
+explicit noise: odd shapes, every dtype and layout, shared or per-channel masks, every
+normalisation, and noise sitting exactly on the seed rate. Backends without the plan
+kernel (yet) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+import torch
+from test_backends import DEV, load_backend
+from testing import make_x
+
+from guidedrop import layers
+from guidedrop import reference as R
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+NORMALIZE = ["batch", "sample", "none"]
+
+
+def plan_backend(name: str, layer: str):
+    mod = load_backend(name)
+    if not hasattr(mod, f"plan_{layer}"):
+        pytest.skip(f"backend {name} has no plan_{layer}")
+    return mod
+
+
+def assert_same_plan(got, want):
+    """Plans equal bit for bit: kind, meta, and every state tensor (NaN where NaN)."""
+    if want is None:
+        assert got is None
+        return
+    assert got is not None
+    assert got.kind == want.kind and got.meta == want.meta, (got[:2], want[:2])
+    assert len(got.state) == len(want.state)
+    for i, (a, b) in enumerate(zip(got.state, want.state, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        assert a.device == b.device, (i, a.device, b.device)
+        assert torch.equal(a.cpu(), b.cpu()) or (
+            a.is_floating_point() and torch.equal(a.isnan().cpu(), b.isnan().cpu())
+            and torch.equal(a.nan_to_num().cpu(), b.nan_to_num().cpu())), (i, a, b)
+
+
+def f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def on_threshold(u: torch.Tensor, g: float) -> torch.Tensor:
+    """u with every third value exactly the float32 seed rate g (u < g is false there) and
+    every fifth one the float32 just below it (a seed)."""
+    u = u.clone()
+    g32 = f32(g)
+    below = math.nextafter(g32, -math.inf)
+    flat = u.view(-1)
+    flat[::3] = g32
+    flat[1::5] = f32(below)
+    return u
+
+
+def compare(name, x, p, block_size, shared, normalize, noise):
+    B = plan_backend(name, "dropblock")
+    kw = dict(shared_channels=shared, normalize=normalize, noise=noise)
+    got = layers.dropblock(B, x, p, block_size, **kw)
+    want = layers.dropblock.reference(R, x, p, block_size, **kw)
+    assert_same_plan(got, want)
+    return got
+
+
+def noise_for(x, shared, seed=0):
+    n, c, h, w = x.shape
+    return torch.rand((n, 1 if shared else c, h, w), generator=torch.Generator().manual_seed(seed)
+                      ).to(DEV)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,block_size", [((1, 1, 1, 1), 3), ((2, 3, 5, 7), 3),
+                                              ((3, 2, 4, 9), 2), ((2, 3, 5, 7), 9),
+                                              ((2, 2, 6, 3), 1)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_plan_shapes(name, shape, block_size, shared):
+    """Odd shapes (1x1 maps, H != W, a block larger than the map, r = 1, even r), every
+    normalisation; noise on the threshold."""
+    torch.manual_seed(1)
+    x = make_x(shape, device=DEV)
+    r = min(block_size, shape[2], shape[3])
+    g = layers._seed_rate(0.3, r, shape[2], shape[3])
+    u = on_threshold(noise_for(x, shared), g)
+    for normalize in NORMALIZE:
+        compare(name, x, 0.3, block_size, shared, normalize, u)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plan_dtypes_layouts(name, dtype, layout):
+    x = make_x((2, 3, 5, 7), dtype, DEV, layout)
+    for shared, normalize in ((False, "batch"), (True, "sample")):
+        compare(name, x, 0.2, 3, shared, normalize, noise_for(x, shared, 2))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_noise_dtypes_and_nonfinite(name):
+    """u is rounded to float32 before u < g (SPEC §1) whatever its dtype: float64 noise
+    just below g rounds onto it (no seed); half noise; NaN never seeds."""
+    x = make_x((2, 2, 6, 5), device=DEV)
+    g = f32(layers._seed_rate(0.4, 3, 6, 5))
+    u = noise_for(x, False, 3).double()
+    flat = u.view(-1)
+    flat[::4] = g - 2.0 ** -40  # rounds to g in float32
+    flat[1::7] = math.nan
+    plan = compare(name, x, 0.4, 3, False, "batch", u)
+    assert plan.state[0].any()  # a test that seeds something
+    compare(name, x, 0.4, 3, False, "sample", u.half())
+    compare(name, x, 0.4, 3, True, "batch", u[:, :1].bfloat16())
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_plan_everything_dropped(name, normalize):
+    """g >= 1: every valid centre seeds, nothing is kept, the scale is 0 ("none": 1)."""
+    x = make_x((2, 3, 4, 4), device=DEV)
+    plan = compare(name, x, 1.0, 1, False, normalize, noise_for(x, False, 4))
+    assert bool((plan.state[1] == (1.0 if normalize == "none" else 0.0)).all())
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_scale_loops(name, monkeypatch):
+    """Many coverage programs and samples per scale step: the last-program ticket and the
+    sample / part loops of the scale (tiles shrunk so that small shapes take them)."""
+    B = plan_backend(name, "dropblock")
+    if name != "triton":
+        pytest.skip("Triton launch geometry")
+    import guidedrop.triton_kernels.block_mask as bm
+    monkeypatch.setattr(bm, "TILE", 64)
+    monkeypatch.setattr(bm, "SCALE_TILE", 2)
+    x = make_x((5, 2, 3, 9), device=DEV)
+    for normalize in NORMALIZE:
+        compare(B.name, x, 0.3, 3, False, normalize, noise_for(x, False, 5))
+    # the ticket is reset for every plan: a second plan on the same device is still right
+    compare(B.name, x, 0.1, 2, True, "batch", noise_for(x, True, 6))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_rates_are_runtime(name):
+    """Rates that differ in the last float32 bit give the reference's seeds each time."""
+    x = make_x((2, 2, 6, 6), device=DEV)
+    u = noise_for(x, False, 7)
+    for p in (0.25, math.nextafter(0.25, 1.0), 0.5, 0.1 + 1e-9):
+        compare(name, x, p, 3, False, "batch", u)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_fresh_noise(name):
+    """noise=None: a valid plan (the seed kernel's own Philox draw), the same with the same
+    generator seed."""
+    B = plan_backend(name, "dropblock")
+    x = make_x((2, 3, 6, 6), device=DEV)
+    gen = torch.Generator(device=DEV)
+    kw = dict(shared_channels=False, normalize="batch")
+    a = layers.dropblock(B, x, 0.5, 3, **kw, generator=gen.manual_seed(1))
+    b = layers.dropblock(B, x, 0.5, 3, **kw, generator=gen.manual_seed(1))
+    assert_same_plan(a, b)
+    assert a.state[0].shape == (2, math.ceil(3 * 36 / 8)) and a.state[1].dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 13, 6), (2, 5, 15, 15), (4, 3, 9, 20)])
+def test_plan_matrix(name, dtype, layout, shape):
+    x = make_x(shape, dtype, DEV, layout)
+    for block_size in (1, 3, 7):
+        for shared in (False, True):
+            for normalize in NORMALIZE:
+                compare(name, x, 0.3, block_size, shared, normalize, noise_for(x, shared, 8))
