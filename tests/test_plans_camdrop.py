@@ -2,8 +2,8 @@
 
 Bit for bit (see test_plans_dropblock.assert_same_plan) for the same explicit noise: odd
 shapes, every dtype and layout, every normalisation, classifier weights of every float
-dtype and layout with C_fc / C columns per channel (the in-kernel mean must sum in the
-reference's order), ties in the CAM and in alpha (top-k keeps them), non-finite x and
+dtype and layout with C_fc / C columns per channel (the in-kernel mean, in float64, must
+give the reference's float32 value), ties in the CAM and in alpha (top-k keeps them), non-finite x and
 weights, and noise on the seed rate.
 """
 
@@ -30,8 +30,8 @@ K = 5  # classes
 
 
 def weights(c, groups, dtype=torch.float32, seed=0, transposed=False):
-    """(K, C * groups): magnitudes over 6 decades, so that the order of the mean's sum
-    shows in its rounding."""
+    """(K, C * groups): magnitudes over 6 decades, so that a float32 sum in another order
+    would show in the mean's rounding."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(K, c * groups, generator=g) * torch.logspace(-3, 3, c * groups)
     if transposed:  # a non-contiguous weight, as a Linear's weight.t() would be
@@ -75,7 +75,7 @@ def test_plan_shapes(name, shape, block_size):
 @pytest.mark.parametrize("groups", [1, 2, 3, 5, 8, 13, 40])
 def test_plan_alpha_mean(name, groups):
     """alpha = weight[target] averaged over C_fc / C columns: bit-exact (the channel
-    candidates and J depend on its last bit), for the scalar and the vector order."""
+    candidates and J depend on its last bit), short and long groups."""
     x = make_x((2, 6, 4, 5), device=DEV)
     for wdt, transposed in ((torch.float32, False), (torch.float64, True)):
         w = weights(6, groups, wdt, seed=groups, transposed=transposed)

@@ -32,7 +32,7 @@ from ._common import (
 def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
                 w_ptr, t_ptr, ao_ptr, G, w_sK, w_sC,
                 BC: tl.constexpr, BP: tl.constexpr, HW_FLAT: tl.constexpr,
-                IDX64: tl.constexpr, FROM_W: tl.constexpr, V: tl.constexpr):
+                IDX64: tl.constexpr, FROM_W: tl.constexpr):
     n = tl.program_id(0)
     p = tl.program_id(1) * BP + tl.arange(0, BP)
     pv = p < L
@@ -47,7 +47,7 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
         if FROM_W:
-            al = _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC, V)
+            al = _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC)
             if tl.program_id(1) == 0:
                 tl.store(ao_ptr + n * C + cc, al, mask=cv)
         else:
@@ -59,54 +59,16 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
 
 
 @triton.jit
-def _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC: tl.constexpr, V: tl.constexpr):
-    """(BC,) float32: mean of weight[row, c*G .. c*G + G-1] (rounded to float32 first),
-    summed in the order of torch's CPU float32 sum (ATen cascade_sum, SumKernel.cpp), which
-    the reference's ``.mean(dim=2)`` is (sum, then / G): rows shorter than the vector
-    width V are summed by ``row_sum`` (4 accumulators over elements 4i + k, the leftovers
-    into the first, then combined in order); longer ones by ``vectorized_inner_sum``
-    (row_sum over vectors of V lanes, then the leftover elements, then the lanes in order).
-    Exact while row_sum has no cascade level (G < 64 V). Float64 accumulation would not
-    be: the reference rounds every partial sum to float32."""
+def _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC: tl.constexpr):
+    """(BC,) float32: the mean of weight[row, c*G .. c*G + G-1], each rounded to float32,
+    summed and divided in float64 and then rounded, as ``layers.camdrop``'s reference (the
+    same value in any order of summation)."""
     col = (cc * G).to(tl.int64)
-    lanes = tl.arange(0, V)
-    if G < V:
-        a0 = tl.zeros([BC], tl.float32)
-        a1 = tl.zeros([BC], tl.float32)
-        a2 = tl.zeros([BC], tl.float32)
-        a3 = tl.zeros([BC], tl.float32)
-        for i in range(0, G // 4):
-            e = col + 4 * i
-            a0 += tl.load(w_ptr + wrow + e * w_sC, mask=cv, other=0.0).to(tl.float32)
-            a1 += tl.load(w_ptr + wrow + (e + 1) * w_sC, mask=cv, other=0.0).to(tl.float32)
-            a2 += tl.load(w_ptr + wrow + (e + 2) * w_sC, mask=cv, other=0.0).to(tl.float32)
-            a3 += tl.load(w_ptr + wrow + (e + 3) * w_sC, mask=cv, other=0.0).to(tl.float32)
-        for t in range(G // 4 * 4, G):
-            a0 += tl.load(w_ptr + wrow + (col + t) * w_sC, mask=cv, other=0.0).to(tl.float32)
-        s = ((a0 + a1) + a2) + a3
-    else:
-        nv = G // V
-        m2 = cv[:, None] & (lanes < V)[None, :]
-        v0 = tl.zeros([BC, V], tl.float32)
-        v1 = tl.zeros([BC, V], tl.float32)
-        v2 = tl.zeros([BC, V], tl.float32)
-        v3 = tl.zeros([BC, V], tl.float32)
-        for i in range(0, nv // 4):
-            e = col[:, None] + (4 * i * V + lanes)[None, :]
-            v0 += tl.load(w_ptr + wrow + e * w_sC, mask=m2, other=0.0).to(tl.float32)
-            v1 += tl.load(w_ptr + wrow + (e + V) * w_sC, mask=m2, other=0.0).to(tl.float32)
-            v2 += tl.load(w_ptr + wrow + (e + 2 * V) * w_sC, mask=m2, other=0.0).to(tl.float32)
-            v3 += tl.load(w_ptr + wrow + (e + 3 * V) * w_sC, mask=m2, other=0.0).to(tl.float32)
-        for i in range(nv // 4 * 4, nv):
-            e = col[:, None] + (i * V + lanes)[None, :]
-            v0 += tl.load(w_ptr + wrow + e * w_sC, mask=m2, other=0.0).to(tl.float32)
-        vs = ((v0 + v1) + v2) + v3
-        s = tl.zeros([BC], tl.float32)
-        for t in range(nv * V, G):
-            s += tl.load(w_ptr + wrow + (col + t) * w_sC, mask=cv, other=0.0).to(tl.float32)
-        for lane in tl.static_range(V):  # one lane at a time (x + 0 is x)
-            s += tl.sum(tl.where(lanes[None, :] == lane, vs, 0.0), axis=1)
-    return tl.math.div_rn(s, tl.cast(G, tl.float32))  # IEEE division, as torch's div_
+    s = tl.zeros([BC], tl.float64)
+    for t in range(0, G):
+        s += tl.load(w_ptr + wrow + (col + t) * w_sC, mask=cv, other=0.0).to(tl.float32).to(
+            tl.float64)
+    return (s / G).to(tl.float32)
 
 
 @op("cam")
@@ -117,12 +79,6 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return out
     cam_launch(x, out, alpha.to(torch.float32))
     return out
-
-
-def cpu_vector_width() -> int:
-    """float32 lanes of torch's CPU reductions (ATen's Vectorized<float>::size())."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return 16 if "512" in cap else 4 if cap in ("DEFAULT", "NEON", "SVE128") else 8
 
 
 def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
@@ -145,7 +101,7 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     launch(_cam_kernel)[(n, cdiv(length, bp))](
         x, a_args[0], out, c, w, length, *x.stride(), *a_args[1:],
         BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), FROM_W=from_w,
-        V=cpu_vector_width(), num_warps=warps(bc * bp))
+        num_warps=warps(bc * bp))
 
 
 __all__ = ["cam"]

@@ -249,7 +249,9 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
         return None
     dt = _compute_dtype(x)
     alpha = weight.detach()[target].to(dt)  # (N, C_fc)
-    alpha = alpha.view(n, c, -1).mean(dim=2)  # C_fc / C consecutive weights per channel
+    # C_fc / C consecutive weights per channel, averaged in float64: the same mean in any
+    # order of summation (alpha's top-k is a decision, SPEC §1), then rounded.
+    alpha = alpha.to(torch.float64).view(n, c, -1).mean(dim=2).to(dt)
     cam = B.cam(x, alpha)
     cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
     cand_c = _top(B, alpha, max(1, round(channel_rate * c)))

@@ -1,7 +1,7 @@
 """CamDrop's plan on Triton (``layers.camdrop``, SPEC §6) in 4 launches.
 
 1. CAM (``class_activation._cam_kernel`` with FROM_W): alpha = weight[target] averaged
-   over the C_fc / C columns of each channel, in the reference's order of summation, and
+   over the C_fc / C columns of each channel, in float64 as the reference, and
    J = sum_c alpha * x;
 2. candidates (``_candidates_kernel``): the spatial top-k of J and the channel top-k of
    alpha, ties kept (``layers._top``);
