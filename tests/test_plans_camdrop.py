@@ -3,8 +3,8 @@
 Bit for bit (see test_plans_dropblock.assert_same_plan) for the same explicit noise: odd
 shapes, every dtype and layout, every normalisation, classifier weights of every float
 dtype and layout with C_fc / C columns per channel (the in-kernel mean, in float64, must
-give the reference's float32 value), ties in the CAM and in alpha (top-k keeps them), non-finite x and
-weights, and noise on the seed rate.
+give the reference's float32 value), ties in the CAM and in alpha (top-k keeps them),
+non-finite x and weights, and noise on the seed rate.
 """
 
 from __future__ import annotations
