@@ -305,6 +305,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {thr, mn, mx, active, scale};
 }
 
+// CorrDrop's plan -> (S (N, H', W') uint8, scale (N,) float32): F in one launch
+// (pooled_correlation), then the plan kernel (plans/corrdrop.cu). noise: (2, N, H', W') of
+// any floating dtype and strides; p_blocks = p * H*W / block_size² as p_t (a 0-dim float32,
+// under torch.compile) or p (p_t None); k >= 1 (larger than the map: one block).
+std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::Tensor& noise,
+                                                 const std::optional<at::Tensor>& p_t, double p,
+                                                 int64_t k, c10::string_view normalize) {
+  constexpr const char* op = "guidedrop::corrdrop_plan";
+  check_feature_map(x, op, "x");
+  check_positive(k, op, "k");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
+  const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
+  TORCH_CHECK(noise.defined() && noise.device() == x.device(), op, ": noise must be on ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op,
+              ": noise must be a floating tensor, got ", noise.scalar_type());
+  TORCH_CHECK(noise.sizes() == at::IntArrayRef({2, N, Hp, Wp}), op, ": noise must have shape ",
+              at::IntArrayRef({2, N, Hp, Wp}), ", got ", noise.sizes());
+  at::Tensor pt;  // undefined: p
+  if (p_t.has_value() && p_t->defined()) {
+    check_small(*p_t, x, op, "p_blocks", at::kFloat, {});
+    pt = p_t->contiguous();
+  }
+  const int norm = parse_normalize(normalize, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
+  at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
+  at::Tensor zero_row = at::empty({N, Hp * Wp}, f32(x));   // 1 for a zero pooled row
+  at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({N}, f32(x));
+  launch_pooled_correlation(x, k, pooled, zero_row, F);
+  launch_corrdrop_plan(F, noise, pt, static_cast<float>(p), H, W, k, norm, keep, scale);
+  return {keep, scale};
+}
+
 // DropBlock / CamDrop seeds and their multiplier -> (bits, scale): seed_bits' bits, and
 // scale (N,) float32 = layers._scale(C*H*W - covered * (C / Cs), C*H*W, normalize).
 std::tuple<at::Tensor, at::Tensor> seeds_plan(
@@ -529,7 +565,7 @@ void cpu_error(const c10::OperatorHandle& handle, torch::jit::Stack* /*stack*/) 
 constexpr const char* kOps[] = {
     "pooled_correlation", "channel_stats", "kth_largest",  "map_threshold",
     "attention_stats",    "cam",           "seed_bits",    "seed_coverage",
-    "attentiondrop_plan", "seeds_plan",
+    "attentiondrop_plan", "seeds_plan",    "corrdrop_plan",
     "apply_channel",      "apply_block",   "apply_seeds",  "apply_attention",
     "selectscale_plan",   "selectout_plan", "focused_dropout_plan",
 };
@@ -557,6 +593,8 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("seeds_plan(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, Tensor? g_t, float g, int r, SymInt c, str normalize, "
         "Generator? generator=None) -> (Tensor, Tensor)");
+  m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, int k, str normalize) "
+        "-> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
@@ -585,6 +623,7 @@ TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
   m.impl("seed_coverage", &seed_coverage);
   m.impl("attentiondrop_plan", &attentiondrop_plan);
   m.impl("seeds_plan", &seeds_plan);
+  m.impl("corrdrop_plan", &corrdrop_plan);
   m.impl("apply_channel", &apply_channel);
   m.impl("apply_block", &apply_block);
   m.impl("apply_seeds", &apply_seeds);

@@ -66,6 +66,14 @@ void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_
                         int64_t W, int normalize, const at::TensorBase& ws,
                         const at::TensorBase& scale);
 
+// plans/corrdrop.cu. F: (N, H'*W') float32 from launch_pooled_correlation; noise:
+// (2, N, H', W') any floating dtype and strides; p_t: undefined (then p_value) or a 0-dim
+// float32 (p_blocks = p * H*W / block_size²); keep: (N, H', W') uint8, scale: (N,) float32.
+void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
+                          const at::TensorBase& p_t, float p_value, int64_t H, int64_t W,
+                          int64_t k, int normalize, const at::TensorBase& keep,
+                          const at::TensorBase& scale);
+
 // class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
 

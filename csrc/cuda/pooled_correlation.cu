@@ -14,17 +14,23 @@
 // - a NaN in row i of P (NaN or Inf in the sample's x) makes F_i NaN.
 // The host clamps k to max(H, W) (a block >= the map is one window).
 //
-// Two kernels; the only intermediate is the pooled tensor (k² times smaller than x):
-// 1. pool_normalize_kernel: one warp per pooled position (n, i); the lanes stride over the
+// One launch (issue 12: statistics in one kernel), one block of 32 x 8 threads per sample;
+// the only intermediate is the pooled tensor (k² times smaller than x), written and read by
+// the same block:
+// 1. pooling: one warp per pooled position i of the sample; the lanes stride over the
 //    channels, each summing its k x k window (rows then columns, like ATen's avg_pool2d;
 //    divided by the number of valid units of a border window), then the warp takes the
-//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N, N', C)
-//    and the zero-row flag (N, N').
-// 2. gram_rowsum_kernel: a block of 32 x 8 threads takes 32 rows i of one sample and walks
-//    the columns j in tiles of 32, accumulating ‖â_i − â_j‖² over channel tiles of 32 held
-//    in shared memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1
-//    column, adds the rounded |dot| to its int64 row partials, and a warp reduction over
-//    the 32 columns of a tile row gives Σ_{j≠i} P_ij. The N' x N' matrix never leaves registers.
+//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N', C) and the
+//    zero-row flag (N').
+// 2. after a __syncthreads (the block's global writes are visible to the block): the block
+//    takes 32 rows i at a time and walks the columns j in tiles of 32, accumulating
+//    ‖â_i − â_j‖² over channel tiles of 32 held in shared memory (a tiled GEMM with (a − b)²
+//    for a·b); each thread keeps 4 rows x 1 column, adds the rounded |dot| to its int64 row
+//    partials, and a warp reduction over the 32 columns of a tile row gives Σ_{j≠i} P_ij.
+//    The N' x N' matrix never leaves registers.
+// Each F_i is the same arithmetic in the same order whatever the tiling (a channel sum in
+// channel order per (i, j), exact integer row sums), so F is bit for bit what the earlier
+// two-kernel version computed.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -34,22 +40,23 @@ namespace {
 constexpr double kQuantumInv = 4294967296.0;  // 2^32: P_ij rounded to a multiple of 2^-32
 constexpr long long kOne = 4294967296LL;        // P_ii = 1 on that grid
 
+constexpr int kTile = 32;  // rows i, columns j and channels per tile
+constexpr int kRowsY = 8;  // warps per block; each thread holds kTile / kRowsY rows
+constexpr int kPerThread = kTile / kRowsY;
+
+// Pooled, normalised rows â of sample n: one warp per row (see the header, step 1).
 template <typename scalar_t>
-__global__ void pool_normalize_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                      const int64_t N, const int64_t C, const int64_t H,
-                                      const int64_t W, const int64_t k, const int64_t Hp,
-                                      const int64_t Wp, float* __restrict__ pooled,
-                                      float* __restrict__ zero_row) {
+__device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s,
+                               const int64_t n, const int64_t C, const int64_t H,
+                               const int64_t W, const int64_t k, const int64_t Wp,
+                               const int64_t Np, float* __restrict__ pooled,
+                               float* __restrict__ zero_row) {
   const int lane = threadIdx.x & 31;
-  const int64_t warps = blockDim.x >> 5;
-  const int64_t Np = Hp * Wp, total = N * Np;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); r < total;
-       r += static_cast<int64_t>(gridDim.x) * warps) {  // uniform within the warp
-    const int64_t n = r / Np, i = r % Np;
+  for (int64_t i = threadIdx.x >> 5; i < Np; i += kRowsY) {  // uniform within the warp
     const int64_t h0 = (i / Wp) * k, w0 = (i % Wp) * k;
     const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
     const float count = static_cast<float>((h1 - h0) * (w1 - w0));
-    float* row = pooled + r * C;
+    float* row = pooled + i * C;
     float mx = 0.f;
     for (int64_t c = lane; c < C; c += 32) {
       const scalar_t* p = x + n * s.n + c * s.c;
@@ -69,23 +76,17 @@ __global__ void pool_normalize_kernel(const scalar_t* __restrict__ x, const Stri
     ss = warp_reduce(ss, SumOp());
     const float nb = sqrtf(ss);
     for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
-    if (lane == 0) zero_row[r] = mx == 0.f ? 1.f : 0.f;
+    if (lane == 0) zero_row[i] = mx == 0.f ? 1.f : 0.f;
   }
 }
 
-constexpr int kTile = 32;  // rows i, columns j and channels per tile
-constexpr int kRowsY = 8;  // threadIdx.y; each thread holds kTile / kRowsY rows
-constexpr int kPerThread = kTile / kRowsY;
-
-__global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __restrict__ zero_row,
-                                   const int64_t N, const int64_t Np, const int64_t C,
-                                   float* __restrict__ F) {
+// F of sample n from its rows â (see the header, step 2).
+__device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ zero_row,
+                            const int64_t Np, const int64_t C, float* __restrict__ Fn) {
   __shared__ float ai[kTile][kTile + 1];
   __shared__ float aj[kTile][kTile + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
-    const float* an = a + n * Np * C;
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
     float poison[kPerThread] = {};  // NaN where a P_ij is NaN
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
@@ -118,7 +119,7 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
         if (i < Np && j < Np) {
           // â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows; 0 with
           // a zero row
-          const bool zero = zero_row[n * Np + i] != 0.f || zero_row[n * Np + j] != 0.f;
+          const bool zero = zero_row[i] != 0.f || zero_row[j] != 0.f;
           const float p = zero ? 0.f : fabsf(1.f - 0.5f * acc[q]);
           if (p != p) {
             poison[q] += p;
@@ -128,18 +129,33 @@ __global__ void gram_rowsum_kernel(const float* __restrict__ a, const float* __r
         }
       }
     }
-    // blockDim.x == 32: the lanes of a warp are the 32 columns of one tile row.
+    // The lanes of a warp are the 32 columns of one tile row.
 #pragma unroll
     for (int q = 0; q < kPerThread; ++q) {
       const long long sum = warp_reduce(part[q], SumOp());
       const float nan = warp_reduce(poison[q], SumOp());
       const int64_t i = i0 + ty + kRowsY * q;
       if (tx == 0 && i < Np) {
-        const long long total = sum + (zero_row[n * Np + i] != 0.f ? kOne : 0);
+        const long long total = sum + (zero_row[i] != 0.f ? kOne : 0);
         const double f = static_cast<double>(total) / kQuantumInv / static_cast<double>(Np);
-        F[n * Np + i] = static_cast<float>(f) + nan;
+        Fn[i] = static_cast<float>(f) + nan;
       }
     }
+  }
+}
+
+template <typename scalar_t>
+__global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const Strides4 s,
+                                          const int64_t N, const int64_t C, const int64_t H,
+                                          const int64_t W, const int64_t k, const int64_t Wp,
+                                          const int64_t Np, float* __restrict__ pooled,
+                                          float* __restrict__ zero_row, float* __restrict__ F) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
+    float* an = pooled + n * Np * C;
+    float* zn = zero_row + n * Np;
+    pool_normalize(x, s, n, C, H, W, k, Wp, Np, an, zn);
+    __syncthreads();  // every row of the sample written (block-scope visibility)
+    gram_rowsum(an, zn, Np, C, F + n * Np);
   }
 }
 
@@ -151,19 +167,12 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
   const int64_t Hp = ceil_div(H, k), Wp = ceil_div(W, k), Np = Hp * Wp;
   if (N * Np == 0) return;
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::pooled_correlation", [&] {
-    pool_normalize_kernel<scalar_t><<<grid_for(N * Np, kThreads / 32), kThreads, 0,
-                                      current_stream()>>>(x.data_ptr<scalar_t>(), strides4(x),
-                                                          N, C, H, W, k, Hp, Wp,
-                                                          pooled.data_ptr<float>(),
-                                                          zero_row.data_ptr<float>());
+    pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
+                                          kTile * kRowsY, 0, current_stream()>>>(
+        x.data_ptr<scalar_t>(), strides4(x), N, C, H, W, k, Wp, Np, pooled.data_ptr<float>(),
+        zero_row.data_ptr<float>(), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const dim3 block(kTile, kRowsY);
-  const dim3 grid(static_cast<unsigned>(ceil_div(Np, kTile)),
-                  static_cast<unsigned>(std::min<int64_t>(N, 65535)));
-  gram_rowsum_kernel<<<grid, block, 0, current_stream()>>>(
-      pooled.data_ptr<float>(), zero_row.data_ptr<float>(), N, Np, C, F.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace guidedrop

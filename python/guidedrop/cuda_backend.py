@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from guidedrop.layers import Plan, _rate, _seed_rate, rand
+from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, rand
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -220,6 +220,25 @@ def _runtime_rate(q, x):
     return None, float(q)
 
 
+def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
+    """SPEC §2 in 2 launches before the apply (F, then S and the scale; +1 ``torch.rand``
+    without noise).
+
+    x: (N, C, H, W) float32/float16/bfloat16; noise: (2, N, H', W') of any floating dtype
+    (rounded to float32), or None -> Plan("block", (k,), (S (N, H', W') uint8, scale (N,)
+    float32)), k = min(block_size, max(H, W)), H' = ceil(H / k), W' = ceil(W / k).
+    """
+    n, c, h, w = x.shape
+    k = _block_extent(block_size, h, w)
+    u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
+                                             x.device)
+    # eq. 11 times N' with the real block size (int / int: exact, then rounded; never
+    # overflows), rounded to float32 in the kernel like the reference's ones * p_blocks.
+    p_t, p_blocks = _runtime_rate(p * ((h * w) / (block_size * block_size)), x)
+    keep, scale = _ops.corrdrop_plan(x, u, p_t, p_blocks, k, normalize)
+    return Plan("block", (k,), (keep, scale))
+
+
 def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator=None):
     """SPEC §4 in 2 launches before the apply (+1 ``torch.rand`` without noise).
 
@@ -298,6 +317,13 @@ def _register_fakes() -> None:
     def _(x, noise, alpha_t, alpha, k, mode, normalize):
         n = x.shape[0]
         return (stats(x), stats(x), stats(x), x.new_empty(x.shape[:2], dtype=torch.bool),
+                x.new_empty((n,), dtype=torch.float32))
+
+    @register("guidedrop::corrdrop_plan")
+    def _(x, noise, p_t, p, k, normalize):
+        n, _, h, w = x.shape
+        k = min(k, max(h, w, 1))
+        return (x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))
 
     @register("guidedrop::seeds_plan")
