@@ -41,7 +41,7 @@ OPS = (
 # The plan kernels (csrc/cuda/plans/): a layer's arithmetic between its statistics and its
 # apply in one launch (issue 12), used by guidedrop.layers through the plan_<layer> below.
 PLAN_OPS = ("selectscale_plan", "selectout_plan", "focused_dropout_plan", "attentiondrop_plan",
-            "seeds_plan")
+            "seeds_plan", "corrdrop_plan")
 
 
 def unavailable() -> str:
