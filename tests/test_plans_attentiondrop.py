@@ -71,3 +71,11 @@ def test_noise_none_draws_like_the_reference():
     got = L.attentiondrop(B, x, 0.5, 20.0, mode="ad", normalize="batch",
                           generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(got.state[3], want.state[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alpha,u", [(1e-40, 1e-40), (1e-46, 0.0), (1e-50, 0.0)])
+def test_plan_rounds_alpha_to_float32(alpha, u):
+    """gamma = u < float32(alpha) (SPEC §1), subnormal and underflowing alphas included
+    (found by an adversarial pass: the interpreter compared with the unrounded alpha)."""
+    B = load_backend("triton")
+    check(B, torch.randn(2, 3, 6, 6), alpha, 20.0, "ad", "batch", torch.full((2, 3), u))

@@ -166,3 +166,14 @@ def test_plan_selection_geometry(name, monkeypatch):
         monkeypatch.setattr(CD, "CHUNK", chunk)
         monkeypatch.setattr(CD, "TILE", tile)
         compare(B.name, x, w, targets(3, 9), 2, 0.5, 0.5, "batch", u)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_plan_strided_targets(name):
+    """A sliced or expanded (stride 0) int64 target is read by value, not by memory order
+    (found by an adversarial pass: the kernel read target[n] at offset n)."""
+    x = make_x((4, 4, 5, 5), device=DEV)
+    w = weights(4, 2)
+    for t in (torch.tensor([2, 0, 0, 0, 0, 0])[:1].expand(4),
+              torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])[::2]):
+        compare(name, x, w, t.to(DEV), 2, 0.8, 0.5, "batch", noise_for(x, 2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 
 import torch
 import triton
@@ -114,6 +115,13 @@ def unsupported(x: torch.Tensor) -> str:
         return ""
     return (f"the Triton kernels run on CUDA tensors (CPU tensors only under "
             f"TRITON_INTERPRET=1), got {x.device}")
+
+
+def as_float32(v) -> float:
+    """v rounded to float32 (nearest even), as ``layers._rate`` rounds a rate for float32,
+    float16 and bfloat16 x: what a float32 kernel argument holds on a GPU, which the
+    interpreter does not round (subnormal rates differ there otherwise)."""
+    return struct.unpack("f", struct.pack("f", float(v)))[0]
 
 
 def pow2(n: int) -> int:

@@ -95,6 +95,9 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
         bc = max(1, min(TILE // bp, pow2(c)))
     from_w = weight is not None
     if from_w:
+        # The kernel reads target[n] at n: a sliced or expanded target is copied (no copy,
+        # no launch, when it is contiguous already).
+        target = target.contiguous()
         a_args = (weight, 0, 0, weight, target, alpha_out, weight.shape[1] // c, *weight.stride())
     else:
         a_args = (alpha, *alpha.stride(), alpha, alpha, alpha, 1, 0, 0)

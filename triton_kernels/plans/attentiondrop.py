@@ -21,7 +21,7 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _rate, rand
 
-from .._common import launch, op, pow2
+from .._common import as_float32, launch, op, pow2
 from ..percentile_threshold import MODES, _select
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
@@ -83,7 +83,7 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     # alpha: a kernel argument in eager mode (the launcher is called directly); a 0-dim
     # tensor while torch.compile traces the op, so that a new alpha is a new input, not a
     # recompile (a float argument of an op is specialised on, SPEC §8).
-    alpha = _rate(alpha, x) if torch.compiler.is_compiling() else float(alpha)
+    alpha = _rate(alpha, x) if torch.compiler.is_compiling() else as_float32(alpha)
     stats, active, scale = _plan(x, u, alpha, n_beta, mode, normalize)
     return Plan("attention", (mode,), (stats[0], stats[1], stats[2], active, scale))
 

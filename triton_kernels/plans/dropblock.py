@@ -13,20 +13,12 @@ reaches the kernel as a runtime float32 argument.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 
 from guidedrop.layers import Plan, _rate, _seed_rate
 
-from .._common import cdiv, op
+from .._common import as_float32, cdiv, op
 from ..block_mask import draw_seed, seed_launch, seeds_scale
-
-
-def as_float32(v: float) -> float:
-    """v rounded to float32 (nearest even), as ``layers._rate`` rounds a rate for float32,
-    float16 and bfloat16 x (their compute dtype is float32)."""
-    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def rate_args(q, x):

@@ -23,7 +23,17 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _rate, rand
 
-from .._common import float_key, hw_flat, key_float, launch, needs_int64, op, pos_offset, pow2
+from .._common import (
+    as_float32,
+    float_key,
+    hw_flat,
+    key_float,
+    launch,
+    needs_int64,
+    op,
+    pos_offset,
+    pow2,
+)
 from ..channel_ranking import channel_stats
 from .selectscale import rate_arg
 
@@ -114,7 +124,7 @@ def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=No
     if torch.compiler.is_compiling():  # runtime values of the traced graph (SPEC §8)
         low, spread = _rate(low, x), _rate(high - low, x)
     else:
-        low, spread = float(low), float(high) - float(low)
+        low, spread = as_float32(low), as_float32(float(high) - float(low))
     mask, scale = _focused_plan(x, mean, u, low, spread, per_position)
     return Plan("block", (1,), (mask, scale))
 

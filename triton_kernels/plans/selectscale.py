@@ -33,7 +33,7 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _rate, rand
 
-from .._common import float_key, key_float, launch, op, pow2, warps
+from .._common import as_float32, float_key, key_float, launch, op, pow2, warps
 from ..channel_ranking import channel_stats
 
 BLOCK_MAX = 4096  # channels per chunk of a row
@@ -185,7 +185,7 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     if torch.compiler.is_compiling():  # runtime values of the traced graph (SPEC §8)
         retain, spread = _rate(retain, x), _rate(2 * (1 - retain), x)
     else:
-        retain, spread = float(retain), 2 * (1 - float(retain))
+        retain, spread = as_float32(retain), as_float32(2 * (1 - float(retain)))
     return Plan("channel", (), (_selectscale_plan(amax, u, k, retain, spread),))
 
 
@@ -205,7 +205,7 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
         n_drop = torch.ones((), dtype=torch.float64, device=x.device).mul((1 - keep) * c)
         n_drop = n_drop.round()
     else:
-        inv_keep, n_drop = 1 / float(keep), round((1 - float(keep)) * c)
+        inv_keep, n_drop = as_float32(1 / float(keep)), round((1 - float(keep)) * c)
     return Plan("channel", (), (_selectout_plan(amax, u, k, inv_keep, n_drop),))
 
 
