@@ -723,7 +723,8 @@ def test_triton_ops_registered():
     functions are the ops or thin wrappers around them (same contract signatures)."""
     ops = triton_ops()
     mod = load_backend("triton")
-    assert set(op_samples()) == set(ops)
+    # the primitives, and the plan kernels' ops (tests/test_plans_*.py)
+    assert set(op_samples()) == {name for name in ops if not name.endswith("_plan")}
     for name in op_samples():
         assert getattr(ops, name).default._schema.name == f"guidedrop_triton::{name}"
         assert callable(getattr(mod, name))

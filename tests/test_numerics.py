@@ -326,7 +326,9 @@ def test_pooled_correlation_long_map_is_parallel(B):
     """A 1 x 2 x 5000 x 1 map (715 pooled rows) takes seconds, not minutes, also under the
     Triton interpreter; equal to the reference within float32 rounding."""
     x = torch.rand(1, 2, 5000, 1)
-    t0 = time.perf_counter()
+    # CPU seconds of this process (the emulator's threads included), not wall time: the
+    # bound is on the work, whatever else the machine runs.
+    t0 = time.process_time()
     f = B.pooled_correlation(x, 7)
-    assert time.perf_counter() - t0 < 20
+    assert time.process_time() - t0 < 20
     torch.testing.assert_close(f, R.pooled_correlation(x, 7), rtol=0, atol=1e-6)
