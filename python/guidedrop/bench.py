@@ -1085,4 +1085,5 @@ def add_parser(sub) -> None:
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
-                        "floor and host syncs per layer and backend (runs on any machine)")
+                        "floor and host syncs per layer and backend (runs on any machine; "
+                        "on a CPU, TRITON_INTERPRET=1 counts the Triton backend too)")
