@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training import SHAPE, _ops  # every layer, rates giving non-trivial masks
 
-import guidedrop.functional as F
 from guidedrop import dispatch
 from guidedrop.launches import count_layer
 
@@ -53,27 +53,6 @@ OVER_BUDGET = {
                            "read on CPU (on a GPU: the same 4 ops, _assert_async and clamp)",
 }
 
-N, C, H, W = 2, 8, 12, 12
-CLASSES = 10
-
-
-def _cases():
-    """layer -> (call(x, noise), noise shape)."""
-    weight = torch.randn(CLASSES, C, device=DEV)
-    target = torch.tensor([1, 3], device=DEV)
-    return {
-        "corrdrop": (lambda x, u: F.corrdrop(x, 0.3, 3, noise=u), (2, N, 4, 4)),
-        "selectscale": (lambda x, u: F.selectscale(x, 0.5, 0.1, noise=u), (N, C)),
-        "spatialscale": (lambda x, u: F.spatialscale(x, 0.1, noise=u), (N, C)),
-        "selectout": (lambda x, u: F.selectout(x, 0.5, 0.75, noise=u), (N, C)),
-        "attentiondrop": (lambda x, u: F.attentiondrop(x, 0.5, 20.0, noise=u), (N, C)),
-        "focused_dropout": (lambda x, u: F.focused_dropout(x, 0.3, 0.6, noise=u), (N,)),
-        "camdrop": (lambda x, u: F.camdrop(x, weight, target, 3, 0.9, channel_rate=0.25,
-                                           noise=u), (N, C, H, W)),
-        "dropblock": (lambda x, u: F.dropblock(x, 0.2, 3, noise=u), (N, C, H, W)),
-    }
-
-
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request, monkeypatch):
     name = request.param
@@ -95,8 +74,8 @@ def test_launch_budget(backend, layer, request):
     if (backend, layer) not in MEETS_BUDGET:
         reason = OVER_BUDGET.get((backend, layer), "no plan kernel on this backend yet")
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"{layer}: {reason} (issue 12)"))
-    call, noise_shape = _cases()[layer]
-    x = torch.randn(N, C, H, W, device=DEV)
+    call, noise_shape = _ops(DEV)[layer]
+    x = torch.randn(SHAPE, device=DEV)
     c = count_layer(call, x, torch.rand(noise_shape, device=DEV))
 
     syncs = c.forward.syncs + c.backward.syncs + c.fresh.syncs
