@@ -1,15 +1,41 @@
 #!/usr/bin/env bash
-# The GPU check of guidedrop, in one script: on the GPU machine, from anywhere in a checkout,
+# The GPU check of guidedrop, in one script and ONE call of the GPU machine (an H200 lent
+# for 15 minutes in all, one command at most 10): from anywhere in a checkout,
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh             # on the GPU machine: at most ~8 minutes
+#   bash benchmarks/gpu_check.sh --dry-run   # on a CPU, in CI: everything but the timing
 #
-#   1. env        GPU, driver, torch / triton / nvcc versions
-#   2. build      guidedrop._C in place: CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
-#   3. tests      python -m pytest -q tests            (the GPU tests run: a GPU is visible)
-#   4. sanitizer  compute-sanitizer --tool memcheck python -m pytest -q tests/test_backends.py -k cuda
-#   5. bench      python -m guidedrop bench --mode forward,full --resnet: CSV, PNG and a
-#                 markdown table (GPU name and date inside) -> $OUT/bench.{csv,png,md}
-#   6. show       python -m guidedrop show -> $OUT/masks.png
+# Each step has its own time bound (`timeout`), so that one slow step cannot eat the
+# lease, and prints its elapsed time; the whole run aims at $GPU_CHECK_SECONDS (450 s):
+#
+#   1. env        GPU, driver, torch / triton / nvcc versions                      (30 s)
+#   2. build      guidedrop._C in place, sm_90 only, MAX_JOBS=16:
+#                 CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace  (200 s)
+#   3. tests      the GPU tests only, 8 pytest-xdist workers: the files that run CUDA
+#                 tensors when a GPU is visible (test_backends, test_cuda_ops,
+#                 test_plans_cuda*, test_launches) and the gpu-marked tests of
+#                 test_training, `-m "not slow"`; not the interpreter suite         (150 s)
+#   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
+#                 through the CUDA backend (test_layer_matches_reference)           (90 s)
+#   5. bench      python -m guidedrop bench --mode full --graph --backends all at the
+#                 goal shapes (128,64,56,56) bf16 + fp32, (128,256,28,28) and
+#                 (128,1024,14,14) bf16 + fp32, (128,16,32,32) fp32, with --budget = the
+#                 time left: per layer x backend (cuda, triton, reference,
+#                 torch.compile(reference)) x shape, ms eager forward+backward, ms
+#                 replayed in a CUDA graph, x floor (3 reads + 2 writes of x at the
+#                 device copy bandwidth measured in the same run), speed-up over the
+#                 compiled reference. torch.compile runs last: past the budget its cells
+#                 say "not measured". -> $OUT/bench.{csv,md,png,txt}
+#   6. show       (not by default) python -m guidedrop show -> $OUT/masks.png
+#
+# Then the step times, and LAST the bench's table (rich, the bench's own table code).
+#
+# --dry-run: the same steps on a CPU, nothing timed (CI runs it, .ci/run): env; build
+# parses setup.py only; tests and sanitizer collect their test selections (--collect-only:
+# an import error or a selection typo fails here); bench --dry-run at a tiny shape with
+# Triton under TRITON_INTERPRET=1 (checked against the reference), torch.compile traced
+# with backend=eager, the CUDA backend listed as unavailable, every timing cell printed
+# "not measured" (never a number that was not seen).
 #
 # Everything is printed and also logged to $OUT/gpu_check.log. OUT defaults to
 # benchmarks/out. It installs nothing (the GPU machine has torch 2.11, triton 3.6 and no
@@ -18,11 +44,12 @@
 # python/guidedrop with triton_kernels/ linked in (what setup.py's package_dir does).
 #
 # Environment:
-#   GPU_CHECK_STEPS   steps to run, default "env build tests sanitizer bench show"
-#                     (split across calls when one call has a time limit; "build" is
-#                     needed once per machine: the .so stays in python/guidedrop/)
-#   BENCH_ARGS        extra arguments for the bench, e.g. "--layers dropblock --quick"
-#   TORCH_CUDA_ARCH_LIST  default 9.0 (H100 / H200); MAX_JOBS default: the core count
+#   GPU_CHECK_STEPS    steps to run, default "env build tests sanitizer bench" ("build" is
+#                      needed once per machine: the .so stays in python/guidedrop/)
+#   GPU_CHECK_SECONDS  the whole run's target, default 450 (the bench gets what is left)
+#   BENCH_ARGS         extra arguments for the bench, e.g. "--layers dropblock"
+#   PYTHON             default python3 (the GPU machine's has torch), else python
+#   TORCH_CUDA_ARCH_LIST  default 9.0 (H100 / H200); MAX_JOBS default 16
 # Exit status: 0 when every step that ran passed, else 1 (all steps run regardless).
 set -uo pipefail
 
@@ -42,25 +69,64 @@ finish() {
 }
 trap finish EXIT
 
-STEPS=" ${GPU_CHECK_STEPS:-env build tests sanitizer bench show} "
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]"; exit 2 ;;
+  esac
+done
+STEPS=" ${GPU_CHECK_STEPS:-env build tests sanitizer bench} "
+TOTAL=${GPU_CHECK_SECONDS:-450}
+# Each step's time bound, in seconds (the bench's is what is left of TOTAL).
+T_ENV=30 T_BUILD=200 T_TESTS=150 T_SANITIZER=90 T_SHOW=60
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+if ((DRY_RUN)); then
+  # Without a GPU, Triton runs under its interpreter (read when a kernel is decorated).
+  export TRITON_INTERPRET=1
+fi
+
+# The GPU tests: the files that run CUDA tensors when a GPU is visible, and the tests of
+# test_training marked gpu (-k matches marker names too); not the interpreter suite.
+GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
+  tests/test_plans_cuda_corrdrop.py tests/test_plans_cuda_attention_dropblock.py
+  tests/test_launches.py tests/test_training.py)
+GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 8 -m "not slow" -k "not test_training or gpu")
+# memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
+SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
+  -k "test_layer_matches_reference and cuda")
+# The bench: the goal shapes (bench.CUDA_DEFAULT, its default on CUDA) on the GPU; a tiny
+# shape on the CPU in the dry run.
+BENCH=(-m guidedrop bench --mode full --graph --backends all --csv "$OUT/bench.csv"
+  --md "$OUT/bench.md" --plot "$OUT/bench.png" --table "$OUT/bench.txt")
+if ((DRY_RUN)); then
+  BENCH+=(--dry-run --device cpu --shapes tiny --dtype fp32)
+fi
+COLLECT=()
+if ((DRY_RUN)); then COLLECT=(--collect-only); fi
+# What an earlier run left must not pass for this run's results.
+rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/masks.png"
 
 failed=()
 SUMMARY=()
 want() { [[ $STEPS == *" $1 "* ]]; }
 banner() { printf '\n======== %s ========\n' "$*"; }
-# run NAME CMD...: run a step, print its status and time, remember failures.
+# run NAME BOUND CMD...: run a step within BOUND seconds, print its status and elapsed
+# time, remember failures (pytest's 5, nothing collected, is one: it checks nothing).
 run() {
-  local name=$1 t0=$SECONDS rc=0
-  shift
-  banner "$name: $*"
-  "$@" || rc=$?
-  SUMMARY+=("$(printf '  %-10s rc=%-3s %5d s' "$name" "$rc" $((SECONDS - t0)))")
+  local name=$1 bound=$2 t0=$SECONDS rc=0 line
+  shift 2
+  banner "$name (bound ${bound} s, started at ${SECONDS} s): $*"
+  timeout --kill-after=10 "$bound" "$@" || rc=$?
+  line=$(printf '  %-10s rc=%-3s %5d s (bound %d s)' "$name" "$rc" $((SECONDS - t0)) "$bound")
+  if ((rc == 124 || rc == 137)); then line+="  TIMED OUT"; fi
+  SUMMARY+=("$line")
+  echo "$name: exit status $rc after $((SECONDS - t0)) s"
   if ((rc != 0)); then
     echo "FAILED: $name (exit status $rc)"
     failed+=("$name")
@@ -68,8 +134,7 @@ run() {
   return 0
 }
 
-if want env; then
-  banner "env"
+env_step() {
   nvidia-smi || echo "nvidia-smi not found"
   "$PY" - <<'EOF'
 import sys
@@ -84,11 +149,23 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible")
 EOF
   "$CUDA_HOME/bin/nvcc" --version | tail -2 || echo "nvcc not found under $CUDA_HOME"
+}
+
+if want env; then
+  export -f env_step
+  export PY
+  run env "$T_ENV" bash -c env_step
 fi
 
 if want build; then
-  run build "$PY" setup.py build_ext --inplace
-  ls -l python/guidedrop/_C*.so 2>/dev/null || echo "(no guidedrop._C built: no sources in csrc/?)"
+  if ((DRY_RUN)); then
+    # No GPU here, and the full build takes minutes on CI's cores (CI's build stage
+    # does it): parse setup.py only.
+    run build "$T_BUILD" "$PY" setup.py --version
+  else
+    run build "$T_BUILD" "$PY" setup.py build_ext --inplace
+    ls -l python/guidedrop/_C*.so 2>/dev/null || echo "(no guidedrop._C built: no sources in csrc/?)"
+  fi
 fi
 
 # guidedrop.triton_kernels lives in triton_kernels/ (setup.py maps it into the package):
@@ -109,50 +186,47 @@ for name in d.MODULES:
     print(f"  backend {name:9s}", "available" if mod is not None else f"unavailable: {why}")'
 
 if want tests; then
-  run tests "$PY" -m pytest -q tests
+  run tests "$T_TESTS" "$PY" -m pytest "${GPU_TESTS_ARGS[@]}" "${COLLECT[@]}" "${GPU_TESTS[@]}"
 fi
 
 if want sanitizer; then
   SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-  if [[ ! -f tests/test_backends.py ]]; then
-    banner "sanitizer: skipped, tests/test_backends.py does not exist"
+  if ((DRY_RUN)); then
+    [[ -x $SANITIZER ]] || echo "(compute-sanitizer is not here: the dry run collects its tests)"
+    run sanitizer "$T_SANITIZER" "$PY" -m pytest "${SANITIZER_TESTS[@]}" --collect-only
   elif [[ ! -x $SANITIZER ]]; then
     banner "sanitizer: compute-sanitizer not found"
     failed+=("sanitizer")
   else
-    sanitize() {
-      local rc=0
-      "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q tests/test_backends.py \
-        -k cuda || rc=$?
-      if ((rc == 5)); then
-        echo "(no test matched -k cuda)"
-        rc=0
-      fi
-      return $rc
-    }
-    run sanitizer sanitize
-  fi
-fi
-
-if want bench; then
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-  run bench "$PY" -m guidedrop bench --mode forward,full --resnet --csv "$OUT/bench.csv" \
-    --plot "$OUT/bench.png" --md "$OUT/bench.md" ${BENCH_ARGS:-}
-  if [[ -f $OUT/bench.md ]]; then
-    banner "bench.md (for benchmarks/RESULTS.md)"
-    cat "$OUT/bench.md"
+    run sanitizer "$T_SANITIZER" "$SANITIZER" --tool memcheck --error-exitcode 99 \
+      "$PY" -m pytest "${SANITIZER_TESTS[@]}"
   fi
 fi
 
 if want show; then
-  run show "$PY" -m guidedrop show --out "$OUT/masks.png"
+  run show "$T_SHOW" "$PY" -m guidedrop show --out "$OUT/masks.png"
 fi
 
-banner "summary"
+if want bench; then
+  # The bench stops checking and timing at its --budget, then prints and writes what it
+  # has; its bound adds time for that and for its start (imports, the copy bandwidth).
+  budget=$((TOTAL - SECONDS - 45))
+  if ((budget < 60)); then budget=60; fi
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+  run bench $((budget + 60)) "$PY" "${BENCH[@]}" --budget "$budget" ${BENCH_ARGS:-}
+fi
+
+banner "summary: ${SECONDS} s in all (target ${TOTAL} s)"
 printf '%s\n' "${SUMMARY[@]}"
 ls -l "$OUT"
 if ((${#failed[@]})); then
   echo "FAILED steps: ${failed[*]}"
+fi
+if [[ -f $OUT/bench.txt ]]; then
+  banner "bench table ($OUT/bench.md has it in markdown, for benchmarks/RESULTS.md)"
+  cat "$OUT/bench.txt"
+fi
+if ((${#failed[@]})); then
   exit 1
 fi
 echo "all steps passed"

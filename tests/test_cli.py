@@ -123,6 +123,50 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
                                                                                rel=1e-3)
 
 
+def test_bench_dry_run_times_nothing(tmp_path, capsys):
+    """--dry-run (the GPU script's CI run): checks every backend, prints every timing cell
+    as "not measured" and writes no number it did not see; --backends all lists a backend
+    that cannot run here with its reason."""
+    out, table = tmp_path / "d.csv", tmp_path / "d.txt"
+    rc = cli.main(["bench", "--dry-run", "--device", "cpu", "--shapes", "tiny", "--layers",
+                   "spatialscale", "--mode", "full", "--graph", "--backends", "all",
+                   "--csv", str(out), "--table", str(table)])
+    assert rc == 0, capsys.readouterr().err
+    rows = {r["backend"]: r for r in read_csv(out)}
+    assert set(rows) == set(bench.PROVIDERS)
+    for r in rows.values():
+        for key in ("ms", "gbps", "x_floor", "floor_ms", "graph_ms", "graph_x_floor",
+                    "speedup_compile", "graph_speedup_compile"):
+            assert r[key] == "", (r["backend"], key, r[key])
+        assert r["note"]
+    assert rows["reference"]["note"] == "dry run: not timed"
+    assert rows["cuda"]["note"].startswith("unavailable: ")
+    printed = capsys.readouterr().out
+    assert "not measured" in printed and "graph ms" in printed
+    assert "not measured" in table.read_text() and "GB/s (read" not in printed
+
+
+def test_bench_budget_spent_measures_nothing(tmp_path, capsys):
+    out = tmp_path / "b.csv"
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale,dropblock",
+                   "--budget", "0", "--csv", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_csv(out)
+    assert [r["layer"] for r in rows] == ["selectscale", "dropblock"]
+    assert all(r["ms"] == "" and r["note"] == "time budget spent" for r in rows)
+
+
+def test_bench_graph_on_cpu_is_not_measured(tmp_path, capsys):
+    out = tmp_path / "g.csv"
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale", "--mode",
+                   "forward,full", "--graph", "--csv", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = {r["mode"]: r for r in read_csv(out)}
+    assert float(rows["full"]["ms"]) > 0 and rows["full"]["graph_ms"] == ""
+    assert rows["full"]["note"] == "CUDA graphs need a CUDA device"
+    assert rows["forward"]["graph_ms"] == "" and rows["forward"]["note"] == ""
+
+
 def test_bench_resnet_step_quick(tmp_path, capsys):
     out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "camdrop",

@@ -215,15 +215,19 @@ def _compile_config():
     return contextlib.nullcontext()
 
 
-def provider_fn(provider: str, layer: str) -> Callable:
+def provider_fn(provider: str, layer: str, compiler: str = "inductor") -> Callable:
     """The callable run(x, weight, target, noise=None) of ``layer`` on ``provider``.
 
     Call it inside ``forced_backend(provider)``. ``compile`` is a fresh
-    ``torch.compile(..., dynamic=False)``: call ``torch.compiler.reset()`` between
-    cases (dynamo's recompile limit is per code object, shared by every layer here).
+    ``torch.compile(..., dynamic=False, backend=compiler)``: call
+    ``torch.compiler.reset()`` between cases (dynamo's recompile limit is per code object,
+    shared by every layer here). ``compiler="eager"`` traces without generating code (the
+    dry run: seconds instead of minutes on a CPU).
     """
     fn = op(layer)
-    return torch.compile(fn, dynamic=False) if provider == "compile" else fn
+    if provider == "compile":
+        return torch.compile(fn, dynamic=False, backend=compiler)
+    return fn
 
 
 def unsupported(provider: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -333,6 +337,31 @@ def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
     if mode == "full":
         return lambda: torch.autograd.grad(fn(x, w, t), x, dy)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def graph_fn(fn: Callable, inputs: Inputs) -> Callable[[], object]:
+    """The replay of one forward + backward of fn (``noise=None``) captured in a CUDA graph.
+
+    Warmed up first on a side stream, as torch.cuda.graphs asks (lazy initialisation,
+    compilation, the allocator's first blocks stay out of the graph). Each replay draws
+    fresh noise through the layers' graph-safe seeding. A host sync or another
+    uncapturable op inside fn raises here (RuntimeError)."""
+    step = mode_fn(fn, inputs, "full")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out  # keeps the graph's output alive with the closure
+
+    return replay
 
 
 def _elapsed_ms(fn: Callable[[], object], gpu: bool) -> float:
@@ -495,43 +524,58 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {tv}"
 
 
-def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer,
-               bandwidth: float, progress: Progress | None = None) -> list[dict]:
-    """Check, then time ``case`` on each provider; one row per provider and mode."""
+def _row(case: Case, provider: str, mode: str, note: str = "", **measured) -> dict:
+    """A result row. A timing cell that was not measured holds None (printed "not
+    measured", an empty CSV field): never a number that was not seen."""
+    row = dict(bench="op", layer=case.layer, shape=fmt_shape(case.shape),
+               dtype=DTYPE_NAMES[case.dtype], mode=mode, backend=provider, ms=None,
+               ms_p20=None, ms_p80=None, gbps=None, x_floor=None, floor_ms=None,
+               kept_fraction=math.nan, note=note)
+    row.update(measured)
+    return row
+
+
+def _first_line_of(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer | None,
+               bandwidth: float | None, progress: Progress | None = None, *,
+               graph: bool = False, deadline: float | None = None,
+               compiler: str = "inductor") -> list[dict]:
+    """Check, then time ``case`` on each provider; one row per provider and mode.
+
+    ``timer=None`` (a dry run): check and count the kept bytes, time nothing.
+    ``graph``: the ``full`` row also gets the time of its replay in a CUDA graph
+    (:func:`graph_fn`; CUDA only); a capture that fails leaves that cell unmeasured, with
+    the reason in ``note``. ``deadline`` (a ``time.monotonic()`` value): a provider reached
+    after it is neither checked nor timed. A check that fails raises MismatchError."""
     if "compile" in providers:
         torch.compiler.reset()  # a fresh recompile budget for this case
     inputs = make_inputs(case)
     s = check_slice(case, inputs)
     with forced_backend("reference"):
         expected = run_with_grad(op(case.layer), s)
-    fns = {}
-    for p in providers:
-        if progress:
-            progress.note(f"{case.label} {p}: check")
-        with forced_backend(p):
-            fns[p] = provider_fn(p, case.layer)
-            if p != "reference":
-                check(case, p, fns[p], s, expected)
-    del s, expected
     x_bytes = inputs.x.numel() * inputs.x.element_size()
     rows = []
     for p in providers:
+        if deadline is not None and time.monotonic() > deadline:
+            rows += [_row(case, p, mode, "time budget spent") for mode in modes]
+            continue
         if progress:
             progress.step(f"{case.label} {p}")
         with forced_backend(p):
+            fn = provider_fn(p, case.layer, compiler)
+            if p != "reference":
+                check(case, p, fn, s, expected)
             try:
-                kept = kept_bytes(fns[p], inputs) / x_bytes
+                kept = kept_bytes(fn, inputs) / x_bytes
             except Exception:  # saved-tensor hooks unsupported on this path
                 kept = math.nan
             for mode in modes:
-                ms, lo, hi = timer(mode_fn(fns[p], inputs, mode))
-                floor_bytes = PASSES[mode] * x_bytes
-                floor_ms = floor_bytes / bandwidth * 1e3
-                rows.append(dict(
-                    bench="op", layer=case.layer, shape=fmt_shape(case.shape),
-                    dtype=DTYPE_NAMES[case.dtype], mode=mode, backend=p, ms=ms,
-                    ms_p20=lo, ms_p80=hi, gbps=floor_bytes / (ms * 1e-3) / 1e9,
-                    x_floor=ms / floor_ms, floor_ms=floor_ms, kept_fraction=kept))
+                rows.append(_time_mode(case, p, fn, inputs, mode, timer, bandwidth, graph,
+                                       kept_fraction=kept))
         if progress:
             progress.advance()
     if "compile" in providers:
@@ -539,14 +583,53 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer,
     return rows
 
 
+def _time_mode(case: Case, p: str, fn: Callable, inputs: Inputs, mode: str,
+               timer: Timer | None, bandwidth: float | None, graph: bool,
+               **fields) -> dict:
+    """The row of ``mode``: eager time and, for ``full`` with ``graph``, the replay time."""
+    if timer is None:
+        return _row(case, p, mode, "dry run: not timed", **fields)
+    x_bytes = inputs.x.numel() * inputs.x.element_size()
+    floor_bytes = PASSES[mode] * x_bytes
+    floor_ms = floor_bytes / bandwidth * 1e3
+    ms, lo, hi = timer(mode_fn(fn, inputs, mode))
+    row = _row(case, p, mode, ms=ms, ms_p20=lo, ms_p80=hi,
+               gbps=floor_bytes / (ms * 1e-3) / 1e9, x_floor=ms / floor_ms,
+               floor_ms=floor_ms, **fields)
+    if graph and mode == "full":
+        if case.device.type != "cuda":
+            row["note"] = "CUDA graphs need a CUDA device"
+            return row
+        try:
+            replay = graph_fn(fn, inputs)
+            row["graph_ms"] = timer(replay)[0]
+            row["graph_x_floor"] = row["graph_ms"] / floor_ms
+        except Exception as e:  # an uncapturable op: that cell only, the run goes on
+            row["note"] = f"graph capture failed: {_first_line_of(e)}"
+            print(f"{case.label} {p}: {row['note']}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+    return row
+
+
 def _add_speedups(rows: list[dict]) -> None:
-    base = {(r["layer"], r["shape"], r["dtype"], r["mode"], r["backend"]): r["ms"]
-            for r in rows}
+    """speedup_eager, speedup_compile (eager times) and graph_speedup_compile (replay
+    times): NaN where the run has no such baseline, None where it was not measured."""
+    by_key = {(r["layer"], r["shape"], r["dtype"], r["mode"], r["backend"]): r for r in rows}
+
+    def ratio(base_row, r, key):
+        if base_row is None or key not in r:
+            return math.nan
+        if base_row.get(key) is None or r.get(key) is None:
+            return None
+        return base_row[key] / r[key]
+
     for r in rows:
         k = (r["layer"], r["shape"], r["dtype"], r["mode"])
-        eager, comp = base.get((*k, "reference")), base.get((*k, "compile"))
-        r["speedup_eager"] = eager / r["ms"] if eager else math.nan
-        r["speedup_compile"] = comp / r["ms"] if comp else math.nan
+        eager, comp = by_key.get((*k, "reference")), by_key.get((*k, "compile"))
+        r["speedup_eager"] = ratio(eager, r, "ms")
+        r["speedup_compile"] = ratio(comp, r, "ms")
+        r["graph_speedup_compile"] = ratio(comp, r, "graph_ms")
 
 
 # --------------------------------------------------------------------------- ResNet-50 step
@@ -656,12 +739,17 @@ OP_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dty
               ("speedup_eager", "vs eager", "{:.2f}"),
               ("speedup_compile", "vs compile", "{:.2f}"),
               ("kept_fraction", "kept/x", "{:.4f}")]
+# With --graph: the full mode's forward + backward replayed in a CUDA graph.
+GRAPH_COLUMNS = [("graph_ms", "graph ms", "{:.4g}"), ("graph_x_floor", "graph x floor", "{:.2f}"),
+                 ("graph_speedup_compile", "graph vs compile", "{:.2f}")]
+NOTE_COLUMN = ("note", "note", "{}")
 RESNET_COLUMNS = [("layer", "layer", "{}"), ("backend", "backend", "{}"),
                   ("shape", "batch", "{}"), ("dtype", "dtype", "{}"),
                   ("ms", "step ms", "{:.2f}"), ("overhead_pct", "overhead %", "{:+.1f}")]
 CSV_FIELDS = ["date", "device", "versions", "copy_gbps", "bench", "layer", "shape", "dtype",
               "mode", "backend", "ms", "ms_p20", "ms_p80", "gbps", "x_floor", "floor_ms",
-              "speedup_eager", "speedup_compile", "kept_fraction", "overhead_pct"]
+              "speedup_eager", "speedup_compile", "kept_fraction", "graph_ms", "graph_x_floor",
+              "graph_speedup_compile", "note", "overhead_pct"]
 
 
 MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
@@ -709,8 +797,23 @@ def model_report(layers, cases, providers, explicit, device, channels_last) -> l
     return rows
 
 
+def op_columns(rows: list[dict]) -> list:
+    """OP_COLUMNS, then the graph columns when a row has replay cells (--graph), then the
+    notes when a row has one."""
+    cols = list(OP_COLUMNS)
+    if any("graph_ms" in r for r in rows):
+        cols += GRAPH_COLUMNS
+    if any(r.get("note") for r in rows):
+        cols.append(NOTE_COLUMN)
+    return cols
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
+    """A table cell: "not measured" for None (a timing not taken), "-" for NaN or absent
+    (no such quantity here)."""
     v = row.get(key, "")
+    if v is None:
+        return "not measured"
     if isinstance(v, float) and math.isnan(v):
         return "-"
     return fmt.format(v) if v != "" else "-"
@@ -720,7 +823,8 @@ def format_table(rows: list[dict], columns, markdown: bool = False):
     """The rows as a markdown table (a string), or else as a rich Table to print."""
     cells = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     heads = [h for _, h, _ in columns]
-    numeric = [k not in ("layer", "shape", "dtype", "mode", "backend") for k, _, _ in columns]
+    numeric = [k not in ("layer", "shape", "dtype", "mode", "backend", "note")
+               for k, _, _ in columns]
     if markdown:
         lines = ["| " + " | ".join(heads) + " |",
                  "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
@@ -728,8 +832,10 @@ def format_table(rows: list[dict], columns, markdown: bool = False):
         return "\n".join(lines)
     from rich.table import Table
     table = Table()
-    for head, num in zip(heads, numeric, strict=True):
-        table.add_column(head, justify="right" if num else "left", no_wrap=True)
+    for (key, _, _), head, num in zip(columns, heads, numeric, strict=True):
+        # Notes wrap; every other column keeps its cells on one line.
+        table.add_column(head, justify="right" if num else "left", no_wrap=key != "note",
+                         min_width=24 if key == "note" else None)
     for c in cells:
         table.add_row(*c)
     return table
@@ -744,17 +850,22 @@ def write_csv(path: str, rows: list[dict], meta: dict) -> None:
 
 
 def _csv_value(v):
+    if v is None:
+        return ""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return v
 
 
-def write_plot(path: str, rows: list[dict], meta: dict) -> None:
+def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
+    """A PNG bar chart of the timed rows; False (nothing written) when none was timed."""
+    if all(r["ms"] is None for r in rows):
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = [r for r in rows if r["bench"] == "op"]
+    ops = [r for r in rows if r["bench"] == "op" and r["ms"] is not None]
     res = [r for r in rows if r["bench"] == "resnet50-step" and r["layer"] != "none"]
     configs = list(dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in ops))
     panels = len(configs) + (1 if res else 0)
@@ -814,18 +925,21 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> None:
                ncol=len(legend), fontsize=9, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) -> None:
     ops = [r for r in rows if r["bench"] == "op"]
     res = [r for r in rows if r["bench"] == "resnet50-step"]
+    bandwidth = ("not measured (dry run)" if meta["copy_gbps"] is None
+                 else f"{meta['copy_gbps']:.1f} GB/s (read + write)")
     parts = [f"Device: {meta['device']}; {meta['versions']}; {meta['date']}.",
-             f"Measured device-to-device copy bandwidth: {meta['copy_gbps']:.1f} GB/s "
-             f"(read + write). Floor = passes over x at that bandwidth: "
+             f"Measured device-to-device copy bandwidth: {bandwidth}. "
+             "Floor = passes over x at that bandwidth: "
              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + ". `kept/x`: bytes saved for "
              "backward (x itself excluded) / bytes of x.", ""]
     if ops:
-        parts += [format_table(ops, OP_COLUMNS, markdown=True), ""]
+        parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
         parts += ["ResNet-50 training step, layer appended to layer1, layer2 and layer3:", "",
                   format_table(res, RESNET_COLUMNS, markdown=True), ""]
@@ -949,23 +1063,27 @@ def fits(shape, dtype: torch.dtype, device: torch.device) -> None:
 
 
 def choose_providers(arg: str | None, device: torch.device,
-                     dtypes: list[torch.dtype]) -> tuple[list[str], bool]:
-    """(providers, explicit). Named ones must exist and take every dtype on the device."""
+                     dtypes: list[torch.dtype]) -> tuple[list[str], str]:
+    """(providers, how): how is "default" (every available one, Triton under the
+    interpreter left out), "named" (each must exist and take every dtype on the device) or
+    "all" (every backend; those that cannot run get rows that say why)."""
     if arg is None:
         return [p for p in PROVIDERS if any(p in default_providers(device, d) for d in dtypes)
-                ], False
+                ], "default"
+    if arg.strip() == "all":
+        return list(PROVIDERS), "all"
     names = list(dict.fromkeys(_split(arg)))
     if not names:
         raise usage_error("--backends is empty")
     for p in names:
         if p not in PROVIDERS:
-            raise usage_error(f"unknown backend {p!r}; choose from {', '.join(PROVIDERS)}")
+            raise usage_error(f"unknown backend {p!r}; choose from {', '.join(PROVIDERS)}, all")
         for d in dtypes:
             why = unsupported(p, device, d)
             if why:
                 raise usage_error(f"backend {p} is not available for {DTYPE_NAMES[d]} on "
                                   f"{device}: {why}")
-    return names, True
+    return names, "named"
 
 
 def run(args) -> list[dict]:
@@ -977,15 +1095,20 @@ def run(args) -> list[dict]:
             raise usage_error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     if not modes:
         raise usage_error("--mode is empty")
+    if args.graph and "full" not in modes:
+        raise usage_error("--graph times the full mode in a CUDA graph: add full to --mode")
+    if args.dry_run and args.resnet:
+        raise usage_error("--dry-run times nothing, and --resnet is a timing: give one")
     device = parse_device(args.device)
     cases = configs(args, device)
     for shape, dtype in cases:
         fits(shape, dtype, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    providers, explicit = choose_providers(args.backends, device,
-                                           list(dict.fromkeys(d for _, d in cases)))
-    for path, opt in ((args.csv, "--csv"), (args.plot, "--plot"), (args.md, "--md")):
+    providers, how = choose_providers(args.backends, device,
+                                      list(dict.fromkeys(d for _, d in cases)))
+    for path, opt in ((args.csv, "--csv"), (args.plot, "--plot"), (args.md, "--md"),
+                      (args.table, "--table")):
         writable(path, opt)
     if args.plot:
         try:
@@ -999,22 +1122,41 @@ def run(args) -> list[dict]:
             raise usage_error(f"--resnet needs torchvision ({e})") from None
 
     if args.model:
-        return model_report(layers, cases, providers, explicit, device, args.channels_last)
-    timer = Timer(device, args.quick)
-    bandwidth, copied = measure_bandwidth(device, timer)
+        return model_report(layers, cases, providers, how != "default", device,
+                            args.channels_last)
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     meta = dict(date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                device=device_name(device), versions=_versions(), copy_gbps=bandwidth / 1e9)
+                device=device_name(device), versions=_versions(), copy_gbps=None)
     print(f"guidedrop bench on {meta['device']} ({meta['versions']}), {meta['date']}")
-    print(f"device-to-device copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
-          f"(read + write); floor = passes over x at that rate: "
-          + ", ".join(f"{m} {PASSES[m]}" for m in modes) + f"; timing: {timer.method}")
+    if args.dry_run:
+        # Everything but the timing: inputs, checks against the reference, kept bytes,
+        # the table. torch.compile traces with backend="eager" (no code generation).
+        timer, bandwidth = None, None
+        print("dry run: every check runs, nothing is timed (no bandwidth, no floor); "
+              "torch.compile traces with backend=eager")
+    else:
+        timer = Timer(device, args.quick)
+        bandwidth, copied = measure_bandwidth(device, timer)
+        meta["copy_gbps"] = bandwidth / 1e9
+        print(f"device-to-device copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
+              f"(read + write); floor = passes over x at that rate: "
+              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + f"; timing: {timer.method}")
 
-    plan = []
+    # Per case: the providers that run, and a row saying why for each one that cannot.
+    plan, skipped = [], {}
     for shape, dtype in cases:
-        ok = [p for p in providers if not unsupported(p, device, dtype)
-              and (explicit or p in default_providers(device, dtype))]
-        plan += [(Case(layer, shape, dtype, device, args.channels_last), ok)
-                 for layer in layers]
+        for layer in layers:
+            case = Case(layer, shape, dtype, device, args.channels_last)
+            ok = []
+            for p in providers:
+                why = unsupported(p, device, dtype)
+                if not why and (how != "default" or args.dry_run
+                                or p in default_providers(device, dtype)):
+                    ok.append(p)
+                elif why and how == "all":
+                    note = f"unavailable: {why if len(why) <= 80 else why[:79] + '…'}"
+                    skipped[(len(plan), p)] = [_row(case, p, m, note) for m in modes]
+            plan.append((case, ok))
     res_providers = [p for p in providers if p != "compile"
                      and not unsupported(p, device, torch.bfloat16 if device.type == "cuda"
                                          else torch.float32)]
@@ -1022,28 +1164,51 @@ def run(args) -> list[dict]:
     if args.resnet:
         total += 1 + len(layers) * len(res_providers)
     progress = Progress(total)
-    rows: list[dict] = []
+    done: dict[tuple[int, str], list[dict]] = dict(skipped)
+    res_rows: list[dict] = []
+    compiler = "eager" if args.dry_run else "inductor"
     try:
-        for case, ok in plan:
-            rows += bench_case(case, ok, modes, timer, bandwidth, progress)
+        # torch.compile last, after every other backend of every case: its compilations
+        # take the longest, so under --budget they are what is left out.
+        for first in (True, False):
+            for i, (case, ok) in enumerate(plan):
+                sel = [p for p in ok if (p != "compile") == first]
+                if not sel:
+                    continue
+                for r in bench_case(case, sel, modes, timer, bandwidth, progress,
+                                    graph=args.graph, deadline=deadline, compiler=compiler):
+                    done.setdefault((i, r["backend"]), []).append(r)
         if args.resnet:
-            rows += resnet_rows(layers, res_providers, device, args.quick, progress)
+            res_rows = resnet_rows(layers, res_providers, device, args.quick, progress)
     finally:
         progress.close()
-    _add_speedups([r for r in rows if r["bench"] == "op"])
+    ops = [r for i in range(len(plan)) for p in providers for r in done.get((i, p), [])]
+    if args.graph:  # every full row has replay cells, "not measured" where none was timed
+        for r in ops:
+            if r["mode"] == "full":
+                r.setdefault("graph_ms", None)
+                r.setdefault("graph_x_floor", None)
+    _add_speedups(ops)
+    rows = ops + res_rows
 
-    ops = [r for r in rows if r["bench"] == "op"]
     from .cli import console
+    tables = [format_table(ops, op_columns(ops))]
+    if args.resnet:
+        note = " (torch.compile is not timed here)" if "compile" in providers else ""
+        tables += [f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:",
+                   format_table(res_rows, RESNET_COLUMNS)]
     out = console()
     out.print()
-    out.print(format_table(ops, OP_COLUMNS))
-    if args.resnet:
-        res = [r for r in rows if r["bench"] == "resnet50-step"]
-        note = " (torch.compile is not timed here)" if "compile" in providers else ""
-        out.print(f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:",
-                  highlight=False)
-        out.print(format_table(res, RESNET_COLUMNS))
+    for t in tables:
+        out.print(t, highlight=False)
     try:
+        if args.table:
+            from rich.console import Console
+            with open(args.table, "w") as f:
+                file_console = Console(file=f, width=250, color_system=None)
+                for t in tables:
+                    file_console.print(t, highlight=False)
+            print(f"wrote {args.table}")
         if args.csv:
             write_csv(args.csv, rows, meta)
             print(f"wrote {args.csv}")
@@ -1051,8 +1216,10 @@ def run(args) -> list[dict]:
             write_markdown(args.md, rows, meta, modes)
             print(f"wrote {args.md}")
         if args.plot:
-            write_plot(args.plot, rows, meta)
-            print(f"wrote {args.plot}")
+            if write_plot(args.plot, rows, meta):
+                print(f"wrote {args.plot}")
+            else:
+                print(f"{args.plot} not written: nothing was timed")
     except OSError as e:
         raise usage_error(f"cannot write the results: {e}") from None
     return rows
@@ -1072,7 +1239,8 @@ def add_parser(sub) -> None:
     b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64")
     b.add_argument("--mode", default="full", help="forward, backward, full, or a comma list")
     b.add_argument("--backends", default=None,
-                   help=f"comma list of {', '.join(PROVIDERS)} (default: every available one)")
+                   help=f"comma list of {', '.join(PROVIDERS)} (default: every available one), "
+                        "or all: every backend, a row saying why for each that cannot run here")
     b.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
     b.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     b.add_argument("--threads", type=int_in(1, 4096), default=None,
@@ -1083,6 +1251,18 @@ def add_parser(sub) -> None:
     b.add_argument("--resnet", action="store_true",
                    help="also time a ResNet-50 training step with each layer")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")
+    b.add_argument("--graph", action="store_true",
+                   help="also time the full mode's forward + backward (noise=None) replayed in "
+                        "a CUDA graph, captured after a warm-up (CUDA only)")
+    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="stop checking and timing after this long: the cases left get rows "
+                        "marked not measured (torch.compile, the slowest to set up, runs last)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="everything but the timing: checks against the reference, kept bytes, "
+                        "the table with its timing cells marked not measured (torch.compile "
+                        "traced with backend=eager)")
+    b.add_argument("--table", default=None, metavar="PATH",
+                   help="also write the printed table as plain text")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "
