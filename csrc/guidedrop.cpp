@@ -152,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_stats(
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor act = active.contiguous();
   at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
-  at::Tensor mx = at::empty({N, C}, f32(x)), msum = at::empty({N, C}, f32(x));
+  at::Tensor mx = at::empty({N, C}, f32(x));
+  at::Tensor msum = at::empty({N, C}, x.options().dtype(at::kDouble));  // exact sums
   launch_attention_stats(x, k, act, m, thr, mn, mx, msum);
   return {thr, mn, mx, msum};
 }
@@ -296,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const int m = parse_mode(mode, op), norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
-  at::Tensor mx = at::empty({N, C}, f32(x)), msum = at::empty({N, C}, f32(x));
+  at::Tensor mx = at::empty({N, C}, f32(x));
+  at::Tensor msum = at::empty({N, C}, x.options().dtype(at::kDouble));  // exact sums
   at::Tensor active = at::empty({N, C}, x.options().dtype(at::kBool));
   at::Tensor scale = at::empty({N}, f32(x));
   launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, thr, mn, mx, msum,

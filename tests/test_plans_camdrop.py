@@ -1,6 +1,6 @@
 """CamDrop's plan kernels (``B.plan_camdrop``, issue 12) against the reference plan.
 
-Bit for bit (see test_plans_dropblock.assert_same_plan) for the same explicit noise: odd
+Bit for bit (testing.assert_same_plan) for the same explicit noise: odd
 shapes, every dtype and layout, every normalisation, classifier weights of every float
 dtype and layout with C_fc / C columns per channel (the in-kernel mean, in float64, must
 give the reference's float32 value), ties in the CAM and in alpha (top-k keeps them),
@@ -17,11 +17,10 @@ from test_plans_dropblock import (
     KERNEL_BACKENDS,
     LAYOUTS,
     NORMALIZE,
-    assert_same_plan,
     on_threshold,
     plan_backend,
 )
-from testing import make_x
+from testing import assert_same_plan, make_x
 
 from guidedrop import layers
 from guidedrop import reference as R

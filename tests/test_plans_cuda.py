@@ -20,7 +20,7 @@ from itertools import product
 
 import pytest
 import torch
-from testing import DTYPES, HAS_CUDA, LAYOUTS
+from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same_plan
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -76,23 +76,12 @@ def strided(u: torch.Tensor) -> torch.Tensor:
     return big[..., ::2]
 
 
-def same_plan(got: L.Plan, want: L.Plan, what: str) -> None:
-    assert got.kind == want.kind and got.meta == want.meta, (what, got, want)
-    assert len(got.state) == len(want.state), what
-    for i, (g, e) in enumerate(zip(got.state, want.state, strict=True)):
-        tag = f"{what}: state[{i}]"
-        assert g.shape == e.shape and g.dtype == e.dtype and g.device == e.device, (
-            tag, g.shape, e.shape, g.dtype, e.dtype, g.device, e.device)
-        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m, tag=tag: f"{tag}: {m}")
-
-
 def check(B, layer, x, *args, **kw):
     """The plan kernel's Plan vs the reference plan's (layers.<layer>.reference on R)."""
     got = getattr(B, f"plan_{layer}")(x, *args, **kw)
     want = getattr(L, layer).reference(R, x, *args, **kw)
     u = kw.get("noise")
-    same_plan(got, want, f"{layer} {tuple(x.shape)} {x.dtype} {args} "
+    assert_same_plan(got, want, f"{layer} {tuple(x.shape)} {x.dtype} {args} "
                          f"{kw.get('per_position', '')} noise {None if u is None else u.dtype}")
     return got
 
@@ -197,9 +186,9 @@ def test_plan_draw_without_noise(B, layer):
     torch.manual_seed(9)
     got = getattr(B, f"plan_{layer}")(x, *args, **kw)
     torch.manual_seed(9)
-    same_plan(got, getattr(L, layer).reference(R, x, *args, **kw), f"{layer} default")
+    assert_same_plan(got, getattr(L, layer).reference(R, x, *args, **kw), f"{layer} default")
     g1, g2 = (torch.Generator(DEV).manual_seed(4) for _ in range(2))
-    same_plan(getattr(B, f"plan_{layer}")(x, *args, generator=g1, **kw),
+    assert_same_plan(getattr(B, f"plan_{layer}")(x, *args, generator=g1, **kw),
               getattr(L, layer).reference(R, x, *args, generator=g2, **kw), f"{layer} gen")
 
 

@@ -15,11 +15,10 @@ import math
 import pytest
 import test_cuda_emulated as CE
 import torch
-from test_plans_corrdrop import _noise
-from testing import make_x
+from test_plans_corrdrop import _noise, check
+from testing import assert_same_plan, make_x
 
 from guidedrop import layers as L
-from guidedrop import reference as R
 
 pytestmark = pytest.mark.skipif(bool(CE.emu.unavailable()),
                                 reason=f"CUDA emulator: {CE.emu.unavailable()}")
@@ -31,23 +30,6 @@ NORMALIZE = ["batch", "sample", "none"]
 def B():
     """python/guidedrop/cuda_backend.py on the emulated ops (plan_corrdrop included)."""
     return CE.emu.backend()
-
-
-def _same(got, want):
-    assert (got.kind, got.meta) == (want.kind, want.meta)
-    for g, w in zip(got.state, want.state, strict=True):
-        assert (g.shape, g.dtype) == (w.shape, w.dtype), (g.shape, w.shape, g.dtype, w.dtype)
-        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
-
-
-def check(B, x, p, block_size, normalize, u):
-    kw = dict(normalize=normalize, noise=u)
-    got = L.corrdrop(B, x, p, block_size, **kw)
-    _same(got, L.corrdrop.reference(B, x, p, block_size, **kw))
-    k = L._block_extent(block_size, *x.shape[2:])
-    if torch.equal(B.pooled_correlation(x, k), R.pooled_correlation(x, k)):
-        _same(got, L.corrdrop(R, x, p, block_size, **kw))
-    return got
 
 
 @pytest.mark.parametrize("shape,block_size,dtype,layout,normalize", [
@@ -117,7 +99,7 @@ def test_noise_none_draws_like_the_reference(B):
     kw = dict(normalize="batch")
     want = L.corrdrop.reference(B, x, 0.3, 3, **kw, generator=torch.Generator().manual_seed(3))
     got = L.corrdrop(B, x, 0.3, 3, **kw, generator=torch.Generator().manual_seed(3))
-    _same(got, want)
+    assert_same_plan(got, want)
 
 
 def test_rate_tensor_equals_rate_float():

@@ -15,7 +15,7 @@ import struct
 import pytest
 import torch
 from test_backends import DEV, load_backend
-from testing import make_x
+from testing import assert_same_plan, make_x
 
 from guidedrop import layers
 from guidedrop import reference as R
@@ -31,22 +31,6 @@ def plan_backend(name: str, layer: str):
     if not hasattr(mod, f"plan_{layer}"):
         pytest.skip(f"backend {name} has no plan_{layer}")
     return mod
-
-
-def assert_same_plan(got, want):
-    """Plans equal bit for bit: kind, meta, and every state tensor (NaN where NaN)."""
-    if want is None:
-        assert got is None
-        return
-    assert got is not None
-    assert got.kind == want.kind and got.meta == want.meta, (got[:2], want[:2])
-    assert len(got.state) == len(want.state)
-    for i, (a, b) in enumerate(zip(got.state, want.state, strict=True)):
-        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
-        assert a.device == b.device, (i, a.device, b.device)
-        assert torch.equal(a.cpu(), b.cpu()) or (
-            a.is_floating_point() and torch.equal(a.isnan().cpu(), b.isnan().cpu())
-            and torch.equal(a.nan_to_num().cpu(), b.nan_to_num().cpu())), (i, a, b)
 
 
 def f32(v: float) -> float:

@@ -16,8 +16,8 @@ from itertools import product
 import pytest
 import torch
 from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
-from test_plans_selectscale import _cases, assert_same_plan
-from testing import DTYPES, LAYOUTS, ODD_SHAPES, make_x
+from test_plans_selectscale import _cases
+from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R

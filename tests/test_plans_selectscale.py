@@ -15,24 +15,10 @@ from itertools import product
 import pytest
 import torch
 from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
-from testing import DTYPES, LAYOUTS, ODD_SHAPES, make_x
+from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
-
-
-def assert_same_plan(got, want):
-    """Same kind, meta, and state tensors: shape, dtype and bits (NaN where NaN)."""
-    assert (got.kind, got.meta) == (want.kind, want.meta)
-    for g, w in zip(got.state, want.state, strict=True):
-        assert (g.shape, g.dtype) == (w.shape, w.dtype)
-        g, w = g.cpu(), w.cpu()
-        assert torch.equal(g.isnan(), w.isnan()), (g, w)
-        if g.is_floating_point():
-            g, w = g.nan_to_num(0.5), w.nan_to_num(0.5)
-            assert torch.equal(g.view(torch.int32), w.view(torch.int32)), (g, w)
-        else:
-            assert torch.equal(g, w), (g, w)
 
 
 def check(B, layer, x, *args, noise):  # noqa: F811

@@ -115,3 +115,25 @@ def assert_close_dtype(
         equal_nan=True,
         **tol(dtype),
     )
+
+
+def assert_same_plan(got, want, what: str = "") -> None:
+    """Two ``layers.Plan``s are equal bit for bit: same kind and meta, and per state tensor
+    the same shape, dtype and values: a NaN where the other has one, whatever its payload,
+    and -0.0 equal to 0.0 (they tie in every comparison; a k-th largest of a map holding
+    both may be either). Compared on the CPU, so ``want`` may come from the reference on a
+    copy of x there. ``want`` None (no plan: nothing dropped) wants ``got`` None."""
+    if want is None or got is None:
+        assert got is want, (what, got, want)
+        return
+    assert (got.kind, got.meta) == (want.kind, want.meta), (what, got.kind, got.meta,
+                                                            want.kind, want.meta)
+    assert len(got.state) == len(want.state), what
+    for i, (g, w) in enumerate(zip(got.state, want.state, strict=True)):
+        tag = f"{what} state[{i}]"
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), (tag, g.shape, w.shape, g.dtype, w.dtype)
+        g, w = g.detach().cpu(), w.detach().cpu()
+        if g.is_floating_point():
+            assert torch.equal(g.isnan(), w.isnan()), (tag, g, w)
+            g, w = g.masked_fill(g.isnan(), 0), w.masked_fill(w.isnan(), 0)
+        assert torch.equal(g, w), (tag, g, w)

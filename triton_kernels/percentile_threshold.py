@@ -142,16 +142,18 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
         if STATS:
             mx = key_float(kmax)
             mn = tl.where(kmax == 0x7FC00000, mx, key_float(kmin))  # a NaN: amin is NaN too
+            # msum in float64: every S is a multiple of 2^-24 in [0, 1], so the sum is exact
+            # (backend_contract.md) and equal to the reference's in any order.
             if SINGLE:
                 s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
-                msum = tl.sum(tl.where(valid, s, 0.0), axis=1)
+                msum = tl.sum(tl.where(valid, s, 0.0).to(tl.float64), axis=1)
             else:
-                acc = tl.zeros([ROWS, BLOCK], tl.float32)
+                acc = tl.zeros([ROWS, BLOCK], tl.float64)
                 for p0 in range(0, L, BLOCK):
                     key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
                                             HW_FLAT, IDX64)
                     s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
-                    acc += tl.where(valid, s, 0.0)
+                    acc += tl.where(valid, s, 0.0).to(tl.float64)
                 msum = tl.sum(acc, axis=1)
             tl.store(mn_ptr + rows, mn, mask=live)
             tl.store(mx_ptr + rows, mx, mask=live)
@@ -159,8 +161,9 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
 
 
 def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
-            active_out=None) -> torch.Tensor:
-    """x4: (N, C, H, W), any strides -> (1 or 4, N, C) float32: thr (, min, max, msum).
+            active_out=None):
+    """x4: (N, C, H, W), any strides -> (1, N, C) float32: thr; or, given ``mode``, the
+    pair ((3, N, C) float32: thr, min, max; (N, C) float64: msum).
 
     The maps are those where ``active`` (N, C) bool, or, given ``u`` (N, C) (any float
     dtype), where u < alpha in float32, written to ``active_out`` (N, C) bool; the entries
@@ -169,17 +172,18 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     """
     n, c, h, w = x4.shape
     stats = mode is not None
-    out = torch.empty((4 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
+    out = torch.empty((3 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
+    msum = torch.empty((n, c) if stats else (0,), dtype=torch.float64, device=x4.device)
+    result = (out, msum) if stats else out
     rcount, length = n * c, h * w
     if rcount == 0:
-        return out
+        return result
     if length == 0:  # no k-th largest (nor min, max) in an empty map; nothing to sum
-        out[:3] = float("nan")
-        if stats:
-            out[3] = 0.0
+        out.fill_(float("nan"))
+        msum.zero_()
         if u is not None:
             active_out.copy_(u.to(torch.float32) < alpha)
-        return out
+        return result
     if not 1 <= k <= length:
         raise ValueError(f"k must be in [1, {length}], got {k}")
     if length <= MAX_ROW:
@@ -191,15 +195,15 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
     aout = active_out.view(torch.uint8) if u_act else x4
-    stat = out[1:] if stats else out.expand(3, n, c)  # unused when not stats
+    stat = out if stats else out.expand(3, n, c)  # min, max, msum unused when not stats
     launch(_select_kernel)[(cdiv(rcount, rows),)](
-        x4, act, out[0], stat[0], stat[1], stat[2], u, aout, alpha,
+        x4, act, out[0], stat[1], stat[2], msum if stats else out, u, aout, alpha,
         rcount, c, w, length, int(k), *x4.stride(),
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
         STATS=stats, MODE=MODES.get(mode, 0),
         ROWS=rows, BLOCK=block, SINGLE=single, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
-    return out
+    return result
 
 
 @op("kth_largest")
@@ -215,17 +219,19 @@ def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C) float32.
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C): float32,
+    msum float64 (exact: backend_contract.md).
 
     Entries of inactive maps are 0 (the contract leaves them unspecified).
     """
-    out = _attention_stats(x, k, active, mode)
-    return out[0], out[1], out[2], out[3]
+    out, msum = _attention_stats(x, k, active, mode)
+    return out[0], out[1], out[2], msum
 
 
 @op("attention_stats")
-def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str) -> torch.Tensor:
-    """(4, N, C): thr, mn, mx, msum (one output: an op's outputs may not alias)."""
+def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
+                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """((3, N, C) float32: thr, mn, mx; (N, C) float64: msum) (outputs may not alias)."""
     return _select(x, k, active, mode)
 
 

@@ -33,13 +33,15 @@ void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
 void launch_kth_largest(const at::TensorBase& v, int64_t k, const at::TensorBase& out);
 // out: (N, C) float32.
 void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBase& out);
-// active: (N, C) bool; thr, mn, mx, msum: (N, C) float32 (zeros for inactive maps).
+// active: (N, C) bool; thr, mn, mx: (N, C) float32, msum (N, C) float64, the exact sum
+// (zeros for inactive maps).
 void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& active,
                             int mode, const at::TensorBase& thr, const at::TensorBase& mn,
                             const at::TensorBase& mx, const at::TensorBase& msum);
 // AttentionDrop's statistics drawing gamma = u < alpha itself (plan, issue 12): noise (N, C)
 // any floating dtype and strides; alpha_t: undefined (then `alpha`) or a 0-dim float32;
-// writes active (N, C) bool, and thr, mn, mx, msum (N, C) float32 (zeros where inactive).
+// writes active (N, C) bool, thr, mn, mx (N, C) float32 and msum (N, C) float64 (zeros
+// where inactive).
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
                                 const at::TensorBase& thr, const at::TensorBase& mn,
@@ -55,7 +57,7 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
 // csrc/cuda/plans/ (issue 12). normalize: 0 none, 1 sample, 2 batch (SPEC §1, layers._scale).
 enum Normalize : int { kNormNone = 0, kNormSample = 1, kNormBatch = 2 };
 
-// plans/attentiondrop.cu. msum: (N, C) float32, active: (N, C) bool, scale: (N,) float32:
+// plans/attentiondrop.cu. msum: (N, C) float64, active: (N, C) bool, scale: (N,) float32:
 // kept[n] = sum_c (active ? msum : H*W) in float64, scale = layers._scale(kept, C*H*W).
 void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase& active,
                                 int64_t HW, int normalize, const at::TensorBase& scale);

@@ -80,10 +80,11 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
                                   const int mode,
                                   const bool use_smem, float* __restrict__ thr,
                                   float* __restrict__ mn, float* __restrict__ mx,
-                                  float* __restrict__ msum) {
+                                  double* __restrict__ msum) {
   extern __shared__ uint32_t keys[];  // H * W keys when use_smem
   __shared__ SelectSmem sel;
   __shared__ float scratch[32];
+  __shared__ double dscratch[32];
   const bool draw = gamma.u.p != nullptr;
   const bool stats = draw || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
@@ -94,7 +95,10 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       const bool act = draw ? gamma.u(m / C, m % C) < alpha : gamma.active[m];
       if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
       if (!act) {
-        if (threadIdx.x == 0) thr[m] = mn[m] = mx[m] = msum[m] = 0.f;
+        if (threadIdx.x == 0) {
+          thr[m] = mn[m] = mx[m] = 0.f;
+          msum[m] = 0.0;
+        }
         continue;
       }
     }
@@ -119,12 +123,14 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     }
     lo = block_reduce(lo, MinOp(), scratch);
     hi = block_reduce(hi, MaxOp(), scratch);
-    float sum = 0.f;
+    // msum in double: every S is a multiple of 2^-24 in [0, 1], so the sum is exact in any
+    // order (backend_contract.md), the reference's to the bit.
+    double sum = 0.0;
     for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
       const float v = use_smem ? key_float(keys[i]) : load(i);  // the key round-trips exactly
       sum += soft_mask(v, t, lo, hi, mode);
     }
-    sum = block_reduce(sum, SumOp(), scratch);  // ends with __syncthreads
+    sum = block_reduce(sum, SumOp(), dscratch);  // ends with __syncthreads
     if (threadIdx.x == 0) {
       thr[m] = t;
       mn[m] = lo;
@@ -137,7 +143,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 template <typename scalar_t>
 void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64_t C, int64_t H,
                        int64_t W, int64_t k, const Gamma& gamma, int mode, float* thr,
-                       float* mn, float* mx, float* msum) {
+                       float* mn, float* mx, double* msum) {
   if (maps == 0) return;
   const int64_t L = H * W;
   const bool use_smem = L <= kSmemKeys;
@@ -190,7 +196,7 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
                                 x.size(1), x.size(2), x.size(3), k,
                                 Gamma{active.data_ptr<bool>(), Noise2{}, nullptr, 0.f, nullptr},
                                 mode, thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                mx.data_ptr<float>(), msum.data_ptr<float>());
+                                mx.data_ptr<float>(), msum.data_ptr<double>());
   });
 }
 
@@ -206,7 +212,7 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
                                 x.size(1), x.size(2), x.size(3), k, gamma, mode,
                                 thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                mx.data_ptr<float>(), msum.data_ptr<float>());
+                                mx.data_ptr<float>(), msum.data_ptr<double>());
   });
 }
 

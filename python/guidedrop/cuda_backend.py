@@ -86,7 +86,8 @@ def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def attention_stats(x, k, active, mode):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C) float32.
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C): float32,
+    msum float64 (exact: backend_contract.md).
 
     Entries of inactive maps are 0.
     """
@@ -279,8 +280,8 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
 def _register_fakes() -> None:
     register = torch.library.register_fake
 
-    def stats(x):
-        return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
+    def stats(x, dtype=torch.float32):
+        return x.new_empty((x.shape[0], x.shape[1]), dtype=dtype)
 
     @register("guidedrop::pooled_correlation")
     def _(x, k):
@@ -301,7 +302,7 @@ def _register_fakes() -> None:
 
     @register("guidedrop::attention_stats")
     def _(x, k, active, mode):
-        return stats(x), stats(x), stats(x), stats(x)
+        return stats(x), stats(x), stats(x), stats(x, torch.float64)
 
     @register("guidedrop::cam")
     def _(x, alpha):

@@ -199,9 +199,9 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
     # Inactive maps: 0 (the contract leaves them unspecified; plans compare exactly).
     thr, mn, mx = (torch.where(active, s, 0) for s in (thr, mn, mx))
-    # Summed in float64: exact for float32 terms of similar magnitude, in any order.
-    kept = torch.where(active, msum.double(), h * w).sum(dim=1)
-    scale = _scale(kept, c * h * w, normalize, msum.dtype)
+    # msum is float64 and exact (backend_contract.md), so are these sums, in any order.
+    kept = torch.where(active, msum, h * w).sum(dim=1)
+    scale = _scale(kept, c * h * w, normalize, thr.dtype)
     return Plan("attention", (mode,), (thr, mn, mx, active, scale))
 
 

@@ -118,12 +118,13 @@ def _soft_mask(xf, thr, mn, mx, mode):
 
 
 def attention_stats(x, k, active, mode):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C)."""
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C); msum in
+    float64 (see backend_contract.md: exact in any order of summation)."""
     m = _maps(x)
     thr = m.topk(k, dim=2).values[..., -1].clone()  # not a view of the (N, C, k) buffer
     mn, mx = m.amin(dim=2), m.amax(dim=2)
-    msum = _soft_mask(m, thr[..., None], mn[..., None], mx[..., None], mode).sum(dim=2)
-    return thr, mn, mx, msum
+    s = _soft_mask(m, thr[..., None], mn[..., None], mx[..., None], mode)
+    return thr, mn, mx, s.sum(dim=2, dtype=torch.float64)
 
 
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@
 
 The apply (``apply_attention``) is the third launch; with ``noise=None`` the uniforms are
 one more (``torch.rand``, as the reference draws them). alpha is a runtime argument.
-The scale is equal to the reference's to within one float32 ulp, not bit for bit: the
-soft mask's per-map sums (``msum``) are float32 sums whose order differs across backends.
+The scale is the reference's bit for bit: the soft mask's per-map sums (``msum``) are
+exact float64 sums (backend_contract.md), and so are the sums of them here.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 @triton.jit
 def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
                             NORM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    # kept[n] = sum_c (active ? msum : HW) in float64 (exact: float32 terms of one sample's
-    # magnitude), then SPEC §1's multiplier: units / kept, over the batch for "batch".
+    # kept[n] = sum_c (active ? msum : HW) in float64 (exact, any order: backend_contract.md),
+    # then SPEC §1's multiplier: units / kept, over the batch for "batch".
     total = tl.zeros([BN], tl.float64)
     for n0 in range(0, N, BN):
         n = n0 + tl.arange(0, BN)
@@ -41,7 +41,7 @@ def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
             m = (n < N)[:, None] & (c < C)[None, :]
             off = n[:, None] * C + c[None, :]
             act = tl.load(act_ptr + off, mask=m, other=0) != 0
-            s = tl.load(msum_ptr + off, mask=m, other=0.0).to(tl.float64)
+            s = tl.load(msum_ptr + off, mask=m, other=0.0)
             kept += tl.sum(tl.where(m, tl.where(act, s, HW.to(tl.float64)), 0.0), axis=1)
         if NORM == 0:
             tl.store(sc_ptr + n, tl.full([BN], 1.0, tl.float32), mask=n < N)
@@ -62,15 +62,15 @@ def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
 @op("attentiondrop_plan")
 def _plan(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, n_beta: int, mode: str,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stats (4, N, C) float32: thr, mn, mx, msum; active (N, C) bool; scale (N,) f32)."""
+    """(stats (3, N, C) float32: thr, mn, mx; active (N, C) bool; scale (N,) float32)."""
     n, c, h, w = x.shape
     active = torch.empty((n, c), dtype=torch.bool, device=x.device)
-    stats = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
+    stats, msum = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     bc = min(pow2(c), 1024)
     bn = max(1, min(pow2(n), 4096 // bc))
     launch(_attention_scale_kernel)[(1,)](
-        stats[3], active.view(torch.uint8), scale, n, c, h * w, c * h * w,
+        msum, active.view(torch.uint8), scale, n, c, h * w, c * h * w,
         NORM=NORMALIZE[normalize], BN=bn, BC=bc)
     return stats, active, scale
 

@@ -7,8 +7,8 @@
 // `int / tensor` = reciprocal(tensor) * int, over the whole batch for "batch".
 // One warp per sample (lanes over channels, a fixed-order butterfly sum), then a block sum
 // for "batch": the (N, C) state is small, one block reads it all, no second launch.
-// The scale matches the reference to within one float32 ulp, not bit for bit: msum is a
-// float32 sum whose order differs across backends.
+// The scale is the reference's bit for bit: msum and the sums of it here are exact float64
+// sums (every soft-mask value is a multiple of 2^-24 in [0, 1]: backend_contract.md).
 #include "../common.cuh"
 #include "../launchers.h"
 
@@ -21,7 +21,7 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
   return kept > 0 ? (1.0 / fmax(kept, 1e-300)) * units : 0.0;  // NaN kept: 0, as torch.where
 }
 
-__global__ void attentiondrop_scale_kernel(const float* __restrict__ msum,
+__global__ void attentiondrop_scale_kernel(const double* __restrict__ msum,
                                            const bool* __restrict__ active, const int64_t N,
                                            const int64_t C, const int64_t HW, const int norm,
                                            float* __restrict__ scale) {
@@ -33,7 +33,7 @@ __global__ void attentiondrop_scale_kernel(const float* __restrict__ msum,
     double kept = 0.0;
     for (int64_t c = lane; c < C; c += 32) {
       const int64_t m = n * C + c;
-      kept += active[m] ? static_cast<double>(msum[m]) : static_cast<double>(HW);
+      kept += active[m] ? msum[m] : static_cast<double>(HW);
     }
     kept = warp_reduce(kept, SumOp());
     if (norm == kNormBatch) batch += kept;
@@ -55,7 +55,7 @@ void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase
   // One warp per sample, up to kPlanThreads.
   const int threads = static_cast<int>(std::min<int64_t>(kPlanThreads, N * 32));
   attentiondrop_scale_kernel<<<1, threads, 0, current_stream()>>>(
-      msum.data_ptr<float>(), active.data_ptr<bool>(), N, C, HW, normalize,
+      msum.data_ptr<double>(), active.data_ptr<bool>(), N, C, HW, normalize,
       scale.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
