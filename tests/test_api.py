@@ -656,6 +656,24 @@ def test_camdrop_target_out_of_range(target, dtype):
                   3, 0.5)
 
 
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_camdrop_cpu_target_checked_without_device_ops(dtype):
+    """SPEC §6 step 0 for a CPU target: read on the host (numpy), no aten op and no sync
+    (issue 12's launch budget counts CPU ops too), the same ValueError naming target; the
+    target comes back unconverted (the backends read it by value)."""
+    from guidedrop import _validation as V
+    from guidedrop.launches import LaunchCounter
+    x, w = torch.randn(4, 2, 5, 5), torch.randn(3, 4)
+    t = torch.tensor([2, 0, 1, 1, 0, 2, 0, 1], dtype=dtype)[::2]  # sliced
+    with LaunchCounter() as c:
+        assert V.cam_inputs(w, t, x) is t
+    assert c.launches == [] and c.syncs == [], (c.launches, c.syncs)
+    bad = torch.tensor([2, 0, 3, 1], dtype=dtype)
+    with LaunchCounter() as c, pytest.raises(ValueError, match=r"target .*\[0, 3\), got 3"):
+        V.cam_inputs(w, bad, x)
+    assert c.launches == [] and c.syncs == [], (c.launches, c.syncs)
+
+
 @pytest.mark.parametrize("target", [torch.tensor([True, False]), torch.tensor([0.0, 1.0]),
                                     [0, 1]])
 def test_camdrop_target_not_integer(target):

@@ -176,3 +176,51 @@ def test_plan_strided_targets(name):
     for t in (torch.tensor([2, 0, 0, 0, 0, 0])[:1].expand(4),
               torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])[::2]):
         compare(name, x, w, t.to(DEV), 2, 0.8, 0.5, "batch", noise_for(x, 2))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64,
+                                   torch.uint8])
+def test_plan_target_dtypes(name, dtype):
+    """Targets of every integer dtype reach the plan unconverted (no launch) and are read
+    by value: uint8 with N = K is an index, never a mask; contiguous and sliced."""
+    x = make_x((K, 4, 5, 5), device=DEV)
+    w = weights(4, 2)
+    u = noise_for(x, 3)
+    t64 = torch.tensor([4, 0, 0, 3, 3, 1, 1, 2, 2, 4], device=DEV)
+    for t in (t64[::2], t64[1::2].contiguous()):
+        got = compare(name, x, w, t.to(dtype), 2, 0.6, 0.5, "batch", u)
+        want = layers.camdrop.reference(R, x, w, t, 2, 0.6, channel_rate=0.5,
+                                        normalize="batch", noise=u)
+        assert_same_plan(got, want)  # the int64 plan: rows W[t] by value
+
+
+@pytest.mark.parametrize("bad", [[0, 5], [-1, 2], [127, 0], [3, -128]])
+def test_plan_target_out_of_range(bad, monkeypatch):
+    """SPEC §6 step 0 in the backends (a target not checked on the host: on a GPU, or
+    while torch.compile traces): the reference asserts in torch ops (RuntimeError naming
+    target on the CPU); the Triton plan asserts in its CAM kernel and clamps the row, so
+    that without device assertions (the interpreter's default) nothing is read out of
+    bounds: the plan of the clamped target. With the interpreter's assertions on (as the
+    kernel's debug=True compiles them on a GPU) the kernel raises, naming target."""
+    x = make_x((2, 4, 5, 5), device=DEV)
+    w = weights(4, 2)
+    t = torch.tensor(bad, dtype=torch.int8, device=DEV)
+    kw = dict(channel_rate=0.5, normalize="batch", noise=noise_for(x, 4))
+    with pytest.raises(RuntimeError, match="target"):
+        layers.camdrop.reference(R, x, w, t, 2, 0.6, **kw)
+    B = plan_backend("triton", "camdrop")
+    clamped = t.long().clamp(0, K - 1)
+    assert_same_plan(layers.camdrop(B, x, w, t, 2, 0.6, **kw),
+                     layers.camdrop.reference(R, x, w, clamped, 2, 0.6, **kw))
+    if DEV != "cpu":
+        return  # on a GPU the assertion would poison the CUDA context
+    from triton.runtime import interpreter as I
+    monkeypatch.setattr(I.interpreter_builder, "options", I.InterpreterOptions(debug=True))
+    with pytest.raises(BaseException, match="target must hold class indices"):
+        layers.camdrop(B, x, w, t, 2, 0.6, **kw)
+    # the assertion holds for a target in range (it is the range, not its negation)
+    from guidedrop.triton_kernels.class_activation import cam_launch
+    j, alpha = torch.empty(2, 5, 5), torch.empty(2, 4)
+    cam_launch(x, j, weight=w, target=torch.tensor([4, 0], dtype=torch.int8), alpha_out=alpha)
+    assert torch.equal(alpha, w[[4, 0]].view(2, 4, 2).double().mean(2).float())

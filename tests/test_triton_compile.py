@@ -134,3 +134,47 @@ def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     print(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
+    """SPEC §6 step 0 on a GPU: the first CamDrop kernel (the CAM from W[y]) keeps its
+    device assertion on the target in the sm_90 code (Triton drops tl.device_assert
+    unless the kernel is compiled in debug mode), with a message naming target."""
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
+    import guidedrop.functional as F
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    recorder = _Recorder()
+    for m in _kernel_modules(mod):
+        monkeypatch.setattr(m, "launch", recorder)
+    x = torch.randn(2, 4, 6, 6)
+    F.camdrop(x, torch.randn(3, 8), torch.tensor([2, 0], dtype=torch.int8), 3, 0.5,
+              noise=torch.rand(x.shape))
+    specs = [s for s in recorder.specs.values() if s["kernel"] == "_cam_kernel"]
+    assert len(specs) == 1, specs
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(specs[0]))
+    child = (
+        "import json, sys, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton_compile import source\n"
+        "src, options = source(json.load(open(sys.argv[1])))\n"
+        "k = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options)\n"
+        "print(k.asm['ptx'].replace(' ', ''))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)]
+                                        + [p for p in sys.path if p])
+    done = subprocess.run([sys.executable, "-c", child, str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ptx = done.stdout
+    assert "__assertfail" in ptx
+    # the message, as PTX spells a string constant: its bytes in decimal
+    assert ",".join(str(b) for b in b"target must hold class indices") in ptx

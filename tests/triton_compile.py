@@ -49,6 +49,8 @@ def source(spec):
             constexprs[name] = False if name == "BF16_FIX" else value
         else:
             options[name] = value
+    if getattr(kernel, "debug", None):  # @triton.jit(debug=True), as JITFunction.run reads it
+        options.setdefault("debug", True)
     return ASTSource(kernel, signature, constexprs=constexprs), options
 
 

@@ -28,9 +28,13 @@ from ._common import (
 )
 
 
-@triton.jit
+# debug=True compiles the device assertion on the target (Triton drops tl.device_assert
+# otherwise; torch.compile's inductor compiles user kernels in debug mode anyway). The
+# positions' offsets are pointer additions, which Triton's overflow sanitizer (on in debug
+# mode) does not instrument: the per-element work is the same as without debug.
+@triton.jit(debug=True)
 def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
-                w_ptr, t_ptr, ao_ptr, G, w_sK, w_sC,
+                w_ptr, t_ptr, ao_ptr, G, K, w_sK, w_sC, t_s,
                 BC: tl.constexpr, BP: tl.constexpr, HW_FLAT: tl.constexpr,
                 IDX64: tl.constexpr, FROM_W: tl.constexpr):
     n = tl.program_id(0)
@@ -41,8 +45,14 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
         p = p.to(tl.int64)
     poff = pos_offset(p, W, sH, sW, HW_FLAT)
     if FROM_W:  # CamDrop's plan: alpha = weight[target[n]] averaged per channel, here
-        wrow = tl.load(t_ptr + n).to(tl.int64) * w_sK
+        # target read by value whatever its integer dtype (uint8 is an index, not a
+        # mask); SPEC §6 step 0 checked here, the first CamDrop kernel (no host sync, no
+        # extra launch), and the row clamped so that no read goes out of bounds.
+        y = tl.load(t_ptr + n.to(tl.int64) * t_s).to(tl.int64)
+        tl.device_assert((y >= 0) & (y < K), "target must hold class indices in [0, K)")
+        wrow = tl.minimum(tl.maximum(y, 0), K - 1) * w_sK
     acc = tl.zeros([BC, BP], tl.float64)
+    x_n = x_ptr + n * sN
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
@@ -52,8 +62,8 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
                 tl.store(ao_ptr + n * C + cc, al, mask=cv)
         else:
             al = tl.load(a_ptr + n * a_sN + cc * a_sC, mask=cv, other=0.0)
-        off = n * sN + (cc * sC)[:, None] + poff[None, :]
-        v = tl.load(x_ptr + off, mask=cv[:, None] & pv[None, :], other=0.0).to(tl.float32)
+        ptrs = x_n + (cc * sC)[:, None] + poff[None, :]
+        v = tl.load(ptrs, mask=cv[:, None] & pv[None, :], other=0.0).to(tl.float32)
         acc += al.to(tl.float64)[:, None] * v.to(tl.float64)
     tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0).to(tl.float32), mask=pv)
 
@@ -84,7 +94,9 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     """J of x (N, C, H, W) into out (N, H, W) float32, C >= 1: from alpha (N, C) float32,
     or (CamDrop's plan) from alpha = weight[target].view(N, C, -1).mean(2), which is then
-    also written to alpha_out (N, C) float32."""
+    also written to alpha_out (N, C) float32. target: (N,) of any integer dtype and
+    stride; an index outside [0, K) fails the kernel's device assertion (on a GPU; the
+    interpreter skips it) and reads row 0 or K - 1, never out of bounds."""
     n, c, h, w = x.shape
     length = h * w
     if walk_channels_last(x):
@@ -95,12 +107,11 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
         bc = max(1, min(TILE // bp, pow2(c)))
     from_w = weight is not None
     if from_w:
-        # The kernel reads target[n] at n: a sliced or expanded target is copied (no copy,
-        # no launch, when it is contiguous already).
-        target = target.contiguous()
-        a_args = (weight, 0, 0, weight, target, alpha_out, weight.shape[1] // c, *weight.stride())
+        # target read at its stride (sliced or expanded: no copy, no launch)
+        a_args = (weight, 0, 0, weight, target, alpha_out, weight.shape[1] // c,
+                  weight.shape[0], *weight.stride(), target.stride(0))
     else:
-        a_args = (alpha, *alpha.stride(), alpha, alpha, alpha, 1, 0, 0)
+        a_args = (alpha, *alpha.stride(), alpha, alpha, alpha, 1, 1, 0, 0, 0)
     launch(_cam_kernel)[(n, cdiv(length, bp))](
         x, a_args[0], out, c, w, length, *x.stride(), *a_args[1:],
         BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), FROM_W=from_w,

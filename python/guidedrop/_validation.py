@@ -88,14 +88,18 @@ def noise(u, shape: tuple[int, ...], x: torch.Tensor) -> None:
 
 
 def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
-    """CamDrop's classifier weight and targets (SPEC §6 step 0); returns target as int64.
+    """CamDrop's classifier weight and targets (SPEC §6 step 0); returns target as given.
 
     weight: a floating (K, C_fc) tensor on x's device, K >= 1, C_fc >= 1 a multiple of
     x's C. target: (N,) class indices in [0, K), any integer dtype (bool is a TypeError;
-    uint8 is an index, never a mask), on x's device. An index out of range is a
-    ValueError naming ``target`` for a CPU target; on a GPU (and in a torch.compile'd
-    graph) an asynchronous assertion (``torch._assert_async``) naming ``target``, without
-    a host sync.
+    uint8 is an index, never a mask), on x's device, any strides; it is returned unchanged
+    (no conversion: every backend reads it by value). An index out of range is a
+    ValueError naming ``target`` for a CPU target, checked here on the host without any
+    op on the device. A GPU target (and any target while torch.compile traces, where a
+    host check would be a data-dependent graph break) is checked by the backend, without
+    a host sync: an asynchronous device assertion naming ``target`` (``assert_target`` on
+    the reference; in the first CamDrop kernel of a kernel backend, see
+    backend_contract.md).
     """
     if weight is None or target is None:
         raise ValueError("camdrop needs the classifier weight and the targets "
@@ -123,16 +127,29 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
     if target.device != x.device:
         raise ValueError(f"target must be on x's device {x.device}, got {target.device}")
-    target = target.long()
-    inside = (target >= 0) & (target < k)
-    # Under torch.compile a host check would be a data-dependent graph break: there the
-    # CPU takes the device path too (a RuntimeError naming target when the step runs).
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(inside.all()):
-            bad = target[~inside][0].item()
-            raise ValueError(f"target must hold class indices in [0, {k}), got {bad}")
-        return target
-    # No host sync on a device: assert asynchronously, and clamp so that the indexing
-    # after it never raises a second, anonymous device assertion.
-    torch._assert_async(inside.all(), f"target must hold class indices in [0, {k})")
+    if target_checked_on_host(target):
+        # Through numpy, which torch's dispatcher does not see: no op on the device, no
+        # launch (issue 12's budget counts every aten op, a CPU one too).
+        t = target.numpy()
+        bad = t[(t < 0) | (t >= k)]
+        if bad.size:
+            raise ValueError(f"target must hold class indices in [0, {k}), got {bad[0]}")
+    return target
+
+
+def target_checked_on_host(target: torch.Tensor) -> bool:
+    """Whether ``cam_inputs`` checked target's range on the host: a CPU target outside
+    torch.compile. Otherwise the backend checks it on the device."""
+    return target.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:
+    """The device check of a target (N,) of any integer dtype against K = k classes, in
+    torch ops: an asynchronous assertion naming ``target`` (no host sync; on the CPU it
+    raises RuntimeError at once), and the target as int64 clamped into [0, k), so that
+    the indexing after it never raises a second, anonymous device assertion. The
+    reference's check, and every backend's where no CamDrop kernel runs."""
+    target = target.long()  # by value: uint8 is an index, never a mask
+    torch._assert_async(((target >= 0) & (target < k)).all(),
+                        f"target must hold class indices in [0, {k})")
     return target.clamp(0, k - 1)

@@ -142,7 +142,7 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
     of C, K >= 1, floating, on x's device; target: (N,) class indices in [0, K) of any
     integer dtype, on x's device; noise: (N, C, H, W). Raises ValueError / TypeError
     naming the argument (SPEC §6 step 0; a target out of range on a GPU is an
-    asynchronous device assertion naming ``target``).
+    asynchronous device assertion naming ``target``, RuntimeError when it fires).
     """
     V.feature_map(x)
     block_size, keep = V.block_size(block_size), V.real("keep", keep)
@@ -150,9 +150,12 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
     normalize = V.choice("normalize", normalize, V.NORMALIZE)
     V.noise(noise, x.shape, x)
     # Checked whenever given (also in eval mode); required only when the op runs.
-    if weight is not None or target is not None or not _idle(x, training, 1 - keep):
+    idle = _idle(x, training, 1 - keep)
+    if weight is not None or target is not None or not idle:
         target = V.cam_inputs(weight, target, x)
-    if _idle(x, training, 1 - keep):
+    if idle:
+        if target is not None and not V.target_checked_on_host(target):
+            V.assert_target(target, weight.shape[0])  # no CamDrop kernel runs to check it
         return x
     return _run("camdrop", x, weight, target, block_size, keep, channel_rate=channel_rate,
                 normalize=normalize, noise=noise, generator=generator)

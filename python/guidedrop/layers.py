@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _validation
+
 
 class Plan(NamedTuple):
     kind: str  # "channel" | "block" | "seeds" | "attention": which apply kernel
@@ -244,6 +246,9 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
             noise=None, generator=None):
     """SPEC §6. State: the packed seeds (N, ceil(C*H*W/8)) uint8 and scale (N,)."""
     n, c, h, w = x.shape
+    # SPEC §6 step 0 on the device (a CPU target was checked on the host already): the
+    # reference asserts in torch ops; a kernel backend's plan in its first CamDrop kernel.
+    target = _validation.assert_target(target, weight.shape[0])
     r = block_size
     if r > h or r > w:  # no valid centre: nothing is dropped
         return None

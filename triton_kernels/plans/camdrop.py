@@ -2,7 +2,8 @@
 
 1. CAM (``class_activation._cam_kernel`` with FROM_W): alpha = weight[target] averaged
    over the C_fc / C columns of each channel, in float64 as the reference, and
-   J = sum_c alpha * x;
+   J = sum_c alpha * x; it also checks the target's range (SPEC §6 step 0: a device
+   assertion naming ``target``, compiled in debug mode) and clamps the row it reads;
 2. candidates (``_candidates_kernel``): the spatial top-k of J and the channel top-k of
    alpha, ties kept (``layers._top``);
 3. seeds (``block_mask._seed_bits_kernel``), which also zeroes the coverage ticket;
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from guidedrop import _validation
 from guidedrop.layers import Plan, _seed_rate
 
 from .._common import MAX_ROW, TILE, cdiv, float_key, key_float, launch, op, pow2, warps
@@ -135,14 +137,18 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     """``layers.camdrop`` fused: the same Plan, bit for bit, in 4 launches (+1 draw).
 
     x: (N, C, H, W) float32/float16/bfloat16 (C, H, W >= 1); weight: (K, C_fc), C_fc a
-    multiple of C, any float dtype; target: (N,) int64 in [0, K) (checked by
-    ``guidedrop.functional``); noise: (N, C, H, W) or None. Returns None when the block
-    does not fit the map, else Plan("seeds", (r, C == 1), (bits (N, ceil(C*H*W/8)) uint8,
-    scale (N,) float32)).
+    multiple of C, any float dtype; target: (N,) of any integer dtype and stride, read by
+    value; noise: (N, C, H, W) or None. Returns None when the block does not fit the map,
+    else Plan("seeds", (r, C == 1), (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32)).
+    A target outside [0, K) not checked on the host (``guidedrop.functional`` checks a
+    CPU one) fails the CAM kernel's device assertion, whose message names ``target``
+    (backend_contract.md); the kernel clamps the row, so nothing is read out of bounds.
     """
     n, c, h, w = x.shape
     r = block_size
-    if r > h or r > w:  # no valid centre: nothing is dropped
+    if r > h or r > w:  # no valid centre: nothing is dropped, and no kernel checks target
+        if not _validation.target_checked_on_host(target):
+            _validation.assert_target(target, weight.shape[0])
         return None
     k_s = max(1, (h * w) // (r * r))
     k_c = max(1, round(channel_rate * c))
