@@ -214,6 +214,13 @@ def magic(d: int, span: int) -> tuple[int, bool]:
     return (0, True) if d >= span else (-(-2**30 // d), False)
 
 
+def rows_aligned(t: torch.Tensor) -> bool:
+    """Whether the row tile's rows of t start on 16 bytes (W * itemsize % 16 == 0): there it
+    vectorises too, and kernels that gather per-map values per element (apply_block,
+    apply_attention) spend fewer instructions per element in rows than in a flat tile."""
+    return t.shape[-1] * t.element_size() % 16 == 0
+
+
 def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     """(grid, meta) of a flat apply tile (``flat_tile``) from t to out, or None unless t,
     out and the tensors of ``more`` (read at the same positions) are all contiguous NCHW.

@@ -40,6 +40,7 @@ from ._common import (
     op,
     out_like,
     out_offset,
+    rows_aligned,
     pow2,
     tile_nchw,
     tile_offset,
@@ -105,7 +106,8 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    flat = flat_launch(t, out) if h * w * w <= 2**30 else None
+    flat = (flat_launch(t, out) if h * w * w <= 2**30 and not rows_aligned(t)
+            else None)
     if flat is not None:
         grid, meta = flat
         launch(_apply_block_flat_kernel)[grid](

@@ -40,6 +40,7 @@ from ._common import (
     op,
     out_like,
     out_offset,
+    rows_aligned,
     pos_offset,
     pow2,
     tile_offset,
@@ -305,7 +306,7 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: tor
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
-    flat = flat_launch(t, out, x)
+    flat = None if rows_aligned(t) else flat_launch(t, out, x)
     if flat is not None:
         grid, meta = flat
         launch(_apply_attention_flat_kernel)[grid](
