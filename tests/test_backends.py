@@ -397,6 +397,34 @@ def test_apply_attention(B, x, mode):
                     R.apply_attention(t, x, thr, mn, mx, active, mode, scale), t)
 
 
+# Contiguous NCHW applies take a flat tile (triton_kernels._common.flat_tile) of 16384
+# elements under the interpreter: shapes of several tiles, with tiles that start inside a map
+# (the magic-multiplier split of positions and channels), maps longer than a tile (its
+# compare split, and many tiles per map), and more channels than a tile's maps (the
+# compare split of channels).
+FLAT_SHAPES = [(2, 70, 11, 13), (1, 2, 130, 130), (1, 400, 7, 7)]
+
+
+@pytest.mark.parametrize("shape", FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_applies_flat_tiles(B, shape):
+    x = make_x(shape, torch.bfloat16, DEV, "contiguous")
+    n, c, h, w = shape
+    scale = rand((n,), 2) * 3
+    g = grad_like(x)[0]
+    for t in (x, g):
+        wc = rand((n, c), 1)
+        same(B.apply_channel(t, wc), R.apply_channel(t, wc))
+        for k in (1, 3):
+            mask = (rand((n, -(-h // k), -(-w // k)), k) < 0.5).to(torch.uint8)
+            same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
+    active = rand((n, c), 5) < 0.5
+    for mode in ("am", "ad"):
+        thr, mn, mx, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
+        for t in (x, g):
+            same(B.apply_attention(t, x, thr, mn, mx, active, mode, scale),
+                 R.apply_attention(t, x, thr, mn, mx, active, mode, scale))
+
+
 def test_applies_empty(B):
     t = torch.zeros(0, 3, 4, 4, device=DEV)
     assert B.apply_channel(t, torch.zeros(0, 3, device=DEV)).shape == t.shape
@@ -409,8 +437,8 @@ def test_triton_int64_indexing(monkeypatch):
     forced on small tensors."""
     mod = load_backend("triton")
     import importlib
-    for sub in ("block_mask", "channel_ranking", "class_activation", "percentile_threshold",
-                "pooled_correlation"):
+    for sub in ("_common", "block_mask", "channel_ranking", "class_activation",
+                "percentile_threshold", "pooled_correlation"):
         monkeypatch.setattr(importlib.import_module(f"{mod.__name__}.{sub}"), "needs_int64",
                             lambda *ts: True)
     x = make_x((2, 3, 9, 10), torch.float32, DEV, "channels_last")

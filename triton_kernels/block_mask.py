@@ -33,11 +33,14 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    flat_launch,
+    flat_tile,
     launch,
     needs_int64,
     op,
     out_like,
     out_offset,
+    rows_aligned,
     pow2,
     tile_nchw,
     tile_offset,
@@ -68,6 +71,22 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@triton.jit
+def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, W, MAGW,
+                             m_sN, m_sH, m_sW, K: tl.constexpr,
+                             BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
+                             IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Contiguous NCHW t and out: a flat tile (``_common.flat_tile``); h, w of a position by
+    the magic multiplier MAGW = ceil(2**30 / W) (exact: H * W * W <= 2**30)."""
+    e, m, n, _, pos, _ = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    h = tl.umulhi(pos * 4, MAGW)
+    w = pos - h * W
+    mv = tl.load(m_ptr + n * m_sN + (h // K) * m_sH + (w // K) * m_sW, mask=m, other=0)
+    wt = mv.to(tl.float32) * tl.load(s_ptr + n, mask=m, other=0.0)
+    tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
 def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,) float32.
 
@@ -87,6 +106,14 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
+    flat = (flat_launch(t, out) if h * w * w <= 2**30 and not rows_aligned(t)
+            else None)
+    if flat is not None:
+        grid, meta = flat
+        launch(_apply_block_flat_kernel)[grid](
+            t, out, mask, scale, out.numel(), W=w, MAGW=-(-2**30 // w), m_sN=mask.stride(0),
+            m_sH=mask.stride(1), m_sW=mask.stride(2), K=k, **meta)
+        return out
     grid, outer, inner, meta = apply_launch(t, out)
     launch(_apply_block_kernel)[grid](
         t, out, mask, scale, outer, inner, c, h, w, *t.stride(), *out.stride(), *mask.stride(),

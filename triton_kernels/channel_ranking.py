@@ -19,6 +19,8 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    flat_launch,
+    flat_tile,
     hw_flat,
     launch,
     needs_int64,
@@ -104,6 +106,17 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@triton.jit
+def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2,
+                               BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
+                               IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Contiguous NCHW t and out, w (N, C) contiguous: a flat tile (``_common.flat_tile``)."""
+    e, m, _, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    wt = tl.load(w_ptr + mp, mask=m, other=0.0)
+    tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
 @op("apply_channel")
 def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """t: (N, C, H, W), w: (N, C) float32 -> t * w[n, c] in t's dtype and memory format."""
@@ -112,6 +125,12 @@ def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return out
     n, c, h, wd = t.shape
     w = w.to(torch.float32)
+    flat = flat_launch(t, out)
+    if flat is not None:
+        grid, meta = flat
+        launch(_apply_channel_flat_kernel)[grid](
+            t, out, w.contiguous(), out.numel(), **meta)
+        return out
     grid, outer, inner, meta = apply_launch(t, out)
     launch(_apply_channel_kernel)[grid](
         t, out, w, outer, inner, c, h, wd, *t.stride(), *out.stride(), *w.stride(), **meta)

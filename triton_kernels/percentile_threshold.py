@@ -30,6 +30,8 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    flat_launch,
+    flat_tile,
     float_key,
     hw_flat,
     key_float,
@@ -38,6 +40,7 @@ from ._common import (
     op,
     out_like,
     out_offset,
+    rows_aligned,
     pos_offset,
     pow2,
     tile_offset,
@@ -267,6 +270,30 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
     tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
+@triton.jit
+def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr,
+                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2,
+                                 MODE: tl.constexpr, X_IS_T: tl.constexpr,
+                                 BIG1: tl.constexpr, BIG2: tl.constexpr,
+                                 BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                                 BF16_FIX: tl.constexpr):
+    """Contiguous NCHW t, x and out: a flat tile (``_common.flat_tile``); the per-map
+    statistics are contiguous (N, C)."""
+    e, m, n, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    act = tl.load(act_ptr + mp, mask=m, other=0) != 0
+    thr = tl.load(thr_ptr + mp, mask=m & act, other=0.0)
+    mn = tl.load(mn_ptr + mp, mask=m & act, other=0.0)
+    mx = tl.load(mx_ptr + mp, mask=m & act, other=0.0)
+    sc = tl.load(sc_ptr + n, mask=m, other=0.0)
+    tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
+    if X_IS_T:
+        xv = tv
+    else:  # x is read only where the map is active
+        xv = tl.load(x_ptr + e, mask=m & act, other=0.0).to(tl.float32)
+    s = tl.where(act, soft_mask(xv, thr, mn, mx, MODE), 1.0)
+    tl.store(o_ptr + e, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
+
+
 @op("apply_attention")
 def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: torch.Tensor,
                     mx: torch.Tensor, active: torch.Tensor, mode: str,
@@ -285,6 +312,13 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: tor
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
+    flat = None if rows_aligned(t) else flat_launch(t, out, x)
+    if flat is not None:
+        grid, meta = flat
+        launch(_apply_attention_flat_kernel)[grid](
+            t, x, out, thr, mn, mx, act, scale, out.numel(), MODE=MODES[mode],
+            X_IS_T=x_is_t, **meta)
+        return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
         t, x, out, thr, mn, mx, act, scale, outer, inner, c, h, w,
