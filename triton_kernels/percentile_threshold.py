@@ -40,9 +40,9 @@ from ._common import (
     op,
     out_like,
     out_offset,
-    rows_aligned,
     pos_offset,
     pow2,
+    rows_aligned,
     tile_offset,
     warps,
 )
