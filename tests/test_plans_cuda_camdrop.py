@@ -282,12 +282,11 @@ def test_target_out_of_range_is_a_device_assertion(B, bad, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(1, 1, 3, 3), (3, 1, 13, 6), (2, 5, 15, 15), (4, 3, 9, 20)])
+@pytest.mark.parametrize("shape", [(1, 1, 3, 3), (3, 1, 13, 6), (2, 5, 15, 15), (2, 3, 9, 13)])
 def test_plan_matrix(B, dtype, layout, shape):
     x = make_x(shape, dtype, "cpu", layout)
     n, c = shape[:2]
-    for groups in (1, 4, 9):
-        for r in (1, 3, 7):
-            for normalize in NORMALIZE:
-                compare(B, x, weights(c, groups, seed=groups), targets(n, groups), r, 0.8, 0.5,
-                        normalize, noise_for(x, 7, r, 0.8))
+    for groups in (1, 9):
+        for r, normalize in zip((1, 3, 7), NORMALIZE, strict=True):
+            compare(B, x, weights(c, groups, seed=groups), targets(n, groups), r, 0.8, 0.5,
+                    normalize, noise_for(x, 7, r, 0.8))
