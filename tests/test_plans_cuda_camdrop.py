@@ -248,6 +248,37 @@ def test_plan_op_checks_arguments(B):
             call(**kw)
 
 
+@pytest.mark.slow
+def test_plan_rate_ramp_does_not_recompile(B, monkeypatch):
+    """The module on the (emulated) CUDA backend compiled with fullgraph=True while a
+    schedule moves its drop rate: one more compile (the rate made symbolic), then never
+    again (the seed rate reaches the traced op as a tensor); each step draws what eager
+    draws from the same Philox state."""
+    import torch._dynamo.testing
+
+    import guidedrop
+    from guidedrop import dispatch
+
+    E = CE.emu.ops()
+    monkeypatch.setattr(B, "unsupported", lambda x: "")  # the emulated ops take CPU tensors
+    monkeypatch.setitem(dispatch._loaded, "cuda", (B, ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "cuda")
+    mod = guidedrop.CamDrop(block_size=3, keep=0.9, channel_rate=0.5)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(mod, fullgraph=True, backend=counter)
+    x, w, t = make_x((2, 4, 7, 7)), weights(4, 2), targets(2)
+    for rate in (0.3, 0.4, 0.5, 0.6):
+        mod.drop_rate = rate
+        with guidedrop.cam_targets(w, t):
+            E.emu_set_philox(5, 0)
+            y = compiled(x)
+            E.emu_set_philox(5, 0)
+            torch.testing.assert_close(y, mod(x), rtol=0, atol=0)
+    assert counter.frame_count <= 2, counter.frame_count
+    assert not torch.equal(y, x)
+
+
 _ASSERT_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
