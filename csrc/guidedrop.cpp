@@ -367,6 +367,65 @@ std::tuple<at::Tensor, at::Tensor> seeds_plan(
   return {sd.bits, scale};
 }
 
+// CamDrop's plan -> (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32) in 4 launches: alpha
+// and the CAM J (plans/camdrop.cu, which also checks target's range on the device: SPEC §6
+// step 0 without a host sync), the candidates (plans/camdrop.cu), the seeds (seed_bits) and
+// the coverage + scale (seeds_scale). weight: (K, C_fc) floating, C_fc a multiple of C;
+// target: (N,) of any integer dtype but bool, read by value (no conversion launch); noise:
+// (N, C, H, W) of any floating dtype, or None (Philox in the seed kernel); g: the seed rate
+// as g_t (a 0-dim float32, under torch.compile) or g (g_t None); 1 <= r <= min(H, W);
+// k_s, k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3).
+std::tuple<at::Tensor, at::Tensor> camdrop_plan(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& g_t, double g,
+    int64_t r, int64_t k_s, int64_t k_c, c10::string_view normalize,
+    std::optional<at::Generator> generator) {
+  constexpr const char* op = "guidedrop::camdrop_plan";
+  check_feature_map(x, op, "x");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  check_cuda(weight, op, "weight");
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(), ", got ",
+              weight.device());
+  const auto wdt = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 2 && (wdt == at::kFloat || wdt == at::kDouble ||
+                                    wdt == at::kHalf || wdt == at::kBFloat16),
+              op, ": weight must be a 2-D (K, C_fc) float32, float64, float16 or bfloat16 "
+              "tensor, got ", wdt, " ", weight.sizes());
+  TORCH_CHECK(C >= 1 && weight.size(0) >= 1 && weight.size(1) >= 1 && weight.size(1) % C == 0,
+              op, ": weight (K, C_fc) needs K >= 1 and C_fc a multiple of C = ", C, ", got ",
+              weight.sizes());
+  check_cuda(target, op, "target");
+  TORCH_CHECK(target.device() == x.device(), op, ": target must be on ", x.device(), ", got ",
+              target.device());
+  const auto tdt = target.scalar_type();
+  TORCH_CHECK(tdt == at::kLong || tdt == at::kInt || tdt == at::kShort || tdt == at::kChar ||
+                  tdt == at::kByte,
+              op, ": target must be int64, int32, int16, int8 or uint8 class indices, got ", tdt);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
+              ",), got ", target.sizes());
+  TORCH_CHECK(r >= 1 && r <= std::min(H, W), op, ": r must be in [1, min(H, W)] = [1, ",
+              std::min(H, W), "], got ", r);
+  check_k(k_s, H * W, op);
+  check_k(k_c, C, op);
+  const int norm = parse_normalize(normalize, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Seeds sd = prepare_seeds(x, noise, std::nullopt, std::nullopt, {N, C, H, W}, g_t, g, r,
+                           generator, op);
+  at::Tensor alpha = at::empty({N, C}, f32(x));
+  at::Tensor J = at::empty({N, H * W}, f32(x));
+  at::Tensor cand_s = at::empty({N, H, W}, x.options().dtype(at::kBool));
+  at::Tensor cand_c = at::empty({N, C}, x.options().dtype(at::kBool));
+  // N covered counts + the last-block ticket, zeroed by the seed_bits kernel.
+  at::Tensor ws = at::empty({N + 1}, x.options().dtype(at::kLong));
+  at::Tensor scale = at::empty({N}, f32(x));
+  launch_camdrop_cam(x, weight, target, alpha, J);
+  launch_camdrop_candidates(J, alpha, k_s, k_c, cand_s, cand_c);
+  launch_seed_bits(sd.noise, cand_s, cand_c, sd.g, sd.g_value, r, C, H, W, sd.philox, sd.bits,
+                   ws);
+  launch_seeds_scale(sd.bits, r, C, C, H, W, norm, ws, scale);
+  return {sd.bits, scale};
+}
+
 // ------------------------------------------------------------------------ apply
 
 at::Tensor apply_channel(const at::Tensor& t, const at::Tensor& w) {
@@ -567,7 +626,7 @@ void cpu_error(const c10::OperatorHandle& handle, torch::jit::Stack* /*stack*/) 
 constexpr const char* kOps[] = {
     "pooled_correlation", "channel_stats", "kth_largest",  "map_threshold",
     "attention_stats",    "cam",           "seed_bits",    "seed_coverage",
-    "attentiondrop_plan", "seeds_plan",    "corrdrop_plan",
+    "attentiondrop_plan", "seeds_plan",    "corrdrop_plan", "camdrop_plan",
     "apply_channel",      "apply_block",   "apply_seeds",  "apply_attention",
     "selectscale_plan",   "selectout_plan", "focused_dropout_plan",
 };
@@ -596,6 +655,9 @@ TORCH_LIBRARY(guidedrop, m) {
         "SymInt[] shape, Tensor? g_t, float g, int r, SymInt c, str normalize, "
         "Generator? generator=None) -> (Tensor, Tensor)");
   m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, int k, str normalize) "
+        "-> (Tensor, Tensor)");
+  m.def("camdrop_plan(Tensor x, Tensor weight, Tensor target, Tensor? noise, Tensor? g_t, "
+        "float g, int r, int k_s, int k_c, str normalize, Generator? generator=None) "
         "-> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
@@ -626,6 +688,7 @@ TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {
   m.impl("attentiondrop_plan", &attentiondrop_plan);
   m.impl("seeds_plan", &seeds_plan);
   m.impl("corrdrop_plan", &corrdrop_plan);
+  m.impl("camdrop_plan", &camdrop_plan);
   m.impl("apply_channel", &apply_channel);
   m.impl("apply_block", &apply_block);
   m.impl("apply_seeds", &apply_seeds);

@@ -31,6 +31,7 @@ BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
 # is as small as SpatialScale's).
 MEETS_BUDGET = {
     ("cuda", "attentiondrop"),
+    ("cuda", "camdrop"),
     ("cuda", "corrdrop"),
     ("cuda", "dropblock"),
     ("cuda", "focused_dropout"),

@@ -76,6 +76,20 @@ void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
                           int64_t k, int normalize, const at::TensorBase& keep,
                           const at::TensorBase& scale);
 
+// plans/camdrop.cu (CamDrop's plan, before seed_bits and seeds_scale). weight: (K, C_fc)
+// float32/float64/float16/bfloat16 of any strides, C_fc a multiple of C >= 1; target: (N,)
+// int64/int32/int16/int8/uint8 of any stride, read by value: asserted in [0, K) on the device
+// (an asynchronous assertion naming `target`) and clamped. Writes alpha (N, C) float32 (the
+// C_fc / C columns of weight[target] averaged) and J: (N, H*W) float32 (the CAM).
+void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
+                        const at::TensorBase& target, const at::TensorBase& alpha,
+                        const at::TensorBase& J);
+// J: (N, L) and alpha: (N, C) float32 contiguous -> cand_s (N, L) and cand_c (N, C) bool: the
+// top k_s of J's rows and the top k_c of alpha's rows, ties kept (1 <= k <= the row length).
+void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& alpha,
+                               int64_t k_s, int64_t k_c, const at::TensorBase& cand_s,
+                               const at::TensorBase& cand_c);
+
 // class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
 

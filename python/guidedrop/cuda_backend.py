@@ -41,7 +41,7 @@ OPS = (
 # The plan kernels (csrc/cuda/plans/): a layer's arithmetic between its statistics and its
 # apply in one launch (issue 12), used by guidedrop.layers through the plan_<layer> below.
 PLAN_OPS = ("selectscale_plan", "selectout_plan", "focused_dropout_plan", "attentiondrop_plan",
-            "seeds_plan", "corrdrop_plan")
+            "seeds_plan", "corrdrop_plan", "camdrop_plan")
 
 
 def unavailable() -> str:
@@ -273,6 +273,31 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     return Plan("seeds", (r, shape[1] == 1), (bits, scale))
 
 
+def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize, noise=None,
+                 generator=None):
+    """SPEC §6 in 4 launches before the apply (alpha and the CAM, the candidates, the seeds,
+    the coverage + scale), with or without noise (Philox in the seed kernel).
+
+    x: (N, C, H, W) float32/float16/bfloat16; weight: (K, C_fc) floating, C_fc a multiple of
+    C; target: (N,) class indices of any integer dtype (int64, int32, int16, int8, uint8) and
+    stride, read by value; noise: (N, C, H, W) of any floating dtype, or None. Returns None
+    when the block does not fit the map (r > H or r > W), else Plan("seeds", (r, C == 1),
+    (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32)). On a GPU a target outside [0, K)
+    is an asynchronous device assertion naming ``target`` in the first kernel (SPEC §6
+    step 0: no host sync); RuntimeError for a bad dtype, shape or device.
+    """
+    n, c, h, w = x.shape
+    r = block_size
+    if r > h or r > w:  # no valid centre: nothing is dropped
+        return None
+    k_s = max(1, (h * w) // (r * r))
+    k_c = max(1, round(channel_rate * c))
+    g_t, g = _runtime_rate(_seed_rate(1 - keep, r, h, w), x)
+    bits, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
+                                    normalize, generator)
+    return Plan("seeds", (r, c == 1), (bits, scale))  # as layers._seeds_plan: Cs = C
+
+
 # --------------------------------------------------------------------------- fake kernels
 # Shapes, dtypes and memory formats of the outputs, for torch.compile and opcheck.
 
@@ -332,6 +357,12 @@ def _register_fakes() -> None:
         n, cs, h, w = shape
         return (device_like.new_empty((n, (cs * h * w + 7) // 8), dtype=torch.uint8),
                 device_like.new_empty((n,), dtype=torch.float32))
+
+    @register("guidedrop::camdrop_plan")
+    def _(x, weight, target, noise, g_t, g, r, k_s, k_c, normalize, generator=None):
+        n, c, h, w = x.shape
+        return (x.new_empty((n, (c * h * w + 7) // 8), dtype=torch.uint8),
+                x.new_empty((n,), dtype=torch.float32))
 
     @register("guidedrop::seed_coverage")
     def _(bits, r, cs, h, w):

@@ -1,0 +1,183 @@
+// CamDrop's plan kernels (layers.camdrop, SPEC §6; issue 12). The plan is 4 launches, then
+// the apply (apply_seeds) is the 5th; without noise the seeds draw Philox in their kernel,
+// so there is no extra launch:
+//   1. camdrop_cam_kernel: alpha = weight[target] averaged over the C_fc / C columns of each
+//      channel, and the CAM J = sum_c alpha * x. Being the FIRST kernel, it checks target's
+//      range (SPEC §6 step 0) with an asynchronous device assertion that names `target`, and
+//      clamps the index, so that a bad target never reads out of bounds (no host sync);
+//   2. camdrop_candidates_kernel: the spatial top-k_s of J's rows and the channel top-k_c of
+//      alpha's rows, ties kept (layers._top);
+//   3. seed_bits (block_mask.cu) with both candidate masks; it zeroes the counters of 4.;
+//   4. seeds_scale (plans/dropblock.cu): the coverage and the scale of `normalize`.
+//
+// Bit for bit the reference:
+// - alpha: each weight rounded to float32 (the reference's .to(float32)), the group summed in
+//   float64 and divided by C_fc / C, then rounded (the reference's float64 mean: the same
+//   value in any order of summation for the weights of a classifier);
+// - J: float32 * float32 products are exact in float64, and summed in float64 (the
+//   reference's einsum on float64), rounded once to float32;
+// - the top-k by the exact radix select of common.cuh (NaN ranks largest, as torch.topk, and
+//   is never a candidate: NaN >= t is false).
+// weight (any float dtype and strides) and target (any integer dtype and stride) are read by
+// value with a runtime type tag: no conversion launch, one instantiation per x dtype.
+#include "../launchers.h"
+#include "plan_common.cuh"
+
+namespace guidedrop {
+namespace {
+
+constexpr int kAlphaChunk = 1024;   // alpha values staged in shared memory per step (4 KiB)
+constexpr int kWarpPositions = 4;   // positions per warp when the channels are inner
+
+// target[n] of int64 / int32 / int16 / int8 / uint8 (an index, never a mask) at any stride.
+struct Targets {
+  enum Type : int { kLong = 0, kInt = 1, kShort = 2, kChar = 3, kByte = 4 };
+  const void* p;
+  int64_t stride;
+  int type;
+  __device__ __forceinline__ int64_t operator()(int64_t n) const {
+    const int64_t o = n * stride;
+    switch (type) {
+      case kInt: return static_cast<const int32_t*>(p)[o];
+      case kShort: return static_cast<const int16_t*>(p)[o];
+      case kChar: return static_cast<const int8_t*>(p)[o];
+      case kByte: return static_cast<const uint8_t*>(p)[o];
+      default: return static_cast<const int64_t*>(p)[o];
+    }
+  }
+};
+
+Targets targets(const at::TensorBase& t) {
+  Targets out{t.data_ptr(), t.stride(0), Targets::kLong};
+  switch (t.scalar_type()) {
+    case at::kInt: out.type = Targets::kInt; break;
+    case at::kShort: out.type = Targets::kShort; break;
+    case at::kChar: out.type = Targets::kChar; break;
+    case at::kByte: out.type = Targets::kByte; break;
+    default: break;
+  }
+  return out;
+}
+
+// Grid (position tiles, samples). Each block computes alpha[n, :] chunk by chunk into shared
+// memory (the blocks of x == 0 also write it out), then adds the chunk's channels to the J of
+// its positions. kChannelInner (channels_last-like x, stride(C) < stride(W)): a warp takes
+// kWarpPositions positions, its lanes stride over the channels (coalesced), then a butterfly
+// sum; else a thread takes one position and walks the channels (coalesced across threads).
+// weight(k, j): weight[k, j] rounded to float32 (plan_common's strided reader of any float
+// dtype).
+template <typename scalar_t, bool kChannelInner>
+__global__ void camdrop_cam_kernel(const scalar_t* __restrict__ x, const Strides4 s,
+                                   const int64_t N, const int64_t C, const int64_t H,
+                                   const int64_t W, const Uniforms weight, const int64_t K,
+                                   const int64_t G, const Targets target,
+                                   float* __restrict__ alpha, float* __restrict__ J) {
+  __shared__ float a[kAlphaChunk];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t HW = H * W;
+  constexpr int P = kChannelInner ? kWarpPositions : 1;
+  int64_t pos[P];
+  for (int j = 0; j < P; ++j) {
+    pos[j] = kChannelInner
+                 ? (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * P + j
+                 : static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  }
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
+    int64_t y = target(n);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      CUDA_KERNEL_ASSERT_MSG(y >= 0 && y < K,
+                             "guidedrop camdrop: target must hold class indices in [0, K)");
+    }
+    y = y < 0 ? 0 : (y >= K ? K - 1 : y);  // after a failed assertion: no out-of-bounds read
+    double acc[P];
+    for (int j = 0; j < P; ++j) acc[j] = 0.0;
+    const scalar_t* xn = x + n * s.n;
+    for (int64_t c0 = 0; c0 < C; c0 += kAlphaChunk) {
+      const int cn = static_cast<int>(std::min<int64_t>(kAlphaChunk, C - c0));
+      __syncthreads();  // the previous chunk of `a` is consumed
+      for (int i = threadIdx.x; i < cn; i += blockDim.x) {
+        const int64_t col = (c0 + i) * G;
+        double sum = 0.0;
+        for (int64_t t = 0; t < G; ++t) sum += static_cast<double>(weight(y, col + t));
+        const float v = static_cast<float>(sum / static_cast<double>(G));
+        a[i] = v;
+        if (blockIdx.x == 0) alpha[n * C + c0 + i] = v;
+      }
+      __syncthreads();
+      for (int j = 0; j < P; ++j) {
+        if (pos[j] >= HW) continue;  // uniform in the warp when kChannelInner
+        const scalar_t* p = xn + (pos[j] / W) * s.h + (pos[j] % W) * s.w + c0 * s.c;
+        for (int i = kChannelInner ? lane : 0; i < cn; i += kChannelInner ? 32 : 1)
+          acc[j] += static_cast<double>(a[i]) * static_cast<double>(to_float(p[i * s.c]));
+      }
+    }
+    for (int j = 0; j < P; ++j) {
+      if (pos[j] >= HW) continue;
+      const double v = kChannelInner ? warp_reduce(acc[j], SumOp()) : acc[j];
+      if (!kChannelInner || lane == 0) J[n * HW + pos[j]] = static_cast<float>(v);
+    }
+  }
+}
+
+// Rows 0 .. N-1: the top k_s of J's rows (N, L_s); rows N .. 2N-1: the top k_c of alpha's rows
+// (N, L_c); o = v >= the k-th largest of the row, as bool. One block per row (grid-stride).
+__global__ void camdrop_candidates_kernel(const float* __restrict__ J,
+                                          const float* __restrict__ alpha, const int64_t N,
+                                          const int64_t L_s, const int64_t L_c,
+                                          const uint32_t k_s, const uint32_t k_c,
+                                          bool* __restrict__ cand_s, bool* __restrict__ cand_c) {
+  __shared__ SelectSmem sel;
+  for (int64_t row = blockIdx.x; row < 2 * N; row += gridDim.x) {  // uniform in the block
+    const bool spatial = row < N;
+    const int64_t n = spatial ? row : row - N, L = spatial ? L_s : L_c;
+    const float* v = (spatial ? J : alpha) + n * L;
+    bool* o = (spatial ? cand_s : cand_c) + n * L;
+    const float kth = key_float(block_select_kth_largest(
+        [&](int64_t i) { return float_key(v[i]); }, L, spatial ? k_s : k_c, sel));
+    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) o[i] = v[i] >= kth;
+    // block_select_kth_largest ended with __syncthreads: `sel` may be reused
+  }
+}
+
+}  // namespace
+
+void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
+                        const at::TensorBase& target, const at::TensorBase& alpha,
+                        const at::TensorBase& J) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (N * C * H * W == 0) return;
+  const Strides4 s = strides4(x);
+  const Uniforms wt = uniforms(weight);
+  const Targets tg = targets(target);
+  const int64_t K = weight.size(0), G = weight.size(1) / C;
+  const bool channel_inner = C > 1 && x.stride(1) < x.stride(3);
+  const int64_t per_block = channel_inner ? (kThreads / 32) * kWarpPositions : kThreads;
+  const dim3 grid(static_cast<unsigned>(ceil_div(H * W, per_block)),
+                  static_cast<unsigned>(std::min<int64_t>(N, 65535)));
+  GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::camdrop_plan", [&] {
+    if (channel_inner) {
+      camdrop_cam_kernel<scalar_t, true><<<grid, kThreads, 0, current_stream()>>>(
+          x.data_ptr<scalar_t>(), s, N, C, H, W, wt, K, G, tg, alpha.data_ptr<float>(),
+          J.data_ptr<float>());
+    } else {
+      camdrop_cam_kernel<scalar_t, false><<<grid, kThreads, 0, current_stream()>>>(
+          x.data_ptr<scalar_t>(), s, N, C, H, W, wt, K, G, tg, alpha.data_ptr<float>(),
+          J.data_ptr<float>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& alpha,
+                               int64_t k_s, int64_t k_c, const at::TensorBase& cand_s,
+                               const at::TensorBase& cand_c) {
+  const int64_t N = alpha.size(0), C = alpha.size(1), L = J.size(1);
+  if (N * C * L == 0) return;
+  camdrop_candidates_kernel<<<grid_for(2 * N, 1), plan_threads(std::max(L, C)), 0,
+                              current_stream()>>>(
+      J.data_ptr<float>(), alpha.data_ptr<float>(), N, L, C, static_cast<uint32_t>(k_s),
+      static_cast<uint32_t>(k_c), cand_s.data_ptr<bool>(), cand_c.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace guidedrop
