@@ -398,9 +398,8 @@ std::tuple<at::Tensor, at::Tensor> camdrop_plan(
   TORCH_CHECK(target.device() == x.device(), op, ": target must be on ", x.device(), ", got ",
               target.device());
   const auto tdt = target.scalar_type();
-  TORCH_CHECK(tdt == at::kLong || tdt == at::kInt || tdt == at::kShort || tdt == at::kChar ||
-                  tdt == at::kByte,
-              op, ": target must be int64, int32, int16, int8 or uint8 class indices, got ", tdt);
+  TORCH_CHECK(at::isIntegralType(tdt, /*includeBool=*/false), op,
+              ": target must hold class indices of an integer dtype, got ", tdt);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
               ",), got ", target.sizes());
   TORCH_CHECK(r >= 1 && r <= std::min(H, W), op, ": r must be in [1, min(H, W)] = [1, ",

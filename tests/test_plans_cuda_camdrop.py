@@ -24,8 +24,8 @@ import pytest
 import test_cuda_emulated as CE
 import torch
 from test_backends import with_ties
-from test_plans_dropblock import DTYPES, LAYOUTS, NORMALIZE, assert_same_plan, on_threshold
-from testing import make_x
+from test_plans_dropblock import DTYPES, LAYOUTS, NORMALIZE, on_threshold
+from testing import assert_same_plan, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -143,7 +143,8 @@ def test_plan_target_dtypes_and_strides(B):
     w = weights(4, 2)
     u = noise_for(x, 2)
     base = torch.tensor([2, 0, 4, 1])
-    for dt in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    for dt in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+               torch.uint32, torch.uint64):
         compare(B, x, w, base.to(dt), 2, 0.8, 0.5, "batch", u)
     for t in (torch.tensor([3, 0, 0])[:1].expand(4), torch.tensor([0, 1, 2, 0, 1, 2, 4, 1])[::2],
               torch.tensor([[1, 2], [3, 4], [0, 1], [2, 2]], dtype=torch.int32)[:, 1]):
@@ -235,7 +236,7 @@ def test_plan_op_checks_arguments(B):
     for kw, match in [
         (dict(weight=weights(2, 2)), "multiple of C"),
         (dict(weight=w.to(torch.int32)), "weight must be a 2-D"),
-        (dict(target=t.bool()), "target must be int64"),
+        (dict(target=t.bool()), "target must hold class indices of an integer dtype"),
         (dict(target=t.float()), "target must be int64"),
         (dict(target=t[:1]), "target must have shape"),
         (dict(r=6), "r must be in"),

@@ -29,9 +29,10 @@ namespace {
 constexpr int kAlphaChunk = 1024;   // alpha values staged in shared memory per step (4 KiB)
 constexpr int kWarpPositions = 4;   // positions per warp when the channels are inner
 
-// target[n] of int64 / int32 / int16 / int8 / uint8 (an index, never a mask) at any stride.
+// target[n] of any integer dtype (an index, never a mask) at any stride. An unsigned 64-bit
+// index past INT64_MAX becomes INT64_MAX: out of range all the same.
 struct Targets {
-  enum Type : int { kLong = 0, kInt = 1, kShort = 2, kChar = 3, kByte = 4 };
+  enum Type : int { kLong, kInt, kShort, kChar, kByte, kUInt16, kUInt32, kUInt64 };
   const void* p;
   int64_t stride;
   int type;
@@ -42,6 +43,12 @@ struct Targets {
       case kShort: return static_cast<const int16_t*>(p)[o];
       case kChar: return static_cast<const int8_t*>(p)[o];
       case kByte: return static_cast<const uint8_t*>(p)[o];
+      case kUInt16: return static_cast<const uint16_t*>(p)[o];
+      case kUInt32: return static_cast<const uint32_t*>(p)[o];
+      case kUInt64: {
+        const uint64_t v = static_cast<const uint64_t*>(p)[o];
+        return v > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(v);
+      }
       default: return static_cast<const int64_t*>(p)[o];
     }
   }
@@ -54,6 +61,9 @@ Targets targets(const at::TensorBase& t) {
     case at::kShort: out.type = Targets::kShort; break;
     case at::kChar: out.type = Targets::kChar; break;
     case at::kByte: out.type = Targets::kByte; break;
+    case at::kUInt16: out.type = Targets::kUInt16; break;
+    case at::kUInt32: out.type = Targets::kUInt32; break;
+    case at::kUInt64: out.type = Targets::kUInt64; break;
     default: break;
   }
   return out;
