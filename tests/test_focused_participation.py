@@ -274,3 +274,39 @@ def test_compile_fullgraph_applied_changes_without_recompile(monkeypatch, name):
         same_bits(y, want)
     assert seen == {False, True}
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- the ops
+
+
+def _op_cases(name):
+    """(op, sample args) of the two ops that take ``applied``, on backend ``name``."""
+    x = torch.randn(2, 3, 4, 5, device=DEV)
+    mean = x.mean(dim=(2, 3))
+    u = torch.rand(2, device=DEV)
+    if name == "triton":
+        _backend("triton")
+        from guidedrop.triton_kernels import channel_ranking
+        from guidedrop.triton_kernels.plans import focused_dropout as P
+        stats, plan = channel_ranking.channel_stats.op, P._focused_plan.op
+        rate = torch.tensor(0.3, device=DEV)
+        return [(stats, (x, torch.tensor(a, device=DEV))) for a in (False, True)] + [
+            (plan, (x, mean, u, rate, rate, False, torch.tensor(a, device=DEV)))
+            for a in (False, True)]
+    _backend("cuda")
+    ops = torch.ops.guidedrop if HAS_CUDA else torch.ops.guidedrop_emu
+    return [(ops.channel_stats, (x, torch.tensor(a, device=DEV))) for a in (False, True)] + [
+        (ops.focused_dropout_plan, (x, mean, u, 0.3, 0.6, False, None,
+                                    torch.tensor(a, device=DEV))) for a in (False, True)]
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_ops_with_applied_opcheck(name):
+    """Schema and fake kernels of the ops with ``applied``; not applied, the statistics are
+    those of a zero map (0) and the plan the identity's."""
+    for op, args in _op_cases(name):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        out = op(*args)
+        if not bool(args[-1]):
+            want = 0 if len(out[0].shape) == 2 else 1  # statistics (N, C) / mask (N, H, W)
+            assert (out[0] == want).all() and (out[1] == (0 if want == 0 else 1)).all()
