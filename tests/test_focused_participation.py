@@ -54,7 +54,7 @@ def _backend(name):
     if name == "cuda":
         mod = _cuda_backend()
     else:
-        mod, why = dispatch.load(name)
+        mod = dispatch.load(name)[0]
         if mod is not None and mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV)):
             mod = None
     if mod is None:
