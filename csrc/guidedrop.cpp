@@ -99,10 +99,21 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   return F;
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x) {
+// applied: an optional 0-d bool on x's device (FocusedDropout's participation, SPEC §5):
+// where it holds False the kernel reads nothing of x and writes the statistics of a zero map.
+at::Tensor check_applied(const std::optional<at::Tensor>& applied, const at::Tensor& like,
+                         const char* op) {
+  if (!applied.has_value() || !applied->defined()) return at::Tensor();
+  check_small(*applied, like, op, "applied", at::kBool, {});
+  return *applied;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& applied) {
   constexpr const char* op = "guidedrop::channel_stats";
   check_feature_map(x, op, "x");
   const int64_t N = x.size(0), C = x.size(1);
+  const at::Tensor on = check_applied(applied, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor amax = at::empty({N, C}, f32(x));
   at::Tensor mean = at::empty({N, C}, f32(x));
@@ -111,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x) {
     mean.fill_(std::numeric_limits<float>::quiet_NaN());
     return {amax, mean};
   }
-  launch_channel_stats(x, amax, mean);
+  launch_channel_stats(x, on, amax, mean);
   return {amax, mean};
 }
 
@@ -593,7 +604,8 @@ at::Tensor selectout_plan(const at::Tensor& amax, const at::Tensor& noise, doubl
 std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, const at::Tensor& mean,
                                                         const at::Tensor& noise, double low,
                                                         double high, bool per_position,
-                                                        const std::optional<at::Tensor>& rates) {
+                                                        const std::optional<at::Tensor>& rates,
+                                                        const std::optional<at::Tensor>& applied) {
   constexpr const char* op = "guidedrop::focused_dropout_plan";
   check_feature_map(x, op, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -602,6 +614,7 @@ std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, con
   if (per_position) check_noise(noise, x, op, {N, H, W});
   else check_noise(noise, x, op, {N});
   const at::Tensor r = check_rates(rates, x, op);
+  const at::Tensor on = check_applied(applied, x, op);
   TORCH_CHECK(r.defined() || (0 <= low && low <= high && high <= 1), op,
               ": low and high must satisfy 0 <= low <= high <= 1, got ", low, ", ", high);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -610,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor> focused_dropout_plan(const at::Tensor& x, con
   at::Tensor scale = at::empty({N}, f32(x));  // ones, written by the kernel
   // low + (high - low) * u: the python scalars rounded to float32 as torch does.
   launch_focused_dropout_plan(x, m, noise, per_position, static_cast<float>(low),
-                              static_cast<float>(high - low), r, mask, scale);
+                              static_cast<float>(high - low), r, on, mask, scale);
   return {mask, scale};
 }
 
@@ -635,7 +648,8 @@ constexpr const char* kOps[] = {
 // Every op returns new tensors and mutates nothing (no `Tensor(a!)` annotations).
 TORCH_LIBRARY(guidedrop, m) {
   m.def("pooled_correlation(Tensor x, int k) -> Tensor");
-  m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
+  // applied: FocusedDropout's participation (a 0-d bool; None: true), read in the kernel.
+  m.def("channel_stats(Tensor x, Tensor? applied=None) -> (Tensor, Tensor)");
   m.def("kth_largest(Tensor v, int k) -> Tensor");
   m.def("map_threshold(Tensor x, int k) -> Tensor");
   m.def("attention_stats(Tensor x, int k, Tensor active, str mode) "
@@ -672,7 +686,7 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("selectout_plan(Tensor amax, Tensor noise, float top_rate, float keep, "
         "Tensor? rates=None) -> Tensor");
   m.def("focused_dropout_plan(Tensor x, Tensor mean, Tensor noise, float low, float high, "
-        "bool per_position, Tensor? rates=None) -> (Tensor, Tensor)");
+        "bool per_position, Tensor? rates=None, Tensor? applied=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(guidedrop, CUDA, m) {

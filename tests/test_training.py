@@ -351,6 +351,80 @@ def test_cuda_graph_fresh_masks_and_seeded(layer):
         torch.testing.assert_close(g1, g2)
 
 
+def _every_layer_model():
+    """SmallResNet with the 8 layers where their papers put them, at the rates of
+    _module_for (non-trivial masks on small maps)."""
+    model = models.SmallResNet(num_classes=10, width=4, in_channels=1)
+    for layer in LAYERS:
+        models.insert(model, layer, lambda i, n, layer=layer: _module_for(layer))
+    return model
+
+
+def _multiplier(inp, out):
+    """The layer's w = out / in where in is a non-zero number (w: the mask times scale)."""
+    ok = (inp != 0) & inp.isfinite()
+    return torch.where(ok, out / torch.where(ok, inp, 1), 0)
+
+
+def _captured_model_step(seed):
+    """One training step (forward inside cam_targets, loss, backward) of the model holding
+    every layer, captured whole. Returns (graph, {layer name: (static input, static
+    output)}, the first conv's static grad)."""
+    torch.manual_seed(seed)
+    model = _every_layer_model().cuda()
+    x, y = batch(n=4, device="cuda", seed=seed)
+    seen = record_outputs(model)
+
+    def step():
+        with guidedrop.cam_targets(model.fc, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graphs asks
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    grad = next(p for p in model.parameters() if p.grad is not None).grad
+    return graph, dict(seen), grad
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_whole_step():
+    """All 8 layers in ONE captured training step (noise=None, CamDrop with cam_targets):
+    every replay draws fresh masks in every layer (seeds from device-side draws on the
+    CUDA generator, which capture registers for Philox offset updates), and
+    torch.manual_seed before the capture reproduces the sequence of replays."""
+    runs = []
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for _ in range(2):
+            graph, seen, grad = _captured_model_step(seed=0)
+            assert {type(m).__name__ for _, m in guided(_every_layer_model())} == {
+                type(_module_for(layer)).__name__ for layer in LAYERS}
+            replays = []
+            for _ in range(8):  # FocusedDropout participates with probability 0.5
+                graph.replay()
+                replays.append(({k: _multiplier(i, o) for k, (i, o) in seen.items()},
+                                grad.clone()))
+            torch.cuda.synchronize()
+            runs.append(replays)
+    first = runs[0]
+    for name in first[0][0]:
+        assert any(not torch.equal(first[0][0][name], w[name]) for w, _ in first[1:]), (
+            f"{name}: the same mask at every replay")
+    assert any(not torch.equal(first[0][1], g) for _, g in first[1:])
+    for (w1, g1), (w2, g2) in zip(*runs, strict=True):
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+        torch.testing.assert_close(g1, g2)
+
+
 # --------------------------------------------------------------------------- AMP
 
 

@@ -36,10 +36,15 @@ from ._common import (
 
 
 @triton.jit
-def _channel_stats_kernel(x_ptr, amax_ptr, mean_ptr, R, C, W, L,
+def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L,
                           sN, sC, sH, sW,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_FLAT: tl.constexpr,
-                          IDX64: tl.constexpr):
+                          IDX64: tl.constexpr, HAS_APPLIED: tl.constexpr):
+    # FocusedDropout's participation (SPEC §5), a device flag: when it is False no position
+    # of x is read (the loop is empty) and the statistics are those of a zero map.
+    end = L
+    if HAS_APPLIED:
+        end = tl.where(tl.load(applied_ptr) != 0, L, 0)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rv = rows < R
     if IDX64:
@@ -48,7 +53,7 @@ def _channel_stats_kernel(x_ptr, amax_ptr, mean_ptr, R, C, W, L,
     acc_max = tl.zeros([ROWS, BLOCK], tl.float32)
     # float64 sums: mathematically equal means are exactly equal (FocusedDropout's argmax)
     acc_sum = tl.zeros([ROWS, BLOCK], tl.float64)
-    for p0 in range(0, L, BLOCK):
+    for p0 in range(0, end, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         if IDX64:
             p = p.to(tl.int64)
@@ -74,8 +79,13 @@ def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
 
 
 @op("channel_stats")
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (N, C, H, W) -> (max |x|, mean over H, W), each (N, C) float32."""
+def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) -> (max |x|, mean over H, W), each (N, C) float32.
+
+    applied: None, or a 0-d bool tensor on x's device read by the kernel: where it holds
+    False, x is not read and both outputs are 0 (FocusedDropout's participation, SPEC §5).
+    """
     n, c, h, w = x.shape
     amax = torch.empty((n, c), dtype=torch.float32, device=x.device)
     mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
@@ -83,9 +93,9 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return amax.fill_(0.0), mean.fill_(float("nan"))
     rows, block = row_tile(x, h * w, n * c)
     launch(_channel_stats_kernel)[(cdiv(n * c, rows),)](
-        x, amax, mean, n * c, c, w, h * w, *x.stride(),
+        x, x if applied is None else applied, amax, mean, n * c, c, w, h * w, *x.stride(),
         ROWS=rows, BLOCK=block, HW_FLAT=hw_flat(x), IDX64=needs_int64(x),
-        num_warps=warps(rows * block))
+        HAS_APPLIED=applied is not None, num_warps=warps(rows * block))
     return amax, mean
 
 

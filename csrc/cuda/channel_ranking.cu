@@ -16,21 +16,29 @@
 namespace guidedrop {
 namespace {
 
+// Whether to read x: FocusedDropout's participation (SPEC §5), a device flag so that a
+// compiled or captured step that does not participate reads nothing here.
+__device__ __forceinline__ bool read_x(const bool* applied) {
+  return applied == nullptr || *applied;
+}
+
 template <typename scalar_t>
 __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
-                                          const int64_t W, float* __restrict__ amax,
+                                          const int64_t W, const bool* __restrict__ applied,
+                                          float* __restrict__ amax,
                                           float* __restrict__ mean) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = blockDim.x >> 5;
   const int64_t maps = N * C, HW = H * W;
+  const int64_t L = read_x(applied) ? HW : 0;  // positions read: none when not applied
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); m < maps;
        m += static_cast<int64_t>(gridDim.x) * warps) {  // uniform within the warp
     const int64_t n = m / C, c = m % C;
     const scalar_t* base = x + n * s.n + c * s.c;
     float mx = 0.f;
     double sum = 0.0;
-    for (int64_t i = lane; i < HW; i += 32) {
+    for (int64_t i = lane; i < L; i += 32) {
       const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
       mx = max_nan(mx, fabsf(v));
       sum += static_cast<double>(v);
@@ -50,12 +58,14 @@ constexpr int kRowsHW = 8;   // position slices per block (threadIdx.y)
 template <typename scalar_t>
 __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
-                                          const int64_t W, float* __restrict__ amax,
+                                          const int64_t W, const bool* __restrict__ applied,
+                                          float* __restrict__ amax,
                                           float* __restrict__ mean) {
   __shared__ float smax[kRowsHW][kLanesC];
   __shared__ double ssum[kRowsHW][kLanesC];
   const int64_t tiles = (C + kLanesC - 1) / kLanesC;
   const int64_t HW = H * W;
+  const int64_t L = read_x(applied) ? HW : 0;  // positions read: none when not applied
   for (int64_t b = blockIdx.x; b < N * tiles; b += gridDim.x) {  // uniform in the block
     const int64_t n = b / tiles;
     const int64_t c = (b % tiles) * kLanesC + threadIdx.x;
@@ -63,7 +73,7 @@ __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const 
     double sum = 0.0;
     if (c < C) {
       const scalar_t* base = x + n * s.n + c * s.c;
-      for (int64_t i = threadIdx.y; i < HW; i += kRowsHW) {
+      for (int64_t i = threadIdx.y; i < L; i += kRowsHW) {
         const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
         mx = max_nan(mx, fabsf(v));
         sum += static_cast<double>(v);
@@ -92,24 +102,25 @@ struct ChannelW {
 
 }  // namespace
 
-void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& amax,
-                          const at::TensorBase& mean) {
+void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied,
+                          const at::TensorBase& amax, const at::TensorBase& mean) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (N * C == 0 || H * W == 0) return;
   const Strides4 s = strides4(x);
   const bool channel_inner = C > 1 && x.stride(1) < x.stride(3);
+  const bool* on = applied.defined() ? applied.data_ptr<bool>() : nullptr;
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::channel_stats", [&] {
     if (channel_inner) {
       const dim3 block(kLanesC, kRowsHW);
       channel_stats_lane_kernel<scalar_t>
           <<<grid_for(N * ceil_div(C, kLanesC), 1), block, 0, current_stream()>>>(
-              x.data_ptr<scalar_t>(), s, N, C, H, W, amax.data_ptr<float>(),
+              x.data_ptr<scalar_t>(), s, N, C, H, W, on, amax.data_ptr<float>(),
               mean.data_ptr<float>());
     } else {
       constexpr int warps = kThreads / 32;
       channel_stats_warp_kernel<scalar_t>
           <<<grid_for(N * C, warps), kThreads, 0, current_stream()>>>(
-              x.data_ptr<scalar_t>(), s, N, C, H, W, amax.data_ptr<float>(),
+              x.data_ptr<scalar_t>(), s, N, C, H, W, on, amax.data_ptr<float>(),
               mean.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -23,9 +23,10 @@ enum AttentionMode : int { kModeAM = 0, kModeSM = 1, kModeAD = 2 };
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
                                const at::TensorBase& zero_row, const at::TensorBase& F);
 
-// channel_ranking.cu. amax, mean: (N, C) float32. w: (N, C) float32.
-void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& amax,
-                          const at::TensorBase& mean);
+// channel_ranking.cu. applied: undefined, or a 0-d bool (false: x is not read, amax and
+// mean are 0). amax, mean: (N, C) float32. w: (N, C) float32.
+void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied,
+                          const at::TensorBase& amax, const at::TensorBase& mean);
 void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
                           const at::TensorBase& out);
 
@@ -133,10 +134,12 @@ void launch_selectout_plan(const at::TensorBase& amax, const at::TensorBase& noi
 
 // plans/focused_dropout.cu. mean: (N, C) float32 contiguous (C >= 1); noise: (N, H, W) when
 // per_position, else (N,); lo, span: float(low), float(high - low); mask: (N, H, W) uint8,
-// scale: (N,) float32 (ones).
+// scale: (N,) float32 (ones). applied: undefined, or a 0-d bool (false: mask all ones,
+// nothing read but applied).
 void launch_focused_dropout_plan(const at::TensorBase& x, const at::TensorBase& mean,
                                  const at::TensorBase& noise, bool per_position, float lo,
                                  float span, const at::TensorBase& rates,
-                                 const at::TensorBase& mask, const at::TensorBase& scale);
+                                 const at::TensorBase& applied, const at::TensorBase& mask,
+                                 const at::TensorBase& scale);
 
 }  // namespace guidedrop

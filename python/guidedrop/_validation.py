@@ -87,6 +87,20 @@ def noise(u, shape: tuple[int, ...], x: torch.Tensor) -> None:
         raise ValueError(f"noise must be on x's device {x.device}, got {u.device}")
 
 
+def applied(a, x: torch.Tensor) -> None:
+    """a: None or a 0-d bool tensor on x's device (FocusedDropout's participation flag)."""
+    if a is None:
+        return
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"applied must be a torch.Tensor or None, got {type(a).__name__}")
+    if a.dtype != torch.bool:
+        raise TypeError(f"applied must be a bool tensor, got dtype {a.dtype}")
+    if a.dim() != 0:
+        raise ValueError(f"applied must be a 0-d tensor, got shape {tuple(a.shape)}")
+    if a.device != x.device:
+        raise ValueError(f"applied must be on x's device {x.device}, got {a.device}")
+
+
 def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
     """CamDrop's classifier weight and targets (SPEC §6 step 0); returns target as given.
 

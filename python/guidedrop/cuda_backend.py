@@ -199,16 +199,18 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     return Plan("channel", (), (w,))
 
 
-def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=None):
-    """SPEC §5. x: (N, C, H, W); noise: (N, H, W) if per_position else (N,), or None ->
-    Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
+def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=None,
+                         applied=None):
+    """SPEC §5. x: (N, C, H, W); noise: (N, H, W) if per_position else (N,), or None;
+    applied: None or a 0-d bool on x's device (False: both kernels skip x, mask all ones)
+    -> Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
     n, _, h, w = x.shape
-    _, mean = _ops.channel_stats(x)
+    _, mean = _ops.channel_stats(x, applied)
     u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
                                              x.device)
     rates = _rates(x, low, high)
     mask, scale = _ops.focused_dropout_plan(x, mean, u, *_floats(rates, low, high), per_position,
-                                            rates)
+                                            rates, applied)
     return Plan("block", (1,), (mask, scale))
 
 
@@ -314,7 +316,7 @@ def _register_fakes() -> None:
         return x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.float32)
 
     @register("guidedrop::channel_stats")
-    def _(x):
+    def _(x, applied=None):
         return stats(x), stats(x)
 
     @register("guidedrop::kth_largest")
@@ -396,7 +398,7 @@ def _register_fakes() -> None:
         return amax.new_empty(amax.shape, dtype=torch.float32)
 
     @register("guidedrop::focused_dropout_plan")
-    def _(x, mean, noise, low, high, per_position, rates=None):
+    def _(x, mean, noise, low, high, per_position, rates=None, applied=None):
         n, _, h, w = x.shape
         return (x.new_empty((n, h, w), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))

@@ -117,21 +117,28 @@ def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", trai
 
 
 def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, noise=None,
-                    generator=None):
+                    generator=None, applied=None):
     """FocusedDropout (SPEC §5): keep the positions where the most active channel is high.
 
     x: (N, C, H, W); noise: (N,), or (N, H, W) with per_position=True. The module
     :class:`guidedrop.FocusedDropout` adds the per-batch participation draw.
+
+    applied: None (the op applies), or a 0-d bool tensor on x's device read by the kernels
+    (how the module passes its participation under torch.compile or CUDA graph capture,
+    where a Python branch on it is impossible): where it holds False the result is x bit
+    for bit (a new tensor; its gradient is grad_y), computed with one read of x on the
+    kernel backends. A tensor of another shape, dtype or device is a ValueError / TypeError.
     """
     V.feature_map(x)
     low, high = V.low_high(low, high)
     V.flag("per_position", per_position)
     n, _, h, w = x.shape
     V.noise(noise, (n, h, w) if per_position else (n,), x)
+    V.applied(applied, x)
     if _idle(x, training):
         return x
     return _run("focused_dropout", x, low, high, per_position=per_position, noise=noise,
-                generator=generator)
+                generator=generator, applied=applied)
 
 
 def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,

@@ -211,8 +211,14 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
 
 
 @fusable
-def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None):
-    """SPEC §5. State: the spatial mask (N, H, W) uint8 shared by every channel."""
+def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None, applied=None):
+    """SPEC §5. State: the spatial mask (N, H, W) uint8 shared by every channel.
+
+    applied: None, or a 0-d bool tensor on x's device, the module's participation under
+    torch.compile / CUDA graphs: where it is False the plan is the identity's (mask all
+    ones, scale 1). The plan kernels then read no x (statistics and plan skip it: one read
+    of x in all, the apply's, SPEC §5); the torch code here computes and discards.
+    """
     n, c, h, w = x.shape
     u = _uniform(noise, (n, h, w) if per_position else (n,), generator, x)
     _, mean = B.channel_stats(x)
@@ -222,6 +228,8 @@ def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None
     if not per_position:
         gamma = gamma[:, None, None]
     keep = (ref > gamma * v[:, None, None]) | (v <= 0)[:, None, None]
+    if applied is not None:
+        keep = keep | ~applied
     return Plan("block", (1,), (keep.to(torch.uint8), torch.ones(n, device=x.device)))
 
 

@@ -210,11 +210,13 @@ class FocusedDropout(GuidedDropout):
                 "torch.nn.parallel.DistributedDataParallel (one process per GPU).")
         if self.training and _traced(x):
             # A Python branch on a random draw would be a graph break under torch.compile
-            # and frozen by CUDA graph capture: draw on x's device and select instead.
+            # and frozen by CUDA graph capture: draw on x's device and hand the flag to the
+            # kernels, which skip x when it is False (one read of x for the whole step, the
+            # apply's y = x; no select after the whole op, SPEC §5).
             applied = torch.rand((), device=x.device) < self.participation
             self.last_applied = applied  # a 0-d bool tensor here
-            y = F.focused_dropout(x, self.low, self.high, per_position=self.per_position)
-            return torch.where(applied, y, x)
+            return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
+                                     applied=applied)
         self.last_applied = self.training and bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             return x

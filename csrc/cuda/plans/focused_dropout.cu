@@ -12,6 +12,9 @@
 //    reference's tensor ops: no FMA contraction); keep = x[n, r, h, w] > gamma * v, or
 //    v <= 0 (the sample is left unchanged).
 // The scale is written here (1 per sample) rather than by a torch.ones launch.
+// applied (optional 0-d bool, the module's participation under torch.compile / CUDA graphs,
+// SPEC §5): when it holds false the kernel writes keep = 1 everywhere and scale = 1 and reads
+// neither x nor mean, so the apply then gives y = x bit for bit from one read of x.
 // Rates: lo and span from the host (eager), or, when `rates` is not null (torch.compile
 // traces: symbolic rates), from the float64 (2,) tensor [low, high] with the same arithmetic.
 #include "../launchers.h"
@@ -36,6 +39,7 @@ __global__ void focused_dropout_plan_kernel(const scalar_t* __restrict__ x, cons
                                             const int64_t W, const bool per_position,
                                             float lo, float span,
                                             const double* __restrict__ rates,
+                                            const bool* __restrict__ applied,
                                             uint8_t* __restrict__ mask,
                                             float* __restrict__ scale) {
   if (rates != nullptr) {
@@ -46,7 +50,13 @@ __global__ void focused_dropout_plan_kernel(const scalar_t* __restrict__ x, cons
   __shared__ int64_t best_i[kThreads];
   __shared__ float scratch[32];
   const int64_t HW = H * W;
+  const bool on = applied == nullptr || *applied;  // uniform in the grid
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
+    if (!on) {  // the identity: keep everything
+      if (threadIdx.x == 0) scale[n] = 1.f;
+      for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) mask[n * HW + i] = 1;
+      continue;
+    }
     // 1. argmax of the means: each thread over its channels, then thread 0 over the threads.
     float bv = NAN;
     int64_t bi = -1;
@@ -93,7 +103,8 @@ __global__ void focused_dropout_plan_kernel(const scalar_t* __restrict__ x, cons
 void launch_focused_dropout_plan(const at::TensorBase& x, const at::TensorBase& mean,
                                  const at::TensorBase& noise, bool per_position, float lo,
                                  float span, const at::TensorBase& rates,
-                                 const at::TensorBase& mask, const at::TensorBase& scale) {
+                                 const at::TensorBase& applied, const at::TensorBase& mask,
+                                 const at::TensorBase& scale) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (N == 0) return;
   const int threads = plan_threads(std::max(C, H * W));
@@ -101,7 +112,8 @@ void launch_focused_dropout_plan(const at::TensorBase& x, const at::TensorBase& 
     focused_dropout_plan_kernel<scalar_t><<<grid_for(N, 1), threads, 0, current_stream()>>>(
         x.data_ptr<scalar_t>(), strides4(x), mean.data_ptr<float>(), uniforms(noise), N, C, H,
         W, per_position, lo, span, rates.defined() ? rates.data_ptr<double>() : nullptr,
-        mask.data_ptr<uint8_t>(), scale.data_ptr<float>());
+        applied.defined() ? applied.data_ptr<bool>() : nullptr, mask.data_ptr<uint8_t>(),
+        scale.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
