@@ -526,3 +526,43 @@ def test_emulated_layers_constant_input(B):
     noise = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
     same(_run(B, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise),
          _run(R, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise), "corrdrop ones")
+
+
+# --------------------------------------------------------------------------- line widths
+
+# Line lengths of the apply kernel's three vector paths (csrc/cuda/common.cuh): a multiple
+# of the vector width V (8 in bf16, 4 in float32: one line state a chunk), at least V - 1
+# (a chunk on two lines) and shorter (one state an element); W for NCHW, C for channels_last.
+LINE_WIDTHS = (56, 32, 28, 14, 7, 3, 2)
+
+
+@pytest.mark.parametrize("op", ["apply_channel", "apply_block", "apply_seeds", "apply_attention"])
+def test_emulated_apply_line_widths(E, op):
+    for dtype in (torch.bfloat16, torch.float32):
+        for wd in LINE_WIDTHS:
+            for shape, layout in [((2, 2, 3, wd), "contiguous"), ((2, wd, 2, 3), "channels_last")]:
+                args = T._samples(dtype, layout, device="cpu", shape=shape)[op]
+                got = getattr(E, op)(*args)
+                same(got, T._reference(op, args), f"{op} {dtype} {shape} {layout}")
+                assert got.stride() == args[0].stride()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_emulated_seeds_runs(E, shared):
+    """apply_seeds and seed_coverage cover a row by runs of up to 32 units (seed_cover.cuh's
+    covered_run): rows longer than a run, blocks as wide as the run allows (r = 26 with runs
+    of 32, r = 40 with runs of 18) and the per-unit fallback past 57 (r = 59)."""
+    gen = torch.Generator().manual_seed(3)
+    for (n, c, h, w), r, g in [((2, 3, 5, 56), 1, 0.3), ((1, 2, 9, 70), 3, 0.05),
+                               ((2, 2, 7, 28), 7, 0.1), ((1, 2, 30, 75), 26, 0.01),
+                               ((1, 1, 41, 64), 40, 0.2), ((1, 1, 60, 61), 59, 0.9)]:
+        cs = 1 if shared else c
+        noise = torch.rand(n, cs, h, w, generator=gen)
+        bits = R.seed_bits(noise, None, g, r, None, None, (n, cs, h, w), "cpu")
+        what = f"{(n, c, h, w)} r={r} shared={shared}"
+        same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w), what)
+        scale = torch.rand(n, generator=gen) + 0.5
+        for dtype, layout in [(torch.bfloat16, "contiguous"), (torch.float32, "channels_last")]:
+            x = make_x((n, c, h, w), dtype, "cpu", layout)
+            same(E.apply_seeds(x, bits, r, shared, scale),
+                 R.apply_seeds(x, bits, r, shared, scale), f"{what} {dtype} {layout}")

@@ -16,12 +16,15 @@
 //   kernel), so any tiling, and a rerun with the same generator state, draws the same u.
 //   For seeds_plan it also zeroes the counters of plans/dropblock.cu's coverage + scale
 //   kernel, the next launch on the stream (no memset launch).
-// covered (seed_cover.cuh): the r x r test, shared with plans/dropblock.cu.
-// seed_coverage: one thread per unit, counting the units covered by a seed's block; block
-//   sums, then one int64 atomicAdd per block and sample (integer: deterministic).
-// apply_block: w = mask[n, h / k, w / k] * scale[n].
+// covered_run (seed_cover.cuh): the r x r test for a run of up to 32 units of a row at once
+//   (the seed rows ORed once into a row mask, then dilated), shared with plans/dropblock.cu.
+// seed_coverage: one thread per run of units of a row, counting the units covered by a
+//   seed's block; block sums, then one int64 atomicAdd per block and sample (integer:
+//   deterministic).
+// apply_block: w = mask[n, h / k, w / k] * scale[n] (k: a host-computed fast division).
 // apply_seeds: w = (covered ? 0 : 1) * scale[n], with the r x r OR over the packed bits of
-//   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel.
+//   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel, once
+//   per line segment of the apply kernel (SeedsW::row).
 #include "common.cuh"
 #include "launchers.h"
 #include "seed_cover.cuh"
@@ -116,18 +119,16 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
 
 __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int64_t N,
                                      const int64_t Cs, const int64_t H, const int64_t W,
-                                     const int64_t Bn, const int64_t r,
-                                     long long* __restrict__ out) {
+                                     const int64_t Bn, const int64_t r, const int run,
+                                     const int64_t WB, long long* __restrict__ out) {
   __shared__ unsigned long long part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t per_sample = Cs * H * W;
+  const int64_t items = Cs * H * WB;  // runs of `run` units of a row
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
     unsigned long long count = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < per_sample;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int64_t w = i % W, h = (i / W) % H;
-      count += covered(bits + n * Bn, i - i % (H * W), H, W, r, h, w) ? 1 : 0;
-    }
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      count += covered_count(bits + n * Bn, i, H, W, r, run, WB);
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) count += __shfl_xor_sync(kFullMask, count, d);
     if (lane == 0) part[warp] = count;
@@ -141,25 +142,59 @@ __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int
   }
 }
 
+// mask[n, h / k, w / k] * scale[n]: a mask row per NCHW line, one value per NHWC pixel.
 struct BlockW {
   const uint8_t* mask;
   const float* scale;
   int64_t Hs, Ws;
-  int k;  // h, w and k fit in 32 bits (checked by the caller): cheaper divisions
-  __device__ __forceinline__ float operator()(const Coord4& p) const {
-    const int64_t hs = static_cast<int>(p.h) / k, ws = static_cast<int>(p.w) / k;
-    return static_cast<float>(mask[(p.n * Hs + hs) * Ws + ws]) * scale[p.n];
+  FastDiv k;  // h, w and k fit in 32 bits (checked by the caller)
+  struct Row {
+    const uint8_t* m;  // mask row (n, h / k)
+    float s, v;        // scale[n]; NHWC: the multiplier
+    uint32_t w0;       // NCHW: the segment's first w
+  };
+  template <bool CL>
+  __device__ __forceinline__ Row row(const Coord4& p, int) const {
+    const uint8_t* m = mask + (p.n * Hs + div_of(static_cast<uint32_t>(p.h), k)) * Ws;
+    const float s = scale[p.n];
+    if (!CL) return {m, s, 0.f, static_cast<uint32_t>(p.w)};
+    return {m, s, static_cast<float>(m[div_of(static_cast<uint32_t>(p.w), k)]) * s, 0};
+  }
+  template <bool CL>
+  __device__ __forceinline__ float at(const Row& r, int j) const {
+    if (CL) return r.v;
+    return static_cast<float>(r.m[div_of(r.w0 + j, k)]) * r.s;
   }
 };
 
+// (covered ? 0 : 1) * scale[n]. NCHW: the coverage of a line segment in one covered_run;
+// NHWC: one unit per pixel with shared seeds (CamDrop), else one per channel.
 struct SeedsW {
   const uint8_t* bits;
   const float* scale;
   int64_t H, W, Bn, r;
   bool shared;
-  __device__ __forceinline__ float operator()(const Coord4& p) const {
+  struct Row {
+    const uint8_t* sample;
+    int64_t c, h, w;  // the segment's first element
+    uint32_t mask;    // bit j: element j covered (NHWC, not shared: unused)
+    float s;
+  };
+  template <bool CL>
+  __device__ __forceinline__ Row row(const Coord4& p, int len) const {
+    const uint8_t* sample = bits + p.n * Bn;
     const int64_t plane = shared ? 0 : p.c * H * W;
-    return (covered(bits + p.n * Bn, plane, H, W, r, p.h, p.w) ? 0.f : 1.f) * scale[p.n];
+    uint32_t m = 0;
+    if (!CL) m = covered_run(sample, plane, H, W, r, p.h, p.w, len);
+    else if (shared) m = covered_run(sample, 0, H, W, r, p.h, p.w, 1) ? ~0u : 0u;
+    return {sample, p.c, p.h, p.w, m, scale[p.n]};
+  }
+  template <bool CL>
+  __device__ __forceinline__ float at(const Row& q, int j) const {
+    bool cov;
+    if (!CL || shared) cov = (q.mask >> (CL ? 0 : j)) & 1u;
+    else cov = covered_run(q.sample, (q.c + j) * H * W, H, W, r, q.h, q.w, 1) != 0;
+    return (cov ? 0.f : 1.f) * q.s;
   }
 };
 
@@ -201,10 +236,12 @@ void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int
   const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t per_sample = Cs * H * W;
   if (N == 0 || per_sample == 0) return;
-  const dim3 grid(std::min<unsigned>(grid_for(per_sample, kThreads), 1024u),
+  const int run = seed_run(r);
+  const int64_t WB = ceil_div(W, run), items = Cs * H * WB;
+  const dim3 grid(std::min<unsigned>(grid_for(items, kThreads), 1024u),
                   static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   seed_coverage_kernel<<<grid, kThreads, 0, current_stream()>>>(
-      bits.data_ptr<uint8_t>(), N, Cs, H, W, Bn, r,
+      bits.data_ptr<uint8_t>(), N, Cs, H, W, Bn, r, run, WB,
       reinterpret_cast<long long*>(out.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -212,7 +249,7 @@ void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int
 void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int64_t k,
                         const at::TensorBase& scale, const at::TensorBase& out) {
   const BlockW wfn{mask.data_ptr<uint8_t>(), scale.data_ptr<float>(), mask.size(1), mask.size(2),
-                   static_cast<int>(k)};
+                   fast_div(k)};
   GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block",
                           [&] { launch_apply<scalar_t>(t, out, wfn); });
 }

@@ -10,6 +10,8 @@
 //   order.
 // Sums are float64, so that mathematically equal means (the same values in another order)
 // are exactly equal (FocusedDropout's argmax, SPEC §1); mean = float(sum / (H*W)).
+// Where a map's units are evenly spaced (stride(H) = W * stride(W): contiguous and
+// channels_last inputs) unit i sits at i * stride(W): no division per element.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -38,10 +40,15 @@ __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const 
     const scalar_t* base = x + n * s.n + c * s.c;
     float mx = 0.f;
     double sum = 0.0;
-    for (int64_t i = lane; i < L; i += 32) {
-      const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
+    auto add = [&](float v) {
       mx = max_nan(mx, fabsf(v));
       sum += static_cast<double>(v);
+    };
+    if (s.h == W * s.w) {
+      for (int64_t i = lane; i < L; i += 32) add(to_float(base[i * s.w]));
+    } else {  // other strides: not unrolled, it is not the streaming path
+#pragma unroll 1
+      for (int64_t i = lane; i < L; i += 32) add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
     }
     mx = warp_reduce(mx, MaxOp());
     sum = warp_reduce(sum, SumOp());
@@ -73,10 +80,16 @@ __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const 
     double sum = 0.0;
     if (c < C) {
       const scalar_t* base = x + n * s.n + c * s.c;
-      for (int64_t i = threadIdx.y; i < L; i += kRowsHW) {
-        const float v = to_float(base[(i / W) * s.h + (i % W) * s.w]);
+      auto add = [&](float v) {
         mx = max_nan(mx, fabsf(v));
         sum += static_cast<double>(v);
+      };
+      if (s.h == W * s.w) {
+        for (int64_t i = threadIdx.y; i < L; i += kRowsHW) add(to_float(base[i * s.w]));
+      } else {  // other strides: not unrolled, it is not the streaming path
+#pragma unroll 1
+        for (int64_t i = threadIdx.y; i < L; i += kRowsHW)
+          add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
       }
     }
     smax[threadIdx.y][threadIdx.x] = mx;
@@ -94,10 +107,21 @@ __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const 
   }
 }
 
+// w[n, c]: one per line in NCHW; consecutive in NHWC (a pixel's channels).
 struct ChannelW {
   const float* w;
   int64_t C;
-  __device__ __forceinline__ float operator()(const Coord4& p) const { return w[p.n * C + p.c]; }
+  struct Row {
+    const float* w;  // &w[n, c] of the segment's first element
+  };
+  template <bool CL>
+  __device__ __forceinline__ Row row(const Coord4& p, int) const {
+    return {w + p.n * C + p.c};
+  }
+  template <bool CL>
+  __device__ __forceinline__ float at(const Row& r, int j) const {
+    return r.w[CL ? j : 0];
+  }
 };
 
 }  // namespace

@@ -6,7 +6,8 @@
 //   channels_last and sliced inputs all work with the same kernel.
 // - apply_kernel: the one elementwise "out = t * w(n, c, h, w)" kernel of every layer,
 //   walking the output in its memory order (NCHW or NHWC), with 16-byte vector loads and
-//   stores when t and out are dense in that order and aligned.
+//   stores when t and out are dense in that order and aligned, at any width, the
+//   multiplier's state read once per line segment and no per-element division.
 // - float_key / key_float: the order-preserving uint32 key of a float32 (torch.topk's).
 // - block_select_kth_largest: exact k-th largest of a block's keys by 8-bit radix select.
 // - warp / block reductions with a fixed order (deterministic), NaN-propagating min/max.
@@ -81,82 +82,82 @@ __device__ __forceinline__ float to_float(T v) {
 
 // ------------------------------------------------------------------------ apply kernel
 
-// Geometry of "out = t * w(n, c, h, w)". The flat index i walks out's memory order:
-// NCHW (cl = false) or NHWC (cl = true). When vec is set, t and out are both dense in
-// that order and 16-byte aligned, so the element at flat index i sits at offset i in
-// both; otherwise every offset comes from the strides.
+// ------------------------------------------------------------------------ fast division
+
+// Division of a 32-bit n < 2^31 by a divisor d >= 1 fixed at launch, with the magic number
+// computed on the host (Granlund & Montgomery; the scheme of ATen's IntDivider): a
+// multiply-high and a shift, not the ~20-instruction division routine the compiler emits
+// for a runtime divisor. q = (umulhi(n, m) + n) >> s is exact for n < 2^31.
+struct FastDiv {
+  uint32_t d, m, s;
+};
+
+inline FastDiv fast_div(int64_t d) {
+  TORCH_CHECK(d >= 1 && d < (int64_t(1) << 31), "guidedrop: divisor out of range");
+  uint32_t s = 0;
+  while ((uint64_t(1) << s) < static_cast<uint64_t>(d)) ++s;
+  const uint64_t m = ((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1;
+  return {static_cast<uint32_t>(d), static_cast<uint32_t>(m), s};
+}
+
+__device__ __forceinline__ uint32_t div_of(uint32_t n, const FastDiv& f) {
+  return (__umulhi(n, f.m) + n) >> f.s;
+}
+
+// ------------------------------------------------------------------------ apply kernel
+
+// Geometry of "out = t * w(n, c, h, w)" for the samples n0 .. n0 + N - 1 of one launch.
+// The flat index i (from 0 at sample n0) walks out's memory order: NCHW (cl = false) or
+// NHWC (cl = true); numel < 2^31, so the index math is 32-bit (launch_apply splits the
+// batch). A line is the run of elements along the innermost dimension: a row (n, c, h, :)
+// in NCHW, a pixel's channels (n, :, h, w) in NHWC. When vec is set, t and out are both
+// dense in that order and 16-byte aligned, so element i sits at offset i in both;
+// otherwise every offset comes from the strides. d0, d1, d2: fast divisions by the three
+// inner sizes of that order (W, H, C for NCHW; C, W, H for NHWC).
 struct ApplyGeom {
-  int64_t N, C, H, W, numel;
+  int64_t n0, N, C, H, W, numel;
   Strides4 t, o;
   bool cl, vec;
+  FastDiv d0, d1, d2;
 };
 
 inline bool dense_in_order(const at::TensorBase& t, bool cl) {
   return cl ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous();
 }
 
-// out: allocated by the caller with at::empty_like(t) (t's memory format when t is dense,
-// else the suggested one), exactly like the reference's torch.empty_like.
-inline ApplyGeom make_apply_geom(const at::TensorBase& t, const at::TensorBase& out) {
-  ApplyGeom g;
-  g.N = t.size(0);
-  g.C = t.size(1);
-  g.H = t.size(2);
-  g.W = t.size(3);
-  g.numel = t.numel();
-  g.t = strides4(t);
-  g.o = strides4(out);
-  g.cl = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  g.vec = dense_in_order(t, g.cl) && dense_in_order(out, g.cl) && aligned16(t) &&
-          aligned16(out);
-  return g;
-}
-
+// Coordinates of flat index i < 2^31 of a launch: three multiply-high divisions.
+template <bool CL>
 __device__ __forceinline__ Coord4 decompose(int64_t i, const ApplyGeom& g) {
-  Coord4 p;
-  if (!g.cl) {
-    p.w = i % g.W;
-    i /= g.W;
-    p.h = i % g.H;
-    i /= g.H;
-    p.c = i % g.C;
-    p.n = i / g.C;
-  } else {
-    p.c = i % g.C;
-    i /= g.C;
-    p.w = i % g.W;
-    i /= g.W;
-    p.h = i % g.H;
-    p.n = i / g.H;
-  }
-  return p;
+  const uint32_t u = static_cast<uint32_t>(i);
+  const uint32_t q0 = div_of(u, g.d0), q1 = div_of(q0, g.d1), q2 = div_of(q1, g.d2);
+  const int64_t a = u - q0 * g.d0.d, b = q0 - q1 * g.d1.d, c = q1 - q2 * g.d2.d;
+  const int64_t n = g.n0 + q2;  // innermost first: a, b, c
+  return CL ? Coord4{n, a, c, b} : Coord4{n, c, b, a};
 }
 
-// The coordinates of flat index i + 1 from those of i (no division).
-__device__ __forceinline__ void advance(Coord4& p, const ApplyGeom& g) {
-  if (!g.cl) {
+// The first element of the line after p's.
+template <bool CL>
+__device__ __forceinline__ Coord4 next_line(Coord4 p, const ApplyGeom& g) {
+  if (!CL) {
+    p.w = 0;
+    if (++p.h == g.H) {
+      p.h = 0;
+      if (++p.c == g.C) {
+        p.c = 0;
+        ++p.n;
+      }
+    }
+  } else {
+    p.c = 0;
     if (++p.w == g.W) {
       p.w = 0;
       if (++p.h == g.H) {
         p.h = 0;
-        if (++p.c == g.C) {
-          p.c = 0;
-          ++p.n;
-        }
-      }
-    }
-  } else {
-    if (++p.c == g.C) {
-      p.c = 0;
-      if (++p.w == g.W) {
-        p.w = 0;
-        if (++p.h == g.H) {
-          p.h = 0;
-          ++p.n;
-        }
+        ++p.n;
       }
     }
   }
+  return p;
 }
 
 template <typename T, int V>
@@ -164,46 +165,128 @@ struct alignas(16) Vec {
   T v[V];
 };
 
-// Each thread handles chunks of V = 16 / sizeof(scalar_t) consecutive elements (in out's
-// memory order): one division-based decomposition per chunk, then carries. WFn is a
-// functor `float operator()(const Coord4&) const` returning the float32 multiplier.
-template <typename scalar_t, typename WFn>
+// The multipliers come from a functor WFn with a per-line-segment state, so whatever a
+// line shares (a channel's weight, a mask row, a row's seed coverage, a map's thresholds)
+// is read once per segment, not per element:
+//   struct Row { ... };  (default-constructible)
+//   template <bool CL> Row row(const Coord4& p, int len) const;
+//     the state of the `len` (1 <= len <= 16) elements of p's line from p on: units
+//     (n, c, h, p.w + j) in NCHW, channels p.c + j of pixel (n, h, w) in NHWC;
+//   template <bool CL> float at(const Row&, int j) const;
+//     the float32 multiplier of element j (0 <= j < len) of that segment.
+//
+// Each thread handles chunks of V = 16 / sizeof(scalar_t) consecutive elements in memory
+// order, with one 16-byte load and store when dense and aligned, and its coordinates from
+// one decomposition (three 32-bit multiply-high divisions) per chunk. R: lines a chunk can
+// span, fixed at launch from the line length L: 1 when L % V == 0 (NCHW at W = 56 or 32 in
+// bf16), 2 when L >= V - 1 (W = 28, 14, 7; channels_last at any C >= V - 1), 0 for shorter
+// lines (one state per element). The strided path (not dense) has one state per element.
+template <typename scalar_t, typename WFn, bool CL, int R>
 __global__ void apply_kernel(const scalar_t* __restrict__ t, scalar_t* __restrict__ out,
                              const ApplyGeom g, const WFn wfn) {
   constexpr int V = 16 / sizeof(scalar_t);
-  const int64_t chunks = (g.numel + V - 1) / V;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       chunk < chunks; chunk += stride) {
-    const int64_t i0 = chunk * V;
-    Coord4 p = decompose(i0, g);
-    if (g.vec && i0 + V <= g.numel) {
-      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
-      Vec<scalar_t, V> res;
+  const int64_t L = CL ? g.C : g.W;
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  auto one = [&](const Coord4& p) { return wfn.template at<CL>(wfn.template row<CL>(p, 1), 0); };
+  // Loop indices are 32-bit: numel < 2^31 and the grid is at most 2^26 threads. One
+  // iteration per chunk (unroll 1): the loop body is the steady state, nvcc's unrolled
+  // copies would only grow the code.
+  if (!g.vec) {
+#pragma unroll 1
+    for (uint32_t i = tid; i < g.numel; i += stride) {
+      const Coord4 p = decompose<CL>(i, g);
+      const Coord4 q{p.n - g.n0, p.c, p.h, p.w};  // t and out start at sample n0
+      out[off4(g.o, q)] = static_cast<scalar_t>(to_float(t[off4(g.t, q)]) * one(p));
+    }
+    return;
+  }
+  const uint32_t full = static_cast<uint32_t>(g.numel) / V;
+#pragma unroll 1
+  for (uint32_t chunk = tid; chunk < full; chunk += stride) {
+    const uint32_t i0 = chunk * V;
+    const Coord4 p = decompose<CL>(i0, g);
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> res;
+    if constexpr (R == 1) {  // the chunk lies in one line
+      const auto r0 = wfn.template row<CL>(p, V);
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * wfn.template at<CL>(r0, j));
+    } else if constexpr (R == 2) {  // the chunk's first k0 elements on p's line, the rest on the next
+      const int k0 = static_cast<int>(min(static_cast<int64_t>(V), L - (CL ? p.c : p.w)));
+      const auto r0 = wfn.template row<CL>(p, k0);
+      typename WFn::Row r1{};
+      if (k0 < V) r1 = wfn.template row<CL>(next_line<CL>(p, g), V - k0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * wfn(p));
-        advance(p, g);
+        const float w = j < k0 ? wfn.template at<CL>(r0, j) : wfn.template at<CL>(r1, j - k0);
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
       }
-      *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
-    } else {
-      for (int j = 0; j < V && i0 + j < g.numel; ++j) {
-        out[off4(g.o, p)] = static_cast<scalar_t>(to_float(t[off4(g.t, p)]) * wfn(p));
-        advance(p, g);
-      }
+    } else {  // lines shorter than V - 1
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * one(decompose<CL>(i0 + j, g)));
     }
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+  if (tid == 0) {  // the last numel % V elements
+#pragma unroll 1
+    for (uint32_t i = full * V; i < g.numel; ++i)
+      out[i] = static_cast<scalar_t>(to_float(t[i]) * one(decompose<CL>(i, g)));
   }
 }
 
+template <typename scalar_t, typename WFn, bool CL>
+void launch_apply_lines(const scalar_t* t, scalar_t* out, const ApplyGeom& g, const WFn& wfn) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  const int64_t L = CL ? g.C : g.W;
+  const unsigned grid = grid_for(g.vec ? ceil_div(g.numel, V) : g.numel, kThreads);
+  const cudaStream_t stream = current_stream();
+  if (L % V == 0)
+    apply_kernel<scalar_t, WFn, CL, 1><<<grid, kThreads, 0, stream>>>(t, out, g, wfn);
+  else if (L >= V - 1)
+    apply_kernel<scalar_t, WFn, CL, 2><<<grid, kThreads, 0, stream>>>(t, out, g, wfn);
+  else
+    apply_kernel<scalar_t, WFn, CL, 0><<<grid, kThreads, 0, stream>>>(t, out, g, wfn);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out: allocated by the caller with at::empty_like(t) (t's memory format when t is dense,
+// else the suggested one), exactly like the reference's torch.empty_like. One launch per
+// group of samples under 2^31 elements (one launch below 2^31 elements in all); a sample
+// itself must be under 2^31 elements (RuntimeError otherwise).
 template <typename scalar_t, typename WFn>
 void launch_apply(const at::TensorBase& t, const at::TensorBase& out, const WFn& wfn) {
-  const ApplyGeom g = make_apply_geom(t, out);
-  if (g.numel == 0) return;
-  constexpr int V = 16 / sizeof(scalar_t);
-  apply_kernel<scalar_t, WFn><<<grid_for(ceil_div(g.numel, V), kThreads), kThreads, 0,
-                                current_stream()>>>(
-      t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, wfn);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (t.numel() == 0) return;
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t per_sample = C * H * W;
+  TORCH_CHECK(per_sample < (int64_t(1) << 31),
+              "guidedrop: a sample of over 2^31 - 1 elements is not supported");
+  const bool cl = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool dense = dense_in_order(t, cl) && dense_in_order(out, cl);
+  const int64_t step = ((int64_t(1) << 31) - 1) / per_sample;  // samples per launch
+  for (int64_t n0 = 0; n0 < N; n0 += step) {
+    ApplyGeom g;
+    g.n0 = n0;
+    g.N = std::min(step, N - n0);
+    g.C = C;
+    g.H = H;
+    g.W = W;
+    g.numel = g.N * per_sample;
+    g.t = strides4(t);
+    g.o = strides4(out);
+    g.cl = cl;
+    const scalar_t* tp = t.data_ptr<scalar_t>() + n0 * g.t.n;
+    scalar_t* op = out.data_ptr<scalar_t>() + n0 * g.o.n;
+    g.vec = dense && reinterpret_cast<uintptr_t>(tp) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(op) % 16 == 0;
+    g.d0 = fast_div(cl ? C : W);
+    g.d1 = fast_div(cl ? W : H);
+    g.d2 = fast_div(cl ? H : C);
+    if (cl) launch_apply_lines<scalar_t, WFn, true>(tp, op, g, wfn);
+    else launch_apply_lines<scalar_t, WFn, false>(tp, op, g, wfn);
+  }
 }
 
 // ------------------------------------------------------------------------ reductions

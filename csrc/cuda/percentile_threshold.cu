@@ -164,11 +164,37 @@ struct AttentionW {
   int64_t C;
   int mode;
   // reference: torch.where(active, S, 1) * scale[n]; x is read only for active maps.
-  __device__ __forceinline__ float operator()(const Coord4& p) const {
+  // NCHW: a map's state once per line; NHWC: per channel.
+  struct Row {
+    const scalar_t* x;  // x at the segment's first element
+    int64_t m;          // map n * C + c of the first element
+    float thr, mn, mx, s;
+    bool act;
+  };
+  template <bool CL>
+  __device__ __forceinline__ Row row(const Coord4& p, int) const {
     const int64_t m = p.n * C + p.c;
+    Row r{x + off4(xs, p), m, 0.f, 0.f, 0.f, scale[p.n], false};
+    if (!CL) {
+      r.act = active[m];
+      if (r.act) {
+        r.thr = thr[m];
+        r.mn = mn[m];
+        r.mx = mx[m];
+      }
+    }
+    return r;
+  }
+  template <bool CL>
+  __device__ __forceinline__ float at(const Row& r, int j) const {
     float s = 1.f;
-    if (active[m]) s = soft_mask(to_float(x[off4(xs, p)]), thr[m], mn[m], mx[m], mode);
-    return s * scale[p.n];
+    if (!CL) {
+      if (r.act) s = soft_mask(to_float(r.x[j * xs.w]), r.thr, r.mn, r.mx, mode);
+    } else {
+      const int64_t m = r.m + j;
+      if (active[m]) s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], mx[m], mode);
+    }
+    return s * r.s;
   }
 };
 

@@ -17,11 +17,15 @@
 // One launch (issue 12: statistics in one kernel), one block of 32 x 8 threads per sample;
 // the only intermediate is the pooled tensor (k² times smaller than x), written and read by
 // the same block:
-// 1. pooling: one warp per pooled position i of the sample; the lanes stride over the
-//    channels, each summing its k x k window (rows then columns, like ATen's avg_pool2d;
-//    divided by the number of valid units of a border window), then the warp takes the
-//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N', C) and the
-//    zero-row flag (N').
+// 1. pooling, coalesced in x's layout: each lane sums one k x k window (rows then columns,
+//    like ATen's avg_pool2d; divided by the number of valid units of a border window). In
+//    NCHW one warp per (channel, pooled row) with the lanes along the pooled columns, so a
+//    warp reads a band of rows of one map (consecutive lanes k units apart, the band's
+//    sectors reused from L1), not one channel a whole map away per lane; in channels_last
+//    one warp per pooled position with the lanes along the channels (consecutive
+//    addresses). Then, after a __syncthreads, one warp per pooled position i takes the
+//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N', C) and
+//    the zero-row flag (N'). A window's sum has the same order either way.
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
 //    takes 32 rows i at a time and walks the columns j in tiles of 32, accumulating
 //    ‖â_i − â_j‖² over channel tiles of 32 held in shared memory (a tiled GEMM with (a − b)²
@@ -44,32 +48,43 @@ constexpr int kTile = 32;  // rows i, columns j and channels per tile
 constexpr int kRowsY = 8;  // warps per block; each thread holds kTile / kRowsY rows
 constexpr int kPerThread = kTile / kRowsY;
 
-// Pooled, normalised rows â of sample n: one warp per row (see the header, step 1).
+// Pooled, normalised rows â of sample n (see the header, step 1). Ends with a
+// __syncthreads: every row is written.
 template <typename scalar_t>
 __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s,
                                const int64_t n, const int64_t C, const int64_t H,
-                               const int64_t W, const int64_t k, const int64_t Wp,
-                               const int64_t Np, float* __restrict__ pooled,
+                               const int64_t W, const int64_t k, const int64_t Hp,
+                               const int64_t Wp, const int64_t Np, float* __restrict__ pooled,
                                float* __restrict__ zero_row) {
-  const int lane = threadIdx.x & 31;
-  for (int64_t i = threadIdx.x >> 5; i < Np; i += kRowsY) {  // uniform within the warp
-    const int64_t h0 = (i / Wp) * k, w0 = (i % Wp) * k;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const scalar_t* xn = x + n * s.n;
+  auto window = [&](const scalar_t* p, int64_t hp, int64_t wp) {  // a of one window
+    const int64_t h0 = hp * k, w0 = wp * k;
     const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
-    const float count = static_cast<float>((h1 - h0) * (w1 - w0));
+    float sum = 0.f;
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = w0; w < w1; ++w) sum += to_float(p[h * s.h + w * s.w]);
+    return sum / static_cast<float>((h1 - h0) * (w1 - w0));
+  };
+  if (s.c < s.w) {  // channels inner: lanes along the channels
+    for (int64_t i = warp; i < Np; i += kRowsY)  // uniform within the warp
+      for (int64_t c = lane; c < C; c += 32)
+        pooled[i * C + c] = window(xn + c * s.c, i / Wp, i % Wp);
+  } else {  // lanes along w: one warp per (channel, pooled row)
+    for (int64_t item = warp; item < C * Hp; item += kRowsY) {  // uniform within the warp
+      const int64_t c = item / Hp, hp = item % Hp;
+      for (int64_t wp = lane; wp < Wp; wp += 32)
+        pooled[(hp * Wp + wp) * C + c] = window(xn + c * s.c, hp, wp);
+    }
+  }
+  __syncthreads();  // every a written (block-scope visibility of the global writes)
+  for (int64_t i = warp; i < Np; i += kRowsY) {  // uniform within the warp
     float* row = pooled + i * C;
     float mx = 0.f;
-    for (int64_t c = lane; c < C; c += 32) {
-      const scalar_t* p = x + n * s.n + c * s.c;
-      float sum = 0.f;
-      for (int64_t h = h0; h < h1; ++h)
-        for (int64_t w = w0; w < w1; ++w) sum += to_float(p[h * s.h + w * s.w]);
-      const float a = sum / count;
-      row[c] = a;
-      mx = max_nan(mx, fabsf(a));
-    }
+    for (int64_t c = lane; c < C; c += 32) mx = max_nan(mx, fabsf(row[c]));
     mx = warp_reduce(mx, MaxOp());
     float ss = 0.f;
-    for (int64_t c = lane; c < C; c += 32) {  // this lane wrote row[c]
+    for (int64_t c = lane; c < C; c += 32) {
       const float b = row[c] / mx;
       ss += b * b;
     }
@@ -147,13 +162,14 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
 template <typename scalar_t>
 __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
-                                          const int64_t W, const int64_t k, const int64_t Wp,
+                                          const int64_t W, const int64_t k, const int64_t Hp,
+                                          const int64_t Wp,
                                           const int64_t Np, float* __restrict__ pooled,
                                           float* __restrict__ zero_row, float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
     float* an = pooled + n * Np * C;
     float* zn = zero_row + n * Np;
-    pool_normalize(x, s, n, C, H, W, k, Wp, Np, an, zn);
+    pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
     gram_rowsum(an, zn, Np, C, F + n * Np);
   }
@@ -169,7 +185,7 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::pooled_correlation", [&] {
     pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
                                           kTile * kRowsY, 0, current_stream()>>>(
-        x.data_ptr<scalar_t>(), strides4(x), N, C, H, W, k, Wp, Np, pooled.data_ptr<float>(),
+        x.data_ptr<scalar_t>(), strides4(x), N, C, H, W, k, Hp, Wp, Np, pooled.data_ptr<float>(),
         zero_row.data_ptr<float>(), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

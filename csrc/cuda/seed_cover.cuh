@@ -1,5 +1,10 @@
 // The r x r coverage test of DropBlock / CamDrop's packed seeds, shared by block_mask.cu
 // (seed_coverage, apply_seeds) and plans/dropblock.cu (coverage + scale).
+//
+// covered_run answers for a run of up to 32 consecutive units of a row at once: it ORs the
+// seed bits of the r rows that can reach the run (one window of len + r - 1 bits per row,
+// a few byte loads) into one 64-bit row mask, then dilates it by r columns with log2(r)
+// shift-ORs. So a unit costs O(r / len) loads, not the r to 2r of the per-unit covered().
 #pragma once
 
 #include "common.cuh"
@@ -26,6 +31,58 @@ __device__ __forceinline__ bool covered(const uint8_t* __restrict__ sample, int6
     }
   }
   return false;
+}
+
+// Bits p .. p + n - 1 (1 <= n <= 57) of a bit string: bit j of the result is bit p + j.
+__device__ __forceinline__ uint64_t read_bits(const uint8_t* __restrict__ s, int64_t p, int n) {
+  const int64_t q0 = p >> 3, q1 = (p + n - 1) >> 3;  // at most 8 bytes
+  uint64_t v = 0;
+  for (int64_t q = q1; q >= q0; --q) v = (v << 8) | s[q];
+  return (v >> (p & 7)) & ((uint64_t(1) << n) - 1);
+}
+
+// Units per covered_run call for blocks of size r: the window len + r - 1 must fit in the
+// 57 bits read_bits returns.
+__host__ __device__ __forceinline__ int seed_run(int64_t r) {
+  return static_cast<int>(r > 57 ? 1 : (58 - r < 32 ? 58 - r : 32));
+}
+
+// Bit j (j < len) set when unit (h, w0 + j) of the map starting at bit `plane` is covered:
+// exactly covered(sample, plane, H, W, r, h, w0 + j). Needs 1 <= len <= 32, w0 + len <= W.
+__device__ __forceinline__ uint32_t covered_run(const uint8_t* __restrict__ sample,
+                                                int64_t plane, int64_t H, int64_t W, int64_t r,
+                                                int64_t h, int64_t w0, int len) {
+  if (len + r - 1 > 57) {  // blocks wider than 57 units: the per-unit test
+    uint32_t m = 0;
+    for (int j = 0; j < len; ++j) m |= covered(sample, plane, H, W, r, h, w0 + j) ? 1u << j : 0u;
+    return m;
+  }
+  const int64_t lo = r - 1 - r / 2, hi = r / 2;
+  // Seeds that can reach the run: columns c0 .. c1 of rows h0 .. h1 (clipped to the map).
+  const int64_t c0 = max(w0 - lo, int64_t(0)), c1 = min(w0 + len - 1 + hi, W - 1);
+  const int64_t h0 = max(h - lo, int64_t(0)), h1 = min(h + hi, H - 1);
+  uint64_t m = 0;  // bit b: a seed in column c0 + b of one of those rows
+  for (int64_t hh = h0; hh <= h1; ++hh)
+    m |= read_bits(sample, plane + hh * W + c0, static_cast<int>(c1 - c0 + 1));
+  m <<= c0 - (w0 - lo);  // bit b: column w0 - lo + b (columns left of the map are 0)
+  // Unit w0 + j is covered when a bit of j .. j + r - 1 is set: OR of m >> s, s < r.
+  uint64_t d = m;
+  int64_t k = 1;  // d is the OR over a window of k bits
+  for (; 2 * k <= r; k *= 2) d |= d >> k;
+  if (k < r) d |= d >> (r - k);  // windows [0, k) and [r - k, r) cover [0, r): r - k <= k
+  return static_cast<uint32_t>(d & ((uint64_t(1) << len) - 1));
+}
+
+// The covered units of item `item` of a sample's seeds: the run of seed_run(r) columns
+// wb = item % WB of row h of map cs, (cs * H + h) * WB + wb = item, WB = ceil(W / run).
+// Index arithmetic once per run, not per unit.
+__device__ __forceinline__ int covered_count(const uint8_t* __restrict__ sample, int64_t item,
+                                             int64_t H, int64_t W, int64_t r, int run,
+                                             int64_t WB) {
+  const int64_t wb = item % WB, row = item / WB, h = row % H, cs = row / H;
+  const int64_t w0 = wb * run;
+  const int len = static_cast<int>(min(static_cast<int64_t>(run), W - w0));
+  return __popc(covered_run(sample, cs * H * W, H, W, r, h, w0, len));
 }
 
 }  // namespace guidedrop

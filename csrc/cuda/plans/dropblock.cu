@@ -29,7 +29,7 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
 __global__ void seeds_scale_kernel(const uint8_t* __restrict__ bits, const int64_t N,
                                    const int64_t C, const int64_t Cs, const int64_t H,
                                    const int64_t W, const int64_t Bn, const int64_t r,
-                                   const int norm, long long* __restrict__ ws,
+                                   const int run, const int64_t WB, const int norm, long long* __restrict__ ws,
                                    float* __restrict__ scale) {
   __shared__ long long part[32];
   __shared__ bool last;
@@ -39,11 +39,10 @@ __global__ void seeds_scale_kernel(const uint8_t* __restrict__ bits, const int64
   if (per_sample > 0) {
     for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
       long long count = 0;
+      // One thread per run of `run` units of a row (seed_cover.cuh's covered_count).
       for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-           i < per_sample; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        const int64_t w = i % W, h = (i / W) % H;
-        count += covered(bits + n * Bn, i - i % (H * W), H, W, r, h, w) ? 1 : 0;
-      }
+           i < Cs * H * WB; i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        count += covered_count(bits + n * Bn, i, H, W, r, run, WB);
       count = block_reduce(count, SumOp(), part);
       if (threadIdx.x == 0 && count) atomicAdd(reinterpret_cast<unsigned long long*>(covered_n + n),
                                                static_cast<unsigned long long>(count));
@@ -82,10 +81,12 @@ void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_
   const int64_t N = bits.size(0), Bn = bits.size(1);
   if (N == 0) return;
   const int64_t per_sample = Cs * H * W;
-  const dim3 grid(per_sample > 0 ? std::min<unsigned>(grid_for(per_sample, kThreads), 1024u) : 1u,
+  const int run = seed_run(r);
+  const int64_t WB = ceil_div(W, run);
+  const dim3 grid(per_sample > 0 ? std::min<unsigned>(grid_for(Cs * H * WB, kThreads), 1024u) : 1u,
                   per_sample > 0 ? static_cast<unsigned>(std::min<int64_t>(N, 65535)) : 1u);
   seeds_scale_kernel<<<grid, kThreads, 0, current_stream()>>>(
-      bits.data_ptr<uint8_t>(), N, C, Cs, H, W, Bn, r, normalize,
+      bits.data_ptr<uint8_t>(), N, C, Cs, H, W, Bn, r, run, WB, normalize,
       reinterpret_cast<long long*>(ws.data_ptr<int64_t>()), scale.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
