@@ -37,7 +37,7 @@ RANDOM = {"rand", "rand_like", "randint", "randint_like", "randn", "randn_like",
           "exponential_", "geometric_", "cauchy_", "log_normal_", "multinomial",
           "native_dropout"}
 # (backend, layer) whose seed op draws Philox from the device generator itself
-DRAWS_IN_OP = {("cuda", "dropblock"): "seeds_plan", ("cuda", "camdrop"): "seed_bits"}
+DRAWS_IN_OP = {("cuda", "dropblock"): "seeds_plan", ("cuda", "camdrop"): "camdrop_plan"}
 
 
 class RandomOps(LaunchCounter):
