@@ -828,6 +828,8 @@ def test_linear_ramp_integral_steps():
     ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),
     ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
+    # a target the layer refuses, not reached yet: a later step() would raise
+    ({"step_count": 2, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
 ])
 def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
     model = nn.Sequential(guidedrop.CorrDrop(p=0.2), guidedrop.Selectout(keep=0.8),

@@ -73,11 +73,14 @@ class LinearRamp:
         targets = [V.real(f"targets[{i}]", t) for i, t in enumerate(targets)]
         if len(targets) != len(self.layers):
             raise ValueError(f"targets holds {len(targets)} rates for {len(self.layers)} layers")
-        # A layer may still refuse its rate (Selectout's keep = 1 - drop_rate must be > 0):
-        # then put everything back.
+        # A layer may still refuse a rate (Selectout's keep = 1 - drop_rate must be > 0):
+        # its target, which a later step() reaches, or the current one. Then put
+        # everything back.
         before = (self.step_count, self.steps, self.targets), [m.drop_rate for m in self.layers]
         self.step_count, self.steps, self.targets = step_count, steps, targets
         try:
+            for m, target in zip(self.layers, targets, strict=True):
+                m.drop_rate = target
             self._set()
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
