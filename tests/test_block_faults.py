@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo.testing
@@ -288,6 +289,20 @@ def test_block_upsample_any_k():
              mask[:, :1, :1].expand(2, 5, 12).contiguous(), f"k = {k if k < 2**70 else 'huge'}")
     with pytest.raises(ValueError, match="mask"):
         primitives.block_upsample(mask, 2, 7, 8)
+
+
+@pytest.mark.parametrize("h, w, exc, name", [
+    (-1, 4, ValueError, "h"), (3, -2, ValueError, "w"), (3.0, 4, TypeError, "h"),
+    (3, True, TypeError, "w"), (torch.tensor(3), 4, TypeError, "h")])
+def test_block_upsample_checks_h_w(h, w, exc, name):
+    """H and W are integral numbers >= 0 like any size argument (SPEC §1): a negative or
+    float H used to reach torch.arange (RuntimeError) or indexing (IndexError)."""
+    with pytest.raises(exc, match=f"^{name} "):
+        primitives.block_upsample(torch.ones(1, 2, 2), 2, h, w)
+    with pytest.raises(TypeError, match="mask"):
+        primitives.block_upsample([[[1.0]]], 2, 2, 2)
+    assert primitives.block_upsample(torch.ones(1, 2, 2), 2, np.int64(3), np.uint8(0)).shape == (
+        1, 3, 0)
 
 
 def test_dropblock_camdrop_huge_blocks(B):

@@ -74,10 +74,14 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     with k. An empty mask or H, W = 0 gives an empty output. The layers never materialise
     this: their apply kernels read the small mask at (i // k, j // k).
 
-    Raises TypeError / ValueError for a k that is not an int >= 1, ValueError for a mask that
-    is not 3-D or does not cover H x W.
+    Raises TypeError / ValueError for a k that is not an int >= 1 or an H, W that is not an
+    int >= 0 (SPEC §1 argument types), TypeError for a mask that is not a tensor,
+    ValueError for a mask that is not 3-D or does not cover H x W.
     """
     k = V.block_size(k, "k")
+    h, w = V.integer("h", h, 0), V.integer("w", w, 0)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
     return reference.upsample(mask, k, h, w)
