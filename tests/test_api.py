@@ -814,6 +814,14 @@ def test_linear_ramp_integral_steps():
             guidedrop.LinearRamp(_model(), steps=bad)
 
 
+@pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])
+def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
+    """A single layer (or a module, or a number) for ``layers`` is a TypeError naming
+    ``layers`` (one layer gave "'DropBlock2d' object is not iterable")."""
+    with pytest.raises(TypeError, match="layers"):
+        guidedrop.LinearRamp(layers=layers)
+
+
 @pytest.mark.parametrize("state, exc, match", [
     ([1, 2], TypeError, "dict"),
     ({}, ValueError, "step_count"),

@@ -32,6 +32,9 @@ class LinearRamp:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
+        if isinstance(layers, nn.Module) or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer]), "
+                            f"got {type(layers).__name__}")
         self.layers = list(layers)
         for m in self.layers:
             if not isinstance(m, GuidedDropout):
