@@ -505,6 +505,7 @@ def test_forward_never_changes_rates():
 # an unconverted value fails here.
 
 import threading  # noqa: E402
+from decimal import Decimal  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -557,6 +558,41 @@ def test_rate_types_every_backend(every_backend, name):
     assert torch.equal(call(name, x, noise=u, **typed, **extra), expected)
     if name != "focused_dropout":  # its module adds the participation draw
         assert not torch.equal(expected, x), "the op must act for this test to mean anything"
+
+
+@pytest.mark.parametrize("name", list(TYPED))
+def test_rate_decimal_every_backend(every_backend, name):
+    """A decimal.Decimal rate is a real number too (numbers.Real leaves it out): the same
+    output as the float (it was a TypeError)."""
+    shape, _, plain = TYPED[name]
+    x, u = torch.randn(SMALL, device=DEV), torch.rand(shape, device=DEV)
+    extra = {}
+    if name == "camdrop":
+        extra = dict(weight=torch.randn(3, 4, device=DEV),
+                     target=torch.tensor([0, 2], device=DEV))
+    dec = {k: Decimal(repr(v)) if isinstance(v, float) else v for k, v in plain.items()}
+    assert any(isinstance(v, Decimal) for v in dec.values())
+    assert torch.equal(call(name, x, noise=u, **dec, **extra),
+                       call(name, x, noise=u, **plain, **extra))
+
+
+@pytest.mark.parametrize("bad", [10**400, -10**400, Fraction(10**400, 3), Decimal("sNaN"),
+                                 Decimal("1e400"), Decimal("NaN")])
+@pytest.mark.parametrize("name", list(TYPED))
+def test_rate_beyond_float_refused(name, bad):
+    """A real number that float() cannot take (an int or Fraction beyond the float range, a
+    signalling NaN) is out of range: a ValueError naming the rate (it was an OverflowError
+    or a decimal error that named nothing), with a message of bounded length."""
+    arg = next(k for k, v in TYPED[name][2].items() if isinstance(v, float))
+    with pytest.raises(ValueError, match=arg) as info:
+        call(name, **{arg: bad})
+    assert len(str(info.value)) < 200
+
+
+def test_huge_negative_block_size_message():
+    with pytest.raises(ValueError, match="block_size") as info:
+        call("dropblock", block_size=-10**400)
+    assert len(str(info.value)) < 200
 
 
 @pytest.mark.parametrize("bad", [True, torch.tensor(0.1), np.bool_(True), "0.1", None])
@@ -796,6 +832,14 @@ def test_linear_ramp_integral_steps():
             guidedrop.LinearRamp(_model(), steps=bad)
 
 
+@pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])
+def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
+    """A single layer (or a module, or a number) for ``layers`` is a TypeError naming
+    ``layers`` (one layer gave "'DropBlock2d' object is not iterable")."""
+    with pytest.raises(TypeError, match="layers"):
+        guidedrop.LinearRamp(layers=layers)
+
+
 @pytest.mark.parametrize("state, exc, match", [
     ([1, 2], TypeError, "dict"),
     ({}, ValueError, "step_count"),
@@ -810,6 +854,8 @@ def test_linear_ramp_integral_steps():
     ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),
     ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
+    # a target the layer refuses, not reached yet: a later step() would raise
+    ({"step_count": 2, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
 ])
 def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
     model = nn.Sequential(guidedrop.CorrDrop(p=0.2), guidedrop.Selectout(keep=0.8),

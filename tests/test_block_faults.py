@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo.testing
@@ -290,6 +291,20 @@ def test_block_upsample_any_k():
         primitives.block_upsample(mask, 2, 7, 8)
 
 
+@pytest.mark.parametrize("h, w, exc, name", [
+    (-1, 4, ValueError, "h"), (3, -2, ValueError, "w"), (3.0, 4, TypeError, "h"),
+    (3, True, TypeError, "w"), (torch.tensor(3), 4, TypeError, "h")])
+def test_block_upsample_checks_h_w(h, w, exc, name):
+    """H and W are integral numbers >= 0 like any size argument (SPEC §1): a negative or
+    float H used to reach torch.arange (RuntimeError) or indexing (IndexError)."""
+    with pytest.raises(exc, match=f"^{name} "):
+        primitives.block_upsample(torch.ones(1, 2, 2), 2, h, w)
+    with pytest.raises(TypeError, match="mask"):
+        primitives.block_upsample([[[1.0]]], 2, 2, 2)
+    assert primitives.block_upsample(torch.ones(1, 2, 2), 2, np.int64(3), np.uint8(0)).shape == (
+        1, 3, 0)
+
+
 def test_dropblock_camdrop_huge_blocks(B):
     """DropBlock: r = min(block_size, H, W) for any block_size; CamDrop with r > H or W
     drops nothing (returns x)."""
@@ -409,3 +424,48 @@ def test_rate_ramp_never_recompiles(forced, layer):
             frames.append(counter.frame_count)
     assert frames[-1] == frames[3], frames  # no compile after the first rates
     assert frames[-1] <= 3, frames
+
+
+# --------------------------------------------------------------------------- torch.fx
+
+
+class _Functional(nn.Module):
+    """Every functional op and primitive called from forward, imported in both styles."""
+
+    def forward(self, x, weight, target):
+        from guidedrop.functional import dropblock  # bound before tracing: not patchable
+        y = dropblock(x, 0.4, 3, normalize="sample")
+        y = F.corrdrop(y, p=0.4, block_size=2)
+        y = F.selectscale(F.spatialscale(F.selectout(y, 0.5, 0.75), 0.3), 0.5, 0.1)
+        y = F.attentiondrop(y, 0.6, 20.0, mode="sm")
+        y = F.focused_dropout(F.camdrop(y, weight, target, 3, 0.6), 0.3, 0.6)
+        stats = (primitives.channel_max(y) + primitives.channel_mean(y)
+                 + primitives.top_percentile_threshold(y, 30.0))
+        f = primitives.block_upsample(primitives.pooled_correlation(y, 2), 2, 7, 7)
+        return y + stats[:, :, None, None] + f[:, None]
+
+
+def test_fx_traces_the_functional_ops(forced):
+    """torch.fx.symbolic_trace of a module that calls the functional ops and primitives
+    (not the modules): each is one call_function node, as nn.functional.dropout is, and
+    the traced module computes what the eager one computes (it used to raise
+    ``x must be a torch.Tensor, got Proxy``)."""
+    gm = torch.fx.symbolic_trace(_Functional())
+    names = {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"
+             and n.target.__module__.startswith("guidedrop")}
+    assert names == set(LAYERS) | {"channel_max", "channel_mean", "top_percentile_threshold",
+                                   "block_upsample", "pooled_correlation"}, names
+    x = torch.randn(2, 4, 7, 7, generator=gen(30)).to(DEV)
+    weight, target = _cam_args(2, 4)
+    torch.manual_seed(1)
+    _seed_emulator(forced)
+    eager = _Functional()(x, weight, target)
+    torch.manual_seed(1)
+    _seed_emulator(forced)
+    same(gm(x, weight, target), eager)
+
+
+def _seed_emulator(B):
+    """The emulated CUDA ops draw Philox from the emulator's own state, not torch's seed."""
+    if B.__name__ == "guidedrop_emu_backend":
+        torch.ops.guidedrop_emu.emu_set_philox(1, 0)

@@ -5,6 +5,8 @@ Each check raises ValueError (TypeError for a wrong type) naming the argument.
 
 from __future__ import annotations
 
+import decimal
+import math
 import numbers
 
 import torch
@@ -16,16 +18,28 @@ MODES = ("am", "sm", "ad")
 def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = False) -> float:
     """A real number in [lo, hi] ((lo, hi] with open_lo), returned as a python float.
 
-    Any ``numbers.Real`` is accepted (int, float, numpy scalars, Fraction); a bool or a
-    tensor is a TypeError. The layers only ever see the returned float.
+    Any ``numbers.Real`` is accepted (int, float, numpy scalars, Fraction), and a
+    ``decimal.Decimal`` (a real number that numbers.Real leaves out); a bool or a tensor is
+    a TypeError. A value that float() cannot take (an int beyond the float range, a
+    signalling NaN) is out of range: a ValueError naming the argument, like any other.
+    The layers only ever see the returned float.
     """
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    f = float(v)
+    try:
+        f = float(v)
+    except (OverflowError, ValueError):
+        f = math.nan
     if f != f or f > hi or f < lo or (open_lo and f == lo):
         left = "(" if open_lo else "["
-        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {v}")
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {_short(v)}")
     return f
+
+
+def _short(v) -> str:
+    """v for an error message, at most 60 characters (Fraction(1, 10**400) is long)."""
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def integer(name: str, v, lo: int = 1) -> int:
@@ -34,7 +48,7 @@ def integer(name: str, v, lo: int = 1) -> int:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     i = int(v)  # before comparing: numpy's small ints wrap around in arithmetic
     if i < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {i}")
+        raise ValueError(f"{name} must be >= {lo}, got {_short(i)}")
     return i
 
 

@@ -14,6 +14,8 @@ once, here, so the layers only see those (SPEC §1).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _validation as V
@@ -22,6 +24,19 @@ from . import autograd, dispatch, layers
 # Import every backend now, not at the first call: a first call inside a torch.compile
 # trace cannot import a module (Dynamo skips importlib), which is a graph break.
 dispatch.available()
+
+
+def fx_leaf(op):
+    """Decorator: under ``torch.fx`` tracing (the first argument a Proxy: ``symbolic_trace``,
+    torchvision's ``create_feature_extractor``) the op is one ``call_function`` node, as
+    ``torch.fx.wrap`` would make it, however it was imported: the checks and the
+    data-dependent work run when the traced module runs, on tensors."""
+    @functools.wraps(op)
+    def run(x, *args, **kwargs):
+        if isinstance(x, torch.fx.Proxy):
+            return x.tracer.create_proxy("call_function", run, (x, *args), kwargs)
+        return op(x, *args, **kwargs)
+    return run
 
 
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -38,6 +53,7 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
     return not training or any(r == 0 for r in rates) or x.numel() == 0
 
 
+@fx_leaf
 def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=None,
              generator=None):
     """CorrDrop (SPEC §2): drop k x k blocks of weakly correlated pooled positions.
@@ -55,6 +71,7 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
                 generator=generator)
 
 
+@fx_leaf
 def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, generator=None):
     """SelectScale (SPEC §3): scale the top channels by max |x| by U[retain, 2 - retain].
 
@@ -68,6 +85,7 @@ def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, gener
     return _run("selectscale", x, top_rate, retain, noise=noise, generator=generator)
 
 
+@fx_leaf
 def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
     """SpatialScale (SPEC §3): scale every channel by U[retain, 2 - retain].
 
@@ -81,6 +99,7 @@ def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
     return _run("spatialscale", x, retain, noise=noise, generator=generator)
 
 
+@fx_leaf
 def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator=None):
     """Selectout (SPEC §3): drop round((1-keep) C) of the top channels, scale the rest 1/keep.
 
@@ -99,6 +118,7 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
     return _run("selectout", x, top_rate, keep, noise=noise, generator=generator)
 
 
+@fx_leaf
 def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", training=True,
                   noise=None, generator=None):
     """AttentionDrop (SPEC §4): soft-mask the top beta % of a map, in an alpha share of maps.
@@ -116,6 +136,7 @@ def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", trai
                 generator=generator)
 
 
+@fx_leaf
 def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, noise=None,
                     generator=None, applied=None):
     """FocusedDropout (SPEC §5): keep the positions where the most active channel is high.
@@ -141,6 +162,7 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
                 generator=generator, applied=applied)
 
 
+@fx_leaf
 def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
             normalize="batch", training=True, noise=None, generator=None):
     """CamDrop (SPEC §6): DropBlock seeded only where the class activation map is high.
@@ -168,6 +190,7 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
                 normalize=normalize, noise=noise, generator=generator)
 
 
+@fx_leaf
 def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch",
               training=True, noise=None, generator=None):
     """DropBlock (SPEC §7): drop r x r blocks around Bernoulli seeds, r = min(block_size, H, W).

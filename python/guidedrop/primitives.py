@@ -12,6 +12,7 @@ import torch
 
 from . import _validation as V
 from . import dispatch, reference
+from .functional import fx_leaf
 
 
 def _backend(x: torch.Tensor):
@@ -20,6 +21,7 @@ def _backend(x: torch.Tensor):
     return dispatch.backend_for(x)
 
 
+@fx_leaf
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32: CorrDrop's F (SPEC §2 step 2).
 
@@ -36,18 +38,21 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
         return _backend(x).pooled_correlation(x, k)
 
 
+@fx_leaf
 def channel_max(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x| (0 for empty maps, NaN for
     a map with a NaN)."""
     return _backend(x).channel_stats(x)[0]
 
 
+@fx_leaf
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: mean over H, W (summed in float64, so equal
     values in any order give exactly equal means; NaN for empty maps, as torch.mean)."""
     return _backend(x).channel_stats(x)[1]
 
 
+@fx_leaf
 def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the n_β-th largest value of each map.
 
@@ -60,6 +65,7 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     return _backend(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
 
 
+@fx_leaf
 def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     """mask: (N, H', W') -> (N, H, W): nearest upsampling by k, cropped to H x W.
 
@@ -68,10 +74,14 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     with k. An empty mask or H, W = 0 gives an empty output. The layers never materialise
     this: their apply kernels read the small mask at (i // k, j // k).
 
-    Raises TypeError / ValueError for a k that is not an int >= 1, ValueError for a mask that
-    is not 3-D or does not cover H x W.
+    Raises TypeError / ValueError for a k that is not an int >= 1 or an H, W that is not an
+    int >= 0 (SPEC §1 argument types), TypeError for a mask that is not a tensor,
+    ValueError for a mask that is not 3-D or does not cover H x W.
     """
     k = V.block_size(k, "k")
+    h, w = V.integer("h", h, 0), V.integer("w", w, 0)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
     return reference.upsample(mask, k, h, w)

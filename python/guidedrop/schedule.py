@@ -32,6 +32,9 @@ class LinearRamp:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
+        if isinstance(layers, nn.Module) or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer]), "
+                            f"got {type(layers).__name__}")
         self.layers = list(layers)
         for m in self.layers:
             if not isinstance(m, GuidedDropout):
@@ -73,11 +76,14 @@ class LinearRamp:
         targets = [V.real(f"targets[{i}]", t) for i, t in enumerate(targets)]
         if len(targets) != len(self.layers):
             raise ValueError(f"targets holds {len(targets)} rates for {len(self.layers)} layers")
-        # A layer may still refuse its rate (Selectout's keep = 1 - drop_rate must be > 0):
-        # then put everything back.
+        # A layer may still refuse a rate (Selectout's keep = 1 - drop_rate must be > 0):
+        # its target, which a later step() reaches, or the current one. Then put
+        # everything back.
         before = (self.step_count, self.steps, self.targets), [m.drop_rate for m in self.layers]
         self.step_count, self.steps, self.targets = step_count, steps, targets
         try:
+            for m, target in zip(self.layers, targets, strict=True):
+                m.drop_rate = target
             self._set()
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
