@@ -194,8 +194,10 @@ def test_module_step_reads_x_once_when_not_applied(monkeypatch, participation):
     x = torch.randn(2, 8, 9, 9)
     with bytes_loaded_from(x) as read, LaunchCounter() as c:
         y = m(x)
-    assert c.names == ["aten:rand", "aten:lt", "aten:rand", "triton:_channel_stats_kernel",
-                       "triton:_focused_plan_kernel", "triton:_apply_block_kernel"], c.names
+    # the apply is the flat-tile or the row-tile kernel, as the layout and W choose
+    assert c.names[:5] == ["aten:rand", "aten:lt", "aten:rand", "triton:_channel_stats_kernel",
+                           "triton:_focused_plan_kernel"], c.names
+    assert len(c.names) == 6 and c.names[5].startswith("triton:_apply_block"), c.names
     assert not c.syncs
     assert isinstance(m.last_applied, torch.Tensor) and bool(m.last_applied) == (participation == 1)
     if participation == 0:
