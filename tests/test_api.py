@@ -717,11 +717,13 @@ def test_camdrop_target_not_integer(target):
         F.camdrop(torch.randn(2, 4, 6, 6), torch.randn(3, 4), target, 3, 0.5)
 
 
-@pytest.mark.parametrize("weight, match", [
-    (torch.randn(0, 4), "K"), (torch.randn(3, 0), "C_fc"), (torch.randn(3, 6), "C_fc"),
-    (torch.randn(3, 4, dtype=torch.float64).long(), "weight"), (torch.randn(12), "weight")])
-def test_camdrop_weight_checked(weight, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("weight, error, match", [
+    (torch.randn(0, 4), ValueError, "K"), (torch.randn(3, 0), ValueError, "C_fc"),
+    (torch.randn(3, 6), ValueError, "C_fc"), (torch.randn(12), ValueError, "weight"),
+    (torch.randn(3, 4, dtype=torch.float64).long(), TypeError, "weight")])
+def test_camdrop_weight_checked(weight, error, match):
+    """A wrong shape is a ValueError, a wrong dtype a TypeError (SPEC §1), as cam_targets."""
+    with pytest.raises(error, match=match):
         F.camdrop(torch.randn(2, 4, 6, 6), weight, torch.tensor([0, 0]), 3, 0.5)
 
 

@@ -136,9 +136,11 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if weight.dim() != 2 or not weight.is_floating_point():
+    if not weight.is_floating_point():  # a wrong type: TypeError (SPEC §1), as cam_targets
+        raise TypeError(f"weight must be a floating tensor (K, C_fc), got dtype {weight.dtype}")
+    if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D floating tensor (K, C_fc), got shape "
-                         f"{tuple(weight.shape)} and dtype {weight.dtype}")
+                         f"{tuple(weight.shape)}")
     k, c_fc = weight.shape
     if k < 1 or c_fc < 1:
         raise ValueError(f"weight (K, C_fc) needs K >= 1 classes and C_fc >= 1 columns, "
