@@ -755,7 +755,8 @@ def _static_counts(pending) -> None:
         if row["backend"] == "cuda":
             ops = {ln.name.removeprefix("cuda:") for ln in launches if ln.name.startswith("cuda:")}
             try:
-                fill(row, dtype, [c for op in sorted(ops) for fam in sass.CUDA_OP_KERNELS.get(op, ())
+                fill(row, dtype, [c for op in sorted(ops)
+                                  for fam in sass.CUDA_OP_KERNELS.get(op, ())
                                   for c in sass.cuda_kernels(fam, dtype)])
             except RuntimeError:  # not built here, or no cuobjdump
                 pass

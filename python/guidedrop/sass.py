@@ -376,14 +376,16 @@ def gpu_tiles():
     module-level int constant that differs between the two modes, read from a child process
     without TRITON_INTERPRET, is set to its GPU value (``_common.INTERPRET`` itself stays)."""
     import guidedrop.triton_kernels as tk
-    mods = {n: m for n, m in sys.modules.items() if n == tk.__name__ or n.startswith(tk.__name__ + ".")}
+    mods = {n: m for n, m in sys.modules.items()
+            if n == tk.__name__ or n.startswith(tk.__name__ + ".")}
     gpu = _gpu_constants(tuple(sorted(mods)))
     saved = []
     try:
         for name, consts in gpu.items():
             m = mods[name]
             for k, v in consts.items():
-                if hasattr(m, k) and getattr(m, k) != v and not (k == "INTERPRET" and name.endswith("._common")):
+                keep = k == "INTERPRET" and name.endswith("._common")  # the launch mode
+                if hasattr(m, k) and getattr(m, k) != v and not keep:
                     saved.append((m, k, getattr(m, k)))
                     setattr(m, k, v)
         yield
@@ -413,13 +415,15 @@ def triton_counts_batch(specs, dtypes, timeout=1500) -> list[dict]:
     a child process without TRITON_INTERPRET (one process per core)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "specs.json"
-        path.write_text(json.dumps([{"spec": s, "dtype": d} for s, d in zip(specs, dtypes, strict=True)]))
+        path.write_text(json.dumps([{"spec": s, "dtype": d}
+                                    for s, d in zip(specs, dtypes, strict=True)]))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         done = subprocess.run([sys.executable, "-m", "guidedrop.sass", str(path)], env=env,
                               capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"python -m guidedrop.sass failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        raise RuntimeError("python -m guidedrop.sass failed:\n"
+                           + done.stdout[-3000:] + done.stderr[-3000:])
     return json.loads(done.stdout)
 
 
