@@ -52,9 +52,28 @@ CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
                ("statistics", "bfloat16"): 20}
 
-# (backend, kernel) that miss a budget today, with what was measured (worst case).
+# (backend, kernel) that miss a budget today, with what was measured (the worst case; the
+# CUDA figures count the grid-stride loop's scalar tail path too, so they are upper bounds).
+_CUDA_APPLY = ("one apply_kernel walking 16-byte chunks, but decompose() per chunk divides "
+               "64-bit indices by C, H, W (routine calls) and the multiplier is recomputed "
+               "per element")
 OVER_BUDGET = {
-    ("triton", "_apply_channel_kernel"): "row-tiled: ...",
+    ("cuda", "apply_channel"): f"{_CUDA_APPLY}: 277 (bf16) / 462 (fp32) SASS per element, "
+                               "2.25 / 4.5 runtime divisions per element",
+    ("cuda", "apply_block"): f"{_CUDA_APPLY}: 323 / 473 SASS per element, 6.5 / 9 divisions "
+                             "per element, byte loads of the mask",
+    ("cuda", "apply_seeds"): f"{_CUDA_APPLY}: 317 / 442 SASS per element, 2.25 / 4.5 "
+                             "divisions per element",
+    ("cuda", "apply_attention"): f"{_CUDA_APPLY}: 510 / 664 SASS per element, 2.25 / 4.5 "
+                                 "divisions per element",
+    ("cuda", "channel_stats"): "a lane per position: 2-byte (bf16) / 4-byte loads, h and w "
+                               "divided out per element (2 per element), 148 SASS per element",
+    ("cuda", "pooled_correlation"): "2-byte (bf16) / 4-byte loads of x, no 16-byte vectors",
+    ("cuda", "cam"): "a lane per position or channel: 2-byte (bf16) / 4-byte loads of x",
+    ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
+                        "element, 355 / 710 SASS per element",
+    ("cuda", "seed_bits"): "10 (bf16 build) / 5 runtime divisions per unit: index "
+                           "arithmetic per unit (issue 13 item 2)",
 }
 
 

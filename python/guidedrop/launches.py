@@ -47,7 +47,8 @@ def _spec(fn, args, kwargs) -> dict | None:
     from .sass import describe
     try:
         return {"module": fn.__module__, "kernel": fn.__name__,
-                "args": [describe(a) for a in args], "kwargs": dict(kwargs)}
+                "args": [describe(a) for a in args],
+                "kwargs": {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}}
     except (TypeError, AttributeError):  # an argument sass does not describe
         return None
 
