@@ -57,7 +57,23 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 _CUDA_APPLY = ("one apply_kernel walking 16-byte chunks, but decompose() per chunk divides "
                "64-bit indices by C, H, W (routine calls) and the multiplier is recomputed "
                "per element")
+_ROWS = ("row-tiled (n, c, h) x w: at W = 56, 28, 14, 7 a row start is not 16-byte "
+         "aligned, so 2-byte (bf16) accesses")
 OVER_BUDGET = {
+    ("triton", "_apply_channel_kernel"): f"{_ROWS}, 58-64 SASS per element (bf16, 56 x 56); "
+                                         "15.4 in channels_last",
+    ("triton", "_apply_block_kernel"): f"{_ROWS}, 63-71 SASS per element (bf16, 56 x 56); "
+                                       "17-18 in channels_last",
+    ("triton", "_apply_seeds_nchw_kernel"): f"{_ROWS}, 77-100 SASS per element (bf16, 56 x 56)",
+    ("triton", "_apply_seeds_cl_kernel"): "34-51 SASS per element (bf16, 56 x 56)",
+    ("triton", "_apply_attention_kernel"): f"{_ROWS}, 79-217 SASS per element (bf16, 56 x 56); "
+                                           "28-158 in channels_last",
+    ("triton", "_pooled_correlation_kernel"): "4-byte loads of x (bf16 pairs), no 16-byte "
+                                              "vectors; 15-20 SASS per element",
+    ("triton", "_select_kernel"): "28-169 SASS per element (bf16, 56 x 56, the bisection "
+                                  "passes counted once); 2-byte loads in channels_last",
+    ("triton", "_seed_bits_kernel"): "index arithmetic per unit: runtime divisions per unit, "
+                                     "320-830 SASS per unit (issue 13 item 2)",
     ("cuda", "apply_channel"): f"{_CUDA_APPLY}: 277 (bf16) / 462 (fp32) SASS per element, "
                                "2.25 / 4.5 runtime divisions per element",
     ("cuda", "apply_block"): f"{_CUDA_APPLY}: 323 / 473 SASS per element, 6.5 / 9 divisions "

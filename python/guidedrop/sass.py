@@ -410,9 +410,11 @@ def _gpu_constants(modules: tuple[str, ...]) -> dict[str, dict]:
     return json.loads(done.stdout)
 
 
-def triton_counts_batch(specs, dtypes, timeout=1500) -> list[dict]:
+def triton_counts_batch(specs, dtypes, timeout=None) -> list[dict]:
     """Counts (``Counts.as_dict()``, or ``{"error": ...}``) of recorded launches, compiled in
-    a child process without TRITON_INTERPRET (one process per core)."""
+    a child process without TRITON_INTERPRET (one process per core), within ``timeout``
+    seconds (None: no bound; a cold compile of every streaming kernel takes many minutes
+    on 2 cores, the callers' own bounds apply)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "specs.json"
         path.write_text(json.dumps([{"spec": s, "dtype": d}
