@@ -74,6 +74,13 @@ OVER_BUDGET = {
                                   "passes counted once); 2-byte loads in channels_last",
     ("triton", "_seed_bits_kernel"): "index arithmetic per unit: runtime divisions per unit, "
                                      "320-830 SASS per unit (issue 13 item 2)",
+    ("triton", "_channel_stats_kernel"): "2-byte (bf16) / 4-byte loads at 14 x 14 and 7 x 7 "
+                                         "maps in NCHW (6-12 SASS per element; 16-byte "
+                                         "elsewhere)",
+    ("triton", "_cam_kernel"): "2-byte (bf16) / 4-byte loads and 21 SASS per element at "
+                               "14 x 14 and 7 x 7 maps in NCHW (17-18 and 16-byte elsewhere)",
+    ("triton", "_seed_coverage_kernel"): "1-10 runtime divisions per unit, 369-546 SASS per "
+                                         "unit (issue 13 item 2)",
     ("cuda", "apply_channel"): f"{_CUDA_APPLY}: 277 (bf16) / 462 (fp32) SASS per element, "
                                "2.25 / 4.5 runtime divisions per element",
     ("cuda", "apply_block"): f"{_CUDA_APPLY}: 323 / 473 SASS per element, 6.5 / 9 divisions "
