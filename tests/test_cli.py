@@ -70,7 +70,7 @@ def test_bench_model_counts_launches(capsys):
     """``bench --model``: launches, bytes against the floor and syncs per layer and backend,
     the same counts as tests/test_launches.py."""
     args = cli.build_parser().parse_args(
-        ["bench", "--model", "--device", "cpu", "--shapes", "2x4x6x6",
+        ["bench", "--model", "--no-sass", "--device", "cpu", "--shapes", "2x4x6x6",
          "--layers", "attentiondrop,spatialscale"])
     rows = bench.run(args)
     by = {(r["layer"], r["backend"]): r for r in rows}

@@ -23,7 +23,7 @@ import pytest
 import test_backends as TB
 import torch
 
-from guidedrop import dispatch
+from guidedrop import dispatch, sass
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (shape, dtype): the largest tiles (56 x 56 maps), many channels (14 x 14 maps, C = 1024),
@@ -32,21 +32,6 @@ INPUTS = [(shape, dtype) for shape in [(2, 64, 56, 56), (2, 1024, 14, 14), (3, 5
           for dtype in (torch.float32, torch.bfloat16)] + [((3, 5, 7, 9), torch.float16)]
 BIG_BLOCKS = {"corrdrop": dict(block_size=7), "camdrop": dict(block_size=7),
               "dropblock": dict(block_size=7), "dropblock-shared": dict(block_size=53)}
-
-
-def _describe(a):
-    """A positional kernel argument as triton_compile.py reads it."""
-    if isinstance(a, torch.Tensor):
-        return ["ptr", str(a.dtype).removeprefix("torch.")]
-    if a is None:
-        return ["none"]
-    if isinstance(a, bool):
-        return ["bool", a]
-    if isinstance(a, int):
-        return ["int", 32 if -2**31 <= a < 2**31 else 64, a]
-    if isinstance(a, float):
-        return ["float", a]
-    raise TypeError(f"unexpected kernel argument {a!r}")
 
 
 class _Recorder:
@@ -61,10 +46,10 @@ class _Recorder:
 
         def run(*args, **kwargs):
             spec = {"module": fn.__module__, "kernel": fn.__name__,
-                    "args": [_describe(a) for a in args], "kwargs": kwargs}
-            # non-constexpr int values do not change the compiled kernel
-            key = json.dumps({**spec, "args": [a[:2] for a in spec["args"]]}, sort_keys=True)
-            self.specs.setdefault(key, spec)
+                    "args": [sass.describe(a) for a in args], "kwargs": kwargs}
+            # launches that differ only in values Triton does not specialise on compile to
+            # the same kernel
+            self.specs.setdefault(sass.spec_key(spec), spec)
         return _Grid(run)
 
 
@@ -162,11 +147,9 @@ def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(specs[0]))
     child = (
-        "import json, sys, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton_compile import source\n"
-        "src, options = source(json.load(open(sys.argv[1])))\n"
-        "k = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options)\n"
+        "import json, sys\n"
+        "from guidedrop.sass import compile_spec\n"
+        "k = compile_spec(json.load(open(sys.argv[1])))\n"
         "print(k.asm['ptx'].replace(' ', ''))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)]

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -756,19 +757,29 @@ MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "
                  ("backend", "backend", "{}"), ("fwd", "launches fwd", "{}"),
                  ("fresh", "fwd noise=None", "{}"), ("bwd", "bwd", "{}"),
                  ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
-                 ("syncs", "host syncs", "{}")]
+                 ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
+                 ("access", "x B/access, div/elem", "{}")]
 
 
-def model_report(layers, cases, providers, explicit, device, channels_last) -> list[dict]:
+def model_report(layers, cases, providers, explicit, device, channels_last,
+                 static=True) -> list[dict]:
     """``bench --model``: per layer and backend, the launches of one forward (with noise,
     and with noise=None) and one backward, the bytes their tensors hold (an upper bound on
     what they move) against the floor of 3 reads + 2 writes of x, and the host syncs.
     Counted, not timed (guidedrop.launches): the same on any machine, the interpreter
-    included, so Triton runs here under TRITON_INTERPRET=1 too."""
+    included, so Triton runs here under TRITON_INTERPRET=1 too.
+
+    From the kernels' sm_90 SASS (guidedrop.sass, the figures tests/test_static_perf.py
+    holds to issue 13's budgets), the worst of the layer's streaming kernels: SASS
+    instructions per element of x in the steady state, and the bytes per access of x (16:
+    16-byte vectors; the element size: one element at a time) with the runtime integer
+    divisions per element. Triton: every launch compiled for sm_90 (under the interpreter
+    with the tiles a GPU gets; minutes when Triton's cache is cold); CUDA: the built
+    extension's kernels. ``static=False`` (``--no-sass``) leaves them out."""
     from .cli import console
     from .launches import count_layer
 
-    rows = []
+    rows, pending = [], []
     for shape, dtype in cases:
         # Every backend that runs here, Triton under the interpreter included: nothing is
         # timed.
@@ -781,7 +792,8 @@ def model_report(layers, cases, providers, explicit, device, channels_last) -> l
                 lambda x, u, run, w, t: run(x, w, t, noise=u),
                 run=op(layer), w=inputs.weight, t=inputs.target)
             for p in ok:
-                with forced_backend(p):
+                tiles = _gpu_tiles() if static and p == "triton" else contextlib.nullcontext()
+                with forced_backend(p), tiles:
                     c = count_layer(run, inputs.x, noise)
                 moved = c.forward.nbytes + c.backward.nbytes
                 rows.append(dict(layer=layer, shape=fmt_shape(shape), dtype=DTYPE_NAMES[dtype],
@@ -789,9 +801,15 @@ def model_report(layers, cases, providers, explicit, device, channels_last) -> l
                                  fresh=len(c.fresh.launches), bwd=len(c.backward.launches),
                                  mb=moved / 1e6, x_floor=moved / c.floor_bytes,
                                  syncs=len(c.forward.syncs + c.fresh.syncs + c.backward.syncs)))
+                pending.append((rows[-1], str(dtype).removeprefix("torch."),
+                                c.forward.launches + c.fresh.launches + c.backward.launches))
+    if static:
+        _static_counts(pending)
     out = console()
     out.print(f"launches and bytes of one forward + backward on {device_name(device)} "
-              "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward)",
+              "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward; "
+              "SASS for sm_90, worst streaming kernel: issue 13's budget 15 bf16 / 30 fp32 "
+              "for apply, x in 16-byte accesses, no runtime division per element)",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
     return rows
@@ -806,6 +824,60 @@ def op_columns(rows: list[dict]) -> list:
     if any(r.get("note") for r in rows):
         cols.append(NOTE_COLUMN)
     return cols
+
+
+def _gpu_tiles():
+    """Triton under the interpreter: record the tiles a GPU gets (guidedrop.sass)."""
+    from .sass import gpu_tiles
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return gpu_tiles()
+    return contextlib.nullcontext()
+
+
+def _static_counts(pending) -> None:
+    """Fills ``sass`` and ``access`` of each (row, x dtype, launches) from the SASS of its
+    streaming kernels (the worst of them); left out ("-") where the kernels cannot be read
+    here (no cuobjdump, Triton without its NVIDIA backend, the extension not built)."""
+    from . import sass
+
+    def fill(row, dtype, counts):
+        if not counts:
+            return
+        size = sass.ITEMSIZE.get(dtype, 4)
+        row["sass"] = max(c.per_element for c in counts)
+        vector = all(128 in c.loads and not c.narrow(size) for c in counts)
+        row["access"] = (f"{16 if vector else size}, "
+                         f"{max(c.divisions_per_element for c in counts):.2f}")
+
+    specs, owners = {}, []
+    for row, dtype, launches in pending:
+        if row["backend"] == "cuda":
+            ops = {ln.name.removeprefix("cuda:") for ln in launches if ln.name.startswith("cuda:")}
+            try:
+                fill(row, dtype, [c for op in sorted(ops)
+                                  for fam in sass.CUDA_OP_KERNELS.get(op, ())
+                                  for c in sass.cuda_kernels(fam, dtype)])
+            except RuntimeError:  # not built here, or no cuobjdump
+                pass
+        elif row["backend"] == "triton":
+            keys = []
+            for ln in launches:
+                if ln.spec and ln.spec["kernel"] in sass.TRITON_STREAMING:
+                    key = sass.spec_key(ln.spec) + dtype
+                    specs.setdefault(key, (ln.spec, dtype))
+                    keys.append(key)
+            owners.append((row, dtype, keys))
+    if not specs or sass.tool("cuobjdump") is None:
+        return
+    try:
+        results = dict(zip(specs, sass.triton_counts_batch(*zip(*specs.values(), strict=True)),
+                           strict=True))
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"(SASS counts left out: {str(e).splitlines()[0]})", file=sys.stderr)
+        return
+    for row, dtype, keys in owners:
+        fill(row, dtype, [sass.counts_from_dict(results[k]) for k in keys
+                          if "error" not in results[k]])
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -1123,7 +1195,7 @@ def run(args) -> list[dict]:
 
     if args.model:
         return model_report(layers, cases, providers, how != "default", device,
-                            args.channels_last)
+                            args.channels_last, static=not args.no_sass)
     deadline = None if args.budget is None else time.monotonic() + args.budget
     meta = dict(date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                 device=device_name(device), versions=_versions(), copy_gbps=None)
@@ -1266,4 +1338,9 @@ def add_parser(sub) -> None:
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "
-                        "on a CPU, TRITON_INTERPRET=1 counts the Triton backend too)")
+                        "on a CPU, TRITON_INTERPRET=1 counts the Triton backend too), and "
+                        "SASS instructions, access widths and divisions per element of the "
+                        "streaming kernels compiled for sm_90")
+    b.add_argument("--no-sass", action="store_true",
+                   help="with --model: leave out the SASS counts (they compile every Triton "
+                        "kernel for sm_90: minutes when Triton's cache is cold)")

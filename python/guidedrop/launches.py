@@ -40,6 +40,17 @@ SYNCS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"}
 class Launch(NamedTuple):
     name: str  # "aten:<op>", "triton:<kernel>", "cuda:<op>"
     nbytes: int  # bytes of the tensors it takes and returns
+    spec: dict | None = None  # a Triton launch as guidedrop.sass compiles it
+
+
+def _spec(fn, args, kwargs) -> dict | None:
+    from .sass import describe
+    try:
+        return {"module": fn.__module__, "kernel": fn.__name__,
+                "args": [describe(a) for a in args],
+                "kwargs": {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}}
+    except (TypeError, AttributeError):  # an argument sass does not describe
+        return None
 
 
 def _nbytes(*trees) -> int:
@@ -120,7 +131,7 @@ class LaunchCounter(TorchDispatchMode):
                     return _original(kernel, *args, **kwargs)
                 fn = getattr(kernel, "fn", kernel)
                 self.launches.append(Launch(f"triton:{getattr(fn, '__name__', '?')}",
-                                            _nbytes(args, kwargs)))
+                                            _nbytes(args, kwargs), _spec(fn, args, kwargs)))
                 self._in_kernel = True
                 try:
                     return _original(kernel, *args, **kwargs)
