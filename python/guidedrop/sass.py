@@ -462,6 +462,9 @@ TRITON_STREAMING = {
     "_apply_channel_kernel": "apply", "_apply_block_kernel": "apply",
     "_apply_seeds_nchw_kernel": "apply", "_apply_seeds_cl_kernel": "apply",
     "_apply_attention_kernel": "apply",
+    # contiguous NCHW x (triton_kernels/_common.py flat_launch): flat tiles
+    "_apply_channel_flat_kernel": "apply", "_apply_block_flat_kernel": "apply",
+    "_apply_attention_flat_kernel": "apply",
     "_channel_stats_kernel": "statistics", "_pooled_correlation_kernel": "statistics",
     "_cam_kernel": "statistics", "_select_kernel": "statistics",
     "_seed_bits_kernel": "seeds", "_seed_coverage_kernel": "seeds",
@@ -478,9 +481,9 @@ CUDA_STREAMING = {
 # The CUDA extension's streaming kernels by op (as guidedrop.launches names them,
 # "cuda:<op>"): a regex on the demangled name, {T} standing for x's C++ type.
 CUDA_KERNELS = {
-    "apply_channel": r"apply_kernel<{T}, .*ChannelW>",
-    "apply_block": r"apply_kernel<{T}, .*BlockW>",
-    "apply_seeds": r"apply_kernel<{T}, .*SeedsW>",
+    "apply_channel": r"apply_kernel<{T}, .*ChannelW[,>]",
+    "apply_block": r"apply_kernel<{T}, .*BlockW[,>]",
+    "apply_seeds": r"apply_kernel<{T}, .*SeedsW[,>]",
     "apply_attention": r"apply_kernel<{T}, .*AttentionW<",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
