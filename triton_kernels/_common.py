@@ -237,7 +237,7 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     mag1, big1 = magic(h * w, block)  # the tile's first position + j < H * W + block
     mag2, big2 = magic(c, block // (h * w) + 2)  # + the maps it enters, <= block // HW + 1
     meta = dict(HW=h * w, MAG1=mag1, C=c, MAG2=mag2, BIG1=big1, BIG2=big2, BLOCK=block,
-                IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
+                EVEN=out.numel() % block == 0, IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
                 num_warps=warps(block // 2))
     return (cdiv(out.numel(), block),), meta
 
@@ -258,14 +258,15 @@ def split(p, D, MAGIC, BIG: tl.constexpr):
 
 @triton.jit
 def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
-              BLOCK: tl.constexpr, IDX64: tl.constexpr):
+              BLOCK: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr):
     """This program's flat tile of a contiguous (N, C, H, W) tensor, launched by flat_launch.
 
     Returns (e, m, n, c, pos, mp): e (BLOCK,) the flat indices (int64 when IDX64), m the
     valid ones, and of each element its sample n, channel c, position pos = h * W + w and
     map mp = n * C + c. Divisions by runtime values happen once per tile; per element,
     ``split`` of local (tile-relative) int32 values by magic multipliers. Unused results
-    cost nothing (the compiler drops them).
+    cost nothing (the compiler drops them). EVEN (TOTAL % BLOCK == 0): m is a constant
+    true, so that loads and stores are unmasked.
     """
     start = tl.program_id(0) * BLOCK
     if IDX64:
@@ -276,7 +277,38 @@ def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
     n0 = mp0 // C
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + j, HW, MAG1, BIG1)
     dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
-    return e, e < TOTAL, n0 + dn, c, pos, mp0 + dmp
+    if EVEN:
+        m = tl.full(e.shape, True, tl.int1)
+    else:
+        m = e < TOTAL
+    return e, m, n0 + dn, c, pos, mp0 + dmp
+
+
+@triton.jit
+def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
+               BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
+               EVEN: tl.constexpr):
+    """flat_tile as (BLOCK // V, V) groups of V consecutive elements (V * itemsize = 16
+    bytes: one vector per group), the index work per group, not per element.
+
+    Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
+    each group's first element (BLOCK // V,) its sample n, channel c and position pos.
+    EVEN (TOTAL % BLOCK == 0): m is a constant true, so that loads and stores are unmasked.
+    """
+    start = tl.program_id(0) * BLOCK
+    if IDX64:
+        start = start.to(tl.int64)
+    g = tl.arange(0, BLOCK // V) * V
+    e = start + g[:, None] + tl.arange(0, V)[None, :]
+    mp0 = start // HW
+    n0 = mp0 // C
+    dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
+    dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
+    if EVEN:
+        m = tl.full(e.shape, True, tl.int1)
+    else:
+        m = e < TOTAL
+    return e, m, n0 + dn, c, pos
 
 
 @triton.jit

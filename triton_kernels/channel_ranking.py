@@ -109,9 +109,10 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
 @triton.jit
 def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2,
                                BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
-                               IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+                               EVEN: tl.constexpr, IDX64: tl.constexpr,
+                               BF16_FIX: tl.constexpr):
     """Contiguous NCHW t and out, w (N, C) contiguous: a flat tile (``_common.flat_tile``)."""
-    e, m, _, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    e, m, _, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64, EVEN)
     wt = tl.load(w_ptr + mp, mask=m, other=0.0)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)

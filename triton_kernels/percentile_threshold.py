@@ -275,11 +275,11 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
                                  sc_ptr, TOTAL, HW, MAG1, C, MAG2,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
-                                 BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                                 BLOCK: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
                                  BF16_FIX: tl.constexpr):
     """Contiguous NCHW t, x and out: a flat tile (``_common.flat_tile``); the per-map
     statistics are contiguous (N, C)."""
-    e, m, n, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    e, m, n, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64, EVEN)
     act = tl.load(act_ptr + mp, mask=m, other=0) != 0
     thr = tl.load(thr_ptr + mp, mask=m & act, other=0.0)
     mn = tl.load(mn_ptr + mp, mask=m & act, other=0.0)
