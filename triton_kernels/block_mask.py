@@ -80,7 +80,7 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     so that a group spans at most one row end. Per group: its row (h, w0 by the magic
     multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
     scale of that row and of the next one (the next map's, and sample's, first row after
-    the last); per element: its column w // K (a multiply-shift, exact for w * K < 2**20)
+    the last); per element: its column w // K (a multiply-shift, exact for w, h < 2 * max(H, W) and max(H, W) * K < 2**19)
     and which of the two rows. KW (W % K == 0): a wrapped element's column is
     (w - W) // K = w // K - W // K, folded into the next row's offset."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
@@ -89,13 +89,13 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     last = h == H - 1
     n1 = n + (last & (c == C - 1)).to(n.dtype)
     h1 = tl.where(last, 0, h + 1)
-    row0 = n * m_sN + (h // K) * m_sH
-    row1 = n1 * m_sN + (h1 // K) * m_sH
+    MK: tl.constexpr = (2**20 + K - 1) // K  # x // K = (x * MK) >> 20 for x * K < 2**20
+    row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
+    row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
     s0 = tl.load(s_ptr + n)
     s1 = tl.load(s_ptr + n1, mask=n1 < N, other=0.0)  # n1 = N: past the end, never used
     w = w0[:, None] + tl.arange(0, V)[None, :]
     wrap = w >= W
-    MK: tl.constexpr = (2**20 + K - 1) // K
     w = w.to(tl.uint32)  # unsigned shifts and zero-extended offsets: fewer instructions
     if KW:
         col = (w * MK) >> 20
@@ -131,9 +131,9 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    v = 16 // t.element_size()
+    v = 16 // t.element_size()  # a group: one 16-byte vector (two: more instructions)
     # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
-    flat = (flat_launch(t, out) if h * w * w <= 2**30 and 2 * w * k < 2**20 and w >= v - 1
+    flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
             else None)
     if flat is not None:
         grid, meta = flat
