@@ -53,10 +53,11 @@ from ._common import (
 @triton.jit
 def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
                         t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, m_sN, m_sH, m_sW,
-                        K: tl.constexpr, CL: tl.constexpr, BO: tl.constexpr,
+                        MAGW, K: tl.constexpr, CL: tl.constexpr, GRID3: tl.constexpr,
+                        BO: tl.constexpr,
                         BI: tl.constexpr, IDX64: tl.constexpr,
                         SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c: one mask value per row

@@ -92,10 +92,11 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
                           t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, w_sN, w_sC,
-                          CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                          MAGW, CL: tl.constexpr, GRID3: tl.constexpr, BO: tl.constexpr,
+                          BI: tl.constexpr,
                           IDX64: tl.constexpr,
                           SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c

@@ -243,10 +243,11 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
                             OUTER, INNER, C, H, W,
                             t_sN, t_sC, t_sH, t_sW, x_sN, x_sC, x_sH, x_sW,
                             o_sN, o_sC, o_sH, o_sW,
-                            MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
+                            MAGW, MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
+                            GRID3: tl.constexpr,
                             BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     if CL:  # rows (n, h, w), inner c: per-element stats (contiguous along c)
         sidx = map0[:, None] + c[None, :]
         smask = m
