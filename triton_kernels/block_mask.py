@@ -82,8 +82,9 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
     scale of that row and of the next one (the next map's, and sample's, first row after
     the last); per element: its column w // K (a multiply-shift, exact for w, h < 2 *
-    max(H, W) and max(H, W) * K < 2**19) and which of the two rows. KW (W % K == 0): a wrapped element's column is
-    (w - W) // K = w // K - W // K, folded into the next row's offset."""
+    max(H, W) and max(H, W) * K < 2**19) and which of the two rows. KW (W % K == 0): a
+    wrapped element's column is (w - W) // K = w // K - W // K, folded into the next
+    row's offset."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
     h = tl.umulhi(pos * 4, MAGW)
     w0 = pos - h * W
