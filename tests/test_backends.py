@@ -401,8 +401,8 @@ def test_apply_attention(B, x, mode):
 # elements under the interpreter: shapes of several tiles, with tiles that start inside a map
 # (the magic-multiplier split of positions and channels), maps longer than a tile (its
 # compare split, and many tiles per map), and more channels than a tile's maps (the
-# compare split of channels).
-FLAT_SHAPES = [(2, 70, 11, 13), (1, 2, 130, 130), (1, 400, 7, 7)]
+# compare split of channels), and whole tiles only (the unmasked EVEN kernels: 7 tiles).
+FLAT_SHAPES = [(2, 70, 11, 13), (1, 2, 130, 130), (1, 400, 7, 7), (1, 256, 16, 28)]
 
 
 @pytest.mark.parametrize("shape", FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))

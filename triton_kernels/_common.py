@@ -193,16 +193,21 @@ def apply_flags(t: torch.Tensor, out: torch.Tensor, *more) -> dict:
 def apply_launch(t: torch.Tensor, out: torch.Tensor, *more):
     """(grid, OUTER, INNER, meta) of a 2-D apply tile (``apply_tile``) from t to out.
 
-    meta: the kernel's CL (channels_last walk), BO, BI (tile), IDX64, SAME, BF16_FIX and
-    num_warps keywords; more: other tensors the kernel indexes.
+    meta: the kernel's CL (channels_last walk), GRID3, MAGW, BO, BI (tile), IDX64, SAME,
+    BF16_FIX and num_warps keywords; more: other tensors the kernel indexes. GRID3 (the
+    channels_last walk, N <= 65535, H * W * W <= 2**30): the grid is (positions, channels,
+    samples), so that no row index is divided by a runtime value (h, w of a position by
+    the magic multiplier MAGW = ceil(2**30 / W)); OUTER is then H * W.
     """
     n, c, h, w = out.shape
     cl = walk_channels_last(out)
-    outer, inner = (n * h * w, c) if cl else (n * c * h, w)
+    grid3 = cl and n <= 65535 and h * w * w <= 2**30
+    outer, inner = (h * w if grid3 else n * h * w, c) if cl else (n * c * h, w)
     bi = min(pow2(inner), APPLY_TILE)
     bo = max(1, min(APPLY_TILE // bi, pow2(outer)))
-    grid = (cdiv(outer, bo), cdiv(inner, bi))
-    meta = dict(CL=cl, BO=bo, BI=bi, num_warps=warps(bo * bi), **apply_flags(t, out, *more))
+    grid = (cdiv(outer, bo), cdiv(inner, bi)) + ((n,) if grid3 else ())
+    meta = dict(CL=cl, GRID3=grid3, MAGW=-(-2**30 // max(w, 1)), BO=bo, BI=bi,
+                num_warps=warps(bo * bi), **apply_flags(t, out, *more))
     return grid, outer, inner, meta
 
 
@@ -237,7 +242,7 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     mag1, big1 = magic(h * w, block)  # the tile's first position + j < H * W + block
     mag2, big2 = magic(c, block // (h * w) + 2)  # + the maps it enters, <= block // HW + 1
     meta = dict(HW=h * w, MAG1=mag1, C=c, MAG2=mag2, BIG1=big1, BIG2=big2, BLOCK=block,
-                IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
+                EVEN=out.numel() % block == 0, IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
                 num_warps=warps(block // 2))
     return (cdiv(out.numel(), block),), meta
 
@@ -258,14 +263,15 @@ def split(p, D, MAGIC, BIG: tl.constexpr):
 
 @triton.jit
 def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
-              BLOCK: tl.constexpr, IDX64: tl.constexpr):
+              BLOCK: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr):
     """This program's flat tile of a contiguous (N, C, H, W) tensor, launched by flat_launch.
 
     Returns (e, m, n, c, pos, mp): e (BLOCK,) the flat indices (int64 when IDX64), m the
     valid ones, and of each element its sample n, channel c, position pos = h * W + w and
     map mp = n * C + c. Divisions by runtime values happen once per tile; per element,
     ``split`` of local (tile-relative) int32 values by magic multipliers. Unused results
-    cost nothing (the compiler drops them).
+    cost nothing (the compiler drops them). EVEN (TOTAL % BLOCK == 0): m is a constant
+    true, so that loads and stores are unmasked.
     """
     start = tl.program_id(0) * BLOCK
     if IDX64:
@@ -276,7 +282,38 @@ def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
     n0 = mp0 // C
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + j, HW, MAG1, BIG1)
     dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
-    return e, e < TOTAL, n0 + dn, c, pos, mp0 + dmp
+    if EVEN:
+        m = tl.full(e.shape, True, tl.int1)
+    else:
+        m = e < TOTAL
+    return e, m, n0 + dn, c, pos, mp0 + dmp
+
+
+@triton.jit
+def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
+               BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
+               EVEN: tl.constexpr):
+    """flat_tile as (BLOCK // V, V) groups of V consecutive elements (V * itemsize = 16
+    bytes: one vector per group), the index work per group, not per element.
+
+    Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
+    each group's first element (BLOCK // V,) its sample n, channel c and position pos.
+    EVEN (TOTAL % BLOCK == 0): m is a constant true, so that loads and stores are unmasked.
+    """
+    start = tl.program_id(0) * BLOCK
+    if IDX64:
+        start = start.to(tl.int64)
+    g = tl.arange(0, BLOCK // V) * V
+    e = start + g[:, None] + tl.arange(0, V)[None, :]
+    mp0 = start // HW
+    n0 = mp0 // C
+    dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
+    dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
+    if EVEN:
+        m = tl.full(e.shape, True, tl.int1)
+    else:
+        m = e < TOTAL
+    return e, m, n0 + dn, c, pos
 
 
 @triton.jit
@@ -325,21 +362,34 @@ def tile_offset(n, c, h, w, sN, sC, sH, sW, CL: tl.constexpr):
 
 
 @triton.jit
-def apply_tile(OUTER, INNER, C, H, W, CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-               IDX64: tl.constexpr):
+def apply_tile(OUTER, INNER, C, H, W, MAGW, CL: tl.constexpr, GRID3: tl.constexpr,
+               BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr):
     """This program's 2-D apply tile (see the module docstring), launched by apply_launch.
 
     Returns (ov, m, n, c, h, w, map0): ov (BO,) the valid rows, m (BO, BI) the valid
-    elements, (n, c, h, w, map0) as tile_nchw.
+    elements, (n, c, h, w, map0) as tile_nchw. GRID3 (CL only): the rows are positions
+    h * W + w of sample program_id(2), split by the magic multiplier MAGW, no division.
     """
     o = tl.program_id(0) * BO + tl.arange(0, BO)
     i = tl.program_id(1) * BI + tl.arange(0, BI)
     ov = o < OUTER
     m = ov[:, None] & (i < INNER)[None, :]
-    if IDX64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
-    n, c, h, w, map0 = tile_nchw(o, i, C, H, W, CL)
+    if GRID3:
+        h = tl.umulhi(o * 4, MAGW)
+        w = o - h * W
+        n = o * 0 + tl.program_id(2)
+        if IDX64:
+            n = n.to(tl.int64)
+            h = h.to(tl.int64)
+            w = w.to(tl.int64)
+            i = i.to(tl.int64)
+        c = i
+        map0 = n * C
+    else:
+        if IDX64:
+            o = o.to(tl.int64)
+            i = i.to(tl.int64)
+        n, c, h, w, map0 = tile_nchw(o, i, C, H, W, CL)
     return ov, m, n, c, h, w, map0
 
 

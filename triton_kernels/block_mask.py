@@ -34,14 +34,13 @@ from ._common import (
     cast_out,
     cdiv,
     flat_launch,
-    flat_tile,
+    group_tile,
     launch,
     needs_int64,
     op,
     out_like,
     out_offset,
     pow2,
-    rows_aligned,
     tile_nchw,
     tile_offset,
     walk_channels_last,
@@ -54,10 +53,11 @@ from ._common import (
 @triton.jit
 def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
                         t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, m_sN, m_sH, m_sW,
-                        K: tl.constexpr, CL: tl.constexpr, BO: tl.constexpr,
+                        MAGW, K: tl.constexpr, CL: tl.constexpr, GRID3: tl.constexpr,
+                        BO: tl.constexpr,
                         BI: tl.constexpr, IDX64: tl.constexpr,
                         SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c: one mask value per row
@@ -72,17 +72,44 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
 
 
 @triton.jit
-def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, W, MAGW,
-                             m_sN, m_sH, m_sW, K: tl.constexpr,
+def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, N, H, W,
+                             MAGW, m_sN, m_sH, m_sW, K: tl.constexpr, KW: tl.constexpr,
                              BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
-                             IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
-    """Contiguous NCHW t and out: a flat tile (``_common.flat_tile``); h, w of a position by
-    the magic multiplier MAGW = ceil(2**30 / W) (exact: H * W * W <= 2**30)."""
-    e, m, n, _, pos, _ = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+                             V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
+                             BF16_FIX: tl.constexpr):
+    """Contiguous NCHW t and out: groups of V elements (``_common.group_tile``), V <= W + 1
+    so that a group spans at most one row end. Per group: its row (h, w0 by the magic
+    multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
+    scale of that row and of the next one (the next map's, and sample's, first row after
+    the last); per element: its column w // K (a multiply-shift, exact for w, h < 2 *
+    max(H, W) and max(H, W) * K < 2**19) and which of the two rows. KW (W % K == 0): a
+    wrapped element's column is (w - W) // K = w // K - W // K, folded into the next
+    row's offset."""
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
     h = tl.umulhi(pos * 4, MAGW)
-    w = pos - h * W
-    mv = tl.load(m_ptr + n * m_sN + (h // K) * m_sH + (w // K) * m_sW, mask=m, other=0)
-    wt = mv.to(tl.float32) * tl.load(s_ptr + n, mask=m, other=0.0)
+    w0 = pos - h * W
+    last = h == H - 1
+    n1 = n + (last & (c == C - 1)).to(n.dtype)
+    h1 = tl.where(last, 0, h + 1)
+    MK: tl.constexpr = (2**20 + K - 1) // K  # x // K = (x * MK) >> 20 for x * K < 2**20
+    row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
+    row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
+    s0 = tl.load(s_ptr + n)
+    s1 = tl.load(s_ptr + n1, mask=n1 < N, other=0.0)  # n1 = N: past the end, never used
+    w = w0[:, None] + tl.arange(0, V)[None, :]
+    wrap = w >= W
+    w = w.to(tl.uint32)  # unsigned shifts and zero-extended offsets: fewer instructions
+    if KW:
+        col = (w * MK) >> 20
+        row = tl.where(wrap, (row1 - (W // K) * m_sW)[:, None], row0[:, None])
+    else:
+        col = ((w - tl.where(wrap, W, 0)) * MK) >> 20
+        row = tl.where(wrap, row1[:, None], row0[:, None])
+    off = row + col * m_sW
+    if not IDX64:
+        off = off.to(tl.uint32)
+    mv = tl.load(m_ptr + off, mask=m, other=0)
+    wt = mv.to(tl.float32) * tl.where(wrap, s1[:, None], s0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -106,13 +133,16 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    flat = (flat_launch(t, out) if h * w * w <= 2**30 and not rows_aligned(t)
+    v = 16 // t.element_size()  # a group: one 16-byte vector (two: more instructions)
+    # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
+    flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
             else None)
     if flat is not None:
         grid, meta = flat
         launch(_apply_block_flat_kernel)[grid](
-            t, out, mask, scale, out.numel(), W=w, MAGW=-(-2**30 // w), m_sN=mask.stride(0),
-            m_sH=mask.stride(1), m_sW=mask.stride(2), K=k, **meta)
+            t, out, mask, scale, out.numel(), N=n, H=h, W=w, MAGW=-(-2**30 // w),
+            m_sN=mask.stride(0), m_sH=mask.stride(1), m_sW=mask.stride(2), K=k,
+            KW=w % k == 0, V=min(v, meta["BLOCK"]), **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out)
     launch(_apply_block_kernel)[grid](

@@ -102,10 +102,11 @@ def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
 @triton.jit
 def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
                           t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW, w_sN, w_sC,
-                          CL: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                          MAGW, CL: tl.constexpr, GRID3: tl.constexpr, BO: tl.constexpr,
+                          BI: tl.constexpr,
                           IDX64: tl.constexpr,
                           SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
     if CL:  # rows (n, h, w), inner c
@@ -119,9 +120,10 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
 @triton.jit
 def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2,
                                BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
-                               IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+                               EVEN: tl.constexpr, IDX64: tl.constexpr,
+                               BF16_FIX: tl.constexpr):
     """Contiguous NCHW t and out, w (N, C) contiguous: a flat tile (``_common.flat_tile``)."""
-    e, m, _, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
+    e, m, _, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64, EVEN)
     wt = tl.load(w_ptr + mp, mask=m, other=0.0)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)

@@ -31,8 +31,8 @@ from ._common import (
     cast_out,
     cdiv,
     flat_launch,
-    flat_tile,
     float_key,
+    group_tile,
     hw_flat,
     key_float,
     launch,
@@ -42,7 +42,6 @@ from ._common import (
     out_offset,
     pos_offset,
     pow2,
-    rows_aligned,
     tile_offset,
     warps,
 )
@@ -243,10 +242,11 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
                             OUTER, INNER, C, H, W,
                             t_sN, t_sC, t_sH, t_sW, x_sN, x_sC, x_sH, x_sW,
                             o_sN, o_sC, o_sH, o_sW,
-                            MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
+                            MAGW, MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
+                            GRID3: tl.constexpr,
                             BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, CL, BO, BI, IDX64)
+    ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     if CL:  # rows (n, h, w), inner c: per-element stats (contiguous along c)
         sidx = map0[:, None] + c[None, :]
         smask = m
@@ -272,25 +272,48 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
 
 @triton.jit
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr,
-                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2,
+                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
-                                 BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                                 BF16_FIX: tl.constexpr):
-    """Contiguous NCHW t, x and out: a flat tile (``_common.flat_tile``); the per-map
-    statistics are contiguous (N, C)."""
-    e, m, n, _, _, mp = flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64)
-    act = tl.load(act_ptr + mp, mask=m, other=0) != 0
-    thr = tl.load(thr_ptr + mp, mask=m & act, other=0.0)
-    mn = tl.load(mn_ptr + mp, mask=m & act, other=0.0)
-    mx = tl.load(mx_ptr + mp, mask=m & act, other=0.0)
-    sc = tl.load(sc_ptr + n, mask=m, other=0.0)
+                                 BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
+                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
+    + 1 so that a group spans at most one map end. The per-map statistics (contiguous
+    (N, C)) and scale are loaded per group for its map and the next one; per element, which
+    of the two. mx - mn is the reference's float32 difference, computed once per map."""
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
+    mp = n * C + c
+    mp1 = mp + 1
+    n1 = n + (c == C - 1).to(n.dtype)
+    v1 = mp1 < NC  # the map after the last: past the end, never used
+    act0 = tl.load(act_ptr + mp) != 0
+    act1 = tl.load(act_ptr + mp1, mask=v1, other=0) != 0
+    wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
+    act = tl.where(wrap, act1[:, None], act0[:, None])
+    sc = tl.where(wrap, tl.load(sc_ptr + n1, mask=v1, other=0.0)[:, None],
+                  tl.load(sc_ptr + n)[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the map is active
         xv = tl.load(x_ptr + e, mask=m & act, other=0.0).to(tl.float32)
-    s = tl.where(act, soft_mask(xv, thr, mn, mx, MODE), 1.0)
+    thr = tl.where(wrap, tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)[:, None],
+                   tl.load(thr_ptr + mp, mask=act0, other=0.0)[:, None])
+    if MODE == 0:  # "am"
+        s = (xv < thr).to(tl.float32)
+    else:  # soft_mask's operations in its order, mx - mn per map
+        mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
+        mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
+        d0 = tl.load(mx_ptr + mp, mask=act0, other=0.0) - mn0
+        d1 = tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0) - mn1
+        q = tl.math.div_rn(xv - tl.where(wrap, mn1[:, None], mn0[:, None]),
+                           tl.where(wrap, d1[:, None], d0[:, None]))
+        fhat = tl.where((q >= 0.0) & (q <= 1.0), q, 0.0)
+        if MODE == 1:  # "sm"
+            s = 1.0 - fhat
+        else:  # "ad"
+            s = 1.0 - fhat * (xv >= thr).to(tl.float32)
+    s = tl.where(act, s, 1.0)
     tl.store(o_ptr + e, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
@@ -312,12 +335,13 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: tor
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
-    flat = None if rows_aligned(t) else flat_launch(t, out, x)
+    v = 16 // t.element_size()
+    flat = flat_launch(t, out, x) if h * w >= v - 1 else None
     if flat is not None:
         grid, meta = flat
         launch(_apply_attention_flat_kernel)[grid](
-            t, x, out, thr, mn, mx, act, scale, out.numel(), MODE=MODES[mode],
-            X_IS_T=x_is_t, **meta)
+            t, x, out, thr, mn, mx, act, scale, out.numel(), NC=n * c, MODE=MODES[mode],
+            X_IS_T=x_is_t, V=min(v, meta["BLOCK"]), **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
