@@ -812,6 +812,12 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
               "for apply, x in 16-byte accesses, no runtime division per element)",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
+    for p in (providers if explicit else PROVIDERS):  # say why a backend has no rows
+        why = p != "compile" and cases and unsupported(p, device, cases[0][1])
+        if why:
+            hint = ("; tests/test_launches.py counts the CUDA sources on a CPU emulator"
+                    if p == "cuda" else "")
+            out.print(f"{p}: no rows here ({why}){hint}", highlight=False)
     return rows
 
 

@@ -21,8 +21,14 @@ from guidedrop.reference import rate_tensor as _rate_tensor
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.guidedrop.*)
 except ImportError as e:  # not built, or built against another torch
+    import importlib.util
+
+    # Not built: say so (Python's own message for a missing submodule speaks of a
+    # "partially initialized module" and a circular import, which misleads).
+    why = ("is not built" if importlib.util.find_spec("guidedrop._C") is None
+           else f"does not import ({e})")
     raise ImportError(
-        f"guidedrop._C, the CUDA extension, does not import ({e}). Build it against the "
+        f"guidedrop._C, the CUDA extension, {why}. Build it against the "
         "installed torch on a machine with nvcc: `CUDA_HOME=/usr/local/cuda FORCE_CUDA=1 "
         "python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`"
     ) from e

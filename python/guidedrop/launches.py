@@ -12,7 +12,7 @@
 - host synchronisations (``.item()``, ``nonzero``, ``equal``, ...).
 
 Each launch carries the bytes of the tensors it takes and returns (an upper bound on what a
-kernel moves: a kernel may read part of a tensor). :func:`layer_report` measures one forward
+kernel moves: a kernel may read part of a tensor). :func:`count_layer` measures one forward
 and one backward of each layer with it: ``python -m guidedrop bench --model`` prints it,
 and tests/test_launches.py holds every layer to its launch budget (issue 12).
 
