@@ -100,6 +100,47 @@ OVER_BUDGET = {
 }
 
 
+# Changed after the figures above were measured (the flat tiles, the channels_last grid and
+# the CUDA chunked apply of 2026-11-30); issue 13's figures for them are in its notes and
+# may meet the budget at some cases: expected failures that may pass (not strict) until
+# this check is rerun on them and each is moved to OVER_BUDGET or the passing set.
+PENDING = {
+    ("triton", "_apply_channel_kernel"): "channels_last only now: 9.4 (bf16) / 9.0 SASS "
+                                         "per element measured by the kernel's author",
+    ("triton", "_apply_block_kernel"): "channels_last only now: 11.4 / 13.6 measured by the "
+                                       "kernel's author",
+    ("triton", "_apply_channel_flat_kernel"): "11.0 (bf16) / 10.2 SASS per element, "
+                                              "16-byte, measured by the kernel's author",
+    ("cuda", "channel_stats"): "no per-element division since the cuda13 change, 9.5 SASS "
+                               "per element, but one element per access",
+    ("cuda", "seed_coverage"): "by row runs since the cuda13 change",
+}
+for key in PENDING:
+    OVER_BUDGET.pop(key, None)
+OVER_BUDGET.update({
+    ("triton", "_apply_block_flat_kernel"): "24.9 (bf16) / 27.6 (fp32) SASS per element: a "
+                                            "mask byte gathered per element",
+    ("triton", "_apply_attention_flat_kernel"): "44.6-72.5 SASS per element ('ad': the "
+                                                "exactly rounded division per element)",
+    ("cuda", "apply_channel"): "15.2 SASS per element (bf16) at W = 28, 14, 7 (two-line "
+                               "chunks); 6.6-9.0 elsewhere",
+    ("cuda", "apply_block"): "38.5 (bf16) / 47.0 (fp32) SASS per element at W = 28, 14, 7",
+    ("cuda", "apply_seeds"): "47-121 SASS per element (covered_run per line segment)",
+    ("cuda", "apply_attention"): "290-629 SASS per element (the exact division in soft_mask, "
+                                 "x read 16 bits at a time)",
+})
+
+
+def _expect(request, backend, kernel):
+    """The xfail marker of a kernel over budget (strict) or not yet remeasured (PENDING)."""
+    if (backend, kernel) in OVER_BUDGET:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason=f"{kernel}: {OVER_BUDGET[backend, kernel]} (issue 13)"))
+    elif (backend, kernel) in PENDING:
+        request.applymarker(pytest.mark.xfail(
+            strict=False, reason=f"{kernel}: {PENDING[backend, kernel]} (issue 13)"))
+
+
 def budget_violations(c: sass.Counts, kind: str, dtype: str) -> list[str]:
     """What of the budgets above ``c`` (one compiled kernel, x of ``dtype``) misses."""
     size = sass.ITEMSIZE[dtype]
@@ -216,9 +257,7 @@ def _check(rows, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", list(TRITON_KERNELS))
 def test_triton_kernel_budget(triton_counts, kernel, request):
-    if ("triton", kernel) in OVER_BUDGET:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason=f"{kernel}: {OVER_BUDGET['triton', kernel]} (issue 13)"))
+    _expect(request, "triton", kernel)
     rows = triton_counts.get(kernel)
     assert rows, f"{kernel} was never launched by the layers here"
     _check(rows, TRITON_KERNELS[kernel])
@@ -234,9 +273,7 @@ def test_cuda_kernel_budget(op, request):
         pytest.skip("guidedrop._C is not built (.ci/run's build stage builds it)")
     if sass.tool("cuobjdump") is None:
         pytest.skip("no cuobjdump (Triton's package or the CUDA toolkit)")
-    if ("cuda", op) in OVER_BUDGET:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason=f"{op}: {OVER_BUDGET['cuda', op]} (issue 13)"))
+    _expect(request, "cuda", op)
     rows = []
     for name in DTYPES.values():
         found = sass.cuda_kernels(op, name)
