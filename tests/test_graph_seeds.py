@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_launches import backend  # noqa: F401  (fixture: Triton, the CUDA emulator)
 from test_training import SHAPE, _ops
 from testing import HAS_CUDA
 
-from guidedrop import dispatch
 from guidedrop.launches import LaunchCounter
 
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -56,23 +56,7 @@ class RandomOps(LaunchCounter):
         return out
 
 
-@pytest.fixture(params=["triton", "cuda"])
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and not HAS_CUDA:  # the CUDA sources on the CPU emulator
-        import test_cuda_emulated as CE
-        if CE.emu.unavailable():
-            pytest.skip(f"no GPU and no CUDA emulator: {CE.emu.unavailable()}")
-        mod = CE.emu.backend()
-        mod.unsupported = lambda x: ""
-        monkeypatch.setitem(dispatch._loaded, name, (mod, ""))
-    elif dispatch.load(name)[0] is None:
-        pytest.skip(f"backend {name} unavailable: {dispatch.load(name)[1]}")
-    monkeypatch.setenv("GUIDEDROP_BACKEND", name)
-    return name
-
-
-def manual_seed(backend: str, seed: int) -> None:
+def manual_seed(backend: str, seed: int) -> None:  # noqa: F811 (a name, not the fixture)
     """torch.manual_seed; on the emulator also its own CUDA generator (a stand-in for the
     device's default generator, which torch.manual_seed seeds on a GPU)."""
     torch.manual_seed(seed)
@@ -93,7 +77,8 @@ def no_host_generator_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_noise_none_draws_on_device_graph_safe(backend, layer, no_host_generator_reads):
+def test_noise_none_draws_on_device_graph_safe(backend, layer,  # noqa: F811 (the fixture)
+                                               no_host_generator_reads):
     call, _ = _ops(DEV)[layer]
     x = torch.randn(SHAPE, device=DEV)
     manual_seed(backend, 3)

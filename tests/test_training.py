@@ -298,6 +298,28 @@ class _Net(nn.Module):
         return self.fc(self.drop(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
+def _capture(model, x, y):
+    """A training step of ``model`` on (x, y) (forward inside cam_targets, cross-entropy,
+    backward), warmed up on a side stream as torch.cuda.graphs asks, then captured."""
+    def step():
+        with guidedrop.cam_targets(model.fc, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def _captured_step(layer, seed):
     """Seed, build, warm up and capture forward + backward of a training step; returns
     (graph, the layer's output, the conv's grad) as static tensors the replays refresh."""
@@ -307,23 +329,7 @@ def _captured_step(layer, seed):
     y = torch.randint(0, 10, (4,), device="cuda")
     seen = {}
     model.drop.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
-
-    def step():
-        with guidedrop.cam_targets(model.fc, y):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graphs asks
-        for _ in range(3):
-            model.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _capture(model, x, y)
     return graph, seen["out"], model.conv.weight.grad
 
 
@@ -374,23 +380,7 @@ def _captured_model_step(seed):
     model = _every_layer_model().cuda()
     x, y = batch(n=4, device="cuda", seed=seed)
     seen = record_outputs(model)
-
-    def step():
-        with guidedrop.cam_targets(model.fc, y):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graphs asks
-        for _ in range(3):
-            model.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _capture(model, x, y)
     grad = next(p for p in model.parameters() if p.grad is not None).grad
     return graph, dict(seen), grad
 
