@@ -43,6 +43,8 @@ def xs(shape, name):
         return make_x(shape) * 3e38
     if name == "subnormal":
         return make_x(shape) * 1e-45
+    if name == "expanded_c":  # every channel the same map: pooled rows equal or opposite
+        return torch.randn(n, 1, h, w, generator=g).expand(shape)
     if name == "expanded_hw":
         return torch.randn(n, c, 1, 1, generator=g).expand(shape)
     if name == "permuted_channels_last":
@@ -114,7 +116,8 @@ def compare(name, layer, x, noise_kind):
                                    rtol=0, atol=0, equal_nan=True)
 
 
-FAST = [("constant_expanded", "nan_and_negzero"), ("mixed_nonfinite", "expanded")]
+FAST = [("constant_expanded", "nan_and_negzero"), ("mixed_nonfinite", "expanded"),
+        ("expanded_c", "sliced")]
 SLOW_X = ["signed_zeros", "all_nan", "all_inf", "huge", "subnormal", "expanded_hw",
           "permuted_channels_last", "half_inf"]
 SLOW_NOISE = ["nan_and_negzero", "expanded", "sliced", "float16_transposed", "float64"]
@@ -143,3 +146,23 @@ def test_adversarial_values_sweep(name, layer, x_kind):
                                    (1, 1, 5000, 1), (2, 5, 1, 13)])
 def test_larger_than_a_block(name, layer, shape):
     compare(name, layer, make_x(shape), "nan_and_negzero")
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("c", [2, 3, 5, 33])
+def test_corrdrop_opposite_rows_correlate_exactly(name, c):
+    """Pooled rows that are equal or opposite (x with every channel the same map: the rows
+    are ±(v, ..., v)) have |â_i·â_j| = 1 exactly, so every F_i of a sample is equal and
+    F_max = F_min (SPEC §1, §2.3) as in the reference (found by an adversarial pass: the
+    kernels took 1 − ‖â_i − â_j‖²/2, which is −1 ± ulp for opposite rows, so F differed by
+    an ulp and CorrDrop drew blocks from rounding noise)."""
+    B = kernel_backend(name)
+    x = torch.randn(3, 1, 9, 11, generator=gen(c)).expand(3, c, 9, 11).to(DEV)
+    for v in (x, -x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
+        f = B.pooled_correlation(v, 2)
+        want = R.pooled_correlation(v, 2)
+        assert torch.equal(f.cpu(), want.cpu()), (f, want)
+        assert torch.equal(f.amax((1, 2)), f.amin((1, 2)))  # the rows are all ± each other
+    u = noises((2, 3, 5, 6), "float64")
+    got = L.corrdrop(B, x, 0.6, 2, normalize="batch", noise=u.to(DEV))
+    assert_same_plan(got, L.corrdrop.reference(R, x, 0.6, 2, normalize="batch", noise=u.to(DEV)))
