@@ -237,7 +237,7 @@ def test_plan_op_checks_arguments(B):
         (dict(weight=weights(2, 2)), "multiple of C"),
         (dict(weight=w.to(torch.int32)), "weight must be a 2-D"),
         (dict(target=t.bool()), "target must hold class indices of an integer dtype"),
-        (dict(target=t.float()), "target must be int64"),
+        (dict(target=t.float()), "target must hold class indices of an integer dtype"),
         (dict(target=t[:1]), "target must have shape"),
         (dict(r=6), "r must be in"),
         (dict(k_s=31), "k must be in"),
