@@ -22,7 +22,7 @@ from test_plans_dropblock import (
 )
 from testing import assert_same_plan, make_x
 
-from guidedrop import layers
+from guidedrop import _validation, layers
 from guidedrop import reference as R
 
 K = 5  # classes
@@ -224,3 +224,39 @@ def test_plan_target_out_of_range(bad, monkeypatch):
     j, alpha = torch.empty(2, 5, 5), torch.empty(2, 4)
     cam_launch(x, j, weight=w, target=torch.tensor([4, 0], dtype=torch.int8), alpha_out=alpha)
     assert torch.equal(alpha, w[[4, 0]].view(2, 4, 2).double().mean(2).float())
+
+
+def kernel_backend(name: str):
+    """The Triton backend, or the CUDA one: real with a GPU, else on the SIMT emulator."""
+    if name == "triton":
+        return plan_backend("triton", "camdrop")
+    from test_plans_cuda import _backend
+    mod = _backend()
+    if mod is None:
+        pytest.skip("no CUDA backend: no GPU with guidedrop._C, and no CUDA emulator")
+    return mod
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("block_size", [6, 9])
+def test_plan_target_checked_when_block_exceeds_map(name, block_size, monkeypatch):
+    """SPEC §6 step 0 holds whatever the block size: with r > H or r > W no kernel runs
+    (nothing is dropped), so the plan asserts a target not checked on the host (a GPU one,
+    or one seen while compiling) in torch ops, as the reference does (found by an
+    adversarial pass: the CUDA plan returned None without looking at the target)."""
+    B = kernel_backend(name)
+    x = make_x((2, 4, 5, 7), device=DEV)
+    w = weights(4, 2)
+    kw = dict(channel_rate=0.5, normalize="batch", noise=noise_for(x, 4))
+    good = torch.tensor([4, 0], device=DEV)
+    assert layers.camdrop(B, x, w, good, block_size, 0.6, **kw) is None
+    # the device path (the check a CPU target gets on the host is skipped there)
+    monkeypatch.setattr(_validation, "target_checked_on_host", lambda t: False)
+    for bad in ([0, 5], [-1, 2]):
+        t = torch.tensor(bad, device=DEV)
+        with pytest.raises(RuntimeError, match="target"):
+            layers.camdrop.reference(R, x, w, t, block_size, 0.6, **kw)
+        if DEV != "cpu":
+            return  # on a GPU the assertion would poison the CUDA context
+        with pytest.raises(RuntimeError, match="target"):
+            layers.camdrop(B, x, w, t, block_size, 0.6, **kw)

@@ -5,9 +5,10 @@ position i (k x k average pooling, ceil mode: a window cut by the border average
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
-- â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), the sum over the channels
-  in one fixed order whatever the tile position of (i, j): the same for (j, i), exactly 1
-  for equal rows (an outer-product loop, not tl.dot, whose order is the hardware's / BLAS's);
+- |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (unit rows; 0 with a zero row), the
+  sums over the channels in one fixed order whatever the tile position of (i, j): the same
+  for (j, i), exactly 1 for equal and for opposite rows (an outer-product loop, not tl.dot,
+  whose order is the hardware's / BLAS's);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
   independent of the order of the terms.
 k is clamped to max(H, W) first (a block >= the map is one window).
@@ -106,15 +107,21 @@ def _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, i, C, NP, BM: tl.constexpr, BN: 
         sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
         nbj = tl.load(nb_ptr + n * NP + j, mask=jv, other=1.0)
         acc = tl.zeros([BM, BN], tl.float32)  # ‖â_i − â_j‖²
+        acc2 = tl.zeros([BM, BN], tl.float32)  # ‖â_i + â_j‖²
         for c in range(0, C):
             ai = _unit(tl.load(abase + c * NP + i, mask=iv, other=0.0), si, nbi)
             aj = _unit(tl.load(abase + c * NP + j, mask=jv, other=0.0), sj, nbj)
             d = ai[:, None] - aj[None, :]
             acc += d * d
-        # â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows (a float32
-        # dot of a rounded â with itself is not); 0 with a zero row.
+            e = ai[:, None] + aj[None, :]
+            acc2 += e * e
+        # |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
+        # equal rows and for opposite rows (â_j = −â_i exactly: the pooling and the division
+        # by max|a| commute with the sign), where a float32 dot of a rounded â, or
+        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN in acc stays (the
+        # comparison is false); â holds no ±Inf, so acc2 is NaN only with acc.
         zero = (si == 0)[:, None] | (sj == 0)[None, :]
-        p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * acc))
+        p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * tl.where(acc2 < acc, acc2, acc)))
         valid = iv[:, None] & jv[None, :]
         poison += tl.sum(tl.where(valid & (p != p), p, 0.0), axis=1)
         term = valid & (p == p) & (i[:, None] != j[None, :])

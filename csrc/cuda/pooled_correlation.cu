@@ -6,9 +6,9 @@
 // guidedrop.reference.pooled_correlation:
 // - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|: the norm neither overflows nor underflows, F is
 //   invariant to positive scaling of x;
-// - â_i·â_j = 1 − ‖â_i − â_j‖²/2 (unit rows; 0 with a zero row), a sum over the channels
-//   in one fixed order for every (i, j): the same for (j, i) ((x − y)² = (y − x)²), and
-//   exactly 1 for equal rows;
+// - |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (unit rows; 0 with a zero row), sums
+//   over the channels in one fixed order for every (i, j): the same for (j, i)
+//   ((x − y)² = (y − x)², x + y = y + x), and exactly 1 for equal and for opposite rows;
 // - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
 //   independent of where the diagonal or an equal term falls in the row;
 // - a NaN in row i of P (NaN or Inf in the sample's x) makes F_i NaN.
@@ -105,7 +105,8 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
     long long part[kPerThread] = {};
     float poison[kPerThread] = {};  // NaN where a P_ij is NaN
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
-      float acc[kPerThread] = {};
+      float acc[kPerThread] = {};   // ‖â_i − â_j‖²
+      float acc2[kPerThread] = {};  // ‖â_i + â_j‖²
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c = c0 + tx;
 #pragma unroll
@@ -122,7 +123,9 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
 #pragma unroll
           for (int q = 0; q < kPerThread; ++q) {
             const float d = ai[ty + kRowsY * q][cc] - bj;
-            acc[q] += d * d;  // ‖â_i − â_j‖²
+            const float e = ai[ty + kRowsY * q][cc] + bj;
+            acc[q] += d * d;
+            acc2[q] += e * e;
           }
         }
         __syncthreads();
@@ -132,10 +135,12 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
-          // â_i·â_j = 1 − ‖â_i − â_j‖² / 2 for unit rows: exactly 1 for equal rows; 0 with
-          // a zero row
+          // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
+          // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN in
+          // acc stays (the comparison is false); â holds no ±Inf, so acc2 is NaN only with acc.
           const bool zero = zero_row[i] != 0.f || zero_row[j] != 0.f;
-          const float p = zero ? 0.f : fabsf(1.f - 0.5f * acc[q]);
+          const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
+          const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
           if (p != p) {
             poison[q] += p;
           } else if (i != j) {

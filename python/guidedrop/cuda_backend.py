@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from guidedrop import _validation
 from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, rand
 from guidedrop.reference import rate_tensor as _rate_tensor
 
@@ -296,7 +297,11 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     """
     n, c, h, w = x.shape
     r = block_size
-    if r > h or r > w:  # no valid centre: nothing is dropped
+    if r > h or r > w:  # no valid centre: nothing is dropped, and no kernel checks target
+        # SPEC §6 step 0 all the same (a GPU target, or one seen while compiling), as the
+        # reference and the Triton plan: a bad target is an error whatever the block size.
+        if not _validation.target_checked_on_host(target):
+            _validation.assert_target(target, weight.shape[0])
         return None
     k_s = max(1, (h * w) // (r * r))
     k_c = max(1, round(channel_rate * c))
