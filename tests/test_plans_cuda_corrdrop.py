@@ -134,6 +134,7 @@ def test_plan_op_opcheck(B):
 @pytest.mark.slow
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_plan_matches_reference_large(B, normalize):
-    """More samples than the plan block's 32 warps, more pooled positions than lanes."""
-    x = make_x((34, 2, 12, 14), torch.bfloat16, "cpu", "sliced")
+    """More samples than the plan block's 32 warps (more pooled positions than lanes:
+    test_plan_matches_reference's N' = 42; small maps here keep the emulator quick)."""
+    x = make_x((34, 2, 4, 5), torch.bfloat16, "cpu", "sliced")
     check(B, x, 0.2, 2, normalize, _noise(B, x, 0.2, 2, 11))

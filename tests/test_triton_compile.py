@@ -66,9 +66,11 @@ def _kernel_modules(mod):
             if name.startswith(mod.__name__ + ".") and hasattr(m, "launch")]
 
 
-def _drive(inputs):
+def _drive(inputs, dense_grad=False):
     """Every layer of test_backends.LAYERS, forward and backward, on each (shape, dtype) in
-    both layouts: with and without noise, and with blocks of 7 (53 for the shared mask)."""
+    both layouts: with and without noise, and with blocks of 7 (53 for the shared mask).
+    The backward gets the stride-0 gradient of ``y.sum()`` (the strided paths), or with
+    ``dense_grad`` a dense one in y's layout, as the layer after it in a network gives."""
     for shape, dtype in inputs:
         for layout in ("contiguous", "channels_last"):
             x = TB.make_x(shape, dtype, "cpu", layout)
@@ -80,7 +82,11 @@ def _drive(inputs):
                     runs.append((None, {**params, **BIG_BLOCKS[base]}))
                 for noise, kw in runs:
                     xg = x.detach().requires_grad_()
-                    op(xg, noise=noise, **kw).sum().backward()
+                    y = op(xg, noise=noise, **kw)
+                    if dense_grad:
+                        y.backward(torch.randn_like(y))
+                    else:
+                        y.sum().backward()
 
 
 @pytest.mark.slow
@@ -99,11 +105,12 @@ def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
     modules = _kernel_modules(mod)
     for m in modules:
         monkeypatch.setattr(m, "launch", recorder)
-    _drive(INPUTS)
-    for m in modules:  # the int64 offset path of tensors of 2**31 elements or more
-        if hasattr(m, "needs_int64"):
-            monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
-    _drive(INPUTS[1:2])
+    with sass.gpu_tiles():  # the tiles a GPU launches, not the interpreter's larger ones
+        _drive(INPUTS)
+        for m in modules:  # the int64 offset path of tensors of 2**31 elements or more
+            if hasattr(m, "needs_int64"):
+                monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
+        _drive(INPUTS[1:2])
 
     defined = {(m.__name__, k) for m in modules for k in vars(m)
                if k.startswith("_") and k.endswith("_kernel")}
