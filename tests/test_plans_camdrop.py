@@ -142,10 +142,10 @@ def test_plan_matrix(name, dtype, layout, shape):
     x = make_x(shape, dtype, DEV, layout)
     n, c = shape[:2]
     for groups in (1, 4, 9):
-        for block_size in (1, 3, 7):
-            for normalize in NORMALIZE:
-                compare(name, x, weights(c, groups, seed=groups), targets(n, groups),
-                        block_size, 0.8, 0.5, normalize, noise_for(x, 7))
+        # each block size and each normalisation once (the scale does not depend on r)
+        for block_size, normalize in zip((1, 3, 7), NORMALIZE, strict=True):
+            compare(name, x, weights(c, groups, seed=groups), targets(n, groups),
+                    block_size, 0.8, 0.5, normalize, noise_for(x, 7))
 
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
