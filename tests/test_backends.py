@@ -21,7 +21,7 @@ import math
 import naive
 import pytest
 import torch
-from testing import HAS_CUDA, make_x, tol
+from testing import HAS_CUDA, make_x, radix_rows, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
@@ -177,33 +177,13 @@ def test_kth_largest_long_rows(B):
     same(B.kth_largest(v, 150), R.kth_largest(v, 150))
 
 
-def radix_rows(length: int) -> torch.Tensor:
-    """(8, length) float32 rows that exercise every digit of a radix select on the key:
-    keys differing only in the lowest byte (with ties) or the lowest 3 bytes, negatives
-    (the sign digit), ±0.0 with ±subnormals, ±Inf with a NaN, all equal, normal."""
-    g = gen(length)
-    j = torch.randperm(length, generator=g).double()
-    ulp = 2.0**-23
-    zeros = torch.where(j % 2 == 0, 0.0, -0.0)
-    zeros[j % 5 == 1] = 1e-45
-    zeros[j % 7 == 3] = -1e-45
-    inf = torch.randn(length, generator=g, dtype=torch.float64)
-    inf[j % 4 == 0] = float("inf")
-    inf[j % 4 == 1] = -float("inf")
-    inf[j == length // 2] = float("nan")
-    rows = [1 + (j % 256) * ulp, 1 + j * ulp, -(1 + j * ulp), -(j % 3) * 0.25 - 1,
-            zeros, inf, torch.full((length,), -2.5, dtype=torch.float64),
-            torch.randn(length, generator=g, dtype=torch.float64)]
-    return torch.stack(rows).float().to(DEV)
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 @pytest.mark.parametrize("length", [1, 3, 7, 300, 16385, 40000])
 def test_kth_largest_every_digit(B, length):
     """Exact k-th largest where the rows differ in one digit only, with ties, ±0, ±Inf,
     NaN: short rows (several per program, 24 rows: a program partly filled) and rows over
     MAX_ROW = 16384 (read twice, candidates packed in a workspace)."""
-    v = radix_rows(length)
+    v = radix_rows(length, DEV)
     if length <= 300:
         v = torch.cat([v, v.flip(1), v[:, :length // 2 + 1].repeat(1, 2)[:, :length]])
     ks = {1, 2, length // 3 + 1, length - 1, length} if length <= 300 else {1, 1000, length}
