@@ -70,15 +70,16 @@ OVER_BUDGET = {
                                            "28-158 in channels_last",
     ("triton", "_pooled_correlation_kernel"): "4-byte loads of x (bf16 pairs), no 16-byte "
                                               "vectors; 15-20 SASS per element",
-    ("triton", "_select_kernel"): "radix select, all 4 passes counted (unrolled, no loop): "
+    ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop): "
                                   "bf16 56 x 56: 131 SASS per element ('am'), 243-255 "
                                   "('sm', 'ad': the exactly rounded division of the soft "
-                                  "mask's sum); 28 x 28 and 32 x 32: 141-264 (2 spills); "
-                                  "14 x 14: 409-536 and 7 x 7: 850-997 (16 maps per program: "
-                                  "the 256-bin histograms and picks cost per map, not per "
-                                  "element); 2-byte loads in channels_last at 56 x 56 (a "
-                                  "map is strided by C). The bisection's 28-169 counted one "
-                                  "of its up to 32 passes",
+                                  "mask's sum); 28 x 28 and 32 x 32: 141-281 (2 spills); "
+                                  "14 x 14: 189-348 and 7 x 7: 289-435 (4-bit digits, 16 "
+                                  "maps per program: histograms and picks cost per map; "
+                                  "(n, c) divided per map, counted as 1 per element); "
+                                  "2-byte loads in channels_last at 56 x 56 (a map is "
+                                  "strided by C). The bisection's 28-169 counted one of "
+                                  "its up to 32 passes",
     ("triton", "_seed_bits_kernel"): "index arithmetic per unit: runtime divisions per unit, "
                                      "320-830 SASS per unit (issue 13 item 2)",
     ("triton", "_channel_stats_kernel"): "2-byte (bf16) / 4-byte loads at 14 x 14 and 7 x 7 "

@@ -280,7 +280,8 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         rcount, c, w, length, int(k), *x4.stride(),
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
         STATS=stats, MODE=MODES.get(mode, 0),
-        ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
+        ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
+        HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
     return result
 
