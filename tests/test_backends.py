@@ -21,7 +21,7 @@ import math
 import naive
 import pytest
 import torch
-from testing import HAS_CUDA, make_x, tol
+from testing import HAS_CUDA, make_x, radix_rows, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
@@ -175,6 +175,38 @@ def test_kth_largest_long_rows(B):
     v = torch.randn(2, 20000, generator=gen(1)).to(DEV)
     v[1, 100:200] = v[1, 7]
     same(B.kth_largest(v, 150), R.kth_largest(v, 150))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("length", [1, 3, 7, 300, 3000, 16385, 40000])
+def test_kth_largest_every_digit(B, length):
+    """Exact k-th largest where the rows differ in one digit only, with ties, ±0, ±Inf,
+    NaN: short rows (4-bit digits under 1024, several rows per program, 24 rows: a program
+    partly filled; 8-bit digits at 3000) and rows over
+    MAX_ROW = 16384 (read twice, candidates packed in a workspace)."""
+    v = radix_rows(length, DEV)
+    if length <= 300:
+        v = torch.cat([v, v.flip(1), v[:, :length // 2 + 1].repeat(1, 2)[:, :length]])
+    ks = {1, 2, length // 3 + 1, length - 1, length} if length <= 3000 else {1, 1000, length}
+    for k in sorted(k for k in ks if 1 <= k <= length):
+        same(B.kth_largest(v, k), R.kth_largest(v, k))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_attention_stats_long_maps(B, layout):
+    """Maps over MAX_ROW (130 x 130), bf16, some inactive; a map of ties, one with
+    ±Inf / NaN: thr, min, max and the soft mask's sum (exact: backend_contract.md)."""
+    x = make_x((1, 4, 130, 130), torch.bfloat16, DEV, layout).clone()
+    x[0, 1] = with_ties(x[0, 1])
+    x[0, 3, 5, 5], x[0, 3, 9, 9] = float("inf"), -float("inf")
+    x[0, 2, 7, 7] = float("nan")
+    active = torch.tensor([[True, True, False, True]], device=DEV)
+    for mode, k in (("am", 1), ("sm", 5071), ("ad", 130 * 130)):
+        got = B.attention_stats(x, k, active, mode)
+        ref = R.attention_stats(x, k, active, mode)
+        for g, r in zip(got, ref, strict=True):
+            same(g[active], r[active])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter

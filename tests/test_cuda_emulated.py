@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import test_cuda_ops as T
 import torch
-from testing import DTYPES, LAYOUTS, assert_close_dtype, make_x
+from testing import DTYPES, LAYOUTS, assert_close_dtype, make_x, radix_rows
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -280,6 +280,20 @@ def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
     for k in (1, 17, 5150, 10300):
         same(E.kth_largest(big, k), R.kth_largest(big, k), f"long rows k={k}")
         same(E.kth_largest(big.t().contiguous().t(), k), R.kth_largest(big, k), f"strided k={k}")
+
+
+def test_emulated_kth_largest_every_digit_long_rows(E):
+    """Rows over the shared-memory buffer (10240 keys), read twice: the top digit's keys
+    packed into shared memory, or, for the rows whose keys all share the top 8 bits
+    (1 + j ulp: more than 10240 candidates), the lower passes re-reading x."""
+    v = radix_rows(10300)
+    for k in (1, 2, 5150, 10300):
+        same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
+    x = (1 + make_x((1, 2, 103, 100), torch.float32, layout="channels_last").abs() / 8)
+    active = torch.tensor([[True, True]])
+    got, want = E.attention_stats(x, 2200, active, "sm"), R.attention_stats(x, 2200, active, "sm")
+    for i in range(4):
+        same(got[i], want[i], f"attention_stats {i}")
 
 
 def test_emulated_map_threshold_large_maps(E):

@@ -77,8 +77,16 @@ OVER_BUDGET = {
     ("triton", "_apply_seeds_cl_kernel"): "47.5-51.5 (bf16) / 51-60 (fp32) SASS per element",
     ("triton", "_pooled_correlation_kernel"): "2-byte (bf16) / 4-byte loads of x in NCHW, no "
                                               "16-byte vectors; 8-19 SASS per element",
-    ("triton", "_select_kernel"): "155-273 SASS per element (the bisection passes counted "
-                                  "once); 2-byte loads in channels_last (issue 13 item 3)",
+    ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop): "
+                                  "bf16 56 x 56: 131 SASS per element ('am'), 243-255 "
+                                  "('sm', 'ad': the exactly rounded division of the soft "
+                                  "mask's sum); 28 x 28 and 32 x 32: 141-281 (2 spills); "
+                                  "14 x 14: 189-348 and 7 x 7: 289-435 (4-bit digits, 16 "
+                                  "maps per program: histograms and picks cost per map; "
+                                  "(n, c) divided per map, counted as 1 per element); "
+                                  "2-byte loads in channels_last at 56 x 56 (a map is "
+                                  "strided by C). The bisection's 28-169 counted one of "
+                                  "its up to 32 passes",
     ("triton", "_seed_bits_kernel"): "index arithmetic per unit: 26 runtime divisions and 831 "
                                      "SASS per byte of seeds (issue 13 item 2)",
     ("triton", "_seed_coverage_kernel"): "10 runtime divisions, 369-546 SASS per byte of "

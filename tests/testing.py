@@ -99,6 +99,26 @@ def make_x(
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def radix_rows(length: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(8, length) float32 rows that exercise every digit of a radix select on the key:
+    keys differing only in the lowest byte (with ties) or the lowest 3 bytes, negatives
+    (the sign digit), ±0.0 with ±subnormals, ±Inf with a NaN, all equal, normal."""
+    g = torch.Generator().manual_seed(length)
+    j = torch.randperm(length, generator=g).double()
+    ulp = 2.0**-23
+    zeros = torch.where(j % 2 == 0, 0.0, -0.0)
+    zeros[j % 5 == 1] = 1e-45
+    zeros[j % 7 == 3] = -1e-45
+    inf = torch.randn(length, generator=g, dtype=torch.float64)
+    inf[j % 4 == 0] = float("inf")
+    inf[j % 4 == 1] = -float("inf")
+    inf[j == length // 2] = float("nan")
+    rows = [1 + (j % 256) * ulp, 1 + j * ulp, -(1 + j * ulp), -(j % 3) * 0.25 - 1,
+            zeros, inf, torch.full((length,), -2.5, dtype=torch.float64),
+            torch.randn(length, generator=g, dtype=torch.float64)]
+    return torch.stack(rows).float().to(device)
+
+
 def assert_close_dtype(
     actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None
 ) -> None:

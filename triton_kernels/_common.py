@@ -38,7 +38,8 @@ APPLY_TILE = 16384 if INTERPRET else 2048
 # two 16-byte vectors of bf16, so that the per-tile index work is spread over more elements.
 FLAT_TILE = 16384 if INTERPRET else 4096
 # Longest row the selection kernels keep in registers (AttentionDrop maps, CAM rows);
-# longer rows are re-read chunk by chunk at every counting pass.
+# longer rows: read twice by the radix select (percentile_threshold), re-read chunk by
+# chunk at every counting pass by the CAM candidates' bisection (plans/camdrop).
 MAX_ROW = 16384
 
 INT32_MAX = 2**31 - 1

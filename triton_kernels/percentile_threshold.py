@@ -1,12 +1,23 @@
 """Top-percentile thresholding: the exact k-th largest value of rows / maps, without sorting.
 
-Selection is a bisection on the order-preserving int32 key of the float32 value
-(``_common.float_key``): starting from [min key, max key] of the row, each pass counts the
-keys >= mid and keeps the half holding the k-th largest, so after at most 32 counting
-passes lo == hi == the k-th largest key, which is the key of an element of the row
-(exact, ties by value as torch.topk). Rows of up to ``MAX_ROW`` elements are loaded once
-into registers (ROWS rows per program when they are short); longer rows are re-read chunk
-by chunk at each pass.
+Selection is a radix select on the order-preserving int32 key of the float32 value
+(``_common.float_key``), read as unsigned (sign bit flipped): 4 passes of 8 bits (rows
+under ``SMALL_ROW``: 8 passes of 4 bits), most significant digit first. Each pass is a
+histogram (``tl.histogram``, 256 or 16 bins) of the digit among the keys matching the
+digits found so far; the bin holding the k-th largest (counted from the top) is the next
+digit, and k becomes the rank within that bin. The digits are the k-th largest key, the
+key of an element of the row (exact, ties by value as torch.topk; NaN is one canonical
+key above +Inf, -0.0 sorts below +0.0 as in float_key).
+
+Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
+chip (up to ``HIST_ROWS`` short rows per program, one histogram of ROWS * bins).
+Longer rows (one per program) cannot stay in registers; rather than re-reading x at every
+pass they read it twice: once for the top digit's histogram (and min/max), once to pack
+the keys in the chosen top bin, in order, into an int32 workspace (R * L, allocated only
+for long rows). The 3 lower passes read only those candidates, usually a small part of
+the row (all of it only when every key shares the top 8 bits: sign and 7 exponent bits).
+Exact, with no data-dependent launch or host synchronisation. The soft mask's sum reads x
+once more (it needs the threshold).
 
 - ``kth_largest(v, k)``: rows of v (R, L).
 - ``map_threshold(x, k)``: rows = the (n, c) maps of x.
@@ -48,6 +59,14 @@ from ._common import (
 
 MODES = {"am": 0, "sm": 1, "ad": 2}
 CHUNK = 4096  # elements per step when a row does not fit in registers
+RADIX = tl.constexpr(256)  # bins of one 8-bit digit (the long rows' digits)
+# Digit width of short rows: 8 bits (4 passes) from SMALL_ROW elements on; below, 4 bits
+# (8 passes of 16 bins): a histogram and pick cost per map and bin, and a map of 49 or 196
+# elements would spend more on 4 x 256 bins than on its elements.
+SMALL_ROW = 1024
+# Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
+# shared memory at 16 rows).
+HIST_ROWS = 16
 
 
 @triton.jit
@@ -79,12 +98,48 @@ def _load_keys(x_ptr, base, live, p0, L, W, sH, sW,
 
 
 @triton.jit
-def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aout_ptr, alpha,
-                   R, C, W, L, k, sN, sC, sH, sW,
+def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """(ROWS, BLOCK) digits in [0, BINS) where m -> (ROWS, BINS) int32: each row's counts,
+    one ``tl.histogram`` over ROWS * BINS bins (row r's digit d in bin r * BINS + d)."""
+    r = tl.arange(0, ROWS)[:, None] * BINS
+    flat = tl.reshape(r + digit, [ROWS * BLOCK])
+    h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
+    return tl.reshape(h, [ROWS, BINS])
+
+
+@triton.jit
+def _pick(hist, k, BINS: tl.constexpr):
+    """hist (ROWS, BINS): the counts of the current digit among the keys matching the prefix;
+    k (ROWS,): the rank of the wanted key among them (1 = largest) -> (the digit of the
+    k-th largest, its rank among the keys with that digit). Rows with fewer than k keys
+    (dead rows) get digit -1 (never stored)."""
+    b = tl.arange(0, BINS)[None, :]
+    atleast = tl.sum(hist, axis=1)[:, None] - tl.cumsum(hist, axis=1) + hist  # #{digit >= b}
+    d = tl.sum((atleast >= k[:, None]).to(tl.int32), axis=1) - 1  # atleast: non-increasing
+    above = tl.sum(tl.where(b > d[:, None], hist, 0), axis=1)  # #{digit > d}
+    return d, k - above
+
+
+@triton.jit
+def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit digit at SHIFT of the unsigned keys, and which keys match the prefix
+    (the digits above SHIFT found so far)."""
+    digit = (ukey >> SHIFT) & ((1 << BITS) - 1)
+    if SHIFT + BITS == 32:
+        m = valid
+    else:  # arithmetic shifts of both sides: equal iff the bits above SHIFT + BITS are
+        m = valid & ((ukey >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS))[:, None])
+    return digit, m
+
+
+@triton.jit
+def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
+                   alpha, R, C, W, L, k, sN, sC, sH, sW,
                    HAS_ACT: tl.constexpr, U_ACT: tl.constexpr, ALPHA_PTR: tl.constexpr,
                    STATS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                   SINGLE: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+                   SINGLE: tl.constexpr, BITS: tl.constexpr, HW_FLAT: tl.constexpr,
+                   IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -108,38 +163,58 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
     if IDX64:
         rows = rows.to(tl.int64)
     base = (rows // C) * sN + (rows % C) * sC
-    if tl.max(live.to(tl.int32), axis=0) > 0:  # inactive maps cost nothing
-        # pass 0: the key range of each row
-        if SINGLE:
+    # any layout: an inactive map is never loaded (masked), a program of them exits here
+    if tl.max(live.to(tl.int32), axis=0) > 0:
+        kk = tl.zeros([ROWS], tl.int32) + k  # the rank sought among the matching keys
+        prefix = tl.zeros([ROWS], tl.int32)  # the digits found so far, unsigned key bits
+        if SINGLE:  # the rows in registers: read once, 4 passes on chip
             key, valid = _load_keys(x_ptr, base, live, 0, L, W, sH, sW, BLOCK, HW_FLAT, IDX64)
-            kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
-            kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
-        else:
+            ukey = key ^ KMIN
+            for i in tl.static_range(32 // BITS):
+                digit, m = _digit(ukey, prefix, valid, 32 - BITS * (i + 1), BITS)
+                d, kk = _pick(_histogram(digit, m, ROWS, BLOCK, 1 << BITS), kk, 1 << BITS)
+                prefix = prefix | (d << (32 - BITS * (i + 1)))
+            if STATS:
+                kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
+                kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
+        else:  # one row: read twice (top digit; then its keys to the workspace)
             kmin = tl.full([ROWS], KMAX, tl.int32)
             kmax = tl.full([ROWS], KMIN, tl.int32)
+            hist = tl.zeros([ROWS, RADIX], tl.int32)
             for p0 in range(0, L, BLOCK):
                 key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK, HW_FLAT,
                                         IDX64)
-                kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=1))
-                kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=1))
-        # invariant: #{key >= lo} >= k and #{key > hi} < k (dead rows: lo > hi, idle)
-        lo = kmin.to(tl.int64)
-        hi = kmax.to(tl.int64)
-        while tl.max((hi > lo).to(tl.int32), axis=0) > 0:
-            mid = lo + (hi - lo + 1) // 2
-            mid32 = mid.to(tl.int32)[:, None]
-            if SINGLE:
-                cnt = tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
-            else:
-                cnt = tl.zeros([ROWS], tl.int32)
-                for p0 in range(0, L, BLOCK):
-                    key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
-                                            HW_FLAT, IDX64)
-                    cnt += tl.sum((valid & (key >= mid32)).to(tl.int32), axis=1)
-            busy = hi > lo
-            lo = tl.where(busy & (cnt >= k), mid, lo)
-            hi = tl.where(busy & (cnt < k), mid - 1, hi)
-        thr = key_float(lo.to(tl.int32))
+                digit, m = _digit(key ^ KMIN, prefix, valid, 24, 8)
+                hist += _histogram(digit, m, ROWS, BLOCK, RADIX)
+                if STATS:
+                    kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=1))
+                    kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=1))
+            d, kk = _pick(hist, kk, RADIX)
+            prefix = d << 24
+            # the keys whose top digit is d, packed in order at ws[row * L:], n of them
+            wbase = rows.to(tl.int64) * L
+            n = tl.zeros([ROWS], tl.int32)
+            for p0 in range(0, L, BLOCK):
+                key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK, HW_FLAT,
+                                        IDX64)
+                digit, m = _digit(key ^ KMIN, prefix, valid, 24, 8)
+                m = m & (digit == d[:, None])
+                mi = m.to(tl.int32)
+                pos = n[:, None] + tl.cumsum(mi, axis=1) - mi
+                tl.store(ws_ptr + wbase[:, None] + pos, key, mask=m)
+                n += tl.sum(mi, axis=1)
+            tl.debug_barrier()  # the workspace, written by other threads of this program
+            q = tl.arange(0, BLOCK)[None, :]
+            for i in tl.static_range(1, 4):  # the 3 lower digits over the candidates only
+                hist = tl.zeros([ROWS, RADIX], tl.int32)
+                for p0 in range(0, tl.max(n, axis=0), BLOCK):
+                    valid = (p0 + q) < n[:, None]
+                    key = tl.load(ws_ptr + wbase[:, None] + p0 + q, mask=valid, other=0)
+                    digit, m = _digit(key ^ KMIN, prefix, valid, 24 - 8 * i, 8)
+                    hist += _histogram(digit, m, ROWS, BLOCK, RADIX)
+                d, kk = _pick(hist, kk, RADIX)
+                prefix = prefix | (d << (24 - 8 * i))
+        thr = key_float(prefix ^ KMIN)
         tl.store(thr_ptr + rows, thr, mask=live)
         if STATS:
             mx = key_float(kmax)
@@ -190,20 +265,23 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         raise ValueError(f"k must be in [1, {length}], got {k}")
     if length <= MAX_ROW:
         single, block = True, pow2(length)
-        rows = max(1, min(TILE // block, pow2(rcount)))
+        rows = max(1, min(TILE // block, pow2(rcount), HIST_ROWS))
+        ws = x4  # (unused)
     else:
         single, block, rows = False, CHUNK, 1
+        ws = torch.empty(rcount * length, dtype=torch.int32, device=x4.device)
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
     aout = active_out.view(torch.uint8) if u_act else x4
     stat = out if stats else out.expand(3, n, c)  # min, max, msum unused when not stats
     launch(_select_kernel)[(cdiv(rcount, rows),)](
-        x4, act, out[0], stat[1], stat[2], msum if stats else out, u, aout, alpha,
+        x4, act, out[0], stat[1], stat[2], msum if stats else out, u, aout, ws, alpha,
         rcount, c, w, length, int(k), *x4.stride(),
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
         STATS=stats, MODE=MODES.get(mode, 0),
-        ROWS=rows, BLOCK=block, SINGLE=single, HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
+        ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
+        HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
     return result
 

@@ -351,8 +351,83 @@ __device__ __forceinline__ float key_float(uint32_t k) {
 // Shared memory of block_select_kth_largest.
 struct SelectSmem {
   uint32_t hist[256];
-  uint32_t digit, rank;
+  uint32_t digit, rank, count;
 };
+
+// The state of a radix select between passes: the digits found so far (prefix, on the
+// bits of mask) and the rank sought among the keys that match them, from the top.
+struct RadixState {
+  uint32_t prefix, mask, rank;
+};
+
+// One pass of block_select_kth_largest: the digit at `shift` of the st.rank-th largest of
+// the keys get(0..L-1) that match st.prefix on st.mask; st is updated to include it, and
+// the count of keys matching the new prefix is returned. Every thread of the block
+// (blockDim.x a multiple of 32) must call it; every thread gets the same result.
+template <typename Get>
+__device__ uint32_t block_radix_pass(const Get& get, int64_t L, int shift, RadixState& st,
+                                     SelectSmem& sm) {
+  const uint32_t prefix = st.prefix, mask = st.mask, rank = st.rank;
+  const int lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) sm.hist[i] = 0;
+  __syncthreads();
+  // Uniform trip count for the whole block, so every lane reaches __match_any_sync.
+  for (int64_t base = 0; base < L; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    int bin = 256;  // 256: no bin (past the end, or not matching the prefix)
+    if (i < L) {
+      const uint32_t key = get(i);
+      if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
+    }
+    // Aggregate equal bins within the warp: many equal values (e.g. ReLU zeros) would
+    // otherwise serialise on one shared-memory atomic.
+    const unsigned peers = __match_any_sync(kFullMask, bin);
+    if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bin], __popc(peers));
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    // Lane l owns bins 255 - 8l - j, j = 0..7 (scanned from the top).
+    uint32_t local[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      local[j] = sm.hist[255 - 8 * lane - j];
+      sum += local[j];
+    }
+    uint32_t incl = sum;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const uint32_t o = __shfl_up_sync(kFullMask, incl, d);
+      if (lane >= d) incl += o;
+    }
+    const unsigned hit = __ballot_sync(kFullMask, incl >= rank);
+    // hit == 0 cannot happen (the matching keys number at least rank); be defensive.
+    const int sel = hit ? __ffs(hit) - 1 : 0;
+    if (lane == sel) {
+      uint32_t cum = incl - sum, digit = 255 - 8 * lane - 7, new_rank = 1, count = 0;
+      bool found = false;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (!found && cum + local[j] >= rank) {
+          digit = 255 - 8 * lane - j;
+          new_rank = rank - cum;
+          count = local[j];
+          found = true;
+        }
+        cum += local[j];
+      }
+      sm.digit = digit;
+      sm.rank = new_rank;
+      sm.count = count;
+    }
+  }
+  __syncthreads();
+  st.prefix = prefix | (sm.digit << shift);
+  st.mask = mask | (0xffu << shift);
+  st.rank = sm.rank;
+  const uint32_t count = sm.count;
+  __syncthreads();  // everyone has read digit / rank / count before the next pass rewrites them
+  return count;
+}
 
 // The k-th largest (1 <= k <= L) of the L keys get(0..L-1), counting duplicates (so the
 // top k are exactly the keys >= the result: SPEC §1 ties kept). Four passes of an 8-bit
@@ -362,66 +437,10 @@ struct SelectSmem {
 template <typename Get>
 __device__ uint32_t block_select_kth_largest(const Get& get, int64_t L, uint32_t k,
                                              SelectSmem& sm) {
-  uint32_t prefix = 0, mask = 0, rank = k;  // rank among the keys matching prefix, from the top
-  const int lane = threadIdx.x & 31;
+  RadixState st{0, 0, k};
 #pragma unroll 1
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) sm.hist[i] = 0;
-    __syncthreads();
-    // Uniform trip count for the whole block, so every lane reaches __match_any_sync.
-    for (int64_t base = 0; base < L; base += blockDim.x) {
-      const int64_t i = base + threadIdx.x;
-      int bin = 256;  // 256: no bin (past the end, or not matching the prefix)
-      if (i < L) {
-        const uint32_t key = get(i);
-        if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
-      }
-      // Aggregate equal bins within the warp: many equal values (e.g. ReLU zeros) would
-      // otherwise serialise on one shared-memory atomic.
-      const unsigned peers = __match_any_sync(kFullMask, bin);
-      if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bin], __popc(peers));
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      // Lane l owns bins 255 - 8l - j, j = 0..7 (scanned from the top).
-      uint32_t local[8], sum = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        local[j] = sm.hist[255 - 8 * lane - j];
-        sum += local[j];
-      }
-      uint32_t incl = sum;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const uint32_t o = __shfl_up_sync(kFullMask, incl, d);
-        if (lane >= d) incl += o;
-      }
-      const unsigned hit = __ballot_sync(kFullMask, incl >= rank);
-      // hit == 0 cannot happen (the matching keys number at least rank); be defensive.
-      const int sel = hit ? __ffs(hit) - 1 : 0;
-      if (lane == sel) {
-        uint32_t cum = incl - sum, digit = 255 - 8 * lane - 7, new_rank = 1;
-        bool found = false;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (!found && cum + local[j] >= rank) {
-            digit = 255 - 8 * lane - j;
-            new_rank = rank - cum;
-            found = true;
-          }
-          cum += local[j];
-        }
-        sm.digit = digit;
-        sm.rank = new_rank;
-      }
-    }
-    __syncthreads();
-    prefix |= sm.digit << shift;
-    mask |= 0xffu << shift;
-    rank = sm.rank;
-    __syncthreads();  // everyone has read digit / rank before the next pass rewrites them
-  }
-  return prefix;
+  for (int shift = 24; shift >= 0; shift -= 8) block_radix_pass(get, L, shift, st, sm);
+  return st.prefix;
 }
 
 // ------------------------------------------------------------------------ AttentionDrop

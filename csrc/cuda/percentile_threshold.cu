@@ -4,10 +4,12 @@
 //
 // One block per row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in
 // a grid-stride loop over rows. The row's values are read once into shared memory as
-// order-preserving uint32 keys when they fit (<= kSmemKeys), else re-read from global
-// memory at every pass. block_select_kth_largest (common.cuh) then finds the exact k-th
-// largest key with four 8-bit radix passes (histogram in shared memory, ties counted, so
-// the top k are exactly the values >= the result). Block-stride loops cover rows of any
+// order-preserving uint32 keys when they fit (<= kSmemKeys); block_select_kth_largest
+// (common.cuh) then finds the exact k-th largest key with four 8-bit radix passes
+// (histogram in shared memory, ties counted, so the top k are exactly the values >= the
+// result). A longer row is read twice: the top digit's pass, then the keys in its bin
+// are packed into shared memory for the 3 lower passes (re-read from x only when more
+// than kSmemKeys keys share the top 8 bits). Block-stride loops cover rows of any
 // length. attention_stats skips the maps whose gamma is 0 (their outputs are 0) and adds
 // the NaN-propagating min / max and the float32 sum of the soft mask S (SPEC §4).
 // attentiondrop_stats (AttentionDrop's plan, issue 12) is the same kernel drawing gamma
@@ -81,10 +83,12 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
                                   const bool use_smem, float* __restrict__ thr,
                                   float* __restrict__ mn, float* __restrict__ mx,
                                   double* __restrict__ msum) {
-  extern __shared__ uint32_t keys[];  // H * W keys when use_smem
+  extern __shared__ uint32_t keys[];  // H * W keys when use_smem, else kSmemKeys
   __shared__ SelectSmem sel;
   __shared__ float scratch[32];
   __shared__ double dscratch[32];
+  __shared__ uint32_t packed;  // keys packed so far (longer maps)
+  const int lane = threadIdx.x & 31;
   const bool draw = gamma.u.p != nullptr;
   const bool stats = draw || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
@@ -106,17 +110,59 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     auto load = [&](int64_t i) { return to_float(base[(i / W) * s.h + (i % W) * s.w]); };
 
     float lo = INFINITY, hi = -INFINITY;
-    if (use_smem || stats) {
+    uint32_t tkey;
+    if (use_smem) {  // the map in shared memory: x read once, 4 passes on chip
       for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
         const float v = load(i);
-        if (use_smem) keys[i] = float_key(v);
+        keys[i] = float_key(v);
         lo = min_nan(lo, v);
         hi = max_nan(hi, v);
       }
+      __syncthreads();  // keys are visible to the whole block
+      tkey = block_select_kth_largest([&](int64_t i) { return keys[i]; }, L, k, sel);
+    } else {
+      // A longer map: the top digit from x (read 1); then the keys of x in that digit's
+      // bin are packed into shared memory (read 2, with min / max) when they fit, and the
+      // 3 lower digits are found there. Only when more than kSmemKeys keys share the top
+      // 8 bits (sign and 7 exponent bits) do those passes re-read x.
+      auto get_x = [&](int64_t i) { return float_key(load(i)); };
+      RadixState st{0, 0, k};
+      const uint32_t n = block_radix_pass(get_x, L, 24, st, sel);
+      const bool pack = n <= kSmemKeys;
+      if (threadIdx.x == 0) packed = 0;
+      __syncthreads();
+      if (pack || stats) {
+        // Uniform trip count for the whole block, so every lane reaches the ballot.
+        for (int64_t b = 0; b < L; b += blockDim.x) {
+          const int64_t i = b + threadIdx.x;
+          uint32_t key = 0;
+          bool hit = false;
+          if (i < L) {
+            const float v = load(i);
+            key = float_key(v);
+            hit = pack && (key & st.mask) == st.prefix;
+            lo = min_nan(lo, v);
+            hi = max_nan(hi, v);
+          }
+          const unsigned ballot = __ballot_sync(kFullMask, hit);
+          uint32_t at = 0;
+          if (lane == 0 && ballot != 0) at = atomicAdd(&packed, __popc(ballot));
+          at = __shfl_sync(kFullMask, at, 0) + __popc(ballot & ((1u << lane) - 1u));
+          if (hit) keys[at] = key;  // any order: only the counts matter
+        }
+        __syncthreads();
+      }
+#pragma unroll 1
+      for (int shift = 16; shift >= 0; shift -= 8) {
+        if (pack) {
+          block_radix_pass([&](int64_t i) { return keys[i]; }, n, shift, st, sel);
+        } else {
+          block_radix_pass(get_x, L, shift, st, sel);
+        }
+      }
+      tkey = st.prefix;
     }
-    __syncthreads();  // keys are visible to the whole block
-    auto get = [&](int64_t i) { return use_smem ? keys[i] : float_key(load(i)); };
-    const float t = key_float(block_select_kth_largest(get, L, k, sel));
+    const float t = key_float(tkey);
     if (!stats) {
       if (threadIdx.x == 0) thr[m] = t;
       continue;  // block_select_kth_largest ended with __syncthreads: keys may be reused
@@ -147,7 +193,7 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   if (maps == 0) return;
   const int64_t L = H * W;
   const bool use_smem = L <= kSmemKeys;
-  const size_t smem = use_smem ? static_cast<size_t>(L) * sizeof(uint32_t) : 0;
+  const size_t smem = static_cast<size_t>(use_smem ? L : kSmemKeys) * sizeof(uint32_t);
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
           x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, mx,
