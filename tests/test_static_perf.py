@@ -72,15 +72,11 @@ OVER_BUDGET = {
                                               "vectors; 15-20 SASS per element",
     ("triton", "_select_kernel"): "28-169 SASS per element (bf16, 56 x 56, the bisection "
                                   "passes counted once); 2-byte loads in channels_last",
-    ("triton", "_seed_bits_kernel"): "index arithmetic per unit: runtime divisions per unit, "
-                                     "320-830 SASS per unit (issue 13 item 2)",
     ("triton", "_channel_stats_kernel"): "2-byte (bf16) / 4-byte loads at 14 x 14 and 7 x 7 "
                                          "maps in NCHW (6-12 SASS per element; 16-byte "
                                          "elsewhere)",
     ("triton", "_cam_kernel"): "2-byte (bf16) / 4-byte loads and 21 SASS per element at "
                                "14 x 14 and 7 x 7 maps in NCHW (17-18 and 16-byte elsewhere)",
-    ("triton", "_seed_coverage_kernel"): "1-10 runtime divisions per unit, 369-546 SASS per "
-                                         "unit (issue 13 item 2)",
     ("cuda", "apply_channel"): f"{_CUDA_APPLY}: 277 (bf16) / 462 (fp32) SASS per element, "
                                "2.25 / 4.5 runtime divisions per element",
     ("cuda", "apply_block"): f"{_CUDA_APPLY}: 323 / 473 SASS per element, 6.5 / 9 divisions "
@@ -95,8 +91,6 @@ OVER_BUDGET = {
     ("cuda", "cam"): "a lane per position or channel: 2-byte (bf16) / 4-byte loads of x",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 355 / 710 SASS per element",
-    ("cuda", "seed_bits"): "10 (bf16 build) / 5 runtime divisions per unit: index "
-                           "arithmetic per unit (issue 13 item 2)",
 }
 
 
@@ -113,7 +107,6 @@ PENDING = {
                                               "16-byte, measured by the kernel's author",
     ("cuda", "channel_stats"): "no per-element division since the cuda13 change, 9.5 SASS "
                                "per element, but one element per access",
-    ("cuda", "seed_coverage"): "by row runs since the cuda13 change",
 }
 for key in PENDING:
     OVER_BUDGET.pop(key, None)

@@ -307,7 +307,9 @@ def seed_launch(out, noise, seed, g_t, g_val, r, cand_s, cand_c, shape, ticket):
     cs_arg, cc_arg = as_u8(cand_s), as_u8(cand_c)
     s_strides = (0, 0, 0) if cand_s is None else cs_arg.stride()
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
-    grid, tile = map_grid(n, cs, h, cdiv(w, 8))  # a row owns at most ceil(W / 8) bytes
+    # a row owns at most ceil(W / 8) bytes; with noise (a load per unit, besides the
+    # candidates'), half the bytes per program: no spills
+    grid, tile = map_grid(n, cs, h, cdiv(w, 8), TILE // (16 if noise is not None else 8))
     wraps = (w + 6) // w  # a byte's bits reach at most 7 units past its row's end
     launch(_seed_bits_kernel)[grid](
         out, noise_arg, seed, cs_arg, cc_arg, dummy if g_t is None else g_t, float(g_val),
@@ -325,12 +327,12 @@ def seed_launch(out, noise, seed, g_t, g_val, r, cand_s, cand_c, shape, ticket):
 MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2
 
 
-def map_grid(n, cs, h, cols):
+def map_grid(n, cs, h, cols, items):
     """Grid and tile of ``_map_tile`` over n samples x cs maps x h rows x ``cols`` byte
-    columns: about TILE / 8 items per program, each dimension of the tile a power of two
+    columns: about ``items`` per program, each dimension of the tile a power of two
     (columns first, then rows, then maps), rows per tile raised when h would exceed the
     grid's limit. Returns (grid, {"NCB", "BC", "BH", "BQ", "items"})."""
-    items = max(1, TILE // 8)
+    items = max(1, items)
     bq = min(pow2(cols), items)
     bh = max(min(pow2(h), max(1, items // bq)), pow2(cdiv(h, MAX_GRID_YZ)))
     bq = max(min(bq, max(1, items // bh)), pow2(cdiv(cols, MAX_GRID_YZ)))
@@ -469,7 +471,7 @@ def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
     scale (N,) float32 and ticket (zeroed by the seeds kernel): the plan's scales too."""
     n, bn = bits.shape
     wb = cdiv(w, 8)
-    grid, tile = map_grid(n, cs, h, wb)
+    grid, tile = map_grid(n, cs, h, wb, TILE // 8)
     p = grid[0] // max(n, 1) * grid[1] * grid[2]  # programs per sample
     part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
     if n == 0 or p == 0:
@@ -483,7 +485,7 @@ def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
         IDX64=needs_int64(bits) or 8 * bits.numel() >= INT32_MAX - 2 * TILE,  # bit offsets
         NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), SCALE_TILE // bp)),
         BP=bp,
-        num_warps=warps(tile["items"] * 8))
+        num_warps=warps(tile["items"] * 2))  # 4 bytes per thread: 1 division per 32 units
     return part
 
 
