@@ -287,6 +287,43 @@ def test_seed_bits_with_noise(B, shape, r):
         same(B.seed_bits(half, None, *args), R.seed_bits(half, None, *args))
 
 
+# Bytes whose bits run past their row into the next rows and maps: W not a multiple of 8,
+# W < 7 (several rows per byte), H = 1 (several maps per byte), W = 1, a row of 9 bytes.
+CARRY_SHAPES = [(2, 5, 2, 3), (1, 3, 1, 6), (3, 4, 3, 1), (2, 2, 3, 70), (1, 9, 4, 13)]
+
+
+@pytest.mark.parametrize("shape", CARRY_SHAPES, ids=str)
+def test_seed_bits_bytes_across_rows_and_maps(B, shape, monkeypatch):
+    """The seed kernels step a byte's units from its first one (no division per unit),
+    carrying into the next rows and maps: exact against the reference, with candidates and
+    strided noise, Philox bits only at valid centres; for Triton also on tiles of 8 bytes
+    (so that maps, rows and byte columns each span several programs) and on the int64
+    index path."""
+    import sys
+
+    n, c, h, w = shape
+    bm = sys.modules.get(f"{B.__name__}.block_mask")
+    passes = [False]
+    if bm is not None and hasattr(bm, "map_grid"):  # Triton: small tiles, then int64 too
+        monkeypatch.setattr(bm, "TILE", 64)
+        passes.append(True)
+    cand_s = rand((n, h, w), 1) < 0.8
+    cand_c = rand((n, c), 2) < 0.8
+    noise = rand((n, c, h, w + 2), 3)[..., 1:w + 1]
+    for wide in passes:
+        if wide:
+            monkeypatch.setattr(bm, "needs_int64", lambda *ts: True)
+        for r in (1, 2, 3):
+            for cands in [(None, None), (cand_s, cand_c)]:
+                args = (0.6, r, *cands, (n, c, h, w), x_device())
+                bits = B.seed_bits(noise, None, *args)
+                same(bits, R.seed_bits(noise, None, *args))
+                same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
+            philox = R.unpack_seeds(B.seed_bits(None, None, 1.0, r, None, None, (n, c, h, w),
+                                                x_device()), c, h, w)
+            assert torch.equal(philox, R.valid_centres(h, w, r, DEV).expand(n, c, h, w))
+
+
 def test_seed_bits_philox(B):
     """noise=None: reproducible under torch.manual_seed and generator=, rate g, only at
     valid centres and candidates, zero padding bits."""

@@ -437,6 +437,24 @@ def test_emulated_seed_bits_noise_dtypes(E):
         same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 2, 3), (3, 4, 3, 1), (2, 3, 7, 70), (1, 9, 4, 13)],
+                         ids=str)
+def test_emulated_seed_bits_runs_across_rows_and_maps(E, shape):
+    """seed_bits steps each thread's run of bytes unit by unit from its first unit (no
+    division per unit), carrying into the next rows and maps: runs that start mid-row, bytes
+    spanning several rows (W < 8) and maps (H * W < 8), with candidates and strided noise."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.rand(n, c, h, w + 2, generator=gen)[..., 1:w + 1]
+    cand_s = torch.rand(n, h, w, generator=gen) < 0.8
+    cand_c = torch.rand(n, c, generator=gen) < 0.8
+    g32 = torch.tensor(0.6, dtype=torch.float32)
+    for r in (1, 2):
+        for cs, cc in [(None, None), (cand_s, cand_c)]:
+            got = E.seed_bits(torch.empty(0), noise, cs, cc, list(shape), g32, r, None)
+            same(got, R.seed_bits(noise, None, 0.6, r, cs, cc, shape, "cpu"), f"{r} {cs is None}")
+
+
 @pytest.mark.parametrize("r", [1, 2, 3, 4])
 def test_emulated_seeds_at_map_edges(E, r):
     """Seeds at every valid centre, at the first one only and at the last one only, in maps

@@ -87,10 +87,6 @@ OVER_BUDGET = {
                                   "2-byte loads in channels_last at 56 x 56 (a map is "
                                   "strided by C). The bisection's 28-169 counted one of "
                                   "its up to 32 passes",
-    ("triton", "_seed_bits_kernel"): "index arithmetic per unit: 26 runtime divisions and 831 "
-                                     "SASS per byte of seeds (issue 13 item 2)",
-    ("triton", "_seed_coverage_kernel"): "10 runtime divisions, 369-546 SASS per byte of "
-                                         "seeds (issue 13 item 2)",
     ("triton", "_channel_stats_kernel"): "2-byte (bf16) / 4-byte loads at 14 x 14 and 7 x 7 "
                                          "maps in NCHW (5-12 SASS per element; 16-byte "
                                          "elsewhere)",
@@ -112,12 +108,14 @@ OVER_BUDGET = {
     ("cuda", "cam"): "a lane per position or channel: 2-byte (bf16) / 4-byte loads of x",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 358 / 717 SASS per element",
-    ("cuda", "seed_bits"): "10 (bf16 build) / 5 runtime divisions per unit: index "
-                           "arithmetic per unit (issue 13 item 2)",
 }
 # Kernels changed after their figures above (expected failures that may pass, not strict)
 # until this check is rerun on them and each is moved to OVER_BUDGET or the passing set.
-PENDING: dict[tuple[str, str], str] = {}
+PENDING = {
+    ("cuda", "seed_bits"): "a run of 8 output bytes per thread since 2026-12-01: no division "
+                           "in the steady loop, no spills, measured on block_mask.cu compiled "
+                           "alone for sm_90, not yet on the built extension",
+}
 
 
 def _expect(request, backend, kernel):

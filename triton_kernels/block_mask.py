@@ -3,12 +3,15 @@
 - ``apply_block(t, mask, k, scale)``: ``t * mask[n, h//k, w//k] * scale[n]``, the small
   mask read inside the streaming tile (CorrDrop, FocusedDropout with k = 1).
 - ``seed_bits``: packed seeds (N, ceil(Cs*H*W/8)) uint8, one bit string per sample (1/16
-  of a 16-bit x), one program per 8 * BB units (BB bytes). Uniforms are the given
+  of a 16-bit x), a program per tile of maps x rows x bytes (``map_grid``): each byte is
+  its first bit's row's, the units of its other bits carried into the next rows without
+  division (index arithmetic once per program and row, none per unit). Uniforms are the given
   ``noise`` or Philox in the kernel: ``tl.rand4x``
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.
-- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample;
+- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample, on
+  the same tiles (maps x rows x bytes of a row);
   ``seeds_scale`` (the DropBlock / CamDrop plans): the same kernel also writes the scale
   of ``layers._seeds_plan`` in its last program (an atomic ticket that the seeds kernel
   zeroes), so that coverage and scale are one launch.
@@ -155,18 +158,43 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
 
 
 @triton.jit
+def _map_tile(NCB, BC: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr, IDX64: tl.constexpr):
+    """The tile of program (n * NCB + cb, hb, qb) of a grid over (sample n, block cb of
+    BC maps, block hb of BH rows, block qb of BQ byte columns): n, and (cs, h, k) of each of
+    its BC * BH * BQ items (maps and rows past the end included: the caller masks them).
+    The one runtime division is per program; the tile's are by powers of two (shifts)."""
+    pid = tl.program_id(0)
+    n = pid // NCB
+    cb = pid - n * NCB
+    t = tl.arange(0, BC * BH * BQ)
+    cs = cb * BC + t // (BH * BQ)
+    h = tl.program_id(1) * BH + (t // BQ) % BH
+    k = tl.program_id(2) * BQ + t % BQ
+    if IDX64:
+        return n.to(tl.int64), cs.to(tl.int64), h.to(tl.int64), k.to(tl.int64)
+    return n, cs, h, k
+
+
+@triton.jit
 def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, g_val, ticket_ptr,
-                      NBYTES, Bn, Cs, H, W, h_lo, h_hi, w_lo, w_hi,
+                      NCB, Bn, Cs, H, W, h_lo, h_hi, w_lo, w_hi,
                       u_sN, u_sC, u_sH, u_sW, s_sN, s_sH, s_sW, c_sN, c_sC,
                       HAS_NOISE: tl.constexpr, HAS_CS: tl.constexpr, HAS_CC: tl.constexpr,
                       G_PTR: tl.constexpr, TICKET: tl.constexpr,
-                      BB: tl.constexpr, IDX64: tl.constexpr):
-    b = tl.program_id(0) * BB + tl.arange(0, BB)  # logical byte index into (N, Bn)
-    bv = b < NBYTES
-    if IDX64:
-        b = b.to(tl.int64)
-    n = b // Bn
-    q = b % Bn  # bits 8q .. 8q + 7 of sample n: units i = (cs * H + h) * W + w
+                      BC: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr,
+                      WRAPS: tl.constexpr, MAP_WRAPS: tl.constexpr, IDX64: tl.constexpr):
+    """Tile (maps cs) x (rows h) x (bytes k of the row): row (cs, h) of sample n owns the
+    output bytes whose first bit is one of its units, its k-th such byte being
+    q = ceil(p / 8) + k, p = (cs * H + h) * W its first unit. Bit j of byte q is unit
+    8q + j: column w + j of the row, w = 8q - p, carried into the next rows (and maps)
+    when past W by at most WRAPS (MAP_WRAPS) conditional subtractions: index arithmetic
+    once per row, none per unit."""
+    n, cs, h, k = _map_tile(NCB, BC, BH, BQ, IDX64)
+    p = (cs * H + h) * W
+    q = ((p + 7) >> 3) + k
+    w = q * 8 - p  # < W + 7 * BQ; the byte is this row's when w < W
+    bv = (cs < Cs) & (h < H) & (w < W)
+    b = n * Bn + q  # logical byte index into (N, Bn)
     half = tl.arange(0, 2)
     # g: float32, a runtime value, never a specialisation (SPEC §8): loaded from a 0-dim
     # tensor (G_PTR) or the scalar argument g_val (already a float32 value, see seed_launch)
@@ -175,25 +203,36 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, g_val
     else:
         g = tl.cast(g_val, tl.float32)
     if TICKET:  # the coverage kernel's ticket (seeds_scale), zeroed before it runs
-        if tl.program_id(0) == 0:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
             tl.store(ticket_ptr, 0)
     if not HAS_NOISE:
+        # counter 2q' + half, q' the byte in the whole batch: four uniforms per call, bit
+        # half * 4 + lane takes the lane-th (backend_contract.md)
         seed = tl.load(seed_ptr)
         u0, u1, u2, u3 = tl.rand4x(seed, b[:, None] * 2 + half[None, :])
-    byte = tl.zeros([BB], tl.int32)
+    byte = tl.zeros(b.shape, tl.int32)
     for lane in tl.static_range(4):
-        i = q[:, None] * 8 + half[None, :] * 4 + lane  # (BB, 2): bits lane and lane + 4
-        w = i % W
-        h = (i // W) % H
-        cs = i // (W * H)
-        okw = bv[:, None] & (cs < Cs) & (h >= h_lo) & (h <= h_hi) & (w >= w_lo) & (w <= w_hi)
+        j = half * 4 + lane  # (2,): bits lane and lane + 4
+        uw = w[:, None] + j[None, :]  # < W + 7 for the row's bytes
+        uh = h[:, None] + j[None, :] * 0
+        uc = cs[:, None] + j[None, :] * 0
+        for _ in tl.static_range(WRAPS):  # the bits past the row's end: the next rows'
+            wrap = uw >= W
+            uw = tl.where(wrap, uw - W, uw)
+            uh = uh + wrap.to(uh.dtype)
+        for _ in tl.static_range(MAP_WRAPS):  # past the map's last row: the next map's
+            wrap = uh >= H
+            uh = tl.where(wrap, uh - H, uh)
+            uc = uc + wrap.to(uc.dtype)
+        okw = (bv[:, None] & (uc < Cs) & (uh >= h_lo) & (uh <= h_hi) & (uw >= w_lo)
+               & (uw <= w_hi))
         if HAS_CC:
-            okw = okw & (tl.load(cc_ptr + n[:, None] * c_sN + cs * c_sC, mask=okw, other=0) != 0)
+            okw = okw & (tl.load(cc_ptr + n * c_sN + uc * c_sC, mask=okw, other=0) != 0)
         if HAS_CS:
-            okw = okw & (tl.load(cs_ptr + n[:, None] * s_sN + h * s_sH + w * s_sW,
+            okw = okw & (tl.load(cs_ptr + n * s_sN + uh * s_sH + uw * s_sW,
                                  mask=okw, other=0) != 0)
         if HAS_NOISE:
-            u = tl.load(noise_ptr + n[:, None] * u_sN + cs * u_sC + h * u_sH + w * u_sW,
+            u = tl.load(noise_ptr + n * u_sN + uc * u_sC + uh * u_sH + uw * u_sW,
                         mask=okw, other=1.0).to(tl.float32)  # u rounded to f32 (SPEC §1)
         elif lane == 0:
             u = u0
@@ -204,7 +243,7 @@ def _seed_bits_kernel(out_ptr, noise_ptr, seed_ptr, cs_ptr, cc_ptr, g_ptr, g_val
         else:
             u = u3
         bit = (okw & (u < g)).to(tl.int32)
-        byte = byte | tl.sum(bit << (half[None, :] * 4 + lane), axis=1)
+        byte = byte | tl.sum(bit << j[None, :], axis=1)
     tl.store(out_ptr + b, byte.to(tl.uint8), mask=bv)
 
 
@@ -268,16 +307,39 @@ def seed_launch(out, noise, seed, g_t, g_val, r, cand_s, cand_c, shape, ticket):
     cs_arg, cc_arg = as_u8(cand_s), as_u8(cand_c)
     s_strides = (0, 0, 0) if cand_s is None else cs_arg.stride()
     c_strides = (0, 0) if cand_c is None else cc_arg.stride()
-    bb = max(1, min(TILE // 8, pow2(out.numel())))
-    launch(_seed_bits_kernel)[(cdiv(out.numel(), bb),)](
+    # a row owns at most ceil(W / 8) bytes; with noise (a load per unit, besides the
+    # candidates'), half the bytes per program: no spills
+    grid, tile = map_grid(n, cs, h, cdiv(w, 8), TILE // (16 if noise is not None else 8))
+    wraps = (w + 6) // w  # a byte's bits reach at most 7 units past its row's end
+    launch(_seed_bits_kernel)[grid](
         out, noise_arg, seed, cs_arg, cc_arg, dummy if g_t is None else g_t, float(g_val),
-        dummy if ticket is None else ticket, out.numel(), bn, cs, h, w,
+        dummy if ticket is None else ticket, tile["NCB"], bn, cs, h, w,
         r // 2, h - r + r // 2, r // 2, w - r + r // 2,
         *u_strides, *s_strides, *c_strides,
         HAS_NOISE=noise is not None, HAS_CS=cand_s is not None, HAS_CC=cand_c is not None,
         G_PTR=g_t is not None, TICKET=ticket is not None,
-        BB=bb, IDX64=needs_int64(noise) or 8 * out.numel() >= INT32_MAX - 2 * TILE,
-        num_warps=warps(bb * 2))
+        BC=tile["BC"], BH=tile["BH"], BQ=tile["BQ"], WRAPS=wraps,
+        MAP_WRAPS=(h - 1 + wraps) // h,
+        IDX64=needs_int64(noise) or 8 * out.numel() >= INT32_MAX - 2 * TILE,
+        num_warps=warps(tile["items"] * 2))
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2
+
+
+def map_grid(n, cs, h, cols, items):
+    """Grid and tile of ``_map_tile`` over n samples x cs maps x h rows x ``cols`` byte
+    columns: about ``items`` per program, each dimension of the tile a power of two
+    (columns first, then rows, then maps), rows per tile raised when h would exceed the
+    grid's limit. Returns (grid, {"NCB", "BC", "BH", "BQ", "items"})."""
+    items = max(1, items)
+    bq = min(pow2(cols), items)
+    bh = max(min(pow2(h), max(1, items // bq)), pow2(cdiv(h, MAX_GRID_YZ)))
+    bq = max(min(bq, max(1, items // bh)), pow2(cdiv(cols, MAX_GRID_YZ)))
+    bc = max(1, min(pow2(cs), items // (bq * bh)))
+    ncb = cdiv(cs, bc)
+    return ((n * ncb, cdiv(h, bh), cdiv(cols, bq)),
+            {"NCB": ncb, "BC": bc, "BH": bh, "BQ": bq, "items": bc * bh * bq})
 
 
 @triton.jit
@@ -331,28 +393,24 @@ def _dropped_byte(bits_ptr, sample, plane, h, q, H, W, Bn, R: tl.constexpr, LO: 
 
 
 @triton.jit
-def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, PER, H, W, Wb, Bn, P,
+def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, NCB, Cs, H, W, Wb, Bn, P,
                           N, units, mult,
-                          R: tl.constexpr, LO: tl.constexpr, BB: tl.constexpr,
+                          R: tl.constexpr, LO: tl.constexpr, BC: tl.constexpr,
+                          BH: tl.constexpr, BQ: tl.constexpr,
                           IDX64: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr,
                           BP: tl.constexpr):
-    """Grid (N, P): part[n, p] = units covered in byte block p of sample n. NORM >= 0 (the
+    """Grid ``map_grid`` over (sample n, maps cs, rows h, bytes q of a row: w = 8q + j):
+    part[n, p] = units covered in the tile, p = its program in sample n. NORM >= 0 (the
     plan, ``seeds_scale``): the last program to finish also writes scale (N,)."""
-    n = tl.program_id(0)
-    b = tl.program_id(1) * BB + tl.arange(0, BB)  # (cs, h, q) inside sample n: w = 8q + j
-    bv = b < PER
-    if IDX64:
-        n = n.to(tl.int64)
-        b = b.to(tl.int64)
-    q = b % Wb
-    row = b // Wb
-    h = row % H
-    cs = row // H
+    n, cs, h, q = _map_tile(NCB, BC, BH, BQ, IDX64)
+    iv = (cs < Cs) & (h < H) & (q < Wb)
     dropped = _dropped_byte(bits_ptr, n * Bn, cs * H * W, h, q, H, W, Bn, R, LO)
     j = tl.arange(0, 8)
     hit = ((dropped[:, None] >> j[None, :]) & 1) != 0
-    hit = hit & bv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
-    tl.store(part_ptr + n * P + tl.program_id(1), tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
+    hit = hit & iv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
+    pid = ((tl.program_id(0) - n * NCB) * tl.num_programs(1)
+           + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(part_ptr + n * P + pid, tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
     if NORM >= 0:
         # The scale of "batch" needs every sample's count: rather than a second launch,
         # the last program to finish (an atomic ticket) reads all the parts and writes the
@@ -363,7 +421,7 @@ def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, PER, H, W, Wb,
         # before every thread's loads (the classic threadfence-reduction pattern).
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        if ticket == tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) - 1:
             tl.debug_barrier()
             _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM, BN, BP)
 
@@ -413,22 +471,21 @@ def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
     scale (N,) float32 and ticket (zeroed by the seeds kernel): the plan's scales too."""
     n, bn = bits.shape
     wb = cdiv(w, 8)
-    per = cs * h * wb
-    bb = max(1, min(TILE // 8, pow2(per)))
-    p = cdiv(per, bb)
+    grid, tile = map_grid(n, cs, h, wb, TILE // 8)
+    p = grid[0] // max(n, 1) * grid[1] * grid[2]  # programs per sample
     part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
     if n == 0 or p == 0:
         return part
     plan = scale is not None
     bp = max(1, min(pow2(p), SCALE_TILE // 16))
-    launch(_seed_coverage_kernel)[(n, p)](
-        bits, part, ticket if plan else part, scale if plan else part, per, h, w, wb, bn, p,
-        n, int(units), int(mult),
-        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
-        IDX64=8 * bits.numel() >= INT32_MAX - 2 * TILE,
+    launch(_seed_coverage_kernel)[grid](
+        bits, part, ticket if plan else part, scale if plan else part, tile["NCB"], cs, h, w,
+        wb, bn, p, n, int(units), int(mult),
+        R=int(r), LO=int(r) - 1 - int(r) // 2, BC=tile["BC"], BH=tile["BH"], BQ=tile["BQ"],
+        IDX64=needs_int64(bits) or 8 * bits.numel() >= INT32_MAX - 2 * TILE,  # bit offsets
         NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), SCALE_TILE // bp)),
         BP=bp,
-        num_warps=warps(bb * 8))
+        num_warps=warps(tile["items"] * 2))  # 4 bytes per thread: 1 division per 32 units
     return part
 
 

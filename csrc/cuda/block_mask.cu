@@ -4,7 +4,8 @@
 //
 // Seeds are packed as one bit string per sample: bit i of sample n is the unit (cs, h, w) with
 // i = (cs * H + h) * W + w, no padding per row or map (1/16 of a 16-bit x, any W).
-// seed_bits: one thread per output byte (n, q) = bits i = 8q .. 8q + 7. A unit is a
+// seed_bits: one thread per run of kSeedRun output bytes (n, q) = bits i = 8q .. 8q + 7,
+//   (cs, h, w) divided out once per run and stepped per unit. A unit is a
 //   seed when u < g, it is a valid centre, and it is a spatial / channel candidate. g is a
 //   float32 read from device memory (a runtime rate: no recompile, no host read); u is
 //   noise[n, cs, h, w] rounded to float32 whatever noise's dtype (SPEC §1: u and g both in
@@ -54,11 +55,11 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-__device__ __forceinline__ bool valid_centre(int64_t i, int64_t n, int64_t r) {
-  return i >= r / 2 && i <= n - r + r / 2;
-}
+// Output bytes per thread of seed_bits: the unit's (n, cs, h, w) is divided out once per
+// run of kSeedRun bytes, then stepped unit by unit (a carry into h and cs, no division).
+constexpr int64_t kSeedRun = 8;
 
-// noise == nullptr: Philox. Outputs one byte per thread.
+// noise == nullptr: Philox. Outputs kSeedRun consecutive bytes of a sample per thread.
 template <typename noise_t>
 __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Strides4 ns,
                                  const bool* __restrict__ cand_s, const bool* __restrict__ cand_c,
@@ -80,40 +81,55 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
   }
   const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const uint64_t ctr_lo = offset / 4;
-  const int64_t per_sample = Cs * H * W, total = N * Bn;
+  const int64_t per_sample = Cs * H * W, runs = (Bn + kSeedRun - 1) / kSeedRun;
+  const int64_t total = N * runs;
+  // valid centres: h_lo <= h <= h_hi, same in w
+  const int64_t h_lo = r / 2, h_hi = H - r + r / 2, w_lo = r / 2, w_hi = W - r + r / 2;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = idx / Bn, q = idx % Bn;
-    uint32_t byte = 0;
-    uint64_t group = ~uint64_t(0);  // Philox block of the cached draw
+    const int64_t n = idx / runs, q0 = (idx - n * runs) * kSeedRun;
+    const int64_t q1 = min(q0 + kSeedRun, Bn);
+    // unit i = 8 * q0 = (cs * H + h) * W + w of sample n: the run's only divisions
+    int64_t i = 8 * q0, w = i % W, h = (i / W) % H, cs = i / (W * H);
+    uint64_t group = ~uint64_t(0);  // Philox block of the cached draw: 4 consecutive units
     uint4 draw = make_uint4(0, 0, 0, 0);
-    for (int j = 0; j < 8; ++j) {
-      const int64_t i = 8 * q + j;
-      if (i >= per_sample) break;
-      const int64_t w = i % W, h = (i / W) % H, cs = i / (H * W);
-      if (!valid_centre(h, H, r) || !valid_centre(w, W, r)) continue;
-      if (cand_c != nullptr && !cand_c[n * Cs + cs]) continue;
-      if (cand_s != nullptr && !cand_s[(n * H + h) * W + w]) continue;
-      bool seeded;
-      if (noise != nullptr) {
-        seeded = static_cast<float>(noise[off4(ns, n, cs, h, w)]) < g;
-      } else {
-        const uint64_t e = static_cast<uint64_t>(n * per_sample + i);  // logical element
-        if (e / 4 != group) {
-          group = e / 4;
-          const uint4 ctr = make_uint4(static_cast<uint32_t>(ctr_lo),
-                                       static_cast<uint32_t>(ctr_lo >> 32),
-                                       static_cast<uint32_t>(group),
-                                       static_cast<uint32_t>(group >> 32));
-          draw = philox4x32_10(ctr, key);
+    for (int64_t q = q0; q < q1; ++q) {
+      uint32_t byte = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        bool seeded = i < per_sample && h >= h_lo && h <= h_hi && w >= w_lo && w <= w_hi &&
+                      (cand_c == nullptr || cand_c[n * Cs + cs]) &&
+                      (cand_s == nullptr || cand_s[(n * H + h) * W + w]);
+        if (seeded) {
+          if (noise != nullptr) {
+            seeded = static_cast<float>(noise[off4(ns, n, cs, h, w)]) < g;
+          } else {
+            const uint64_t e = static_cast<uint64_t>(n * per_sample + i);  // logical element
+            if (e / 4 != group) {
+              group = e / 4;
+              const uint4 ctr = make_uint4(static_cast<uint32_t>(ctr_lo),
+                                           static_cast<uint32_t>(ctr_lo >> 32),
+                                           static_cast<uint32_t>(group),
+                                           static_cast<uint32_t>(group >> 32));
+              draw = philox4x32_10(ctr, key);
+            }
+            const float u = static_cast<float>(word(draw, static_cast<int>(e % 4)) >> 8) *
+                            (1.0f / 16777216.0f);
+            seeded = u < g;
+          }
         }
-        const float u = static_cast<float>(word(draw, static_cast<int>(e % 4)) >> 8) *
-                        (1.0f / 16777216.0f);
-        seeded = u < g;
+        if (seeded) byte |= 1u << j;
+        ++i;  // the next unit: w, then h, then cs carried
+        if (++w == W) {
+          w = 0;
+          if (++h == H) {
+            h = 0;
+            ++cs;
+          }
+        }
       }
-      if (seeded) byte |= 1u << j;
+      bits[n * Bn + q] = static_cast<uint8_t>(byte);
     }
-    bits[idx] = static_cast<uint8_t>(byte);
   }
 }
 
@@ -213,7 +229,7 @@ void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
   const int64_t n_ws = zero_ws.defined() ? zero_ws.numel() : 0;
   const bool* cs_ptr = cand_s.defined() ? cand_s.data_ptr<bool>() : nullptr;
   const bool* cc_ptr = cand_c.defined() ? cand_c.data_ptr<bool>() : nullptr;
-  const unsigned grid = grid_for(total, kThreads);
+  const unsigned grid = grid_for(N * ceil_div(Bn, kSeedRun), kThreads);
   if (!noise.defined()) {
     seed_bits_kernel<float><<<grid, kThreads, 0, current_stream()>>>(
         nullptr, Strides4{0, 0, 0, 0}, cs_ptr, cc_ptr, N, Cs, H, W, Bn, r, g_ptr, g_value, philox,
