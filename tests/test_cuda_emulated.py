@@ -282,6 +282,7 @@ def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
         same(E.kth_largest(big.t().contiguous().t(), k), R.kth_largest(big, k), f"strided k={k}")
 
 
+@pytest.mark.slow
 def test_emulated_kth_largest_every_digit_long_rows(E):
     """Rows over the shared-memory buffer (10240 keys), read twice: the top digit's keys
     packed into shared memory, or, for the rows whose keys all share the top 8 bits

@@ -111,11 +111,7 @@ OVER_BUDGET = {
 }
 # Kernels changed after their figures above (expected failures that may pass, not strict)
 # until this check is rerun on them and each is moved to OVER_BUDGET or the passing set.
-PENDING = {
-    ("cuda", "seed_bits"): "a run of 8 output bytes per thread since 2026-12-01: no division "
-                           "in the steady loop, no spills, measured on block_mask.cu compiled "
-                           "alone for sm_90, not yet on the built extension",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _expect(request, backend, kernel):

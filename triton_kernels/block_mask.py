@@ -170,8 +170,8 @@ def _map_tile(NCB, BC: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr, IDX64: 
     cs = cb * BC + t // (BH * BQ)
     h = tl.program_id(1) * BH + (t // BQ) % BH
     k = tl.program_id(2) * BQ + t % BQ
-    if IDX64:
-        return n.to(tl.int64), cs.to(tl.int64), h.to(tl.int64), k.to(tl.int64)
+    if IDX64:  # one return: the compiler wants one type per returned value
+        n, cs, h, k = n.to(tl.int64), cs.to(tl.int64), h.to(tl.int64), k.to(tl.int64)
     return n, cs, h, k
 
 
