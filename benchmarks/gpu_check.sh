@@ -13,8 +13,9 @@
 #                 CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace  (200 s)
 #   3. tests      the GPU tests only, 8 pytest-xdist workers: the files that run CUDA
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
-#                 test_plans_cuda*, test_launches) and the gpu-marked tests of
-#                 test_training, `-m "not slow"`; not the interpreter suite         (150 s)
+#                 test_plans_cuda, test_launches) and the gpu-marked tests of
+#                 test_training, `-m "not slow and not emulated"`; not the
+#                 interpreter suite                                                 (150 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
 #                 through the CUDA backend (test_layer_matches_reference)           (90 s)
 #   5. bench      python -m guidedrop bench --mode full --graph --backends all at the
@@ -93,10 +94,11 @@ fi
 
 # The GPU tests: the files that run CUDA tensors when a GPU is visible, and the tests of
 # test_training marked gpu (-k matches marker names too); not the interpreter suite.
+# (Not the `emulated` tests: they run the CUDA sources on the CPU.)
 GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
-  tests/test_plans_cuda_corrdrop.py tests/test_plans_cuda_attention_dropblock.py
   tests/test_launches.py tests/test_training.py)
-GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 8 -m "not slow" -k "not test_training or gpu")
+GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 8 -m "not slow and not emulated"
+  -k "not test_training or gpu")
 # memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
 SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
   -k "test_layer_matches_reference and cuda")

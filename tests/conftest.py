@@ -21,6 +21,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
+def _emulator_only_where_marked(request, monkeypatch):
+    """A test that loads the CUDA emulator (tests/cuda_emu) must be marked `emulated`: the
+    default run leaves those out, and an unmarked one would put the emulator's build back
+    into it. tests/cuda_emu/build.py refuses to build or load under this variable."""
+    if request.node.get_closest_marker("emulated") is None:
+        monkeypatch.setenv("GUIDEDROP_EMULATOR", "unmarked")
+
+
+@pytest.fixture(autouse=True)
 def seed():
     """Every test starts from torch.manual_seed(0) (CPU and CUDA generators)."""
     torch.manual_seed(0)

@@ -30,14 +30,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from testing import HAS_CUDA, tol
+from testing import CUDA, HAS_CUDA, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
 from guidedrop import reference as R
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-KERNEL_BACKENDS = ["triton", "cuda"]
+KERNEL_BACKENDS = ["triton", CUDA]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
 SETTINGS = settings(max_examples=5, deadline=None, derandomize=True, database=None,

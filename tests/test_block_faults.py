@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from test_training import _module_for
-from testing import HAS_CUDA
+from testing import CUDA, HAS_CUDA
 from torch import nn
 
 import guidedrop
@@ -31,7 +31,7 @@ from guidedrop import layers as L
 from guidedrop import reference as R
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-BACKENDS = ["reference", "triton", "cuda"]
+BACKENDS = ["reference", "triton", CUDA]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
 
@@ -355,6 +355,9 @@ def test_second_order_every_layer(B):
         torch.testing.assert_close(dgy, w * v, rtol=1e-6, atol=1e-6, msg=layer)
 
 
+# float32 on purpose on the kernel backends (they have no float64): gradcheck's advice
+# to use double precision does not apply.
+@pytest.mark.filterwarnings("ignore:Input #\\d+ requires gradient and is not a double")
 def test_gradgradcheck_every_layer(B):
     """torch.autograd.gradgradcheck of x -> x * w with the layer's w held constant (its
     plan, and AttentionDrop's source of S, fixed): double backward never raises and is
@@ -399,8 +402,9 @@ def _module(layer):
 
 
 # The kernel backends' ramps are slow: tests/test_training.py ramps the default backend.
-RAMP_BACKENDS = [b if b == "reference" else pytest.param(b, marks=pytest.mark.slow)
-                 for b in BACKENDS]
+RAMP_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.slow),
+                 pytest.param("cuda", marks=[pytest.mark.slow, *CUDA.marks] if not HAS_CUDA
+                              else pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("forced", RAMP_BACKENDS, indirect=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import test_cuda_ops as T
 import torch
-from testing import DTYPES, LAYOUTS, assert_close_dtype, make_x, radix_rows
+from testing import DTYPES, LAYOUTS, assert_close_dtype, emulated, make_x, radix_rows
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -51,8 +51,8 @@ def _load_build_module():
 
 emu = _load_build_module()
 
-pytestmark = pytest.mark.skipif(bool(emu.unavailable()),
-                                reason=f"CUDA emulator: {emu.unavailable()}")
+pytestmark = [emulated, pytest.mark.skipif(bool(emu.unavailable()),
+                                           reason=f"CUDA emulator: {emu.unavailable()}")]
 
 
 @pytest.fixture(scope="module")

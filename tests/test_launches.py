@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_training import SHAPE, _ops  # every layer, rates giving non-trivial masks
+from testing import CUDA
 
 from guidedrop import dispatch
 from guidedrop.launches import count_layer
@@ -51,7 +52,7 @@ MEETS_BUDGET = {
 # Why a layer with a plan kernel still misses the budget (the strict xfail's reason).
 OVER_BUDGET: dict[tuple[str, str], str] = {}
 
-@pytest.fixture(params=["triton", "cuda"])
+@pytest.fixture(params=["triton", CUDA])
 def backend(request, monkeypatch):
     name = request.param
     if name == "cuda" and DEV == "cpu":  # the CUDA sources on the CPU emulator

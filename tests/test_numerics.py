@@ -16,13 +16,14 @@ import time
 import pytest
 import test_cuda_emulated as EMU
 import torch
+from testing import emulated
 
 from guidedrop import dispatch
 from guidedrop import layers as L
 from guidedrop import primitives as P
 from guidedrop import reference as R
 
-BACKENDS = ["reference", "triton", "cuda_emu"]
+BACKENDS = ["reference", "triton", pytest.param("cuda_emu", marks=emulated)]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

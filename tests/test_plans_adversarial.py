@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_backends import DEV
 from test_plans_camdrop import kernel_backend
-from testing import assert_same_plan, make_x
+from testing import CUDA, assert_same_plan, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
 
-KERNEL_BACKENDS = ["triton", "cuda"]
+KERNEL_BACKENDS = ["triton", CUDA]
 LAYERS = ["dropblock", "camdrop", "corrdrop", "selectscale", "spatialscale", "selectout",
           "attentiondrop", "focused_dropout"]
 

@@ -20,12 +20,13 @@ from itertools import product
 
 import pytest
 import torch
-from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same_plan
+from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same_plan, emulated
 
 from guidedrop import layers as L
 from guidedrop import reference as R
 
 DEV = "cuda" if HAS_CUDA else "cpu"
+pytestmark = [] if HAS_CUDA else [emulated]  # without a GPU: the CUDA sources emulated
 NOISE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYERS = ["selectscale", "selectout", "focused_dropout"]
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 1, 4), (1, 37, 2, 3)]

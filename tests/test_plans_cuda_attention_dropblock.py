@@ -16,13 +16,13 @@ import math
 import pytest
 import test_cuda_emulated as CE
 import torch
-from testing import assert_same_plan, make_x
+from testing import assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
 
-pytestmark = pytest.mark.skipif(bool(CE.emu.unavailable()),
-                                reason=f"CUDA emulator: {CE.emu.unavailable()}")
+pytestmark = [emulated, pytest.mark.skipif(bool(CE.emu.unavailable()),
+                                           reason=f"CUDA emulator: {CE.emu.unavailable()}")]
 
 NORMALIZE = ["batch", "sample", "none"]
 

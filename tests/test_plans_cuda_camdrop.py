@@ -25,13 +25,13 @@ import test_cuda_emulated as CE
 import torch
 from test_backends import with_ties
 from test_plans_dropblock import DTYPES, LAYOUTS, NORMALIZE, on_threshold
-from testing import assert_same_plan, make_x
+from testing import assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
 
-pytestmark = pytest.mark.skipif(bool(CE.emu.unavailable()),
-                                reason=f"CUDA emulator: {CE.emu.unavailable()}")
+pytestmark = [emulated, pytest.mark.skipif(bool(CE.emu.unavailable()),
+                                           reason=f"CUDA emulator: {CE.emu.unavailable()}")]
 
 K = 5  # classes
 

@@ -16,12 +16,12 @@ import pytest
 import test_cuda_emulated as CE
 import torch
 from test_plans_corrdrop import _noise, check
-from testing import assert_same_plan, make_x
+from testing import assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 
-pytestmark = pytest.mark.skipif(bool(CE.emu.unavailable()),
-                                reason=f"CUDA emulator: {CE.emu.unavailable()}")
+pytestmark = [emulated, pytest.mark.skipif(bool(CE.emu.unavailable()),
+                                           reason=f"CUDA emulator: {CE.emu.unavailable()}")]
 
 NORMALIZE = ["batch", "sample", "none"]
 

@@ -15,12 +15,12 @@ import struct
 import pytest
 import torch
 from test_backends import DEV, load_backend
-from testing import assert_same_plan, make_x
+from testing import CUDA, assert_same_plan, make_x
 
 from guidedrop import layers
 from guidedrop import reference as R
 
-KERNEL_BACKENDS = ["triton", "cuda"]
+KERNEL_BACKENDS = ["triton", CUDA]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
 NORMALIZE = ["batch", "sample", "none"]

@@ -479,6 +479,8 @@ def test_autocast_fp16_gradscaler_cuda():
 # --------------------------------------------------------------------------- channels_last
 
 
+# (torch.backends.mkldnn.flags, used below, warns that oneDNN's TF32 needs an Intel GPU)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_end_to_end(device):
     model = small_model(participation=1.0).to(device, memory_format=torch.channels_last)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,6 +35,13 @@ def _imports(module: str) -> bool:
 
 HAS_TRITON = _imports("triton")
 HAS_EXT = _imports("guidedrop._C")  # the CUDA extension is built (it imports without a GPU)
+
+# Marks a test that runs the CUDA sources on the CPU SIMT emulator (tests/cuda_emu, built
+# with the host compiler on first use). The default run leaves them out, as it does the
+# slow checks: `pytest -m emulated` runs them (a stage of .ci/run of its own).
+emulated = pytest.mark.emulated
+# The CUDA backend as a test parameter: the real ops with a GPU, else the emulated ones.
+CUDA = "cuda" if HAS_CUDA else pytest.param("cuda", marks=emulated)
 
 
 def devices() -> list[str]:

@@ -322,6 +322,10 @@ def build(verbose: bool = False) -> str:
     """
     from torch.utils.cpp_extension import load
 
+    if os.environ.get("GUIDEDROP_EMULATOR") == "unmarked":
+        raise RuntimeError("this test loads the CUDA emulator but is not marked `emulated` "
+                           "(tests/testing.py: CUDA, emulated); the default run leaves "
+                           "the emulator out")
     reason = unavailable()
     if reason:
         raise RuntimeError(f"cannot build the CUDA emulator: {reason}")
