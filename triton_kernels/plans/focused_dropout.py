@@ -91,11 +91,11 @@ def _focused_plan_kernel(x_ptr, mean_ptr, u_ptr, applied_ptr, mask_ptr, scale_pt
         p = p0 + tl.arange(0, BLOCK)
         if IDX64:
             p = p.to(tl.int64)
-        xv = tl.load(x_ptr + base + pos_offset(p, W, sH, sW, HW_FLAT), mask=(p < L) & on,
+        xv = tl.load(x_ptr + base + pos_offset(p, W, sH, sW, HW_FLAT), mask=p < l_end,
                      other=0.0)
         if PER_POSITION:
             u = tl.load(u_ptr + n * s_uN + (p // W) * s_uH + (p % W) * s_uW,
-                        mask=(p < L) & on, other=0.0)
+                        mask=p < l_end, other=0.0)
             gamma = low + spread * u.to(tl.float32)
         keep = ((xv.to(tl.float32) > gamma * v).to(tl.uint8) | (v <= 0.0).to(tl.uint8)
                 | (on == 0).to(tl.uint8))
