@@ -60,10 +60,6 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget.
 OVER_BUDGET = {
-    ("triton", "_apply_channel_flat_kernel"): "float32: the multiplier w[n, c] gathered per "
-                                              "element (1 single-element access per element; "
-                                              "x in 16-byte vectors, 8.2-9.1 SASS per "
-                                              "element); bfloat16 within budget (9.8-10.4)",
     ("triton", "_apply_block_flat_kernel"): "17.9-23.0 SASS per element (bf16) > 15; float32 "
                                             "21.7-26.4 but 0.5 single-element accesses per "
                                             "element (a mask byte gathered per element)",
