@@ -60,11 +60,12 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget.
 OVER_BUDGET = {
-    ("triton", "_apply_block_flat_kernel"): "bf16 13.8-22.4 SASS per element > 15: k = 1 "
-                                            "13.8-21.1 and k = 3 17.6-22.4 (a mask byte "
-                                            "gathered per element), k = 7 15.2-15.5 (three "
-                                            "mask bytes per group of 8); float32 within "
-                                            "budget (17.5-29.3)",
+    ("triton", "_apply_block_flat_kernel"): "bf16, k < 7 (a mask byte gathered per "
+                                            "element): k = 1 16.9-21.1 SASS per element at "
+                                            "28 x 28, 14 x 14, 7 x 7 (13.8 and 15.0 at "
+                                            "56 x 56, 32 x 32), k = 3 17.6-22.4 > 15; "
+                                            "k = 7 (three mask bytes per group of 8) "
+                                            "14.6-14.9 and float32 (17.5-29.3) within budget",
     ("triton", "_apply_attention_flat_kernel"): "141-157 SASS per element ('ad': the exactly "
                                                 "rounded division per element)",
     ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "

@@ -122,7 +122,10 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
         f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
         f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
         f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
-        wt = tl.where(wrap, f2[:, None], tl.where(j >= b[:, None], f1[:, None], f0[:, None]))
+        # 1 <= b <= K and nxt >= 1: the selects are known for elements 0 and K .. V - 1
+        # (constants the compiler folds: fewer compares)
+        col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
+        wt = tl.where(wrap & (j > 0), f2[:, None], tl.where(col1, f1[:, None], f0[:, None]))
     else:
         w = (w0[:, None] + j).to(tl.uint32)  # unsigned: fewer instructions
         if KW:
