@@ -294,8 +294,8 @@ def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
 def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
                BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
                EVEN: tl.constexpr):
-    """flat_tile as (BLOCK // V, V) groups of V consecutive elements (V * itemsize = 16
-    bytes: one vector per group), the index work per group, not per element.
+    """flat_tile as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
+    bytes: one or more vectors per group), the index work per group, not per element.
 
     Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
     each group's first element (BLOCK // V,) its sample n, channel c and position pos.

@@ -84,35 +84,61 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     so that a group spans at most one row end. Per group: its row (h, w0 by the magic
     multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
     scale of that row and of the next one (the next map's, and sample's, first row after
-    the last); per element: its column w // K (a multiply-shift, exact for w, h < 2 *
+    the last); elements j >= W - w0 are the next row's.
+
+    K >= V - 1: the group's part in its row spans at most two mask columns, c0 = w0 // K and
+    c0 + 1 (from element K - w0 % K on), its part in the next row column 0 only: three mask
+    bytes per group, each times its row's scale, and per element two selects, no gather.
+    Smaller K: per element, its column w // K (a multiply-shift, exact for w, h < 2 *
     max(H, W) and max(H, W) * K < 2**19) and which of the two rows. KW (W % K == 0): a
-    wrapped element's column is (w - W) // K = w // K - W // K, folded into the next
-    row's offset."""
+    wrapped element's column is (w - W) // K = w // K - W // K, folded into the next row's
+    offset."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
     h = tl.umulhi(pos * 4, MAGW)
     w0 = pos - h * W
     last = h == H - 1
-    n1 = n + (last & (c == C - 1)).to(n.dtype)
+    step = last & (c == C - 1)  # the next row is the next sample's
+    n1 = n + step.to(n.dtype)
     h1 = tl.where(last, 0, h + 1)
     MK: tl.constexpr = (2**20 + K - 1) // K  # x // K = (x * MK) >> 20 for x * K < 2**20
+    if K >= V - 1:
+        # clamped, not masked (fewer instructions): groups past the end of the last tile
+        # and the sample after the last (n1 = N) read sample N - 1's values, never used
+        n = tl.minimum(n, N - 1)
+        n1 = tl.minimum(n1, N - 1)
     row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
     row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
-    s0 = tl.load(s_ptr + n)
-    s1 = tl.load(s_ptr + n1, mask=n1 < N, other=0.0)  # n1 = N: past the end, never used
-    w = w0[:, None] + tl.arange(0, V)[None, :]
-    wrap = w >= W
-    w = w.to(tl.uint32)  # unsigned shifts and zero-extended offsets: fewer instructions
-    if KW:
-        col = (w * MK) >> 20
-        row = tl.where(wrap, (row1 - (W // K) * m_sW)[:, None], row0[:, None])
+    s0 = tl.load(s_ptr + n, mask=n < N, other=0.0)
+    # s[n + 1] at the next address (no second address), only where the row is the next
+    # sample's: past the last sample nothing is read
+    s1 = tl.where(step, tl.load(s_ptr + n + 1, mask=step & (n + 1 < N), other=0.0), s0)
+    j = tl.arange(0, V)[None, :]
+    nxt = W - w0  # the first element of the next row
+    wrap = j >= nxt[:, None]
+    if K >= V - 1:
+        c0 = ((w0.to(tl.uint32) * MK) >> 20).to(w0.dtype)
+        b = (c0 + 1) * K - w0  # the first element of column c0 + 1
+        c1 = tl.minimum(c0 + 1, (W - 1) // K)  # past the row's last column: unused
+        f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
+        f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
+        f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
+        # 1 <= b <= K and nxt >= 1: the selects are known for elements 0 and K .. V - 1
+        # (constants the compiler folds: fewer compares)
+        col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
+        wt = tl.where(wrap & (j > 0), f2[:, None], tl.where(col1, f1[:, None], f0[:, None]))
     else:
-        col = ((w - tl.where(wrap, W, 0)) * MK) >> 20
-        row = tl.where(wrap, row1[:, None], row0[:, None])
-    off = row + col * m_sW
-    if not IDX64:
-        off = off.to(tl.uint32)
-    mv = tl.load(m_ptr + off, mask=m, other=0)
-    wt = mv.to(tl.float32) * tl.where(wrap, s1[:, None], s0[:, None])
+        w = (w0[:, None] + j).to(tl.uint32)  # unsigned: fewer instructions
+        if KW:
+            col = (w * MK) >> 20
+            row = tl.where(wrap, (row1 - (W // K) * m_sW)[:, None], row0[:, None])
+        else:
+            col = ((w - tl.where(wrap, W, 0)) * MK) >> 20
+            row = tl.where(wrap, row1[:, None], row0[:, None])
+        off = row + col * m_sW
+        if not IDX64:
+            off = off.to(tl.uint32)
+        mv = tl.load(m_ptr + off, mask=m, other=0)
+        wt = mv.to(tl.float32) * tl.where(wrap, s1[:, None], s0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -136,7 +162,9 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    v = 16 // t.element_size()  # a group: one 16-byte vector (two: more instructions)
+    # groups of 8 elements (16 bytes of bf16, 32 of float32): the two scale loads per group
+    # stay within one 4-byte access per 16 bytes of x in float32 (issue 13)
+    v = 8
     # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
     flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
             else None)
