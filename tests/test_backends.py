@@ -469,7 +469,7 @@ def test_apply_attention(B, x, mode):
                     R.apply_attention(t, x, thr, mn, mx, active, mode, scale), t)
 
 
-# Contiguous NCHW applies take a flat tile (triton_kernels._common.flat_tile) of 16384
+# Contiguous NCHW applies take a flat tile (triton_kernels._common.group_tile) of 16384
 # elements under the interpreter: shapes of several tiles, with tiles that start inside a map
 # (the magic-multiplier split of positions and channels), maps longer than a tile (its
 # compare split, and many tiles per map), and more channels than a tile's maps (the

@@ -6,11 +6,12 @@ streaming (apply) kernels walk a 2-D tile (outer rows x inner run): rows (n, c, 
 tensors whose output is NCHW, rows (n, h, w) x c for channels_last ones, so that loads and
 stores stay coalesced and the integer divisions happen once per row, not per element.
 
-Contiguous NCHW tensors take a flat tile instead (``flat_launch`` / ``flat_tile``): rows of
+Contiguous NCHW tensors take a flat tile instead (``flat_launch`` / ``group_tile``): rows of
 W = 56, 28, 14 or 7 do not start on 16 bytes, so a row tile loads 2 bytes at a time and
 spends ~60 instructions per element (issue 13). A flat tile of BLOCK consecutive elements
 starts aligned and vectorises at every W; its map index is divided once per tile and,
-per element, by a host-computed magic multiplier (``split``), never by a runtime divisor.
+per group of elements, by a host-computed magic multiplier (``split``), never by a
+runtime divisor.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def rows_aligned(t: torch.Tensor) -> bool:
 
 
 def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
-    """(grid, meta) of a flat apply tile (``flat_tile``) from t to out, or None unless t,
+    """(grid, meta) of a flat apply tile (``group_tile``) from t to out, or None unless t,
     out and the tensors of ``more`` (read at the same positions) are all contiguous NCHW.
 
     channels_last tensors keep the row tile: rows (n, h, w) x c vectorise along C already,
@@ -263,39 +264,14 @@ def split(p, D, MAGIC, BIG: tl.constexpr):
 
 
 @triton.jit
-def flat_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
-              BLOCK: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr):
-    """This program's flat tile of a contiguous (N, C, H, W) tensor, launched by flat_launch.
-
-    Returns (e, m, n, c, pos, mp): e (BLOCK,) the flat indices (int64 when IDX64), m the
-    valid ones, and of each element its sample n, channel c, position pos = h * W + w and
-    map mp = n * C + c. Divisions by runtime values happen once per tile; per element,
-    ``split`` of local (tile-relative) int32 values by magic multipliers. Unused results
-    cost nothing (the compiler drops them). EVEN (TOTAL % BLOCK == 0): m is a constant
-    true, so that loads and stores are unmasked.
-    """
-    start = tl.program_id(0) * BLOCK
-    if IDX64:
-        start = start.to(tl.int64)
-    j = tl.arange(0, BLOCK)
-    e = start + j
-    mp0 = start // HW  # the map of the tile's first element, and its sample
-    n0 = mp0 // C
-    dmp, pos = split((start - mp0 * HW).to(tl.int32) + j, HW, MAG1, BIG1)
-    dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
-    if EVEN:
-        m = tl.full(e.shape, True, tl.int1)
-    else:
-        m = e < TOTAL
-    return e, m, n0 + dn, c, pos, mp0 + dmp
-
-
-@triton.jit
 def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
                BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
                EVEN: tl.constexpr):
-    """flat_tile as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
+    """This program's flat tile of a contiguous (N, C, H, W) tensor (launched by
+    flat_launch) as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
     bytes: one or more vectors per group), the index work per group, not per element.
+    Divisions by runtime values happen once per tile; per group, ``split`` of local
+    (tile-relative) int32 values by magic multipliers.
 
     Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
     each group's first element (BLOCK // V,) its sample n, channel c and position pos.
