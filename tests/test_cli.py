@@ -240,6 +240,12 @@ BAD = [
     (["bench", "--shapes", "100000000000x1x1x1"], "needs about"),
     (["bench", "--shapes", "tiny,4096x4096x4096x4096"], "needs about"),
     (["bench", "--nosuch"], "unrecognized arguments: --nosuch"),
+    (["bench", "--budget", "-1"], "--budget: -1 is out of range"),
+    (["bench", "--budget", "nan"], "--budget: nan is out of range"),
+    (["bench", "--budget", "inf"], "--budget: inf is out of range"),
+    (["bench", "--budget", "soon"], "--budget: 'soon' is not a number"),
+    (["bench", "--csv", ""], "--csv is empty"),
+    (["bench", "--table", " "], "--table is empty"),
     (["show", "--layers", "nosuch"], "unknown layer 'nosuch'"),
     (["show", "--image", "nosuch.jpg"], "unknown image"),
     (["show", "--size", "0"], "--size: 0 is out of range"),
@@ -261,6 +267,10 @@ BAD = [
     (["demo", "--layers", ","], "--layers is empty"),
     (["demo", "--plot", "nodir/demo.png"], "does not exist"),
     (["demo", "--plot", "demo.jpg"], ".png"),
+    (["demo", "--md", ""], "--md is empty"),
+    # root writes anywhere but in /proc: a path that exists as a folder and cannot be written
+    (["demo", "--md", "/proc/demo.md"], "cannot write there"),
+    (["demo", "--plot", "/proc/demo.png"], "cannot write there"),
     (["demo", "--epochs"], "expected one argument"),
     ([], "the following arguments are required: command"),
 ]

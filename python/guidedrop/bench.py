@@ -1075,6 +1075,8 @@ def writable(path: str | None, option: str) -> None:
     """Raise UsageError unless ``path`` can be written (created and removed again)."""
     if path is None:
         return
+    if not path.strip():  # Path("") is ".", which would be reported as a directory
+        raise usage_error(f"{option} is empty, give a file name")
     p = Path(path)
     if p.is_dir():
         raise usage_error(f"{option} {path}: is a directory, give a file name")
@@ -1304,7 +1306,7 @@ def run(args) -> list[dict]:
 
 
 def add_parser(sub) -> None:
-    from .cli import int_in
+    from .cli import float_in, int_in
     b = sub.add_parser("bench", help="time every layer on every available backend",
                        description="Check every backend against the reference with the same "
                        "noise, then time it; compare with the bandwidth floor measured in "
@@ -1332,7 +1334,7 @@ def add_parser(sub) -> None:
     b.add_argument("--graph", action="store_true",
                    help="also time the full mode's forward + backward (noise=None) replayed in "
                         "a CUDA graph, captured after a warm-up (CUDA only)")
-    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    b.add_argument("--budget", type=float_in(0, 1e6), default=None, metavar="SECONDS",
                    help="stop checking and timing after this long: the cases left get rows "
                         "marked not measured (torch.compile, the slowest to set up, runs last)")
     b.add_argument("--dry-run", action="store_true",

@@ -44,6 +44,22 @@ def int_in(lo: int, hi: int):
     return parse
 
 
+def float_in(lo: float, hi: float):
+    """An argparse type: a finite real number in [lo, hi] (float() takes nan and inf)."""
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not lo <= v <= hi:  # false for nan too
+            raise argparse.ArgumentTypeError(f"{s} is out of range: give {lo:g} to {hi:g}")
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
 def seed_arg(parser, default: int = 0) -> None:
     parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=default,
                         help=f"random seed, 0 to {SEED_MAX} (default {default})")

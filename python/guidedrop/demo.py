@@ -159,10 +159,10 @@ def _writable(path: str | None, option: str, suffix: str | None = None) -> None:
     p = Path(path)
     if suffix and p.suffix.lower() != suffix:
         raise UsageError(f"{option} {path}: give a {suffix} file name")
-    if p.is_dir():
-        raise UsageError(f"{option} {path}: is a directory, give a file name")
-    if not p.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
+    # bench's check also opens the file: a folder we cannot write (/proc) must fail now,
+    # not after the training
+    from .bench import writable
+    writable(path, option)
 
 
 def summarise(runs: list[dict], layers: list[str]) -> list[dict]:
