@@ -267,6 +267,7 @@ BAD = [
     (["demo", "--layers", ","], "--layers is empty"),
     (["demo", "--plot", "nodir/demo.png"], "does not exist"),
     (["demo", "--plot", "demo.jpg"], ".png"),
+    (["bench", "--quick", "--plot", "bench.jpg"], "--plot bench.jpg: give a .png file name"),
     (["demo", "--md", ""], "--md is empty"),
     # root writes anywhere but in /proc: a path that exists as a folder and cannot be written
     (["demo", "--md", "/proc/demo.md"], "cannot write there"),
@@ -299,7 +300,7 @@ def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("option", ["--csv", "--plot", "--md"])
 def test_bench_unwritable_paths(option, tmp_path, capsys):
-    rc = cli.main([*QUICK, option, str(tmp_path / "missing" / "out.file")])
+    rc = cli.main([*QUICK, option, str(tmp_path / "missing" / "out.png")])
     _one_line_error(capsys, rc, "does not exist")
     rc = cli.main([*QUICK, option, str(tmp_path)])
     _one_line_error(capsys, rc, "is a directory")

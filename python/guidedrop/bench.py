@@ -1071,8 +1071,10 @@ def parse_device(s: str | None) -> torch.device:
     return parse_device(s)
 
 
-def writable(path: str | None, option: str) -> None:
-    """Raise UsageError unless ``path`` can be written (created and removed again)."""
+def writable(path: str | None, option: str, suffix: str | None = None) -> None:
+    """Raise UsageError unless ``path`` can be written (created and removed again), and,
+    with ``suffix`` (".png"), ends with it; before any work, so that a bad path fails now
+    rather than after a long run."""
     if path is None:
         return
     if not path.strip():  # Path("") is ".", which would be reported as a directory
@@ -1080,6 +1082,8 @@ def writable(path: str | None, option: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise usage_error(f"{option} {path}: is a directory, give a file name")
+    if suffix and p.suffix.lower() != suffix:
+        raise usage_error(f"{option} {path}: give a {suffix} file name")
     if not p.parent.is_dir():
         raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
     existed = p.exists()
@@ -1187,9 +1191,9 @@ def run(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     providers, how = choose_providers(args.backends, device,
                                       list(dict.fromkeys(d for _, d in cases)))
-    for path, opt in ((args.csv, "--csv"), (args.plot, "--plot"), (args.md, "--md"),
-                      (args.table, "--table")):
-        writable(path, opt)
+    for path, opt, suffix in ((args.csv, "--csv", None), (args.plot, "--plot", ".png"),
+                              (args.md, "--md", None), (args.table, "--table", None)):
+        writable(path, opt, suffix)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -153,18 +153,6 @@ def _parse_layers(s: str) -> list[str]:
     return names
 
 
-def _writable(path: str | None, option: str, suffix: str | None = None) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if suffix and p.suffix.lower() != suffix:
-        raise UsageError(f"{option} {path}: give a {suffix} file name")
-    # bench's check also opens the file: a folder we cannot write (/proc) must fail now,
-    # not after the training
-    from .bench import writable
-    writable(path, option)
-
-
 def summarise(runs: list[dict], layers: list[str]) -> list[dict]:
     """One row per layer: mean and std over seeds of each number, overhead % vs 'none'."""
     rows = []
@@ -256,8 +244,9 @@ def run(args) -> list[dict]:
     layers = _parse_layers(args.layers)
     device = parse_device(args.device)
     plot = args.plot if args.plot is not None else (None if args.quick else "demo.png")
-    _writable(plot, "--plot", ".png")
-    _writable(args.md, "--md")
+    from .bench import writable  # opens the file: a place we cannot write (/proc) fails
+    writable(plot, "--plot", ".png")  # now, not after the training
+    writable(args.md, "--md")
     try:
         import sklearn  # noqa: F401
         if plot:

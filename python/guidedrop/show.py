@@ -207,9 +207,7 @@ def render(photo: torch.Tensor, x: torch.Tensor, masks: dict[str, torch.Tensor],
 def run(args) -> dict[str, torch.Tensor]:
     from .bench import forced_backend, parse_layers, writable
     layers = parse_layers(args.layers)
-    if not str(args.out).lower().endswith(".png"):
-        raise _usage(f"--out {args.out}: give a .png file name")
-    writable(args.out, "--out")
+    writable(args.out, "--out", ".png")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
