@@ -132,7 +132,7 @@ def test_plan_op_opcheck(B):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("normalize", ["batch", "sample"])  # "none": their mask, scale 1
 def test_plan_matches_reference_large(B, normalize):
     """More samples than the plan block's 32 warps (more pooled positions than lanes:
     test_plan_matches_reference's N' = 42; small maps here keep the emulator quick)."""
