@@ -28,36 +28,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def int_in(lo: int, hi: int):
-    """An argparse type: an integer in [lo, hi]."""
+def _number_in(convert, noun: str, lo, hi):
+    """An argparse type: ``convert(s)`` (a ``noun``) in [lo, hi]."""
 
-    def parse(s: str) -> int:
+    def parse(s: str):
         try:
-            v = int(s)
+            v = convert(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{s} is out of range: give {lo} to {hi}")
+            raise argparse.ArgumentTypeError(f"{s!r} is not {noun}") from None
+        if not lo <= v <= hi:  # false for nan too
+            raise argparse.ArgumentTypeError(f"{s} is out of range: give {span}")
         return v
 
-    parse.__name__ = "integer"
+    span = f"{lo:g} to {hi:g}" if convert is float else f"{lo} to {hi}"
+    parse.__name__ = noun.split()[-1]  # argparse names the type in its messages
     return parse
+
+
+def int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+    return _number_in(int, "an integer", lo, hi)
 
 
 def float_in(lo: float, hi: float):
     """An argparse type: a finite real number in [lo, hi] (float() takes nan and inf)."""
-
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not lo <= v <= hi:  # false for nan too
-            raise argparse.ArgumentTypeError(f"{s} is out of range: give {lo:g} to {hi:g}")
-        return v
-
-    parse.__name__ = "number"
-    return parse
+    return _number_in(float, "a number", lo, hi)
 
 
 def seed_arg(parser, default: int = 0) -> None:
