@@ -246,6 +246,42 @@ def test_cam(B, x):
     close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 9, 5, 6), (1, 3, 19, 19), (1, 2, 8, 10)],
+                         ids=str)
+def test_statistics_unaligned_maps(B, shape, dtype, monkeypatch):
+    """Contiguous x whose maps do not start on 16 bytes (H * W * itemsize % 16 != 0; the
+    last shape's do), x itself aligned or a view at element offset 1: Triton reads each map
+    from its start rounded down to 16 bytes and on past its end, into the neighbouring
+    maps. ±Inf and NaN at the first and last positions of maps must stay in their own map
+    (channel_stats) and position (cam). For Triton also on tiles of 128 elements, so that
+    a map spans several loop iterations (channel_stats) and programs (cam)."""
+    import sys
+
+    n, c, h, w = shape
+    flat = torch.randn(n * c * h * w + 1, generator=gen(5)).to(dtype).to(DEV)
+    alpha = torch.randn(n, c, generator=gen(6)).to(DEV)
+    tiles = [None]
+    mods = [sys.modules.get(f"{B.__name__}.{m}") for m in ("channel_ranking", "class_activation")]
+    if all(m is not None and hasattr(m, "TILE") for m in mods):
+        tiles.append(128)
+    for tile in tiles:
+        if tile is not None:
+            for m in mods:
+                monkeypatch.setattr(m, "TILE", tile)
+        for x in (flat[:-1].view(shape).clone(), flat[1:].view(shape)):
+            # map 1 lies between a NaN (map 0's last) and a -Inf (map 2's first); the
+            # tensor's last element is +Inf
+            x[0, 0, 0, 0], x[0, 0, -1, -1] = float("inf"), float("nan")
+            x.view(n * c, h * w)[2 % (n * c), 0] = -float("inf")
+            x[-1, -1, -1, -1] = float("inf")
+            amax, mean = B.channel_stats(x)
+            ramax, rmean = R.channel_stats(x)
+            same(amax, ramax)
+            close(mean, rmean, scale=10)
+            close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_pooled_correlation(B, x, k):
     close(B.pooled_correlation(x, k), R.pooled_correlation(x, k), scale=10)

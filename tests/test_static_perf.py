@@ -86,11 +86,6 @@ OVER_BUDGET = {
                                   "2-byte loads in channels_last at 56 x 56 (a map is "
                                   "strided by C). The bisection's 28-169 counted one of "
                                   "its up to 32 passes",
-    ("triton", "_channel_stats_kernel"): "2-byte (bf16) / 4-byte loads at 14 x 14 and 7 x 7 "
-                                         "maps in NCHW (5-12 SASS per element; 16-byte "
-                                         "elsewhere)",
-    ("triton", "_cam_kernel"): "2-byte (bf16) / 4-byte loads and 24 SASS per element at "
-                               "14 x 14 and 7 x 7 maps in NCHW (19-20 and 16-byte elsewhere)",
     ("cuda", "apply_channel"): "6.6-26.0 (bf16) / 8.2-26.0 (fp32) SASS per element over the "
                                "kernel's layout variants (two-line chunks at W = 28, 14, 7 "
                                "and the strided path over budget); fp32: the multiplier "

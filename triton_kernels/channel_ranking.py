@@ -36,20 +36,32 @@ from ._common import (
 
 
 @triton.jit
-def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L,
+def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L, SPAN, TOTAL,
                           sN, sC, sH, sW,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_FLAT: tl.constexpr,
-                          IDX64: tl.constexpr, HAS_APPLIED: tl.constexpr):
+                          IDX64: tl.constexpr, HAS_APPLIED: tl.constexpr,
+                          FLAT: tl.constexpr, A: tl.constexpr):
+    """FLAT (contiguous NCHW x): map r is x[r * L : (r + 1) * L]. Its row of the tile starts
+    at r * L rounded down to A elements (16 bytes): where L * itemsize is not a multiple
+    of 16 (14 x 14, 7 x 7 maps) the maps' own starts are not aligned and their loads would
+    go one element at a time. The row reads SPAN = L + A - 1 positions (L when L % A ==
+    0) from there, and those outside its map are zeroed by value (a mask per element
+    would split the 16-byte loads)."""
     # FocusedDropout's participation (SPEC §5), a device flag: when it is False no position
     # of x is read (the loop is empty) and the statistics are those of a zero map.
-    end = L
+    end = SPAN
     if HAS_APPLIED:
-        end = tl.where(tl.load(applied_ptr) != 0, L, 0)
+        end = tl.where(tl.load(applied_ptr) != 0, SPAN, 0)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rv = rows < R
     if IDX64:
         rows = rows.to(tl.int64)
-    base = (rows // C) * sN + (rows % C) * sC
+    if FLAT:
+        first = rows * L
+        shift = first % A  # A is a power of 2: a mask, not a division
+        base = tl.multiple_of(first - shift, A)
+    else:
+        base = (rows // C) * sN + (rows % C) * sC
     acc_max = tl.zeros([ROWS, BLOCK], tl.float32)
     # float64 sums: mathematically equal means are exactly equal (FocusedDropout's argmax)
     acc_sum = tl.zeros([ROWS, BLOCK], tl.float64)
@@ -57,9 +69,17 @@ def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L,
         p = p0 + tl.arange(0, BLOCK)
         if IDX64:
             p = p.to(tl.int64)
-        off = base[:, None] + pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
-        m = rv[:, None] & (p < L)[None, :]
-        v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if FLAT:
+            off = base[:, None] + p[None, :]
+            # in bounds only: a constant over each aligned group of A when TOTAL is a
+            # multiple of 16 (Triton's specialisation), so the loads stay 16-byte vectors
+            v = tl.load(x_ptr + off, mask=off < TOTAL, other=0.0).to(tl.float32)
+            q = p[None, :] - shift[:, None]
+            v = tl.where((q >= 0) & (q < L), v, 0.0)
+        else:
+            off = base[:, None] + pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
+            m = rv[:, None] & (p < L)[None, :]
+            v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc_max = tl.maximum(acc_max, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
         acc_sum += v.to(tl.float64)
     # tl.max drops NaNs on a GPU: add 0, or NaN where a map has one (torch.amax propagates)
@@ -70,7 +90,8 @@ def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L,
 
 
 def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of a (maps x positions) tile: channels_last puts more maps per tile."""
+    """(ROWS, BLOCK) of a (maps x positions) tile: channels_last puts more maps per tile.
+    length: the positions a row reads (a contiguous map's SPAN)."""
     if walk_channels_last(x):
         r = min(pow2(x.shape[1]), 64, pow2(rows))
         return r, max(1, min(TILE // r, pow2(length)))
@@ -91,11 +112,17 @@ def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
     mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
     if amax.numel() == 0 or h * w == 0:  # empty maps: max |x| = 0, mean = NaN (torch.mean)
         return amax.fill_(0.0), mean.fill_(float("nan"))
-    rows, block = row_tile(x, h * w, n * c)
+    flat = x.is_contiguous()
+    # no data_ptr() here (FakeTensors under torch.compile): where x itself is not 16-byte
+    # aligned the loads are narrower, the result the same
+    a = 16 // x.element_size() if flat else 1
+    span = h * w if h * w % a == 0 else h * w + a - 1
+    rows, block = row_tile(x, span, n * c)
     launch(_channel_stats_kernel)[(cdiv(n * c, rows),)](
-        x, x if applied is None else applied, amax, mean, n * c, c, w, h * w, *x.stride(),
+        x, x if applied is None else applied, amax, mean, n * c, c, w, h * w, span,
+        x.numel(), *x.stride(),
         ROWS=rows, BLOCK=block, HW_FLAT=hw_flat(x), IDX64=needs_int64(x),
-        HAS_APPLIED=applied is not None, num_warps=warps(rows * block))
+        HAS_APPLIED=applied is not None, FLAT=flat, A=a, num_warps=warps(rows * block))
     return amax, mean
 
 

@@ -33,17 +33,36 @@ from ._common import (
 # positions' offsets are pointer additions, which Triton's overflow sanitizer (on in debug
 # mode) does not instrument: the per-element work is the same as without debug.
 @triton.jit(debug=True)
-def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
+def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, STEP, TOTAL, sN, sC, sH, sW, a_sN, a_sC,
                 w_ptr, t_ptr, ao_ptr, G, K, w_sK, w_sC, t_s,
                 BC: tl.constexpr, BP: tl.constexpr, HW_FLAT: tl.constexpr,
-                IDX64: tl.constexpr, FROM_W: tl.constexpr):
+                IDX64: tl.constexpr, FROM_W: tl.constexpr, FLAT: tl.constexpr,
+                A: tl.constexpr, SHIFT: tl.constexpr):
+    """Program (n, q): J[n, P0 : P0 + STEP], P0 = q * STEP (STEP = BP unless SHIFT).
+
+    FLAT (contiguous NCHW x): channel c's positions start at n * sN + c * L + P0, and its
+    row of the tile at that offset rounded down to A elements (16 bytes), s_c before it,
+    so that x loads in 16-byte vectors also where L * itemsize is not a multiple of 16
+    (14 x 14, 7 x 7 maps). Column t of channel c then holds position P0 + t - s_c; the
+    columns outside [s_c, s_c + STEP) or past the map accumulate other positions' (or
+    channels') terms, read but never summed into J: no mask per element. SHIFT (L % A !=
+    0): the shifts differ between channels, so the columns are realigned once, after the
+    channel loop: BC is a multiple of A, so s_c depends on c % A only and the rows are
+    first summed per class c % A (BP >= STEP + A - 1 columns hold every shift)."""
     n = tl.program_id(0)
-    p = tl.program_id(1) * BP + tl.arange(0, BP)
-    pv = p < L
+    P0 = tl.program_id(1) * STEP
+    t = tl.arange(0, BP)
     if IDX64:
         n = n.to(tl.int64)
-        p = p.to(tl.int64)
-    poff = pos_offset(p, W, sH, sW, HW_FLAT)
+        P0 = P0.to(tl.int64)
+    cnt = tl.minimum(L - P0, STEP)  # positions of this program
+    if FLAT:
+        rows0 = n * sN + tl.arange(0, BC) * L + P0  # chunk c0 adds c0 * L
+        shift = rows0 % A  # A is a power of 2: a mask, not a division
+        start0 = rows0 - shift
+    else:
+        p = P0 + t
+        poff = pos_offset(p, W, sH, sW, HW_FLAT)
     if FROM_W:  # CamDrop's plan: alpha = weight[target[n]] averaged per channel, here
         # target read by value whatever its integer dtype (uint8 is an index, not a
         # mask); SPEC §6 step 0 checked here, the first CamDrop kernel (no host sync, no
@@ -62,10 +81,29 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, sN, sC, sH, sW, a_sN, a_sC,
                 tl.store(ao_ptr + n * C + cc, al, mask=cv)
         else:
             al = tl.load(a_ptr + n * a_sN + cc * a_sC, mask=cv, other=0.0)
-        ptrs = x_n + (cc * sC)[:, None] + poff[None, :]
-        v = tl.load(ptrs, mask=cv[:, None] & pv[None, :], other=0.0).to(tl.float32)
+        if FLAT:
+            first = c0 * L
+            if IDX64:
+                first = c0.to(tl.int64) * L
+            start = tl.multiple_of(start0 + first, A)
+            # in bounds only: a constant over each aligned group of A when TOTAL is a
+            # multiple of 16 (Triton's specialisation), so the loads stay 16-byte vectors.
+            # Offsets as pointer additions: not instrumented by the overflow sanitizer.
+            m = cv[:, None] & (t[None, :] < (TOTAL - start)[:, None])
+            v = tl.load((x_ptr + start)[:, None] + t[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+        else:
+            ptrs = x_n + (cc * sC)[:, None] + poff[None, :]
+            v = tl.load(ptrs, mask=cv[:, None] & (p < L)[None, :], other=0.0).to(tl.float32)
         acc += al.to(tl.float64)[:, None] * v.to(tl.float64)
-    tl.store(j_ptr + n * L + p, tl.sum(acc, axis=0).to(tl.float32), mask=pv)
+    if SHIFT:  # column t + s_c of class c % A holds position P0 + t
+        part = tl.sum(tl.reshape(acc, (BC // A, A, BP)), axis=0)
+        cls = tl.max(tl.reshape(shift, (BC // A, A)), axis=0)  # every row of a class alike
+        idx = tl.minimum(t[None, :] + cls[:, None], BP - 1).to(tl.int32)
+        j = tl.sum(tl.gather(part, idx, axis=1), axis=0)
+    else:
+        j = tl.sum(acc, axis=0)
+    tl.store(j_ptr + n * L + P0 + t, j.to(tl.float32), mask=t < cnt)
 
 
 @triton.jit
@@ -99,12 +137,24 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     interpreter skips it) and reads row 0 or K - 1, never out of bounds."""
     n, c, h, w = x.shape
     length = h * w
+    flat = x.is_contiguous()
+    # 16 bytes of x; no data_ptr() here (FakeTensors under torch.compile): where x itself
+    # is not 16-byte aligned the loads are narrower, the result the same
+    a = 16 // x.element_size() if flat else 1
+    shift = length % a != 0
     if walk_channels_last(x):
         bc = min(pow2(c), 64)
         bp = max(1, min(TILE // bc, pow2(length)))
+    elif shift:  # columns for every shift of a row start; BC a multiple of A
+        bp = min(pow2(length + a - 1), TILE // a)
+        bc = max(a, min(TILE // bp, pow2(c)))
     else:
         bp = min(pow2(length), max(1, TILE // 4))
         bc = max(1, min(TILE // bp, pow2(c)))
+    step = min(length, bp - a + 1) if shift else bp
+    # contiguous x: 4 warps, 32 elements per thread, over which the per-chunk work (the
+    # alpha of each channel, from W in CamDrop's plan, and the rows' starts) is spread
+    nw = min(4, warps(bc * bp)) if flat else warps(bc * bp)
     from_w = weight is not None
     if from_w:
         # target read at its stride (sliced or expanded: no copy, no launch)
@@ -112,10 +162,10 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
                   weight.shape[0], *weight.stride(), target.stride(0))
     else:
         a_args = (alpha, *alpha.stride(), alpha, alpha, alpha, 1, 1, 0, 0, 0)
-    launch(_cam_kernel)[(n, cdiv(length, bp))](
-        x, a_args[0], out, c, w, length, *x.stride(), *a_args[1:],
+    launch(_cam_kernel)[(n, cdiv(length, step))](
+        x, a_args[0], out, c, w, length, step, x.numel(), *x.stride(), *a_args[1:],
         BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), FROM_W=from_w,
-        num_warps=warps(bc * bp))
+        FLAT=flat, A=a, SHIFT=shift, num_warps=nw)
 
 
 __all__ = ["cam"]
