@@ -331,6 +331,35 @@ def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
     same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
 
 
+def test_emulated_channel_stats_vector_and_scalar_paths(E):
+    """channel_stats' 16-byte vector paths (a contiguous map: scalar head, vectors, scalar
+    tail; channels_last with C % V == 0: V channels per lane) and its scalar paths
+    (misaligned or sliced x, C % V != 0) against the reference. The values are bfloat16
+    numbers, so every float64 sum is exact whatever its order and the means must be exactly
+    the reference's: an element missed or read twice shows."""
+    cases = [((2, 3, 9, 13), "contiguous"), ((1, 2, 17, 20), "contiguous"),
+             ((2, 3, 5, 7), "sliced"), ((2, 16, 5, 7), "channels_last"),
+             ((1, 264, 3, 3), "channels_last"), ((2, 24, 3, 5), "channels_last"),
+             ((2, 6, 4, 3), "channels_last")]
+    for dtype in DTYPES:
+        for shape, layout in cases:
+            x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
+            variants = {"": x}
+            if layout != "sliced":  # a copy one element off a 16-byte boundary
+                fmt = (torch.channels_last if layout == "channels_last"
+                       else torch.contiguous_format)
+                odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+                odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+                assert odd.data_ptr() % 16 != 0 and odd.is_contiguous(memory_format=fmt)
+                variants[" misaligned"] = odd
+            ramax, rmean = R.channel_stats(x)
+            for tag, xx in variants.items():
+                amax, mean = E.channel_stats(xx)
+                what = f"{shape} {dtype} {layout}{tag}"
+                same(amax, ramax, f"amax {what}")
+                same(mean, rmean, f"mean {what}")
+
+
 # --------------------------------------------------------------------------- correlation
 
 
