@@ -385,6 +385,29 @@ def test_emulated_pooled_correlation_constant_inputs(E):
         assert (z == 1 / z[0].numel()).all(), shape
 
 
+def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
+    """The pooling's 16-byte vector paths (dense aligned x: NCHW, a thread per window over
+    the aligned vectors that cover its rows; channels_last with C % V == 0, V channels per
+    thread) give F bit for bit as the scalar path (a copy one element off a 16-byte
+    boundary): the same window sums in the same order. And F matches the reference."""
+    cases = [((2, 8, 14, 14), 3, "contiguous"), ((1, 16, 7, 7), 7, "contiguous"),
+             ((2, 4, 10, 12), 5, "contiguous"), ((2, 16, 9, 11), 3, "channels_last"),
+             ((1, 24, 7, 7), 7, "channels_last")]
+    for dtype in DTYPES:
+        for shape, k, layout in cases:
+            x = make_x(shape, dtype, layout=layout)
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
+            assert odd.is_contiguous(memory_format=fmt)
+            f = E.pooled_correlation(x, k)
+            what = f"{shape} k={k} {dtype} {layout}"
+            same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
+            torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, what=what: f"{what}: {m}")
+
+
 def test_emulated_pooled_correlation_sizes(E):
     for shape, k, layout in [((1, 4, 12, 11), 1, "channels_last"), ((2, 40, 6, 7), 1, "sliced"),
                              ((2, 3, 4, 4), 5, "contiguous")]:
