@@ -360,6 +360,32 @@ def test_emulated_channel_stats_vector_and_scalar_paths(E):
                 same(mean, rmean, f"mean {what}")
 
 
+def test_emulated_cam_vector_and_scalar_paths(E):
+    """cam's 16-byte vector paths (dense aligned x: NCHW with H*W % V == 0, V positions per
+    thread; channels_last with C % V == 0, V channels per lane, alpha in shared memory,
+    several samples per block) and its scalar paths (a copy one element off a 16-byte
+    boundary; H*W or C not a multiple of V) against the reference. x and alpha are
+    bfloat16 numbers, so every product and float64 sum is exact whatever its order and J
+    must be exactly the reference's: a channel or position missed, read twice or paired
+    with the wrong alpha shows."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [((2, 5, 4, 6), "contiguous"), ((1, 3, 7, 7), "contiguous"),
+             ((2, 16, 3, 5), "channels_last"), ((3, 264, 3, 3), "channels_last"),
+             ((2, 6, 2, 3), "channels_last")]
+    for dtype in DTYPES:
+        for shape, layout in cases:
+            x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
+            alpha = torch.randn(shape[:2], generator=gen).to(torch.bfloat16).float()
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
+            assert odd.is_contiguous(memory_format=fmt)
+            want = R.cam(x, alpha)
+            for tag, xx in (("", x), (" misaligned", odd)):
+                same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
+
+
 # --------------------------------------------------------------------------- correlation
 
 

@@ -100,7 +100,6 @@ OVER_BUDGET = {
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
     ("cuda", "apply_attention"): "229-629 SASS per element (the exact division in soft_mask), "
                                  "2-12 single-element accesses per element",
-    ("cuda", "cam"): "a lane per position or channel: 2-byte (bf16) / 4-byte loads of x",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 358 / 717 SASS per element",
 }
