@@ -331,6 +331,61 @@ def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
     same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
 
 
+def test_emulated_channel_stats_vector_and_scalar_paths(E):
+    """channel_stats' 16-byte vector paths (a contiguous map: scalar head, vectors, scalar
+    tail; channels_last with C % V == 0: V channels per lane) and its scalar paths
+    (misaligned or sliced x, C % V != 0) against the reference. The values are bfloat16
+    numbers, so every float64 sum is exact whatever its order and the means must be exactly
+    the reference's: an element missed or read twice shows."""
+    cases = [((2, 3, 9, 13), "contiguous"), ((1, 2, 17, 20), "contiguous"),
+             ((2, 3, 5, 7), "sliced"), ((2, 16, 5, 7), "channels_last"),
+             ((1, 264, 3, 3), "channels_last"), ((2, 24, 3, 5), "channels_last"),
+             ((2, 6, 4, 3), "channels_last")]
+    for dtype in DTYPES:
+        for shape, layout in cases:
+            x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
+            variants = {"": x}
+            if layout != "sliced":  # a copy one element off a 16-byte boundary
+                fmt = (torch.channels_last if layout == "channels_last"
+                       else torch.contiguous_format)
+                odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+                odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+                assert odd.data_ptr() % 16 != 0 and odd.is_contiguous(memory_format=fmt)
+                variants[" misaligned"] = odd
+            ramax, rmean = R.channel_stats(x)
+            for tag, xx in variants.items():
+                amax, mean = E.channel_stats(xx)
+                what = f"{shape} {dtype} {layout}{tag}"
+                same(amax, ramax, f"amax {what}")
+                same(mean, rmean, f"mean {what}")
+
+
+def test_emulated_cam_vector_and_scalar_paths(E):
+    """cam's 16-byte vector paths (dense aligned x: NCHW with H*W % V == 0, V positions per
+    thread; channels_last with C % V == 0, V channels per lane, alpha in shared memory,
+    several samples per block) and its scalar paths (a copy one element off a 16-byte
+    boundary; H*W or C not a multiple of V) against the reference. x and alpha are
+    bfloat16 numbers, so every product and float64 sum is exact whatever its order and J
+    must be exactly the reference's: a channel or position missed, read twice or paired
+    with the wrong alpha shows."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [((2, 5, 4, 6), "contiguous"), ((1, 3, 7, 7), "contiguous"),
+             ((2, 16, 3, 5), "channels_last"), ((3, 264, 3, 3), "channels_last"),
+             ((2, 6, 2, 3), "channels_last")]
+    for dtype in DTYPES:
+        for shape, layout in cases:
+            x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
+            alpha = torch.randn(shape[:2], generator=gen).to(torch.bfloat16).float()
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
+            assert odd.is_contiguous(memory_format=fmt)
+            want = R.cam(x, alpha)
+            for tag, xx in (("", x), (" misaligned", odd)):
+                same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
+
+
 # --------------------------------------------------------------------------- correlation
 
 
@@ -354,6 +409,29 @@ def test_emulated_pooled_correlation_constant_inputs(E):
             torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5)
         z = E.pooled_correlation(torch.zeros(shape), k)
         assert (z == 1 / z[0].numel()).all(), shape
+
+
+def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
+    """The pooling's 16-byte vector paths (dense aligned x: NCHW, a thread per window over
+    the aligned vectors that cover its rows; channels_last with C % V == 0, V channels per
+    thread) give F bit for bit as the scalar path (a copy one element off a 16-byte
+    boundary): the same window sums in the same order. And F matches the reference."""
+    cases = [((2, 8, 14, 14), 3, "contiguous"), ((1, 16, 7, 7), 7, "contiguous"),
+             ((2, 4, 10, 12), 5, "contiguous"), ((2, 16, 9, 11), 3, "channels_last"),
+             ((1, 24, 7, 7), 7, "channels_last")]
+    for dtype in DTYPES:
+        for shape, k, layout in cases:
+            x = make_x(shape, dtype, layout=layout)
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
+            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
+            assert odd.is_contiguous(memory_format=fmt)
+            f = E.pooled_correlation(x, k)
+            what = f"{shape} k={k} {dtype} {layout}"
+            same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
+            torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_emulated_pooled_correlation_sizes(E):

@@ -95,11 +95,6 @@ OVER_BUDGET = {
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
     ("cuda", "apply_attention"): "229-629 SASS per element (the exact division in soft_mask), "
                                  "2-12 single-element accesses per element",
-    ("cuda", "channel_stats"): "one element per access: 2-byte (bf16) / 4-byte loads, no "
-                               "16-byte vectors (8.4-9.4 SASS per element, no division)",
-    ("cuda", "pooled_correlation"): "2-byte (bf16) / 4-byte loads of x, no 16-byte vectors; "
-                                    "65 (fp32) / 1368 (bf16) SASS per element",
-    ("cuda", "cam"): "a lane per position or channel: 2-byte (bf16) / 4-byte loads of x",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 358 / 717 SASS per element",
 }

@@ -3,11 +3,15 @@
 //
 // channel_stats has two kernels, both correct for any strides:
 // - map per warp (NCHW-like inputs: the map's units are close in memory): the 32 lanes of
-//   a warp stride over one (n, c) map, then a butterfly reduction;
-// - channel per lane (channels_last-like inputs, stride(C) < stride(W)): a block of 32 x 8
-//   threads takes 32 consecutive channels of one sample (coalesced across lanes), the 8
-//   rows of threads split the H*W positions, and shared memory combines them in a fixed
-//   order.
+//   a warp stride over one (n, c) map, then a butterfly reduction. A contiguous map is
+//   read as scalars up to its first 16-byte boundary, 16-byte vectors, and a scalar tail;
+// - channels per lane (channels_last-like inputs, stride(C) < stride(W)): a block of
+//   bx x (256 / bx) threads takes bx consecutive channel groups of one sample (coalesced
+//   across lanes), the rows of threads split the H*W positions, and shared memory combines
+//   them in a fixed order. A group is V = 16 / sizeof(T) channels read as one 16-byte
+//   vector per position when the channels are dense and every vector aligned, else one
+//   channel; bx is the groups' count rounded up to a power of 2, at most 32, so that few
+//   channels (C = 64 in bfloat16: 8 groups) do not leave most lanes idle.
 // Sums are float64, so that mathematically equal means (the same values in another order)
 // are exactly equal (FocusedDropout's argmax, SPEC §1); mean = float(sum / (H*W)).
 // Where a map's units are evenly spaced (stride(H) = W * stride(W): contiguous and
@@ -24,12 +28,26 @@ __device__ __forceinline__ bool read_x(const bool* applied) {
   return applied == nullptr || *applied;
 }
 
+// max |v| and the float64 sum, folded one element at a time.
+struct Stats {
+  float mx = 0.f;
+  double sum = 0.0;
+  __device__ __forceinline__ void add(float v) {
+    mx = max_nan(mx, fabsf(v));
+    sum += static_cast<double>(v);
+  }
+};
+
+template <typename scalar_t>
+using Vec16 = Vec<scalar_t, 16 / sizeof(scalar_t)>;  // one 16-byte load
+
 template <typename scalar_t>
 __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
                                           const int64_t W, const bool* __restrict__ applied,
                                           float* __restrict__ amax,
                                           float* __restrict__ mean) {
+  constexpr int V = 16 / sizeof(scalar_t);
   const int lane = threadIdx.x & 31;
   const int64_t warps = blockDim.x >> 5;
   const int64_t maps = N * C, HW = H * W;
@@ -38,20 +56,36 @@ __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const 
        m += static_cast<int64_t>(gridDim.x) * warps) {  // uniform within the warp
     const int64_t n = m / C, c = m % C;
     const scalar_t* base = x + n * s.n + c * s.c;
-    float mx = 0.f;
-    double sum = 0.0;
-    auto add = [&](float v) {
-      mx = max_nan(mx, fabsf(v));
-      sum += static_cast<double>(v);
-    };
-    if (s.h == W * s.w) {
-      for (int64_t i = lane; i < L; i += 32) add(to_float(base[i * s.w]));
-    } else {  // other strides: not unrolled, it is not the streaming path
+    Stats st;
+    if (s.w == 1 && s.h == W) {
+      // The map is one run: scalars up to the first 16-byte boundary (a map's start is
+      // only element-aligned, e.g. 7 x 7 maps), 16-byte vectors, then the last < V.
+      const int64_t head =
+          min(L, static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(base) % 16) % 16 /
+                                      sizeof(scalar_t)));
+      if (lane < head) st.add(to_float(base[lane]));
+      const Vec16<scalar_t>* body = reinterpret_cast<const Vec16<scalar_t>*>(base + head);
+      const int64_t nv = (L - head) / V;
+      // One vector per iteration (unroll 1), as in apply_kernel: the body is the steady
+      // state, unrolled copies and their remainder would only grow the code.
 #pragma unroll 1
-      for (int64_t i = lane; i < L; i += 32) add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
+      for (int64_t v = lane; v < nv; v += 32) {
+        const Vec16<scalar_t> in = body[v];
+#pragma unroll
+        for (int j = 0; j < V; ++j) st.add(to_float(in.v[j]));
+      }
+      const int64_t t = head + nv * V + lane;  // the tail: fewer than V < 32 elements
+      if (t < L) st.add(to_float(base[t]));
+    } else if (s.h == W * s.w) {  // not unrolled either: not the streaming path
+#pragma unroll 1
+      for (int64_t i = lane; i < L; i += 32) st.add(to_float(base[i * s.w]));
+    } else {  // other strides
+#pragma unroll 1
+      for (int64_t i = lane; i < L; i += 32)
+        st.add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
     }
-    mx = warp_reduce(mx, MaxOp());
-    sum = warp_reduce(sum, SumOp());
+    const float mx = warp_reduce(st.mx, MaxOp());
+    const double sum = warp_reduce(st.sum, SumOp());
     if (lane == 0) {
       amax[m] = mx;
       mean[m] = static_cast<float>(sum / static_cast<double>(HW));
@@ -59,51 +93,67 @@ __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const 
   }
 }
 
-constexpr int kLanesC = 32;  // channels per block (threadIdx.x)
-constexpr int kRowsHW = 8;   // position slices per block (threadIdx.y)
-
+// Channels per thread in channel_stats_lane_kernel: V = 16 / sizeof(scalar_t) (one 16-byte
+// load per position) when the channels are dense and every vector is aligned (`vec`), else 1.
 template <typename scalar_t>
 __global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
-                                          const int64_t W, const bool* __restrict__ applied,
+                                          const int64_t W, const bool vec,
+                                          const bool* __restrict__ applied,
                                           float* __restrict__ amax,
                                           float* __restrict__ mean) {
-  __shared__ float smax[kRowsHW][kLanesC];
-  __shared__ double ssum[kRowsHW][kLanesC];
-  const int64_t tiles = (C + kLanesC - 1) / kLanesC;
+  constexpr int V = 16 / sizeof(scalar_t);
+  __shared__ float smax[kThreads];
+  __shared__ double ssum[kThreads];
+  const int G = vec ? V : 1;
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int tid = ty * bx + tx;
+  const int64_t span = static_cast<int64_t>(bx) * G;  // channels per block
+  const int64_t tiles = (C + span - 1) / span;
   const int64_t HW = H * W;
   const int64_t L = read_x(applied) ? HW : 0;  // positions read: none when not applied
   for (int64_t b = blockIdx.x; b < N * tiles; b += gridDim.x) {  // uniform in the block
     const int64_t n = b / tiles;
-    const int64_t c = (b % tiles) * kLanesC + threadIdx.x;
-    float mx = 0.f;
-    double sum = 0.0;
-    if (c < C) {
+    const int64_t c = (b % tiles) * span + static_cast<int64_t>(tx) * G;  // first channel
+    Stats st[V];
+    if (c < C) {  // with vec, C % V == 0: the thread's V channels all exist
       const scalar_t* base = x + n * s.n + c * s.c;
-      auto add = [&](float v) {
-        mx = max_nan(mx, fabsf(v));
-        sum += static_cast<double>(v);
-      };
-      if (s.h == W * s.w) {
-        for (int64_t i = threadIdx.y; i < L; i += kRowsHW) add(to_float(base[i * s.w]));
-      } else {  // other strides: not unrolled, it is not the streaming path
+      if (vec) {
 #pragma unroll 1
-        for (int64_t i = threadIdx.y; i < L; i += kRowsHW)
-          add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
+        for (int64_t i = ty; i < L; i += by) {
+          const Vec16<scalar_t> in = *reinterpret_cast<const Vec16<scalar_t>*>(base + i * s.w);
+#pragma unroll
+          for (int j = 0; j < V; ++j) st[j].add(to_float(in.v[j]));
+        }
+      } else if (s.h == W * s.w) {  // scalar paths: not unrolled, not the streaming path
+#pragma unroll 1
+        for (int64_t i = ty; i < L; i += by) st[0].add(to_float(base[i * s.w]));
+      } else {  // other strides
+#pragma unroll 1
+        for (int64_t i = ty; i < L; i += by)
+          st[0].add(to_float(base[(i / W) * s.h + (i % W) * s.w]));
       }
     }
-    smax[threadIdx.y][threadIdx.x] = mx;
-    ssum[threadIdx.y][threadIdx.x] = sum;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-      for (int r = 1; r < kRowsHW; ++r) {
-        mx = max_nan(mx, smax[r][threadIdx.x]);
-        sum += ssum[r][threadIdx.x];
+    // Rows of threads combined in a fixed order, one of the thread's channels at a time.
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j < G) {  // uniform in the block
+        smax[tid] = st[j].mx;
+        ssum[tid] = st[j].sum;
+        __syncthreads();
+        if (ty == 0 && c + j < C) {
+          float mx = st[j].mx;
+          double sum = st[j].sum;
+          for (int r = 1; r < by; ++r) {
+            mx = max_nan(mx, smax[r * bx + tx]);
+            sum += ssum[r * bx + tx];
+          }
+          amax[n * C + c + j] = mx;
+          mean[n * C + c + j] = static_cast<float>(sum / static_cast<double>(HW));
+        }
+        __syncthreads();  // before smax / ssum are overwritten
       }
-      amax[n * C + c] = mx;
-      mean[n * C + c] = static_cast<float>(sum / static_cast<double>(HW));
     }
-    __syncthreads();  // before the next iteration overwrites smax / ssum
   }
 }
 
@@ -135,10 +185,20 @@ void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied
   const bool* on = applied.defined() ? applied.data_ptr<bool>() : nullptr;
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::channel_stats", [&] {
     if (channel_inner) {
-      const dim3 block(kLanesC, kRowsHW);
+      // 16-byte vectors of V channels: dense channels, C, the pixel and sample strides
+      // multiples of V and x aligned, so that every vector is aligned.
+      constexpr int64_t V = 16 / sizeof(scalar_t);
+      const bool vec = s.c == 1 && C % V == 0 && s.h == W * s.w && s.w % V == 0 &&
+                       s.n % V == 0 && aligned16(x);
+      // Threads along the channels: as many as the channel groups (a power of 2, <= 32),
+      // the rest of the block's 256 threads split the positions.
+      const int64_t groups = ceil_div(C, vec ? V : 1);
+      int bx = 1;
+      while (bx < 32 && bx < groups) bx *= 2;
+      const dim3 block(bx, kThreads / bx);
       channel_stats_lane_kernel<scalar_t>
-          <<<grid_for(N * ceil_div(C, kLanesC), 1), block, 0, current_stream()>>>(
-              x.data_ptr<scalar_t>(), s, N, C, H, W, on, amax.data_ptr<float>(),
+          <<<grid_for(N * ceil_div(groups, bx), 1), block, 0, current_stream()>>>(
+              x.data_ptr<scalar_t>(), s, N, C, H, W, vec, on, amax.data_ptr<float>(),
               mean.data_ptr<float>());
     } else {
       constexpr int warps = kThreads / 32;

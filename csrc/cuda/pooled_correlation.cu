@@ -17,15 +17,19 @@
 // One launch (issue 12: statistics in one kernel), one block of 32 x 8 threads per sample;
 // the only intermediate is the pooled tensor (k² times smaller than x), written and read by
 // the same block:
-// 1. pooling, coalesced in x's layout: each lane sums one k x k window (rows then columns,
-//    like ATen's avg_pool2d; divided by the number of valid units of a border window). In
-//    NCHW one warp per (channel, pooled row) with the lanes along the pooled columns, so a
-//    warp reads a band of rows of one map (consecutive lanes k units apart, the band's
-//    sectors reused from L1), not one channel a whole map away per lane; in channels_last
-//    one warp per pooled position with the lanes along the channels (consecutive
-//    addresses). Then, after a __syncthreads, one warp per pooled position i takes the
-//    max |a|, the lanes sum (a / max)², and divide their channels. Writes â (N', C) and
-//    the zero-row flag (N'). A window's sum has the same order either way.
+// 1. pooling, coalesced in x's layout: each thread sums whole k x k windows (rows then
+//    columns, like ATen's avg_pool2d; divided by the number of valid units of a border
+//    window), so a window's sum has the same order on every path. x dense in its layout
+//    and aligned (PoolVec): read in 16-byte vectors. In NCHW a thread per window,
+//    consecutive threads along w, h, then c (a warp reads a band of rows, not a channel a
+//    whole map away per lane), each window row read as the aligned vectors that cover it
+//    (a vector shared by two neighbouring windows is read by both, the second time from
+//    L1); in channels_last a thread per (window, V = 16 / sizeof(T) channels), consecutive
+//    threads along the channels. Otherwise one element per access: in NCHW one warp per
+//    (channel, pooled row) with the lanes along the pooled columns, in channels_last one
+//    warp per pooled position with the lanes along the channels. Then, after a
+//    __syncthreads, one warp per pooled position i takes the max |a|, the lanes sum
+//    (a / max)², and divide their channels. Writes â (N', C) and the zero-row flag (N').
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
 //    takes 32 rows i at a time and walks the columns j in tiles of 32, accumulating
 //    ‖â_i − â_j‖² over channel tiles of 32 held in shared memory (a tiled GEMM with (a − b)²
@@ -48,25 +52,86 @@ constexpr int kTile = 32;  // rows i, columns j and channels per tile
 constexpr int kRowsY = 8;  // warps per block; each thread holds kTile / kRowsY rows
 constexpr int kPerThread = kTile / kRowsY;
 
+// The pooling's 16-byte vector paths (see the header, step 1), when x is dense in its
+// layout, aligned, and every 16-byte vector that overlaps a sample lies inside it. Indices
+// are 32-bit (C * N' < 2^31), divided by multiply-high (FastDiv) once per window.
+struct PoolVec {
+  bool on, cl;             // cl: channels_last, else NCHW
+  FastDiv np, wp, groups;  // by N', W' and the channel groups C / V (channels_last)
+};
+
 // Pooled, normalised rows â of sample n (see the header, step 1). Ends with a
 // __syncthreads: every row is written.
 template <typename scalar_t>
 __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s,
                                const int64_t n, const int64_t C, const int64_t H,
                                const int64_t W, const int64_t k, const int64_t Hp,
-                               const int64_t Wp, const int64_t Np, float* __restrict__ pooled,
-                               float* __restrict__ zero_row) {
+                               const int64_t Wp, const int64_t Np, const PoolVec& pv,
+                               float* __restrict__ pooled, float* __restrict__ zero_row) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  using Vec16 = Vec<scalar_t, V>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const scalar_t* xn = x + n * s.n;
   auto window = [&](const scalar_t* p, int64_t hp, int64_t wp) {  // a of one window
     const int64_t h0 = hp * k, w0 = wp * k;
     const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
     float sum = 0.f;
+    // The fallback paths: not unrolled, so that the static check (tests/
+    // test_static_perf.py) takes the vector loops, the steady state, for the streaming loop.
+#pragma unroll 1
     for (int64_t h = h0; h < h1; ++h)
+#pragma unroll 1
       for (int64_t w = w0; w < w1; ++w) sum += to_float(p[h * s.h + w * s.w]);
     return sum / static_cast<float>((h1 - h0) * (w1 - w0));
   };
-  if (s.c < s.w) {  // channels inner: lanes along the channels
+  if (pv.on && pv.cl) {  // channels_last: a thread per (window, V channels)
+    const uint32_t G = static_cast<uint32_t>(C / V);
+    for (uint32_t item = threadIdx.x; item < Np * G; item += blockDim.x) {
+      const uint32_t i = div_of(item, pv.groups), c = (item - i * G) * V;
+      const uint32_t hp = div_of(i, pv.wp), wp = i - hp * static_cast<uint32_t>(Wp);
+      const int64_t h0 = hp * k, w0 = wp * k;
+      const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
+      float acc[V] = {};
+#pragma unroll 1
+      for (int64_t h = h0; h < h1; ++h) {
+        const scalar_t* row = xn + h * W * C + c;  // dense offsets: any size may be 1
+#pragma unroll 1
+        for (int64_t w = w0; w < w1; ++w) {  // each channel summed rows then columns
+          const Vec16 in = *reinterpret_cast<const Vec16*>(row + w * C);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] += to_float(in.v[j]);
+        }
+      }
+      const float units = static_cast<float>((h1 - h0) * (w1 - w0));
+#pragma unroll
+      for (int j = 0; j < V; ++j) pooled[i * C + c + j] = acc[j] / units;
+    }
+  } else if (pv.on) {  // NCHW: a thread per window, consecutive threads along w, h, c
+    for (uint32_t item = threadIdx.x; item < C * Np; item += blockDim.x) {
+      const uint32_t c = div_of(item, pv.np), i = item - c * static_cast<uint32_t>(Np);
+      const uint32_t hp = div_of(i, pv.wp), wp = i - hp * static_cast<uint32_t>(Wp);
+      const int64_t h0 = hp * k, w0 = wp * k;
+      const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
+      float sum = 0.f;
+#pragma unroll 1
+      for (int64_t h = h0; h < h1; ++h) {
+        // The window's row [lo, hi) read as the aligned vectors that cover it (inside the
+        // sample: its ends are 16-byte aligned); each vector's units in [lo, hi) are
+        // added in order, so the sum is the scalar path's.
+        const scalar_t* lo = xn + (c * H + h) * W + w0;
+        const scalar_t* hi = lo + (w1 - w0);
+        const scalar_t* e = lo - (reinterpret_cast<uintptr_t>(lo) % 16) / sizeof(scalar_t);
+#pragma unroll 1
+        for (; e < hi; e += V) {
+          const Vec16 in = *reinterpret_cast<const Vec16*>(e);
+          const int a = static_cast<int>(lo - e), b = static_cast<int>(hi - e);
+#pragma unroll
+          for (int j = 0; j < V; ++j) sum += (j >= a && j < b) ? to_float(in.v[j]) : 0.f;
+        }
+      }
+      pooled[i * C + c] = sum / static_cast<float>((h1 - h0) * (w1 - w0));
+    }
+  } else if (s.c < s.w) {  // channels inner: lanes along the channels
     for (int64_t i = warp; i < Np; i += kRowsY)  // uniform within the warp
       for (int64_t c = lane; c < C; c += 32)
         pooled[i * C + c] = window(xn + c * s.c, i / Wp, i % Wp);
@@ -81,15 +146,19 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
   for (int64_t i = warp; i < Np; i += kRowsY) {  // uniform within the warp
     float* row = pooled + i * C;
     float mx = 0.f;
+    // Loops over pooled, not unrolled (see gram_rowsum's tile fill).
+#pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) mx = max_nan(mx, fabsf(row[c]));
     mx = warp_reduce(mx, MaxOp());
     float ss = 0.f;
+#pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) {
       const float b = row[c] / mx;
       ss += b * b;
     }
     ss = warp_reduce(ss, SumOp());
     const float nb = sqrtf(ss);
+#pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
     if (lane == 0) zero_row[i] = mx == 0.f ? 1.f : 0.f;
   }
@@ -104,12 +173,23 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
   for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
     float poison[kPerThread] = {};  // NaN where a P_ij is NaN
+    // Bit q: row i0 + ty + kRowsY * q is a zero row. Read once per row tile, in a loop
+    // not unrolled (as the tile fill below).
+    unsigned zi = 0;
+#pragma unroll 1
+    for (int q = 0; q < kPerThread; ++q) {
+      const int64_t i = i0 + ty + kRowsY * q;
+      if (i < Np && zero_row[i] != 0.f) zi |= 1u << q;
+    }
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
       float acc[kPerThread] = {};   // ‖â_i − â_j‖²
       float acc2[kPerThread] = {};  // ‖â_i + â_j‖²
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c = c0 + tx;
-#pragma unroll
+        // Not unrolled: this fill loads pooled (k² times smaller than x); unrolled, its 8
+        // loads would make it the loop that loads the most, which the static check
+        // (tests/test_static_perf.py) takes for the streaming loop.
+#pragma unroll 1
         for (int q = 0; q < kPerThread; ++q) {
           const int row = ty + kRowsY * q;
           const int64_t i = i0 + row, j = j0 + row;
@@ -131,6 +211,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
         __syncthreads();
       }
       const int64_t j = j0 + tx;
+      const bool zj = j < Np && zero_row[j] != 0.f;
 #pragma unroll
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
@@ -138,7 +219,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
           // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
           // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN in
           // acc stays (the comparison is false); â holds no ±Inf, so acc2 is NaN only with acc.
-          const bool zero = zero_row[i] != 0.f || zero_row[j] != 0.f;
+          const bool zero = ((zi >> q) & 1u) || zj;
           const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
           const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
           if (p != p) {
@@ -156,7 +237,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       const float nan = warp_reduce(poison[q], SumOp());
       const int64_t i = i0 + ty + kRowsY * q;
       if (tx == 0 && i < Np) {
-        const long long total = sum + (zero_row[i] != 0.f ? kOne : 0);
+        const long long total = sum + (((zi >> q) & 1u) ? kOne : 0);
         const double f = static_cast<double>(total) / kQuantumInv / static_cast<double>(Np);
         Fn[i] = static_cast<float>(f) + nan;
       }
@@ -169,12 +250,13 @@ __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const 
                                           const int64_t N, const int64_t C, const int64_t H,
                                           const int64_t W, const int64_t k, const int64_t Hp,
                                           const int64_t Wp,
-                                          const int64_t Np, float* __restrict__ pooled,
+                                          const int64_t Np, const PoolVec pv,
+                                          float* __restrict__ pooled,
                                           float* __restrict__ zero_row, float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
     float* an = pooled + n * Np * C;
     float* zn = zero_row + n * Np;
-    pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, an, zn);
+    pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, pv, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
     gram_rowsum(an, zn, Np, C, F + n * Np);
   }
@@ -188,10 +270,25 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
   const int64_t Hp = ceil_div(H, k), Wp = ceil_div(W, k), Np = Hp * Wp;
   if (N * Np == 0) return;
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::pooled_correlation", [&] {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    const Strides4 s = strides4(x);
+    // The vector paths (PoolVec): x dense NCHW or channels_last (then C % V == 0, so that
+    // a thread's V channels are one aligned vector), aligned, C * H * W % V == 0 (every
+    // sample's ends 16-byte aligned) and C * N' < 2^31.
+    const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+    PoolVec pv{};
+    pv.cl = cl;
+    pv.on = (x.is_contiguous() || (cl && C % V == 0)) && aligned16(x) &&
+            (C * H * W) % V == 0 && C * Np < (int64_t(1) << 31);
+    if (pv.on) {
+      pv.np = fast_div(Np);
+      pv.wp = fast_div(Wp);
+      pv.groups = fast_div(std::max<int64_t>(C / V, 1));
+    }
     pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
                                           kTile * kRowsY, 0, current_stream()>>>(
-        x.data_ptr<scalar_t>(), strides4(x), N, C, H, W, k, Hp, Wp, Np, pooled.data_ptr<float>(),
-        zero_row.data_ptr<float>(), F.data_ptr<float>());
+        x.data_ptr<scalar_t>(), s, N, C, H, W, k, Hp, Wp, Np, pv,
+        pooled.data_ptr<float>(), zero_row.data_ptr<float>(), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

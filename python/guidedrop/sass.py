@@ -505,12 +505,15 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
     ``apply_kernel`` handles one 16-byte chunk (16 / sizeof(T) elements) per iteration of
-    its grid-stride loop (csrc/cuda/common.cuh); the others read x one element per access,
-    so the loop's loads of exactly sizeof(T) bytes (more than one where nvcc unrolled it)."""
+    its grid-stride loop (csrc/cuda/common.cuh); the others read x one element or one
+    16-byte vector (16 / sizeof(T) elements) per access, so the loop's loads of exactly
+    sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load (more than one where nvcc unrolled
+    it)."""
     if "apply_kernel<" in name:
         return 16 / ITEMSIZE[dtype]
     c = count(name, instrs, 1.0)
-    return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0)))
+    return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0)
+                     + c.loads.get(128, 0) * 16 // ITEMSIZE[dtype]))
 
 
 def _demangle(names):
