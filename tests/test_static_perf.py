@@ -98,6 +98,10 @@ OVER_BUDGET = {
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 358 / 717 SASS per element",
 }
+# Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
+# takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in
+# bfloat16, 7 x 7 in float32), pooled_correlation where C * H * W is not, and misaligned or
+# sliced x take their one-element paths (issue 13 item 1 is open for them).
 # Kernels changed after their figures above (expected failures that may pass, not strict)
 # until this check is rerun on them and each is moved to OVER_BUDGET or the passing set.
 PENDING: dict[tuple[str, str], str] = {}
