@@ -77,6 +77,15 @@ def same(got: torch.Tensor, want: torch.Tensor, what="") -> None:
                                msg=lambda m: f"{what}: {m}")
 
 
+def misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x with its strides, one element off a 16-byte boundary: the kernels' scalar
+    paths (x itself, from the allocator, is 16-byte aligned: their vector paths)."""
+    odd = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].as_strided(x.shape, x.stride())
+    odd.copy_(x)
+    assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
+    return odd
+
+
 # --------------------------------------------------------------------------- the emulator
 
 
@@ -315,8 +324,7 @@ def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
     for dtype in DTYPES:
         args = T._samples(dtype, "contiguous", device="cpu", shape=shape)[op]
         x = args[0]
-        x_odd = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
-        assert x_odd.data_ptr() % 16 != 0
+        x_odd = misaligned(x)
         odd = (x_odd, x_odd, *args[2:]) if op == "apply_attention" else (x_odd, *args[1:])
         a = getattr(E, op)(*args)
         same(a, T._reference(op, args), f"{op} {dtype} aligned")
@@ -346,12 +354,7 @@ def test_emulated_channel_stats_vector_and_scalar_paths(E):
             x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
             variants = {"": x}
             if layout != "sliced":  # a copy one element off a 16-byte boundary
-                fmt = (torch.channels_last if layout == "channels_last"
-                       else torch.contiguous_format)
-                odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
-                odd = odd.as_strided(x.shape, x.stride()).copy_(x)
-                assert odd.data_ptr() % 16 != 0 and odd.is_contiguous(memory_format=fmt)
-                variants[" misaligned"] = odd
+                variants[" misaligned"] = misaligned(x)
             ramax, rmean = R.channel_stats(x)
             for tag, xx in variants.items():
                 amax, mean = E.channel_stats(xx)
@@ -376,11 +379,7 @@ def test_emulated_cam_vector_and_scalar_paths(E):
         for shape, layout in cases:
             x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
             alpha = torch.randn(shape[:2], generator=gen).to(torch.bfloat16).float()
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
-            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
-            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
-            assert odd.is_contiguous(memory_format=fmt)
+            odd = misaligned(x)
             want = R.cam(x, alpha)
             for tag, xx in (("", x), (" misaligned", odd)):
                 same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
@@ -422,11 +421,7 @@ def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
     for dtype in DTYPES:
         for shape, k, layout in cases:
             x = make_x(shape, dtype, layout=layout)
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            odd = torch.empty(x.numel() + 1, dtype=dtype)[1:]
-            odd = odd.as_strided(x.shape, x.stride()).copy_(x)
-            assert x.data_ptr() % 16 == 0 and odd.data_ptr() % 16 != 0
-            assert odd.is_contiguous(memory_format=fmt)
+            odd = misaligned(x)
             f = E.pooled_correlation(x, k)
             what = f"{shape} k={k} {dtype} {layout}"
             same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
