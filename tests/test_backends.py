@@ -178,7 +178,8 @@ def test_kth_largest_long_rows(B):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
-@pytest.mark.parametrize("length", [1, 3, 7, 300, 3000, 16385, 40000])
+@pytest.mark.parametrize("length", [1, 3, 7, 300, 3000, 16385,
+                                    pytest.param(40000, marks=pytest.mark.slow)])
 def test_kth_largest_every_digit(B, length):
     """Exact k-th largest where the rows differ in one digit only, with ties, ±0, ±Inf,
     NaN: short rows (4-bit digits under 1024, several rows per program, 24 rows: a program
@@ -675,21 +676,17 @@ SEEDED = {
 
 @pytest.mark.parametrize("name", list(SEEDED))
 def test_layer_seeded(backend_name, name):
-    """noise=None: the same torch.manual_seed gives the same output; others differ; the
-    output is x * w of a mask (w = 0 exactly where y = 0 for x != 0)."""
+    """noise=None: the same torch.manual_seed gives the same output, another seed another
+    output (three calls: each is many launches under the interpreter)."""
     op = SEEDED[name]
     torch.manual_seed(5)
     x = make_x((4, 6, 9, 9), torch.float32, DEV)
-    torch.manual_seed(123)
-    a = op(x)
-    torch.manual_seed(123)
-    b = op(x)
-    same(a, b)
-    outs = set()
-    for s in range(4):
-        torch.manual_seed(s)
-        outs.add(op(x).sum().item())
-    assert len(outs) > 1, "different seeds should give different outputs"
+    outs = []
+    for seed in (123, 123, 124):
+        torch.manual_seed(seed)
+        outs.append(op(x))
+    same(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2]), "another seed should give another output"
 
 
 def _dropblock_expected_fraction(p, r, h, w):

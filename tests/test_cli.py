@@ -48,6 +48,7 @@ def read_csv(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- bench
 
 
+@pytest.mark.slow  # a Python process: ~5 s (the in-process bench tests run by default)
 def test_bench_quick_every_layer_subprocess(tmp_path):
     out = tmp_path / "bench.csv"
     r = run_module(*QUICK, "--backends", "reference", "--csv", str(out), cwd=tmp_path)
@@ -444,6 +445,7 @@ def demo_run(argv):
     return demo.run(parser.parse_args(argv))
 
 
+@pytest.mark.slow  # a Python process running the demo: ~15 s (in-process demo tests: default)
 def test_demo_subprocess_output_is_clean(tmp_path):
     """No warning or traceback in what a user sees; the table goes to stdout."""
     r = run_module(*TINY_DEMO, "--plot", "demo.png", cwd=tmp_path)

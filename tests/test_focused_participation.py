@@ -233,6 +233,7 @@ for name in {names!r}:
 
 @pytest.mark.skipif(HAS_CUDA or not sys.platform.startswith("linux"),
                     reason="x on a PROT_NONE page of the host (CPU kernels)")
+@pytest.mark.slow  # a child Python process: ~7 s
 @pytest.mark.parametrize("name", ["triton", CUDA])
 def test_not_applied_statistics_and_plan_never_touch_x(name):
     """x on memory that faults on any access: the statistics and plan kernels (Triton

@@ -270,6 +270,7 @@ def test_swap_timm_dropblock_refuses_what_it_cannot_map(settings, setting):
 # --------------------------------------------------------------------------- torch.fx
 
 from test_api import every_backend  # noqa: E402, F401, F811 (a fixture)
+from testing import CUDA, TRITON_SLOW  # noqa: E402
 
 
 def test_symbolic_trace_leaf():
@@ -281,6 +282,7 @@ def test_symbolic_trace_leaf():
         assert ops[1] == ("call_module", "0") and len(ops) == 3, (layer, ops)
 
 
+@pytest.mark.parametrize("every_backend", ["reference", TRITON_SLOW, CUDA], indirect=True)
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_create_feature_extractor(every_backend, layer):  # noqa: F811 (the fixture)
     """torchvision's create_feature_extractor on a ResNet holding each layer (it used to

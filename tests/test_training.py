@@ -246,6 +246,9 @@ def test_compile_rate_ramp_does_not_recompile(layer):
     assert counter.frame_count <= 2
 
 
+# slow: a whole model compiled, ~12 s; each layer's fullgraph compile runs by default
+# (test_backends.py test_layer_compile_fullgraph)
+@pytest.mark.slow
 def test_compile_model_fullgraph():
     """A SmallResNet holding every layer compiles with fullgraph=True into one graph and
     trains: CamDrop reads cam_targets, FocusedDropout's per-batch draw stays in the graph.
@@ -655,6 +658,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes: ~10 s
 def test_ddp_gloo_two_processes():
     """2 CPU processes, gloo, DDP over a SmallResNet with every layer, 3 steps with a
     LinearRamp: per-rank masks differ, schedules and parameters stay in step, forward

@@ -42,6 +42,10 @@ HAS_EXT = _imports("guidedrop._C")  # the CUDA extension is built (it imports wi
 emulated = pytest.mark.emulated
 # The CUDA backend as a test parameter: the real ops with a GPU, else the emulated ones.
 CUDA = "cuda" if HAS_CUDA else pytest.param("cuda", marks=emulated)
+# The Triton backend as a parameter of a test that runs long under the interpreter (no GPU:
+# many launches, each interpreted): slow there, left to .ci/run's slow stage; a default test
+# where Triton compiles.
+TRITON_SLOW = "triton" if HAS_CUDA else pytest.param("triton", marks=pytest.mark.slow)
 
 
 def devices() -> list[str]:
