@@ -286,6 +286,17 @@ def _one_line_error(capsys, rc: int, expected: str) -> None:
     assert expected in lines[0]
 
 
+def test_help_gives_every_numeric_range():
+    """Each option parsed by int_in / float_in states its range in --help."""
+    import argparse
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    ranged = [(name, a) for name, p in sub.choices.items() for a in p._actions
+              if hasattr(a.type, "span")]
+    assert len(ranged) >= 8  # --seed of bench, show and demo, --epochs, --size, ...
+    for name, a in ranged:
+        assert a.type.span in a.help, (name, a.option_strings, a.help)
+
+
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
     if argv[:1] == ["bench"] and "--device" not in argv:
@@ -416,8 +427,9 @@ TINY_DEMO = ["demo", "--layers", "none,corrdrop,camdrop", "--epochs", "1",
              "--train-images", "32", "--seeds", "1", "--device", "cpu"]
 
 
-def test_demo_table_plot_markdown(tmp_path, capsys):
+def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     png, md = tmp_path / "d.png", tmp_path / "d.md"
+    monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.5, 0.0, 0.0))
     argv = [a if a != "1" or i != TINY_DEMO.index("--seeds") + 1 else "2"
             for i, a in enumerate(TINY_DEMO)]  # two seeds: the table shows mean ± std
     rows = demo_run([*argv, "--plot", str(png), "--md", str(md)])
@@ -433,9 +445,23 @@ def test_demo_table_plot_markdown(tmp_path, capsys):
     for head in ("train acc", "test acc", "s/epoch", "overhead %", "±"):
         assert head in out
     assert png.read_bytes()[:8] == PNG_MAGIC
+    # a busy machine (load average over cores + 1) is named under the table
+    assert f"note: load average {os.cpu_count() + 1.5:.1f} on {os.cpu_count()} cores" in out
     lines = md.read_text().splitlines()
     assert lines[0] == "| layer | train acc | test acc | train − test | s/epoch | overhead % |"
     assert len(lines) == 2 + 3 and lines[3].startswith("| corrdrop | ")
+
+
+def test_demo_cpu_contention(monkeypatch):
+    """Only a CPU run on a machine loaded beyond its cores + 1 is flagged."""
+    from guidedrop import demo
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    assert demo.cpu_contention(torch.device("cpu")) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.2, 0.0, 0.0))
+    assert demo.cpu_contention(torch.device("cpu")) == f"load average {cores + 1.2:.1f} on " \
+        f"{cores} cores"
+    assert demo.cpu_contention(torch.device("cuda")) is None
 
 
 def demo_run(argv):

@@ -1328,7 +1328,8 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
     b.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     b.add_argument("--threads", type=int_in(1, 4096), default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+                   help="torch CPU threads, 1 to 4096 (default: torch's); 1 is steadier on a "
+                        "busy machine")
     b.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
     b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
     b.add_argument("--md", default=None, metavar="PATH", help="write a markdown table")
@@ -1339,8 +1340,9 @@ def add_parser(sub) -> None:
                    help="also time the full mode's forward + backward (noise=None) replayed in "
                         "a CUDA graph, captured after a warm-up (CUDA only)")
     b.add_argument("--budget", type=float_in(0, 1e6), default=None, metavar="SECONDS",
-                   help="stop checking and timing after this long: the cases left get rows "
-                        "marked not measured (torch.compile, the slowest to set up, runs last)")
+                   help="0 to 1e+06; stop checking and timing after this long: the cases left "
+                        "get rows marked not measured (torch.compile, the slowest to set up, "
+                        "runs last)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "

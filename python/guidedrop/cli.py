@@ -42,6 +42,7 @@ def _number_in(convert, noun: str, lo, hi):
 
     span = f"{lo:g} to {hi:g}" if convert is float else f"{lo} to {hi}"
     parse.__name__ = noun.split()[-1]  # argparse names the type in its messages
+    parse.span = span  # for --help: tests/test_cli.py checks each option's help gives it
     return parse
 
 

@@ -30,8 +30,8 @@ except ImportError as e:  # not built, or built against another torch
            else f"does not import ({e})")
     raise ImportError(
         f"guidedrop._C, the CUDA extension, {why}. Build it against the "
-        "installed torch on a machine with nvcc: `CUDA_HOME=/usr/local/cuda FORCE_CUDA=1 "
-        "python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`"
+        "installed torch on a machine with nvcc, as the README says: "
+        "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`"
     ) from e
 
 name = "cuda"

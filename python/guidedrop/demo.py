@@ -16,6 +16,7 @@ step of each model, so that no row pays for start-up; overhead is against the ba
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
@@ -42,11 +43,15 @@ def add_parser(sub) -> None:
     d.add_argument("--quick", action="store_true",
                    help=f"all training images, {QUICK['epochs']} epochs, 1 seed")
     d.add_argument("--epochs", type=int_in(1, 1000), default=None,
-                   help=f"epochs per run (default {FULL['epochs']}, --quick {QUICK['epochs']})")
-    d.add_argument("--train-images", type=int_in(BATCH, 1797 - TEST_IMAGES), default=None,
-                   help=f"training images (default {FULL['train']}, --quick {QUICK['train']})")
+                   help=f"epochs per run, 1 to 1000 (default {FULL['epochs']}, --quick "
+                        f"{QUICK['epochs']})")
+    most = 1797 - TEST_IMAGES  # sklearn's digits: 1,797 images
+    d.add_argument("--train-images", type=int_in(BATCH, most), default=None,
+                   help=f"training images, {BATCH} to {most} (default {FULL['train']}, --quick "
+                        f"{QUICK['train']})")
     d.add_argument("--seeds", type=int_in(1, 100), default=None,
-                   help=f"runs per layer, seeds seed.. (default {FULL['seeds']}, --quick 1)")
+                   help=f"runs per layer (seeds seed, seed + 1, ...), 1 to 100 (default "
+                        f"{FULL['seeds']}, --quick 1)")
     seed_arg(d)
     d.add_argument("--layers", default="all", help="comma list of none, "
                    + ", ".join(models.LAYERS) + " ('none' = no regulariser; default all)")
@@ -55,6 +60,15 @@ def add_parser(sub) -> None:
                    help="PNG of test accuracy and train-test gap per epoch (default demo.png; "
                         "--quick: none)")
     d.add_argument("--md", default=None, metavar="PATH", help="also write the table as markdown")
+
+
+def cpu_contention(device) -> str | None:
+    """Why the timings of a CPU run are not to be trusted, or None: the 1-minute load average
+    after the run above the cores (this process alone accounts for about one per core)."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" if load > cores + 1 else None
 
 
 def load_digits(device, train_images: int):
@@ -279,6 +293,10 @@ def run(args) -> list[dict]:
     out.print(table(rows, seeds, "accuracy after the last epoch"))
     out.print(f"({note}s/epoch: training steps only, after a warm-up step; "
                   "overhead: s/epoch against none)", highlight=False)
+    busy = cpu_contention(device)
+    if busy:
+        out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
+                  "say little; rerun on an idle machine to compare them)", highlight=False)
     if args.md:
         Path(args.md).write_text(markdown(rows, seeds))
         out.print(f"wrote {args.md}", highlight=False)
