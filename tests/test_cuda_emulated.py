@@ -655,11 +655,12 @@ def test_emulated_apply_line_widths(E, op):
 
 # apply_channel's flat 16-byte chunks (csrc/cuda/channel_ranking.cu): NCHW maps of
 # HW >= V elements (a chunk on one or two maps, its two weights shuffled from the warp's
-# loads): HW = 8 = V in bf16 (a warp's 32 chunks on 32 maps), 9, 49 (7 x 7, a tail of
-# numel % V elements), 196, 784, 3136; channels_last with C % V == 0 (V weights a 16-byte
-# load): C = 8, 16, 64 and 12 (float32 only). Maps under V elements (HW = 3, 1) and other
-# C take the generic kernel.
-CHANNEL_FLAT = [((2, 40, 2, 4), "contiguous"), ((3, 37, 3, 3), "contiguous"),
+# loads): HW = V (8 in bf16, 4 in float32: a warp's 32 chunks on 32 maps), 9, 49 (7 x 7, a
+# tail of numel % V elements), 196, 784, 3136; channels_last with C % V == 0 (V weights a
+# 16-byte load): C = 8, 16, 64 and 12 (float32 only). Maps under V elements (HW = 4 in
+# bf16, 3, 1) and other C take the generic kernel.
+CHANNEL_FLAT = [((2, 40, 2, 4), "contiguous"), ((2, 40, 2, 2), "contiguous"),
+                ((3, 37, 3, 3), "contiguous"),
                 ((3, 37, 7, 7), "contiguous"), ((1, 70, 14, 14), "contiguous"),
                 ((1, 9, 28, 28), "contiguous"), ((1, 3, 56, 56), "contiguous"),
                 ((2, 5, 1, 3), "contiguous"), ((4, 70, 1, 1), "contiguous"),
