@@ -443,7 +443,10 @@ at::Tensor apply_channel(const at::Tensor& t, const at::Tensor& w) {
   check_feature_map(t, op, "t");
   check_small(w, t, op, "w", at::kFloat, {t.size(0), t.size(1)});
   const c10::cuda::CUDAGuard guard(t.device());
-  const at::Tensor wc = w.contiguous();
+  at::Tensor wc = w.contiguous();
+  // channels_last's vector path loads V weights as 16-byte vectors (a view of w may start
+  // anywhere; a copy of N * C floats is aligned)
+  if (reinterpret_cast<uintptr_t>(wc.data_ptr()) % 16 != 0) wc = wc.clone();
   at::Tensor out = at::empty_like(t);
   launch_apply_channel(t, wc, out);
   return out;

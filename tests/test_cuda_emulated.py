@@ -653,6 +653,39 @@ def test_emulated_apply_line_widths(E, op):
                 assert got.stride() == args[0].stride()
 
 
+# apply_channel's flat 16-byte chunks (csrc/cuda/channel_ranking.cu): NCHW maps of
+# HW >= V elements (a chunk on one or two maps, its two weights shuffled from the warp's
+# loads): HW = V (8 in bf16, 4 in float32: a warp's 32 chunks on 32 maps), 9, 49 (7 x 7, a
+# tail of numel % V elements), 196, 784, 3136; channels_last with C % V == 0 (V weights a
+# 16-byte load): C = 8, 16, 64 and 12 (float32 only). Maps under V elements (HW = 4 in
+# bf16, 3, 1) and other C take the generic kernel.
+CHANNEL_FLAT = [((2, 40, 2, 4), "contiguous"), ((2, 40, 2, 2), "contiguous"),
+                ((3, 37, 3, 3), "contiguous"),
+                ((3, 37, 7, 7), "contiguous"), ((1, 70, 14, 14), "contiguous"),
+                ((1, 9, 28, 28), "contiguous"), ((1, 3, 56, 56), "contiguous"),
+                ((2, 5, 1, 3), "contiguous"), ((4, 70, 1, 1), "contiguous"),
+                ((2, 8, 3, 5), "channels_last"), ((3, 16, 7, 7), "channels_last"),
+                ((1, 64, 14, 14), "channels_last"), ((2, 12, 5, 5), "channels_last"),
+                ((2, 7, 3, 3), "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_apply_channel_flat_chunks(E, dtype):
+    """Every (n, c) a weight of its own, so a chunk given its neighbour map's weight
+    differs; w also as a view 4 bytes off a 16-byte boundary (copied for the vectors)."""
+    for shape, layout in CHANNEL_FLAT:
+        n, c = shape[:2]
+        x = make_x(shape, dtype, layout=layout)
+        w = torch.rand(n, c, generator=torch.Generator().manual_seed(c)) * 2 + 0.25
+        w_odd = torch.empty(n * c + 1)[1:].view(n, c)
+        w_odd.copy_(w)
+        want = R.apply_channel(x, w)
+        for ww in (w, w_odd):
+            got = E.apply_channel(x, ww)
+            same(got, want, f"{dtype} {shape} {layout} w at {ww.data_ptr() % 16}")
+            assert got.stride() == x.stride()
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_emulated_seeds_runs(E, shared):
     """apply_seeds and seed_coverage cover a row by runs of up to 32 units (seed_cover.cuh's

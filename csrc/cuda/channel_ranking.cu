@@ -1,5 +1,6 @@
 // Per-channel max |x| and mean (SelectScale family, FocusedDropout) and the per-channel
-// apply t * w[n, c].
+// apply t * w[n, c] (flat 16-byte chunks where x is dense and aligned, maps of at least V
+// elements in NCHW, C a multiple of V in channels_last; else common.cuh's apply_kernel).
 //
 // channel_stats has two kernels, both correct for any strides:
 // - map per warp (NCHW-like inputs: the map's units are close in memory): the 32 lanes of
@@ -174,6 +175,80 @@ struct ChannelW {
   }
 };
 
+// apply_channel on dense, 16-byte aligned x: flat 16-byte chunks of V = 16 / sizeof(T)
+// elements, whose weights come from a division of the flat index by a per-launch magic number
+// (FastDiv) per chunk, not from the generic apply_kernel's line segments (whose two line
+// states per chunk cost 15-26 SASS per element where a line is not a multiple of V).
+//
+// NCHW, maps of HW >= V elements: a chunk lies in map m0 or in m0 and m0 + 1. The 32
+// consecutive chunks of a warp then span at most 32 maps (HW >= V), so each lane loads
+// one weight, w[mb + lane] (mb: the warp's first map), and the chunk's two weights come
+// from shuffles: one load of w per chunk, not one per element (float32: one 4-byte load
+// per 16 bytes of x). The loop's trip count is uniform across the warp (the shuffles need
+// every lane); lanes past the end only skip the load and store of x.
+template <typename scalar_t>
+__global__ void apply_channel_maps_kernel(const scalar_t* __restrict__ t,
+                                          scalar_t* __restrict__ out,
+                                          const float* __restrict__ w, const uint32_t numel,
+                                          const uint32_t maps, const FastDiv hw) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const uint32_t lane = threadIdx.x & 31;
+  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const uint32_t step = (gridDim.x * blockDim.x) & ~31u;  // chunks per grid iteration
+  const uint32_t full = numel / V;
+  // numel < 2^31 and the grid is at most 2^26 threads: no index below wraps.
+#pragma unroll 1
+  for (uint32_t base = warp * 32; base < full; base += step) {
+    const uint32_t mb = div_of(base * V, hw);
+    const float wl = w[min(mb + lane, maps - 1)];
+    const uint32_t chunk = base + lane, i0 = chunk * V;
+    const uint32_t m0 = div_of(i0, hw);
+    const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
+    // & 31: lanes past the end (and the unused second weight) ask for any lane
+    const float a = __shfl_sync(kFullMask, wl, (m0 - mb) & 31);
+    const float b = __shfl_sync(kFullMask, wl, (m0 + 1 - mb) & 31);
+    if (chunk < full) {
+      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+      Vec<scalar_t, V> res;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j)
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * (j < k0 ? a : b));
+      *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
+#pragma unroll 1
+    for (uint32_t i = full * V; i < numel; ++i)
+      out[i] = static_cast<scalar_t>(to_float(t[i]) * w[div_of(i, hw)]);
+  }
+}
+
+// NHWC with C % V == 0 (and w 16-byte aligned): a chunk is V channels of one pixel, their
+// weights V consecutive floats of w, loaded as 16-byte vectors; the pixel and sample from
+// two fast divisions per chunk.
+template <typename scalar_t>
+__global__ void apply_channel_pixels_kernel(const scalar_t* __restrict__ t,
+                                            scalar_t* __restrict__ out,
+                                            const float* __restrict__ w, const uint32_t numel,
+                                            const FastDiv c, const FastDiv hw) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  const uint32_t full = numel / V;  // numel % V == 0: C % V == 0
+#pragma unroll 1
+  for (uint32_t chunk = tid; chunk < full; chunk += stride) {
+    const uint32_t i0 = chunk * V;
+    const uint32_t pixel = div_of(i0, c), n = div_of(pixel, hw);
+    const uint32_t wi = n * c.d + (i0 - pixel * c.d);  // w[n, c0]: a multiple of V
+    const Vec<float, V> wv = *reinterpret_cast<const Vec<float, V>*>(w + wi);
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> res;
+#pragma unroll
+    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * wv.v[j]);
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+}
+
 }  // namespace
 
 void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied,
@@ -213,9 +288,40 @@ void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied
 
 void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
                           const at::TensorBase& out) {
-  const ChannelW wfn{w.data_ptr<float>(), t.size(1)};
-  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_channel",
-                          [&] { launch_apply<scalar_t>(t, out, wfn); });
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), per = C * HW;
+  const bool cl = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool dense = dense_in_order(t, cl) && dense_in_order(out, cl) && aligned16(t) &&
+                     aligned16(out);
+  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_channel", [&] {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    // Samples per launch: under 2^31 elements (32-bit indices), a multiple of V samples
+    // unless a sample is, so that every launch's x starts 16-byte aligned.
+    int64_t step = ((int64_t(1) << 31) - 1) / std::max<int64_t>(per, 1);
+    if (per % V != 0 && step < N) step -= step % V;
+    const bool maps = !cl && HW >= V, pixels = cl && C % V == 0 && aligned16(w);
+    if (t.numel() == 0) return;
+    if (!dense || step == 0 || !(maps || pixels)) {
+      // misaligned or strided x, channels_last with C % V != 0, NCHW maps under V elements
+      launch_apply<scalar_t>(t, out, ChannelW{w.data_ptr<float>(), C});
+      return;
+    }
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float* wp = w.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t n = std::min(step, N - n0), numel = n * per;
+      const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
+      if (maps)
+        apply_channel_maps_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+            tp + n0 * per, op + n0 * per, wp + n0 * C, static_cast<uint32_t>(numel),
+            static_cast<uint32_t>(n * C), fast_div(HW));
+      else
+        apply_channel_pixels_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+            tp + n0 * per, op + n0 * per, wp + n0 * C, static_cast<uint32_t>(numel),
+            fast_div(C), fast_div(HW));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 }  // namespace guidedrop

@@ -481,7 +481,7 @@ CUDA_STREAMING = {
 # The CUDA extension's streaming kernels by op (as guidedrop.launches names them,
 # "cuda:<op>"): a regex on the demangled name, {T} standing for x's C++ type.
 CUDA_KERNELS = {
-    "apply_channel": r"apply_kernel<{T}, .*ChannelW[,>]",
+    "apply_channel": r"apply_channel_(maps|pixels)_kernel<{T}>",
     "apply_block": r"apply_kernel<{T}, .*BlockW[,>]",
     "apply_seeds": r"apply_kernel<{T}, .*SeedsW[,>]",
     "apply_attention": r"apply_kernel<{T}, .*AttentionW<",
@@ -502,14 +502,19 @@ CPP_TYPES = {"bfloat16": "c10::BFloat16", "float16": "c10::Half", "float32": "fl
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
+# The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
+_CHUNK_KERNEL = re.compile(r"\bapply_(channel_(maps|pixels)_)?kernel<")
+
+
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
-    ``apply_kernel`` handles one 16-byte chunk (16 / sizeof(T) elements) per iteration of
-    its grid-stride loop (csrc/cuda/common.cuh); the others read x one element or one
+    ``apply_kernel`` (csrc/cuda/common.cuh) and apply_channel's flat kernels
+    (csrc/cuda/channel_ranking.cu) handle one 16-byte chunk (16 / sizeof(T) elements) per
+    iteration of their grid-stride loops; the others read x one element or one
     16-byte vector (16 / sizeof(T) elements) per access, so the loop's loads of exactly
     sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load (more than one where nvcc unrolled
     it)."""
-    if "apply_kernel<" in name:
+    if _CHUNK_KERNEL.search(name):
         return 16 / ITEMSIZE[dtype]
     c = count(name, instrs, 1.0)
     return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0)
