@@ -230,6 +230,7 @@ BAD = [
     (["bench", "--dtype", "int8"], "unknown dtype"),
     (["bench", "--mode", "sideways"], "unknown mode"),
     (["bench", "--backends", "nosuch"], "unknown backend 'nosuch'"),
+    (["bench", "--backends", "all,reference"], "--backends all stands alone"),
     (["bench", "--device", "nosuchdevice"], "not a device name"),
     (["bench", "--device", ""], "not a device name"),
     (["demo", "--device", ""], "not a device name"),
@@ -274,7 +275,7 @@ BAD = [
     (["demo", "--md", "/proc/demo.md"], "cannot write there"),
     (["demo", "--plot", "/proc/demo.png"], "cannot write there"),
     (["demo", "--epochs"], "expected one argument"),
-    ([], "the following arguments are required: command"),
+    ([], "the following arguments are required: {demo,bench,show}"),
 ]
 
 

@@ -10,8 +10,10 @@ with guidedrop.reference on the same inputs; tests/test_backends.py compares who
 
 from __future__ import annotations
 
+import re
 import sys
 from itertools import product
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,9 +160,11 @@ def test_cuda_backend_import_error_says_how_to_build(monkeypatch):
     monkeypatch.setitem(sys.modules, "guidedrop._C", None)  # `import guidedrop._C` fails
     monkeypatch.delattr(guidedrop, "_C", raising=False)  # else `from . import _C` finds it
     monkeypatch.delitem(sys.modules, "guidedrop.cuda_backend", raising=False)
-    with pytest.raises(ImportError, match="FORCE_CUDA=1"):
+    with pytest.raises(ImportError, match=re.escape(BUILD)):
         import guidedrop.cuda_backend  # noqa: F401
     # monkeypatch puts the previous modules back afterwards
+    # the hint is the README's command
+    assert BUILD in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- GPU: opcheck

@@ -1160,6 +1160,8 @@ def choose_providers(arg: str | None, device: torch.device,
     if not names:
         raise usage_error("--backends is empty")
     for p in names:
+        if p == "all":
+            raise usage_error("--backends all stands alone, not in a list")
         if p not in PROVIDERS:
             raise usage_error(f"unknown backend {p!r}; choose from {', '.join(PROVIDERS)}, all")
         for d in dtypes:

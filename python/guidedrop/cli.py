@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m guidedrop`` (its errors raise UsageError)."""
     parser = _Parser(prog="python -m guidedrop",
                      description="guided structured dropout: demo, bench, show")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # metavar: "python -m guidedrop" alone names the commands in its one-line error
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,show}")
 
     from . import bench, demo, show
     demo.add_parser(sub)

@@ -1,7 +1,7 @@
 """``python -m guidedrop demo``: a small ResNet trained on scikit-learn's digits (1,797 real
 8x8 scans, upsampled to 32x32; a fixed split: 450 test images, the training images drawn
 from the rest) with no regulariser and with each guidedrop layer placed as its paper does
-(:mod:`guidedrop.models`), its rates ramped in over the first half of training.
+(guidedrop.models), its rates ramped in over the first half of training.
 
 - ``--quick``: every training image (1,347), 3 epochs, one seed: under 90 s on 2 CPU cores,
   and the baseline reaches about 0.95 test accuracy; it shows that every layer trains.
@@ -272,8 +272,8 @@ def run(args) -> list[dict]:
 
     data = load_digits(device, train_images)
     what = (f"SmallResNet on digits 32x32: {len(data[1])} train / {len(data[3])} test images, "
-            f"{epochs} epochs, {seeds} seed{'s' if seeds > 1 else ''} from {args.seed}, "
-            f"device {device}")
+            f"{epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''} "
+            f"from {args.seed}, device {device}")
     out = console()
     out.print(what, highlight=False)
     runs = []
