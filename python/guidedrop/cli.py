@@ -81,12 +81,12 @@ def parse_device(s: str | None) -> torch.device:
 
 
 def console(stderr: bool = False):
-    """A rich Console for tables: the terminal's width, or wide enough for any table of
-    ours when the output goes to a file or pipe (rich would otherwise assume 80 columns and
-    fold the columns)."""
+    """A rich Console for tables: the terminal's width, or unbounded when the output goes to
+    a file or pipe (rich would otherwise assume 80 columns and fold the columns; our tables
+    are only as wide as their cells: bench --graph --dry-run's is over 200)."""
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 200)
+    return Console(stderr=stderr, width=None if stream.isatty() else 10_000)
 
 
 def _first_line(e: BaseException) -> str:
