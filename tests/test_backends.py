@@ -584,6 +584,8 @@ def test_triton_int64_indexing(monkeypatch):
     same(st[0][active], rst[0][active])
     close(mod.cam(x, rand((n, c), 2)), R.cam(x, rand((n, c), 2)), scale=10)
     close(mod.pooled_correlation(x, 3), R.pooled_correlation(x, 3), scale=10)
+    # contiguous: the window rows read from 16 bytes before them (W = 10: realigned)
+    close(mod.pooled_correlation(x.contiguous(), 3), R.pooled_correlation(x, 3), scale=10)
     scale = rand((n,), 3) + 0.5
     for t in (x, x.contiguous()):
         same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))
