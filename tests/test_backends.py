@@ -299,6 +299,29 @@ def test_pooled_correlation_sizes(B, shape, k, layout):
     close(B.pooled_correlation(z, k), R.pooled_correlation(z, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((3, 3, 7, 7), 3), ((3, 3, 7, 7), 7), ((3, 4, 14, 14), 3),
+                                     ((3, 4, 14, 14), 7), ((3, 2, 19, 19), 7), ((3, 5, 8, 10), 3)],
+                         ids=str)
+def test_pooled_correlation_unaligned_maps(B, shape, k, dtype):
+    """Contiguous x whose maps and window rows do not start on 16 bytes (H * W * itemsize or
+    W * itemsize % 16 != 0; the last shape's do), x itself aligned or a view at element
+    offset 1: a kernel that reads a map or a row of windows from 16 bytes before it must
+    pool only its own units. Sample 0 ends in a NaN and sample 2 starts with a -Inf (their
+    F are NaN), so a read across samples turns sample 1's F NaN; in sample 1 each map
+    starts and ends with a large value of its own sign, so a window that takes a unit of
+    another map or row changes F by far more than the tolerance."""
+    n, c, h, w = shape
+    flat = torch.randn(n * c * h * w + 1, generator=gen(7)).to(dtype).to(DEV)
+    for x in (flat[:-1].view(shape).clone(), flat[1:].view(shape)):
+        spikes = torch.tensor([(-1.0) ** i * 50 * (i + 1) for i in range(c)]).to(dtype).to(DEV)
+        x[1, :, 0, 0], x[1, :, -1, -1] = spikes, -spikes
+        x[0, -1, -1, -1], x[2, 0, 0, 0] = float("nan"), -float("inf")
+        f, want = B.pooled_correlation(x, k), R.pooled_correlation(x, k)
+        assert f[[0, 2]].isnan().all() and torch.isfinite(f[1]).all(), f
+        close(f, want, scale=10)
+
+
 # ------------------------------------------------------------------ seeds
 
 
@@ -562,6 +585,8 @@ def test_triton_int64_indexing(monkeypatch):
     same(st[0][active], rst[0][active])
     close(mod.cam(x, rand((n, c), 2)), R.cam(x, rand((n, c), 2)), scale=10)
     close(mod.pooled_correlation(x, 3), R.pooled_correlation(x, 3), scale=10)
+    # contiguous: the window rows read from 16 bytes before them (W = 10: realigned)
+    close(mod.pooled_correlation(x.contiguous(), 3), R.pooled_correlation(x, 3), scale=10)
     scale = rand((n,), 3) + 0.5
     for t in (x, x.contiguous()):
         same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))

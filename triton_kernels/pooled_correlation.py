@@ -16,12 +16,14 @@ k is clamped to max(H, W) first (a block >= the map is one window).
 One kernel (one launch: CorrDrop's statistics, issue 12), grid (N,): a program pools its
 sample, then correlates it; the N' x N' matrix never leaves the chip:
 
-1. pooling (``_pool_positions``), BP pooled positions at a time: sums the k x k windows of
-   its positions for a chunk of channels at a time (a (channels x positions x
-   window-columns) tile, contiguous along w for NCHW and along c for channels_last),
-   writes the pooled values transposed, aT (N, C, N') float32 (x.numel() / k² values:
-   small, L2-resident for the usual k = 7), and per position the max |a| and the norm of
-   a / max|a| (a running rescaled sum of squares over the channel chunks);
+1. pooling, for a chunk of channels at a time: contiguous NCHW x (``_pool_band``) a
+   window row at a time, its rows read in 16-byte vectors from 16 bytes before them and
+   realigned in registers (rows of 28, 14 or 7 units do not start on 16 bytes); other
+   layouts (``_pool_positions``) BP pooled positions at a time, a (channels x positions x
+   window-columns) tile, contiguous along c for channels_last. Both write the pooled
+   values transposed, aT (N, C, N') float32 (x.numel() / k² values: small, L2-resident for
+   the usual k = 7), and per position the max |a| and the norm of a / max|a| (a running
+   rescaled sum of squares over the channel chunks);
 2. a barrier (the program's own aT, written by its other threads, is read next);
 3. correlation (``_corr_rows``), BM rows at a time: loops over blocks of BM columns and
    over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then adds the
@@ -41,6 +43,9 @@ from ._common import INTERPRET, TILE, cdiv, launch, needs_int64, op, pow2, warps
 
 QUANTUM_INV = tl.constexpr(4294967296.0)  # 2^32: P_ij is rounded to a multiple of 2^-32
 QUANTUM = tl.constexpr(2.0**-32)
+# Longest padded row of a contiguous map (and window-column tile) that ``_pool_band``
+# holds per channel, in elements: a GPU tile's; longer rows take ``_pool_positions``.
+MAX_BAND = 4096
 
 
 @triton.jit
@@ -71,19 +76,91 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, 
                 off = (cc * sC)[:, None, None] + pos[None, :, :]
                 v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
                 acc += tl.sum(v.to(tl.float32), axis=2)
-        avg = acc / cnt[None, :]
-        tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
-                 mask=cv[:, None] & iv[None, :])
-        cmax = tl.max(tl.where(cv[:, None], tl.abs(avg), 0.0), axis=0)
-        new = tl.maximum(smax, cmax, propagate_nan=tl.PropagateNan.ALL)
-        pos = new > 0
-        den = tl.where(pos, new, 1.0)
-        r = tl.math.div_rn(smax, den)
-        b = tl.math.div_rn(avg, den[None, :])
-        ssq = ssq * r * r + tl.sum(tl.where(cv[:, None], b * b, 0.0), axis=0)
-        smax = new
+        smax, ssq = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax,
+                                  ssq)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
     tl.store(nb_ptr + n * NP + i, tl.sqrt_rn(ssq), mask=iv)
+
+
+@triton.jit
+def _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPAN,
+               BC: tl.constexpr, RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
+               WPP: tl.constexpr, KP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr,
+               IDX64: tl.constexpr):
+    """Pools window row r (positions r * WP ... r * WP + WP - 1) of sample n of a contiguous
+    NCHW x, like ``_pool_positions``.
+
+    Each of its k rows of W units is read from its start rounded down to A elements (16
+    bytes), so that x loads in 16-byte vectors at every W (a row of 28, 14 or 7 elements
+    does not start on 16 bytes): SPAN (a multiple of 16 >= W + A - 1) elements at most,
+    and past x's end nothing. Each row is realigned in registers (tl.gather; not needed
+    when every row starts on 16 bytes: ALIGNED) and added to the column sums, in row
+    order; then each window's columns are gathered and summed. Every channel sums its
+    windows in that one order whatever its alignment, so equal maps pool to equal values
+    (SPEC §1)."""
+    t = tl.arange(0, RW)
+    col = tl.arange(0, WPAD)
+    h0 = r * k
+    nrows = tl.minimum(H - h0, k)
+    if IDX64:
+        h0 = h0.to(tl.int64)
+    # the windows' columns: column dx of window wp is wp * k + dx
+    wp = tl.arange(0, WPP * KP) // KP  # constexpr divisors: shifts and masks
+    dx = tl.arange(0, WPP * KP) % KP
+    in2 = (dx < KW) & (wp * k + dx < W)
+    idx2 = tl.where(in2, wp * k + dx, 0)
+    i = r * WP + tl.arange(0, WPP)
+    iv = tl.arange(0, WPP) < WP
+    ncols = tl.minimum(W - tl.arange(0, WPP) * k, k)
+    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
+    smax = tl.zeros([WPP], tl.float32)  # max |a| over the channels so far
+    ssq = tl.zeros([WPP], tl.float32)  # sum of (a / smax)^2 so far
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)
+        cv = cc < C
+        row0 = (n * C + cc) * L + h0 * W
+        colsum = tl.zeros([BC, WPAD], tl.float32)
+        for dy0 in range(0, nrows, RB):  # RB rows at a time, in one order for every channel
+            dy = dy0 + tl.arange(0, RB)
+            first = row0[:, None] + (dy * W)[None, :]  # (BC, RB)
+            shift = first % A  # A is a power of 2: a mask, not a division
+            base = tl.multiple_of(first - shift, [A, A])
+            # in bounds only, and the row: constants over each aligned group of A when
+            # TOTAL is a multiple of 16 (Triton's specialisation): 16-byte vectors
+            m = (cv[:, None] & (dy < nrows)[None, :])[:, :, None] & (t < SPAN)[None, None, :] \
+                & (t[None, None, :] < (TOTAL - base)[:, :, None])
+            v = tl.load(x_ptr + base[:, :, None] + t[None, None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+            if not ALIGNED:
+                idx = tl.where(col < W, shift.to(tl.int32)[:, :, None] + col[None, None, :], 0)
+                v = tl.gather(v, idx, axis=2)
+            colsum += tl.sum(v, axis=1)
+        # columns past W hold other rows' units, which no window reads; zeroed all the same
+        # (without it ptxas spills at bf16 32 x 32, k = 7)
+        colsum = tl.where(col[None, :] < W, colsum, 0.0)
+        cols = tl.gather(colsum, tl.broadcast_to(idx2[None, :], (BC, WPP * KP)), axis=1)
+        cols = tl.where(in2[None, :], cols, 0.0)
+        acc = tl.sum(tl.reshape(cols, (BC, WPP, KP)), axis=2)
+        smax, ssq = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax,
+                                  ssq)
+    tl.store(s_ptr + n * NP + i, smax, mask=iv)
+    tl.store(nb_ptr + n * NP + i, tl.sqrt_rn(ssq), mask=iv)
+
+
+@triton.jit
+def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax, ssq):
+    """Stores the pooled avg (channels cc x positions i) to aT; returns max |a| and the sum
+    of (a / max|a|)^2 of positions i over the channels so far, these included."""
+    tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
+             mask=cv[:, None] & iv[None, :])
+    cmax = tl.max(tl.where(cv[:, None], tl.abs(avg), 0.0), axis=0)
+    new = tl.maximum(smax, cmax, propagate_nan=tl.PropagateNan.ALL)
+    pos = new > 0
+    den = tl.where(pos, new, 1.0)
+    r = tl.math.div_rn(smax, den)
+    b = tl.math.div_rn(avg, den[None, :])
+    ssq = ssq * r * r + tl.sum(tl.where(cv[:, None], b * b, 0.0), axis=0)
+    return new, ssq
 
 
 @triton.jit
@@ -133,18 +210,26 @@ def _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, i, C, NP, BM: tl.constexpr, BN: 
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, f_ptr, C, H, W, WP, NP, k, KH, KW,
-                               sN, sC, sH, sW, BC: tl.constexpr, BP: tl.constexpr,
-                               KP: tl.constexpr, BM: tl.constexpr, IDX64: tl.constexpr):
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, f_ptr, C, H, W, HP, WP, NP, k, KH,
+                               KW, sN, sC, sH, sW, L, TOTAL, SPAN,
+                               BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
+                               BM: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
+                               RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
+                               WPP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr):
     n = tl.program_id(0)
     if IDX64:
         n = n.to(tl.int64)
-    for p0 in range(0, NP, BP):
-        i = p0 + tl.arange(0, BP)
-        if IDX64:
-            i = i.to(tl.int64)
-        _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
-                        sN, sC, sH, sW, BC, BP, KP)
+    if FLAT:  # contiguous NCHW x: a window row at a time, 16-byte loads
+        for r in range(0, HP):
+            _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL,
+                       SPAN, BC, RB, RW, WPAD, WPP, KP, A, ALIGNED, IDX64)
+    else:
+        for p0 in range(0, NP, BP):
+            i = p0 + tl.arange(0, BP)
+            if IDX64:
+                i = i.to(tl.int64)
+            _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
+                            sN, sC, sH, sW, BC, BP, KP)
     # The rows below read what the other threads of this program wrote: a block-wide
     # barrier orders those global stores before these loads.
     tl.debug_barrier()
@@ -179,21 +264,43 @@ def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
 def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None:
     """F of x (N, C, H, W), C > 0, k <= max(H, W), into f (N, N') float32: one launch."""
     n, c, h, w = x.shape
-    wp, np_ = cdiv(w, k), f.shape[1]
+    hp, wp, np_ = cdiv(h, k), cdiv(w, k), f.shape[1]
     dev = x.device
     at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
     smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
     nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
     kh, kw = min(k, h), min(k, w)
-    kp = min(pow2(kw), 256)
-    # the interpreter pays per operation, not per element: large tiles
-    bp = max(1, min(pow2(np_), (TILE if INTERPRET else 512) // kp))
-    bc = max(1, min(pow2(c), TILE // (bp * kp)))
+    # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
+    # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no
+    # data_ptr() here (FakeTensors under torch.compile): where x itself is not 16-byte
+    # aligned the loads are narrower, the result the same
+    a = 16 // x.element_size()
+    aligned = w % a == 0  # every row starts on 16 bytes: no realignment
+    span = pow2(w) if aligned else cdiv(w + a - 1, 16) * 16  # multiples of 16: specialised
+    rw = pow2(span)
+    flat = x.is_contiguous() and rw <= MAX_BAND and pow2(wp) * pow2(kw) <= MAX_BAND
+    if flat:
+        kp = pow2(kw)
+        bp = 1
+        # TILE elements of 2 bytes per step (float32 spills at TILE elements): channels,
+        # and rows where C is small
+        tile = TILE * 2 // x.element_size()
+        bc = max(1, min(pow2(c), tile // rw))
+        rb = max(1, min(pow2(kh), tile // (bc * rw)))
+        nw = warps(bc * rb * rw)
+    else:
+        kp = min(pow2(kw), 256)
+        # the interpreter pays per operation, not per element: large tiles
+        bp = max(1, min(pow2(np_), (TILE if INTERPRET else 512) // kp))
+        bc = max(1, min(pow2(c), TILE // (bp * kp)))
+        rb = 1
+        nw = warps(bc * bp * kp)
     # 64 x 64 Gram tiles on a GPU
     bm = min(256 if INTERPRET else 64, max(16, pow2(np_)))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, f, c, h, w, wp, np_, k, kh, kw, *x.stride(),
-        BC=bc, BP=bp, KP=kp, BM=bm, IDX64=needs_int64(x, at), num_warps=warps(bc * bp * kp))
+        x, at, smax, nb, f, c, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w, x.numel(),
+        span, BC=bc, BP=bp, KP=kp, BM=bm, IDX64=needs_int64(x, at), FLAT=flat, RB=rb, RW=rw,
+        WPAD=pow2(w), WPP=pow2(wp), A=a, ALIGNED=aligned, num_warps=nw)
 
 
 __all__ = ["pooled_correlation"]
