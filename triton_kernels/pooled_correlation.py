@@ -278,7 +278,10 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     aligned = w % a == 0  # every row starts on 16 bytes: no realignment
     span = pow2(w) if aligned else cdiv(w + a - 1, 16) * 16  # multiples of 16: specialised
     rw = pow2(span)
-    flat = x.is_contiguous() and rw <= MAX_BAND and pow2(wp) * pow2(kw) <= MAX_BAND
+    # rows under 8 bytes (W = 1, 2, 3) by positions: their 16-byte reads would be mostly
+    # other rows' units, and a tall map's hundreds of window rows one after another
+    flat = (x.is_contiguous() and w * x.element_size() >= 8 and rw <= MAX_BAND
+            and pow2(wp) * pow2(kw) <= MAX_BAND)
     if flat:
         kp = pow2(kw)
         bp = 1
