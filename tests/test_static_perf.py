@@ -294,7 +294,8 @@ def _probe_copy_kernel(a_ptr, o_ptr, n, BLOCK: tl.constexpr):
 @pytest.mark.skipif(sass.tool("cuobjdump") is None, reason="no cuobjdump")
 def test_counter_sees_divisions_and_widths():
     """The counter on kernels whose answer is known: 8 int32 per thread divided by a
-    runtime value (8 divisions, each with its remainder), by a constant (none), as int64 (8
+    runtime value (8 divisions, each with its remainder; also when the launch passes it by
+    keyword, which Triton's JIT does not make a constant), by a constant (none), as int64 (8
     CALLs of the 64-bit routine); a copy of bfloat16 with aligned pointers (16-byte loads
     and stores, 8 elements per thread) and with an unaligned one (2-byte accesses)."""
     def spec(kernel, args, **kw):
@@ -307,9 +308,11 @@ def test_counter_sees_divisions_and_widths():
              spec(_probe_div_kernel, [i32, i32, ["int", 32, 7]], BLOCK=256, DIVISOR=7, WIDE=False),
              spec(_probe_div_kernel, [i32, i32, ["int", 64, 7]], BLOCK=256, DIVISOR=0, WIDE=True),
              spec(_probe_copy_kernel, [bf16, bf16, ["int", 32, 4096]], BLOCK=256),
-             spec(_probe_copy_kernel, [odd, bf16, ["int", 32, 4095]], BLOCK=256)]
-    r = sass.triton_counts_batch(specs, ["int32", "int32", "int32", "bfloat16", "bfloat16"])
+             spec(_probe_copy_kernel, [odd, bf16, ["int", 32, 4095]], BLOCK=256),
+             spec(_probe_div_kernel, [i32, i32], n=7, BLOCK=256, DIVISOR=0, WIDE=False)]
+    r = sass.triton_counts_batch(specs, ["int32"] * 3 + ["bfloat16"] * 2 + ["int32"])
     assert [x.get("divisions") for x in r[:3]] == [8, 0, 8], r[:3]
+    assert r[5].get("divisions") == 8, r[5]
     assert r[3]["elements"] == 8 and r[3]["loads"] == {"128": 1} and r[3]["stores"] == {"128": 1}
     assert set(r[4]["loads"]) == {"16"}, r[4]
     assert budget_violations(sass.counts_from_dict(r[3]), "apply", "bfloat16") == []

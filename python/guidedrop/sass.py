@@ -290,10 +290,20 @@ def specialisation(arg) -> str:
     return ""
 
 
+def _runtime_kwargs(spec) -> set[str]:
+    """The keyword arguments of a recorded launch that are runtime parameters of its kernel
+    (not constexpr): Triton passes them like positional ones, specialised the same way."""
+    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    return {p.name for p in kernel.params if not p.is_constexpr} & set(spec["kwargs"])
+
+
 def spec_key(spec) -> str:
     """The launches that compile to one kernel share this key."""
     args = [a[:2] + [specialisation(a)] for a in spec["args"]]
-    return json.dumps({**spec, "args": args}, sort_keys=True)
+    runtime = _runtime_kwargs(spec)
+    kwargs = {k: (describe(v)[:2] + [specialisation(describe(v))] if k in runtime else v)
+              for k, v in spec["kwargs"].items()}
+    return json.dumps({**spec, "args": args, "kwargs": kwargs}, sort_keys=True)
 
 
 def spec_source(spec):
@@ -304,7 +314,15 @@ def spec_source(spec):
 
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     signature, constexprs, attrs, options = {}, {}, {}, {}
-    for i, (param, arg) in enumerate(zip(kernel.params, spec["args"], strict=False)):
+    index = {p.name: i for i, p in enumerate(kernel.params)}
+    # A runtime parameter passed by keyword is a runtime argument all the same (Triton's JIT
+    # binds keywords to parameters): described here as the positional ones are, so that it
+    # is not compiled as a constant.
+    runtime = _runtime_kwargs(spec)
+    bound = [*zip(kernel.params, spec["args"], strict=False),
+             *((kernel.params[index[k]], describe(spec["kwargs"][k])) for k in runtime)]
+    for param, arg in bound:
+        i = index[param.name]
         kind = arg[0]
         special = "" if getattr(param, "do_not_specialize", False) else specialisation(arg)
         if special == "D" and getattr(param, "do_not_specialize_on_alignment", False):
@@ -323,14 +341,16 @@ def spec_source(spec):
             signature[param.name] = "i1"
         if special == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    names = {p.name for p in kernel.params}
     for name, value in spec["kwargs"].items():
-        if name in names:
+        if name in runtime:
+            continue
+        if name in index:
             signature[name] = "constexpr"
             # the interpreter-only bf16 rounding: the GPU casts natively
             constexprs[name] = False if name == "BF16_FIX" else value
         else:
             options[name] = value
+    signature = {p.name: signature[p.name] for p in kernel.params if p.name in signature}
     if getattr(kernel, "debug", None):  # @triton.jit(debug=True), as JITFunction.run reads it
         options.setdefault("debug", True)
     return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), options
