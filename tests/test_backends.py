@@ -560,6 +560,34 @@ def test_applies_flat_tiles(B, shape):
                  R.apply_attention(t, x, thr, mn, mx, active, mode, scale))
 
 
+# The flat DropBlock apply (triton_kernels/block_mask.py, _apply_block_flat_kernel) per
+# path: k = 1 with contiguous mask rows (groups inside a map where H * W is a multiple of
+# the group, else groups that run into the next map, of the same sample or the next: C = 1
+# and C * H * W not a multiple of the group), k = 1 with strided masks and 2 <= k < 7 (the
+# per-group mask bytes of a row and the next), k >= 7 and k beyond the map; W = 7 (a group
+# spans a whole row), 14, 28, 56 and odd; partial and whole (EVEN) tiles; every dtype
+# (groups of 8 elements, or 4 in float32 where C * H * W is a multiple of 4). Mask bytes of
+# any value, not only 0 / 1: a wrongly chosen byte shows.
+BLOCK_FLAT_SHAPES = [(2, 3, 7, 7), (2, 8, 7, 7), (3, 5, 14, 14), (1, 2, 14, 14), (2, 2, 28, 28),
+                     (1, 3, 9, 56), (2, 3, 5, 13), (3, 1, 6, 7), (1, 4, 16, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", BLOCK_FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_apply_block_flat_paths(B, shape, dtype):
+    x = make_x(shape, dtype, DEV, "contiguous")
+    n, c, h, w = shape
+    scale = rand((n,), 2) * 3
+    for k in (1, 2, 3, 4, 5, 6, 7, 60):
+        hs, ws = -(-h // k), -(-w // k)
+        wide = (rand((n, hs + 1, 2 * ws + 3), k) * 256).to(torch.uint8)
+        # contiguous; rows strided (stride(1) = 2 * ws + 3); columns strided (stride(2) = 2)
+        masks = (wide[:, :hs, :ws].contiguous(), wide[:, 1:, :ws], wide[:, :hs, 1:2 * ws:2])
+        for mask in masks:
+            same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
+
+
 def test_applies_empty(B):
     t = torch.zeros(0, 3, 4, 4, device=DEV)
     assert B.apply_channel(t, torch.zeros(0, 3, device=DEV)).shape == t.shape

@@ -60,12 +60,13 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget.
 OVER_BUDGET = {
-    ("triton", "_apply_block_flat_kernel"): "bf16, k < 7 (a mask byte gathered per "
-                                            "element): k = 1 16.9-21.1 SASS per element at "
-                                            "28 x 28, 14 x 14, 7 x 7 (13.8 and 15.0 at "
-                                            "56 x 56, 32 x 32), k = 3 17.6-22.4 > 15; "
-                                            "k = 7 (three mask bytes per group of 8) "
-                                            "14.6-14.9 and float32 (17.5-29.3) within budget",
+    ("triton", "_apply_block_flat_kernel"): "bf16 k = 3 (2 <= k < 7: the row's and the next "
+                                            "row's mask bytes per group, selected per "
+                                            "element): 15.8 SASS per element at 28 x 28 "
+                                            "and 14 x 14, 15.4 at 7 x 7, 15.0 at 56 x 56 "
+                                            "(14.8 at 32 x 32); k = 1 "
+                                            "9.9-14.8, k = 7 13.2-13.5 and float32 "
+                                            "(10.2-18.1) within budget",
     ("triton", "_apply_attention_flat_kernel"): "141-157 SASS per element ('ad': the exactly "
                                                 "rounded division per element)",
     ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "

@@ -76,7 +76,8 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
 
 @triton.jit
 def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, N, H, W,
-                             MAGW, m_sN, m_sH, m_sW, K: tl.constexpr, KW: tl.constexpr,
+                             MAGW, m_sN, m_sH, m_sW, K: tl.constexpr, LINEAR: tl.constexpr,
+                             IN_MAP: tl.constexpr, CROSS_N: tl.constexpr,
                              BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
                              V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
                              BF16_FIX: tl.constexpr):
@@ -84,61 +85,115 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     so that a group spans at most one row end. Per group: its row (h, w0 by the magic
     multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
     scale of that row and of the next one (the next map's, and sample's, first row after
-    the last); elements j >= W - w0 are the next row's.
+    the last); elements j >= W - w0 are the next row's. CROSS_N (C * H * W % V != 0): a
+    group can span two samples; otherwise one scale per group.
+
+    LINEAR (K = 1, mask rows contiguous): element j's mask byte is n * m_sN + pos + j, loads
+    at constant offsets of one address; IN_MAP (H * W % V == 0): no group leaves its map,
+    else the elements past the map's end take the next map's bytes (the same sample's mask
+    again, or the next sample's): one address select per element.
 
     K >= V - 1: the group's part in its row spans at most two mask columns, c0 = w0 // K and
     c0 + 1 (from element K - w0 % K on), its part in the next row column 0 only: three mask
     bytes per group, each times its row's scale, and per element two selects, no gather.
-    Smaller K: per element, its column w // K (a multiply-shift, exact for w, h < 2 *
-    max(H, W) and max(H, W) * K < 2**19) and which of the two rows. KW (W % K == 0): a
-    wrapped element's column is (w - W) // K = w // K - W // K, folded into the next row's
-    offset."""
+
+    Other K (and K = 1 with a strided mask): the group's part in its row reads columns c0 + i,
+    i < NA = (K + V - 2) // K + 1, its part in the next row columns 0 .. NB - 1: bytes loaded
+    per group at constant offsets of two addresses and multiplied by the row's scale, then
+    selected per element (no per-element gather, conversion or scale select). Element j's
+    column is c0 + j // K + (r >= K - j % K), r = w0 % K, in its row, (j - nxt) // K in the
+    next: with j a constant per register (V * itemsize = 16 bytes, one thread's vector),
+    the selects fold to compares per group. h // K and w0 // K are multiply-shifts, exact
+    as max(H, W) * K < 2**19."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
-    h = tl.umulhi(pos * 4, MAGW)
-    w0 = pos - h * W
-    last = h == H - 1
-    step = last & (c == C - 1)  # the next row is the next sample's
-    n1 = n + step.to(n.dtype)
-    h1 = tl.where(last, 0, h + 1)
-    MK: tl.constexpr = (2**20 + K - 1) // K  # x // K = (x * MK) >> 20 for x * K < 2**20
-    if K >= V - 1:
+    j = tl.arange(0, V)[None, :]
+    if LINEAR:
+        if not EVEN:  # past the last sample: read s[N - 1], never used
+            n = tl.minimum(n, N - 1)
+        s0 = tl.load(s_ptr + n)
+        pa = m_ptr + (n * m_sN + pos)[:, None] + j
+        if IN_MAP:
+            mv = tl.load(pa, mask=m, other=0)
+            wt = mv.to(tl.float32) * s0[:, None]
+        else:
+            # elements j >= HW - pos are the next map's: the same sample's mask from its
+            # start (HW bytes back), or the next sample's, jump = m_sN - HW bytes on
+            # HW - pos >= 1 told to the compiler: element 0 is never the next map's
+            into = j >= tl.maximum(HW - pos, 1)[:, None]
+            if CROSS_N:
+                step = c == C - 1
+                jump = tl.where(step, m_sN - HW, -HW)
+                s1 = tl.where(step, tl.load(s_ptr + tl.minimum(n + 1, N - 1)), s0)
+            else:
+                jump = -HW
+                s1 = s0
+            # one load per element, its address selected (two loads masked either way
+            # cost a zeroing and a masking each)
+            mv = tl.load(tl.where(into, pa + jump[:, None] if CROSS_N else pa + jump, pa),
+                         mask=m, other=0)
+            if CROSS_N:
+                wt = mv.to(tl.float32) * tl.where(into, s1[:, None], s0[:, None])
+            else:
+                wt = mv.to(tl.float32) * s0[:, None]
+    else:
+        h = tl.umulhi(pos * 4, MAGW)
+        w0 = pos - h * W
+        last = h == H - 1
+        h1 = tl.where(last, 0, h + 1)
+        MK: tl.constexpr = (2**20 + K - 1) // K  # x // K = (x * MK) >> 20 for x * K < 2**20
         # clamped, not masked (fewer instructions): groups past the end of the last tile
         # and the sample after the last (n1 = N) read sample N - 1's values, never used
-        n = tl.minimum(n, N - 1)
-        n1 = tl.minimum(n1, N - 1)
-    row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
-    row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
-    s0 = tl.load(s_ptr + n, mask=n < N, other=0.0)
-    # s[n + 1] at the next address (no second address), only where the row is the next
-    # sample's: past the last sample nothing is read
-    s1 = tl.where(step, tl.load(s_ptr + n + 1, mask=step & (n + 1 < N), other=0.0), s0)
-    j = tl.arange(0, V)[None, :]
-    nxt = W - w0  # the first element of the next row
-    wrap = j >= nxt[:, None]
-    if K >= V - 1:
-        c0 = ((w0.to(tl.uint32) * MK) >> 20).to(w0.dtype)
-        b = (c0 + 1) * K - w0  # the first element of column c0 + 1
-        c1 = tl.minimum(c0 + 1, (W - 1) // K)  # past the row's last column: unused
-        f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
-        f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
-        f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
-        # 1 <= b <= K and nxt >= 1: the selects are known for elements 0 and K .. V - 1
-        # (constants the compiler folds: fewer compares)
-        col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
-        wt = tl.where(wrap & (j > 0), f2[:, None], tl.where(col1, f1[:, None], f0[:, None]))
-    else:
-        w = (w0[:, None] + j).to(tl.uint32)  # unsigned: fewer instructions
-        if KW:
-            col = (w * MK) >> 20
-            row = tl.where(wrap, (row1 - (W // K) * m_sW)[:, None], row0[:, None])
+        if not EVEN:
+            n = tl.minimum(n, N - 1)
+        s0 = tl.load(s_ptr + n)
+        if CROSS_N:
+            step = last & (c == C - 1)  # the next row is the next sample's
+            n1 = tl.minimum(n + step.to(n.dtype), N - 1)
+            # s[n + 1] only where the row is the next sample's: past the last, s[n]
+            s1 = tl.where(step, tl.load(s_ptr + n1), s0)
         else:
-            col = ((w - tl.where(wrap, W, 0)) * MK) >> 20
-            row = tl.where(wrap, row1[:, None], row0[:, None])
-        off = row + col * m_sW
-        if not IDX64:
-            off = off.to(tl.uint32)
-        mv = tl.load(m_ptr + off, mask=m, other=0)
-        wt = mv.to(tl.float32) * tl.where(wrap, s1[:, None], s0[:, None])
+            n1 = n
+            s1 = s0
+        row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
+        row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
+        nxt = W - w0  # the first element of the next row
+        wrap = j >= nxt[:, None]
+        c0 = ((w0.to(tl.uint32) * MK) >> 20).to(w0.dtype)
+        if K >= V - 1:
+            b = (c0 + 1) * K - w0  # the first element of column c0 + 1
+            c1 = tl.minimum(c0 + 1, (W - 1) // K)  # past the row's last column: unused
+            f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
+            f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
+            f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
+            # 1 <= b <= K and nxt >= 1: the selects are known for elements 0 and K .. V - 1
+            # (constants the compiler folds: fewer compares)
+            col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
+            wt = tl.where(wrap & (j > 0), f2[:, None],
+                          tl.where(col1, f1[:, None], f0[:, None]))
+        else:
+            NA: tl.constexpr = (K + V - 2) // K + 1  # the row's columns c0 + i
+            NB: tl.constexpr = (V - 2) // K + 1  # the next row's: (j - nxt) // K, nxt >= 1
+            r = w0 - c0 * K
+            # element j's column in its row is c0 + lo + (r >= K - j % K): constants per
+            # element, compares per group only
+            lo = j // K
+            ia = lo + (r[:, None] >= K - j % K).to(lo.dtype)
+            pa = m_ptr + row0 + c0 * m_sW
+            wa = tl.broadcast_to((tl.load(pa).to(tl.float32) * s0)[:, None], ia.shape)
+            last_col = (W - 1) // K
+            for i in tl.static_range(1, NA):
+                # masked past the row's last column: no element takes it (out of bounds
+                # after the mask's last row)
+                fa = tl.load(pa + i * m_sW, mask=c0 + i <= last_col).to(tl.float32) * s0
+                wa = tl.where(ia == i, fa[:, None], wa)
+            # next row: column i from element nxt + i * K on (nxt >= 1 told to the compiler:
+            # the elements below K * i + 1 never take column i)
+            nxt1 = tl.maximum(nxt, 1)[:, None]
+            wb = tl.broadcast_to((tl.load(m_ptr + row1).to(tl.float32) * s1)[:, None], ia.shape)
+            for i in tl.static_range(1, NB):
+                fb = tl.load(m_ptr + row1 + i * m_sW).to(tl.float32) * s1
+                wb = tl.where(j - i * K >= nxt1, fb[:, None], wb)
+            wt = tl.where(wrap, wb, wa)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -162,18 +217,22 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    # groups of 8 elements (16 bytes of bf16, 32 of float32): the two scale loads per group
-    # stay within one 4-byte access per 16 bytes of x in float32 (issue 13)
-    v = 8
+    # groups of 16 bytes (8 elements of bf16, 4 of float32: element j of a group is then a
+    # constant per register, the mask columns' selects fold); 8 elements where a group can
+    # span two samples: its two scale loads stay within one 4-byte access per 16 bytes of
+    # x in float32 (issue 13)
+    v = 8 if c * h * w % 4 else 16 // t.element_size()
     # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
     flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
             else None)
     if flat is not None:
         grid, meta = flat
+        vv = min(v, meta["BLOCK"])
         launch(_apply_block_flat_kernel)[grid](
             t, out, mask, scale, out.numel(), N=n, H=h, W=w, MAGW=-(-2**30 // w),
             m_sN=mask.stride(0), m_sH=mask.stride(1), m_sW=mask.stride(2), K=k,
-            KW=w % k == 0, V=min(v, meta["BLOCK"]), **meta)
+            LINEAR=k == 1 and mask.stride(1) == w and mask.stride(2) == 1,
+            IN_MAP=h * w % vv == 0, CROSS_N=c * h * w % vv != 0, V=vv, **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out)
     launch(_apply_block_kernel)[grid](
