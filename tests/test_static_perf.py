@@ -70,9 +70,12 @@ OVER_BUDGET = {
                                                 "rounded division per element)",
     ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "
                                            "(bf16) accesses",
-    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 53-102 SASS per "
-                                            "element, 2-byte (bf16) accesses where a row start "
-                                            "is not 16-byte aligned",
+    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 74.1-96.1 (bf16) / "
+                                            "71.8-94.4 (fp32) SASS per element at W = 56, 28, "
+                                            "14, 7, one element per access (W not a multiple "
+                                            "of 16: no vectors) and 2.25 runtime divisions "
+                                            "per element; 32 x 32: 30.9-47.9 / 42.4-59.6, "
+                                            "16-byte",
     ("triton", "_apply_seeds_cl_kernel"): "runs of 16 positions, their dropped bits built "
                                           "once per thread: 5.2-12.4 SASS per element "
                                           "(bf16) / 5.5-28.9 (fp32) except bf16 "
