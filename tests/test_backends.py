@@ -520,7 +520,8 @@ def test_apply_seeds(B, x, r):
                         R.apply_seeds(t, bits, r, cs == 1, scale), t)
 
 
-@pytest.mark.parametrize("w", [7, 14, 28, 56])
+@pytest.mark.parametrize("w", [7, 14, pytest.param(28, marks=pytest.mark.slow),
+                               pytest.param(56, marks=pytest.mark.slow)])  # 20-40 s each
 def test_apply_seeds_position_runs(B, w, monkeypatch):
     """Triton's channels_last apply builds each map's dropped bits for runs of 16
     positions along the bit string, crossing rows (W = 7, 14, 28, 56; H = 9) without a
