@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import os
 import re
@@ -294,7 +295,11 @@ def _runtime_kwargs(spec) -> set[str]:
     """The keyword arguments of a recorded launch that are runtime parameters of its kernel
     (not constexpr): Triton passes them like positional ones, specialised the same way."""
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    return {p.name for p in kernel.params if not p.is_constexpr} & set(spec["kwargs"])
+    # from the Python function's annotations: the recording runs under TRITON_INTERPRET=1,
+    # where the kernel is an InterpretedFunction (no .params)
+    params = inspect.signature(kernel.fn).parameters
+    return {n for n, p in params.items() if "constexpr" not in str(p.annotation)} \
+        & set(spec["kwargs"])
 
 
 def spec_key(spec) -> str:
