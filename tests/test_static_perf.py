@@ -60,13 +60,12 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget.
 OVER_BUDGET = {
-    ("triton", "_apply_block_flat_kernel"): "bf16 k = 3 (2 <= k < 7: the row's and the next "
-                                            "row's mask bytes per group, selected per "
-                                            "element): 15.8 SASS per element at 28 x 28 "
-                                            "and 14 x 14, 15.4 at 7 x 7, 15.0 at 56 x 56 "
-                                            "(14.8 at 32 x 32); k = 1 "
-                                            "9.9-14.8, k = 7 13.2-13.5 and float32 "
-                                            "(10.2-18.1) within budget",
+    ("triton", "_apply_block_flat_kernel"): "bf16, the shape (N, H, W, the mask strides) "
+                                            "a runtime value: k = 1 13.2-16.8 SASS per "
+                                            "element, k = 2 20.0-21.5, k = 3 19.0-20.1 (the "
+                                            "row's and the next row's mask bytes per group, "
+                                            "selected per element), k = 7 17.1-17.9; "
+                                            "float32 13.6-24.4 within budget",
     ("triton", "_apply_attention_flat_kernel"): "141-157 SASS per element ('ad': the exactly "
                                                 "rounded division per element)",
     ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "
