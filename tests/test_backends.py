@@ -21,7 +21,7 @@ import math
 import naive
 import pytest
 import torch
-from testing import HAS_CUDA, make_x, radix_rows, tol
+from testing import HAS_CUDA, make_x, radix_rows, slow_without_gpu, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
@@ -329,7 +329,7 @@ SEED_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 9, 17), (2, 4, 13, 8), (3, 2, 
 
 
 @pytest.mark.parametrize("shape", SEED_SHAPES, ids=str)
-@pytest.mark.parametrize("r", [1, 2, 3, 5])
+@pytest.mark.parametrize("r", [1, 3, *slow_without_gpu(2, 5)])
 def test_seed_bits_with_noise(B, shape, r):
     n, c, h, w = shape
     cand_s = rand((n, h, w), 1) < 0.7
@@ -603,7 +603,7 @@ BLOCK_FLAT_SHAPES = [(2, 3, 7, 7), (2, 8, 7, 7), (3, 5, 14, 14), (1, 2, 14, 14),
                      (1, 3, 9, 56), (2, 3, 5, 13), (3, 1, 6, 7), (1, 4, 16, 16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+@pytest.mark.parametrize("dtype", [torch.bfloat16, *slow_without_gpu(torch.float32, torch.float16)],
                          ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", BLOCK_FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_apply_block_flat_paths(B, shape, dtype):
@@ -964,7 +964,14 @@ def test_triton_opcheck(name):
         torch.library.opcheck(getattr(ops, name), args)
 
 
-@pytest.mark.parametrize("case", list(LAYERS))
+# One case per layer by default; the other modes and variants in the slow stage (without a
+# GPU: ~2 s each, Dynamo's tracing).
+COMPILE_DEFAULT = ("corrdrop", "selectscale", "selectout", "attentiondrop-ad", "focused_dropout",
+                   "camdrop", "dropblock")
+
+
+@pytest.mark.parametrize("case", [*COMPILE_DEFAULT, *slow_without_gpu(
+    *(c for c in LAYERS if c not in COMPILE_DEFAULT))])
 def test_layer_compile_fullgraph(monkeypatch, case):
     """torch.compile(fullgraph=True) of the layer on the Triton backend (inductor on a GPU,
     aot_eager under the interpreter: inductor cannot compile CPU tensors' interpreted

@@ -48,6 +48,13 @@ CUDA = "cuda" if HAS_CUDA else pytest.param("cuda", marks=emulated)
 TRITON_SLOW = "triton" if HAS_CUDA else pytest.param("triton", marks=pytest.mark.slow)
 
 
+def slow_without_gpu(*values) -> list:
+    """Test parameters that the default run leaves to .ci/run's slow stage where no GPU is
+    present (more cases of a test whose other cases run by default: under the interpreter
+    they cost more than they add)."""
+    return [v if HAS_CUDA else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def devices() -> list[str]:
     """The devices to test on: "cpu", plus "cuda" when a GPU is visible."""
     return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
