@@ -520,37 +520,6 @@ def test_apply_seeds(B, x, r):
                         R.apply_seeds(t, bits, r, cs == 1, scale), t)
 
 
-@pytest.mark.parametrize("w", [7, 14, pytest.param(28, marks=pytest.mark.slow),
-                               pytest.param(56, marks=pytest.mark.slow)])  # 20-40 s each
-def test_apply_seeds_position_runs(B, w, monkeypatch):
-    """Triton's channels_last apply builds each map's dropped bits for runs of 16
-    positions along the bit string, crossing rows (W = 7, 14, 28, 56; H = 9) without a
-    check: exact against the reference in channels_last (dense, and a sliced view whose
-    positions are not at p * stride(3)), with C = 9 (a partial vector of channels), every
-    dtype, shared and per-channel masks, seeds at a rate and at every valid centre, r = 1,
-    2, 3, 7 and r = 11 > H; the tiles shrunk so that a map spans several
-    programs (runs that start inside a row)."""
-    import sys
-
-    bm = sys.modules.get(f"{B.__name__}.block_mask")
-    if bm is not None and hasattr(bm, "APPLY_TILE"):
-        monkeypatch.setattr(bm, "APPLY_TILE", 64)
-    n, c, h = 2, 9, 9
-    big = make_x((n, c, h + 2, w + 3), torch.float32, DEV, "channels_last")
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    scale = rand((n,), 4) + 0.5
-    for i, r in enumerate((1, 2, 3, 7, h + 2)):
-        for cs in (c, 1):
-            g = 1.0 if (i + cs) % 2 else 0.15
-            bits = R.seed_bits(rand((n, cs, h, w), r), None, g, r, None, None,
-                               (n, cs, h, w), DEV)
-            dt = dtypes[(i + cs) % 3]
-            for t in (big[:, :, 1:h + 1, 2:w + 2].to(dt), big[:, :, :h, :w].contiguous(
-                    memory_format=torch.channels_last).to(dt)):
-                check_apply(B.apply_seeds(t, bits, r, cs == 1, scale),
-                            R.apply_seeds(t, bits, r, cs == 1, scale), t)
-
-
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
 def test_apply_attention(B, x, mode):
     n, c, h, w = x.shape

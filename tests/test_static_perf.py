@@ -70,21 +70,10 @@ OVER_BUDGET = {
                                                 "rounded division per element)",
     ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "
                                            "(bf16) accesses",
-    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 74.1-96.1 (bf16) / "
-                                            "71.8-94.4 (fp32) SASS per element at W = 56, 28, "
-                                            "14, 7, one element per access (W not a multiple "
-                                            "of 16: no vectors) and 2.25 runtime divisions "
-                                            "per element; 32 x 32: 30.9-47.9 / 42.4-59.6, "
-                                            "16-byte",
-    ("triton", "_apply_seeds_cl_kernel"): "runs of 16 positions, their dropped bits built "
-                                          "once per thread: 5.2-12.4 SASS per element "
-                                          "(bf16) / 5.5-28.9 (fp32) except bf16 "
-                                          "per-channel r = 7 (19.6-20.1: 8 channels' bits "
-                                          "per thread, 4 byte loads per seed row each) and "
-                                          "the shared masks of large r (one run of 53 seed "
-                                          "rows x 13 byte loads per thread: r = 53 48.1 "
-                                          "(bf16) / 91.1 (fp32), r = 32 18.2 / 32.5, r = 28 "
-                                          "16.9 (bf16))",
+    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 53-102 SASS per "
+                                            "element, 2-byte (bf16) accesses where a row start "
+                                            "is not 16-byte aligned",
+    ("triton", "_apply_seeds_cl_kernel"): "47.5-51.5 (bf16) / 51-60 (fp32) SASS per element",
     ("triton", "_pooled_correlation_kernel"): "NCHW reads x in 16-byte vectors (4.6-15.3 "
                                               "SASS per element where its pooling loop is the "
                                               "steady state: k = 7 at 28 x 28, 14 x 14, 7 x 7, "

@@ -19,9 +19,6 @@
   of 8 consecutive w are built inside the apply kernel (``_dropped_byte``: OR of the r
   seed rows, each a few bytes shifted into one word, then r shifts), so the x-sized mask
   never exists and each seed byte is read ~3r times per 8 units instead of 2r per unit.
-  channels_last x: the bits of runs of 16 positions of a map (``_dropped_run``: rows
-  crossed along the bit string, whatever W), each built once per thread and applied to
-  its 16 positions x 8 channels (one map for all of them when shared).
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ from ._common import (
     cdiv,
     flat_launch,
     group_tile,
-    hw_flat,
     launch,
     needs_int64,
     op,
@@ -636,100 +632,36 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
 
 
 @triton.jit
-def _run_piece(bits_ptr, sample, first, W, Bn, zero, R: tl.constexpr, LO: tl.constexpr,
-               DA: tl.constexpr, DB: tl.constexpr, L: tl.constexpr):
-    """_dropped_run for the column offsets d in [DA, DB] (L + DB - DA + 7 <= 64 bits): in
-    uint32 words where those bits fit (r <= 10 for L = 16: half the instructions of int64
-    shifts), else int64."""
-    NLOAD: tl.constexpr = (L + DB - DA + 6) // 8 + 1  # bytes of L + DB - DA + 7 bits
-    WT: tl.constexpr = tl.uint32 if L + DB - DA + 7 <= 32 else tl.int64
-    acc = zero.to(WT)
-    for dh in tl.static_range(R):  # OR of the seed rows -LO .. R - 1 - LO
-        p0 = first + ((dh - LO) * W + DA)  # may be < 0: the previous map or sample
-        b0 = p0 >> 3  # floor, also below 0
-        word = zero.to(WT)
-        for e in tl.static_range(NLOAD):
-            bb = b0 + e
-            # 0 <= bb < Bn in one unsigned compare (bb and Bn are < 2**31 in magnitude)
-            v = tl.load(bits_ptr + sample + bb, mask=bb.to(tl.uint64) < Bn, other=0)
-            word = word | (v.to(WT) << (8 * e))
-        acc = acc | (word >> (p0 & 7).to(WT))  # bit i <- the unit first + i + dh * W + DA
-    dropped = zero.to(WT)
-    for d in tl.static_range(0, DB - DA + 1):  # bit i <- units first + i + DA + d
-        dropped = dropped | (acc >> d)
-    return dropped.to(tl.int64)
-
-
-@triton.jit
-def _dropped_run(bits_ptr, sample, first, W, Bn, R: tl.constexpr, LO: tl.constexpr,
-                 L: tl.constexpr):
-    """Bits i < L: unit first + i of a sample's bit string (byte offset ``sample``) covered
-    by the r x r expansion of the seeds, the units taken along the string: ``first`` is
-    (cs * H + h) * W + w, the unit first + i is the next one in the row, or past the row's
-    end the next row's (or map's) first: unit first + i + dh * W + d is its neighbour
-    (dh, d), or a neighbouring row's (map's) edge, which is never a seed
-    (backend_contract.md), so that no row or map ends are checked. A run thus covers L
-    consecutive positions of a map whatever W. Per seed row dh, the bits are read as one
-    int64 word (a few byte loads, shifted into place), the rows OR-ed, then the word OR-ed
-    with itself shifted by every column offset d, in pieces of at most 56 - L offsets."""
-    HI: tl.constexpr = R - 1 - LO
-    PS: tl.constexpr = 56 - L  # offsets per piece: L + PS - 1 + 7 bits fit an int64
-    NPIECE: tl.constexpr = (R + PS - 1) // PS
-    zero = sample * 0 + first * 0
-    dropped = zero.to(tl.int64)
-    for piece in tl.static_range(NPIECE):
-        # piece p: d in [PS * p - LO, min(PS * p - LO + PS - 1, HI)] (constexpr arguments)
-        dropped = dropped | _run_piece(
-            bits_ptr, sample, first, W, Bn, zero, R, LO, piece * PS - LO,
-            piece * PS - LO + PS - 1 - (piece * PS - LO + PS - 1 - HI) * ((piece + 1) // NPIECE),
-            L)
-    return (dropped & ((1 << L) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, NPB, C, H, W, Bn,
+def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb, Bn,
                            t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
                            R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
-                           BG: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
-                           HW_FLAT: tl.constexpr, IDX64: tl.constexpr,
+                           BG: tl.constexpr, BC: tl.constexpr, IDX64: tl.constexpr,
                            SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    """Program (n * NPB + pb, cb): positions p = h * W + w of sample n in BG runs of L
-    (``_dropped_run``, whatever W) x BC channels, c innermost (16-byte vectors). The
-    dropped bits of a run are built once per channel (once for all channels when SHARED)
-    and serve its L positions: the tile is (L, BG, BC), the positions of a run outermost,
-    so that the threads and warps split the runs and channels and each thread holds whole
-    runs (16 positions x a vector of channels) and builds their bits alone."""
-    pid = tl.program_id(0)
-    n = pid // NPB  # the one runtime division, per program
-    p0 = (pid - n * NPB) * (BG * L)
-    g = p0 + tl.arange(0, BG) * L  # (BG,) the runs' first positions
+    """Tile (groups (n, h, q)) x (bits j) x (channels c): w = 8q + j, c innermost."""
+    g = tl.program_id(0) * BG + tl.arange(0, BG)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    j = tl.arange(0, L)
+    gv = g < GROUPS
+    cv = c < C
     if IDX64:
-        n, g, c = n.to(tl.int64), g.to(tl.int64), c.to(tl.int64)
-    HW = H * W
-    if SHARED:  # one map for every channel: (1, BG, 1)
-        dropped = _dropped_run(bits_ptr, n * Bn, g, W, Bn, R, LO, L)[None, :, None]
-    else:  # map c: (1, BG, BC)
-        dropped = _dropped_run(bits_ptr, n * Bn, (c * HW)[None, :] + g[:, None], W, Bn,
-                               R, LO, L)[None, :, :]
-    p = j[:, None] + g[None, :]  # (L, BG)
-    if HW_FLAT:  # position p at p * sW
-        t_pos = p * t_sW
-        o_pos = p * o_sW
-    else:  # a sliced map: h, w per position (a division per 16 bytes of x at most)
-        h = p // W
-        w = p - h * W
-        t_pos = h * t_sH + w * t_sW
-        o_pos = h * o_sH + w * o_sW
-    m = (p < HW)[:, :, None] & (c < C)[None, None, :]
-    keep = ((dropped >> j[:, None, None]) & 1) == 0
-    wt = tl.where(keep, tl.load(s_ptr + n), 0.0)
-    t_off = n * t_sN + t_pos[:, :, None] + (c * t_sC)[None, None, :]
+        g = g.to(tl.int64)
+        c = c.to(tl.int64)
+    n, _, h, q, _ = tile_nchw(g, c, C, H, Wb, True)  # rows (n, h, q), q the byte of w
+    if SHARED:  # one mask for every channel: (BG, 1)
+        plane = n[:, None] * 0
+    else:
+        plane = (c * H * W)[None, :]
+    dropped = _dropped_byte(bits_ptr, (n * Bn)[:, None], plane, h[:, None], q[:, None],
+                            H, W, Bn, R, LO)
+    j = tl.arange(0, 8)
+    w = q[:, None] * 8 + j[None, :]  # (BG, 8)
+    m = (gv[:, None] & (w < W))[:, :, None] & cv[None, None, :]
+    keep = (1 - ((dropped[:, None, :] >> j[None, :, None]) & 1)).to(tl.float32)
+    wt = keep * tl.load(s_ptr + n, mask=gv, other=0.0)[:, None, None]
+    t_off = ((n * t_sN + h * t_sH)[:, None] + w * t_sW)[:, :, None] + (c * t_sC)[None, None, :]
     if SAME:
         o_off = t_off
     else:
-        o_off = n * o_sN + o_pos[:, :, None] + (c * o_sC)[None, None, :]
+        o_off = ((n * o_sN + h * o_sH)[:, None] + w * o_sW)[:, :, None] + (c * o_sC)[None, None, :]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -753,19 +685,13 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
     r, lo = int(r), int(r) - 1 - int(r) // 2
     flags = apply_flags(t, out)
     if walk_channels_last(out):
-        # runs of L = 16 positions (16 bits of a map per channel, built once), 256 bytes of
-        # x per thread (8 runs' vectors of 8 bfloat16 channels: the registers of x
-        # without spills), up to 8 warps
-        ll, per_thread = 16, 256 // t.element_size()
         bc = min(pow2(c), 64)
-        bg = max(1, min(APPLY_TILE * per_thread // (8 * ll * bc), pow2(cdiv(h * w, ll))))
-        npb = cdiv(h * w, bg * ll)
-        grid = (n * npb, cdiv(c, bc))
+        bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
+        grid = (cdiv(n * h * wb, bg), cdiv(c, bc))
         launch(_apply_seeds_cl_kernel)[grid](
-            t, out, bits, scale, npb, c, h, w, bn, *t.stride(), *out.stride(),
-            R=r, LO=lo, SHARED=bool(shared), BG=bg, L=ll, BC=bc,
-            HW_FLAT=hw_flat(t) and hw_flat(out),
-            num_warps=max(1, min(8, bg * ll * bc // (32 * per_thread))), **flags)
+            t, out, bits, scale, n * h * wb, c, h, w, wb, bn, *t.stride(), *out.stride(),
+            R=r, LO=lo, SHARED=bool(shared), BG=bg, BC=bc,
+            num_warps=warps(bg * 8 * bc), **flags)
     else:
         bq = min(pow2(wb), max(1, APPLY_TILE // 8))
         br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
