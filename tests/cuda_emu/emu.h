@@ -4,8 +4,9 @@
 //
 // Model: a launch `kernel<<<grid, block, smem, stream>>>(args)` (rewritten by build.py to
 // `emu::Launcher(grid, block, smem, stream)(kernel, args)`) runs the blocks one after
-// another; inside a block every CUDA thread is an OS thread (std::thread), so threads really
-// interleave and a missing __syncthreads can show up as a wrong result. __syncthreads is a
+// another; inside a block every CUDA thread is an OS thread (std::thread, kept in a pool from
+// block to block), so threads really interleave and a missing __syncthreads can show up as a
+// wrong result. __syncthreads is a
 // barrier of the block, warp intrinsics (__shfl_*_sync, __ballot_sync, __match_any_sync,
 // ...) a rendezvous of the 32 lanes of the warp: all 32 lanes must call them (full mask only),
 // as on the GPU. `__shared__` variables are `static` (one copy, the blocks run one at a time),
@@ -34,13 +35,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <semaphore>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 typedef struct CUstream_st* cudaStream_t;  // as in driver_types.h
 
@@ -162,6 +167,52 @@ struct BlockState {
 };
 inline BlockState* bs = nullptr;
 
+// The OS threads that run the CUDA threads of a block, kept from block to block and from
+// launch to launch: creating and joining 256 threads costs ~17 ms on a 2-core machine, more
+// than most emulated blocks compute, and it was most of the emulated tests' time (in the
+// kernel). Worker t runs CUDA thread t of every block (the job sets its thread_locals). The
+// workers never exit; a forked child, which has none of them, starts a pool of its own.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = nullptr;  // leaked on purpose: its threads outlive every destructor
+    static pid_t owner = 0;
+    if (pool == nullptr || owner != getpid()) {
+      pool = new Pool;
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // Start job(t) on workers t = 0 .. n - 1 (they run while the caller watches the block).
+  void start(int n, const std::function<void(int)>& job) {
+    job_ = &job;
+    n_ = n;
+    while (static_cast<int>(go_.size()) < n) {
+      go_.push_back(std::make_unique<std::binary_semaphore>(0));
+      std::thread([this, t = static_cast<int>(go_.size()) - 1, go = go_.back().get()] {
+        for (;;) {
+          go->acquire();
+          (*job_)(t);
+          done_.release();
+        }
+      }).detach();
+    }
+    for (int t = 0; t < n; ++t) go_[t]->release();
+  }
+
+  // Wait until every worker of the last start has returned from the job (a join).
+  void join() {
+    for (int t = 0; t < n_; ++t) done_.acquire();
+  }
+
+ private:
+  std::vector<std::unique_ptr<std::binary_semaphore>> go_;
+  std::counting_semaphore<> done_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int n_ = 0;
+};
+
 inline int linear() {
   return static_cast<int>(tidx.x + tidx.y * blockDim_.x + tidx.z * blockDim_.x * blockDim_.y);
 }
@@ -231,28 +282,26 @@ struct Launcher {
           32, "a warp intrinsic of warp " + std::to_string(w) + where, st.progress));
     st.slots.assign(nt, 0);
     bs = &st;
-    std::vector<std::thread> threads;
-    threads.reserve(nt);
-    for (int t = 0; t < nt; ++t) {
-      threads.emplace_back([&, t] {
-        tidx = make_uint3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
-        bidx = make_uint3(block_idx.x, block_idx.y, block_idx.z);
-        try {
-          f(a...);
-          st.block->exit();
-          st.warp[t / 32]->exit();
-        } catch (...) {
-          {
-            std::lock_guard<std::mutex> lock(st.m);
-            if (!st.error) st.error = std::current_exception();
-          }
-          st.fail_all("another thread" + where + " failed");
+    const std::function<void(int)> job = [&](int t) {
+      tidx = make_uint3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
+      bidx = make_uint3(block_idx.x, block_idx.y, block_idx.z);
+      try {
+        f(a...);
+        st.block->exit();
+        st.warp[t / 32]->exit();
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(st.m);
+          if (!st.error) st.error = std::current_exception();
         }
-        st.progress.fetch_add(1);
-        std::lock_guard<std::mutex> lock(st.m);
-        if (++st.done == nt) st.all_done.notify_all();
-      });
-    }
+        st.fail_all("another thread" + where + " failed");
+      }
+      st.progress.fetch_add(1);
+      std::lock_guard<std::mutex> lock(st.m);
+      if (++st.done == nt) st.all_done.notify_all();
+    };
+    Pool& pool = Pool::get();
+    pool.start(nt, job);
     // Watchdog: no barrier completed and no thread returned for timeout_s(): a deadlock.
     {
       std::unique_lock<std::mutex> lock(st.m);
@@ -291,7 +340,7 @@ struct Launcher {
         }
       }
     }
-    for (auto& th : threads) th.join();
+    pool.join();
     bs = nullptr;
     if (st.error) std::rethrow_exception(st.error);
   }
