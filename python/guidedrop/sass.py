@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -389,11 +390,25 @@ def triton_elements(ttgir: str, num_warps: int, dtype: str) -> float:
 
 def triton_counts(spec, dtype: str, cc: int = SM) -> Counts:
     """Counts of one recorded Triton launch compiled for ``sm_<cc>``; ``dtype`` is x's
-    ("bfloat16", "float32", ...)."""
+    ("bfloat16", "float32", ...). Kept beside Triton's cache (``$TRITON_CACHE_DIR``, else
+    ``~/.triton/cache``) under ``guidedrop-sass/``, keyed by the cubin, the elements per
+    thread and this module's source: disassembling takes longer than a cached compile."""
     k = compile_spec(spec, cc)
+    elements = triton_elements(k.asm["ttgir"], k.metadata.num_warps, dtype)
+    h = hashlib.sha256(k.asm["cubin"])
+    h.update(f"{spec['kernel']} {elements!r}".encode())
+    h.update(Path(__file__).read_bytes())
+    cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    path = cache / "guidedrop-sass" / f"{h.hexdigest()}.json"
+    if path.is_file():
+        return counts_from_dict(json.loads(path.read_text()))
     (name, instrs), = disassemble(k.asm["cubin"]).items()
-    return count(spec["kernel"], instrs,
-                 triton_elements(k.asm["ttgir"], k.metadata.num_warps, dtype))
+    counts = count(spec["kernel"], instrs, elements)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: pool processes share the folder
+    tmp.write_text(json.dumps(counts.as_dict()))
+    tmp.replace(path)
+    return counts
 
 
 @contextlib.contextmanager
