@@ -479,6 +479,7 @@ def test_demo_subprocess_output_is_clean(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "camdrop" in r.stdout and "wrote demo.png" in r.stdout
+    assert "camdrop: trained in" in r.stderr, r.stderr  # no bar in a pipe: a line per layer
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -1317,13 +1317,16 @@ def add_parser(sub) -> None:
                        description="Check every backend against the reference with the same "
                        "noise, then time it; compare with the bandwidth floor measured in "
                        "the same run.")
-    b.add_argument("--layers", default="all", help=f"comma list of {', '.join(LAYERS)}")
+    b.add_argument("--layers", default="all",
+                   help=f"comma list of {', '.join(LAYERS)} (default: all)")
     b.add_argument("--shapes", default=None,
                    help="comma list of NxCxHxW or names: "
                         + ", ".join(f"{k}={fmt_shape(v)}" for k, v in SHAPES.items())
                         + " (default: the issue's shapes on CUDA, small on CPU)")
-    b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64")
-    b.add_argument("--mode", default="full", help="forward, backward, full, or a comma list")
+    b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64 "
+                   "(default: bf16,fp32 on CUDA, fp32 on CPU)")
+    b.add_argument("--mode", default="full",
+                   help="forward, backward, full, or a comma list (default full)")
     b.add_argument("--backends", default=None,
                    help=f"comma list of {', '.join(PROVIDERS)} (default: every available one), "
                         "or all: every backend, a row saying why for each that cannot run here")

@@ -282,12 +282,16 @@ def run(args) -> list[dict]:
                   TimeElapsedColumn(), console=err, transient=True,
                   disable=not err.is_terminal) as bar:
         task = bar.add_task("", total=len(layers) * seeds * epochs)
-        for layer in layers:
+        for i, layer in enumerate(layers, 1):
             bar.update(task, description=layer)
+            t0 = time.perf_counter()
             for s in range(seeds):
                 runs.append(train_one(layer, data, epochs=epochs, device=device,
                                       seed=args.seed + s, curves=bool(plot),
                                       advance=lambda: bar.advance(task)))
+            if bar.disable:  # no bar in a log or pipe: a line per layer shows the progress
+                err.print(f"[{i}/{len(layers)}] {layer}: trained in "
+                          f"{time.perf_counter() - t0:.1f} s", highlight=False)
     rows = summarise(runs, layers)
     note = "mean ± std over seeds; " if seeds > 1 else ""
     out.print(table(rows, seeds, "accuracy after the last epoch"))

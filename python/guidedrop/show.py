@@ -247,9 +247,12 @@ def add_parser(sub) -> None:
                        description="Apply each layer (training mode, fixed seed) to filter "
                        "responses of a photograph shipped with scikit-learn and draw its "
                        "mask over the image.")
-    s.add_argument("--out", default="masks.png", help="PNG file to write (default masks.png)")
-    s.add_argument("--layers", default="all", help=f"comma list of {', '.join(models.LAYERS)}")
-    s.add_argument("--image", default="china.jpg", help="china.jpg or flower.jpg")
+    s.add_argument("--out", default="masks.png", metavar="PATH",
+                   help="PNG file to write (default masks.png)")
+    s.add_argument("--layers", default="all",
+                   help=f"comma list of {', '.join(models.LAYERS)} (default: all)")
+    s.add_argument("--image", default="china.jpg",
+                   help="china.jpg or flower.jpg (default china.jpg)")
     s.add_argument("--size", type=int_in(16, 2048), default=128,
                    help="shorter side in pixels, 16 to 2048 (default 128)")
     seed_arg(s)
