@@ -6,11 +6,11 @@
 // `emu::Launcher(grid, block, smem, stream)(kernel, args)`) runs the blocks one after
 // another; inside a block every CUDA thread is an OS thread (std::thread, kept in a pool from
 // block to block), so threads really interleave and a missing __syncthreads can show up as a
-// wrong result. __syncthreads is a
-// barrier of the block, warp intrinsics (__shfl_*_sync, __ballot_sync, __match_any_sync,
-// ...) a rendezvous of the 32 lanes of the warp: all 32 lanes must call them (full mask only),
-// as on the GPU. `__shared__` variables are `static` (one copy, the blocks run one at a time),
-// dynamic shared memory is a buffer filled with 0xAB before each launch.
+// wrong result. __syncthreads is a barrier of the block, warp intrinsics (__shfl_*_sync,
+// __ballot_sync, __match_any_sync, ...) a rendezvous of the 32 lanes of the warp: all 32
+// lanes must call them (full mask only), as on the GPU. `__shared__` variables are `static`
+// (one copy, the blocks run one at a time), dynamic shared memory is a buffer filled with 0xAB
+// before each launch.
 //
 // Errors become C++ exceptions, thrown by the launch (so the op raises a RuntimeError): an
 // exception in a kernel thread, a barrier that cannot complete (some threads returned from
@@ -89,8 +89,8 @@ inline void futex_wake_all(std::atomic<uint32_t>& word) {
           nullptr, 0);
 }
 
-// A reusable barrier of n threads (futex-based) that can be
-// broken: then every waiter, and every later arrival, throws emu::Error.
+// A reusable barrier of n threads (waiting with futex_wait) that can be broken: then every
+// waiter, and every later arrival, throws emu::Error.
 class Barrier {
  public:
   Barrier(int n, std::string what, std::atomic<uint64_t>& progress)
