@@ -275,6 +275,13 @@ BAD = [
     (["demo", "--md", "/proc/demo.md"], "cannot write there"),
     (["demo", "--plot", "/proc/demo.png"], "cannot write there"),
     (["demo", "--epochs"], "expected one argument"),
+    # two outputs in one file: the later write replaced the earlier one
+    (["bench", "--csv", "r.txt", "--md", "./r.txt"], "--csv and --md both name ./r.txt"),
+    (["bench", "--quick", "--table", "r.txt", "--csv", "r.txt"], "--csv and --table both"),
+    (["demo", "--plot", "d.png", "--md", "d.png"], "--plot and --md both name d.png"),
+    # a file name longer than the file system takes (NAME_MAX 255): Path.is_dir() raised
+    (["bench", "--csv", "a" * 256 + ".csv"], "cannot write there (File name too long)"),
+    (["demo", "--plot", "a" * 256 + ".png"], "cannot write there (File name too long)"),
     ([], "the following arguments are required: {demo,bench,show}"),
 ]
 

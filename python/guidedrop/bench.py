@@ -1080,13 +1080,15 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
     if not path.strip():  # Path("") is ".", which would be reported as a directory
         raise usage_error(f"{option} is empty, give a file name")
     p = Path(path)
-    if p.is_dir():
+    # os.path's tests, not Path's: Path.is_dir() raises on a name too long for the file
+    # system (ENAMETOOLONG, before Python 3.14); os.path says False, and open() names it.
+    if os.path.isdir(p):
         raise usage_error(f"{option} {path}: is a directory, give a file name")
     if suffix and p.suffix.lower() != suffix:
         raise usage_error(f"{option} {path}: give a {suffix} file name")
-    if not p.parent.is_dir():
+    if not os.path.isdir(p.parent):
         raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
-    existed = p.exists()
+    existed = os.path.exists(p)
     try:
         with open(p, "ab"):
             pass
@@ -1094,6 +1096,19 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
         raise usage_error(f"{option} {path}: cannot write there ({e.strerror})") from None
     if not existed:
         p.unlink()
+
+
+def distinct(**paths: str | None) -> None:
+    """UsageError when two output options name the same file: the later write would
+    replace the earlier one without a word."""
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        if path:
+            key = os.path.realpath(path)
+            if key in seen:
+                raise usage_error(f"--{seen[key]} and --{option} both name {path}: give each "
+                                  "its own file")
+            seen[key] = option
 
 
 def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
@@ -1196,6 +1211,7 @@ def run(args) -> list[dict]:
     for path, opt, suffix in ((args.csv, "--csv", None), (args.plot, "--plot", ".png"),
                               (args.md, "--md", None), (args.table, "--table", None)):
         writable(path, opt, suffix)
+    distinct(csv=args.csv, plot=args.plot, md=args.md, table=args.table)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

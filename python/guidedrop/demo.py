@@ -258,9 +258,10 @@ def run(args) -> list[dict]:
     layers = _parse_layers(args.layers)
     device = parse_device(args.device)
     plot = args.plot if args.plot is not None else (None if args.quick else "demo.png")
-    from .bench import writable  # opens the file: a place we cannot write (/proc) fails
+    from .bench import distinct, writable  # opens the file: /proc fails
     writable(plot, "--plot", ".png")  # now, not after the training
     writable(args.md, "--md")
+    distinct(plot=plot, md=args.md)
     try:
         import sklearn  # noqa: F401
         if plot:
