@@ -326,6 +326,18 @@ def test_bench_unwritable_paths(option, tmp_path, capsys):
     _one_line_error(capsys, rc, "is a directory")
 
 
+def test_output_fifo_and_dangling_link(tmp_path, capsys):
+    """The write probe neither blocks on a FIFO nobody reads (it did, forever) nor deletes a
+    symbolic link to a file not yet there (it did, leaving an empty file at the target)."""
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)
+    _one_line_error(capsys, cli.main([*QUICK, "--csv", str(fifo)]), "a FIFO with no reader")
+    link, target = tmp_path / "l.md", tmp_path / "t.md"
+    link.symlink_to(target)
+    bench.writable(str(link), "--md")
+    assert link.is_symlink() and not target.exists()
+
+
 def test_show_unwritable_out(tmp_path, capsys):
     _one_line_error(capsys, cli.main(["show", "--out", str(tmp_path / "no" / "m.png")]),
                     "does not exist")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import errno
 import functools
 import math
 import os
@@ -1088,14 +1089,16 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
         raise usage_error(f"{option} {path}: give a {suffix} file name")
     if not os.path.isdir(p.parent):
         raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
-    existed = os.path.exists(p)
+    real = os.path.realpath(p)  # a symbolic link to a file not yet there: probe the file,
+    existed = os.path.exists(real)  # and remove that file again, not the link
     try:
-        with open(p, "ab"):
-            pass
+        # O_NONBLOCK: a FIFO with no reader fails at once (ENXIO) instead of blocking forever
+        os.close(os.open(real, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
     except OSError as e:
-        raise usage_error(f"{option} {path}: cannot write there ({e.strerror})") from None
+        why = "a FIFO with no reader" if e.errno == errno.ENXIO else e.strerror
+        raise usage_error(f"{option} {path}: cannot write there ({why})") from None
     if not existed:
-        p.unlink()
+        os.unlink(real)
 
 
 def distinct(**paths: str | None) -> None:
