@@ -201,6 +201,19 @@ def test_show_writes_masks_png(tmp_path, capsys):
         assert layer in stdout
 
 
+def test_show_quick_keeps_an_explicit_size(tmp_path, capsys):
+    """--quick's 96 px is a default: --size 16 with it draws 16 px (it drew 96)."""
+    argv = ["show", "--quick", "--size", "16", "--layers", "dropblock,dropblock"]
+    assert cli.main([*argv, "--out", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "china.jpg: (16, 24) px" in out
+    assert out.count("dropblock") == 1  # a layer named twice is drawn once
+
+
+def test_layers_named_twice_run_once():
+    assert bench.parse_layers("dropblock, corrdrop,dropblock") == ["dropblock", "corrdrop"]
+
+
 def test_show_masks_are_the_layers_multipliers():
     from guidedrop import show
     x = show.features(show.load_photo(size=48))

@@ -1058,7 +1058,7 @@ def _split(s: str) -> list[str]:
 def parse_layers(s: str) -> list[str]:
     if s == "all":
         return list(LAYERS)
-    names = _split(s)
+    names = list(dict.fromkeys(_split(s)))  # a layer named twice is benched once
     for name in names:
         if name not in LAYERS:
             raise usage_error(f"unknown layer {name!r}; choose from {', '.join(LAYERS)}")

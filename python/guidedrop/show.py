@@ -212,7 +212,8 @@ def run(args) -> dict[str, torch.Tensor]:
         import matplotlib  # noqa: F401
     except ImportError:
         raise _usage("show needs matplotlib: pip install 'guidedrop[bench]'") from None
-    photo = load_photo(args.image, 96 if args.quick else args.size)
+    # an explicit --size wins over --quick's (as demo's options win over its presets)
+    photo = load_photo(args.image, args.size or (96 if args.quick else 128))
     x = features(photo)
     # The masks are the same on every backend (given the same randomness): draw them on
     # the reference, whatever GUIDEDROP_BACKEND or TRITON_INTERPRET say.
@@ -253,7 +254,7 @@ def add_parser(sub) -> None:
                    help=f"comma list of {', '.join(models.LAYERS)} (default: all)")
     s.add_argument("--image", default="china.jpg",
                    help="china.jpg or flower.jpg (default china.jpg)")
-    s.add_argument("--size", type=int_in(16, 2048), default=128,
-                   help="shorter side in pixels, 16 to 2048 (default 128)")
+    s.add_argument("--size", type=int_in(16, 2048), default=None,
+                   help="shorter side in pixels, 16 to 2048 (default 128, --quick 96)")
     seed_arg(s)
-    s.add_argument("--quick", action="store_true", help="a smaller image (CI)")
+    s.add_argument("--quick", action="store_true", help="a smaller image and PNG (CI)")
