@@ -316,6 +316,11 @@ def test_help_gives_every_numeric_range():
     assert len(ranged) >= 8  # --seed of bench, show and demo, --epochs, --size, ...
     for name, a in ranged:
         assert a.type.span in a.help, (name, a.option_strings, a.help)
+    # and every option that takes a value says what it is without one
+    valued = [(name, a) for name, p in sub.choices.items() for a in p._actions if a.nargs != 0]
+    assert len(valued) >= 25
+    for name, a in valued:
+        assert "default" in a.help, (name, a.option_strings, a.help)
 
 
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])

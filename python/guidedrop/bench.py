@@ -1354,9 +1354,12 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int_in(1, 4096), default=None,
                    help="torch CPU threads, 1 to 4096 (default: torch's); 1 is steadier on a "
                         "busy machine")
-    b.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
-    b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
-    b.add_argument("--md", default=None, metavar="PATH", help="write a markdown table")
+    b.add_argument("--csv", default=None, metavar="PATH",
+                   help="write the rows as CSV (default: none)")
+    b.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG bar chart (default: none)")
+    b.add_argument("--md", default=None, metavar="PATH",
+                   help="write a markdown table (default: none)")
     b.add_argument("--resnet", action="store_true",
                    help="also time a ResNet-50 training step with each layer")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")
@@ -1366,13 +1369,13 @@ def add_parser(sub) -> None:
     b.add_argument("--budget", type=float_in(0, 1e6), default=None, metavar="SECONDS",
                    help="0 to 1e+06; stop checking and timing after this long: the cases left "
                         "get rows marked not measured (torch.compile, the slowest to set up, "
-                        "runs last)")
+                        "runs last; default: no limit)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "
                         "traced with backend=eager)")
     b.add_argument("--table", default=None, metavar="PATH",
-                   help="also write the printed table as plain text")
+                   help="also write the printed table as plain text (default: none)")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "

@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
     d.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of test accuracy and train-test gap per epoch (default demo.png; "
                         "--quick: none)")
-    d.add_argument("--md", default=None, metavar="PATH", help="also write the table as markdown")
+    d.add_argument("--md", default=None, metavar="PATH",
+                   help="also write the table as markdown (default: none)")
 
 
 def cpu_contention(device) -> str | None:
