@@ -490,6 +490,21 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     assert len(lines) == 2 + 3 and lines[3].startswith("| corrdrop | ")
 
 
+@pytest.mark.parametrize("backend,expected", [
+    ("nosuch", "GUIDEDROP_BACKEND must be one of auto, reference"),
+    ("cuda", "GUIDEDROP_BACKEND=cuda, but it cannot run here"),  # --device cpu: never
+])
+def test_demo_refuses_a_forced_backend_that_cannot_run(backend, expected, monkeypatch, capsys,
+                                                       tmp_path):
+    """Before any training: it was a traceback after the baseline had trained (and none
+    with one training step: the ramp kept every layer at rate 0, so nothing dispatched)."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", backend)
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    _one_line_error(capsys, cli.main([*TINY_DEMO, "--plot", "never.png"]), expected)
+    assert time.perf_counter() - t0 < 10
+
+
 def test_demo_cpu_contention(monkeypatch):
     """Only a CPU run on a machine loaded beyond its cores + 1 is flagged."""
     from guidedrop import demo

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import models
-from .cli import UsageError, console, int_in, parse_device, seed_arg
+from . import dispatch, models
+from .cli import UsageError, _first_line, console, int_in, parse_device, seed_arg
 from .context import cam_targets
 from .schedule import LinearRamp
 
@@ -258,6 +258,11 @@ def run(args) -> list[dict]:
     train_images = args.train_images or preset["train"]
     layers = _parse_layers(args.layers)
     device = parse_device(args.device)
+    try:  # a forced backend that cannot run fails now, not mid-run after the baseline trained
+        if dispatch.requested() != "auto":
+            dispatch.backend_for(torch.empty(0, device=device))
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(_first_line(e)) from None
     plot = args.plot if args.plot is not None else (None if args.quick else "demo.png")
     from .bench import distinct, writable  # opens the file: /proc fails
     writable(plot, "--plot", ".png")  # now, not after the training
