@@ -265,6 +265,7 @@ BAD = [
     (["show", "--image", "nosuch.jpg"], "unknown image"),
     (["show", "--size", "0"], "--size: 0 is out of range"),
     (["show", "--size", "100000"], "--size: 100000 is out of range"),
+    (["show", "--size", "513"], "--size: 513 is out of range: give 16 to 512"),  # 2048: 13 GB
     (["show", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
     (["show", "--seed", "-1"], "--seed: -1 is out of range"),
     (["demo", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
