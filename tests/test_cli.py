@@ -387,6 +387,18 @@ def test_bad_input_subprocess_has_no_traceback(argv, tmp_path):
     assert r.stdout == "" and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a Python process: ~10 s
+def test_stdout_closed_early_is_quiet(tmp_path):
+    """`bench ... | head -1`: the reader goes away; exit status 1 and no traceback (it was a
+    BrokenPipeError traceback from a print)."""
+    p = subprocess.Popen([sys.executable, "-m", "guidedrop", *QUICK, "--backends", "reference",
+                          "--layers", "dropblock", "--budget", "0"], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 1 and "Traceback" not in err and "Error" not in err, err
+
+
 def test_shape_error_names_the_shape(tmp_path):
     r = run_module("bench", "--shapes", "0x3x4x4", cwd=tmp_path)
     assert r.stderr.strip().splitlines() == [
