@@ -2,7 +2,8 @@
 
 A bad command line (unknown names, numbers out of range, a device that is not here, an
 unwritable path) prints one line ``error: ...`` on stderr and exits with status 2, before
-any work starts; a backend that disagrees with the reference in ``bench`` exits with 1.
+any work starts; a backend that disagrees with the reference in ``bench`` exits with 1,
+and so does a run whose stdout is closed by its reader (``| head``), quietly.
 """
 
 from __future__ import annotations
