@@ -212,6 +212,9 @@ def test_show_quick_keeps_an_explicit_size(tmp_path, capsys):
 
 def test_layers_named_twice_run_once():
     assert bench.parse_layers("dropblock, corrdrop,dropblock") == ["dropblock", "corrdrop"]
+    args = types.SimpleNamespace(shapes="tiny,2x16x14x14, 1x2x3x4", dtype="fp32,FP32", quick=False)
+    assert bench.configs(args, torch.device("cpu")) == [((2, 16, 14, 14), torch.float32),
+                                                        ((1, 2, 3, 4), torch.float32)]
 
 
 def test_show_masks_are_the_layers_multipliers():

@@ -1126,7 +1126,7 @@ def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int],
             shapes = [s for s, _ in (CUDA_QUICK if gpu else CPU_QUICK)]
         shapes = [SHAPES[s] for s in shapes]
     else:
-        shapes = [parse_shape(s) for s in _split(args.shapes)]
+        shapes = list(dict.fromkeys(parse_shape(s) for s in _split(args.shapes)))  # once each
         if not shapes:
             raise usage_error("--shapes is empty")
     if args.dtype is None:
