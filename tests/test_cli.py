@@ -521,6 +521,16 @@ def test_demo_refuses_a_forced_backend_that_cannot_run(backend, expected, monkey
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_demo_full_disk_is_one_line(capsys):
+    """A write that fails after the training (a full disk: /dev/full) is one error line,
+    as in bench; it was an OSError traceback."""
+    rc = cli.main([*TINY_DEMO, "--layers", "none", "--md", "/dev/full"])  # the last --layers
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: cannot write the results: [Errno 28] No space left on device")
+
+
 def test_demo_cpu_contention(monkeypatch):
     """Only a CPU run on a machine loaded beyond its cores + 1 is flagged."""
     from guidedrop import demo

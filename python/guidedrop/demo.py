@@ -308,11 +308,14 @@ def run(args) -> list[dict]:
     if busy:
         out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
                   "say little; rerun on an idle machine to compare them)", highlight=False)
-    if args.md:
-        Path(args.md).write_text(markdown(rows, seeds))
-        out.print(f"wrote {args.md}", highlight=False)
-    if plot:
-        write_plot(plot, runs, layers, what)
-        out.print(f"wrote {plot}", highlight=False)
+    try:  # probed before the training, but a disk can fill up since (as bench says it)
+        if args.md:
+            Path(args.md).write_text(markdown(rows, seeds))
+            out.print(f"wrote {args.md}", highlight=False)
+        if plot:
+            write_plot(plot, runs, layers, what)
+            out.print(f"wrote {plot}", highlight=False)
+    except OSError as e:
+        raise UsageError(f"cannot write the results: {e}") from None
     sys.stdout.flush()
     return rows
