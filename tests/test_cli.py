@@ -348,6 +348,10 @@ def test_bench_unwritable_paths(option, tmp_path, capsys):
     _one_line_error(capsys, rc, "is a directory")
 
 
+def test_two_outputs_to_one_stream():
+    bench.distinct(csv="/dev/null", md="/dev/null")  # a stream takes both: no error
+
+
 def test_output_fifo_and_dangling_link(tmp_path, capsys):
     """The write probe neither blocks on a FIFO nobody reads (it did, forever) nor deletes a
     symbolic link to a file not yet there (it did, leaving an empty file at the target)."""

@@ -1103,11 +1103,11 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
 
 def distinct(**paths: str | None) -> None:
     """UsageError when two output options name the same file: the later write would
-    replace the earlier one without a word."""
+    replace the earlier one without a word (a stream, /dev/stdout, takes both)."""
     seen: dict[str, str] = {}
     for option, path in paths.items():
-        if path:
-            key = os.path.realpath(path)
+        key = os.path.realpath(path) if path else ""
+        if key and (os.path.isfile(key) or not os.path.exists(key)):
             if key in seen:
                 raise usage_error(f"--{seen[key]} and --{option} both name {path}: give each "
                                   "its own file")
