@@ -201,6 +201,22 @@ def test_show_writes_masks_png(tmp_path, capsys):
         assert layer in stdout
 
 
+def test_show_quick_keeps_an_explicit_size(tmp_path, capsys):
+    """--quick's 96 px is a default: --size 16 with it draws 16 px (it drew 96)."""
+    argv = ["show", "--quick", "--size", "16", "--layers", "dropblock,dropblock"]
+    assert cli.main([*argv, "--out", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "china.jpg: (16, 24) px" in out
+    assert out.count("dropblock") == 1  # a layer named twice is drawn once
+
+
+def test_layers_named_twice_run_once():
+    assert bench.parse_layers("dropblock, corrdrop,dropblock") == ["dropblock", "corrdrop"]
+    args = types.SimpleNamespace(shapes="tiny,2x16x14x14, 1x2x3x4", dtype="fp32,FP32", quick=False)
+    assert bench.configs(args, torch.device("cpu")) == [((2, 16, 14, 14), torch.float32),
+                                                        ((1, 2, 3, 4), torch.float32)]
+
+
 def test_show_masks_are_the_layers_multipliers():
     from guidedrop import show
     x = show.features(show.load_photo(size=48))
@@ -252,6 +268,7 @@ BAD = [
     (["show", "--image", "nosuch.jpg"], "unknown image"),
     (["show", "--size", "0"], "--size: 0 is out of range"),
     (["show", "--size", "100000"], "--size: 100000 is out of range"),
+    (["show", "--size", "513"], "--size: 513 is out of range: give 16 to 512"),  # 2048: 13 GB
     (["show", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
     (["show", "--seed", "-1"], "--seed: -1 is out of range"),
     (["demo", "--seed", "100000000000000000000000"], "--seed: 100000000000000000000000 is out"),
@@ -275,6 +292,13 @@ BAD = [
     (["demo", "--md", "/proc/demo.md"], "cannot write there"),
     (["demo", "--plot", "/proc/demo.png"], "cannot write there"),
     (["demo", "--epochs"], "expected one argument"),
+    # two outputs in one file: the later write replaced the earlier one
+    (["bench", "--csv", "r.txt", "--md", "./r.txt"], "--csv and --md both name ./r.txt"),
+    (["bench", "--quick", "--table", "r.txt", "--csv", "r.txt"], "--csv and --table both"),
+    (["demo", "--plot", "d.png", "--md", "d.png"], "--plot and --md both name d.png"),
+    # a file name longer than the file system takes (NAME_MAX 255): Path.is_dir() raised
+    (["bench", "--csv", "a" * 256 + ".csv"], "cannot write there (File name too long)"),
+    (["demo", "--plot", "a" * 256 + ".png"], "cannot write there (File name too long)"),
     ([], "the following arguments are required: {demo,bench,show}"),
 ]
 
@@ -296,6 +320,11 @@ def test_help_gives_every_numeric_range():
     assert len(ranged) >= 8  # --seed of bench, show and demo, --epochs, --size, ...
     for name, a in ranged:
         assert a.type.span in a.help, (name, a.option_strings, a.help)
+    # and every option that takes a value says what it is without one
+    valued = [(name, a) for name, p in sub.choices.items() for a in p._actions if a.nargs != 0]
+    assert len(valued) >= 25
+    for name, a in valued:
+        assert "default" in a.help, (name, a.option_strings, a.help)
 
 
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -317,6 +346,22 @@ def test_bench_unwritable_paths(option, tmp_path, capsys):
     _one_line_error(capsys, rc, "does not exist")
     rc = cli.main([*QUICK, option, str(tmp_path)])
     _one_line_error(capsys, rc, "is a directory")
+
+
+def test_two_outputs_to_one_stream():
+    bench.distinct(csv="/dev/null", md="/dev/null")  # a stream takes both: no error
+
+
+def test_output_fifo_and_dangling_link(tmp_path, capsys):
+    """The write probe neither blocks on a FIFO nobody reads (it did, forever) nor deletes a
+    symbolic link to a file not yet there (it did, leaving an empty file at the target)."""
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)
+    _one_line_error(capsys, cli.main([*QUICK, "--csv", str(fifo)]), "a FIFO with no reader")
+    link, target = tmp_path / "l.md", tmp_path / "t.md"
+    link.symlink_to(target)
+    bench.writable(str(link), "--md")
+    assert link.is_symlink() and not target.exists()
 
 
 def test_show_unwritable_out(tmp_path, capsys):
@@ -347,6 +392,18 @@ def test_bad_input_subprocess_has_no_traceback(argv, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert r.stdout == "" and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a Python process: ~10 s
+def test_stdout_closed_early_is_quiet(tmp_path):
+    """`bench ... | head -1`: the reader goes away; exit status 1 and no traceback (it was a
+    BrokenPipeError traceback from a print)."""
+    p = subprocess.Popen([sys.executable, "-m", "guidedrop", *QUICK, "--backends", "reference",
+                          "--layers", "dropblock", "--budget", "0"], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 1 and "Traceback" not in err and "Error" not in err, err
 
 
 def test_shape_error_names_the_shape(tmp_path):
@@ -451,6 +508,31 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     lines = md.read_text().splitlines()
     assert lines[0] == "| layer | train acc | test acc | train − test | s/epoch | overhead % |"
     assert len(lines) == 2 + 3 and lines[3].startswith("| corrdrop | ")
+
+
+@pytest.mark.parametrize("backend,expected", [
+    ("nosuch", "GUIDEDROP_BACKEND must be one of auto, reference"),
+    ("cuda", "GUIDEDROP_BACKEND=cuda, but it cannot run here"),  # --device cpu: never
+])
+def test_demo_refuses_a_forced_backend_that_cannot_run(backend, expected, monkeypatch, capsys,
+                                                       tmp_path):
+    """Before any training: it was a traceback after the baseline had trained (and none
+    with one training step: the ramp kept every layer at rate 0, so nothing dispatched)."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", backend)
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    _one_line_error(capsys, cli.main([*TINY_DEMO, "--plot", "never.png"]), expected)
+    assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_demo_full_disk_is_one_line(capsys):
+    """A write that fails after the training (a full disk: /dev/full) is one error line,
+    as in bench; it was an OSError traceback."""
+    rc = cli.main([*TINY_DEMO, "--layers", "none", "--md", "/dev/full"])  # the last --layers
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: cannot write the results: [Errno 28] No space left on device")
 
 
 def test_demo_cpu_contention(monkeypatch):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import errno
 import functools
 import math
 import os
@@ -1057,7 +1058,7 @@ def _split(s: str) -> list[str]:
 def parse_layers(s: str) -> list[str]:
     if s == "all":
         return list(LAYERS)
-    names = _split(s)
+    names = list(dict.fromkeys(_split(s)))  # a layer named twice is benched once
     for name in names:
         if name not in LAYERS:
             raise usage_error(f"unknown layer {name!r}; choose from {', '.join(LAYERS)}")
@@ -1080,20 +1081,37 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
     if not path.strip():  # Path("") is ".", which would be reported as a directory
         raise usage_error(f"{option} is empty, give a file name")
     p = Path(path)
-    if p.is_dir():
+    # os.path's tests, not Path's: Path.is_dir() raises on a name too long for the file
+    # system (ENAMETOOLONG, before Python 3.14); os.path says False, and open() names it.
+    if os.path.isdir(p):
         raise usage_error(f"{option} {path}: is a directory, give a file name")
     if suffix and p.suffix.lower() != suffix:
         raise usage_error(f"{option} {path}: give a {suffix} file name")
-    if not p.parent.is_dir():
+    if not os.path.isdir(p.parent):
         raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
-    existed = p.exists()
+    real = os.path.realpath(p)  # a symbolic link to a file not yet there: probe the file,
+    existed = os.path.exists(real)  # and remove that file again, not the link
     try:
-        with open(p, "ab"):
-            pass
+        # O_NONBLOCK: a FIFO with no reader fails at once (ENXIO) instead of blocking forever
+        os.close(os.open(real, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
     except OSError as e:
-        raise usage_error(f"{option} {path}: cannot write there ({e.strerror})") from None
+        why = "a FIFO with no reader" if e.errno == errno.ENXIO else e.strerror
+        raise usage_error(f"{option} {path}: cannot write there ({why})") from None
     if not existed:
-        p.unlink()
+        os.unlink(real)
+
+
+def distinct(**paths: str | None) -> None:
+    """UsageError when two output options name the same file: the later write would
+    replace the earlier one without a word (a stream, /dev/stdout, takes both)."""
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        key = os.path.realpath(path) if path else ""
+        if key and (os.path.isfile(key) or not os.path.exists(key)):
+            if key in seen:
+                raise usage_error(f"--{seen[key]} and --{option} both name {path}: give each "
+                                  "its own file")
+            seen[key] = option
 
 
 def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
@@ -1108,7 +1126,7 @@ def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int],
             shapes = [s for s, _ in (CUDA_QUICK if gpu else CPU_QUICK)]
         shapes = [SHAPES[s] for s in shapes]
     else:
-        shapes = [parse_shape(s) for s in _split(args.shapes)]
+        shapes = list(dict.fromkeys(parse_shape(s) for s in _split(args.shapes)))  # once each
         if not shapes:
             raise usage_error("--shapes is empty")
     if args.dtype is None:
@@ -1196,6 +1214,7 @@ def run(args) -> list[dict]:
     for path, opt, suffix in ((args.csv, "--csv", None), (args.plot, "--plot", ".png"),
                               (args.md, "--md", None), (args.table, "--table", None)):
         writable(path, opt, suffix)
+    distinct(csv=args.csv, plot=args.plot, md=args.md, table=args.table)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -1335,9 +1354,12 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int_in(1, 4096), default=None,
                    help="torch CPU threads, 1 to 4096 (default: torch's); 1 is steadier on a "
                         "busy machine")
-    b.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
-    b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
-    b.add_argument("--md", default=None, metavar="PATH", help="write a markdown table")
+    b.add_argument("--csv", default=None, metavar="PATH",
+                   help="write the rows as CSV (default: none)")
+    b.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG bar chart (default: none)")
+    b.add_argument("--md", default=None, metavar="PATH",
+                   help="write a markdown table (default: none)")
     b.add_argument("--resnet", action="store_true",
                    help="also time a ResNet-50 training step with each layer")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI)")
@@ -1347,13 +1369,13 @@ def add_parser(sub) -> None:
     b.add_argument("--budget", type=float_in(0, 1e6), default=None, metavar="SECONDS",
                    help="0 to 1e+06; stop checking and timing after this long: the cases left "
                         "get rows marked not measured (torch.compile, the slowest to set up, "
-                        "runs last)")
+                        "runs last; default: no limit)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "
                         "traced with backend=eager)")
     b.add_argument("--table", default=None, metavar="PATH",
-                   help="also write the printed table as plain text")
+                   help="also write the printed table as plain text (default: none)")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "

@@ -2,12 +2,14 @@
 
 A bad command line (unknown names, numbers out of range, a device that is not here, an
 unwritable path) prints one line ``error: ...`` on stderr and exits with status 2, before
-any work starts; a backend that disagrees with the reference in ``bench`` exits with 1.
+any work starts; a backend that disagrees with the reference in ``bench`` exits with 1,
+and so does a run whose stdout is closed by its reader (``| head``), quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -123,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             bench.run(args)
         elif args.command == "show":
             show.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head -1`): stop quietly with status 1, as rich
+        # does when it prints; stdout to /dev/null, so that the flush at exit cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

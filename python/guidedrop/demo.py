@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import models
-from .cli import UsageError, console, int_in, parse_device, seed_arg
+from . import dispatch, models
+from .cli import UsageError, _first_line, console, int_in, parse_device, seed_arg
 from .context import cam_targets
 from .schedule import LinearRamp
 
@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
     d.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of test accuracy and train-test gap per epoch (default demo.png; "
                         "--quick: none)")
-    d.add_argument("--md", default=None, metavar="PATH", help="also write the table as markdown")
+    d.add_argument("--md", default=None, metavar="PATH",
+                   help="also write the table as markdown (default: none)")
 
 
 def cpu_contention(device) -> str | None:
@@ -257,10 +258,16 @@ def run(args) -> list[dict]:
     train_images = args.train_images or preset["train"]
     layers = _parse_layers(args.layers)
     device = parse_device(args.device)
+    try:  # a forced backend that cannot run fails now, not mid-run after the baseline trained
+        if dispatch.requested() != "auto":
+            dispatch.backend_for(torch.empty(0, device=device))
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(_first_line(e)) from None
     plot = args.plot if args.plot is not None else (None if args.quick else "demo.png")
-    from .bench import writable  # opens the file: a place we cannot write (/proc) fails
+    from .bench import distinct, writable  # opens the file: /proc fails
     writable(plot, "--plot", ".png")  # now, not after the training
     writable(args.md, "--md")
+    distinct(plot=plot, md=args.md)
     try:
         import sklearn  # noqa: F401
         if plot:
@@ -301,11 +308,14 @@ def run(args) -> list[dict]:
     if busy:
         out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
                   "say little; rerun on an idle machine to compare them)", highlight=False)
-    if args.md:
-        Path(args.md).write_text(markdown(rows, seeds))
-        out.print(f"wrote {args.md}", highlight=False)
-    if plot:
-        write_plot(plot, runs, layers, what)
-        out.print(f"wrote {plot}", highlight=False)
+    try:  # probed before the training, but a disk can fill up since (as bench says it)
+        if args.md:
+            Path(args.md).write_text(markdown(rows, seeds))
+            out.print(f"wrote {args.md}", highlight=False)
+        if plot:
+            write_plot(plot, runs, layers, what)
+            out.print(f"wrote {plot}", highlight=False)
+    except OSError as e:
+        raise UsageError(f"cannot write the results: {e}") from None
     sys.stdout.flush()
     return rows
