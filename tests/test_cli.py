@@ -35,9 +35,9 @@ def _env() -> dict:
     return env
 
 
-def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "guidedrop", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+def run_module(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guidedrop", *args], cwd=cwd,
+                          env={**_env(), **env}, capture_output=True, text=True, timeout=300)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -481,18 +481,28 @@ def test_precheck_reports_a_crashing_backend(monkeypatch):
 
 # --------------------------------------------------------------------------- demo
 
-TINY_DEMO = ["demo", "--layers", "none,corrdrop,camdrop", "--epochs", "1",
+# Two epochs of one step each: the rates ramp in over the first step, so the second step
+# runs every layer at its full rate (with one step every layer stayed at rate 0: no kernel ran).
+TINY_DEMO = ["demo", "--layers", "none,corrdrop,camdrop", "--epochs", "2",
              "--train-images", "32", "--seeds", "1", "--device", "cpu"]
 
 
 def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     png, md = tmp_path / "d.png", tmp_path / "d.md"
+    # the backend a CPU user's demo runs (the tests' TRITON_INTERPRET=1 would make Triton's
+    # interpreter run every layer: two minutes instead of seconds)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
     monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.5, 0.0, 0.0))
     argv = [a if a != "1" or i != TINY_DEMO.index("--seeds") + 1 else "2"
             for i, a in enumerate(TINY_DEMO)]  # two seeds: the table shows mean ± std
+    from guidedrop import functional
+    ran, run = [], functional._run
+    monkeypatch.setattr(functional, "_run", lambda layer, *a, **k: ran.append(layer) or run(
+        layer, *a, **k))
     rows = demo_run([*argv, "--plot", str(png), "--md", str(md)])
     out = capsys.readouterr().out
     assert [r["layer"] for r in rows] == ["none", "corrdrop", "camdrop"]
+    assert {"corrdrop", "camdrop"} <= set(ran), ran  # each layer's op ran, at a rate > 0
     for r in rows:
         assert r["runs"] == 2
         assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["s_per_epoch"] > 0
@@ -557,7 +567,7 @@ def demo_run(argv):
 @pytest.mark.slow  # a Python process running the demo: ~15 s (in-process demo tests: default)
 def test_demo_subprocess_output_is_clean(tmp_path):
     """No warning or traceback in what a user sees; the table goes to stdout."""
-    r = run_module(*TINY_DEMO, "--plot", "demo.png", cwd=tmp_path)
+    r = run_module(*TINY_DEMO, "--plot", "demo.png", cwd=tmp_path, TRITON_INTERPRET="0")
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "camdrop" in r.stdout and "wrote demo.png" in r.stdout
