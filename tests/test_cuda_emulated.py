@@ -686,6 +686,40 @@ def test_emulated_apply_channel_flat_chunks(E, dtype):
             assert got.stride() == x.stride()
 
 
+# apply_block's flat 16-byte chunks (csrc/cuda/block_mask.cu): contiguous NCHW with
+# W >= V - 1 (apply_block_rows_kernel: k >= V - 1 with three mask bytes a chunk, smaller k a
+# constant) at W = 7, 14, 28, 56, 32 and odd widths; C * H * W not a multiple of V (chunks on
+# two samples, a tail of numel % V); many samples a warp (N = 40, 36: the scale shuffles of
+# float32). channels_last with C % V == 0 (apply_block_pixels_kernel). The rest takes the
+# generic apply_kernel: W < V - 1 (W = 4 in bf16 / fp16), C % V != 0, a sample under V
+# elements (40 x 1 x 1 x 7 in bf16 / fp16).
+BLOCK_FLAT = [(2, 3, 7, 7), (3, 5, 5, 14), (2, 2, 6, 28), (1, 2, 9, 56), (2, 3, 4, 32),
+              (3, 1, 3, 9), (2, 5, 3, 15), (2, 16, 5, 7), (1, 8, 3, 4), (40, 1, 1, 9),
+              (40, 1, 1, 7), (36, 1, 2, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_apply_block_flat_chunks(E, dtype):
+    """Mask values 0, 1, 2 and a scale per sample, so that an element given a neighbour
+    column's, row's, map's or sample's multiplier differs; k = 1, 2, 3, 7 and k > H, W (one
+    mask value a map); also a mask larger than needed (its row stride is Ws, not
+    ceil(W / k)), a sliced x and a misaligned x (the generic kernel)."""
+    gen = torch.Generator().manual_seed(5)
+    for (n, c, h, w), k in product(BLOCK_FLAT, (1, 2, 3, 7, 100)):
+        kk = min(k, max(h, w))
+        for hs, ws in [(-(-h // kk), -(-w // kk)), (-(-h // kk) + 1, -(-w // kk) + 2)]:
+            mask = torch.randint(0, 3, (n, hs, ws), generator=gen, dtype=torch.uint8)
+            scale = torch.rand(n, generator=gen) * 2 + 0.25
+            what = f"{dtype} {(n, c, h, w)} k={k} mask {hs}x{ws}"
+            xs = {layout: make_x((n, c, h, w), dtype, layout=layout) for layout in LAYOUTS}
+            xs["misaligned"] = misaligned(xs["contiguous"])
+            for name, x in xs.items():
+                got = E.apply_block(x, mask, k, scale)
+                same(got, R.apply_block(x, mask, k, scale), f"{what} {name}")
+                if name != "sliced":
+                    assert got.stride() == x.stride(), (what, name)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_emulated_seeds_runs(E, shared):
     """apply_seeds and seed_coverage cover a row by runs of up to 32 units (seed_cover.cuh's

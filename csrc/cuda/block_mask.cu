@@ -22,7 +22,9 @@
 // seed_coverage: one thread per run of units of a row, counting the units covered by a
 //   seed's block; block sums, then one int64 atomicAdd per block and sample (integer:
 //   deterministic).
-// apply_block: w = mask[n, h / k, w / k] * scale[n] (k: a host-computed fast division).
+// apply_block: w = mask[n, h / k, w / k] * scale[n]; dense aligned x in flat 16-byte chunks
+//   (apply_block_rows_kernel for NCHW, apply_block_pixels_kernel for channels_last with
+//   C % V == 0), else apply_kernel with BlockW (k: a host-computed fast division).
 // apply_seeds: w = (covered ? 0 : 1) * scale[n], with the r x r OR over the packed bits of
 //   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel, once
 //   per line segment of the apply kernel (SeedsW::row).
@@ -183,6 +185,151 @@ struct BlockW {
   }
 };
 
+// apply_block on dense, 16-byte aligned x: flat 16-byte chunks of V = 16 / sizeof(T)
+// elements, the chunk's (n, c, h, w0) from fast divisions per chunk, not BlockW's line
+// segments in apply_kernel (a division by k per element: 8.6-47 SASS per element). The
+// launch's mask (N, Hs, Ws) and its 32-bit indices: Hs * Ws <= C * H * W (launch_apply_block).
+struct BlockGeom {
+  uint32_t numel, N;
+  FastDiv C, H, W, k;  // k: only where it is a runtime value (K = 0)
+  uint32_t nC, nH, nW, nk;  // -C, -H, -W, -k mod 2^32: a remainder in one multiply-add
+  uint32_t HsWs, Ws, last_col;  // last_col = (W - 1) / k
+};
+
+// NCHW with W >= V - 1: a chunk holds the elements w0 .. of its row and, from j = W - w0
+// on, the first ones of the next row (h + 1, else row 0 of the next map, or of the next
+// sample after the last map). K = 0: k >= V - 1 (a runtime value), so the chunk's part in
+// its row spans mask columns c0 = w0 / k and c0 + 1 (from j = b on), its part in the next
+// row column 0 only: three mask bytes per chunk, two selects per element. 1 <= K < V - 1:
+// k a constant, element j's column c0 + j / K + (r >= K - j % K) (r = w0 % K) in its row,
+// (j - W + w0) / K in the next (the same with q1, e below), compares per chunk and one
+// byte load per element (cached: neighbours share bytes), its address selected.
+// Scale: the warp's 32 chunks span at most 32 samples (C * H * W >= V), so each lane loads
+// one scale and the chunk's two come from shuffles: one 4-byte load per 16 bytes of x, as
+// apply_channel_maps_kernel; the trip count is uniform across the warp for them.
+template <typename scalar_t, int K>
+__global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
+                                        scalar_t* __restrict__ out,
+                                        const uint8_t* __restrict__ mask,
+                                        const float* __restrict__ scale, const BlockGeom g) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  // float32: a scale load per chunk would be a second 4-byte load per 16 bytes of x
+  constexpr bool kShuffle = V == 4;
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x & 31;
+  // chunks per grid iteration; the shuffles' loop starts at the warp's first chunk
+  const uint32_t step = kShuffle ? (gridDim.x * blockDim.x) & ~31u : gridDim.x * blockDim.x;
+  const uint32_t full = g.numel / V, end = full * V;
+  // numel < 2^31 and the grid is at most 2^26 threads: no index below wraps. The loop
+  // walks element indices (i0: the chunk's first), one multiply fewer per chunk.
+#pragma unroll 1
+  for (uint32_t base = (kShuffle ? tid & ~31u : tid) * V; base < end; base += step * V) {
+    const uint32_t i0 = kShuffle ? base + lane * V : base;
+    const uint32_t row = div_of(i0, g.W), w0 = i0 + row * g.nW;
+    const uint32_t q = div_of(row, g.H), h = row + q * g.nH;
+    const uint32_t n = div_of(q, g.C), c = q + n * g.nC;
+    const bool wrap = h + 1 == g.H.d;  // the next row is row 0 of the next map
+    const uint32_t n1 = n + (wrap && c + 1 == g.C.d);
+    float s0, s1;
+    if constexpr (kShuffle) {
+      const uint32_t nb = __shfl_sync(kFullMask, n, 0);
+      const float sl = scale[min(nb + lane, g.N - 1)];
+      // & 31: lanes past the end (and an unused second scale) ask for any lane
+      s0 = __shfl_sync(kFullMask, sl, (n - nb) & 31);
+      s1 = __shfl_sync(kFullMask, sl, (n1 - nb) & 31);
+    }
+    if (i0 >= end) continue;
+    const uint32_t nxt = g.W.d - w0;  // the first element of the next row, >= 1
+    if constexpr (!kShuffle) {
+      s0 = scale[n];
+      s1 = scale[n1];
+    }
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> res;
+    if constexpr (K == 0) {
+      const uint32_t hk = div_of(h, g.k), hk1 = div_of(wrap ? 0 : h + 1, g.k);
+      // b = (c0 + 1) * k - w0 = k - w0 % k, the first element of column c0 + 1: 1 <= b <= k
+      const uint32_t c0 = div_of(w0, g.k), b = g.k.d - (w0 + c0 * g.nk);
+      const uint8_t* m0 = mask + (n * g.HsWs + hk * g.Ws + c0);
+      // __fmul_rn: kept as three values; a plain product would be re-associated into a
+      // byte select, then a conversion and a product per element
+      const float f0 = __fmul_rn(static_cast<float>(m0[0]), s0);
+      const float f1 = __fmul_rn(static_cast<float>(m0[c0 < g.last_col]), s0);
+      const float f2 = __fmul_rn(static_cast<float>(mask[n1 * g.HsWs + hk1 * g.Ws]), s1);
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) {
+        const float w = j > 0 && j >= nxt ? f2 : j > 0 && j >= b ? f1 : f0;
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+      }
+    } else {
+      const uint32_t h1 = wrap ? 0 : h + 1;
+      const uint32_t c0 = w0 / K, r = w0 - c0 * K;
+      const uint32_t e = (nxt + K - 1) / K, q1 = e * K - nxt;  // (j - nxt) / K = (j + q1) / K - e
+      const uint32_t oa = n * g.HsWs + (h / K) * g.Ws + c0;
+      const uint32_t ob = n1 * g.HsWs + (h1 / K) * g.Ws - e;  // wraps; used only from nxt on
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) {
+        const bool here = j == 0 || j < nxt;
+        const uint32_t ia = j / K + (j % K != 0 && r >= K - j % K);
+        const uint32_t ib = j / K + (j % K != 0 && q1 >= K - j % K);
+        const float m = static_cast<float>(mask[here ? oa + ia : ob + ib]);
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * (m * (here ? s0 : s1)));
+      }
+    }
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
+#pragma unroll 1
+    for (uint32_t i = full * V; i < g.numel; ++i) {
+      const uint32_t row = div_of(i, g.W), q = div_of(row, g.H), n = div_of(q, g.C);
+      const uint32_t h = row - q * g.H.d, w = i - row * g.W.d;
+      const uint32_t kk = K == 0 ? g.k.d : K;
+      const float m = mask[n * g.HsWs + (h / kk) * g.Ws + w / kk];
+      out[i] = static_cast<scalar_t>(to_float(t[i]) * (m * scale[n]));
+    }
+  }
+}
+
+// NHWC with C % V == 0: a chunk is V channels of one pixel, one multiplier, its pixel from
+// five fast divisions per chunk.
+template <typename scalar_t>
+__global__ void apply_block_pixels_kernel(const scalar_t* __restrict__ t,
+                                          scalar_t* __restrict__ out,
+                                          const uint8_t* __restrict__ mask,
+                                          const float* __restrict__ scale, const BlockGeom g) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  const uint32_t full = g.numel / V;  // numel % V == 0: C % V == 0
+#pragma unroll 1
+  for (uint32_t chunk = tid; chunk < full; chunk += stride) {
+    const uint32_t i0 = chunk * V;
+    const uint32_t pixel = div_of(i0, g.C), row = div_of(pixel, g.W), n = div_of(row, g.H);
+    const uint32_t w = pixel + row * g.nW, h = row + n * g.nH;
+    const float m = mask[n * g.HsWs + div_of(h, g.k) * g.Ws + div_of(w, g.k)];
+    const float f = m * scale[n];
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> res;
+#pragma unroll
+    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * f);
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+}
+
+// k = K for 1 <= K < V - 1 (a constant), else K = 0 (k >= V - 1, a runtime value).
+template <typename scalar_t, int K = 1>
+void launch_block_rows(int64_t k, unsigned grid, const scalar_t* t, scalar_t* out,
+                       const uint8_t* mask, const float* scale, const BlockGeom& g) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  if constexpr (K < V - 1) {
+    if (k != K) return launch_block_rows<scalar_t, K + 1>(k, grid, t, out, mask, scale, g);
+    apply_block_rows_kernel<scalar_t, K><<<grid, kThreads, 0, current_stream()>>>(
+        t, out, mask, scale, g);
+  } else {
+    apply_block_rows_kernel<scalar_t, 0><<<grid, kThreads, 0, current_stream()>>>(
+        t, out, mask, scale, g);
+  }
+}
+
 // (covered ? 0 : 1) * scale[n]. NCHW: the coverage of a line segment in one covered_run;
 // NHWC: one unit per pixel with shared seeds (CamDrop), else one per channel.
 struct SeedsW {
@@ -264,10 +411,48 @@ void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int
 
 void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int64_t k,
                         const at::TensorBase& scale, const at::TensorBase& out) {
-  const BlockW wfn{mask.data_ptr<uint8_t>(), scale.data_ptr<float>(), mask.size(1), mask.size(2),
-                   fast_div(k)};
-  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block",
-                          [&] { launch_apply<scalar_t>(t, out, wfn); });
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), per = C * H * W;
+  const int64_t Hs = mask.size(1), Ws = mask.size(2);
+  const bool cl = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool dense = dense_in_order(t, cl) && dense_in_order(out, cl) && aligned16(t) &&
+                     aligned16(out);
+  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block", [&] {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    // Samples per launch: under 2^31 elements (32-bit indices), a multiple of V samples
+    // unless a sample is, so that every launch's x starts 16-byte aligned.
+    int64_t step = ((int64_t(1) << 31) - 1) / std::max<int64_t>(per, 1);
+    if (per % V != 0 && step < N) step -= step % V;
+    // rows: a chunk on at most two rows, a warp's chunks on at most 32 samples
+    const bool rows = !cl && W >= V - 1 && per >= V, pixels = cl && C % V == 0;
+    if (t.numel() == 0) return;
+    if (!dense || step == 0 || Hs * Ws > per || !(rows || pixels)) {
+      // misaligned or strided x, NCHW rows under V - 1 or samples under V elements,
+      // channels_last with C % V != 0, a mask larger than a sample (32-bit mask indices)
+      const BlockW wfn{mask.data_ptr<uint8_t>(), scale.data_ptr<float>(), Hs, Ws, fast_div(k)};
+      launch_apply<scalar_t>(t, out, wfn);
+      return;
+    }
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* mp = mask.data_ptr<uint8_t>();
+    const float* sp = scale.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t n = std::min(step, N - n0), numel = n * per;
+      const auto neg = [](int64_t d) { return static_cast<uint32_t>(-d); };
+      const BlockGeom g{static_cast<uint32_t>(numel), static_cast<uint32_t>(n), fast_div(C),
+                        fast_div(H), fast_div(W), fast_div(k), neg(C), neg(H), neg(W), neg(k),
+                        static_cast<uint32_t>(Hs * Ws), static_cast<uint32_t>(Ws),
+                        static_cast<uint32_t>((W - 1) / k)};
+      const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
+      if (rows)
+        launch_block_rows<scalar_t>(k, grid, tp + n0 * per, op + n0 * per, mp + n0 * Hs * Ws,
+                                    sp + n0, g);
+      else
+        apply_block_pixels_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+            tp + n0 * per, op + n0 * per, mp + n0 * Hs * Ws, sp + n0, g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,

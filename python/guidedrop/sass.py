@@ -522,7 +522,7 @@ CUDA_STREAMING = {
 # "cuda:<op>"): a regex on the demangled name, {T} standing for x's C++ type.
 CUDA_KERNELS = {
     "apply_channel": r"apply_channel_(maps|pixels)_kernel<{T}>",
-    "apply_block": r"apply_kernel<{T}, .*BlockW[,>]",
+    "apply_block": r"apply_block_(rows|pixels)_kernel<{T}[,>]",
     "apply_seeds": r"apply_kernel<{T}, .*SeedsW[,>]",
     "apply_attention": r"apply_kernel<{T}, .*AttentionW<",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
@@ -543,17 +543,17 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 # The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
-_CHUNK_KERNEL = re.compile(r"\bapply_(channel_(maps|pixels)_)?kernel<")
+_CHUNK_KERNEL = re.compile(r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_)?kernel<")
 
 
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
-    ``apply_kernel`` (csrc/cuda/common.cuh) and apply_channel's flat kernels
-    (csrc/cuda/channel_ranking.cu) handle one 16-byte chunk (16 / sizeof(T) elements) per
-    iteration of their grid-stride loops; the others read x one element or one
-    16-byte vector (16 / sizeof(T) elements) per access, so the loop's loads of exactly
-    sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load (more than one where nvcc unrolled
-    it)."""
+    ``apply_kernel`` (csrc/cuda/common.cuh) and the flat kernels of apply_channel
+    (csrc/cuda/channel_ranking.cu) and apply_block (csrc/cuda/block_mask.cu) handle one
+    16-byte chunk (16 / sizeof(T) elements) per iteration of their grid-stride loops;
+    the others read x one element or one 16-byte vector (16 / sizeof(T) elements) per
+    access, so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte
+    load (more than one where nvcc unrolled it)."""
     if _CHUNK_KERNEL.search(name):
         return 16 / ITEMSIZE[dtype]
     c = count(name, instrs, 1.0)
