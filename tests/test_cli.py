@@ -292,6 +292,10 @@ BAD = [
     (["demo", "--md", "/proc/demo.md"], "cannot write there"),
     (["demo", "--plot", "/proc/demo.png"], "cannot write there"),
     (["demo", "--epochs"], "expected one argument"),
+    # a value that starts with a minus and a digit is a value, not an unknown option (it was
+    # "expected one argument")
+    (["bench", "--budget", "-1e3"], "--budget: -1e3 is out of range: give 0 to 1e+06"),
+    (["bench", "--shapes", "-1x1x1x1"], "every dimension of NxCxHxW must be >= 1"),
     # two outputs in one file: the later write replaced the earlier one
     (["bench", "--csv", "r.txt", "--md", "./r.txt"], "--csv and --md both name ./r.txt"),
     (["bench", "--quick", "--table", "r.txt", "--csv", "r.txt"], "--csv and --table both"),

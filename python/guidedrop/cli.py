@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -25,6 +26,14 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors (unknown options, bad numbers) raised as UsageError:
     one line instead of the usage text."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Any argument that starts with a minus and a digit is a value, not an option (none of
+        # ours looks like that): argparse's own pattern takes only plain numbers, so
+        # "--budget -1e3" or "--shapes -1x4x8x8" said "expected one argument" instead of what
+        # is wrong with the value.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         raise UsageError(message)
