@@ -1041,7 +1041,7 @@ def parse_shape(s: str) -> tuple[int, int, int, int]:
     if len(dims) != 4:
         raise usage_error(f"shape {s!r} has {len(dims)} dimensions; layers take 4: NxCxHxW")
     if min(dims) < 1:
-        raise usage_error(f"shape {s!r} is empty: every dimension of NxCxHxW must be >= 1")
+        raise usage_error(f"shape {s!r}: every dimension of NxCxHxW must be >= 1")
     return dims  # type: ignore[return-value]
 
 

@@ -9,6 +9,7 @@ and so does a run whose stdout is closed by its reader (``| head``), quietly.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     # kernel, as SPEC §4 says): not a fault, and not for the user's screen.
     warnings.filterwarnings("ignore", category=RuntimeWarning,
                             module="triton.runtime.interpreter")
+    # torch.compile on a CPU imports torch.utils.cpp_extension, which logs "No CUDA runtime is
+    # found, using CUDA_HOME=..." where a CUDA toolkit is installed without a GPU: nothing the
+    # user asked about (bench's compile provider), and not for their screen either.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "demo":

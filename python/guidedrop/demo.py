@@ -63,13 +63,19 @@ def add_parser(sub) -> None:
                    help="also write the table as markdown (default: none)")
 
 
-def cpu_contention(device) -> str | None:
-    """Why the timings of a CPU run are not to be trusted, or None: the 1-minute load average
-    after the run above the cores (this process alone accounts for about one per core)."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def cpu_contention(device, peak: float = 0.0) -> str | None:
+    """Why the timings of a CPU run are not to be trusted, or None: the highest 1-minute load
+    average seen (``peak``: sampled after each training run, and now) above the cores (this
+    process alone accounts for about one per core)."""
+    if device.type != "cpu":
         return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    return f"load average {load:.1f} on {cores} cores" if load > cores + 1 else None
+    load, cores = max(peak, load_average()), os.cpu_count() or 1
+    return f"load average up to {load:.1f} on {cores} cores" if load > cores + 1 else None
 
 
 def load_digits(device, train_images: int):
@@ -283,7 +289,7 @@ def run(args) -> list[dict]:
             f"from {args.seed}, device {device}")
     out = console()
     out.print(what, highlight=False)
-    runs = []
+    runs, peak = [], 0.0
     err = console(stderr=True)
     with Progress("{task.description:<16}", BarColumn(), MofNCompleteColumn(), "epochs",
                   TimeElapsedColumn(), console=err, transient=True,
@@ -296,6 +302,7 @@ def run(args) -> list[dict]:
                 runs.append(train_one(layer, data, epochs=epochs, device=device,
                                       seed=args.seed + s, curves=bool(plot),
                                       advance=lambda: bar.advance(task)))
+                peak = max(peak, load_average())  # the load during the run, not only at its end
             if bar.disable:  # no bar in a log or pipe: a line per layer shows the progress
                 err.print(f"[{i}/{len(layers)}] {layer}: trained in "
                           f"{time.perf_counter() - t0:.1f} s", highlight=False)
@@ -304,7 +311,7 @@ def run(args) -> list[dict]:
     out.print(table(rows, seeds, "accuracy after the last epoch"))
     out.print(f"({note}s/epoch: training steps only, after a warm-up step; "
                   "overhead: s/epoch against none)", highlight=False)
-    busy = cpu_contention(device)
+    busy = cpu_contention(device, peak)
     if busy:
         out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
                   "say little; rerun on an idle machine to compare them)", highlight=False)
