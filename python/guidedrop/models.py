@@ -6,7 +6,7 @@ layer to the end of the chosen groups, so the existing parameter names (and pret
 checkpoints) are unchanged and ``model.train()/eval()`` reaches the new layers.
 
     model = torchvision.models.resnet50()
-    guidedrop.models.insert(model, "corrdrop")      # after layer1..layer3, blocks 9/7/5
+    guidedrop.models.insert(model, "corrdrop")      # after layer1..layer3, block sizes 9/7/5
     sched = guidedrop.LinearRamp(model, steps=5000)
 
 CamDrop layers need ``with guidedrop.cam_targets(model.fc, labels):`` around the step.
