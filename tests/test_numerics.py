@@ -10,12 +10,16 @@ SPEC.md §1, §2, §4 and §5, not from another backend.
 
 from __future__ import annotations
 
+import fractions
 import math
 import time
 
+import numpy as np
 import pytest
 import test_cuda_emulated as EMU
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from testing import emulated
 
 from guidedrop import dispatch
@@ -141,6 +145,58 @@ def test_soft_mask_not_a_number_is_zero(B, bad):
     assert msum[0, 0].item() == 9.0
     out = B.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1))
     same(out[0, 0], x[0, 0])
+
+
+def test_soft_mask_is_zero_at_the_maximum(B):
+    """SPEC §4 step 2: f̂ = min((x − min)·r, 1) with r = 1/(max − min) rounded up, so that
+    f̂ = 1 and S = 0 ("sm", "ad") exactly at every map's maximum. Among these maps are ones
+    whose nearest reciprocal lies below 1/(max − min): there (max − min)·r would round to
+    1 − 2⁻²⁴ and leave the maximum a weight of 2⁻²⁴."""
+    x = torch.rand(2, 48, 5, 3, generator=torch.Generator().manual_seed(3)) * 7 - 2
+    act = torch.ones(2, 48, dtype=torch.bool)
+    flat = x.flatten(2)
+    d = flat.amax(2) - flat.amin(2)
+    assert (d * (1 / d) < 1).sum() >= 10  # such maps are there
+    peak = flat == flat.amax(2, keepdim=True)
+    for mode in ("sm", "ad"):
+        thr, mn, mx, msum = B.attention_stats(x, 3, act, mode)
+        out = B.apply_attention(x, x, thr, mn, mx, act, mode, torch.ones(2)).flatten(2)
+        assert (out[peak] == 0).all(), mode
+        assert (out[~peak] != 0).any()
+        same(msum, R.attention_stats(x, 3, act, mode)[3])
+
+
+# Every float32 d: 0, subnormal, around 1 and the largest (1/d overflows or is subnormal),
+# both signs; and ±0, ±Inf, where f̂ is then NaN (0·Inf, Inf·0).
+_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(d=st.one_of(_F32, st.sampled_from([1.0, 3.0, 2**-149, 2**-127, 2.0**127,
+                                          3.4028234663852886e38, -3.0])))
+def test_range_reciprocal_rounds_up(d):
+    """reference.range_reciprocal is IEEE's 1/d rounded up (CUDA's __frcp_ru, libdevice's
+    rcp_ru), checked in exact rational arithmetic: the least float32 >= 1/d."""
+    r = R.range_reciprocal(torch.zeros(1), torch.tensor([d])).item()
+    if d == 0:
+        assert r == math.copysign(math.inf, d)
+        return
+    exact = fractions.Fraction(1) / fractions.Fraction(d)
+    top = fractions.Fraction(float(np.finfo(np.float32).max))
+    if exact > top:
+        assert r == math.inf
+        return
+    want = np.float32(max(float(exact), -float(top)))
+    up, down = np.float32(math.inf), np.float32(-math.inf)
+    while fractions.Fraction(float(want)) < exact:
+        want = np.nextafter(want, up)
+    with np.errstate(over="ignore"):  # the float below -max is -Inf
+        prev = np.nextafter(want, down)
+        while np.isfinite(prev) and fractions.Fraction(float(prev)) >= exact:
+            want, prev = prev, np.nextafter(prev, down)
+    assert r == float(want), (d, r, float(want))
+    for inf in (math.inf, -math.inf):
+        assert R.range_reciprocal(torch.zeros(1), torch.tensor([inf])).item() == 0
 
 
 # --------------------------------------------------------------------------- 4. decisions

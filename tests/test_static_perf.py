@@ -66,10 +66,14 @@ OVER_BUDGET = {
                                             "row's and the next row's mask bytes per group, "
                                             "selected per element), k = 7 17.1-17.9; "
                                             "float32 13.6-24.4 within budget",
-    ("triton", "_apply_attention_flat_kernel"): "141-157 SASS per element ('ad': the exactly "
-                                                "rounded division per element)",
-    ("triton", "_apply_attention_kernel"): "channels_last: 158-220 SASS per element, 2-byte "
-                                           "(bf16) accesses",
+    ("triton", "_apply_attention_flat_kernel"): "bf16 37.1-55.3, fp32 55.2-68.2 SASS per "
+                                                "element ('sm', 'ad': per group of 16 bytes "
+                                                "the stats of its two maps, each selected per "
+                                                "element, and their range reciprocals; 'am' "
+                                                "19.4-29.4)",
+    ("triton", "_apply_attention_kernel"): "channels_last: 82.6-87.8 SASS per element "
+                                           "(per-element stats: the range reciprocal per "
+                                           "element), 2-byte (bf16) accesses",
     ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 53-102 SASS per "
                                             "element, 2-byte (bf16) accesses where a row start "
                                             "is not 16-byte aligned",
@@ -87,15 +91,13 @@ OVER_BUDGET = {
                                               "/ 16.4-43.4 (fp32) SASS per element of x; "
                                               "channels_last bf16 14 x 14 k = 7: 2 spills",
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop): "
-                                  "bf16 56 x 56: 131 SASS per element ('am'), 243-255 "
-                                  "('sm', 'ad': the exactly rounded division of the soft "
-                                  "mask's sum); 28 x 28 and 32 x 32: 141-281 (2 spills); "
-                                  "14 x 14: 189-348 and 7 x 7: 289-435 (4-bit digits, 16 "
-                                  "maps per program: histograms and picks cost per map; "
-                                  "(n, c) divided per map, counted as 1 per element); "
-                                  "2-byte loads in channels_last at 56 x 56 (a map is "
-                                  "strided by C). The bisection's 28-169 counted one of "
-                                  "its up to 32 passes",
+                                  "56 x 56: 104-140 SASS per element; 28 x 28 and 32 x 32: "
+                                  "152-176 (bf16 NCHW: 2 spills); 14 x 14: 179-273 and 7 x 7: "
+                                  "287-360 (4-bit digits, 16 maps per program: histograms and "
+                                  "picks cost per map; (n, c) divided per map, counted as 1 per "
+                                  "element); 2-byte loads in channels_last at 56 x 56 (a map is "
+                                  "strided by C). The bisection's 28-169 counted one of its up "
+                                  "to 32 passes",
     ("cuda", "apply_block"): "flat kernels, bf16: k = 2..6 (k a constant, one mask byte "
                              "per element, its address selected) 17.6-20.9 SASS per "
                              "element, k = 1 16.1; k >= 7 14.9, channels_last 7.1; fp32 "

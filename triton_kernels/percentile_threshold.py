@@ -33,8 +33,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._common import (
+    INTERPRETED,
     MAX_ROW,
     TILE,
     apply_launch,
@@ -70,14 +72,33 @@ HIST_ROWS = 16
 
 
 @triton.jit
-def soft_mask(xv, thr, mn, mx, MODE: tl.constexpr):
-    """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order."""
+def range_reciprocal(mn, mx):
+    """r = 1 / (mx - mn) rounded up (toward +Inf), once per map (SPEC §4 step 2;
+    reference.range_reciprocal): f̂ = min((x - mn) * r, 1) is then exactly 1 at the map's
+    maximum, and no unit needs a division."""
+    d = mx - mn
+    if INTERPRETED:  # numpy has no directed rounding: the nearest quotient, moved up where
+        r = tl.math.div_rn(1.0, d)  # it lies below 1/d (d * r is exact in float64)
+        p = d.to(tl.float64) * r.to(tl.float64)
+        low = tl.where(d > 0.0, p < 1.0, p > 1.0)
+        bits = r.to(tl.int32, bitcast=True)
+        up = tl.where(r > 0.0, bits + 1, bits - 1).to(tl.float32, bitcast=True)
+        r = tl.where(low, up, r)
+    else:
+        r = libdevice.rcp_ru(d)
+    return r
+
+
+@triton.jit
+def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
+    """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order; r =
+    range_reciprocal(mn, mx) of the map."""
     if MODE == 0:  # "am"
         s = (xv < thr).to(tl.float32)
     else:
-        # f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf, an overflow)
-        q = tl.math.div_rn(xv - mn, mx - mn)
-        fhat = tl.where((q >= 0.0) & (q <= 1.0), q, 0.0)
+        # f̂ = 0 wherever it is not a number (max = min, ±Inf, an overflow: a NaN or a 0 * Inf)
+        q = (xv - mn) * r
+        fhat = tl.where(q >= 0.0, tl.minimum(q, 1.0), 0.0)
         if MODE == 1:  # "sm"
             s = 1.0 - fhat
         else:  # "ad": 1 - fhat * [x >= t] (the product is exact: fma or not, same result)
@@ -221,15 +242,16 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
             mn = tl.where(kmax == 0x7FC00000, mx, key_float(kmin))  # a NaN: amin is NaN too
             # msum in float64: every S is a multiple of 2^-24 in [0, 1], so the sum is exact
             # (backend_contract.md) and equal to the reference's in any order.
+            r = range_reciprocal(mn, mx)[:, None]
             if SINGLE:
-                s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
+                s = soft_mask(key_float(key), thr[:, None], mn[:, None], r, MODE)
                 msum = tl.sum(tl.where(valid, s, 0.0).to(tl.float64), axis=1)
             else:
                 acc = tl.zeros([ROWS, BLOCK], tl.float64)
                 for p0 in range(0, L, BLOCK):
                     key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
                                             HW_FLAT, IDX64)
-                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], mx[:, None], MODE)
+                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], r, MODE)
                     acc += tl.where(valid, s, 0.0).to(tl.float64)
                 msum = tl.sum(acc, axis=1)
             tl.store(mn_ptr + rows, mn, mask=live)
@@ -344,7 +366,7 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
         xv = tv
     else:  # x is read only where the map is active
         xv = tl.load(x_ptr + x_off, mask=m & act, other=0.0).to(tl.float32)
-    s = tl.where(act, soft_mask(xv, thr, mn, mx, MODE), 1.0)
+    s = tl.where(act, soft_mask(xv, thr, mn, range_reciprocal(mn, mx), MODE), 1.0)
     tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
@@ -358,7 +380,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
     """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
     + 1 so that a group spans at most one map end. The per-map statistics (contiguous
     (N, C)) and scale are loaded per group for its map and the next one; per element, which
-    of the two. mx - mn is the reference's float32 difference, computed once per map."""
+    of the two. The range's reciprocal is computed per group for those two maps."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
     mp = n * C + c
     mp1 = mp + 1
@@ -377,20 +399,17 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
         xv = tl.load(x_ptr + e, mask=m & act, other=0.0).to(tl.float32)
     thr = tl.where(wrap, tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)[:, None],
                    tl.load(thr_ptr + mp, mask=act0, other=0.0)[:, None])
-    if MODE == 0:  # "am"
-        s = (xv < thr).to(tl.float32)
-    else:  # soft_mask's operations in its order, mx - mn per map
+    if MODE == 0:  # "am" reads no min or max
+        mn = 0.0
+        r = 0.0
+    else:
         mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
         mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
-        d0 = tl.load(mx_ptr + mp, mask=act0, other=0.0) - mn0
-        d1 = tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0) - mn1
-        q = tl.math.div_rn(xv - tl.where(wrap, mn1[:, None], mn0[:, None]),
-                           tl.where(wrap, d1[:, None], d0[:, None]))
-        fhat = tl.where((q >= 0.0) & (q <= 1.0), q, 0.0)
-        if MODE == 1:  # "sm"
-            s = 1.0 - fhat
-        else:  # "ad"
-            s = 1.0 - fhat * (xv >= thr).to(tl.float32)
+        r0 = range_reciprocal(mn0, tl.load(mx_ptr + mp, mask=act0, other=0.0))
+        r1 = range_reciprocal(mn1, tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0))
+        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
+        r = tl.where(wrap, r1[:, None], r0[:, None])
+    s = soft_mask(xv, thr, mn, r, MODE)
     s = tl.where(act, s, 1.0)
     tl.store(o_ptr + e, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 

@@ -445,13 +445,18 @@ __device__ uint32_t block_select_kth_largest(const Get& get, int64_t L, uint32_t
 
 // ------------------------------------------------------------------------ AttentionDrop
 
-// The soft mask S of SPEC §4 step 3 at one unit, exactly as reference._soft_mask.
-__device__ __forceinline__ float soft_mask(float x, float thr, float mn, float mx, int mode) {
+// r = 1 / (mx − mn) rounded up, once per map (SPEC §4 step 2, reference.range_reciprocal):
+// f̂ = min((x − mn)·r, 1) is then exactly 1 at the map's maximum, with no division per unit.
+__device__ __forceinline__ float range_reciprocal(float mn, float mx) { return __frcp_ru(mx - mn); }
+
+// The soft mask S of SPEC §4 step 3 at one unit, exactly as reference._soft_mask; r =
+// range_reciprocal(mn, mx) of the unit's map.
+__device__ __forceinline__ float soft_mask(float x, float thr, float mn, float r, int mode) {
   if (mode == 0) return x < thr ? 1.f : 0.f;  // "am"
-  // f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf in the map, max − min
-  // overflowing): every S is finite and in [0, 1] (SPEC §1, §4).
-  const float q = (x - mn) / (mx - mn);
-  const float fhat = (q >= 0.f && q <= 1.f) ? q : 0.f;
+  // f̂ = 0 wherever (x − mn)·r is not a number (max = min: 0·Inf; ±Inf in the map or max −
+  // min overflowing: Inf·0): every S is finite and in [0, 1] (SPEC §1, §4).
+  const float q = __fmul_rn(x - mn, r);
+  const float fhat = q >= 0.f ? (q > 1.f ? 1.f : q) : 0.f;
   if (mode == 1) return 1.f - fhat;  // "sm"
   return 1.f - fhat * (x >= thr ? 1.f : 0.f);  // "ad" (fhat * 0/1 is exact: no FMA issue)
 }

@@ -172,9 +172,10 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     // msum in double: every S is a multiple of 2^-24 in [0, 1], so the sum is exact in any
     // order (backend_contract.md), the reference's to the bit.
     double sum = 0.0;
+    const float r = range_reciprocal(lo, hi);
     for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
       const float v = use_smem ? key_float(keys[i]) : load(i);  // the key round-trips exactly
-      sum += soft_mask(v, t, lo, hi, mode);
+      sum += soft_mask(v, t, lo, r, mode);
     }
     sum = block_reduce(sum, SumOp(), dscratch);  // ends with __syncthreads
     if (threadIdx.x == 0) {
@@ -214,7 +215,7 @@ struct AttentionW {
   struct Row {
     const scalar_t* x;  // x at the segment's first element
     int64_t m;          // map n * C + c of the first element
-    float thr, mn, mx, s;
+    float thr, mn, rcp, s;  // rcp: range_reciprocal of the map
     bool act;
   };
   template <bool CL>
@@ -226,7 +227,7 @@ struct AttentionW {
       if (r.act) {
         r.thr = thr[m];
         r.mn = mn[m];
-        r.mx = mx[m];
+        r.rcp = range_reciprocal(r.mn, mx[m]);
       }
     }
     return r;
@@ -235,10 +236,13 @@ struct AttentionW {
   __device__ __forceinline__ float at(const Row& r, int j) const {
     float s = 1.f;
     if (!CL) {
-      if (r.act) s = soft_mask(to_float(r.x[j * xs.w]), r.thr, r.mn, r.mx, mode);
+      if (r.act) s = soft_mask(to_float(r.x[j * xs.w]), r.thr, r.mn, r.rcp, mode);
     } else {
       const int64_t m = r.m + j;
-      if (active[m]) s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], mx[m], mode);
+      if (active[m]) {
+        s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], range_reciprocal(mn[m], mx[m]),
+                      mode);
+      }
     }
     return s * r.s;
   }

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench, demo, show
 
     # Under TRITON_INTERPRET=1 numpy evaluates the kernels and warns where a GPU computes
-    # quietly (AttentionDrop's 0/0 of a constant map is NaN, then taken as f̂ = 0 by the
+    # quietly (AttentionDrop's 1/0 and 0·Inf of a constant map: NaN, taken as f̂ = 0 by the
     # kernel, as SPEC §4 says): not a fault, and not for the user's screen.
     warnings.filterwarnings("ignore", category=RuntimeWarning,
                             module="triton.runtime.interpreter")

@@ -104,14 +104,32 @@ def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     return kth_largest(m, k).view(n, c)
 
 
-def _soft_mask(xf, thr, mn, mx, mode):
-    """SPEC §4 step 3 on maps xf (..., L) with per-map stats (..., 1)."""
+def range_reciprocal(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """r = 1 / (mx − mn) rounded up (toward +Inf), elementwise: the per-map factor of
+    AttentionDrop's f̂ (SPEC §4 step 2), computed once per map so that no kernel divides per
+    unit. Rounded up, (mx − mn)·r ≥ 1, so f̂ = min((x − mn)·r, 1) is exactly 1 at the map's
+    maximum. IEEE's 1/d rounded up, as CUDA's ``__frcp_ru`` and libdevice's ``rcp_ru``:
+    the nearest quotient, one float up where it lies below 1/d (for float32 the product d·r
+    is exact in float64; for float64 stats, the reference's alone, it is rounded).
+    d = ±0 gives ±Inf, d = ±Inf gives ±0, NaN gives NaN.
+
+    mn, mx: float32 or float64 tensors of one shape; returns that shape and dtype."""
+    d = mx - mn
+    r = 1 / d
+    p = d.double() * r.double() if d.dtype == torch.float32 else d * r
+    low = torch.where(d > 0, p < 1, p > 1)  # r < 1/d; False where p is NaN (0, Inf, NaN)
+    return torch.where(low, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+
+
+def _soft_mask(xf, thr, mn, r, mode):
+    """SPEC §4 step 3 on maps xf (..., L) with per-map stats (..., 1), r = range_reciprocal
+    of the map's min and max."""
     if mode == "am":
         return (xf < thr).to(xf.dtype)
-    # f̂ = 0 wherever it is not a number in [0, 1] (max = min, ±Inf in the map, max − min
-    # overflowing): every S is then finite and in [0, 1] (SPEC §1, §4).
-    q = (xf - mn) / (mx - mn)
-    fhat = torch.where((q >= 0) & (q <= 1), q, 0)
+    # f̂ = 0 wherever (x − min)·r is not a number (max = min: 0·Inf; ±Inf in the map or
+    # max − min overflowing: Inf·0): every S is then finite and in [0, 1] (SPEC §1, §4).
+    q = (xf - mn) * r
+    fhat = torch.where(q >= 0, q.clamp(max=1), 0)
     if mode == "sm":
         return 1 - fhat
     return 1 - fhat * (xf >= thr)
@@ -123,7 +141,7 @@ def attention_stats(x, k, active, mode):
     m = _maps(x)
     thr = m.topk(k, dim=2).values[..., -1].clone()  # not a view of the (N, C, k) buffer
     mn, mx = m.amin(dim=2), m.amax(dim=2)
-    s = _soft_mask(m, thr[..., None], mn[..., None], mx[..., None], mode)
+    s = _soft_mask(m, thr[..., None], mn[..., None], range_reciprocal(mn, mx)[..., None], mode)
     return thr, mn, mx, s.sum(dim=2, dtype=torch.float64)
 
 
@@ -254,7 +272,8 @@ def apply_seeds(t, bits, r, shared, scale):
 def apply_attention(t, x, thr, mn, mx, active, mode, scale):
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
     n, c, h, w = x.shape
-    s = _soft_mask(_maps(x), thr[..., None], mn[..., None], mx[..., None], mode)
+    r = range_reciprocal(mn, mx)
+    s = _soft_mask(_maps(x), thr[..., None], mn[..., None], r[..., None], mode)
     s = torch.where(active[..., None], s, 1) * scale[:, None, None]
     return _mul(t, s.view(n, c, h, w))
 

@@ -489,6 +489,13 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+// 1/a rounded up (IEEE): the nearest quotient, one float up where it lies below 1/a (a * r
+// is exact in double); NaN products (a = 0, Inf, NaN) leave it as it is.
+inline float __frcp_ru(float a) {
+  const float r = 1.f / a;
+  const double p = static_cast<double>(a) * static_cast<double>(r);
+  return (a > 0.f ? p < 1.0 : p > 1.0) ? std::nextafter(r, INFINITY) : r;
+}
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 template <class T>
