@@ -103,10 +103,17 @@ OVER_BUDGET = {
                              "element, k = 1 16.1; k >= 7 14.9, channels_last 7.1; fp32 "
                              "9.2-24.2 within budget",
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
-    ("cuda", "apply_attention"): "229-629 SASS per element (the exact division in soft_mask), "
-                                 "2-12 single-element accesses per element",
+    ("cuda", "apply_attention"): "65-336 SASS per element (the generic apply_kernel: per "
+                                 "line segment or per element its map's stats, and in "
+                                 "channels_last the range reciprocal per element), 2-12.5 "
+                                 "single-element accesses per element",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
-                        "element, 358 / 717 SASS per element",
+                        "element, 504 / 1007 SASS per element: the counter's steady "
+                        "state, the loop over maps, now holds the map's range reciprocal "
+                        "(__frcp_ru, a CALL of its slow-path routine, counted in full); the "
+                        "division per unit it replaced sat in a nested loop (358 / 717 "
+                        "before; the whole float32 kernel: 2552 SASS instructions, 2608 "
+                        "before)",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
 # takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in
