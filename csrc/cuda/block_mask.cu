@@ -418,10 +418,7 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
                      aligned16(out);
   GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block", [&] {
     constexpr int64_t V = 16 / sizeof(scalar_t);
-    // Samples per launch: under 2^31 elements (32-bit indices), a multiple of V samples
-    // unless a sample is, so that every launch's x starts 16-byte aligned.
-    int64_t step = ((int64_t(1) << 31) - 1) / std::max<int64_t>(per, 1);
-    if (per % V != 0 && step < N) step -= step % V;
+    const int64_t step = flat_samples_per_launch(N, per, V);
     // rows: a chunk on at most two rows, a warp's chunks on at most 32 samples
     const bool rows = !cl && W >= V - 1 && per >= V, pixels = cl && C % V == 0;
     if (t.numel() == 0) return;

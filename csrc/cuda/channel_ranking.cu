@@ -294,10 +294,7 @@ void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
                      aligned16(out);
   GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_channel", [&] {
     constexpr int64_t V = 16 / sizeof(scalar_t);
-    // Samples per launch: under 2^31 elements (32-bit indices), a multiple of V samples
-    // unless a sample is, so that every launch's x starts 16-byte aligned.
-    int64_t step = ((int64_t(1) << 31) - 1) / std::max<int64_t>(per, 1);
-    if (per % V != 0 && step < N) step -= step % V;
+    const int64_t step = flat_samples_per_launch(N, per, V);
     const bool maps = !cl && HW >= V, pixels = cl && C % V == 0 && aligned16(w);
     if (t.numel() == 0) return;
     if (!dense || step == 0 || !(maps || pixels)) {

@@ -125,6 +125,15 @@ inline bool dense_in_order(const at::TensorBase& t, bool cl) {
   return cl ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous();
 }
 
+// Samples per launch of a flat 16-byte apply kernel (V elements a vector, per elements a
+// sample): under 2^31 elements (32-bit indices), and a multiple of V samples unless a
+// sample is a whole number of vectors, so that every launch's x starts 16-byte aligned.
+inline int64_t flat_samples_per_launch(int64_t N, int64_t per, int64_t V) {
+  int64_t step = ((int64_t(1) << 31) - 1) / std::max<int64_t>(per, 1);
+  if (per % V != 0 && step < N) step -= step % V;
+  return step;
+}
+
 // Coordinates of flat index i < 2^31 of a launch: three multiply-high divisions.
 template <bool CL>
 __device__ __forceinline__ Coord4 decompose(int64_t i, const ApplyGeom& g) {
