@@ -374,43 +374,55 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr,
                                  sc_ptr, TOTAL, HW, MAG1, C, MAG2, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
+                                 ONE_MAP: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
     + 1 so that a group spans at most one map end. The per-map statistics (contiguous
-    (N, C)) and scale are loaded per group for its map and the next one; per element, which
-    of the two. The range's reciprocal is computed per group for those two maps."""
+    (N, C)), their range reciprocal and the scale are computed per group for its map and,
+    unless ONE_MAP (HW a multiple of V: no group spans a map end), the next one; per
+    element, which of the two."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
     mp = n * C + c
-    mp1 = mp + 1
-    n1 = n + (c == C - 1).to(n.dtype)
-    v1 = mp1 < NC  # the map after the last: past the end, never used
-    act0 = tl.load(act_ptr + mp) != 0
-    act1 = tl.load(act_ptr + mp1, mask=v1, other=0) != 0
-    wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
-    act = tl.where(wrap, act1[:, None], act0[:, None])
-    sc = tl.where(wrap, tl.load(sc_ptr + n1, mask=v1, other=0.0)[:, None],
-                  tl.load(sc_ptr + n)[:, None])
+    v0 = mp < NC  # groups past the end (the last tile's): unused
+    act0 = tl.load(act_ptr + mp, mask=v0, other=0) != 0
+    sc0 = tl.load(sc_ptr + n, mask=v0, other=0.0)
+    thr0 = tl.load(thr_ptr + mp, mask=act0, other=0.0)
+    if MODE != 0:  # "am" reads no min or max
+        mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
+        r0 = range_reciprocal(mn0, tl.load(mx_ptr + mp, mask=act0, other=0.0))
+    if ONE_MAP:
+        act = act0[:, None]
+        sc = sc0[:, None]
+        thr = thr0[:, None]
+        if MODE != 0:
+            mn = mn0[:, None]
+            r = r0[:, None]
+    else:
+        mp1 = mp + 1
+        n1 = n + (c == C - 1).to(n.dtype)
+        v1 = mp1 < NC  # the map after the last: past the end, never used
+        act1 = tl.load(act_ptr + mp1, mask=v1, other=0) != 0
+        wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
+        act = tl.where(wrap, act1[:, None], act0[:, None])
+        sc = tl.where(wrap, tl.load(sc_ptr + n1, mask=v1, other=0.0)[:, None], sc0[:, None])
+        thr = tl.where(wrap, tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)[:, None],
+                       thr0[:, None])
+        if MODE != 0:
+            mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
+            r1 = range_reciprocal(mn1, tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0))
+            mn = tl.where(wrap, mn1[:, None], mn0[:, None])
+            r = tl.where(wrap, r1[:, None], r0[:, None])
+    if MODE == 0:
+        mn = 0.0
+        r = 0.0
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the map is active
         xv = tl.load(x_ptr + e, mask=m & act, other=0.0).to(tl.float32)
-    thr = tl.where(wrap, tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)[:, None],
-                   tl.load(thr_ptr + mp, mask=act0, other=0.0)[:, None])
-    if MODE == 0:  # "am" reads no min or max
-        mn = 0.0
-        r = 0.0
-    else:
-        mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
-        mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
-        r0 = range_reciprocal(mn0, tl.load(mx_ptr + mp, mask=act0, other=0.0))
-        r1 = range_reciprocal(mn1, tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0))
-        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
-        r = tl.where(wrap, r1[:, None], r0[:, None])
-    s = soft_mask(xv, thr, mn, r, MODE)
-    s = tl.where(act, s, 1.0)
+    s = tl.where(act, soft_mask(xv, thr, mn, r, MODE), 1.0)
     tl.store(o_ptr + e, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
@@ -438,7 +450,8 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: tor
         grid, meta = flat
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, thr, mn, mx, act, scale, out.numel(), NC=n * c, MODE=MODES[mode],
-            X_IS_T=x_is_t, V=min(v, meta["BLOCK"]), **meta)
+            X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
+            V=min(v, meta["BLOCK"]), **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
