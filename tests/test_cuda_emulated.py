@@ -720,6 +720,36 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
                     assert got.stride() == x.stride(), (what, name)
 
 
+# apply_attention_maps_kernel (csrc/cuda/percentile_threshold.cu): contiguous NCHW maps of
+# H * W >= V elements, chunks in one map (H * W a multiple of V: 7 x 8, 4 x 14 in float32)
+# or on two (7 x 7, 3 x 5: on two samples too, C = 1), many maps a chunk's neighbours (C =
+# 16), a tail of numel % V. Maps under V elements (1 x 4 in bf16 / fp16), channels_last,
+# sliced and misaligned x take the generic apply_kernel.
+ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 2, 9, 56),
+                  (2, 3, 1, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_apply_attention_flat_chunks(E, dtype):
+    """Every mode, half the maps active, a scale per sample, x given as t (the forward) and
+    apart from t (the backward: t = grad_y), so that an element given its neighbour map's or
+    sample's state, or t's values for x's, differs from the reference."""
+    gen = torch.Generator().manual_seed(9)
+    for (n, c, h, w), mode in product(ATTENTION_FLAT, ("am", "sm", "ad")):
+        active = torch.rand(n, c, generator=gen) < 0.5
+        active[0, 0] = True
+        scale = torch.rand(n, generator=gen) * 2 + 0.25
+        xs = {layout: make_x((n, c, h, w), dtype, layout=layout) for layout in LAYOUTS}
+        xs["misaligned"] = misaligned(xs["contiguous"])
+        for name, x in xs.items():
+            thr, mn, mx, _ = R.attention_stats(x, max(1, h * w // 4), active, mode)
+            g = torch.randn(x.shape, generator=gen).to(dtype)
+            for t in (x, g):
+                what = f"{dtype} {(n, c, h, w)} {mode} {name} {'x' if t is x else 'grad'}"
+                same(E.apply_attention(t, x, thr, mn, mx, active, mode, scale),
+                     R.apply_attention(t, x, thr, mn, mx, active, mode, scale), what)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_emulated_seeds_runs(E, shared):
     """apply_seeds and seed_coverage cover a row by runs of up to 32 units (seed_cover.cuh's

@@ -292,18 +292,124 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
   });
 }
 
+// NCHW, maps of HW >= V elements, t, x and out dense and 16-byte aligned: a 16-byte chunk
+// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0). Per
+// chunk the state of each map it touches (active, thr, mn, the range reciprocal, scale[n]),
+// per element which of the two: not the generic apply_kernel's state per line segment or
+// element. MODE 0/1/2: "am"/"sm"/"ad" (a constant, so that soft_mask folds).
+struct MapState {
+  float thr, mn, r, s;
+  bool act;
+};
+
+template <int MODE>
+__device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, const float* mn,
+                                              const float* mx, const bool* active,
+                                              const float* scale, const FastDiv& c) {
+  MapState st{0.f, 0.f, 0.f, scale[div_of(m, c)], active[m]};
+  if (st.act) {
+    st.thr = thr[m];
+    if (MODE != 0) {
+      st.mn = mn[m];
+      st.r = range_reciprocal(st.mn, mx[m]);
+    }
+  }
+  return st;
+}
+
+template <int MODE>
+__device__ __forceinline__ float attention_w(float x, const MapState& st) {
+  return (st.act ? soft_mask(x, st.thr, st.mn, st.r, MODE) : 1.f) * st.s;
+}
+
+// a or b, field by field: `first ? a : b` of the structs themselves takes their address,
+// and nvcc then keeps both in local memory (spills).
+__device__ __forceinline__ MapState pick(bool first, const MapState& a, const MapState& b) {
+  return {first ? a.thr : b.thr, first ? a.mn : b.mn, first ? a.r : b.r,
+          first ? a.s : b.s, first ? a.act : b.act};
+}
+
+template <typename scalar_t, int MODE>
+__global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
+                                            const scalar_t* __restrict__ x,
+                                            scalar_t* __restrict__ out,
+                                            const float* __restrict__ thr,
+                                            const float* __restrict__ mn,
+                                            const float* __restrict__ mx,
+                                            const bool* __restrict__ active,
+                                            const float* __restrict__ scale,
+                                            const uint32_t numel, const FastDiv hw,
+                                            const FastDiv c) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const uint32_t full = numel / V;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  const bool x_is_t = x == t;  // the forward: x is read once
+  // numel < 2^31 and the grid is at most 2^26 threads: no index below wraps.
+#pragma unroll 1
+  for (uint32_t chunk = blockIdx.x * blockDim.x + threadIdx.x; chunk < full; chunk += stride) {
+    const uint32_t i0 = chunk * V;
+    const uint32_t m0 = div_of(i0, hw);
+    const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
+    const MapState a = map_state<MODE>(m0, thr, mn, mx, active, scale, c);
+    const MapState b =
+        k0 < V ? map_state<MODE>(m0 + 1, thr, mn, mx, active, scale, c) : a;
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> xin = in;
+    if (!x_is_t && (a.act || b.act)) xin = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i0);
+    Vec<scalar_t, V> res;
+#pragma unroll
+    for (uint32_t j = 0; j < V; ++j) {
+      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(j < k0, a, b));
+      res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+    }
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
+#pragma unroll 1
+    for (uint32_t i = full * V; i < numel; ++i) {
+      const MapState st = map_state<MODE>(div_of(i, hw), thr, mn, mx, active, scale, c);
+      out[i] = static_cast<scalar_t>(to_float(t[i]) * attention_w<MODE>(to_float(x[i]), st));
+    }
+  }
+}
+
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                             const at::TensorBase& thr, const at::TensorBase& mn,
                             const at::TensorBase& mx, const at::TensorBase& active, int mode,
                             const at::TensorBase& scale, const at::TensorBase& out) {
   // t (x or grad_y) has x's dtype: checked by the caller.
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), per = C * HW;
+  const bool dense = t.is_contiguous() && x.is_contiguous() && out.is_contiguous() &&
+                     aligned16(t) && aligned16(x) && aligned16(out);
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::apply_attention", [&] {
-    const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x),
-                                   thr.data_ptr<float>(),  mn.data_ptr<float>(),
-                                   mx.data_ptr<float>(),   scale.data_ptr<float>(),
-                                   active.data_ptr<bool>(), x.size(1),
-                                   mode};
-    launch_apply<scalar_t>(t, out, wfn);
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    const int64_t step = flat_samples_per_launch(N, per, V);
+    if (t.numel() == 0) return;
+    if (!dense || step == 0 || HW < V) {
+      // channels_last, misaligned or strided t, x or out, NCHW maps under V elements
+      const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x),
+                                     thr.data_ptr<float>(),  mn.data_ptr<float>(),
+                                     mx.data_ptr<float>(),   scale.data_ptr<float>(),
+                                     active.data_ptr<bool>(), C,
+                                     mode};
+      launch_apply<scalar_t>(t, out, wfn);
+      return;
+    }
+    auto kernel = mode == 0   ? apply_attention_maps_kernel<scalar_t, 0>
+                  : mode == 1 ? apply_attention_maps_kernel<scalar_t, 1>
+                              : apply_attention_maps_kernel<scalar_t, 2>;
+    const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t n = std::min(step, N - n0), numel = n * per, m0 = n0 * C;
+      const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
+      kernel<<<grid, kThreads, 0, current_stream()>>>(
+          tp + n0 * per, xp + n0 * per, op + n0 * per, thr.data_ptr<float>() + m0,
+          mn.data_ptr<float>() + m0, mx.data_ptr<float>() + m0, active.data_ptr<bool>() + m0,
+          scale.data_ptr<float>() + n0, static_cast<uint32_t>(numel), fast_div(HW),
+          fast_div(C));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

@@ -524,7 +524,7 @@ CUDA_KERNELS = {
     "apply_channel": r"apply_channel_(maps|pixels)_kernel<{T}>",
     "apply_block": r"apply_block_(rows|pixels)_kernel<{T}[,>]",
     "apply_seeds": r"apply_kernel<{T}, .*SeedsW[,>]",
-    "apply_attention": r"apply_kernel<{T}, .*AttentionW<",
+    "apply_attention": r"apply_attention_maps_kernel<{T},",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
     "cam": r"cam_(thread|warp)_kernel<{T}>",
@@ -543,13 +543,15 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 # The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
-_CHUNK_KERNEL = re.compile(r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_)?kernel<")
+_CHUNK_KERNEL = re.compile(
+    r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_maps_)?kernel<")
 
 
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
     ``apply_kernel`` (csrc/cuda/common.cuh) and the flat kernels of apply_channel
-    (csrc/cuda/channel_ranking.cu) and apply_block (csrc/cuda/block_mask.cu) handle one
+    (csrc/cuda/channel_ranking.cu), apply_block (csrc/cuda/block_mask.cu) and
+    apply_attention (csrc/cuda/percentile_threshold.cu) handle one
     16-byte chunk (16 / sizeof(T) elements) per iteration of their grid-stride loops;
     the others read x one element or one 16-byte vector (16 / sizeof(T) elements) per
     access, so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte
