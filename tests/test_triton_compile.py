@@ -128,6 +128,35 @@ def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
     print(done.stdout)
 
 
+def _ptx(spec, tmp_path) -> str:
+    """The sm_90 PTX of one recorded spec, compiled in a child process without
+    TRITON_INTERPRET (spaces removed)."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    child = (
+        "import json, sys\n"
+        "from guidedrop.sass import compile_spec\n"
+        "k = compile_spec(json.load(open(sys.argv[1])))\n"
+        "print(k.asm['ptx'].replace(' ', ''))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)]
+                                        + [p for p in sys.path if p])
+    done = subprocess.run([sys.executable, "-c", child, str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _record_launches(monkeypatch, mod, run) -> dict:
+    """The specs of the Triton launches of run() (nothing runs)."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    recorder = _Recorder()
+    for m in _kernel_modules(mod):
+        monkeypatch.setattr(m, "launch", recorder)
+    run()
+    return recorder.specs
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
@@ -142,29 +171,42 @@ def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
     except ImportError as e:
         pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
     import guidedrop.functional as F
-    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
-    recorder = _Recorder()
-    for m in _kernel_modules(mod):
-        monkeypatch.setattr(m, "launch", recorder)
     x = torch.randn(2, 4, 6, 6)
-    F.camdrop(x, torch.randn(3, 8), torch.tensor([2, 0], dtype=torch.int8), 3, 0.5,
-              noise=torch.rand(x.shape))
-    specs = [s for s in recorder.specs.values() if s["kernel"] == "_cam_kernel"]
+    recorded = _record_launches(monkeypatch, mod, lambda: F.camdrop(
+        x, torch.randn(3, 8), torch.tensor([2, 0], dtype=torch.int8), 3, 0.5,
+        noise=torch.rand(x.shape)))
+    specs = [s for s in recorded.values() if s["kernel"] == "_cam_kernel"]
     assert len(specs) == 1, specs
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(specs[0]))
-    child = (
-        "import json, sys\n"
-        "from guidedrop.sass import compile_spec\n"
-        "k = compile_spec(json.load(open(sys.argv[1])))\n"
-        "print(k.asm['ptx'].replace(' ', ''))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)]
-                                        + [p for p in sys.path if p])
-    done = subprocess.run([sys.executable, "-c", child, str(path)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    ptx = done.stdout
+    ptx = _ptx(specs[0], tmp_path)
     assert "__assertfail" in ptx
     # the message, as PTX spells a string constant: its bytes in decimal
     assert ",".join(str(b) for b in b"target must hold class indices") in ptx
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_path):
+    """AttentionDrop's range reciprocal (SPEC §4 step 2) compiles to PTX's IEEE rcp.rp.f32 in
+    every kernel that computes it (statistics, flat and row-tiled apply), not to libdevice's
+    flush-to-zero rcp.rp.ftz.f32 (Triton links libdevice for flush-to-zero): a range over
+    2^126, whose reciprocal is subnormal, or a subnormal range must round as the reference
+    does. No other operation of these kernels flushes subnormals either."""
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
+    import guidedrop.functional as F
+    x = torch.randn(2, 8, 4, 6)
+    recorded = _record_launches(monkeypatch, mod, lambda: [F.attentiondrop(
+        t, 0.5, 20.0, mode="sm", noise=torch.rand(2, 8))
+        for t in (x, x.contiguous(memory_format=torch.channels_last))])
+    kernels = ("_select_kernel", "_apply_attention_flat_kernel", "_apply_attention_kernel")
+    specs = [s for s in recorded.values() if s["kernel"] in kernels]
+    assert sorted({s["kernel"] for s in specs}) == sorted(kernels), specs
+    for spec in specs:
+        ptx = _ptx(spec, tmp_path)
+        assert "rcp.rp.f32" in ptx, spec["kernel"]
+        assert ".ftz" not in ptx, (spec["kernel"], [ln for ln in ptx.splitlines() if ".ftz" in ln])

@@ -27,7 +27,7 @@ import triton.language as tl
 # TRITON_INTERPRET is read when @triton.jit decorates a kernel, i.e. when these modules are
 # imported: the mode is fixed for the process from then on.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INTERPRETED = tl.constexpr(INTERPRET)  # the same, for jit code (libdevice is compiled only)
+INTERPRETED = tl.constexpr(INTERPRET)  # the same, for jit code (inline PTX is compiled only)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elements per program of the streaming kernels. The interpreter pays ~10 ms per program

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from ._common import (
     INTERPRETED,
@@ -84,8 +83,11 @@ def range_reciprocal(mn, mx):
         bits = r.to(tl.int32, bitcast=True)
         up = tl.where(r > 0.0, bits + 1, bits - 1).to(tl.float32, bitcast=True)
         r = tl.where(low, up, r)
-    else:
-        r = libdevice.rcp_ru(d)
+    else:  # PTX's IEEE reciprocal rounded up: libdevice's rcp_ru flushes subnormals (Triton
+        # links libdevice for flush-to-zero), and both a range over 2^126 (1/d subnormal)
+        # and a subnormal range must round as the reference does
+        r = tl.inline_asm_elementwise("rcp.rp.f32 $0, $1;", "=r,r", [d], dtype=tl.float32,
+                                      is_pure=True, pack=1)
     return r
 
 

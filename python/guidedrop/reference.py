@@ -108,7 +108,7 @@ def range_reciprocal(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     """r = 1 / (mx − mn) rounded up (toward +Inf), elementwise: the per-map factor of
     AttentionDrop's f̂ (SPEC §4 step 2), computed once per map so that no kernel divides per
     unit. Rounded up, (mx − mn)·r ≥ 1, so f̂ = min((x − mn)·r, 1) is exactly 1 at the map's
-    maximum. IEEE's 1/d rounded up, as CUDA's ``__frcp_ru`` and libdevice's ``rcp_ru``:
+    maximum. IEEE's 1/d rounded up, as CUDA's ``__frcp_ru`` and PTX's ``rcp.rp.f32``:
     the nearest quotient, one float up where it lies below 1/d (for float32 the product d·r
     is exact in float64; for float64 stats, the reference's alone, it is rounded).
     d = ±0 gives ±Inf, d = ±Inf gives ±0, NaN gives NaN.
