@@ -166,6 +166,21 @@ def test_soft_mask_is_zero_at_the_maximum(B):
         same(msum, R.attention_stats(x, 3, act, mode)[3])
 
 
+def test_soft_mask_extreme_ranges(B):
+    """A range over 2^126 (its reciprocal is subnormal) and a subnormal range, float32: f̂ is
+    still (x − min)·r, 1 at the maximum (S = 0, "sm"), equal on every backend (a GPU
+    that flushed subnormals would give S = 1 or 0 throughout; test_triton_compile checks
+    the PTX)."""
+    x = torch.tensor([[[0.0, 5e37, 1e38, 2e37]], [[0.0, 2**-129, 2**-128, 2**-127]]])
+    x = x.view(1, 2, 2, 2)
+    act = torch.ones(1, 2, dtype=torch.bool)
+    thr, mn, mx, msum = B.attention_stats(x, 1, act, "sm")
+    out = B.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1)).flatten(1)
+    same(out, R.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1)).flatten(1))
+    same(msum, R.attention_stats(x, 1, act, "sm")[3])
+    assert out[0, 2] == 0 and out[0, 7] == 0 and out[0, 1] > 0 and out[0, 6] > 0, out
+
+
 # Every float32 d: 0, subnormal, around 1 and the largest (1/d overflows or is subnormal),
 # both signs; and ±0, ±Inf, where f̂ is then NaN (0·Inf, Inf·0).
 _F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
