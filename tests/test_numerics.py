@@ -13,6 +13,7 @@ from __future__ import annotations
 import fractions
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -179,6 +180,21 @@ def test_soft_mask_extreme_ranges(B):
     same(out, R.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1)).flatten(1))
     same(msum, R.attention_stats(x, 1, act, "sm")[3])
     assert out[0, 2] == 0 and out[0, 7] == 0 and out[0, 1] > 0 and out[0, 6] > 0, out
+
+
+def test_attentiondrop_runs_without_warnings(B):
+    """AttentionDrop relies on 1/0 = Inf and 0·Inf = NaN (max = min, and the inactive maps'
+    zeroed stats), taken as f̂ = 0: no backend warns about them, Triton's interpreter (numpy
+    evaluates the kernels) included, so that a user's screen, or a run under -W error, sees
+    nothing."""
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    x[0, 1] = 3.0  # a constant map
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode in ("am", "sm", "ad"):
+            out = run(B, "attentiondrop", x, 0.5, 20.0, mode=mode, normalize="batch",
+                      noise=torch.full((2, 4), 0.25).index_fill(1, torch.tensor([3]), 0.75))
+            assert torch.isfinite(out).all()
 
 
 # Every float32 d: 0, subnormal, around 1 and the largest (1/d overflows or is subnormal),

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 
 import torch
 
@@ -122,11 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from . import bench, demo, show
 
-    # Under TRITON_INTERPRET=1 numpy evaluates the kernels and warns where a GPU computes
-    # quietly (AttentionDrop's 1/0 and 0·Inf of a constant map: NaN, taken as f̂ = 0 by the
-    # kernel, as SPEC §4 says): not a fault, and not for the user's screen.
-    warnings.filterwarnings("ignore", category=RuntimeWarning,
-                            module="triton.runtime.interpreter")
     # torch.compile on a CPU imports torch.utils.cpp_extension, which logs "No CUDA runtime is
     # found, using CUDA_HOME=..." where a CUDA toolkit is installed without a GPU: nothing the
     # user asked about (bench's compile provider), and not for their screen either.
