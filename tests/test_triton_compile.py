@@ -147,8 +147,16 @@ def _ptx(spec, tmp_path) -> str:
     return done.stdout
 
 
-def _record_launches(monkeypatch, mod, run) -> dict:
-    """The specs of the Triton launches of run() (nothing runs)."""
+def _record_launches(monkeypatch, run) -> dict:
+    """The specs of the Triton launches of run() (nothing runs); skips without the Triton
+    backend or its NVIDIA compiler."""
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
     monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
     recorder = _Recorder()
     for m in _kernel_modules(mod):
@@ -163,16 +171,9 @@ def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
     """SPEC §6 step 0 on a GPU: the first CamDrop kernel (the CAM from W[y]) keeps its
     device assertion on the target in the sm_90 code (Triton drops tl.device_assert
     unless the kernel is compiled in debug mode), with a message naming target."""
-    mod, why = dispatch.load("triton")
-    if mod is None:
-        pytest.skip(f"no Triton backend: {why}")
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
     import guidedrop.functional as F
     x = torch.randn(2, 4, 6, 6)
-    recorded = _record_launches(monkeypatch, mod, lambda: F.camdrop(
+    recorded = _record_launches(monkeypatch, lambda: F.camdrop(
         x, torch.randn(3, 8), torch.tensor([2, 0], dtype=torch.int8), 3, 0.5,
         noise=torch.rand(x.shape)))
     specs = [s for s in recorded.values() if s["kernel"] == "_cam_kernel"]
@@ -191,16 +192,9 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
     flush-to-zero rcp.rp.ftz.f32 (Triton links libdevice for flush-to-zero): a range over
     2^126, whose reciprocal is subnormal, or a subnormal range must round as the reference
     does. No other operation of these kernels flushes subnormals either."""
-    mod, why = dispatch.load("triton")
-    if mod is None:
-        pytest.skip(f"no Triton backend: {why}")
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Triton's NVIDIA backend is not installed: {e}")
     import guidedrop.functional as F
     x = torch.randn(2, 8, 4, 6)
-    recorded = _record_launches(monkeypatch, mod, lambda: [F.attentiondrop(
+    recorded = _record_launches(monkeypatch, lambda: [F.attentiondrop(
         t, 0.5, 20.0, mode="sm", noise=torch.rand(2, 8))
         for t in (x, x.contiguous(memory_format=torch.channels_last))])
     kernels = ("_select_kernel", "_apply_attention_flat_kernel", "_apply_attention_kernel")
