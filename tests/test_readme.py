@@ -133,10 +133,13 @@ def test_use_example_runs(layer):
     code = code.replace("torchvision.models.resnet50()",
                         "torchvision.models.resnet18(num_classes=10)")
     code = code.replace('"corrdrop"', repr(layer))
+    readme_loader = "[(torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,)))]"
+    assert readme_loader in code  # runs as pasted; here smaller, two batches
+    code = code.replace(readme_loader, "given_loader")
     images = torch.randn(4, 3, 32, 32)
     loader = [(images, torch.tensor([0, 1, 2, 3])), (images.flip(0), torch.tensor([3, 2, 1, 0]))]
     before = torchvision.models.resnet18(num_classes=10)
-    scope = {"loader": loader}
+    scope = {"given_loader": loader}
     exec(compile(code, "README.md (Use)", "exec"), scope)
     model, sched = scope["model"], scope["sched"]
     added = [m for m in model.modules() if isinstance(m, guidedrop.GuidedDropout)]

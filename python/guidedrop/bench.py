@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from . import dispatch, functional, models
+from .cli import comma_list
 
 LAYERS = models.LAYERS
 PROVIDERS = ("reference", "compile", "triton", "cuda")
@@ -1051,19 +1052,13 @@ def parse_dtype(s: str) -> torch.dtype:
     return DTYPES[s.strip().lower()]
 
 
-def _split(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
 def parse_layers(s: str) -> list[str]:
     if s == "all":
         return list(LAYERS)
-    names = list(dict.fromkeys(_split(s)))  # a layer named twice is benched once
+    names = comma_list(s, "--layers")  # a layer named twice is benched once
     for name in names:
         if name not in LAYERS:
             raise usage_error(f"unknown layer {name!r}; choose from {', '.join(LAYERS)}")
-    if not names:
-        raise usage_error("--layers is empty")
     return names
 
 
@@ -1126,15 +1121,11 @@ def configs(args, device: torch.device) -> list[tuple[tuple[int, int, int, int],
             shapes = [s for s, _ in (CUDA_QUICK if gpu else CPU_QUICK)]
         shapes = [SHAPES[s] for s in shapes]
     else:
-        shapes = list(dict.fromkeys(parse_shape(s) for s in _split(args.shapes)))  # once each
-        if not shapes:
-            raise usage_error("--shapes is empty")
+        shapes = list(dict.fromkeys(parse_shape(s) for s in comma_list(args.shapes, "--shapes")))
     if args.dtype is None:
         dtypes = [torch.bfloat16, torch.float32] if gpu else [torch.float32]
     else:
-        dtypes = list(dict.fromkeys(parse_dtype(d) for d in _split(args.dtype)))
-        if not dtypes:
-            raise usage_error("--dtype is empty")
+        dtypes = list(dict.fromkeys(parse_dtype(d) for d in comma_list(args.dtype, "--dtype")))
     return [(s, d) for s in shapes for d in dtypes]
 
 
@@ -1174,9 +1165,7 @@ def choose_providers(arg: str | None, device: torch.device,
                 ], "default"
     if arg.strip() == "all":
         return list(PROVIDERS), "all"
-    names = list(dict.fromkeys(_split(arg)))
-    if not names:
-        raise usage_error("--backends is empty")
+    names = comma_list(arg, "--backends")
     for p in names:
         if p == "all":
             raise usage_error("--backends all stands alone, not in a list")
@@ -1193,12 +1182,10 @@ def choose_providers(arg: str | None, device: torch.device,
 def run(args) -> list[dict]:
     """The ``bench`` command; returns its rows."""
     layers = parse_layers(args.layers)
-    modes = list(dict.fromkeys(_split(args.mode)))
+    modes = comma_list(args.mode, "--mode")
     for m in modes:
         if m not in MODES:
             raise usage_error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    if not modes:
-        raise usage_error("--mode is empty")
     if args.graph and "full" not in modes:
         raise usage_error("--graph times the full mode in a CUDA graph: add full to --mode")
     if args.dry_run and args.resnet:

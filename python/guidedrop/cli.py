@@ -72,6 +72,15 @@ def seed_arg(parser, default: int = 0) -> None:
                         help=f"random seed, 0 to {SEED_MAX} (default {default})")
 
 
+def comma_list(s: str, option: str) -> list[str]:
+    """The entries of a comma-separated option, each once, in order; UsageError for an
+    empty entry ("a,,b", "a,"), which is a typo rather than a request for nothing."""
+    parts = [p.strip() for p in s.split(",")]
+    if "" in parts:
+        raise UsageError(f"{option} {s!r} has an empty entry")
+    return list(dict.fromkeys(parts))
+
+
 def parse_device(s: str | None) -> torch.device:
     """``s`` ('cpu', 'cuda', 'cuda:1'; None = cuda when present) as a device these layers
     run on, checked by allocating on it; UsageError otherwise."""

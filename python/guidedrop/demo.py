@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, models
-from .cli import UsageError, _first_line, console, int_in, parse_device, seed_arg
+from .cli import UsageError, _first_line, comma_list, console, int_in, parse_device, seed_arg
 from .context import cam_targets
 from .schedule import LinearRamp
 
@@ -164,9 +164,7 @@ def _accuracy(model, x, y) -> float:
 def _parse_layers(s: str) -> list[str]:
     if s == "all":
         return ["none", *models.LAYERS]
-    names = list(dict.fromkeys(p.strip() for p in s.split(",") if p.strip()))
-    if not names:
-        raise UsageError("--layers is empty")
+    names = comma_list(s, "--layers")
     for name in names:
         if name != "none" and name not in models.LAYERS:
             raise UsageError(f"unknown layer {name!r}; choose from none, "

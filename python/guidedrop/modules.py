@@ -85,7 +85,9 @@ class GuidedDropout(nn.Module):
         return {f: getattr(self, f) for f in self._fields}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        # rates to 6 significant digits: a ramped p of 6e-05 reads so, not 5.9999999999999995e-05
+        return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}"
+                         for k, v in self._params().items())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
