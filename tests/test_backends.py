@@ -21,6 +21,8 @@ import math
 import naive
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from testing import HAS_CUDA, make_x, radix_rows, slow_without_gpu, tol
 
 import guidedrop.functional as F
@@ -560,13 +562,65 @@ def test_applies_flat_tiles(B, shape):
                  R.apply_attention(t, x, thr, mn, mx, active, mode, scale))
 
 
+# The flat tile's first map and sample (group_tile): n // d by a multiply-high, an add and a
+# shift (triton_kernels._common.divisor / divide), for every int32 n >= 0 and d >= 1; the
+# shapes above reach tile starts of a few 10**5 only.
+_INT31 = st.integers(0, 2**31 - 1)
+
+
+def _triton_common():
+    import importlib
+    return importlib.import_module(f"{load_backend('triton').__name__}._common")
+
+
+_DIVISORS = st.one_of(st.integers(1, 2**31 - 1), st.sampled_from(
+    [1, 2, 3, 7, 49, 196, 3136, 2**16 + 1, 2**30, 2**30 + 1, 2**31 - 1]))
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(n=st.one_of(_INT31, st.sampled_from([0, 1, 2**31 - 1, 2**31 - 2])), d=_DIVISORS)
+def test_divisor_magic_is_exact(n, d):
+    common = _triton_common()
+    magic, shift = common.divisor(d)
+    assert 0 <= magic < 2**32 and 0 <= shift <= 31
+    assert (((n * magic) >> 32) + n) >> shift == n // d
+
+
+try:  # a probe of the Triton backend's jit ``divide`` (test_triton_divide_kernel)
+    import triton
+    import triton.language as tl
+
+    from guidedrop.triton_kernels._common import divide
+
+    @triton.jit
+    def _divide_kernel(n_ptr, o_ptr, MAGIC, SHIFT, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(o_ptr + i, divide(tl.load(n_ptr + i), MAGIC, SHIFT))
+except ImportError:  # no Triton: the test skips (load_backend)
+    pass
+
+
+def test_triton_divide_kernel():
+    """The jit ``divide`` (uint32 multiply-high, add, shift) on the worst n of each divisor:
+    the largest int32, the multiples of d and the values just below them."""
+    common = _triton_common()
+    for d in (1, 2, 3, 7, 49, 196, 3136, 65537, 2**30 + 1, 2**31 - 1):
+        top = (2**31 - 1) // d * d
+        n = torch.tensor([0, 1, d - 1, d, top - 1, top, 2**31 - 2, 2**31 - 1],
+                         dtype=torch.int32, device=DEV)
+        out = torch.empty_like(n)
+        _divide_kernel[(1,)](n, out, *common.divisor(d), BLOCK=8)
+        assert torch.equal(out.cpu(), n.cpu() // d), d
+
+
 # The flat DropBlock apply (triton_kernels/block_mask.py, _apply_block_flat_kernel) per
 # path: k = 1 with contiguous mask rows (groups inside a map where H * W is a multiple of
 # the group, else groups that run into the next map, of the same sample or the next: C = 1
 # and C * H * W not a multiple of the group), k = 1 with strided masks and 2 <= k < 7 (the
 # per-group mask bytes of a row and the next), k >= 7 and k beyond the map; W = 7 (a group
 # spans a whole row), 14, 28, 56 and odd; partial and whole (EVEN) tiles; every dtype
-# (groups of 8 elements, or 4 in float32 where C * H * W is a multiple of 4). Mask bytes of
+# (groups of 8 elements, or 4 in float32 where C * H * W is a multiple of 4, unless k = 1
+# reads contiguous mask rows of maps of a multiple of 8 elements: 16 x 16). Mask bytes of
 # any value, not only 0 / 1: a wrongly chosen byte shows.
 BLOCK_FLAT_SHAPES = [(2, 3, 7, 7), (2, 8, 7, 7), (3, 5, 14, 14), (1, 2, 14, 14), (2, 2, 28, 28),
                      (1, 3, 9, 56), (2, 3, 5, 13), (3, 1, 6, 7), (1, 4, 16, 16)]

@@ -37,8 +37,9 @@ TILE = 16384 if INTERPRET else 4096
 # Elements per program of the apply kernels (8 per thread with 8 warps on a GPU: few
 # registers per element, so that many programs and loads are in flight per SM).
 APPLY_TILE = 16384 if INTERPRET else 2048
-# Elements per program of the flat apply tile (``flat_launch``): 16 per thread with 8 warps,
-# two 16-byte vectors of bf16, so that the per-tile index work is spread over more elements.
+# Elements per program of the flat apply tile (``flat_launch``): 32 per thread with 4 warps,
+# four 16-byte vectors of bf16, so that the per-tile index work is spread over more elements
+# (16 per thread cost the flat apply_block 1.3-1.5 more SASS instructions per element on sm_90).
 FLAT_TILE = 16384 if INTERPRET else 4096
 # Longest row the selection kernels keep in registers (AttentionDrop maps, CAM rows);
 # longer rows: read twice by the radix select (percentile_threshold), re-read chunk by
@@ -227,6 +228,16 @@ def magic(d: int, span: int) -> tuple[int, bool]:
     return (0, True) if d >= span else (-(-2**30 // d), False)
 
 
+def divisor(d: int) -> tuple[int, int]:
+    """(MAGIC, SHIFT) of ``divide`` by d >= 1: s = ceil(log2 d), MAGIC = ceil(2**(32 + s) / d)
+    - 2**32 (in [0, 2**32): 0 for a power of two). Then n // d = (umulhi(n, MAGIC) + n) >> s
+    for every 0 <= n < 2**31: the error of the 33-bit multiplier, e = (MAGIC + 2**32) * d
+    - 2**(32 + s) < d <= 2**s, keeps n * e < 2**(32 + s) (Granlund and Montgomery, "Division by
+    invariant integers using multiplication", PLDI 1994, section 4)."""
+    s = (d - 1).bit_length()
+    return -(-2 ** (32 + s) // d) - 2**32, s
+
+
 def rows_aligned(t: torch.Tensor) -> bool:
     """Whether the row tile's rows of t start on 16 bytes (W * itemsize % 16 == 0): there it
     vectorises too, and kernels that gather per-map values per element (apply_block,
@@ -240,7 +251,8 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
 
     channels_last tensors keep the row tile: rows (n, h, w) x c vectorise along C already,
     and a flat tile there needs the sample index per element too (18 instructions per
-    element against 15.5 on sm_90). meta: HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, IDX64,
+    element against 15.5 on sm_90). meta: HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1,
+    BIG2, BLOCK, IDX64,
     BF16_FIX and num_warps keywords."""
     n, c, h, w = out.shape
     tensors = (t, out, *more)
@@ -249,9 +261,12 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     block = min(FLAT_TILE, pow2(out.numel()))
     mag1, big1 = magic(h * w, block)  # the tile's first position + j < H * W + block
     mag2, big2 = magic(c, block // (h * w) + 2)  # + the maps it enters, <= block // HW + 1
-    meta = dict(HW=h * w, MAG1=mag1, C=c, MAG2=mag2, BIG1=big1, BIG2=big2, BLOCK=block,
+    hw_m, hw_s = divisor(h * w)
+    c_m, c_s = divisor(c)
+    meta = dict(HW=h * w, MAG1=mag1, C=c, MAG2=mag2, HW_M=hw_m, HW_S=hw_s, C_M=c_m, C_S=c_s,
+                BIG1=big1, BIG2=big2, BLOCK=block,
                 EVEN=out.numel() % block == 0, IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
-                num_warps=warps(block // 2))
+                num_warps=warps(block // 4))
     return (cdiv(out.numel(), block),), meta
 
 
@@ -270,14 +285,24 @@ def split(p, D, MAGIC, BIG: tl.constexpr):
 
 
 @triton.jit
-def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
-               BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
+def divide(n, MAGIC, SHIFT):
+    """n // d of int32 0 <= n < 2**31 by a runtime d >= 1, (MAGIC, SHIFT) = ``divisor(d)``:
+    a multiply-high, an add and a shift (the sum < 2**32 fits uint32), not the ~20
+    instructions of a division."""
+    u = n.to(tl.uint32)
+    return ((tl.umulhi(u, MAGIC.to(tl.uint32)) + u) >> SHIFT).to(tl.int32)
+
+
+@triton.jit
+def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexpr,
+               BIG2: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
                EVEN: tl.constexpr):
     """This program's flat tile of a contiguous (N, C, H, W) tensor (launched by
     flat_launch) as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
     bytes: one or more vectors per group), the index work per group, not per element.
-    Divisions by runtime values happen once per tile; per group, ``split`` of local
-    (tile-relative) int32 values by magic multipliers.
+    Per tile, the tile's first map and sample by ``divide`` ((HW_M, HW_S) and (C_M, C_S)
+    from ``divisor``; divisions when IDX64); per group, ``split`` of local (tile-relative)
+    int32 values by magic multipliers.
 
     Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
     each group's first element (BLOCK // V,) its sample n, channel c and position pos.
@@ -286,10 +311,13 @@ def group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1: tl.constexpr, BIG2: tl.constexpr,
     start = tl.program_id(0) * BLOCK
     if IDX64:
         start = start.to(tl.int64)
+        mp0 = start // HW
+        n0 = mp0 // C
+    else:
+        mp0 = divide(start, HW_M, HW_S)
+        n0 = divide(mp0, C_M, C_S)
     g = tl.arange(0, BLOCK // V) * V
     e = start + g[:, None] + tl.arange(0, V)[None, :]
-    mp0 = start // HW
-    n0 = mp0 // C
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
     dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
     if EVEN:

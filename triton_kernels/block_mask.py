@@ -75,8 +75,9 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
 
 
 @triton.jit
-def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, N, H, W,
-                             MAGW, m_sN, m_sH, m_sW, K: tl.constexpr, LINEAR: tl.constexpr,
+def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S,
+                             C_M, C_S, N, H, W, MAGW, m_sN, m_sH, m_sW, K: tl.constexpr,
+                             LINEAR: tl.constexpr,
                              IN_MAP: tl.constexpr, CROSS_N: tl.constexpr,
                              BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
                              V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
@@ -105,7 +106,8 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     next: with j a constant per register (V * itemsize = 16 bytes, one thread's vector),
     the selects fold to compares per group. h // K and w0 // K are multiply-shifts, exact
     as max(H, W) * K < 2**19."""
-    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
+                                  BLOCK, V, IDX64, EVEN)
     j = tl.arange(0, V)[None, :]
     if LINEAR:
         if not EVEN:  # past the last sample: read s[N - 1], never used
@@ -156,8 +158,11 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
             s1 = s0
         row0 = n * m_sN + ((h.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
         row1 = n1 * m_sN + ((h1.to(tl.uint32) * MK) >> 20).to(h.dtype) * m_sH
-        nxt = W - w0  # the first element of the next row
-        wrap = j >= nxt[:, None]
+        # the first element of the next row; >= 1 told to the compiler (element 0 is never
+        # the next row's), and every "is the next row's" below a compare of j with it, so
+        # that the compares of equal constants are one
+        nxt = tl.maximum(W - w0, 1)[:, None]
+        wrap = j >= nxt
         c0 = ((w0.to(tl.uint32) * MK) >> 20).to(w0.dtype)
         if K >= V - 1:
             b = (c0 + 1) * K - w0  # the first element of column c0 + 1
@@ -165,11 +170,10 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
             f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
             f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
             f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
-            # 1 <= b <= K and nxt >= 1: the selects are known for elements 0 and K .. V - 1
-            # (constants the compiler folds: fewer compares)
+            # 1 <= b <= K: the selects are known for elements 0 and K .. V - 1 (constants the
+            # compiler folds: fewer compares)
             col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
-            wt = tl.where(wrap & (j > 0), f2[:, None],
-                          tl.where(col1, f1[:, None], f0[:, None]))
+            wt = tl.where(wrap, f2[:, None], tl.where(col1, f1[:, None], f0[:, None]))
         else:
             NA: tl.constexpr = (K + V - 2) // K + 1  # the row's columns c0 + i
             NB: tl.constexpr = (V - 2) // K + 1  # the next row's: (j - nxt) // K, nxt >= 1
@@ -186,13 +190,12 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
                 # after the mask's last row)
                 fa = tl.load(pa + i * m_sW, mask=c0 + i <= last_col).to(tl.float32) * s0
                 wa = tl.where(ia == i, fa[:, None], wa)
-            # next row: column i from element nxt + i * K on (nxt >= 1 told to the compiler:
-            # the elements below K * i + 1 never take column i)
-            nxt1 = tl.maximum(nxt, 1)[:, None]
+            # next row: column i from element nxt + i * K on (the elements below K * i + 1
+            # never take column i)
             wb = tl.broadcast_to((tl.load(m_ptr + row1).to(tl.float32) * s1)[:, None], ia.shape)
             for i in tl.static_range(1, NB):
                 fb = tl.load(m_ptr + row1 + i * m_sW).to(tl.float32) * s1
-                wb = tl.where(j - i * K >= nxt1, fb[:, None], wb)
+                wb = tl.where(j - i * K >= nxt, fb[:, None], wb)
             wt = tl.where(wrap, wb, wa)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
@@ -219,9 +222,11 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     scale = scale.to(torch.float32).contiguous()
     # groups of 16 bytes (8 elements of bf16, 4 of float32: element j of a group is then a
     # constant per register, the mask columns' selects fold); 8 elements where a group can
-    # span two samples: its two scale loads stay within one 4-byte access per 16 bytes of
-    # x in float32 (issue 13)
-    v = 8 if c * h * w % 4 else 16 // t.element_size()
+    # span two samples (its two scale loads stay within one 4-byte access per 16 bytes of
+    # x in float32, issue 13) and where the mask bytes are read straight (K = 1, maps of 8s:
+    # one scale and 8 mask bytes per 32 bytes of float32, not a scale and 4 bytes per 16)
+    linear = k == 1 and mask.stride(1) == w and mask.stride(2) == 1
+    v = 8 if c * h * w % 4 or (linear and h * w % 8 == 0) else 16 // t.element_size()
     # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
     flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
             else None)
@@ -231,7 +236,7 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
         launch(_apply_block_flat_kernel)[grid](
             t, out, mask, scale, out.numel(), N=n, H=h, W=w, MAGW=-(-2**30 // w),
             m_sN=mask.stride(0), m_sH=mask.stride(1), m_sW=mask.stride(2), K=k,
-            LINEAR=k == 1 and mask.stride(1) == w and mask.stride(2) == 1,
+            LINEAR=linear,
             IN_MAP=h * w % vv == 0, CROSS_N=c * h * w % vv != 0, V=vv, **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out)

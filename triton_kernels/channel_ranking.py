@@ -145,7 +145,8 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
 
 
 @triton.jit
-def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, NC,
+def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S,
+                               C_M, C_S, NC,
                                BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
                                V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
                                BF16_FIX: tl.constexpr):
@@ -153,7 +154,8 @@ def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, NC
     (``_common.group_tile``), V <= HW + 1 so that a group spans at most one map end. The
     multiplier is loaded per group for its map and the next one (not gathered per element);
     per element, which of the two."""
-    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
+                                  BLOCK, V, IDX64, EVEN)
     mp = n * C + c
     w0 = tl.load(w_ptr + mp, mask=mp < NC, other=0.0)  # groups past the end: unused
     w1 = tl.load(w_ptr + mp + 1, mask=mp + 1 < NC, other=0.0)

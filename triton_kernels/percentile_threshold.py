@@ -374,7 +374,8 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
 
 @triton.jit
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr,
-                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2, NC,
+                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S,
+                                 NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  ONE_MAP: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
@@ -385,7 +386,8 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
     (N, C)), their range reciprocal and the scale are computed per group for its map and,
     unless ONE_MAP (HW a multiple of V: no group spans a map end), the next one; per
     element, which of the two."""
-    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, BIG1, BIG2, BLOCK, V, IDX64, EVEN)
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
+                                  BLOCK, V, IDX64, EVEN)
     mp = n * C + c
     v0 = mp < NC  # groups past the end (the last tile's): unused
     act0 = tl.load(act_ptr + mp, mask=v0, other=0) != 0
