@@ -701,11 +701,12 @@ BLOCK_FLAT = [(2, 3, 7, 7), (3, 5, 5, 14), (2, 2, 6, 28), (1, 2, 9, 56), (2, 3, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_apply_block_flat_chunks(E, dtype):
     """Mask values 0, 1, 2 and a scale per sample, so that an element given a neighbour
-    column's, row's, map's or sample's multiplier differs; k = 1, 2, 3, 7 and k > H, W (one
-    mask value a map); also a mask larger than needed (its row stride is Ws, not
+    column's, row's, map's or sample's multiplier differs; k = 1 .. 7 (each 1 <= k < 7 a
+    kernel of its own in bf16) and k > H, W (one mask value a map); also a mask larger than
+    needed (its row stride is Ws, not
     ceil(W / k)), a sliced x and a misaligned x (the generic kernel)."""
     gen = torch.Generator().manual_seed(5)
-    for (n, c, h, w), k in product(BLOCK_FLAT, (1, 2, 3, 7, 100)):
+    for (n, c, h, w), k in product(BLOCK_FLAT, (1, 2, 3, 4, 5, 6, 7, 100)):
         kk = min(k, max(h, w))
         for hs, ws in [(-(-h // kk), -(-w // kk)), (-(-h // kk) + 1, -(-w // kk) + 2)]:
             mask = torch.randint(0, 3, (n, hs, ws), generator=gen, dtype=torch.uint8)

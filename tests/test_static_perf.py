@@ -104,10 +104,12 @@ OVER_BUDGET = {
                                   "element); 2-byte loads in channels_last at 56 x 56 (a map is "
                                   "strided by C). The bisection's 28-169 counted one of its up "
                                   "to 32 passes",
-    ("cuda", "apply_block"): "flat kernels, bf16: k = 2..6 (k a constant, one mask byte "
-                             "per element, its address selected) 17.6-20.9 SASS per "
-                             "element, k = 1 16.1; k >= 7 14.9, channels_last 7.1; fp32 "
-                             "9.2-24.2 within budget",
+    ("cuda", "apply_block"): "flat kernels, bf16: k = 1 (a mask byte load per element, "
+                             "its address selected) 16.4 SASS per element, k = 2 16.6, "
+                             "k = 3 15.5 (the chunk's index work, its rows' mask bytes "
+                             "and a select per element, over 8 elements); k = 4..6 "
+                             "14.1-14.9, k >= 7 14.9, channels_last 7.1; fp32 9.2-24.0 "
+                             "within budget",
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW): 'am' 21.9 (bf16) / 25.2 "
                                  "(fp32) SASS per element, 'sm' 47.5 / 71.0, 'ad' 53.2 / "

@@ -200,10 +200,12 @@ struct BlockGeom {
 // on, the first ones of the next row (h + 1, else row 0 of the next map, or of the next
 // sample after the last map). K = 0: k >= V - 1 (a runtime value), so the chunk's part in
 // its row spans mask columns c0 = w0 / k and c0 + 1 (from j = b on), its part in the next
-// row column 0 only: three mask bytes per chunk, two selects per element. 1 <= K < V - 1:
+// row column 0 only: three mask bytes per chunk, two selects per element. 2 <= K < V - 1:
 // k a constant, element j's column c0 + j / K + (r >= K - j % K) (r = w0 % K) in its row,
-// (j - W + w0) / K in the next (the same with q1, e below), compares per chunk and one
-// byte load per element (cached: neighbours share bytes), its address selected.
+// (j - W + w0) / K in the next: the chunk's bytes of both rows loaded and scaled once, a
+// select per element (compares per chunk). K = 1: one byte load per element (cached:
+// neighbours share bytes), its address selected (a chunk's 8 columns and 7 of the next
+// row would be 15 loads).
 // Scale: the warp's 32 chunks span at most 32 samples (C * H * W >= V), so each lane loads
 // one scale and the chunk's two come from shuffles: one 4-byte load per 16 bytes of x, as
 // apply_channel_maps_kernel; the trip count is uniform across the warp for them.
@@ -228,7 +230,8 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
     const uint32_t q = div_of(row, g.H), h = row + q * g.nH;
     const uint32_t n = div_of(q, g.C), c = q + n * g.nC;
     const bool wrap = h + 1 == g.H.d;  // the next row is row 0 of the next map
-    const uint32_t n1 = n + (wrap && c + 1 == g.C.d);
+    // the next row's sample; past the last (the tensor's last row): n, never used
+    const uint32_t n1 = min(n + (wrap && c + 1 == g.C.d), g.N - 1);
     float s0, s1;
     if constexpr (kShuffle) {
       const uint32_t nb = __shfl_sync(kFullMask, n, 0);
@@ -260,19 +263,43 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
         const float w = j > 0 && j >= nxt ? f2 : j > 0 && j >= b ? f1 : f0;
         res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
       }
-    } else {
-      const uint32_t h1 = wrap ? 0 : h + 1;
-      const uint32_t c0 = w0 / K, r = w0 - c0 * K;
-      const uint32_t e = (nxt + K - 1) / K, q1 = e * K - nxt;  // (j - nxt) / K = (j + q1) / K - e
-      const uint32_t oa = n * g.HsWs + (h / K) * g.Ws + c0;
-      const uint32_t ob = n1 * g.HsWs + (h1 / K) * g.Ws - e;  // wraps; used only from nxt on
+    } else if constexpr (K == 1) {
+      const uint32_t oa = n * g.HsWs + h * g.Ws + w0;
+      const uint32_t ob = n1 * g.HsWs + (wrap ? 0 : h + 1) * g.Ws - nxt;  // wraps; from nxt on
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j) {
         const bool here = j == 0 || j < nxt;
-        const uint32_t ia = j / K + (j % K != 0 && r >= K - j % K);
-        const uint32_t ib = j / K + (j % K != 0 && q1 >= K - j % K);
-        const float m = static_cast<float>(mask[here ? oa + ia : ob + ib]);
+        const float m = static_cast<float>(mask[here ? oa + j : ob + j]);
         res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * (m * (here ? s0 : s1)));
+      }
+    } else {
+      // 2 <= K < V - 1: the chunk's part in its row reads columns c0 + i, i < NA, its part
+      // in the next row columns 0 .. NB - 1 (NB - 1 <= last_col as W >= V - 1): bytes at
+      // constant offsets of two addresses, each times its row's scale, then per element a
+      // select among them (compares per chunk), no per-element load or conversion
+      constexpr uint32_t NA = (K + V - 2) / K + 1, NB = (V - 2) / K + 1;
+      const uint32_t c0 = w0 / K, r = w0 - c0 * K;
+      const uint8_t* m0 = mask + (n * g.HsWs + (h / K) * g.Ws + c0);
+      const uint8_t* m1 = mask + (n1 * g.HsWs + ((wrap ? 0 : h + 1) / K) * g.Ws);
+      float fa[NA], fb[NB];
+#pragma unroll
+      for (uint32_t i = 0; i < NA; ++i)  // past the row's last column: no element takes it
+        fa[i] = i == 0 || c0 + i <= g.last_col ? __fmul_rn(static_cast<float>(m0[i]), s0) : 0.f;
+#pragma unroll
+      for (uint32_t i = 0; i < NB; ++i) fb[i] = __fmul_rn(static_cast<float>(m1[i]), s1);
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) {
+        // column c0 + j / K + (r >= K - j % K) of its row; of the next row, column i from
+        // element nxt + i * K on (nxt >= 1: element 0 is always its row's). Every "is the
+        // next row's" a compare of a constant with nxt, the same ones for all elements.
+        const uint32_t lo = j / K;
+        float w = j % K != 0 && lo + 1 < NA && r >= K - j % K ? fa[lo + 1] : fa[lo];
+        if (j > 0 && j >= nxt) {
+          w = fb[0];
+#pragma unroll
+          for (uint32_t i = 1; i < NB; ++i) w = j > i * K && j - i * K >= nxt ? fb[i] : w;
+        }
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
       }
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
