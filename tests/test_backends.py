@@ -642,6 +642,22 @@ def test_apply_block_flat_paths(B, shape, dtype):
             same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
 
 
+# Maps of 4096 * k rows or columns and more: the flat apply_block's multiply-shift by
+# ceil(2**20 / k) would overflow 32 bits there (found by the attack helper: column 4096 read as
+# column 0 at k = 2), so they take the row tile; strided mask columns keep k = 1 off the
+# LINEAR path.
+@pytest.mark.parametrize("shape,k", [((1, 1, 1, 8193), 1), ((1, 1, 1, 8193), 2),
+                                     ((1, 2, 1, 12289), 3), ((1, 1, 4100, 8), 1)])
+def test_apply_block_wide_maps(B, shape, k):
+    x = make_x(shape, torch.bfloat16, DEV, "contiguous")
+    n, c, h, w = shape
+    hs, ws = -(-h // k), -(-w // k)
+    wide = (rand((n, hs, 2 * ws), k) * 256).to(torch.uint8)
+    scale = rand((n,), 2) + 0.5
+    for mask in (wide[:, :, :ws], wide[:, :, ::2]):
+        same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
+
+
 def test_applies_empty(B):
     t = torch.zeros(0, 3, 4, 4, device=DEV)
     assert B.apply_channel(t, torch.zeros(0, 3, device=DEV)).shape == t.shape

@@ -132,3 +132,20 @@ def test_plan_matches_reference_large(normalize):
     B = load_backend("triton")
     x = torch.randn(5, 2, 70, 70)
     check(B, x, 0.2, 2, normalize, _noise(B, x, 0.2, 2, 11))
+
+
+def test_plan_mask_has_slack_for_the_flat_apply():
+    """The Triton plan's S is a view with MASK_SLACK readable bytes after it (the flat
+    apply_block reads a group's mask columns past a row's end unmasked there, issue 13);
+    the apply of the layer then equals the reference's."""
+    B = load_backend("triton")
+    import importlib
+    common = importlib.import_module(f"{B.__name__}._common")
+    x = make_x((2, 3, 14, 14), torch.bfloat16, "cpu", "contiguous")
+    u = _noise(B, x, 0.3, 3, 7)
+    kind, meta, (mask, scale) = B.plan_corrdrop(x, 0.3, 3, normalize="batch", noise=u)
+    assert mask.is_contiguous() and mask.shape == (2, 5, 5)
+    assert common.slack_after(mask) == common.MASK_SLACK
+    assert common.slack_after(mask.contiguous().clone()) == 0
+    for t in (x, torch.randn_like(x)):
+        assert torch.equal(B.apply_block(t, mask, 3, scale), R.apply_block(t, mask, 3, scale))

@@ -228,6 +228,29 @@ def magic(d: int, span: int) -> tuple[int, bool]:
     return (0, True) if d >= span else (-(-2**30 // d), False)
 
 
+# Readable bytes that the plan kernels leave after a block mask (``mask_buffer``): the flat
+# apply_block then reads a group's mask columns without a mask per load (past the end of a
+# row they are the next row's bytes, past the mask's last row these).
+MASK_SLACK = 16
+
+
+def mask_buffer(shape: tuple[int, ...], device) -> torch.Tensor:
+    """An uninitialised contiguous uint8 tensor of ``shape`` with MASK_SLACK more bytes in
+    its storage after it (a view of a longer buffer)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    return torch.empty(numel + MASK_SLACK, dtype=torch.uint8, device=device)[:numel].view(shape)
+
+
+def slack_after(t: torch.Tensor) -> int:
+    """Elements of t's storage after the last one t addresses (0 for an empty t)."""
+    if t.numel() == 0:
+        return 0
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+    return t.untyped_storage().nbytes() // t.element_size() - last - 1
+
+
 def divisor(d: int) -> tuple[int, int]:
     """(MAGIC, SHIFT) of ``divide`` by d >= 1: s = ceil(log2 d), MAGIC = ceil(2**(32 + s) / d)
     - 2**32 (in [0, 2**32): 0 for a power of two). Then n // d = (umulhi(n, MAGIC) + n) >> s

@@ -44,6 +44,7 @@ from ._common import (
     out_like,
     out_offset,
     pow2,
+    slack_after,
     tile_nchw,
     tile_offset,
     walk_channels_last,
@@ -77,7 +78,7 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
 @triton.jit
 def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S,
                              C_M, C_S, N, H, W, MAGW, m_sN, m_sH, m_sW, K: tl.constexpr,
-                             LINEAR: tl.constexpr,
+                             LINEAR: tl.constexpr, PADDED: tl.constexpr,
                              IN_MAP: tl.constexpr, CROSS_N: tl.constexpr,
                              BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
                              V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
@@ -101,11 +102,14 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
     Other K (and K = 1 with a strided mask): the group's part in its row reads columns c0 + i,
     i < NA = (K + V - 2) // K + 1, its part in the next row columns 0 .. NB - 1: bytes loaded
     per group at constant offsets of two addresses and multiplied by the row's scale, then
-    selected per element (no per-element gather, conversion or scale select). Element j's
+    selected per element (no per-element gather, conversion or scale select); the row's
+    columns past its last are read unmasked where the mask has slack after it (PADDED: the
+    plan kernels' masks, ``_common.mask_buffer``), else masked. Element j's
     column is c0 + j // K + (r >= K - j % K), r = w0 % K, in its row, (j - nxt) // K in the
     next: with j a constant per register (V * itemsize = 16 bytes, one thread's vector),
-    the selects fold to compares per group. h // K and w0 // K are multiply-shifts, exact
-    as max(H, W) * K < 2**19."""
+    the selects fold to compares per group. h // K and w0 // K are multiply-shifts by MK =
+    ceil(2**20 / K) in uint32: exact as max(H, W) * K < 2**20, and without overflow as
+    max(H, W) * MK < 2**32 (maps of 4096 * K rows or columns and more take the row tile)."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
                                   BLOCK, V, IDX64, EVEN)
     j = tl.arange(0, V)[None, :]
@@ -186,10 +190,14 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
             wa = tl.broadcast_to((tl.load(pa).to(tl.float32) * s0)[:, None], ia.shape)
             last_col = (W - 1) // K
             for i in tl.static_range(1, NA):
-                # masked past the row's last column: no element takes it (out of bounds
-                # after the mask's last row)
-                fa = tl.load(pa + i * m_sW, mask=c0 + i <= last_col).to(tl.float32) * s0
-                wa = tl.where(ia == i, fa[:, None], wa)
+                # past the row's last column no element takes column c0 + i: its byte is
+                # read where the mask has slack after it (PADDED), else masked (out of
+                # bounds after the mask's last row)
+                if PADDED:
+                    fa = tl.load(pa + i * m_sW)
+                else:
+                    fa = tl.load(pa + i * m_sW, mask=c0 + i <= last_col)
+                wa = tl.where(ia == i, (fa.to(tl.float32) * s0)[:, None], wa)
             # next row: column i from element nxt + i * K on (the elements below K * i + 1
             # never take column i)
             wb = tl.broadcast_to((tl.load(m_ptr + row1).to(tl.float32) * s1)[:, None], ia.shape)
@@ -225,18 +233,24 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     # span two samples (its two scale loads stay within one 4-byte access per 16 bytes of
     # x in float32, issue 13) and where the mask bytes are read straight (K = 1, maps of 8s:
     # one scale and 8 mask bytes per 32 bytes of float32, not a scale and 4 bytes per 16)
-    linear = k == 1 and mask.stride(1) == w and mask.stride(2) == 1
+    # mask rows one after the other (a single row's stride is any value)
+    linear = k == 1 and (mask.stride(1) == w or mask.shape[1] == 1) and mask.stride(2) == 1
     v = 8 if c * h * w % 4 or (linear and h * w % 8 == 0) else 16 // t.element_size()
-    # the flat kernel's magic multipliers are exact for these sizes (see its docstring)
-    flat = (flat_launch(t, out) if h * w * w <= 2**30 and max(h, w) * k < 2**19 and w >= v - 1
+    # the flat kernel's magic multipliers are exact, and do not overflow, for these sizes
+    # (see its docstring)
+    exact = h * w * w <= 2**30 and max(h, w) * k < 2**20 and max(h, w) * -(-2**20 // k) < 2**32
+    flat = (flat_launch(t, out) if exact and w >= v - 1
             else None)
     if flat is not None:
         grid, meta = flat
         vv = min(v, meta["BLOCK"])
+        # the row's columns c0 + i, i < NA, of K < V - 1: NA - 1 past the last at most
+        na = (k + vv - 2) // k + 1
+        padded = not linear and k < vv - 1 and slack_after(mask) >= (na - 1) * mask.stride(2)
         launch(_apply_block_flat_kernel)[grid](
             t, out, mask, scale, out.numel(), N=n, H=h, W=w, MAGW=-(-2**30 // w),
             m_sN=mask.stride(0), m_sH=mask.stride(1), m_sW=mask.stride(2), K=k,
-            LINEAR=linear,
+            LINEAR=linear, PADDED=padded,
             IN_MAP=h * w % vv == 0, CROSS_N=c * h * w % vv != 0, V=vv, **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _block_extent, _rate, rand
 
-from .._common import as_float32, cdiv, launch, op, pow2
+from .._common import as_float32, cdiv, launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
@@ -109,7 +109,7 @@ def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
     hp, wp = cdiv(h, k), cdiv(w, k)
     f = torch.empty((n, hp * wp), dtype=torch.float32, device=x.device)
     _pooled_correlation_launch(x, k, f)
-    keep = torch.empty((n, hp, wp), dtype=torch.uint8, device=x.device)
+    keep = mask_buffer((n, hp, wp), x.device)  # slack: apply_block reads it unmasked
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     bp = min(pow2(hp * wp), 1024)
     bn = max(1, min(pow2(n), 4096 // bp))
