@@ -58,14 +58,11 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # (backend, kernel) that miss a budget today, with what was measured on 2026-12-01/02 (the
 # range over the cases; the CUDA figures count the grid-stride loop's scalar tail path too,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
-# _apply_block_kernel) run in channels_last only since the flat tiles, within budget.
+# _apply_block_kernel) run in channels_last only since the flat tiles, within budget. The
+# flat apply_block (_apply_block_flat_kernel, bf16 8.9-14.7 SASS per element) is counted on
+# the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
+# (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0.
 OVER_BUDGET = {
-    ("triton", "_apply_block_flat_kernel"): "bf16 k = 3: 16.0 SASS per element (per group "
-                                            "of 8, the mask bytes of 4 columns of its row, 3 "
-                                            "of them masked at the row's end, and 3 of the "
-                                            "next row, selected per element); every other "
-                                            "case within budget: bf16 k = 1 8.9-13.0, k = 7 "
-                                            "13.6-13.9; float32 9.0-18.6",
     ("triton", "_apply_attention_flat_kernel"): "'sm', 'ad': bf16 26.8 / 28.2 SASS per element "
                                                 "where a group never spans two maps (H * W a "
                                                 "multiple of 8: 56, 28, 32), 57.5 / 60.3 at "
@@ -358,5 +355,8 @@ def test_bench_model_prints_sass_counts(capsys):
          "--layers", "selectscale", "--backends", "triton"])
     row, = bench.run(args)
     assert row["sass"] > 0 and row["access"].count(",") == 1, row
+    # the worst kernel named with its kind: a statistics or an apply kernel of SelectScale
+    assert row["worst"] in ("_channel_stats_kernel (statistics)",
+                            "_apply_channel_flat_kernel (apply)"), row
     out = capsys.readouterr().out
-    assert "SASS/elem" in out and "div/elem" in out
+    assert "SASS/elem" in out and "div/elem" in out and row["worst"] in out

@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -760,6 +761,7 @@ MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "
                  ("fresh", "fwd noise=None", "{}"), ("bwd", "bwd", "{}"),
                  ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
                  ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
+                 ("worst", "of kernel (kind)", "{}"),
                  ("access", "x B/access, div/elem", "{}")]
 
 
@@ -773,9 +775,10 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
 
     From the kernels' sm_90 SASS (guidedrop.sass, the figures tests/test_static_perf.py
     holds to issue 13's budgets), the worst of the layer's streaming kernels: SASS
-    instructions per element of x in the steady state, and the bytes per access of x (16:
-    16-byte vectors; the element size: one element at a time) with the runtime integer
-    divisions per element. Triton: every launch compiled for sm_90 (under the interpreter
+    instructions per element of x in the steady state, with that kernel's name and kind
+    (apply, statistics or seeds: each kind has its budget), and the bytes per access (16:
+    16-byte vectors; else the narrowest load of a kernel without them) with the runtime
+    integer divisions per element. Triton: every launch compiled for sm_90 (under the interpreter
     with the tiles a GPU gets; minutes when Triton's cache is cold); CUDA: the built
     extension's kernels. ``static=False`` (``--no-sass``) leaves them out."""
     from .cli import console
@@ -810,8 +813,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     out = console()
     out.print(f"launches and bytes of one forward + backward on {device_name(device)} "
               "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward; "
-              "SASS for sm_90, worst streaming kernel: issue 13's budget 15 bf16 / 30 fp32 "
-              "for apply, x in 16-byte accesses, no runtime division per element)",
+              "SASS for sm_90, worst streaming kernel: issue 13's budgets 15 bf16 / 30 fp32 "
+              "for apply, 20 bf16 for statistics, none for seeds; x in 16-byte accesses, no "
+              "runtime division per element)",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
     for p in (providers if explicit else PROVIDERS):  # say why a backend has no rows
@@ -849,20 +853,26 @@ def _static_counts(pending) -> None:
     from . import sass
 
     def fill(row, dtype, counts):
+        """counts: [(Counts, kind)] of the row's streaming kernels."""
         if not counts:
             return
         size = sass.ITEMSIZE.get(dtype, 4)
-        row["sass"] = max(c.per_element for c in counts)
-        vector = all(128 in c.loads and not c.narrow(size) for c in counts)
-        row["access"] = (f"{16 if vector else size}, "
-                         f"{max(c.divisions_per_element for c in counts):.2f}")
+        worst, kind = max(counts, key=lambda ck: ck[0].per_element)
+        row["sass"] = worst.per_element
+        # the kernel's name without namespaces and parameters (CUDA's are demangled)
+        head = worst.kernel.replace("(anonymous namespace)::", "").split("(")[0]
+        name = re.search(r"(\w+)(<.*>)?$", head).group(0)
+        row["worst"] = f"{name} ({kind})"
+        scalar = [c for c, _ in counts if 128 not in c.loads or c.narrow(size)]
+        width = min((min(c.loads, default=8 * size) // 8 for c in scalar), default=16)
+        row["access"] = f"{width}, {max(c.divisions_per_element for c, _ in counts):.2f}"
 
     specs, owners = {}, []
     for row, dtype, launches in pending:
         if row["backend"] == "cuda":
             ops = {ln.name.removeprefix("cuda:") for ln in launches if ln.name.startswith("cuda:")}
             try:
-                fill(row, dtype, [c for op in sorted(ops)
+                fill(row, dtype, [(c, sass.CUDA_STREAMING[fam]) for op in sorted(ops)
                                   for fam in sass.CUDA_OP_KERNELS.get(op, ())
                                   for c in sass.cuda_kernels(fam, dtype)])
             except RuntimeError:  # not built here, or no cuobjdump
@@ -884,7 +894,8 @@ def _static_counts(pending) -> None:
         print(f"(SASS counts left out: {str(e).splitlines()[0]})", file=sys.stderr)
         return
     for row, dtype, keys in owners:
-        fill(row, dtype, [sass.counts_from_dict(results[k]) for k in keys
+        fill(row, dtype, [(sass.counts_from_dict(results[k]),
+                           sass.TRITON_STREAMING[specs[k][0]["kernel"]]) for k in keys
                           if "error" not in results[k]])
 
 
@@ -1053,7 +1064,7 @@ def parse_dtype(s: str) -> torch.dtype:
 
 
 def parse_layers(s: str) -> list[str]:
-    if s == "all":
+    if s.strip() == "all":
         return list(LAYERS)
     names = comma_list(s, "--layers")  # a layer named twice is benched once
     for name in names:
