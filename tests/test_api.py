@@ -212,8 +212,10 @@ def test_module_defaults_and_repr(cls):
         assert k in r, f"extra_repr of {cls.__name__} does not mention {k}: {r}"
     assert isinstance(m, nn.Module)
     assert m.training
-    m.drop_rate = 0.1 * 6e-4  # a ramped rate: 6 significant digits, not 5.9999999999999995e-05
-    assert not re.search(r"\d\.\d{7}", repr(m)), repr(m)
+    m.drop_rate = 0.1 * 6e-4  # a ramped rate: 6e-05, not 5.9999999999999995e-05
+    assert not re.search(r"\d{13}", repr(m)), repr(m)
+    m.drop_rate = 0.1234567  # other rates as given
+    assert re.search(r"=0\.(1234567|8765433)\b", repr(m)), repr(m)
 
 
 @pytest.mark.parametrize("cls", list(MODULES), ids=lambda c: c.__name__)

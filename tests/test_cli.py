@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import guidedrop
-from guidedrop import bench, cli, dispatch, models, reference
+from guidedrop import bench, cli, demo, dispatch, models, reference
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = ["bench", "--quick", "--device", "cpu"]
@@ -222,6 +222,8 @@ def test_show_quick_keeps_an_explicit_size(tmp_path, capsys):
 
 def test_layers_named_twice_run_once():
     assert bench.parse_layers("dropblock, corrdrop,dropblock") == ["dropblock", "corrdrop"]
+    assert bench.parse_layers(" all ") == bench.parse_layers("all")  # spaces, as in lists
+    assert demo._parse_layers(" all ") == demo._parse_layers("all")
     args = types.SimpleNamespace(shapes="tiny,2x16x14x14, 1x2x3x4", dtype="fp32,FP32", quick=False)
     assert bench.configs(args, torch.device("cpu")) == [((2, 16, 14, 14), torch.float32),
                                                         ((1, 2, 3, 4), torch.float32)]

@@ -162,7 +162,7 @@ def _accuracy(model, x, y) -> float:
 
 
 def _parse_layers(s: str) -> list[str]:
-    if s == "all":
+    if s.strip() == "all":
         return ["none", *models.LAYERS]
     names = comma_list(s, "--layers")
     for name in names:

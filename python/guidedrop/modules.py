@@ -85,8 +85,9 @@ class GuidedDropout(nn.Module):
         return {f: getattr(self, f) for f in self._fields}
 
     def extra_repr(self) -> str:
-        # rates to 6 significant digits: a ramped p of 6e-05 reads so, not 5.9999999999999995e-05
-        return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}"
+        # floats to 12 significant digits: a ramped p of 6e-05 reads so, not as
+        # 5.9999999999999995e-05, and a p of 0.1234567 as 0.1234567
+        return ", ".join(f"{k}={float(f'{v:.12g}')!r}" if isinstance(v, float) else f"{k}={v!r}"
                          for k, v in self._params().items())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
