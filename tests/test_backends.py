@@ -555,6 +555,7 @@ def test_applies_flat_tiles(B, shape):
             mask = (rand((n, -(-h // k), -(-w // k)), k) < 0.5).to(torch.uint8)
             same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
     active = rand((n, c), 5) < 0.5
+    scale[-1] = math.inf  # S * scale: NaN where S = 0
     for mode in ("am", "ad"):
         thr, mn, mx, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
         for t in (x, g):

@@ -734,12 +734,14 @@ ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 
 def test_emulated_apply_attention_flat_chunks(E, dtype):
     """Every mode, half the maps active, a scale per sample, x given as t (the forward) and
     apart from t (the backward: t = grad_y), so that an element given its neighbour map's or
-    sample's state, or t's values for x's, differs from the reference."""
+    sample's state, or t's values for x's, differs from the reference; an infinite scale
+    (S * scale is NaN where S = 0)."""
     gen = torch.Generator().manual_seed(9)
     for (n, c, h, w), mode in product(ATTENTION_FLAT, ("am", "sm", "ad")):
         active = torch.rand(n, c, generator=gen) < 0.5
         active[0, 0] = True
         scale = torch.rand(n, generator=gen) * 2 + 0.25
+        scale[-1] = math.inf
         xs = {layout: make_x((n, c, h, w), dtype, layout=layout) for layout in LAYOUTS}
         xs["misaligned"] = misaligned(xs["contiguous"])
         for name, x in xs.items():

@@ -65,22 +65,28 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 OVER_BUDGET = {
     ("triton", "_apply_attention_flat_kernel"): "'sm', 'ad': bf16 26.8 / 28.2 SASS per element "
                                                 "where a group never spans two maps (H * W a "
-                                                "multiple of 8: 56, 28, 32), 57.5 / 60.3 at "
+                                                "multiple of 8: 56, 28, 32), 53.9 / 57.0 at "
                                                 "14 x 14 and 7 x 7 (the stats of two maps per "
                                                 "group, selected per element); fp32 39.1 / "
-                                                "43.7, 81.2 / 86.6 at 7 x 7; 'am' 12.3 (bf16, "
-                                                "within budget) / 16.0 (fp32: 2 single-element "
-                                                "loads per 16 bytes) where one map, 27.8 / 37.2 "
-                                                "at 14 x 14 and 7 x 7. Each group computes its "
-                                                "maps' range reciprocals: rcp.rp.f32's "
-                                                "slow-path routine (subnormals), counted in full",
+                                                "43.7, 81.2 / 86.6 at 7 x 7, 0.75-2 single-"
+                                                "element loads (the maps' stats) per element. "
+                                                "Each group computes its maps' range "
+                                                "reciprocals: rcp.rp.f32's slow-path routine "
+                                                "(subnormals), counted in full. 'am': bf16 "
+                                                "13.8 where one map (within budget), 23.4 at "
+                                                "14 x 14 and 7 x 7; fp32 14.8 / 28.5, 0.5 / 1 "
+                                                "single-element loads per element",
     ("triton", "_apply_attention_kernel"): "channels_last: 108-120 SASS per element "
                                            "(per-element stats: the range reciprocal per "
                                            "element), 2-byte (bf16) accesses",
-    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 53-102 SASS per "
-                                            "element, 2-byte (bf16) accesses where a row start "
-                                            "is not 16-byte aligned",
-    ("triton", "_apply_seeds_cl_kernel"): "47.5-51.5 (bf16) / 51-60 (fp32) SASS per element",
+    ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 90-96 SASS per "
+                                            "element, 2.25 runtime divisions per element "
+                                            "and one-element accesses where a row start is "
+                                            "not 16-byte aligned (56, 28, 14, 7); 32 x 32: "
+                                            "47.9 / 59.6 (fp32), 0.25 / 0.75 divisions",
+    ("triton", "_apply_seeds_cl_kernel"): "47.5-51.5 (bf16) / 51-60 (fp32) SASS per element, "
+                                          "0.12-0.5 / 0.38-0.75 runtime divisions per "
+                                          "element",
     ("triton", "_pooled_correlation_kernel"): "NCHW reads x in 16-byte vectors (4.6-15.3 "
                                               "SASS per element where its pooling loop is the "
                                               "steady state: k = 7 at 28 x 28, 14 x 14, 7 x 7, "
@@ -108,7 +114,7 @@ OVER_BUDGET = {
                              "14.1-14.9, k >= 7 14.9, channels_last 7.1; fp32 9.2-24.0 "
                              "within budget",
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
-    ("cuda", "apply_attention"): "flat kernel (contiguous NCHW): 'am' 21.9 (bf16) / 25.2 "
+    ("cuda", "apply_attention"): "flat kernel (contiguous NCHW): 'am' 19.2 (bf16) / 23.5 "
                                  "(fp32) SASS per element, 'sm' 47.5 / 71.0, 'ad' 53.2 / "
                                  "76.5 (per 16-byte chunk the state of its two maps, with "
                                  "their range reciprocals: __frcp_ru's slow-path routine "

@@ -297,8 +297,11 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
 // chunk the state of each map it touches (active, thr, mn, the range reciprocal, scale[n]),
 // per element which of the two: not the generic apply_kernel's state per line segment or
 // element. MODE 0/1/2: "am"/"sm"/"ad" (a constant, so that soft_mask folds).
+// A map's state for its units' multiplier. "am" (MODE 0): w = s where x < thr, else sd =
+// (active ? 0 : 1) * s (0 * s, not 0: the reference's S * scale, NaN for an infinite
+// scale), so that a unit costs a compare and a select, not an activity test and products.
 struct MapState {
-  float thr, mn, r, s;
+  float thr, mn, r, s, sd;
   bool act;
 };
 
@@ -306,7 +309,9 @@ template <int MODE>
 __device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, const float* mn,
                                               const float* mx, const bool* active,
                                               const float* scale, const FastDiv& c) {
-  MapState st{0.f, 0.f, 0.f, scale[div_of(m, c)], active[m]};
+  const float s = scale[div_of(m, c)];
+  MapState st{0.f, 0.f, 0.f, s, s, active[m]};
+  if (MODE == 0 && st.act) st.sd = __fmul_rn(0.f, s);
   if (st.act) {
     st.thr = thr[m];
     if (MODE != 0) {
@@ -319,6 +324,7 @@ __device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, cons
 
 template <int MODE>
 __device__ __forceinline__ float attention_w(float x, const MapState& st) {
+  if constexpr (MODE == 0) return x < st.thr ? st.s : st.sd;
   return (st.act ? soft_mask(x, st.thr, st.mn, st.r, MODE) : 1.f) * st.s;
 }
 
@@ -326,7 +332,7 @@ __device__ __forceinline__ float attention_w(float x, const MapState& st) {
 // and nvcc then keeps both in local memory (spills).
 __device__ __forceinline__ MapState pick(bool first, const MapState& a, const MapState& b) {
   return {first ? a.thr : b.thr, first ? a.mn : b.mn, first ? a.r : b.r,
-          first ? a.s : b.s, first ? a.act : b.act};
+          first ? a.s : b.s,   first ? a.sd : b.sd, first ? a.act : b.act};
 }
 
 template <typename scalar_t, int MODE>

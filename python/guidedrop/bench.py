@@ -776,11 +776,12 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     From the kernels' sm_90 SASS (guidedrop.sass, the figures tests/test_static_perf.py
     holds to issue 13's budgets), the worst of the layer's streaming kernels: SASS
     instructions per element of x in the steady state, with that kernel's name and kind
-    (apply, statistics or seeds: each kind has its budget), and the bytes per access (16:
-    16-byte vectors; else the narrowest load of a kernel without them) with the runtime
-    integer divisions per element. Triton: every launch compiled for sm_90 (under the interpreter
-    with the tiles a GPU gets; minutes when Triton's cache is cold); CUDA: the built
-    extension's kernels. ``static=False`` (``--no-sass``) leaves them out."""
+    (apply or statistics: each kind has its budget; the seed kernels, held to the division
+    budget only, where a layer has no other), and the bytes per access (16: 16-byte vectors;
+    else the narrowest load of such a kernel without them) with the runtime integer
+    divisions per element of all its kernels. Triton: every launch compiled for sm_90
+    (under the interpreter with the tiles a GPU gets; minutes when Triton's cache is cold);
+    CUDA: the built extension's kernels. ``static=False`` (``--no-sass``) leaves them out."""
     from .cli import console
     from .launches import count_layer
 
@@ -857,13 +858,16 @@ def _static_counts(pending) -> None:
         if not counts:
             return
         size = sass.ITEMSIZE.get(dtype, 4)
-        worst, kind = max(counts, key=lambda ck: ck[0].per_element)
+        # the worst kernel of those with a SASS budget (the seed kernels have none: their
+        # figures per element are of the seeds, not of x), else of all
+        budgeted = [ck for ck in counts if ck[1] != "seeds"] or counts
+        worst, kind = max(budgeted, key=lambda ck: ck[0].per_element)
         row["sass"] = worst.per_element
         # the kernel's name without namespaces and parameters (CUDA's are demangled)
         head = worst.kernel.replace("(anonymous namespace)::", "").split("(")[0]
         name = re.search(r"(\w+)(<.*>)?$", head).group(0)
         row["worst"] = f"{name} ({kind})"
-        scalar = [c for c, _ in counts if 128 not in c.loads or c.narrow(size)]
+        scalar = [c for c, _ in budgeted if 128 not in c.loads or c.narrow(size)]
         width = min((min(c.loads, default=8 * size) // 8 for c in scalar), default=16)
         row["access"] = f"{width}, {max(c.divisions_per_element for c, _ in counts):.2f}"
 
