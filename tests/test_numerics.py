@@ -230,6 +230,23 @@ def test_range_reciprocal_rounds_up(d):
         assert R.range_reciprocal(torch.zeros(1), torch.tensor([inf])).item() == 0
 
 
+_DIVISORS = st.one_of(st.integers(1, 2**31 - 1), st.sampled_from(
+    [1, 2, 3, 7, 49, 196, 3136, 2**16 + 1, 2**30, 2**30 + 1, 2**31 - 1]))
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(n=st.one_of(st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 2**31 - 2, 2**31 - 1])),
+       d=_DIVISORS)
+def test_divisor_magic_is_exact(n, d):
+    """The Triton flat tile's n // d (triton_kernels._common.divisor, Granlund-Montgomery):
+    ((umulhi(n, MAGIC) + n) >> SHIFT) for every int32 n >= 0 and d >= 1; the jit divide on
+    the worst n: tests/test_backends.py::test_triton_divide_kernel."""
+    from test_backends import triton_common
+    magic, shift = triton_common().divisor(d)
+    assert 0 <= magic < 2**32 and 0 <= shift <= 31
+    assert (((n * magic) >> 32) + n) >> shift == n // d
+
+
 # --------------------------------------------------------------------------- 4. decisions
 
 

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from test_backends import load_backend
+from test_backends import load_backend, triton_common
 from testing import assert_same_plan, make_x
 
 from guidedrop import layers as L
@@ -139,8 +139,7 @@ def test_plan_mask_has_slack_for_the_flat_apply():
     apply_block reads a group's mask columns past a row's end unmasked there, issue 13);
     the apply of the layer then equals the reference's."""
     B = load_backend("triton")
-    import importlib
-    common = importlib.import_module(f"{B.__name__}._common")
+    common = triton_common()
     x = make_x((2, 3, 14, 14), torch.bfloat16, "cpu", "contiguous")
     u = _noise(B, x, 0.3, 3, 7)
     kind, meta, (mask, scale) = B.plan_corrdrop(x, 0.3, 3, normalize="batch", noise=u)
