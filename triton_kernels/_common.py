@@ -17,6 +17,7 @@ runtime divisor.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 
@@ -237,9 +238,7 @@ MASK_SLACK = 16
 def mask_buffer(shape: tuple[int, ...], device) -> torch.Tensor:
     """An uninitialised contiguous uint8 tensor of ``shape`` with MASK_SLACK more bytes in
     its storage after it (a view of a longer buffer)."""
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     return torch.empty(numel + MASK_SLACK, dtype=torch.uint8, device=device)[:numel].view(shape)
 
 
