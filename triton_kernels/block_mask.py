@@ -228,19 +228,18 @@ def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tenso
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
+    # LINEAR: k = 1 with the mask rows one after the other (a single row's stride is any value)
+    linear = k == 1 and (mask.stride(1) == w or mask.shape[1] == 1) and mask.stride(2) == 1
     # groups of 16 bytes (8 elements of bf16, 4 of float32: element j of a group is then a
     # constant per register, the mask columns' selects fold); 8 elements where a group can
     # span two samples (its two scale loads stay within one 4-byte access per 16 bytes of
-    # x in float32, issue 13) and where the mask bytes are read straight (K = 1, maps of 8s:
-    # one scale and 8 mask bytes per 32 bytes of float32, not a scale and 4 bytes per 16)
-    # mask rows one after the other (a single row's stride is any value)
-    linear = k == 1 and (mask.stride(1) == w or mask.shape[1] == 1) and mask.stride(2) == 1
+    # x in float32, issue 13) and where LINEAR maps are of 8s (one scale and 8 mask bytes
+    # per 32 bytes of float32, not a scale and 4 bytes per 16)
     v = 8 if c * h * w % 4 or (linear and h * w % 8 == 0) else 16 // t.element_size()
     # the flat kernel's magic multipliers are exact, and do not overflow, for these sizes
     # (see its docstring)
     exact = h * w * w <= 2**30 and max(h, w) * k < 2**20 and max(h, w) * -(-2**20 // k) < 2**32
-    flat = (flat_launch(t, out) if exact and w >= v - 1
-            else None)
+    flat = flat_launch(t, out) if exact and w >= v - 1 else None
     if flat is not None:
         grid, meta = flat
         vv = min(v, meta["BLOCK"])
