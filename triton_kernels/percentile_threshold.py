@@ -393,45 +393,41 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
     act0 = tl.load(act_ptr + mp, mask=v0, other=0) != 0
     sc0 = tl.load(sc_ptr + n, mask=v0, other=0.0)
     thr0 = tl.load(thr_ptr + mp, mask=act0, other=0.0)
-    # "am": w = sc where x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the
-    # reference's S * scale, NaN for an infinite scale): two values per map, not an
-    # activity, a mask and a product per element
-    sd0 = tl.where(act0, 0.0 * sc0, sc0)
     if MODE != 0:  # "am" reads no min or max
         mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
         r0 = range_reciprocal(mn0, tl.load(mx_ptr + mp, mask=act0, other=0.0))
-    if ONE_MAP:
-        any_act = act0
-        act = act0[:, None]
-        sc = sc0[:, None]
-        sd = sd0[:, None]
-        thr = thr0[:, None]
+    if ONE_MAP:  # the next map's state is never taken: this map's, the selects fold
+        act1, sc1, thr1 = act0, sc0, thr0
         if MODE != 0:
-            mn = mn0[:, None]
-            r = r0[:, None]
+            mn1, r1 = mn0, r0
+        wrap = tl.zeros((BLOCK // V, V), tl.int1)
     else:
         mp1 = mp + 1
         n1 = n + (c == C - 1).to(n.dtype)
         v1 = mp1 < NC  # the map after the last: past the end, never used
         act1 = tl.load(act_ptr + mp1, mask=v1, other=0) != 0
         sc1 = tl.load(sc_ptr + n1, mask=v1, other=0.0)
-        any_act = act0 | act1
-        wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
-        act = tl.where(wrap, act1[:, None], act0[:, None])
-        sc = tl.where(wrap, sc1[:, None], sc0[:, None])
-        sd = tl.where(wrap, tl.where(act1, 0.0 * sc1, sc1)[:, None], sd0[:, None])
-        thr = tl.where(wrap, tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)[:, None],
-                       thr0[:, None])
+        thr1 = tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)
         if MODE != 0:
             mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
             r1 = range_reciprocal(mn1, tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0))
-            mn = tl.where(wrap, mn1[:, None], mn0[:, None])
-            r = tl.where(wrap, r1[:, None], r0[:, None])
+        wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
+    act = tl.where(wrap, act1[:, None], act0[:, None])
+    sc = tl.where(wrap, sc1[:, None], sc0[:, None])
+    thr = tl.where(wrap, thr1[:, None], thr0[:, None])
+    # "am": w = sc where x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the
+    # reference's S * scale, NaN for an infinite scale): two values per map, a compare and a
+    # select per element, not an activity test and products
+    sd = tl.where(wrap, tl.where(act1, 0.0 * sc1, sc1)[:, None],
+                  tl.where(act0, 0.0 * sc0, sc0)[:, None])
+    if MODE != 0:
+        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
+        r = tl.where(wrap, r1[:, None], r0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors)
-        xv = tl.load(x_ptr + e, mask=m & any_act[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + e, mask=m & (act0 | act1)[:, None], other=0.0).to(tl.float32)
     if MODE == 0:
         w = tl.where(xv < thr, sc, sd)
     else:
