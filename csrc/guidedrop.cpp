@@ -163,10 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_stats(
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor act = active.contiguous();
   at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
-  at::Tensor mx = at::empty({N, C}, f32(x));
+  at::Tensor rcp = at::empty({N, C}, f32(x));  // range_reciprocal(min, max)
   at::Tensor msum = at::empty({N, C}, x.options().dtype(at::kDouble));  // exact sums
-  launch_attention_stats(x, k, act, m, thr, mn, mx, msum);
-  return {thr, mn, mx, msum};
+  launch_attention_stats(x, k, act, m, thr, mn, rcp, msum);
+  return {thr, mn, rcp, msum};
 }
 
 at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
@@ -285,7 +285,7 @@ int parse_normalize(c10::string_view view, const char* op) {
   return kNormBatch;
 }
 
-// -> (thr, mn, mx, active, scale): (N, C) float32 x3 (0 where inactive), (N, C) bool,
+// -> (thr, mn, r, active, scale): (N, C) float32 x3 (0 where inactive), (N, C) bool,
 // (N,) float32. gamma = noise < alpha, both rounded to float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attentiondrop_plan(
     const at::Tensor& x, const at::Tensor& noise, const std::optional<at::Tensor>& alpha_t,
@@ -308,14 +308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const int m = parse_mode(mode, op), norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
-  at::Tensor mx = at::empty({N, C}, f32(x));
+  at::Tensor rcp = at::empty({N, C}, f32(x));  // range_reciprocal(min, max)
   at::Tensor msum = at::empty({N, C}, x.options().dtype(at::kDouble));  // exact sums
   at::Tensor active = at::empty({N, C}, x.options().dtype(at::kBool));
   at::Tensor scale = at::empty({N}, f32(x));
-  launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, thr, mn, mx, msum,
+  launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, thr, mn, rcp, msum,
                              active);
   launch_attentiondrop_scale(msum, active, x.size(2) * x.size(3), norm, scale);
-  return {thr, mn, mx, active, scale};
+  return {thr, mn, rcp, active, scale};
 }
 
 // CorrDrop's plan -> (S (N, H', W') uint8, scale (N,) float32): F in one launch
@@ -492,7 +492,7 @@ at::Tensor apply_seeds(const at::Tensor& t, const at::Tensor& bits, int64_t r, b
 }
 
 at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::Tensor& thr,
-                           const at::Tensor& mn, const at::Tensor& mx, const at::Tensor& active,
+                           const at::Tensor& mn, const at::Tensor& r, const at::Tensor& active,
                            c10::string_view mode, const at::Tensor& scale) {
   constexpr const char* op = "guidedrop::apply_attention";
   check_feature_map(t, op, "t");
@@ -506,15 +506,15 @@ at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::T
   const int64_t N = x.size(0), C = x.size(1);
   check_small(thr, x, op, "thr", at::kFloat, {N, C});
   check_small(mn, x, op, "mn", at::kFloat, {N, C});
-  check_small(mx, x, op, "mx", at::kFloat, {N, C});
+  check_small(r, x, op, "r", at::kFloat, {N, C});
   check_small(active, x, op, "active", at::kBool, {N, C});
   check_small(scale, x, op, "scale", at::kFloat, {N});
   const int m = parse_mode(mode, op);
   const c10::cuda::CUDAGuard guard(t.device());
-  const at::Tensor thr_c = thr.contiguous(), mn_c = mn.contiguous(), mx_c = mx.contiguous();
+  const at::Tensor thr_c = thr.contiguous(), mn_c = mn.contiguous(), r_c = r.contiguous();
   const at::Tensor act_c = active.contiguous(), scale_c = scale.contiguous();
   at::Tensor out = at::empty_like(t);
-  launch_apply_attention(t, x, thr_c, mn_c, mx_c, act_c, m, scale_c, out);
+  launch_apply_attention(t, x, thr_c, mn_c, r_c, act_c, m, scale_c, out);
   return out;
 }
 
@@ -678,7 +678,7 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
-  m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor mx, Tensor active, "
+  m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor r, Tensor active, "
         "str mode, Tensor scale) -> Tensor");
   // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's
   // uniforms, any floating dtype. Rates are runtime floats (no recompile per rate).

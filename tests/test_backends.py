@@ -220,11 +220,11 @@ def test_statistics_nan_inf(B):
     for k in (1, 4, 30):
         same(B.map_threshold(x, k), R.map_threshold(x, k))
     active = torch.ones(2, 3, dtype=torch.bool, device=DEV)
-    thr, mn, mx, _ = B.attention_stats(x, 4, active, "ad")
-    rthr, rmn, rmx, _ = R.attention_stats(x, 4, active, "ad")
+    thr, mn, r, _ = B.attention_stats(x, 4, active, "ad")
+    rthr, rmn, rr, _ = R.attention_stats(x, 4, active, "ad")
     same(thr, rthr)
     same(mn, rmn)
-    same(mx, rmx)
+    same(r, rr)
 
 
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
@@ -525,11 +525,11 @@ def test_apply_attention(B, x, mode):
     n, c, h, w = x.shape
     active = rand((n, c), 5) < 0.5
     k = max(1, math.ceil(0.2 * h * w))
-    thr, mn, mx, _ = R.attention_stats(x, k, active, mode)
+    thr, mn, r, _ = R.attention_stats(x, k, active, mode)
     scale = rand((n,), 6) + 0.5
     for t in [x, *grad_like(x)]:  # forward (t is x) and backward (t = grad_y)
-        check_apply(B.apply_attention(t, x, thr, mn, mx, active, mode, scale),
-                    R.apply_attention(t, x, thr, mn, mx, active, mode, scale), t)
+        check_apply(B.apply_attention(t, x, thr, mn, r, active, mode, scale),
+                    R.apply_attention(t, x, thr, mn, r, active, mode, scale), t)
 
 
 # Contiguous NCHW applies take a flat tile (triton_kernels._common.group_tile) of 16384
@@ -555,10 +555,10 @@ def test_applies_flat_tiles(B, shape):
     active = rand((n, c), 5) < 0.5
     scale[-1] = math.inf  # S * scale: NaN where S = 0
     for mode in ("am", "ad"):
-        thr, mn, mx, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
+        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
         for t in (x, g):
-            same(B.apply_attention(t, x, thr, mn, mx, active, mode, scale),
-                 R.apply_attention(t, x, thr, mn, mx, active, mode, scale))
+            same(B.apply_attention(t, x, thr, mn, r, active, mode, scale),
+                 R.apply_attention(t, x, thr, mn, r, active, mode, scale))
 
 
 # The flat tile's first map and sample (group_tile): n // d by a multiply-high, an add and a
@@ -937,7 +937,7 @@ def op_samples():
     n, c, h, w = x.shape
     t = torch.randn(x.shape, generator=gen(1)).to(DEV, torch.bfloat16)
     active = rand((n, c), 2) < 0.5
-    thr, mn, mx, _ = R.attention_stats(x, 7, active, "ad")
+    thr, mn, r, _ = R.attention_stats(x, 7, active, "ad")
     scale = rand((n,), 3) + 0.5
     bits = R.seed_bits(rand((n, c, h, w), 4), None, 0.3, 3, None, None, (n, c, h, w), DEV)
     bits1 = R.seed_bits(rand((n, 1, h, w), 4), None, 0.3, 3, None, None, (n, 1, h, w), DEV)
@@ -947,8 +947,8 @@ def op_samples():
         "apply_channel": [(x, rand((n, c), 5)), (t, rand((n, c), 5))],
         "apply_block": [(x, (rand((n, 2, 2), 6) < 0.5).to(torch.uint8), 3, scale)],
         "apply_seeds": [(x, bits, 3, False, scale), (t, bits1, 3, True, scale)],
-        "apply_attention": [(x, x, thr, mn, mx, active, "ad", scale),
-                            (t, x, thr, mn, mx, active, "sm", scale)],
+        "apply_attention": [(x, x, thr, mn, r, active, "ad", scale),
+                            (t, x, thr, mn, r, active, "sm", scale)],
         "channel_stats": [(x,)],
         "map_threshold": [(x, 7)],
         "kth_largest": [(rand((3, 9), 7), 4)],

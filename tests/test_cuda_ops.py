@@ -57,7 +57,7 @@ def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 
     r, k = 3, 3
     kt = min(7, h * w)  # rank of the threshold
     active = rand(n, c) < 0.6
-    thr, mn, mx, _ = R.attention_stats(x, kt, active, "ad")
+    thr, mn, rcp, _ = R.attention_stats(x, kt, active, "ad")
     noise = rand(n, c, h, w)
     cand_s, cand_c = rand(n, h, w) < 0.7, rand(n, c) < 0.7
     bits = R.seed_bits(noise, None, 0.3, r, cand_s, cand_c, (n, c, h, w), device)
@@ -76,7 +76,7 @@ def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 
         "apply_channel": (x, rand(n, c) * 2),
         "apply_block": (x, mask, k, scale),
         "apply_seeds": (x, bits, r, False, scale),
-        "apply_attention": (x, x, thr, mn, mx, active, "ad", scale),
+        "apply_attention": (x, x, thr, mn, rcp, active, "ad", scale),
     }
 
 

@@ -131,7 +131,7 @@ def test_attentiondrop_batch_nonfinite(B, mode, bad):
               noise=torch.zeros(2, 3))
     assert torch.isfinite(out[1]).all()
     assert (out[1] != 0).sum() >= 3 * 16 - 3 * math.ceil(0.2 * 16)  # only its top units
-    thr, mn, mx, msum = B.attention_stats(x, math.ceil(20 * 16 / 100),
+    thr, mn, r, msum = B.attention_stats(x, math.ceil(20 * 16 / 100),
                                           torch.ones(2, 3, dtype=torch.bool), mode)
     assert torch.isfinite(msum).all() and (msum >= 0).all() and (msum <= 16).all()
 
@@ -142,9 +142,9 @@ def test_soft_mask_not_a_number_is_zero(B, bad):
     overflowing, in a map, every f̂ of the map is 0 or NaN, so S = 1 ("sm") everywhere."""
     x = spoil(torch.rand(1, 2, 3, 3), BAD[bad])
     act = torch.ones(1, 2, dtype=torch.bool)
-    thr, mn, mx, msum = B.attention_stats(x, 2, act, "sm")
+    thr, mn, r, msum = B.attention_stats(x, 2, act, "sm")
     assert msum[0, 0].item() == 9.0
-    out = B.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1))
+    out = B.apply_attention(x, x, thr, mn, r, act, "sm", torch.ones(1))
     same(out[0, 0], x[0, 0])
 
 
@@ -160,8 +160,8 @@ def test_soft_mask_is_zero_at_the_maximum(B):
     assert (d * (1 / d) < 1).sum() >= 10  # such maps are there
     peak = flat == flat.amax(2, keepdim=True)
     for mode in ("sm", "ad"):
-        thr, mn, mx, msum = B.attention_stats(x, 3, act, mode)
-        out = B.apply_attention(x, x, thr, mn, mx, act, mode, torch.ones(2)).flatten(2)
+        thr, mn, r, msum = B.attention_stats(x, 3, act, mode)
+        out = B.apply_attention(x, x, thr, mn, r, act, mode, torch.ones(2)).flatten(2)
         assert (out[peak] == 0).all(), mode
         assert (out[~peak] != 0).any()
         same(msum, R.attention_stats(x, 3, act, mode)[3])
@@ -175,9 +175,9 @@ def test_soft_mask_extreme_ranges(B):
     x = torch.tensor([[[0.0, 5e37, 1e38, 2e37]], [[0.0, 2**-129, 2**-128, 2**-127]]])
     x = x.view(1, 2, 2, 2)
     act = torch.ones(1, 2, dtype=torch.bool)
-    thr, mn, mx, msum = B.attention_stats(x, 1, act, "sm")
-    out = B.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1)).flatten(1)
-    same(out, R.apply_attention(x, x, thr, mn, mx, act, "sm", torch.ones(1)).flatten(1))
+    thr, mn, r, msum = B.attention_stats(x, 1, act, "sm")
+    out = B.apply_attention(x, x, thr, mn, r, act, "sm", torch.ones(1)).flatten(1)
+    same(out, R.apply_attention(x, x, thr, mn, r, act, "sm", torch.ones(1)).flatten(1))
     same(msum, R.attention_stats(x, 1, act, "sm")[3])
     assert out[0, 2] == 0 and out[0, 7] == 0 and out[0, 1] > 0 and out[0, 6] > 0, out
 

@@ -63,22 +63,21 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
 # (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0.
 OVER_BUDGET = {
-    ("triton", "_apply_attention_flat_kernel"): "'sm', 'ad': bf16 26.8 / 28.2 SASS per element "
-                                                "where a group never spans two maps (H * W a "
-                                                "multiple of 8: 56, 28, 32), 53.8 / 57.3 at "
-                                                "14 x 14 and 7 x 7 (the stats of two maps per "
-                                                "group, selected per element); fp32 39.1 / "
-                                                "43.7, 73.1 / 78.9 at 7 x 7, 0.75-2 single-"
-                                                "element loads (the maps' stats) per element. "
-                                                "Each group computes its maps' range "
-                                                "reciprocals: rcp.rp.f32's slow-path routine "
-                                                "(subnormals), counted in full. 'am': bf16 "
-                                                "13.8 where one map (within budget), 23.4 at "
-                                                "14 x 14 and 7 x 7; fp32 14.8 / 29.1, 0.5 / 1 "
-                                                "single-element loads per element",
-    ("triton", "_apply_attention_kernel"): "channels_last: 108-120 SASS per element "
-                                           "(per-element stats: the range reciprocal per "
-                                           "element), 2-byte (bf16) accesses",
+    ("triton", "_apply_attention_flat_kernel"): "bf16 where a group never spans two maps "
+                                                "(H * W a multiple of 8: 56, 28, 32): 'am' "
+                                                "13.8, 'sm' 13.6 (within budget), 'ad' 16.0 "
+                                                "SASS per element; at 14 x 14 and 7 x 7 (the "
+                                                "state of two maps per group, selected per "
+                                                "element) 23.4 / 23.8 / 27.8. fp32 14.8 / "
+                                                "14.5 / 19.2, at 7 x 7 29.1 / 27.5 / 32.4, "
+                                                "with 0.5 / 0.75 / 1 single-element loads "
+                                                "per element (the maps' state, a 4-byte "
+                                                "load each per 16-byte group; 1-2 at 7 x 7)",
+    ("triton", "_apply_attention_kernel"): "channels_last: bf16 24.2 / 28.0 / 31.5 ('am' / "
+                                           "'sm' / 'ad'), fp32 29.2-42.0 SASS per element "
+                                           "(the maps' state per element, contiguous along "
+                                           "c), 1 (bf16) / 2.1-4.1 (fp32) single-element "
+                                           "loads per element",
     ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 90-96 SASS per "
                                             "element, 2.25 runtime divisions per element "
                                             "and one-element accesses where a row start is "
@@ -115,13 +114,14 @@ OVER_BUDGET = {
                              "within budget",
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW): 'am' 19.2 (bf16) / 23.5 "
-                                 "(fp32) SASS per element, 'sm' 47.5 / 71.0, 'ad' 53.2 / "
-                                 "76.5 (per 16-byte chunk the state of its two maps, with "
-                                 "their range reciprocals: __frcp_ru's slow-path routine "
-                                 "counted in full; before, in the generic apply_kernel: "
-                                 "65-336), fp32 1-2 single-element accesses per element",
+                                 "(fp32) SASS per element, 'sm' 23.4 / 28.8, 'ad' 27.6 / "
+                                 "34.0 (per 16-byte chunk the state of its two maps, and "
+                                 "per element a select of each field; before the range "
+                                 "reciprocal moved to the statistics: 'sm' 47.5 / 71.0, "
+                                 "'ad' 53.2 / 76.5), fp32 1-2 single-element accesses per "
+                                 "element",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
-                        "element, 504 / 1007 SASS per element: the counter's steady "
+                        "element, 506 / 1013 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "
                         "(__frcp_ru, a CALL of its slow-path routine, counted in full); the "
                         "division per unit it replaced sat in a nested loop (358 / 717 "

@@ -94,17 +94,19 @@ def range_reciprocal(mn, mx):
 @triton.jit
 def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
     """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order; r =
-    range_reciprocal(mn, mx) of the map."""
+    range_reciprocal(mn, mx) of the map (0 gives S = 1: f̂ = 0)."""
     if MODE == 0:  # "am"
         s = (xv < thr).to(tl.float32)
     else:
-        # f̂ = 0 wherever it is not a number (max = min, ±Inf, an overflow: a NaN or a 0 * Inf)
-        q = (xv - mn) * r
-        fhat = tl.where(q >= 0.0, tl.minimum(q, 1.0), 0.0)
+        # f̂ = 0 wherever it is not a number (max = min, ±Inf, an overflow: a NaN or a
+        # 0 * Inf): maximum and minimum return the operand that is not NaN (maxNum, FMNMX).
+        # The reference's where(q >= 0, min(q, 1), 0) but for the sign of a zero, which
+        # 1 - f̂ drops.
+        fhat = tl.minimum(tl.maximum((xv - mn) * r, 0.0), 1.0)
         if MODE == 1:  # "sm"
             s = 1.0 - fhat
-        else:  # "ad": 1 - fhat * [x >= t] (the product is exact: fma or not, same result)
-            s = 1.0 - fhat * (xv >= thr).to(tl.float32)
+        else:  # "ad": 1 - f̂ * [x >= t], f̂ or 0 (f̂ is finite and >= 0: the product is either)
+            s = 1.0 - tl.where(xv >= thr, fhat, 0.0)
     return s
 
 
@@ -156,7 +158,7 @@ def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
+def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, r_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    alpha, R, C, W, L, k, sN, sC, sH, sW,
                    HAS_ACT: tl.constexpr, U_ACT: tl.constexpr, ALPHA_PTR: tl.constexpr,
                    STATS: tl.constexpr,
@@ -181,7 +183,7 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
         tl.store(thr_ptr + rows, 0.0, mask=dead)
         if STATS:
             tl.store(mn_ptr + rows, 0.0, mask=dead)
-            tl.store(mx_ptr + rows, 0.0, mask=dead)
+            tl.store(r_ptr + rows, 0.0, mask=dead)
             tl.store(msum_ptr + rows, 0.0, mask=dead)
     if IDX64:
         rows = rows.to(tl.int64)
@@ -244,27 +246,28 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, mx_ptr, msum_ptr, u_ptr, aou
             mn = tl.where(kmax == 0x7FC00000, mx, key_float(kmin))  # a NaN: amin is NaN too
             # msum in float64: every S is a multiple of 2^-24 in [0, 1], so the sum is exact
             # (backend_contract.md) and equal to the reference's in any order.
-            r = range_reciprocal(mn, mx)[:, None]
+            r = range_reciprocal(mn, mx)
             if SINGLE:
-                s = soft_mask(key_float(key), thr[:, None], mn[:, None], r, MODE)
+                s = soft_mask(key_float(key), thr[:, None], mn[:, None], r[:, None], MODE)
                 msum = tl.sum(tl.where(valid, s, 0.0).to(tl.float64), axis=1)
             else:
                 acc = tl.zeros([ROWS, BLOCK], tl.float64)
                 for p0 in range(0, L, BLOCK):
                     key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
                                             HW_FLAT, IDX64)
-                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], r, MODE)
+                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], r[:, None], MODE)
                     acc += tl.where(valid, s, 0.0).to(tl.float64)
                 msum = tl.sum(acc, axis=1)
             tl.store(mn_ptr + rows, mn, mask=live)
-            tl.store(mx_ptr + rows, mx, mask=live)
+            tl.store(r_ptr + rows, r, mask=live)
             tl.store(msum_ptr + rows, msum, mask=live)
 
 
 def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
             active_out=None):
     """x4: (N, C, H, W), any strides -> (1, N, C) float32: thr; or, given ``mode``, the
-    pair ((3, N, C) float32: thr, min, max; (N, C) float64: msum).
+    pair ((3, N, C) float32: thr, min, r = range_reciprocal(min, max); (N, C) float64:
+    msum).
 
     The maps are those where ``active`` (N, C) bool, or, given ``u`` (N, C) (any float
     dtype), where u < alpha in float32, written to ``active_out`` (N, C) bool; the entries
@@ -298,7 +301,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
     aout = active_out.view(torch.uint8) if u_act else x4
-    stat = out if stats else out.expand(3, n, c)  # min, max, msum unused when not stats
+    stat = out if stats else out.expand(3, n, c)  # min, r, msum unused when not stats
     launch(_select_kernel)[(cdiv(rcount, rows),)](
         x4, act, out[0], stat[1], stat[2], msum if stats else out, u, aout, ws, alpha,
         rcount, c, w, length, int(k), *x4.stride(),
@@ -323,8 +326,8 @@ def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C): float32,
-    msum float64 (exact: backend_contract.md).
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, r, msum), each (N, C): float32,
+    msum float64 (exact: backend_contract.md); r = 1 / (max - min) rounded up.
 
     Entries of inactive maps are 0 (the contract leaves them unspecified).
     """
@@ -335,12 +338,12 @@ def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
 @op("attention_stats")
 def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
                      mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """((3, N, C) float32: thr, mn, mx; (N, C) float64: msum) (outputs may not alias)."""
+    """((3, N, C) float32: thr, mn, r; (N, C) float64: msum) (outputs may not alias)."""
     return _select(x, k, active, mode)
 
 
 @triton.jit
-def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr, sc_ptr,
+def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, r_ptr, act_ptr, sc_ptr,
                             OUTER, INNER, C, H, W,
                             t_sN, t_sC, t_sH, t_sW, x_sN, x_sC, x_sH, x_sW,
                             o_sN, o_sC, o_sH, o_sW,
@@ -361,19 +364,19 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_pt
     act = tl.load(act_ptr + sidx, mask=smask, other=0) != 0
     thr = tl.load(thr_ptr + sidx, mask=smask & act, other=0.0)
     mn = tl.load(mn_ptr + sidx, mask=smask & act, other=0.0)
-    mx = tl.load(mx_ptr + sidx, mask=smask & act, other=0.0)
+    r = tl.load(r_ptr + sidx, mask=smask & act, other=0.0)
     sc = tl.load(sc_ptr + n, mask=ov, other=0.0)[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the map is active
         xv = tl.load(x_ptr + x_off, mask=m & act, other=0.0).to(tl.float32)
-    s = tl.where(act, soft_mask(xv, thr, mn, range_reciprocal(mn, mx), MODE), 1.0)
+    s = tl.where(act, soft_mask(xv, thr, mn, r, MODE), 1.0)
     tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
 
 
 @triton.jit
-def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, act_ptr,
+def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, r_ptr, act_ptr,
                                  sc_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S,
                                  NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
@@ -383,9 +386,10 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
     + 1 so that a group spans at most one map end. The per-map statistics (contiguous
-    (N, C)), their range reciprocal and the scale are computed per group for its map and,
-    unless ONE_MAP (HW a multiple of V: no group spans a map end), the next one; per
-    element, which of the two."""
+    (N, C)) and the scale are loaded per group for its map and, unless ONE_MAP (HW a
+    multiple of V: no group spans a map end), the next one; per element, which of the two.
+    'sm' and 'ad' take an inactive map's statistics as 0 (masked loads): r = 0 gives f̂ = 0
+    and S = 1, so that no element tests the activity."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
                                   BLOCK, V, IDX64, EVEN)
     mp = n * C + c
@@ -393,9 +397,9 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
     act0 = tl.load(act_ptr + mp, mask=v0, other=0) != 0
     sc0 = tl.load(sc_ptr + n, mask=v0, other=0.0)
     thr0 = tl.load(thr_ptr + mp, mask=act0, other=0.0)
-    if MODE != 0:  # "am" reads no min or max
+    if MODE != 0:  # "am" reads no min or r
         mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
-        r0 = range_reciprocal(mn0, tl.load(mx_ptr + mp, mask=act0, other=0.0))
+        r0 = tl.load(r_ptr + mp, mask=act0, other=0.0)
     if ONE_MAP:  # the next map's state is never taken: this map's, the selects fold
         act1, sc1, thr1 = act0, sc0, thr0
         if MODE != 0:
@@ -410,9 +414,8 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
         thr1 = tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)
         if MODE != 0:
             mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
-            r1 = range_reciprocal(mn1, tl.load(mx_ptr + mp1, mask=v1 & act1, other=0.0))
+            r1 = tl.load(r_ptr + mp1, mask=v1 & act1, other=0.0)
         wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
-    act = tl.where(wrap, act1[:, None], act0[:, None])
     sc = tl.where(wrap, sc1[:, None], sc0[:, None])
     thr = tl.where(wrap, thr1[:, None], thr0[:, None])
     # "am": w = sc where x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the
@@ -431,25 +434,25 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, mx_ptr, a
     if MODE == 0:
         w = tl.where(xv < thr, sc, sd)
     else:
-        w = tl.where(act, soft_mask(xv, thr, mn, r, MODE), 1.0) * sc
+        w = soft_mask(xv, thr, mn, r, MODE) * sc
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
 
 @op("apply_attention")
 def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: torch.Tensor,
-                    mx: torch.Tensor, active: torch.Tensor, mode: str,
+                    r: torch.Tensor, active: torch.Tensor, mode: str,
                     scale: torch.Tensor) -> torch.Tensor:
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4).
 
-    t, x: (N, C, H, W) (any strides, not necessarily alike); thr, mn, mx: (N, C) float32;
-    active: (N, C) bool; scale: (N,) float32.
+    t, x: (N, C, H, W) (any strides, not necessarily alike); thr, mn, r: (N, C) float32,
+    the statistics of ``attention_stats``; active: (N, C) bool; scale: (N,) float32.
     """
     out = out_like(t)
     if out.numel() == 0:
         return out
     n, c, h, w = t.shape
     f32 = torch.float32
-    thr, mn, mx = (s.to(f32).contiguous() for s in (thr, mn, mx))
+    thr, mn, r = (s.to(f32).contiguous() for s in (thr, mn, r))
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     scale = scale.to(f32).contiguous()
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
@@ -458,13 +461,13 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: tor
     if flat is not None:
         grid, meta = flat
         launch(_apply_attention_flat_kernel)[grid](
-            t, x, out, thr, mn, mx, act, scale, out.numel(), NC=n * c, MODE=MODES[mode],
+            t, x, out, thr, mn, r, act, scale, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
             V=min(v, meta["BLOCK"]), **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
-        t, x, out, thr, mn, mx, act, scale, outer, inner, c, h, w,
+        t, x, out, thr, mn, r, act, scale, outer, inner, c, h, w,
         *t.stride(), *x.stride(), *out.stride(), MODE=MODES[mode], X_IS_T=x_is_t, **meta)
     return out
 

@@ -459,15 +459,16 @@ __device__ uint32_t block_select_kth_largest(const Get& get, int64_t L, uint32_t
 __device__ __forceinline__ float range_reciprocal(float mn, float mx) { return __frcp_ru(mx - mn); }
 
 // The soft mask S of SPEC §4 step 3 at one unit, exactly as reference._soft_mask; r =
-// range_reciprocal(mn, mx) of the unit's map.
+// range_reciprocal(mn, mx) of the unit's map (r = 0 gives S = 1: f̂ = 0).
 __device__ __forceinline__ float soft_mask(float x, float thr, float mn, float r, int mode) {
   if (mode == 0) return x < thr ? 1.f : 0.f;  // "am"
   // f̂ = 0 wherever (x − mn)·r is not a number (max = min: 0·Inf; ±Inf in the map or max −
-  // min overflowing: Inf·0): every S is finite and in [0, 1] (SPEC §1, §4).
-  const float q = __fmul_rn(x - mn, r);
-  const float fhat = q >= 0.f ? (q > 1.f ? 1.f : q) : 0.f;
+  // min overflowing: Inf·0): every S is finite and in [0, 1] (SPEC §1, §4). fmaxf / fminf
+  // return the operand that is not NaN (FMNMX): the reference's where(q >= 0, min(q, 1), 0)
+  // but for the sign of a zero, which 1 − f̂ drops.
+  const float fhat = fminf(fmaxf(__fmul_rn(x - mn, r), 0.f), 1.f);
   if (mode == 1) return 1.f - fhat;  // "sm"
-  return 1.f - fhat * (x >= thr ? 1.f : 0.f);  // "ad" (fhat * 0/1 is exact: no FMA issue)
+  return 1.f - (x >= thr ? fhat : 0.f);  // "ad": 1 − f̂·[x ≥ t] (f̂ finite, ≥ 0: the same)
 }
 
 }  // namespace guidedrop

@@ -34,24 +34,24 @@ void launch_apply_channel(const at::TensorBase& t, const at::TensorBase& w,
 void launch_kth_largest(const at::TensorBase& v, int64_t k, const at::TensorBase& out);
 // out: (N, C) float32.
 void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBase& out);
-// active: (N, C) bool; thr, mn, mx: (N, C) float32, msum (N, C) float64, the exact sum
-// (zeros for inactive maps).
+// active: (N, C) bool; thr, mn, rcp: (N, C) float32 (rcp = range_reciprocal(min, max)),
+// msum (N, C) float64, the exact sum (zeros for inactive maps).
 void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& active,
                             int mode, const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& mx, const at::TensorBase& msum);
+                            const at::TensorBase& rcp, const at::TensorBase& msum);
 // AttentionDrop's statistics drawing gamma = u < alpha itself (plan, issue 12): noise (N, C)
 // any floating dtype and strides; alpha_t: undefined (then `alpha`) or a 0-dim float32;
-// writes active (N, C) bool, thr, mn, mx (N, C) float32 and msum (N, C) float64 (zeros
+// writes active (N, C) bool, thr, mn, rcp (N, C) float32 and msum (N, C) float64 (zeros
 // where inactive).
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
                                 const at::TensorBase& thr, const at::TensorBase& mn,
-                                const at::TensorBase& mx, const at::TensorBase& msum,
+                                const at::TensorBase& rcp, const at::TensorBase& msum,
                                 const at::TensorBase& active);
-// thr, mn, mx: (N, C) float32, active: (N, C) bool, scale: (N,) float32.
+// thr, mn, rcp: (N, C) float32 (attention_stats'), active: (N, C) bool, scale: (N,) float32.
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                             const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& mx, const at::TensorBase& active, int mode,
+                            const at::TensorBase& rcp, const at::TensorBase& active, int mode,
                             const at::TensorBase& scale, const at::TensorBase& out);
 
 // ------------------------------------------------------------------------ plan kernels

@@ -11,12 +11,14 @@
 // are packed into shared memory for the 3 lower passes (re-read from x only when more
 // than kSmemKeys keys share the top 8 bits). Block-stride loops cover rows of any
 // length. attention_stats skips the maps whose gamma is 0 (their outputs are 0) and adds
-// the NaN-propagating min / max and the float32 sum of the soft mask S (SPEC §4).
+// the NaN-propagating min / max (written as min and r = range_reciprocal(min, max)) and the
+// sum of the soft mask S (SPEC §4).
 // attentiondrop_stats (AttentionDrop's plan, issue 12) is the same kernel drawing gamma
 // itself: gamma[m] = u[n, c] < alpha, u read from noise of any floating dtype and strides
 // and rounded to float32 in the kernel (SPEC §1), alpha a float32 kernel argument or a
 // 0-dim float32 tensor read in the kernel (a runtime rate either way: no recompile); it
-// writes gamma as the `active` mask, and 0 to thr / mn / mx / msum of the inactive maps.
+// writes gamma as the `active` mask, and 0 to thr / mn / r / msum of the inactive maps.
+// r = range_reciprocal(min, max), computed here once per map for the apply.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -73,7 +75,7 @@ int select_threads(int64_t L) {
 // Rows are maps (n, c) of x: unit i of map m = n * C + c sits at
 // n * s.n + c * s.c + (i / W) * s.h + (i % W) * s.w. A matrix v (R, L) is the case
 // C = 1, H = 1, W = L, s = (stride(0), 0, 0, stride(1)).
-// gamma.active == nullptr and gamma.u.p == nullptr: threshold only (mn, mx, msum unused,
+// gamma.active == nullptr and gamma.u.p == nullptr: threshold only (mn, r, msum unused,
 // may be nullptr).
 template <typename scalar_t>
 __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4 s,
@@ -81,7 +83,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
                                   const int64_t W, const uint32_t k, const Gamma gamma,
                                   const int mode,
                                   const bool use_smem, float* __restrict__ thr,
-                                  float* __restrict__ mn, float* __restrict__ mx,
+                                  float* __restrict__ mn, float* __restrict__ rcp,
                                   double* __restrict__ msum) {
   extern __shared__ uint32_t keys[];  // H * W keys when use_smem, else kSmemKeys
   __shared__ SelectSmem sel;
@@ -100,7 +102,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
       if (!act) {
         if (threadIdx.x == 0) {
-          thr[m] = mn[m] = mx[m] = 0.f;
+          thr[m] = mn[m] = rcp[m] = 0.f;
           msum[m] = 0.0;
         }
         continue;
@@ -181,7 +183,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     if (threadIdx.x == 0) {
       thr[m] = t;
       mn[m] = lo;
-      mx[m] = hi;
+      rcp[m] = r;
       msum[m] = sum;
     }
   }
@@ -190,14 +192,14 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 template <typename scalar_t>
 void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64_t C, int64_t H,
                        int64_t W, int64_t k, const Gamma& gamma, int mode, float* thr,
-                       float* mn, float* mx, double* msum) {
+                       float* mn, float* rcp, double* msum) {
   if (maps == 0) return;
   const int64_t L = H * W;
   const bool use_smem = L <= kSmemKeys;
   const size_t smem = static_cast<size_t>(use_smem ? L : kSmemKeys) * sizeof(uint32_t);
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
-          x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, mx,
+          x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, rcp,
           msum);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -206,7 +208,7 @@ template <typename scalar_t>
 struct AttentionW {
   const scalar_t* x;
   Strides4 xs;
-  const float *thr, *mn, *mx, *scale;
+  const float *thr, *mn, *rcp, *scale;
   const bool* active;
   int64_t C;
   int mode;
@@ -227,7 +229,7 @@ struct AttentionW {
       if (r.act) {
         r.thr = thr[m];
         r.mn = mn[m];
-        r.rcp = range_reciprocal(r.mn, mx[m]);
+        r.rcp = rcp[m];
       }
     }
     return r;
@@ -240,8 +242,7 @@ struct AttentionW {
     } else {
       const int64_t m = r.m + j;
       if (active[m]) {
-        s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], range_reciprocal(mn[m], mx[m]),
-                      mode);
+        s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], rcp[m], mode);
       }
     }
     return s * r.s;
@@ -266,20 +267,20 @@ void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBa
 
 void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& active,
                             int mode, const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& mx, const at::TensorBase& msum) {
+                            const at::TensorBase& rcp, const at::TensorBase& msum) {
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attention_stats", [&] {
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
                                 x.size(1), x.size(2), x.size(3), k,
                                 Gamma{active.data_ptr<bool>(), Noise2{}, nullptr, 0.f, nullptr},
                                 mode, thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                mx.data_ptr<float>(), msum.data_ptr<double>());
+                                rcp.data_ptr<float>(), msum.data_ptr<double>());
   });
 }
 
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
                                 const at::TensorBase& thr, const at::TensorBase& mn,
-                                const at::TensorBase& mx, const at::TensorBase& msum,
+                                const at::TensorBase& rcp, const at::TensorBase& msum,
                                 const at::TensorBase& active) {
   const Gamma gamma{nullptr, noise2(noise),
                     alpha_t.defined() ? alpha_t.data_ptr<float>() : nullptr, alpha,
@@ -288,7 +289,7 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
                                 x.size(1), x.size(2), x.size(3), k, gamma, mode,
                                 thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                mx.data_ptr<float>(), msum.data_ptr<double>());
+                                rcp.data_ptr<float>(), msum.data_ptr<double>());
   });
 }
 
@@ -307,7 +308,7 @@ struct MapState {
 
 template <int MODE>
 __device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, const float* mn,
-                                              const float* mx, const bool* active,
+                                              const float* rcp, const bool* active,
                                               const float* scale, const FastDiv& c) {
   const float s = scale[div_of(m, c)];
   MapState st{0.f, 0.f, 0.f, s, s, active[m]};
@@ -316,7 +317,7 @@ __device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, cons
     st.thr = thr[m];
     if (MODE != 0) {
       st.mn = mn[m];
-      st.r = range_reciprocal(st.mn, mx[m]);
+      st.r = rcp[m];
     }
   }
   return st;
@@ -325,7 +326,8 @@ __device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, cons
 template <int MODE>
 __device__ __forceinline__ float attention_w(float x, const MapState& st) {
   if constexpr (MODE == 0) return x < st.thr ? st.s : st.sd;
-  return (st.act ? soft_mask(x, st.thr, st.mn, st.r, MODE) : 1.f) * st.s;
+  // an inactive map's state is 0: r = 0 gives S = 1, no activity test per unit
+  return soft_mask(x, st.thr, st.mn, st.r, MODE) * st.s;
 }
 
 // a or b, field by field: `first ? a : b` of the structs themselves takes their address,
@@ -341,7 +343,7 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             scalar_t* __restrict__ out,
                                             const float* __restrict__ thr,
                                             const float* __restrict__ mn,
-                                            const float* __restrict__ mx,
+                                            const float* __restrict__ rcp,
                                             const bool* __restrict__ active,
                                             const float* __restrict__ scale,
                                             const uint32_t numel, const FastDiv hw,
@@ -356,9 +358,9 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     const uint32_t i0 = chunk * V;
     const uint32_t m0 = div_of(i0, hw);
     const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
-    const MapState a = map_state<MODE>(m0, thr, mn, mx, active, scale, c);
+    const MapState a = map_state<MODE>(m0, thr, mn, rcp, active, scale, c);
     const MapState b =
-        k0 < V ? map_state<MODE>(m0 + 1, thr, mn, mx, active, scale, c) : a;
+        k0 < V ? map_state<MODE>(m0 + 1, thr, mn, rcp, active, scale, c) : a;
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
     Vec<scalar_t, V> xin = in;
     if (!x_is_t && (a.act || b.act)) xin = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i0);
@@ -373,7 +375,7 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
   if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
 #pragma unroll 1
     for (uint32_t i = full * V; i < numel; ++i) {
-      const MapState st = map_state<MODE>(div_of(i, hw), thr, mn, mx, active, scale, c);
+      const MapState st = map_state<MODE>(div_of(i, hw), thr, mn, rcp, active, scale, c);
       out[i] = static_cast<scalar_t>(to_float(t[i]) * attention_w<MODE>(to_float(x[i]), st));
     }
   }
@@ -381,7 +383,7 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
 
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                             const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& mx, const at::TensorBase& active, int mode,
+                            const at::TensorBase& rcp, const at::TensorBase& active, int mode,
                             const at::TensorBase& scale, const at::TensorBase& out) {
   // t (x or grad_y) has x's dtype: checked by the caller.
   const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), per = C * HW;
@@ -395,7 +397,7 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       // channels_last, misaligned or strided t, x or out, NCHW maps under V elements
       const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x),
                                      thr.data_ptr<float>(),  mn.data_ptr<float>(),
-                                     mx.data_ptr<float>(),   scale.data_ptr<float>(),
+                                     rcp.data_ptr<float>(),  scale.data_ptr<float>(),
                                      active.data_ptr<bool>(), C,
                                      mode};
       launch_apply<scalar_t>(t, out, wfn);
@@ -411,7 +413,7 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
       kernel<<<grid, kThreads, 0, current_stream()>>>(
           tp + n0 * per, xp + n0 * per, op + n0 * per, thr.data_ptr<float>() + m0,
-          mn.data_ptr<float>() + m0, mx.data_ptr<float>() + m0, active.data_ptr<bool>() + m0,
+          mn.data_ptr<float>() + m0, rcp.data_ptr<float>() + m0, active.data_ptr<bool>() + m0,
           scale.data_ptr<float>() + n0, static_cast<uint32_t>(numel), fast_div(HW),
           fast_div(C));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

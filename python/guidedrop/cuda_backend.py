@@ -93,13 +93,13 @@ def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def attention_stats(x, k, active, mode):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C): float32,
-    msum float64 (exact: backend_contract.md).
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, r, msum), each (N, C): float32,
+    msum float64 (exact: backend_contract.md); r = 1 / (max - min) rounded up.
 
     Entries of inactive maps are 0.
     """
-    thr, mn, mx, msum = _ops.attention_stats(x, k, active, mode)
-    return thr, mn, mx, msum
+    thr, mn, r, msum = _ops.attention_stats(x, k, active, mode)
+    return thr, mn, r, msum
 
 
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -151,10 +151,10 @@ def apply_seeds(t, bits, r, shared, scale):
     return _ops.apply_seeds(t, bits, r, shared, scale.to(torch.float32))
 
 
-def apply_attention(t, x, thr, mn, mx, active, mode, scale):
+def apply_attention(t, x, thr, mn, r, active, mode, scale):
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
     f32 = torch.float32
-    return _ops.apply_attention(t, x, thr.to(f32), mn.to(f32), mx.to(f32), active, mode,
+    return _ops.apply_attention(t, x, thr.to(f32), mn.to(f32), r.to(f32), active, mode,
                                 scale.to(f32))
 
 
@@ -253,15 +253,15 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     """SPEC §4 in 2 launches before the apply (+1 ``torch.rand`` without noise).
 
     x: (N, C, H, W) float32/float16/bfloat16; noise: (N, C) of any floating dtype, or None
-    -> Plan("attention", (mode,), (thr, mn, mx (N, C) float32, 0 where inactive;
+    -> Plan("attention", (mode,), (thr, mn, r (N, C) float32, 0 where inactive;
     active (N, C) bool; scale (N,) float32)). gamma = u < alpha, both rounded to float32.
     """
     n, c, h, w = x.shape
     u = noise if noise is not None else rand((n, c), generator, x.device)
     n_beta = max(1, math.ceil(beta * h * w / 100))
     a_t, a = _runtime_rate(alpha, x)
-    thr, mn, mx, active, scale = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
-    return Plan("attention", (mode,), (thr, mn, mx, active, scale))
+    thr, mn, r, active, scale = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
+    return Plan("attention", (mode,), (thr, mn, r, active, scale))
 
 
 def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
@@ -397,7 +397,7 @@ def _register_fakes() -> None:
         return like(t)
 
     @register("guidedrop::apply_attention")
-    def _(t, x, thr, mn, mx, active, mode, scale):
+    def _(t, x, thr, mn, r, active, mode, scale):
         return like(t)
 
     @register("guidedrop::selectscale_plan")

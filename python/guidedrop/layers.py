@@ -193,18 +193,19 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
 
 @fusable
 def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=None):
-    """SPEC §4. State: per-map thr, min, max, gamma (N, C), scale (N,); and x."""
+    """SPEC §4. State: per-map thr, min, r = 1 / (max - min) rounded up
+    (reference.range_reciprocal), gamma (N, C), scale (N,); and x."""
     n, c, h, w = x.shape
     u = _uniform(noise, (n, c), generator, x)
     active = u < _rate(alpha, x)  # gamma, drawn first: statistics only where it is 1
     n_beta = max(1, math.ceil(beta * h * w / 100))
-    thr, mn, mx, msum = B.attention_stats(x, n_beta, active, mode)
+    thr, mn, r, msum = B.attention_stats(x, n_beta, active, mode)
     # Inactive maps: 0 (the contract leaves them unspecified; plans compare exactly).
-    thr, mn, mx = (torch.where(active, s, 0) for s in (thr, mn, mx))
+    thr, mn, r = (torch.where(active, s, 0) for s in (thr, mn, r))
     # msum is float64 and exact (backend_contract.md), so are these sums, in any order.
     kept = torch.where(active, msum, h * w).sum(dim=1)
     scale = _scale(kept, c * h * w, normalize, thr.dtype)
-    return Plan("attention", (mode,), (thr, mn, mx, active, scale))
+    return Plan("attention", (mode,), (thr, mn, r, active, scale))
 
 
 # --------------------------------------------------------------------------- FocusedDropout

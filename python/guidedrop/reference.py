@@ -136,13 +136,15 @@ def _soft_mask(xf, thr, mn, r, mode):
 
 
 def attention_stats(x, k, active, mode):
-    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, mx, msum), each (N, C); msum in
+    """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, r, msum), each (N, C): the k-th
+    largest value, the minimum, r = range_reciprocal(min, max) and the soft mask's sum, in
     float64 (see backend_contract.md: exact in any order of summation)."""
     m = _maps(x)
     thr = m.topk(k, dim=2).values[..., -1].clone()  # not a view of the (N, C, k) buffer
-    mn, mx = m.amin(dim=2), m.amax(dim=2)
-    s = _soft_mask(m, thr[..., None], mn[..., None], range_reciprocal(mn, mx)[..., None], mode)
-    return thr, mn, mx, s.sum(dim=2, dtype=torch.float64)
+    mn = m.amin(dim=2)
+    r = range_reciprocal(mn, m.amax(dim=2))
+    s = _soft_mask(m, thr[..., None], mn[..., None], r[..., None], mode)
+    return thr, mn, r, s.sum(dim=2, dtype=torch.float64)
 
 
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -269,10 +271,10 @@ def apply_seeds(t, bits, r, shared, scale):
     return _mul(t, keep.to(scale.dtype) * scale[:, None, None, None])
 
 
-def apply_attention(t, x, thr, mn, mx, active, mode, scale):
-    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
+def apply_attention(t, x, thr, mn, r, active, mode, scale):
+    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x and the map's
+    statistics of ``attention_stats`` (SPEC §4)."""
     n, c, h, w = x.shape
-    r = range_reciprocal(mn, mx)
     s = _soft_mask(_maps(x), thr[..., None], mn[..., None], r[..., None], mode)
     s = torch.where(active[..., None], s, 1) * scale[:, None, None]
     return _mul(t, s.view(n, c, h, w))

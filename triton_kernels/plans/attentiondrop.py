@@ -62,7 +62,7 @@ def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
 @op("attentiondrop_plan")
 def _plan(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, n_beta: int, mode: str,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stats (3, N, C) float32: thr, mn, mx; active (N, C) bool; scale (N,) float32)."""
+    """(stats (3, N, C) float32: thr, mn, r; active (N, C) bool; scale (N,) float32)."""
     n, c, h, w = x.shape
     active = torch.empty((n, c), dtype=torch.bool, device=x.device)
     stats, msum = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
