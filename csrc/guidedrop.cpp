@@ -285,9 +285,9 @@ int parse_normalize(c10::string_view view, const char* op) {
   return kNormBatch;
 }
 
-// -> (thr, mn, r, active, scale): (N, C) float32 x3 (0 where inactive), (N, C) bool,
-// (N,) float32. gamma = noise < alpha, both rounded to float32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attentiondrop_plan(
+// -> (state, active): (N, C, 4) float32 (reference.attention_state: thr, scale[n], mn, r;
+// thr, mn, r 0 where inactive), (N, C) bool. gamma = noise < alpha, both rounded to float32.
+std::tuple<at::Tensor, at::Tensor> attentiondrop_plan(
     const at::Tensor& x, const at::Tensor& noise, const std::optional<at::Tensor>& alpha_t,
     double alpha, int64_t k, c10::string_view mode, c10::string_view normalize) {
   constexpr const char* op = "guidedrop::attentiondrop_plan";
@@ -307,15 +307,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
   const int m = parse_mode(mode, op), norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor thr = at::empty({N, C}, f32(x)), mn = at::empty({N, C}, f32(x));
-  at::Tensor rcp = at::empty({N, C}, f32(x));  // range_reciprocal(min, max)
+  at::Tensor state = at::empty({N, C, 4}, f32(x));
   at::Tensor msum = at::empty({N, C}, x.options().dtype(at::kDouble));  // exact sums
   at::Tensor active = at::empty({N, C}, x.options().dtype(at::kBool));
-  at::Tensor scale = at::empty({N}, f32(x));
-  launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, thr, mn, rcp, msum,
-                             active);
-  launch_attentiondrop_scale(msum, active, x.size(2) * x.size(3), norm, scale);
-  return {thr, mn, rcp, active, scale};
+  launch_attentiondrop_stats(x, k, noise, a, static_cast<float>(alpha), m, state, msum, active);
+  launch_attentiondrop_scale(msum, active, x.size(2) * x.size(3), norm, state);
+  return {state, active};
 }
 
 // CorrDrop's plan -> (S (N, H', W') uint8, scale (N,) float32): F in one launch
@@ -491,9 +488,8 @@ at::Tensor apply_seeds(const at::Tensor& t, const at::Tensor& bits, int64_t r, b
   return out;
 }
 
-at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::Tensor& thr,
-                           const at::Tensor& mn, const at::Tensor& r, const at::Tensor& active,
-                           c10::string_view mode, const at::Tensor& scale) {
+at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::Tensor& state,
+                           const at::Tensor& active, c10::string_view mode) {
   constexpr const char* op = "guidedrop::apply_attention";
   check_feature_map(t, op, "t");
   check_feature_map(x, op, "x");
@@ -504,17 +500,17 @@ at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::T
   TORCH_CHECK(t.device() == x.device(), op, ": t and x must be on the same device, got ",
               t.device(), " and ", x.device());
   const int64_t N = x.size(0), C = x.size(1);
-  check_small(thr, x, op, "thr", at::kFloat, {N, C});
-  check_small(mn, x, op, "mn", at::kFloat, {N, C});
-  check_small(r, x, op, "r", at::kFloat, {N, C});
+  check_small(state, x, op, "state", at::kFloat, {N, C, 4});
   check_small(active, x, op, "active", at::kBool, {N, C});
-  check_small(scale, x, op, "scale", at::kFloat, {N});
   const int m = parse_mode(mode, op);
   const c10::cuda::CUDAGuard guard(t.device());
-  const at::Tensor thr_c = thr.contiguous(), mn_c = mn.contiguous(), r_c = r.contiguous();
-  const at::Tensor act_c = active.contiguous(), scale_c = scale.contiguous();
+  // read as float4: a fresh copy unless contiguous and 16-byte aligned
+  const bool aligned = reinterpret_cast<uintptr_t>(state.data_ptr()) % 16 == 0;
+  const at::Tensor st =
+      state.is_contiguous() && aligned ? state : state.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor act_c = active.contiguous();
   at::Tensor out = at::empty_like(t);
-  launch_apply_attention(t, x, thr_c, mn_c, r_c, act_c, m, scale_c, out);
+  launch_apply_attention(t, x, st, act_c, m, out);
   return out;
 }
 
@@ -666,7 +662,7 @@ TORCH_LIBRARY(guidedrop, m) {
   // Plans (issue 12). alpha / g: a 0-dim float32 tensor (under torch.compile), else None
   // and the float after it.
   m.def("attentiondrop_plan(Tensor x, Tensor noise, Tensor? alpha_t, float alpha, int k, "
-        "str mode, str normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "str mode, str normalize) -> (Tensor, Tensor)");
   m.def("seeds_plan(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, Tensor? g_t, float g, int r, SymInt c, str normalize, "
         "Generator? generator=None) -> (Tensor, Tensor)");
@@ -678,8 +674,7 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
-  m.def("apply_attention(Tensor t, Tensor x, Tensor thr, Tensor mn, Tensor r, Tensor active, "
-        "str mode, Tensor scale) -> Tensor");
+  m.def("apply_attention(Tensor t, Tensor x, Tensor state, Tensor active, str mode) -> Tensor");
   // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's
   // uniforms, any floating dtype. Rates are runtime floats (no recompile per rate).
   // rates: None, or (torch.compile) float64 (2,) [top_rate, retain | keep] / [low, high]

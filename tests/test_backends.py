@@ -528,8 +528,9 @@ def test_apply_attention(B, x, mode):
     thr, mn, r, _ = R.attention_stats(x, k, active, mode)
     scale = rand((n,), 6) + 0.5
     for t in [x, *grad_like(x)]:  # forward (t is x) and backward (t = grad_y)
-        check_apply(B.apply_attention(t, x, thr, mn, r, active, mode, scale),
-                    R.apply_attention(t, x, thr, mn, r, active, mode, scale), t)
+        st = R.attention_state(thr, mn, r, scale)
+        check_apply(B.apply_attention(t, x, st, active, mode),
+                    R.apply_attention(t, x, st, active, mode), t)
 
 
 # Contiguous NCHW applies take a flat tile (triton_kernels._common.group_tile) of 16384
@@ -557,8 +558,9 @@ def test_applies_flat_tiles(B, shape):
     for mode in ("am", "ad"):
         thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
         for t in (x, g):
-            same(B.apply_attention(t, x, thr, mn, r, active, mode, scale),
-                 R.apply_attention(t, x, thr, mn, r, active, mode, scale))
+            st = R.attention_state(thr, mn, r, scale)
+            same(B.apply_attention(t, x, st, active, mode),
+                 R.apply_attention(t, x, st, active, mode))
 
 
 # The flat tile's first map and sample (group_tile): n // d by a multiply-high, an add and a
@@ -675,8 +677,8 @@ def test_triton_int64_indexing(monkeypatch):
         same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))
         mask = (rand((n, 3, 4), 5) < 0.5).to(torch.uint8)
         same(mod.apply_block(t, mask, 3, scale), R.apply_block(t, mask, 3, scale))
-        same(mod.apply_attention(t, x, *rst[:3], active, "ad", scale),
-             R.apply_attention(t, x, *rst[:3], active, "ad", scale))
+        st = R.attention_state(*rst[:3], scale)
+        same(mod.apply_attention(t, x, st, active, "ad"), R.apply_attention(t, x, st, active, "ad"))
         for cs in (c, 1):
             noise = rand((n, cs, h, w), 6)
             args = (0.2, 3, None, None, (n, cs, h, w), x_device())
@@ -947,8 +949,8 @@ def op_samples():
         "apply_channel": [(x, rand((n, c), 5)), (t, rand((n, c), 5))],
         "apply_block": [(x, (rand((n, 2, 2), 6) < 0.5).to(torch.uint8), 3, scale)],
         "apply_seeds": [(x, bits, 3, False, scale), (t, bits1, 3, True, scale)],
-        "apply_attention": [(x, x, thr, mn, r, active, "ad", scale),
-                            (t, x, thr, mn, r, active, "sm", scale)],
+        "apply_attention": [(x, x, R.attention_state(thr, mn, r, scale), active, "ad"),
+                            (t, x, R.attention_state(thr, mn, r, scale), active, "sm")],
         "channel_stats": [(x,)],
         "map_threshold": [(x, 7)],
         "kth_largest": [(rand((3, 9), 7), 4)],

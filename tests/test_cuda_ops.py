@@ -76,7 +76,7 @@ def _samples(dtype=torch.float32, layout="contiguous", device="cuda", shape=(2, 
         "apply_channel": (x, rand(n, c) * 2),
         "apply_block": (x, mask, k, scale),
         "apply_seeds": (x, bits, r, False, scale),
-        "apply_attention": (x, x, thr, mn, rcp, active, "ad", scale),
+        "apply_attention": (x, x, R.attention_state(thr, mn, rcp, scale), active, "ad"),
     }
 
 

@@ -71,7 +71,7 @@ def test_attentiondrop_plan_matches_reference(B, shape, dtype, layout, mode, nor
     torch.manual_seed(sum(shape))
     x = make_x(shape, dtype, "cpu", layout)
     got = check_att(B, x, 0.5, 20.0, mode, normalize, _att_noise(*shape[:2], 0.5, sum(shape)))
-    assert not got.state[3].view(-1)[::3].any()  # u == alpha: inactive
+    assert not got.state[1].view(-1)[::3].any()  # active; u == alpha: inactive
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 1 / 3, 1.0])

@@ -63,21 +63,21 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
 # (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0.
 OVER_BUDGET = {
-    ("triton", "_apply_attention_flat_kernel"): "bf16 where a group never spans two maps "
-                                                "(H * W a multiple of 8: 56, 28, 32): 'am' "
-                                                "13.8, 'sm' 13.6 (within budget), 'ad' 16.0 "
-                                                "SASS per element; at 14 x 14 and 7 x 7 (the "
-                                                "state of two maps per group, selected per "
-                                                "element) 23.4 / 23.8 / 27.8. fp32 14.8 / "
-                                                "14.5 / 19.2, at 7 x 7 29.1 / 27.5 / 32.4, "
-                                                "with 0.5 / 0.75 / 1 single-element loads "
-                                                "per element (the maps' state, a 4-byte "
-                                                "load each per 16-byte group; 1-2 at 7 x 7)",
-    ("triton", "_apply_attention_kernel"): "channels_last: bf16 24.2 / 28.0 / 31.5 ('am' / "
-                                           "'sm' / 'ad'), fp32 29.2-42.0 SASS per element "
-                                           "(the maps' state per element, contiguous along "
-                                           "c), 1 (bf16) / 2.1-4.1 (fp32) single-element "
-                                           "loads per element",
+    ("triton", "_apply_attention_flat_kernel"): "bf16 at 14 x 14 and 7 x 7, where 16-byte "
+                                                "groups span two maps (the state of both, "
+                                                "selected per element): 'am' 20.5, 'sm' "
+                                                "21.4, 'ad' 24.5 SASS per element. Within "
+                                                "budget where H * W is a multiple of 8 "
+                                                "(56, 28, 32: 13.0 / 12.8 / 14.8) and in "
+                                                "fp32 (13.1 / 12.9 / 17.0, at 7 x 7 21.7 / "
+                                                "22.5 / 29.4)",
+    ("triton", "_apply_attention_kernel"): "channels_last: bf16 24.6-30.5 / 28.1-32.8 / "
+                                           "31.5-36.1 ('am' / 'sm' / 'ad'), fp32 22.9-41.2 "
+                                           "SASS per element; x read per element where its "
+                                           "map is active (2-byte loads in bf16), the maps' "
+                                           "state per channel and 8 elements per thread "
+                                           "(1.25-5 single-element loads per element in "
+                                           "fp32)",
     ("triton", "_apply_seeds_nchw_kernel"): "row-tiled (n, c, h) x w: 90-96 SASS per "
                                             "element, 2.25 runtime divisions per element "
                                             "and one-element accesses where a row start is "
@@ -113,15 +113,14 @@ OVER_BUDGET = {
                              "14.1-14.9, k >= 7 14.9, channels_last 7.1; fp32 9.2-24.0 "
                              "within budget",
     ("cuda", "apply_seeds"): "47-362 SASS per element (covered_run per line segment)",
-    ("cuda", "apply_attention"): "flat kernel (contiguous NCHW): 'am' 19.2 (bf16) / 23.5 "
-                                 "(fp32) SASS per element, 'sm' 23.4 / 28.8, 'ad' 27.6 / "
-                                 "34.0 (per 16-byte chunk the state of its two maps, and "
-                                 "per element a select of each field; before the range "
-                                 "reciprocal moved to the statistics: 'sm' 47.5 / 71.0, "
-                                 "'ad' 53.2 / 76.5), fp32 1-2 single-element accesses per "
-                                 "element",
+    ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
+                                 "chunk may span two maps (H * W not a multiple of 8: 14 x "
+                                 "14, 7 x 7; the state of both, a select of each field per "
+                                 "element): 'am' 15.9, 'sm' 17.9, 'ad' 21.2 SASS per "
+                                 "element. Within budget where no chunk spans two maps "
+                                 "(ONE_MAP: 10.0 / 11.6 / 13.8) and in fp32 (9.8-22.2)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
-                        "element, 506 / 1013 SASS per element: the counter's steady "
+                        "element, 504 / 1007 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "
                         "(__frcp_ru, a CALL of its slow-path routine, counted in full); the "
                         "division per unit it replaced sat in a nested loop (358 / 717 "

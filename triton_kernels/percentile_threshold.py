@@ -158,10 +158,10 @@ def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, r_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
+def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    alpha, R, C, W, L, k, sN, sC, sH, sW,
                    HAS_ACT: tl.constexpr, U_ACT: tl.constexpr, ALPHA_PTR: tl.constexpr,
-                   STATS: tl.constexpr,
+                   STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, BITS: tl.constexpr, HW_FLAT: tl.constexpr,
                    IDX64: tl.constexpr):
@@ -180,11 +180,13 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, r_ptr, msum_ptr, u_ptr, aout
         live = live & (tl.load(act_ptr + rows, mask=live, other=0) != 0)
     if HAS_ACT or U_ACT:  # inactive maps: 0 (outputs are not zero-filled: no extra launch)
         dead = (rows < R) & ~live
-        tl.store(thr_ptr + rows, 0.0, mask=dead)
+        tl.store(st_ptr + rows * OS, 0.0, mask=dead)
         if STATS:
-            tl.store(mn_ptr + rows, 0.0, mask=dead)
-            tl.store(r_ptr + rows, 0.0, mask=dead)
+            tl.store(st_ptr + rows * OS + 2, 0.0, mask=dead)
+            tl.store(st_ptr + rows * OS + 3, 0.0, mask=dead)
             tl.store(msum_ptr + rows, 0.0, mask=dead)
+    if OS == 4:  # the state's scale slot: 0 here (AttentionDrop's plan writes the scale)
+        tl.store(st_ptr + rows * OS + 1, 0.0, mask=rows < R)
     if IDX64:
         rows = rows.to(tl.int64)
     base = (rows // C) * sN + (rows % C) * sC
@@ -240,7 +242,7 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, r_ptr, msum_ptr, u_ptr, aout
                 d, kk = _pick(hist, kk, RADIX)
                 prefix = prefix | (d << (24 - 8 * i))
         thr = key_float(prefix ^ KMIN)
-        tl.store(thr_ptr + rows, thr, mask=live)
+        tl.store(st_ptr + rows * OS, thr, mask=live)
         if STATS:
             mx = key_float(kmax)
             mn = tl.where(kmax == 0x7FC00000, mx, key_float(kmin))  # a NaN: amin is NaN too
@@ -258,15 +260,16 @@ def _select_kernel(x_ptr, act_ptr, thr_ptr, mn_ptr, r_ptr, msum_ptr, u_ptr, aout
                     s = soft_mask(key_float(key), thr[:, None], mn[:, None], r[:, None], MODE)
                     acc += tl.where(valid, s, 0.0).to(tl.float64)
                 msum = tl.sum(acc, axis=1)
-            tl.store(mn_ptr + rows, mn, mask=live)
-            tl.store(r_ptr + rows, r, mask=live)
+            tl.store(st_ptr + rows * OS + 2, mn, mask=live)
+            tl.store(st_ptr + rows * OS + 3, r, mask=live)
             tl.store(msum_ptr + rows, msum, mask=live)
 
 
 def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
             active_out=None):
-    """x4: (N, C, H, W), any strides -> (1, N, C) float32: thr; or, given ``mode``, the
-    pair ((3, N, C) float32: thr, min, r = range_reciprocal(min, max); (N, C) float64:
+    """x4: (N, C, H, W), any strides -> (N, C, 1) float32: thr; or, given ``mode``, the
+    pair ((N, C, 4) float32: thr, 0 (AttentionDrop's plan writes the scale there:
+    reference.attention_state), min, r = range_reciprocal(min, max); (N, C) float64:
     msum).
 
     The maps are those where ``active`` (N, C) bool, or, given ``u`` (N, C) (any float
@@ -276,7 +279,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     """
     n, c, h, w = x4.shape
     stats = mode is not None
-    out = torch.empty((3 if stats else 1, n, c), dtype=torch.float32, device=x4.device)
+    out = torch.empty((n, c, 4 if stats else 1), dtype=torch.float32, device=x4.device)
     msum = torch.empty((n, c) if stats else (0,), dtype=torch.float64, device=x4.device)
     result = (out, msum) if stats else out
     rcount, length = n * c, h * w
@@ -301,12 +304,11 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
     aout = active_out.view(torch.uint8) if u_act else x4
-    stat = out if stats else out.expand(3, n, c)  # min, r, msum unused when not stats
     launch(_select_kernel)[(cdiv(rcount, rows),)](
-        x4, act, out[0], stat[1], stat[2], msum if stats else out, u, aout, ws, alpha,
+        x4, act, out, msum if stats else out, u, aout, ws, alpha,
         rcount, c, w, length, int(k), *x4.stride(),
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
-        STATS=stats, MODE=MODES.get(mode, 0),
+        STATS=stats, OS=out.shape[2], MODE=MODES.get(mode, 0),
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
@@ -316,13 +318,13 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
 @op("kth_largest")
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     """v: (R, L) float32, 1 <= k <= L -> (R,) float32: the k-th largest value of each row."""
-    return _select(v.to(torch.float32)[:, None, None, :], k)[0, :, 0]
+    return _select(v.to(torch.float32)[:, None, None, :], k)[:, 0, 0]
 
 
 @op("map_threshold")
 def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the k-th largest value of each map."""
-    return _select(x, k)[0]
+    return _select(x, k)[..., 0]
 
 
 def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
@@ -332,18 +334,50 @@ def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
     Entries of inactive maps are 0 (the contract leaves them unspecified).
     """
     out, msum = _attention_stats(x, k, active, mode)
-    return out[0], out[1], out[2], msum
+    return out[..., 0], out[..., 2], out[..., 3], msum
 
 
 @op("attention_stats")
 def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
                      mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """((3, N, C) float32: thr, mn, r; (N, C) float64: msum) (outputs may not alias)."""
+    """((N, C, 4) float32: thr, 0, mn, r; (N, C) float64: msum) (outputs may not alias)."""
     return _select(x, k, active, mode)
 
 
 @triton.jit
-def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, r_ptr, act_ptr, sc_ptr,
+def _map_state(st_ptr, mp, valid, act, MODE: tl.constexpr, VEC: tl.constexpr = True):
+    """The state of maps mp (G,) (reference.attention_state: thr, scale, mn, r; one 16-byte
+    load, 8 for "am") where valid (None: all), as what a unit's w needs: (thr, mn, r, sc,
+    sd). r is 0 where the map is inactive ("sm", "ad": f̂ = 0, S = 1). "am": w = sc where
+    x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the reference's S * scale,
+    NaN for an infinite scale): two values per map, a compare and a select per unit.
+    Nothing is loaded where not valid (no zero fill): those groups store nothing."""
+    if VEC:
+        st = tl.load(st_ptr + mp[:, None] * 4 + tl.arange(0, 4)[None, :],
+                     mask=None if valid is None else valid[:, None])
+        even, odd = tl.split(tl.reshape(st, (st.shape[0], 2, 2)))  # (thr, mn), (sc, r)
+        thr, mn = tl.split(even)
+        sc, r = tl.split(odd)
+    else:  # a load per field (a (G, 4) tile of long rows G costs registers)
+        thr = tl.load(st_ptr + mp * 4, mask=valid)
+        sc = tl.load(st_ptr + mp * 4 + 1, mask=valid)
+        mn = tl.load(st_ptr + mp * 4 + 2, mask=valid)
+        r = tl.load(st_ptr + mp * 4 + 3, mask=valid)
+    return thr, mn, tl.where(act, r, 0.0), sc, tl.where(act, 0.0 * sc, sc)
+
+
+@triton.jit
+def _attention_w(xv, thr, mn, r, sc, sd, MODE: tl.constexpr):
+    """A unit's multiplier S * scale from its map's ``_map_state``."""
+    if MODE == 0:
+        w = tl.where(xv < thr, sc, sd)
+    else:
+        w = soft_mask(xv, thr, mn, r, MODE) * sc
+    return w
+
+
+@triton.jit
+def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                             OUTER, INNER, C, H, W,
                             t_sN, t_sC, t_sH, t_sW, x_sN, x_sC, x_sH, x_sW,
                             o_sN, o_sC, o_sH, o_sW,
@@ -351,123 +385,118 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, r_ptr, act_ptr
                             GRID3: tl.constexpr,
                             BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    """The row tile (channels_last, and NCHW that the flat tile does not take): the maps'
+    state (``_map_state``) per row (NCHW), per channel of the tile's one sample (GRID3), or
+    per element (channels_last without GRID3)."""
     ov, m, n, c, h, w, map0 = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
-    if CL:  # rows (n, h, w), inner c: per-element stats (contiguous along c)
-        sidx = map0[:, None] + c[None, :]
-        smask = m
-    else:  # rows (n, c, h), inner w: per-row stats
-        sidx = map0[:, None]
-        smask = ov[:, None]
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     x_off = tile_offset(n, c, h, w, x_sN, x_sC, x_sH, x_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
-    act = tl.load(act_ptr + sidx, mask=smask, other=0) != 0
-    thr = tl.load(thr_ptr + sidx, mask=smask & act, other=0.0)
-    mn = tl.load(mn_ptr + sidx, mask=smask & act, other=0.0)
-    r = tl.load(r_ptr + sidx, mask=smask & act, other=0.0)
-    sc = tl.load(sc_ptr + n, mask=ov, other=0.0)[:, None]
+    if CL and GRID3:  # one sample: the state per channel, (BI,), for every row
+        mp = tl.program_id(2) * C + c
+        cv = c < INNER
+        act1 = tl.load(act_ptr + mp, mask=cv) != 0
+        thr, mn, r, sc, sd = _map_state(st_ptr, mp, cv, act1, MODE, VEC=False)
+        act = act1[None, :]
+        thr, mn, r, sc, sd = thr[None, :], mn[None, :], r[None, :], sc[None, :], sd[None, :]
+    elif CL:  # per element, contiguous along c
+        mp = tl.reshape(map0[:, None] + c[None, :], (BO * BI,))
+        act1 = tl.load(act_ptr + mp, mask=tl.reshape(m, (BO * BI,))) != 0
+        thr, mn, r, sc, sd = _map_state(st_ptr, mp, tl.reshape(m, (BO * BI,)), act1, MODE,
+                                        VEC=False)
+        act = tl.reshape(act1, (BO, BI))
+        thr, mn, r = tl.reshape(thr, (BO, BI)), tl.reshape(mn, (BO, BI)), tl.reshape(r, (BO, BI))
+        sc, sd = tl.reshape(sc, (BO, BI)), tl.reshape(sd, (BO, BI))
+    else:  # rows (n, c, h): per row
+        act1 = tl.load(act_ptr + map0, mask=ov) != 0
+        thr, mn, r, sc, sd = _map_state(st_ptr, map0, ov, act1, MODE)
+        act = act1[:, None]
+        thr, mn, r, sc, sd = thr[:, None], mn[:, None], r[:, None], sc[:, None], sd[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
-    else:  # x is read only where the map is active
-        xv = tl.load(x_ptr + x_off, mask=m & act, other=0.0).to(tl.float32)
-    s = tl.where(act, soft_mask(xv, thr, mn, r, MODE), 1.0)
-    tl.store(o_ptr + o_off, cast_out(tv * (s * sc), o_ptr, BF16_FIX), mask=m)
+    else:  # x is read only where the map is active (elsewhere its value is never used)
+        xv = tl.load(x_ptr + x_off, mask=m & act).to(tl.float32)
+    tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
+                                     BF16_FIX), mask=m)
 
 
 @triton.jit
-def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, thr_ptr, mn_ptr, r_ptr, act_ptr,
-                                 sc_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S,
-                                 NC,
+def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
+                                 TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  ONE_MAP: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
-    + 1 so that a group spans at most one map end. The per-map statistics (contiguous
-    (N, C)) and the scale are loaded per group for its map and, unless ONE_MAP (HW a
-    multiple of V: no group spans a map end), the next one; per element, which of the two.
-    'sm' and 'ad' take an inactive map's statistics as 0 (masked loads): r = 0 gives f̂ = 0
-    and S = 1, so that no element tests the activity."""
+    + 1 so that a group spans at most one map end. Per group the state of its map
+    (``_map_state``: its activity byte and one 16-byte load) and, unless ONE_MAP (HW a
+    multiple of V: no group spans a map end), of the next one; per element, which of the
+    two."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
                                   BLOCK, V, IDX64, EVEN)
     mp = n * C + c
-    v0 = mp < NC  # groups past the end (the last tile's): unused
-    act0 = tl.load(act_ptr + mp, mask=v0, other=0) != 0
-    sc0 = tl.load(sc_ptr + n, mask=v0, other=0.0)
-    thr0 = tl.load(thr_ptr + mp, mask=act0, other=0.0)
-    if MODE != 0:  # "am" reads no min or r
-        mn0 = tl.load(mn_ptr + mp, mask=act0, other=0.0)
-        r0 = tl.load(r_ptr + mp, mask=act0, other=0.0)
+    v0 = None if EVEN else mp < NC  # groups past the end (the last tile's): unused
+    act0 = tl.load(act_ptr + mp, mask=v0) != 0
+    thr0, mn0, r0, sc0, sd0 = _map_state(st_ptr, mp, v0, act0, MODE)
     if ONE_MAP:  # the next map's state is never taken: this map's, the selects fold
-        act1, sc1, thr1 = act0, sc0, thr0
-        if MODE != 0:
-            mn1, r1 = mn0, r0
+        act1, thr1, mn1, r1, sc1, sd1 = act0, thr0, mn0, r0, sc0, sd0
         wrap = tl.zeros((BLOCK // V, V), tl.int1)
     else:
-        mp1 = mp + 1
-        n1 = n + (c == C - 1).to(n.dtype)
-        v1 = mp1 < NC  # the map after the last: past the end, never used
-        act1 = tl.load(act_ptr + mp1, mask=v1, other=0) != 0
-        sc1 = tl.load(sc_ptr + n1, mask=v1, other=0.0)
-        thr1 = tl.load(thr_ptr + mp1, mask=v1 & act1, other=0.0)
-        if MODE != 0:
-            mn1 = tl.load(mn_ptr + mp1, mask=v1 & act1, other=0.0)
-            r1 = tl.load(r_ptr + mp1, mask=v1 & act1, other=0.0)
+        v1 = mp + 1 < NC  # the map after the last: past the end, never used
+        act1 = tl.load(act_ptr + mp + 1, mask=v1) != 0
+        thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
         wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
     sc = tl.where(wrap, sc1[:, None], sc0[:, None])
-    thr = tl.where(wrap, thr1[:, None], thr0[:, None])
-    # "am": w = sc where x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the
-    # reference's S * scale, NaN for an infinite scale): two values per map, a compare and a
-    # select per element, not an activity test and products
-    sd = tl.where(wrap, tl.where(act1, 0.0 * sc1, sc1)[:, None],
-                  tl.where(act0, 0.0 * sc0, sc0)[:, None])
-    if MODE != 0:
-        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
-        r = tl.where(wrap, r1[:, None], r0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
-    else:  # x is read only where the group's maps are active (per group: 16-byte vectors)
-        xv = tl.load(x_ptr + e, mask=m & (act0 | act1)[:, None], other=0.0).to(tl.float32)
-    if MODE == 0:
-        w = tl.where(xv < thr, sc, sd)
+    else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
+        # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
+        xv = tl.load(x_ptr + e, mask=m & (act0 | act1)[:, None]).to(tl.float32)
+    if MODE == 1:  # "sm" has no threshold
+        thr = 0.0
     else:
-        w = soft_mask(xv, thr, mn, r, MODE) * sc
+        thr = tl.where(wrap, thr1[:, None], thr0[:, None])
+    if MODE == 0:
+        sd = tl.where(wrap, sd1[:, None], sd0[:, None])
+        mn, r = 0.0, 0.0
+    else:
+        sd = sc
+        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
+        r = tl.where(wrap, r1[:, None], r0[:, None])
+    w = _attention_w(xv, thr, mn, r, sc, sd, MODE)
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
 
 @op("apply_attention")
-def apply_attention(t: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, mn: torch.Tensor,
-                    r: torch.Tensor, active: torch.Tensor, mode: str,
-                    scale: torch.Tensor) -> torch.Tensor:
+def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
+                    active: torch.Tensor, mode: str) -> torch.Tensor:
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4).
 
-    t, x: (N, C, H, W) (any strides, not necessarily alike); thr, mn, r: (N, C) float32,
-    the statistics of ``attention_stats``; active: (N, C) bool; scale: (N,) float32.
+    t, x: (N, C, H, W) (any strides, not necessarily alike); state: (N, C, 4) float32,
+    reference.attention_state (thr, scale[n], mn, r); active: (N, C) bool.
     """
     out = out_like(t)
     if out.numel() == 0:
         return out
     n, c, h, w = t.shape
-    f32 = torch.float32
-    thr, mn, r = (s.to(f32).contiguous() for s in (thr, mn, r))
+    state = state.to(torch.float32).contiguous()
     act = active.to(torch.bool).contiguous().view(torch.uint8)
-    scale = scale.to(f32).contiguous()
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr
     v = 16 // t.element_size()
     flat = flat_launch(t, out, x) if h * w >= v - 1 else None
     if flat is not None:
         grid, meta = flat
         launch(_apply_attention_flat_kernel)[grid](
-            t, x, out, thr, mn, r, act, scale, out.numel(), NC=n * c, MODE=MODES[mode],
+            t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
             V=min(v, meta["BLOCK"]), **meta)
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
-        t, x, out, thr, mn, r, act, scale, outer, inner, c, h, w,
+        t, x, out, state, act, outer, inner, c, h, w,
         *t.stride(), *x.stride(), *out.stride(), MODE=MODES[mode], X_IS_T=x_is_t, **meta)
     return out
 

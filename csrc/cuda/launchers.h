@@ -41,27 +41,28 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
                             const at::TensorBase& rcp, const at::TensorBase& msum);
 // AttentionDrop's statistics drawing gamma = u < alpha itself (plan, issue 12): noise (N, C)
 // any floating dtype and strides; alpha_t: undefined (then `alpha`) or a 0-dim float32;
-// writes active (N, C) bool, thr, mn, rcp (N, C) float32 and msum (N, C) float64 (zeros
-// where inactive).
+// writes active (N, C) bool, thr, mn, r into state (N, C, 4) float32 (thr, -, mn, r:
+// reference.attention_state, the scale left to launch_attentiondrop_scale) and msum (N, C)
+// float64 (zeros where inactive).
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
-                                const at::TensorBase& thr, const at::TensorBase& mn,
-                                const at::TensorBase& rcp, const at::TensorBase& msum,
+                                const at::TensorBase& state, const at::TensorBase& msum,
                                 const at::TensorBase& active);
-// thr, mn, rcp: (N, C) float32 (attention_stats'), active: (N, C) bool, scale: (N,) float32.
+// state: (N, C, 4) float32 contiguous, 16-byte aligned (reference.attention_state: thr,
+// scale[n], mn, r), active: (N, C) bool.
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
-                            const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& rcp, const at::TensorBase& active, int mode,
-                            const at::TensorBase& scale, const at::TensorBase& out);
+                            const at::TensorBase& state, const at::TensorBase& active, int mode,
+                            const at::TensorBase& out);
 
 // ------------------------------------------------------------------------ plan kernels
 // csrc/cuda/plans/ (issue 12). normalize: 0 none, 1 sample, 2 batch (SPEC §1, layers._scale).
 enum Normalize : int { kNormNone = 0, kNormSample = 1, kNormBatch = 2 };
 
-// plans/attentiondrop.cu. msum: (N, C) float64, active: (N, C) bool, scale: (N,) float32:
-// kept[n] = sum_c (active ? msum : H*W) in float64, scale = layers._scale(kept, C*H*W).
+// plans/attentiondrop.cu. msum: (N, C) float64, active: (N, C) bool, state: (N, C, 4)
+// float32: kept[n] = sum_c (active ? msum : H*W) in float64, scale = layers._scale(kept,
+// C*H*W) into state[n, c, 1] for every c.
 void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase& active,
-                                int64_t HW, int normalize, const at::TensorBase& scale);
+                                int64_t HW, int normalize, const at::TensorBase& state);
 
 // plans/dropblock.cu. bits: (N, ceil(Cs*H*W/8)) uint8 from launch_seed_bits with zero_ws =
 // ws: (N + 1) int64; scale: (N,) float32 = layers._scale(C*H*W - covered * (C / Cs)).

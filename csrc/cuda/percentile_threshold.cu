@@ -76,7 +76,8 @@ int select_threads(int64_t L) {
 // n * s.n + c * s.c + (i / W) * s.h + (i % W) * s.w. A matrix v (R, L) is the case
 // C = 1, H = 1, W = L, s = (stride(0), 0, 0, stride(1)).
 // gamma.active == nullptr and gamma.u.p == nullptr: threshold only (mn, r, msum unused,
-// may be nullptr).
+// may be nullptr). Map m's thr, mn and r sit at [m * os] (AttentionDrop's plan writes them
+// into its (N, C, 4) state: reference.attention_state); msum at [m].
 template <typename scalar_t>
 __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                   const int64_t maps, const int64_t C, const int64_t H,
@@ -84,7 +85,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
                                   const int mode,
                                   const bool use_smem, float* __restrict__ thr,
                                   float* __restrict__ mn, float* __restrict__ rcp,
-                                  double* __restrict__ msum) {
+                                  const int64_t os, double* __restrict__ msum) {
   extern __shared__ uint32_t keys[];  // H * W keys when use_smem, else kSmemKeys
   __shared__ SelectSmem sel;
   __shared__ float scratch[32];
@@ -102,7 +103,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
       if (!act) {
         if (threadIdx.x == 0) {
-          thr[m] = mn[m] = rcp[m] = 0.f;
+          thr[m * os] = mn[m * os] = rcp[m * os] = 0.f;
           msum[m] = 0.0;
         }
         continue;
@@ -166,7 +167,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     }
     const float t = key_float(tkey);
     if (!stats) {
-      if (threadIdx.x == 0) thr[m] = t;
+      if (threadIdx.x == 0) thr[m * os] = t;
       continue;  // block_select_kth_largest ended with __syncthreads: keys may be reused
     }
     lo = block_reduce(lo, MinOp(), scratch);
@@ -181,9 +182,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     }
     sum = block_reduce(sum, SumOp(), dscratch);  // ends with __syncthreads
     if (threadIdx.x == 0) {
-      thr[m] = t;
-      mn[m] = lo;
-      rcp[m] = r;
+      thr[m * os] = t;
+      mn[m * os] = lo;
+      rcp[m * os] = r;
       msum[m] = sum;
     }
   }
@@ -192,7 +193,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 template <typename scalar_t>
 void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64_t C, int64_t H,
                        int64_t W, int64_t k, const Gamma& gamma, int mode, float* thr,
-                       float* mn, float* rcp, double* msum) {
+                       float* mn, float* rcp, int64_t os, double* msum) {
   if (maps == 0) return;
   const int64_t L = H * W;
   const bool use_smem = L <= kSmemKeys;
@@ -200,7 +201,7 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
           x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, rcp,
-          msum);
+          os, msum);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -208,12 +209,12 @@ template <typename scalar_t>
 struct AttentionW {
   const scalar_t* x;
   Strides4 xs;
-  const float *thr, *mn, *rcp, *scale;
+  const float4* state;  // per map: thr, scale[n], mn, r (reference.attention_state)
   const bool* active;
   int64_t C;
   int mode;
   // reference: torch.where(active, S, 1) * scale[n]; x is read only for active maps.
-  // NCHW: a map's state once per line; NHWC: per channel.
+  // NCHW: a map's state once per line; NHWC: per channel (the scale per line: a sample's).
   struct Row {
     const scalar_t* x;  // x at the segment's first element
     int64_t m;          // map n * C + c of the first element
@@ -223,15 +224,9 @@ struct AttentionW {
   template <bool CL>
   __device__ __forceinline__ Row row(const Coord4& p, int) const {
     const int64_t m = p.n * C + p.c;
-    Row r{x + off4(xs, p), m, 0.f, 0.f, 0.f, scale[p.n], false};
-    if (!CL) {
-      r.act = active[m];
-      if (r.act) {
-        r.thr = thr[m];
-        r.mn = mn[m];
-        r.rcp = rcp[m];
-      }
-    }
+    const float4 st = state[m];
+    Row r{x + off4(xs, p), m, st.x, st.z, st.w, st.y, false};
+    if (!CL) r.act = active[m];
     return r;
   }
   template <bool CL>
@@ -242,7 +237,8 @@ struct AttentionW {
     } else {
       const int64_t m = r.m + j;
       if (active[m]) {
-        s = soft_mask(to_float(r.x[j * xs.c]), thr[m], mn[m], rcp[m], mode);
+        const float4 st = state[m];
+        s = soft_mask(to_float(r.x[j * xs.c]), st.x, st.z, st.w, mode);
       }
     }
     return s * r.s;
@@ -254,14 +250,14 @@ struct AttentionW {
 void launch_kth_largest(const at::TensorBase& v, int64_t k, const at::TensorBase& out) {
   const Strides4 s{v.stride(0), 0, 0, v.stride(1)};
   launch_map_select<float>(v.data_ptr<float>(), s, v.size(0), 1, 1, v.size(1), k, Gamma{}, 0,
-                           out.data_ptr<float>(), nullptr, nullptr, nullptr);
+                           out.data_ptr<float>(), nullptr, nullptr, 1, nullptr);
 }
 
 void launch_map_threshold(const at::TensorBase& x, int64_t k, const at::TensorBase& out) {
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::map_threshold", [&] {
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
                                 x.size(1), x.size(2), x.size(3), k, Gamma{}, 0,
-                                out.data_ptr<float>(), nullptr, nullptr, nullptr);
+                                out.data_ptr<float>(), nullptr, nullptr, 1, nullptr);
   });
 }
 
@@ -273,29 +269,29 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
                                 x.size(1), x.size(2), x.size(3), k,
                                 Gamma{active.data_ptr<bool>(), Noise2{}, nullptr, 0.f, nullptr},
                                 mode, thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                rcp.data_ptr<float>(), msum.data_ptr<double>());
+                                rcp.data_ptr<float>(), 1, msum.data_ptr<double>());
   });
 }
 
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
-                                const at::TensorBase& thr, const at::TensorBase& mn,
-                                const at::TensorBase& rcp, const at::TensorBase& msum,
+                                const at::TensorBase& state, const at::TensorBase& msum,
                                 const at::TensorBase& active) {
   const Gamma gamma{nullptr, noise2(noise),
                     alpha_t.defined() ? alpha_t.data_ptr<float>() : nullptr, alpha,
                     active.data_ptr<bool>()};
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attentiondrop_plan", [&] {
+    float* st = state.data_ptr<float>();  // (thr, scale, mn, r) per map; scale: the plan's
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
-                                x.size(1), x.size(2), x.size(3), k, gamma, mode,
-                                thr.data_ptr<float>(), mn.data_ptr<float>(),
-                                rcp.data_ptr<float>(), msum.data_ptr<double>());
+                                x.size(1), x.size(2), x.size(3), k, gamma, mode, st, st + 2,
+                                st + 3, 4, msum.data_ptr<double>());
   });
 }
 
 // NCHW, maps of HW >= V elements, t, x and out dense and 16-byte aligned: a 16-byte chunk
-// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0). Per
-// chunk the state of each map it touches (active, thr, mn, the range reciprocal, scale[n]),
+// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0; never
+// where ONE_MAP, HW a multiple of V). Per
+// chunk the state of each map it touches (its activity and reference.attention_state),
 // per element which of the two: not the generic apply_kernel's state per line segment or
 // element. MODE 0/1/2: "am"/"sm"/"ad" (a constant, so that soft_mask folds).
 // A map's state for its units' multiplier. "am" (MODE 0): w = s where x < thr, else sd =
@@ -306,27 +302,24 @@ struct MapState {
   bool act;
 };
 
+// The state is one 16-byte load (thr, scale, mn, r: reference.attention_state), 8 bytes
+// for "am" (thr, scale). r = 0 where inactive ("sm", "ad"): f̂ = 0, S = 1, no activity
+// test per unit.
 template <int MODE>
-__device__ __forceinline__ MapState map_state(uint32_t m, const float* thr, const float* mn,
-                                              const float* rcp, const bool* active,
-                                              const float* scale, const FastDiv& c) {
-  const float s = scale[div_of(m, c)];
-  MapState st{0.f, 0.f, 0.f, s, s, active[m]};
-  if (MODE == 0 && st.act) st.sd = __fmul_rn(0.f, s);
-  if (st.act) {
-    st.thr = thr[m];
-    if (MODE != 0) {
-      st.mn = mn[m];
-      st.r = rcp[m];
-    }
+__device__ __forceinline__ MapState map_state(uint32_t m, const float4* state,
+                                              const bool* active) {
+  const bool act = active[m];
+  if (MODE == 0) {
+    const float2 v = reinterpret_cast<const float2*>(state)[2 * m];
+    return {v.x, 0.f, 0.f, v.y, act ? __fmul_rn(0.f, v.y) : v.y, act};
   }
-  return st;
+  const float4 v = state[m];
+  return {v.x, v.z, act ? v.w : 0.f, v.y, v.y, act};
 }
 
 template <int MODE>
 __device__ __forceinline__ float attention_w(float x, const MapState& st) {
   if constexpr (MODE == 0) return x < st.thr ? st.s : st.sd;
-  // an inactive map's state is 0: r = 0 gives S = 1, no activity test per unit
   return soft_mask(x, st.thr, st.mn, st.r, MODE) * st.s;
 }
 
@@ -337,17 +330,13 @@ __device__ __forceinline__ MapState pick(bool first, const MapState& a, const Ma
           first ? a.s : b.s,   first ? a.sd : b.sd, first ? a.act : b.act};
 }
 
-template <typename scalar_t, int MODE>
+template <typename scalar_t, int MODE, bool ONE_MAP>
 __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const scalar_t* __restrict__ x,
                                             scalar_t* __restrict__ out,
-                                            const float* __restrict__ thr,
-                                            const float* __restrict__ mn,
-                                            const float* __restrict__ rcp,
+                                            const float4* __restrict__ state,
                                             const bool* __restrict__ active,
-                                            const float* __restrict__ scale,
-                                            const uint32_t numel, const FastDiv hw,
-                                            const FastDiv c) {
+                                            const uint32_t numel, const FastDiv hw) {
   constexpr uint32_t V = 16 / sizeof(scalar_t);
   const uint32_t full = numel / V;
   const uint32_t stride = gridDim.x * blockDim.x;
@@ -358,16 +347,17 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     const uint32_t i0 = chunk * V;
     const uint32_t m0 = div_of(i0, hw);
     const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
-    const MapState a = map_state<MODE>(m0, thr, mn, rcp, active, scale, c);
-    const MapState b =
-        k0 < V ? map_state<MODE>(m0 + 1, thr, mn, rcp, active, scale, c) : a;
+    const MapState a = map_state<MODE>(m0, state, active);
+    const MapState b = !ONE_MAP && k0 < V ? map_state<MODE>(m0 + 1, state, active) : a;
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
-    Vec<scalar_t, V> xin = in;
-    if (!x_is_t && (a.act || b.act)) xin = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i0);
+    // x only where a map is active; elsewhere its value is never used (r = 0, sd = s), and
+    // t's chunk again (an L1 hit) costs less than merging the two per element
+    const Vec<scalar_t, V> xin =
+        x_is_t ? in : *reinterpret_cast<const Vec<scalar_t, V>*>((a.act || b.act ? x : t) + i0);
     Vec<scalar_t, V> res;
 #pragma unroll
     for (uint32_t j = 0; j < V; ++j) {
-      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(j < k0, a, b));
+      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(ONE_MAP || j < k0, a, b));
       res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
@@ -375,47 +365,49 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
   if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
 #pragma unroll 1
     for (uint32_t i = full * V; i < numel; ++i) {
-      const MapState st = map_state<MODE>(div_of(i, hw), thr, mn, rcp, active, scale, c);
+      const MapState st = map_state<MODE>(div_of(i, hw), state, active);
       out[i] = static_cast<scalar_t>(to_float(t[i]) * attention_w<MODE>(to_float(x[i]), st));
     }
   }
 }
 
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
-                            const at::TensorBase& thr, const at::TensorBase& mn,
-                            const at::TensorBase& rcp, const at::TensorBase& active, int mode,
-                            const at::TensorBase& scale, const at::TensorBase& out) {
+                            const at::TensorBase& state, const at::TensorBase& active,
+                            int mode, const at::TensorBase& out) {
   // t (x or grad_y) has x's dtype: checked by the caller.
   const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), per = C * HW;
   const bool dense = t.is_contiguous() && x.is_contiguous() && out.is_contiguous() &&
                      aligned16(t) && aligned16(x) && aligned16(out);
+  // (N, C, 4) contiguous and 16-byte aligned: checked by the caller
+  const float4* st = reinterpret_cast<const float4*>(state.data_ptr<float>());
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::apply_attention", [&] {
     constexpr int64_t V = 16 / sizeof(scalar_t);
     const int64_t step = flat_samples_per_launch(N, per, V);
     if (t.numel() == 0) return;
     if (!dense || step == 0 || HW < V) {
       // channels_last, misaligned or strided t, x or out, NCHW maps under V elements
-      const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x),
-                                     thr.data_ptr<float>(),  mn.data_ptr<float>(),
-                                     rcp.data_ptr<float>(),  scale.data_ptr<float>(),
-                                     active.data_ptr<bool>(), C,
-                                     mode};
+      const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x), st,
+                                     active.data_ptr<bool>(), C, mode};
       launch_apply<scalar_t>(t, out, wfn);
       return;
     }
-    auto kernel = mode == 0   ? apply_attention_maps_kernel<scalar_t, 0>
-                  : mode == 1 ? apply_attention_maps_kernel<scalar_t, 1>
-                              : apply_attention_maps_kernel<scalar_t, 2>;
+    // ONE_MAP: HW a multiple of V, so that no chunk spans two maps (56 x 56, 28 x 28 and
+    // 32 x 32 in bfloat16): one state per chunk, no select per element
+    const bool one = HW % V == 0;
+    auto kernel = mode == 0   ? (one ? apply_attention_maps_kernel<scalar_t, 0, true>
+                                     : apply_attention_maps_kernel<scalar_t, 0, false>)
+                  : mode == 1 ? (one ? apply_attention_maps_kernel<scalar_t, 1, true>
+                                     : apply_attention_maps_kernel<scalar_t, 1, false>)
+                              : (one ? apply_attention_maps_kernel<scalar_t, 2, true>
+                                     : apply_attention_maps_kernel<scalar_t, 2, false>);
     const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       const int64_t n = std::min(step, N - n0), numel = n * per, m0 = n0 * C;
       const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
       kernel<<<grid, kThreads, 0, current_stream()>>>(
-          tp + n0 * per, xp + n0 * per, op + n0 * per, thr.data_ptr<float>() + m0,
-          mn.data_ptr<float>() + m0, rcp.data_ptr<float>() + m0, active.data_ptr<bool>() + m0,
-          scale.data_ptr<float>() + n0, static_cast<uint32_t>(numel), fast_div(HW),
-          fast_div(C));
+          tp + n0 * per, xp + n0 * per, op + n0 * per, st + m0, active.data_ptr<bool>() + m0,
+          static_cast<uint32_t>(numel), fast_div(HW));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -151,11 +151,10 @@ def apply_seeds(t, bits, r, shared, scale):
     return _ops.apply_seeds(t, bits, r, shared, scale.to(torch.float32))
 
 
-def apply_attention(t, x, thr, mn, r, active, mode, scale):
-    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4)."""
-    f32 = torch.float32
-    return _ops.apply_attention(t, x, thr.to(f32), mn.to(f32), r.to(f32), active, mode,
-                                scale.to(f32))
+def apply_attention(t, x, state, active, mode):
+    """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4); state
+    (N, C, 4): reference.attention_state."""
+    return _ops.apply_attention(t, x, state.to(torch.float32), active, mode)
 
 
 # --------------------------------------------------------------------------- plans
@@ -253,15 +252,16 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     """SPEC §4 in 2 launches before the apply (+1 ``torch.rand`` without noise).
 
     x: (N, C, H, W) float32/float16/bfloat16; noise: (N, C) of any floating dtype, or None
-    -> Plan("attention", (mode,), (thr, mn, r (N, C) float32, 0 where inactive;
-    active (N, C) bool; scale (N,) float32)). gamma = u < alpha, both rounded to float32.
+    -> Plan("attention", (mode,), (state (N, C, 4) float32, reference.attention_state:
+    thr, scale[n], mn, r, thr, mn and r 0 where inactive; active (N, C) bool)).
+    gamma = u < alpha, both rounded to float32.
     """
     n, c, h, w = x.shape
     u = noise if noise is not None else rand((n, c), generator, x.device)
     n_beta = max(1, math.ceil(beta * h * w / 100))
     a_t, a = _runtime_rate(alpha, x)
-    thr, mn, r, active, scale = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
-    return Plan("attention", (mode,), (thr, mn, r, active, scale))
+    state, active = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
+    return Plan("attention", (mode,), (state, active))
 
 
 def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
@@ -354,9 +354,9 @@ def _register_fakes() -> None:
 
     @register("guidedrop::attentiondrop_plan")
     def _(x, noise, alpha_t, alpha, k, mode, normalize):
-        n = x.shape[0]
-        return (stats(x), stats(x), stats(x), x.new_empty(x.shape[:2], dtype=torch.bool),
-                x.new_empty((n,), dtype=torch.float32))
+        n, c = x.shape[:2]
+        return (x.new_empty((n, c, 4), dtype=torch.float32),
+                x.new_empty((n, c), dtype=torch.bool))
 
     @register("guidedrop::corrdrop_plan")
     def _(x, noise, p_t, p, k, normalize):
@@ -397,7 +397,7 @@ def _register_fakes() -> None:
         return like(t)
 
     @register("guidedrop::apply_attention")
-    def _(t, x, thr, mn, r, active, mode, scale):
+    def _(t, x, state, active, mode):
         return like(t)
 
     @register("guidedrop::selectscale_plan")

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validation
+from . import _validation, reference
 
 
 class Plan(NamedTuple):
@@ -60,7 +60,7 @@ def apply(B, plan: Plan, t: torch.Tensor, x: torch.Tensor | None) -> torch.Tenso
         return B.apply_block(t, s[0], meta[0], s[1])
     if kind == "seeds":
         return B.apply_seeds(t, s[0], meta[0], meta[1], s[1])
-    return B.apply_attention(t, x, *s[:4], meta[0], s[4])
+    return B.apply_attention(t, x, s[0], s[1], meta[0])
 
 
 def _compute_dtype(x):
@@ -193,8 +193,9 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
 
 @fusable
 def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=None):
-    """SPEC §4. State: per-map thr, min, r = 1 / (max - min) rounded up
-    (reference.range_reciprocal), gamma (N, C), scale (N,); and x."""
+    """SPEC §4. State: (N, C, 4) per map thr, min, r = 1 / (max - min) rounded up
+    (reference.range_reciprocal) and the sample's scale (reference.attention_state);
+    gamma (N, C); and x."""
     n, c, h, w = x.shape
     u = _uniform(noise, (n, c), generator, x)
     active = u < _rate(alpha, x)  # gamma, drawn first: statistics only where it is 1
@@ -205,7 +206,7 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     # msum is float64 and exact (backend_contract.md), so are these sums, in any order.
     kept = torch.where(active, msum, h * w).sum(dim=1)
     scale = _scale(kept, c * h * w, normalize, thr.dtype)
-    return Plan("attention", (mode,), (thr, mn, r, active, scale))
+    return Plan("attention", (mode,), (reference.attention_state(thr, mn, r, scale), active))
 
 
 # --------------------------------------------------------------------------- FocusedDropout

@@ -271,12 +271,21 @@ def apply_seeds(t, bits, r, shared, scale):
     return _mul(t, keep.to(scale.dtype) * scale[:, None, None, None])
 
 
-def apply_attention(t, x, thr, mn, r, active, mode, scale):
+def attention_state(thr, mn, r, scale):
+    """The per-map state of AttentionDrop's apply: (N, C, 4) = (thr, scale[n], mn, r) of
+    each map, from thr, mn, r (N, C) (``attention_stats``) and scale (N,), in their dtype
+    (float32 but for float64 x): a map's whole state is one 16-byte load ("am", which
+    reads thr and the scale only: one 8-byte load)."""
+    return torch.stack([thr, scale[:, None].expand_as(thr), mn, r], dim=-1)
+
+
+def apply_attention(t, x, state, active, mode):
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x and the map's
-    statistics of ``attention_stats`` (SPEC §4)."""
+    statistics, state = attention_state(thr, mn, r, scale) (SPEC §4)."""
     n, c, h, w = x.shape
+    thr, scale, mn, r = state.unbind(-1)
     s = _soft_mask(_maps(x), thr[..., None], mn[..., None], r[..., None], mode)
-    s = torch.where(active[..., None], s, 1) * scale[:, None, None]
+    s = torch.where(active[..., None], s, 1) * scale[..., None]
     return _mul(t, s.view(n, c, h, w))
 
 

@@ -3,7 +3,9 @@
 1. statistics (``percentile_threshold._select_kernel``): gamma = u < alpha per map, drawn
    first, and for the active maps only the threshold, min, max and the soft mask's sum;
 2. plan (``_attention_scale_kernel``, one program): the kept weight of each sample,
-   sum_c (gamma ? msum : H*W) in float64, and the scale of ``normalize``.
+   sum_c (gamma ? msum : H*W) in float64, and the scale of ``normalize``, written into
+   every map's state (``reference.attention_state``: thr, scale, min, r, the statistics
+   kernel writing the others).
 
 The apply (``apply_attention``) is the third launch; with ``noise=None`` the uniforms are
 one more (``torch.rand``, as the reference draws them). alpha is a runtime argument.
@@ -28,10 +30,20 @@ NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
 
 @triton.jit
-def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
+def _store_scale(st_ptr, n, sc, N, C, BN: tl.constexpr, BC: tl.constexpr):
+    """state[n, c, 1] = sc (BN,) for the samples n (BN,), every channel."""
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        m = (n < N)[:, None] & (c < C)[None, :]
+        v = tl.zeros([BN, BC], tl.float32) + sc[:, None]
+        tl.store(st_ptr + (n[:, None] * C + c[None, :]).to(tl.int64) * 4 + 1, v, mask=m)
+
+
+@triton.jit
+def _attention_scale_kernel(msum_ptr, act_ptr, st_ptr, N, C, HW, units,
                             NORM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     # kept[n] = sum_c (active ? msum : HW) in float64 (exact, any order: backend_contract.md),
-    # then SPEC §1's multiplier: units / kept, over the batch for "batch".
+    # then SPEC §1's multiplier: units / kept, over the batch for "batch", into the state.
     total = tl.zeros([BN], tl.float64)
     for n0 in range(0, N, BN):
         n = n0 + tl.arange(0, BN)
@@ -44,10 +56,10 @@ def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
             s = tl.load(msum_ptr + off, mask=m, other=0.0)
             kept += tl.sum(tl.where(m, tl.where(act, s, HW.to(tl.float64)), 0.0), axis=1)
         if NORM == 0:
-            tl.store(sc_ptr + n, tl.full([BN], 1.0, tl.float32), mask=n < N)
+            _store_scale(st_ptr, n, tl.full([BN], 1.0, tl.float32), N, C, BN, BC)
         elif NORM == 1:
             sc = tl.where(kept > 0, units.to(tl.float64) / tl.maximum(kept, 1e-300), 0.0)
-            tl.store(sc_ptr + n, sc.to(tl.float32), mask=n < N)
+            _store_scale(st_ptr, n, sc.to(tl.float32), N, C, BN, BC)
         else:
             total += kept
     if NORM == 2:
@@ -56,23 +68,24 @@ def _attention_scale_kernel(msum_ptr, act_ptr, sc_ptr, N, C, HW, units,
         sc = tl.where(kept_all > 0, units_all / tl.maximum(kept_all, 1e-300), 0.0)
         for n0 in range(0, N, BN):
             n = n0 + tl.arange(0, BN)
-            tl.store(sc_ptr + n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=n < N)
+            _store_scale(st_ptr, n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), N, C, BN,
+                         BC)
 
 
 @op("attentiondrop_plan")
 def _plan(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, n_beta: int, mode: str,
-          normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stats (3, N, C) float32: thr, mn, r; active (N, C) bool; scale (N,) float32)."""
+          normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state (N, C, 4) float32: thr, scale[n], mn, r (reference.attention_state);
+    active (N, C) bool)."""
     n, c, h, w = x.shape
     active = torch.empty((n, c), dtype=torch.bool, device=x.device)
-    stats, msum = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
-    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    state, msum = _select(x, n_beta, mode=mode, u=u, alpha=alpha, active_out=active)
     bc = min(pow2(c), 1024)
     bn = max(1, min(pow2(n), 4096 // bc))
     launch(_attention_scale_kernel)[(1,)](
-        msum, active.view(torch.uint8), scale, n, c, h * w, c * h * w,
+        msum, active.view(torch.uint8), state, n, c, h * w, c * h * w,
         NORM=NORMALIZE[normalize], BN=bn, BC=bc)
-    return stats, active, scale
+    return state, active
 
 
 def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator=None):
@@ -84,8 +97,8 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     # tensor while torch.compile traces the op, so that a new alpha is a new input, not a
     # recompile (a float argument of an op is specialised on, SPEC §8).
     alpha = _rate(alpha, x) if torch.compiler.is_compiling() else as_float32(alpha)
-    stats, active, scale = _plan(x, u, alpha, n_beta, mode, normalize)
-    return Plan("attention", (mode,), (stats[0], stats[1], stats[2], active, scale))
+    state, active = _plan(x, u, alpha, n_beta, mode, normalize)
+    return Plan("attention", (mode,), (state, active))
 
 
 __all__ = ["plan_attentiondrop", "MODES"]
