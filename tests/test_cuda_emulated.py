@@ -724,8 +724,8 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
 # apply_attention_maps_kernel (csrc/cuda/percentile_threshold.cu): contiguous NCHW maps of
 # H * W >= V elements, chunks in one map (H * W a multiple of V, the ONE_MAP kernels: 7 x 8,
 # 4 x 14, 9 x 56) or on two (7 x 7, 3 x 5: on two samples too, C = 1), many maps a chunk's
-# neighbours (C = 16), a tail of numel % V. Maps under V elements (1 x 4 in bf16 / fp16), channels_last,
-# sliced and misaligned x take the generic apply_kernel.
+# neighbours (C = 16), a tail of numel % V. Maps under V elements (1 x 4 in bf16 / fp16),
+# channels_last, sliced and misaligned x take the generic apply_kernel.
 ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 2, 9, 56),
                   (2, 3, 1, 4)]
 
