@@ -447,7 +447,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         v1 = mp + 1 < NC  # the map after the last: past the end, never used
         act1 = tl.load(act_ptr + mp + 1, mask=v1) != 0
         thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
-        wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
+        wrap = tl.arange(0, V)[None, :] >= (HW - pos)[:, None]  # a compare per element
     sc = tl.where(wrap, sc1[:, None], sc0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
