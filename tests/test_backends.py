@@ -563,6 +563,33 @@ def test_applies_flat_tiles(B, shape):
                  R.apply_attention(t, x, st, active, mode))
 
 
+# channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
+# 64 channels (several channel tiles at C = 130), a tail of positions and of channels
+# (C = 5, 70), channels fewer than a 16-byte vector (C = 3); x read per 16-byte vector where
+# one of its maps is active: NaN in the inactive maps must change nothing.
+CL_SHAPES = [(2, 130, 5, 7), (3, 5, 9, 4), (1, 70, 1, 1), (2, 3, 6, 6)]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_apply_attention_channels_last(B, shape, dtype):
+    n, c, h, w = shape
+    x = make_x(shape, dtype, DEV, "channels_last")
+    active = rand((n, c), 7) < 0.3
+    x = torch.where(active[:, :, None, None], x, math.nan).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(shape, generator=gen(12)).to(DEV, dtype).contiguous(
+        memory_format=torch.channels_last)
+    scale = rand((n,), 8) * 2
+    scale[-1] = math.inf
+    for mode in ("am", "sm", "ad"):
+        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 3), active, mode)
+        st = R.attention_state(thr, mn, r, scale)
+        for t in (x, g):
+            same(B.apply_attention(t, x, st, active, mode),
+                 R.apply_attention(t, x, st, active, mode))
+
+
 # The flat tile's first map and sample (group_tile): n // d by a multiply-high, an add and a
 # shift (triton_kernels._common.divisor / divide), for every int32 n >= 0 and d >= 1; the
 # shapes above reach tile starts of a few 10**5 only. divisor's arithmetic:

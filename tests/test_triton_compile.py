@@ -196,8 +196,9 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
     x = torch.randn(2, 8, 4, 6)
     recorded = _record_launches(monkeypatch, lambda: [F.attentiondrop(
         t, 0.5, 20.0, mode="sm", noise=torch.rand(2, 8))
-        for t in (x, x.contiguous(memory_format=torch.channels_last))])
-    kernels = ("_select_kernel", "_apply_attention_flat_kernel", "_apply_attention_kernel")
+        for t in (x, x.contiguous(memory_format=torch.channels_last), x[..., 1:])])
+    kernels = ("_select_kernel", "_apply_attention_flat_kernel", "_apply_attention_cl_kernel",
+               "_apply_attention_kernel")  # contiguous, channels_last, sliced x
     specs = [s for s in recorded.values() if s["kernel"] in kernels]
     assert sorted({s["kernel"] for s in specs}) == sorted(kernels), specs
     for spec in specs:

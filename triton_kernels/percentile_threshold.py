@@ -35,9 +35,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FLAT_TILE,
     INTERPRETED,
     MAX_ROW,
     TILE,
+    apply_flags,
     apply_launch,
     apply_tile,
     cast_out,
@@ -55,6 +57,7 @@ from ._common import (
     pos_offset,
     pow2,
     tile_offset,
+    walk_channels_last,
     warps,
 )
 
@@ -68,6 +71,11 @@ SMALL_ROW = 1024
 # Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
 # shared memory at 16 rows).
 HIST_ROWS = 16
+# The channels_last apply tile (_apply_attention_cl_kernel): CL_CHANNELS channels, whose
+# maps' state is loaded once per tile, by CL_TILE // CL_CHANNELS positions (32 elements per
+# thread with 4 warps, as the flat tile).
+CL_CHANNELS = 64
+CL_TILE = FLAT_TILE
 
 
 @triton.jit
@@ -422,6 +430,56 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
 
 
 @triton.jit
+def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, MAGW,
+                               t_sN, t_sH, t_sW, x_sN, x_sH, x_sW, o_sN, o_sH, o_sW,
+                               MODE: tl.constexpr, X_IS_T: tl.constexpr, BO: tl.constexpr,
+                               BI: tl.constexpr, VEC: tl.constexpr, IDX64: tl.constexpr,
+                               SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+    """t, x and out with contiguous channels (channels_last): a (BO positions, BI channels)
+    tile of sample program_id(2), as (BO, BI // VEC, VEC), VEC channels a 16-byte vector.
+    The maps' state per channel, once per tile for its BO positions; x read per vector
+    where one of its VEC maps is active (DRAM reads whole 32-byte sectors: per element it
+    would save no traffic, and cost 16-byte loads)."""
+    p = tl.program_id(0) * BO + tl.arange(0, BO)
+    h = tl.umulhi(p * 4, MAGW)
+    w = p - h * W
+    n = tl.program_id(2)
+    c = (tl.program_id(1) * BI + tl.arange(0, BI // VEC) * VEC)[None, :, None] \
+        + tl.arange(0, VEC)[None, None, :]  # (1, BI // VEC, VEC)
+    if IDX64:
+        n = n.to(tl.int64)
+        h = h.to(tl.int64)
+        w = w.to(tl.int64)
+        c = c.to(tl.int64)
+    cv = c < C
+    m = (p < HWP)[:, None, None] & cv
+    mp = n * C + c
+    act = tl.load(act_ptr + mp, mask=cv) != 0
+    # the state (thr, scale, mn, r) of each channel's map: a 16-byte load (as _map_state)
+    st = tl.load(st_ptr + mp[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :],
+                 mask=cv[:, :, :, None])
+    even, odd = tl.split(tl.reshape(st, (1, BI // VEC, VEC, 2, 2)))  # (thr, mn), (sc, r)
+    thr, mn = tl.split(even)
+    sc, r = tl.split(odd)
+    r = tl.where(act, r, 0.0)
+    sd = tl.where(act, 0.0 * sc, sc)
+    t_off = (n * t_sN + h * t_sH + w * t_sW)[:, None, None] + c
+    tv = tl.load(t_ptr + t_off, mask=m).to(tl.float32)
+    if X_IS_T:
+        xv = tv
+    else:
+        live = tl.max(act.to(tl.int32), axis=2)[:, :, None] != 0  # (1, BI // VEC, 1)
+        x_off = (n * x_sN + h * x_sH + w * x_sW)[:, None, None] + c
+        xv = tl.load(x_ptr + x_off, mask=m & live).to(tl.float32)
+    if SAME:
+        o_off = t_off
+    else:
+        o_off = (n * o_sN + h * o_sH + w * o_sW)[:, None, None] + c
+    tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
+                                     BF16_FIX), mask=m)
+
+
+@triton.jit
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
@@ -493,6 +551,15 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
             V=min(v, meta["BLOCK"]), **meta)
+        return out
+    if all(walk_channels_last(a) for a in (t, x, out)) and n <= 65535 and h * w * w <= 2**30:
+        bi = min(pow2(c), CL_CHANNELS)
+        bo = max(1, min(CL_TILE // bi, pow2(h * w)))
+        launch(_apply_attention_cl_kernel)[(cdiv(h * w, bo), cdiv(c, bi), n)](
+            t, x, out, state, act, h * w, c, w, -(-2**30 // w), t.stride(0), *t.stride()[2:],
+            x.stride(0), *x.stride()[2:], out.stride(0), *out.stride()[2:], MODE=MODES[mode],
+            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), num_warps=warps(bo * bi // 4),
+            **apply_flags(t, out, x))
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
     launch(_apply_attention_kernel)[grid](
