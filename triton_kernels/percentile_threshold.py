@@ -502,8 +502,9 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         act1, thr1, mn1, r1, sc1, sd1 = act0, thr0, mn0, r0, sc0, sd0
         wrap = tl.zeros((BLOCK // V, V), tl.int1)
     else:
-        v1 = mp + 1 < NC  # the map after the last: past the end, never used
-        act1 = tl.load(act_ptr + mp + 1, mask=v1) != 0
+        # the next map, where the group reaches it (not past the last map)
+        v1 = (mp + 1 < NC) & (pos > HW - V)
+        act1 = tl.load(act_ptr + mp + 1, mask=v1, other=0) != 0
         thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
         wrap = tl.arange(0, V)[None, :] >= (HW - pos)[:, None]  # a compare per element
     sc = tl.where(wrap, sc1[:, None], sc0[:, None])

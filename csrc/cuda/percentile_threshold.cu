@@ -336,7 +336,8 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             scalar_t* __restrict__ out,
                                             const float4* __restrict__ state,
                                             const bool* __restrict__ active,
-                                            const uint32_t numel, const FastDiv hw) {
+                                            const uint32_t numel, const FastDiv hw,
+                                            const uint32_t last_map) {
   constexpr uint32_t V = 16 / sizeof(scalar_t);
   const uint32_t full = numel / V;
   const uint32_t stride = gridDim.x * blockDim.x;
@@ -348,12 +349,15 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     const uint32_t m0 = div_of(i0, hw);
     const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
     const MapState a = map_state<MODE>(m0, state, active);
-    const MapState b = !ONE_MAP && k0 < V ? map_state<MODE>(m0 + 1, state, active) : a;
+    // the next map's state whether or not the chunk reaches it (then unused: every j < k0),
+    // so that no branch merges the two
+    const MapState b = ONE_MAP ? a : map_state<MODE>(min(m0 + 1, last_map), state, active);
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
-    // x only where a map is active; elsewhere its value is never used (r = 0, sd = s), and
-    // t's chunk again (an L1 hit) costs less than merging the two per element
+    // x only where a map of the chunk is active; elsewhere its value is never used (r = 0,
+    // sd = s), and t's chunk again (an L1 hit) costs less than merging the two per element
+    const bool live = a.act || (!ONE_MAP && k0 < V && b.act);
     const Vec<scalar_t, V> xin =
-        x_is_t ? in : *reinterpret_cast<const Vec<scalar_t, V>*>((a.act || b.act ? x : t) + i0);
+        x_is_t ? in : *reinterpret_cast<const Vec<scalar_t, V>*>((live ? x : t) + i0);
     Vec<scalar_t, V> res;
 #pragma unroll
     for (uint32_t j = 0; j < V; ++j) {
@@ -407,7 +411,7 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
       kernel<<<grid, kThreads, 0, current_stream()>>>(
           tp + n0 * per, xp + n0 * per, op + n0 * per, st + m0, active.data_ptr<bool>() + m0,
-          static_cast<uint32_t>(numel), fast_div(HW));
+          static_cast<uint32_t>(numel), fast_div(HW), static_cast<uint32_t>(n * C - 1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
