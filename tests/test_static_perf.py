@@ -65,12 +65,12 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 OVER_BUDGET = {
     ("triton", "_apply_attention_flat_kernel"): "bf16 at 14 x 14 and 7 x 7, where 16-byte "
                                                 "groups span two maps (the state of both, "
-                                                "selected per element): 'am' 20.5, 'sm' "
-                                                "21.4, 'ad' 24.5 SASS per element. Within "
+                                                "selected per element): 'am' 20.8, 'sm' "
+                                                "18.9, 'ad' 21.9 SASS per element. Within "
                                                 "budget where H * W is a multiple of 8 "
                                                 "(56, 28, 32: 13.0 / 12.8 / 14.8) and in "
-                                                "fp32 (13.1 / 12.9 / 17.0, at 7 x 7 21.7 / "
-                                                "22.5 / 29.4)",
+                                                "fp32 (13.1 / 12.9 / 17.0, at 7 x 7 22.2 / "
+                                                "23.1 / 29.7)",
     ("triton", "_apply_attention_cl_kernel"): "channels_last bf16 'ad' 16.6 SASS per element "
                                               "(17.8 at C = 16): the threshold's compare and "
                                               "select per element on top of 'sm' (14.7), "
@@ -114,9 +114,9 @@ OVER_BUDGET = {
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
                                  "chunk may span two maps (H * W not a multiple of 8: 14 x "
                                  "14, 7 x 7; the state of both, a select of each field per "
-                                 "element): 'am' 15.9, 'sm' 17.9, 'ad' 21.2 SASS per "
+                                 "element): 'am' 15.2, 'sm' 17.2, 'ad' 20.5 SASS per "
                                  "element. Within budget where no chunk spans two maps "
-                                 "(ONE_MAP: 10.0 / 11.6 / 13.8) and in fp32 (9.8-22.2)",
+                                 "(ONE_MAP: 10.0 / 11.6 / 13.8) and in fp32 (9.8-22.0)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 504 / 1007 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "
