@@ -590,6 +590,21 @@ def test_apply_attention_channels_last(B, shape, dtype):
                  R.apply_attention(t, x, st, active, mode))
 
 
+def test_triton_apply_attention_checks_its_arguments():
+    """The kernels index the state by map and read x where t is: other shapes, which would
+    read past a buffer, and unknown modes are a ValueError, not a wrong result."""
+    T = load_backend("triton")
+    x = torch.randn(2, 3, 4, 4)
+    active = torch.ones(2, 3, dtype=torch.bool)
+    state = R.attention_state(*R.attention_stats(x, 3, active, "ad")[:3], torch.ones(2))
+    bad = [(x, state[..., :3], active, "ad"), (x, state.flatten(0, 1), active, "ad"),
+           (x, state, active[0], "ad"), (x[..., :3], state, active, "ad"),
+           (x, state, active, "xx")]
+    for xx, st, act, mode in bad:
+        with pytest.raises(ValueError, match="apply_attention"):
+            T.apply_attention(x, xx, st, act, mode)
+
+
 # The flat tile's first map and sample (group_tile): n // d by a multiply-high, an add and a
 # shift (triton_kernels._common.divisor / divide), for every int32 n >= 0 and d >= 1; the
 # shapes above reach tile starts of a few 10**5 only. divisor's arithmetic:

@@ -730,6 +730,19 @@ ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 
                   (2, 3, 1, 4)]
 
 
+def test_emulated_apply_attention_reads_each_maps_scale(E):
+    """The state's scale column is read per map, as the reference does, in every layout
+    (the channels_last line took its first map's for every channel)."""
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    active = torch.tensor([[True, False, True, False]])
+    state = torch.tensor([[[.5, 1, -2, .25], [0, 2, 0, 0], [.5, 3, -2, .25], [0, 4, 0, 0]]])
+    for layout in ("contiguous", "channels_last"):
+        xx = x.contiguous(memory_format=torch.channels_last) if layout != "contiguous" else x
+        for mode in ("am", "sm", "ad"):
+            same(E.apply_attention(xx, xx, state, active, mode),
+                 R.apply_attention(xx, xx, state, active, mode), f"{layout} {mode}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_apply_attention_flat_chunks(E, dtype):
     """Every mode, half the maps active, a scale per sample, x given as t (the forward) and

@@ -536,11 +536,18 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
 
     t, x: (N, C, H, W) (any strides, not necessarily alike); state: (N, C, 4) float32,
     reference.attention_state (thr, scale[n], mn, r); active: (N, C) bool.
+    Raises ValueError for other shapes or an unknown mode (the kernels index by them).
     """
+    n, c, h, w = t.shape
+    if x.shape != t.shape or state.shape != (n, c, 4) or active.shape != (n, c):
+        raise ValueError(f"apply_attention: x {tuple(x.shape)}, state {tuple(state.shape)} "
+                         f"and active {tuple(active.shape)} must be {tuple(t.shape)}, "
+                         f"{(n, c, 4)} and {(n, c)}")
+    if mode not in MODES:
+        raise ValueError(f"apply_attention: mode must be one of {sorted(MODES)}, got {mode!r}")
     out = out_like(t)
     if out.numel() == 0:
         return out
-    n, c, h, w = t.shape
     state = state.to(torch.float32).contiguous()
     act = active.to(torch.bool).contiguous().view(torch.uint8)
     x_is_t = t is x  # the forward (t = x); traceable, unlike data_ptr

@@ -214,7 +214,7 @@ struct AttentionW {
   int64_t C;
   int mode;
   // reference: torch.where(active, S, 1) * scale[n]; x is read only for active maps.
-  // NCHW: a map's state once per line; NHWC: per channel (the scale per line: a sample's).
+  // NCHW: a map's state once per line; NHWC: per channel.
   struct Row {
     const scalar_t* x;  // x at the segment's first element
     int64_t m;          // map n * C + c of the first element
@@ -234,14 +234,12 @@ struct AttentionW {
     float s = 1.f;
     if (!CL) {
       if (r.act) s = soft_mask(to_float(r.x[j * xs.w]), r.thr, r.mn, r.rcp, mode);
-    } else {
-      const int64_t m = r.m + j;
-      if (active[m]) {
-        const float4 st = state[m];
-        s = soft_mask(to_float(r.x[j * xs.c]), st.x, st.z, st.w, mode);
-      }
+      return s * r.s;
     }
-    return s * r.s;
+    const int64_t m = r.m + j;
+    const float4 st = state[m];  // each map's own scale, as the reference reads it
+    if (active[m]) s = soft_mask(to_float(r.x[j * xs.c]), st.x, st.z, st.w, mode);
+    return s * st.y;
   }
 };
 
