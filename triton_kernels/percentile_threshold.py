@@ -353,20 +353,22 @@ def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
 
 
 @triton.jit
-def _map_state(st_ptr, mp, valid, act, MODE: tl.constexpr, VEC: tl.constexpr = True):
+def _map_state(st_ptr, mp, valid, act, MODE: tl.constexpr,
+               ONE_LOAD: tl.constexpr = True):
     """The state of maps mp (G,) (reference.attention_state: thr, scale, mn, r; one 16-byte
     load, 8 for "am") where valid (None: all), as what a unit's w needs: (thr, mn, r, sc,
     sd). r is 0 where the map is inactive ("sm", "ad": f̂ = 0, S = 1). "am": w = sc where
     x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the reference's S * scale,
     NaN for an infinite scale): two values per map, a compare and a select per unit.
-    Nothing is loaded where not valid (no zero fill): those groups store nothing."""
-    if VEC:
+    Nothing is loaded where not valid (no zero fill): those groups store nothing.
+    ONE_LOAD=False: a load per field (a (G, 4) tile of long rows G costs registers)."""
+    if ONE_LOAD:
         st = tl.load(st_ptr + mp[:, None] * 4 + tl.arange(0, 4)[None, :],
                      mask=None if valid is None else valid[:, None])
         even, odd = tl.split(tl.reshape(st, (st.shape[0], 2, 2)))  # (thr, mn), (sc, r)
         thr, mn = tl.split(even)
         sc, r = tl.split(odd)
-    else:  # a load per field (a (G, 4) tile of long rows G costs registers)
+    else:
         thr = tl.load(st_ptr + mp * 4, mask=valid)
         sc = tl.load(st_ptr + mp * 4 + 1, mask=valid)
         mn = tl.load(st_ptr + mp * 4 + 2, mask=valid)
@@ -404,14 +406,14 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         mp = tl.program_id(2) * C + c
         cv = c < INNER
         act1 = tl.load(act_ptr + mp, mask=cv) != 0
-        thr, mn, r, sc, sd = _map_state(st_ptr, mp, cv, act1, MODE, VEC=False)
+        thr, mn, r, sc, sd = _map_state(st_ptr, mp, cv, act1, MODE, ONE_LOAD=False)
         act = act1[None, :]
         thr, mn, r, sc, sd = thr[None, :], mn[None, :], r[None, :], sc[None, :], sd[None, :]
     elif CL:  # per element, contiguous along c
         mp = tl.reshape(map0[:, None] + c[None, :], (BO * BI,))
         act1 = tl.load(act_ptr + mp, mask=tl.reshape(m, (BO * BI,))) != 0
         thr, mn, r, sc, sd = _map_state(st_ptr, mp, tl.reshape(m, (BO * BI,)), act1, MODE,
-                                        VEC=False)
+                                        ONE_LOAD=False)
         act = tl.reshape(act1, (BO, BI))
         thr, mn, r = tl.reshape(thr, (BO, BI)), tl.reshape(mn, (BO, BI)), tl.reshape(r, (BO, BI))
         sc, sd = tl.reshape(sc, (BO, BI)), tl.reshape(sd, (BO, BI))
