@@ -100,6 +100,20 @@ def range_reciprocal(mn, mx):
 
 
 @triton.jit
+def saturated_product(a, b):
+    """min(max(a * b, 0), 1) with NaN -> 0, the product rounded to nearest first: PTX's
+    mul.sat.f32 (one FMUL.SAT on sm_90). Not tl.minimum / tl.maximum: whether they return a
+    NaN operand depends on the Triton version (3.6's interpreter does)."""
+    if INTERPRETED:
+        q = a * b
+        f = tl.where(q >= 0.0, tl.minimum(q, 1.0), 0.0)
+    else:
+        f = tl.inline_asm_elementwise("mul.sat.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    return f
+
+
+@triton.jit
 def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
     """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order; r =
     range_reciprocal(mn, mx) of the map (0 gives S = 1: f̂ = 0)."""
@@ -107,10 +121,9 @@ def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
         s = (xv < thr).to(tl.float32)
     else:
         # f̂ = 0 wherever it is not a number (max = min, ±Inf, an overflow: a NaN or a
-        # 0 * Inf): maximum and minimum return the operand that is not NaN (maxNum, FMNMX).
-        # The reference's where(q >= 0, min(q, 1), 0) but for the sign of a zero, which
-        # 1 - f̂ drops.
-        fhat = tl.minimum(tl.maximum((xv - mn) * r, 0.0), 1.0)
+        # 0 * Inf): the reference's where(q >= 0, min(q, 1), 0) but for the sign of a zero,
+        # which 1 - f̂ drops.
+        fhat = saturated_product(xv - mn, r)
         if MODE == 1:  # "sm"
             s = 1.0 - fhat
         else:  # "ad": 1 - f̂ * [x >= t], f̂ or 0 (f̂ is finite and >= 0: the product is either)
