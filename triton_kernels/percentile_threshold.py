@@ -72,10 +72,13 @@ SMALL_ROW = 1024
 # shared memory at 16 rows).
 HIST_ROWS = 16
 # The channels_last apply tile (_apply_attention_cl_kernel): CL_CHANNELS channels, whose
-# maps' state is loaded once per tile, by CL_TILE // CL_CHANNELS positions (32 elements per
-# thread with 4 warps, as the flat tile).
+# maps' state is loaded once per tile, by CL_TILE // CL_CHANNELS positions, CL_PER_THREAD
+# elements per thread (4 warps for the full tile): the state's loads and their move into
+# the elements' layout (through shared memory) are per tile, and at 32 elements per
+# thread they cost 1.6 SASS instructions per element more on sm_90.
 CL_CHANNELS = 64
-CL_TILE = FLAT_TILE
+CL_TILE = 2 * FLAT_TILE
+CL_PER_THREAD = 64
 
 
 @triton.jit
@@ -114,6 +117,23 @@ def saturated_product(a, b):
 
 
 @triton.jit
+def one_minus_gated(f, xv, thr):
+    """1 - f * [x >= thr] for a finite f >= 0 (f̂): f * [x >= thr] is f or 0, exact, so one
+    rounding either way. On a GPU one FSET.BF (1.0 where x >= thr, NaN not) and one FFMA
+    with f's sign flipped in its operand: no predicate per unit to hold (a tile's 64 were
+    spilled to registers), and no integer XOR for that sign (LLVM's fma(-f, b, 1) of an
+    inline asm result took one)."""
+    if INTERPRETED:
+        s = 1.0 - tl.where(xv >= thr, f, 0.0)
+    else:
+        s = tl.inline_asm_elementwise(
+            "{ .reg .f32 b, n; set.ge.f32.f32 b, $2, $3; neg.f32 n, $1; "
+            "fma.rn.f32 $0, n, b, 0f3F800000; }", "=r,r,r,r",
+            [f, xv, thr], dtype=tl.float32, is_pure=True, pack=1)
+    return s
+
+
+@triton.jit
 def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
     """AttentionDrop's S (SPEC §4) in float32, the reference's operations in its order; r =
     range_reciprocal(mn, mx) of the map (0 gives S = 1: f̂ = 0)."""
@@ -126,8 +146,8 @@ def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
         fhat = saturated_product(xv - mn, r)
         if MODE == 1:  # "sm"
             s = 1.0 - fhat
-        else:  # "ad": 1 - f̂ * [x >= t], f̂ or 0 (f̂ is finite and >= 0: the product is either)
-            s = 1.0 - tl.where(xv >= thr, fhat, 0.0)
+        else:  # "ad"
+            s = one_minus_gated(fhat, xv, thr)
     return s
 
 
@@ -581,7 +601,8 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         launch(_apply_attention_cl_kernel)[(cdiv(h * w, bo), cdiv(c, bi), n)](
             t, x, out, state, act, h * w, c, w, -(-2**30 // w), t.stride(0), *t.stride()[2:],
             x.stride(0), *x.stride()[2:], out.stride(0), *out.stride()[2:], MODE=MODES[mode],
-            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), num_warps=warps(bo * bi // 4),
+            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi),
+            num_warps=max(1, bo * bi // (32 * CL_PER_THREAD)),
             **apply_flags(t, out, x))
         return out
     grid, outer, inner, meta = apply_launch(t, out, x)
