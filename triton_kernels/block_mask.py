@@ -448,74 +448,80 @@ def map_grid(n, cs, h, cols, items):
 
 
 @triton.jit
-def _dropped_piece(bits_ptr, sample, plane, h, q, H, W, Bn, zero,
+def _dropped_piece(bits_ptr, sample, u0, W, Bn, zero,
                    R: tl.constexpr, LO: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
-    """_dropped_byte for the seed offsets d = w' - w in [DA, DB] (DB - DA < 48)."""
-    # bits p0 .. p0 + 7 + DB - DA of a row, p0 % 8 <= 7: in at most NLOAD <= 8 bytes
+    """_dropped_bits for the seed offsets d = w' - w in [DA, DB] (DB - DA < 48)."""
+    # bits p0 .. p0 + 7 + DB - DA of the string, p0 % 8 <= 7: in at most NLOAD <= 8 bytes
     NLOAD: tl.constexpr = (DB - DA + 14) // 8 + 1
     acc = zero.to(tl.int64)
     for dh in range(R):  # OR of the seed rows h - LO .. h + R - 1 - LO
-        hh = h + (dh - LO)
-        rv = (hh >= 0) & (hh < H)
-        p0 = plane + hh * W + q * 8 + DA  # bit of the seed at (hh, 8q + DA); may be < 0
+        p0 = u0 + ((dh - LO) * W + DA)  # bit of the seed at (h + dh - LO, w + DA); may be < 0
         b0 = p0 >> 3  # floor, also below 0
         word = zero.to(tl.int64)
         for e in tl.static_range(NLOAD):
             bb = b0 + e
-            v = tl.load(bits_ptr + sample + bb, mask=rv & (bb >= 0) & (bb < Bn), other=0)
+            v = tl.load(bits_ptr + sample + bb, mask=(bb >= 0) & (bb < Bn), other=0)
             word = word | (v.to(tl.int64) << (8 * e))
-        acc = acc | (word >> (p0 & 7))  # bit i <- the seed at (hh, 8q + DA + i)
+        acc = acc | (word >> (p0 & 7))  # bit i <- the seed at (h + dh - LO, w + DA + i)
     dropped = zero.to(tl.int32)
-    for d in tl.static_range(0, DB - DA + 1):  # unit j <- seeds at 8q + j + DA + d
+    for d in tl.static_range(0, DB - DA + 1):  # unit j <- seeds at w + j + DA + d
         dropped = dropped | ((acc >> d) & 0xFF).to(tl.int32)
     return dropped
 
 
 @triton.jit
-def _dropped_byte(bits_ptr, sample, plane, h, q, H, W, Bn, R: tl.constexpr, LO: tl.constexpr):
-    """Bits of units w = 8q .. 8q+7 of row h covered by the r x r expansion of the seeds.
+def _dropped_bits(bits_ptr, sample, u0, W, Bn, R: tl.constexpr, LO: tl.constexpr):
+    """Bits of the units u0 .. u0 + 7 of a sample's string (byte offset ``sample``, unit
+    u = (cs * H + h) * W + w, any u0) covered by the r x r expansion of the seeds.
 
     A unit (h, w) is covered by a seed at (h', w') with h' - h and w' - w in [-LO, HI],
-    LO = r - 1 - r // 2, HI = r // 2. For each of the r seed rows, the bits of w' = 8q - LO
-    .. 8q + 7 + HI are read as one int64 word (a few byte loads, shifted into place), the
-    rows OR-ed, then the word OR-ed with itself shifted by every offset: about 3r byte
-    loads and r shifts per 8 units for r <= 17. The bits are one string per sample (byte
-    offset ``sample``; ``plane`` = the map's first bit, cs * H * W), so w' < 0 or >= W
-    reads a neighbouring row's or map's edge bits: never seeds, as seeds sit at valid
-    centres only (backend_contract.md). Offsets are taken in pieces of at most 48.
-    sample, plane, h, q: int tensors that broadcast together.
+    LO = r - 1 - r // 2, HI = r // 2: the seed's bit is u + (h' - h) * W + (w' - w). For
+    each of the r seed rows the bits u0 - LO .. u0 + 7 + HI of that row are read as one
+    int64 word (a few byte loads, shifted into place), the rows OR-ed, then the word OR-ed
+    with itself shifted by every offset: about 3r byte loads and r shifts per 8 units for
+    r <= 17. Seeds sit at valid centres only (backend_contract.md), so a bit reached past
+    a row's end (w' < 0 or >= W) or past its map's (h' < 0 or >= H) is a neighbouring row's
+    or map's edge, never a seed: no (h, w) is needed, only the string's bounds
+    [0, Bn) bytes. Offsets are taken in pieces of at most 48. sample, u0: int tensors that
+    broadcast together.
     """
     HI: tl.constexpr = R - 1 - LO
     NPIECE: tl.constexpr = (R + 47) // 48
-    zero = sample * 0 + plane * 0 + h * 0 + q * 0
+    zero = sample * 0 + u0 * 0
     dropped = zero.to(tl.int32)
     for piece in tl.static_range(NPIECE):
         # piece p covers d in [48p - LO, min(48p - LO + 47, HI)] (constexpr arguments)
         dropped = dropped | _dropped_piece(
-            bits_ptr, sample, plane, h, q, H, W, Bn, zero, R, LO, piece * 48 - LO,
+            bits_ptr, sample, u0, W, Bn, zero, R, LO, piece * 48 - LO,
             piece * 48 - LO + 47 - (piece * 48 - LO + 47 - HI) * ((piece + 1) // NPIECE))
     return dropped
 
 
 @triton.jit
-def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, NCB, Cs, H, W, Wb, Bn, P,
-                          N, units, mult,
-                          R: tl.constexpr, LO: tl.constexpr, BC: tl.constexpr,
-                          BH: tl.constexpr, BQ: tl.constexpr,
-                          IDX64: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr,
-                          BP: tl.constexpr):
-    """Grid ``map_grid`` over (sample n, maps cs, rows h, bytes q of a row: w = 8q + j):
-    part[n, p] = units covered in the tile, p = its program in sample n. NORM >= 0 (the
-    plan, ``seeds_scale``): the last program to finish also writes scale (N,)."""
-    n, cs, h, q = _map_tile(NCB, BC, BH, BQ, IDX64)
-    iv = (cs < Cs) & (h < H) & (q < Wb)
-    dropped = _dropped_byte(bits_ptr, n * Bn, cs * H * W, h, q, H, W, Bn, R, LO)
+def _seed_coverage_kernel(bits_ptr, blk_ptr, part_ptr, ticket_ptr, sc_ptr, UNITS, W, Bn, P,
+                          N, units, mult, R: tl.constexpr, LO: tl.constexpr,
+                          BB: tl.constexpr, IDX64: tl.constexpr, BLOCKS: tl.constexpr,
+                          NORM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+    """Program pid = n * P + p over bytes p * BB .. of sample n's string (UNITS = Cs * H *
+    W units, Bn bytes): part[n, p] = its units covered by the seeds' r x r blocks, and with
+    BLOCKS the blocks themselves, packed as the seeds (blk, the bits after the last unit
+    0). NORM >= 0 (the plan, ``seeds_scale``): the last program to finish also writes
+    scale (N,)."""
+    pid = tl.program_id(0)
+    n = pid // P
+    p = pid - n * P
+    b = p * BB + tl.arange(0, BB)
+    if IDX64:
+        n = n.to(tl.int64)
+        b = b.to(tl.int64)
+    bv = b < Bn
+    dropped = _dropped_bits(bits_ptr, n * Bn, b * 8, W, Bn, R, LO)
     j = tl.arange(0, 8)
-    hit = ((dropped[:, None] >> j[None, :]) & 1) != 0
-    hit = hit & iv[:, None] & ((q[:, None] * 8 + j[None, :]) < W)
-    pid = ((tl.program_id(0) - n * NCB) * tl.num_programs(1)
-           + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(part_ptr + n * P + pid, tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
+    hit = (((dropped[:, None] >> j[None, :]) & 1) != 0) & ((b[:, None] * 8 + j[None, :]) < UNITS)
+    if BLOCKS:
+        packed = tl.sum(hit.to(tl.int32) << j[None, :], axis=1)
+        tl.store(blk_ptr + n * Bn + b, packed.to(tl.uint8), mask=bv)
+    tl.store(part_ptr + pid, tl.sum(tl.where(bv[:, None], hit, 0).to(tl.int32), axis=1).sum())
     if NORM >= 0:
         # The scale of "batch" needs every sample's count: rather than a second launch,
         # the last program to finish (an atomic ticket) reads all the parts and writes the
@@ -526,7 +532,7 @@ def _seed_coverage_kernel(bits_ptr, part_ptr, ticket_ptr, sc_ptr, NCB, Cs, H, W,
         # before every thread's loads (the classic threadfence-reduction pattern).
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) - 1:
+        if ticket == tl.num_programs(0) - 1:
             tl.debug_barrier()
             _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM, BN, BP)
 
@@ -571,26 +577,26 @@ SCALE_TILE = 4096
 
 
 def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
-                    normalize="none"):
+                    normalize="none", blocks=None):
     """Launch _seed_coverage_kernel over bits (N, Bn); returns part (N, P) int32. With
-    scale (N,) float32 and ticket (zeroed by the seeds kernel): the plan's scales too."""
+    scale (N,) float32 and ticket (zeroed by the seeds kernel): the plan's scales too; with
+    blocks (N, Bn) uint8: the seeds' r x r blocks, packed (``reference.seed_blocks``)."""
     n, bn = bits.shape
-    wb = cdiv(w, 8)
-    grid, tile = map_grid(n, cs, h, wb, TILE // 8)
-    p = grid[0] // max(n, 1) * grid[1] * grid[2]  # programs per sample
+    bb = min(pow2(bn), TILE // 8)  # bytes per program
+    p = cdiv(bn, bb)  # programs per sample
     part = torch.empty((n, p), dtype=torch.int32, device=bits.device)
     if n == 0 or p == 0:
         return part
     plan = scale is not None
     bp = max(1, min(pow2(p), SCALE_TILE // 16))
-    launch(_seed_coverage_kernel)[grid](
-        bits, part, ticket if plan else part, scale if plan else part, tile["NCB"], cs, h, w,
-        wb, bn, p, n, int(units), int(mult),
-        R=int(r), LO=int(r) - 1 - int(r) // 2, BC=tile["BC"], BH=tile["BH"], BQ=tile["BQ"],
+    launch(_seed_coverage_kernel)[(n * p,)](
+        bits, bits if blocks is None else blocks, part, ticket if plan else part,
+        scale if plan else part, cs * h * w, w, bn, p, n, int(units), int(mult),
+        R=int(r), LO=int(r) - 1 - int(r) // 2, BB=bb,
         IDX64=needs_int64(bits) or 8 * bits.numel() >= INT32_MAX - 2 * TILE,  # bit offsets
-        NORM=NORMALIZE[normalize] if plan else -1, BN=max(1, min(pow2(n), SCALE_TILE // bp)),
-        BP=bp,
-        num_warps=warps(tile["items"] * 2))  # 4 bytes per thread: 1 division per 32 units
+        BLOCKS=blocks is not None, NORM=NORMALIZE[normalize] if plan else -1,
+        BN=max(1, min(pow2(n), SCALE_TILE // bp)), BP=bp,
+        num_warps=warps(bb * 2))  # 4 bytes per thread
     return part
 
 
@@ -605,11 +611,13 @@ def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.
 
 
 def seeds_scale(bits, ticket, r, c, cs, h, w, normalize):
-    """scale (N,) float32 of layers._seeds_plan in the coverage launch (bits contiguous,
-    ticket zeroed by the seeds kernel that wrote bits)."""
+    """(blocks, scale) of layers._seeds_plan in the coverage launch (bits contiguous, ticket
+    zeroed by the seeds kernel that wrote bits): blocks (N, Bn) uint8, the seeds' packed
+    r x r blocks; scale (N,) float32."""
     scale = torch.empty(bits.shape[0], dtype=torch.float32, device=bits.device)
-    coverage_launch(bits, r, cs, h, w, scale, ticket, c * h * w, c // cs, normalize)
-    return scale
+    blocks = torch.empty_like(bits)
+    coverage_launch(bits, r, cs, h, w, scale, ticket, c * h * w, c // cs, normalize, blocks)
+    return blocks, scale
 
 
 # --------------------------------------------------------------------------- apply_seeds
@@ -633,8 +641,8 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
         plane = c * 0
     else:
         plane = c * H * W
-    dropped = _dropped_byte(bits_ptr, (n * Bn)[:, None], plane[:, None], h[:, None],
-                            q[None, :], H, W, Bn, R, LO)
+    u0 = (plane + h * W)[:, None] + q[None, :] * 8  # the unit of w = 8q
+    dropped = _dropped_bits(bits_ptr, (n * Bn)[:, None], u0, W, Bn, R, LO)
     j = tl.arange(0, 8)
     w = q[:, None] * 8 + j[None, :]  # (BQ, 8)
     m = rv[:, None, None] & (w < W)[None, :, :]
@@ -668,8 +676,8 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb, B
         plane = n[:, None] * 0
     else:
         plane = (c * H * W)[None, :]
-    dropped = _dropped_byte(bits_ptr, (n * Bn)[:, None], plane, h[:, None], q[:, None],
-                            H, W, Bn, R, LO)
+    dropped = _dropped_bits(bits_ptr, (n * Bn)[:, None], plane + (h * W + q * 8)[:, None],
+                            W, Bn, R, LO)
     j = tl.arange(0, 8)
     w = q[:, None] * 8 + j[None, :]  # (BG, 8)
     m = (gv[:, None] & (w < W))[:, :, None] & cv[None, None, :]

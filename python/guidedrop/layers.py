@@ -244,17 +244,22 @@ def _seed_rate(rate, r, h, w):
 
 
 def _seeds_plan(B, bits, r, shape, c, normalize, dtype):
-    """shape: (N, Cs, H, W) of the seeds, Cs = 1 (one mask for the C channels) or C."""
+    """shape: (N, Cs, H, W) of the seeds, Cs = 1 (one mask for the C channels) or C.
+
+    The state is the seeds' r x r blocks, packed (``reference.seed_blocks``), not the seeds:
+    the apply (``apply_seeds`` with r = 1, meta (1, shared)) then reads one bit per unit
+    rather than r rows of seeds, forward and backward; the plan kernels write the blocks
+    where they count them."""
     _, cs, h, w = shape
     covered = B.seed_coverage(bits, r, cs, h, w) * (c // cs)  # a shared map covers every channel
     scale = _scale(c * h * w - covered, c * h * w, normalize, dtype)
-    return Plan("seeds", (r, cs == 1), (bits, scale))
+    return Plan("seeds", (1, cs == 1), (reference.seed_blocks(bits, r, cs, h, w), scale))
 
 
 @fusable
 def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
             noise=None, generator=None):
-    """SPEC §6. State: the packed seeds (N, ceil(C*H*W/8)) uint8 and scale (N,)."""
+    """SPEC §6. State: the packed blocks of the seeds (N, ceil(C*H*W/8)) uint8 and scale (N,)."""
     n, c, h, w = x.shape
     # SPEC §6 step 0 on the device (a CPU target was checked on the host already): the
     # reference asserts in torch ops; a kernel backend's plan in its first CamDrop kernel.
@@ -277,7 +282,8 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
 
 @fusable
 def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, generator=None):
-    """SPEC §7. State: the packed seeds (N, ceil(Cs*H*W/8)) uint8 (Cs = 1 or C) and scale (N,)."""
+    """SPEC §7. State: the packed blocks of the seeds (N, ceil(Cs*H*W/8)) uint8 (Cs = 1 or C)
+    and scale (N,)."""
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = (n, 1 if shared_channels else c, h, w)

@@ -232,6 +232,14 @@ def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.
     return expand_seeds(unpack_seeds(bits, cs, h, w), r).sum(dim=(1, 2, 3))
 
 
+def seed_blocks(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
+    """The r x r expansion of packed seeds, packed like them: uint8 (N, ceil(Cs*H*W/8)),
+    bit set where a unit is covered (the bits after the last unit 0). The seeds plans keep
+    it as their state, so that the applies read one bit per unit (``apply_seeds`` with
+    r = 1), not r rows of seeds."""
+    return pack_bits(expand_seeds(unpack_seeds(bits, cs, h, w), r).flatten(1))
+
+
 # --------------------------------------------------------------------------- apply
 
 

@@ -7,7 +7,8 @@
 2. candidates (``_candidates_kernel``): the spatial top-k of J and the channel top-k of
    alpha, ties kept (``layers._top``);
 3. seeds (``block_mask._seed_bits_kernel``), which also zeroes the coverage ticket;
-4. coverage + scale (``block_mask._seed_coverage_kernel``, the scale in its last program).
+4. coverage + scale (``block_mask._seed_coverage_kernel``: the packed r x r blocks, the
+   plan's state, and the scale in its last program).
 
 The apply (``apply_seeds``) is the fifth launch; with ``noise=None`` the Philox seed is one
 more. The seed rate is a runtime float32 argument (``dropblock.rate_args``).
@@ -111,7 +112,7 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
           noise: torch.Tensor | None, seed: torch.Tensor, g_t: torch.Tensor | None,
           g_val: float, r: int, k_s: int, k_c: int,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32)."""
+    """(blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale (N,) float32)."""
     n, c, h, w = x.shape
     dev = x.device
     j = torch.empty((n, h, w), dtype=torch.float32, device=dev)
@@ -129,7 +130,7 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
             ROWS_S=rs, BLOCK_S=bs, SINGLE_S=ss, ROWS_C=rc, BLOCK_C=bc, SINGLE_C=sc,
             num_warps=warps(max(rs * bs, rc * bc)))
     seed_launch(bits, noise, seed, g_t, g_val, r, cand_s, cand_c, [n, c, h, w], ticket)
-    return bits, seeds_scale(bits, ticket, r, c, c, h, w, normalize)
+    return seeds_scale(bits, ticket, r, c, c, h, w, normalize)
 
 
 def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize,
@@ -139,7 +140,8 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     x: (N, C, H, W) float32/float16/bfloat16 (C, H, W >= 1); weight: (K, C_fc), C_fc a
     multiple of C, any float dtype; target: (N,) of any integer dtype and stride, read by
     value; noise: (N, C, H, W) or None. Returns None when the block does not fit the map,
-    else Plan("seeds", (r, C == 1), (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32)).
+    else Plan("seeds", (1, C == 1), (blocks (N, ceil(C*H*W/8)) uint8, scale (N,) float32)),
+    blocks the seeds' packed r x r blocks (``layers._seeds_plan``).
     A target outside [0, K) not checked on the host (``guidedrop.functional`` checks a
     CPU one) fails the CAM kernel's device assertion, whose message names ``target``
     (backend_contract.md); the kernel clamps the row, so nothing is read out of bounds.
@@ -154,9 +156,9 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     k_c = max(1, round(channel_rate * c))
     g_t, g_val = rate_args(_seed_rate(1 - keep, r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
-    bits, scale = _plan(x, weight.detach(), target, noise, seed, g_t, g_val, r, k_s, k_c,
-                        normalize)
-    return Plan("seeds", (r, c == 1), (bits, scale))  # as _seeds_plan: Cs = C
+    blocks, scale = _plan(x, weight.detach(), target, noise, seed, g_t, g_val, r, k_s, k_c,
+                          normalize)
+    return Plan("seeds", (1, c == 1), (blocks, scale))  # as _seeds_plan: Cs = C
 
 
 __all__ = ["plan_camdrop"]

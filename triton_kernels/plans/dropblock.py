@@ -2,9 +2,9 @@
 
 1. seeds (``block_mask._seed_bits_kernel``): u < g at the valid centres, packed; it also
    zeroes the coverage kernel's ticket;
-2. coverage + scale (``block_mask._seed_coverage_kernel``): units covered by the r x r
-   blocks, and in its last program the scale of ``normalize`` (float64 arithmetic rounded
-   to float32, as ``layers._scale``).
+2. coverage + scale (``block_mask._seed_coverage_kernel``): the r x r blocks, packed (the
+   plan's state), the units they cover, and in its last program the scale of
+   ``normalize`` (float64 arithmetic rounded to float32, as ``layers._scale``).
 
 The apply (``apply_seeds``) is the third launch; with ``noise=None`` the Philox seed is one
 more (``torch.randint``). The seed rate g is computed on the host from python numbers and
@@ -36,13 +36,14 @@ def rate_args(q, x):
 def _plan(x: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
           g_t: torch.Tensor | None, g_val: float, r: int, cs: int,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bits (N, ceil(Cs*H*W/8)) uint8, scale (N,) float32)."""
+    """(blocks (N, ceil(Cs*H*W/8)) uint8: the seeds' packed r x r blocks, scale (N,)
+    float32)."""
     n, c, h, w = x.shape
     shape = [n, cs, h, w]
     bits = torch.empty((n, cdiv(cs * h * w, 8)), dtype=torch.uint8, device=x.device)
     ticket = torch.empty((1,), dtype=torch.int32, device=x.device)
     seed_launch(bits, noise, seed, g_t, g_val, r, None, None, shape, ticket)
-    return bits, seeds_scale(bits, ticket, r, c, cs, h, w, normalize)
+    return seeds_scale(bits, ticket, r, c, cs, h, w, normalize)
 
 
 def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
@@ -50,16 +51,16 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     """``layers.dropblock`` fused: the same Plan, bit for bit, in 2 launches (+1 draw).
 
     x: (N, C, H, W) float32/float16/bfloat16, H, W >= 1; noise: (N, Cs, H, W) or None
-    (Cs = 1 with ``shared_channels``, else C). Returns Plan("seeds", (r, Cs == 1),
-    (bits (N, ceil(Cs*H*W/8)) uint8, scale (N,) float32)).
-    """
+    (Cs = 1 with ``shared_channels``, else C). Returns Plan("seeds", (1, Cs == 1),
+    (blocks (N, ceil(Cs*H*W/8)) uint8, scale (N,) float32)), blocks the seeds' packed r x r
+    blocks (``layers._seeds_plan``)."""
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     cs = 1 if shared_channels else c
     g_t, g_val = rate_args(_seed_rate(p, r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
-    bits, scale = _plan(x, noise, seed, g_t, g_val, r, cs, normalize)
-    return Plan("seeds", (r, cs == 1), (bits, scale))
+    blocks, scale = _plan(x, noise, seed, g_t, g_val, r, cs, normalize)
+    return Plan("seeds", (1, cs == 1), (blocks, scale))
 
 
 __all__ = ["plan_dropblock"]
