@@ -351,8 +351,9 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   return {keep, scale};
 }
 
-// DropBlock / CamDrop seeds and their multiplier -> (bits, scale): seed_bits' bits, and
-// scale (N,) float32 = layers._scale(C*H*W - covered * (C / Cs), C*H*W, normalize).
+// DropBlock / CamDrop seeds and their multiplier -> (blocks, scale): the r x r blocks of
+// seed_bits' bits, packed as them (layers._seeds_plan), and scale (N,) float32 =
+// layers._scale(C*H*W - covered * (C / Cs), C*H*W, normalize).
 std::tuple<at::Tensor, at::Tensor> seeds_plan(
     const at::Tensor& device_like, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& cand_s, const std::optional<at::Tensor>& cand_c,
@@ -371,11 +372,13 @@ std::tuple<at::Tensor, at::Tensor> seeds_plan(
   at::Tensor scale = at::empty({N}, device_like.options().dtype(at::kFloat));
   launch_seed_bits(sd.noise, sd.cand_s, sd.cand_c, sd.g, sd.g_value, r, Cs, H, W, sd.philox,
                    sd.bits, ws);
-  launch_seeds_scale(sd.bits, r, c, Cs, H, W, norm, ws, scale);
-  return {sd.bits, scale};
+  at::Tensor blocks = at::empty_like(sd.bits);
+  launch_seeds_scale(sd.bits, r, c, Cs, H, W, norm, ws, blocks, scale);
+  return {blocks, scale};
 }
 
-// CamDrop's plan -> (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32) in 4 launches: alpha
+// CamDrop's plan -> (blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale
+// (N,) float32) in 4 launches: alpha
 // and the CAM J (plans/camdrop.cu, which also checks target's range on the device: SPEC §6
 // step 0 without a host sync), the candidates (plans/camdrop.cu), the seeds (seed_bits) and
 // the coverage + scale (seeds_scale). weight: (K, C_fc) floating, C_fc a multiple of C;
@@ -429,8 +432,9 @@ std::tuple<at::Tensor, at::Tensor> camdrop_plan(
   launch_camdrop_candidates(J, alpha, k_s, k_c, cand_s, cand_c);
   launch_seed_bits(sd.noise, cand_s, cand_c, sd.g, sd.g_value, r, C, H, W, sd.philox, sd.bits,
                    ws);
-  launch_seeds_scale(sd.bits, r, C, C, H, W, norm, ws, scale);
-  return {sd.bits, scale};
+  at::Tensor blocks = at::empty_like(sd.bits);
+  launch_seeds_scale(sd.bits, r, C, C, H, W, norm, ws, blocks, scale);
+  return {blocks, scale};
 }
 
 // ------------------------------------------------------------------------ apply

@@ -42,6 +42,15 @@ APPLY_TILE = 16384 if INTERPRET else 2048
 # four 16-byte vectors of bf16, so that the per-tile index work is spread over more elements
 # (16 per thread cost the flat apply_block 1.3-1.5 more SASS instructions per element on sm_90).
 FLAT_TILE = 16384 if INTERPRET else 4096
+# The channels_last apply tiles of one sample (AttentionDrop's, apply_seeds' with r = 1):
+# CL_CHANNELS channels, whose per-channel values (a map's state, bytes of bits) are loaded
+# once per tile, by CL_TILE // CL_CHANNELS positions, CL_PER_THREAD elements per thread (4
+# warps for the full tile): those loads and their move into the elements' layout (through
+# shared memory) are per tile; at 32 elements per thread AttentionDrop's cost 1.6 SASS
+# instructions per element more on sm_90.
+CL_CHANNELS = 64
+CL_TILE = 2 * FLAT_TILE
+CL_PER_THREAD = 64
 # Longest row the selection kernels keep in registers (AttentionDrop maps, CAM rows);
 # longer rows: read twice by the radix select (percentile_threshold), re-read chunk by
 # chunk at every counting pass by the CAM candidates' bisection (plans/camdrop).

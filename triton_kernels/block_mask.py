@@ -29,6 +29,9 @@ import triton.language as tl
 
 from ._common import (
     APPLY_TILE,
+    CL_CHANNELS,
+    CL_PER_THREAD,
+    CL_TILE,
     INT32_MAX,
     TILE,
     apply_flags,
@@ -692,6 +695,92 @@ def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb, B
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
+@triton.jit
+def _apply_bits_flat_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M,
+                            HW_S, C_M, C_S, N, Bn, SHARED: tl.constexpr,
+                            ONE_BYTE: tl.constexpr, BIG1: tl.constexpr, BIG2: tl.constexpr,
+                            BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
+                            IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+    """apply_seeds with r = 1 (a packed mask: the seeds plans' blocks) on contiguous NCHW t
+    and out: groups of V = 8 elements (``_common.group_tile``; V | 8), one sample's each (C *
+    H * W % 8 == 0), whose bits are read per group and selected per element.
+
+    The group's units u0 .. u0 + V - 1 of its sample's string: c * H * W + pos (C maps per
+    sample), one byte (ONE_BYTE); SHARED (one map for every channel): pos .. of that map,
+    one byte where H * W % 8 == 0 (ONE_BYTE), else two bytes shifted into place, and where
+    the group runs past its map's end (HW - pos < V, V <= HW + 1), the next map's first
+    bits (the same sample's, as no group spans two samples) shifted in after them."""
+    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
+                                  BLOCK, V, IDX64, EVEN)
+    if not EVEN:  # past the last sample: read s[N - 1] and its bits, never used
+        n = tl.minimum(n, N - 1)
+    row = n * Bn  # the sample's bit string
+    u0 = pos if SHARED else c * HW + pos  # the group's first unit in it
+    b0 = row + (u0 >> 3)
+    bits = tl.load(bits_ptr + b0).to(tl.int32)
+    if not ONE_BYTE:
+        b1 = tl.load(bits_ptr + b0 + 1, mask=(u0 >> 3) + 1 < Bn, other=0).to(tl.int32)
+        bits = ((bits | (b1 << 8)) >> (u0 & 7)) & 0xFF
+        left = HW - pos  # the group's elements in its map, >= 1
+        first = tl.load(bits_ptr + row).to(tl.int32)  # the next map's: the sample's first bits
+        bits = tl.where(left < V, (bits & ((1 << left) - 1)) | (first << left), bits)
+    else:
+        bits = bits >> (u0 & 7)
+    s = tl.load(s_ptr + n)
+    dropped = ((bits[:, None] >> tl.arange(0, V)[None, :]) & 1) != 0
+    # (1 - dropped) * s as the reference: 0 * s where dropped (NaN for an infinite s)
+    wt = tl.where(dropped, (0.0 * s)[:, None], s[:, None])
+    tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
+@triton.jit
+def _apply_bits_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, HW, C, W, MAGW, Bn,
+                          t_sN, t_sH, t_sW, o_sN, o_sH, o_sW, SHARED: tl.constexpr,
+                          ONE_BYTE: tl.constexpr, BQ: tl.constexpr, BI: tl.constexpr,
+                          VEC: tl.constexpr, IDX64: tl.constexpr, SAME: tl.constexpr,
+                          BF16_FIX: tl.constexpr):
+    """apply_seeds with r = 1 on channels_last t and out: a tile of sample program_id(2),
+    BQ runs of 8 positions (p = 8q + j, p = h * W + w) x BI channels, as (BQ, 8, BI //
+    VEC, VEC). The bits of a run's 8 units, per channel (c * H * W + 8q, C maps) or once
+    (8q, SHARED), are one byte (ONE_BYTE: H * W % 8 == 0) or two shifted into place, read
+    per run and selected per element."""
+    q = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    j = tl.arange(0, 8)
+    p = q[:, None] * 8 + j[None, :]  # (BQ, 8)
+    h = tl.umulhi(p * 4, MAGW)
+    w = p - h * W
+    n = tl.program_id(2)
+    c = (tl.program_id(1) * BI + tl.arange(0, BI // VEC) * VEC)[:, None] \
+        + tl.arange(0, VEC)[None, :]  # (BI // VEC, VEC)
+    if IDX64:
+        n = n.to(tl.int64)
+        h = h.to(tl.int64)
+        w = w.to(tl.int64)
+        c = c.to(tl.int64)
+    m = (p < HW)[:, :, None, None] & (c < C)[None, None, :, :]
+    if SHARED:
+        u0 = (q * 8)[:, None, None]  # (BQ, 1, 1): one byte per run for every channel
+    else:
+        u0 = (q * 8)[:, None, None] + (c * HW)[None, :, :]  # (BQ, BI // VEC, VEC)
+    b0 = n * Bn + (u0 >> 3)
+    bits = tl.load(bits_ptr + b0, mask=(u0 >> 3) < Bn, other=0).to(tl.int32)
+    if not ONE_BYTE:
+        b1 = tl.load(bits_ptr + b0 + 1, mask=(u0 >> 3) + 1 < Bn, other=0).to(tl.int32)
+        bits = (bits | (b1 << 8)) >> (u0 & 7)
+    dropped = ((bits[:, None, :, :] >> j[None, :, None, None]) & 1) != 0
+    s = tl.load(s_ptr + n)
+    # (1 - dropped) * s as the reference: 0 * s where dropped (NaN for an infinite s)
+    wt = tl.where(dropped, 0.0 * s, s)
+    t_off = (n * t_sN + h * t_sH + w * t_sW)[:, :, None, None] + c[None, None, :, :]
+    tv = tl.load(t_ptr + t_off, mask=m).to(tl.float32)
+    if SAME:
+        o_off = t_off
+    else:
+        o_off = (n * o_sN + h * o_sH + w * o_sW)[:, :, None, None] + c[None, None, :, :]
+    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+
+
 @op("apply_seeds")
 def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
                 scale: torch.Tensor) -> torch.Tensor:
@@ -709,7 +798,28 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
     bn = bits.shape[1]
     scale = scale.to(torch.float32).contiguous()
     r, lo = int(r), int(r) - 1 - int(r) // 2
+    # r = 1 (the seeds plans' blocks) on contiguous NCHW, samples of whole bytes: the flat
+    # tile, a byte of bits per 8 elements (a shared map: positions of H * W >= 7)
+    cs = 1 if shared else c
+    flat = (flat_launch(t, out) if r == 1 and c * h * w % 8 == 0 and bn * 8 >= cs * h * w
+            and (not shared or h * w >= 7) else None)
+    if flat is not None:
+        grid, meta = flat
+        launch(_apply_bits_flat_kernel)[grid](
+            t, out, bits, scale, out.numel(), N=n, Bn=bn, SHARED=bool(shared),
+            ONE_BYTE=not shared or h * w % 8 == 0, V=min(8, meta["BLOCK"]), **meta)
+        return out
     flags = apply_flags(t, out)
+    if (r == 1 and all(walk_channels_last(a) and a.stride(1) == 1 for a in (t, out))
+            and n <= 65535 and h * w * w <= 2**30 and bn * 8 >= cs * h * w):
+        bi = min(pow2(c), CL_CHANNELS)
+        bq = max(1, min(CL_TILE // (8 * bi), pow2(cdiv(h * w, 8))))
+        launch(_apply_bits_cl_kernel)[(cdiv(h * w, 8 * bq), cdiv(c, bi), n)](
+            t, out, bits, scale, h * w, c, w, -(-2**30 // w), bn, t.stride(0),
+            *t.stride()[2:], out.stride(0), *out.stride()[2:], SHARED=bool(shared),
+            ONE_BYTE=h * w % 8 == 0, BQ=bq, BI=bi, VEC=min(16 // t.element_size(), bi),
+            num_warps=max(1, bq * 8 * bi // (32 * CL_PER_THREAD)), **flags)
+        return out
     if walk_channels_last(out):
         bc = min(pow2(c), 64)
         bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))

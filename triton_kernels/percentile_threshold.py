@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    FLAT_TILE,
+    CL_CHANNELS,
+    CL_PER_THREAD,
+    CL_TILE,
     INTERPRETED,
     MAX_ROW,
     TILE,
@@ -71,14 +73,6 @@ SMALL_ROW = 1024
 # Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
 # shared memory at 16 rows).
 HIST_ROWS = 16
-# The channels_last apply tile (_apply_attention_cl_kernel): CL_CHANNELS channels, whose
-# maps' state is loaded once per tile, by CL_TILE // CL_CHANNELS positions, CL_PER_THREAD
-# elements per thread (4 warps for the full tile): the state's loads and their move into
-# the elements' layout (through shared memory) are per tile, and at 32 elements per
-# thread they cost 1.6 SASS instructions per element more on sm_90.
-CL_CHANNELS = 64
-CL_TILE = 2 * FLAT_TILE
-CL_PER_THREAD = 64
 
 
 @triton.jit

@@ -18,9 +18,10 @@
 //   For seeds_plan it also zeroes the counters of plans/dropblock.cu's coverage + scale
 //   kernel, the next launch on the stream (no memset launch).
 // covered_run (seed_cover.cuh): the r x r test for a run of up to 32 units of a row at once
-//   (the seed rows ORed once into a row mask, then dilated), shared with plans/dropblock.cu.
-// seed_coverage: one thread per run of units of a row, counting the units covered by a
-//   seed's block; block sums, then one int64 atomicAdd per block and sample (integer:
+//   (the seed rows ORed once into a row mask, then dilated), for apply_seeds.
+// seed_coverage: one thread per byte of the seeds' r x r blocks (seed_cover.cuh's
+//   block_byte, shared with plans/dropblock.cu, which also writes them), counting the
+//   covered units; block sums, then one int64 atomicAdd per block and sample (integer:
 //   deterministic).
 // apply_block: w = mask[n, h / k, w / k] * scale[n]; dense aligned x in flat 16-byte chunks
 //   (apply_block_rows_kernel for NCHW, apply_block_pixels_kernel for channels_last with
@@ -136,17 +137,16 @@ __global__ void seed_bits_kernel(const noise_t* __restrict__ noise, const Stride
 }
 
 __global__ void seed_coverage_kernel(const uint8_t* __restrict__ bits, const int64_t N,
-                                     const int64_t Cs, const int64_t H, const int64_t W,
-                                     const int64_t Bn, const int64_t r, const int run,
-                                     const int64_t WB, long long* __restrict__ out) {
+                                     const int64_t per_sample, const int64_t W,
+                                     const int64_t Bn, const int64_t r,
+                                     long long* __restrict__ out) {
   __shared__ unsigned long long part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t items = Cs * H * WB;  // runs of `run` units of a row
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
     unsigned long long count = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-      count += covered_count(bits + n * Bn, i, H, W, r, run, WB);
+    for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < Bn;
+         b += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      count += __popc(block_byte(bits + n * Bn, Bn, b, per_sample, W, r));
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) count += __shfl_xor_sync(kFullMask, count, d);
     if (lane == 0) part[warp] = count;
@@ -426,12 +426,10 @@ void launch_seed_coverage(const at::TensorBase& bits, int64_t r, int64_t Cs, int
   const int64_t N = bits.size(0), Bn = bits.size(1);
   const int64_t per_sample = Cs * H * W;
   if (N == 0 || per_sample == 0) return;
-  const int run = seed_run(r);
-  const int64_t WB = ceil_div(W, run), items = Cs * H * WB;
-  const dim3 grid(std::min<unsigned>(grid_for(items, kThreads), 1024u),
+  const dim3 grid(std::min<unsigned>(grid_for(Bn, kThreads), 1024u),
                   static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   seed_coverage_kernel<<<grid, kThreads, 0, current_stream()>>>(
-      bits.data_ptr<uint8_t>(), N, Cs, H, W, Bn, r, run, WB,
+      bits.data_ptr<uint8_t>(), N, per_sample, W, Bn, r,
       reinterpret_cast<long long*>(out.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -65,10 +65,11 @@ void launch_attentiondrop_scale(const at::TensorBase& msum, const at::TensorBase
                                 int64_t HW, int normalize, const at::TensorBase& state);
 
 // plans/dropblock.cu. bits: (N, ceil(Cs*H*W/8)) uint8 from launch_seed_bits with zero_ws =
-// ws: (N + 1) int64; scale: (N,) float32 = layers._scale(C*H*W - covered * (C / Cs)).
+// ws: (N + 1) int64; blocks: bits' shape, the seeds' packed r x r blocks
+// (reference.seed_blocks); scale: (N,) float32 = layers._scale(C*H*W - covered * (C / Cs)).
 void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_t Cs, int64_t H,
                         int64_t W, int normalize, const at::TensorBase& ws,
-                        const at::TensorBase& scale);
+                        const at::TensorBase& blocks, const at::TensorBase& scale);
 
 // plans/corrdrop.cu. F: (N, H'*W') float32 from launch_pooled_correlation; noise:
 // (2, N, H', W') any floating dtype and strides; p_t: undefined (then p_value) or a 0-dim

@@ -1,5 +1,5 @@
 // The r x r coverage test of DropBlock / CamDrop's packed seeds, shared by block_mask.cu
-// (seed_coverage, apply_seeds) and plans/dropblock.cu (coverage + scale).
+// (seed_coverage, apply_seeds) and plans/dropblock.cu (the blocks, coverage + scale).
 //
 // covered_run answers for a run of up to 32 consecutive units of a row at once: it ORs the
 // seed bits of the r rows that can reach the run (one window of len + r - 1 bits per row,
@@ -41,12 +41,6 @@ __device__ __forceinline__ uint64_t read_bits(const uint8_t* __restrict__ s, int
   return (v >> (p & 7)) & ((uint64_t(1) << n) - 1);
 }
 
-// Units per covered_run call for blocks of size r: the window len + r - 1 must fit in the
-// 57 bits read_bits returns.
-__host__ __device__ __forceinline__ int seed_run(int64_t r) {
-  return static_cast<int>(r > 57 ? 1 : (58 - r < 32 ? 58 - r : 32));
-}
-
 // Bit j (j < len) set when unit (h, w0 + j) of the map starting at bit `plane` is covered:
 // exactly covered(sample, plane, H, W, r, h, w0 + j). Needs 1 <= len <= 32, w0 + len <= W.
 __device__ __forceinline__ uint32_t covered_run(const uint8_t* __restrict__ sample,
@@ -73,16 +67,43 @@ __device__ __forceinline__ uint32_t covered_run(const uint8_t* __restrict__ samp
   return static_cast<uint32_t>(d & ((uint64_t(1) << len) - 1));
 }
 
-// The covered units of item `item` of a sample's seeds: the run of seed_run(r) columns
-// wb = item % WB of row h of map cs, (cs * H + h) * WB + wb = item, WB = ceil(W / run).
-// Index arithmetic once per run, not per unit.
-__device__ __forceinline__ int covered_count(const uint8_t* __restrict__ sample, int64_t item,
-                                             int64_t H, int64_t W, int64_t r, int run,
-                                             int64_t WB) {
-  const int64_t wb = item % WB, row = item / WB, h = row % H, cs = row / H;
-  const int64_t w0 = wb * run;
-  const int len = static_cast<int>(min(static_cast<int64_t>(run), W - w0));
-  return __popc(covered_run(sample, cs * H * W, H, W, r, h, w0, len));
+// Bits p .. p + n - 1 (1 <= n <= 57, p may be < 0) of a sample's string of Bn bytes, the
+// bytes outside it read as 0: bit j of the result is bit p + j.
+__device__ __forceinline__ uint64_t read_bits_in(const uint8_t* __restrict__ s, int64_t Bn,
+                                                 int64_t p, int n) {
+  const int64_t q0 = p >> 3, q1 = (p + n - 1) >> 3;  // floor, also below 0: at most 8 bytes
+  uint64_t v = 0;
+  for (int64_t q = q1; q >= q0; --q) v = (v << 8) | (q >= 0 && q < Bn ? s[q] : 0u);
+  return (v >> (p & 7)) & ((uint64_t(1) << n) - 1);
+}
+
+// Byte b of the seeds' r x r blocks, packed as the seeds (reference.seed_blocks): bit j set
+// when unit 8b + j of the sample (u = (cs * H + h) * W + w, per_sample units) is covered,
+// i.e. a seed sits at u + dh * W + d for some dh, d in [-lo, hi]; the bits after the last
+// unit 0. Seeds sit at valid centres only, so a bit reached past a row's or a map's end is
+// an edge unit's, never a seed: no (h, w) per unit, only the string's bounds. The r rows'
+// windows of 8 + r - 1 bits are ORed, then dilated by r with log2(r) shift-ORs, in pieces
+// of up to 50 offsets (a window of at most 57 bits).
+__device__ __forceinline__ uint32_t block_byte(const uint8_t* __restrict__ sample, int64_t Bn,
+                                               int64_t b, int64_t per_sample, int64_t W,
+                                               int64_t r) {
+  const int64_t lo = r - 1 - r / 2, hi = r / 2, u0 = 8 * b;
+  uint32_t out = 0;
+  for (int64_t da = -lo; da <= hi; da += 50) {
+    const int64_t db = min(da + 49, hi);
+    const int span = static_cast<int>(db - da) + 1;
+    uint64_t m = 0;  // bit i: a seed at offset da + i from unit u0 in one of the rows
+    for (int64_t dh = -lo; dh <= hi; ++dh)
+      m |= read_bits_in(sample, Bn, u0 + dh * W + da, span + 7);
+    // unit u0 + j is covered when a bit of j .. j + span - 1 is set
+    uint64_t d = m;
+    int k = 1;
+    for (; 2 * k <= span; k *= 2) d |= d >> k;
+    if (k < span) d |= d >> (span - k);
+    out |= static_cast<uint32_t>(d) & 0xffu;
+  }
+  const int64_t left = per_sample - u0;  // units in this byte
+  return left < 8 ? out & ((1u << left) - 1u) : out;
 }
 
 }  // namespace guidedrop

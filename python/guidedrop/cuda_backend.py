@@ -270,16 +270,16 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     noise (Philox in the seed kernel).
 
     x: (N, C, H, W); noise: (N, Cs, H, W) of any floating dtype (Cs = 1 if shared_channels
-    else C), or None -> Plan("seeds", (r, shared), (bits (N, ceil(Cs*H*W/8)) uint8,
-    scale (N,) float32)).
+    else C), or None -> Plan("seeds", (1, shared), (blocks (N, ceil(Cs*H*W/8)) uint8,
+    scale (N,) float32)), blocks the seeds' packed r x r blocks (``layers._seeds_plan``).
     """
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = [n, 1 if shared_channels else c, h, w]
     g_t, g = _runtime_rate(_seed_rate(p, r, h, w), x)
-    bits, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,
-                                  generator)
-    return Plan("seeds", (r, shape[1] == 1), (bits, scale))
+    blocks, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,
+                                    generator)
+    return Plan("seeds", (1, shape[1] == 1), (blocks, scale))
 
 
 def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize, noise=None,
@@ -290,10 +290,11 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     x: (N, C, H, W) float32/float16/bfloat16; weight: (K, C_fc) floating, C_fc a multiple of
     C; target: (N,) class indices of any integer dtype (int64, int32, int16, int8, uint8) and
     stride, read by value; noise: (N, C, H, W) of any floating dtype, or None. Returns None
-    when the block does not fit the map (r > H or r > W), else Plan("seeds", (r, C == 1),
-    (bits (N, ceil(C*H*W/8)) uint8, scale (N,) float32)). On a GPU a target outside [0, K)
-    is an asynchronous device assertion naming ``target`` in the first kernel (SPEC §6
-    step 0: no host sync); RuntimeError for a bad dtype, shape or device.
+    when the block does not fit the map (r > H or r > W), else Plan("seeds", (1, C == 1),
+    (blocks (N, ceil(C*H*W/8)) uint8, scale (N,) float32)), blocks as plan_dropblock's.
+    On a GPU a target outside [0, K) is an asynchronous device assertion naming ``target``
+    in the first kernel (SPEC §6 step 0: no host sync); RuntimeError for a bad dtype, shape
+    or device.
     """
     n, c, h, w = x.shape
     r = block_size
@@ -306,9 +307,9 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     k_s = max(1, (h * w) // (r * r))
     k_c = max(1, round(channel_rate * c))
     g_t, g = _runtime_rate(_seed_rate(1 - keep, r, h, w), x)
-    bits, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
-                                    normalize, generator)
-    return Plan("seeds", (r, c == 1), (bits, scale))  # as layers._seeds_plan: Cs = C
+    blocks, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
+                                      normalize, generator)
+    return Plan("seeds", (1, c == 1), (blocks, scale))  # as layers._seeds_plan: Cs = C
 
 
 # --------------------------------------------------------------------------- fake kernels

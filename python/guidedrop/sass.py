@@ -500,12 +500,12 @@ def main(path: str) -> int:
 # tests/test_static_perf.py): Triton by kernel name, CUDA by op (CUDA_KERNELS).
 TRITON_STREAMING = {
     "_apply_channel_kernel": "apply", "_apply_block_kernel": "apply",
-    "_apply_seeds_nchw_kernel": "apply", "_apply_seeds_cl_kernel": "apply",
     # contiguous NCHW x (triton_kernels/_common.py flat_launch): flat tiles
     "_apply_channel_flat_kernel": "apply", "_apply_block_flat_kernel": "apply",
-    "_apply_attention_flat_kernel": "apply",
-    # channels_last AttentionDrop (triton_kernels/percentile_threshold.py): a tile per sample
-    "_apply_attention_cl_kernel": "apply",
+    "_apply_attention_flat_kernel": "apply", "_apply_bits_flat_kernel": "apply",
+    # channels_last AttentionDrop (triton_kernels/percentile_threshold.py) and apply_seeds
+    # with r = 1 (block_mask.py): a tile per sample
+    "_apply_attention_cl_kernel": "apply", "_apply_bits_cl_kernel": "apply",
     "_channel_stats_kernel": "statistics", "_pooled_correlation_kernel": "statistics",
     "_cam_kernel": "statistics", "_select_kernel": "statistics",
     "_seed_bits_kernel": "seeds", "_seed_coverage_kernel": "seeds",
