@@ -768,6 +768,26 @@ def test_emulated_apply_attention_flat_chunks(E, dtype):
 
 
 @pytest.mark.parametrize("shared", [False, True])
+def test_emulated_apply_packed_mask(E, shared):
+    """apply_seeds with r = 1 (the seeds plans' blocks): random bits, padding bits set, one
+    infinite scale; NCHW samples of whole bytes in chunks of 8 (maps of 8s: one byte; 14 x
+    14, 7 x 7, 3 x 3: two bytes and the next map's first bits), channels_last with C % V ==
+    0 (a bit per pixel, or per channel), and the generic kernel elsewhere."""
+    gen = torch.Generator().manual_seed(4)
+    for n, c, h, w in [(2, 8, 7, 7), (2, 16, 14, 14), (2, 8, 8, 8), (3, 8, 3, 3), (2, 4, 5, 6),
+                       (2, 3, 5, 7)]:
+        cs = 1 if shared else c
+        bits = torch.randint(0, 256, (n, -(-cs * h * w // 8)), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(n, generator=gen) * 3
+        scale[-1] = float("inf")
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout in ("contiguous", "channels_last"):
+                x = make_x((n, c, h, w), dtype, "cpu", layout)
+                same(E.apply_seeds(x, bits, 1, shared, scale),
+                     R.apply_seeds(x, bits, 1, shared, scale), f"{(n, c, h, w)} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("shared", [False, True])
 def test_emulated_seeds_runs(E, shared):
     """apply_seeds and seed_coverage cover a row by runs of up to 32 units (seed_cover.cuh's
     covered_run): rows longer than a run, blocks as wide as the run allows (r = 26 with runs

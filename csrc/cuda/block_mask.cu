@@ -26,9 +26,12 @@
 // apply_block: w = mask[n, h / k, w / k] * scale[n]; dense aligned x in flat 16-byte chunks
 //   (apply_block_rows_kernel for NCHW, apply_block_pixels_kernel for channels_last with
 //   C % V == 0), else apply_kernel with BlockW (k: a host-computed fast division).
-// apply_seeds: w = (covered ? 0 : 1) * scale[n], with the r x r OR over the packed bits of
-//   the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the kernel, once
-//   per line segment of the apply kernel (SeedsW::row).
+// apply_seeds: w = (covered ? 0 : 1) * scale[n]. r = 1 (the DropBlock / CamDrop plans'
+//   state: their seeds' r x r blocks) on dense aligned x: a bit per element, read a byte
+//   per 8 elements (apply_bits_maps_kernel for NCHW, apply_bits_pixels_kernel for
+//   channels_last with C % V == 0); else apply_kernel with SeedsW: the r x r OR over the
+//   packed bits of the rows h - lo .. h + hi (lo = r - 1 - r // 2, hi = r // 2) read in the
+//   kernel, once per line segment (SeedsW::row).
 #include "common.cuh"
 #include "launchers.h"
 #include "seed_cover.cuh"
@@ -388,6 +391,92 @@ struct SeedsW {
   }
 };
 
+// apply_seeds with r = 1 (a packed mask: the seeds plans' blocks, reference.seed_blocks) on
+// dense, 16-byte aligned x whose samples are whole bytes of bits (C * H * W % 8 == 0), in
+// flat chunks of 8 elements (one byte of bits; 16 or 32 bytes of x), a fast division per
+// chunk for its sample. NCHW: the chunk's units u0 .. u0 + 7 of its sample's string are
+// i0 - n * C*H*W (C maps: one byte), or the positions pos .. of its map (SHARED: one byte
+// where H * W % 8 == 0 (ONE_BYTE), else two shifted into place and, where the chunk runs
+// past its map's end (H * W >= 7: at most once), the next map's first bits, the same
+// sample's, shifted in after them).
+template <typename scalar_t, bool SHARED, bool ONE_BYTE>
+__global__ void apply_bits_maps_kernel(const scalar_t* __restrict__ t,
+                                       scalar_t* __restrict__ out,
+                                       const uint8_t* __restrict__ bits,
+                                       const float* __restrict__ scale, const uint32_t chunks,
+                                       const uint32_t Bn, const FastDiv per, const FastDiv hw) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t), E = 8, NV = E / V;  // NV vectors per chunk
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t stride = gridDim.x * blockDim.x;
+#pragma unroll 1
+  for (uint32_t chunk = tid; chunk < chunks; chunk += stride) {
+    const uint32_t i0 = chunk * E, n = div_of(i0, per);
+    uint32_t m;
+    if constexpr (!SHARED) {
+      m = bits[i0 / 8];  // samples of whole bytes: bit i of the launch's bits is element i
+    } else {
+      const uint32_t pos = i0 - div_of(i0, hw) * hw.d, b0 = n * Bn + pos / 8;
+      if constexpr (ONE_BYTE) {
+        m = bits[b0];
+      } else {
+        const uint32_t left = hw.d - pos;  // the chunk's elements in its map, >= 1
+        m = (bits[b0] | (pos / 8 + 1 < Bn ? uint32_t(bits[b0 + 1]) << 8 : 0u)) >> (pos % 8);
+        if (left < E) m = (m & ((1u << left) - 1u)) | (uint32_t(bits[n * Bn]) << left);
+      }
+    }
+    const float s = scale[n], z = 0.f * s;  // (1 - dropped) * s: 0 * s (NaN for s = inf)
+#pragma unroll
+    for (uint32_t v = 0; v < NV; ++v) {
+      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0 + v * V);
+      Vec<scalar_t, V> res;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) {
+        const float w = (m >> (v * V + j)) & 1u ? z : s;
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+      }
+      *reinterpret_cast<Vec<scalar_t, V>*>(out + i0 + v * V) = res;
+    }
+  }
+}
+
+// NHWC with C % V == 0: a chunk is V channels of one pixel p; its bits are the pixel's
+// (SHARED: one bit for the chunk) or unit c * H*W + p of each channel (a byte load each,
+// neighbouring chunks' bytes in cache).
+template <typename scalar_t, bool SHARED>
+__global__ void apply_bits_pixels_kernel(const scalar_t* __restrict__ t,
+                                         scalar_t* __restrict__ out,
+                                         const uint8_t* __restrict__ bits,
+                                         const float* __restrict__ scale,
+                                         const uint32_t chunks, const uint32_t Bn,
+                                         const FastDiv c, const FastDiv hw) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t stride = gridDim.x * blockDim.x;
+#pragma unroll 1
+  for (uint32_t chunk = tid; chunk < chunks; chunk += stride) {
+    const uint32_t i0 = chunk * V;
+    const uint32_t pixel = div_of(i0, c), n = div_of(pixel, hw);
+    const uint32_t p = pixel - n * hw.d, c0 = i0 - pixel * c.d;
+    const uint8_t* sample = bits + n * Bn;
+    const float s = scale[n], z = 0.f * s;
+    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    Vec<scalar_t, V> res;
+    if constexpr (SHARED) {
+      const float w = (sample[p / 8] >> (p % 8)) & 1u ? z : s;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+    } else {
+      uint32_t u = c0 * hw.d + p;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j, u += hw.d) {
+        const float w = (sample[u / 8] >> (u % 8)) & 1u ? z : s;
+        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+      }
+    }
+    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
+  }
+}
+
 }  // namespace
 
 void launch_seed_bits(const at::TensorBase& noise, const at::TensorBase& cand_s,
@@ -479,10 +568,54 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
 
 void launch_apply_seeds(const at::TensorBase& t, const at::TensorBase& bits, int64_t r,
                         bool shared, const at::TensorBase& scale, const at::TensorBase& out) {
-  const SeedsW wfn{bits.data_ptr<uint8_t>(), scale.data_ptr<float>(), t.size(2), t.size(3),
-                   bits.size(1), r, shared};
-  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_seeds",
-                          [&] { launch_apply<scalar_t>(t, out, wfn); });
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), per = C * HW;
+  const int64_t Bn = bits.size(1);
+  const bool cl = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool dense = dense_in_order(t, cl) && dense_in_order(out, cl) && aligned16(t) &&
+                     aligned16(out);
+  GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_seeds", [&] {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    // r = 1 (the plans' blocks): NCHW samples of whole bytes (a shared map: of 7 units or
+    // more), NHWC with C % V == 0
+    const bool maps = !cl && per % 8 == 0 && (!shared || HW >= 7);
+    const bool pixels = cl && C % V == 0;
+    const int64_t step = flat_samples_per_launch(N, per, 8);
+    if (t.numel() == 0) return;
+    if (r != 1 || !dense || step == 0 || !(maps || pixels)) {
+      const SeedsW wfn{bits.data_ptr<uint8_t>(), scale.data_ptr<float>(), t.size(2), t.size(3),
+                       Bn, r, shared};
+      launch_apply<scalar_t>(t, out, wfn);
+      return;
+    }
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* bp = bits.data_ptr<uint8_t>();
+    const float* sp = scale.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t n = std::min(step, N - n0), numel = n * per;
+      const uint32_t chunks = static_cast<uint32_t>(numel / (maps ? 8 : V)), bn = Bn;
+      const unsigned grid = grid_for(chunks, kThreads);
+      const scalar_t* tn = tp + n0 * per;
+      scalar_t* on = op + n0 * per;
+      const uint8_t* bn0 = bp + n0 * Bn;
+      if (maps && !shared)
+        apply_bits_maps_kernel<scalar_t, false, true><<<grid, kThreads, 0, current_stream()>>>(
+            tn, on, bn0, sp + n0, chunks, bn, fast_div(per), fast_div(HW));
+      else if (maps && HW % 8 == 0)
+        apply_bits_maps_kernel<scalar_t, true, true><<<grid, kThreads, 0, current_stream()>>>(
+            tn, on, bn0, sp + n0, chunks, bn, fast_div(per), fast_div(HW));
+      else if (maps)
+        apply_bits_maps_kernel<scalar_t, true, false><<<grid, kThreads, 0, current_stream()>>>(
+            tn, on, bn0, sp + n0, chunks, bn, fast_div(per), fast_div(HW));
+      else if (shared)
+        apply_bits_pixels_kernel<scalar_t, true><<<grid, kThreads, 0, current_stream()>>>(
+            tn, on, bn0, sp + n0, chunks, bn, fast_div(C), fast_div(HW));
+      else
+        apply_bits_pixels_kernel<scalar_t, false><<<grid, kThreads, 0, current_stream()>>>(
+            tn, on, bn0, sp + n0, chunks, bn, fast_div(C), fast_div(HW));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 }  // namespace guidedrop

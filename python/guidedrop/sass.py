@@ -524,7 +524,7 @@ CUDA_STREAMING = {
 CUDA_KERNELS = {
     "apply_channel": r"apply_channel_(maps|pixels)_kernel<{T}>",
     "apply_block": r"apply_block_(rows|pixels)_kernel<{T}[,>]",
-    "apply_seeds": r"apply_kernel<{T}, .*SeedsW[,>]",
+    "apply_seeds": r"apply_bits_(maps|pixels)_kernel<{T},",
     "apply_attention": r"apply_attention_maps_kernel<{T},",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
