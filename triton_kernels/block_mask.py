@@ -743,8 +743,8 @@ def _apply_bits_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, HW, C, W, MAGW, Bn,
     """apply_seeds with r = 1 on channels_last t and out: a tile of sample program_id(2),
     BQ runs of 8 positions (p = 8q + j, p = h * W + w) x BI channels, as (BQ, 8, BI //
     VEC, VEC). The bits of a run's 8 units, per channel (c * H * W + 8q, C maps) or once
-    (8q, SHARED), are one byte (ONE_BYTE: H * W % 8 == 0) or two shifted into place, read
-    per run and selected per element."""
+    (8q, SHARED), are one byte (ONE_BYTE: SHARED or H * W % 8 == 0) or two shifted into
+    place, read per run and selected per element."""
     q = tl.program_id(0) * BQ + tl.arange(0, BQ)
     j = tl.arange(0, 8)
     p = q[:, None] * 8 + j[None, :]  # (BQ, 8)
@@ -817,7 +817,8 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
         launch(_apply_bits_cl_kernel)[(cdiv(h * w, 8 * bq), cdiv(c, bi), n)](
             t, out, bits, scale, h * w, c, w, -(-2**30 // w), bn, t.stride(0),
             *t.stride()[2:], out.stride(0), *out.stride()[2:], SHARED=bool(shared),
-            ONE_BYTE=h * w % 8 == 0, BQ=bq, BI=bi, VEC=min(16 // t.element_size(), bi),
+            ONE_BYTE=bool(shared) or h * w % 8 == 0, BQ=bq, BI=bi,
+            VEC=min(16 // t.element_size(), bi),
             num_warps=max(1, bq * 8 * bi // (32 * CL_PER_THREAD)), **flags)
         return out
     if walk_channels_last(out):
