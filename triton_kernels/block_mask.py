@@ -10,15 +10,19 @@
   keyed by (a seed drawn with torch's generator, loaded in the kernel: no host sync,
   CUDA-graph safe) and a counter that is a function of the logical position only (two
   counters per output byte, four uniforms each), never of the program id.
-- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample, on
-  the same tiles (maps x rows x bytes of a row);
-  ``seeds_scale`` (the DropBlock / CamDrop plans): the same kernel also writes the scale
-  of ``layers._seeds_plan`` in its last program (an atomic ticket that the seeds kernel
-  zeroes), so that coverage and scale are one launch.
-- ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``; the dropped bits
-  of 8 consecutive w are built inside the apply kernel (``_dropped_byte``: OR of the r
-  seed rows, each a few bytes shifted into one word, then r shifts), so the x-sized mask
-  never exists and each seed byte is read ~3r times per 8 units instead of 2r per unit.
+- ``seed_coverage``: units covered by the r x r expansion of the seeds, per sample, a
+  program per run of bytes of the sample's bit string (``_dropped_bits``: OR of the r seed
+  rows, each a few bytes shifted into one word, then r shifts; no (h, w) per unit, as seeds
+  sit at valid centres only); ``seeds_scale`` (the DropBlock / CamDrop plans): the same
+  kernel also writes the blocks, packed as the seeds (the plan's state,
+  ``reference.seed_blocks``), and the scale of ``layers._seeds_plan`` in its last program
+  (an atomic ticket that the seeds kernel zeroes), so that coverage and scale are one
+  launch.
+- ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``. r = 1 (the plans'
+  blocks): a byte of bits per 8 elements (``_apply_bits_flat_kernel`` for contiguous NCHW,
+  ``_apply_bits_cl_kernel`` for channels_last); r > 1 (seeds): the dropped bits of 8
+  consecutive w built inside the row tiles (``_dropped_bits``), so the x-sized mask never
+  exists.
 """
 
 from __future__ import annotations
@@ -517,14 +521,13 @@ def _seed_coverage_kernel(bits_ptr, blk_ptr, part_ptr, ticket_ptr, sc_ptr, UNITS
     if IDX64:
         n = n.to(tl.int64)
         b = b.to(tl.int64)
-    bv = b < Bn
     dropped = _dropped_bits(bits_ptr, n * Bn, b * 8, W, Bn, R, LO)
     j = tl.arange(0, 8)
     hit = (((dropped[:, None] >> j[None, :]) & 1) != 0) & ((b[:, None] * 8 + j[None, :]) < UNITS)
     if BLOCKS:
         packed = tl.sum(hit.to(tl.int32) << j[None, :], axis=1)
-        tl.store(blk_ptr + n * Bn + b, packed.to(tl.uint8), mask=bv)
-    tl.store(part_ptr + pid, tl.sum(tl.where(bv[:, None], hit, 0).to(tl.int32), axis=1).sum())
+        tl.store(blk_ptr + n * Bn + b, packed.to(tl.uint8), mask=b < Bn)
+    tl.store(part_ptr + pid, tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0))
     if NORM >= 0:
         # The scale of "batch" needs every sample's count: rather than a second launch,
         # the last program to finish (an atomic ticket) reads all the parts and writes the
@@ -810,7 +813,7 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
             ONE_BYTE=not shared or h * w % 8 == 0, V=min(8, meta["BLOCK"]), **meta)
         return out
     flags = apply_flags(t, out)
-    if (r == 1 and all(walk_channels_last(a) and a.stride(1) == 1 for a in (t, out))
+    if (r == 1 and walk_channels_last(t) and walk_channels_last(out)
             and n <= 65535 and h * w * w <= 2**30 and bn * 8 >= cs * h * w):
         bi = min(pow2(c), CL_CHANNELS)
         bq = max(1, min(CL_TILE // (8 * bi), pow2(cdiv(h * w, 8))))
