@@ -100,9 +100,9 @@ OVER_BUDGET = {
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
                                  "chunk may span two maps (H * W not a multiple of 8: 14 x "
                                  "14, 7 x 7; the state of both, a select of each field per "
-                                 "element): 'am' 15.2, 'sm' 17.2, 'ad' 20.5 SASS per "
+                                 "element): 'am' 15.2, 'sm' 17.2, 'ad' 19.5 SASS per "
                                  "element. Within budget where no chunk spans two maps "
-                                 "(ONE_MAP: 10.0 / 11.6 / 13.8) and in fp32 (9.8-22.0)",
+                                 "(ONE_MAP: 10.0 / 11.6 / 12.8) and in fp32 (9.8-21.0)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 504 / 1007 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "

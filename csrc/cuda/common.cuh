@@ -468,7 +468,9 @@ __device__ __forceinline__ float soft_mask(float x, float thr, float mn, float r
   // but for the sign of a zero, which 1 − f̂ drops.
   const float fhat = fminf(fmaxf(__fmul_rn(x - mn, r), 0.f), 1.f);
   if (mode == 1) return 1.f - fhat;  // "sm"
-  return 1.f - (x >= thr ? fhat : 0.f);  // "ad": 1 − f̂·[x ≥ t] (f̂ finite, ≥ 0: the same)
+  // "ad": 1 − f̂·[x ≥ t], f̂·[x ≥ t] exact (f̂ finite, ≥ 0), so the one rounding of the fma
+  // is the subtraction's: [x ≥ t] one FSET.BF, then an FFMA, no predicate per unit
+  return fmaf(-fhat, x >= thr ? 1.f : 0.f, 1.f);
 }
 
 }  // namespace guidedrop
