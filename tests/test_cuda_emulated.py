@@ -726,8 +726,10 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
 # 4 x 14, 9 x 56) or on two (7 x 7, 3 x 5: on two samples too, C = 1), many maps a chunk's
 # neighbours (C = 16), a tail of numel % V. Maps under V elements (1 x 4 in bf16 / fp16),
 # channels_last, sliced and misaligned x take the generic apply_kernel.
+# H * W: a multiple of 8 (one map per 16-byte chunk of bf16), of 4 only (a map per half
+# chunk: 6 x 6, 14 x 14), odd, under a chunk
 ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 2, 9, 56),
-                  (2, 3, 1, 4)]
+                  (2, 3, 1, 4), (2, 5, 6, 6), (1, 3, 14, 14)]
 
 
 def test_emulated_apply_attention_reads_each_maps_scale(E):

@@ -98,11 +98,12 @@ OVER_BUDGET = {
                              "14.1-14.9, k >= 7 14.9, channels_last 7.1; fp32 9.2-24.0 "
                              "within budget",
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
-                                 "chunk may span two maps (H * W not a multiple of 8: 14 x "
-                                 "14, 7 x 7; the state of both, a select of each field per "
-                                 "element): 'am' 15.2, 'sm' 17.2, 'ad' 19.5 SASS per "
-                                 "element. Within budget where no chunk spans two maps "
-                                 "(ONE_MAP: 10.0 / 11.6 / 12.8) and in fp32 (9.8-21.0)",
+                                 "chunk may span two maps at any element (H * W odd: 7 x 7; "
+                                 "the state of both, a select of each field per element): "
+                                 "'am' 15.2, 'sm' 17.2, 'ad' 19.5 SASS per element; at its "
+                                 "middle (H * W % 8 == 4: 14 x 14, a select per half) 13.0 "
+                                 "/ 14.5 / 15.8. Within budget where no chunk spans two maps "
+                                 "(56, 28, 32: 10.0 / 11.6 / 12.8) and in fp32 (9.8-21.0)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 504 / 1007 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "

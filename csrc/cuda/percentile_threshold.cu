@@ -287,11 +287,11 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
 }
 
 // NCHW, maps of HW >= V elements, t, x and out dense and 16-byte aligned: a 16-byte chunk
-// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0; never
-// where ONE_MAP, HW a multiple of V). Per
-// chunk the state of each map it touches (its activity and reference.attention_state),
-// per element which of the two: not the generic apply_kernel's state per line segment or
-// element. MODE 0/1/2: "am"/"sm"/"ad" (a constant, so that soft_mask folds).
+// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0, k0 a
+// multiple of G as HW is; never where G = V, ONE_MAP). Per chunk the state of each map it
+// touches (its activity and reference.attention_state), per group of G elements which of
+// the two: not the generic apply_kernel's state per line segment or element. MODE 0/1/2:
+// "am"/"sm"/"ad" (a constant, so that soft_mask folds).
 // A map's state for its units' multiplier. "am" (MODE 0): w = s where x < thr, else sd =
 // (active ? 0 : 1) * s (0 * s, not 0: the reference's S * scale, NaN for an infinite
 // scale), so that a unit costs a compare and a select, not an activity test and products.
@@ -328,7 +328,7 @@ __device__ __forceinline__ MapState pick(bool first, const MapState& a, const Ma
           first ? a.s : b.s,   first ? a.sd : b.sd, first ? a.act : b.act};
 }
 
-template <typename scalar_t, int MODE, bool ONE_MAP>
+template <typename scalar_t, int MODE, int G>
 __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const scalar_t* __restrict__ x,
                                             scalar_t* __restrict__ out,
@@ -337,6 +337,7 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const uint32_t numel, const FastDiv hw,
                                             const uint32_t last_map) {
   constexpr uint32_t V = 16 / sizeof(scalar_t);
+  constexpr bool ONE_MAP = G == V;
   const uint32_t full = numel / V;
   const uint32_t stride = gridDim.x * blockDim.x;
   const bool x_is_t = x == t;  // the forward: x is read once
@@ -359,7 +360,9 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     Vec<scalar_t, V> res;
 #pragma unroll
     for (uint32_t j = 0; j < V; ++j) {
-      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(ONE_MAP || j < k0, a, b));
+      // k0 is a multiple of G (H * W is): element j is map m0's when its group of G is,
+      // the same pick for the G elements of a group (one select per field and group)
+      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(j / G * G < k0, a, b));
       res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
@@ -393,15 +396,25 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       launch_apply<scalar_t>(t, out, wfn);
       return;
     }
-    // ONE_MAP: HW a multiple of V, so that no chunk spans two maps (56 x 56, 28 x 28 and
-    // 32 x 32 in bfloat16): one state per chunk, no select per element
-    const bool one = HW % V == 0;
-    auto kernel = mode == 0   ? (one ? apply_attention_maps_kernel<scalar_t, 0, true>
-                                     : apply_attention_maps_kernel<scalar_t, 0, false>)
-                  : mode == 1 ? (one ? apply_attention_maps_kernel<scalar_t, 1, true>
-                                     : apply_attention_maps_kernel<scalar_t, 1, false>)
-                              : (one ? apply_attention_maps_kernel<scalar_t, 2, true>
-                                     : apply_attention_maps_kernel<scalar_t, 2, false>);
+    // G: a chunk's map boundary falls on a multiple of G elements. G = V (ONE_MAP): HW a
+    // multiple of V, no chunk spans two maps (56 x 56, 28 x 28 and 32 x 32 in bfloat16),
+    // one state per chunk; G = 4: a chunk's halves each lie in one map (14 x 14 in
+    // bfloat16), a select per half; else per element (7 x 7)
+    constexpr int G4 = V == 8 ? 4 : 1;
+    const int g = HW % V == 0 ? V : HW % 4 == 0 ? 4 : 1;
+    auto pick_g = [&](auto one, auto four, auto any) {
+      return g == V ? one : g == 4 ? four : any;
+    };
+    auto kernel =
+        mode == 0   ? pick_g(apply_attention_maps_kernel<scalar_t, 0, V>,
+                             apply_attention_maps_kernel<scalar_t, 0, G4>,
+                             apply_attention_maps_kernel<scalar_t, 0, 1>)
+        : mode == 1 ? pick_g(apply_attention_maps_kernel<scalar_t, 1, V>,
+                             apply_attention_maps_kernel<scalar_t, 1, G4>,
+                             apply_attention_maps_kernel<scalar_t, 1, 1>)
+                    : pick_g(apply_attention_maps_kernel<scalar_t, 2, V>,
+                             apply_attention_maps_kernel<scalar_t, 2, G4>,
+                             apply_attention_maps_kernel<scalar_t, 2, 1>);
     const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < N; n0 += step) {
