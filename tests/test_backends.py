@@ -559,8 +559,11 @@ def test_apply_attention(B, x, mode):
 # elements under the interpreter: shapes of several tiles, with tiles that start inside a map
 # (the magic-multiplier split of positions and channels), maps longer than a tile (its
 # compare split, and many tiles per map), and more channels than a tile's maps (the
-# compare split of channels), and whole tiles only (the unmasked EVEN kernels: 7 tiles).
-FLAT_SHAPES = [(2, 70, 11, 13), (1, 2, 130, 130), (1, 400, 7, 7), (1, 256, 16, 28)]
+# compare split of channels), and whole tiles only (the unmasked EVEN kernels: 7 tiles);
+# H * W a multiple of 8, of 4 only (a 16-byte bf16 group meets a map's end at its middle:
+# the attention apply picks a map per half group) and odd.
+FLAT_SHAPES = [(2, 70, 11, 13), (1, 2, 130, 130), (1, 400, 7, 7), (1, 256, 16, 28),
+               (2, 45, 14, 14)]
 
 
 @pytest.mark.parametrize("shape", FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -577,7 +580,7 @@ def test_applies_flat_tiles(B, shape):
             same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
     active = rand((n, c), 5) < 0.5
     scale[-1] = math.inf  # S * scale: NaN where S = 0
-    for mode in ("am", "ad"):
+    for mode in ("am", "sm", "ad"):
         thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
         for t in (x, g):
             st = R.attention_state(thr, mn, r, scale)

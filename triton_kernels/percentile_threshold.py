@@ -512,15 +512,15 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
-                                 ONE_MAP: tl.constexpr,
+                                 ONE_MAP: tl.constexpr, G: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
     + 1 so that a group spans at most one map end. Per group the state of its map
     (``_map_state``: its activity byte and one 16-byte load) and, unless ONE_MAP (HW a
-    multiple of V: no group spans a map end), of the next one; per element, which of the
-    two."""
+    multiple of V: no group spans a map end), of the next one; per element (per G elements
+    where HW is a multiple of G = 4), which of the two."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
                                   BLOCK, V, IDX64, EVEN)
     mp = n * C + c
@@ -535,7 +535,9 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         v1 = (mp + 1 < NC) & (pos > HW - V)
         act1 = tl.load(act_ptr + mp + 1, mask=v1, other=0) != 0
         thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
-        wrap = tl.arange(0, V)[None, :] >= (HW - pos)[:, None]  # a compare per element
+        # HW - pos is a multiple of G (HW is): element j takes its group of G's map, the
+        # same compare and selects for the G elements of a group (folded into one)
+        wrap = (tl.arange(0, V) // G * G)[None, :] >= (HW - pos)[:, None]
     sc = tl.where(wrap, sc1[:, None], sc0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
@@ -587,7 +589,7 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
-            V=min(v, meta["BLOCK"]), **meta)
+            G=4 if h * w % 4 == 0 else 1, V=min(v, meta["BLOCK"]), **meta)
         return out
     if all(walk_channels_last(a) for a in (t, x, out)) and n <= 65535 and h * w * w <= 2**30:
         bi = min(pow2(c), CL_CHANNELS)
