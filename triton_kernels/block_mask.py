@@ -564,13 +564,15 @@ def _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM: tl.constexpr,
         if NORM == 0:  # "none"
             tl.store(sc_ptr + nn, tl.full([BN], 1.0, tl.float32), mask=nv)
         elif NORM == 1:  # "sample"
-            sc = tl.where(kept > 0, units64 / tl.maximum(kept, 1e-300), 0.0)
+            # the reference's units / kept is torch's reciprocal(kept) * units (its
+            # __rtruediv__): the same two roundings here, not one division
+            sc = tl.where(kept > 0, (1.0 / tl.maximum(kept, 1e-300)) * units64, 0.0)
             tl.store(sc_ptr + nn, sc.to(tl.float32), mask=nv)
         else:
             total += tl.where(nv, kept, 0.0)
     if NORM == 2:  # "batch": units * N / sum(kept), every sample
         kept_all = tl.sum(total, axis=0)
-        sc = tl.where(kept_all > 0, (units64 * N) / tl.maximum(kept_all, 1e-300), 0.0)
+        sc = tl.where(kept_all > 0, (1.0 / tl.maximum(kept_all, 1e-300)) * (units64 * N), 0.0)
         for n0 in range(0, N, BN):
             nn = n0 + tl.arange(0, BN)
             tl.store(sc_ptr + nn, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=nn < N)
