@@ -20,9 +20,9 @@
   launch.
 - ``apply_seeds(t, bits, r, scale)``: ``t * (1 - dropped) * scale[n]``. r = 1 (the plans'
   blocks): a byte of bits per 8 elements (``_apply_bits_flat_kernel`` for contiguous NCHW,
-  ``_apply_bits_cl_kernel`` for channels_last); r > 1 (seeds): the dropped bits of 8
-  consecutive w built inside the row tiles (``_dropped_bits``), so the x-sized mask never
-  exists.
+  ``_apply_bits_cl_kernel`` for channels_last); r > 1 (seeds) and other layouts: the
+  dropped bits of 8 consecutive w built inside the row tile (``_apply_seeds_rows_kernel``,
+  ``_dropped_bits``), so the x-sized mask never exists.
 """
 
 from __future__ import annotations
@@ -632,7 +632,7 @@ def seeds_scale(bits, ticket, r, c, cs, h, w, normalize):
 
 
 @triton.jit
-def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
+def _apply_seeds_rows_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
                              t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
                              R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
                              BR: tl.constexpr, BQ: tl.constexpr, IDX64: tl.constexpr,
@@ -661,41 +661,6 @@ def _apply_seeds_nchw_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
         o_off = t_off
     else:
         o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None, None] + (w * o_sW)[None, :, :]
-    tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
-
-
-@triton.jit
-def _apply_seeds_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, GROUPS, C, H, W, Wb, Bn,
-                           t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
-                           R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
-                           BG: tl.constexpr, BC: tl.constexpr, IDX64: tl.constexpr,
-                           SAME: tl.constexpr, BF16_FIX: tl.constexpr):
-    """Tile (groups (n, h, q)) x (bits j) x (channels c): w = 8q + j, c innermost."""
-    g = tl.program_id(0) * BG + tl.arange(0, BG)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    gv = g < GROUPS
-    cv = c < C
-    if IDX64:
-        g = g.to(tl.int64)
-        c = c.to(tl.int64)
-    n, _, h, q, _ = tile_nchw(g, c, C, H, Wb, True)  # rows (n, h, q), q the byte of w
-    if SHARED:  # one mask for every channel: (BG, 1)
-        plane = n[:, None] * 0
-    else:
-        plane = (c * H * W)[None, :]
-    dropped = _dropped_bits(bits_ptr, (n * Bn)[:, None], plane + (h * W + q * 8)[:, None],
-                            W, Bn, R, LO)
-    j = tl.arange(0, 8)
-    w = q[:, None] * 8 + j[None, :]  # (BG, 8)
-    m = (gv[:, None] & (w < W))[:, :, None] & cv[None, None, :]
-    keep = (1 - ((dropped[:, None, :] >> j[None, :, None]) & 1)).to(tl.float32)
-    wt = keep * tl.load(s_ptr + n, mask=gv, other=0.0)[:, None, None]
-    t_off = ((n * t_sN + h * t_sH)[:, None] + w * t_sW)[:, :, None] + (c * t_sC)[None, None, :]
-    if SAME:
-        o_off = t_off
-    else:
-        o_off = ((n * o_sN + h * o_sH)[:, None] + w * o_sW)[:, :, None] + (c * o_sC)[None, None, :]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
@@ -826,22 +791,15 @@ def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
             VEC=min(16 // t.element_size(), bi),
             num_warps=max(1, bq * 8 * bi // (32 * CL_PER_THREAD)), **flags)
         return out
-    if walk_channels_last(out):
-        bc = min(pow2(c), 64)
-        bg = max(1, min(APPLY_TILE // (8 * bc), pow2(n * h * wb)))
-        grid = (cdiv(n * h * wb, bg), cdiv(c, bc))
-        launch(_apply_seeds_cl_kernel)[grid](
-            t, out, bits, scale, n * h * wb, c, h, w, wb, bn, *t.stride(), *out.stride(),
-            R=r, LO=lo, SHARED=bool(shared), BG=bg, BC=bc,
-            num_warps=warps(bg * 8 * bc), **flags)
-    else:
-        bq = min(pow2(wb), max(1, APPLY_TILE // 8))
-        br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
-        grid = (cdiv(n * c * h, br), cdiv(wb, bq))
-        launch(_apply_seeds_nchw_kernel)[grid](
-            t, out, bits, scale, n * c * h, c, h, w, bn, *t.stride(), *out.stride(),
-            R=r, LO=lo, SHARED=bool(shared), BR=br, BQ=bq,
-            num_warps=warps(br * bq * 8), **flags)
+    # r > 1 (the op called on seeds, not by the layers) and the layouts above decline:
+    # the row tile, any strides
+    bq = min(pow2(wb), max(1, APPLY_TILE // 8))
+    br = max(1, min(APPLY_TILE // (8 * bq), pow2(n * c * h)))
+    grid = (cdiv(n * c * h, br), cdiv(wb, bq))
+    launch(_apply_seeds_rows_kernel)[grid](
+        t, out, bits, scale, n * c * h, c, h, w, bn, *t.stride(), *out.stride(),
+        R=r, LO=lo, SHARED=bool(shared), BR=br, BQ=bq,
+        num_warps=warps(br * bq * 8), **flags)
     return out
 
 
