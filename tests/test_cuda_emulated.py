@@ -687,15 +687,17 @@ def test_emulated_apply_channel_flat_chunks(E, dtype):
 
 
 # apply_block's flat 16-byte chunks (csrc/cuda/block_mask.cu): contiguous NCHW with
-# W >= V - 1 (apply_block_rows_kernel: k >= V - 1 with three mask bytes a chunk, smaller k a
-# constant) at W = 7, 14, 28, 56, 32 and odd widths; C * H * W not a multiple of V (chunks on
-# two samples, a tail of numel % V); many samples a warp (N = 40, 36: the scale shuffles of
-# float32). channels_last with C % V == 0 (apply_block_pixels_kernel). The rest takes the
-# generic apply_kernel: W < V - 1 (W = 4 in bf16 / fp16), C % V != 0, a sample under V
-# elements (40 x 1 x 1 x 7 in bf16 / fp16).
+# W >= V - 1 and C * H * W a multiple of V (apply_block_rows_kernel: k >= V - 1 with three
+# mask bytes a chunk, smaller k a constant) at W = 7, 14, 28, 56, 32 and odd widths, chunks
+# running into the next row and the next map (2 x 8 x 7 x 7, 3 x 4 x 5 x 14, 2 x 16 x 5 x 7);
+# many samples a warp (N = 40, 36, 33: the scale shuffles of float32). channels_last with
+# C % V == 0 (apply_block_pixels_kernel). The rest takes the generic apply_kernel: W < V - 1
+# (W = 4 in bf16 / fp16), C * H * W % V != 0 (2 x 3 x 7 x 7, 3 x 5 x 5 x 14: chunks that
+# would span two samples), C % V != 0 in channels_last.
 BLOCK_FLAT = [(2, 3, 7, 7), (3, 5, 5, 14), (2, 2, 6, 28), (1, 2, 9, 56), (2, 3, 4, 32),
               (3, 1, 3, 9), (2, 5, 3, 15), (2, 16, 5, 7), (1, 8, 3, 4), (40, 1, 1, 9),
-              (40, 1, 1, 7), (36, 1, 2, 4)]
+              (40, 1, 1, 7), (36, 1, 2, 4), (2, 8, 7, 7), (3, 4, 5, 14), (40, 1, 1, 8),
+              (33, 2, 2, 6), (2, 8, 3, 15)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

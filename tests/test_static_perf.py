@@ -96,12 +96,6 @@ OVER_BUDGET = {
                                   "element); 2-byte loads in channels_last at 56 x 56 (a map is "
                                   "strided by C). The bisection's 28-169 counted one of its up "
                                   "to 32 passes",
-    ("cuda", "apply_block"): "flat kernels, bf16: k = 1 (a mask byte load per element, "
-                             "its address selected) 16.4 SASS per element, k = 2 16.6, "
-                             "k = 3 15.5 (the chunk's index work, its rows' mask bytes "
-                             "and a select per element, over 8 elements); k = 4..6 "
-                             "14.1-14.9, k >= 7 14.9, channels_last 7.1; fp32 9.2-24.0 "
-                             "within budget",
     ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
                                  "chunk may span two maps at any element (H * W odd: 7 x 7; "
                                  "the state of both, a select of each field per element): "
@@ -124,9 +118,9 @@ OVER_BUDGET = {
 # counted on its flat kernels (NCHW maps of at least 16 bytes, channels_last with C a
 # multiple of 16 bytes); other shapes, misaligned or sliced x take the generic apply_kernel
 # (one state per line segment or per element), not counted. Likewise apply_block, counted
-# on its flat kernels (contiguous NCHW with W >= 16 / itemsize - 1, channels_last with C a
-# multiple of 16 bytes); NCHW with narrower rows (W < 7 in bfloat16, W < 3 in float32), a
-# sample under 16 bytes, a mask (N, Hs, Ws) larger than a sample, other channels_last
+# on its flat kernels (contiguous NCHW with W >= 16 / itemsize - 1 and samples of whole
+# 16-byte chunks, channels_last with C a multiple of 16 bytes); NCHW with narrower rows
+# (W < 7 in bfloat16, W < 3 in float32), C * H * W not a multiple of 16 / itemsize, a mask (N, Hs, Ws) larger than a sample, other channels_last
 # shapes, misaligned or sliced x take apply_kernel, not counted. apply_attention is counted on
 # its flat kernel (contiguous NCHW t, x and out, maps of at least 16 bytes); channels_last,
 # smaller maps, misaligned or sliced tensors take apply_kernel, not counted. Likewise the

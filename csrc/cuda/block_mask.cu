@@ -24,8 +24,9 @@
 //   covered units; block sums, then one int64 atomicAdd per block and sample (integer:
 //   deterministic).
 // apply_block: w = mask[n, h / k, w / k] * scale[n]; dense aligned x in flat 16-byte chunks
-//   (apply_block_rows_kernel for NCHW, apply_block_pixels_kernel for channels_last with
-//   C % V == 0), else apply_kernel with BlockW (k: a host-computed fast division).
+//   (apply_block_rows_kernel for NCHW with C * H * W % V == 0, apply_block_pixels_kernel
+//   for channels_last with C % V == 0), else apply_kernel with BlockW (k: a host-computed
+//   fast division).
 // apply_seeds: w = (covered ? 0 : 1) * scale[n]. r = 1 (the DropBlock / CamDrop plans'
 //   state: their seeds' r x r blocks) on dense aligned x: a bit per element, read a byte
 //   per 8 elements (apply_bits_maps_kernel for NCHW, apply_bits_pixels_kernel for
@@ -199,9 +200,9 @@ struct BlockGeom {
   uint32_t HsWs, Ws, last_col;  // last_col = (W - 1) / k
 };
 
-// NCHW with W >= V - 1: a chunk holds the elements w0 .. of its row and, from j = W - w0
-// on, the first ones of the next row (h + 1, else row 0 of the next map, or of the next
-// sample after the last map). K = 0: k >= V - 1 (a runtime value), so the chunk's part in
+// NCHW with W >= V - 1 and C * H * W % V == 0: a chunk holds the elements w0 .. of its row
+// and, from j = W - w0 on, the first ones of the next row (h + 1, else row 0 of the next
+// map), always of one sample: one scale per chunk. K = 0: k >= V - 1 (a runtime value), so the chunk's part in
 // its row spans mask columns c0 = w0 / k and c0 + 1 (from j = b on), its part in the next
 // row column 0 only: three mask bytes per chunk, two selects per element. 2 <= K < V - 1:
 // k a constant, element j's column c0 + j / K + (r >= K - j % K) (r = w0 % K) in its row,
@@ -209,9 +210,9 @@ struct BlockGeom {
 // select per element (compares per chunk). K = 1: one byte load per element (cached:
 // neighbours share bytes), its address selected (a chunk's 8 columns and 7 of the next
 // row would be 15 loads).
-// Scale: the warp's 32 chunks span at most 32 samples (C * H * W >= V), so each lane loads
-// one scale and the chunk's two come from shuffles: one 4-byte load per 16 bytes of x, as
-// apply_channel_maps_kernel; the trip count is uniform across the warp for them.
+// Scale (float32): the warp's 32 chunks span at most 32 samples, so each lane loads one
+// scale and the chunk's comes from a shuffle: one 4-byte load per 16 bytes of x, as
+// apply_channel_maps_kernel; the trip count is uniform across the warp for it.
 template <typename scalar_t, int K>
 __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
                                         scalar_t* __restrict__ out,
@@ -223,7 +224,7 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x & 31;
   // chunks per grid iteration; the shuffles' loop starts at the warp's first chunk
   const uint32_t step = kShuffle ? (gridDim.x * blockDim.x) & ~31u : gridDim.x * blockDim.x;
-  const uint32_t full = g.numel / V, end = full * V;
+  const uint32_t end = g.numel;  // a multiple of V (C * H * W % V == 0)
   // numel < 2^31 and the grid is at most 2^26 threads: no index below wraps. The loop
   // walks element indices (i0: the chunk's first), one multiply fewer per chunk.
 #pragma unroll 1
@@ -231,25 +232,21 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
     const uint32_t i0 = kShuffle ? base + lane * V : base;
     const uint32_t row = div_of(i0, g.W), w0 = i0 + row * g.nW;
     const uint32_t q = div_of(row, g.H), h = row + q * g.nH;
-    const uint32_t n = div_of(q, g.C), c = q + n * g.nC;
-    const bool wrap = h + 1 == g.H.d;  // the next row is row 0 of the next map
-    // the next row's sample; past the last (the tensor's last row): n, never used
-    const uint32_t n1 = min(n + (wrap && c + 1 == g.C.d), g.N - 1);
-    float s0, s1;
+    const uint32_t n = div_of(q, g.C);
+    // the next row is row 0 of the next map, the same sample's (C * H * W % V == 0)
+    const bool wrap = h + 1 == g.H.d;
+    float s;
     if constexpr (kShuffle) {
       const uint32_t nb = __shfl_sync(kFullMask, n, 0);
       const float sl = scale[min(nb + lane, g.N - 1)];
-      // & 31: lanes past the end (and an unused second scale) ask for any lane
-      s0 = __shfl_sync(kFullMask, sl, (n - nb) & 31);
-      s1 = __shfl_sync(kFullMask, sl, (n1 - nb) & 31);
+      s = __shfl_sync(kFullMask, sl, (n - nb) & 31);  // & 31: lanes past the end ask any
     }
     if (i0 >= end) continue;
     const uint32_t nxt = g.W.d - w0;  // the first element of the next row, >= 1
-    if constexpr (!kShuffle) {
-      s0 = scale[n];
-      s1 = scale[n1];
-    }
+    if constexpr (!kShuffle) s = scale[n];
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    float tf[V];
+    unpack(in, tf);
     Vec<scalar_t, V> res;
     if constexpr (K == 0) {
       const uint32_t hk = div_of(h, g.k), hk1 = div_of(wrap ? 0 : h + 1, g.k);
@@ -258,22 +255,22 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
       const uint8_t* m0 = mask + (n * g.HsWs + hk * g.Ws + c0);
       // __fmul_rn: kept as three values; a plain product would be re-associated into a
       // byte select, then a conversion and a product per element
-      const float f0 = __fmul_rn(static_cast<float>(m0[0]), s0);
-      const float f1 = __fmul_rn(static_cast<float>(m0[c0 < g.last_col]), s0);
-      const float f2 = __fmul_rn(static_cast<float>(mask[n1 * g.HsWs + hk1 * g.Ws]), s1);
+      const float f0 = __fmul_rn(static_cast<float>(m0[0]), s);
+      const float f1 = __fmul_rn(static_cast<float>(m0[c0 < g.last_col]), s);
+      const float f2 = __fmul_rn(static_cast<float>(mask[n * g.HsWs + hk1 * g.Ws]), s);
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j) {
         const float w = j > 0 && j >= nxt ? f2 : j > 0 && j >= b ? f1 : f0;
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+        res.v[j] = static_cast<scalar_t>(tf[j] * w);
       }
     } else if constexpr (K == 1) {
       const uint32_t oa = n * g.HsWs + h * g.Ws + w0;
-      const uint32_t ob = n1 * g.HsWs + (wrap ? 0 : h + 1) * g.Ws - nxt;  // wraps; from nxt on
+      const uint32_t ob = n * g.HsWs + (wrap ? 0 : h + 1) * g.Ws - nxt;  // wraps; from nxt on
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j) {
         const bool here = j == 0 || j < nxt;
         const float m = static_cast<float>(mask[here ? oa + j : ob + j]);
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * (m * (here ? s0 : s1)));
+        res.v[j] = static_cast<scalar_t>(tf[j] * (m * s));
       }
     } else {
       // 2 <= K < V - 1: the chunk's part in its row reads columns c0 + i, i < NA, its part
@@ -283,13 +280,14 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
       constexpr uint32_t NA = (K + V - 2) / K + 1, NB = (V - 2) / K + 1;
       const uint32_t c0 = w0 / K, r = w0 - c0 * K;
       const uint8_t* m0 = mask + (n * g.HsWs + (h / K) * g.Ws + c0);
-      const uint8_t* m1 = mask + (n1 * g.HsWs + ((wrap ? 0 : h + 1) / K) * g.Ws);
+      const uint8_t* m1 = mask + (n * g.HsWs + ((wrap ? 0 : h + 1) / K) * g.Ws);
+      const uint32_t cols = g.last_col - c0;  // the row's columns after c0 (one subtraction)
       float fa[NA], fb[NB];
 #pragma unroll
       for (uint32_t i = 0; i < NA; ++i)  // past the row's last column: no element takes it
-        fa[i] = i == 0 || c0 + i <= g.last_col ? __fmul_rn(static_cast<float>(m0[i]), s0) : 0.f;
+        fa[i] = i <= cols ? __fmul_rn(static_cast<float>(m0[i]), s) : 0.f;
 #pragma unroll
-      for (uint32_t i = 0; i < NB; ++i) fb[i] = __fmul_rn(static_cast<float>(m1[i]), s1);
+      for (uint32_t i = 0; i < NB; ++i) fb[i] = __fmul_rn(static_cast<float>(m1[i]), s);
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j) {
         // column c0 + j / K + (r >= K - j % K) of its row; of the next row, column i from
@@ -302,20 +300,10 @@ __global__ void apply_block_rows_kernel(const scalar_t* __restrict__ t,
 #pragma unroll
           for (uint32_t i = 1; i < NB; ++i) w = j > i * K && j - i * K >= nxt ? fb[i] : w;
         }
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+        res.v[j] = static_cast<scalar_t>(tf[j] * w);
       }
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
-#pragma unroll 1
-    for (uint32_t i = full * V; i < g.numel; ++i) {
-      const uint32_t row = div_of(i, g.W), q = div_of(row, g.H), n = div_of(q, g.C);
-      const uint32_t h = row - q * g.H.d, w = i - row * g.W.d;
-      const uint32_t kk = K == 0 ? g.k.d : K;
-      const float m = mask[n * g.HsWs + (h / kk) * g.Ws + w / kk];
-      out[i] = static_cast<scalar_t>(to_float(t[i]) * (m * scale[n]));
-    }
   }
 }
 
@@ -338,9 +326,11 @@ __global__ void apply_block_pixels_kernel(const scalar_t* __restrict__ t,
     const float m = mask[n * g.HsWs + div_of(h, g.k) * g.Ws + div_of(w, g.k)];
     const float f = m * scale[n];
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    float tf[V];
+    unpack(in, tf);
     Vec<scalar_t, V> res;
 #pragma unroll
-    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * f);
+    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(tf[j] * f);
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
   }
 }
@@ -428,11 +418,13 @@ __global__ void apply_bits_maps_kernel(const scalar_t* __restrict__ t,
 #pragma unroll
     for (uint32_t v = 0; v < NV; ++v) {
       const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0 + v * V);
+      float tf[V];
+      unpack(in, tf);
       Vec<scalar_t, V> res;
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j) {
         const float w = (m >> (v * V + j)) & 1u ? z : s;
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+        res.v[j] = static_cast<scalar_t>(tf[j] * w);
       }
       *reinterpret_cast<Vec<scalar_t, V>*>(out + i0 + v * V) = res;
     }
@@ -460,17 +452,19 @@ __global__ void apply_bits_pixels_kernel(const scalar_t* __restrict__ t,
     const uint8_t* sample = bits + n * Bn;
     const float s = scale[n], z = 0.f * s;
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    float tf[V];
+    unpack(in, tf);
     Vec<scalar_t, V> res;
     if constexpr (SHARED) {
       const float w = (sample[p / 8] >> (p % 8)) & 1u ? z : s;
 #pragma unroll
-      for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+      for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(tf[j] * w);
     } else {
       uint32_t u = c0 * hw.d + p;
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j, u += hw.d) {
         const float w = (sample[u / 8] >> (u % 8)) & 1u ? z : s;
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+        res.v[j] = static_cast<scalar_t>(tf[j] * w);
       }
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
@@ -533,11 +527,11 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
   GD_DISPATCH_FLOAT_TYPES(t.scalar_type(), "guidedrop::apply_block", [&] {
     constexpr int64_t V = 16 / sizeof(scalar_t);
     const int64_t step = flat_samples_per_launch(N, per, V);
-    // rows: a chunk on at most two rows, a warp's chunks on at most 32 samples
-    const bool rows = !cl && W >= V - 1 && per >= V, pixels = cl && C % V == 0;
+    // rows: a chunk on at most two rows of one sample
+    const bool rows = !cl && W >= V - 1 && per % V == 0, pixels = cl && C % V == 0;
     if (t.numel() == 0) return;
     if (!dense || step == 0 || Hs * Ws > per || !(rows || pixels)) {
-      // misaligned or strided x, NCHW rows under V - 1 or samples under V elements,
+      // misaligned or strided x, NCHW rows under V - 1 or samples not of whole chunks,
       // channels_last with C % V != 0, a mask larger than a sample (32-bit mask indices)
       const BlockW wfn{mask.data_ptr<uint8_t>(), scale.data_ptr<float>(), Hs, Ws, fast_div(k)};
       launch_apply<scalar_t>(t, out, wfn);

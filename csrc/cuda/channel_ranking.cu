@@ -209,10 +209,12 @@ __global__ void apply_channel_maps_kernel(const scalar_t* __restrict__ t,
     const float b = __shfl_sync(kFullMask, wl, (m0 + 1 - mb) & 31);
     if (chunk < full) {
       const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+      float tf[V];
+      unpack(in, tf);
       Vec<scalar_t, V> res;
 #pragma unroll
       for (uint32_t j = 0; j < V; ++j)
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * (j < k0 ? a : b));
+        res.v[j] = static_cast<scalar_t>(tf[j] * (j < k0 ? a : b));
       *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
     }
   }
@@ -242,9 +244,11 @@ __global__ void apply_channel_pixels_kernel(const scalar_t* __restrict__ t,
     const uint32_t wi = n * c.d + (i0 - pixel * c.d);  // w[n, c0]: a multiple of V
     const Vec<float, V> wv = *reinterpret_cast<const Vec<float, V>*>(w + wi);
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    float tf[V];
+    unpack(in, tf);
     Vec<scalar_t, V> res;
 #pragma unroll
-    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * wv.v[j]);
+    for (uint32_t j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(tf[j] * wv.v[j]);
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
   }
 }

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace guidedrop {
 
@@ -174,6 +175,24 @@ struct alignas(16) Vec {
   T v[V];
 };
 
+// The V values of a 16-byte vector as floats. bfloat16 is float's high half, so a word's two
+// elements are the word shifted left by 16 and the word with its low half cleared: one
+// instruction each (c10's conversion of the high one moves it down, then shifts: two).
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Vec<T, V>& v, float (&f)[V]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(v.v);
+#pragma unroll
+    for (int i = 0; i < V / 2; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = to_float(v.v[j]);
+  }
+}
+
 // The multipliers come from a functor WFn with a per-line-segment state, so whatever a
 // line shares (a channel's weight, a mask row, a row's seed coverage, a map's thresholds)
 // is read once per segment, not per element:
@@ -216,12 +235,14 @@ __global__ void apply_kernel(const scalar_t* __restrict__ t, scalar_t* __restric
     const uint32_t i0 = chunk * V;
     const Coord4 p = decompose<CL>(i0, g);
     const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
+    float tf[V];
+    unpack(in, tf);
     Vec<scalar_t, V> res;
     if constexpr (R == 1) {  // the chunk lies in one line
       const auto r0 = wfn.template row<CL>(p, V);
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * wfn.template at<CL>(r0, j));
+        res.v[j] = static_cast<scalar_t>(tf[j] * wfn.template at<CL>(r0, j));
     } else if constexpr (R == 2) {  // the chunk's first k0 elements on p's line, the rest on the next
       const int k0 = static_cast<int>(min(static_cast<int64_t>(V), L - (CL ? p.c : p.w)));
       const auto r0 = wfn.template row<CL>(p, k0);
@@ -230,12 +251,12 @@ __global__ void apply_kernel(const scalar_t* __restrict__ t, scalar_t* __restric
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float w = j < k0 ? wfn.template at<CL>(r0, j) : wfn.template at<CL>(r1, j - k0);
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+        res.v[j] = static_cast<scalar_t>(tf[j] * w);
       }
     } else {  // lines shorter than V - 1
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * one(decompose<CL>(i0 + j, g)));
+        res.v[j] = static_cast<scalar_t>(tf[j] * one(decompose<CL>(i0 + j, g)));
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
   }

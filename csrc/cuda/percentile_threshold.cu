@@ -357,13 +357,16 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     const bool live = a.act || (!ONE_MAP && k0 < V && b.act);
     const Vec<scalar_t, V> xin =
         x_is_t ? in : *reinterpret_cast<const Vec<scalar_t, V>*>((live ? x : t) + i0);
+    float tf[V], xf[V];
+    unpack(in, tf);
+    unpack(xin, xf);
     Vec<scalar_t, V> res;
 #pragma unroll
     for (uint32_t j = 0; j < V; ++j) {
       // k0 is a multiple of G (H * W is): element j is map m0's when its group of G is,
       // the same pick for the G elements of a group (one select per field and group)
-      const float w = attention_w<MODE>(to_float(xin.v[j]), pick(j / G * G < k0, a, b));
-      res.v[j] = static_cast<scalar_t>(to_float(in.v[j]) * w);
+      const float w = attention_w<MODE>(xf[j], pick(j / G * G < k0, a, b));
+      res.v[j] = static_cast<scalar_t>(tf[j] * w);
     }
     *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
   }
