@@ -725,13 +725,16 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
 
 # apply_attention_maps_kernel (csrc/cuda/percentile_threshold.cu): contiguous NCHW maps of
 # H * W >= V elements, chunks in one map (H * W a multiple of V, the ONE_MAP kernels: 7 x 8,
-# 4 x 14, 9 x 56) or on two (7 x 7, 3 x 5: on two samples too, C = 1), many maps a chunk's
-# neighbours (C = 16), a tail of numel % V. Maps under V elements (1 x 4 in bf16 / fp16),
+# 4 x 14, 9 x 56) or on two (H * W a multiple of 4 only, a map per half chunk in bf16: 6 x 6,
+# 14 x 14; 7 x 8 and 4 x 14 in fp32 on two samples too), many maps a chunk's neighbours
+# (C = 16), a tail of numel % V. H * W % 4 != 0: four chunks an iteration, the map's end
+# anywhere in them, where H * W >= 4 V and C * H * W % (4 V) == 0 (7 x 7 with C = 32 in bf16,
+# C = 16 in fp32; 3 x 11, H * W = 33, just over 4 V in bf16); else (2 x 3 x 7 x 7, 3 x 1 x
+# 3 x 5, 7 x 7 with C = 16 in bf16), maps under V elements (1 x 4 in bf16 / fp16),
 # channels_last, sliced and misaligned x take the generic apply_kernel.
-# H * W: a multiple of 8 (one map per 16-byte chunk of bf16), of 4 only (a map per half
-# chunk: 6 x 6, 14 x 14), odd, under a chunk
 ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 2, 9, 56),
-                  (2, 3, 1, 4), (2, 5, 6, 6), (1, 3, 14, 14)]
+                  (2, 3, 1, 4), (2, 5, 6, 6), (1, 3, 14, 14), (2, 32, 7, 7), (2, 16, 7, 7),
+                  (1, 32, 3, 11)]
 
 
 def test_emulated_apply_attention_reads_each_maps_scale(E):

@@ -96,13 +96,6 @@ OVER_BUDGET = {
                                   "element); 2-byte loads in channels_last at 56 x 56 (a map is "
                                   "strided by C). The bisection's 28-169 counted one of its up "
                                   "to 32 passes",
-    ("cuda", "apply_attention"): "flat kernel (contiguous NCHW), bf16, where a 16-byte "
-                                 "chunk may span two maps at any element (H * W odd: 7 x 7; "
-                                 "the state of both, a select of each field per element): "
-                                 "'am' 15.2, 'sm' 17.2, 'ad' 19.5 SASS per element; at its "
-                                 "middle (H * W % 8 == 4: 14 x 14, a select per half) 13.0 "
-                                 "/ 14.5 / 15.8. Within budget where no chunk spans two maps "
-                                 "(56, 28, 32: 10.0 / 11.6 / 12.8) and in fp32 (9.8-21.0)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 504 / 1007 SASS per element: the counter's steady "
                         "state, the loop over maps, now holds the map's range reciprocal "
@@ -122,8 +115,9 @@ OVER_BUDGET = {
 # 16-byte chunks, channels_last with C a multiple of 16 bytes); NCHW with narrower rows
 # (W < 7 in bfloat16, W < 3 in float32), C * H * W not a multiple of 16 / itemsize, a mask (N, Hs, Ws) larger than a sample, other channels_last
 # shapes, misaligned or sliced x take apply_kernel, not counted. apply_attention is counted on
-# its flat kernel (contiguous NCHW t, x and out, maps of at least 16 bytes); channels_last,
-# smaller maps, misaligned or sliced tensors take apply_kernel, not counted. Likewise the
+# its flat kernel (contiguous NCHW t, x and out, maps of at least 16 bytes; where H * W % 4
+# != 0, maps of at least 64 bytes in samples of whole 64-byte runs); channels_last, smaller
+# maps, other samples, misaligned or sliced tensors take apply_kernel, not counted. Likewise the
 # Triton AttentionDrop apply is counted on its flat and channels_last kernels; NCHW that the
 # flat tile does not take (sliced, misaligned, maps under 16 bytes), and t, x, out not all
 # channels_last, take its row tile (_apply_attention_kernel), not counted. apply_seeds is

@@ -286,12 +286,15 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
   });
 }
 
-// NCHW, maps of HW >= V elements, t, x and out dense and 16-byte aligned: a 16-byte chunk
-// of V elements lies in map m0, or in m0 and m0 + 1 (its first k0 < V elements in m0, k0 a
-// multiple of G as HW is; never where G = V, ONE_MAP). Per chunk the state of each map it
-// touches (its activity and reference.attention_state), per group of G elements which of
-// the two: not the generic apply_kernel's state per line segment or element. MODE 0/1/2:
-// "am"/"sm"/"ad" (a constant, so that soft_mask folds).
+// NCHW, maps of HW >= V elements, t, x and out dense and 16-byte aligned: U 16-byte chunks
+// of V elements an iteration (E = U V elements) lie in map m0, or in m0 and m0 + 1 (the
+// first k0 < E elements in m0, k0 a multiple of G as HW is; never where G = V, ONE_MAP).
+// Per iteration the state of each map it touches (its activity and
+// reference.attention_state), per group of G elements which of the two: not the generic
+// apply_kernel's state per line segment or element. U = 4 (G = 1: HW % 4 != 0, a select
+// per element) shares the index and state work among four chunks, and lies in one sample,
+// so the scale, scale[n] in every map's state, is not selected. MODE 0/1/2: "am"/"sm"/"ad"
+// (a constant, so that soft_mask folds).
 // A map's state for its units' multiplier. "am" (MODE 0): w = s where x < thr, else sd =
 // (active ? 0 : 1) * s (0 * s, not 0: the reference's S * scale, NaN for an infinite
 // scale), so that a unit costs a compare and a select, not an activity test and products.
@@ -328,7 +331,7 @@ __device__ __forceinline__ MapState pick(bool first, const MapState& a, const Ma
           first ? a.s : b.s,   first ? a.sd : b.sd, first ? a.act : b.act};
 }
 
-template <typename scalar_t, int MODE, int G>
+template <typename scalar_t, int MODE, int G, int U, bool X_IS_T>
 __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const scalar_t* __restrict__ x,
                                             scalar_t* __restrict__ out,
@@ -336,43 +339,52 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const bool* __restrict__ active,
                                             const uint32_t numel, const FastDiv hw,
                                             const uint32_t last_map) {
-  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  constexpr uint32_t V = 16 / sizeof(scalar_t), E = U * V;  // elements per iteration
   constexpr bool ONE_MAP = G == V;
-  const uint32_t full = numel / V;
+  const uint32_t groups = numel / E;
   const uint32_t stride = gridDim.x * blockDim.x;
-  const bool x_is_t = x == t;  // the forward: x is read once
   // numel < 2^31 and the grid is at most 2^26 threads: no index below wraps.
 #pragma unroll 1
-  for (uint32_t chunk = blockIdx.x * blockDim.x + threadIdx.x; chunk < full; chunk += stride) {
-    const uint32_t i0 = chunk * V;
+  for (uint32_t grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups; grp += stride) {
+    const uint32_t i0 = grp * E;
     const uint32_t m0 = div_of(i0, hw);
-    const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the chunk's elements in map m0
+    const uint32_t k0 = (m0 + 1) * hw.d - i0;  // the iteration's elements in map m0
     const MapState a = map_state<MODE>(m0, state, active);
-    // the next map's state whether or not the chunk reaches it (then unused: every j < k0),
-    // so that no branch merges the two
+    // the next map's state whether or not the iteration reaches it (then unused: every
+    // j < k0), so that no branch merges the two
     const MapState b = ONE_MAP ? a : map_state<MODE>(min(m0 + 1, last_map), state, active);
-    const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i0);
-    // x only where a map of the chunk is active; elsewhere its value is never used (r = 0,
-    // sd = s), and t's chunk again (an L1 hit) costs less than merging the two per element
-    const bool live = a.act || (!ONE_MAP && k0 < V && b.act);
-    const Vec<scalar_t, V> xin =
-        x_is_t ? in : *reinterpret_cast<const Vec<scalar_t, V>*>((live ? x : t) + i0);
-    float tf[V], xf[V];
-    unpack(in, tf);
-    unpack(xin, xf);
-    Vec<scalar_t, V> res;
+    // x only where a map of the iteration is active; elsewhere its value is never used
+    // (r = 0, sd = s), and t's chunk again (an L1 hit) costs less than merging the two per
+    // element
+    const bool live = a.act || (!ONE_MAP && k0 < E && b.act);
+    const scalar_t* xs = live ? x : t;
 #pragma unroll
-    for (uint32_t j = 0; j < V; ++j) {
-      // k0 is a multiple of G (H * W is): element j is map m0's when its group of G is,
-      // the same pick for the G elements of a group (one select per field and group)
-      const float w = attention_w<MODE>(xf[j], pick(j / G * G < k0, a, b));
-      res.v[j] = static_cast<scalar_t>(tf[j] * w);
+    for (uint32_t u = 0; u < U; ++u) {
+      const uint32_t c0 = i0 + u * V;
+      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + c0);
+      const Vec<scalar_t, V> xin =
+          X_IS_T ? in : *reinterpret_cast<const Vec<scalar_t, V>*>(xs + c0);
+      float tf[V], xf[V];
+      unpack(in, tf);
+      unpack(xin, xf);
+      Vec<scalar_t, V> res;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j) {
+        // k0 is a multiple of G (H * W is): element e is map m0's when its group of G is,
+        // the same pick for the G elements of a group (one select per field and group)
+        const uint32_t e = u * V + j;
+        MapState st = pick(e / G * G < k0, a, b);
+        // U > 1: the iteration's elements lie in one sample (C * H * W % E == 0), whose
+        // scale every map's state holds (reference.attention_state): no select
+        if (U > 1) st.s = a.s;
+        res.v[j] = static_cast<scalar_t>(tf[j] * attention_w<MODE>(xf[j], st));
+      }
+      *reinterpret_cast<Vec<scalar_t, V>*>(out + c0) = res;
     }
-    *reinterpret_cast<Vec<scalar_t, V>*>(out + i0) = res;
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % V elements
+  if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % E elements
 #pragma unroll 1
-    for (uint32_t i = full * V; i < numel; ++i) {
+    for (uint32_t i = groups * E; i < numel; ++i) {
       const MapState st = map_state<MODE>(div_of(i, hw), state, active);
       out[i] = static_cast<scalar_t>(to_float(t[i]) * attention_w<MODE>(to_float(x[i]), st));
     }
@@ -391,38 +403,45 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::apply_attention", [&] {
     constexpr int64_t V = 16 / sizeof(scalar_t);
     const int64_t step = flat_samples_per_launch(N, per, V);
+    // G: a chunk's map boundary falls on a multiple of G elements. G = V (ONE_MAP): HW a
+    // multiple of V, no chunk spans two maps (56 x 56, 28 x 28 and 32 x 32 in bfloat16),
+    // one state per chunk; G = 4: a chunk's halves each lie in one map (14 x 14 in
+    // bfloat16), a select per half; else (7 x 7) a select per element, four chunks an
+    // iteration (E = 4 V elements: the index and state work shared), in one sample (its
+    // scale not selected) and at most two maps (HW >= E)
+    constexpr int G4 = V == 8 ? 4 : V;
+    constexpr int64_t E = 4 * V;
+    const int g = HW % V == 0 ? V : HW % 4 == 0 ? 4 : 1;
     if (t.numel() == 0) return;
-    if (!dense || step == 0 || HW < V) {
-      // channels_last, misaligned or strided t, x or out, NCHW maps under V elements
+    if (!dense || step == 0 || HW < V || (g == 1 && (HW < E || per % E != 0))) {
+      // channels_last, misaligned or strided t, x or out, NCHW maps under V elements, maps
+      // of HW % 4 != 0 under E elements or in samples of C * HW % E != 0
       const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x), st,
                                      active.data_ptr<bool>(), C, mode};
       launch_apply<scalar_t>(t, out, wfn);
       return;
     }
-    // G: a chunk's map boundary falls on a multiple of G elements. G = V (ONE_MAP): HW a
-    // multiple of V, no chunk spans two maps (56 x 56, 28 x 28 and 32 x 32 in bfloat16),
-    // one state per chunk; G = 4: a chunk's halves each lie in one map (14 x 14 in
-    // bfloat16), a select per half; else per element (7 x 7)
-    constexpr int G4 = V == 8 ? 4 : 1;
-    const int g = HW % V == 0 ? V : HW % 4 == 0 ? 4 : 1;
-    auto pick_g = [&](auto one, auto four, auto any) {
-      return g == V ? one : g == 4 ? four : any;
+    // X_IS_T (the forward, t = x): x read once; a template parameter, so that each kernel
+    // is one path (a runtime test splits nvcc's loop in two, or merges both into it)
+    const bool x_is_t = x.data_ptr() == t.data_ptr();
+    auto pick = [&](auto mode_c, auto x_is_t_c) {
+      constexpr int M = decltype(mode_c)::value;
+      constexpr bool XT = decltype(x_is_t_c)::value;
+      return g == V ? apply_attention_maps_kernel<scalar_t, M, V, 1, XT>
+             : g == 4 ? apply_attention_maps_kernel<scalar_t, M, G4, 1, XT>
+                      : apply_attention_maps_kernel<scalar_t, M, 1, 4, XT>;
     };
-    auto kernel =
-        mode == 0   ? pick_g(apply_attention_maps_kernel<scalar_t, 0, V>,
-                             apply_attention_maps_kernel<scalar_t, 0, G4>,
-                             apply_attention_maps_kernel<scalar_t, 0, 1>)
-        : mode == 1 ? pick_g(apply_attention_maps_kernel<scalar_t, 1, V>,
-                             apply_attention_maps_kernel<scalar_t, 1, G4>,
-                             apply_attention_maps_kernel<scalar_t, 1, 1>)
-                    : pick_g(apply_attention_maps_kernel<scalar_t, 2, V>,
-                             apply_attention_maps_kernel<scalar_t, 2, G4>,
-                             apply_attention_maps_kernel<scalar_t, 2, 1>);
+    auto pick_mode = [&](auto x_is_t_c) {
+      return mode == 0   ? pick(std::integral_constant<int, 0>{}, x_is_t_c)
+             : mode == 1 ? pick(std::integral_constant<int, 1>{}, x_is_t_c)
+                         : pick(std::integral_constant<int, 2>{}, x_is_t_c);
+    };
+    auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
     const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       const int64_t n = std::min(step, N - n0), numel = n * per, m0 = n0 * C;
-      const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
+      const unsigned grid = grid_for(ceil_div(numel, g == 1 ? E : V), kThreads);
       kernel<<<grid, kThreads, 0, current_stream()>>>(
           tp + n0 * per, xp + n0 * per, op + n0 * per, st + m0, active.data_ptr<bool>() + m0,
           static_cast<uint32_t>(numel), fast_div(HW), static_cast<uint32_t>(n * C - 1));

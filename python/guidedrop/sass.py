@@ -552,14 +552,15 @@ def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
     ``apply_kernel`` (csrc/cuda/common.cuh) and the flat kernels of apply_channel
     (csrc/cuda/channel_ranking.cu), apply_block (csrc/cuda/block_mask.cu) and
-    apply_attention (csrc/cuda/percentile_threshold.cu) handle one
-    16-byte chunk (16 / sizeof(T) elements) per iteration of their grid-stride loops;
-    the others read x one element or one 16-byte vector (16 / sizeof(T) elements) per
-    access, so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte
-    load (more than one where nvcc unrolled it)."""
-    if _CHUNK_KERNEL.search(name):
-        return 16 / ITEMSIZE[dtype]
+    apply_attention (csrc/cuda/percentile_threshold.cu) write one 16-byte chunk of out
+    (16 / sizeof(T) elements) per iteration of their grid-stride loops, or several (the
+    AttentionDrop kernel for maps of H * W % 4 != 0: four), each a 16-byte store; the
+    others read x one element or one 16-byte vector (16 / sizeof(T) elements) per access,
+    so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load
+    (more than one where nvcc unrolled it)."""
     c = count(name, instrs, 1.0)
+    if _CHUNK_KERNEL.search(name):
+        return 16 / ITEMSIZE[dtype] * max(1, c.stores.get(128, 0))
     return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0)
                      + c.loads.get(128, 0) * 16 // ITEMSIZE[dtype]))
 
