@@ -424,7 +424,7 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
     // X_IS_T (the forward, t = x): x read once; a template parameter, so that each kernel
     // is one path (a runtime test splits nvcc's loop in two, or merges both into it)
     const bool x_is_t = x.data_ptr() == t.data_ptr();
-    auto pick = [&](auto mode_c, auto x_is_t_c) {
+    auto instance = [&](auto mode_c, auto x_is_t_c) {
       constexpr int M = decltype(mode_c)::value;
       constexpr bool XT = decltype(x_is_t_c)::value;
       return g == V ? apply_attention_maps_kernel<scalar_t, M, V, 1, XT>
@@ -432,9 +432,9 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                       : apply_attention_maps_kernel<scalar_t, M, 1, 4, XT>;
     };
     auto pick_mode = [&](auto x_is_t_c) {
-      return mode == 0   ? pick(std::integral_constant<int, 0>{}, x_is_t_c)
-             : mode == 1 ? pick(std::integral_constant<int, 1>{}, x_is_t_c)
-                         : pick(std::integral_constant<int, 2>{}, x_is_t_c);
+      return mode == 0   ? instance(std::integral_constant<int, 0>{}, x_is_t_c)
+             : mode == 1 ? instance(std::integral_constant<int, 1>{}, x_is_t_c)
+                         : instance(std::integral_constant<int, 2>{}, x_is_t_c);
     };
     auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
     const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
