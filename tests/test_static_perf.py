@@ -113,8 +113,9 @@ OVER_BUDGET = {
 # (one state per line segment or per element), not counted. Likewise apply_block, counted
 # on its flat kernels (contiguous NCHW with W >= 16 / itemsize - 1 and samples of whole
 # 16-byte chunks, channels_last with C a multiple of 16 bytes); NCHW with narrower rows
-# (W < 7 in bfloat16, W < 3 in float32), C * H * W not a multiple of 16 / itemsize, a mask (N, Hs, Ws) larger than a sample, other channels_last
-# shapes, misaligned or sliced x take apply_kernel, not counted. apply_attention is counted on
+# (W < 7 in bfloat16, W < 3 in float32), C * H * W not a multiple of 16 / itemsize, a mask
+# (N, Hs, Ws) larger than a sample, other channels_last shapes, misaligned or sliced x take
+# apply_kernel, not counted. apply_attention is counted on
 # its flat kernel (contiguous NCHW t, x and out, maps of at least 16 bytes; where H * W % 4
 # != 0, maps of at least 64 bytes in samples of whole 64-byte runs); channels_last, smaller
 # maps, other samples, misaligned or sliced tensors take apply_kernel, not counted. Likewise the
