@@ -588,6 +588,30 @@ def test_applies_flat_tiles(B, shape):
                  R.apply_attention(t, x, st, active, mode))
 
 
+# Triton's flat AttentionDrop tile in groups of 4 vectors (U = 4) where groups of V elements
+# would span two maps (H * W % V != 0) and samples are whole groups of 4 V (C * H * W %
+# (4 V) == 0, so one scale per group), the map end anywhere in a group (7 x 7, 3 x 11: H * W
+# = 33, just over a bf16 group) or at a multiple of 4 (14 x 14); float32 groups of 16.
+QUAD_SHAPES = [(2, 32, 7, 7), (1, 32, 3, 11), (2, 16, 7, 7), (1, 96, 14, 14), (2, 32, 11, 13)]
+
+
+@pytest.mark.parametrize("shape", QUAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_apply_attention_flat_groups(B, shape, dtype):
+    x = make_x(shape, dtype, DEV, "contiguous")
+    n, c, h, w = shape
+    g = grad_like(x)[0]
+    active = rand((n, c), 5) < 0.5
+    scale = rand((n,), 2) * 3
+    scale[-1] = math.inf  # S * scale: NaN where S = 0
+    for mode in ("am", "sm", "ad"):
+        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
+        st = R.attention_state(thr, mn, r, scale)
+        for t in (x, g):
+            same(B.apply_attention(t, x, st, active, mode),
+                 R.apply_attention(t, x, st, active, mode))
+
+
 # channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
 # 64 channels (several channel tiles at C = 130), a tail of positions and of channels
 # (C = 5, 70), channels fewer than a 16-byte vector (C = 3); x read per 16-byte vector where

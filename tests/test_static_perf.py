@@ -67,15 +67,13 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
 # (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0.
 OVER_BUDGET = {
-    ("triton", "_apply_attention_flat_kernel"): "bf16 where 16-byte groups span two maps "
-                                                "(the state of both): at any element (7 x "
-                                                "7, a select per element) 'am' 20.8, 'sm' "
-                                                "18.8, 'ad' 20.8 SASS per element; at the "
-                                                "middle (14 x 14, a select per half) 16.0 "
-                                                "/ 15.8 / 17.0. Within budget where H * W "
-                                                "is a multiple of 8 (56, 28, 32: 13.0 / "
-                                                "12.8 / 13.8) and in fp32 (13.1 / 12.9 / "
-                                                "14.0, at 7 x 7 22.2 / 23.1 / 24.9)",
+    ("triton", "_apply_attention_flat_kernel"): "bf16 7 x 7 'ad' (the map end anywhere in a "
+                                                "thread's group of 4 vectors: a select of "
+                                                "thr, min and r per element): 16.3 SASS per "
+                                                "element ('am' 13.3, 'sm' 14.3; 14 x 14: "
+                                                "12.2 / 12.1 / 13.3; where H * W is a "
+                                                "multiple of 8: 13.0 / 12.8 / 13.8; fp32 "
+                                                "14.0, 7 x 7 17.2)",
     ("triton", "_pooled_correlation_kernel"): "NCHW reads x in 16-byte vectors (4.6-15.3 "
                                               "SASS per element where its pooling loop is the "
                                               "steady state: k = 7 at 28 x 28, 14 x 14, 7 x 7, "

@@ -327,7 +327,7 @@ def divide(n, MAGIC, SHIFT):
 @triton.jit
 def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexpr,
                BIG2: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
-               EVEN: tl.constexpr):
+               EVEN: tl.constexpr, U: tl.constexpr = 1):
     """This program's flat tile of a contiguous (N, C, H, W) tensor (launched by
     flat_launch) as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
     bytes: one or more vectors per group), the index work per group, not per element.
@@ -335,8 +335,11 @@ def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexp
     from ``divisor``; divisions when IDX64); per group, ``split`` of local (tile-relative)
     int32 values by magic multipliers.
 
+    U > 1: groups of U * V elements, e (U, BLOCK // (U * V), V), a group's U vectors held by
+    one thread (its per-group values computed once for them).
+
     Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
-    each group's first element (BLOCK // V,) its sample n, channel c and position pos.
+    each group's first element (groups,) its sample n, channel c and position pos.
     EVEN (TOTAL % BLOCK == 0): m is a constant true, so that loads and stores are unmasked.
     """
     start = tl.program_id(0) * BLOCK
@@ -347,8 +350,12 @@ def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexp
     else:
         mp0 = divide(start, HW_M, HW_S)
         n0 = divide(mp0, C_M, C_S)
-    g = tl.arange(0, BLOCK // V) * V
-    e = start + g[:, None] + tl.arange(0, V)[None, :]
+    g = tl.arange(0, BLOCK // (U * V)) * (U * V)
+    if U == 1:
+        e = start + g[:, None] + tl.arange(0, V)[None, :]
+    else:  # (U, groups, V): a thread's U vectors are its group's, consecutive
+        e = (start + (tl.arange(0, U) * V)[:, None, None] + g[None, :, None]
+             + tl.arange(0, V)[None, None, :])
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
     dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
     if EVEN:

@@ -509,54 +509,78 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
 
 
 @triton.jit
+def _per_group(v, U: tl.constexpr):
+    """A per-group value (groups,) against group_tile's element tile."""
+    if U == 1:
+        out = v[:, None]
+    else:
+        out = v[None, :, None]
+    return out
+
+
+@triton.jit
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  ONE_MAP: tl.constexpr, G: tl.constexpr,
                                  BIG1: tl.constexpr, BIG2: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
-                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
-    """Contiguous NCHW t, x and out: groups of V elements (``_common.group_tile``), V <= HW
-    + 1 so that a group spans at most one map end. Per group the state of its map
+                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr):
+    """Contiguous NCHW t, x and out: groups of U * V elements (``_common.group_tile``), U *
+    V <= HW + 1 so that a group spans at most one map end. Per group the state of its map
     (``_map_state``: its activity byte and one 16-byte load) and, unless ONE_MAP (HW a
     multiple of V: no group spans a map end), of the next one; per element (per G elements
-    where HW is a multiple of G = 4), which of the two."""
+    where HW is a multiple of G = 4), which of the two. U = 4 (a thread's four vectors, one
+    group: the index and state work shared) where groups of V would span map ends, and
+    each group lies in one sample (C * HW a multiple of 4 V): one scale, scale[n] in every
+    map's state, not selected."""
     e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
-                                  BLOCK, V, IDX64, EVEN)
+                                  BLOCK, V, IDX64, EVEN, U)
     mp = n * C + c
     v0 = None if EVEN else mp < NC  # groups past the end (the last tile's): unused
     act0 = tl.load(act_ptr + mp, mask=v0) != 0
     thr0, mn0, r0, sc0, sd0 = _map_state(st_ptr, mp, v0, act0, MODE)
     if ONE_MAP:  # the next map's state is never taken: this map's, the selects fold
         act1, thr1, mn1, r1, sc1, sd1 = act0, thr0, mn0, r0, sc0, sd0
-        wrap = tl.zeros((BLOCK // V, V), tl.int1)
+        wrap = tl.zeros(e.shape, tl.int1)
     else:
         # the next map, where the group reaches it (not past the last map)
-        v1 = (mp + 1 < NC) & (pos > HW - V)
+        v1 = (mp + 1 < NC) & (pos > HW - U * V)
         act1 = tl.load(act_ptr + mp + 1, mask=v1, other=0) != 0
         thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
         # HW - pos is a multiple of G (HW is): element j takes its group of G's map, the
         # same compare and selects for the G elements of a group (folded into one)
-        wrap = (tl.arange(0, V) // G * G)[None, :] >= (HW - pos)[:, None]
-    sc = tl.where(wrap, sc1[:, None], sc0[:, None])
+        if U == 1:
+            j = tl.arange(0, V)[None, :]
+        else:
+            j = (tl.arange(0, U) * V)[:, None, None] + tl.arange(0, V)[None, None, :]
+        wrap = j // G * G >= _per_group(HW - pos, U)
+    if U == 1:
+        sc = tl.where(wrap, _per_group(sc1, U), _per_group(sc0, U))
+    else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
+        sc = _per_group(sc0, U)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
         # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
-        xv = tl.load(x_ptr + e, mask=m & (act0 | act1)[:, None]).to(tl.float32)
+        xv = tl.load(x_ptr + e, mask=m & _per_group(act0 | act1, U)).to(tl.float32)
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:
-        thr = tl.where(wrap, thr1[:, None], thr0[:, None])
-    if MODE == 0:
-        sd = tl.where(wrap, sd1[:, None], sd0[:, None])
-        mn, r = 0.0, 0.0
+        thr = tl.where(wrap, _per_group(thr1, U), _per_group(thr0, U))
+    if MODE == 0 and U > 1:  # S where active, else 1: max(S, 1 - active), no predicate
+        # per unit held across the group's 32 (the selects of sd did: P2R and back)
+        off0, off1 = (~act0).to(tl.float32), (~act1).to(tl.float32)
+        off = tl.where(wrap, _per_group(off1, U), _per_group(off0, U))
+        w = tl.maximum((xv < thr).to(tl.float32), off) * sc
+    elif MODE == 0:
+        sd = tl.where(wrap, _per_group(sd1, U), _per_group(sd0, U))
+        w = _attention_w(xv, thr, 0.0, 0.0, sc, sd, MODE)
     else:
-        sd = sc
-        mn = tl.where(wrap, mn1[:, None], mn0[:, None])
-        r = tl.where(wrap, r1[:, None], r0[:, None])
-    w = _attention_w(xv, thr, mn, r, sc, sd, MODE)
+        mn = tl.where(wrap, _per_group(mn1, U), _per_group(mn0, U))
+        r = tl.where(wrap, _per_group(r1, U), _per_group(r0, U))
+        w = _attention_w(xv, thr, mn, r, sc, sc, MODE)
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
 
@@ -586,10 +610,14 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
     flat = flat_launch(t, out, x) if h * w >= v - 1 else None
     if flat is not None:
         grid, meta = flat
+        vv = min(v, meta["BLOCK"])
+        one_map = h * w % vv == 0
+        quads = h * w >= 4 * vv and c * h * w % (4 * vv) == 0 and meta["BLOCK"] >= 4 * vv
+        u = 4 if quads and not one_map else 1
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
-            X_IS_T=x_is_t, ONE_MAP=h * w % min(v, meta["BLOCK"]) == 0,
-            G=4 if h * w % 4 == 0 else 1, V=min(v, meta["BLOCK"]), **meta)
+            X_IS_T=x_is_t, ONE_MAP=one_map,
+            G=4 if h * w % 4 == 0 else 1, V=vv, U=u, **meta)
         return out
     if all(walk_channels_last(a) for a in (t, x, out)) and n <= 65535 and h * w * w <= 2**30:
         bi = min(pow2(c), CL_CHANNELS)
