@@ -580,10 +580,16 @@ def test_applies_flat_tiles(B, shape):
             same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
     active = rand((n, c), 5) < 0.5
     scale[-1] = math.inf  # S * scale: NaN where S = 0
+    check_attention_modes(B, x, (x, g), active, scale, max(1, h * w // 5))
+
+
+def check_attention_modes(B, x, ts, active, scale, k):
+    """apply_attention of each t in ts against the reference's, in every mode, the state
+    from the reference's statistics (the k-th largest) and scale."""
     for mode in ("am", "sm", "ad"):
-        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
-        for t in (x, g):
-            st = R.attention_state(thr, mn, r, scale)
+        thr, mn, r, _ = R.attention_stats(x, k, active, mode)
+        st = R.attention_state(thr, mn, r, scale)
+        for t in ts:
             same(B.apply_attention(t, x, st, active, mode),
                  R.apply_attention(t, x, st, active, mode))
 
@@ -591,25 +597,20 @@ def test_applies_flat_tiles(B, shape):
 # Triton's flat AttentionDrop tile in groups of 4 vectors (U = 4) where groups of V elements
 # would span two maps (H * W % V != 0) and samples are whole groups of 4 V (C * H * W %
 # (4 V) == 0, so one scale per group), the map end anywhere in a group (7 x 7, 3 x 11: H * W
-# = 33, just over a bf16 group) or at a multiple of 4 (14 x 14); float32 groups of 16.
+# = 33, just over a bf16 group) or at a multiple of 4 (14 x 14); float32 groups of 16. NaN
+# in the inactive maps, whose x is never read, must change nothing.
 QUAD_SHAPES = [(2, 32, 7, 7), (1, 32, 3, 11), (2, 16, 7, 7), (1, 96, 14, 14), (2, 32, 11, 13)]
 
 
 @pytest.mark.parametrize("shape", QUAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_apply_attention_flat_groups(B, shape, dtype):
-    x = make_x(shape, dtype, DEV, "contiguous")
     n, c, h, w = shape
-    g = grad_like(x)[0]
     active = rand((n, c), 5) < 0.5
+    x = torch.where(active[:, :, None, None], make_x(shape, dtype, DEV, "contiguous"), math.nan)
     scale = rand((n,), 2) * 3
     scale[-1] = math.inf  # S * scale: NaN where S = 0
-    for mode in ("am", "sm", "ad"):
-        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 5), active, mode)
-        st = R.attention_state(thr, mn, r, scale)
-        for t in (x, g):
-            same(B.apply_attention(t, x, st, active, mode),
-                 R.apply_attention(t, x, st, active, mode))
+    check_attention_modes(B, x, (x, grad_like(x)[0]), active, scale, max(1, h * w // 5))
 
 
 # channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
@@ -631,12 +632,7 @@ def test_apply_attention_channels_last(B, shape, dtype):
         memory_format=torch.channels_last)
     scale = rand((n,), 8) * 2
     scale[-1] = math.inf
-    for mode in ("am", "sm", "ad"):
-        thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 3), active, mode)
-        st = R.attention_state(thr, mn, r, scale)
-        for t in (x, g):
-            same(B.apply_attention(t, x, st, active, mode),
-                 R.apply_attention(t, x, st, active, mode))
+    check_attention_modes(B, x, (x, g), active, scale, max(1, h * w // 3))
 
 
 def test_triton_apply_attention_checks_its_arguments():
