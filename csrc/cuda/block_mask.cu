@@ -196,20 +196,20 @@ struct BlockW {
 struct BlockGeom {
   uint32_t numel, N;
   FastDiv C, H, W, k;  // k: only where it is a runtime value (K = 0)
-  uint32_t nC, nH, nW, nk;  // -C, -H, -W, -k mod 2^32: a remainder in one multiply-add
+  uint32_t nH, nW, nk;  // -H, -W, -k mod 2^32: a remainder in one multiply-add
   uint32_t HsWs, Ws, last_col;  // last_col = (W - 1) / k
 };
 
 // NCHW with W >= V - 1 and C * H * W % V == 0: a chunk holds the elements w0 .. of its row
 // and, from j = W - w0 on, the first ones of the next row (h + 1, else row 0 of the next
-// map), always of one sample: one scale per chunk. K = 0: k >= V - 1 (a runtime value), so the chunk's part in
-// its row spans mask columns c0 = w0 / k and c0 + 1 (from j = b on), its part in the next
-// row column 0 only: three mask bytes per chunk, two selects per element. 2 <= K < V - 1:
-// k a constant, element j's column c0 + j / K + (r >= K - j % K) (r = w0 % K) in its row,
-// (j - W + w0) / K in the next: the chunk's bytes of both rows loaded and scaled once, a
-// select per element (compares per chunk). K = 1: one byte load per element (cached:
-// neighbours share bytes), its address selected (a chunk's 8 columns and 7 of the next
-// row would be 15 loads).
+// map), always of one sample: one scale per chunk. K = 0: k >= V - 1 (a runtime value), so
+// the chunk's part in its row spans mask columns c0 = w0 / k and c0 + 1 (from j = b on), its
+// part in the next row column 0 only: three mask bytes per chunk, two selects per element.
+// 2 <= K < V - 1: k a constant, element j's column c0 + j / K + (r >= K - j % K) (r = w0 %
+// K) in its row, (j - W + w0) / K in the next: the chunk's bytes of both rows loaded and
+// scaled once, a select per element (compares per chunk). K = 1: one byte load per element
+// (cached: neighbours share bytes), its address selected (a chunk's 8 columns and 7 of the
+// next row would be 15 loads).
 // Scale (float32): the warp's 32 chunks span at most 32 samples, so each lane loads one
 // scale and the chunk's comes from a shuffle: one 4-byte load per 16 bytes of x, as
 // apply_channel_maps_kernel; the trip count is uniform across the warp for it.
@@ -545,7 +545,7 @@ void launch_apply_block(const at::TensorBase& t, const at::TensorBase& mask, int
       const int64_t n = std::min(step, N - n0), numel = n * per;
       const auto neg = [](int64_t d) { return static_cast<uint32_t>(-d); };
       const BlockGeom g{static_cast<uint32_t>(numel), static_cast<uint32_t>(n), fast_div(C),
-                        fast_div(H), fast_div(W), fast_div(k), neg(C), neg(H), neg(W), neg(k),
+                        fast_div(H), fast_div(W), fast_div(k), neg(H), neg(W), neg(k),
                         static_cast<uint32_t>(Hs * Ws), static_cast<uint32_t>(Ws),
                         static_cast<uint32_t>((W - 1) / k)};
       const unsigned grid = grid_for(ceil_div(numel, V), kThreads);
