@@ -176,7 +176,8 @@ def triton_counts():
     if not triton.__version__.startswith(CALIBRATED_TRITON + "."):
         pytest.skip(f"the budgets hold the SASS of Triton {CALIBRATED_TRITON} (CI's pair, "
                     f"torch 2.14.1: .ci/run); Triton {triton.__version__} compiles other "
-                    "code (a kernel at 15 may read 16): run it in CI's venv")
+                    "code (a kernel at 15 may read 16): run it in a venv with "
+                    "`pip install torch==2.14.1` (which brings Triton 3.8)")
     mod, why = dispatch.load("triton")
     if mod is None:
         pytest.skip(f"no Triton backend: {why}")
@@ -275,7 +276,9 @@ def test_triton_kernel_budget(triton_counts, kernel, request):
 @pytest.mark.parametrize("op", list(CUDA_OPS))
 def test_cuda_kernel_budget(op, request):
     if sass.extension_path() is None:
-        pytest.skip("guidedrop._C is not built (.ci/run's build stage builds it)")
+        pytest.skip("guidedrop._C is not built: `FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda pip "
+                    "install --no-build-isolation -e .` builds it with nvcc, no GPU needed "
+                    "(.ci/run's build stage does)")
     if sass.tool("cuobjdump") is None:
         pytest.skip("no cuobjdump (Triton's package or the CUDA toolkit)")
     _expect(request, "cuda", op)
