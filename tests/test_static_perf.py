@@ -65,15 +65,10 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget. The
 # flat apply_block (_apply_block_flat_kernel, bf16 8.9-14.7 SASS per element) is counted on
 # the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
-# (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0.
+# (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0. The
+# flat apply_attention (_apply_attention_flat_kernel) has the least slack: bf16 7 x 7 "ad"
+# 14.9 (the map end anywhere in a thread's 32 elements: thr, min and r selected per element).
 OVER_BUDGET = {
-    ("triton", "_apply_attention_flat_kernel"): "bf16 7 x 7 'ad' (the map end anywhere in a "
-                                                "thread's group of 4 vectors: a select of "
-                                                "thr, min and r per element): 16.3 SASS per "
-                                                "element ('am' 13.3, 'sm' 14.3; 14 x 14: "
-                                                "12.2 / 12.1 / 13.3; where H * W is a "
-                                                "multiple of 8: 13.0 / 12.8 / 13.8; fp32 "
-                                                "14.0, 7 x 7 17.2)",
     ("triton", "_pooled_correlation_kernel"): "NCHW reads x in 16-byte vectors (4.6-15.3 "
                                               "SASS per element where its pooling loop is the "
                                               "steady state: k = 7 at 28 x 28, 14 x 14, 7 x 7, "

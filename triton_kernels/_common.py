@@ -325,43 +325,65 @@ def divide(n, MAGIC, SHIFT):
 
 
 @triton.jit
-def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexpr,
-               BIG2: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
-               EVEN: tl.constexpr, U: tl.constexpr = 1):
+def tile_offsets(start, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr):
+    """The flat offsets start + [0, BLOCK) in groups of U * V: (BLOCK // V, V) for U = 1;
+    else (U, BLOCK // (U * V), V), a group's U vectors consecutive, held by one thread."""
+    g = tl.arange(0, BLOCK // (U * V)) * (U * V)
+    if U == 1:
+        e = start + g[:, None] + tl.arange(0, V)[None, :]
+    else:
+        e = (start + (tl.arange(0, U) * V)[:, None, None] + g[None, :, None]
+             + tl.arange(0, V)[None, None, :])
+    return e
+
+
+@triton.jit
+def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexpr,
+             V: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr, U: tl.constexpr = 1):
     """This program's flat tile of a contiguous (N, C, H, W) tensor (launched by
     flat_launch) as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
     bytes: one or more vectors per group), the index work per group, not per element.
-    Per tile, the tile's first map and sample by ``divide`` ((HW_M, HW_S) and (C_M, C_S)
-    from ``divisor``; divisions when IDX64); per group, ``split`` of local (tile-relative)
-    int32 values by magic multipliers.
+    Per tile, the tile's first map by ``divide`` ((HW_M, HW_S) from ``divisor``; a
+    division when IDX64); per group, ``split`` of a local (tile-relative) int32 value by a
+    magic multiplier.
 
     U > 1: groups of U * V elements, e (U, BLOCK // (U * V), V), a group's U vectors held by
     one thread (its per-group values computed once for them).
 
-    Returns (e, m, n, c, pos): e (BLOCK // V, V) the flat indices, m the valid ones, and of
-    each group's first element (groups,) its sample n, channel c and position pos.
-    EVEN (TOTAL % BLOCK == 0): m is a constant true, so that loads and stores are unmasked.
+    Returns (e, m, mp0, dmp, pos): e (BLOCK // V, V) the flat indices, m the valid ones,
+    the tile's first map mp0 (n * C + c) and of each group's first element (groups,) its
+    map mp0 + dmp and its position pos in it. EVEN (TOTAL % BLOCK == 0): m is a constant
+    true, so that loads and stores are unmasked.
     """
     start = tl.program_id(0) * BLOCK
     if IDX64:
         start = start.to(tl.int64)
         mp0 = start // HW
-        n0 = mp0 // C
     else:
         mp0 = divide(start, HW_M, HW_S)
-        n0 = divide(mp0, C_M, C_S)
+    e = tile_offsets(start, BLOCK, V, U)
     g = tl.arange(0, BLOCK // (U * V)) * (U * V)
-    if U == 1:
-        e = start + g[:, None] + tl.arange(0, V)[None, :]
-    else:  # (U, groups, V): a thread's U vectors are its group's, consecutive
-        e = (start + (tl.arange(0, U) * V)[:, None, None] + g[None, :, None]
-             + tl.arange(0, V)[None, None, :])
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
-    dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
     if EVEN:
         m = tl.full(e.shape, True, tl.int1)
     else:
         m = e < TOTAL
+    return e, m, mp0, dmp, pos
+
+
+@triton.jit
+def group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1: tl.constexpr,
+               BIG2: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr, IDX64: tl.constexpr,
+               EVEN: tl.constexpr, U: tl.constexpr = 1):
+    """``map_tile`` with each group's sample and channel: (e, m, n, c, pos), n and c
+    (groups,). Per tile the first map's sample by ``divide`` ((C_M, C_S) from ``divisor``);
+    per group a ``split`` by a magic multiplier."""
+    e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U)
+    if IDX64:
+        n0 = mp0 // C
+    else:
+        n0 = divide(mp0, C_M, C_S)
+    dn, c = split((mp0 - n0 * C).to(tl.int32) + dmp, C, MAG2, BIG2)
     return e, m, n0 + dn, c, pos
 
 

@@ -48,10 +48,10 @@ from ._common import (
     cdiv,
     flat_launch,
     float_key,
-    group_tile,
     hw_flat,
     key_float,
     launch,
+    map_tile,
     needs_int64,
     op,
     out_like,
@@ -59,6 +59,7 @@ from ._common import (
     pos_offset,
     pow2,
     tile_offset,
+    tile_offsets,
     walk_channels_last,
     warps,
 )
@@ -519,24 +520,52 @@ def _per_group(v, U: tl.constexpr):
 
 
 @triton.jit
+def _load_f32(ptr, e, m, live, TOTAL, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
+              EVEN: tl.constexpr, IDX64: tl.constexpr, WORDS: tl.constexpr):
+    """ptr[e] as float32 where m, e the ``map_tile`` (U, groups, V); live (groups,): the
+    groups to read (None: all). WORDS (bfloat16, TOTAL even): read as int32 words, each
+    unpacked in one instruction per element, the low element w << 16, the high one
+    w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's conversion of a
+    high half takes two (PRMT, IMAD.U32)."""
+    if WORDS:
+        start = tl.program_id(0) * (BLOCK // 2)
+        if IDX64:
+            start = start.to(tl.int64)
+        ew = tile_offsets(start, BLOCK // 2, V // 2, U)  # the words of e, in e's layout
+        mw = None if EVEN else ew < TOTAL // 2
+        if live is not None:
+            mw = _per_group(live, U) if mw is None else mw & _per_group(live, U)
+        w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + ew, mask=mw)
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+        v = tl.reshape(tl.join(lo, hi), e.shape)
+    else:
+        if live is not None:
+            m = m & _per_group(live, U)
+        v = tl.load(ptr + e, mask=m).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
-                                 TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, NC,
+                                 TOTAL, HW, MAG1, HW_M, HW_S, NC,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
-                                 ONE_MAP: tl.constexpr, G: tl.constexpr,
-                                 BIG1: tl.constexpr, BIG2: tl.constexpr,
+                                 ONE_MAP: tl.constexpr, G: tl.constexpr, BIG1: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr):
-    """Contiguous NCHW t, x and out: groups of U * V elements (``_common.group_tile``), U *
-    V <= HW + 1 so that a group spans at most one map end. Per group the state of its map
-    (``_map_state``: its activity byte and one 16-byte load) and, unless ONE_MAP (HW a
-    multiple of V: no group spans a map end), of the next one; per element (per G elements
-    where HW is a multiple of G = 4), which of the two. U = 4 (a thread's four vectors, one
-    group: the index and state work shared) where groups of V would span map ends, and
-    each group lies in one sample (C * HW a multiple of 4 V): one scale, scale[n] in every
-    map's state, not selected."""
-    e, m, n, c, pos = group_tile(TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1, BIG2,
-                                  BLOCK, V, IDX64, EVEN, U)
-    mp = n * C + c
+    """Contiguous NCHW t, x and out: groups of U * V elements (``_common.map_tile``: the
+    map index n * C + c is all the state needs, no sample or channel), U * V <= HW + 1 so
+    that a group spans at most one map end. Per group the state of its map (``_map_state``:
+    its activity byte and one 16-byte load) and, unless ONE_MAP (HW a multiple of V: no
+    group spans a map end), of the next one; per element (per G elements where HW is a
+    multiple of G = 4), which of the two. U = 4 (a thread's four vectors, one group: the
+    index and state work shared) where groups of V would span map ends, and each group lies
+    in one sample (C * HW a multiple of 4 V): one scale, scale[n] in every map's state, not
+    selected; there bfloat16 t and x load as words (``_load_f32``) in "sm" and "ad" (in
+    "am", whose x only meets a compare, LLVM then packs the per-element predicates into
+    integers: 17.3 SASS per element against 12.9)."""
+    e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U)
+    mp = mp0 + dmp
     v0 = None if EVEN else mp < NC  # groups past the end (the last tile's): unused
     act0 = tl.load(act_ptr + mp, mask=v0) != 0
     thr0, mn0, r0, sc0, sd0 = _map_state(st_ptr, mp, v0, act0, MODE)
@@ -559,12 +588,13 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         sc = tl.where(wrap, _per_group(sc1, U), _per_group(sc0, U))
     else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
         sc = _per_group(sc0, U)
-    tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
+    words = U > 1 and MODE != 0 and t_ptr.dtype.element_ty == tl.bfloat16
+    tv = _load_f32(t_ptr, e, m, None, TOTAL, BLOCK, V, U, EVEN, IDX64, words)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
         # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
-        xv = tl.load(x_ptr + e, mask=m & _per_group(act0 | act1, U)).to(tl.float32)
+        xv = _load_f32(x_ptr, e, m, act0 | act1, TOTAL, BLOCK, V, U, EVEN, IDX64, words)
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:
@@ -614,6 +644,8 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         one_map = h * w % vv == 0
         quads = h * w >= 4 * vv and c * h * w % (4 * vv) == 0 and meta["BLOCK"] >= 4 * vv
         u = 4 if quads and not one_map else 1
+        for k in ("C", "MAG2", "C_M", "C_S", "BIG2"):  # no sample or channel needed
+            del meta[k]
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=one_map,
