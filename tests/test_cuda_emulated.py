@@ -263,9 +263,11 @@ def test_emulated_statistics_nan_inf_ties(E):
     x[1, 2, 0, 0] = -float("inf")
     ties = (make_x((2, 3, 6, 5), torch.float16, layout="channels_last").float() * 2).round() / 2
     active = torch.ones(2, 3, dtype=torch.bool)
-    for xx in (x, ties):
+    # maps whose rows are not one stride apart (transposed, sliced): map_select's
+    # per-unit (h, w) index; the others take its flat one
+    for xx in (x, ties, x.transpose(2, 3), ties[..., 1:4]):
         same(E.channel_stats(xx)[0], R.channel_stats(xx)[0], "amax")
-        for k in (1, 4, 30):
+        for k in (1, 4, xx.shape[2] * xx.shape[3]):
             same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"map_threshold k={k}")
         for mode in ("am", "sm", "ad"):
             got = E.attention_stats(xx, 4, active, mode)

@@ -90,12 +90,13 @@ OVER_BUDGET = {
                                   "strided by C). The bisection's 28-169 counted one of its up "
                                   "to 32 passes",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
-                        "element, 504 / 1007 SASS per element: the counter's steady "
-                        "state, the loop over maps, now holds the map's range reciprocal "
-                        "(__frcp_ru, a CALL of its slow-path routine, counted in full); the "
-                        "division per unit it replaced sat in a nested loop (358 / 717 "
-                        "before; the whole float32 kernel: 2552 SASS instructions, 2608 "
-                        "before)",
+                        "element, 501 / 1002 SASS per element: the counter's steady "
+                        "state, the loop over maps (its int64 m / C, m % C; the map's range "
+                        "reciprocal, __frcp_ru, a CALL of its slow-path routine counted in "
+                        "full). Not counted, the per-unit loops: the shared-memory fill "
+                        "of a map whose rows are one stride apart 30 SASS per unit (bf16; "
+                        "with the int64 (h, w) of other maps: 82 and a CALL of an "
+                        "84-instruction division routine), then four radix passes",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
 # takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in

@@ -96,6 +96,10 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   const bool stats = draw || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
   const int64_t L = H * W;
+  // Rows one stride apart (contiguous NCHW maps; channels_last, s.w = C): unit i at
+  // i * s.w, with no int64 division and remainder per unit (each a call of a routine of
+  // tens of instructions).
+  const bool flat = H == 1 || s.h == W * s.w;
   for (int64_t m = blockIdx.x; m < maps; m += gridDim.x) {  // uniform in the block
     if (stats) {
       // NaN u: not < alpha, inactive (as the reference's comparison).
@@ -110,7 +114,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       }
     }
     const scalar_t* base = x + (m / C) * s.n + (m % C) * s.c;
-    auto load = [&](int64_t i) { return to_float(base[(i / W) * s.h + (i % W) * s.w]); };
+    auto load = [&](int64_t i) {
+      return to_float(base[flat ? i * s.w : (i / W) * s.h + (i % W) * s.w]);
+    };
 
     float lo = INFINITY, hi = -INFINITY;
     uint32_t tkey;
