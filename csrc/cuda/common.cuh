@@ -410,9 +410,12 @@ __device__ uint32_t block_radix_pass(const Get& get, int64_t L, int shift, Radix
       if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
     }
     // Aggregate equal bins within the warp: many equal values (e.g. ReLU zeros) would
-    // otherwise serialise on one shared-memory atomic.
-    const unsigned peers = __match_any_sync(kFullMask, bin);
-    if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bin], __popc(peers));
+    // otherwise serialise on one shared-memory atomic. After the top digit most warps hold
+    // no key matching the prefix: they skip the match (warp-uniform).
+    if (__any_sync(kFullMask, bin < 256)) {
+      const unsigned peers = __match_any_sync(kFullMask, bin);
+      if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bin], __popc(peers));
+    }
   }
   __syncthreads();
   if (threadIdx.x < 32) {
