@@ -613,6 +613,40 @@ def test_apply_attention_flat_groups(B, shape, dtype):
     check_attention_modes(B, x, (x, grad_like(x)[0]), active, scale, max(1, h * w // 5))
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+def test_apply_attention_words_only_aligned(B, offset, monkeypatch):
+    """bfloat16 t and x 2 bytes past a 4-byte boundary (offset 1) in the grouped flat tile:
+    Triton reads them as int32 words ("sm", "ad") only where both start on 4 bytes (a word
+    load of a 2-byte aligned address faults on a GPU; the interpreter would not show it);
+    the reference's outputs either way."""
+    shape = (2, 32, 7, 7)
+    numel = math.prod(shape)
+
+    def at_offset(v):
+        buf = torch.empty(numel + 1, dtype=torch.bfloat16, device=DEV)
+        return buf[offset:offset + numel].view(shape).copy_(v)
+
+    x = at_offset(make_x(shape, torch.bfloat16, DEV, "contiguous"))
+    g = at_offset(torch.randn(shape, generator=gen(4)).to(DEV, torch.bfloat16))
+    words = []
+    if B.__name__.endswith("triton_kernels"):
+        import guidedrop.triton_kernels.percentile_threshold as PT
+        real = PT.launch
+
+        def spy(kernel):
+            class Grid:
+                def __getitem__(self, grid):
+                    def run(*args, **kwargs):
+                        words.append(kwargs.get("WORDS"))
+                        return real(kernel)[grid](*args, **kwargs)
+                    return run
+            return Grid()
+        monkeypatch.setattr(PT, "launch", spy)
+    check_attention_modes(B, x, (x, g), rand(shape[:2], 6) < 0.5, rand((2,), 3) * 2, 9)
+    if words:  # "am", "sm", "ad", each for t = x and t = g
+        assert words == [False, False] + [offset == 0] * 4, words
+
+
 # channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
 # 64 channels (several channel tiles at C = 130), a tail of positions and of channels
 # (C = 5, 70), channels fewer than a 16-byte vector (C = 3); x read per 16-byte vector where

@@ -67,7 +67,8 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # the layers' masks, which have slack after them (_common.mask_buffer); a mask without it
 # (one passed to the op directly) takes masked loads past a row's end: k = 3 16.0. The
 # flat apply_attention (_apply_attention_flat_kernel) has the least slack: bf16 7 x 7 "ad"
-# 14.9 (the map end anywhere in a thread's 32 elements: thr, min and r selected per element).
+# 14.9 (the map end anywhere in a thread's 32 elements: thr, min and r selected per element;
+# t or x 2 bytes past a 4-byte boundary, not read as words, not counted: 15.8).
 OVER_BUDGET = {
     ("triton", "_pooled_correlation_kernel"): "NCHW reads x in 16-byte vectors (4.6-15.3 "
                                               "SASS per element where its pooling loop is the "

@@ -490,6 +490,16 @@ def key_float(k):
     return b.to(tl.float32, bitcast=True)
 
 
+def aligned(a: torch.Tensor, nbytes: int) -> bool:
+    """Whether a's data starts on a multiple of nbytes. Under torch.compile's trace (a fake
+    tensor: no address) from its storage offset, the storage taken to start aligned, as
+    inductor takes every storage."""
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(a) or a.is_meta:
+        return a.storage_offset() * a.element_size() % nbytes == 0
+    return a.data_ptr() % nbytes == 0
+
+
 def bf16_fix(out: torch.Tensor) -> bool:
     """Whether the kernel must round float32 -> bfloat16 by hand (see ``cast_out``)."""
     return INTERPRET and out.dtype == torch.bfloat16

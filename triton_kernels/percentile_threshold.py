@@ -41,6 +41,7 @@ from ._common import (
     INTERPRETED,
     MAX_ROW,
     TILE,
+    aligned,
     apply_flags,
     apply_launch,
     apply_tile,
@@ -523,10 +524,10 @@ def _per_group(v, U: tl.constexpr):
 def _load_f32(ptr, e, m, live, TOTAL, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
               EVEN: tl.constexpr, IDX64: tl.constexpr, WORDS: tl.constexpr):
     """ptr[e] as float32 where m, e the ``map_tile`` (U, groups, V); live (groups,): the
-    groups to read (None: all). WORDS (bfloat16, TOTAL even): read as int32 words, each
-    unpacked in one instruction per element, the low element w << 16, the high one
-    w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's conversion of a
-    high half takes two (PRMT, IMAD.U32)."""
+    groups to read (None: all). WORDS (bfloat16 starting on 4 bytes, TOTAL even): read as
+    int32 words, each unpacked in one instruction per element, the low element w << 16,
+    the high one w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's
+    conversion of a high half takes two (PRMT, IMAD.U32)."""
     if WORDS:
         start = tl.program_id(0) * (BLOCK // 2)
         if IDX64:
@@ -552,7 +553,8 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  ONE_MAP: tl.constexpr, G: tl.constexpr, BIG1: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
-                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr):
+                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr,
+                                 WORDS: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of U * V elements (``_common.map_tile``: the
     map index n * C + c is all the state needs, no sample or channel), U * V <= HW + 1 so
     that a group spans at most one map end. Per group the state of its map (``_map_state``:
@@ -561,9 +563,9 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
     multiple of G = 4), which of the two. U = 4 (a thread's four vectors, one group: the
     index and state work shared) where groups of V would span map ends, and each group lies
     in one sample (C * HW a multiple of 4 V): one scale, scale[n] in every map's state, not
-    selected; there bfloat16 t and x load as words (``_load_f32``) in "sm" and "ad" (in
-    "am", whose x only meets a compare, LLVM then packs the per-element predicates into
-    integers: 17.3 SASS per element against 12.9)."""
+    selected; there bfloat16 t and x load as words (WORDS, ``_load_f32``) in "sm" and
+    "ad" (in "am", whose x only meets a compare, LLVM then packs the per-element predicates
+    into integers: 17.1 SASS per element against 12.8)."""
     e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U)
     mp = mp0 + dmp
     v0 = None if EVEN else mp < NC  # groups past the end (the last tile's): unused
@@ -588,13 +590,12 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         sc = tl.where(wrap, _per_group(sc1, U), _per_group(sc0, U))
     else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
         sc = _per_group(sc0, U)
-    words = U > 1 and MODE != 0 and t_ptr.dtype.element_ty == tl.bfloat16
-    tv = _load_f32(t_ptr, e, m, None, TOTAL, BLOCK, V, U, EVEN, IDX64, words)
+    tv = _load_f32(t_ptr, e, m, None, TOTAL, BLOCK, V, U, EVEN, IDX64, WORDS)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
         # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
-        xv = _load_f32(x_ptr, e, m, act0 | act1, TOTAL, BLOCK, V, U, EVEN, IDX64, words)
+        xv = _load_f32(x_ptr, e, m, act0 | act1, TOTAL, BLOCK, V, U, EVEN, IDX64, WORDS)
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:
@@ -644,12 +645,16 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         one_map = h * w % vv == 0
         quads = h * w >= 4 * vv and c * h * w % (4 * vv) == 0 and meta["BLOCK"] >= 4 * vv
         u = 4 if quads and not one_map else 1
+        # int32 words: t and x bfloat16 on 4-byte boundaries (a word load of a 2-byte
+        # aligned address faults on a GPU)
+        words = (u > 1 and mode != "am" and t.dtype == x.dtype == torch.bfloat16
+                 and aligned(t, 4) and aligned(x, 4))
         for k in ("C", "MAG2", "C_M", "C_S", "BIG2"):  # no sample or channel needed
             del meta[k]
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=one_map,
-            G=4 if h * w % 4 == 0 else 1, V=vv, U=u, **meta)
+            G=4 if h * w % 4 == 0 else 1, V=vv, U=u, WORDS=words, **meta)
         return out
     if all(walk_channels_last(a) for a in (t, x, out)) and n <= 65535 and h * w * w <= 2**30:
         bi = min(pow2(c), CL_CHANNELS)
