@@ -17,7 +17,7 @@ less data.
 CUDA: the kernels of the built extension (``guidedrop/_C*.so``, from .ci/run's build stage),
 read with cuobjdump; skipped when it is not built.
 
-Budgets (issue 13 item 1), per kernel, at every case (``budget_violations``):
+Budgets (issue 13 item 1), per kernel, at every case (``guidedrop.sass.budget_violations``):
 - apply kernels: at most 15 SASS instructions per element of x in the steady state for
   bfloat16, 30 for float32; statistics kernels (channel statistics, pooling, CAM,
   selection): at most 20 for bfloat16;
@@ -51,13 +51,7 @@ DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 LAYOUTS = ("contiguous", "channels_last")
 
 TRITON_KERNELS = sass.TRITON_STREAMING  # kernel -> kind
-# The Triton whose compiled code the budgets and OVER_BUDGET's figures were read from:
-# CI's pair (.ci/run's REQUIREMENTS, torch 2.14.1). Others emit other SASS (Triton 3.9:
-# the flat apply_block and the CAM kernel 0.1-0.9 instructions per element over).
-CALIBRATED_TRITON = "3.8"
 CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
-SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
-               ("statistics", "bfloat16"): 20}
 
 # (backend, kernel) that miss a budget today, with what was measured on 2026-12-01/02 (the
 # range over the cases; the CUDA figures count the grid-stride loop's scalar tail path too,
@@ -139,28 +133,6 @@ def _expect(request, backend, kernel):
             strict=False, reason=f"{kernel}: {PENDING[backend, kernel]} (issue 13)"))
 
 
-def budget_violations(c: sass.Counts, kind: str, dtype: str) -> list[str]:
-    """What of the budgets above ``c`` (one compiled kernel, x of ``dtype``) misses."""
-    size = sass.ITEMSIZE[dtype]
-    per16 = 16 / size / c.elements  # "per 16 bytes of x" as a factor on per-thread counts
-    out = []
-    if c.spills:
-        out.append(f"{c.spills} spill instructions")
-    if c.divisions * per16 > 2:
-        out.append(f"{c.divisions_per_element:.2f} runtime divisions per element")
-    if kind == "seeds":
-        return out
-    limit = SASS_BUDGET.get((kind, dtype))
-    if limit is not None and c.per_element > limit:
-        out.append(f"{c.per_element:.1f} SASS per element > {limit}")
-    if 128 not in c.loads or (kind == "apply" and 128 not in c.stores):
-        out.append(f"no 16-byte {'loads' if 128 not in c.loads else 'stores'} ({c.widths()})")
-    elif c.narrow(size) * per16 > 1:
-        out.append(f"{c.narrow(size) / c.elements:.2f} single-element accesses per element "
-                   f"({c.widths()})")
-    return out
-
-
 # --------------------------------------------------------------------------- Triton
 
 
@@ -170,8 +142,8 @@ def triton_counts():
     specialisations."""
     if not INTERPRETED:
         pytest.skip("records launches under TRITON_INTERPRET=1 (CPU tensors)")
-    if not triton.__version__.startswith(CALIBRATED_TRITON + "."):
-        pytest.skip(f"the budgets hold the SASS of Triton {CALIBRATED_TRITON} (CI's pair, "
+    if not triton.__version__.startswith(sass.CALIBRATED_TRITON + "."):
+        pytest.skip(f"the budgets hold the SASS of Triton {sass.CALIBRATED_TRITON} (CI's pair, "
                     f"torch 2.14.1: .ci/run); Triton {triton.__version__} compiles other "
                     "code (a kernel at 15 may read 16): run it in a venv with "
                     "`pip install torch==2.14.1` (which brings Triton 3.8)")
@@ -250,7 +222,7 @@ def _check(rows, kind):
         if isinstance(c, dict):
             bad.append(f"{case}: {c['error']}")
             continue
-        v = budget_violations(c, kind, dtype)
+        v = sass.budget_violations(c, kind, dtype)
         if v:
             shown = {k: kwargs[k] for k in sorted(kwargs) if k not in ("SAME", "BF16_FIX")}
             bad.append(f"{case} {shown}: " + "; ".join(v))
@@ -335,8 +307,8 @@ def test_counter_sees_divisions_and_widths():
     assert r[5].get("divisions") == 8, r[5]
     assert r[3]["elements"] == 8 and r[3]["loads"] == {"128": 1} and r[3]["stores"] == {"128": 1}
     assert set(r[4]["loads"]) == {"16"}, r[4]
-    assert budget_violations(sass.counts_from_dict(r[3]), "apply", "bfloat16") == []
-    assert budget_violations(sass.counts_from_dict(r[4]), "apply", "bfloat16")
+    assert sass.budget_violations(sass.counts_from_dict(r[3]), "apply", "bfloat16") == []
+    assert sass.budget_violations(sass.counts_from_dict(r[4]), "apply", "bfloat16")
 
 
 @pytest.mark.slow

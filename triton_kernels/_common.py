@@ -348,7 +348,8 @@ def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexp
     magic multiplier.
 
     U > 1: groups of U * V elements, e (U, BLOCK // (U * V), V), a group's U vectors held by
-    one thread (its per-group values computed once for them).
+    one thread (its per-group values computed once for them); TOTAL must be a multiple of
+    U * V, and m is per group, (1, groups, 1).
 
     Returns (e, m, mp0, dmp, pos): e (BLOCK // V, V) the flat indices, m the valid ones,
     the tile's first map mp0 (n * C + c) and of each group's first element (groups,) its
@@ -364,10 +365,10 @@ def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexp
     e = tile_offsets(start, BLOCK, V, U)
     g = tl.arange(0, BLOCK // (U * V)) * (U * V)
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
-    if EVEN:
-        m = tl.full(e.shape, True, tl.int1)
-    else:
-        m = e < TOTAL
+    if U == 1:
+        m = tl.full(e.shape, True, tl.int1) if EVEN else e < TOTAL
+    else:  # TOTAL a multiple of U * V: a group is valid or not as a whole, one compare
+        m = (tl.full(g.shape, True, tl.int1) if EVEN else start + g < TOTAL)[None, :, None]
     return e, m, mp0, dmp, pos
 
 

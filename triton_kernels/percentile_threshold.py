@@ -521,28 +521,25 @@ def _per_group(v, U: tl.constexpr):
 
 
 @triton.jit
-def _load_f32(ptr, e, m, live, TOTAL, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
-              EVEN: tl.constexpr, IDX64: tl.constexpr, WORDS: tl.constexpr):
-    """ptr[e] as float32 where m, e the ``map_tile`` (U, groups, V); live (groups,): the
-    groups to read (None: all). WORDS (bfloat16 starting on 4 bytes, TOTAL even): read as
-    int32 words, each unpacked in one instruction per element, the low element w << 16,
-    the high one w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's
-    conversion of a high half takes two (PRMT, IMAD.U32)."""
-    if WORDS:
+def _load_f32(ptr, e, m, live, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
+              IDX64: tl.constexpr, WORDS: tl.constexpr):
+    """ptr[e] as float32 where m, (e, m) from ``map_tile``; live (groups,): the groups to
+    read (None: all). WORDS (U > 1, bfloat16 starting on 4 bytes): read as int32 words,
+    each unpacked in one instruction per element, the low element w << 16, the high one
+    w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's conversion of a
+    high half takes two (PRMT, IMAD.U32)."""
+    if live is not None:
+        m = m & _per_group(live, U)
+    if WORDS:  # m is per group (1, groups, 1): the words' mask too
         start = tl.program_id(0) * (BLOCK // 2)
         if IDX64:
             start = start.to(tl.int64)
         ew = tile_offsets(start, BLOCK // 2, V // 2, U)  # the words of e, in e's layout
-        mw = None if EVEN else ew < TOTAL // 2
-        if live is not None:
-            mw = _per_group(live, U) if mw is None else mw & _per_group(live, U)
-        w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + ew, mask=mw)
+        w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + ew, mask=m)
         lo = (w << 16).to(tl.float32, bitcast=True)
         hi = (w & -65536).to(tl.float32, bitcast=True)
         v = tl.reshape(tl.join(lo, hi), e.shape)
     else:
-        if live is not None:
-            m = m & _per_group(live, U)
         v = tl.load(ptr + e, mask=m).to(tl.float32)
     return v
 
@@ -567,10 +564,11 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
     "ad" (in "am", whose x only meets a compare, LLVM then packs the per-element predicates
     into integers: 17.1 SASS per element against 12.8)."""
     e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U)
-    mp = mp0 + dmp
-    v0 = None if EVEN else mp < NC  # groups past the end (the last tile's): unused
-    act0 = tl.load(act_ptr + mp, mask=v0) != 0
-    thr0, mn0, r0, sc0, sd0 = _map_state(st_ptr, mp, v0, act0, MODE)
+    # groups past the end (the last tile's, unless EVEN) store nothing: the last map's
+    # state stands in for theirs (no masked loads, no zero fill)
+    mp = mp0 + dmp if EVEN else tl.minimum(mp0 + dmp, NC - 1)
+    act0 = tl.load(act_ptr + mp) != 0
+    thr0, mn0, r0, sc0, sd0 = _map_state(st_ptr, mp, None, act0, MODE)
     if ONE_MAP:  # the next map's state is never taken: this map's, the selects fold
         act1, thr1, mn1, r1, sc1, sd1 = act0, thr0, mn0, r0, sc0, sd0
         wrap = tl.zeros(e.shape, tl.int1)
@@ -590,12 +588,12 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         sc = tl.where(wrap, _per_group(sc1, U), _per_group(sc0, U))
     else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
         sc = _per_group(sc0, U)
-    tv = _load_f32(t_ptr, e, m, None, TOTAL, BLOCK, V, U, EVEN, IDX64, WORDS)
+    tv = _load_f32(t_ptr, e, m, None, BLOCK, V, U, IDX64, WORDS)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
         # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
-        xv = _load_f32(x_ptr, e, m, act0 | act1, TOTAL, BLOCK, V, U, EVEN, IDX64, WORDS)
+        xv = _load_f32(x_ptr, e, m, act0 | act1, BLOCK, V, U, IDX64, WORDS)
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:

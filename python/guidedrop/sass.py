@@ -517,6 +517,44 @@ CUDA_STREAMING = {
     "seed_bits": "seeds", "seed_coverage": "seeds",
 }
 
+# Issue 13 item 1's budgets (tests/test_static_perf.py holds every streaming kernel to them;
+# ``bench --model`` marks the kernels that miss them): SASS instructions per element of x in
+# the steady state, by kind and x's dtype.
+SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
+               ("statistics", "bfloat16"): 20}
+# The Triton whose compiled code the budgets and tests/test_static_perf.py's figures were
+# read from: CI's pair (.ci/run's REQUIREMENTS, torch 2.14.1). Others emit other SASS
+# (Triton 3.9: the flat apply_block and the CAM kernel 0.1-0.9 instructions per element
+# over).
+CALIBRATED_TRITON = "3.8"
+
+
+def budget_violations(c: Counts, kind: str, dtype: str) -> list[str]:
+    """What of the budgets ``c`` (one compiled kernel of ``kind``, x of ``dtype``) misses:
+    spills; more than 2 runtime divisions (one index's quotient and remainder) per 16 bytes
+    of x; then, but for the seed kernels (held to the division budget only), more SASS per
+    element than SASS_BUDGET, no 16-byte loads (and stores for the apply kernels), or more
+    than one access of a single element of x per 16 bytes of x."""
+    size = ITEMSIZE[dtype]
+    per16 = 16 / size / c.elements  # "per 16 bytes of x" as a factor on per-thread counts
+    out = []
+    if c.spills:
+        out.append(f"{c.spills} spill instructions")
+    if c.divisions * per16 > 2:
+        out.append(f"{c.divisions_per_element:.2f} runtime divisions per element")
+    if kind == "seeds":
+        return out
+    limit = SASS_BUDGET.get((kind, dtype))
+    if limit is not None and c.per_element > limit:
+        out.append(f"{c.per_element:.1f} SASS per element > {limit}")
+    if 128 not in c.loads or (kind == "apply" and 128 not in c.stores):
+        out.append(f"no 16-byte {'loads' if 128 not in c.loads else 'stores'} ({c.widths()})")
+    elif c.narrow(size) * per16 > 1:
+        out.append(f"{c.narrow(size) / c.elements:.2f} single-element accesses per element "
+                   f"({c.widths()})")
+    return out
+
+
 # --------------------------------------------------------------------------- CUDA
 
 # The CUDA extension's streaming kernels by op (as guidedrop.launches names them,
