@@ -30,7 +30,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from testing import CUDA, HAS_CUDA, TRITON_SLOW, tol
+from testing import CUDA, HAS_CUDA, TRITON_SLOW, subnormals_ok, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
@@ -96,13 +96,6 @@ def specials(dtype: torch.dtype, subnormal: bool = True) -> list[float]:
     fi = torch.finfo(dtype)
     return [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3e38, -3e38, fi.max,
             -fi.max, fi.tiny, -fi.tiny, 1.0, -1.0] + [fi.smallest_normal / 4] * subnormal
-
-
-def subnormals_ok(backend: str, dtype: torch.dtype) -> bool:
-    """The Triton interpreter converts bfloat16 subnormals to float32 wrongly (its own
-    bit-level _convert_float: 2**-128 becomes 0), so they stay out of its inputs there."""
-    from testing import INTERPRET
-    return not (backend == "triton" and INTERPRET and dtype == torch.bfloat16)
 
 
 @st.composite

@@ -21,7 +21,15 @@ import math
 import naive
 import pytest
 import torch
-from testing import HAS_CUDA, make_x, radix_rows, slow_without_gpu, tol
+from testing import (
+    HAS_CUDA,
+    make_x,
+    radix_maps16,
+    radix_rows,
+    slow_without_gpu,
+    subnormals_ok,
+    tol,
+)
 
 import guidedrop.functional as F
 from guidedrop import dispatch
@@ -191,6 +199,27 @@ def test_kth_largest_every_digit(B, length):
     ks = {1, 2, length // 3 + 1, length - 1, length} if length <= 3000 else {1, 1000, length}
     for k in sorted(k for k in ks if 1 <= k <= length):
         same(B.kth_largest(v, k), R.kth_largest(v, k))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hw", [(7, 7), (15, 20), (50, 60),
+                                pytest.param((130, 131), marks=pytest.mark.slow)], ids=str)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_map_threshold_16bit_keys(name, dtype, hw):
+    """16-bit maps: the select's passes cover only the key bits the dtype sets (4-bit digits
+    at 7 x 7 and 15 x 20, 8-bit at 50 x 60, rows read twice at 130 x 131) and fill the
+    bits below, ones where the threshold is negative."""
+    B = load_backend(name)
+    x = radix_maps16(hw, dtype, DEV, subnormals_ok(name, dtype))
+    n = hw[0] * hw[1]
+    for k in (1, 2, n // 3 + 1, n - 1, n):
+        same(B.map_threshold(x, k), R.map_threshold(x, k))
+    active = torch.ones(x.shape[:2], dtype=torch.bool, device=DEV)
+    got, want = B.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
+        x, n // 5 + 1, active, "ad")
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter

@@ -30,7 +30,15 @@ from pathlib import Path
 import pytest
 import test_cuda_ops as T
 import torch
-from testing import DTYPES, LAYOUTS, assert_close_dtype, emulated, make_x, radix_rows
+from testing import (
+    DTYPES,
+    LAYOUTS,
+    assert_close_dtype,
+    emulated,
+    make_x,
+    radix_maps16,
+    radix_rows,
+)
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -306,6 +314,23 @@ def test_emulated_kth_largest_every_digit_long_rows(E):
     got, want = E.attention_stats(x, 2200, active, "sm"), R.attention_stats(x, 2200, active, "sm")
     for i in range(4):
         same(got[i], want[i], f"attention_stats {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_map_threshold_16bit_keys(E, dtype):
+    """16-bit maps: the radix passes stop at the last key bit the dtype sets (bfloat16: 2
+    passes, float16: 3) and fill the bits below, ones where the threshold is negative or
+    NaN; maps in shared memory (7 x 7, 50 x 60) and over it (103 x 100: read twice)."""
+    for hw in ((7, 7), (50, 60), (103, 100)):
+        x = radix_maps16(hw, dtype)
+        n = hw[0] * hw[1]
+        for k in (1, 2, n // 3 + 1, n - 1, n):
+            same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
+        active = torch.ones(x.shape[:2], dtype=torch.bool)
+        got, want = E.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
+            x, n // 5 + 1, active, "ad")
+        for i in range(4):
+            same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
 def test_emulated_map_threshold_large_maps(E):

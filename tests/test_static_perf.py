@@ -76,14 +76,15 @@ OVER_BUDGET = {
                                               "32 x 32 k = 3, 8 elements of x per thread: 37.2) "
                                               "/ 16.4-43.4 (fp32) SASS per element of x; "
                                               "channels_last bf16 14 x 14 k = 7: 2 spills",
-    ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop): "
-                                  "56 x 56: 106-142 SASS per element; 28 x 28 and 32 x 32: "
-                                  "156-183 (bf16 NCHW: 2 spills); 14 x 14: 187-307 and 7 x 7: "
-                                  "303-392 (4-bit digits, 16 maps per program: histograms and "
-                                  "picks cost per map; (n, c) divided per map, counted as 1 per "
-                                  "element); 2-byte loads in channels_last at 56 x 56 (a map is "
-                                  "strided by C). The bisection's 28-169 counted one of its up "
-                                  "to 32 passes",
+    ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
+                                  "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS): "
+                                  "bf16 56 x 56: 68-84 SASS per element; 28 x 28 and 32 x 32: "
+                                  "94-125; 14 x 14: 168-239; 7 x 7: 264-290 (4-bit digits, 16 "
+                                  "maps per program: the picks' scans and sums over the "
+                                  "(maps, bins) histogram, about 240 shuffles a thread, cost "
+                                  "per map; (n, c) divided per map, counted as 1 per "
+                                  "element); fp32 (4 or 8 passes) 98-367; 2-byte loads in "
+                                  "channels_last at 56 x 56 (a map is strided by C)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
                         "element, 501 / 1002 SASS per element: the counter's steady "
                         "state, the loop over maps (its int64 m / C, m % C; the map's range "
@@ -91,7 +92,9 @@ OVER_BUDGET = {
                         "full). Not counted, the per-unit loops: the shared-memory fill "
                         "of a map whose rows are one stride apart 30 SASS per unit (bf16; "
                         "with the int64 (h, w) of other maps: 82 and a CALL of an "
-                        "84-instruction division routine), then four radix passes",
+                        "84-instruction division routine), then the radix passes over "
+                        "shared memory, 38 SASS per unit each: two for bf16 x, three for "
+                        "fp16, four for fp32 (kKeyBits)",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
 # takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in

@@ -2,7 +2,10 @@
 
 Selection is a radix select on the order-preserving int32 key of the float32 value
 (``_common.float_key``), read as unsigned (sign bit flipped): 4 passes of 8 bits (rows
-under ``SMALL_ROW``: 8 passes of 4 bits), most significant digit first. Each pass is a
+under ``SMALL_ROW``: 8 passes of 4 bits), most significant digit first. Only the key's top
+``KEY_BITS`` can differ between the elements of a bfloat16 (16) or float16 (19) x, so those
+take the passes that cover them (bfloat16: 2 of 8 bits, or 4 of 4) and fill the bits below
+from the sign (``_low_fill``). Each pass is a
 histogram (``tl.histogram``, 256 or 16 bins) of the digit among the keys matching the
 digits found so far; the bin holding the k-th largest (counted from the top) is the next
 digit, and k becomes the rank within that bin. The digits are the k-th largest key, the
@@ -72,6 +75,10 @@ RADIX = tl.constexpr(256)  # bins of one 8-bit digit (the long rows' digits)
 # (8 passes of 16 bins): a histogram and pick cost per map and bin, and a map of 49 or 196
 # elements would spend more on 4 x 256 bins than on its elements.
 SMALL_ROW = 1024
+# The key bits that can differ between the values of a dtype, from the top: a bfloat16's
+# float32 has 16 zero low bits, a float16's 13 (float_key turns them into ones where the
+# value is negative).
+KEY_BITS = {torch.bfloat16: 16, torch.float16: 19}
 # Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
 # shared memory at 16 rows).
 HIST_ROWS = 16
@@ -195,13 +202,24 @@ def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _low_fill(prefix, SHIFT: tl.constexpr):
+    """The signed key of the unsigned digits ``prefix`` found down to bit SHIFT, the bits
+    below filled as every key of the dtype has them (KEY_BITS): zeros where the value is
+    non-negative or NaN (its key 0x7FC00000), ones where it is negative."""
+    key = prefix ^ (-2147483647 - 1)
+    if SHIFT > 0:
+        key = tl.where(key < 0, key | ((1 << SHIFT) - 1), key)
+    return key
+
+
+@triton.jit
 def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    alpha, R, C, W, L, k, sN, sC, sH, sW,
                    HAS_ACT: tl.constexpr, U_ACT: tl.constexpr, ALPHA_PTR: tl.constexpr,
                    STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                   SINGLE: tl.constexpr, BITS: tl.constexpr, HW_FLAT: tl.constexpr,
-                   IDX64: tl.constexpr):
+                   SINGLE: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
+                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -231,13 +249,15 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
     if tl.max(live.to(tl.int32), axis=0) > 0:
         kk = tl.zeros([ROWS], tl.int32) + k  # the rank sought among the matching keys
         prefix = tl.zeros([ROWS], tl.int32)  # the digits found so far, unsigned key bits
-        if SINGLE:  # the rows in registers: read once, 4 passes on chip
+        if SINGLE:  # the rows in registers: read once, the passes on chip
+            PASSES: tl.constexpr = (KEY_BITS + BITS - 1) // BITS
             key, valid = _load_keys(x_ptr, base, live, 0, L, W, sH, sW, BLOCK, HW_FLAT, IDX64)
             ukey = key ^ KMIN
-            for i in tl.static_range(32 // BITS):
+            for i in tl.static_range(PASSES):
                 digit, m = _digit(ukey, prefix, valid, 32 - BITS * (i + 1), BITS)
                 d, kk = _pick(_histogram(digit, m, ROWS, BLOCK, 1 << BITS), kk, 1 << BITS)
                 prefix = prefix | (d << (32 - BITS * (i + 1)))
+            thr = key_float(_low_fill(prefix, 32 - BITS * PASSES))
             if STATS:
                 kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
                 kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
@@ -269,7 +289,8 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                 n += tl.sum(mi, axis=1)
             tl.debug_barrier()  # the workspace, written by other threads of this program
             q = tl.arange(0, BLOCK)[None, :]
-            for i in tl.static_range(1, 4):  # the 3 lower digits over the candidates only
+            PASSES8: tl.constexpr = (KEY_BITS + 7) // 8
+            for i in tl.static_range(1, PASSES8):  # the lower digits over the candidates only
                 hist = tl.zeros([ROWS, RADIX], tl.int32)
                 for p0 in range(0, tl.max(n, axis=0), BLOCK):
                     valid = (p0 + q) < n[:, None]
@@ -278,7 +299,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                     hist += _histogram(digit, m, ROWS, BLOCK, RADIX)
                 d, kk = _pick(hist, kk, RADIX)
                 prefix = prefix | (d << (24 - 8 * i))
-        thr = key_float(prefix ^ KMIN)
+            thr = key_float(_low_fill(prefix, 32 - 8 * PASSES8))
         tl.store(st_ptr + rows * OS, thr, mask=live)
         if STATS:
             mx = key_float(kmax)
@@ -347,6 +368,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
         STATS=stats, OS=out.shape[2], MODE=MODES.get(mode, 0),
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
+        KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=warps(rows * block))
     return result

@@ -378,6 +378,26 @@ __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// The key bits that can differ between the values of a dtype, from the top: the float32 of
+// a bfloat16 has 16 zero low bits, of a float16 13 (float_key makes them ones where the
+// value is negative, and all ones for a NaN). A select over such values need not look at
+// them: the 8-bit radix passes stop at kLowestShift, and fill_low restores the bits below.
+template <typename T>
+constexpr int kKeyBits = 32;
+template <>
+constexpr int kKeyBits<c10::BFloat16> = 16;
+template <>
+constexpr int kKeyBits<c10::Half> = 19;
+template <typename T>
+constexpr int kLowestShift = 32 - 8 * ((kKeyBits<T> + 7) / 8);
+
+// A key of such a dtype whose digits from the top down to bit `shift` are `prefix`: the bits
+// below are ones where the value is negative (top bit clear), zeros elsewhere (a NaN's
+// digits keep it a NaN).
+__device__ __forceinline__ uint32_t fill_low(uint32_t prefix, int shift) {
+  return (prefix >> 31) == 0 ? prefix | ((1u << shift) - 1u) : prefix;
+}
+
 // Shared memory of block_select_kth_largest.
 struct SelectSmem {
   uint32_t hist[256];
@@ -463,17 +483,18 @@ __device__ uint32_t block_radix_pass(const Get& get, int64_t L, int shift, Radix
 }
 
 // The k-th largest (1 <= k <= L) of the L keys get(0..L-1), counting duplicates (so the
-// top k are exactly the keys >= the result: SPEC §1 ties kept). Four passes of an 8-bit
-// radix select, from the top digit: histogram the keys that match the digits found so
-// far, then find the digit holding the rank. Every thread of the block (blockDim.x a
-// multiple of 32) must call it; every thread gets the result.
+// top k are exactly the keys >= the result: SPEC §1 ties kept). Passes of an 8-bit radix
+// select, from the top digit down to `lowest` (four; fewer for the keys of 16-bit values:
+// kLowestShift): histogram the keys that match the digits found so far, then find the
+// digit holding the rank. Every thread of the block (blockDim.x a multiple of 32) must
+// call it; every thread gets the result.
 template <typename Get>
 __device__ uint32_t block_select_kth_largest(const Get& get, int64_t L, uint32_t k,
-                                             SelectSmem& sm) {
+                                             SelectSmem& sm, int lowest = 0) {
   RadixState st{0, 0, k};
 #pragma unroll 1
-  for (int shift = 24; shift >= 0; shift -= 8) block_radix_pass(get, L, shift, st, sm);
-  return st.prefix;
+  for (int shift = 24; shift >= lowest; shift -= 8) block_radix_pass(get, L, shift, st, sm);
+  return fill_low(st.prefix, lowest);
 }
 
 // ------------------------------------------------------------------------ AttentionDrop

@@ -5,10 +5,11 @@
 // One block per row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in
 // a grid-stride loop over rows. The row's values are read once into shared memory as
 // order-preserving uint32 keys when they fit (<= kSmemKeys); block_select_kth_largest
-// (common.cuh) then finds the exact k-th largest key with four 8-bit radix passes
+// (common.cuh) then finds the exact k-th largest key with four 8-bit radix passes (two for
+// bfloat16 x, three for float16: the key bits below never differ there, kKeyBits)
 // (histogram in shared memory, ties counted, so the top k are exactly the values >= the
 // result). A longer row is read twice: the top digit's pass, then the keys in its bin
-// are packed into shared memory for the 3 lower passes (re-read from x only when more
+// are packed into shared memory for the lower passes (re-read from x only when more
 // than kSmemKeys keys share the top 8 bits). Block-stride loops cover rows of any
 // length. attention_stats skips the maps whose gamma is 0 (their outputs are 0) and adds
 // the NaN-propagating min / max (written as min and r = range_reciprocal(min, max)) and the
@@ -120,7 +121,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 
     float lo = INFINITY, hi = -INFINITY;
     uint32_t tkey;
-    if (use_smem) {  // the map in shared memory: x read once, 4 passes on chip
+    if (use_smem) {  // the map in shared memory: x read once, the passes on chip
       for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
         const float v = load(i);
         keys[i] = float_key(v);
@@ -128,11 +129,12 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         hi = max_nan(hi, v);
       }
       __syncthreads();  // keys are visible to the whole block
-      tkey = block_select_kth_largest([&](int64_t i) { return keys[i]; }, L, k, sel);
+      tkey = block_select_kth_largest([&](int64_t i) { return keys[i]; }, L, k, sel,
+                                      kLowestShift<scalar_t>);
     } else {
       // A longer map: the top digit from x (read 1); then the keys of x in that digit's
       // bin are packed into shared memory (read 2, with min / max) when they fit, and the
-      // 3 lower digits are found there. Only when more than kSmemKeys keys share the top
+      // lower digits are found there. Only when more than kSmemKeys keys share the top
       // 8 bits (sign and 7 exponent bits) do those passes re-read x.
       auto get_x = [&](int64_t i) { return float_key(load(i)); };
       RadixState st{0, 0, k};
@@ -162,14 +164,14 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         __syncthreads();
       }
 #pragma unroll 1
-      for (int shift = 16; shift >= 0; shift -= 8) {
+      for (int shift = 16; shift >= kLowestShift<scalar_t>; shift -= 8) {
         if (pack) {
           block_radix_pass([&](int64_t i) { return keys[i]; }, n, shift, st, sel);
         } else {
           block_radix_pass(get_x, L, shift, st, sel);
         }
       }
-      tkey = st.prefix;
+      tkey = fill_low(st.prefix, kLowestShift<scalar_t>);
     }
     const float t = key_float(tkey);
     if (!stats) {
