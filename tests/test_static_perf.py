@@ -86,15 +86,16 @@ OVER_BUDGET = {
                                   "element); fp32 (4 or 8 passes) 98-367; 2-byte loads in "
                                   "channels_last at 56 x 56 (a map is strided by C)",
     ("cuda", "select"): "scalar loads of x, 2 (bf16) / 4 (fp32) runtime divisions per "
-                        "element, 501 / 1002 SASS per element: the counter's steady "
+                        "element, 801.5 / 1141 SASS per element: the counter's steady "
                         "state, the loop over maps (its int64 m / C, m % C; the map's range "
                         "reciprocal, __frcp_ru, a CALL of its slow-path routine counted in "
-                        "full). Not counted, the per-unit loops: the shared-memory fill "
-                        "of a map whose rows are one stride apart 30 SASS per unit (bf16; "
-                        "with the int64 (h, w) of other maps: 82 and a CALL of an "
-                        "84-instruction division routine), then the radix passes over "
-                        "shared memory, 38 SASS per unit each: two for bf16 x, three for "
-                        "fp16, four for fp32 (kKeyBits)",
+                        "full; the top digit's pick, once per map, inlined there: 501 / 1002 "
+                        "before it moved into the fill). Not counted, the per-unit loops "
+                        "(bf16, a map whose rows are one stride apart): the shared-memory "
+                        "fill, which counts the top digit, 52 SASS per unit (with the int64 "
+                        "(h, w) of other maps: 98 and a CALL of a division routine); each "
+                        "lower radix pass over shared memory 34 (one for bf16 x, two for "
+                        "fp16, three for fp32: kKeyBits); the soft mask's sum 13-17",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
 # takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in

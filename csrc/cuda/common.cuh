@@ -410,35 +410,35 @@ struct RadixState {
   uint32_t prefix, mask, rank;
 };
 
-// One pass of block_select_kth_largest: the digit at `shift` of the st.rank-th largest of
-// the keys get(0..L-1) that match st.prefix on st.mask; st is updated to include it, and
-// the count of keys matching the new prefix is returned. Every thread of the block
-// (blockDim.x a multiple of 32) must call it; every thread gets the same result.
-template <typename Get>
-__device__ uint32_t block_radix_pass(const Get& get, int64_t L, int shift, RadixState& st,
-                                     SelectSmem& sm) {
-  const uint32_t prefix = st.prefix, mask = st.mask, rank = st.rank;
-  const int lane = threadIdx.x & 31;
+// The pieces of one radix pass, for a kernel that counts the top digit while it reads its
+// keys (map_select_kernel): radix_clear, then radix_count by every lane of the block, then
+// radix_pick. Every thread of the block (blockDim.x a multiple of 32) must call each.
+__device__ __forceinline__ void radix_clear(SelectSmem& sm) {
   for (int i = threadIdx.x; i < 256; i += blockDim.x) sm.hist[i] = 0;
   __syncthreads();
-  // Uniform trip count for the whole block, so every lane reaches __match_any_sync.
-  for (int64_t base = 0; base < L; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    int bin = 256;  // 256: no bin (past the end, or not matching the prefix)
-    if (i < L) {
-      const uint32_t key = get(i);
-      if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
-    }
-    // Aggregate equal bins within the warp: many equal values (e.g. ReLU zeros) would
-    // otherwise serialise on one shared-memory atomic. After the top digit most warps hold
-    // no key matching the prefix: they skip the match (warp-uniform).
-    if (__any_sync(kFullMask, bin < 256)) {
-      const unsigned peers = __match_any_sync(kFullMask, bin);
-      if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bin], __popc(peers));
+}
+
+// Adds this lane's bin (< 256; 256: none) to the histogram. Equal bins are aggregated within
+// the warp: many equal values (e.g. ReLU zeros) would otherwise serialise on one
+// shared-memory atomic. A warp with no bin (after the top digit, most warps) skips the
+// match (warp-uniform). All 32 lanes of the warp must call it.
+__device__ __forceinline__ void radix_count(int bin, SelectSmem& sm) {
+  if (__any_sync(kFullMask, bin < 256)) {
+    const unsigned peers = __match_any_sync(kFullMask, bin);
+    if (bin < 256 && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
+      atomicAdd(&sm.hist[bin], __popc(peers));
     }
   }
+}
+
+// The digit at `shift` of the st.rank-th largest of the counted keys: st is updated to
+// include it, and the count of keys matching the new prefix is returned; every thread gets
+// the same result.
+__device__ inline uint32_t radix_pick(int shift, RadixState& st, SelectSmem& sm) {
+  const uint32_t rank = st.rank;
   __syncthreads();
   if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
     // Lane l owns bins 255 - 8l - j, j = 0..7 (scanned from the top).
     uint32_t local[8], sum = 0;
 #pragma unroll
@@ -474,12 +474,33 @@ __device__ uint32_t block_radix_pass(const Get& get, int64_t L, int shift, Radix
     }
   }
   __syncthreads();
-  st.prefix = prefix | (sm.digit << shift);
-  st.mask = mask | (0xffu << shift);
+  st.prefix |= sm.digit << shift;
+  st.mask |= 0xffu << shift;
   st.rank = sm.rank;
   const uint32_t count = sm.count;
   __syncthreads();  // everyone has read digit / rank / count before the next pass rewrites them
   return count;
+}
+
+// One pass of block_select_kth_largest: the digit at `shift` of the st.rank-th largest of
+// the keys get(0..L-1) that match st.prefix on st.mask (radix_pick). Index: the type of the
+// keys' indices (int where L < 2^31 - blockDim.x).
+template <typename Index = int64_t, typename Get>
+__device__ uint32_t block_radix_pass(const Get& get, Index L, int shift, RadixState& st,
+                                     SelectSmem& sm) {
+  const uint32_t prefix = st.prefix, mask = st.mask;
+  radix_clear(sm);
+  // Uniform trip count for the whole block, so every lane reaches radix_count.
+  for (Index base = 0; base < L; base += blockDim.x) {
+    const Index i = base + threadIdx.x;
+    int bin = 256;  // 256: no bin (past the end, or not matching the prefix)
+    if (i < L) {
+      const uint32_t key = get(i);
+      if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
+    }
+    radix_count(bin, sm);
+  }
+  return radix_pick(shift, st, sm);
 }
 
 // The k-th largest (1 <= k <= L) of the L keys get(0..L-1), counting duplicates (so the

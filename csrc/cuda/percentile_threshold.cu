@@ -4,13 +4,13 @@
 //
 // One block per row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in
 // a grid-stride loop over rows. The row's values are read once into shared memory as
-// order-preserving uint32 keys when they fit (<= kSmemKeys); block_select_kth_largest
-// (common.cuh) then finds the exact k-th largest key with four 8-bit radix passes (two for
-// bfloat16 x, three for float16: the key bits below never differ there, kKeyBits)
-// (histogram in shared memory, ties counted, so the top k are exactly the values >= the
-// result). A longer row is read twice: the top digit's pass, then the keys in its bin
-// are packed into shared memory for the lower passes (re-read from x only when more
-// than kSmemKeys keys share the top 8 bits). Block-stride loops cover rows of any
+// order-preserving uint32 keys when they fit (<= kSmemKeys), the top digit counted on the
+// way; the exact k-th largest key then takes the lower 8-bit radix passes on chip
+// (common.cuh; four in all, two for bfloat16 x, three for float16: the key bits below never
+// differ there, kKeyBits; histogram in shared memory, ties counted, so the top k are
+// exactly the values >= the result). A longer row is read twice: the top digit's pass,
+// then the keys in its bin are packed into shared memory for the lower passes (re-read
+// from x only when more than kSmemKeys keys share the top 8 bits). Block-stride loops cover rows of any
 // length. attention_stats skips the maps whose gamma is 0 (their outputs are 0) and adds
 // the NaN-propagating min / max (written as min and r = range_reciprocal(min, max)) and the
 // sum of the soft mask S (SPEC §4).
@@ -121,16 +121,32 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 
     float lo = INFINITY, hi = -INFINITY;
     uint32_t tkey;
-    if (use_smem) {  // the map in shared memory: x read once, the passes on chip
-      for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-        const float v = load(i);
-        keys[i] = float_key(v);
-        lo = min_nan(lo, v);
-        hi = max_nan(hi, v);
+    if (use_smem) {
+      // The map in shared memory: x read once, its top digit counted on the way, the lower
+      // passes on chip (int indices: L <= kSmemKeys).
+      const int n = static_cast<int>(L);
+      RadixState st{0, 0, k};
+      radix_clear(sel);
+      // Uniform trip count for the whole block, so every lane reaches radix_count.
+      for (int b = 0; b < n; b += blockDim.x) {
+        const int i = b + threadIdx.x;
+        int bin = 256;
+        if (i < n) {
+          const float v = load(i);
+          const uint32_t key = float_key(v);
+          keys[i] = key;
+          lo = min_nan(lo, v);
+          hi = max_nan(hi, v);
+          bin = static_cast<int>(key >> 24);
+        }
+        radix_count(bin, sel);
       }
-      __syncthreads();  // keys are visible to the whole block
-      tkey = block_select_kth_largest([&](int64_t i) { return keys[i]; }, L, k, sel,
-                                      kLowestShift<scalar_t>);
+      radix_pick(24, st, sel);  // its barriers make the keys visible to the whole block
+#pragma unroll 1
+      for (int shift = 16; shift >= kLowestShift<scalar_t>; shift -= 8) {
+        block_radix_pass([&](int i) { return keys[i]; }, n, shift, st, sel);
+      }
+      tkey = fill_low(st.prefix, kLowestShift<scalar_t>);
     } else {
       // A longer map: the top digit from x (read 1); then the keys of x in that digit's
       // bin are packed into shared memory (read 2, with min / max) when they fit, and the
@@ -176,7 +192,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     const float t = key_float(tkey);
     if (!stats) {
       if (threadIdx.x == 0) thr[m * os] = t;
-      continue;  // block_select_kth_largest ended with __syncthreads: keys may be reused
+      continue;  // radix_pick ended with __syncthreads: keys may be reused
     }
     lo = block_reduce(lo, MinOp(), scratch);
     hi = block_reduce(hi, MaxOp(), scratch);
