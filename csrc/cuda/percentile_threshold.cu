@@ -81,7 +81,8 @@ int select_threads(int64_t L) {
 // into its (N, C, 4) state: reference.attention_state); msum at [m].
 template <typename scalar_t>
 __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                  const int64_t maps, const int64_t C, const int64_t H,
+                                  const int64_t maps, const int64_t C, const FastDiv fc,
+                                  const int64_t H,
                                   const int64_t W, const uint32_t k, const Gamma gamma,
                                   const int mode,
                                   const bool use_smem, float* __restrict__ thr,
@@ -102,9 +103,14 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   // tens of instructions).
   const bool flat = H == 1 || s.h == W * s.w;
   for (int64_t m = blockIdx.x; m < maps; m += gridDim.x) {  // uniform in the block
+    // (n, c) of map m: a multiply-high by fc where m and C are under 2^31 (every tensor in
+    // practice), not the call of an int64 division routine, run by every thread once per map
+    const int64_t n = (m | C) < (int64_t(1) << 31) ? div_of(static_cast<uint32_t>(m), fc)
+                                                   : m / C;
+    const int64_t c = m - n * C;
     if (stats) {
       // NaN u: not < alpha, inactive (as the reference's comparison).
-      const bool act = draw ? gamma.u(m / C, m % C) < alpha : gamma.active[m];
+      const bool act = draw ? gamma.u(n, c) < alpha : gamma.active[m];
       if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
       if (!act) {
         if (threadIdx.x == 0) {
@@ -114,7 +120,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         continue;
       }
     }
-    const scalar_t* base = x + (m / C) * s.n + (m % C) * s.c;
+    const scalar_t* base = x + n * s.n + c * s.c;
     auto load = [&](int64_t i) {
       return to_float(base[flat ? i * s.w : (i / W) * s.h + (i % W) * s.w]);
     };
@@ -224,8 +230,8 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   const size_t smem = static_cast<size_t>(use_smem ? L : kSmemKeys) * sizeof(uint32_t);
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
-          x, s, maps, C, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, rcp,
-          os, msum);
+          x, s, maps, C, fast_div(C < (int64_t(1) << 31) ? C : 1), H, W,
+          static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, rcp, os, msum);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
