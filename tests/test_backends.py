@@ -24,6 +24,7 @@ import torch
 from testing import (
     HAS_CUDA,
     make_x,
+    nonfinite_beside_zero_rows,
     radix_maps16,
     radix_rows,
     slow_without_gpu,
@@ -315,6 +316,17 @@ def test_statistics_unaligned_maps(B, shape, dtype, monkeypatch):
 @pytest.mark.parametrize("k", [2, 3])
 def test_pooled_correlation(B, x, k):
     close(B.pooled_correlation(x, k), R.pooled_correlation(x, k), scale=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_pooled_correlation_nonfinite_beside_zero_rows(B, dtype, channels_last):
+    """A NaN or an Inf makes every F of its sample NaN, the zero rows' too, as in the
+    reference; the other samples' F stay finite (and equal the reference's)."""
+    for x, k in nonfinite_beside_zero_rows(dtype, DEV, channels_last):
+        f, want = B.pooled_correlation(x, k), R.pooled_correlation(x, k)
+        assert want[:2].isnan().all() and torch.isfinite(want[2]).all(), want
+        close(f, want, scale=10)
 
 
 @pytest.mark.parametrize("shape,k", [((1, 4, 32, 32), 1), ((2, 5, 15, 15), 7),

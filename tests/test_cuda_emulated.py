@@ -36,6 +36,7 @@ from testing import (
     assert_close_dtype,
     emulated,
     make_x,
+    nonfinite_beside_zero_rows,
     radix_maps16,
     radix_rows,
 )
@@ -454,6 +455,21 @@ def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
             same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
             torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5,
                                        msg=lambda m, what=what: f"{what}: {m}")
+
+
+def test_emulated_pooled_correlation_nonfinite_beside_zero_rows(E):
+    """A NaN or an Inf makes every F of its sample NaN, the zero rows' too (their P_ij = 0
+    must not hide it), as in the reference; the vector and scalar pooling paths alike."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for cl in (False, True):
+            for x, k in nonfinite_beside_zero_rows(dtype, channels_last=cl):
+                want = R.pooled_correlation(x, k)
+                assert want[:2].isnan().all() and torch.isfinite(want[2]).all(), want
+                for tag, xx in (("", x), (" misaligned", misaligned(x))):
+                    f = E.pooled_correlation(xx, k)
+                    what = f"k={k} {dtype} channels_last={cl}{tag}"
+                    torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-5, equal_nan=True,
+                                               msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_emulated_pooled_correlation_sizes(E):

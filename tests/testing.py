@@ -168,6 +168,26 @@ def radix_maps16(hw: tuple[int, int], dtype: torch.dtype, device: str | torch.de
     return torch.stack(maps).reshape(1, len(maps), h, w).to(device)
 
 
+def nonfinite_beside_zero_rows(dtype: torch.dtype, device: str | torch.device = "cpu",
+                               channels_last: bool = False) -> list:
+    """(x, k) for CorrDrop's pooled correlation where a NaN or an Inf shares a sample with
+    zero pooled rows: the reference's F is NaN for every row of that sample (0 · NaN in
+    its Gram product reaches the zero rows), and a backend that sets P_ij = 0 for a zero
+    row must not hide it there. x (3, 3, 4, 4): sample 0 zero but one NaN (a row whose
+    only nonzero is NaN: its max |a| may read as 0), sample 1 zero but one +Inf and one 1,
+    sample 2 finite with zero windows (its F stays finite: the NaN is per sample).
+    k = 2 (N' = 4, the Gram path) and 4 (N' = 1, one window)."""
+    x = torch.zeros(3, 3, 4, 4)
+    x[0, 1, 0, 0] = float("nan")
+    x[1, 1, 0, 0], x[1, 0, 3, 3] = float("inf"), 1.0
+    x[2, :, 2:, :2] = torch.arange(1.0, 13.0).view(3, 2, 2)
+    x[2, 0, 0, 3] = -2.0
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [(x, 2), (x, 4)]
+
+
 def assert_close_dtype(
     actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None
 ) -> None:

@@ -10,11 +10,13 @@ valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly
   for (j, i), exactly 1 for equal and for opposite rows (an outer-product loop, not tl.dot,
   whose order is the hardware's / BLAS's);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
-  independent of the order of the terms.
+  independent of the order of the terms;
+- a NaN or an Inf in a pooled row makes every F of the sample NaN (the zero rows' too).
 k is clamped to max(H, W) first (a block >= the map is one window).
 
 One kernel (one launch: CorrDrop's statistics, issue 12), grid (N,): a program pools its
-sample, then correlates it; the N' x N' matrix never leaves the chip:
+sample, then correlates it; the N' x N' matrix never leaves the chip. Its phases each read
+what the program's other threads wrote in the one before, after a block-wide barrier:
 
 1. pooling, for a chunk of channels at a time: contiguous NCHW x (``_pool_band``) a
    window row at a time, its rows read in 16-byte vectors from 16 bytes before them and
@@ -24,10 +26,14 @@ sample, then correlates it; the N' x N' matrix never leaves the chip:
    values transposed, aT (N, C, N') float32 (x.numel() / k² values: small, L2-resident for
    the usual k = 7), and per position the max |a| and the norm of a / max|a| (a running
    rescaled sum of squares over the channel chunks);
-2. a barrier (the program's own aT, written by its other threads, is read next);
+2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
+   into hat (N, N', C rounded up to 4) float32, each row zero-padded to 16 bytes;
 3. correlation (``_corr_rows``), BM rows at a time: loops over blocks of BM columns and
-   over the channels, accumulating (â_I[c] − â_J[c])² (IEEE float32), then adds the
-   rounded |G| of the tile to int64 row sums (the diagonal set exactly).
+   over the channels, 4 at a time read as 16-byte vectors, accumulating
+   (â_I[c] − â_J[c])² (IEEE float32) channel after channel, then adds the rounded |G| of
+   the tile to int64 row sums (the diagonal set exactly).
+With one window (N' = 1: k >= H and W), F = P_00 follows from the pooling alone: 1 for a
+zero row, NaN for a row with a NaN, else 0; phases 2 and 3 are skipped.
 
 The parallelism is the batch (N programs, each looping over its sample's tiles): the
 pooling and the correlation of one sample in one launch, without a launch in between.
@@ -165,55 +171,114 @@ def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax, ssq):
 
 @triton.jit
 def _unit(a, s, nb):
-    """â = (a / s) / nb, 0 for a zero row (s = 0); the same operations for rows and columns."""
+    """â = (a / s) / nb, 0 for a zero row (s = 0)."""
     return tl.where(s == 0, 0.0, tl.math.div_rn(tl.math.div_rn(a, s), nb))
 
 
 @triton.jit
-def _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, i, C, NP, BM: tl.constexpr, BN: tl.constexpr):
-    """F of rows i (BM,) of sample n, from the pooled aT, max |a| and norms of the sample."""
+def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, n, C, CQ, NP, BP: tl.constexpr,
+               BC: tl.constexpr):
+    """Writes the unit rows of sample n, hat[n, i, c] = â_i[c] (N, N', 4 CQ) float32, zero
+    in the channels C ... 4 CQ - 1 that pad a row to 16 bytes, from aT (N, C, N'): each â
+    divided once here, not once per tile of the Gram loop that reads it. Returns the
+    number of rows whose norm is NaN (a NaN or an Inf in the pooled row: ``_nan_rows``)."""
+    CP = CQ * 4  # a multiple of 4 the compiler sees: rows of hat start on 16 bytes
+    bad = 0
+    for p0 in range(0, NP, BP):
+        i = p0 + tl.arange(0, BP)
+        iv = i < NP
+        s = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
+        nb = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
+        bad += _nan_rows(nb)
+        for c0 in range(0, CP, BC):
+            cc = c0 + tl.arange(0, BC)
+            cv = cc < C
+            a = tl.load(at_ptr + (n * C + cc)[None, :] * NP + i[:, None],
+                        mask=iv[:, None] & cv[None, :], other=0.0)
+            h = tl.where(cv[None, :], _unit(a, s[:, None], nb[:, None]), 0.0)
+            tl.store(hat_ptr + (n * NP + i)[:, None] * CP + cc[None, :], h,
+                     mask=iv[:, None] & (cc < CP)[None, :])
+    return bad
+
+
+@triton.jit
+def _nan_rows(nb):
+    """How many of the norms ‖a / max|a|‖ ``nb`` are NaN: a row with a NaN or an Inf
+    (Inf / Inf), never a zero row (its max is taken as 1). Such a row makes every F of its
+    sample NaN, as in the reference, whose Gram product gives 0 · NaN = NaN also in the
+    zero rows."""
+    return tl.sum((nb != nb).to(tl.int32))
+
+
+@triton.jit
+def _columns(t, R: tl.constexpr):
+    """The 4 columns of t (R, 4)."""
+    c01, c23 = tl.split(tl.reshape(t, (R, 2, 2)))
+    c0, c1 = tl.split(c01)
+    c2, c3 = tl.split(c23)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _add_channel(acc, acc2, ai, aj):
+    """acc + (â_i − â_j)², acc2 + (â_i + â_j)² over the (i, j) tile, for one channel."""
+    d = ai[:, None] - aj[None, :]
+    e = ai[:, None] + aj[None, :]
+    return acc + d * d, acc2 + e * e
+
+
+@triton.jit
+def _corr_rows(hat_ptr, s_ptr, f_ptr, n, i, CQ, NP, BM: tl.constexpr, BN: tl.constexpr):
+    """F of rows i (BM,) of sample n, from its unit rows hat (``_normalise``) and max |a|,
+    for a sample without NaN rows."""
+    CP = CQ * 4
     iv = i < NP
     si = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
-    nbi = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
     rowsum = tl.zeros([BM], tl.int64)
-    poison = tl.zeros([BM], tl.float32)  # NaN where a P_ij is NaN
-    abase = at_ptr + n * C * NP
+    hbase = hat_ptr + n * NP * CP
+    cb = tl.arange(0, 4)
     for j0 in range(0, NP, BN):
         j = j0 + tl.arange(0, BN)
         jv = j < NP
         sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
-        nbj = tl.load(nb_ptr + n * NP + j, mask=jv, other=1.0)
         acc = tl.zeros([BM, BN], tl.float32)  # ‖â_i − â_j‖²
         acc2 = tl.zeros([BM, BN], tl.float32)  # ‖â_i + â_j‖²
-        for c in range(0, C):
-            ai = _unit(tl.load(abase + c * NP + i, mask=iv, other=0.0), si, nbi)
-            aj = _unit(tl.load(abase + c * NP + j, mask=jv, other=0.0), sj, nbj)
-            d = ai[:, None] - aj[None, :]
-            acc += d * d
-            e = ai[:, None] + aj[None, :]
-            acc2 += e * e
+        # 4 channels of each row at a time (16-byte loads), added one after another as
+        # one channel at a time would be, for every (i, j) and (j, i) in that one order;
+        # the zero channels that pad a row add exact zeros
+        for c0 in range(0, CP, 4):
+            ai = tl.load(hbase + (i * CP)[:, None] + (c0 + cb)[None, :], mask=iv[:, None],
+                         other=0.0)
+            aj = tl.load(hbase + (j * CP)[:, None] + (c0 + cb)[None, :], mask=jv[:, None],
+                         other=0.0)
+            i0, i1, i2, i3 = _columns(ai, BM)
+            j0_, j1, j2, j3 = _columns(aj, BN)
+            acc, acc2 = _add_channel(acc, acc2, i0, j0_)
+            acc, acc2 = _add_channel(acc, acc2, i1, j1)
+            acc, acc2 = _add_channel(acc, acc2, i2, j2)
+            acc, acc2 = _add_channel(acc, acc2, i3, j3)
         # |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
         # equal rows and for opposite rows (â_j = −â_i exactly: the pooling and the division
         # by max|a| commute with the sign), where a float32 dot of a rounded â, or
-        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN in acc stays (the
-        # comparison is false); â holds no ±Inf, so acc2 is NaN only with acc.
+        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN P_ij comes only
+        # from a NaN row: ``nan``.
         zero = (si == 0)[:, None] | (sj == 0)[None, :]
         p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * tl.where(acc2 < acc, acc2, acc)))
         valid = iv[:, None] & jv[None, :]
-        poison += tl.sum(tl.where(valid & (p != p), p, 0.0), axis=1)
         term = valid & (p == p) & (i[:, None] != j[None, :])
         q = (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
         rowsum += tl.sum(tl.where(term, q, 0), axis=1)
     rowsum += tl.where(si == 0, 4294967296, 0).to(tl.int64)  # P_ii: 1 for a zero row, else 0
     f = rowsum.to(tl.float64) * QUANTUM / NP
-    tl.store(f_ptr + n * NP + i, f.to(tl.float32) + poison, mask=iv)
+    tl.store(f_ptr + n * NP + i, f.to(tl.float32), mask=iv)
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, f_ptr, C, H, W, HP, WP, NP, k, KH,
-                               KW, sN, sC, sH, sW, L, TOTAL, SPAN,
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, f_ptr, C, CQ, H, W, HP,
+                               WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
-                               BM: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
+                               BM: tl.constexpr, NBP: tl.constexpr, NBC: tl.constexpr,
+                               ONE: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
                                RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
                                WPP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr):
     n = tl.program_id(0)
@@ -230,11 +295,26 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, f_ptr, C, H, W, HP,
                 i = i.to(tl.int64)
             _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
                             sN, sC, sH, sW, BC, BP, KP)
-    # The rows below read what the other threads of this program wrote: a block-wide
-    # barrier orders those global stores before these loads.
+    # Each phase reads what the other threads of this program wrote in the one before: a
+    # block-wide barrier orders those global stores before these loads.
     tl.debug_barrier()
-    for r0 in range(0, NP, BM):
-        _corr_rows(at_ptr, s_ptr, nb_ptr, f_ptr, n, r0 + tl.arange(0, BM), C, NP, BM, BM)
+    if ONE:
+        # one window (k >= H and W): F = P_00 as the Gram path gives it, NaN for a NaN row
+        # (``_nan_rows``), else 1 for a zero row, 0 for any other
+        f = tl.where(tl.load(s_ptr + n) == 0, 1.0, 0.0)
+        nb = tl.load(nb_ptr + n)
+        tl.store(f_ptr + n, tl.where(nb != nb, nb, f))
+    else:
+        nan = _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, n, C, CQ, NP, NBP, NBC) > 0
+        tl.debug_barrier()
+        if nan:  # every F of the sample (``_nan_rows``)
+            for r0 in range(0, NP, BM):
+                i = r0 + tl.arange(0, BM)
+                tl.store(f_ptr + n * NP + i, tl.full([BM], float("nan"), tl.float32),
+                         mask=i < NP)
+        else:
+            for r0 in range(0, NP, BM):
+                _corr_rows(hat_ptr, s_ptr, f_ptr, n, r0 + tl.arange(0, BM), CQ, NP, BM, BM)
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -269,6 +349,8 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
     smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
     nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
+    cq = cdiv(c, 4)  # unit rows padded to 16 bytes
+    hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
     kh, kw = min(k, h), min(k, w)
     # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
     # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no
@@ -298,12 +380,18 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
         bc = max(1, min(pow2(c), TILE // (bp * kp)))
         rb = 1
         nw = warps(bc * bp * kp)
-    # 64 x 64 Gram tiles on a GPU
-    bm = min(256 if INTERPRET else 64, max(16, pow2(np_)))
+    # 64 x 64 Gram tiles on a GPU; 32 x 32 at least (16 x 16 tiles of the 256 threads that
+    # pool made ptxas spill at bf16 7 x 7, k = 3)
+    bm = min(256 if INTERPRET else 64, max(32, pow2(np_)))
+    # the normalisation's (positions x channels) tiles: x.numel() / k² values, an element
+    # per thread on a GPU (its two divisions are per value, not per element of x)
+    nbp = min(pow2(np_), 64)
+    nbc = max(4, min(pow2(4 * cq), (TILE if INTERPRET else 32 * nw) // nbp))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, f, c, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w, x.numel(),
-        span, BC=bc, BP=bp, KP=kp, BM=bm, IDX64=needs_int64(x, at), FLAT=flat, RB=rb, RW=rw,
-        WPAD=pow2(w), WPP=pow2(wp), A=a, ALIGNED=aligned, num_warps=nw)
+        x, at, smax, nb, hat, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
+        x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, NBP=nbp, NBC=nbc, ONE=np_ == 1,
+        IDX64=needs_int64(x, at, hat), FLAT=flat, RB=rb, RW=rw, WPAD=pow2(w), WPP=pow2(wp),
+        A=a, ALIGNED=aligned, num_warps=nw)
 
 
 __all__ = ["pooled_correlation"]

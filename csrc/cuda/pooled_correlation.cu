@@ -11,7 +11,8 @@
 //   ((x − y)² = (y − x)², x + y = y + x), and exactly 1 for equal and for opposite rows;
 // - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
 //   independent of where the diagonal or an equal term falls in the row;
-// - a NaN in row i of P (NaN or Inf in the sample's x) makes F_i NaN.
+// - a NaN or an Inf in a pooled row (its â NaN) makes every F of the sample NaN, the zero
+//   rows' too, as in the reference (whose Gram product gives 0 · NaN = NaN there).
 // The host clamps k to max(H, W) (a block >= the map is one window).
 //
 // One launch (issue 12: statistics in one kernel), one block of 32 x 8 threads per sample;
@@ -29,7 +30,8 @@
 //    (channel, pooled row) with the lanes along the pooled columns, in channels_last one
 //    warp per pooled position with the lanes along the channels. Then, after a
 //    __syncthreads, one warp per pooled position i takes the max |a|, the lanes sum
-//    (a / max)², and divide their channels. Writes â (N', C) and the zero-row flag (N').
+//    (a / max)², and divide their channels. Writes â (N', C) and a flag per row (N'): 1 for
+//    a zero row, NaN for a NaN row, else 0.
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
 //    takes 32 rows i at a time and walks the columns j in tiles of 32, accumulating
 //    ‖â_i − â_j‖² over channel tiles of 32 held in shared memory (a tiled GEMM with (a − b)²
@@ -160,7 +162,8 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
     const float nb = sqrtf(ss);
 #pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
-    if (lane == 0) zero_row[i] = mx == 0.f ? 1.f : 0.f;
+    // a NaN row: a NaN or an Inf (Inf / Inf) in it; a zero row's nb is 0 / 0, not counted
+    if (lane == 0) zero_row[i] = mx == 0.f ? 1.f : (nb != nb ? nb : 0.f);
   }
 }
 
@@ -170,16 +173,19 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
   __shared__ float ai[kTile][kTile + 1];
   __shared__ float aj[kTile][kTile + 1];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  // A NaN row makes every F of the sample NaN (see the header).
+  bool nan_row = false;
+  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) nan_row |= zero_row[i] != zero_row[i];
+  const bool nan = __syncthreads_or(nan_row);
   for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
-    float poison[kPerThread] = {};  // NaN where a P_ij is NaN
     // Bit q: row i0 + ty + kRowsY * q is a zero row. Read once per row tile, in a loop
     // not unrolled (as the tile fill below).
     unsigned zi = 0;
 #pragma unroll 1
     for (int q = 0; q < kPerThread; ++q) {
       const int64_t i = i0 + ty + kRowsY * q;
-      if (i < Np && zero_row[i] != 0.f) zi |= 1u << q;
+      if (i < Np && zero_row[i] == 1.f) zi |= 1u << q;
     }
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
       float acc[kPerThread] = {};   // ‖â_i − â_j‖²
@@ -211,20 +217,18 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
         __syncthreads();
       }
       const int64_t j = j0 + tx;
-      const bool zj = j < Np && zero_row[j] != 0.f;
+      const bool zj = j < Np && zero_row[j] == 1.f;
 #pragma unroll
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
           // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
-          // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN in
-          // acc stays (the comparison is false); â holds no ±Inf, so acc2 is NaN only with acc.
+          // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN p
+          // comes only from a NaN row: nan.
           const bool zero = ((zi >> q) & 1u) || zj;
           const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
           const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
-          if (p != p) {
-            poison[q] += p;
-          } else if (i != j) {
+          if (p == p && i != j) {
             part[q] += static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
           }
         }
@@ -234,12 +238,11 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
 #pragma unroll
     for (int q = 0; q < kPerThread; ++q) {
       const long long sum = warp_reduce(part[q], SumOp());
-      const float nan = warp_reduce(poison[q], SumOp());
       const int64_t i = i0 + ty + kRowsY * q;
       if (tx == 0 && i < Np) {
         const long long total = sum + (((zi >> q) & 1u) ? kOne : 0);
         const double f = static_cast<double>(total) / kQuantumInv / static_cast<double>(Np);
-        Fn[i] = static_cast<float>(f) + nan;
+        Fn[i] = nan ? NAN : static_cast<float>(f);
       }
     }
   }

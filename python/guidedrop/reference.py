@@ -50,7 +50,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     - each P_ij is rounded to a multiple of QUANTUM and the row sums are int64: exact, so
       independent of the order of the terms (the diagonal P_ii, 0 for a nonzero row and 1
       for a zero row, included as an exact term);
-    - a NaN in P_i. makes F_i NaN (a NaN or Inf in a sample's x: every F of that sample).
+    - a NaN in P_i. makes F_i NaN (a NaN or Inf in a sample's x: every F of that sample,
+      the zero rows' too: 0 · NaN in the Gram product).
     Empty x (N, H or W = 0): an empty F; C = 0: zero rows, F = 1 / N'.
     """
     n, c, h, w = x.shape

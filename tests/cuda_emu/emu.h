@@ -6,11 +6,11 @@
 // `emu::Launcher(grid, block, smem, stream)(kernel, args)`) runs the blocks one after
 // another; inside a block every CUDA thread is an OS thread (std::thread, kept in a pool from
 // block to block), so threads really interleave and a missing __syncthreads can show up as a
-// wrong result. __syncthreads is a barrier of the block, warp intrinsics (__shfl_*_sync,
-// __ballot_sync, __match_any_sync, ...) a rendezvous of the 32 lanes of the warp: all 32
-// lanes must call them (full mask only), as on the GPU. `__shared__` variables are `static`
-// (one copy, the blocks run one at a time), dynamic shared memory is a buffer filled with 0xAB
-// before each launch.
+// wrong result. __syncthreads (and __syncthreads_or) is a barrier of the block, warp
+// intrinsics (__shfl_*_sync, __ballot_sync, __match_any_sync, ...) a rendezvous of the 32
+// lanes of the warp: all 32 lanes must call them (full mask only), as on the GPU.
+// `__shared__` variables are `static` (one copy, the blocks run one at a time), dynamic
+// shared memory is a buffer filled with 0xAB before each launch.
 //
 // Errors become C++ exceptions, thrown by the launch (so the op raises a RuntimeError): an
 // exception in a kernel thread, a barrier that cannot complete (some threads returned from
@@ -419,6 +419,16 @@ inline int lane() { return linear() % 32; }
 // ------------------------------------------------------------------------ intrinsics
 
 inline void __syncthreads() { emu::bs->block->arrive_and_wait(); }
+// Every thread publishes its predicate in its slot (no warp intrinsic runs meanwhile: the
+// whole block is here), then reads every slot.
+inline int __syncthreads_or(int pred) {
+  emu::bs->slots[emu::linear()] = pred != 0;
+  __syncthreads();
+  int any = 0;
+  for (const uint64_t s : emu::bs->slots) any |= s != 0;
+  __syncthreads();  // nobody overwrites its slot before every thread has read
+  return any;
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu::check_mask(mask, "__syncwarp");
   emu::warp_sync();
