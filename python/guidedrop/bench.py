@@ -762,7 +762,8 @@ MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "
                  ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
                  ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
                  ("worst", "of kernel (kind)", "{}"),
-                 ("access", "x B/access, div/elem", "{}"), ("budget", "issue 13 budgets", "{}")]
+                 ("access", "x load B", "{}"), ("div", "int div/elem", "{:.2f}"),
+                 ("budget", "issue 13 budgets", "{}")]
 
 
 def model_report(layers, cases, providers, explicit, device, channels_last,
@@ -777,9 +778,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     holds to issue 13's budgets), the worst of the layer's streaming kernels: SASS
     instructions per element of x in the steady state, with that kernel's name and kind
     (apply or statistics: each kind has its budget; the seed kernels, held to the division
-    budget only, where a layer has no other), and the bytes per access (16: 16-byte vectors;
-    else the narrowest load of such a kernel without them) with the runtime integer
-    divisions per element of all its kernels, and whether all of them meet issue 13's
+    budget only, where a layer has no other), the bytes per load of x (16: 16-byte vectors;
+    else the narrowest load of such a kernel without them), the runtime integer divisions
+    per element of all its kernels, and whether all of them meet issue 13's
     budgets (``guidedrop.sass.budget_violations``; "missed:" names those that do not).
     Triton: every launch compiled for sm_90
     (under the interpreter with the tiles a GPU gets; minutes when Triton's cache is cold);
@@ -817,8 +818,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     out.print(f"launches and bytes of one forward + backward on {device_name(device)} "
               "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward; "
               "SASS for sm_90, worst streaming kernel: issue 13's budgets 15 bf16 / 30 fp32 "
-              "for apply, 20 bf16 for statistics, none for seeds; x in 16-byte accesses, no "
-              "runtime division per element)",
+              "for apply, 20 bf16 for statistics, none for fp16, for fp32 statistics or for "
+              "seeds; for every dtype x in 16-byte loads (x load B: 16) and at most 2 runtime "
+              "integer divisions per 16 bytes of x)",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
     if any(r.get("budget", "met") != "met" for r in rows):
@@ -831,7 +833,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
         if not triton.__version__.startswith(sass.CALIBRATED_TRITON + "."):
             out.print(f"Triton {triton.__version__} compiled these; the budgets were set on "
                       f"Triton {sass.CALIBRATED_TRITON} (CI's, with torch 2.14.1), whose SASS "
-                      "differs by up to about an instruction per element", highlight=False)
+                      "differs: by up to about an instruction per element for the apply "
+                      "kernels, by far more for some statistics kernels (the selection's); "
+                      "the figures the budgets hold come from that pair", highlight=False)
     for p in (providers if explicit else PROVIDERS):  # say why a backend has no rows
         why = p != "compile" and cases and unsupported(p, device, cases[0][1])
         if why:
@@ -879,7 +883,8 @@ def _static_counts(pending) -> None:
         row["worst"] = f"{_kernel_name(worst.kernel)} ({kind})"
         scalar = [c for c, _ in budgeted if 128 not in c.loads or c.narrow(size)]
         width = min((min(c.loads, default=8 * size) // 8 for c in scalar), default=16)
-        row["access"] = f"{width}, {max(c.divisions_per_element for c, _ in counts):.2f}"
+        row["access"] = width
+        row["div"] = max(c.divisions_per_element for c, _ in counts)
         missed = sorted({_kernel_name(c.kernel) for c, k in counts
                          if sass.budget_violations(c, k, dtype)})
         row["budget"] = "missed: " + ", ".join(missed) if missed else "met"
