@@ -260,8 +260,9 @@ def _corr_rows(hat_ptr, s_ptr, f_ptr, n, i, CQ, NP, BM: tl.constexpr, BN: tl.con
         # |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
         # equal rows and for opposite rows (â_j = −â_i exactly: the pooling and the division
         # by max|a| commute with the sign), where a float32 dot of a rounded â, or
-        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN P_ij comes only
-        # from a NaN row: ``nan``.
+        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN P_ij would come
+        # only from a NaN row, whose sample does not get here; p == p keeps it from the
+        # int64 conversion all the same.
         zero = (si == 0)[:, None] | (sj == 0)[None, :]
         p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * tl.where(acc2 < acc, acc2, acc)))
         valid = iv[:, None] & jv[None, :]
