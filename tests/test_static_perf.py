@@ -338,4 +338,4 @@ def test_bench_model_prints_sass_counts(capsys):
     assert row["worst"] in ("_channel_stats_kernel (statistics)",
                             "_apply_channel_flat_kernel (apply)"), row
     out = capsys.readouterr().out
-    assert "SASS/elem" in out and "div/elem" in out and row["worst"] in out
+    assert "SASS/elem" in out and "div/16 B" in out and row["worst"] in out

@@ -762,7 +762,7 @@ MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "
                  ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
                  ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
                  ("worst", "of kernel (kind)", "{}"),
-                 ("access", "x load B", "{}"), ("div", "int div/elem", "{:.2f}"),
+                 ("access", "x load B", "{}"), ("div", "int div/16 B of x", "{:.2f}"),
                  ("budget", "issue 13 budgets", "{}")]
 
 
@@ -780,7 +780,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     (apply or statistics: each kind has its budget; the seed kernels, held to the division
     budget only, where a layer has no other), the bytes per load of x (16: 16-byte vectors;
     else the narrowest load of such a kernel without them), the runtime integer divisions
-    per element of all its kernels, and whether all of them meet issue 13's
+    per 16 bytes of x of all its kernels, and whether all of them meet issue 13's
     budgets (``guidedrop.sass.budget_violations``; "missed:" names those that do not).
     Triton: every launch compiled for sm_90
     (under the interpreter with the tiles a GPU gets; minutes when Triton's cache is cold);
@@ -815,27 +815,35 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     if static:
         _static_counts(pending)
     out = console()
-    out.print(f"launches and bytes of one forward + backward on {device_name(device)} "
-              "(counted, not timed; budget: 3 forward (CamDrop 5), +1 without noise, 1 backward; "
-              "SASS for sm_90, worst streaming kernel: issue 13's budgets 15 bf16 / 30 fp32 "
-              "for apply, 20 bf16 for statistics, none for fp16, for fp32 statistics or for "
-              "seeds; for every dtype x in 16-byte loads (x load B: 16) and at most 2 runtime "
-              "integer divisions per 16 bytes of x)",
+    out.print(f"launches and bytes of one forward + backward on {device_name(device)}, "
+              "counted, not timed.\n"
+              "- launches: the kernels' budget is 3 forward (CamDrop 5), +1 without noise, "
+              "1 backward (none for the reference, the oracle); × floor: the MB moved over "
+              "those of 3 reads + 2 writes of x.\n"
+              "- SASS for sm_90 of the worst streaming kernel (issue 13's budgets): per "
+              "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "
+              "none for fp16, fp32 statistics or seeds; for every dtype, x read in 16-byte "
+              "loads (x load B: 16) and at most 2 runtime integer divisions per 16 bytes of x.",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
-    if any(r.get("budget", "met") != "met" for r in rows):
-        out.print("missed: kernels over a budget (issue 13 is open for them; "
-                  "tests/test_static_perf.py's OVER_BUDGET has their figures)", highlight=False)
+    calibrated = True
     if static and any(r["backend"] == "triton" and "sass" in r for r in rows):
         import triton
 
         from . import sass
-        if not triton.__version__.startswith(sass.CALIBRATED_TRITON + "."):
-            out.print(f"Triton {triton.__version__} compiled these; the budgets were set on "
-                      f"Triton {sass.CALIBRATED_TRITON} (CI's, with torch 2.14.1), whose SASS "
-                      "differs: by up to about an instruction per element for the apply "
-                      "kernels, by far more for some statistics kernels (the selection's); "
-                      "the figures the budgets hold come from that pair", highlight=False)
+        calibrated = triton.__version__.startswith(sass.CALIBRATED_TRITON + ".")
+        if not calibrated:
+            out.print(f"Triton {triton.__version__} compiled these. The budgets and the "
+                      "figures in tests/test_static_perf.py are of Triton "
+                      f"{sass.CALIBRATED_TRITON} (CI's, with torch 2.14.1); other versions "
+                      "emit other code, several instructions per element apart for some "
+                      "kernels, so a kernel within budget there may miss it here",
+                      highlight=False)
+    if any(r.get("budget", "met") != "met" for r in rows):
+        out.print("missed: kernels over a budget (issue 13 is open for them; "
+                  "tests/test_static_perf.py's OVER_BUDGET has their figures"
+                  + (")" if calibrated else f", for Triton {sass.CALIBRATED_TRITON})"),
+                  highlight=False)
     for p in (providers if explicit else PROVIDERS):  # say why a backend has no rows
         why = p != "compile" and cases and unsupported(p, device, cases[0][1])
         if why:
@@ -884,7 +892,8 @@ def _static_counts(pending) -> None:
         scalar = [c for c, _ in budgeted if 128 not in c.loads or c.narrow(size)]
         width = min((min(c.loads, default=8 * size) // 8 for c in scalar), default=16)
         row["access"] = width
-        row["div"] = max(c.divisions_per_element for c, _ in counts)
+        # per 16 bytes of x, the unit of the division budget (at most 2)
+        row["div"] = max(c.divisions_per_element for c, _ in counts) * 16 / size
         missed = sorted({_kernel_name(c.kernel) for c, k in counts
                          if sass.budget_violations(c, k, dtype)})
         row["budget"] = "missed: " + ", ".join(missed) if missed else "met"

@@ -58,7 +58,10 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
              generator=None):
     """CorrDrop (SPEC §2): drop k x k blocks of weakly correlated pooled positions.
 
-    x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size.
+    x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size. The rate of
+    eq. 11, p' = p·H·W / (k²·H'·W'), takes k = block_size itself: the expected dropped
+    fraction is p where the blocks are whole, and falls as H·W / k² for one block larger
+    than the map (DropBlock instead clamps its block to the map).
     """
     V.feature_map(x)
     p, block_size = V.real("p", p), V.block_size(block_size)
