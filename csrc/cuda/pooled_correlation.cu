@@ -224,7 +224,8 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
         if (i < Np && j < Np) {
           // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
           // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN p
-          // comes only from a NaN row: nan.
+          // comes only from a NaN row, whose sample's F are all NaN (nan); p == p keeps it
+          // out of the int64 sum.
           const bool zero = ((zi >> q) & 1u) || zj;
           const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
           const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);

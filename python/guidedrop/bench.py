@@ -826,11 +826,10 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
               "loads (x load B: 16) and at most 2 runtime integer divisions per 16 bytes of x.",
               highlight=False)
     out.print(format_table(rows, MODEL_COLUMNS))
-    calibrated = True
+    from . import sass
+    calibrated = True  # the Triton whose SASS the budgets hold (or no Triton row)
     if static and any(r["backend"] == "triton" and "sass" in r for r in rows):
         import triton
-
-        from . import sass
         calibrated = triton.__version__.startswith(sass.CALIBRATED_TRITON + ".")
         if not calibrated:
             out.print(f"Triton {triton.__version__} compiled these. The budgets and the "
