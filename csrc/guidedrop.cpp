@@ -94,8 +94,8 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  at::Tensor zero_row = at::empty({N, Hp * Wp}, f32(x));   // 1 for a zero pooled row
-  launch_pooled_correlation(x, k, pooled, zero_row, F);
+  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
+  launch_pooled_correlation(x, k, pooled, row_flag, F);
   return F;
 }
 
@@ -343,10 +343,10 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  at::Tensor zero_row = at::empty({N, Hp * Wp}, f32(x));   // 1 for a zero pooled row
+  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, f32(x));
-  launch_pooled_correlation(x, k, pooled, zero_row, F);
+  launch_pooled_correlation(x, k, pooled, row_flag, F);
   launch_corrdrop_plan(F, noise, pt, static_cast<float>(p), H, W, k, norm, keep, scale);
   return {keep, scale};
 }

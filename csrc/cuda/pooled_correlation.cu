@@ -69,7 +69,7 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
                                const int64_t n, const int64_t C, const int64_t H,
                                const int64_t W, const int64_t k, const int64_t Hp,
                                const int64_t Wp, const int64_t Np, const PoolVec& pv,
-                               float* __restrict__ pooled, float* __restrict__ zero_row) {
+                               float* __restrict__ pooled, float* __restrict__ row_flag) {
   constexpr int V = 16 / sizeof(scalar_t);
   using Vec16 = Vec<scalar_t, V>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -163,19 +163,19 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
 #pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
     // a NaN row: a NaN or an Inf (Inf / Inf) in it; a zero row's nb is 0 / 0, not counted
-    if (lane == 0) zero_row[i] = mx == 0.f ? 1.f : (nb != nb ? nb : 0.f);
+    if (lane == 0) row_flag[i] = mx == 0.f ? 1.f : (nb != nb ? nb : 0.f);
   }
 }
 
 // F of sample n from its rows â (see the header, step 2).
-__device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ zero_row,
+__device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ row_flag,
                             const int64_t Np, const int64_t C, float* __restrict__ Fn) {
   __shared__ float ai[kTile][kTile + 1];
   __shared__ float aj[kTile][kTile + 1];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
   // A NaN row makes every F of the sample NaN (see the header).
   bool nan_row = false;
-  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) nan_row |= zero_row[i] != zero_row[i];
+  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) nan_row |= row_flag[i] != row_flag[i];
   const bool nan = __syncthreads_or(nan_row);
   for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
@@ -185,7 +185,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
 #pragma unroll 1
     for (int q = 0; q < kPerThread; ++q) {
       const int64_t i = i0 + ty + kRowsY * q;
-      if (i < Np && zero_row[i] == 1.f) zi |= 1u << q;
+      if (i < Np && row_flag[i] == 1.f) zi |= 1u << q;
     }
     for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
       float acc[kPerThread] = {};   // ‖â_i − â_j‖²
@@ -217,7 +217,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
         __syncthreads();
       }
       const int64_t j = j0 + tx;
-      const bool zj = j < Np && zero_row[j] == 1.f;
+      const bool zj = j < Np && row_flag[j] == 1.f;
 #pragma unroll
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
@@ -256,10 +256,10 @@ __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const 
                                           const int64_t Wp,
                                           const int64_t Np, const PoolVec pv,
                                           float* __restrict__ pooled,
-                                          float* __restrict__ zero_row, float* __restrict__ F) {
+                                          float* __restrict__ row_flag, float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
     float* an = pooled + n * Np * C;
-    float* zn = zero_row + n * Np;
+    float* zn = row_flag + n * Np;
     pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, pv, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
     gram_rowsum(an, zn, Np, C, F + n * Np);
@@ -269,7 +269,7 @@ __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const 
 }  // namespace
 
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
-                               const at::TensorBase& zero_row, const at::TensorBase& F) {
+                               const at::TensorBase& row_flag, const at::TensorBase& F) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hp = ceil_div(H, k), Wp = ceil_div(W, k), Np = Hp * Wp;
   if (N * Np == 0) return;
@@ -292,7 +292,7 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
     pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
                                           kTile * kRowsY, 0, current_stream()>>>(
         x.data_ptr<scalar_t>(), s, N, C, H, W, k, Hp, Wp, Np, pv,
-        pooled.data_ptr<float>(), zero_row.data_ptr<float>(), F.data_ptr<float>());
+        pooled.data_ptr<float>(), row_flag.data_ptr<float>(), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
