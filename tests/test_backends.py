@@ -257,6 +257,31 @@ def test_statistics_nan_inf(B):
     same(r, rr)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("hw", [(7, 7), (14, 15), (50, 60)], ids=str)
+def test_select_first_unit_special(B, dtype, hw):
+    """Maps whose first unit is special (NaN, ±Inf, ±0, the map's max or min, a tie with
+    the threshold): the Triton select pads a map's tile to a power of 2 with copies of its
+    first unit and subtracts them from its histograms and soft-mask sum. Every map pads (49
+    in 64, 210 in 256, 3000 in 4096); thr, min, r and the exact msum for every mode."""
+    n = hw[0] * hw[1]
+    x = make_x((2, 8, *hw), torch.float32, DEV).clone()
+    first = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 100.0, -100.0]
+    for c, v in enumerate(first):
+        x[:, c, 0, 0] = v
+    x[:, 7] = x[:, 7].round()  # many ties, the first unit among them
+    x[1, :, 0, 0] = x[1, :, -1, -1]  # the first unit equal to the last
+    x = x.to(dtype)
+    active = torch.ones(2, 8, dtype=torch.bool, device=DEV)
+    for k in (1, 2, n // 2, n - 1, n):
+        same(B.map_threshold(x, k), R.map_threshold(x, k))
+        for mode in ("am", "sm", "ad"):
+            for g, r in zip(B.attention_stats(x, k, active, mode),
+                            R.attention_stats(x, k, active, mode), strict=True):
+                same(g, r)
+
+
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
 def test_attention_stats(B, x, mode):
     n, c, h, w = x.shape

@@ -53,7 +53,7 @@ LAYOUTS = ("contiguous", "channels_last")
 TRITON_KERNELS = sass.TRITON_STREAMING  # kernel -> kind
 CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 
-# (backend, kernel) that miss a budget today, with what was measured on 2026-12-01/02 (the
+# (backend, kernel) that miss a budget today, with what was measured on 2026-12-01/03 (the
 # range over the cases; the CUDA figures count the grid-stride loop's scalar tail path too,
 # so they are upper bounds). The row-tiled apply kernels (_apply_channel_kernel,
 # _apply_block_kernel) run in channels_last only since the flat tiles, within budget. The
@@ -83,14 +83,20 @@ OVER_BUDGET = {
                                               "k = 7, 219 at k = 3 (N' = 361, 6 x 6 tiles): "
                                               "the Gram's arithmetic, not x's bytes",
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
-                                  "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS): "
-                                  "bf16 56 x 56: 68-84 SASS per element; 28 x 28 and 32 x 32: "
-                                  "94-125; 14 x 14: 168-239; 7 x 7: 264-290 (4-bit digits, 16 "
-                                  "maps per program: the picks' scans and sums over the "
-                                  "(maps, bins) histogram, about 240 shuffles a thread, cost "
-                                  "per map; (n, c) divided per map, counted as 1 per "
-                                  "element); fp32 (4 or 8 passes) 98-367; 2-byte loads in "
-                                  "channels_last at 56 x 56 (a map is strided by C)",
+                                  "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS), "
+                                  "histograms unmasked (the padding and the keys off the "
+                                  "prefix subtracted per row), 64 (32 at 7 x 7) elements a "
+                                  "thread: bf16 56 x 56: 29.7-37.7 SASS per element (was "
+                                  "68-84); 28 x 28 and 32 x 32: 43.2-47.5 (was 94-125); "
+                                  "14 x 14: 69.8-73.5 (was 168-239); 7 x 7: 146-176 (was "
+                                  "264-290). Per element, about 20 at best (the key 4, the "
+                                  "two passes' digits and atomics 8, min and max 2, the "
+                                  "soft mask 4 and its float64 sum 2); the rest is per map "
+                                  "(the picks' scans and sums over the (maps, bins) "
+                                  "histogram, 4 passes of 16 bins under 1024 elements), "
+                                  "over 49 or 196 elements. fp32 (4 or 8 passes) 44.5-272; "
+                                  "2-byte loads in channels_last at 56 x 56 (a map is "
+                                  "strided by C)",
     ("cuda", "select"): "scalar loads of x, 1 (bf16) / 2 (fp32) runtime divisions per "
                         "element, 740.5 / 1016 SASS per element: the counter's steady "
                         "state, the loop over maps (the int64 m / C of maps past 2^31, "

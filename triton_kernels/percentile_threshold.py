@@ -13,7 +13,12 @@ key of an element of the row (exact, ties by value as torch.topk; NaN is one can
 key above +Inf, -0.0 sorts below +0.0 as in float_key).
 
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
-chip (up to ``HIST_ROWS`` short rows per program, one histogram of ROWS * bins).
+chip (up to ``HIST_ROWS`` short rows per program, one histogram of ROWS * bins, 64
+elements a thread). Their tile, a power of 2, is padded with copies of the row's first
+element, so that min and max need no mask, and every pass counts every key without one
+(``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the
+prefix go to the last bin, and the padding's and those counts are subtracted from their
+known bins; the padding's soft mask is subtracted from the sum.
 Longer rows (one per program) cannot stay in registers; rather than re-reading x at every
 pass they read it twice: once for the top digit's histogram (and min/max), once to pack
 the keys in the chosen top bin, in order, into an int32 workspace (R * L, allocated only
@@ -43,7 +48,6 @@ from ._common import (
     CL_TILE,
     INTERPRETED,
     MAX_ROW,
-    TILE,
     aligned,
     apply_flags,
     apply_launch,
@@ -82,6 +86,12 @@ KEY_BITS = {torch.bfloat16: 16, torch.float16: 19}
 # Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
 # shared memory at 16 rows).
 HIST_ROWS = 16
+# Rows in registers: SELECT_TILE elements per program (several short rows), a warp per
+# WARP_ELEMENTS (64 a thread). The picks of the digits cost per row and per thread that
+# holds it, not per element: at 16 a thread they were most of the kernel's instructions
+# (bf16 56 x 56: 84 SASS per element; 64 a thread: 30), and past 64 registers spill.
+SELECT_TILE = 16384 if INTERPRETED else 2048
+WARP_ELEMENTS = 2048
 
 
 @triton.jit
@@ -155,24 +165,31 @@ def soft_mask(xv, thr, mn, r, MODE: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(x_ptr, base, live, p0, L, W, sH, sW,
-               BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
+          BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+    """(ROWS, BLOCK) float32 values of positions p0 ... p0 + BLOCK - 1 of the rows at
+    ``base`` (``other`` where not valid), and which are valid."""
     p = p0 + tl.arange(0, BLOCK)
     if IDX64:
         p = p.to(tl.int64)
     valid = live[:, None] & (p < L)[None, :]
     off = base[:, None] + pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
-    v = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
-    return float_key(v), valid
+    return tl.load(x_ptr + off, mask=valid, other=other).to(tl.float32), valid
 
 
 @triton.jit
-def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
-    """(ROWS, BLOCK) digits in [0, BINS) where m -> (ROWS, BINS) int32: each row's counts,
-    one ``tl.histogram`` over ROWS * BINS bins (row r's digit d in bin r * BINS + d)."""
+def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+               MASKED: tl.constexpr = True):
+    """(ROWS, BLOCK) digits in [0, BINS) (where m, if MASKED) -> (ROWS, BINS) int32: each
+    row's counts, one ``tl.histogram`` over ROWS * BINS bins (row r's digit d in bin
+    r * BINS + d). Unmasked, each digit is one shared-memory atomic; masked, a branch
+    around it (7 SASS instead of 1)."""
     r = tl.arange(0, ROWS)[:, None] * BINS
     flat = tl.reshape(r + digit, [ROWS * BLOCK])
-    h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
+    if MASKED:
+        h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
+    else:
+        h = tl.histogram(flat, ROWS * BINS)
     return tl.reshape(h, [ROWS, BINS])
 
 
@@ -180,13 +197,49 @@ def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.const
 def _pick(hist, k, BINS: tl.constexpr):
     """hist (ROWS, BINS): the counts of the current digit among the keys matching the prefix;
     k (ROWS,): the rank of the wanted key among them (1 = largest) -> (the digit of the
-    k-th largest, its rank among the keys with that digit). Rows with fewer than k keys
-    (dead rows) get digit -1 (never stored)."""
+    k-th largest, its rank among the keys with that digit, their count). Rows with fewer
+    than k keys (dead rows) get digit -1 (never stored)."""
     b = tl.arange(0, BINS)[None, :]
     atleast = tl.sum(hist, axis=1)[:, None] - tl.cumsum(hist, axis=1) + hist  # #{digit >= b}
     d = tl.sum((atleast >= k[:, None]).to(tl.int32), axis=1) - 1  # atleast: non-increasing
-    above = tl.sum(tl.where(b > d[:, None], hist, 0), axis=1)  # #{digit > d}
-    return d, k - above
+    # from atleast, not hist: a fourth use of hist made Triton compute it twice
+    above = tl.sum(tl.where(b == d[:, None] + 1, atleast, 0), axis=1)  # #{digit > d}
+    count = tl.sum(tl.where(b == d[:, None], atleast, 0), axis=1) - above
+    return d, k - above, count
+
+
+@triton.jit
+def _col(v, ROWS: tl.constexpr):
+    """Per-row values v (ROWS,) to apply to a (ROWS, BLOCK) tile. One row: a scalar,
+    uniform in every layout (to broadcast a (1,) tensor, Triton recomputed the whole
+    histogram pass that gave it in the tile's layout)."""
+    if ROWS == 1:
+        c = tl.max(v, axis=0)
+    else:
+        c = v[:, None]
+    return c
+
+
+@triton.jit
+def _pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+          BITS: tl.constexpr, SHIFT: tl.constexpr):
+    """The (ROWS, BINS) histogram of a row's valid unsigned keys (ROWS, BLOCK) that match
+    the prefix ``uprefix`` above SHIFT + BITS (``count`` of them), by their BITS-bit digit
+    at SHIFT. Every key is counted unmasked (a mask costs a branch per atomic); the ``pad``
+    padding keys (copies of ``pkey``) and the keys off the prefix land in known bins, whose
+    counts are subtracted after."""
+    BINS: tl.constexpr = 1 << BITS
+    b = tl.arange(0, BINS)[None, :]
+    if SHIFT + BITS == 32:  # no prefix yet
+        digit = ukey >> SHIFT
+        junk = tl.where(b == (pkey >> SHIFT)[:, None], pad[:, None], 0)
+    else:  # keys off the prefix fall outside [0, BINS): the last bin holds them
+        digit = tl.minimum((ukey - _col(uprefix, ROWS)) >> SHIFT, BINS - 1)
+        on = (pkey >> (SHIFT + BITS)) == (uprefix >> (SHIFT + BITS))  # padding on it
+        pbin = tl.where(on, (pkey >> SHIFT) & (BINS - 1), BINS - 1)
+        junk = tl.where(b == BINS - 1, (n_valid - count)[:, None], 0) \
+            + tl.where(b == pbin[:, None], pad[:, None], 0)
+    return _histogram(digit.to(tl.int32), digit, ROWS, BLOCK, BINS, False) - junk
 
 
 @triton.jit
@@ -248,39 +301,51 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
     # any layout: an inactive map is never loaded (masked), a program of them exits here
     if tl.max(live.to(tl.int32), axis=0) > 0:
         kk = tl.zeros([ROWS], tl.int32) + k  # the rank sought among the matching keys
-        prefix = tl.zeros([ROWS], tl.int32)  # the digits found so far, unsigned key bits
         if SINGLE:  # the rows in registers: read once, the passes on chip
             PASSES: tl.constexpr = (KEY_BITS + BITS - 1) // BITS
-            key, valid = _load_keys(x_ptr, base, live, 0, L, W, sH, sW, BLOCK, HW_FLAT, IDX64)
-            ukey = key ^ KMIN
+            BINS: tl.constexpr = 1 << BITS
+            # Padding (past L) reads copies of the row's first unit: no mask for min and max
+            # (nor, in _pass, for the histograms); its S is subtracted from the sum.
+            first = tl.load(x_ptr + base, mask=live, other=0.0).to(tl.float32)
+            v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK, HW_FLAT,
+                         IDX64)
+            ukey = (float_key(v) ^ KMIN).to(tl.uint32, bitcast=True)
+            pkey = (float_key(first) ^ KMIN).to(tl.uint32, bitcast=True)
+            n_valid = tl.where(live, L, 0)
+            pad = BLOCK - n_valid
+            count = n_valid  # the valid keys matching the prefix
+            uprefix = tl.zeros([ROWS], tl.uint32)  # the digits found so far
             for i in tl.static_range(PASSES):
-                digit, m = _digit(ukey, prefix, valid, 32 - BITS * (i + 1), BITS)
-                d, kk = _pick(_histogram(digit, m, ROWS, BLOCK, 1 << BITS), kk, 1 << BITS)
-                prefix = prefix | (d << (32 - BITS * (i + 1)))
-            thr = key_float(_low_fill(prefix, 32 - BITS * PASSES))
+                d, kk, count = _pick(_pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS,
+                                           BLOCK, BITS, 32 - BITS * (i + 1)), kk, BINS)
+                uprefix = uprefix | (d.to(tl.uint32, bitcast=True) << (32 - BITS * (i + 1)))
+            thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True), 32 - BITS * PASSES))
             if STATS:
-                kmin = tl.min(tl.where(valid, key, KMAX), axis=1)
-                kmax = tl.max(tl.where(valid, key, KMIN), axis=1)
+                kmin = tl.min(ukey, axis=1).to(tl.int32, bitcast=True) ^ KMIN
+                kmax = tl.max(ukey, axis=1).to(tl.int32, bitcast=True) ^ KMIN
         else:  # one row: read twice (top digit; then its keys to the workspace)
+            prefix = tl.zeros([ROWS], tl.int32)  # the digits found so far, unsigned key bits
             kmin = tl.full([ROWS], KMAX, tl.int32)
             kmax = tl.full([ROWS], KMIN, tl.int32)
             hist = tl.zeros([ROWS, RADIX], tl.int32)
             for p0 in range(0, L, BLOCK):
-                key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK, HW_FLAT,
-                                        IDX64)
+                v, valid = _load(x_ptr, base, live, p0, L, W, sH, sW, 0.0, BLOCK, HW_FLAT,
+                                 IDX64)
+                key = float_key(v)
                 digit, m = _digit(key ^ KMIN, prefix, valid, 24, 8)
                 hist += _histogram(digit, m, ROWS, BLOCK, RADIX)
                 if STATS:
                     kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, KMAX), axis=1))
                     kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, KMIN), axis=1))
-            d, kk = _pick(hist, kk, RADIX)
+            d, kk, _ = _pick(hist, kk, RADIX)
             prefix = d << 24
             # the keys whose top digit is d, packed in order at ws[row * L:], n of them
             wbase = rows.to(tl.int64) * L
             n = tl.zeros([ROWS], tl.int32)
             for p0 in range(0, L, BLOCK):
-                key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK, HW_FLAT,
-                                        IDX64)
+                v, valid = _load(x_ptr, base, live, p0, L, W, sH, sW, 0.0, BLOCK, HW_FLAT,
+                                 IDX64)
+                key = float_key(v)
                 digit, m = _digit(key ^ KMIN, prefix, valid, 24, 8)
                 m = m & (digit == d[:, None])
                 mi = m.to(tl.int32)
@@ -297,7 +362,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                     key = tl.load(ws_ptr + wbase[:, None] + p0 + q, mask=valid, other=0)
                     digit, m = _digit(key ^ KMIN, prefix, valid, 24 - 8 * i, 8)
                     hist += _histogram(digit, m, ROWS, BLOCK, RADIX)
-                d, kk = _pick(hist, kk, RADIX)
+                d, kk, _ = _pick(hist, kk, RADIX)
                 prefix = prefix | (d << (24 - 8 * i))
             thr = key_float(_low_fill(prefix, 32 - 8 * PASSES8))
         tl.store(st_ptr + rows * OS, thr, mask=live)
@@ -307,15 +372,17 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             # msum in float64: every S is a multiple of 2^-24 in [0, 1], so the sum is exact
             # (backend_contract.md) and equal to the reference's in any order.
             r = range_reciprocal(mn, mx)
-            if SINGLE:
-                s = soft_mask(key_float(key), thr[:, None], mn[:, None], r[:, None], MODE)
-                msum = tl.sum(tl.where(valid, s, 0.0).to(tl.float64), axis=1)
+            if SINGLE:  # the padding's S subtracted: exact, as both sums are
+                s = soft_mask(v, _col(thr, ROWS), _col(mn, ROWS), _col(r, ROWS), MODE)
+                spad = soft_mask(first, thr, mn, r, MODE)
+                msum = tl.sum(s.to(tl.float64), axis=1) \
+                    - pad.to(tl.float64) * spad.to(tl.float64)
             else:
                 acc = tl.zeros([ROWS, BLOCK], tl.float64)
                 for p0 in range(0, L, BLOCK):
-                    key, valid = _load_keys(x_ptr, base, live, p0, L, W, sH, sW, BLOCK,
-                                            HW_FLAT, IDX64)
-                    s = soft_mask(key_float(key), thr[:, None], mn[:, None], r[:, None], MODE)
+                    v, valid = _load(x_ptr, base, live, p0, L, W, sH, sW, 0.0, BLOCK, HW_FLAT,
+                                     IDX64)
+                    s = soft_mask(v, thr[:, None], mn[:, None], r[:, None], MODE)
                     acc += tl.where(valid, s, 0.0).to(tl.float64)
                 msum = tl.sum(acc, axis=1)
             tl.store(st_ptr + rows * OS + 2, mn, mask=live)
@@ -353,7 +420,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         raise ValueError(f"k must be in [1, {length}], got {k}")
     if length <= MAX_ROW:
         single, block = True, pow2(length)
-        rows = max(1, min(TILE // block, pow2(rcount), HIST_ROWS))
+        rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_ROWS))
         ws = x4  # (unused)
     else:
         single, block, rows = False, CHUNK, 1
@@ -370,7 +437,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
-        num_warps=warps(rows * block))
+        num_warps=max(1, rows * block // WARP_ELEMENTS) if single else warps(block))
     return result
 
 
