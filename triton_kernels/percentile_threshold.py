@@ -13,7 +13,7 @@ key of an element of the row (exact, ties by value as torch.topk; NaN is one can
 key above +Inf, -0.0 sorts below +0.0 as in float_key).
 
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
-chip (up to ``HIST_ROWS`` short rows per program, one histogram of ROWS * bins, 64
+chip (short rows several per program, one histogram of ROWS * bins, at most HIST_BINS; 64
 elements a thread). Their tile, a power of 2, is padded with copies of the row's first
 element, so that min and max need no mask, and every pass counts every key without one
 (``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the
@@ -83,9 +83,8 @@ SMALL_ROW = 1024
 # float32 has 16 zero low bits, a float16's 13 (float_key turns them into ones where the
 # value is negative).
 KEY_BITS = {torch.bfloat16: 16, torch.float16: 19}
-# Rows per program of short rows: their histograms are one of ROWS * 256 bins (16 KiB of
-# shared memory at 16 rows).
-HIST_ROWS = 16
+# Bins of a program's histogram of short rows, ROWS * (256 or 16): 16 KiB of shared memory.
+HIST_BINS = 4096
 # Rows in registers: SELECT_TILE elements per program (several short rows), a warp per
 # WARP_ELEMENTS (64 a thread). The picks of the digits cost per row and per thread that
 # holds it, not per element: at 16 a thread they were most of the kernel's instructions
@@ -180,31 +179,33 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 @triton.jit
 def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
                MASKED: tl.constexpr = True):
-    """(ROWS, BLOCK) digits in [0, BINS) (where m, if MASKED) -> (ROWS, BINS) int32: each
+    """(ROWS, BLOCK) digits in [0, BINS) (where m, if MASKED) -> (BINS, ROWS) int32: each
     row's counts, one ``tl.histogram`` over ROWS * BINS bins (row r's digit d in bin
-    r * BINS + d). Unmasked, each digit is one shared-memory atomic; masked, a branch
-    around it (7 SASS instead of 1)."""
-    r = tl.arange(0, ROWS)[:, None] * BINS
-    flat = tl.reshape(r + digit, [ROWS * BLOCK])
+    d * ROWS + r: a thread's registers then hold a row's bins, and the picks' sums and
+    scans over them take no shuffles; with r * BINS + d they took most of the kernel's
+    instructions at 7 x 7). Unmasked, each digit is one shared-memory atomic; masked, a
+    branch around it (7 SASS instead of 1)."""
+    r = tl.arange(0, ROWS)[:, None]
+    flat = tl.reshape(digit * ROWS + r, [ROWS * BLOCK])
     if MASKED:
         h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
     else:
         h = tl.histogram(flat, ROWS * BINS)
-    return tl.reshape(h, [ROWS, BINS])
+    return tl.reshape(h, [BINS, ROWS])
 
 
 @triton.jit
 def _pick(hist, k, BINS: tl.constexpr):
-    """hist (ROWS, BINS): the counts of the current digit among the keys matching the prefix;
+    """hist (BINS, ROWS): the counts of the current digit among the keys matching the prefix;
     k (ROWS,): the rank of the wanted key among them (1 = largest) -> (the digit of the
     k-th largest, its rank among the keys with that digit, their count). Rows with fewer
     than k keys (dead rows) get digit -1 (never stored)."""
-    b = tl.arange(0, BINS)[None, :]
-    atleast = tl.sum(hist, axis=1)[:, None] - tl.cumsum(hist, axis=1) + hist  # #{digit >= b}
-    d = tl.sum((atleast >= k[:, None]).to(tl.int32), axis=1) - 1  # atleast: non-increasing
+    b = tl.arange(0, BINS)[:, None]
+    atleast = tl.sum(hist, axis=0)[None, :] - tl.cumsum(hist, axis=0) + hist  # #{digit >= b}
+    d = tl.sum((atleast >= k[None, :]).to(tl.int32), axis=0) - 1  # atleast: non-increasing
     # from atleast, not hist: a fourth use of hist made Triton compute it twice
-    above = tl.sum(tl.where(b == d[:, None] + 1, atleast, 0), axis=1)  # #{digit > d}
-    count = tl.sum(tl.where(b == d[:, None], atleast, 0), axis=1) - above
+    above = tl.sum(tl.where(b == d[None, :] + 1, atleast, 0), axis=0)  # #{digit > d}
+    count = tl.sum(tl.where(b == d[None, :], atleast, 0), axis=0) - above
     return d, k - above, count
 
 
@@ -223,22 +224,22 @@ def _col(v, ROWS: tl.constexpr):
 @triton.jit
 def _pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS: tl.constexpr, BLOCK: tl.constexpr,
           BITS: tl.constexpr, SHIFT: tl.constexpr):
-    """The (ROWS, BINS) histogram of a row's valid unsigned keys (ROWS, BLOCK) that match
+    """The (BINS, ROWS) histogram of a row's valid unsigned keys (ROWS, BLOCK) that match
     the prefix ``uprefix`` above SHIFT + BITS (``count`` of them), by their BITS-bit digit
     at SHIFT. Every key is counted unmasked (a mask costs a branch per atomic); the ``pad``
     padding keys (copies of ``pkey``) and the keys off the prefix land in known bins, whose
     counts are subtracted after."""
     BINS: tl.constexpr = 1 << BITS
-    b = tl.arange(0, BINS)[None, :]
+    b = tl.arange(0, BINS)[:, None]
     if SHIFT + BITS == 32:  # no prefix yet
         digit = ukey >> SHIFT
-        junk = tl.where(b == (pkey >> SHIFT)[:, None], pad[:, None], 0)
+        junk = tl.where(b == (pkey >> SHIFT)[None, :], pad[None, :], 0)
     else:  # keys off the prefix fall outside [0, BINS): the last bin holds them
         digit = tl.minimum((ukey - _col(uprefix, ROWS)) >> SHIFT, BINS - 1)
         on = (pkey >> (SHIFT + BITS)) == (uprefix >> (SHIFT + BITS))  # padding on it
         pbin = tl.where(on, (pkey >> SHIFT) & (BINS - 1), BINS - 1)
-        junk = tl.where(b == BINS - 1, (n_valid - count)[:, None], 0) \
-            + tl.where(b == pbin[:, None], pad[:, None], 0)
+        junk = tl.where(b == BINS - 1, (n_valid - count)[None, :], 0) \
+            + tl.where(b == pbin[None, :], pad[None, :], 0)
     return _histogram(digit.to(tl.int32), digit, ROWS, BLOCK, BINS, False) - junk
 
 
@@ -327,7 +328,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             prefix = tl.zeros([ROWS], tl.int32)  # the digits found so far, unsigned key bits
             kmin = tl.full([ROWS], KMAX, tl.int32)
             kmax = tl.full([ROWS], KMIN, tl.int32)
-            hist = tl.zeros([ROWS, RADIX], tl.int32)
+            hist = tl.zeros([RADIX, ROWS], tl.int32)
             for p0 in range(0, L, BLOCK):
                 v, valid = _load(x_ptr, base, live, p0, L, W, sH, sW, 0.0, BLOCK, HW_FLAT,
                                  IDX64)
@@ -356,7 +357,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             q = tl.arange(0, BLOCK)[None, :]
             PASSES8: tl.constexpr = (KEY_BITS + 7) // 8
             for i in tl.static_range(1, PASSES8):  # the lower digits over the candidates only
-                hist = tl.zeros([ROWS, RADIX], tl.int32)
+                hist = tl.zeros([RADIX, ROWS], tl.int32)
                 for p0 in range(0, tl.max(n, axis=0), BLOCK):
                     valid = (p0 + q) < n[:, None]
                     key = tl.load(ws_ptr + wbase[:, None] + p0 + q, mask=valid, other=0)
@@ -420,21 +421,27 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         raise ValueError(f"k must be in [1, {length}], got {k}")
     if length <= MAX_ROW:
         single, block = True, pow2(length)
-        rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_ROWS))
+        bits = 8 if block >= SMALL_ROW else 4
+        rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_BINS >> bits))
         ws = x4  # (unused)
     else:
-        single, block, rows = False, CHUNK, 1
+        single, block, rows, bits = False, CHUNK, 1, 8
         ws = torch.empty(rcount * length, dtype=torch.int32, device=x4.device)
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
     aout = active_out.view(torch.uint8) if u_act else x4
+    sn, sc, sh, sw = x4.stride()
+    if c == 1 or sn == c * sc:  # maps one stride apart (contiguous NCHW): C = 1, a constexpr
+        # (Triton's specialisation), so no division per map (with 32 maps a program, each
+        # thread divided all 32: 20 SASS per element at 7 x 7)
+        c, sn, sc = 1, (sn if c == 1 else sc), 0
     launch(_select_kernel)[(cdiv(rcount, rows),)](
         x4, act, out, msum if stats else out, u, aout, ws, alpha,
-        rcount, c, w, length, int(k), *x4.stride(),
+        rcount, c, w, length, int(k), sn, sc, sh, sw,
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
         STATS=stats, OS=out.shape[2], MODE=MODES.get(mode, 0),
-        ROWS=rows, BLOCK=block, SINGLE=single, BITS=8 if block >= SMALL_ROW else 4,
+        ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=max(1, rows * block // WARP_ELEMENTS) if single else warps(block))
