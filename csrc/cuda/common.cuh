@@ -411,24 +411,20 @@ struct RadixState {
 };
 
 // The pieces of one radix pass, for a kernel that counts the top digit while it reads its
-// keys (map_select_kernel): radix_clear, then radix_count by every lane of the block, then
-// radix_pick. Every thread of the block (blockDim.x a multiple of 32) must call each.
+// keys (map_select_kernel): radix_clear, then radix_count of its keys by each thread, then
+// radix_pick. Every thread of the block (blockDim.x a multiple of 32) must call radix_clear
+// and radix_pick (barriers).
 __device__ __forceinline__ void radix_clear(SelectSmem& sm) {
   for (int i = threadIdx.x; i < 256; i += blockDim.x) sm.hist[i] = 0;
   __syncthreads();
 }
 
-// Adds this lane's bin (< 256; 256: none) to the histogram. Equal bins are aggregated within
-// the warp: many equal values (e.g. ReLU zeros) would otherwise serialise on one
-// shared-memory atomic. A warp with no bin (after the top digit, most warps) skips the
-// match (warp-uniform). All 32 lanes of the warp must call it.
+// Adds this lane's bin (< 256; 256: none) to the histogram. One shared-memory atomic, which
+// nvcc makes a warp-aggregated increment (ATOMS.POPC.INC: the lanes with one address add
+// their count at once), so that many equal values (e.g. ReLU zeros) do not serialise on
+// one bin; no __match_any_sync (and its vote, leader and popcount) per key.
 __device__ __forceinline__ void radix_count(int bin, SelectSmem& sm) {
-  if (__any_sync(kFullMask, bin < 256)) {
-    const unsigned peers = __match_any_sync(kFullMask, bin);
-    if (bin < 256 && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
-      atomicAdd(&sm.hist[bin], __popc(peers));
-    }
-  }
+  if (bin < 256) atomicAdd(&sm.hist[bin], 1u);
 }
 
 // The digit at `shift` of the st.rank-th largest of the counted keys: st is updated to
@@ -490,15 +486,9 @@ __device__ uint32_t block_radix_pass(const Get& get, Index L, int shift, RadixSt
                                      SelectSmem& sm) {
   const uint32_t prefix = st.prefix, mask = st.mask;
   radix_clear(sm);
-  // Uniform trip count for the whole block, so every lane reaches radix_count.
-  for (Index base = 0; base < L; base += blockDim.x) {
-    const Index i = base + threadIdx.x;
-    int bin = 256;  // 256: no bin (past the end, or not matching the prefix)
-    if (i < L) {
-      const uint32_t key = get(i);
-      if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xffu);
-    }
-    radix_count(bin, sm);
+  for (Index i = threadIdx.x; i < L; i += blockDim.x) {
+    const uint32_t key = get(i);
+    if ((key & mask) == prefix) radix_count(static_cast<int>((key >> shift) & 0xffu), sm);
   }
   return radix_pick(shift, st, sm);
 }

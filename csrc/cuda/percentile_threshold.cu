@@ -133,19 +133,13 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       const int n = static_cast<int>(L);
       RadixState st{0, 0, k};
       radix_clear(sel);
-      // Uniform trip count for the whole block, so every lane reaches radix_count.
-      for (int b = 0; b < n; b += blockDim.x) {
-        const int i = b + threadIdx.x;
-        int bin = 256;
-        if (i < n) {
-          const float v = load(i);
-          const uint32_t key = float_key(v);
-          keys[i] = key;
-          lo = min_nan(lo, v);
-          hi = max_nan(hi, v);
-          bin = static_cast<int>(key >> 24);
-        }
-        radix_count(bin, sel);
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = load(i);
+        const uint32_t key = float_key(v);
+        keys[i] = key;
+        lo = min_nan(lo, v);
+        hi = max_nan(hi, v);
+        radix_count(static_cast<int>(key >> 24), sel);
       }
       radix_pick(24, st, sel);  // its barriers make the keys visible to the whole block
 #pragma unroll 1
