@@ -104,7 +104,7 @@ OVER_BUDGET = {
                                   "channels); else 2- to 8-byte loads (a map is strided "
                                   "by C: 1 or 2 maps a program at 56 x 56 and 28 x 28)",
     ("cuda", "select"): "scalar loads of x, 1 (bf16) / 2 (fp32) runtime divisions per "
-                        "element, 735 / 1016 SASS per element: the counter's steady "
+                        "element, 735 / 999 SASS per element: the counter's steady "
                         "state, the loop over maps (the int64 m / C of maps past 2^31, "
                         "never taken, and the map's range reciprocal, __frcp_ru: CALLs of "
                         "their routines counted in full). Not counted, the per-unit loops "
