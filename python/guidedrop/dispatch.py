@@ -3,7 +3,8 @@
 ``GUIDEDROP_BACKEND=reference|triton|cuda`` forces one (read at every call) and fails
 loudly, with the reason, when it is unavailable or cannot take the input; ``auto`` (the
 default) takes the first available kernel backend that supports the input, in the
-order of :data:`AUTO_ORDER`, and the reference otherwise (CPU tensors, float64).
+order of :data:`AUTO_ORDER`, and the reference otherwise (float64, and CPU tensors but
+under TRITON_INTERPRET=1, where the Triton kernels take them).
 """
 
 from __future__ import annotations
