@@ -259,6 +259,36 @@ def test_statistics_nan_inf(B):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_select_signed_zeros(B, dtype):
+    """-0.0 ranks below +0.0 (reference.order_key, the kernels' keys): the k-th largest, min
+    and max of maps of mixed zeros are the same bits whatever the elements' order (torch's
+    topk and amin return either zero of a tie, by position), so r too (1/(+0 - -0) = +Inf,
+    1/(-0 - +0) = -Inf)."""
+    z = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 0.0, -0.0, -0.0])
+    maps = torch.stack([z, z.flip(0), z.roll(3), z.abs(), -z.abs(), z[[1, 0, 3, 2, 8, 7, 6, 5, 4]],
+                        torch.tensor([0.0, -0.0] * 4 + [0.0]), torch.tensor([-0.0, 0.0] * 4
+                                                                           + [-0.0])])
+    x = maps.view(1, -1, 3, 3).to(dtype).to(DEV)
+    active = torch.ones(x.shape[:2], dtype=torch.bool, device=DEV)
+
+    def same_bits(a, b):  # same() takes -0.0 == +0.0
+        same(a, b)
+        assert torch.equal(a.signbit(), b.signbit()), (a, b)
+
+    for k in range(1, 10):
+        want = R.map_threshold(x, k)
+        same_bits(B.map_threshold(x, k), want)
+        same_bits(R.map_threshold(x.flip(-1), k), want)  # the reference: order-free
+        for g, r in zip(B.attention_stats(x, k, active, "ad"),
+                        R.attention_stats(x, k, active, "ad"), strict=True):
+            same_bits(g, r)
+    _, mn, r, _ = R.attention_stats(x, 9, active, "sm")
+    assert mn[0, 6].item() == 0 and mn[0, 6].signbit() and r[0, 6].item() == math.inf
+    assert R.map_threshold(x, 1)[0, 4].signbit()  # -|z|: every zero is -0.0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("hw", [(7, 7), (14, 15), (50, 60)], ids=str)
 def test_select_first_unit_special(B, dtype, hw):
     """Maps whose first unit is special (NaN, ±Inf, ±0, the map's max or min, a tie with

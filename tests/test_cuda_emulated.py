@@ -302,6 +302,23 @@ def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
         same(E.kth_largest(big.t().contiguous().t(), k), R.kth_largest(big, k), f"strided k={k}")
 
 
+@pytest.mark.parametrize("hw", [(3, 3), (103, 100)], ids=str)
+def test_emulated_attention_stats_signed_zeros(E, hw):
+    """Maps of mixed ±0 (and ±1): thr, min and r in reference.order_key's order, -0.0
+    below +0.0, to the sign bit (the min and max of the keys; a float a < b kept either
+    zero of a tie); maps in shared memory and over it (read twice)."""
+    n = hw[0] * hw[1]
+    z = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 0.0, -0.0, -0.0]).repeat(n // 9 + 1)[:n]
+    x = torch.stack([z, z.flip(0), z.abs(), -z.abs(), torch.where(z == 0, z, 0.0),
+                     torch.where(z == 0, z, 0.0).flip(0)]).view(1, 6, *hw)
+    active = torch.ones(1, 6, dtype=torch.bool)
+    for k in (1, 2, n // 2, n):
+        got, want = E.attention_stats(x, k, active, "sm"), R.attention_stats(x, k, active, "sm")
+        for i in range(4):
+            same(got[i], want[i], f"k={k} {i}")
+            assert torch.equal(got[i].signbit(), want[i].signbit()), (k, i, got[i], want[i])
+
+
 @pytest.mark.slow
 def test_emulated_kth_largest_every_digit_long_rows(E):
     """Rows over the shared-memory buffer (10240 keys), read twice: the top digit's keys

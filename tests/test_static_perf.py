@@ -104,15 +104,15 @@ OVER_BUDGET = {
                                   "channels); else 2- to 8-byte loads (a map is strided "
                                   "by C: 1 or 2 maps a program at 56 x 56 and 28 x 28)",
     ("cuda", "select"): "scalar loads of x, 1 (bf16) / 2 (fp32) runtime divisions per "
-                        "element, 735 / 999 SASS per element: the counter's steady "
+                        "element, 704.5 / 934 SASS per element: the counter's steady "
                         "state, the loop over maps (the int64 m / C of maps past 2^31, "
                         "never taken, and the map's range reciprocal, __frcp_ru: CALLs of "
                         "their routines counted in full). Not counted, the per-unit loops "
                         "(bf16, a map whose rows are one stride apart): the shared-memory "
-                        "fill, which counts the top digit, 34 SASS per unit (52 with a "
+                        "fill, which counts the top digit, 30 SASS per unit (52 with a "
                         "__match_any_sync per key before nvcc's warp-aggregated atomic, "
                         "ATOMS.POPC.INC, took its place; with the int64 (h, w) of other "
-                        "maps: 86 and a CALL of a division routine); each lower radix pass "
+                        "maps: 85 and a CALL of a division routine); each lower radix pass "
                         "over shared memory 14 (34 before; one for bf16 x, two for fp16, "
                         "three for fp32: kKeyBits); the soft mask's sum 13-22",
 }

@@ -68,6 +68,13 @@ struct Gamma {
   bool* active_out;
 };
 
+struct KeyMin {
+  __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return min(a, b); }
+};
+struct KeyMax {
+  __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return max(a, b); }
+};
+
 int select_threads(int64_t L) {
   if (L >= kThreads) return kThreads;
   return static_cast<int>(std::max<int64_t>(32, ceil_div(L, 32) * 32));
@@ -90,7 +97,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
                                   const int64_t os, double* __restrict__ msum) {
   extern __shared__ uint32_t keys[];  // H * W keys when use_smem, else kSmemKeys
   __shared__ SelectSmem sel;
-  __shared__ float scratch[32];
+  __shared__ uint32_t kscratch[32];
   __shared__ double dscratch[32];
   __shared__ uint32_t packed;  // keys packed so far (longer maps)
   const int lane = threadIdx.x & 31;
@@ -125,7 +132,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       return to_float(base[flat ? i * s.w : (i / W) * s.h + (i % W) * s.w]);
     };
 
-    float lo = INFINITY, hi = -INFINITY;
+    // the map's min and max keys: -0.0 below +0.0 and a NaN above all (reference.order_key;
+    // a float a < b keeps either zero of a tie), two integer min / max per unit
+    uint32_t kmin = 0xffffffffu, kmax = 0;
     uint32_t tkey;
     if (use_smem) {
       // The map in shared memory: x read once, its top digit counted on the way, the lower
@@ -137,8 +146,8 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         const float v = load(i);
         const uint32_t key = float_key(v);
         keys[i] = key;
-        lo = min_nan(lo, v);
-        hi = max_nan(hi, v);
+        kmin = min(kmin, key);
+        kmax = max(kmax, key);
         radix_count(static_cast<int>(key >> 24), sel);
       }
       radix_pick(24, st, sel);  // its barriers make the keys visible to the whole block
@@ -168,8 +177,8 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
             const float v = load(i);
             key = float_key(v);
             hit = pack && (key & st.mask) == st.prefix;
-            lo = min_nan(lo, v);
-            hi = max_nan(hi, v);
+            kmin = min(kmin, key);
+            kmax = max(kmax, key);
           }
           const unsigned ballot = __ballot_sync(kFullMask, hit);
           uint32_t at = 0;
@@ -194,8 +203,10 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       if (threadIdx.x == 0) thr[m * os] = t;
       continue;  // radix_pick ended with __syncthreads: keys may be reused
     }
-    lo = block_reduce(lo, MinOp(), scratch);
-    hi = block_reduce(hi, MaxOp(), scratch);
+    kmin = block_reduce(kmin, KeyMin(), kscratch);
+    kmax = block_reduce(kmax, KeyMax(), kscratch);
+    const float hi = key_float(kmax);
+    const float lo = kmax == 0xffffffffu ? hi : key_float(kmin);  // a NaN: both NaN
     // msum in double: every S is a multiple of 2^-24 in [0, 1], so the sum is exact in any
     // order (backend_contract.md), the reference's to the bit.
     double sum = 0.0;

@@ -90,10 +90,29 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.abs().amax(dim=2), mean
 
 
+_KEY = {torch.float32: (torch.int32, 0x7FC00000), torch.float64: (torch.int64, 0x7FF8 << 48)}
+
+
+def order_key(v: torch.Tensor) -> torch.Tensor:
+    """float32 / float64 v -> int32 / int64 keys in the order that ranks every selection:
+    the float order, with -0.0 below +0.0 and every NaN one key (the canonical NaN's)
+    above +Inf, as the kernels' keys (triton_kernels._common.float_key). torch.topk and
+    amin rank ±0 as ties, and which zero they return depends on the elements' order."""
+    itype, nan = _KEY[v.dtype]
+    b = torch.where(v.isnan(), nan, v.view(itype))
+    return torch.where(b < 0, b ^ torch.iinfo(itype).max, b)
+
+
+def key_value(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of order_key (a NaN comes back as the canonical NaN)."""
+    return torch.where(key < 0, key ^ torch.iinfo(key.dtype).max, key).view(dtype)
+
+
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
-    """v: (R, L) -> (R,), the k-th largest value of each row."""
+    """v: (R, L) float32 or float64 -> (R,), the k-th largest value of each row (order_key:
+    ties by value, -0.0 below +0.0, NaN largest)."""
     # clone: a view would keep the whole (R, k) topk buffer alive
-    return v.topk(k, dim=1).values[:, -1].clone()
+    return key_value(order_key(v).topk(k, dim=1).values[:, -1].clone(), v.dtype)
 
 
 def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,12 +157,15 @@ def _soft_mask(xf, thr, mn, r, mode):
 
 def attention_stats(x, k, active, mode):
     """x: (N, C, H, W), active: (N, C) bool -> (thr, mn, r, msum), each (N, C): the k-th
-    largest value, the minimum, r = range_reciprocal(min, max) and the soft mask's sum, in
-    float64 (see backend_contract.md: exact in any order of summation)."""
+    largest value, the minimum, r = range_reciprocal(min, max) (in order_key's order: -0.0
+    below +0.0; a NaN in the map makes all three NaN) and the soft mask's sum, in float64
+    (see backend_contract.md: exact in any order of summation)."""
     m = _maps(x)
-    thr = m.topk(k, dim=2).values[..., -1].clone()  # not a view of the (N, C, k) buffer
-    mn = m.amin(dim=2)
-    r = range_reciprocal(mn, m.amax(dim=2))
+    key = order_key(m)  # -0.0 below +0.0 (amin and amax return either zero)
+    thr = key_value(key.topk(k, dim=2).values[..., -1].clone(), m.dtype)  # not a view
+    mx = key_value(key.amax(dim=2), m.dtype)
+    mn = torch.where(mx.isnan(), mx, key_value(key.amin(dim=2), m.dtype))  # NaN propagates
+    r = range_reciprocal(mn, mx)
     s = _soft_mask(m, thr[..., None], mn[..., None], r[..., None], mode)
     return thr, mn, r, s.sum(dim=2, dtype=torch.float64)
 
