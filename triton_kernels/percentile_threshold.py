@@ -405,6 +405,8 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     """
     n, c, h, w = x4.shape
     stats = mode is not None
+    if stats and mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     out = torch.empty((n, c, 4 if stats else 1), dtype=torch.float32, device=x4.device)
     msum = torch.empty((n, c) if stats else (0,), dtype=torch.float64, device=x4.device)
     result = (out, msum) if stats else out
@@ -440,7 +442,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         x4, act, out, msum if stats else out, u, aout, ws, alpha,
         rcount, c, w, length, int(k), sn, sc, sh, sw,
         HAS_ACT=active is not None, U_ACT=u_act, ALPHA_PTR=isinstance(alpha, torch.Tensor),
-        STATS=stats, OS=out.shape[2], MODE=MODES.get(mode, 0),
+        STATS=stats, OS=out.shape[2], MODE=MODES[mode] if stats else 0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
