@@ -177,20 +177,19 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 
 
 @triton.jit
-def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
-               MASKED: tl.constexpr = True):
-    """(ROWS, BLOCK) digits in [0, BINS) (where m, if MASKED) -> (BINS, ROWS) int32: each
-    row's counts, one ``tl.histogram`` over ROWS * BINS bins (row r's digit d in bin
-    d * ROWS + r: a thread's registers then hold a row's bins, and the picks' sums and
-    scans over them take no shuffles; with r * BINS + d they took most of the kernel's
-    instructions at 7 x 7). Unmasked, each digit is one shared-memory atomic; masked, a
-    branch around it (7 SASS instead of 1)."""
+def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """(ROWS, BLOCK) digits in [0, BINS) where m (all of them where m is None) -> (BINS,
+    ROWS) int32: each row's counts, one ``tl.histogram`` over ROWS * BINS bins (row r's
+    digit d in bin d * ROWS + r: a thread's registers then hold a row's bins, and the
+    picks' sums and scans over them take no shuffles; with r * BINS + d they took most of
+    the kernel's instructions at 7 x 7). Unmasked, each digit is one shared-memory atomic;
+    masked, a branch around it (7 SASS instead of 1)."""
     r = tl.arange(0, ROWS)[:, None]
     flat = tl.reshape(digit * ROWS + r, [ROWS * BLOCK])
-    if MASKED:
-        h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
-    else:
+    if m is None:
         h = tl.histogram(flat, ROWS * BINS)
+    else:
+        h = tl.histogram(flat, ROWS * BINS, mask=tl.reshape(m, [ROWS * BLOCK]))
     return tl.reshape(h, [BINS, ROWS])
 
 
@@ -240,7 +239,7 @@ def _pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS: tl.constexpr, BLOCK: t
         pbin = tl.where(on, (pkey >> SHIFT) & (BINS - 1), BINS - 1)
         junk = tl.where(b == BINS - 1, (n_valid - count)[None, :], 0) \
             + tl.where(b == pbin[None, :], pad[None, :], 0)
-    return _histogram(digit.to(tl.int32), digit, ROWS, BLOCK, BINS, False) - junk
+    return _histogram(digit.to(tl.int32), None, ROWS, BLOCK, BINS) - junk
 
 
 @triton.jit

@@ -419,12 +419,11 @@ __device__ __forceinline__ void radix_clear(SelectSmem& sm) {
   __syncthreads();
 }
 
-// Adds this lane's bin (< 256; 256: none) to the histogram. One shared-memory atomic, which
-// nvcc makes a warp-aggregated increment (ATOMS.POPC.INC: the lanes with one address add
-// their count at once), so that many equal values (e.g. ReLU zeros) do not serialise on
-// one bin; no __match_any_sync (and its vote, leader and popcount) per key.
-__device__ __forceinline__ void radix_count(int bin, SelectSmem& sm) {
-  if (bin < 256) atomicAdd(&sm.hist[bin], 1u);
+// Counts one key whose digit is `bin` (< 256). One shared-memory atomic, which nvcc makes a
+// warp-aggregated increment (ATOMS.POPC.INC: the lanes with one address add their count
+// at once), so that many equal values (e.g. ReLU zeros) do not serialise on one bin.
+__device__ __forceinline__ void radix_count(uint32_t bin, SelectSmem& sm) {
+  atomicAdd(&sm.hist[bin], 1u);
 }
 
 // The digit at `shift` of the st.rank-th largest of the counted keys: st is updated to
@@ -488,7 +487,7 @@ __device__ uint32_t block_radix_pass(const Get& get, Index L, int shift, RadixSt
   radix_clear(sm);
   for (Index i = threadIdx.x; i < L; i += blockDim.x) {
     const uint32_t key = get(i);
-    if ((key & mask) == prefix) radix_count(static_cast<int>((key >> shift) & 0xffu), sm);
+    if ((key & mask) == prefix) radix_count((key >> shift) & 0xffu, sm);
   }
   return radix_pick(shift, st, sm);
 }

@@ -148,7 +148,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         keys[i] = key;
         kmin = min(kmin, key);
         kmax = max(kmax, key);
-        radix_count(static_cast<int>(key >> 24), sel);
+        radix_count(key >> 24, sel);
       }
       radix_pick(24, st, sel);  // its barriers make the keys visible to the whole block
 #pragma unroll 1
