@@ -23,6 +23,7 @@ import pytest
 import torch
 from testing import (
     HAS_CUDA,
+    assert_same,
     make_x,
     nonfinite_beside_zero_rows,
     radix_maps16,
@@ -80,13 +81,6 @@ def x_device() -> torch.device:
 def rand(shape, seed: int) -> torch.Tensor:
     """Uniforms drawn on the CPU (the same on every device), moved to DEV."""
     return torch.rand(shape, generator=gen(seed)).to(DEV)
-
-
-def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit-for-bit equal values (NaNs where the other has NaNs), same shape and dtype."""
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, equal_nan=True)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32, scale=1.0) -> None:
@@ -158,7 +152,7 @@ def test_triton_module_contract():
 def test_channel_stats(B, x):
     amax, mean = B.channel_stats(x)
     ramax, rmean = R.channel_stats(x)
-    same(amax, ramax)
+    assert_same(amax, ramax)
     close(mean, rmean, scale=10)
 
 
@@ -166,7 +160,7 @@ def test_map_threshold(B, x):
     h, w = x.shape[-2:]
     for xx in (x, with_ties(x)):
         for k in sorted({1, max(1, h * w // 3), h * w}):
-            same(B.map_threshold(xx, k), R.map_threshold(xx, k))
+            assert_same(B.map_threshold(xx, k), R.map_threshold(xx, k))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 64), (2, 1000)], ids=str)
@@ -176,14 +170,14 @@ def test_kth_largest(B, shape):
     v[:, : shape[1] // 4] = v[:, :1]  # ties
     for vv in (v, v.t().contiguous().t(), -v.abs()):  # strided rows; all negative
         for k in sorted({1, shape[1] // 4 + 1, shape[1]}):
-            same(B.kth_largest(vv, k), R.kth_largest(vv, k))
+            assert_same(B.kth_largest(vv, k), R.kth_largest(vv, k))
 
 
 def test_kth_largest_long_rows(B):
     """Rows longer than a program keeps in registers: chunked counting passes."""
     v = torch.randn(2, 20000, generator=gen(1)).to(DEV)
     v[1, 100:200] = v[1, 7]
-    same(B.kth_largest(v, 150), R.kth_largest(v, 150))
+    assert_same(B.kth_largest(v, 150), R.kth_largest(v, 150))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
@@ -199,7 +193,7 @@ def test_kth_largest_every_digit(B, length):
         v = torch.cat([v, v.flip(1), v[:, :length // 2 + 1].repeat(1, 2)[:, :length]])
     ks = {1, 2, length // 3 + 1, length - 1, length} if length <= 3000 else {1, 1000, length}
     for k in sorted(k for k in ks if 1 <= k <= length):
-        same(B.kth_largest(v, k), R.kth_largest(v, k))
+        assert_same(B.kth_largest(v, k), R.kth_largest(v, k))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
@@ -215,12 +209,12 @@ def test_map_threshold_16bit_keys(name, dtype, hw):
     x = radix_maps16(hw, dtype, DEV, subnormals_ok(name, dtype))
     n = hw[0] * hw[1]
     for k in (1, 2, n // 3 + 1, n - 1, n):
-        same(B.map_threshold(x, k), R.map_threshold(x, k))
+        assert_same(B.map_threshold(x, k), R.map_threshold(x, k))
     active = torch.ones(x.shape[:2], dtype=torch.bool, device=DEV)
     got, want = B.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
         x, n // 5 + 1, active, "ad")
     for g, w in zip(got, want, strict=True):
-        same(g, w)
+        assert_same(g, w)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
@@ -237,7 +231,7 @@ def test_attention_stats_long_maps(B, layout):
         got = B.attention_stats(x, k, active, mode)
         ref = R.attention_stats(x, k, active, mode)
         for g, r in zip(got, ref, strict=True):
-            same(g[active], r[active])
+            assert_same(g[active], r[active])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
@@ -246,15 +240,15 @@ def test_statistics_nan_inf(B):
     x[0, 0, 1, 1] = float("nan")
     x[0, 1, 2, 2] = float("inf")
     x[1, 2, 0, 0] = -float("inf")
-    same(B.channel_stats(x)[0], R.channel_stats(x)[0])
+    assert_same(B.channel_stats(x)[0], R.channel_stats(x)[0])
     for k in (1, 4, 30):
-        same(B.map_threshold(x, k), R.map_threshold(x, k))
+        assert_same(B.map_threshold(x, k), R.map_threshold(x, k))
     active = torch.ones(2, 3, dtype=torch.bool, device=DEV)
     thr, mn, r, _ = B.attention_stats(x, 4, active, "ad")
     rthr, rmn, rr, _ = R.attention_stats(x, 4, active, "ad")
-    same(thr, rthr)
-    same(mn, rmn)
-    same(r, rr)
+    assert_same(thr, rthr)
+    assert_same(mn, rmn)
+    assert_same(r, rr)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
@@ -271,17 +265,13 @@ def test_select_signed_zeros(B, dtype):
     x = maps.view(1, -1, 3, 3).to(dtype).to(DEV)
     active = torch.ones(x.shape[:2], dtype=torch.bool, device=DEV)
 
-    def same_bits(a, b):  # same() takes -0.0 == +0.0
-        same(a, b)
-        assert torch.equal(a.signbit(), b.signbit()), (a, b)
-
     for k in range(1, 10):
         want = R.map_threshold(x, k)
-        same_bits(B.map_threshold(x, k), want)
-        same_bits(R.map_threshold(x.flip(-1), k), want)  # the reference: order-free
+        assert_same(B.map_threshold(x, k), want)
+        assert_same(R.map_threshold(x.flip(-1), k), want)  # the reference: order-free
         for g, r in zip(B.attention_stats(x, k, active, "ad"),
                         R.attention_stats(x, k, active, "ad"), strict=True):
-            same_bits(g, r)
+            assert_same(g, r)
     _, mn, r, _ = R.attention_stats(x, 9, active, "sm")
     assert mn[0, 6].item() == 0 and mn[0, 6].signbit() and r[0, 6].item() == math.inf
     assert R.map_threshold(x, 1)[0, 4].signbit()  # -|z|: every zero is -0.0
@@ -305,11 +295,11 @@ def test_select_first_unit_special(B, dtype, hw):
     x = x.to(dtype)
     active = torch.ones(2, 8, dtype=torch.bool, device=DEV)
     for k in (1, 2, n // 2, n - 1, n):
-        same(B.map_threshold(x, k), R.map_threshold(x, k))
+        assert_same(B.map_threshold(x, k), R.map_threshold(x, k))
         for mode in ("am", "sm", "ad"):
             for g, r in zip(B.attention_stats(x, k, active, mode),
                             R.attention_stats(x, k, active, mode), strict=True):
-                same(g, r)
+                assert_same(g, r)
 
 
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
@@ -322,7 +312,7 @@ def test_attention_stats(B, x, mode):
         got = B.attention_stats(xx, k, active, mode)
         ref = R.attention_stats(xx, k, active, mode)
         for g, r in zip(got[:3], ref[:3], strict=True):  # thr, min, max: exact where active
-            same(g[active], r[active])
+            assert_same(g[active], r[active])
         close(got[3][active], ref[3][active], scale=10)  # sum of the soft mask
 
 
@@ -363,7 +353,7 @@ def test_statistics_unaligned_maps(B, shape, dtype, monkeypatch):
             x[-1, -1, -1, -1] = float("inf")
             amax, mean = B.channel_stats(x)
             ramax, rmean = R.channel_stats(x)
-            same(amax, ramax)
+            assert_same(amax, ramax)
             close(mean, rmean, scale=10)
             close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
 
@@ -434,13 +424,13 @@ def test_seed_bits_with_noise(B, shape, r):
         cand_c = rand((n, cs), 3) < 0.7
         for cands in [(None, None), (cand_s, None), (None, cand_c), (cand_s, cand_c)]:
             args = (0.3, r, *cands, (n, cs, h, w), x_device())
-            same(B.seed_bits(noise, None, *args), R.seed_bits(noise, None, *args))
+            assert_same(B.seed_bits(noise, None, *args), R.seed_bits(noise, None, *args))
         # a noise view with strides, and float16 noise (compared in float16, as torch does)
         wide = rand((n, cs, h, w + 3), 5)[..., 1:w + 1]
         args = (0.3, r, None, None, (n, cs, h, w), x_device())
-        same(B.seed_bits(wide, None, *args), R.seed_bits(wide, None, *args))
+        assert_same(B.seed_bits(wide, None, *args), R.seed_bits(wide, None, *args))
         half = noise.half()
-        same(B.seed_bits(half, None, *args), R.seed_bits(half, None, *args))
+        assert_same(B.seed_bits(half, None, *args), R.seed_bits(half, None, *args))
 
 
 # Bytes whose bits run past their row into the next rows and maps: W not a multiple of 8,
@@ -479,8 +469,8 @@ def test_seed_bits_bytes_across_rows_and_maps(B, shape, small_tiles, monkeypatch
             for cands in [(cand_s, cand_c)] + ([] if wide else [(None, None)]):
                 args = (0.6, r, *cands, (n, c, h, w), x_device())
                 bits = B.seed_bits(noise, None, *args)
-                same(bits, R.seed_bits(noise, None, *args))
-                same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
+                assert_same(bits, R.seed_bits(noise, None, *args))
+                assert_same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
             philox = R.unpack_seeds(B.seed_bits(None, None, 1.0, r, None, None, (n, c, h, w),
                                                 x_device()), c, h, w)
             assert torch.equal(philox, R.valid_centres(h, w, r, DEV).expand(n, c, h, w))
@@ -496,11 +486,11 @@ def test_seed_bits_philox(B):
     a = B.seed_bits(None, None, g, r, None, None, shape, dev)
     torch.manual_seed(5)
     b = B.seed_bits(None, None, g, r, None, None, shape, dev)
-    same(a, b)
+    assert_same(a, b)
     gpu_gen = torch.Generator(device=dev)
     c1 = B.seed_bits(None, gpu_gen.manual_seed(3), g, r, None, None, shape, dev)
     c2 = B.seed_bits(None, gpu_gen.manual_seed(3), g, r, None, None, shape, dev)
-    same(c1, c2)
+    assert_same(c1, c2)
     assert not torch.equal(a, c1)
     seeds = R.unpack_seeds(a, c, h, w)
     assert torch.equal(R.pack_bits(seeds.flatten(1)), a)  # bits beyond C*H*W are 0
@@ -524,10 +514,11 @@ def test_seed_coverage_and_apply_seeds(B, r):
     for cs in (c, 1):
         noise = rand((n, cs, h, w), r)
         bits = R.seed_bits(noise, None, 0.04, r, None, None, (n, cs, h, w), noise.device)
-        same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
+        assert_same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
         xx = make_x(shape, torch.float32, DEV)
         scale = rand((n,), 8) + 0.5
-        same(B.apply_seeds(xx, bits, r, cs == 1, scale), R.apply_seeds(xx, bits, r, cs == 1, scale))
+        assert_same(B.apply_seeds(xx, bits, r, cs == 1, scale),
+                    R.apply_seeds(xx, bits, r, cs == 1, scale))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 9, 13), (2, 2, 6, 10), (1, 3, 4, 4)],
@@ -542,11 +533,12 @@ def test_seeds_at_every_valid_centre(B, shape, r):
         bits = R.seed_bits(rand((n, cs, h, w), r), None, 1.0, r, None, None, (n, cs, h, w), DEV)
         seeds = R.unpack_seeds(bits, cs, h, w)
         assert seeds[..., R.valid_centres(h, w, r, DEV)].all()
-        same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
+        assert_same(B.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w))
         assert (R.seed_coverage(bits, r, cs, h, w) == cs * h * w).all()
         xx = make_x(shape, torch.float32, DEV, "channels_last")
         one = torch.ones(n, device=DEV)
-        same(B.apply_seeds(xx, bits, r, cs == 1, one), R.apply_seeds(xx, bits, r, cs == 1, one))
+        assert_same(B.apply_seeds(xx, bits, r, cs == 1, one),
+                    R.apply_seeds(xx, bits, r, cs == 1, one))
         # only the last valid centre of each map: its block ends at the map's last unit
         last = torch.zeros(n, cs, h, w, dtype=torch.bool, device=DEV)
         last[..., h - r + r // 2, w - r + r // 2] = True
@@ -554,8 +546,9 @@ def test_seeds_at_every_valid_centre(B, shape, r):
         first[..., r // 2, r // 2] = True
         for s in (last, first):
             b = R.pack_bits(s.flatten(1))
-            same(B.seed_coverage(b, r, cs, h, w), R.seed_coverage(b, r, cs, h, w))
-            same(B.apply_seeds(xx, b, r, cs == 1, one), R.apply_seeds(xx, b, r, cs == 1, one))
+            assert_same(B.seed_coverage(b, r, cs, h, w), R.seed_coverage(b, r, cs, h, w))
+            assert_same(B.apply_seeds(xx, b, r, cs == 1, one),
+                        R.apply_seeds(xx, b, r, cs == 1, one))
 
 
 @pytest.mark.parametrize("shape,r", [((1, 2, 60, 70), 53), ((1, 1, 50, 120), 49),
@@ -567,17 +560,17 @@ def test_seed_coverage_large_blocks(B, shape, r):
     seeds[..., h // 2, w // 2] = True
     seeds[0, 0, r // 2, w - r + r // 2] = True
     bits = R.pack_bits(seeds.flatten(1)).to(DEV)
-    same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
+    assert_same(B.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w))
     xx = make_x(shape, torch.float32, DEV)
     one = torch.ones(n, device=DEV)
-    same(B.apply_seeds(xx, bits, r, False, one), R.apply_seeds(xx, bits, r, False, one))
+    assert_same(B.apply_seeds(xx, bits, r, False, one), R.apply_seeds(xx, bits, r, False, one))
 
 
 # ------------------------------------------------------------------ applies
 
 
 def check_apply(out: torch.Tensor, ref: torch.Tensor, t: torch.Tensor) -> None:
-    same(out, ref)
+    assert_same(out, ref)
     assert out.device == t.device
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -670,10 +663,10 @@ def test_applies_flat_tiles(B, shape):
     g = grad_like(x)[0]
     for t in (x, g):
         wc = rand((n, c), 1)
-        same(B.apply_channel(t, wc), R.apply_channel(t, wc))
+        assert_same(B.apply_channel(t, wc), R.apply_channel(t, wc))
         for k in (1, 3, 7):  # 7: the flat kernel's mask bytes per group (K >= V - 1)
             mask = (rand((n, -(-h // k), -(-w // k)), k) < 0.5).to(torch.uint8)
-            same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
+            assert_same(B.apply_block(t, mask, k, scale), R.apply_block(t, mask, k, scale))
     active = rand((n, c), 5) < 0.5
     scale[-1] = math.inf  # S * scale: NaN where S = 0
     check_attention_modes(B, x, (x, g), active, scale, max(1, h * w // 5))
@@ -686,8 +679,8 @@ def check_attention_modes(B, x, ts, active, scale, k):
         thr, mn, r, _ = R.attention_stats(x, k, active, mode)
         st = R.attention_state(thr, mn, r, scale)
         for t in ts:
-            same(B.apply_attention(t, x, st, active, mode),
-                 R.apply_attention(t, x, st, active, mode))
+            assert_same(B.apply_attention(t, x, st, active, mode),
+                        R.apply_attention(t, x, st, active, mode))
 
 
 # Triton's flat AttentionDrop tile in groups of 4 vectors (U = 4) where groups of V elements
@@ -843,7 +836,7 @@ def test_apply_block_flat_paths(B, shape, dtype):
         # contiguous; rows strided (stride(1) = 2 * ws + 3); columns strided (stride(2) = 2)
         masks = (wide[:, :hs, :ws].contiguous(), wide[:, 1:, :ws], wide[:, :hs, 1:2 * ws:2])
         for mask in masks:
-            same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
+            assert_same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
 
 
 # Maps of 4096 * k rows or columns and more: the flat apply_block's multiply-shift by
@@ -859,7 +852,7 @@ def test_apply_block_wide_maps(B, shape, k):
     wide = (rand((n, hs, 2 * ws), k) * 256).to(torch.uint8)
     scale = rand((n,), 2) + 0.5
     for mask in (wide[:, :, :ws], wide[:, :, ::2]):
-        same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
+        assert_same(B.apply_block(x, mask, k, scale), R.apply_block(x, mask, k, scale))
 
 
 def test_applies_empty(B):
@@ -880,30 +873,31 @@ def test_triton_int64_indexing(monkeypatch):
                             lambda *ts: True)
     x = make_x((2, 3, 9, 10), torch.float32, DEV, "channels_last")
     n, c, h, w = x.shape
-    same(mod.channel_stats(x)[0], R.channel_stats(x)[0])
-    same(mod.map_threshold(x, 7), R.map_threshold(x, 7))
+    assert_same(mod.channel_stats(x)[0], R.channel_stats(x)[0])
+    assert_same(mod.map_threshold(x, 7), R.map_threshold(x, 7))
     active = rand((n, c), 1) < 0.5
     st, rst = mod.attention_stats(x, 7, active, "ad"), R.attention_stats(x, 7, active, "ad")
-    same(st[0][active], rst[0][active])
+    assert_same(st[0][active], rst[0][active])
     close(mod.cam(x, rand((n, c), 2)), R.cam(x, rand((n, c), 2)), scale=10)
     close(mod.pooled_correlation(x, 3), R.pooled_correlation(x, 3), scale=10)
     # contiguous: the window rows read from 16 bytes before them (W = 10: realigned)
     close(mod.pooled_correlation(x.contiguous(), 3), R.pooled_correlation(x, 3), scale=10)
     scale = rand((n,), 3) + 0.5
     for t in (x, x.contiguous()):
-        same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))
+        assert_same(mod.apply_channel(t, rand((n, c), 4)), R.apply_channel(t, rand((n, c), 4)))
         mask = (rand((n, 3, 4), 5) < 0.5).to(torch.uint8)
-        same(mod.apply_block(t, mask, 3, scale), R.apply_block(t, mask, 3, scale))
+        assert_same(mod.apply_block(t, mask, 3, scale), R.apply_block(t, mask, 3, scale))
         st = R.attention_state(*rst[:3], scale)
-        same(mod.apply_attention(t, x, st, active, "ad"), R.apply_attention(t, x, st, active, "ad"))
+        assert_same(mod.apply_attention(t, x, st, active, "ad"),
+                    R.apply_attention(t, x, st, active, "ad"))
         for cs in (c, 1):
             noise = rand((n, cs, h, w), 6)
             args = (0.2, 3, None, None, (n, cs, h, w), x_device())
             bits = mod.seed_bits(noise, None, *args)
-            same(bits, R.seed_bits(noise, None, *args))
-            same(mod.seed_coverage(bits, 3, cs, h, w), R.seed_coverage(bits, 3, cs, h, w))
-            same(mod.apply_seeds(t, bits, 3, cs == 1, scale),
-                 R.apply_seeds(t, bits, 3, cs == 1, scale))
+            assert_same(bits, R.seed_bits(noise, None, *args))
+            assert_same(mod.seed_coverage(bits, 3, cs, h, w), R.seed_coverage(bits, 3, cs, h, w))
+            assert_same(mod.apply_seeds(t, bits, 3, cs == 1, scale),
+                        R.apply_seeds(t, bits, 3, cs == 1, scale))
     mod.seed_bits(None, None, 0.2, 3, None, None, (n, c, h, w), x_device())
 
 
@@ -1012,7 +1006,7 @@ def test_layer_seeded(backend_name, name):
     for seed in (123, 123, 124):
         torch.manual_seed(seed)
         outs.append(op(x))
-    same(outs[0], outs[1])
+    assert_same(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2]), "another seed should give another output"
 
 
@@ -1125,16 +1119,16 @@ def test_layer_full_size(backend_name, monkeypatch, case, inputs):
 @needs_cuda
 def test_primitives_full_size(B):
     x = make_x((8, 64, 56, 56), torch.bfloat16, DEV, "channels_last")
-    same(B.channel_stats(x)[0], R.channel_stats(x)[0])
-    same(B.map_threshold(x, 628), R.map_threshold(x, 628))
+    assert_same(B.channel_stats(x)[0], R.channel_stats(x)[0])
+    assert_same(B.map_threshold(x, 628), R.map_threshold(x, 628))
     v = torch.randn(16, 112 * 112, device=DEV)
-    same(B.kth_largest(v, 500), R.kth_largest(v, 500))
+    assert_same(B.kth_largest(v, 500), R.kth_largest(v, 500))
     v = torch.randn(4, 50000, device=DEV)  # longer than a register row: chunked passes
-    same(B.kth_largest(v, 777), R.kth_largest(v, 777))
+    assert_same(B.kth_largest(v, 777), R.kth_largest(v, 777))
     x = make_x((2, 32, 112, 112), torch.float32, DEV)
     close(B.pooled_correlation(x, 4), R.pooled_correlation(x, 4), scale=10)  # N' = 784
     bits = R.seed_bits(None, None, 0.01, 7, None, None, (8, 64, 56, 56), DEV)
-    same(B.seed_coverage(bits, 7, 64, 56, 56), R.seed_coverage(bits, 7, 64, 56, 56))
+    assert_same(B.seed_coverage(bits, 7, 64, 56, 56), R.seed_coverage(bits, 7, 64, 56, 56))
 
 
 # ------------------------------------------------------------------ custom ops
@@ -1244,8 +1238,8 @@ def test_layer_compile_fullgraph(monkeypatch, case):
         close(yc, ye)
         close(gxc, gxe)
     else:
-        same(yc, ye)
-        same(gxc, gxe)
+        assert_same(yc, ye)
+        assert_same(gxc, gxe)
     with torch.no_grad():
         close(compiled(x, noise), ye)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from test_training import _module_for
-from testing import CUDA, HAS_CUDA
+from testing import CUDA, HAS_CUDA, assert_same
 from torch import nn
 
 import guidedrop
@@ -85,12 +85,6 @@ def run(B, layer, x, *args, **kw):
     return x if plan is None else A.apply(B, plan, x)
 
 
-def same(a, b, what=""):
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _cam_args(n, c, seed=5):
     g = gen(seed)
     weight = torch.randn(10, 2 * c, generator=g)  # C_fc = 2 C: grouped weights
@@ -143,7 +137,7 @@ def test_dropblock_noise_between_roundings(B):
         y = run(B, "dropblock", x, 0.3, 3, shared_channels=False, normalize="none", noise=noise)
         seeds = (noise.float() < g32) & R.valid_centres(8, 8, 3, DEV)
         want = x * ~R.expand_seeds(seeds, 3)
-        same(y, want, f"u = {u!r}")
+        assert_same(y, want, f"u = {u!r}")
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -176,12 +170,12 @@ def test_noise_dtype_does_not_change_the_draw(B, layer):
         want = run(B, layer, x, *args, noise=noise.float(), **kw)
         ref = run(R, layer, x, *args, noise=noise, **kw)
         what = f"{layer} {dtype}"
-        same(y, want, what)
+        assert_same(y, want, what)
         if layer == "attentiondrop":  # its scale is a float32 sum on the kernel backends
             torch.testing.assert_close(y, ref)
-            same(y == 0, ref == 0, what)
+            assert_same(y == 0, ref == 0, what)
         else:
-            same(y, ref, what)
+            assert_same(y, ref, what)
 
 
 @pytest.mark.parametrize("layer", ["dropblock", "camdrop", "attentiondrop", "corrdrop"])
@@ -194,15 +188,15 @@ def test_noise_dtype_float64_x_reference(layer):
     noise = torch.rand(shape, generator=gen(4))
     for dtype in (torch.float16, torch.bfloat16):
         u = noise.to(dtype)
-        same(run(R, layer, x, *args, noise=u, **kw),
-             run(R, layer, x, *args, noise=u.double(), **kw))
+        assert_same(run(R, layer, x, *args, noise=u, **kw),
+                    run(R, layer, x, *args, noise=u.double(), **kw))
     g = L._seed_rate(0.4, 3, h, w)
     if layer == "dropblock":  # a uniform between g32 and g: kept in float64, dropped in float32
         g32 = float(torch.tensor(g, dtype=torch.float32))
         u = torch.full((n, c, h, w), (g + g32) / 2, dtype=torch.float64)
         y = run(R, layer, x, *args, noise=u, **dict(kw, normalize="none"))
         seeds = (u < g) & R.valid_centres(h, w, 3, "cpu")
-        same(y, x * ~R.expand_seeds(seeds, 3))
+        assert_same(y, x * ~R.expand_seeds(seeds, 3))
 
 
 # --------------------------------------------------------------------------- block sizes
@@ -220,12 +214,12 @@ def test_corrdrop_block_larger_than_map(B):
     noise[1, 0] = 0.9999  # dropped for k = 8 (p_hat = 0.375), kept once p_hat is tiny
     kept_at_8 = noise[1, :, 0, 0] < 1 - 0.5 * h * w / 64
     at_map = run(B, "corrdrop", x, 0.5, 8, normalize="none", noise=noise)
-    same(at_map, x * kept_at_8[:, None, None, None], "k = 8")
-    same(run(B, "corrdrop", x, 0.5, 9, normalize="none", noise=noise),
-         x * (noise[1, :, 0, 0] < 1 - 0.5 * h * w / 81)[:, None, None, None], "k = 9")
+    assert_same(at_map, x * kept_at_8[:, None, None, None], "k = 8")
+    assert_same(run(B, "corrdrop", x, 0.5, 9, normalize="none", noise=noise),
+                x * (noise[1, :, 0, 0] < 1 - 0.5 * h * w / 81)[:, None, None, None], "k = 9")
     for k in HUGE:
         y = run(B, "corrdrop", x, 0.5, k, normalize="batch", noise=noise)
-        same(y, x, f"k = {k if k < 2**70 else 'huge'}")  # every block kept, scale 1
+        assert_same(y, x, f"k = {k if k < 2**70 else 'huge'}")  # every block kept, scale 1
     # Through the public op (validation included), also on a map wider than tall.
     x2 = torch.rand(1, 2, 3, 11, generator=gen(7)).to(DEV)
     u2 = torch.rand(2, 1, 1, 1, generator=gen(8)).to(DEV)
@@ -238,15 +232,15 @@ def test_corrdrop_block_between_map_sides(B):
     """H < k < W: blocks cut by the bottom border; same as the reference."""
     x = torch.rand(2, 3, 4, 19, generator=gen(9)).to(DEV)
     noise = torch.rand(2, 2, 1, 3, generator=gen(10)).to(DEV)
-    same(run(B, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise),
-         run(R, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise))
+    assert_same(run(B, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise),
+                run(R, "corrdrop", x, 0.5, 7, normalize="batch", noise=noise))
 
 
 def test_functional_corrdrop_huge_block(forced):
     x = torch.rand(1, 2, 8, 8, generator=gen(11)).to(DEV)
     noise = torch.rand(2, 1, 1, 1, generator=gen(12)).to(DEV)
     for k in (10**5, 2**31, 2**63 + 1, 10**400):
-        same(F.corrdrop(x, 0.5, k, noise=noise), x)
+        assert_same(F.corrdrop(x, 0.5, k, noise=noise), x)
     y = guidedrop.CorrDrop(p=0.5, block_size=10**6)(x)  # noise=None: fresh draws
     assert y.shape == x.shape
 
@@ -259,7 +253,7 @@ def test_apply_block_huge_k(B):
     scale = (torch.rand(n, generator=gen(15)) + 0.5).to(DEV)
     want = R.apply_block(t, mask, 7, scale)
     for k in HUGE:
-        same(B.apply_block(t, mask, k, scale), want, f"k = {k if k < 2**70 else 'huge'}")
+        assert_same(B.apply_block(t, mask, k, scale), want, f"k = {k if k < 2**70 else 'huge'}")
 
 
 def test_pooled_correlation_huge_k(B, monkeypatch):
@@ -272,8 +266,8 @@ def test_pooled_correlation_huge_k(B, monkeypatch):
     monkeypatch.setitem(dispatch._loaded, B.name, (B, ""))
     for k in HUGE:
         label = f"k = {k if k < 2**70 else 'huge'}"
-        same(B.pooled_correlation(x, k), want, label)
-        same(primitives.pooled_correlation(x, k), want, label)
+        assert_same(B.pooled_correlation(x, k), want, label)
+        assert_same(primitives.pooled_correlation(x, k), want, label)
 
 
 def test_block_upsample_any_k():
@@ -281,10 +275,11 @@ def test_block_upsample_any_k():
     mask = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
     for k, (h, w) in [(1, (3, 4)), (2, (5, 7)), (3, (7, 10)), (3, (9, 12))]:
         i, j = torch.arange(h) // k, torch.arange(w) // k
-        same(primitives.block_upsample(mask, k, h, w), mask[:, i][:, :, j], f"k = {k}")
+        assert_same(primitives.block_upsample(mask, k, h, w), mask[:, i][:, :, j], f"k = {k}")
     for k in [12, 13] + HUGE:
-        same(primitives.block_upsample(mask, k, 5, 12),
-             mask[:, :1, :1].expand(2, 5, 12).contiguous(), f"k = {k if k < 2**70 else 'huge'}")
+        assert_same(primitives.block_upsample(mask, k, 5, 12),
+                    mask[:, :1, :1].expand(2, 5, 12).contiguous(),
+                    f"k = {k if k < 2**70 else 'huge'}")
     with pytest.raises(ValueError, match="mask"):
         primitives.block_upsample(mask, 2, 7, 8)
 
@@ -311,12 +306,13 @@ def test_dropblock_camdrop_huge_blocks(B):
     noise = torch.rand(n, c, h, w, generator=gen(17)).to(DEV) * 0.01
     want = run(R, "dropblock", x, 0.3, 5, shared_channels=False, normalize="batch", noise=noise)
     for k in HUGE:
-        same(run(B, "dropblock", x, 0.3, k, shared_channels=False, normalize="batch",
-                 noise=noise), want, f"k = {k if k < 2**70 else 'huge'}")
+        assert_same(run(B, "dropblock", x, 0.3, k, shared_channels=False, normalize="batch",
+                        noise=noise), want, f"k = {k if k < 2**70 else 'huge'}")
     weight, target = _cam_args(n, c)
     for k in HUGE:
-        same(run(B, "camdrop", x, weight, target, k, 0.5, channel_rate=1.0, normalize="batch",
-                 noise=noise), x)
+        y = run(B, "camdrop", x, weight, target, k, 0.5, channel_rate=1.0, normalize="batch",
+                noise=noise)
+        assert_same(y, x)
 
 
 # --------------------------------------------------------------------------- second order
@@ -464,7 +460,7 @@ def test_fx_traces_the_functional_ops(forced):
     eager = _Functional()(x, weight, target)
     torch.manual_seed(1)
     _seed_emulator(forced)
-    same(gm(x, weight, target), eager)
+    assert_same(gm(x, weight, target), eager)
 
 
 def _seed_emulator(B):

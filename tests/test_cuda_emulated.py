@@ -34,6 +34,7 @@ from testing import (
     DTYPES,
     LAYOUTS,
     assert_close_dtype,
+    assert_same,
     emulated,
     make_x,
     nonfinite_beside_zero_rows,
@@ -77,13 +78,6 @@ def E():
 def B(E):
     """python/guidedrop/cuda_backend.py on the emulated ops."""
     return emu.backend()
-
-
-def same(got: torch.Tensor, want: torch.Tensor, what="") -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape,
-                                                                  got.dtype, want.dtype)
-    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def misaligned(x: torch.Tensor) -> torch.Tensor:
@@ -220,10 +214,10 @@ def _check_op(op, args, got, want, what):
             act = args[2]
             g, e = g[act], e[act]
             if i < 3:  # thr, min, max exact; the soft-mask sum is a float32 sum
-                same(g, e, tag)
+                assert_same(g, e, tag)
                 continue
         if op in T.EXACT or (op == "channel_stats" and i == 0):
-            same(g, e, tag)
+            assert_same(g, e, tag)
         else:
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5,
                                        msg=lambda m, tag=tag: f"{tag}: {m}")
@@ -275,14 +269,14 @@ def test_emulated_statistics_nan_inf_ties(E):
     # maps whose rows are not one stride apart (transposed, sliced): map_select's
     # per-unit (h, w) index; the others take its flat one
     for xx in (x, ties, x.transpose(2, 3), ties[..., 1:4]):
-        same(E.channel_stats(xx)[0], R.channel_stats(xx)[0], "amax")
+        assert_same(E.channel_stats(xx)[0], R.channel_stats(xx)[0], "amax")
         for k in (1, 4, xx.shape[2] * xx.shape[3]):
-            same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"map_threshold k={k}")
+            assert_same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"map_threshold k={k}")
         for mode in ("am", "sm", "ad"):
             got = E.attention_stats(xx, 4, active, mode)
             want = R.attention_stats(xx, 4, active, mode)
             for i in range(3):
-                same(got[i], want[i], f"attention_stats {mode} {i}")
+                assert_same(got[i], want[i], f"attention_stats {mode} {i}")
 
 
 def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
@@ -294,12 +288,13 @@ def test_emulated_kth_largest_ties_nan_signed_zero_and_long_rows(E):
     ]
     v = torch.tensor(rows)
     for k in range(1, 11):
-        same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
+        assert_same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
     # Rows longer than the shared-memory buffer (10240 keys): keys re-read from memory.
     big = torch.randn(2, 10300, generator=torch.Generator().manual_seed(3)).round(decimals=1)
     for k in (1, 17, 5150, 10300):
-        same(E.kth_largest(big, k), R.kth_largest(big, k), f"long rows k={k}")
-        same(E.kth_largest(big.t().contiguous().t(), k), R.kth_largest(big, k), f"strided k={k}")
+        assert_same(E.kth_largest(big, k), R.kth_largest(big, k), f"long rows k={k}")
+        assert_same(E.kth_largest(big.t().contiguous().t(), k),
+                    R.kth_largest(big, k), f"strided k={k}")
 
 
 @pytest.mark.parametrize("hw", [(3, 3), (103, 100)], ids=str)
@@ -315,7 +310,7 @@ def test_emulated_attention_stats_signed_zeros(E, hw):
     for k in (1, 2, n // 2, n):
         got, want = E.attention_stats(x, k, active, "sm"), R.attention_stats(x, k, active, "sm")
         for i in range(4):
-            same(got[i], want[i], f"k={k} {i}")
+            assert_same(got[i], want[i], f"k={k} {i}")
             assert torch.equal(got[i].signbit(), want[i].signbit()), (k, i, got[i], want[i])
 
 
@@ -326,12 +321,12 @@ def test_emulated_kth_largest_every_digit_long_rows(E):
     (1 + j ulp: more than 10240 candidates), the lower passes re-reading x."""
     v = radix_rows(10300)
     for k in (1, 2, 5150, 10300):
-        same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
+        assert_same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
     x = (1 + make_x((1, 2, 103, 100), torch.float32, layout="channels_last").abs() / 8)
     active = torch.tensor([[True, True]])
     got, want = E.attention_stats(x, 2200, active, "sm"), R.attention_stats(x, 2200, active, "sm")
     for i in range(4):
-        same(got[i], want[i], f"attention_stats {i}")
+        assert_same(got[i], want[i], f"attention_stats {i}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -343,22 +338,22 @@ def test_emulated_map_threshold_16bit_keys(E, dtype):
         x = radix_maps16(hw, dtype)
         n = hw[0] * hw[1]
         for k in (1, 2, n // 3 + 1, n - 1, n):
-            same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
+            assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
         active = torch.ones(x.shape[:2], dtype=torch.bool)
         got, want = E.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
             x, n // 5 + 1, active, "ad")
         for i in range(4):
-            same(got[i], want[i], f"{hw} attention_stats {i}")
+            assert_same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
 def test_emulated_map_threshold_large_maps(E):
     x = make_x((1, 2, 103, 100), torch.float16, layout="channels_last")  # 10300 > 10240 keys
     for k in (1, 2200):
-        same(E.map_threshold(x, k), R.map_threshold(x, k), f"k={k}")
+        assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"k={k}")
     active = torch.tensor([[True, False]])
     got, want = E.attention_stats(x, 2200, active, "ad"), R.attention_stats(x, 2200, active, "ad")
     for i in range(3):
-        same(got[i][active], want[i][active], f"attention_stats {i}")
+        assert_same(got[i][active], want[i][active], f"attention_stats {i}")
     torch.testing.assert_close(got[3][active], want[3][active], rtol=1e-5, atol=1e-2)
 
 
@@ -372,16 +367,16 @@ def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
         x_odd = misaligned(x)
         odd = (x_odd, x_odd, *args[2:]) if op == "apply_attention" else (x_odd, *args[1:])
         a = getattr(E, op)(*args)
-        same(a, T._reference(op, args), f"{op} {dtype} aligned")
-        same(getattr(E, op)(*odd), a, f"{op} {dtype} misaligned")
+        assert_same(a, T._reference(op, args), f"{op} {dtype} aligned")
+        assert_same(getattr(E, op)(*odd), a, f"{op} {dtype} misaligned")
         xcl = x.contiguous(memory_format=torch.channels_last)
         cl = (xcl, xcl, *args[2:]) if op == "apply_attention" else (xcl, *args[1:])
-        same(getattr(E, op)(*cl), a, f"{op} {dtype} channels_last")
+        assert_same(getattr(E, op)(*cl), a, f"{op} {dtype} channels_last")
     # backward passes grad_y in any layout, e.g. the stride-0 grad of y.sum()
     args = T._samples(torch.float32, "channels_last", device="cpu")[op]
     g = torch.ones(1).expand(args[0].shape)
     gargs = (g, *args[1:])
-    same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
+    assert_same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
 
 
 def test_emulated_channel_stats_vector_and_scalar_paths(E):
@@ -404,8 +399,8 @@ def test_emulated_channel_stats_vector_and_scalar_paths(E):
             for tag, xx in variants.items():
                 amax, mean = E.channel_stats(xx)
                 what = f"{shape} {dtype} {layout}{tag}"
-                same(amax, ramax, f"amax {what}")
-                same(mean, rmean, f"mean {what}")
+                assert_same(amax, ramax, f"amax {what}")
+                assert_same(mean, rmean, f"mean {what}")
 
 
 def test_emulated_cam_vector_and_scalar_paths(E):
@@ -427,7 +422,7 @@ def test_emulated_cam_vector_and_scalar_paths(E):
             odd = misaligned(x)
             want = R.cam(x, alpha)
             for tag, xx in (("", x), (" misaligned", odd)):
-                same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
+                assert_same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
 
 
 # --------------------------------------------------------------------------- correlation
@@ -437,8 +432,8 @@ def test_emulated_pooled_correlation_constant_inputs(E):
     """The exact diagonal P_ii: equal rows give exactly equal F (CorrDrop's kappa = 0)."""
     ones, zeros = torch.ones(1, 3, 6, 6), torch.zeros(1, 3, 6, 6)
     f1, f0 = E.pooled_correlation(ones, 3), E.pooled_correlation(zeros, 3)
-    same(f1, R.pooled_correlation(ones, 3), "ones")
-    same(f0, R.pooled_correlation(zeros, 3), "zeros")
+    assert_same(f1, R.pooled_correlation(ones, 3), "ones")
+    assert_same(f0, R.pooled_correlation(zeros, 3), "zeros")
     assert (f1 == f1.flatten()[0]).all() and abs(f1.flatten()[0].item() - 0.75) < 1e-6
     assert (f0 == 0.25).all()
     # More pooled positions than a Gram tile (N' = 33, 45, 110): the diagonal falls in
@@ -469,7 +464,7 @@ def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
             odd = misaligned(x)
             f = E.pooled_correlation(x, k)
             what = f"{shape} k={k} {dtype} {layout}"
-            same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
+            assert_same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
             torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5,
                                        msg=lambda m, what=what: f"{what}: {m}")
 
@@ -553,11 +548,11 @@ def test_emulated_seed_bits_philox(E, B, shared):
         a = B.seed_bits(None, None, g, r, cs, cc, shape, "cpu")
         b = B.seed_bits(None, None, g, r, cs, cc, shape, "cpu")
         E.emu_set_philox(seed, 12)
-        same(B.seed_bits(None, None, g, r, cs, cc, shape, "cpu"), b, "offset advances by 4")
+        assert_same(B.seed_bits(None, None, g, r, cs, cc, shape, "cpu"), b, "offset advances by 4")
         assert not torch.equal(a, b)
         for bits, offset in ((a, 8), (b, 12)):
             u = _philox_uniforms(shape, seed, offset)
-            same(bits, R.seed_bits(u, None, g, r, cs, cc, shape, "cpu"), f"offset {offset}")
+            assert_same(bits, R.seed_bits(u, None, g, r, cs, cc, shape, "cpu"), f"offset {offset}")
 
 
 def test_emulated_seed_bits_noise_dtypes(E):
@@ -568,7 +563,7 @@ def test_emulated_seed_bits_noise_dtypes(E):
         noise = torch.rand(shape, dtype=torch.float64).to(dtype)
         noise[0, 0, 4, 4] = g32.to(dtype)  # the boundary
         got = E.seed_bits(torch.empty(0), noise, None, None, list(shape), g32, 1, None)
-        same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
+        assert_same(got, R.seed_bits(noise, None, g, 1, None, None, shape, "cpu"), str(dtype))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 2, 3), (3, 4, 3, 1), (2, 3, 7, 70), (1, 9, 4, 13)],
@@ -586,7 +581,8 @@ def test_emulated_seed_bits_runs_across_rows_and_maps(E, shape):
     for r in (1, 2):
         for cs, cc in [(None, None), (cand_s, cand_c)]:
             got = E.seed_bits(torch.empty(0), noise, cs, cc, list(shape), g32, r, None)
-            same(got, R.seed_bits(noise, None, 0.6, r, cs, cc, shape, "cpu"), f"{r} {cs is None}")
+            assert_same(got,
+                        R.seed_bits(noise, None, 0.6, r, cs, cc, shape, "cpu"), f"{r} {cs is None}")
 
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4])
@@ -607,10 +603,10 @@ def test_emulated_seeds_at_map_edges(E, r):
             one = torch.ones(n)
             for name, seeds in [("every", every), ("first", first), ("last", last)]:
                 bits = R.pack_bits(seeds.flatten(1))
-                same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w),
-                     f"coverage {name} {cs}")
-                same(E.apply_seeds(x, bits, r, cs == 1, one),
-                     R.apply_seeds(x, bits, r, cs == 1, one), f"apply {name} {cs}")
+                assert_same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w),
+                            f"coverage {name} {cs}")
+                assert_same(E.apply_seeds(x, bits, r, cs == 1, one),
+                            R.apply_seeds(x, bits, r, cs == 1, one), f"apply {name} {cs}")
 
 
 # --------------------------------------------------------------------------- layers
@@ -671,7 +667,7 @@ def test_emulated_layer_matches_reference(B, layer):
             if layer == "attentiondrop":
                 assert_close_dtype(y, want)
             else:
-                same(y, want, what)
+                assert_same(y, want, what)
 
 
 def test_emulated_dropblock_philox(B, E):
@@ -682,7 +678,8 @@ def test_emulated_dropblock_philox(B, E):
     dropped = (y == 0).float().mean().item()
     assert 0.1 < dropped < 0.3, dropped
     E.emu_set_philox(7, 0)
-    same(_run(B, "dropblock", x, 0.2, 3, shared_channels=False, normalize="batch"), y, "rerun")
+    assert_same(_run(B, "dropblock", x, 0.2, 3, shared_channels=False, normalize="batch"),
+                y, "rerun")
 
 
 def test_emulated_layers_constant_input(B):
@@ -690,8 +687,8 @@ def test_emulated_layers_constant_input(B):
     reference draw the same mask from the same noise."""
     x = torch.ones(2, 3, 9, 9)
     noise = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
-    same(_run(B, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise),
-         _run(R, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise), "corrdrop ones")
+    assert_same(_run(B, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise),
+                _run(R, "corrdrop", x, 0.3, 3, normalize="batch", noise=noise), "corrdrop ones")
 
 
 # --------------------------------------------------------------------------- line widths
@@ -709,7 +706,7 @@ def test_emulated_apply_line_widths(E, op):
             for shape, layout in [((2, 2, 3, wd), "contiguous"), ((2, wd, 2, 3), "channels_last")]:
                 args = T._samples(dtype, layout, device="cpu", shape=shape)[op]
                 got = getattr(E, op)(*args)
-                same(got, T._reference(op, args), f"{op} {dtype} {shape} {layout}")
+                assert_same(got, T._reference(op, args), f"{op} {dtype} {shape} {layout}")
                 assert got.stride() == args[0].stride()
 
 
@@ -742,7 +739,7 @@ def test_emulated_apply_channel_flat_chunks(E, dtype):
         want = R.apply_channel(x, w)
         for ww in (w, w_odd):
             got = E.apply_channel(x, ww)
-            same(got, want, f"{dtype} {shape} {layout} w at {ww.data_ptr() % 16}")
+            assert_same(got, want, f"{dtype} {shape} {layout} w at {ww.data_ptr() % 16}")
             assert got.stride() == x.stride()
 
 
@@ -778,7 +775,7 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
             xs["misaligned"] = misaligned(xs["contiguous"])
             for name, x in xs.items():
                 got = E.apply_block(x, mask, k, scale)
-                same(got, R.apply_block(x, mask, k, scale), f"{what} {name}")
+                assert_same(got, R.apply_block(x, mask, k, scale), f"{what} {name}")
                 if name != "sliced":
                     assert got.stride() == x.stride(), (what, name)
 
@@ -806,8 +803,8 @@ def test_emulated_apply_attention_reads_each_maps_scale(E):
     for layout in ("contiguous", "channels_last"):
         xx = x.contiguous(memory_format=torch.channels_last) if layout != "contiguous" else x
         for mode in ("am", "sm", "ad"):
-            same(E.apply_attention(xx, xx, state, active, mode),
-                 R.apply_attention(xx, xx, state, active, mode), f"{layout} {mode}")
+            assert_same(E.apply_attention(xx, xx, state, active, mode),
+                        R.apply_attention(xx, xx, state, active, mode), f"{layout} {mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -830,8 +827,8 @@ def test_emulated_apply_attention_flat_chunks(E, dtype):
             for t in (x, g):
                 what = f"{dtype} {(n, c, h, w)} {mode} {name} {'x' if t is x else 'grad'}"
                 st = R.attention_state(thr, mn, r, scale)
-                same(E.apply_attention(t, x, st, active, mode),
-                     R.apply_attention(t, x, st, active, mode), what)
+                assert_same(E.apply_attention(t, x, st, active, mode),
+                            R.apply_attention(t, x, st, active, mode), what)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -850,8 +847,9 @@ def test_emulated_apply_packed_mask(E, shared):
         for dtype in (torch.bfloat16, torch.float32):
             for layout in ("contiguous", "channels_last"):
                 x = make_x((n, c, h, w), dtype, "cpu", layout)
-                same(E.apply_seeds(x, bits, 1, shared, scale),
-                     R.apply_seeds(x, bits, 1, shared, scale), f"{(n, c, h, w)} {dtype} {layout}")
+                assert_same(E.apply_seeds(x, bits, 1, shared, scale),
+                            R.apply_seeds(x, bits, 1, shared, scale),
+                            f"{(n, c, h, w)} {dtype} {layout}")
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -867,9 +865,9 @@ def test_emulated_seeds_runs(E, shared):
         noise = torch.rand(n, cs, h, w, generator=gen)
         bits = R.seed_bits(noise, None, g, r, None, None, (n, cs, h, w), "cpu")
         what = f"{(n, c, h, w)} r={r} shared={shared}"
-        same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w), what)
+        assert_same(E.seed_coverage(bits, r, cs, h, w), R.seed_coverage(bits, r, cs, h, w), what)
         scale = torch.rand(n, generator=gen) + 0.5
         for dtype, layout in [(torch.bfloat16, "contiguous"), (torch.float32, "channels_last")]:
             x = make_x((n, c, h, w), dtype, "cpu", layout)
-            same(E.apply_seeds(x, bits, r, shared, scale),
-                 R.apply_seeds(x, bits, r, shared, scale), f"{what} {dtype} {layout}")
+            assert_same(E.apply_seeds(x, bits, r, shared, scale),
+                        R.apply_seeds(x, bits, r, shared, scale), f"{what} {dtype} {layout}")

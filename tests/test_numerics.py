@@ -21,7 +21,7 @@ import test_cuda_emulated as EMU
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing import emulated
+from testing import assert_same, emulated
 
 from guidedrop import dispatch
 from guidedrop import layers as L
@@ -49,10 +49,6 @@ def run(B, layer, x, *args, **kw):
     """The layer's output on backend B (forward only)."""
     plan = getattr(L, layer)(B, x, *args, **kw)
     return x if plan is None else L.apply(B, plan, x, x)
-
-
-def same(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- 1. non-finite
@@ -117,7 +113,7 @@ def test_nonfinite_sample_does_not_leak(B, case, bad):
     clean = layer_out(B, case, x, noise)
     dirty = layer_out(B, case, spoil(x, BAD[bad]), noise)
     assert torch.isfinite(dirty[1]).all()
-    same(dirty[1], clean[1])
+    assert_same(dirty[1], clean[1])
 
 
 @pytest.mark.parametrize("bad", list(BAD))
@@ -145,7 +141,7 @@ def test_soft_mask_not_a_number_is_zero(B, bad):
     thr, mn, r, msum = B.attention_stats(x, 2, act, "sm")
     assert msum[0, 0].item() == 9.0
     out = B.apply_attention(x, x, R.attention_state(thr, mn, r, torch.ones(1)), act, "sm")
-    same(out[0, 0], x[0, 0])
+    assert_same(out[0, 0], x[0, 0])
 
 
 def test_soft_mask_is_zero_at_the_maximum(B):
@@ -165,7 +161,7 @@ def test_soft_mask_is_zero_at_the_maximum(B):
         out = B.apply_attention(x, x, st, act, mode).flatten(2)
         assert (out[peak] == 0).all(), mode
         assert (out[~peak] != 0).any()
-        same(msum, R.attention_stats(x, 3, act, mode)[3])
+        assert_same(msum, R.attention_stats(x, 3, act, mode)[3])
 
 
 def test_soft_mask_extreme_ranges(B):
@@ -179,8 +175,8 @@ def test_soft_mask_extreme_ranges(B):
     thr, mn, r, msum = B.attention_stats(x, 1, act, "sm")
     st = R.attention_state(thr, mn, r, torch.ones(1))
     out = B.apply_attention(x, x, st, act, "sm").flatten(1)
-    same(out, R.apply_attention(x, x, st, act, "sm").flatten(1))
-    same(msum, R.attention_stats(x, 1, act, "sm")[3])
+    assert_same(out, R.apply_attention(x, x, st, act, "sm").flatten(1))
+    assert_same(msum, R.attention_stats(x, 1, act, "sm")[3])
     assert out[0, 2] == 0 and out[0, 7] == 0 and out[0, 1] > 0 and out[0, 6] > 0, out
 
 
@@ -266,7 +262,7 @@ def test_pooled_correlation_two_positions_equal(B):
     p_hat = 0.5 * 16 / 72
     keep = [0.99 < 1 - p_hat, 0.01 < 1 - p_hat]
     want = torch.cat([x[..., :6] * keep[0], x[..., 6:] * keep[1]], dim=-1)
-    same(out, want)
+    assert_same(out, want)
 
 
 def test_pooled_correlation_equal_rows_and_symmetry(B):
@@ -290,7 +286,7 @@ def test_pooled_correlation_scale_invariant(B, scale):
     f, fs = B.pooled_correlation(x, 3), B.pooled_correlation(x * scale, 3)
     assert torch.isfinite(fs).all()
     if math.log2(scale).is_integer():
-        same(fs, f)
+        assert_same(fs, f)
     else:
         torch.testing.assert_close(fs, f, rtol=0, atol=1e-6)
 
@@ -337,14 +333,14 @@ def test_pooled_correlation_block_beyond_map(B, shape, k):
     t0 = time.perf_counter()
     f = B.pooled_correlation(x, k)
     assert time.perf_counter() - t0 < 30
-    same(f, B.pooled_correlation(x, max(shape[2:])))
+    assert_same(f, B.pooled_correlation(x, max(shape[2:])))
     assert f.shape == (shape[0], 1, 1)
     noise = torch.rand(2, shape[0], 1, 1)
     # CorrDrop's plan (the one-block mask and scale; applying it is the block kernels')
     got = L.corrdrop(B, x, 0.5, k, normalize="batch", noise=noise).state
     want = L.corrdrop(R, x, 0.5, max(shape[2:]), normalize="batch", noise=noise).state
     for a, b in zip(got, want, strict=True):
-        same(a, b)
+        assert_same(a, b)
 
 
 # --------------------------------------------------------------------------- 11. empty
@@ -383,11 +379,11 @@ def test_public_primitives_on_empty(monkeypatch, backend, shape):
     x = torch.rand(shape)
     nan_if_empty = torch.full((n, c), math.nan if h * w == 0 else 0.0)
     mx, mean = P.channel_max(x), P.channel_mean(x)
-    same(mx, torch.zeros(n, c)) if h * w == 0 else None
+    assert_same(mx, torch.zeros(n, c)) if h * w == 0 else None
     assert mx.shape == mean.shape == (n, c) and mx.dtype == mean.dtype == torch.float32
     if h * w == 0:
-        same(mean, nan_if_empty)
-        same(P.top_percentile_threshold(x, 20.0), nan_if_empty)
+        assert_same(mean, nan_if_empty)
+        assert_same(P.top_percentile_threshold(x, 20.0), nan_if_empty)
     assert P.top_percentile_threshold(x, 20.0).shape == (n, c)
     f = P.pooled_correlation(x, 2)
     assert f.shape == (n, -(-h // 2), -(-w // 2))

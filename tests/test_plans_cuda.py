@@ -20,7 +20,7 @@ from itertools import product
 
 import pytest
 import torch
-from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same_plan, emulated
+from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same, assert_same_plan, emulated
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -237,17 +237,17 @@ def test_plan_ops_rates_tensor(B):
     amax, u = s["selectscale_plan"][:2]
     for top_rate, q in [(0.4, 0.1), (0.5, 0.5), (1.0, 0.3), (0.1, 1.0)]:  # 0.5 * 5: half-even
         rates = torch.tensor([top_rate, q], dtype=torch.float64, device=DEV)
-        torch.testing.assert_close(ops.selectscale_plan(amax, u, 0.0, 0.0, rates),
-                                   ops.selectscale_plan(amax, u, top_rate, q), rtol=0, atol=0)
+        assert_same(ops.selectscale_plan(amax, u, 0.0, 0.0, rates),
+                    ops.selectscale_plan(amax, u, top_rate, q))
         if round((1 - q) * 5) <= max(1, round(top_rate * 5)):
-            torch.testing.assert_close(ops.selectout_plan(amax, u, 0.0, 0.0, rates),
-                                       ops.selectout_plan(amax, u, top_rate, q), rtol=0, atol=0)
+            assert_same(ops.selectout_plan(amax, u, 0.0, 0.0, rates),
+                            ops.selectout_plan(amax, u, top_rate, q))
     x, mean, un, *_ = s["focused_dropout_plan"]
     for low, high in [(0.3, 0.6), (0.0, 1.0), (0.1, 0.7)]:
         rates = torch.tensor([low, high], dtype=torch.float64, device=DEV)
         for g, e in zip(ops.focused_dropout_plan(x, mean, un, 0.0, 0.0, True, rates),
                         ops.focused_dropout_plan(x, mean, un, low, high, True), strict=True):
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
+            assert_same(g, e)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -277,7 +277,7 @@ def test_plan_rate_ramp_does_not_recompile(B, layer, monkeypatch):
         torch.manual_seed(0)
         y = compiled(x)
         torch.manual_seed(0)
-        torch.testing.assert_close(y, mod(x), rtol=0, atol=0)
+        assert_same(y, mod(x))
     assert counter.frame_count <= 2, counter.frame_count
 
 

@@ -16,7 +16,7 @@ import math
 import pytest
 import test_cuda_emulated as CE
 import torch
-from testing import assert_same_plan, emulated, make_x
+from testing import assert_same, assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -106,7 +106,7 @@ def test_attentiondrop_rate_tensor_equals_rate_float(B):
     eager = E.attentiondrop_plan(x, u, None, 0.3, 5, "sm", "batch")
     traced = E.attentiondrop_plan(x, u, L._rate(0.3, x), 0.0, 5, "sm", "batch")
     for a, b in zip(eager, traced, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert_same(a, b)
 
 
 # --------------------------------------------------------------------------- DropBlock
@@ -189,7 +189,7 @@ def test_dropblock_rate_tensor_equals_rate_float():
     eager = E.seeds_plan(x, u, None, None, [2, 3, 7, 8], None, g, 3, 3, "sample")
     traced = E.seeds_plan(x, u, None, None, [2, 3, 7, 8], L._rate(g, x), 0.0, 3, 3, "sample")
     for a, b in zip(eager, traced, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_same(a, b)
 
 
 def test_plan_ops_opcheck(B):

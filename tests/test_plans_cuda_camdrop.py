@@ -26,7 +26,7 @@ import test_cuda_emulated as CE
 import torch
 from test_backends import with_ties
 from test_plans_dropblock import DTYPES, LAYOUTS, NORMALIZE, on_threshold
-from testing import assert_same_plan, emulated, make_x
+from testing import assert_same, assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -210,7 +210,7 @@ def test_plan_rate_tensor_equals_rate_float(B):
     traced = E.camdrop_plan(x, w, t, u, L._rate(g, x), 0.0, 3, 5, 2, "sample")
     assert eager[0].any()
     for a, b in zip(eager, traced, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_same(a, b)
 
 
 def test_plan_op_opcheck(B):
@@ -276,7 +276,7 @@ def test_plan_rate_ramp_does_not_recompile(B, monkeypatch):
             E.emu_set_philox(5, 0)
             y = compiled(x)
             E.emu_set_philox(5, 0)
-            torch.testing.assert_close(y, mod(x), rtol=0, atol=0)
+            assert_same(y, mod(x))
     assert counter.frame_count <= 2, counter.frame_count
     assert not torch.equal(y, x)
 

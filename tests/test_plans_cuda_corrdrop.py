@@ -16,7 +16,7 @@ import pytest
 import test_cuda_emulated as CE
 import torch
 from test_plans_corrdrop import _noise, check
-from testing import assert_same_plan, emulated, make_x
+from testing import assert_same, assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
 
@@ -112,7 +112,7 @@ def test_rate_tensor_equals_rate_float():
     eager = E.corrdrop_plan(x, u, None, p_blocks, 3, "sample")
     traced = E.corrdrop_plan(x, u, L._rate(p_blocks, x), 0.0, 3, "sample")
     for a, b in zip(eager, traced, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_same(a, b)
 
 
 def test_plan_op_opcheck(B):

@@ -206,12 +206,25 @@ def assert_close_dtype(
     )
 
 
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """``actual`` equals ``expected`` bit for bit: same shape and dtype, and the same values
+    to the sign of a zero (-0.0 ranks below +0.0 in every selection: SPEC, reference.order_key),
+    a NaN where the other has one, of any sign and payload. Compared on the CPU, so
+    ``expected`` may come from the reference on a copy there."""
+    assert (actual.shape, actual.dtype) == (expected.shape, expected.dtype), (
+        what, tuple(actual.shape), tuple(expected.shape), actual.dtype, expected.dtype)
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}" if what else m)
+    if a.is_floating_point():  # assert_close takes -0.0 == +0.0
+        bad = (a.signbit() != e.signbit()) & (e == 0)
+        assert not bad.any(), f"{what}: signed zeros differ at {bad.nonzero()[:5].tolist()}"
+
+
 def assert_same_plan(got, want, what: str = "") -> None:
-    """Two ``layers.Plan``s are equal bit for bit: same kind and meta, and per state tensor
-    the same shape, dtype and values: a NaN where the other has one, whatever its payload,
-    and -0.0 equal to 0.0 (they tie in every comparison; a k-th largest of a map holding
-    both may be either). Compared on the CPU, so ``want`` may come from the reference on a
-    copy of x there. ``want`` None (no plan: nothing dropped) wants ``got`` None."""
+    """Two ``layers.Plan``s are equal bit for bit (:func:`assert_same` per state tensor):
+    same kind and meta, and per state tensor the same shape, dtype and values. ``want`` None
+    (no plan: nothing dropped) wants ``got`` None."""
     if want is None or got is None:
         assert got is want, (what, got, want)
         return
@@ -219,10 +232,4 @@ def assert_same_plan(got, want, what: str = "") -> None:
                                                             want.kind, want.meta)
     assert len(got.state) == len(want.state), what
     for i, (g, w) in enumerate(zip(got.state, want.state, strict=True)):
-        tag = f"{what} state[{i}]"
-        assert (g.shape, g.dtype) == (w.shape, w.dtype), (tag, g.shape, w.shape, g.dtype, w.dtype)
-        g, w = g.detach().cpu(), w.detach().cpu()
-        if g.is_floating_point():
-            assert torch.equal(g.isnan(), w.isnan()), (tag, g, w)
-            g, w = g.masked_fill(g.isnan(), 0), w.masked_fill(w.isnan(), 0)
-        assert torch.equal(g, w), (tag, g, w)
+        assert_same(g, w, f"{what} state[{i}]")
