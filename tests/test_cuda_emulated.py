@@ -346,6 +346,31 @@ def test_emulated_map_threshold_16bit_keys(E, dtype):
             assert_same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_map_select_warp_and_block_sizes(E, dtype):
+    """Maps of 1 to 1024 units take map_select_warp_kernel (a warp per map, its keys in
+    registers: 2, 8 or 32 a lane), longer ones the block-wide map_select_kernel: maps on
+    each side of each boundary, with rows one stride apart (NCHW, channels_last) and not
+    (transposed: the per-unit (h, w) of a multiply-high), every digit of the select."""
+    for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41)):
+        n = h * w
+        x = (radix_maps16((h, w), dtype) if dtype != torch.float32
+             else radix_rows(n)[2:].reshape(1, 6, h, w))
+        active = torch.tensor([[True, False, True, True, True, True]])
+        for xx in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
+            for k in sorted({1, min(2, n), n // 3 + 1, max(n - 1, 1), n}):
+                assert_same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"{h}x{w} k={k}")
+            for mode in ("am", "ad"):
+                got = E.attention_stats(xx, n // 5 + 1, active, mode)
+                want = R.attention_stats(xx, n // 5 + 1, active, mode)
+                for i in range(4):
+                    assert_same(got[i][active], want[i][active], f"{h}x{w} {mode} {i}")
+                    assert not got[i][~active].any()  # inactive maps: 0
+        rows = x.flatten(2)[0].float()
+        for k in (1, n):
+            assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
+
+
 def test_emulated_map_threshold_large_maps(E):
     x = make_x((1, 2, 103, 100), torch.float16, layout="channels_last")  # 10300 > 10240 keys
     for k in (1, 2200):

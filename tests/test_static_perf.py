@@ -103,18 +103,25 @@ OVER_BUDGET = {
                                   "14 x 14 (8 maps a program, one 16-byte vector of "
                                   "channels); else 2- to 8-byte loads (a map is strided "
                                   "by C: 1 or 2 maps a program at 56 x 56 and 28 x 28)",
-    ("cuda", "select"): "scalar loads of x, 1 (bf16) / 2 (fp32) runtime divisions per "
-                        "element, 704.5 / 934 SASS per element: the counter's steady "
-                        "state, the loop over maps (the int64 m / C of maps past 2^31, "
-                        "never taken, and the map's range reciprocal, __frcp_ru: CALLs of "
-                        "their routines counted in full). Not counted, the per-unit loops "
-                        "(bf16, a map whose rows are one stride apart): the shared-memory "
-                        "fill, which counts the top digit, 30 SASS per unit (52 with a "
-                        "__match_any_sync per key before nvcc's warp-aggregated atomic, "
-                        "ATOMS.POPC.INC, took its place; with the int64 (h, w) of other "
-                        "maps: 85 and a CALL of a division routine); each lower radix pass "
-                        "over shared memory 14 (34 before; one for bf16 x, two for fp16, "
-                        "three for fp32: kKeyBits); the soft mask's sum 13-22",
+    ("cuda", "select"): "maps of at most 1024 units (rows one stride apart) take "
+                        "map_select_warp_kernel, a warp per map, 2, 8 or 32 keys a lane in "
+                        "registers: bf16 61.7-166.8 SASS per element, fp32 79.9-277.3 (the "
+                        "map loop counted whole: every path, the three modes' soft-mask "
+                        "sums of which one runs, the CALLs of the int64 m / C of maps past "
+                        "2^31, never taken, and of __frcp_ru). Counted so, bf16 SASS per "
+                        "element of a 32-lane warp: 7 x 7 436 (667 a lane a map, 49 units "
+                        "in 64 slots), 14 x 14 148, 28 x 28 86, 32 x 32 66; the block "
+                        "kernel there (1121 a thread a map, 1409 before the warp kernel, "
+                        "plus 62 a unit): 1545, 1352, 428, 342 (1921, 1681, 522, 414 "
+                        "before). Per map: two warp picks of a digit, the "
+                        "warp reductions, gamma. Longer maps take map_select_kernel, a "
+                        "block per map: scalar loads of x, 1 (bf16) / 2 (fp32) runtime "
+                        "divisions per element, 560.5 / 820 SASS per element (its map loop, "
+                        "counted as above; 704.5 / 934 before the warp's digit pick took "
+                        "two short scans, not a loop over 8 bins in every lane); its "
+                        "per-unit loops: the shared-memory fill, which counts the top "
+                        "digit, 30 SASS per unit, each lower radix pass 14, the soft mask's "
+                        "sum 13-22. x in 2- or 4-byte loads in both",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
 # takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in

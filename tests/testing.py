@@ -218,7 +218,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") ->
                                msg=lambda m: f"{what}: {m}" if what else m)
     if a.is_floating_point():  # assert_close takes -0.0 == +0.0
         bad = (a.signbit() != e.signbit()) & (e == 0)
-        assert not bad.any(), f"{what}: signed zeros differ at {bad.nonzero()[:5].tolist()}"
+        assert not bad.any(), f"{what} signed zeros differ at {bad.nonzero()[:5].tolist()}"
 
 
 def assert_same_plan(got, want, what: str = "") -> None:

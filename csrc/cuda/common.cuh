@@ -398,8 +398,8 @@ __device__ __forceinline__ uint32_t fill_low(uint32_t prefix, int shift) {
   return (prefix >> 31) == 0 ? prefix | ((1u << shift) - 1u) : prefix;
 }
 
-// Shared memory of block_select_kth_largest.
-struct SelectSmem {
+// Shared memory of block_select_kth_largest (hist 16-byte aligned: warp_radix_digit).
+struct alignas(16) SelectSmem {
   uint32_t hist[256];
   uint32_t digit, rank, count;
 };
@@ -426,46 +426,56 @@ __device__ __forceinline__ void radix_count(uint32_t bin, SelectSmem& sm) {
   atomicAdd(&sm.hist[bin], 1u);
 }
 
+// The digit of the rank-th largest of the keys counted in hist (256 bins, 16-byte aligned),
+// the rank sought among the keys of that digit and their count; every lane of the warp
+// must call it and gets the result. Two steps, from the top: lane l sums bins
+// 255 - 8l - j, j = 0..7 (two 16-byte loads), and a scan over the lanes finds the lane
+// whose 8 bins hold the rank; then lanes 8g + j (every group g alike) read bin j of those
+// 8, and a scan over the 8 finds the bin (not a loop over the 8 bins in every lane).
+struct RadixDigit {
+  uint32_t digit, rank, count;
+};
+__device__ __forceinline__ RadixDigit warp_radix_digit(const uint32_t* hist, uint32_t rank,
+                                                       int lane) {
+  const uint4* h4 = reinterpret_cast<const uint4*>(hist + 248 - 8 * lane);
+  const uint4 lo = h4[0], hi = h4[1];  // bins 248 - 8l .. 251 - 8l, 252 - 8l .. 255 - 8l
+  const uint32_t sum = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+  uint32_t incl = sum;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const uint32_t o = __shfl_up_sync(kFullMask, incl, d);
+    if (lane >= d) incl += o;
+  }
+  // hit == 0 cannot happen (the matching keys number at least rank); be defensive.
+  const unsigned hit = __ballot_sync(kFullMask, incl >= rank);
+  const int sel = hit ? __ffs(hit) - 1 : 0;
+  const uint32_t above = __shfl_sync(kFullMask, incl - sum, sel);  // keys in higher bins
+  const int j = lane & 7;
+  const uint32_t bin = 255 - 8 * sel - j, count = hist[bin];
+  uint32_t c = count;
+#pragma unroll
+  for (int d = 1; d < 8; d <<= 1) {
+    const uint32_t o = __shfl_up_sync(kFullMask, c, d);
+    if (j >= d) c += o;
+  }
+  c += above;  // keys in bin and above
+  const unsigned in = __ballot_sync(kFullMask, c >= rank) & 0xffu;
+  const int at = in ? __ffs(in) - 1 : 7;
+  return {__shfl_sync(kFullMask, bin, at), rank - __shfl_sync(kFullMask, c - count, at),
+          __shfl_sync(kFullMask, count, at)};
+}
+
 // The digit at `shift` of the st.rank-th largest of the counted keys: st is updated to
 // include it, and the count of keys matching the new prefix is returned; every thread gets
 // the same result.
 __device__ inline uint32_t radix_pick(int shift, RadixState& st, SelectSmem& sm) {
-  const uint32_t rank = st.rank;
   __syncthreads();
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    // Lane l owns bins 255 - 8l - j, j = 0..7 (scanned from the top).
-    uint32_t local[8], sum = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      local[j] = sm.hist[255 - 8 * lane - j];
-      sum += local[j];
-    }
-    uint32_t incl = sum;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const uint32_t o = __shfl_up_sync(kFullMask, incl, d);
-      if (lane >= d) incl += o;
-    }
-    const unsigned hit = __ballot_sync(kFullMask, incl >= rank);
-    // hit == 0 cannot happen (the matching keys number at least rank); be defensive.
-    const int sel = hit ? __ffs(hit) - 1 : 0;
-    if (lane == sel) {
-      uint32_t cum = incl - sum, digit = 255 - 8 * lane - 7, new_rank = 1, count = 0;
-      bool found = false;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (!found && cum + local[j] >= rank) {
-          digit = 255 - 8 * lane - j;
-          new_rank = rank - cum;
-          count = local[j];
-          found = true;
-        }
-        cum += local[j];
-      }
-      sm.digit = digit;
-      sm.rank = new_rank;
-      sm.count = count;
+    const RadixDigit d = warp_radix_digit(sm.hist, st.rank, threadIdx.x);
+    if (threadIdx.x == 0) {
+      sm.digit = d.digit;
+      sm.rank = d.rank;
+      sm.count = d.count;
     }
   }
   __syncthreads();

@@ -2,8 +2,12 @@
 // top-k candidates of SelectScale and CamDrop), AttentionDrop's per-map statistics and its
 // apply kernel.
 //
-// One block per row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in
-// a grid-stride loop over rows. The row's values are read once into shared memory as
+// Maps of at most 1024 units whose rows are one stride apart (every map of a CNN layer of
+// 32 x 32 or less, in NCHW or channels_last, and rows of up to 1024 channels) take a warp
+// each (map_select_warp_kernel): keys in registers, a histogram per warp, no block-wide
+// barrier. Longer maps, and maps of other strides, take one block per row (kth_largest) or
+// per (n, c) map (map_threshold, attention_stats), in a grid-stride loop over rows
+// (map_select_kernel). The row's values are read once into shared memory as
 // order-preserving uint32 keys when they fit (<= kSmemKeys), the top digit counted on the
 // way; the exact k-th largest key then takes the lower 8-bit radix passes on chip
 // (common.cuh; four in all, two for bfloat16 x, three for float16: the key bits below never
@@ -225,18 +229,143 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   }
 }
 
+// Maps of at most 32 * UNITS units (1024 at most) whose rows are one stride apart (unit i
+// at i * s.w, under 2^31 elements from the map's start: contiguous NCHW, channels_last,
+// rows of a matrix): map_select_kernel's results, a warp per map. Lane l holds units l,
+// l + 32, ... of its map as keys in registers (x read once) and the radix passes count
+// them into the warp's own histogram in shared memory: no block-wide barrier, no copy of
+// the keys, no block reduction, whose cost (about 700 instructions per thread per map)
+// every thread of a block paid even for a 7 x 7 map (49 units, 64 threads). The slots
+// past the map's end (pad of them) hold copies of its first unit, so that no unit takes a
+// branch and every loop has UNITS steps; lane 0 takes their counts out of each pass's
+// histogram and their soft masks out of the sum. Keys off a lower pass's prefix are
+// counted in a bin nobody reads (256), not skipped by a branch.
+constexpr int kSelectWarps = 8;  // maps per block
+
+struct alignas(16) WarpHist {
+  uint32_t bin[256 + 4];  // 256: the discard bin
+};
+
+template <typename scalar_t, int UNITS>
+__global__ void __launch_bounds__(32 * kSelectWarps)
+    map_select_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
+                           const int64_t maps, const int64_t C, const FastDiv fc, const int L,
+                           const uint32_t k, const Gamma gamma, const int mode,
+                           float* __restrict__ thr, float* __restrict__ mn,
+                           float* __restrict__ rcp, const int64_t os,
+                           double* __restrict__ msum) {
+  __shared__ WarpHist hists[kSelectWarps];
+  const int lane = threadIdx.x & 31;
+  uint32_t* hist = hists[threadIdx.x >> 5].bin;
+  const uint32_t pad = 32 * UNITS - L;
+  // clear the warp's histogram, two 16-byte stores a lane; the __syncwarp before it ends
+  // every lane's reads of the pass before (warp_radix_digit), the one after orders the counts
+  auto clear = [&] {
+    __syncwarp();
+    uint4* h4 = reinterpret_cast<uint4*>(hist);
+    h4[lane] = h4[lane + 32] = make_uint4(0, 0, 0, 0);
+    __syncwarp();
+  };
+  const bool draw = gamma.u.p != nullptr;
+  const bool stats = draw || gamma.active != nullptr;
+  const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
+  for (int64_t m = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5); m < maps;
+       m += int64_t(gridDim.x) * kSelectWarps) {  // uniform in the warp
+    const int64_t n = (m | C) < (int64_t(1) << 31) ? div_of(static_cast<uint32_t>(m), fc)
+                                                   : m / C;
+    const int64_t c = m - n * C;
+    if (stats) {
+      const bool act = draw ? gamma.u(n, c) < alpha : gamma.active[m];  // NaN u: inactive
+      if (draw && lane == 0) gamma.active_out[m] = act;
+      if (!act) {
+        if (lane == 0) {
+          thr[m * os] = mn[m * os] = rcp[m * os] = 0.f;
+          msum[m] = 0.0;
+        }
+        continue;
+      }
+    }
+    const scalar_t* base = x + n * s.n + c * s.c;
+    uint32_t key[UNITS];
+    uint32_t kmin = 0xffffffffu, kmax = 0;  // the keys' min / max: -0.0 below +0.0
+    clear();
+#pragma unroll
+    for (int j = 0; j < UNITS; ++j) {
+      const int i = lane + 32 * j;
+      key[j] = float_key(to_float(base[(i < L ? i : 0) * sw]));
+      kmin = min(kmin, key[j]);
+      kmax = max(kmax, key[j]);
+      atomicAdd(&hist[key[j] >> 24], 1u);  // the top digit (radix_count)
+    }
+    RadixState st{0, 0, k};
+#pragma unroll
+    for (int shift = 24; shift >= kLowestShift<scalar_t>; shift -= 8) {
+      if (shift < 24) {  // count the digit at shift of the keys on the prefix
+        clear();
+#pragma unroll
+        for (int j = 0; j < UNITS; ++j) {
+          const bool on = (key[j] & st.mask) == st.prefix;
+          atomicAdd(&hist[on ? (key[j] >> shift) & 0xffu : 256], 1u);
+        }
+      }
+      __syncwarp();
+      if (lane == 0 && (key[0] & st.mask) == st.prefix) hist[(key[0] >> shift) & 0xffu] -= pad;
+      __syncwarp();
+      const RadixDigit d = warp_radix_digit(hist, st.rank, lane);
+      st.prefix |= d.digit << shift;
+      st.mask |= 0xffu << shift;
+      st.rank = d.rank;
+    }
+    const float t = key_float(fill_low(st.prefix, kLowestShift<scalar_t>));
+    if (!stats) {
+      if (lane == 0) thr[m * os] = t;
+      continue;
+    }
+    kmin = warp_reduce(kmin, KeyMin());
+    kmax = warp_reduce(kmax, KeyMax());
+    const float hi = key_float(kmax);
+    const float lo = kmax == 0xffffffffu ? hi : key_float(kmin);  // a NaN: both NaN
+    const float r = range_reciprocal(lo, hi);
+    // in double: every S a multiple of 2^-24 in [0, 1], so the sum, and the padding's
+    // taken out of it, are exact in any order (map_select_kernel)
+    double sum = 0.0;
+#pragma unroll
+    for (int j = 0; j < UNITS; ++j) sum += soft_mask(key_float(key[j]), t, lo, r, mode);
+    sum = warp_reduce(sum, SumOp());
+    if (lane == 0) {
+      thr[m * os] = t;
+      mn[m * os] = lo;
+      rcp[m * os] = r;
+      msum[m] = sum - double(pad) * soft_mask(key_float(key[0]), t, lo, r, mode);
+    }
+  }
+}
+
 template <typename scalar_t>
 void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64_t C, int64_t H,
                        int64_t W, int64_t k, const Gamma& gamma, int mode, float* thr,
                        float* mn, float* rcp, int64_t os, double* msum) {
   if (maps == 0) return;
   const int64_t L = H * W;
+  const FastDiv fc = fast_div(C < (int64_t(1) << 31) ? C : 1);
+  // a warp per map: rows one stride apart, the map within 2^31 elements of its start
+  if (L >= 1 && L <= 32 * 32 && (H == 1 || s.h == W * s.w) &&
+      (L - 1) * s.w < (int64_t(1) << 31)) {
+    const auto kernel = L <= 64    ? map_select_warp_kernel<scalar_t, 2>
+                        : L <= 256 ? map_select_warp_kernel<scalar_t, 8>
+                                   : map_select_warp_kernel<scalar_t, 32>;
+    kernel<<<grid_for(maps, kSelectWarps), 32 * kSelectWarps, 0, current_stream()>>>(
+        x, s, static_cast<int>(s.w), maps, C, fc, static_cast<int>(L),
+        static_cast<uint32_t>(k), gamma, mode, thr, mn, rcp, os, msum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const bool use_smem = L <= kSmemKeys;
   const size_t smem = static_cast<size_t>(use_smem ? L : kSmemKeys) * sizeof(uint32_t);
   map_select_kernel<scalar_t>
       <<<grid_for(maps, 1), select_threads(L), smem, current_stream()>>>(
-          x, s, maps, C, fast_div(C < (int64_t(1) << 31) ? C : 1), H, W,
-          static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn, rcp, os, msum);
+          x, s, maps, C, fc, H, W, static_cast<uint32_t>(k), gamma, mode, use_smem, thr, mn,
+          rcp, os, msum);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
