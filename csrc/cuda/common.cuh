@@ -9,7 +9,9 @@
 //   stores when t and out are dense in that order and aligned, at any width, the
 //   multiplier's state read once per line segment and no per-element division.
 // - float_key / key_float: the order-preserving uint32 key of a float32 (torch.topk's).
-// - block_select_kth_largest: exact k-th largest of a block's keys by 8-bit radix select.
+// - block_select_kth_largest: exact k-th largest of a block's keys by 8-bit radix select;
+//   warp_radix_digit, the digit of one pass from a 256-bin histogram, for a block
+//   (radix_pick) or a warp alone (map_select_warp_kernel).
 // - warp / block reductions with a fixed order (deterministic), NaN-propagating min/max.
 //
 // Arithmetic mirrors python/guidedrop/reference.py: statistics and the multiplier w in
