@@ -236,8 +236,8 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // rows of a matrix): map_select_kernel's results, a warp per map. Lane l holds units l,
 // l + 32, ... of its map as keys in registers (x read once) and the radix passes count
 // them into the warp's own histogram in shared memory: no block-wide barrier, no copy of
-// the keys, no block reduction, whose cost (about 700 instructions per thread per map)
-// every thread of a block paid even for a 7 x 7 map (49 units, 64 threads). The slots
+// the keys, no block reduction, whose cost (about 1100 instructions per thread per map,
+// counted from the SASS) every thread of a block paid even for a 7 x 7 map (49 units). The slots
 // past the map's end (pad of them) hold copies of its first unit, so that no unit takes a
 // branch and every loop has UNITS steps; lane 0 takes their counts out of each pass's
 // histogram and their soft masks out of the sum. Keys off a lower pass's prefix are
