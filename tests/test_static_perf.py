@@ -105,7 +105,7 @@ OVER_BUDGET = {
                                   "by C: 1 or 2 maps a program at 56 x 56 and 28 x 28)",
     ("cuda", "select"): "maps of at most 1024 units (rows one stride apart) take "
                         "map_select_warp_kernel, a warp per map, 2, 8 or 32 keys a lane in "
-                        "registers: bf16 61.7-166.8 SASS per element, fp32 79.9-277.3 (the "
+                        "registers: bf16 61.8-166.8 SASS per element, fp32 79.9-277.7 (the "
                         "map loop counted whole: every path, the three modes' soft-mask "
                         "sums of which one runs, the CALLs of the int64 m / C of maps past "
                         "2^31, never taken, and of __frcp_ru). Counted so, bf16 SASS per "

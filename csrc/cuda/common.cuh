@@ -421,11 +421,12 @@ __device__ __forceinline__ void radix_clear(SelectSmem& sm) {
   __syncthreads();
 }
 
-// Counts one key whose digit is `bin` (< 256). One shared-memory atomic, which nvcc makes a
-// warp-aggregated increment (ATOMS.POPC.INC: the lanes with one address add their count
-// at once), so that many equal values (e.g. ReLU zeros) do not serialise on one bin.
-__device__ __forceinline__ void radix_count(uint32_t bin, SelectSmem& sm) {
-  atomicAdd(&sm.hist[bin], 1u);
+// Counts one key whose digit is `bin` in the histogram `hist` (SelectSmem::hist, or a
+// warp's). One shared-memory atomic, which nvcc makes a warp-aggregated increment
+// (ATOMS.POPC.INC: the lanes with one address add their count at once), so that many equal
+// values (e.g. ReLU zeros) do not serialise on one bin.
+__device__ __forceinline__ void radix_count(uint32_t bin, uint32_t* hist) {
+  atomicAdd(&hist[bin], 1u);
 }
 
 // The digit of the rank-th largest of the keys counted in hist (256 bins, 16-byte aligned),
@@ -499,7 +500,7 @@ __device__ uint32_t block_radix_pass(const Get& get, Index L, int shift, RadixSt
   radix_clear(sm);
   for (Index i = threadIdx.x; i < L; i += blockDim.x) {
     const uint32_t key = get(i);
-    if ((key & mask) == prefix) radix_count((key >> shift) & 0xffu, sm);
+    if ((key & mask) == prefix) radix_count((key >> shift) & 0xffu, sm.hist);
   }
   return radix_pick(shift, st, sm);
 }

@@ -79,6 +79,34 @@ struct KeyMax {
   __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return max(a, b); }
 };
 
+// n of map m = n * C + c: a multiply-high by fc where m and C are under 2^31 (every tensor
+// in practice), not the call of an int64 division routine, run by every thread once a map.
+__device__ __forceinline__ int64_t map_sample(int64_t m, int64_t C, const FastDiv& fc) {
+  return (m | C) < (int64_t(1) << 31) ? div_of(static_cast<uint32_t>(m), fc) : m / C;
+}
+
+// Whether map m = (n, c) is active (stats only): drawn, u[n, c] < alpha (a NaN u is not:
+// the reference's comparison), written to active_out by `lead`; or given. `lead` writes an
+// inactive map's outputs, 0.
+__device__ __forceinline__ bool map_active(const Gamma& g, float alpha, int64_t m, int64_t n,
+                                           int64_t c, bool lead, float* thr, float* mn,
+                                           float* rcp, int64_t os, double* msum) {
+  const bool draw = g.u.p != nullptr;
+  const bool act = draw ? g.u(n, c) < alpha : g.active[m];
+  if (lead && draw) g.active_out[m] = act;
+  if (lead && !act) {
+    thr[m * os] = mn[m * os] = rcp[m * os] = 0.f;
+    msum[m] = 0.0;
+  }
+  return act;
+}
+
+// The map's min and max from its keys' (-0.0 below +0.0; a NaN in the map: both NaN).
+__device__ __forceinline__ float2 key_range(uint32_t kmin, uint32_t kmax) {
+  const float hi = key_float(kmax);
+  return make_float2(kmax == 0xffffffffu ? hi : key_float(kmin), hi);
+}
+
 // Threads of map_select_kernel for maps of L units: about 32 units a thread (each thread
 // pays the map's barriers, picks and reductions: about 1100 instructions, against about 60
 // a unit), 32 to 256 (a 56 x 56 map: 128, not 256).
@@ -107,8 +135,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   __shared__ double dscratch[32];
   __shared__ uint32_t packed;  // keys packed so far (longer maps)
   const int lane = threadIdx.x & 31;
-  const bool draw = gamma.u.p != nullptr;
-  const bool stats = draw || gamma.active != nullptr;
+  const bool stats = gamma.u.p != nullptr || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
   const int64_t L = H * W;
   // Rows one stride apart (contiguous NCHW maps; channels_last, s.w = C): unit i at
@@ -116,22 +143,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   // tens of instructions).
   const bool flat = H == 1 || s.h == W * s.w;
   for (int64_t m = blockIdx.x; m < maps; m += gridDim.x) {  // uniform in the block
-    // (n, c) of map m: a multiply-high by fc where m and C are under 2^31 (every tensor in
-    // practice), not the call of an int64 division routine, run by every thread once per map
-    const int64_t n = (m | C) < (int64_t(1) << 31) ? div_of(static_cast<uint32_t>(m), fc)
-                                                   : m / C;
-    const int64_t c = m - n * C;
-    if (stats) {
-      // NaN u: not < alpha, inactive (as the reference's comparison).
-      const bool act = draw ? gamma.u(n, c) < alpha : gamma.active[m];
-      if (draw && threadIdx.x == 0) gamma.active_out[m] = act;
-      if (!act) {
-        if (threadIdx.x == 0) {
-          thr[m * os] = mn[m * os] = rcp[m * os] = 0.f;
-          msum[m] = 0.0;
-        }
-        continue;
-      }
+    const int64_t n = map_sample(m, C, fc), c = m - n * C;
+    if (stats && !map_active(gamma, alpha, m, n, c, threadIdx.x == 0, thr, mn, rcp, os, msum)) {
+      continue;
     }
     const scalar_t* base = x + n * s.n + c * s.c;
     auto load = [&](int64_t i) {
@@ -154,7 +168,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
         keys[i] = key;
         kmin = min(kmin, key);
         kmax = max(kmax, key);
-        radix_count(key >> 24, sel);
+        radix_count(key >> 24, sel.hist);
       }
       radix_pick(24, st, sel);  // its barriers make the keys visible to the whole block
 #pragma unroll 1
@@ -209,14 +223,13 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
       if (threadIdx.x == 0) thr[m * os] = t;
       continue;  // radix_pick ended with __syncthreads: keys may be reused
     }
-    kmin = block_reduce(kmin, KeyMin(), kscratch);
-    kmax = block_reduce(kmax, KeyMax(), kscratch);
-    const float hi = key_float(kmax);
-    const float lo = kmax == 0xffffffffu ? hi : key_float(kmin);  // a NaN: both NaN
+    const float2 range = key_range(block_reduce(kmin, KeyMin(), kscratch),
+                                   block_reduce(kmax, KeyMax(), kscratch));
+    const float lo = range.x;
     // msum in double: every S is a multiple of 2^-24 in [0, 1], so the sum is exact in any
     // order (backend_contract.md), the reference's to the bit.
     double sum = 0.0;
-    const float r = range_reciprocal(lo, hi);
+    const float r = range_reciprocal(lo, range.y);
     for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
       const float v = use_smem ? key_float(keys[i]) : load(i);  // the key round-trips exactly
       sum += soft_mask(v, t, lo, r, mode);
@@ -268,25 +281,12 @@ __global__ void __launch_bounds__(32 * kSelectWarps)
     h4[lane] = h4[lane + 32] = make_uint4(0, 0, 0, 0);
     __syncwarp();
   };
-  const bool draw = gamma.u.p != nullptr;
-  const bool stats = draw || gamma.active != nullptr;
+  const bool stats = gamma.u.p != nullptr || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
   for (int64_t m = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5); m < maps;
        m += int64_t(gridDim.x) * kSelectWarps) {  // uniform in the warp
-    const int64_t n = (m | C) < (int64_t(1) << 31) ? div_of(static_cast<uint32_t>(m), fc)
-                                                   : m / C;
-    const int64_t c = m - n * C;
-    if (stats) {
-      const bool act = draw ? gamma.u(n, c) < alpha : gamma.active[m];  // NaN u: inactive
-      if (draw && lane == 0) gamma.active_out[m] = act;
-      if (!act) {
-        if (lane == 0) {
-          thr[m * os] = mn[m * os] = rcp[m * os] = 0.f;
-          msum[m] = 0.0;
-        }
-        continue;
-      }
-    }
+    const int64_t n = map_sample(m, C, fc), c = m - n * C;
+    if (stats && !map_active(gamma, alpha, m, n, c, lane == 0, thr, mn, rcp, os, msum)) continue;
     const scalar_t* base = x + n * s.n + c * s.c;
     uint32_t key[UNITS];
     uint32_t kmin = 0xffffffffu, kmax = 0;  // the keys' min / max: -0.0 below +0.0
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(32 * kSelectWarps)
       key[j] = float_key(to_float(base[(i < L ? i : 0) * sw]));
       kmin = min(kmin, key[j]);
       kmax = max(kmax, key[j]);
-      atomicAdd(&hist[key[j] >> 24], 1u);  // the top digit (radix_count)
+      radix_count(key[j] >> 24, hist);  // the top digit
     }
     RadixState st{0, 0, k};
 #pragma unroll
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(32 * kSelectWarps)
 #pragma unroll
         for (int j = 0; j < UNITS; ++j) {
           const bool on = (key[j] & st.mask) == st.prefix;
-          atomicAdd(&hist[on ? (key[j] >> shift) & 0xffu : 256], 1u);
+          radix_count(on ? (key[j] >> shift) & 0xffu : 256, hist);
         }
       }
       __syncwarp();
@@ -323,11 +323,8 @@ __global__ void __launch_bounds__(32 * kSelectWarps)
       if (lane == 0) thr[m * os] = t;
       continue;
     }
-    kmin = warp_reduce(kmin, KeyMin());
-    kmax = warp_reduce(kmax, KeyMax());
-    const float hi = key_float(kmax);
-    const float lo = kmax == 0xffffffffu ? hi : key_float(kmin);  // a NaN: both NaN
-    const float r = range_reciprocal(lo, hi);
+    const float2 range = key_range(warp_reduce(kmin, KeyMin()), warp_reduce(kmax, KeyMax()));
+    const float lo = range.x, r = range_reciprocal(lo, range.y);
     // in double: every S a multiple of 2^-24 in [0, 1], so the sum, and the padding's
     // taken out of it, are exact in any order (map_select_kernel)
     double sum = 0.0;
