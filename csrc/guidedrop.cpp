@@ -95,7 +95,8 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
   at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
-  launch_pooled_correlation(x, k, pooled, row_flag, F);
+  at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
+  launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
   return F;
 }
 
@@ -344,9 +345,10 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
   at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
+  at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, f32(x));
-  launch_pooled_correlation(x, k, pooled, row_flag, F);
+  launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
   launch_corrdrop_plan(F, noise, pt, static_cast<float>(p), H, W, k, norm, keep, scale);
   return {keep, scale};
 }

@@ -28,10 +28,14 @@ what the program's other threads wrote in the one before, after a block-wide bar
    rescaled sum of squares over the channel chunks);
 2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
    into hat (N, N', C rounded up to 4) float32, each row zero-padded to 16 bytes;
-3. correlation (``_corr_rows``), BM rows at a time: loops over blocks of BM columns and
-   over the channels, 4 at a time read as 16-byte vectors, accumulating
-   (â_I[c] − â_J[c])² (IEEE float32) channel after channel, then adds the rounded |G| of
-   the tile to int64 row sums (the diagonal set exactly).
+3. correlation (``_corr_rows``), BM rows at a time: loops over the blocks of BM columns
+   from its own on (the upper triangle of tiles: P is symmetric bit for bit) and over the
+   channels, 4 at a time (rows of 16 bytes; in a 64 x 64 tile of 256 threads ptxas loads
+   4 bytes a thread and shares them through shared memory), accumulating
+   (â_I[c] − â_J[c])² (IEEE float32) channel after channel; then adds the rounded |G| of
+   the tile to int64 row sums (the diagonal set exactly), and a tile off the diagonal its
+   column sums to the later rows' (cs (N, N') int64, atomics: integers, so in any order).
+   At N' = 361 (k = 3 at 56 x 56) 21 of the 36 tiles of 64 x 64.
 With one window (N' = 1: k >= H and W), F = P_00 follows from the pooling alone: 1 for a
 zero row, NaN for a row with a NaN, else 0; phases 2 and 3 are skipped.
 
@@ -176,12 +180,13 @@ def _unit(a, s, nb):
 
 
 @triton.jit
-def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, n, C, CQ, NP, BP: tl.constexpr,
+def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, BP: tl.constexpr,
                BC: tl.constexpr):
     """Writes the unit rows of sample n, hat[n, i, c] = â_i[c] (N, N', 4 CQ) float32, zero
     in the channels C ... 4 CQ - 1 that pad a row to 16 bytes, from aT (N, C, N'): each â
-    divided once here, not once per tile of the Gram loop that reads it. Returns the
-    number of rows whose norm is NaN (a NaN or an Inf in the pooled row: ``_nan_rows``)."""
+    divided once here, not once per tile of the Gram loop that reads it; and zeroes the
+    column sums cs[n] (``_corr_rows``). Returns the number of rows whose norm is NaN (a NaN
+    or an Inf in the pooled row: ``_nan_rows``)."""
     CP = CQ * 4  # a multiple of 4 the compiler sees: rows of hat start on 16 bytes
     bad = 0
     for p0 in range(0, NP, BP):
@@ -190,6 +195,7 @@ def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, n, C, CQ, NP, BP: tl.constexpr,
         s = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
         nb = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
         bad += _nan_rows(nb)
+        tl.store(cs_ptr + n * NP + i, tl.zeros([BP], tl.int64), mask=iv)
         for c0 in range(0, CP, BC):
             cc = c0 + tl.arange(0, BC)
             cv = cc < C
@@ -228,22 +234,28 @@ def _add_channel(acc, acc2, ai, aj):
 
 
 @triton.jit
-def _corr_rows(hat_ptr, s_ptr, f_ptr, n, i, CQ, NP, BM: tl.constexpr, BN: tl.constexpr):
-    """F of rows i (BM,) of sample n, from its unit rows hat (``_normalise``) and max |a|,
-    for a sample without NaN rows."""
+def _corr_rows(hat_ptr, s_ptr, cs_ptr, f_ptr, n, r0, CQ, NP, BM: tl.constexpr):
+    """F of rows i = r0 ... r0 + BM - 1 of sample n, from its unit rows hat (``_normalise``)
+    and max |a|, for a sample without NaN rows: the tiles (i, j) with j from r0 on. P is
+    symmetric bit for bit, so each tile off the diagonal is computed once for both of its
+    blocks (SPEC §2: each |â_i·â_j| computed once): its column sums are added to cs (N, N')
+    int64, the sums of rows j that earlier tiles gave, read here for rows i."""
     CP = CQ * 4
+    i = r0 + tl.arange(0, BM)
     iv = i < NP
     si = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
-    rowsum = tl.zeros([BM], tl.int64)
+    # the column sums of the tiles (i', i), i' < r0: added by this program's threads before
+    # the barrier that precedes this call; .cg: read from L2, where the atomics added them
+    rowsum = tl.load(cs_ptr + n * NP + i, mask=iv, other=0, cache_modifier=".cg")
     hbase = hat_ptr + n * NP * CP
     cb = tl.arange(0, 4)
-    for j0 in range(0, NP, BN):
-        j = j0 + tl.arange(0, BN)
+    for j0 in range(r0, NP, BM):
+        j = j0 + tl.arange(0, BM)
         jv = j < NP
         sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
-        acc = tl.zeros([BM, BN], tl.float32)  # ‖â_i − â_j‖²
-        acc2 = tl.zeros([BM, BN], tl.float32)  # ‖â_i + â_j‖²
-        # 4 channels of each row at a time (16-byte loads), added one after another as
+        acc = tl.zeros([BM, BM], tl.float32)  # ‖â_i − â_j‖²
+        acc2 = tl.zeros([BM, BM], tl.float32)  # ‖â_i + â_j‖²
+        # 4 channels of each row at a time (16-byte rows), added one after another as
         # one channel at a time would be, for every (i, j) and (j, i) in that one order;
         # the zero channels that pad a row add exact zeros
         for c0 in range(0, CP, 4):
@@ -252,7 +264,7 @@ def _corr_rows(hat_ptr, s_ptr, f_ptr, n, i, CQ, NP, BM: tl.constexpr, BN: tl.con
             aj = tl.load(hbase + (j * CP)[:, None] + (c0 + cb)[None, :], mask=jv[:, None],
                          other=0.0)
             i0, i1, i2, i3 = _columns(ai, BM)
-            j0_, j1, j2, j3 = _columns(aj, BN)
+            j0_, j1, j2, j3 = _columns(aj, BM)
             acc, acc2 = _add_channel(acc, acc2, i0, j0_)
             acc, acc2 = _add_channel(acc, acc2, i1, j1)
             acc, acc2 = _add_channel(acc, acc2, i2, j2)
@@ -268,14 +280,17 @@ def _corr_rows(hat_ptr, s_ptr, f_ptr, n, i, CQ, NP, BM: tl.constexpr, BN: tl.con
         valid = iv[:, None] & jv[None, :]
         term = valid & (p == p) & (i[:, None] != j[None, :])
         q = (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
-        rowsum += tl.sum(tl.where(term, q, 0), axis=1)
+        rowsum += tl.sum(q, axis=1)
+        if j0 != r0:  # (j, i): rows j's sums, read when their block's turn comes
+            tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
     rowsum += tl.where(si == 0, 4294967296, 0).to(tl.int64)  # P_ii: 1 for a zero row, else 0
     f = rowsum.to(tl.float64) * QUANTUM / NP
     tl.store(f_ptr + n * NP + i, f.to(tl.float32), mask=iv)
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, f_ptr, C, CQ, H, W, HP,
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
+                               W, HP,
                                WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
                                BM: tl.constexpr, NBP: tl.constexpr, NBC: tl.constexpr,
@@ -306,7 +321,7 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, f_ptr, C, 
         nb = tl.load(nb_ptr + n)
         tl.store(f_ptr + n, tl.where(nb != nb, nb, f))
     else:
-        nan = _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, n, C, CQ, NP, NBP, NBC) > 0
+        nan = _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, NBP, NBC) > 0
         tl.debug_barrier()
         if nan:  # every F of the sample (``_nan_rows``)
             for r0 in range(0, NP, BM):
@@ -315,7 +330,8 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, f_ptr, C, 
                          mask=i < NP)
         else:
             for r0 in range(0, NP, BM):
-                _corr_rows(hat_ptr, s_ptr, f_ptr, n, r0 + tl.arange(0, BM), CQ, NP, BM, BM)
+                tl.debug_barrier()  # the earlier row blocks' column sums in cs
+                _corr_rows(hat_ptr, s_ptr, cs_ptr, f_ptr, n, r0, CQ, NP, BM)
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -352,6 +368,7 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
     cq = cdiv(c, 4)  # unit rows padded to 16 bytes
     hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
+    cs = torch.empty((n, np_), dtype=torch.int64, device=dev)  # the Gram's column sums
     kh, kw = min(k, h), min(k, w)
     # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
     # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no
@@ -389,7 +406,7 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     nbp = min(pow2(np_), 64)
     nbc = max(4, min(pow2(4 * cq), (TILE if INTERPRET else 32 * nw) // nbp))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, hat, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
+        x, at, smax, nb, hat, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
         x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, NBP=nbp, NBC=nbc, ONE=np_ == 1,
         IDX64=needs_int64(x, at, hat), FLAT=flat, RB=rb, RW=rw, WPAD=pow2(w), WPP=pow2(wp),
         A=a, ALIGNED=aligned, num_warps=nw)

@@ -33,11 +33,15 @@
 //    (a / max)², and divide their channels. Writes â (N', C) and a flag per row (N'): 1 for
 //    a zero row, NaN for a NaN row, else 0.
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
-//    takes 32 rows i at a time and walks the columns j in tiles of 32, accumulating
-//    ‖â_i − â_j‖² over channel tiles of 32 held in shared memory (a tiled GEMM with (a − b)²
-//    for a·b); each thread keeps 4 rows x 1 column, adds the rounded |dot| to its int64 row
-//    partials, and a warp reduction over the 32 columns of a tile row gives Σ_{j≠i} P_ij.
-//    The N' x N' matrix never leaves registers.
+//    takes 32 rows i at a time and walks the columns j in tiles of 32 from its own on (the
+//    upper triangle of tiles: P is symmetric bit for bit, so each P_ij is computed once for
+//    rows i and j), accumulating ‖â_i − â_j‖² over channel tiles of 32 held in shared
+//    memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1 column and
+//    adds the rounded |dot| to its int64 row partials and, off the diagonal, to its column
+//    partial, which it adds to row j's int64 sum in colsum (an atomic: integers, so in any
+//    order); at the end of a tile row a warp reduction over its 32 columns adds its rows'
+//    partials there too. After a __syncthreads, F_i from colsum[i] = Σ_{j≠i} P_ij. The
+//    N' x N' matrix never leaves registers.
 // Each F_i is the same arithmetic in the same order whatever the tiling (a channel sum in
 // channel order per (i, j), exact integer row sums), so F is bit for bit what the earlier
 // two-kernel version computed.
@@ -167,16 +171,23 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
   }
 }
 
-// F of sample n from its rows â (see the header, step 2).
+// F of sample n from its rows â (see the header, step 2); colsum: (N') int64 scratch.
 __device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ row_flag,
-                            const int64_t Np, const int64_t C, float* __restrict__ Fn) {
+                            unsigned long long* __restrict__ colsum, const int64_t Np,
+                            const int64_t C, float* __restrict__ Fn) {
   __shared__ float ai[kTile][kTile + 1];
   __shared__ float aj[kTile][kTile + 1];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
   // A NaN row makes every F of the sample NaN (see the header).
   bool nan_row = false;
-  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) nan_row |= row_flag[i] != row_flag[i];
-  const bool nan = __syncthreads_or(nan_row);
+  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) {
+    nan_row |= row_flag[i] != row_flag[i];
+    colsum[i] = 0;
+  }
+  if (__syncthreads_or(nan_row)) {  // uniform in the block
+    for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) Fn[i] = NAN;
+    return;
+  }
   for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
     // Bit q: row i0 + ty + kRowsY * q is a zero row. Read once per row tile, in a loop
@@ -187,7 +198,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       const int64_t i = i0 + ty + kRowsY * q;
       if (i < Np && row_flag[i] == 1.f) zi |= 1u << q;
     }
-    for (int64_t j0 = 0; j0 < Np; j0 += kTile) {
+    for (int64_t j0 = i0; j0 < Np; j0 += kTile) {
       float acc[kPerThread] = {};   // ‖â_i − â_j‖²
       float acc2[kPerThread] = {};  // ‖â_i + â_j‖²
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
@@ -218,34 +229,43 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       }
       const int64_t j = j0 + tx;
       const bool zj = j < Np && row_flag[j] == 1.f;
+      long long col = 0;  // this thread's rows' terms of column j
 #pragma unroll
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
           // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
           // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN p
-          // comes only from a NaN row, whose sample's F are all NaN (nan); p == p keeps it
-          // out of the int64 sum.
+          // comes only from a NaN row, whose sample does not get here; p == p keeps it
+          // out of the int64 sum all the same.
           const bool zero = ((zi >> q) & 1u) || zj;
           const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
           const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
           if (p == p && i != j) {
-            part[q] += static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
+            const long long t =
+                static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
+            part[q] += t;
+            col += t;
           }
         }
       }
+      // (j, i) off the diagonal tile: row j's terms
+      if (j0 != i0 && col != 0) atomicAdd(&colsum[j], static_cast<unsigned long long>(col));
     }
     // The lanes of a warp are the 32 columns of one tile row.
 #pragma unroll
     for (int q = 0; q < kPerThread; ++q) {
       const long long sum = warp_reduce(part[q], SumOp());
       const int64_t i = i0 + ty + kRowsY * q;
-      if (tx == 0 && i < Np) {
-        const long long total = sum + (((zi >> q) & 1u) ? kOne : 0);
-        const double f = static_cast<double>(total) / kQuantumInv / static_cast<double>(Np);
-        Fn[i] = nan ? NAN : static_cast<float>(f);
+      if (tx == 0 && i < Np && sum != 0) {
+        atomicAdd(&colsum[i], static_cast<unsigned long long>(sum));
       }
     }
+  }
+  __syncthreads();  // every tile's atomics done
+  for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) {
+    const long long total = static_cast<long long>(colsum[i]) + (row_flag[i] == 1.f ? kOne : 0);
+    Fn[i] = static_cast<float>(static_cast<double>(total) / kQuantumInv / static_cast<double>(Np));
   }
 }
 
@@ -256,20 +276,23 @@ __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const 
                                           const int64_t Wp,
                                           const int64_t Np, const PoolVec pv,
                                           float* __restrict__ pooled,
-                                          float* __restrict__ row_flag, float* __restrict__ F) {
+                                          float* __restrict__ row_flag,
+                                          unsigned long long* __restrict__ colsum,
+                                          float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
     float* an = pooled + n * Np * C;
     float* zn = row_flag + n * Np;
     pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, pv, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
-    gram_rowsum(an, zn, Np, C, F + n * Np);
+    gram_rowsum(an, zn, colsum + n * Np, Np, C, F + n * Np);
   }
 }
 
 }  // namespace
 
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
-                               const at::TensorBase& row_flag, const at::TensorBase& F) {
+                               const at::TensorBase& row_flag, const at::TensorBase& colsum,
+                               const at::TensorBase& F) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hp = ceil_div(H, k), Wp = ceil_div(W, k), Np = Hp * Wp;
   if (N * Np == 0) return;
@@ -292,7 +315,8 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
     pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
                                           kTile * kRowsY, 0, current_stream()>>>(
         x.data_ptr<scalar_t>(), s, N, C, H, W, k, Hp, Wp, Np, pv,
-        pooled.data_ptr<float>(), row_flag.data_ptr<float>(), F.data_ptr<float>());
+        pooled.data_ptr<float>(), row_flag.data_ptr<float>(),
+        reinterpret_cast<unsigned long long*>(colsum.data_ptr<int64_t>()), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
