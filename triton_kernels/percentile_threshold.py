@@ -255,6 +255,15 @@ def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _ukey(v):
+    """float_key(v) read as unsigned (its sign bit flipped): b ^ 0x80000000 for a value
+    with the sign bit clear, ~b for one with it set (a SHF and a LOP3 on sm_90)."""
+    b = v.to(tl.int32, bitcast=True)
+    b = tl.where(v != v, 0x7FC00000, b)
+    return (b ^ ((b >> 31) | (-2147483647 - 1))).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _low_fill(prefix, SHIFT: tl.constexpr):
     """The signed key of the unsigned digits ``prefix`` found down to bit SHIFT, the bits
     below filled as every key of the dtype has them (KEY_BITS): zeros where the value is
@@ -309,8 +318,8 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             first = tl.load(x_ptr + base, mask=live, other=0.0).to(tl.float32)
             v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK, HW_FLAT,
                          IDX64)
-            ukey = (float_key(v) ^ KMIN).to(tl.uint32, bitcast=True)
-            pkey = (float_key(first) ^ KMIN).to(tl.uint32, bitcast=True)
+            ukey = _ukey(v)
+            pkey = _ukey(first)
             n_valid = tl.where(live, L, 0)
             pad = BLOCK - n_valid
             count = n_valid  # the valid keys matching the prefix

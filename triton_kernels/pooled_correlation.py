@@ -290,8 +290,7 @@ def _corr_rows(hat_ptr, s_ptr, cs_ptr, f_ptr, n, r0, CQ, NP, BM: tl.constexpr):
 
 @triton.jit
 def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
-                               W, HP,
-                               WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
+                               W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
                                BM: tl.constexpr, NBP: tl.constexpr, NBC: tl.constexpr,
                                ONE: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
