@@ -61,7 +61,10 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size. The rate of
     eq. 11, p' = p·H·W / (k²·H'·W'), takes k = block_size itself: the expected dropped
     fraction is p where the blocks are whole, and falls as H·W / k² for one block larger
-    than the map (DropBlock instead clamps its block to the map).
+    than the map (DropBlock instead clamps its block to the map). Only the z blocks not
+    kept by their correlation (M_i = 0) can drop, at the rate p̂ = min(1, p'·N'/z) of
+    eq. 6: where p'·N' > z every one of them drops and the fraction stays below p, at
+    about z / N' = 1 − mean(κ) (about 0.5 when κ spreads evenly over [0, 1]).
     """
     V.feature_map(x)
     p, block_size = V.real("p", p), V.block_size(block_size)
