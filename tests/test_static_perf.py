@@ -87,7 +87,11 @@ OVER_BUDGET = {
                                               "6.1 at 56 x 56 k = 7 (one tile), 128 at k = 3 "
                                               "(N' = 361: 21 of the 6 x 6 tiles; 219 when "
                                               "every tile was computed): the Gram's "
-                                              "arithmetic, not x's bytes",
+                                              "arithmetic, not x's bytes. The CUDA kernel "
+                                              "does the same arithmetic in its Gram, which "
+                                              "loads less a loop than its pooling does: "
+                                              "the counter takes the pooling loop there, "
+                                              "and it passes",
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
                                   "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS), "
                                   "histograms unmasked (the padding and the keys off the "
