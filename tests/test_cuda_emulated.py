@@ -348,11 +348,17 @@ def test_emulated_map_threshold_16bit_keys(E, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_map_select_warp_and_block_sizes(E, dtype):
-    """Maps of 1 to 1024 units take map_select_warp_kernel (a warp per map, its keys in
-    registers: 2, 8 or 32 a lane), longer ones the block-wide map_select_kernel: maps on
-    each side of each boundary, with rows one stride apart (NCHW, channels_last) and not
-    (transposed: the per-unit (h, w) of a multiply-high), every digit of the select."""
-    for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41)):
+    """Maps of 1 to 1024 units take map_select_regs_kernel's warp form (a warp per map, its
+    keys in registers: 2, 8 or 32 a lane); longer contiguous NCHW maps of whole 16-byte
+    chunks, up to 256 x 56 units, its block form (a block per map, 56 keys a thread: 36 x 36
+    on a warp of which most is padding, 56 x 56 on 2 warps, 56 x 64 on 2 with no padding,
+    64 x 128 on 5; test_emulated_map_select_block_limit: the most); the rest the block-wide
+    map_select_kernel (25 x 41: not whole chunks; channels_last and transposed maps over
+    1024 units). Maps on each side of each boundary, with rows one stride apart
+    (NCHW, channels_last) and not (transposed: the per-unit (h, w) of a multiply-high),
+    every digit of the select, the soft mask's sum in every mode."""
+    for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41), (36, 36),
+                 (56, 56), (56, 64), (64, 128)):
         n = h * w
         x = (radix_maps16((h, w), dtype) if dtype != torch.float32
              else radix_rows(n)[2:].reshape(1, 6, h, w))
@@ -360,7 +366,7 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
         for xx in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
             for k in sorted({1, min(2, n), n // 3 + 1, max(n - 1, 1), n}):
                 assert_same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"{h}x{w} k={k}")
-            for mode in ("am", "ad"):
+            for mode in ("am", "sm", "ad"):
                 got = E.attention_stats(xx, n // 5 + 1, active, mode)
                 want = R.attention_stats(xx, n // 5 + 1, active, mode)
                 for i in range(4):
@@ -369,6 +375,21 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
         rows = x.flatten(2)[0].float()
         for k in (1, n):
             assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
+
+
+def test_emulated_map_select_block_limit(E):
+    """The register block kernel's longest maps, 256 threads of 56 keys (112 x 128), and the
+    next whole-chunk size (113 x 128), which takes map_select_kernel."""
+    for hw in ((112, 128), (113, 128)):
+        x = radix_maps16(hw, torch.bfloat16)
+        n = hw[0] * hw[1]
+        for k in (1, n // 3 + 1, n):
+            assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
+        active = torch.ones(x.shape[:2], dtype=torch.bool)
+        got, want = E.attention_stats(x, n // 5 + 1, active, "sm"), R.attention_stats(
+            x, n // 5 + 1, active, "sm")
+        for i in range(4):
+            assert_same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
 def test_emulated_map_threshold_large_maps(E):

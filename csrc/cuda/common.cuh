@@ -11,7 +11,8 @@
 // - float_key / key_float: the order-preserving uint32 key of a float32 (torch.topk's).
 // - block_select_kth_largest: exact k-th largest of a block's keys by 8-bit radix select;
 //   warp_radix_digit, the digit of one pass from a 256-bin histogram, for a block
-//   (radix_pick) or a warp alone (map_select_warp_kernel).
+//   (radix_pick) or for the warps of a map whose keys sit in registers
+//   (map_select_regs_kernel).
 // - warp / block reductions with a fixed order (deterministic), NaN-propagating min/max.
 //
 // Arithmetic mirrors python/guidedrop/reference.py: statistics and the multiplier w in
@@ -369,15 +370,18 @@ __device__ T block_reduce(T v, Op op, T* scratch) {
 // ------------------------------------------------------------------------ selection
 
 // Order-preserving key of a float32: a > b <=> key(a) > key(b); -0 < +0; every NaN maps to
-// the largest key (torch.topk counts NaN as larger than everything).
+// the largest key (torch.topk counts NaN as larger than everything). A negative value's bits
+// flipped, a positive one's sign bit set: u ^ ((u >> 31 arithmetic) | sign), a shift and a
+// LOP3 (a NaN made 0x7fffffff first: a compare and a select), not a test of the sign bit
+// and two LOP3 under predicates.
 __device__ __forceinline__ uint32_t float_key(float v) {
-  if (v != v) return 0xffffffffu;
-  const uint32_t u = __float_as_uint(v);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = v != v ? 0x7fffffffu : __float_as_uint(v);
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
 
+// The inverse: a key's top bit set (a positive value) clears it, else flips every bit.
 __device__ __forceinline__ float key_float(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+  return __uint_as_float(k ^ (~static_cast<uint32_t>(static_cast<int32_t>(k) >> 31) | 0x80000000u));
 }
 
 // The key bits that can differ between the values of a dtype, from the top: the float32 of

@@ -4,10 +4,12 @@
 //
 // Maps of at most 1024 units whose rows are one stride apart (every map of a CNN layer of
 // 32 x 32 or less, in NCHW or channels_last, and rows of up to 1024 channels) take a warp
-// each (map_select_warp_kernel): keys in registers, a histogram per warp, no block-wide
-// barrier. Longer maps, and maps of other strides, take one block per row (kth_largest) or
-// per (n, c) map (map_threshold, attention_stats), in a grid-stride loop over rows
-// (map_select_kernel). The row's values are read once into shared memory as
+// each (map_select_regs_kernel, BLOCK = false): keys in registers, a histogram per warp, no
+// block-wide barrier. Longer contiguous maps of whole 16-byte chunks, up to 256 x 56 units
+// (56 x 56 NCHW), take a block each with the keys in registers (BLOCK = true: 16-byte
+// loads, 56 keys a thread). Other maps (channels_last or other strides over 1024 units,
+// longer ones) take one block per row (kth_largest) or per (n, c) map (map_threshold,
+// attention_stats), in a grid-stride loop over rows (map_select_kernel). The row's values are read once into shared memory as
 // order-preserving uint32 keys when they fit (<= kSmemKeys), the top digit counted on the
 // way; the exact k-th largest key then takes the lower 8-bit radix passes on chip
 // (common.cuh; four in all, two for bfloat16 x, three for float16: the key bits below never
@@ -105,6 +107,25 @@ __device__ __forceinline__ bool map_active(const Gamma& g, float alpha, int64_t 
 __device__ __forceinline__ float2 key_range(uint32_t kmin, uint32_t kmax) {
   const float hi = key_float(kmax);
   return make_float2(kmax == 0xffffffffu ? hi : key_float(kmin), hi);
+}
+
+// The soft mask S of SPEC §4 step 3 (soft_mask) in one form for the three modes, so that the
+// per-unit sum of the selection kernels has no branch on the mode: S = 1 − a·b with
+// a = min(max((x − mn)·r, lo), 1) and b = [!(x < tb)]. "am": lo = 1 (a = 1, also for a NaN
+// product) and tb = thr, so S = [x < thr]; "sm": lo = 0 and tb = −Inf (b = 1), so S = 1 − f̂;
+// "ad": lo = 0 and tb = thr, so S = 1 − f̂·[x ≥ thr] (a NaN x has f̂ = 0, so S = 1 whichever
+// b; a NaN thr needs a NaN in the map, whose mn and r are then NaN: f̂ = 0 again). Each
+// product a·b is exact, so the fma rounds once, as soft_mask does: the same S to the bit.
+struct SoftMaskTerms {
+  float tb, lo, mn, r;
+};
+__device__ __forceinline__ SoftMaskTerms soft_mask_terms(float thr, float mn, float r,
+                                                         int mode) {
+  return {mode == 1 ? -INFINITY : thr, mode == 0 ? 1.f : 0.f, mn, r};
+}
+__device__ __forceinline__ float soft_mask_at(float x, const SoftMaskTerms& s) {
+  const float a = fminf(fmaxf(__fmul_rn(x - s.mn, s.r), s.lo), 1.f);
+  return fmaf(-a, x < s.tb ? 0.f : 1.f, 1.f);
 }
 
 // Threads of map_select_kernel for maps of L units: about 32 units a thread (each thread
@@ -230,9 +251,10 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
     // order (backend_contract.md), the reference's to the bit.
     double sum = 0.0;
     const float r = range_reciprocal(lo, range.y);
+    const SoftMaskTerms terms = soft_mask_terms(t, lo, r, mode);
     for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
       const float v = use_smem ? key_float(keys[i]) : load(i);  // the key round-trips exactly
-      sum += soft_mask(v, t, lo, r, mode);
+      sum += soft_mask_at(v, terms);
     }
     sum = block_reduce(sum, SumOp(), dscratch);  // ends with __syncthreads
     if (threadIdx.x == 0) {
@@ -244,98 +266,191 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
   }
 }
 
-// Maps of at most 32 * UNITS units (1024 at most) whose rows are one stride apart (unit i
-// at i * s.w, under 2^31 elements from the map's start: contiguous NCHW, channels_last,
-// rows of a matrix): map_select_kernel's results, a warp per map. Lane l holds units l,
-// l + 32, ... of its map as keys in registers (x read once) and the radix passes count
-// them into the warp's own histogram in shared memory: no block-wide barrier, no copy of
-// the keys, no block reduction, whose cost (about 1100 instructions per thread per map,
-// counted from the SASS) every thread of a block paid even for a 7 x 7 map (49 units). The slots
-// past the map's end (pad of them) hold copies of its first unit, so that no unit takes a
-// branch and every loop has UNITS steps; lane 0 takes their counts out of each pass's
-// histogram and their soft masks out of the sum. Keys off a lower pass's prefix are
-// counted in a bin nobody reads (256), not skipped by a branch.
-constexpr int kSelectWarps = 8;  // maps per block
+// Maps whose keys fit in registers: map_select_kernel's results with the map read once and
+// no shared-memory copy of its keys. Each thread holds UNITS keys of its map; the radix
+// passes count them into a histogram in shared memory (ATOMS), and every warp of the map
+// reads the digit off it (warp_radix_digit), so no thread waits for another's pick.
+// - BLOCK = false (map_select_warp_kernel's case): maps of at most 32 * UNITS units (1024
+//   at most) whose rows are one stride apart (unit i at i * sw, under 2^31 elements from
+//   the map's start: contiguous NCHW, channels_last, rows of a matrix), a warp per map and
+//   kSelectWarps maps a block. Lane l holds units l, l + 32, ...; its own histogram,
+//   cleared before each pass: no block-wide barrier, no block reduction, whose cost (about
+//   1100 instructions per thread per map, counted from the SASS) every thread of a block
+//   paid even for a 7 x 7 map (49 units).
+// - BLOCK = true: contiguous maps of more than 1024 units (56 x 56 at the goal shape), 16-byte
+//   aligned, L a multiple of V = 16 / sizeof(scalar_t), of at most blockDim.x * UNITS units:
+//   a block of 32 to 256 threads per map, thread t reading 16-byte chunks t, t + blockDim.x,
+//   ... (V keys each), a histogram per pass (cleared once a map), __syncthreads between a
+//   pass's counts and its pick, the block-wide reductions of min, max and the soft mask's sum.
+// The slots past the map's end (pad of them) hold copies of its first chunk (units 0 .. PV
+// - 1, PV = V or 1), so that no unit takes a branch and every loop has a fixed trip count;
+// thread 0 takes their counts out of each pass's histogram (atomically, with its own counts)
+// and their soft masks out of the sum. Keys off a lower pass's prefix are counted in a bin
+// nobody reads (256), not skipped by a branch.
+constexpr int kSelectWarps = 8;  // maps per block of the warp kernel
+constexpr int kRegsThreads = 256;  // most threads per map of the block kernel
+// keys a thread of the block kernel: 7 16-byte chunks of bfloat16 (a 56 x 56 map: 2 warps,
+// 448 chunks for its 392; 32 keys: 4 warps, 512 chunks), 14 of float32
+constexpr int kRegsUnits = 56;
 
 struct alignas(16) WarpHist {
   uint32_t bin[256 + 4];  // 256: the discard bin
 };
 
-template <typename scalar_t, int UNITS>
-__global__ void __launch_bounds__(32 * kSelectWarps)
-    map_select_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
+template <typename scalar_t, int UNITS, bool BLOCK>
+__global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
+    map_select_regs_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
                            const int64_t maps, const int64_t C, const FastDiv fc, const int L,
                            const uint32_t k, const Gamma gamma, const int mode,
                            float* __restrict__ thr, float* __restrict__ mn,
                            float* __restrict__ rcp, const int64_t os,
                            double* __restrict__ msum) {
+  constexpr int PV = BLOCK ? 16 / sizeof(scalar_t) : 1;  // units a load
+  constexpr int LOADS = UNITS / PV;
+  // BLOCK: hists[p] is pass p's (4 passes at most); else hists[w] is warp w's
   __shared__ WarpHist hists[kSelectWarps];
+  __shared__ uint32_t kscratch[2 * kRegsThreads / 32];  // BLOCK: each warp's min and max
+  __shared__ double dscratch[kRegsThreads / 32];  // BLOCK: each warp's sum
   const int lane = threadIdx.x & 31;
-  uint32_t* hist = hists[threadIdx.x >> 5].bin;
-  const uint32_t pad = 32 * UNITS - L;
-  // clear the warp's histogram, two 16-byte stores a lane; the __syncwarp before it ends
-  // every lane's reads of the pass before (warp_radix_digit), the one after orders the counts
-  auto clear = [&] {
-    __syncwarp();
-    uint4* h4 = reinterpret_cast<uint4*>(hist);
-    h4[lane] = h4[lane + 32] = make_uint4(0, 0, 0, 0);
-    __syncwarp();
+  const int tid = BLOCK ? threadIdx.x : lane;  // the thread's place in its map
+  const int threads = BLOCK ? blockDim.x : 32;
+  const uint32_t pad = threads * LOADS - L / PV;  // chunks past the map's end
+  auto sync = [] {
+    if (BLOCK) __syncthreads(); else __syncwarp();
   };
+  auto hist = [&](int pass) { return hists[BLOCK ? pass : threadIdx.x >> 5].bin; };
+  auto clear = [&](int pass) {  // two 16-byte stores a thread of 32
+    if (tid < 32) {
+      uint4* h4 = reinterpret_cast<uint4*>(hist(pass));
+      h4[tid] = h4[tid + 32] = make_uint4(0, 0, 0, 0);
+    }
+  };
+  constexpr int kPasses = (32 - kLowestShift<scalar_t>) / 8;
+  // the slots below this always lie in the map (the warp kernel's UNITS take L > 8 UNITS
+  // but for UNITS = 2); the block kernel's chunks are tested (one compare a 16-byte load)
+  constexpr int kSure = BLOCK || UNITS == 2 ? 0 : UNITS / 4;
   const bool stats = gamma.u.p != nullptr || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
-  for (int64_t m = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5); m < maps;
-       m += int64_t(gridDim.x) * kSelectWarps) {  // uniform in the warp
+  const int64_t first = BLOCK ? blockIdx.x : int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
+  const int64_t step = BLOCK ? gridDim.x : int64_t(gridDim.x) * kSelectWarps;
+  for (int64_t m = first; m < maps; m += step) {  // uniform in the map's threads
     const int64_t n = map_sample(m, C, fc), c = m - n * C;
-    if (stats && !map_active(gamma, alpha, m, n, c, lane == 0, thr, mn, rcp, os, msum)) continue;
+    if (stats && !map_active(gamma, alpha, m, n, c, tid == 0, thr, mn, rcp, os, msum)) continue;
     const scalar_t* base = x + n * s.n + c * s.c;
+    // every thread is past the previous map's picks and reductions (BLOCK: its histograms
+    // are cleared here for every pass; else the one histogram before each pass)
+    sync();
+    if (BLOCK) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) clear(p);
+    } else {
+      clear(0);
+    }
+    sync();
     uint32_t key[UNITS];
+    if constexpr (BLOCK) {
+      using V16 = Vec<scalar_t, PV>;
+      const V16* chunks = reinterpret_cast<const V16*>(base);
+      const int nchunks = L / PV;
+#pragma unroll
+      for (int j = 0; j < LOADS; ++j) {
+        const int q = tid + threads * j;
+        const V16 v = chunks[q < nchunks ? q : 0];  // a copy: one 16-byte load
+        float f[PV];
+        unpack(v, f);
+#pragma unroll
+        for (int e = 0; e < PV; ++e) key[j * PV + e] = float_key(f[e]);
+      }
+    } else {
+      // lane's units one pointer step of 32 units apart: two adds an address, not an
+      // index's multiply and widening
+      const scalar_t* p = base + lane * sw;
+      const int64_t step32 = int64_t(32) * sw;
+#pragma unroll
+      for (int j = 0; j < UNITS; ++j) {
+        const bool in = j < kSure || lane + 32 * j < L;
+        key[j] = float_key(to_float(*(in ? p : base)));
+        p += step32;
+      }
+    }
     uint32_t kmin = 0xffffffffu, kmax = 0;  // the keys' min / max: -0.0 below +0.0
-    clear();
 #pragma unroll
     for (int j = 0; j < UNITS; ++j) {
-      const int i = lane + 32 * j;
-      key[j] = float_key(to_float(base[(i < L ? i : 0) * sw]));
       kmin = min(kmin, key[j]);
       kmax = max(kmax, key[j]);
-      radix_count(key[j] >> 24, hist);  // the top digit
     }
     RadixState st{0, 0, k};
 #pragma unroll
-    for (int shift = 24; shift >= kLowestShift<scalar_t>; shift -= 8) {
-      if (shift < 24) {  // count the digit at shift of the keys on the prefix
-        clear();
-#pragma unroll
-        for (int j = 0; j < UNITS; ++j) {
-          const bool on = (key[j] & st.mask) == st.prefix;
-          radix_count(on ? (key[j] >> shift) & 0xffu : 256, hist);
-        }
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int shift = 24 - 8 * pass;
+      uint32_t* h = hist(pass);
+      if (!BLOCK && pass > 0) {  // the warp's one histogram again: every lane has read it
+        sync();
+        clear(pass);
+        sync();
       }
-      __syncwarp();
-      if (lane == 0 && (key[0] & st.mask) == st.prefix) hist[(key[0] >> shift) & 0xffu] -= pad;
-      __syncwarp();
-      const RadixDigit d = warp_radix_digit(hist, st.rank, lane);
+      // the digit at shift of a key on the prefix (every key at the top digit), else 256:
+      // the prefix's bits below shift + 8 are 0, so key - prefix lies in [0, 2^(shift + 8))
+      // exactly when the key is on it (a subtraction, a shift and a min, not a LOP3, a
+      // compare, a shift, a LOP3 and a select)
+      const uint32_t prefix = st.prefix;
+      auto bin = [&](uint32_t key) { return min((key - prefix) >> shift, 256u); };
+#pragma unroll
+      for (int j = 0; j < UNITS; ++j) radix_count(bin(key[j]), h);
+      if (tid == 0) {
+#pragma unroll
+        for (int e = 0; e < PV; ++e) atomicSub(&h[bin(key[e])], pad);
+      }
+      sync();
+      const RadixDigit d = warp_radix_digit(h, st.rank, lane);
       st.prefix |= d.digit << shift;
       st.mask |= 0xffu << shift;
       st.rank = d.rank;
     }
     const float t = key_float(fill_low(st.prefix, kLowestShift<scalar_t>));
     if (!stats) {
-      if (lane == 0) thr[m * os] = t;
+      if (tid == 0) thr[m * os] = t;
       continue;
     }
-    const float2 range = key_range(warp_reduce(kmin, KeyMin()), warp_reduce(kmax, KeyMax()));
+    kmin = warp_reduce(kmin, KeyMin());
+    kmax = warp_reduce(kmax, KeyMax());
+    if (BLOCK) {  // the warps' pairs through shared memory: one barrier
+      if (lane == 0) {
+        kscratch[2 * (threadIdx.x >> 5)] = kmin;
+        kscratch[2 * (threadIdx.x >> 5) + 1] = kmax;
+      }
+      __syncthreads();
+      for (int w = 0; w < threads / 32; ++w) {
+        kmin = min(kmin, kscratch[2 * w]);
+        kmax = max(kmax, kscratch[2 * w + 1]);
+      }
+    }
+    const float2 range = key_range(kmin, kmax);
     const float lo = range.x, r = range_reciprocal(lo, range.y);
+    const SoftMaskTerms terms = soft_mask_terms(t, lo, r, mode);
     // in double: every S a multiple of 2^-24 in [0, 1], so the sum, and the padding's
-    // taken out of it, are exact in any order (map_select_kernel)
+    // taken out of it, are exact in any order (backend_contract.md): the reference's to
+    // the bit
     double sum = 0.0;
 #pragma unroll
-    for (int j = 0; j < UNITS; ++j) sum += soft_mask(key_float(key[j]), t, lo, r, mode);
+    for (int j = 0; j < UNITS; ++j) sum += soft_mask_at(key_float(key[j]), terms);
+    if (tid == 0) {
+#pragma unroll
+      for (int e = 0; e < PV; ++e) sum -= double(pad) * soft_mask_at(key_float(key[e]), terms);
+    }
     sum = warp_reduce(sum, SumOp());
-    if (lane == 0) {
+    if (BLOCK) {  // thread 0 adds the warps' sums (exact: any order)
+      if (lane == 0) dscratch[threadIdx.x >> 5] = sum;
+      __syncthreads();
+      if (tid == 0) {
+        for (int w = 1; w < threads / 32; ++w) sum += dscratch[w];
+      }
+    }
+    if (tid == 0) {
       thr[m * os] = t;
       mn[m * os] = lo;
       rcp[m * os] = r;
-      msum[m] = sum - double(pad) * soft_mask(key_float(key[0]), t, lo, r, mode);
+      msum[m] = sum;
     }
   }
 }
@@ -347,15 +462,27 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   if (maps == 0) return;
   const int64_t L = H * W;
   const FastDiv fc = fast_div(C < (int64_t(1) << 31) ? C : 1);
-  // a warp per map: rows one stride apart, the map within 2^31 elements of its start
-  if (L >= 1 && L <= 32 * 32 && (H == 1 || s.h == W * s.w) &&
-      (L - 1) * s.w < (int64_t(1) << 31)) {
-    const auto kernel = L <= 64    ? map_select_warp_kernel<scalar_t, 2>
-                        : L <= 256 ? map_select_warp_kernel<scalar_t, 8>
-                                   : map_select_warp_kernel<scalar_t, 32>;
+  const bool flat = H == 1 || s.h == W * s.w;  // rows one stride apart
+  // a warp per map: the map within 2^31 elements of its start
+  if (L >= 1 && L <= 32 * 32 && flat && (L - 1) * s.w < (int64_t(1) << 31)) {
+    const auto kernel = L <= 64    ? map_select_regs_kernel<scalar_t, 2, false>
+                        : L <= 256 ? map_select_regs_kernel<scalar_t, 8, false>
+                                   : map_select_regs_kernel<scalar_t, 32, false>;
     kernel<<<grid_for(maps, kSelectWarps), 32 * kSelectWarps, 0, current_stream()>>>(
         x, s, static_cast<int>(s.w), maps, C, fc, static_cast<int>(L),
         static_cast<uint32_t>(k), gamma, mode, thr, mn, rcp, os, msum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // a block per contiguous map of 16-byte aligned chunks whose keys fit in registers
+  constexpr int64_t V = 16 / sizeof(scalar_t), kUnits = kRegsUnits;
+  if (flat && s.w == 1 && L % V == 0 && L <= kRegsThreads * kUnits && s.n % V == 0 &&
+      s.c % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const int threads = static_cast<int>(ceil_div(L, 32 * kUnits) * 32);
+    map_select_regs_kernel<scalar_t, kRegsUnits, true>
+        <<<grid_for(maps, 1), threads, 0, current_stream()>>>(
+            x, s, 1, maps, C, fc, static_cast<int>(L), static_cast<uint32_t>(k), gamma, mode,
+            thr, mn, rcp, os, msum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }

@@ -567,7 +567,7 @@ CUDA_KERNELS = {
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
     "cam": r"cam_(thread|warp)_kernel<{T}>",
-    "select": r"map_select_(warp_)?kernel<{T}[,>]",
+    "select": r"map_select_(regs_)?kernel<{T}[,>]",
     "seed_bits": r"seed_bits_kernel<{T}>",
     "seed_coverage": r"seed_coverage_kernel\(",
 }
