@@ -348,15 +348,17 @@ def test_emulated_map_threshold_16bit_keys(E, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_map_select_warp_and_block_sizes(E, dtype):
-    """Maps of 1 to 1024 units take map_select_regs_kernel's warp form (a warp per map, its
-    keys in registers: 2, 8 or 32 a lane); longer contiguous NCHW maps of whole 16-byte
-    chunks, up to 256 x 56 units, its block form (a block per map, 56 keys a thread: 36 x 36
-    on a warp of which most is padding, 56 x 56 on 2 warps, 56 x 64 on 2 with no padding,
-    64 x 128 on 5; test_emulated_map_select_block_limit: the most); the rest the block-wide
+    """Maps of 1 to 1024 units take map_select_regs_kernel's warp forms (its keys in
+    registers: a quarter warp per map, 8 or 32 keys a lane, up to 256 units, 4 maps a warp,
+    some of them past the last map or inactive; else a warp, 32 keys a lane); longer
+    contiguous NCHW maps of whole 16-byte chunks, up to 256 x 56 units, its block form (a
+    block per map, 56 keys a thread: 36 x 36 on a warp of which most is padding, 56 x 56 on
+    2 warps, 56 x 64 on 2 with no padding, 64 x 128 on 5;
+    test_emulated_map_select_block_limit: the most); the rest the block-wide
     map_select_kernel (25 x 41: not whole chunks; channels_last and transposed maps over
-    1024 units). Maps on each side of each boundary, with rows one stride apart
-    (NCHW, channels_last) and not (transposed: the per-unit (h, w) of a multiply-high),
-    every digit of the select, the soft mask's sum in every mode."""
+    1024 units). Maps on each side of each boundary, with rows one stride apart (NCHW,
+    channels_last) and not (transposed: the per-unit (h, w) of a multiply-high), every digit
+    of the select, the soft mask's sum in every mode."""
     for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41), (36, 36),
                  (56, 56), (56, 64), (64, 128)):
         n = h * w
@@ -375,6 +377,22 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
         rows = x.flatten(2)[0].float()
         for k in (1, n):
             assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
+
+
+def test_emulated_attention_stats_quarter_warps(E):
+    """8 x 8 maps, four a warp (a quarter warp each): a warp whose four maps are all inactive
+    skips them, one with some active computes its inactive maps without writing them, and
+    the last warp's groups past the last map write nothing."""
+    x = radix_maps16((8, 8), torch.bfloat16)
+    x = torch.cat([x, x.flip(1), x[:, :2]], 1)  # 14 maps: 3 warps and a half
+    active = torch.tensor([[False] * 4 + [True, False, False, True] + [True] * 4
+                           + [False, True]])
+    for mode in ("am", "sm", "ad"):
+        got = E.attention_stats(x, 13, active, mode)
+        want = R.attention_stats(x, 13, active, mode)
+        for i in range(4):
+            assert_same(got[i][active], want[i][active], f"{mode} {i}")
+            assert not got[i][~active].any()
 
 
 def test_emulated_map_select_block_limit(E):

@@ -269,14 +269,17 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // Maps whose keys fit in registers: map_select_kernel's results with the map read once and
 // no shared-memory copy of its keys. Each thread holds UNITS keys of its map; the radix
 // passes count them into a histogram in shared memory (ATOMS), and every warp of the map
-// reads the digit off it (warp_radix_digit), so no thread waits for another's pick.
-// - BLOCK = false (map_select_warp_kernel's case): maps of at most 32 * UNITS units (1024
-//   at most) whose rows are one stride apart (unit i at i * sw, under 2^31 elements from
-//   the map's start: contiguous NCHW, channels_last, rows of a matrix), a warp per map and
-//   kSelectWarps maps a block. Lane l holds units l, l + 32, ...; its own histogram,
-//   cleared before each pass: no block-wide barrier, no block reduction, whose cost (about
-//   1100 instructions per thread per map, counted from the SASS) every thread of a block
-//   paid even for a 7 x 7 map (49 units).
+// reads the digit off it (group_radix_digit), so no thread waits for another's pick.
+// - BLOCK = false: maps of at most G * UNITS units (1024 at most) whose rows are one stride
+//   apart (unit i at i * sw, under 2^31 elements from the map's start: contiguous NCHW,
+//   channels_last, rows of a matrix), G lanes per map: a warp (G = 32) for maps of over 256
+//   units, a quarter warp (G = 8) for shorter ones, 4 maps a warp, so that a 7 x 7 or
+//   14 x 14 map's picks, reductions and gamma are paid by 8 lanes, not 32. Lane l of a group
+//   holds units l, l + G, ...; the group's own histogram, cleared before each pass: no
+//   block-wide barrier, no block reduction, whose cost (about 1100 instructions per thread
+//   per map, counted from the SASS) every thread of a block paid even for a 7 x 7 map.
+//   The warp's groups run in step (their shuffles and __syncwarp take the whole warp): a
+//   group whose map is inactive or past the last computes on a map it does not write.
 // - BLOCK = true: contiguous maps of more than 1024 units (56 x 56 at the goal shape), 16-byte
 //   aligned, L a multiple of V = 16 / sizeof(scalar_t), of at most blockDim.x * UNITS units:
 //   a block of 32 to 256 threads per map, thread t reading 16-byte chunks t, t + blockDim.x,
@@ -287,9 +290,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // thread 0 takes their counts out of each pass's histogram (atomically, with its own counts)
 // and their soft masks out of the sum. Keys off a lower pass's prefix are counted in a bin
 // nobody reads (256), not skipped by a branch.
-constexpr int kSelectWarps = 8;  // maps per block of the warp kernel
-constexpr int kRegsThreads = 256;  // most threads per map of the block kernel
-// keys a thread of the block kernel: 7 16-byte chunks of bfloat16 (a 56 x 56 map: 2 warps,
+constexpr int kSelectWarps = 8;  // warps per block of the warp forms
+constexpr int kRegsThreads = 256;  // most threads per map of the block form
+// keys a thread of the block form: 7 16-byte chunks of bfloat16 (a 56 x 56 map: 2 warps,
 // 448 chunks for its 392; 32 keys: 4 warps, 512 chunks), 14 of float32
 constexpr int kRegsUnits = 56;
 
@@ -297,7 +300,74 @@ struct alignas(16) WarpHist {
   uint32_t bin[256 + 4];  // 256: the discard bin
 };
 
-template <typename scalar_t, int UNITS, bool BLOCK>
+// Butterfly reduction over the G lanes of a group (G = 32: warp_reduce); every lane of the
+// warp calls it, each group gets its own result.
+template <int G, typename T, typename Op>
+__device__ __forceinline__ T group_reduce(T v, Op op) {
+#pragma unroll
+  for (int d = G / 2; d > 0; d >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+// warp_radix_digit for each group of G lanes of the warp, with its own hist and rank (G =
+// 32: warp_radix_digit itself). G = 8, three steps from the top: lane j of the group sums
+// bins 255 - 32j - (0..31) (eight 16-byte loads) and a scan over the group finds the lane
+// whose 32 bins hold the rank; lane j then sums 4 of those 32 (one 16-byte load) and a scan
+// finds the 4; every lane walks those 4 bins.
+template <int G>
+__device__ __forceinline__ RadixDigit group_radix_digit(const uint32_t* hist, uint32_t rank,
+                                                        int lane) {
+  if constexpr (G == 32) {
+    return warp_radix_digit(hist, rank, lane);
+  } else {
+    static_assert(G == 8, "groups of 8 or 32 lanes");
+    const int j = lane & 7, first = lane & 24;  // lane in the group, the group's first
+    auto scan = [&](uint32_t v) {  // inclusive, over the group's lanes
+#pragma unroll
+      for (int d = 1; d < 8; d <<= 1) {
+        const uint32_t o = __shfl_up_sync(kFullMask, v, d, 8);
+        if (j >= d) v += o;
+      }
+      return v;
+    };
+    auto sum4 = [](const uint4& q) { return q.x + q.y + q.z + q.w; };
+    // the first lane of the group whose inclusive count reaches the rank (one exists: the
+    // matching keys number at least rank; `none` defensively)
+    auto first_at = [&](uint32_t incl, int none) {
+      const unsigned hit = (__ballot_sync(kFullMask, incl >= rank) >> first) & 0xffu;
+      return hit ? __ffs(hit) - 1 : none;
+    };
+    const uint4* h32 = reinterpret_cast<const uint4*>(hist + 224 - 32 * j);
+    uint32_t s32 = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s32 += sum4(h32[i]);
+    const uint32_t incl32 = scan(s32);
+    const int sel = first_at(incl32, 0);
+    const uint32_t above = __shfl_sync(kFullMask, incl32 - s32, sel, 8);  // in higher bins
+    const int top = 255 - 32 * sel;  // sel's 32 bins: top down to top - 31
+    const uint32_t s4 = sum4(*reinterpret_cast<const uint4*>(hist + top - 3 - 4 * j));
+    const uint32_t incl4 = scan(s4) + above;
+    const int sel4 = first_at(incl4, 7);
+    uint32_t acc = __shfl_sync(kFullMask, incl4 - s4, sel4, 8);  // keys above its 4 bins
+    const int b0 = top - 4 * sel4;  // the 4 bins b0 down to b0 - 3
+    const uint4 q = *reinterpret_cast<const uint4*>(hist + b0 - 3);
+    const uint32_t cnt[4] = {q.w, q.z, q.y, q.x};
+    RadixDigit d{static_cast<uint32_t>(b0 - 3), rank - (acc + cnt[0] + cnt[1] + cnt[2]),
+                 cnt[3]};
+    bool found = false;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (!found && acc + cnt[i] >= rank) {
+        d = {static_cast<uint32_t>(b0 - i), rank - acc, cnt[i]};
+        found = true;
+      }
+      acc += cnt[i];
+    }
+    return d;
+  }
+}
+
+template <typename scalar_t, int UNITS, bool BLOCK, int G = 32>
 __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     map_select_regs_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
                            const int64_t maps, const int64_t C, const FastDiv fc, const int L,
@@ -307,35 +377,46 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
                            double* __restrict__ msum) {
   constexpr int PV = BLOCK ? 16 / sizeof(scalar_t) : 1;  // units a load
   constexpr int LOADS = UNITS / PV;
-  // BLOCK: hists[p] is pass p's (4 passes at most); else hists[w] is warp w's
-  __shared__ WarpHist hists[kSelectWarps];
+  constexpr int kGroups = BLOCK ? 1 : 32 * kSelectWarps / G;  // maps a block
+  // BLOCK: hists[p] is pass p's (4 passes at most); else hists[g] is group g's
+  __shared__ WarpHist hists[BLOCK ? kSelectWarps : kGroups];
   __shared__ uint32_t kscratch[2 * kRegsThreads / 32];  // BLOCK: each warp's min and max
   __shared__ double dscratch[kRegsThreads / 32];  // BLOCK: each warp's sum
   const int lane = threadIdx.x & 31;
-  const int tid = BLOCK ? threadIdx.x : lane;  // the thread's place in its map
-  const int threads = BLOCK ? blockDim.x : 32;
+  const int tid = BLOCK ? threadIdx.x : lane % G;  // the thread's place in its map
+  const int threads = BLOCK ? blockDim.x : G;
+  const int group = BLOCK ? 0 : threadIdx.x / G;
   const uint32_t pad = threads * LOADS - L / PV;  // chunks past the map's end
   auto sync = [] {
     if (BLOCK) __syncthreads(); else __syncwarp();
   };
-  auto hist = [&](int pass) { return hists[BLOCK ? pass : threadIdx.x >> 5].bin; };
-  auto clear = [&](int pass) {  // two 16-byte stores a thread of 32
-    if (tid < 32) {
-      uint4* h4 = reinterpret_cast<uint4*>(hist(pass));
-      h4[tid] = h4[tid + 32] = make_uint4(0, 0, 0, 0);
+  auto hist = [&](int pass) { return hists[BLOCK ? pass : group].bin; };
+  auto clear = [&](int pass) {  // bins 0..255 in 16-byte stores, 64 / G a lane (BLOCK: 1)
+    uint4* h4 = reinterpret_cast<uint4*>(hist(pass));
+    if (BLOCK) {
+      for (int i = tid; i < 64; i += threads) h4[i] = make_uint4(0, 0, 0, 0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 64 / G; ++i) h4[tid + G * i] = make_uint4(0, 0, 0, 0);
     }
   };
   constexpr int kPasses = (32 - kLowestShift<scalar_t>) / 8;
-  // the slots below this always lie in the map (the warp kernel's UNITS take L > 8 UNITS
-  // but for UNITS = 2); the block kernel's chunks are tested (one compare a 16-byte load)
-  constexpr int kSure = BLOCK || UNITS == 2 ? 0 : UNITS / 4;
+  // the slots below this always lie in the map: the warp forms of G * UNITS slots take the
+  // maps of over G * UNITS / 4 units (launch_map_select), but those of 64 slots (1 or more);
+  // the block form's chunks are tested (one compare a 16-byte load)
+  constexpr int kSure = BLOCK || G * UNITS == 64 ? 0 : UNITS / 4;
   const bool stats = gamma.u.p != nullptr || gamma.active != nullptr;
   const float alpha = gamma.alpha_ptr != nullptr ? *gamma.alpha_ptr : gamma.alpha;
-  const int64_t first = BLOCK ? blockIdx.x : int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
-  const int64_t step = BLOCK ? gridDim.x : int64_t(gridDim.x) * kSelectWarps;
-  for (int64_t m = first; m < maps; m += step) {  // uniform in the map's threads
-    const int64_t n = map_sample(m, C, fc), c = m - n * C;
-    if (stats && !map_active(gamma, alpha, m, n, c, tid == 0, thr, mn, rcp, os, msum)) continue;
+  // the loop runs over the block's first map, so that a warp's groups take it in step
+  const int64_t step = int64_t(gridDim.x) * kGroups;
+  for (int64_t m0 = int64_t(blockIdx.x) * kGroups; m0 < maps; m0 += step) {
+    const int64_t mg = m0 + group;  // this group's map
+    const int64_t m = min(mg, maps - 1);  // past the last: computed, not written
+    // maps < 2^31 (launch_map_select): n by a multiply-high, no int64 division routine
+    const int64_t n = div_of(static_cast<uint32_t>(m), fc), c = m - n * C;
+    const bool act = mg < maps && (!stats || map_active(gamma, alpha, m, n, c, tid == 0, thr,
+                                                        mn, rcp, os, msum));
+    if (BLOCK ? !act : __all_sync(kFullMask, !act)) continue;  // uniform in the warp / block
     const scalar_t* base = x + n * s.n + c * s.c;
     // every thread is past the previous map's picks and reductions (BLOCK: its histograms
     // are cleared here for every pass; else the one histogram before each pass)
@@ -362,15 +443,15 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
         for (int e = 0; e < PV; ++e) key[j * PV + e] = float_key(f[e]);
       }
     } else {
-      // lane's units one pointer step of 32 units apart: two adds an address, not an
-      // index's multiply and widening
-      const scalar_t* p = base + lane * sw;
-      const int64_t step32 = int64_t(32) * sw;
+      // the lane's units one pointer step of G units apart: one IMAD.WIDE an address, not
+      // an index's multiply and widening
+      const scalar_t* p = base + tid * sw;
+      const int64_t stepG = int64_t(G) * sw;
 #pragma unroll
       for (int j = 0; j < UNITS; ++j) {
-        const bool in = j < kSure || lane + 32 * j < L;
+        const bool in = j < kSure || tid + G * j < L;
         key[j] = float_key(to_float(*(in ? p : base)));
-        p += step32;
+        p += stepG;
       }
     }
     uint32_t kmin = 0xffffffffu, kmax = 0;  // the keys' min / max: -0.0 below +0.0
@@ -384,7 +465,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     for (int pass = 0; pass < kPasses; ++pass) {
       const int shift = 24 - 8 * pass;
       uint32_t* h = hist(pass);
-      if (!BLOCK && pass > 0) {  // the warp's one histogram again: every lane has read it
+      if (!BLOCK && pass > 0) {  // the group's one histogram again: every lane has read it
         sync();
         clear(pass);
         sync();
@@ -402,18 +483,18 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
         for (int e = 0; e < PV; ++e) atomicSub(&h[bin(key[e])], pad);
       }
       sync();
-      const RadixDigit d = warp_radix_digit(h, st.rank, lane);
+      const RadixDigit d = group_radix_digit<BLOCK ? 32 : G>(h, st.rank, lane);
       st.prefix |= d.digit << shift;
       st.mask |= 0xffu << shift;
       st.rank = d.rank;
     }
     const float t = key_float(fill_low(st.prefix, kLowestShift<scalar_t>));
     if (!stats) {
-      if (tid == 0) thr[m * os] = t;
+      if (tid == 0 && act) thr[m * os] = t;
       continue;
     }
-    kmin = warp_reduce(kmin, KeyMin());
-    kmax = warp_reduce(kmax, KeyMax());
+    kmin = group_reduce<BLOCK ? 32 : G>(kmin, KeyMin());
+    kmax = group_reduce<BLOCK ? 32 : G>(kmax, KeyMax());
     if (BLOCK) {  // the warps' pairs through shared memory: one barrier
       if (lane == 0) {
         kscratch[2 * (threadIdx.x >> 5)] = kmin;
@@ -438,7 +519,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
 #pragma unroll
       for (int e = 0; e < PV; ++e) sum -= double(pad) * soft_mask_at(key_float(key[e]), terms);
     }
-    sum = warp_reduce(sum, SumOp());
+    sum = group_reduce<BLOCK ? 32 : G>(sum, SumOp());
     if (BLOCK) {  // thread 0 adds the warps' sums (exact: any order)
       if (lane == 0) dscratch[threadIdx.x >> 5] = sum;
       __syncthreads();
@@ -446,7 +527,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
         for (int w = 1; w < threads / 32; ++w) sum += dscratch[w];
       }
     }
-    if (tid == 0) {
+    if (tid == 0 && act) {
       thr[m * os] = t;
       mn[m * os] = lo;
       rcp[m * os] = r;
@@ -463,12 +544,16 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   const int64_t L = H * W;
   const FastDiv fc = fast_div(C < (int64_t(1) << 31) ? C : 1);
   const bool flat = H == 1 || s.h == W * s.w;  // rows one stride apart
-  // a warp per map: the map within 2^31 elements of its start
-  if (L >= 1 && L <= 32 * 32 && flat && (L - 1) * s.w < (int64_t(1) << 31)) {
-    const auto kernel = L <= 64    ? map_select_regs_kernel<scalar_t, 2, false>
-                        : L <= 256 ? map_select_regs_kernel<scalar_t, 8, false>
-                                   : map_select_regs_kernel<scalar_t, 32, false>;
-    kernel<<<grid_for(maps, kSelectWarps), 32 * kSelectWarps, 0, current_stream()>>>(
+  const bool regs = maps < (int64_t(1) << 31) && C < (int64_t(1) << 31);  // 32-bit m / C
+  // a warp or a quarter warp per map: the map within 2^31 elements of its start
+  if (regs && L >= 1 && L <= 32 * 32 && flat && (L - 1) * s.w < (int64_t(1) << 31)) {
+    // G * UNITS slots: 64 (a quarter warp, 8 keys a lane), 256 (a quarter warp, 32 a
+    // lane), 1024 (a warp, 32 a lane); each takes maps of over a quarter of its slots
+    const auto kernel = L <= 64    ? map_select_regs_kernel<scalar_t, 8, false, 8>
+                        : L <= 256 ? map_select_regs_kernel<scalar_t, 32, false, 8>
+                                   : map_select_regs_kernel<scalar_t, 32, false, 32>;
+    const int per_block = 32 * kSelectWarps / (L <= 256 ? 8 : 32);  // maps a block
+    kernel<<<grid_for(maps, per_block), 32 * kSelectWarps, 0, current_stream()>>>(
         x, s, static_cast<int>(s.w), maps, C, fc, static_cast<int>(L),
         static_cast<uint32_t>(k), gamma, mode, thr, mn, rcp, os, msum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -476,7 +561,7 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   }
   // a block per contiguous map of 16-byte aligned chunks whose keys fit in registers
   constexpr int64_t V = 16 / sizeof(scalar_t), kUnits = kRegsUnits;
-  if (flat && s.w == 1 && L % V == 0 && L <= kRegsThreads * kUnits && s.n % V == 0 &&
+  if (regs && flat && s.w == 1 && L % V == 0 && L <= kRegsThreads * kUnits && s.n % V == 0 &&
       s.c % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     const int threads = static_cast<int>(ceil_div(L, 32 * kUnits) * 32);
     map_select_regs_kernel<scalar_t, kRegsUnits, true>
