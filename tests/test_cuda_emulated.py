@@ -354,11 +354,12 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
     contiguous NCHW maps of whole 16-byte chunks, up to 256 x 56 units, its block form (a
     block per map, 56 keys a thread: 36 x 36 on a warp of which most is padding, 56 x 56 on
     2 warps, 56 x 64 on 2 with no padding, 64 x 128 on 5;
-    test_emulated_map_select_block_limit: the most); the rest the block-wide
-    map_select_kernel (25 x 41: not whole chunks; channels_last and transposed maps over
-    1024 units). Maps on each side of each boundary, with rows one stride apart (NCHW,
-    channels_last) and not (transposed: the per-unit (h, w) of a multiply-high), every digit
-    of the select, the soft mask's sum in every mode."""
+    test_emulated_map_select_block_limit: the most), other maps of rows one stride apart
+    (25 x 41: not whole chunks; channels_last) the same unit by unit; the rest the
+    block-wide map_select_kernel (transposed maps over 1024 units). Maps on each side of
+    each boundary, with rows one stride apart (NCHW, channels_last) and not (transposed: the
+    per-unit (h, w) of a multiply-high), every digit of the select, the soft mask's sum in
+    every mode."""
     for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41), (36, 36),
                  (56, 56), (56, 64), (64, 128)):
         n = h * w
@@ -411,7 +412,8 @@ def test_emulated_map_select_block_limit(E):
 
 
 def test_emulated_map_threshold_large_maps(E):
-    x = make_x((1, 2, 103, 100), torch.float16, layout="channels_last")  # 10300 > 10240 keys
+    # 14520 units: past the register block form (256 x 56) and the 10240 keys in shared memory
+    x = make_x((1, 2, 121, 120), torch.float16, layout="channels_last")
     for k in (1, 2200):
         assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"k={k}")
     active = torch.tensor([[True, False]])

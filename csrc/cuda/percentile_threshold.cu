@@ -3,13 +3,14 @@
 // apply kernel.
 //
 // Maps of at most 1024 units whose rows are one stride apart (every map of a CNN layer of
-// 32 x 32 or less, in NCHW or channels_last, and rows of up to 1024 channels) take a warp
-// each (map_select_regs_kernel, BLOCK = false): keys in registers, a histogram per warp, no
-// block-wide barrier. Longer contiguous maps of whole 16-byte chunks, up to 256 x 56 units
-// (56 x 56 NCHW), take a block each with the keys in registers (BLOCK = true: 16-byte
-// loads, 56 keys a thread). Other maps (channels_last or other strides over 1024 units,
-// longer ones) take one block per row (kth_largest) or per (n, c) map (map_threshold,
-// attention_stats), in a grid-stride loop over rows (map_select_kernel). The row's values are read once into shared memory as
+// 32 x 32 or less, in NCHW or channels_last, and rows of up to 1024 channels) take a warp,
+// or a quarter warp up to 256 units, each (map_select_regs_kernel, BLOCK = false): keys in
+// registers, a histogram per group of lanes, no block-wide barrier. Longer maps of rows one
+// stride apart, up to 256 x 56 units (56 x 56), take a block each with the keys in
+// registers (BLOCK = true, 56 keys a thread: 16-byte loads where the maps are contiguous
+// chunks, VEC). Other maps (other strides over 1024 units, longer ones) take one block per
+// row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in a grid-stride
+// loop over rows (map_select_kernel). The row's values are read once into shared memory as
 // order-preserving uint32 keys when they fit (<= kSmemKeys), the top digit counted on the
 // way; the exact k-th largest key then takes the lower 8-bit radix passes on chip
 // (common.cuh; four in all, two for bfloat16 x, three for float16: the key bits below never
@@ -280,11 +281,13 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 //   per map, counted from the SASS) every thread of a block paid even for a 7 x 7 map.
 //   The warp's groups run in step (their shuffles and __syncwarp take the whole warp): a
 //   group whose map is inactive or past the last computes on a map it does not write.
-// - BLOCK = true: contiguous maps of more than 1024 units (56 x 56 at the goal shape), 16-byte
-//   aligned, L a multiple of V = 16 / sizeof(scalar_t), of at most blockDim.x * UNITS units:
-//   a block of 32 to 256 threads per map, thread t reading 16-byte chunks t, t + blockDim.x,
-//   ... (V keys each), a histogram per pass (cleared once a map), __syncthreads between a
-//   pass's counts and its pick, the block-wide reductions of min, max and the soft mask's sum.
+// - BLOCK = true: maps of more than 1024 units (56 x 56 at the goal shape) whose rows are
+//   one stride apart, of at most blockDim.x * UNITS units: a block of 32 to 256 threads per
+//   map, a histogram per pass (cleared once a map), __syncthreads between a pass's counts
+//   and its pick, the block-wide reductions of min, max and the soft mask's sum. VEC:
+//   contiguous maps, 16-byte aligned, L a multiple of V = 16 / sizeof(scalar_t), thread t
+//   reading 16-byte chunks t, t + blockDim.x, ... (V keys each); else (channels_last, maps
+//   of other lengths) units t, t + blockDim.x, ... one by one.
 // The slots past the map's end (pad of them) hold copies of its first chunk (units 0 .. PV
 // - 1, PV = V or 1), so that no unit takes a branch and every loop has a fixed trip count;
 // thread 0 takes their counts out of each pass's histogram (atomically, with its own counts)
@@ -367,7 +370,7 @@ __device__ __forceinline__ RadixDigit group_radix_digit(const uint32_t* hist, ui
   }
 }
 
-template <typename scalar_t, int UNITS, bool BLOCK, int G = 32>
+template <typename scalar_t, int UNITS, bool BLOCK, int G = 32, bool VEC = BLOCK>
 __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     map_select_regs_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
                            const int64_t maps, const int64_t C, const FastDiv fc, const int L,
@@ -375,7 +378,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
                            float* __restrict__ thr, float* __restrict__ mn,
                            float* __restrict__ rcp, const int64_t os,
                            double* __restrict__ msum) {
-  constexpr int PV = BLOCK ? 16 / sizeof(scalar_t) : 1;  // units a load
+  constexpr int PV = VEC ? 16 / sizeof(scalar_t) : 1;  // units a load
   constexpr int LOADS = UNITS / PV;
   constexpr int kGroups = BLOCK ? 1 : 32 * kSelectWarps / G;  // maps a block
   // BLOCK: hists[p] is pass p's (4 passes at most); else hists[g] is group g's
@@ -429,7 +432,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     }
     sync();
     uint32_t key[UNITS];
-    if constexpr (BLOCK) {
+    if constexpr (VEC) {
       using V16 = Vec<scalar_t, PV>;
       const V16* chunks = reinterpret_cast<const V16*>(base);
       const int nchunks = L / PV;
@@ -443,15 +446,15 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
         for (int e = 0; e < PV; ++e) key[j * PV + e] = float_key(f[e]);
       }
     } else {
-      // the lane's units one pointer step of G units apart: one IMAD.WIDE an address, not
-      // an index's multiply and widening
+      // the thread's units one pointer step of `threads` units apart: one IMAD.WIDE an
+      // address, not an index's multiply and widening
       const scalar_t* p = base + tid * sw;
-      const int64_t stepG = int64_t(G) * sw;
+      const int64_t stride = int64_t(threads) * sw;
 #pragma unroll
       for (int j = 0; j < UNITS; ++j) {
-        const bool in = j < kSure || tid + G * j < L;
+        const bool in = j < kSure || tid + threads * j < L;
         key[j] = float_key(to_float(*(in ? p : base)));
-        p += stepG;
+        p += stride;
       }
     }
     uint32_t kmin = 0xffffffffu, kmax = 0;  // the keys' min / max: -0.0 below +0.0
@@ -559,15 +562,18 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // a block per contiguous map of 16-byte aligned chunks whose keys fit in registers
+  // a block per map whose keys fit in registers: contiguous maps of 16-byte aligned chunks
+  // in 16-byte loads, other maps of rows one stride apart (channels_last) unit by unit
   constexpr int64_t V = 16 / sizeof(scalar_t), kUnits = kRegsUnits;
-  if (regs && flat && s.w == 1 && L % V == 0 && L <= kRegsThreads * kUnits && s.n % V == 0 &&
-      s.c % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+  if (regs && flat && L <= kRegsThreads * kUnits && (L - 1) * s.w < (int64_t(1) << 31)) {
     const int threads = static_cast<int>(ceil_div(L, 32 * kUnits) * 32);
-    map_select_regs_kernel<scalar_t, kRegsUnits, true>
-        <<<grid_for(maps, 1), threads, 0, current_stream()>>>(
-            x, s, 1, maps, C, fc, static_cast<int>(L), static_cast<uint32_t>(k), gamma, mode,
-            thr, mn, rcp, os, msum);
+    const bool vec = s.w == 1 && L % V == 0 && s.n % V == 0 && s.c % V == 0 &&
+                     reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    const auto kernel = vec ? map_select_regs_kernel<scalar_t, kRegsUnits, true>
+                            : map_select_regs_kernel<scalar_t, kRegsUnits, true, 32, false>;
+    kernel<<<grid_for(maps, 1), threads, 0, current_stream()>>>(
+        x, s, static_cast<int>(s.w), maps, C, fc, static_cast<int>(L),
+        static_cast<uint32_t>(k), gamma, mode, thr, mn, rcp, os, msum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
