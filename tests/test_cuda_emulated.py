@@ -333,8 +333,11 @@ def test_emulated_kth_largest_every_digit_long_rows(E):
 def test_emulated_map_threshold_16bit_keys(E, dtype):
     """16-bit maps: the radix passes stop at the last key bit the dtype sets (bfloat16: 2
     passes, float16: 3) and fill the bits below, ones where the threshold is negative or
-    NaN; maps in shared memory (7 x 7, 50 x 60) and over it (103 x 100: read twice)."""
-    for hw in ((7, 7), (50, 60), (103, 100)):
+    NaN. Maps on a quarter warp (7 x 7), on a block in 16-byte loads (50 x 60) and unit by
+    unit (103 x 100: not whole chunks), the longest on a block, 256 threads of 56 keys
+    (112 x 128), and the next whole-chunk size (113 x 128), which takes map_select_kernel
+    and reads x twice (over 10240 keys)."""
+    for hw in ((7, 7), (50, 60), (103, 100), (112, 128), (113, 128)):
         x = radix_maps16(hw, dtype)
         n = hw[0] * hw[1]
         for k in (1, 2, n // 3 + 1, n - 1, n):
@@ -354,7 +357,7 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
     contiguous NCHW maps of whole 16-byte chunks, up to 256 x 56 units, its block form (a
     block per map, 56 keys a thread: 36 x 36 on a warp of which most is padding, 56 x 56 on
     2 warps, 56 x 64 on 2 with no padding, 64 x 128 on 5;
-    test_emulated_map_select_block_limit: the most), other maps of rows one stride apart
+    test_emulated_map_threshold_16bit_keys: the most), other maps of rows one stride apart
     (25 x 41: not whole chunks; channels_last) the same unit by unit; the rest the
     block-wide map_select_kernel (transposed maps over 1024 units). Maps on each side of
     each boundary, with rows one stride apart (NCHW, channels_last) and not (transposed: the
@@ -394,21 +397,6 @@ def test_emulated_attention_stats_quarter_warps(E):
         for i in range(4):
             assert_same(got[i][active], want[i][active], f"{mode} {i}")
             assert not got[i][~active].any()
-
-
-def test_emulated_map_select_block_limit(E):
-    """The register block kernel's longest maps, 256 threads of 56 keys (112 x 128), and the
-    next whole-chunk size (113 x 128), which takes map_select_kernel."""
-    for hw in ((112, 128), (113, 128)):
-        x = radix_maps16(hw, torch.bfloat16)
-        n = hw[0] * hw[1]
-        for k in (1, n // 3 + 1, n):
-            assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
-        active = torch.ones(x.shape[:2], dtype=torch.bool)
-        got, want = E.attention_stats(x, n // 5 + 1, active, "sm"), R.attention_stats(
-            x, n // 5 + 1, active, "sm")
-        for i in range(4):
-            assert_same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
 def test_emulated_map_threshold_large_maps(E):
