@@ -432,6 +432,7 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     }
     sync();
     uint32_t key[UNITS];
+    float xf[UNITS];  // the values too, for the soft mask: not each key's float again
     if constexpr (VEC) {
       using V16 = Vec<scalar_t, PV>;
       const V16* chunks = reinterpret_cast<const V16*>(base);
@@ -443,7 +444,10 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
         float f[PV];
         unpack(v, f);
 #pragma unroll
-        for (int e = 0; e < PV; ++e) key[j * PV + e] = float_key(f[e]);
+        for (int e = 0; e < PV; ++e) {
+          xf[j * PV + e] = f[e];
+          key[j * PV + e] = float_key(f[e]);
+        }
       }
     } else {
       // the thread's units one pointer step of `threads` units apart: one IMAD.WIDE an
@@ -453,7 +457,8 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
 #pragma unroll
       for (int j = 0; j < UNITS; ++j) {
         const bool in = j < kSure || tid + threads * j < L;
-        key[j] = float_key(to_float(*(in ? p : base)));
+        xf[j] = to_float(*(in ? p : base));
+        key[j] = float_key(xf[j]);
         p += stride;
       }
     }
@@ -517,10 +522,10 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
     // the bit
     double sum = 0.0;
 #pragma unroll
-    for (int j = 0; j < UNITS; ++j) sum += soft_mask_at(key_float(key[j]), terms);
+    for (int j = 0; j < UNITS; ++j) sum += soft_mask_at(xf[j], terms);
     if (tid == 0) {
 #pragma unroll
-      for (int e = 0; e < PV; ++e) sum -= double(pad) * soft_mask_at(key_float(key[e]), terms);
+      for (int e = 0; e < PV; ++e) sum -= double(pad) * soft_mask_at(xf[e], terms);
     }
     sum = group_reduce<BLOCK ? 32 : G>(sum, SumOp());
     if (BLOCK) {  // thread 0 adds the warps' sums (exact: any order)
