@@ -175,6 +175,20 @@ def test_rates_checked_in_eval_too():
         F.attentiondrop(_x(), beta=0.0, training=False)
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_backend_typo_is_an_error_where_nothing_runs(name, monkeypatch):
+    """GUIDEDROP_BACKEND naming no backend is a ValueError also in eval mode, at a zero rate
+    and on an empty x, where the op returns x without dispatching (it went unnoticed)."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "refernce")
+    for x, kw in ((_x(), dict(training=False)), (_x((0, 4, 6, 6)), {})):
+        with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
+            call(name, x, **kw)
+    with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
+        F.attentiondrop(_x(), alpha=0.0)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    assert call(name, training=False).shape == X
+
+
 # ------------------------------------------------------------------------ modules
 
 MODULES = {

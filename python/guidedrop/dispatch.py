@@ -1,7 +1,8 @@
 """Backend registry: which implementation of the hot paths runs an op.
 
-``GUIDEDROP_BACKEND=reference|triton|cuda`` forces one (read at every call) and fails
-loudly, with the reason, when it is unavailable or cannot take the input; ``auto`` (the
+``GUIDEDROP_BACKEND=reference|triton|cuda`` forces one (read at every call, also where the
+op is the identity: a value naming no backend is then a ValueError) and fails loudly, with
+the reason, when it is unavailable or cannot take the input; ``auto`` (the
 default) takes the first available kernel backend that supports the input, in the
 order of :data:`AUTO_ORDER`, and the reference otherwise (float64, and CPU tensors but
 under TRITON_INTERPRET=1, where the Triton kernels take them).

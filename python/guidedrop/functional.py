@@ -49,7 +49,10 @@ def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
-    """Whether the op is the identity: eval mode, a zero rate, or an empty tensor."""
+    """Whether the op is the identity: eval mode, a zero rate, or an empty tensor. A
+    GUIDEDROP_BACKEND naming no backend is a ValueError here too, so that a typo in it
+    does not go unnoticed where nothing runs (eval mode)."""
+    dispatch.requested()
     return not training or any(r == 0 for r in rates) or x.numel() == 0
 
 
@@ -127,9 +130,40 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
 @fx_leaf
 def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", training=True,
                   noise=None, generator=None):
-    """AttentionDrop (SPEC §4): soft-mask the top beta % of a map, in an alpha share of maps.
+    """AttentionDrop (Ouyang et al., SPEC §4): soft-mask the top beta % of a map, in an
+    alpha share of maps.
 
-    x: (N, C, H, W); noise: (N, C).
+    Per (sample, channel) map of H·W units: the threshold ``t`` is the exact
+    ``n_β``-th largest value of the map, ``n_β = max(1, math.ceil(beta * H * W / 100))``
+    (computed in Python floats, so e.g. beta = 16.1 on 1000 units gives 162), ties kept
+    (every unit with ``x >= t`` is a top unit); ``f̂ = (x - min) / (max - min)`` over the
+    map (0 where max = min, and wherever it is not a number or not in [0, 1]). The map's
+    mask ``S`` by ``mode``: ``"ad"`` ``1 - f̂·[x >= t]`` (Algorithm 1), ``"am"`` ``[x < t]``
+    (eq. 4), ``"sm"`` ``1 - f̂`` (eq. 7). A map is masked where ``noise[n, c] < alpha``
+    (``gamma ~ Bernoulli(alpha)``, the whole map at once) and kept (``w = 1``) elsewhere;
+    then ``w`` is scaled by ``normalize``: ``"batch"`` ``numel(w) / sum(w)`` over the
+    batch, ``"sample"`` per sample, ``"none"`` not at all. Returns ``x * w`` rounded once
+    to x's dtype; backward is ``grad_y * w``.
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        alpha: the share of maps masked, a real number in [0, 1]; 0 returns ``x``.
+        beta: the top share of a map's units, in percent, a real number in (0, 100].
+        mode: ``"ad"``, ``"am"`` or ``"sm"``.
+        normalize: ``"batch"``, ``"sample"`` or ``"none"``.
+        training: False returns ``x`` itself.
+        noise: (N, C) uniforms in [0, 1) on x's device, any floating dtype; None draws
+            them from ``generator``.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, a non-string mode or normalize, x not a floating
+            tensor, noise not a floating tensor.
+        ValueError: x not 4-D, alpha outside [0, 1], beta outside (0, 100], an unknown
+            mode or normalize, noise of the wrong shape or device.
     """
     V.feature_map(x)
     alpha, beta = V.real("alpha", alpha), V.real("beta", beta, 0, 100, open_lo=True)

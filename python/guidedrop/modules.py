@@ -160,7 +160,15 @@ class Selectout(GuidedDropout):
 
 
 class AttentionDrop(GuidedDropout):
-    """AttentionDrop (SPEC §4). x: (N, C, H, W) -> same."""
+    """AttentionDrop (Ouyang et al., SPEC §4). x: (N, C, H, W) -> same.
+
+    In training, masks a share ``alpha`` of the (sample, channel) maps, each with a soft
+    mask of its top ``beta`` % of units (``mode``: ``"ad"`` ``1 - f̂·[x >= t]``, ``"am"``
+    ``[x < t]``, ``"sm"`` ``1 - f̂``, f̂ the map min-max normalised), then rescales by
+    ``normalize``; the identity in eval mode. See :func:`guidedrop.functional.attentiondrop`
+    for the exact definition, dtypes and errors (ValueError / TypeError on bad arguments,
+    also when an attribute is set later).
+    """
 
     _fields, _rate = ("alpha", "beta", "mode", "normalize"), "alpha"
     alpha, beta = _checked("alpha", _REAL), _checked("beta", _beta)
