@@ -10,6 +10,12 @@ function of ``(x, noise)`` on every backend; without it the randomness comes fro
 Rates are any real number (int, float, numpy scalar, Fraction), block sizes any integral
 number; a bool or a tensor is a TypeError. They are converted to python float / int
 once, here, so the layers only see those (SPEC §1).
+
+Errors, in eval mode too, each naming the argument: TypeError for a bool or tensor rate, a
+non-integral block size, a mode or normalize that is not a str, x or noise not a floating
+tensor; ValueError for a rate outside its range, an unknown mode or normalize, x not 4-D,
+noise of another shape or device, and a GUIDEDROP_BACKEND naming no backend (RuntimeError
+where the backend it names cannot run the input).
 """
 
 from __future__ import annotations
