@@ -302,6 +302,32 @@ def test_select_first_unit_special(B, dtype, hw):
                 assert_same(g, r)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hw", [(7, 7), (5, 6)], ids=str)
+def test_select_many_short_maps(B, dtype, layout, hw):
+    """Programs of at least 32 maps of at most 64 units (the Triton select then gives each
+    lane whole maps: _load_rows_on_lanes), 3 x 37 of them (a last program partly filled),
+    in every layout: special first units, NaN, ±Inf, ±0 and ties, some maps inactive; the
+    k-th largest, and thr, min, r and the exact msum of every mode, bit for bit."""
+    n = hw[0] * hw[1]
+    x = make_x((3, 37, *hw), torch.float32, DEV, layout)
+    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 100.0, -100.0]
+    for c in range(0, 37, 3):
+        x[c % 3, c, c % hw[0], c % hw[1]] = special[c % len(special)]
+    x[1, 20:30] = x[1, 20:30].round()  # ties
+    x[2, 5:9] = -x[2, 5:9].abs().round()  # ties at -0.0 and 0.0
+    x = x.to(dtype)
+    active = rand((3, 37), 7) < 0.7
+    for k in (1, 2, n // 2, n - 1, n):
+        assert_same(B.map_threshold(x, k), R.map_threshold(x, k))
+        for mode in ("am", "sm", "ad"):
+            for g, r in zip(B.attention_stats(x, k, active, mode),
+                            R.attention_stats(x, k, active, mode), strict=True):
+                assert_same(g[active], r[active])
+
+
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
 def test_attention_stats(B, x, mode):
     n, c, h, w = x.shape

@@ -14,7 +14,8 @@ key above +Inf, -0.0 sorts below +0.0 as in float_key).
 
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
 chip (short rows several per program, one histogram of ROWS * bins, at most HIST_BINS; 64
-elements a thread). Their tile, a power of 2, is padded with copies of the row's first
+elements a thread; rows of up to 64 elements a lane's each: ``_load_rows_on_lanes``). Their
+tile, a power of 2, is padded with copies of the row's first
 element, so that min and max need no mask, and every pass counts every key without one
 (``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the
 prefix go to the last bin, and the padding's and those counts are subtracted from their
@@ -177,6 +178,26 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 
 
 @triton.jit
+def _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first,
+                        BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+    """_load's (ROWS, BLOCK) tile of a whole row each (``first`` past L), laid out with the
+    rows on the lanes. Triton lays a tile out along the axis its loads find contiguous: the
+    positions, in NCHW, so that every thread held every row of a program and computed each
+    row's picks and scalars itself (bf16 7 x 7: 108 SASS per element). Loaded as (BLOCK,
+    ROWS) with its contiguity hidden, the tile takes Triton's default layout, rows on the
+    lanes, kept through the transpose (54.5). Its loads are not 16-byte vectors either way
+    (a 7 x 7 map's 98 bytes); in NCHW a warp's load touches the lines of its 32 maps, not 1
+    or 2, which its later loads find in L1."""
+    p = tl.arange(0, BLOCK)
+    if IDX64:
+        p = p.to(tl.int64)
+    off = base[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None]
+    v = tl.load(x_ptr + tl.max_contiguous(off, [1, 1]), mask=live[None, :] & (p < L)[:, None],
+                other=first[None, :])
+    return tl.trans(v.to(tl.float32))
+
+
+@triton.jit
 def _histogram(digit, m, ROWS: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
     """(ROWS, BLOCK) digits in [0, BINS) where m (all of them where m is None) -> (BINS,
     ROWS) int32: each row's counts, one ``tl.histogram`` over ROWS * BINS bins (row r's
@@ -281,7 +302,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+                   ROW_LANES: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -316,8 +337,12 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             # Padding (past L) reads copies of the row's first unit: no mask for min and max
             # (nor, in _pass, for the histograms); its S is subtracted from the sum.
             first = tl.load(x_ptr + base, mask=live, other=0.0).to(tl.float32)
-            v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK, HW_FLAT,
-                         IDX64)
+            if ROW_LANES:  # rows of at most 64 units: a lane's each
+                v = _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first, BLOCK, HW_FLAT,
+                                        IDX64)
+            else:
+                v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK,
+                             HW_FLAT, IDX64)
             ukey = _ukey(v)
             pkey = _ukey(first)
             n_valid = tl.where(live, L, 0)
@@ -437,6 +462,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     else:
         single, block, rows, bits = False, CHUNK, 1, 8
         ws = torch.empty(rcount * length, dtype=torch.int32, device=x4.device)
+    nw = max(1, rows * block // WARP_ELEMENTS) if single else warps(block)
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
     u_act = u is not None
     u = u.contiguous() if u_act else x4  # (x4: an unused pointer)
@@ -453,8 +479,9 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         STATS=stats, OS=out.shape[2], MODE=MODES[mode] if stats else 0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
+        ROW_LANES=single and rows >= 32 * nw,  # a lane a row or more: rows of <= 64
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
-        num_warps=max(1, rows * block // WARP_ELEMENTS) if single else warps(block))
+        num_warps=nw)
     return result
 
 
