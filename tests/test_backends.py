@@ -117,6 +117,20 @@ COMBO_PARAMS = [pytest.param(c, id=combo_id(c),
 assert len(DEFAULT_COMBOS & {p.id for p in COMBO_PARAMS}) == len(DEFAULT_COMBOS)
 
 
+@pytest.fixture(params=["histograms", "bits"])
+def select_path(request, B, monkeypatch):
+    """The Triton select's two ways to a row's k-th largest in registers: histograms
+    (Triton 3.8 on) and a bit a step (_select_by_bits: before 3.8, HISTOGRAM_BALLOTS); the
+    other backends run once."""
+    if B.name != "triton":
+        if request.param == "bits":
+            pytest.skip("the Triton select's path")
+        return request.param
+    from guidedrop.triton_kernels import percentile_threshold as pt
+    monkeypatch.setattr(pt, "HISTOGRAM_BALLOTS", request.param == "bits")
+    return request.param
+
+
 @pytest.fixture(params=COMBO_PARAMS)
 def x(request):
     shape, dtype, layout = request.param
@@ -183,7 +197,7 @@ def test_kth_largest_long_rows(B):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 @pytest.mark.parametrize("length", [1, 3, 7, 300, 3000, 16385,
                                     pytest.param(40000, marks=pytest.mark.slow)])
-def test_kth_largest_every_digit(B, length):
+def test_kth_largest_every_digit(B, select_path, length):
     """Exact k-th largest where the rows differ in one digit only, with ties, ±0, ±Inf,
     NaN: short rows (4-bit digits under 1024, several rows per program, 24 rows: a program
     partly filled; 8-bit digits at 3000) and rows over
@@ -253,7 +267,7 @@ def test_statistics_nan_inf(B):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_select_signed_zeros(B, dtype):
+def test_select_signed_zeros(B, select_path, dtype):
     """-0.0 ranks below +0.0 (reference.order_key, the kernels' keys): the k-th largest, min
     and max of maps of mixed zeros are the same bits whatever the elements' order (torch's
     topk and amin return either zero of a tie, by position), so r too (1/(+0 - -0) = +Inf,
@@ -280,7 +294,7 @@ def test_select_signed_zeros(B, dtype):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("hw", [(7, 7), (14, 15), (50, 60)], ids=str)
-def test_select_first_unit_special(B, dtype, hw):
+def test_select_first_unit_special(B, select_path, dtype, hw):
     """Maps whose first unit is special (NaN, ±Inf, ±0, the map's max or min, a tie with
     the threshold): the Triton select pads a map's tile to a power of 2 with copies of its
     first unit and subtracts them from its histograms and soft-mask sum. Every map pads (49
@@ -306,7 +320,7 @@ def test_select_first_unit_special(B, dtype, hw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("hw", [(7, 7), (5, 6)], ids=str)
-def test_select_many_short_maps(B, dtype, layout, hw):
+def test_select_many_short_maps(B, select_path, dtype, layout, hw):
     """Programs of at least 32 maps of at most 64 units (the Triton select then gives each
     lane whole maps: _load_rows_on_lanes), 3 x 37 of them (a last program partly filled),
     in every layout: special first units, NaN, ±Inf, ±0 and ties, some maps inactive; the

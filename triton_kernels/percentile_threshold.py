@@ -19,7 +19,9 @@ tile, a power of 2, is padded with copies of the row's first
 element, so that min and max need no mask, and every pass counts every key without one
 (``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the
 prefix go to the last bin, and the padding's and those counts are subtracted from their
-known bins; the padding's soft mask is subtracted from the sum.
+known bins; the padding's soft mask is subtracted from the sum. Before Triton 3.8, whose
+tl.histogram costs a ballot per bin bit, these rows take one bit a step instead, by counts
+of the keys at or above a candidate (``_select_by_bits``, ``HISTOGRAM_BALLOTS``).
 Longer rows (one per program) cannot stay in registers; rather than re-reading x at every
 pass they read it twice: once for the top digit's histogram (and min/max), once to pack
 the keys in the chosen top bin, in order, into an int32 workspace (R * L, allocated only
@@ -92,6 +94,14 @@ HIST_BINS = 4096
 # (bf16 56 x 56: 84 SASS per element; 64 a thread: 30), and past 64 registers spill.
 SELECT_TILE = 16384 if INTERPRETED else 2048
 WARP_ELEMENTS = 2048
+# Triton 3.6 (the GPU machine's) lowers tl.histogram to a warp ballot per bit of the bin
+# index and a popcount per bin a lane owns, 3.8 to a shared-memory atomic per key: the
+# select's sm_90 SASS per element, bf16, 130-237 against 30-60. Before 3.8 (3.7 not
+# measured) the rows in registers are selected without histograms (_select_by_bits: 16
+# compares and adds a bf16 key, 32 a float32 one): with 3.6, bf16 56 x 56 73-79 (130-138
+# with histograms), 28 x 28 74-79 (180-188), 14 x 14 102-103 (150-153), 7 x 7 110 in
+# channels_last and 199 in NCHW (237, 230).
+HISTOGRAM_BALLOTS = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
 
 
 @triton.jit
@@ -180,14 +190,17 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 @triton.jit
 def _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first,
                         BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
-    """_load's (ROWS, BLOCK) tile of a whole row each (``first`` past L), laid out with the
-    rows on the lanes. Triton lays a tile out along the axis its loads find contiguous: the
-    positions, in NCHW, so that every thread held every row of a program and computed each
-    row's picks and scalars itself (bf16 7 x 7: 108 SASS per element). Loaded as (BLOCK,
-    ROWS) with its contiguity hidden, the tile takes Triton's default layout, rows on the
-    lanes, kept through the transpose (54.5). Its loads are not 16-byte vectors either way
-    (a 7 x 7 map's 98 bytes); in NCHW a warp's load touches the lines of its 32 maps, not 1
-    or 2, which its later loads find in L1."""
+    """The (ROWS, BLOCK) float32 values of whole rows (``first`` of each row past L, as
+    _load's values with other=first; no mask returned), laid out with the rows on the
+    lanes: _select_kernel's ROW_LANES, rows of at most 64 units and at least 32 a warp.
+    Triton lays a tile out along the axis its loads find contiguous: the positions, in
+    NCHW, so that every thread held every row of a program and computed each row's picks
+    and scalars itself (bf16 7 x 7: 108 SASS per element). Loaded as (BLOCK, ROWS) with its
+    contiguity hidden, the tile takes Triton's default layout, rows on the lanes, which
+    Triton 3.8 keeps through the transpose (54.5). Its loads are not 16-byte vectors
+    either way (a 7 x 7 map is 98 bytes). In NCHW each warp-wide load now reaches 32 maps,
+    about 25 cache lines, where it reached 1 or 2; the map's later loads hit those lines
+    in L1."""
     p = tl.arange(0, BLOCK)
     if IDX64:
         p = p.to(tl.int64)
@@ -227,6 +240,22 @@ def _pick(hist, k, BINS: tl.constexpr):
     above = tl.sum(tl.where(b == d[None, :] + 1, atleast, 0), axis=0)  # #{digit > d}
     count = tl.sum(tl.where(b == d[None, :], atleast, 0), axis=0) - above
     return d, k - above, count
+
+
+@triton.jit
+def _select_by_bits(ukey, pkey, pad, k, ROWS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The top KEY_BITS bits of the k-th largest of each row's unsigned keys (ROWS, BLOCK),
+    a bit a step from the top: the largest t with #{keys >= t} >= k (bits below KEY_BITS
+    0, so a key is >= t exactly when its top bits are), the ``pad`` copies of ``pkey``
+    taken out of the counts. A compare and an add per key and bit, with no histogram."""
+    t = tl.zeros([ROWS], tl.uint32)
+    one = tl.full([ROWS], 1, tl.uint32)
+    for i in tl.static_range(KEY_BITS):
+        cand = t | (one << (31 - i))
+        n = tl.sum((ukey >= _col(cand, ROWS)).to(tl.int32), axis=1) \
+            - tl.where(pkey >= cand, pad, 0)
+        t = tl.where(n >= k, cand, t)
+    return t
 
 
 @triton.jit
@@ -302,7 +331,8 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                   ROW_LANES: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+                   ROW_LANES: tl.constexpr, COUNT_BITS: tl.constexpr,
+                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -349,11 +379,16 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             pad = BLOCK - n_valid
             count = n_valid  # the valid keys matching the prefix
             uprefix = tl.zeros([ROWS], tl.uint32)  # the digits found so far
-            for i in tl.static_range(PASSES):
-                d, kk, count = _pick(_pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS,
-                                           BLOCK, BITS, 32 - BITS * (i + 1)), kk, BINS)
-                uprefix = uprefix | (d.to(tl.uint32, bitcast=True) << (32 - BITS * (i + 1)))
-            thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True), 32 - BITS * PASSES))
+            if COUNT_BITS:  # no tl.histogram (HISTOGRAM_BALLOTS): a bit a step
+                uprefix = _select_by_bits(ukey, pkey, pad, kk, ROWS, KEY_BITS)
+                thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True), 32 - KEY_BITS))
+            else:
+                for i in tl.static_range(PASSES):
+                    d, kk, count = _pick(_pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS,
+                                               BLOCK, BITS, 32 - BITS * (i + 1)), kk, BINS)
+                    uprefix = uprefix | (d.to(tl.uint32, bitcast=True) << (32 - BITS * (i + 1)))
+                thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True),
+                                          32 - BITS * PASSES))
             if STATS:
                 kmin = tl.min(ukey, axis=1).to(tl.int32, bitcast=True) ^ KMIN
                 kmax = tl.max(ukey, axis=1).to(tl.int32, bitcast=True) ^ KMIN
@@ -432,9 +467,11 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     msum).
 
     The maps are those where ``active`` (N, C) bool, or, given ``u`` (N, C) (any float
-    dtype), where u < alpha in float32, written to ``active_out`` (N, C) bool; the entries
-    of the other maps are 0. Every entry is written by the kernel (no zero fill). alpha: a
-    float, or a 0-dim float32 tensor (read on the device).
+    dtype; it takes precedence over ``active``), where u < alpha in float32, written to
+    ``active_out`` (N, C) bool; the entries of the other maps are 0. Every entry is written
+    by the kernel (no zero fill), but for empty maps (H * W = 0): out NaN, msum
+    0, filled here. alpha: a float, or a 0-dim float32 tensor (read on the device).
+    Raises ValueError for k outside [1, H * W] (maps not empty) and a mode not in MODES.
     """
     n, c, h, w = x4.shape
     stats = mode is not None
@@ -479,7 +516,11 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         STATS=stats, OS=out.shape[2], MODE=MODES[mode] if stats else 0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
-        ROW_LANES=single and rows >= 32 * nw,  # a lane a row or more: rows of <= 64
+        # a lane a row or more (rows of <= 64): not before Triton 3.8, whose layouts do not
+        # keep the rows on the lanes through the transpose (bf16 7 x 7 in channels_last: 203
+        # SASS per element, 110 without)
+        ROW_LANES=single and rows >= 32 * nw and not HISTOGRAM_BALLOTS,
+        COUNT_BITS=single and HISTOGRAM_BALLOTS,
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=nw)
     return result
