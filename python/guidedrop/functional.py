@@ -141,7 +141,8 @@ def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", trai
 
     Per (sample, channel) map of H·W units: the threshold ``t`` is the exact
     ``n_β``-th largest value of the map, ``n_β = max(1, math.ceil(beta * H * W / 100))``
-    (computed in Python floats, so e.g. beta = 16.1 on 1000 units gives 162), ties kept
+    (computed in Python floats left to right, so it can depend on H and W, not only on
+    H·W: beta = 16.1 gives 162 on 100 x 10, 161 on 10 x 100), ties kept
     (every unit with ``x >= t`` is a top unit); ``f̂ = (x - min) / (max - min)`` over the
     map (0 where max = min, and wherever it is not a number or not in [0, 1]). The map's
     mask ``S`` by ``mode``: ``"ad"`` ``1 - f̂·[x >= t]`` (Algorithm 1), ``"am"`` ``[x < t]``

@@ -56,7 +56,8 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
 def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the n_β-th largest value of each map.
 
-    n_β = max(1, ceil(beta * H * W / 100)); the top beta % of a map are the units >= it.
+    n_β = max(1, math.ceil(beta * H * W / 100)) in Python floats, left to right (SPEC §4);
+    the top beta % of a map are the units >= it.
     Exact (a value of the map; NaN counts as the largest). Empty maps (H * W = 0): NaN.
     Raises ValueError for beta outside (0, 100].
     """
