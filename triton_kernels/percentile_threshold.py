@@ -14,7 +14,8 @@ key above +Inf, -0.0 sorts below +0.0 as in float_key).
 
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
 chip (short rows several per program, one histogram of ROWS * bins, at most HIST_BINS; 64
-elements a thread; rows of up to 64 elements a lane's each: ``_load_rows_on_lanes``). Their
+elements a thread; from Triton 3.8, rows of up to 64 elements a lane's each:
+``_load_rows_on_lanes``). Their
 tile, a power of 2, is padded with copies of the row's first
 element, so that min and max need no mask, and every pass counts every key without one
 (``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the
