@@ -779,13 +779,20 @@ def test_apply_attention_words_only_aligned(B, offset, monkeypatch):
 # channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
 # 64 channels (several channel tiles at C = 130), a tail of positions and of channels
 # (C = 5, 70), channels fewer than a 16-byte vector (C = 3); x read per 16-byte vector where
-# one of its maps is active: NaN in the inactive maps must change nothing.
+# one of its maps is active: NaN in the inactive maps must change nothing. The tile in
+# either orientation (CL_GROUPS_FIRST: the one each Triton version compiles best).
 CL_SHAPES = [(2, 130, 5, 7), (3, 5, 9, 4), (1, 70, 1, 1), (2, 3, 6, 6)]
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_apply_attention_channels_last(B, shape, dtype):
+@pytest.mark.parametrize("groups_first", [False, True], ids=["positions", "groups"])
+def test_apply_attention_channels_last(B, shape, dtype, groups_first, monkeypatch):
+    if B.name == "triton":
+        from guidedrop.triton_kernels import percentile_threshold as pt
+        monkeypatch.setattr(pt, "CL_GROUPS_FIRST", groups_first)
+    elif groups_first:
+        pytest.skip("the Triton tile's orientation")
     n, c, h, w = shape
     x = make_x(shape, dtype, DEV, "channels_last")
     active = rand((n, c), 7) < 0.3

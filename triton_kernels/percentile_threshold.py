@@ -52,6 +52,7 @@ from ._common import (
     CL_TILE,
     INTERPRETED,
     MAX_ROW,
+    TRITON_VERSION,
     aligned,
     apply_flags,
     apply_launch,
@@ -102,7 +103,16 @@ WARP_ELEMENTS = 2048
 # compares and adds a bf16 key, 32 a float32 one): with 3.6, bf16 56 x 56 73-79 (130-138
 # with histograms), 28 x 28 74-79 (180-188), 14 x 14 102-103 (150-153), 7 x 7 110 in
 # channels_last and 199 in NCHW (237, 230).
-HISTOGRAM_BALLOTS = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
+HISTOGRAM_BALLOTS = TRITON_VERSION < (3, 8)
+# The axis of _apply_attention_cl_kernel's tile that comes first. Triton's coalescing puts
+# the lanes of a warp along the 16-byte vectors' axis and then along the tile's other axes,
+# those of equal contiguity (here both: positions C apart, vectors VEC apart) in an order
+# that changed: 3.8 takes the last first, 3.6 the first. The lanes must go along the
+# channels' vectors, so that a thread holds the few maps' states of its vectors: with the
+# lanes along the positions, every thread holds the tile's 64 channels of a position, and
+# the states are read from shared memory per element (Triton 3.6, bf16 56 x 56: 17.0-18.3
+# SASS per element against 13.3-14.0; Triton 3.8 with the groups first: 16.5-20.0).
+CL_GROUPS_FIRST = TRITON_VERSION < (3, 8)
 
 
 @triton.jit
@@ -639,10 +649,11 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
 def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, MAGW,
                                t_sN, t_sH, t_sW, x_sN, x_sH, x_sW, o_sN, o_sH, o_sW,
                                MODE: tl.constexpr, X_IS_T: tl.constexpr, BO: tl.constexpr,
-                               BI: tl.constexpr, VEC: tl.constexpr, IDX64: tl.constexpr,
-                               SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                               BI: tl.constexpr, VEC: tl.constexpr, GROUPS_FIRST: tl.constexpr,
+                               IDX64: tl.constexpr, SAME: tl.constexpr, BF16_FIX: tl.constexpr):
     """t, x and out with contiguous channels (channels_last): a (BO positions, BI channels)
-    tile of sample program_id(2), as (BO, BI // VEC, VEC), VEC channels a 16-byte vector.
+    tile of sample program_id(2), as (BO, BI // VEC, VEC), VEC channels a 16-byte vector,
+    or as (BI // VEC, BO, VEC) (GROUPS_FIRST, ``CL_GROUPS_FIRST``).
     The maps' state per channel, once per tile for its BO positions; x read per vector
     where one of its VEC maps is active (DRAM reads whole 32-byte sectors: per element it
     would save no traffic, and cost 16-byte loads)."""
@@ -650,39 +661,52 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
     h = tl.umulhi(p * 4, MAGW)
     w = p - h * W
     n = tl.program_id(2)
-    c = (tl.program_id(1) * BI + tl.arange(0, BI // VEC) * VEC)[None, :, None] \
-        + tl.arange(0, VEC)[None, None, :]  # (1, BI // VEC, VEC)
+    groups = tl.program_id(1) * BI + tl.arange(0, BI // VEC) * VEC
+    if GROUPS_FIRST:  # (BI // VEC, BO, VEC)
+        c = groups[:, None, None] + tl.arange(0, VEC)[None, None, :]
+    else:  # (BO, BI // VEC, VEC)
+        c = groups[None, :, None] + tl.arange(0, VEC)[None, None, :]
     if IDX64:
         n = n.to(tl.int64)
         h = h.to(tl.int64)
         w = w.to(tl.int64)
         c = c.to(tl.int64)
     cv = c < C
-    m = (p < HWP)[:, None, None] & cv
     mp = n * C + c
     act = tl.load(act_ptr + mp, mask=cv) != 0
     # the state (thr, scale, mn, r) of each channel's map: a 16-byte load (as _map_state)
     st = tl.load(st_ptr + mp[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :],
                  mask=cv[:, :, :, None])
-    even, odd = tl.split(tl.reshape(st, (1, BI // VEC, VEC, 2, 2)))  # (thr, mn), (sc, r)
-    thr, mn = tl.split(even)
+    even, odd = tl.split(tl.reshape(st, (c.shape[0], c.shape[1], VEC, 2, 2)))
+    thr, mn = tl.split(even)  # (thr, mn), (sc, r)
     sc, r = tl.split(odd)
     r = tl.where(act, r, 0.0)
     sd = tl.where(act, 0.0 * sc, sc)
-    t_off = (n * t_sN + h * t_sH + w * t_sW)[:, None, None] + c
+    t_off = _cl_positions(n * t_sN + h * t_sH + w * t_sW, GROUPS_FIRST) + c
+    m = _cl_positions(p < HWP, GROUPS_FIRST) & cv
     tv = tl.load(t_ptr + t_off, mask=m).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:
-        live = tl.max(act.to(tl.int32), axis=2)[:, :, None] != 0  # (1, BI // VEC, 1)
-        x_off = (n * x_sN + h * x_sH + w * x_sW)[:, None, None] + c
+        live = tl.max(act.to(tl.int32), axis=2)[:, :, None] != 0  # a flag per vector
+        x_off = _cl_positions(n * x_sN + h * x_sH + w * x_sW, GROUPS_FIRST) + c
         xv = tl.load(x_ptr + x_off, mask=m & live).to(tl.float32)
     if SAME:
         o_off = t_off
     else:
-        o_off = (n * o_sN + h * o_sH + w * o_sW)[:, None, None] + c
+        o_off = _cl_positions(n * o_sN + h * o_sH + w * o_sW, GROUPS_FIRST) + c
     tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
                                      BF16_FIX), mask=m)
+
+
+@triton.jit
+def _cl_positions(v, GROUPS_FIRST: tl.constexpr):
+    """A per-position value (BO,) against _apply_attention_cl_kernel's tile."""
+    if GROUPS_FIRST:
+        out = v[None, :, None]
+    else:
+        out = v[:, None, None]
+    return out
 
 
 @triton.jit
@@ -835,7 +859,7 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         launch(_apply_attention_cl_kernel)[(cdiv(h * w, bo), cdiv(c, bi), n)](
             t, x, out, state, act, h * w, c, w, -(-2**30 // w), t.stride(0), *t.stride()[2:],
             x.stride(0), *x.stride()[2:], out.stride(0), *out.stride()[2:], MODE=MODES[mode],
-            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi),
+            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), GROUPS_FIRST=CL_GROUPS_FIRST,
             num_warps=max(1, bo * bi // (32 * CL_PER_THREAD)),
             **apply_flags(t, out, x))
         return out
