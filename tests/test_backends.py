@@ -131,6 +131,20 @@ def select_path(request, B, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["lanes-last", "lanes-first"])
+def lanes_first(request, B, monkeypatch):
+    """The Triton apply_attention tiles' two orders of axes (percentile_threshold.LANES_FIRST:
+    the one each Triton version compiles best); the other backends run once."""
+    first = request.param == "lanes-first"
+    if B.name != "triton":
+        if first:
+            pytest.skip("the Triton tiles' order of axes")
+        return first
+    from guidedrop.triton_kernels import percentile_threshold as pt
+    monkeypatch.setattr(pt, "LANES_FIRST", first)
+    return first
+
+
 @pytest.fixture(params=COMBO_PARAMS)
 def x(request):
     shape, dtype, layout = request.param
@@ -733,7 +747,7 @@ QUAD_SHAPES = [(2, 32, 7, 7), (1, 32, 3, 11), (2, 16, 7, 7), (1, 96, 14, 14), (2
 
 @pytest.mark.parametrize("shape", QUAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_apply_attention_flat_groups(B, shape, dtype):
+def test_apply_attention_flat_groups(B, shape, dtype, lanes_first):
     n, c, h, w = shape
     active = rand((n, c), 5) < 0.5
     x = torch.where(active[:, :, None, None], make_x(shape, dtype, DEV, "contiguous"), math.nan)
@@ -743,7 +757,7 @@ def test_apply_attention_flat_groups(B, shape, dtype):
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
-def test_apply_attention_words_only_aligned(B, offset, monkeypatch):
+def test_apply_attention_words_only_aligned(B, offset, lanes_first, monkeypatch):
     """bfloat16 t and x 2 bytes past a 4-byte boundary (offset 1) in the grouped flat tile:
     Triton reads them as int32 words ("sm", "ad") only where both start on 4 bytes (a word
     load of a 2-byte aligned address faults on a GPU; the interpreter would not show it);
@@ -779,20 +793,13 @@ def test_apply_attention_words_only_aligned(B, offset, monkeypatch):
 # channels_last t, x and out: Triton's per-sample tile (_apply_attention_cl_kernel) of up to
 # 64 channels (several channel tiles at C = 130), a tail of positions and of channels
 # (C = 5, 70), channels fewer than a 16-byte vector (C = 3); x read per 16-byte vector where
-# one of its maps is active: NaN in the inactive maps must change nothing. The tile in
-# either orientation (CL_GROUPS_FIRST: the one each Triton version compiles best).
+# one of its maps is active: NaN in the inactive maps must change nothing.
 CL_SHAPES = [(2, 130, 5, 7), (3, 5, 9, 4), (1, 70, 1, 1), (2, 3, 6, 6)]
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("groups_first", [False, True], ids=["positions", "groups"])
-def test_apply_attention_channels_last(B, shape, dtype, groups_first, monkeypatch):
-    if B.name == "triton":
-        from guidedrop.triton_kernels import percentile_threshold as pt
-        monkeypatch.setattr(pt, "CL_GROUPS_FIRST", groups_first)
-    elif groups_first:
-        pytest.skip("the Triton tile's orientation")
+def test_apply_attention_channels_last(B, shape, dtype, lanes_first):
     n, c, h, w = shape
     x = make_x(shape, dtype, DEV, "channels_last")
     active = rand((n, c), 7) < 0.3

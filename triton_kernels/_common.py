@@ -328,12 +328,18 @@ def divide(n, MAGIC, SHIFT):
 
 
 @triton.jit
-def tile_offsets(start, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr):
+def tile_offsets(start, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
+                 LANES_FIRST: tl.constexpr = False):
     """The flat offsets start + [0, BLOCK) in groups of U * V: (BLOCK // V, V) for U = 1;
-    else (U, BLOCK // (U * V), V), a group's U vectors consecutive, held by one thread."""
+    else (U, BLOCK // (U * V), V), a group's U vectors consecutive, held by one thread, or
+    (BLOCK // (U * V), U, V) (LANES_FIRST: for Triton before 3.8, whose coalescing takes
+    the groups' axis first for the lanes only there; percentile_threshold.LANES_FIRST)."""
     g = tl.arange(0, BLOCK // (U * V)) * (U * V)
     if U == 1:
         e = start + g[:, None] + tl.arange(0, V)[None, :]
+    elif LANES_FIRST:
+        e = (start + g[:, None, None] + (tl.arange(0, U) * V)[None, :, None]
+             + tl.arange(0, V)[None, None, :])
     else:
         e = (start + (tl.arange(0, U) * V)[:, None, None] + g[None, :, None]
              + tl.arange(0, V)[None, None, :])
@@ -342,7 +348,8 @@ def tile_offsets(start, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr):
 
 @triton.jit
 def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexpr,
-             V: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr, U: tl.constexpr = 1):
+             V: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr, U: tl.constexpr = 1,
+             LANES_FIRST: tl.constexpr = False):
     """This program's flat tile of a contiguous (N, C, H, W) tensor (launched by
     flat_launch) as (BLOCK // V, V) groups of V consecutive elements (V * itemsize >= 16
     bytes: one or more vectors per group), the index work per group, not per element.
@@ -351,8 +358,9 @@ def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexp
     magic multiplier.
 
     U > 1: groups of U * V elements, e (U, BLOCK // (U * V), V), a group's U vectors held by
-    one thread (its per-group values computed once for them); TOTAL must be a multiple of
-    U * V, and m is per group, (1, groups, 1).
+    one thread (its per-group values computed once for them), or (BLOCK // (U * V), U, V)
+    (LANES_FIRST, ``tile_offsets``); TOTAL must be a multiple of U * V, and m is per group,
+    (1, groups, 1) or (groups, 1, 1).
 
     Returns (e, m, mp0, dmp, pos): e (BLOCK // V, V) the flat indices, m the valid ones,
     the tile's first map mp0 (n * C + c) and of each group's first element (groups,) its
@@ -365,13 +373,14 @@ def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexp
         mp0 = start // HW
     else:
         mp0 = divide(start, HW_M, HW_S)
-    e = tile_offsets(start, BLOCK, V, U)
+    e = tile_offsets(start, BLOCK, V, U, LANES_FIRST)
     g = tl.arange(0, BLOCK // (U * V)) * (U * V)
     dmp, pos = split((start - mp0 * HW).to(tl.int32) + g, HW, MAG1, BIG1)
     if U == 1:
         m = tl.full(e.shape, True, tl.int1) if EVEN else e < TOTAL
     else:  # TOTAL a multiple of U * V: a group is valid or not as a whole, one compare
-        m = (tl.full(g.shape, True, tl.int1) if EVEN else start + g < TOTAL)[None, :, None]
+        m = tl.full(g.shape, True, tl.int1) if EVEN else start + g < TOTAL
+        m = m[:, None, None] if LANES_FIRST else m[None, :, None]
     return e, m, mp0, dmp, pos
 
 

@@ -104,15 +104,18 @@ WARP_ELEMENTS = 2048
 # with histograms), 28 x 28 74-79 (180-188), 14 x 14 102-103 (150-153), 7 x 7 110 in
 # channels_last and 199 in NCHW (237, 230).
 HISTOGRAM_BALLOTS = TRITON_VERSION < (3, 8)
-# The axis of _apply_attention_cl_kernel's tile that comes first. Triton's coalescing puts
-# the lanes of a warp along the 16-byte vectors' axis and then along the tile's other axes,
-# those of equal contiguity (here both: positions C apart, vectors VEC apart) in an order
-# that changed: 3.8 takes the last first, 3.6 the first. The lanes must go along the
-# channels' vectors, so that a thread holds the few maps' states of its vectors: with the
-# lanes along the positions, every thread holds the tile's 64 channels of a position, and
-# the states are read from shared memory per element (Triton 3.6, bf16 56 x 56: 17.0-18.3
-# SASS per element against 13.3-14.0; Triton 3.8 with the groups first: 16.5-20.0).
-CL_GROUPS_FIRST = TRITON_VERSION < (3, 8)
+# The apply_attention tiles of three axes: which strided axis comes first. Triton's
+# coalescing puts a warp's lanes along the 16-byte vectors' axis and then along the tile's
+# other axes, those of equal contiguity in an order that changed: 3.8 takes the last first,
+# 3.6 the first. So the axis the lanes must run along comes last before 3.8's order and first
+# before it (LANES_FIRST): in channels_last the channels' vectors (not the positions: every
+# thread would hold the tile's 64 channels of a position and read their maps' states from
+# shared memory per element), in the flat tile the groups of U vectors (not the U vectors:
+# a thread would hold 4 groups' index and state work, not one). Triton 3.6, bf16 sm_90 SASS
+# per element: channels_last 17.0-18.3 -> 12.7-14.3, flat 14 x 14 13.4-15.8 -> 10.6-12.0,
+# 7 x 7 16.7-21.9 -> 12.9-15.0 (with _below); Triton 3.8 with the lanes' axis first:
+# channels_last 16.5-20.0 (11.0-14.1 last).
+LANES_FIRST = TRITON_VERSION < (3, 8)
 
 
 @triton.jit
@@ -165,6 +168,19 @@ def one_minus_gated(f, xv, thr):
             "fma.rn.f32 $0, n, b, 0f3F800000; }", "=r,r,r,r",
             [f, xv, thr], dtype=tl.float32, is_pure=True, pack=1)
     return s
+
+
+@triton.jit
+def _below(xv, thr):
+    """1.0 where xv < thr, else 0.0 (NaN: 0.0), float32: one FSET on sm_90 (PTX's set). From
+    (xv < thr).to(tl.float32) Triton 3.6 made a predicate, packed the group's 32 into
+    integers and unpacked them (bf16 7 x 7 "am": 18.2 SASS per element, 3.8: 12.8)."""
+    if INTERPRETED:
+        b = (xv < thr).to(tl.float32)
+    else:
+        b = tl.inline_asm_elementwise("set.lt.f32.f32 $0, $1, $2;", "=r,r,r", [xv, thr],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    return b
 
 
 @triton.jit
@@ -649,11 +665,11 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
 def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, MAGW,
                                t_sN, t_sH, t_sW, x_sN, x_sH, x_sW, o_sN, o_sH, o_sW,
                                MODE: tl.constexpr, X_IS_T: tl.constexpr, BO: tl.constexpr,
-                               BI: tl.constexpr, VEC: tl.constexpr, GROUPS_FIRST: tl.constexpr,
+                               BI: tl.constexpr, VEC: tl.constexpr, LANES_FIRST: tl.constexpr,
                                IDX64: tl.constexpr, SAME: tl.constexpr, BF16_FIX: tl.constexpr):
     """t, x and out with contiguous channels (channels_last): a (BO positions, BI channels)
     tile of sample program_id(2), as (BO, BI // VEC, VEC), VEC channels a 16-byte vector,
-    or as (BI // VEC, BO, VEC) (GROUPS_FIRST, ``CL_GROUPS_FIRST``).
+    or as (BI // VEC, BO, VEC) (``LANES_FIRST``).
     The maps' state per channel, once per tile for its BO positions; x read per vector
     where one of its VEC maps is active (DRAM reads whole 32-byte sectors: per element it
     would save no traffic, and cost 16-byte loads)."""
@@ -662,7 +678,7 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
     w = p - h * W
     n = tl.program_id(2)
     groups = tl.program_id(1) * BI + tl.arange(0, BI // VEC) * VEC
-    if GROUPS_FIRST:  # (BI // VEC, BO, VEC)
+    if LANES_FIRST:  # (BI // VEC, BO, VEC)
         c = groups[:, None, None] + tl.arange(0, VEC)[None, None, :]
     else:  # (BO, BI // VEC, VEC)
         c = groups[None, :, None] + tl.arange(0, VEC)[None, None, :]
@@ -682,27 +698,27 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
     sc, r = tl.split(odd)
     r = tl.where(act, r, 0.0)
     sd = tl.where(act, 0.0 * sc, sc)
-    t_off = _cl_positions(n * t_sN + h * t_sH + w * t_sW, GROUPS_FIRST) + c
-    m = _cl_positions(p < HWP, GROUPS_FIRST) & cv
+    t_off = _cl_positions(n * t_sN + h * t_sH + w * t_sW, LANES_FIRST) + c
+    m = _cl_positions(p < HWP, LANES_FIRST) & cv
     tv = tl.load(t_ptr + t_off, mask=m).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:
         live = tl.max(act.to(tl.int32), axis=2)[:, :, None] != 0  # a flag per vector
-        x_off = _cl_positions(n * x_sN + h * x_sH + w * x_sW, GROUPS_FIRST) + c
+        x_off = _cl_positions(n * x_sN + h * x_sH + w * x_sW, LANES_FIRST) + c
         xv = tl.load(x_ptr + x_off, mask=m & live).to(tl.float32)
     if SAME:
         o_off = t_off
     else:
-        o_off = _cl_positions(n * o_sN + h * o_sH + w * o_sW, GROUPS_FIRST) + c
+        o_off = _cl_positions(n * o_sN + h * o_sH + w * o_sW, LANES_FIRST) + c
     tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
                                      BF16_FIX), mask=m)
 
 
 @triton.jit
-def _cl_positions(v, GROUPS_FIRST: tl.constexpr):
+def _cl_positions(v, LANES_FIRST: tl.constexpr):
     """A per-position value (BO,) against _apply_attention_cl_kernel's tile."""
-    if GROUPS_FIRST:
+    if LANES_FIRST:
         out = v[None, :, None]
     else:
         out = v[:, None, None]
@@ -710,10 +726,12 @@ def _cl_positions(v, GROUPS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _per_group(v, U: tl.constexpr):
-    """A per-group value (groups,) against group_tile's element tile."""
+def _per_group(v, U: tl.constexpr, LANES_FIRST: tl.constexpr):
+    """A per-group value (groups,) against map_tile's element tile."""
     if U == 1:
         out = v[:, None]
+    elif LANES_FIRST:
+        out = v[:, None, None]
     else:
         out = v[None, :, None]
     return out
@@ -721,19 +739,20 @@ def _per_group(v, U: tl.constexpr):
 
 @triton.jit
 def _load_f32(ptr, e, m, live, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.constexpr,
-              IDX64: tl.constexpr, WORDS: tl.constexpr):
+              LANES_FIRST: tl.constexpr, IDX64: tl.constexpr, WORDS: tl.constexpr):
     """ptr[e] as float32 where m, (e, m) from ``map_tile``; live (groups,): the groups to
     read (None: all). WORDS (U > 1, bfloat16 starting on 4 bytes): read as int32 words,
     each unpacked in one instruction per element, the low element w << 16, the high one
     w & 0xffff0000 (a bfloat16 is the high half of its float32); Triton's conversion of a
     high half takes two (PRMT, IMAD.U32)."""
     if live is not None:
-        m = m & _per_group(live, U)
-    if WORDS:  # m is per group (1, groups, 1): the words' mask too
+        m = m & _per_group(live, U, LANES_FIRST)
+    if WORDS:  # m is per group: the words' mask too
         start = tl.program_id(0) * (BLOCK // 2)
         if IDX64:
             start = start.to(tl.int64)
-        ew = tile_offsets(start, BLOCK // 2, V // 2, U)  # the words of e, in e's layout
+        # the words of e, in e's layout
+        ew = tile_offsets(start, BLOCK // 2, V // 2, U, LANES_FIRST)
         w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + ew, mask=m)
         lo = (w << 16).to(tl.float32, bitcast=True)
         hi = (w & -65536).to(tl.float32, bitcast=True)
@@ -750,7 +769,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  ONE_MAP: tl.constexpr, G: tl.constexpr, BIG1: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
                                  IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr,
-                                 WORDS: tl.constexpr):
+                                 LANES_FIRST: tl.constexpr, WORDS: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of U * V elements (``_common.map_tile``: the
     map index n * C + c is all the state needs, no sample or channel), U * V <= HW + 1 so
     that a group spans at most one map end. Per group the state of its map (``_map_state``:
@@ -762,7 +781,8 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
     selected; there bfloat16 t and x load as words (WORDS, ``_load_f32``) in "sm" and
     "ad" (in "am", whose x only meets a compare, LLVM then packs the per-element predicates
     into integers: 17.1 SASS per element against 12.8)."""
-    e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U)
+    e, m, mp0, dmp, pos = map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1, BLOCK, V, IDX64, EVEN, U,
+                                   LANES_FIRST)
     # groups past the end (the last tile's, unless EVEN) store nothing: the last map's
     # state stands in for theirs (no masked loads, no zero fill)
     mp = mp0 + dmp if EVEN else tl.minimum(mp0 + dmp, NC - 1)
@@ -780,34 +800,37 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         # same compare and selects for the G elements of a group (folded into one)
         if U == 1:
             j = tl.arange(0, V)[None, :]
+        elif LANES_FIRST:
+            j = (tl.arange(0, U) * V)[None, :, None] + tl.arange(0, V)[None, None, :]
         else:
             j = (tl.arange(0, U) * V)[:, None, None] + tl.arange(0, V)[None, None, :]
-        wrap = j // G * G >= _per_group(HW - pos, U)
+        wrap = j // G * G >= _per_group(HW - pos, U, LANES_FIRST)
     if U == 1:
-        sc = tl.where(wrap, _per_group(sc1, U), _per_group(sc0, U))
+        sc = tl.where(wrap, _per_group(sc1, U, LANES_FIRST), _per_group(sc0, U, LANES_FIRST))
     else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
-        sc = _per_group(sc0, U)
-    tv = _load_f32(t_ptr, e, m, None, BLOCK, V, U, IDX64, WORDS)
+        sc = _per_group(sc0, U, LANES_FIRST)
+    tv = _load_f32(t_ptr, e, m, None, BLOCK, V, U, LANES_FIRST, IDX64, WORDS)
     if X_IS_T:
         xv = tv
     else:  # x is read only where the group's maps are active (per group: 16-byte vectors);
         # elsewhere its value is never used (r = 0 or sd = sc: w = sc): no zero fill
-        xv = _load_f32(x_ptr, e, m, act0 | act1, BLOCK, V, U, IDX64, WORDS)
+        xv = _load_f32(x_ptr, e, m, act0 | act1, BLOCK, V, U, LANES_FIRST, IDX64,
+                       WORDS)
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:
-        thr = tl.where(wrap, _per_group(thr1, U), _per_group(thr0, U))
+        thr = tl.where(wrap, _per_group(thr1, U, LANES_FIRST), _per_group(thr0, U, LANES_FIRST))
     if MODE == 0 and U > 1:  # S where active, else 1: max(S, 1 - active), no predicate
         # per unit held across the group's 32 (the selects of sd did: P2R and back)
         off0, off1 = (~act0).to(tl.float32), (~act1).to(tl.float32)
-        off = tl.where(wrap, _per_group(off1, U), _per_group(off0, U))
-        w = tl.maximum((xv < thr).to(tl.float32), off) * sc
+        off = tl.where(wrap, _per_group(off1, U, LANES_FIRST), _per_group(off0, U, LANES_FIRST))
+        w = tl.maximum(_below(xv, thr), off) * sc
     elif MODE == 0:
-        sd = tl.where(wrap, _per_group(sd1, U), _per_group(sd0, U))
+        sd = tl.where(wrap, _per_group(sd1, U, LANES_FIRST), _per_group(sd0, U, LANES_FIRST))
         w = _attention_w(xv, thr, 0.0, 0.0, sc, sd, MODE)
     else:
-        mn = tl.where(wrap, _per_group(mn1, U), _per_group(mn0, U))
-        r = tl.where(wrap, _per_group(r1, U), _per_group(r0, U))
+        mn = tl.where(wrap, _per_group(mn1, U, LANES_FIRST), _per_group(mn0, U, LANES_FIRST))
+        r = tl.where(wrap, _per_group(r1, U, LANES_FIRST), _per_group(r0, U, LANES_FIRST))
         w = _attention_w(xv, thr, mn, r, sc, sc, MODE)
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
@@ -851,7 +874,8 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         launch(_apply_attention_flat_kernel)[grid](
             t, x, out, state, act, out.numel(), NC=n * c, MODE=MODES[mode],
             X_IS_T=x_is_t, ONE_MAP=one_map,
-            G=4 if h * w % 4 == 0 else 1, V=vv, U=u, WORDS=words, **meta)
+            G=4 if h * w % 4 == 0 else 1, V=vv, U=u, LANES_FIRST=LANES_FIRST, WORDS=words,
+            **meta)
         return out
     if all(walk_channels_last(a) for a in (t, x, out)) and n <= 65535 and h * w * w <= 2**30:
         bi = min(pow2(c), CL_CHANNELS)
@@ -859,7 +883,7 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
         launch(_apply_attention_cl_kernel)[(cdiv(h * w, bo), cdiv(c, bi), n)](
             t, x, out, state, act, h * w, c, w, -(-2**30 // w), t.stride(0), *t.stride()[2:],
             x.stride(0), *x.stride()[2:], out.stride(0), *out.stride()[2:], MODE=MODES[mode],
-            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), GROUPS_FIRST=CL_GROUPS_FIRST,
+            X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), LANES_FIRST=LANES_FIRST,
             num_warps=max(1, bo * bi // (32 * CL_PER_THREAD)),
             **apply_flags(t, out, x))
         return out
