@@ -181,10 +181,11 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
             f0 = tl.load(m_ptr + row0 + c0 * m_sW).to(tl.float32) * s0
             f1 = tl.load(m_ptr + row0 + c1 * m_sW).to(tl.float32) * s0
             f2 = tl.load(m_ptr + row1).to(tl.float32) * s1
-            # 1 <= b <= K: the selects are known for elements 0 and K .. V - 1 (constants the
-            # compiler folds: fewer compares)
-            col1 = (j > 0) & ((j >= b[:, None]) | (j >= K))
-            wt = tl.where(wrap, f2[:, None], tl.where(col1, f1[:, None], f0[:, None]))
+            # 1 <= b <= K told to the compiler (b is): the compares are known for elements
+            # 0 and K .. V - 1 (constants it folds: fewer compares). Not as i1 logic per
+            # element, (j > 0) & ((j >= b) | (j >= K)), which Triton 3.9 packs into bits
+            b = tl.minimum(tl.maximum(b, 1), K)
+            wt = tl.where(wrap, f2[:, None], tl.where(j >= b[:, None], f1[:, None], f0[:, None]))
         else:
             NA: tl.constexpr = (K + V - 2) // K + 1  # the row's columns c0 + i
             NB: tl.constexpr = (V - 2) // K + 1  # the next row's: (j - nxt) // K, nxt >= 1

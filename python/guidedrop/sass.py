@@ -523,9 +523,11 @@ CUDA_STREAMING = {
 SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
                ("statistics", "bfloat16"): 20}
 # The Triton whose compiled code the budgets and tests/test_static_perf.py's figures were
-# read from: CI's pair (.ci/run's REQUIREMENTS, torch 2.14.1). Others emit other SASS
-# (Triton 3.9: the flat apply_block and the CAM kernel over budget by up to a few
-# instructions per element, the selection kernel by far more).
+# read from: CI's pair (.ci/run's REQUIREMENTS, torch 2.14.1). Others emit other SASS, and
+# some kernels take another form for them (triton_kernels' TRITON_VERSION); on 2026-12-03
+# tests/test_static_perf.py's Triton half, run with Triton 3.6 (the GPU machine's) and 3.9
+# (CALIBRATED_TRITON set to theirs), gave the same results as with 3.8: every kernel within
+# budget but the two over it (OVER_BUDGET).
 CALIBRATED_TRITON = "3.8"
 
 
