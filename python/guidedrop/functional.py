@@ -5,7 +5,10 @@ path; contiguous, channels_last or strided) and returns a tensor of x's shape, d
 memory format. ``training=False`` or a rate of 0 returns ``x`` itself. ``noise`` (uniforms
 in [0, 1) of the shape each op names, on x's device) makes the op a deterministic
 function of ``(x, noise)`` on every backend; without it the randomness comes from
-``generator`` (default: torch's generator for x's device).
+``generator`` (default: torch's generator for x's device): the same seed gives the same
+output on one backend and device, not across backends (the Triton and CUDA backends draw
+DropBlock's and CamDrop's seeds with Philox in their kernels). Compare backends with
+``noise``.
 
 Rates are any real number (int, float, numpy scalar, Fraction), block sizes any integral
 number; a bool or a tensor is a TypeError. They are converted to python float / int
@@ -65,15 +68,39 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
 @fx_leaf
 def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=None,
              generator=None):
-    """CorrDrop (SPEC §2): drop k x k blocks of weakly correlated pooled positions.
+    """CorrDrop (Zeng et al., SPEC §2): drop k x k blocks of weakly correlated pooled
+    positions.
 
-    x: (N, C, H, W); noise: (2, N, ceil(H/k), ceil(W/k)) with k = block_size. The rate of
-    eq. 11, p' = p·H·W / (k²·H'·W'), takes k = block_size itself: the expected dropped
-    fraction is p where the blocks are whole, and falls as H·W / k² for one block larger
-    than the map (DropBlock instead clamps its block to the map). Only the z blocks not
-    kept by their correlation (M_i = 0) can drop, at the rate p̂ = min(1, p'·N'/z) of
-    eq. 6: where p'·N' > z every one of them drops and the fraction stays below p, at
-    about z / N' = 1 − mean(κ) (about 0.5 when κ spreads evenly over [0, 1]).
+    With k = block_size: x is average-pooled k x k (ceil mode) to N' = H'·W' positions,
+    H' = ceil(H/k), W' = ceil(W/k); position i's correlation F_i = (1/N') Σ_j |â_i·â_j − δ_ij|
+    over its unit channel vectors â (eq. 3); it is kept with probability
+    κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5, ``noise[0]``), and the z positions not
+    kept drop at p̂ = min(1, p'·N'/z) (eq. 6, ``noise[1]``), p' = p·H·W / (k²·H'·W')
+    (eq. 11); w is the kept positions upsampled to k x k blocks, shared by the channels,
+    then normalised. p' takes k = block_size itself: the expected dropped fraction is p
+    where the blocks are whole, and falls as H·W / k² for one block larger than the map
+    (DropBlock instead clamps its block to the map). Where p'·N' > z every candidate
+    drops and the fraction stays below p, at about z / N' = 1 − mean(κ) (about 0.5 when κ
+    spreads evenly over [0, 1]).
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        p: the target dropped fraction, a real number in [0, 1]; 0 returns ``x``.
+        block_size: k, an integer >= 1 (in units of x; any size, one block past the map).
+        normalize: ``"batch"``, ``"sample"`` or ``"none"``.
+        training: False returns ``x`` itself.
+        noise: (2, N, H', W') uniforms in [0, 1) on x's device, any floating dtype; None
+            draws them from ``generator``.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, a non-integral block size, a non-string
+            normalize, x or noise not a floating tensor.
+        ValueError: x not 4-D, p outside [0, 1], block_size < 1, an unknown normalize,
+            noise of the wrong shape or device.
     """
     V.feature_map(x)
     p, block_size = V.real("p", p), V.block_size(block_size)
@@ -88,9 +115,29 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
 
 @fx_leaf
 def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, generator=None):
-    """SelectScale (SPEC §3): scale the top channels by max |x| by U[retain, 2 - retain].
+    """SelectScale (Chen et al., SPEC §3): scale the top channels by U[retain, 2 - retain].
 
-    x: (N, C, H, W); noise: (N, C).
+    Channels are ranked by s[n, c] = max |x[n, c]| over the map; the top
+    n_t = max(1, round(top_rate * C)) of each sample (ties kept) get
+    w = retain + 2 (1 − retain) u (uniform on [retain, 2 − retain], eq. 6 with
+    q = 1 − retain, u = ``noise``), the others 1. No normalisation.
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        top_rate: the share of channels selected, a real number in [0, 1].
+        retain: the scale's lower end ρ, a real number in [0, 1]; 1 returns ``x``.
+        training: False returns ``x`` itself.
+        noise: (N, C) uniforms in [0, 1) on x's device, any floating dtype; None draws
+            them from ``generator``.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, x or noise not a floating tensor.
+        ValueError: x not 4-D, a rate outside its range, noise of the wrong shape or
+            device.
     """
     V.feature_map(x)
     top_rate, retain = V.real("top_rate", top_rate), V.real("retain", retain)
@@ -102,9 +149,26 @@ def selectscale(x, top_rate=0.2, retain=0.1, *, training=True, noise=None, gener
 
 @fx_leaf
 def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
-    """SpatialScale (SPEC §3): scale every channel by U[retain, 2 - retain].
+    """SpatialScale (Chen et al., SPEC §3): scale every channel by U[retain, 2 - retain].
 
-    x: (N, C, H, W); noise: (N, C).
+    w[n, c] = retain + 2 (1 − retain) u[n, c] (u = ``noise``) for every channel: SelectScale
+    without the selection. No normalisation.
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        retain: the scale's lower end ρ, a real number in [0, 1]; 1 returns ``x``.
+        training: False returns ``x`` itself.
+        noise: (N, C) uniforms in [0, 1) on x's device, any floating dtype; None draws
+            them from ``generator``.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, x or noise not a floating tensor.
+        ValueError: x not 4-D, a rate outside its range, noise of the wrong shape or
+            device.
     """
     V.feature_map(x)
     retain = V.real("retain", retain)
@@ -116,9 +180,30 @@ def spatialscale(x, retain=0.4, *, training=True, noise=None, generator=None):
 
 @fx_leaf
 def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator=None):
-    """Selectout (SPEC §3): drop round((1-keep) C) of the top channels, scale the rest 1/keep.
+    """Selectout (Chen et al., SPEC §3): drop round((1-keep) C) of the top channels, scale
+    the rest 1/keep.
 
-    x: (N, C, H, W); noise: (N, C).
+    Candidates are the top n_t = max(1, round(top_rate * C)) channels by max |x| (ties
+    kept); the n_d = round((1 − keep) * C) candidates with the smallest u (``noise``;
+    first index on ties) are dropped (w = 0) and every other channel scaled by 1 / keep
+    (eq. 4).
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        top_rate: the share of channels that are candidates, a real number in [0, 1].
+        keep: the share of channels kept, a real number in (0, 1]; 1 returns ``x``.
+        training: False returns ``x`` itself.
+        noise: (N, C) uniforms in [0, 1) on x's device, any floating dtype; None draws
+            them from ``generator``.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, x or noise not a floating tensor.
+        ValueError: x not 4-D, a rate outside its range, noise of the wrong shape or
+            device, n_d > n_t (more channels to drop than candidates).
     """
     V.feature_map(x)
     top_rate, keep = V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
@@ -186,16 +271,37 @@ def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", trai
 @fx_leaf
 def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, noise=None,
                     generator=None, applied=None):
-    """FocusedDropout (SPEC §5): keep the positions where the most active channel is high.
+    """FocusedDropout (Xie et al., SPEC §5): keep the positions where the most active
+    channel is high.
 
-    x: (N, C, H, W); noise: (N,), or (N, H, W) with per_position=True. The module
-    :class:`guidedrop.FocusedDropout` adds the per-batch participation draw.
+    Per sample, the reference channel r = argmax_c mean(x[n, c]) (first on ties),
+    v = max x[n, r] and γ = low + (high − low) u (u = ``noise``); every channel keeps the
+    positions where x[n, r] > γ·v (w = 1) and drops the others (w = 0); a sample with
+    v <= 0 is unchanged. No normalisation. The module :class:`guidedrop.FocusedDropout`
+    adds the per-batch participation draw.
 
-    applied: None (the op applies), or a 0-d bool tensor on x's device read by the kernels
-    (how the module passes its participation under torch.compile or CUDA graph capture,
-    where a Python branch on it is impossible): where it holds False the result is x bit
-    for bit (a new tensor; its gradient is grad_y), computed with one read of x on the
-    kernel backends. A tensor of another shape, dtype or device is a ValueError / TypeError.
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        low, high: γ's range, real numbers with 0 <= low <= high <= 1.
+        per_position: one γ per position (``noise`` (N, H, W)), not per sample.
+        training: False returns ``x`` itself.
+        noise: (N,), or (N, H, W) with per_position=True, uniforms in [0, 1) on x's
+            device, any floating dtype; None draws them from ``generator``.
+        applied: None (the op applies), or a 0-d bool tensor on x's device read by the
+            kernels (how the module passes its participation under torch.compile or CUDA
+            graph capture, where a Python branch on it is impossible): where it holds
+            False the result is x bit for bit (a new tensor; its gradient is grad_y),
+            computed with one read of x on the kernel backends.
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, a non-bool per_position, x or noise not a
+            floating tensor, applied not a bool tensor.
+        ValueError: x not 4-D, low or high outside [0, 1] or low > high, noise of the
+            wrong shape or device, applied not 0-d or not on x's device.
     """
     V.feature_map(x)
     low, high = V.low_high(low, high)
@@ -212,13 +318,45 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
 @fx_leaf
 def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
             normalize="batch", training=True, noise=None, generator=None):
-    """CamDrop (SPEC §6): DropBlock seeded only where the class activation map is high.
+    """CamDrop (Wang et al., SPEC §6): DropBlock seeded only where the class activation
+    map is high.
 
-    x: (N, C, H, W); weight: (K, C_fc) classifier after global pooling, C_fc a multiple
-    of C, K >= 1, floating, on x's device; target: (N,) class indices in [0, K) of any
-    integer dtype, on x's device; noise: (N, C, H, W). Raises ValueError / TypeError
-    naming the argument (SPEC §6 step 0; a target out of range on a GPU is an
-    asynchronous device assertion naming ``target``, RuntimeError when it fires).
+    With r = block_size: α = weight[target] (N, C_fc), averaged over groups of C_fc / C
+    consecutive columns to (N, C); the class activation map J[n] = Σ_c α[n, c] x[n, c]
+    (float64 sums); seeds are drawn at DropBlock's rate
+    g = (1 − keep) / r² · H·W / ((H − r + 1)(W − r + 1)) (``noise`` < g), only at the
+    top max(1, (H·W) // r²) positions of J and in the top max(1, round(channel_rate * C))
+    channels of α (ties kept), at centres whose r x r block lies inside the map (none
+    where r > H or r > W); w = 1 − the r x r expansion of the seeds, then normalised.
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        weight: (K, C_fc) the classifier after global average pooling, floating, on x's
+            device, K >= 1, C_fc >= 1 a multiple of C.
+        target: (N,) class indices in [0, K), any integer dtype (uint8 is an index, not a
+            mask), on x's device.
+        block_size: r, an integer >= 1, in units of x.
+        keep: the share of units kept, a real number in [0, 1]; 1 returns ``x``.
+        channel_rate: the share of channels that may drop, a real number in [0, 1].
+        normalize: ``"batch"``, ``"sample"`` or ``"none"``.
+        training: False returns ``x`` itself (weight and target still checked).
+        noise: (N, C, H, W) uniforms in [0, 1) on x's device, any floating dtype; None
+            draws them from ``generator`` (on the Triton and CUDA backends, with Philox in
+            the kernel: not the reference's draws).
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, a non-integral block size, a non-string
+            normalize, x, noise or weight not a floating tensor, target not an integer
+            tensor.
+        ValueError: x not 4-D, a rate outside [0, 1], block_size < 1, an unknown
+            normalize, noise of the wrong shape or device, weight or target missing, of
+            the wrong shape or device, C_fc not a multiple of C, a CPU target out of
+            range. A GPU target out of range is an asynchronous device assertion naming
+            ``target`` (a RuntimeError when it fires).
     """
     V.feature_map(x)
     block_size, keep = V.block_size(block_size), V.real("keep", keep)
@@ -240,9 +378,34 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
 @fx_leaf
 def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch",
               training=True, noise=None, generator=None):
-    """DropBlock (SPEC §7): drop r x r blocks around Bernoulli seeds, r = min(block_size, H, W).
+    """DropBlock (Ghiasi et al., SPEC §7): drop r x r blocks around Bernoulli seeds,
+    r = min(block_size, H, W).
 
-    x: (N, C, H, W); noise: (N, C, H, W), or (N, 1, H, W) with shared_channels=True.
+    Seeds where ``noise`` < g = p / r² · H·W / ((H − r + 1)(W − r + 1)) (eq. 1), at
+    centres whose r x r block (offset r // 2 before the centre) lies inside the map;
+    w = 1 − the r x r expansion of the seeds, then normalised.
+
+    Args:
+        x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+            any memory format.
+        p: the expected dropped fraction, a real number in [0, 1]; 0 returns ``x``.
+        block_size: an integer >= 1, in units of x (clamped to the map).
+        shared_channels: one mask for every channel of a sample.
+        normalize: ``"batch"``, ``"sample"`` or ``"none"``.
+        training: False returns ``x`` itself.
+        noise: (N, C, H, W), or (N, 1, H, W) with shared_channels=True, uniforms in
+            [0, 1) on x's device, any floating dtype; None draws them from ``generator``
+            (on the Triton and CUDA backends, with Philox in the kernel: not the
+            reference's draws).
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+
+    Raises:
+        TypeError: a bool or tensor rate, a non-integral block size, a non-bool
+            shared_channels, a non-string normalize, x or noise not a floating tensor.
+        ValueError: x not 4-D, p outside [0, 1], block_size < 1, an unknown normalize,
+            noise of the wrong shape or device.
     """
     V.feature_map(x)
     p, block_size = V.real("p", p), V.block_size(block_size)
