@@ -698,30 +698,31 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
     sc, r = tl.split(odd)
     r = tl.where(act, r, 0.0)
     sd = tl.where(act, 0.0 * sc, sc)
-    t_off = _cl_positions(n * t_sN + h * t_sH + w * t_sW, LANES_FIRST) + c
-    m = _cl_positions(p < HWP, LANES_FIRST) & cv
+    t_off = _on_axis(n * t_sN + h * t_sH + w * t_sW, not LANES_FIRST) + c
+    m = _on_axis(p < HWP, not LANES_FIRST) & cv
     tv = tl.load(t_ptr + t_off, mask=m).to(tl.float32)
     if X_IS_T:
         xv = tv
     else:
         live = tl.max(act.to(tl.int32), axis=2)[:, :, None] != 0  # a flag per vector
-        x_off = _cl_positions(n * x_sN + h * x_sH + w * x_sW, LANES_FIRST) + c
+        x_off = _on_axis(n * x_sN + h * x_sH + w * x_sW, not LANES_FIRST) + c
         xv = tl.load(x_ptr + x_off, mask=m & live).to(tl.float32)
     if SAME:
         o_off = t_off
     else:
-        o_off = _cl_positions(n * o_sN + h * o_sH + w * o_sW, LANES_FIRST) + c
+        o_off = _on_axis(n * o_sN + h * o_sH + w * o_sW, not LANES_FIRST) + c
     tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
                                      BF16_FIX), mask=m)
 
 
 @triton.jit
-def _cl_positions(v, LANES_FIRST: tl.constexpr):
-    """A per-position value (BO,) against _apply_attention_cl_kernel's tile."""
-    if LANES_FIRST:
-        out = v[None, :, None]
-    else:
+def _on_axis(v, FIRST: tl.constexpr):
+    """A vector against a tile of three axes whose last is the vectors': v along the
+    first axis (FIRST) or the second."""
+    if FIRST:
         out = v[:, None, None]
+    else:
+        out = v[None, :, None]
     return out
 
 
@@ -730,11 +731,15 @@ def _per_group(v, U: tl.constexpr, LANES_FIRST: tl.constexpr):
     """A per-group value (groups,) against map_tile's element tile."""
     if U == 1:
         out = v[:, None]
-    elif LANES_FIRST:
-        out = v[:, None, None]
     else:
-        out = v[None, :, None]
+        out = _on_axis(v, LANES_FIRST)
     return out
+
+
+@triton.jit
+def _of_map(wrap, v1, v0, U: tl.constexpr, LANES_FIRST: tl.constexpr):
+    """Per element, the next map's value v1 where wrap, else its group's map's v0."""
+    return tl.where(wrap, _per_group(v1, U, LANES_FIRST), _per_group(v0, U, LANES_FIRST))
 
 
 @triton.jit
@@ -798,15 +803,10 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         thr1, mn1, r1, sc1, sd1 = _map_state(st_ptr, mp + 1, v1, act1, MODE)
         # HW - pos is a multiple of G (HW is): element j takes its group of G's map, the
         # same compare and selects for the G elements of a group (folded into one)
-        if U == 1:
-            j = tl.arange(0, V)[None, :]
-        elif LANES_FIRST:
-            j = (tl.arange(0, U) * V)[None, :, None] + tl.arange(0, V)[None, None, :]
-        else:
-            j = (tl.arange(0, U) * V)[:, None, None] + tl.arange(0, V)[None, None, :]
+        j = tile_offsets(0, U * V, V, U, LANES_FIRST)  # a group's elements, in e's layout
         wrap = j // G * G >= _per_group(HW - pos, U, LANES_FIRST)
     if U == 1:
-        sc = tl.where(wrap, _per_group(sc1, U, LANES_FIRST), _per_group(sc0, U, LANES_FIRST))
+        sc = _of_map(wrap, sc1, sc0, U, LANES_FIRST)
     else:  # the group lies in one sample (C * HW % (U * V) == 0): one scale
         sc = _per_group(sc0, U, LANES_FIRST)
     tv = _load_f32(t_ptr, e, m, None, BLOCK, V, U, LANES_FIRST, IDX64, WORDS)
@@ -819,18 +819,18 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
     if MODE == 1:  # "sm" has no threshold
         thr = 0.0
     else:
-        thr = tl.where(wrap, _per_group(thr1, U, LANES_FIRST), _per_group(thr0, U, LANES_FIRST))
+        thr = _of_map(wrap, thr1, thr0, U, LANES_FIRST)
     if MODE == 0 and U > 1:  # S where active, else 1: max(S, 1 - active), no predicate
         # per unit held across the group's 32 (the selects of sd did: P2R and back)
         off0, off1 = (~act0).to(tl.float32), (~act1).to(tl.float32)
-        off = tl.where(wrap, _per_group(off1, U, LANES_FIRST), _per_group(off0, U, LANES_FIRST))
+        off = _of_map(wrap, off1, off0, U, LANES_FIRST)
         w = tl.maximum(_below(xv, thr), off) * sc
     elif MODE == 0:
-        sd = tl.where(wrap, _per_group(sd1, U, LANES_FIRST), _per_group(sd0, U, LANES_FIRST))
+        sd = _of_map(wrap, sd1, sd0, U, LANES_FIRST)
         w = _attention_w(xv, thr, 0.0, 0.0, sc, sd, MODE)
     else:
-        mn = tl.where(wrap, _per_group(mn1, U, LANES_FIRST), _per_group(mn0, U, LANES_FIRST))
-        r = tl.where(wrap, _per_group(r1, U, LANES_FIRST), _per_group(r0, U, LANES_FIRST))
+        mn = _of_map(wrap, mn1, mn0, U, LANES_FIRST)
+        r = _of_map(wrap, r1, r0, U, LANES_FIRST)
         w = _attention_w(xv, thr, mn, r, sc, sc, MODE)
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
