@@ -149,9 +149,10 @@ OVER_BUDGET = {
                         "(its map loop)",
 }
 # Not seen by the CUDA half (it reads each kernel's steady-state loop, not the path each shape
-# takes): cam in NCHW where H * W is not a multiple of 16 / itemsize (14 x 14 and 7 x 7 in
-# bfloat16, 7 x 7 in float32), pooled_correlation where C * H * W is not, and misaligned or
-# sliced x take their one-element paths (issue 13 item 1 is open for them). apply_channel is
+# takes): cam in NCHW where N * C * H * W is not a multiple of 16 / itemsize (14 x 14 and
+# 7 x 7 maps, where H * W is not, take its vector loop, realigned, which is counted),
+# pooled_correlation where C * H * W is not, and misaligned or sliced x take their
+# one-element paths (issue 13 item 1 is open for them). apply_channel is
 # counted on its flat kernels (NCHW maps of at least 16 bytes, channels_last with C a
 # multiple of 16 bytes); other shapes, misaligned or sliced x take the generic apply_kernel
 # (one state per line segment or per element), not counted. Likewise apply_block, counted

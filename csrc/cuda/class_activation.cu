@@ -5,8 +5,10 @@
 // Two kernels, both correct for any strides:
 // - positions per thread (NCHW-like inputs): consecutive threads take consecutive (h, w)
 //   of a sample, so each step over c is a coalesced row read; c ascending. Dense, aligned
-//   x with H*W % V == 0 (V = 16 / sizeof(T)): V positions per thread, one 16-byte vector
-//   per channel; else one position, one element per access;
+//   x with N*C*H*W % V == 0 (V = 16 / sizeof(T)): V positions per thread, one 16-byte
+//   vector per channel where H*W % V == 0; else (a map of 14 x 14 or 7 x 7 bfloat16 units
+//   does not start on 16 bytes) the two aligned 16-byte vectors that cover the V units,
+//   shifted in registers (`realign`); otherwise one position, one element per access;
 // - position per warp (channels_last-like inputs, stride(C) < stride(W)): the lanes of a
 //   warp stride over the channels of one position (coalesced), then a butterfly sum.
 //   Dense, aligned x with C % V == 0: V channels per lane, one 16-byte vector, alpha
@@ -21,8 +23,30 @@ namespace {
 template <typename scalar_t>
 using Vec16 = Vec<scalar_t, 16 / sizeof(scalar_t)>;  // one 16-byte load
 
-// `vec`: x dense NCHW, H*W % V == 0 and aligned (V = 16 / sizeof(T)), so that V consecutive
-// positions of a map are one aligned 16-byte vector: a thread takes V positions.
+// The 16 bytes of x at byte offset b (0 <= b < 16) of the 32 bytes lo, hi (two aligned
+// 16-byte vectors, consecutive in memory), b a runtime value: shifts by 8 and by 4 bytes
+// select words, then a funnel shift moves the last 0 to 3 bytes; no local memory (a
+// register array indexed by b would be).
+__device__ __forceinline__ uint4 realign(const uint4& lo, const uint4& hi, uint32_t b) {
+  uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int k = 0; k < 6; ++k) w[k] = (b & 8) ? w[k + 2] : w[k];  // w[k + 2] not yet moved
+#pragma unroll
+  for (int k = 0; k < 5; ++k) w[k] = (b & 4) ? w[k + 1] : w[k];
+  const uint32_t bits = (b & 3) * 8;
+  uint32_t o[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    o[k] = static_cast<uint32_t>(((static_cast<uint64_t>(w[k + 1]) << 32) | w[k]) >> bits);
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// `vec`: x dense NCHW, aligned, N*C*H*W % V == 0 (V = 16 / sizeof(T)): a thread takes V
+// consecutive positions hw0 ... hw0 + V - 1 of a map (hw0 % V == 0; those past H*W, in
+// the last vector of a map whose H*W % V != 0, are computed and not stored). Channel c's
+// V units start at element e = (n*C + c)*H*W + hw0 of x, e % V = s the same for every
+// thread of (n, c): the aligned vector at e - s, and where s != 0 the one after it (never
+// past x's end, a multiple of V), realigned; where H*W % V == 0, s = 0 always.
 template <typename scalar_t>
 __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                   const float* __restrict__ alpha, const int64_t N,
@@ -33,20 +57,31 @@ __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (vec) {
-    const int64_t per = HW / V;  // vectors per map
+    const int64_t per = (HW + V - 1) / V;  // vectors of positions per map
+    const uint64_t total = N * C * HW;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
     for (int64_t i = first; i < N * per; i += stride) {
       const int64_t n = i / per, hw = (i % per) * V;
-      const scalar_t* p = x + n * C * HW + hw;
       const float* a = alpha + n * C;
       double acc[V] = {};
-      for (int64_t c = 0; c < C; ++c) {  // c ascending, as the scalar path
-        const Vec16<scalar_t> in = *reinterpret_cast<const Vec16<scalar_t>*>(p + c * HW);
+      uint64_t e = n * C * HW + hw;
+      for (int64_t c = 0; c < C; ++c, e += HW) {  // c ascending, as the scalar path
+        const uint32_t sh = static_cast<uint32_t>(e % V);  // V a power of 2: a mask
+        const uint64_t q = e / V;                          // the aligned vector at e - sh
+        const uint4 lo = xv[q];
+        const uint4 hi = sh != 0 && (q + 1) * V < total ? xv[q + 1] : make_uint4(0, 0, 0, 0);
+        Vec16<scalar_t> in;
+        *reinterpret_cast<uint4*>(&in) = realign(lo, hi, sh * sizeof(scalar_t));
+        float f[V];
+        unpack(in, f);
         const double ac = static_cast<double>(a[c]);
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += ac * to_float(in.v[j]);
+        for (int j = 0; j < V; ++j) acc[j] += ac * f[j];
       }
+      const int64_t valid = HW - hw < V ? HW - hw : V;
 #pragma unroll
-      for (int j = 0; j < V; ++j) J[n * HW + hw + j] = static_cast<float>(acc[j]);
+      for (int j = 0; j < V; ++j)
+        if (j < valid) J[n * HW + hw + j] = static_cast<float>(acc[j]);
     }
     return;
   }
@@ -135,8 +170,9 @@ void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::
                                                       alpha.data_ptr<float>(), N, C, H, W,
                                                       vec, J.data_ptr<float>());
     } else {
-      const bool vec = x.is_contiguous() && (H * W) % V == 0 && aligned16(x);
-      cam_thread_kernel<scalar_t><<<grid_for(vec ? N * H * W / V : N * H * W, kThreads),
+      const bool vec = x.is_contiguous() && (N * C * H * W) % V == 0 && aligned16(x);
+      cam_thread_kernel<scalar_t><<<grid_for(vec ? N * ceil_div(H * W, V) : N * H * W,
+                                             kThreads),
                                     kThreads, 0, current_stream()>>>(
           x.data_ptr<scalar_t>(), s, alpha.data_ptr<float>(), N, C, H, W, vec,
           J.data_ptr<float>());
