@@ -376,6 +376,18 @@ def test_cam(B, x):
     close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_cam_zero_is_positive(B, c):
+    """A zero J is +0.0 on every backend and the reference, also where every term is -0.0
+    (-0.0 x 1, 0.0 x -1; with C = 1 the reference's einsum is a plain product): -0.0 ranks
+    below +0.0 in CamDrop's top-k, so the sign would change its candidates."""
+    x = torch.tensor([-0.0, 0.0, -0.0, 1.0]).view(1, 1, 2, 2).repeat(1, c, 1, 1).to(DEV)
+    alpha = torch.tensor([[1.0, -1.0][:c]]).to(DEV)
+    want = torch.tensor([0.0, 0.0, 0.0, 1.0 if c == 1 else 0.0]).view(1, 2, 2)
+    for j in (B.cam(x, alpha).cpu(), R.cam(x, alpha).cpu()):
+        assert torch.equal(j, want) and not j.signbit().any(), j
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 9, 5, 6), (1, 3, 19, 19), (1, 2, 8, 10)],
                          ids=str)

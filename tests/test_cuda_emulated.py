@@ -481,6 +481,9 @@ def test_emulated_cam_vector_and_scalar_paths(E):
             want = R.cam(x, alpha)
             for tag, xx in (("", x), (" misaligned", odd)):
                 assert_same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
+    # a zero J is +0.0 (test_backends.py test_cam_zero_is_positive), on both NCHW paths
+    for shape in ((1, 1, 2, 8), (1, 1, 1, 3)):
+        assert not E.cam(torch.full(shape, -0.0), torch.ones(1, 1)).signbit().any(), shape
 
 
 # --------------------------------------------------------------------------- correlation

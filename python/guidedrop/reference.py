@@ -174,10 +174,13 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c].
 
     Summed in float64, so that mathematically equal J (the same channel terms in another
-    order) are exactly equal: J's top-k decides CamDrop's candidates (SPEC §1).
+    order) are exactly equal: J's top-k decides CamDrop's candidates (SPEC §1). A zero J is
+    +0.0, as a sum that starts at +0.0 gives it (the kernels'), also where every term is
+    -0.0 (with C = 1 einsum is a product): -0.0 ranks below +0.0 in the top-k.
     """
     f64 = torch.float64
-    return torch.einsum("nchw,nc->nhw", x.to(f64), alpha.to(f64)).to(compute_dtype(x))
+    j = torch.einsum("nchw,nc->nhw", x.to(f64), alpha.to(f64)) + 0.0  # -0.0 + 0.0 = +0.0
+    return j.to(compute_dtype(x))
 
 
 # --------------------------------------------------------------------------- seed masks
