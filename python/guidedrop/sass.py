@@ -586,9 +586,10 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 # The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
 _CHUNK_KERNEL = re.compile(
     r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_maps_)?kernel<")
-# The kernels that read each 16 bytes of x as the two aligned 16-byte vectors that cover
-# them (realigned in registers; the second is skipped at run time where x's rows start on
-# 16 bytes): csrc/cuda/class_activation.cu's NCHW vector loop.
+# The kernels whose streaming loop reads x only as pairs of aligned 16-byte vectors, each
+# pair realigned in registers to 16 bytes of x (the second vector skipped at run time where
+# x's rows start on 16 bytes), its other loads per-row scalars (alpha[n, c], whose 4 bytes
+# are not float32 x's): csrc/cuda/class_activation.cu's NCHW vector loop.
 _PAIR_KERNEL = re.compile(r"\bcam_thread_kernel<")
 
 
@@ -602,12 +603,14 @@ def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     others read x one element or one 16-byte vector (16 / sizeof(T) elements) per access,
     so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load
     (more than one where nvcc unrolled it), or per pair of 16-byte loads in the kernels that
-    read each vector of x as the two aligned vectors that cover it (``_PAIR_KERNEL``)."""
+    read x only as the two aligned vectors that cover each 16 bytes (``_PAIR_KERNEL``)."""
     c = count(name, instrs, 1.0)
+    vec = 16 // ITEMSIZE[dtype]
     if _CHUNK_KERNEL.search(name):
-        return 16 / ITEMSIZE[dtype] * max(1, c.stores.get(128, 0))
-    vectors = c.loads.get(128, 0) // (2 if _PAIR_KERNEL.search(name) else 1)
-    return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0) + vectors * 16 // ITEMSIZE[dtype]))
+        return float(vec * max(1, c.stores.get(128, 0)))
+    if _PAIR_KERNEL.search(name):
+        return float(vec * max(1, c.loads.get(128, 0) // 2))
+    return float(max(1, c.loads.get(8 * ITEMSIZE[dtype], 0) + c.loads.get(128, 0) * vec))
 
 
 def _demangle(names):
