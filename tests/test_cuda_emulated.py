@@ -848,11 +848,14 @@ def test_emulated_apply_block_flat_chunks(E, dtype):
 # (C = 16), a tail of numel % V. H * W % 4 != 0: four chunks an iteration, the map's end
 # anywhere in them, where H * W >= 4 V and C * H * W % (4 V) == 0 (7 x 7 with C = 32 in bf16,
 # C = 16 in fp32; 3 x 11, H * W = 33, just over 4 V in bf16); else (2 x 3 x 7 x 7, 3 x 1 x
-# 3 x 5, 7 x 7 with C = 16 in bf16), maps under V elements (1 x 4 in bf16 / fp16),
-# channels_last, sliced and misaligned x take the generic apply_kernel.
+# 3 x 5, 7 x 7 with C = 16 in bf16), maps under V elements (1 x 4 in bf16 / fp16), sliced
+# and misaligned x take the generic apply_kernel. apply_attention_pixels_kernel: t, x and
+# out channels_last with C % V == 0 (C = 16 and 32; in fp32 also C = 12), 4 pixels a thread
+# R = ceil(H * W / 4) apart (the last thread's 4 pixels cut at H * W = 49, 33, 21, 98);
+# channels_last with another C, or t of another layout, take apply_kernel.
 ATTENTION_FLAT = [(2, 3, 7, 7), (2, 3, 7, 8), (3, 1, 3, 5), (2, 16, 4, 14), (1, 2, 9, 56),
                   (2, 3, 1, 4), (2, 5, 6, 6), (1, 3, 14, 14), (2, 32, 7, 7), (2, 16, 7, 7),
-                  (1, 32, 3, 11)]
+                  (1, 32, 3, 11), (3, 12, 3, 7), (1, 16, 7, 14)]
 
 
 def test_emulated_apply_attention_reads_each_maps_scale(E):
@@ -885,8 +888,9 @@ def test_emulated_apply_attention_flat_chunks(E, dtype):
         for name, x in xs.items():
             thr, mn, r, _ = R.attention_stats(x, max(1, h * w // 4), active, mode)
             g = torch.randn(x.shape, generator=gen).to(dtype)
-            for t in (x, g):
-                what = f"{dtype} {(n, c, h, w)} {mode} {name} {'x' if t is x else 'grad'}"
+            # grad_y in NCHW, and in x's layout (channels_last: the pixels kernel)
+            for t in (x, g, g.contiguous(memory_format=torch.channels_last)):
+                what = f"{dtype} {(n, c, h, w)} {mode} {name} {'x' if t is x else t.stride()}"
                 st = R.attention_state(thr, mn, r, scale)
                 assert_same(E.apply_attention(t, x, st, active, mode),
                             R.apply_attention(t, x, st, active, mode), what)

@@ -777,6 +777,59 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
   }
 }
 
+// channels_last t, x and out, dense and aligned, C % V == 0 (apply_kernel read each
+// element's map state there: bf16 56.6 sm_90 SASS per element): a thread takes the V
+// channels c0 ... c0 + V - 1 of sample n0 + blockIdx.y and the P pixels p0, p0 + R, ...,
+// p0 + (P - 1) R of it, a 16-byte vector each, the lanes along the channels and then the
+// pixels (a warp's accesses are contiguous); its V maps' states are read once per P
+// pixels, and x only where one of the V maps is active (else t again: an L1 hit).
+constexpr int kPixelsPerThread = 4;  // P
+
+template <typename scalar_t, int MODE, bool X_IS_T>
+__global__ void apply_attention_pixels_kernel(const scalar_t* __restrict__ t,
+                                              const scalar_t* __restrict__ x,
+                                              scalar_t* __restrict__ out,
+                                              const float4* __restrict__ state,
+                                              const bool* __restrict__ active,
+                                              const uint32_t HW, const uint32_t C,
+                                              const FastDiv vectors, const uint32_t R) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t), P = kPixelsPerThread;
+  const uint32_t lin = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t r = div_of(lin, vectors);  // vectors.d = C / V per pixel
+  if (r >= R) return;
+  const uint32_t c0 = (lin - r * vectors.d) * V, n = blockIdx.y;
+  const uint32_t m0 = n * C + c0;  // map of channel c0; the launch's first sample is 0
+  // numel of a launch < 2^31: no index below wraps
+#pragma unroll 1
+  for (uint32_t p0 = r; p0 < HW; p0 += P * R) {
+    MapState st[V];
+    bool live = false;
+#pragma unroll
+    for (uint32_t j = 0; j < V; ++j) {
+      st[j] = map_state<MODE>(m0 + j, state, active);
+      live = live || st[j].act;
+    }
+    const scalar_t* xs = live ? x : t;
+#pragma unroll
+    for (uint32_t u = 0; u < P; ++u) {
+      const uint32_t p = p0 + u * R;
+      if (p >= HW) break;
+      const uint32_t i = (n * HW + p) * C + c0;
+      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i);
+      const Vec<scalar_t, V> xin =
+          X_IS_T ? in : *reinterpret_cast<const Vec<scalar_t, V>*>(xs + i);
+      float tf[V], xf[V];
+      unpack(in, tf);
+      unpack(xin, xf);
+      Vec<scalar_t, V> res;
+#pragma unroll
+      for (uint32_t j = 0; j < V; ++j)
+        res.v[j] = static_cast<scalar_t>(tf[j] * attention_w<MODE>(xf[j], st[j]));
+      *reinterpret_cast<Vec<scalar_t, V>*>(out + i) = res;
+    }
+  }
+}
+
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                             const at::TensorBase& state, const at::TensorBase& active,
                             int mode, const at::TensorBase& out) {
@@ -799,9 +852,13 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
     constexpr int64_t E = 4 * V;
     const int g = HW % V == 0 ? V : HW % 4 == 0 ? 4 : 1;
     if (t.numel() == 0) return;
-    if (!dense || step == 0 || HW < V || (g == 1 && (HW < E || per % E != 0))) {
-      // channels_last, misaligned or strided t, x or out, NCHW maps under V elements, maps
-      // of HW % 4 != 0 under E elements or in samples of C * HW % E != 0
+    constexpr auto cl = at::MemoryFormat::ChannelsLast;
+    const bool pixels = !dense && t.is_contiguous(cl) && x.is_contiguous(cl) &&
+                        out.is_contiguous(cl) && aligned16(t) && aligned16(x) &&
+                        aligned16(out) && C % V == 0 && step > 0;
+    if (!pixels && (!dense || step == 0 || HW < V || (g == 1 && (HW < E || per % E != 0)))) {
+      // misaligned or strided t, x or out, channels_last with C % V != 0, NCHW maps under
+      // V elements, maps of HW % 4 != 0 under E elements or in samples of C * HW % E != 0
       const AttentionW<scalar_t> wfn{x.data_ptr<scalar_t>(), strides4(x), st,
                                      active.data_ptr<bool>(), C, mode};
       launch_apply<scalar_t>(t, out, wfn);
@@ -810,6 +867,34 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
     // X_IS_T (the forward, t = x): x read once; a template parameter, so that each kernel
     // is one path (a runtime test splits nvcc's loop in two, or merges both into it)
     const bool x_is_t = x.data_ptr() == t.data_ptr();
+    const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (pixels) {
+      auto instance = [&](auto mode_c, auto x_is_t_c) {
+        return apply_attention_pixels_kernel<scalar_t, decltype(mode_c)::value,
+                                             decltype(x_is_t_c)::value>;
+      };
+      auto pick_mode = [&](auto x_is_t_c) {
+        return mode == 0   ? instance(std::integral_constant<int, 0>{}, x_is_t_c)
+               : mode == 1 ? instance(std::integral_constant<int, 1>{}, x_is_t_c)
+                           : instance(std::integral_constant<int, 2>{}, x_is_t_c);
+      };
+      auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
+      const int64_t R = ceil_div(HW, kPixelsPerThread), vectors = C / V;
+      // samples on the grid's y axis (at most 65535 a launch), in launches under 2^31
+      // elements
+      for (int64_t n0 = 0; n0 < N; n0 += std::min<int64_t>(step, 65535)) {
+        const int64_t n = std::min<int64_t>({step, 65535, N - n0});
+        const dim3 grid(static_cast<unsigned>(ceil_div(R * vectors, kThreads)),
+                        static_cast<unsigned>(n));
+        kernel<<<grid, kThreads, 0, current_stream()>>>(
+            tp + n0 * per, xp + n0 * per, op + n0 * per, st + n0 * C,
+            active.data_ptr<bool>() + n0 * C, static_cast<uint32_t>(HW),
+            static_cast<uint32_t>(C), fast_div(vectors), static_cast<uint32_t>(R));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
     auto instance = [&](auto mode_c, auto x_is_t_c) {
       constexpr int M = decltype(mode_c)::value;
       constexpr bool XT = decltype(x_is_t_c)::value;
@@ -823,8 +908,6 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
                          : instance(std::integral_constant<int, 2>{}, x_is_t_c);
     };
     auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
-    const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       const int64_t n = std::min(step, N - n0), numel = n * per, m0 = n0 * C;
       const unsigned grid = grid_for(ceil_div(numel, g == 1 ? E : V), kThreads);

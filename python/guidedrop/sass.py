@@ -565,7 +565,7 @@ CUDA_KERNELS = {
     "apply_channel": r"apply_channel_(maps|pixels)_kernel<{T}>",
     "apply_block": r"apply_block_(rows|pixels)_kernel<{T}[,>]",
     "apply_seeds": r"apply_bits_(maps|pixels)_kernel<{T},",
-    "apply_attention": r"apply_attention_maps_kernel<{T},",
+    "apply_attention": r"apply_attention_(maps|pixels)_kernel<{T},",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
     "cam": r"cam_(thread|warp)_kernel<{T}>",
@@ -585,7 +585,7 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
 _CHUNK_KERNEL = re.compile(
-    r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_maps_)?kernel<")
+    r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_(maps|pixels)_)?kernel<")
 # The kernels whose streaming loop reads x only as pairs of aligned 16-byte vectors, each
 # pair realigned in registers to 16 bytes of x (the second vector skipped at run time where
 # x's rows start on 16 bytes), its other loads per-row scalars (alpha[n, c], whose 4 bytes
@@ -599,7 +599,8 @@ def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     (csrc/cuda/channel_ranking.cu), apply_block (csrc/cuda/block_mask.cu) and
     apply_attention (csrc/cuda/percentile_threshold.cu) write one 16-byte chunk of out
     (16 / sizeof(T) elements) per iteration of their grid-stride loops, or several (the
-    AttentionDrop kernel for maps of H * W % 4 != 0: four), each a 16-byte store; the
+    AttentionDrop kernel for maps of H * W % 4 != 0: four; its channels_last kernel: one
+    per pixel, four pixels an iteration), each a 16-byte store; the
     others read x one element or one 16-byte vector (16 / sizeof(T) elements) per access,
     so the loop's loads of exactly sizeof(T) bytes plus 16 / sizeof(T) per 16-byte load
     (more than one where nvcc unrolled it), or per pair of 16-byte loads in the kernels that
