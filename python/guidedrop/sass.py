@@ -585,7 +585,8 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # The apply kernels whose streaming loop handles one 16-byte chunk of x per iteration.
 _CHUNK_KERNEL = re.compile(
-    r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_(maps|pixels)_)?kernel<")
+    r"\bapply_(channel_(maps|pixels)_|block_(rows|pixels)_|attention_(maps|pixels)_"
+    r"|bits_(maps|pixels)_)?kernel<")
 # The kernels whose streaming loop reads x only as pairs of aligned 16-byte vectors, each
 # pair realigned in registers to 16 bytes of x (the second vector skipped at run time where
 # x's rows start on 16 bytes), its other loads per-row scalars (alpha[n, c], whose 4 bytes
@@ -596,8 +597,8 @@ _PAIR_KERNEL = re.compile(r"\bcam_thread_kernel<")
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:
     """Elements of x per thread per iteration of a CUDA kernel's streaming loop:
     ``apply_kernel`` (csrc/cuda/common.cuh) and the flat kernels of apply_channel
-    (csrc/cuda/channel_ranking.cu), apply_block (csrc/cuda/block_mask.cu) and
-    apply_attention (csrc/cuda/percentile_threshold.cu) write one 16-byte chunk of out
+    (csrc/cuda/channel_ranking.cu), apply_block and apply_seeds (csrc/cuda/block_mask.cu)
+    and apply_attention (csrc/cuda/percentile_threshold.cu) write one 16-byte chunk of out
     (16 / sizeof(T) elements) per iteration of their grid-stride loops, or several (the
     AttentionDrop kernel for maps of H * W % 4 != 0: four; its channels_last kernel: one
     per pixel, four pixels an iteration), each a 16-byte store; the
