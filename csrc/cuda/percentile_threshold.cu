@@ -717,6 +717,24 @@ __device__ __forceinline__ MapState pick(bool first, const MapState& a, const Ma
           first ? a.s : b.s,   first ? a.sd : b.sd, first ? a.act : b.act};
 }
 
+// out[i ... i + V - 1] = t * w for one 16-byte chunk, w from x's chunk (t's where X_IS_T,
+// the forward) and the state of the chunk's element j, state_of(j).
+template <int MODE, bool X_IS_T, typename scalar_t, typename StateOf>
+__device__ __forceinline__ void attention_chunk(const scalar_t* t, const scalar_t* x,
+                                                scalar_t* out, uint32_t i, StateOf state_of) {
+  constexpr uint32_t V = 16 / sizeof(scalar_t);
+  const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i);
+  const Vec<scalar_t, V> xin = X_IS_T ? in : *reinterpret_cast<const Vec<scalar_t, V>*>(x + i);
+  float tf[V], xf[V];
+  unpack(in, tf);
+  unpack(xin, xf);
+  Vec<scalar_t, V> res;
+#pragma unroll
+  for (uint32_t j = 0; j < V; ++j)
+    res.v[j] = static_cast<scalar_t>(tf[j] * attention_w<MODE>(xf[j], state_of(j)));
+  *reinterpret_cast<Vec<scalar_t, V>*>(out + i) = res;
+}
+
 template <typename scalar_t, int MODE, int G, int U, bool X_IS_T>
 __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
                                             const scalar_t* __restrict__ x,
@@ -746,16 +764,7 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
     const scalar_t* xs = live ? x : t;
 #pragma unroll
     for (uint32_t u = 0; u < U; ++u) {
-      const uint32_t c0 = i0 + u * V;
-      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + c0);
-      const Vec<scalar_t, V> xin =
-          X_IS_T ? in : *reinterpret_cast<const Vec<scalar_t, V>*>(xs + c0);
-      float tf[V], xf[V];
-      unpack(in, tf);
-      unpack(xin, xf);
-      Vec<scalar_t, V> res;
-#pragma unroll
-      for (uint32_t j = 0; j < V; ++j) {
+      attention_chunk<MODE, X_IS_T>(t, xs, out, i0 + u * V, [&](uint32_t j) {
         // k0 is a multiple of G (H * W is): element e is map m0's when its group of G is,
         // the same pick for the G elements of a group (one select per field and group)
         const uint32_t e = u * V + j;
@@ -763,9 +772,8 @@ __global__ void apply_attention_maps_kernel(const scalar_t* __restrict__ t,
         // U > 1: the iteration's elements lie in one sample (C * H * W % E == 0), whose
         // scale every map's state holds (reference.attention_state): no select
         if (U > 1) st.s = a.s;
-        res.v[j] = static_cast<scalar_t>(tf[j] * attention_w<MODE>(xf[j], st));
-      }
-      *reinterpret_cast<Vec<scalar_t, V>*>(out + c0) = res;
+        return st;
+      });
     }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {  // the last numel % E elements
@@ -814,20 +822,23 @@ __global__ void apply_attention_pixels_kernel(const scalar_t* __restrict__ t,
     for (uint32_t u = 0; u < P; ++u) {
       const uint32_t p = p0 + u * R;
       if (p >= HW) break;
-      const uint32_t i = (n * HW + p) * C + c0;
-      const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(t + i);
-      const Vec<scalar_t, V> xin =
-          X_IS_T ? in : *reinterpret_cast<const Vec<scalar_t, V>*>(xs + i);
-      float tf[V], xf[V];
-      unpack(in, tf);
-      unpack(xin, xf);
-      Vec<scalar_t, V> res;
-#pragma unroll
-      for (uint32_t j = 0; j < V; ++j)
-        res.v[j] = static_cast<scalar_t>(tf[j] * attention_w<MODE>(xf[j], st[j]));
-      *reinterpret_cast<Vec<scalar_t, V>*>(out + i) = res;
+      attention_chunk<MODE, X_IS_T>(t, xs, out, (n * HW + p) * C + c0,
+                                    [&](uint32_t j) { return st[j]; });
     }
   }
+}
+
+// f(MODE, X_IS_T) as compile-time constants (std::integral_constant) from their runtime
+// values: each kernel instance is one path (a runtime test splits nvcc's loop in two, or
+// merges both into it), MODE folds soft_mask.
+template <typename F>
+auto by_mode(int mode, bool x_is_t, F f) {
+  auto with_x = [&](auto m) {
+    return x_is_t ? f(m, std::true_type{}) : f(m, std::false_type{});
+  };
+  return mode == 0   ? with_x(std::integral_constant<int, 0>{})
+         : mode == 1 ? with_x(std::integral_constant<int, 1>{})
+                     : with_x(std::integral_constant<int, 2>{});
 }
 
 void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
@@ -864,22 +875,14 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       launch_apply<scalar_t>(t, out, wfn);
       return;
     }
-    // X_IS_T (the forward, t = x): x read once; a template parameter, so that each kernel
-    // is one path (a runtime test splits nvcc's loop in two, or merges both into it)
+    // X_IS_T (the forward, t = x): x read once
     const bool x_is_t = x.data_ptr() == t.data_ptr();
     const scalar_t *tp = t.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     if (pixels) {
-      auto instance = [&](auto mode_c, auto x_is_t_c) {
-        return apply_attention_pixels_kernel<scalar_t, decltype(mode_c)::value,
-                                             decltype(x_is_t_c)::value>;
-      };
-      auto pick_mode = [&](auto x_is_t_c) {
-        return mode == 0   ? instance(std::integral_constant<int, 0>{}, x_is_t_c)
-               : mode == 1 ? instance(std::integral_constant<int, 1>{}, x_is_t_c)
-                           : instance(std::integral_constant<int, 2>{}, x_is_t_c);
-      };
-      auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
+      const auto kernel = by_mode(mode, x_is_t, [](auto m, auto xt) {
+        return apply_attention_pixels_kernel<scalar_t, decltype(m)::value, decltype(xt)::value>;
+      });
       const int64_t R = ceil_div(HW, kPixelsPerThread), vectors = C / V;
       // samples on the grid's y axis (at most 65535 a launch), in launches under 2^31
       // elements
@@ -895,19 +898,13 @@ void launch_apply_attention(const at::TensorBase& t, const at::TensorBase& x,
       }
       return;
     }
-    auto instance = [&](auto mode_c, auto x_is_t_c) {
-      constexpr int M = decltype(mode_c)::value;
-      constexpr bool XT = decltype(x_is_t_c)::value;
+    const auto kernel = by_mode(mode, x_is_t, [&](auto m, auto xt) {
+      constexpr int M = decltype(m)::value;
+      constexpr bool XT = decltype(xt)::value;
       return g == V ? apply_attention_maps_kernel<scalar_t, M, V, 1, XT>
              : g == 4 ? apply_attention_maps_kernel<scalar_t, M, G4, 1, XT>
                       : apply_attention_maps_kernel<scalar_t, M, 1, 4, XT>;
-    };
-    auto pick_mode = [&](auto x_is_t_c) {
-      return mode == 0   ? instance(std::integral_constant<int, 0>{}, x_is_t_c)
-             : mode == 1 ? instance(std::integral_constant<int, 1>{}, x_is_t_c)
-                         : instance(std::integral_constant<int, 2>{}, x_is_t_c);
-    };
-    auto kernel = x_is_t ? pick_mode(std::true_type{}) : pick_mode(std::false_type{});
+    });
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       const int64_t n = std::min(step, N - n0), numel = n * per, m0 = n0 * C;
       const unsigned grid = grid_for(ceil_div(numel, g == 1 ? E : V), kThreads);
