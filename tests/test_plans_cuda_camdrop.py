@@ -180,6 +180,26 @@ def test_plan_wide(B):
     compare(B, x, weights(2, 2), targets(1, 3), 3, 0.7, 0.5, "batch", noise_for(x, 9, 3, 0.7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plan_cam_vectors(B, dtype):
+    """The CAM kernel's 16-byte paths: NCHW with N*C*H*W % V == 0, V positions a thread,
+    realigned where H*W % V != 0 (7 x 7 maps at every shift, 14 x 14, 5 x 3, the last map's
+    last vector with nothing after it; 2 x 3 maps over two chunks of alpha, C > 1024);
+    channels_last with C % V == 0, V channels a lane (C = 16, 24, and 1032 over two
+    chunks); and a copy one element off 16 bytes (the scalar paths). r = 2: the spatial
+    candidates are the top quarter of J, so a J summed wrong moves them and the seeds."""
+    cases = [((2, 8, 7, 7), "contiguous"), ((1, 8, 14, 14), "contiguous"),
+             ((3, 8, 5, 3), "contiguous"), ((1, 1032, 2, 3), "contiguous"),
+             ((2, 16, 5, 3), "channels_last"), ((1, 24, 7, 7), "channels_last"),
+             ((1, 1032, 2, 2), "channels_last")]
+    for i, (shape, layout) in enumerate(cases):
+        x = make_x(shape, dtype, "cpu", layout)
+        n, c = shape[:2]
+        for xx in (x, CE.misaligned(x)):
+            compare(B, xx, weights(c, 2, seed=i), targets(n, i), 2, 0.2, 0.5, "batch",
+                    noise_for(x, 10 + i))
+
+
 def test_plan_noise_none_draws_philox_like_the_torch_code(B):
     """Without noise the seed kernel draws Philox: the plan and the torch code on the same
     emulated primitives, from the same generator state, agree exactly (and no extra draw

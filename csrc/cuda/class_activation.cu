@@ -8,7 +8,7 @@
 //   x with N*C*H*W % V == 0 (V = 16 / sizeof(T)): V positions per thread, one 16-byte
 //   vector per channel where H*W % V == 0; else (a map of 14 x 14 or 7 x 7 bfloat16 units
 //   does not start on 16 bytes) the two aligned 16-byte vectors that cover the V units,
-//   shifted in registers (`realign`); otherwise one position, one element per access;
+//   shifted in registers (common.cuh's `load_unaligned`); otherwise one position, one element per access;
 // - position per warp (channels_last-like inputs, stride(C) < stride(W)): the lanes of a
 //   warp stride over the channels of one position (coalesced), then a butterfly sum.
 //   Dense, aligned x with C % V == 0: V channels per lane, one 16-byte vector, alpha
@@ -23,30 +23,12 @@ namespace {
 template <typename scalar_t>
 using Vec16 = Vec<scalar_t, 16 / sizeof(scalar_t)>;  // one 16-byte load
 
-// The 16 bytes of x at byte offset b (0 <= b < 16) of the 32 bytes lo, hi (two aligned
-// 16-byte vectors, consecutive in memory), b a runtime value: shifts by 8 and by 4 bytes
-// select words, then a funnel shift moves the last 0 to 3 bytes; no local memory (a
-// register array indexed by b would be).
-__device__ __forceinline__ uint4 realign(const uint4& lo, const uint4& hi, uint32_t b) {
-  uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-  for (int k = 0; k < 6; ++k) w[k] = (b & 8) ? w[k + 2] : w[k];  // w[k + 2] not yet moved
-#pragma unroll
-  for (int k = 0; k < 5; ++k) w[k] = (b & 4) ? w[k + 1] : w[k];
-  const uint32_t bits = (b & 3) * 8;
-  uint32_t o[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-    o[k] = static_cast<uint32_t>(((static_cast<uint64_t>(w[k + 1]) << 32) | w[k]) >> bits);
-  return make_uint4(o[0], o[1], o[2], o[3]);
-}
-
 // `vec`: x dense NCHW, aligned, N*C*H*W % V == 0 (V = 16 / sizeof(T)): a thread takes V
 // consecutive positions hw0 ... hw0 + V - 1 of a map (hw0 % V == 0; those past H*W, in
 // the last vector of a map whose H*W % V != 0, are computed and not stored). Channel c's
 // V units start at element e = (n*C + c)*H*W + hw0 of x, e % V = s the same for every
 // thread of (n, c): the aligned vector at e - s, and where s != 0 the one after it (never
-// past x's end, a multiple of V), realigned; where H*W % V == 0, s = 0 always.
+// past x's end, a multiple of V), realigned (load_unaligned); where H*W % V == 0, s = 0.
 template <typename scalar_t>
 __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                   const float* __restrict__ alpha, const int64_t N,
@@ -59,21 +41,14 @@ __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4
   if (vec) {
     const int64_t per = (HW + V - 1) / V;  // vectors of positions per map
     const uint64_t total = N * C * HW;
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
     for (int64_t i = first; i < N * per; i += stride) {
       const int64_t n = i / per, hw = (i % per) * V;
       const float* a = alpha + n * C;
       double acc[V] = {};
       uint64_t e = n * C * HW + hw;
       for (int64_t c = 0; c < C; ++c, e += HW) {  // c ascending, as the scalar path
-        const uint32_t sh = static_cast<uint32_t>(e % V);  // V a power of 2: a mask
-        const uint64_t q = e / V;                          // the aligned vector at e - sh
-        const uint4 lo = xv[q];
-        const uint4 hi = sh != 0 && (q + 1) * V < total ? xv[q + 1] : make_uint4(0, 0, 0, 0);
-        Vec16<scalar_t> in;
-        *reinterpret_cast<uint4*>(&in) = realign(lo, hi, sh * sizeof(scalar_t));
         float f[V];
-        unpack(in, f);
+        load_unaligned(x, e, total, f);
         const double ac = static_cast<double>(a[c]);
 #pragma unroll
         for (int j = 0; j < V; ++j) acc[j] += ac * f[j];

@@ -196,6 +196,42 @@ __device__ __forceinline__ void unpack(const Vec<T, V>& v, float (&f)[V]) {
   }
 }
 
+// The 16 bytes at byte offset b (0 <= b < 16) of the 32 bytes lo, hi (two aligned
+// 16-byte vectors, consecutive in memory), b a runtime value: shifts by 8 and by 4 bytes
+// select words, then a funnel shift moves the last 0 to 3 bytes; no local memory (a
+// register array indexed by b would be).
+__device__ __forceinline__ uint4 realign(const uint4& lo, const uint4& hi, uint32_t b) {
+  uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int k = 0; k < 6; ++k) w[k] = (b & 8) ? w[k + 2] : w[k];  // w[k + 2] not yet moved
+#pragma unroll
+  for (int k = 0; k < 5; ++k) w[k] = (b & 4) ? w[k + 1] : w[k];
+  const uint32_t bits = (b & 3) * 8;
+  uint32_t o[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    o[k] = static_cast<uint32_t>(((static_cast<uint64_t>(w[k + 1]) << 32) | w[k]) >> bits);
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// The V = 16 / sizeof(T) values x[e] ... x[e + V - 1] as floats, e any element index of x
+// (16-byte aligned): the aligned 16-byte vector at e - e % V and, where e % V != 0 and it
+// lies before x's end `total` (a multiple of V), the one after it, realigned in registers
+// (a map of 14 x 14 or 7 x 7 bfloat16 units does not start on 16 bytes). Values past x's
+// end read as 0.
+template <typename T, int V>
+__device__ __forceinline__ void load_unaligned(const T* x, uint64_t e, uint64_t total,
+                                               float (&f)[V]) {
+  const uint32_t sh = static_cast<uint32_t>(e % V);  // V a power of 2: a mask
+  const uint64_t q = e / V;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  const uint4 lo = xv[q];
+  const uint4 hi = sh != 0 && (q + 1) * V < total ? xv[q + 1] : make_uint4(0, 0, 0, 0);
+  Vec<T, V> in;
+  *reinterpret_cast<uint4*>(&in) = realign(lo, hi, sh * sizeof(T));
+  unpack(in, f);
+}
+
 // The multipliers come from a functor WFn with a per-line-segment state, so whatever a
 // line shares (a channel's weight, a mask row, a row's seed coverage, a map's thresholds)
 // is read once per segment, not per element:

@@ -71,26 +71,38 @@ Targets targets(const at::TensorBase& t) {
 
 // Grid (position tiles, samples). Each block computes alpha[n, :] chunk by chunk into shared
 // memory (the blocks of x == 0 also write it out), then adds the chunk's channels to the J of
-// its positions. kChannelInner (channels_last-like x, stride(C) < stride(W)): a warp takes
-// kWarpPositions positions, its lanes stride over the channels (coalesced), then a butterfly
-// sum; else a thread takes one position and walks the channels (coalesced across threads).
+// its positions, c ascending. kChannelInner (channels_last-like x, stride(C) < stride(W)): a
+// warp takes kWarpPositions positions, its lanes stride over the channels (coalesced), then
+// a butterfly sum; `vec` (x dense channels_last and aligned, C % V == 0, V = 16 /
+// sizeof(T)): V channels a lane, one 16-byte load. Else a thread takes one position and
+// walks the channels (coalesced across threads); `vec` (x dense NCHW and aligned, N*C*H*W %
+// V == 0): V positions a thread, one 16-byte vector a channel, realigned where the map does
+// not start on 16 bytes (common.cuh load_unaligned; cam_thread_kernel's loop).
 // weight(k, j): weight[k, j] rounded to float32 (plan_common's strided reader of any float
 // dtype).
 template <typename scalar_t, bool kChannelInner>
 __global__ void camdrop_cam_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                    const int64_t N, const int64_t C, const int64_t H,
                                    const int64_t W, const Uniforms weight, const int64_t K,
-                                   const int64_t G, const Targets target,
+                                   const int64_t G, const Targets target, const bool vec,
                                    float* __restrict__ alpha, float* __restrict__ J) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  // positions per thread (NCHW: V where vec; the accumulators of the others unused)
+  constexpr int P = kChannelInner ? kWarpPositions : V;
   __shared__ float a[kAlphaChunk];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t HW = H * W;
-  constexpr int P = kChannelInner ? kWarpPositions : 1;
-  int64_t pos[P];
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // the first position: the warp's (kChannelInner), the thread's V (vec), or the thread's
+  const int64_t pos0 = kChannelInner ? (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) +
+                                        warp) * P
+                                     : (vec ? tid * V : tid);
+  const int np = kChannelInner ? P : (vec ? V : 1);  // positions of this thread
+  int64_t poff[P];  // their offsets in a map (strided paths): divided once, not per chunk
+#pragma unroll
   for (int j = 0; j < P; ++j) {
-    pos[j] = kChannelInner
-                 ? (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * P + j
-                 : static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t pos = pos0 + j;
+    poff[j] = j < np && pos < HW ? (pos / W) * s.h + (pos % W) * s.w : 0;
   }
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
     int64_t y = target(n);
@@ -99,8 +111,7 @@ __global__ void camdrop_cam_kernel(const scalar_t* __restrict__ x, const Strides
                              "guidedrop camdrop: target must hold class indices in [0, K)");
     }
     y = y < 0 ? 0 : (y >= K ? K - 1 : y);  // after a failed assertion: no out-of-bounds read
-    double acc[P];
-    for (int j = 0; j < P; ++j) acc[j] = 0.0;
+    double acc[P] = {};
     const scalar_t* xn = x + n * s.n;
     for (int64_t c0 = 0; c0 < C; c0 += kAlphaChunk) {
       const int cn = static_cast<int>(std::min<int64_t>(kAlphaChunk, C - c0));
@@ -108,23 +119,53 @@ __global__ void camdrop_cam_kernel(const scalar_t* __restrict__ x, const Strides
       for (int i = threadIdx.x; i < cn; i += blockDim.x) {
         const int64_t col = (c0 + i) * G;
         double sum = 0.0;
+        // not unrolled: x's loop below is the kernel's streaming loop (the static check)
+#pragma unroll 1
         for (int64_t t = 0; t < G; ++t) sum += static_cast<double>(weight(y, col + t));
         const float v = static_cast<float>(sum / static_cast<double>(G));
         a[i] = v;
         if (blockIdx.x == 0) alpha[n * C + c0 + i] = v;
       }
       __syncthreads();
-      for (int j = 0; j < P; ++j) {
-        if (pos[j] >= HW) continue;  // uniform in the warp when kChannelInner
-        const scalar_t* p = xn + (pos[j] / W) * s.h + (pos[j] % W) * s.w + c0 * s.c;
+      if (pos0 >= HW) continue;  // (after the barriers) uniform in the warp when kChannelInner
+      if (!kChannelInner && vec) {
+        uint64_t e = (n * C + c0) * HW + pos0;
+        for (int i = 0; i < cn; ++i, e += HW) {
+          float f[V];
+          load_unaligned(x, e, N * C * HW, f);
+          const double ai = static_cast<double>(a[i]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] += ai * f[j];
+        }
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < P; ++j) {  // a constant bound: acc stays in registers
+        const int64_t pos = pos0 + j;
+        if (j >= np || pos >= HW) break;
+        const scalar_t* p = xn + poff[j] + c0 * s.c;
+        if (kChannelInner && vec) {  // s.c = 1, every vector aligned (C % V == 0)
+          for (int i = lane * V; i < cn; i += 32 * V) {
+            const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(p + i);
+            float f[V];
+            unpack(in, f);
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[j] += static_cast<double>(a[i + k]) * f[k];
+          }
+          continue;
+        }
+        // the fallbacks, not unrolled, so that the static check (tests/test_static_perf.py)
+        // takes the vector loops, the steady state, for the streaming loop
+#pragma unroll 1
         for (int i = kChannelInner ? lane : 0; i < cn; i += kChannelInner ? 32 : 1)
           acc[j] += static_cast<double>(a[i]) * static_cast<double>(to_float(p[i * s.c]));
       }
     }
+#pragma unroll
     for (int j = 0; j < P; ++j) {
-      if (pos[j] >= HW) continue;
+      if (j >= np || pos0 + j >= HW) break;  // uniform in the warp when kChannelInner
       const double v = kChannelInner ? warp_reduce(acc[j], SumOp()) : acc[j];
-      if (!kChannelInner || lane == 0) J[n * HW + pos[j]] = static_cast<float>(v);
+      if (!kChannelInner || lane == 0) J[n * HW + pos0 + j] = static_cast<float>(v);
     }
   }
 }
@@ -161,19 +202,20 @@ void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
   const Targets tg = targets(target);
   const int64_t K = weight.size(0), G = weight.size(1) / C;
   const bool channel_inner = C > 1 && x.stride(1) < x.stride(3);
-  const int64_t per_block = channel_inner ? (kThreads / 32) * kWarpPositions : kThreads;
-  const dim3 grid(static_cast<unsigned>(ceil_div(H * W, per_block)),
-                  static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::camdrop_plan", [&] {
-    if (channel_inner) {
-      camdrop_cam_kernel<scalar_t, true><<<grid, kThreads, 0, current_stream()>>>(
-          x.data_ptr<scalar_t>(), s, N, C, H, W, wt, K, G, tg, alpha.data_ptr<float>(),
-          J.data_ptr<float>());
-    } else {
-      camdrop_cam_kernel<scalar_t, false><<<grid, kThreads, 0, current_stream()>>>(
-          x.data_ptr<scalar_t>(), s, N, C, H, W, wt, K, G, tg, alpha.data_ptr<float>(),
-          J.data_ptr<float>());
-    }
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    const bool vec = aligned16(x) && (channel_inner
+        ? x.is_contiguous(at::MemoryFormat::ChannelsLast) && C % V == 0
+        : x.is_contiguous() && (N * C * H * W) % V == 0);
+    const int64_t per_block = channel_inner ? (kThreads / 32) * kWarpPositions
+                                            : kThreads * (vec ? V : 1);
+    const dim3 grid(static_cast<unsigned>(ceil_div(H * W, per_block)),
+                    static_cast<unsigned>(std::min<int64_t>(N, 65535)));
+    auto kernel = channel_inner ? camdrop_cam_kernel<scalar_t, true>
+                                : camdrop_cam_kernel<scalar_t, false>;
+    kernel<<<grid, kThreads, 0, current_stream()>>>(x.data_ptr<scalar_t>(), s, N, C, H, W, wt,
+                                                     K, G, tg, vec, alpha.data_ptr<float>(),
+                                                     J.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
