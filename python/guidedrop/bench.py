@@ -888,9 +888,10 @@ def _static_counts(pending) -> None:
         worst, kind = max(budgeted, key=lambda ck: ck[0].per_element)
         row["sass"] = worst.per_element
         row["worst"] = f"{_kernel_name(worst.kernel)} ({kind})"
-        scalar = [c for c, _ in budgeted if 128 not in c.loads or c.narrow(size)]
-        width = min((min(c.loads, default=8 * size) // 8 for c in scalar), default=16)
-        row["access"] = width
+        # the widest load of the least vectorised kernel: 16 where every kernel reads in
+        # 16-byte vectors (the budget's test). Not the narrowest load of all: a kernel's
+        # 1-byte mask or 4-byte scale loads are not loads of x.
+        row["access"] = min(max(c.loads, default=8 * size) // 8 for c, _ in budgeted)
         # per 16 bytes of x, the unit of the division budget (at most 2)
         row["div"] = max(c.divisions_per_element for c, _ in counts) * 16 / size
         missed = sorted({_kernel_name(c.kernel) for c, k in counts
