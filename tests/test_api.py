@@ -662,6 +662,10 @@ def test_module_values_converted_once():
     assert type(m.block_size) is int and m.block_size == 3
     m.drop_rate = np.float32(0.25)
     assert type(m.p) is float
+    m = guidedrop.FocusedDropout(per_position=np.bool_(True))  # numpy's bool is a bool
+    assert type(m.per_position) is bool and m.per_position
+    with pytest.raises(TypeError, match="per_position must be a bool, got numpy.int64"):
+        m.per_position = np.int64(1)
     s = guidedrop.Selectout()
     s.drop_rate = Fraction(1, 4)
     assert type(s.keep) is float and s.keep == 0.75

@@ -65,9 +65,12 @@ def choice(name: str, v, options: tuple[str, ...]) -> str:
 
 
 def flag(name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return v
+    """A bool, numpy's too (an int, a tensor or a str is a TypeError), as a python bool."""
+    t = type(v)
+    if t is bool or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_")):
+        return bool(v)
+    shown = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    raise TypeError(f"{name} must be a bool, got {shown}")
 
 
 def low_high(low, high) -> tuple[float, float]:

@@ -305,7 +305,7 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
     """
     V.feature_map(x)
     low, high = V.low_high(low, high)
-    V.flag("per_position", per_position)
+    per_position = V.flag("per_position", per_position)
     n, _, h, w = x.shape
     V.noise(noise, (n, h, w) if per_position else (n,), x)
     V.applied(applied, x)
@@ -409,7 +409,7 @@ def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch
     """
     V.feature_map(x)
     p, block_size = V.real("p", p), V.block_size(block_size)
-    V.flag("shared_channels", shared_channels)
+    shared_channels = V.flag("shared_channels", shared_channels)
     normalize = V.choice("normalize", normalize, V.NORMALIZE)
     n, c, h, w = x.shape
     V.noise(noise, (n, 1 if shared_channels else c, h, w), x)
