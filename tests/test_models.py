@@ -185,6 +185,24 @@ def test_insert_factory_and_errors():
         models.insert(model, "dropout")
     with pytest.raises(ValueError, match="residual groups"):
         models.insert(nn.Sequential(nn.Conv2d(3, 3, 1)), "corrdrop")
+    # the same insert again would stack a second layer after the first: refused
+    with pytest.raises(ValueError, match="layer3 already ends with DropBlock2d"):
+        models.insert(model, "dropblock")
+    with pytest.raises(TypeError, match="layer must be a str"):
+        models.insert(model, ["dropblock"])
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        models.insert("resnet18", "dropblock")
+    # a factory failing at the second position leaves the first group as it was
+    model = resnet18("torchvision")
+    lengths = [len(model.layer3), len(model.layer4)]
+
+    def second_fails(i, n):
+        if i == 1:
+            raise RuntimeError("no second layer")
+        return guidedrop.DropBlock2d()
+    with pytest.raises(RuntimeError, match="no second layer"):
+        models.insert(model, "dropblock", second_fails)
+    assert [len(model.layer3), len(model.layer4)] == lengths
 
 
 # --------------------------------------------------------------------------- timm

@@ -67,16 +67,29 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     """Append guidedrop ``layer`` to the groups its paper uses; returns the new modules.
 
     factory(i, n) -> module overrides the paper's settings for the i-th of n positions.
+    Raises TypeError for a model that is not an nn.Module or a layer name that is not a
+    str; ValueError for an unknown layer, a model without residual groups, or a group that
+    already ends with a layer of the new one's class (the same insert twice would stack
+    them; different layers may follow one another). Every module is made and checked
+    before any group changes, so an error leaves the model as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a str, one of {', '.join(LAYERS)}, got "
+                        f"{type(layer).__name__}")
     if layer not in PLACEMENTS:
         raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
     where, default = PLACEMENTS[layer]
     chosen = _chosen(where, residual_groups(model))
-    added = []
-    for i, name in enumerate(chosen):
-        mod = (factory or default)(i, len(chosen))
+    added = [(factory or default)(i, len(chosen)) for i in range(len(chosen))]
+    for name, mod in zip(chosen, added, strict=True):
+        group = getattr(model, name)
+        if len(group) and type(group[-1]) is type(mod):
+            raise ValueError(f"{name} already ends with {type(mod).__name__}: this insert "
+                             "was made on this model before")
+    for name, mod in zip(chosen, added, strict=True):
         getattr(model, name).append(mod)
-        added.append(mod)
     return added
 
 
@@ -87,16 +100,21 @@ _TIMM_SETTINGS = ("drop_prob", "block_size", "gamma_scale", "with_noise", "inpla
 
 
 def _from_timm(old: nn.Module) -> M.DropBlock2d:
-    """guidedrop's DropBlock2d computing what ``old`` (a timm DropBlock2d) computes.
+    """guidedrop's DropBlock2d with the settings of ``old`` (a timm DropBlock2d).
 
     drop_prob * gamma_scale -> p (timm scales its seed rate by gamma_scale; the seed rate
     formula is SPEC §7's); block_size -> block_size; couple_channels -> shared_channels
     (timm < 1.0.23 had no such setting and drew one mask per channel); scale_by_keep ->
     normalize="batch" (timm divides by the kept fraction of the whole batch tensor) or
     "none"; inplace: the values are the same (guidedrop never writes into x); fast and
-    batchwise=False: the same distribution. with_noise=True (Gaussian noise in the dropped
-    blocks), batchwise=True (one mask for the whole batch, timm < 1.0.23), an unknown
-    setting or a rate above 1: ValueError naming the setting. Keeps train/eval mode.
+    batchwise=False: no setting. with_noise=True (Gaussian noise in the dropped blocks),
+    batchwise=True (one mask for the whole batch, timm < 1.0.23), an unknown setting or a
+    rate above 1: ValueError naming the setting. Keeps train/eval mode.
+
+    The seeds are SPEC §7's, at valid block centres only (the paper; timm's drop_block_2d
+    before 1.0.23). timm 1.0.23 and later, and older timm's fast=True, seed every position
+    and clip the blocks at the border: they drop more, most on small maps (drop_prob 0.1,
+    block 5, 7 x 7 maps: 31 % of the units in timm 1.0.31, 10 % here).
     """
     def refuse(setting, why):
         raise ValueError(f"swap_timm_dropblock cannot map timm DropBlock2d({setting}): {why}; "
@@ -124,7 +142,8 @@ def swap_timm_dropblock(model: nn.Module,
                         factory: Callable[[nn.Module], nn.Module] | None = None) -> int:
     """Replace every ``timm.layers.DropBlock2d`` in ``model`` by a guidedrop layer.
 
-    The default factory maps every timm setting (see :func:`_from_timm`) or raises
+    The default factory maps every timm setting (see :func:`_from_timm`: its seeds are
+    SPEC §7's, at valid centres only, where timm 1.0.23 and later seed everywhere) or raises
     ValueError naming the one it cannot map; every layer is checked before any is
     replaced. ``factory(old) -> module`` overrides it. Returns the count.
     """
