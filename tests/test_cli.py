@@ -92,6 +92,32 @@ def test_bench_model_counts_launches(capsys):
             assert r["bwd"] == 1 and r["fwd"] <= 3 and r["fresh"] <= 4, r
     out = capsys.readouterr().out
     assert "launches fwd" in out and "× floor" in out
+    # the options --model does not use are refused, not silently ignored
+    rc = cli.main(["bench", "--model", "--no-sass", "--csv", "m.csv", "--graph"])
+    assert rc == 2
+    assert "--model prints counts, not timings or files: it takes no --csv, --graph" in \
+        capsys.readouterr().err
+
+
+def test_bench_markdown_to_redirected_stdout(tmp_path):
+    """--md /dev/stdout with stdout redirected to a file appends the table to what the run
+    printed (opened with "w", the file was truncated: the header lost, NULs in its place)."""
+    out = tmp_path / "o.txt"
+    with open(out, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "guidedrop", "bench", "--dry-run",
+                               "--quick", "--layers", "dropblock", "--backends", "reference",
+                               "--md", "/dev/stdout"], stdout=f, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "\0" not in text and text.startswith("guidedrop bench on "), text[:200]
+    assert "| dropblock | 2x16x14x14 |" in text and text.rstrip().endswith("wrote /dev/stdout")
+    # and through a pipe (/dev/stdout's realpath then names no file)
+    done = subprocess.run([sys.executable, "-m", "guidedrop", "bench", "--dry-run", "--quick",
+                           "--layers", "dropblock", "--backends", "reference", "--csv",
+                           "/dev/stdout"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\ndate,device,versions," in done.stdout, done.stdout[-500:]
 
 
 def test_bench_writes_csv_plot_markdown(tmp_path, capsys):

@@ -969,8 +969,21 @@ def format_table(rows: list[dict], columns, markdown: bool = False):
     return table
 
 
+def _open_out(path: str, **kw):
+    """``path`` opened for writing text. Where it is stdout's file (/dev/stdout, whether a
+    terminal, a pipe or a redirected file), sys.stdout itself, after what was printed: a
+    file of its own would truncate a redirected stdout, or write over it from offset 0."""
+    try:
+        same = os.path.samefile(path, "/dev/stdout")
+    except OSError:  # not there yet, or no /dev/stdout
+        same = False
+    if same:
+        return contextlib.nullcontext(sys.stdout)
+    return open(path, "w", **kw)
+
+
 def write_csv(path: str, rows: list[dict], meta: dict) -> None:
-    with open(path, "w", newline="") as f:
+    with _open_out(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -1071,7 +1084,8 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) ->
     if res:
         parts += ["ResNet-50 training step, layer appended to layer1, layer2 and layer3:", "",
                   format_table(res, RESNET_COLUMNS, markdown=True), ""]
-    Path(path).write_text("\n".join(parts))
+    with _open_out(path) as f:
+        f.write("\n".join(parts))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1134,6 +1148,8 @@ def writable(path: str | None, option: str, suffix: str | None = None) -> None:
         raise usage_error(f"{option} {path}: folder {p.parent} does not exist")
     real = os.path.realpath(p)  # a symbolic link to a file not yet there: probe the file,
     existed = os.path.exists(real)  # and remove that file again, not the link
+    if not existed and os.path.exists(p):  # /dev/stdout on a pipe: realpath names no file
+        real, existed = path, True
     try:
         # O_NONBLOCK: a FIFO with no reader fails at once (ENXIO) instead of blocking forever
         os.close(os.open(real, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
@@ -1238,6 +1254,14 @@ def run(args) -> list[dict]:
         raise usage_error("--graph times the full mode in a CUDA graph: add full to --mode")
     if args.dry_run and args.resnet:
         raise usage_error("--dry-run times nothing, and --resnet is a timing: give one")
+    if args.model:  # its counts are printed only; these options would be silently unused
+        unused = [opt for opt, given in (
+            ("--csv", args.csv), ("--plot", args.plot), ("--md", args.md),
+            ("--table", args.table), ("--resnet", args.resnet), ("--graph", args.graph),
+            ("--budget", args.budget is not None), ("--dry-run", args.dry_run)) if given]
+        if unused:
+            raise usage_error(f"--model prints counts, not timings or files: it takes no "
+                              f"{', '.join(unused)}")
     device = parse_device(args.device)
     cases = configs(args, device)
     for shape, dtype in cases:
@@ -1344,7 +1368,7 @@ def run(args) -> list[dict]:
     try:
         if args.table:
             from rich.console import Console
-            with open(args.table, "w") as f:
+            with _open_out(args.table) as f:
                 file_console = Console(file=f, width=250, color_system=None)
                 for t in tables:
                     file_console.print(t, highlight=False)
