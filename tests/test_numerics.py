@@ -275,6 +275,15 @@ def test_pooled_correlation_equal_rows_and_symmetry(B):
         x = rows.t().reshape(1, 5, 3, 4).contiguous()
         f = B.pooled_correlation(x, 1).flatten()
         assert (f == f[0]).all(), f
+    # 600 rows: several blocks of the Gram's tiles (256 rows under the Triton interpreter,
+    # 64 on a GPU), equal and opposite rows in every block: P = 1 exactly for those pairs
+    # in every tile, or two rows' F differ
+    # (several draws: with some, the float32 g_ii is exactly 1 and P = 1 without the rule)
+    for _ in range(5):
+        a, b = torch.rand(5, generator=g), torch.rand(5, generator=g)
+        rows = torch.stack([a, b, -a, -b] * 150)
+        f = B.pooled_correlation(rows.t().reshape(1, 5, 1, 600).contiguous(), 1).flatten()
+        assert (f == f[0]).all(), f.unique()
 
 
 @pytest.mark.parametrize("scale", [2.0**60, 2.0**-60, 1e20, 1e-30, 3e30])

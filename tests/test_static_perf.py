@@ -63,35 +63,13 @@ CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 # flat apply_attention (_apply_attention_flat_kernel) has the least slack: bf16 7 x 7 "ad"
 # 14.9 (the map end anywhere in a thread's 32 elements: thr, min and r selected per element;
 # t or x 2 bytes past a 4-byte boundary, not read as words, not counted: 15.8).
+# _pooled_correlation_kernel (both backends) is counted on its pooling loop, which streams
+# x (Triton bf16 4.3-15.4, float32 4.6-14.9, 16-byte loads); its Gram phase is the (N', N')
+# product of the k²-times smaller pooled rows, about 21 multiply-adds per element of x at
+# k = 3 on 56 x 56 (N' = 361, upper triangle only): about 71 SASS per element of x there in
+# Triton (150 before the products became one fma each in channel groups), 3-3.5 at k = 5
+# and 7. That is the layer's arithmetic, not x's bytes; no budget here covers it.
 OVER_BUDGET = {
-    ("triton", "_pooled_correlation_kernel"): "no spills; x read in 16-byte vectors in both "
-                                              "layouts (4.3-14.8 SASS per element where the "
-                                              "pooling loop is the counter's steady state: "
-                                              "14 x 14 and 7 x 7, and k = 7 at 28 x 28 and "
-                                              "32 x 32). Where N' >= 64 (k = 3 at 56 x 56, "
-                                              "28 x 28, 32 x 32; k = 7 at 56 x 56) the "
-                                              "counter's steady state is the Gram phase's "
-                                              "loop over the column tiles (scalar loads of "
-                                              "max |a|, int64 sums and atomics per 64 x 64 "
-                                              "tile): no 16-byte loads, 15.4-15.5 SASS per "
-                                              "element of x (NCHW bf16 32 x 32 and float32 "
-                                              "from 28 x 28 on, 8 elements of x a thread: "
-                                              "30.8-31.0; the tile's own overhead, its "
-                                              "int64 row and column sums: 909 SASS a "
-                                              "thread). Its channel loop, 4 channels of the "
-                                              "unit rows a step, 298 SASS per thread of a "
-                                              "64 x 64 tile, costs about 4.7 N' / k² SASS "
-                                              "per element of x over the N'² / 64² tiles of "
-                                              "P, half that over its upper triangle, which "
-                                              "is all the kernel computes (P symmetric): "
-                                              "6.1 at 56 x 56 k = 7 (one tile), 128 at k = 3 "
-                                              "(N' = 361: 21 of the 6 x 6 tiles; 219 when "
-                                              "every tile was computed): the Gram's "
-                                              "arithmetic, not x's bytes. The CUDA kernel "
-                                              "does the same arithmetic in its Gram, which "
-                                              "loads less a loop than its pooling does: "
-                                              "the counter takes the pooling loop there, "
-                                              "and it passes",
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
                                   "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS), "
                                   "histograms unmasked (the padding and the keys off the "

@@ -5,10 +5,10 @@ position i (k x k average pooling, ceil mode: a window cut by the border average
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
-- |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (unit rows; 0 with a zero row), the
-  sums over the channels in one fixed order whatever the tile position of (i, j): the same
-  for (j, i), exactly 1 for equal and for opposite rows (an outer-product loop, not tl.dot,
-  whose order is the hardware's / BLAS's);
+- g_ij = â_i · â_j in one fixed order of fmas whatever the tile position of (i, j)
+  (``_gram``; an outer-product loop, not tl.dot, whose order is the hardware's): the same
+  for (j, i) and for equal rows; P_ij = min(|g_ij|, 1), and exactly 1 where
+  |g_ij| = g_ii = g_jj > 0: equal and opposite rows (0 with a zero row);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
   independent of the order of the terms;
 - a NaN or an Inf in a pooled row makes every F of the sample NaN (the zero rows' too).
@@ -27,15 +27,17 @@ what the program's other threads wrote in the one before, after a block-wide bar
    the usual k = 7), and per position the max |a| and the norm of a / max|a| (a running
    rescaled sum of squares over the channel chunks);
 2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
-   into hat (N, N', C rounded up to 4) float32, each row zero-padded to 16 bytes;
-3. correlation (``_corr_rows``), BM rows at a time: loops over the blocks of BM columns
-   from its own on (the upper triangle of tiles: P is symmetric bit for bit) and over the
-   channels, 4 at a time (rows of 16 bytes; in a 64 x 64 tile of 256 threads ptxas loads
-   4 bytes a thread and shares them through shared memory), accumulating
-   (â_I[c] − â_J[c])² (IEEE float32) channel after channel; then adds the rounded |G| of
-   the tile to int64 row sums (the diagonal set exactly), and a tile off the diagonal its
-   column sums to the later rows' (cs (N, N') int64, atomics: integers, so in any order).
-   At N' = 361 (k = 3 at 56 x 56) 21 of the 36 tiles of 64 x 64.
+   into hat (N, N', C rounded up to 4 G) float32, each row zero-padded;
+3. correlation (``_corr_block``), BM rows at a time, the last block first: the tiles
+   (i, j) with j from the block's own on (the upper triangle of tiles: P is symmetric bit
+   for bit), each over the channels 4 G at a time (``_gram``: G groups of 16 bytes of each
+   row, one fma per product and channel; in a 64 x 64 tile, G = 1, of 256 threads ptxas
+   loads 4 bytes a thread and shares them through shared memory); the block's diagonal
+   tile gives g_ii (to gd (N, N'), for the earlier blocks' tiles); each tile's rounded P
+   is added to the sums of its rows and of its columns in cs (N, N') int64 (atomics:
+   integers, so in any order), from which a last pass takes F. At N' = 361 (k = 3 at
+   56 x 56) 21 of the 36 tiles of 64 x 64; at N' = 9 (14 x 14, k = 5) one tile of 16 x 16
+   in 8 channel groups.
 With one window (N' = 1: k >= H and W), F = P_00 follows from the pooling alone: 1 for a
 zero row, NaN for a row with a NaN, else 0; phases 2 and 3 are skipped.
 
@@ -183,10 +185,10 @@ def _unit(a, s, nb):
 def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, BP: tl.constexpr,
                BC: tl.constexpr):
     """Writes the unit rows of sample n, hat[n, i, c] = â_i[c] (N, N', 4 CQ) float32, zero
-    in the channels C ... 4 CQ - 1 that pad a row to 16 bytes, from aT (N, C, N'): each â
-    divided once here, not once per tile of the Gram loop that reads it; and zeroes the
-    column sums cs[n] (``_corr_rows``). Returns the number of rows whose norm is NaN (a NaN
-    or an Inf in the pooled row: ``_nan_rows``)."""
+    in the channels C ... 4 CQ - 1 that pad a row to whole steps of ``_gram``, from aT
+    (N, C, N'): each â divided once here, not once per tile of the Gram loop that reads
+    it; and zeroes the row sums cs[n] (``_corr_block``). Returns the number of rows whose
+    norm is NaN (a NaN or an Inf in the pooled row: ``_nan_rows``)."""
     CP = CQ * 4  # a multiple of 4 the compiler sees: rows of hat start on 16 bytes
     bad = 0
     for p0 in range(0, NP, BP):
@@ -217,82 +219,92 @@ def _nan_rows(nb):
 
 
 @triton.jit
-def _columns(t, R: tl.constexpr):
-    """The 4 columns of t (R, 4)."""
-    c01, c23 = tl.split(tl.reshape(t, (R, 2, 2)))
+def _channels(t):
+    """The 4 channels of t (..., 4): 4 tensors (...)."""
+    c01, c23 = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))
     c0, c1 = tl.split(c01)
     c2, c3 = tl.split(c23)
     return c0, c1, c2, c3
 
 
 @triton.jit
-def _add_channel(acc, acc2, ai, aj):
-    """acc + (â_i − â_j)², acc2 + (â_i + â_j)² over the (i, j) tile, for one channel."""
-    d = ai[:, None] - aj[None, :]
-    e = ai[:, None] + aj[None, :]
-    return acc + d * d, acc2 + e * e
+def _rows(hat_ptr, row, rv, c0, CP, G: tl.constexpr):
+    """hat[row, c0 + 4 g + t] (len(row), G, 4): channel group g's 16 bytes of each row."""
+    g = tl.arange(0, G)[None, :, None]
+    t = tl.arange(0, 4)[None, None, :]
+    return tl.load(hat_ptr + (row * CP)[:, None, None] + c0 + 4 * g + t,
+                   mask=rv[:, None, None], other=0.0)
 
 
 @triton.jit
-def _corr_rows(hat_ptr, s_ptr, cs_ptr, f_ptr, n, r0, CQ, NP, BM: tl.constexpr):
-    """F of rows i = r0 ... r0 + BM - 1 of sample n, from its unit rows hat (``_normalise``)
-    and max |a|, for a sample without NaN rows: the tiles (i, j) with j from r0 on. P is
-    symmetric bit for bit, so each tile off the diagonal is computed once for both of its
-    blocks (SPEC §2: each |â_i·â_j| computed once): its column sums are added to cs (N, N')
-    int64, the sums of rows j that earlier tiles gave, read here for rows i."""
-    CP = CQ * 4
+def _gram(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr):
+    """g_ij = â_i · â_j over the (i, j) tile, rows of hat_ptr. Channel c0 + 4 g + t goes to
+    group g, whose fmas run in channel order from 0; then the G groups are added. Every
+    g_ij of every tile is this one arithmetic in one layout, so equal rows give equal g to
+    the bit, and g_ij = g_ji (a·b = b·a). The groups give the threads G times more
+    products than a (BM, BM) tile of a few rows has (N' = 9 at 14 x 14, k = 5: without
+    them the threads computed copies of its products, 1024 channels one after another)."""
+    BI: tl.constexpr = i.shape[0]
+    BJ: tl.constexpr = j.shape[0]
+    acc = tl.zeros([BI, BJ, G], tl.float32)
+    for c0 in range(0, CP, 4 * G):
+        i0, i1, i2, i3 = _channels(_rows(hat_ptr, i, iv, c0, CP, G))
+        j0, j1, j2, j3 = _channels(_rows(hat_ptr, j, jv, c0, CP, G))
+        acc = tl.fma(i0[:, None, :], j0[None, :, :], acc)
+        acc = tl.fma(i1[:, None, :], j1[None, :, :], acc)
+        acc = tl.fma(i2[:, None, :], j2[None, :, :], acc)
+        acc = tl.fma(i3[:, None, :], j3[None, :, :], acc)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _terms(g, gi, gj, i, iv, j, jv):
+    """The (i, j) tile's P_ij, i != j, rounded to multiples of 2^-32 (int64): P_ij =
+    min(|g_ij|, 1), exactly 1 for equal and for opposite rows (â_j = ±â_i exactly: the
+    pooling and the division by max|a| commute with the sign), whose |g_ij| is then
+    g_ii = g_jj to the bit where a float32 dot of unit rows gives 1 ± ulp; 0 with a zero
+    row (g = 0). A NaN P_ij would come only from a NaN row, whose sample does not get
+    here; p == p keeps it from the int64 conversion all the same."""
+    p = tl.abs(g)
+    same = (p == gi[:, None]) & (p == gj[None, :]) & (p > 0)
+    p = tl.where(same, 1.0, tl.minimum(p, 1.0))
+    term = iv[:, None] & jv[None, :] & (p == p) & (i[:, None] != j[None, :])
+    return (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
+
+
+@triton.jit
+def _corr_block(hat_ptr, gd_ptr, cs_ptr, n, r0, CP, NP, BM: tl.constexpr, G: tl.constexpr):
+    """Rows i = r0 ... r0 + BM - 1 of sample n: the tiles (i, j) with j from r0 on (the
+    upper triangle of tiles: P is symmetric bit for bit, each tile off the diagonal
+    computed once for both of its blocks, SPEC §2), their P added to the row sums of rows
+    i and of rows j in cs (N, N') int64 (atomics: integers, so in any order). The blocks
+    run from the last: g_ii comes from this block's diagonal tile, written to gd for the
+    earlier blocks, and g_jj of the later blocks is there."""
     i = r0 + tl.arange(0, BM)
     iv = i < NP
-    si = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
-    # the column sums of the tiles (i', i), i' < r0: added by this program's threads before
-    # the barrier that precedes this call; .cg: read from L2, where the atomics added them
-    rowsum = tl.load(cs_ptr + n * NP + i, mask=iv, other=0, cache_modifier=".cg")
-    hbase = hat_ptr + n * NP * CP
-    cb = tl.arange(0, 4)
-    for j0 in range(r0, NP, BM):
+    g = _gram(hat_ptr, i, iv, i, iv, CP, G)
+    eye = i[:, None] == i[None, :]
+    gi = tl.sum(tl.where(eye, g, 0.0), axis=1)  # exact: one term, the others +0
+    tl.store(gd_ptr + n * NP + i, gi, mask=iv)
+    rowsum = tl.sum(_terms(g, gi, tl.sum(tl.where(eye, g, 0.0), axis=0), i, iv, i, iv),
+                    axis=1)
+    for j0 in range(r0 + BM, NP, BM):
         j = j0 + tl.arange(0, BM)
         jv = j < NP
-        sj = tl.load(s_ptr + n * NP + j, mask=jv, other=1.0)
-        acc = tl.zeros([BM, BM], tl.float32)  # ‖â_i − â_j‖²
-        acc2 = tl.zeros([BM, BM], tl.float32)  # ‖â_i + â_j‖²
-        # 4 channels of each row at a time (16-byte rows), added one after another as
-        # one channel at a time would be, for every (i, j) and (j, i) in that one order;
-        # the zero channels that pad a row add exact zeros
-        for c0 in range(0, CP, 4):
-            ai = tl.load(hbase + (i * CP)[:, None] + (c0 + cb)[None, :], mask=iv[:, None],
-                         other=0.0)
-            aj = tl.load(hbase + (j * CP)[:, None] + (c0 + cb)[None, :], mask=jv[:, None],
-                         other=0.0)
-            i0, i1, i2, i3 = _columns(ai, BM)
-            j0_, j1, j2, j3 = _columns(aj, BM)
-            acc, acc2 = _add_channel(acc, acc2, i0, j0_)
-            acc, acc2 = _add_channel(acc, acc2, i1, j1)
-            acc, acc2 = _add_channel(acc, acc2, i2, j2)
-            acc, acc2 = _add_channel(acc, acc2, i3, j3)
-        # |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
-        # equal rows and for opposite rows (â_j = −â_i exactly: the pooling and the division
-        # by max|a| commute with the sign), where a float32 dot of a rounded â, or
-        # 1 − ‖â_i − â_j‖²/2 = −1 ± ulp, is not; 0 with a zero row. A NaN P_ij would come
-        # only from a NaN row, whose sample does not get here; p == p keeps it from the
-        # int64 conversion all the same.
-        zero = (si == 0)[:, None] | (sj == 0)[None, :]
-        p = tl.where(zero, 0.0, tl.abs(1.0 - 0.5 * tl.where(acc2 < acc, acc2, acc)))
-        valid = iv[:, None] & jv[None, :]
-        term = valid & (p == p) & (i[:, None] != j[None, :])
-        q = (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
+        # .cg: from L2, where the threads of this program stored it before the barrier
+        gj = tl.load(gd_ptr + n * NP + j, mask=jv, other=0.0, cache_modifier=".cg")
+        q = _terms(_gram(hat_ptr, i, iv, j, jv, CP, G), gi, gj, i, iv, j, jv)
         rowsum += tl.sum(q, axis=1)
-        if j0 != r0:  # (j, i): rows j's sums, read when their block's turn comes
-            tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
-    rowsum += tl.where(si == 0, 4294967296, 0).to(tl.int64)  # P_ii: 1 for a zero row, else 0
-    f = rowsum.to(tl.float64) * QUANTUM / NP
-    tl.store(f_ptr + n * NP + i, f.to(tl.float32), mask=iv)
+        tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
+    tl.atomic_add(cs_ptr + n * NP + i, rowsum, mask=iv, sem="relaxed")
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
-                               W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, gd_ptr, cs_ptr, f_ptr, C,
+                               CQ, H, W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
-                               BM: tl.constexpr, NBP: tl.constexpr, NBC: tl.constexpr,
+                               BM: tl.constexpr, G: tl.constexpr, NBP: tl.constexpr,
+                               NBC: tl.constexpr,
                                ONE: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
                                RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
                                WPP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr):
@@ -328,10 +340,21 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_
                 tl.store(f_ptr + n * NP + i, tl.full([BM], float("nan"), tl.float32),
                          mask=i < NP)
         else:
+            hbase = hat_ptr + n * NP * CQ * 4
+            nblocks = tl.cdiv(NP, BM)
+            for b in range(0, nblocks):
+                tl.debug_barrier()  # gd of the later blocks
+                _corr_block(hbase, gd_ptr, cs_ptr, n, (nblocks - 1 - b) * BM, CQ * 4, NP, BM, G)
+            tl.debug_barrier()  # every tile's sums in cs
             for r0 in range(0, NP, BM):
-                tl.debug_barrier()  # the earlier row blocks' column sums in cs
-                _corr_rows(hat_ptr, s_ptr, cs_ptr, f_ptr, n, r0, CQ, NP, BM)
-
+                i = r0 + tl.arange(0, BM)
+                iv = i < NP
+                rowsum = tl.load(cs_ptr + n * NP + i, mask=iv, other=0, cache_modifier=".cg")
+                # P_ii: 1 for a zero row, else 0
+                zero = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0) == 0
+                rowsum += tl.where(zero, 4294967296, 0).to(tl.int64)
+                f = rowsum.to(tl.float64) * QUANTUM / NP
+                tl.store(f_ptr + n * NP + i, f.to(tl.float32), mask=iv)
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2).
@@ -365,9 +388,6 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
     smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
     nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
-    cq = cdiv(c, 4)  # unit rows padded to 16 bytes
-    hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
-    cs = torch.empty((n, np_), dtype=torch.int64, device=dev)  # the Gram's column sums
     kh, kw = min(k, h), min(k, w)
     # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
     # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no
@@ -397,16 +417,27 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
         bc = max(1, min(pow2(c), TILE // (bp * kp)))
         rb = 1
         nw = warps(bc * bp * kp)
-    # 64 x 64 Gram tiles on a GPU; 32 x 32 at least (16 x 16 tiles of the 256 threads that
-    # pool made ptxas spill at bf16 7 x 7, k = 3)
-    bm = min(256 if INTERPRET else 64, max(32, pow2(np_)))
+    # Gram tiles of 64 x 64 on a GPU, 16 x 16 at least, in channel groups (``_gram``):
+    # 2048 products a step (8 a thread of 256) where the channels allow. A tile of few rows
+    # (N' = 9 at 14 x 14, k = 5) without groups had its 256 threads compute copies of its
+    # products, 1024 channels one after another: 34 SASS per element of x, with 4 fmas a
+    # product then. Fewer products a step (16 x 16 tiles of 4 groups, C = 16) spilled.
+    bm, cg = max(16, pow2(np_)), pow2(cdiv(c, 4))
+    while bm < 64 and bm * bm * cg < 2048:
+        bm *= 2
+    bm = min(256 if INTERPRET else 64, bm)
+    grp = max(1, min(TILE // 2 // (bm * bm), cg))
+    cq = cdiv(c, 4 * grp) * grp  # unit rows padded to whole steps of 4 G channels
+    hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
+    gd = torch.empty((n, np_), dtype=torch.float32, device=dev)  # the Gram's diagonal
+    cs = torch.empty((n, np_), dtype=torch.int64, device=dev)  # the Gram's row sums
     # the normalisation's (positions x channels) tiles: x.numel() / k² values, an element
     # per thread on a GPU (its two divisions are per value, not per element of x)
     nbp = min(pow2(np_), 64)
     nbc = max(4, min(pow2(4 * cq), (TILE if INTERPRET else 32 * nw) // nbp))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, hat, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
-        x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, NBP=nbp, NBC=nbc, ONE=np_ == 1,
+        x, at, smax, nb, hat, gd, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
+        x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, G=grp, NBP=nbp, NBC=nbc, ONE=np_ == 1,
         IDX64=needs_int64(x, at, hat), FLAT=flat, RB=rb, RW=rw, WPAD=pow2(w), WPP=pow2(wp),
         A=a, ALIGNED=aligned, num_warps=nw)
 

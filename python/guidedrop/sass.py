@@ -527,7 +527,7 @@ SASS_BUDGET = {("apply", "bfloat16"): 15, ("apply", "float32"): 30,
 # some kernels take another form for them (triton_kernels' TRITON_VERSION); on 2026-12-03
 # tests/test_static_perf.py's Triton half, run with Triton 3.6 (the GPU machine's) and 3.9
 # (CALIBRATED_TRITON set to theirs), gave the same results as with 3.8: every kernel within
-# budget but the two over it (OVER_BUDGET).
+# budget but those over it (OVER_BUDGET).
 CALIBRATED_TRITON = "3.8"
 
 
