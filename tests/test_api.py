@@ -489,6 +489,30 @@ def test_linear_ramp_state_dict_round_trip():
     assert _rates(fresh) == pytest.approx([t * 0.4 for t in TARGETS])
 
 
+def test_linear_ramp_twice_keeps_the_targets():
+    """A second ramp over the same model ramps to the first one's targets (it took the 0
+    the first one set: rates frozen at 0); a rate assigned since is the new target."""
+    model = _model()
+    first = guidedrop.LinearRamp(model, steps=10)
+    for _ in range(3):
+        first.step()
+    second = guidedrop.LinearRamp(model, steps=4)
+    assert second.targets == pytest.approx(TARGETS)
+    assert _rates(model) == pytest.approx([0.0] * 8)
+    for _ in range(4):
+        second.step()
+    assert _rates(model) == pytest.approx(TARGETS)
+    model[1].p = 0.05  # assigned: no ramp set it
+    third = guidedrop.LinearRamp(model, steps=0)
+    assert third.targets[0] == 0.05 and third.targets[1:] == pytest.approx(TARGETS[1:])
+    # a refused state leaves the marks as they were: a later ramp still finds the targets
+    with pytest.raises(ValueError):
+        # Selectout (the fifth layer) refuses drop_rate 1 (keep 0)
+        second.load_state_dict({"step_count": 0, "steps": 4,
+                                "targets": [0.5] * 4 + [1.0] + [0.5] * 3})
+    assert guidedrop.LinearRamp(model, steps=2).targets == pytest.approx([0.05] + TARGETS[1:])
+
+
 def test_linear_ramp_layers_argument():
     model = _model()
     chosen = [model[1], model[3]]

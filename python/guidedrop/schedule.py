@@ -22,6 +22,12 @@ class LinearRamp:
 
     ``layers`` restricts it to the given modules. ``steps``: any integral number >= 0
     (0: the targets at once). Raises TypeError / ValueError naming the argument.
+
+    A layer's target is its ``drop_rate`` when the ramp is made, unless an earlier ramp
+    set that rate: then the earlier ramp's target (as torch's LR schedulers keep
+    ``initial_lr``), so that a second ramp over the same model (a restarted schedule, a
+    notebook cell run twice) ramps to the same targets, not to the 0 the first one set.
+    A rate assigned after a ramp set it is a new target.
     """
 
     def __init__(self, model: nn.Module | None = None, steps: int = 1,
@@ -40,7 +46,7 @@ class LinearRamp:
             if not isinstance(m, GuidedDropout):
                 raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
         self.steps = V.integer("steps", steps, 0)
-        self.targets = [m.drop_rate for m in self.layers]
+        self.targets = [_target(m) for m in self.layers]
         self.step_count = 0
         self._set()
 
@@ -48,6 +54,7 @@ class LinearRamp:
         frac = 1.0 if self.steps == 0 else min(1.0, self.step_count / self.steps)
         for m, target in zip(self.layers, self.targets, strict=True):
             m.drop_rate = target * frac
+            m._ramped = (target, m.drop_rate)  # see _target
 
     def step(self) -> None:
         self.step_count += 1
@@ -90,3 +97,10 @@ class LinearRamp:
             for m, rate in zip(self.layers, rates, strict=True):
                 m.drop_rate = rate
             raise
+
+
+def _target(m: GuidedDropout) -> float:
+    """The rate a new ramp takes to: the target of the ramp that set m's rate, while m's
+    rate is still the one that ramp set; else m's rate."""
+    ramped = getattr(m, "_ramped", None)  # (target, rate set)
+    return ramped[0] if ramped is not None and m.drop_rate == ramped[1] else m.drop_rate
