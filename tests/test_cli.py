@@ -193,6 +193,22 @@ def test_bench_budget_spent_measures_nothing(tmp_path, capsys):
     assert all(r["ms"] == "" and r["note"] == "time budget spent" for r in rows)
 
 
+def test_bench_budget_spent_stops_resnet_too(tmp_path, capsys):
+    """--budget covers --resnet's steps (they ran whatever the budget)."""
+    out, md, png = tmp_path / "b.csv", tmp_path / "b.md", tmp_path / "b.png"
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "dropblock", "--resnet",
+                   "--budget", "0", "--csv", str(out), "--md", str(md), "--plot", str(png)])
+    assert rc == 0, capsys.readouterr().err
+    rows = [r for r in read_csv(out) if r["bench"] == "resnet50-step"]
+    assert [(r["layer"], r["backend"]) for r in rows] == [("none", "-"),
+                                                          ("dropblock", "reference")]
+    assert all(r["ms"] == r["overhead_pct"] == "" and r["note"] == "time budget spent"
+               for r in rows)
+    assert "| dropblock | reference | " in md.read_text()
+    assert md.read_text().count("time budget spent") == 3
+    assert not png.exists() and "not written: nothing was timed" in capsys.readouterr().out
+
+
 def test_bench_graph_on_cpu_is_not_measured(tmp_path, capsys):
     out = tmp_path / "g.csv"
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale", "--mode",

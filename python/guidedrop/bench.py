@@ -688,13 +688,18 @@ def _resnet_layer(layer: str, i: int) -> torch.nn.Module:
 
 
 def resnet_rows(layers: list[str], providers: list[str], device: torch.device, quick: bool,
-                progress: Progress | None = None) -> list[dict]:
+                progress: Progress | None = None, deadline: float | None = None) -> list[dict]:
     """Step time of torchvision ResNet-50 (bf16 autocast on CUDA, channels_last) with
     ``layer`` appended to layer1, layer2 and layer3, per layer and provider.
 
     Batch 128 at 224 px on CUDA (32 with ``quick``); on CPU a tiny batch (4 at 96 px;
     ``quick``: 2 at 32 px, contiguous, one timed step: a smoke test, not a measurement).
+    Past ``deadline`` (time.monotonic()), the steps left are not timed: rows with ms None,
+    noted "time budget spent".
     """
+    def spent() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
     model, images, labels, opt = _resnet_setup(device, quick)
     shape = fmt_shape(images.shape)
     dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
@@ -704,7 +709,7 @@ def resnet_rows(layers: list[str], providers: list[str], device: torch.device, q
 
     if progress:
         progress.step("resnet50 plain")
-    plain = _time_steps(step, device, quick)
+    plain = None if spent() else _time_steps(step, device, quick)
     if progress:
         progress.advance()
     groups = [model.layer1, model.layer2, model.layer3]
@@ -713,26 +718,30 @@ def resnet_rows(layers: list[str], providers: list[str], device: torch.device, q
         for p in providers:
             if progress:
                 progress.step(f"resnet50 {layer} {p}")
-            for i, g in enumerate(groups):
-                g.append(_resnet_layer(layer, i).to(device))
-            try:
-                with forced_backend(p):
-                    timed.append((layer, p, _time_steps(step, device, quick)))
-            finally:
-                for g in groups:
-                    del g[-1]
+            if plain is None or spent():
+                timed.append((layer, p, None))
+            else:
+                for i, g in enumerate(groups):
+                    g.append(_resnet_layer(layer, i).to(device))
+                try:
+                    with forced_backend(p):
+                        timed.append((layer, p, _time_steps(step, device, quick)))
+                finally:
+                    for g in groups:
+                        del g[-1]
             if progress:
                 progress.advance()
-    if timed and not (quick and device.type != "cuda"):
+    if any(ms is not None for *_, ms in timed) and not (quick and device.type != "cuda"):
         # The plain model again, now that every cache is warm: the baseline is the faster
         # of the two (the overheads err on the high side, never hide a cost).
         plain = min(plain, _time_steps(step, device, quick))
-    rows = [dict(bench="resnet50-step", layer="none", shape=shape, dtype=dtype, mode="train",
-                 backend="-", ms=plain, overhead_pct=0.0)]
-    rows += [dict(bench="resnet50-step", layer=layer, shape=shape, dtype=dtype, mode="train",
-                  backend=p, ms=ms, overhead_pct=100 * (ms - plain) / plain)
-             for layer, p, ms in timed]
-    return rows
+
+    def row(layer, p, ms):
+        return dict(bench="resnet50-step", layer=layer, shape=shape, dtype=dtype, mode="train",
+                    backend=p, ms=ms, note="" if ms is not None else "time budget spent",
+                    overhead_pct=None if ms is None else 100 * (ms - plain) / plain)
+
+    return [row("none", "-", plain)] + [row(*t) for t in timed]
 
 
 # --------------------------------------------------------------------------- output
@@ -858,9 +867,16 @@ def op_columns(rows: list[dict]) -> list:
     cols = list(OP_COLUMNS)
     if any("graph_ms" in r for r in rows):
         cols += GRAPH_COLUMNS
-    if any(r.get("note") for r in rows):
-        cols.append(NOTE_COLUMN)
-    return cols
+    return cols + _notes(rows)
+
+
+def resnet_columns(rows: list[dict]) -> list:
+    """RESNET_COLUMNS, then the notes when a row has one (--budget spent)."""
+    return RESNET_COLUMNS + _notes(rows)
+
+
+def _notes(rows: list[dict]) -> list:
+    return [NOTE_COLUMN] if any(r.get("note") for r in rows) else []
 
 
 def _gpu_tiles():
@@ -1047,7 +1063,8 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
         for j, p in enumerate(provs):
             pts = [(i + (j - (len(provs) - 1) / 2) * width, r["overhead_pct"])
                    for i, layer in enumerate(layers) for r in res
-                   if r["layer"] == layer and r["backend"] == p]
+                   if r["layer"] == layer and r["backend"] == p
+                   and r["overhead_pct"] is not None]  # None: not timed (--budget)
             ax.bar([a for a, _ in pts], [b for _, b in pts], width, label=p,
                    color=colours.get(p))
         ax.axhline(0, color="k", lw=0.8)
@@ -1083,7 +1100,7 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) ->
         parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
         parts += ["ResNet-50 training step, layer appended to layer1, layer2 and layer3:", "",
-                  format_table(res, RESNET_COLUMNS, markdown=True), ""]
+                  format_table(res, resnet_columns(res), markdown=True), ""]
     with _open_out(path) as f:
         f.write("\n".join(parts))
 
@@ -1343,7 +1360,8 @@ def run(args) -> list[dict]:
                                     graph=args.graph, deadline=deadline, compiler=compiler):
                     done.setdefault((i, r["backend"]), []).append(r)
         if args.resnet:
-            res_rows = resnet_rows(layers, res_providers, device, args.quick, progress)
+            res_rows = resnet_rows(layers, res_providers, device, args.quick, progress,
+                                   deadline)
     finally:
         progress.close()
     ops = [r for i in range(len(plan)) for p in providers for r in done.get((i, p), [])]
@@ -1360,7 +1378,7 @@ def run(args) -> list[dict]:
     if args.resnet:
         note = " (torch.compile is not timed here)" if "compile" in providers else ""
         tables += [f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:",
-                   format_table(res_rows, RESNET_COLUMNS)]
+                   format_table(res_rows, resnet_columns(res_rows))]
     out = console()
     out.print()
     for t in tables:
@@ -1428,7 +1446,7 @@ def add_parser(sub) -> None:
     b.add_argument("--budget", type=float_in(0, 1e6), default=None, metavar="SECONDS",
                    help="0 to 1e+06; stop checking and timing after this long: the cases left "
                         "get rows marked not measured (torch.compile, the slowest to set up, "
-                        "runs last; default: no limit)")
+                        "runs last, --resnet's steps after it; default: no limit)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "
