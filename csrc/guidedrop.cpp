@@ -94,7 +94,7 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  at::Tensor row_flag = at::empty({N, 2, Hp * Wp}, f32(x));  // per row (launchers.h)
+  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
   at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
   return F;
@@ -344,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
   at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
-  at::Tensor row_flag = at::empty({N, 2, Hp * Wp}, f32(x));  // per row (launchers.h)
+  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
   at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, f32(x));

@@ -286,6 +286,27 @@ def test_pooled_correlation_equal_rows_and_symmetry(B):
         assert (f == f[0]).all(), f.unique()
 
 
+def test_pooled_correlation_parallel_rows(B):
+    """Pooled rows that are parallel but for float32 rounding (positive multiples of one
+    row, a rank-one map, a constant map whose border windows average fewer units) have
+    P_ij = 1 exactly, as the float64 reference gives once rounded: every F of the sample
+    equal (a float32 dot gives 1 ± a few ulp there: CorrDrop's κ then split the blocks)."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(3):
+        a = torch.rand(5, generator=g) + 0.1
+        s = torch.rand(17, generator=g) * 10 + 0.1
+        cases.append(((s[:, None] * a).t().reshape(1, 5, 1, 17), 1))
+        u, v = torch.rand(16, generator=g) + 0.1, torch.rand(28, 28, generator=g) + 0.1
+        cases.append(((u[:, None, None] * v)[None], 3))
+    for c in (3, 16, 64):
+        cases.append(((torch.rand(1, c, 1, 1, generator=g) + 0.1).expand(1, c, 13, 13), 5))
+    for x, k in cases:
+        f = B.pooled_correlation(x.contiguous(), k)
+        assert_same(f, R.pooled_correlation(x, k))
+        assert (f == f.flatten()[0]).all(), (x.shape, k, f.unique())
+
+
 @pytest.mark.parametrize("scale", [2.0**60, 2.0**-60, 1e20, 1e-30, 3e30])
 def test_pooled_correlation_scale_invariant(B, scale):
     """F is invariant to a positive scaling of x (the norm computed without overflow);

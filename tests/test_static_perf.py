@@ -67,8 +67,10 @@ CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 # x (Triton bf16 4.3-15.4, float32 4.6-14.9, 16-byte loads); its Gram phase is the (N', N')
 # product of the k²-times smaller pooled rows, about 21 multiply-adds per element of x at
 # k = 3 on 56 x 56 (N' = 361, upper triangle only): about 71 SASS per element of x there in
-# Triton (150 before the products became one fma each in channel groups), 3-3.5 at k = 5
-# and 7. That is the layer's arithmetic, not x's bytes; no budget here covers it.
+# Triton (150 when each product took the two difference sums, as the CUDA kernel's still
+# do, and as a Triton tile still does where one of its pairs is within a float32 dot's
+# error of P = 1), 3-3.5 at k = 5 and 7. That is the layer's arithmetic, not x's bytes; no
+# budget here covers it.
 OVER_BUDGET = {
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
                                   "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS), "

@@ -5,10 +5,11 @@ position i (k x k average pooling, ceil mode: a window cut by the border average
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
-- g_ij = â_i · â_j in one fixed order of fmas whatever the tile position of (i, j)
-  (``_gram``; an outer-product loop, not tl.dot, whose order is the hardware's): the same
-  for (j, i) and for equal rows; P_ij = min(|g_ij|, 1), and exactly 1 where
-  |g_ij| = g_ii = g_jj > 0: equal and opposite rows (0 with a zero row);
+- P_ij = |â_i · â_j|, summed over the channels in one fixed order of fmas whatever the
+  tile position of (i, j) (``_gram``; an outer-product loop, not tl.dot, whose order is
+  the hardware's): the same for (j, i); within a float32 dot's error of 1, from the
+  differences, 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (``_terms``): exactly 1 for equal,
+  opposite and parallel rows (0 with a zero row);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
   independent of the order of the terms;
 - a NaN or an Inf in a pooled row makes every F of the sample NaN (the zero rows' too).
@@ -28,14 +29,14 @@ what the program's other threads wrote in the one before, after a block-wide bar
    rescaled sum of squares over the channel chunks);
 2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
    into hat (N, N', C rounded up to 4 G) float32, each row zero-padded;
-3. correlation (``_corr_block``), BM rows at a time, the last block first: the tiles
-   (i, j) with j from the block's own on (the upper triangle of tiles: P is symmetric bit
-   for bit), each over the channels 4 G at a time (``_gram``: G groups of 16 bytes of each
-   row, one fma per product and channel; in a 64 x 64 tile, G = 1, of 256 threads ptxas
-   loads 4 bytes a thread and shares them through shared memory); the block's diagonal
-   tile gives g_ii (to gd (N, N'), for the earlier blocks' tiles); each tile's rounded P
-   is added to the sums of its rows and of its columns in cs (N, N') int64 (atomics:
-   integers, so in any order), from which a last pass takes F. At N' = 361 (k = 3 at
+3. correlation (``_corr_block``), BM rows at a time: the tiles (i, j) with j from the
+   block's own on (the upper triangle of tiles: P is symmetric bit for bit), each over
+   the channels 4 G at a time (``_gram``: G groups of 16 bytes of each row, one fma per
+   product and channel; in a 64 x 64 tile, G = 1, of 256 threads ptxas loads 4 bytes a
+   thread and shares them through shared memory; a second pass of differences for a tile
+   with a pair near 1); each tile's rounded P is added to the sums of its rows and of its
+   columns in cs (N, N') int64 (atomics: integers, so in any order), from which a last
+   pass takes F. At N' = 361 (k = 3 at
    56 x 56) 21 of the 36 tiles of 64 x 64; at N' = 9 (14 x 14, k = 5) one tile of 16 x 16
    in 8 channel groups.
 With one window (N' = 1: k >= H and W), F = P_00 follows from the pooling alone: 1 for a
@@ -237,77 +238,92 @@ def _rows(hat_ptr, row, rv, c0, CP, G: tl.constexpr):
 
 
 @triton.jit
-def _gram(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr):
-    """g_ij = â_i · â_j over the (i, j) tile, rows of hat_ptr. Channel c0 + 4 g + t goes to
-    group g, whose fmas run in channel order from 0; then the G groups are added. Every
-    g_ij of every tile is this one arithmetic in one layout, so equal rows give equal g to
-    the bit, and g_ij = g_ji (a·b = b·a). The groups give the threads G times more
-    products than a (BM, BM) tile of a few rows has (N' = 9 at 14 x 14, k = 5: without
-    them the threads computed copies of its products, 1024 channels one after another)."""
+def _add_channel(acc, acc2, ai, aj, DIFF: tl.constexpr):
+    """One channel of the (i, j) tile's sums (``_gram``), ai (BI, G), aj (BJ, G)."""
+    a = ai[:, None, :]
+    b = aj[None, :, :]
+    if DIFF:
+        return tl.fma(a - b, a - b, acc), tl.fma(a + b, a + b, acc2)
+    return tl.fma(a, b, acc), acc2
+
+
+@triton.jit
+def _gram(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr, DIFF: tl.constexpr):
+    """Over the (i, j) tile, rows of hat_ptr: g_ij = â_i · â_j, or with DIFF
+    min(‖â_i − â_j‖², ‖â_i + â_j‖²). Channel c0 + 4 g + t goes to group g, whose sums run
+    in channel order from 0, one fma a product; then the G groups are added. Every (i, j)
+    of every tile is this one arithmetic in one layout, so the same for (j, i) (a·b = b·a,
+    (a − b)² = (b − a)²). The groups give the threads G times more products than a
+    (BM, BM) tile of a few rows has (N' = 9 at 14 x 14, k = 5: without them the threads
+    computed copies of its products, 1024 channels one after another)."""
     BI: tl.constexpr = i.shape[0]
     BJ: tl.constexpr = j.shape[0]
     acc = tl.zeros([BI, BJ, G], tl.float32)
+    acc2 = tl.zeros([BI, BJ, G], tl.float32)
     for c0 in range(0, CP, 4 * G):
         i0, i1, i2, i3 = _channels(_rows(hat_ptr, i, iv, c0, CP, G))
         j0, j1, j2, j3 = _channels(_rows(hat_ptr, j, jv, c0, CP, G))
-        acc = tl.fma(i0[:, None, :], j0[None, :, :], acc)
-        acc = tl.fma(i1[:, None, :], j1[None, :, :], acc)
-        acc = tl.fma(i2[:, None, :], j2[None, :, :], acc)
-        acc = tl.fma(i3[:, None, :], j3[None, :, :], acc)
+        acc, acc2 = _add_channel(acc, acc2, i0, j0, DIFF)
+        acc, acc2 = _add_channel(acc, acc2, i1, j1, DIFF)
+        acc, acc2 = _add_channel(acc, acc2, i2, j2, DIFF)
+        acc, acc2 = _add_channel(acc, acc2, i3, j3, DIFF)
+    if DIFF:
+        return tl.minimum(tl.sum(acc, axis=2), tl.sum(acc2, axis=2))
     return tl.sum(acc, axis=2)
 
 
 @triton.jit
-def _terms(g, gi, gj, i, iv, j, jv):
-    """The (i, j) tile's P_ij, i != j, rounded to multiples of 2^-32 (int64): P_ij =
-    min(|g_ij|, 1), exactly 1 for equal and for opposite rows (â_j = ±â_i exactly: the
-    pooling and the division by max|a| commute with the sign), whose |g_ij| is then
-    g_ii = g_jj to the bit where a float32 dot of unit rows gives 1 ± ulp; 0 with a zero
-    row (g = 0). A NaN P_ij would come only from a NaN row, whose sample does not get
-    here; p == p keeps it from the int64 conversion all the same."""
-    p = tl.abs(g)
-    same = (p == gi[:, None]) & (p == gj[None, :]) & (p > 0)
-    p = tl.where(same, 1.0, tl.minimum(p, 1.0))
+def _terms(hat_ptr, i, iv, j, jv, CP, C, G: tl.constexpr):
+    """The (i, j) tile's P_ij = |â_i·â_j|, i != j, rounded to multiples of 2^-32 (int64).
+    From the dot g_ij (``_gram``), whose float32 error for unit rows is at most about
+    C ulp of 1: for |g_ij| within (C + 16) 2^-22 of 1, from the differences instead,
+    1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2, accurate near 1: exactly 1 for equal and
+    opposite rows, and for rows that are parallel but for the rounding of the pooling (a
+    window cut by the border, a rank-one map), as the float64 reference gives once rounded
+    to the grid; a dot gives 1 ± a few ulp there (SPEC §1: equal F exactly equal). The
+    tile computes those sums only where one of its pairs is that close to 1 (typical
+    activations: none). 0 with a zero row (g = 0). A NaN P_ij would come only from a NaN
+    row, whose sample does not get here; p == p keeps it from the int64 conversion all
+    the same."""
+    p = tl.abs(_gram(hat_ptr, i, iv, j, jv, CP, G, False))
+    near = p > 1.0 - (C + 16).to(tl.float32) * 2.384185791015625e-07  # 2^-22
+    if tl.max(near.to(tl.int32)) > 0:
+        m = _gram(hat_ptr, i, iv, j, jv, CP, G, True)
+        p = tl.where(near, tl.abs(1.0 - 0.5 * m), tl.minimum(p, 1.0))
+    else:
+        p = tl.minimum(p, 1.0)
     term = iv[:, None] & jv[None, :] & (p == p) & (i[:, None] != j[None, :])
     return (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
 
 
 @triton.jit
-def _corr_block(hat_ptr, gd_ptr, cs_ptr, n, r0, CP, NP, BM: tl.constexpr, G: tl.constexpr):
+def _corr_block(hat_ptr, cs_ptr, n, r0, CP, C, NP, BM: tl.constexpr, G: tl.constexpr):
     """Rows i = r0 ... r0 + BM - 1 of sample n: the tiles (i, j) with j from r0 on (the
     upper triangle of tiles: P is symmetric bit for bit, each tile off the diagonal
     computed once for both of its blocks, SPEC §2), their P added to the row sums of rows
-    i and of rows j in cs (N, N') int64 (atomics: integers, so in any order). The blocks
-    run from the last: g_ii comes from this block's diagonal tile, written to gd for the
-    earlier blocks, and g_jj of the later blocks is there."""
+    i and of rows j in cs (N, N') int64 (atomics: integers, so in any order)."""
     i = r0 + tl.arange(0, BM)
     iv = i < NP
-    g = _gram(hat_ptr, i, iv, i, iv, CP, G)
-    eye = i[:, None] == i[None, :]
-    gi = tl.sum(tl.where(eye, g, 0.0), axis=1)  # exact: one term, the others +0
-    tl.store(gd_ptr + n * NP + i, gi, mask=iv)
-    rowsum = tl.sum(_terms(g, gi, tl.sum(tl.where(eye, g, 0.0), axis=0), i, iv, i, iv),
-                    axis=1)
-    for j0 in range(r0 + BM, NP, BM):
+    rowsum = tl.zeros([BM], tl.int64)
+    for j0 in range(r0, NP, BM):
         j = j0 + tl.arange(0, BM)
         jv = j < NP
-        # .cg: from L2, where the threads of this program stored it before the barrier
-        gj = tl.load(gd_ptr + n * NP + j, mask=jv, other=0.0, cache_modifier=".cg")
-        q = _terms(_gram(hat_ptr, i, iv, j, jv, CP, G), gi, gj, i, iv, j, jv)
+        q = _terms(hat_ptr, i, iv, j, jv, CP, C, G)
         rowsum += tl.sum(q, axis=1)
-        tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
+        if j0 != r0:  # (j, i): the later rows' sums
+            tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
     tl.atomic_add(cs_ptr + n * NP + i, rowsum, mask=iv, sem="relaxed")
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, gd_ptr, cs_ptr, f_ptr, C,
-                               CQ, H, W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
+                               W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
                                BM: tl.constexpr, G: tl.constexpr, NBP: tl.constexpr,
-                               NBC: tl.constexpr,
-                               ONE: tl.constexpr, IDX64: tl.constexpr, FLAT: tl.constexpr,
-                               RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
-                               WPP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr):
+                               NBC: tl.constexpr, ONE: tl.constexpr, IDX64: tl.constexpr,
+                               FLAT: tl.constexpr, RB: tl.constexpr, RW: tl.constexpr,
+                               WPAD: tl.constexpr, WPP: tl.constexpr, A: tl.constexpr,
+                               ALIGNED: tl.constexpr):
     n = tl.program_id(0)
     if IDX64:
         n = n.to(tl.int64)
@@ -341,10 +357,8 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, gd_ptr, cs
                          mask=i < NP)
         else:
             hbase = hat_ptr + n * NP * CQ * 4
-            nblocks = tl.cdiv(NP, BM)
-            for b in range(0, nblocks):
-                tl.debug_barrier()  # gd of the later blocks
-                _corr_block(hbase, gd_ptr, cs_ptr, n, (nblocks - 1 - b) * BM, CQ * 4, NP, BM, G)
+            for r0 in range(0, NP, BM):
+                _corr_block(hbase, cs_ptr, n, r0, CQ * 4, C, NP, BM, G)
             tl.debug_barrier()  # every tile's sums in cs
             for r0 in range(0, NP, BM):
                 i = r0 + tl.arange(0, BM)
@@ -355,6 +369,7 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, gd_ptr, cs
                 rowsum += tl.where(zero, 4294967296, 0).to(tl.int64)
                 f = rowsum.to(tl.float64) * QUANTUM / NP
                 tl.store(f_ptr + n * NP + i, f.to(tl.float32), mask=iv)
+
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32 (SPEC §2 step 2).
@@ -429,14 +444,13 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     grp = max(1, min(TILE // 2 // (bm * bm), cg))
     cq = cdiv(c, 4 * grp) * grp  # unit rows padded to whole steps of 4 G channels
     hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
-    gd = torch.empty((n, np_), dtype=torch.float32, device=dev)  # the Gram's diagonal
     cs = torch.empty((n, np_), dtype=torch.int64, device=dev)  # the Gram's row sums
     # the normalisation's (positions x channels) tiles: x.numel() / k² values, an element
     # per thread on a GPU (its two divisions are per value, not per element of x)
     nbp = min(pow2(np_), 64)
     nbc = max(4, min(pow2(4 * cq), (TILE if INTERPRET else 32 * nw) // nbp))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, hat, gd, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
+        x, at, smax, nb, hat, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
         x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, G=grp, NBP=nbp, NBC=nbc, ONE=np_ == 1,
         IDX64=needs_int64(x, at, hat), FLAT=flat, RB=rb, RW=rw, WPAD=pow2(w), WPP=pow2(wp),
         A=a, ALIGNED=aligned, num_warps=nw)

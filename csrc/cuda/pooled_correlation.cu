@@ -6,9 +6,9 @@
 // guidedrop.reference.pooled_correlation:
 // - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|: the norm neither overflows nor underflows, F is
 //   invariant to positive scaling of x;
-// - g_ij = â_i·â_j, one fma a channel in channel order for every (i, j): the same for
-//   (j, i) and for equal rows; P_ij = min(|g_ij|, 1), and exactly 1 where
-//   |g_ij| = g_ii = g_jj > 0: equal and opposite rows (0 with a zero row);
+// - |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (unit rows; 0 with a zero row), sums
+//   over the channels in one fixed order for every (i, j): the same for (j, i)
+//   ((x − y)² = (y − x)², x + y = y + x), and exactly 1 for equal and for opposite rows;
 // - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
 //   independent of where the diagonal or an equal term falls in the row;
 // - a NaN or an Inf in a pooled row (its â NaN) makes every F of the sample NaN, the zero
@@ -33,19 +33,18 @@
 //    (a / max)², and divide their channels. Writes â (N', C) and a flag per row (N'): 1 for
 //    a zero row, NaN for a NaN row, else 0.
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
-//    takes 32 rows i at a time, the last 32 first, and walks the columns j in tiles of 32
-//    from its own on (the upper triangle of tiles: P is symmetric bit for bit, so each P_ij
-//    is computed once for rows i and j), accumulating g_ij over channel tiles of 32 held
-//    in shared memory (a tiled GEMM); each thread keeps 4 rows x 1 column. The first tile
-//    of each row tile, its diagonal one, writes g_ii (row_flag's second half), which its
-//    own tiles and the earlier row tiles' read. Each thread adds the rounded P to its
-//    int64 row partials and, off the diagonal, to its column partial, which it adds to row
-//    j's int64 sum in colsum (an atomic: integers, so in any order); at the end of a tile
-//    row a warp reduction over its 32 columns adds its rows' partials there too. After a
-//    __syncthreads, F_i from colsum[i] = Σ_{j≠i} P_ij. The N' x N' matrix never leaves
-//    registers.
+//    takes 32 rows i at a time and walks the columns j in tiles of 32 from its own on (the
+//    upper triangle of tiles: P is symmetric bit for bit, so each P_ij is computed once for
+//    rows i and j), accumulating ‖â_i − â_j‖² over channel tiles of 32 held in shared
+//    memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1 column and
+//    adds the rounded |dot| to its int64 row partials and, off the diagonal, to its column
+//    partial, which it adds to row j's int64 sum in colsum (an atomic: integers, so in any
+//    order); at the end of a tile row a warp reduction over its 32 columns adds its rows'
+//    partials there too. After a __syncthreads, F_i from colsum[i] = Σ_{j≠i} P_ij. The
+//    N' x N' matrix never leaves registers.
 // Each F_i is the same arithmetic in the same order whatever the tiling (a channel sum in
-// channel order per (i, j), exact integer row sums).
+// channel order per (i, j), exact integer row sums), so F is bit for bit what the earlier
+// two-kernel version computed.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -172,14 +171,12 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
   }
 }
 
-// F of sample n from its rows â (see the header, step 2); colsum: (N') int64 scratch;
-// diag: (N') float32 scratch, g_ii of each row.
+// F of sample n from its rows â (see the header, step 2); colsum: (N') int64 scratch.
 __device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ row_flag,
-                            float* __restrict__ diag, unsigned long long* __restrict__ colsum,
-                            const int64_t Np, const int64_t C, float* __restrict__ Fn) {
+                            unsigned long long* __restrict__ colsum, const int64_t Np,
+                            const int64_t C, float* __restrict__ Fn) {
   __shared__ float ai[kTile][kTile + 1];
   __shared__ float aj[kTile][kTile + 1];
-  __shared__ float sdiag[kTile];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
   // A NaN row makes every F of the sample NaN (see the header).
   bool nan_row = false;
@@ -191,13 +188,19 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
     for (int64_t i = threadIdx.x; i < Np; i += blockDim.x) Fn[i] = NAN;
     return;
   }
-  // The row tiles from the last (uniform in the block): g_ii comes from the tile's own
-  // diagonal tile, and g_jj of the later tiles from diag, where theirs wrote it.
-  for (int64_t i0 = (Np - 1) / kTile * kTile; i0 >= 0; i0 -= kTile) {
+  for (int64_t i0 = 0; i0 < Np; i0 += kTile) {  // uniform in the block
     long long part[kPerThread] = {};
-    float gi[kPerThread];
+    // Bit q: row i0 + ty + kRowsY * q is a zero row. Read once per row tile, in a loop
+    // not unrolled (as the tile fill below).
+    unsigned zi = 0;
+#pragma unroll 1
+    for (int q = 0; q < kPerThread; ++q) {
+      const int64_t i = i0 + ty + kRowsY * q;
+      if (i < Np && row_flag[i] == 1.f) zi |= 1u << q;
+    }
     for (int64_t j0 = i0; j0 < Np; j0 += kTile) {
-      float acc[kPerThread] = {};  // g_ij = â_i · â_j
+      float acc[kPerThread] = {};   // ‖â_i − â_j‖²
+      float acc2[kPerThread] = {};  // ‖â_i + â_j‖²
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c = c0 + tx;
         // Not unrolled: this fill loads pooled (k² times smaller than x); unrolled, its 8
@@ -211,47 +214,33 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
           aj[row][tx] = (j < Np && c < C) ? an[j * C + c] : 0.f;
         }
         __syncthreads();
-        // one fma a product and channel, in channel order from 0: every g_ij of every
-        // tile is the same chain, so equal rows give equal g to the bit, and g_ij = g_ji
 #pragma unroll 8
         for (int cc = 0; cc < kTile; ++cc) {
           const float bj = aj[tx][cc];
 #pragma unroll
-          for (int q = 0; q < kPerThread; ++q) acc[q] = fmaf(ai[ty + kRowsY * q][cc], bj, acc[q]);
+          for (int q = 0; q < kPerThread; ++q) {
+            const float d = ai[ty + kRowsY * q][cc] - bj;
+            const float e = ai[ty + kRowsY * q][cc] + bj;
+            acc[q] += d * d;
+            acc2[q] += e * e;
+          }
         }
         __syncthreads();
       }
       const int64_t j = j0 + tx;
-      float gj;
-      if (j0 == i0) {  // the diagonal tile: g_ii of its rows, for it (through shared
-        // memory: thread (ty, q) with tx = ty + 8q holds g_ii of row tx) and, in diag, for
-        // the earlier row tiles
-#pragma unroll
-        for (int q = 0; q < kPerThread; ++q) {
-          if (tx == ty + kRowsY * q) {
-            sdiag[tx] = j < Np ? acc[q] : 0.f;
-            if (j < Np) diag[j] = acc[q];
-          }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < kPerThread; ++q) gi[q] = sdiag[ty + kRowsY * q];
-        gj = sdiag[tx];
-      } else {
-        gj = j < Np ? diag[j] : 0.f;  // written by its row tile, an earlier one here
-      }
+      const bool zj = j < Np && row_flag[j] == 1.f;
       long long col = 0;  // this thread's rows' terms of column j
 #pragma unroll
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
-          // P_ij = min(|g_ij|, 1), exactly 1 for equal and for opposite rows (â_j = ±â_i
-          // exactly), whose |g_ij| is g_ii = g_jj to the bit where a float32 dot of unit
-          // rows gives 1 ± ulp; 0 with a zero row (g = 0). A NaN p comes only from a NaN
-          // row, whose sample does not get here; p == p keeps it out of the int64 sum all
-          // the same.
-          float p = fabsf(acc[q]);
-          p = (p == gi[q] && p == gj && p > 0.f) ? 1.f : fminf(p, 1.f);
+          // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
+          // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN p
+          // comes only from a NaN row, whose sample does not get here; p == p keeps it
+          // out of the int64 sum all the same.
+          const bool zero = ((zi >> q) & 1u) || zj;
+          const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
+          const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
           if (p == p && i != j) {
             const long long t =
                 static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
@@ -292,10 +281,10 @@ __global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const 
                                           float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
     float* an = pooled + n * Np * C;
-    float* zn = row_flag + n * 2 * Np;  // the flags, then g_ii (launchers.h)
+    float* zn = row_flag + n * Np;
     pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, pv, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
-    gram_rowsum(an, zn, zn + Np, colsum + n * Np, Np, C, F + n * Np);
+    gram_rowsum(an, zn, colsum + n * Np, Np, C, F + n * Np);
   }
 }
 
