@@ -36,9 +36,8 @@ what the program's other threads wrote in the one before, after a block-wide bar
    thread and shares them through shared memory; a second pass of differences for a tile
    with a pair near 1); each tile's rounded P is added to the sums of its rows and of its
    columns in cs (N, N') int64 (atomics: integers, so in any order), from which a last
-   pass takes F. At N' = 361 (k = 3 at
-   56 x 56) 21 of the 36 tiles of 64 x 64; at N' = 9 (14 x 14, k = 5) one tile of 16 x 16
-   in 8 channel groups.
+   pass takes F. At N' = 361 (k = 3 at 56 x 56) 21 of the 36 tiles of 64 x 64; at N' = 9
+   (14 x 14, k = 5) one tile of 16 x 16 in 8 channel groups.
 With one window (N' = 1: k >= H and W), F = P_00 follows from the pooling alone: 1 for a
 zero row, NaN for a row with a NaN, else 0; phases 2 and 3 are skipped.
 
