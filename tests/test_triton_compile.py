@@ -117,15 +117,21 @@ def test_triton_kernels_compile_for_sm90(monkeypatch, tmp_path):
     launched = {(s["module"], s["kernel"]) for s in recorder.specs.values()}
     assert defined <= launched, f"kernels never launched here: {sorted(defined - launched)}"
 
+    print(_compile(list(recorder.specs.values()), tmp_path))
+
+
+def _compile(specs: list[dict], tmp_path) -> str:
+    """Compiles the specs for sm_90 in a child process without TRITON_INTERPRET
+    (triton_compile.py); its output."""
     path = tmp_path / "specs.json"
-    path.write_text(json.dumps(list(recorder.specs.values())))
+    path.write_text(json.dumps(specs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     script = Path(__file__).with_name("triton_compile.py")
     done = subprocess.run([sys.executable, str(script), str(path)], env=env,
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    print(done.stdout)
+    return done.stdout
 
 
 def _ptx(spec, tmp_path) -> str:
@@ -208,3 +214,23 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
         if spec["kernel"] == "_select_kernel":
             assert "rcp.rp.f32" in ptx
         assert ".ftz" not in ptx, (spec["kernel"], [ln for ln in ptx.splitlines() if ".ftz" in ln])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_pooled_correlation_few_channels_compile_for_sm90(monkeypatch, tmp_path):
+    """pooled_correlation with 1 to 8 channels compiles for sm_90: Triton specialises an int
+    argument of 1 to a constant (C = 1: ``(C + 16).to`` failed on an int), and its gather
+    layout pass asserted on window-row tiles of few channels (C = 2 to 8 at 7 x 7, 14 x 14
+    and 28 x 28), which now take the positions path. INPUTS' maps have 5 channels or more,
+    and only the 7 x 9 one few."""
+    from guidedrop import primitives as P
+    shapes = [((2, c, h, w), k) for c in (1, 2, 3, 8)
+              for h, w, k in ((7, 7, 3), (14, 14, 5), (28, 28, 3))]
+    with sass.gpu_tiles():
+        recorded = _record_launches(monkeypatch, lambda: [
+            P.pooled_correlation(torch.randn(shape, dtype=dtype), k)
+            for shape, k in shapes for dtype in (torch.float32, torch.bfloat16)])
+    specs = [s for s in recorded.values() if s["kernel"] == "_pooled_correlation_kernel"]
+    assert len(specs) >= 8, specs
+    _compile(specs, tmp_path)

@@ -285,7 +285,9 @@ def _terms(hat_ptr, i, iv, j, jv, CP, C, G: tl.constexpr):
     row, whose sample does not get here; p == p keeps it from the int64 conversion all
     the same."""
     p = tl.abs(_gram(hat_ptr, i, iv, j, jv, CP, G, False))
-    near = p > 1.0 - (C + 16).to(tl.float32) * 2.384185791015625e-07  # 2^-22
+    # (C + 16) 2^-22 in float32 (C is an int argument, or the constant 1 where Triton
+    # specialises it)
+    near = p > 1.0 - (C + 16) * 2.384185791015625e-07
     if tl.max(near.to(tl.int32)) > 0:
         m = _gram(hat_ptr, i, iv, j, jv, CP, G, True)
         p = tl.where(near, tl.abs(1.0 - 0.5 * m), tl.minimum(p, 1.0))
@@ -415,13 +417,16 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     # other rows' units, and a tall map's hundreds of window rows one after another
     flat = (x.is_contiguous() and w * x.element_size() >= 8 and rw <= MAX_BAND
             and pow2(wp) * pow2(kw) <= MAX_BAND)
+    # TILE elements of 2 bytes per step (float32 spills at TILE elements): channels, and
+    # rows where C is small. Under 16 channels a step, by positions: Triton's gather
+    # layout pass asserts on such tiles for sm_90 (OptimizeThreadLocality, isWarpLocal:
+    # C = 1 to 8 at 7 x 7, 14 x 14 and 28 x 28, Triton 3.8)
+    tile = TILE * 2 // x.element_size()
+    bc = max(1, min(pow2(c), tile // rw))
+    flat = flat and bc >= 16
     if flat:
         kp = pow2(kw)
         bp = 1
-        # TILE elements of 2 bytes per step (float32 spills at TILE elements): channels,
-        # and rows where C is small
-        tile = TILE * 2 // x.element_size()
-        bc = max(1, min(pow2(c), tile // rw))
         rb = max(1, min(pow2(kh), tile // (bc * rw)))
         nw = warps(bc * rb * rw)
     else:
