@@ -27,9 +27,12 @@ from guidedrop import dispatch, sass
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (shape, dtype): the largest tiles (56 x 56 maps), many channels (14 x 14 maps, C = 1024),
-# small odd tiles; float16 compiles as bfloat16 but for its cast, so once is enough.
+# small odd tiles; float16 compiles as bfloat16 but for its cast, so once is enough; 1 x 1
+# maps, where Triton makes the int arguments of 1 (H, W, H * W, a sample's units) constants
+# (x.to(...) of one failed to compile).
 INPUTS = [(shape, dtype) for shape in [(2, 64, 56, 56), (2, 1024, 14, 14), (3, 5, 7, 9)]
-          for dtype in (torch.float32, torch.bfloat16)] + [((3, 5, 7, 9), torch.float16)]
+          for dtype in (torch.float32, torch.bfloat16)] + [((3, 5, 7, 9), torch.float16),
+                                                           ((2, 3, 1, 1), torch.float32)]
 BIG_BLOCKS = {"corrdrop": dict(block_size=7), "camdrop": dict(block_size=7),
               "dropblock": dict(block_size=7), "dropblock-shared": dict(block_size=53)}
 

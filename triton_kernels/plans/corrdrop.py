@@ -86,16 +86,17 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H
         if NORM == 0:
             tl.store(sc_ptr + n, tl.full([BN], 1.0, tl.float32), mask=nv)
         elif NORM == 1:
-            # units / kept in torch is reciprocal(kept) * units, in float64
+            # units / kept in torch is reciprocal(kept) * units, in float64 (tl.cast, not
+            # .to: Triton makes an int argument of 1, one unit, a constant)
             kd = tl.where(kept > 0, kept.to(tl.float64), 1.0)
-            sc = tl.where(kept > 0, (1.0 / kd) * units.to(tl.float64), 0.0)
+            sc = tl.where(kept > 0, (1.0 / kd) * tl.cast(units, tl.float64), 0.0)
             tl.store(sc_ptr + n, sc.to(tl.float32), mask=nv)
         else:
             total += kept
     if NORM == 2:
         kept_all = tl.sum(total, axis=0)  # exact in float64 below 2**53, as torch's sum
         kd = tl.where(kept_all > 0, kept_all.to(tl.float64), 1.0)
-        sc = tl.where(kept_all > 0, (1.0 / kd) * units.to(tl.float64), 0.0)
+        sc = tl.where(kept_all > 0, (1.0 / kd) * tl.cast(units, tl.float64), 0.0)
         for n0 in range(0, N, BN):
             n = n0 + tl.arange(0, BN)
             tl.store(sc_ptr + n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=n < N)
