@@ -222,7 +222,7 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_pooled_correlation_few_channels_compile_for_sm90(monkeypatch, tmp_path):
-    """pooled_correlation with 1 to 8 channels compiles for sm_90: Triton specialises an int
+    """pooled_correlation with 1 to 3 channels compiles for sm_90: Triton specialises an int
     argument of 1 to a constant (C = 1: ``(C + 16).to`` failed on an int), and its gather
     layout pass asserted on window-row tiles of few channels (C = 2 to 8 at 7 x 7, 14 x 14
     and 28 x 28), which now take the positions path. INPUTS' maps have 5 channels or more,

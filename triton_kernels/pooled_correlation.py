@@ -280,8 +280,8 @@ def _terms(hat_ptr, i, iv, j, jv, CP, C, G: tl.constexpr):
     opposite rows, and for rows that are parallel but for the rounding of the pooling (a
     window cut by the border, a rank-one map), as the float64 reference gives once rounded
     to the grid; a dot gives 1 ± a few ulp there (SPEC §1: equal F exactly equal). The
-    tile computes those sums only where one of its pairs is that close to 1 (typical
-    activations: none). 0 with a zero row (g = 0). A NaN P_ij would come only from a NaN
+    tile computes those sums only where one of its pairs is that close to 1. 0 with a
+    zero row (g = 0). A NaN P_ij would come only from a NaN
     row, whose sample does not get here; p == p keeps it from the int64 conversion all
     the same."""
     p = tl.abs(_gram(hat_ptr, i, iv, j, jv, CP, G, False))
@@ -420,7 +420,7 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     # TILE elements of 2 bytes per step (float32 spills at TILE elements): channels, and
     # rows where C is small. Under 16 channels a step, by positions: Triton's gather
     # layout pass asserts on such tiles for sm_90 (OptimizeThreadLocality, isWarpLocal:
-    # C = 1 to 8 at 7 x 7, 14 x 14 and 28 x 28, Triton 3.8)
+    # C = 2 to 8 at 7 x 7, 14 x 14 and 28 x 28, Triton 3.8)
     tile = TILE * 2 // x.element_size()
     bc = max(1, min(pow2(c), tile // rw))
     flat = flat and bc >= 16
