@@ -507,15 +507,17 @@ def test_precheck_fails_loudly_when_a_backend_disagrees(layer, override, tmp_pat
                                                        capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets "triton" take CPU tensors
     monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(**override), ""))
-    out = tmp_path / "never.csv"
+    out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", layer,
                    "--csv", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
-    assert err[-1].startswith(f"error: {layer} 2x16x14x14 fp32: backend triton disagrees "
+    assert err[-2] == "error: 1 backend check(s) failed:"
+    assert err[-1].startswith(f"MISMATCH {layer} 2x16x14x14 fp32: backend triton disagrees "
                               "with the reference on output")
     assert "max abs error" in err[-1]
-    assert not out.exists()  # nothing timed, nothing written
+    rows = {r["backend"]: r for r in read_csv(out)}
+    assert rows["triton"]["ms"] == "" and rows["triton"]["note"] == err[-1]  # never timed
 
 
 def test_precheck_passes_for_an_agreeing_backend(tmp_path, monkeypatch, capsys):
@@ -541,6 +543,27 @@ def test_precheck_reports_a_crashing_backend(monkeypatch):
     with bench.forced_backend("triton"), pytest.raises(bench.MismatchError,
                                                        match="backend triton failed.*launch"):
         bench.check(case, "triton", bench.provider_fn("triton", "selectout"), s, expected)
+
+
+def test_bench_notes_a_mismatch_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A backend that fails its check is not timed, its rows say MISMATCH, the other
+    layers and backends still run, the files are written, and the exit status is 1."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    out = tmp_path / "r.csv"
+    rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers",
+                   "selectout,dropblock", "--csv", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 backend check(s) failed" in err and "launch failed" in err
+    rows = {(r["layer"], r["backend"]): r for r in read_csv(out)}
+    assert rows["selectout", "triton"]["note"].startswith("MISMATCH")
+    assert rows["selectout", "triton"]["ms"] == ""
+    assert rows["dropblock", "triton"]["ms"] != ""  # timed after the mismatch
+    assert rows["selectout", "reference"]["ms"] != ""
 
 
 # --------------------------------------------------------------------------- demo

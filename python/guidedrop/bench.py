@@ -2,8 +2,9 @@
 
 For each layer x shape x dtype the bench first checks each backend against the eager
 reference, given the same ``noise``, on a slice of the input (forward output and
-``grad_x``; a disagreement raises :class:`MismatchError` naming the layer, backend and
-max error), then times it in each mode:
+``grad_x``), then times it in each mode. A backend that disagrees is not timed there: its
+rows' note says MISMATCH with the max error, the other backends and cases still run, and
+the run then raises :class:`MismatchError` (exit status 1). The modes:
 
 - ``forward``: ``y = op(x)`` with ``x.requires_grad`` (what a training forward does);
 - ``backward``: ``torch.autograd.grad(y, x, dy)`` of a kept ``y``;
@@ -104,7 +105,8 @@ CHECK_ELEMENTS = 1 << 22  # the correctness check runs on the first samples, up 
 
 
 class MismatchError(RuntimeError):
-    """A backend disagrees with the reference: the bench stops (exit status 1)."""
+    """A backend disagrees with the reference. :func:`bench_case` notes it in that
+    backend's rows (untimed) and goes on; the run then ends with exit status 1."""
 
 
 def usage_error(msg: str) -> Exception:
@@ -554,7 +556,9 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
     ``graph``: the ``full`` row also gets the time of its replay in a CUDA graph
     (:func:`graph_fn`; CUDA only); a capture that fails leaves that cell unmeasured, with
     the reason in ``note``. ``deadline`` (a ``time.monotonic()`` value): a provider reached
-    after it is neither checked nor timed. A check that fails raises MismatchError."""
+    after it is neither checked nor timed. A provider whose check fails is not timed: its
+    rows' ``note`` starts with ``MISMATCH`` (see :func:`mismatches`), and the other
+    providers still run, so that one bad kernel does not cost a GPU run its table."""
     if "compile" in providers:
         torch.compiler.reset()  # a fresh recompile budget for this case
     inputs = make_inputs(case)
@@ -572,7 +576,14 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
         with forced_backend(p):
             fn = provider_fn(p, case.layer, compiler)
             if p != "reference":
-                check(case, p, fn, s, expected)
+                try:
+                    check(case, p, fn, s, expected)
+                except MismatchError as e:
+                    print(f"MISMATCH {e}", file=sys.stderr)
+                    rows += [_row(case, p, mode, f"MISMATCH {e}") for mode in modes]
+                    if progress:
+                        progress.advance()
+                    continue
             try:  # a compiled graph saves its tensors unseen by the hooks: not a 0
                 kept = math.nan if p == "compile" else kept_bytes(fn, inputs) / x_bytes
             except Exception:  # saved-tensor hooks unsupported on this path
@@ -585,6 +596,11 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
     if "compile" in providers:
         torch.compiler.reset()
     return rows
+
+
+def mismatches(rows: list[dict]) -> list[str]:
+    """The notes of the rows whose backend failed its check, one per (case, backend)."""
+    return list(dict.fromkeys(r["note"] for r in rows if r["note"].startswith("MISMATCH")))
 
 
 def _time_mode(case: Case, p: str, fn: Callable, inputs: Inputs, mode: str,
@@ -1404,6 +1420,9 @@ def run(args) -> list[dict]:
                 print(f"{args.plot} not written: nothing was timed")
     except OSError as e:
         raise usage_error(f"cannot write the results: {e}") from None
+    bad = mismatches(ops)
+    if bad:  # after the tables and files: they show what did run
+        raise MismatchError(f"{len(bad)} backend check(s) failed:\n" + "\n".join(bad))
     return rows
 
 
