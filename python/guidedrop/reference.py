@@ -270,10 +270,17 @@ def seed_blocks(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Te
 
 
 def _mul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """t * w in the compute dtype, cast back, in t's memory format."""
+    """t * w in the compute dtype, cast back, with t's strides (``empty_like``), as the
+    kernels' outputs."""
     ct = compute_dtype(t)
-    out = torch.empty_like(t)  # keeps channels_last
-    return out.copy_(t.to(ct) * w.to(ct))
+    prod = t.to(ct) * w.to(ct)
+    if torch.compiler.is_compiling():
+        # No copy_ into empty_like(t), and no output that is another tensor's alias
+        # (prod.to(prod.dtype) is prod): torch 2.11 traced either, as this autograd
+        # Function's output, with a backward of zeros (grad_x = 0 on every layer under
+        # torch.compile; seen on an H200 and on the CPU, not on torch 2.14).
+        return prod if prod.dtype == t.dtype else prod.to(t.dtype)
+    return torch.empty_like(t).copy_(prod)
 
 
 def apply_channel(t, w):
