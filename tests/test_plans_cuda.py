@@ -277,6 +277,10 @@ def test_plan_rate_ramp_does_not_recompile(B, layer, monkeypatch):
         torch.manual_seed(0)
         y = compiled(x)
         torch.manual_seed(0)
+        if layer == "focused_dropout" and x.is_cuda:
+            # traced, the module draws its participation on x's device first (eager: on
+            # the CPU), then the noise (modules.FocusedDropout); seen on an H200
+            torch.rand((), device=x.device)
         assert_same(y, mod(x))
     assert counter.frame_count <= 2, counter.frame_count
 

@@ -329,6 +329,10 @@ def _capture(model, x, y):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    # The replays read the model's parameters, x and y at their addresses: they must live
+    # as long as the graph (freed, their memory went to the replays' clones, and the labels
+    # read there failed cross-entropy's device assert on an H200).
+    graph.static_inputs = (model, x, y)
     return graph
 
 
