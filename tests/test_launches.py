@@ -80,3 +80,46 @@ def test_launch_budget(backend, layer, request):
     assert len(c.backward.launches) == 1, c.backward.names
     assert len(c.forward.launches) <= BUDGET[layer], c.forward.names
     assert len(c.fresh.launches) <= BUDGET[layer] + 1, c.fresh.names
+
+
+@pytest.mark.parametrize("layer", list(BUDGET))
+def test_triton_int_arguments_fit_int32(layer, monkeypatch):
+    """Every int a layer's Triton kernels take (positional or keyword) fits int32: torch
+    2.11's inductor fails to compile a graph whose user Triton kernel takes an int of 2**31
+    or more (seen on an H200 with the flat apply tile's division magic numbers)."""
+    if dispatch.load("triton")[0] is None:
+        pytest.skip(f"backend triton unavailable: {dispatch.load('triton')[1]}")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    call, noise_shape = _ops(DEV)[layer]
+    c = count_layer(call, torch.randn(SHAPE, device=DEV), torch.rand(noise_shape, device=DEV))
+    ints = {}
+    for launch in c.forward.launches + c.backward.launches + c.fresh.launches:
+        if launch.spec is None:
+            continue
+        ints.update({(launch.name, i): a[2] for i, a in enumerate(launch.spec["args"])
+                     if a[0] == "int"})
+        ints.update({(launch.name, k): v for k, v in launch.spec["kwargs"].items()
+                     if isinstance(v, int) and not isinstance(v, bool)})
+    assert ints, "no int arguments recorded"
+    wide = {k: v for k, v in ints.items() if not -2**31 <= v < 2**31}
+    assert not wide, wide
+
+
+def test_triton_launches_skip_wrap_triton_in_eager():
+    """Outside tracing, the Triton backend launches its kernels directly: wrap_triton's
+    higher-order op made every Triton layer host-bound on an H200 (1.5-2 ms of host time a
+    forward + backward). Traced (torch.compile, or any dispatch mode: FakeTensor, proxy,
+    LaunchCounter), it goes through wrap_triton, which torch.compile needs."""
+    if dispatch.load("triton")[0] is None:
+        pytest.skip(f"backend triton unavailable: {dispatch.load('triton')[1]}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from guidedrop.triton_kernels._common import traced
+    assert not traced()
+    with FakeTensorMode():
+        assert traced()
+    from guidedrop.launches import LaunchCounter
+    with LaunchCounter():
+        assert traced()
+    assert torch.compile(lambda x: x + traced(), backend="eager", fullgraph=True)(
+        torch.zeros(())).item() == 1

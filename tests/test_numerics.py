@@ -237,11 +237,13 @@ _DIVISORS = st.one_of(st.integers(1, 2**31 - 1), st.sampled_from(
        d=_DIVISORS)
 def test_divisor_magic_is_exact(n, d):
     """The Triton flat tile's n // d (triton_kernels._common.divisor, Granlund-Montgomery):
-    ((umulhi(n, MAGIC) + n) >> SHIFT) for every int32 n >= 0 and d >= 1; the jit divide on
+    ((umulhi(n, MAGIC) + n) >> SHIFT) for every int32 n >= 0 and d >= 1, MAGIC passed as an
+    int32 (its uint32 bits); the jit divide on
     the worst n: tests/test_backends.py::test_triton_divide_kernel."""
     from test_backends import triton_common
     magic, shift = triton_common().divisor(d)
-    assert 0 <= magic < 2**32 and 0 <= shift <= 31
+    assert -2**31 <= magic < 2**31 and 0 <= shift <= 31  # an int32 kernel argument
+    magic %= 2**32  # the uint32 that divide bitcasts it to
     assert (((n * magic) >> 32) + n) >> shift == n // d
 
 

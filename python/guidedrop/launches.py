@@ -69,6 +69,10 @@ class LaunchCounter(TorchDispatchMode):
     """``with LaunchCounter() as c: ...`` -> ``c.launches`` (list of :class:`Launch`, in
     order) and ``c.syncs`` (names of the host synchronisations)."""
 
+    # On a GPU, a Triton launch under a dispatch mode is wrap_triton's higher-order op
+    # (triton_kernel_wrapper_mutation): without this, torch refuses it (seen on an H200).
+    supports_higher_order_operators = True
+
     def __init__(self):
         super().__init__()
         self.launches: list[Launch] = []
@@ -87,7 +91,9 @@ class LaunchCounter(TorchDispatchMode):
     # ---------------------------------------------------------------- aten and custom ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._in_kernel:  # the interpreter's own copies of a kernel's arguments
+        if self._in_kernel or isinstance(func, torch._ops.HigherOrderOperator):
+            # the interpreter's own copies of a kernel's arguments; or wrap_triton's op,
+            # whose launch the patched JITFunction.run counts
             return func(*args, **kwargs)
         ns, name = func.namespace, func._schema.name.split("::")[-1]
         if ns == "guidedrop_triton":
