@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -564,6 +565,29 @@ def test_bench_notes_a_mismatch_and_goes_on(tmp_path, monkeypatch, capsys):
     assert rows["selectout", "triton"]["ms"] == ""
     assert rows["dropblock", "triton"]["ms"] != ""  # timed after the mismatch
     assert rows["selectout", "reference"]["ms"] != ""
+
+
+def test_bench_mismatch_with_resnet_and_markdown(tmp_path, monkeypatch, capsys):
+    """A backend that failed its check is not run in the ResNet step either (it crashed
+    there, losing every file), and a note holding "|" stays in its markdown cell."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("\nexpected Tensor | None")  # empty first line, a "|"
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    out, md = tmp_path / "r.csv", tmp_path / "r.md"
+    rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", "selectout",
+                   "--resnet", "--csv", str(out), "--md", str(md)])
+    assert rc == 1, capsys.readouterr().err
+    rows = {(r["bench"], r["backend"]): r for r in read_csv(out)}
+    assert rows["op", "triton"]["note"].endswith("RuntimeError: expected Tensor | None")
+    step = rows["resnet50-step", "triton"]
+    assert step["ms"] == "" and step["note"].startswith("not timed")
+    assert rows["resnet50-step", "reference"]["ms"] != ""
+    lines = md.read_text().splitlines()
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines
+             if line.startswith(("| layer | shape", "| selectout | 2x16x14x14"))]
+    assert len(cells) == 3 and len(set(cells)) == 1, lines  # the header's cell count
 
 
 # --------------------------------------------------------------------------- demo

@@ -312,8 +312,7 @@ def check(case: Case, provider: str, fn: Callable, s: Inputs,
         got = run_with_grad(fn, s)
     except Exception as e:  # a crash is a disagreement too
         raise MismatchError(f"{case.label}: backend {provider} failed on the correctness "
-                            f"check: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            ) from e
+                            f"check: {_first_line_of(e)}") from e
     for what, a, b in (("output", got[0], expected[0]), ("grad_x", got[1], expected[1])):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise MismatchError(f"{case.label}: backend {provider} returns {what} of shape "
@@ -704,15 +703,18 @@ def _resnet_layer(layer: str, i: int) -> torch.nn.Module:
 
 
 def resnet_rows(layers: list[str], providers: list[str], device: torch.device, quick: bool,
-                progress: Progress | None = None, deadline: float | None = None) -> list[dict]:
+                progress: Progress | None = None, deadline: float | None = None,
+                failed: dict[tuple[str, str], str] | None = None) -> list[dict]:
     """Step time of torchvision ResNet-50 (bf16 autocast on CUDA, channels_last) with
     ``layer`` appended to layer1, layer2 and layer3, per layer and provider.
 
     Batch 128 at 224 px on CUDA (32 with ``quick``); on CPU a tiny batch (4 at 96 px;
     ``quick``: 2 at 32 px, contiguous, one timed step: a smoke test, not a measurement).
     Past ``deadline`` (time.monotonic()), the steps left are not timed: rows with ms None,
-    noted "time budget spent".
+    noted "time budget spent". ``failed``: {(layer, provider): note} of the backends that
+    failed a check against the reference; their steps are not timed either (noted so).
     """
+    failed = failed or {}
     def spent() -> bool:
         return deadline is not None and time.monotonic() >= deadline
 
@@ -734,30 +736,31 @@ def resnet_rows(layers: list[str], providers: list[str], device: torch.device, q
         for p in providers:
             if progress:
                 progress.step(f"resnet50 {layer} {p}")
-            if plain is None or spent():
-                timed.append((layer, p, None))
+            if plain is None or spent() or (layer, p) in failed:
+                timed.append((layer, p, None, failed.get((layer, p), "time budget spent")))
             else:
                 for i, g in enumerate(groups):
                     g.append(_resnet_layer(layer, i).to(device))
                 try:
                     with forced_backend(p):
-                        timed.append((layer, p, _time_steps(step, device, quick)))
+                        timed.append((layer, p, _time_steps(step, device, quick), ""))
                 finally:
                     for g in groups:
                         del g[-1]
             if progress:
                 progress.advance()
-    if any(ms is not None for *_, ms in timed) and not (quick and device.type != "cuda"):
+    if any(ms is not None for _, _, ms, _ in timed) and not (quick and device.type != "cuda"):
         # The plain model again, now that every cache is warm: the baseline is the faster
         # of the two (the overheads err on the high side, never hide a cost).
         plain = min(plain, _time_steps(step, device, quick))
 
-    def row(layer, p, ms):
+    def row(layer, p, ms, note):
         return dict(bench="resnet50-step", layer=layer, shape=shape, dtype=dtype, mode="train",
-                    backend=p, ms=ms, note="" if ms is not None else "time budget spent",
+                    backend=p, ms=ms, note=note,
                     overhead_pct=None if ms is None else 100 * (ms - plain) / plain)
 
-    return [row("none", "-", plain)] + [row(*t) for t in timed]
+    return [row("none", "-", plain, "" if plain is not None else "time budget spent")] + \
+        [row(*t) for t in timed]
 
 
 # --------------------------------------------------------------------------- output
@@ -988,7 +991,8 @@ def format_table(rows: list[dict], columns, markdown: bool = False):
     if markdown:
         lines = ["| " + " | ".join(heads) + " |",
                  "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        # a note may hold "|" (an error message): escaped, it stays in its cell
+        lines += ["| " + " | ".join(v.replace("|", "\\|") for v in c) + " |" for c in cells]
         return "\n".join(lines)
     from rich.table import Table
     table = Table()
@@ -1376,8 +1380,10 @@ def run(args) -> list[dict]:
                                     graph=args.graph, deadline=deadline, compiler=compiler):
                     done.setdefault((i, r["backend"]), []).append(r)
         if args.resnet:
+            failed = {(r["layer"], r["backend"]): "not timed: this backend failed its check"
+                      for rs in done.values() for r in rs if r["note"].startswith("MISMATCH")}
             res_rows = resnet_rows(layers, res_providers, device, args.quick, progress,
-                                   deadline)
+                                   deadline, failed)
     finally:
         progress.close()
     ops = [r for i in range(len(plan)) for p in providers for r in done.get((i, p), [])]
