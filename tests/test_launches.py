@@ -108,18 +108,25 @@ def test_triton_int_arguments_fit_int32(layer, monkeypatch):
 def test_triton_launches_skip_wrap_triton_in_eager():
     """Outside tracing, the Triton backend launches its kernels directly: wrap_triton's
     higher-order op made every Triton layer host-bound on an H200 (1.5-2 ms of host time a
-    forward + backward). Traced (torch.compile, or any dispatch mode: FakeTensor, proxy,
-    LaunchCounter), it goes through wrap_triton, which torch.compile needs."""
+    forward + backward). Traced (torch.compile, FakeTensor, make_fx), it goes through
+    wrap_triton, which torch.compile needs; under a user's dispatch mode it does not
+    (FlopCounterMode would count the kernel and never run it)."""
     if dispatch.load("triton")[0] is None:
         pytest.skip(f"backend triton unavailable: {dispatch.load('triton')[1]}")
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from guidedrop.launches import LaunchCounter
     from guidedrop.triton_kernels._common import traced
     assert not traced()
+    for mode in (FlopCounterMode(display=False), LaunchCounter()):
+        with mode:
+            assert not traced()
     with FakeTensorMode():
         assert traced()
-    from guidedrop.launches import LaunchCounter
-    with LaunchCounter():
-        assert traced()
+    seen = []
+    make_fx(lambda x: seen.append(traced()) or x + 1)(torch.zeros(()))
+    assert seen == [True]
     assert torch.compile(lambda x: x + traced(), backend="eager", fullgraph=True)(
         torch.zeros(())).item() == 1

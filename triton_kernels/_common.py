@@ -109,10 +109,20 @@ def launch(kernel):
     return _Interpreted(kernel)
 
 
+_TRACING_MODES = ("FAKE", "PROXY", "FUNCTIONAL")
+
+
 def traced() -> bool:
-    """Whether a launch now is being traced: torch.compile, or any dispatch mode (the
-    FakeTensor and proxy modes of AOT tracing, guidedrop.launches.LaunchCounter)."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    """Whether a launch now is being traced: torch.compile, or the FakeTensor, proxy or
+    functional mode of AOT tracing / make_fx. Not any user dispatch mode: through
+    wrap_triton, FlopCounterMode counts a kernel and never runs it (its output would be
+    uninitialised memory); launched directly, modes do not see the kernel (LaunchCounter
+    counts it at JITFunction.run)."""
+    if torch.compiler.is_compiling():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None
+               for k in _TRACING_MODES)
 
 
 class _Launcher:
@@ -124,10 +134,11 @@ class _Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.wrapped = torch.library.wrap_triton(kernel)
 
     def __getitem__(self, grid):
-        return (self.wrapped if traced() else self.kernel)[grid]
+        if traced():
+            return torch.library.wrap_triton(self.kernel)[grid]
+        return self.kernel[grid]
 
 
 class _Interpreted:
@@ -351,7 +362,8 @@ def divide(n, MAGIC, SHIFT):
     a multiply-high, an add and a shift (the sum < 2**32 fits uint32), not the ~20
     instructions of a division."""
     u = n.to(tl.uint32)
-    # tl.cast: Triton makes an int argument of 0 or 1 a constant, which has no .to
+    # tl.cast: inductor's analysis of which arguments a kernel mutates compiles it with
+    # every int argument a constant, which has no .to
     m = tl.cast(MAGIC, tl.uint32, bitcast=True)
     return ((tl.umulhi(u, m) + u) >> SHIFT).to(tl.int32)
 

@@ -69,8 +69,9 @@ class LaunchCounter(TorchDispatchMode):
     """``with LaunchCounter() as c: ...`` -> ``c.launches`` (list of :class:`Launch`, in
     order) and ``c.syncs`` (names of the host synchronisations)."""
 
-    # On a GPU, a Triton launch under a dispatch mode is wrap_triton's higher-order op
-    # (triton_kernel_wrapper_mutation): without this, torch refuses it (seen on an H200).
+    # A Triton launch made while traced (guidedrop.triton_kernels._common.traced, e.g. the
+    # counter inside make_fx) is wrap_triton's higher-order op: without this, torch
+    # refuses it (seen on an H200 when every dispatch mode counted as tracing).
     supports_higher_order_operators = True
 
     def __init__(self):
