@@ -15,8 +15,10 @@
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
 #                 test_plans_cuda, test_launches) and the gpu-marked tests of
 #                 test_training, `-m "not slow and not emulated"`; not the
-#                 interpreter suite (2026-12-04, H200: ~1,700 tests, 93 % of them in
-#                 240 s with 8 workers, Triton's first compiles included)            (240 s)
+#                 interpreter suite (2026-12-04, H200: ~2,400 tests, 94 % of them in
+#                 240 s with 12 workers, Triton's first compiles included). At its
+#                 bound it stops as after Ctrl-C: the failures so far are printed, and
+#                 all results are in $OUT/tests.xml                                  (240 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
 #                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
 #   5. bench      python -m guidedrop bench --mode full --graph --backends all at the
@@ -100,7 +102,7 @@ fi
 GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
   tests/test_launches.py tests/test_training.py)
 GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 12 -m "not slow and not emulated"
-  -k "not test_training or gpu")
+  -k "not test_training or gpu" --junitxml="$OUT/tests.xml")
 # memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
 SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
   -k "test_layer_matches_reference and cuda")
@@ -114,7 +116,7 @@ fi
 COLLECT=()
 if ((DRY_RUN)); then COLLECT=(--collect-only); fi
 # What an earlier run left must not pass for this run's results.
-rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/masks.png"
+rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/masks.png" "$OUT/tests.xml"
 
 failed=()
 SUMMARY=()
@@ -126,7 +128,9 @@ run() {
   local name=$1 bound=$2 t0=$SECONDS rc=0 line
   shift 2
   banner "$name (bound ${bound} s, started at ${SECONDS} s): $*"
-  timeout --kill-after=10 "$bound" "$@" || rc=$?
+  # SIGINT first: pytest then stops as after Ctrl-C and still prints its summary (the
+  # failures so far) and writes its junit XML; SIGKILL 15 s later if it has not ended.
+  timeout --signal=INT --kill-after=15 "$bound" "$@" || rc=$?
   line=$(printf '  %-10s rc=%-3s %5d s (bound %d s)' "$name" "$rc" $((SECONDS - t0)) "$bound")
   if ((rc == 124 || rc == 137)); then line+="  TIMED OUT"; fi
   SUMMARY+=("$line")

@@ -11,6 +11,8 @@ with guidedrop.reference on the same inputs; tests/test_backends.py compares who
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 from itertools import product
 from pathlib import Path
@@ -152,6 +154,23 @@ def test_cuda_fake_matches_reference_metadata(op, layout):
         assert (f.shape, f.dtype) == (e.shape, e.dtype)
         if op.startswith("apply_"):
             assert f.stride() == e.stride(), "apply ops keep t's memory format"
+
+
+@needs_ext
+def test_cuda_extension_shares_torchs_libstdcxx():
+    """guidedrop._C needs libstdc++.so, the C++ runtime torch uses. Linked statically (a
+    compiler driver with -static-libstdc++, as the H200 machine's CC/CXX wrapper is), its
+    private copy formats c10::Error messages with a locale it never set up: a TORCH_CHECK's
+    numbers vanish (here) or the process dies (SIGSEGV there, 2026-12-04)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    import guidedrop._C as C
+
+    dynamic = subprocess.run([readelf, "-d", C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert any(lib.startswith("libstdc++.so") for lib in needed), needed
 
 
 def test_cuda_backend_import_error_says_how_to_build(monkeypatch):
