@@ -107,7 +107,7 @@ def _extensions() -> tuple[list, dict]:
         # every argument check with a number in its message crashed the process there
         # (2026-12-04). This -l comes before the driver's own -lstdc++, so the linker takes
         # every symbol from libstdc++.so and the static archive adds nothing.
-        extra_link_args=["-lstdc++"],
+        extra_link_args=["-lstdc++"] if sys.platform.startswith("linux") else [],
     )
     _log(
         f"building guidedrop._C from {len(sources)} sources with CUDA_HOME={cuda_home}, "
