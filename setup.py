@@ -102,11 +102,12 @@ def _extensions() -> tuple[list, dict]:
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra_compile_args,
         # libstdc++ from the shared library, as torch has it, even where the compiler
-        # driver links it statically (the H200 machine's CC/CXX wrapper does): a second,
-        # private libstdc++ formats c10::Error messages with a locale it never set up, so
-        # every argument check with a number in its message crashed the process there
-        # (2026-12-04). This -l comes before the driver's own -lstdc++, so the linker takes
-        # every symbol from libstdc++.so and the static archive adds nothing.
+        # driver links it statically (the H200 machine's CC/CXX wrapper does). With a
+        # second, private libstdc++ in the process, c10::Error messages break: there every
+        # argument check with a number in its message crashed the process (SIGSEGV,
+        # 2026-12-04); here, with -static-libstdc++, the numbers vanish from the message.
+        # This -l comes before the driver's own -lstdc++, so the linker takes every symbol
+        # from libstdc++.so and the static archive adds nothing.
         extra_link_args=["-lstdc++"] if sys.platform.startswith("linux") else [],
     )
     _log(

@@ -159,9 +159,9 @@ def test_cuda_fake_matches_reference_metadata(op, layout):
 @needs_ext
 def test_cuda_extension_shares_torchs_libstdcxx():
     """guidedrop._C needs libstdc++.so, the C++ runtime torch uses. Linked statically (a
-    compiler driver with -static-libstdc++, as the H200 machine's CC/CXX wrapper is), its
-    private copy formats c10::Error messages with a locale it never set up: a TORCH_CHECK's
-    numbers vanish (here) or the process dies (SIGSEGV there, 2026-12-04)."""
+    compiler driver with -static-libstdc++, as the H200 machine's CC/CXX wrapper is), a
+    TORCH_CHECK's message loses its numbers (here) or kills the process (SIGSEGV on the
+    H200, 2026-12-04)."""
     readelf = shutil.which("readelf")
     if readelf is None:
         pytest.skip("readelf (binutils) is not installed")
