@@ -11,12 +11,13 @@
 #   1. env        GPU, driver, torch / triton / nvcc versions                      (30 s)
 #   2. build      guidedrop._C in place, sm_90 only, MAX_JOBS=16:
 #                 CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace  (200 s)
-#   3. tests      the GPU tests only, 12 pytest-xdist workers: the files that run CUDA
+#   3. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
 #                 test_plans_cuda, test_launches) and the gpu-marked tests of
 #                 test_training, `-m "not slow and not emulated"`; not the
 #                 interpreter suite (2026-12-04, H200: ~2,400 tests, 94 % of them in
-#                 240 s with 12 workers, Triton's first compiles included). At its
+#                 240 s with 12 workers, Triton's first compiles included; the last
+#                 four files' 635 tests took 41 s with 16, one a core). At its
 #                 bound it stops as after Ctrl-C: the failures so far are printed, and
 #                 all results are in $OUT/tests.xml                                  (240 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
@@ -101,7 +102,7 @@ fi
 # (Not the `emulated` tests: they run the CUDA sources on the CPU.)
 GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
   tests/test_launches.py tests/test_training.py)
-GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 12 -m "not slow and not emulated"
+GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 16 -m "not slow and not emulated"
   -k "not test_training or gpu" --junitxml="$OUT/tests.xml")
 # memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
 SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
