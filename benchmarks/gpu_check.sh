@@ -15,9 +15,9 @@
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
 #                 test_plans_cuda, test_launches) and the gpu-marked tests of
 #                 test_training, `-m "not slow and not emulated"`; not the
-#                 interpreter suite (2026-12-04, H200: ~2,400 tests, 94 % of them in
-#                 240 s with 12 workers, Triton's first compiles included; the last
-#                 four files' 635 tests took 41 s with 16, one a core). At its
+#                 interpreter suite (2026-12-04, H200: ~1,690 tests, about 1,600 of
+#                 them in 240 s with 12 workers, Triton's first compiles included; the
+#                 last four files' 635 tests took 41 s with 16, one a core). At its
 #                 bound it stops as after Ctrl-C: the failures so far are printed, and
 #                 all results are in $OUT/tests.xml                                  (240 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers

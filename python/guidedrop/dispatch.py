@@ -26,7 +26,7 @@ MODULES = {
 # CUDA first: on an H200 (torch 2.11, 2026-12-04; benchmarks/RESULTS.md) its forward +
 # backward was faster than Triton's in eager mode in every cell but one of two runs (3-11x
 # before Triton's eager launch fix, median 2.1x after it: Triton is host-bound), and
-# replayed in a CUDA graph Triton took 0.56-2.4x its time (median 1.03).
+# replayed in a CUDA graph Triton took 0.56-2.4x its time (median 1.03 and 1.05).
 AUTO_ORDER = ("cuda", "triton")
 
 _loaded: dict[str, tuple[ModuleType | None, str]] = {"reference": (reference, "")}
