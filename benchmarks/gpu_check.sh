@@ -18,8 +18,9 @@
 #                 interpreter suite (2026-12-04, H200: ~1,690 tests, about 1,600 of
 #                 them in 240 s with 12 workers, Triton's first compiles included; the
 #                 last four files' 635 tests took 41 s with 16, one a core). At its
-#                 bound it stops as after Ctrl-C: the failures so far are printed, and
-#                 all results are in $OUT/tests.xml                                  (240 s)
+#                 bound it stops as after Ctrl-C: the failures so far are printed, the
+#                 finished tests' results are in $OUT/tests.xml, and a test running
+#                 over 60 s has its traceback dumped (faulthandler)                  (240 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
 #                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
 #   5. bench      python -m guidedrop bench --mode full --graph --backends all at the
@@ -103,7 +104,7 @@ fi
 GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
   tests/test_launches.py tests/test_training.py)
 GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 16 -m "not slow and not emulated"
-  -k "not test_training or gpu" --junitxml="$OUT/tests.xml")
+  -k "not test_training or gpu" --junitxml="$OUT/tests.xml" -o faulthandler_timeout=60)
 # memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
 SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
   -k "test_layer_matches_reference and cuda")
@@ -193,6 +194,11 @@ print("guidedrop from", guidedrop.__file__)
 for name in d.MODULES:
     mod, why = d.load(name)
     print(f"  backend {name:9s}", "available" if mod is not None else f"unavailable: {why}")'
+# A build that does not import would only make the CUDA tests skip: a failure of its own.
+if want build && ((!DRY_RUN)) && ! "$PY" -c 'import guidedrop._C'; then
+  echo "FAILED: import guidedrop._C after the build"
+  failed+=("import")
+fi
 
 if want tests; then
   run tests "$T_TESTS" "$PY" -m pytest "${GPU_TESTS_ARGS[@]}" "${COLLECT[@]}" "${GPU_TESTS[@]}"
