@@ -63,6 +63,30 @@ def _nvidia_include_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _shared_libstdcxx() -> list[str]:
+    """The link argument that makes guidedrop._C use libstdc++.so, the C++ runtime torch
+    runs with: the file this process loaded (torch is imported), else -lstdc++.
+
+    The H200 machine's compiler (CC/CXX=/opt/gcc/bin/{gcc,g++}) linked libstdc++
+    statically. With that second, private libstdc++ in the process, every argument check
+    with a number in its message crashed the process there (SIGSEGV, 2026-12-04); here a
+    static libstdc++ makes the numbers vanish from the message. Given before the driver's
+    own libstdc++, this file supplies every symbol and the archive adds nothing, whether
+    the driver asks for -static-libstdc++ or its folder has libstdc++.a only (where a
+    plain -lstdc++ would take the archive too)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return [path]
+    except OSError:
+        pass
+    return ["-lstdc++"]
+
+
 def _extensions() -> tuple[list, dict]:
     sources = _rel("csrc/*.cpp") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/plans/*.cu")
     if not sources:
@@ -101,14 +125,7 @@ def _extensions() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra_compile_args,
-        # libstdc++ from the shared library, as torch has it, even where the compiler
-        # driver links it statically (the H200 machine's CC/CXX wrapper does). With a
-        # second, private libstdc++ in the process, c10::Error messages break: there every
-        # argument check with a number in its message crashed the process (SIGSEGV,
-        # 2026-12-04); here, with -static-libstdc++, the numbers vanish from the message.
-        # This -l comes before the driver's own -lstdc++, so the linker takes every symbol
-        # from libstdc++.so and the static archive adds nothing.
-        extra_link_args=["-lstdc++"] if sys.platform.startswith("linux") else [],
+        extra_link_args=_shared_libstdcxx(),
     )
     _log(
         f"building guidedrop._C from {len(sources)} sources with CUDA_HOME={cuda_home}, "
