@@ -68,9 +68,10 @@ def _shared_libstdcxx() -> list[str]:
     runs with: the file this process loaded (torch is imported), else -lstdc++.
 
     The H200 machine's compiler (CC/CXX=/opt/gcc/bin/{gcc,g++}) linked libstdc++
-    statically. With that second, private libstdc++ in the process, every argument check
-    with a number in its message crashed the process there (SIGSEGV, 2026-12-04); here a
-    static libstdc++ makes the numbers vanish from the message. Given before the driver's
+    statically (its ldd showed no libstdc++.so). With that second, private libstdc++ in
+    the process, every argument check with a number in its message crashed the process
+    there (SIGSEGV, 2026-12-04); here a static libstdc++ makes the numbers vanish from
+    the message. Given before the driver's
     own libstdc++, this file supplies every symbol and the archive adds nothing, whether
     the driver asks for -static-libstdc++ or its folder has libstdc++.a only (where a
     plain -lstdc++ would take the archive too)."""

@@ -9,7 +9,8 @@
 # lease, and prints its elapsed time; the whole run aims at $GPU_CHECK_SECONDS (450 s):
 #
 #   1. env        GPU, driver, torch / triton / nvcc versions                      (30 s)
-#   2. build      guidedrop._C in place, sm_90 only, MAX_JOBS=16:
+#   2. build      guidedrop._C in place, sm_90 only (the H200 machine's environment
+#                 sets TORCH_CUDA_ARCH_LIST=9.0a, which wins: sm_90a), MAX_JOBS=16:
 #                 CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace  (200 s)
 #   3. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,

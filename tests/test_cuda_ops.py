@@ -159,11 +159,10 @@ def test_cuda_fake_matches_reference_metadata(op, layout):
 
 
 def test_cuda_extension_shares_torchs_libstdcxx():
-    """guidedrop._C needs libstdc++.so, the C++ runtime torch uses. Linked statically (a
-    compiler driver with -static-libstdc++, as the H200 machine's CC/CXX wrapper is), a
-    TORCH_CHECK's message loses its numbers (here) or kills the process (SIGSEGV on the
-    H200, 2026-12-04). The file is found, not imported, so a .so that does not load is
-    checked too (HAS_EXT would skip it)."""
+    """guidedrop._C needs libstdc++.so, the C++ runtime torch uses. Linked statically (as
+    the H200 machine's CC/CXX did, 2026-12-04), a TORCH_CHECK's message loses its numbers
+    (here) or kills the process (SIGSEGV there). The file is found, not imported, so a
+    .so that does not load is checked too (HAS_EXT would skip it)."""
     spec = importlib.util.find_spec("guidedrop._C")
     if spec is None or not spec.origin:
         pytest.skip(f"guidedrop._C is not built ({BUILD})")
