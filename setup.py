@@ -71,10 +71,9 @@ def _shared_libstdcxx() -> list[str]:
     statically (its ldd showed no libstdc++.so). With that second, private libstdc++ in
     the process, every argument check with a number in its message crashed the process
     there (SIGSEGV, 2026-12-04); here a static libstdc++ makes the numbers vanish from
-    the message. Given before the driver's
-    own libstdc++, this file supplies every symbol and the archive adds nothing, whether
-    the driver asks for -static-libstdc++ or its folder has libstdc++.a only (where a
-    plain -lstdc++ would take the archive too)."""
+    the message. Given before the driver's own libstdc++, this file supplies every symbol
+    and the archive adds nothing, whether the driver asks for -static-libstdc++ or its
+    folder has libstdc++.a only (where a plain -lstdc++ would take the archive too)."""
     if not sys.platform.startswith("linux"):
         return []
     try:
