@@ -597,9 +597,14 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
     return rows
 
 
+def mismatched(row: dict) -> bool:
+    """Whether the row's backend failed its check against the reference (not timed)."""
+    return row["note"].startswith("MISMATCH")
+
+
 def mismatches(rows: list[dict]) -> list[str]:
     """The notes of the rows whose backend failed its check, one per (case, backend)."""
-    return list(dict.fromkeys(r["note"] for r in rows if r["note"].startswith("MISMATCH")))
+    return list(dict.fromkeys(r["note"] for r in rows if mismatched(r)))
 
 
 def _time_mode(case: Case, p: str, fn: Callable, inputs: Inputs, mode: str,
@@ -1381,7 +1386,7 @@ def run(args) -> list[dict]:
                     done.setdefault((i, r["backend"]), []).append(r)
         if args.resnet:
             failed = {(r["layer"], r["backend"]): "not timed: this backend failed its check"
-                      for rs in done.values() for r in rs if r["note"].startswith("MISMATCH")}
+                      for rs in done.values() for r in rs if mismatched(r)}
             res_rows = resnet_rows(layers, res_providers, device, args.quick, progress,
                                    deadline, failed)
     finally:
