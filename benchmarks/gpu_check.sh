@@ -6,33 +6,42 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # on a CPU, in CI: everything but the timing
 #
 # Each step has its own time bound (`timeout`), so that one slow step cannot eat the
-# lease, and prints its elapsed time; the whole run aims at $GPU_CHECK_SECONDS (450 s):
+# lease, and prints its elapsed time; the whole run aims at $GPU_CHECK_SECONDS (450 s).
+# The bench runs before the tests: it needs the machine to itself, checks every backend
+# against the reference before timing it, and its figures are what only the GPU gives;
+# the tests get the time that is left.
 #
 #   1. env        GPU, driver, torch / triton / nvcc versions                      (30 s)
 #   2. build      guidedrop._C in place, sm_90 only (the H200 machine's environment
 #                 sets TORCH_CUDA_ARCH_LIST=9.0a, which wins: sm_90a), MAX_JOBS=16:
 #                 CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace  (200 s)
-#   3. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
+#   3. bench      python -m guidedrop bench --mode full --graph --backends all at the
+#                 goal shapes (128,64,56,56) bf16 + fp32, (128,256,28,28) and
+#                 (128,1024,14,14) bf16 + fp32, (128,16,32,32) fp32, --budget 240: per
+#                 layer x backend (cuda, triton, reference, torch.compile(reference)) x
+#                 shape, ms eager forward+backward, ms replayed in a CUDA graph, x floor
+#                 (3 reads + 2 writes of x at the device copy bandwidth measured in the
+#                 same run), speed-up over the compiled reference. First its 16
+#                 --compile-workers run every case once on torch.compile and Triton (at
+#                 most half the budget), so that the timed run loads their kernels from
+#                 the on-disk caches: one after another, torch.compile's 56 cases do not
+#                 fit (2026-12-04, run 2: no torch.compile cell in 91 s). torch.compile
+#                 is timed last: past the budget its cells say "not measured".
+#                 -> $OUT/bench.{csv,md,png,txt}                                 (300 s)
+#   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
+#                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
+#   5. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
 #                 test_plans_cuda, test_launches) and the gpu-marked tests of
 #                 test_training, `-m "not slow and not emulated"`; not the
-#                 interpreter suite (2026-12-04, H200: ~1,690 tests, about 1,600 of
-#                 them in 240 s with 12 workers, Triton's first compiles included; the
-#                 last four files' 635 tests took 41 s with 16, one a core). At its
-#                 bound it stops as after Ctrl-C: the failures so far are printed, the
-#                 finished tests' results are in $OUT/tests.xml, and a test running
-#                 over 60 s has its traceback dumped (faulthandler)                  (240 s)
-#   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
-#                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
-#   5. bench      python -m guidedrop bench --mode full --graph --backends all at the
-#                 goal shapes (128,64,56,56) bf16 + fp32, (128,256,28,28) and
-#                 (128,1024,14,14) bf16 + fp32, (128,16,32,32) fp32, with --budget = the
-#                 time left: per layer x backend (cuda, triton, reference,
-#                 torch.compile(reference)) x shape, ms eager forward+backward, ms
-#                 replayed in a CUDA graph, x floor (3 reads + 2 writes of x at the
-#                 device copy bandwidth measured in the same run), speed-up over the
-#                 compiled reference. torch.compile runs last: past the budget its cells
-#                 say "not measured". -> $OUT/bench.{csv,md,png,txt}
+#                 interpreter suite. Bound: what is left of the 450 s (at least 60 s).
+#                 2026-12-04, H200: ~1,690 tests, about 1,600 of them in 240 s with 12
+#                 workers, Triton's first compiles included; the last four files' 635
+#                 tests took 41 s with 16, one a core. So this call may not finish them:
+#                 GPU_CHECK_STEPS=tests T_TESTS=500 runs them alone. At its bound it
+#                 stops as after Ctrl-C: the failures so far are printed, the finished
+#                 tests' results and times are in $OUT/tests.xml, and a test running over
+#                 60 s has its traceback dumped (faulthandler)                 (the rest)
 #   6. show       (not by default) python -m guidedrop show -> $OUT/masks.png
 #
 # Then the step times, and LAST the bench's table (rich, the bench's own table code).
@@ -51,10 +60,12 @@
 # python/guidedrop with triton_kernels/ linked in (what setup.py's package_dir does).
 #
 # Environment:
-#   GPU_CHECK_STEPS    steps to run, default "env build tests sanitizer bench" ("build" is
-#                      needed once per machine: the .so stays in python/guidedrop/)
-#   GPU_CHECK_SECONDS  the whole run's target, default 450 (the bench gets what is left)
-#   T_TESTS, T_SANITIZER  those steps' bounds in seconds, default 240 and 60
+#   GPU_CHECK_STEPS    steps to run, default "env build bench sanitizer tests" (they run in
+#                      that order; "build" is needed once per machine: the .so stays in
+#                      python/guidedrop/)
+#   GPU_CHECK_SECONDS  the whole run's target, default 450 (the tests get what is left)
+#   T_BENCH            the bench's --budget in seconds, default 240 (its bound: 60 more)
+#   T_TESTS, T_SANITIZER  those steps' bounds in seconds, default what is left and 60
 #   BENCH_ARGS         extra arguments for the bench, e.g. "--layers dropblock"
 #   PYTHON             default python3 (the GPU machine's has torch), else python
 #   TORCH_CUDA_ARCH_LIST  default 9.0 (H100 / H200); MAX_JOBS default 16
@@ -84,10 +95,10 @@ for arg in "$@"; do
     *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]"; exit 2 ;;
   esac
 done
-STEPS=" ${GPU_CHECK_STEPS:-env build tests sanitizer bench} "
+STEPS=" ${GPU_CHECK_STEPS:-env build bench sanitizer tests} "
 TOTAL=${GPU_CHECK_SECONDS:-450}
-# Each step's time bound, in seconds (the bench's is what is left of TOTAL).
-T_ENV=30 T_BUILD=200 T_TESTS=${T_TESTS:-240} T_SANITIZER=${T_SANITIZER:-60} T_SHOW=60
+# Each step's time bound, in seconds (the tests' is what is left of TOTAL, unless given).
+T_ENV=30 T_BUILD=200 T_BENCH=${T_BENCH:-240} T_SANITIZER=${T_SANITIZER:-60} T_SHOW=60
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -112,9 +123,10 @@ SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
 # The bench: the goal shapes (bench.CUDA_DEFAULT, its default on CUDA) on the GPU; a tiny
 # shape on the CPU in the dry run.
 BENCH=(-m guidedrop bench --mode full --graph --backends all --csv "$OUT/bench.csv"
-  --md "$OUT/bench.md" --plot "$OUT/bench.png" --table "$OUT/bench.txt")
-if ((DRY_RUN)); then
-  BENCH+=(--dry-run --device cpu --shapes tiny --dtype fp32)
+  --md "$OUT/bench.md" --plot "$OUT/bench.png" --table "$OUT/bench.txt"
+  --compile-workers 16 --budget "$T_BENCH")
+if ((DRY_RUN)); then  # 2 warm-up workers: the path runs, on CI's 2 cores
+  BENCH+=(--dry-run --device cpu --shapes tiny --dtype fp32 --compile-workers 2)
 fi
 COLLECT=()
 if ((DRY_RUN)); then COLLECT=(--collect-only); fi
@@ -201,8 +213,11 @@ if want build && ((!DRY_RUN)) && ! "$PY" -c 'import guidedrop._C'; then
   failed+=("import")
 fi
 
-if want tests; then
-  run tests "$T_TESTS" "$PY" -m pytest "${GPU_TESTS_ARGS[@]}" "${COLLECT[@]}" "${GPU_TESTS[@]}"
+if want bench; then
+  # The bench stops checking and timing at its --budget, then prints and writes what it
+  # has; its bound adds time for that and for its start (imports, the copy bandwidth).
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+  run bench $((T_BENCH + 60)) "$PY" "${BENCH[@]}" ${BENCH_ARGS:-}
 fi
 
 if want sanitizer; then
@@ -223,13 +238,10 @@ if want show; then
   run show "$T_SHOW" "$PY" -m guidedrop show --out "$OUT/masks.png"
 fi
 
-if want bench; then
-  # The bench stops checking and timing at its --budget, then prints and writes what it
-  # has; its bound adds time for that and for its start (imports, the copy bandwidth).
-  budget=$((TOTAL - SECONDS - 45))
-  if ((budget < 60)); then budget=60; fi
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-  run bench $((budget + 60)) "$PY" "${BENCH[@]}" --budget "$budget" ${BENCH_ARGS:-}
+if want tests; then
+  bound=${T_TESTS:-$((TOTAL - SECONDS))}
+  if ((bound < 60)); then bound=60; fi
+  run tests "$bound" "$PY" -m pytest "${GPU_TESTS_ARGS[@]}" "${COLLECT[@]}" "${GPU_TESTS[@]}"
 fi
 
 banner "summary: ${SECONDS} s in all (target ${TOTAL} s)"

@@ -78,6 +78,32 @@ def test_bench_compile_subprocess_logs_nothing(tmp_path):
     assert [line for line in r.stderr.splitlines() if not line.startswith("[")] == [], r.stderr
 
 
+@pytest.mark.slow  # torch.compile of two layers, twice (once in worker processes): ~40 s
+def test_bench_compile_workers_fill_the_caches(tmp_path, monkeypatch, capsys):
+    """--compile-workers: the timed run loads every graph torch.compile makes from the
+    caches its worker processes filled. Each case compiles 4 graphs (forward and backward
+    of the check on a slice with noise, and of the timed calls): 8 misses without the
+    workers, 8 hits with them, in a fresh inductor cache each time."""
+    from torch._dynamo.utils import counters
+
+    argv = [*QUICK, "--layers", "spatialscale,selectout", "--dtype", "fp32", "--backends",
+            "compile", "--compile-workers"]
+    for workers in (0, 2):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor{workers}"))
+        counters.clear()
+        rows = bench.run(cli.build_parser().parse_args([*argv, str(workers)]))
+        assert all(r["ms"] > 0 for r in rows), rows
+        graphs = dict(counters["inductor"])
+        out = capsys.readouterr().out
+        if workers:
+            assert "compiling 2 cases in 2 processes first (compile)" in out, out
+            assert "compiled 2 of 2 cases" in out, out
+            assert graphs.get("fxgraph_cache_hit") == 8 and "fxgraph_cache_miss" not in graphs
+        else:
+            assert "compiling" not in out, out
+            assert graphs.get("fxgraph_cache_miss") == 8 and "fxgraph_cache_hit" not in graphs
+
+
 def test_bench_model_counts_launches(capsys):
     """``bench --model``: launches, bytes against the floor and syncs per layer and backend,
     the same counts as tests/test_launches.py."""

@@ -597,6 +597,108 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
     return rows
 
 
+# --------------------------------------------------------------------------- warm-up
+
+# The providers whose first call of a case compiles: torch.compile (dynamo, AOTAutograd,
+# inductor, and Triton for inductor's kernels) and the Triton backend (its JIT). Both keep
+# what they compile in on-disk caches (inductor's FX graph and AOTAutograd caches,
+# Triton's cache) that another process of the same user reads.
+COMPILING = ("compile", "triton")
+WARM_LIMIT = 900.0  # seconds: the warm-up's bound without --budget
+
+
+def warm_case(case: Case, providers: list[str], modes: list[str], compiler: str) -> str:
+    """Run ``case`` once on each of ``providers`` as :func:`bench_case` will, untimed and
+    unchecked: the check on the slice with its noise, then each mode at the full shape
+    (``noise=None``). Its compilations land in the on-disk caches. Returns "" or what
+    failed (the timed run then meets the failure itself and reports it)."""
+    try:
+        torch.compiler.reset()
+        inputs = make_inputs(case)
+        s = check_slice(case, inputs)
+        for p in providers:
+            with forced_backend(p):
+                fn = provider_fn(p, case.layer, compiler)
+                run_with_grad(fn, s)
+                for mode in modes:
+                    mode_fn(fn, inputs, mode)()
+        if case.device.type == "cuda":
+            torch.cuda.synchronize(case.device)
+        return ""
+    except Exception as e:
+        return f"{case.label}: {_first_line_of(e)}"
+    finally:
+        torch.compiler.reset()
+
+
+def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: str,
+                workers: int, deadline: float | None) -> None:
+    """Compile every case of ``plan`` on its :data:`COMPILING` providers in ``workers``
+    processes at once, before anything is timed.
+
+    torch.compile takes seconds to a minute per case, one after another in the timed
+    process (about 20 s cold and 3 s warm for AttentionDrop's forward + backward on the
+    development CPU). With the caches filled here, the timed run loads the compiled
+    kernels. Stops at ``deadline`` (``time.monotonic()``; at most :data:`WARM_LIMIT`
+    seconds): the workers are killed, so that nothing compiles or runs on the device
+    while the timed run measures; a case not warmed is compiled by the timed run."""
+    tasks = [(case, [p for p in ok if p in COMPILING]) for case, ok in plan]
+    tasks = [(case, ps, modes, compiler) for case, ps in tasks if ps]
+    if not tasks or workers < 1:
+        return
+    t0 = time.monotonic()
+    # A worker that hangs must not hold the run: always a bound.
+    stop = t0 + WARM_LIMIT if deadline is None else min(deadline, t0 + WARM_LIMIT)
+    workers = min(workers, len(tasks))
+    print(f"compiling {len(tasks)} cases in {workers} processes first "
+          f"({', '.join(sorted({p for t in tasks for p in t[1]}))}), untimed", flush=True)
+    # Python processes of their own (not multiprocessing's spawn, which imports the
+    # caller's main script again), each given every workers-th case in a pickle file.
+    # One compile thread each: the workers are the parallelism (inductor would otherwise
+    # start one compile process per CPU in each; compile_threads is not in its cache key).
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    import pickle
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i in range(workers):
+            path = Path(tmp, f"cases{i}.pickle")
+            # The CPU code inductor makes depends on torch's thread count: the parent's.
+            path.write_bytes(pickle.dumps((torch.get_num_threads(), tasks[i::workers])))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", "import sys; from guidedrop import bench; "
+                 "bench._warm_worker(sys.argv[1])", str(path)],
+                env=env, stdout=subprocess.PIPE, text=True))
+        lines = []
+        for proc in procs:
+            try:
+                out = proc.communicate(timeout=max(0.0, stop - time.monotonic()))[0]
+            except subprocess.TimeoutExpired:
+                proc.kill()  # nothing may compile or run on the device while the run times
+                out = proc.communicate()[0]
+            lines += out.splitlines()
+    errors = [line[len("failed "):] for line in lines if line.startswith("failed ")]
+    done = sum(line.startswith(("ok ", "failed ")) for line in lines)
+    print(f"compiled {done} of {len(tasks)} cases in {time.monotonic() - t0:.0f} s"
+          + ("" if done == len(tasks) else "; the timed run compiles the others (the "
+             "warm-up ran out of time: half of --budget, at most "
+             f"{WARM_LIMIT:.0f} s, or a worker died)"), flush=True)
+    for why in errors:
+        print(f"warm-up failed: {why}", file=sys.stderr)
+
+
+def _warm_worker(path: str) -> None:
+    """A warm-up process: :func:`warm_case` on each task of the pickle file ``path``, a
+    line "ok LABEL" or "failed WHY" each on stdout."""
+    import pickle
+    threads, tasks = pickle.loads(Path(path).read_bytes())
+    torch.set_num_threads(threads)
+    for case, providers, modes, compiler in tasks:
+        why = warm_case(case, providers, modes, compiler)
+        print(f"failed {why}" if why else f"ok {case.label}", flush=True)
+
+
 def mismatched(row: dict) -> bool:
     """Whether the row's backend failed its check against the reference (not timed)."""
     return row["note"].startswith("MISMATCH")
@@ -1300,7 +1402,8 @@ def run(args) -> list[dict]:
         unused = [opt for opt, given in (
             ("--csv", args.csv), ("--plot", args.plot), ("--md", args.md),
             ("--table", args.table), ("--resnet", args.resnet), ("--graph", args.graph),
-            ("--budget", args.budget is not None), ("--dry-run", args.dry_run)) if given]
+            ("--budget", args.budget is not None), ("--dry-run", args.dry_run),
+            ("--compile-workers", args.compile_workers is not None)) if given]
         if unused:
             raise usage_error(f"--model prints counts, not timings or files: it takes no "
                               f"{', '.join(unused)}")
@@ -1369,10 +1472,16 @@ def run(args) -> list[dict]:
     total = sum(len(ok) for _, ok in plan)
     if args.resnet:
         total += 1 + len(layers) * len(res_providers)
+    compiler = "eager" if args.dry_run else "inductor"
+    workers = args.compile_workers
+    if workers is None:  # the GPU machine's CPUs are idle while it times: use them first
+        workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0
+    # Half the budget at most, so that the timing of every other backend still fits.
+    warm_caches(plan, modes, compiler, workers,
+                None if deadline is None else time.monotonic() + args.budget / 2)
     progress = Progress(total)
     done: dict[tuple[int, str], list[dict]] = dict(skipped)
     res_rows: list[dict] = []
-    compiler = "eager" if args.dry_run else "inductor"
     try:
         # torch.compile last, after every other backend of every case: its compilations
         # take the longest, so under --budget they are what is left out.
@@ -1477,6 +1586,12 @@ def add_parser(sub) -> None:
                    help="0 to 1e+06; stop checking and timing after this long: the cases left "
                         "get rows marked not measured (torch.compile, the slowest to set up, "
                         "runs last, --resnet's steps after it; default: no limit)")
+    b.add_argument("--compile-workers", type=int_in(0, 256), default=None, metavar="N",
+                   help="0 to 256; before the timing, run every case once in N processes at "
+                        "once on the backends that compile (torch.compile, Triton), so that "
+                        "the timed run loads their kernels from the on-disk caches instead "
+                        "of compiling them case after case (default: min(16, CPUs) on CUDA, "
+                        "0 on CPU)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "
