@@ -96,12 +96,45 @@ def test_bench_compile_workers_fill_the_caches(tmp_path, monkeypatch, capsys):
         graphs = dict(counters["inductor"])
         out = capsys.readouterr().out
         if workers:
-            assert "compiling 2 cases in 2 processes first (compile)" in out, out
-            assert "compiled 2 of 2 cases" in out, out
+            assert "warm-up: running 2 cases once in 2 processes (compile)" in out, out
+            assert "warm-up: 2 of 2 cases ran in" in out, out
             assert graphs.get("fxgraph_cache_hit") == 8 and "fxgraph_cache_miss" not in graphs
         else:
-            assert "compiling" not in out, out
+            assert "warm-up" not in out, out
             assert graphs.get("fxgraph_cache_miss") == 8 and "fxgraph_cache_hit" not in graphs
+
+
+class _DiesWhenLoaded:
+    """A warm-up task whose unpickling in the worker runs ``call(*args)`` (pickle calls
+    what __reduce__ returns): a worker that crashes, hangs or fails, on demand."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("task,expected", [
+    ((_DiesWhenLoaded(os.abort), ["compile"]), "warm-up: worker 0 died of SIGABRT, 1 of its "
+                                               "cases not run"),
+    ((_DiesWhenLoaded(time.sleep, 600), ["compile"]), "warm-up: worker 0 stopped at the "
+                                                      "warm-up's bound"),
+    ((bench.Case("no_such_layer", (1, 1, 2, 2), torch.float32, torch.device("cpu"), False),
+      ["compile"]), "warm-up: failed: no_such_layer 1x1x2x2 fp32:"),
+], ids=["crash", "hang", "failed-case"])
+def test_bench_warm_up_reports_its_workers(task, expected, capsys):
+    """A worker that crashes, hangs past the deadline or fails a case is reported (never
+    as a case that ran), stopped, and does not stop the bench."""
+    t0 = time.monotonic()
+    bench.warm_caches([task], ["full"], "eager", 2, deadline=t0 + 15)
+    assert time.monotonic() - t0 < 30
+    out, err = capsys.readouterr()
+    assert "warm-up: running 1 cases once in 1 processes (compile)" in out, out
+    assert "warm-up: 0 of 1 cases ran in" in out, out
+    assert expected in err, err
+    if "failed" in expected:
+        assert ", 1 failed" in out, out
 
 
 def test_bench_model_counts_launches(capsys):

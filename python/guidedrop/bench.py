@@ -633,66 +633,122 @@ def warm_case(case: Case, providers: list[str], modes: list[str], compiler: str)
 
 def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: str,
                 workers: int, deadline: float | None) -> None:
-    """Compile every case of ``plan`` on its :data:`COMPILING` providers in ``workers``
-    processes at once, before anything is timed.
+    """Run every case of ``plan`` once on its :data:`COMPILING` providers in ``workers``
+    processes at once, before anything is timed, to fill the compile caches.
 
     torch.compile takes seconds to a minute per case, one after another in the timed
-    process (about 20 s cold and 3 s warm for AttentionDrop's forward + backward on the
+    process (2-20 s cold and about 1 s warm for a layer's forward + backward on the
     development CPU). With the caches filled here, the timed run loads the compiled
-    kernels. Stops at ``deadline`` (``time.monotonic()``; at most :data:`WARM_LIMIT`
-    seconds): the workers are killed, so that nothing compiles or runs on the device
-    while the timed run measures; a case not warmed is compiled by the timed run."""
+    kernels (it still traces: AOTAutograd's cache does not take the layers' autograd
+    Functions). Stops at ``deadline`` (``time.monotonic()``; at most :data:`WARM_LIMIT`
+    seconds): the workers and their children (ptxas, a C++ compiler) are killed, so that
+    nothing compiles or runs on the device while the timed run measures; a case not run
+    here is compiled by the timed run. Never raises for a worker: a worker that cannot
+    start, crashes or fails a case is reported, and the timed run meets the failure
+    itself."""
     tasks = [(case, [p for p in ok if p in COMPILING]) for case, ok in plan]
     tasks = [(case, ps, modes, compiler) for case, ps in tasks if ps]
-    if not tasks or workers < 1:
-        return
     t0 = time.monotonic()
     # A worker that hangs must not hold the run: always a bound.
     stop = t0 + WARM_LIMIT if deadline is None else min(deadline, t0 + WARM_LIMIT)
+    if not tasks or workers < 1 or stop <= t0:
+        return
     workers = min(workers, len(tasks))
-    print(f"compiling {len(tasks)} cases in {workers} processes first "
-          f"({', '.join(sorted({p for t in tasks for p in t[1]}))}), untimed", flush=True)
+    print(f"warm-up: running {len(tasks)} cases once in {workers} processes "
+          f"({', '.join(sorted({p for t in tasks for p in t[1]}))}), untimed, to fill the "
+          "compile caches", flush=True)
+    import pickle
+    import signal
+    import tempfile
     # Python processes of their own (not multiprocessing's spawn, which imports the
-    # caller's main script again), each given every workers-th case in a pickle file.
+    # caller's main script again), each given every workers-th case in a pickle file, in
+    # a session of their own so that a kill reaches their compilers too. They run in the
+    # temporary folder with this process's import path (the current folder resolved):
+    # they import what this process imported, not a module of the folder they start in.
     # One compile thread each: the workers are the parallelism (inductor would otherwise
     # start one compile process per CPU in each; compile_threads is not in its cache key).
+    path = [p or os.getcwd() for p in sys.path]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    import pickle
-    import tempfile
+           "PYTHONPATH": os.pathsep.join(path)}
+    ran = failed = 0
+    problems = []
+    procs: list[subprocess.Popen] = []
+
+    def kill(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for i in range(workers):
-            path = Path(tmp, f"cases{i}.pickle")
-            # The CPU code inductor makes depends on torch's thread count: the parent's.
-            path.write_bytes(pickle.dumps((torch.get_num_threads(), tasks[i::workers])))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", "import sys; from guidedrop import bench; "
-                 "bench._warm_worker(sys.argv[1])", str(path)],
-                env=env, stdout=subprocess.PIPE, text=True))
-        lines = []
-        for proc in procs:
-            try:
-                out = proc.communicate(timeout=max(0.0, stop - time.monotonic()))[0]
-            except subprocess.TimeoutExpired:
-                proc.kill()  # nothing may compile or run on the device while the run times
-                out = proc.communicate()[0]
-            lines += out.splitlines()
-    errors = [line[len("failed "):] for line in lines if line.startswith("failed ")]
-    done = sum(line.startswith(("ok ", "failed ")) for line in lines)
-    print(f"compiled {done} of {len(tasks)} cases in {time.monotonic() - t0:.0f} s"
-          + ("" if done == len(tasks) else "; the timed run compiles the others (the "
-             "warm-up ran out of time: half of --budget, at most "
-             f"{WARM_LIMIT:.0f} s, or a worker died)"), flush=True)
-    for why in errors:
-        print(f"warm-up failed: {why}", file=sys.stderr)
+        try:
+            for i in range(workers):
+                file = Path(tmp, f"cases{i}.pickle")
+                # The CPU code inductor makes depends on torch's thread count: the parent's.
+                file.write_bytes(pickle.dumps((os.getpid(), torch.get_num_threads(),
+                                               tasks[i::workers])))
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-c", "import sys; from guidedrop import bench; "
+                     "bench._warm_worker(sys.argv[1])", str(file)],
+                    cwd=tmp, env=env, stdout=subprocess.PIPE, text=True,
+                    start_new_session=True))
+            for i, proc in enumerate(procs):
+                stopped = False
+                try:
+                    out = proc.communicate(timeout=max(0.0, stop - time.monotonic()))[0]
+                except subprocess.TimeoutExpired:
+                    stopped = proc.poll() is None  # not one that ended as time ran out
+                    kill(proc)
+                    try:
+                        out = proc.communicate(timeout=10)[0]
+                    except subprocess.TimeoutExpired:  # a child still holds the pipe
+                        out = ""
+                lines = out.splitlines()
+                ran += sum(line.startswith("ok ") for line in lines)
+                for line in lines:
+                    if line.startswith("failed "):
+                        failed += 1
+                        problems.append(f"failed: {line[len('failed '):]}")
+                left = len(tasks[i::workers]) - sum(
+                    line.startswith(("ok ", "failed ")) for line in lines)
+                if stopped:
+                    problems.append(f"worker {i} stopped at the warm-up's bound (half of "
+                                    f"--budget, at most {WARM_LIMIT:.0f} s), {left} of its "
+                                    "cases not run")
+                elif proc.returncode:
+                    problems.append(f"worker {i} {_exit_status(proc.returncode)}, {left} of "
+                                    "its cases not run")
+        except OSError as e:  # a worker could not start: the timed run compiles
+            problems.append(f"a worker could not start: {e}")
+        finally:  # also on Ctrl-C: no worker outlives the warm-up
+            for proc in procs:
+                kill(proc)
+                proc.wait()
+    print(f"warm-up: {ran} of {len(tasks)} cases ran in {time.monotonic() - t0:.0f} s"
+          + (f", {failed} failed" if failed else ""), flush=True)
+    for why in problems:
+        print(f"warm-up: {why}", file=sys.stderr)
+
+
+def _exit_status(returncode: int) -> str:
+    import signal
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"died of {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"died of signal {-returncode}"
 
 
 def _warm_worker(path: str) -> None:
     """A warm-up process: :func:`warm_case` on each task of the pickle file ``path``, a
     line "ok LABEL" or "failed WHY" each on stdout."""
     import pickle
-    threads, tasks = pickle.loads(Path(path).read_bytes())
+    parent, threads, tasks = pickle.loads(Path(path).read_bytes())
+    if sys.platform.startswith("linux"):  # die with the bench, even when it is killed
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before that
+            return
     torch.set_num_threads(threads)
     for case, providers, modes, compiler in tasks:
         why = warm_case(case, providers, modes, compiler)
@@ -1475,7 +1531,9 @@ def run(args) -> list[dict]:
     compiler = "eager" if args.dry_run else "inductor"
     workers = args.compile_workers
     if workers is None:  # the GPU machine's CPUs are idle while it times: use them first
-        workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        workers = min(16, cpus) if device.type == "cuda" and not args.dry_run else 0
     # Half the budget at most, so that the timing of every other backend still fits.
     warm_caches(plan, modes, compiler, workers,
                 None if deadline is None else time.monotonic() + args.budget / 2)
@@ -1591,7 +1649,7 @@ def add_parser(sub) -> None:
                         "once on the backends that compile (torch.compile, Triton), so that "
                         "the timed run loads their kernels from the on-disk caches instead "
                         "of compiling them case after case (default: min(16, CPUs) on CUDA, "
-                        "0 on CPU)")
+                        "0 on CPU and with --dry-run, where nothing is cached)")
     b.add_argument("--dry-run", action="store_true",
                    help="everything but the timing: checks against the reference, kept bytes, "
                         "the table with its timing cells marked not measured (torch.compile "
