@@ -674,9 +674,17 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
     problems = []
     procs: list[subprocess.Popen] = []
 
-    def kill(proc: subprocess.Popen) -> None:
+    def kill(proc: subprocess.Popen) -> bool:
+        """Kill a worker that still runs, with its children; whether it ran. (Not one
+        already reaped: its pid may be another process's by now.)"""
+        if proc.poll() is not None:
+            return False
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            if hasattr(os, "killpg"):
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        return True
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -695,8 +703,7 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
                 try:
                     out = proc.communicate(timeout=max(0.0, stop - time.monotonic()))[0]
                 except subprocess.TimeoutExpired:
-                    stopped = proc.poll() is None  # not one that ended as time ran out
-                    kill(proc)
+                    stopped = kill(proc)  # not one that ended as time ran out
                     try:
                         out = proc.communicate(timeout=10)[0]
                     except subprocess.TimeoutExpired:  # a child still holds the pipe
