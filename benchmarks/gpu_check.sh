@@ -37,7 +37,10 @@
 #                 interpreter suite. Bound: what is left of the 450 s (at least 60 s).
 #                 2026-12-04, H200: ~1,690 tests, about 1,600 of them in 240 s with 12
 #                 workers, Triton's first compiles included; the last four files' 635
-#                 tests took 41 s with 16, one a core. So this call may not finish them:
+#                 tests took 41 s with 16, one a core. Most of that time was Triton
+#                 compiling (estimated on the CPU: ~100 row-lane histogram selects that
+#                 Triton 3.6 never runs, 15-40 s each, no longer compiled there since
+#                 4ca50df). This call may still not finish them:
 #                 GPU_CHECK_STEPS=tests T_TESTS=500 runs them alone. At its bound it
 #                 stops as after Ctrl-C: the failures so far are printed, the finished
 #                 tests' results and times are in $OUT/tests.xml, and a test running over
