@@ -601,8 +601,8 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
 
 # The providers whose first call of a case compiles: torch.compile (dynamo, AOTAutograd,
 # inductor, and Triton for inductor's kernels) and the Triton backend (its JIT). Both keep
-# what they compile in on-disk caches (inductor's FX graph and AOTAutograd caches,
-# Triton's cache) that another process of the same user reads.
+# what they compile in on-disk caches (inductor's FX graph cache, Triton's cache) that
+# another process of the same user reads.
 COMPILING = ("compile", "triton")
 WARM_LIMIT = 900.0  # seconds: the warm-up's bound without --budget
 
