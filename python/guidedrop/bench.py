@@ -35,11 +35,14 @@ import errno
 import functools
 import math
 import os
+import pickle
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -657,9 +660,6 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
     print(f"warm-up: running {len(tasks)} cases once in {workers} processes "
           f"({', '.join(sorted({p for t in tasks for p in t[1]}))}), untimed, to fill the "
           "compile caches", flush=True)
-    import pickle
-    import signal
-    import tempfile
     # Python processes of their own (not multiprocessing's spawn, which imports the
     # caller's main script again), each given every workers-th case in a pickle file, in
     # a session of their own so that a kill reaches their compilers too. They run in the
@@ -670,8 +670,8 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
     path = [p or os.getcwd() for p in sys.path]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(path)}
-    ran = failed = 0
-    problems = []
+    chunks = [tasks[i::workers] for i in range(workers)]
+    ran, failures, problems = 0, [], []
     procs: list[subprocess.Popen] = []
 
     def kill(proc: subprocess.Popen) -> bool:
@@ -688,11 +688,10 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for i in range(workers):
+            for i, chunk in enumerate(chunks):
                 file = Path(tmp, f"cases{i}.pickle")
                 # The CPU code inductor makes depends on torch's thread count: the parent's.
-                file.write_bytes(pickle.dumps((os.getpid(), torch.get_num_threads(),
-                                               tasks[i::workers])))
+                file.write_bytes(pickle.dumps((os.getpid(), torch.get_num_threads(), chunk)))
                 procs.append(subprocess.Popen(
                     [sys.executable, "-c", "import sys; from guidedrop import bench; "
                      "bench._warm_worker(sys.argv[1])", str(file)],
@@ -709,13 +708,12 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
                     except subprocess.TimeoutExpired:  # a child still holds the pipe
                         out = ""
                 lines = out.splitlines()
-                ran += sum(line.startswith("ok ") for line in lines)
-                for line in lines:
-                    if line.startswith("failed "):
-                        failed += 1
-                        problems.append(f"failed: {line[len('failed '):]}")
-                left = len(tasks[i::workers]) - sum(
-                    line.startswith(("ok ", "failed ")) for line in lines)
+                oks = sum(line.startswith("ok ") for line in lines)
+                fails = [line.removeprefix("failed ") for line in lines
+                         if line.startswith("failed ")]
+                ran += oks
+                failures += fails
+                left = len(chunks[i]) - oks - len(fails)
                 if stopped:
                     problems.append(f"worker {i} stopped at the warm-up's bound (half of "
                                     f"--budget, at most {WARM_LIMIT:.0f} s), {left} of its "
@@ -730,13 +728,12 @@ def warm_caches(plan: list[tuple[Case, list[str]]], modes: list[str], compiler: 
                 kill(proc)
                 proc.wait()
     print(f"warm-up: {ran} of {len(tasks)} cases ran in {time.monotonic() - t0:.0f} s"
-          + (f", {failed} failed" if failed else ""), flush=True)
-    for why in problems:
+          + (f", {len(failures)} failed" if failures else ""), flush=True)
+    for why in [f"failed: {f}" for f in failures] + problems:
         print(f"warm-up: {why}", file=sys.stderr)
 
 
 def _exit_status(returncode: int) -> str:
-    import signal
     if returncode >= 0:
         return f"exited with status {returncode}"
     try:
@@ -748,11 +745,9 @@ def _exit_status(returncode: int) -> str:
 def _warm_worker(path: str) -> None:
     """A warm-up process: :func:`warm_case` on each task of the pickle file ``path``, a
     line "ok LABEL" or "failed WHY" each on stdout."""
-    import pickle
     parent, threads, tasks = pickle.loads(Path(path).read_bytes())
     if sys.platform.startswith("linux"):  # die with the bench, even when it is killed
         import ctypes
-        import signal
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # it died before that
             return
