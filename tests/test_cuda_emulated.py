@@ -459,7 +459,8 @@ def test_emulated_channel_stats_vector_and_scalar_paths(E):
 
 def test_emulated_cam_vector_and_scalar_paths(E):
     """cam's 16-byte vector paths (dense aligned x: NCHW with N*C*H*W % V == 0, V positions
-    per thread, realigned from two vectors where H*W % V != 0: 7 x 7 maps start at every
+    per warp, its lanes over the channels (C over 32: several a lane, and lanes without
+    one), realigned from two vectors where H*W % V != 0: 7 x 7 maps start at every
     shift, 14 x 14 at 0 and 8 bytes, and the last map's last vector has no vector after
     it; channels_last with C % V == 0, V channels per lane, alpha in shared memory,
     several samples per block) and its scalar paths (a copy one element off a 16-byte
@@ -470,7 +471,8 @@ def test_emulated_cam_vector_and_scalar_paths(E):
     gen = torch.Generator().manual_seed(3)
     cases = [((2, 5, 4, 6), "contiguous"), ((1, 3, 7, 7), "contiguous"),
              ((2, 8, 7, 7), "contiguous"), ((1, 4, 14, 14), "contiguous"),
-             ((3, 8, 5, 3), "contiguous"),
+             ((3, 8, 5, 3), "contiguous"), ((2, 70, 7, 7), "contiguous"),
+             ((1, 40, 14, 14), "contiguous"),
              ((2, 16, 3, 5), "channels_last"), ((3, 264, 3, 3), "channels_last"),
              ((2, 6, 2, 3), "channels_last")]
     for dtype in DTYPES:

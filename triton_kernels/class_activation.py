@@ -129,6 +129,14 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Position blocks a map is split into (blocks of at least 64 positions, tiles of TILE
+# elements where the channels allow): with one program a sample, a (128, 1024, 14, 14) or
+# (128, 256, 28, 28) x took 128 programs of 4 warps, each looping over every channel, far
+# too few to keep a GPU's memory busy. From the map only, not N: the tiles of a streaming
+# kernel do not depend on N.
+MAP_SPLIT = 8
+
+
 def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     """J of x (N, C, H, W) into out (N, H, W) float32, C >= 1: from alpha (N, C) float32,
     or (CamDrop's plan) from alpha = weight[target].view(N, C, -1).mean(2), which is then
@@ -145,12 +153,11 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     if walk_channels_last(x):
         bc = min(pow2(c), 64)
         bp = max(1, min(TILE // bc, pow2(length)))
-    elif shift:  # columns for every shift of a row start; BC a multiple of A
-        bp = min(pow2(length + a - 1), TILE // a)
-        bc = max(a, min(TILE // bp, pow2(c)))
-    else:
-        bp = min(pow2(length), max(1, TILE // 4))
-        bc = max(1, min(TILE // bp, pow2(c)))
+    else:  # shift: columns for every shift of a row start; BC a multiple of A
+        full = pow2(length + a - 1) if shift else pow2(length)
+        bp = min(full, TILE // a if shift else max(1, TILE // 4),
+                 max(full // MAP_SPLIT, 64, TILE // pow2(c)))
+        bc = max(a if shift else 1, min(TILE // bp, pow2(c)))
     step = min(length, bp - a + 1) if shift else bp
     # 4 warps, 32 elements per thread, over which the per-chunk work (the alpha of each
     # channel, from W in CamDrop's plan; in contiguous x the rows' starts) is spread: with 8

@@ -3,12 +3,14 @@
 // channel terms in another order) are exactly equal: J's top-k decides the candidates.
 //
 // Two kernels, both correct for any strides:
-// - positions per thread (NCHW-like inputs): consecutive threads take consecutive (h, w)
-//   of a sample, so each step over c is a coalesced row read; c ascending. Dense, aligned
-//   x with N*C*H*W % V == 0 (V = 16 / sizeof(T)): V positions per thread, one 16-byte
-//   vector per channel where H*W % V == 0; else (a map of 14 x 14 or 7 x 7 bfloat16 units
-//   does not start on 16 bytes) the two aligned 16-byte vectors that cover the V units,
-//   shifted in registers (common.cuh's `load_unaligned`); otherwise one position, one element per access;
+// - NCHW-like inputs: dense, aligned x with N*C*H*W % V == 0 (V = 16 / sizeof(T)): a warp
+//   takes V positions, its lanes stride over the channels, one 16-byte vector per channel
+//   where H*W % V == 0; else (a map of 14 x 14 or 7 x 7 bfloat16 units does not start on
+//   16 bytes) the two aligned 16-byte vectors that cover the V units, shifted in registers
+//   (common.cuh's `load_unaligned`); then a butterfly sum. A thread per V positions had too
+//   few threads for small maps of many channels (plans/camdrop.cu). Otherwise a thread per
+//   position, consecutive threads on consecutive (h, w) of a sample, so each step over c
+//   is a coalesced row read, c ascending, one element per access;
 // - position per warp (channels_last-like inputs, stride(C) < stride(W)): the lanes of a
 //   warp stride over the channels of one position (coalesced), then a butterfly sum.
 //   Dense, aligned x with C % V == 0: V channels per lane, one 16-byte vector, alpha
@@ -23,12 +25,12 @@ namespace {
 template <typename scalar_t>
 using Vec16 = Vec<scalar_t, 16 / sizeof(scalar_t)>;  // one 16-byte load
 
-// `vec`: x dense NCHW, aligned, N*C*H*W % V == 0 (V = 16 / sizeof(T)): a thread takes V
+// `vec`: x dense NCHW, aligned, N*C*H*W % V == 0 (V = 16 / sizeof(T)): a warp takes V
 // consecutive positions hw0 ... hw0 + V - 1 of a map (hw0 % V == 0; those past H*W, in
-// the last vector of a map whose H*W % V != 0, are computed and not stored). Channel c's
-// V units start at element e = (n*C + c)*H*W + hw0 of x, e % V = s the same for every
-// thread of (n, c): the aligned vector at e - s, and where s != 0 the one after it (never
-// past x's end, a multiple of V), realigned (load_unaligned); where H*W % V == 0, s = 0.
+// the last vector of a map whose H*W % V != 0, are computed and not stored), lane l the
+// channels c = l, l + 32, ... Channel c's V units start at element e = (n*C + c)*H*W + hw0
+// of x: the aligned vector at e - e % V, and where e % V != 0 the one after it (never past
+// x's end, a multiple of V), realigned (load_unaligned); where H*W % V == 0, e % V = 0.
 template <typename scalar_t>
 __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                   const float* __restrict__ alpha, const int64_t N,
@@ -39,24 +41,28 @@ __global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (vec) {
+    const int lane = threadIdx.x & 31;
     const int64_t per = (HW + V - 1) / V;  // vectors of positions per map
     const uint64_t total = N * C * HW;
-    for (int64_t i = first; i < N * per; i += stride) {
+    // a warp per vector of positions (uniform in the warp)
+    for (int64_t i = first >> 5; i < N * per; i += stride >> 5) {
       const int64_t n = i / per, hw = (i % per) * V;
       const float* a = alpha + n * C;
       double acc[V] = {};
-      uint64_t e = n * C * HW + hw;
-      for (int64_t c = 0; c < C; ++c, e += HW) {  // c ascending, as the scalar path
+      const uint64_t e = n * C * HW + hw;
+      for (int64_t c = lane; c < C; c += 32) {
         float f[V];
-        load_unaligned(x, e, total, f);
+        load_unaligned(x, e + c * HW, total, f);
         const double ac = static_cast<double>(a[c]);
 #pragma unroll
         for (int j = 0; j < V; ++j) acc[j] += ac * f[j];
       }
       const int64_t valid = HW - hw < V ? HW - hw : V;
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (j < valid) J[n * HW + hw + j] = static_cast<float>(acc[j]);
+      for (int j = 0; j < V; ++j) {
+        const double v = warp_reduce(acc[j], SumOp());
+        if (lane == 0 && j < valid) J[n * HW + hw + j] = static_cast<float>(v);
+      }
     }
     return;
   }
@@ -146,7 +152,7 @@ void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::
                                                       vec, J.data_ptr<float>());
     } else {
       const bool vec = x.is_contiguous() && (N * C * H * W) % V == 0 && aligned16(x);
-      cam_thread_kernel<scalar_t><<<grid_for(vec ? N * ceil_div(H * W, V) : N * H * W,
+      cam_thread_kernel<scalar_t><<<grid_for(vec ? N * ceil_div(H * W, V) * 32 : N * H * W,
                                              kThreads),
                                     kThreads, 0, current_stream()>>>(
           x.data_ptr<scalar_t>(), s, alpha.data_ptr<float>(), N, C, H, W, vec,
