@@ -106,9 +106,10 @@ void launch() {
     out = emu.rewrite_cuda(src, "x.cu")
     assert "uint32_t* keys = emu::dyn_smem<uint32_t>();" in out
     assert "__shared__ float tile[32][33];" in out  # emu.h makes __shared__ static
+    # each launch names its site (source line, kernel) for the record mode
     assert ("emu::Launcher(grid_for(n, 1), dim3(32, 8), smem, current_stream())"
-            "(kern<scalar_t, Op<int>>, a, b);") in out
-    assert "emu::Launcher(1, 32)(other);" in out
+            '.at("x.cu:5 kern<scalar_t, Op<int>>")(kern<scalar_t, Op<int>>, a, b);') in out
+    assert 'emu::Launcher(1, 32).at("x.cu:7 other")(other);' in out
     with pytest.raises(emu.RewriteError, match="kernel launch"):
         emu.rewrite_cuda("void f() { (*table[0])<<<1, 32>>>(x); }", "y.cu")
     with pytest.raises(emu.RewriteError, match="TORCH_LIBRARY"):

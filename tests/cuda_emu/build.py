@@ -15,9 +15,12 @@ What changes on the way (every rewrite is checked; a source it no longer fits fa
   ``emu::Launcher(cfg)(kernel, args)`` (``__shared__`` itself becomes ``static`` in emu.h).
 - ``guidedrop.cpp``: the library is ``guidedrop_emu`` with the kernels registered for CPU
   (instead of CUDA; the CPU error kernels are dropped), the "must be a CUDA tensor" checks
-  ask for CPU tensors, and two more ops: ``emu_set_philox(int seed, int offset) -> ()`` sets
-  the state of the emulated CUDA generator (seed 0, offset 0 at load), and
-  ``emu_launches() -> int`` counts the kernel launches since the library was loaded.
+  ask for CPU tensors, and more ops: ``emu_set_philox(int seed, int offset) -> ()`` sets
+  the state of the emulated CUDA generator (seed 0, offset 0 at load),
+  ``emu_launches() -> int`` counts the kernel launches since the library was loaded, and
+  ``emu_record(bool on) -> ()`` turns on (off) a mode where launches are checked and
+  recorded, not run (their outputs are left as allocated), ``emu_recorded() -> str[]``
+  returning and clearing the records: "<source>:<line> <kernel> <grid> <block>".
 - The CUDA runtime headers csrc includes (``c10/cuda/CUDAStream.h``, ``CUDAGuard.h``,
   ``CUDAException.h``, ``ATen/cuda/CUDAGeneratorImpl.h``) are replaced by stubs.
 
@@ -111,9 +114,13 @@ def _absent(pattern: str, text: str, where: str, what: str) -> None:
 _KERNEL = r"([A-Za-z_][\w:]*(?:\s*<(?:[^<>;]|<[^<>;]*>)*>)?)"
 
 
-def _launch(m: re.Match) -> str:
+def _launch(m: re.Match, where: str) -> str:
     kernel, config, rest = m.group(1), m.group(2), m.group(3)
-    return f"emu::Launcher({config})({kernel}{')' if rest else ', '}"  # rest: `()`, no args
+    # the launch site for emu_record: the source's line (the include prepended is line 1)
+    line = m.string.count("\n", 0, m.start())
+    site = f"{where}:{line} " + " ".join(kernel.split())
+    return (f'emu::Launcher({config}).at("{site}")'
+            f"({kernel}{')' if rest else ', '}")  # rest: `()`, no args
 
 
 def rewrite_cuda(text: str, where: str) -> str:
@@ -126,8 +133,8 @@ def rewrite_cuda(text: str, where: str) -> str:
     _absent(r"\bextern\s+__shared__\b", out, where, "an extern __shared__ declaration")
     launches = out.count("<<<")
     if launches:
-        out = _sub(_KERNEL + r"\s*<<<(.*?)>>>\s*\(\s*(\))?", _launch, out, where,
-                   "kernel launch <<<...>>>", count=launches, flags=re.S)
+        out = _sub(_KERNEL + r"\s*<<<(.*?)>>>\s*\(\s*(\))?", lambda m: _launch(m, where), out,
+                   where, "kernel launch <<<...>>>", count=launches, flags=re.S)
     _absent(r"<<<|>>>\s*\(", out, where, "a kernel launch")
     return out
 
@@ -160,10 +167,17 @@ void emu_set_philox(int64_t seed, int64_t offset) {{
   gen.offset_ = static_cast<uint64_t>(offset);
 }}
 int64_t emu_launches() {{ return emu::launch_count().load(); }}
+void emu_record(bool on) {{ emu::recording().store(on); }}
+std::vector<std::string> emu_recorded() {{
+  std::lock_guard<std::mutex> lock(emu::launch_mutex());
+  return std::exchange(emu::records(), {{}});
+}}
 }}  // namespace
 TORCH_LIBRARY_FRAGMENT({NAME}, m) {{
   m.def("emu_set_philox(int seed, int offset) -> ()", &emu_set_philox);
   m.def("emu_launches() -> int", &emu_launches);
+  m.def("emu_record(bool on) -> ()", &emu_record);
+  m.def("emu_recorded() -> str[]", &emu_recorded);
 }}
 """
 

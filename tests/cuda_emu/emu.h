@@ -42,6 +42,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <linux/futex.h>
@@ -259,11 +260,26 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+// Record mode (emu_record): launches are checked and recorded, not run.
+inline std::atomic<bool>& recording() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+inline std::vector<std::string>& records() {  // under launch_mutex()
+  static std::vector<std::string> r;
+  return r;
+}
+
 struct Launcher {
   dim3 g, b;
   size_t smem;
+  const char* site = "";  // "<source>:<line> <kernel>", set by build.py's rewrite
   Launcher(dim3 g_, dim3 b_, size_t smem_ = 0, cudaStream_t = nullptr)
       : g(g_), b(b_), smem(smem_) {}
+  Launcher& at(const char* s) {
+    site = s;
+    return *this;
+  }
 
   void check() const {
     const auto fail = [&](const std::string& why) {
@@ -284,6 +300,10 @@ struct Launcher {
     check();
     ++launch_count();
     std::lock_guard<std::mutex> launch_lock(launch_mutex());
+    if (recording().load()) {
+      records().push_back(std::string(site) + " " + str(g) + " " + str(b));
+      return;
+    }
     const int nt = static_cast<int>(b.x * b.y * b.z);
     gridDim_ = g;
     blockDim_ = b;

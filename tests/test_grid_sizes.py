@@ -1,0 +1,132 @@
+"""Grid sizes at the goal shapes, read on the CPU: every kernel that streams x (or a mask of
+x's units) launches enough warps to keep an H200's memory busy.
+
+Each layer of test_backends.LAYERS runs forward and backward at the goal shapes (N = 128:
+(64, 56, 56), (256, 28, 28), (1024, 14, 14)), bfloat16 and float32, NCHW and
+channels_last, with its kernels recorded, not run: Triton's by a stand-in for
+``_common.launch`` (the grid and num_warps of each launch), the CUDA sources' by the
+emulator's record mode (tests/cuda_emu: ``emu_record``, each launch's source line, grid and
+block). Seconds, although x has 25.7M elements: nothing is computed.
+
+The bound, MIN_WARPS = 1024 warps (about 8 per SM of an H200's 132), is what keeps
+enough 16-byte loads in flight to cover DRAM latency at that chip's bandwidth (about 3.4 MB:
+4.8 TB/s x 0.7 µs). A grid of one program per sample does not: 128 programs of 4 warps
+(Triton's CAM before MAP_SPLIT) left most of the chip idle. This checks the grid only:
+a kernel whose threads idle inside a full grid (the CUDA CAM before its warps took the
+channels: 25 of 256 threads a block at 14 x 14) passes it.
+
+Not held to it: kernels over per-sample or per-map state (plans, scales, candidates), and
+the seeds of DropBlock's shared mask (one map per sample: N * H * W units, not x's).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import test_backends as TB
+import test_triton_compile as TC
+import torch
+from testing import emulated
+
+from guidedrop import dispatch, sass
+
+MIN_WARPS = 1024
+SHAPES = [(128, 64, 56, 56), (128, 256, 28, 28), (128, 1024, 14, 14)]
+DTYPES = (torch.bfloat16, torch.float32)
+# Triton: the kernels over x or x's units (sass.TRITON_STREAMING); CUDA: their sources'
+# launch sites, but for the plan kernels over per-sample state (csrc/cuda/plans/, except
+# CamDrop's CAM, which reads x).
+TRITON_KERNELS = set(sass.TRITON_STREAMING)
+CUDA_STATE_KERNELS = re.compile(r"^csrc/cuda/plans/(?!camdrop\.cu:\d+ kernel$)")
+# Seed kernels of a shared mask: N * H * W units, 1 / C of x.
+SHARED_SEEDS = {"_seed_bits_kernel", "_seed_coverage_kernel", "seed_bits_kernel",
+                "seed_coverage_kernel"}
+
+
+def _drive(record):
+    """Every layer, forward and backward, at SHAPES x DTYPES x layouts; record(case) is
+    called after each with the case's name."""
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            for layout in ("contiguous", "channels_last"):
+                x = TB.make_x(shape, dtype, "cpu", layout)
+                for case, (op, _, params, _) in TB.LAYERS.items():
+                    xg = x.detach().requires_grad_()
+                    y = op(xg, noise=None, **params)
+                    y.backward(torch.ones_like(y))
+                    record(f"{case} {shape} {str(dtype)[6:]} {layout}")
+
+
+def _short(rows):
+    """The launches under MIN_WARPS, one line each."""
+    return [f"{kernel} ({case}): {warps} warps" for kernel, case, warps in rows
+            if warps < MIN_WARPS]
+
+
+def test_triton_grids_fill_the_gpu(monkeypatch):
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    launched = []
+
+    def launch(kernel):
+        name = kernel.fn.__name__
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    g = grid(kwargs) if callable(grid) else grid
+                    launched.append((name, math.prod(g) * kwargs.get("num_warps", 4)))
+                return run
+        return Grid()
+
+    for m in TC._kernel_modules(mod):
+        monkeypatch.setattr(m, "launch", launch)
+    rows = []
+
+    def record(case):
+        rows.extend((k, case, w) for k, w in launched if k in TRITON_KERNELS
+                    and not (case.startswith("dropblock-shared") and k in SHARED_SEEDS))
+        launched.clear()
+
+    with sass.gpu_tiles():  # the tiles a GPU gets, not the interpreter's
+        _drive(record)
+    assert {k for k, _, _ in rows} == TRITON_KERNELS - {"_apply_seeds_rows_kernel",
+                                                        "_apply_attention_kernel"}, \
+        "a streaming kernel was never launched here (or a new one is not listed)"
+    assert not _short(rows), "\n".join(_short(rows))
+
+
+@emulated
+def test_cuda_grids_fill_the_gpu(monkeypatch):
+    import test_cuda_emulated as CE
+
+    if CE.emu.unavailable():
+        pytest.skip(f"CUDA emulator: {CE.emu.unavailable()}")
+    E = CE.emu.ops()
+    monkeypatch.setitem(dispatch._loaded, "cuda", (CE.emu.backend(), ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "cuda")
+    rows = []
+
+    def record(case):
+        for r in E.emu_recorded():
+            site, g, b = re.fullmatch(r"(.+) (\(\d+, \d+, \d+\)) (\(\d+, \d+, \d+\))", r).groups()
+            warps = math.prod(map(int, re.findall(r"\d+", g))) * \
+                math.prod(map(int, re.findall(r"\d+", b))) // 32
+            kernel = site.split(" ", 1)[1].split("<")[0]
+            if CUDA_STATE_KERNELS.match(site) or (case.startswith("dropblock-shared")
+                                                  and kernel in SHARED_SEEDS):
+                continue
+            rows.append((site, case, warps))
+
+    E.emu_record(True)
+    try:
+        _drive(record)
+    finally:
+        E.emu_record(False)
+        E.emu_recorded()
+    assert rows, "no launch recorded"
+    assert not _short(rows), "\n".join(_short(rows))
