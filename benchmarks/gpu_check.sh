@@ -27,7 +27,10 @@
 #                 the on-disk caches: one after another, torch.compile's 56 cases do not
 #                 fit (2026-12-04, run 2: no torch.compile cell in 91 s). torch.compile
 #                 is timed last: past the budget its cells say "not measured".
-#                 -> $OUT/bench.{csv,md,png,txt}                                 (300 s)
+#                 After each case's timing, a profile of one forward + backward
+#                 (torch.profiler): each kernel's device time per step, and its share
+#                 (where a layer's time goes; no GPU run had shown it).
+#                 -> $OUT/bench.{csv,md,png,txt}, $OUT/kernels.csv               (300 s)
 #   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
 #                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
 #   5. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
@@ -127,14 +130,14 @@ SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
 # shape on the CPU in the dry run.
 BENCH=(-m guidedrop bench --mode full --graph --backends all --csv "$OUT/bench.csv"
   --md "$OUT/bench.md" --plot "$OUT/bench.png" --table "$OUT/bench.txt"
-  --compile-workers 16 --budget "$T_BENCH")
+  --kernels "$OUT/kernels.csv" --compile-workers 16 --budget "$T_BENCH")
 if ((DRY_RUN)); then  # 2 warm-up workers: the path runs, on CI's 2 cores
   BENCH+=(--dry-run --device cpu --shapes tiny --dtype fp32 --compile-workers 2)
 fi
 COLLECT=()
 if ((DRY_RUN)); then COLLECT=(--collect-only); fi
 # What an earlier run left must not pass for this run's results.
-rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/masks.png" "$OUT/tests.xml"
+rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/kernels.csv" "$OUT/masks.png" "$OUT/tests.xml"
 
 failed=()
 SUMMARY=()

@@ -243,6 +243,40 @@ def test_bench_dry_run_times_nothing(tmp_path, capsys):
     assert "not measured" in table.read_text() and "GB/s (read" not in printed
 
 
+def test_bench_kernels_profile(tmp_path, capsys):
+    """--kernels (the GPU script's): after each case on a kernel backend, the time per step
+    of each kernel (here, on a CPU, of each op) and its share, as CSV; a profile that fails
+    is a line saying so, and the bench goes on."""
+    out = tmp_path / "k.csv"
+    rc = cli.main(["bench", "--dry-run", "--device", "cpu", "--shapes", "tiny", "--layers",
+                   "spatialscale,dropblock", "--backends", "reference,triton",
+                   "--kernels", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_csv(out)
+    cases = {(r["layer"], r["backend"]) for r in rows}
+    assert cases == {(layer, "triton") for layer in ("spatialscale", "dropblock")}
+    for case in cases:
+        mine = [r for r in rows if (r["layer"], r["backend"]) == case]
+        assert sum(float(r["share"]) for r in mine) == pytest.approx(1.0, rel=1e-3), case
+        us = [float(r["us"]) for r in mine]
+        assert us == sorted(us, reverse=True) and us[-1] > 0, case
+        assert all(float(r["calls"]) > 0 and r["shape"] == "2x16x14x14" for r in mine)
+
+
+def test_bench_kernels_profile_failure_is_a_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "k.csv"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no profiler here\nsecond line")
+    monkeypatch.setattr(bench, "kernel_times", broken)
+    rc = cli.main(["bench", "--dry-run", "--device", "cpu", "--shapes", "tiny", "--layers",
+                   "spatialscale", "--backends", "reference,triton", "--kernels", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    (row,) = read_csv(out)
+    assert row["backend"] == "triton"
+    assert row["kernel"] == "profile failed: RuntimeError: no profiler here" and row["us"] == ""
+
+
 def test_bench_budget_spent_measures_nothing(tmp_path, capsys):
     out = tmp_path / "b.csv"
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "selectscale,dropblock",
@@ -464,7 +498,7 @@ def test_bad_input_one_line_exit_2(argv, expected, capsys, tmp_path, monkeypatch
     assert not list(tmp_path.glob("*.png"))
 
 
-@pytest.mark.parametrize("option", ["--csv", "--plot", "--md"])
+@pytest.mark.parametrize("option", ["--csv", "--plot", "--md", "--kernels"])
 def test_bench_unwritable_paths(option, tmp_path, capsys):
     rc = cli.main([*QUICK, option, str(tmp_path / "missing" / "out.png")])
     _one_line_error(capsys, rc, "does not exist")

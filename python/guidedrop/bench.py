@@ -551,10 +551,13 @@ def _first_line_of(e: BaseException) -> str:
 def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer | None,
                bandwidth: float | None, progress: Progress | None = None, *,
                graph: bool = False, deadline: float | None = None,
-               compiler: str = "inductor") -> list[dict]:
+               compiler: str = "inductor", kernels: bool = False) -> list[dict]:
     """Check, then time ``case`` on each provider; one row per provider and mode.
 
     ``timer=None`` (a dry run): check and count the kept bytes, time nothing.
+    ``kernels``: the last row of a kernel backend (triton, cuda) also gets ``kernels``,
+    :func:`kernel_times` of a forward + backward (a profile that fails gives one entry
+    with the reason).
     ``graph``: the ``full`` row also gets the time of its replay in a CUDA graph
     (:func:`graph_fn`; CUDA only); a capture that fails leaves that cell unmeasured, with
     the reason in ``note``. ``deadline`` (a ``time.monotonic()`` value): a provider reached
@@ -593,6 +596,12 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
             for mode in modes:
                 rows.append(_time_mode(case, p, fn, inputs, mode, timer, bandwidth, graph,
                                        kept_fraction=kept))
+            if kernels and p in KERNEL_BACKENDS:
+                try:
+                    rows[-1]["kernels"] = kernel_times(fn, inputs)
+                except Exception as e:  # the profiler's failure costs this cell only
+                    rows[-1]["kernels"] = [dict(kernel=f"profile failed: "
+                                                f"{_first_line_of(e)}")]
         if progress:
             progress.advance()
     if "compile" in providers:
@@ -794,6 +803,54 @@ def _time_mode(case: Case, p: str, fn: Callable, inputs: Inputs, mode: str,
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize()
     return row
+
+
+def kernel_times(fn: Callable, inputs: Inputs, steps: int = 3) -> list[dict]:
+    """Where a forward + backward of fn spends its device time: torch.profiler over
+    ``steps`` steps (after one untimed), per kernel (on a CPU, per op: its self time) the
+    calls and µs per step and the share of the step's total, longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step = mode_fn(fn, inputs, "full")
+    step()
+    gpu = inputs.x.is_cuda
+    # on a GPU the device's activity only: its kernels, copies and fills (a host op's self
+    # device time would count its kernels twice)
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+    found = []
+    for e in prof.key_averages():
+        if gpu:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            t = e.self_device_time_total
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            found.append(dict(kernel=e.key, calls=e.count / steps, us=t / steps))
+    total = sum(k["us"] for k in found) or 1.0
+    for k in found:
+        k["share"] = k["us"] / total
+    return sorted(found, key=lambda k: -k["us"])
+
+
+KERNEL_BACKENDS = ("triton", "cuda")  # profiled by --kernels: ours, a few seconds in all
+KERNEL_FIELDS = ["date", "device", "versions", "layer", "shape", "dtype", "backend", "kernel",
+                 "calls", "us", "share"]
+
+
+def write_kernels(path: str, rows: list[dict], meta: dict) -> None:
+    """--kernels: one CSV line per (case, backend, kernel) of :func:`kernel_times`."""
+    with _open_out(path, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=KERNEL_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            for k in r.get("kernels", ()):
+                w.writerow({key: _csv_value(v) for key, v in {**meta, **r, **k}.items()})
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -1460,6 +1517,7 @@ def run(args) -> list[dict]:
         unused = [opt for opt, given in (
             ("--csv", args.csv), ("--plot", args.plot), ("--md", args.md),
             ("--table", args.table), ("--resnet", args.resnet), ("--graph", args.graph),
+            ("--kernels", args.kernels),
             ("--budget", args.budget is not None), ("--dry-run", args.dry_run),
             ("--compile-workers", args.compile_workers is not None)) if given]
         if unused:
@@ -1474,9 +1532,10 @@ def run(args) -> list[dict]:
     providers, how = choose_providers(args.backends, device,
                                       list(dict.fromkeys(d for _, d in cases)))
     for path, opt, suffix in ((args.csv, "--csv", None), (args.plot, "--plot", ".png"),
-                              (args.md, "--md", None), (args.table, "--table", None)):
+                              (args.md, "--md", None), (args.table, "--table", None),
+                              (args.kernels, "--kernels", None)):
         writable(path, opt, suffix)
-    distinct(csv=args.csv, plot=args.plot, md=args.md, table=args.table)
+    distinct(csv=args.csv, plot=args.plot, md=args.md, table=args.table, kernels=args.kernels)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -1551,7 +1610,8 @@ def run(args) -> list[dict]:
                 if not sel:
                     continue
                 for r in bench_case(case, sel, modes, timer, bandwidth, progress,
-                                    graph=args.graph, deadline=deadline, compiler=compiler):
+                                    graph=args.graph, deadline=deadline, compiler=compiler,
+                                    kernels=args.kernels is not None):
                     done.setdefault((i, r["backend"]), []).append(r)
         if args.resnet:
             failed = {(r["layer"], r["backend"]): "not timed: this backend failed its check"
@@ -1593,6 +1653,9 @@ def run(args) -> list[dict]:
         if args.md:
             write_markdown(args.md, rows, meta, modes)
             print(f"wrote {args.md}")
+        if args.kernels:
+            write_kernels(args.kernels, ops, meta)
+            print(f"wrote {args.kernels}")
         if args.plot:
             if write_plot(args.plot, rows, meta):
                 print(f"wrote {args.plot}")
@@ -1658,6 +1721,11 @@ def add_parser(sub) -> None:
                         "traced with backend=eager)")
     b.add_argument("--table", default=None, metavar="PATH",
                    help="also write the printed table as plain text (default: none)")
+    b.add_argument("--kernels", default=None, metavar="PATH",
+                   help="also profile a forward + backward of each case on the kernel "
+                        "backends (triton, cuda) after its timing (torch.profiler) and write, "
+                        "as CSV, the time per step of each kernel (on a CPU: of each op) and "
+                        "its share (default: none)")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "
