@@ -15,7 +15,9 @@
 //   rows' too, as in the reference (whose Gram product gives 0 · NaN = NaN there).
 // The host clamps k to max(H, W) (a block >= the map is one window).
 //
-// One launch (issue 12: statistics in one kernel), one block of 32 x 8 threads per sample;
+// One launch (issue 12: statistics in one kernel), one block of 32 x 32 threads per sample
+// (with 32 x 8, the block's loads in flight, one a thread, kept the pooling far below the
+// memory's bandwidth: one block per SM at N = 128);
 // the only intermediate is the pooled tensor (k² times smaller than x), written and read by
 // the same block:
 // 1. pooling, coalesced in x's layout: each thread sums whole k x k windows (rows then
@@ -36,7 +38,7 @@
 //    takes 32 rows i at a time and walks the columns j in tiles of 32 from its own on (the
 //    upper triangle of tiles: P is symmetric bit for bit, so each P_ij is computed once for
 //    rows i and j), accumulating ‖â_i − â_j‖² over channel tiles of 32 held in shared
-//    memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 4 rows x 1 column and
+//    memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 1 row x 1 column and
 //    adds the rounded |dot| to its int64 row partials and, off the diagonal, to its column
 //    partial, which it adds to row j's int64 sum in colsum (an atomic: integers, so in any
 //    order); at the end of a tile row a warp reduction over its 32 columns adds its rows'
@@ -55,7 +57,7 @@ constexpr double kQuantumInv = 4294967296.0;  // 2^32: P_ij rounded to a multipl
 constexpr long long kOne = 4294967296LL;        // P_ii = 1 on that grid
 
 constexpr int kTile = 32;  // rows i, columns j and channels per tile
-constexpr int kRowsY = 8;  // warps per block; each thread holds kTile / kRowsY rows
+constexpr int kRowsY = 32;  // warps per block; each thread holds kTile / kRowsY rows (1)
 constexpr int kPerThread = kTile / kRowsY;
 
 // The pooling's 16-byte vector paths (see the header, step 1), when x is dense in its
@@ -270,7 +272,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
 }
 
 template <typename scalar_t>
-__global__ void pooled_correlation_kernel(const scalar_t* __restrict__ x, const Strides4 s,
+__global__ void __launch_bounds__(kTile * kRowsY) pooled_correlation_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
                                           const int64_t W, const int64_t k, const int64_t Hp,
                                           const int64_t Wp,
