@@ -275,6 +275,36 @@ def test_bench_kernels_profile_failure_is_a_line(tmp_path, monkeypatch, capsys):
     (row,) = read_csv(out)
     assert row["backend"] == "triton"
     assert row["kernel"] == "profile failed: RuntimeError: no profiler here" and row["us"] == ""
+    assert "spatialscale" in capsys.readouterr().err  # said, as a failed graph capture is
+
+
+def test_bench_kernels_nothing_profiled(tmp_path, monkeypatch, capsys):
+    """No kernel backend in the run: a header-only file, said as such; a profile that
+    records nothing: a line saying so (the case does not vanish from the file)."""
+    out = tmp_path / "k.csv"
+    rc = cli.main(["bench", "--dry-run", "--device", "cpu", "--shapes", "tiny", "--layers",
+                   "spatialscale", "--backends", "reference", "--kernels", str(out)])
+    assert rc == 0 and read_csv(out) == []
+    assert "header only" in capsys.readouterr().out
+
+    class Empty:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return []
+    monkeypatch.setattr(torch.profiler, "profile", Empty)
+    rc = cli.main(["bench", "--dry-run", "--device", "cpu", "--shapes", "tiny", "--layers",
+                   "spatialscale", "--backends", "triton", "--kernels", str(out)])
+    assert rc == 0
+    (row,) = read_csv(out)
+    assert row["kernel"] == "nothing recorded by the profiler" and row["share"] == ""
 
 
 def test_bench_budget_spent_measures_nothing(tmp_path, capsys):

@@ -600,8 +600,9 @@ def bench_case(case: Case, providers: list[str], modes: list[str], timer: Timer 
                 try:
                     rows[-1]["kernels"] = kernel_times(fn, inputs)
                 except Exception as e:  # the profiler's failure costs this cell only
-                    rows[-1]["kernels"] = [dict(kernel=f"profile failed: "
-                                                f"{_first_line_of(e)}")]
+                    why = f"profile failed: {_first_line_of(e)}"
+                    print(f"{case.label} {p}: {why}", file=sys.stderr)
+                    rows[-1]["kernels"] = [dict(kernel=why)]
         if progress:
             progress.advance()
     if "compile" in providers:
@@ -808,23 +809,26 @@ def _time_mode(case: Case, p: str, fn: Callable, inputs: Inputs, mode: str,
 def kernel_times(fn: Callable, inputs: Inputs, steps: int = 3) -> list[dict]:
     """Where a forward + backward of fn spends its device time: torch.profiler over
     ``steps`` steps (after one untimed), per kernel (on a CPU, per op: its self time) the
-    calls and µs per step and the share of the step's total, longest first."""
+    calls and µs per step and the share of the kernels' (ops') total, longest first; one
+    entry saying so when nothing was recorded."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step = mode_fn(fn, inputs, "full")
     step()
     gpu = inputs.x.is_cuda
-    # on a GPU the device's activity only: its kernels, copies and fills (a host op's self
-    # device time would count its kernels twice)
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+    if gpu:  # the untimed step's kernels done before the profile starts
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=acts) as prof:
         for _ in range(steps):
             step()
         if gpu:
             torch.cuda.synchronize()
     found = []
     for e in prof.key_averages():
-        if gpu:
+        if gpu:  # the device's events only: kernels, copies, fills (a host op's self
+            # device time is its kernels', counted twice)
             if e.device_type != DeviceType.CUDA:
                 continue
             t = e.self_device_time_total
@@ -832,7 +836,9 @@ def kernel_times(fn: Callable, inputs: Inputs, steps: int = 3) -> list[dict]:
             t = e.self_cpu_time_total
         if t > 0:
             found.append(dict(kernel=e.key, calls=e.count / steps, us=t / steps))
-    total = sum(k["us"] for k in found) or 1.0
+    if not found:
+        return [dict(kernel="nothing recorded by the profiler")]
+    total = sum(k["us"] for k in found)
     for k in found:
         k["share"] = k["us"] / total
     return sorted(found, key=lambda k: -k["us"])
@@ -843,14 +849,17 @@ KERNEL_FIELDS = ["date", "device", "versions", "layer", "shape", "dtype", "backe
                  "calls", "us", "share"]
 
 
-def write_kernels(path: str, rows: list[dict], meta: dict) -> None:
-    """--kernels: one CSV line per (case, backend, kernel) of :func:`kernel_times`."""
+def write_kernels(path: str, rows: list[dict], meta: dict) -> int:
+    """--kernels: one CSV line per (case, backend, kernel) of :func:`kernel_times`; returns
+    the number of profiles written."""
+    profiled = [r for r in rows if "kernels" in r]
     with _open_out(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=KERNEL_FIELDS, extrasaction="ignore")
         w.writeheader()
-        for r in rows:
-            for k in r.get("kernels", ()):
+        for r in profiled:
+            for k in r["kernels"]:
                 w.writerow({key: _csv_value(v) for key, v in {**meta, **r, **k}.items()})
+    return len(profiled)
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -1654,8 +1663,10 @@ def run(args) -> list[dict]:
             write_markdown(args.md, rows, meta, modes)
             print(f"wrote {args.md}")
         if args.kernels:
-            write_kernels(args.kernels, ops, meta)
-            print(f"wrote {args.kernels}")
+            n = write_kernels(args.kernels, ops, meta)
+            print(f"wrote {args.kernels}: {n} profiles" if n else
+                  f"wrote {args.kernels}: its header only, no case ran on a kernel backend "
+                  f"({', '.join(KERNEL_BACKENDS)})")
         if args.plot:
             if write_plot(args.plot, rows, meta):
                 print(f"wrote {args.plot}")
@@ -1724,8 +1735,8 @@ def add_parser(sub) -> None:
     b.add_argument("--kernels", default=None, metavar="PATH",
                    help="also profile a forward + backward of each case on the kernel "
                         "backends (triton, cuda) after its timing (torch.profiler) and write, "
-                        "as CSV, the time per step of each kernel (on a CPU: of each op) and "
-                        "its share (default: none)")
+                        "as CSV, the device time per step of each kernel (on a CPU: the "
+                        "self time of each op) and its share of their total (default: none)")
     b.add_argument("--model", action="store_true",
                    help="count instead of time: launches forward/backward, bytes against the "
                         "floor and host syncs per layer and backend (runs on any machine; "
