@@ -94,18 +94,24 @@ __global__ void channel_stats_warp_kernel(const scalar_t* __restrict__ x, const 
   }
 }
 
+// Threads of a channel_stats_lane_kernel block: 512, not 256. A block takes a sample's
+// channels (all of them at C <= 32 V), so at N = 128 there was one block of 8 warps an SM,
+// each thread with one 16-byte load in flight: far from the memory's bandwidth (1024
+// threads, 64 registers each, spilled).
+constexpr int kLaneThreads = 512;
+
 // Channels per thread in channel_stats_lane_kernel: V = 16 / sizeof(scalar_t) (one 16-byte
 // load per position) when the channels are dense and every vector is aligned (`vec`), else 1.
 template <typename scalar_t>
-__global__ void channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s,
+__global__ void __launch_bounds__(kLaneThreads, 1) channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s,
                                           const int64_t N, const int64_t C, const int64_t H,
                                           const int64_t W, const bool vec,
                                           const bool* __restrict__ applied,
                                           float* __restrict__ amax,
                                           float* __restrict__ mean) {
   constexpr int V = 16 / sizeof(scalar_t);
-  __shared__ float smax[kThreads];
-  __shared__ double ssum[kThreads];
+  __shared__ float smax[kLaneThreads];
+  __shared__ double ssum[kLaneThreads];
   const int G = vec ? V : 1;
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const int tid = ty * bx + tx;
@@ -270,11 +276,11 @@ void launch_channel_stats(const at::TensorBase& x, const at::TensorBase& applied
       const bool vec = s.c == 1 && C % V == 0 && s.h == W * s.w && s.w % V == 0 &&
                        s.n % V == 0 && aligned16(x);
       // Threads along the channels: as many as the channel groups (a power of 2, <= 32),
-      // the rest of the block's 256 threads split the positions.
+      // the rest of the block's kLaneThreads split the positions.
       const int64_t groups = ceil_div(C, vec ? V : 1);
       int bx = 1;
       while (bx < 32 && bx < groups) bx *= 2;
-      const dim3 block(bx, kThreads / bx);
+      const dim3 block(bx, kLaneThreads / bx);
       channel_stats_lane_kernel<scalar_t>
           <<<grid_for(N * ceil_div(groups, bx), 1), block, 0, current_stream()>>>(
               x.data_ptr<scalar_t>(), s, N, C, H, W, vec, on, amax.data_ptr<float>(),
