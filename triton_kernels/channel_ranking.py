@@ -93,7 +93,9 @@ def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
     """(ROWS, BLOCK) of a (maps x positions) tile: channels_last puts more maps per tile.
     length: the positions a row reads (a contiguous map's SPAN)."""
     if walk_channels_last(x):
-        r = min(pow2(x.shape[1]), 64, pow2(rows))
+        # at most 32 maps: with 64, a (128, 64, 56, 56) x took 128 programs, one a sample,
+        # too few loads in flight for a GPU's memory
+        r = min(pow2(x.shape[1]), 32, pow2(rows))
         return r, max(1, min(TILE // r, pow2(length)))
     block = min(pow2(length), max(TILE // 2, 1))
     return max(1, min(TILE // block, pow2(rows))), block
