@@ -8,12 +8,14 @@ channels_last, with its kernels recorded, not run: Triton's by a stand-in for
 emulator's record mode (tests/cuda_emu: ``emu_record``, each launch's source line, grid and
 block). Seconds, although x has 25.7M elements: nothing is computed.
 
-The bound, MIN_WARPS = 1024 warps (about 8 per SM of an H200's 132), is what keeps
+The bound, MIN_WARPS = 2048 warps (about 16 per SM of an H200's 132), is what keeps
 enough 16-byte loads in flight to cover DRAM latency at that chip's bandwidth (about 3.4 MB:
-4.8 TB/s x 0.7 µs). A grid of one program per sample does not: 128 programs of 4 warps
-(Triton's CAM before MAP_SPLIT) left most of the chip idle. This checks the grid only:
-a kernel whose threads idle inside a full grid (the CUDA CAM before its warps took the
-channels: 25 of 256 threads a block at 14 x 14) passes it.
+4.8 TB/s x 0.7 µs, some three loads a thread). A grid of one program per sample does not:
+128 programs of 4 warps (Triton's CAM before MAP_SPLIT) left most of the chip idle. This
+checks the grid only: a kernel whose threads idle inside a full grid (the CUDA CAM before
+its warps took the channels: 25 of 256 threads a block at 14 x 14) passes it. Kernels known
+to miss it are listed in BELOW_MIN with the reason; the test fails when one of them no
+longer misses it, so that the entry cannot outlive its fix.
 
 Not held to it: kernels over per-sample or per-map state (plans, scales, candidates), and
 the seeds of DropBlock's shared mask (one map per sample: N * H * W units, not x's).
@@ -32,7 +34,14 @@ from testing import emulated
 
 from guidedrop import dispatch, sass
 
-MIN_WARPS = 1024
+MIN_WARPS = 2048
+# Triton kernels under MIN_WARPS at the goal shapes, and why.
+BELOW_MIN = {
+    "_pooled_correlation_kernel": "one program of 8 warps a sample (1024 warps at N = 128): "
+                                  "the Gram phase needs the sample's pooled rows in one "
+                                  "program; larger pooling tiles spilled (bf16 7 x 7 to "
+                                  "28 x 28). The CUDA kernel takes 32 warps a sample",
+}
 SHAPES = [(128, 64, 56, 56), (128, 256, 28, 28), (128, 1024, 14, 14)]
 DTYPES = (torch.bfloat16, torch.float32)
 # Triton: the kernels over x or x's units (sass.TRITON_STREAMING); CUDA: their sources'
@@ -97,7 +106,11 @@ def test_triton_grids_fill_the_gpu(monkeypatch):
     assert {k for k, _, _ in rows} == TRITON_KERNELS - {"_apply_seeds_rows_kernel",
                                                         "_apply_attention_kernel"}, \
         "a streaming kernel was never launched here (or a new one is not listed)"
-    assert not _short(rows), "\n".join(_short(rows))
+    short = _short(r for r in rows if r[0] not in BELOW_MIN)
+    assert not short, "\n".join(short)
+    for kernel, why in BELOW_MIN.items():
+        assert _short(r for r in rows if r[0] == kernel), \
+            f"{kernel} now launches {MIN_WARPS} warps or more: remove it from BELOW_MIN ({why})"
 
 
 @emulated
