@@ -27,13 +27,16 @@
 #                 the on-disk caches: one after another, torch.compile's 56 cases do not
 #                 fit (2026-12-04, run 2: no torch.compile cell in 91 s). torch.compile
 #                 is timed last: past the budget its cells say "not measured".
-#                 After each case's timing, a profile of one forward + backward
-#                 (torch.profiler): each kernel's device time per step, and its share
-#                 (where a layer's time goes; no GPU run had shown it).
-#                 -> $OUT/bench.{csv,md,png,txt}, $OUT/kernels.csv               (300 s)
-#   4. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
+#                 -> $OUT/bench.{csv,md,png,txt}                                 (300 s)
+#   4. kernels    python -m guidedrop bench --dry-run --backends cuda,triton --kernels:
+#                 every case checked, not timed, then one forward + backward profiled
+#                 (torch.profiler): each kernel's device time per step and its share
+#                 (where a layer's time goes; no GPU run had shown it); a bench of its
+#                 own, so that a profiler failure costs this file only
+#                 -> $OUT/kernels.csv                                             (90 s)
+#   5. sanitizer  compute-sanitizer --tool memcheck on a small subset: the 8 layers
 #                 through the CUDA backend (test_layer_matches_reference; 15 s)      (60 s)
-#   5. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
+#   6. tests      the GPU tests only, 16 pytest-xdist workers: the files that run CUDA
 #                 tensors when a GPU is visible (test_backends, test_cuda_ops,
 #                 test_plans_cuda, test_launches) and the gpu-marked tests of
 #                 test_training, `-m "not slow and not emulated"`; not the
@@ -48,7 +51,7 @@
 #                 stops as after Ctrl-C: the failures so far are printed, the finished
 #                 tests' results and times are in $OUT/tests.xml, and a test running over
 #                 60 s has its traceback dumped (faulthandler)                 (the rest)
-#   6. show       (not by default) python -m guidedrop show -> $OUT/masks.png
+#   7. show       (not by default) python -m guidedrop show -> $OUT/masks.png
 #
 # Then the step times, and LAST the bench's table (rich, the bench's own table code).
 #
@@ -66,12 +69,13 @@
 # python/guidedrop with triton_kernels/ linked in (what setup.py's package_dir does).
 #
 # Environment:
-#   GPU_CHECK_STEPS    steps to run, default "env build bench sanitizer tests" (they run in
+#   GPU_CHECK_STEPS    steps to run, default "env build bench kernels sanitizer tests" (in
 #                      that order; "build" is needed once per machine: the .so stays in
 #                      python/guidedrop/)
 #   GPU_CHECK_SECONDS  the whole run's target, default 450 (the tests get what is left)
 #   T_BENCH            the bench's --budget in seconds, default 240 (its bound: 60 more)
-#   T_TESTS, T_SANITIZER  those steps' bounds in seconds, default what is left and 60
+#   T_TESTS, T_KERNELS, T_SANITIZER  those steps' bounds in seconds, default what is
+#                      left, 90 and 60
 #   BENCH_ARGS         extra arguments for the bench, e.g. "--layers dropblock"
 #   PYTHON             default python3 (the GPU machine's has torch), else python
 #   TORCH_CUDA_ARCH_LIST  default 9.0 (H100 / H200); MAX_JOBS default 16
@@ -101,10 +105,11 @@ for arg in "$@"; do
     *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]"; exit 2 ;;
   esac
 done
-STEPS=" ${GPU_CHECK_STEPS:-env build bench sanitizer tests} "
+STEPS=" ${GPU_CHECK_STEPS:-env build bench kernels sanitizer tests} "
 TOTAL=${GPU_CHECK_SECONDS:-450}
 # Each step's time bound, in seconds (the tests' is what is left of TOTAL, unless given).
-T_ENV=30 T_BUILD=200 T_BENCH=${T_BENCH:-240} T_SANITIZER=${T_SANITIZER:-60} T_SHOW=60
+T_ENV=30 T_BUILD=200 T_BENCH=${T_BENCH:-240} T_KERNELS=${T_KERNELS:-90}
+T_SANITIZER=${T_SANITIZER:-60} T_SHOW=60
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -130,9 +135,15 @@ SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
 # shape on the CPU in the dry run.
 BENCH=(-m guidedrop bench --mode full --graph --backends all --csv "$OUT/bench.csv"
   --md "$OUT/bench.md" --plot "$OUT/bench.png" --table "$OUT/bench.txt"
-  --kernels "$OUT/kernels.csv" --compile-workers 16 --budget "$T_BENCH")
+  --compile-workers 16 --budget "$T_BENCH")
+# The kernels' profile: a bench of its own (checked, not timed) after the timed one, so that
+# a profiler that fails or crashes costs its file only, not the bench's tables.
+KERNELS=(-m guidedrop bench --dry-run --mode full --backends cuda,triton
+  --kernels "$OUT/kernels.csv")
 if ((DRY_RUN)); then  # 2 warm-up workers: the path runs, on CI's 2 cores
   BENCH+=(--dry-run --device cpu --shapes tiny --dtype fp32 --compile-workers 2)
+  KERNELS=(-m guidedrop bench --dry-run --mode full --backends triton --device cpu
+    --shapes tiny --dtype fp32 --kernels "$OUT/kernels.csv")
 fi
 COLLECT=()
 if ((DRY_RUN)); then COLLECT=(--collect-only); fi
@@ -224,6 +235,10 @@ if want bench; then
   # has; its bound adds time for that and for its start (imports, the copy bandwidth).
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
   run bench $((T_BENCH + 60)) "$PY" "${BENCH[@]}" ${BENCH_ARGS:-}
+fi
+
+if want kernels; then
+  run kernels "$T_KERNELS" "$PY" "${KERNELS[@]}"
 fi
 
 if want sanitizer; then
