@@ -103,12 +103,11 @@ constexpr int kLaneThreads = 512;
 // Channels per thread in channel_stats_lane_kernel: V = 16 / sizeof(scalar_t) (one 16-byte
 // load per position) when the channels are dense and every vector is aligned (`vec`), else 1.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kLaneThreads, 1) channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                          const int64_t N, const int64_t C, const int64_t H,
-                                          const int64_t W, const bool vec,
-                                          const bool* __restrict__ applied,
-                                          float* __restrict__ amax,
-                                          float* __restrict__ mean) {
+__global__ void __launch_bounds__(kLaneThreads, 1)
+    channel_stats_lane_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int64_t N,
+                              const int64_t C, const int64_t H, const int64_t W, const bool vec,
+                              const bool* __restrict__ applied, float* __restrict__ amax,
+                              float* __restrict__ mean) {
   constexpr int V = 16 / sizeof(scalar_t);
   __shared__ float smax[kLaneThreads];
   __shared__ double ssum[kLaneThreads];
