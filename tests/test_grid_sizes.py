@@ -84,13 +84,10 @@ def test_triton_grids_fill_the_gpu(monkeypatch):
     def launch(kernel):
         name = kernel.fn.__name__
 
-        class Grid:
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    g = grid(kwargs) if callable(grid) else grid
-                    launched.append((name, math.prod(g) * kwargs.get("num_warps", 4)))
-                return run
-        return Grid()
+        def run(grid, *args, **kwargs):
+            g = grid(kwargs) if callable(grid) else grid
+            launched.append((name, math.prod(g) * kwargs.get("num_warps", 4)))
+        return TC._Grid(run)
 
     for m in TC._kernel_modules(mod):
         monkeypatch.setattr(m, "launch", launch)

@@ -232,26 +232,25 @@ def _print_table(out):
 
 
 def _record(kernel, specs, cases, current):
+    import test_triton_compile as TC
+
     fn = kernel.fn
 
-    class Grid:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                if fn.__name__ not in TRITON_KERNELS:
-                    return
-                layout = "channels_last" if kwargs.get("CL") or any(
-                    isinstance(a, torch.Tensor) and a.dim() == 4
-                    and a.is_contiguous(memory_format=torch.channels_last)
-                    and not a.is_contiguous() for a in args) else "contiguous"
-                spec = {"module": fn.__module__, "kernel": fn.__name__,
-                        "args": [sass.describe(a) for a in args], "kwargs": kwargs}
-                key = sass.spec_key(spec)
-                specs.setdefault(key, spec)
-                case = (f"{current[0]} {layout}", current[1])
-                if case not in cases.setdefault(key, []):
-                    cases[key].append(case)
-            return run
-    return Grid()
+    def run(grid, *args, **kwargs):
+        if fn.__name__ not in TRITON_KERNELS:
+            return
+        layout = "channels_last" if kwargs.get("CL") or any(
+            isinstance(a, torch.Tensor) and a.dim() == 4
+            and a.is_contiguous(memory_format=torch.channels_last)
+            and not a.is_contiguous() for a in args) else "contiguous"
+        spec = {"module": fn.__module__, "kernel": fn.__name__,
+                "args": [sass.describe(a) for a in args], "kwargs": kwargs}
+        key = sass.spec_key(spec)
+        specs.setdefault(key, spec)
+        case = (f"{current[0]} {layout}", current[1])
+        if case not in cases.setdefault(key, []):
+            cases[key].append(case)
+    return TC._Grid(run)
 
 
 def _check(rows, kind):

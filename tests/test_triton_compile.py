@@ -13,6 +13,7 @@ whole pipeline, ptxas included, in a child process without TRITON_INTERPRET
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ class _Recorder:
     def __call__(self, kernel):
         fn = kernel.fn  # the Python function, interpreted or not
 
-        def run(*args, **kwargs):
+        def run(grid, *args, **kwargs):
             spec = {"module": fn.__module__, "kernel": fn.__name__,
                     "args": [sass.describe(a) for a in args], "kwargs": kwargs}
             # launches that differ only in values Triton does not specialise on compile to
@@ -57,11 +58,13 @@ class _Recorder:
 
 
 class _Grid:
+    """``launch(kernel)[grid](*args, **kwargs)`` calls ``run(grid, *args, **kwargs)``."""
+
     def __init__(self, run):
         self.run = run
 
     def __getitem__(self, grid):
-        return self.run
+        return functools.partial(self.run, grid)
 
 
 def _kernel_modules(mod):

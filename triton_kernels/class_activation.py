@@ -153,7 +153,7 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
     if walk_channels_last(x):
         bc = min(pow2(c), 64)
         bp = max(1, min(TILE // bc, pow2(length)))
-    else:  # shift: columns for every shift of a row start; BC a multiple of A
+    else:  # NCHW; with shift, columns for every shift of a row start, BC a multiple of A
         full = pow2(length + a - 1) if shift else pow2(length)
         bp = min(full, TILE // a if shift else max(1, TILE // 4),
                  max(full // MAP_SPLIT, 64, TILE // pow2(c)))
