@@ -252,6 +252,27 @@ def test_module_eval_identity(cls):
     assert m(x) is x       # CamDrop needs no cam_targets in eval mode
 
 
+@pytest.mark.parametrize("cls", list(MODULES))
+@pytest.mark.parametrize("training", [False, True])
+def test_module_checks_x_where_it_returns_x(cls, training):
+    """A bad x is an error in eval mode too, and whatever FocusedDropout's participation
+    draw: FocusedDropout and CamDrop returned x unchecked (a 3-D, an integer, a list)."""
+    m = cls(participation=0.0) if cls is guidedrop.FocusedDropout else cls()
+    m.train(training)
+    with pytest.raises(ValueError, match="4-D"):
+        m(_x((8, 9, 9)))
+    with pytest.raises(TypeError, match="floating"):
+        m(torch.zeros(2, 8, 9, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m([[1.0]])
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_generator_of_another_type(name):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        call(name, generator=123)
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="p"):
         guidedrop.CorrDrop(p=1.5)

@@ -90,6 +90,12 @@ def feature_map(x) -> None:
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
 
 
+def generator(g) -> None:
+    """g: None or a torch.Generator (torch's own error for another type names no argument)."""
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
+
+
 def noise(u, shape: tuple[int, ...], x: torch.Tensor) -> None:
     """u: None or a float tensor of uniforms of exactly ``shape`` on x's device."""
     if u is None:

@@ -18,7 +18,8 @@ Errors, in eval mode too, each naming the argument: TypeError for a bool or tens
 non-integral block size, a mode or normalize that is not a str, x or noise not a floating
 tensor; ValueError for a rate outside its range, an unknown mode or normalize, x not 4-D,
 noise of another shape or device, and a GUIDEDROP_BACKEND naming no backend (RuntimeError
-where the backend it names cannot run the input).
+where the backend it names cannot run the input). A ``generator`` that is not a
+torch.Generator is a TypeError where the op runs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def fx_leaf(op):
 
 
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    V.generator(kwargs["generator"])
     backend = dispatch.backend_for(x)
     # Statistics in float32 also under torch.autocast (SPEC §1), which would run the
     # reference's matmuls (pooled correlation, CAM) in bfloat16 / float16.

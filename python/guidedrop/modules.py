@@ -96,6 +96,9 @@ class GuidedDropout(nn.Module):
             # this module, so train()/eval() and the rates keep working on it.
             tracer = x.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+        # Here, not only in the functional ops: FocusedDropout (eval, or a step it does not
+        # take part in) and CamDrop (eval, keep = 1) return x before calling one.
+        V.feature_map(x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
