@@ -93,7 +93,8 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
-  at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
+  // â in float64 (launchers.h), k^2 times smaller than x
+  at::Tensor pooled = at::empty({N, Hp * Wp, C}, x.options().dtype(at::kDouble));
   at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
   at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
@@ -343,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   const int norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
-  at::Tensor pooled = at::empty({N, Hp * Wp, C}, f32(x));  // k^2 times smaller than x
+  // â in float64 (launchers.h), k^2 times smaller than x
+  at::Tensor pooled = at::empty({N, Hp * Wp, C}, x.options().dtype(at::kDouble));
   at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
   at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));

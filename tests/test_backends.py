@@ -26,6 +26,7 @@ from testing import (
     assert_same,
     make_x,
     nonfinite_beside_zero_rows,
+    permuted_rows,
     radix_maps16,
     radix_rows,
     slow_without_gpu,
@@ -438,6 +439,30 @@ def test_statistics_unaligned_maps(B, shape, dtype, monkeypatch):
 @pytest.mark.parametrize("k", [2, 3])
 def test_pooled_correlation(B, x, k):
     close(B.pooled_correlation(x, k), R.pooled_correlation(x, k), scale=10)
+
+
+def test_pooled_correlation_permuted_rows(B):
+    """Rows of the same values in another channel order: F exactly equal, and equal to the
+    reference's (float64 normalisation and dot products, each rounded to the 2^-32 grid)."""
+    for c in (3, 4, 5, 8, 13, 40):
+        for seed in range(5):
+            x = permuted_rows(torch.rand(c, generator=gen(seed)), DEV)
+            f = B.pooled_correlation(x, 1)
+            assert (f == f.flatten()[0]).all(), (c, seed, f)
+            assert_same(f, R.pooled_correlation(x, 1), f"c={c} seed={seed}")
+
+
+def test_corrdrop_permuted_rows(backend_name, monkeypatch):
+    """The attack's case: equal F give kappa = 0 everywhere, so every position drops at
+    p_hat = 0.3 and a u1 of 0.65 keeps it; 1-ulp different F gave kappa 0 or 1, one kept
+    position and p_hat = 0.4, so u1 = 0.65 dropped the three others."""
+    x = permuted_rows(torch.tensor([0.2320304811, 0.4074228108, 0.7340787053, 0.5900934339]), DEV)
+    noise = torch.full((2, 1, 1, 4), 0.5, device=DEV)
+    noise[1] = 0.65
+    y = F.corrdrop(x, 0.3, 1, normalize="none", noise=noise)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    assert_same(y, F.corrdrop(x, 0.3, 1, normalize="none", noise=noise), backend_name)
+    assert (y == x).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -38,6 +38,7 @@ from testing import (
     emulated,
     make_x,
     nonfinite_beside_zero_rows,
+    permuted_rows,
     radix_maps16,
     radix_rows,
 )
@@ -512,6 +513,18 @@ def test_emulated_pooled_correlation_constant_inputs(E):
             torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5)
         z = E.pooled_correlation(torch.zeros(shape), k)
         assert (z == 1 / z[0].numel()).all(), shape
+
+
+def test_emulated_pooled_correlation_permuted_rows(E):
+    """Rows of the same values in another channel order: F exactly equal, and equal to the
+    reference's (test_backends.test_pooled_correlation_permuted_rows)."""
+    gen = torch.Generator().manual_seed(0)
+    for c in (4, 5, 8, 13, 40):
+        for _ in range(5):
+            x = permuted_rows(torch.rand(c, generator=gen))
+            f = E.pooled_correlation(x, 1)
+            assert (f == f.flatten()[0]).all(), (c, f)
+            assert_same(f, R.pooled_correlation(x, 1), f"c={c}")
 
 
 def test_emulated_pooled_correlation_vector_and_scalar_paths(E):

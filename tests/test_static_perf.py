@@ -65,12 +65,10 @@ CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 # t or x 2 bytes past a 4-byte boundary, not read as words, not counted: 15.8).
 # _pooled_correlation_kernel (both backends) is counted on its pooling loop, which streams
 # x (Triton bf16 4.3-15.4, float32 4.6-14.9, 16-byte loads); its Gram phase is the (N', N')
-# product of the k²-times smaller pooled rows, about 21 multiply-adds per element of x at
-# k = 3 on 56 x 56 (N' = 361, upper triangle only): about 71 SASS per element of x there in
-# Triton (150 when each product took the two difference sums, as the CUDA kernel's still
-# do, and as a Triton tile still does where one of its pairs is within a float32 dot's
-# error of P = 1), 3-3.5 at k = 5 and 7. That is the layer's arithmetic, not x's bytes; no
-# budget here covers it.
+# float64 product of the k²-times smaller pooled rows (float64 since 2026-12-04: SPEC §1's
+# equal F), about 21 multiply-adds per element of x at k = 3 on 56 x 56 (N' = 361, upper
+# triangle only; with float32 sums, about 71 Triton SASS per element of x there), a few at
+# k = 5 and 7. That is the layer's arithmetic, not x's bytes; no budget here covers it.
 OVER_BUDGET = {
     ("triton", "_select_kernel"): "radix select, every pass counted (unrolled, no loop), "
                                   "bf16 keys in 2 passes of 8 bits or 4 of 4 (KEY_BITS), "

@@ -168,6 +168,16 @@ def radix_maps16(hw: tuple[int, int], dtype: torch.dtype, device: str | torch.de
     return torch.stack(maps).reshape(1, len(maps), h, w).to(device)
 
 
+def permuted_rows(v: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """x (1, c, 1, c) float32 for v (c,) whose pooled rows at k = 1 (position i = v rolled
+    by i) hold the same values in c channel orders: every F_i is mathematically equal, so
+    exactly equal (SPEC §1). A float32 Gram (sums in channel order) gave 1-ulp different F
+    for 13 of 30 such x, which turned CorrDrop's kappa from 0 into 0 or 1."""
+    c = v.numel()
+    rows = torch.stack([torch.roll(v, i) for i in range(c)])  # (positions, channels)
+    return rows.T.reshape(1, c, 1, c).float().contiguous().to(device)
+
+
 def nonfinite_beside_zero_rows(dtype: torch.dtype, device: str | torch.device = "cpu",
                                channels_last: bool = False) -> list:
     """(x, k) for CorrDrop's pooled correlation where a NaN or an Inf shares a sample with

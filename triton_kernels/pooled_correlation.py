@@ -4,14 +4,18 @@ F[n, i] = (1/N') sum_j |â_i · â_j − δ_ij|, â_i the L2-normalised channel 
 position i (k x k average pooling, ceil mode: a window cut by the border averages its
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
-- â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant);
-- P_ij = |â_i · â_j|, summed over the channels in one fixed order of fmas whatever the
-  tile position of (i, j) (``_gram``; an outer-product loop, not tl.dot, whose order is
-  the hardware's): the same for (j, i); within a float32 dot's error of 1, from the
-  differences, 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (``_terms``): exactly 1 for equal,
-  opposite and parallel rows (0 with a zero row);
+- â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant), in
+  float64 as the reference;
+- P_ij = |â_i · â_j| in float64, summed over the channels in one fixed order of fmas
+  whatever the tile position of (i, j) (``_gram``; an outer-product loop, not tl.dot,
+  whose order is the hardware's): the same for (j, i);
 - each term is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
-  independent of the order of the terms;
+  independent of the order of the terms. The float64 errors (about C ulp of 1) are far
+  below that grid, so P is 1 exactly for equal, opposite and parallel rows (0 with a zero
+  row), rows of the same values in another channel order get the same terms, and F is
+  the reference's, but where a value lies within that error of a rounding boundary of
+  the grid (a float32 Gram's errors, about C ulp of float32, were not: such rows' F
+  differed in the last bit, and CorrDrop's kappa by up to 1);
 - a NaN or an Inf in a pooled row makes every F of the sample NaN (the zero rows' too).
 k is clamped to max(H, W) first (a block >= the map is one window).
 
@@ -25,16 +29,13 @@ what the program's other threads wrote in the one before, after a block-wide bar
    layouts (``_pool_positions``) BP pooled positions at a time, a (channels x positions x
    window-columns) tile, contiguous along c for channels_last. Both write the pooled
    values transposed, aT (N, C, N') float32 (x.numel() / k² values: small, L2-resident for
-   the usual k = 7), and per position the max |a| and the norm of a / max|a| (a running
-   rescaled sum of squares over the channel chunks);
+   the usual k = 7), and per position the max |a|;
 2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
-   into hat (N, N', C rounded up to 4 G) float32, each row zero-padded;
+   into hat (N, N', C rounded up to 4 G) float64, each row zero-padded;
 3. correlation (``_corr_block``), BM rows at a time: the tiles (i, j) with j from the
    block's own on (the upper triangle of tiles: P is symmetric bit for bit), each over
-   the channels 4 G at a time (``_gram``: G groups of 16 bytes of each row, one fma per
-   product and channel; in a 64 x 64 tile, G = 1, of 256 threads ptxas loads 4 bytes a
-   thread and shares them through shared memory; a second pass of differences for a tile
-   with a pair near 1); each tile's rounded P is added to the sums of its rows and of its
+   the channels 4 G at a time (``_gram``: G groups of 32 bytes of each row, one fma per
+   product and channel); each tile's rounded P is added to the sums of its rows and of its
    columns in cs (N, N') int64 (atomics: integers, so in any order), from which a last
    pass takes F. At N' = 361 (k = 3 at 56 x 56) 21 of the 36 tiles of 64 x 64; at N' = 9
    (14 x 14, k = 5) one tile of 16 x 16 in 8 channel groups.
@@ -61,9 +62,9 @@ MAX_BAND = 4096
 
 
 @triton.jit
-def _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
+def _pool_positions(x_ptr, at_ptr, s_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
                     sN, sC, sH, sW, BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr):
-    """Pools positions i (BP,) of sample n: aT, max |a| and ‖a / max|a|‖."""
+    """Pools positions i (BP,) of sample n: aT and max |a|."""
     iv = i < NP
     dx = tl.arange(0, KP)
     xb = x_ptr + n * sN
@@ -73,7 +74,6 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, 
     ncols = tl.minimum(W - w0, k)
     cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
     smax = tl.zeros([BP], tl.float32)  # max |a| over the channels so far
-    ssq = tl.zeros([BP], tl.float32)  # sum of (a / smax)^2 so far
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
@@ -88,14 +88,12 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, 
                 off = (cc * sC)[:, None, None] + pos[None, :, :]
                 v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
                 acc += tl.sum(v.to(tl.float32), axis=2)
-        smax, ssq = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax,
-                                  ssq)
+        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
-    tl.store(nb_ptr + n * NP + i, tl.sqrt_rn(ssq), mask=iv)
 
 
 @triton.jit
-def _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPAN,
+def _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPAN,
                BC: tl.constexpr, RB: tl.constexpr, RW: tl.constexpr, WPAD: tl.constexpr,
                WPP: tl.constexpr, KP: tl.constexpr, A: tl.constexpr, ALIGNED: tl.constexpr,
                IDX64: tl.constexpr):
@@ -126,7 +124,6 @@ def _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TO
     ncols = tl.minimum(W - tl.arange(0, WPP) * k, k)
     cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
     smax = tl.zeros([WPP], tl.float32)  # max |a| over the channels so far
-    ssq = tl.zeros([WPP], tl.float32)  # sum of (a / smax)^2 so far
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
@@ -153,69 +150,64 @@ def _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TO
         cols = tl.gather(colsum, tl.broadcast_to(idx2[None, :], (BC, WPP * KP)), axis=1)
         cols = tl.where(in2[None, :], cols, 0.0)
         acc = tl.sum(tl.reshape(cols, (BC, WPP, KP)), axis=2)
-        smax, ssq = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax,
-                                  ssq)
+        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
-    tl.store(nb_ptr + n * NP + i, tl.sqrt_rn(ssq), mask=iv)
 
 
 @triton.jit
-def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax, ssq):
-    """Stores the pooled avg (channels cc x positions i) to aT; returns max |a| and the sum
-    of (a / max|a|)^2 of positions i over the channels so far, these included."""
+def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax):
+    """Stores the pooled avg (channels cc x positions i) to aT; returns max |a| of positions
+    i over the channels so far, these included: Inf for a row with an Inf or a NaN (tl.max
+    drops NaNs), whose F are then NaN (``_normalise``: Inf / Inf, NaN / Inf)."""
     tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
              mask=cv[:, None] & iv[None, :])
-    cmax = tl.max(tl.where(cv[:, None], tl.abs(avg), 0.0), axis=0)
-    new = tl.maximum(smax, cmax, propagate_nan=tl.PropagateNan.ALL)
-    pos = new > 0
-    den = tl.where(pos, new, 1.0)
-    r = tl.math.div_rn(smax, den)
-    b = tl.math.div_rn(avg, den[None, :])
-    ssq = ssq * r * r + tl.sum(tl.where(cv[:, None], b * b, 0.0), axis=0)
-    return new, ssq
+    m = tl.abs(avg)
+    cmax = tl.max(tl.where(cv[:, None], tl.where(m == m, m, float("inf")), 0.0), axis=0)
+    return tl.maximum(smax, cmax)
 
 
 @triton.jit
-def _unit(a, s, nb):
-    """â = (a / s) / nb, 0 for a zero row (s = 0)."""
-    return tl.where(s == 0, 0.0, tl.math.div_rn(tl.math.div_rn(a, s), nb))
+def _scaled(at_ptr, n, C, cc, cv, i, iv, NP, s):
+    """b = a / max|a| in float64 (channels cc x positions i, transposed: (BP, BC)), 0 in
+    the channels past C and in a zero row (s = 0)."""
+    a = tl.load(at_ptr + (n * C + cc)[None, :] * NP + i[:, None],
+                mask=iv[:, None] & cv[None, :], other=0.0).to(tl.float64)
+    return a / tl.where(s == 0, 1.0, s)[:, None]  # float64: IEEE division and square root
 
 
 @triton.jit
-def _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, BP: tl.constexpr,
+def _normalise(at_ptr, s_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, BP: tl.constexpr,
                BC: tl.constexpr):
-    """Writes the unit rows of sample n, hat[n, i, c] = â_i[c] (N, N', 4 CQ) float32, zero
-    in the channels C ... 4 CQ - 1 that pad a row to whole steps of ``_gram``, from aT
-    (N, C, N'): each â divided once here, not once per tile of the Gram loop that reads
-    it; and zeroes the row sums cs[n] (``_corr_block``). Returns the number of rows whose
-    norm is NaN (a NaN or an Inf in the pooled row: ``_nan_rows``)."""
-    CP = CQ * 4  # a multiple of 4 the compiler sees: rows of hat start on 16 bytes
+    """Writes the unit rows of sample n, hat[n, i, c] = â_i[c] = b_i[c] / ‖b_i‖, b = a /
+    max|a| (N, N', 4 CQ) float64 as in the reference (0 for a zero row, and in the
+    channels C ... 4 CQ - 1 that pad a row to whole steps of ``_gram``), from aT (N, C,
+    N'): each â divided once here, not once per tile of the Gram loop that reads it; and
+    zeroes the row sums cs[n] (``_corr_block``). ‖b‖² sums the squares in float64, so
+    rows that hold the same values in another channel order get the same norm but for a
+    float64 rounding (SPEC §1). Returns the number of rows whose norm is NaN: a NaN or an
+    Inf (Inf / Inf) in the pooled row, which makes every F of the sample NaN, as in the
+    reference, whose Gram product gives 0 · NaN = NaN also in the zero rows."""
+    CP = CQ * 4  # a multiple of 4 the compiler sees: rows of hat start on 32 bytes
     bad = 0
     for p0 in range(0, NP, BP):
         i = p0 + tl.arange(0, BP)
         iv = i < NP
-        s = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0)
-        nb = tl.load(nb_ptr + n * NP + i, mask=iv, other=1.0)
-        bad += _nan_rows(nb)
+        s = tl.load(s_ptr + n * NP + i, mask=iv, other=1.0).to(tl.float64)
         tl.store(cs_ptr + n * NP + i, tl.zeros([BP], tl.int64), mask=iv)
+        ssq = tl.zeros([BP], tl.float64)
+        for c0 in range(0, C, BC):
+            cc = c0 + tl.arange(0, BC)
+            b = _scaled(at_ptr, n, C, cc, cc < C, i, iv, NP, s)
+            ssq += tl.sum(b * b, axis=1)
+        norm = tl.sqrt(ssq)
+        bad += tl.sum((norm != norm).to(tl.int32))
+        norm = tl.where(ssq == 0, 1.0, norm)  # a zero row: b = 0
         for c0 in range(0, CP, BC):
             cc = c0 + tl.arange(0, BC)
-            cv = cc < C
-            a = tl.load(at_ptr + (n * C + cc)[None, :] * NP + i[:, None],
-                        mask=iv[:, None] & cv[None, :], other=0.0)
-            h = tl.where(cv[None, :], _unit(a, s[:, None], nb[:, None]), 0.0)
+            h = _scaled(at_ptr, n, C, cc, cc < C, i, iv, NP, s) / norm[:, None]
             tl.store(hat_ptr + (n * NP + i)[:, None] * CP + cc[None, :], h,
                      mask=iv[:, None] & (cc < CP)[None, :])
     return bad
-
-
-@triton.jit
-def _nan_rows(nb):
-    """How many of the norms ‖a / max|a|‖ ``nb`` are NaN: a row with a NaN or an Inf
-    (Inf / Inf), never a zero row (its max is taken as 1). Such a row makes every F of its
-    sample NaN, as in the reference, whose Gram product gives 0 · NaN = NaN also in the
-    zero rows."""
-    return tl.sum((nb != nb).to(tl.int32))
 
 
 @triton.jit
@@ -229,7 +221,7 @@ def _channels(t):
 
 @triton.jit
 def _rows(hat_ptr, row, rv, c0, CP, G: tl.constexpr):
-    """hat[row, c0 + 4 g + t] (len(row), G, 4): channel group g's 16 bytes of each row."""
+    """hat[row, c0 + 4 g + t] (len(row), G, 4): channel group g's 32 bytes of each row."""
     g = tl.arange(0, G)[None, :, None]
     t = tl.arange(0, 4)[None, None, :]
     return tl.load(hat_ptr + (row * CP)[:, None, None] + c0 + 4 * g + t,
@@ -237,68 +229,49 @@ def _rows(hat_ptr, row, rv, c0, CP, G: tl.constexpr):
 
 
 @triton.jit
-def _add_channel(acc, acc2, ai, aj, DIFF: tl.constexpr):
-    """One channel of the (i, j) tile's sums (``_gram``), ai (BI, G), aj (BJ, G)."""
-    a = ai[:, None, :]
-    b = aj[None, :, :]
-    if DIFF:
-        return tl.fma(a - b, a - b, acc), tl.fma(a + b, a + b, acc2)
-    return tl.fma(a, b, acc), acc2
+def _add_channel(acc, ai, aj):
+    """One channel of the (i, j) tile's dots (``_gram``), ai (BI, G), aj (BJ, G)."""
+    return tl.fma(ai[:, None, :], aj[None, :, :], acc)
 
 
 @triton.jit
-def _gram(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr, DIFF: tl.constexpr):
-    """Over the (i, j) tile, rows of hat_ptr: g_ij = â_i · â_j, or with DIFF
-    min(‖â_i − â_j‖², ‖â_i + â_j‖²). Channel c0 + 4 g + t goes to group g, whose sums run
-    in channel order from 0, one fma a product; then the G groups are added. Every (i, j)
-    of every tile is this one arithmetic in one layout, so the same for (j, i) (a·b = b·a,
-    (a − b)² = (b − a)²). The groups give the threads G times more products than a
-    (BM, BM) tile of a few rows has (N' = 9 at 14 x 14, k = 5: without them the threads
-    computed copies of its products, 1024 channels one after another)."""
+def _gram(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr):
+    """Over the (i, j) tile, rows of hat_ptr: g_ij = â_i · â_j in float64. Channel
+    c0 + 4 g + t goes to group g, whose sums run in channel order from 0, one fma a
+    product; then the G groups are added. Every (i, j) of every tile is this one
+    arithmetic in one layout, so the same for (j, i) (a·b = b·a). The groups give the
+    threads G times more products than a (BM, BM) tile of a few rows has (N' = 9 at
+    14 x 14, k = 5: without them the threads computed copies of its products, 1024
+    channels one after another)."""
     BI: tl.constexpr = i.shape[0]
     BJ: tl.constexpr = j.shape[0]
-    acc = tl.zeros([BI, BJ, G], tl.float32)
-    acc2 = tl.zeros([BI, BJ, G], tl.float32)
+    acc = tl.zeros([BI, BJ, G], tl.float64)
     for c0 in range(0, CP, 4 * G):
         i0, i1, i2, i3 = _channels(_rows(hat_ptr, i, iv, c0, CP, G))
         j0, j1, j2, j3 = _channels(_rows(hat_ptr, j, jv, c0, CP, G))
-        acc, acc2 = _add_channel(acc, acc2, i0, j0, DIFF)
-        acc, acc2 = _add_channel(acc, acc2, i1, j1, DIFF)
-        acc, acc2 = _add_channel(acc, acc2, i2, j2, DIFF)
-        acc, acc2 = _add_channel(acc, acc2, i3, j3, DIFF)
-    if DIFF:
-        return tl.minimum(tl.sum(acc, axis=2), tl.sum(acc2, axis=2))
+        acc = _add_channel(acc, i0, j0)
+        acc = _add_channel(acc, i1, j1)
+        acc = _add_channel(acc, i2, j2)
+        acc = _add_channel(acc, i3, j3)
     return tl.sum(acc, axis=2)
 
 
 @triton.jit
-def _terms(hat_ptr, i, iv, j, jv, CP, C, G: tl.constexpr):
-    """The (i, j) tile's P_ij = |â_i·â_j|, i != j, rounded to multiples of 2^-32 (int64).
-    From the dot g_ij (``_gram``), whose float32 error for unit rows is at most about
-    C ulp of 1: for |g_ij| within (C + 16) 2^-22 of 1, from the differences instead,
-    1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2, accurate near 1: exactly 1 for equal and
-    opposite rows, and for rows that are parallel but for the rounding of the pooling (a
-    window cut by the border, a rank-one map), as the float64 reference gives once rounded
-    to the grid; a dot gives 1 ± a few ulp there (SPEC §1: equal F exactly equal). The
-    tile computes those sums only where one of its pairs is that close to 1. 0 with a
-    zero row (g = 0). A NaN P_ij would come only from a NaN
-    row, whose sample does not get here; p == p keeps it from the int64 conversion all
-    the same."""
-    p = tl.abs(_gram(hat_ptr, i, iv, j, jv, CP, G, False))
-    # (C + 16) 2^-22 in float32 (C is an int argument, or the constant 1 where Triton
-    # specialises it)
-    near = p > 1.0 - (C + 16) * 2.384185791015625e-07
-    if tl.max(near.to(tl.int32)) > 0:
-        m = _gram(hat_ptr, i, iv, j, jv, CP, G, True)
-        p = tl.where(near, tl.abs(1.0 - 0.5 * m), tl.minimum(p, 1.0))
-    else:
-        p = tl.minimum(p, 1.0)
+def _terms(hat_ptr, i, iv, j, jv, CP, G: tl.constexpr):
+    """The (i, j) tile's P_ij = |â_i·â_j|, i != j, rounded to multiples of 2^-32 (int64),
+    as the reference: the float64 dot's error, about C ulp of 1, is far below the grid, so
+    equal, opposite and parallel rows give 1 exactly, and rows of the same values in
+    another channel order the same P, but where a value lies within that error of a
+    rounding boundary of the grid (SPEC §1: equal F exactly equal). 0 with a zero row
+    (g = 0). A NaN P_ij would come only from a NaN row, whose sample does not get here;
+    p == p keeps it from the int64 conversion all the same."""
+    p = tl.abs(_gram(hat_ptr, i, iv, j, jv, CP, G))
     term = iv[:, None] & jv[None, :] & (p == p) & (i[:, None] != j[None, :])
-    return (tl.where(term, p, 0.0).to(tl.float64) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
+    return (tl.where(term, p, 0.0) * QUANTUM_INV + 0.5).to(tl.int64)  # rounds
 
 
 @triton.jit
-def _corr_block(hat_ptr, cs_ptr, n, r0, CP, C, NP, BM: tl.constexpr, G: tl.constexpr):
+def _corr_block(hat_ptr, cs_ptr, n, r0, CP, NP, BM: tl.constexpr, G: tl.constexpr):
     """Rows i = r0 ... r0 + BM - 1 of sample n: the tiles (i, j) with j from r0 on (the
     upper triangle of tiles: P is symmetric bit for bit, each tile off the diagonal
     computed once for both of its blocks, SPEC §2), their P added to the row sums of rows
@@ -309,7 +282,7 @@ def _corr_block(hat_ptr, cs_ptr, n, r0, CP, C, NP, BM: tl.constexpr, G: tl.const
     for j0 in range(r0, NP, BM):
         j = j0 + tl.arange(0, BM)
         jv = j < NP
-        q = _terms(hat_ptr, i, iv, j, jv, CP, C, G)
+        q = _terms(hat_ptr, i, iv, j, jv, CP, G)
         rowsum += tl.sum(q, axis=1)
         if j0 != r0:  # (j, i): the later rows' sums
             tl.atomic_add(cs_ptr + n * NP + j, tl.sum(q, axis=0), mask=jv, sem="relaxed")
@@ -317,7 +290,7 @@ def _corr_block(hat_ptr, cs_ptr, n, r0, CP, C, NP, BM: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
+def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, hat_ptr, cs_ptr, f_ptr, C, CQ, H,
                                W, HP, WP, NP, k, KH, KW, sN, sC, sH, sW, L, TOTAL, SPAN,
                                BC: tl.constexpr, BP: tl.constexpr, KP: tl.constexpr,
                                BM: tl.constexpr, G: tl.constexpr, NBP: tl.constexpr,
@@ -330,28 +303,28 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_
         n = n.to(tl.int64)
     if FLAT:  # contiguous NCHW x: a window row at a time, 16-byte loads
         for r in range(0, HP):
-            _pool_band(x_ptr, at_ptr, s_ptr, nb_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL,
+            _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL,
                        SPAN, BC, RB, RW, WPAD, WPP, KP, A, ALIGNED, IDX64)
     else:
         for p0 in range(0, NP, BP):
             i = p0 + tl.arange(0, BP)
             if IDX64:
                 i = i.to(tl.int64)
-            _pool_positions(x_ptr, at_ptr, s_ptr, nb_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
+            _pool_positions(x_ptr, at_ptr, s_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
                             sN, sC, sH, sW, BC, BP, KP)
     # Each phase reads what the other threads of this program wrote in the one before: a
     # block-wide barrier orders those global stores before these loads.
     tl.debug_barrier()
     if ONE:
         # one window (k >= H and W): F = P_00 as the Gram path gives it, NaN for a NaN row
-        # (``_nan_rows``), else 1 for a zero row, 0 for any other
-        f = tl.where(tl.load(s_ptr + n) == 0, 1.0, 0.0)
-        nb = tl.load(nb_ptr + n)
-        tl.store(f_ptr + n, tl.where(nb != nb, nb, f))
+        # (``_normalise``), else 1 for a zero row, 0 for any other
+        s = tl.load(s_ptr + n)
+        f = tl.where(s == 0, 1.0, 0.0)
+        tl.store(f_ptr + n, tl.where(s == float("inf"), float("nan"), f))
     else:
-        nan = _normalise(at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, NBP, NBC) > 0
+        nan = _normalise(at_ptr, s_ptr, hat_ptr, cs_ptr, n, C, CQ, NP, NBP, NBC) > 0
         tl.debug_barrier()
-        if nan:  # every F of the sample (``_nan_rows``)
+        if nan:  # every F of the sample (``_normalise``)
             for r0 in range(0, NP, BM):
                 i = r0 + tl.arange(0, BM)
                 tl.store(f_ptr + n * NP + i, tl.full([BM], float("nan"), tl.float32),
@@ -359,7 +332,7 @@ def _pooled_correlation_kernel(x_ptr, at_ptr, s_ptr, nb_ptr, hat_ptr, cs_ptr, f_
         else:
             hbase = hat_ptr + n * NP * CQ * 4
             for r0 in range(0, NP, BM):
-                _corr_block(hbase, cs_ptr, n, r0, CQ * 4, C, NP, BM, G)
+                _corr_block(hbase, cs_ptr, n, r0, CQ * 4, NP, BM, G)
             tl.debug_barrier()  # every tile's sums in cs
             for r0 in range(0, NP, BM):
                 i = r0 + tl.arange(0, BM)
@@ -403,7 +376,6 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     dev = x.device
     at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
     smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
-    nb = torch.empty((n, np_), dtype=torch.float32, device=dev)
     kh, kw = min(k, h), min(k, w)
     # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
     # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no
@@ -447,14 +419,14 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     bm = min(256 if INTERPRET else 64, bm)
     grp = max(1, min(TILE // 2 // (bm * bm), cg))
     cq = cdiv(c, 4 * grp) * grp  # unit rows padded to whole steps of 4 G channels
-    hat = torch.empty((n, np_, 4 * cq), dtype=torch.float32, device=dev)
+    hat = torch.empty((n, np_, 4 * cq), dtype=torch.float64, device=dev)
     cs = torch.empty((n, np_), dtype=torch.int64, device=dev)  # the Gram's row sums
     # the normalisation's (positions x channels) tiles: x.numel() / k² values, an element
     # per thread on a GPU (its two divisions are per value, not per element of x)
     nbp = min(pow2(np_), 64)
     nbc = max(4, min(pow2(4 * cq), (TILE if INTERPRET else 32 * nw) // nbp))
     launch(_pooled_correlation_kernel)[(n,)](
-        x, at, smax, nb, hat, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
+        x, at, smax, hat, cs, f, c, cq, h, w, hp, wp, np_, k, kh, kw, *x.stride(), h * w,
         x.numel(), span, BC=bc, BP=bp, KP=kp, BM=bm, G=grp, NBP=nbp, NBC=nbc, ONE=np_ == 1,
         IDX64=needs_int64(x, at, hat), FLAT=flat, RB=rb, RW=rw, WPAD=pow2(w), WPP=pow2(wp),
         A=a, ALIGNED=aligned, num_warps=nw)

@@ -361,18 +361,22 @@ void launch_apply(const at::TensorBase& t, const at::TensorBase& out, const WFn&
 // ------------------------------------------------------------------------ reductions
 
 // NaN-propagating max / min (torch.amax / amin semantics).
-__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
-__device__ __forceinline__ float min_nan(float a, float b) { return (a != a || a < b) ? a : b; }
+template <typename T>
+__device__ __forceinline__ T max_nan(T a, T b) { return (a != a || a > b) ? a : b; }
+template <typename T>
+__device__ __forceinline__ T min_nan(T a, T b) { return (a != a || a < b) ? a : b; }
 
 struct SumOp {
   template <typename T>
   __device__ T operator()(T a, T b) const { return a + b; }
 };
 struct MaxOp {
-  __device__ float operator()(float a, float b) const { return max_nan(a, b); }
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return max_nan(a, b); }
 };
 struct MinOp {
-  __device__ float operator()(float a, float b) const { return min_nan(a, b); }
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return min_nan(a, b); }
 };
 
 // Butterfly reduction over the 32 lanes of a warp (all lanes must call it); every lane

@@ -18,8 +18,8 @@ namespace guidedrop {
 // Soft-mask modes of AttentionDrop (SPEC §4), as passed to the kernels.
 enum AttentionMode : int { kModeAM = 0, kModeSM = 1, kModeAD = 2 };
 
-// pooled_correlation.cu. pooled: (N, N', C) and row_flag: (N, N') float32 scratch (per
-// pooled row: 1 for a zero row, NaN for a row with a NaN or Inf, else 0), colsum: (N, N')
+// pooled_correlation.cu. pooled: (N, N', C) float64 and row_flag: (N, N') float32 scratch
+// (per pooled row: 1 for a zero row, NaN for a row with a NaN or Inf, else 0), colsum: (N, N')
 // int64 scratch (the Gram tiles' column sums), F: (N, H', W') float32.
 void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::TensorBase& pooled,
                                const at::TensorBase& row_flag, const at::TensorBase& colsum,

@@ -4,13 +4,15 @@
 //   P_ii = 0 for a nonzero row, 1 for a zero row.
 // F decides CorrDrop's blocks, so mathematically equal F are exactly equal (SPEC §1), as in
 // guidedrop.reference.pooled_correlation:
-// - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|: the norm neither overflows nor underflows, F is
-//   invariant to positive scaling of x;
-// - |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²)/2 (unit rows; 0 with a zero row), sums
-//   over the channels in one fixed order for every (i, j): the same for (j, i)
-//   ((x − y)² = (y − x)², x + y = y + x), and exactly 1 for equal and for opposite rows;
+// - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|, in float64 as the reference: the norm neither
+//   overflows nor underflows, F is invariant to positive scaling of x;
+// - |â_i·â_j| in float64 (0 with a zero row), summed over the channels in one fixed order
+//   for every (i, j): the same for (j, i) (a·b = b·a);
 // - each |â_i·â_j| is rounded to a multiple of 2^-32 and the row sums are int64: exact, so
-//   independent of where the diagonal or an equal term falls in the row;
+//   independent of where the diagonal or an equal term falls in the row. The float64
+//   errors (about C ulp of 1) are far below that grid, so equal, opposite and parallel rows
+//   give 1 exactly, and rows of the same values in another channel order the same terms,
+//   but where a value lies within that error of a rounding boundary of the grid;
 // - a NaN or an Inf in a pooled row (its â NaN) makes every F of the sample NaN, the zero
 //   rows' too, as in the reference (whose Gram product gives 0 · NaN = NaN there).
 // The host clamps k to max(H, W) (a block >= the map is one window).
@@ -32,13 +34,14 @@
 //    (channel, pooled row) with the lanes along the pooled columns, in channels_last one
 //    warp per pooled position with the lanes along the channels. Then, after a
 //    __syncthreads, one warp per pooled position i takes the max |a|, the lanes sum
-//    (a / max)², and divide their channels. Writes â (N', C) and a flag per row (N'): 1 for
-//    a zero row, NaN for a NaN row, else 0.
+//    (a / max)² in float64, and divide their channels. Writes â (N', C) float64 over the
+//    pooled a (the same scratch) and a flag per row (N'): 1 for a zero row, NaN for a NaN
+//    row, else 0.
 // 2. after a __syncthreads (the block's global writes are visible to the block): the block
 //    takes 32 rows i at a time and walks the columns j in tiles of 32 from its own on (the
 //    upper triangle of tiles: P is symmetric bit for bit, so each P_ij is computed once for
-//    rows i and j), accumulating ‖â_i − â_j‖² over channel tiles of 32 held in shared
-//    memory (a tiled GEMM with (a − b)² for a·b); each thread keeps 1 row x 1 column and
+//    rows i and j), accumulating â_i·â_j over channel tiles of 32 held in shared memory (a
+//    tiled GEMM, float64); each thread keeps 1 row x 1 column and
 //    adds the rounded |dot| to its int64 row partials and, off the diagonal, to its column
 //    partial, which it adds to row j's int64 sum in colsum (an atomic: integers, so in any
 //    order); at the end of a tile row a warp reduction over its 32 columns adds its rows'
@@ -75,7 +78,7 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
                                const int64_t n, const int64_t C, const int64_t H,
                                const int64_t W, const int64_t k, const int64_t Hp,
                                const int64_t Wp, const int64_t Np, const PoolVec& pv,
-                               float* __restrict__ pooled, float* __restrict__ row_flag) {
+                               double* __restrict__ pooled, float* __restrict__ row_flag) {
   constexpr int V = 16 / sizeof(scalar_t);
   using Vec16 = Vec<scalar_t, V>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -152,33 +155,33 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
   }
   __syncthreads();  // every a written (block-scope visibility of the global writes)
   for (int64_t i = warp; i < Np; i += kRowsY) {  // uniform within the warp
-    float* row = pooled + i * C;
-    float mx = 0.f;
+    double* row = pooled + i * C;
+    double mx = 0.;
     // Loops over pooled, not unrolled (see gram_rowsum's tile fill).
 #pragma unroll 1
-    for (int64_t c = lane; c < C; c += 32) mx = max_nan(mx, fabsf(row[c]));
+    for (int64_t c = lane; c < C; c += 32) mx = max_nan(mx, fabs(row[c]));
     mx = warp_reduce(mx, MaxOp());
-    float ss = 0.f;
+    double ss = 0.;
 #pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) {
-      const float b = row[c] / mx;
+      const double b = row[c] / mx;
       ss += b * b;
     }
     ss = warp_reduce(ss, SumOp());
-    const float nb = sqrtf(ss);
+    const double nb = sqrt(ss);
 #pragma unroll 1
-    for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0.f ? 0.f : (row[c] / mx) / nb;
+    for (int64_t c = lane; c < C; c += 32) row[c] = mx == 0. ? 0. : (row[c] / mx) / nb;
     // a NaN row: a NaN or an Inf (Inf / Inf) in it; a zero row's nb is 0 / 0, not counted
-    if (lane == 0) row_flag[i] = mx == 0.f ? 1.f : (nb != nb ? nb : 0.f);
+    if (lane == 0) row_flag[i] = mx == 0. ? 1.f : (nb != nb ? NAN : 0.f);
   }
 }
 
 // F of sample n from its rows â (see the header, step 2); colsum: (N') int64 scratch.
-__device__ void gram_rowsum(const float* __restrict__ an, const float* __restrict__ row_flag,
+__device__ void gram_rowsum(const double* __restrict__ an, const float* __restrict__ row_flag,
                             unsigned long long* __restrict__ colsum, const int64_t Np,
                             const int64_t C, float* __restrict__ Fn) {
-  __shared__ float ai[kTile][kTile + 1];
-  __shared__ float aj[kTile][kTile + 1];
+  __shared__ double ai[kTile][kTile + 1];
+  __shared__ double aj[kTile][kTile + 1];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
   // A NaN row makes every F of the sample NaN (see the header).
   bool nan_row = false;
@@ -201,8 +204,7 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       if (i < Np && row_flag[i] == 1.f) zi |= 1u << q;
     }
     for (int64_t j0 = i0; j0 < Np; j0 += kTile) {
-      float acc[kPerThread] = {};   // ‖â_i − â_j‖²
-      float acc2[kPerThread] = {};  // ‖â_i + â_j‖²
+      double acc[kPerThread] = {};  // â_i·â_j
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c = c0 + tx;
         // Not unrolled: this fill loads pooled (k² times smaller than x); unrolled, its 8
@@ -212,20 +214,15 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
         for (int q = 0; q < kPerThread; ++q) {
           const int row = ty + kRowsY * q;
           const int64_t i = i0 + row, j = j0 + row;
-          ai[row][tx] = (i < Np && c < C) ? an[i * C + c] : 0.f;
-          aj[row][tx] = (j < Np && c < C) ? an[j * C + c] : 0.f;
+          ai[row][tx] = (i < Np && c < C) ? an[i * C + c] : 0.;
+          aj[row][tx] = (j < Np && c < C) ? an[j * C + c] : 0.;
         }
         __syncthreads();
 #pragma unroll 8
         for (int cc = 0; cc < kTile; ++cc) {
-          const float bj = aj[tx][cc];
+          const double bj = aj[tx][cc];
 #pragma unroll
-          for (int q = 0; q < kPerThread; ++q) {
-            const float d = ai[ty + kRowsY * q][cc] - bj;
-            const float e = ai[ty + kRowsY * q][cc] + bj;
-            acc[q] += d * d;
-            acc2[q] += e * e;
-          }
+          for (int q = 0; q < kPerThread; ++q) acc[q] = fma(ai[ty + kRowsY * q][cc], bj, acc[q]);
         }
         __syncthreads();
       }
@@ -236,16 +233,12 @@ __device__ void gram_rowsum(const float* __restrict__ an, const float* __restric
       for (int q = 0; q < kPerThread; ++q) {
         const int64_t i = i0 + ty + kRowsY * q;
         if (i < Np && j < Np) {
-          // |â_i·â_j| = 1 − min(‖â_i − â_j‖², ‖â_i + â_j‖²) / 2 for unit rows: exactly 1 for
-          // equal and for opposite rows (â_j = −â_i exactly), 0 with a zero row. A NaN p
-          // comes only from a NaN row, whose sample does not get here; p == p keeps it
-          // out of the int64 sum all the same.
+          // 0 with a zero row. A NaN p comes only from a NaN row, whose sample does not
+          // get here; p == p keeps it out of the int64 sum all the same.
           const bool zero = ((zi >> q) & 1u) || zj;
-          const float m = acc2[q] < acc[q] ? acc2[q] : acc[q];
-          const float p = zero ? 0.f : fabsf(1.f - 0.5f * m);
+          const double p = zero ? 0. : fabs(acc[q]);
           if (p == p && i != j) {
-            const long long t =
-                static_cast<long long>(static_cast<double>(p) * kQuantumInv + 0.5);
+            const long long t = static_cast<long long>(p * kQuantumInv + 0.5);
             part[q] += t;
             col += t;
           }
@@ -277,12 +270,12 @@ __global__ void __launch_bounds__(kTile * kRowsY) pooled_correlation_kernel(cons
                                           const int64_t W, const int64_t k, const int64_t Hp,
                                           const int64_t Wp,
                                           const int64_t Np, const PoolVec pv,
-                                          float* __restrict__ pooled,
+                                          double* __restrict__ pooled,
                                           float* __restrict__ row_flag,
                                           unsigned long long* __restrict__ colsum,
                                           float* __restrict__ F) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {  // uniform in the block
-    float* an = pooled + n * Np * C;
+    double* an = pooled + n * Np * C;
     float* zn = row_flag + n * Np;
     pool_normalize(x, s, n, C, H, W, k, Hp, Wp, Np, pv, an, zn);
     __syncthreads();  // every row of the sample written (block-scope visibility)
@@ -317,7 +310,7 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
     pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
                                           kTile * kRowsY, 0, current_stream()>>>(
         x.data_ptr<scalar_t>(), s, N, C, H, W, k, Hp, Wp, Np, pv,
-        pooled.data_ptr<float>(), row_flag.data_ptr<float>(),
+        pooled.data_ptr<double>(), row_flag.data_ptr<float>(),
         reinterpret_cast<unsigned long long*>(colsum.data_ptr<int64_t>()), F.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
