@@ -152,6 +152,7 @@ def test_bench_model_counts_launches(capsys):
             assert r["bwd"] == 1 and r["fwd"] <= 3 and r["fresh"] <= 4, r
     out = capsys.readouterr().out
     assert "launches fwd" in out and "× floor" in out
+    assert "SASS" not in out  # --no-sass: no empty SASS columns, no word on them
     # the options --model does not use are refused, not silently ignored
     rc = cli.main(["bench", "--model", "--no-sass", "--csv", "m.csv", "--graph"])
     assert rc == 2

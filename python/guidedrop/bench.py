@@ -1078,13 +1078,15 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
               "counted, not timed.\n"
               "- launches: the kernels' budget is 3 forward (CamDrop 5), +1 without noise, "
               "1 backward (none for the reference, the oracle); × floor: the MB moved over "
-              "those of 3 reads + 2 writes of x.\n"
-              "- SASS for sm_90 of the worst streaming kernel (issue 13's budgets): per "
-              "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "
-              "none for fp16, fp32 statistics or seeds; for every dtype, x read in 16-byte "
-              "loads (x load B: 16) and at most 2 runtime integer divisions per 16 bytes of x.",
+              "those of 3 reads + 2 writes of x."
+              + ("\n- SASS for sm_90 of the worst streaming kernel (issue 13's budgets): per "
+                 "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "
+                 "none for fp16, fp32 statistics or seeds; for every dtype, x read in 16-byte "
+                 "loads (x load B: 16) and at most 2 runtime integer divisions per 16 bytes "
+                 "of x." if static else ""),
               highlight=False)
-    out.print(format_table(rows, MODEL_COLUMNS))
+    # --no-sass: without the SASS columns (MODEL_COLUMNS' last five)
+    out.print(format_table(rows, MODEL_COLUMNS if static else MODEL_COLUMNS[:-5]))
     from . import sass
     calibrated = True  # the Triton whose SASS the budgets hold (or no Triton row)
     if static and any(r["backend"] == "triton" and "sass" in r for r in rows):
@@ -1149,9 +1151,11 @@ def _static_counts(pending) -> None:
             return
         size = sass.ITEMSIZE.get(dtype, 4)
         # the worst kernel of those with a SASS budget (the seed kernels have none: their
-        # figures per element are of the seeds, not of x), else of all
+        # figures per element are of the seeds, not of x), else of all; of those that miss
+        # a budget where some do, so that the row shows the figures behind "missed:"
         budgeted = [ck for ck in counts if ck[1] != "seeds"] or counts
-        worst, kind = max(budgeted, key=lambda ck: ck[0].per_element)
+        over = [ck for ck in budgeted if sass.budget_violations(ck[0], ck[1], dtype)]
+        worst, kind = max(over or budgeted, key=lambda ck: ck[0].per_element)
         row["sass"] = worst.per_element
         row["worst"] = f"{_kernel_name(worst.kernel)} ({kind})"
         # the widest load of the least vectorised kernel: 16 where every kernel reads in
@@ -1160,9 +1164,14 @@ def _static_counts(pending) -> None:
         row["access"] = min(max(c.loads, default=8 * size) // 8 for c, _ in budgeted)
         # per 16 bytes of x, the unit of the division budget (at most 2)
         row["div"] = max(c.divisions_per_element for c, _ in counts) * 16 / size
-        missed = sorted({_kernel_name(c.kernel) for c, k in counts
-                         if sass.budget_violations(c, k, dtype)})
-        row["budget"] = "missed: " + ", ".join(missed) if missed else "met"
+        # each kernel that misses with what it misses first (its worst case)
+        missed = {}
+        for c, k in sorted(counts, key=lambda ck: -ck[0].per_element):
+            why = sass.budget_violations(c, k, dtype)
+            if why:
+                missed.setdefault(_kernel_name(c.kernel), why[0])
+        row["budget"] = ("missed: " + "; ".join(f"{n} ({w})" for n, w in sorted(missed.items()))
+                         if missed else "met")
 
     specs, owners = {}, []
     for row, dtype, launches in pending:
