@@ -56,8 +56,8 @@
 # Then the step times, and LAST the bench's table (rich, the bench's own table code).
 #
 # --dry-run: the same steps on a CPU, nothing timed (CI runs it, .ci/run): env; build
-# parses setup.py only; tests and sanitizer collect their test selections (--collect-only:
-# an import error or a selection typo fails here); bench --dry-run at a tiny shape with
+# parses setup.py only; tests and sanitizer collect their test selections (--collect-only
+# -qq, a count per file: an import error or a selection typo fails here); bench --dry-run at a tiny shape with
 # Triton under TRITON_INTERPRET=1 (checked against the reference), torch.compile traced
 # with backend=eager, the CUDA backend listed as unavailable, every timing cell printed
 # "not measured" (never a number that was not seen).
@@ -146,7 +146,7 @@ if ((DRY_RUN)); then  # 2 warm-up workers: the path runs, on CI's 2 cores
     --shapes tiny --dtype fp32 --kernels "$OUT/kernels.csv")
 fi
 COLLECT=()
-if ((DRY_RUN)); then COLLECT=(--collect-only); fi
+if ((DRY_RUN)); then COLLECT=(--collect-only -qq); fi
 # What an earlier run left must not pass for this run's results.
 rm -f "$OUT"/bench.{csv,md,png,txt} "$OUT/kernels.csv" "$OUT/masks.png" "$OUT/tests.xml"
 
@@ -245,7 +245,7 @@ if want sanitizer; then
   SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   if ((DRY_RUN)); then
     [[ -x $SANITIZER ]] || echo "(compute-sanitizer is not here: the dry run collects its tests)"
-    run sanitizer "$T_SANITIZER" "$PY" -m pytest "${SANITIZER_TESTS[@]}" --collect-only
+    run sanitizer "$T_SANITIZER" "$PY" -m pytest "${SANITIZER_TESTS[@]}" --collect-only -qq
   elif [[ ! -x $SANITIZER ]]; then
     banner "sanitizer: compute-sanitizer not found"
     failed+=("sanitizer")
