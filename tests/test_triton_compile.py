@@ -224,6 +224,26 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_pooled_correlation_averages_round_as_ieee_for_sm90(monkeypatch, tmp_path):
+    """CorrDrop's pooling (SPEC §2 step 1) divides each window sum by its units with an
+    IEEE division, as avg_pool2d does, in both pooling paths (contiguous NCHW: window rows;
+    channels_last: positions): Triton's "/" on float32 is PTX's approximate div.full.f32 (up
+    to 2 ulp), which the interpreter, dividing exactly, cannot show."""
+    from guidedrop import primitives as P
+    x = torch.randn(2, 16, 14, 14)
+    xs = (x, x.contiguous(memory_format=torch.channels_last))
+    with sass.gpu_tiles():
+        recorded = _record_launches(monkeypatch, lambda: [P.pooled_correlation(t, 3) for t in xs])
+    specs = [s for s in recorded.values() if s["kernel"] == "_pooled_correlation_kernel"]
+    assert sorted(s["kwargs"]["FLAT"] for s in specs) == [False, True], specs
+    for spec in specs:
+        ptx = _ptx(spec, tmp_path)
+        assert "div.rn.f32" in ptx
+        assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx, spec["kwargs"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_pooled_correlation_few_channels_compile_for_sm90(monkeypatch, tmp_path):
     """pooled_correlation with 1 to 3 channels compiles for sm_90: Triton specialises an int
     argument of 1 to a constant (C = 1: ``(C + 16).to`` failed on an int), and its gather

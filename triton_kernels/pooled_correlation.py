@@ -88,7 +88,8 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
                 off = (cc * sC)[:, None, None] + pos[None, :, :]
                 v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
                 acc += tl.sum(v.to(tl.float32), axis=2)
-        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
+        smax = _add_channels(tl.math.div_rn(acc, cnt[None, :]), at_ptr, n, C, cc, cv, i, iv,
+                             NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
 
 
@@ -150,13 +151,16 @@ def _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPA
         cols = tl.gather(colsum, tl.broadcast_to(idx2[None, :], (BC, WPP * KP)), axis=1)
         cols = tl.where(in2[None, :], cols, 0.0)
         acc = tl.sum(tl.reshape(cols, (BC, WPP, KP)), axis=2)
-        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
+        smax = _add_channels(tl.math.div_rn(acc, cnt[None, :]), at_ptr, n, C, cc, cv, i, iv,
+                             NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
 
 
 @triton.jit
 def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax):
-    """Stores the pooled avg (channels cc x positions i) to aT; returns max |a| of positions
+    """Stores the pooled avg (channels cc x positions i; the window sums divided by their
+    units as avg_pool2d does, IEEE-rounded: Triton's "/" is PTX's approximate div.full.f32,
+    up to 2 ulp off on a GPU, exact under the interpreter) to aT; returns max |a| of positions
     i over the channels so far, these included: Inf for a row with an Inf or a NaN (tl.max
     drops NaNs), whose F are then NaN (``_normalise``: Inf / Inf, NaN / Inf)."""
     tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
