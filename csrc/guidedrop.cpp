@@ -84,20 +84,26 @@ at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::
 
 // ------------------------------------------------------------------------ statistics
 
+// F (N, N') of x into F with its scratch (launchers.h): the rows â in float64 (k^2 times
+// smaller than x), a flag per row and the Gram's int64 column sums. k <= max(H, W).
+void pooled_correlation_into(const at::Tensor& x, int64_t k, const at::Tensor& F) {
+  const int64_t N = x.size(0), C = x.size(1), Np = F.numel() / std::max<int64_t>(N, 1);
+  at::Tensor pooled = at::empty({N, Np, C}, x.options().dtype(at::kDouble));
+  at::Tensor row_flag = at::empty({N, Np}, f32(x));
+  at::Tensor colsum = at::empty({N, Np}, x.options().dtype(at::kLong));
+  launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
+}
+
 at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   constexpr const char* op = "guidedrop::pooled_correlation";
   check_feature_map(x, op, "x");
   check_positive(k, op, "k");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
-  // â in float64 (launchers.h), k^2 times smaller than x
-  at::Tensor pooled = at::empty({N, Hp * Wp, C}, x.options().dtype(at::kDouble));
-  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
-  at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
-  launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
+  pooled_correlation_into(x, k, F);
   return F;
 }
 
@@ -327,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   constexpr const char* op = "guidedrop::corrdrop_plan";
   check_feature_map(x, op, "x");
   check_positive(k, op, "k");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   TORCH_CHECK(noise.defined() && noise.device() == x.device(), op, ": noise must be on ",
@@ -344,13 +350,9 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   const int norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor F = at::empty({N, Hp * Wp}, f32(x));
-  // â in float64 (launchers.h), k^2 times smaller than x
-  at::Tensor pooled = at::empty({N, Hp * Wp, C}, x.options().dtype(at::kDouble));
-  at::Tensor row_flag = at::empty({N, Hp * Wp}, f32(x));  // flags per row (launchers.h)
-  at::Tensor colsum = at::empty({N, Hp * Wp}, x.options().dtype(at::kLong));  // (launchers.h)
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, f32(x));
-  launch_pooled_correlation(x, k, pooled, row_flag, colsum, F);
+  pooled_correlation_into(x, k, F);
   launch_corrdrop_plan(F, noise, pt, static_cast<float>(p), H, W, k, norm, keep, scale);
   return {keep, scale};
 }

@@ -1153,8 +1153,9 @@ def _static_counts(pending) -> None:
         # the worst kernel of those with a SASS budget (the seed kernels have none: their
         # figures per element are of the seeds, not of x), else of all; of those that miss
         # a budget where some do, so that the row shows the figures behind "missed:"
+        why = {id(c): sass.budget_violations(c, k, dtype) for c, k in counts}
         budgeted = [ck for ck in counts if ck[1] != "seeds"] or counts
-        over = [ck for ck in budgeted if sass.budget_violations(ck[0], ck[1], dtype)]
+        over = [ck for ck in budgeted if why[id(ck[0])]]
         worst, kind = max(over or budgeted, key=lambda ck: ck[0].per_element)
         row["sass"] = worst.per_element
         row["worst"] = f"{_kernel_name(worst.kernel)} ({kind})"
@@ -1166,10 +1167,9 @@ def _static_counts(pending) -> None:
         row["div"] = max(c.divisions_per_element for c, _ in counts) * 16 / size
         # each kernel that misses with what it misses first (its worst case)
         missed = {}
-        for c, k in sorted(counts, key=lambda ck: -ck[0].per_element):
-            why = sass.budget_violations(c, k, dtype)
-            if why:
-                missed.setdefault(_kernel_name(c.kernel), why[0])
+        for c, _ in sorted(counts, key=lambda ck: -ck[0].per_element):
+            if why[id(c)]:
+                missed.setdefault(_kernel_name(c.kernel), why[id(c)][0])
         row["budget"] = ("missed: " + "; ".join(f"{n} ({w})" for n, w in sorted(missed.items()))
                          if missed else "met")
 
