@@ -531,7 +531,8 @@ def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
     """The pooling's 16-byte vector paths (dense aligned x: NCHW, a thread per window over
     the aligned vectors that cover its rows; channels_last with C % V == 0, V channels per
     thread) give F bit for bit as the scalar path (a copy one element off a 16-byte
-    boundary): the same window sums in the same order. And F matches the reference."""
+    boundary): the same window sums in the same order. And F is the reference's, exactly
+    (float64 window sums)."""
     cases = [((2, 8, 14, 14), 3, "contiguous"), ((1, 16, 7, 7), 7, "contiguous"),
              ((2, 4, 10, 12), 5, "contiguous"), ((2, 16, 9, 11), 3, "channels_last"),
              ((1, 24, 7, 7), 7, "channels_last")]
@@ -542,8 +543,7 @@ def test_emulated_pooled_correlation_vector_and_scalar_paths(E):
             f = E.pooled_correlation(x, k)
             what = f"{shape} k={k} {dtype} {layout}"
             assert_same(f, E.pooled_correlation(odd, k), f"vector vs scalar path {what}")
-            torch.testing.assert_close(f, R.pooled_correlation(x, k), rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, what=what: f"{what}: {m}")
+            assert_same(f, R.pooled_correlation(x, k), what)
 
 
 def test_emulated_pooled_correlation_nonfinite_beside_zero_rows(E):
@@ -556,17 +556,29 @@ def test_emulated_pooled_correlation_nonfinite_beside_zero_rows(E):
                 assert want[:2].isnan().all() and torch.isfinite(want[2]).all(), want
                 for tag, xx in (("", x), (" misaligned", misaligned(x))):
                     f = E.pooled_correlation(xx, k)
-                    what = f"k={k} {dtype} channels_last={cl}{tag}"
-                    torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-5, equal_nan=True,
-                                               msg=lambda m, what=what: f"{what}: {m}")
+                    assert_same(f, want, f"k={k} {dtype} channels_last={cl}{tag}")
 
 
 def test_emulated_pooled_correlation_sizes(E):
     for shape, k, layout in [((1, 4, 12, 11), 1, "channels_last"), ((2, 40, 6, 7), 1, "sliced"),
                              ((2, 3, 4, 4), 5, "contiguous")]:
         x = make_x(shape, torch.float32, layout=layout)
-        torch.testing.assert_close(E.pooled_correlation(x, k), R.pooled_correlation(x, k),
-                                   rtol=1e-5, atol=1e-5)
+        assert_same(E.pooled_correlation(x, k), R.pooled_correlation(x, k), f"{shape} {layout}")
+
+
+def test_emulated_pooled_correlation_float64_windows(E):
+    """float32 maps of a CNN's width: F exactly the reference's (float64 window sums, exact
+    in any order), and window sums past the float32 range give a finite F, the one of x
+    scaled down by a power of two (float32 sums overflowed to Inf: F NaN)."""
+    for layout in LAYOUTS:
+        x = make_x((2, 16, 28, 28), torch.float32, layout=layout)
+        for k in (3, 7):
+            f = E.pooled_correlation(x, k)
+            assert_same(f, R.pooled_correlation(x, k), f"k={k} {layout}")
+            small = x.abs().clamp(max=1) + 0.5
+            big = small * 2.0**126  # in [2^125, 1.5 * 2^126]: every window sum over 2^128
+            assert_same(E.pooled_correlation(big, k), E.pooled_correlation(small, k),
+                        f"2^126 k={k} {layout}")
 
 
 # --------------------------------------------------------------------------- Philox

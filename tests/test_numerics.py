@@ -309,10 +309,11 @@ def test_pooled_correlation_parallel_rows(B):
         assert (f == f.flatten()[0]).all(), (x.shape, k, f.unique())
 
 
-@pytest.mark.parametrize("scale", [2.0**60, 2.0**-60, 1e20, 1e-30, 3e30])
+@pytest.mark.parametrize("scale", [2.0**60, 2.0**-60, 1e20, 1e-30, 3e30, 2.0**127])
 def test_pooled_correlation_scale_invariant(B, scale):
     """F is invariant to a positive scaling of x (the norm computed without overflow);
-    exactly for powers of two."""
+    exactly for powers of two. 2^127: the window sums pass the float32 range (float64 sums;
+    in float32 they were Inf, and F NaN)."""
     torch.manual_seed(2)
     x = torch.rand(2, 5, 9, 7) + 0.01
     f, fs = B.pooled_correlation(x, 3), B.pooled_correlation(x * scale, 3)

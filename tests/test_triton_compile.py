@@ -226,9 +226,10 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_pooled_correlation_averages_round_as_ieee_for_sm90(monkeypatch, tmp_path):
     """CorrDrop's pooling (SPEC §2 step 1) divides each window sum by its units with an
-    IEEE division, as avg_pool2d does, in both pooling paths (contiguous NCHW: window rows;
-    channels_last: positions): Triton's "/" on float32 is PTX's approximate div.full.f32 (up
-    to 2 ulp), which the interpreter, dividing exactly, cannot show."""
+    IEEE division, as the reference's float64 avg_pool2d does, in both pooling paths
+    (contiguous NCHW: window rows; channels_last: positions): float64 sums and division
+    (div.rn.f64). A float32 "/" in Triton is PTX's approximate div.full.f32 (up to 2 ulp),
+    which the interpreter, dividing exactly, cannot show: none in the kernel."""
     from guidedrop import primitives as P
     x = torch.randn(2, 16, 14, 14)
     xs = (x, x.contiguous(memory_format=torch.channels_last))
@@ -238,7 +239,7 @@ def test_pooled_correlation_averages_round_as_ieee_for_sm90(monkeypatch, tmp_pat
     assert sorted(s["kwargs"]["FLAT"] for s in specs) == [False, True], specs
     for spec in specs:
         ptx = _ptx(spec, tmp_path)
-        assert "div.rn.f32" in ptx
+        assert "div.rn.f64" in ptx
         assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx, spec["kwargs"]
 
 

@@ -4,6 +4,13 @@ F[n, i] = (1/N') sum_j |â_i · â_j − δ_ij|, â_i the L2-normalised channel 
 position i (k x k average pooling, ceil mode: a window cut by the border averages its
 valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly equal
 (SPEC §1), as in ``guidedrop.reference.pooled_correlation``:
+- the window sums and averages a in float64: a sum of k² values of x is exact in float64
+  where the window's nonzero values lie within a factor 2^(53 - p - log2 k²) of its
+  largest (p = 24 mantissa bits for float32: 2^23 at k = 7; bfloat16 2^39; float16 always),
+  so a is the reference's whatever the order of the additions (Triton's tl.sum orders them by
+  the tile's layout, which differs between a GPU and the interpreter; in float32 the
+  order of the column sums gave the reference's F but for the last bit in most float32
+  samples at k > 1, and sums past 3.4e38 overflowed to a NaN F);
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant), in
   float64 as the reference;
 - P_ij = |â_i · â_j| in float64, summed over the channels in one fixed order of fmas
@@ -28,7 +35,7 @@ what the program's other threads wrote in the one before, after a block-wide bar
    realigned in registers (rows of 28, 14 or 7 units do not start on 16 bytes); other
    layouts (``_pool_positions``) BP pooled positions at a time, a (channels x positions x
    window-columns) tile, contiguous along c for channels_last. Both write the pooled
-   values transposed, aT (N, C, N') float32 (x.numel() / k² values: small, L2-resident for
+   values transposed, aT (N, C, N') float64 (x.numel() / k² values: small, L2-resident for
    the usual k = 7), and per position the max |a|;
 2. the unit rows (``_normalise``): â = (a / max|a|) / ‖a / max|a|‖ of every row, once,
    into hat (N, N', C rounded up to 4 G) float64, each row zero-padded;
@@ -72,12 +79,12 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
     w0 = (i % WP) * k
     nrows = tl.minimum(H - h0, k)
     ncols = tl.minimum(W - w0, k)
-    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
-    smax = tl.zeros([BP], tl.float32)  # max |a| over the channels so far
+    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float64)  # valid units per window
+    smax = tl.zeros([BP], tl.float64)  # max |a| over the channels so far
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
-        acc = tl.zeros([BC, BP], tl.float32)
+        acc = tl.zeros([BC, BP], tl.float64)
         for dy in range(0, KH):
             rv = iv & (dy < nrows)
             roff = (h0 + dy) * sH
@@ -87,9 +94,8 @@ def _pool_positions(x_ptr, at_ptr, s_ptr, n, i, C, H, W, WP, NP, k, KH, KW,
                 pos = roff[:, None] + (w0[:, None] + d[None, :]) * sW  # (BP, KP)
                 off = (cc * sC)[:, None, None] + pos[None, :, :]
                 v = tl.load(xb + off, mask=cv[:, None, None] & colv[None, :, :], other=0.0)
-                acc += tl.sum(v.to(tl.float32), axis=2)
-        smax = _add_channels(tl.math.div_rn(acc, cnt[None, :]), at_ptr, n, C, cc, cv, i, iv,
-                             NP, smax)
+                acc += tl.sum(v.to(tl.float64), axis=2)
+        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
 
 
@@ -105,10 +111,9 @@ def _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPA
     bytes), so that x loads in 16-byte vectors at every W (a row of 28, 14 or 7 elements
     does not start on 16 bytes): SPAN (a multiple of 16 >= W + A - 1) elements at most,
     and past x's end nothing. Each row is realigned in registers (tl.gather; not needed
-    when every row starts on 16 bytes: ALIGNED) and added to the column sums, in row
-    order; then each window's columns are gathered and summed. Every channel sums its
-    windows in that one order whatever its alignment, so equal maps pool to equal values
-    (SPEC §1)."""
+    when every row starts on 16 bytes: ALIGNED) and added to the float64 column sums;
+    then each window's columns are gathered and summed (exact, so in any order: see the
+    module's docstring)."""
     t = tl.arange(0, RW)
     col = tl.arange(0, WPAD)
     h0 = r * k
@@ -123,14 +128,14 @@ def _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPA
     i = r * WP + tl.arange(0, WPP)
     iv = tl.arange(0, WPP) < WP
     ncols = tl.minimum(W - tl.arange(0, WPP) * k, k)
-    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float32)  # valid units per window
-    smax = tl.zeros([WPP], tl.float32)  # max |a| over the channels so far
+    cnt = tl.where(iv, nrows * ncols, 1).to(tl.float64)  # valid units per window
+    smax = tl.zeros([WPP], tl.float64)  # max |a| over the channels so far
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)
         cv = cc < C
         row0 = (n * C + cc) * L + h0 * W
-        colsum = tl.zeros([BC, WPAD], tl.float32)
-        for dy0 in range(0, nrows, RB):  # RB rows at a time, in one order for every channel
+        colsum = tl.zeros([BC, WPAD], tl.float64)
+        for dy0 in range(0, nrows, RB):  # RB rows at a time
             dy = dy0 + tl.arange(0, RB)
             first = row0[:, None] + (dy * W)[None, :]  # (BC, RB)
             shift = first % A  # A is a power of 2: a mask, not a division
@@ -144,23 +149,21 @@ def _pool_band(x_ptr, at_ptr, s_ptr, n, r, C, H, W, WP, NP, k, KW, L, TOTAL, SPA
             if not ALIGNED:
                 idx = tl.where(col < W, shift.to(tl.int32)[:, :, None] + col[None, None, :], 0)
                 v = tl.gather(v, idx, axis=2)
-            colsum += tl.sum(v, axis=1)
+            colsum += tl.sum(v.to(tl.float64), axis=1)
         # columns past W hold other rows' units, which no window reads; zeroed all the same
         # (without it ptxas spills at bf16 32 x 32, k = 7)
         colsum = tl.where(col[None, :] < W, colsum, 0.0)
         cols = tl.gather(colsum, tl.broadcast_to(idx2[None, :], (BC, WPP * KP)), axis=1)
         cols = tl.where(in2[None, :], cols, 0.0)
         acc = tl.sum(tl.reshape(cols, (BC, WPP, KP)), axis=2)
-        smax = _add_channels(tl.math.div_rn(acc, cnt[None, :]), at_ptr, n, C, cc, cv, i, iv,
-                             NP, smax)
+        smax = _add_channels(acc / cnt[None, :], at_ptr, n, C, cc, cv, i, iv, NP, smax)
     tl.store(s_ptr + n * NP + i, smax, mask=iv)
 
 
 @triton.jit
 def _add_channels(avg, at_ptr, n, C, cc, cv, i, iv, NP, smax):
-    """Stores the pooled avg (channels cc x positions i; the window sums divided by their
-    units as avg_pool2d does, IEEE-rounded: Triton's "/" is PTX's approximate div.full.f32,
-    up to 2 ulp off on a GPU, exact under the interpreter) to aT; returns max |a| of positions
+    """Stores the pooled avg (channels cc x positions i; the float64 window sums divided by
+    their units, an IEEE division in float64) to aT; returns max |a| of positions
     i over the channels so far, these included: Inf for a row with an Inf or a NaN (tl.max
     drops NaNs), whose F are then NaN (``_normalise``: Inf / Inf, NaN / Inf)."""
     tl.store(at_ptr + (n * C + cc)[:, None] * NP + i[None, :], avg,
@@ -378,8 +381,8 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     n, c, h, w = x.shape
     hp, wp, np_ = cdiv(h, k), cdiv(w, k), f.shape[1]
     dev = x.device
-    at = torch.empty((n, c, np_), dtype=torch.float32, device=dev)
-    smax = torch.empty((n, np_), dtype=torch.float32, device=dev)
+    at = torch.empty((n, c, np_), dtype=torch.float64, device=dev)
+    smax = torch.empty((n, np_), dtype=torch.float64, device=dev)
     kh, kw = min(k, h), min(k, w)
     # contiguous x: the k rows of a window row of every channel, each read from 16 bytes
     # before it at most (``_pool_band``), where they fit in MAX_BAND elements; no

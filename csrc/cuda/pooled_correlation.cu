@@ -4,6 +4,9 @@
 //   P_ii = 0 for a nonzero row, 1 for a zero row.
 // F decides CorrDrop's blocks, so mathematically equal F are exactly equal (SPEC §1), as in
 // guidedrop.reference.pooled_correlation:
+// - a in float64 (the window sums and their division): exact sums but for windows of values
+//   spanning over 2^23 (float32, k = 7), so the same a as the reference's and Triton's
+//   whatever the order of the additions, and no sum overflows;
 // - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i|, in float64 as the reference: the norm neither
 //   overflows nor underflows, F is invariant to positive scaling of x;
 // - |â_i·â_j| in float64 (0 with a zero row), summed over the channels in one fixed order
@@ -22,9 +25,9 @@
 // memory's bandwidth: one block per SM at N = 128);
 // the only intermediate is the pooled tensor (k² times smaller than x), written and read by
 // the same block:
-// 1. pooling, coalesced in x's layout: each thread sums whole k x k windows (rows then
-//    columns, like ATen's avg_pool2d; divided by the number of valid units of a border
-//    window), so a window's sum has the same order on every path. x dense in its layout
+// 1. pooling, coalesced in x's layout: each thread sums whole k x k windows in float64
+//    (rows then columns, like ATen's avg_pool2d; divided by the number of valid units of a
+//    border window). x dense in its layout
 //    and aligned (PoolVec): read in 16-byte vectors. In NCHW a thread per window,
 //    consecutive threads along w, h, then c (a warp reads a band of rows, not a channel a
 //    whole map away per lane), each window row read as the aligned vectors that cover it
@@ -86,14 +89,14 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
   auto window = [&](const scalar_t* p, int64_t hp, int64_t wp) {  // a of one window
     const int64_t h0 = hp * k, w0 = wp * k;
     const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
-    float sum = 0.f;
+    double sum = 0.;
     // The fallback paths: not unrolled, so that the static check (tests/
     // test_static_perf.py) takes the vector loops, the steady state, for the streaming loop.
 #pragma unroll 1
     for (int64_t h = h0; h < h1; ++h)
 #pragma unroll 1
       for (int64_t w = w0; w < w1; ++w) sum += to_float(p[h * s.h + w * s.w]);
-    return sum / static_cast<float>((h1 - h0) * (w1 - w0));
+    return sum / static_cast<double>((h1 - h0) * (w1 - w0));
   };
   if (pv.on && pv.cl) {  // channels_last: a thread per (window, V channels)
     const uint32_t G = static_cast<uint32_t>(C / V);
@@ -102,20 +105,27 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
       const uint32_t hp = div_of(i, pv.wp), wp = i - hp * static_cast<uint32_t>(Wp);
       const int64_t h0 = hp * k, w0 = wp * k;
       const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
-      float acc[V] = {};
-#pragma unroll 1
-      for (int64_t h = h0; h < h1; ++h) {
-        const scalar_t* row = xn + h * W * C + c;  // dense offsets: any size may be 1
-#pragma unroll 1
-        for (int64_t w = w0; w < w1; ++w) {  // each channel summed rows then columns
-          const Vec16 in = *reinterpret_cast<const Vec16*>(row + w * C);
+      const double units = static_cast<double>((h1 - h0) * (w1 - w0));
+      // 2 float64 sums at a time, the window's vectors read again for each pair of channels
+      // (from L1): 8 sums (2-byte x) took 16 registers and spilled (64 a thread in blocks
+      // of 1024), and 4 still spilled 4 bytes.
+      constexpr int P = 2;
 #pragma unroll
-          for (int j = 0; j < V; ++j) acc[j] += to_float(in.v[j]);
+      for (int part = 0; part < V; part += P) {
+        double acc[P] = {};
+#pragma unroll 1
+        for (int64_t h = h0; h < h1; ++h) {
+          const scalar_t* row = xn + h * W * C + c;  // dense offsets: any size may be 1
+#pragma unroll 1
+          for (int64_t w = w0; w < w1; ++w) {  // each channel summed rows then columns
+            const Vec16 in = *reinterpret_cast<const Vec16*>(row + w * C);
+#pragma unroll
+            for (int j = 0; j < P; ++j) acc[j] += to_float(in.v[part + j]);
+          }
         }
-      }
-      const float units = static_cast<float>((h1 - h0) * (w1 - w0));
 #pragma unroll
-      for (int j = 0; j < V; ++j) pooled[i * C + c + j] = acc[j] / units;
+        for (int j = 0; j < P; ++j) pooled[i * C + c + part + j] = acc[j] / units;
+      }
     }
   } else if (pv.on) {  // NCHW: a thread per window, consecutive threads along w, h, c
     for (uint32_t item = threadIdx.x; item < C * Np; item += blockDim.x) {
@@ -123,7 +133,7 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
       const uint32_t hp = div_of(i, pv.wp), wp = i - hp * static_cast<uint32_t>(Wp);
       const int64_t h0 = hp * k, w0 = wp * k;
       const int64_t h1 = min(h0 + k, H), w1 = min(w0 + k, W);
-      float sum = 0.f;
+      double sum = 0.;
 #pragma unroll 1
       for (int64_t h = h0; h < h1; ++h) {
         // The window's row [lo, hi) read as the aligned vectors that cover it (inside the
@@ -140,7 +150,7 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
           for (int j = 0; j < V; ++j) sum += (j >= a && j < b) ? to_float(in.v[j]) : 0.f;
         }
       }
-      pooled[i * C + c] = sum / static_cast<float>((h1 - h0) * (w1 - w0));
+      pooled[i * C + c] = sum / static_cast<double>((h1 - h0) * (w1 - w0));
     }
   } else if (s.c < s.w) {  // channels inner: lanes along the channels
     for (int64_t i = warp; i < Np; i += kRowsY)  // uniform within the warp

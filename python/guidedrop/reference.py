@@ -43,6 +43,10 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
 
     F decides CorrDrop's blocks (F_min = F_max, the order of the F_i), so mathematically
     equal F must be exactly equal (SPEC §1):
+    - the window averages a in float64: a window's sum is then exact (but for values
+      spanning over 2^23 in a float32 window of 7 x 7), so the kernels get the same a
+      whatever order they add in, and no sum overflows (float32 sums past 3.4e38 made F
+      NaN, and F changed with the scale of x);
     - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
       of the norm, F is invariant to positive scaling of x; float64, so that equal or
       parallel rows give P_ij = 1 exactly once rounded to the grid;
@@ -61,8 +65,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     if n * hp * wp == 0 or c == 0:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
     # ceil_mode with no padding: a window cut by the border averages its valid units.
-    a = F.avg_pool2d(x.to(ct), k, stride=k, ceil_mode=True)
-    rows = a.flatten(2).transpose(1, 2).double()  # (N, N', C)
+    a = F.avg_pool2d(x.double(), k, stride=k, ceil_mode=True)
+    rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
     s = rows.abs().amax(dim=2, keepdim=True)
     b = rows / s
     # float64: |â_i·â_j| within ~1e-16 (1 for equal rows once rounded to the grid)
