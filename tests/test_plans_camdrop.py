@@ -106,7 +106,7 @@ def test_plan_ties(name):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf * 0
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
 def test_plan_nonfinite(name):
-    """NaN / ±Inf in x (J NaN or infinite: NaN ranks largest, never a candidate) and in
+    """NaN / ±Inf in x (J NaN or infinite: NaN ranks largest and is a candidate) and in
     the weight (alpha NaN or infinite)."""
     x = make_x((2, 4, 5, 5), device=DEV)
     x[0, 1, 2, 3] = float("nan")

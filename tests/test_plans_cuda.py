@@ -143,16 +143,15 @@ def test_plan_ties_and_nonfinite(B, layer):
                 check(B, layer, x, *args, noise=u, **kw)
 
 
-def test_selectout_fewer_candidates_than_dropped(B):
-    """A NaN max |x| counts in the k-th largest but is no candidate (NaN >= t is false), so
-    fewer than n_drop channels may be candidates: the rest are dropped from the
-    non-candidates (v = +Inf) in channel order, like the reference's stable argsort."""
+def test_selectout_nan_candidates(B):
+    """A NaN max |x| ranks largest and is a candidate (in_top): with k = 3, sample 0's
+    candidates are NaN and the ties at 1 (t = 1: channels 0 to 5), sample 1's NaN, 3, 3."""
     x = torch.ones(2, 6, 2, 2, device=DEV)
     x[:, 0] = float("nan")
-    x[:, 3] = 2.0  # sample 0: amax NaN, 1, 1, 2, 1, 1; k = 3: t = 1, candidates 1..5
-    x[1, 1:3] = 3.0  # sample 1: amax NaN, 3, 3, 2, 1, 1; t = 3, candidates 1, 2 only
+    x[:, 3] = 2.0  # sample 0: amax NaN, 1, 1, 2, 1, 1; k = 3: t = 1, candidates 0..5
+    x[1, 1:3] = 3.0  # sample 1: amax NaN, 3, 3, 2, 1, 1; t = 3, candidates 0, 1, 2
     u = torch.tensor([[0.5, 0.25, 0.25, 0.0, 0.25, 0.9]] * 2, device=DEV)
-    for keep in (0.5, 0.6, 0.75):  # n_drop = 3 (sample 1 drops channel 0 too), 2, 2
+    for keep in (0.5, 0.6, 0.75):  # n_drop = 3 (sample 1: every candidate), 2, 2
         check(B, "selectout", x, 0.5, keep, noise=u)
 
 

@@ -123,7 +123,7 @@ def test_plan_ties(B):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf * 0
 def test_plan_nonfinite(B):
-    """NaN / ±Inf in x (J NaN or infinite: NaN ranks largest but is never a candidate) and
+    """NaN / ±Inf in x (J NaN or infinite: NaN ranks largest and is a candidate) and
     in the weight (alpha NaN or infinite)."""
     x = make_x((2, 4, 5, 5))
     x[0, 1, 2, 3] = float("nan")

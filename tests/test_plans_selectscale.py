@@ -100,6 +100,26 @@ def test_selectout_no_drop(B):  # noqa: F811
     assert (w != 0).all()
 
 
+def test_nan_channels_are_candidates(B):  # noqa: F811
+    """A NaN max |x| ranks above every number (kth_largest's order), so its channel is a
+    candidate (SPEC §1: the top k are s >= v_k in that order, also where v_k is NaN):
+    SelectScale scales at least n_t channels and Selectout drops only candidates. With
+    IEEE's NaN >= v_k (false) a NaN channel was never one: SelectScale could scale none,
+    and Selectout dropped the first channels by index (channel 0, the smallest max |x|)."""
+    c = 10
+    x = torch.arange(1.0, c + 1).view(1, c, 1, 1).repeat(2, 1, 3, 3)  # max |x| = c + 1
+    x[0, 5, 1, 1] = math.nan  # sample 0: NaN, then channel 9
+    x[1, 2, 0, 0] = x[1, 7, 2, 2] = math.nan  # sample 1: two NaNs, v_k NaN at n_t <= 2
+    x = x.to(DEV)
+    u = torch.linspace(0.05, 0.95, c).repeat(2, 1).to(DEV)  # no u gives w = 1 (u = 0.5)
+    want = {0.2: [[5, 9], [2, 7]], 0.1: [[5], [2, 7]]}  # top_rate -> candidates per sample
+    for top_rate, cands in want.items():
+        w = check(B, "selectscale", x, top_rate, 0.1, noise=u)
+        assert [(r != 1).nonzero().flatten().tolist() for r in w.cpu()] == cands, top_rate
+    w = check(B, "selectout", x, 0.2, 0.8, noise=u)  # n_t = n_d = 2: both candidates
+    assert [(r == 0).nonzero().flatten().tolist() for r in w.cpu()] == want[0.2]
+
+
 def test_long_rows(B):  # noqa: F811
     """C longer than one chunk of the plan kernel (4096 channels)."""
     torch.manual_seed(4)

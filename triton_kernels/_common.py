@@ -538,6 +538,14 @@ def float_key(v):
 
 
 @triton.jit
+def in_top(v, thr):
+    """v is in the top k whose k-th largest is thr (SPEC §1: ties kept), in the order the
+    selections rank by (float_key): a NaN above every number, so also when thr is NaN; -0.0
+    and +0.0 equal (compared by value)."""
+    return (v >= thr) | (v != v)
+
+
+@triton.jit
 def key_float(k):
     """Inverse of float_key."""
     b = tl.where(k < 0, k ^ 0x7FFFFFFF, k)

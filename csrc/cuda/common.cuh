@@ -419,6 +419,10 @@ __device__ __forceinline__ uint32_t float_key(float v) {
   return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
 
+// v is in the top k whose k-th largest is t (SPEC §1: ties kept), in the order the select
+// ranks by: a NaN above every number (float_key), so also when t is NaN; -0 and +0 equal.
+__device__ __forceinline__ bool in_top(float v, float t) { return v >= t || v != v; }
+
 // The inverse: a key's top bit set (a positive value) clears it, else flips every bit.
 __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float(k ^ (~static_cast<uint32_t>(static_cast<int32_t>(k) >> 31) | 0x80000000u));

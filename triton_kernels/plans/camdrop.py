@@ -23,7 +23,7 @@ import triton.language as tl
 from guidedrop import _validation
 from guidedrop.layers import Plan, _seed_rate
 
-from .._common import MAX_ROW, TILE, cdiv, float_key, key_float, launch, op, pow2, warps
+from .._common import MAX_ROW, TILE, cdiv, float_key, in_top, key_float, launch, op, pow2, warps
 from ..block_mask import draw_seed, seed_launch, seeds_scale
 from ..class_activation import cam_launch
 from .dropblock import rate_args
@@ -44,8 +44,8 @@ def _top_rows(v_ptr, o_ptr, R, L, k, ROWS: tl.constexpr, BLOCK: tl.constexpr,
               SINGLE: tl.constexpr):
     """o[r, i] = v[r, i] >= the k-th largest of row r of v (R, L) float32 contiguous, as
     uint8, for this program's ROWS rows: the k-th largest as kth_largest finds it (NaN
-    largest; a bisection on the order-preserving key, every row of the program at once;
-    SINGLE: a row fits in BLOCK and stays in registers)."""
+    largest, and a candidate: ``in_top``; a bisection on the order-preserving key, every
+    row of the program at once; SINGLE: a row fits in BLOCK and stays in registers)."""
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -83,7 +83,7 @@ def _top_rows(v_ptr, o_ptr, R, L, k, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         valid = live[:, None] & (p < L)[None, :]
         off = rows[:, None] * L + p[None, :]
         v = tl.load(v_ptr + off, mask=valid, other=0.0)
-        tl.store(o_ptr + off, (v >= thr).to(tl.uint8), mask=valid)
+        tl.store(o_ptr + off, in_top(v, thr).to(tl.uint8), mask=valid)
 
 
 @triton.jit

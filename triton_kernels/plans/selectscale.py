@@ -3,7 +3,8 @@
 SelectScale and Selectout: the statistics (``channel_stats``: max |x| per channel) and ONE
 plan kernel (``_select_plan_kernel``, one program per sample) that finds the candidates
 (the top ``k`` of the sample's max |x|, ties kept: ``v >= k-th largest``, the k-th largest
-by torch.topk's order, NaN largest) and writes ``w`` (N, C) float32:
+by torch.topk's order, NaN largest, so a NaN is a candidate: ``in_top``) and writes ``w``
+(N, C) float32:
 
 - SelectScale: ``retain + spread * u`` on the candidates, 1 elsewhere, with
   ``spread = 2 * (1 - retain)`` (python float math), each rounded to float32, then a float32
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from guidedrop.layers import Plan, _rate, rand
 
-from .._common import as_float32, float_key, key_float, launch, op, pow2, warps
+from .._common import as_float32, float_key, in_top, key_float, launch, op, pow2, warps
 from ..channel_ranking import channel_stats
 
 BLOCK_MAX = 4096  # channels per chunk of a row
@@ -51,13 +52,13 @@ def rate_arg(v, PTR: tl.constexpr):
 def _row_keys(amax_ptr, u_ptr, row, c0, C, s_uN, s_uC, thr,
               DROP: tl.constexpr, BLOCK: tl.constexpr):
     """Keys of channels c0 + [0, BLOCK) of a row: of max |x|, or (DROP) of Selectout's
-    order ``where(amax >= thr, u, inf)``. -0 is +0 (torch compares values)."""
+    order ``where(in_top(amax, thr), u, inf)``. -0 is +0 (torch compares values)."""
     c = c0 + tl.arange(0, BLOCK)
     valid = c < C
     v = tl.load(amax_ptr + row * C + c, mask=valid, other=0.0)
     if DROP:
         u = tl.load(u_ptr + row * s_uN + c * s_uC, mask=valid, other=0.0).to(tl.float32)
-        v = tl.where(v >= thr, u, float("inf"))
+        v = tl.where(in_top(v, thr), u, float("inf"))
     v = tl.where(v == 0.0, 0.0, v)
     return float_key(v), valid, c
 
@@ -135,7 +136,7 @@ def _select_plan_kernel(amax_ptr, u_ptr, w_ptr, C, k, s_uN, s_uC, rate0, rate1,
             valid = c < C
             a = tl.load(amax_ptr + row * C + c, mask=valid, other=0.0)
             u = tl.load(u_ptr + row * s_uN + c * s_uC, mask=valid, other=0.0).to(tl.float32)
-            w = tl.where(a >= thr, retain + spread * u, 1.0)
+            w = tl.where(in_top(a, thr), retain + spread * u, 1.0)
             tl.store(w_ptr + row * C + c, w, mask=valid)
 
 

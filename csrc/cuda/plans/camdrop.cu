@@ -16,8 +16,8 @@
 //   value in any order of summation for the weights of a classifier);
 // - J: float32 * float32 products are exact in float64, and summed in float64 (the
 //   reference's einsum on float64), rounded once to float32;
-// - the top-k by the exact radix select of common.cuh (NaN ranks largest, as torch.topk, and
-//   is never a candidate: NaN >= t is false).
+// - the top-k by the exact radix select of common.cuh (NaN ranks largest, as torch.topk, so a
+//   NaN is a candidate: in_top).
 // weight (any float dtype and strides) and target (any integer dtype and stride) are read by
 // value with a runtime type tag: no conversion launch, one instantiation per x dtype.
 #include "../launchers.h"
@@ -190,7 +190,7 @@ __global__ void camdrop_candidates_kernel(const float* __restrict__ J,
     bool* o = (spatial ? cand_s : cand_c) + n * L;
     const float kth = key_float(block_select_kth_largest(
         [&](int64_t i) { return float_key(v[i]); }, L, spatial ? k_s : k_c, sel));
-    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) o[i] = v[i] >= kth;
+    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) o[i] = in_top(v[i], kth);
     // block_select_kth_largest ended with __syncthreads: `sel` may be reused
   }
 }

@@ -5,7 +5,7 @@
 // One block per sample (grid-stride over the samples):
 // - candidates: the top k channels by amax, ties kept: amax >= the k-th largest (layers._top),
 //   found by the radix select of common.cuh, which counts NaN as the largest like
-//   torch.topk; the comparison is IEEE's, so a NaN amax is never a candidate;
+//   torch.topk, so a NaN amax is a candidate (in_top);
 // - SelectScale: w = lo + span * u on candidates, 1 elsewhere, with lo = float(retain) and
 //   span = float(2 * (1 - retain)) rounded on the host, and one rounding per operation (the
 //   reference's two tensor ops: no FMA contraction, hence __fmul_rn / __fadd_rn);
@@ -67,10 +67,10 @@ __global__ void channel_plan_kernel(const float* __restrict__ amax, const Unifor
         block_select_kth_largest([&](int64_t c) { return float_key(s[c]); }, C, k, sel));
     if (!kSelectout) {
       for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        wn[c] = s[c] >= kth ? __fadd_rn(lo, __fmul_rn(span, u(n, c))) : 1.f;
+        wn[c] = in_top(s[c], kth) ? __fadd_rn(lo, __fmul_rn(span, u(n, c))) : 1.f;
       continue;  // block_select_kth_largest ended with __syncthreads: sel may be reused
     }
-    auto key = [&](int64_t c) { return sort_key(s[c] >= kth ? u(n, c) : INFINITY); };
+    auto key = [&](int64_t c) { return sort_key(in_top(s[c], kth) ? u(n, c) : INFINITY); };
     if (n_drop == 0) {
       for (int64_t c = threadIdx.x; c < C; c += blockDim.x) wn[c] = inv_keep;
       continue;
