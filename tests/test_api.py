@@ -10,6 +10,7 @@ from torch import nn
 
 import guidedrop
 import guidedrop.functional as F
+from guidedrop import dispatch
 
 X = (2, 4, 6, 6)
 
@@ -803,6 +804,27 @@ def test_camdrop_targets_checked_in_eval_too():
         F.camdrop(x, torch.randn(3, 4), torch.tensor([0, 3]), training=False)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_camdrop_target_out_of_range_compiled(backend, monkeypatch):
+    """Under torch.compile a CPU target is not checked on the host before the op (a
+    data-dependent graph break); the backend checks it. Triton on CPU tensors (the
+    interpreter, which does not run the kernel's device assertion) raises the ValueError
+    naming target in its plan op (it clamped the class and dropped by another one's CAM);
+    the reference's asynchronous assertion raises on the CPU at once."""
+    if backend == "triton" and dispatch.load("triton")[0] is None:
+        pytest.skip("no Triton backend")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", backend)
+    torch._dynamo.reset()
+    x, w, u = torch.randn(2, 4, 6, 6), torch.randn(5, 4), torch.rand(2, 4, 6, 6)
+    f = torch.compile(lambda x, w, t, u: F.camdrop(x, w, t, 3, 0.3, noise=u),
+                      backend="aot_eager", fullgraph=True)
+    with pytest.raises((ValueError, RuntimeError), match="target") as err:
+        f(x, w, torch.tensor([7, 1]), u)
+    if backend == "triton":
+        assert err.type is ValueError
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_camdrop_target_out_of_range_cuda_is_async():
     """On a GPU the range check is an asynchronous assertion naming target: no sync."""
@@ -816,10 +838,13 @@ def test_camdrop_target_out_of_range_cuda_is_async():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("classifier", [nn.ReLU(), nn.Conv2d(4, 3, 1), "fc", torch.randn(3)])
-def test_cam_targets_bad_classifier(classifier):
-    """cam_targets(nn.ReLU(), t) used to raise AttributeError."""
-    with pytest.raises(TypeError, match="cam_targets|weight"):
+@pytest.mark.parametrize("classifier,error", [
+    (nn.ReLU(), TypeError), (nn.Conv2d(4, 3, 1), TypeError), ("fc", TypeError),
+    (torch.randn(3), ValueError), (torch.randn(2, 3, 4), ValueError)])
+def test_cam_targets_bad_classifier(classifier, error):
+    """cam_targets(nn.ReLU(), t) used to raise AttributeError; a weight tensor of the wrong
+    shape is a ValueError (SPEC §1), as F.camdrop's (it was a TypeError)."""
+    with pytest.raises(error, match="cam_targets|weight"):
         with guidedrop.cam_targets(classifier, torch.tensor([0, 1])):
             pass
 

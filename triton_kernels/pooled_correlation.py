@@ -396,11 +396,12 @@ def _pooled_correlation_launch(x: torch.Tensor, k: int, f: torch.Tensor) -> None
     # other rows' units, and a tall map's hundreds of window rows one after another
     flat = (x.is_contiguous() and w * x.element_size() >= 8 and rw <= MAX_BAND
             and pow2(wp) * pow2(kw) <= MAX_BAND)
-    # TILE elements of 2 bytes per step (float32 spills at TILE elements): channels, and
-    # rows where C is small. Under 16 channels a step, by positions: Triton's gather
+    # TILE / 2 elements a step, any dtype (float32 spilled at TILE, and so did the float64
+    # column sums of bfloat16 at 14 x 14 and 7 x 7, k = 3): channels, and rows where C is
+    # small. Under 16 channels a step, by positions: Triton's gather
     # layout pass asserts on such tiles for sm_90 (OptimizeThreadLocality, isWarpLocal:
     # C = 2 to 8 at 7 x 7, 14 x 14 and 28 x 28, Triton 3.8)
-    tile = TILE * 2 // x.element_size()
+    tile = TILE // 2
     bc = max(1, min(pow2(c), tile // rw))
     flat = flat and bc >= 16
     if flat:

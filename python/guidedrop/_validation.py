@@ -167,13 +167,18 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
     if target.device != x.device:
         raise ValueError(f"target must be on x's device {x.device}, got {target.device}")
     if target_checked_on_host(target):
-        # Through numpy, which torch's dispatcher does not see: no op on the device, no
-        # launch (issue 12's budget counts every aten op, a CPU one too).
-        t = target.numpy()
-        bad = t[(t < 0) | (t >= k)]
-        if bad.size:
-            raise ValueError(f"target must hold class indices in [0, {k}), got {bad[0]}")
+        check_target_range(target, k)
     return target
+
+
+def check_target_range(target: torch.Tensor, k: int) -> None:
+    """ValueError naming ``target`` where a CPU target holds an index outside [0, k). Through
+    numpy, which torch's dispatcher does not see: no op on the device, no launch (issue
+    12's budget counts every aten op, a CPU one too)."""
+    t = target.numpy()
+    bad = t[(t < 0) | (t >= k)]
+    if bad.size:
+        raise ValueError(f"target must hold class indices in [0, {k}), got {bad[0]}")
 
 
 def target_checked_on_host(target: torch.Tensor) -> bool:

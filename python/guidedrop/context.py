@@ -32,7 +32,8 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
     classifier: the linear layer after global pooling (a module whose ``weight`` is a 2-D
     tensor, e.g. ``nn.Linear``), or that weight itself, a floating (K, C_fc) tensor.
     target: (N,) ground-truth class indices of the batch, any integer dtype but bool.
-    Raises TypeError for anything else. Shapes against x (N, C_fc a multiple of C),
+    Raises TypeError for anything else (ValueError for a weight tensor that is not
+    2-D). Shapes against x (N, C_fc a multiple of C),
     devices and the range [0, K) are checked by the layer (SPEC §6 step 0).
     """
     if isinstance(classifier, nn.Module):
@@ -43,9 +44,9 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
                             f"got {type(classifier).__name__}")
     elif isinstance(classifier, torch.Tensor):
         weight = classifier
-        if weight.dim() != 2:
-            raise TypeError(f"cam_targets needs a (K, C_fc) weight, got shape "
-                            f"{tuple(weight.shape)}")
+        if weight.dim() != 2:  # a tensor of the wrong shape: ValueError (SPEC §1)
+            raise ValueError(f"cam_targets needs a (K, C_fc) weight, got shape "
+                             f"{tuple(weight.shape)}")
     else:
         raise TypeError(f"cam_targets needs an nn.Linear-like module or a (K, C_fc) weight, "
                         f"got {type(classifier).__name__}")

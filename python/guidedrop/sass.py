@@ -195,7 +195,14 @@ def count(kernel: str, instrs: list[Instr], elements: float) -> Counts:
     def loaded(body):
         return sum(width(i) for i in body if i.base == "LDG")
 
-    best = max(loops, key=lambda lh: (loaded(own(*lh)), -(lh[1] - lh[0])), default=None)
+    def widest(body):
+        return max((width(i) for i in body if i.base == "LDG"), default=0)
+
+    # the loop that loads the most bits; of loops that load as many, the one with the
+    # widest loads (x's 16-byte vectors, not a loop over a few float64 statistics), then
+    # the shortest
+    best = max(loops, key=lambda lh: (loaded(own(*lh)), widest(own(*lh)), -(lh[1] - lh[0])),
+               default=None)
     # x streams through that loop only if it loads more than the code outside every loop
     # (an apply kernel that loads x once and loops over a few mask rows is loop-free here)
     outside = loaded([i for i in main if not any(a <= i.addr <= b for a, b in loops)])

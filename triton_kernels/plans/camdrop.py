@@ -23,7 +23,20 @@ import triton.language as tl
 from guidedrop import _validation
 from guidedrop.layers import Plan, _seed_rate
 
-from .._common import MAX_ROW, TILE, cdiv, float_key, in_top, key_float, launch, op, pow2, warps
+from .._common import (
+    INTERPRET,
+    MAX_ROW,
+    TILE,
+    cdiv,
+    float_key,
+    in_top,
+    key_float,
+    launch,
+    op,
+    pow2,
+    traced,
+    warps,
+)
 from ..block_mask import draw_seed, seed_launch, seeds_scale
 from ..class_activation import cam_launch
 from .dropblock import rate_args
@@ -115,6 +128,10 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     """(blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale (N,) float32)."""
     n, c, h, w = x.shape
     dev = x.device
+    if INTERPRET and not traced():  # CPU tensors: the interpreter does not run the CAM's
+        # tl.device_assert, and under torch.compile cam_inputs leaves the range to the
+        # kernel (SPEC §6 step 0); the fake run while tracing has no values to check
+        _validation.check_target_range(target, weight.shape[0])
     j = torch.empty((n, h, w), dtype=torch.float32, device=dev)
     alpha = torch.empty((n, c), dtype=torch.float32, device=dev)
     cand_s = torch.empty((n, h, w), dtype=torch.bool, device=dev)
