@@ -64,7 +64,9 @@ CUDA_OPS = sass.CUDA_STREAMING  # op -> kind
 # 14.9 (the map end anywhere in a thread's 32 elements: thr, min and r selected per element;
 # t or x 2 bytes past a 4-byte boundary, not read as words, not counted: 15.8).
 # _pooled_correlation_kernel (both backends) is counted on its pooling loop, which streams
-# x (Triton bf16 4.3-15.4, float32 4.6-14.9, 16-byte loads); its Gram phase is the (N', N')
+# x in 16-byte loads and sums its windows in float64 (exact: the reference's F): Triton
+# bf16 8.3-16.5, float32 5.6-17.1 (with float32 window sums, before: 4.3-15.4 and
+# 4.6-14.9); CUDA bf16 8.1, float32 10.0 as counted (5.1 and 6.8). Its Gram phase is the (N', N')
 # float64 product of the k²-times smaller pooled rows (float64 since 2026-12-04: SPEC §1's
 # equal F), about 21 multiply-adds per element of x at k = 3 on 56 x 56 (N' = 361, upper
 # triangle only; with float32 sums, about 71 Triton SASS per element of x there), a few at
