@@ -1096,6 +1096,36 @@ def test_layer_matches_reference(backend_name, monkeypatch, case, inputs):
     close(gx, gx_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2,
+                                   torch.float8_e8m0fnu], ids=str)
+def test_layers_float8_noise_and_weight(backend_name, monkeypatch, dtype):
+    """noise, and CamDrop's weight, of a float8 dtype (SPEC §1: any floating dtype): every
+    layer as on the reference, exactly. The CUDA ops refused float8 (CamDrop's seed kernel
+    after two launches) and Triton's launcher has no type for float8_e8m0fnu (KeyError);
+    layers.fusable passes them as float32 (exact) to every backend."""
+    x = make_x((2, 4, 6, 7), torch.float32, DEV, "contiguous")
+    weight = torch.randn(3, 8, generator=gen(4)).to(DEV, dtype)
+    target = torch.tensor([2, 0], device=DEV)
+    for case in LAYERS:
+        op, shape_of, params, _ = LAYERS[case]
+        u = layer_noise(case, x, 5).to(dtype)
+        if case == "camdrop":
+            def run(u=u):
+                return F.camdrop(x, weight, target, noise=u, block_size=3, keep=0.5,
+                                 channel_rate=0.5)
+        else:
+            def run(op=op, u=u, params=params):
+                return op(x, noise=u, **params)
+        y = run()
+        with monkeypatch.context() as m:
+            m.setenv("GUIDEDROP_BACKEND", "reference")
+            want = run()
+        if case.startswith("attentiondrop"):  # its scale: a float32 sum in another order
+            close(y, want)
+        else:
+            assert_same(y, want, f"{case} {dtype}")
+
+
 SEEDED = {
     "corrdrop": lambda x, **k: F.corrdrop(x, 0.4, 3, **k),
     "selectscale": lambda x, **k: F.selectscale(x, 0.4, 0.1, **k),

@@ -759,6 +759,24 @@ def test_emulated_layer_matches_reference(B, layer):
                 assert_same(y, want, what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e8m0fnu], ids=str)
+def test_emulated_layers_float8_noise_and_weight(B, dtype):
+    """noise and CamDrop's weight of a float8 dtype, which the CUDA ops do not read (they
+    refused it): every layer as on the reference (layers.fusable passes float32, exact)."""
+    gen = torch.Generator().manual_seed(12)
+    x = make_x((2, 4, 9, 8), torch.float32)
+    for layer in LAYERS:
+        for args, kw in _layer_cases(layer, *x.shape, gen):
+            kw = dict(kw, noise=kw["noise"].to(dtype))
+            if layer == "camdrop":
+                args = (args[0].to(dtype), *args[1:])
+            y, want = _run(B, layer, x, *args, **kw), _run(R, layer, x, *args, **kw)
+            if layer == "attentiondrop":
+                assert_close_dtype(y, want)
+            else:
+                assert_same(y, want, f"{layer} {dtype}")
+
+
 def test_emulated_dropblock_philox(B, E):
     """DropBlock without noise: Philox seeds in the kernel, about the requested drop rate."""
     E.emu_set_philox(7, 0)

@@ -124,8 +124,8 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     # g stays a tensor (loaded in the kernel): a rate is a runtime value, never a
     # compile-time constant or a host read (SPEC §8).
     g = _rate_tensor(g, device).to(device=device, dtype=torch.float32)
-    return _ops.seed_bits(device_like, _readable(noise), cand_s, cand_c, list(shape), g,
-                          int(r), generator)
+    return _ops.seed_bits(device_like, noise, cand_s, cand_c, list(shape), g, int(r),
+                          generator)
 
 
 def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
@@ -162,9 +162,9 @@ def apply_attention(t, x, state, active, mode):
 # --------------------------------------------------------------------------- plans
 # layers.<layer> calls plan_<layer> (layers.fusable): the statistics op, ONE plan kernel,
 # and the Plan the apply kernel takes, bit for bit the reference plan's. noise of any
-# floating dtype the kernels read goes to them as it is (rounded to float32 there: no .to
-# launch), others first to float32 (``_readable``); without noise, one torch.rand exactly
-# as layers.rand draws it. Rates are passed as they
+# floating dtype goes to the kernel as it is (rounded to float32 there: no .to launch;
+# float8, which the ops do not read, is float32 already: layers.fusable);
+# without noise, one torch.rand exactly as layers.rand draws it. Rates are passed as they
 # come (python floats, or symbolic under torch.compile): runtime arguments of the ops, never
 # float() here (that would specialise the compiled graph on the rate).
 #
@@ -172,17 +172,6 @@ def apply_attention(t, x, state, active, mode):
 # Dynamo specialises on it, one recompile per rate. So while tracing (only then) the rates
 # go as a float64 (2,) tensor, `rates`, that the kernel reads (the float arguments are then
 # placeholders); eagerly they go as floats, with no launch to build a tensor.
-
-
-# The dtypes the kernels read noise and CamDrop's weight in (csrc/guidedrop.cpp).
-_KERNEL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _readable(t):
-    """t (None or floating) as a dtype the kernels read: any other (float8) converted to
-    float32, which is exact, so every value is the one the kernel would round to float32
-    (SPEC §1: noise of any floating dtype; CamDrop's weights are rounded to float32)."""
-    return t if t is None or t.dtype in _KERNEL_FLOATS else t.float()
 
 
 def _rates(x, a, b):
@@ -203,7 +192,7 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
     float32. 3 launches (channel_stats, selectscale_plan; rand without noise)."""
     amax, _ = _ops.channel_stats(x)
-    u = _readable(noise) if noise is not None else rand(x.shape[:2], generator, x.device)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
     rates = _rates(x, top_rate, retain)
     w = _ops.selectscale_plan(amax, u, *_floats(rates, top_rate, retain), rates)
     return Plan("channel", (), (w,))
@@ -213,7 +202,7 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
     float32. RuntimeError when round((1 - keep) * C) exceeds the candidates."""
     amax, _ = _ops.channel_stats(x)
-    u = _readable(noise) if noise is not None else rand(x.shape[:2], generator, x.device)
+    u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
     rates = _rates(x, top_rate, keep)
     w = _ops.selectout_plan(amax, u, *_floats(rates, top_rate, keep), rates)
     return Plan("channel", (), (w,))
@@ -226,8 +215,8 @@ def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=No
     -> Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
     n, _, h, w = x.shape
     _, mean = _ops.channel_stats(x, applied)
-    u = _readable(noise) if noise is not None else rand((n, h, w) if per_position else (n,),
-                                                        generator, x.device)
+    u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
+                                             x.device)
     rates = _rates(x, low, high)
     mask, scale = _ops.focused_dropout_plan(x, mean, u, *_floats(rates, low, high), per_position,
                                             rates, applied)
@@ -253,8 +242,8 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     """
     n, c, h, w = x.shape
     k = _block_extent(block_size, h, w)
-    u = _readable(noise) if noise is not None else rand((2, n, -(-h // k), -(-w // k)),
-                                                        generator, x.device)
+    u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
+                                             x.device)
     # eq. 11 times N' with the real block size (int / int: exact, then rounded; never
     # overflows), rounded to float32 in the kernel like the reference's ones * p_blocks.
     p_t, p_blocks = _runtime_rate(p * ((h * w) / (block_size * block_size)), x)
@@ -271,7 +260,7 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     gamma = u < alpha, both rounded to float32.
     """
     n, c, h, w = x.shape
-    u = _readable(noise) if noise is not None else rand((n, c), generator, x.device)
+    u = noise if noise is not None else rand((n, c), generator, x.device)
     n_beta = max(1, math.ceil(beta * h * w / 100))
     a_t, a = _runtime_rate(alpha, x)
     state, active = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
@@ -291,8 +280,8 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     r = min(block_size, h, w)
     shape = [n, 1 if shared_channels else c, h, w]
     g_t, g = _runtime_rate(_seed_rate(p, r, h, w), x)
-    blocks, scale = _ops.seeds_plan(x, _readable(noise), None, None, shape, g_t, g, r, c,
-                                    normalize, generator)
+    blocks, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,
+                                    generator)
     return Plan("seeds", (1, shape[1] == 1), (blocks, scale))
 
 
@@ -321,8 +310,8 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     k_s = max(1, (h * w) // (r * r))
     k_c = max(1, round(channel_rate * c))
     g_t, g = _runtime_rate(_seed_rate(1 - keep, r, h, w), x)
-    blocks, scale = _ops.camdrop_plan(x, _readable(weight.detach()), target, _readable(noise),
-                                      g_t, g, r, k_s, k_c, normalize, generator)
+    blocks, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
+                                      normalize, generator)
     return Plan("seeds", (1, c == 1), (blocks, scale))  # as layers._seeds_plan: Cs = C
 
 

@@ -37,13 +37,30 @@ class Plan(NamedTuple):
     state: tuple  # small tensors kept for backward
 
 
+# The floating dtypes the kernels read (x, noise, CamDrop's weight); Triton's launcher has
+# no type for float8_e8m0fnu, and the CUDA ops take only these.
+KERNEL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _readable(v):
+    """A floating tensor argument (noise, CamDrop's weight) of another dtype (float8) as
+    float32: exact, and every layer rounds it to float32 (or float64) anyway (SPEC §1:
+    noise of any floating dtype; CamDrop's weights rounded to float32)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype not in KERNEL_FLOATS:
+        return v.float()
+    return v
+
+
 def fusable(layer):
     """Decorator: run ``B.plan_<layer>`` (the backend's plan kernel) when B has one, else
-    the torch code of the layer (the reference plan)."""
+    the torch code of the layer (the reference plan); float8 arguments first as float32
+    (``_readable``), for every backend alike."""
     name = f"plan_{layer.__name__}"
 
     @functools.wraps(layer)
     def run(B, *args, **kwargs):
+        args = tuple(_readable(a) for a in args)
+        kwargs = {k: _readable(v) for k, v in kwargs.items()}
         fused = getattr(B, name, None)
         return layer(B, *args, **kwargs) if fused is None else fused(*args, **kwargs)
 

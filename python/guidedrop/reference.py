@@ -45,7 +45,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     equal F must be exactly equal (SPEC §1):
     - the window averages a in float64: a window's sum is then exact (but for values
       spanning over 2^23 in a float32 window of 7 x 7), so the kernels get the same a
-      whatever order they add in, and no sum overflows (float32 sums past 3.4e38 made F
+      whatever order they add in (where it is not, as with 2^60, 1 and -2^60, Triton's
+      order may give another a), and no sum overflows (float32 sums past 3.4e38 made F
       NaN, and F changed with the scale of x);
     - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
       of the norm, F is invariant to positive scaling of x; float64, so that equal or
