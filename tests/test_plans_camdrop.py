@@ -20,7 +20,7 @@ from test_plans_dropblock import (
     on_threshold,
     plan_backend,
 )
-from testing import assert_same_plan, make_x
+from testing import assert_same, assert_same_plan, make_x
 
 from guidedrop import _validation, layers
 from guidedrop import reference as R
@@ -199,10 +199,12 @@ def test_plan_target_dtypes(name, dtype):
 def test_plan_target_out_of_range(bad, monkeypatch):
     """SPEC §6 step 0 in the backends (a target not checked on the host: on a GPU, or
     while torch.compile traces): the reference asserts in torch ops (RuntimeError naming
-    target on the CPU); the Triton plan asserts in its CAM kernel and clamps the row, so
-    that without device assertions (the interpreter's default) nothing is read out of
-    bounds: the plan of the clamped target. With the interpreter's assertions on (as the
-    kernel's debug=True compiles them on a GPU) the kernel raises, naming target."""
+    target on the CPU). The Triton plan asserts in its CAM kernel and clamps the row, so
+    that without device assertions nothing is read out of bounds: the CAM of the clamped
+    target; with the interpreter's assertions on (as the kernel's debug=True compiles them
+    on a GPU) the kernel raises, naming target. On CPU tensors (the interpreter, which
+    skips device assertions) the plan op checks the range on the host first: a
+    ValueError naming target (it took the clamped class under torch.compile)."""
     x = make_x((2, 4, 5, 5), device=DEV)
     w = weights(4, 2)
     t = torch.tensor(bad, dtype=torch.int8, device=DEV)
@@ -210,19 +212,26 @@ def test_plan_target_out_of_range(bad, monkeypatch):
     with pytest.raises(RuntimeError, match="target"):
         layers.camdrop.reference(R, x, w, t, 2, 0.6, **kw)
     B = plan_backend("triton", "camdrop")
-    clamped = t.long().clamp(0, K - 1)
-    assert_same_plan(layers.camdrop(B, x, w, t, 2, 0.6, **kw),
-                     layers.camdrop.reference(R, x, w, clamped, 2, 0.6, **kw))
     if DEV != "cpu":
         return  # on a GPU the assertion would poison the CUDA context
+    with pytest.raises(ValueError, match="target must hold class indices"):
+        layers.camdrop(B, x, w, t, 2, 0.6, **kw)
+    from guidedrop.triton_kernels.class_activation import cam_launch
+
+    def cam(target):
+        j, alpha = torch.empty(2, 5, 5), torch.empty(2, 4)
+        cam_launch(x, j, weight=w, target=target, alpha_out=alpha)
+        return j, alpha
+
+    clamped = t.long().clamp(0, K - 1)
+    for got, want in zip(cam(t), cam(clamped), strict=True):
+        assert_same(got, want, "the kernel's clamped row")
     from triton.runtime import interpreter as I
     monkeypatch.setattr(I.interpreter_builder, "options", I.InterpreterOptions(debug=True))
     with pytest.raises(BaseException, match="target must hold class indices"):
-        layers.camdrop(B, x, w, t, 2, 0.6, **kw)
+        cam(t)
     # the assertion holds for a target in range (it is the range, not its negation)
-    from guidedrop.triton_kernels.class_activation import cam_launch
-    j, alpha = torch.empty(2, 5, 5), torch.empty(2, 4)
-    cam_launch(x, j, weight=w, target=torch.tensor([4, 0], dtype=torch.int8), alpha_out=alpha)
+    _, alpha = cam(torch.tensor([4, 0], dtype=torch.int8))
     assert torch.equal(alpha, w[[4, 0]].view(2, 4, 2).double().mean(2).float())
 
 
