@@ -264,6 +264,8 @@ def test_module_checks_x_where_it_returns_x(cls, training):
         m(_x((8, 9, 9)))
     with pytest.raises(TypeError, match="floating"):
         m(torch.zeros(2, 8, 9, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        m(torch.zeros(2, 8, 9, 9, dtype=torch.float8_e4m3fn))  # the reference returned float8
     with pytest.raises(TypeError, match="torch.Tensor"):
         m([[1.0]])
 
