@@ -80,18 +80,20 @@ def low_high(low, high) -> tuple[float, float]:
     return low, high
 
 
-# SPEC §1: x is float32, float16 or bfloat16 (float64 on the reference path)
-X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The floating dtypes the library reads: x's (SPEC §1: float32, float16 or bfloat16;
+# float64 on the reference path), and those the kernels read noise and weights in (a
+# float8 one is converted first: layers.fusable)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def feature_map(x) -> None:
-    """x: a 4-D floating tensor (N, C, H, W) of a dtype of X_DTYPES (float8 is a TypeError:
+    """x: a 4-D floating tensor (N, C, H, W) of a dtype of FLOATS (float8 is a TypeError:
     the reference returned a float8 output, the kernel backends refused it)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in X_DTYPES:
+    if x.dtype not in FLOATS:
         raise TypeError(f"x must be a floating tensor of float32, float16, bfloat16 or "
                         f"float64, got dtype {x.dtype}")
 

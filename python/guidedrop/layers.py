@@ -37,16 +37,12 @@ class Plan(NamedTuple):
     state: tuple  # small tensors kept for backward
 
 
-# The floating dtypes the kernels read (x, noise, CamDrop's weight); Triton's launcher has
-# no type for float8_e8m0fnu, and the CUDA ops take only these.
-KERNEL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _readable(v):
-    """A floating tensor argument (noise, CamDrop's weight) of another dtype (float8) as
-    float32: exact, and every layer rounds it to float32 (or float64) anyway (SPEC §1:
-    noise of any floating dtype; CamDrop's weights rounded to float32)."""
-    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype not in KERNEL_FLOATS:
+    """A floating tensor argument (noise, CamDrop's weight) of a dtype the kernels do not
+    read (float8: Triton's launcher has no type for float8_e8m0fnu, the CUDA ops refuse
+    every float8) as float32: exact, and every layer rounds it to float32 (or float64)
+    anyway (SPEC §1: noise of any floating dtype; CamDrop's weights rounded to float32)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype not in _validation.FLOATS:
         return v.float()
     return v
 
