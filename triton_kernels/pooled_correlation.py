@@ -7,10 +7,11 @@ valid units). F decides CorrDrop's blocks, so mathematically equal F are exactly
 - the window sums and averages a in float64: a sum of k² values of x is exact in float64
   where the window's nonzero values lie within a factor 2^(53 - p - log2 k²) of its
   largest (p = 24 mantissa bits for float32: 2^23 at k = 7; bfloat16 2^39; float16 always),
-  so a is the reference's whatever the order of the additions (Triton's tl.sum orders them by
-  the tile's layout, which differs between a GPU and the interpreter; in float32 the
+  so a is the reference's whatever the order of the additions (Triton's tl.sum orders them
+  by the tile's layout, which differs between a GPU and the interpreter; in float32 the
   order of the column sums gave the reference's F but for the last bit in most float32
-  samples at k > 1, and sums past 3.4e38 overflowed to a NaN F);
+  samples at k > 1, and sums past 3.4e38 overflowed to a NaN F). Where a sum is inexact
+  (values cancelling across more than that factor: 2^60, 1, -2^60), a can still differ;
 - â_i = b_i / ‖b_i‖ with b_i = a_i / max|a_i| (no overflow: F is scale invariant), in
   float64 as the reference;
 - P_ij = |â_i · â_j| in float64, summed over the channels in one fixed order of fmas
