@@ -391,12 +391,14 @@ std::tuple<at::Tensor, at::Tensor> seeds_plan(
 // target: (N,) of any integer dtype but bool, read by value (no conversion launch); noise:
 // (N, C, H, W) of any floating dtype, or None (Philox in the seed kernel); g: the seed rate
 // as g_t (a 0-dim float32, under torch.compile) or g (g_t None); 1 <= r <= min(H, W);
-// k_s, k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3).
+// k_s, k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3); k_c_t:
+// None, or (torch.compile: channel_rate is a runtime value) k_c as a 0-dim float64, read in
+// the kernel (k_c is then a placeholder).
 std::tuple<at::Tensor, at::Tensor> camdrop_plan(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& g_t, double g,
     int64_t r, int64_t k_s, int64_t k_c, c10::string_view normalize,
-    std::optional<at::Generator> generator) {
+    std::optional<at::Generator> generator, const std::optional<at::Tensor>& k_c_t) {
   constexpr const char* op = "guidedrop::camdrop_plan";
   check_feature_map(x, op, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -423,6 +425,12 @@ std::tuple<at::Tensor, at::Tensor> camdrop_plan(
               std::min(H, W), "], got ", r);
   check_k(k_s, H * W, op);
   check_k(k_c, C, op);
+  if (k_c_t.has_value()) {
+    check_cuda(*k_c_t, op, "k_c_t");
+    TORCH_CHECK(k_c_t->device() == x.device() && k_c_t->dim() == 0 &&
+                    k_c_t->scalar_type() == at::kDouble,
+                op, ": k_c_t must be a 0-dim float64 tensor on ", x.device());
+  }
   const int norm = parse_normalize(normalize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   Seeds sd = prepare_seeds(x, noise, std::nullopt, std::nullopt, {N, C, H, W}, g_t, g, r,
@@ -435,7 +443,9 @@ std::tuple<at::Tensor, at::Tensor> camdrop_plan(
   at::Tensor ws = at::empty({N + 1}, x.options().dtype(at::kLong));
   at::Tensor scale = at::empty({N}, f32(x));
   launch_camdrop_cam(x, weight, target, alpha, J);
-  launch_camdrop_candidates(J, alpha, k_s, k_c, cand_s, cand_c);
+  launch_camdrop_candidates(J, alpha, k_s, k_c,
+                            k_c_t.has_value() ? k_c_t->data_ptr<double>() : nullptr, cand_s,
+                            cand_c);
   launch_seed_bits(sd.noise, cand_s, cand_c, sd.g, sd.g_value, r, C, H, W, sd.philox, sd.bits,
                    ws);
   at::Tensor blocks = at::empty_like(sd.bits);
@@ -679,8 +689,8 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, int k, str normalize) "
         "-> (Tensor, Tensor)");
   m.def("camdrop_plan(Tensor x, Tensor weight, Tensor target, Tensor? noise, Tensor? g_t, "
-        "float g, int r, int k_s, int k_c, str normalize, Generator? generator=None) "
-        "-> (Tensor, Tensor)");
+        "float g, int r, int k_s, int k_c, str normalize, Generator? generator=None, "
+        "Tensor? k_c_t=None) -> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");

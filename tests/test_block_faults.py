@@ -424,6 +424,35 @@ def test_rate_ramp_never_recompiles(forced, layer):
     assert frames[-1] <= 3, frames
 
 
+@pytest.mark.parametrize("forced", RAMP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("layer,rate", [("selectscale", "top_rate"), ("selectout", "top_rate"),
+                                        ("camdrop", "channel_rate")])
+def test_count_rates_never_recompile(forced, layer, rate):
+    """top_rate and channel_rate decide a top-k's size, max(1, round(rate * C)): a python
+    int from a symbolic float, which Dynamo specialised on, one recompile per value (SPEC
+    §8; frames 1, 3, 4, 5, ...). layers.top_count makes it a runtime tensor while traced:
+    after the first change, none; and each compiled step is the eager one, exactly."""
+    torch._dynamo.reset()
+    kw = {"selectscale": {}, "selectout": dict(keep=0.9),
+          "camdrop": dict(block_size=3, keep=0.5)}[layer]
+    op = getattr(F, layer)
+    weight, target = _cam_args(2, 10)
+    args = (weight, target) if layer == "camdrop" else ()
+    x = torch.randn(2, 10, 7, 7, generator=gen(27)).to(DEV)
+    noise = torch.rand((2, 10, 7, 7) if layer == "camdrop" else (2, 10), generator=gen(28))
+
+    def step(x, value, noise):
+        return op(x, *args, **{rate: value}, **kw, noise=noise)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    frames = []
+    for value in (0.5, 0.51, 0.3, 0.25, 0.15, 0.95, 0.05):  # counts 5, 5, 3, 2, 2, 10, 1
+        u = noise.to(DEV)
+        assert torch.equal(compiled(x, value, u), step(x, value, u)), value
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[1] <= 2, frames
+
+
 # --------------------------------------------------------------------------- torch.fx
 
 

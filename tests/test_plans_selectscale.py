@@ -131,7 +131,8 @@ def test_long_rows(B):  # noqa: F811
 
 
 def test_rate_tensors(B):  # noqa: F811
-    """The traced path (rates as 0-dim tensors) gives the eager plan."""
+    """The traced path (rates and the candidates' count k as 0-dim tensors) gives the eager
+    plan."""
     if not hasattr(B, "plan_selectscale"):
         pytest.skip("no SelectScale plan kernel on this backend")
     from guidedrop.triton_kernels.plans import selectscale as S
@@ -142,13 +143,15 @@ def test_rate_tensors(B):  # noqa: F811
     f32, f64 = torch.float32, torch.float64
     for retain in (0.1, 1 / 3):
         want = S._selectscale_plan(amax, u, 4, retain, 2 * (1 - retain))
-        got = S._selectscale_plan(amax, u, 4, torch.tensor(retain, dtype=f32),
+        got = S._selectscale_plan(amax, u, torch.tensor(4.0, dtype=f64),
+                                  torch.tensor(retain, dtype=f32),
                                   torch.tensor(2 * (1 - retain), dtype=f32))
         assert torch.equal(got, want)
     for keep in (0.7, 1 / 3):
         nd = round((1 - keep) * 11)
         want = S._selectout_plan(amax, u, 8, 1 / keep, nd)
-        got = S._selectout_plan(amax, u, 8, torch.tensor(1 / keep, dtype=f32),
+        got = S._selectout_plan(amax, u, torch.tensor(8.0, dtype=f64),
+                                torch.tensor(1 / keep, dtype=f32),
                                 torch.tensor(float(nd), dtype=f64))
         assert torch.equal(got, want)
 

@@ -90,10 +90,11 @@ void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
                         const at::TensorBase& target, const at::TensorBase& alpha,
                         const at::TensorBase& J);
 // J: (N, L) and alpha: (N, C) float32 contiguous -> cand_s (N, L) and cand_c (N, C) bool: the
-// top k_s of J's rows and the top k_c of alpha's rows, ties kept (1 <= k <= the row length).
+// top k_s of J's rows and the top k_c of alpha's rows, ties kept (1 <= k <= the row length);
+// k_c read from device memory instead where k_c_ptr is not null (a float64 count).
 void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& alpha,
-                               int64_t k_s, int64_t k_c, const at::TensorBase& cand_s,
-                               const at::TensorBase& cand_c);
+                               int64_t k_s, int64_t k_c, const double* k_c_ptr,
+                               const at::TensorBase& cand_s, const at::TensorBase& cand_c);
 
 // class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);

@@ -16,7 +16,7 @@ import math
 import torch
 
 from guidedrop import _validation
-from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, rand
+from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, rand, top_count
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -308,10 +308,11 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
             _validation.assert_target(target, weight.shape[0])
         return None
     k_s = max(1, (h * w) // (r * r))
-    k_c = max(1, round(channel_rate * c))
+    k_c = top_count(channel_rate, c, x.device)  # a tensor while torch.compile traces
+    k_c, k_c_t = (1, k_c) if isinstance(k_c, torch.Tensor) else (k_c, None)
     g_t, g = _runtime_rate(_seed_rate(1 - keep, r, h, w), x)
     blocks, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
-                                      normalize, generator)
+                                      normalize, generator, k_c_t)
     return Plan("seeds", (1, c == 1), (blocks, scale))  # as layers._seeds_plan: Cs = C
 
 
@@ -376,7 +377,8 @@ def _register_fakes() -> None:
                 device_like.new_empty((n,), dtype=torch.float32))
 
     @register("guidedrop::camdrop_plan")
-    def _(x, weight, target, noise, g_t, g, r, k_s, k_c, normalize, generator=None):
+    def _(x, weight, target, noise, g_t, g, r, k_s, k_c, normalize, generator=None,
+          k_c_t=None):
         n, c, h, w = x.shape
         return (x.new_empty((n, (c * h * w + 7) // 8), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))

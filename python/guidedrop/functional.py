@@ -211,10 +211,20 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
     top_rate, keep = V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
     V.noise(noise, x.shape[:2], x)
     c = x.shape[1]
-    n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
-    if c > 0 and n_drop > n_top:
-        raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more than "
-                         f"the {n_top} candidates of top_rate={top_rate}: raise top_rate or keep")
+    if torch.compiler.is_compiling():
+        # the rates are symbolic: python's round() of them would specialise the graph on
+        # each value (SPEC §8); the same counts as tensors, an asynchronous assertion
+        one = torch.ones((), dtype=torch.float64, device=x.device)
+        n_drop = (one * (1 - keep) * c).round()
+        torch._assert_async(n_drop <= layers.top_count(top_rate, c, x.device),
+                            "selectout drops round((1 - keep) * C) channels, more than the "
+                            "candidates of top_rate: raise top_rate or keep")
+    else:
+        n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
+        if c > 0 and n_drop > n_top:
+            raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more "
+                             f"than the {n_top} candidates of top_rate={top_rate}: raise "
+                             "top_rate or keep")
     if _idle(x, training, 1 - keep):
         return x
     return _run("selectout", x, top_rate, keep, noise=noise, generator=generator)

@@ -103,6 +103,17 @@ def _rate(q, x) -> torch.Tensor:
     return torch.ones((), dtype=_compute_dtype(x), device=x.device) * q
 
 
+def top_count(rate, n: int, device):
+    """max(1, round(rate * n)), the size of a top-k (SPEC §1: Python's round, half to even):
+    an int in eager mode; while torch.compile traces, that value in a 0-dim float64 tensor
+    (torch.round also rounds half to even), so that a new rate is a runtime value of the
+    graph, not a recompile: an int computed from a symbolic float is specialised on, one
+    recompile per rate (SPEC §8)."""
+    if not torch.compiler.is_compiling():
+        return max(1, round(rate * n))
+    return (torch.ones((), dtype=torch.float64, device=device) * rate * n).round().clamp(min=1)
+
+
 def _block_extent(k: int, h: int, w: int) -> int:
     """The block size that indexes an H x W map like k does: k itself, or max(H, W) when
     k is larger (one block then; any int k >= 1, however large, SPEC §1)."""
@@ -120,13 +131,20 @@ def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tenso
     return torch.where(kept > 0, units / kept.clamp_min(1e-300), 0).to(dtype)
 
 
-def _top(B, v: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of v (R, L): the top k by value, ties kept (SPEC §1) -> bool (R, L). In the
+def _top(B, v: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Rows of v (R, L): the top k (an int, or top_count's 0-dim tensor while torch.compile
+    traces, on the reference backend: the kernel backends' plans take the rate) by value,
+    ties kept (SPEC §1) -> bool (R, L). In the
     order kth_largest ranks by: a NaN above every number, so a NaN is always in the top k
     (also where the k-th largest is NaN); -0.0 and +0.0 tie (compared by value)."""
     if v.shape[1] == 0:  # C = 0: no candidates (kth_largest needs k <= L)
         return torch.zeros_like(v, dtype=torch.bool)
-    t = B.kth_largest(v.float() if v.dtype != torch.float64 else v, k)[:, None]
+    vf = v.float() if v.dtype != torch.float64 else v
+    if isinstance(k, torch.Tensor):  # top_count's runtime k: kth_largest's value by a sort
+        keys = reference.order_key(vf).sort(dim=1, descending=True).values
+        t = reference.key_value(keys.gather(1, (k.long() - 1).expand(v.shape[0], 1)), vf.dtype)
+    else:
+        t = B.kth_largest(vf, k)[:, None]
     return (v >= t) | v.isnan()
 
 
@@ -169,7 +187,7 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
 
 def _channel_candidates(B, x, top_rate):
     amax, _ = B.channel_stats(x)
-    return _top(B, amax, max(1, round(top_rate * x.shape[1])))
+    return _top(B, amax, top_count(top_rate, x.shape[1], x.device))
 
 
 @fusable
@@ -292,7 +310,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     alpha = alpha.to(torch.float64).view(n, c, -1).mean(dim=2).to(dt)
     cam = B.cam(x, alpha)
     cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
-    cand_c = _top(B, alpha, max(1, round(channel_rate * c)))
+    cand_c = _top(B, alpha, top_count(channel_rate, c, x.device))
     g = _rate(_seed_rate(1 - keep, r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, x.shape, x.device)
     return _seeds_plan(B, bits, r, x.shape, c, normalize, dt)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from guidedrop import _validation
-from guidedrop.layers import Plan, _seed_rate
+from guidedrop.layers import Plan, _seed_rate, top_count
 
 from .._common import (
     INTERPRET,
@@ -99,16 +99,19 @@ def _top_rows(v_ptr, o_ptr, R, L, k, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         tl.store(o_ptr + off, in_top(v, thr).to(tl.uint8), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_c"])  # a rate's count: never a specialisation key
 def _candidates_kernel(j_ptr, cs_ptr, a_ptr, cc_ptr, N, L, C, k_s, k_c,
                        ROWS_S: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_S: tl.constexpr,
-                       ROWS_C: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr):
+                       ROWS_C: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr,
+                       K_PTR: tl.constexpr):
     """Grid (programs, 2): axis 1 = 0, the spatial candidates (top k_s of J's rows (N, L));
-    1, the channel candidates (top k_c of alpha's rows (N, C)). Programs past their rows
-    do nothing."""
+    1, the channel candidates (top k_c of alpha's rows (N, C); K_PTR: k_c a 0-dim float64
+    tensor, layers.top_count's while traced). Programs past their rows do nothing."""
     if tl.program_id(1) == 0:
         _top_rows(j_ptr, cs_ptr, N, L, k_s, ROWS_S, BLOCK_S, SINGLE_S)
     else:
+        if K_PTR:
+            k_c = tl.load(k_c).to(tl.int32)
         _top_rows(a_ptr, cc_ptr, N, C, k_c, ROWS_C, BLOCK_C, SINGLE_C)
 
 
@@ -123,7 +126,7 @@ def _rows_geometry(n: int, length: int):
 @op("camdrop_plan")
 def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
           noise: torch.Tensor | None, seed: torch.Tensor, g_t: torch.Tensor | None,
-          g_val: float, r: int, k_s: int, k_c: int,
+          g_val: float, r: int, k_s: int, k_c: torch.Tensor,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale (N,) float32)."""
     n, c, h, w = x.shape
@@ -145,6 +148,7 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
         launch(_candidates_kernel)[(max(cdiv(n, rs), cdiv(n, rc)), 2)](
             j, cand_s.view(torch.uint8), alpha, cand_c.view(torch.uint8), n, h * w, c, k_s, k_c,
             ROWS_S=rs, BLOCK_S=bs, SINGLE_S=ss, ROWS_C=rc, BLOCK_C=bc, SINGLE_C=sc,
+            K_PTR=isinstance(k_c, torch.Tensor),
             num_warps=warps(max(rs * bs, rc * bc)))
     seed_launch(bits, noise, seed, g_t, g_val, r, cand_s, cand_c, [n, c, h, w], ticket)
     return seeds_scale(bits, ticket, r, c, c, h, w, normalize)
@@ -170,7 +174,7 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
             _validation.assert_target(target, weight.shape[0])
         return None
     k_s = max(1, (h * w) // (r * r))
-    k_c = max(1, round(channel_rate * c))
+    k_c = top_count(channel_rate, c, x.device)  # int, or a tensor while traced (SPEC §8)
     g_t, g_val = rate_args(_seed_rate(1 - keep, r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
     blocks, scale = _plan(x, weight.detach(), target, noise, seed, g_t, g_val, r, k_s, k_c,

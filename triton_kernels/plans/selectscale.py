@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, rand
+from guidedrop.layers import Plan, _rate, rand, top_count
 
 from .._common import as_float32, float_key, in_top, key_float, launch, op, pow2, warps
 from ..channel_ranking import channel_stats
@@ -99,8 +99,10 @@ def _kth_smallest_key(amax_ptr, u_ptr, row, C, s_uN, s_uC, thr, rank,
 @triton.jit(do_not_specialize=["k", "rate0", "rate1"])  # rates: never specialisation keys
 def _select_plan_kernel(amax_ptr, u_ptr, w_ptr, C, k, s_uN, s_uC, rate0, rate1,
                         DROP: tl.constexpr, RATE_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    # rate0, rate1: SelectScale's retain and spread; Selectout's 1/keep and n_drop.
+    # rate0, rate1: SelectScale's retain and spread; Selectout's 1/keep and n_drop; k the
+    # candidates' count (layers.top_count: a float64 tensor while traced, as n_drop).
     row = tl.program_id(0).to(tl.int64)
+    k = rate_arg(k, RATE_PTR).to(tl.int32)
     # the candidates: max |x| >= the k-th largest = the (C - k + 1)-th smallest
     kth = _kth_smallest_key(amax_ptr, u_ptr, row, C, s_uN, s_uC, 0.0, C - k + 1, False, BLOCK)
     thr = key_float(kth)
@@ -147,25 +149,26 @@ def _launch(amax, u, k, rate0, rate1, drop):
         return w
     block = min(pow2(c), BLOCK_MAX)
     launch(_select_plan_kernel)[(n,)](
-        amax, u, w, c, int(k), *u.stride(), rate0, rate1,
+        amax, u, w, c, k, *u.stride(), rate0, rate1,
         DROP=drop, RATE_PTR=isinstance(rate0, torch.Tensor), BLOCK=block,
         num_warps=warps(block), enable_fp_fusion=False)
     return w
 
 
 @op("selectscale_plan")
-def _selectscale_plan(amax: torch.Tensor, u: torch.Tensor, k: int, retain: torch.Tensor,
-                      spread: torch.Tensor) -> torch.Tensor:
-    """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. retain, spread:
-    floats in eager mode, 0-dim float32 tensors while traced."""
+def _selectscale_plan(amax: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
+                      retain: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. k (int), retain,
+    spread (floats) in eager mode; 0-dim float64 / float32 tensors while traced."""
     return _launch(amax, u, k, retain, spread, False)
 
 
 @op("selectout_plan")
-def _selectout_plan(amax: torch.Tensor, u: torch.Tensor, k: int, inv_keep: torch.Tensor,
-                    n_drop: torch.Tensor) -> torch.Tensor:
-    """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. inv_keep (float),
-    n_drop (int) in eager mode; 0-dim float32 / float64 tensors while traced."""
+def _selectout_plan(amax: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
+                    inv_keep: torch.Tensor, n_drop: torch.Tensor) -> torch.Tensor:
+    """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. k (int),
+    inv_keep (float), n_drop (int) in eager mode; 0-dim float64 / float32 / float64 tensors
+    while traced."""
     return _launch(amax, u, k, inv_keep, n_drop, True)
 
 
@@ -180,7 +183,7 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     x: (N, C, H, W) float32/float16/bfloat16, any strides; noise: None or (N, C) of any
     float dtype. Returns Plan("channel", (), (w,)), w (N, C) float32.
     """
-    k = max(1, round(top_rate * x.shape[1]))
+    k = top_count(top_rate, x.shape[1], x.device)
     u = _noise(noise, x, generator)
     amax, _ = channel_stats(x)
     if torch.compiler.is_compiling():  # runtime values of the traced graph (SPEC §8)
@@ -198,7 +201,7 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     ``round((1 - keep) * C)`` must not exceed the candidates (functional.selectout checks).
     """
     c = x.shape[1]
-    k = max(1, round(top_rate * c))
+    k = top_count(top_rate, c, x.device)
     u = _noise(noise, x, generator)
     amax, _ = channel_stats(x)
     if torch.compiler.is_compiling():  # as the reference: no recompile per keep (SPEC §8)

@@ -180,9 +180,11 @@ __global__ void camdrop_cam_kernel(const scalar_t* __restrict__ x, const Strides
 __global__ void camdrop_candidates_kernel(const float* __restrict__ J,
                                           const float* __restrict__ alpha, const int64_t N,
                                           const int64_t L_s, const int64_t L_c,
-                                          const uint32_t k_s, const uint32_t k_c,
+                                          const uint32_t k_s, uint32_t k_c,
+                                          const double* __restrict__ k_c_ptr,
                                           bool* __restrict__ cand_s, bool* __restrict__ cand_c) {
   __shared__ SelectSmem sel;
+  if (k_c_ptr != nullptr) k_c = static_cast<uint32_t>(*k_c_ptr);  // a runtime channel_rate's
   for (int64_t row = blockIdx.x; row < 2 * N; row += gridDim.x) {  // uniform in the block
     const bool spatial = row < N;
     const int64_t n = spatial ? row : row - N, L = spatial ? L_s : L_c;
@@ -226,14 +228,14 @@ void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
 }
 
 void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& alpha,
-                               int64_t k_s, int64_t k_c, const at::TensorBase& cand_s,
-                               const at::TensorBase& cand_c) {
+                               int64_t k_s, int64_t k_c, const double* k_c_ptr,
+                               const at::TensorBase& cand_s, const at::TensorBase& cand_c) {
   const int64_t N = alpha.size(0), C = alpha.size(1), L = J.size(1);
   if (N * C * L == 0) return;
   camdrop_candidates_kernel<<<grid_for(2 * N, 1), plan_threads(std::max(L, C)), 0,
                               current_stream()>>>(
       J.data_ptr<float>(), alpha.data_ptr<float>(), N, L, C, static_cast<uint32_t>(k_s),
-      static_cast<uint32_t>(k_c), cand_s.data_ptr<bool>(), cand_c.data_ptr<bool>());
+      static_cast<uint32_t>(k_c), k_c_ptr, cand_s.data_ptr<bool>(), cand_c.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
