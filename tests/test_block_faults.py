@@ -453,6 +453,27 @@ def test_count_rates_never_recompile(forced, layer, rate):
     assert frames[-1] == frames[1] <= 2, frames
 
 
+@pytest.mark.slow  # inductor compiles C++ on the CPU
+@pytest.mark.parametrize("forced", ["reference", "triton"], indirect=True)
+def test_selectout_drop_count_under_inductor(forced):
+    """n_d = round((1 - keep) * C) as eager computes it, also compiled by inductor: with C =
+    15 and keep = 0.9, 1.4999999999999996 rounds to 1. Inductor rewrote the python product
+    of the symbolic keep as 15 - 15 * keep = 1.5, which rounds to 2: two channels dropped,
+    one of them not a candidate at top_rate = 0.05 (n_t = 1), and no error."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 15, 5, 5, generator=gen(31)).to(DEV)
+    u = torch.rand(2, 15, generator=gen(32)).to(DEV)
+
+    def step(x, keep, u):
+        return F.selectout(x, 0.05, keep, noise=u)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    for keep in (0.95, 0.9):  # the second compiles keep as a symbolic float
+        y = compiled(x, keep, u)
+        assert torch.equal(y, step(x, keep, u)), keep
+        assert ((y == 0).flatten(2).all(2).sum(1) == 1).all(), keep  # n_d = 1 a sample
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- torch.fx
 
 

@@ -205,7 +205,8 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
     Raises:
         TypeError: a bool or tensor rate, x or noise not a floating tensor.
         ValueError: x not 4-D, a rate outside its range, noise of the wrong shape or
-            device, n_d > n_t (more channels to drop than candidates).
+            device, n_d > n_t (more channels to drop than candidates; under torch.compile
+            an asynchronous assertion: a RuntimeError, at once on the CPU).
     """
     V.feature_map(x)
     top_rate, keep = V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
@@ -213,9 +214,9 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
     c = x.shape[1]
     if torch.compiler.is_compiling():
         # the rates are symbolic: python's round() of them would specialise the graph on
-        # each value (SPEC §8); the same counts as tensors, an asynchronous assertion
-        one = torch.ones((), dtype=torch.float64, device=x.device)
-        n_drop = (one * (1 - keep) * c).round()
+        # each value (SPEC §8); the same counts as tensors, an asynchronous assertion (a
+        # RuntimeError, at once on the CPU)
+        n_drop = layers.drop_count(keep, c, x.device)
         torch._assert_async(n_drop <= layers.top_count(top_rate, c, x.device),
                             "selectout drops round((1 - keep) * C) channels, more than the "
                             "candidates of top_rate: raise top_rate or keep")

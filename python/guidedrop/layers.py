@@ -114,6 +114,15 @@ def top_count(rate, n: int, device):
     return (torch.ones((), dtype=torch.float64, device=device) * rate * n).round().clamp(min=1)
 
 
+def drop_count(keep, n: int, device) -> torch.Tensor:
+    """round((1 - keep) * n), Selectout's n_d (SPEC §3), as a 0-dim float64 tensor (torch.round
+    rounds half to even, like round()), so that torch.compile does not recompile for every
+    keep a schedule sets. The product in tensor ops, (ones * (1 - keep)) * n: the python
+    product of a symbolic keep is rewritten by inductor as n - n * keep, which rounds
+    otherwise (n = 15, keep = 0.9: 1.5 for 1.4999999999999996, two channels dropped)."""
+    return (torch.ones((), dtype=torch.float64, device=device) * (1 - keep) * n).round()
+
+
 def _block_extent(k: int, h: int, w: int) -> int:
     """The block size that indexes an H x W map like k does: k itself, or max(H, W) when
     k is larger (one block then; any int k >= 1, however large, SPEC §1)."""
@@ -212,9 +221,7 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     n, c = x.shape[:2]
     u = _uniform(noise, (n, c), generator, x)
     cand = _channel_candidates(B, x, top_rate)
-    # round((1 - keep) * C) as a float64 tensor (torch.round rounds half to even, like
-    # round()), so that torch.compile does not recompile for every keep a schedule sets.
-    n_drop = torch.ones((), dtype=torch.float64, device=x.device).mul((1 - keep) * c).round()
+    n_drop = drop_count(keep, c, x.device)
     # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
     order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
     drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, rand, top_count
+from guidedrop.layers import Plan, _rate, drop_count, rand, top_count
 
 from .._common import as_float32, float_key, in_top, key_float, launch, op, pow2, warps
 from ..channel_ranking import channel_stats
@@ -206,8 +206,7 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     amax, _ = channel_stats(x)
     if torch.compiler.is_compiling():  # as the reference: no recompile per keep (SPEC §8)
         inv_keep = _rate(1 / keep, x)
-        n_drop = torch.ones((), dtype=torch.float64, device=x.device).mul((1 - keep) * c)
-        n_drop = n_drop.round()
+        n_drop = drop_count(keep, c, x.device)
     else:
         inv_keep, n_drop = as_float32(1 / float(keep)), round((1 - float(keep)) * c)
     return Plan("channel", (), (_selectout_plan(amax, u, k, inv_keep, n_drop),))
