@@ -143,9 +143,9 @@ def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tenso
 def _top(B, v: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """Rows of v (R, L): the top k (an int, or top_count's 0-dim tensor while torch.compile
     traces, on the reference backend: the kernel backends' plans take the rate) by value,
-    ties kept (SPEC §1) -> bool (R, L). In the
-    order kth_largest ranks by: a NaN above every number, so a NaN is always in the top k
-    (also where the k-th largest is NaN); -0.0 and +0.0 tie (compared by value)."""
+    ties kept (SPEC §1) -> bool (R, L). In the order kth_largest ranks by: a NaN above
+    every number, so a NaN is always in the top k (also where the k-th largest is NaN);
+    -0.0 and +0.0 tie (compared by value)."""
     if v.shape[1] == 0:  # C = 0: no candidates (kth_largest needs k <= L)
         return torch.zeros_like(v, dtype=torch.bool)
     vf = v.float() if v.dtype != torch.float64 else v
