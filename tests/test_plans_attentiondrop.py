@@ -6,6 +6,7 @@ backend_contract.md)."""
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -73,3 +74,44 @@ def test_plan_rounds_alpha_to_float32(alpha, u):
     (found by an adversarial pass: the interpreter compared with the unrounded alpha)."""
     B = load_backend("triton")
     check(B, torch.randn(2, 3, 6, 6), alpha, 20.0, "ad", "batch", torch.full((2, 3), u))
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def scale_rounding_case(c=3, hw=(15, 17)):
+    """x (1, c, H, W) float32 whose "sm" plan's kept weight K (a multiple of 2^-24, every
+    map active under zero noise) has float32(units / K) != float32((1 / K) * units) in
+    float64: the reference's scale is torch's int / tensor, reciprocal(K) * units, and a
+    backend that divides once differs from it in the last bit (found by an adversarial
+    pass on Triton). Each map has min 0 and max 1, so f̂ = x and S = 1 - x exactly; units
+    is not a power of 2 (then both are exact)."""
+    units = c * hw[0] * hw[1]
+    ones = 2**24  # S = 1 in units of 2^-24
+    for j in range(1 << 22):  # float32 midpoints q = (2j + 1) 2^-24 from 1.25 up
+        q = 1.25 + (2 * j + 1) * 2.0**-24
+        k_int = round(units * ones / q)
+        k = k_int / ones
+        if _f32(units / k) != _f32((1.0 / k) * units):
+            break
+    else:
+        raise AssertionError("no case found")
+    s = torch.zeros(c, hw[0] * hw[1], dtype=torch.int64)
+    s[:, 0] = ones  # x = 0, the min (S = 1); s[:, 1] = 0: x = 1, the max (S = 0)
+    rest = k_int - c * ones  # spread over the other units, each S in [0, 1]
+    free = s[:, 2:].reshape(-1)
+    full, part = divmod(rest, ones)
+    free[:full] = ones
+    free[full] = part
+    s[:, 2:] = free.view(c, -1)
+    assert int(s.sum()) == k_int
+    x = (1 - s.double() / ones).float().view(1, c, *hw)
+    return x
+
+
+@pytest.mark.parametrize("normalize", ["sample", "batch"])
+def test_plan_scale_rounds_as_the_reference(normalize):
+    B = load_backend("triton")
+    x = scale_rounding_case()
+    check(B, x, 0.5, 20.0, "sm", normalize, torch.zeros(1, x.shape[1]))

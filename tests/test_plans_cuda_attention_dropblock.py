@@ -16,6 +16,7 @@ import math
 import pytest
 import test_cuda_emulated as CE
 import torch
+from test_plans_attentiondrop import scale_rounding_case
 from testing import assert_same, assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
@@ -108,6 +109,13 @@ def test_attentiondrop_rate_tensor_equals_rate_float(B):
     for a, b in zip(eager, traced, strict=True):
         assert_same(a, b)
 
+
+@pytest.mark.parametrize("normalize", ["sample", "batch"])
+def test_attentiondrop_scale_rounds_as_the_reference(B, normalize):
+    """A kept weight where one float64 division rounds otherwise than the reference's
+    reciprocal(kept) * units (test_plans_attentiondrop.scale_rounding_case)."""
+    x = scale_rounding_case()
+    check_att(B, x, 0.5, 20.0, "sm", normalize, torch.zeros(1, x.shape[1]))
 
 # --------------------------------------------------------------------------- DropBlock
 

@@ -43,7 +43,9 @@ def _store_scale(st_ptr, n, sc, N, C, BN: tl.constexpr, BC: tl.constexpr):
 def _attention_scale_kernel(msum_ptr, act_ptr, st_ptr, N, C, HW, units,
                             NORM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     # kept[n] = sum_c (active ? msum : HW) in float64 (exact, any order: backend_contract.md),
-    # then SPEC §1's multiplier: units / kept, over the batch for "batch", into the state.
+    # then SPEC §1's multiplier: units / kept, over the batch for "batch", into the state,
+    # rounded as the reference's: torch's int / tensor is reciprocal(kept) * units, two
+    # roundings (one division differs in the last bit for some kept, and so the scale).
     # tl.cast, not .to: Triton makes an int argument of 1 a constant (1 x 1 maps, one unit)
     total = tl.zeros([BN], tl.float64)
     for n0 in range(0, N, BN):
@@ -59,14 +61,15 @@ def _attention_scale_kernel(msum_ptr, act_ptr, st_ptr, N, C, HW, units,
         if NORM == 0:
             _store_scale(st_ptr, n, tl.full([BN], 1.0, tl.float32), N, C, BN, BC)
         elif NORM == 1:
-            sc = tl.where(kept > 0, tl.cast(units, tl.float64) / tl.maximum(kept, 1e-300), 0.0)
+            sc = tl.where(kept > 0, (1.0 / tl.maximum(kept, 1e-300)) * tl.cast(units, tl.float64),
+                          0.0)
             _store_scale(st_ptr, n, sc.to(tl.float32), N, C, BN, BC)
         else:
             total += kept
     if NORM == 2:
         kept_all = tl.sum(total, axis=0)
         units_all = tl.cast(units, tl.float64) * N
-        sc = tl.where(kept_all > 0, units_all / tl.maximum(kept_all, 1e-300), 0.0)
+        sc = tl.where(kept_all > 0, (1.0 / tl.maximum(kept_all, 1e-300)) * units_all, 0.0)
         for n0 in range(0, N, BN):
             n = n0 + tl.arange(0, BN)
             _store_scale(st_ptr, n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), N, C, BN,
