@@ -168,6 +168,35 @@ def test_noise_shape_variants():
         F.corrdrop(torch.randn(2, 4, 7, 5), 0.3, 3, noise=torch.rand(2, 2, 2, 1))
 
 
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_meta_device(name, memory_format, monkeypatch):
+    """Training mode on a meta tensor (shape inference, deferred initialisation) gives
+    x's shape, device and memory format and a gradient of that shape, as
+    nn.functional.dropout does, with the default backend choice (found by a helper: the
+    ops turned torch.autocast off on the meta device, which has none: RuntimeError)."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "auto")
+    x = torch.empty(2, 8, 7, 7, device="meta").to(memory_format=memory_format)
+    x.requires_grad_()
+    if name == "camdrop":
+        weight, target = (t.to("meta") for t in _cam(tuple(x.shape)))
+        y = call(name, x, weight=weight, target=target)
+    else:
+        y = call(name, x)
+    assert y.shape == x.shape and y.device == x.device
+    assert y.is_contiguous(memory_format=memory_format)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert g.shape == x.shape and g.device == x.device
+
+
+def test_meta_device_primitives():
+    from guidedrop import primitives as P
+    x = torch.empty(2, 8, 7, 7, device="meta")
+    assert P.pooled_correlation(x, 3).shape == (2, 3, 3)
+    for f in (P.channel_max, P.channel_mean, lambda x: P.top_percentile_threshold(x, 20.0)):
+        assert f(x).shape == (2, 8) and f(x).device == x.device
+
+
 def test_rates_checked_in_eval_too():
     """Like torch.nn.functional.dropout, a bad rate is an error in eval mode as well."""
     with pytest.raises(ValueError, match="p"):

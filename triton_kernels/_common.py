@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import struct
+import threading
 
 import numpy as np
 import torch
@@ -141,8 +142,15 @@ class _Launcher:
         return self.kernel[grid]
 
 
+# Triton's interpreter patches triton.language and its grid state globally while a kernel
+# runs: two threads' launches at once fail (InterpreterError), also in plain Triton. So
+# interpreted launches run one at a time; a GPU launch needs no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 class _Interpreted:
-    """An interpreted kernel that does not run on FakeTensors (shape-only tracing)."""
+    """An interpreted kernel that does not run on FakeTensors (shape-only tracing); one
+    launch at a time across threads."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -155,7 +163,8 @@ class _Interpreted:
                 # numpy evaluates the kernel and would warn where a GPU computes quietly
                 # what the kernels rely on (AttentionDrop's 1/0 = Inf and 0·Inf = NaN,
                 # then taken as f̂ = 0, SPEC §4)
-                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                with (_INTERPRETER_LOCK,
+                      np.errstate(divide="ignore", invalid="ignore", over="ignore")):
                     self.kernel[grid](*args, **kwargs)
         return run
 

@@ -388,12 +388,15 @@ def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: torch.Tensor, 
 def draw_seed(noise, generator, device) -> torch.Tensor:
     """The Philox seed of seed_bits: (1,) int64 drawn with ``generator`` (a launch), or an
     empty tensor when noise is given (it only carries the device). The generator cannot
-    enter an op's schema: the seed is drawn outside the op."""
+    enter an op's schema: the seed is drawn outside the op. 63 random bits, the key's
+    two words: each call's counters start at 0, so two calls of one shape that draw the
+    same seed draw the same seeds (with 31 bits, about M^2 / 2^32 such pairs in M calls:
+    ~400 in a long training run)."""
     if noise is not None:
         return torch.empty((0,), dtype=torch.int64, device=device)
     if generator is None:  # as layers.rand: generator=None fails on symbolic shapes
-        return torch.randint(0, 2**31 - 1, (1,), device=device)
-    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+        return torch.randint(0, 2**63 - 1, (1,), device=device)
+    return torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device)
 
 
 def seed_launch(out, noise, seed, g_t, g_val, r, cand_s, cand_c, shape, ticket):

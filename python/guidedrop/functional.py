@@ -24,6 +24,7 @@ torch.Generator is a TypeError where the op runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -49,12 +50,19 @@ def fx_leaf(op):
     return run
 
 
+def no_autocast(device: torch.device):
+    """Statistics in float32 also under torch.autocast (SPEC §1), which would run the
+    reference's matmuls (pooled correlation, CAM) in bfloat16 / float16. A device without
+    autocast (meta: shape inference, deferred initialisation) has none to turn off."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     V.generator(kwargs["generator"])
     backend = dispatch.backend_for(x)
-    # Statistics in float32 also under torch.autocast (SPEC §1), which would run the
-    # reference's matmuls (pooled correlation, CAM) in bfloat16 / float16.
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), no_autocast(x.device):
         plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)
     return x if plan is None else autograd.apply(backend, plan, x)
 

@@ -12,7 +12,7 @@ import torch
 
 from . import _validation as V
 from . import dispatch, reference
-from .functional import fx_leaf
+from .functional import fx_leaf, no_autocast
 
 
 def _backend(x: torch.Tensor):
@@ -34,7 +34,7 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     Raises ValueError / TypeError for a k that is not an integer >= 1.
     """
     k = V.block_size(k, "k")
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device):
         return _backend(x).pooled_correlation(x, k)
 
 
