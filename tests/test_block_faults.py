@@ -453,6 +453,30 @@ def test_count_rates_never_recompile(forced, layer, rate):
     assert frames[-1] == frames[1] <= 2, frames
 
 
+@pytest.mark.parametrize("forced,compiler", [
+    ("reference", "aot_eager"), ("triton", "aot_eager"),
+    pytest.param("cuda", "aot_eager", marks=CUDA.marks if not HAS_CUDA else ()),
+    pytest.param("reference", "inductor", marks=pytest.mark.slow)], indirect=["forced"])
+def test_attention_count_under_dynamic_shapes(forced, compiler):
+    """n_β = max(1, ceil(beta * H * W / 100)) in Python floats left to right (SPEC §4) also
+    when a new map size makes H and W dynamic: ((16.1 * 100) * 10) / 100 rounds up to 162
+    and ((16.1 * 10) * 100) / 100 to 161, but the symbolic product 16.1 * W * H gave 161
+    and 162 (inductor: another mask) and the kernel backends failed a guard in the frame
+    that created it (found by a helper). layers.beta_count specialises on the sizes."""
+    torch._dynamo.reset()
+
+    def step(x, u):
+        return F.attentiondrop(x, 0.5, 16.1, mode="am", normalize="none", noise=u)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    u = torch.zeros(1, 1, device=DEV)
+    for h, w, n_beta in ((20, 20, 65), (100, 10, 162), (10, 100, 161)):
+        x = (torch.randperm(h * w, generator=gen(h)) + 1.0).view(1, 1, h, w).to(DEV)
+        y = compiled(x, u)
+        assert int((y == 0).sum()) == n_beta, (h, w)
+        assert torch.equal(y, step(x, u)), (h, w)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow  # inductor compiles C++ on the CPU
 @pytest.mark.parametrize("forced", ["reference", "triton"], indirect=True)
 def test_selectout_drop_count_under_inductor(forced):

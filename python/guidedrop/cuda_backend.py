@@ -11,12 +11,10 @@ Importing it raises ImportError (with the build command) when the extension is n
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from guidedrop import _validation
-from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, rand, top_count
+from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, beta_count, rand, top_count
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -261,7 +259,7 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     """
     n, c, h, w = x.shape
     u = noise if noise is not None else rand((n, c), generator, x.device)
-    n_beta = max(1, math.ceil(beta * h * w / 100))
+    n_beta = beta_count(beta, h, w)
     a_t, a = _runtime_rate(alpha, x)
     state, active = _ops.attentiondrop_plan(x, u, a_t, a, n_beta, mode, normalize)
     return Plan("attention", (mode,), (state, active))

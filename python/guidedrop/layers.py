@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -101,6 +102,17 @@ def _rate(q, x) -> torch.Tensor:
     a compile-time constant, one recompile per rate). ones * q, not full((), q): a tensor
     fill value would freeze q under torch.compile; no host-to-device copy (no sync)."""
     return torch.ones((), dtype=_compute_dtype(x), device=x.device) * q
+
+
+def beta_count(beta: float, h: int, w: int) -> int:
+    """AttentionDrop's n_β = max(1, ceil(beta * H * W / 100)) in Python floats, left to
+    right (SPEC §1, §4). With dynamic shapes under torch.compile, H and W are symbolic and
+    so would be the product, which sympy re-associates (16.1 * W * H: 161 on a 100 x 10 map,
+    where ((16.1 * 100) * 10) / 100 gives 162; the kernel backends then failed a guard in
+    the frame that made it). operator.index makes each size a concrete int, with a guard:
+    the count specialises on the map size (one graph per size, as without dynamic shapes);
+    beta is a python float (functional.attentiondrop converts it)."""
+    return max(1, math.ceil(beta * operator.index(h) * operator.index(w) / 100))
 
 
 def top_count(rate, n: int, device):
@@ -242,7 +254,7 @@ def attentiondrop(B, x, alpha, beta, *, mode, normalize, noise=None, generator=N
     n, c, h, w = x.shape
     u = _uniform(noise, (n, c), generator, x)
     active = u < _rate(alpha, x)  # gamma, drawn first: statistics only where it is 1
-    n_beta = max(1, math.ceil(beta * h * w / 100))
+    n_beta = beta_count(beta, h, w)
     thr, mn, r, msum = B.attention_stats(x, n_beta, active, mode)
     # Inactive maps: 0 (the contract leaves them unspecified; plans compare exactly).
     thr, mn, r = (torch.where(active, s, 0) for s in (thr, mn, r))

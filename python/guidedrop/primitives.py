@@ -6,12 +6,10 @@ users who build their own guided regularisers and for the tests and benchmarks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _validation as V
-from . import dispatch, reference
+from . import dispatch, layers, reference
 from .functional import fx_leaf, no_autocast
 
 
@@ -63,7 +61,7 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     """
     beta = V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
-    return _backend(x).map_threshold(x, max(1, math.ceil(beta * h * w / 100)))
+    return _backend(x).map_threshold(x, layers.beta_count(beta, h, w))
 
 
 @fx_leaf

@@ -15,13 +15,11 @@ exact float64 sums (backend_contract.md), and so are the sums of them here.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, rand
+from guidedrop.layers import Plan, _rate, beta_count, rand
 
 from .._common import as_float32, launch, op, pow2
 from ..percentile_threshold import MODES, _select
@@ -96,7 +94,7 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     """``layers.attentiondrop`` fused: the same Plan, bit for bit, in 2 launches (+1 draw)."""
     n, c, h, w = x.shape
     u = noise if noise is not None else rand((n, c), generator, x.device)
-    n_beta = max(1, math.ceil(beta * h * w / 100))
+    n_beta = beta_count(beta, h, w)
     # alpha: a kernel argument in eager mode (the launcher is called directly); a 0-dim
     # tensor while torch.compile traces the op, so that a new alpha is a new input, not a
     # recompile (a float argument of an op is specialised on, SPEC §8).
