@@ -312,8 +312,9 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
         applied: None (the op applies), or a 0-d bool tensor on x's device read by the
             kernels (how the module passes its participation under torch.compile or CUDA
             graph capture, where a Python branch on it is impossible): where it holds
-            False the result is x bit for bit (a new tensor; its gradient is grad_y),
-            computed with one read of x on the kernel backends.
+            False the result equals x (a new tensor, x * 1: a NaN may come back with
+            another payload; its gradient is grad_y), computed with one read of x on
+            the kernel backends.
 
     Returns:
         A tensor of x's shape, dtype and memory format.

@@ -86,7 +86,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) -> (max |x|, mean), each (N, C); empty maps: 0 and NaN.
 
     The sums are float64, so that mathematically equal means (the same values in another
-    order) are exactly equal: FocusedDropout's argmax decides on them (SPEC §1).
+    order) are exactly equal: FocusedDropout's argmax decides on them (SPEC §1). That
+    holds while every partial sum is exact: for float32 values, while their magnitudes span
+    less than about 2^(29 - log2(H*W)) (2^17 on a 56 x 56 map); beyond, e.g. 2^60, 1 and
+    -2^60 in one map, another order (another backend or layout) can give another mean.
     """
     m = _maps(x)
     if m.shape[2] == 0:
