@@ -29,24 +29,28 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     scaled by a positive factor, and a k >= max(H, W) is one window (no work grows with
     k). NaN or Inf in a sample: that sample's F are NaN. Empty x (N, H or W = 0): an
     empty F of that shape; C = 0 (zero rows): F = 1 / N'.
-    Raises ValueError / TypeError for a k that is not an integer >= 1.
+    Raises TypeError / ValueError for an x that is not a 4-D floating tensor, or a k that
+    is not an integer >= 1.
     """
+    B = _backend(x)  # x validated first: the autocast context reads x.device
     k = V.block_size(k, "k")
     with no_autocast(x.device):
-        return _backend(x).pooled_correlation(x, k)
+        return B.pooled_correlation(x, k)
 
 
 @fx_leaf
 def channel_max(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x| (0 for empty maps, NaN for
-    a map with a NaN)."""
+    a map with a NaN). Raises TypeError / ValueError for an x that is not a 4-D floating
+    tensor."""
     return _backend(x).channel_stats(x)[0]
 
 
 @fx_leaf
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: mean over H, W (summed in float64, so equal
-    values in any order give exactly equal means; NaN for empty maps, as torch.mean)."""
+    values in any order give exactly equal means; NaN for empty maps, as torch.mean).
+    Raises TypeError / ValueError for an x that is not a 4-D floating tensor."""
     return _backend(x).channel_stats(x)[1]
 
 
@@ -57,11 +61,13 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     n_β = max(1, math.ceil(beta * H * W / 100)) in Python floats, left to right (SPEC §4);
     the top beta % of a map are the units >= it.
     Exact (a value of the map; NaN counts as the largest). Empty maps (H * W = 0): NaN.
-    Raises ValueError for beta outside (0, 100].
+    Raises TypeError / ValueError for an x that is not a 4-D floating tensor, ValueError
+    for beta outside (0, 100].
     """
+    B = _backend(x)  # x validated first: n_β reads x.shape
     beta = V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
-    return _backend(x).map_threshold(x, layers.beta_count(beta, h, w))
+    return B.map_threshold(x, layers.beta_count(beta, h, w))
 
 
 @fx_leaf
