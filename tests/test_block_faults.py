@@ -477,6 +477,30 @@ def test_attention_count_under_dynamic_shapes(forced, compiler):
     torch._dynamo.reset()
 
 
+def test_shapes_under_dynamic_compile(forced):
+    """The README's graphs per shape under torch.compile(dynamic=True): the reference and
+    CUDA backends trace the sizes symbolically (one graph for every shape); Triton's
+    launchers pick their tiles from the sizes, so the Triton backend compiles a graph per
+    input shape. Each compiled output equals eager's. Sizes distinct and >= 2 (no 0/1 or
+    duck-sizing specialisation), C * H * W odd (the packed seeds guard on a multiple of 8)."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(x, u, v):
+        return F.selectscale(F.dropblock(x, 0.3, 3, noise=u), 0.4, 0.5, noise=v)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    frames = []  # after each shape (the first compile may count twice: a restart)
+    for n, c, h, w in ((2, 3, 9, 7), (3, 5, 11, 9), (4, 7, 13, 5)):  # C * H * W odd
+        x = torch.randn(n, c, h, w, generator=gen(h)).to(DEV)
+        u = torch.rand(n, c, h, w, generator=gen(w)).to(DEV)
+        v = torch.rand(n, c, generator=gen(c)).to(DEV)
+        assert torch.equal(compiled(x, u, v), step(x, u, v)), (n, c, h, w)
+        frames.append(counter.frame_count)
+    new = 1 if dispatch.requested() == "triton" else 0
+    assert [frames[1] - frames[0], frames[2] - frames[1]] == [new, new]
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow  # inductor compiles C++ on the CPU
 @pytest.mark.parametrize("forced", ["reference", "triton"], indirect=True)
 def test_selectout_drop_count_under_inductor(forced):
