@@ -300,6 +300,33 @@ def test_symbolic_trace_leaf():
         assert ops[1] == ("call_module", "0") and len(ops) == 3, (layer, ops)
 
 
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_symbolic_trace_root(layer):
+    """A layer traced by itself (symbolic_trace(layer)) has no module path to call (it
+    raised AttributeError: no attribute ''): like nn.Dropout's, its graph is the functional
+    op with the mode and rates of the trace, whose checks and draws run with the graph:
+    FocusedDropout's participation, CamDrop's cam_targets read when the graph runs."""
+    mod = models.PLACEMENTS[layer][1](0, 1)
+    # rates that drop within 6 seeds (Selectout's under its top rate), FocusedDropout both ways
+    mod.drop_rate = {"camdrop": 0.9, "selectout": 0.1}.get(layer, 0.5)
+    fc = nn.Linear(6, 4)
+    for train in (True, False):
+        mod.train(train)
+        gm = torch.fx.symbolic_trace(mod)
+        assert all(n.op != "call_module" for n in gm.graph.nodes), (layer, gm.graph)
+        applied = 0
+        for seed in range(6):
+            x = torch.randn(2, 6, 13, 13, generator=torch.Generator().manual_seed(seed))
+            with guidedrop.cam_targets(fc, torch.tensor([seed % 4, 3])):
+                torch.manual_seed(seed)
+                eager = mod(x)
+                torch.manual_seed(seed)
+                out = gm(x)
+            assert torch.equal(out, eager), (layer, train, seed)
+            applied += not torch.equal(out, x)
+        assert (applied > 0) == train, (layer, train)  # it runs in training only
+
+
 @pytest.mark.parametrize("every_backend", ["reference", TRITON_SLOW, CUDA], indirect=True)
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_create_feature_extractor(every_backend, layer):  # noqa: F811 (the fixture)

@@ -9,7 +9,8 @@ is assigned, in ``__init__`` and later (``m.p = ...``, ``m.drop_rate = ...``), s
 value is refused where it is set and ``forward`` reads only valid values (SPEC §1);
 constraints between parameters (``low <= high``, Selectout's drop count) are checked at
 forward. Under ``torch.fx`` tracing (``symbolic_trace``, torchvision's
-``create_feature_extractor``) every module is one leaf node, like ``nn.Dropout``.
+``create_feature_extractor``) every module is one leaf node, like ``nn.Dropout``; a module
+traced by itself (``symbolic_trace(layer)``) is, like ``nn.Dropout``, its functional op.
 """
 
 from __future__ import annotations
@@ -92,10 +93,15 @@ class GuidedDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
-            # One leaf node under any FX tracer (as nn.Dropout): the traced module calls
-            # this module, so train()/eval() and the rates keep working on it.
             tracer = x.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+            if getattr(tracer, "root", None) is not self:
+                # One leaf node under any FX tracer (as nn.Dropout): the traced module calls
+                # this module, so train()/eval() and the rates keep working on it.
+                return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+            # The layer traced itself (symbolic_trace(layer)) has no path to call: as
+            # nn.Dropout's, its graph is the functional op with today's mode and rates
+            # (call_function nodes: the checks and draws run with the graph).
+            return self._forward(x)
         # Here, not only in the functional ops: FocusedDropout (eval, or a step it does not
         # take part in) and CamDrop (eval, keep = 1) return x before calling one.
         V.feature_map(x)
@@ -228,7 +234,8 @@ class FocusedDropout(GuidedDropout):
             # kernels, which skip x when it is False (one read of x for the whole step, the
             # apply's y = x; no select after the whole op, SPEC §5).
             applied = torch.rand((), device=x.device) < self.participation
-            self.last_applied = applied  # a 0-d bool tensor here
+            if not isinstance(x, torch.fx.Proxy):  # FX: a node, drawn when the graph runs
+                self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
         self.last_applied = self.training and bool(torch.rand(()) < self.participation)
@@ -238,8 +245,8 @@ class FocusedDropout(GuidedDropout):
 
 
 def _traced(x: torch.Tensor) -> bool:
-    """Whether this forward runs under torch.compile or CUDA graph capture."""
-    return torch.compiler.is_compiling() or (
+    """Whether this forward runs under torch.compile, CUDA graph capture or FX tracing."""
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or (
         x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
@@ -270,7 +277,10 @@ class CamDrop(GuidedDropout):
                 "CamDrop does not support nn.DataParallel in training: the replicas cannot "
                 "read the step's cam_targets. Use torch.nn.parallel.DistributedDataParallel "
                 "(one process per GPU, each with its own `with guidedrop.cam_targets(...)`).")
-        weight, target = context.current()
+        if isinstance(x, torch.fx.Proxy):  # FX: read the block when the graph runs
+            weight, target = x.tracer.create_proxy("call_function", context.current, (), {})
+        else:
+            weight, target = context.current()
         return F.camdrop(x, weight, target, **self._params())
 
 
