@@ -719,6 +719,10 @@ MODULE_FIELDS = [
     (guidedrop.CamDrop, "block_size", 2.0), (guidedrop.CamDrop, "channel_rate", -1),
     (guidedrop.DropBlock2d, "p", True), (guidedrop.DropBlock2d, "shared_channels", "yes"),
     (guidedrop.DropBlock2d, "block_size", np.uint8(0)),
+    # nn.Module.__setattr__ registers these itself unless the module routes them to the check
+    (guidedrop.CorrDrop, "p", nn.Parameter(torch.tensor(0.5))),
+    (guidedrop.DropBlock2d, "p", nn.Identity()),
+    (guidedrop.SelectScale, "drop_rate", nn.Parameter(torch.tensor(0.5))),
 ]
 
 
@@ -731,6 +735,7 @@ def test_module_assignment_checked(cls, field, bad):
     with pytest.raises((TypeError, ValueError), match=field):
         setattr(m, field, bad)
     assert getattr(m, field) == before
+    assert not list(m.children()) and not list(m.parameters())
 
 
 def test_module_values_converted_once():

@@ -82,6 +82,16 @@ class GuidedDropout(nn.Module):
         rate = V.real("drop_rate", rate)
         setattr(self, self._rate, 1 - rate if self._rate_inverted else rate)
 
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ registers a Parameter or a Module value itself, before
+        # the property's check could refuse it (m.p = nn.Parameter(...) raised KeyError,
+        # m.p = nn.Identity() became a child while p kept its value): the checked
+        # parameters go to their property.
+        if name in self._fields or name == "drop_rate":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
 
