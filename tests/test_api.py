@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -203,6 +204,36 @@ def test_rates_checked_in_eval_too():
         F.corrdrop(_x(), p=1.5, training=False)
     with pytest.raises(ValueError, match="beta"):
         F.attentiondrop(_x(), beta=0.0, training=False)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("training", ["False", 0.5, None, 1, torch.tensor(True)])
+def test_training_must_be_a_bool(name, training):
+    """As for F.dropout, training is a bool (numpy's too): "False", 0.5 or None used to be
+    taken by truth value, so the string "False" trained."""
+    with pytest.raises(TypeError, match="^training must be a bool"):
+        call(name, training=training)
+    call(name, training=np.bool_(False))
+
+
+def test_selectout_idle_compiles_to_nothing():
+    """Compiled, Selectout in eval mode or with keep = 1 is x itself, as eager (SPEC §1: no
+    kernel): the drop-count assertion was traced before the identity check (8 ops, one
+    an asynchronous assertion, each eval forward)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([n for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    for kw in (dict(training=False), dict(keep=1.0)):
+        torch._dynamo.reset()
+        x = _x()
+        y = torch.compile(functools.partial(F.selectout, **kw), backend=backend,
+                          fullgraph=True)(x)
+        assert y is x or torch.equal(y, x)
+    torch._dynamo.reset()
+    assert not any(graphs), graphs  # no graph, or graphs without a call
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -15,11 +15,12 @@ number; a bool or a tensor is a TypeError. They are converted to python float / 
 once, here, so the layers only see those (SPEC §1).
 
 Errors, in eval mode too, each naming the argument: TypeError for a bool or tensor rate, a
-non-integral block size, a mode or normalize that is not a str, x or noise not a floating
-tensor; ValueError for a rate outside its range, an unknown mode or normalize, x not 4-D,
-noise of another shape or device, and a GUIDEDROP_BACKEND naming no backend (RuntimeError
-where the backend it names cannot run the input). A ``generator`` that is not a
-torch.Generator is a TypeError where the op runs.
+non-integral block size, a mode or normalize that is not a str, a training that is not a
+bool, x or noise not a floating tensor; ValueError for a rate outside its range, an
+unknown mode or normalize, x not 4-D, noise of another shape or device, and a
+GUIDEDROP_BACKEND naming no backend (RuntimeError where the backend it names cannot run
+the input). A ``generator`` that is not a torch.Generator is a TypeError where the op
+runs.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
-    """Whether the op is the identity: eval mode, a zero rate, or an empty tensor. A
+    """Whether the op is the identity: eval mode, a zero rate, or an empty tensor.
+    ``training`` must be a bool (as for F.dropout: a str "False" is true). A
     GUIDEDROP_BACKEND naming no backend is a ValueError here too, so that a typo in it
     does not go unnoticed where nothing runs (eval mode)."""
+    training = V.flag("training", training)
     dispatch.requested()
     return not training or any(r == 0 for r in rates) or x.numel() == 0
 
@@ -214,27 +217,31 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
         TypeError: a bool or tensor rate, x or noise not a floating tensor.
         ValueError: x not 4-D, a rate outside its range, noise of the wrong shape or
             device, n_d > n_t (more channels to drop than candidates; under torch.compile
-            an asynchronous assertion: a RuntimeError, at once on the CPU).
+            an asynchronous assertion where the op runs, training with keep < 1: a
+            RuntimeError, at once on the CPU).
     """
     V.feature_map(x)
     top_rate, keep = V.real("top_rate", top_rate), V.real("keep", keep, open_lo=True)
     V.noise(noise, x.shape[:2], x)
     c = x.shape[1]
+    idle = _idle(x, training, 1 - keep)
     if torch.compiler.is_compiling():
         # the rates are symbolic: python's round() of them would specialise the graph on
         # each value (SPEC §8); the same counts as tensors, an asynchronous assertion (a
-        # RuntimeError, at once on the CPU)
-        n_drop = layers.drop_count(keep, c, x.device)
-        torch._assert_async(n_drop <= layers.top_count(top_rate, c, x.device),
-                            "selectout drops round((1 - keep) * C) channels, more than the "
-                            "candidates of top_rate: raise top_rate or keep")
+        # RuntimeError, at once on the CPU), only where the op runs: an idle graph is x
+        # itself, no kernel (SPEC §1)
+        if not idle:
+            n_drop = layers.drop_count(keep, c, x.device)
+            torch._assert_async(n_drop <= layers.top_count(top_rate, c, x.device),
+                                "selectout drops round((1 - keep) * C) channels, more than "
+                                "the candidates of top_rate: raise top_rate or keep")
     else:
         n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
         if c > 0 and n_drop > n_top:
             raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more "
                              f"than the {n_top} candidates of top_rate={top_rate}: raise "
                              "top_rate or keep")
-    if _idle(x, training, 1 - keep):
+    if idle:
         return x
     return _run("selectout", x, top_rate, keep, noise=noise, generator=generator)
 
