@@ -8,13 +8,16 @@ signature does not change. The blocks live in a ``contextvars.ContextVar`` (SPEC
 each thread (and each asyncio task) sees only its own blocks, so two threads training
 at once never read or pop each other's targets. ``nn.DataParallel`` runs its replicas
 in threads that do not see the caller's block: CamDrop refuses to run there (use
-DistributedDataParallel).
+DistributedDataParallel). Code compiled by torch.compile reads a per-thread copy of the
+blocks (Dynamo of torch 2.11 cannot trace ``ContextVar.get``): per thread too, but
+asyncio tasks that interleave blocks in one thread see their own only in eager mode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from torch import nn
 # a mutable stack with this one.
 _blocks: contextvars.ContextVar[tuple[tuple[torch.Tensor, torch.Tensor], ...]] = (
     contextvars.ContextVar("guidedrop_cam_targets", default=()))
+_thread = threading.local()  # _thread.blocks: this thread's _blocks, for compiled code
 
 
 @contextlib.contextmanager
@@ -59,15 +63,17 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
         raise TypeError(f"target must be an integer tensor of class indices, got dtype "
                         f"{target.dtype}")
     token = _blocks.set(_blocks.get() + ((weight, target),))
+    _thread.blocks = _blocks.get()
     try:
         yield
     finally:
         _blocks.reset(token)
+        _thread.blocks = _blocks.get()
 
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, target) of the innermost :func:`cam_targets` block of this thread."""
-    blocks = _blocks.get()
+    blocks = getattr(_thread, "blocks", ()) if torch.compiler.is_compiling() else _blocks.get()
     if not blocks:
         raise RuntimeError(
             "CamDrop ran in training mode without classifier weights and targets: wrap the "

@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 
 from guidedrop import _validation
-from guidedrop.layers import Plan, _block_extent, _rate, _seed_rate, beta_count, rand, top_count
+from guidedrop.layers import (
+    Plan,
+    _block_extent,
+    _rate,
+    _seed_rate,
+    beta_count,
+    rand,
+    rate64,
+    top_count,
+)
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -244,7 +253,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
                                              x.device)
     # eq. 11 times N' with the real block size (int / int: exact, then rounded; never
     # overflows), rounded to float32 in the kernel like the reference's ones * p_blocks.
-    p_t, p_blocks = _runtime_rate(p * ((h * w) / (block_size * block_size)), x)
+    p_t, p_blocks = _runtime_rate(rate64(p, x.device) * ((h * w) / (block_size * block_size)), x)
     keep, scale = _ops.corrdrop_plan(x, u, p_t, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 
@@ -277,7 +286,7 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = [n, 1 if shared_channels else c, h, w]
-    g_t, g = _runtime_rate(_seed_rate(p, r, h, w), x)
+    g_t, g = _runtime_rate(_seed_rate(rate64(p, x.device), r, h, w), x)
     blocks, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,
                                     generator)
     return Plan("seeds", (1, shape[1] == 1), (blocks, scale))
@@ -308,7 +317,7 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     k_s = max(1, (h * w) // (r * r))
     k_c = top_count(channel_rate, c, x.device)  # a tensor while torch.compile traces
     k_c, k_c_t = (1, k_c) if isinstance(k_c, torch.Tensor) else (k_c, None)
-    g_t, g = _runtime_rate(_seed_rate(1 - keep, r, h, w), x)
+    g_t, g = _runtime_rate(_seed_rate(1 - rate64(keep, x.device), r, h, w), x)
     blocks, scale = _ops.camdrop_plan(x, weight.detach(), target, noise, g_t, g, r, k_s, k_c,
                                       normalize, generator, k_c_t)
     return Plan("seeds", (1, c == 1), (blocks, scale))  # as layers._seeds_plan: Cs = C

@@ -96,12 +96,25 @@ def _uniform(noise, shape, generator, x):
 
 
 def _rate(q, x) -> torch.Tensor:
-    """A rate q (python float, or symbolic under torch.compile) as a 0-dim tensor in the
-    compute dtype of x: rounded like the uniforms it is compared with (SPEC §1), and a
-    runtime value for the kernels (SPEC §8: a python float argument of a kernel op would be
-    a compile-time constant, one recompile per rate). ones * q, not full((), q): a tensor
-    fill value would freeze q under torch.compile; no host-to-device copy (no sync)."""
-    return torch.ones((), dtype=_compute_dtype(x), device=x.device) * q
+    """A rate q (python float, symbolic under torch.compile, or :func:`rate64`'s tensor) as
+    a 0-dim tensor in the compute dtype of x: rounded like the uniforms it is compared with
+    (SPEC §1), and a runtime value for the kernels (SPEC §8: a python float argument of a
+    kernel op would be a compile-time constant, one recompile per rate). ones * q, not
+    full((), q): a tensor fill value would freeze q under torch.compile; no host-to-device
+    copy (no sync). A float64 q promotes the product: .to rounds it as the float's."""
+    dtype = _compute_dtype(x)
+    return (torch.ones((), dtype=dtype, device=x.device) * q).to(dtype)
+
+
+def rate64(q, device):
+    """A rate for arithmetic (1 - keep, p * HW / k², ...): q itself in eager mode; while
+    torch.compile traces, q in a 0-dim float64 tensor on ``device``, so that the
+    arithmetic is tensor ops. Dynamo of torch 2.11 (the GPU machine's) specialises a graph
+    on python arithmetic of a symbolic float, one recompile per rate (SPEC §8), but not on
+    a tensor's; float64 tensor ops round each step as python's floats do."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64, device=device) * q
+    return q
 
 
 def beta_count(beta: float, h: int, w: int) -> int:
@@ -129,10 +142,11 @@ def top_count(rate, n: int, device):
 def drop_count(keep, n: int, device) -> torch.Tensor:
     """round((1 - keep) * n), Selectout's n_d (SPEC §3), as a 0-dim float64 tensor (torch.round
     rounds half to even, like round()), so that torch.compile does not recompile for every
-    keep a schedule sets. The product in tensor ops, (ones * (1 - keep)) * n: the python
-    product of a symbolic keep is rewritten by inductor as n - n * keep, which rounds
-    otherwise (n = 15, keep = 0.9: 1.5 for 1.4999999999999996, two channels dropped)."""
-    return (torch.ones((), dtype=torch.float64, device=device) * (1 - keep) * n).round()
+    keep a schedule sets. In tensor ops, (1 - ones * keep) * n: the python product of a
+    symbolic keep is rewritten by inductor as n - n * keep, which rounds otherwise (n = 15,
+    keep = 0.9: 1.5 for 1.4999999999999996, two channels dropped), and torch 2.11
+    specialises on 1 - keep (:func:`rate64`)."""
+    return ((1 - torch.ones((), dtype=torch.float64, device=device) * keep) * n).round()
 
 
 def _block_extent(k: int, h: int, w: int) -> int:
@@ -188,7 +202,7 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     m = u[0] < kappa
     # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size. int / int is
     # exact-then-rounded in python and never overflows (k ** 2 may exceed any float).
-    p_blocks = p * ((h * w) / (block_size * block_size))
+    p_blocks = rate64(p, x.device) * ((h * w) / (block_size * block_size))
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already.
     # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other
@@ -216,6 +230,7 @@ def selectscale(B, x, top_rate, retain, *, noise=None, generator=None):
     """SPEC §3. State: w (N, C)."""
     u = _uniform(noise, x.shape[:2], generator, x)
     cand = _channel_candidates(B, x, top_rate)
+    retain = rate64(retain, x.device)
     w = torch.where(cand, retain + 2 * (1 - retain) * u, 1)
     return Plan("channel", (), (w,))
 
@@ -224,6 +239,7 @@ def selectscale(B, x, top_rate, retain, *, noise=None, generator=None):
 def spatialscale(B, x, retain, *, noise=None, generator=None):
     """SPEC §3, every channel a candidate. State: w (N, C)."""
     u = _uniform(noise, x.shape[:2], generator, x)
+    retain = rate64(retain, x.device)
     return Plan("channel", (), (retain + 2 * (1 - retain) * u,))
 
 
@@ -239,7 +255,7 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape
     # ones * (1/keep): no host-to-device copy (a sync, and an error under CUDA graph
     # capture), and keep stays symbolic under torch.compile.
-    w = torch.where(drop, 0.0, torch.ones_like(u) * (1 / keep))
+    w = torch.where(drop, 0.0, torch.ones_like(u) * (1 / rate64(keep, x.device)))
     return Plan("channel", (), (w,))
 
 
@@ -281,6 +297,7 @@ def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None
     _, mean = B.channel_stats(x)
     ref = x[torch.arange(n, device=x.device), mean.argmax(dim=1)].to(mean.dtype)  # (N, H, W)
     v = ref.flatten(1).amax(dim=1)
+    low, high = rate64(low, x.device), rate64(high, x.device)
     gamma = low + (high - low) * u
     if not per_position:
         gamma = gamma[:, None, None]
@@ -330,7 +347,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     cam = B.cam(x, alpha)
     cand_s = _top(B, cam.flatten(1), max(1, (h * w) // (r * r))).view(n, h, w)
     cand_c = _top(B, alpha, top_count(channel_rate, c, x.device))
-    g = _rate(_seed_rate(1 - keep, r, h, w), x)
+    g = _rate(_seed_rate(1 - rate64(keep, x.device), r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, cand_s, cand_c, x.shape, x.device)
     return _seeds_plan(B, bits, r, x.shape, c, normalize, dt)
 
@@ -342,6 +359,6 @@ def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, ge
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     shape = (n, 1 if shared_channels else c, h, w)
-    g = _rate(_seed_rate(p, r, h, w), x)
+    g = _rate(_seed_rate(rate64(p, x.device), r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, None, None, shape, x.device)
     return _seeds_plan(B, bits, r, shape, c, normalize, _compute_dtype(x))

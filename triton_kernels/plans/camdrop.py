@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from guidedrop import _validation
-from guidedrop.layers import Plan, _seed_rate, top_count
+from guidedrop.layers import Plan, _seed_rate, rate64, top_count
 
 from .._common import (
     INTERPRET,
@@ -175,7 +175,7 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
         return None
     k_s = max(1, (h * w) // (r * r))
     k_c = top_count(channel_rate, c, x.device)  # int, or a tensor while traced (SPEC §8)
-    g_t, g_val = rate_args(_seed_rate(1 - keep, r, h, w), x)
+    g_t, g_val = rate_args(_seed_rate(1 - rate64(keep, x.device), r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
     blocks, scale = _plan(x, weight.detach(), target, noise, seed, g_t, g_val, r, k_s, k_c,
                           normalize)

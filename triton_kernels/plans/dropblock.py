@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from guidedrop.layers import Plan, _rate, _seed_rate
+from guidedrop.layers import Plan, _rate, _seed_rate, rate64
 
 from .._common import as_float32, cdiv, op
 from ..block_mask import draw_seed, seed_launch, seeds_scale
@@ -57,7 +57,7 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     n, c, h, w = x.shape
     r = min(block_size, h, w)
     cs = 1 if shared_channels else c
-    g_t, g_val = rate_args(_seed_rate(p, r, h, w), x)
+    g_t, g_val = rate_args(_seed_rate(rate64(p, x.device), r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
     blocks, scale = _plan(x, noise, seed, g_t, g_val, r, cs, normalize)
     return Plan("seeds", (1, cs == 1), (blocks, scale))

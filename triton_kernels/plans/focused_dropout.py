@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, rand
+from guidedrop.layers import Plan, _rate, rand, rate64
 
 from .._common import (
     as_float32,
@@ -141,7 +141,7 @@ def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=No
                                              x.device)
     _, mean = channel_stats(x, applied)
     if torch.compiler.is_compiling():  # runtime values of the traced graph (SPEC §8)
-        low, spread = _rate(low, x), _rate(high - low, x)
+        low, spread = _rate(low, x), _rate(rate64(high, x.device) - low, x)
     else:
         low, spread = as_float32(low), as_float32(float(high) - float(low))
     mask, scale = _focused_plan(x, mean, u, low, spread, per_position, applied)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, drop_count, rand, top_count
+from guidedrop.layers import Plan, _rate, drop_count, rand, rate64, top_count
 
 from .._common import as_float32, float_key, in_top, key_float, launch, op, pow2, warps
 from ..channel_ranking import channel_stats
@@ -187,7 +187,7 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     u = _noise(noise, x, generator)
     amax, _ = channel_stats(x)
     if torch.compiler.is_compiling():  # runtime values of the traced graph (SPEC §8)
-        retain, spread = _rate(retain, x), _rate(2 * (1 - retain), x)
+        retain, spread = _rate(retain, x), _rate(2 * (1 - rate64(retain, x.device)), x)
     else:
         retain, spread = as_float32(retain), as_float32(2 * (1 - float(retain)))
     return Plan("channel", (), (_selectscale_plan(amax, u, k, retain, spread),))
@@ -205,7 +205,7 @@ def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     u = _noise(noise, x, generator)
     amax, _ = channel_stats(x)
     if torch.compiler.is_compiling():  # as the reference: no recompile per keep (SPEC §8)
-        inv_keep = _rate(1 / keep, x)
+        inv_keep = _rate(1 / rate64(keep, x.device), x)
         n_drop = drop_count(keep, c, x.device)
     else:
         inv_keep, n_drop = as_float32(1 / float(keep)), round((1 - float(keep)) * c)
