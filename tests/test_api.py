@@ -595,6 +595,11 @@ def test_linear_ramp_twice_keeps_the_targets():
         second.load_state_dict({"step_count": 0, "steps": 4,
                                 "targets": [0.5] * 4 + [1.0] + [0.5] * 3})
     assert guidedrop.LinearRamp(model, steps=2).targets == pytest.approx([0.05] + TARGETS[1:])
+    # assigned the value a ramp set (a layer disabled at a ramp's step 0): a target too
+    guidedrop.LinearRamp(model, steps=10)  # every rate 0
+    model[1].p = 0.0
+    model[2].drop_rate = 0.0
+    assert guidedrop.LinearRamp(model, steps=0).targets == pytest.approx([0.0, 0.0] + TARGETS[2:])
 
 
 def test_linear_ramp_layers_argument():

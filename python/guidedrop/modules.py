@@ -89,6 +89,8 @@ class GuidedDropout(nn.Module):
         # parameters go to their property.
         if name in self._fields or name == "drop_rate":
             object.__setattr__(self, name, value)
+            if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
+                self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
         else:
             super().__setattr__(name, value)
 

@@ -27,7 +27,7 @@ class LinearRamp:
     set that rate: then the earlier ramp's target (as torch's LR schedulers keep
     ``initial_lr``), so that a second ramp over the same model (a restarted schedule, a
     notebook cell run twice) ramps to the same targets, not to the 0 the first one set.
-    A rate assigned after a ramp set it is a new target.
+    A rate assigned after a ramp set it, even the value the ramp set, is a new target.
     """
 
     def __init__(self, model: nn.Module | None = None, steps: int = 1,
@@ -86,7 +86,8 @@ class LinearRamp:
         # A layer may still refuse a rate (Selectout's keep = 1 - drop_rate must be > 0):
         # its target, which a later step() reaches, or the current one. Then put
         # everything back.
-        before = (self.step_count, self.steps, self.targets), [m.drop_rate for m in self.layers]
+        before = ((self.step_count, self.steps, self.targets),
+                  [(m.drop_rate, getattr(m, "_ramped", None)) for m in self.layers])
         self.step_count, self.steps, self.targets = step_count, steps, targets
         try:
             for m, target in zip(self.layers, targets, strict=True):
@@ -94,8 +95,10 @@ class LinearRamp:
             self._set()
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
-            for m, rate in zip(self.layers, rates, strict=True):
+            for m, (rate, ramped) in zip(self.layers, rates, strict=True):
                 m.drop_rate = rate
+                if ramped is not None:  # the marks too: a later ramp finds the targets
+                    m._ramped = ramped
             raise
 
 
