@@ -477,6 +477,45 @@ def test_attention_count_under_dynamic_shapes(forced, compiler):
     torch._dynamo.reset()
 
 
+FUNC_OPS = {  # a layer of each kind of plan: seeds, blocks, channels, attention (keeps x)
+    "dropblock": (lambda t, u: F.dropblock(t, 0.3, 3, noise=u), (2, 6, 9, 9)),
+    "camdrop": (lambda t, u: F.camdrop(t, *_cam_args(2, 6), 3, 0.3, noise=u), (2, 6, 9, 9)),
+    "corrdrop": (lambda t, u: F.corrdrop(t, 0.5, 3, noise=u), (2, 2, 3, 3)),
+    "selectout": (lambda t, u: F.selectout(t, 0.5, 0.7, noise=u), (2, 6)),
+    "attentiondrop": (lambda t, u: F.attentiondrop(t, 0.7, 20.0, noise=u), (2, 6)),
+}
+
+
+@pytest.mark.parametrize("layer", FUNC_OPS)
+def test_torch_func_transforms(forced, layer):
+    """torch.func.grad and forward-mode AD (torch.func.jvp, forward_ad) as for nn.Dropout
+    (a helper's attack: the autograd Function had no setup_context and no jvp, and Triton's
+    launches could not read torch.func's wrapped tensors): grad equals autograd's, the
+    tangent is t_dot * w, w the forward's multiplier. vmap: an error, not a wrong answer."""
+    f, noise_shape = FUNC_OPS[layer]
+    x = torch.randn(2, 6, 9, 9, generator=gen(1)).to(DEV)
+    u = torch.rand(noise_shape, generator=gen(2)).to(DEV)
+    weights = torch.randn(x.shape, generator=gen(3)).to(DEV)
+    xr = x.clone().requires_grad_()
+    y = f(xr, u)
+    (y * weights).sum().backward()
+    assert torch.equal(torch.func.grad(lambda t: (f(t, u) * weights).sum())(x), xr.grad)
+    xw = x.clone().requires_grad_()
+    f(xw, u).sum().backward()  # w itself: grad_y = 1
+    tangent = torch.randn(x.shape, generator=gen(4)).to(DEV)
+    out, tan_out = torch.func.jvp(lambda t: f(t, u), (x,), (tangent,))
+    assert torch.equal(out, y.detach()) and torch.equal(tan_out, tangent * xw.grad)
+    with torch.autograd.forward_ad.dual_level():
+        dual = f(torch.autograd.forward_ad.make_dual(x, tangent), u)
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(dual).tangent, tan_out)
+    if layer == "camdrop":
+        return  # (its targets would need a batch dimension too)
+    n_dim = 1 if layer == "corrdrop" else 0  # the noise's batch dimension
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.func.vmap(lambda t, v: f(t[None], v.unsqueeze(n_dim)).squeeze(0),
+                        in_dims=(0, n_dim), randomness="different")(x, u)
+
+
 def test_shapes_under_dynamic_compile(forced):
     """The README's graphs per shape under torch.compile(dynamic=True): the reference and
     CUDA backends trace the sizes symbolically (one graph for every shape); Triton's

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._functorch import pyfunctorch
+
+from guidedrop import _validation as V
 
 # TRITON_INTERPRET is read when @triton.jit decorates a kernel, i.e. when these modules are
 # imported: the mode is fixed for the process from then on.
@@ -100,6 +103,20 @@ def op(name: str):
     return register
 
 
+def _plain(kernel_at_grid):
+    """kernel[grid]; under torch.func's transforms run outside them (the interpreter's own
+    torch ops too) on its arguments unwrapped (``_validation.func_unwrapped``)."""
+    if not torch._C._are_functorch_transforms_active():
+        return kernel_at_grid
+
+    def run(*args, **kwargs):
+        args = [V.func_unwrapped(a) for a in args]
+        kwargs = {k: V.func_unwrapped(v) for k, v in kwargs.items()}
+        with pyfunctorch.temporarily_clear_interpreter_stack():
+            return kernel_at_grid(*args, **kwargs)
+    return run
+
+
 def launch(kernel):
     """``launch(kernel)[grid](...)``: kernel[grid](...), through wrap_triton while traced
     (see ``op`` and :func:`traced`)."""
@@ -139,7 +156,7 @@ class _Launcher:
     def __getitem__(self, grid):
         if traced():
             return torch.library.wrap_triton(self.kernel)[grid]
-        return self.kernel[grid]
+        return _plain(self.kernel[grid])
 
 
 # Triton's interpreter patches triton.language and its grid state globally while a kernel
@@ -165,7 +182,7 @@ class _Interpreted:
                 # then taken as f̂ = 0, SPEC §4)
                 with (_INTERPRETER_LOCK,
                       np.errstate(divide="ignore", invalid="ignore", over="ignore")):
-                    self.kernel[grid](*args, **kwargs)
+                    _plain(self.kernel[grid])(*args, **kwargs)
         return run
 
 

@@ -10,6 +10,7 @@ import math
 import numbers
 
 import torch
+from torch._functorch import pyfunctorch
 
 NORMALIZE = ("batch", "sample", "none")
 MODES = ("am", "sm", "ad")
@@ -183,10 +184,28 @@ def check_target_range(target: torch.Tensor, k: int) -> None:
     """ValueError naming ``target`` where a CPU target holds an index outside [0, k). Through
     numpy, which torch's dispatcher does not see: no op on the device, no launch (issue
     12's budget counts every aten op, a CPU one too)."""
+    if torch._C._are_functorch_transforms_active():  # torch.func: data outside its transforms
+        with pyfunctorch.temporarily_clear_interpreter_stack():
+            return check_target_range(func_unwrapped(target), k)
     t = target.numpy()
     bad = t[(t < 0) | (t >= k)]
     if bad.size:
         raise ValueError(f"target must hold class indices in [0, {k}), got {bad[0]}")
+
+
+def func_unwrapped(v):
+    """v, or the plain tensor that a tensor of torch.func's grad / jvp transforms wraps: a
+    wrapper has no storage that numpy or a kernel could read; the plain one shares the
+    wrapper's, so a kernel's writes show through it. The layers read and launch on
+    constants (a detached x under no_grad; w constant, whose tangent the autograd Function
+    gives). vmap's batched tensors hold a batch dimension the kernels would take for N:
+    NotImplementedError."""
+    if isinstance(v, torch.Tensor):
+        while torch._C._functorch.is_functorch_wrapped_tensor(v):
+            if torch._C._functorch.is_batchedtensor(v):
+                raise NotImplementedError("guidedrop's kernels do not support torch.func.vmap")
+            v = torch._C._functorch.get_unwrapped(v)
+    return v
 
 
 def target_checked_on_host(target: torch.Tensor) -> bool:

@@ -18,28 +18,54 @@ from . import layers
 
 
 class _ApplyPlan(torch.autograd.Function):
+    # forward without ctx and setup_context (not forward(ctx, ...)): torch.func's transforms
+    # (grad, jvp) accept only this form.
+
     @staticmethod
-    def forward(ctx, t, x, backend, kind, meta, state):
+    def forward(t, x, backend, kind, meta, state):
         # t: the tensor multiplied (x, or grad_y in a backward); x: AttentionDrop's detached
         # source of S, else None. state is one tuple, not *state: with a varargs forward,
         # Dynamo's no-grad path mistakes the argument count for a forward without ctx.
-        ctx.backend, ctx.kind, ctx.meta = backend, kind, meta
-        ctx.save_for_backward(*((x,) if x is not None else ()), *state)
         return layers.apply(backend, layers.Plan(kind, meta, state), t, x)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, ctx.backend, ctx.kind, ctx.meta, state = inputs
+        saved = (*((x,) if x is not None else ()), *state)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        x, state = (saved[0], saved[1:]) if ctx.kind == "attention" else (None, saved)
-        g = None
-        if ctx.needs_input_grad[0]:
-            # The same Function: differentiable again in grad (w constant), a no-op graph
-            # node when create_graph is False (grad mode is off in a plain backward).
-            g = _ApplyPlan.apply(grad, x, ctx.backend, ctx.kind, ctx.meta, tuple(state))
+        # A no-op graph node when create_graph is False (grad mode is off in a plain
+        # backward).
+        g = _again(ctx, grad) if ctx.needs_input_grad[0] else None
         return g, None, None, None, None, None
+
+
+class _ApplyPlanForwardAD(_ApplyPlan):
+    """With forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): y = t * w with w
+    constant, so the output's tangent is t_dot * w. Eager mode only: Dynamo cannot trace a
+    Function that defines jvp."""
+
+    @staticmethod
+    def jvp(ctx, t_dot, *_):
+        return _again(ctx, t_dot)
+
+
+def _function():
+    return _ApplyPlan if torch.compiler.is_compiling() else _ApplyPlanForwardAD
+
+
+def _again(ctx, t):
+    """The Function again on t (grad_y, or a tangent): t * w, w constant, differentiable
+    again in t."""
+    saved = ctx.saved_tensors
+    x, state = (saved[0], saved[1:]) if ctx.kind == "attention" else (None, saved)
+    return _function().apply(t, x, ctx.backend, ctx.kind, ctx.meta, tuple(state))
 
 
 def apply(backend, plan: layers.Plan, x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> x * w(plan), differentiable in x (any order; w constant)."""
     src = x.detach() if plan.kind == "attention" else None
-    return _ApplyPlan.apply(x, src, backend, plan.kind, plan.meta, plan.state)
+    return _function().apply(x, src, backend, plan.kind, plan.meta, plan.state)
