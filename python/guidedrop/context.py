@@ -8,9 +8,11 @@ signature does not change. The blocks live in a ``contextvars.ContextVar`` (SPEC
 each thread (and each asyncio task) sees only its own blocks, so two threads training
 at once never read or pop each other's targets. ``nn.DataParallel`` runs its replicas
 in threads that do not see the caller's block: CamDrop refuses to run there (use
-DistributedDataParallel). Code compiled by torch.compile reads a per-thread copy of the
-blocks (Dynamo of torch 2.11 cannot trace ``ContextVar.get``): per thread too, but
-asyncio tasks that interleave blocks in one thread see their own only in eager mode.
+DistributedDataParallel). Dynamo of torch 2.11 cannot trace ``ContextVar.get``: there,
+code compiled by torch.compile reads a per-thread copy of the blocks, made where a block
+is entered or left, so it does not see a context copied into another thread
+(``asyncio.to_thread``, ``contextvars.copy_context().run``) nor the blocks of asyncio
+tasks interleaved in one thread; eager mode and newer torch read the ContextVar.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import contextvars
 import threading
 
 import torch
+import torch._dynamo.source
 from torch import nn
 
 # A tuple (immutable), so that a context copied by another thread or task never shares
 # a mutable stack with this one.
 _blocks: contextvars.ContextVar[tuple[tuple[torch.Tensor, torch.Tensor], ...]] = (
     contextvars.ContextVar("guidedrop_cam_targets", default=()))
-_thread = threading.local()  # _thread.blocks: this thread's _blocks, for compiled code
+# Whether Dynamo traces ContextVar.get (torch 2.14 does; 2.11 does not). Else compiled
+# code reads _thread.blocks, this thread's _blocks as cam_targets last set them.
+_TRACES_CONTEXTVAR = hasattr(torch._dynamo.source, "ContextVarGetSource")
+_thread = threading.local()
 
 
 @contextlib.contextmanager
@@ -73,7 +79,10 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, target) of the innermost :func:`cam_targets` block of this thread."""
-    blocks = getattr(_thread, "blocks", ()) if torch.compiler.is_compiling() else _blocks.get()
+    if torch.compiler.is_compiling() and not _TRACES_CONTEXTVAR:
+        blocks = getattr(_thread, "blocks", ())
+    else:
+        blocks = _blocks.get()
     if not blocks:
         raise RuntimeError(
             "CamDrop ran in training mode without classifier weights and targets: wrap the "
