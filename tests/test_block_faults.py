@@ -506,8 +506,10 @@ def test_torch_func_transforms(forced, layer):
     out, tan_out = torch.func.jvp(lambda t: f(t, u), (x,), (tangent,))
     assert torch.equal(out, y.detach()) and torch.equal(tan_out, tangent * xw.grad)
     with torch.autograd.forward_ad.dual_level():
-        dual = f(torch.autograd.forward_ad.make_dual(x, tangent), u)
-        assert torch.equal(torch.autograd.forward_ad.unpack_dual(dual).tangent, tan_out)
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        for g in (f, torch.compile(f, backend="aot_eager")):  # compiled: a graph break
+            out = torch.autograd.forward_ad.unpack_dual(g(dual, u))
+            assert torch.equal(out.tangent, tan_out) and torch.equal(out.primal, y.detach())
     if layer == "camdrop":
         return  # (its targets would need a batch dimension too)
     n_dim = 1 if layer == "corrdrop" else 0  # the noise's batch dimension

@@ -45,8 +45,9 @@ class _ApplyPlan(torch.autograd.Function):
 
 class _ApplyPlanForwardAD(_ApplyPlan):
     """With forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): y = t * w with w
-    constant, so the output's tangent is t_dot * w. Eager mode only: Dynamo cannot trace a
-    Function that defines jvp."""
+    constant, so the output's tangent is t_dot * w. Dynamo cannot trace a Function that
+    defines jvp: compiled code takes it only under forward AD (Dynamo then runs it
+    eagerly, a graph break)."""
 
     @staticmethod
     def jvp(ctx, t_dot, *_):
@@ -54,7 +55,9 @@ class _ApplyPlanForwardAD(_ApplyPlan):
 
 
 def _function():
-    return _ApplyPlan if torch.compiler.is_compiling() else _ApplyPlanForwardAD
+    if torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level < 0:
+        return _ApplyPlan
+    return _ApplyPlanForwardAD
 
 
 def _again(ctx, t):

@@ -289,11 +289,16 @@ class CamDrop(GuidedDropout):
                 "CamDrop does not support nn.DataParallel in training: the replicas cannot "
                 "read the step's cam_targets. Use torch.nn.parallel.DistributedDataParallel "
                 "(one process per GPU, each with its own `with guidedrop.cam_targets(...)`).")
-        if isinstance(x, torch.fx.Proxy):  # FX: read the block when the graph runs
-            weight, target = x.tracer.create_proxy("call_function", context.current, (), {})
-        else:
-            weight, target = context.current()
+        weight, target = _cam_block(x)
         return F.camdrop(x, weight, target, **self._params())
+
+
+@F.fx_leaf
+def _cam_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """context.current(); under FX one node, read when the traced graph runs, also when
+    its code is traced again (pickle, symbolic_trace of the GraphModule). x only carries
+    the trace."""
+    return context.current()
 
 
 class DropBlock2d(GuidedDropout):
