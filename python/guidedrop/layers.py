@@ -311,7 +311,10 @@ def focused_dropout(B, x, low, high, *, per_position, noise=None, generator=None
 
 
 def _seed_rate(rate, r, h, w):
-    """DropBlock's seed rate g (SPEC §6.4, §7); r <= H and r <= W."""
+    """DropBlock's seed rate g (SPEC §6.4, §7); r <= H and r <= W. rate: a float, or
+    rate64's tensor while traced. Not checked (no GPU here): inductor on a GPU lowers a
+    division by a constant to a multiplication by its reciprocal, which can move the
+    float64 g by an ulp (a float32 g, by an ulp in about 2^-29 of the rates)."""
     return rate / r**2 * (h * w) / ((h - r + 1) * (w - r + 1))
 
 
