@@ -486,6 +486,8 @@ FUNC_OPS = {  # a layer of each kind of plan: seeds, blocks, channels, attention
 }
 
 
+# torch.func's first call scripts a helper of torch's own with the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("layer", FUNC_OPS)
 def test_torch_func_transforms(forced, layer):
     """torch.func.grad and forward-mode AD (torch.func.jvp, forward_ad) as for nn.Dropout
