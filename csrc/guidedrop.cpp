@@ -689,7 +689,7 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, int k, str normalize) "
         "-> (Tensor, Tensor)");
   m.def("camdrop_plan(Tensor x, Tensor weight, Tensor target, Tensor? noise, Tensor? g_t, "
-        "float g, int r, int k_s, int k_c, str normalize, Generator? generator=None, "
+        "float g, int r, SymInt k_s, int k_c, str normalize, Generator? generator=None, "
         "Tensor? k_c_t=None) -> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
   m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");

@@ -1320,14 +1320,21 @@ def op_samples():
 
 
 def test_triton_ops_registered():
-    """Every primitive is an op guidedrop_triton::<name>, and the backend's public
+    """Every primitive is an op guidedrop_triton::<name>, with its twin <name>_dynamic of
+    the same schema (the op traced with symbolic sizes), and the backend's public
     functions are the ops or thin wrappers around them (same contract signatures)."""
     ops = triton_ops()
     mod = load_backend("triton")
+    names = {name for name in ops if not name.endswith("_dynamic")}
+    assert {name for name in ops if name.endswith("_dynamic")} == {f"{n}_dynamic" for n in names}
     # the primitives, and the plan kernels' ops (tests/test_plans_*.py)
-    assert set(op_samples()) == {name for name in ops if not name.endswith("_plan")}
+    assert set(op_samples()) == {name for name in names if not name.endswith("_plan")}
+    for name in names:
+        schema = getattr(ops, name).default._schema
+        dynamic = getattr(ops, f"{name}_dynamic").default._schema
+        assert schema.name == f"guidedrop_triton::{name}"
+        assert str(dynamic) == str(schema).replace(f"::{name}(", f"::{name}_dynamic(")
     for name in op_samples():
-        assert getattr(ops, name).default._schema.name == f"guidedrop_triton::{name}"
         assert callable(getattr(mod, name))
 
 
@@ -1342,7 +1349,50 @@ def test_triton_opcheck(name):
     custom_ops whose fake kernel is the launcher with the launches skipped."""
     ops = triton_ops()
     for args in op_samples()[name]:
-        torch.library.opcheck(getattr(ops, name), args)
+        for op in (getattr(ops, name), getattr(ops, f"{name}_dynamic")):  # fake: `fake`
+            torch.library.opcheck(op, args)
+
+
+# layer -> (its plan module in triton_kernels.plans, the op's name there, functional call)
+PLAN_OPS = {
+    "dropblock_plan": ("dropblock", "_plan", lambda x: F.dropblock(x, 0.3, 3)),
+    "camdrop_plan": ("camdrop", "_plan", lambda x: F.camdrop(
+        x, torch.randn(4, x.shape[1], generator=gen(2)).to(DEV), torch.tensor([1, 3]).to(DEV),
+        3, 0.5)),
+    "corrdrop_plan": ("corrdrop", "_plan", lambda x: F.corrdrop(x, p=0.4, block_size=2)),
+    "attentiondrop_plan": ("attentiondrop", "_plan", lambda x: F.attentiondrop(x, 0.6, 20.0)),
+    "focused_dropout_plan": ("focused_dropout", "_focused_plan",
+                             lambda x: F.focused_dropout(x, 0.3, 0.6)),
+    "selectscale_plan": ("selectscale", "_selectscale_plan", lambda x: F.selectscale(x, 0.5, 0.5)),
+    "selectout_plan": ("selectscale", "_selectout_plan", lambda x: F.selectout(x, 0.5, 0.75)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAN_OPS))
+def test_triton_plan_opcheck(name, monkeypatch):
+    """torch.library.opcheck of each plan kernel's op and its _dynamic twin, on the
+    arguments its layer passes it while traced (rates as 0-dim tensors; recorded from an
+    eager call that torch.compiler.is_compiling() takes for a traced one), in NCHW and
+    channels_last with odd sizes: the twin's fake kernel gives the launcher's shapes, dtypes
+    and strides."""
+    import importlib
+    ops = triton_ops()
+    module, attr, layer = PLAN_OPS[name]
+    mod = importlib.import_module(f"guidedrop.triton_kernels.plans.{module}")
+    calls, launcher = [], getattr(mod, attr)
+
+    def record(*args):
+        calls.append(args)
+        return launcher(*args)
+    monkeypatch.setattr(mod, attr, record)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    for fmt in ("contiguous", "channels_last"):
+        layer(make_x((2, 5, 7, 9), torch.float32, DEV, fmt))
+    assert len(calls) == 2
+    for args in calls:
+        for op in (getattr(ops, name), getattr(ops, f"{name}_dynamic")):
+            torch.library.opcheck(op, args)
 
 
 # One case per layer by default; the other modes and variants in the slow stage (without a

@@ -520,27 +520,67 @@ def test_torch_func_transforms(forced, layer):
                         in_dims=(0, n_dim), randomness="different")(x, u)
 
 
-def test_shapes_under_dynamic_compile(forced):
-    """The README's graphs per shape under torch.compile(dynamic=True): the reference and
-    CUDA backends trace the sizes symbolically (one graph for every shape); Triton's
-    launchers pick their tiles from the sizes, so the Triton backend compiles a graph per
-    input shape. Each compiled output equals eager's. Sizes distinct and >= 2 (no 0/1 or
-    duck-sizing specialisation), C * H * W odd (the packed seeds guard on a multiple of 8)."""
+@pytest.mark.parametrize("layer", LAYERS)
+def test_shapes_under_dynamic_compile(forced, layer):
+    """The README's graphs per shape under torch.compile(dynamic=True): every backend traces
+    the sizes symbolically, one graph for every shape (N, C, H and W all change), forward
+    and backward, in NCHW and then in channels_last. The Triton ops take their _dynamic twins there
+    (the launchers choose their tiles at run time; tracing them would guard on the exact
+    sizes: a graph per shape before). Each compiled output and gradient equals eager's.
+    Sizes >= 2, no duck sizing (equal sizes of different dimensions are not one symbol),
+    C * H * W odd (the packed seeds guard on a multiple of 8). AttentionDrop's n_β makes a
+    graph per map size (layers.beta_count): its H and W stay."""
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-
-    def step(x, u, v):
-        return F.selectscale(F.dropblock(x, 0.3, 3, noise=u), 0.4, 0.5, noise=v)
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    shapes = [(2, 3, 9, 7), (3, 5, 11, 9), (4, 7, 13, 5), (5, 9, 7, 11), (3, 11, 5, 9)]
+    if layer == "attentiondrop":
+        shapes = [(n, c, 9, 7) for n, c, _, _ in shapes]
     frames = []  # after each shape (the first compile may count twice: a restart)
-    for n, c, h, w in ((2, 3, 9, 7), (3, 5, 11, 9), (4, 7, 13, 5)):  # C * H * W odd
-        x = torch.randn(n, c, h, w, generator=gen(h)).to(DEV)
-        u = torch.rand(n, c, h, w, generator=gen(w)).to(DEV)
-        v = torch.rand(n, c, generator=gen(c)).to(DEV)
-        assert torch.equal(compiled(x, u, v), step(x, u, v)), (n, c, h, w)
-        frames.append(counter.frame_count)
-    new = 1 if dispatch.requested() == "triton" else 0
-    assert [frames[1] - frames[0], frames[2] - frames[1]] == [new, new]
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        for i, (n, c, h, w) in enumerate(shapes):
+            args, kw, noise_shape = layer_case(layer, n, c, h, w)
+
+            def step(x, u, *args, kw=kw):
+                return getattr(F, layer)(x, *args, noise=u, **kw)
+            compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+            x = torch.randn(n, c, h, w, generator=gen(h)).to(DEV)
+            if i >= 3:  # a new layout: one graph more (strides guarded), then no other
+                x = x.to(memory_format=torch.channels_last)
+            u = torch.rand(noise_shape, generator=gen(w)).to(DEV)
+            grad = torch.randn(x.shape, generator=gen(c)).to(DEV)
+            outs = []
+            for f in (compiled, step):
+                xr = x.clone().requires_grad_()
+                y = f(xr, u, *args)
+                y.backward(grad)
+                outs.append((y.detach(), xr.grad))
+            assert all(map(torch.equal, *outs)), (layer, n, c, h, w)
+            frames.append(counter.frame_count)
+    assert frames[1:] == [frames[0]] * 2 + [frames[0] + 1] * 2, frames
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU
+@pytest.mark.parametrize("forced", ["triton"], indirect=True)
+@pytest.mark.parametrize("layer", ["dropblock", "attentiondrop", "camdrop"])
+def test_dynamic_shapes_under_inductor(forced, layer):
+    """test_shapes_under_dynamic_compile's one graph for every shape with inductor, which
+    runs the Triton ops' _dynamic twins as fallback kernels among its own code."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    frames = []
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        for n, c in ((2, 3), (3, 5), (4, 7)):
+            args, kw, noise_shape = layer_case(layer, n, c, 9, 7)
+
+            def step(x, u, *args, kw=kw):
+                return getattr(F, layer)(x, *args, noise=u, **kw) * 2 + 1
+            compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+            x = torch.randn(n, c, 9, 7, generator=gen(c)).to(DEV)
+            u = torch.rand(noise_shape, generator=gen(n)).to(DEV)
+            assert torch.equal(compiled(x, u, *args), step(x, u, *args)), (layer, n, c)
+            frames.append(counter.frame_count)
+    assert frames[1:] == [frames[0]] * 2, frames
     torch._dynamo.reset()
 
 

@@ -290,13 +290,13 @@ def _op_cases(name):
     u = torch.rand(2, device=DEV)
     if name == "triton":
         _backend("triton")
-        from guidedrop.triton_kernels import channel_ranking
-        from guidedrop.triton_kernels.plans import focused_dropout as P
-        stats, plan = channel_ranking.channel_stats.op, P._focused_plan.op
+        ops = torch.ops.guidedrop_triton  # and the _dynamic twins (their own fake kernels)
         rate = torch.tensor(0.3, device=DEV)
-        return [(stats, (x, torch.tensor(a, device=DEV))) for a in (False, True)] + [
-            (plan, (x, mean, u, rate, rate, False, torch.tensor(a, device=DEV)))
-            for a in (False, True)]
+        return [(getattr(ops, f"channel_stats{d}"), (x, torch.tensor(a, device=DEV)))
+                for a in (False, True) for d in ("", "_dynamic")] + [
+            (getattr(ops, f"focused_dropout_plan{d}"),
+             (x, mean, u, rate, rate, False, torch.tensor(a, device=DEV)))
+            for a in (False, True) for d in ("", "_dynamic")]
     _backend("cuda")
     ops = torch.ops.guidedrop if HAS_CUDA else torch.ops.guidedrop_emu
     return [(ops.channel_stats, (x, torch.tensor(a, device=DEV))) for a in (False, True)] + [

@@ -73,34 +73,74 @@ INT32_MAX = 2**31 - 1
 # trace interpreted kernels: the launcher is a plain torch.library.custom_op whose fake
 # kernel is the launcher itself with the launches skipped (``launch``). Older torch: the
 # plain functions.
+#
+# Tracing the launcher bakes its choices (tiles, kernels, constexpr sizes) into the graph,
+# so it guards on the exact sizes: under dynamic shapes that would be a graph per input
+# shape (and past torch._dynamo.config.recompile_limit, the whole frame run eagerly). So
+# where the op is traced with a symbolic size or stride it calls
+# guidedrop_triton::<name>_dynamic instead: a custom_op that tracing does not enter (its
+# fake kernel is ``fake``: shapes, dtypes and memory formats only), whose launcher chooses
+# at run time from the real sizes. (The choice is made in the op, on FakeTensors: Dynamo's
+# own tracing of python code sees a symbolic size as an int.)
 HAS_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
-def op(name: str):
+def op(name: str, fake):
     """Decorator: registers a launcher (type-hinted for schema inference) as
-    guidedrop_triton::<name>. The function it returns calls the launcher itself in eager
+    guidedrop_triton::<name>, and as guidedrop_triton::<name>_dynamic with the fake kernel
+    ``fake`` (same signature: outputs of the launcher's shapes, dtypes and strides, without
+    reading a size's value). The function it returns calls the launcher itself in eager
     mode (an op's dispatch costs ~10 µs of host time per call, issue 12) and the op while
-    torch.compile traces (``.op``; the plain function on older torch)."""
+    torch.compile traces (the plain function on older torch)."""
     def register(fn):
         if not HAS_OPS:
-            fn.op = fn
             return fn
         qualname = f"guidedrop_triton::{name}"
+        dynamic = torch.library.custom_op(f"{qualname}_dynamic", mutates_args=())(fn)
+        dynamic.register_fake(fake)
+
+        @functools.wraps(fn)
+        def body(*args, **kwargs):  # the op's: fn, or traced with symbolic sizes, the twin
+            if symbolic(args, kwargs.values()):
+                return dynamic(*args, **kwargs)
+            return fn(*args, **kwargs)
+
         if not INTERPRET:
-            registered = torch.library.triton_op(qualname, mutates_args=())(fn)
+            registered = torch.library.triton_op(qualname, mutates_args=())(body)
         else:
             registered = torch.library.custom_op(qualname, mutates_args=())(fn)
-            registered.register_fake(fn)
+            registered.register_fake(body)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if torch.compiler.is_compiling():
                 return registered(*args, **kwargs)
             return fn(*args, **kwargs)
-
-        call.op = registered
         return call
     return register
+
+
+def symbolic(*groups) -> bool:
+    """Whether some argument in ``groups`` (iterables of op arguments) is or holds a
+    symbolic value: a SymInt, SymFloat or SymBool, a list of them, or a tensor whose sizes
+    or strides are symbolic."""
+    sym = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    for group in groups:
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                values = (*a.shape, *a.stride())
+            elif isinstance(a, (list, tuple)):
+                values = a
+            else:
+                values = (a,)
+            if any(isinstance(v, sym) for v in values):
+                return True
+    return False
+
+
+def fake_like(t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The fake kernel of an apply: its output, t's shape, dtype and memory format."""
+    return out_like(t)
 
 
 def _plain(kernel_at_grid):

@@ -43,6 +43,7 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    fake_like,
     flat_launch,
     group_tile,
     launch,
@@ -225,7 +226,7 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
     return _apply_block(t, mask, min(int(k), max(t.shape[-2], t.shape[-1], 1)), scale)
 
 
-@op("apply_block")
+@op("apply_block", fake_like)
 def _apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
     """apply_block with 1 <= k <= max(H, W, 1)."""
     out = out_like(t)
@@ -374,13 +375,26 @@ def seed_bits(noise, generator, g, r, cand_s, cand_c, shape, device):
     return _seed_bits(noise, seed, g, int(r), cand_s, cand_c, list(shape))
 
 
-@op("seed_bits")
+def packed_bits(shape, device) -> torch.Tensor:
+    """The seeds of ``shape`` (N, Cs, H, W), packed: (N, ceil(Cs*H*W/8)) uint8, uninitialised."""
+    return torch.empty((shape[0], cdiv(shape[1] * shape[2] * shape[3], 8)), dtype=torch.uint8,
+                       device=device)
+
+
+def seeds_fake(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a plan that ends in ``seeds_scale`` (its ops' fake kernel): blocks
+    (N, ceil(Cs*H*W/8)) uint8 and scale (N,) float32 for seeds of ``shape``."""
+    return (packed_bits(shape, device),
+            torch.empty((shape[0],), dtype=torch.float32, device=device))
+
+
+@op("seed_bits", lambda noise, seed, g, r, cand_s, cand_c, shape:
+    packed_bits(shape, seed.device))
 def _seed_bits(noise: torch.Tensor | None, seed: torch.Tensor, g: torch.Tensor, r: int,
                cand_s: torch.Tensor | None, cand_c: torch.Tensor | None,
                shape: list[int]) -> torch.Tensor:
     """seed_bits with the seed drawn: seed (1,) int64 on the output's device."""
-    out = torch.empty((shape[0], cdiv(shape[1] * shape[2] * shape[3], 8)), dtype=torch.uint8,
-                      device=seed.device)
+    out = packed_bits(shape, seed.device)
     seed_launch(out, noise, seed, g, 0.0, r, cand_s, cand_c, shape, None)
     return out
 
@@ -612,7 +626,8 @@ def coverage_launch(bits, r, cs, h, w, scale=None, ticket=None, units=0, mult=1,
     return part
 
 
-@op("seed_coverage")
+@op("seed_coverage", lambda bits, r, cs, h, w:
+    bits.new_empty(bits.shape[:1], dtype=torch.int64))
 def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.Tensor:
     """bits: (N, ceil(Cs*H*W/8)) uint8 -> (N,) int64: units covered by the r x r
     expansion of the seeds, summed over the Cs maps."""
@@ -755,7 +770,7 @@ def _apply_bits_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, HW, C, W, MAGW, Bn,
     tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
-@op("apply_seeds")
+@op("apply_seeds", fake_like)
 def apply_seeds(t: torch.Tensor, bits: torch.Tensor, r: int, shared: bool,
                 scale: torch.Tensor) -> torch.Tensor:
     """t * ((1 - dropped) * scale[n]); dropped = r x r expansion of the packed seeds.

@@ -19,6 +19,7 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    fake_like,
     flat_launch,
     group_tile,
     hw_flat,
@@ -101,7 +102,9 @@ def row_tile(x: torch.Tensor, length: int, rows: int) -> tuple[int, int]:
     return max(1, min(TILE // block, pow2(rows))), block
 
 
-@op("channel_stats")
+@op("channel_stats", lambda x, applied=None: (
+    x.new_empty(x.shape[:2], dtype=torch.float32),
+    x.new_empty(x.shape[:2], dtype=torch.float32)))
 def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) -> (max |x|, mean over H, W), each (N, C) float32.
@@ -167,7 +170,7 @@ def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, HW
     tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
 
 
-@op("apply_channel")
+@op("apply_channel", fake_like)
 def apply_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """t: (N, C, H, W), w: (N, C) float32 -> t * w[n, c] in t's dtype and memory format."""
     out = out_like(t)

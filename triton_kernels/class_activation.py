@@ -119,7 +119,7 @@ def _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC: tl.constexpr):
     return (s / G).to(tl.float32)
 
 
-@op("cam")
+@op("cam", lambda x, alpha: x.new_empty(x.shape[:1] + x.shape[2:], dtype=torch.float32))
 def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W), alpha: (N, C) float32 -> J: (N, H, W) float32."""
     out = torch.zeros(x.shape[:1] + x.shape[2:], dtype=torch.float32, device=x.device)

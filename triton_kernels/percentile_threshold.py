@@ -59,6 +59,7 @@ from ._common import (
     apply_tile,
     cast_out,
     cdiv,
+    fake_like,
     flat_launch,
     float_key,
     hw_flat,
@@ -553,13 +554,13 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     return result
 
 
-@op("kth_largest")
+@op("kth_largest", lambda v, k: v.new_empty(v.shape[:1], dtype=torch.float32))
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     """v: (R, L) float32, 1 <= k <= L -> (R,) float32: the k-th largest value of each row."""
     return _select(v.to(torch.float32)[:, None, None, :], k)[:, 0, 0]
 
 
-@op("map_threshold")
+@op("map_threshold", lambda x, k: x.new_empty(x.shape[:2], dtype=torch.float32))
 def map_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32: the k-th largest value of each map."""
     return _select(x, k)[..., 0]
@@ -575,7 +576,9 @@ def attention_stats(x: torch.Tensor, k: int, active: torch.Tensor, mode: str):
     return out[..., 0], out[..., 2], out[..., 3], msum
 
 
-@op("attention_stats")
+@op("attention_stats", lambda x, k, active, mode: (
+    x.new_empty((*x.shape[:2], 4), dtype=torch.float32),
+    x.new_empty(x.shape[:2], dtype=torch.float64)))
 def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
                      mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """((N, C, 4) float32: thr, 0, mn, r; (N, C) float64: msum) (outputs may not alias)."""
@@ -835,7 +838,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
     tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
 
 
-@op("apply_attention")
+@op("apply_attention", fake_like)
 def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
                     active: torch.Tensor, mode: str) -> torch.Tensor:
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4).

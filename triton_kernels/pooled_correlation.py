@@ -363,7 +363,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     return _pooled_correlation(x, min(int(k), max(x.shape[-2], x.shape[-1], 1)))
 
 
-@op("pooled_correlation")
+@op("pooled_correlation", lambda x, k: x.new_empty(
+    (x.shape[0], cdiv(x.shape[2], k), cdiv(x.shape[3], k)), dtype=torch.float32))
 def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     n, c, h, w = x.shape
     hp, wp = cdiv(h, k), cdiv(w, k)

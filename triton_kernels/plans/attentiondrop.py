@@ -74,7 +74,9 @@ def _attention_scale_kernel(msum_ptr, act_ptr, st_ptr, N, C, HW, units,
                          BC)
 
 
-@op("attentiondrop_plan")
+@op("attentiondrop_plan", lambda x, u, alpha, n_beta, mode, normalize: (
+    x.new_empty((*x.shape[:2], 4), dtype=torch.float32),
+    x.new_empty(x.shape[:2], dtype=torch.bool)))
 def _plan(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, n_beta: int, mode: str,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(state (N, C, 4) float32: thr, scale[n], mn, r (reference.attention_state);

@@ -37,7 +37,7 @@ from .._common import (
     traced,
     warps,
 )
-from ..block_mask import draw_seed, seed_launch, seeds_scale
+from ..block_mask import draw_seed, packed_bits, seed_launch, seeds_fake, seeds_scale
 from ..class_activation import cam_launch
 from .dropblock import rate_args
 
@@ -123,7 +123,8 @@ def _rows_geometry(n: int, length: int):
     return 1, CHUNK, False
 
 
-@op("camdrop_plan")
+@op("camdrop_plan", lambda x, weight, target, noise, seed, g_t, g_val, r, k_s, k_c,
+    normalize: seeds_fake(x.shape, x.device))
 def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
           noise: torch.Tensor | None, seed: torch.Tensor, g_t: torch.Tensor | None,
           g_val: float, r: int, k_s: int, k_c: torch.Tensor,
@@ -139,7 +140,7 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     alpha = torch.empty((n, c), dtype=torch.float32, device=dev)
     cand_s = torch.empty((n, h, w), dtype=torch.bool, device=dev)
     cand_c = torch.empty((n, c), dtype=torch.bool, device=dev)
-    bits = torch.empty((n, cdiv(c * h * w, 8)), dtype=torch.uint8, device=dev)
+    bits = packed_bits(x.shape, dev)
     ticket = torch.empty((1,), dtype=torch.int32, device=dev)
     if n > 0:
         cam_launch(x, j, weight=weight, target=target, alpha_out=alpha)

@@ -102,7 +102,9 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H
             tl.store(sc_ptr + n, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=n < N)
 
 
-@op("corrdrop_plan")
+@op("corrdrop_plan", lambda x, u, p_blocks, k, normalize: (
+    mask_buffer((x.shape[0], cdiv(x.shape[2], k), cdiv(x.shape[3], k)), x.device),
+    x.new_empty(x.shape[:1], dtype=torch.float32)))
 def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (N, H', W') uint8, scale (N,) float32) of x with block extent k <= max(H, W)."""

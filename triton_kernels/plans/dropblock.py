@@ -17,8 +17,8 @@ import torch
 
 from guidedrop.layers import Plan, _rate, _seed_rate, rate64
 
-from .._common import as_float32, cdiv, op
-from ..block_mask import draw_seed, seed_launch, seeds_scale
+from .._common import as_float32, op
+from ..block_mask import draw_seed, packed_bits, seed_launch, seeds_fake, seeds_scale
 
 
 def rate_args(q, x):
@@ -32,7 +32,8 @@ def rate_args(q, x):
     return None, as_float32(float(q))
 
 
-@op("dropblock_plan")
+@op("dropblock_plan", lambda x, noise, seed, g_t, g_val, r, cs, normalize:
+    seeds_fake([x.shape[0], cs, *x.shape[2:]], x.device))
 def _plan(x: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
           g_t: torch.Tensor | None, g_val: float, r: int, cs: int,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +41,7 @@ def _plan(x: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor,
     float32)."""
     n, c, h, w = x.shape
     shape = [n, cs, h, w]
-    bits = torch.empty((n, cdiv(cs * h * w, 8)), dtype=torch.uint8, device=x.device)
+    bits = packed_bits(shape, x.device)
     ticket = torch.empty((1,), dtype=torch.int32, device=x.device)
     seed_launch(bits, noise, seed, g_t, g_val, r, None, None, shape, ticket)
     return seeds_scale(bits, ticket, r, c, cs, h, w, normalize)

@@ -103,7 +103,9 @@ def _focused_plan_kernel(x_ptr, mean_ptr, u_ptr, applied_ptr, mask_ptr, scale_pt
     tl.store(scale_ptr + n, 1.0)
 
 
-@op("focused_dropout_plan")
+@op("focused_dropout_plan", lambda x, mean, u, low, spread, per_position, applied=None: (
+    x.new_empty((x.shape[0], *x.shape[2:]), dtype=torch.uint8),
+    torch.empty(x.shape[:1], device=x.device)))
 def _focused_plan(x: torch.Tensor, mean: torch.Tensor, u: torch.Tensor, low: torch.Tensor,
                   spread: torch.Tensor, per_position: bool,
                   applied: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,7 +155,8 @@ def _launch(amax, u, k, rate0, rate1, drop):
     return w
 
 
-@op("selectscale_plan")
+@op("selectscale_plan", lambda amax, u, k, retain, spread:
+    amax.new_empty(amax.shape, dtype=torch.float32))
 def _selectscale_plan(amax: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
                       retain: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. k (int), retain,
@@ -163,7 +164,8 @@ def _selectscale_plan(amax: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
     return _launch(amax, u, k, retain, spread, False)
 
 
-@op("selectout_plan")
+@op("selectout_plan", lambda amax, u, k, inv_keep, n_drop:
+    amax.new_empty(amax.shape, dtype=torch.float32))
 def _selectout_plan(amax: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
                     inv_keep: torch.Tensor, n_drop: torch.Tensor) -> torch.Tensor:
     """amax: (N, C) float32, u: (N, C) any float dtype -> w (N, C) float32. k (int),
