@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import naive
@@ -1351,6 +1354,46 @@ def test_triton_opcheck(name):
     for args in op_samples()[name]:
         for op in (getattr(ops, name), getattr(ops, f"{name}_dynamic")):  # fake: `fake`
             torch.library.opcheck(op, args)
+
+
+# Traces guidedrop_triton::apply_block as a GPU run does (TRITON_INTERPRET=0: a triton_op),
+# on CPU tensors (nothing runs: the compiler stops after AOT tracing), printing the ops of
+# the forward graph.
+_GPU_TRACE = """
+import sys, torch
+import guidedrop.triton_kernels
+from torch._dynamo.backends.common import aot_autograd
+
+def stop(gm, example_inputs):
+    print(sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"}))
+    raise SystemExit(0)
+
+def f(t, mask, scale):
+    return torch.ops.guidedrop_triton.apply_block(t, mask, 3, scale)
+
+t, mask = torch.randn(2, 3, 7, 7), torch.ones(2, 3, 3, dtype=torch.uint8)
+torch.compile(f, backend=aot_autograd(fw_compiler=stop), dynamic=sys.argv[1] == "1")(
+    t, mask, torch.ones(2))
+"""
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_triton_op_traced_as_on_a_gpu(dynamic, tmp_path):
+    """On a GPU each op is a triton_op: with static shapes AOT tracing enters its launcher
+    and the graph holds its kernel (triton_kernel_wrapper_functional, which inductor
+    compiles in); with symbolic sizes, the op's _dynamic twin, opaque, one node. The
+    interpreter, which the other tests use, registers custom_ops instead."""
+    triton_ops()  # or skip
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    (tmp_path / "trace.py").write_text(_GPU_TRACE)
+    done = subprocess.run([sys.executable, str(tmp_path / "trace.py"), str(int(dynamic))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ops = done.stdout.strip().splitlines()[-1]
+    if dynamic:
+        assert "guidedrop_triton.apply_block_dynamic" in ops and "triton_kernel" not in ops, ops
+    else:
+        assert "triton_kernel_wrapper_functional" in ops and "guidedrop_triton" not in ops, ops
 
 
 # layer -> (its plan module in triton_kernels.plans, the op's name there, functional call)
