@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _validation as V
-from . import context
+from . import context, dispatch
 from . import functional as F
 
 
@@ -71,6 +71,13 @@ class GuidedDropout(nn.Module):
     _fields: tuple[str, ...] = ()
     _rate: str = "p"
     _rate_inverted = False
+    # drop_rate == 0, set with the rate (a python bool; a module pickled before it: False,
+    # the functional op then compares the rate itself). Under torch.compile with dynamic=True
+    # a rate is a symbolic float from the first graph on, and a graph that reads it without
+    # using it in a tensor op (the identity: eval mode, or a ramp's first step at 0) makes
+    # Dynamo pin it, in every later graph too: a recompile per value. So the identity is
+    # decided from bools, without reading a rate (``_identity``).
+    _zero_rate = False
 
     @property
     def drop_rate(self) -> float:
@@ -91,11 +98,21 @@ class GuidedDropout(nn.Module):
             object.__setattr__(self, name, value)
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
                 self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
+                self.__dict__["_zero_rate"] = self.drop_rate == 0
         else:
             super().__setattr__(name, value)
 
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
+
+    def _identity(self) -> bool:
+        """Whether forward returns x: eval mode or a zero drop_rate, from python bools
+        (``_zero_rate``). A GUIDEDROP_BACKEND naming no backend raises here too, as in the
+        functional ops."""
+        if self.training and not self._zero_rate:
+            return False
+        dispatch.requested()
+        return True
 
     def extra_repr(self) -> str:
         # floats to 12 significant digits: a ramped p of 6e-05 reads so, not as
@@ -113,11 +130,11 @@ class GuidedDropout(nn.Module):
             # The layer traced itself (symbolic_trace(layer)) has no path to call: as
             # nn.Dropout's, its graph is the functional op with today's mode and rates
             # (call_function nodes: the checks and draws run with the graph).
-            return self._forward(x)
-        # Here, not only in the functional ops: FocusedDropout (eval, or a step it does not
-        # take part in) and CamDrop (eval, keep = 1) return x before calling one.
-        V.feature_map(x)
-        return self._forward(x)
+        else:
+            # Here, not only in the functional ops: FocusedDropout (eval, or a step it does
+            # not take part in) and the identity (eval, a zero rate) return x before one.
+            V.feature_map(x)
+        return x if self._identity() else self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -135,7 +152,7 @@ class CorrDrop(GuidedDropout):
         self.p, self.block_size, self.normalize = p, block_size, normalize
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.corrdrop(x, **self._params(), training=self.training)
+        return F.corrdrop(x, **self._params())
 
 
 class SelectScale(GuidedDropout):
@@ -149,7 +166,7 @@ class SelectScale(GuidedDropout):
         self.top_rate, self.retain = top_rate, retain
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.selectscale(x, **self._params(), training=self.training)
+        return F.selectscale(x, **self._params())
 
 
 class SpatialScale(GuidedDropout):
@@ -163,7 +180,7 @@ class SpatialScale(GuidedDropout):
         self.retain = retain
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.spatialscale(x, **self._params(), training=self.training)
+        return F.spatialscale(x, **self._params())
 
 
 class Selectout(GuidedDropout):
@@ -177,7 +194,7 @@ class Selectout(GuidedDropout):
         self.top_rate, self.keep = top_rate, keep
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.selectout(x, **self._params(), training=self.training)
+        return F.selectout(x, **self._params())
 
 
 class AttentionDrop(GuidedDropout):
@@ -201,7 +218,7 @@ class AttentionDrop(GuidedDropout):
         self.alpha, self.beta, self.mode, self.normalize = alpha, beta, mode, normalize
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.attentiondrop(x, **self._params(), training=self.training)
+        return F.attentiondrop(x, **self._params())
 
 
 class FocusedDropout(GuidedDropout):
@@ -229,6 +246,9 @@ class FocusedDropout(GuidedDropout):
         self.participation, self.low, self.high = participation, low, high
         self.per_position = per_position
         self.last_applied = False
+
+    def _identity(self) -> bool:
+        return False  # _forward decides, and sets last_applied (False in eval mode)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each is checked when set; their order only here (setting low then high passes
@@ -280,8 +300,6 @@ class CamDrop(GuidedDropout):
         self.normalize = normalize
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.keep == 1:
-            return x
         if _is_replica(self):
             # The replicas run in threads that do not see the caller's cam_targets
             # (a per-thread context variable), and the batch is split across them.
@@ -316,4 +334,4 @@ class DropBlock2d(GuidedDropout):
         self.shared_channels, self.normalize = shared_channels, normalize
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropblock(x, **self._params(), training=self.training)
+        return F.dropblock(x, **self._params())
