@@ -686,13 +686,13 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("seeds_plan(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, Tensor? g_t, float g, int r, SymInt c, str normalize, "
         "Generator? generator=None) -> (Tensor, Tensor)");
-  m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, int k, str normalize) "
+  m.def("corrdrop_plan(Tensor x, Tensor noise, Tensor? p_t, float p, SymInt k, str normalize) "
         "-> (Tensor, Tensor)");
   m.def("camdrop_plan(Tensor x, Tensor weight, Tensor target, Tensor? noise, Tensor? g_t, "
         "float g, int r, SymInt k_s, int k_c, str normalize, Generator? generator=None, "
         "Tensor? k_c_t=None) -> (Tensor, Tensor)");
   m.def("apply_channel(Tensor t, Tensor w) -> Tensor");
-  m.def("apply_block(Tensor t, Tensor mask, int k, Tensor scale) -> Tensor");
+  m.def("apply_block(Tensor t, Tensor mask, SymInt k, Tensor scale) -> Tensor");
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
   m.def("apply_attention(Tensor t, Tensor x, Tensor state, Tensor active, str mode) -> Tensor");
   // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's

@@ -536,12 +536,14 @@ def test_shapes_under_dynamic_compile(forced, layer):
     and backward, in NCHW and then in channels_last. The Triton ops take their _dynamic twins there
     (the launchers choose their tiles at run time; tracing them would guard on the exact
     sizes: a graph per shape before). Each compiled output and gradient equals eager's.
-    Sizes >= 2, no duck sizing (equal sizes of different dimensions are not one symbol),
+    H > W, then H < W in each layout (a max(H, W) passed as an int specialised CUDA's
+    CorrDrop). Sizes >= 2, no duck sizing (equal sizes of different dimensions are not one
+    symbol),
     C * H * W odd (the packed seeds guard on a multiple of 8). AttentionDrop's n_β makes a
     graph per map size (layers.beta_count): its H and W stay."""
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    shapes = [(2, 3, 9, 7), (3, 5, 11, 9), (4, 7, 13, 5), (5, 9, 7, 11), (3, 11, 5, 9)]
+    shapes = [(2, 3, 9, 7), (3, 5, 11, 9), (4, 7, 5, 13), (5, 9, 11, 7), (3, 11, 5, 9)]
     if layer == "attentiondrop":
         shapes = [(n, c, 9, 7) for n, c, _, _ in shapes]
     frames = []  # after each shape (the first compile may count twice: a restart)

@@ -371,9 +371,8 @@ def _register_fakes() -> None:
                 x.new_empty((n, c), dtype=torch.bool))
 
     @register("guidedrop::corrdrop_plan")
-    def _(x, noise, p_t, p, k, normalize):
-        n, _, h, w = x.shape
-        k = min(k, max(h, w, 1))
+    def _(x, noise, p_t, p, k, normalize):  # k: clamped by plan_corrdrop (no max of sizes:
+        n, _, h, w = x.shape                   # a guard on H vs W with symbolic sizes)
         return (x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))
 
