@@ -143,18 +143,20 @@ def fake_like(t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out_like(t)
 
 
-def _plain(kernel_at_grid):
-    """kernel[grid]; under torch.func's transforms run outside them (the interpreter's own
-    torch ops too) on its arguments unwrapped (``_validation.func_unwrapped``)."""
+@torch.compiler.disable
+def _eager(kernel_at_grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), never traced by Dynamo: where it gives up on a frame
+    and runs it eagerly (under torch.compile(torch.func.grad(f)), an op in the Function's
+    inlined forward), it compiles the frames that frame calls, and Triton's interpreter
+    crashed it (InternalTorchDynamoError). Under torch.func's transforms the kernel runs
+    outside them (the interpreter's own torch ops too) on its arguments unwrapped
+    (``_validation.func_unwrapped``)."""
     if not torch._C._are_functorch_transforms_active():
-        return kernel_at_grid
-
-    def run(*args, **kwargs):
-        args = [V.func_unwrapped(a) for a in args]
-        kwargs = {k: V.func_unwrapped(v) for k, v in kwargs.items()}
-        with pyfunctorch.temporarily_clear_interpreter_stack():
-            return kernel_at_grid(*args, **kwargs)
-    return run
+        return kernel_at_grid(*args, **kwargs)
+    args = [V.func_unwrapped(a) for a in args]
+    kwargs = {k: V.func_unwrapped(v) for k, v in kwargs.items()}
+    with pyfunctorch.temporarily_clear_interpreter_stack():
+        return kernel_at_grid(*args, **kwargs)
 
 
 def launch(kernel):
@@ -196,7 +198,7 @@ class _Launcher:
     def __getitem__(self, grid):
         if traced():
             return torch.library.wrap_triton(self.kernel)[grid]
-        return _plain(self.kernel[grid])
+        return functools.partial(_eager, self.kernel[grid])
 
 
 # Triton's interpreter patches triton.language and its grid state globally while a kernel
@@ -222,7 +224,7 @@ class _Interpreted:
                 # then taken as f̂ = 0, SPEC §4)
                 with (_INTERPRETER_LOCK,
                       np.errstate(divide="ignore", invalid="ignore", over="ignore")):
-                    _plain(self.kernel[grid])(*args, **kwargs)
+                    _eager(self.kernel[grid], *args, **kwargs)
         return run
 
 

@@ -180,6 +180,7 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
     return target
 
 
+@torch.compiler.disable  # a host check: Dynamo cannot trace torch.func's unwrapping
 def check_target_range(target: torch.Tensor, k: int) -> None:
     """ValueError naming ``target`` where a CPU target holds an index outside [0, k). Through
     numpy, which torch's dispatcher does not see: no op on the device, no launch (issue

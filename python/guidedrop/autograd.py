@@ -71,4 +71,14 @@ def _again(ctx, t):
 def apply(backend, plan: layers.Plan, x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> x * w(plan), differentiable in x (any order; w constant)."""
     src = x.detach() if plan.kind == "attention" else None
+    if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        # torch.compile(torch.func.grad(f)): Dynamo takes x for a tensor that does not
+        # require grad there and inlines the Function's forward, whose kernel ops have no
+        # autograd formula (the CUDA backend's gradient came out 0). Run it eagerly.
+        return _apply_eagerly(x, src, backend, plan.kind, plan.meta, plan.state)
     return _function().apply(x, src, backend, plan.kind, plan.meta, plan.state)
+
+
+@torch.compiler.disable
+def _apply_eagerly(*args):
+    return _function().apply(*args)
