@@ -301,6 +301,23 @@ def test_symbolic_trace_leaf():
         assert ops[1] == ("call_module", "0") and len(ops) == 3, (layer, ops)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in 2.14
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_eval_model_exports(layer):
+    """Deployment: a model in eval mode exports with torch.export and torch.jit.trace, the
+    layer gone from the graph (it is the identity), as nn.Dropout does."""
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), models.PLACEMENTS[layer][1](0, 1))
+    model.eval()
+    x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(0))
+    exported = torch.export.export(model, (x,))
+    ops = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.ops.aten.conv2d.default], (layer, ops)
+    assert torch.equal(exported.module()(x), model(x))
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), model(x))
+
+
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_symbolic_trace_root(layer):
     """A layer traced by itself (symbolic_trace(layer)) has no module path to call (it
