@@ -501,10 +501,11 @@ FUNC_OPS = {  # a layer of each kind of plan: seeds, blocks, channels, attention
 def test_torch_func_transforms(forced, layer):
     """torch.func.grad and forward-mode AD (torch.func.jvp, forward_ad) as for nn.Dropout
     (a helper's attack: the autograd Function had no setup_context and no jvp, and Triton's
-    launches could not read torch.func's wrapped tensors): grad, also compiled, equals
-    autograd's (compiled, the CUDA backend's was 0, Triton's interpreter and CamDrop's target
-    check crashed Dynamo), the tangent is t_dot * w, w the forward's multiplier. vmap: an
-    error, not a wrong answer."""
+    launches could not read torch.func's wrapped tensors): grad, also compiled, and vjp
+    equal autograd's (compiled grad: the CUDA backend's was 0, Triton's interpreter and
+    CamDrop's target check crashed Dynamo; vjp: Triton could not read the saved wrappers),
+    the tangent is t_dot * w, w the forward's multiplier. vmap: an error, not a wrong
+    answer."""
     f, noise_shape = FUNC_OPS[layer]
     x = torch.randn(2, 6, 9, 9, generator=gen(1)).to(DEV)
     u = torch.rand(noise_shape, generator=gen(2)).to(DEV)
@@ -518,6 +519,9 @@ def test_torch_func_transforms(forced, layer):
     # frames it cannot trace eagerly (Triton's interpreter crashed it there)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(grad, backend="aot_eager")(x), xr.grad)
+    # vjp_fn runs after vjp's transform has exited, on the wrappers the forward saved
+    out, vjp_fn = torch.func.vjp(lambda t: f(t, u), x)
+    assert torch.equal(out, y.detach()) and torch.equal(vjp_fn(weights)[0], xr.grad)
     xw = x.clone().requires_grad_()
     f(xw, u).sum().backward()  # w itself: grad_y = 1
     tangent = torch.randn(x.shape, generator=gen(4)).to(DEV)
