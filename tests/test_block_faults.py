@@ -540,6 +540,30 @@ def test_torch_func_transforms(forced, layer):
                         in_dims=(0, n_dim), randomness="different")(x, u)
 
 
+@pytest.mark.parametrize("layer", ["dropblock", "attentiondrop"])
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_make_fx(forced, layer, mode):
+    """make_fx's graph (torch.func.linearize traces with it) computes the op. Triton under
+    TRITON_INTERPRET=1: make_fx traces the launcher itself (torch.compile and torch.export
+    trace the op), and its graph returned the outputs unwritten (fake, symbolic; a helper's
+    attack) or the interpreter failed on a traced tensor's storage (real): an error that
+    says so. On a GPU, wrap_triton records the launches."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from guidedrop.triton_kernels import _common
+    args, kw, noise_shape = layer_case(layer, 2, 6, 9, 9)
+
+    def f(t, u):
+        return getattr(F, layer)(t, *args, noise=u, **kw)
+    x = torch.randn(2, 6, 9, 9, generator=gen(1)).to(DEV)
+    u = torch.rand(noise_shape, generator=gen(2)).to(DEV)
+    if dispatch.requested() == "triton" and _common.INTERPRET:
+        with pytest.raises(NotImplementedError, match="make_fx .* cannot trace"):
+            make_fx(f, tracing_mode=mode)(x, u)
+        return
+    assert torch.equal(make_fx(f, tracing_mode=mode)(x, u)(x, u), f(x, u))
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_shapes_under_dynamic_compile(forced, layer):
     """The README's graphs per shape under torch.compile(dynamic=True): every backend traces

@@ -109,7 +109,15 @@ def op(name: str, fake):
             registered = torch.library.triton_op(qualname, mutates_args=())(body)
         else:
             registered = torch.library.custom_op(qualname, mutates_args=())(fn)
-            registered.register_fake(body)
+
+            @functools.wraps(fn)
+            def fake_body(*args, **kwargs):  # body, its launches skipped (_Interpreted)
+                _FAKE_KERNEL.depth = getattr(_FAKE_KERNEL, "depth", 0) + 1
+                try:
+                    return body(*args, **kwargs)
+                finally:
+                    _FAKE_KERNEL.depth -= 1
+            registered.register_fake(fake_body)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -178,8 +186,11 @@ def traced() -> bool:
     wrap_triton, FlopCounterMode counts a kernel and never runs it (its output would be
     uninitialised memory); launched directly, modes do not see the kernel (LaunchCounter
     counts it at JITFunction.run)."""
-    if torch.compiler.is_compiling():
-        return True
+    return torch.compiler.is_compiling() or _tracing_mode()
+
+
+def _tracing_mode() -> bool:
+    """Whether a FakeTensor, proxy or functional dispatch mode is active."""
     keys = torch._C._TorchDispatchModeKey
     return any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None
                for k in _TRACING_MODES)
@@ -207,9 +218,13 @@ class _Launcher:
 _INTERPRETER_LOCK = threading.Lock()
 
 
+# Set while an op's fake kernel runs its launcher on FakeTensors (interpreter only).
+_FAKE_KERNEL = threading.local()
+
+
 class _Interpreted:
-    """An interpreted kernel that does not run on FakeTensors (shape-only tracing); one
-    launch at a time across threads."""
+    """An interpreted kernel that does not run on FakeTensors (shape-only tracing: the ops'
+    fake kernels); one launch at a time across threads."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -217,8 +232,17 @@ class _Interpreted:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             from torch._subclasses.fake_tensor import is_fake
-            if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta)
-                       for a in args):
+            fake = any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
+            if (fake or _tracing_mode()) and not getattr(_FAKE_KERNEL, "depth", 0):
+                # make_fx traces the launcher itself (torch.compile and torch.export trace
+                # the op): its graph returned the outputs unwritten (FakeTensors), or the
+                # interpreter failed on a traced tensor's storage. On a GPU the launch is
+                # recorded (wrap_triton).
+                raise NotImplementedError(
+                    "make_fx (and torch.func.linearize) cannot trace guidedrop's Triton "
+                    "kernels under TRITON_INTERPRET=1: use torch.compile or torch.export, "
+                    "or another backend")
+            if not fake and not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
                 # numpy evaluates the kernel and would warn where a GPU computes quietly
                 # what the kernels rely on (AttentionDrop's 1/0 = Inf and 0·Inf = NaN,
                 # then taken as f̂ = 0, SPEC §4)

@@ -64,9 +64,10 @@ def _again(ctx, t):
     """The Function again on t (grad_y, or a tangent): t * w, w constant, differentiable
     again in t."""
     saved = ctx.saved_tensors
-    if not torch._C._are_functorch_transforms_active():
+    if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         # torch.func.vjp's vjp_fn runs after its transform has exited: what the forward
-        # saved are still its wrappers, whose storage a kernel cannot read
+        # saved are still its wrappers, whose storage a kernel cannot read (traced, there
+        # are none, and Dynamo cannot trace the unwrapping)
         saved = [_validation.func_unwrapped(s) for s in saved]
     x, state = (saved[0], saved[1:]) if ctx.kind == "attention" else (None, saved)
     return _function().apply(t, x, ctx.backend, ctx.kind, ctx.meta, tuple(state))
