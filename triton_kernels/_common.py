@@ -154,9 +154,9 @@ def fake_like(t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 @torch.compiler.disable
 def _eager(kernel_at_grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), never traced by Dynamo: where it gives up on a frame
-    and runs it eagerly (under torch.compile(torch.func.grad(f)), an op in the Function's
-    inlined forward), it compiles the frames that frame calls, and Triton's interpreter
-    crashed it (InternalTorchDynamoError). Under torch.func's transforms the kernel runs
+    and runs it eagerly (under torch.compile(torch.func.grad(f))), it compiles the frames
+    that frame calls, and Triton's interpreter crashed it (InternalTorchDynamoError).
+    Under torch.func's transforms the kernel runs
     outside them (the interpreter's own torch ops too) on its arguments unwrapped
     (``_validation.func_unwrapped``)."""
     if not torch._C._are_functorch_transforms_active():
