@@ -540,6 +540,31 @@ def test_torch_func_transforms(forced, layer):
                         in_dims=(0, n_dim), randomness="different")(x, u)
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_shape_inference(forced, layer):
+    """FakeTensorMode infers the output of a module and of a functional op in training
+    mode, on every backend, as for nn.Dropout: x's shape, dtype and memory format; and so
+    does a meta x on the reference. (A helper's attack: FocusedDropout's module read its
+    participation draw on the host, CamDrop checked a fake target with numpy.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    args, kw, noise_shape = layer_case(layer, 2, 6, 9, 9)
+    weight, target = _cam_args(2, 6)
+    module = _module(layer).train()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.randn(2, 6, 9, 9, device=DEV).to(memory_format=fmt)
+            u = torch.rand(noise_shape, device=DEV)
+            with guidedrop.cam_targets(weight, target):
+                outs = [module(x), getattr(F, layer)(x, *args, noise=u, **kw)]
+        for y in outs:
+            assert is_fake(y) and y.shape == x.shape and y.dtype == x.dtype
+            assert y.is_contiguous(memory_format=fmt), layer
+    if dispatch.requested() == "reference":
+        x = torch.empty(2, 6, 9, 9, device="meta")
+        with guidedrop.cam_targets(weight.to("meta"), target.to("meta")):
+            assert module(x).shape == x.shape
+
+
 @pytest.mark.parametrize("layer", ["dropblock", "attentiondrop"])
 @pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
 def test_make_fx(forced, layer, mode):

@@ -303,12 +303,10 @@ def test_symbolic_trace_leaf():
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in 2.14
-@pytest.mark.filterwarnings("ignore:`torch.jit.script:FutureWarning")
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_eval_model_exports(layer):
     """Deployment: a model in eval mode exports with torch.export and torch.jit.trace, the
-    layer gone from the graph (it is the identity), as nn.Dropout does. torch.jit.script
-    says what to do instead (it failed compiling a property's lambda)."""
+    layer gone from the graph (it is the identity), as nn.Dropout does."""
     model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), models.PLACEMENTS[layer][1](0, 1))
     model.eval()
     x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(0))
@@ -318,8 +316,6 @@ def test_eval_model_exports(layer):
     assert torch.equal(exported.module()(x), model(x))
     traced = torch.jit.trace(model, x)
     assert torch.equal(traced(x), model(x))
-    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile guidedrop"):
-        torch.jit.script(model)
 
 
 @pytest.mark.parametrize("layer", models.LAYERS)

@@ -186,11 +186,8 @@ def traced() -> bool:
     wrap_triton, FlopCounterMode counts a kernel and never runs it (its output would be
     uninitialised memory); launched directly, modes do not see the kernel (LaunchCounter
     counts it at JITFunction.run)."""
-    return torch.compiler.is_compiling() or _tracing_mode()
-
-
-def _tracing_mode() -> bool:
-    """Whether a FakeTensor, proxy or functional dispatch mode is active."""
+    if torch.compiler.is_compiling():
+        return True
     keys = torch._C._TorchDispatchModeKey
     return any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None
                for k in _TRACING_MODES)
@@ -232,17 +229,19 @@ class _Interpreted:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             from torch._subclasses.fake_tensor import is_fake
-            fake = any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
-            if (fake or _tracing_mode()) and not getattr(_FAKE_KERNEL, "depth", 0):
+            proxy = torch._C._TorchDispatchModeKey.PROXY
+            if (torch._C._get_dispatch_mode(proxy) is not None
+                    and not getattr(_FAKE_KERNEL, "depth", 0)):
                 # make_fx traces the launcher itself (torch.compile and torch.export trace
                 # the op): its graph returned the outputs unwritten (FakeTensors), or the
                 # interpreter failed on a traced tensor's storage. On a GPU the launch is
-                # recorded (wrap_triton).
+                # recorded (wrap_triton). (Shape inference with FakeTensors alone is fine.)
                 raise NotImplementedError(
                     "make_fx (and torch.func.linearize) cannot trace guidedrop's Triton "
                     "kernels under TRITON_INTERPRET=1: use torch.compile or torch.export, "
                     "or another backend")
-            if not fake and not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta)
+                       for a in args):
                 # numpy evaluates the kernel and would warn where a GPU computes quietly
                 # what the kernels rely on (AttentionDrop's 1/0 = Inf and 0·Inf = NaN,
                 # then taken as f̂ = 0, SPEC §4)

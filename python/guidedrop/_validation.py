@@ -211,8 +211,18 @@ def func_unwrapped(v):
 
 def target_checked_on_host(target: torch.Tensor) -> bool:
     """Whether ``cam_inputs`` checked target's range on the host: a CPU target outside
-    torch.compile. Otherwise the backend checks it on the device."""
-    return target.device.type == "cpu" and not torch.compiler.is_compiling()
+    torch.compile (and not a FakeTensor: shape inference). Otherwise the backend checks it
+    on the device."""
+    return target.device.type == "cpu" and not torch.compiler.is_compiling() \
+        and not fake(target)
+
+
+def fake(t: torch.Tensor) -> bool:
+    """Whether t is a FakeTensor, or a FakeTensorMode is active (its factories make them):
+    shape inference, no data to read on the host."""
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t) or torch._C._get_dispatch_mode(
+        torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:

@@ -139,16 +139,6 @@ class GuidedDropout(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this on every submodule before compiling it; without it,
-        # the first property's lambda failed to compile ("Expected a single top-level
-        # function")
-        raise RuntimeError(
-            f"torch.jit.script cannot compile guidedrop.{type(self).__name__} (its forward "
-            "dispatches in Python to the reference, Triton or CUDA kernels): export the "
-            "model in eval mode with torch.export (the layer is the identity there), or "
-            "replace the layer with nn.Identity() before scripting")
-
 
 class CorrDrop(GuidedDropout):
     """CorrDrop (SPEC §2). x: (N, C, H, W) -> same."""
@@ -287,9 +277,10 @@ class FocusedDropout(GuidedDropout):
 
 
 def _traced(x: torch.Tensor) -> bool:
-    """Whether this forward runs under torch.compile, CUDA graph capture or FX tracing."""
-    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or (
-        x.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether this forward runs under torch.compile, CUDA graph capture or FX tracing, or
+    infers shapes (a meta x, FakeTensors): no host read of a draw."""
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or x.is_meta or (
+        V.fake(x)) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class CamDrop(GuidedDropout):
