@@ -515,8 +515,8 @@ def test_torch_func_transforms(forced, layer):
     (y * weights).sum().backward()
     grad = torch.func.grad(lambda t: (f(t, u) * weights).sum())
     assert torch.equal(grad(x), xr.grad)
-    # compiled: Dynamo inlines the Function's forward under torch.func.grad and runs the
-    # frames it cannot trace eagerly (Triton's interpreter crashed it there)
+    # compiled: Dynamo would inline the Function's forward under torch.func.grad and
+    # differentiate the kernel ops (autograd.apply runs the Function eagerly there)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(grad, backend="aot_eager")(x), xr.grad)
     # vjp_fn runs after vjp's transform has exited, on the wrappers the forward saved
