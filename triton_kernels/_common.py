@@ -109,15 +109,7 @@ def op(name: str, fake):
             registered = torch.library.triton_op(qualname, mutates_args=())(body)
         else:
             registered = torch.library.custom_op(qualname, mutates_args=())(fn)
-
-            @functools.wraps(fn)
-            def fake_body(*args, **kwargs):  # body, its launches skipped (_Interpreted)
-                _FAKE_KERNEL.depth = getattr(_FAKE_KERNEL, "depth", 0) + 1
-                try:
-                    return body(*args, **kwargs)
-                finally:
-                    _FAKE_KERNEL.depth -= 1
-            registered.register_fake(fake_body)
+            registered.register_fake(body)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -156,9 +148,8 @@ def _eager(kernel_at_grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), never traced by Dynamo: where it gives up on a frame
     and runs it eagerly (under torch.compile(torch.func.grad(f))), it compiles the frames
     that frame calls, and Triton's interpreter crashed it (InternalTorchDynamoError).
-    Under torch.func's transforms the kernel runs
-    outside them (the interpreter's own torch ops too) on its arguments unwrapped
-    (``_validation.func_unwrapped``)."""
+    Under torch.func's transforms the kernel runs outside them (the interpreter's own torch
+    ops too) on its arguments unwrapped (``_validation.func_unwrapped``)."""
     if not torch._C._are_functorch_transforms_active():
         return kernel_at_grid(*args, **kwargs)
     args = [V.func_unwrapped(a) for a in args]
@@ -215,13 +206,9 @@ class _Launcher:
 _INTERPRETER_LOCK = threading.Lock()
 
 
-# Set while an op's fake kernel runs its launcher on FakeTensors (interpreter only).
-_FAKE_KERNEL = threading.local()
-
-
 class _Interpreted:
-    """An interpreted kernel that does not run on FakeTensors (shape-only tracing: the ops'
-    fake kernels); one launch at a time across threads."""
+    """An interpreted kernel that does not run on FakeTensors (shape-only tracing); one
+    launch at a time across threads."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -229,13 +216,12 @@ class _Interpreted:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             from torch._subclasses.fake_tensor import is_fake
-            proxy = torch._C._TorchDispatchModeKey.PROXY
-            if (torch._C._get_dispatch_mode(proxy) is not None
-                    and not getattr(_FAKE_KERNEL, "depth", 0)):
+            if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
                 # make_fx traces the launcher itself (torch.compile and torch.export trace
-                # the op): its graph returned the outputs unwritten (FakeTensors), or the
-                # interpreter failed on a traced tensor's storage. On a GPU the launch is
-                # recorded (wrap_triton). (Shape inference with FakeTensors alone is fine.)
+                # the op, whose fake kernel runs with the mode popped): its graph returned
+                # the outputs unwritten (FakeTensors), or the interpreter failed on a
+                # traced tensor's storage. On a GPU the launch is recorded (wrap_triton).
+                # (Shape inference with FakeTensors alone is fine.)
                 raise NotImplementedError(
                     "make_fx (and torch.func.linearize) cannot trace guidedrop's Triton "
                     "kernels under TRITON_INTERPRET=1: use torch.compile or torch.export, "

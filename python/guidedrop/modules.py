@@ -279,8 +279,8 @@ class FocusedDropout(GuidedDropout):
 def _traced(x: torch.Tensor) -> bool:
     """Whether this forward runs under torch.compile, CUDA graph capture or FX tracing, or
     infers shapes (a meta x, FakeTensors): no host read of a draw."""
-    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or x.is_meta or (
-        V.fake(x)) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or x.is_meta \
+        or V.fake(x) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class CamDrop(GuidedDropout):
