@@ -266,7 +266,9 @@ def as_float32(v) -> float:
 
 
 def pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
+    """The least power of 2 >= n (1 for n < 1), in plain Python: triton.next_power_of_2 goes
+    through Triton's constexpr-function wrapper, a few µs of host time at each launch."""
+    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 def cdiv(a: int, b: int) -> int:

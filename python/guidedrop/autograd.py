@@ -17,47 +17,72 @@ import torch
 from . import _validation, layers
 
 
-class _ApplyPlan(torch.autograd.Function):
-    # forward without ctx and setup_context (not forward(ctx, ...)): torch.func's transforms
-    # (grad, jvp) accept only this form.
+def _forward(t, x, backend, kind, meta, state):
+    # t: the tensor multiplied (x, or grad_y in a backward); x: AttentionDrop's detached
+    # source of S, else None.
+    return layers.apply(backend, layers.Plan(kind, meta, state), t, x)
 
-    @staticmethod
-    def forward(t, x, backend, kind, meta, state):
-        # t: the tensor multiplied (x, or grad_y in a backward); x: AttentionDrop's detached
-        # source of S, else None. state is one tuple, not *state: with a varargs forward,
-        # Dynamo's no-grad path mistakes the argument count for a forward without ctx.
-        return layers.apply(backend, layers.Plan(kind, meta, state), t, x)
+
+def _save(ctx, x, backend, kind, meta, state):
+    ctx.backend, ctx.kind, ctx.meta = backend, kind, meta
+    saved = (*((x,) if x is not None else ()), *state)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+
+
+def _backward(ctx, grad):
+    # A no-op graph node when create_graph is False (grad mode is off in a plain backward).
+    g = _again(ctx, grad) if ctx.needs_input_grad[0] else None
+    return g, None, None, None, None, None
+
+
+def _jvp(ctx, t_dot, *_):
+    # y = t * w with w constant: the output's tangent is t_dot * w
+    return _again(ctx, t_dot)
+
+
+class _ApplyPlan(torch.autograd.Function):
+    """Traced by torch.compile, and under torch.func's transforms (grad, vjp), which accept
+    only this form: a forward without ctx, and setup_context. state is one tuple, not
+    *state: with a varargs forward, Dynamo's no-grad path mistakes the argument count for
+    a forward without ctx."""
+
+    forward = staticmethod(_forward)
+    backward = staticmethod(_backward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, x, ctx.backend, ctx.kind, ctx.meta, state = inputs
-        saved = (*((x,) if x is not None else ()), *state)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # A no-op graph node when create_graph is False (grad mode is off in a plain
-        # backward).
-        g = _again(ctx, grad) if ctx.needs_input_grad[0] else None
-        return g, None, None, None, None, None
+        _save(ctx, *inputs[1:])
 
 
 class _ApplyPlanForwardAD(_ApplyPlan):
-    """With forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): y = t * w with w
-    constant, so the output's tangent is t_dot * w. Dynamo cannot trace a Function that
-    defines jvp: compiled code takes it only under forward AD (Dynamo then runs it
-    eagerly, a graph break)."""
+    """With forward-mode AD (torch.func.jvp, torch.autograd.forward_ad). Dynamo cannot
+    trace a Function that defines jvp: compiled code takes it only under forward AD (Dynamo
+    then runs it eagerly, a graph break)."""
+
+    jvp = staticmethod(_jvp)
+
+
+class _ApplyPlanEager(torch.autograd.Function):
+    """The same Function in the form with ctx in forward, for eager calls outside torch.func:
+    torch binds a setup_context Function's arguments to its forward's signature with
+    inspect at every call, about a third of a layer's host time (forward and backward)."""
+
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
 
     @staticmethod
-    def jvp(ctx, t_dot, *_):
-        return _again(ctx, t_dot)
+    def forward(ctx, t, x, backend, kind, meta, state):
+        _save(ctx, x, backend, kind, meta, state)
+        return _forward(t, x, backend, kind, meta, state)
 
 
 def _function():
-    if torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level < 0:
-        return _ApplyPlan
-    return _ApplyPlanForwardAD
+    if torch.compiler.is_compiling():
+        return _ApplyPlan if torch.autograd.forward_ad._current_level < 0 else _ApplyPlanForwardAD
+    if torch._C._are_functorch_transforms_active():
+        return _ApplyPlanForwardAD
+    return _ApplyPlanEager
 
 
 def _again(ctx, t):

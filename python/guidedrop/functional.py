@@ -54,10 +54,13 @@ def fx_leaf(op):
 def no_autocast(device: torch.device):
     """Statistics in float32 also under torch.autocast (SPEC §1), which would run the
     reference's matmuls (pooled correlation, CAM) in bfloat16 / float16. A device without
-    autocast (meta: shape inference, deferred initialisation) has none to turn off. Not
-    asked while torch.compile traces: Dynamo of torch 2.11 cannot trace that check (and a
-    compiled x is on a device with autocast)."""
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
+    autocast (meta: shape inference, deferred initialisation) has none to turn off, nor does
+    one where autocast is off (entering torch.autocast costs a few µs of host time a call).
+    Not asked while torch.compile traces: Dynamo of torch 2.11 cannot trace those checks
+    (and a compiled x is on a device with autocast)."""
+    if not torch.compiler.is_compiling() and not (
+            torch.amp.is_autocast_available(device.type)
+            and torch.is_autocast_enabled(device.type)):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
