@@ -8,19 +8,37 @@ For each layer and backend: the mean wall time of 50 calls of ``bench.mode_fn(..
 at (128, 64, 56, 56) bf16 before the device is synchronised ("host") and after ("host +
 device"). When host is about host + device, the layer is host-bound: the GPU waits for
 the launches. With a file name, cProfile's top functions of 20 Triton calls go there.
+
+Without a GPU::
+
+    python benchmarks/host_overhead.py --cpu
+
+the same step on the CPU, every layer, (2, 16, 14, 14) float32, with the kernels stubbed:
+the host work of the layers' Python and torch ops alone (validation, dispatch, the plan's
+torch ops, the autograd Function, the launchers' arguments), without the kernels' time or
+their launch (Triton's own launch path and CUDA's are not run). The Triton backend takes
+its GPU launcher (``_common._Launcher``) with the launch a no-op; the CUDA backend is
+the extension's Python glue (cuda_backend.py) on ops that only allocate their outputs
+(their fake kernels; it needs the CPU emulator's build, tests/cuda_emu). Reference: its
+torch ops run, on small tensors. Not a GPU figure: it shows how the host path changes.
 """
 
 from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import sys
 import time
+from pathlib import Path
+
+if "--cpu" in sys.argv:  # before guidedrop imports Triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from guidedrop import bench
+from guidedrop import bench, dispatch
 
 LAYERS = ("spatialscale", "corrdrop", "attentiondrop")
 BACKENDS = ("triton", "cuda", "reference")
@@ -60,5 +78,54 @@ def main(profile_path: str | None = None) -> None:
         profile.close()
 
 
+def stub_kernels() -> None:
+    """Replace the kernel backends' launches by no-ops (see the module's docstring)."""
+    from torch._library.simple_registry import singleton
+
+    import guidedrop.triton_kernels._common as tc
+    tc._Interpreted = tc._Launcher  # the launcher a GPU takes
+    tc._eager = lambda *args, **kwargs: None  # kernel[grid](...)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_cuda_emulated as emulated
+    if emulated.emu.unavailable():
+        print(f"cuda: not run ({emulated.emu.unavailable()})")
+        return
+    cuda = emulated.emu.backend()
+
+    class FakeOps:  # torch.ops.<emulated library>.<op>, shapes only
+        def __getattr__(self, op):
+            return singleton.find(f"{emulated.emu.NAME}::{op}").fake_impl.kernel
+
+    cuda._ops = FakeOps()
+    dispatch._loaded["cuda"] = (cuda, "")
+
+
+def main_cpu(calls: int = 300) -> None:
+    torch.set_num_threads(1)
+    stub_kernels()
+    print(f"host time of a forward + backward, µs (mean of {calls}; kernels stubbed)")
+    print(f"{'layer':16s}" + "".join(f"{p:>11s}" for p in BACKENDS))
+    for layer in bench.LAYERS:
+        case = bench.Case(layer, (2, 16, 14, 14), torch.float32, torch.device("cpu"))
+        inputs = bench.make_inputs(case)
+        row = f"{layer:16s}"
+        for p in BACKENDS:
+            if p != "reference" and dispatch.load(p)[0] is None:
+                row += f"{'-':>11s}"
+                continue
+            with bench.forced_backend(p):
+                step = bench.mode_fn(bench.provider_fn(p, layer), inputs, "full")
+                for _ in range(10):
+                    step()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                row += f"{1e6 * (time.perf_counter() - t0) / calls:11.1f}"
+        print(row, flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    if "--cpu" in sys.argv:
+        main_cpu()
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_training import SHAPE, _ops  # every layer, rates giving non-trivial masks
-from testing import CUDA
+from testing import CUDA, emulated
 
 from guidedrop import dispatch
 from guidedrop.launches import count_layer
@@ -156,3 +156,26 @@ def test_eager_step_binds_no_signature(layer, monkeypatch):
                                create_graph=True)
     g.sum().backward()
     assert x.grad is not None and not bound, bound
+
+
+@emulated
+def test_host_overhead_script_runs_on_the_cpu():
+    """benchmarks/host_overhead.py --cpu (the host-time figures of benchmarks/RESULTS.md
+    without a GPU; its CUDA column stubs the emulated backend's ops) runs, and times every
+    layer on every backend."""
+    import subprocess
+
+    import test_cuda_emulated as CE
+    if CE.emu.unavailable():
+        pytest.skip(f"no CUDA emulator: {CE.emu.unavailable()}")
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--cpu"],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == set(BUDGET), r.stdout
+    for cells in rows.values():
+        assert len(cells) == 3 and all(float(c) > 0 for c in cells), r.stdout
