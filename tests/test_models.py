@@ -318,6 +318,29 @@ def test_eval_model_exports(layer):
     assert torch.equal(traced(x), model(x))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_jit_trace_in_training_mode_says_why(layer):
+    """torch.jit.trace of a layer that acts (training mode) is a RuntimeError that says to
+    trace in eval mode or to use torch.export / torch.compile: it failed with
+    ``unordered_map::at`` or a TypeError, and FocusedDropout's module would have baked its
+    participation draw into the trace. In eval mode the functional op traces as the
+    identity (CamDrop's and Selectout's checks read sizes, which a trace makes tensors:
+    they raised TypeError)."""
+    mod = models.PLACEMENTS[layer][1](0, 1)
+    mod.drop_rate = {"camdrop": 0.9, "selectout": 0.1}.get(layer, 0.5)
+    fc = nn.Linear(6, 4)
+    x = torch.randn(2, 6, 9, 9)
+    with guidedrop.cam_targets(fc, torch.tensor([1, 3])), \
+            pytest.raises(RuntimeError, match="torch.jit.trace cannot record .* eval mode"):
+        torch.jit.trace(mod.train(), x)
+    op = getattr(guidedrop.functional, layer)
+    cam = (fc.weight.detach(), torch.tensor([1, 3])) if layer == "camdrop" else ()
+    traced = torch.jit.trace(lambda t: op(t, *cam, training=False) * 2, x)
+    assert torch.equal(traced(x + 1), (x + 1) * 2)
+
+
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_symbolic_trace_root(layer):
     """A layer traced by itself (symbolic_trace(layer)) has no module path to call (it

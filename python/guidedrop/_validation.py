@@ -8,6 +8,7 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
+import operator
 
 import torch
 from torch._functorch import pyfunctorch
@@ -176,7 +177,7 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
     if target.device != x.device:
         raise ValueError(f"target must be on x's device {x.device}, got {target.device}")
     if target_checked_on_host(target):
-        check_target_range(target, k)
+        check_target_range(target, operator.index(k))  # torch.jit.trace: k a 0-d tensor
     return target
 
 
@@ -235,3 +236,16 @@ def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:
     torch._assert_async(((target >= 0) & (target < k)).all(),
                         f"target must hold class indices in [0, {k})")
     return target.clamp(0, k - 1)
+
+
+def not_jit_traced() -> None:
+    """RuntimeError where torch.jit.trace records a layer that acts (training mode, a
+    non-zero rate): its mask is drawn at every call by Python that a trace freezes or fails
+    on (it failed with errors such as ``unordered_map::at``), and FocusedDropout's module
+    would bake in its one participation draw."""
+    if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot record a guidedrop layer in training mode (its mask is "
+            "drawn at every call). Trace the model in eval mode, where the layers are the "
+            "identity and leave no node, or use torch.export or torch.compile, which keep "
+            "the layers and draw fresh masks at each call.")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 
 import torch
 
@@ -80,7 +81,10 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
     does not go unnoticed where nothing runs (eval mode)."""
     training = V.flag("training", training)
     dispatch.requested()
-    return not training or any(r == 0 for r in rates) or x.numel() == 0
+    if not training or any(r == 0 for r in rates):
+        return True
+    V.not_jit_traced()
+    return x.numel() == 0
 
 
 @fx_leaf
@@ -241,6 +245,7 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
                                 "selectout drops round((1 - keep) * C) channels, more than "
                                 "the candidates of top_rate: raise top_rate or keep")
     else:
+        c = operator.index(c)  # torch.jit.trace: a size is a 0-d tensor (a TracerWarning)
         n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
         if c > 0 and n_drop > n_top:
             raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more "

@@ -270,6 +270,8 @@ class FocusedDropout(GuidedDropout):
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
+        if self.training:
+            V.not_jit_traced()  # before the draw, which a trace would bake in
         self.last_applied = self.training and bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             return x
