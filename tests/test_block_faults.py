@@ -385,6 +385,24 @@ def test_second_order_functional(forced):
         torch.testing.assert_close(hx, 2 * wt * wt * v, rtol=1e-5, atol=1e-5, msg=layer)
 
 
+def test_grads_batched(forced):
+    """torch.autograd.grad(y, x, G, is_grads_batched=True): a batch of grad_y (torch's
+    legacy vmap of the backward) gives G * w. Triton's launch could not read the batched
+    tensor (NotImplementedError: Cannot access storage of BatchedTensorImpl)."""
+    n, c, h, w = 2, 3, 5, 6
+    x0 = (torch.rand(n, c, h, w, generator=gen(30)) + 0.5).to(DEV)
+    grads = torch.randn((3, n, c, h, w), generator=gen(31)).to(DEV)
+    for layer in LAYERS:
+        args, kw, shape = layer_case(layer, n, c, h, w)
+        noise = torch.rand(shape, generator=gen(32)).to(DEV)
+        fn = getattr(F, layer)
+        wt = fn(x0, *args, noise=noise, **kw) / x0
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x, *args, noise=noise, **kw), x, grads,
+                                    is_grads_batched=True)
+        torch.testing.assert_close(gx, grads * wt, rtol=1e-5, atol=1e-5, msg=layer)
+
+
 # --------------------------------------------------------------------------- recompiles
 
 
