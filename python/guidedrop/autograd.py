@@ -20,10 +20,11 @@ from . import _validation, layers, reference
 def _forward(t, x, backend, kind, meta, state):
     # t: the tensor multiplied (x, or grad_y in a backward); x: AttentionDrop's detached
     # source of S, else None.
-    if torch._C._functorch.is_legacy_batchedtensor(t):
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t):
         # torch.autograd.grad(..., is_grads_batched=True) vmaps the backward with torch's
         # legacy batching, whose tensors a Triton launch cannot read: the reference's
-        # apply, the same function of the same plan in torch ops
+        # apply, the same function of the same plan in torch ops (Dynamo cannot trace the
+        # check, and traced code never holds such a tensor)
         backend = reference
     return layers.apply(backend, layers.Plan(kind, meta, state), t, x)
 
