@@ -25,6 +25,7 @@ torch ops run, on small tensors. Not a GPU figure: it shows how the host path ch
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import os
@@ -125,7 +126,15 @@ def main_cpu(calls: int = 300) -> None:
 
 
 if __name__ == "__main__":
-    if "--cpu" in sys.argv:
+    parser = argparse.ArgumentParser(
+        description="Host time of one forward + backward per layer and backend (see the "
+                    "module's docstring).")
+    parser.add_argument("profile", nargs="?", help="with a GPU: write cProfile's top "
+                        "functions of 20 Triton calls to this file")
+    parser.add_argument("--cpu", action="store_true", help="no GPU: on the CPU, every layer, "
+                        "the kernels stubbed (the Python and torch-op host work alone)")
+    args = parser.parse_args()
+    if args.cpu:
         main_cpu()
     else:
-        main(sys.argv[1] if len(sys.argv) > 1 else None)
+        main(args.profile)

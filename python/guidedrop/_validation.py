@@ -14,6 +14,8 @@ import torch
 from torch._functorch import pyfunctorch
 
 NORMALIZE = ("batch", "sample", "none")
+NO_VMAP = ("guidedrop's layers do not support torch.func.vmap (a batch of output gradients "
+           "is supported: torch.autograd.grad(..., is_grads_batched=True))")
 MODES = ("am", "sm", "ad")
 
 
@@ -205,7 +207,7 @@ def func_unwrapped(v):
     if isinstance(v, torch.Tensor):
         while torch._C._functorch.is_functorch_wrapped_tensor(v):
             if torch._C._functorch.is_batchedtensor(v):
-                raise NotImplementedError("guidedrop's kernels do not support torch.func.vmap")
+                raise NotImplementedError(NO_VMAP)
             v = torch._C._functorch.get_unwrapped(v)
     return v
 

@@ -60,6 +60,11 @@ class _ApplyPlan(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _save(ctx, *inputs[1:])
 
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        # torch's own message would invite a vmap rule; the layers' statistics have none
+        raise NotImplementedError(_validation.NO_VMAP)
+
 
 class _ApplyPlanForwardAD(_ApplyPlan):
     """With forward-mode AD (torch.func.jvp, torch.autograd.forward_ad). Dynamo cannot

@@ -39,8 +39,8 @@ except ImportError as e:  # not built, or built against another torch
         f"guidedrop._C, the CUDA extension, {why}. Build it against the "
         "installed torch on a machine with nvcc, as the README says: "
         "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` (with "
-        "FORCE_CUDA=1 where no GPU is visible). It runs CUDA tensors only; CPU tensors "
-        "take the reference backend."
+        "FORCE_CUDA=1 where no GPU is visible). It runs CUDA tensors only (with "
+        "GUIDEDROP_BACKEND=auto, CPU tensors take the reference backend)."
     ) from e
 
 name = "cuda"

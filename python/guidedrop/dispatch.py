@@ -45,6 +45,11 @@ def load(name: str) -> tuple[ModuleType | None, str]:
 
 
 def available() -> list[str]:
+    """The names of the backends that load here (``guidedrop.available_backends()``), of
+    "reference", "triton" and "cuda": the reference always; Triton where a GPU is visible
+    or TRITON_INTERPRET=1 (then on CPU tensors); CUDA where the extension ``guidedrop._C``
+    is built and a GPU is visible. Whether a backend can take a given x
+    is decided per call (``GUIDEDROP_BACKEND``, README)."""
     return [name for name in MODULES if load(name)[0] is not None]
 
 

@@ -81,6 +81,11 @@ class GuidedDropout(nn.Module):
 
     @property
     def drop_rate(self) -> float:
+        """The layer's strength, a float in [0, 1], 0 the identity: the parameter a schedule
+        (:class:`guidedrop.LinearRamp`) ramps from 0 to its target. ``p`` (CorrDrop,
+        DropBlock2d), ``alpha`` (AttentionDrop), ``participation`` (FocusedDropout), or
+        1 - ``keep`` (Selectout, CamDrop) / 1 - ``retain`` (SelectScale, SpatialScale).
+        Setting it sets that parameter (ValueError outside [0, 1])."""
         v = getattr(self, self._rate)
         return 1 - v if self._rate_inverted else v
 
@@ -141,7 +146,15 @@ class GuidedDropout(nn.Module):
 
 
 class CorrDrop(GuidedDropout):
-    """CorrDrop (SPEC §2). x: (N, C, H, W) -> same."""
+    """CorrDrop (Zeng et al.): drop k x k blocks (k = ``block_size``) at the pooled
+    positions whose channel vectors correlate least with the others, to a dropped fraction
+    ``p``, then rescale by ``normalize``. ``drop_rate`` is ``p``. The definition, noise and
+    errors: :func:`guidedrop.functional.corrdrop`.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields = ("p", "block_size", "normalize")
     p, block_size = _checked("p", _REAL), _checked("block_size", _BLOCK)
@@ -156,7 +169,14 @@ class CorrDrop(GuidedDropout):
 
 
 class SelectScale(GuidedDropout):
-    """SelectScale (SPEC §3). x: (N, C, H, W) -> same."""
+    """SelectScale (Chen et al.): scale the top ``top_rate`` of the channels (by max |x|)
+    by a uniform factor in [``retain``, 2 - ``retain``]. ``drop_rate`` is 1 - ``retain``.
+    The definition, noise and errors: :func:`guidedrop.functional.selectscale`.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields, _rate, _rate_inverted = ("top_rate", "retain"), "retain", True
     top_rate, retain = _checked("top_rate", _REAL), _checked("retain", _REAL)
@@ -170,7 +190,14 @@ class SelectScale(GuidedDropout):
 
 
 class SpatialScale(GuidedDropout):
-    """SpatialScale (SPEC §3). x: (N, C, H, W) -> same."""
+    """SpatialScale (Chen et al.): scale every channel by a uniform factor in
+    [``retain``, 2 - ``retain``]. ``drop_rate`` is 1 - ``retain``. The definition, noise
+    and errors: :func:`guidedrop.functional.spatialscale`.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields, _rate, _rate_inverted = ("retain",), "retain", True
     retain = _checked("retain", _REAL)
@@ -184,7 +211,14 @@ class SpatialScale(GuidedDropout):
 
 
 class Selectout(GuidedDropout):
-    """Selectout (SPEC §3). x: (N, C, H, W) -> same."""
+    """Selectout (Chen et al.): drop round((1 - ``keep``) C) channels chosen among the top
+    ``top_rate`` (by max |x|) and scale the others by 1 / ``keep``. ``drop_rate`` is
+    1 - ``keep``. The definition, noise and errors: :func:`guidedrop.functional.selectout`.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields, _rate, _rate_inverted = ("top_rate", "keep"), "keep", True
     top_rate, keep = _checked("top_rate", _REAL), _checked("keep", _open_rate)
@@ -198,14 +232,17 @@ class Selectout(GuidedDropout):
 
 
 class AttentionDrop(GuidedDropout):
-    """AttentionDrop (Ouyang et al., SPEC §4). x: (N, C, H, W) -> same.
+    """AttentionDrop (Ouyang et al.). ``drop_rate`` is ``alpha``.
 
     In training, masks a share ``alpha`` of the (sample, channel) maps, each with a soft
     mask of its top ``beta`` % of units (``mode``: ``"ad"`` ``1 - f̂·[x >= t]``, ``"am"``
     ``[x < t]``, ``"sm"`` ``1 - f̂``, f̂ the map min-max normalised), then rescales by
     ``normalize``; the identity in eval mode. See :func:`guidedrop.functional.attentiondrop`
-    for the exact definition, dtypes and errors (ValueError / TypeError on bad arguments,
-    also when an attribute is set later).
+    for the exact definition, dtypes and errors.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
     """
 
     _fields, _rate = ("alpha", "beta", "mode", "normalize"), "alpha"
@@ -222,7 +259,10 @@ class AttentionDrop(GuidedDropout):
 
 
 class FocusedDropout(GuidedDropout):
-    """FocusedDropout (SPEC §5). x: (N, C, H, W) -> same.
+    """FocusedDropout (Xie et al.): keep only the positions where the most active channel
+    is high, in every channel. ``drop_rate`` is ``participation``. The definition, noise
+    and errors: :func:`guidedrop.functional.focused_dropout` (which has no
+    ``participation``: the module's draw).
 
     Applies to a whole batch with probability ``participation`` (one draw per training
     forward from torch's CPU generator: no device sync) and is the identity otherwise.
@@ -231,7 +271,11 @@ class FocusedDropout(GuidedDropout):
     capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor.
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
     would draw for its own part of the batch and write ``last_applied`` to its own copy):
-    use DistributedDataParallel (SPEC §5).
+    use DistributedDataParallel.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
     """
 
     _fields, _rate = ("participation", "low", "high", "per_position"), "participation"
@@ -286,10 +330,20 @@ def _traced(x: torch.Tensor) -> bool:
 
 
 class CamDrop(GuidedDropout):
-    """CamDrop (SPEC §6). x: (N, C, H, W) -> same. In training it reads the classifier
-    weight and the targets from the enclosing :func:`guidedrop.cam_targets` block of the
-    current thread (RuntimeError without one). In training inside ``nn.DataParallel``
-    replicas it raises RuntimeError pointing to DistributedDataParallel (SPEC §8)."""
+    """CamDrop (Wang et al.): DropBlock whose seeds fall only on the top positions of the
+    class activation map of each sample's target and on the top ``channel_rate`` of the
+    channels by that class's weights. ``drop_rate`` is 1 - ``keep``. The definition, noise
+    and errors: :func:`guidedrop.functional.camdrop`.
+
+    In training it reads the classifier weight and the targets from the enclosing
+    :func:`guidedrop.cam_targets` block of the current thread (RuntimeError without one).
+    In training inside ``nn.DataParallel`` replicas it raises RuntimeError pointing to
+    DistributedDataParallel.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields = ("block_size", "keep", "channel_rate", "normalize")
     _rate, _rate_inverted = "keep", True
@@ -323,7 +377,15 @@ def _cam_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DropBlock2d(GuidedDropout):
-    """DropBlock (SPEC §7), the baseline. x: (N, C, H, W) -> same."""
+    """DropBlock (Ghiasi et al.), the baseline: drop ``block_size`` x ``block_size``
+    squares around Bernoulli seeds, to a dropped fraction ``p``, then rescale by
+    ``normalize``. ``drop_rate`` is ``p``. The definition, noise and errors:
+    :func:`guidedrop.functional.dropblock`.
+
+    Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
+    any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    """
 
     _fields = ("p", "block_size", "shared_channels", "normalize")
     p, block_size = _checked("p", _REAL), _checked("block_size", _BLOCK)
