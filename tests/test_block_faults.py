@@ -388,7 +388,8 @@ def test_second_order_functional(forced):
 def test_grads_batched(forced):
     """torch.autograd.grad(y, x, G, is_grads_batched=True): a batch of grad_y (torch's
     legacy vmap of the backward) gives G * w. Triton's launch could not read the batched
-    tensor (NotImplementedError: Cannot access storage of BatchedTensorImpl)."""
+    tensor (NotImplementedError: Cannot access storage of BatchedTensorImpl). With
+    create_graph=True: guidedrop's NotImplementedError, not a silently detached gradient."""
     n, c, h, w = 2, 3, 5, 6
     x0 = (torch.rand(n, c, h, w, generator=gen(30)) + 0.5).to(DEV)
     grads = torch.randn((3, n, c, h, w), generator=gen(31)).to(DEV)
@@ -401,6 +402,12 @@ def test_grads_batched(forced):
         (gx,) = torch.autograd.grad(fn(x, *args, noise=noise, **kw), x, grads,
                                     is_grads_batched=True)
         torch.testing.assert_close(gx, grads * wt, rtol=1e-5, atol=1e-5, msg=layer)
+        # with create_graph torch's batching drops the Function's graph: the gradient did
+        # not require grad, and a second backward missed its term without an error
+        with pytest.raises(NotImplementedError, match="is_grads_batched=True, create_graph"):
+            torch.autograd.grad(fn(x, *args, noise=noise, **kw), x,
+                                grads.clone().requires_grad_(), is_grads_batched=True,
+                                create_graph=True)
 
 
 # --------------------------------------------------------------------------- recompiles

@@ -339,6 +339,13 @@ def test_jit_trace_in_training_mode_says_why(layer):
     cam = (fc.weight.detach(), torch.tensor([1, 3])) if layer == "camdrop" else ()
     traced = torch.jit.trace(lambda t: op(t, *cam, training=False) * 2, x)
     assert torch.equal(traced(x + 1), (x + 1) * 2)
+    # where the layer is the identity in training mode too, it traces as one: a zero rate
+    # (FocusedDropout's participation 0 raised here once), an empty batch
+    mod.drop_rate = 0
+    assert torch.equal(torch.jit.trace(mod.train(), x)(x + 1), x + 1)
+    if layer != "camdrop":  # (its target's length is N)
+        empty = x[:0]
+        assert torch.jit.trace(lambda t: op(t) * 2, empty)(empty).shape == empty.shape
 
 
 @pytest.mark.parametrize("layer", models.LAYERS)

@@ -242,12 +242,13 @@ def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:
 
 def not_jit_traced() -> None:
     """RuntimeError where torch.jit.trace records a layer that acts (training mode, a
-    non-zero rate): its mask is drawn at every call by Python that a trace freezes or fails
-    on (it failed with errors such as ``unordered_map::at``), and FocusedDropout's module
-    would bake in its one participation draw."""
+    non-zero rate, a non-empty x): its plan is Python run at every call, which a trace
+    freezes or fails on (it failed with errors such as ``unordered_map::at``), and
+    FocusedDropout's module would bake in its one participation draw."""
     if not torch.compiler.is_compiling() and torch.jit.is_tracing():
         raise RuntimeError(
-            "torch.jit.trace cannot record a guidedrop layer in training mode (its mask is "
-            "drawn at every call). Trace the model in eval mode, where the layers are the "
+            "torch.jit.trace cannot record a guidedrop layer in training mode (its plan is "
+            "Python, run at every call, which a trace would freeze). Trace the model in "
+            "eval mode, where the layers are the "
             "identity and leave no node, or use torch.export or torch.compile, which keep "
             "the layers and draw fresh masks at each call.")

@@ -100,6 +100,14 @@ def _again(ctx, t):
     """The Function again on t (grad_y, or a tangent): t * w, w constant, differentiable
     again in t."""
     saved = ctx.saved_tensors
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._functorch.is_legacy_batchedtensor(t)):
+        # torch's legacy batching drops a custom Function's graph: the gradient would not
+        # require grad, and a second backward would miss this term without an error
+        raise NotImplementedError(
+            "torch.autograd.grad(..., is_grads_batched=True, create_graph=True) through a "
+            "guidedrop layer: torch's batched backward drops the graph of a custom autograd "
+            "Function. Use create_graph=False, or loop over the grad outputs.")
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         # torch.func.vjp's vjp_fn runs after its transform has exited: what the forward
         # saved are still its wrappers, whose storage a kernel cannot read (traced, there

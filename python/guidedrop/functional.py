@@ -81,10 +81,10 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
     does not go unnoticed where nothing runs (eval mode)."""
     training = V.flag("training", training)
     dispatch.requested()
-    if not training or any(r == 0 for r in rates):
+    if not training or any(r == 0 for r in rates) or x.numel() == 0:
         return True
     V.not_jit_traced()
-    return x.numel() == 0
+    return False
 
 
 @fx_leaf

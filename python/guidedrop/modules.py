@@ -85,7 +85,8 @@ class GuidedDropout(nn.Module):
         (:class:`guidedrop.LinearRamp`) ramps from 0 to its target. ``p`` (CorrDrop,
         DropBlock2d), ``alpha`` (AttentionDrop), ``participation`` (FocusedDropout), or
         1 - ``keep`` (Selectout, CamDrop) / 1 - ``retain`` (SelectScale, SpatialScale).
-        Setting it sets that parameter (ValueError outside [0, 1])."""
+        Setting it sets that parameter: a ValueError outside [0, 1], or naming the
+        parameter where it refuses the value (Selectout's ``keep`` must be > 0)."""
         v = getattr(self, self._rate)
         return 1 - v if self._rate_inverted else v
 
@@ -235,8 +236,9 @@ class AttentionDrop(GuidedDropout):
     """AttentionDrop (Ouyang et al.). ``drop_rate`` is ``alpha``.
 
     In training, masks a share ``alpha`` of the (sample, channel) maps, each with a soft
-    mask of its top ``beta`` % of units (``mode``: ``"ad"`` ``1 - f̂·[x >= t]``, ``"am"``
-    ``[x < t]``, ``"sm"`` ``1 - f̂``, f̂ the map min-max normalised), then rescales by
+    mask (``mode``: ``"ad"`` ``1 - f̂·[x >= t]``, ``"am"`` ``[x < t]``, ``"sm"``
+    ``1 - f̂``; t the map's top-``beta`` % threshold, f̂ the map min-max normalised), then
+    rescales by
     ``normalize``; the identity in eval mode. See :func:`guidedrop.functional.attentiondrop`
     for the exact definition, dtypes and errors.
 
@@ -314,7 +316,7 @@ class FocusedDropout(GuidedDropout):
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
-        if self.training:
+        if self.training and self.participation > 0:
             V.not_jit_traced()  # before the draw, which a trace would bake in
         self.last_applied = self.training and bool(torch.rand(()) < self.participation)
         if not self.last_applied:
