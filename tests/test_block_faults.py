@@ -367,19 +367,28 @@ def test_gradgradcheck_every_layer(B):
                                             **loose), layer
 
 
+def _ops_with_w(x0, noise_seed):
+    """(layer, op, w) for every layer: op(x) the public op with fixed noise (drawn from
+    ``noise_seed``), w = op(x0) / x0 its multiplier (x0 without zeros)."""
+    n, c, h, w = x0.shape
+    for layer in LAYERS:
+        args, kw, shape = layer_case(layer, n, c, h, w)
+        noise = torch.rand(shape, generator=gen(noise_seed)).to(DEV)
+        fn = getattr(F, layer)
+
+        def op(t, fn=fn, args=args, kw=kw, noise=noise):
+            return fn(t, *args, noise=noise, **kw)
+        yield layer, op, op(x0) / x0
+
+
 def test_second_order_functional(forced):
     """The public ops with create_graph=True: the Hessian-vector product of sum(y^2) is
     2 w^2 v, w = y / x from the same noise (x without zeros)."""
-    n, c, h, w = 2, 3, 5, 6
-    x0 = (torch.rand(n, c, h, w, generator=gen(27)) + 0.5).to(DEV)
+    x0 = (torch.rand(2, 3, 5, 6, generator=gen(27)) + 0.5).to(DEV)
     v = torch.randn(x0.shape, generator=gen(28)).to(DEV)
-    for layer in LAYERS:
-        args, kw, shape = layer_case(layer, n, c, h, w)
-        noise = torch.rand(shape, generator=gen(29)).to(DEV)
-        fn = getattr(F, layer)
-        wt = fn(x0, *args, noise=noise, **kw) / x0
+    for layer, op, wt in _ops_with_w(x0, noise_seed=29):
         x = x0.clone().requires_grad_()
-        y = fn(x, *args, noise=noise, **kw)
+        y = op(x)
         (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         (hx,) = torch.autograd.grad((gx * v).sum(), x)
         torch.testing.assert_close(hx, 2 * wt * wt * v, rtol=1e-5, atol=1e-5, msg=layer)
@@ -390,24 +399,17 @@ def test_grads_batched(forced):
     legacy vmap of the backward) gives G * w. Triton's launch could not read the batched
     tensor (NotImplementedError: Cannot access storage of BatchedTensorImpl). With
     create_graph=True: guidedrop's NotImplementedError, not a silently detached gradient."""
-    n, c, h, w = 2, 3, 5, 6
-    x0 = (torch.rand(n, c, h, w, generator=gen(30)) + 0.5).to(DEV)
-    grads = torch.randn((3, n, c, h, w), generator=gen(31)).to(DEV)
-    for layer in LAYERS:
-        args, kw, shape = layer_case(layer, n, c, h, w)
-        noise = torch.rand(shape, generator=gen(32)).to(DEV)
-        fn = getattr(F, layer)
-        wt = fn(x0, *args, noise=noise, **kw) / x0
+    x0 = (torch.rand(2, 3, 5, 6, generator=gen(30)) + 0.5).to(DEV)
+    grads = torch.randn((3, *x0.shape), generator=gen(31)).to(DEV)
+    for layer, op, wt in _ops_with_w(x0, noise_seed=32):
         x = x0.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(fn(x, *args, noise=noise, **kw), x, grads,
-                                    is_grads_batched=True)
+        (gx,) = torch.autograd.grad(op(x), x, grads, is_grads_batched=True)
         torch.testing.assert_close(gx, grads * wt, rtol=1e-5, atol=1e-5, msg=layer)
         # with create_graph torch's batching drops the Function's graph: the gradient did
         # not require grad, and a second backward missed its term without an error
         with pytest.raises(NotImplementedError, match="is_grads_batched=True, create_graph"):
-            torch.autograd.grad(fn(x, *args, noise=noise, **kw), x,
-                                grads.clone().requires_grad_(), is_grads_batched=True,
-                                create_graph=True)
+            torch.autograd.grad(op(x), x, grads.clone().requires_grad_(),
+                                is_grads_batched=True, create_graph=True)
 
 
 # --------------------------------------------------------------------------- recompiles

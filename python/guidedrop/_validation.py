@@ -249,6 +249,6 @@ def not_jit_traced() -> None:
         raise RuntimeError(
             "torch.jit.trace cannot record a guidedrop layer in training mode (its plan is "
             "Python, run at every call, which a trace would freeze). Trace the model in "
-            "eval mode, where the layers are the "
-            "identity and leave no node, or use torch.export or torch.compile, which keep "
-            "the layers and draw fresh masks at each call.")
+            "eval mode, where the layers are the identity and leave no node, or use "
+            "torch.export or torch.compile, which keep the layers and draw fresh masks at "
+            "each call.")

@@ -20,13 +20,18 @@ from . import _validation, layers, reference
 def _forward(t, x, backend, kind, meta, state):
     # t: the tensor multiplied (x, or grad_y in a backward); x: AttentionDrop's detached
     # source of S, else None.
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t):
+    if _legacy_batched(t):
         # torch.autograd.grad(..., is_grads_batched=True) vmaps the backward with torch's
         # legacy batching, whose tensors a Triton launch cannot read: the reference's
-        # apply, the same function of the same plan in torch ops (Dynamo cannot trace the
-        # check, and traced code never holds such a tensor)
+        # apply, the same function of the same plan in torch ops
         backend = reference
     return layers.apply(backend, layers.Plan(kind, meta, state), t, x)
+
+
+def _legacy_batched(t) -> bool:
+    """Whether t is a tensor of torch's legacy batching (is_grads_batched). Not asked while
+    torch.compile traces: Dynamo cannot trace the check, and traced code holds none."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def _save(ctx, x, backend, kind, meta, state):
@@ -100,8 +105,7 @@ def _again(ctx, t):
     """The Function again on t (grad_y, or a tangent): t * w, w constant, differentiable
     again in t."""
     saved = ctx.saved_tensors
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and torch._C._functorch.is_legacy_batchedtensor(t)):
+    if torch.is_grad_enabled() and _legacy_batched(t):
         # torch's legacy batching drops a custom Function's graph: the gradient would not
         # require grad, and a second backward would miss this term without an error
         raise NotImplementedError(
