@@ -478,7 +478,9 @@ def test_focused_dropout_participation():
     assert m.last_applied is True
     assert not torch.equal(y, x)
     m = guidedrop.FocusedDropout(participation=0.0)
+    state = torch.get_rng_state()
     assert m(x) is x and m.last_applied is False
+    assert torch.equal(torch.get_rng_state(), state)  # no draw, as by nn.Dropout(0)
     m = guidedrop.FocusedDropout(participation=0.5)
     torch.manual_seed(0)
     applied = 0

@@ -566,6 +566,10 @@ def test_torch_func_transforms(forced, layer):
                        "is_grads_batched"):  # not torch's invitation to write a vmap rule
         torch.func.vmap(lambda t, v: f(t[None], v.unsqueeze(n_dim)).squeeze(0),
                         in_dims=(0, n_dim), randomness="different")(x, u)
+    # without noise, vmap's default randomness="error": guidedrop's error, not torch's
+    # randomness error (the op drew its noise first), whose advice led to the one above
+    with pytest.raises(NotImplementedError, match="do not support torch.func.vmap"):
+        torch.func.vmap(lambda t: getattr(F, layer)(t[None]).squeeze(0))(x)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

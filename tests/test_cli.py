@@ -429,6 +429,7 @@ BAD = [
     (["bench", "--device", "nosuchdevice"], "not a device name"),
     (["bench", "--device", ""], "not a device name"),
     (["demo", "--device", ""], "not a device name"),
+    (["demo", "--threads", "0"], "--threads: 0 is out of range"),
     (["bench", "--threads", "0"], "--threads: 0 is out of range"),
     (["bench", "--threads", "many"], "--threads: 'many' is not an integer"),
     (["bench", "--device", "meta"], "guidedrop runs on cpu or cuda, not meta"),
@@ -736,8 +737,11 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     ran, run = [], functional._run
     monkeypatch.setattr(functional, "_run", lambda layer, *a, **k: ran.append(layer) or run(
         layer, *a, **k))
-    rows = demo_run([*argv, "--plot", str(png), "--md", str(md)])
+    threads = []  # --threads sets torch's (recorded, not set: it is process-wide)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    rows = demo_run([*argv, "--plot", str(png), "--md", str(md), "--threads", "1"])
     out = capsys.readouterr().out
+    assert threads == [1]
     assert [r["layer"] for r in rows] == ["none", "corrdrop", "camdrop"]
     assert {"corrdrop", "camdrop"} <= set(ran), ran  # each layer's op ran, at a rate > 0
     for r in rows:
@@ -753,6 +757,7 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
     # a busy machine (load average over cores + 1) is named under the table
     assert f"note: load average up to {os.cpu_count() + 1.5:.1f} on {os.cpu_count()} cores" \
         in out
+    assert "--threads 1" in out  # and how to steady the timings
     lines = md.read_text().splitlines()
     assert lines[0] == "| layer | train acc | test acc | train − test | s/epoch | overhead % |"
     assert len(lines) == 2 + 3 and lines[3].startswith("| corrdrop | ")

@@ -187,7 +187,11 @@ def test_insert_factory_and_errors():
     with pytest.raises(ValueError, match="residual groups"):
         models.insert(nn.Sequential(nn.Conv2d(3, 3, 1)), "corrdrop")
     # the same insert again would stack a second layer after the first: refused
-    with pytest.raises(ValueError, match="layer3 already ends with DropBlock2d"):
+    with pytest.raises(ValueError, match="layer3 already holds a DropBlock2d"):
+        models.insert(model, "dropblock")
+    # also with another layer after it (it stacked: DropBlock2d, CamDrop, DropBlock2d)
+    models.insert(model, "camdrop")
+    with pytest.raises(ValueError, match="layer3 already holds a DropBlock2d"):
         models.insert(model, "dropblock")
     with pytest.raises(TypeError, match="layer must be a str"):
         models.insert(model, ["dropblock"])
@@ -204,6 +208,25 @@ def test_insert_factory_and_errors():
     with pytest.raises(RuntimeError, match="no second layer"):
         models.insert(model, "dropblock", second_fails)
     assert [len(model.layer3), len(model.layer4)] == lengths
+    # a factory returning no module: refused before any group changes (layer3 took the
+    # first, a str was refused by nn.Sequential at the second; None went in unnoticed)
+    for bad in ("x", None):
+        with pytest.raises(TypeError, match=f"factory must return an nn.Module, got "
+                                            f"{type(bad).__name__} for layer4"):
+            models.insert(model, "dropblock",
+                          lambda i, n, bad=bad: guidedrop.DropBlock2d() if i == 0 else bad)
+        assert [len(model.layer3), len(model.layer4)] == lengths
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_insert_keeps_the_model_mode(training):
+    """Layers added to a model in eval mode are in eval mode (they were in training mode:
+    a pretrained model's inference became random)."""
+    model = resnet18("torchvision").train(training)
+    assert all(m.training is training for m in models.insert(model, "dropblock"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)) is not training
 
 
 # --------------------------------------------------------------------------- timm

@@ -250,6 +250,44 @@ def test_compile_rate_ramp_does_not_recompile(layer):
     assert counter.frame_count <= 2
 
 
+def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
+    """SmallResNet with AttentionDrop after layer2, compiled with dynamic=True, its ramp
+    starting at 0: the identity's graph, then one with alpha symbolic. It was a recompile at
+    every step (1, 2, 3, 4, 5 graphs): torch kept the names of the floats it specialised in
+    the first graph (a BatchNorm's momentum among them) and pinned whatever float took one
+    of those names in the next, here alpha (modules._forget_dynamo_float_pins)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.SmallResNet(width=8)
+    models.insert(model, "attentiondrop")
+    model.layer1 = model.layer1[:-1]  # the layer after layer2 only (the names collided so)
+    sched = guidedrop.LinearRamp(model, steps=5)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    frames = []
+    for _ in range(5):
+        with torch.no_grad():
+            compiled(torch.randn(2, 1, 32, 32))
+        sched.step()
+        frames.append(counter.frame_count)
+    # (frame_count counts a compile's tensorify restart too: [2, 4, 4, 4, 4]; was 6, 8, 10)
+    assert frames[0] < frames[1] == frames[-1], frames
+
+
+def test_rate_change_forgets_dynamo_float_pins():
+    """The mechanism of the test above, whatever names a torch version gives: setting a
+    rate clears Dynamo's record of the floats it specialised (a stale one between steps)."""
+    TensorifyState = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+    if TensorifyState is None:
+        pytest.skip("this torch keeps no such record")
+    layer = guidedrop.AttentionDrop()
+    TensorifyState.specialize("zf50")
+    layer.beta = 30.0  # not a rate: kept
+    assert TensorifyState.should_specialize("zf50")
+    layer.alpha = 0.2
+    assert TensorifyState.empty()
+
+
 # slow: a whole model compiled, ~12 s; each layer's fullgraph compile runs by default
 # (test_backends.py test_layer_compile_fullgraph)
 @pytest.mark.slow

@@ -1690,7 +1690,7 @@ def run(args) -> list[dict]:
 
 
 def add_parser(sub) -> None:
-    from .cli import float_in, int_in
+    from .cli import float_in, int_in, threads_arg
     b = sub.add_parser("bench", help="time every layer on every available backend",
                        description="Check every backend against the reference with the same "
                        "noise, then time it; compare with the bandwidth floor measured in "
@@ -1710,9 +1710,7 @@ def add_parser(sub) -> None:
                         "or all: every backend, a row saying why for each that cannot run here")
     b.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
     b.add_argument("--channels-last", action="store_true", help="channels_last inputs")
-    b.add_argument("--threads", type=int_in(1, 4096), default=None,
-                   help="torch CPU threads, 1 to 4096 (default: torch's); 1 is steadier on a "
-                        "busy machine")
+    threads_arg(b)
     b.add_argument("--csv", default=None, metavar="PATH",
                    help="write the rows as CSV (default: none)")
     b.add_argument("--plot", default=None, metavar="PATH",

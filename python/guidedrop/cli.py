@@ -72,6 +72,12 @@ def seed_arg(parser, default: int = 0) -> None:
                         help=f"random seed, 0 to {SEED_MAX} (default {default})")
 
 
+def threads_arg(parser) -> None:
+    parser.add_argument("--threads", type=int_in(1, 4096), default=None,
+                        help="torch CPU threads, 1 to 4096 (default: torch's); 1 is "
+                             "steadier on a busy machine")
+
+
 def comma_list(s: str, option: str) -> list[str]:
     """The entries of a comma-separated option, each once, in order; UsageError for an
     empty entry ("a,,b", "a,"), which is a typo rather than a request for nothing."""

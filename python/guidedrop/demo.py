@@ -26,7 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, models
-from .cli import UsageError, _first_line, comma_list, console, int_in, parse_device, seed_arg
+from .cli import (
+    UsageError,
+    _first_line,
+    comma_list,
+    console,
+    int_in,
+    parse_device,
+    seed_arg,
+    threads_arg,
+)
 from .context import cam_targets
 from .schedule import LinearRamp
 
@@ -53,6 +62,7 @@ def add_parser(sub) -> None:
                    help=f"runs per layer (seeds seed, seed + 1, ...), 1 to 100 (default "
                         f"{FULL['seeds']}, --quick 1)")
     seed_arg(d)
+    threads_arg(d)
     d.add_argument("--layers", default="all", help="comma list of none, "
                    + ", ".join(models.LAYERS) + " ('none' = no regulariser; default all)")
     d.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
@@ -262,6 +272,8 @@ def run(args) -> list[dict]:
     train_images = args.train_images or preset["train"]
     layers = _parse_layers(args.layers)
     device = parse_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:  # a forced backend that cannot run fails now, not mid-run after the baseline trained
         if dispatch.requested() != "auto":
             dispatch.backend_for(torch.empty(0, device=device))
@@ -312,7 +324,8 @@ def run(args) -> list[dict]:
     busy = cpu_contention(device, peak)
     if busy:
         out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
-                  "say little; rerun on an idle machine to compare them)", highlight=False)
+                  "say little; rerun on an idle machine, or with --threads 1, to compare "
+                  "them)", highlight=False)
     try:  # probed before the training, but a disk can fill up since (as bench says it)
         if args.md:
             Path(args.md).write_text(markdown(rows, seeds))

@@ -37,7 +37,7 @@ PLACEMENTS: dict[str, tuple[str, Callable[[int, int], nn.Module]]] = {
     "focused_dropout": ("penultimate", lambda i, n: M.FocusedDropout()),
     # CamDrop: the last groups, reading model.fc through cam_targets.
     "camdrop": ("last_two", lambda i, n: M.CamDrop()),
-    # DropBlock: groups 3 and 4 (Ghiasi et al.), block 7 (5 on small maps).
+    # DropBlock: groups 3 and 4 (Ghiasi et al.), block 7 (clamped to smaller maps, SPEC §7).
     "dropblock": ("last_two", lambda i, n: M.DropBlock2d(p=0.1, block_size=7)),
 }
 LAYERS = tuple(PLACEMENTS)
@@ -67,9 +67,10 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     """Append guidedrop ``layer`` to the groups its paper uses; returns the new modules.
 
     factory(i, n) -> module overrides the paper's settings for the i-th of n positions.
-    Raises TypeError for a model that is not an nn.Module or a layer name that is not a
-    str; ValueError for an unknown layer, a model without residual groups, or a group that
-    already ends with a layer of the new one's class (the same insert twice would stack
+    The new modules take the model's train/eval mode. Raises TypeError for a model that is
+    not an nn.Module, a layer name that is not a str or a factory that returns no
+    nn.Module; ValueError for an unknown layer, a model without residual groups, or a group
+    that already holds a layer of the new one's class (the same insert twice would stack
     them; different layers may follow one another). Every module is made and checked
     before any group changes, so an error leaves the model as it was.
     """
@@ -84,12 +85,14 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     chosen = _chosen(where, residual_groups(model))
     added = [(factory or default)(i, len(chosen)) for i in range(len(chosen))]
     for name, mod in zip(chosen, added, strict=True):
-        group = getattr(model, name)
-        if len(group) and type(group[-1]) is type(mod):
-            raise ValueError(f"{name} already ends with {type(mod).__name__}: this insert "
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"factory must return an nn.Module, got {type(mod).__name__} "
+                            f"for {name}")
+        if any(type(m) is type(mod) for m in getattr(model, name)):
+            raise ValueError(f"{name} already holds a {type(mod).__name__}: this insert "
                              "was made on this model before")
     for name, mod in zip(chosen, added, strict=True):
-        getattr(model, name).append(mod)
+        getattr(model, name).append(mod.train(model.training))
     return added
 
 

@@ -15,6 +15,8 @@ traced by itself (``symbolic_trace(layer)``) is, like ``nn.Dropout``, its functi
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -58,6 +60,21 @@ def _beta(name, v):
     return V.real(name, v, 0, 100, open_lo=True)
 
 
+def _forget_dynamo_float_pins() -> None:
+    """Clear Dynamo's record of the symbolic floats it had to specialise (torch's
+    ``TensorifyState``, by symbol name). It is meant for the restarts of one compile, but
+    torch (2.11-2.14 at least) keeps it after the compile, so a later compile pins whatever
+    float takes one of its names. With ``dynamic=True``, a ramp's first graph (the identity,
+    at rate 0, which reads no rate) gave a BatchNorm's momentum the name that the rate took
+    in the next graph: the rate was pinned there, a recompile at every step of the ramp
+    (until Dynamo's recompile limit, then eager). A rate is set between steps, where that
+    record is stale. Not while compiling (it is then the current compile's), nor where
+    Dynamo was never imported (nothing compiled), nor in a torch without it."""
+    state = getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
+    if state is not None and not torch.compiler.is_compiling():
+        state.clear()
+
+
 def _is_replica(m: nn.Module) -> bool:
     """Whether m is a copy made by nn.DataParallel for one device (torch marks them)."""
     return getattr(m, "_is_replica", False)
@@ -78,6 +95,10 @@ class GuidedDropout(nn.Module):
     # Dynamo pin it, in every later graph too: a recompile per value. So the identity is
     # decided from bools, without reading a rate (``_identity``).
     _zero_rate = False
+
+    def __init__(self) -> None:
+        """The parameters, each checked as it is set: see the class docstring."""
+        super().__init__()  # (help() showed nn.Module's "Initialize internal Module state")
 
     @property
     def drop_rate(self) -> float:
@@ -105,6 +126,7 @@ class GuidedDropout(nn.Module):
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
                 self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
                 self.__dict__["_zero_rate"] = self.drop_rate == 0
+                _forget_dynamo_float_pins()
         else:
             super().__setattr__(name, value)
 
@@ -316,9 +338,11 @@ class FocusedDropout(GuidedDropout):
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
+        # no draw at participation 0: torch's generator untouched, as by nn.Dropout(0)
+        self.last_applied = False
         if self.training and self.participation > 0:
             V.not_jit_traced()  # before the draw, which a trace would bake in
-        self.last_applied = self.training and bool(torch.rand(()) < self.participation)
+            self.last_applied = bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             return x
         return F.focused_dropout(x, self.low, self.high, per_position=self.per_position)
