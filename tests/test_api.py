@@ -13,7 +13,7 @@ from torch import nn
 
 import guidedrop
 import guidedrop.functional as F
-from guidedrop import dispatch
+from guidedrop import context, dispatch
 
 X = (2, 4, 6, 6)
 
@@ -466,6 +466,26 @@ def test_cam_targets_nested_inner_wins():
             y = m(x)
     torch.manual_seed(1)
     assert torch.equal(y, F.camdrop(x, w_inner, t, 3, 0.3, channel_rate=1.0))
+
+
+def test_cam_targets_left_out_of_order():
+    """Blocks left in another order than entered (generators, each inside a block, closed
+    first to last): each takes its own targets away. The first block's targets came back
+    after both were left, and a CamDrop outside any block used them."""
+    w1, w2, t = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 2])
+
+    def step(w):
+        with guidedrop.cam_targets(w, t):
+            yield
+
+    g1, g2 = step(w1), step(w2)
+    next(g1)
+    next(g2)
+    g1.close()
+    assert context.current()[0] is w2
+    g2.close()
+    with pytest.raises(RuntimeError, match="without classifier weights"):
+        context.current()
 
 
 # ----------------------------------------------------------------- FocusedDropout
@@ -1048,9 +1068,10 @@ def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
     ({"step_count": 1, "steps": 10, "targets": [0.1]}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),
-    ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
+    ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError,
+     r"targets\[1\] = 1.0 is refused by Selectout: keep must be in"),
     # a target the layer refuses, not reached yet: a later step() would raise
-    ({"step_count": 2, "steps": 10, "targets": "selectout_one"}, ValueError, "keep"),
+    ({"step_count": 2, "steps": 10, "targets": "selectout_one"}, ValueError, r"targets\[1\]"),
 ])
 def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
     model = nn.Sequential(guidedrop.CorrDrop(p=0.2), guidedrop.Selectout(keep=0.8),

@@ -68,12 +68,16 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype "
                         f"{target.dtype}")
-    token = _blocks.set(_blocks.get() + ((weight, target),))
+    entry = (weight, target)  # this block's own, left by identity
+    _blocks.set(_blocks.get() + (entry,))
     _thread.blocks = _blocks.get()
     try:
         yield
     finally:
-        _blocks.reset(token)
+        # Not ContextVar.reset (back to the blocks before this one): blocks left out of order
+        # (two generators, each inside a block, closed first to last) brought the first
+        # one's targets back after both had been left.
+        _blocks.set(tuple(b for b in _blocks.get() if b is not entry))
         _thread.blocks = _blocks.get()
 
 

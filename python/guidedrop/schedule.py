@@ -90,8 +90,12 @@ class LinearRamp:
                   [(m.drop_rate, getattr(m, "_ramped", None)) for m in self.layers])
         self.step_count, self.steps, self.targets = step_count, steps, targets
         try:
-            for m, target in zip(self.layers, targets, strict=True):
-                m.drop_rate = target
+            for i, (m, target) in enumerate(zip(self.layers, targets, strict=True)):
+                try:
+                    m.drop_rate = target
+                except (TypeError, ValueError) as e:  # the key, not only the layer's name
+                    raise type(e)(f"targets[{i}] = {target!r} is refused by "
+                                  f"{type(m).__name__}: {e}") from None
             self._set()
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
