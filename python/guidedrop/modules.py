@@ -70,8 +70,10 @@ def _forget_dynamo_float_pins() -> None:
     (until Dynamo's recompile limit, then eager). A rate is set between steps, where that
     record is stale. Not while compiling (it is then the current compile's), nor where
     Dynamo was never imported (nothing compiled), nor in a torch without it."""
+    if torch.compiler.is_compiling():  # first: Dynamo does not trace sys.modules
+        return
     state = getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
-    if state is not None and not torch.compiler.is_compiling():
+    if state is not None:
         state.clear()
 
 
