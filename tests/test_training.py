@@ -276,15 +276,16 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
 
 def test_rate_change_forgets_dynamo_float_pins():
     """The mechanism of the test above, whatever names a torch version gives: setting a
-    rate clears Dynamo's record of the floats it specialised (a stale one between steps)."""
+    parameter clears Dynamo's record of the floats it specialised (a stale one between steps)."""
     TensorifyState = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
     if TensorifyState is None:
         pytest.skip("this torch keeps no such record")
     layer = guidedrop.AttentionDrop()
     TensorifyState.specialize("zf50")
-    layer.beta = 30.0  # not a rate: kept
-    assert TensorifyState.should_specialize("zf50")
     layer.alpha = 0.2
+    assert TensorifyState.empty()
+    TensorifyState.specialize("zf50")
+    layer.beta = 30.0  # any parameter
     assert TensorifyState.empty()
 
 

@@ -67,8 +67,8 @@ def _forget_dynamo_float_pins() -> None:
     float takes one of its names. With ``dynamic=True``, a ramp's first graph (the identity,
     at rate 0, which reads no rate) gave a BatchNorm's momentum the name that the rate took
     in the next graph: the rate was pinned there, a recompile at every step of the ramp
-    (until Dynamo's recompile limit, then eager). A rate is set between steps, where that
-    record is stale. Not while compiling (it is then the current compile's), nor where
+    (until Dynamo's recompile limit, then eager). A parameter is set between steps, where
+    that record is stale. Not while compiling (it is then the current compile's), nor where
     Dynamo was never imported (nothing compiled), nor in a torch without it."""
     if torch.compiler.is_compiling():  # first: Dynamo does not trace sys.modules
         return
@@ -128,7 +128,7 @@ class GuidedDropout(nn.Module):
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
                 self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
                 self.__dict__["_zero_rate"] = self.drop_rate == 0
-                _forget_dynamo_float_pins()
+            _forget_dynamo_float_pins()  # any parameter: top_rate, channel_rate, ... too
         else:
             super().__setattr__(name, value)
 
