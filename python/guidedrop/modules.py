@@ -68,13 +68,19 @@ def _forget_dynamo_float_pins() -> None:
     at rate 0, which reads no rate) gave a BatchNorm's momentum the name that the rate took
     in the next graph: the rate was pinned there, a recompile at every step of the ramp
     (until Dynamo's recompile limit, then eager). A parameter is set between steps, where
-    that record is stale. Not while compiling (it is then the current compile's), nor where
-    Dynamo was never imported (nothing compiled), nor in a torch without it."""
+    that record is stale. Not while any thread compiles (it is then that compile's: cleared
+    between its restarts, from a thread ramping another model's rates, it was rebuilt a
+    name a restart, hundreds of restarts), nor where Dynamo was never imported (nothing
+    compiled), nor in a torch without it."""
     if torch.compiler.is_compiling():  # first: Dynamo does not trace sys.modules
         return
     state = getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
-    if state is not None:
-        state.clear()
+    lock = getattr(sys.modules.get("torch._dynamo.convert_frame"), "compile_lock", None)
+    if state is not None and lock is not None and lock.acquire(blocking=False):
+        try:  # Dynamo holds the lock for a whole compile, its restarts included
+            state.clear()
+        finally:
+            lock.release()
 
 
 def _is_replica(m: nn.Module) -> bool:
