@@ -570,6 +570,9 @@ def test_torch_func_transforms(forced, layer):
     # randomness error (the op drew its noise first), whose advice led to the one above
     with pytest.raises(NotImplementedError, match="do not support torch.func.vmap"):
         torch.func.vmap(lambda t: getattr(F, layer)(t[None]).squeeze(0))(x)
+    # FocusedDropout's module draws its participation first: the same check before it
+    with pytest.raises(NotImplementedError, match="do not support torch.func.vmap"):
+        torch.func.vmap(guidedrop.FocusedDropout(participation=0.5))(x[:, None])
 
 
 @pytest.mark.parametrize("layer", LAYERS)

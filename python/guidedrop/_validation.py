@@ -240,6 +240,14 @@ def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:
     return target.clamp(0, k - 1)
 
 
+def not_vmapped(x: torch.Tensor) -> None:
+    """NotImplementedError (NO_VMAP) where x is batched by torch.func.vmap: checked before a
+    draw, which vmap's default randomness="error" refuses with torch's error, whose advice
+    (randomness="different") only led to this one."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        func_unwrapped(x)
+
+
 def not_jit_traced() -> None:
     """RuntimeError where torch.jit.trace records a layer that acts (training mode, a
     non-zero rate, a non-empty x): its plan is Python run at every call, which a trace

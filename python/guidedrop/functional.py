@@ -68,9 +68,7 @@ def no_autocast(device: torch.device):
 
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     V.generator(kwargs["generator"])
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        V.func_unwrapped(x)  # vmap: guidedrop's error, before a draw gives torch's randomness
-        # error, whose advice (randomness="different") only leads to this one
+    V.not_vmapped(x)
     backend = dispatch.backend_for(x)
     with torch.no_grad(), no_autocast(x.device):
         plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)

@@ -89,8 +89,8 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
             raise TypeError(f"factory must return an nn.Module, got {type(mod).__name__} "
                             f"for {name}")
         if any(type(m) is type(mod) for m in getattr(model, name)):
-            raise ValueError(f"{name} already holds a {type(mod).__name__}: this insert "
-                             "was made on this model before")
+            raise ValueError(f"{name} already holds a {type(mod).__name__}: a second one "
+                             "would stack on it (the same insert twice?)")
     for name, mod in zip(chosen, added, strict=True):
         getattr(model, name).append(mod.train(model.training))
     return added

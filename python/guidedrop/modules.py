@@ -350,6 +350,7 @@ class FocusedDropout(GuidedDropout):
         self.last_applied = False
         if self.training and self.participation > 0:
             V.not_jit_traced()  # before the draw, which a trace would bake in
+            V.not_vmapped(x)  # before the draw too
             self.last_applied = bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             return x
