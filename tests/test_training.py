@@ -230,6 +230,25 @@ def test_compile_dynamic_batch(op):
         assert y.shape == x.shape and torch.equal(x.detach() * x.grad, y.detach())
 
 
+@pytest.mark.slow  # inductor builds C++ on the CPU: ~40 s on 2 cores
+def test_inductor_dynamic_attentiondrop_after_a_strided_conv():
+    """torch.compile(dynamic=True) with inductor, AttentionDrop after a stride-2 convolution,
+    its output in channels_last (inductor's layout optimisation, which ResNets get), forward
+    and backward on the reference backend. Its apply viewed x as (N, C, H * W) maps, a view
+    saved for the backward whose strides torch 2.14's inductor could not order (H = (s - 1)
+    // 2 + 1 may be 1): "cannot determine truth value of Relational" (torchvision's
+    resnet18 with models.insert(model, "attentiondrop"))."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+                                guidedrop.AttentionDrop(alpha=0.5), torch.nn.Conv2d(8, 4, 1))
+    with torch._inductor.config.patch(force_layout_optimization=True):
+        compiled = torch.compile(model, dynamic=True, backend="inductor")
+        for s in (12, 9):
+            compiled(torch.randn(2, 3, s, s)).sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_compile_rate_ramp_does_not_recompile(layer):
     """A schedule moving drop_rate compiles once more (the rate becomes symbolic), not once

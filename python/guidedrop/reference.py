@@ -150,8 +150,8 @@ def range_reciprocal(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
 
 
 def _soft_mask(xf, thr, mn, r, mode):
-    """SPEC §4 step 3 on maps xf (..., L) with per-map stats (..., 1), r = range_reciprocal
-    of the map's min and max."""
+    """SPEC §4 step 3 on maps xf (..., L) or (..., H, W) with per-map stats broadcast to
+    them, r = range_reciprocal of the map's min and max."""
     if mode == "am":
         return (xf < thr).to(xf.dtype)
     # f̂ = 0 wherever (x − min)·r is not a number (max = min: 0·Inf; ±Inf in the map or
@@ -331,11 +331,13 @@ def attention_state(thr, mn, r, scale):
 def apply_attention(t, x, state, active, mode):
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x and the map's
     statistics, state = attention_state(thr, mn, r, scale) (SPEC §4)."""
-    n, c, h, w = x.shape
-    thr, scale, mn, r = state.unbind(-1)
-    s = _soft_mask(_maps(x), thr[..., None], mn[..., None], r[..., None], mode)
-    s = torch.where(active[..., None], s, 1) * scale[..., None]
-    return _mul(t, s.view(n, c, h, w))
+    # On x's (N, C, H, W) itself, not its (N, C, H * W) view: under torch.compile(dynamic=
+    # True) the view of a channels_last x, saved for the backward, has strides torch
+    # 2.14's inductor cannot order (C·H·W against C: "cannot determine truth value of
+    # Relational", AttentionDrop after a ResNet's stride-2 stage).
+    thr, scale, mn, r = (v[..., None, None] for v in state.unbind(-1))
+    s = _soft_mask(x.to(compute_dtype(x)), thr, mn, r, mode)
+    return _mul(t, torch.where(active[..., None, None], s, 1) * scale)
 
 
 # --------------------------------------------------------------------------- layers
