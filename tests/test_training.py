@@ -273,7 +273,7 @@ def test_compile_rate_ramp_does_not_recompile(layer):
 def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
     """SmallResNet with AttentionDrop after layer2, compiled with dynamic=True, its ramp
     starting at 0: the identity's graph, then one with alpha symbolic. It was a recompile at
-    every step (1, 2, 3, 4, 5 graphs): torch kept the names of the floats it specialised in
+    every step (frame counts 2, 4, 6, 8, 10): torch kept the names of the floats it specialised in
     the first graph (a BatchNorm's momentum among them) and pinned whatever float took one
     of those names in the next, here alpha (modules._forget_dynamo_float_pins)."""
     torch._dynamo.reset()
@@ -290,7 +290,7 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
             compiled(torch.randn(2, 1, 32, 32))
         sched.step()
         frames.append(counter.frame_count)
-    # (frame_count counts a compile's tensorify restart too: [2, 4, 4, 4, 4]; was 6, 8, 10)
+    # (frame_count counts a compile's tensorify restart too: now [2, 4, 4, 4, 4])
     assert frames[0] < frames[1] == frames[-1], frames
 
 
