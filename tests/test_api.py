@@ -332,6 +332,23 @@ def test_module_checks_x_where_it_returns_x(cls, training):
         m([[1.0]])
 
 
+@pytest.mark.parametrize("cls", list(MODULES))
+@pytest.mark.parametrize("training", [False, True])
+def test_module_backend_typo_where_it_returns_x(cls, training, monkeypatch):
+    """GUIDEDROP_BACKEND naming no backend is a ValueError where a module returns x too:
+    eval mode, a zero drop_rate, FocusedDropout's step without participation (it returned
+    x unchecked there)."""
+    m = cls(participation=0.0) if cls is guidedrop.FocusedDropout else cls()
+    m.train(training)
+    m.drop_rate = 0.0
+    x = _x()
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "refernce")
+    with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
+        m(x)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    assert m(x) is x
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_generator_of_another_type(name):
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
@@ -1102,3 +1119,22 @@ def test_primitives_convert_their_arguments():
     assert torch.equal(P.block_upsample(mask, np.int8(3), 7, 7), P.block_upsample(mask, 3, 7, 7))
     with pytest.raises(TypeError, match="k"):
         P.pooled_correlation(x, True)
+
+
+def test_star_import_without_the_kernel_backends():
+    """``from guidedrop import *`` binds the public API on a machine with neither Triton nor
+    the CUDA extension: __all__ named the lazy backends, which a star import imports (an
+    ImportError on every CPU-only install)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"  # None in sys.modules: any import of it fails
+        "sys.modules['guidedrop._C'] = None\n"
+        "from guidedrop import *\n"
+        "import guidedrop\n"
+        "assert DropBlock2d is guidedrop.DropBlock2d and functional is guidedrop.functional\n"
+        "assert not hasattr(guidedrop, 'triton_kernels')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -42,17 +42,19 @@ from .schedule import LinearRamp
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionDrop", "CamDrop", "CorrDrop", "DropBlock2d", "FocusedDropout", "GuidedDropout",
-    "LinearRamp", "SelectScale", "Selectout", "SpatialScale", "available_backends",
-    "bench", "cam_targets", "cli", "context", "cuda_backend", "demo", "dispatch", "functional",
-    "layers", "models", "modules", "primitives", "reference", "schedule", "show",
-    "triton_kernels",
-]
-
 # Imported on first access: the kernel backends need Triton or the built extension, and the
 # command line's modules are not needed to train with the layers.
 _LAZY = ("triton_kernels", "cuda_backend", "bench", "demo", "show", "cli")
+
+# What ``from guidedrop import *`` binds: the layers, the helpers and the submodules imported
+# with the package. Not the lazy ones: a star import imports every name here, and the
+# kernel backends raise ImportError where Triton or the extension is missing.
+__all__ = [
+    "AttentionDrop", "CamDrop", "CorrDrop", "DropBlock2d", "FocusedDropout", "GuidedDropout",
+    "LinearRamp", "SelectScale", "Selectout", "SpatialScale", "available_backends",
+    "cam_targets", "context", "dispatch", "functional", "layers", "models", "modules",
+    "primitives", "reference", "schedule",
+]
 
 
 def __getattr__(name: str):

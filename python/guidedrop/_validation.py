@@ -240,12 +240,14 @@ def assert_target(target: torch.Tensor, k: int) -> torch.Tensor:
     return target.clamp(0, k - 1)
 
 
-def not_vmapped(x: torch.Tensor) -> None:
-    """NotImplementedError (NO_VMAP) where x is batched by torch.func.vmap: checked before a
+def not_vmapped(*args) -> None:
+    """NotImplementedError (NO_VMAP) where a tensor among args (x, CamDrop's weight and
+    target, noise; the others are skipped) is batched by torch.func.vmap: checked before a
     draw, which vmap's default randomness="error" refuses with torch's error, whose advice
     (randomness="different") only led to this one."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        func_unwrapped(x)
+        for a in args:
+            func_unwrapped(a)
 
 
 def not_jit_traced() -> None:

@@ -68,7 +68,7 @@ def no_autocast(device: torch.device):
 
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     V.generator(kwargs["generator"])
-    V.not_vmapped(x)
+    V.not_vmapped(x, *args, *kwargs.values())
     backend = dispatch.backend_for(x)
     with torch.no_grad(), no_autocast(x.device):
         plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)

@@ -353,6 +353,7 @@ class FocusedDropout(GuidedDropout):
             V.not_vmapped(x)  # before the draw too
             self.last_applied = bool(torch.rand(()) < self.participation)
         if not self.last_applied:
+            dispatch.requested()  # a GUIDEDROP_BACKEND naming no backend raises, as _identity
             return x
         return F.focused_dropout(x, self.low, self.high, per_position=self.per_position)
 
