@@ -341,6 +341,64 @@ def test_eval_model_exports(layer):
     assert torch.equal(traced(x), model(x))
 
 
+@pytest.mark.parametrize("layer", [name for name in models.LAYERS if name != "camdrop"])
+def test_train_model_exports_with_dynamic_sizes(layer):
+    """In train mode torch.export keeps the layer, drawing fresh masks at each call, equal
+    to eager's from the same seed, for every N, H and W of the export's ranges (both sides
+    symbolic; H and W from the largest block up, as under torch.compile: maps smaller than
+    the block are a graph each; AttentionDrop's n_β is one per map size, so its H and W
+    stay static). A helper's attack: Python's max of H and W guarded W <= H (FocusedDropout,
+    CorrDrop), and CorrDrop's ceil_mode pooling guarded a relation export could not prove."""
+    mod = models.PLACEMENTS[layer][1](0, 1).train()  # CorrDrop's block 9, DropBlock's 7
+    # FocusedDropout at every step (its mask is x's own: only whether it applies is drawn)
+    mod.drop_rate = {"selectout": 0.1, "focused_dropout": 1.0}.get(layer, 0.3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), mod)  # Selectout: 2 of 3 drawn
+    dims = {0: torch.export.Dim("n", min=2, max=16)}
+    shapes = [(2, 11, 11), (3, 11, 11)]
+    if layer != "attentiondrop":  # from 10: one window of 9 has a side of 1 (Dynamo's guard)
+        dims |= {2: torch.export.Dim("h", min=10, max=64),
+                 3: torch.export.Dim("w", min=10, max=64)}
+        shapes += [(2, 10, 17), (4, 17, 10), (2, 11, 63), (3, 30, 31)]
+    exported = torch.export.export(model, (torch.randn(2, 3, 11, 11),),
+                                   dynamic_shapes={"input": dims})
+    for seed, (n, h, w) in enumerate(shapes):
+        x = torch.randn(n, 3, h, w)
+        torch.manual_seed(seed)
+        y = exported.module()(x)
+        torch.manual_seed(seed)
+        assert torch.equal(y, model(x)), (layer, n, h, w)
+    if layer != "focused_dropout":
+        torch.manual_seed(2)
+        assert not torch.equal(exported.module()(x), exported.module()(x))  # fresh masks
+
+
+def test_camdrop_module_export_refused_functional_exports():
+    """CamDrop's module reads its targets from cam_targets at each call: an exported program
+    kept the export's labels as a constant (and ran outside any block), so torch.export of
+    it in train mode is a RuntimeError that says what to do instead. The functional op, the
+    targets an input of the model, exports and follows them."""
+    fc = nn.Linear(6, 5)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), guidedrop.CamDrop(3, 0.5)).train()
+    x = torch.randn(2, 3, 8, 8)
+    with guidedrop.cam_targets(fc, torch.tensor([0, 0])), \
+            pytest.raises(RuntimeError, match="torch.export cannot keep CamDrop's targets"):
+        torch.export.export(model, (x,))
+
+    class Functional(nn.Module):
+        def forward(self, x, target):
+            return guidedrop.functional.camdrop(model[0](x), fc.weight, target, 3, 0.5)
+
+    exported = torch.export.export(Functional(), (x, torch.tensor([0, 0])))
+    for target in ([2, 4], [1, 3]):
+        target = torch.tensor(target)
+        torch.manual_seed(1)
+        y = exported.module()(x, target)
+        torch.manual_seed(1)
+        assert torch.equal(y, Functional()(x, target))
+    torch.manual_seed(1)
+    assert not torch.equal(y, exported.module()(x, torch.tensor([0, 0])))  # not baked in
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("layer", models.LAYERS)

@@ -26,8 +26,8 @@
 // the only intermediate is the pooled tensor (k² times smaller than x), written and read by
 // the same block:
 // 1. pooling, coalesced in x's layout: each thread sums whole k x k windows in float64
-//    (rows then columns, like ATen's avg_pool2d; divided by the number of valid units of a
-//    border window). x dense in its layout
+//    (rows then columns; exact sums, so equal to the reference's window_means in any order;
+//    divided by the number of valid units of a border window). x dense in its layout
 //    and aligned (PoolVec): read in 16-byte vectors. In NCHW a thread per window,
 //    consecutive threads along w, h, then c (a warp reads a band of rows, not a channel a
 //    whole map away per lane), each window row read as the aligned vectors that cover it

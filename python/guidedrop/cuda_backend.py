@@ -16,7 +16,6 @@ import torch
 from guidedrop import _validation
 from guidedrop.layers import (
     Plan,
-    _block_extent,
     _rate,
     _seed_rate,
     beta_count,
@@ -24,6 +23,7 @@ from guidedrop.layers import (
     rate64,
     top_count,
 )
+from guidedrop.reference import one_window
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -82,7 +82,7 @@ def unsupported(x: torch.Tensor) -> str:
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32, SPEC §2 step 2; any int
     k >= 1 (larger than the map: one window, so clamped before the int64 op schema)."""
-    return _ops.pooled_correlation(x, min(int(k), max(x.shape[-2], x.shape[-1], 1)))
+    return _ops.pooled_correlation(x, one_window(int(k), x.shape[-2], x.shape[-1]))
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +151,7 @@ def apply_channel(t, w):
 
 def apply_block(t, mask, k, scale):
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
-    k = min(int(k), max(t.shape[-2], t.shape[-1], 1))  # larger: one block, same indices
+    k = one_window(int(k), t.shape[-2], t.shape[-1])  # larger: one block, same indices
     return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
 
 
@@ -248,7 +248,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     float32)), k = min(block_size, max(H, W)), H' = ceil(H / k), W' = ceil(W / k).
     """
     n, c, h, w = x.shape
-    k = _block_extent(block_size, h, w)
+    k = one_window(block_size, h, w)
     u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
                                              x.device)
     # eq. 11 times N' with the real block size (int / int: exact, then rounded; never

@@ -149,12 +149,6 @@ def drop_count(keep, n: int, device) -> torch.Tensor:
     return ((1 - torch.ones((), dtype=torch.float64, device=device) * keep) * n).round()
 
 
-def _block_extent(k: int, h: int, w: int) -> int:
-    """The block size that indexes an H x W map like k does: k itself, or max(H, W) when
-    k is larger (one block then; any int k >= 1, however large, SPEC §1)."""
-    return min(k, max(h, w, 1))
-
-
 def _scale(kept: torch.Tensor, units: int, normalize: str, dtype) -> torch.Tensor:
     """(N,) multiplier of SPEC §1 from the kept weight per sample; 0 where nothing is kept."""
     n = kept.shape[0]
@@ -192,7 +186,7 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     n, c, h, w = x.shape
     # Blocks larger than the map are one block: the pooling, the border arithmetic and the
     # apply take k = max(H, W) (same windows, same indices); only p' reads the real k.
-    k = _block_extent(block_size, h, w)
+    k = reference.one_window(block_size, h, w)
     hp, wp = -(-h // k), -(-w // k)
     u = _uniform(noise, (2, n, hp, wp), generator, x).flatten(2)
     f = B.pooled_correlation(x, k).flatten(1)  # (N, N')

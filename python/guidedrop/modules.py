@@ -400,6 +400,16 @@ class CamDrop(GuidedDropout):
                 "CamDrop does not support nn.DataParallel in training: the replicas cannot "
                 "read the step's cam_targets. Use torch.nn.parallel.DistributedDataParallel "
                 "(one process per GPU, each with its own `with guidedrop.cam_targets(...)`).")
+        if torch.compiler.is_exporting():
+            # The targets are read from the context, not passed to forward: an exported
+            # program would keep the export's labels as a constant (and run outside any
+            # cam_targets block).
+            raise RuntimeError(
+                "torch.export cannot keep CamDrop's targets in training mode: the module "
+                "reads them from `guidedrop.cam_targets` at each call, and the exported "
+                "program would keep the labels of the export. Export in eval mode (CamDrop "
+                "is the identity there), or call guidedrop.functional.camdrop(x, weight, "
+                "target, ...) in your forward, with the targets an input of the model.")
         weight, target = _cam_block(x)
         return F.camdrop(x, weight, target, **self._params())
 

@@ -34,8 +34,10 @@ QUANTUM = 2.0**-32  # the grid each P_ij is rounded to before F's row sums (exac
 
 def one_window(k: int, h: int, w: int) -> int:
     """k clamped to max(H, W): a block at least as large as the map is one window (the
-    same pooling), so no work or memory grows with k beyond the map (SPEC §1)."""
-    return min(k, max(h, w, 1))
+    same pooling, the same indices), so no work or memory grows with k beyond the map (any
+    int k >= 1, however large, SPEC §1). torch.sym_max / sym_min: with symbolic H and W
+    (torch.export's dynamic shapes) Python's max guarded on which of H and W is larger."""
+    return torch.sym_min(k, torch.sym_max(torch.sym_max(h, w), 1))
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,8 +67,7 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     ct = compute_dtype(x)
     if n * hp * wp == 0 or c == 0:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
-    # ceil_mode with no padding: a window cut by the border averages its valid units.
-    a = F.avg_pool2d(x.double(), k, stride=k, ceil_mode=True)
+    a = window_means(x.double(), k, hp, wp)
     rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
     s = rows.abs().amax(dim=2, keepdim=True)
     b = rows / s
@@ -80,6 +81,18 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     q = torch.where(eye, (s == 0).long() * int(1 / QUANTUM), q)  # P_ii exactly
     f = q.sum(dim=2).double() * QUANTUM / (hp * wp)
     return torch.where(nan, math.nan, f).to(ct).view(n, hp, wp)
+
+
+def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H', W'): the mean of each k x k window, k apart; a window cut by
+    the border averages its valid units (avg_pool2d's ceil_mode without padding). The
+    windows' sums over a zero-padded view, divided by their unit counts: with symbolic H and
+    W, avg_pool2d's ceil_mode added a guard that torch.export could not prove."""
+    n, c, h, w = x.shape
+    s = F.pad(x, (0, wp * k - w, 0, hp * k - h)).view(n, c, hp, k, wp, k).sum(dim=(3, 5))
+    rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)  # valid units per window
+    cols = (w - torch.arange(wp, device=x.device) * k).clamp(max=k)
+    return s / (rows[:, None] * cols[None, :])
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +312,7 @@ def apply_channel(t, w):
 def upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     """(N, Hs, Ws) -> (N, H, W): mask[n, i // k, j // k]. Indexed, so that neither work nor
     memory grows with k (any k >= 1; k >= max(H, W) reads mask[n, 0, 0])."""
-    k = min(k, max(h, w, 1))
+    k = one_window(k, h, w)
     i = torch.arange(h, device=mask.device) // k
     j = torch.arange(w, device=mask.device) // k
     return mask[:, i[:, None], j[None, :]]
