@@ -429,6 +429,17 @@ def test_jit_trace_in_training_mode_says_why(layer):
         assert torch.jit.trace(lambda t: op(t) * 2, empty)(empty).shape == empty.shape
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_jit_script_says_why(layer):
+    """torch.jit.script of a model holding a layer (either mode) is a RuntimeError that says
+    what to do instead: it was TorchScript's "Expected a single top-level function"."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), models.PLACEMENTS[layer][1](0, 1))
+    for mode in (True, False):
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile .* eval mode"):
+            torch.jit.script(model.train(mode))
+
+
 @pytest.mark.parametrize("layer", models.LAYERS)
 def test_symbolic_trace_root(layer):
     """A layer traced by itself (symbolic_trace(layer)) has no module path to call (it

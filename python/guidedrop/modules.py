@@ -156,6 +156,15 @@ class GuidedDropout(nn.Module):
         return ", ".join(f"{k}={float(f'{v:.12g}')!r}" if isinstance(v, float) else f"{k}={v!r}"
                          for k, v in self._params().items())
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls it on every submodule before compiling: a message, not
+        # TorchScript's "Expected a single top-level function" from deep in this module
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__} (its plan is Python run "
+            f"at every call). For deployment, export the model in eval mode with "
+            f"torch.export or torch.jit.trace (the layer is the identity there), or replace "
+            f"the layer with nn.Identity before scripting; to train, use torch.compile.")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
             tracer = x.tracer
