@@ -35,7 +35,7 @@ def _noise(B, x, p, block_size, seed, dtype=torch.float32):
     """Uniforms (2, N, H', W'), every third u0 set to its kappa and every third u1 to
     1 - p_hat (both exactly representable in float32, so in dtype float32 / float64)."""
     n, _, h, w = x.shape
-    k = L._block_extent(block_size, h, w)
+    k = R.one_window(block_size, h, w)
     hp, wp = -(-h // k), -(-w // k)
     u = torch.rand((2, n, hp, wp), generator=torch.Generator().manual_seed(seed))
     f = B.pooled_correlation(x, k).flatten(1)
@@ -52,7 +52,7 @@ def check(B, x, p, block_size, normalize, u):
     kw = dict(normalize=normalize, noise=u)
     got = L.corrdrop(B, x, p, block_size, **kw)
     assert_same_plan(got, L.corrdrop.reference(B, x, p, block_size, **kw))
-    k = L._block_extent(block_size, *x.shape[2:])
+    k = R.one_window(block_size, *x.shape[2:])
     if torch.equal(B.pooled_correlation(x, k).cpu(), R.pooled_correlation(x.cpu(), k)):
         assert_same_plan(got, L.corrdrop(R, x.cpu(), p, block_size, normalize=normalize,
                                          noise=u.cpu()))

@@ -80,7 +80,7 @@ def load_average() -> float:
 
 def cpu_contention(device, peak: float = 0.0) -> str | None:
     """Why the timings of a CPU run are not to be trusted, or None: the highest 1-minute load
-    average seen (``peak``: sampled after each training run, and now) above the cores (this
+    average seen (``peak``: sampled after each epoch, and now) above the cores (this
     process alone accounts for about one per core)."""
     if device.type != "cpu":
         return None
@@ -305,14 +305,18 @@ def run(args) -> list[dict]:
                   TimeElapsedColumn(), console=err, transient=True,
                   disable=not err.is_terminal) as bar:
         task = bar.add_task("", total=len(layers) * seeds * epochs)
+
+        def advance():  # after each epoch: the load during the run, not only at its end
+            nonlocal peak
+            peak = max(peak, load_average())
+            bar.advance(task)
+
         for i, layer in enumerate(layers, 1):
             bar.update(task, description=layer)
             t0 = time.perf_counter()
             for s in range(seeds):
                 runs.append(train_one(layer, data, epochs=epochs, device=device,
-                                      seed=args.seed + s, curves=bool(plot),
-                                      advance=lambda: bar.advance(task)))
-                peak = max(peak, load_average())  # the load during the run, not only at its end
+                                      seed=args.seed + s, curves=bool(plot), advance=advance))
             if bar.disable:  # no bar in a log or pipe: a line per layer shows the progress
                 err.print(f"[{i}/{len(layers)}] {layer}: trained in "
                           f"{time.perf_counter() - t0:.1f} s", highlight=False)

@@ -166,6 +166,10 @@ class GuidedDropout(nn.Module):
             f"the layer with nn.Identity before scripting; to train, use torch.compile.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend), any
+        memory format -> the layer's output, of x's shape, dtype and memory format; x itself
+        in eval mode or at a zero ``drop_rate``. A ValueError / TypeError for another x; the
+        layer's definition and errors: its functional op in :mod:`guidedrop.functional`."""
         if isinstance(x, torch.fx.Proxy):
             tracer = x.tracer
             if getattr(tracer, "root", None) is not self:
@@ -351,7 +355,9 @@ class FocusedDropout(GuidedDropout):
             # kernels, which skip x when it is False (one read of x for the whole step, the
             # apply's y = x; no select after the whole op, SPEC §5).
             applied = torch.rand((), device=x.device) < self.participation
-            if not isinstance(x, torch.fx.Proxy):  # FX: a node, drawn when the graph runs
+            # FX: a node, drawn when the graph runs; torch.export: an exported program does
+            # not set attributes (torch warned of the assignment), its draw is in the graph
+            if not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_exporting():
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)

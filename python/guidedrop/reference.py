@@ -35,9 +35,12 @@ QUANTUM = 2.0**-32  # the grid each P_ij is rounded to before F's row sums (exac
 def one_window(k: int, h: int, w: int) -> int:
     """k clamped to max(H, W): a block at least as large as the map is one window (the
     same pooling, the same indices), so no work or memory grows with k beyond the map (any
-    int k >= 1, however large, SPEC §1). torch.sym_max / sym_min: with symbolic H and W
-    (torch.export's dynamic shapes) Python's max guarded on which of H and W is larger."""
-    return torch.sym_min(k, torch.sym_max(torch.sym_max(h, w), 1))
+    int k >= 1, however large, SPEC §1). Symbolic H or W (torch.export's dynamic shapes):
+    torch.sym_max / sym_min, where Python's max guarded on which of H and W is larger
+    (Dynamo turns Python's into those itself, and torch 2.11's cannot trace them on ints)."""
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+        return torch.sym_min(k, torch.sym_max(torch.sym_max(h, w), 1))
+    return min(k, max(h, w, 1))
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:

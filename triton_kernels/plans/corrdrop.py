@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _block_extent, _rate, rand, rate64
+from guidedrop.layers import Plan, _rate, rand, rate64
+from guidedrop.reference import one_window
 
 from .._common import as_float32, cdiv, launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
@@ -131,7 +132,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     or None: one ``torch.rand`` from ``generator``. Returns Plan("block", (k,), (S, scale)).
     """
     n, c, h, w = x.shape
-    k = _block_extent(block_size, h, w)
+    k = one_window(block_size, h, w)
     hp, wp = -(-h // k), -(-w // k)
     u = noise if noise is not None else rand((2, n, hp, wp), generator, x.device)
     # eq. 11 times N' with the real block size, rounded to float32 like the reference's
