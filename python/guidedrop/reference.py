@@ -92,7 +92,7 @@ def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
     windows' sums over a zero-padded view, divided by their unit counts: with symbolic H and
     W, avg_pool2d's ceil_mode added a guard that torch.export could not prove."""
     n, c, h, w = x.shape
-    s = F.pad(x, (0, wp * k - w, 0, hp * k - h)).view(n, c, hp, k, wp, k).sum(dim=(3, 5))
+    s = F.pad(x, (0, wp * k - w, 0, hp * k - h)).reshape(n, c, hp, k, wp, k).sum(dim=(3, 5))
     rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)  # valid units per window
     cols = (w - torch.arange(wp, device=x.device) * k).clamp(max=k)
     return s / (rows[:, None] * cols[None, :])
