@@ -257,8 +257,9 @@ def not_jit_traced() -> None:
     FocusedDropout's module would bake in its one participation draw."""
     if not torch.compiler.is_compiling() and torch.jit.is_tracing():
         raise RuntimeError(
-            "torch.jit.trace cannot record a guidedrop layer in training mode (its plan is "
-            "Python, run at every call, which a trace would freeze). Trace the model in "
-            "eval mode, where the layers are the identity and leave no node, or use "
-            "torch.export or torch.compile, which keep the layers and draw fresh masks at "
-            "each call.")
+            "torch.jit.trace cannot record a guidedrop layer in training mode (the layer "
+            "runs Python code at every call to choose its mask, which a trace would "
+            "freeze). Trace the model in eval mode, where the layers are the identity and "
+            "leave no node, or use torch.compile, which keeps the layers and draws fresh "
+            "masks at each call (torch.export too, but for CamDrop's module: see the "
+            "README).")

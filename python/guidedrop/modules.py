@@ -160,8 +160,8 @@ class GuidedDropout(nn.Module):
         # torch.jit.script calls it on every submodule before compiling: a message, not
         # TorchScript's "Expected a single top-level function" from deep in this module
         raise RuntimeError(
-            f"torch.jit.script cannot compile {type(self).__name__} (its plan is Python run "
-            f"at every call). For deployment, export the model in eval mode with "
+            f"torch.jit.script cannot compile {type(self).__name__} (it runs Python code at "
+            f"every call to choose its mask). For deployment, export the model in eval mode with "
             f"torch.export or torch.jit.trace (the layer is the identity there), or replace "
             f"the layer with nn.Identity before scripting; to train, use torch.compile.")
 
@@ -313,7 +313,8 @@ class FocusedDropout(GuidedDropout):
     forward from torch's CPU generator: no device sync) and is the identity otherwise.
     ``last_applied`` tells whether the last forward applied it, so a training loop can
     raise weight decay on those steps (the paper's MWD). Under torch.compile or CUDA graph
-    capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor.
+    capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor; a
+    program made by torch.export draws in its graph and does not set it.
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
     would draw for its own part of the batch and write ``last_applied`` to its own copy):
     use DistributedDataParallel.
