@@ -89,10 +89,12 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
 def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H', W'): the mean of each k x k window, k apart; a window cut by
     the border averages its valid units (avg_pool2d's ceil_mode without padding). The
-    windows' sums over a zero-padded view, divided by their unit counts: with symbolic H and
-    W, avg_pool2d's ceil_mode added a guard that torch.export could not prove."""
-    n, c, h, w = x.shape
-    s = F.pad(x, (0, wp * k - w, 0, hp * k - h)).reshape(n, c, hp, k, wp, k).sum(dim=(3, 5))
+    windows' sums (avg_pool2d with divisor 1, in its order) over x zero-padded to whole
+    windows, divided by their unit counts: with symbolic H and W, ceil_mode added a guard
+    that torch.export could not prove (and a reshape of the padded x into windows, one that
+    Dynamo failed on where H <= k < W)."""
+    h, w = x.shape[-2:]
+    s = F.avg_pool2d(F.pad(x, (0, wp * k - w, 0, hp * k - h)), k, stride=k, divisor_override=1)
     rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)  # valid units per window
     cols = (w - torch.arange(wp, device=x.device) * k).clamp(max=k)
     return s / (rows[:, None] * cols[None, :])
