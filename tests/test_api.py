@@ -1122,18 +1122,21 @@ def test_primitives_convert_their_arguments():
 
 
 def test_star_import_without_the_kernel_backends():
-    """``from guidedrop import *`` binds the public API on a machine with neither Triton nor
-    the CUDA extension: __all__ named the lazy backends, which a star import imports (an
-    ImportError on every CPU-only install)."""
+    """``from guidedrop import *`` binds the layers and helpers on a machine with neither
+    Triton nor the CUDA extension: __all__ named the lazy backends, which a star import
+    imports (an ImportError on every CPU-only install), and the submodules (``models``
+    replaced torchvision's)."""
     import subprocess
     import sys
     code = (
         "import sys\n"
         "sys.modules['triton'] = None\n"  # None in sys.modules: any import of it fails
         "sys.modules['guidedrop._C'] = None\n"
+        "models = 'mine'\n"
         "from guidedrop import *\n"
         "import guidedrop\n"
-        "assert DropBlock2d is guidedrop.DropBlock2d and functional is guidedrop.functional\n"
+        "assert DropBlock2d is guidedrop.DropBlock2d and cam_targets is guidedrop.cam_targets\n"
+        "assert models == 'mine'\n"  # no submodule bound: a user's names are kept
         "assert not hasattr(guidedrop, 'triton_kernels')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -14,6 +14,8 @@ are imported with it; the kernel backends ``guidedrop.triton_kernels`` and
 
 import importlib as _importlib
 
+# The submodules are attributes of the package, not names of __all__ (below): re-exported.
+# ruff: noqa: F401
 from . import (
     context,
     dispatch,
@@ -46,14 +48,13 @@ __version__ = "0.1.0"
 # command line's modules are not needed to train with the layers.
 _LAZY = ("triton_kernels", "cuda_backend", "bench", "demo", "show", "cli")
 
-# What ``from guidedrop import *`` binds: the layers, the helpers and the submodules imported
-# with the package. Not the lazy ones: a star import imports every name here, and the
-# kernel backends raise ImportError where Triton or the extension is missing.
+# What ``from guidedrop import *`` binds: the layers and helpers, no submodule (a star import
+# imports every module named here, and the kernel backends raise ImportError where Triton or
+# the extension is missing; ``models`` or ``functional`` would replace a user's own names).
 __all__ = [
     "AttentionDrop", "CamDrop", "CorrDrop", "DropBlock2d", "FocusedDropout", "GuidedDropout",
     "LinearRamp", "SelectScale", "Selectout", "SpatialScale", "available_backends",
-    "cam_targets", "context", "dispatch", "functional", "layers", "models", "modules",
-    "primitives", "reference", "schedule",
+    "cam_targets",
 ]
 
 
