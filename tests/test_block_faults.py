@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import pytest
@@ -763,24 +762,20 @@ def _seed_emulator(B):
         torch.ops.guidedrop_emu.emu_set_philox(1, 0)
 
 
-def test_corrdrop_dynamic_compile_map_within_one_block_row():
-    """A helper's attack: with symbolic sizes, CorrDrop where H <= block < W (one row of
-    windows) failed to compile ("Guard failed on the same frame it was created") once the
-    reference pooled by reshaping the padded x into windows; it pools with avg_pool2d
-    (divisor 1) over the padded x now. A child process without TRITON_INTERPRET, as a
-    user's: under it (the tests') the failure did not show."""
-    import subprocess
-    import sys
-    code = """
-import torch, guidedrop.functional as F
-for h, w in [(4, 6), (2, 7), (6, 4)]:
+@pytest.mark.parametrize("forced", ["reference"], indirect=True)
+@pytest.mark.parametrize("hw", [(4, 6), (2, 7), (6, 4)])
+def test_corrdrop_dynamic_compile_map_within_one_block_row(forced, hw):
+    """A helper's attack: with symbolic sizes, the reference CorrDrop where H <= block < W
+    (one row of windows) failed to compile ("Guard failed on the same frame it was
+    created") once it pooled by reshaping the padded x into windows; it pools with
+    avg_pool2d (divisor 1) over the padded x now."""
     torch._dynamo.reset()
-    x, u = torch.randn(2, 3, h, w), torch.rand(2, 2, -(-h // 5), -(-w // 5))
-    op = lambda t: F.corrdrop(t, 0.4, 5, noise=u)
-    y = torch.compile(op, dynamic=True, backend="aot_eager", fullgraph=True)(x)
-    assert torch.equal(y, op(x)), (h, w)
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    h, w = hw
+    x = torch.randn(2, 3, h, w, generator=gen(h))
+    u = torch.rand(2, 2, -(-h // 5), -(-w // 5), generator=gen(w))
+
+    def op(t):
+        return F.corrdrop(t, 0.4, 5, noise=u)
+    assert torch.equal(torch.compile(op, dynamic=True, backend="aot_eager", fullgraph=True)(x),
+                       op(x))
+    torch._dynamo.reset()
