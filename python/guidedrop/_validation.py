@@ -250,6 +250,13 @@ def not_vmapped(*args) -> None:
             func_unwrapped(a)
 
 
+def exporting() -> bool:
+    """Whether torch.export traces this call outside Dynamo (non-strict, torch's default).
+    Not asked under Dynamo (torch.compile, strict export): torch 2.11's Dynamo folds
+    torch.compiler.is_exporting() to True there, under torch.compile too."""
+    return not torch.compiler.is_dynamo_compiling() and torch.compiler.is_exporting()
+
+
 def not_jit_traced() -> None:
     """RuntimeError where torch.jit.trace records a layer that acts (training mode, a
     non-zero rate, a non-empty x): its plan is Python run at every call, which a trace

@@ -358,7 +358,7 @@ class FocusedDropout(GuidedDropout):
             applied = torch.rand((), device=x.device) < self.participation
             # FX: a node, drawn when the graph runs; torch.export: an exported program does
             # not set attributes (torch warned of the assignment), its draw is in the graph
-            if not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_exporting():
+            if not isinstance(x, torch.fx.Proxy) and not V.exporting():
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
@@ -416,7 +416,7 @@ class CamDrop(GuidedDropout):
                 "CamDrop does not support nn.DataParallel in training: the replicas cannot "
                 "read the step's cam_targets. Use torch.nn.parallel.DistributedDataParallel "
                 "(one process per GPU, each with its own `with guidedrop.cam_targets(...)`).")
-        if torch.compiler.is_exporting():
+        if V.exporting():  # (non-strict export; strict export traces with Dynamo)
             # The targets are read from the context, not passed to forward: an exported
             # program would keep the export's labels as a constant (and run outside any
             # cam_targets block).
