@@ -767,8 +767,8 @@ def _seed_emulator(B):
 def test_corrdrop_dynamic_compile_map_within_one_block_row(forced, hw):
     """A helper's attack: with symbolic sizes, the reference CorrDrop where H <= block < W
     (one row of windows) failed to compile ("Guard failed on the same frame it was
-    created") once it pooled by reshaping the padded x into windows; it pools with
-    avg_pool2d (divisor 1) over the padded x now."""
+    created") once it pooled by reshaping the padded x into windows; compiled, it sums the
+    windows by their index now (reference.window_means)."""
     torch._dynamo.reset()
     h, w = hw
     x = torch.randn(2, 3, h, w, generator=gen(h))
@@ -778,4 +778,48 @@ def test_corrdrop_dynamic_compile_map_within_one_block_row(forced, hw):
         return F.corrdrop(t, 0.4, 5, noise=u)
     assert torch.equal(torch.compile(op, dynamic=True, backend="aot_eager", fullgraph=True)(x),
                        op(x))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("forced", ["reference", "triton"], indirect=True)
+@pytest.mark.parametrize("layer", ["dropblock", "corrdrop"])
+def test_maps_below_the_block_under_dynamic_compile(forced, layer):
+    """Maps smaller than the block, compiled with dynamic shapes: the block clamped to the
+    map stays symbolic, so the sizes below the block share a graph. The reference backend
+    took a graph per map size (a loop of r shifted ORs, avg_pool2d's kernel size: constants
+    of the graph). Frames after each shape: N, C, H and W change under the block of 7 (a
+    graph for them), then above it (CorrDrop: one graph more, k = 7, not max(H, W));
+    the outputs and gradients equal eager's."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    # C * H * W odd (the packed seeds guard on a multiple of 8); min(H, W) and max(H, W)
+    # change under the block
+    shapes = [(2, 3, 3, 5), (3, 5, 5, 3), (2, 3, 3, 3), (3, 5, 5, 5), (2, 3, 9, 11),
+              (3, 5, 11, 9)]
+    frames = []
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        for n, c, h, w in shapes:
+            gx = torch.Generator().manual_seed(h * w)
+            x = torch.randn(n, c, h, w, generator=gx).requires_grad_()
+            grad = torch.randn(x.shape, generator=gx)
+            if layer == "dropblock":
+                u = torch.rand(n, c, h, w, generator=gx)
+
+                def step(x):
+                    return F.dropblock(x, 0.4, 7, noise=u)
+            else:
+                u = torch.rand(2, n, -(-h // 7), -(-w // 7), generator=gx)
+
+                def step(x):
+                    return F.corrdrop(x, 0.4, 7, noise=u)
+            outs = []
+            compiled = torch.compile(step, dynamic=True, fullgraph=True, backend=counter)
+            for f in (compiled, step):
+                y = f(x)
+                outs.append((y, *torch.autograd.grad(y, x, grad)))
+            assert all(map(torch.equal, *outs)), (layer, n, c, h, w)
+            frames.append(counter.frame_count)
+    # (the first compile may count twice: a restart)
+    assert frames[2:4] == [frames[1]] * 2, frames
+    assert frames[-1] - frames[3] == (0 if layer == "dropblock" else 1), frames
     torch._dynamo.reset()

@@ -15,6 +15,8 @@ import math
 import naive
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from testing import devices, make_x, tol
 
 import guidedrop
@@ -806,3 +808,28 @@ def test_random_path_is_a_valid_mask(name):
     y = SEEDED[name](x, generator=gen(1))
     torch.testing.assert_close(y, x * w)
     assert torch.isfinite(w).all() and (w >= 0).all()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12),
+       k=st.integers(1, 14), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_compiled_forms_of_windows_and_blocks(n, c, h, w, k, density, seed):
+    """Under torch.compile the reference sums CorrDrop's windows by index and counts
+    DropBlock's blocks by prefix sums (symbolic block sizes: one graph below the block);
+    eager, avg_pool2d and shifted ORs. Both forms agree exactly: blocks larger than the map,
+    ties (bfloat16 values), signed zeros, values of mixed magnitudes (exact float64 sums)."""
+    from guidedrop import reference as R
+    g = gen(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2.0 ** torch.randint(-8, 9, (n, c, h, w),
+                                                                       generator=g))
+    x = x.bfloat16().double()
+    seeds = torch.rand(n, c, h, w, generator=g) < density
+    kk = R.one_window(k, h, w)
+    hp, wp = -(-h // kk), -(-w // kk)
+    r = min(k, h, w)
+    eager = (R.window_means(x, kk, hp, wp), R.expand_seeds(seeds, r))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled = (R.window_means(x, kk, hp, wp), R.expand_seeds(seeds, r))
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
