@@ -1064,6 +1064,21 @@ def test_linear_ramp_integral_steps():
             guidedrop.LinearRamp(_model(), steps=bad)
 
 
+def test_linear_ramp_refuses_nothing_to_ramp():
+    """A ramp over no layer is a ValueError (a new user made it before
+    guidedrop.models.insert: the rates then never ramped, silently), as torch's optimizers
+    refuse an empty parameter list."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="no guidedrop layer to ramp in the Sequential: "
+                                         "insert the layers"):
+        guidedrop.LinearRamp(model, steps=5)
+    with pytest.raises(ValueError, match="no guidedrop layer to ramp$"):
+        guidedrop.LinearRamp(layers=[], steps=5)
+    sched = guidedrop.LinearRamp(_model(), steps=5)
+    sched.step()
+    assert repr(sched) == f"LinearRamp(step_count=1, steps=5, layers={len(sched.layers)})"
+
+
 @pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])
 def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
     """A single layer (or a module, or a number) for ``layers`` is a TypeError naming

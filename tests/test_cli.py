@@ -489,7 +489,7 @@ BAD = [
     # a file name longer than the file system takes (NAME_MAX 255): Path.is_dir() raised
     (["bench", "--csv", "a" * 256 + ".csv"], "cannot write there (File name too long)"),
     (["demo", "--plot", "a" * 256 + ".png"], "cannot write there (File name too long)"),
-    ([], "the following arguments are required: {demo,bench,show}"),
+    ([], "give a command: demo, bench or show"),
 ]
 
 
@@ -833,3 +833,12 @@ def test_demo_quick_baseline_learns():
     r = demo.train_one("none", data, epochs=demo.QUICK["epochs"], device=torch.device("cpu"),
                        seed=0, curves=False)
     assert r["test_acc"] >= 0.90 and r["train_acc"] >= 0.90, r
+
+
+def test_version(capsys):
+    """--version names guidedrop's version and torch's (a new user found none)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.split() == ["guidedrop", guidedrop.__version__,
+                                                 "(torch", f"{torch.__version__})"], out

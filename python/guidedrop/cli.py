@@ -121,10 +121,13 @@ def _first_line(e: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m guidedrop`` (its errors raise UsageError)."""
+    from . import __version__
     parser = _Parser(prog="python -m guidedrop",
                      description="guided structured dropout: demo, bench, show")
-    # metavar: "python -m guidedrop" alone names the commands in its one-line error
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,show}")
+    parser.add_argument("--version", action="version",
+                        version=f"guidedrop {__version__} (torch {torch.__version__})")
+    # not required: main() names the commands when none is given
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,show}")
 
     from . import bench, demo, show
     demo.add_parser(sub)
@@ -142,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("give a command: demo, bench or show (python -m guidedrop "
+                             "<command> --help says what each does)")
         if args.command == "demo":
             demo.run(args)
         elif args.command == "bench":

@@ -132,7 +132,8 @@ def train_one(layer: str, data, *, epochs: int, device, seed: int, curves: bool,
                           nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, epochs=epochs,
                                                 steps_per_epoch=steps_per_epoch)
-    ramp = LinearRamp(model, steps=max(1, steps_per_epoch * epochs // 2))
+    ramp = (LinearRamp(model, steps=max(1, steps_per_epoch * epochs // 2))
+            if layer != "none" else None)
 
     # Untimed warm-up on a copy (the trained model and its random stream are untouched):
     # the first step pays for allocations, kernel selection and lazy initialisation.
@@ -151,7 +152,8 @@ def train_one(layer: str, data, *, epochs: int, device, seed: int, curves: bool,
         for idx in torch.randperm(len(ytr), device=device).split(BATCH):
             _step(model, opt, xtr[idx], ytr[idx])
             sched.step()
-            ramp.step()
+            if ramp is not None:
+                ramp.step()
         _sync(device)
         t_train += time.perf_counter() - t0
         if curves:

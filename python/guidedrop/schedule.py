@@ -21,7 +21,9 @@ class LinearRamp:
             sched.step()
 
     ``layers`` restricts it to the given modules. ``steps``: any integral number >= 0
-    (0: the targets at once). Raises TypeError / ValueError naming the argument.
+    (0: the targets at once). Raises TypeError / ValueError naming the argument, and a
+    ValueError where there is no layer to ramp (as torch's optimizers refuse an empty
+    parameter list): a ramp made before ``guidedrop.models.insert`` would ramp nothing.
 
     A layer's target is its ``drop_rate`` when the ramp is made, unless an earlier ramp
     set that rate: then the earlier ramp's target (as torch's LR schedulers keep
@@ -45,6 +47,10 @@ class LinearRamp:
         for m in self.layers:
             if not isinstance(m, GuidedDropout):
                 raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
+        if not self.layers:
+            raise ValueError("LinearRamp found no guidedrop layer to ramp" + (
+                "" if model is None else f" in the {type(model).__name__}: insert the layers "
+                "(guidedrop.models.insert) before making the ramp"))
         self.steps = V.integer("steps", steps, 0)
         self.targets = [_target(m) for m in self.layers]
         self.step_count = 0
@@ -59,6 +65,10 @@ class LinearRamp:
     def step(self) -> None:
         self.step_count += 1
         self._set()
+
+    def __repr__(self) -> str:
+        return (f"LinearRamp(step_count={self.step_count}, steps={self.steps}, "
+                f"layers={len(self.layers)})")
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "steps": self.steps, "targets": list(self.targets)}
