@@ -1156,3 +1156,10 @@ def test_star_import_without_the_kernel_backends():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_base_class_says_what_it_is():
+    """guidedrop.GuidedDropout (exported for isinstance checks) called directly: a message
+    naming the layers, not a bare NotImplementedError."""
+    with pytest.raises(NotImplementedError, match="base class of guidedrop's layers"):
+        guidedrop.GuidedDropout()(torch.randn(1, 2, 3, 3))

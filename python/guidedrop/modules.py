@@ -186,7 +186,10 @@ class GuidedDropout(nn.Module):
         return x if self._identity() else self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no layer of its own: GuidedDropout is the base class "
+            "of guidedrop's layers (CorrDrop, SelectScale, SpatialScale, Selectout, "
+            "AttentionDrop, FocusedDropout, CamDrop, DropBlock2d); a subclass defines _forward")
 
 
 class CorrDrop(GuidedDropout):
