@@ -232,6 +232,23 @@ def test_insert_keeps_the_model_mode(training):
 # --------------------------------------------------------------------------- timm
 
 
+def test_insert_dropblock_refuses_timms_dropblock():
+    """insert(model, "dropblock") into a timm model built with drop_block_rate stacked a
+    second DropBlock on timm's (a new user's finding): a ValueError that points to
+    swap_timm_dropblock, the model unchanged; other layers, or a factory, still insert."""
+    model = resnet18("timm", drop_block_rate=0.1)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="timm's DropBlock2d .*swap_timm_dropblock"):
+        models.insert(model, "dropblock")
+    assert [type(m) for m in model.modules()] == before
+    assert models.insert(model, "corrdrop")
+    assert models.insert(model, "dropblock", factory=lambda i, n: guidedrop.DropBlock2d(p=0.05))
+    swapped = resnet18("timm", drop_block_rate=0.1)
+    models.swap_timm_dropblock(swapped)
+    with pytest.raises(ValueError, match="already holds a DropBlock2d"):
+        models.insert(swapped, "dropblock")  # layer3 and layer4 hold guidedrop's now
+
+
 def test_swap_timm_dropblock():
     timm = _timm()
     model = resnet18("timm", drop_block_rate=0.1)

@@ -69,9 +69,11 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     factory(i, n) -> module overrides the paper's settings for the i-th of n positions.
     The new modules take the model's train/eval mode. Raises TypeError for a model that is
     not an nn.Module, a layer name that is not a str or a factory that returns no
-    nn.Module; ValueError for an unknown layer, a model without residual groups, or a group
-    that already holds a layer of the new one's class (the same insert twice would stack
-    them; different layers may follow one another). Every module is made and checked
+    nn.Module; ValueError for an unknown layer, a model without residual groups, a group
+    that already holds a layer of the new one's class anywhere in it (the same insert
+    twice, or after swap_timm_dropblock, would stack
+    them; different layers may follow one another), or "dropblock" (without a factory) into
+    a model that holds timm's DropBlock2d (swap_timm_dropblock replaces those). Every module is made and checked
     before any group changes, so an error leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
@@ -83,12 +85,16 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
         raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
     where, default = PLACEMENTS[layer]
     chosen = _chosen(where, residual_groups(model))
+    if layer == "dropblock" and factory is None and _timm_dropblocks(model):
+        raise ValueError("model already drops blocks with timm's DropBlock2d "
+                         "(drop_block_rate): guidedrop's would drop more on top of it; "
+                         "guidedrop.models.swap_timm_dropblock(model) replaces timm's instead")
     added = [(factory or default)(i, len(chosen)) for i in range(len(chosen))]
     for name, mod in zip(chosen, added, strict=True):
         if not isinstance(mod, nn.Module):
             raise TypeError(f"factory must return an nn.Module, got {type(mod).__name__} "
                             f"for {name}")
-        if any(type(m) is type(mod) for m in getattr(model, name)):
+        if any(type(m) is type(mod) for m in getattr(model, name).modules()):
             raise ValueError(f"{name} already holds a {type(mod).__name__}: a second one "
                              "would stack on it (the same insert twice?)")
     for name, mod in zip(chosen, added, strict=True):
@@ -141,6 +147,14 @@ def _from_timm(old: nn.Module) -> M.DropBlock2d:
     return new.train(old.training)
 
 
+def _timm_dropblocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of every timm.layers.DropBlock2d in model."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children()
+            if type(child).__name__ == "DropBlock2d"
+            and type(child).__module__.startswith("timm")]
+
+
 def swap_timm_dropblock(model: nn.Module,
                         factory: Callable[[nn.Module], nn.Module] | None = None) -> int:
     """Replace every ``timm.layers.DropBlock2d`` in ``model`` by a guidedrop layer.
@@ -150,10 +164,7 @@ def swap_timm_dropblock(model: nn.Module,
     ValueError naming the one it cannot map; every layer is checked before any is
     replaced. ``factory(old) -> module`` overrides it. Returns the count.
     """
-    found = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children()
-             if type(child).__name__ == "DropBlock2d"
-             and type(child).__module__.startswith("timm")]
+    found = _timm_dropblocks(model)
     new = [(factory or _from_timm)(child) for _, _, child in found]
     for (parent, name, _), mod in zip(found, new, strict=True):
         setattr(parent, name, mod)
