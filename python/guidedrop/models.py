@@ -71,9 +71,9 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     not an nn.Module, a layer name that is not a str or a factory that returns no
     nn.Module; ValueError for an unknown layer, a model without residual groups, a group
     that already holds a layer of the new one's class anywhere in it (the same insert
-    twice, or after swap_timm_dropblock, would stack
-    them; different layers may follow one another), or "dropblock" (without a factory) into
-    a model that holds timm's DropBlock2d (swap_timm_dropblock replaces those). Every module is made and checked
+    twice, or one after swap_timm_dropblock, would stack them; different layers may follow
+    one another), or "dropblock" (without a factory) into a model that holds timm's
+    DropBlock2d (swap_timm_dropblock replaces those). Every module is made and checked
     before any group changes, so an error leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
