@@ -1163,3 +1163,22 @@ def test_base_class_says_what_it_is():
     naming the layers, not a bare NotImplementedError."""
     with pytest.raises(NotImplementedError, match="base class of guidedrop's layers"):
         guidedrop.GuidedDropout()(torch.randn(1, 2, 3, 3))
+
+
+def test_selectout_ramp_target_checked_at_its_first_step():
+    """Selectout under a LinearRamp whose target keep drops more channels than there are
+    candidates (keep = 0.5 of 16 channels: 8 > 3): the ValueError at the ramp's first
+    training step, naming the target, not halfway through the run when the ramped keep gets
+    there (a new user's run died late). A rate set by hand after the ramp is not its target."""
+    layer = guidedrop.Selectout(top_rate=0.2, keep=0.5)
+    x = torch.randn(2, 16, 5, 5)
+    sched = guidedrop.LinearRamp(layers=[layer], steps=100)
+    layer(x)  # step 0: keep = 1, the identity
+    sched.step()
+    with pytest.raises(ValueError, match=r"end of its LinearRamp \(keep=0.5\) drops .* 8 "
+                                         r"channels, more than the 3 candidates"):
+        layer(x)  # keep = 0.995: 0 channels dropped now
+    layer.keep = 0.9
+    layer(x)
+    guidedrop.LinearRamp(layers=[layer], steps=100).step()
+    layer(x)

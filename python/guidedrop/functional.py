@@ -246,15 +246,19 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
                                 "selectout drops round((1 - keep) * C) channels, more than "
                                 "the candidates of top_rate: raise top_rate or keep")
     else:
-        c = operator.index(c)  # torch.jit.trace: a size is a 0-d tensor (a TracerWarning)
-        n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
-        if c > 0 and n_drop > n_top:
-            raise ValueError(f"selectout drops round((1 - keep) * C) = {n_drop} channels, more "
-                             f"than the {n_top} candidates of top_rate={top_rate}: raise "
-                             "top_rate or keep")
+        selectout_counts(top_rate, keep, operator.index(c))  # jit.trace: c is a 0-d tensor
     if idle:
         return x
     return _run("selectout", x, top_rate, keep, noise=noise, generator=generator)
+
+
+def selectout_counts(top_rate: float, keep: float, c: int, where: str = "") -> None:
+    """Selectout's counts on C channels (SPEC §3): a ValueError where n_d > n_t."""
+    n_drop, n_top = round((1 - keep) * c), max(1, round(top_rate * c))
+    if c > 0 and n_drop > n_top:
+        raise ValueError(f"selectout{where} drops round((1 - keep) * C) = {n_drop} channels, "
+                         f"more than the {n_top} candidates of top_rate={top_rate}: raise "
+                         "top_rate or keep")
 
 
 @fx_leaf
