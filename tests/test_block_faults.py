@@ -805,12 +805,12 @@ def test_maps_below_the_block_under_dynamic_compile(forced, layer):
             if layer == "dropblock":
                 u = torch.rand(n, c, h, w, generator=gx)
 
-                def step(x):
+                def step(x, u=u):
                     return F.dropblock(x, 0.4, 7, noise=u)
             else:
                 u = torch.rand(2, n, -(-h // 7), -(-w // 7), generator=gx)
 
-                def step(x):
+                def step(x, u=u):
                     return F.corrdrop(x, 0.4, 7, noise=u)
             outs = []
             compiled = torch.compile(step, dynamic=True, fullgraph=True, backend=counter)
