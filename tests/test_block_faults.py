@@ -245,6 +245,27 @@ def test_functional_corrdrop_huge_block(forced):
     assert y.shape == x.shape
 
 
+@pytest.mark.parametrize("forced", ["reference", "triton"], indirect=True)
+def test_corrdrop_huge_block_under_dynamic_compile(forced):
+    """A helper's attack: CorrDrop compiled with dynamic=True and k >= 2^32 failed in
+    torch's int64 (OverflowError: int too big to convert, from k^2 in eq. 11's H W / k^2,
+    reference.area_in_blocks); k past int64 and past the float range too. Equal to eager,
+    module and functional."""
+    x = torch.rand(2, 3, 5, 6, generator=gen(13))
+    noise = torch.rand(2, 2, 1, 1, generator=gen(14))
+    for k in (2**31 - 1, 2**32, 2**63 + 5, 10**400):
+        torch._dynamo.reset()
+        def op(t, k=k):
+            return F.corrdrop(t, 0.5, k, noise=noise)
+        assert torch.equal(torch.compile(op, backend="aot_eager", dynamic=True)(x), op(x)), k
+        m = guidedrop.CorrDrop(p=0.5, block_size=k)
+        torch.manual_seed(0)
+        y = torch.compile(m, backend="aot_eager", dynamic=True)(x)
+        torch.manual_seed(0)
+        assert torch.equal(y, m(x)), k
+    torch._dynamo.reset()
+
+
 def test_apply_block_huge_k(B):
     """apply_block with k beyond the map reads mask[n, 0, 0]: as k = max(H, W)."""
     n, c, h, w = 2, 3, 5, 7

@@ -23,7 +23,7 @@ from guidedrop.layers import (
     rate64,
     top_count,
 )
-from guidedrop.reference import one_window
+from guidedrop.reference import area_in_blocks, one_window
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -251,9 +251,9 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     k = one_window(block_size, h, w)
     u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
                                              x.device)
-    # eq. 11 times N' with the real block size (int / int: exact, then rounded; never
-    # overflows), rounded to float32 in the kernel like the reference's ones * p_blocks.
-    p_t, p_blocks = _runtime_rate(rate64(p, x.device) * ((h * w) / (block_size * block_size)), x)
+    # eq. 11 times N' with the real block size, rounded to float32 in the kernel like the
+    # reference's ones * p_blocks
+    p_t, p_blocks = _runtime_rate(rate64(p, x.device) * area_in_blocks(h, w, block_size), x)
     keep, scale = _ops.corrdrop_plan(x, u, p_t, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 

@@ -194,9 +194,8 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     rng = fmax - fmin
     kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
     m = u[0] < kappa
-    # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size. int / int is
-    # exact-then-rounded in python and never overflows (k ** 2 may exceed any float).
-    p_blocks = rate64(p, x.device) * ((h * w) / (block_size * block_size))
+    # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size
+    p_blocks = rate64(p, x.device) * reference.area_in_blocks(h, w, block_size)
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already.
     # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other

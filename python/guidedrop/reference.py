@@ -45,6 +45,17 @@ def one_window(k: int, h: int, w: int) -> int:
     return k if max(h, w) >= k else max(h, w, 1)
 
 
+def area_in_blocks(h: int, w: int, k: int) -> float:
+    """H·W / k² of CorrDrop's eq. 11, with the real block size k, for every backend: int /
+    int, exact-then-rounded. From k = 2^31 on, k² (from 2^63, k) overflows the int64 of
+    torch.compile's symbolic ints (dynamic=True): two divisions by float(k) there, eager
+    too, within a few ulps of it (and below 2^-62·H·W); 0 past the float range."""
+    if k < 2**31:
+        return (h * w) / (k * k)
+    kf = float(k) if k < 2**1000 else math.inf
+    return (h * w) / kf / kf
+
+
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)), SPEC §2 step 2.
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from guidedrop.layers import Plan, _rate, rand, rate64
-from guidedrop.reference import one_window
+from guidedrop.reference import area_in_blocks, one_window
 
 from .._common import as_float32, cdiv, launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
@@ -138,7 +138,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     # eq. 11 times N' with the real block size, rounded to float32 like the reference's
     # ones * p_blocks. A kernel argument in eager mode; a 0-dim tensor while torch.compile
     # traces, so that a new p is a new input, not a recompile (SPEC §8).
-    p_blocks = rate64(p, x.device) * ((h * w) / (block_size * block_size))
+    p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
     p_blocks = _rate(p_blocks, x) if torch.compiler.is_compiling() else as_float32(p_blocks)
     keep, scale = _plan(x, u, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
