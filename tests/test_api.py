@@ -1115,11 +1115,15 @@ def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
                                       "selectout_one": [0.1, 1.0, 0.1]}[state["targets"]]}
     if isinstance(state, dict) and "targets" in state and state["targets"] is None:
         state = {**state, "targets": [0.1, 0.1, 0.1]}
-    before, rates = sched.state_dict(), [m.drop_rate for m in model]
+    model[1].keep = 0.3  # 1 - (1 - 0.3) is 0.30000000000000004: restored as it was
+
+    def params():
+        return model[0].p, model[1].keep, model[2].alpha
+    before, rates = sched.state_dict(), params()
     with pytest.raises(exc, match=match):
         sched.load_state_dict(state)
     assert sched.state_dict() == before
-    assert [m.drop_rate for m in model] == rates
+    assert params() == rates
 
 
 def test_primitives_convert_their_arguments():

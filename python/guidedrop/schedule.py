@@ -96,8 +96,9 @@ class LinearRamp:
         # A layer may still refuse a rate (Selectout's keep = 1 - drop_rate must be > 0):
         # its target, which a later step() reaches, or the current one. Then put
         # everything back.
+        # (the parameter itself, not drop_rate: 1 - (1 - keep) may move keep by an ulp)
         before = ((self.step_count, self.steps, self.targets),
-                  [(m.drop_rate, getattr(m, "_ramped", None)) for m in self.layers])
+                  [(getattr(m, m._rate), getattr(m, "_ramped", None)) for m in self.layers])
         self.step_count, self.steps, self.targets = step_count, steps, targets
         try:
             for i, (m, target) in enumerate(zip(self.layers, targets, strict=True)):
@@ -110,7 +111,7 @@ class LinearRamp:
         except (TypeError, ValueError):
             (self.step_count, self.steps, self.targets), rates = before
             for m, (rate, ramped) in zip(self.layers, rates, strict=True):
-                m.drop_rate = rate
+                setattr(m, m._rate, rate)
                 if ramped is not None:  # the marks too: a later ramp finds the targets
                     m._ramped = ramped
             raise
