@@ -262,7 +262,8 @@ class Selectout(GuidedDropout):
     ``top_rate`` (by max |x|) and scale the others by 1 / ``keep``. ``drop_rate`` is
     1 - ``keep``. The definition, noise and errors: :func:`guidedrop.functional.selectout`.
     Under a :class:`guidedrop.LinearRamp`, a target ``keep`` with more channels to drop
-    than candidates is that ValueError at the ramp's first training step.
+    than candidates is that ValueError at the ramp's first training step (in eager mode;
+    compiled, where the ramped ``keep`` gets there).
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
@@ -277,9 +278,9 @@ class Selectout(GuidedDropout):
         self.top_rate, self.keep = top_rate, keep
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        ramped = getattr(self, "_ramped", None)  # (target drop_rate, rate set): schedule.py
-        if (ramped is not None and self.drop_rate == ramped[1]
-                and not torch.compiler.is_compiling()):
+        # not while compiled: reading the rates as python floats would pin them (SPEC §8)
+        ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramped", None)
+        if ramped is not None and self.drop_rate == ramped[1]:  # (target, rate): schedule.py
             # The ramp's target too, at its first step: not only once the ramp reaches a
             # keep with more channels to drop than candidates, late in a run.
             F.selectout_counts(self.top_rate, 1 - ramped[0], x.shape[1],
