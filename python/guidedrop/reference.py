@@ -79,6 +79,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     k = one_window(k, h, w)
+    # (h + k - 1) // k, not -(-h // k): with symbolic sizes Dynamo failed on the view of F
+    # back to (N, H', W') below in that form ("Guard failed on the same frame it was created")
     hp, wp = (h + k - 1) // k, (w + k - 1) // k
     ct = compute_dtype(x)
     if n * hp * wp == 0 or c == 0:
