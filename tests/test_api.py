@@ -1074,6 +1074,8 @@ def test_linear_ramp_refuses_nothing_to_ramp():
         guidedrop.LinearRamp(model, steps=5)
     with pytest.raises(ValueError, match="no guidedrop layer to ramp$"):
         guidedrop.LinearRamp(layers=[], steps=5)
+    with pytest.raises(ValueError, match="no guidedrop layer to ramp$"):  # layers= chosen
+        guidedrop.LinearRamp(_model(), layers=[], steps=5)
     sched = guidedrop.LinearRamp(_model(), steps=5)
     sched.step()
     assert repr(sched) == f"LinearRamp(step_count=1, steps=5, layers={len(sched.layers)})"
@@ -1182,6 +1184,10 @@ def test_selectout_ramp_target_checked_at_its_first_step():
     with pytest.raises(ValueError, match=r"end of its LinearRamp \(keep=0.5\) drops .* 8 "
                                          r"channels, more than the 3 candidates"):
         layer(x)  # keep = 0.995: 0 channels dropped now
+    # traced, C is not an int: no check there (jit.trace's own refusal, FX's graph)
+    with pytest.raises(RuntimeError, match="cannot record"):
+        torch.jit.trace(layer, x)
+    assert isinstance(torch.fx.symbolic_trace(layer), torch.fx.GraphModule)
     layer.keep = 0.9
     layer(x)
     guidedrop.LinearRamp(layers=[layer], steps=100).step()

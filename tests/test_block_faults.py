@@ -249,15 +249,18 @@ def test_functional_corrdrop_huge_block(forced):
 def test_corrdrop_huge_block_under_dynamic_compile(forced):
     """A helper's attack: CorrDrop compiled with dynamic=True and k >= 2^32 failed in
     torch's int64 (OverflowError: int too big to convert, from k^2 in eq. 11's H W / k^2,
-    reference.area_in_blocks); k past int64 and past the float range too. Equal to eager,
-    module and functional."""
+    reference.area_in_blocks); k past int64 (2^64 + 1 a symbolic input: its value then
+    overflowed the graph's int64 too) and past the float range. Equal to eager, module and
+    functional."""
     x = torch.rand(2, 3, 5, 6, generator=gen(13))
     noise = torch.rand(2, 2, 1, 1, generator=gen(14))
-    for k in (2**31 - 1, 2**32, 2**63 + 5, 10**400):
+
+    def op(t, k):
+        return F.corrdrop(t, 0.5, k, noise=noise)
+    for k in (2**31 - 1, 2**32, 2**63 + 5, 2**64 + 1, 2**100, 10**400):
         torch._dynamo.reset()
-        def op(t, k=k):
-            return F.corrdrop(t, 0.5, k, noise=noise)
-        assert torch.equal(torch.compile(op, backend="aot_eager", dynamic=True)(x), op(x)), k
+        compiled = torch.compile(op, backend="aot_eager", dynamic=True)
+        assert torch.equal(compiled(x, k), op(x, k)), k
         m = guidedrop.CorrDrop(p=0.5, block_size=k)
         torch.manual_seed(0)
         y = torch.compile(m, backend="aot_eager", dynamic=True)(x)
@@ -788,8 +791,7 @@ def _seed_emulator(B):
 def test_corrdrop_dynamic_compile_map_within_one_block_row(forced, hw):
     """A helper's attack: with symbolic sizes, the reference CorrDrop where H <= block < W
     (one row of windows) failed to compile ("Guard failed on the same frame it was
-    created") once it pooled by reshaping the padded x into windows; compiled, it sums the
-    windows by their index now (reference.window_means)."""
+    created") once it pooled by reshaping the padded x into windows (reference.window_means)."""
     torch._dynamo.reset()
     h, w = hw
     x = torch.randn(2, 3, h, w, generator=gen(h))

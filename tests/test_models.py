@@ -247,6 +247,10 @@ def test_insert_dropblock_refuses_timms_dropblock():
     models.swap_timm_dropblock(swapped)
     with pytest.raises(ValueError, match="already holds a DropBlock2d"):
         models.insert(swapped, "dropblock")  # layer3 and layer4 hold guidedrop's now
+    # other modules are checked among the group's own children only (the blocks hold ReLUs),
+    # and never against the group itself
+    for make in (nn.ReLU, lambda: nn.Sequential(guidedrop.CorrDrop())):
+        assert models.insert(resnet18("timm"), "corrdrop", factory=lambda i, n, make=make: make())
 
 
 def test_swap_timm_dropblock():

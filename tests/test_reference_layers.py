@@ -815,10 +815,11 @@ def test_random_path_is_a_valid_mask(name):
        k=st.integers(1, 14), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
        seed=st.integers(0, 2**16))
 def test_compiled_forms_of_windows_and_blocks(n, c, h, w, k, density, seed):
-    """Under torch.compile the reference sums CorrDrop's windows by index and counts
-    DropBlock's blocks by prefix sums (symbolic block sizes: one graph below the block);
-    eager, avg_pool2d and shifted ORs. Both forms agree exactly: blocks larger than the map,
-    ties (bfloat16 values), signed zeros, values of mixed magnitudes (exact float64 sums)."""
+    """Under torch.compile the reference sums CorrDrop's one window (a map within the block)
+    with sum() and counts DropBlock's blocks by prefix sums (symbolic block sizes: one graph
+    below the block); eager, avg_pool2d and shifted ORs. Both forms agree exactly: blocks
+    larger than the map, ties (bfloat16 values), signed zeros, values of mixed magnitudes
+    (exact float64 sums)."""
     from guidedrop import reference as R
     g = gen(seed)
     x = (torch.randn(n, c, h, w, generator=g) * 2.0 ** torch.randint(-8, 9, (n, c, h, w),

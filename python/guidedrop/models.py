@@ -70,10 +70,10 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
     The new modules take the model's train/eval mode. Raises TypeError for a model that is
     not an nn.Module, a layer name that is not a str or a factory that returns no
     nn.Module; ValueError for an unknown layer, a model without residual groups, a group
-    that already holds a layer of the new one's class anywhere in it (the same insert
-    twice, or one after swap_timm_dropblock, would stack them; different layers may follow
-    one another), or "dropblock" (without a factory) into a model that holds timm's
-    DropBlock2d (swap_timm_dropblock replaces those). Every module is made and checked
+    that already holds a layer of the new one's class (a guidedrop layer anywhere in it:
+    the same insert twice, or one after swap_timm_dropblock, would stack them; different
+    layers may follow one another), or "dropblock" (without a factory) into a model that
+    holds timm's DropBlock2d (swap_timm_dropblock replaces those). Every module is made and checked
     before any group changes, so an error leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
@@ -94,7 +94,11 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
         if not isinstance(mod, nn.Module):
             raise TypeError(f"factory must return an nn.Module, got {type(mod).__name__} "
                             f"for {name}")
-        if any(type(m) is type(mod) for m in getattr(model, name).modules()):
+        group = getattr(model, name)
+        # a guidedrop layer anywhere in the group (inside its blocks too: swap_timm_dropblock
+        # puts DropBlock2d there); any other module among the group's own children
+        inside = group.modules() if isinstance(mod, M.GuidedDropout) else iter(group)
+        if any(type(m) is type(mod) for m in inside if m is not group):
             raise ValueError(f"{name} already holds a {type(mod).__name__}: a second one "
                              "would stack on it (the same insert twice?)")
     for name, mod in zip(chosen, added, strict=True):

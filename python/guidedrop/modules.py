@@ -262,8 +262,8 @@ class Selectout(GuidedDropout):
     ``top_rate`` (by max |x|) and scale the others by 1 / ``keep``. ``drop_rate`` is
     1 - ``keep``. The definition, noise and errors: :func:`guidedrop.functional.selectout`.
     Under a :class:`guidedrop.LinearRamp`, a target ``keep`` with more channels to drop
-    than candidates is that ValueError at the ramp's first training step (in eager mode;
-    compiled, where the ramped ``keep`` gets there).
+    than candidates is that ValueError at the first training step the ramp makes non-zero
+    (in eager mode; compiled, where the ramped ``keep`` gets there).
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
@@ -278,12 +278,15 @@ class Selectout(GuidedDropout):
         self.top_rate, self.keep = top_rate, keep
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # not while compiled: reading the rates as python floats would pin them (SPEC §8)
+        # Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
+        # traced (FX, jit.trace), C is no int.
         ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramped", None)
-        if ramped is not None and self.drop_rate == ramped[1]:  # (target, rate): schedule.py
-            # The ramp's target too, at its first step: not only once the ramp reaches a
-            # keep with more channels to drop than candidates, late in a run.
-            F.selectout_counts(self.top_rate, 1 - ramped[0], x.shape[1],
+        c = x.shape[1]
+        if ramped is not None and self.drop_rate == ramped[1] and type(c) is int:
+            # The ramp's target (ramped: (target, rate set), schedule.py) too, at its first
+            # non-zero rate: not only once the ramp reaches a keep with more channels to drop
+            # than candidates, late in a run.
+            F.selectout_counts(self.top_rate, 1 - ramped[0], c,
                                f" at the end of its LinearRamp (keep={1 - ramped[0]:.12g})")
         return F.selectout(x, **self._params())
 

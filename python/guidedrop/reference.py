@@ -49,10 +49,12 @@ def area_in_blocks(h: int, w: int, k: int) -> float:
     """H·W / k² of CorrDrop's eq. 11, with the real block size k, for every backend: int /
     int, exact-then-rounded. From k = 2^31 on, k² (from 2^63, k) overflows the int64 of
     torch.compile's symbolic ints (dynamic=True): two divisions by float(k) there, eager
-    too, within a few ulps of it (and below 2^-62·H·W); 0 past the float range."""
+    too, within a few ulps of it (and below 2^-62·H·W)."""
     if k < 2**31:
         return (h * w) / (k * k)
-    kf = float(k) if k < 2**1000 else math.inf
+    # From 2^62 on, 2^62: then H·W / k² < 2^-124·H·W, p̂ < 2^-54 and 1 - p̂ rounds to 1 in
+    # float64 as with the real k, the same blocks; and no symbolic k past int64 in the graph.
+    kf = float(k) if k < 2**62 else 2.0**62
     return (h * w) / kf / kf
 
 
@@ -107,16 +109,14 @@ def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
     windows' sums (avg_pool2d with divisor 1, in its order) over x zero-padded to whole
     windows, divided by their unit counts: with symbolic H and W, ceil_mode added a guard
     that torch.export could not prove (and a reshape of the padded x into windows, one that
-    Dynamo failed on where H <= k < W). Compiled, by window index (below)."""
+    Dynamo failed on where H <= k < W)."""
     h, w = x.shape[-2:]
-    if torch.compiler.is_compiling() or isinstance(k, torch.SymInt):
-        # Compiled: the sums by window index (exact sums, so in any order), since a pooling
-        # kernel of a symbolic k (the map smaller than the block: one window) is made a
-        # constant of the graph, a graph per map size.
-        cols = x.new_zeros(x.shape[:-1] + (wp,)).index_add_(
-            -1, torch.arange(w, device=x.device) // k, x)
-        s = x.new_zeros(x.shape[:-2] + (hp, wp)).index_add_(
-            -2, torch.arange(h, device=x.device) // k, cols)
+    if (torch.compiler.is_compiling() and not isinstance(k, torch.SymInt)
+            and hp == 1 and wp == 1):
+        # Compiled (Dynamo), one window (the map within the block: k = max(H, W) is
+        # symbolic): its sum, since avg_pool2d would make k a constant of the graph, a graph
+        # per map size. The same sum wherever the window's sum is exact (pooled_correlation).
+        s = x.sum(dim=(-2, -1), keepdim=True)
     else:
         s = F.avg_pool2d(F.pad(x, (0, wp * k - w, 0, hp * k - h)), k, stride=k,
                          divisor_override=1)

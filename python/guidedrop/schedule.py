@@ -34,6 +34,7 @@ class LinearRamp:
 
     def __init__(self, model: nn.Module | None = None, steps: int = 1,
                  layers: Iterable[GuidedDropout] | None = None):
+        given = layers is not None
         if layers is None:
             if model is None:
                 raise ValueError("LinearRamp needs a model or layers")
@@ -49,7 +50,7 @@ class LinearRamp:
                 raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
         if not self.layers:
             raise ValueError("LinearRamp found no guidedrop layer to ramp" + (
-                "" if model is None else f" in the {type(model).__name__}: insert the layers "
+                "" if given else f" in the {type(model).__name__}: insert the layers "
                 "(guidedrop.models.insert) before making the ramp"))
         self.steps = V.integer("steps", steps, 0)
         self.targets = [_target(m) for m in self.layers]
