@@ -1171,6 +1171,8 @@ def test_base_class_says_what_it_is():
         guidedrop.GuidedDropout()(torch.randn(1, 2, 3, 3))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in 2.14
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_selectout_ramp_target_checked_at_its_first_step():
     """Selectout under a LinearRamp whose target keep drops more channels than there are
     candidates (keep = 0.5 of 16 channels: 8 > 3): the ValueError at the ramp's first
