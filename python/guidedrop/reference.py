@@ -52,8 +52,9 @@ def area_in_blocks(h: int, w: int, k: int) -> float:
     too, within a few ulps of it (and below 2^-62·H·W)."""
     if k < 2**31:
         return (h * w) / (k * k)
-    # From 2^62 on, 2^62: then H·W / k² < 2^-124·H·W, p̂ < 2^-54 and 1 - p̂ rounds to 1 in
-    # float64 as with the real k, the same blocks; and no symbolic k past int64 in the graph.
+    # From 2^62 on, 2^62: then H·W / k² <= 2^-124·H·W, so p̂ <= (H·W)²·2^-124 < 2^-54 for
+    # any map under 2^35 units, and 1 - p̂ rounds to 1 in float64 as with the real k: the
+    # same blocks; and no symbolic k past int64 in the graph.
     kf = float(k) if k < 2**62 else 2.0**62
     return (h * w) / kf / kf
 
