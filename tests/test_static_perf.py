@@ -261,7 +261,7 @@ def _check(rows, kind):
             continue
         v = sass.budget_violations(c, kind, dtype)
         if v:
-            shown = {k: kwargs[k] for k in sorted(kwargs) if k not in ("SAME", "BF16_FIX")}
+            shown = {k: kwargs[k] for k in sorted(kwargs) if k != "SAME"}
             bad.append(f"{case} {shown}: " + "; ".join(v))
     assert not bad, f"{len(bad)} of {len(rows)} over budget:\n" + "\n".join(bad)
 

@@ -6,14 +6,9 @@ Combine them with ``itertools.product`` in ``pytest.mark.parametrize``::
 
     @pytest.mark.parametrize("dtype,device,layout", product(DTYPES, devices(), LAYOUTS))
     def test_op(dtype, device, layout): ...
-
-``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before this module is imported when no
-GPU is present, so :data:`INTERPRET` tells whether Triton runs under the interpreter.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -22,7 +17,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REF_DTYPES = DTYPES + [torch.float64]  # float64 only on the reference path
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _imports(module: str) -> bool:
@@ -138,27 +132,16 @@ def radix_rows(length: int, device: str | torch.device = "cpu") -> torch.Tensor:
     return torch.stack(rows).float().to(device)
 
 
-_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # the exponent bits
-
-
-def subnormals_ok(backend: str, dtype: torch.dtype) -> bool:
-    """The Triton interpreter converts bfloat16 subnormals to float32 wrongly (its own
-    bit-level _convert_float: 2**-128 becomes 0), so they stay out of its inputs there."""
-    return not (backend == "triton" and INTERPRET and dtype == torch.bfloat16)
-
-
-def radix_maps16(hw: tuple[int, int], dtype: torch.dtype, device: str | torch.device = "cpu",
-                 subnormals: bool = True) -> torch.Tensor:
+def radix_maps16(hw: tuple[int, int], dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
     """(1, 6, h, w) maps of a 16-bit float dtype for a select that reads only the key bits
     the dtype can set (bfloat16: 16, float16: 19, the bits below filled from the sign):
-    every bit pattern at random (NaN, ±Inf, subnormals unless not ``subnormals``, both
-    signs), the same without NaN, all negative (the filled bits are ones), ties of a few
-    negatives and zeros, and radix_rows's normal and ±0 rows rounded to the dtype."""
+    every bit pattern at random (NaN, ±Inf, subnormals, both signs), the same without NaN,
+    all negative (the filled bits are ones), ties of a few negatives and zeros, and
+    radix_rows's normal and ±0 rows rounded to the dtype."""
     h, w = hw
     g = torch.Generator().manual_seed(h * w)
     bits = torch.randint(-32768, 32768, (h * w,), generator=g, dtype=torch.int16)
-    if not subnormals:  # exponent 0: ±0
-        bits = torch.where(bits & _EXPONENT[dtype] == 0, bits & -32768, bits)
     bits = bits.view(dtype)
     finite = torch.where(bits.isnan(), torch.zeros_like(bits), bits)
     ties = torch.tensor([-0.0, 0.0, -1.5, -2.0], dtype=dtype)[torch.randint(4, (h * w,),

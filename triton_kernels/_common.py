@@ -34,6 +34,43 @@ from guidedrop import _validation as V
 # imported: the mode is fixed for the process from then on.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETED = tl.constexpr(INTERPRET)  # the same, for jit code (inline PTX is compiled only)
+
+
+def _exact_bfloat16_casts() -> None:
+    """Make Triton's interpreter convert between bfloat16 and float32 as a GPU does: widened
+    exactly (the 16 bits shifted up), narrowed rounding to nearest even (NaN kept a NaN).
+    Its bit-level ``_convert_float`` (3.8) truncates the narrowing and mishandles
+    subnormals both ways (a bfloat16 1e-39 was read as 4.4e-39, 2^-133 as 0; a tile padded
+    with a subnormal float32 got another value): every statistic of such an x (channel max,
+    thresholds, argmax) then differed from the reference's. Patched only where a probe shows
+    the fault, so a Triton that fixes it is left alone."""
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def exact(data, src, dst, rounding_mode):
+        if src == tl.bfloat16 and dst == tl.float32:
+            return data.view(np.uint16).astype(np.uint32) << 16
+        if src == tl.float32 and dst == tl.bfloat16:
+            b = data.view(np.uint32)
+            if rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ:
+                r = b
+            else:  # to nearest even: add 0x7FFF and the bit that stays lowest
+                r = b + np.uint32(0x7FFF) + ((b >> 16) & 1)
+            r = np.where(np.isnan(data.view(np.float32)), b | np.uint32(0x400000), r)
+            return (r >> 16).astype(np.uint16)
+        return convert(data, src, dst, rounding_mode)
+
+    least = np.array([1], dtype=np.uint16)  # bfloat16 2^-133, the least subnormal
+    odd = np.array([0x3F808000], dtype=np.uint32)  # float32 1 + 2^-8: a tie, to 1.0 (even)
+    if (convert(least, tl.bfloat16, tl.float32, None).view(np.float32)[0] != 2.0**-133
+            or convert(odd, tl.float32, tl.bfloat16, None)[0] != 0x3F80
+            or convert(least.astype(np.uint32) << 16, tl.float32, tl.bfloat16, None)[0] != 1):
+        interpreter._convert_float = exact
+
+
+if INTERPRET:
+    _exact_bfloat16_casts()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (major, minor): some kernels take the form that this Triton compiles best (sm_90 SASS read
 # by tests/test_static_perf.py; the GPU machine has 3.6, the budgets are calibrated on 3.8)
@@ -324,16 +361,15 @@ def same_layout(t: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def apply_flags(t: torch.Tensor, out: torch.Tensor, *more) -> dict:
-    """IDX64, SAME, BF16_FIX of an apply t -> out (more: other tensors the kernel indexes)."""
-    return dict(IDX64=needs_int64(t, out, *more), SAME=same_layout(t, out),
-                BF16_FIX=bf16_fix(out))
+    """IDX64, SAME of an apply t -> out (more: other tensors the kernel indexes)."""
+    return dict(IDX64=needs_int64(t, out, *more), SAME=same_layout(t, out))
 
 
 def apply_launch(t: torch.Tensor, out: torch.Tensor, *more):
     """(grid, OUTER, INNER, meta) of a 2-D apply tile (``apply_tile``) from t to out.
 
-    meta: the kernel's CL (channels_last walk), GRID3, MAGW, BO, BI (tile), IDX64, SAME,
-    BF16_FIX and num_warps keywords; more: other tensors the kernel indexes. GRID3 (the
+    meta: the kernel's CL (channels_last walk), GRID3, MAGW, BO, BI (tile), IDX64, SAME
+    and num_warps keywords; more: other tensors the kernel indexes. GRID3 (the
     channels_last walk, N <= 65535, H * W * W <= 2**30): the grid is (positions, channels,
     samples), so that no row index is divided by a runtime value (h, w of a position by
     the magic multiplier MAGW = ceil(2**30 / W)); OUTER is then H * W.
@@ -408,8 +444,7 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     channels_last tensors keep the row tile: rows (n, h, w) x c vectorise along C already,
     and a flat tile there needs the sample index per element too (18 instructions per
     element against 15.5 on sm_90). meta: HW, MAG1, C, MAG2, HW_M, HW_S, C_M, C_S, BIG1,
-    BIG2, BLOCK, IDX64,
-    BF16_FIX and num_warps keywords."""
+    BIG2, BLOCK, IDX64 and num_warps keywords."""
     n, c, h, w = out.shape
     tensors = (t, out, *more)
     if not all(a.is_contiguous() for a in tensors):
@@ -421,7 +456,7 @@ def flat_launch(t: torch.Tensor, out: torch.Tensor, *more):
     c_m, c_s = divisor(c)
     meta = dict(HW=h * w, MAG1=mag1, C=c, MAG2=mag2, HW_M=hw_m, HW_S=hw_s, C_M=c_m, C_S=c_s,
                 BIG1=big1, BIG2=big2, BLOCK=block,
-                EVEN=out.numel() % block == 0, IDX64=needs_int64(*tensors), BF16_FIX=bf16_fix(out),
+                EVEN=out.numel() % block == 0, IDX64=needs_int64(*tensors),
                 num_warps=warps(block // 4))
     return (cdiv(out.numel(), block),), meta
 
@@ -644,25 +679,3 @@ def aligned(a: torch.Tensor, nbytes: int) -> bool:
     if is_fake(a) or a.is_meta:
         return a.storage_offset() * a.element_size() % nbytes == 0
     return a.data_ptr() % nbytes == 0
-
-
-def bf16_fix(out: torch.Tensor) -> bool:
-    """Whether the kernel must round float32 -> bfloat16 by hand (see ``cast_out``)."""
-    return INTERPRET and out.dtype == torch.bfloat16
-
-
-@triton.jit
-def cast_out(v, o_ptr, BF16_FIX: tl.constexpr):
-    """float32 v -> o_ptr's dtype, rounding to nearest even like torch.
-
-    Triton's interpreter (3.8) truncates float32 -> bfloat16 casts; on a GPU the cast is
-    round-to-nearest-even. BF16_FIX rounds by hand on the bit pattern instead.
-    """
-    if BF16_FIX:
-        b = v.to(tl.int32, bitcast=True)
-        r = b + 0x7FFF + ((b >> 16) & 1)
-        r = tl.where(v != v, b | 0x400000, r)  # NaN stays a (quiet) NaN
-        out = (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = v.to(o_ptr.dtype.element_ty)
-    return out

@@ -41,7 +41,6 @@ from ._common import (
     apply_flags,
     apply_launch,
     apply_tile,
-    cast_out,
     cdiv,
     fake_like,
     flat_launch,
@@ -68,7 +67,7 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
                         MAGW, K: tl.constexpr, CL: tl.constexpr, GRID3: tl.constexpr,
                         BO: tl.constexpr,
                         BI: tl.constexpr, IDX64: tl.constexpr,
-                        SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                        SAME: tl.constexpr):
     ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
@@ -80,7 +79,7 @@ def _apply_block_kernel(t_ptr, o_ptr, m_ptr, s_ptr, OUTER, INNER, C, H, W,
         mv = tl.load(m_ptr + moff, mask=m, other=0)
         wt = mv.to(tl.float32) * tl.load(s_ptr + n, mask=ov, other=0.0)[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -89,8 +88,7 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
                              LINEAR: tl.constexpr, PADDED: tl.constexpr,
                              IN_MAP: tl.constexpr, CROSS_N: tl.constexpr,
                              BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
-                             V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
-                             BF16_FIX: tl.constexpr):
+                             V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr):
     """Contiguous NCHW t and out: groups of V elements (``_common.group_tile``), V <= W + 1
     so that a group spans at most one row end. Per group: its row (h, w0 by the magic
     multiplier MAGW = ceil(2**30 / W), exact as H * W * W <= 2**30), the mask row offset and
@@ -215,7 +213,7 @@ def _apply_block_flat_kernel(t_ptr, o_ptr, m_ptr, s_ptr, TOTAL, HW, MAG1, C, MAG
                 wb = tl.where(j - i * K >= nxt, fb[:, None], wb)
             wt = tl.where(wrap, wb, wa)
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + e, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor) -> torch.Tensor:
@@ -655,7 +653,7 @@ def _apply_seeds_rows_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
                              t_sN, t_sC, t_sH, t_sW, o_sN, o_sC, o_sH, o_sW,
                              R: tl.constexpr, LO: tl.constexpr, SHARED: tl.constexpr,
                              BR: tl.constexpr, BQ: tl.constexpr, IDX64: tl.constexpr,
-                             SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                             SAME: tl.constexpr):
     """Tile (rows (n, c, h)) x (bytes q) x (bits j): w = 8q + j."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     q = tl.program_id(1) * BQ + tl.arange(0, BQ)
@@ -681,7 +679,7 @@ def _apply_seeds_rows_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
     else:
         o_off = (n * o_sN + c * o_sC + h * o_sH)[:, None, None] + (w * o_sW)[None, :, :]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -689,7 +687,7 @@ def _apply_bits_flat_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, TOTAL, HW, MAG1, C, M
                             HW_S, C_M, C_S, N, Bn, SHARED: tl.constexpr,
                             ONE_BYTE: tl.constexpr, BIG1: tl.constexpr, BIG2: tl.constexpr,
                             BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
-                            IDX64: tl.constexpr, BF16_FIX: tl.constexpr):
+                            IDX64: tl.constexpr):
     """apply_seeds with r = 1 (a packed mask: the seeds plans' blocks) on contiguous NCHW t
     and out: groups of V = 8 elements (``_common.group_tile``; V | 8), one sample's each (C *
     H * W % 8 == 0), whose bits are read per group and selected per element.
@@ -720,15 +718,14 @@ def _apply_bits_flat_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, TOTAL, HW, MAG1, C, M
     # (1 - dropped) * s as the reference: 0 * s where dropped (NaN for an infinite s)
     wt = tl.where(dropped, (0.0 * s)[:, None], s[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + e, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _apply_bits_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, HW, C, W, MAGW, Bn,
                           t_sN, t_sH, t_sW, o_sN, o_sH, o_sW, SHARED: tl.constexpr,
                           ONE_BYTE: tl.constexpr, BQ: tl.constexpr, BI: tl.constexpr,
-                          VEC: tl.constexpr, IDX64: tl.constexpr, SAME: tl.constexpr,
-                          BF16_FIX: tl.constexpr):
+                          VEC: tl.constexpr, IDX64: tl.constexpr, SAME: tl.constexpr):
     """apply_seeds with r = 1 on channels_last t and out: a tile of sample program_id(2),
     BQ runs of 8 positions (p = 8q + j, p = h * W + w) x BI channels, as (BQ, 8, BI //
     VEC, VEC). The bits of a run's 8 units, per channel (c * H * W + 8q, C maps) or once
@@ -767,7 +764,7 @@ def _apply_bits_cl_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, HW, C, W, MAGW, Bn,
         o_off = t_off
     else:
         o_off = (n * o_sN + h * o_sH + w * o_sW)[:, :, None, None] + c[None, None, :, :]
-    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @op("apply_seeds", fake_like)

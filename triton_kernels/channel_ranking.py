@@ -17,7 +17,6 @@ from ._common import (
     TILE,
     apply_launch,
     apply_tile,
-    cast_out,
     cdiv,
     fake_like,
     flat_launch,
@@ -137,7 +136,7 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
                           MAGW, CL: tl.constexpr, GRID3: tl.constexpr, BO: tl.constexpr,
                           BI: tl.constexpr,
                           IDX64: tl.constexpr,
-                          SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                          SAME: tl.constexpr):
     ov, m, n, c, h, w, _ = apply_tile(OUTER, INNER, C, H, W, MAGW, CL, GRID3, BO, BI, IDX64)
     t_off = tile_offset(n, c, h, w, t_sN, t_sC, t_sH, t_sW, CL)
     o_off = out_offset(t_off, n, c, h, w, o_sN, o_sC, o_sH, o_sW, CL, SAME)
@@ -146,15 +145,14 @@ def _apply_channel_kernel(t_ptr, o_ptr, w_ptr, OUTER, INNER, C, H, W,
     else:  # rows (n, c, h), inner w
         wt = tl.load(w_ptr + n * w_sN + c * w_sC, mask=ov, other=0.0)[:, None]
     tv = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + o_off, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, HW_M, HW_S,
                                C_M, C_S, NC,
                                BIG1: tl.constexpr, BIG2: tl.constexpr, BLOCK: tl.constexpr,
-                               V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
-                               BF16_FIX: tl.constexpr):
+                               V: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr):
     """Contiguous NCHW t and out, w (N, C) contiguous: groups of V elements
     (``_common.group_tile``), V <= HW + 1 so that a group spans at most one map end. The
     multiplier is loaded per group for its map and the next one (not gathered per element);
@@ -167,7 +165,7 @@ def _apply_channel_flat_kernel(t_ptr, o_ptr, w_ptr, TOTAL, HW, MAG1, C, MAG2, HW
     wrap = (pos[:, None] + tl.arange(0, V)[None, :]) >= HW
     wt = tl.where(wrap, w1[:, None], w0[:, None])
     tv = tl.load(t_ptr + e, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + e, cast_out(tv * wt, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + e, (tv * wt).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @op("apply_channel", fake_like)

@@ -57,7 +57,6 @@ from ._common import (
     apply_flags,
     apply_launch,
     apply_tile,
-    cast_out,
     cdiv,
     fake_like,
     flat_launch,
@@ -627,7 +626,7 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                             MAGW, MODE: tl.constexpr, X_IS_T: tl.constexpr, CL: tl.constexpr,
                             GRID3: tl.constexpr,
                             BO: tl.constexpr, BI: tl.constexpr, IDX64: tl.constexpr,
-                            SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                            SAME: tl.constexpr):
     """The row tile (channels_last, and NCHW that the flat tile does not take): the maps'
     state (``_map_state``) per row (NCHW), per channel of the tile's one sample (GRID3), or
     per element (channels_last without GRID3)."""
@@ -660,8 +659,8 @@ def _apply_attention_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         xv = tv
     else:  # x is read only where the map is active (elsewhere its value is never used)
         xv = tl.load(x_ptr + x_off, mask=m & act).to(tl.float32)
-    tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
-                                     BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * _attention_w(xv, thr, mn, r, sc, sd, MODE)).to(
+        o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -669,7 +668,7 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
                                t_sN, t_sH, t_sW, x_sN, x_sH, x_sW, o_sN, o_sH, o_sW,
                                MODE: tl.constexpr, X_IS_T: tl.constexpr, BO: tl.constexpr,
                                BI: tl.constexpr, VEC: tl.constexpr, LANES_FIRST: tl.constexpr,
-                               IDX64: tl.constexpr, SAME: tl.constexpr, BF16_FIX: tl.constexpr):
+                               IDX64: tl.constexpr, SAME: tl.constexpr):
     """t, x and out with contiguous channels (channels_last): a (BO positions, BI channels)
     tile of sample program_id(2), as (BO, BI // VEC, VEC), VEC channels a 16-byte vector,
     or as (BI // VEC, BO, VEC) (``LANES_FIRST``).
@@ -714,8 +713,8 @@ def _apply_attention_cl_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr, HWP, C, W, 
         o_off = t_off
     else:
         o_off = _on_axis(n * o_sN + h * o_sH + w * o_sW, not LANES_FIRST) + c
-    tl.store(o_ptr + o_off, cast_out(tv * _attention_w(xv, thr, mn, r, sc, sd, MODE), o_ptr,
-                                     BF16_FIX), mask=m)
+    tl.store(o_ptr + o_off, (tv * _attention_w(xv, thr, mn, r, sc, sd, MODE)).to(
+        o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -776,7 +775,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
                                  MODE: tl.constexpr, X_IS_T: tl.constexpr,
                                  ONE_MAP: tl.constexpr, G: tl.constexpr, BIG1: tl.constexpr,
                                  BLOCK: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
-                                 IDX64: tl.constexpr, BF16_FIX: tl.constexpr, U: tl.constexpr,
+                                 IDX64: tl.constexpr, U: tl.constexpr,
                                  LANES_FIRST: tl.constexpr, WORDS: tl.constexpr):
     """Contiguous NCHW t, x and out: groups of U * V elements (``_common.map_tile``: the
     map index n * C + c is all the state needs, no sample or channel), U * V <= HW + 1 so
@@ -835,7 +834,7 @@ def _apply_attention_flat_kernel(t_ptr, x_ptr, o_ptr, st_ptr, act_ptr,
         mn = _of_map(wrap, mn1, mn0, U, LANES_FIRST)
         r = _of_map(wrap, r1, r0, U, LANES_FIRST)
         w = _attention_w(xv, thr, mn, r, sc, sc, MODE)
-    tl.store(o_ptr + e, cast_out(tv * w, o_ptr, BF16_FIX), mask=m)
+    tl.store(o_ptr + e, (tv * w).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @op("apply_attention", fake_like)

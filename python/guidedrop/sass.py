@@ -359,8 +359,7 @@ def spec_source(spec):
             continue
         if name in index:
             signature[name] = "constexpr"
-            # the interpreter-only bf16 rounding: the GPU casts natively
-            constexprs[name] = False if name == "BF16_FIX" else value
+            constexprs[name] = value
         else:
             options[name] = value
     signature = {p.name: signature[p.name] for p in kernel.params if p.name in signature}
