@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> attentiondrop_plan(
 
 // CorrDrop's plan -> (S (N, H', W') uint8, scale (N,) float32): F in one launch
 // (pooled_correlation), then the plan kernel (plans/corrdrop.cu). noise: (2, N, H', W') of
-// any floating dtype and strides; p_blocks = p * H*W / block_size² as p_t (a 0-dim float32,
+// any floating dtype and strides; p_blocks = p * H*W / block_size² as p_t (a 0-dim float64,
 // under torch.compile) or p (p_t None); k >= 1 (larger than the map: one block).
 std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::Tensor& noise,
                                                  const std::optional<at::Tensor>& p_t, double p,
@@ -344,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
               at::IntArrayRef({2, N, Hp, Wp}), ", got ", noise.sizes());
   at::Tensor pt;  // undefined: p
   if (p_t.has_value() && p_t->defined()) {
-    check_small(*p_t, x, op, "p_blocks", at::kFloat, {});
+    check_small(*p_t, x, op, "p_blocks", at::kDouble, {});
     pt = p_t->contiguous();
   }
   const int norm = parse_normalize(normalize, op);
@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   at::Tensor keep = at::empty({N, Hp, Wp}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({N}, f32(x));
   pooled_correlation_into(x, k, F);
-  launch_corrdrop_plan(F, noise, pt, static_cast<float>(p), H, W, k, norm, keep, scale);
+  launch_corrdrop_plan(F, noise, pt, p, H, W, k, norm, keep, scale);
   return {keep, scale};
 }
 

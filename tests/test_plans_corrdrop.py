@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import naive
 import pytest
 import torch
 from test_backends import load_backend, triton_common
@@ -22,13 +23,15 @@ from guidedrop import reference as R
 
 
 def _thresholds(f, u, p, block_size, h, w):
-    """kappa and 1 - p_hat of the torch code for F (N, N') and u0, in float32."""
+    """kappa and 1 - p_hat of the torch code for F (N, N') and u0, in float32 (1 - p_hat
+    from float64, rounded once)."""
     fmin, fmax = f.amin(dim=1, keepdim=True), f.amax(dim=1, keepdim=True)
     rng = fmax - fmin
     kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
     z = (~(u[0].flatten(1) < kappa)).sum(dim=1, keepdim=True)
-    p_hat = (torch.ones_like(f[:, :1]) * (p * ((h * w) / (block_size**2))) / z.clamp_min(1))
-    return kappa, 1 - p_hat.clamp(max=1)
+    p_hat = (torch.ones_like(f[:, :1], dtype=torch.float64) * (p * ((h * w) / (block_size**2)))
+             / z.clamp_min(1))
+    return kappa, (1 - p_hat.clamp(max=1)).float()
 
 
 def _noise(B, x, p, block_size, seed, dtype=torch.float32):
@@ -92,6 +95,34 @@ def test_plan_rates_noise_dtypes_and_thresholds(p):
     if p == 1e-3:  # p_hat < 1: u1 = 0 keeps every block, scale 1
         plan = check(B, x, p, 2, "batch", torch.zeros_like(u))
         assert plan.state[0].all() and torch.equal(plan.state[1], torch.ones(2))
+
+
+# (p, H, W, k): where float32 steps (p * HW / k², / z, 1 - p_hat) moved q an ulp off SPEC's
+# (the first four: 0.67000002 against 0.66999996), and others where they did not
+Q_CASES = [(0.33, 7, 7, 7), (0.33, 56, 56, 7), (0.33, 13, 11, 4), (0.7, 9, 9, 2),
+           (0.1, 56, 56, 7), (0.3, 8, 7, 2), (1e-3, 5, 6, 3)]
+
+
+def check_q_rounded_once(B, device="cpu"):
+    """SPEC §1 and §2 step 4: B_i = u1 < q with q = 1 - p̂ rounded to float32 once (the
+    naive oracle's q). x constant, so kappa = 0, M keeps nothing and z = N'; u1 is q at
+    even blocks (dropped) and the float below it at odd ones (kept). float32 steps gave
+    the q an ulp below for the first cases, so every block was dropped (an attacking
+    helper: CorrDrop(p=0.33, block_size=7) on a 7 x 7 map)."""
+    for p, h, w, k in Q_CASES:
+        hp, wp = -(-h // k), -(-w // k)
+        q = torch.tensor(naive.f32(1.0 - naive.corrdrop_phat(p, k, h, w, hp * wp)))
+        below = torch.nextafter(q, torch.tensor(0.0))
+        odd = (torch.arange(hp * wp) % 2 == 1).view(1, hp, wp)
+        u = torch.stack([torch.zeros(1, hp, wp), torch.where(odd, below, q)]).to(device)
+        x = torch.ones(1, 2, h, w, device=device)
+        keep, _ = L.corrdrop(B, x, p, k, normalize="none", noise=u).state
+        assert torch.equal(keep.cpu().bool(), odd), (p, h, w, k)
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_plan_q_rounded_once(name):
+    check_q_rounded_once(load_backend(name))
 
 
 def test_plan_constant_and_nonfinite_maps():

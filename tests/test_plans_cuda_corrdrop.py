@@ -15,7 +15,7 @@ import math
 import pytest
 import test_cuda_emulated as CE
 import torch
-from test_plans_corrdrop import _noise, check
+from test_plans_corrdrop import _noise, check, check_q_rounded_once
 from testing import assert_same, assert_same_plan, emulated, make_x
 
 from guidedrop import layers as L
@@ -103,14 +103,14 @@ def test_noise_none_draws_like_the_reference(B):
 
 
 def test_rate_tensor_equals_rate_float():
-    """The traced form (p_blocks a 0-dim float32 tensor read in the kernel) gives the eager
-    form's plan (p_blocks a float argument, rounded to float32 by the op)."""
+    """The traced form (p_blocks a 0-dim float64 tensor read in the kernel) gives the eager
+    form's plan (p_blocks a float argument, a double)."""
     E = CE.emu.ops()
     x = torch.randn(3, 5, 8, 6)
     u = torch.rand(2, 3, 3, 2)
     p_blocks = 0.3 * 48 / 9
     eager = E.corrdrop_plan(x, u, None, p_blocks, 3, "sample")
-    traced = E.corrdrop_plan(x, u, L._rate(p_blocks, x), 0.0, 3, "sample")
+    traced = E.corrdrop_plan(x, u, torch.tensor(p_blocks, dtype=torch.float64), 0.0, 3, "sample")
     for a, b in zip(eager, traced, strict=True):
         assert_same(a, b)
 
@@ -123,12 +123,17 @@ def test_plan_op_opcheck(B):
     u = torch.rand(2, 2, 3, 3, dtype=torch.float64)
     torch.library.opcheck(E.corrdrop_plan, (x, u, None, 0.5, 2, "batch"),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(E.corrdrop_plan, (x, u[:, :, :1, :1], L._rate(0.5, x), 0.0, 99, "none"),
+    p_t = torch.tensor(0.5, dtype=torch.float64)
+    torch.library.opcheck(E.corrdrop_plan, (x, u[:, :, :1, :1], p_t, 0.0, 99, "none"),
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="noise must have shape"):
         E.corrdrop_plan(x, u[:, :, :2], None, 0.5, 2, "batch")
     with pytest.raises(RuntimeError, match="normalize must be one of"):
         E.corrdrop_plan(x, u, None, 0.5, 2, "mean")
+
+
+def test_plan_q_rounded_once(B):
+    check_q_rounded_once(B)
 
 
 @pytest.mark.slow

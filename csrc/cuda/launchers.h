@@ -75,9 +75,9 @@ void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_
 
 // plans/corrdrop.cu. F: (N, H'*W') float32 from launch_pooled_correlation; noise:
 // (2, N, H', W') any floating dtype and strides; p_t: undefined (then p_value) or a 0-dim
-// float32 (p_blocks = p * H*W / block_size²); keep: (N, H', W') uint8, scale: (N,) float32.
+// float64 (p_blocks = p * H*W / block_size²); keep: (N, H', W') uint8, scale: (N,) float32.
 void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
-                          const at::TensorBase& p_t, float p_value, int64_t H, int64_t W,
+                          const at::TensorBase& p_t, double p_value, int64_t H, int64_t W,
                           int64_t k, int normalize, const at::TensorBase& keep,
                           const at::TensorBase& scale);
 

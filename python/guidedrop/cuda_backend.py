@@ -251,9 +251,11 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     k = one_window(block_size, h, w)
     u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
                                              x.device)
-    # eq. 11 times N' with the real block size, rounded to float32 in the kernel like the
-    # reference's ones * p_blocks
-    p_t, p_blocks = _runtime_rate(rate64(p, x.device) * area_in_blocks(h, w, block_size), x)
+    # eq. 11 times N' with the real block size, float64 as the reference's: a kernel
+    # argument in eager mode, a 0-dim float64 tensor while torch.compile traces (a new p is
+    # then a new input, not a recompile: _runtime_rate's, unrounded)
+    p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
+    p_t, p_blocks = (p_blocks, 0.0) if torch.compiler.is_compiling() else (None, p_blocks)
     keep, scale = _ops.corrdrop_plan(x, u, p_t, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 

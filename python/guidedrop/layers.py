@@ -197,10 +197,13 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size
     p_blocks = rate64(p, x.device) * reference.area_in_blocks(h, w, block_size)
     z = (~m).sum(dim=1, keepdim=True)
-    # eq. 6; z = 0 means every block is kept by M already.
+    # eq. 6; z = 0 means every block is kept by M already. In float64, so that 1 - p̂ is
+    # rounded to the compute dtype once (SPEC §1: q rounded, not each step of it; float32
+    # steps moved q by an ulp for about 1 (p, H, W, k, z) in 16: an attacking helper).
     # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other
     # rounding), and a tensor fill value would freeze p under torch.compile.
-    p_hat = (torch.ones_like(f[:, :1]) * p_blocks / z.clamp_min(1)).clamp(max=1)
+    ones = torch.ones_like(f[:, :1], dtype=torch.float64)
+    p_hat = (ones * p_blocks / z.clamp_min(1)).clamp(max=1)
     keep = m | (u[1] < (1 - p_hat).to(u.dtype))
     # Units of each pooled block (border blocks are cut): kept units per channel.
     rows = (h - torch.arange(hp, device=x.device) * k).clamp(max=k)

@@ -4,30 +4,35 @@
    pooling and the correlation of a sample in one program;
 2. plan (``_corrdrop_plan_kernel``, one program over the batch): per sample, kappa from F's
    min and max, M = u0 < kappa, z = #not M, p_hat = min(1, p_blocks / max(z, 1)),
-   keep = M | (u1 < 1 - p_hat), the kept units (border blocks cut) and the scale of
-   ``normalize`` in float64: the reference's float32 / float64 operations in its order, so
-   S and the scale are bit for bit the torch code's on the same F.
+   keep = M | (u1 < 1 - p_hat) (p_hat and 1 - p_hat in float64), the kept units (border
+   blocks cut) and the scale of ``normalize`` in float64: the reference's float32 / float64
+   operations in its order, so S and the scale are bit for bit the torch code's on the
+   same F.
 
 The apply (``apply_block``) is the third launch; with ``noise=None`` the uniforms are one
-more (``torch.rand``, as the reference draws them). p_blocks is a runtime argument.
+more (``torch.rand``, as the reference draws them). p_blocks is a runtime argument, a
+float64: its bits as an int64 in eager mode (a python float argument is a float32), a 0-dim
+float64 tensor while torch.compile traces.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from guidedrop.layers import Plan, _rate, rand, rate64
+from guidedrop.layers import Plan, rand, rate64
 from guidedrop.reference import area_in_blocks, one_window
 
-from .._common import as_float32, cdiv, launch, mask_buffer, op, pow2
+from .._common import cdiv, launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p_blocks"])  # a rate: never a specialisation key
 def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H, W, k,
                           units, su0, suN, suH, suW, P_PTR: tl.constexpr, NORM: tl.constexpr,
                           BN: tl.constexpr, BP: tl.constexpr):
@@ -35,6 +40,8 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H
     # three passes: (min, max, NaN of F), z, then keep and the kept units.
     if P_PTR:
         p_blocks = tl.load(p_blocks)
+    else:  # a float64's bits (an int64, or an int32 for p_blocks < 2^-1043)
+        p_blocks = p_blocks.to(tl.int64).to(tl.float64, bitcast=True)
     NP = HP * WP
     total = tl.zeros([BN], tl.int64)  # kept units of the tile's rows over the batch
     for n0 in range(0, N, BN):
@@ -63,10 +70,10 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H
             kappa = tl.where(ok[:, None],
                              tl.math.div_rn(f - fmin[:, None], rng[:, None]), 0.0)
             z += tl.sum(tl.where(m & ~(u0 < kappa), 1, 0), axis=1)
-        # (ones * p_blocks) / clamp_min(z, 1), clamped to 1: float32, as the reference.
-        p_hat = tl.math.div_rn(tl.zeros([BN], tl.float32) + p_blocks,
-                               tl.maximum(z, 1).to(tl.float32))
-        q = 1.0 - tl.minimum(p_hat, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        # (ones * p_blocks) / clamp_min(z, 1), clamped to 1, and 1 - p_hat: float64, as
+        # the reference, so that q is rounded to float32 once
+        p_hat = (tl.zeros([BN], tl.float64) + p_blocks) / tl.maximum(z, 1).to(tl.float64)
+        q = (1.0 - tl.minimum(p_hat, 1.0, propagate_nan=tl.PropagateNan.ALL)).to(tl.float32)
         kept = tl.zeros([BN], tl.int64)
         for i0 in range(0, NP, BP):
             i = i0 + tl.arange(0, BP)
@@ -135,11 +142,12 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     k = one_window(block_size, h, w)
     hp, wp = -(-h // k), -(-w // k)
     u = noise if noise is not None else rand((2, n, hp, wp), generator, x.device)
-    # eq. 11 times N' with the real block size, rounded to float32 like the reference's
-    # ones * p_blocks. A kernel argument in eager mode; a 0-dim tensor while torch.compile
-    # traces, so that a new p is a new input, not a recompile (SPEC §8).
+    # eq. 11 times N' with the real block size, float64 as the reference's. A kernel
+    # argument in eager mode (its bits); a 0-dim tensor while torch.compile traces, so that
+    # a new p is a new input, not a recompile (SPEC §8).
     p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
-    p_blocks = _rate(p_blocks, x) if torch.compiler.is_compiling() else as_float32(p_blocks)
+    if not torch.compiler.is_compiling():
+        p_blocks = struct.unpack("<q", struct.pack("<d", p_blocks))[0]
     keep, scale = _plan(x, u, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 

@@ -5,8 +5,8 @@
 // triton_kernels/plans/corrdrop.py, in the reference's order). Per sample:
 //   kappa = (F - min F) / (max F - min F) where the range is > 0 (and F has no NaN: torch's
 //           amin / amax are then NaN and range > 0 is false), else 0;   float32
-//   M = u0 < kappa,  z = #not M,  p_hat = min(1, p_blocks / max(z, 1))   float32 (p_blocks
-//           rounded to float32 like the reference's ones * p_blocks),
+//   M = u0 < kappa,  z = #not M,  p_hat = min(1, p_blocks / max(z, 1))   float64, and
+//           1 - p_hat too, rounded to float32 once (as the reference: SPEC §1's q),
 //   S = M | (u1 < 1 - p_hat),  kept = sum of the units of the kept blocks (border blocks cut),
 //   scale = layers._scale(kept, H*W, normalize): integer counts, then float64 as torch
 //           (reciprocal(kept) * units; the batch's summed kept and units * N for "batch").
@@ -28,7 +28,7 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
 template <typename noise_t>
 __global__ void corrdrop_plan_kernel(const float* __restrict__ F,
                                      const noise_t* __restrict__ u, const Strides4 us,
-                                     const float* __restrict__ p_ptr, const float p_value,
+                                     const double* __restrict__ p_ptr, const double p_value,
                                      const int64_t N, const int64_t H, const int64_t W,
                                      const int64_t k, const int64_t Hp, const int64_t Wp,
                                      const int norm, uint8_t* __restrict__ keep,
@@ -36,7 +36,7 @@ __global__ void corrdrop_plan_kernel(const float* __restrict__ F,
   __shared__ long long scratch[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t Np = Hp * Wp;
-  const float p_blocks = p_ptr != nullptr ? *p_ptr : p_value;
+  const double p_blocks = p_ptr != nullptr ? *p_ptr : p_value;
   long long batch = 0;  // this warp's samples' kept units (lane 0's copy is the one used)
   for (int64_t n = warp; n < N; n += warps) {  // uniform in the warp
     const float* f = F + n * Np;
@@ -62,9 +62,11 @@ __global__ void corrdrop_plan_kernel(const float* __restrict__ F,
     long long z = 0;
     for (int64_t i = lane; i < Np; i += 32) z += u_at(0, i) < kappa_at(i) ? 0 : 1;
     z = warp_reduce(z, SumOp());
-    // (ones * p_blocks) / clamp_min(z, 1) (z as float32, as torch promotes it), clamped to 1
-    const float p_hat = __fdiv_rn(p_blocks, static_cast<float>(z > 0 ? z : 1));
-    const float q = 1.f - (p_hat != p_hat ? p_hat : fminf(p_hat, 1.f));
+    // (ones * p_blocks) / clamp_min(z, 1), clamped to 1, and 1 - p_hat: float64 (z as
+    // float64, as torch promotes it; IEEE double division whatever the float flags),
+    // rounded to float32 once
+    const double p_hat = p_blocks / static_cast<double>(z > 0 ? z : 1);
+    const float q = static_cast<float>(1.0 - (p_hat > 1.0 ? 1.0 : p_hat));  // NaN stays
     long long kept = 0;
     for (int64_t i = lane; i < Np; i += 32) {
       const bool s = u_at(0, i) < kappa_at(i) || u_at(1, i) < q;
@@ -91,13 +93,13 @@ __global__ void corrdrop_plan_kernel(const float* __restrict__ F,
 }  // namespace
 
 void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
-                          const at::TensorBase& p_t, float p_value, int64_t H, int64_t W,
+                          const at::TensorBase& p_t, double p_value, int64_t H, int64_t W,
                           int64_t k, int normalize, const at::TensorBase& keep,
                           const at::TensorBase& scale) {
   const int64_t N = keep.size(0), Hp = keep.size(1), Wp = keep.size(2);
   if (N == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(kPlanThreads, N * 32));
-  const float* p_ptr = p_t.defined() ? p_t.data_ptr<float>() : nullptr;
+  const double* p_ptr = p_t.defined() ? p_t.data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, noise.scalar_type(),
       "guidedrop::corrdrop_plan", [&] {
