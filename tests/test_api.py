@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import functools
+import math
 import re
 
 import pytest
@@ -831,6 +832,8 @@ def test_module_values_converted_once():
     with pytest.raises(ValueError, match="keep"):
         s.drop_rate = 1  # keep = 0 is not in (0, 1]
     assert s.keep == 0.75
+    m = guidedrop.CorrDrop(p=-0.0)  # the same rate as 0.0, shown as 0.0 (a new user)
+    assert math.copysign(1.0, m.p) == 1.0 and "p=0.0" in repr(m) and "-0.0" not in repr(m)
 
 
 def test_focused_dropout_low_above_high_at_forward():

@@ -37,7 +37,7 @@ def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = Fals
     if f != f or f > hi or f < lo or (open_lo and f == lo):
         left = "(" if open_lo else "["
         raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {_short(v)}")
-    return f
+    return f + 0.0  # -0.0 as 0.0 (a repr of p=-0.0; the same rate)
 
 
 def _short(v) -> str:

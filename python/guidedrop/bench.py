@@ -1077,7 +1077,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     out.print(f"launches and bytes of one forward + backward on {device_name(device)}, "
               "counted, not timed.\n"
               "- launches: the kernels' budget is 3 forward (CamDrop 5), +1 without noise, "
-              "1 backward (none for the reference, the oracle); × floor: the MB moved over "
+              "1 backward (no budget for the reference, the oracle); × floor: the MB moved over "
               "those of 3 reads + 2 writes of x."
               + ("\n- SASS for sm_90 of the worst streaming kernel (issue 13's budgets): per "
                  "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "

@@ -381,7 +381,10 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
         target: (N,) class indices in [0, K), any integer dtype (uint8 is an index, not a
             mask), on x's device.
         block_size: r, an integer >= 1, in units of x.
-        keep: the share of units kept, a real number in [0, 1]; 1 returns ``x``.
+        keep: 1 − keep is DropBlock's rate in g (the paper's keep_prob), a real number
+            in [0, 1]; 1 returns ``x``. Not the share of units kept: seeds fall only
+            among the top positions and channels, so far fewer units drop than 1 − keep
+            (under 0.1% at the defaults on 14 x 14 maps).
         channel_rate: the share of channels that may drop, a real number in [0, 1].
         normalize: ``"batch"``, ``"sample"`` or ``"none"``.
         training: False returns ``x`` itself (weight and target still checked).
@@ -432,7 +435,9 @@ def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch
     Args:
         x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
             any memory format.
-        p: the expected dropped fraction, a real number in [0, 1]; 0 returns ``x``.
+        p: the target dropped fraction, a real number in [0, 1]; 0 returns ``x``. The
+            expected fraction is about p for small p; overlapping blocks drop less above
+            (p = 0.5, block 7 on 28 x 28 maps: about 0.37; the paper's eq. 1).
         block_size: an integer >= 1, in units of x (clamped to the map).
         shared_channels: one mask for every channel of a sample.
         normalize: ``"batch"``, ``"sample"`` or ``"none"``.
