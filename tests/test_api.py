@@ -596,6 +596,29 @@ def test_linear_ramp_checkpoints_at_0_5_10_20():
     assert seen[20] == pytest.approx(TARGETS)
 
 
+def _params(model):
+    return [getattr(m, m._rate) for m in model.modules() if isinstance(m, guidedrop.GuidedDropout)]
+
+
+def test_linear_ramp_ends_on_the_parameters_themselves():
+    """At its end a ramp sets each layer's parameter to the value it was made with, also
+    where drop_rate is 1 - it: keep = 1 - (1 - 0.7) would be 0.7000000000000001 (a new
+    user's check, retain == 0.1, was False). Also after a second ramp over the same layers
+    and after load_state_dict of the same targets."""
+    model = _model()
+    want = _params(model)
+    sched = guidedrop.LinearRamp(model, steps=3)
+    for _ in range(3):
+        sched.step()
+    assert _params(model) == want
+    again = guidedrop.LinearRamp(model, steps=0)
+    assert _params(model) == want
+    fresh = guidedrop.LinearRamp(model, steps=5)
+    assert _params(model) != want  # ramped down to 0
+    fresh.load_state_dict(again.state_dict())
+    assert _params(model) == want
+
+
 def test_linear_ramp_state_dict_round_trip():
     model = _model()
     sched = guidedrop.LinearRamp(model, steps=10)

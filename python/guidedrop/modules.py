@@ -283,11 +283,12 @@ class Selectout(GuidedDropout):
         ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramped", None)
         c = x.shape[1]
         if ramped is not None and self.drop_rate == ramped[1] and type(c) is int:
-            # The ramp's target (ramped: (target, rate set), schedule.py) too, at its first
-            # non-zero rate: not only once the ramp reaches a keep with more channels to drop
-            # than candidates, late in a run.
-            F.selectout_counts(self.top_rate, 1 - ramped[0], c,
-                               f" at the end of its LinearRamp (keep={1 - ramped[0]:.12g})")
+            # The ramp's target (ramped: (target, rate set, keep at the end or None),
+            # schedule.py) too, at its first non-zero rate: not only once the ramp reaches a
+            # keep with more channels to drop than candidates, late in a run.
+            keep = 1 - ramped[0] if ramped[2] is None else ramped[2]
+            F.selectout_counts(self.top_rate, keep, c,
+                               f" at the end of its LinearRamp (keep={keep:.12g})")
         return F.selectout(x, **self._params())
 
 

@@ -53,15 +53,20 @@ class LinearRamp:
                 "" if given else f" in the {type(model).__name__}: insert the layers "
                 "(guidedrop.models.insert) before making the ramp"))
         self.steps = V.integer("steps", steps, 0)
-        self.targets = [_target(m) for m in self.layers]
+        both = [_target(m) for m in self.layers]
+        self.targets, self._params = [t for t, _ in both], [q for _, q in both]
         self.step_count = 0
         self._set()
 
     def _set(self) -> None:
         frac = 1.0 if self.steps == 0 else min(1.0, self.step_count / self.steps)
-        for m, target in zip(self.layers, self.targets, strict=True):
-            m.drop_rate = target * frac
-            m._ramped = (target, m.drop_rate)  # see _target
+        for m, target, param in zip(self.layers, self.targets, self._params, strict=True):
+            if frac == 1.0 and param is not None:
+                # the parameter itself at the end: 1 - (1 - keep) may be keep's neighbour
+                setattr(m, m._rate, param)
+            else:
+                m.drop_rate = target * frac
+            m._ramped = (target, m.drop_rate, param)  # see _target
 
     def step(self) -> None:
         self.step_count += 1
@@ -98,9 +103,13 @@ class LinearRamp:
         # its target, which a later step() reaches, or the current one. Then put
         # everything back.
         # (the parameter itself, not drop_rate: 1 - (1 - keep) may move keep by an ulp)
-        before = ((self.step_count, self.steps, self.targets),
+        before = ((self.step_count, self.steps, self.targets, self._params),
                   [(getattr(m, m._rate), getattr(m, "_ramped", None)) for m in self.layers])
-        self.step_count, self.steps, self.targets = step_count, steps, targets
+        # a target kept keeps its parameter; another one ends as 1 - target where inverted
+        params = [q if t == old else None
+                  for t, old, q in zip(targets, self.targets, self._params, strict=True)]
+        self.step_count, self.steps, self.targets, self._params = (step_count, steps, targets,
+                                                                   params)
         try:
             for i, (m, target) in enumerate(zip(self.layers, targets, strict=True)):
                 try:
@@ -110,7 +119,7 @@ class LinearRamp:
                                   f"{type(m).__name__}: {e}") from None
             self._set()
         except (TypeError, ValueError):
-            (self.step_count, self.steps, self.targets), rates = before
+            (self.step_count, self.steps, self.targets, self._params), rates = before
             for m, (rate, ramped) in zip(self.layers, rates, strict=True):
                 setattr(m, m._rate, rate)
                 if ramped is not None:  # the marks too: a later ramp finds the targets
@@ -118,8 +127,11 @@ class LinearRamp:
             raise
 
 
-def _target(m: GuidedDropout) -> float:
-    """The rate a new ramp takes to: the target of the ramp that set m's rate, while m's
-    rate is still the one that ramp set; else m's rate."""
-    ramped = getattr(m, "_ramped", None)  # (target, rate set)
-    return ramped[0] if ramped is not None and m.drop_rate == ramped[1] else m.drop_rate
+def _target(m: GuidedDropout) -> tuple[float, float | None]:
+    """The rate a new ramp takes to, and the parameter that gives it (None: unknown): the
+    target of the ramp that set m's rate, while m's rate is still the one that ramp set;
+    else m's rate."""
+    ramped = getattr(m, "_ramped", None)  # (target, rate set, parameter of the target)
+    if ramped is not None and m.drop_rate == ramped[1]:
+        return ramped[0], ramped[2]
+    return m.drop_rate, getattr(m, m._rate)
