@@ -11,8 +11,9 @@
 
 The apply (``apply_block``) is the third launch; with ``noise=None`` the uniforms are one
 more (``torch.rand``, as the reference draws them). p_blocks is a runtime argument, a
-float64: its bits as an int64 in eager mode (a python float argument is a float32), a 0-dim
-float64 tensor while torch.compile traces.
+float64: its bits as two int32 in eager mode (a python float argument is a float32, and
+torch 2.11's inductor refuses int arguments past int32), a 0-dim float64 tensor while
+torch.compile traces.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from ..pooled_correlation import _pooled_correlation_launch
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
 
-@triton.jit(do_not_specialize=["p_blocks"])  # a rate: never a specialisation key
-def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, N, HP, WP, H, W, k,
+@triton.jit(do_not_specialize=["p_blocks", "p_low"])  # a rate: never a specialisation key
+def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, p_low, N, HP, WP, H, W, k,
                           units, su0, suN, suH, suW, P_PTR: tl.constexpr, NORM: tl.constexpr,
                           BN: tl.constexpr, BP: tl.constexpr):
     # BN samples x BP pooled positions per tile; a sample longer than BP is read in chunks,
     # three passes: (min, max, NaN of F), z, then keep and the kept units.
     if P_PTR:
         p_blocks = tl.load(p_blocks)
-    else:  # a float64's bits (an int64, or an int32 for p_blocks < 2^-1043)
-        p_blocks = p_blocks.to(tl.int64).to(tl.float64, bitcast=True)
+    else:  # a float64's high and low 32 bits
+        bits = (p_blocks.to(tl.int64) << 32) | (p_low.to(tl.int64) & 0xFFFFFFFF)
+        p_blocks = bits.to(tl.float64, bitcast=True)
     NP = HP * WP
     total = tl.zeros([BN], tl.int64)  # kept units of the tile's rows over the batch
     for n0 in range(0, N, BN):
@@ -125,8 +127,12 @@ def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
     bp = min(pow2(hp * wp), 1024)
     bn = max(1, min(pow2(n), 4096 // bp))
     units = h * w * (n if normalize == "batch" else 1)
+    if isinstance(p_blocks, torch.Tensor):
+        p_high, p_low = p_blocks, 0
+    else:  # its float64 bits as two int32
+        p_high, p_low = struct.unpack("<ii", struct.pack("<d", p_blocks))[::-1]
     launch(_corrdrop_plan_kernel)[(1,)](
-        f, u, keep, scale, p_blocks, n, hp, wp, h, w, k, units, *u.stride(),
+        f, u, keep, scale, p_high, p_low, n, hp, wp, h, w, k, units, *u.stride(),
         P_PTR=isinstance(p_blocks, torch.Tensor), NORM=NORMALIZE[normalize], BN=bn, BP=bp)
     return keep, scale
 
@@ -143,11 +149,9 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     hp, wp = -(-h // k), -(-w // k)
     u = noise if noise is not None else rand((2, n, hp, wp), generator, x.device)
     # eq. 11 times N' with the real block size, float64 as the reference's. A kernel
-    # argument in eager mode (its bits); a 0-dim tensor while torch.compile traces, so that
-    # a new p is a new input, not a recompile (SPEC §8).
+    # argument in eager mode; a 0-dim tensor while torch.compile traces, so that a new p
+    # is a new input, not a recompile (SPEC §8).
     p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
-    if not torch.compiler.is_compiling():
-        p_blocks = struct.unpack("<q", struct.pack("<d", p_blocks))[0]
     keep, scale = _plan(x, u, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 
