@@ -39,11 +39,11 @@ INTERPRETED = tl.constexpr(INTERPRET)  # the same, for jit code (inline PTX is c
 def _exact_bfloat16_casts() -> None:
     """Make Triton's interpreter convert between bfloat16 and float32 as a GPU does: widened
     exactly (the 16 bits shifted up), narrowed rounding to nearest even (NaN kept a NaN).
-    Its bit-level ``_convert_float`` (3.8) truncates the narrowing and mishandles
-    subnormals both ways (a bfloat16 1e-39 was read as 4.4e-39, 2^-133 as 0; a tile padded
-    with a subnormal float32 got another value): every statistic of such an x (channel max,
-    thresholds, argmax) then differed from the reference's. Patched only where a probe shows
-    the fault, so a Triton that fixes it is left alone."""
+    Its bit-level ``_convert_float`` (Triton 3.6 to 3.9) truncates the narrowing and
+    mishandles subnormals both ways (a bfloat16 1e-39 was read as 4.4e-39, 2^-133 as 0; a
+    tile padded with a subnormal float32 got another value): every statistic of such an x
+    (channel max, thresholds, argmax) then differed from the reference's. Patched only
+    where a probe shows the fault, so a Triton that fixes it is left alone."""
     from triton.runtime import interpreter
 
     convert = interpreter._convert_float
@@ -71,6 +71,7 @@ def _exact_bfloat16_casts() -> None:
 
 if INTERPRET:
     _exact_bfloat16_casts()
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (major, minor): some kernels take the form that this Triton compiles best (sm_90 SASS read
 # by tests/test_static_perf.py; the GPU machine has 3.6, the budgets are calibrated on 3.8)
