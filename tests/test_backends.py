@@ -1131,6 +1131,32 @@ def test_triton_bfloat16_casts_are_exact():
     assert narrow[nan].isnan().all()
 
 
+def test_interpreter_cast_probe(monkeypatch):
+    """_common patches Triton's interpreter where its bfloat16 casts are wrong in either
+    way, and leaves a correct one alone: a converter exact on subnormals that still
+    truncates the narrowing is patched (the first probe, a tie, could not tell truncation
+    from rounding to even: a fresh helper)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from guidedrop.triton_kernels import _common
+
+    def exact_or_cut(cut):
+        def convert(data, src, dst, rounding_mode):
+            if src.primitive_bitwidth == 16:  # bfloat16 -> float32
+                return data.view(np.uint16).astype(np.uint32) << 16
+            b = data.view(np.uint32)
+            r = b if cut else b + np.uint32(0x7FFF) + ((b >> 16) & 1)
+            return (r >> 16).astype(np.uint16)
+        return convert
+
+    for cut in (True, False):
+        fake = exact_or_cut(cut)
+        monkeypatch.setattr(interpreter, "_convert_float", fake)
+        _common._exact_bfloat16_casts()
+        assert (interpreter._convert_float is fake) is not cut
+
+
 @pytest.mark.parametrize("case", list(LAYERS))
 def test_layer_matches_reference_on_bfloat16_subnormals(backend_name, monkeypatch, case):
     """x of bfloat16 subnormals (|x| < 2^-126, zeros among them): every statistic sees them

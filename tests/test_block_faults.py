@@ -249,7 +249,7 @@ def test_functional_corrdrop_huge_block(forced):
 def test_corrdrop_huge_block_under_dynamic_compile(forced):
     """A helper's attack: CorrDrop compiled with dynamic=True and k >= 2^32 failed in
     torch's int64 (OverflowError: int too big to convert, from k^2 in eq. 11's H W / k^2,
-    reference.area_in_blocks); k past int64 (2^64 + 1 a symbolic input: its value then
+    reference.blocks_dropped); k past int64 (2^64 + 1 a symbolic input: its value then
     overflowed the graph's int64 too) and past the float range. Equal to eager, module and
     functional."""
     x = torch.rand(2, 3, 5, 6, generator=gen(13))

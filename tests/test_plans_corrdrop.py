@@ -98,17 +98,19 @@ def test_plan_rates_noise_dtypes_and_thresholds(p):
 
 
 # (p, H, W, k): where float32 steps (p * HW / k², / z, 1 - p_hat) moved q an ulp off SPEC's
-# (the first four: 0.67000002 against 0.66999996), and others where they did not
+# (the first four: 0.67000002 against 0.66999996); where float64 in another order than
+# SPEC's, p * (HW / k²), did (1 - p̂ = 3.3e-16, not 2.2e-16: a fresh helper); and others
 Q_CASES = [(0.33, 7, 7, 7), (0.33, 56, 56, 7), (0.33, 13, 11, 4), (0.7, 9, 9, 2),
-           (0.1, 56, 56, 7), (0.3, 8, 7, 2), (1e-3, 5, 6, 3)]
+           (1 - 2**-52, 7, 7, 7), (0.1, 56, 56, 7), (0.3, 8, 7, 2), (1e-3, 5, 6, 3)]
 
 
 def check_q_rounded_once(B, device="cpu"):
-    """SPEC §1 and §2 step 4: B_i = u1 < q with q = 1 - p̂ rounded to float32 once (the
-    naive oracle's q). x constant, so kappa = 0, M keeps nothing and z = N'; u1 is q at
-    even blocks (dropped) and the float below it at odd ones (kept). float32 steps gave
-    the q an ulp below for the first cases, so every block was dropped (an attacking
-    helper: CorrDrop(p=0.33, block_size=7) on a 7 x 7 map)."""
+    """SPEC §1 and §2 step 4: B_i = u1 < q with q = 1 - p̂ rounded to float32 once, p̂ in
+    python floats as SPEC writes it (the naive oracle's q). x constant, so kappa = 0, M
+    keeps nothing and z = N'; u1 is q at even blocks (dropped) and the float below it at
+    odd ones (kept). float32 steps gave the q an ulp below for the first cases, so every
+    block was dropped (an attacking helper: CorrDrop(p=0.33, block_size=7) on a 7 x 7
+    map)."""
     for p, h, w, k in Q_CASES:
         hp, wp = -(-h // k), -(-w // k)
         q = torch.tensor(naive.f32(1.0 - naive.corrdrop_phat(p, k, h, w, hp * wp)))

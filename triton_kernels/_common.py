@@ -62,9 +62,9 @@ def _exact_bfloat16_casts() -> None:
         return convert(data, src, dst, rounding_mode)
 
     least = np.array([1], dtype=np.uint16)  # bfloat16 2^-133, the least subnormal
-    odd = np.array([0x3F808000], dtype=np.uint32)  # float32 1 + 2^-8: a tie, to 1.0 (even)
+    above = np.array([0x3F80C000], dtype=np.uint32)  # float32 1 + 1.5 * 2^-8: up, not cut
     if (convert(least, tl.bfloat16, tl.float32, None).view(np.float32)[0] != 2.0**-133
-            or convert(odd, tl.float32, tl.bfloat16, None)[0] != 0x3F80
+            or convert(above, tl.float32, tl.bfloat16, None)[0] != 0x3F81
             or convert(least.astype(np.uint32) << 16, tl.float32, tl.bfloat16, None)[0] != 1):
         interpreter._convert_float = exact
 

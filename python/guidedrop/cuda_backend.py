@@ -23,7 +23,7 @@ from guidedrop.layers import (
     rate64,
     top_count,
 )
-from guidedrop.reference import area_in_blocks, one_window
+from guidedrop.reference import blocks_dropped, one_window
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -254,7 +254,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     # eq. 11 times N' with the real block size, float64 as the reference's: a kernel
     # argument in eager mode, a 0-dim float64 tensor while torch.compile traces (a new p is
     # then a new input, not a recompile: _runtime_rate's, unrounded)
-    p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
+    p_blocks = blocks_dropped(rate64(p, x.device), h, w, block_size)
     p_t, p_blocks = (p_blocks, 0.0) if torch.compiler.is_compiling() else (None, p_blocks)
     keep, scale = _ops.corrdrop_plan(x, u, p_t, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))

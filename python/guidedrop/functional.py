@@ -384,7 +384,8 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
         keep: 1 − keep is DropBlock's rate in g (the paper's keep_prob), a real number
             in [0, 1]; 1 returns ``x``. Not the share of units kept: seeds fall only
             among the top positions and channels, so far fewer units drop than 1 − keep
-            (under 0.1% at the defaults on 14 x 14 maps).
+            (about 0.05% at the defaults on 14 x 14 maps of 64 channels or more; more
+            with few channels, where max(1, ...) lets more than channel_rate drop).
         channel_rate: the share of channels that may drop, a real number in [0, 1].
         normalize: ``"batch"``, ``"sample"`` or ``"none"``.
         training: False returns ``x`` itself (weight and target still checked).

@@ -194,8 +194,8 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     rng = fmax - fmin
     kappa = torch.where(rng > 0, (f - fmin) / torch.where(rng > 0, rng, 1), 0)
     m = u[0] < kappa
-    # eq. 11 times N': p' * H'W' = p * HW / k^2 with the real block size
-    p_blocks = rate64(p, x.device) * reference.area_in_blocks(h, w, block_size)
+    # eq. 11 times N' with the real block size
+    p_blocks = reference.blocks_dropped(rate64(p, x.device), h, w, block_size)
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already. In float64, so that 1 - p̂ is
     # rounded to the compute dtype once (SPEC §1: q rounded, not each step of it; float32

@@ -45,18 +45,22 @@ def one_window(k: int, h: int, w: int) -> int:
     return k if max(h, w) >= k else max(h, w, 1)
 
 
-def area_in_blocks(h: int, w: int, k: int) -> float:
-    """H·W / k² of CorrDrop's eq. 11, with the real block size k, for every backend: int /
-    int, exact-then-rounded. From k = 2^31 on, k² (from 2^63, k) overflows the int64 of
-    torch.compile's symbolic ints (dynamic=True): two divisions by float(k) there, eager
-    too, within a few ulps of it (and below 2^-62·H·W)."""
+def blocks_dropped(p, h: int, w: int, k: int):
+    """p'·N' of CorrDrop's eq. 11 and 6 (SPEC §2 step 4): p·H·W/(k²·H'·W') · H'·W', the
+    blocks a sample drops on average, with the real block size k (H' = ceil(H/k)), for
+    every backend. In SPEC's order in python floats (SPEC §1: host arithmetic as written;
+    float64 tensor ops while torch.compile traces, p then rate64's tensor), so that
+    p̂ = p'N'/z and q = 1 - p̂, in float64 on the device, are the spec's to the bit (the
+    naive oracle's; another order, p·(H·W/k²), gave q = 0 where the spec's is 1.1e-16).
+    From k = 2^31 on, k² overflows the int64 of torch.compile's symbolic ints
+    (dynamic=True): p·H·W/k/k there (H' = W' = 1), eager too, and k >= 2^62 as 2^62: then
+    p̂ <= (H·W)²·2^-124 < 2^-54 for any map under 2^35 units, and q rounds to 1 as with
+    the real k; nor is a symbolic k past int64 in the graph."""
     if k < 2**31:
-        return (h * w) / (k * k)
-    # From 2^62 on, 2^62: then H·W / k² <= 2^-124·H·W, so p̂ <= (H·W)²·2^-124 < 2^-54 for
-    # any map under 2^35 units, and 1 - p̂ rounds to 1 in float64 as with the real k: the
-    # same blocks; and no symbolic k past int64 in the graph.
+        hp, wp = (h + k - 1) // k, (w + k - 1) // k
+        return p * h * w / (k * k * hp * wp) * (hp * wp)
     kf = float(k) if k < 2**62 else 2.0**62
-    return (h * w) / kf / kf
+    return p * h * w / kf / kf
 
 
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:

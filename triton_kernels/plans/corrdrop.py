@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from guidedrop.layers import Plan, rand, rate64
-from guidedrop.reference import area_in_blocks, one_window
+from guidedrop.reference import blocks_dropped, one_window
 
 from .._common import cdiv, launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
@@ -151,7 +151,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     # eq. 11 times N' with the real block size, float64 as the reference's. A kernel
     # argument in eager mode; a 0-dim tensor while torch.compile traces, so that a new p
     # is a new input, not a recompile (SPEC §8).
-    p_blocks = rate64(p, x.device) * area_in_blocks(h, w, block_size)
+    p_blocks = blocks_dropped(rate64(p, x.device), h, w, block_size)
     keep, scale = _plan(x, u, p_blocks, k, normalize)
     return Plan("block", (k,), (keep, scale))
 
