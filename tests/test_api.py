@@ -1107,6 +1107,19 @@ def test_linear_ramp_refuses_nothing_to_ramp():
     assert repr(sched) == f"LinearRamp(step_count=1, steps=5, layers={len(sched.layers)})"
 
 
+def test_linear_ramp_layers_must_be_in_the_model():
+    """LinearRamp(model, layers=...) ramps layers of that model: one outside it (which
+    the ramp used to take silently, leaving the model's own layers alone) is a ValueError."""
+    model = _model()
+    ours = [m for m in model.modules() if isinstance(m, guidedrop.CorrDrop)][:1]
+    assert guidedrop.LinearRamp(model, layers=ours, steps=3).layers == ours
+    with pytest.raises(ValueError, match="layers must be modules of the model; not in it: "
+                                         "CorrDrop"):
+        guidedrop.LinearRamp(model, layers=[guidedrop.CorrDrop()], steps=3)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        guidedrop.LinearRamp("model", layers=ours)
+
+
 @pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])
 def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
     """A single layer (or a module, or a number) for ``layers`` is a TypeError naming
@@ -1126,6 +1139,9 @@ def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
     ({"step_count": 1, "steps": 10, "targets": {0: 0.1, 1: 0.1, 2: 0.1}}, TypeError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": {0.1, 0.2, 0.3}}, TypeError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": [0.1]}, ValueError, "targets"),
+    # a key load_state_dict would ignore (a typo, another object's state): refused
+    ({"step_count": 1, "steps": 10, "targets": None, "extra": 1}, ValueError,
+     "unexpected keys 'extra'"),
     ({"step_count": 1, "steps": 10, "targets": "high"}, ValueError, "targets"),
     ({"step_count": 1, "steps": 10, "targets": "above"}, ValueError, "targets"),
     ({"step_count": 10, "steps": 10, "targets": "selectout_one"}, ValueError,

@@ -97,8 +97,9 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     With k = block_size: x is average-pooled k x k (ceil mode) to N' = H'·W' positions,
     H' = ceil(H/k), W' = ceil(W/k); position i's correlation F_i = (1/N') Σ_j |â_i·â_j − δ_ij|
     over its unit channel vectors â (eq. 3); it is kept with probability
-    κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5, ``noise[0]``), and the z positions not
-    kept drop at p̂ = min(1, p'·N'/z) (eq. 6, ``noise[1]``), p' = p·H·W / (k²·H'·W')
+    κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5: kept where ``noise[0]`` < κ_i), and the
+    z positions not kept drop at p̂ = min(1, p'·N'/z) (eq. 6: kept where ``noise[1]`` <
+    1 − p̂, 1 − p̂ rounded once to float32), p' = p·H·W / (k²·H'·W')
     (eq. 11); w is the kept positions upsampled to k x k blocks, shared by the channels,
     then normalised. p' takes k = block_size itself: the expected dropped fraction is p
     where the blocks are whole, and falls as H·W / k² for one block larger than the map

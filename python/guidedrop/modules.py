@@ -8,9 +8,11 @@ Every parameter is validated and converted (to a python float / int / str / bool
 is assigned, in ``__init__`` and later (``m.p = ...``, ``m.drop_rate = ...``), so a bad
 value is refused where it is set and ``forward`` reads only valid values (SPEC §1);
 constraints between parameters (``low <= high``, Selectout's drop count) are checked at
-forward. Under ``torch.fx`` tracing (``symbolic_trace``, torchvision's
-``create_feature_extractor``) every module is one leaf node, like ``nn.Dropout``; a module
-traced by itself (``symbolic_trace(layer)``) is, like ``nn.Dropout``, its functional op.
+forward, and also in ``__init__`` where the constructor's arguments alone break one
+(``FocusedDropout(low=0.7, high=0.6)``: one may be set before the other later). Under
+``torch.fx`` tracing (``symbolic_trace``, torchvision's ``create_feature_extractor``) every
+module is one leaf node, like ``nn.Dropout``; a module traced by itself
+(``symbolic_trace(layer)``) is, like ``nn.Dropout``, its functional op.
 """
 
 from __future__ import annotations

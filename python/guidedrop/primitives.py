@@ -21,7 +21,8 @@ def _backend(x: torch.Tensor):
 
 @fx_leaf
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32: CorrDrop's F (SPEC §2 step 2).
+    """x: (N, C, H, W) -> (N, ceil(H/k), ceil(W/k)) float32 (float64 for float64 x, which
+    only the reference backend takes): CorrDrop's F (SPEC §2 step 2).
 
     Mean over pooled positions j of |â_i·â_j − δ_ij|, â the L2-normalised channel vectors
     of the k x k average-pooled map. Mathematically equal F are exactly equal (each
@@ -40,23 +41,25 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @fx_leaf
 def channel_max(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C) float32: max over H, W of |x| (0 for empty maps, NaN for
-    a map with a NaN). Raises TypeError / ValueError for an x that is not a 4-D floating
-    tensor."""
+    """x: (N, C, H, W) -> (N, C) float32 (float64 for float64 x): max over H, W of |x| (0
+    for empty maps, NaN for a map with a NaN). Raises TypeError / ValueError for an x that
+    is not a 4-D floating tensor."""
     return _backend(x).channel_stats(x)[0]
 
 
 @fx_leaf
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C) float32: mean over H, W (summed in float64, so equal
-    values in any order give exactly equal means; NaN for empty maps, as torch.mean).
+    """x: (N, C, H, W) -> (N, C) float32 (float64 for float64 x): mean over H, W (summed
+    in float64, so equal values in any order give exactly equal means; NaN for empty maps,
+    as torch.mean).
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor."""
     return _backend(x).channel_stats(x)[1]
 
 
 @fx_leaf
 def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
-    """x: (N, C, H, W) -> (N, C) float32: the n_β-th largest value of each map.
+    """x: (N, C, H, W) -> (N, C) float32 (float64 for float64 x): the n_β-th largest value
+    of each map.
 
     n_β = max(1, math.ceil(beta * H * W / 100)) in Python floats, left to right (SPEC §4);
     the top beta % of a map are the units >= it.

@@ -20,7 +20,8 @@ class LinearRamp:
             train_step(batch)
             sched.step()
 
-    ``layers`` restricts it to the given modules. ``steps``: any integral number >= 0
+    ``layers`` restricts it to the given modules (modules of ``model``, when both are
+    given). ``steps``: any integral number >= 0
     (0: the targets at once). Raises TypeError / ValueError naming the argument, and a
     ValueError where there is no layer to ramp (as torch's optimizers refuse an empty
     parameter list): a ramp made before ``guidedrop.models.insert`` would ramp nothing.
@@ -35,11 +36,11 @@ class LinearRamp:
     def __init__(self, model: nn.Module | None = None, steps: int = 1,
                  layers: Iterable[GuidedDropout] | None = None):
         given = layers is not None
+        if model is None and layers is None:
+            raise ValueError("LinearRamp needs a model or layers")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if layers is None:
-            if model is None:
-                raise ValueError("LinearRamp needs a model or layers")
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
         if isinstance(layers, nn.Module) or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer]), "
@@ -48,6 +49,13 @@ class LinearRamp:
         for m in self.layers:
             if not isinstance(m, GuidedDropout):
                 raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
+        if given and model is not None:
+            # a layer outside the model would be ramped while the model's own are not
+            inside = {id(m) for m in model.modules()}
+            stray = [type(m).__name__ for m in self.layers if id(m) not in inside]
+            if stray:
+                raise ValueError(f"layers must be modules of the model; not in it: "
+                                 f"{', '.join(stray)}")
         if not self.layers:
             raise ValueError("LinearRamp found no guidedrop layer to ramp" + (
                 "" if given else f" in the {type(model).__name__}: insert the layers "
@@ -86,9 +94,15 @@ class LinearRamp:
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from LinearRamp.state_dict(), got "
                             f"{type(state).__name__}")
-        missing = [k for k in ("step_count", "steps", "targets") if k not in state]
+        keys = ("step_count", "steps", "targets")
+        missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing {', '.join(missing)}: not a LinearRamp state")
+        # as nn.Module.load_state_dict (strict): a key it would ignore is a mistake
+        unexpected = [repr(k) for k in state if k not in keys]
+        if unexpected:
+            raise ValueError(f"state has unexpected keys {', '.join(unexpected)}: not a "
+                             f"LinearRamp state")
         step_count = V.integer("step_count", state["step_count"], 0)
         steps = V.integer("steps", state["steps"], 0)
         targets = state["targets"]
