@@ -182,14 +182,16 @@ def bytes_loaded_from(t: torch.Tensor):
 
 @pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="counts the Triton interpreter's loads")
-@pytest.mark.parametrize("participation", [0.0, 1.0])
+@pytest.mark.parametrize("participation", [1e-9, 1.0])
 def test_module_step_reads_x_once_when_not_applied(monkeypatch, participation):
     """The module on its compiled / captured path (as under torch.compile or CUDA graph
-    capture), Triton backend: not participating, the whole forward is the participation
-    draw (rand, lt), the draw of u, the statistics and plan kernels reading nothing of x,
-    and the apply reading x once: x.nbytes in all. Participating, the op reads more."""
+    capture), Triton backend: not participating (participation 1e-9: a draw that is not
+    below it; 0 is the identity, no draw), the whole forward is the participation draw
+    (rand, lt), the draw of u, the statistics and plan kernels reading nothing of x, and
+    the apply reading x once: x.nbytes in all. Participating, the op reads more."""
     monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
     monkeypatch.setattr(modules, "_traced", lambda x: True)
+    torch.manual_seed(0)
     m = guidedrop.FocusedDropout(participation=participation).train()
     x = torch.randn(2, 8, 9, 9)
     with bytes_loaded_from(x) as read, LaunchCounter() as c:
@@ -200,7 +202,7 @@ def test_module_step_reads_x_once_when_not_applied(monkeypatch, participation):
     assert len(c.names) == 6 and c.names[5].startswith("triton:_apply_block"), c.names
     assert not c.syncs
     assert isinstance(m.last_applied, torch.Tensor) and bool(m.last_applied) == (participation == 1)
-    if participation == 0:
+    if participation < 1:
         assert read[0] == x.nbytes, (read[0], x.nbytes)
         assert torch.equal(y, x)
     else:
@@ -278,6 +280,29 @@ def test_compile_fullgraph_applied_changes_without_recompile(monkeypatch, name):
         same_bits(y, want)
     assert seen == {False, True}
     assert counter.frame_count == 1
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU compile path (aot_eager)")
+def test_compiled_participation_zero_is_the_identity(monkeypatch):
+    """SPEC §1 under torch.compile: participation 0 returns x itself and draws nothing
+    (torch's generator untouched), as in eager mode; it drew on x's device and ran the op
+    with applied False (an attacking helper). A ramp's later rate compiles the op's graph,
+    once."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
+    torch._dynamo.reset()
+    m = guidedrop.FocusedDropout(participation=0.0).train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(m, fullgraph=True, backend=counter)
+    x = torch.randn(2, 4, 5, 6)
+    for _ in range(2):
+        state = torch.get_rng_state()
+        assert compiled(x) is x
+        assert torch.equal(torch.get_rng_state(), state) and m.last_applied is False
+    m.participation = 1.0
+    assert compiled(x) is not x and bool(m.last_applied)
+    m.participation = 0.0
+    assert compiled(x) is x and m.last_applied is False
+    assert counter.frame_count == 1  # the op's graph; the identity's has no op to compile
 
 
 # --------------------------------------------------------------------------- the ops

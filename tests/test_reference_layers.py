@@ -555,6 +555,22 @@ def test_camdrop_hand():
     assert torch.equal(w, torch.ones_like(w))
 
 
+@pytest.mark.parametrize("r", [2, 3, 8])
+def test_reference_camdrop_function(r):
+    """guidedrop.reference.camdrop (the layer on the reference backend, public) equals the
+    functional op, also for a block larger than the map (r = 3 on 1 x 7 maps: no valid
+    centre, x itself; it raised a TypeError on the plan-less case: an attacking helper)."""
+    from guidedrop import reference
+    x = torch.randn(2, 4, 1 if r == 3 else 9, 7, generator=gen(21))
+    weight, target = torch.randn(3, 4, generator=gen(22)), torch.tensor([0, 2])
+    u = torch.rand(x.shape, generator=gen(23))
+    y = reference.camdrop(x, weight, target, r, 0.5, channel_rate=0.5, normalize="batch",
+                          noise=u)
+    assert torch.equal(y, F.camdrop(x, weight, target, r, 0.5, channel_rate=0.5, noise=u))
+    if r > 2:  # no valid centre: x itself
+        assert y is x
+
+
 @pytest.mark.parametrize("r,centre,rows", [
     (3, (3, 3), (2, 5)),     # offset r//2 = 1 before the centre
     (2, (1, 1), (0, 2)),     # even block: offset 1, block (0..1)

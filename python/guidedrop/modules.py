@@ -357,19 +357,26 @@ class FocusedDropout(GuidedDropout):
         self.last_applied = False
 
     def _identity(self) -> bool:
-        return False  # _forward decides, and sets last_applied (False in eval mode)
+        # Eval mode or participation 0, from bools (GuidedDropout._identity): x itself and
+        # no draw (torch's generator untouched, as by nn.Dropout(0)), compiled too, where
+        # _forward draws on the device (it did at participation 0: an attacking helper).
+        # low <= high (each is checked when set; their order only here). Not while traced:
+        # the check would read, so pin, the rates (in training the op checks them).
+        if not torch.compiler.is_compiling():
+            V.low_high(self.low, self.high)
+        identity = super()._identity()
+        if identity and not V.exporting():  # (an exported program sets no attribute)
+            self.last_applied = False
+        return identity
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Each is checked when set; their order only here (setting low then high passes
-        # through a state low > high).
-        V.low_high(self.low, self.high)
-        if self.training and _is_replica(self):
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # training (else _identity)
+        if _is_replica(self):
             raise RuntimeError(
                 "FocusedDropout does not support nn.DataParallel in training: each replica "
                 "would draw its own participation and set last_applied on its own copy, so "
                 "the training loop would read a stale value. Use "
                 "torch.nn.parallel.DistributedDataParallel (one process per GPU).")
-        if self.training and _traced(x):
+        if _traced(x):
             # A Python branch on a random draw would be a graph break under torch.compile
             # and frozen by CUDA graph capture: draw on x's device and hand the flag to the
             # kernels, which skip x when it is False (one read of x for the whole step, the
@@ -381,9 +388,9 @@ class FocusedDropout(GuidedDropout):
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
-        # no draw at participation 0: torch's generator untouched, as by nn.Dropout(0)
+        # no draw at participation 0 (a module pickled before _zero_rate comes here with it)
         self.last_applied = False
-        if self.training and self.participation > 0:
+        if self.participation > 0:
             V.not_jit_traced()  # before the draw, which a trace would bake in
             V.not_vmapped(x)  # before the draw too
             self.last_applied = bool(torch.rand(()) < self.participation)

@@ -406,7 +406,8 @@ def _layer(layer: str):
         with torch.no_grad():
             plan = getattr(layers, layer)(reference, x, *args, noise=noise, generator=generator,
                                           **params)
-            return layers.apply(reference, plan, x, x)
+            # no plan: nothing is dropped (CamDrop's block larger than the map), x itself
+            return x if plan is None else layers.apply(reference, plan, x, x)
     run.__name__ = run.__qualname__ = layer
     run.__doc__ = (f"``{layer}`` on the reference backend, without autograd "
                    "(see guidedrop.functional).")
