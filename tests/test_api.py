@@ -6,6 +6,7 @@ import concurrent.futures
 import contextvars
 import functools
 import math
+import pickle
 import re
 
 import pytest
@@ -859,11 +860,33 @@ def test_module_values_converted_once():
     assert math.copysign(1.0, m.p) == 1.0 and "p=0.0" in repr(m) and "-0.0" not in repr(m)
 
 
-def test_focused_dropout_low_above_high_at_forward():
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_focused_dropout_low_above_high_at_forward(compiled, training):
+    """The pair is checked where forward reads them: eager (a ValueError) and compiled
+    (fullgraph: Dynamo's error, as for any bad value), in eval mode and at participation 0
+    too, also after a compile with valid values."""
+    m = guidedrop.FocusedDropout(participation=0.0).train(training)
+    x = torch.randn(2, 3, 4, 4)
+    run = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+    assert run(x) is x
+    m.low = 0.9  # each alone is valid
+    with pytest.raises(RuntimeError if compiled else ValueError, match="low must be <= high"):
+        run(x)  # (compiled: Dynamo's Unsupported, a RuntimeError that quotes the ValueError)
+    m.high = 0.95
+    assert run(x) is x
+    torch._dynamo.reset()
+
+
+def test_modules_pickled_before_their_bools():
+    """A module pickled before _zero_rate and _unordered (the bools that forward reads
+    instead of the rates) gets them back when unpickled."""
     m = guidedrop.FocusedDropout(participation=0.0)
-    m.low = 0.9  # each alone is valid; the pair is checked where forward reads them
-    with pytest.raises(ValueError, match="low"):
-        m(torch.randn(2, 3, 4, 4))
+    m.__dict__["_low"] = 0.9  # low > high, as a module could be saved
+    for key in ("_zero_rate", "_unordered"):
+        del m.__dict__[key]
+    m = pickle.loads(pickle.dumps(m))
+    assert m._zero_rate is True and m._unordered is True
 
 
 # --- CamDrop targets and weights (SPEC §6 step 0)
@@ -1076,6 +1099,11 @@ def test_data_parallel_replicas_refused(cls):
         m(x)  # the module itself still trains
     replica.eval()
     assert replica(x) is x
+    if cls is guidedrop.FocusedDropout:  # refused at participation 0 too (the loop's
+        replica.train()  # last_applied would be the replica's), as in a ramp's first step
+        replica.participation = 0.0
+        with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+            replica(x)
 
 
 # --- LinearRamp (schedule)

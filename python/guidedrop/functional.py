@@ -99,7 +99,7 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     over its unit channel vectors â (eq. 3); it is kept with probability
     κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5: kept where ``noise[0]`` < κ_i), and the
     z positions not kept drop at p̂ = min(1, p'·N'/z) (eq. 6: kept where ``noise[1]`` <
-    1 − p̂, 1 − p̂ rounded once to float32), p' = p·H·W / (k²·H'·W')
+    1 − p̂, 1 − p̂ rounded once to the compute dtype), p' = p·H·W / (k²·H'·W')
     (eq. 11); w is the kept positions upsampled to k x k blocks, shared by the channels,
     then normalised. p' takes k = block_size itself: the expected dropped fraction is p
     where the blocks are whole, and falls as H·W / k² for one block larger than the map

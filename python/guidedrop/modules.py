@@ -98,8 +98,8 @@ class GuidedDropout(nn.Module):
     _fields: tuple[str, ...] = ()
     _rate: str = "p"
     _rate_inverted = False
-    # drop_rate == 0, set with the rate (a python bool; a module pickled before it: False,
-    # the functional op then compares the rate itself). Under torch.compile with dynamic=True
+    # drop_rate == 0, set with the rate (a python bool; computed in __setstate__ for a
+    # module pickled before it). Under torch.compile with dynamic=True
     # a rate is a symbolic float from the first graph on, and a graph that reads it without
     # using it in a tensor op (the identity: eval mode, or a ramp's first step at 0) makes
     # Dynamo pin it, in every later graph too: a recompile per value. So the identity is
@@ -139,6 +139,11 @@ class GuidedDropout(nn.Module):
             _forget_dynamo_float_pins()  # any parameter: top_rate, channel_rate, ... too
         else:
             super().__setattr__(name, value)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_zero_rate" not in self.__dict__:  # pickled before _zero_rate (2026-12)
+            self.__dict__["_zero_rate"] = self.drop_rate == 0
 
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
@@ -348,6 +353,18 @@ class FocusedDropout(GuidedDropout):
     low, high = _checked("low", _REAL), _checked("high", _REAL)
     per_position = _checked("per_position", V.flag)
 
+    _unordered = False  # low > high, set with them (see _identity)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("low", "high"):
+            self.__dict__["_unordered"] = self.__dict__.get("_low", 0.0) > self.__dict__.get(
+                "_high", 1.0)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_unordered", self.low > self.high)  # pickled before it
+
     def __init__(self, participation: float = 0.1, low: float = 0.3, high: float = 0.6,
                  per_position: bool = False):
         super().__init__()
@@ -360,22 +377,23 @@ class FocusedDropout(GuidedDropout):
         # Eval mode or participation 0, from bools (GuidedDropout._identity): x itself and
         # no draw (torch's generator untouched, as by nn.Dropout(0)), compiled too, where
         # _forward draws on the device (it did at participation 0: an attacking helper).
-        # low <= high (each is checked when set; their order only here). Not while traced:
-        # the check would read, so pin, the rates (in training the op checks them).
-        if not torch.compiler.is_compiling():
-            V.low_high(self.low, self.high)
-        identity = super()._identity()
-        if identity and not V.exporting():  # (an exported program sets no attribute)
-            self.last_applied = False
-        return identity
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # training (else _identity)
-        if _is_replica(self):
+        if self.training and _is_replica(self):
             raise RuntimeError(
                 "FocusedDropout does not support nn.DataParallel in training: each replica "
                 "would draw its own participation and set last_applied on its own copy, so "
                 "the training loop would read a stale value. Use "
                 "torch.nn.parallel.DistributedDataParallel (one process per GPU).")
+        # Each is checked when set; their order only here (setting low then high passes
+        # through a state low > high), from a bool as _zero_rate (traced with dynamic=True,
+        # a comparison of the rates cost a compiled frame of its own)
+        if self._unordered:
+            V.low_high(self.low, self.high)  # raises
+        identity = super()._identity()
+        if identity and not V.exporting():  # (an exported program sets no attribute)
+            self.last_applied = False
+        return identity
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # training, participation > 0
         if _traced(x):
             # A Python branch on a random draw would be a graph break under torch.compile
             # and frozen by CUDA graph capture: draw on x's device and hand the flag to the
@@ -388,12 +406,9 @@ class FocusedDropout(GuidedDropout):
                 self.last_applied = applied  # a 0-d bool tensor here
             return F.focused_dropout(x, self.low, self.high, per_position=self.per_position,
                                      applied=applied)
-        # no draw at participation 0 (a module pickled before _zero_rate comes here with it)
-        self.last_applied = False
-        if self.participation > 0:
-            V.not_jit_traced()  # before the draw, which a trace would bake in
-            V.not_vmapped(x)  # before the draw too
-            self.last_applied = bool(torch.rand(()) < self.participation)
+        V.not_jit_traced()  # before the draw, which a trace would bake in
+        V.not_vmapped(x)  # before the draw too
+        self.last_applied = bool(torch.rand(()) < self.participation)
         if not self.last_applied:
             dispatch.requested()  # a GUIDEDROP_BACKEND naming no backend raises, as _identity
             return x
