@@ -1157,6 +1157,45 @@ def test_interpreter_cast_probe(monkeypatch):
         assert (interpreter._convert_float is fake) is not cut
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's")
+def test_interpreter_patches_the_language_once_per_run(monkeypatch):
+    """_common makes Triton's interpreter patch triton.language once per kernel run and
+    module, not at every device-function call inside the kernel (about a third of the
+    interpreted kernels' time): a layer's runs patch a few times each (their kernel's module
+    and Triton's standard library), and every patch is undone after the run. The layer's
+    values are the other tests' (every one of them runs with it)."""
+    load_backend("triton")
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    runs, patches = [], []
+    run, builtin = interpreter.GridExecutor.__call__, interpreter._patch_builtin
+
+    def counted_run(self, *args, **kwargs):
+        runs.append(1)
+        return run(self, *args, **kwargs)
+
+    def counted_builtin(*args, **kwargs):  # 3 to 4 calls a module patched
+        patches.append(1)
+        return builtin(*args, **kwargs)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted_run)
+    monkeypatch.setattr(interpreter, "_patch_builtin", counted_builtin)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    x = torch.randn(2, 5, 7, 9, generator=gen(3))
+    F.attentiondrop(x, 0.5, 30.0, noise=torch.rand(2, 5, generator=gen(4)))
+    # (Triton's own first run leaves some attributes set: tl.tensor.__repr__ restored
+    # into the class, tl.core's builtins wrapped; the same with or without _common's patch)
+    attrs = ("__index__", "__bool__", "__repr__", "T")
+    before = {a: tl.tensor.__dict__.get(a) for a in attrs}, tl.load, tl.core.load
+    runs.clear()
+    patches.clear()
+    F.attentiondrop(x, 0.5, 30.0, noise=torch.rand(2, 5, generator=gen(4)))
+    assert len(runs) >= 2
+    # before: about 600 a run (its every device-function call patched again)
+    assert len(patches) <= 12 * len(runs), (len(patches), len(runs))
+    assert ({a: tl.tensor.__dict__.get(a) for a in attrs}, tl.load, tl.core.load) == before
+
+
 @pytest.mark.parametrize("case", list(LAYERS))
 def test_layer_matches_reference_on_bfloat16_subnormals(backend_name, monkeypatch, case):
     """x of bfloat16 subnormals (|x| < 2^-126, zeros among them): every statistic sees them

@@ -69,8 +69,39 @@ def _exact_bfloat16_casts() -> None:
         interpreter._convert_float = exact
 
 
+def _patch_language_once_per_run() -> None:
+    """Make Triton's interpreter patch triton.language once per kernel run and module.
+    It patches it (``_patch_lang``: inspect.getmembers of tl, tl.core, tl.math, ...) for
+    the kernel's run and again at every call of a @jit function inside it; a repeat for a
+    module whose globals were patched in this run changes nothing (the builtins are
+    wrapped already, the rest set to the same functions), and cost about a third of an
+    interpreted kernel's time here. Triton 3.6 to 3.9 (the same code)."""
+    from triton.runtime import interpreter
+
+    patch, run = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    patched = set()  # ids of the globals whose languages this kernel run has patched
+    nothing = interpreter._LangPatchScope()  # (a device call's scope is never restored)
+
+    def patch_lang(fn):
+        key = id(fn.__globals__)
+        if key in patched:
+            return nothing
+        patched.add(key)
+        return patch(fn)
+
+    def kernel_run(self, *args, **kwargs):  # a launch: the kernel's own patch first
+        patched.clear()
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            patched.clear()
+
+    interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, kernel_run
+
+
 if INTERPRET:
     _exact_bfloat16_casts()
+    _patch_language_once_per_run()
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (major, minor): some kernels take the form that this Triton compiles best (sm_90 SASS read
