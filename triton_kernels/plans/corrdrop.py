@@ -127,13 +127,13 @@ def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
     bp = min(pow2(hp * wp), 1024)
     bn = max(1, min(pow2(n), 4096 // bp))
     units = h * w * (n if normalize == "batch" else 1)
-    if isinstance(p_blocks, torch.Tensor):
-        p_high, p_low = p_blocks, 0
-    else:  # its float64 bits as two int32
-        p_high, p_low = struct.unpack("<ii", struct.pack("<d", p_blocks))[::-1]
+    p_ptr = isinstance(p_blocks, torch.Tensor)
+    # else its float64 bits as two int32
+    p_high, p_low = (p_blocks, 0) if p_ptr else struct.unpack(
+        "<ii", struct.pack("<d", p_blocks))[::-1]
     launch(_corrdrop_plan_kernel)[(1,)](
         f, u, keep, scale, p_high, p_low, n, hp, wp, h, w, k, units, *u.stride(),
-        P_PTR=isinstance(p_blocks, torch.Tensor), NORM=NORMALIZE[normalize], BN=bn, BP=bp)
+        P_PTR=p_ptr, NORM=NORMALIZE[normalize], BN=bn, BP=bp)
     return keep, scale
 
 
