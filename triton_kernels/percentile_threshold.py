@@ -10,7 +10,9 @@ histogram (``tl.histogram``, 256 or 16 bins) of the digit among the keys matchin
 digits found so far; the bin holding the k-th largest (counted from the top) is the next
 digit, and k becomes the rank within that bin. The digits are the k-th largest key, the
 key of an element of the row (exact, ties by value as torch.topk; NaN is one canonical
-key above +Inf, -0.0 sorts below +0.0 as in float_key).
+key above +Inf, -0.0 sorts below +0.0 as in float_key). Rows of 1024 to 4096 slots, one or
+two a program of 1 or 2 warps, count their 8-bit digits in bins permuted so that each thread
+holds 8 or 4 consecutive digits, scanned in its registers (``_pass_wide``).
 
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
 chip (short rows several per program, one histogram of ROWS * bins, at most HIST_BINS; 64
@@ -90,7 +92,8 @@ SMALL_ROW = 1024
 KEY_BITS = {torch.bfloat16: 16, torch.float16: 19}
 # Bins of a program's histogram of short rows, ROWS * (256 or 16): 16 KiB of shared memory.
 HIST_BINS = 4096
-# Rows in registers: SELECT_TILE elements per program (several short rows), a warp per
+# Rows in registers but those of _pass_wide: SELECT_TILE elements per program (several
+# short rows), a warp per
 # WARP_ELEMENTS (64 a thread). The picks of the digits cost per row and per thread that
 # holds it, not per element: at 16 a thread they were most of the kernel's instructions
 # (bf16 56 x 56: 84 SASS per element; 64 a thread: 30), and past 64 registers spill.
@@ -320,6 +323,120 @@ def _pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
+def _byte_twice(v, BYTE: tl.constexpr):
+    """(b << 8) | b for the byte b of v at BYTE (0 = lowest), uint32: one PRMT on sm_90."""
+    if INTERPRETED:
+        b = (v >> (8 * BYTE)) & 0xFF
+        w = (b << 8) | b
+    else:
+        w = tl.inline_asm_elementwise(f"prmt.b32 $0, $1, 0, {0x4400 + BYTE * 0x11};", "=r,r",
+                                      [v], dtype=tl.uint32, is_pure=True, pack=1)
+    return w
+
+
+@triton.jit
+def _pass_wide(ukey, uprefix, count, n_valid, pad, pkey, ROWS: tl.constexpr,
+               BLOCK: tl.constexpr, SHIFT: tl.constexpr, J: tl.constexpr):
+    """_pass by the 8-bit digit at SHIFT, on T = 256 / J threads (J = 4 or 8), as J
+    (ROWS, T) histograms h0 ... h(J-1), hj[r, t] counting row r's digit J t + j (J = 4:
+    h4 ... h7 are 0). tl.histogram's bins are permuted (digit d in bin (d % J) * T + d / J)
+    so that its layout puts digits J t to J t + J - 1 on thread t, which _pick_wide then
+    scans in registers; in tl.histogram's order (digit d on thread d % T) the scans and sums
+    of _pick took 8 to 16 SASS per element (bf16 56 x 56 to 28 x 28). The permutation costs
+    a PRMT per key or none: the digit twice, shifted and masked as the digit alone was."""
+    T: tl.constexpr = 256 // J
+    r = tl.arange(0, ROWS)[:, None]
+    if SHIFT == 24:  # no prefix yet
+        twice = _byte_twice(ukey, 3)
+    else:  # keys off the prefix clamped to digit 255: the last bin holds them
+        twice = _byte_twice(tl.minimum(ukey - _col(uprefix, ROWS), (1 << (SHIFT + 8)) - 1),
+                            SHIFT // 8)
+    shift: tl.constexpr = 2 if J == 4 else 3
+    flat = tl.reshape(((twice >> shift) & 0xFF).to(tl.int32) + r * 256, [ROWS * BLOCK])
+    h = tl.histogram(flat, ROWS * 256)
+    # tl.split splits the last axis, in registers: the bin's bits of j from the top
+    if J == 4:  # [r, j1, j0, t] -> [r, t, j0, j1]
+        h = tl.permute(tl.reshape(h, [ROWS, 2, 2, T]), [0, 3, 2, 1])
+        h0, h1, h2, h3 = _split4(h)
+        h4 = tl.zeros_like(h0)
+        h5, h6, h7 = h4, h4, h4
+    else:  # [r, j2, j1, j0, t] -> [r, t, j0, j1, j2]
+        h = tl.permute(tl.reshape(h, [ROWS, 2, 2, 2, T]), [0, 4, 3, 2, 1])
+        lo, hi = tl.split(h)
+        h0, h1, h2, h3 = _split4(lo)
+        h4, h5, h6, h7 = _split4(hi)
+    # the padding and the keys off the prefix, in known bins, taken out
+    if SHIFT == 24:
+        pbin = (pkey >> SHIFT).to(tl.int32)[:, None]
+        off = tl.zeros_like(pbin)
+    else:
+        on = (pkey >> (SHIFT + 8)) == (uprefix >> (SHIFT + 8))  # the padding on the prefix
+        pbin = tl.where(on, (pkey >> SHIFT) & 0xFF, 0xFF).to(tl.int32)[:, None]
+        off = (n_valid - count)[:, None]
+    # digit - J t: j on the thread whose bin holds it
+    j = pbin - tl.arange(0, T)[None, :] * J
+    pd = pad[:, None]
+    h0 -= tl.where(j == 0, pd, 0)
+    h1 -= tl.where(j == 1, pd, 0)
+    h2 -= tl.where(j == 2, pd, 0)
+    h3 -= tl.where(j == 3, pd, 0)
+    if J == 8:
+        h4 -= tl.where(j == 4, pd, 0)
+        h5 -= tl.where(j == 5, pd, 0)
+        h6 -= tl.where(j == 6, pd, 0)
+        h7 -= tl.where(j == 7, pd, 0)
+        h7 -= tl.where(tl.arange(0, T)[None, :] == T - 1, off, 0)
+    else:
+        h3 -= tl.where(tl.arange(0, T)[None, :] == T - 1, off, 0)
+    return h0, h1, h2, h3, h4, h5, h6, h7
+
+
+@triton.jit
+def _split4(h):
+    """(..., 2, 2) -> its four (...) parts, [..., j0, j1] in the order of j = 2 j1 + j0."""
+    h01, h23 = tl.split(h)
+    h0, h1 = tl.split(h01)
+    h2, h3 = tl.split(h23)
+    return h0, h1, h2, h3
+
+
+@triton.jit
+def _pick_wide(h0, h1, h2, h3, h4, h5, h6, h7, k, total, J: tl.constexpr):
+    """_pick of _pass_wide's histograms, ``total`` (ROWS,) keys in them (at most 4096): a
+    scan of the threads' sums, then each thread's J bins in registers."""
+    T: tl.constexpr = 256 // J
+    s = h0 + h1 + h2 + h3
+    if J == 8:
+        s += h4 + h5 + h6 + h7
+    a0 = total[:, None] - tl.cumsum(s, axis=1) + s  # #{digit >= J t}
+    a1 = a0 - h0  # #{digit >= J t + 1}
+    a2 = a1 - h1
+    a3 = a2 - h2
+    a4 = a3 - h3
+    kc = k[:, None]
+    hits = (a0 >= kc).to(tl.int32) + (a1 >= kc).to(tl.int32) + (a2 >= kc).to(tl.int32) \
+        + (a3 >= kc).to(tl.int32)
+    if J == 8:
+        a5 = a4 - h4
+        a6 = a5 - h5
+        a7 = a6 - h6
+        a8 = a7 - h7
+        hits += (a4 >= kc).to(tl.int32) + (a5 >= kc).to(tl.int32) \
+            + (a6 >= kc).to(tl.int32) + (a7 >= kc).to(tl.int32)
+    d = tl.sum(hits, axis=1) - 1  # the a: non-increasing
+    # #{digit >= d} and #{digit > d}, 16 bits each, in one sum: d = J t + j on thread t
+    j = d[:, None] - tl.arange(0, T)[None, :] * J
+    both = tl.where(j == 0, (a0 << 16) | a1, 0) + tl.where(j == 1, (a1 << 16) | a2, 0) \
+        + tl.where(j == 2, (a2 << 16) | a3, 0) + tl.where(j == 3, (a3 << 16) | a4, 0)
+    if J == 8:
+        both += tl.where(j == 4, (a4 << 16) | a5, 0) + tl.where(j == 5, (a5 << 16) | a6, 0) \
+            + tl.where(j == 6, (a6 << 16) | a7, 0) + tl.where(j == 7, (a7 << 16) | a8, 0)
+    both = tl.sum(both, axis=1)
+    above = both & 0xFFFF
+    return d, k - above, (both >> 16) - above
+
+
+@triton.jit
 def _digit(ukey, prefix, valid, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """The BITS-bit digit at SHIFT of the unsigned keys, and which keys match the prefix
     (the digits above SHIFT found so far)."""
@@ -358,7 +475,7 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                   ROW_LANES: tl.constexpr, COUNT_BITS: tl.constexpr,
+                   ROW_LANES: tl.constexpr, COUNT_BITS: tl.constexpr, WIDE: tl.constexpr,
                    HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
@@ -411,8 +528,16 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                 thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True), 32 - KEY_BITS))
             else:
                 for i in tl.static_range(PASSES):
-                    d, kk, count = _pick(_pass(ukey, uprefix, count, n_valid, pad, pkey, ROWS,
-                                               BLOCK, BITS, 32 - BITS * (i + 1)), kk, BINS)
+                    if WIDE:
+                        h0, h1, h2, h3, h4, h5, h6, h7 = _pass_wide(
+                            ukey, uprefix, count, n_valid, pad, pkey, ROWS, BLOCK, 24 - 8 * i,
+                            WIDE)
+                        d, kk, count = _pick_wide(h0, h1, h2, h3, h4, h5, h6, h7, kk, count,
+                                                  WIDE)
+                    else:
+                        d, kk, count = _pick(_pass(ukey, uprefix, count, n_valid, pad, pkey,
+                                                   ROWS, BLOCK, BITS, 32 - BITS * (i + 1)),
+                                             kk, BINS)
                     uprefix = uprefix | (d.to(tl.uint32, bitcast=True) << (32 - BITS * (i + 1)))
                 thr = key_float(_low_fill(uprefix.to(tl.int32, bitcast=True),
                                           32 - BITS * PASSES))
@@ -468,7 +593,11 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             # msum in float64: every S is a multiple of 2^-24 in [0, 1], so the sum is exact
             # (backend_contract.md) and equal to the reference's in any order.
             r = range_reciprocal(mn, mx)
-            if SINGLE:  # the padding's S subtracted: exact, as both sums are
+            if SINGLE and MODE == 0:  # "am": S is 0 or 1, a count (an int32 add a unit, not
+                # a float64 one), the padding's taken out
+                below = tl.sum((v < _col(thr, ROWS)).to(tl.int32), axis=1)
+                msum = (below - tl.where(first < thr, pad, 0)).to(tl.float64)
+            elif SINGLE:  # the padding's S subtracted: exact, as both sums are
                 s = soft_mask(v, _col(thr, ROWS), _col(mn, ROWS), _col(r, ROWS), MODE)
                 spad = soft_mask(first, thr, mn, r, MODE)
                 msum = tl.sum(s.to(tl.float64), axis=1) \
@@ -521,10 +650,16 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     if length <= MAX_ROW:
         single, block = True, pow2(length)
         bits = 8 if block >= SMALL_ROW else 4
-        rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_BINS >> bits))
+        if SMALL_ROW <= block <= 2 * WARP_ELEMENTS:  # _pass_wide: 1 or 2 warps, J = 8 or 4
+            # bins a thread (the GPU's tiles under the interpreter too: the same code tested)
+            rows = max(1, min(WARP_ELEMENTS // block, pow2(rcount)))
+            wide = 256 // (32 * max(1, rows * block // WARP_ELEMENTS))
+        else:
+            rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_BINS >> bits))
+            wide = 0
         ws = x4  # (unused)
     else:
-        single, block, rows, bits = False, CHUNK, 1, 8
+        single, block, rows, bits, wide = False, CHUNK, 1, 8, 0
         ws = torch.empty(rcount * length, dtype=torch.int32, device=x4.device)
     nw = max(1, rows * block // WARP_ELEMENTS) if single else warps(block)
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
@@ -547,7 +682,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         # keep the rows on the lanes through the transpose (bf16 7 x 7 in channels_last: 203
         # SASS per element, 110 without)
         ROW_LANES=single and rows >= 32 * nw and not HISTOGRAM_BALLOTS,
-        COUNT_BITS=single and HISTOGRAM_BALLOTS,
+        COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=wide,
         HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
         num_warps=nw)
     return result
