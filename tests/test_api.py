@@ -1264,3 +1264,27 @@ def test_selectout_ramp_target_checked_at_its_first_step():
     layer(x)
     guidedrop.LinearRamp(layers=[layer], steps=100).step()
     layer(x)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_sparse_tensors_are_refused(name):
+    """x, noise, CamDrop's weight and target must be dense: a sparse one is a TypeError
+    naming it (it failed deep inside torch, or the reference returned a sparse output)."""
+    with pytest.raises(TypeError, match="x must be a dense"):
+        call(name, x=_x().to_sparse())
+    with pytest.raises(TypeError, match="noise must be a dense"):
+        call(name, noise=torch.rand(NOISE_SHAPES[name]).to_sparse())
+    if name == "camdrop":
+        weight, target = _cam()
+        with pytest.raises(TypeError, match="weight must be a dense"):
+            call(name, weight=weight.to_sparse())
+        with pytest.raises(TypeError, match="target must be a dense"):
+            call(name, target=target.to_sparse())
+
+
+def test_sparse_tensors_are_refused_by_the_primitives():
+    from guidedrop import primitives as P
+    with pytest.raises(TypeError, match="x must be a dense"):
+        P.channel_max(_x().to_sparse())
+    with pytest.raises(TypeError, match="mask must be a dense"):
+        P.block_upsample(torch.ones(2, 2, 2).to_sparse(), 3, 6, 6)

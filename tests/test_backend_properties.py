@@ -385,3 +385,49 @@ def test_argument_types(backend, shape, r, k, seed):
                     got.nan_to_num(), want.nan_to_num()), f"{name}: {type(typed).__name__}"
             if has_k:
                 assert torch.equal(op(r, np.int32(k)), op(r, k)), f"{name}: np.int32"
+
+
+# --------------------------------------------------------------------------- lazy negations
+
+NEG_OPS = {  # layer -> (op(x, u, weight), noise shape of x (2, 3, 6, 6))
+    "corrdrop": (lambda x, u, wt: F.corrdrop(x, 0.5, 2, noise=u), (2, 2, 3, 3)),
+    "selectscale": (lambda x, u, wt: F.selectscale(x, 0.5, 0.2, noise=u), (2, 3)),
+    "spatialscale": (lambda x, u, wt: F.spatialscale(x, 0.2, noise=u), (2, 3)),
+    "selectout": (lambda x, u, wt: F.selectout(x, 0.7, 0.7, noise=u), (2, 3)),
+    "attentiondrop": (lambda x, u, wt: F.attentiondrop(x, 0.9, 30.0, mode="ad", noise=u),
+                      (2, 3)),
+    "focused_dropout": (lambda x, u, wt: F.focused_dropout(x, 0.2, 0.6, noise=u), (2,)),
+    "camdrop": (lambda x, u, wt: F.camdrop(x, wt, torch.tensor([0, 2], device=DEV), 2, 0.5,
+                                           noise=u), (2, 3, 6, 6)),
+    "dropblock": (lambda x, u, wt: F.dropblock(x, 0.3, 2, noise=u), (2, 3, 6, 6)),
+}
+
+
+def lazily_negated(v: torch.Tensor) -> torch.Tensor:
+    """v's values in a tensor with the negative bit set, storage holding -v (the imaginary
+    part of a conjugate: what z.conj().imag and autograd through complex ops give)."""
+    t = torch.complex(torch.zeros_like(v), -v).conj().imag
+    assert t.is_neg() and torch.equal(t, v)
+    return t
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_lazily_negated_tensors(backend, layer):
+    """x, noise, CamDrop's weight and grad_y with the negative bit set (z.conj().imag) give
+    what their plain copies give: the kernels read storage, which holds their negation
+    (Triton returned -y, and the reference's AttentionDrop raised in Tensor.view)."""
+    op, noise_shape = NEG_OPS[layer]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=g).to(DEV)
+    u = torch.rand(noise_shape, generator=g).to(DEV)
+    wt = torch.randn(4, 3, generator=g).to(DEV)
+    gy = torch.randn(2, 3, 6, 6, generator=g).to(DEV)
+    with on(backend):
+        xr = x.clone().requires_grad_()
+        y = op(xr, u, wt)
+        gx, = torch.autograd.grad(y, xr, gy)
+        xn = lazily_negated(x).requires_grad_()
+        y_neg = op(xn, lazily_negated(u), lazily_negated(wt))
+        gx_neg, = torch.autograd.grad(y_neg, xn, lazily_negated(gy))
+        assert torch.equal(y_neg, y) and torch.equal(gx_neg, gx)

@@ -90,11 +90,26 @@ def low_high(low, high) -> tuple[float, float]:
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def dense(name: str, t: torch.Tensor) -> None:
+    """t: a dense (strided) tensor. The kernels read a tensor's storage, and the reference's
+    ops have no sparse forms (a sparse x failed deep inside torch, or passed through)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def resolved(t):
+    """t, or for a tensor with its negative bit set (a lazy negation: z.conj().imag of a
+    complex z) a copy with the negation applied: the kernels read storage, which holds
+    -t. Other values as given."""
+    return t.resolve_neg() if isinstance(t, torch.Tensor) else t
+
+
 def feature_map(x) -> None:
     """x: a 4-D floating tensor (N, C, H, W) of a dtype of FLOATS (float8 is a TypeError:
-    the reference returned a float8 output, the kernel backends refused it)."""
+    the reference returned a float8 output, the kernel backends refused it), dense."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dense("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in FLOATS:
@@ -114,6 +129,7 @@ def noise(u, shape: tuple[int, ...], x: torch.Tensor) -> None:
         return
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor or None, got {type(u).__name__}")
+    dense("noise", u)
     if not u.is_floating_point():
         raise TypeError(f"noise must be a floating tensor, got dtype {u.dtype}")
     if tuple(u.shape) != tuple(shape):
@@ -128,6 +144,7 @@ def applied(a, x: torch.Tensor) -> None:
         return
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"applied must be a torch.Tensor or None, got {type(a).__name__}")
+    dense("applied", a)
     if a.dtype != torch.bool:
         raise TypeError(f"applied must be a bool tensor, got dtype {a.dtype}")
     if a.dim() != 0:
@@ -157,6 +174,8 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    dense("weight", weight)
+    dense("target", target)
     if not weight.is_floating_point():  # a wrong type: TypeError (SPEC §1), as cam_targets
         raise TypeError(f"weight must be a floating tensor (K, C_fc), got dtype {weight.dtype}")
     if weight.dim() != 2:

@@ -118,6 +118,7 @@ def _again(ctx, t):
         # are none, and Dynamo cannot trace the unwrapping)
         saved = [_validation.func_unwrapped(s) for s in saved]
     x, state = (saved[0], saved[1:]) if ctx.kind == "attention" else (None, saved)
+    t = _validation.resolved(t)  # grad_y may be a lazy negation (the backward of a conj)
     return _function().apply(t, x, ctx.backend, ctx.kind, ctx.meta, tuple(state))
 
 

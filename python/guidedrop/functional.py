@@ -69,6 +69,9 @@ def no_autocast(device: torch.device):
 def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     V.generator(kwargs["generator"])
     V.not_vmapped(x, *args, *kwargs.values())
+    # x, noise and weight with their negations applied (V.resolved): no copy of the others
+    x, args = V.resolved(x), tuple(map(V.resolved, args))
+    kwargs = {k: V.resolved(v) for k, v in kwargs.items()}
     backend = dispatch.backend_for(x)
     with torch.no_grad(), no_autocast(x.device):
         plan = getattr(layers, layer)(backend, x.detach(), *args, **kwargs)

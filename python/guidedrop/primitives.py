@@ -14,9 +14,10 @@ from .functional import fx_leaf, no_autocast
 
 
 def _backend(x: torch.Tensor):
-    """The backend that runs a primitive on x (validated)."""
+    """The backend that runs a primitive on x (validated), and x as the kernels read it
+    (V.resolved)."""
     V.feature_map(x)
-    return dispatch.backend_for(x)
+    return dispatch.backend_for(x), V.resolved(x)
 
 
 @fx_leaf
@@ -33,7 +34,7 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor, or a k that
     is not an integer >= 1.
     """
-    B = _backend(x)  # x validated first: the autocast context reads x.device
+    B, x = _backend(x)  # x validated first: the autocast context reads x.device
     k = V.block_size(k, "k")
     with no_autocast(x.device):
         return B.pooled_correlation(x, k)
@@ -44,7 +45,8 @@ def channel_max(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C) float32 (float64 for float64 x): max over H, W of |x| (0
     for empty maps, NaN for a map with a NaN). Raises TypeError / ValueError for an x that
     is not a 4-D floating tensor."""
-    return _backend(x).channel_stats(x)[0]
+    B, x = _backend(x)
+    return B.channel_stats(x)[0]
 
 
 @fx_leaf
@@ -53,7 +55,8 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     in float64, so equal values in any order give exactly equal means; NaN for empty maps,
     as torch.mean).
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor."""
-    return _backend(x).channel_stats(x)[1]
+    B, x = _backend(x)
+    return B.channel_stats(x)[1]
 
 
 @fx_leaf
@@ -67,7 +70,7 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor, ValueError
     for beta outside (0, 100].
     """
-    B = _backend(x)  # x validated first: n_β reads x.shape
+    B, x = _backend(x)  # x validated first: n_β reads x.shape
     beta = V.real("beta", beta, 0, 100, open_lo=True)
     h, w = x.shape[-2:]
     return B.map_threshold(x, layers.beta_count(beta, h, w))
@@ -90,6 +93,7 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     h, w = V.integer("h", h, 0), V.integer("w", w, 0)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    V.dense("mask", mask)
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
     return reference.upsample(mask, k, h, w)

@@ -155,7 +155,7 @@ def order_key(v: torch.Tensor) -> torch.Tensor:
     above +Inf, as the kernels' keys (triton_kernels._common.float_key). torch.topk and
     amin rank ±0 as ties, and which zero they return depends on the elements' order."""
     itype, nan = _KEY[v.dtype]
-    b = torch.where(v.isnan(), nan, v.view(itype))
+    b = torch.where(v.isnan(), nan, v.resolve_neg().view(itype))  # (a lazy negation)
     return torch.where(b < 0, b ^ torch.iinfo(itype).max, b)
 
 
