@@ -218,10 +218,12 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 
 
 @triton.jit
-def _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first,
-                        BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
-    """The (ROWS, BLOCK) float32 values of whole rows (``first`` of each row past L, as
-    _load's values with other=first; no mask returned), laid out with the rows on the
+def _load_rows_on_lanes(x_ptr, base, live, W, sH, sW, first, L: tl.constexpr,
+                        BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, UNIT_SW: tl.constexpr,
+                        IDX64: tl.constexpr):
+    """The (ROWS, BLOCK) float32 values of whole rows of L units, a constant (``first`` of
+    each row past L, as _load's values with other=first; no mask returned: the padding is
+    known per register, no compare or fill a unit), laid out with the rows on the
     lanes: _select_kernel's ROW_LANES, rows of at most 64 units and at least 32 a warp.
     Triton lays a tile out along the axis its loads find contiguous: the positions, in
     NCHW, so that every thread held every row of a program and computed each row's picks
@@ -234,10 +236,15 @@ def _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first,
     p = tl.arange(0, BLOCK)
     if IDX64:
         p = p.to(tl.int64)
-    off = base[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None]
-    v = tl.load(x_ptr + tl.max_contiguous(off, [1, 1]), mask=live[None, :] & (p < L)[:, None],
-                other=first[None, :])
-    return tl.trans(v.to(tl.float32))
+    if UNIT_SW:  # (HW_FLAT, sW = 1) the rows' pointers first: the offsets, constants, fold
+        # into the loads' addresses (x_ptr + (base + p) took a 64-bit add and a sign
+        # extension a unit: bf16 7 x 7 3 SASS per element; with a runtime sW, 0.5 more)
+        ptr = (x_ptr + base)[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None]
+    else:
+        ptr = x_ptr + (base[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None])
+    inside = (p < L)[:, None]
+    v = tl.load(tl.max_contiguous(ptr, [1, 1]), mask=live[None, :] & inside)
+    return tl.trans(tl.where(inside, v, first[None, :]).to(tl.float32))
 
 
 @triton.jit
@@ -475,8 +482,9 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    STATS: tl.constexpr, OS: tl.constexpr,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                   ROW_LANES: tl.constexpr, COUNT_BITS: tl.constexpr, WIDE: tl.constexpr,
-                   HW_FLAT: tl.constexpr, IDX64: tl.constexpr):
+                   ROW_LANES: tl.constexpr, ROW_L: tl.constexpr, COUNT_BITS: tl.constexpr,
+                   WIDE: tl.constexpr,
+                   HW_FLAT: tl.constexpr, UNIT_SW: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -512,8 +520,8 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             # (nor, in _pass, for the histograms); its S is subtracted from the sum.
             first = tl.load(x_ptr + base, mask=live, other=0.0).to(tl.float32)
             if ROW_LANES:  # rows of at most 64 units: a lane's each
-                v = _load_rows_on_lanes(x_ptr, base, live, L, W, sH, sW, first, BLOCK, HW_FLAT,
-                                        IDX64)
+                v = _load_rows_on_lanes(x_ptr, base, live, W, sH, sW, first, ROW_L, BLOCK,
+                                        HW_FLAT, UNIT_SW, IDX64)
             else:
                 v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK,
                              HW_FLAT, IDX64)
@@ -671,6 +679,10 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         # (Triton's specialisation), so no division per map (with 32 maps a program, each
         # thread divided all 32: 20 SASS per element at 7 x 7)
         c, sn, sc = 1, (sn if c == 1 else sc), 0
+    # a lane a row or more (rows of <= 64): not before Triton 3.8, whose layouts do not
+    # keep the rows on the lanes through the transpose (bf16 7 x 7 in channels_last: 203
+    # SASS per element, 110 without)
+    row_lanes = single and rows >= 32 * nw and not HISTOGRAM_BALLOTS
     launch(_select_kernel)[(cdiv(rcount, rows),)](
         x4, act, out, msum if stats else out, u, aout, ws, alpha,
         rcount, c, w, length, int(k), sn, sc, sh, sw,
@@ -678,12 +690,9 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         STATS=stats, OS=out.shape[2], MODE=MODES[mode] if stats else 0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
-        # a lane a row or more (rows of <= 64): not before Triton 3.8, whose layouts do not
-        # keep the rows on the lanes through the transpose (bf16 7 x 7 in channels_last: 203
-        # SASS per element, 110 without)
-        ROW_LANES=single and rows >= 32 * nw and not HISTOGRAM_BALLOTS,
+        ROW_LANES=row_lanes, ROW_L=length if row_lanes else 0,  # (at most 64 kernels)
         COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=wide,
-        HW_FLAT=hw_flat(x4), IDX64=needs_int64(x4),
+        HW_FLAT=hw_flat(x4), UNIT_SW=hw_flat(x4) and sw == 1, IDX64=needs_int64(x4),
         num_warps=nw)
     return result
 
