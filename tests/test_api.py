@@ -1288,3 +1288,25 @@ def test_sparse_tensors_are_refused_by_the_primitives():
         P.channel_max(_x().to_sparse())
     with pytest.raises(TypeError, match="mask must be a dense"):
         P.block_upsample(torch.ones(2, 2, 2).to_sparse(), 3, 6, 6)
+
+
+def test_each_layer_compiles_its_own_forward():
+    """torch.compile keeps at most recompile_limit (8) compiled versions per code object:
+    each layer's forward has its own, so that the variants of one layer (training, eval,
+    channels_last, an x that requires grad) do not use up the others' (compiled one by one,
+    SelectScale, SpatialScale and Selectout shared one forward, and Selectout's hit the
+    limit: FailOnRecompileLimitHit)."""
+    codes = {id(cls.forward.__code__) for cls in MODULES}  # (equal code objects compare equal)
+    assert len(codes) == len(MODULES)
+    assert guidedrop.Selectout.forward.__qualname__ == "Selectout.forward"
+    assert guidedrop.Selectout.forward.__doc__ == guidedrop.GuidedDropout.forward.__doc__
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 6, 6)
+    for cls in (guidedrop.SelectScale, guidedrop.SpatialScale, guidedrop.Selectout):
+        m = cls()
+        cm = torch.compile(m, fullgraph=True, backend="eager")
+        cm(x)
+        cm(x.to(memory_format=torch.channels_last))
+        cm(x.clone().requires_grad_())
+        m.eval()
+        assert cm(x) is not None

@@ -18,6 +18,7 @@ module is one leaf node, like ``nn.Dropout``; a module traced by itself
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 from torch import nn
@@ -109,6 +110,22 @@ class GuidedDropout(nn.Module):
     def __init__(self) -> None:
         """The parameters, each checked as it is set: see the class docstring."""
         super().__init__()  # (help() showed nn.Module's "Initialize internal Module state")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # torch.compile keeps a frame's compiled versions on its code object, at most
+        # torch._dynamo.config.recompile_limit (8) of them: with one forward shared by
+        # every layer, the layers' variants (training, eval, channels_last, an x that
+        # requires grad, ...) used up that budget together (compiling SelectScale,
+        # SpatialScale and Selectout one by one, Selectout's hit the limit:
+        # FailOnRecompileLimitHit with fullgraph=True, else eager). Each layer gets a copy of
+        # forward with a code object of its own.
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            f = GuidedDropout.forward
+            cls.forward = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
+                                             f.__defaults__, f.__closure__)
+            cls.forward.__doc__, cls.forward.__annotations__ = f.__doc__, f.__annotations__
+            cls.forward.__qualname__ = f"{cls.__qualname__}.forward"
 
     @property
     def drop_rate(self) -> float:
