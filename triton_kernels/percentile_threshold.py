@@ -218,33 +218,44 @@ def _load(x_ptr, base, live, p0, L, W, sH, sW, other,
 
 
 @triton.jit
-def _load_rows_on_lanes(x_ptr, base, live, W, sH, sW, first, L: tl.constexpr,
-                        BLOCK: tl.constexpr, HW_FLAT: tl.constexpr, UNIT_SW: tl.constexpr,
-                        IDX64: tl.constexpr):
-    """The (ROWS, BLOCK) float32 values of whole rows of L units, a constant (``first`` of
-    each row past L, as _load's values with other=first; no mask returned: the padding is
-    known per register, no compare or fill a unit), laid out with the rows on the
-    lanes: _select_kernel's ROW_LANES, rows of at most 64 units and at least 32 a warp.
-    Triton lays a tile out along the axis its loads find contiguous: the positions, in
-    NCHW, so that every thread held every row of a program and computed each row's picks
-    and scalars itself (bf16 7 x 7: 108 SASS per element). Loaded as (BLOCK, ROWS) with its
-    contiguity hidden, the tile takes Triton's default layout, rows on the lanes, which
-    Triton 3.8 keeps through the transpose (54.5). Its loads are not 16-byte vectors
-    either way (a 7 x 7 map is 98 bytes). In NCHW each warp-wide load now reaches 32 maps,
-    about 25 cache lines, where it reached 1 or 2; the map's later loads hit those lines
-    in L1."""
+def _load_rows(x_ptr, base, live, W, sH, sW, first, L: tl.constexpr, BLOCK: tl.constexpr,
+               HW_FLAT: tl.constexpr, UNIT_SW: tl.constexpr, IDX64: tl.constexpr,
+               ON_LANES: tl.constexpr):
+    """The (ROWS, BLOCK) float32 values of whole rows of L units (``first`` of each row
+    past L, as _load's with other=first, no mask returned). L is a constant (a kernel per
+    row length): the padding is known per register, so no compare or fill a unit (bf16
+    56 x 56 in channels_last: 34.2 SASS per element before, 26.9). UNIT_SW (HW_FLAT, sW =
+    1): the rows' pointers first, so that the units' offsets, constants, fold into the
+    loads' addresses (x_ptr + (base + p) took a 64-bit add and a sign extension a unit).
+
+    ON_LANES: the rows laid out on the lanes (ROW_LANES, rows of at most 64 units and at
+    least 32 a warp). Triton lays a tile out along the axis its loads find contiguous: the
+    positions, in NCHW, so that every thread held every row of a program and computed each
+    row's picks and scalars itself (bf16 7 x 7: 108 SASS per element). Loaded as (BLOCK,
+    ROWS) with its contiguity hidden, the tile takes Triton's default layout, rows on the
+    lanes, which Triton 3.8 keeps through the transpose (54.5). Its loads are not 16-byte
+    vectors either way (a 7 x 7 map is 98 bytes). In NCHW each warp-wide load now reaches
+    32 maps, about 25 cache lines, where it reached 1 or 2; the map's later loads hit those
+    lines in L1."""
     p = tl.arange(0, BLOCK)
     if IDX64:
         p = p.to(tl.int64)
-    if UNIT_SW:  # (HW_FLAT, sW = 1) the rows' pointers first: the offsets, constants, fold
-        # into the loads' addresses (x_ptr + (base + p) took a 64-bit add and a sign
-        # extension a unit: bf16 7 x 7 3 SASS per element; with a runtime sW, 0.5 more)
-        ptr = (x_ptr + base)[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None]
+    if ON_LANES:
+        row, unit = base[None, :], pos_offset(p, W, sH, sW, HW_FLAT)[:, None]
+        inside, fill, alive = (p < L)[:, None], first[None, :], live[None, :]
     else:
-        ptr = x_ptr + (base[None, :] + pos_offset(p, W, sH, sW, HW_FLAT)[:, None])
-    inside = (p < L)[:, None]
-    v = tl.load(tl.max_contiguous(ptr, [1, 1]), mask=live[None, :] & inside)
-    return tl.trans(tl.where(inside, v, first[None, :]).to(tl.float32))
+        row, unit = base[:, None], pos_offset(p, W, sH, sW, HW_FLAT)[None, :]
+        inside, fill, alive = (p < L)[None, :], first[:, None], live[:, None]
+    if UNIT_SW:
+        ptr = (x_ptr + row) + unit
+    else:
+        ptr = x_ptr + (row + unit)
+    if ON_LANES:
+        ptr = tl.max_contiguous(ptr, [1, 1])
+    v = tl.where(inside, tl.load(ptr, mask=alive & inside), fill).to(tl.float32)
+    if ON_LANES:
+        v = tl.trans(v)
+    return v
 
 
 @triton.jit
@@ -519,15 +530,11 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             # Padding (past L) reads copies of the row's first unit: no mask for min and max
             # (nor, in _pass, for the histograms); its S is subtracted from the sum.
             first = tl.load(x_ptr + base, mask=live, other=0.0).to(tl.float32)
-            if ROW_LANES:  # rows of at most 64 units: a lane's each
-                v = _load_rows_on_lanes(x_ptr, base, live, W, sH, sW, first, ROW_L, BLOCK,
-                                        HW_FLAT, UNIT_SW, IDX64)
-            else:
-                v, _ = _load(x_ptr, base, live, 0, L, W, sH, sW, first[:, None], BLOCK,
-                             HW_FLAT, IDX64)
+            v = _load_rows(x_ptr, base, live, W, sH, sW, first, ROW_L, BLOCK, HW_FLAT,
+                           UNIT_SW, IDX64, ROW_LANES)
             ukey = _ukey(v)
             pkey = _ukey(first)
-            n_valid = tl.where(live, L, 0)
+            n_valid = tl.where(live, ROW_L, 0)
             pad = BLOCK - n_valid
             count = n_valid  # the valid keys matching the prefix
             uprefix = tl.zeros([ROWS], tl.uint32)  # the digits found so far
@@ -690,7 +697,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         STATS=stats, OS=out.shape[2], MODE=MODES[mode] if stats else 0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
-        ROW_LANES=row_lanes, ROW_L=length if row_lanes else 0,  # (at most 64 kernels)
+        ROW_LANES=row_lanes, ROW_L=length if single else 0,  # (a kernel per row length)
         COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=wide,
         HW_FLAT=hw_flat(x4), UNIT_SW=hw_flat(x4) and sw == 1, IDX64=needs_int64(x4),
         num_warps=nw)
