@@ -221,6 +221,22 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
                                                                                rel=1e-3)
 
 
+@pytest.mark.parametrize("busy", [None, "load average up to 9.0 on 2 cores"])
+def test_bench_notes_a_busy_cpu(busy, monkeypatch, capsys):
+    """CPU timings on a machine that other work shares carry a note (as the demo's): a new
+    user's compiled rows read 0.01x eager there, the OpenMP threads of Inductor's CPU
+    kernels waiting for each other."""
+    from guidedrop import demo
+    monkeypatch.setattr(demo, "cpu_contention", lambda device: busy)
+    rc = cli.main([*QUICK, "--backends", "reference", "--layers", "spatialscale", "--mode",
+                   "forward"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert ("OMP_NUM_THREADS=1" in printed) == (busy is not None)
+    if busy:
+        assert busy in printed
+
+
 def test_bench_dry_run_times_nothing(tmp_path, capsys):
     """--dry-run (the GPU script's CI run): checks every backend, prints every timing cell
     as "not measured" and writes no number it did not see; --backends all lists a backend

@@ -1657,6 +1657,13 @@ def run(args) -> list[dict]:
     out.print()
     for t in tables:
         out.print(t, highlight=False)
+    from .demo import cpu_contention
+    busy = None if args.dry_run else cpu_contention(device)
+    if busy:  # a new user's compiled rows read 0.01x eager on a shared 2-core machine
+        out.print(f"(note: {busy}: other work shared the CPU, so these times are not to be "
+                  "trusted; torch.compile's rows least: the OpenMP threads of its CPU kernels "
+                  "wait for each other, 100x eager's time where one is descheduled. "
+                  "OMP_NUM_THREADS=1 avoids that.)", highlight=False)
     try:
         if args.table:
             from rich.console import Console
