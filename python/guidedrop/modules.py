@@ -222,6 +222,12 @@ class CorrDrop(GuidedDropout):
     ``p``, then rescale by ``normalize``. ``drop_rate`` is ``p``. The definition, noise and
     errors: :func:`guidedrop.functional.corrdrop`.
 
+    Args:
+        p: the target dropped fraction, a real number in [0, 1].
+        block_size: k, an integer >= 1, in units of x.
+        normalize: ``"batch"`` (multiply by numel(w) / sum(w) over the batch), ``"sample"``
+            (per sample) or ``"none"``.
+
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
@@ -244,6 +250,10 @@ class SelectScale(GuidedDropout):
     by a uniform factor in [``retain``, 2 - ``retain``]. ``drop_rate`` is 1 - ``retain``.
     The definition, noise and errors: :func:`guidedrop.functional.selectscale`.
 
+    Args:
+        top_rate: the share of channels scaled, a real number in [0, 1].
+        retain: the scale's lower end, a real number in [0, 1].
+
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
@@ -264,6 +274,9 @@ class SpatialScale(GuidedDropout):
     """SpatialScale (Chen et al.): scale every channel by a uniform factor in
     [``retain``, 2 - ``retain``]. ``drop_rate`` is 1 - ``retain``. The definition, noise
     and errors: :func:`guidedrop.functional.spatialscale`.
+
+    Args:
+        retain: the scale's lower end, a real number in [0, 1].
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
@@ -288,6 +301,10 @@ class Selectout(GuidedDropout):
     Under a :class:`guidedrop.LinearRamp`, a target ``keep`` with more channels to drop
     than candidates is that ValueError at the first training step the ramp makes non-zero
     (in eager mode; compiled, where the ramped ``keep`` gets there).
+
+    Args:
+        top_rate: the share of channels that are candidates, a real number in [0, 1].
+        keep: the share of channels kept, a real number in (0, 1].
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
@@ -326,6 +343,14 @@ class AttentionDrop(GuidedDropout):
     ``normalize``; the identity in eval mode. See :func:`guidedrop.functional.attentiondrop`
     for the exact definition, dtypes and errors.
 
+    Args:
+        alpha: the share of maps masked, a real number in [0, 1].
+        beta: the top share of a map's units that the threshold t marks, in percent, a
+            real number in (0, 100].
+        mode: ``"ad"``, ``"am"`` or ``"sm"``.
+        normalize: ``"batch"`` (multiply by numel(w) / sum(w) over the batch), ``"sample"``
+            (per sample) or ``"none"``.
+
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
@@ -359,6 +384,12 @@ class FocusedDropout(GuidedDropout):
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
     would draw for its own part of the batch and write ``last_applied`` to its own copy):
     use DistributedDataParallel.
+
+    Args:
+        participation: the probability that a training batch is masked, in [0, 1].
+        low, high: the range of the threshold ratio γ, real numbers with
+            0 <= low <= high <= 1.
+        per_position: one γ per position, not per sample.
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
@@ -450,6 +481,14 @@ class CamDrop(GuidedDropout):
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError pointing to
     DistributedDataParallel.
 
+    Args:
+        block_size: the blocks' side, an integer >= 1, in units of x.
+        keep: DropBlock's keep_prob in CamDrop's g, a real number in [0, 1] (not the
+            share of units kept: far fewer drop, see the functional op).
+        channel_rate: the share of channels that may drop, a real number in [0, 1].
+        normalize: ``"batch"`` (multiply by numel(w) / sum(w) over the batch), ``"sample"``
+            (per sample) or ``"none"``.
+
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
@@ -501,6 +540,13 @@ class DropBlock2d(GuidedDropout):
     squares around Bernoulli seeds, to a dropped fraction ``p``, then rescale by
     ``normalize``. ``drop_rate`` is ``p``. The definition, noise and errors:
     :func:`guidedrop.functional.dropblock`.
+
+    Args:
+        p: the target dropped fraction, a real number in [0, 1].
+        block_size: the blocks' side, an integer >= 1, in units of x (clamped to the map).
+        shared_channels: one mask for every channel of a sample.
+        normalize: ``"batch"`` (multiply by numel(w) / sum(w) over the batch), ``"sample"``
+            (per sample) or ``"none"``.
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
