@@ -1310,3 +1310,31 @@ def test_each_layer_compiles_its_own_forward():
         cm(x.clone().requires_grad_())
         m.eval()
         assert cm(x) is not None
+
+
+class _MyCorrDrop(guidedrop.CorrDrop):
+    """A user's layer (module level: pickled by reference)."""
+
+
+def test_subclasses_keep_an_inherited_forward_and_pickle():
+    """A subclass of a layer gets a forward of its own (pickled by reference, as any
+    method); one that inherits a user's forward, from a base or a mixin, keeps it."""
+    assert pickle.loads(pickle.dumps(_MyCorrDrop.forward)) is _MyCorrDrop.forward
+    assert id(_MyCorrDrop.forward.__code__) != id(guidedrop.CorrDrop.forward.__code__)
+
+    class Base(guidedrop.SelectScale):
+        def forward(self, x):
+            return "base"
+
+    class Child(Base):
+        pass
+
+    class Mixin:
+        def forward(self, x):
+            return "mixin"
+
+    class Mixed(Mixin, guidedrop.SpatialScale):
+        pass
+
+    x = _x()
+    assert Child()(x) == "base" and Mixed()(x) == "mixin"

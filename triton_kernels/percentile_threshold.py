@@ -92,11 +92,11 @@ SMALL_ROW = 1024
 KEY_BITS = {torch.bfloat16: 16, torch.float16: 19}
 # Bins of a program's histogram of short rows, ROWS * (256 or 16): 16 KiB of shared memory.
 HIST_BINS = 4096
-# Rows in registers but those of _pass_wide: SELECT_TILE elements per program (several
-# short rows), a warp per
-# WARP_ELEMENTS (64 a thread). The picks of the digits cost per row and per thread that
-# holds it, not per element: at 16 a thread they were most of the kernel's instructions
-# (bf16 56 x 56: 84 SASS per element; 64 a thread: 30), and past 64 registers spill.
+# Rows in registers (but those of _pass_wide): SELECT_TILE elements per program (several
+# short rows), a warp per WARP_ELEMENTS (64 a thread). The picks of the digits cost per
+# row and per thread that holds it, not per element: at 16 a thread they were most of
+# the kernel's instructions (bf16 56 x 56: 84 SASS per element; 64 a thread: 30), and past
+# 64 registers spill.
 SELECT_TILE = 16384 if INTERPRETED else 2048
 WARP_ELEMENTS = 2048
 # Triton 3.6 (the GPU machine's) lowers tl.histogram to a warp ballot per bit of the bin
@@ -665,16 +665,14 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
     if length <= MAX_ROW:
         single, block = True, pow2(length)
         bits = 8 if block >= SMALL_ROW else 4
-        if SMALL_ROW <= block <= 2 * WARP_ELEMENTS:  # _pass_wide: 1 or 2 warps, J = 8 or 4
-            # bins a thread (the GPU's tiles under the interpreter too: the same code tested)
-            rows = max(1, min(WARP_ELEMENTS // block, pow2(rcount)))
-            wide = 256 // (32 * max(1, rows * block // WARP_ELEMENTS))
-        else:
-            rows = max(1, min(SELECT_TILE // block, pow2(rcount), HIST_BINS >> bits))
-            wide = 0
+        # _pass_wide's rows on 1 or 2 warps, J = 8 or 4 bins a thread (the GPU's tiles
+        # under the interpreter too: the code tested is the code compiled)
+        wide = SMALL_ROW <= block <= 2 * WARP_ELEMENTS
+        tile = WARP_ELEMENTS if wide else SELECT_TILE
+        rows = max(1, min(tile // block, pow2(rcount), HIST_BINS >> bits))
         ws = x4  # (unused)
     else:
-        single, block, rows, bits, wide = False, CHUNK, 1, 8, 0
+        single, block, rows, bits, wide = False, CHUNK, 1, 8, False
         ws = torch.empty(rcount * length, dtype=torch.int32, device=x4.device)
     nw = max(1, rows * block // WARP_ELEMENTS) if single else warps(block)
     act = x4 if active is None else active.to(torch.bool).contiguous().view(torch.uint8)
@@ -698,7 +696,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         ROWS=rows, BLOCK=block, SINGLE=single, BITS=bits,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         ROW_LANES=row_lanes, ROW_L=length if single else 0,  # (a kernel per row length)
-        COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=wide,
+        COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=256 // (32 * nw) if wide else 0,
         HW_FLAT=hw_flat(x4), UNIT_SW=hw_flat(x4) and sw == 1, IDX64=needs_int64(x4),
         num_warps=nw)
     return result

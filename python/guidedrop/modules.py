@@ -117,15 +117,18 @@ class GuidedDropout(nn.Module):
         # every layer, the layers' variants (training, eval, channels_last, an x that
         # requires grad, ...) used up that budget together (compiling SelectScale,
         # SpatialScale and Selectout one by one, Selectout's hit the limit:
-        # FailOnRecompileLimitHit with fullgraph=True, else eager). Each layer gets a copy of
-        # forward with a code object of its own.
+        # FailOnRecompileLimitHit with fullgraph=True, else eager). Each subclass that
+        # inherits GuidedDropout's forward, or a copy of it (an equal code object), gets a
+        # copy with a code object of its own; one that inherits another forward (a user's
+        # override, a mixin's) keeps it.
         super().__init_subclass__(**kwargs)
-        if "forward" not in cls.__dict__:
-            f = GuidedDropout.forward
-            cls.forward = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
-                                             f.__defaults__, f.__closure__)
-            cls.forward.__doc__, cls.forward.__annotations__ = f.__doc__, f.__annotations__
-            cls.forward.__qualname__ = f"{cls.__qualname__}.forward"
+        f = GuidedDropout.forward
+        if cls.forward.__code__ == f.__code__ and "forward" not in cls.__dict__:
+            copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
+                                      f.__defaults__, f.__closure__)
+            copy.__doc__, copy.__annotations__ = f.__doc__, dict(f.__annotations__)
+            copy.__module__, copy.__qualname__ = cls.__module__, f"{cls.__qualname__}.forward"
+            cls.forward = copy
 
     @property
     def drop_rate(self) -> float:
