@@ -726,15 +726,16 @@ def test_apply_seeds(B, x, r):
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 7, 7), (3, 16, 14, 14), (2, 4, 8, 8), (2, 8, 3, 3),
-                                   (1, 8, 5, 9), (2, 24, 4, 6), (2, 3, 5, 7)], ids=str)
+                                   (1, 8, 5, 9), (2, 24, 4, 6), (2, 3, 5, 7), (2, 8200, 1, 1)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_apply_seeds_packed_mask(B, shape, dtype):
     """r = 1 applies any packed mask (the seeds plans' blocks, reference.seed_blocks): every
     bit random, the padding bits after a sample's last unit set too, one scale infinite
     (0 * inf: NaN where dropped, as the reference), in each layout; samples of whole bytes
     with maps of 8s (one byte per 8 elements), of other sizes (two bytes shifted, a group
-    running into the next map) and under 7 positions, and C * H * W % 8 != 0 (the row
-    tiles)."""
+    running into the next map) and under 7 positions (1 x 1: a tile's channels split with
+    the largest magic multiplier), and C * H * W % 8 != 0 (the row tiles)."""
     n, c, h, w = shape
     scale = rand((n,), 4) * 3
     scale[-1] = float("inf")

@@ -335,7 +335,7 @@ def test_emulated_kth_largest_every_digit_long_rows(E):
 def test_emulated_map_threshold_16bit_keys(E, dtype):
     """16-bit maps: the radix passes stop at the last key bit the dtype sets (bfloat16: 2
     passes, float16: 3) and fill the bits below, ones where the threshold is negative or
-    NaN. Maps on a quarter warp (7 x 7), on a block in 16-byte loads (50 x 60) and unit by
+    NaN. Maps on 4 lanes (7 x 7), on a block in 16-byte loads (50 x 60) and unit by
     unit (103 x 100: not whole chunks), the longest on a block, 256 threads of 56 keys
     (112 x 128), and the next whole-chunk size (113 x 128), which takes map_select_kernel
     and reads x twice (over 10240 keys)."""
@@ -354,8 +354,10 @@ def test_emulated_map_threshold_16bit_keys(E, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_map_select_warp_and_block_sizes(E, dtype):
     """Maps of 1 to 1024 units take map_select_regs_kernel's warp forms (its keys in
-    registers: a quarter warp per map, 8 or 32 keys a lane, up to 256 units, 4 maps a warp,
-    some of them past the last map or inactive; else a warp, 32 keys a lane); longer
+    registers: 4 lanes per map, 16 keys a lane up to 64 units, 64 up to 256, 8 maps a warp,
+    some of them past the last map or inactive; else a warp, 32 keys a lane; contiguous NCHW
+    maps of whole 16-byte chunks in 16-byte loads, 6 x 8, 12 x 12 and 28 x 28 with chunks
+    of padding, 8 x 8, 16 x 16 and 32 x 32 without); longer
     contiguous NCHW maps of whole 16-byte chunks, up to 256 x 56 units, its block form (a
     block per map, 56 keys a thread: 36 x 36 on a warp of which most is padding, 56 x 56 on
     2 warps, 56 x 64 on 2 with no padding, 64 x 128 on 5;
@@ -365,8 +367,8 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
     each boundary, with rows one stride apart (NCHW, channels_last) and not (transposed: the
     per-unit (h, w) of a multiply-high), every digit of the select, the soft mask's sum in
     every mode."""
-    for h, w in ((1, 1), (8, 8), (5, 13), (16, 16), (1, 257), (32, 32), (25, 41), (36, 36),
-                 (56, 56), (56, 64), (64, 128)):
+    for h, w in ((1, 1), (6, 8), (8, 8), (5, 13), (12, 12), (16, 16), (1, 257), (28, 28),
+                 (32, 32), (25, 41), (36, 36), (56, 56), (56, 64), (64, 128)):
         n = h * w
         x = (radix_maps16((h, w), dtype) if dtype != torch.float32
              else radix_rows(n)[2:].reshape(1, 6, h, w))
@@ -385,14 +387,15 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
             assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
 
 
-def test_emulated_attention_stats_quarter_warps(E):
-    """8 x 8 maps, four a warp (a quarter warp each): a warp whose four maps are all inactive
-    skips them, one with some active computes its inactive maps without writing them, and
-    the last warp's groups past the last map write nothing."""
-    x = radix_maps16((8, 8), torch.bfloat16)
-    x = torch.cat([x, x.flip(1), x[:, :2]], 1)  # 14 maps: 3 warps and a half
-    active = torch.tensor([[False] * 4 + [True, False, False, True] + [True] * 4
-                           + [False, True]])
+@pytest.mark.parametrize("hw", [(8, 8), (12, 12)], ids=str)
+def test_emulated_attention_stats_groups_of_a_warp(E, hw):
+    """Maps of 4 lanes, 8 a warp, 16 keys a lane (8 x 8) or 64 (12 x 12): a warp whose maps
+    are all inactive skips them, one with some active computes its inactive maps without
+    writing them, and the last warp's groups past the last map write nothing."""
+    x = radix_maps16(hw, torch.bfloat16)  # 6 maps
+    x = torch.cat([x, x.flip(1)] * 2, 1)[:, :22]  # 3 warps of 8 maps, the last 2 short
+    active = torch.tensor([[False] * 8 + [True, False, False, True] + [False] * 4
+                           + [True] * 4 + [False, True]])
     for mode in ("am", "sm", "ad"):
         got = E.attention_stats(x, 13, active, mode)
         want = R.attention_stats(x, 13, active, mode)

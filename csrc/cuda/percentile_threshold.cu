@@ -4,9 +4,9 @@
 //
 // Maps of at most 1024 units whose rows are one stride apart (every map of a CNN layer of
 // 32 x 32 or less, in NCHW or channels_last, and rows of up to 1024 channels) take a warp,
-// or a quarter warp up to 256 units, each (map_select_regs_kernel, BLOCK = false): keys in
-// registers, a histogram per group of lanes, no block-wide barrier. Longer maps of rows one
-// stride apart, up to 256 x 56 units (56 x 56), take a block each with the keys in
+// or 4 lanes up to 256 units, each (map_select_regs_kernel, BLOCK = false): keys in
+// registers, a histogram per group of lanes, no block-wide barrier. Longer maps of
+// rows one stride apart, up to 256 x 56 units (56 x 56), take a block each with the keys in
 // registers (BLOCK = true, 56 keys a thread: 16-byte loads where the maps are contiguous
 // chunks, VEC). Other maps (other strides over 1024 units, longer ones) take one block per
 // row (kth_largest) or per (n, c) map (map_threshold, attention_stats), in a grid-stride
@@ -273,10 +273,13 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // reads the digit off it (group_radix_digit), so no thread waits for another's pick.
 // - BLOCK = false: maps of at most G * UNITS units (1024 at most) whose rows are one stride
 //   apart (unit i at i * sw, under 2^31 elements from the map's start: contiguous NCHW,
-//   channels_last, rows of a matrix), G lanes per map: a warp (G = 32) for maps of over 256
-//   units, a quarter warp (G = 8) for shorter ones, 4 maps a warp, so that a 7 x 7 or
-//   14 x 14 map's picks, reductions and gamma are paid by 8 lanes, not 32. Lane l of a group
-//   holds units l, l + G, ...; the group's own histogram, cleared before each pass: no
+//   channels_last, rows of a matrix), G lanes per map: a warp (G = 32, 32 keys a lane) for
+//   maps of over 256 units, 4 lanes (G = 4, 8 maps a warp) of 64 keys up to 256 units and
+//   of 16 up to 64, so that a 7 x 7 or 14 x 14 map's picks, reductions and gamma are paid
+//   by 4 lanes, not 32 (bf16 sm_90 SASS per element, 7 x 7 / 14 x 14: 72.7 / 40.8 on 8
+//   lanes of 8 / 32 keys, 58.8 / 36.2 on 4 of 16 / 64). Lane l of a group holds units l,
+//   l + G, ... (VEC: 16-byte chunks l, l + G, ...); the group's own histogram, cleared
+//   before each pass: no
 //   block-wide barrier, no block reduction, whose cost (about 1100 instructions per thread
 //   per map, counted from the SASS) every thread of a block paid even for a 7 x 7 map.
 //   The warp's groups run in step (their shuffles and __syncwarp take the whole warp): a
@@ -284,16 +287,18 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // - BLOCK = true: maps of more than 1024 units (56 x 56 at the goal shape) whose rows are
 //   one stride apart, of at most blockDim.x * UNITS units: a block of 32 to 256 threads per
 //   map, a histogram per pass (cleared once a map), __syncthreads between a pass's counts
-//   and its pick, the block-wide reductions of min, max and the soft mask's sum. VEC:
-//   contiguous maps, 16-byte aligned, L a multiple of V = 16 / sizeof(scalar_t), thread t
-//   reading 16-byte chunks t, t + blockDim.x, ... (V keys each); else (channels_last, maps
-//   of other lengths) units t, t + blockDim.x, ... one by one.
+//   and its pick, the block-wide reductions of min, max and the soft mask's sum.
+// VEC (either form): contiguous maps, 16-byte aligned, L a multiple of V = 16 /
+// sizeof(scalar_t), a thread reading 16-byte chunks t, t + threads, ... (V keys each); else
+// (channels_last, maps of other lengths) units t, t + threads, ... one by one.
 // The slots past the map's end (pad of them) hold copies of its first chunk (units 0 .. PV
 // - 1, PV = V or 1), so that no unit takes a branch and every loop has a fixed trip count;
 // thread 0 takes their counts out of each pass's histogram (atomically, with its own counts)
 // and their soft masks out of the sum. Keys off a lower pass's prefix are counted in a bin
 // nobody reads (256), not skipped by a branch.
-constexpr int kSelectWarps = 8;  // warps per block of the warp forms
+// warps per block of the warp forms: groups of 4 lanes take 4 (32 maps, 33 KiB of bins)
+template <int G>
+constexpr int kSelectWarps = G == 4 ? 4 : 8;
 constexpr int kRegsThreads = 256;  // most threads per map of the block form
 // keys a thread of the block form: 7 16-byte chunks of bfloat16 (a 56 x 56 map: 2 warps,
 // 448 chunks for its 392; 32 keys: 4 warps, 512 chunks), 14 of float32
@@ -313,65 +318,62 @@ __device__ __forceinline__ T group_reduce(T v, Op op) {
 }
 
 // warp_radix_digit for each group of G lanes of the warp, with its own hist and rank (G =
-// 32: warp_radix_digit itself). G = 8, three steps from the top: lane j of the group sums
-// bins 255 - 32j - (0..31) (eight 16-byte loads) and a scan over the group finds the lane
-// whose 32 bins hold the rank; lane j then sums 4 of those 32 (one 16-byte load) and a scan
-// finds the 4; every lane walks those 4 bins.
+// 32: warp_radix_digit itself). G = 4, in steps from the top: the span of bins that holds
+// the rank (all 256 at first) is cut in G parts, lane j of the group sums part j (from the
+// top; 16-byte loads), and a scan over the group finds the part that holds the rank, until
+// 4 bins are left (256, 64, 16, 4); every lane then takes the bin from those 4.
 template <int G>
 __device__ __forceinline__ RadixDigit group_radix_digit(const uint32_t* hist, uint32_t rank,
                                                         int lane) {
   if constexpr (G == 32) {
     return warp_radix_digit(hist, rank, lane);
   } else {
-    static_assert(G == 8, "groups of 8 or 32 lanes");
-    const int j = lane & 7, first = lane & 24;  // lane in the group, the group's first
+    static_assert(G == 4, "groups of 4 or 32 lanes");
+    const int j = lane % G, first = lane - j;  // lane in the group, the group's first
     auto scan = [&](uint32_t v) {  // inclusive, over the group's lanes
 #pragma unroll
-      for (int d = 1; d < 8; d <<= 1) {
-        const uint32_t o = __shfl_up_sync(kFullMask, v, d, 8);
+      for (int d = 1; d < G; d <<= 1) {
+        const uint32_t o = __shfl_up_sync(kFullMask, v, d, G);
         if (j >= d) v += o;
       }
       return v;
     };
     auto sum4 = [](const uint4& q) { return q.x + q.y + q.z + q.w; };
-    // the first lane of the group whose inclusive count reaches the rank (one exists: the
-    // matching keys number at least rank; `none` defensively)
-    auto first_at = [&](uint32_t incl, int none) {
-      const unsigned hit = (__ballot_sync(kFullMask, incl >= rank) >> first) & 0xffu;
-      return hit ? __ffs(hit) - 1 : none;
-    };
-    const uint4* h32 = reinterpret_cast<const uint4*>(hist + 224 - 32 * j);
-    uint32_t s32 = 0;
+    int top = 255;      // the span's highest bin
+    uint32_t acc = 0;   // keys in the bins above the span
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s32 += sum4(h32[i]);
-    const uint32_t incl32 = scan(s32);
-    const int sel = first_at(incl32, 0);
-    const uint32_t above = __shfl_sync(kFullMask, incl32 - s32, sel, 8);  // in higher bins
-    const int top = 255 - 32 * sel;  // sel's 32 bins: top down to top - 31
-    const uint32_t s4 = sum4(*reinterpret_cast<const uint4*>(hist + top - 3 - 4 * j));
-    const uint32_t incl4 = scan(s4) + above;
-    const int sel4 = first_at(incl4, 7);
-    uint32_t acc = __shfl_sync(kFullMask, incl4 - s4, sel4, 8);  // keys above its 4 bins
-    const int b0 = top - 4 * sel4;  // the 4 bins b0 down to b0 - 3
-    const uint4 q = *reinterpret_cast<const uint4*>(hist + b0 - 3);
-    const uint32_t cnt[4] = {q.w, q.z, q.y, q.x};
-    RadixDigit d{static_cast<uint32_t>(b0 - 3), rank - (acc + cnt[0] + cnt[1] + cnt[2]),
-                 cnt[3]};
-    bool found = false;
+    for (int span = 256; span > 4; span /= G) {
+      constexpr int kMax = 256 / G;  // the first part's bins: the most
+      const int part = span / G;     // bins of a part, a multiple of 4
+      const uint4* h = reinterpret_cast<const uint4*>(hist + top + 1 - part * (j + 1));
+      uint32_t sum = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (!found && acc + cnt[i] >= rank) {
-        d = {static_cast<uint32_t>(b0 - i), rank - acc, cnt[i]};
-        found = true;
+      for (int i = 0; i < kMax / 4; ++i) {
+        if (i < part / 4) sum += sum4(h[i]);
       }
-      acc += cnt[i];
+      const uint32_t incl = scan(sum) + acc;
+      // the first lane of the group whose inclusive count reaches the rank (one exists: the
+      // matching keys number at least rank; the last part, defensively)
+      const unsigned hit =
+          (__ballot_sync(kFullMask, incl >= rank) >> first) & ((1u << G) - 1u);
+      const int sel = hit ? __ffs(hit) - 1 : G - 1;
+      acc = __shfl_sync(kFullMask, incl - sum, sel, G);
+      top -= part * sel;
     }
-    return d;
+    // bins top, top - 1, top - 2, top - 3 hold q.w, q.z, q.y, q.x; the digit is the number
+    // of them above which fewer than rank keys lie (counts are monotone; top - 3 when none
+    // reaches it)
+    const uint4 q = *reinterpret_cast<const uint4*>(hist + top - 3);
+    const uint32_t a1 = acc + q.w, a2 = a1 + q.z, a3 = a2 + q.y;
+    const int i = (a1 < rank) + (a2 < rank) + (a3 < rank);
+    const uint32_t before = i == 0 ? acc : i == 1 ? a1 : i == 2 ? a2 : a3;
+    const uint32_t count = i == 0 ? q.w : i == 1 ? q.z : i == 2 ? q.y : q.x;
+    return {static_cast<uint32_t>(top - i), rank - before, count};
   }
 }
 
 template <typename scalar_t, int UNITS, bool BLOCK, int G = 32, bool VEC = BLOCK>
-__global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
+__global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps<G>)
     map_select_regs_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int sw,
                            const int64_t maps, const int64_t C, const FastDiv fc, const int L,
                            const uint32_t k, const Gamma gamma, const int mode,
@@ -380,9 +382,9 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps)
                            double* __restrict__ msum) {
   constexpr int PV = VEC ? 16 / sizeof(scalar_t) : 1;  // units a load
   constexpr int LOADS = UNITS / PV;
-  constexpr int kGroups = BLOCK ? 1 : 32 * kSelectWarps / G;  // maps a block
+  constexpr int kGroups = BLOCK ? 1 : 32 * kSelectWarps<G> / G;  // maps a block
   // BLOCK: hists[p] is pass p's (4 passes at most); else hists[g] is group g's
-  __shared__ WarpHist hists[BLOCK ? kSelectWarps : kGroups];
+  __shared__ WarpHist hists[BLOCK ? 4 : kGroups];
   __shared__ uint32_t kscratch[2 * kRegsThreads / 32];  // BLOCK: each warp's min and max
   __shared__ double dscratch[kRegsThreads / 32];  // BLOCK: each warp's sum
   const int lane = threadIdx.x & 31;
@@ -553,15 +555,26 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   const FastDiv fc = fast_div(C < (int64_t(1) << 31) ? C : 1);
   const bool flat = H == 1 || s.h == W * s.w;  // rows one stride apart
   const bool regs = maps < (int64_t(1) << 31) && C < (int64_t(1) << 31);  // 32-bit m / C
-  // a warp or a quarter warp per map: the map within 2^31 elements of its start
+  // contiguous maps of whole 16-byte chunks, 16-byte aligned: read in 16-byte loads (VEC),
+  // not unit by unit
+  constexpr int64_t V = 16 / sizeof(scalar_t);
+  const bool vec = s.w == 1 && L % V == 0 && s.n % V == 0 && s.c % V == 0 &&
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  // a group of 4 or 32 lanes per map: the map within 2^31 elements of its start
   if (regs && L >= 1 && L <= 32 * 32 && flat && (L - 1) * s.w < (int64_t(1) << 31)) {
-    // G * UNITS slots: 64 (a quarter warp, 8 keys a lane), 256 (a quarter warp, 32 a
-    // lane), 1024 (a warp, 32 a lane); each takes maps of over a quarter of its slots
-    const auto kernel = L <= 64    ? map_select_regs_kernel<scalar_t, 8, false, 8>
-                        : L <= 256 ? map_select_regs_kernel<scalar_t, 32, false, 8>
-                                   : map_select_regs_kernel<scalar_t, 32, false, 32>;
-    const int per_block = 32 * kSelectWarps / (L <= 256 ? 8 : 32);  // maps a block
-    kernel<<<grid_for(maps, per_block), 32 * kSelectWarps, 0, current_stream()>>>(
+    // G * UNITS slots: 64 (4 lanes, 16 keys a lane), 256 (4 lanes, 64 keys a lane), 1024
+    // (a warp, 32 keys a lane); each takes maps of over a quarter of its slots but the
+    // first, maps of 1 to 64 units
+    const int slots = L <= 64 ? 64 : L <= 256 ? 256 : 1024, G = slots == 1024 ? 32 : 4;
+    auto form = [slots](auto vec_tag) {
+      constexpr bool VEC = decltype(vec_tag)::value;
+      return slots == 64    ? map_select_regs_kernel<scalar_t, 16, false, 4, VEC>
+             : slots == 256 ? map_select_regs_kernel<scalar_t, 64, false, 4, VEC>
+                            : map_select_regs_kernel<scalar_t, 32, false, 32, VEC>;
+    };
+    const auto kernel = vec ? form(std::true_type{}) : form(std::false_type{});
+    const int threads = 32 * (G == 4 ? kSelectWarps<4> : kSelectWarps<32>);
+    kernel<<<grid_for(maps, threads / G), threads, 0, current_stream()>>>(
         x, s, static_cast<int>(s.w), maps, C, fc, static_cast<int>(L),
         static_cast<uint32_t>(k), gamma, mode, thr, mn, rcp, os, msum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -569,11 +582,8 @@ void launch_map_select(const scalar_t* x, const Strides4& s, int64_t maps, int64
   }
   // a block per map whose keys fit in registers: contiguous maps of 16-byte aligned chunks
   // in 16-byte loads, other maps of rows one stride apart (channels_last) unit by unit
-  constexpr int64_t V = 16 / sizeof(scalar_t), kUnits = kRegsUnits;
-  if (regs && flat && L <= kRegsThreads * kUnits && (L - 1) * s.w < (int64_t(1) << 31)) {
-    const int threads = static_cast<int>(ceil_div(L, 32 * kUnits) * 32);
-    const bool vec = s.w == 1 && L % V == 0 && s.n % V == 0 && s.c % V == 0 &&
-                     reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (regs && flat && L <= kRegsThreads * kRegsUnits && (L - 1) * s.w < (int64_t(1) << 31)) {
+    const int threads = static_cast<int>(ceil_div(L, 32 * kRegsUnits) * 32);
     const auto kernel = vec ? map_select_regs_kernel<scalar_t, kRegsUnits, true>
                             : map_select_regs_kernel<scalar_t, kRegsUnits, true, 32, false>;
     kernel<<<grid_for(maps, 1), threads, 0, current_stream()>>>(

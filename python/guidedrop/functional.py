@@ -398,7 +398,9 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
             the kernel: not the reference's draws).
 
     Returns:
-        A tensor of x's shape, dtype and memory format.
+        A tensor of x's shape, dtype and memory format: ``x`` itself where nothing can
+        drop (eval mode, keep = 1, block_size > H or W: no valid centre), as
+        ``torch.nn.functional.dropout`` returns its input at p = 0.
 
     Raises:
         TypeError: a bool or tensor rate, a non-integral block size, a non-string
