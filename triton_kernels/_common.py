@@ -420,9 +420,8 @@ def apply_launch(t: torch.Tensor, out: torch.Tensor, *more):
 
 def magic(d: int, span: int) -> tuple[int, bool]:
     """(MAGIC, BIG) of ``split`` by d for values p < d + span: BIG when d >= span (then
-    p < 2d: one compare), else MAGIC = ceil(2**30 / d), exact for p * d < 2**30 (p < d +
-    span, d < span, so p * d < 2 * span**2 <= 2**30: span <= 23170; flat_launch's spans
-    reach FLAT_TILE + 2, 16386 under the interpreter, at 1 x 1 maps)."""
+    p < 2d: one compare), else MAGIC = ceil(2**30 / d), exact for p * d < 2 * span**2 <=
+    2**30 (span <= 23170: flat_launch's reach FLAT_TILE + 2, 16386 interpreted, at 1 x 1)."""
     assert 2 * span * span <= 2**30
     return (0, True) if d >= span else (-(-2**30 // d), False)
 
