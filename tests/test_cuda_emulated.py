@@ -404,6 +404,21 @@ def test_emulated_attention_stats_groups_of_a_warp(E, hw):
             assert not got[i][~active].any()
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 7, 7), (1, 70, 12, 12)], ids=str)
+def test_emulated_attention_stats_many_blocks(E, shape):
+    """More maps than a block of 4-lane groups takes (32): the grid-stride loop's later blocks,
+    in both layouts, random active maps, every mode."""
+    n, c, h, w = shape
+    active = torch.rand(n, c, generator=torch.Generator().manual_seed(c)) < 0.7
+    for layout in ("contiguous", "channels_last"):
+        x = make_x(shape, torch.bfloat16, layout=layout)
+        assert_same(E.map_threshold(x, 9), R.map_threshold(x, 9), f"{layout} map_threshold")
+        for mode in ("am", "sm", "ad"):
+            got, want = E.attention_stats(x, 9, active, mode), R.attention_stats(x, 9, active, mode)
+            for i in range(4):
+                assert_same(got[i][active], want[i][active], f"{layout} {mode} {i}")
+
+
 def test_emulated_map_threshold_large_maps(E):
     # 14520 units: past the register block form (256 x 56) and the 10240 keys in shared memory
     x = make_x((1, 2, 121, 120), torch.float16, layout="channels_last")

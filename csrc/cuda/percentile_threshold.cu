@@ -279,9 +279,9 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 //   by 4 lanes, not 32 (bf16 sm_90 SASS per element, 7 x 7 / 14 x 14: 72.7 / 40.8 on 8
 //   lanes of 8 / 32 keys, 58.8 / 36.2 on 4 of 16 / 64). Lane l of a group holds units l,
 //   l + G, ... (VEC: 16-byte chunks l, l + G, ...); the group's own histogram, cleared
-//   before each pass: no
-//   block-wide barrier, no block reduction, whose cost (about 1100 instructions per thread
-//   per map, counted from the SASS) every thread of a block paid even for a 7 x 7 map.
+//   before each pass: no block-wide barrier, no block reduction, whose cost (about 1100
+//   instructions per thread per map, counted from the SASS) every thread of a block paid
+//   even for a 7 x 7 map.
 //   The warp's groups run in step (their shuffles and __syncwarp take the whole warp): a
 //   group whose map is inactive or past the last computes on a map it does not write.
 // - BLOCK = true: maps of more than 1024 units (56 x 56 at the goal shape) whose rows are
@@ -296,7 +296,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 // thread 0 takes their counts out of each pass's histogram (atomically, with its own counts)
 // and their soft masks out of the sum. Keys off a lower pass's prefix are counted in a bin
 // nobody reads (256), not skipped by a branch.
-// warps per block of the warp forms: groups of 4 lanes take 4 (32 maps, 33 KiB of bins)
+// warps per block of the warp forms: groups of 4 lanes take 4 (32 maps, 32.5 KiB of bins)
 template <int G>
 constexpr int kSelectWarps = G == 4 ? 4 : 8;
 constexpr int kRegsThreads = 256;  // most threads per map of the block form
