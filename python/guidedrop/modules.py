@@ -391,12 +391,15 @@ class FocusedDropout(GuidedDropout):
     Args:
         participation: the probability that a training batch is masked, in [0, 1].
         low, high: the range of the threshold ratio γ, real numbers with
-            0 <= low <= high <= 1.
+            0 <= low <= high <= 1. Each is checked when set; their order, low <= high, by
+            the constructor and then by each forward (so that the two can be
+            set one after the other: ``m.low = 0.7; m.high = 0.9`` from 0.3, 0.6).
         per_position: one γ per position, not per sample.
 
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
-    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+    zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set (low >
+    high: at the next forward).
     """
 
     _fields, _rate = ("participation", "low", "high", "per_position"), "participation"
