@@ -277,7 +277,7 @@ __global__ void map_select_kernel(const scalar_t* __restrict__ x, const Strides4
 //   maps of over 256 units, 4 lanes (G = 4, 8 maps a warp) of 64 keys up to 256 units and
 //   of 16 up to 64, so that a 7 x 7 or 14 x 14 map's picks, reductions and gamma are paid
 //   by 4 lanes, not 32 (bf16 sm_90 SASS per element, 7 x 7 / 14 x 14: 72.7 / 40.8 on 8
-//   lanes of 8 / 32 keys, 58.8 / 36.2 on 4 of 16 / 64). Lane l of a group holds units l,
+//   lanes of 8 / 32 keys, 57.9 / 35.3 on 4 of 16 / 64). Lane l of a group holds units l,
 //   l + G, ... (VEC: 16-byte chunks l, l + G, ...); the group's own histogram, cleared
 //   before each pass: no block-wide barrier, no block reduction, whose cost (about 1100
 //   instructions per thread per map, counted from the SASS) every thread of a block paid
@@ -483,9 +483,12 @@ __global__ void __launch_bounds__(BLOCK ? kRegsThreads : 32 * kSelectWarps<G>)
       // the digit at shift of a key on the prefix (every key at the top digit), else 256:
       // the prefix's bits below shift + 8 are 0, so key - prefix lies in [0, 2^(shift + 8))
       // exactly when the key is on it (a subtraction, a shift and a min, not a LOP3, a
-      // compare, a shift, a LOP3 and a select)
+      // compare, a shift, a LOP3 and a select); the top digit is the key's top byte, one
+      // PRMT (a shift and a LOP3 else: nvcc folds the bin's * 4 into the shift)
       const uint32_t prefix = st.prefix;
-      auto bin = [&](uint32_t key) { return min((key - prefix) >> shift, 256u); };
+      auto bin = [&](uint32_t key) {
+        return pass == 0 ? __byte_perm(key, 0, 0x4443) : min((key - prefix) >> shift, 256u);
+      };
 #pragma unroll
       for (int j = 0; j < UNITS; ++j) radix_count(bin(key[j]), h);
       if (tid == 0) {
