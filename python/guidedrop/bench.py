@@ -16,9 +16,9 @@ Backends ("providers"): ``reference`` (eager PyTorch), ``compile``
 ``triton.testing.do_bench`` (median, L2 flushed) or CUDA events; on CPU
 ``time.perf_counter`` over a few repetitions.
 
-The bandwidth floor is measured in the same run: a device-to-device copy of a large
-tensor gives the bandwidth B (bytes read + written per second); the floor of a mode is
-the bytes a fused kernel must move at least — forward 3 passes over x (statistics read,
+The bandwidth floor is measured in the same run: a copy of a large tensor within the
+device's memory gives the bandwidth B (bytes read + written per second); the floor of a
+mode is the bytes a fused kernel must move at least — forward 3 passes over x (statistics read,
 apply read + write), backward 2 (read grad_y, write grad_x), full 5 — divided by B.
 
 The library API used by ``benchmarks/``: :class:`Case`, :func:`make_inputs`,
@@ -431,7 +431,7 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def measure_bandwidth(device: torch.device, timer: Timer) -> tuple[float, int]:
-    """(bytes per second read + written by a device-to-device copy, bytes copied)."""
+    """(bytes per second read + written by a copy within the device's memory, bytes copied)."""
     if device.type == "cuda":
         nbytes = (256 if timer.quick else 1024) << 20
     else:  # larger than the last-level cache
@@ -1338,7 +1338,7 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.suptitle(f"guidedrop bench — {meta['device']}, {meta['date']}, "
-                 f"device-to-device copy {meta['copy_gbps']:.0f} GB/s", fontsize=11)
+                 f"memory copy {meta['copy_gbps']:.0f} GB/s", fontsize=11)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center",
                ncol=len(legend), fontsize=9, frameon=False)
     fig.savefig(path, dpi=110)
@@ -1352,7 +1352,7 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) ->
     bandwidth = ("not measured (dry run)" if meta["copy_gbps"] is None
                  else f"{meta['copy_gbps']:.1f} GB/s (read + write)")
     parts = [f"Device: {meta['device']}; {meta['versions']}; {meta['date']}.",
-             f"Measured device-to-device copy bandwidth: {bandwidth}. "
+             f"Measured memory copy bandwidth: {bandwidth}. "
              "Floor = passes over x at that bandwidth: "
              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + ". `kept/x`: bytes saved for "
              "backward (x itself excluded) / bytes of x.", ""]
@@ -1582,7 +1582,7 @@ def run(args) -> list[dict]:
         timer = Timer(device, args.quick)
         bandwidth, copied = measure_bandwidth(device, timer)
         meta["copy_gbps"] = bandwidth / 1e9
-        print(f"device-to-device copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
+        print(f"memory copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
               f"(read + write); floor = passes over x at that rate: "
               + ", ".join(f"{m} {PASSES[m]}" for m in modes) + f"; timing: {timer.method}")
 
