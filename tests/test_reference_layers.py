@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing import devices, make_x, tol
+from testing import AutocastSpy, devices, make_x, tol
 
 import guidedrop
 import guidedrop.functional as F
@@ -234,21 +234,21 @@ def test_matches_naive_dtypes(case, dtype, device):
         assert (w_ref != 0).any()
 
 
-@pytest.mark.parametrize("case", ["corrdrop", "camdrop", "attentiondrop-ad", "selectscale"])
-def test_autocast_keeps_float32_statistics(case):
-    """Under torch.autocast the statistics stay float32 (SPEC §1): the output is the one
-    computed outside autocast. Many channels and positions, so that a bfloat16 Gram
-    matrix or CAM would change the chosen units."""
-    x = rand_x((2, 64, 28, 28), torch.float32, seed=3)
-    op, _, params, nkw, _ = CASES[case]
-    noise = rand_noise(naive.noise_shape(layer_name(case), x.shape,
-                                         block_size=params.get("block_size", 7), **nkw), 5)
-    pkg, _ = call_pair(case, x, noise)
+@pytest.mark.parametrize("case", [c for c in CASES if c != "spatialscale"])  # no statistics
+def test_autocast_is_off_for_the_statistics(case, monkeypatch):
+    """Under torch.autocast the statistics stay float32 (SPEC §1): every backend call of the
+    plan (statistics, selection, seeds) runs with autocast off. The apply, x·w, is
+    elementwise: autocast leaves it alone."""
+    spy = AutocastSpy.install(monkeypatch)
+    x = rand_x((2, 8, 9, 7), torch.float32, seed=3)
+    pkg, _ = call_pair(case, x, make_noise(case, x, 5))
     expect = pkg(x)
+    spy.calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = pkg(x)
-    assert y.dtype == x.dtype
-    assert torch.equal(y, expect)
+    plan = [(name, on) for name, on in spy.calls if not name.startswith("apply_")]
+    assert plan and not any(on for _, on in plan), spy.calls
+    assert y.dtype == x.dtype and torch.equal(y, expect)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)

@@ -226,3 +226,32 @@ def assert_same_plan(got, want, what: str = "") -> None:
     assert len(got.state) == len(want.state), what
     for i, (g, w) in enumerate(zip(got.state, want.state, strict=True)):
         assert_same(g, w, f"{what} state[{i}]")
+
+
+class AutocastSpy:
+    """The reference backend in place of every dispatched one, recording for each of its
+    calls whether CPU autocast was on (``calls``: (name, enabled)): the guard of SPEC §1
+    (statistics in float32 under autocast) seen directly. The reference computes in float64,
+    where autocast changes nothing, so outputs compared inside and outside autocast
+    could not show a missing guard."""
+
+    def __init__(self):
+        self.calls = []
+
+    @classmethod
+    def install(cls, monkeypatch) -> AutocastSpy:
+        import guidedrop.dispatch
+        spy = cls()
+        monkeypatch.setattr(guidedrop.dispatch, "backend_for", lambda x: spy)
+        return spy
+
+    def __getattr__(self, name):
+        import guidedrop.reference
+        fn = getattr(guidedrop.reference, name)  # AttributeError where it has none
+        if not callable(fn):
+            return fn
+
+        def spy(*args, **kwargs):
+            self.calls.append((name, torch.is_autocast_enabled("cpu")))
+            return fn(*args, **kwargs)
+        return spy
