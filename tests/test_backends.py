@@ -1289,30 +1289,35 @@ def _dropblock_expected_fraction(p, r, h, w):
 
 
 def test_dropblock_drop_rate(backend_name):
-    """Philox seeds in the kernel: the dropped fraction matches DropBlock's expectation."""
+    """Philox seeds in the kernel: the dropped fraction matches DropBlock's expectation, within
+    10 % of it, both with a mask a channel and one shared by the channels. 160 maps of 56 x
+    56 at p = 0.2: the expectation is 0.179, a map's fraction has a standard deviation of
+    about 0.05 (measured), so the band is about 4.5 standard errors, and p = 0.16 (0.147) or
+    p = 0.25 (0.218) would fall outside it."""
     torch.manual_seed(1)
     p = 0.2
-    x = (torch.randn(16, 8, 28, 28).abs() + 1).to(DEV)
-    expected = _dropblock_expected_fraction(p, 7, 28, 28)
-    for shared in (False, True):
+    expected = _dropblock_expected_fraction(p, 7, 56, 56)
+    for shared, shape in ((False, (8, 20, 56, 56)), (True, (160, 2, 56, 56))):
+        x = (torch.randn(shape).abs() + 1).to(DEV)
         z = F.dropblock(x, p, 7, shared_channels=shared, normalize="none") == 0
         if shared:
             assert torch.equal(z, z[:, :1].expand_as(z))
             z = z[:, :1]
-        per_map = z.double().mean(dim=(2, 3)).flatten()
-        se = per_map.std().item() / math.sqrt(per_map.numel())
-        assert abs(per_map.mean().item() - expected) < 5 * se + 1e-3, (per_map.mean(), expected)
+        assert z.shape[0] * z.shape[1] == 160
+        assert abs(z.double().mean().item() - expected) < 0.1 * expected, (z.double().mean(),
+                                                                           expected, shared)
 
 
 def test_corrdrop_drop_rate(backend_name):
-    """p = 0.2, 28 x 28 maps, k = 7: E[dropped fraction] = p (binomial over the blocks)."""
+    """p = 0.2, 28 x 28 maps, k = 7: E[dropped fraction] = p (binomial over the 16 blocks of
+    each of 256 samples, standard deviation 0.00625); within 4 of them, 12.5 % of p."""
     torch.manual_seed(0)
     p = 0.2
-    x = torch.randn(64, 4, 28, 28).to(DEV)
+    x = torch.randn(256, 4, 28, 28).to(DEV)
     dropped = (F.corrdrop(x, p, 7, normalize="none") == 0).double()
     assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))
-    sd = math.sqrt(p * (1 - p) / (64 * 16))
-    assert abs(dropped.mean().item() - p) < 5 * sd
+    sd = math.sqrt(p * (1 - p) / (256 * 16))
+    assert abs(dropped.mean().item() - p) < 4 * sd
 
 
 def saved_bytes(op, x) -> int:
