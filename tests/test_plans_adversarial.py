@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_backends import DEV
-from test_plans_camdrop import kernel_backend
+from test_plans_dropblock import kernel_backend
 from testing import CUDA, assert_same, assert_same_plan, make_x
 
 from guidedrop import layers as L

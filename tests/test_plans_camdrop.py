@@ -17,8 +17,10 @@ from test_plans_dropblock import (
     KERNEL_BACKENDS,
     LAYOUTS,
     NORMALIZE,
+    kernel_backend,
     on_threshold,
     plan_backend,
+    seeded_generator,
 )
 from testing import assert_same, assert_same_plan, make_x
 
@@ -124,7 +126,7 @@ def test_plan_nonfinite(name):
 def test_plan_fresh_noise(name):
     B = plan_backend(name, "camdrop")
     x = make_x((2, 3, 6, 6), device=DEV)
-    gen = torch.Generator(device=DEV)
+    gen = seeded_generator(name)
     kw = dict(channel_rate=0.5, normalize="batch")
     a = layers.camdrop(B, x, weights(3, 1), targets(2), 3, 0.5, **kw,
                        generator=gen.manual_seed(1))
@@ -233,17 +235,6 @@ def test_plan_target_out_of_range(bad, monkeypatch):
     # the assertion holds for a target in range (it is the range, not its negation)
     _, alpha = cam(torch.tensor([4, 0], dtype=torch.int8))
     assert torch.equal(alpha, w[[4, 0]].view(2, 4, 2).double().mean(2).float())
-
-
-def kernel_backend(name: str):
-    """The Triton backend, or the CUDA one: real with a GPU, else on the SIMT emulator."""
-    if name == "triton":
-        return plan_backend("triton", "camdrop")
-    from test_plans_cuda import _backend
-    mod = _backend()
-    if mod is None:
-        pytest.skip("no CUDA backend: no GPU with guidedrop._C, and no CUDA emulator")
-    return mod
 
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)

@@ -26,11 +26,33 @@ LAYOUTS = ["contiguous", "channels_last", "sliced"]
 NORMALIZE = ["batch", "sample", "none"]
 
 
+def kernel_backend(name: str):
+    """The Triton backend, or the CUDA one: real with a GPU, else on the SIMT emulator (the
+    parameter is marked emulated: testing.CUDA); skip where it cannot run."""
+    if name == "triton":
+        return load_backend(name)
+    from test_plans_cuda import _backend
+    mod = _backend()
+    if mod is None:
+        pytest.skip("no CUDA backend: no GPU with guidedrop._C, and no CUDA emulator")
+    return mod
+
+
 def plan_backend(name: str, layer: str):
-    mod = load_backend(name)
+    """:func:`kernel_backend` with a plan kernel for ``layer``, or skip."""
+    mod = kernel_backend(name)
     if not hasattr(mod, f"plan_{layer}"):
         pytest.skip(f"backend {name} has no plan_{layer}")
     return mod
+
+
+def seeded_generator(name: str) -> torch.Generator:
+    """A generator on DEV for a test that draws twice from one seed, or skip: the CUDA
+    emulator has only its default generator (test_plans_cuda_camdrop.py and
+    test_plans_cuda_attention_dropblock.py set its Philox state instead)."""
+    if name == "cuda" and DEV == "cpu":
+        pytest.skip("the CUDA emulator takes no generator")
+    return torch.Generator(device=DEV)
 
 
 def f32(v: float) -> float:
@@ -147,7 +169,7 @@ def test_plan_fresh_noise(name):
     generator seed."""
     B = plan_backend(name, "dropblock")
     x = make_x((2, 3, 6, 6), device=DEV)
-    gen = torch.Generator(device=DEV)
+    gen = seeded_generator(name)
     kw = dict(shared_channels=False, normalize="batch")
     a = layers.dropblock(B, x, 0.5, 3, **kw, generator=gen.manual_seed(1))
     b = layers.dropblock(B, x, 0.5, 3, **kw, generator=gen.manual_seed(1))
