@@ -148,8 +148,8 @@ def test_block_upsample(k, h, w, mask_dtype):
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda: P.pooled_correlation(torch.randn(1, 2, 3, 3), 0), ValueError, "k"),
-    (lambda: P.pooled_correlation(torch.randn(1, 2, 3, 3), 2.5), TypeError, "k"),
+    (lambda: P.pooled_correlation(torch.randn(1, 2, 3, 3), 0), ValueError, "^k must"),
+    (lambda: P.pooled_correlation(torch.randn(1, 2, 3, 3), 2.5), TypeError, "^k must"),
     (lambda: P.pooled_correlation(torch.randn(2, 3, 3), 2), ValueError, "^x must"),
     (lambda: P.channel_max(torch.ones(1, 2, 3, 3, dtype=torch.int64)), TypeError, "^x must"),
     (lambda: P.channel_mean(torch.randn(2, 3)), ValueError, "^x must"),
@@ -157,9 +157,9 @@ def test_block_upsample(k, h, w, mask_dtype):
     (lambda: P.pooled_correlation([[1.0]], 2), TypeError, "^x must"),
     (lambda: P.top_percentile_threshold(None, 20.0), TypeError, "^x must"),
     (lambda: P.top_percentile_threshold(torch.randn(5), 20.0), ValueError, "^x must"),
-    (lambda: P.top_percentile_threshold(torch.randn(1, 2, 3, 3), 0.0), ValueError, "beta"),
-    (lambda: P.top_percentile_threshold(torch.randn(1, 2, 3, 3), 100.5), ValueError, "beta"),
-    (lambda: P.block_upsample(torch.ones(1, 2, 2), 0, 3, 3), ValueError, "k"),
+    (lambda: P.top_percentile_threshold(torch.randn(1, 2, 3, 3), 0.0), ValueError, "^beta must"),
+    (lambda: P.top_percentile_threshold(torch.randn(1, 2, 3, 3), 100.5), ValueError, "^beta must"),
+    (lambda: P.block_upsample(torch.ones(1, 2, 2), 0, 3, 3), ValueError, "^k must"),
 ])
 def test_primitive_validation(call, exc, match):
     with pytest.raises(exc, match=match):
