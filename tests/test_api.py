@@ -537,6 +537,15 @@ def test_focused_dropout_participation():
         m(x)
         again += m.last_applied
     assert again == applied
+    # away from 1/2, where an inverted draw (u > participation) would look the same
+    m = guidedrop.FocusedDropout(participation=0.1)
+    small = torch.ones(1, 1, 2, 2)
+    torch.manual_seed(1)
+    applied = 0
+    for _ in range(2000):
+        m(small)
+        applied += m.last_applied
+    assert 146 <= applied <= 254  # Binomial(2000, 0.1): 200, sd 13.4, bounds at ~4 sd
     m.eval()
     assert m(x) is x and m.last_applied is False
 
