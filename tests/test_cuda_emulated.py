@@ -426,9 +426,8 @@ def test_emulated_map_threshold_large_maps(E):
         assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"k={k}")
     active = torch.tensor([[True, False]])
     got, want = E.attention_stats(x, 2200, active, "ad"), R.attention_stats(x, 2200, active, "ad")
-    for i in range(3):
+    for i in range(4):  # msum too: exact in any order (backend_contract.md)
         assert_same(got[i][active], want[i][active], f"attention_stats {i}")
-    torch.testing.assert_close(got[3][active], want[3][active], rtol=1e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("op", ["apply_channel", "apply_block", "apply_seeds", "apply_attention"])
