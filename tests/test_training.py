@@ -275,7 +275,7 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
     starting at 0: the identity's graph, then one with alpha symbolic. It was a recompile at
     every step (frame counts 2, 4, 6, 8, 10): torch kept the names of the floats it specialised in
     the first graph (a BatchNorm's momentum among them) and pinned whatever float took one
-    of those names in the next, here alpha (modules._forget_dynamo_float_pins)."""
+    of those names in the next, here alpha (functional.forget_float_pins)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.SmallResNet(width=8)
@@ -291,6 +291,40 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
         sched.step()
         frames.append(counter.frame_count)
     # (frame_count counts a compile's tensorify restart too: now [2, 4, 4, 4, 4])
+    assert frames[0] < frames[1] == frames[-1], frames
+
+
+# a functional op with its drop rate r (0: the identity), as a user's module calls it
+RAMPED_OPS = {
+    "corrdrop": lambda x, r, cam: F.corrdrop(x, r, 3),
+    "selectscale": lambda x, r, cam: F.selectscale(x, 0.5, 1 - r),
+    "spatialscale": lambda x, r, cam: F.spatialscale(x, 1 - r),
+    "selectout": lambda x, r, cam: F.selectout(x, 0.5, 1 - r),
+    "attentiondrop": lambda x, r, cam: F.attentiondrop(x, r),
+    "focused_dropout": lambda x, r, cam: F.focused_dropout(x, training=r != 0),
+    "camdrop": lambda x, r, cam: F.camdrop(x, *cam, 3, 1 - r),
+    "dropblock": lambda x, r, cam: F.dropblock(x, r, 3),
+}
+
+
+@pytest.mark.parametrize("layer", list(RAMPED_OPS))
+def test_functional_ramp_from_zero_compiles_twice(layer, monkeypatch):
+    """A functional op compiled with dynamic=True and fullgraph=True, its rate ramped from
+    0 (SPEC §8): the identity's graph, then one with the rate symbolic, none after. It was
+    a recompile at every step, then FailOnRecompileLimitHit at the 9th: the identity read
+    the rate without using it, and torch kept the specialisation for every later compile
+    (functional.traced_identity; found by an attacking helper). After torch._dynamo.reset,
+    which drops Dynamo's callbacks: the op's own trace registers it again."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")  # the mechanism is the op's own
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    op = RAMPED_OPS[layer]
+    compiled = torch.compile(op, backend=counter, fullgraph=True, dynamic=True)
+    x, cam = torch.randn(SHAPE), _cam(SHAPE[0], SHAPE[1], "cpu")
+    frames = []
+    for rate in (0.0, 0.02, 0.04, 0.06, 0.08):
+        compiled(x, rate, cam)
+        frames.append(counter.frame_count)
     assert frames[0] < frames[1] == frames[-1], frames
 
 

@@ -17,7 +17,6 @@ module is one leaf node, like ``nn.Dropout``; a module traced by itself
 
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
@@ -61,29 +60,6 @@ def _open_rate(name, v):
 
 def _beta(name, v):
     return V.real(name, v, 0, 100, open_lo=True)
-
-
-def _forget_dynamo_float_pins() -> None:
-    """Clear Dynamo's record of the symbolic floats it had to specialise (torch's
-    ``TensorifyState``, by symbol name). It is meant for the restarts of one compile, but
-    torch (2.11-2.14 at least) keeps it after the compile, so a later compile pins whatever
-    float takes one of its names. With ``dynamic=True``, a ramp's first graph (the identity,
-    at rate 0, which reads no rate) gave a BatchNorm's momentum the name that the rate took
-    in the next graph: the rate was pinned there, a recompile at every step of the ramp
-    (until Dynamo's recompile limit, then eager). A parameter is set between steps, where
-    that record is stale. Not while any thread compiles (it is then that compile's: cleared
-    between its restarts, from a thread ramping another model's rates, it was rebuilt a
-    name a restart, hundreds of restarts), nor where Dynamo was never imported (nothing
-    compiled), nor in a torch without it."""
-    if torch.compiler.is_compiling():  # first: Dynamo does not trace sys.modules
-        return
-    state = getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
-    lock = getattr(sys.modules.get("torch._dynamo.convert_frame"), "compile_lock", None)
-    if state is not None and lock is not None and lock.acquire(blocking=False):
-        try:  # Dynamo holds the lock for a whole compile, its restarts included
-            state.clear()
-        finally:
-            lock.release()
 
 
 def _is_replica(m: nn.Module) -> bool:
@@ -156,7 +132,7 @@ class GuidedDropout(nn.Module):
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
                 self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
                 self.__dict__["_zero_rate"] = self.drop_rate == 0
-            _forget_dynamo_float_pins()  # any parameter: top_rate, channel_rate, ... too
+            F.forget_float_pins()  # any parameter: top_rate, channel_rate, ... too
         else:
             super().__setattr__(name, value)
 
@@ -175,6 +151,7 @@ class GuidedDropout(nn.Module):
         if self.training and not self._zero_rate:
             return False
         dispatch.requested()
+        F.traced_identity()
         return True
 
     def extra_repr(self) -> str:
