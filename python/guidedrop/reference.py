@@ -230,7 +230,11 @@ def cam(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W), alpha: (N, C) -> J: (N, H, W) = sum_c alpha[n, c] x[n, c].
 
     Summed in float64, so that mathematically equal J (the same channel terms in another
-    order) are exactly equal: J's top-k decides CamDrop's candidates (SPEC §1). A zero J is
+    order: another position, backend or layout) are equal once rounded to float32: J's
+    top-k decides CamDrop's candidates (SPEC §1). The products are exact in float64 (48
+    bits at most), their sum is not always: it holds unless terms cancel across magnitudes
+    (2^100, 1 and -2^100 at one position: J is 0 or 1 by the order) or, rarely, a sum lies
+    within its float64 rounding of a float32 rounding boundary. A zero J is
     +0.0, as a sum that starts at +0.0 gives it (the kernels'), also where every term is
     -0.0 (with C = 1 einsum is a product): -0.0 ranks below +0.0 in the top-k.
     """
