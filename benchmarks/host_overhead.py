@@ -40,6 +40,7 @@ if "--cpu" in sys.argv:  # before guidedrop imports Triton
 import torch
 
 from guidedrop import bench, dispatch
+from guidedrop.cli import quiet_torch_logs
 
 LAYERS = ("spatialscale", "corrdrop", "attentiondrop")
 BACKENDS = ("triton", "cuda", "reference")
@@ -134,6 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--cpu", action="store_true", help="no GPU: on the CPU, every layer, "
                         "the kernels stubbed (the Python and torch-op host work alone)")
     args = parser.parse_args()
+    quiet_torch_logs()
     if args.cpu:
         main_cpu()
     else:

@@ -221,18 +221,21 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
                                                                                rel=1e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("busy", [None, "load average up to 9.0 on 2 cores"])
-def test_bench_notes_a_busy_cpu(busy, monkeypatch, capsys):
+def test_bench_notes_a_busy_cpu(busy, threads, monkeypatch, capsys):
     """CPU timings on a machine that other work shares carry a note (as the demo's): a new
     user's compiled rows read 0.01x eager there, the OpenMP threads of Inductor's CPU
-    kernels waiting for each other."""
+    kernels waiting for each other; OMP_NUM_THREADS=1 is advised only where torch runs
+    more threads than that (a new user read the advice already followed)."""
     from guidedrop import demo
     monkeypatch.setattr(demo, "cpu_contention", lambda device: busy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rc = cli.main([*QUICK, "--backends", "reference", "--layers", "spatialscale", "--mode",
                    "forward"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert ("OMP_NUM_THREADS=1" in printed) == (busy is not None)
+    assert ("OMP_NUM_THREADS=1" in printed) == (busy is not None and threads > 1)
     if busy:
         assert busy in printed
 
@@ -755,6 +758,7 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
         layer, *a, **k))
     threads = []  # --threads sets torch's (recorded, not set: it is process-wide)
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # so --threads 1 is advised
     rows = demo_run([*argv, "--plot", str(png), "--md", str(md), "--threads", "1"])
     out = capsys.readouterr().out
     assert threads == [1]

@@ -1662,8 +1662,9 @@ def run(args) -> list[dict]:
     if busy:  # a new user's compiled rows read 0.01x eager on a shared 2-core machine
         out.print(f"(note: {busy}: other work shared the CPU, so these times are not to be "
                   "trusted; torch.compile's rows least: the OpenMP threads of its CPU kernels "
-                  "wait for each other, 100x eager's time where one is descheduled. "
-                  "OMP_NUM_THREADS=1 avoids that.)", highlight=False)
+                  "wait for each other, 100x eager's time where one is descheduled"
+                  + (".)" if torch.get_num_threads() == 1 else "; OMP_NUM_THREADS=1 avoids "
+                     "that.)"), highlight=False)
     try:
         if args.table:
             from rich.console import Console

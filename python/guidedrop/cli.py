@@ -136,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_torch_logs() -> None:
+    """torch.compile on a CPU imports torch.utils.cpp_extension, which logs "No CUDA runtime
+    is found, using CUDA_HOME=..." where a CUDA toolkit is installed without a GPU: nothing
+    the user asked about (bench's compile provider), and not for their screen either."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import bench, demo, show
 
-    # torch.compile on a CPU imports torch.utils.cpp_extension, which logs "No CUDA runtime is
-    # found, using CUDA_HOME=..." where a CUDA toolkit is installed without a GPU: nothing the
-    # user asked about (bench's compile provider), and not for their screen either.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_torch_logs()
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:

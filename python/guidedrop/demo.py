@@ -329,9 +329,10 @@ def run(args) -> list[dict]:
                   "overhead: s/epoch against none)", highlight=False)
     busy = cpu_contention(device, peak)
     if busy:
+        again = "" if torch.get_num_threads() == 1 else ", or with --threads 1,"
         out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
-                  "say little; rerun on an idle machine, or with --threads 1, to compare "
-                  "them)", highlight=False)
+                  f"say little; rerun on an idle machine{again} to compare them)",
+                  highlight=False)
     try:  # probed before the training, but a disk can fill up since (as bench says it)
         if args.md:
             Path(args.md).write_text(markdown(rows, seeds))
