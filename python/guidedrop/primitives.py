@@ -78,7 +78,8 @@ def top_percentile_threshold(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 @fx_leaf
 def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
-    """mask: (N, H', W') -> (N, H, W): nearest upsampling by k, cropped to H x W.
+    """mask: (N, H', W') of any dtype (bool, integer or floating) -> (N, H, W) of that dtype:
+    nearest upsampling by k, cropped to H x W.
 
     out[n, i, j] = mask[n, i // k, j // k]. Any k >= 1 is valid: a k of at least max(H, W)
     makes the map one block (out = mask[n, 0, 0] everywhere); neither work nor memory grows

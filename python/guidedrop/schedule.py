@@ -77,6 +77,8 @@ class LinearRamp:
             m._ramped = (target, m.drop_rate, param)  # see _target
 
     def step(self) -> None:
+        """Advance the ramp by one step: every layer's ``drop_rate`` becomes
+        ``target * min(1, step_count / steps)`` (its target itself at the end)."""
         self.step_count += 1
         self._set()
 
@@ -85,6 +87,10 @@ class LinearRamp:
                 f"layers={len(self.layers)})")
 
     def state_dict(self) -> dict:
+        """``{"step_count": int, "steps": int, "targets": [float, ...]}``, one target rate per
+        layer in order, as torch's LR schedulers keep theirs: save it with the model's and
+        restore it with :meth:`load_state_dict` (the layers keep no rate in the model's
+        state_dict, as nn.Dropout)."""
         return {"step_count": self.step_count, "steps": self.steps, "targets": list(self.targets)}
 
     def load_state_dict(self, state: Mapping) -> None:
