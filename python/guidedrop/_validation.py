@@ -49,7 +49,7 @@ def _short(v) -> str:
 def integer(name: str, v, lo: int = 1) -> int:
     """An integral number >= lo (any ``numbers.Integral`` but bool), returned as a python int."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     i = int(v)  # before comparing: numpy's small ints wrap around in arithmetic
     if i < lo:
         raise ValueError(f"{name} must be >= {lo}, got {_short(i)}")
