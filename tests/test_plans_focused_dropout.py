@@ -15,7 +15,8 @@ from itertools import product
 
 import pytest
 import torch
-from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
+from test_backends import DEV
+from test_plans_dropblock import KERNEL_BACKENDS, kernel_backend
 from test_plans_selectscale import _cases
 from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
 
@@ -23,7 +24,13 @@ from guidedrop import layers as L
 from guidedrop import reference as R
 
 
-def check(B, x, low, high, per_position, u):  # noqa: F811
+@pytest.fixture(params=KERNEL_BACKENDS)
+def B(request):
+    """Every kernel backend: Triton, and CUDA (on the SIMT emulator without a GPU)."""
+    return kernel_backend(request.param)
+
+
+def check(B, x, low, high, per_position, u):
     got = L.focused_dropout(B, x, low, high, per_position=per_position, noise=u)
     want = L.focused_dropout.reference(R, x, low, high, per_position=per_position, noise=u)
     assert_same_plan(got, want)
@@ -37,14 +44,14 @@ def _noise(x, per_position, dtype=torch.float32):
 
 @pytest.mark.parametrize("per_position", [False, True])
 @pytest.mark.parametrize("shape,dtype,layout", _cases())
-def test_plan_matches_reference(B, shape, dtype, layout, per_position):  # noqa: F811
+def test_plan_matches_reference(B, shape, dtype, layout, per_position):
     torch.manual_seed(sum(shape))
     x = make_x(shape, dtype, "cpu", layout).to(DEV)
     check(B, x, 0.3, 0.6, per_position, _noise(x, per_position))
 
 
 @pytest.mark.parametrize("per_position", [False, True])
-def test_ties_nonfinite_thresholds(B, per_position):  # noqa: F811
+def test_ties_nonfinite_thresholds(B, per_position):
     torch.manual_seed(1)
     x = torch.randn(5, 4, 3, 5)
     x[0, 2] = x[0, 1] = x[0].mean(dim=0).abs() + 1  # tied top means: the first, channel 1
@@ -69,7 +76,7 @@ def test_ties_nonfinite_thresholds(B, per_position):  # noqa: F811
     assert 0 < mask.sum() < mask.numel()
 
 
-def test_long_maps(B):  # noqa: F811
+def test_long_maps(B):
     """H * W longer than one chunk of the plan kernel (4096 positions), many channels."""
     torch.manual_seed(2)
     x = torch.randn(2, 5, 67, 63).to(DEV).contiguous(memory_format=torch.channels_last)
@@ -77,10 +84,9 @@ def test_long_maps(B):  # noqa: F811
         check(B, x, 0.2, 0.7, per_position, _noise(x, per_position))
 
 
-def test_rate_tensors(B):  # noqa: F811
-    """The traced path (rates as 0-dim tensors) gives the eager plan."""
-    if not hasattr(B, "plan_focused_dropout"):
-        pytest.skip("no FocusedDropout plan kernel on this backend")
+def test_rate_tensors():
+    """Triton's traced path (rates as 0-dim tensors) gives the eager plan."""
+    B = kernel_backend("triton")
     from guidedrop.triton_kernels.plans import focused_dropout as P
     torch.manual_seed(3)
     x = torch.randn(3, 4, 5, 6, device=DEV)
@@ -96,7 +102,7 @@ def test_rate_tensors(B):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.parametrize("per_position", [False, True])
 @pytest.mark.parametrize("shape,dtype,layout", list(product(ODD_SHAPES, DTYPES, LAYOUTS)))
-def test_plan_matches_reference_all(B, shape, dtype, layout, per_position):  # noqa: F811
+def test_plan_matches_reference_all(B, shape, dtype, layout, per_position):
     torch.manual_seed(sum(shape))
     x = make_x(shape, dtype, "cpu", layout).to(DEV)
     for low, high in ((0.3, 0.6), (0.0, 1.0), (0.5, 0.5)):
