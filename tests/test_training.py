@@ -294,16 +294,19 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
     assert frames[0] < frames[1] == frames[-1], frames
 
 
-# a functional op with its drop rate r (0: the identity), as a user's module calls it
+# a functional op with its ramped parameter v, and v's values from the identity on (a
+# user's module calls the op so; not 1 - v in the caller: Python arithmetic of a symbolic
+# float made torch 2.11 recompile per value itself)
+UP, DOWN = (0.0, 0.02, 0.04, 0.06, 0.08), (1.0, 0.98, 0.96, 0.94, 0.92)
 RAMPED_OPS = {
-    "corrdrop": lambda x, r, cam: F.corrdrop(x, r, 3),
-    "selectscale": lambda x, r, cam: F.selectscale(x, 0.5, 1 - r),
-    "spatialscale": lambda x, r, cam: F.spatialscale(x, 1 - r),
-    "selectout": lambda x, r, cam: F.selectout(x, 0.5, 1 - r),
-    "attentiondrop": lambda x, r, cam: F.attentiondrop(x, r),
-    "focused_dropout": lambda x, r, cam: F.focused_dropout(x, training=r != 0),
-    "camdrop": lambda x, r, cam: F.camdrop(x, *cam, 3, 1 - r),
-    "dropblock": lambda x, r, cam: F.dropblock(x, r, 3),
+    "corrdrop": (lambda x, v, cam: F.corrdrop(x, v, 3), UP),
+    "selectscale": (lambda x, v, cam: F.selectscale(x, 0.5, v), DOWN),
+    "spatialscale": (lambda x, v, cam: F.spatialscale(x, v), DOWN),
+    "selectout": (lambda x, v, cam: F.selectout(x, 0.5, v), DOWN),
+    "attentiondrop": (lambda x, v, cam: F.attentiondrop(x, v), UP),
+    "focused_dropout": (lambda x, v, cam: F.focused_dropout(x, training=v != 0), UP),
+    "camdrop": (lambda x, v, cam: F.camdrop(x, *cam, 3, v), DOWN),
+    "dropblock": (lambda x, v, cam: F.dropblock(x, v, 3), UP),
 }
 
 
@@ -318,12 +321,12 @@ def test_functional_ramp_from_zero_compiles_twice(layer, monkeypatch):
     monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")  # the mechanism is the op's own
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    op = RAMPED_OPS[layer]
+    op, values = RAMPED_OPS[layer]
     compiled = torch.compile(op, backend=counter, fullgraph=True, dynamic=True)
     x, cam = torch.randn(SHAPE), _cam(SHAPE[0], SHAPE[1], "cpu")
     frames = []
-    for rate in (0.0, 0.02, 0.04, 0.06, 0.08):
-        compiled(x, rate, cam)
+    for v in values:
+        compiled(x, v, cam)
         frames.append(counter.frame_count)
     assert frames[0] < frames[1] == frames[-1], frames
 
