@@ -275,7 +275,7 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
     starting at 0: the identity's graph, then one with alpha symbolic. It was a recompile at
     every step (frame counts 2, 4, 6, 8, 10): torch kept the names of the floats it specialised in
     the first graph (a BatchNorm's momentum among them) and pinned whatever float took one
-    of those names in the next, here alpha (functional.forget_float_pins)."""
+    of those names in the next, here alpha (functional._forget_float_pins)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.SmallResNet(width=8)
@@ -296,7 +296,7 @@ def test_dynamic_ramp_from_zero_in_a_model_compiles_twice():
 
 # a functional op with its ramped parameter v, and v's values from the identity on (a
 # user's module calls the op so; not 1 - v in the caller: Python arithmetic of a symbolic
-# float made torch 2.11 recompile per value itself)
+# float made torch 2.11 recompile per value itself). FocusedDropout's op has no rate.
 UP, DOWN = (0.0, 0.02, 0.04, 0.06, 0.08), (1.0, 0.98, 0.96, 0.94, 0.92)
 RAMPED_OPS = {
     "corrdrop": (lambda x, v, cam: F.corrdrop(x, v, 3), UP),
@@ -304,7 +304,6 @@ RAMPED_OPS = {
     "spatialscale": (lambda x, v, cam: F.spatialscale(x, v), DOWN),
     "selectout": (lambda x, v, cam: F.selectout(x, 0.5, v), DOWN),
     "attentiondrop": (lambda x, v, cam: F.attentiondrop(x, v), UP),
-    "focused_dropout": (lambda x, v, cam: F.focused_dropout(x, training=v != 0), UP),
     "camdrop": (lambda x, v, cam: F.camdrop(x, *cam, 3, v), DOWN),
     "dropblock": (lambda x, v, cam: F.dropblock(x, v, 3), UP),
 }
@@ -316,8 +315,7 @@ def test_functional_ramp_from_zero_compiles_twice(layer, monkeypatch):
     0 (SPEC §8): the identity's graph, then one with the rate symbolic, none after. It was
     a recompile at every step, then FailOnRecompileLimitHit at the 9th: the identity read
     the rate without using it, and torch kept the specialisation for every later compile
-    (functional.traced_identity; found by an attacking helper). After torch._dynamo.reset,
-    which drops Dynamo's callbacks: the op's own trace registers it again."""
+    (functional._clear_stale_pins; found by an attacking helper)."""
     monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")  # the mechanism is the op's own
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")

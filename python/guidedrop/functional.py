@@ -32,6 +32,7 @@ import sys
 
 import torch
 from torch._dynamo.comptime import comptime
+from torch._guards import CompileContext
 
 from . import _validation as V
 from . import autograd, dispatch, layers
@@ -87,52 +88,30 @@ def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 # takes one of those names. The identity (a ramp's first step at rate 0, or eval mode)
 # reads the rate without using it in a tensor op, so the rate is specialised there and
 # then pinned in every later graph: a recompile per value, until Dynamo's recompile limit
-# (an error with fullgraph=True). So the record is cleared at the end of a compile that
-# traced an identity (traced_identity), and as a layer's parameter is set between steps
-# (forget_float_pins). Other compiles keep it: a later compile of theirs then specialises
-# those floats without a restart.
+# (an error with fullgraph=True). The record is stale wherever a compile makes its first
+# attempt (only a restart may use it), so an op that acts clears it there while Dynamo
+# traces it (_clear_stale_pins): the graph being traced may still have the rate pinned,
+# the next one not (a ramp from 0: the identity, the first non-zero rate, then one graph
+# for every rate). A module's parameter set between steps clears it too
+# (_forget_float_pins).
 
 def _tensorify_state():
-    """torch's TensorifyState, or None (a torch without it, or Dynamo not imported)."""
+    """torch's TensorifyState, or None in a torch without it."""
     return getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
 
 
-# Set while Dynamo traces an identity, cleared at that compile's end: Dynamo compiles one
-# frame at a time (its compile lock), so one flag serves.
-_identity_traced = False
-
-
-def _end_of_compile(args) -> None:
-    """Dynamo's callback at the end of every compile (all its restarts)."""
-    global _identity_traced
-    state = _tensorify_state()
-    if _identity_traced and state is not None:
+def _clear_stale_pins(ctx) -> None:
+    """At trace time (comptime): clear the record in a compile's first attempt."""
+    state, compile_context = _tensorify_state(), CompileContext.try_get()
+    if state is not None and compile_context is not None and compile_context.attempt == 0:
         state.clear()
-    _identity_traced = False
 
 
-def _mark_identity(ctx) -> None:
-    global _identity_traced
-    _identity_traced = True
-    # registered again after torch._dynamo.reset(), which drops every callback
-    handler = torch._dynamo.callback_handler
-    if _end_of_compile not in handler.end_callbacks:
-        handler.register_end_callback(_end_of_compile)
-
-
-def traced_identity() -> None:
-    """Called where an op or layer returns x: while Dynamo traces it, the record of
-    specialised floats is cleared at the end of that compile (comptime: at trace time,
-    nothing in the graph; in eager mode, nothing)."""
-    comptime(_mark_identity)
-
-
-def forget_float_pins() -> None:
+def _forget_float_pins() -> None:
     """Clear the record of specialised floats now, as a layer's parameter is set, between
     the steps of a schedule, where it is stale. Not while any thread compiles (it is then
     that compile's: cleared between its restarts, from a thread ramping another model's
-    rates, it was rebuilt a name a restart, hundreds of restarts), nor where Dynamo was
-    never imported."""
+    rates, it was rebuilt a name a restart, hundreds of restarts)."""
     if torch.compiler.is_compiling():  # first: Dynamo does not trace sys.modules
         return
     state = _tensorify_state()
@@ -152,9 +131,9 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
     training = V.flag("training", training)
     dispatch.requested()
     if not training or any(r == 0 for r in rates) or x.numel() == 0:
-        traced_identity()
         return True
     V.not_jit_traced()
+    comptime(_clear_stale_pins)  # nothing in the graph; in eager mode, nothing
     return False
 
 

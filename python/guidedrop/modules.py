@@ -132,7 +132,7 @@ class GuidedDropout(nn.Module):
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
                 self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
                 self.__dict__["_zero_rate"] = self.drop_rate == 0
-            F.forget_float_pins()  # any parameter: top_rate, channel_rate, ... too
+            F._forget_float_pins()  # any parameter: top_rate, channel_rate, ... too
         else:
             super().__setattr__(name, value)
 
@@ -151,7 +151,6 @@ class GuidedDropout(nn.Module):
         if self.training and not self._zero_rate:
             return False
         dispatch.requested()
-        F.traced_identity()
         return True
 
     def extra_repr(self) -> str:
