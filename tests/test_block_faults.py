@@ -692,7 +692,11 @@ def test_shapes_under_dynamic_compile(forced, layer):
                 outs.append((y.detach(), xr.grad))
             assert all(map(torch.equal, *outs)), (layer, n, c, h, w)
             frames.append(counter.frame_count)
-    assert frames[1:] == [frames[0]] * 2 + [frames[0] + 1] * 2, frames
+    # AttentionDrop's beta is specialised in every compile (n_β is static): the new
+    # layout's compile restarts once, the record of the last compile being stale there
+    # (functional._clear_stale_pins)
+    more = 2 if layer == "attentiondrop" else 1
+    assert frames[1:] == [frames[0]] * 2 + [frames[0] + more] * 2, frames
     torch._dynamo.reset()
 
 

@@ -19,8 +19,10 @@ NO_VMAP = ("guidedrop's layers do not support torch.func.vmap (a batch of output
 MODES = ("am", "sm", "ad")
 
 
-def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = False) -> float:
-    """A real number in [lo, hi] ((lo, hi] with open_lo), returned as a python float.
+def real(name: str, v, lo: float | None = None, hi: float | None = None, *,
+         open_lo: bool = False) -> float:
+    """A real number in [lo, hi] ((lo, hi] with open_lo; lo 0 and hi 1 unless given),
+    returned as a python float.
 
     Any ``numbers.Real`` is accepted (int, float, numpy scalars, Fraction), and a
     ``decimal.Decimal`` (a real number that numbers.Real leaves out); a bool or a tensor is
@@ -30,6 +32,11 @@ def real(name: str, v, lo: float = 0.0, hi: float = 1.0, *, open_lo: bool = Fals
     """
     if isinstance(v, bool) or not isinstance(v, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    # 0.0 and 1.0 here, not as defaults: Dynamo (torch 2.14) made float defaults symbolic
+    # with dynamic=True, then specialised them on these comparisons, leaving their names in
+    # a record that later compiles pinned a user's float by (see functional._clear_stale_pins)
+    lo = 0.0 if lo is None else lo
+    hi = 1.0 if hi is None else hi
     try:
         f = float(v)
     except (OverflowError, ValueError):

@@ -88,36 +88,22 @@ def _run(layer: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 # takes one of those names. The identity (a ramp's first step at rate 0, or eval mode)
 # reads the rate without using it in a tensor op, so the rate is specialised there and
 # then pinned in every later graph: a recompile per value, until Dynamo's recompile limit
-# (an error with fullgraph=True). So, while Dynamo traces (comptime: nothing in the graph;
-# in eager mode, nothing), an identity marks the record stale (_mark_identity), and an op
-# that acts clears a stale record in a compile's first attempt (_clear_stale_pins; only
-# the restarts of that compile may need one: the rate of the graph being traced may still
-# be pinned, the next one's not). Other compiles keep their record: a later compile of
-# the same frame (a new layout) then specialises those floats without a restart. A
-# module's parameter set between steps clears it too (_forget_float_pins).
+# (an error with fullgraph=True); any float of a later compile whose name is in a stale
+# record is pinned so (a user's, a BatchNorm's momentum). The record is stale wherever a
+# compile makes its first attempt (only the restarts of one compile may use it), so an op
+# that acts clears it there while Dynamo traces it (comptime: nothing in the graph; in
+# eager mode, nothing): the graph being traced may still have a float pinned, the next
+# one not. A module's parameter set between steps clears it too (_forget_float_pins).
 
 def _tensorify_state():
     """torch's TensorifyState, or None in a torch without it."""
     return getattr(sys.modules.get("torch._dynamo.symbolic_convert"), "TensorifyState", None)
 
 
-# Whether an identity was traced since the record was last cleared (Dynamo traces one
-# frame at a time, under its compile lock).
-_identity_traced = False
-
-
-def _mark_identity(ctx) -> None:
-    global _identity_traced
-    _identity_traced = True
-
-
 def _clear_stale_pins(ctx) -> None:
-    global _identity_traced
     state, compile_context = _tensorify_state(), CompileContext.try_get()
-    if (_identity_traced and state is not None and compile_context is not None
-            and compile_context.attempt == 0):
+    if state is not None and compile_context is not None and compile_context.attempt == 0:
         state.clear()
-        _identity_traced = False
 
 
 def _forget_float_pins() -> None:
@@ -144,7 +130,6 @@ def _idle(x: torch.Tensor, training: bool, *rates: float) -> bool:
     training = V.flag("training", training)
     dispatch.requested()
     if not training or any(r == 0 for r in rates) or x.numel() == 0:
-        comptime(_mark_identity)
         return True
     V.not_jit_traced()
     comptime(_clear_stale_pins)
