@@ -82,6 +82,42 @@ def test_launch_budget(backend, layer, request):
     assert len(c.fresh.launches) <= BUDGET[layer] + 1, c.fresh.names
 
 
+@emulated
+@pytest.mark.parametrize("layer", list(BUDGET))
+def test_cuda_kernels_per_op(layer, monkeypatch):
+    """launches.KERNELS, from which the counter takes the real extension's launches (not
+    visible from Python), is what each op of csrc/ launches: the emulator counts the
+    launches of the same sources, op by op, over a forward (noise given and drawn) and a
+    backward."""
+    import test_cuda_emulated as CE
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from guidedrop.launches import KERNELS
+    if CE.emu.unavailable():
+        pytest.skip(f"no CUDA emulator: {CE.emu.unavailable()}")
+    monkeypatch.setitem(dispatch._loaded, "cuda", (CE.emu.backend(), ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "cuda")
+    ops = torch.ops.guidedrop_emu
+    launched = []
+
+    class PerOp(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = ops.emu_launches()
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "guidedrop_emu":
+                launched.append((func._schema.name.split("::")[-1],
+                                 ops.emu_launches() - before))
+            return out
+
+    call, noise_shape = _ops("cpu")[layer]
+    x = torch.randn(SHAPE, requires_grad=True)
+    with PerOp():
+        call(x, torch.rand(noise_shape)).sum().backward()
+        call(x.detach(), None)
+    assert launched, "no op of the extension ran"
+    assert launched == [(name, KERNELS.get(name, 1)) for name, _ in launched]
+
+
 @pytest.mark.parametrize("layer", list(BUDGET))
 def test_triton_int_arguments_fit_int32(layer, monkeypatch):
     """Every int a layer's Triton kernels take (positional or keyword) fits int32: torch

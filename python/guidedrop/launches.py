@@ -6,9 +6,10 @@
   (``empty``, ``empty_like``, ...), views and other metadata-only ops;
 - every Triton kernel launch (``JITFunction.run``, and ``InterpretedFunction.run`` under
   ``TRITON_INTERPRET=1``), by kernel name;
-- the CUDA extension's ops: each ``guidedrop::<op>`` counts one launch (its kernels are not
-  visible from Python; every op of csrc/ launches one kernel), and the emulated extension
-  of the tests (``guidedrop_emu``) counts the kernels it actually launched;
+- the CUDA extension's ops: each ``guidedrop::<op>`` counts the kernels it launches, from
+  :data:`KERNELS` (its launches are not visible from Python), and the emulated extension
+  of the tests (``guidedrop_emu``) counts the kernels it actually launched (which
+  tests/test_launches.py holds to :data:`KERNELS`);
 - host synchronisations (``.item()``, ``nonzero``, ``equal``, ...).
 
 Each launch carries the bytes of the tensors it takes and returns (an upper bound on what a
@@ -35,6 +36,9 @@ FREE = {  # allocations and metadata: not launches
     "is_same_size", "_has_compatible_shallow_copy_type", "set_", "record_stream",
 }
 SYNCS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"}
+# The kernels each op of csrc/ launches where it is not one (csrc/guidedrop.cpp): a plan op
+# is its statistics and plan kernels in one call.
+KERNELS = {"attentiondrop_plan": 2, "corrdrop_plan": 2, "seeds_plan": 2, "camdrop_plan": 4}
 
 
 class Launch(NamedTuple):
@@ -101,23 +105,21 @@ class LaunchCounter(TorchDispatchMode):
             from torch._library.custom_ops import OPDEFS
             with self:  # the op's own aten ops and launches, counted one by one
                 return OPDEFS[f"{ns}::{name}"]._init_fn(*args, **kwargs)
-        out = None
-        if ns == "guidedrop_emu":
-            ops = torch.ops.guidedrop_emu
-            before = ops.emu_launches()
+        if ns == "guidedrop_emu":  # the kernels the emulator launched
+            before = torch.ops.guidedrop_emu.emu_launches()
             out = func(*args, **kwargs)
-            k = ops.emu_launches() - before
-            if k:
-                nbytes = _nbytes(args, kwargs, out)
-                self.launches += [Launch(f"cuda:{name}", nbytes if i == 0 else 0)
-                                  for i in range(k)]
-            return out
-        out = func(*args, **kwargs)
-        if name in SYNCS:
+            kernels = torch.ops.guidedrop_emu.emu_launches() - before
+        else:
+            out = func(*args, **kwargs)
+            kernels = KERNELS.get(name, 1) if ns == "guidedrop" else 0
+        if kernels:
+            nbytes = _nbytes(args, kwargs, out)
+            self.launches += [Launch(f"cuda:{name}", nbytes if i == 0 else 0)
+                              for i in range(kernels)]
+        elif name in SYNCS:
             self.syncs.append(name)
-        elif name not in FREE and not func.is_view:
-            prefix = "cuda" if ns == "guidedrop" else "aten"
-            self.launches.append(Launch(f"{prefix}:{name}", _nbytes(args, kwargs, out)))
+        elif name not in FREE and not func.is_view and not ns.startswith("guidedrop"):
+            self.launches.append(Launch(f"aten:{name}", _nbytes(args, kwargs, out)))
         return out
 
     # ---------------------------------------------------------------- Triton kernels
