@@ -514,3 +514,16 @@ def test_create_feature_extractor(every_backend, layer):  # noqa: F811 (the fixt
             torch.manual_seed(5)
             out = traced(x)["out"]
         assert torch.equal(out, eager), (layer, train)
+
+
+def test_swap_timm_dropblock_refuses_bad_arguments():
+    """A model that is not a module, or a factory that makes no module: TypeError naming
+    it, nothing replaced (as insert)."""
+    timm = _timm()
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        models.swap_timm_dropblock(3)
+    old = timm.layers.DropBlock2d()
+    model = nn.Sequential(old)
+    with pytest.raises(TypeError, match="factory must return an nn.Module, got float"):
+        models.swap_timm_dropblock(model, factory=lambda m: 0.5)
+    assert model[0] is old

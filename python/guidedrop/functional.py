@@ -16,11 +16,14 @@ once, here, so the layers only see those (SPEC §1).
 
 Errors, in eval mode too, each naming the argument: TypeError for a bool or tensor rate, a
 non-integral block size, a mode or normalize that is not a str, a training that is not a
-bool, x or noise not a floating tensor; ValueError for a rate outside its range, an
-unknown mode or normalize, x not 4-D, noise of another shape or device, and a
-GUIDEDROP_BACKEND naming no backend (RuntimeError where the backend it names cannot run
-the input). A ``generator`` that is not a torch.Generator is a TypeError where the op
-runs.
+bool, x or noise not a floating tensor or not dense (sparse); ValueError for a rate
+outside its range, an unknown mode or normalize, x not 4-D, noise of another shape or
+device, and a GUIDEDROP_BACKEND naming no backend (RuntimeError where the backend it names
+cannot run the input). Where the op acts (training mode, a non-zero rate, a non-empty x):
+a ``generator`` that is not a torch.Generator is a TypeError, ``torch.func.vmap`` over x
+or noise a NotImplementedError, and ``torch.jit.trace`` a RuntimeError (trace in eval
+mode, or use torch.compile / torch.export). Each op's Raises lists its own checks; these
+common ones hold for every op.
 """
 
 from __future__ import annotations
@@ -148,12 +151,12 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5: kept where ``noise[0]`` < κ_i), and the
     z positions not kept drop at p̂ = min(1, p'·N'/z) (eq. 6: kept where ``noise[1]`` <
     1 − p̂, 1 − p̂ rounded once to the compute dtype), p' = p·H·W / (k²·H'·W')
-    (eq. 11); w is the kept positions upsampled to k x k blocks, shared by the channels,
-    then normalised. p' takes k = block_size itself: the expected dropped fraction is p
-    where the blocks are whole, and falls as H·W / k² for one block larger than the map
-    (DropBlock instead clamps its block to the map). Where p'·N' > z every candidate
-    drops and the fraction stays below p, at about z / N' = 1 − mean(κ) (about 0.5 when κ
-    spreads evenly over [0, 1]).
+    (eq. 11); w is the kept positions (S = M ∨ B, eq. 7-8) upsampled to k x k blocks,
+    shared by the channels, then normalised. p' takes k = block_size itself: the
+    expected dropped fraction is p where the blocks are whole, and falls as H·W / k² for
+    one block larger than the map (DropBlock instead clamps its block to the map).
+    Where p'·N' > z every candidate drops and the fraction stays below p, at about
+    z / N' = 1 − mean(κ) (about 0.5 when κ spreads evenly over [0, 1]).
 
     Args:
         x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
@@ -369,8 +372,8 @@ def focused_dropout(x, low=0.3, high=0.6, *, per_position=False, training=True, 
     Per sample, the reference channel r = argmax_c mean(x[n, c]) (first on ties),
     v = max x[n, r] and γ = low + (high − low) u (u = ``noise``); every channel keeps the
     positions where x[n, r] > γ·v (w = 1) and drops the others (w = 0); a sample with
-    v <= 0 is unchanged. No normalisation. The module :class:`guidedrop.FocusedDropout`
-    adds the per-batch participation draw.
+    v <= 0 is unchanged (the paper's Algorithm 1). No normalisation. The module
+    :class:`guidedrop.FocusedDropout` adds the per-batch participation draw.
 
     Args:
         x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
@@ -415,8 +418,8 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
     map is high.
 
     With r = block_size: α = weight[target] (N, C_fc), averaged over groups of C_fc / C
-    consecutive columns to (N, C); the class activation map J[n] = Σ_c α[n, c] x[n, c]
-    (float64 sums); seeds are drawn at DropBlock's rate
+    consecutive columns to (N, C) (eq. 7); the class activation map J[n] = Σ_c α[n, c]
+    x[n, c] (eq. 5, float64 sums); seeds (eq. 9) are drawn at DropBlock's rate
     g = (1 − keep) / r² · H·W / ((H − r + 1)(W − r + 1)) (``noise`` < g), only at the
     top max(1, (H·W) // r²) positions of J and in the top max(1, round(channel_rate * C))
     channels of α (ties kept), at centres whose r x r block lies inside the map (none
@@ -518,3 +521,17 @@ def dropblock(x, p=0.1, block_size=7, *, shared_channels=False, normalize="batch
         return x
     return _run("dropblock", x, p, block_size, shared_channels=shared_channels,
                 normalize=normalize, noise=noise, generator=generator)
+
+
+# The errors every op raises (the module docstring), at the end of each op's Raises.
+_COMMON_RAISES = """
+        TypeError (every op): training not a bool, x or noise not dense (sparse); where
+            the op acts, a generator that is not a torch.Generator.
+        ValueError (every op): GUIDEDROP_BACKEND naming no backend.
+        NotImplementedError: torch.func.vmap over the op where it acts.
+        RuntimeError: torch.jit.trace of the op where it acts (trace in eval mode, or use
+            torch.compile), or a GUIDEDROP_BACKEND backend that cannot run the input.
+    """
+for _op in (corrdrop, selectscale, spatialscale, selectout, attentiondrop, focused_dropout,
+            camdrop, dropblock):
+    _op.__doc__ = _op.__doc__.rstrip() + _COMMON_RAISES

@@ -44,7 +44,8 @@ LAYERS = tuple(PLACEMENTS)
 
 
 def residual_groups(model: nn.Module) -> list[str]:
-    """Names of the model's residual groups (``layer1``, ``layer2``, ...)."""
+    """Names of the model's residual groups (``layer1``, ``layer2``, ...): its
+    ``nn.Sequential`` attributes ``layer1`` to ``layer8``. ValueError where it has none."""
     names = [f"layer{i}" for i in range(1, 9) if isinstance(getattr(model, f"layer{i}", None),
                                                              nn.Sequential)]
     if not names:
@@ -166,10 +167,16 @@ def swap_timm_dropblock(model: nn.Module,
     The default factory maps every timm setting (see :func:`_from_timm`: its seeds are
     SPEC §7's, at valid centres only, where timm 1.0.23 and later seed everywhere) or raises
     ValueError naming the one it cannot map; every layer is checked before any is
-    replaced. ``factory(old) -> module`` overrides it. Returns the count.
+    replaced. ``factory(old) -> module`` overrides it. Returns the count. TypeError for a
+    model that is not an nn.Module or a factory that returns no nn.Module.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found = _timm_dropblocks(model)
     new = [(factory or _from_timm)(child) for _, _, child in found]
+    for mod in new:
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"factory must return an nn.Module, got {type(mod).__name__}")
     for (parent, name, _), mod in zip(found, new, strict=True):
         setattr(parent, name, mod)
     return len(found)
@@ -195,7 +202,10 @@ class _Block(nn.Module):
 class SmallResNet(nn.Module):
     """A CIFAR-style ResNet with three groups (32x32 input -> 32, 16, 8 maps).
 
-    x: (N, in_channels, 32, 32) -> logits (N, num_classes).
+    x: (N, in_channels, 32, 32) -> logits (N, num_classes). The groups ``layer1`` to
+    ``layer3`` have ``width``, 2 ``width`` and 4 ``width`` channels and ``blocks`` basic
+    residual blocks each (two 3 x 3 convolutions; the first block of layer2 and layer3
+    halves the map), then global average pooling and the classifier ``fc``.
     """
 
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1,
