@@ -278,11 +278,13 @@ at::Tensor seed_coverage(const at::Tensor& bits, int64_t r, int64_t cs, int64_t 
 }
 
 // ------------------------------------------------------------------------ plans
-// AttentionDrop's and DropBlock's plans (issue 12): statistics + plan kernel in one op, two
-// launches, no other device op (no zeros / fill / .to: every output is written by a
+// The layers' plans (issue 12): statistics and plan kernels in one op (AttentionDrop's,
+// CorrDrop's and the seeds' two launches, CamDrop's four: python/guidedrop/launches.py
+// KERNELS), no other device op (no zeros / fill / .to: every output is written by a
 // kernel). Rates are runtime values: a float argument of the kernel in eager mode, or a
-// 0-dim float32 tensor read in the kernel (what torch.compile traces: a float argument of
-// an op would be specialised on, one recompile per rate, SPEC §8).
+// 0-dim tensor read in the kernel (float32; CorrDrop's p_blocks and CamDrop's k_c float64)
+// while torch.compile traces (a float argument of an op would be specialised on, one
+// recompile per rate, SPEC §8).
 
 int parse_normalize(c10::string_view view, const char* op) {
   const std::string s(view.data(), view.size());
@@ -679,8 +681,8 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("seed_bits(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "
         "SymInt[] shape, Tensor g, int r, Generator? generator=None) -> Tensor");
   m.def("seed_coverage(Tensor bits, int r, SymInt cs, SymInt h, SymInt w) -> Tensor");
-  // Plans (issue 12). alpha / g: a 0-dim float32 tensor (under torch.compile), else None
-  // and the float after it.
+  // Plans (issue 12). alpha / g / p: a 0-dim tensor (under torch.compile: float32, p_t
+  // float64), else None and the float after it.
   m.def("attentiondrop_plan(Tensor x, Tensor noise, Tensor? alpha_t, float alpha, int k, "
         "str mode, str normalize) -> (Tensor, Tensor)");
   m.def("seeds_plan(Tensor device_like, Tensor? noise, Tensor? cand_s, Tensor? cand_c, "

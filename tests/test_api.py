@@ -1247,6 +1247,27 @@ def test_star_import_without_the_kernel_backends():
     assert r.returncode == 0, r.stderr
 
 
+def test_every_public_submodule_is_an_attribute():
+    """As the package docstring says: each public module of python/guidedrop is an
+    attribute of ``guidedrop`` in a fresh interpreter, before anything imports it by name
+    (``guidedrop.launches`` raised AttributeError until then); a backend that cannot load
+    here says so."""
+    import subprocess
+    import sys
+    code = (
+        "import pathlib, guidedrop\n"
+        "names = sorted(f.stem for f in pathlib.Path(guidedrop.__file__).parent.glob('*.py')"
+        " if not f.stem.startswith('_'))\n"
+        "assert 'launches' in names and set(names) <= set(dir(guidedrop)), names\n"
+        "for name in names:\n"
+        "    try:\n"
+        "        getattr(guidedrop, name)\n"
+        "    except AttributeError as e:\n"
+        "        assert 'is not available here' in str(e), e\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
 def test_base_class_says_what_it_is():
     """guidedrop.GuidedDropout (exported for isinstance checks) called directly: a message
     naming the layers, not a bare NotImplementedError."""

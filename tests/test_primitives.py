@@ -26,10 +26,6 @@ def _x(shape, dtype, layout="contiguous", seed=0):
     return make_x(shape, dtype, "cpu", layout)
 
 
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_stats_tensor(t, shape, x):
     assert tuple(t.shape) == tuple(shape)
     # as the primitives' docstrings say: float64 for float64 x, else float32

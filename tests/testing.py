@@ -27,7 +27,6 @@ def _imports(module: str) -> bool:
     return True
 
 
-HAS_TRITON = _imports("triton")
 HAS_EXT = _imports("guidedrop._C")  # the CUDA extension is built (it imports without a GPU)
 
 # Marks a test that runs the CUDA sources on the CPU SIMT emulator (tests/cuda_emu, built

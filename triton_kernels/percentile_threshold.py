@@ -17,7 +17,7 @@ holds 8 or 4 consecutive digits, scanned in its registers (``_pass_wide``).
 Rows of up to ``MAX_ROW`` elements are read once into registers and the passes run on
 chip (short rows several per program, one histogram of ROWS * bins, at most HIST_BINS; 64
 elements a thread; from Triton 3.8, rows of up to 64 elements a lane's each:
-``_load_rows_on_lanes``). Their
+``_load_rows``, ON_LANES). Their
 tile, a power of 2, is padded with copies of the row's first
 element, so that min and max need no mask, and every pass counts every key without one
 (``_pass``: a mask costs a branch around each shared-memory atomic): the keys off the

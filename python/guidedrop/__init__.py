@@ -8,8 +8,10 @@ Every public submodule is an attribute of the package: ``guidedrop.functional``,
 ``guidedrop.models``, ``guidedrop.primitives``, ``guidedrop.reference``, ``guidedrop.layers``,
 ``guidedrop.modules``, ``guidedrop.schedule``, ``guidedrop.context``, ``guidedrop.dispatch``
 are imported with it; the kernel backends ``guidedrop.triton_kernels`` and
-``guidedrop.cuda_backend`` (they need Triton or the built extension) and the command line's
-``guidedrop.bench`` / ``demo`` / ``show`` / ``cli`` are imported on first access.
+``guidedrop.cuda_backend`` (they need Triton or the built extension), the command line's
+``guidedrop.bench`` / ``demo`` / ``show`` / ``cli`` and the performance accounting
+``guidedrop.launches`` (launches and bytes counted) / ``sass`` (sm_90 SASS counted) are
+imported on first access.
 """
 
 import importlib as _importlib
@@ -46,7 +48,7 @@ __version__ = "0.1.0"
 
 # Imported on first access: the kernel backends need Triton or the built extension, and the
 # command line's modules are not needed to train with the layers.
-_LAZY = ("triton_kernels", "cuda_backend", "bench", "demo", "show", "cli")
+_LAZY = ("triton_kernels", "cuda_backend", "bench", "demo", "show", "cli", "launches", "sass")
 
 # What ``from guidedrop import *`` binds: the layers and helpers, no submodule (a star import
 # imports every module named here, and the kernel backends raise ImportError where Triton or

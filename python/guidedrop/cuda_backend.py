@@ -48,7 +48,7 @@ name = "cuda"
 _ops = torch.ops.guidedrop
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Every operator of guidedrop._C (the schemas are in csrc/guidedrop.cpp).
+# The primitives of guidedrop._C (backend_contract.md; schemas in csrc/guidedrop.cpp).
 OPS = (
     "pooled_correlation", "channel_stats", "kth_largest", "map_threshold", "attention_stats",
     "cam", "seed_bits", "seed_coverage", "apply_channel", "apply_block", "apply_seeds",
@@ -167,18 +167,21 @@ def apply_attention(t, x, state, active, mode):
 
 
 # --------------------------------------------------------------------------- plans
-# layers.<layer> calls plan_<layer> (layers.fusable): the statistics op, ONE plan kernel,
-# and the Plan the apply kernel takes, bit for bit the reference plan's. noise of any
-# floating dtype goes to the kernel as it is (rounded to float32 there: no .to launch;
-# float8, which the ops do not read, is float32 already: layers.fusable);
-# without noise, one torch.rand exactly as layers.rand draws it. Rates are passed as they
+# layers.<layer> calls plan_<layer> (layers.fusable): the statistics and plan kernels (one
+# op or two; launches.KERNELS counts them) and the Plan the apply kernel takes, bit for bit
+# the reference plan's. noise of any floating dtype goes to the kernel as it is (rounded to
+# float32 there: no .to launch; float8, which the ops do not read, is float32 already:
+# layers.fusable); without noise, one torch.rand exactly as layers.rand draws it, but for
+# DropBlock's and CamDrop's seeds, drawn with Philox in the kernel. Rates are passed as they
 # come (python floats, or symbolic under torch.compile): runtime arguments of the ops, never
 # float() here (that would specialise the compiled graph on the rate).
 #
 # Under torch.compile a python float argument of a custom op is a constant of the graph:
 # Dynamo specialises on it, one recompile per rate. So while tracing (only then) the rates
-# go as a float64 (2,) tensor, `rates`, that the kernel reads (the float arguments are then
-# placeholders); eagerly they go as floats, with no launch to build a tensor.
+# go as tensors that the kernel reads (the float arguments are then placeholders): two
+# rates as a float64 (2,) tensor (_rates), one as a 0-dim float32 tensor (_runtime_rate),
+# CorrDrop's p_blocks and CamDrop's k_c as 0-dim float64 tensors; eagerly they go as
+# floats, with no launch to build a tensor.
 
 
 def _rates(x, a, b):

@@ -15,7 +15,7 @@ contract. A kernel backend may fuse a layer's arithmetic between the primitives 
 own plan kernel, exposed as ``B.plan_<layer>(x, ...)`` with the layer's signature less
 ``B``; the layer function then calls it instead of its torch code (:func:`fusable`). A
 plan kernel returns the same :class:`Plan` as the torch code on the reference backend, for
-the same ``noise``, bit for bit (tests/test_plans.py), in at most the launch budget of
+the same ``noise``, bit for bit (tests/test_plans_*.py), in at most the launch budget of
 tests/test_launches.py, with no host synchronisation and with every rate a runtime
 argument (SPEC §8).
 """
