@@ -199,7 +199,7 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     z = (~m).sum(dim=1, keepdim=True)
     # eq. 6; z = 0 means every block is kept by M already. In float64, so that 1 - p̂ is
     # rounded to the compute dtype once (SPEC §1: q rounded, not each step of it; float32
-    # steps moved q by an ulp for some (p, H, W, k, z): an attacking helper).
+    # steps moved q by an ulp for some (p, H, W, k, z), found by fuzzing).
     # (ones * c) / z, not c / z: a python c over a tensor is reciprocal(z) * c (other
     # rounding), and a tensor fill value would freeze p under torch.compile.
     ones = torch.ones_like(f[:, :1], dtype=torch.float64)

@@ -406,7 +406,7 @@ class FocusedDropout(GuidedDropout):
     def _identity(self) -> bool:
         # Eval mode or participation 0, from bools (GuidedDropout._identity): x itself and
         # no draw (torch's generator untouched, as by nn.Dropout(0)), compiled too, where
-        # _forward draws on the device (it did at participation 0: an attacking helper).
+        # _forward draws on the device (it did at participation 0, found by fuzzing).
         if self.training and _is_replica(self):
             raise RuntimeError(
                 "FocusedDropout does not support nn.DataParallel in training: each replica "
