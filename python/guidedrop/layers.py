@@ -77,10 +77,6 @@ def apply(B, plan: Plan, t: torch.Tensor, x: torch.Tensor | None) -> torch.Tenso
     return B.apply_attention(t, x, s[0], s[1], meta[0])
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def rand(shape, generator, device) -> torch.Tensor:
     """Uniforms in [0, 1) from ``generator`` (None: torch's default for ``device``)."""
     if generator is None:  # torch.rand(..., generator=None) fails on symbolic shapes
@@ -92,7 +88,7 @@ def _uniform(noise, shape, generator, x):
     """The op's uniforms: ``noise`` or a fresh draw, rounded to the compute dtype of x
     (SPEC §1: ``bernoulli(q)`` is ``u < q`` with u and q both in the compute dtype)."""
     u = noise if noise is not None else rand(shape, generator, x.device)
-    return u.to(_compute_dtype(x))
+    return u.to(reference.compute_dtype(x))
 
 
 def _rate(q, x) -> torch.Tensor:
@@ -102,7 +98,7 @@ def _rate(q, x) -> torch.Tensor:
     kernel op would be a compile-time constant, one recompile per rate). ones * q, not
     full((), q): a tensor fill value would freeze q under torch.compile; no host-to-device
     copy (no sync). A float64 q promotes the product: .to rounds it as the float's."""
-    dtype = _compute_dtype(x)
+    dtype = reference.compute_dtype(x)
     return (torch.ones((), dtype=dtype, device=x.device) * q).to(dtype)
 
 
@@ -338,7 +334,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     r = block_size
     if r > h or r > w:  # no valid centre: nothing is dropped
         return None
-    dt = _compute_dtype(x)
+    dt = reference.compute_dtype(x)
     alpha = weight.detach()[target].to(dt)  # (N, C_fc)
     # C_fc / C consecutive weights per channel, averaged in float64: the same mean in any
     # order of summation (alpha's top-k is a decision, SPEC §1), then rounded.
@@ -360,4 +356,4 @@ def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, ge
     shape = (n, 1 if shared_channels else c, h, w)
     g = _rate(_seed_rate(rate64(p, x.device), r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, None, None, shape, x.device)
-    return _seeds_plan(B, bits, r, shape, c, normalize, _compute_dtype(x))
+    return _seeds_plan(B, bits, r, shape, c, normalize, reference.compute_dtype(x))
