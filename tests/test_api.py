@@ -258,6 +258,19 @@ def test_backend_typo_is_an_error_where_nothing_runs(name, monkeypatch):
     assert call(name, training=False).shape == X
 
 
+
+def test_backend_typo_is_an_error_in_every_primitive(monkeypatch):
+    """Every public primitive refuses a GUIDEDROP_BACKEND naming no backend, block_upsample
+    too (torch code on every backend: it ignored the variable)."""
+    from guidedrop import primitives as P
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "refernce")
+    x = _x()
+    for run in (lambda: P.pooled_correlation(x, 3), lambda: P.channel_max(x),
+                lambda: P.channel_mean(x), lambda: P.top_percentile_threshold(x, 20),
+                lambda: P.block_upsample(torch.ones(2, 2, 2, dtype=torch.bool), 3, 6, 6)):
+        with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
+            run()
+
 # ------------------------------------------------------------------------ modules
 
 MODULES = {
@@ -1210,6 +1223,22 @@ def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
     assert sched.state_dict() == before
     assert params() == rates
 
+
+
+@pytest.mark.parametrize("step_count, steps", [(2**1024, 1), (2**1024, 2**1030), (5, 0)],
+                         ids=["past-the-end", "below-the-end", "no-steps"])
+def test_linear_ramp_loads_huge_step_counts(step_count, steps):
+    """A step count past the end is the end (the targets), whatever its size: a float
+    division of 2**1024 overflowed, half-way through a load that then left the layers
+    changed, and every later step() raised OverflowError. Below the end, the exact
+    fraction (2**1024 / 2**1030 = 1/64)."""
+    model = nn.Sequential(guidedrop.DropBlock2d(p=0.2), guidedrop.Selectout(keep=0.8))
+    sched = guidedrop.LinearRamp(model, steps=10)
+    sched.step()
+    sched.load_state_dict({"step_count": step_count, "steps": steps, "targets": [0.3, 0.5]})
+    assert model[0].p == (0.3 / 64 if step_count < steps else 0.3)
+    sched.step()
+    assert sched.state_dict()["step_count"] == step_count + 1
 
 def test_primitives_convert_their_arguments():
     """The primitives follow SPEC §1's argument types too: numpy and Fraction values give

@@ -84,12 +84,15 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     out[n, i, j] = mask[n, i // k, j // k]. Any k >= 1 is valid: a k of at least max(H, W)
     makes the map one block (out = mask[n, 0, 0] everywhere); neither work nor memory grows
     with k. An empty mask or H, W = 0 gives an empty output. The layers never materialise
-    this: their apply kernels read the small mask at (i // k, j // k).
+    this: their apply kernels read the small mask at (i // k, j // k); so it is torch code
+    on every backend (torch indexing), which ``GUIDEDROP_BACKEND`` does not change.
 
     Raises TypeError / ValueError for a k that is not an int >= 1 or an H, W that is not an
     int >= 0 (SPEC §1 argument types), TypeError for a mask that is not a tensor,
-    ValueError for a mask that is not 3-D or does not cover H x W.
+    ValueError for a mask that is not 3-D or does not cover H x W, and for a
+    GUIDEDROP_BACKEND naming no backend (as every op).
     """
+    dispatch.requested()  # a typo in it is an error at every call, as for the other ops
     k = V.block_size(k, "k")
     h, w = V.integer("h", h, 0), V.integer("w", w, 0)
     if not isinstance(mask, torch.Tensor):

@@ -67,7 +67,9 @@ class LinearRamp:
         self._set()
 
     def _set(self) -> None:
-        frac = 1.0 if self.steps == 0 else min(1.0, self.step_count / self.steps)
+        # past the end, 1 without dividing: step_count / steps overflows a float for huge
+        # ints (a loaded state's), and steps may be 0
+        frac = 1.0 if self.step_count >= self.steps else self.step_count / self.steps
         for m, target, param in zip(self.layers, self.targets, self._params, strict=True):
             if frac == 1.0 and param is not None:
                 # the parameter itself at the end: 1 - (1 - keep) may be keep's neighbour
@@ -138,7 +140,7 @@ class LinearRamp:
                     raise type(e)(f"targets[{i}] = {target!r} is refused by "
                                   f"{type(m).__name__}: {e}") from None
             self._set()
-        except (TypeError, ValueError):
+        except Exception:  # whatever failed, the ramp and its layers as they were
             (self.step_count, self.steps, self.targets, self._params), rates = before
             for m, (rate, ramped) in zip(self.layers, rates, strict=True):
                 setattr(m, m._rate, rate)
