@@ -155,6 +155,12 @@ def test_selectout_nan_candidates(B):
         check(B, "selectout", x, 0.5, keep, noise=u)
 
 
+
+def test_selectout_drops_only_candidates_whatever_their_noise(B):
+    """+Inf and NaN noise of candidates (tests/test_plans_selectscale.py)."""
+    from test_plans_selectscale import drops_only_candidates
+    drops_only_candidates(B, check)
+
 def test_plan_noise_on_thresholds(B):
     """Noise whose float32 value sits exactly on a threshold: u = 0 and the largest float32
     below 1; equal u among candidates; gamma * v == x[n, r] exactly (kept only if >)."""

@@ -92,6 +92,32 @@ def test_selectout_ties_nonfinite_noise_dtypes(B, keep):  # noqa: F811
     check(B, "selectout", x, 1.0, keep, noise=u_nan)
 
 
+
+def test_selectout_drops_only_candidates_whatever_their_noise(B):  # noqa: F811
+    drops_only_candidates(B, check)
+
+
+def drops_only_candidates(B, check):  # noqa: F811  (also tests/test_plans_cuda.py's)
+    """SPEC §3: the n_d dropped channels are candidates, the n_d with the smallest u, also
+    where a candidate's u is +Inf or NaN (ranked last among the candidates, NaN after
+    +Inf). Ranked as where(cand, u, inf), such a candidate tied with or ranked after the
+    other channels, and those were dropped (channel 0 first)."""
+    c, inf, nan = 6, math.inf, math.nan
+    x = torch.ones(1, c, 2, 2, device=DEV)
+    x[:, 3:] = 10.0  # candidates 3, 4, 5 (top_rate 0.5)
+    cases = {  # (u, keep) -> dropped channels
+        ((0.1, 0.2, 0.3, inf, inf, inf), 0.5): [3, 4, 5],
+        ((0.1, 0.2, 0.3, nan, 0.5, nan), 0.5): [3, 4, 5],
+        ((0.1, 0.2, 0.3, nan, inf, 0.5), 2 / 3): [4, 5],
+        ((0.1, 0.2, 0.3, nan, inf, nan), 5 / 6): [4],
+        ((inf, nan, -inf, nan, nan, nan), 2 / 3): [3, 4],
+    }
+    for (u, keep), dropped in cases.items():
+        u = torch.tensor([u], device=DEV)
+        check(B, "selectout", x, 0.5, keep, noise=u)  # the backend's plan is the reference's
+        w = L.selectout.reference(R, x, 0.5, keep, noise=u).state[0]
+        assert (w[0] == 0).nonzero().flatten().tolist() == dropped, (u, keep)
+
 def test_selectout_no_drop(B):  # noqa: F811
     """round((1 - keep) * C) = 0: nothing dropped, every channel scaled by 1/keep."""
     x = torch.randn(2, 3, 4, 4, device=DEV)

@@ -260,8 +260,8 @@ def selectout(x, top_rate=0.2, keep=0.9, *, training=True, noise=None, generator
 
     Candidates are the top n_t = max(1, round(top_rate * C)) channels by max |x| (ties
     kept); the n_d = round((1 − keep) * C) candidates with the smallest u (``noise``;
-    first index on ties) are dropped (w = 0) and every other channel scaled by 1 / keep
-    (eq. 4).
+    first index on ties, a NaN u the largest) are dropped (w = 0) and every other channel
+    scaled by 1 / keep (eq. 4): only candidates, whatever their u.
 
     Args:
         x: (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),

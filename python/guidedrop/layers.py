@@ -242,8 +242,11 @@ def selectout(B, x, top_rate, keep, *, noise=None, generator=None):
     u = _uniform(noise, (n, c), generator, x)
     cand = _channel_candidates(B, x, top_rate)
     n_drop = drop_count(keep, c, x.device)
-    # The n_drop candidates with the smallest u; a stable sort takes the first index on ties.
-    order = torch.where(cand, u, math.inf).argsort(dim=1, stable=True)
+    # The n_drop candidates with the smallest u (NaN the largest); stable sorts take the
+    # first index on ties. By u, then candidates first: not where(cand, u, inf), where a
+    # candidate's u of +inf or NaN ranked with or after the other channels.
+    order = u.argsort(dim=1, stable=True)
+    order = order.gather(1, (~cand).gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
     drop = order.argsort(dim=1) < n_drop  # a channel's rank in that order; no n_drop-sized shape
     # ones * (1/keep): no host-to-device copy (a sync, and an error under CUDA graph
     # capture), and keep stays symbolic under torch.compile.

@@ -10,8 +10,8 @@ by torch.topk's order, NaN largest, so a NaN is a candidate: ``in_top``) and wri
   ``spread = 2 * (1 - retain)`` (python float math), each rounded to float32, then a float32
   multiply and a float32 add, as torch computes ``retain + 2 * (1 - retain) * u`` (no fma:
   the kernel is compiled with ``enable_fp_fusion=False``);
-- Selectout: 0 on the ``n_drop`` candidates with the smallest u (first index on ties: the
-  reference's stable argsort of ``where(cand, u, inf)``, NaN last), ``float32(1 / keep)``
+- Selectout: 0 on the ``n_drop`` candidates with the smallest u (first index on ties, NaN
+  last: the reference's stable sorts, by u then candidates first), ``float32(1 / keep)``
   elsewhere.
 
 Every selection is an exact bisection on the order-preserving int32 key of the float32
@@ -52,15 +52,18 @@ def rate_arg(v, PTR: tl.constexpr):
 def _row_keys(amax_ptr, u_ptr, row, c0, C, s_uN, s_uC, thr,
               DROP: tl.constexpr, BLOCK: tl.constexpr):
     """Keys of channels c0 + [0, BLOCK) of a row: of max |x|, or (DROP) of Selectout's
-    order ``where(in_top(amax, thr), u, inf)``. -0 is +0 (torch compares values)."""
+    order (layers.selectout): the candidates (in_top) by u, NaN last, then the others. -0
+    is +0 (torch compares values)."""
     c = c0 + tl.arange(0, BLOCK)
     valid = c < C
     v = tl.load(amax_ptr + row * C + c, mask=valid, other=0.0)
     if DROP:
         u = tl.load(u_ptr + row * s_uN + c * s_uC, mask=valid, other=0.0).to(tl.float32)
-        v = tl.where(in_top(v, thr), u, float("inf"))
-    v = tl.where(v == 0.0, 0.0, v)
-    return float_key(v), valid, c
+        cand, v = in_top(v, thr), u
+    key = float_key(tl.where(v == 0.0, 0.0, v))
+    if DROP:  # the others above every candidate's key, a NaN's (0x7FC00000) too
+        key = tl.where(cand, key, 2147483647)
+    return key, valid, c
 
 
 @triton.jit

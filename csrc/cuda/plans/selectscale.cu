@@ -23,8 +23,14 @@
 namespace guidedrop {
 namespace {
 
-// Ascending sort key of torch.sort on float32: -0 and +0 equal, every NaN equal and last.
-__device__ __forceinline__ uint32_t sort_key(float v) { return float_key(v == 0.f ? 0.f : v); }
+// Selectout's order (layers.selectout): the candidates by u as torch.sort orders float32
+// (-0 and +0 equal, every NaN equal and last: float_key's 0xffffffff, here one below), then
+// every other channel (kOther). No float key is above +Inf's but NaN's, so a candidate's u
+// of +Inf or NaN still ranks before the other channels (where(cand, u, inf) tied them).
+constexpr uint32_t kOther = 0xffffffffu;
+__device__ __forceinline__ uint32_t drop_key(float u) {
+  return min(float_key(u == 0.f ? 0.f : u), kOther - 1);
+}
 
 struct ChannelRates {
   uint32_t k, n_drop;
@@ -70,7 +76,7 @@ __global__ void channel_plan_kernel(const float* __restrict__ amax, const Unifor
         wn[c] = in_top(s[c], kth) ? __fadd_rn(lo, __fmul_rn(span, u(n, c))) : 1.f;
       continue;  // block_select_kth_largest ended with __syncthreads: sel may be reused
     }
-    auto key = [&](int64_t c) { return sort_key(in_top(s[c], kth) ? u(n, c) : INFINITY); };
+    auto key = [&](int64_t c) { return in_top(s[c], kth) ? drop_key(u(n, c)) : kOther; };
     if (n_drop == 0) {
       for (int64_t c = threadIdx.x; c < C; c += blockDim.x) wn[c] = inv_keep;
       continue;
