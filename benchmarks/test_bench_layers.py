@@ -5,7 +5,7 @@
     python -m pytest benchmarks/ --benchmark-only --benchmark-json=out.json
 
 The same code as ``python -m guidedrop bench`` (checks each provider against the
-reference with the same noise before timing it); on CUDA the issue's shapes, on CPU a
+reference with the same noise before timing it); on CUDA the goal shapes, on CPU a
 small one. ``GUIDEDROP_BENCH_QUICK=1`` uses the ``--quick`` shapes and only the full
 mode. Each result's ``extra_info`` holds the floor (passes over x at the copy bandwidth
 measured once per session) and the ratio of the median to it. The command line is the

@@ -862,3 +862,18 @@ def test_version(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.split() == ["guidedrop", guidedrop.__version__,
                                                  "(torch", f"{torch.__version__})"], out
+
+
+def test_tables_round_small_numbers_readably():
+    """The demo's overhead of -0.4 % reads +0, not -0; show's share of a few units that
+    are dropped (AttentionDrop's map maxima) reads <0.1, not 0.0 beside a min w of 0."""
+    from guidedrop import demo, show
+    row = {"layer": "selectout", "train_acc": 0.9, "train_acc_std": 0.0, "test_acc": 0.9,
+           "test_acc_std": 0.0, "gap": 0.0, "gap_std": 0.0, "s_per_epoch": 1.0,
+           "s_per_epoch_std": 0.0, "overhead_pct": -0.4}
+    assert demo.cells(row, 1)[-1] == "+0"
+    assert demo.cells({**row, "overhead_pct": -2.6}, 1)[-1] == "-3"
+    w = torch.ones(4000)
+    w[0] = 0
+    assert show.pct(show.summary(w)[0]) == "<0.1"
+    assert show.pct(0.0) == "0.0" and show.pct(0.25) == "25.0"

@@ -75,7 +75,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
 
-# The issue's shapes and dtypes (CUDA), and a small CPU default that finishes in < 1 min.
+# The goal shapes and dtypes (CUDA), and a small CPU default that finishes in < 1 min.
 CUDA_DEFAULT = [("r56", "bf16"), ("r56", "fp32"), ("r28", "bf16"), ("r28", "fp32"),
                 ("r14", "bf16"), ("r14", "fp32"), ("c32", "fp32")]
 CUDA_QUICK = [("c32", "fp32")]
@@ -1022,7 +1022,7 @@ MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "
                  ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
                  ("worst", "of kernel (kind)", "{}"),
                  ("access", "x load B", "{}"), ("div", "int div/16 B of x", "{:.2f}"),
-                 ("budget", "issue 13 budgets", "{}")]
+                 ("budget", "static budgets", "{}")]
 
 
 def model_report(layers, cases, providers, explicit, device, channels_last,
@@ -1034,12 +1034,12 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     included, so Triton runs here under TRITON_INTERPRET=1 too.
 
     From the kernels' sm_90 SASS (guidedrop.sass, the figures tests/test_static_perf.py
-    holds to issue 13's budgets), the worst of the layer's streaming kernels: SASS
+    holds to its static budgets), the worst of the layer's streaming kernels: SASS
     instructions per element of x in the steady state, with that kernel's name and kind
     (apply or statistics: each kind has its budget; the seed kernels, held to the division
     budget only, where a layer has no other), the bytes per load of x (16: 16-byte vectors;
     else the narrowest load of such a kernel without them), the runtime integer divisions
-    per 16 bytes of x of all its kernels, and whether all of them meet issue 13's
+    per 16 bytes of x of all its kernels, and whether all of them meet the static
     budgets (``guidedrop.sass.budget_violations``; "missed:" names those that do not).
     Triton: every launch compiled for sm_90
     (under the interpreter with the tiles a GPU gets; minutes when Triton's cache is cold);
@@ -1079,7 +1079,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
               "- launches: the kernels' budget is 3 forward (CamDrop 5), +1 without noise, "
               "1 backward (no budget for the reference, the oracle); × floor: the MB moved over "
               "those of 3 reads + 2 writes of x."
-              + ("\n- SASS for sm_90 of the worst streaming kernel (issue 13's budgets): per "
+              + ("\n- SASS for sm_90 of the worst streaming kernel (static budgets): per "
                  "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "
                  "none for fp16, fp32 statistics or seeds; for every dtype, x read in 16-byte "
                  "loads (x load B: 16) and at most 2 runtime integer divisions per 16 bytes "
@@ -1100,7 +1100,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
                       "kernels, so a kernel within budget there may miss it here",
                       highlight=False)
     if any(r.get("budget", "met") != "met" for r in rows):
-        out.print("missed: kernels over a budget (issue 13 is open for them; "
+        out.print("missed: kernels over a budget (still to be brought within it; "
                   "tests/test_static_perf.py's OVER_BUDGET has their figures"
                   + (")" if calibrated else f", for Triton {sass.CALIBRATED_TRITON})"),
                   highlight=False)
@@ -1708,7 +1708,7 @@ def add_parser(sub) -> None:
     b.add_argument("--shapes", default=None,
                    help="comma list of NxCxHxW or names: "
                         + ", ".join(f"{k}={fmt_shape(v)}" for k, v in SHAPES.items())
-                        + " (default: the issue's shapes on CUDA, small on CPU)")
+                        + " (default: the goal shapes on CUDA, small on CPU)")
     b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64 "
                    "(default: bf16,fp32 on CUDA, fp32 on CPU)")
     b.add_argument("--mode", default="full",

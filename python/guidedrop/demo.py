@@ -215,7 +215,8 @@ def cells(row: dict, seeds: int) -> list[str]:
         return f"{v} ± {format(row[key + '_std'], fmt.lstrip('+'))}" if seeds > 1 else v
 
     over = "" if row["layer"] == "none" else (
-        "-" if row["overhead_pct"] != row["overhead_pct"] else f"{row['overhead_pct']:+.0f}")
+        "-" if row["overhead_pct"] != row["overhead_pct"]
+        else f"{round(row['overhead_pct']):+d}")  # an int: -0.4 reads +0, not -0
     return [row["layer"], pm("train_acc", ".3f"), pm("test_acc", ".3f"), pm("gap", "+.3f"),
             pm("s_per_epoch", ".2f"), over]
 

@@ -148,6 +148,12 @@ def summary(w: torch.Tensor) -> tuple[float, float]:
     return float((w == 0).float().mean()), float(((w > 0) & (w < 1)).float().mean())
 
 
+def pct(f: float) -> str:
+    """A share in % to one decimal; one that rounds to 0.0 but is not 0 (a few units, as
+    AttentionDrop's map maxima, dropped): "<0.1"."""
+    return "<0.1" if 0 < f < 0.0005 else f"{100 * f:.1f}"
+
+
 def render(photo: torch.Tensor, x: torch.Tensor, masks: dict[str, torch.Tensor], out: str,
            seed: int, dpi: int = 110) -> None:
     """Panels: the photo, the 16 feature maps, then per layer the 16 channels' w over the
@@ -230,7 +236,7 @@ def run(args) -> dict[str, torch.Tensor]:
         table.add_column(head, justify="left" if head in ("layer", "mask") else "right")
     for layer, w in masks.items():
         dropped, down = summary(w)
-        table.add_row(layer, f"{100 * dropped:.1f}", f"{100 * down:.1f}", f"{float(w.min()):.3f}",
+        table.add_row(layer, pct(dropped), pct(down), f"{float(w.min()):.3f}",
                       f"{float(w.max()):.3f}",
                       "same in every channel" if _shared(w) else "per channel")
     out.print(table)
