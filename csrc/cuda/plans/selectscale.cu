@@ -9,11 +9,12 @@
 // - SelectScale: w = lo + span * u on candidates, 1 elsewhere, with lo = float(retain) and
 //   span = float(2 * (1 - retain)) rounded on the host, and one rounding per operation (the
 //   reference's two tensor ops: no FMA contraction, hence __fmul_rn / __fadd_rn);
-// - Selectout: v = u on candidates, +Inf elsewhere; the n_drop smallest v are dropped, ties
-//   by lower index (the reference's stable argsort: NaN after +Inf, -0 equal to +0). The
-//   n_drop-th smallest key t by the same radix select on inverted keys; then every key < t
-//   is dropped, and of the keys == t the first (n_drop - #{key < t}) in channel order, found
-//   by a block-wide prefix count of the ties. w = 0 there, float(1 / keep) elsewhere.
+// - Selectout: the n_drop smallest keys are dropped, ties by lower index: the candidates by
+//   u (the reference's stable sorts: NaN after +Inf, -0 equal to +0), then every other
+//   channel (drop_key, kOther). The n_drop-th smallest key t by the same radix select on
+//   inverted keys; then every key < t is dropped, and of the keys == t the first
+//   (n_drop - #{key < t}) in channel order, found by a block-wide prefix count of the ties.
+//   w = 0 there, float(1 / keep) elsewhere.
 // Rates: computed on the host (eager), or, when `rates` is not null (torch.compile traces:
 // the rates are symbolic there, a float64 (2,) tensor of [top_rate, retain or keep]), read
 // and turned into k, n_drop, lo, span, 1 / keep here with the host's double arithmetic.
