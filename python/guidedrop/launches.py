@@ -7,9 +7,9 @@
 - every Triton kernel launch (``JITFunction.run``, and ``InterpretedFunction.run`` under
   ``TRITON_INTERPRET=1``), by kernel name;
 - the CUDA extension's ops: each ``guidedrop::<op>`` counts the kernels it launches, from
-  :data:`KERNELS` (its launches are not visible from Python; for x under 2³¹ elements:
-  the apply ops launch once per 2³¹ elements), and the emulated extension of the tests
-  (``guidedrop_emu``) counts the kernels it actually launched (which
+  :data:`KERNELS` (its launches are not visible from Python; exact for x under 2³¹
+  elements, past which an apply op launches once per 2³¹), and the emulated extension
+  of the tests (``guidedrop_emu``) counts the kernels it actually launched (which
   tests/test_launches.py holds to :data:`KERNELS`);
 - host synchronisations (``.item()``, ``nonzero``, ``equal``, ...).
 
