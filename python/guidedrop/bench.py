@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch, functional, models
+from . import dispatch, functional, models, reference
 from .cli import comma_list
 
 LAYERS = models.LAYERS
@@ -168,7 +168,7 @@ def noise_shape(layer: str, shape) -> tuple[int, ...]:
     n, c, h, w = shape
     if layer == "corrdrop":
         k = PARAMS[layer]["block_size"]
-        return (2, n, -(-h // k), -(-w // k))
+        return (2, n, *reference.pooled_size(h, w, k))
     if layer == "focused_dropout":
         return (n,)
     if layer in ("camdrop", "dropblock"):

@@ -23,7 +23,7 @@ from guidedrop.layers import (
     rate64,
     top_count,
 )
-from guidedrop.reference import blocks_dropped, one_window
+from guidedrop.reference import blocks_dropped, one_window, pooled_size
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -252,7 +252,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     """
     n, c, h, w = x.shape
     k = one_window(block_size, h, w)
-    u = noise if noise is not None else rand((2, n, -(-h // k), -(-w // k)), generator,
+    u = noise if noise is not None else rand((2, n, *pooled_size(h, w, k)), generator,
                                              x.device)
     # eq. 11 times N' with the real block size, float64 as the reference's: a kernel
     # argument in eager mode, a 0-dim float64 tensor while torch.compile traces (a new p is
@@ -341,7 +341,7 @@ def _register_fakes() -> None:
     @register("guidedrop::pooled_correlation")
     def _(x, k):
         n, _, h, w = x.shape
-        return x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.float32)
+        return x.new_empty((n, *pooled_size(h, w, k)), dtype=torch.float32)
 
     @register("guidedrop::channel_stats")
     def _(x, applied=None):
@@ -378,7 +378,7 @@ def _register_fakes() -> None:
     @register("guidedrop::corrdrop_plan")
     def _(x, noise, p_t, p, k, normalize):  # k: clamped by plan_corrdrop (no max of sizes:
         n, _, h, w = x.shape                   # a guard on H vs W with symbolic sizes)
-        return (x.new_empty((n, (h + k - 1) // k, (w + k - 1) // k), dtype=torch.uint8),
+        return (x.new_empty((n, *pooled_size(h, w, k)), dtype=torch.uint8),
                 x.new_empty((n,), dtype=torch.float32))
 
     @register("guidedrop::seeds_plan")

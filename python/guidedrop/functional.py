@@ -38,7 +38,7 @@ from torch._dynamo.comptime import comptime
 from torch._guards import CompileContext
 
 from . import _validation as V
-from . import autograd, dispatch, layers
+from . import autograd, dispatch, layers, reference
 
 # Import every backend now, not at the first call: a first call inside a torch.compile
 # trace cannot import a module (Dynamo skips importlib), which is a graph break.
@@ -181,7 +181,7 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
     p, block_size = V.real("p", p), V.block_size(block_size)
     normalize = V.choice("normalize", normalize, V.NORMALIZE)
     n, _, h, w = x.shape
-    V.noise(noise, (2, n, -(-h // block_size), -(-w // block_size)), x)  # exact for any int size
+    V.noise(noise, (2, n, *reference.pooled_size(h, w, block_size)), x)  # exact for any int
     if _idle(x, training, p):
         return x
     return _run("corrdrop", x, p, block_size, normalize=normalize, noise=noise,

@@ -183,7 +183,7 @@ def corrdrop(B, x, p, block_size, *, normalize, noise=None, generator=None):
     # Blocks larger than the map are one block: the pooling, the border arithmetic and the
     # apply take k = max(H, W) (same windows, same indices); only p' reads the real k.
     k = reference.one_window(block_size, h, w)
-    hp, wp = (h + k - 1) // k, (w + k - 1) // k  # this form: reference.pooled_correlation
+    hp, wp = reference.pooled_size(h, w, k)
     u = _uniform(noise, (2, n, hp, wp), generator, x).flatten(2)
     f = B.pooled_correlation(x, k).flatten(1)  # (N, N')
     fmin, fmax = f.amin(dim=1, keepdim=True), f.amax(dim=1, keepdim=True)

@@ -32,6 +32,13 @@ def _maps(x: torch.Tensor) -> torch.Tensor:
 QUANTUM = 2.0**-32  # the grid each P_ij is rounded to before F's row sums (exact in int64)
 
 
+def pooled_size(h: int, w: int, k: int) -> tuple[int, int]:
+    """(H', W') = (ceil(H/k), ceil(W/k)), CorrDrop's pooled map (SPEC §2), as
+    (h + k - 1) // k: with symbolic sizes Dynamo failed on -(-h // k) (a view of F back to
+    (N, H', W'): "Guard failed on the same frame it was created")."""
+    return (h + k - 1) // k, (w + k - 1) // k
+
+
 def one_window(k: int, h: int, w: int) -> int:
     """k clamped to max(H, W): a block at least as large as the map is one window (the
     same pooling, the same indices), so no work or memory grows with k beyond the map (any
@@ -57,7 +64,7 @@ def blocks_dropped(p, h: int, w: int, k: int):
     p̂ <= (H·W)²·2^-124 < 2^-54 for any map under 2^35 units, and q rounds to 1 as with
     the real k; nor is a symbolic k past int64 in the graph."""
     if k < 2**31:
-        hp, wp = (h + k - 1) // k, (w + k - 1) // k
+        hp, wp = pooled_size(h, w, k)
         return p * h * w / (k * k * hp * wp) * (hp * wp)
     kf = float(k) if k < 2**62 else 2.0**62
     return p * h * w / kf / kf
@@ -86,9 +93,7 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     k = one_window(k, h, w)
-    # (h + k - 1) // k, not -(-h // k): with symbolic sizes Dynamo failed on the view of F
-    # back to (N, H', W') below in that form ("Guard failed on the same frame it was created")
-    hp, wp = (h + k - 1) // k, (w + k - 1) // k
+    hp, wp = pooled_size(h, w, k)
     ct = compute_dtype(x)
     if n * hp * wp == 0 or c == 0:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
