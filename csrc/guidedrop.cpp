@@ -188,6 +188,20 @@ at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
   return J;
 }
 
+// noise: the uniforms of SPEC §1 in the dtypes the kernels read (not float8 or float4,
+// which at::isFloatingType admits: a kernel would read their bytes as another type).
+void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
+                 at::IntArrayRef shape) {
+  TORCH_CHECK(noise.defined(), op, ": noise is an undefined tensor");
+  TORCH_CHECK(noise.device() == like.device(), op, ": noise must be on ", like.device(),
+              ", got ", noise.device());
+  const auto dt = noise.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": noise must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
+              noise.sizes());
+}
+
 // ------------------------------------------------------------------------ seed masks
 
 // The arguments of seed_bits / seeds_plan checked, the bits allocated and, without noise,
@@ -217,13 +231,8 @@ Seeds prepare_seeds(const at::Tensor& device_like, const std::optional<at::Tenso
   out.g_value = static_cast<float>(g_value);
   const int64_t N = shape[0], Cs = shape[1], H = shape[2], W = shape[3];
   if (noise.has_value() && noise->defined()) {
+    check_noise(*noise, device_like, op, shape);
     out.noise = *noise;
-    TORCH_CHECK(out.noise.device() == device_like.device(), op, ": noise must be on ",
-                device_like.device(), ", got ", out.noise.device());
-    TORCH_CHECK(at::isFloatingType(out.noise.scalar_type()), op,
-                ": noise must be a floating tensor, got ", out.noise.scalar_type());
-    TORCH_CHECK(out.noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
-                out.noise.sizes());
   }
   if (cand_s.has_value() && cand_s->defined()) {
     check_small(*cand_s, device_like, op, "cand_s", at::kBool, {N, H, W});
@@ -304,12 +313,7 @@ std::tuple<at::Tensor, at::Tensor> attentiondrop_plan(
   check_feature_map(x, op, "x");
   check_k(k, x.size(2) * x.size(3), op);
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(noise.defined() && noise.device() == x.device(), op, ": noise must be on ",
-              x.device());
-  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op,
-              ": noise must be a floating tensor, got ", noise.scalar_type());
-  TORCH_CHECK(noise.sizes() == at::IntArrayRef({N, C}), op, ": noise must have shape ",
-              at::IntArrayRef({N, C}), ", got ", noise.sizes());
+  check_noise(noise, x, op, {N, C});
   at::Tensor a;  // undefined: alpha
   if (alpha_t.has_value() && alpha_t->defined()) {
     check_small(*alpha_t, x, op, "alpha", at::kFloat, {});
@@ -338,12 +342,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
-  TORCH_CHECK(noise.defined() && noise.device() == x.device(), op, ": noise must be on ",
-              x.device());
-  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op,
-              ": noise must be a floating tensor, got ", noise.scalar_type());
-  TORCH_CHECK(noise.sizes() == at::IntArrayRef({2, N, Hp, Wp}), op, ": noise must have shape ",
-              at::IntArrayRef({2, N, Hp, Wp}), ", got ", noise.sizes());
+  check_noise(noise, x, op, {2, N, Hp, Wp});
   at::Tensor pt;  // undefined: p
   if (p_t.has_value() && p_t->defined()) {
     check_small(*p_t, x, op, "p_blocks", at::kDouble, {});
@@ -548,18 +547,6 @@ at::Tensor apply_attention(const at::Tensor& t, const at::Tensor& x, const at::T
 // device, symbolic there): the kernel then reads them, with the same double arithmetic,
 // and the float arguments are ignored (not checked: they are placeholders). Eager calls
 // pass floats and no tensor (no launch to build it).
-
-void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
-                 at::IntArrayRef shape) {
-  TORCH_CHECK(noise.defined(), op, ": noise is an undefined tensor");
-  TORCH_CHECK(noise.device() == like.device(), op, ": noise must be on ", like.device(),
-              ", got ", noise.device());
-  const auto dt = noise.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": noise must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
-              noise.sizes());
-}
 
 // rates: undefined, or float64 (2,) on like's device -> contiguous.
 at::Tensor check_rates(const std::optional<at::Tensor>& rates, const at::Tensor& like,

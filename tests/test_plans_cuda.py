@@ -235,6 +235,29 @@ def test_plan_ops_check_arguments(B):
         ops.focused_dropout_plan(x, mean, torch.rand(2, device=DEV), 0.7, 0.6, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e8m0fnu], ids=str)
+def test_plan_ops_refuse_unread_noise_dtypes(B, dtype):
+    """Every op that reads noise refuses float8 (floating to at::isFloatingType; its kernels
+    read float32, float64, float16 and bfloat16 only: AttentionDrop's read a float8 element
+    as 4 bytes). The layers pass float8 noise as float32 (layers._readable)."""
+    ops, x = _ops(), torch.rand(2, 3, 6, 6, device=DEV)
+    u = functools.partial(torch.rand, device=DEV)
+    calls = {
+        "attentiondrop_plan": lambda: ops.attentiondrop_plan(x, u(2, 3).to(dtype), None, 0.5, 4,
+                                                             "ad", "batch"),
+        "corrdrop_plan": lambda: ops.corrdrop_plan(x, u(2, 2, 3, 3).to(dtype), None, 0.1, 2,
+                                                   "batch"),
+        "seed_bits": lambda: B.seed_bits(u(2, 3, 6, 6).to(dtype), None, 0.1, 1, None, None,
+                                         (2, 3, 6, 6), DEV),
+        "selectscale_plan": lambda: ops.selectscale_plan(x[..., 0, 0], u(2, 3).to(dtype), 0.4,
+                                                         0.1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: noise must be float32, float64, "
+                                               "float16 or bfloat16"):
+            call()
+
+
 def test_plan_ops_rates_tensor(B):
     """The traced path of the plan ops (rates as a float64 (2,) tensor read by the kernel,
     the float arguments placeholders) gives what the float arguments give."""
