@@ -5,9 +5,10 @@ build the CUDA extension ``guidedrop._C``:
 
 - packages: ``guidedrop`` from ``python/guidedrop`` and ``guidedrop.triton_kernels``
   from ``triton_kernels/``;
-- ``guidedrop._C`` from ``csrc/*.cpp`` + ``csrc/cuda/*.cu``, built only when torch is
-  importable, CUDA is wanted (a GPU is visible or ``FORCE_CUDA=1``), nvcc is found
-  (``CUDA_HOME``, default ``/usr/local/cuda``) and there is at least one source.
+- ``guidedrop._C`` from ``csrc/*.cpp``, ``csrc/cuda/*.cu`` and ``csrc/cuda/plans/*.cu``,
+  built only when torch is importable, CUDA is wanted (a GPU is visible or ``FORCE_CUDA=1``),
+  nvcc is found (``CUDA_HOME``, default ``/usr/local/cuda``) and there is at least one
+  source.
   Otherwise the install is pure Python and ``guidedrop`` still imports.
 
 Build the extension against the installed torch, without build isolation::

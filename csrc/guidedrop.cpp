@@ -80,6 +80,12 @@ int parse_mode(c10::string_view mode_view, const char* op) {
   return kModeAD;
 }
 
+// reference.one_window: a block at least as large as the map is one window (the same
+// pooling, the same indices), so that no work or memory grows with k beyond the map.
+int64_t one_window(int64_t k, int64_t H, int64_t W) {
+  return std::min(k, std::max<int64_t>({H, W, 1}));
+}
+
 at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
 
 // ------------------------------------------------------------------------ statistics
@@ -100,7 +106,7 @@ at::Tensor pooled_correlation(const at::Tensor& x, int64_t k) {
   check_positive(k, op, "k");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
+  k = one_window(k, H, W);
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   at::Tensor F = at::empty({N, Hp, Wp}, f32(x));
   pooled_correlation_into(x, k, F);
@@ -340,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::
   check_feature_map(x, op, "x");
   check_positive(k, op, "k");
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  k = std::min(k, std::max<int64_t>({H, W, 1}));  // a block >= the map is one window
+  k = one_window(k, H, W);
   const int64_t Hp = (H + k - 1) / k, Wp = (W + k - 1) / k;
   check_noise(noise, x, op, {2, N, Hp, Wp});
   at::Tensor pt;  // undefined: p
@@ -479,7 +485,7 @@ at::Tensor apply_block(const at::Tensor& t, const at::Tensor& mask, int64_t k,
   const int64_t N = t.size(0);
   // A block larger than the map is the whole map: the same indices h / k, w / k (all 0),
   // and no product below can overflow, however large k is.
-  k = std::min(k, std::max<int64_t>({t.size(2), t.size(3), 1}));
+  k = one_window(k, t.size(2), t.size(3));
   check_small(mask, t, op, "mask", at::kByte, {N, mask.size(1), mask.size(2)});
   TORCH_CHECK(mask.size(1) * k >= t.size(2) && mask.size(2) * k >= t.size(3), op,
               ": mask (N, Hs, Ws) = ", mask.sizes(), " does not cover H x W = ", t.size(2),

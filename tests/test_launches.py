@@ -11,8 +11,8 @@ counts as ``python -m guidedrop bench --model``):
 - backward: exactly 1 (the apply on grad_y);
 - no host synchronisation anywhere.
 
-A layer whose plan still runs as torch ops between the kernels is an expected failure
-(strict: it fails as soon as the layer meets its budget, so the mark cannot outlive it).
+Every layer meets it on both kernel backends (its plan fused into plan kernels, or as small
+as SpatialScale's).
 """
 
 from __future__ import annotations
@@ -28,29 +28,7 @@ from guidedrop.launches import count_layer
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
           "attentiondrop": 3, "focused_dropout": 3, "camdrop": 5, "dropblock": 3}
-# (backend, layer) pairs that meet the budget (their plan is fused into plan kernels, or
-# is as small as SpatialScale's).
-MEETS_BUDGET = {
-    ("cuda", "attentiondrop"),
-    ("cuda", "camdrop"),
-    ("cuda", "corrdrop"),
-    ("cuda", "dropblock"),
-    ("cuda", "focused_dropout"),
-    ("cuda", "selectout"),
-    ("cuda", "selectscale"),
-    ("cuda", "spatialscale"),
-    ("triton", "attentiondrop"),
-    ("triton", "camdrop"),
-    ("triton", "corrdrop"),
-    ("triton", "dropblock"),
-    ("triton", "focused_dropout"),
-    ("triton", "selectout"),
-    ("triton", "selectscale"),
-    ("triton", "spatialscale"),
-}
 
-# Why a layer with a plan kernel still misses the budget (the strict xfail's reason).
-OVER_BUDGET: dict[tuple[str, str], str] = {}
 
 @pytest.fixture(params=["triton", CUDA])
 def backend(request, monkeypatch):
@@ -67,10 +45,7 @@ def backend(request, monkeypatch):
 
 
 @pytest.mark.parametrize("layer", list(BUDGET))
-def test_launch_budget(backend, layer, request):
-    if (backend, layer) not in MEETS_BUDGET:
-        reason = OVER_BUDGET.get((backend, layer), "no plan kernel on this backend yet")
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{layer}: {reason} (issue 12)"))
+def test_launch_budget(backend, layer):
     call, noise_shape = _ops(DEV)[layer]
     x = torch.randn(SHAPE, device=DEV)
     c = count_layer(call, x, torch.rand(noise_shape, device=DEV))

@@ -14,7 +14,7 @@ from itertools import product
 
 import pytest
 import torch
-from test_backends import DEV, B  # noqa: F401  (B: fixture, every kernel backend)
+from test_backends import DEV, B, load_backend  # noqa: F401  (B: fixture, every kernel backend)
 from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
 
 from guidedrop import layers as L
@@ -156,16 +156,15 @@ def test_long_rows(B):  # noqa: F811
     check(B, "selectout", x, 0.3, 0.8, noise=u)
 
 
-def test_rate_tensors(B):  # noqa: F811
-    """The traced path (rates and the candidates' count k as 0-dim tensors) gives the eager
-    plan."""
-    if not hasattr(B, "plan_selectscale"):
-        pytest.skip("no SelectScale plan kernel on this backend")
+def test_rate_tensors():
+    """Triton's traced path (rates and the candidates' count k as 0-dim tensors) gives the
+    eager plan (CUDA's: test_plans_cuda.test_plan_ops_rates_tensor)."""
+    T = load_backend("triton")
     from guidedrop.triton_kernels.plans import selectscale as S
     torch.manual_seed(5)
     x = torch.randn(3, 11, 4, 4, device=DEV)
     u = torch.rand(3, 11, device=x.device)
-    amax, _ = B.channel_stats(x)
+    amax, _ = T.channel_stats(x)
     f32, f64 = torch.float32, torch.float64
     for retain in (0.1, 1 / 3):
         want = S._selectscale_plan(amax, u, 4, retain, 2 * (1 - retain))

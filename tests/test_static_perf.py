@@ -372,7 +372,7 @@ def test_bench_model_prints_sass_counts(capsys):
          "--layers", "selectscale", "--backends", "triton"])
     row, = bench.run(args)
     # both kernels read x in 16-byte vectors (their 4-byte scale loads are not x's)
-    assert row["sass"] > 0 and row["access"] == 16 and row["div"] >= 0, row
+    assert row["sass"] > 0 and row["access"] == 16 and row["div"] <= 2, row
     # the worst kernel named with its kind: a statistics or an apply kernel of SelectScale
     assert row["worst"] in ("_channel_stats_kernel (statistics)",
                             "_apply_channel_flat_kernel (apply)"), row

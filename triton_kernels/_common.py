@@ -341,7 +341,7 @@ def pow2(n: int) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return (a + b - 1) // b  # not -(-a // b): Dynamo traces this form (reference.pooled_size)
 
 
 def warps(elements: int) -> int:

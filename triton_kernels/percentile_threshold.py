@@ -737,7 +737,7 @@ def _attention_stats(x: torch.Tensor, k: int, active: torch.Tensor,
 def _map_state(st_ptr, mp, valid, act, MODE: tl.constexpr,
                ONE_LOAD: tl.constexpr = True):
     """The state of maps mp (G,) (reference.attention_state: thr, scale, mn, r; one 16-byte
-    load, 8 for "am") where valid (None: all), as what a unit's w needs: (thr, mn, r, sc,
+    load, also for "am") where valid (None: all), as what a unit's w needs: (thr, mn, r, sc,
     sd). r is 0 where the map is inactive ("sm", "ad": f̂ = 0, S = 1). "am": w = sc where
     x < thr, else sd = (0 if active else 1) * sc (0 * sc, not 0: the reference's S * scale,
     NaN for an infinite scale): two values per map, a compare and a select per unit.

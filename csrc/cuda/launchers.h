@@ -1,7 +1,7 @@
 // Host launchers of the CUDA kernels, called by csrc/guidedrop.cpp after it has checked
 // every argument and allocated every output. Included by the .cpp and by every .cu, so a
 // signature mismatch is a compile error. Only light ATen/c10 headers here: the .cu files
-// must not pull in torch/extension.h (see shared/ENVIRONMENT.md, compile time).
+// must not pull in torch/extension.h (its headers multiply every .cu file's compile time).
 //
 // Conventions: x, t: (N, C, H, W) float32/float16/bfloat16, any strides. Small tensors
 // (per-sample, per-map, masks, bits) are contiguous, on x's device, of the dtype named in

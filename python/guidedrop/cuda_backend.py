@@ -200,7 +200,7 @@ def _floats(rates, a, b):
 
 def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
-    float32. 3 launches (channel_stats, selectscale_plan; rand without noise)."""
+    float32. 2 launches (channel_stats, selectscale_plan), +1 without noise (rand)."""
     amax, _ = _ops.channel_stats(x)
     u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
     rates = _rates(x, top_rate, retain)

@@ -7,10 +7,11 @@
 - every Triton kernel launch (``JITFunction.run``, and ``InterpretedFunction.run`` under
   ``TRITON_INTERPRET=1``), by kernel name;
 - the CUDA extension's ops: each ``guidedrop::<op>`` counts the kernels it launches, from
-  :data:`KERNELS` (its launches are not visible from Python; exact for x under 2³¹
-  elements, past which an apply op launches once per 2³¹), and the emulated extension
-  of the tests (``guidedrop_emu``) counts the kernels it actually launched (which
-  tests/test_launches.py holds to :data:`KERNELS`);
+  :data:`KERNELS` (its launches are not visible from Python; exact for the layers' calls
+  with x under 2³¹ elements, past which an apply op launches once per 2³¹; an op given a
+  non-contiguous or misaligned small tensor copies it first, one kernel more), and the
+  emulated extension of the tests (``guidedrop_emu``) counts the kernels it actually
+  launched (which tests/test_launches.py holds to :data:`KERNELS`);
 - host synchronisations (``.item()``, ``nonzero``, ``equal``, ...).
 
 Each launch carries the bytes of the tensors it takes and returns (an upper bound on what a
@@ -38,8 +39,9 @@ FREE = {  # allocations and metadata: not launches
 }
 SYNCS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"}
 # The kernels each op of csrc/ launches where it is not one (csrc/guidedrop.cpp): a plan op
-# is its statistics and plan kernels in one call.
-KERNELS = {"attentiondrop_plan": 2, "corrdrop_plan": 2, "seeds_plan": 2, "camdrop_plan": 4}
+# is its statistics and plan kernels in one call; seed_coverage (no layer's) zeroes its sums.
+KERNELS = {"attentiondrop_plan": 2, "corrdrop_plan": 2, "seeds_plan": 2, "camdrop_plan": 4,
+           "seed_coverage": 2}
 
 
 class Launch(NamedTuple):

@@ -84,7 +84,8 @@ class GuidedDropout(nn.Module):
     _zero_rate = False
 
     def __init__(self) -> None:
-        """The parameters, each checked as it is set: see the class docstring."""
+        """The parameters, each checked as it is set (guidedrop.modules' docstring); a
+        subclass's docstring lists its own."""
         super().__init__()  # (help() showed nn.Module's "Initialize internal Module state")
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -22,7 +22,7 @@ import triton.language as tl
 from guidedrop.layers import Plan, _rate, beta_count, rand
 
 from .._common import as_float32, launch, op, pow2
-from ..percentile_threshold import MODES, _select
+from ..percentile_threshold import _select
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
@@ -105,4 +105,4 @@ def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator
     return Plan("attention", (mode,), (state, active))
 
 
-__all__ = ["plan_attentiondrop", "MODES"]
+__all__ = ["plan_attentiondrop"]

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from guidedrop.layers import Plan, rand, rate64
-from guidedrop.reference import blocks_dropped, one_window
+from guidedrop.reference import blocks_dropped, one_window, pooled_size
 
-from .._common import cdiv, launch, mask_buffer, op, pow2
+from .._common import launch, mask_buffer, op, pow2
 from ..pooled_correlation import _pooled_correlation_launch
 
 NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
@@ -113,13 +113,13 @@ def _corrdrop_plan_kernel(f_ptr, u_ptr, keep_ptr, sc_ptr, p_blocks, p_low, N, HP
 
 
 @op("corrdrop_plan", lambda x, u, p_blocks, k, normalize: (
-    mask_buffer((x.shape[0], cdiv(x.shape[2], k), cdiv(x.shape[3], k)), x.device),
+    mask_buffer((x.shape[0], *pooled_size(x.shape[2], x.shape[3], k)), x.device),
     x.new_empty(x.shape[:1], dtype=torch.float32)))
 def _plan(x: torch.Tensor, u: torch.Tensor, p_blocks: torch.Tensor, k: int,
           normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (N, H', W') uint8, scale (N,) float32) of x with block extent k <= max(H, W)."""
     n, c, h, w = x.shape
-    hp, wp = cdiv(h, k), cdiv(w, k)
+    hp, wp = pooled_size(h, w, k)
     f = torch.empty((n, hp * wp), dtype=torch.float32, device=x.device)
     _pooled_correlation_launch(x, k, f)
     keep = mask_buffer((n, hp, wp), x.device)  # slack: apply_block reads it unmasked
@@ -146,7 +146,7 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     """
     n, c, h, w = x.shape
     k = one_window(block_size, h, w)
-    hp, wp = -(-h // k), -(-w // k)
+    hp, wp = pooled_size(h, w, k)
     u = noise if noise is not None else rand((2, n, hp, wp), generator, x.device)
     # eq. 11 times N' with the real block size, float64 as the reference's. A kernel
     # argument in eager mode; a 0-dim tensor while torch.compile traces, so that a new p
