@@ -80,6 +80,20 @@ int parse_mode(c10::string_view mode_view, const char* op) {
   return kModeAD;
 }
 
+// noise: the uniforms of SPEC §1 in the dtypes the kernels read (not float8 or float4,
+// which at::isFloatingType admits: a kernel would read their bytes as another type).
+void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
+                 at::IntArrayRef shape) {
+  TORCH_CHECK(noise.defined(), op, ": noise is an undefined tensor");
+  TORCH_CHECK(noise.device() == like.device(), op, ": noise must be on ", like.device(),
+              ", got ", noise.device());
+  const auto dt = noise.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": noise must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
+              noise.sizes());
+}
+
 // reference.one_window: a block at least as large as the map is one window (the same
 // pooling, the same indices), so that no work or memory grows with k beyond the map.
 int64_t one_window(int64_t k, int64_t H, int64_t W) {
@@ -192,20 +206,6 @@ at::Tensor cam(const at::Tensor& x, const at::Tensor& alpha) {
   at::Tensor J = at::empty({x.size(0), x.size(2), x.size(3)}, f32(x));
   launch_cam(x, a, J);
   return J;
-}
-
-// noise: the uniforms of SPEC §1 in the dtypes the kernels read (not float8 or float4,
-// which at::isFloatingType admits: a kernel would read their bytes as another type).
-void check_noise(const at::Tensor& noise, const at::Tensor& like, const char* op,
-                 at::IntArrayRef shape) {
-  TORCH_CHECK(noise.defined(), op, ": noise is an undefined tensor");
-  TORCH_CHECK(noise.device() == like.device(), op, ": noise must be on ", like.device(),
-              ", got ", noise.device());
-  const auto dt = noise.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": noise must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(noise.sizes() == shape, op, ": noise must have shape ", shape, ", got ",
-              noise.sizes());
 }
 
 // ------------------------------------------------------------------------ seed masks
@@ -336,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor> attentiondrop_plan(
 }
 
 // CorrDrop's plan -> (S (N, H', W') uint8, scale (N,) float32): F in one launch
-// (pooled_correlation), then the plan kernel (plans/corrdrop.cu). noise: (2, N, H', W') of
-// any floating dtype and strides; p_blocks = p * H*W / block_size² as p_t (a 0-dim float64,
+// (pooled_correlation), then the plan kernel (plans/corrdrop.cu). noise: (2, N, H', W'),
+// check_noise's dtypes, any strides; p_blocks = p * H*W / block_size² as p_t (a 0-dim float64,
 // under torch.compile) or p (p_t None); k >= 1 (larger than the map: one block).
 std::tuple<at::Tensor, at::Tensor> corrdrop_plan(const at::Tensor& x, const at::Tensor& noise,
                                                  const std::optional<at::Tensor>& p_t, double p,
@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> seeds_plan(
 // step 0 without a host sync), the candidates (plans/camdrop.cu), the seeds (seed_bits) and
 // the coverage + scale (seeds_scale). weight: (K, C_fc) floating, C_fc a multiple of C;
 // target: (N,) of any integer dtype but bool, read by value (no conversion launch); noise:
-// (N, C, H, W) of any floating dtype, or None (Philox in the seed kernel); g: the seed rate
+// (N, C, H, W) of check_noise's dtypes, or None (Philox in the seed kernel); g: the seed rate
 // as g_t (a 0-dim float32, under torch.compile) or g (g_t None); 1 <= r <= min(H, W);
 // k_s, k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3); k_c_t:
 // None, or (torch.compile: channel_rate is a runtime value) k_c as a 0-dim float64, read in
@@ -691,7 +691,7 @@ TORCH_LIBRARY(guidedrop, m) {
   m.def("apply_seeds(Tensor t, Tensor bits, int r, bool shared, Tensor scale) -> Tensor");
   m.def("apply_attention(Tensor t, Tensor x, Tensor state, Tensor active, str mode) -> Tensor");
   // Plans (csrc/cuda/plans/). amax / mean: channel_stats' outputs; noise: the layer's
-  // uniforms, any floating dtype. Rates are runtime floats (no recompile per rate).
+  // uniforms (check_noise's dtypes). Rates are runtime floats (no recompile per rate).
   // rates: None, or (torch.compile) float64 (2,) [top_rate, retain | keep] / [low, high]
   // read by the kernel instead of the float arguments (see "plans" above).
   m.def("selectscale_plan(Tensor amax, Tensor noise, float top_rate, float retain, "

@@ -181,10 +181,10 @@ def test_soft_mask_extreme_ranges(B):
 
 
 @pytest.mark.xfail(strict=True, reason="known deviation from SPEC §4 step 2: f̂ = (x - min)·r "
-                   "with r = 1/(max - min) rounded up, +Inf for a range under 2^-128, so every "
-                   "unit above the minimum gets f̂ = 1; the quotient needs a per-unit scale "
-                   "that the (N, C, 4) map state has no room for (an adversarial pass)")
-def test_soft_mask_range_under_2_pow_minus_128():
+                   "with r = 1/(max - min) rounded up, +Inf for a range of at most 2^-128, so "
+                   "every unit above the minimum gets f̂ = 1; the quotient needs a per-unit "
+                   "scale that the (N, C, 4) map state has no room for (an adversarial pass)")
+def test_soft_mask_range_at_most_2_pow_minus_128():
     """The SPEC's quotient on a map whose max - min (3·2^-149) is too small for its
     reciprocal to be a float32: S = 1 - f̂ = 1, 2/3, 1/3, 0 ("sm")."""
     x = torch.tensor([0.0, 2**-149, 2 * 2**-149, 3 * 2**-149]).view(1, 1, 2, 2)

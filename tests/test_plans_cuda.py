@@ -239,7 +239,8 @@ def test_plan_ops_check_arguments(B):
 def test_plan_ops_refuse_unread_noise_dtypes(B, dtype):
     """Every op that reads noise refuses float8 (floating to at::isFloatingType; its kernels
     read float32, float64, float16 and bfloat16 only: AttentionDrop's read a float8 element
-    as 4 bytes). The layers pass float8 noise as float32 (layers._readable)."""
+    as 4 bytes); seeds_plan and camdrop_plan check it where seed_bits does (prepare_seeds).
+    The layers pass float8 noise as float32 (layers._readable)."""
     ops, x = _ops(), torch.rand(2, 3, 6, 6, device=DEV)
     u = functools.partial(torch.rand, device=DEV)
     calls = {

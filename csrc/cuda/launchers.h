@@ -42,10 +42,10 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
                             int mode, const at::TensorBase& thr, const at::TensorBase& mn,
                             const at::TensorBase& rcp, const at::TensorBase& msum);
 // AttentionDrop's statistics drawing gamma = u < alpha itself (plan, issue 12): noise (N, C)
-// any floating dtype and strides; alpha_t: undefined (then `alpha`) or a 0-dim float32;
-// writes active (N, C) bool, thr, mn, r into state (N, C, 4) float32 (thr, -, mn, r:
-// reference.attention_state, the scale left to launch_attentiondrop_scale) and msum (N, C)
-// float64 (zeros where inactive).
+// float32/float64/float16/bfloat16 of any strides; alpha_t: undefined (then `alpha`) or a 0-dim
+// float32; writes active (N, C) bool, thr, mn, r into state (N, C, 4) float32 (thr, -, mn, r:
+// reference.attention_state, the scale left to launch_attentiondrop_scale) and msum (N, C) float64
+// (zeros where inactive).
 void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::TensorBase& noise,
                                 const at::TensorBase& alpha_t, float alpha, int mode,
                                 const at::TensorBase& state, const at::TensorBase& msum,
@@ -74,8 +74,9 @@ void launch_seeds_scale(const at::TensorBase& bits, int64_t r, int64_t C, int64_
                         const at::TensorBase& blocks, const at::TensorBase& scale);
 
 // plans/corrdrop.cu. F: (N, H'*W') float32 from launch_pooled_correlation; noise:
-// (2, N, H', W') any floating dtype and strides; p_t: undefined (then p_value) or a 0-dim
-// float64 (p_blocks = p * H*W / block_size²); keep: (N, H', W') uint8, scale: (N,) float32.
+// (2, N, H', W') float32/float64/float16/bfloat16, any strides; p_t: undefined (then
+// p_value) or a 0-dim float64 (p_blocks = p * H*W / block_size²); keep: (N, H', W') uint8,
+// scale: (N,) float32.
 void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
                           const at::TensorBase& p_t, double p_value, int64_t H, int64_t W,
                           int64_t k, int normalize, const at::TensorBase& keep,

@@ -246,9 +246,9 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
     """SPEC §2 in 2 launches before the apply (F, then S and the scale; +1 ``torch.rand``
     without noise).
 
-    x: (N, C, H, W) float32/float16/bfloat16; noise: (2, N, H', W') of any floating dtype
-    (rounded to float32), or None -> Plan("block", (k,), (S (N, H', W') uint8, scale (N,)
-    float32)), k = min(block_size, max(H, W)), H' = ceil(H / k), W' = ceil(W / k).
+    x: (N, C, H, W) float32/float16/bfloat16; noise: (2, N, H', W') float32/float64/
+    float16/bfloat16 (rounded to float32), or None -> Plan("block", (k,), (S (N, H', W')
+    uint8, scale (N,) float32)), k = min(block_size, max(H, W)), H' = ceil(H / k), W' = ceil(W / k).
     """
     n, c, h, w = x.shape
     k = one_window(block_size, h, w)
@@ -266,8 +266,8 @@ def plan_corrdrop(x, p, block_size, *, normalize, noise=None, generator=None):
 def plan_attentiondrop(x, alpha, beta, *, mode, normalize, noise=None, generator=None):
     """SPEC §4 in 2 launches before the apply (+1 ``torch.rand`` without noise).
 
-    x: (N, C, H, W) float32/float16/bfloat16; noise: (N, C) of any floating dtype, or None
-    -> Plan("attention", (mode,), (state (N, C, 4) float32, reference.attention_state:
+    x: (N, C, H, W) float32/float16/bfloat16; noise: (N, C) float32/float64/float16/bfloat16,
+    or None -> Plan("attention", (mode,), (state (N, C, 4) float32, reference.attention_state:
     thr, scale[n], mn, r, thr, mn and r 0 where inactive; active (N, C) bool)).
     gamma = u < alpha, both rounded to float32.
     """
@@ -284,9 +284,10 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     """SPEC §7 in 2 launches before the apply (seeds, coverage + scale), with or without
     noise (Philox in the seed kernel).
 
-    x: (N, C, H, W); noise: (N, Cs, H, W) of any floating dtype (Cs = 1 if shared_channels
-    else C), or None -> Plan("seeds", (1, shared), (blocks (N, ceil(Cs*H*W/8)) uint8,
-    scale (N,) float32)), blocks the seeds' packed r x r blocks (``layers._seeds_plan``).
+    x: (N, C, H, W); noise: (N, Cs, H, W) float32/float64/float16/bfloat16 (Cs = 1 if
+    shared_channels else C), or None -> Plan("seeds", (1, shared), (blocks (N,
+    ceil(Cs*H*W/8)) uint8, scale (N,) float32)), blocks the seeds' packed r x r blocks
+    (``layers._seeds_plan``).
     """
     n, c, h, w = x.shape
     r = min(block_size, h, w)
@@ -304,9 +305,10 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
 
     x: (N, C, H, W) float32/float16/bfloat16; weight: (K, C_fc) floating, C_fc a multiple of
     C; target: (N,) class indices of any integer dtype (int64, int32, int16, int8, uint8) and
-    stride, read by value; noise: (N, C, H, W) of any floating dtype, or None. Returns None
-    when the block does not fit the map (r > H or r > W), else Plan("seeds", (1, C == 1),
-    (blocks (N, ceil(C*H*W/8)) uint8, scale (N,) float32)), blocks as plan_dropblock's.
+    stride, read by value; noise: (N, C, H, W) float32/float64/float16/bfloat16, or None.
+    Returns None when the block does not fit the map (r > H or r > W), else Plan("seeds",
+    (1, C == 1), (blocks (N, ceil(C*H*W/8)) uint8, scale (N,) float32)), blocks as
+    plan_dropblock's.
     On a GPU a target outside [0, K) is an asynchronous device assertion naming ``target``
     in the first kernel (SPEC §6 step 0: no host sync); RuntimeError for a bad dtype, shape
     or device.

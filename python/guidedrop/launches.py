@@ -39,7 +39,8 @@ FREE = {  # allocations and metadata: not launches
 }
 SYNCS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"}
 # The kernels each op of csrc/ launches where it is not one (csrc/guidedrop.cpp): a plan op
-# is its statistics and plan kernels in one call; seed_coverage (no layer's) zeroes its sums.
+# is its statistics and plan kernels in one call. seed_coverage, which no layer calls,
+# zeroes its output first: 2 on a GPU (the emulator counts its kernel only; not tested).
 KERNELS = {"attentiondrop_plan": 2, "corrdrop_plan": 2, "seeds_plan": 2, "camdrop_plan": 4,
            "seed_coverage": 2}
 

@@ -193,7 +193,7 @@ def range_reciprocal(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     the nearest quotient, one float up where it lies below 1/d (for float32 the product d·r
     is exact in float64; for float64 stats, the reference's alone, it is rounded).
     d = ±0 gives ±Inf, d = ±Inf gives ±0, NaN gives NaN. A known deviation from SPEC §4's
-    quotient: float32 d under 2^-128 (a map of subnormal differences) also gives +Inf, so
+    quotient: float32 d of at most 2^-128 (a map of subnormal differences) also gives +Inf, so
     every unit above the minimum gets f̂ = 1 (tests/test_numerics.py, a strict xfail).
 
     mn, mx: float32 or float64 tensors of one shape; returns that shape and dtype."""
