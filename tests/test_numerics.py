@@ -378,9 +378,9 @@ def test_pooled_correlation_block_beyond_map(B, shape, k):
     """A block at least as large as the map is one window: F equals F with k = max(H, W),
     at once, with no work or memory growing with k (SPEC §1)."""
     x = torch.rand(shape)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds, whatever else the machine runs
     f = B.pooled_correlation(x, k)
-    assert time.perf_counter() - t0 < 30
+    assert time.process_time() - t0 < 30
     assert_same(f, B.pooled_correlation(x, max(shape[2:])))
     assert f.shape == (shape[0], 1, 1)
     noise = torch.rand(2, shape[0], 1, 1)

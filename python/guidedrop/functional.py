@@ -440,7 +440,7 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
             with few channels, where max(1, ...) lets more than channel_rate drop).
         channel_rate: the share of channels that may drop, a real number in [0, 1].
         normalize: ``"batch"``, ``"sample"`` or ``"none"``.
-        training: False returns ``x`` itself (weight and target still checked).
+        training: False returns ``x`` itself (weight and target checked where given).
         noise: (N, C, H, W) uniforms in [0, 1) on x's device, any floating dtype; None
             draws them from ``generator`` (on the Triton and CUDA backends, with Philox in
             the kernel: not the reference's draws).
@@ -455,10 +455,11 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
             normalize, x, noise or weight not a floating tensor, target not an integer
             tensor.
         ValueError: x not 4-D, a rate outside [0, 1], block_size < 1, an unknown
-            normalize, noise of the wrong shape or device, weight or target missing, of
-            the wrong shape or device, C_fc not a multiple of C, a CPU target out of
-            range. A GPU target out of range is an asynchronous device assertion naming
-            ``target`` (a RuntimeError when it fires).
+            normalize, noise of the wrong shape or device, weight or target missing (where
+            the op acts: training, keep < 1, a non-empty x), of the wrong shape or device,
+            C_fc not a multiple of C, a CPU target out of range. A GPU target out of range
+            is an asynchronous device assertion naming ``target`` (a RuntimeError when it
+            fires).
     """
     V.feature_map(x)
     block_size, keep = V.block_size(block_size), V.real("keep", keep)
