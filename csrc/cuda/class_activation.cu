@@ -1,165 +1,215 @@
-// CamDrop's class activation map J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w]: float32
-// output, the products and sums in float64, so that mathematically equal J (the same
-// channel terms in another order) are exactly equal: J's top-k decides the candidates.
+// The class activation map J[n, h, w] = sum_c alpha[n, c] * x[n, c, h, w] (float32 out), for
+// the cam op (alpha given) and as CamDrop's first plan kernel (plans/camdrop.cu), which
+// computes alpha from the classifier's weights on the way: one kernel, cam_kernel, for both
+// (as Triton's class_activation._cam_kernel with FROM_W).
 //
-// Two kernels, both correct for any strides:
-// - NCHW-like inputs: dense, aligned x with N*C*H*W % V == 0 (V = 16 / sizeof(T)): a warp
-//   takes V positions, its lanes stride over the channels, one 16-byte vector per channel
-//   where H*W % V == 0; else (a map of 14 x 14 or 7 x 7 bfloat16 units does not start on
-//   16 bytes) the two aligned 16-byte vectors that cover the V units, shifted in registers
-//   (common.cuh's `load_unaligned`); then a butterfly sum. A thread per V positions had too
-//   few threads for small maps of many channels (plans/camdrop.cu). Otherwise a thread per
-//   position, consecutive threads on consecutive (h, w) of a sample, so each step over c
-//   is a coalesced row read, c ascending, one element per access;
-// - position per warp (channels_last-like inputs, stride(C) < stride(W)): the lanes of a
-//   warp stride over the channels of one position (coalesced), then a butterfly sum.
-//   Dense, aligned x with C % V == 0: V channels per lane, one 16-byte vector, alpha
-//   from shared memory; else one channel per lane.
-// The summation order differs from torch.einsum's (a batched GEMM): float64 rounding only.
+// Bit for bit the reference (reference.cam, layers.camdrop):
+// - alpha = weight[target] averaged over the C_fc / C columns of each channel: each weight
+//   rounded to float32 (the reference's .to(float32)), the group summed in float64 and
+//   divided by C_fc / C, then rounded (the reference's float64 mean: the same value in any
+//   order of summation for the weights of a classifier); the cam op's alpha is float32
+//   already, read as a group of one, unchanged;
+// - J: float32 * float32 products are exact in float64, and summed in float64 (the
+//   reference's einsum on float64), rounded once to float32: mathematically equal J (the
+//   same channel terms in another order) are exactly equal, and J's top-k decides the
+//   candidates.
+// weight (any float dtype and strides) and target (any integer dtype and stride) are read by
+// value with a runtime type tag: no conversion launch, one instantiation per x dtype.
 #include "common.cuh"
 #include "launchers.h"
 
 namespace guidedrop {
 namespace {
 
-template <typename scalar_t>
-using Vec16 = Vec<scalar_t, 16 / sizeof(scalar_t)>;  // one 16-byte load
+constexpr int kAlphaChunk = 1024;   // alpha values staged in shared memory per step (4 KiB)
+constexpr int kWarpPositions = 4;   // positions per warp when the channels are inner
 
-// `vec`: x dense NCHW, aligned, N*C*H*W % V == 0 (V = 16 / sizeof(T)): a warp takes V
-// consecutive positions hw0 ... hw0 + V - 1 of a map (hw0 % V == 0; those past H*W, in
-// the last vector of a map whose H*W % V != 0, are computed and not stored), lane l the
-// channels c = l, l + 32, ... Channel c's V units start at element e = (n*C + c)*H*W + hw0
-// of x: the aligned vector at e - e % V, and where e % V != 0 the one after it (never past
-// x's end, a multiple of V), realigned (load_unaligned); where H*W % V == 0, e % V = 0.
-template <typename scalar_t>
-__global__ void cam_thread_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                  const float* __restrict__ alpha, const int64_t N,
-                                  const int64_t C, const int64_t H, const int64_t W,
-                                  const bool vec, float* __restrict__ J) {
-  constexpr int V = 16 / sizeof(scalar_t);
-  const int64_t HW = H * W;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (vec) {
-    const int lane = threadIdx.x & 31;
-    const int64_t per = (HW + V - 1) / V;  // vectors of positions per map
-    const uint64_t total = N * C * HW;
-    // a warp per vector of positions (uniform in the warp)
-    for (int64_t i = first >> 5; i < N * per; i += stride >> 5) {
-      const int64_t n = i / per, hw = (i % per) * V;
-      const float* a = alpha + n * C;
-      double acc[V] = {};
-      const uint64_t e = n * C * HW + hw;
-      for (int64_t c = lane; c < C; c += 32) {
-        float f[V];
-        load_unaligned(x, e + c * HW, total, f);
-        const double ac = static_cast<double>(a[c]);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += ac * f[j];
+// target[n] of any integer dtype (an index, never a mask) at any stride. An unsigned 64-bit
+// index past INT64_MAX becomes INT64_MAX: out of range all the same. kSample: no tensor,
+// target[n] = n (the cam op: "weight" is alpha itself, a row per sample).
+struct Targets {
+  enum Type : int { kLong, kInt, kShort, kChar, kByte, kUInt16, kUInt32, kUInt64, kSample };
+  const void* p;
+  int64_t stride;
+  int type;
+  __device__ __forceinline__ int64_t operator()(int64_t n) const {
+    const int64_t o = n * stride;
+    switch (type) {
+      case kSample: return n;
+      case kInt: return static_cast<const int32_t*>(p)[o];
+      case kShort: return static_cast<const int16_t*>(p)[o];
+      case kChar: return static_cast<const int8_t*>(p)[o];
+      case kByte: return static_cast<const uint8_t*>(p)[o];
+      case kUInt16: return static_cast<const uint16_t*>(p)[o];
+      case kUInt32: return static_cast<const uint32_t*>(p)[o];
+      case kUInt64: {
+        const uint64_t v = static_cast<const uint64_t*>(p)[o];
+        return v > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(v);
       }
-      const int64_t valid = HW - hw < V ? HW - hw : V;
+      default: return static_cast<const int64_t*>(p)[o];
+    }
+  }
+};
+
+Targets targets(const at::TensorBase& t) {
+  Targets out{t.data_ptr(), t.stride(0), Targets::kLong};
+  switch (t.scalar_type()) {
+    case at::kInt: out.type = Targets::kInt; break;
+    case at::kShort: out.type = Targets::kShort; break;
+    case at::kChar: out.type = Targets::kChar; break;
+    case at::kByte: out.type = Targets::kByte; break;
+    case at::kUInt16: out.type = Targets::kUInt16; break;
+    case at::kUInt32: out.type = Targets::kUInt32; break;
+    case at::kUInt64: out.type = Targets::kUInt64; break;
+    default: break;
+  }
+  return out;
+}
+
+// Grid (position tiles, samples). Each block computes alpha[n, :] chunk by chunk into shared
+// memory (the blocks of x == 0 also write it out where alpha is not null), then adds the chunk's channels to the J of
+// its positions. kChannelInner (channels_last-like x, stride(C) < stride(W)): a warp takes
+// kWarpPositions positions, its lanes stride over the channels (coalesced), then a butterfly
+// sum; `vec` (x dense channels_last and aligned, C % V == 0, V = 16 / sizeof(T)): V channels
+// a lane, one 16-byte load. NCHW `vec` (x dense and aligned, N*C*H*W % V == 0): a warp
+// takes V positions, one 16-byte vector a channel (realigned where the map does not start on
+// 16 bytes: common.cuh load_unaligned), its lanes stride over the channels, then a
+// butterfly sum. Not a thread per V positions walking every channel: a (128, 1024, 14, 14)
+// x had 25 such threads a sample, 3,200 in all, each looping over 1,024 channels (on an
+// H200, CamDrop took 0.74 ms there against DropBlock's 0.33). Else (NCHW not dense) a thread
+// takes one position and walks the channels, c ascending (coalesced across threads).
+// weight(k, j): weight[k, j] rounded to float32 (common.cuh's strided reader of any float
+// dtype).
+template <typename scalar_t, bool kChannelInner>
+__global__ void cam_kernel(const scalar_t* __restrict__ x, const Strides4 s,
+                                   const int64_t N, const int64_t C, const int64_t H,
+                                   const int64_t W, const Uniforms weight, const int64_t K,
+                                   const int64_t G, const Targets target, const bool vec,
+                                   float* __restrict__ alpha, float* __restrict__ J) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  // positions per warp (kChannelInner, NCHW vec) or thread (the other NCHW: 1; the
+  // accumulators past it unused)
+  constexpr int P = kChannelInner ? kWarpPositions : V;
+  __shared__ float a[kAlphaChunk];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t HW = H * W;
+  // lanes over the channels, a butterfly sum at the end (uniform in the block)
+  const bool per_warp = kChannelInner || vec;
+  // the first position: the warp's, or the thread's
+  const int64_t pos0 = per_warp ? (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) +
+                                   warp) * P
+                                : static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int np = per_warp ? P : 1;  // positions of this warp / thread
+  int64_t poff[P];  // their offsets in a map (strided paths): divided once, not per chunk
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const double v = warp_reduce(acc[j], SumOp());
-        if (lane == 0 && j < valid) J[n * HW + hw + j] = static_cast<float>(v);
+  for (int j = 0; j < P; ++j) {
+    const int64_t pos = pos0 + j;
+    poff[j] = j < np && pos < HW ? (pos / W) * s.h + (pos % W) * s.w : 0;
+  }
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // uniform in the block
+    int64_t y = target(n);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      CUDA_KERNEL_ASSERT_MSG(y >= 0 && y < K,
+                             "guidedrop camdrop: target must hold class indices in [0, K)");
+    }
+    y = y < 0 ? 0 : (y >= K ? K - 1 : y);  // after a failed assertion: no out-of-bounds read
+    double acc[P] = {};
+    const scalar_t* xn = x + n * s.n;
+    for (int64_t c0 = 0; c0 < C; c0 += kAlphaChunk) {
+      const int cn = static_cast<int>(std::min<int64_t>(kAlphaChunk, C - c0));
+      __syncthreads();  // the previous chunk of `a` is consumed
+      for (int i = threadIdx.x; i < cn; i += blockDim.x) {
+        const int64_t col = (c0 + i) * G;
+        double sum = 0.0;
+        // not unrolled: x's loop below is the kernel's streaming loop (the static check)
+#pragma unroll 1
+        for (int64_t t = 0; t < G; ++t) sum += static_cast<double>(weight(y, col + t));
+        const float v = static_cast<float>(sum / static_cast<double>(G));
+        a[i] = v;
+        if (blockIdx.x == 0 && alpha != nullptr) alpha[n * C + c0 + i] = v;
+      }
+      __syncthreads();
+      if (pos0 >= HW) continue;  // (after the barriers) uniform in the warp when per_warp
+      if (!kChannelInner && vec) {
+        const uint64_t e = (n * C + c0) * HW + pos0;
+        for (int i = lane; i < cn; i += 32) {
+          float f[V];
+          load_unaligned(x, e + i * HW, N * C * HW, f);
+          const double ai = static_cast<double>(a[i]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] += ai * f[j];
+        }
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < P; ++j) {  // a constant bound: acc stays in registers
+        const int64_t pos = pos0 + j;
+        if (j >= np || pos >= HW) break;
+        const scalar_t* p = xn + poff[j] + c0 * s.c;
+        if (kChannelInner && vec) {  // s.c = 1, every vector aligned (C % V == 0)
+          for (int i = lane * V; i < cn; i += 32 * V) {
+            const Vec<scalar_t, V> in = *reinterpret_cast<const Vec<scalar_t, V>*>(p + i);
+            float f[V];
+            unpack(in, f);
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[j] += static_cast<double>(a[i + k]) * f[k];
+          }
+          continue;
+        }
+        // the fallbacks, not unrolled, so that the static check (tests/test_static_perf.py)
+        // takes the vector loops, the steady state, for the streaming loop
+#pragma unroll 1
+        for (int i = kChannelInner ? lane : 0; i < cn; i += kChannelInner ? 32 : 1)
+          acc[j] += static_cast<double>(a[i]) * static_cast<double>(to_float(p[i * s.c]));
       }
     }
-    return;
-  }
-  for (int64_t i = first; i < N * HW; i += stride) {
-    const int64_t n = i / HW, hw = i % HW;
-    const scalar_t* p = x + n * s.n + (hw / W) * s.h + (hw % W) * s.w;
-    const float* a = alpha + n * C;
-    double acc = 0.0;
-    // The fallback: not unrolled, so that the static check (tests/test_static_perf.py)
-    // takes the vector loop, the steady state, for the streaming loop.
-#pragma unroll 1
-    for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(a[c]) * to_float(p[c * s.c]);
-    J[i] = static_cast<float>(acc);
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (j >= np || pos0 + j >= HW) break;  // uniform in the warp when per_warp
+      const double v = per_warp ? warp_reduce(acc[j], SumOp()) : acc[j];
+      if (!per_warp || lane == 0) J[n * HW + pos0 + j] = static_cast<float>(v);
+    }
   }
 }
 
-// `vec`: x dense channels_last, C % V == 0, aligned and C <= kMaxSharedC: a lane takes V
-// consecutive channels (one aligned 16-byte vector) of its warp's position, with alpha
-// [n, :] in shared memory (staged once per sample and block), so that the loop's global
-// loads are x's. A block's 8 warps take 8 consecutive positions of one sample.
-constexpr int64_t kMaxSharedC = 12288;  // alpha[n, :] in 48 KiB
-
-template <typename scalar_t>
-__global__ void cam_warp_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                const float* __restrict__ alpha, const int64_t N,
-                                const int64_t C, const int64_t H, const int64_t W,
-                                const bool vec, float* __restrict__ J) {
-  constexpr int V = 16 / sizeof(scalar_t);
-  extern __shared__ float sa[];  // alpha[n, :] (vec)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t warps = blockDim.x >> 5;
-  const int64_t HW = H * W;
-  if (vec) {
-    const int64_t tiles = (HW + warps - 1) / warps;  // tiles of `warps` positions per map
-    int64_t staged = -1;
-    for (int64_t b = blockIdx.x; b < N * tiles; b += gridDim.x) {  // uniform in the block
-      const int64_t n = b / tiles, hw = (b % tiles) * warps + warp;
-      if (n != staged) {
-        __syncthreads();  // every warp is done with the previous sample's alpha
-        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) sa[c] = alpha[n * C + c];
-        __syncthreads();
-        staged = n;
-      }
-      double acc = 0.0;
-      if (hw < HW) {  // uniform within the warp
-        const scalar_t* p = x + (n * HW + hw) * C;
-        for (int64_t c = lane * V; c < C; c += 32 * V) {
-          const Vec16<scalar_t> in = *reinterpret_cast<const Vec16<scalar_t>*>(p + c);
-#pragma unroll
-          for (int j = 0; j < V; ++j) acc += static_cast<double>(sa[c + j]) * to_float(in.v[j]);
-        }
-      }
-      acc = warp_reduce(acc, SumOp());
-      if (lane == 0 && hw < HW) J[n * HW + hw] = static_cast<float>(acc);
-    }
-    return;
-  }
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + warp; i < N * HW;
-       i += static_cast<int64_t>(gridDim.x) * warps) {  // uniform within the warp
-    const int64_t n = i / HW, hw = i % HW;
-    const scalar_t* p = x + n * s.n + (hw / W) * s.h + (hw % W) * s.w;
-    const float* a = alpha + n * C;
-    double acc = 0.0;
-#pragma unroll 1  // the fallback, not unrolled (see cam_thread_kernel)
-    for (int64_t c = lane; c < C; c += 32) acc += static_cast<double>(a[c]) * to_float(p[c * s.c]);
-    acc = warp_reduce(acc, SumOp());
-    if (lane == 0) J[i] = static_cast<float>(acc);
-  }
+// weight: (K, G * C) of any float dtype, read as weight(target[n], c * G + t); alpha: null
+// (not written) or (N, C) float32 out.
+void launch_cam_kernel(const at::TensorBase& x, const Uniforms& wt, int64_t K, int64_t G,
+                       const Targets& tg, float* alpha, const at::TensorBase& J) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (N * H * W == 0) return;  // C = 0: J = 0
+  const Strides4 s = strides4(x);
+  const bool channel_inner = C > 1 && x.stride(1) < x.stride(3);
+  GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::cam", [&] {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    const bool vec = aligned16(x) && (channel_inner
+        ? x.is_contiguous(at::MemoryFormat::ChannelsLast) && C % V == 0
+        : x.is_contiguous() && (N * C * H * W) % V == 0);
+    const int64_t per_block = channel_inner ? (kThreads / 32) * kWarpPositions
+                                            : (vec ? (kThreads / 32) * V : kThreads);
+    const dim3 grid(static_cast<unsigned>(ceil_div(H * W, per_block)),
+                    static_cast<unsigned>(std::min<int64_t>(N, 65535)));
+    auto kernel = channel_inner ? cam_kernel<scalar_t, true> : cam_kernel<scalar_t, false>;
+    kernel<<<grid, kThreads, 0, current_stream()>>>(x.data_ptr<scalar_t>(), s, N, C, H, W, wt,
+                                                     K, G, tg, vec, alpha, J.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
 
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  if (N * H * W == 0) return;
-  const Strides4 s = strides4(x);
-  const bool channel_inner = C > 1 && x.stride(1) < x.stride(3);
-  GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::cam", [&] {
-    constexpr int64_t V = 16 / sizeof(scalar_t);
-    if (channel_inner) {
-      const bool vec = x.is_contiguous(at::MemoryFormat::ChannelsLast) && C % V == 0 &&
-                       C <= kMaxSharedC && aligned16(x);
-      const size_t smem = vec ? C * sizeof(float) : 0;
-      cam_warp_kernel<scalar_t><<<grid_for(N * H * W, kThreads / 32), kThreads, smem,
-                                  current_stream()>>>(x.data_ptr<scalar_t>(), s,
-                                                      alpha.data_ptr<float>(), N, C, H, W,
-                                                      vec, J.data_ptr<float>());
-    } else {
-      const bool vec = x.is_contiguous() && (N * C * H * W) % V == 0 && aligned16(x);
-      cam_thread_kernel<scalar_t><<<grid_for(vec ? N * ceil_div(H * W, V) * 32 : N * H * W,
-                                             kThreads),
-                                    kThreads, 0, current_stream()>>>(
-          x.data_ptr<scalar_t>(), s, alpha.data_ptr<float>(), N, C, H, W, vec,
-          J.data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_cam_kernel(x, uniforms(alpha), x.size(0), 1, Targets{nullptr, 0, Targets::kSample},
+                    nullptr, J);
+}
+
+void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
+                        const at::TensorBase& target, const at::TensorBase& alpha,
+                        const at::TensorBase& J) {
+  const int64_t C = x.size(1);
+  if (C == 0) return;
+  launch_cam_kernel(x, uniforms(weight), weight.size(0), weight.size(1) / C, targets(target),
+                    alpha.data_ptr<float>(), J);
 }
 
 }  // namespace guidedrop

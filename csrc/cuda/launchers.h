@@ -82,14 +82,7 @@ void launch_corrdrop_plan(const at::TensorBase& F, const at::TensorBase& noise,
                           int64_t k, int normalize, const at::TensorBase& keep,
                           const at::TensorBase& scale);
 
-// plans/camdrop.cu (CamDrop's plan, before seed_bits and seeds_scale). weight: (K, C_fc)
-// float32/float64/float16/bfloat16 of any strides, C_fc a multiple of C >= 1; target: (N,)
-// int64/int32/int16/int8/uint8 of any stride, read by value: asserted in [0, K) on the device
-// (an asynchronous assertion naming `target`) and clamped. Writes alpha (N, C) float32 (the
-// C_fc / C columns of weight[target] averaged) and J: (N, H*W) float32 (the CAM).
-void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
-                        const at::TensorBase& target, const at::TensorBase& alpha,
-                        const at::TensorBase& J);
+// plans/camdrop.cu (CamDrop's plan after launch_camdrop_cam, before seed_bits and seeds_scale).
 // J: (N, L) and alpha: (N, C) float32 contiguous -> cand_s (N, L) and cand_c (N, C) bool: the
 // top k_s of J's rows and the top k_c of alpha's rows, ties kept (1 <= k <= the row length);
 // k_c read from device memory instead where k_c_ptr is not null (a float64 count).
@@ -97,8 +90,17 @@ void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& al
                                int64_t k_s, int64_t k_c, const double* k_c_ptr,
                                const at::TensorBase& cand_s, const at::TensorBase& cand_c);
 
-// class_activation.cu. alpha: (N, C) float32, J: (N, H, W) float32.
+// class_activation.cu: the CAM, one kernel for the cam op and CamDrop's plan. The cam op:
+// alpha: (N, C) float32 contiguous, J: (N, H, W) float32 out.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
+// CamDrop's first plan kernel (plans/camdrop.cu runs the rest). weight: (K, C_fc)
+// float32/float64/float16/bfloat16 of any strides, C_fc a multiple of C >= 1; target: (N,)
+// int64/int32/int16/int8/uint8 of any stride, read by value: asserted in [0, K) on the device
+// (an asynchronous assertion naming `target`) and clamped. Writes alpha (N, C) float32 (the
+// C_fc / C columns of weight[target] averaged) and J: (N, H*W) float32 (the CAM).
+void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
+                        const at::TensorBase& target, const at::TensorBase& alpha,
+                        const at::TensorBase& J);
 
 // block_mask.cu.
 // bits: (N, ceil(Cs*H*W/8)) uint8 output, one bit string per sample, bit i = the unit

@@ -37,39 +37,10 @@ namespace {
 
 constexpr int64_t kSmemKeys = 10240;  // 40 KiB of keys: under the 48 KiB default limit
 
-// u[i0, i1] of a 2-D noise of any floating dtype and strides, rounded to float32. The dtype
-// is a runtime tag, not a template parameter (one instantiation per x dtype only).
-struct Noise2 {
-  enum Type : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-  const void* p;  // nullptr: no draw (gamma given as `active`)
-  int64_t s0, s1;
-  int type;
-  __device__ __forceinline__ float operator()(int64_t i0, int64_t i1) const {
-    const int64_t o = i0 * s0 + i1 * s1;
-    switch (type) {
-      case kDouble: return static_cast<float>(static_cast<const double*>(p)[o]);
-      case kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[o]);
-      case kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[o]);
-      default: return static_cast<const float*>(p)[o];
-    }
-  }
-};
-
-Noise2 noise2(const at::TensorBase& u) {
-  Noise2 n{u.data_ptr(), u.stride(0), u.stride(1), Noise2::kFloat};
-  switch (u.scalar_type()) {
-    case at::kDouble: n.type = Noise2::kDouble; break;
-    case at::kHalf: n.type = Noise2::kHalf; break;
-    case at::kBFloat16: n.type = Noise2::kBFloat16; break;
-    default: break;
-  }
-  return n;
-}
-
 // gamma: given (active, read), or drawn (u.p set: u < alpha, written to active_out).
 struct Gamma {
   const bool* active;
-  Noise2 u;
+  Uniforms u;
   const float* alpha_ptr;  // nullptr: alpha
   float alpha;
   bool* active_out;
@@ -664,7 +635,7 @@ void launch_attention_stats(const at::TensorBase& x, int64_t k, const at::Tensor
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attention_stats", [&] {
     launch_map_select<scalar_t>(x.data_ptr<scalar_t>(), strides4(x), x.size(0) * x.size(1),
                                 x.size(1), x.size(2), x.size(3), k,
-                                Gamma{active.data_ptr<bool>(), Noise2{}, nullptr, 0.f, nullptr},
+                                Gamma{active.data_ptr<bool>(), Uniforms{}, nullptr, 0.f, nullptr},
                                 mode, thr.data_ptr<float>(), mn.data_ptr<float>(),
                                 rcp.data_ptr<float>(), 1, msum.data_ptr<double>());
   });
@@ -674,7 +645,7 @@ void launch_attentiondrop_stats(const at::TensorBase& x, int64_t k, const at::Te
                                 const at::TensorBase& alpha_t, float alpha, int mode,
                                 const at::TensorBase& state, const at::TensorBase& msum,
                                 const at::TensorBase& active) {
-  const Gamma gamma{nullptr, noise2(noise),
+  const Gamma gamma{nullptr, uniforms(noise),
                     alpha_t.defined() ? alpha_t.data_ptr<float>() : nullptr, alpha,
                     active.data_ptr<bool>()};
   GD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "guidedrop::attentiondrop_plan", [&] {

@@ -574,7 +574,7 @@ CUDA_KERNELS = {
     "apply_attention": r"apply_attention_(maps|pixels)_kernel<{T},",
     "channel_stats": r"channel_stats_(warp|lane)_kernel<{T}>",
     "pooled_correlation": r"pooled_correlation_kernel<{T}>",
-    "cam": r"cam(drop_cam|_thread|_warp)_kernel<{T}[,>]",  # the op's, and CamDrop's plan's
+    "cam": r"\bcam_kernel<{T},",  # the op's, and CamDrop's plan's
     "select": r"map_select_(regs_)?kernel<{T}[,>]",
     "seed_bits": r"seed_bits_kernel<{T}>",
     "seed_coverage": r"seed_coverage_kernel\(",
@@ -597,9 +597,8 @@ _CHUNK_KERNEL = re.compile(
 # The kernels whose streaming loop reads x only as pairs of aligned 16-byte vectors, each
 # pair realigned in registers to 16 bytes of x (the second vector skipped at run time where
 # x's rows start on 16 bytes), its other loads per-row scalars (alpha[n, c], whose 4 bytes
-# are not float32 x's): the NCHW vector loops of the CAM (csrc/cuda/class_activation.cu,
-# csrc/cuda/plans/camdrop.cu).
-_PAIR_KERNEL = re.compile(r"\bcam(_thread_kernel<|drop_cam_kernel<[^,]+, false>)")
+# are not float32 x's): the NCHW vector loop of the CAM (csrc/cuda/class_activation.cu).
+_PAIR_KERNEL = re.compile(r"\bcam_kernel<[^,]+, false>")
 
 
 def cuda_elements(name: str, instrs: list[Instr], dtype: str) -> float:

@@ -17,8 +17,8 @@
 // neither x nor mean, so the apply then gives y = x bit for bit from one read of x.
 // Rates: lo and span from the host (eager), or, when `rates` is not null (torch.compile
 // traces: symbolic rates), from the float64 (2,) tensor [low, high] with the same arithmetic.
+#include "../common.cuh"
 #include "../launchers.h"
-#include "plan_common.cuh"
 
 namespace guidedrop {
 namespace {

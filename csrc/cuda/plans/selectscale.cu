@@ -18,8 +18,8 @@
 // Rates: computed on the host (eager), or, when `rates` is not null (torch.compile traces:
 // the rates are symbolic there, a float64 (2,) tensor of [top_rate, retain or keep]), read
 // and turned into k, n_drop, lo, span, 1 / keep here with the host's double arithmetic.
+#include "../common.cuh"
 #include "../launchers.h"
-#include "plan_common.cuh"
 
 namespace guidedrop {
 namespace {
