@@ -734,14 +734,14 @@ from decimal import Decimal  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import numpy as np  # noqa: E402
-from test_backends import DEV, load_backend  # noqa: E402
+from testing import DEV, load_backend  # noqa: E402
 
 
 @pytest.fixture(params=["reference", "triton", "cuda"])
 def every_backend(request, monkeypatch):
     """GUIDEDROP_BACKEND forced to each backend that can run here (overrides the pin)."""
     if request.param != "reference":
-        load_backend(request.param)
+        load_backend(request.param, emulate=False)
     monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
     return request.param
 
@@ -913,6 +913,18 @@ def test_modules_pickled_before_their_bools():
         del m.__dict__[key]
     m = pickle.loads(pickle.dumps(m))
     assert m._zero_rate is True and m._unordered is True
+
+
+def test_modules_pickled_with_a_ramp_mark_of_three():
+    """A layer pickled mid-ramp before 2026-12-06 (its mark (target, rate set, parameter))
+    still gives a new ramp the old one's target and parameter."""
+    m = guidedrop.Selectout(top_rate=0.5, keep=0.9)
+    guidedrop.LinearRamp(layers=[m], steps=4).step()
+    target, keep = m._ramped
+    m.__dict__["_ramped"] = (target, m.drop_rate, keep)
+    m = pickle.loads(pickle.dumps(m))
+    assert m._ramped == (target, keep)
+    assert guidedrop.LinearRamp(layers=[m], steps=2).targets == [target]
 
 
 # --- CamDrop targets and weights (SPEC §6 step 0)

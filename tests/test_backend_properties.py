@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fractions
-import functools
 import os
 
 import numpy as np
@@ -32,13 +31,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from testing import CUDA, HAS_CUDA, TRITON_SLOW, tol
+from testing import CUDA, DEV, TRITON_SLOW, load_backend, tol
 
 import guidedrop.functional as F
 from guidedrop import dispatch
 from guidedrop import reference as R
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 KERNEL_BACKENDS = ["triton", CUDA]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
@@ -50,31 +48,10 @@ SETTINGS = settings(max_examples=5, deadline=None, derandomize=True, database=No
 # --------------------------------------------------------------------------- backends
 
 
-@functools.cache
-def _backend(name: str):
-    """(module, why not) of backend ``name`` for DEV tensors (CUDA: the emulator on CPU)."""
-    if name == "cuda" and not HAS_CUDA:
-        import test_cuda_emulated as CE
-        if CE.emu.unavailable():
-            return None, f"no GPU and no CUDA emulator: {CE.emu.unavailable()}"
-        return CE.emu.backend(), ""
-    mod, why = dispatch.load(name)
-    if mod is not None and name != "reference":
-        why = mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV))
-    return (None, why) if why else (mod, "")
-
-
-def need(name: str):
-    mod, why = _backend(name)
-    if mod is None:
-        pytest.skip(f"backend {name}: {why}")
-    return mod
-
-
 @contextlib.contextmanager
 def on(name: str):
     """guidedrop.functional runs on backend ``name`` inside the block."""
-    mod = need(name)
+    mod = load_backend(name)
     env, loaded = os.environ.get("GUIDEDROP_BACKEND"), dispatch._loaded.get(name)
     os.environ["GUIDEDROP_BACKEND"] = name
     dispatch._loaded[name] = (mod, "")
@@ -239,7 +216,7 @@ def same_output(y, x, ref_of, noise, binary, step=None, rows=None, values=True):
 @SETTINGS
 @given(data=st.data())
 def test_backend_matches_reference(backend, layer, data):
-    need(backend)
+    load_backend(backend)
     shape = data.draw(shapes(), "shape")
     x = data.draw(inputs(shape), "x").to(DEV)
     op, noise_shape, binary = data.draw(cases(layer, shape), "case")
@@ -309,7 +286,7 @@ def test_isolation_of_samples(backend, layer, n, c, h, w, dtype, layout, seed):
     """Non-finite / extreme values in sample 0: with normalize="sample" or "none" every other
     sample's output is bit-identical; with "batch" the others change by one common factor;
     the output is finite wherever x is finite (an Inf or NaN never leaks into a weight)."""
-    need(backend)
+    load_backend(backend)
     op, noise_shape = ISOLATION[layer]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).to(dtype)
@@ -358,7 +335,7 @@ def as_types(r: float):
 def test_argument_types(backend, shape, r, k, seed):
     """numpy scalars, Fractions and ints as rates, numpy integers as block sizes: the same
     output as the plain float / int they convert to, bit for bit, on every layer."""
-    need(backend)
+    load_backend(backend)
     n, c, h, w = shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
     weight, target = torch.randn(3, c).to(DEV), torch.tensor([0, 1, 2] * n)[:n].to(DEV)

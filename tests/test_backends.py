@@ -26,8 +26,10 @@ import naive
 import pytest
 import torch
 from testing import (
+    DEV,
     HAS_CUDA,
     assert_same,
+    load_backend,
     make_x,
     nonfinite_beside_zero_rows,
     permuted_rows,
@@ -38,38 +40,22 @@ from testing import (
 )
 
 import guidedrop.functional as F
-from guidedrop import dispatch
 from guidedrop import reference as R
 
-BACKENDS = ["triton", "cuda"]
-DEV = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ["triton", "cuda"]  # "cuda": on a GPU only (the emulated tests are elsewhere)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
-def load_backend(name: str):
-    """The backend module, or skip: not built / not importable / cannot run here."""
-    if name == "cuda" and not HAS_CUDA:
-        pytest.skip("the CUDA backend needs a GPU")
-    mod, why = dispatch.load(name)
-    if mod is None:
-        pytest.skip(f"backend {name} unavailable: {why}")
-    probe = torch.zeros(1, 1, 1, 1, device=DEV)
-    why = mod.unsupported(probe) if hasattr(mod, "unsupported") else ""
-    if why:
-        pytest.skip(f"backend {name} cannot run on {DEV}: {why}")
-    return mod
-
-
 @pytest.fixture(params=BACKENDS)
 def B(request):
-    return load_backend(request.param)
+    return load_backend(request.param, emulate=False)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_name(request, monkeypatch):
     """Forces GUIDEDROP_BACKEND for the layer tests (after checking it can run)."""
-    load_backend(request.param)
+    load_backend(request.param, emulate=False)
     monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
     return request.param
 
@@ -248,7 +234,7 @@ def test_map_threshold_16bit_keys(name, dtype, hw):
     """16-bit maps: the select's passes cover only the key bits the dtype sets (4-bit digits
     at 7 x 7 and 15 x 20, 8-bit at 50 x 60, rows read twice at 130 x 131) and fill the
     bits below, ones where the threshold is negative."""
-    B = load_backend(name)
+    B = load_backend(name, emulate=False)
     x = radix_maps16(hw, dtype, DEV)
     n = hw[0] * hw[1]
     for k in (1, 2, n // 3 + 1, n - 1, n):
@@ -1374,7 +1360,7 @@ def test_layer_full_size(backend_name, monkeypatch, case, inputs):
     x = make_x(shape, dtype, DEV, layout)
     grad = torch.randn(shape, device=DEV, dtype=dtype)
     if case == "corrdrop7":  # no naive safe noise at this size: compare F, then the apply
-        B = load_backend(backend_name)
+        B = load_backend(backend_name, emulate=False)
         close(B.pooled_correlation(x, 7), R.pooled_correlation(x, 7), scale=10)
         return
     noise = rand(LAYERS[case][1](shape), 4)

@@ -12,7 +12,6 @@ CUDA sources (on the SIMT emulator of tests/cuda_emu/ without a GPU, the real op
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from test_training import _module_for
-from testing import CUDA, HAS_CUDA, assert_same
+from testing import CUDA, DEV, HAS_CUDA, assert_same, load_backend
 from torch import nn
 
 import guidedrop
@@ -30,46 +29,20 @@ from guidedrop import dispatch, primitives
 from guidedrop import layers as L
 from guidedrop import reference as R
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["reference", "triton", CUDA]
 LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop",
           "focused_dropout", "camdrop", "dropblock"]
 
 
-@functools.cache
-def _emulated_cuda():
-    """python/guidedrop/cuda_backend.py on the emulated ops (None: no emulator here)."""
-    import test_cuda_emulated as CE
-    if CE.emu.unavailable():
-        return None
-    return CE.emu.backend()
-
-
-def backend(name: str):
-    """The backend module ``name`` that runs on DEV tensors, or skip."""
-    if name == "cuda" and not HAS_CUDA:
-        mod = _emulated_cuda()
-        if mod is None:
-            pytest.skip("no GPU and no CUDA emulator")
-        return mod
-    mod, why = dispatch.load(name)
-    if mod is None:
-        pytest.skip(f"backend {name} unavailable: {why}")
-    why = mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV)) if name != "reference" else ""
-    if why:
-        pytest.skip(f"backend {name}: {why}")
-    return mod
-
-
 @pytest.fixture(params=BACKENDS)
 def B(request):
-    return backend(request.param)
+    return load_backend(request.param)
 
 
 @pytest.fixture(params=BACKENDS)
 def forced(request, monkeypatch):
     """Forces the backend of guidedrop.functional (the emulated CUDA ops without a GPU)."""
-    mod = backend(request.param)
+    mod = load_backend(request.param)
     monkeypatch.setenv("GUIDEDROP_BACKEND", request.param)
     monkeypatch.setitem(dispatch._loaded, request.param, (mod, ""))
     return mod

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo.testing
-from testing import CUDA, DTYPES, HAS_CUDA
+from testing import CUDA, DEV, DTYPES, HAS_CUDA, load_backend
 
 import guidedrop
 import guidedrop.functional as F
@@ -39,27 +39,7 @@ from guidedrop import layers as L
 from guidedrop import reference as R
 from guidedrop.launches import LaunchCounter
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 TESTS = Path(__file__).resolve().parent
-
-
-def _cuda_backend():
-    import test_plans_cuda
-    return test_plans_cuda._backend()
-
-
-def _backend(name):
-    if name == "reference":
-        return R
-    if name == "cuda":
-        mod = _cuda_backend()
-    else:
-        mod = dispatch.load(name)[0]
-        if mod is not None and mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV)):
-            mod = None
-    if mod is None:
-        pytest.skip(f"backend {name} unavailable here")
-    return mod
 
 
 @pytest.fixture(params=["reference", "triton", CUDA])
@@ -67,7 +47,7 @@ def KB(request, monkeypatch):
     """(name, backend module) with GUIDEDROP_BACKEND forced to it (the emulated CUDA ops
     stand in for guidedrop._C without a GPU)."""
     name = request.param
-    mod = _backend(name)
+    mod = load_backend(name)
     if name == "cuda" and not HAS_CUDA:
         monkeypatch.setitem(dispatch._loaded, name, (mod, ""))
     monkeypatch.setenv("GUIDEDROP_BACKEND", name)
@@ -213,7 +193,7 @@ _GUARDED = r"""
 import ctypes, os, sys, torch
 sys.path.insert(0, {tests!r})
 from guidedrop import layers as L
-import test_focused_participation as T
+from testing import load_backend
 libc = ctypes.CDLL(None)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -224,7 +204,7 @@ addr = libc.mmap(None, size, 0, 0x22, -1, 0)  # PROT_NONE, private, anonymous
 x = torch.frombuffer((ctypes.c_uint8 * size).from_address(addr), dtype=torch.float32)
 x = x.view(n, c, h, w)
 for name in {names!r}:
-    B = T._backend(name)
+    B = load_backend(name)
     for pp, us in ((False, (n,)), (True, (n, h, w))):
         plan = L.focused_dropout(B, x, 0.3, 0.6, per_position=pp, noise=torch.rand(us),
                                  applied=torch.tensor(False))
@@ -241,7 +221,7 @@ def test_not_applied_statistics_and_plan_never_touch_x(name):
     """x on memory that faults on any access: the statistics and plan kernels (Triton
     under the interpreter, the CUDA sources on the emulator) return the identity's plan
     without reading one byte of x (a read would kill the child process)."""
-    _backend(name)  # skips when the backend cannot run here; builds the emulator once
+    load_backend(name)  # skips when the backend cannot run here; builds the emulator once
     names = [name]
     code = _GUARDED.format(tests=str(TESTS), names=names)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -261,7 +241,7 @@ def test_compile_fullgraph_applied_changes_without_recompile(monkeypatch, name):
     draw changes from step to step, and each step equals eager with the same draws
     (aot_eager draws as eager does): the op where applied, x exactly elsewhere."""
     if name == "triton":
-        _backend("triton")
+        load_backend("triton")
     monkeypatch.setenv("GUIDEDROP_BACKEND", name)
     torch._dynamo.reset()
     m = guidedrop.FocusedDropout(participation=0.5).train()
@@ -314,7 +294,7 @@ def _op_cases(name):
     mean = x.mean(dim=(2, 3))
     u = torch.rand(2, device=DEV)
     if name == "triton":
-        _backend("triton")
+        load_backend("triton")
         ops = torch.ops.guidedrop_triton  # and the _dynamic twins (their own fake kernels)
         rate = torch.tensor(0.3, device=DEV)
         return [(getattr(ops, f"channel_stats{d}"), (x, torch.tensor(a, device=DEV)))
@@ -322,7 +302,7 @@ def _op_cases(name):
             (getattr(ops, f"focused_dropout_plan{d}"),
              (x, mean, u, rate, rate, False, torch.tensor(a, device=DEV)))
             for a in (False, True) for d in ("", "_dynamic")]
-    _backend("cuda")
+    load_backend("cuda")
     ops = torch.ops.guidedrop if HAS_CUDA else torch.ops.guidedrop_emu
     return [(ops.channel_stats, (x, torch.tensor(a, device=DEV))) for a in (False, True)] + [
         (ops.focused_dropout_plan, (x, mean, u, 0.3, 0.6, False, None,

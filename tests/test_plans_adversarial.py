@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_backends import DEV
-from test_plans_dropblock import kernel_backend
-from testing import CUDA, assert_same, assert_same_plan, make_x
+from testing import CUDA, DEV, assert_same, assert_same_plan, load_backend, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -106,7 +104,7 @@ def call(layer, x, noise_kind):
 
 
 def compare(name, layer, x, noise_kind):
-    B = kernel_backend(name)
+    B = load_backend(name)
     x = x.to(DEV)
     args, kw = call(layer, x, noise_kind)
     args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
@@ -162,7 +160,7 @@ def test_corrdrop_opposite_rows_correlate_exactly(name, c):
     F_max = F_min (SPEC §1, §2.3) as in the reference (found by an adversarial pass: the
     kernels took 1 − ‖â_i − â_j‖²/2, which is −1 ± ulp for opposite rows, so F differed by
     an ulp and CorrDrop drew blocks from rounding noise)."""
-    B = kernel_backend(name)
+    B = load_backend(name)
     x = torch.randn(3, 1, 9, 11, generator=gen(c)).expand(3, c, 9, 11).to(DEV)
     for v in (x, -x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
         f = B.pooled_correlation(v, 2)

@@ -10,8 +10,7 @@ import struct
 
 import pytest
 import torch
-from test_backends import load_backend
-from testing import assert_same, assert_same_plan, make_x
+from testing import assert_same, assert_same_plan, load_backend, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_backends import DEV, with_ties
+from test_backends import with_ties
 from test_plans_dropblock import (
     DTYPES,
     KERNEL_BACKENDS,
     LAYOUTS,
     NORMALIZE,
-    kernel_backend,
     on_threshold,
-    plan_backend,
     seeded_generator,
 )
-from testing import assert_same, assert_same_plan, make_x
+from testing import DEV, assert_same, assert_same_plan, load_backend, make_x
 
 from guidedrop import _validation, layers
 from guidedrop import reference as R
@@ -45,7 +43,7 @@ def targets(n, seed=0):
 
 
 def compare(name, x, weight, target, block_size, keep, channel_rate, normalize, noise):
-    B = plan_backend(name, "camdrop")
+    B = load_backend(name)
     kw = dict(channel_rate=channel_rate, normalize=normalize, noise=noise)
     got = layers.camdrop(B, x, weight, target, block_size, keep, **kw)
     want = layers.camdrop.reference(R, x, weight, target, block_size, keep, **kw)
@@ -124,7 +122,7 @@ def test_plan_nonfinite(name):
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
 def test_plan_fresh_noise(name):
-    B = plan_backend(name, "camdrop")
+    B = load_backend(name)
     x = make_x((2, 3, 6, 6), device=DEV)
     gen = seeded_generator(name)
     kw = dict(channel_rate=0.5, normalize="batch")
@@ -154,7 +152,7 @@ def test_plan_selection_geometry(monkeypatch):
     """Rows longer than a register tile (re-read chunk by chunk) and several programs of
     rows, the spatial and channel programs differing in number (geometry shrunk so that
     small shapes take those paths)."""
-    B = plan_backend("triton", "camdrop")  # Triton's launch geometry
+    B = load_backend("triton")  # Triton's launch geometry
     import guidedrop.triton_kernels.plans.camdrop as CD
     x = make_x((3, 6, 4, 5), device=DEV)
     u = noise_for(x, 8)
@@ -210,7 +208,7 @@ def test_plan_target_out_of_range(bad, monkeypatch):
     kw = dict(channel_rate=0.5, normalize="batch", noise=noise_for(x, 4))
     with pytest.raises(RuntimeError, match="target"):
         layers.camdrop.reference(R, x, w, t, 2, 0.6, **kw)
-    B = plan_backend("triton", "camdrop")
+    B = load_backend("triton")
     if DEV != "cpu":
         return  # on a GPU the assertion would poison the CUDA context
     with pytest.raises(ValueError, match="target must hold class indices"):
@@ -241,7 +239,7 @@ def test_plan_target_checked_when_block_exceeds_map(name, block_size, monkeypatc
     (nothing is dropped), so the plan asserts a target not checked on the host (a GPU one,
     or one seen while compiling) in torch ops, as the reference does (found by an
     adversarial pass: the CUDA plan returned None without looking at the target)."""
-    B = kernel_backend(name)
+    B = load_backend(name)
     x = make_x((2, 4, 5, 7), device=DEV)
     w = weights(4, 2)
     kw = dict(channel_rate=0.5, normalize="batch", noise=noise_for(x, 4))

@@ -15,8 +15,8 @@ import math
 import naive
 import pytest
 import torch
-from test_backends import load_backend, triton_common
-from testing import assert_same_plan, make_x
+from test_backends import triton_common
+from testing import assert_same_plan, load_backend, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R

@@ -20,36 +20,29 @@ from itertools import product
 
 import pytest
 import torch
-from testing import DTYPES, HAS_CUDA, LAYOUTS, assert_same, assert_same_plan, emulated
+from testing import (
+    DEV,
+    DTYPES,
+    HAS_CUDA,
+    LAYOUTS,
+    assert_same,
+    assert_same_plan,
+    emulated,
+    load_backend,
+)
 
 from guidedrop import layers as L
 from guidedrop import reference as R
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = [] if HAS_CUDA else [emulated]  # without a GPU: the CUDA sources emulated
 NOISE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYERS = ["selectscale", "selectout", "focused_dropout"]
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 1, 4), (1, 37, 2, 3)]
 
 
-@functools.cache
-def _backend():
-    """cuda_backend on the real ops with a GPU, else on the emulated ops (None: neither)."""
-    if HAS_CUDA:
-        from guidedrop import dispatch
-        return dispatch.load("cuda")[0]
-    import test_cuda_emulated as CE
-    if CE.emu.unavailable():
-        return None
-    return CE.emu.backend()
-
-
 @pytest.fixture(scope="module")
 def B():
-    mod = _backend()
-    if mod is None:
-        pytest.skip("no CUDA backend: no GPU with guidedrop._C, and no CUDA emulator")
-    return mod
+    return load_backend("cuda")
 
 
 def _ops():

@@ -14,8 +14,7 @@ import struct
 
 import pytest
 import torch
-from test_backends import DEV, load_backend
-from testing import CUDA, assert_same_plan, make_x
+from testing import CUDA, DEV, assert_same_plan, load_backend, make_x
 
 from guidedrop import layers
 from guidedrop import reference as R
@@ -24,26 +23,6 @@ KERNEL_BACKENDS = ["triton", CUDA]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
 NORMALIZE = ["batch", "sample", "none"]
-
-
-def kernel_backend(name: str):
-    """The Triton backend, or the CUDA one: real with a GPU, else on the SIMT emulator (the
-    parameter is marked emulated: testing.CUDA); skip where it cannot run."""
-    if name == "triton":
-        return load_backend(name)
-    from test_plans_cuda import _backend
-    mod = _backend()
-    if mod is None:
-        pytest.skip("no CUDA backend: no GPU with guidedrop._C, and no CUDA emulator")
-    return mod
-
-
-def plan_backend(name: str, layer: str):
-    """:func:`kernel_backend` with a plan kernel for ``layer``, or skip."""
-    mod = kernel_backend(name)
-    if not hasattr(mod, f"plan_{layer}"):
-        pytest.skip(f"backend {name} has no plan_{layer}")
-    return mod
 
 
 def seeded_generator(name: str) -> torch.Generator:
@@ -72,7 +51,7 @@ def on_threshold(u: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def compare(name, x, p, block_size, shared, normalize, noise):
-    B = plan_backend(name, "dropblock")
+    B = load_backend(name)
     kw = dict(shared_channels=shared, normalize=normalize, noise=noise)
     got = layers.dropblock(B, x, p, block_size, **kw)
     want = layers.dropblock.reference(R, x, p, block_size, **kw)
@@ -140,7 +119,7 @@ def test_plan_everything_dropped(name, normalize):
 def test_plan_scale_loops(monkeypatch):
     """Many coverage programs and samples per scale step: the last-program ticket and the
     sample / part loops of the scale (tiles shrunk so that small shapes take them)."""
-    B = plan_backend("triton", "dropblock")  # Triton's launch geometry
+    B = load_backend("triton")  # Triton's launch geometry
     import guidedrop.triton_kernels.block_mask as bm
     monkeypatch.setattr(bm, "TILE", 64)
     monkeypatch.setattr(bm, "SCALE_TILE", 2)
@@ -164,7 +143,7 @@ def test_plan_rates_are_runtime(name):
 def test_plan_fresh_noise(name):
     """noise=None: a valid plan (the seed kernel's own Philox draw), the same with the same
     generator seed."""
-    B = plan_backend(name, "dropblock")
+    B = load_backend(name)
     x = make_x((2, 3, 6, 6), device=DEV)
     gen = seeded_generator(name)
     kw = dict(shared_channels=False, normalize="batch")

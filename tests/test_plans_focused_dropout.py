@@ -15,10 +15,9 @@ from itertools import product
 
 import pytest
 import torch
-from test_backends import DEV
-from test_plans_dropblock import KERNEL_BACKENDS, kernel_backend
+from test_plans_dropblock import KERNEL_BACKENDS
 from test_plans_selectscale import _cases
-from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
+from testing import DEV, DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, load_backend, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R
@@ -27,7 +26,7 @@ from guidedrop import reference as R
 @pytest.fixture(params=KERNEL_BACKENDS)
 def B(request):
     """Every kernel backend: Triton, and CUDA (on the SIMT emulator without a GPU)."""
-    return kernel_backend(request.param)
+    return load_backend(request.param)
 
 
 def check(B, x, low, high, per_position, u):
@@ -86,7 +85,7 @@ def test_long_maps(B):
 
 def test_rate_tensors():
     """Triton's traced path (rates as 0-dim tensors) gives the eager plan."""
-    B = kernel_backend("triton")
+    B = load_backend("triton")
     from guidedrop.triton_kernels.plans import focused_dropout as P
     torch.manual_seed(3)
     x = torch.randn(3, 4, 5, 6, device=DEV)

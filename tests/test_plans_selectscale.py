@@ -14,8 +14,8 @@ from itertools import product
 
 import pytest
 import torch
-from test_backends import DEV, B, load_backend  # noqa: F401  (B: fixture, every kernel backend)
-from testing import DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, make_x
+from test_backends import B  # noqa: F401  (B: fixture, every kernel backend)
+from testing import DEV, DTYPES, LAYOUTS, ODD_SHAPES, assert_same_plan, load_backend, make_x
 
 from guidedrop import layers as L
 from guidedrop import reference as R

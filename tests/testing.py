@@ -10,8 +10,13 @@ Combine them with ``itertools.product`` in ``pytest.mark.parametrize``::
 
 from __future__ import annotations
 
+import functools
+import types
+
 import pytest
 import torch
+
+from guidedrop import dispatch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REF_DTYPES = DTYPES + [torch.float64]  # float64 only on the reference path
@@ -46,6 +51,35 @@ def slow_without_gpu(*values) -> list:
     present (more cases of a test whose other cases run by default: under the interpreter
     they cost more than they add)."""
     return [v if HAS_CUDA else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
+DEV = "cuda" if HAS_CUDA else "cpu"  # where the kernel backends' tests put their tensors
+
+
+@functools.cache
+def _loaded(name: str, emulate: bool) -> tuple[types.ModuleType | None, str]:
+    if name == "cuda" and not HAS_CUDA:
+        if not emulate:
+            return None, "the CUDA backend needs a GPU"
+        import test_cuda_emulated as CE  # builds the emulator on first use
+        if CE.emu.unavailable():
+            return None, f"no GPU and no CUDA emulator: {CE.emu.unavailable()}"
+        return CE.emu.backend(), ""
+    mod, why = dispatch.load(name)
+    if mod is not None and name != "reference":
+        why = mod.unsupported(torch.zeros(1, 1, 1, 1, device=DEV))
+    return (None, why) if why else (mod, "")
+
+
+def load_backend(name: str, *, emulate: bool = True) -> types.ModuleType:
+    """The module of backend ``name`` ("reference", "triton" or "cuda") for DEV tensors, or
+    skip the test where it cannot run here. Without a GPU, "cuda" is cuda_backend on the
+    CUDA sources built for the CPU emulator (tests/cuda_emu; a test that takes it is marked
+    emulated, as the CUDA parameter is), or with ``emulate=False`` a skip."""
+    mod, why = _loaded(name, emulate)
+    if mod is None:
+        pytest.skip(f"backend {name}: {why}")
+    return mod
 
 
 def devices() -> list[str]:
