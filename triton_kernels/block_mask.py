@@ -594,7 +594,7 @@ def _coverage_scale(part_ptr, sc_ptr, N, P, units, mult, NORM: tl.constexpr,
             tl.store(sc_ptr + nn, tl.zeros([BN], tl.float32) + sc.to(tl.float32), mask=nn < N)
 
 
-NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
+NORMALIZE = {"none": 0, "sample": 1, "batch": 2}  # every plan kernel's NORM (launchers.h)
 # Counts (samples x parts) the scale program reads per step (tests shrink it to take the
 # loops of _coverage_scale).
 SCALE_TILE = 4096

@@ -141,6 +141,9 @@ class GuidedDropout(nn.Module):
         super().__setstate__(state)
         if "_zero_rate" not in self.__dict__:  # pickled before _zero_rate (2026-12)
             self.__dict__["_zero_rate"] = self.drop_rate == 0
+        ramped = self.__dict__.get("_ramped")
+        if ramped is not None and len(ramped) == 3:  # pickled before 2026-12-06: the rate
+            self.__dict__["_ramped"] = ramped[::2]  # the ramp set, always the current one
 
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
@@ -303,11 +306,11 @@ class Selectout(GuidedDropout):
         # traced (FX, jit.trace), C is no int.
         ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramped", None)
         c = x.shape[1]
-        if ramped is not None and self.drop_rate == ramped[1] and type(c) is int:
-            # The ramp's target (ramped: (target, rate set, keep at the end or None),
-            # schedule.py) too, at its first non-zero rate: not only once the ramp reaches a
-            # keep with more channels to drop than candidates, late in a run.
-            keep = 1 - ramped[0] if ramped[2] is None else ramped[2]
+        if ramped is not None and type(c) is int:
+            # The ramp's target (ramped: (target, keep at the end or None), schedule.py) too,
+            # at its first non-zero rate: not only once the ramp reaches a keep with more
+            # channels to drop than candidates, late in a run.
+            keep = 1 - ramped[0] if ramped[1] is None else ramped[1]
             F.selectout_counts(self.top_rate, keep, c,
                                f" at the end of its LinearRamp (keep={keep:.12g})")
         return F.selectout(x, **self._params())

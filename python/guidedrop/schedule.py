@@ -76,7 +76,7 @@ class LinearRamp:
                 setattr(m, m._rate, param)
             else:
                 m.drop_rate = target * frac
-            m._ramped = (target, m.drop_rate, param)  # see _target
+            m._ramped = (target, param)  # see _target
 
     def step(self) -> None:
         """Advance the ramp by one step: every layer's ``drop_rate`` becomes
@@ -151,9 +151,8 @@ class LinearRamp:
 
 def _target(m: GuidedDropout) -> tuple[float, float | None]:
     """The rate a new ramp takes to, and the parameter that gives it (None: unknown): the
-    target of the ramp that set m's rate, while m's rate is still the one that ramp set;
-    else m's rate."""
-    ramped = getattr(m, "_ramped", None)  # (target, rate set, parameter of the target)
-    if ramped is not None and m.drop_rate == ramped[1]:
-        return ramped[0], ramped[2]
-    return m.drop_rate, getattr(m, m._rate)
+    target of the ramp that set m's rate, while m's rate is still the one that ramp set
+    (m._ramped: setting the rate otherwise drops it, GuidedDropout.__setattr__); else m's
+    rate."""
+    ramped = getattr(m, "_ramped", None)  # (target, parameter of the target)
+    return ramped if ramped is not None else (m.drop_rate, getattr(m, m._rate))

@@ -22,9 +22,8 @@ import triton.language as tl
 from guidedrop.layers import Plan, _rate, beta_count, rand
 
 from .._common import as_float32, launch, op, pow2
+from ..block_mask import NORMALIZE
 from ..percentile_threshold import _select
-
-NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
 
 @triton.jit

@@ -28,9 +28,8 @@ from guidedrop.layers import Plan, rand, rate64
 from guidedrop.reference import blocks_dropped, one_window, pooled_size
 
 from .._common import launch, mask_buffer, op, pow2
+from ..block_mask import NORMALIZE
 from ..pooled_correlation import _pooled_correlation_launch
-
-NORMALIZE = {"none": 0, "sample": 1, "batch": 2}
 
 
 @triton.jit(do_not_specialize=["p_blocks", "p_low"])  # a rate: never a specialisation key
