@@ -390,17 +390,16 @@ std::tuple<at::Tensor, at::Tensor> seeds_plan(
   return {blocks, scale};
 }
 
-// CamDrop's plan -> (blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale
-// (N,) float32) in 4 launches: alpha
-// and the CAM J (plans/camdrop.cu, which also checks target's range on the device: SPEC §6
-// step 0 without a host sync), the candidates (plans/camdrop.cu), the seeds (seed_bits) and
-// the coverage + scale (seeds_scale). weight: (K, C_fc) floating, C_fc a multiple of C;
-// target: (N,) of any integer dtype but bool, read by value (no conversion launch); noise:
-// (N, C, H, W) of check_noise's dtypes, or None (Philox in the seed kernel); g: the seed rate
-// as g_t (a 0-dim float32, under torch.compile) or g (g_t None); 1 <= r <= min(H, W);
-// k_s, k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3); k_c_t:
-// None, or (torch.compile: channel_rate is a runtime value) k_c as a 0-dim float64, read in
-// the kernel (k_c is then a placeholder).
+// CamDrop's plan -> (blocks (N, ceil(C*H*W/8)) uint8: the seeds' packed r x r blocks, scale (N,)
+// float32) in 4 launches: alpha and the CAM J (class_activation.cu, which also checks target's
+// range on the device: SPEC §6 step 0 without a host sync), the candidates (plans/camdrop.cu), the
+// seeds (seed_bits) and the coverage + scale (seeds_scale). weight: (K, C_fc) floating, C_fc a
+// multiple of C; target: (N,) of any integer dtype but bool, read by value (no conversion launch);
+// noise: (N, C, H, W) of check_noise's dtypes, or None (Philox in the seed kernel); g: the seed
+// rate as g_t (a 0-dim float32, under torch.compile) or g (g_t None); 1 <= r <= min(H, W); k_s,
+// k_c: the spatial and channel candidates, computed in Python (SPEC §6 step 3); k_c_t: None, or
+// (torch.compile: channel_rate is a runtime value) k_c as a 0-dim float64, read in the kernel (k_c
+// is then a placeholder).
 std::tuple<at::Tensor, at::Tensor> camdrop_plan(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& g_t, double g,

@@ -915,16 +915,20 @@ def test_modules_pickled_before_their_bools():
     assert m._zero_rate is True and m._unordered is True
 
 
-def test_modules_pickled_with_a_ramp_mark_of_three():
-    """A layer pickled mid-ramp before 2026-12-06 (its mark (target, rate set, parameter))
-    still gives a new ramp the old one's target and parameter."""
+def test_modules_pickled_with_an_old_ramp_mark():
+    """A layer pickled mid-ramp before 2026-12-06 (its mark "_ramped": (target, rate set,
+    parameter), or (target, rate set) before 2026-12-05) gives a new ramp the old one's
+    target, and its parameter where the mark held it."""
     m = guidedrop.Selectout(top_rate=0.5, keep=0.9)
     guidedrop.LinearRamp(layers=[m], steps=4).step()
-    target, keep = m._ramped
-    m.__dict__["_ramped"] = (target, m.drop_rate, keep)
-    m = pickle.loads(pickle.dumps(m))
-    assert m._ramped == (target, keep)
-    assert guidedrop.LinearRamp(layers=[m], steps=2).targets == [target]
+    target, keep = m._ramp
+    for old, want in (((target, m.drop_rate, keep), (target, keep)),
+                      ((target, m.drop_rate), (target, None))):
+        del m.__dict__["_ramp"]
+        m.__dict__["_ramped"] = old
+        m = pickle.loads(pickle.dumps(m))
+        assert m._ramp == want and "_ramped" not in m.__dict__
+        assert guidedrop.LinearRamp(layers=[m], steps=2).targets == [target]
 
 
 # --- CamDrop targets and weights (SPEC §6 step 0)

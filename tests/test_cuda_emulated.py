@@ -486,22 +486,28 @@ def test_emulated_cam_vector_and_scalar_paths(E):
     boundary; N*C*H*W or C not a multiple of V) against the reference. x and alpha are
     bfloat16 numbers, so every product and float64 sum is exact whatever its order and J
     must be exactly the reference's: a channel or position missed, read twice, shifted or
-    paired with the wrong alpha shows."""
+    paired with the wrong alpha shows. Also: more channels than one chunk of alpha in
+    shared memory (1,024: CamDrop's plan kernel, which the op shares), sliced x (the
+    strided paths), alpha with strides, and no channels (J = 0)."""
     gen = torch.Generator().manual_seed(3)
     cases = [((2, 5, 4, 6), "contiguous"), ((1, 3, 7, 7), "contiguous"),
              ((2, 8, 7, 7), "contiguous"), ((1, 4, 14, 14), "contiguous"),
              ((3, 8, 5, 3), "contiguous"), ((2, 70, 7, 7), "contiguous"),
-             ((1, 40, 14, 14), "contiguous"),
+             ((1, 40, 14, 14), "contiguous"), ((1, 1030, 2, 4), "contiguous"),
              ((2, 16, 3, 5), "channels_last"), ((3, 264, 3, 3), "channels_last"),
-             ((2, 6, 2, 3), "channels_last")]
+             ((2, 6, 2, 3), "channels_last"), ((1, 2056, 2, 2), "channels_last"),
+             ((2, 5, 4, 6), "sliced"), ((1, 1030, 2, 3), "sliced"), ((2, 0, 3, 3), "contiguous"),
+             ((2, 0, 3, 3), "channels_last")]
     for dtype in DTYPES:
         for shape, layout in cases:
             x = make_x(shape, layout=layout).to(torch.bfloat16).to(dtype)
             alpha = torch.randn(shape[:2], generator=gen).to(torch.bfloat16).float()
-            odd = misaligned(x)
             want = R.cam(x, alpha)
-            for tag, xx in (("", x), (" misaligned", odd)):
-                assert_same(E.cam(xx, alpha), want, f"cam {shape} {dtype} {layout}{tag}")
+            runs = [("", x, alpha), (" alpha strided", x, alpha.t().contiguous().t())]
+            if layout != "sliced" and x.numel():  # (a sliced x is strided already)
+                runs.append((" misaligned", misaligned(x), alpha))
+            for tag, xx, a in runs:
+                assert_same(E.cam(xx, a), want, f"cam {shape} {dtype} {layout}{tag}")
     # a zero J is +0.0 (test_backends.py test_cam_zero_is_positive), on both NCHW paths
     for shape in ((1, 1, 2, 8), (1, 1, 1, 3)):
         assert not E.cam(torch.full(shape, -0.0), torch.ones(1, 1)).signbit().any(), shape

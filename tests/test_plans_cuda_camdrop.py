@@ -1,7 +1,7 @@
-"""CamDrop's CUDA plan (csrc/cuda/plans/camdrop.cu + seed_bits + seeds_scale, issue 12), run on
-the CPU SIMT emulator, against the reference plan (the torch code of ``layers.camdrop`` on
-``guidedrop.reference``) with explicit noise: the packed seeds (so the candidates, the seed
-rate and the valid centres) and the scale bit for bit.
+"""CamDrop's CUDA plan (csrc/cuda/class_activation.cu + plans/camdrop.cu + seed_bits +
+seeds_scale, issue 12), run on the CPU SIMT emulator, against the reference plan (the torch
+code of ``layers.camdrop`` on ``guidedrop.reference``) with explicit noise: the packed seeds
+(so the candidates, the seed rate and the valid centres) and the scale bit for bit.
 
 Covered: odd shapes (N = 1, C = 1, 1x1 maps, H != W, r = 1, even r, r > H: no plan), C_fc a
 multiple of C (alpha averaged in the kernel), weights of every float dtype and layout,

@@ -66,26 +66,25 @@ Targets targets(const at::TensorBase& t) {
   return out;
 }
 
-// Grid (position tiles, samples). Each block computes alpha[n, :] chunk by chunk into shared
-// memory (the blocks of x == 0 also write it out where alpha is not null), then adds the chunk's channels to the J of
-// its positions. kChannelInner (channels_last-like x, stride(C) < stride(W)): a warp takes
-// kWarpPositions positions, its lanes stride over the channels (coalesced), then a butterfly
-// sum; `vec` (x dense channels_last and aligned, C % V == 0, V = 16 / sizeof(T)): V channels
-// a lane, one 16-byte load. NCHW `vec` (x dense and aligned, N*C*H*W % V == 0): a warp
-// takes V positions, one 16-byte vector a channel (realigned where the map does not start on
-// 16 bytes: common.cuh load_unaligned), its lanes stride over the channels, then a
-// butterfly sum. Not a thread per V positions walking every channel: a (128, 1024, 14, 14)
-// x had 25 such threads a sample, 3,200 in all, each looping over 1,024 channels (on an
-// H200, CamDrop took 0.74 ms there against DropBlock's 0.33). Else (NCHW not dense) a thread
-// takes one position and walks the channels, c ascending (coalesced across threads).
-// weight(k, j): weight[k, j] rounded to float32 (common.cuh's strided reader of any float
-// dtype).
+// Grid (position tiles, samples). Each block computes alpha[n, :] chunk by chunk into shared memory
+// (the blocks of x == 0 also write it out where alpha is not null), then adds the chunk's channels
+// to the J of its positions. kChannelInner (channels_last-like x, stride(C) < stride(W)): a warp
+// takes kWarpPositions positions, its lanes stride over the channels (coalesced), then a butterfly
+// sum; `vec` (x dense channels_last and aligned, C % V == 0, V = 16 / sizeof(T)): V channels a
+// lane, one 16-byte load. NCHW `vec` (x dense and aligned, N*C*H*W % V == 0): a warp takes V
+// positions, one 16-byte vector a channel (realigned where the map does not start on 16 bytes:
+// common.cuh load_unaligned), its lanes stride over the channels, then a butterfly sum. Not a
+// thread per V positions walking every channel: a (128, 1024, 14, 14) x had 25 such threads a
+// sample, 3,200 in all, each looping over 1,024 channels (on an H200, CamDrop took 0.74 ms there
+// against DropBlock's 0.33). Else (NCHW not dense) a thread takes one position and walks the
+// channels, c ascending (coalesced across threads). weight(k, j): weight[k, j] rounded to float32
+// (common.cuh's strided reader of any float dtype).
 template <typename scalar_t, bool kChannelInner>
-__global__ void cam_kernel(const scalar_t* __restrict__ x, const Strides4 s,
-                                   const int64_t N, const int64_t C, const int64_t H,
-                                   const int64_t W, const Uniforms weight, const int64_t K,
-                                   const int64_t G, const Targets target, const bool vec,
-                                   float* __restrict__ alpha, float* __restrict__ J) {
+__global__ void cam_kernel(const scalar_t* __restrict__ x, const Strides4 s, const int64_t N,
+                           const int64_t C, const int64_t H, const int64_t W,
+                           const Uniforms weight, const int64_t K, const int64_t G,
+                           const Targets target, const bool vec, float* __restrict__ alpha,
+                           float* __restrict__ J) {
   constexpr int V = 16 / sizeof(scalar_t);
   // positions per warp (kChannelInner, NCHW vec) or thread (the other NCHW: 1; the
   // accumulators past it unused)

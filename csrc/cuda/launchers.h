@@ -95,8 +95,8 @@ void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& al
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
 // CamDrop's first plan kernel (plans/camdrop.cu runs the rest). weight: (K, C_fc)
 // float32/float64/float16/bfloat16 of any strides, C_fc a multiple of C >= 1; target: (N,)
-// int64/int32/int16/int8/uint8 of any stride, read by value: asserted in [0, K) on the device
-// (an asynchronous assertion naming `target`) and clamped. Writes alpha (N, C) float32 (the
+// int64/int32/int16/int8/uint8/uint16/uint32/uint64 of any stride, read by value: asserted
+// in [0, K) on the device (an asynchronous assertion naming `target`) and clamped. Writes alpha (N, C) float32 (the
 // C_fc / C columns of weight[target] averaged) and J: (N, H*W) float32 (the CAM).
 void launch_camdrop_cam(const at::TensorBase& x, const at::TensorBase& weight,
                         const at::TensorBase& target, const at::TensorBase& alpha,

@@ -131,7 +131,7 @@ class GuidedDropout(nn.Module):
         if name in self._fields or name == "drop_rate":
             object.__setattr__(self, name, value)
             if name in (self._rate, "drop_rate"):  # a new target for a later ramp: forget
-                self.__dict__.pop("_ramped", None)  # the last one's (schedule._target)
+                self.__dict__.pop("_ramp", None)  # the last one's (schedule._target)
                 self.__dict__["_zero_rate"] = self.drop_rate == 0
             F._forget_float_pins()  # any parameter: top_rate, channel_rate, ... too
         else:
@@ -141,9 +141,11 @@ class GuidedDropout(nn.Module):
         super().__setstate__(state)
         if "_zero_rate" not in self.__dict__:  # pickled before _zero_rate (2026-12)
             self.__dict__["_zero_rate"] = self.drop_rate == 0
-        ramped = self.__dict__.get("_ramped")
-        if ramped is not None and len(ramped) == 3:  # pickled before 2026-12-06: the rate
-            self.__dict__["_ramped"] = ramped[::2]  # the ramp set, always the current one
+        # A ramp mark pickled before 2026-12-06, "_ramped": (target, rate set, parameter),
+        # or (target, rate set) before 2026-12-05; the rate set was always the current one.
+        old = self.__dict__.pop("_ramped", None)
+        if old is not None:
+            self.__dict__["_ramp"] = (old[0], old[2] if len(old) == 3 else None)
 
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
@@ -304,7 +306,7 @@ class Selectout(GuidedDropout):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
         # traced (FX, jit.trace), C is no int.
-        ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramped", None)
+        ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramp", None)
         c = x.shape[1]
         if ramped is not None and type(c) is int:
             # The ramp's target (ramped: (target, keep at the end or None), schedule.py) too,

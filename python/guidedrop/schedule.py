@@ -76,7 +76,7 @@ class LinearRamp:
                 setattr(m, m._rate, param)
             else:
                 m.drop_rate = target * frac
-            m._ramped = (target, param)  # see _target
+            m._ramp = (target, param)  # see _target
 
     def step(self) -> None:
         """Advance the ramp by one step: every layer's ``drop_rate`` becomes
@@ -126,7 +126,7 @@ class LinearRamp:
         # everything back.
         # (the parameter itself, not drop_rate: 1 - (1 - keep) may move keep by an ulp)
         before = ((self.step_count, self.steps, self.targets, self._params),
-                  [(getattr(m, m._rate), getattr(m, "_ramped", None)) for m in self.layers])
+                  [(getattr(m, m._rate), getattr(m, "_ramp", None)) for m in self.layers])
         # a target kept keeps its parameter; another one ends as 1 - target where inverted
         params = [q if t == old else None
                   for t, old, q in zip(targets, self.targets, self._params, strict=True)]
@@ -145,14 +145,14 @@ class LinearRamp:
             for m, (rate, ramped) in zip(self.layers, rates, strict=True):
                 setattr(m, m._rate, rate)
                 if ramped is not None:  # the marks too: a later ramp finds the targets
-                    m._ramped = ramped
+                    m._ramp = ramped
             raise
 
 
 def _target(m: GuidedDropout) -> tuple[float, float | None]:
     """The rate a new ramp takes to, and the parameter that gives it (None: unknown): the
     target of the ramp that set m's rate, while m's rate is still the one that ramp set
-    (m._ramped: setting the rate otherwise drops it, GuidedDropout.__setattr__); else m's
+    (m._ramp: setting the rate otherwise drops it, GuidedDropout.__setattr__); else m's
     rate."""
-    ramped = getattr(m, "_ramped", None)  # (target, parameter of the target)
+    ramped = getattr(m, "_ramp", None)  # (target, parameter of the target)
     return ramped if ramped is not None else (m.drop_rate, getattr(m, m._rate))
