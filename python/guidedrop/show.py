@@ -188,8 +188,8 @@ def render(photo: torch.Tensor, x: torch.Tensor, masks: dict[str, torch.Tensor],
         im = ax.imshow(_mosaic(w[0]), cmap=wmap, vmin=0, vmax=2, interpolation="nearest")
         dropped, down = summary(w)
         shared = ", same mask in every channel" if _shared(w) else ""
-        ax.set_title(f"{NAMES[layer]}{shared}\n{100 * dropped:.1f}% dropped, "
-                     f"{100 * down:.1f}% scaled down, max w {float(w.max()):.2f}", fontsize=9.5)
+        ax.set_title(f"{NAMES[layer]}{shared}\n{pct(dropped)}% dropped, "
+                     f"{pct(down)}% scaled down, max w {float(w.max()):.2f}", fontsize=9.5)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
