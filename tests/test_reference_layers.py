@@ -571,6 +571,26 @@ def test_reference_camdrop_function(r):
         assert y is x
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 0, 6), (2, 0, 6, 6), (0, 4, 6, 6)], ids=str)
+def test_reference_layer_functions_on_empty_x(shape):
+    """guidedrop.reference.<layer> returns an empty x itself, as the functional ops do (an
+    attacking helper: DropBlock, FocusedDropout, CorrDrop and CamDrop raised
+    ZeroDivisionError, IndexError or RuntimeError from the layers' code)."""
+    from guidedrop import reference
+    x = torch.randn(shape)
+    weight, target = torch.randn(3, 4), torch.zeros(shape[0], dtype=torch.long)
+    calls = {"corrdrop": (0.1, 3), "selectscale": (0.2, 0.5), "spatialscale": (),
+             "selectout": (0.5, 0.9), "attentiondrop": (0.1, 20.0),
+             "focused_dropout": (0.3, 0.6), "camdrop": (weight, target, 3, 0.9),
+             "dropblock": (0.1, 3)}
+    params = {"corrdrop": dict(normalize="batch"), "attentiondrop": dict(mode="ad",
+              normalize="batch"), "focused_dropout": dict(per_position=False),
+              "camdrop": dict(channel_rate=0.125, normalize="batch"),
+              "dropblock": dict(shared_channels=False, normalize="batch")}
+    for layer, args in calls.items():
+        assert getattr(reference, layer)(x, *args, **params.get(layer, {})) is x, layer
+
+
 @pytest.mark.parametrize("r,centre,rows", [
     (3, (3, 3), (2, 5)),     # offset r//2 = 1 before the centre
     (2, (1, 1), (0, 2)),     # even block: offset 1, block (0..1)

@@ -414,14 +414,17 @@ def apply_attention(t, x, state, active, mode):
 def _layer(layer: str):
     def run(x: torch.Tensor, *args, noise=None, generator=None, **params) -> torch.Tensor:
         from . import layers, reference
+        if x.numel() == 0:  # as guidedrop.functional: x itself (layers.* take a non-empty x)
+            return x
         with torch.no_grad():
             plan = getattr(layers, layer)(reference, x, *args, noise=noise, generator=generator,
                                           **params)
             # no plan: nothing is dropped (CamDrop's block larger than the map), x itself
             return x if plan is None else layers.apply(reference, plan, x, x)
     run.__name__ = run.__qualname__ = layer
-    run.__doc__ = (f"``{layer}`` on the reference backend, without autograd "
-                   "(see guidedrop.functional).")
+    run.__doc__ = (f"``{layer}`` on the reference backend, without autograd: the arguments of "
+                   f"guidedrop.functional.{layer}, all given and unchecked (the tests' "
+                   "oracle; the functional op checks them).")
     return run
 
 
