@@ -91,7 +91,7 @@ void launch_camdrop_candidates(const at::TensorBase& J, const at::TensorBase& al
                                const at::TensorBase& cand_s, const at::TensorBase& cand_c);
 
 // class_activation.cu: the CAM, one kernel for the cam op and CamDrop's plan. The cam op:
-// alpha: (N, C) float32 contiguous, J: (N, H, W) float32 out.
+// alpha: (N, C) float32 of any strides, J: (N, H, W) float32 out.
 void launch_cam(const at::TensorBase& x, const at::TensorBase& alpha, const at::TensorBase& J);
 // CamDrop's first plan kernel (plans/camdrop.cu runs the rest). weight: (K, C_fc)
 // float32/float64/float16/bfloat16 of any strides, C_fc a multiple of C >= 1; target: (N,)

@@ -457,9 +457,9 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
         ValueError: x not 4-D, a rate outside [0, 1], block_size < 1, an unknown
             normalize, noise of the wrong shape or device, weight or target missing (where
             the op acts: training, keep < 1, a non-empty x), of the wrong shape or device,
-            C_fc not a multiple of C, a CPU target out of range. A GPU target out of range
-            is an asynchronous device assertion naming ``target`` (a RuntimeError when it
-            fires).
+            C_fc not a multiple of C, a CPU target out of range. A GPU target out of range,
+            or a CPU one while torch.compile traces, is an asynchronous device assertion
+            naming ``target`` (a RuntimeError when it fires).
     """
     V.feature_map(x)
     block_size, keep = V.block_size(block_size), V.real("keep", keep)
