@@ -7,7 +7,7 @@ import math
 import naive
 import pytest
 import torch
-from testing import ODD_SHAPES, REF_DTYPES, AutocastSpy, make_x
+from testing import ODD_SHAPES, REF_DTYPES, AutocastSpy, load_backend, make_x
 
 from guidedrop import primitives as P
 
@@ -141,6 +141,19 @@ def test_block_upsample(k, h, w, mask_dtype):
     expect = [[[mask[b, i // k, j // k].item() for j in range(w)] for i in range(h)]
               for b in range(2)]
     assert out.tolist() == expect
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_primitives_not_differentiable(backend, monkeypatch):
+    """The module docstring: no primitive's output carries a gradient on any backend (the
+    reference's amax, sum and indexing did, the kernels' outputs never)."""
+    load_backend(backend, emulate=False)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", backend)
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    mask = torch.rand(2, 2, 2, requires_grad=True)
+    for out in (P.channel_max(x), P.channel_mean(x), P.top_percentile_threshold(x, 20.0),
+                P.pooled_correlation(x, 2), P.block_upsample(mask, 3, 5, 4)):
+        assert not out.requires_grad and out.grad_fn is None
 
 
 @pytest.mark.parametrize("call,exc,match", [

@@ -2,6 +2,10 @@
 
 They are what the layers are built from (see :mod:`guidedrop.layers`); exposed for
 users who build their own guided regularisers and for the tests and benchmarks.
+
+They are not differentiable: on every backend their outputs carry no gradient (no
+``grad_fn``, ``requires_grad`` False, whatever x's), as the layers use them only to choose
+what to drop. Where a statistic must be differentiated, compute it with torch's ops.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def channel_max(x: torch.Tensor) -> torch.Tensor:
     for empty maps, NaN for a map with a NaN). Raises TypeError / ValueError for an x that
     is not a 4-D floating tensor."""
     B, x = _backend(x)
-    return B.channel_stats(x)[0]
+    return B.channel_stats(x)[0].detach()  # the reference's amax would carry a grad_fn
 
 
 @fx_leaf
@@ -56,7 +60,7 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     as torch.mean).
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor."""
     B, x = _backend(x)
-    return B.channel_stats(x)[1]
+    return B.channel_stats(x)[1].detach()  # and its sum
 
 
 @fx_leaf
@@ -100,4 +104,4 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     V.dense("mask", mask)
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
-    return reference.upsample(mask, k, h, w)
+    return reference.upsample(mask, k, h, w).detach()  # a float mask's indexing: a grad_fn
