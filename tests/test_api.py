@@ -520,7 +520,7 @@ def test_cam_targets_left_out_of_order():
     g1.close()
     assert context.current()[0] is w2
     g2.close()
-    with pytest.raises(RuntimeError, match="without classifier weights"):
+    with pytest.raises(RuntimeError, match="no cam_targets block is open"):
         context.current()
 
 
@@ -1391,6 +1391,26 @@ def test_each_layer_compiles_its_own_forward():
         cm(x.clone().requires_grad_())
         m.eval()
         assert torch.equal(cm(x), x)  # the identity
+
+
+def test_layers_compiled_one_by_one_share_their_class_budget(monkeypatch):
+    """The README: compiled one by one, instances of a class with other fixed arguments add
+    2 graphs each to their forward's (the first non-zero rate, then the rate symbolic):
+    four DropBlock2d of four block sizes ramped from 0 take 9 (1 identity + 4 + 4), over
+    the default recompile_limit of 8; a larger limit runs them, then nothing recompiles."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 9)
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    layers = [guidedrop.DropBlock2d(0.1, b) for b in (3, 5, 7, 9)]
+    compiled = [torch.compile(m, backend=counter, fullgraph=True) for m in layers]
+    ramp = guidedrop.LinearRamp(layers=layers, steps=3)
+    for _ in range(5):
+        x = torch.randn(2, 4, 12, 12)
+        for cm in compiled:
+            x = cm(x)
+        ramp.step()
+    assert counter.frame_count == 9
 
 
 class _MyCorrDrop(guidedrop.CorrDrop):

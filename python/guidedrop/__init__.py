@@ -1,8 +1,9 @@
 """guidedrop: fused kernels for guided structured dropout in CNNs.
 
 Layers: CorrDrop, SelectScale, SpatialScale, Selectout, AttentionDrop, FocusedDropout,
-CamDrop and the DropBlock2d baseline; see ``guidedrop.functional`` for the ops and
-SPEC.md for their exact behaviour.
+CamDrop and the DropBlock2d baseline; see ``guidedrop.functional`` for the ops and their
+exact behaviour (the README's "The papers, and what SPEC.md settles": the project's
+specification itself is kept outside the package).
 
 Every public submodule is an attribute of the package: ``guidedrop.functional``,
 ``guidedrop.models``, ``guidedrop.primitives``, ``guidedrop.reference``, ``guidedrop.layers``,

@@ -82,14 +82,17 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
 
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, target) of the innermost :func:`cam_targets` block of this thread."""
+    """(weight, target) of the innermost :func:`cam_targets` block of this thread.
+    Raises RuntimeError outside every block (CamDrop in training mode calls it: the
+    message says how to give CamDrop its targets)."""
     if torch.compiler.is_compiling() and not _TRACES_CONTEXTVAR:
         blocks = getattr(_thread, "blocks", ())
     else:
         blocks = _blocks.get()
     if not blocks:
         raise RuntimeError(
-            "CamDrop ran in training mode without classifier weights and targets: wrap the "
-            "training step in `with guidedrop.cam_targets(model.fc, labels): ...` (in the "
-            "thread that runs the model)")
+            "no cam_targets block is open in this thread (CamDrop in training mode needs the "
+            "classifier weights and targets): wrap the training step in "
+            "`with guidedrop.cam_targets(model.fc, labels): ...` (in the thread that runs "
+            "the model)")
     return blocks[-1]
