@@ -198,8 +198,9 @@ def test_meta_device(name, memory_format, monkeypatch):
     assert g.shape == x.shape and g.device == x.device
 
 
-def test_meta_device_primitives():
+def test_meta_device_primitives(monkeypatch):
     from guidedrop import primitives as P
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "auto")  # the README: auto takes the reference
     x = torch.empty(2, 8, 7, 7, device="meta")
     assert P.pooled_correlation(x, 3).shape == (2, 3, 3)
     for f in (P.channel_max, P.channel_mean, lambda x: P.top_percentile_threshold(x, 20.0)):
@@ -1396,21 +1397,29 @@ def test_each_layer_compiles_its_own_forward():
 def test_layers_compiled_one_by_one_share_their_class_budget(monkeypatch):
     """The README: compiled one by one, instances of a class with other fixed arguments add
     2 graphs each to their forward's (the first non-zero rate, then the rate symbolic):
-    four DropBlock2d of four block sizes ramped from 0 take 9 (1 identity + 4 + 4), over
-    the default recompile_limit of 8; a larger limit runs them, then nothing recompiles."""
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 9)
+    four DropBlock2d of four block sizes ramped from 0 take 9 (1 identity + 4 + 4), so
+    the default recompile_limit of 8 fails the ninth with fullgraph=True; a limit of 9
+    runs them, then nothing recompiles."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
     from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
-    layers = [guidedrop.DropBlock2d(0.1, b) for b in (3, 5, 7, 9)]
-    compiled = [torch.compile(m, backend=counter, fullgraph=True) for m in layers]
-    ramp = guidedrop.LinearRamp(layers=layers, steps=3)
-    for _ in range(5):
-        x = torch.randn(2, 4, 12, 12)
-        for cm in compiled:
-            x = cm(x)
-        ramp.step()
-    assert counter.frame_count == 9
+
+    def train(limit):
+        torch._dynamo.reset()
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", limit)
+        counter = CompileCounter()
+        layers = [guidedrop.DropBlock2d(0.1, b) for b in (3, 5, 7, 9)]
+        compiled = [torch.compile(m, backend=counter, fullgraph=True) for m in layers]
+        ramp = guidedrop.LinearRamp(layers=layers, steps=3)
+        for _ in range(5):
+            x = torch.randn(2, 4, 12, 12)
+            for cm in compiled:
+                x = cm(x)
+            ramp.step()
+        return counter.frame_count
+
+    with pytest.raises(FailOnRecompileLimitHit):
+        train(8)
+    assert train(9) == 9
 
 
 class _MyCorrDrop(guidedrop.CorrDrop):

@@ -2,8 +2,9 @@
 
 Layers: CorrDrop, SelectScale, SpatialScale, Selectout, AttentionDrop, FocusedDropout,
 CamDrop and the DropBlock2d baseline; see ``guidedrop.functional`` for the ops and their
-exact behaviour (the README's "The papers, and what SPEC.md settles": the project's
-specification itself is kept outside the package).
+exact behaviour. The README's "The papers, and what SPEC.md settles" summarises the
+project's specification (SPEC.md, cited as "SPEC §N" in the docstrings), which is not
+shipped with the package.
 
 Every public submodule is an attribute of the package: ``guidedrop.functional``,
 ``guidedrop.models``, ``guidedrop.primitives``, ``guidedrop.reference``, ``guidedrop.layers``,

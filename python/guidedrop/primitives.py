@@ -19,9 +19,10 @@ from .functional import fx_leaf, no_autocast
 
 def _backend(x: torch.Tensor):
     """The backend that runs a primitive on x (validated), and x as the kernels read it
-    (V.resolved)."""
+    (V.resolved), detached: no primitive is differentiable (the module docstring), also
+    while torch.compile traces the kernel ops, which have no autograd formula."""
     V.feature_map(x)
-    return dispatch.backend_for(x), V.resolved(x)
+    return dispatch.backend_for(x), V.resolved(x.detach())
 
 
 @fx_leaf
@@ -50,7 +51,7 @@ def channel_max(x: torch.Tensor) -> torch.Tensor:
     for empty maps, NaN for a map with a NaN). Raises TypeError / ValueError for an x that
     is not a 4-D floating tensor."""
     B, x = _backend(x)
-    return B.channel_stats(x)[0].detach()  # the reference's amax would carry a grad_fn
+    return B.channel_stats(x)[0]
 
 
 @fx_leaf
@@ -60,7 +61,7 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     as torch.mean).
     Raises TypeError / ValueError for an x that is not a 4-D floating tensor."""
     B, x = _backend(x)
-    return B.channel_stats(x)[1].detach()  # and its sum
+    return B.channel_stats(x)[1]
 
 
 @fx_leaf
@@ -104,4 +105,4 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     V.dense("mask", mask)
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
-    return reference.upsample(mask, k, h, w).detach()  # a float mask's indexing: a grad_fn
+    return reference.upsample(mask.detach(), k, h, w)
