@@ -81,6 +81,19 @@ def same_bits(y, x):
 # --------------------------------------------------------------------------- plans
 
 
+@pytest.mark.parametrize("name", ["triton", CUDA])
+def test_kernel_channel_stats_take_applied(name):
+    """backend_contract.md: the kernel backends' channel_stats take ``applied``; False gives
+    0, 0 without reading x, True the statistics (cuda_backend's wrapper took x alone: a
+    helper's find)."""
+    B = load_backend(name)
+    x = _x()
+    amax, mean = B.channel_stats(x, torch.tensor(False, device=DEV))
+    assert not amax.any() and not mean.any() and amax.shape == mean.shape == (3, 4)
+    got = B.channel_stats(x, torch.tensor(True, device=DEV))
+    torch.testing.assert_close(got, R.channel_stats(x), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("per_position", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_plan_with_applied_matches_reference(KB, layout, per_position):

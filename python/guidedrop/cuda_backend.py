@@ -85,10 +85,11 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     return _ops.pooled_correlation(x, one_window(int(k), x.shape[-2], x.shape[-1]))
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (N, C, H, W) -> (max |x|, mean), each (N, C) float32."""
-    amax, mean = _ops.channel_stats(x)
-    return amax, mean
+def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) -> (max |x|, mean), each (N, C) float32; ``applied`` a 0-d bool on
+    x's device: False reads nothing of x and gives 0, 0 (backend_contract.md)."""
+    return _ops.channel_stats(x, applied)
 
 
 def kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -201,7 +202,7 @@ def _floats(rates, a, b):
 def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
     """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
     float32. 2 launches (channel_stats, selectscale_plan), +1 without noise (rand)."""
-    amax, _ = _ops.channel_stats(x)
+    amax, _ = channel_stats(x)
     u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
     rates = _rates(x, top_rate, retain)
     w = _ops.selectscale_plan(amax, u, *_floats(rates, top_rate, retain), rates)
@@ -211,7 +212,7 @@ def plan_selectscale(x, top_rate, retain, *, noise=None, generator=None):
 def plan_selectout(x, top_rate, keep, *, noise=None, generator=None):
     """SPEC §3. x: (N, C, H, W); noise: (N, C) or None -> Plan("channel", (), (w,)), w (N, C)
     float32. RuntimeError when round((1 - keep) * C) exceeds the candidates."""
-    amax, _ = _ops.channel_stats(x)
+    amax, _ = channel_stats(x)
     u = noise if noise is not None else rand(x.shape[:2], generator, x.device)
     rates = _rates(x, top_rate, keep)
     w = _ops.selectout_plan(amax, u, *_floats(rates, top_rate, keep), rates)
@@ -224,7 +225,7 @@ def plan_focused_dropout(x, low, high, *, per_position, noise=None, generator=No
     applied: None or a 0-d bool on x's device (False: both kernels skip x, mask all ones)
     -> Plan("block", (1,), (mask (N, H, W) uint8, scale (N,) float32 ones))."""
     n, _, h, w = x.shape
-    _, mean = _ops.channel_stats(x, applied)
+    _, mean = channel_stats(x, applied)
     u = noise if noise is not None else rand((n, h, w) if per_position else (n,), generator,
                                              x.device)
     rates = _rates(x, low, high)
