@@ -1394,7 +1394,7 @@ def test_each_layer_compiles_its_own_forward():
         assert torch.equal(cm(x), x)  # the identity
 
 
-def test_layers_compiled_one_by_one_share_their_class_budget(monkeypatch):
+def test_layers_compiled_one_by_one_share_their_class_budget():
     """The README: compiled one by one, instances of a class with other fixed arguments add
     2 graphs each to their forward's (the first non-zero rate, then the rate symbolic):
     four DropBlock2d of four block sizes ramped from 0 take 9 (1 identity + 4 + 4), so
@@ -1403,9 +1403,8 @@ def test_layers_compiled_one_by_one_share_their_class_budget(monkeypatch):
     from torch._dynamo.exc import FailOnRecompileLimitHit
     from torch._dynamo.testing import CompileCounter
 
-    def train(limit):
+    def train():
         torch._dynamo.reset()
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", limit)
         counter = CompileCounter()
         layers = [guidedrop.DropBlock2d(0.1, b) for b in (3, 5, 7, 9)]
         compiled = [torch.compile(m, backend=counter, fullgraph=True) for m in layers]
@@ -1417,9 +1416,12 @@ def test_layers_compiled_one_by_one_share_their_class_budget(monkeypatch):
             ramp.step()
         return counter.frame_count
 
-    with pytest.raises(FailOnRecompileLimitHit):
-        train(8)
-    assert train(9) == 9
+    # config.patch, not monkeypatch: the config module's attributes are not plain, and
+    # monkeypatch's undo deleted the option (every later compile test in that worker failed)
+    with torch._dynamo.config.patch(recompile_limit=8), pytest.raises(FailOnRecompileLimitHit):
+        train()
+    with torch._dynamo.config.patch(recompile_limit=9):
+        assert train() == 9
 
 
 class _MyCorrDrop(guidedrop.CorrDrop):
