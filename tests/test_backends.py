@@ -15,6 +15,7 @@ Tests marked ``gpu`` take full-size shapes and need CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -1432,6 +1433,56 @@ def op_samples():
                        [n, 1, h, w])],
         "seed_coverage": [(bits, 3, c, h, w), (bits1, 2, 1, h, w)],
     }
+
+
+def test_triton_ops_launch_on_their_tensors_device(monkeypatch):
+    """A Triton launch runs on the current CUDA device (and its stream), whatever its
+    arguments' device: each op called eagerly makes its tensors' device the current one
+    for its launches and then restores the caller's. Without it, x on cuda:1 while cuda:0
+    is current was read from cuda:0 (an illegal address, or with peer access a race with
+    cuda:1's stream). Faked on the CPU: every op's arguments FakeTensors on cuda:1 (then
+    cuda:0), the current device a stand-in, the launches recorded (nothing runs)."""
+    import test_triton_compile as TC
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from guidedrop import dispatch
+
+    load_backend("triton")
+    modules = TC._kernel_modules(dispatch.load("triton")[0])
+    caller = {"seed_bits": "_seed_bits"}  # the ops' Python callers, by op name
+    ops = {name: getattr(m, caller.get(name, name)) for name in op_samples()
+           for m in modules if hasattr(m, caller.get(name, name))}
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    for m in modules:
+        monkeypatch.setattr(m, "launch", lambda kernel: TC._Grid(
+            lambda grid, *args, **kwargs: seen.append(current[0])))
+    samples = op_samples()
+    with FakeTensorMode():
+        for index in (1, 0):
+            def on_cuda(a, index=index):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype,
+                                           device=f"cuda:{index}")
+            for name, calls in samples.items():
+                for args in calls:
+                    seen.clear()
+                    ops[name](*[on_cuda(a) for a in args])
+                    assert seen and set(seen) == {index}, (name, index, seen)
+                    assert current[0] == 0, name
 
 
 def test_triton_ops_registered():

@@ -19,12 +19,17 @@ longer misses it, so that the entry cannot outlive its fix.
 
 Not held to it: kernels over per-sample or per-map state (plans, scales, candidates), and
 the seeds of DropBlock's shared mask (one map per sample: N * H * W units, not x's).
+
+Also the launches a GPU refuses, which a CPU run never makes: Triton grids past CUDA's
+limits at huge shapes (on FakeTensors), and CUDA blocks of more than 256 threads whose
+kernels do not bound their registers (__launch_bounds__).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import test_backends as TB
@@ -34,6 +39,7 @@ from testing import emulated
 
 from guidedrop import dispatch, sass
 
+ROOT = Path(__file__).resolve().parents[1]
 MIN_WARPS = 2048
 # Triton kernels under MIN_WARPS at the goal shapes, and why.
 BELOW_MIN = {
@@ -110,8 +116,47 @@ def test_triton_grids_fill_the_gpu(monkeypatch):
             f"{kernel} now launches {MIN_WARPS} warps or more: remove it from BELOW_MIN ({why})"
 
 
-@emulated
-def test_cuda_grids_fill_the_gpu(monkeypatch):
+# Shapes at CUDA's grid limits (2**31 - 1 programs on axis 0, 65535 on axes 1 and 2):
+# a map of 4M positions (Triton's CAM had a program a 64-position block on axis 1: 65536 in
+# channels_last), more samples than 65535, more than 2**31 elements (the int64 offsets).
+HUGE_SHAPES = [(1, 64, 2048, 2048), (70000, 3, 5, 5), (64, 256, 384, 384)]
+
+
+def test_triton_grids_within_cuda_limits(monkeypatch):
+    """Every Triton launch of every layer, forward and backward, at HUGE_SHAPES (bfloat16,
+    both layouts) has a grid a GPU accepts: over the limit the launch fails ("invalid
+    argument"). On FakeTensors: shapes only, no memory, nothing runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mod, why = dispatch.load("triton")
+    if mod is None:
+        pytest.skip(f"no Triton backend: {why}")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    over, case = [], [None]
+
+    def launch(kernel):
+        def run(grid, *args, **kwargs):
+            g = grid(kwargs) if callable(grid) else grid
+            if g[0] > 2**31 - 1 or any(v > 65535 for v in g[1:]):
+                over.append(f"{kernel.fn.__name__} {g} ({case[0]})")
+        return TC._Grid(run)
+
+    for m in TC._kernel_modules(mod):
+        monkeypatch.setattr(m, "launch", launch)
+    with FakeTensorMode(), sass.gpu_tiles():
+        for shape in HUGE_SHAPES:
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=layout)
+                for name, (op, _, params, _) in TB.LAYERS.items():
+                    case[0] = f"{name} {shape} {layout}"
+                    xg = x.detach().requires_grad_()
+                    op(xg, noise=None, **params).backward(torch.ones_like(x))
+    assert not over, "\n".join(over)
+
+
+def _cuda_launches(monkeypatch):
+    """(site, case, grid, block) of every CUDA launch of ``_drive`` (the emulator's record
+    mode), grid and block (x, y, z) tuples; skips without the emulator."""
     import test_cuda_emulated as CE
 
     if CE.emu.unavailable():
@@ -124,13 +169,7 @@ def test_cuda_grids_fill_the_gpu(monkeypatch):
     def record(case):
         for r in E.emu_recorded():
             site, g, b = re.fullmatch(r"(.+) (\(\d+, \d+, \d+\)) (\(\d+, \d+, \d+\))", r).groups()
-            warps = math.prod(map(int, re.findall(r"\d+", g))) * \
-                math.prod(map(int, re.findall(r"\d+", b))) // 32
-            kernel = site.split(" ", 1)[1].split("<")[0]
-            if CUDA_STATE_KERNELS.match(site) or (case.startswith("dropblock-shared")
-                                                  and kernel in SHARED_SEEDS):
-                continue
-            rows.append((site, case, warps))
+            rows.append((site, case, *(tuple(map(int, re.findall(r"\d+", v))) for v in (g, b))))
 
     E.emu_record(True)
     try:
@@ -139,4 +178,32 @@ def test_cuda_grids_fill_the_gpu(monkeypatch):
         E.emu_record(False)
         E.emu_recorded()
     assert rows, "no launch recorded"
+    return rows
+
+
+@emulated
+def test_cuda_grids_fill_the_gpu(monkeypatch):
+    rows = []
+    for site, case, g, b in _cuda_launches(monkeypatch):
+        kernel = site.split(" ", 1)[1].split("<")[0]
+        if CUDA_STATE_KERNELS.match(site) or (case.startswith("dropblock-shared")
+                                              and kernel in SHARED_SEEDS):
+            continue
+        rows.append((site, case, math.prod(g) * math.prod(b) // 32))
     assert not _short(rows), "\n".join(_short(rows))
+
+
+@emulated
+def test_cuda_blocks_over_256_threads_bound_their_registers(monkeypatch):
+    """A block of more than 256 threads fits an SM's 65536 registers only if each thread
+    takes at most 65536 / threads (64 at 1024): every kernel launched so declares
+    __launch_bounds__, which makes nvcc hold it there. Without, one more register after a
+    change of code or compiler fails every such launch ("too many resources requested"),
+    which neither the emulator nor a CPU run shows (the CorrDrop plan took exactly 64 on
+    sm_90). Kernels of at most 256 threads fit at any register count (255 x 256)."""
+    sources = "\n".join(p.read_text() for p in ROOT.glob("csrc/**/*.cu*"))
+    bounded = set(re.findall(r"__launch_bounds__\([^)]*\)\s+(\w+)", sources))
+    big = {site.split(" ", 1)[1].split("<")[0]: math.prod(b)
+           for site, _, _, b in _cuda_launches(monkeypatch) if math.prod(b) > 256}
+    assert big, "no launch of more than 256 threads recorded"
+    assert not set(big) - bounded, {k: v for k, v in big.items() if k not in bounded}

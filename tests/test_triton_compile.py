@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,23 +141,23 @@ def _compile(specs: list[dict], tmp_path) -> str:
     return done.stdout
 
 
-def _ptx(spec, tmp_path) -> str:
-    """The sm_90 PTX of one recorded spec, compiled in a child process without
-    TRITON_INTERPRET (spaces removed)."""
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
+def _ptx(specs, tmp_path, stage="ptx") -> list[str]:
+    """The sm_90 PTX (or another stage's code: "ttir", ...) of each recorded spec, compiled
+    in one child process without TRITON_INTERPRET (spaces removed)."""
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(specs))
     child = (
         "import json, sys\n"
         "from guidedrop.sass import compile_spec\n"
-        "k = compile_spec(json.load(open(sys.argv[1])))\n"
-        "print(k.asm['ptx'].replace(' ', ''))\n")
+        f"print(json.dumps([compile_spec(s).asm[{stage!r}].replace(' ', '')\n"
+        "                  for s in json.load(open(sys.argv[1]))]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent)]
                                         + [p for p in sys.path if p])
     done = subprocess.run([sys.executable, "-c", child, str(path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done.stdout
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def _record_launches(monkeypatch, run) -> dict:
@@ -179,6 +180,37 @@ def _record_launches(monkeypatch, run) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_flat_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
+    """The flat tiles of tensors of 2**31 elements or more (IDX64) compute their first
+    element, program_id(0) * BLOCK, in 64 bits: in 32 bits it wrapped past 2**31 before
+    the last programs ((64, 256, 384, 384) bfloat16: 589,824 programs of 4096, from program
+    524,288 on), which then read and wrote out of bounds; likewise the word loads of
+    AttentionDrop's bfloat16 apply. The interpreter, in 64 bits, cannot show it: read in
+    the TTIR, where no 32-bit arithmetic may take program_id(0)."""
+    def run():
+        for m in _kernel_modules(dispatch.load("triton")[0]):
+            if hasattr(m, "needs_int64"):
+                monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
+        _drive([((2, 64, 56, 56), torch.bfloat16), ((2, 64, 14, 14), torch.bfloat16)])
+
+    with sass.gpu_tiles():
+        recorded = _record_launches(monkeypatch, run)
+    specs = [s for s in recorded.values()
+             if s["kernel"].endswith("_flat_kernel") and s["kwargs"].get("IDX64")]
+    assert {s["kernel"] for s in specs} == {
+        "_apply_channel_flat_kernel", "_apply_block_flat_kernel", "_apply_bits_flat_kernel",
+        "_apply_attention_flat_kernel"}, specs
+    assert any(s["kwargs"].get("WORDS") for s in specs)  # bfloat16 read as words (14 x 14)
+    for spec, ttir in zip(specs, _ptx(specs, tmp_path, "ttir"), strict=True):
+        pids = re.findall(r"(%\w+)=tt.get_program_idx:i32", ttir)
+        assert pids, spec["kernel"]
+        in32 = [ln for ln in ttir.splitlines() for p in pids
+                if re.search(rf"=arith\.\w+.*{p}\b.*:i32(loc|$)", ln) and "extsi" not in ln]
+        assert not in32, (spec["kernel"], spec["kwargs"], in32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
     """SPEC §6 step 0 on a GPU: the first CamDrop kernel (the CAM from W[y]) keeps its
     device assertion on the target in the sm_90 code (Triton drops tl.device_assert
@@ -190,7 +222,7 @@ def test_camdrop_target_assertion_compiled_for_sm90(monkeypatch, tmp_path):
         noise=torch.rand(x.shape)))
     specs = [s for s in recorded.values() if s["kernel"] == "_cam_kernel"]
     assert len(specs) == 1, specs
-    ptx = _ptx(specs[0], tmp_path)
+    ptx, = _ptx(specs, tmp_path)
     assert "__assertfail" in ptx
     # the message, as PTX spells a string constant: its bytes in decimal
     assert ",".join(str(b) for b in b"target must hold class indices") in ptx
@@ -213,8 +245,7 @@ def test_attention_range_reciprocal_keeps_subnormals_for_sm90(monkeypatch, tmp_p
                "_apply_attention_kernel")  # contiguous, channels_last, sliced x
     specs = [s for s in recorded.values() if s["kernel"] in kernels]
     assert sorted({s["kernel"] for s in specs}) == sorted(kernels), specs
-    for spec in specs:
-        ptx = _ptx(spec, tmp_path)
+    for spec, ptx in zip(specs, _ptx(specs, tmp_path), strict=True):
         # the applies read r from the statistics: no reciprocal (nor its slow path) per group
         assert ("rcp." in ptx) == (spec["kernel"] == "_select_kernel"), spec["kernel"]
         if spec["kernel"] == "_select_kernel":
@@ -237,8 +268,7 @@ def test_pooled_correlation_averages_round_as_ieee_for_sm90(monkeypatch, tmp_pat
         recorded = _record_launches(monkeypatch, lambda: [P.pooled_correlation(t, 3) for t in xs])
     specs = [s for s in recorded.values() if s["kernel"] == "_pooled_correlation_kernel"]
     assert sorted(s["kwargs"]["FLAT"] for s in specs) == [False, True], specs
-    for spec in specs:
-        ptx = _ptx(spec, tmp_path)
+    for spec, ptx in zip(specs, _ptx(specs, tmp_path), strict=True):
         assert "div.rn.f64" in ptx
         assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx, spec["kwargs"]
 

@@ -160,33 +160,55 @@ def op(name: str, fake):
     ``fake`` (same signature: outputs of the launcher's shapes, dtypes and strides, without
     reading a size's value). The function it returns calls the launcher itself in eager
     mode (an op's dispatch costs ~10 µs of host time per call, issue 12) and the op while
-    torch.compile traces (the plain function on older torch)."""
+    torch.compile traces (the plain function on older torch). Called eagerly, it makes its
+    first tensor's CUDA device the current one for the launches (``foreign_device``)."""
     def register(fn):
-        if not HAS_OPS:
-            return fn
-        qualname = f"guidedrop_triton::{name}"
-        dynamic = torch.library.custom_op(f"{qualname}_dynamic", mutates_args=())(fn)
-        dynamic.register_fake(fake)
+        registered = fn  # what torch.compile traces: the op, or on older torch fn itself
+        if HAS_OPS:
+            qualname = f"guidedrop_triton::{name}"
+            dynamic = torch.library.custom_op(f"{qualname}_dynamic", mutates_args=())(fn)
+            dynamic.register_fake(fake)
 
-        @functools.wraps(fn)
-        def body(*args, **kwargs):  # the op's: fn, or traced with symbolic sizes, the twin
-            if symbolic(args, kwargs.values()):
-                return dynamic(*args, **kwargs)
-            return fn(*args, **kwargs)
+            @functools.wraps(fn)
+            def body(*args, **kwargs):  # the op's: fn, or traced with symbolic sizes, the twin
+                if symbolic(args, kwargs.values()):
+                    return dynamic(*args, **kwargs)
+                return fn(*args, **kwargs)
 
-        if not INTERPRET:
-            registered = torch.library.triton_op(qualname, mutates_args=())(body)
-        else:
-            registered = torch.library.custom_op(qualname, mutates_args=())(fn)
-            registered.register_fake(body)
+            if not INTERPRET:
+                registered = torch.library.triton_op(qualname, mutates_args=())(body)
+            else:
+                registered = torch.library.custom_op(qualname, mutates_args=())(fn)
+                registered.register_fake(body)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if torch.compiler.is_compiling():
                 return registered(*args, **kwargs)
-            return fn(*args, **kwargs)
+            device = foreign_device(args, kwargs.values())
+            if device is None:
+                return fn(*args, **kwargs)
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
         return call
     return register
+
+
+def foreign_device(*groups) -> torch.device | None:
+    """The CUDA device of the first tensor in ``groups`` (iterables of op arguments) where
+    it is not the current device, else None. A Triton launch runs on the current device
+    and its current stream, whatever its arguments' device: x on cuda:1 while cuda:0 is
+    current would be read by cuda:0 (an illegal address, or with peer access a race with
+    cuda:1's stream). Autograd's backward threads and inductor set the device themselves;
+    an eager call may not. (A FakeTensor on a CUDA device needs no CUDA: without CUDA
+    initialised, None.)"""
+    for group in groups:
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                d = a.device
+                return (d if d.type == "cuda" and torch.cuda.is_initialized()
+                        and d.index != torch.cuda.current_device() else None)
+    return None
 
 
 def symbolic(*groups) -> bool:
@@ -559,9 +581,9 @@ def map_tile(TOTAL, HW, MAG1, HW_M, HW_S, BIG1: tl.constexpr, BLOCK: tl.constexp
     map mp0 + dmp and its position pos in it. EVEN (TOTAL % BLOCK == 0): m is a constant
     true, so that loads and stores are unmasked.
     """
-    start = tl.program_id(0) * BLOCK
+    # the product in 64 bits: program_id * BLOCK passes 2**31 before the last tiles
+    start = (tl.program_id(0).to(tl.int64) if IDX64 else tl.program_id(0)) * BLOCK
     if IDX64:
-        start = start.to(tl.int64)
         mp0 = start // HW
     else:
         mp0 = divide(start, HW_M, HW_S)
@@ -646,7 +668,9 @@ def apply_tile(OUTER, INNER, C, H, W, MAGW, CL: tl.constexpr, GRID3: tl.constexp
     elements, (n, c, h, w, map0) as tile_nchw. GRID3 (CL only): the rows are positions
     h * W + w of sample program_id(2), split by the magic multiplier MAGW, no division.
     """
-    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    # rows past 2**31 (IDX64 but for GRID3's positions of one sample): o in 64 bits
+    o = (tl.program_id(0).to(tl.int64) if IDX64 and not GRID3 else tl.program_id(0)) * BO \
+        + tl.arange(0, BO)
     i = tl.program_id(1) * BI + tl.arange(0, BI)
     ov = o < OUTER
     m = ov[:, None] & (i < INNER)[None, :]
@@ -662,8 +686,7 @@ def apply_tile(OUTER, INNER, C, H, W, MAGW, CL: tl.constexpr, GRID3: tl.constexp
         c = i
         map0 = n * C
     else:
-        if IDX64:
-            o = o.to(tl.int64)
+        if IDX64:  # o is already
             i = i.to(tl.int64)
         n, c, h, w, map0 = tile_nchw(o, i, C, H, W, CL)
     return ov, m, n, c, h, w, map0

@@ -33,12 +33,15 @@ from ._common import (
 # positions' offsets are pointer additions, which Triton's overflow sanitizer (on in debug
 # mode) does not instrument: the per-element work is the same as without debug.
 @triton.jit(debug=True)
-def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, STEP, TOTAL, sN, sC, sH, sW, a_sN, a_sC,
+def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, STEP, Q, TOTAL, sN, sC, sH, sW, a_sN, a_sC,
                 w_ptr, t_ptr, ao_ptr, G, K, w_sK, w_sC, t_s,
                 BC: tl.constexpr, BP: tl.constexpr, HW_FLAT: tl.constexpr,
                 IDX64: tl.constexpr, FROM_W: tl.constexpr, FLAT: tl.constexpr,
                 A: tl.constexpr, SHIFT: tl.constexpr):
-    """Program (n, q): J[n, P0 : P0 + STEP], P0 = q * STEP (STEP = BP unless SHIFT).
+    """Program n * Q + q: J[n, P0 : P0 + STEP], P0 = q * STEP (STEP = BP unless SHIFT), Q
+    programs a sample. One grid axis: axes 1 and 2 hold at most 65535 programs, fewer than
+    the position blocks of a map of 4M units (2048 x 2048 in blocks of 64) or the samples of
+    a large batch; the quotient is one division per program, not per element.
 
     FLAT (contiguous NCHW x): channel c's positions start at n * sN + c * L + P0, and its
     row of the tile at that offset rounded down to A elements (16 bytes), s_c before it,
@@ -49,8 +52,9 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, STEP, TOTAL, sN, sC, sH, sW, a_sN,
     0): the shifts differ between channels, so the columns are realigned once, after the
     channel loop: BC is a multiple of A, so s_c depends on c % A only and the rows are
     first summed per class c % A (BP >= STEP + A - 1 columns hold every shift)."""
-    n = tl.program_id(0)
-    P0 = tl.program_id(1) * STEP
+    n = tl.program_id(0) // Q
+    q = tl.program_id(0) - n * Q
+    P0 = q * STEP
     t = tl.arange(0, BP)
     if IDX64:
         n = n.to(tl.int64)
@@ -77,7 +81,7 @@ def _cam_kernel(x_ptr, a_ptr, j_ptr, C, W, L, STEP, TOTAL, sN, sC, sH, sW, a_sN,
         cv = cc < C
         if FROM_W:
             al = _alpha(w_ptr, wrow, cc, cv, G, w_sC, BC)
-            if tl.program_id(1) == 0:
+            if q == 0:
                 tl.store(ao_ptr + n * C + cc, al, mask=cv)
         else:
             al = tl.load(a_ptr + n * a_sN + cc * a_sC, mask=cv, other=0.0)
@@ -170,8 +174,9 @@ def cam_launch(x, out, alpha=None, weight=None, target=None, alpha_out=None):
                   weight.shape[0], *weight.stride(), target.stride(0))
     else:
         a_args = (alpha, *alpha.stride(), alpha, alpha, alpha, 1, 1, 0, 0, 0)
-    launch(_cam_kernel)[(n, cdiv(length, step))](
-        x, a_args[0], out, c, w, length, step, x.numel(), *x.stride(), *a_args[1:],
+    q = cdiv(length, step)
+    launch(_cam_kernel)[(n * q,)](
+        x, a_args[0], out, c, w, length, step, q, x.numel(), *x.stride(), *a_args[1:],
         BC=bc, BP=bp, HW_FLAT=hw_flat(x), IDX64=needs_int64(x), FROM_W=from_w,
         FLAT=flat, A=a, SHIFT=shift, num_warps=nw)
 

@@ -904,9 +904,7 @@ def _load_f32(ptr, e, m, live, BLOCK: tl.constexpr, V: tl.constexpr, U: tl.const
     if live is not None:
         m = m & _per_group(live, U, LANES_FIRST)
     if WORDS:  # m is per group: the words' mask too
-        start = tl.program_id(0) * (BLOCK // 2)
-        if IDX64:
-            start = start.to(tl.int64)
+        start = (tl.program_id(0).to(tl.int64) if IDX64 else tl.program_id(0)) * (BLOCK // 2)
         # the words of e, in e's layout
         ew = tile_offsets(start, BLOCK // 2, V // 2, U, LANES_FIRST)
         w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + ew, mask=m)

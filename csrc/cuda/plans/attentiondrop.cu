@@ -22,7 +22,7 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
   return kept > 0 ? (1.0 / fmax(kept, 1e-300)) * units : 0.0;  // NaN kept: 0, as torch.where
 }
 
-__global__ void attentiondrop_scale_kernel(const double* __restrict__ msum,
+__global__ void __launch_bounds__(kPlanThreads) attentiondrop_scale_kernel(const double* __restrict__ msum,
                                            const bool* __restrict__ active, const int64_t N,
                                            const int64_t C, const int64_t HW, const int norm,
                                            float* __restrict__ state) {

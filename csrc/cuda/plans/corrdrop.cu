@@ -26,7 +26,7 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
 }
 
 template <typename noise_t>
-__global__ void corrdrop_plan_kernel(const float* __restrict__ F,
+__global__ void __launch_bounds__(kPlanThreads) corrdrop_plan_kernel(const float* __restrict__ F,
                                      const noise_t* __restrict__ u, const Strides4 us,
                                      const double* __restrict__ p_ptr, const double p_value,
                                      const int64_t N, const int64_t H, const int64_t W,
