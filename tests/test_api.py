@@ -905,6 +905,22 @@ def test_focused_dropout_low_above_high_at_forward(compiled, training):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_selectout_drop_count_at_forward(training):
+    """Selectout's drop count against its candidates (SPEC §3) is checked by each eager
+    forward, in eval mode too, as F.selectout(training=False) checks it: the module in
+    eval mode returned x without, so a model tried in eval mode failed at its first
+    training step."""
+    x = torch.randn(2, 4, 6, 6)
+    m = guidedrop.Selectout(top_rate=0.25, keep=0.5).train(training)  # n_d 2 > n_t 1
+    with pytest.raises(ValueError, match="drops round"):
+        m(x)
+    with pytest.raises(ValueError, match="drops round"):
+        F.selectout(x, 0.25, 0.5, training=training)
+    m.top_rate = 0.5
+    assert (m(x) is x) is not training
+
+
 def test_modules_pickled_before_their_bools():
     """A module pickled before _zero_rate and _unordered (the bools that forward reads
     instead of the rates) gets them back when unpickled."""
@@ -1056,6 +1072,16 @@ def test_cam_targets_bad_classifier(classifier, error):
             pass
 
 
+def test_cam_targets_lazy_classifier():
+    """A lazy classifier before its first forward (its weight uninitialised): guidedrop's
+    ValueError, not torch's from deep in the check ("Attempted to use an uninitialized
+    parameter in <method 'dim' ...>")."""
+    for classifier in (nn.LazyLinear(3), nn.LazyLinear(3).weight):
+        with pytest.raises(ValueError, match="cam_targets got a weight not initialised yet"):
+            with guidedrop.cam_targets(classifier, torch.tensor([0, 1])):
+                pass
+
+
 @pytest.mark.parametrize("target", [torch.tensor([0.0, 1.0]), torch.tensor([True, False]),
                                     [0, 1]])
 def test_cam_targets_bad_target(target):
@@ -1191,6 +1217,15 @@ def test_linear_ramp_layers_must_be_in_the_model():
         guidedrop.LinearRamp(model, layers=[guidedrop.CorrDrop()], steps=3)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         guidedrop.LinearRamp("model", layers=ours)
+
+
+def test_linear_ramp_layers_in_a_module_container():
+    """``layers`` may be an nn.ModuleList or nn.Sequential of guidedrop layers, the usual
+    way to keep them (both were refused as "a module", as a single layer is)."""
+    held = nn.ModuleList([guidedrop.DropBlock2d(p=0.2), guidedrop.CorrDrop(p=0.1)])
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), *held)
+    for layers in (held, nn.Sequential(*held)):
+        assert guidedrop.LinearRamp(model, steps=10, layers=layers).layers == list(held)
 
 
 @pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])

@@ -43,17 +43,20 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
     tensor, e.g. ``nn.Linear``), or that weight itself, a floating (K, C_fc) tensor.
     target: (N,) ground-truth class indices of the batch, any integer dtype but bool.
     Raises TypeError for anything else (ValueError for a weight tensor that is not
-    2-D). Shapes against x (N, C_fc a multiple of C),
+    2-D, or a lazy module's weight not yet initialised). Shapes against x (N, C_fc a multiple of C),
     devices and the range [0, K) are checked by the layer (SPEC §6 step 0).
     """
-    if isinstance(classifier, nn.Module):
-        weight = getattr(classifier, "weight", None)
+    module = isinstance(classifier, nn.Module)
+    weight = getattr(classifier, "weight", None) if module else classifier
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError("cam_targets got a weight not initialised yet (a lazy module's before "
+                         "its first forward): run the module once first")
+    if module:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"cam_targets needs the classifier after global pooling (a module "
                             f"with a 2-D weight, like nn.Linear) or its (K, C_fc) weight; "
                             f"got {type(classifier).__name__}")
     elif isinstance(classifier, torch.Tensor):
-        weight = classifier
         if weight.dim() != 2:  # a tensor of the wrong shape: ValueError (SPEC §1)
             raise ValueError(f"cam_targets needs a (K, C_fc) weight, got shape "
                              f"{tuple(weight.shape)}")

@@ -17,6 +17,7 @@ module is one leaf node, like ``nn.Dropout``; a module traced by itself
 
 from __future__ import annotations
 
+import operator
 import types
 
 import torch
@@ -150,10 +151,11 @@ class GuidedDropout(nn.Module):
     def _params(self) -> dict:
         return {f: getattr(self, f) for f in self._fields}
 
-    def _identity(self) -> bool:
-        """Whether forward returns x: eval mode or a zero drop_rate, from python bools
-        (``_zero_rate``). A GUIDEDROP_BACKEND naming no backend raises here too, as in the
-        functional ops."""
+    def _identity(self, x) -> bool:
+        """Whether forward returns x (a tensor, or an FX proxy): eval mode or a zero
+        drop_rate, from python bools (``_zero_rate``). A GUIDEDROP_BACKEND naming no
+        backend raises here too, as in the functional ops, and a subclass checks its
+        constraints between parameters here."""
         if self.training and not self._zero_rate:
             return False
         dispatch.requested()
@@ -192,7 +194,7 @@ class GuidedDropout(nn.Module):
             # Here, not only in the functional ops: FocusedDropout (eval, or a step it does
             # not take part in) and the identity (eval, a zero rate) return x before one.
             V.feature_map(x)
-        return x if self._identity() else self._forward(x)
+        return x if self._identity(x) else self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
@@ -303,6 +305,15 @@ class Selectout(GuidedDropout):
         super().__init__()
         self.top_rate, self.keep = top_rate, keep
 
+    def _identity(self, x) -> bool:
+        identity = super()._identity(x)
+        if identity and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling():
+            # the drop count in eval mode too, as F.selectout(training=False) checks it: a
+            # model tried in eval mode would otherwise fail at its first training step
+            # (compiled, the rates are not read where the op does not run: SPEC §8)
+            F.selectout_counts(self.top_rate, self.keep, operator.index(x.shape[1]))
+        return identity
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
         # traced (FX, jit.trace), C is no int.
@@ -409,7 +420,7 @@ class FocusedDropout(GuidedDropout):
         self.per_position = per_position
         self.last_applied = False
 
-    def _identity(self) -> bool:
+    def _identity(self, x) -> bool:
         # Eval mode or participation 0, from bools (GuidedDropout._identity): x itself and
         # no draw (torch's generator untouched, as by nn.Dropout(0)), compiled too, where
         # _forward draws on the device (it did at participation 0, found by fuzzing).
@@ -424,7 +435,7 @@ class FocusedDropout(GuidedDropout):
         # a comparison of the rates cost a compiled frame of its own)
         if self._unordered:
             V.low_high(self.low, self.high)  # raises
-        identity = super()._identity()
+        identity = super()._identity(x)
         if identity and not V.exporting():  # (an exported program sets no attribute)
             self.last_applied = False
         return identity

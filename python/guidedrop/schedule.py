@@ -20,11 +20,12 @@ class LinearRamp:
             train_step(batch)
             sched.step()
 
-    ``layers`` restricts it to the given modules (modules of ``model``, when both are
-    given). ``steps``: any integral number >= 0
-    (0: the targets at once). Raises TypeError / ValueError naming the argument, and a
-    ValueError where there is no layer to ramp (as torch's optimizers refuse an empty
-    parameter list): a ramp made before ``guidedrop.models.insert`` would ramp nothing.
+    ``layers`` restricts it to the given layers, an iterable of them (a list, an
+    ``nn.ModuleList`` or ``nn.Sequential``; modules of ``model``, when both are given).
+    ``steps``: any integral number >= 0 (0: the targets at once). Raises TypeError /
+    ValueError naming the argument, and a ValueError where there is no layer to ramp (as
+    torch's optimizers refuse an empty parameter list): a ramp made before
+    ``guidedrop.models.insert`` would ramp nothing.
 
     A layer's target is its ``drop_rate`` when the ramp is made, unless an earlier ramp
     set that rate: then the earlier ramp's target (as torch's LR schedulers keep
@@ -42,7 +43,7 @@ class LinearRamp:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if layers is None:
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
-        if isinstance(layers, nn.Module) or not isinstance(layers, Iterable):
+        if isinstance(layers, GuidedDropout) or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer]), "
                             f"got {type(layers).__name__}")
         self.layers = list(layers)
