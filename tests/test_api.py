@@ -1228,12 +1228,19 @@ def test_linear_ramp_layers_in_a_module_container():
         assert guidedrop.LinearRamp(model, steps=10, layers=layers).layers == list(held)
 
 
-@pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU())])
+@pytest.mark.parametrize("layers", [guidedrop.DropBlock2d(), 3, nn.Sequential(nn.ReLU()),
+                                    nn.ModuleDict({"d": guidedrop.DropBlock2d()}),
+                                    {"d": guidedrop.DropBlock2d()}])
 def test_linear_ramp_layers_must_be_an_iterable_of_layers(layers):
     """A single layer (or a module, or a number) for ``layers`` is a TypeError naming
-    ``layers`` (one layer gave "'DropBlock2d' object is not iterable")."""
-    with pytest.raises(TypeError, match="layers"):
+    ``layers`` (one layer gave "'DropBlock2d' object is not iterable"); a dict or
+    ModuleDict too (it iterates its keys: "got str"), and a model given as layers says to
+    pass it as the model."""
+    with pytest.raises(TypeError, match="layers") as e:
         guidedrop.LinearRamp(layers=layers)
+    assert "got str" not in str(e.value)
+    if isinstance(layers, nn.Sequential):
+        assert "LinearRamp(model)" in str(e.value)
 
 
 @pytest.mark.parametrize("state, exc, match", [
@@ -1369,6 +1376,9 @@ def test_selectout_ramp_target_checked_at_its_first_step():
     x = torch.randn(2, 16, 5, 5)
     sched = guidedrop.LinearRamp(layers=[layer], steps=100)
     layer(x)  # step 0: keep = 1, the identity
+    with pytest.raises(ValueError, match=r"end of its LinearRamp \(keep=0.5\)"):
+        layer.eval()(x)  # eval mode checks what training will (it returned x)
+    layer.train()
     sched.step()
     with pytest.raises(ValueError, match=r"end of its LinearRamp \(keep=0.5\) drops .* 8 "
                                          r"channels, more than the 3 candidates"):

@@ -1435,23 +1435,10 @@ def op_samples():
     }
 
 
-def test_triton_ops_launch_on_their_tensors_device(monkeypatch):
-    """A Triton launch runs on the current CUDA device (and its stream), whatever its
-    arguments' device: each op called eagerly makes its tensors' device the current one
-    for its launches and then restores the caller's. Without it, x on cuda:1 while cuda:0
-    is current was read from cuda:0 (an illegal address, or with peer access a race with
-    cuda:1's stream). Faked on the CPU: every op's arguments FakeTensors on cuda:1 (then
-    cuda:0), the current device a stand-in, the launches recorded (nothing runs)."""
-    import test_triton_compile as TC
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from guidedrop import dispatch
-
-    load_backend("triton")
-    modules = TC._kernel_modules(dispatch.load("triton")[0])
-    caller = {"seed_bits": "_seed_bits"}  # the ops' Python callers, by op name
-    ops = {name: getattr(m, caller.get(name, name)) for name in op_samples()
-           for m in modules if hasattr(m, caller.get(name, name))}
+@pytest.fixture
+def fake_devices(monkeypatch):
+    """The current CUDA device as a stand-in ([index], 0 at first) for torch.cuda's
+    current_device and device(...), on a machine without CUDA."""
     current = [0]
 
     @contextlib.contextmanager
@@ -1465,24 +1452,66 @@ def test_triton_ops_launch_on_their_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
+    return current
+
+
+def test_triton_layers_launch_on_their_tensors_device(monkeypatch, fake_devices):
+    """A Triton launch runs on the current CUDA device (and its stream), whatever its
+    arguments' device: each op makes its tensors' device the current one for its launches
+    and then restores the caller's. Without it, x on cuda:1 while cuda:0 is current was
+    read from cuda:0 (an illegal address, or with peer access a race with cuda:1's
+    stream). Every layer's forward (its plans, statistics and applies) with x a FakeTensor
+    on cuda:1 (then cuda:0), the current device a stand-in and the launches recorded: an
+    eager run on a GPU, faked (``traced`` told so). The backward runs the same ops, in
+    autograd's thread of x's device (which the engine sets; fake devices cannot run it)."""
+    import test_triton_compile as TC
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from guidedrop import dispatch
+    from guidedrop.triton_kernels import _common
+
+    load_backend("triton")
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    monkeypatch.setattr(_common, "traced", lambda: False)
     seen = []
-    for m in modules:
+    for m in TC._kernel_modules(dispatch.load("triton")[0]):
         monkeypatch.setattr(m, "launch", lambda kernel: TC._Grid(
-            lambda grid, *args, **kwargs: seen.append(current[0])))
-    samples = op_samples()
+            lambda grid, *args, **kwargs: seen.append((kernel.fn.__name__, fake_devices[0]))))
     with FakeTensorMode():
         for index in (1, 0):
-            def on_cuda(a, index=index):
-                if not isinstance(a, torch.Tensor):
-                    return a
-                return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype,
-                                           device=f"cuda:{index}")
-            for name, calls in samples.items():
-                for args in calls:
-                    seen.clear()
-                    ops[name](*[on_cuda(a) for a in args])
-                    assert seen and set(seen) == {index}, (name, index, seen)
-                    assert current[0] == 0, name
+            x = torch.empty((2, 8, 7, 7), device=f"cuda:{index}")
+            for case, (op, _, params, _) in LAYERS.items():
+                seen.clear()
+                if case == "camdrop":  # its classifier on x's device
+                    weight, target = (t.to(x.device) for t in cam_inputs(*x.shape[:2]))
+                    F.camdrop(x, weight, target, noise=None, **params)
+                else:
+                    op(x, noise=None, **params)
+                assert seen and {d for _, d in seen} == {index}, (case, index, seen)
+                assert fake_devices[0] == 0, case
+
+
+def test_triton_ops_run_on_their_tensors_device(monkeypatch):
+    """The ops run by themselves (torch.ops.guidedrop_triton.*, as an exported program or
+    torch.compile's eager backends run them) switch the device as their Python callers do:
+    the op's kernel is the launcher that switches. On the CPU: every op run on its samples
+    with ``foreign_device`` naming cuda:7 and torch.cuda.device recording the switch."""
+    from guidedrop.triton_kernels import _common
+
+    ops = triton_ops()
+    switched = []
+
+    @contextlib.contextmanager
+    def device(d):
+        switched.append(torch.device(d).index)
+        yield
+
+    monkeypatch.setattr(_common, "foreign_device", lambda *groups: torch.device("cuda:7"))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    for name, calls in op_samples().items():
+        switched.clear()
+        getattr(ops, name)(*calls[0])
+        assert switched and set(switched) == {7}, (name, switched)
 
 
 def test_triton_ops_registered():
@@ -1642,6 +1671,26 @@ def test_layer_compile_fullgraph(monkeypatch, case):
         assert_same(gxc, gxe)
     with torch.no_grad():
         close(compiled(x, noise), ye)
+
+
+@gpu
+@needs_cuda
+def test_compiled_plan_scales_round_each_operation(monkeypatch):
+    """Compiled by inductor, the Triton plan kernels keep their enable_fp_fusion=False
+    (inductor launches a user kernel with options of its own; tests/test_triton_compile.py
+    reads the eager kernels' PTX): SelectScale's w = retain + 2 (1 - retain) u as eager's,
+    to the bit, for 16384 draws of u, read as y = x * w on x = 1 (every channel selected).
+    Fused, w moves by an ulp for some u (u = 0.6069953: 1.1925915 for 1.1925917)."""
+    triton_ops()
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
+    torch._dynamo.reset()
+    x = torch.ones(64, 256, 1, 1, device=DEV)
+    u = torch.rand(64, 256, generator=gen(4)).to(DEV)
+
+    def fn(x, u):
+        return F.selectscale(x, top_rate=1.0, retain=0.1, noise=u)
+
+    assert_same(torch.compile(fn, fullgraph=True)(x, u), fn(x, u))
 
 
 def run_layer_fn(fn, x, noise, grad):

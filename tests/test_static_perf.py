@@ -36,6 +36,7 @@ A kernel that misses a budget today is a strict expected failure with its measur
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -306,6 +307,24 @@ def test_cuda_kernel_budget(op, request):
         assert found, f"no {op} kernel for {name} in {sass.extension_path()}"
         rows += [(f"{name} {c.kernel}", name, {}, c) for c in found]
     _check(rows, CUDA_OPS[op])
+
+
+@pytest.mark.slow
+def test_cuda_plan_scales_round_each_operation():
+    """SelectScale's w = retain + 2 (1 - retain) u and FocusedDropout's threshold
+    low + (high - low) u (SPEC §3, §5) round each float32 operation, as the reference: no
+    FFMA in their plan kernels (nvcc contracts a * b + c by default, --fmad=true; the
+    sources use __fmul_rn / __fadd_rn). Fused, w moved by an ulp (u = 0.6069953: 1.1925915
+    for 1.1925917) and keep bits flipped; the CPU emulator never fuses. Exactness, not
+    speed, but read from the same SASS."""
+    path = sass.extension_path()
+    if path is None or sass.tool("cuobjdump") is None:
+        pytest.skip("needs the built guidedrop._C and cuobjdump (see test_cuda_kernel_budget)")
+    kernels = {name: instrs for name, instrs in sass._extension_sass(path).items()
+               if re.search(r"(focused_dropout|channel)_plan_kernel<", name)}
+    assert len(kernels) >= 5, sorted(kernels)  # 3 dtypes of x, SelectScale and Selectout
+    fused = {name: [i.op for i in instrs if i.base == "FFMA"] for name, instrs in kernels.items()}
+    assert not any(fused.values()), {k: v for k, v in fused.items() if v}
 
 
 # --------------------------------------------------------------------------- the counter

@@ -180,26 +180,31 @@ def _record_launches(monkeypatch, run) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
-def test_flat_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
+def test_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
     """The flat tiles of tensors of 2**31 elements or more (IDX64) compute their first
     element, program_id(0) * BLOCK, in 64 bits: in 32 bits it wrapped past 2**31 before
     the last programs ((64, 256, 384, 384) bfloat16: 589,824 programs of 4096, from program
     524,288 on), which then read and wrote out of bounds; likewise the word loads of
-    AttentionDrop's bfloat16 apply. The interpreter, in 64 bits, cannot show it: read in
-    the TTIR, where no 32-bit arithmetic may take program_id(0)."""
-    def run():
+    AttentionDrop's bfloat16 apply, and the statistics' first map (past 2**31 maps of
+    1 x 1). The interpreter, in 64 bits, cannot show it: read in the TTIR, where no 32-bit
+    arithmetic may take program_id(0)."""
+    def run():  # the forwards of contiguous x, whose applies take the flat tiles
         for m in _kernel_modules(dispatch.load("triton")[0]):
             if hasattr(m, "needs_int64"):
                 monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
-        _drive([((2, 64, 56, 56), torch.bfloat16), ((2, 64, 14, 14), torch.bfloat16)])
+        for shape in ((2, 64, 56, 56), (2, 64, 14, 14)):
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            for case in ("selectscale", "corrdrop", "dropblock", "attentiondrop-sm"):
+                op, _, params, _ = TB.LAYERS[case]
+                op(x, noise=None, **params)
 
     with sass.gpu_tiles():
         recorded = _record_launches(monkeypatch, run)
-    specs = [s for s in recorded.values()
-             if s["kernel"].endswith("_flat_kernel") and s["kwargs"].get("IDX64")]
-    assert {s["kernel"] for s in specs} == {
-        "_apply_channel_flat_kernel", "_apply_block_flat_kernel", "_apply_bits_flat_kernel",
-        "_apply_attention_flat_kernel"}, specs
+    kernels = {"_apply_channel_flat_kernel", "_apply_block_flat_kernel",
+               "_apply_bits_flat_kernel", "_apply_attention_flat_kernel",
+               "_channel_stats_kernel", "_select_kernel"}  # and the maps of the statistics
+    specs = [s for s in recorded.values() if s["kernel"] in kernels and s["kwargs"]["IDX64"]]
+    assert {s["kernel"] for s in specs} == kernels, specs
     assert any(s["kwargs"].get("WORDS") for s in specs)  # bfloat16 read as words (14 x 14)
     for spec, ttir in zip(specs, _ptx(specs, tmp_path, "ttir"), strict=True):
         pids = re.findall(r"(%\w+)=tt.get_program_idx:i32", ttir)
@@ -207,6 +212,34 @@ def test_flat_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
         in32 = [ln for ln in ttir.splitlines() for p in pids
                 if re.search(rf"=arith\.\w+.*{p}\b.*:i32(loc|$)", ln) and "extsi" not in ln]
         assert not in32, (spec["kernel"], spec["kwargs"], in32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
+def test_plan_scales_round_each_operation_for_sm90(monkeypatch, tmp_path):
+    """The plans' float32 arithmetic rounds each operation, as the reference: SelectScale's
+    w = retain + 2 (1 - retain) u and FocusedDropout's threshold low + (high - low) u (SPEC
+    §3, §5) with no fma.rn.f32 (their kernels are compiled with enable_fp_fusion=False:
+    Triton fuses a * b + c by default, which moved w by an ulp, u = 0.6069953: 1.1925915
+    for 1.1925917, and flipped keep bits), and CorrDrop's plan with IEEE division only
+    (div.rn: Triton's float32 "/" is the approximate div.full.f32). The interpreter rounds
+    each operation whatever the flags: only the PTX shows it."""
+    x = torch.randn(2, 8, 7, 7)
+
+    def run():
+        for case in ("selectscale", "selectout", "focused_dropout", "focused_dropout-pp",
+                     "corrdrop"):
+            op, _, params, _ = TB.LAYERS[case]
+            op(x, noise=None, **params)
+
+    recorded = _record_launches(monkeypatch, run)
+    kernels = {"_select_plan_kernel", "_focused_plan_kernel", "_corrdrop_plan_kernel"}
+    specs = [s for s in recorded.values() if s["kernel"] in kernels]
+    assert {s["kernel"] for s in specs} == kernels, specs
+    for spec, ptx in zip(specs, _ptx(specs, tmp_path), strict=True):
+        wrong = [ln for ln in ptx.splitlines()
+                 if "fma.rn.f32" in ln or "div.full" in ln or "div.approx" in ln]
+        assert not wrong, (spec["kernel"], wrong[:5])
 
 
 @pytest.mark.slow

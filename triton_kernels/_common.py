@@ -160,36 +160,41 @@ def op(name: str, fake):
     ``fake`` (same signature: outputs of the launcher's shapes, dtypes and strides, without
     reading a size's value). The function it returns calls the launcher itself in eager
     mode (an op's dispatch costs ~10 µs of host time per call, issue 12) and the op while
-    torch.compile traces (the plain function on older torch). Called eagerly, it makes its
-    first tensor's CUDA device the current one for the launches (``foreign_device``)."""
+    torch.compile traces (the plain function on older torch). Either way the launcher runs
+    with its first tensor's CUDA device current (``foreign_device``): also where the op runs
+    by itself (torch.ops, an exported program, torch.compile's eager backends)."""
     def register(fn):
+        @functools.wraps(fn)
+        def launcher(*args, **kwargs):  # fn on its tensors' device (see foreign_device)
+            device = foreign_device(args, kwargs.values())
+            if device is None or traced():  # traced: nothing launches, a device may be fake
+                return fn(*args, **kwargs)
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
+
         registered = fn  # what torch.compile traces: the op, or on older torch fn itself
         if HAS_OPS:
             qualname = f"guidedrop_triton::{name}"
-            dynamic = torch.library.custom_op(f"{qualname}_dynamic", mutates_args=())(fn)
+            dynamic = torch.library.custom_op(f"{qualname}_dynamic", mutates_args=())(launcher)
             dynamic.register_fake(fake)
 
             @functools.wraps(fn)
             def body(*args, **kwargs):  # the op's: fn, or traced with symbolic sizes, the twin
                 if symbolic(args, kwargs.values()):
                     return dynamic(*args, **kwargs)
-                return fn(*args, **kwargs)
+                return launcher(*args, **kwargs)
 
             if not INTERPRET:
                 registered = torch.library.triton_op(qualname, mutates_args=())(body)
             else:
-                registered = torch.library.custom_op(qualname, mutates_args=())(fn)
+                registered = torch.library.custom_op(qualname, mutates_args=())(launcher)
                 registered.register_fake(body)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if torch.compiler.is_compiling():
                 return registered(*args, **kwargs)
-            device = foreign_device(args, kwargs.values())
-            if device is None:
-                return fn(*args, **kwargs)
-            with torch.cuda.device(device):
-                return fn(*args, **kwargs)
+            return launcher(*args, **kwargs)
         return call
     return register
 
@@ -686,7 +691,7 @@ def apply_tile(OUTER, INNER, C, H, W, MAGW, CL: tl.constexpr, GRID3: tl.constexp
         c = i
         map0 = n * C
     else:
-        if IDX64:  # o is already
+        if IDX64:  # (o is int64 from its product above)
             i = i.to(tl.int64)
         n, c, h, w, map0 = tile_nchw(o, i, C, H, W, CL)
     return ov, m, n, c, h, w, map0

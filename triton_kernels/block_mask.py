@@ -655,11 +655,11 @@ def _apply_seeds_rows_kernel(t_ptr, o_ptr, bits_ptr, s_ptr, ROWS, C, H, W, Bn,
                              BR: tl.constexpr, BQ: tl.constexpr, IDX64: tl.constexpr,
                              SAME: tl.constexpr):
     """Tile (rows (n, c, h)) x (bytes q) x (bits j): w = 8q + j."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    r = (tl.program_id(0).to(tl.int64) if IDX64 else tl.program_id(0)) * BR \
+        + tl.arange(0, BR)  # rows (n, c, h) past 2**31: in 64 bits from the product
     q = tl.program_id(1) * BQ + tl.arange(0, BQ)
     rv = r < ROWS
     if IDX64:
-        r = r.to(tl.int64)
         q = q.to(tl.int64)
     n, c, h, _, _ = tile_nchw(r, q, C, H, W, False)  # rows (n, c, h)
     if SHARED:  # one mask for every channel: the sample's only map

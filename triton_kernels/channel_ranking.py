@@ -52,10 +52,9 @@ def _channel_stats_kernel(x_ptr, applied_ptr, amax_ptr, mean_ptr, R, C, W, L, SP
     end = SPAN
     if HAS_APPLIED:
         end = tl.where(tl.load(applied_ptr) != 0, SPAN, 0)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = (tl.program_id(0).to(tl.int64) if IDX64 else tl.program_id(0)) * ROWS \
+        + tl.arange(0, ROWS)  # maps past 2**31 (1 x 1 maps): in 64 bits from the product
     rv = rows < R
-    if IDX64:
-        rows = rows.to(tl.int64)
     if FLAT:
         first = rows * L
         shift = first % A  # A is a power of 2: a mask, not a division

@@ -2,10 +2,10 @@
 
 Products and sums in float64 (the output float32), so that mathematically equal J (the
 same channel terms in another order) are exactly equal: J's top-k decides CamDrop's
-candidates (SPEC §1). One pass over x. Grid (N, position blocks); a program accumulates a
-(channels x positions) tile over channel chunks and reduces it over the channels at the end. The
-tile's contiguous axis follows x's layout (positions for NCHW, channels for
-channels_last).
+candidates (SPEC §1). One pass over x. One grid axis of N x (position blocks) programs; a
+program accumulates a (channels x positions) tile over channel chunks and reduces it over the
+channels at the end. The tile's contiguous axis follows x's layout (positions for NCHW,
+channels for channels_last).
 """
 
 from __future__ import annotations

@@ -498,7 +498,8 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
                    HW_FLAT: tl.constexpr, UNIT_SW: tl.constexpr, IDX64: tl.constexpr):
     KMAX: tl.constexpr = 2147483647
     KMIN: tl.constexpr = -2147483647 - 1
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = (tl.program_id(0).to(tl.int64) if IDX64 else tl.program_id(0)) * ROWS \
+        + tl.arange(0, ROWS)  # maps past 2**31 / OS (small maps): in 64 bits, as rows * OS
     live = rows < R
     if U_ACT:  # AttentionDrop's gamma = u < alpha, u and alpha in float32 (SPEC §1, §4)
         u = tl.load(u_ptr + rows, mask=live, other=1.0).to(tl.float32)
@@ -518,8 +519,6 @@ def _select_kernel(x_ptr, act_ptr, st_ptr, msum_ptr, u_ptr, aout_ptr, ws_ptr,
             tl.store(msum_ptr + rows, 0.0, mask=dead)
     if OS == 4:  # the state's scale slot: 0 here (AttentionDrop's plan writes the scale)
         tl.store(st_ptr + rows * OS + 1, 0.0, mask=rows < R)
-    if IDX64:
-        rows = rows.to(tl.int64)
     base = (rows // C) * sN + (rows % C) * sC
     # any layout: an inactive map is never loaded (masked), a program of them exits here
     if tl.max(live.to(tl.int32), axis=0) > 0:

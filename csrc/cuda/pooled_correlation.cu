@@ -175,7 +175,7 @@ __device__ void pool_normalize(const scalar_t* __restrict__ x, const Strides4& s
 #pragma unroll 1
     for (int64_t c = lane; c < C; c += 32) {
       const double b = row[c] / mx;
-      ss += b * b;
+      ss = __dadd_rn(ss, __dmul_rn(b, b));  // no DFMA: the emulator's (and Triton's) rounding
     }
     ss = warp_reduce(ss, SumOp());
     const double nb = sqrt(ss);

@@ -17,7 +17,6 @@ module is one leaf node, like ``nn.Dropout``; a module traced by itself
 
 from __future__ import annotations
 
-import operator
 import types
 
 import torch
@@ -286,8 +285,9 @@ class Selectout(GuidedDropout):
     ``top_rate`` (by max |x|) and scale the others by 1 / ``keep``. ``drop_rate`` is
     1 - ``keep``. The definition, noise and errors: :func:`guidedrop.functional.selectout`.
     Under a :class:`guidedrop.LinearRamp`, a target ``keep`` with more channels to drop
-    than candidates is that ValueError at the first training step the ramp makes non-zero
-    (in eager mode; compiled, where the ramped ``keep`` gets there).
+    than candidates is that ValueError at the first training step the ramp makes non-zero,
+    or at a forward in eval mode (in eager mode; compiled, where the ramped ``keep`` gets
+    there). Eval mode checks the drop count too, as the functional op does.
 
     Args:
         top_rate: the share of channels that are candidates, a real number in [0, 1].
@@ -307,26 +307,34 @@ class Selectout(GuidedDropout):
 
     def _identity(self, x) -> bool:
         identity = super()._identity(x)
-        if identity and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling():
-            # the drop count in eval mode too, as F.selectout(training=False) checks it: a
-            # model tried in eval mode would otherwise fail at its first training step
-            # (compiled, the rates are not read where the op does not run: SPEC §8)
-            F.selectout_counts(self.top_rate, self.keep, operator.index(x.shape[1]))
+        if identity and not self.training:
+            # what a training forward checks, as F.selectout(training=False) does: a model
+            # tried in eval mode would otherwise fail at its first training step
+            self._check_counts(x, keep_now=True)
         return identity
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
-        # traced (FX, jit.trace), C is no int.
-        ramped = None if torch.compiler.is_compiling() else getattr(self, "_ramp", None)
+        self._check_counts(x, keep_now=False)  # (F.selectout checks keep itself)
+        return F.selectout(x, **self._params())
+
+    def _check_counts(self, x, keep_now: bool) -> None:
+        """The drop count on x's C channels of ``keep`` (``keep_now``) and of a LinearRamp's
+        target keep (ramped: (target, keep at the end or None), schedule.py): the target's
+        from the ramp's first non-zero rate, not once the ramp reaches it, late in a run.
+        Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
+        traced (FX, jit.trace), C is no int."""
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+            return
         c = x.shape[1]
-        if ramped is not None and type(c) is int:
-            # The ramp's target (ramped: (target, keep at the end or None), schedule.py) too,
-            # at its first non-zero rate: not only once the ramp reaches a keep with more
-            # channels to drop than candidates, late in a run.
+        if type(c) is not int:
+            return
+        if keep_now:
+            F.selectout_counts(self.top_rate, self.keep, c)
+        ramped = getattr(self, "_ramp", None)
+        if ramped is not None:
             keep = 1 - ramped[0] if ramped[1] is None else ramped[1]
             F.selectout_counts(self.top_rate, keep, c,
                                f" at the end of its LinearRamp (keep={keep:.12g})")
-        return F.selectout(x, **self._params())
 
 
 class AttentionDrop(GuidedDropout):

@@ -43,13 +43,16 @@ class LinearRamp:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if layers is None:
             layers = [m for m in model.modules() if isinstance(m, GuidedDropout)]
-        if isinstance(layers, GuidedDropout) or not isinstance(layers, Iterable):
-            raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer]), "
-                            f"got {type(layers).__name__}")
+        if (isinstance(layers, (GuidedDropout, Mapping, nn.ModuleDict))
+                or not isinstance(layers, Iterable)):  # a dict iterates its keys
+            raise TypeError(f"layers must be an iterable of guidedrop layers (e.g. [layer], "
+                            f"a dict's .values()), got {type(layers).__name__}")
         self.layers = list(layers)
         for m in self.layers:
             if not isinstance(m, GuidedDropout):
-                raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}")
+                hint = (f" (in the {type(layers).__name__} given as layers: the layers of a "
+                        f"model are LinearRamp(model))" if isinstance(layers, nn.Module) else "")
+                raise TypeError(f"layers must be guidedrop layers, got {type(m).__name__}{hint}")
         if given and model is not None:
             # a layer outside the model would be ramped while the model's own are not
             inside = {id(m) for m in model.modules()}

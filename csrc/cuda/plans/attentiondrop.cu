@@ -22,10 +22,11 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
   return kept > 0 ? (1.0 / fmax(kept, 1e-300)) * units : 0.0;  // NaN kept: 0, as torch.where
 }
 
-__global__ void __launch_bounds__(kPlanThreads) attentiondrop_scale_kernel(const double* __restrict__ msum,
-                                           const bool* __restrict__ active, const int64_t N,
-                                           const int64_t C, const int64_t HW, const int norm,
-                                           float* __restrict__ state) {
+// Blocks of up to kPlanThreads (1024): nvcc keeps it at 64 registers a thread or fewer.
+__global__ void __launch_bounds__(kPlanThreads)
+attentiondrop_scale_kernel(const double* __restrict__ msum, const bool* __restrict__ active,
+                           const int64_t N, const int64_t C, const int64_t HW, const int norm,
+                           float* __restrict__ state) {
   __shared__ double scratch[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const double units = static_cast<double>(C * HW);

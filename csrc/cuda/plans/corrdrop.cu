@@ -25,14 +25,14 @@ __device__ __forceinline__ double scale_of(double kept, double units) {
   return kept > 0 ? (1.0 / fmax(kept, 1e-300)) * units : 0.0;
 }
 
+// Blocks of up to kPlanThreads (1024): nvcc keeps it at 64 registers a thread or fewer.
 template <typename noise_t>
-__global__ void __launch_bounds__(kPlanThreads) corrdrop_plan_kernel(const float* __restrict__ F,
-                                     const noise_t* __restrict__ u, const Strides4 us,
-                                     const double* __restrict__ p_ptr, const double p_value,
-                                     const int64_t N, const int64_t H, const int64_t W,
-                                     const int64_t k, const int64_t Hp, const int64_t Wp,
-                                     const int norm, uint8_t* __restrict__ keep,
-                                     float* __restrict__ scale) {
+__global__ void __launch_bounds__(kPlanThreads)
+corrdrop_plan_kernel(const float* __restrict__ F, const noise_t* __restrict__ u, const Strides4 us,
+                     const double* __restrict__ p_ptr, const double p_value, const int64_t N,
+                     const int64_t H, const int64_t W, const int64_t k, const int64_t Hp,
+                     const int64_t Wp, const int norm, uint8_t* __restrict__ keep,
+                     float* __restrict__ scale) {
   __shared__ long long scratch[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t Np = Hp * Wp;
