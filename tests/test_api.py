@@ -917,6 +917,9 @@ def test_selectout_drop_count_at_forward(training):
         m(x)
     with pytest.raises(ValueError, match="drops round"):
         F.selectout(x, 0.25, 0.5, training=training)
+    if not training:  # traced for deployment (C a 0-d tensor there): as F.selectout
+        with pytest.raises(ValueError, match="drops round"):
+            torch.jit.trace(m, x, check_trace=False)
     m.top_rate = 0.5
     assert (m(x) is x) is not training
 

@@ -1456,14 +1456,14 @@ def fake_devices(monkeypatch):
 
 
 def test_triton_layers_launch_on_their_tensors_device(monkeypatch, fake_devices):
-    """A Triton launch runs on the current CUDA device (and its stream), whatever its
-    arguments' device: each op makes its tensors' device the current one for its launches
-    and then restores the caller's. Without it, x on cuda:1 while cuda:0 is current was
-    read from cuda:0 (an illegal address, or with peer access a race with cuda:1's
-    stream). Every layer's forward (its plans, statistics and applies) with x a FakeTensor
-    on cuda:1 (then cuda:0), the current device a stand-in and the launches recorded: an
-    eager run on a GPU, faked (``traced`` told so). The backward runs the same ops, in
-    autograd's thread of x's device (which the engine sets; fake devices cannot run it)."""
+    """A Triton launch runs on the current CUDA device (and its stream), whatever its arguments'
+    device: each op makes its tensors' device the current one for its launches and then
+    restores the caller's. Without it, x on cuda:1 while cuda:0 is current was read from
+    cuda:0 (an illegal address, or with peer access a race with cuda:1's stream). Every
+    layer's forward (its plans, statistics and applies) with x a FakeTensor on cuda:1 (then
+    cuda:0), the current device a stand-in and the launches recorded: an eager run on a GPU,
+    faked (``is_fake`` told so). The backward runs the same ops, in autograd's thread of x's
+    device (which the engine sets; fake devices cannot run it)."""
     import test_triton_compile as TC
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -1472,7 +1472,7 @@ def test_triton_layers_launch_on_their_tensors_device(monkeypatch, fake_devices)
 
     load_backend("triton")
     monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
-    monkeypatch.setattr(_common, "traced", lambda: False)
+    monkeypatch.setattr(_common, "is_fake", lambda a: False)
     seen = []
     for m in TC._kernel_modules(dispatch.load("triton")[0]):
         monkeypatch.setattr(m, "launch", lambda kernel: TC._Grid(

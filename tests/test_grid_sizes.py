@@ -119,14 +119,19 @@ def test_triton_grids_fill_the_gpu(monkeypatch):
 # Shapes at CUDA's grid limits (2**31 - 1 programs on axis 0, 65535 on axes 1 and 2):
 # a map of 4M positions (Triton's CAM had a program a 64-position block on axis 1: 65536 in
 # channels_last), more samples than 65535, more than 2**31 elements (the int64 offsets).
-HUGE_SHAPES = [(1, 64, 2048, 2048), (70000, 3, 5, 5), (64, 256, 384, 384)]
+# AttentionDrop's state of 4 floats a map passes 2**31 elements before x at 1 x 1 maps.
+HUGE_SHAPES = [(1, 64, 2048, 2048), (70000, 3, 5, 5), (64, 256, 384, 384),
+               (1, 2**29 + 7, 1, 1)]
 
 
 def test_triton_grids_within_cuda_limits(monkeypatch):
     """Every Triton launch of every layer, forward and backward, at HUGE_SHAPES (bfloat16,
     both layouts) has a grid a GPU accepts: over the limit the launch fails ("invalid
-    argument"). On FakeTensors: shapes only, no memory, nothing runs."""
+    argument"); and a kernel given a tensor of 2**31 elements or more (or strided as far)
+    indexes in 64 bits (IDX64). On FakeTensors: shapes only, no memory, nothing runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from guidedrop.triton_kernels._common import needs_int64
 
     mod, why = dispatch.load("triton")
     if mod is None:
@@ -139,6 +144,9 @@ def test_triton_grids_within_cuda_limits(monkeypatch):
             g = grid(kwargs) if callable(grid) else grid
             if g[0] > 2**31 - 1 or any(v > 65535 for v in g[1:]):
                 over.append(f"{kernel.fn.__name__} {g} ({case[0]})")
+            if "IDX64" in kwargs and not kwargs["IDX64"] and needs_int64(
+                    *(a for a in args if isinstance(a, torch.Tensor))):
+                over.append(f"{kernel.fn.__name__} in 32 bits ({case[0]})")
         return TC._Grid(run)
 
     for m in TC._kernel_modules(mod):

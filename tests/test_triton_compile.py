@@ -181,15 +181,16 @@ def _record_launches(monkeypatch, run) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile every kernel")
 def test_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
-    """The flat tiles of tensors of 2**31 elements or more (IDX64) compute their first
-    element, program_id(0) * BLOCK, in 64 bits: in 32 bits it wrapped past 2**31 before
-    the last programs ((64, 256, 384, 384) bfloat16: 589,824 programs of 4096, from program
-    524,288 on), which then read and wrote out of bounds; likewise the word loads of
-    AttentionDrop's bfloat16 apply, and the statistics' first map (past 2**31 maps of
-    1 x 1). The interpreter, in 64 bits, cannot show it: read in the TTIR, where no 32-bit
+    """The flat tiles of tensors of 2**31 elements or more (IDX64) compute their first element,
+    program_id(0) * BLOCK, in 64 bits: in 32 bits it wrapped past 2**31 before the last
+    programs ((64, 256, 384, 384) bfloat16: 589,824 programs of 4096, from program 524,288
+    on), which then read and wrote out of bounds; likewise the word loads of AttentionDrop's
+    bfloat16 apply, the statistics' first map (past 2**31 maps of 1 x 1) and the seeds' row
+    tile. The interpreter, in 64 bits, cannot show it: read in the TTIR, where no 32-bit
     arithmetic may take program_id(0)."""
     def run():  # the forwards of contiguous x, whose applies take the flat tiles
-        for m in _kernel_modules(dispatch.load("triton")[0]):
+        B = dispatch.load("triton")[0]
+        for m in _kernel_modules(B):
             if hasattr(m, "needs_int64"):
                 monkeypatch.setattr(m, "needs_int64", lambda *ts: True)
         for shape in ((2, 64, 56, 56), (2, 64, 14, 14)):
@@ -197,12 +198,15 @@ def test_tiles_start_in_64_bits_for_sm90(monkeypatch, tmp_path):
             for case in ("selectscale", "corrdrop", "dropblock", "attentiondrop-sm"):
                 op, _, params, _ = TB.LAYERS[case]
                 op(x, noise=None, **params)
+        bits = torch.zeros((2, 64 * 14 * 14 // 8), dtype=torch.uint8)  # seeds of r = 3: rows
+        B.apply_seeds(x, bits, 3, False, torch.ones(2))
 
     with sass.gpu_tiles():
         recorded = _record_launches(monkeypatch, run)
     kernels = {"_apply_channel_flat_kernel", "_apply_block_flat_kernel",
                "_apply_bits_flat_kernel", "_apply_attention_flat_kernel",
-               "_channel_stats_kernel", "_select_kernel"}  # and the maps of the statistics
+               "_channel_stats_kernel", "_select_kernel",  # the maps of the statistics
+               "_apply_seeds_rows_kernel"}  # rows (n, c, h)
     specs = [s for s in recorded.values() if s["kernel"] in kernels and s["kwargs"]["IDX64"]]
     assert {s["kernel"] for s in specs} == kernels, specs
     assert any(s["kwargs"].get("WORDS") for s in specs)  # bfloat16 read as words (14 x 14)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._functorch import pyfunctorch
+from torch._subclasses.fake_tensor import is_fake
 
 from guidedrop import _validation as V
 
@@ -167,7 +168,7 @@ def op(name: str, fake):
         @functools.wraps(fn)
         def launcher(*args, **kwargs):  # fn on its tensors' device (see foreign_device)
             device = foreign_device(args, kwargs.values())
-            if device is None or traced():  # traced: nothing launches, a device may be fake
+            if device is None:
                 return fn(*args, **kwargs)
             with torch.cuda.device(device):
                 return fn(*args, **kwargs)
@@ -205,14 +206,16 @@ def foreign_device(*groups) -> torch.device | None:
     and its current stream, whatever its arguments' device: x on cuda:1 while cuda:0 is
     current would be read by cuda:0 (an illegal address, or with peer access a race with
     cuda:1's stream). Autograd's backward threads and inductor set the device themselves;
-    an eager call may not. (A FakeTensor on a CUDA device needs no CUDA: without CUDA
-    initialised, None.)"""
+    an eager call may not, nor make_fx's real mode (wrap_triton launches there). None for
+    a FakeTensor (nothing launches on one, and its device may not be this host's) and
+    without CUDA initialised."""
     for group in groups:
         for a in group:
             if isinstance(a, torch.Tensor):
                 d = a.device
                 return (d if d.type == "cuda" and torch.cuda.is_initialized()
-                        and d.index != torch.cuda.current_device() else None)
+                        and d.index != torch.cuda.current_device() and not is_fake(a)
+                        else None)
     return None
 
 

@@ -696,7 +696,7 @@ def _select(x4: torch.Tensor, k: int, active=None, mode=None, u=None, alpha=0.0,
         KEY_BITS=KEY_BITS.get(x4.dtype, 32),
         ROW_LANES=row_lanes, ROW_L=length if single else 0,  # (a kernel per row length)
         COUNT_BITS=single and HISTOGRAM_BALLOTS, WIDE=256 // (32 * nw) if wide else 0,
-        HW_FLAT=hw_flat(x4), UNIT_SW=hw_flat(x4) and sw == 1, IDX64=needs_int64(x4),
+        HW_FLAT=hw_flat(x4), UNIT_SW=hw_flat(x4) and sw == 1, IDX64=needs_int64(x4, out),
         num_warps=nw)
     return result
 
@@ -1009,6 +1009,7 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
     flat = flat_launch(t, out, x) if h * w >= v - 1 else None
     if flat is not None:
         grid, meta = flat
+        meta["IDX64"] |= needs_int64(state)  # 4 floats a map: past x's size at 1 x 3 maps
         vv = min(v, meta["BLOCK"])
         one_map = h * w % vv == 0
         quads = h * w >= 4 * vv and c * h * w % (4 * vv) == 0 and meta["BLOCK"] >= 4 * vv
@@ -1033,9 +1034,9 @@ def apply_attention(t: torch.Tensor, x: torch.Tensor, state: torch.Tensor,
             x.stride(0), *x.stride()[2:], out.stride(0), *out.stride()[2:], MODE=MODES[mode],
             X_IS_T=x_is_t, BO=bo, BI=bi, VEC=min(v, bi), LANES_FIRST=LANES_FIRST,
             num_warps=max(1, bo * bi // (32 * CL_PER_THREAD)),
-            **apply_flags(t, out, x))
+            **apply_flags(t, out, x, state))
         return out
-    grid, outer, inner, meta = apply_launch(t, out, x)
+    grid, outer, inner, meta = apply_launch(t, out, x, state)
     launch(_apply_attention_kernel)[grid](
         t, x, out, state, act, outer, inner, c, h, w,
         *t.stride(), *x.stride(), *out.stride(), MODE=MODES[mode], X_IS_T=x_is_t, **meta)

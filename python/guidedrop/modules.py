@@ -17,6 +17,7 @@ module is one leaf node, like ``nn.Dropout``; a module traced by itself
 
 from __future__ import annotations
 
+import operator
 import types
 
 import torch
@@ -307,27 +308,27 @@ class Selectout(GuidedDropout):
 
     def _identity(self, x) -> bool:
         identity = super()._identity(x)
-        if identity and not self.training:
+        if (identity and not self.training and isinstance(x, torch.Tensor)
+                and not torch.compiler.is_compiling()
+                and not isinstance(x.shape[1], torch.SymInt)):
             # what a training forward checks, as F.selectout(training=False) does: a model
-            # tried in eval mode would otherwise fail at its first training step
-            self._check_counts(x, keep_now=True)
+            # tried in eval mode would otherwise fail at its first training step (C an int,
+            # or under jit.trace a 0-d tensor; compiled, the op's own rule, SPEC §8)
+            self._check_counts(operator.index(x.shape[1]), keep_now=True)
         return identity
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_counts(x, keep_now=False)  # (F.selectout checks keep itself)
+        # Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
+        # traced (FX, jit.trace), C is no int (and jit.trace refuses a training forward).
+        c = x.shape[1]
+        if type(c) is int and not torch.compiler.is_compiling():
+            self._check_counts(c, keep_now=False)  # (F.selectout checks keep itself)
         return F.selectout(x, **self._params())
 
-    def _check_counts(self, x, keep_now: bool) -> None:
-        """The drop count on x's C channels of ``keep`` (``keep_now``) and of a LinearRamp's
+    def _check_counts(self, c: int, keep_now: bool) -> None:
+        """The drop count on C channels of ``keep`` (``keep_now``) and of a LinearRamp's
         target keep (ramped: (target, keep at the end or None), schedule.py): the target's
-        from the ramp's first non-zero rate, not once the ramp reaches it, late in a run.
-        Eager only: compiled, reading the rates as python floats would pin them (SPEC §8);
-        traced (FX, jit.trace), C is no int."""
-        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
-            return
-        c = x.shape[1]
-        if type(c) is not int:
-            return
+        from the ramp's first non-zero rate, not once the ramp reaches it, late in a run."""
         if keep_now:
             F.selectout_counts(self.top_rate, self.keep, c)
         ramped = getattr(self, "_ramp", None)
