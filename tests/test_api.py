@@ -905,6 +905,7 @@ def test_focused_dropout_low_above_high_at_forward(compiled, training):
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in 2.14
 @pytest.mark.parametrize("training", [False, True])
 def test_selectout_drop_count_at_forward(training):
     """Selectout's drop count against its candidates (SPEC §3) is checked by each eager
