@@ -1015,7 +1015,7 @@ def cam_inputs(n, c):
 
 
 def _cam(x, noise, **kw):
-    weight, target = cam_inputs(*x.shape[:2])
+    weight, target = (t.to(x.device) for t in cam_inputs(*x.shape[:2]))
     return F.camdrop(x, weight, target, noise=noise, **kw)
 
 
@@ -1482,11 +1482,7 @@ def test_triton_layers_launch_on_their_tensors_device(monkeypatch, fake_devices)
             x = torch.empty((2, 8, 7, 7), device=f"cuda:{index}")
             for case, (op, _, params, _) in LAYERS.items():
                 seen.clear()
-                if case == "camdrop":  # its classifier on x's device
-                    weight, target = (t.to(x.device) for t in cam_inputs(*x.shape[:2]))
-                    F.camdrop(x, weight, target, noise=None, **params)
-                else:
-                    op(x, noise=None, **params)
+                op(x, noise=None, **params)
                 assert seen and {d for _, d in seen} == {index}, (case, index, seen)
                 assert fake_devices[0] == 0, case
 

@@ -60,11 +60,11 @@ SHARED_SEEDS = {"_seed_bits_kernel", "_seed_coverage_kernel", "seed_bits_kernel"
                 "seed_coverage_kernel"}
 
 
-def _drive(record):
-    """Every layer, forward and backward, at SHAPES x DTYPES x layouts; record(case) is
+def _drive(record, shapes=SHAPES, dtypes=DTYPES):
+    """Every layer, forward and backward, at shapes x dtypes x layouts; record(case) is
     called after each with the case's name."""
-    for dtype in DTYPES:
-        for shape in SHAPES:
+    for dtype in dtypes:
+        for shape in shapes:
             for layout in ("contiguous", "channels_last"):
                 x = TB.make_x(shape, dtype, "cpu", layout)
                 for case, (op, _, params, _) in TB.LAYERS.items():
@@ -137,28 +137,26 @@ def test_triton_grids_within_cuda_limits(monkeypatch):
     if mod is None:
         pytest.skip(f"no Triton backend: {why}")
     monkeypatch.setenv("GUIDEDROP_BACKEND", "triton")
-    over, case = [], [None]
+    launched, over = [], []
 
     def launch(kernel):
         def run(grid, *args, **kwargs):
             g = grid(kwargs) if callable(grid) else grid
             if g[0] > 2**31 - 1 or any(v > 65535 for v in g[1:]):
-                over.append(f"{kernel.fn.__name__} {g} ({case[0]})")
+                launched.append(f"{kernel.fn.__name__} {g}")
             if "IDX64" in kwargs and not kwargs["IDX64"] and needs_int64(
                     *(a for a in args if isinstance(a, torch.Tensor))):
-                over.append(f"{kernel.fn.__name__} in 32 bits ({case[0]})")
+                launched.append(f"{kernel.fn.__name__} in 32 bits")
         return TC._Grid(run)
+
+    def record(case):
+        over.extend(f"{fault} ({case})" for fault in launched)
+        launched.clear()
 
     for m in TC._kernel_modules(mod):
         monkeypatch.setattr(m, "launch", launch)
     with FakeTensorMode(), sass.gpu_tiles():
-        for shape in HUGE_SHAPES:
-            for layout in (torch.contiguous_format, torch.channels_last):
-                x = torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=layout)
-                for name, (op, _, params, _) in TB.LAYERS.items():
-                    case[0] = f"{name} {shape} {layout}"
-                    xg = x.detach().requires_grad_()
-                    op(xg, noise=None, **params).backward(torch.ones_like(x))
+        _drive(record, HUGE_SHAPES, (torch.bfloat16,))
     assert not over, "\n".join(over)
 
 
