@@ -801,6 +801,18 @@ def test_demo_refuses_a_forced_backend_that_cannot_run(backend, expected, monkey
     assert time.process_time() - t0 < 10
 
 
+@pytest.mark.parametrize("argv", [[*QUICK, "--layers", "selectscale"],
+                                  ["bench", "--model", "--no-sass", "--device", "cpu"],
+                                  ["show", "--quick", "--out", "never.png"]], ids=str)
+def test_every_command_refuses_a_backend_that_names_none(argv, monkeypatch, capsys, tmp_path):
+    """bench and show choose their own backends, but a typo in GUIDEDROP_BACKEND is still an
+    error (README: "a ValueError at every call"); they ran and exited 0."""
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "refrence")
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, cli.main(argv), "GUIDEDROP_BACKEND must be one of auto")
+    assert not list(tmp_path.iterdir())  # before anything ran
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_demo_full_disk_is_one_line(capsys):
     """A write that fails after the training (a full disk: /dev/full) is one error line,

@@ -1702,7 +1702,8 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time every layer on every available backend",
                        description="Check every backend against the reference with the same "
                        "noise, then time it; compare with the bandwidth floor measured in "
-                       "the same run.")
+                       "the same run. --backends picks the backends, whatever "
+                       "GUIDEDROP_BACKEND says.")
     b.add_argument("--layers", default="all",
                    help=f"comma list of {', '.join(LAYERS)} (default: all)")
     b.add_argument("--shapes", default=None,

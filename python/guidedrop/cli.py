@@ -144,7 +144,7 @@ def quiet_torch_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bench, demo, show
+    from . import bench, demo, dispatch, show
 
     quiet_torch_logs()
     try:
@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("give a command: demo, bench or show (python -m guidedrop "
                              "<command> --help says what each does)")
+        try:  # a typo in it fails every command, also bench and show, which pick their own
+            dispatch.requested()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if args.command == "demo":
             demo.run(args)
         elif args.command == "bench":

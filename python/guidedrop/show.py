@@ -253,7 +253,8 @@ def add_parser(sub) -> None:
     s = sub.add_parser("show", help="draw what each layer drops on a photograph",
                        description="Apply each layer (training mode, fixed seed) to filter "
                        "responses of a photograph shipped with scikit-learn and draw its "
-                       "mask over the image.")
+                       "mask over the image. The masks are drawn on the reference backend "
+                       "(the same on every backend), whatever GUIDEDROP_BACKEND says.")
     s.add_argument("--out", default="masks.png", metavar="PATH",
                    help="PNG file to write (default masks.png)")
     s.add_argument("--layers", default="all",
