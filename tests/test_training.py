@@ -674,6 +674,54 @@ def test_checkpoint_camdrop_backward_outside_cam_targets():
     assert torch.equal(x.detach() * x.grad, y.detach())
 
 
+def test_checkpoint_camdrop_recompute_on_a_device_thread():
+    """On a GPU, backward runs on autograd's device threads, which have a fresh Python
+    context (no cam_targets block) but the C++ thread-local state of the thread that called
+    backward(). A CPU backward runs in the calling thread, so this gives a thread what the
+    engine gives its device threads: that state's stash of the blocks. The recompute then
+    reads the caller's block; without it, the clear error (test_checkpoint_camdrop_on_gpu
+    runs the real thing)."""
+    from guidedrop import context
+    mod = _module_for("camdrop")
+    weight, target = _cam(4, 16, "cpu")
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    with guidedrop.cam_targets(weight, target):
+        y = checkpoint(mod, x, use_reentrant=False)
+        stash = torch._C._get_obj_in_tls(context._TLS_KEY)
+        errors = []
+
+        def device_thread(inherit):
+            try:
+                if inherit:
+                    torch._C._stash_obj_in_tls(context._TLS_KEY, stash)
+                y.backward(torch.ones_like(y), retain_graph=True)
+            except RuntimeError as e:
+                errors.append(str(e))
+        for inherit in (False, True):
+            t = threading.Thread(target=device_thread, args=(inherit,))
+            t.start()
+            t.join()
+    assert len(errors) == 1 and "no cam_targets block is open" in errors[0]
+    assert torch.equal(x.detach() * x.grad, y.detach())
+    if hasattr(torch._C, "_remove_obj_from_tls"):
+        assert not torch._C._is_key_in_tls(context._TLS_KEY)  # none left once every block is
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_camdrop_on_gpu(reentrant):
+    """A CUDA backward (the recompute among it) runs on autograd's device threads: CamDrop
+    reads the block open where backward() was called (README)."""
+    mod = _module_for("camdrop")
+    weight, target = _cam(4, 16, "cuda")
+    x = torch.randn(4, 16, 8, 8, device="cuda", requires_grad=True)
+    with guidedrop.cam_targets(weight, target):
+        y = checkpoint(mod, x, use_reentrant=reentrant)
+        y.backward(torch.ones_like(y))
+    assert torch.equal(x.detach() * x.grad, y.detach())
+
+
 # --------------------------------------------------------------------------- DDP
 
 

@@ -13,6 +13,12 @@ code compiled by torch.compile reads a per-thread copy of the blocks, made where
 is entered or left, so it does not see a context copied into another thread
 (``asyncio.to_thread``, ``contextvars.copy_context().run``) nor the blocks of asyncio
 tasks interleaved in one thread; eager mode and newer torch read the ContextVar.
+
+A backward on a GPU runs on autograd's device threads, which see neither the ContextVar
+nor the threading.local of the thread that called ``backward()``, but do see its C++
+thread-local state: the blocks are stashed there too (``torch._C._stash_obj_in_tls``,
+as inductor's CUDA graph trees stash theirs), so that an activation checkpoint's
+recompute, which runs there, reads the blocks open where ``backward()`` was called.
 """
 
 from __future__ import annotations
@@ -33,6 +39,19 @@ _blocks: contextvars.ContextVar[tuple[tuple[torch.Tensor, torch.Tensor], ...]] =
 # code reads _thread.blocks, this thread's _blocks as cam_targets last set them.
 _TRACES_CONTEXTVAR = hasattr(torch._dynamo.source, "ContextVarGetSource")
 _thread = threading.local()
+_TLS_KEY = "guidedrop_cam_targets"
+
+
+def _publish(blocks: tuple) -> None:
+    """This thread's blocks, as cam_targets leaves them, for compiled code (_thread) and
+    for autograd's device threads (the C++ thread-local state that they inherit)."""
+    _thread.blocks = blocks
+    if torch.compiler.is_compiling():  # Dynamo would put these calls in the graph
+        return
+    if blocks or not hasattr(torch._C, "_remove_obj_from_tls"):  # (torch < 2.14 lacks it)
+        torch._C._stash_obj_in_tls(_TLS_KEY, blocks)
+    elif torch._C._is_key_in_tls(_TLS_KEY):
+        torch._C._remove_obj_from_tls(_TLS_KEY)  # none left in a thread that may exit
 
 
 @contextlib.contextmanager
@@ -40,7 +59,9 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
     """Make ``(weight, target)`` visible to the CamDrop layers run inside the block.
 
     classifier: the linear layer after global pooling (a module whose ``weight`` is a 2-D
-    tensor, e.g. ``nn.Linear``), or that weight itself, a floating (K, C_fc) tensor.
+    tensor, e.g. ``nn.Linear``; its weight is read here, when the block is entered: under
+    ``torch.func.functional_call`` pass the weight), or that weight itself, a floating
+    (K, C_fc) tensor.
     target: (N,) ground-truth class indices of the batch, any integer dtype but bool.
     Raises TypeError for anything else (ValueError for a weight tensor that is not
     2-D, or a lazy module's weight not yet initialised). Shapes against x (N, C_fc a multiple of C),
@@ -73,7 +94,7 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
                         f"{target.dtype}")
     entry = (weight, target)  # this block's own, left by identity
     _blocks.set(_blocks.get() + (entry,))
-    _thread.blocks = _blocks.get()
+    _publish(_blocks.get())
     try:
         yield
     finally:
@@ -81,7 +102,7 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
         # (two generators, each inside a block, closed first to last) brought the first
         # one's targets back after both had been left.
         _blocks.set(tuple(b for b in _blocks.get() if b is not entry))
-        _thread.blocks = _blocks.get()
+        _publish(_blocks.get())
 
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +113,11 @@ def current() -> tuple[torch.Tensor, torch.Tensor]:
         blocks = getattr(_thread, "blocks", ())
     else:
         blocks = _blocks.get()
+    if (not blocks and not torch.compiler.is_compiling()
+            and torch._C._current_graph_task_id() != -1 and torch._C._is_key_in_tls(_TLS_KEY)):
+        # in a backward (a checkpoint's recompute) on one of autograd's device threads:
+        # the blocks of the thread that called backward() (module docstring)
+        blocks = torch._C._get_obj_in_tls(_TLS_KEY)
     if not blocks:
         raise RuntimeError(
             "no cam_targets block is open in this thread (CamDrop in training mode needs the "
