@@ -391,6 +391,7 @@ def test_second_order_functional(forced):
         torch.testing.assert_close(hx, 2 * wt * wt * v, rtol=1e-5, atol=1e-5, msg=layer)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:FutureWarning")  # jacobian's vmap
 def test_grads_batched(forced):
     """torch.autograd.grad(y, x, G, is_grads_batched=True): a batch of grad_y (torch's
     legacy vmap of the backward) gives G * w. Triton's launch could not read the batched
@@ -407,6 +408,11 @@ def test_grads_batched(forced):
         with pytest.raises(NotImplementedError, match="is_grads_batched=True, create_graph"):
             torch.autograd.grad(op(x), x, grads.clone().requires_grad_(),
                                 is_grads_batched=True, create_graph=True)
+    # the forward-mode vectorised Jacobian batches its tangents with grad mode on: refused,
+    # the message naming it (it named is_grads_batched only)
+    with pytest.raises(NotImplementedError, match="strategy='forward-mode'"):
+        torch.autograd.functional.jacobian(op, x0, vectorize=True,
+                                           strategy="forward-mode")
 
 
 # --------------------------------------------------------------------------- recompiles

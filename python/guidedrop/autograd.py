@@ -111,7 +111,9 @@ def _again(ctx, t):
         raise NotImplementedError(
             "torch.autograd.grad(..., is_grads_batched=True, create_graph=True) through a "
             "guidedrop layer: torch's batched backward drops the graph of a custom autograd "
-            "Function. Use create_graph=False, or loop over the grad outputs.")
+            "Function. Use create_graph=False, or loop over the grad outputs. (Batched with "
+            "grad mode on: also torch.autograd.functional.jacobian(vectorize=True) with "
+            "strategy='forward-mode', where the reverse mode works.)")
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         # torch.func.vjp's vjp_fn runs after its transform has exited: what the forward
         # saved are still its wrappers, whose storage a kernel cannot read (traced, there
