@@ -674,37 +674,61 @@ def test_checkpoint_camdrop_backward_outside_cam_targets():
     assert torch.equal(x.detach() * x.grad, y.detach())
 
 
+def _backward_passes_its_context() -> bool:
+    """Whether this torch hands autograd's threads the caller's context (2.14 does)."""
+    seen = []
+    z = torch.zeros(1, requires_grad=True)
+    z.register_hook(lambda g: seen.append(torch._C._is_key_in_tls("context")))
+    z.sum().backward()
+    return seen[0]
+
+
+class _Nested(torch.autograd.Function):
+    """A backward that runs another backward: past 60 levels autograd runs them on a pool
+    thread, with the first backward's C++ thread-local state (what torch hands its device
+    threads) but no Python context of its own: a device thread, on the CPU."""
+
+    @staticmethod
+    def forward(ctx, z, depth, fn):
+        ctx.depth, ctx.fn = depth, fn
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.depth == 0:
+            ctx.fn()
+        else:  # the engine itself: torch's Python wrapper would pass this thread's context
+            with torch.enable_grad():
+                z = _Nested.apply(torch.zeros(1, requires_grad=True), ctx.depth - 1, ctx.fn)
+            torch.autograd.Variable._execution_engine.run_backward(
+                (z,), (torch.ones_like(z),), False, False, (), True, True)
+        return g, None, None
+
+
 def test_checkpoint_camdrop_recompute_on_a_device_thread():
-    """On a GPU, backward runs on autograd's device threads, which have a fresh Python
-    context (no cam_targets block) but the C++ thread-local state of the thread that called
-    backward(). A CPU backward runs in the calling thread, so this gives a thread what the
-    engine gives its device threads: that state's stash of the blocks. The recompute then
-    reads the caller's block; without it, the clear error (test_checkpoint_camdrop_on_gpu
-    runs the real thing)."""
-    from guidedrop import context
+    """On a GPU, backward runs on autograd's device threads, which have no cam_targets
+    block of their own. CamDrop's recompute there reads the block of the thread that called
+    backward() where torch passes its context (2.14); else the error says what to do
+    (test_checkpoint_camdrop_on_gpu runs the real thing)."""
     mod = _module_for("camdrop")
+    threads = []
+    mod.register_forward_pre_hook(lambda m, a: threads.append(threading.current_thread()))
     weight, target = _cam(4, 16, "cpu")
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     with guidedrop.cam_targets(weight, target):
         y = checkpoint(mod, x, use_reentrant=False)
-        stash = torch._C._get_obj_in_tls(context._TLS_KEY)
-        errors = []
 
-        def device_thread(inherit):
-            try:
-                if inherit:
-                    torch._C._stash_obj_in_tls(context._TLS_KEY, stash)
-                y.backward(torch.ones_like(y), retain_graph=True)
-            except RuntimeError as e:
-                errors.append(str(e))
-        for inherit in (False, True):
-            t = threading.Thread(target=device_thread, args=(inherit,))
-            t.start()
-            t.join()
-    assert len(errors) == 1 and "no cam_targets block is open" in errors[0]
-    assert torch.equal(x.detach() * x.grad, y.detach())
-    if hasattr(torch._C, "_remove_obj_from_tls"):
-        assert not torch._C._is_key_in_tls(context._TLS_KEY)  # none left once every block is
+        def recompute():  # y's backward, from the pool thread
+            torch.autograd.Variable._execution_engine.run_backward(
+                (y,), (torch.ones_like(y),), False, False, (), True, True)
+        chain = _Nested.apply(torch.zeros(1, requires_grad=True), 70, recompute)
+        if _backward_passes_its_context():
+            chain.sum().backward()
+            assert threads[-1] is not threading.current_thread()  # a device thread's place
+            assert torch.equal(x.detach() * x.grad, y.detach())
+        else:
+            with pytest.raises(RuntimeError, match="set_multithreading_enabled"):
+                chain.sum().backward()
 
 
 @pytest.mark.gpu
@@ -712,13 +736,15 @@ def test_checkpoint_camdrop_recompute_on_a_device_thread():
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpoint_camdrop_on_gpu(reentrant):
     """A CUDA backward (the recompute among it) runs on autograd's device threads: CamDrop
-    reads the block open where backward() was called (README)."""
+    reads the block open where backward() was called (torch 2.14); with older torch, the
+    README's way, the backward on the calling thread."""
     mod = _module_for("camdrop")
     weight, target = _cam(4, 16, "cuda")
     x = torch.randn(4, 16, 8, 8, device="cuda", requires_grad=True)
     with guidedrop.cam_targets(weight, target):
         y = checkpoint(mod, x, use_reentrant=reentrant)
-        y.backward(torch.ones_like(y))
+        with torch.autograd.set_multithreading_enabled(_backward_passes_its_context()):
+            y.backward(torch.ones_like(y))
     assert torch.equal(x.detach() * x.grad, y.detach())
 
 

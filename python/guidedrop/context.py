@@ -14,11 +14,11 @@ is entered or left, so it does not see a context copied into another thread
 (``asyncio.to_thread``, ``contextvars.copy_context().run``) nor the blocks of asyncio
 tasks interleaved in one thread; eager mode and newer torch read the ContextVar.
 
-A backward on a GPU runs on autograd's device threads, which see neither the ContextVar
-nor the threading.local of the thread that called ``backward()``, but do see its C++
-thread-local state: the blocks are stashed there too (``torch._C._stash_obj_in_tls``,
-as inductor's CUDA graph trees stash theirs), so that an activation checkpoint's
-recompute, which runs there, reads the blocks open where ``backward()`` was called.
+A backward on a GPU runs on autograd's device threads, which do not see the caller's
+ContextVar; an activation checkpoint's recompute runs there. torch 2.14 hands them a copy
+of the context of the thread (or task) that called ``backward()`` (its C++ thread-local
+state, key "context"): there, CamDrop reads that context's blocks. torch 2.11 does not:
+there the recompute finds no block (``current``'s error says what to do).
 """
 
 from __future__ import annotations
@@ -39,19 +39,6 @@ _blocks: contextvars.ContextVar[tuple[tuple[torch.Tensor, torch.Tensor], ...]] =
 # code reads _thread.blocks, this thread's _blocks as cam_targets last set them.
 _TRACES_CONTEXTVAR = hasattr(torch._dynamo.source, "ContextVarGetSource")
 _thread = threading.local()
-_TLS_KEY = "guidedrop_cam_targets"
-
-
-def _publish(blocks: tuple) -> None:
-    """This thread's blocks, as cam_targets leaves them, for compiled code (_thread) and
-    for autograd's device threads (the C++ thread-local state that they inherit)."""
-    _thread.blocks = blocks
-    if torch.compiler.is_compiling():  # Dynamo would put these calls in the graph
-        return
-    if blocks or not hasattr(torch._C, "_remove_obj_from_tls"):  # (torch < 2.14 lacks it)
-        torch._C._stash_obj_in_tls(_TLS_KEY, blocks)
-    elif torch._C._is_key_in_tls(_TLS_KEY):
-        torch._C._remove_obj_from_tls(_TLS_KEY)  # none left in a thread that may exit
 
 
 @contextlib.contextmanager
@@ -94,7 +81,7 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
                         f"{target.dtype}")
     entry = (weight, target)  # this block's own, left by identity
     _blocks.set(_blocks.get() + (entry,))
-    _publish(_blocks.get())
+    _thread.blocks = _blocks.get()
     try:
         yield
     finally:
@@ -102,7 +89,7 @@ def cam_targets(classifier: nn.Module | torch.Tensor, target: torch.Tensor):
         # (two generators, each inside a block, closed first to last) brought the first
         # one's targets back after both had been left.
         _blocks.set(tuple(b for b in _blocks.get() if b is not entry))
-        _publish(_blocks.get())
+        _thread.blocks = _blocks.get()
 
 
 def current() -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +100,22 @@ def current() -> tuple[torch.Tensor, torch.Tensor]:
         blocks = getattr(_thread, "blocks", ())
     else:
         blocks = _blocks.get()
-    if (not blocks and not torch.compiler.is_compiling()
-            and torch._C._current_graph_task_id() != -1 and torch._C._is_key_in_tls(_TLS_KEY)):
-        # in a backward (a checkpoint's recompute) on one of autograd's device threads:
-        # the blocks of the thread that called backward() (module docstring)
-        blocks = torch._C._get_obj_in_tls(_TLS_KEY)
+    backward = False  # (set in statements: Dynamo cannot trace `not` of a tuple as a value)
+    if not blocks and not torch.compiler.is_compiling():
+        backward = torch._C._current_graph_task_id() != -1
+        if backward and torch._C._is_key_in_tls("context"):
+            # a recompute on one of autograd's device threads: the blocks of the context
+            # that called backward(), which torch passes them (module docstring)
+            blocks = torch._C._get_obj_in_tls("context").get(_blocks, ())
     if not blocks:
+        hint = (" In a backward (an activation checkpoint's recompute): call backward() "
+                "inside the block too; on a GPU, where the recompute runs on autograd's "
+                "device threads, torch before 2.14 does not pass them the block: give "
+                "checkpoint a context_fn that enters cam_targets, or run the backward under "
+                "torch.autograd.set_multithreading_enabled(False)." if backward else "")
         raise RuntimeError(
             "no cam_targets block is open in this thread (CamDrop in training mode needs the "
             "classifier weights and targets): wrap the training step in "
             "`with guidedrop.cam_targets(model.fc, labels): ...` (in the thread that runs "
-            "the model)")
+            "the model)." + hint)
     return blocks[-1]
