@@ -17,8 +17,10 @@ tasks interleaved in one thread; eager mode and newer torch read the ContextVar.
 A backward on a GPU runs on autograd's device threads, which do not see the caller's
 ContextVar; an activation checkpoint's recompute runs there. torch 2.14 hands them a copy
 of the context of the thread (or task) that called ``backward()`` (its C++ thread-local
-state, key "context"): there, CamDrop reads that context's blocks. torch 2.11 does not:
-there the recompute finds no block (``current``'s error says what to do).
+state, key "context"): there, CamDrop reads that context's blocks. torch 2.11 does not,
+nor does a backward started on a device thread (a nested reentrant checkpoint's, whose copy
+is of that thread's empty context): there the recompute finds no block (``current``'s
+error says what to do).
 """
 
 from __future__ import annotations
@@ -109,10 +111,13 @@ def current() -> tuple[torch.Tensor, torch.Tensor]:
             blocks = torch._C._get_obj_in_tls("context").get(_blocks, ())
     if not blocks:
         hint = (" In a backward (an activation checkpoint's recompute): call backward() "
-                "inside the block too; on a GPU, where the recompute runs on autograd's "
-                "device threads, torch before 2.14 does not pass them the block: give "
-                "checkpoint a context_fn that enters cam_targets, or run the backward under "
-                "torch.autograd.set_multithreading_enabled(False)." if backward else "")
+                "inside the block too. On a GPU the recompute runs on autograd's device "
+                "threads, which see the block only where torch passes them the caller's "
+                "context (torch 2.14 does, 2.11 does not) and not in a backward started "
+                "inside another one (nested reentrant checkpoints): run the backward under "
+                "torch.autograd.set_multithreading_enabled(False), or give "
+                "checkpoint(..., use_reentrant=False) a context_fn that enters cam_targets."
+                if backward else "")
         raise RuntimeError(
             "no cam_targets block is open in this thread (CamDrop in training mode needs the "
             "classifier weights and targets): wrap the training step in "
