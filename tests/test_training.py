@@ -683,6 +683,13 @@ def _backward_passes_its_context() -> bool:
     return seen[0]
 
 
+def _engine_backward(t: torch.Tensor) -> None:
+    """t.backward() through the engine itself: torch's Python wrapper would pass the
+    calling thread's context to the backward's threads."""
+    torch.autograd.Variable._execution_engine.run_backward(
+        (t,), (torch.ones_like(t),), False, False, (), True, True)
+
+
 class _Nested(torch.autograd.Function):
     """A backward that runs another backward: past 60 levels autograd runs them on a pool
     thread, with the first backward's C++ thread-local state (what torch hands its device
@@ -697,11 +704,10 @@ class _Nested(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.depth == 0:
             ctx.fn()
-        else:  # the engine itself: torch's Python wrapper would pass this thread's context
+        else:
             with torch.enable_grad():
                 z = _Nested.apply(torch.zeros(1, requires_grad=True), ctx.depth - 1, ctx.fn)
-            torch.autograd.Variable._execution_engine.run_backward(
-                (z,), (torch.ones_like(z),), False, False, (), True, True)
+            _engine_backward(z)
         return g, None, None
 
 
@@ -717,11 +723,9 @@ def test_checkpoint_camdrop_recompute_on_a_device_thread():
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     with guidedrop.cam_targets(weight, target):
         y = checkpoint(mod, x, use_reentrant=False)
-
-        def recompute():  # y's backward, from the pool thread
-            torch.autograd.Variable._execution_engine.run_backward(
-                (y,), (torch.ones_like(y),), False, False, (), True, True)
-        chain = _Nested.apply(torch.zeros(1, requires_grad=True), 70, recompute)
+        # y's backward, from the pool thread
+        chain = _Nested.apply(torch.zeros(1, requires_grad=True), 70,
+                              lambda: _engine_backward(y))
         if _backward_passes_its_context():
             chain.sum().backward()
             assert threads[-1] is not threading.current_thread()  # a device thread's place
