@@ -230,7 +230,7 @@ def test_corrdrop_huge_block_under_dynamic_compile(forced):
 
     def op(t, k):
         return F.corrdrop(t, 0.5, k, noise=noise)
-    for k in (2**31 - 1, 2**32, 2**63 + 5, 2**64 + 1, 2**100, 10**400):
+    for k in (2**31 - 1, 2**32, 2**63 + 5, 2**64 + 1, 10**400):
         torch._dynamo.reset()
         compiled = torch.compile(op, backend="aot_eager", dynamic=True)
         assert torch.equal(compiled(x, k), op(x, k)), k

@@ -331,28 +331,34 @@ def test_emulated_kth_largest_every_digit_long_rows(E):
         assert_same(got[i], want[i], f"attention_stats {i}")
 
 
+@pytest.mark.parametrize("hw", [(7, 7), (50, 60), (103, 100), (112, 128), (113, 128)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_emulated_map_threshold_16bit_keys(E, dtype):
+def test_emulated_map_threshold_16bit_keys(E, dtype, hw):
     """16-bit maps: the radix passes stop at the last key bit the dtype sets (bfloat16: 2
     passes, float16: 3) and fill the bits below, ones where the threshold is negative or
     NaN. Maps on 4 lanes (7 x 7), on a block in 16-byte loads (50 x 60) and unit by
     unit (103 x 100: not whole chunks), the longest on a block, 256 threads of 56 keys
     (112 x 128), and the next whole-chunk size (113 x 128), which takes map_select_kernel
     and reads x twice (over 10240 keys)."""
-    for hw in ((7, 7), (50, 60), (103, 100), (112, 128), (113, 128)):
-        x = radix_maps16(hw, dtype)
-        n = hw[0] * hw[1]
-        for k in (1, 2, n // 3 + 1, n - 1, n):
-            assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
-        active = torch.ones(x.shape[:2], dtype=torch.bool)
-        got, want = E.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
-            x, n // 5 + 1, active, "ad")
-        for i in range(4):
-            assert_same(got[i], want[i], f"{hw} attention_stats {i}")
+    x = radix_maps16(hw, dtype)
+    n = hw[0] * hw[1]
+    for k in (1, 2, n // 3 + 1, n - 1, n):
+        assert_same(E.map_threshold(x, k), R.map_threshold(x, k), f"{hw} k={k}")
+    active = torch.ones(x.shape[:2], dtype=torch.bool)
+    got, want = E.attention_stats(x, n // 5 + 1, active, "ad"), R.attention_stats(
+        x, n // 5 + 1, active, "ad")
+    for i in range(4):
+        assert_same(got[i], want[i], f"{hw} attention_stats {i}")
 
 
+# one case a map size: the sizes take a minute or more together, one case each lets
+# pytest-xdist spread them over its workers
+@pytest.mark.parametrize("hw", [(1, 1), (6, 8), (8, 8), (5, 13), (12, 12), (16, 16), (1, 257),
+                                (28, 28), (32, 32), (25, 41), (36, 36), (56, 56), (56, 64),
+                                (64, 128)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_map_select_warp_and_block_sizes(E, dtype):
+def test_emulated_map_select_warp_and_block_sizes(E, dtype, hw):
     """Maps of 1 to 1024 units take map_select_regs_kernel's warp forms (its keys in
     registers: 4 lanes per map, 16 keys a lane up to 64 units, 64 up to 256, 8 maps a warp,
     some of them past the last map or inactive; else a warp, 32 keys a lane; contiguous NCHW
@@ -367,24 +373,23 @@ def test_emulated_map_select_warp_and_block_sizes(E, dtype):
     each boundary, with rows one stride apart (NCHW, channels_last) and not (transposed: the
     per-unit (h, w) of a multiply-high), every digit of the select, the soft mask's sum in
     every mode."""
-    for h, w in ((1, 1), (6, 8), (8, 8), (5, 13), (12, 12), (16, 16), (1, 257), (28, 28),
-                 (32, 32), (25, 41), (36, 36), (56, 56), (56, 64), (64, 128)):
-        n = h * w
-        x = (radix_maps16((h, w), dtype) if dtype != torch.float32
-             else radix_rows(n)[2:].reshape(1, 6, h, w))
-        active = torch.tensor([[True, False, True, True, True, True]])
-        for xx in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
-            for k in sorted({1, min(2, n), n // 3 + 1, max(n - 1, 1), n}):
-                assert_same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"{h}x{w} k={k}")
-            for mode in ("am", "sm", "ad"):
-                got = E.attention_stats(xx, n // 5 + 1, active, mode)
-                want = R.attention_stats(xx, n // 5 + 1, active, mode)
-                for i in range(4):
-                    assert_same(got[i][active], want[i][active], f"{h}x{w} {mode} {i}")
-                    assert not got[i][~active].any()  # inactive maps: 0
-        rows = x.flatten(2)[0].float()
-        for k in (1, n):
-            assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
+    h, w = hw
+    n = h * w
+    x = (radix_maps16((h, w), dtype) if dtype != torch.float32
+         else radix_rows(n)[2:].reshape(1, 6, h, w))
+    active = torch.tensor([[True, False, True, True, True, True]])
+    for xx in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
+        for k in sorted({1, min(2, n), n // 3 + 1, max(n - 1, 1), n}):
+            assert_same(E.map_threshold(xx, k), R.map_threshold(xx, k), f"{h}x{w} k={k}")
+        for mode in ("am", "sm", "ad"):
+            got = E.attention_stats(xx, n // 5 + 1, active, mode)
+            want = R.attention_stats(xx, n // 5 + 1, active, mode)
+            for i in range(4):
+                assert_same(got[i][active], want[i][active], f"{h}x{w} {mode} {i}")
+                assert not got[i][~active].any()  # inactive maps: 0
+    rows = x.flatten(2)[0].float()
+    for k in (1, n):
+        assert_same(E.kth_largest(rows, k), R.kth_largest(rows, k), f"rows {n} k={k}")
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (12, 12)], ids=str)
