@@ -116,6 +116,18 @@ def test_triton_int_arguments_fit_int32(layer, monkeypatch):
     assert not wide, wide
 
 
+def test_launch_bytes_bound_what_it_moves():
+    """A launch's bytes are its inputs' plus its outputs': an in-place op reads and writes
+    its tensor, which counts twice (once, before: ``bench --model``'s bytes were no upper
+    bound on the reference's in-place ops); a tensor passed twice is read once."""
+    from guidedrop.launches import LaunchCounter
+    a, b = torch.ones(64), torch.ones(64)
+    with LaunchCounter() as c:
+        a.add_(b)  # reads a and b, writes a
+        torch.add(a, a)  # reads a, writes a new tensor
+    assert [launch.nbytes for launch in c.launches] == [3 * 256, 2 * 256]
+
+
 def test_triton_launches_skip_wrap_triton_in_eager():
     """Outside tracing, the Triton backend launches its kernels directly: wrap_triton's
     higher-order op made every Triton layer host-bound on an H200 (1.5-2 ms of host time a

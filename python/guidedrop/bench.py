@@ -18,8 +18,13 @@ Backends ("providers"): ``reference`` (eager PyTorch), ``compile``
 
 The bandwidth floor is measured in the same run: a copy of a large tensor within the
 device's memory gives the bandwidth B (bytes read + written per second); the floor of a
-mode is the bytes a fused kernel must move at least — forward 3 passes over x (statistics read,
-apply read + write), backward 2 (read grad_y, write grad_x), full 5 — divided by B.
+mode is the bytes a fused kernel of a layer with statistics moves at least — forward 3
+passes over x (statistics read, apply read + write), backward 2 (read grad_y, write
+grad_x), full 5 — divided by B. It is one yardstick for every layer (DESIGN.md's), not
+each layer's own minimum: SpatialScale reads no statistics, DropBlock draws its seeds
+without reading x, and AttentionDrop reads statistics only of the maps it drops, so
+these need about 4 passes, not 5, and can run below 1x the floor. ``GB/s`` is the
+floor's bytes over the time (an effective bandwidth), not bytes measured.
 
 The library API used by ``benchmarks/``: :class:`Case`, :func:`make_inputs`,
 :func:`provider_fn`, :func:`forced_backend`, :func:`check`, :func:`mode_fn`,
@@ -1018,7 +1023,7 @@ CSV_FIELDS = ["date", "device", "versions", "copy_gbps", "bench", "layer", "shap
 MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
                  ("backend", "backend", "{}"), ("fwd", "launches fwd", "{}"),
                  ("fresh", "fwd noise=None", "{}"), ("bwd", "bwd", "{}"),
-                 ("mb", "MB moved fwd+bwd", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
+                 ("mb", "MB moved train step", "{:.2f}"), ("x_floor", "× floor", "{:.2f}"),
                  ("syncs", "host syncs", "{}"), ("sass", "SASS/elem", "{:.1f}"),
                  ("worst", "of kernel (kind)", "{}"),
                  ("access", "x load B", "{}"), ("div", "int div/16 B of x", "{:.2f}"),
@@ -1029,7 +1034,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
                  static=True) -> list[dict]:
     """``bench --model``: per layer and backend, the launches of one forward (with noise,
     and with noise=None) and one backward, the bytes their tensors hold (an upper bound on
-    what they move) against the floor of 3 reads + 2 writes of x, and the host syncs.
+    what they move) in a training step (the forward with noise=None, which draws its
+    randomness, and the backward) against the floor of 3 reads + 2 writes of x, and the
+    host syncs.
     Counted, not timed (guidedrop.launches): the same on any machine, the interpreter
     included, so Triton runs here under TRITON_INTERPRET=1 too.
 
@@ -1038,7 +1045,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     instructions per element of x in the steady state, with that kernel's name and kind
     (apply or statistics: each kind has its budget; the seed kernels, held to the division
     budget only, where a layer has no other), the bytes per load of x (16: 16-byte vectors;
-    else the narrowest load of such a kernel without them), the runtime integer divisions
+    else the widest load of the kernel that loads the narrowest), the runtime integer divisions
     per 16 bytes of x of all its kernels, and whether all of them meet the static
     budgets (``guidedrop.sass.budget_violations``; "missed:" names those that do not).
     Triton: every launch compiled for sm_90
@@ -1063,7 +1070,9 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
                 tiles = _gpu_tiles() if static and p == "triton" else contextlib.nullcontext()
                 with forced_backend(p), tiles:
                     c = count_layer(run, inputs.x, noise)
-                moved = c.forward.nbytes + c.backward.nbytes
+                # a training step's: the forward that draws its noise (a given noise is
+                # one more tensor to read, the size of x for DropBlock's and CamDrop's)
+                moved = c.fresh.nbytes + c.backward.nbytes
                 rows.append(dict(layer=layer, shape=fmt_shape(shape), dtype=DTYPE_NAMES[dtype],
                                  backend=p, fwd=len(c.forward.launches),
                                  fresh=len(c.fresh.launches), bwd=len(c.backward.launches),
@@ -1077,8 +1086,10 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     out.print(f"launches and bytes of one forward + backward on {device_name(device)}, "
               "counted, not timed.\n"
               "- launches: the kernels' budget is 3 forward (CamDrop 5), +1 without noise, "
-              "1 backward (no budget for the reference, the oracle); × floor: the MB moved over "
-              "those of 3 reads + 2 writes of x."
+              "1 backward (no budget for the reference, the oracle); MB moved: the bytes the "
+              "tensors of a training step's launches hold (the forward with noise=None and "
+              "the backward; an upper bound); × floor: over those of 3 reads + 2 writes of x "
+              "(layers with no statistics pass need about 4)."
               + ("\n- SASS for sm_90 of the worst streaming kernel (static budgets): per "
                  "element of x 15 bf16 / 30 fp32 for apply kernels, 20 bf16 for statistics, "
                  "none for fp16, fp32 statistics or seeds; for every dtype, x read in 16-byte "
@@ -1311,7 +1322,14 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
         ax.set_yscale("log")
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel("ms (log)")
+        # the CUDA graph's replay of the full mode (--graph), where it was timed
+        graph = [(i + (j - (len(provs) - 1) / 2) * width, r["graph_ms"])
+                 for j, p in enumerate(provs) for i, layer in enumerate(layers) for r in sel
+                 if r["layer"] == layer and r["backend"] == p and r.get("graph_ms") is not None]
+        if graph:
+            ax.scatter(*zip(*graph, strict=True), marker="D", s=14, color="k", zorder=3,
+                       label="CUDA graph replay")
+        ax.set_ylabel("ms (log): bars eager")
         ax.set_title(f"{shape} {dtype}, {mode}: floor {floor:.3g} ms", fontsize=10)
         for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(name, handle)
@@ -1354,8 +1372,10 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) ->
     parts = [f"Device: {meta['device']}; {meta['versions']}; {meta['date']}.",
              f"Measured memory copy bandwidth: {bandwidth}. "
              "Floor = passes over x at that bandwidth: "
-             + ", ".join(f"{m} {PASSES[m]}" for m in modes) + ". `kept/x`: bytes saved for "
-             "backward (x itself excluded) / bytes of x.", ""]
+             + ", ".join(f"{m} {PASSES[m]}" for m in modes) + " (one yardstick for every "
+             "layer: SpatialScale, DropBlock and AttentionDrop need about 4 passes, not 5, "
+             "and can run below 1x). `GB/s`: the floor's bytes / time. `kept/x`: bytes saved "
+             "for backward (x itself excluded) / bytes of x.", ""]
     if ops:
         parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
@@ -1584,7 +1604,9 @@ def run(args) -> list[dict]:
         meta["copy_gbps"] = bandwidth / 1e9
         print(f"memory copy of {copied >> 20} MiB: {bandwidth / 1e9:.1f} GB/s "
               f"(read + write); floor = passes over x at that rate: "
-              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + f"; timing: {timer.method}")
+              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + " (one yardstick for every "
+              "layer: those with no statistics pass can run below 1x); GB/s = the floor's "
+              f"bytes / time; timing: {timer.method}")
 
     # Per case: the providers that run, and a row saying why for each one that cannot.
     plan, skipped = [], {}

@@ -47,7 +47,7 @@ KERNELS = {"attentiondrop_plan": 2, "corrdrop_plan": 2, "seeds_plan": 2, "camdro
 
 class Launch(NamedTuple):
     name: str  # "aten:<op>", "triton:<kernel>", "cuda:<op>"
-    nbytes: int  # bytes of the tensors it takes and returns
+    nbytes: int  # bytes of the tensors it takes plus those it returns (see _nbytes)
     spec: dict | None = None  # a Triton launch as guidedrop.sass compiles it
 
 
@@ -62,6 +62,9 @@ def _spec(fn, args, kwargs) -> dict | None:
 
 
 def _nbytes(*trees) -> int:
+    """The bytes of the distinct tensors in ``trees``. A launch's are _nbytes(its inputs)
+    + _nbytes(its outputs): a tensor an in-place op reads and writes counts twice, so the
+    sum bounds what the launch moves from above."""
     seen, total = set(), 0
     for tree in trees:
         for t in torch.utils._pytree.tree_leaves(tree):
@@ -117,13 +120,13 @@ class LaunchCounter(TorchDispatchMode):
             out = func(*args, **kwargs)
             kernels = KERNELS.get(name, 1) if ns == "guidedrop" else 0
         if kernels:
-            nbytes = _nbytes(args, kwargs, out)
+            nbytes = _nbytes(args, kwargs) + _nbytes(out)
             self.launches += [Launch(f"cuda:{name}", nbytes if i == 0 else 0)
                               for i in range(kernels)]
         elif name in SYNCS:
             self.syncs.append(name)
         elif name not in FREE and not func.is_view and not ns.startswith("guidedrop"):
-            self.launches.append(Launch(f"aten:{name}", _nbytes(args, kwargs, out)))
+            self.launches.append(Launch(f"aten:{name}", _nbytes(args, kwargs) + _nbytes(out)))
         return out
 
     # ---------------------------------------------------------------- Triton kernels
