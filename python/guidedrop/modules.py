@@ -385,7 +385,10 @@ class FocusedDropout(GuidedDropout):
     ``last_applied`` tells whether the last forward applied it, so a training loop can
     raise weight decay on those steps (the paper's MWD). Under torch.compile or CUDA graph
     capture the draw is made on x's device and ``last_applied`` is a 0-d bool tensor; a
-    program made by torch.export draws in its graph and does not set it.
+    program made by torch.export draws in its graph and does not set it. There the op's
+    noise is drawn on every step, applied or not (eager draws none on a step that is
+    not), so a compiled run's draws after such a step differ from eager's from the same
+    seed; each reproduces itself.
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
     would draw for its own part of the batch and write ``last_applied`` to its own copy):
     use DistributedDataParallel.
