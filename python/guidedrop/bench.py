@@ -1045,7 +1045,7 @@ def model_report(layers, cases, providers, explicit, device, channels_last,
     instructions per element of x in the steady state, with that kernel's name and kind
     (apply or statistics: each kind has its budget; the seed kernels, held to the division
     budget only, where a layer has no other), the bytes per load of x (16: 16-byte vectors;
-    else the widest load of the kernel that loads the narrowest), the runtime integer divisions
+    else the widest load of the least vectorised kernel), the runtime integer divisions
     per 16 bytes of x of all its kernels, and whether all of them meet the static
     budgets (``guidedrop.sass.budget_violations``; "missed:" names those that do not).
     Triton: every launch compiled for sm_90
