@@ -441,7 +441,12 @@ def test_rate_ramp_never_recompiles(forced, layer, dynamic):
     from the first graph on, and a graph that read it without using it (the identity: a
     forward in eval mode first, then the ramp's 0) made Dynamo pin it in every later graph:
     a recompile per step (frames 2, 3, 4, ...), until the modules decided the identity from
-    bools (GuidedDropout._identity)."""
+    bools (GuidedDropout._identity).
+    dynamic=True on the reference backend only: that fault is the modules', above the
+    backends (and with dynamic=None every backend takes the rate symbolic from the
+    second value on)."""
+    if dynamic and dispatch.requested() != "reference":
+        pytest.skip("dynamic=True: the modules' fault, checked on the reference backend")
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _module(layer)).to(DEV)
     sched = guidedrop.LinearRamp(model, steps=20)
