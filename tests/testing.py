@@ -36,7 +36,7 @@ HAS_EXT = _imports("guidedrop._C")  # the CUDA extension is built (it imports wi
 
 # Marks a test that runs the CUDA sources on the CPU SIMT emulator (tests/cuda_emu, built
 # with the host compiler on first use). The default run leaves them out, as it does the
-# slow checks: `pytest -m emulated` runs them (.ci/run: with the slow ones, in a stage of its own).
+# slow checks: `pytest -m emulated` runs them (a stage of .ci/run of its own).
 emulated = pytest.mark.emulated
 # The CUDA backend as a test parameter: the real ops with a GPU, else the emulated ones.
 CUDA = "cuda" if HAS_CUDA else pytest.param("cuda", marks=emulated)
