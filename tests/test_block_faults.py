@@ -425,15 +425,20 @@ def _module(layer):
     return m
 
 
-# The kernel backends' ramps are slow: tests/test_training.py ramps the default backend.
-RAMP_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.slow),
-                 pytest.param("cuda", marks=[pytest.mark.slow, *CUDA.marks] if not HAS_CUDA
-                              else pytest.mark.slow)]
+def ramp_backends(*before):
+    """(*before, backend) for every backend. The kernel backends' ramps are slow:
+    tests/test_training.py ramps the default backend."""
+    cuda_marks = [pytest.mark.slow, *CUDA.marks] if not HAS_CUDA else pytest.mark.slow
+    return [pytest.param(*before, "reference"),
+            pytest.param(*before, "triton", marks=pytest.mark.slow),
+            pytest.param(*before, "cuda", marks=cuda_marks)]
 
 
-@pytest.mark.parametrize("forced", RAMP_BACKENDS, indirect=True)
+# dynamic=True on the reference backend only: its fault was the modules', above the backends
+# (and with dynamic=None every backend takes the rate symbolic from the second value on).
+@pytest.mark.parametrize("dynamic,forced", [*ramp_backends(None), (True, "reference")],
+                         indirect=["forced"])
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("dynamic", [None, True])
 def test_rate_ramp_never_recompiles(forced, layer, dynamic):
     """Conv + layer compiled with fullgraph=True and driven by LinearRamp(steps=20), the
     README's set-up: after the first rates (0: the identity; then the rate made symbolic)
@@ -441,12 +446,7 @@ def test_rate_ramp_never_recompiles(forced, layer, dynamic):
     from the first graph on, and a graph that read it without using it (the identity: a
     forward in eval mode first, then the ramp's 0) made Dynamo pin it in every later graph:
     a recompile per step (frames 2, 3, 4, ...), until the modules decided the identity from
-    bools (GuidedDropout._identity).
-    dynamic=True on the reference backend only: that fault is the modules', above the
-    backends (and with dynamic=None every backend takes the rate symbolic from the
-    second value on)."""
-    if dynamic and dispatch.requested() != "reference":
-        pytest.skip("dynamic=True: the modules' fault, checked on the reference backend")
+    bools (GuidedDropout._identity)."""
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _module(layer)).to(DEV)
     sched = guidedrop.LinearRamp(model, steps=20)
@@ -468,7 +468,7 @@ def test_rate_ramp_never_recompiles(forced, layer, dynamic):
     assert frames[-1] <= (4 if dynamic else 3), frames
 
 
-@pytest.mark.parametrize("forced", RAMP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("forced", ramp_backends(), indirect=True)
 @pytest.mark.parametrize("layer,rate", [("selectscale", "top_rate"), ("selectout", "top_rate"),
                                         ("camdrop", "channel_rate")])
 def test_count_rates_never_recompile(forced, layer, rate):
