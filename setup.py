@@ -9,7 +9,11 @@ build the CUDA extension ``guidedrop._C``:
   built only when torch is importable, CUDA is wanted (a GPU is visible or ``FORCE_CUDA=1``),
   nvcc is found (``CUDA_HOME``, default ``/usr/local/cuda``) and there is at least one
   source.
-  Otherwise the install is pure Python and ``guidedrop`` still imports.
+  Otherwise the install is pure Python and ``guidedrop`` still imports; but with
+  ``FORCE_CUDA=1`` the build stops with the reason (pip shows setup.py's log only with -v,
+  so a pure-Python fallback there would pass unseen).
+- ``guidedrop._C.torch_version``: the torch it was built against, which
+  ``guidedrop.cuda_backend`` compares with the torch it runs with.
 
 Build the extension against the installed torch, without build isolation::
 
@@ -88,12 +92,25 @@ def _shared_libstdcxx() -> list[str]:
     return ["-lstdc++"]
 
 
+def _chars(text: str) -> str:
+    """``text`` as a C initializer list of its character codes: a macro value that survives
+    the shell and ninja unquoted and that the preprocessor leaves alone (a version such as
+    2.14.1+cu130 stringified from tokens could meet a predefined macro)."""
+    return ",".join(str(ord(c)) for c in text)
+
+
 def _extensions() -> tuple[list, dict]:
+    want_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+
+    def pure_python(why: str) -> tuple[list, dict]:
+        if want_cuda:
+            sys.exit(f"guidedrop setup: FORCE_CUDA=1, but {why}: guidedrop._C cannot be built")
+        _log(f"{why}: pure-Python install")
+        return [], {}
+
     sources = _rel("csrc/*.cpp") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/plans/*.cu")
     if not sources:
-        _log("no sources in csrc/: pure-Python install")
-        return [], {}
-    want_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+        return pure_python("there are no sources in csrc/")
     if os.environ.get("CUDA_HOME") is None and os.path.isdir("/usr/local/cuda"):
         # torch.utils.cpp_extension reads CUDA_HOME when imported; the nvcc on PATH may be
         # a wrapper from which torch would guess a wrong root (link fails: -lcudart).
@@ -102,25 +119,22 @@ def _extensions() -> tuple[list, dict]:
         import torch
         from torch.utils import cpp_extension
     except ImportError as e:
-        _log(
-            f"torch does not import ({e}): pure-Python install; to build guidedrop._C "
-            "install torch first and use `pip install --no-build-isolation`"
-        )
-        return [], {}
+        return pure_python(
+            f"torch does not import ({e}; to build guidedrop._C install torch first and use "
+            "`pip install --no-build-isolation`)")
     if not (want_cuda or torch.cuda.is_available()):
-        _log("no GPU visible and FORCE_CUDA != 1: pure-Python install (guidedrop._C not built)")
-        return [], {}
+        return pure_python("no GPU is visible and FORCE_CUDA != 1 (guidedrop._C not built)")
     cuda_home = cpp_extension.CUDA_HOME
     if not cuda_home or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        _log(f"nvcc not found (CUDA_HOME={cuda_home!r}): pure-Python install")
-        return [], {}
+        return pure_python(f"nvcc is not found (CUDA_HOME={cuda_home!r})")
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     isystem = [flag for d in _nvidia_include_dirs() for flag in ("-isystem", d)]
     # No -std here: torch adds the standard its headers need (C++20 for torch 2.14, whose
     # ATen.h has `#error` below C++20). No --use_fast_math: kernels must match the
     # reference exactly.
-    extra_compile_args = {"cxx": ["-O3", *isystem], "nvcc": ["-O3", *isystem]}
+    version = f"-DGUIDEDROP_TORCH_VERSION_CHARS={_chars(torch.__version__)}"
+    extra_compile_args = {"cxx": ["-O3", version, *isystem], "nvcc": ["-O3", *isystem]}
     ext = cpp_extension.CUDAExtension(
         name="guidedrop._C",
         sources=sources,

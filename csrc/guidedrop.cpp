@@ -729,8 +729,9 @@ TORCH_LIBRARY_IMPL(guidedrop, CPU, m) {
 }  // namespace guidedrop
 
 // `import guidedrop._C` loads this library, which registers the ops above as
-// torch.ops.guidedrop.*; the module itself is empty. A bare CPython module (no pybind11,
-// no torch/extension.h) keeps this file's compile time down.
+// torch.ops.guidedrop.*; the module itself holds only torch_version, the torch it was built
+// against (setup.py passes its characters), which guidedrop.cuda_backend checks. A bare
+// CPython module (no pybind11, no torch/extension.h) keeps this file's compile time down.
 #define GD_CONCAT_(a, b) a##b
 #define GD_CONCAT(a, b) GD_CONCAT_(a, b)
 #define GD_STR_(a) #a
@@ -744,5 +745,13 @@ extern "C" PyMODINIT_FUNC GD_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
       -1,
       nullptr,
   };
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+#ifdef GUIDEDROP_TORCH_VERSION_CHARS
+  static const char torch_version[] = {GUIDEDROP_TORCH_VERSION_CHARS, 0};
+  if (m != nullptr && PyModule_AddStringConstant(m, "torch_version", torch_version) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+#endif
+  return m;
 }

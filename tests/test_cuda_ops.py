@@ -189,6 +189,30 @@ def test_cuda_backend_import_error_says_how_to_build(monkeypatch):
     assert BUILD in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 
 
+def test_cuda_backend_refuses_a_build_for_another_torch(monkeypatch):
+    """A _C built against another torch can load (its symbols found) and crash later:
+    cuda_backend compares the version setup.py recorded and names both."""
+    import types
+
+    import guidedrop
+
+    stale = types.ModuleType("guidedrop._C")
+    stale.torch_version = "2.0.0+stale"
+    monkeypatch.setitem(sys.modules, "guidedrop._C", stale)
+    monkeypatch.setattr(guidedrop, "_C", stale, raising=False)
+    monkeypatch.delitem(sys.modules, "guidedrop.cuda_backend", raising=False)
+    with pytest.raises(ImportError, match=rf"built against torch 2\.0\.0\+stale; this is torch "
+                                          rf"{re.escape(torch.__version__)}\..*{re.escape(BUILD)}"):
+        import guidedrop.cuda_backend  # noqa: F401
+
+
+@needs_ext
+def test_cuda_extension_records_its_torch():
+    import guidedrop._C as C
+
+    assert C.torch_version == torch.__version__
+
+
 # --------------------------------------------------------------------------- GPU: opcheck
 
 

@@ -894,7 +894,8 @@ def _resnet_setup(device: torch.device, quick: bool):
     try:
         import torchvision
     except ImportError as e:
-        raise usage_error(f"--resnet needs torchvision ({e})") from None
+        raise usage_error("--resnet needs torchvision: "
+                          f"pip install 'guidedrop[bench]' ({e})") from None
     gpu = device.type == "cuda"
     batch, px = ((32 if quick else 128), 224) if gpu else ((2, 32) if quick else (4, 96))
     # channels_last, except for the CPU smoke test (--quick): oneDNN's first
@@ -1583,7 +1584,8 @@ def run(args) -> list[dict]:
         try:
             import torchvision  # noqa: F401
         except ImportError as e:
-            raise usage_error(f"--resnet needs torchvision ({e})") from None
+            raise usage_error("--resnet needs torchvision: "
+                              f"pip install 'guidedrop[bench]' ({e})") from None
 
     if args.model:
         return model_report(layers, cases, providers, how != "default", device,

@@ -217,7 +217,7 @@ def run(args) -> dict[str, torch.Tensor]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise _usage("show needs matplotlib: pip install 'guidedrop[bench]'") from None
+        raise _usage("show needs matplotlib: pip install 'guidedrop[demo]'") from None
     # an explicit --size wins over --quick's (as demo's options win over its presets)
     photo = load_photo(args.image, args.size or (96 if args.quick else 128))
     x = features(photo)
