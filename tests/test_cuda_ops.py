@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from itertools import product
 from pathlib import Path
 
@@ -176,34 +177,51 @@ def test_cuda_extension_shares_torchs_libstdcxx():
     assert any(lib.startswith("libstdc++.so") for lib in needed), (spec.origin, needed)
 
 
-def test_cuda_backend_import_error_says_how_to_build(monkeypatch):
+def _fake_extension(monkeypatch, module):
+    """guidedrop._C as ``module`` (None: `import guidedrop._C` fails, as where it is not
+    built), cuda_backend not yet imported and no backend loaded but the reference."""
     import guidedrop
+    from guidedrop import dispatch
 
-    monkeypatch.setitem(sys.modules, "guidedrop._C", None)  # `import guidedrop._C` fails
-    monkeypatch.delattr(guidedrop, "_C", raising=False)  # else `from . import _C` finds it
+    monkeypatch.setitem(sys.modules, "guidedrop._C", module)
+    if module is None:
+        monkeypatch.delattr(guidedrop, "_C", raising=False)  # else `from . import _C` takes it
+    else:
+        monkeypatch.setattr(guidedrop, "_C", module, raising=False)
     monkeypatch.delitem(sys.modules, "guidedrop.cuda_backend", raising=False)
-    with pytest.raises(ImportError, match=re.escape(BUILD)):
+    monkeypatch.setattr(dispatch, "_loaded", {"reference": dispatch._loaded["reference"]})
+    return dispatch
+
+
+def test_cuda_backend_import_error_says_how_to_build(monkeypatch):
+    _fake_extension(monkeypatch, None)  # monkeypatch puts the previous modules back afterwards
+    with pytest.raises(ModuleNotFoundError, match=re.escape(BUILD)):
         import guidedrop.cuda_backend  # noqa: F401
-    # monkeypatch puts the previous modules back afterwards
     # the hint is the README's command
     assert BUILD in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 def test_cuda_backend_refuses_a_build_for_another_torch(monkeypatch):
     """A _C built against another torch can load (its symbols found) and crash later:
-    cuda_backend compares the version setup.py recorded and names both."""
+    cuda_backend compares the version setup.py recorded and names both, and dispatch.load
+    warns of it once (auto would pass over it unseen)."""
     import types
-
-    import guidedrop
 
     stale = types.ModuleType("guidedrop._C")
     stale.torch_version = "2.0.0+stale"
-    monkeypatch.setitem(sys.modules, "guidedrop._C", stale)
-    monkeypatch.setattr(guidedrop, "_C", stale, raising=False)
-    monkeypatch.delitem(sys.modules, "guidedrop.cuda_backend", raising=False)
+    dispatch = _fake_extension(monkeypatch, stale)
     with pytest.raises(ImportError, match=rf"built against torch 2\.0\.0\+stale; this is torch "
                                           rf"{re.escape(torch.__version__)}\..*{re.escape(BUILD)}"):
         import guidedrop.cuda_backend  # noqa: F401
+    with pytest.warns(RuntimeWarning, match=r"cuda backend is unavailable: .*2\.0\.0\+stale"):
+        assert dispatch.load("cuda")[0] is None
+
+
+def test_cuda_backend_not_built_is_no_warning(monkeypatch):
+    dispatch = _fake_extension(monkeypatch, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "is not built" in dispatch.load("cuda")[1]
 
 
 @needs_ext

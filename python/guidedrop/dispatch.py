@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -29,18 +30,29 @@ MODULES = {
 # replayed in a CUDA graph Triton took 0.56-2.4x its time (median 1.03 and 1.05).
 AUTO_ORDER = ("cuda", "triton")
 
+# What a kernel backend needs that an install may lack: its absence is no fault.
+OPTIONAL = {"triton": "triton", "cuda": "guidedrop._C"}
+
 _loaded: dict[str, tuple[ModuleType | None, str]] = {"reference": (reference, "")}
 
 
 def load(name: str) -> tuple[ModuleType | None, str]:
-    """(module, "") when backend ``name`` is usable here, else (None, why not)."""
+    """(module, "") when backend ``name`` is usable here, else (None, why not).
+
+    Never raises. A backend that is installed but does not import (guidedrop._C built
+    against another torch, a broken Triton) warns once (RuntimeWarning): ``auto`` would
+    otherwise pass over it unseen."""
     if name not in _loaded:
         try:
             mod = importlib.import_module(MODULES[name])
             why = mod.unavailable() if hasattr(mod, "unavailable") else ""
             _loaded[name] = (None, why) if why else (mod, "")
-        except Exception as e:  # triton or guidedrop._C missing or broken: never fatal here
-            _loaded[name] = (None, f"{MODULES[name]} does not import ({type(e).__name__}: {e})")
+        except Exception as e:
+            why = f"{MODULES[name]} does not import ({type(e).__name__}: {e})"
+            _loaded[name] = (None, why)
+            if not (isinstance(e, ModuleNotFoundError) and e.name == OPTIONAL.get(name)):
+                warnings.warn(f"guidedrop: the {name} backend is unavailable: {why}",
+                              RuntimeWarning, stacklevel=2)
     return _loaded[name]
 
 
