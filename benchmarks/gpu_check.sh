@@ -126,11 +126,13 @@ fi
 # (Not the `emulated` tests: they run the CUDA sources on the CPU.)
 GPU_TESTS=(tests/test_backends.py tests/test_cuda_ops.py tests/test_plans_cuda.py
   tests/test_launches.py tests/test_training.py)
-GPU_TESTS_ARGS=(-q -p no:cacheprovider -n 16 -m "not slow and not emulated"
+# -o addopts=: these options in full, without pyproject's (its --dist worksteal needs
+# pytest-xdist 3.2, which this machine's venv, where nothing is installed, may predate).
+GPU_TESTS_ARGS=(-q -p no:cacheprovider -o addopts= -n 16 -m "not slow and not emulated"
   -k "not test_training or gpu" --junitxml="$OUT/tests.xml" -o faulthandler_timeout=60)
 # memcheck slows every CUDA call: the 8 layers through the CUDA backend, in one process.
-SANITIZER_TESTS=(-q -p no:cacheprovider -n 0 tests/test_backends.py
-  -k "test_layer_matches_reference and cuda")
+SANITIZER_TESTS=(-q -p no:cacheprovider -o addopts= -n 0 -m "not slow and not emulated"
+  tests/test_backends.py -k "test_layer_matches_reference and cuda")
 # The bench: the goal shapes (bench.CUDA_DEFAULT, its default on CUDA) on the GPU; a tiny
 # shape on the CPU in the dry run.
 BENCH=(-m guidedrop bench --mode full --graph --backends all --csv "$OUT/bench.csv"
@@ -187,6 +189,12 @@ except ImportError:
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {tv}")
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible")
+from importlib.metadata import PackageNotFoundError, version
+for name in ("pytest", "pytest-xdist"):
+    try:
+        print(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        print(f"{name} not installed")
 EOF
   "$CUDA_HOME/bin/nvcc" --version | tail -2 || echo "nvcc not found under $CUDA_HOME"
 }

@@ -16,7 +16,7 @@ import pytest
 import guidedrop
 
 ROOT = Path(__file__).resolve().parents[1]
-TREE = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "csrc", "python",
+TREE = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", ".ci", "csrc", "python",
         "triton_kernels", "tests", "benchmarks", "docs")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so", "*.egg-info")
 

@@ -43,8 +43,8 @@ except ImportError as e:  # not built, or built against another torch
         "FORCE_CUDA=1 where no GPU is visible). It runs CUDA tensors only (with "
         "GUIDEDROP_BACKEND=auto, CPU tensors take the reference backend).",
         name="guidedrop._C") from e
-# A build against another torch may still load (its symbols found) and then crash:
-# refuse it by the version setup.py recorded.
+# A build against another torch may load (its symbols found) and still not fit this torch's
+# ABI: refuse to run it, by the version setup.py recorded.
 if getattr(_C, "torch_version", torch.__version__) != torch.__version__:
     raise ImportError(
         f"guidedrop._C, the CUDA extension, was built against torch {_C.torch_version}; this "

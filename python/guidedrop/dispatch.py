@@ -39,9 +39,10 @@ _loaded: dict[str, tuple[ModuleType | None, str]] = {"reference": (reference, ""
 def load(name: str) -> tuple[ModuleType | None, str]:
     """(module, "") when backend ``name`` is usable here, else (None, why not).
 
-    Never raises. A backend that is installed but does not import (guidedrop._C built
-    against another torch, a broken Triton) warns once (RuntimeWarning): ``auto`` would
-    otherwise pass over it unseen."""
+    Raises nothing of its own. A backend that is installed but does not import
+    (guidedrop._C built against another torch, a broken Triton) warns once (RuntimeWarning,
+    an exception under a warnings filter of "error"): ``auto`` would otherwise pass over it
+    unseen."""
     if name not in _loaded:
         try:
             mod = importlib.import_module(MODULES[name])

@@ -379,8 +379,8 @@ def backend() -> types.ModuleType:
     build()
     text = CUDA_BACKEND.read_text()
     where = "python/guidedrop/cuda_backend.py"
-    text = _sub(r"^( *)from \. import _C\b.*$", r"\1pass  # (emulated: no guidedrop._C)", text,
-                where, "from . import _C", count=1, flags=re.M)
+    text = _sub(r"^( *)from \. import _C\b.*$", r"\1_C = None  # (emulated: no guidedrop._C)",
+                text, where, "from . import _C", count=1, flags=re.M)
     text = _sub(r"\btorch\.ops\.guidedrop\b", f"torch.ops.{NAME}", text, where,
                 "torch.ops.guidedrop")
     text = _sub(r"([\"'])guidedrop::", rf"\1{NAME}::", text, where, '"guidedrop::<op>" (fakes)')
