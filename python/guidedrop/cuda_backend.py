@@ -34,11 +34,12 @@ except ImportError as e:  # not built, or built against another torch
     # Not built: say so (Python's own message for a missing submodule speaks of a
     # "partially initialized module" and a circular import, which misleads).
     built = importlib.util.find_spec("guidedrop._C") is not None
+    why = f"does not import ({e})" if built else "is not built"
     # ModuleNotFoundError (named guidedrop._C) where it is not built: dispatch.load passes
     # over that quietly, and warns of a build that does not import.
     raise (ImportError if built else ModuleNotFoundError)(
-        f"guidedrop._C, the CUDA extension, {f'does not import ({e})' if built else 'is not built'}"
-        ". Build it against the installed torch on a machine with nvcc, as the README says: "
+        f"guidedrop._C, the CUDA extension, {why}. Build it against the "
+        "installed torch on a machine with nvcc, as the README says: "
         "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` (with "
         "FORCE_CUDA=1 where no GPU is visible). It runs CUDA tensors only (with "
         "GUIDEDROP_BACKEND=auto, CPU tensors take the reference backend).",
