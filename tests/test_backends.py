@@ -267,6 +267,22 @@ def test_attention_stats_long_maps(B, layout):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+def test_attention_stats_long_maps_of_one_sign(B):
+    """Maps over MAX_ROW (130 x 130, not a multiple of the chunk) all negative or all
+    positive: the chunked min and max must ignore the last chunk's positions past the map
+    (loaded as 0.0), or a negative map's max (a positive map's min) becomes 0 and so do
+    its thresholds' r = 1 / (max - min) and the soft mask's sum."""
+    x = make_x((1, 2, 130, 130), torch.float32, DEV).abs() + 0.5
+    x[0, 0] = -x[0, 0]
+    active = torch.ones(1, 2, dtype=torch.bool, device=DEV)
+    for mode, k in (("sm", 5071), ("ad", 130)):
+        got = B.attention_stats(x, k, active, mode)
+        ref = R.attention_stats(x, k, active, mode)
+        for g, r in zip(got, ref, strict=True):
+            assert_same(g, r)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
 def test_statistics_nan_inf(B):
     x = make_x((2, 3, 6, 5), torch.float32, DEV).clone()
     x[0, 0, 1, 1] = float("nan")
@@ -382,6 +398,17 @@ def test_cam(B, x):
     n, c = x.shape[:2]
     alpha = torch.randn(n, c, generator=gen(4)).to(DEV)
     close(B.cam(x, alpha), R.cam(x, alpha), scale=10 * math.sqrt(c))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cam_exact(B, layout):
+    """J is the reference's bit for bit (products exact and sums in float64, rounded once to
+    float32), not only within a tolerance: J's top-k decides CamDrop's spatial candidates
+    (SPEC §1, §6), so products rounded to float32 first would move J by an ulp and the
+    candidates where two J are close."""
+    x = make_x((2, 9, 7, 10), torch.float32, DEV, layout)
+    alpha = torch.randn(2, 9, generator=gen(12)).to(DEV)
+    assert_same(B.cam(x, alpha), R.cam(x, alpha))
 
 
 @pytest.mark.parametrize("c", [1, 2])
@@ -614,6 +641,24 @@ def test_seed_bits_philox(B):
     s = R.unpack_seeds(B.seed_bits(None, None, 0.9, r, cand_s, cand_c, shape, dev), c, h, w)
     assert not (s & ~(cand_s[:, None] & cand_c[:, :, None, None])).any()
     assert s.any()
+
+
+def test_seed_bits_philox_independent(B):
+    """noise=None at g = 1/2 with every unit a valid centre (r = 1): no two units share a
+    uniform (a kernel's Philox counters overlapping, say). At every lag up to 16 (a byte's
+    8 bits take two calls of four uniforms) and between the samples, both bits are set
+    with probability 1/4, within 5 standard errors (about 0.025). Counters 2q + half
+    written q + half (a byte's second call the next byte's first) give 0.375 at lag 4."""
+    n, c, h, w = 2, 4, 32, 30
+    torch.manual_seed(8)
+    bits = B.seed_bits(None, None, 0.5, 1, None, None, (n, c, h, w), x_device())
+    s = R.unpack_seeds(bits, c, h, w).flatten(1).double()
+    flat = s.flatten()
+    for d in range(1, 17):
+        both = (flat[:-d] * flat[d:]).mean().item()
+        assert abs(both - 0.25) < 5 * math.sqrt(3 / 16 / (flat.numel() - d)), (d, both)
+    both = (s[0] * s[1]).mean().item()
+    assert abs(both - 0.25) < 5 * math.sqrt(3 / 16 / s.shape[1]), both
 
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 9, 13])

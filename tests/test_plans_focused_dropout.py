@@ -75,6 +75,38 @@ def test_ties_nonfinite_thresholds(B, per_position):
     assert 0 < mask.sum() < mask.numel()
 
 
+@pytest.mark.parametrize("per_position", [False, True])
+def test_v_zero_keeps_everything(B, per_position):
+    """v = 0 exactly (the reference channel's maximum is +0.0 in sample 0, -0.0 in sample 1:
+    x_r > γ·0 holds nowhere) keeps the whole sample (SPEC §5 step 4: v <= 0), as v < 0
+    does; a sample with v > 0 beside them."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 5, 6)
+    x[0, 0] = 0.0  # r = 0 (mean 0, the others below), v = +0.0
+    x[0, 1:] = -x[0, 1:].abs() - 0.5
+    x[1, 2] = -x[1, 2].abs() - 0.5  # r = 2 (mean above the others'), its maximum -0.0
+    x[1, 2, 1, 3] = -0.0
+    x[1, [0, 1, 3]] = x[1, 2] - 1
+    x = x.to(DEV)
+    mask = check(B, x, 0.3, 0.6, per_position, _noise(x, per_position))
+    assert mask[0].all() and mask[1].all() and not mask[2].all()
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_strided_noise(B, per_position):
+    """noise a view with strides of its own (a slice of a wider tensor; transposed maps
+    with per_position): read at its strides."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 5, 6).to(DEV)
+    if per_position:
+        us = [torch.rand(2, 6, 8, device=DEV)[:, 1:, 1:7],
+              torch.rand(2, 6, 5, device=DEV).transpose(1, 2)]
+    else:
+        us = [torch.rand(2, 3, device=DEV)[:, 1]]
+    for u in us:
+        check(B, x, 0.3, 0.6, per_position, u)
+
+
 def test_long_maps(B):
     """H * W longer than one chunk of the plan kernel (4096 positions), many channels."""
     torch.manual_seed(2)

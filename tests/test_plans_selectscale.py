@@ -156,6 +156,16 @@ def test_long_rows(B):  # noqa: F811
     check(B, "selectout", x, 0.3, 0.8, noise=u)
 
 
+def test_strided_noise(B):  # noqa: F811
+    """noise a view with strides of its own (transposed; every other column of a wider
+    tensor): read at its strides, by both plans."""
+    torch.manual_seed(6)
+    x = make_x((3, 7, 4, 5), device=DEV)
+    for u in (torch.rand(7, 3, device=DEV).t(), torch.rand(3, 14, device=DEV)[:, ::2]):
+        check(B, "selectscale", x, 0.5, 0.1, noise=u)
+        check(B, "selectout", x, 0.5, 0.75, noise=u)
+
+
 def test_rate_tensors():
     """Triton's traced path (rates and the candidates' count k as 0-dim tensors) gives the
     eager plan (CUDA's: test_plans_cuda.test_plan_ops_rates_tensor)."""

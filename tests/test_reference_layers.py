@@ -394,6 +394,26 @@ def test_corrdrop_p_hat():
     assert naive.corrdrop_phat(0.5, 2, 4, 4, 0) == 0.0
 
 
+@pytest.mark.parametrize("p,h,w,z,kept", [
+    (0.58, 5, 10, 29, True),    # p'N'/z = 1 - 1.1e-16 in SPEC's order: q = 1.1e-16 > u = 0
+    (2 / 3, 7, 3, 14, False),   # p'N'/z = 1 in SPEC's order: q = 0, u = 0 drops
+])
+def test_corrdrop_p_hat_in_spec_order(p, h, w, z, kept):
+    """p̂ = p'·N'/z with p' = p·H·W/(k²·H'·W') rounded as written (SPEC §1, §2 step 4):
+    where p'·N'/z is 1 mathematically, the order of the float steps decides q = 1 − p̂
+    (another order, p·H·W/k²/z, swaps these two cases). k = 1: N' = H·W rows; the first z
+    are zero rows (F = 1/N', κ = 0: M = 0), the others equal (F = (N' − z − 1)/N', κ = 1:
+    M = 1), so exactly z candidates; noise 0 everywhere."""
+    x = torch.zeros(1, 2, h, w)
+    x.view(2, -1)[0, z:] = 1.0
+    noise = torch.zeros(2, 1, h, w)
+    assert naive.corrdrop_block_mask(x, noise, p, 1)[0] == [
+        [1 if i * w + j >= z or kept else 0 for j in range(w)] for i in range(h)]
+    _, w_ref = naive.naive_corrdrop(x, noise, p=p, block_size=1, normalize="none")
+    w = multiplier(lambda t: F.corrdrop(t, p, 1, normalize="none", noise=noise), x)
+    assert torch.equal(w.double(), w_ref)
+
+
 def test_selectscale_hand_tie():
     # |x| maxima per channel: 3, 5, 5 (a -5), 1, 2 -> n_t = round(0.2 * 5) = 1, v_1 = 5,
     # both tied channels 1 and 2 are candidates.
@@ -514,6 +534,24 @@ def test_focused_dropout_hand():
         torch.testing.assert_close(w_ref, e)
         w = multiplier(lambda t, u=u, params=params: F.focused_dropout(t, noise=u, **params), x)
         torch.testing.assert_close(w.double(), e)
+
+
+def test_focused_dropout_v_zero_leaves_sample_unchanged():
+    """SPEC §5 step 4, v = 0 exactly (v <= 0, not v < 0): the reference channel's maximum
+    is 0 (a dead ReLU channel with the highest mean), so x_r > γ·v = 0 would drop every
+    position; the sample is left unchanged instead, its other channels too."""
+    x = torch.zeros(2, 2, 2, 2)
+    x[:, 1] = torch.tensor([[-5.0, 1.0], [1.0, 1.0]])  # mean -0.5 < 0: r = 0, v = 0
+    x[1, 0, 0, 0] = -1.0  # sample 1: r = 0 again (mean -0.25), v = 0 at the other units
+    for per_position in (False, True):
+        u = torch.full((2, 2, 2) if per_position else (2,), 0.5)
+        _, w_ref = naive.naive_focused_dropout(x, u, per_position=per_position)
+        assert torch.equal(w_ref, torch.ones_like(w_ref))
+        y = F.focused_dropout(x, 0.3, 0.6, per_position=per_position, noise=u)
+        assert torch.equal(y, x)
+        w = multiplier(lambda t, u=u, pp=per_position: F.focused_dropout(
+            t, 0.3, 0.6, per_position=pp, noise=u), x)
+        assert torch.equal(w, torch.ones_like(w))
 
 
 def test_camdrop_hand():
