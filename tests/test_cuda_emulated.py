@@ -1010,3 +1010,77 @@ def test_emulated_seeds_runs(E, shared):
             x = make_x((n, c, h, w), dtype, "cpu", layout)
             assert_same(E.apply_seeds(x, bits, r, shared, scale),
                         R.apply_seeds(x, bits, r, shared, scale), f"{what} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("r", [50, 51, 53])
+def test_emulated_seeds_wide_blocks_one_seed(E, r):
+    """Blocks of r = 50 to 53 units, one seed at a time at every valid centre of a row
+    (every bit of the block a unit covered by that seed only): apply_seeds' covered_run
+    reads the len + r - 1 seed bits a run can reach as one 64-bit word, up to 7 bits into
+    its first byte, so at most 57 of them (bfloat16 runs of up to 8 units: len + r - 1 = 57
+    to 60 here, on each side of the per-unit fallback), and seed_coverage's block_byte
+    dilates in pieces of 50 offsets (r > 50: two pieces). test_emulated_seeds_runs' random
+    seeds cover every unit several times over, so a seed bit lost there shows nowhere."""
+    n, c, h, w = 1, 1, r + 3, 130  # W % 8 == 2: runs of every length from 2 to 8
+    x = make_x((n, c, h, w), torch.bfloat16)
+    one = torch.ones(n)
+    for row in range(r // 2, h - r + r // 2 + 1):
+        for col in range(r // 2, w - r + r // 2 + 1):
+            seeds = torch.zeros(n, c * h * w, dtype=torch.bool)
+            seeds[0, row * w + col] = True
+            bits = R.pack_bits(seeds)
+            what = f"r={r} seed at {(row, col)}"
+            assert_same(E.apply_seeds(x, bits, r, False, one),
+                        R.apply_seeds(x, bits, r, False, one), f"apply {what}")
+            assert_same(E.seed_coverage(bits, r, c, h, w), R.seed_coverage(bits, r, c, h, w),
+                        f"coverage {what}")
+
+
+def test_emulated_channel_stats_short_maps_nan_and_float64_sums(E):
+    """channel_stats where its tests above have only long or aligned maps: NCHW maps
+    shorter than the scalar head up to their first 16-byte boundary (H * W < 8 in
+    bfloat16: a lane must not read the next map's units); channels_last with a NaN at a
+    position of another row of threads than the first (its amax is NaN: the rows'
+    combination propagates it too); and sums that float32 would round (2^25 + 1 + ... -
+    2^25: the float64 sum is exact, the mean the reference's)."""
+    for dtype in DTYPES:
+        for shape in [(2, 3, 1, 3), (3, 5, 1, 2), (2, 3, 2, 3), (1, 7, 1, 1)]:
+            x = make_x(shape, dtype)
+            for got, want, name in zip(E.channel_stats(x), R.channel_stats(x), ("amax", "mean"),
+                                       strict=True):
+                assert_same(got, want, f"{name} {shape} {dtype}")
+    x = make_x((2, 16, 5, 7), torch.float32, layout="channels_last").clone()
+    x[0, 3, 4, 6] = x[1, 12, 2, 1] = float("nan")
+    got, want = E.channel_stats(x)[0], R.channel_stats(x)[0]
+    assert want.isnan().sum() == 2
+    assert_same(got, want, "channels_last NaN")
+    x = torch.ones(2, 3, 8, 8)
+    x[:, :, 0, 0], x[:, :, 7, 7] = 2.0**25, -(2.0**25)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert_same(E.channel_stats(xx)[1], R.channel_stats(xx)[1], f"mean {xx.stride()}")
+
+
+def test_emulated_focused_dropout_argmax_ties_and_zero_max(B):
+    """FocusedDropout's plan kernel: channels of equal means (the same values in another
+    order; also past the first thread's channels, C > 32) give the first of them (SPEC
+    §5, torch.argmax), which differs from the others' mask; and a reference channel whose
+    max is exactly 0 keeps every unit (v <= 0)."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(2, 4, 5, 7), (2, 40, 3, 4)]:
+        x = make_x(shape, torch.float32).clone()
+        x[:, 1] += 5
+        x[:, 2] = x[:, 1].flip(-1)
+        x[:, -1] = x[:, 1].flip(-2)
+        for pp in (False, True):
+            noise = torch.rand((shape[0], *shape[2:]) if pp else shape[:1], generator=gen)
+            assert_same(_run(B, "focused_dropout", x, 0.3, 0.6, per_position=pp, noise=noise),
+                        _run(R, "focused_dropout", x, 0.3, 0.6, per_position=pp, noise=noise),
+                        f"ties {shape} per_position={pp}")
+    x = -make_x((2, 4, 5, 7), torch.float32).abs() - 1
+    x[:, 1] += 1.0
+    x[:, 1, 2, 3] = 0.0  # channel 1: the largest mean, its max exactly 0
+    noise = torch.rand(2, generator=gen)
+    y = _run(B, "focused_dropout", x, 0.3, 0.6, per_position=False, noise=noise)
+    assert_same(y, _run(R, "focused_dropout", x, 0.3, 0.6, per_position=False, noise=noise),
+                "max 0")
+    assert_same(y, x, "max 0 keeps everything")
