@@ -1084,3 +1084,33 @@ def test_emulated_focused_dropout_argmax_ties_and_zero_max(B):
     assert_same(y, _run(R, "focused_dropout", x, 0.3, 0.6, per_position=False, noise=noise),
                 "max 0")
     assert_same(y, x, "max 0 keeps everything")
+
+
+def test_emulated_attentiondrop_everything_dropped(B):
+    """AttentionDrop's plan where no unit is kept: every map active and "am" on constant
+    maps (x >= thr everywhere, S = 0), so kept = 0 and the scale is 0 in both
+    normalisations, as the reference's, not 1 / 0: y = 0, not NaN (0 * Inf)."""
+    x = torch.ones(2, 3, 5, 7) * torch.arange(1.0, 4.0)[None, :, None, None]
+    noise = torch.zeros(2, 3)
+    for norm in ("batch", "sample"):
+        y = _run(B, "attentiondrop", x, 0.6, 20.0, mode="am", normalize=norm, noise=noise)
+        assert_same(y, _run(R, "attentiondrop", x, 0.6, 20.0, mode="am", normalize=norm,
+                            noise=noise), norm)
+        assert not y.any(), norm
+
+
+def test_emulated_channel_plans_runtime_rates_round_as_eager(E):
+    """The SelectScale / Selectout plans with their rates as a float64 tensor read in the
+    kernel (torch.compile's runtime rates): the candidates k = round(top_rate * C), half to
+    even, and n_drop = round((1 - keep) * C) (keep = 0.8), as the host computes them for float rates
+    (7 * 0.5 = 3.5 and 7 * 0.9 = 6.3, 10 * 0.25 = 2.5, 10 * 0.35 = 3.5, 10 * 0.56 = 5.6)."""
+    gen = torch.Generator().manual_seed(8)
+    for c, tops in [(7, (0.5, 0.9, 0.3)), (10, (0.25, 0.35, 0.56))]:
+        amax = torch.rand(3, c, generator=gen)
+        u = torch.rand(3, c, generator=gen)
+        for top in tops:
+            rates = torch.tensor([top, 0.8], dtype=torch.float64)
+            assert_same(E.selectscale_plan(amax, u, 0.0, 0.0, rates),
+                        E.selectscale_plan(amax, u, top, 0.8, None), f"selectscale {c} {top}")
+            assert_same(E.selectout_plan(amax, u, 0.0, 0.0, rates),
+                        E.selectout_plan(amax, u, top, 0.8, None), f"selectout {c} {top}")
