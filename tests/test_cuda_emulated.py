@@ -320,15 +320,19 @@ def test_emulated_attention_stats_signed_zeros(E, hw):
 def test_emulated_kth_largest_every_digit_long_rows(E):
     """Rows over the shared-memory buffer (10240 keys), read twice: the top digit's keys
     packed into shared memory, or, for the rows whose keys all share the top 8 bits
-    (1 + j ulp: more than 10240 candidates), the lower passes re-reading x."""
+    (1 + j ulp: more than 10240 candidates), the lower passes re-reading x. The same for
+    attention_stats' maps too long for map_select_regs_kernel (over 14336 units), where
+    the second read also takes the map's min and max whether or not it packs the keys."""
     v = radix_rows(10300)
     for k in (1, 2, 5150, 10300):
         assert_same(E.kth_largest(v, k), R.kth_largest(v, k), f"k={k}")
-    x = (1 + make_x((1, 2, 103, 100), torch.float32, layout="channels_last").abs() / 8)
     active = torch.tensor([[True, True]])
-    got, want = E.attention_stats(x, 2200, active, "sm"), R.attention_stats(x, 2200, active, "sm")
-    for i in range(4):
-        assert_same(got[i], want[i], f"attention_stats {i}")
+    for hw in ((103, 100), (121, 120)):  # map_select_regs_kernel's block form; then not
+        x = 1 + make_x((1, 2, *hw), torch.float32).abs() / 8  # keys of one top digit
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            got, want = (B_.attention_stats(xx, 2200, active, "sm") for B_ in (E, R))
+            for i in range(4):
+                assert_same(got[i], want[i], f"attention_stats {hw} {xx.stride()} {i}")
 
 
 @pytest.mark.parametrize("hw", [(7, 7), (50, 60), (103, 100), (112, 128), (113, 128)],
