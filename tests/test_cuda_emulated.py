@@ -237,6 +237,28 @@ def test_emulated_op_matches_reference(E, op, dtype):
 
 
 @pytest.mark.parametrize("op", T.OPS)
+def test_emulated_op_one_block_grids(E, op, monkeypatch):
+    """Every grid_for grid one block (GUIDEDROP_EMU_MAX_GRID, emu.h), so that each
+    grid-stride loop runs several passes (96 or 99 maps; 8640 or 8910 elements, 5 passes
+    of 16-byte chunks in bfloat16; C = 32 takes the channels_last applies' 16-byte path),
+    as on a GPU past 2^18 blocks of work (common.cuh): the outputs without the cap's."""
+    monkeypatch.setenv("GUIDEDROP_EMU_MAX_GRID", "1")
+    for dtype, layout, c in product(DTYPES, LAYOUTS, (32, 33)):
+        shape = (3, c, 9, 10)
+        args = T._samples(dtype, layout, device="cpu", shape=shape)[op]
+        cases = [args]
+        if op == "apply_seeds":  # and r = 1, the plans' state (seed_blocks), shared or not
+            x, bits, _, _, scale = args
+            shared = R.seed_bits(torch.rand(3, 1, 9, 10, generator=torch.Generator()
+                                            .manual_seed(c)), None, 0.3, 1, None, None,
+                                 (3, 1, 9, 10), "cpu")
+            cases += [(x, bits, 1, False, scale), (x, shared, 1, True, scale)]
+        for a in cases:
+            _check_op(op, a, getattr(E, op)(*a), T._reference(op, a),
+                      f"{op} one block {dtype} {layout} C={c} {a[2:4] if len(a) > 3 else ''}")
+
+
+@pytest.mark.parametrize("op", T.OPS)
 def test_emulated_opcheck(B, op):
     """Schema (no input mutated, no output aliased) and the fake kernels of cuda_backend.py
     against the real kernels' outputs (shapes, dtypes, strides)."""
@@ -772,10 +794,15 @@ LAYERS = ["corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop
           "focused_dropout", "camdrop", "dropblock"]
 
 
+@pytest.mark.parametrize("max_grid", [None, "1"], ids=["grids", "one_block"])
 @pytest.mark.parametrize("layer", LAYERS)
-def test_emulated_layer_matches_reference(B, layer):
+def test_emulated_layer_matches_reference(B, layer, max_grid, monkeypatch):
     """guidedrop.layers.<layer> on the emulated CUDA backend vs on the reference, with
-    explicit noise: identical outputs (AttentionDrop: its scale comes from a float32 sum)."""
+    explicit noise: identical outputs (AttentionDrop: its scale comes from a float32 sum);
+    also with every grid_for grid one block (test_emulated_op_one_block_grids), the plan
+    kernels' loops over the samples."""
+    if max_grid:
+        monkeypatch.setenv("GUIDEDROP_EMU_MAX_GRID", max_grid)
     gen = torch.Generator().manual_seed(11)
     for shape, (dtype, layout) in product([(2, 3, 5, 7), (2, 4, 9, 8)], WIDE_COMBOS):
         torch.manual_seed(sum(shape))

@@ -47,11 +47,21 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most blocks grid_for gives. On a GPU the grid-stride loops run a second pass only
+// past 2^18 blocks of work: over 2^18 maps for the kernels of a block per map (a batch of
+// 256 at 2048 channels), hundreds of millions of elements for the others. The CPU
+// emulator's tests lower it (tests/cuda_emu/emu.h), so that every loop runs several passes
+// on small inputs there.
+constexpr int64_t kMaxGrid = int64_t(1) << 18;
+#ifndef GUIDEDROP_MAX_GRID
+#define GUIDEDROP_MAX_GRID kMaxGrid
+#endif
+
 // Blocks for a grid-stride loop over `work` items with `threads` threads per block. The
 // cap keeps grid.x far below its limit; the loops cover whatever the grid does not.
 inline unsigned grid_for(int64_t work, int threads) {
   const int64_t blocks = ceil_div(std::max<int64_t>(work, 1), threads);
-  return static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(1) << 18));
+  return static_cast<unsigned>(std::min<int64_t>(blocks, GUIDEDROP_MAX_GRID));
 }
 
 inline bool aligned16(const at::TensorBase& t) {

@@ -317,8 +317,8 @@ void launch_pooled_correlation(const at::TensorBase& x, int64_t k, const at::Ten
       pv.wp = fast_div(Wp);
       pv.groups = fast_div(std::max<int64_t>(C / V, 1));
     }
-    pooled_correlation_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(N, 65535)),
-                                          kTile * kRowsY, 0, current_stream()>>>(
+    pooled_correlation_kernel<scalar_t><<<grid_for(N, 1), kTile * kRowsY, 0,
+                                          current_stream()>>>(
         x.data_ptr<scalar_t>(), s, N, C, H, W, k, Hp, Wp, Np, pv,
         pooled.data_ptr<double>(), row_flag.data_ptr<float>(),
         reinterpret_cast<unsigned long long*>(colsum.data_ptr<int64_t>()), F.data_ptr<float>());

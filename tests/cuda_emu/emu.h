@@ -66,6 +66,14 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// grid_for's cap (csrc/cuda/common.cuh: GUIDEDROP_MAX_GRID): $GUIDEDROP_EMU_MAX_GRID when
+// set, read at each launch so that a test can set it (1: one block, every grid-stride loop
+// a pass per block's work), else the GPU build's.
+inline int64_t max_grid(int64_t fallback) {
+  const char* env = std::getenv("GUIDEDROP_EMU_MAX_GRID");
+  return env != nullptr && std::atoll(env) > 0 ? std::atoll(env) : fallback;
+}
+
 inline double timeout_s() {
   static const double seconds = [] {
     const char* env = std::getenv("GUIDEDROP_EMU_TIMEOUT");
@@ -429,6 +437,8 @@ unsigned warp_bits(uint64_t mine, Pred pred) {  // bit i: pred(slot of lane i, m
 inline int lane() { return linear() % 32; }
 
 }  // namespace emu
+
+#define GUIDEDROP_MAX_GRID (emu::max_grid(kMaxGrid))
 
 #define threadIdx emu::tidx
 #define blockIdx emu::bidx
