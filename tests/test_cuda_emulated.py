@@ -12,8 +12,11 @@ The build (~20 s on 2 cores, cached under ~/.cache/guidedrop-emu/) is part of th
 kernel that no longer compiles, or that the emulator's rewrites no longer fit, fails here.
 The only skip is for a missing CUDA include folder (vector_types.h).
 
-Not checked here (see tests/cuda_emu/emu.h): FMA contraction by nvcc, nvcc-only compile
-errors, real inter-block concurrency and memory ordering, speed, graph capture.
+Checked here although a CPU alone would not: misaligned 16-byte accesses (an abort, see
+tests/cuda_emu/build.py) and every grid-stride loop past its first pass (grid_for's cap
+lowered to one block). Not checked here (see tests/cuda_emu/emu.h): FMA contraction by
+nvcc, nvcc-only compile errors, real inter-block concurrency and memory ordering, speed,
+graph capture.
 """
 
 from __future__ import annotations
@@ -206,6 +209,18 @@ def _cases(dtype):
                 yield shape, layout
 
 
+def _with_r1(op, args):
+    """args, and for apply_seeds also its r = 1 forms (the plans' state, seed_blocks: the
+    apply_bits kernels), with a mask a channel and one shared by the channels."""
+    if op != "apply_seeds":
+        return [args]
+    x, bits, _, _, scale = args
+    n, _, h, w = x.shape
+    u = torch.rand(n, 1, h, w, generator=torch.Generator().manual_seed(x.shape[1]))
+    shared = R.seed_bits(u, None, 0.3, 1, None, None, (n, 1, h, w), "cpu")
+    return [args, (x, bits, 1, False, scale), (x, shared, 1, True, scale)]
+
+
 def _check_op(op, args, got, want, what):
     got, want = T._as_tuple(got), T._as_tuple(want)
     assert len(got) == len(want), what
@@ -244,16 +259,8 @@ def test_emulated_op_one_block_grids(E, op, monkeypatch):
     as on a GPU past 2^18 blocks of work (common.cuh): the outputs without the cap's."""
     monkeypatch.setenv("GUIDEDROP_EMU_MAX_GRID", "1")
     for dtype, layout, c in product(DTYPES, LAYOUTS, (32, 33)):
-        shape = (3, c, 9, 10)
-        args = T._samples(dtype, layout, device="cpu", shape=shape)[op]
-        cases = [args]
-        if op == "apply_seeds":  # and r = 1, the plans' state (seed_blocks), shared or not
-            x, bits, _, _, scale = args
-            shared = R.seed_bits(torch.rand(3, 1, 9, 10, generator=torch.Generator()
-                                            .manual_seed(c)), None, 0.3, 1, None, None,
-                                 (3, 1, 9, 10), "cpu")
-            cases += [(x, bits, 1, False, scale), (x, shared, 1, True, scale)]
-        for a in cases:
+        args = T._samples(dtype, layout, device="cpu", shape=(3, c, 9, 10))[op]
+        for a in _with_r1(op, args):
             _check_op(op, a, getattr(E, op)(*a), T._reference(op, a),
                       f"{op} one block {dtype} {layout} C={c} {a[2:4] if len(a) > 3 else ''}")
 
@@ -481,6 +488,19 @@ def test_emulated_apply_vector_and_scalar_paths_agree(E, op):
     g = torch.ones(1).expand(args[0].shape)
     gargs = (g, *args[1:])
     assert_same(getattr(E, op)(*gargs), T._reference(op, gargs), f"{op} stride-0 grad")
+    # each tensor operand alone one element off its alignment: a vector path chosen on the
+    # others' alignment reads it misaligned, a fault on a GPU (an abort here: build.py's
+    # ALIGNMENT); 8 x 8 maps and channels_last with C = 8 take the vector paths
+    for (shape, layout), dtype in product((((2, 3, 9, 13), "contiguous"),
+                                           ((2, 3, 8, 8), "contiguous"),
+                                           ((2, 8, 3, 5), "channels_last")), DTYPES):
+        for args in _with_r1(op, T._samples(dtype, layout, device="cpu", shape=shape)[op]):
+            want = getattr(E, op)(*args)
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor) and a.numel() > 1:
+                    odd = (*args[:i], misaligned(a), *args[i + 1:])
+                    assert_same(getattr(E, op)(*odd), want,
+                                f"{op} {dtype} {layout} {args[2:4]} operand {i}")
 
 
 def test_emulated_channel_stats_vector_and_scalar_paths(E):

@@ -24,11 +24,16 @@ What changes on the way (every rewrite is checked; a source it no longer fits fa
 - The CUDA runtime headers csrc includes (``c10/cuda/CUDAStream.h``, ``CUDAGuard.h``,
   ``CUDAException.h``, ``ATen/cuda/CUDAGeneratorImpl.h``) are replaced by stubs.
 
+Two checks a CPU would not make on its own: UBSan's alignment check (``ALIGNMENT``) aborts
+the process at an access misaligned for its type, a 16-byte vector off a 16-byte boundary
+say (a fault on a GPU, a plain load on a CPU), and ``$GUIDEDROP_EMU_MAX_GRID`` (emu.h) lowers
+``grid_for``'s cap, so that the grid-stride loops run several passes on small inputs.
+
 The generated sources and the build live in ``<cache>/<hash>/`` (cache: $GUIDEDROP_EMU_CACHE,
 default ``~/.cache/guidedrop-emu``; hash of csrc/, this folder, the torch and Python
 versions and $CXX), never in the repository, so a rerun with the same sources reuses the
-build. Needs a C++20 compiler, ninja and ``/usr/local/cuda/include`` (or $CUDA_HOME/include)
-for ``vector_types.h``; no GPU, no nvcc.
+build. Needs a C++20 compiler with UBSan (gcc and clang have it), ninja and
+``/usr/local/cuda/include`` (or $CUDA_HOME/include) for ``vector_types.h``; no GPU, no nvcc.
 
 Run ``python tests/cuda_emu/build.py`` to build and print where the library is.
 """
@@ -50,6 +55,10 @@ REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
 CUDA_BACKEND = REPO / "python" / "guidedrop" / "cuda_backend.py"
 NAME = "guidedrop_emu"
+# An access at an address that is not a multiple of its type's alignment (csrc's alignas(16)
+# Vec off a 16-byte boundary, say) faults on a GPU; a CPU reads it. UBSan's alignment check
+# aborts the process instead.
+ALIGNMENT = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]
 KEEP_BUILDS = 4  # older build folders under the cache are deleted
 
 
@@ -355,8 +364,8 @@ def build(verbose: bool = False) -> str:
         [str(u) for u in units],
         extra_include_paths=[str(src / "include"), str(src), str(cuda_include())],
         extra_cflags=["-O1", "-std=c++20", "-pthread", "-ffp-contract=off", "-Wno-unknown-pragmas",
-                      "-Wno-unused-function", "-Wno-attributes"],
-        extra_ldflags=["-pthread"],
+                      "-Wno-unused-function", "-Wno-attributes", *ALIGNMENT],
+        extra_ldflags=["-pthread", *ALIGNMENT],
         build_directory=str(out),
         is_python_module=False,  # loads the library: registers torch.ops.guidedrop_emu.*
         verbose=verbose,
