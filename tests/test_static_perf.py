@@ -397,3 +397,222 @@ def test_bench_model_prints_sass_counts(capsys):
                             "_apply_channel_flat_kernel (apply)"), row
     out = capsys.readouterr().out
     assert "SASS/elem" in out and "div/16 B" in out and row["worst"] in out
+
+
+# --------------------------------------------------------------------------- the counter on
+# hand-written SASS (default tier: no Triton compile, no cuobjdump). The slow tests above read
+# compiled kernels, whose figures move with every compiler; these hold each rule of the counter
+# to a listing whose answer is worked out by hand, so that a counter broken in one rule (a
+# loop missed, a width misread, a budget compared the wrong way) fails here and not only where
+# a real kernel happens to sit at that rule's edge.
+
+
+def _listing(name, code):
+    """``cuobjdump -sass`` text of one kernel: ``code`` is [(address, instruction)], each
+    printed as cuobjdump prints it (its encoding in a second comment, which parse skips)."""
+    lines = ["", "\tcode for sm_90a", f"\t\tFunction : {name}",
+             '\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"']
+    for addr, ins in code:
+        lines.append(f"        /*{addr:04x}*/                   {ins} ;"
+                     f"                      /* 0x000fe20000000f00 */")
+        lines.append(" " * 89 + "/* 0x000fe20000000f00 */")
+    return "\n".join(lines) + "\n\t\t..........\n"
+
+
+# A kernel of every shape the counter tells apart: code before the loops (a 4-byte load, a
+# spill and its reload, a division), a loop over a few float64 statistics (two 8-byte loads:
+# 128 bits, as many as x's vector but narrower), the loop that streams x (a 16-byte load, a
+# predicated 2-byte load, a division by a runtime value, one by a constant, a nested loop of
+# 1-byte loads, a CALL of the 64-bit division routine, a CALL of another routine, 16-, 8- and
+# 2-byte stores), then the two routines and the padding after the last instruction.
+_KERNEL = [
+    (0x000, "LDC R1, c[0x0][0x28]"),
+    (0x010, "LDG.E R2, desc[UR4][R4.64]"),
+    (0x020, "STL [R1], R2"),
+    (0x030, "LDL R3, [R1]"),
+    (0x040, "IMAD.HI.U32 R5, R6, R7, RZ"),
+    (0x050, "LDG.E.64 R8, desc[UR4][R10.64]"),  # the statistics loop [0x50, 0x80]
+    (0x060, "LDG.E.64 R12, desc[UR4][R10.64+0x8]"),
+    (0x070, "IADD3 R10, R10, 0x10, RZ"),
+    (0x080, "@P0 BRA 0x50"),
+    (0x090, "LDG.E.128 R16, desc[UR4][R14.64]"),  # the streaming loop [0x90, 0x170]
+    (0x0a0, "@P1 LDG.E.S16 R20, desc[UR4][R22.64]"),
+    (0x0b0, "IMAD.HI.U32 R24, R25.reuse, R26, RZ"),
+    (0x0c0, "IMAD.HI.U32 R27, R28, 0x55555556, RZ"),
+    (0x0d0, "LDG.E.U8 R30, desc[UR4][R31.64]"),  # the nested loop [0xd0, 0xf0]
+    (0x0e0, "IADD3 R31, R31, 0x1, RZ"),
+    (0x0f0, "@P2 BRA 0xd0"),
+    (0x100, "CALL.REL.NOINC 0x190"),
+    (0x110, "CALL.REL.NOINC 0x1d0"),
+    (0x120, "STG.E.128 desc[UR4][R14.64], R16"),
+    (0x130, "STG.E.64 desc[UR4][R14.64+0x10], R8"),
+    (0x140, "@!P1 STG.E.U16 desc[UR4][R22.64], R20"),
+    (0x150, "IADD3 R14, R14, 0x10, RZ"),
+    (0x160, "ISETP.GE.AND P3, PT, R14, R15, PT"),
+    (0x170, "@!P3 BRA 0x90"),
+    (0x180, "EXIT"),
+    (0x190, "I2F.U64.RP R11, UR4"),  # the 64-bit division routine
+    (0x1a0, "MUFU.RCP R11, R11"),
+    (0x1b0, "IMAD.HI.U32 R20, R11, R25, RZ"),
+    (0x1c0, "RET.REL.NODEC R2 0x0"),
+    (0x1d0, "MUFU.RCP R9, R9"),  # another routine, with a 4-byte load and store and a spill
+    (0x1e0, "LDG.E R9, desc[UR4][R12.64]"),
+    (0x1f0, "LDL R10, [R1+0x8]"),
+    (0x200, "STG.E desc[UR4][R12.64], R10"),
+    (0x210, "RET.REL.NODEC R2 0x0"),
+    (0x220, "BRA 0x220"),
+    (0x230, "NOP"),
+    (0x240, "NOP"),
+]
+
+
+def test_counter_reads_a_hand_written_listing():
+    """parse and count on _KERNEL, 8 elements of x per iteration. The steady state is the
+    streaming loop (144 bits loaded by its own body: more than the statistics loop's 128 and
+    the 32 outside every loop; its nested loop's 8 not its own): its 12 own instructions plus
+    both routines it CALLs (4 + 5), 21 in all; loads and stores of that steady state, the
+    routine's 4-byte load and store included, the nested loop's 1-byte load not; 2 divisions (the
+    IMAD.HI.U32 of registers and the CALL of the routine holding I2F.U64.RP; not the one
+    by an immediate, not the one before the loop, not the routine's own, not the CALL of the
+    other routine); the spill and reload, and the routine's reload (spills anywhere); 34
+    instructions without the padding (a BRA to
+    itself, NOPs). A second kernel in the same text is parsed apart."""
+    text = _listing("_first_kernel", _KERNEL) + _listing("_second_kernel", [
+        (0x000, "LDG.E.128 R4, desc[UR4][R2.64]"), (0x010, "EXIT"), (0x020, "BRA 0x20")])
+    kernels = sass.parse(text)
+    assert list(kernels) == ["_first_kernel", "_second_kernel"]
+    instrs = kernels["_first_kernel"]
+    assert [i.addr for i in instrs] == list(range(0, 0x220, 0x10))
+    assert (instrs[10].pred, instrs[10].op, instrs[10].args) == \
+        ("@P1", "LDG.E.S16", "R20, desc[UR4][R22.64]")
+    c = sass.count("_first_kernel", instrs, 8.0)
+    assert (c.instructions, c.steady, c.loop) == (34, 21, True), c
+    assert c.loads == {128: 1, 16: 1, 32: 1} and c.stores == {128: 1, 64: 1, 32: 1, 16: 1}, c
+    assert (c.divisions, c.spills) == (2, 3), c
+    assert c.per_element == 21 / 8 and c.divisions_per_element == 2 / 8
+    assert c.narrow(2) == 2 and c.narrow(4) == 2 and c.widths() == "ld 128,32,16 st 128,64,32,16"
+    # a loop-free kernel: the whole kernel is its steady state
+    c2 = sass.count("_second_kernel", kernels["_second_kernel"], 8.0)
+    assert (c2.instructions, c2.steady, c2.loop, c2.loads) == (2, 2, False, {128: 1}), c2
+
+
+def test_counter_widths():
+    """Bits per thread of each LDG / STG form ptxas emits: 16-byte and 8-byte vectors, the
+    signed and unsigned 2- and 1-byte forms, a plain 4-byte access (other modifiers, e.g.
+    .CONSTANT or .EL, change nothing)."""
+    widths = {"LDG.E.128.CONSTANT": 128, "STG.E.128": 128, "LDG.E.64": 64, "STG.E.EL.64": 64,
+              "LDG.E.U16": 16, "LDG.E.S16": 16, "STG.E.U16": 16, "LDG.E.U8.CONSTANT": 8,
+              "LDG.E.S8": 8, "STG.E.U8": 8, "LDG.E": 32, "LDG.E.CONSTANT": 32, "STG.E": 32}
+    assert {op: sass.width(sass.Instr(0, "", op, "")) for op in widths} == widths
+
+
+def _counts(**kw):
+    """Counts of a bfloat16 apply kernel at every budget's edge: 15 SASS per element, 8
+    elements per thread (16 bytes), 2 divisions and 1 access of a single element per 16
+    bytes, 16-byte loads and stores, no spills; ``kw`` overrides."""
+    base = dict(kernel="k", instructions=200, steady=120, loop=True, elements=8.0,
+                loads={128: 1, 16: 1}, stores={128: 1}, divisions=2, spills=0)
+    return sass.Counts(**{**base, **kw})
+
+
+def test_budget_violations_at_each_edge():
+    """budget_violations passes a kernel exactly at every budget and flags each one step
+    past it, one budget at a time (issue 13 item 1, as the module docstring states them):
+    SASS per element by kind and dtype (apply bf16 15, float32 30; statistics bf16 20, no
+    SASS budget for statistics in float32), divisions per 16 bytes of x (2), 16-byte loads
+    (and stores for the apply kernels only), single-element accesses per 16 bytes (1, the
+    element's width by dtype), spills; the seed kernels meet the division and spill budgets
+    only. Per 16 bytes counts bytes, not elements: float32 x at 4 elements a thread is 16
+    bytes, its 2 divisions at the edge."""
+    def v(kind="apply", dtype="bfloat16", **kw):
+        return sass.budget_violations(_counts(**kw), kind, dtype)
+
+    assert v() == []
+    assert v(steady=121) and v(divisions=3) and v(spills=1) and v(loads={128: 1, 16: 2})
+    assert v(loads={64: 2}) and v(stores={64: 2}) and v(stores={128: 1, 16: 2})
+    assert v("apply", "float32", steady=120, elements=4.0, loads={128: 1, 32: 1}) == []
+    assert v("apply", "float32", steady=121, elements=4.0, loads={128: 1})
+    assert v("apply", "float32", elements=4.0, divisions=3, loads={128: 1})
+    assert v("apply", "float32", elements=4.0, loads={128: 1, 32: 2})
+    assert v("statistics", steady=160, stores={}) == []
+    assert v("statistics", steady=161, stores={})
+    assert v("statistics", steady=161, stores={}, loads={64: 2})
+    assert v("statistics", "float32", steady=1000, elements=4.0, loads={128: 1}) == []
+    assert v("seeds", steady=1000, loads={8: 5}, stores={}) == []
+    assert v("seeds", steady=1000, loads={8: 5}, divisions=3)
+    assert v("seeds", steady=1000, loads={8: 5}, spills=2)
+
+
+def test_triton_elements_reads_the_tile_of_x():
+    """Elements of x per thread from a TTGIR: the largest load of x's dtype (not a larger
+    store of it, not a larger load of another dtype) over 32 * num_warps threads; a kernel
+    that loads none of x's dtype counts its largest access of any; at least 1."""
+    ttgir = "\n".join([
+        "%6 = tt.load %5, %1 : tensor<1024x!tt.ptr<bf16>, #blocked> loc(#loc7)",
+        "%7 = tt.load %5, %1 : tensor<8x128x!tt.ptr<bf16>, #blocked> loc(#loc7)",
+        "%8 = tt.load %5, %1 : tensor<4096x!tt.ptr<i8>, #blocked> loc(#loc7)",
+        "tt.store %3, %6, %1 : tensor<2048x!tt.ptr<bf16>, #blocked> loc(#loc8)"])
+    assert sass.triton_elements(ttgir, 4, "bfloat16") == 1024 / 128
+    assert sass.triton_elements(ttgir, 4, "float32") == 4096 / 128  # no f32: the largest
+    assert sass.triton_elements(ttgir, 8, "bfloat16") == 1024 / 256
+    assert sass.triton_elements(ttgir.splitlines()[0], 16, "bfloat16") == 2.0
+    assert sass.triton_elements(ttgir.splitlines()[0], 64, "bfloat16") == 1.0
+
+
+def test_cuda_elements_by_kernel_form():
+    """Elements of x per thread per loop iteration of a CUDA kernel, by its form: an apply
+    kernel's 16-byte stores (one chunk of 16 / itemsize elements each), the CAM's pairs of
+    16-byte loads, else its single-element loads plus 16 / itemsize per 16-byte load."""
+    def loop(*ops):
+        code = [(0x10 * k, op) for k, op in enumerate(ops)]
+        return code + [(0x10 * len(ops), "@P0 BRA 0x0"), (0x10 * len(ops) + 0x10, "EXIT")]
+
+    def elements(name, dtype, *ops):
+        (_, instrs), = sass.parse(_listing("k", loop(*ops))).items()
+        return sass.cuda_elements(name, instrs, dtype)
+
+    ld, st, one = ("LDG.E.128 R4, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R2.64], R4",
+                   "LDG.E.U16 R4, desc[UR4][R2.64]")
+    apply = "void apply_channel_maps_kernel<c10::BFloat16>(int)"
+    assert elements(apply, "bfloat16", ld, ld, st, st) == 16
+    assert elements(apply, "float32", ld, one) == 4  # no 16-byte store: one chunk
+    cam = "void cam_kernel<float, false>(int)"
+    assert elements(cam, "float32", ld, ld, ld, ld, st) == 8
+    assert elements(cam, "float32", ld) == 4
+    stats = "void channel_stats_warp_kernel<c10::BFloat16>(int)"
+    assert elements(stats, "bfloat16", ld, ld, one, st) == 17
+    assert elements(stats, "float32", one) == 1
+
+
+def test_counter_chooses_the_streaming_loop():
+    """Of two loops that load as many bits, as wide, the steady state is the shorter (the
+    docstring's rule: of an unrolled loop and its remainder, the one counted per element is
+    the tighter); a loop that loads no more than the code outside every loop is not the
+    steady state (an apply kernel that loads x once, outside its loop over a few mask
+    rows): the whole kernel is, also where the two load exactly as many bits."""
+    def c(code):
+        (_, instrs), = sass.parse(_listing("k", code)).items()
+        return sass.count("k", instrs, 8.0)
+
+    ld = "LDG.E.128 R4, desc[UR4][R2.64]"
+    two = c([(0x00, ld), (0x10, "IADD3 R2, R2, 0x10, RZ"), (0x20, "IADD3 R3, R3, 0x1, RZ"),
+             (0x30, "@P0 BRA 0x0"), (0x40, ld), (0x50, "@P1 BRA 0x40"), (0x60, "EXIT")])
+    assert (two.loop, two.steady) == (True, 2), two
+    for outside in ([ld], [ld, "LDG.E.64 R6, desc[UR4][R2.64]"]):
+        code = [(0x10 * k, op) for k, op in enumerate(
+            [*outside, "LDG.E.128 R8, desc[UR4][R2.64]", "@P0 BRA %#x" % (0x10 * len(outside)),
+             "EXIT"])]
+        free = c(code)
+        assert (free.loop, free.steady) == (False, len(code)), (outside, free)
+
+
+def test_specialisation_as_triton_jit():
+    """What a recorded launch is compiled as (and keyed by): an int equal to 1 a constant,
+    an int that is a multiple of 16 or a 16-byte aligned pointer divisible by 16 (what lets
+    Triton emit 16-byte accesses), else nothing; floats, bools and None never. Counted on
+    the wrong specialisation, a kernel's figures are of code a GPU does not run."""
+    cases = [(["int", 32, 1], "1"), (["int", 32, 32], "D"), (["int", 64, 2**33], "D"),
+             (["int", 32, 7], ""), (["int", 32, 24], ""), (["ptr", "bfloat16", True], "D"),
+             (["ptr", "bfloat16", False], ""), (["float", 1.0], ""), (["bool", True], ""),
+             (["none"], "")]
+    assert [(a, sass.specialisation(a)) for a, _ in cases] == cases
