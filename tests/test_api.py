@@ -8,6 +8,9 @@ import functools
 import math
 import pickle
 import re
+import sys
+import types
+import warnings
 
 import pytest
 import torch
@@ -91,7 +94,8 @@ BAD = [
     ("attentiondrop", dict(beta=100.5), ValueError, "beta"),
     ("attentiondrop", dict(beta=-5.0), ValueError, "beta"),
     ("attentiondrop", dict(mode="bd"), ValueError, "mode"),
-    ("attentiondrop", dict(mode=1), (TypeError, ValueError), "mode"),
+    ("attentiondrop", dict(mode=1), TypeError, "mode"),  # a wrong type: TypeError (SPEC §1)
+    ("corrdrop", dict(normalize=None), TypeError, "normalize"),
     ("attentiondrop", dict(normalize="per-sample"), ValueError, "normalize"),
     ("focused_dropout", dict(low=-0.1), ValueError, "low"),
     ("focused_dropout", dict(high=1.5), ValueError, "high"),
@@ -120,6 +124,19 @@ def test_bad_arguments(name, override, exc, match):
     # many a message (Python's "expected 4" of an unpacking)
     with pytest.raises(exc, match=rf"^(?:{match})\b"):
         call(name, **override)
+
+
+@pytest.mark.parametrize("name", ["corrdrop", "camdrop", "dropblock"])
+def test_block_size_one_is_allowed(name):
+    """block_size is an integer >= 1 (SPEC §1): the lowest value, 1 (single-unit blocks),
+    is valid in the functional op and the module, and 0 is not."""
+    assert call(name, block_size=1).shape == X
+    assert call(name, block_size=np.int64(1)).shape == X
+    with pytest.raises(ValueError, match="^block_size must be >= 1"):
+        call(name, block_size=0)
+    cls = {"corrdrop": guidedrop.CorrDrop, "camdrop": guidedrop.CamDrop,
+           "dropblock": guidedrop.DropBlock2d}[name]
+    assert cls(block_size=1).block_size == 1
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -271,6 +288,103 @@ def test_backend_typo_is_an_error_in_every_primitive(monkeypatch):
                 lambda: P.block_upsample(torch.ones(2, 2, 2, dtype=torch.bool), 3, 6, 6)):
         with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
             run()
+
+def _fake_backend(name, unsupported=None):
+    """A backend module for dispatch's rules: ``unsupported(x)`` its reason to refuse x."""
+    mod = types.ModuleType(f"guidedrop_test_{name}")
+    mod.name = name
+    mod.unsupported = unsupported or (lambda x: "")
+    return mod
+
+
+def test_backend_env_is_read_leniently(monkeypatch):
+    """GUIDEDROP_BACKEND is read case-blind and stripped, and an empty value (``VAR= cmd``)
+    is ``auto``: none of them is a typo's ValueError."""
+    for value, name in (("", "auto"), ("  ", "auto"), ("AUTO", "auto"),
+                        (" Reference ", "reference"), ("TRITON", "triton"), ("Cuda", "cuda")):
+        monkeypatch.setenv("GUIDEDROP_BACKEND", value)
+        assert dispatch.requested() == name, value
+    monkeypatch.delenv("GUIDEDROP_BACKEND")
+    assert dispatch.requested() == "auto"
+
+
+def test_auto_takes_the_first_backend_that_takes_x(monkeypatch):
+    """``auto`` goes through AUTO_ORDER (CUDA, then Triton: README) and takes the first
+    backend that loads and does not refuse x, and the reference where none does. Fake
+    backends, so that the rule is checked on a CPU machine too (there the CUDA one never
+    loads)."""
+    cuda = _fake_backend("cuda", lambda x: "no float16" if x.dtype == torch.float16 else "")
+    triton = _fake_backend("triton", lambda x: "no float64" if x.dtype == torch.float64 else "")
+    monkeypatch.setitem(dispatch._loaded, "cuda", (cuda, ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (triton, ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "auto")
+    x = torch.zeros(1, 1, 1, 1)
+    assert dispatch.backend_for(x) is cuda  # both take it: CUDA first
+    assert dispatch.backend_for(x.half()) is triton  # CUDA refuses it
+    cuda.unsupported = lambda x: "no float64"
+    assert dispatch.backend_for(x.double()) is dispatch.reference  # neither takes it
+    monkeypatch.setitem(dispatch._loaded, "cuda", (None, "not built"))
+    assert dispatch.backend_for(x) is triton  # an unavailable one is passed over
+    monkeypatch.setitem(dispatch._loaded, "triton", (None, "no GPU"))
+    assert dispatch.backend_for(x) is dispatch.reference
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_forced_backend_fails_loudly_with_its_reason(name, monkeypatch):
+    """GUIDEDROP_BACKEND=triton|cuda runs that backend or raises RuntimeError with the reason
+    (it does not load here, or it refuses this x): never a silent fall back to another
+    backend, as ``auto`` makes."""
+    mod = _fake_backend(name, lambda x: "x has dtype float64" if x.dtype == torch.float64 else "")
+    monkeypatch.setitem(dispatch._loaded, name, (mod, ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", name)
+    x = torch.zeros(1, 1, 1, 1)
+    assert dispatch.backend_for(x) is mod
+    with pytest.raises(RuntimeError, match=f"GUIDEDROP_BACKEND={name}, but it cannot run here: "
+                                           "x has dtype float64"):
+        dispatch.backend_for(x.double())
+    monkeypatch.setitem(dispatch._loaded, name, (None, "the reason it did not load"))
+    with pytest.raises(RuntimeError, match="cannot run here: the reason it did not load"):
+        dispatch.backend_for(x)
+
+
+def test_available_backends_lists_those_that_load(monkeypatch):
+    """guidedrop.available_backends(): the reference, then each kernel backend that loads,
+    in dispatch's order; one that does not load (its reason given) is left out."""
+    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend("triton"), ""))
+    monkeypatch.setitem(dispatch._loaded, "cuda", (None, "guidedrop._C is not built"))
+    assert guidedrop.available_backends() == ["reference", "triton"]
+    monkeypatch.setitem(dispatch._loaded, "cuda", (_fake_backend("cuda"), ""))
+    assert guidedrop.available_backends() == ["reference", "triton", "cuda"]
+    monkeypatch.setitem(dispatch._loaded, "triton", (None, "no GPU"))
+    monkeypatch.setitem(dispatch._loaded, "cuda", (None, "no GPU"))
+    assert guidedrop.available_backends() == ["reference"]
+
+
+def test_load_reports_unavailable_and_broken_backends(monkeypatch):
+    """dispatch.load: a backend module whose ``unavailable()`` gives a reason is (None, that
+    reason), silently (no GPU is no fault); one that fails to import, also with a
+    ModuleNotFoundError for a module other than its optional dependency (a broken install),
+    is (None, why) with a RuntimeWarning, once, as ``auto`` would otherwise pass over it
+    unseen."""
+    idle = types.ModuleType("guidedrop_test_idle")
+    idle.unavailable = lambda: "no GPU is visible"
+    monkeypatch.setitem(sys.modules, "guidedrop_test_idle", idle)
+    monkeypatch.setitem(dispatch.MODULES, "triton", "guidedrop_test_idle")
+    monkeypatch.delitem(dispatch._loaded, "triton", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.load("triton") == (None, "no GPU is visible")
+    monkeypatch.setitem(dispatch.MODULES, "triton", "guidedrop_test_missing_dependency")
+    monkeypatch.delitem(dispatch._loaded, "triton")
+    with pytest.warns(RuntimeWarning, match=r"the triton backend is unavailable: "
+                                            r"guidedrop_test_missing_dependency does not "
+                                            r"import \(ModuleNotFoundError"):
+        mod, why = dispatch.load("triton")
+    assert mod is None and "ModuleNotFoundError" in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.load("triton") == (None, why)  # once: the result is kept
+
 
 # ------------------------------------------------------------------------ modules
 
@@ -561,6 +675,39 @@ def test_focused_dropout_participation():
         applied += m.last_applied
     assert 146 <= applied <= 254  # Binomial(2000, 0.1): 200, sd 13.4, bounds at ~4 sd
     m.eval()
+    assert m(x) is x and m.last_applied is False
+
+
+def test_focused_dropout_last_applied_reset_where_it_returns_x():
+    """last_applied tells whether the last forward applied the op: a forward that returns x
+    without a draw (eval mode, participation 0) sets it back to False, so that a training
+    loop reading it after an evaluation pass does not raise weight decay for a step that
+    masked nothing (from True: a fresh module's False would hide a missing reset)."""
+    x = _x()
+    m = guidedrop.FocusedDropout(participation=1.0)
+    m(x)
+    assert m.last_applied is True
+    m.eval()
+    assert m(x) is x and m.last_applied is False
+    m.train()
+    m(x)
+    assert m.last_applied is True
+    m.participation = 0.0
+    assert m(x) is x and m.last_applied is False
+
+
+def test_focused_dropout_step_left_out_checks_the_backend(monkeypatch):
+    """A training step that FocusedDropout's draw leaves out (participation > 0, so not
+    the identity of a zero rate) returns x after the GUIDEDROP_BACKEND check: a value naming
+    no backend is a ValueError at that step too, as at every call."""
+    m = guidedrop.FocusedDropout(participation=1e-12)  # a draw below it: never, in practice
+    x = _x()
+    torch.manual_seed(0)
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "refernce")
+    with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
+        m(x)
+    assert m.last_applied is False  # the draw was made: the step left out
+    monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
     assert m(x) is x and m.last_applied is False
 
 
@@ -905,6 +1052,22 @@ def test_focused_dropout_low_above_high_at_forward(compiled, training):
     torch._dynamo.reset()
 
 
+def test_focused_dropout_low_equal_to_high_is_allowed():
+    """SPEC §1 allows 0 <= low <= high <= 1: low == high (a fixed threshold ratio) is no
+    error, in the functional op, the module's constructor, and a forward after setting the
+    two one by one; only low > high is refused."""
+    x = torch.randn(2, 3, 4, 4)
+    for g in (0.0, 0.5, 1.0):
+        assert F.focused_dropout(x, g, g).shape == x.shape
+        m = guidedrop.FocusedDropout(participation=1.0, low=g, high=g)
+        assert m(x).shape == x.shape
+    m = guidedrop.FocusedDropout(participation=1.0)
+    m.low = 0.6  # up to high: equal, not above
+    assert m(x).shape == x.shape
+    with pytest.raises(ValueError, match="low must be <= high"):
+        F.focused_dropout(x, 0.6, 0.5)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in 2.14
 @pytest.mark.parametrize("training", [False, True])
 def test_selectout_drop_count_at_forward(training):
@@ -1020,6 +1183,52 @@ def test_camdrop_weight_checked(weight, error, match):
     """A wrong shape is a ValueError, a wrong dtype a TypeError (SPEC §1), as cam_targets."""
     with pytest.raises(error, match=match):
         F.camdrop(torch.randn(2, 4, 6, 6), weight, torch.tensor([0, 0]), 3, 0.5)
+
+
+@pytest.mark.parametrize("target", [torch.tensor([0]), torch.tensor([0, 0, 0]),
+                                    torch.zeros(2, 1, dtype=torch.long)], ids=str)
+def test_camdrop_target_shape_checked(target):
+    """target holds one class index per sample, shape (N,): a target for another batch size
+    (or an (N, 1) column) is a ValueError naming ``target``, before it could broadcast
+    against the batch or fail on an index deep in the op."""
+    with pytest.raises(ValueError, match=r"^target must have shape \(2,\)"):
+        F.camdrop(torch.randn(2, 4, 6, 6), torch.randn(3, 4), target, 3, 0.5)
+
+
+@pytest.mark.parametrize("which", ["weight", "target"])
+def test_camdrop_weight_and_target_on_x_device(which):
+    """CamDrop's weight and target must be on x's device (SPEC §1): checked with a meta x
+    (shape inference, no GPU needed) and a CPU weight or target, a ValueError naming it."""
+    x = torch.empty(2, 4, 6, 6, device="meta")
+    weight, target = (t.to("meta") for t in _cam((2, 4, 6, 6)))
+    kw = {"weight": weight, "target": target, which: _cam((2, 4, 6, 6))[which == "target"]}
+    with pytest.raises(ValueError, match=f"^{which} must be on x's device meta, got cpu"):
+        F.camdrop(x, kw["weight"], kw["target"], 3, 0.5)
+    assert F.camdrop(x, weight, target, 3, 0.5).shape == x.shape
+
+
+def test_assert_target_device_check(monkeypatch):
+    """_validation.assert_target, the device-side check of a target (a GPU target, or any
+    under torch.compile): an index outside [0, K), K itself included, is an assertion naming
+    ``target`` (on the CPU at once); the target comes back as int64, clamped into [0, K) so
+    that where the assertion is asynchronous the indexing after it stays in range."""
+    from guidedrop import _validation as V
+    for bad in ([0, 4], [-1, 0]):
+        with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, 4\)"):
+            V.assert_target(torch.tensor(bad), 4)
+    ok = V.assert_target(torch.tensor([0, 3], dtype=torch.uint8), 4)
+    assert ok.dtype == torch.int64 and ok.tolist() == [0, 3]
+    monkeypatch.setattr(torch, "_assert_async", lambda *args: None)  # as on a GPU, later
+    assert V.assert_target(torch.tensor([-2, 4, 9]), 4).tolist() == [0, 3, 3]
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_float64_x_on_the_reference(name):
+    """float64 x is valid on the reference path (SPEC §1): the op and its module's forward
+    return x's shape and dtype."""
+    x = _x().double()
+    y = call(name, x)
+    assert y.shape == x.shape and y.dtype == torch.float64
 
 
 def test_camdrop_targets_checked_in_eval_too():

@@ -145,6 +145,10 @@ def test_applied_is_checked():
     if HAS_CUDA:
         with pytest.raises(ValueError, match="applied"):
             F.focused_dropout(x.cuda(), applied=torch.tensor(True))
+    # another device without a GPU: a meta x (shape inference) and a CPU flag, which a
+    # device op would take as a CPU scalar without a word
+    with pytest.raises(ValueError, match="^applied must be on x's device meta, got cpu"):
+        F.focused_dropout(x.to("meta"), applied=torch.tensor(True))
 
 
 # --------------------------------------------------------------------------- bytes of x
