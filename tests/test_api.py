@@ -74,7 +74,6 @@ BAD = [
     ("corrdrop", dict(block_size=2.5), TypeError, "block_size"),
     ("corrdrop", dict(block_size="7"), TypeError, "block_size"),
     ("corrdrop", dict(normalize="batchwise"), ValueError, "normalize"),
-    ("corrdrop", dict(normalize=None), (TypeError, ValueError), "normalize"),
     ("selectscale", dict(top_rate=1.2), ValueError, "top_rate"),
     ("selectscale", dict(top_rate=-0.2), ValueError, "top_rate"),
     ("selectscale", dict(retain=-0.1), ValueError, "retain"),
@@ -136,7 +135,13 @@ def test_block_size_one_is_allowed(name):
         call(name, block_size=0)
     cls = {"corrdrop": guidedrop.CorrDrop, "camdrop": guidedrop.CamDrop,
            "dropblock": guidedrop.DropBlock2d}[name]
-    assert cls(block_size=1).block_size == 1
+    m = cls(block_size=1)
+    x = _x()
+    if name == "camdrop":
+        with guidedrop.cam_targets(*_cam(tuple(x.shape))):
+            assert m(x).shape == x.shape
+    else:
+        assert m(x).shape == x.shape
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -289,6 +294,7 @@ def test_backend_typo_is_an_error_in_every_primitive(monkeypatch):
         with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
             run()
 
+
 def _fake_backend(name, unsupported=None):
     """A backend module for dispatch's rules: ``unsupported(x)`` its reason to refuse x."""
     mod = types.ModuleType(f"guidedrop_test_{name}")
@@ -366,16 +372,17 @@ def test_load_reports_unavailable_and_broken_backends(monkeypatch):
     ModuleNotFoundError for a module other than its optional dependency (a broken install),
     is (None, why) with a RuntimeWarning, once, as ``auto`` would otherwise pass over it
     unseen."""
+    monkeypatch.setattr(dispatch, "_loaded", dict(dispatch._loaded))  # restored whole
     idle = types.ModuleType("guidedrop_test_idle")
     idle.unavailable = lambda: "no GPU is visible"
     monkeypatch.setitem(sys.modules, "guidedrop_test_idle", idle)
     monkeypatch.setitem(dispatch.MODULES, "triton", "guidedrop_test_idle")
-    monkeypatch.delitem(dispatch._loaded, "triton", raising=False)
+    dispatch._loaded.pop("triton", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.load("triton") == (None, "no GPU is visible")
     monkeypatch.setitem(dispatch.MODULES, "triton", "guidedrop_test_missing_dependency")
-    monkeypatch.delitem(dispatch._loaded, "triton")
+    del dispatch._loaded["triton"]
     with pytest.warns(RuntimeWarning, match=r"the triton backend is unavailable: "
                                             r"guidedrop_test_missing_dependency does not "
                                             r"import \(ModuleNotFoundError"):
@@ -470,8 +477,8 @@ def test_module_checks_x_where_it_returns_x(cls, training):
 @pytest.mark.parametrize("training", [False, True])
 def test_module_backend_typo_where_it_returns_x(cls, training, monkeypatch):
     """GUIDEDROP_BACKEND naming no backend is a ValueError where a module returns x too:
-    eval mode, a zero drop_rate, FocusedDropout's step without participation (it returned
-    x unchecked there)."""
+    eval mode, a zero drop_rate (FocusedDropout's participation 0; its step that the draw
+    leaves out: test_focused_dropout_step_left_out_checks_the_backend)."""
     m = cls(participation=0.0) if cls is guidedrop.FocusedDropout else cls()
     m.train(training)
     m.drop_rate = 0.0
@@ -702,11 +709,13 @@ def test_focused_dropout_step_left_out_checks_the_backend(monkeypatch):
     no backend is a ValueError at that step too, as at every call."""
     m = guidedrop.FocusedDropout(participation=1e-12)  # a draw below it: never, in practice
     x = _x()
-    torch.manual_seed(0)
+    m.last_applied = True  # as after a step that applied the op
+    rng = torch.get_rng_state()
     monkeypatch.setenv("GUIDEDROP_BACKEND", "refernce")
     with pytest.raises(ValueError, match="GUIDEDROP_BACKEND must be one of"):
         m(x)
-    assert m.last_applied is False  # the draw was made: the step left out
+    # the draw was made, and the step left out, before the check raised
+    assert m.last_applied is False and not torch.equal(torch.get_rng_state(), rng)
     monkeypatch.setenv("GUIDEDROP_BACKEND", "reference")
     assert m(x) is x and m.last_applied is False
 
@@ -1061,8 +1070,11 @@ def test_focused_dropout_low_equal_to_high_is_allowed():
         assert F.focused_dropout(x, g, g).shape == x.shape
         m = guidedrop.FocusedDropout(participation=1.0, low=g, high=g)
         assert m(x).shape == x.shape
-    m = guidedrop.FocusedDropout(participation=1.0)
+    m = guidedrop.FocusedDropout(participation=1.0)  # low 0.3, high 0.6
     m.low = 0.6  # up to high: equal, not above
+    assert m(x).shape == x.shape
+    m.high = 0.2  # low > high for a moment: no error until a forward
+    m.low = 0.2
     assert m(x).shape == x.shape
     with pytest.raises(ValueError, match="low must be <= high"):
         F.focused_dropout(x, 0.6, 0.5)
@@ -1197,14 +1209,15 @@ def test_camdrop_target_shape_checked(target):
 
 @pytest.mark.parametrize("which", ["weight", "target"])
 def test_camdrop_weight_and_target_on_x_device(which):
-    """CamDrop's weight and target must be on x's device (SPEC §1): checked with a meta x
-    (shape inference, no GPU needed) and a CPU weight or target, a ValueError naming it."""
+    """CamDrop's weight and target must be on x's device (functional.camdrop's docstring):
+    checked with a meta x (shape inference, no GPU needed) and a CPU weight or target, a
+    ValueError naming it."""
     x = torch.empty(2, 4, 6, 6, device="meta")
-    weight, target = (t.to("meta") for t in _cam((2, 4, 6, 6)))
-    kw = {"weight": weight, "target": target, which: _cam((2, 4, 6, 6))[which == "target"]}
+    on_cpu = dict(zip(("weight", "target"), _cam((2, 4, 6, 6)), strict=True))
+    on_meta = {k: t.to("meta") for k, t in on_cpu.items()}
     with pytest.raises(ValueError, match=f"^{which} must be on x's device meta, got cpu"):
-        F.camdrop(x, kw["weight"], kw["target"], 3, 0.5)
-    assert F.camdrop(x, weight, target, 3, 0.5).shape == x.shape
+        F.camdrop(x, **{**on_meta, which: on_cpu[which]}, block_size=3, keep=0.5)
+    assert F.camdrop(x, **on_meta, block_size=3, keep=0.5).shape == x.shape
 
 
 def test_assert_target_device_check(monkeypatch):
@@ -1224,8 +1237,8 @@ def test_assert_target_device_check(monkeypatch):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_float64_x_on_the_reference(name):
-    """float64 x is valid on the reference path (SPEC §1): the op and its module's forward
-    return x's shape and dtype."""
+    """float64 x is valid on the reference path (SPEC §1), which ``auto`` takes for it: the
+    op returns x's shape and dtype."""
     x = _x().double()
     y = call(name, x)
     assert y.shape == x.shape and y.dtype == torch.float64

@@ -536,7 +536,7 @@ def test_budget_violations_at_each_edge():
     assert v("apply", "float32", elements=4.0, loads={128: 1, 32: 2})
     assert v("statistics", steady=160, stores={}) == []
     assert v("statistics", steady=161, stores={})
-    assert v("statistics", steady=161, stores={}, loads={64: 2})
+    assert v("statistics", steady=160, stores={}, loads={64: 2})  # no 16-byte load
     assert v("statistics", "float32", steady=1000, elements=4.0, loads={128: 1}) == []
     assert v("seeds", steady=1000, loads={8: 5}, stores={}) == []
     assert v("seeds", steady=1000, loads={8: 5}, divisions=3)
@@ -546,15 +546,19 @@ def test_budget_violations_at_each_edge():
 def test_triton_elements_reads_the_tile_of_x():
     """Elements of x per thread from a TTGIR: the largest load of x's dtype (not a larger
     store of it, not a larger load of another dtype) over 32 * num_warps threads; a kernel
-    that loads none of x's dtype counts its largest access of any; at least 1."""
+    that loads none of x's dtype counts its largest access of any, load or store; at
+    least 1. A tile's size is the product of its dimensions."""
     ttgir = "\n".join([
         "%6 = tt.load %5, %1 : tensor<1024x!tt.ptr<bf16>, #blocked> loc(#loc7)",
-        "%7 = tt.load %5, %1 : tensor<8x128x!tt.ptr<bf16>, #blocked> loc(#loc7)",
+        "%7 = tt.load %5, %1 : tensor<16x128x!tt.ptr<bf16>, #blocked> loc(#loc7)",
         "%8 = tt.load %5, %1 : tensor<4096x!tt.ptr<i8>, #blocked> loc(#loc7)",
-        "tt.store %3, %6, %1 : tensor<2048x!tt.ptr<bf16>, #blocked> loc(#loc8)"])
-    assert sass.triton_elements(ttgir, 4, "bfloat16") == 1024 / 128
+        "tt.store %3, %6, %1 : tensor<4096x!tt.ptr<bf16>, #blocked> loc(#loc8)"])
+    assert sass.triton_elements(ttgir, 4, "bfloat16") == 2048 / 128
     assert sass.triton_elements(ttgir, 4, "float32") == 4096 / 128  # no f32: the largest
-    assert sass.triton_elements(ttgir, 8, "bfloat16") == 1024 / 256
+    assert sass.triton_elements(ttgir, 8, "bfloat16") == 2048 / 256
+    seeds = ("%8 = tt.load %5, %1 : tensor<256x!tt.ptr<i8>, #blocked> loc(#loc7)\n"
+             "tt.store %3, %6, %1 : tensor<4x256x!tt.ptr<i8>, #blocked> loc(#loc8)")
+    assert sass.triton_elements(seeds, 4, "bfloat16") == 1024 / 128  # the larger store
     assert sass.triton_elements(ttgir.splitlines()[0], 16, "bfloat16") == 2.0
     assert sass.triton_elements(ttgir.splitlines()[0], 64, "bfloat16") == 1.0
 

@@ -67,6 +67,8 @@ def available() -> list[str]:
 
 
 def requested() -> str:
+    """``GUIDEDROP_BACKEND`` as a backend name or "auto", read case-blind and stripped; unset
+    or empty (``GUIDEDROP_BACKEND= cmd``) is "auto". Raises ValueError for any other value."""
     name = os.environ.get("GUIDEDROP_BACKEND", "auto").strip().lower() or "auto"
     if name != "auto" and name not in MODULES:
         raise ValueError(
