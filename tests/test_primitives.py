@@ -81,6 +81,17 @@ def test_top_percentile_threshold_ties_and_counts():
     assert P.top_percentile_threshold(torch.full((2, 3, 1, 1), 7.0), 20.0).eq(7).all()
 
 
+def test_top_percentile_threshold_count_in_h_then_w_order():
+    """SPEC §1, §4: n_β = max(1, ceil(beta * H * W / 100)) in Python floats left to right,
+    H before W. With beta = 16.1: ((16.1 * 100) * 10) / 100 rounds up to 162 on a 100 x 10
+    map, ((16.1 * 10) * 100) / 100 to 161 on a 10 x 100 one; distinct values 1..1000, so
+    the n_β-th largest is 1001 - n_β (839 and 840)."""
+    assert math.ceil(16.1 * 100 * 10 / 100) == 162 and math.ceil(16.1 * 10 * 100 / 100) == 161
+    x = torch.arange(1.0, 1001.0)
+    assert P.top_percentile_threshold(x.view(1, 1, 100, 10), 16.1).item() == 839.0
+    assert P.top_percentile_threshold(x.view(1, 1, 10, 100), 16.1).item() == 840.0
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", REF_DTYPES, ids=str)

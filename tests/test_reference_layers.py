@@ -504,6 +504,35 @@ def test_attentiondrop_constant_map_and_ties():
         torch.testing.assert_close(w.double(), expect, atol=1e-6, rtol=1e-6)
 
 
+def test_attentiondrop_gamma_is_u_below_alpha():
+    """SPEC §1 (bernoulli(q) is u < q) and §4: a map's gamma is 1 only where u < alpha, so
+    u == alpha leaves the map untouched. alpha = 0.5 and u = 0.5 are exact in every dtype:
+    channel 0 (u = alpha) keeps w = 1; channel 1 (u = 0.25) drops its top unit (am mode)."""
+    x = torch.tensor([[[[1.0, 4.0], [2.0, 3.0]], [[1.0, 4.0], [2.0, 3.0]]]])
+    noise = torch.tensor([[0.5, 0.25]])
+    w = multiplier(lambda t: F.attentiondrop(t, 0.5, 25.0, mode="am", normalize="none",
+                                             noise=noise), x)
+    expect = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]]]])
+    assert torch.equal(w, expect)
+
+
+def test_top_k_counts_a_nan_channel_as_the_largest():
+    """SPEC §1 (NaN propagates, top-k by value) and §3: a channel whose max |x| is NaN
+    ranks above every number in the candidates' top k (layers._top), both where the k-th
+    largest is that NaN (n_t = 1) and where it is a number (n_t = 2: the NaN channel and
+    the channel of max 5, not the one of max 3). SelectScale's w of a candidate is
+    retain + 2 (1 - retain) u, read through autograd (finite where x is NaN)."""
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 0, 0, 0], x[0, 0, 1, 1] = float("nan"), 1.0
+    x[0, 1, 0, 1], x[0, 2, 1, 0] = 5.0, 3.0
+    noise = torch.tensor([[0.25, 0.5, 0.75]])
+    cand_w = 0.5 + 2 * 0.5 * noise  # retain = 0.5: exact in float32
+    for top_rate, cand in ((1 / 3, [True, False, False]), (2 / 3, [True, True, False])):
+        w = multiplier(lambda t, r=top_rate: F.selectscale(t, r, 0.5, noise=noise), x)
+        expect = torch.where(torch.tensor([cand]), cand_w, 1.0)
+        assert torch.equal(w, expect.view(1, 3, 1, 1).expand(x.shape)), top_rate
+
+
 def test_focused_dropout_hand():
     x = torch.tensor([
         # channel means 1 and 2 -> r = 1, v = 4
