@@ -281,7 +281,6 @@ def test_backend_typo_is_an_error_where_nothing_runs(name, monkeypatch):
     assert call(name, training=False).shape == X
 
 
-
 def test_backend_typo_is_an_error_in_every_primitive(monkeypatch):
     """Every public primitive refuses a GUIDEDROP_BACKEND naming no backend, block_upsample
     too (torch code on every backend: it ignored the variable)."""
@@ -849,6 +848,46 @@ def test_linear_ramp_twice_keeps_the_targets():
     model[1].p = 0.0
     model[2].drop_rate = 0.0
     assert guidedrop.LinearRamp(model, steps=0).targets == pytest.approx([0.0, 0.0] + TARGETS[2:])
+
+
+def test_linear_ramp_state_dict_is_a_copy():
+    """state_dict() returns the targets as a new list: editing the state (a checkpoint
+    changed before it is loaded elsewhere) leaves the ramp's own targets, and its next
+    rates, as they were."""
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=2)
+    state = sched.state_dict()
+    state["targets"][0] = 0.9
+    assert sched.targets == pytest.approx(TARGETS)
+    sched.step()
+    assert _rates(model) == pytest.approx([t / 2 for t in TARGETS])
+
+
+def test_linear_ramp_refused_load_mid_ramp_keeps_marks_and_parameters():
+    """A load_state_dict refused half-way (Selectout, the fifth layer, refuses the target
+    1.0, after the four before it took 0.5) in the middle of a ramp (rates at 1/4 of the
+    targets) puts back everything it changed: the layers' marks, so that a ramp made next
+    ramps to the targets (TARGETS), not to the 1/4 rates put back; and the ramp's
+    parameters, so that it still ends on the parameters themselves, bit for bit (without
+    them it sets drop_rate = target, and 1 - (1 - keep) may be keep's neighbour)."""
+    bad = {"step_count": 0, "steps": 4, "targets": [0.5] * 4 + [1.0] + [0.5] * 3}
+    model = _model()
+    sched = guidedrop.LinearRamp(model, steps=4)
+    sched.step()
+    with pytest.raises(ValueError, match=r"targets\[4\]"):
+        sched.load_state_dict(bad)
+    assert _rates(model) == pytest.approx([t / 4 for t in TARGETS])
+    assert guidedrop.LinearRamp(model, steps=4).targets == pytest.approx(TARGETS)
+
+    model = _model()
+    want = _params(model)
+    sched = guidedrop.LinearRamp(model, steps=4)
+    sched.step()
+    with pytest.raises(ValueError, match=r"targets\[4\]"):
+        sched.load_state_dict(bad)
+    for _ in range(3):
+        sched.step()
+    assert _params(model) == want
 
 
 def test_linear_ramp_layers_argument():
@@ -1511,7 +1550,6 @@ def test_linear_ramp_refused_load_leaves_it_unchanged(state, exc, match):
     assert params() == rates
 
 
-
 @pytest.mark.parametrize("step_count, steps", [(2**1024, 1), (2**1024, 2**1030), (5, 0)],
                          ids=["past-the-end", "below-the-end", "no-steps"])
 def test_linear_ramp_loads_huge_step_counts(step_count, steps):
@@ -1526,6 +1564,20 @@ def test_linear_ramp_loads_huge_step_counts(step_count, steps):
     assert model[0].p == (0.3 / 64 if step_count < steps else 0.3)
     sched.step()
     assert sched.state_dict()["step_count"] == step_count + 1
+
+def test_linear_ramp_one_step_before_the_end():
+    """One step before the end of a long ramp (999 of 1000) the rates are 0.999 of their
+    targets (DropBlock's p 0.2 -> 0.1998; Selectout's drop_rate 0.2 -> 0.1998, keep 0.8002),
+    not the targets yet; the next step reaches the parameters themselves."""
+    model = nn.Sequential(guidedrop.DropBlock2d(p=0.2), guidedrop.Selectout(keep=0.8))
+    sched = guidedrop.LinearRamp(model, steps=1000)
+    for _ in range(999):
+        sched.step()
+    assert model[0].p == pytest.approx(0.1998, abs=1e-12)
+    assert model[1].keep == pytest.approx(0.8002, abs=1e-12)
+    sched.step()
+    assert (model[0].p, model[1].keep) == (0.2, 0.8)
+
 
 def test_primitives_convert_their_arguments():
     """The primitives follow SPEC §1's argument types too: numpy and Fraction values give

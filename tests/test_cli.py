@@ -170,6 +170,95 @@ def test_bench_model_counts_launches(capsys):
         capsys.readouterr().err
 
 
+def test_bench_model_row_arithmetic(monkeypatch, capsys):
+    """``bench --model``'s row from count_layer's counts (stand-in counters, so that every
+    figure is distinct): launches fwd = the forward's (3), fwd noise=None = the fresh
+    forward's (2), bwd = the backward's (1, its sync no launch); MB moved = a training
+    step's bytes, the fresh forward's 3e6 + 1e6 and the backward's 2e6 (not the forward
+    with noise, 3 x 1e6) = 6e6 bytes, in MB of 1e6: 6.00; × floor = 6e6 / floor 4e6 = 1.50
+    (not floored); host syncs: those of all three passes, 3. The table shows MB and ×
+    floor to 2 decimals."""
+    from guidedrop import launches
+    from guidedrop.launches import Launch, LaunchCounter, LayerCount
+
+    def counter(nbytes, syncs):
+        c = LaunchCounter()
+        c.launches = [Launch(f"aten:op{i}", n) for i, n in enumerate(nbytes)]
+        c.syncs = syncs
+        return c
+
+    def fake(call, x, noise):
+        return LayerCount(forward=counter([10**6] * 3, ["nonzero"]),
+                          fresh=counter([3 * 10**6, 10**6], ["item"]),
+                          backward=counter([2 * 10**6], ["equal"]), floor_bytes=4 * 10**6)
+
+    monkeypatch.setattr(launches, "count_layer", fake)
+    row, = bench.model_report(["spatialscale"], [((2, 4, 6, 6), torch.float32)],
+                              ["reference"], True, torch.device("cpu"), False, static=False)
+    capsys.readouterr()
+    assert (row["fwd"], row["fresh"], row["bwd"], row["syncs"]) == (3, 2, 1, 3), row
+    assert row["mb"] == pytest.approx(6.0) and row["x_floor"] == pytest.approx(1.5), row
+    assert "| 6.00 | 1.50 | 3 |" in bench.format_table([row], bench.MODEL_COLUMNS[:-5],
+                                                        markdown=True)
+
+
+class _StubTimer:
+    """A Timer that times nothing: each call returns the next (median, p20, p80) ms."""
+
+    def __init__(self, *times, quick=True):
+        self.times, self.quick = list(times), quick
+
+    def __call__(self, fn):
+        return self.times.pop(0)
+
+
+@pytest.mark.parametrize("mode, floor_ms", [("forward", 0.6), ("backward", 0.4),
+                                            ("full", 1.0)])
+def test_bench_floor_figures(mode, floor_ms, monkeypatch):
+    """A timed row's floor figures, from a stub timer (2 ms, p20 1.5, p80 3) and a copy
+    bandwidth of 1.2e6 B/s: x bf16 (2, 3, 4, 5) holds 120 x 2 = 240 bytes (its itemsize,
+    not 4); the floor moves PASSES[mode] x 240 bytes (3 forward, 2 backward, 5 full), in
+    720 / 1.2e6 s = 0.6 ms forward, 0.4 backward, 1.0 full; x floor = 2 ms over that; GB/s
+    = the floor's bytes over 2 ms, in 1e9 B/s. With --graph on a CUDA device (the capture
+    stubbed), the full row's replay (0.5 ms) is 0.5 / 1.0 = 0.5x the floor."""
+    cpu = bench.Case("spatialscale", (2, 3, 4, 5), torch.bfloat16, torch.device("cpu"))
+    inputs = bench.make_inputs(cpu)
+    case = bench.Case("spatialscale", (2, 3, 4, 5), torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(bench, "graph_fn", lambda fn, inputs: lambda: None)
+    timer = _StubTimer((2.0, 1.5, 3.0), (0.5, 0.4, 0.6))
+    row = bench._time_mode(case, "reference", lambda x, w, t: x * 2, inputs, mode, timer,
+                           1.2e6, True)
+    passes = {"forward": 3, "backward": 2, "full": 5}[mode]
+    assert row["floor_ms"] == pytest.approx(floor_ms)
+    assert row["x_floor"] == pytest.approx(2.0 / floor_ms)
+    assert row["gbps"] == pytest.approx(passes * 240 / 2e-3 / 1e9)
+    assert (row["ms"], row["ms_p20"], row["ms_p80"]) == (2.0, 1.5, 3.0)
+    if mode == "full":
+        assert row["graph_ms"] == 0.5 and row["graph_x_floor"] == pytest.approx(0.5), row
+    else:
+        assert "graph_ms" not in row
+
+
+def test_bench_copy_bandwidth_counts_read_and_write():
+    """The copy bandwidth is the bytes read plus those written per second: a --quick copy
+    of 64 MiB on a CPU timed (stub) at 1 ms moves 2 x 64 MiB in 1e-3 s."""
+    nbytes = 64 * 2**20
+    assert bench.measure_bandwidth(torch.device("cpu"), _StubTimer((1.0, 1.0, 1.0))) == (
+        2 * nbytes / 1e-3, nbytes)
+
+
+def test_bench_kept_bytes_counts_saved_tensors_once_without_x():
+    """kept_bytes: the bytes of the tensors a forward saves for backward, each once, x
+    left out, in their own itemsize. y = x * m + x * m + x * x, x bf16 (2, 3, 4, 5) and m
+    a bf16 (2, 3, 1, 1) constant: both muls by m save m (6 x 2 = 12 bytes, once), x * x
+    saves x twice (left out): 12."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16)
+    m = torch.rand(2, 3, 1, 1, dtype=torch.bfloat16)
+    inputs = bench.Inputs(x=x, dy=torch.ones_like(x), weight=torch.zeros(1, 3),
+                          target=torch.zeros(2, dtype=torch.long))
+    assert bench.kept_bytes(lambda x, w, t: x * m + x * m + x * x, inputs) == 6 * 2
+
+
 def test_bench_markdown_to_redirected_stdout(tmp_path):
     """--md /dev/stdout with stdout redirected to a file appends the table to what the run
     printed (opened with "w", the file was truncated: the header lost, NULs in its place)."""

@@ -128,6 +128,154 @@ def test_launch_bytes_bound_what_it_moves():
     assert [launch.nbytes for launch in c.launches] == [3 * 256, 2 * 256]
 
 
+def test_launch_bytes_take_each_tensors_itemsize():
+    """A launch's bytes are numel x itemsize of each of its tensors, the dtype's own
+    itemsize (not 4 for every dtype): 64 bf16 elements converted to float64 read 64 x 2 and
+    write 64 x 8 = 640 bytes; a float64 add of a tensor with itself reads 512 once and
+    writes 512 = 1024. The counter's total is their sum, every launch's (1664)."""
+    from guidedrop.launches import LaunchCounter
+    a, b = torch.ones(64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.float64)
+    with LaunchCounter() as c:
+        a.to(torch.float64)
+        torch.add(b, b)
+    assert c.names == ["aten:_to_copy", "aten:add"]
+    assert [launch.nbytes for launch in c.launches] == [64 * 2 + 64 * 8, 2 * 64 * 8]
+    assert c.nbytes == 640 + 1024
+
+
+def test_launch_bytes_count_views_of_one_storage_apart():
+    """Tensors are the same tensor for the bytes only with the same storage, offset, dtype
+    and shape: a launch given a[:32] and a (same storage and offset, other shapes) reads
+    both, 128 + 256 bytes (keyed on the storage and offset alone, a[:32] hid a: 128), and
+    writes their 96 floats, 384: 768 in all."""
+    from guidedrop.launches import LaunchCounter
+    a = torch.ones(64)
+    with LaunchCounter() as c:
+        torch.cat([a[:32], a])
+    assert c.names == ["aten:cat"]
+    assert c.launches[0].nbytes == 128 + 256 + 96 * 4
+
+
+def test_launch_bytes_count_keyword_only_tensors():
+    """A tensor an aten op takes as a keyword-only argument (searchsorted's ``sorter``,
+    which the dispatcher passes in kwargs) is read too: 64 float32 sorted values (256) +
+    8 float32 queries (32) + the 64 int64 sorter (512), and 8 int64 indices written (64):
+    864 bytes (352 without the sorter)."""
+    from guidedrop.launches import LaunchCounter
+    a = torch.rand(64)
+    sorter, v = torch.argsort(a), torch.rand(8)
+    with LaunchCounter() as c:
+        torch.searchsorted(a, v, sorter=sorter)
+    assert c.names == ["aten:searchsorted"]
+    assert c.launches[0].nbytes == 256 + 32 + 512 + 64
+
+
+def test_host_syncs_are_recorded_not_launched():
+    """A host synchronisation is recorded in ``syncs`` under its aten name, in order, and
+    is no launch: ``nonzero`` (its output's size waits for the device) and ``.item()``
+    (``_local_scalar_dense``)."""
+    from guidedrop.launches import LaunchCounter
+    t, s = torch.tensor([0.0, 1.0, 2.0]), torch.ones(1)
+    with LaunchCounter() as c:
+        t.nonzero()
+        s.item()
+    assert c.syncs == ["nonzero", "_local_scalar_dense"]
+    assert c.launches == []
+
+
+def test_count_layer_counts_each_pass_and_the_floor():
+    """count_layer on a stand-in layer, y = x * noise (noise=None: drawn with rand_like),
+    x bf16 (2, 3, 4, 4): 96 elements of 2 bytes, 192 bytes a tensor.
+    - forward with noise: one mul, reading x and noise, writing y: 3 x 192 = 576;
+    - forward with noise=None: rand_like (reads x's 192 for its shape, writes 192: 384),
+      then the mul (576): 960;
+    - backward: grad_x = grad_y * noise, one mul (576);
+    - floor: 3 reads + 2 writes of x, 5 x 192 = 960 (x's itemsize, not 4)."""
+    def call(x, noise):
+        if noise is None:
+            noise = torch.rand_like(x)
+        return x * noise
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+    c = count_layer(call, x, torch.rand(2, 3, 4, 4, dtype=torch.bfloat16))
+    assert c.forward.names == ["aten:mul"] and c.forward.nbytes == 576
+    assert c.fresh.names == ["aten:rand_like", "aten:mul"]
+    assert [launch.nbytes for launch in c.fresh.launches] == [384, 576]
+    assert c.fresh.nbytes == 960
+    assert c.backward.names == ["aten:mul"] and c.backward.nbytes == 576
+    assert c.floor_bytes == 5 * 96 * 2
+    assert c.forward.syncs == c.fresh.syncs == c.backward.syncs == []
+
+
+@torch.library.custom_op("guidedrop::_launch_counter_probe", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for an op of the CUDA extension (namespace guidedrop)."""
+    return x * 2
+
+
+def test_extension_op_counts_its_kernels(monkeypatch):
+    """An op of the CUDA extension (namespace ``guidedrop``; its launches are not visible
+    from Python) counts launches.KERNELS[op] kernels, 1 where the op is not listed, named
+    ``cuda:<op>``; the first carries the op's bytes (64 fp16 elements read and 64 written:
+    256), the others none, so that the op's bytes count once. Its own aten ops are not
+    counted (the extension's kernels are)."""
+    from guidedrop import launches
+    from guidedrop.launches import LaunchCounter
+    x = torch.ones(64, dtype=torch.float16)
+    with LaunchCounter() as c:
+        torch.ops.guidedrop._launch_counter_probe(x)
+    assert c.names == ["cuda:_launch_counter_probe"]
+    assert [launch.nbytes for launch in c.launches] == [256]
+    monkeypatch.setitem(launches.KERNELS, "_launch_counter_probe", 3)
+    with LaunchCounter() as c:
+        torch.ops.guidedrop._launch_counter_probe(x)
+    assert c.names == ["cuda:_launch_counter_probe"] * 3
+    assert [launch.nbytes for launch in c.launches] == [256, 0, 0]
+    assert c.nbytes == 256
+
+
+def test_counter_reentered_restores_the_triton_launchers():
+    """Entered again while active (as __torch_dispatch__ does around a guidedrop_triton
+    op's body), the counter keeps Triton's launchers patched until its outermost exit
+    (restored at an inner exit, the launches made after a Triton op's body went
+    uncounted), and that exit puts the originals back."""
+    triton_jit = pytest.importorskip("triton.runtime.jit")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from guidedrop.launches import LaunchCounter
+    before = (triton_jit.JITFunction.run, InterpretedFunction.run)
+    with LaunchCounter() as c:
+        with c:
+            with c:
+                pass
+        assert triton_jit.JITFunction.run is not before[0]  # patched while active
+    assert (triton_jit.JITFunction.run, InterpretedFunction.run) == before
+
+
+def test_triton_launch_bytes_and_warmup():
+    """A Triton launch counts the bytes of its tensor arguments, positional or keyword
+    (x given positionally, y_ptr by keyword: 64 fp16 each, 256 bytes), under its kernel's
+    name; a warmup (kernel.warmup: compiles, launches nothing) is no launch."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from guidedrop.launches import LaunchCounter
+
+    @triton.jit
+    def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
+
+    x = torch.ones(64, dtype=torch.float16, device=DEV)
+    y = torch.empty_like(x)
+    with LaunchCounter() as c:
+        _double_kernel[(1,)](x, y_ptr=y, n=64, BLOCK=64)
+        _double_kernel.warmup(x, y, 64, BLOCK=64, grid=(1,))
+    assert c.names == ["triton:_double_kernel"]
+    assert c.launches[0].nbytes == 2 * 64 * 2
+    assert torch.equal(y, torch.full_like(x, 2))
+
+
 def test_triton_launches_skip_wrap_triton_in_eager():
     """Outside tracing, the Triton backend launches its kernels directly: wrap_triton's
     higher-order op made every Triton layer host-bound on an H200 (1.5-2 ms of host time a
