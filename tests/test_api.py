@@ -1565,6 +1565,7 @@ def test_linear_ramp_loads_huge_step_counts(step_count, steps):
     sched.step()
     assert sched.state_dict()["step_count"] == step_count + 1
 
+
 def test_linear_ramp_one_step_before_the_end():
     """One step before the end of a long ramp (999 of 1000) the rates are 0.999 of their
     targets (DropBlock's p 0.2 -> 0.1998; Selectout's drop_rate 0.2 -> 0.1998, keep 0.8002),

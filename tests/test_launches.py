@@ -147,13 +147,16 @@ def test_launch_bytes_count_views_of_one_storage_apart():
     """Tensors are the same tensor for the bytes only with the same storage, offset, dtype
     and shape: a launch given a[:32] and a (same storage and offset, other shapes) reads
     both, 128 + 256 bytes (keyed on the storage and offset alone, a[:32] hid a: 128), and
-    writes their 96 floats, 384: 768 in all."""
+    writes their 96 floats, 384: 768 in all. a and its int32 view (same storage, offset and
+    shape, other dtype) are two tensors too: an add of them reads 256 + 256 and writes 64
+    floats, 256: 768 (keyed without the dtype, 512)."""
     from guidedrop.launches import LaunchCounter
     a = torch.ones(64)
     with LaunchCounter() as c:
         torch.cat([a[:32], a])
-    assert c.names == ["aten:cat"]
-    assert c.launches[0].nbytes == 128 + 256 + 96 * 4
+        torch.add(a, a.view(torch.int32))
+    assert c.names == ["aten:cat", "aten:add"]
+    assert [launch.nbytes for launch in c.launches] == [128 + 256 + 96 * 4, 3 * 256]
 
 
 def test_launch_bytes_count_keyword_only_tensors():
@@ -172,14 +175,15 @@ def test_launch_bytes_count_keyword_only_tensors():
 
 def test_host_syncs_are_recorded_not_launched():
     """A host synchronisation is recorded in ``syncs`` under its aten name, in order, and
-    is no launch: ``nonzero`` (its output's size waits for the device) and ``.item()``
-    (``_local_scalar_dense``)."""
+    is no launch: ``nonzero`` (its output's size waits for the device), ``.item()``
+    (``_local_scalar_dense``) and ``torch.equal`` (a bool on the host)."""
     from guidedrop.launches import LaunchCounter
     t, s = torch.tensor([0.0, 1.0, 2.0]), torch.ones(1)
     with LaunchCounter() as c:
         t.nonzero()
         s.item()
-    assert c.syncs == ["nonzero", "_local_scalar_dense"]
+        torch.equal(t, t)
+    assert c.syncs == ["nonzero", "_local_scalar_dense", "equal"]
     assert c.launches == []
 
 
@@ -248,7 +252,9 @@ def test_counter_reentered_restores_the_triton_launchers():
         with c:
             with c:
                 pass
-        assert triton_jit.JITFunction.run is not before[0]  # patched while active
+        # both patched while active
+        assert triton_jit.JITFunction.run is not before[0]
+        assert InterpretedFunction.run is not before[1]
     assert (triton_jit.JITFunction.run, InterpretedFunction.run) == before
 
 
