@@ -294,14 +294,6 @@ def test_backend_typo_is_an_error_in_every_primitive(monkeypatch):
             run()
 
 
-def _fake_backend(name, unsupported=None):
-    """A backend module for dispatch's rules: ``unsupported(x)`` its reason to refuse x."""
-    mod = types.ModuleType(f"guidedrop_test_{name}")
-    mod.name = name
-    mod.unsupported = unsupported or (lambda x: "")
-    return mod
-
-
 def test_backend_env_is_read_leniently(monkeypatch):
     """GUIDEDROP_BACKEND is read case-blind and stripped, and an empty value (``VAR= cmd``)
     is ``auto``: none of them is a typo's ValueError."""
@@ -318,8 +310,10 @@ def test_auto_takes_the_first_backend_that_takes_x(monkeypatch):
     backend that loads and does not refuse x, and the reference where none does. Fake
     backends, so that the rule is checked on a CPU machine too (there the CUDA one never
     loads)."""
-    cuda = _fake_backend("cuda", lambda x: "no float16" if x.dtype == torch.float16 else "")
-    triton = _fake_backend("triton", lambda x: "no float64" if x.dtype == torch.float64 else "")
+    cuda = fake_backend("cuda", unsupported=lambda x: (
+        "no float16" if x.dtype == torch.float16 else ""))
+    triton = fake_backend("triton", unsupported=lambda x: (
+        "no float64" if x.dtype == torch.float64 else ""))
     monkeypatch.setitem(dispatch._loaded, "cuda", (cuda, ""))
     monkeypatch.setitem(dispatch._loaded, "triton", (triton, ""))
     monkeypatch.setenv("GUIDEDROP_BACKEND", "auto")
@@ -339,7 +333,8 @@ def test_forced_backend_fails_loudly_with_its_reason(name, monkeypatch):
     """GUIDEDROP_BACKEND=triton|cuda runs that backend or raises RuntimeError with the reason
     (it does not load here, or it refuses this x): never a silent fall back to another
     backend, as ``auto`` makes."""
-    mod = _fake_backend(name, lambda x: "x has dtype float64" if x.dtype == torch.float64 else "")
+    mod = fake_backend(name, unsupported=lambda x: (
+        "x has dtype float64" if x.dtype == torch.float64 else ""))
     monkeypatch.setitem(dispatch._loaded, name, (mod, ""))
     monkeypatch.setenv("GUIDEDROP_BACKEND", name)
     x = torch.zeros(1, 1, 1, 1)
@@ -355,10 +350,10 @@ def test_forced_backend_fails_loudly_with_its_reason(name, monkeypatch):
 def test_available_backends_lists_those_that_load(monkeypatch):
     """guidedrop.available_backends(): the reference, then each kernel backend that loads,
     in dispatch's order; one that does not load (its reason given) is left out."""
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend("triton"), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend("triton"), ""))
     monkeypatch.setitem(dispatch._loaded, "cuda", (None, "guidedrop._C is not built"))
     assert guidedrop.available_backends() == ["reference", "triton"]
-    monkeypatch.setitem(dispatch._loaded, "cuda", (_fake_backend("cuda"), ""))
+    monkeypatch.setitem(dispatch._loaded, "cuda", (fake_backend("cuda"), ""))
     assert guidedrop.available_backends() == ["reference", "triton", "cuda"]
     monkeypatch.setitem(dispatch._loaded, "triton", (None, "no GPU"))
     monkeypatch.setitem(dispatch._loaded, "cuda", (None, "no GPU"))
@@ -930,7 +925,7 @@ from decimal import Decimal  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import numpy as np  # noqa: E402
-from testing import DEV, load_backend  # noqa: E402
+from testing import DEV, fake_backend, load_backend  # noqa: E402
 
 
 @pytest.fixture(params=["reference", "triton", "cuda"])

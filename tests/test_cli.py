@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing import fake_backend
 
 import guidedrop
 from guidedrop import bench, cli, demo, dispatch, models, reference
@@ -726,15 +727,6 @@ def test_shape_error_names_the_shape(tmp_path):
 # --------------------------------------------------------------------------- pre-check
 
 
-def _fake_backend(**overrides) -> types.ModuleType:
-    """The reference backend with some primitives replaced."""
-    mod = types.ModuleType("fake_triton")
-    mod.__dict__.update({k: v for k, v in vars(reference).items() if not k.startswith("__")})
-    mod.name = "triton"
-    mod.__dict__.update(overrides)
-    return mod
-
-
 def _wrong_apply_channel(t, w):
     return reference.apply_channel(t, w * 1.01)  # 1 % off: far beyond float32 tolerance
 
@@ -753,7 +745,7 @@ WRONG = [("selectscale", {"apply_channel": _wrong_apply_channel}),
 def test_precheck_fails_loudly_when_a_backend_disagrees(layer, override, tmp_path, monkeypatch,
                                                        capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets "triton" take CPU tensors
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(**override), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend(**override), ""))
     out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", layer,
                    "--csv", str(out)])
@@ -769,7 +761,7 @@ def test_precheck_fails_loudly_when_a_backend_disagrees(layer, override, tmp_pat
 
 def test_precheck_passes_for_an_agreeing_backend(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend(), ""))
     out = tmp_path / "ok.csv"
     rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", "corrdrop",
                    "--csv", str(out)])
@@ -782,7 +774,7 @@ def test_precheck_reports_a_crashing_backend(monkeypatch):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend(channel_stats=boom), ""))
     case = bench.Case("selectout", (2, 4, 5, 5), torch.float32, torch.device("cpu"))
     s = bench.check_slice(case, bench.make_inputs(case))
     with bench.forced_backend("reference"):
@@ -799,7 +791,7 @@ def test_bench_notes_a_mismatch_and_goes_on(tmp_path, monkeypatch, capsys):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend(channel_stats=boom), ""))
     out = tmp_path / "r.csv"
     rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers",
                    "selectout,dropblock", "--csv", str(out)])
@@ -820,7 +812,7 @@ def test_bench_mismatch_with_resnet_and_markdown(tmp_path, monkeypatch, capsys):
         raise RuntimeError("\nexpected Tensor | None")  # empty first line, a "|"
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(dispatch._loaded, "triton", (_fake_backend(channel_stats=boom), ""))
+    monkeypatch.setitem(dispatch._loaded, "triton", (fake_backend(channel_stats=boom), ""))
     out, md = tmp_path / "r.csv", tmp_path / "r.md"
     rc = cli.main([*QUICK, "--backends", "reference,triton", "--layers", "selectout",
                    "--resnet", "--csv", str(out), "--md", str(md)])

@@ -22,8 +22,8 @@ import torch
 from test_training import SHAPE, _ops  # every layer, rates giving non-trivial masks
 from testing import CUDA, emulated
 
-from guidedrop import dispatch
-from guidedrop.launches import count_layer
+from guidedrop import dispatch, launches
+from guidedrop.launches import KERNELS, LaunchCounter, count_layer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
@@ -67,7 +67,6 @@ def test_cuda_kernels_per_op(layer, monkeypatch):
     import test_cuda_emulated as CE
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from guidedrop.launches import KERNELS
     if CE.emu.unavailable():
         pytest.skip(f"no CUDA emulator: {CE.emu.unavailable()}")
     monkeypatch.setitem(dispatch._loaded, "cuda", (CE.emu.backend(), ""))
@@ -120,7 +119,6 @@ def test_launch_bytes_bound_what_it_moves():
     """A launch's bytes are its inputs' plus its outputs': an in-place op reads and writes
     its tensor, which counts twice (once, before: ``bench --model``'s bytes were no upper
     bound on the reference's in-place ops); a tensor passed twice is read once."""
-    from guidedrop.launches import LaunchCounter
     a, b = torch.ones(64), torch.ones(64)
     with LaunchCounter() as c:
         a.add_(b)  # reads a and b, writes a
@@ -133,7 +131,6 @@ def test_launch_bytes_take_each_tensors_itemsize():
     itemsize (not 4 for every dtype): 64 bf16 elements converted to float64 read 64 x 2 and
     write 64 x 8 = 640 bytes; a float64 add of a tensor with itself reads 512 once and
     writes 512 = 1024. The counter's total is their sum, every launch's (1664)."""
-    from guidedrop.launches import LaunchCounter
     a, b = torch.ones(64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.float64)
     with LaunchCounter() as c:
         a.to(torch.float64)
@@ -150,7 +147,6 @@ def test_launch_bytes_count_views_of_one_storage_apart():
     writes their 96 floats, 384: 768 in all. a and its int32 view (same storage, offset and
     shape, other dtype) are two tensors too: an add of them reads 256 + 256 and writes 64
     floats, 256: 768 (keyed without the dtype, 512)."""
-    from guidedrop.launches import LaunchCounter
     a = torch.ones(64)
     with LaunchCounter() as c:
         torch.cat([a[:32], a])
@@ -164,7 +160,6 @@ def test_launch_bytes_count_keyword_only_tensors():
     which the dispatcher passes in kwargs) is read too: 64 float32 sorted values (256) +
     8 float32 queries (32) + the 64 int64 sorter (512), and 8 int64 indices written (64):
     864 bytes (352 without the sorter)."""
-    from guidedrop.launches import LaunchCounter
     a = torch.rand(64)
     sorter, v = torch.argsort(a), torch.rand(8)
     with LaunchCounter() as c:
@@ -177,7 +172,6 @@ def test_host_syncs_are_recorded_not_launched():
     """A host synchronisation is recorded in ``syncs`` under its aten name, in order, and
     is no launch: ``nonzero`` (its output's size waits for the device), ``.item()``
     (``_local_scalar_dense``) and ``torch.equal`` (a bool on the host)."""
-    from guidedrop.launches import LaunchCounter
     t, s = torch.tensor([0.0, 1.0, 2.0]), torch.ones(1)
     with LaunchCounter() as c:
         t.nonzero()
@@ -223,8 +217,6 @@ def test_extension_op_counts_its_kernels(monkeypatch):
     ``cuda:<op>``; the first carries the op's bytes (64 fp16 elements read and 64 written:
     256), the others none, so that the op's bytes count once. Its own aten ops are not
     counted (the extension's kernels are)."""
-    from guidedrop import launches
-    from guidedrop.launches import LaunchCounter
     x = torch.ones(64, dtype=torch.float16)
     with LaunchCounter() as c:
         torch.ops.guidedrop._launch_counter_probe(x)
@@ -246,7 +238,6 @@ def test_counter_reentered_restores_the_triton_launchers():
     triton_jit = pytest.importorskip("triton.runtime.jit")
     from triton.runtime.interpreter import InterpretedFunction
 
-    from guidedrop.launches import LaunchCounter
     before = (triton_jit.JITFunction.run, InterpretedFunction.run)
     with LaunchCounter() as c:
         with c:
@@ -265,7 +256,6 @@ def test_triton_launch_bytes_and_warmup():
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
-    from guidedrop.launches import LaunchCounter
 
     @triton.jit
     def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -294,7 +284,6 @@ def test_triton_launches_skip_wrap_triton_in_eager():
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.utils.flop_counter import FlopCounterMode
 
-    from guidedrop.launches import LaunchCounter
     from guidedrop.triton_kernels._common import traced
     assert not traced()
     for mode in (FlopCounterMode(display=False), LaunchCounter()):

@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from guidedrop import dispatch
+from guidedrop import dispatch, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REF_DTYPES = DTYPES + [torch.float64]  # float64 only on the reference path
@@ -79,6 +79,18 @@ def load_backend(name: str, *, emulate: bool = True) -> types.ModuleType:
     mod, why = _loaded(name, emulate)
     if mod is None:
         pytest.skip(f"backend {name}: {why}")
+    return mod
+
+
+def fake_backend(name: str = "triton", **overrides) -> types.ModuleType:
+    """A backend module for dispatch's and the CLI's rules, no kernel in it: the reference's
+    functions under ``name``, with ``overrides`` (a wrong primitive, an ``unsupported(x)``
+    that gives a reason to refuse x) put in their place. Install it with
+    ``monkeypatch.setitem(dispatch._loaded, name, (fake_backend(name, ...), ""))``."""
+    mod = types.ModuleType(f"guidedrop_test_fake_{name}")
+    mod.__dict__.update({k: v for k, v in vars(reference).items() if not k.startswith("__")})
+    mod.name = name
+    mod.__dict__.update(overrides)
     return mod
 
 
