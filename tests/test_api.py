@@ -1285,6 +1285,33 @@ def test_camdrop_targets_checked_in_eval_too():
         F.camdrop(x, torch.randn(3, 4), torch.tensor([0, 3]), training=False)
 
 
+@pytest.mark.parametrize("idle", [dict(training=False), dict(keep=1.0), dict(x=slice(0))])
+def test_camdrop_idle_needs_no_weight_or_target(idle):
+    """Where the op does nothing (eval mode, keep = 1, an empty x) a missing weight or target
+    is no error (the docstring: "missing (where the op acts ...)"; it raised with one of
+    them given); the one given is still checked, the target's range against the weight's
+    classes only with both."""
+    x, w, t = torch.randn(2, 4, 6, 6), torch.randn(3, 4), torch.tensor([0, 1])
+    kw = {k: v for k, v in idle.items() if k != "x"}
+    if "x" in idle:
+        x, t = x[idle["x"]], t[idle["x"]]
+    for weight, target in [(w, None), (None, t), (None, None)]:
+        assert F.camdrop(x, weight, target, **kw) is x
+    with pytest.raises(ValueError, match="not a multiple of x's C=4"):
+        F.camdrop(x, torch.randn(3, 5), None, **kw)
+    with pytest.raises(TypeError, match="target must be an integer tensor"):
+        F.camdrop(x, None, t.float(), **kw)
+    with pytest.raises(ValueError, match=r"target must have shape"):
+        F.camdrop(x, None, torch.tensor([0, 1, 2]), **kw)
+    assert F.camdrop(x, None, t + 7, **kw) is x  # no K to check the range against
+    if "x" not in idle:
+        with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 3\)"):
+            F.camdrop(x, w, t + 7, **kw)
+    for weight, target in [(w, None), (None, t)]:  # where it acts, both are needed
+        with pytest.raises(ValueError, match="camdrop needs the classifier weight"):
+            F.camdrop(torch.randn(2, 4, 6, 6), weight, target)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_camdrop_target_out_of_range_compiled(backend, monkeypatch):
     """Under torch.compile a CPU target is not checked on the host before the op (a
@@ -1682,6 +1709,22 @@ def test_sparse_tensors_are_refused(name):
             call(name, weight=weight.to_sparse())
         with pytest.raises(TypeError, match="target must be a dense"):
             call(name, target=target.to_sparse())
+
+
+def test_nested_tensors_are_refused():
+    """A nested tensor (torch.nested.nested_tensor: strided, 4-D here, floating) is a
+    TypeError naming x, also in eval mode; it passed the checks and failed inside torch
+    ("NestedTensorImpl doesn't support sizes"), or came back from an eval module."""
+    with pytest.warns(UserWarning, match="nested tensors is in prototype stage"):
+        x = torch.nested.nested_tensor([torch.randn(3, 4, 4), torch.randn(3, 5, 5)])
+    assert x.layout == torch.strided and x.dim() == 4
+    for name, (op, kw) in OPS.items():
+        args = _cam((2, 3, 4, 4)) if name == "camdrop" else ()  # (call() reads x.shape)
+        for training in (True, False):
+            with pytest.raises(TypeError, match="x must be a dense .* got a nested tensor"):
+                op(x, *args, **kw, training=training)
+    with pytest.raises(TypeError, match="x must be a dense .* got a nested tensor"):
+        guidedrop.DropBlock2d().eval()(x)
 
 
 def test_sparse_tensors_are_refused_by_the_primitives():

@@ -339,6 +339,25 @@ def test_pooled_correlation_scale_invariant(B, scale):
         torch.testing.assert_close(fs, f, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [2.0**1022, 2.0**1023, 2.0**-1000, 1.5e308])
+def test_pooled_correlation_float64_scale_invariant(scale):
+    """float64 x (the reference's alone): F invariant to scaling within the float64 range
+    (SPEC §2), exactly for powers of two. Its float64 window sums overflowed from about
+    2^1017 (F NaN); a sample with Inf still gives NaN, the other sample unchanged."""
+    from guidedrop import reference as R
+    torch.manual_seed(2)
+    x = torch.rand(2, 5, 9, 7, dtype=torch.float64) + 0.01
+    f, fs = R.pooled_correlation(x, 3), R.pooled_correlation(x * scale, 3)
+    assert torch.isfinite(fs).all()
+    if math.log2(scale).is_integer():
+        assert_same(fs, f)
+    else:
+        torch.testing.assert_close(fs, f, rtol=0, atol=1e-12)
+    x[1, 2, 4, 4] = math.inf
+    fi = R.pooled_correlation(x * scale, 3)
+    assert fi[1].isnan().all() and torch.equal(fi[0], fs[0])
+
+
 def test_focused_dropout_permuted_channels(B):
     """Three channels with the same values in different orders have equal means: the
     reference channel is the first of them (SPEC §1 argmax, §5)."""

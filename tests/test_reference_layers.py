@@ -913,6 +913,29 @@ def test_random_path_is_a_valid_mask(name):
     assert torch.isfinite(w).all() and (w >= 0).all()
 
 
+@pytest.mark.parametrize("shape, k", [((1, 2, 1, 5000), 10**9), ((1, 2, 3, 4000), 1000),
+                                      ((1, 2, 4000, 2), 7), ((2, 3, 10, 9), 4)])
+def test_window_means_pad_less_than_a_window(shape, k, monkeypatch):
+    """Eager, CorrDrop's window sums pad x by less than one window in each dimension (under
+    2x the map): a thin map with a block as large as the map (k = max(H, W)) was padded to
+    k x k (1 x 100000: 80 GB of float64; SPEC §1, no memory grows with block_size beyond the
+    map). The means are each window's valid units' mean."""
+    from guidedrop import reference as R
+    x = rand_x(shape, seed=1).double()
+    h, w = shape[2:]
+    kk = R.one_window(k, h, w)
+    hp, wp = R.pooled_size(h, w, kk)
+    pad, padded = torch.nn.functional.pad, []
+    monkeypatch.setattr(torch.nn.functional, "pad",
+                        lambda t, *a, **kw: padded.append(pad(t, *a, **kw)) or padded[-1])
+    a = R.window_means(x, kk, hp, wp)
+    (ph, pw), window = padded[0].shape[-2:], (min(kk, h), min(kk, w))
+    assert len(padded) == 1 and ph < h + window[0] and pw < w + window[1], (ph, pw)
+    want = torch.stack([torch.stack([x[..., i * kk:(i + 1) * kk, j * kk:(j + 1) * kk].mean((-2, -1))
+                                     for j in range(wp)], -1) for i in range(hp)], -2)
+    torch.testing.assert_close(a, want)
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12),
        k=st.integers(1, 14), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),

@@ -102,6 +102,8 @@ def dense(name: str, t: torch.Tensor) -> None:
     ops have no sparse forms (a sparse x failed deep inside torch, or passed through)."""
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.is_nested:  # strided too (torch.nested.nested_tensor's default), but no sizes
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
 
 
 def resolved(t):
@@ -160,8 +162,10 @@ def applied(a, x: torch.Tensor) -> None:
         raise ValueError(f"applied must be on x's device {x.device}, got {a.device}")
 
 
-def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
+def cam_inputs(weight, target, x: torch.Tensor, required: bool = True) -> torch.Tensor:
     """CamDrop's classifier weight and targets (SPEC §6 step 0); returns target as given.
+    ``required``: a missing (None) weight or target is a ValueError; else (an op that does
+    nothing) each is checked where given, target's range where weight is given too.
 
     weight: a floating (K, C_fc) tensor on x's device, K >= 1, C_fc >= 1 a multiple of
     x's C. target: (N,) class indices in [0, K), any integer dtype (bool is a TypeError;
@@ -174,36 +178,42 @@ def cam_inputs(weight, target, x: torch.Tensor) -> torch.Tensor:
     the reference; in the first CamDrop kernel of a kernel backend, see
     backend_contract.md).
     """
-    if weight is None or target is None:
+    if required and (weight is None or target is None):
         raise ValueError("camdrop needs the classifier weight and the targets "
                          "(use guidedrop.cam_targets(model.fc, labels) with the module)")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        dense("weight", weight)
+        if not weight.is_floating_point():  # a wrong type: TypeError (SPEC §1), as cam_targets
+            raise TypeError(f"weight must be a floating tensor (K, C_fc), got dtype "
+                            f"{weight.dtype}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D floating tensor (K, C_fc), got shape "
+                             f"{tuple(weight.shape)}")
+        k, c_fc = weight.shape
+        if k < 1 or c_fc < 1:
+            raise ValueError(f"weight (K, C_fc) needs K >= 1 classes and C_fc >= 1 columns, "
+                             f"got shape {tuple(weight.shape)}")
+        c = x.shape[1]
+        if c > 0 and c_fc % c != 0:
+            raise ValueError(f"weight has C_fc={c_fc} columns, not a multiple of x's C={c}")
+        if weight.device != x.device:
+            raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if target is None:
+        return target
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    dense("weight", weight)
     dense("target", target)
-    if not weight.is_floating_point():  # a wrong type: TypeError (SPEC §1), as cam_targets
-        raise TypeError(f"weight must be a floating tensor (K, C_fc), got dtype {weight.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D floating tensor (K, C_fc), got shape "
-                         f"{tuple(weight.shape)}")
-    k, c_fc = weight.shape
-    if k < 1 or c_fc < 1:
-        raise ValueError(f"weight (K, C_fc) needs K >= 1 classes and C_fc >= 1 columns, "
-                         f"got shape {tuple(weight.shape)}")
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype "
                         f"{target.dtype}")
     if target.dim() != 1 or target.shape[0] != x.shape[0]:
         raise ValueError(f"target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
-    c = x.shape[1]
-    if c > 0 and c_fc % c != 0:
-        raise ValueError(f"weight has C_fc={c_fc} columns, not a multiple of x's C={c}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
     if target.device != x.device:
         raise ValueError(f"target must be on x's device {x.device}, got {target.device}")
+    if weight is None:
+        return target
     if target_checked_on_host(target):
         check_target_range(target, operator.index(k))  # torch.jit.trace: k a 0-d tensor
     return target

@@ -466,12 +466,11 @@ def camdrop(x, weight, target, block_size=5, keep=0.9, *, channel_rate=0.125,
     channel_rate = V.real("channel_rate", channel_rate)
     normalize = V.choice("normalize", normalize, V.NORMALIZE)
     V.noise(noise, x.shape, x)
-    # Checked whenever given (also in eval mode); required only when the op runs.
+    # Checked where given (also in eval mode); required only when the op runs.
     idle = _idle(x, training, 1 - keep)
-    if weight is not None or target is not None or not idle:
-        target = V.cam_inputs(weight, target, x)
+    target = V.cam_inputs(weight, target, x, required=not idle)
     if idle:
-        if target is not None and not V.target_checked_on_host(target):
+        if weight is not None and target is not None and not V.target_checked_on_host(target):
             V.assert_target(target, weight.shape[0])  # no CamDrop kernel runs to check it
         return x
     return _run("camdrop", x, weight, target, block_size, keep, channel_rate=channel_rate,

@@ -79,7 +79,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
       spanning over 2^23 in a float32 window of 7 x 7), so the kernels get the same a
       whatever order they add in (where it is not, as with 2^60, 1 and -2^60, Triton's
       order may give another a), and no sum overflows (float32 sums past 3.4e38 made F
-      NaN, and F changed with the scale of x);
+      NaN, and F changed with the scale of x; float64 x is first scaled per sample by a
+      power of two);
     - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
       of the norm, F is invariant to positive scaling of x; float64, so that equal or
       parallel rows give P_ij = 1 exactly once rounded to the grid;
@@ -97,7 +98,15 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     ct = compute_dtype(x)
     if n * hp * wp == 0 or c == 0:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
-    a = window_means(x.double(), k, hp, wp)
+    x = x.double()
+    if ct == torch.float64:
+        # Each sample scaled by a power of two (exact), its largest |x| to [0.5, 1): float64
+        # window sums of float64 x overflowed from about 2^1017 (F NaN, SPEC §2's invariance
+        # to scaling broken); those of float32, float16 and bfloat16 x cannot.
+        big = x.abs().amax(dim=(1, 2, 3), keepdim=True)
+        e = torch.frexp(torch.where(big.isfinite(), big, 0)).exponent
+        x = torch.ldexp(x, -e)
+    a = window_means(x, k, hp, wp)
     rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
     s = rows.abs().amax(dim=2, keepdim=True)
     b = rows / s
@@ -121,8 +130,14 @@ def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
     that torch.export could not prove (and a reshape of the padded x into windows, one that
     Dynamo failed on where H <= k < W)."""
     h, w = x.shape[-2:]
-    if (torch.compiler.is_compiling() and not isinstance(k, torch.SymInt)
-            and hp == 1 and wp == 1):
+    if not torch.compiler.is_compiling():
+        # Eager: windows no taller or wider than the map (the same sums), so that the zero
+        # padding stays under twice the map: a 1 x W map in one window of k = W (any larger
+        # block) was padded to W x W.
+        kh, kw = min(k, h), min(k, w)
+        s = F.avg_pool2d(F.pad(x, (0, wp * kw - w, 0, hp * kh - h)), (kh, kw),
+                         stride=(kh, kw), divisor_override=1)
+    elif not isinstance(k, torch.SymInt) and hp == 1 and wp == 1:
         # Compiled (Dynamo), one window (the map within the block: k = max(H, W) is
         # symbolic): its sum, since avg_pool2d would make k a constant of the graph, a graph
         # per map size. The same sum wherever the window's sum is exact (pooled_correlation).
