@@ -936,6 +936,39 @@ def test_window_means_pad_less_than_a_window(shape, k, monkeypatch):
     torch.testing.assert_close(a, want)
 
 
+def test_pooled_correlation_gram_in_blocks(monkeypatch):
+    """Eager, the reference holds P (N, N', N') in blocks of at most GRAM_BLOCK elements (at
+    block_size 1 on 56 x 56 maps, batch 128, the whole P was 10 GB and made several times),
+    with the same F as in one block: zero rows (P_ii = 1), a NaN (its sample's F NaN), N'
+    not a multiple of the block's side, rows above and below the diagonal mirrored."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from guidedrop import reference as R
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    x = rand_x((2, 3, 64, 64), seed=4)  # N' = 4096: P 2 x 4096^2 = 8 GRAM_BLOCKs
+    x[0, :, :8, :8] = 0
+    x[1, 2, 5, 7] = math.nan
+    with Largest() as mode:
+        f = R.pooled_correlation(x, 1)
+    assert mode.numel <= R.GRAM_BLOCK, mode.numel
+    assert f[1].isnan().all() and not f[0].isnan().any()
+    small = rand_x((3, 5, 23, 17), seed=5)
+    small[1, :, :3, :] = 0
+    whole = R.pooled_correlation(small, 2)
+    monkeypatch.setattr(R, "GRAM_BLOCK", 3 * 7**2)  # blocks of 7 x 7 rows: N' = 108
+    assert torch.equal(R.pooled_correlation(small, 2), whole)
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12),
        k=st.integers(1, 14), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),

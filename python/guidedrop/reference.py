@@ -30,6 +30,9 @@ def _maps(x: torch.Tensor) -> torch.Tensor:
 
 
 QUANTUM = 2.0**-32  # the grid each P_ij is rounded to before F's row sums (exact in int64)
+# Elements of one block of the Gram matrix (N, rows, columns) that pooled_correlation holds
+# at a time in eager mode (32 MB of float64; it makes several of that size).
+GRAM_BLOCK = 2**22
 
 
 def pooled_size(h: int, w: int, k: int) -> tuple[int, int]:
@@ -112,13 +115,31 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     b = rows / s
     # float64: |â_i·â_j| within ~1e-16 (1 for equal rows once rounded to the grid)
     hat = torch.where(s == 0, 0, b / b.norm(dim=2, keepdim=True))
-    g = (hat @ hat.transpose(1, 2)).abs()
-    g = g.triu() + g.triu(1).transpose(1, 2)  # each |â_i·â_j| once, for rows i and j
-    nan = g.isnan().any(dim=2)
-    q = torch.where(g.isnan(), 0, g / QUANTUM + 0.5).floor().long()
-    eye = torch.eye(hp * wp, dtype=torch.bool, device=x.device)
-    q = torch.where(eye, (s == 0).long() * int(1 / QUANTUM), q)  # P_ii exactly
-    f = q.sum(dim=2).double() * QUANTUM / (hp * wp)
+    m = hp * wp
+    # P in square blocks of GRAM_BLOCK elements at most, those on and above the diagonal
+    # (the whole (N, N', N') P was several GB at block_size 1 on 56 x 56 maps and a batch of
+    # 128); compiled, one block (a loop over a symbolic N' makes it a constant of the graph).
+    if torch.compiler.is_compiling():
+        step, blocks = m, [(0, 0)]
+    else:
+        step = max(1, math.isqrt(GRAM_BLOCK // n))
+        blocks = [(i, j) for i in range(0, m, step) for j in range(i, m, step)]
+    total = torch.zeros(n, m, dtype=torch.long, device=x.device)
+    nan = torch.zeros(n, m, dtype=torch.bool, device=x.device)
+    for i, j in blocks:
+        g = (hat[:, i:i + step] @ hat[:, j:j + step].transpose(1, 2)).abs()
+        if i == j:  # each |â_i·â_j| once, for rows i and j; P_ii exactly
+            g = g.triu() + g.triu(1).transpose(1, 2)
+        q = torch.where(g.isnan(), 0, g / QUANTUM + 0.5).floor().long()
+        if i == j:
+            eye = torch.eye(q.shape[1], dtype=torch.bool, device=x.device)
+            q = torch.where(eye, (s[:, i:i + step] == 0).long() * int(1 / QUANTUM), q)
+        total[:, i:i + step] += q.sum(dim=2)
+        nan[:, i:i + step] |= g.isnan().any(dim=2)
+        if i != j:  # the block below the diagonal: this one mirrored
+            total[:, j:j + step] += q.sum(dim=1)
+            nan[:, j:j + step] |= g.isnan().any(dim=1)
+    f = total.double() * QUANTUM / m
     return torch.where(nan, math.nan, f).to(ct).view(n, hp, wp)
 
 
