@@ -11,6 +11,7 @@ import re
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -1733,6 +1734,16 @@ def test_sparse_tensors_are_refused_by_the_primitives():
         P.channel_max(_x().to_sparse())
     with pytest.raises(TypeError, match="mask must be a dense"):
         P.block_upsample(torch.ones(2, 2, 2).to_sparse(), 3, 6, 6)
+
+
+def test_each_layer_names_its_paper():
+    """Each layer's docstring names its paper (authors and title, as the README's list
+    does; SPEC.md, which the functional docstrings cite, is not shipped)."""
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    for cls in MODULES:
+        paper = " ".join(cls.__doc__.split("Paper: ", 1)[1].split())
+        authors, title = paper.split(", ", 1)[0], paper.split('"')[1]
+        assert f"({authors}, *{title}*" in readme, (cls.__name__, paper)
 
 
 def test_each_layer_compiles_its_own_forward():

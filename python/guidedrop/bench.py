@@ -894,8 +894,8 @@ def _resnet_setup(device: torch.device, quick: bool):
     try:
         import torchvision
     except ImportError as e:
-        raise usage_error("--resnet needs torchvision: "
-                          f"pip install 'guidedrop[bench]' ({e})") from None
+        from .cli import needs
+        raise needs(f"--resnet needs torchvision ({e})", "bench") from None
     gpu = device.type == "cuda"
     batch, px = ((32 if quick else 128), 224) if gpu else ((2, 32) if quick else (4, 96))
     # channels_last, except for the CPU smoke test (--quick): oneDNN's first
@@ -1575,17 +1575,17 @@ def run(args) -> list[dict]:
                               (args.kernels, "--kernels", None)):
         writable(path, opt, suffix)
     distinct(csv=args.csv, plot=args.plot, md=args.md, table=args.table, kernels=args.kernels)
+    from .cli import needs
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise usage_error("--plot needs matplotlib: pip install 'guidedrop[bench]'") from None
+            raise needs("--plot needs matplotlib", "bench") from None
     if args.resnet:
         try:
             import torchvision  # noqa: F401
         except ImportError as e:
-            raise usage_error("--resnet needs torchvision: "
-                              f"pip install 'guidedrop[bench]' ({e})") from None
+            raise needs(f"--resnet needs torchvision ({e})", "bench") from None
 
     if args.model:
         return model_report(layers, cases, providers, how != "default", device,

@@ -67,6 +67,13 @@ def float_in(lo: float, hi: float):
     return _number_in(float, "a number", lo, hi)
 
 
+def needs(what: str, extra: str) -> UsageError:
+    """The error for an optional dependency that is missing: ``what`` needs it, and the
+    extra of guidedrop that installs it, as the README installs it (from a clone: a
+    ``guidedrop[...]`` requirement would look for the package on an index)."""
+    return UsageError(f'{what}: pip install ".[{extra}]" in the guidedrop repository')
+
+
 def seed_arg(parser, default: int = 0) -> None:
     parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=default,
                         help=f"random seed, 0 to {SEED_MAX} (default {default})")

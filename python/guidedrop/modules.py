@@ -218,6 +218,9 @@ class CorrDrop(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Zeng et al., "CorrDrop: Correlation Based Dropout for Convolutional Neural
+    Networks", ICASSP 2020.
     """
 
     _fields = ("p", "block_size", "normalize")
@@ -244,6 +247,9 @@ class SelectScale(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Chen et al., "SelectScale: Mining More Patterns from Images via Selective and
+    Soft Dropout".
     """
 
     _fields, _rate, _rate_inverted = ("top_rate", "retain"), "retain", True
@@ -268,6 +274,9 @@ class SpatialScale(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Chen et al., "SelectScale: Mining More Patterns from Images via Selective and
+    Soft Dropout".
     """
 
     _fields, _rate, _rate_inverted = ("retain",), "retain", True
@@ -297,6 +306,9 @@ class Selectout(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Chen et al., "SelectScale: Mining More Patterns from Images via Selective and
+    Soft Dropout".
     """
 
     _fields, _rate, _rate_inverted = ("top_rate", "keep"), "keep", True
@@ -359,6 +371,12 @@ class AttentionDrop(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    In training it keeps x for the backward (the one layer that does: w is rebuilt from
+    each map's threshold and x), so x must not be changed in place before the backward
+    (autograd's "modified by an inplace operation" RuntimeError).
+
+    Paper: Ouyang et al., "AttenDrop for Convolutional Neural Networks".
     """
 
     _fields, _rate = ("alpha", "beta", "mode", "normalize"), "alpha"
@@ -405,6 +423,8 @@ class FocusedDropout(GuidedDropout):
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set (low >
     high: at the next forward).
+
+    Paper: Xie et al., "FocusedDropout for Convolutional Neural Network".
     """
 
     _fields, _rate = ("participation", "low", "high", "per_position"), "participation"
@@ -503,6 +523,9 @@ class CamDrop(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Wang et al., "CamDrop: A New Explanation of Dropout and A Guided
+    Regularization Method for Deep Neural Networks", CIKM 2019.
     """
 
     _fields = ("block_size", "keep", "channel_rate", "normalize")
@@ -562,6 +585,9 @@ class DropBlock2d(GuidedDropout):
     Shape: x (N, C, H, W) float32, float16 or bfloat16 (float64 on the reference backend),
     any memory format -> x's shape, dtype and memory format; x itself in eval mode or at a
     zero ``drop_rate``. A bad parameter is a ValueError / TypeError where it is set.
+
+    Paper: Ghiasi et al., "DropBlock: A regularization method for convolutional
+    networks", NeurIPS 2018.
     """
 
     _fields = ("p", "block_size", "shared_channels", "normalize")

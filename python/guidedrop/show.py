@@ -47,8 +47,8 @@ def load_photo(name: str = "china.jpg", size: int = 128) -> torch.Tensor:
         from sklearn.datasets import load_sample_images
         data = load_sample_images()
     except ImportError as e:
-        raise _usage(f"show needs scikit-learn and pillow: pip install 'guidedrop[demo]' ({e})"
-                     ) from None
+        from .cli import needs
+        raise needs(f"show needs scikit-learn and pillow ({e})", "demo") from None
     for fname, img in zip(data.filenames, data.images, strict=True):
         if Path(fname).name == name:
             photo = img
@@ -217,7 +217,8 @@ def run(args) -> dict[str, torch.Tensor]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise _usage("show needs matplotlib: pip install 'guidedrop[demo]'") from None
+        from .cli import needs
+        raise needs("show needs matplotlib and scikit-learn", "demo") from None
     # an explicit --size wins over --quick's (as demo's options win over its presets)
     photo = load_photo(args.image, args.size or (96 if args.quick else 128))
     x = features(photo)
