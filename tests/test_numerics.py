@@ -330,13 +330,18 @@ def test_pooled_correlation_scale_invariant(B, scale):
     exactly for powers of two. 2^127: the window sums pass the float32 range (float64 sums;
     in float32 they were Inf, and F NaN)."""
     torch.manual_seed(2)
-    x = torch.rand(2, 5, 9, 7) + 0.01
-    f, fs = B.pooled_correlation(x, 3), B.pooled_correlation(x * scale, 3)
+    _assert_scale_invariant(B.pooled_correlation, torch.rand(2, 5, 9, 7) + 0.01, scale, 1e-6)
+
+
+def _assert_scale_invariant(pooled_correlation, x, scale, atol):
+    """F of x * scale: finite, and F of x (exactly for a power of two); returns it."""
+    f, fs = pooled_correlation(x, 3), pooled_correlation(x * scale, 3)
     assert torch.isfinite(fs).all()
     if math.log2(scale).is_integer():
         assert_same(fs, f)
     else:
-        torch.testing.assert_close(fs, f, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fs, f, rtol=0, atol=atol)
+    return fs
 
 
 @pytest.mark.parametrize("scale", [2.0**1022, 2.0**1023, 2.0**-1000, 1.5e308])
@@ -347,12 +352,7 @@ def test_pooled_correlation_float64_scale_invariant(scale):
     from guidedrop import reference as R
     torch.manual_seed(2)
     x = torch.rand(2, 5, 9, 7, dtype=torch.float64) + 0.01
-    f, fs = R.pooled_correlation(x, 3), R.pooled_correlation(x * scale, 3)
-    assert torch.isfinite(fs).all()
-    if math.log2(scale).is_integer():
-        assert_same(fs, f)
-    else:
-        torch.testing.assert_close(fs, f, rtol=0, atol=1e-12)
+    fs = _assert_scale_invariant(R.pooled_correlation, x, scale, 1e-12)
     x[1, 2, 4, 4] = math.inf
     fi = R.pooled_correlation(x * scale, 3)
     assert fi[1].isnan().all() and torch.equal(fi[0], fs[0])
