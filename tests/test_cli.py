@@ -322,7 +322,7 @@ def test_bench_compile_and_kept_bytes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("busy", [None, "load average up to 9.0 on 2 cores"])
+@pytest.mark.parametrize("busy", [None, "load average up to 9.00 on 2 cores"])
 def test_bench_notes_a_busy_cpu(busy, threads, monkeypatch, capsys):
     """CPU timings on a machine that other work shares carry a note (as the demo's): a new
     user's compiled rows read 0.01x eager there, the OpenMP threads of Inductor's CPU
@@ -894,7 +894,7 @@ def test_demo_table_plot_markdown(tmp_path, capsys, monkeypatch):
         assert head in out
     assert png.read_bytes()[:8] == PNG_MAGIC
     # a busy machine (load average over cores + 0.5) is named under the table
-    assert f"note: load average up to {os.cpu_count() + 1.5:.1f} on {os.cpu_count()} cores" \
+    assert f"note: load average up to {os.cpu_count() + 1.5:.2f} on {os.cpu_count()} cores" \
         in out
     assert "--threads 1" in out  # and how to steady the timings
     lines = md.read_text().splitlines()
@@ -945,15 +945,16 @@ def test_demo_cpu_contention(monkeypatch):
     cores = os.cpu_count()
     monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
     assert demo.cpu_contention(torch.device("cpu")) is None
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.6, 0.0, 0.0))
-    assert demo.cpu_contention(torch.device("cpu")) == f"load average up to {cores + 0.6:.1f} " \
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.51, 0.0, 0.0))
+    # two decimals: "2.5" would read as not over 2 + 0.5
+    assert demo.cpu_contention(torch.device("cpu")) == f"load average up to {cores + 0.51:.2f} " \
         f"on {cores} cores"
     assert demo.cpu_contention(torch.device("cuda")) is None
     # idle now, busy during the run (peak): flagged with the peak
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))
     assert demo.cpu_contention(torch.device("cpu")) is None
     assert demo.cpu_contention(torch.device("cpu"), cores + 3) == f"load average up to " \
-        f"{cores + 3:.1f} on {cores} cores"
+        f"{cores + 3:.2f} on {cores} cores"
 
 
 def demo_run(argv):

@@ -358,6 +358,24 @@ def test_pooled_correlation_float64_scale_invariant(scale):
     assert fi[1].isnan().all() and torch.equal(fi[0], fs[0])
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0**-900, 2.0**20])
+def test_pooled_correlation_float64_wide_range(scale):
+    """A float64 sample spanning 2^1000 to 2^-100 (times scale, all normal floats; at 2^20
+    scaled down by the reference) keeps its small windows: F as computed from the exact
+    pooled rows. Scaled up to a common size first, its small values fell under the float64
+    range, their rows zero (F 0 and 0.25)."""
+    from guidedrop import reference as R
+    x = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    x[0, :, 0, 0] = 2.0**1000  # row (1, 1) once normalised
+    x[0, :, 0, 1] = 2.0**-100  # row (1, 1)
+    x[0, 0, 1, 1] = 2.0**-100  # row (1, 0); window (1, 0) a zero row
+    f = R.pooled_correlation(x * scale, 1).flatten().tolist()
+    # P rows: |â_i·â_j| off the diagonal, P_ii = 0 (1 for the zero row), over N' = 4
+    half = 2**-0.5
+    assert f == pytest.approx([(1 + half) / 4, (1 + half) / 4, 1 / 4, 2 * half / 4],
+                              abs=2**-30)
+
+
 def test_focused_dropout_permuted_channels(B):
     """Three channels with the same values in different orders have equal means: the
     reference channel is the first of them (SPEC §1 argmax, §5)."""

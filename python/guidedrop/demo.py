@@ -88,7 +88,7 @@ def cpu_contention(device, peak: float = 0.0) -> str | None:
     if device.type != "cpu":
         return None
     load, cores = max(peak, load_average()), os.cpu_count() or 1
-    return f"load average up to {load:.1f} on {cores} cores" if load > cores + 0.5 else None
+    return f"load average up to {load:.2f} on {cores} cores" if load > cores + 0.5 else None
 
 
 def load_digits(device, train_images: int):

@@ -82,8 +82,8 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
       spanning over 2^23 in a float32 window of 7 x 7), so the kernels get the same a
       whatever order they add in (where it is not, as with 2^60, 1 and -2^60, Triton's
       order may give another a), and no sum overflows (float32 sums past 3.4e38 made F
-      NaN, and F changed with the scale of x; float64 x is first scaled per sample by a
-      power of two);
+      NaN, and F changed with the scale of x; a float64 sample from 2^960 up is first
+      scaled down by a power of two);
     - â_i = b_i / ‖b_i‖, b_i = a_i / max|a_i| (0 for a zero row): no overflow or underflow
       of the norm, F is invariant to positive scaling of x; float64, so that equal or
       parallel rows give P_ij = 1 exactly once rounded to the grid;
@@ -103,12 +103,15 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full((n, hp, wp), 1.0 / max(hp * wp, 1), dtype=ct, device=x.device)
     x = x.double()
     if ct == torch.float64:
-        # Each sample scaled by a power of two (exact), its largest |x| to [0.5, 1): float64
-        # window sums of float64 x overflowed from about 2^1017 (F NaN, SPEC §2's invariance
-        # to scaling broken); those of float32, float16 and bfloat16 x cannot.
+        # A sample whose largest |x| is 2^960 or more scaled down by a power of two (exact
+        # but for values under 2^-1011 there) to under 2^961, where window sums of up to
+        # 2^62 units cannot overflow: float64 sums of float64 x did from about 2^1017 (F NaN,
+        # SPEC §2's invariance to scaling broken). Others as they are (scaled up to a
+        # common size, a sample spanning 2^100 to 2^-1000 lost its small values); float32,
+        # float16 and bfloat16 sums cannot overflow.
         big = x.abs().amax(dim=(1, 2, 3), keepdim=True)
         e = torch.frexp(torch.where(big.isfinite(), big, 0)).exponent
-        x = torch.ldexp(x, -e)
+        x = torch.ldexp(x, -(e - 961).clamp(min=0))
     a = window_means(x, k, hp, wp)
     rows = a.flatten(2).transpose(1, 2)  # (N, N', C)
     s = rows.abs().amax(dim=2, keepdim=True)
