@@ -133,15 +133,16 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
         g = (hat[:, i:i + step] @ hat[:, j:j + step].transpose(1, 2)).abs()
         if i == j:  # each |â_i·â_j| once, for rows i and j; P_ii exactly
             g = g.triu() + g.triu(1).transpose(1, 2)
-        q = torch.where(g.isnan(), 0, g / QUANTUM + 0.5).floor().long()
+        bad = g.isnan()
+        q = torch.where(bad, 0, g / QUANTUM + 0.5).floor().long()
         if i == j:
             eye = torch.eye(q.shape[1], dtype=torch.bool, device=x.device)
             q = torch.where(eye, (s[:, i:i + step] == 0).long() * int(1 / QUANTUM), q)
         total[:, i:i + step] += q.sum(dim=2)
-        nan[:, i:i + step] |= g.isnan().any(dim=2)
+        nan[:, i:i + step] |= bad.any(dim=2)
         if i != j:  # the block below the diagonal: this one mirrored
             total[:, j:j + step] += q.sum(dim=1)
-            nan[:, j:j + step] |= g.isnan().any(dim=1)
+            nan[:, j:j + step] |= bad.any(dim=1)
     f = total.double() * QUANTUM / m
     return torch.where(nan, math.nan, f).to(ct).view(n, hp, wp)
 
