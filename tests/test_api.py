@@ -184,6 +184,8 @@ def test_noise_checks(name):
         call(name, noise=torch.rand(good, device="meta"))
     with pytest.raises(TypeError, match="noise"):
         call(name, noise=torch.zeros(good, dtype=torch.int64))
+    with pytest.raises(TypeError, match="^noise must be a torch.Tensor or None, got list"):
+        call(name, noise=torch.rand(good).tolist())
 
 
 def test_noise_shape_variants():
@@ -898,6 +900,8 @@ def test_linear_ramp_layers_argument():
     sched.step()
     assert model[1].p == pytest.approx(0.1) and model[3].alpha == pytest.approx(0.15)
     assert model[2].p == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="LinearRamp needs a model or layers"):
+        guidedrop.LinearRamp(steps=4)
 
 
 def test_forward_never_changes_rates():
@@ -1225,7 +1229,8 @@ def test_camdrop_target_not_integer(target):
 @pytest.mark.parametrize("weight, error, match", [
     (torch.randn(0, 4), ValueError, "K"), (torch.randn(3, 0), ValueError, "C_fc"),
     (torch.randn(3, 6), ValueError, "C_fc"), (torch.randn(12), ValueError, "weight"),
-    (torch.randn(3, 4, dtype=torch.float64).long(), TypeError, "weight")])
+    (torch.randn(3, 4, dtype=torch.float64).long(), TypeError, "weight"),
+    ([[0.5] * 4] * 3, TypeError, "^weight must be a torch.Tensor, got list")])
 def test_camdrop_weight_checked(weight, error, match):
     """A wrong shape is a ValueError, a wrong dtype a TypeError (SPEC §1), as cam_targets."""
     with pytest.raises(error, match=match):
@@ -1351,7 +1356,8 @@ def test_camdrop_cuda_target_check_has_no_sync():
 
 @pytest.mark.parametrize("classifier,error", [
     (nn.ReLU(), TypeError), (nn.Conv2d(4, 3, 1), TypeError), ("fc", TypeError),
-    (torch.randn(3), ValueError), (torch.randn(2, 3, 4), ValueError)])
+    (torch.randn(3), ValueError), (torch.randn(2, 3, 4), ValueError),
+    (torch.ones(3, 4, dtype=torch.int64), TypeError)])
 def test_cam_targets_bad_classifier(classifier, error):
     """cam_targets(nn.ReLU(), t) used to raise AttributeError; a weight tensor of the wrong
     shape is a ValueError (SPEC §1), as F.camdrop's (it was a TypeError)."""
