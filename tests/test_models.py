@@ -366,8 +366,9 @@ def test_eval_model_exports(layer):
 def test_train_model_exports_with_dynamic_sizes(layer):
     """In train mode torch.export keeps the layer, drawing fresh masks at each call, equal
     to eager's from the same seed, for every N, H and W of the export's ranges (both sides
-    symbolic; H and W from the largest block up, as under torch.compile: maps smaller than
-    the block are a graph each; AttentionDrop's n_β is one per map size, so its H and W
+    symbolic; H and W from the largest block up: maps smaller than the block are the other
+    side of a guard, test_train_export_below_the_block; AttentionDrop's n_β is one per map
+    size, so its H and W
     stay static). A helper's attack: Python's max of H and W guarded W <= H (FocusedDropout,
     CorrDrop), and CorrDrop's ceil_mode pooling guarded a relation export could not prove."""
     mod = models.PLACEMENTS[layer][1](0, 1).train()  # CorrDrop's block 9, DropBlock's 7
@@ -391,6 +392,29 @@ def test_train_model_exports_with_dynamic_sizes(layer):
     if layer != "focused_dropout":
         torch.manual_seed(2)
         assert not torch.equal(exported.module()(x), exported.module()(x))  # fresh masks
+
+
+@pytest.mark.parametrize("layer", ["corrdrop", "dropblock"])
+def test_train_export_below_the_block(layer, every_backend):  # noqa: F811 (the fixture)
+    """Exported from a map smaller than the block, the program serves every map smaller than
+    it, equal to eager from the same seed: one guard, the map within the block or not, as
+    under torch.compile (a map at least the block is its other side). A helper's attack:
+    CorrDrop's export pinned max(H, W) to the example's (avg_pool2d's symbolic window,
+    apply_block's int(k)), DropBlock's which of H and W is smaller (Python's min)."""
+    mod = models.PLACEMENTS[layer][1](0, 1).train()  # CorrDrop's block 9, DropBlock's 7
+    mod.drop_rate = 0.3
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), mod)
+    auto = torch.export.Dim.AUTO
+    exported = torch.export.export(model, (torch.randn(2, 3, 5, 6),),
+                                   dynamic_shapes={"input": {0: auto, 2: auto, 3: auto}})
+    for seed, (n, h, w) in enumerate([(3, 5, 6), (2, 4, 4), (2, 6, 3), (4, 2, 5)]):
+        x = torch.randn(n, 3, h, w)
+        torch.manual_seed(seed)
+        y = exported.module()(x)
+        torch.manual_seed(seed)
+        assert torch.equal(y, model(x)), (layer, n, h, w)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        exported.module()(torch.randn(2, 3, 11, 11))
 
 
 def test_camdrop_module_export_refused_functional_exports():

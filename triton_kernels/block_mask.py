@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from guidedrop.reference import one_window
+
 from ._common import (
     APPLY_TILE,
     CL_CHANNELS,
@@ -221,7 +223,7 @@ def apply_block(t: torch.Tensor, mask: torch.Tensor, k: int, scale: torch.Tensor
 
     Any int k >= 1: a block larger than the map is the whole map (the same indices as
     k = max(H, W)), so the op, its int64 schema and the constexpr K stay bounded."""
-    return _apply_block(t, mask, min(int(k), max(t.shape[-2], t.shape[-1], 1)), scale)
+    return _apply_block(t, mask, one_window(k, t.shape[-2], t.shape[-1]), scale)
 
 
 @op("apply_block", fake_like)

@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from guidedrop.reference import one_window, pooled_size
+
 from ._common import INTERPRET, TILE, cdiv, launch, needs_int64, op, pow2, warps
 
 QUANTUM_INV = tl.constexpr(4294967296.0)  # 2^32: P_ij is rounded to a multiple of 2^-32
@@ -360,11 +362,11 @@ def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     max(H, W) here, before the op (whose int64 schema would refuse k >= 2**63).
     Empty x (N, H or W = 0): an empty F; C = 0: zero rows, F = 1 / N'.
     """
-    return _pooled_correlation(x, min(int(k), max(x.shape[-2], x.shape[-1], 1)))
+    return _pooled_correlation(x, one_window(k, x.shape[-2], x.shape[-1]))
 
 
 @op("pooled_correlation", lambda x, k: x.new_empty(
-    (x.shape[0], cdiv(x.shape[2], k), cdiv(x.shape[3], k)), dtype=torch.float32))
+    (x.shape[0], *pooled_size(x.shape[2], x.shape[3], k)), dtype=torch.float32))
 def _pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     n, c, h, w = x.shape
     hp, wp = cdiv(h, k), cdiv(w, k)

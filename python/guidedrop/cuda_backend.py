@@ -23,7 +23,7 @@ from guidedrop.layers import (
     rate64,
     top_count,
 )
-from guidedrop.reference import blocks_dropped, one_window, pooled_size
+from guidedrop.reference import blocks_dropped, fitted_block, one_window, pooled_size
 from guidedrop.reference import rate_tensor as _rate_tensor
 
 try:
@@ -91,7 +91,7 @@ def unsupported(x: torch.Tensor) -> str:
 def pooled_correlation(x: torch.Tensor, k: int) -> torch.Tensor:
     """x: (N, C, H, W) -> F: (N, ceil(H/k), ceil(W/k)) float32, SPEC §2 step 2; any int
     k >= 1 (larger than the map: one window, so clamped before the int64 op schema)."""
-    return _ops.pooled_correlation(x, one_window(int(k), x.shape[-2], x.shape[-1]))
+    return _ops.pooled_correlation(x, one_window(k, x.shape[-2], x.shape[-1]))
 
 
 def channel_stats(x: torch.Tensor, applied: torch.Tensor | None = None
@@ -161,7 +161,7 @@ def apply_channel(t, w):
 
 def apply_block(t, mask, k, scale):
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
-    k = one_window(int(k), t.shape[-2], t.shape[-1])  # larger: one block, same indices
+    k = one_window(k, t.shape[-2], t.shape[-1])  # larger: one block, same indices
     return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
 
 
@@ -300,7 +300,7 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     (``layers._seeds_plan``).
     """
     n, c, h, w = x.shape
-    r = min(block_size, h, w)
+    r = fitted_block(block_size, h, w)
     shape = [n, 1 if shared_channels else c, h, w]
     g_t, g = _runtime_rate(_seed_rate(rate64(p, x.device), r, h, w), x)
     blocks, scale = _ops.seeds_plan(x, noise, None, None, shape, g_t, g, r, c, normalize,

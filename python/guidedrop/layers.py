@@ -355,7 +355,7 @@ def dropblock(B, x, p, block_size, *, shared_channels, normalize, noise=None, ge
     """SPEC §7. State: the packed blocks of the seeds (N, ceil(Cs*H*W/8)) uint8 (Cs = 1 or C)
     and scale (N,)."""
     n, c, h, w = x.shape
-    r = min(block_size, h, w)
+    r = reference.fitted_block(block_size, h, w)
     shape = (n, 1 if shared_channels else c, h, w)
     g = _rate(_seed_rate(rate64(p, x.device), r, h, w), x)
     bits = B.seed_bits(noise, generator, g, r, None, None, shape, x.device)

@@ -38,21 +38,41 @@ GRAM_BLOCK = 2**22
 def pooled_size(h: int, w: int, k: int) -> tuple[int, int]:
     """(H', W') = (ceil(H/k), ceil(W/k)), CorrDrop's pooled map (SPEC §2), as
     (h + k - 1) // k: with symbolic sizes Dynamo failed on -(-h // k) (a view of F back to
-    (N, H', W'): "Guard failed on the same frame it was created")."""
+    (N, H', W'): "Guard failed on the same frame it was created"). A symbolic k is
+    one_window's max(H, W) (block sizes are ints): one window, (1, 1), which the compiler
+    cannot prove from the ceilings (each size 1 was a guard, k a constant of the graph)."""
+    if isinstance(k, torch.SymInt):
+        return 1, 1
     return (h + k - 1) // k, (w + k - 1) // k
 
 
 def one_window(k: int, h: int, w: int) -> int:
     """k clamped to max(H, W): a block at least as large as the map is one window (the
     same pooling, the same indices), so no work or memory grows with k beyond the map (any
-    int k >= 1, however large, SPEC §1). Symbolic H or W (torch.export's dynamic shapes):
-    torch.sym_max / sym_min, where Python's max guarded on which of H and W is larger
-    (torch 2.11's Dynamo cannot trace them on ints). Under Dynamo (its sizes are not
-    SymInts here) one guard, the map above or below the block, so that k is a constant of
-    the graph where the map is at least the block and max(H, W) below it."""
+    int k >= 1, however large, SPEC §1; or a k this function returned for the map).
+
+    One guard under torch.compile and torch.export, the map within the block or not: k
+    stays a constant of the graph where the map is at least the block, and max(H, W), a
+    symbolic k, below it (one window: pooled_size is (1, 1)). Symbolic H or W (torch.export's
+    dynamic shapes): torch.sym_max, where Python's max guarded on which of H and W is larger
+    (torch 2.11's Dynamo cannot trace it on ints; under Dynamo the sizes are not SymInts
+    here)."""
+    k = k if isinstance(k, torch.SymInt) else int(k)
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
-        return torch.sym_min(k, torch.sym_max(torch.sym_max(h, w), 1))
+        m = torch.sym_max(torch.sym_max(h, w), 1)
+        return k if m >= k else m
     return k if max(h, w) >= k else max(h, w, 1)
+
+
+def fitted_block(k: int, h: int, w: int) -> int:
+    """DropBlock's block side r = min(k, H, W) (SPEC §7). One guard under torch.compile and
+    torch.export, the map at least the block or not: r stays k, a constant of the graph,
+    where it is, and min(H, W) below it (torch.sym_min with symbolic sizes, where Python's
+    min guarded on which of H and W is smaller)."""
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+        m = torch.sym_min(h, w)
+        return k if m >= k else m
+    return min(k, h, w)
 
 
 def blocks_dropped(p, h: int, w: int, k: int):
@@ -162,10 +182,11 @@ def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
         kh, kw = min(k, h), min(k, w)
         s = F.avg_pool2d(F.pad(x, (0, wp * kw - w, 0, hp * kh - h)), (kh, kw),
                          stride=(kh, kw), divisor_override=1)
-    elif not isinstance(k, torch.SymInt) and hp == 1 and wp == 1:
-        # Compiled (Dynamo), one window (the map within the block: k = max(H, W) is
-        # symbolic): its sum, since avg_pool2d would make k a constant of the graph, a graph
-        # per map size. The same sum wherever the window's sum is exact (pooled_correlation).
+    elif isinstance(k, torch.SymInt) or (hp == 1 and wp == 1):
+        # Compiled or exported, one window (the map within the block: k = max(H, W) is
+        # symbolic, a SymInt under torch.export): its sum, since avg_pool2d would make k a
+        # constant of the graph, a graph per map size. The same sum wherever the window's
+        # sum is exact (pooled_correlation).
         s = x.sum(dim=(-2, -1), keepdim=True)
     else:
         s = F.avg_pool2d(F.pad(x, (0, wp * k - w, 0, hp * k - h)), k, stride=k,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from guidedrop.layers import Plan, _rate, _seed_rate, rate64
+from guidedrop.reference import fitted_block
 
 from .._common import as_float32, op
 from ..block_mask import draw_seed, packed_bits, seed_launch, seeds_fake, seeds_scale
@@ -56,7 +57,7 @@ def plan_dropblock(x, p, block_size, *, shared_channels, normalize, noise=None,
     (blocks (N, ceil(Cs*H*W/8)) uint8, scale (N,) float32)), blocks the seeds' packed r x r
     blocks (``layers._seeds_plan``)."""
     n, c, h, w = x.shape
-    r = min(block_size, h, w)
+    r = fitted_block(block_size, h, w)
     cs = 1 if shared_channels else c
     g_t, g_val = rate_args(_seed_rate(rate64(p, x.device), r, h, w), x)
     seed = draw_seed(noise, generator, x.device)
