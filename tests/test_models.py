@@ -394,27 +394,57 @@ def test_train_model_exports_with_dynamic_sizes(layer):
         assert not torch.equal(exported.module()(x), exported.module()(x))  # fresh masks
 
 
-@pytest.mark.parametrize("layer", ["corrdrop", "dropblock"])
+class _CamDropOp(nn.Module):
+    """CamDrop for torch.export: the functional op, the targets an input (the module refuses
+    export in train mode, test_camdrop_module_export_refused_functional_exports)."""
+
+    def __init__(self, block_size):
+        super().__init__()
+        self.fc, self.block_size = nn.Linear(16, 5), block_size
+
+    def forward(self, x, target):
+        return guidedrop.functional.camdrop(x, self.fc.weight, target, self.block_size, 0.5)
+
+
+@pytest.mark.parametrize("layer", ["corrdrop", "dropblock", "camdrop"])
 def test_train_export_below_the_block(layer, every_backend):  # noqa: F811 (the fixture)
     """Exported from a map smaller than the block, the program serves every map smaller than
     it, equal to eager from the same seed: one guard, the map within the block or not, as
     under torch.compile (a map at least the block is its other side). A helper's attack:
     CorrDrop's export pinned max(H, W) to the example's (avg_pool2d's symbolic window,
-    apply_block's int(k)), DropBlock's which of H and W is smaller (Python's min)."""
-    mod = models.PLACEMENTS[layer][1](0, 1).train()  # CorrDrop's block 9, DropBlock's 7
-    mod.drop_rate = 0.3
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), mod)
+    apply_block's int(k)), DropBlock's and CamDrop's which of H and W is smaller (Python's
+    min, r > H or r > W)."""
     auto = torch.export.Dim.AUTO
-    exported = torch.export.export(model, (torch.randn(2, 3, 5, 6),),
-                                   dynamic_shapes={"input": {0: auto, 2: auto, 3: auto}})
-    for seed, (n, h, w) in enumerate([(3, 5, 6), (2, 4, 4), (2, 6, 3), (4, 2, 5)]):
+    dims = {"input": {0: auto, 2: auto, 3: auto}}
+    if layer == "camdrop":  # block 5 (the identity below it)
+        mod, dims["target"] = _CamDropOp(5), {0: auto}
+    else:
+        mod = models.PLACEMENTS[layer][1](0, 1).train()  # CorrDrop's block 9, DropBlock's 7
+        mod.drop_rate = 0.3
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mod = nn.Conv2d(3, 16, 3, padding=1), mod
+
+        def forward(self, input, target=None):
+            x = self.conv(input)
+            return self.mod(x) if target is None else self.mod(x, target)
+
+    def args(n, h, w):
         x = torch.randn(n, 3, h, w)
+        return (x, torch.arange(n) % 5) if layer == "camdrop" else (x,)
+
+    model = Model()
+    exported = torch.export.export(model, args(2, 5, 4), dynamic_shapes=dims)
+    for seed, (n, h, w) in enumerate([(3, 5, 4), (2, 4, 4), (2, 4, 3), (4, 2, 5)]):
+        a = args(n, h, w)
         torch.manual_seed(seed)
-        y = exported.module()(x)
+        y = exported.module()(*a)
         torch.manual_seed(seed)
-        assert torch.equal(y, model(x)), (layer, n, h, w)
+        assert torch.equal(y, model(*a)), (layer, n, h, w)
     with pytest.raises(AssertionError, match="Guard failed"):
-        exported.module()(torch.randn(2, 3, 11, 11))
+        exported.module()(*args(2, 11, 11))
 
 
 def test_camdrop_module_export_refused_functional_exports():

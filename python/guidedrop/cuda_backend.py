@@ -325,7 +325,7 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     """
     n, c, h, w = x.shape
     r = block_size
-    if r > h or r > w:  # no valid centre: nothing is dropped, and no kernel checks target
+    if fitted_block(r, h, w) < r:  # no valid centre: none dropped, and no kernel checks target
         # SPEC §6 step 0 all the same (a GPU target, or one seen while compiling), as the
         # reference and the Triton plan: a bad target is an error whatever the block size.
         if not _validation.target_checked_on_host(target):

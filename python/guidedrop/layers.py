@@ -335,7 +335,7 @@ def camdrop(B, x, weight, target, block_size, keep, *, channel_rate, normalize,
     # reference asserts in torch ops; a kernel backend's plan in its first CamDrop kernel.
     target = _validation.assert_target(target, weight.shape[0])
     r = block_size
-    if r > h or r > w:  # no valid centre: nothing is dropped
+    if reference.fitted_block(r, h, w) < r:  # no valid centre: nothing is dropped
         return None
     dt = reference.compute_dtype(x)
     alpha = weight.detach()[target].to(dt)  # (N, C_fc)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from guidedrop import _validation
 from guidedrop.layers import Plan, _seed_rate, rate64, top_count
+from guidedrop.reference import fitted_block
 
 from .._common import (
     INTERPRET,
@@ -170,7 +171,7 @@ def plan_camdrop(x, weight, target, block_size, keep, *, channel_rate, normalize
     """
     n, c, h, w = x.shape
     r = block_size
-    if r > h or r > w:  # no valid centre: nothing is dropped, and no kernel checks target
+    if fitted_block(r, h, w) < r:  # no valid centre: none dropped, and no kernel checks target
         if not _validation.target_checked_on_host(target):
             _validation.assert_target(target, weight.shape[0])
         return None
