@@ -1018,7 +1018,7 @@ RESNET_COLUMNS = [("layer", "layer", "{}"), ("backend", "backend", "{}"),
 CSV_FIELDS = ["date", "device", "versions", "copy_gbps", "bench", "layer", "shape", "dtype",
               "mode", "backend", "ms", "ms_p20", "ms_p80", "gbps", "x_floor", "floor_ms",
               "speedup_eager", "speedup_compile", "kept_fraction", "graph_ms", "graph_x_floor",
-              "graph_speedup_compile", "note", "overhead_pct"]
+              "graph_speedup_compile", "note", "overhead_pct", "contention"]
 
 
 MODEL_COLUMNS = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
@@ -1356,8 +1356,11 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
             legend.setdefault(name, handle)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
+    busy = meta.get("contention")
     fig.suptitle(f"guidedrop bench — {meta['device']}, {meta['date']}, "
-                 f"memory copy {meta['copy_gbps']:.0f} GB/s", fontsize=11)
+                 f"memory copy {meta['copy_gbps']:.0f} GB/s"
+                 + (f"\nnot to be trusted: {busy} (other work shared the CPU)" if busy else ""),
+                 fontsize=11)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center",
                ncol=len(legend), fontsize=9, frameon=False)
     fig.savefig(path, dpi=110)
@@ -1365,7 +1368,8 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
     return True
 
 
-def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) -> None:
+def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str],
+                   note: str | None = None) -> None:
     ops = [r for r in rows if r["bench"] == "op"]
     res = [r for r in rows if r["bench"] == "resnet50-step"]
     bandwidth = ("not measured (dry run)" if meta["copy_gbps"] is None
@@ -1376,7 +1380,7 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str]) ->
              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + " (one yardstick for every "
              "layer: SpatialScale, DropBlock and AttentionDrop need about 4 passes, not 5, "
              "and can run below 1x). `GB/s`: the floor's bytes / time. `kept/x`: bytes saved "
-             "for backward (x itself excluded) / bytes of x.", ""]
+             "for backward (x itself excluded) / bytes of x.", ""] + ([note, ""] if note else [])
     if ops:
         parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
@@ -1643,6 +1647,8 @@ def run(args) -> list[dict]:
     progress = Progress(total)
     done: dict[tuple[int, str], list[dict]] = dict(skipped)
     res_rows: list[dict] = []
+    from .demo import cpu_contention, load_average
+    peak = 0.0  # the load during the run (sampled after each case), not only at its end
     try:
         # torch.compile last, after every other backend of every case: its compilations
         # take the longest, so under --budget they are what is left out.
@@ -1655,6 +1661,7 @@ def run(args) -> list[dict]:
                                     graph=args.graph, deadline=deadline, compiler=compiler,
                                     kernels=args.kernels is not None):
                     done.setdefault((i, r["backend"]), []).append(r)
+                peak = max(peak, load_average())
         if args.resnet:
             failed = {(r["layer"], r["backend"]): "not timed: this backend failed its check"
                       for rs in done.values() for r in rs if mismatched(r)}
@@ -1672,6 +1679,14 @@ def run(args) -> list[dict]:
     rows = ops + res_rows
 
     from .cli import console
+    busy = None if args.dry_run else cpu_contention(device, peak)
+    # in every output, so that a table copied from a file keeps it (benchmarks/RESULTS.md)
+    meta["contention"] = busy
+    busy_note = busy and (
+        f"(note: {busy}: other work shared the CPU, so these times are not to be trusted; "
+        "torch.compile's rows least: the OpenMP threads of its CPU kernels wait for each "
+        "other, 100x eager's time where one is descheduled"
+        + (".)" if torch.get_num_threads() == 1 else "; OMP_NUM_THREADS=1 avoids that.)"))
     tables = [format_table(ops, op_columns(ops))]
     if args.resnet:
         note = " (torch.compile is not timed here)" if "compile" in providers else ""
@@ -1681,27 +1696,21 @@ def run(args) -> list[dict]:
     out.print()
     for t in tables:
         out.print(t, highlight=False)
-    from .demo import cpu_contention
-    busy = None if args.dry_run else cpu_contention(device)
-    if busy:  # a new user's compiled rows read 0.01x eager on a shared 2-core machine
-        out.print(f"(note: {busy}: other work shared the CPU, so these times are not to be "
-                  "trusted; torch.compile's rows least: the OpenMP threads of its CPU kernels "
-                  "wait for each other, 100x eager's time where one is descheduled"
-                  + (".)" if torch.get_num_threads() == 1 else "; OMP_NUM_THREADS=1 avoids "
-                     "that.)"), highlight=False)
+    if busy_note:  # a new user's compiled rows read 0.01x eager on a shared 2-core machine
+        out.print(busy_note, highlight=False)
     try:
         if args.table:
             from rich.console import Console
             with _open_out(args.table) as f:
                 file_console = Console(file=f, width=250, color_system=None)
-                for t in tables:
+                for t in tables + ([busy_note] if busy_note else []):
                     file_console.print(t, highlight=False)
             print(f"wrote {args.table}")
         if args.csv:
             write_csv(args.csv, rows, meta)
             print(f"wrote {args.csv}")
         if args.md:
-            write_markdown(args.md, rows, meta, modes)
+            write_markdown(args.md, rows, meta, modes, busy_note)
             print(f"wrote {args.md}")
         if args.kernels:
             n = write_kernels(args.kernels, ops, meta)

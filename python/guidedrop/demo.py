@@ -333,14 +333,16 @@ def run(args) -> list[dict]:
     out.print(f"({note}s/epoch: training steps only, after a warm-up step; "
                   "overhead: s/epoch against none)", highlight=False)
     busy = cpu_contention(device, peak)
-    if busy:
-        again = "" if torch.get_num_threads() == 1 else ", or with --threads 1,"
-        out.print(f"(note: {busy}: other work shared the CPU, so s/epoch and overhead % "
-                  f"say little; rerun on an idle machine{again} to compare them)",
-                  highlight=False)
+    again = "" if torch.get_num_threads() == 1 else ", or with --threads 1,"
+    busy_note = busy and (f"(note: {busy}: other work shared the CPU, so s/epoch and "
+                          f"overhead % say little; rerun on an idle machine{again} to "
+                          "compare them)")
+    if busy_note:
+        out.print(busy_note, highlight=False)
     try:  # probed before the training, but a disk can fill up since (as bench says it)
-        if args.md:
-            Path(args.md).write_text(markdown(rows, seeds))
+        if args.md:  # the note too: a table copied from the file keeps it
+            Path(args.md).write_text(markdown(rows, seeds)
+                                     + (f"\n{busy_note}\n" if busy_note else ""))
             out.print(f"wrote {args.md}", highlight=False)
         if plot:
             write_plot(plot, runs, layers, what)
