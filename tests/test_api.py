@@ -498,8 +498,11 @@ def test_module_bad_arguments():
         guidedrop.CorrDrop(p=1.5)
     with pytest.raises(TypeError, match="^block_size must"):
         guidedrop.DropBlock2d(block_size=2.5)
-    with pytest.raises(ValueError, match="^mode must"):
-        guidedrop.AttentionDrop(mode="xx")
+    with pytest.raises(ValueError, match="^mode must be one of 'am', 'sm', 'ad', got 'xx'$"):
+        guidedrop.AttentionDrop(mode="xx")  # the options listed, not a tuple's repr
+    with pytest.raises(TypeError, match="^normalize must be a str, one of 'batch', 'sample', "
+                                        "'none', got NoneType$"):
+        guidedrop.CorrDrop(normalize=None)
     with pytest.raises(ValueError, match="^beta must"):
         guidedrop.AttentionDrop(beta=0.0)
     with pytest.raises(ValueError, match="^low must be <= high"):

@@ -121,6 +121,16 @@ def test_every_submodule_the_readme_names_is_an_attribute():
         assert hasattr(guidedrop, name), f"guidedrop.{name}"
 
 
+def test_public_names_are_the_readmes():
+    """``__all__`` of guidedrop.functional and guidedrop.primitives (``from ... import *``,
+    ``dir()`` tools) is what the README documents: its table's functional ops, its list of
+    hot paths (a new user saw V, dispatch, torch, ... among the primitives)."""
+    ops = re.findall(r"^\| `\w+\([^|]*\| `(\w+)[`(]", README, flags=re.M)
+    assert guidedrop.functional.__all__ == ops, ops
+    hot = README.split("Hot paths, exposed in `guidedrop.primitives`:", 1)[1].split("none is", 1)[0]
+    assert guidedrop.primitives.__all__ == re.findall(r"`(\w+)\(", hot)
+
+
 # The README's own layer and CamDrop (the one that reads cam_targets) in the default run;
 # the others (~5 s each) in .ci/run's slow stage.
 @pytest.mark.parametrize("layer", [

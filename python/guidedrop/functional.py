@@ -535,3 +535,9 @@ _COMMON_RAISES = """
 for _op in (corrdrop, selectscale, spatialscale, selectout, attentiondrop, focused_dropout,
             camdrop, dropblock):
     _op.__doc__ = _op.__doc__.rstrip() + _COMMON_RAISES
+
+
+__all__ = [
+    "corrdrop", "selectscale", "spatialscale", "selectout", "attentiondrop", "focused_dropout",
+    "camdrop", "dropblock",
+]

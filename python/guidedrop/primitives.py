@@ -106,3 +106,9 @@ def block_upsample(mask: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
     if mask.dim() != 3 or mask.shape[1] * k < h or mask.shape[2] * k < w:
         raise ValueError(f"mask must be (N, >= ceil(H/k), >= ceil(W/k)), got {tuple(mask.shape)}")
     return reference.upsample(mask.detach(), k, h, w)
+
+
+__all__ = [
+    "pooled_correlation", "channel_max", "channel_mean", "top_percentile_threshold",
+    "block_upsample",
+]
