@@ -101,7 +101,8 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
         inside = group.modules() if isinstance(mod, M.GuidedDropout) else iter(group)
         if any(type(m) is type(mod) for m in inside if m is not group):
             raise ValueError(f"{name} already holds a {type(mod).__name__}: a second one "
-                             "would stack on it (the same insert twice?)")
+                             "would stack on it (the same insert twice, or after "
+                             "swap_timm_dropblock?)")
     for name, mod in zip(chosen, added, strict=True):
         getattr(model, name).append(mod.train(model.training))
     return added

@@ -557,6 +557,7 @@ class CamDrop(GuidedDropout):
                 "program would keep the labels of the export. Export in eval mode (CamDrop "
                 "is the identity there), or call guidedrop.functional.camdrop(x, weight, "
                 "target, ...) in your forward, with the targets an input of the model.")
+        V.not_jit_traced()  # its message, before the one of a missing cam_targets block
         weight, target = _cam_block(x)
         return F.camdrop(x, weight, target, **self._params())
 
