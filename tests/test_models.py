@@ -193,6 +193,10 @@ def test_insert_factory_and_errors():
     models.insert(model, "camdrop")
     with pytest.raises(ValueError, match="layer3 already holds a DropBlock2d"):
         models.insert(model, "dropblock")
+    # (swap_timm_dropblock makes DropBlock2d only: named for it alone)
+    with pytest.raises(ValueError, match=r"layer3 already holds a CamDrop: .*\(the same "
+                                         r"insert twice\?\)$"):
+        models.insert(model, "camdrop")
     with pytest.raises(TypeError, match="layer must be a str"):
         models.insert(model, ["dropblock"])
     with pytest.raises(TypeError, match="model must be an nn.Module"):

@@ -67,12 +67,16 @@ def block_size(v, name: str = "block_size") -> int:
     return integer(name, v, 1)
 
 
+def _listed(options: tuple[str, ...]) -> str:
+    return ", ".join(map(repr, options))  # 'am', 'sm', 'ad': not a tuple's repr
+
+
 def choice(name: str, v, options: tuple[str, ...]) -> str:
-    names = ", ".join(map(repr, options))  # 'am', 'sm', 'ad': not a tuple's repr
     if not isinstance(v, str):
-        raise TypeError(f"{name} must be a str, one of {names}, got {type(v).__name__}")
+        raise TypeError(f"{name} must be a str, one of {_listed(options)}, got "
+                        f"{type(v).__name__}")
     if v not in options:
-        raise ValueError(f"{name} must be one of {names}, got {v!r}")
+        raise ValueError(f"{name} must be one of {_listed(options)}, got {v!r}")
     return str(v)
 
 

@@ -1380,12 +1380,14 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str],
              + ", ".join(f"{m} {PASSES[m]}" for m in modes) + " (one yardstick for every "
              "layer: SpatialScale, DropBlock and AttentionDrop need about 4 passes, not 5, "
              "and can run below 1x). `GB/s`: the floor's bytes / time. `kept/x`: bytes saved "
-             "for backward (x itself excluded) / bytes of x.", ""] + ([note, ""] if note else [])
+             "for backward (x itself excluded) / bytes of x.", ""]
     if ops:
         parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
         parts += ["ResNet-50 training step, layer appended to layer1, layer2 and layer3:", "",
                   format_table(res, resnet_columns(res), markdown=True), ""]
+    if note:  # under the tables, as printed
+        parts += [note, ""]
     with _open_out(path) as f:
         f.write("\n".join(parts))
 
@@ -1648,7 +1650,7 @@ def run(args) -> list[dict]:
     done: dict[tuple[int, str], list[dict]] = dict(skipped)
     res_rows: list[dict] = []
     from .demo import cpu_contention, load_average
-    peak = 0.0  # the load during the run (sampled after each case), not only at its end
+    peak = 0.0  # the load during the run (after each case, the ResNet steps), not only at its end
     try:
         # torch.compile last, after every other backend of every case: its compilations
         # take the longest, so under --budget they are what is left out.
@@ -1667,6 +1669,7 @@ def run(args) -> list[dict]:
                       for rs in done.values() for r in rs if mismatched(r)}
             res_rows = resnet_rows(layers, res_providers, device, args.quick, progress,
                                    deadline, failed)
+            peak = max(peak, load_average())
     finally:
         progress.close()
     ops = [r for i in range(len(plan)) for p in providers for r in done.get((i, p), [])]
@@ -1703,8 +1706,10 @@ def run(args) -> list[dict]:
             from rich.console import Console
             with _open_out(args.table) as f:
                 file_console = Console(file=f, width=250, color_system=None)
-                for t in tables + ([busy_note] if busy_note else []):
+                for t in tables:
                     file_console.print(t, highlight=False)
+                if busy_note:  # one line, however long
+                    file_console.print(busy_note, highlight=False, soft_wrap=True)
             print(f"wrote {args.table}")
         if args.csv:
             write_csv(args.csv, rows, meta)

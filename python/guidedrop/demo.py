@@ -81,7 +81,7 @@ def load_average() -> float:
 
 def cpu_contention(device, peak: float = 0.0) -> str | None:
     """Why the timings of a CPU run are not to be trusted, or None: the highest 1-minute load
-    average seen (``peak``: sampled after each epoch, and now) over the cores + 0.5 (this
+    average seen (``peak``: sampled during the run, and now) over the cores + 0.5 (this
     process alone accounts for up to one per core; half a core of other work is enough:
     bench's reference CorrDrop read 24 ms instead of 0.65 ms at load 2.6 on 2 cores, with
     torch's 2 threads, and was not flagged at the cores + 1 of before)."""

@@ -100,9 +100,9 @@ def insert(model: nn.Module, layer: str, factory: Callable[[int, int], nn.Module
         # puts DropBlock2d there); any other module among the group's own children
         inside = group.modules() if isinstance(mod, M.GuidedDropout) else iter(group)
         if any(type(m) is type(mod) for m in inside if m is not group):
+            after = ", or after swap_timm_dropblock" if type(mod) is M.DropBlock2d else ""
             raise ValueError(f"{name} already holds a {type(mod).__name__}: a second one "
-                             "would stack on it (the same insert twice, or after "
-                             "swap_timm_dropblock?)")
+                             f"would stack on it (the same insert twice{after}?)")
     for name, mod in zip(chosen, added, strict=True):
         getattr(model, name).append(mod.train(model.training))
     return added
