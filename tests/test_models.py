@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 import guidedrop
-from guidedrop import models
+from guidedrop import models, primitives
 from guidedrop.modules import GuidedDropout
 
 LAYERS = models.LAYERS
@@ -415,7 +415,7 @@ class _CamDropOp(nn.Module):
 def test_train_export_below_the_block(layer, every_backend):  # noqa: F811 (the fixture)
     """Exported from a map smaller than the block, the program serves every map smaller than
     it, equal to eager from the same seed: one guard, the map within the block or not, as
-    under torch.compile (a map at least the block is its other side). A helper's attack:
+    under torch.compile (a larger map is its other side). A helper's attack:
     CorrDrop's export pinned max(H, W) to the example's (avg_pool2d's symbolic window,
     apply_block's int(k)), DropBlock's and CamDrop's which of H and W is smaller (Python's
     min, r > H or r > W)."""
@@ -450,6 +450,23 @@ def test_train_export_below_the_block(layer, every_backend):  # noqa: F811 (the 
         assert torch.equal(y, model(*a)), (layer, n, h, w)
     with pytest.raises(AssertionError, match="Guard failed"):
         exported.module()(*args(2, 11, 11))
+
+
+def test_compiled_block_size_argument(every_backend):  # noqa: F811 (the fixture)
+    """A block size that torch.compile makes symbolic (an argument of the compiled function,
+    dynamic=True) is not taken for one window: the pooled map stays (ceil(H/k), ceil(W/k))
+    (a review's find: the Triton fakes said (1, 1), "shape '[2, 1]' is invalid for input of
+    size 40"), and a map within the block is still one window."""
+    def f(x, k, noise):  # F's rows summed: a view of the pooled map the graph traced
+        return (primitives.pooled_correlation(x, k).flatten(1).sum(1),
+                guidedrop.functional.corrdrop(x, 0.3, k, noise=noise))
+
+    x = torch.randn(2, 3, 9, 8)
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    for k in (2, 3, 9, 20):
+        noise = torch.rand(2, 2, -(-9 // k), -(-8 // k))
+        for got, want in zip(compiled(x, k, noise), f(x, k, noise), strict=True):
+            assert torch.equal(got, want), k
 
 
 def test_camdrop_module_export_refused_functional_exports():

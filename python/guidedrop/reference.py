@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 name = "reference"
 
@@ -38,10 +39,12 @@ GRAM_BLOCK = 2**22
 def pooled_size(h: int, w: int, k: int) -> tuple[int, int]:
     """(H', W') = (ceil(H/k), ceil(W/k)), CorrDrop's pooled map (SPEC §2), as
     (h + k - 1) // k: with symbolic sizes Dynamo failed on -(-h // k) (a view of F back to
-    (N, H', W'): "Guard failed on the same frame it was created"). A symbolic k is
-    one_window's max(H, W) (block sizes are ints): one window, (1, 1), which the compiler
-    cannot prove from the ceilings (each size 1 was a guard, k a constant of the graph)."""
-    if isinstance(k, torch.SymInt):
+    (N, H', W'): "Guard failed on the same frame it was created"). A symbolic k known to
+    cover the map (one_window's max(H, W)) is one window, (1, 1), which the compiler cannot
+    prove from the ceilings (each size 1 was a guard, k a constant of the graph); any other
+    (a block size compiled as a symbolic argument) takes the ceilings."""
+    if isinstance(k, torch.SymInt) and all(
+            statically_known_true(k >= s) and statically_known_true(s >= 1) for s in (h, w)):
         return 1, 1
     return (h + k - 1) // k, (w + k - 1) // k
 
@@ -52,16 +55,16 @@ def one_window(k: int, h: int, w: int) -> int:
     int k >= 1, however large, SPEC §1; or a k this function returned for the map).
 
     One guard under torch.compile and torch.export, the map within the block or not: k
-    stays a constant of the graph where the map is at least the block, and max(H, W), a
-    symbolic k, below it (one window: pooled_size is (1, 1)). Symbolic H or W (torch.export's
+    stays a constant of the graph where the map is larger than the block, and max(H, W), a
+    symbolic k, within it (one window: pooled_size is (1, 1)). Symbolic H or W (torch.export's
     dynamic shapes): torch.sym_max, where Python's max guarded on which of H and W is larger
     (torch 2.11's Dynamo cannot trace it on ints; under Dynamo the sizes are not SymInts
     here)."""
     k = k if isinstance(k, torch.SymInt) else int(k)
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
         m = torch.sym_max(torch.sym_max(h, w), 1)
-        return k if m >= k else m
-    return k if max(h, w) >= k else max(h, w, 1)
+        return k if m > k else m
+    return k if max(h, w) > k else max(h, w, 1)
 
 
 def fitted_block(k: int, h: int, w: int) -> int:
@@ -182,7 +185,7 @@ def window_means(x: torch.Tensor, k: int, hp: int, wp: int) -> torch.Tensor:
         kh, kw = min(k, h), min(k, w)
         s = F.avg_pool2d(F.pad(x, (0, wp * kw - w, 0, hp * kh - h)), (kh, kw),
                          stride=(kh, kw), divisor_override=1)
-    elif isinstance(k, torch.SymInt) or (hp == 1 and wp == 1):
+    elif hp == 1 and wp == 1:
         # Compiled or exported, one window (the map within the block: k = max(H, W) is
         # symbolic, a SymInt under torch.export): its sum, since avg_pool2d would make k a
         # constant of the graph, a graph per map size. The same sum wherever the window's
