@@ -1747,9 +1747,11 @@ def add_parser(sub) -> None:
     b.add_argument("--shapes", default=None,
                    help="comma list of NxCxHxW or names: "
                         + ", ".join(f"{k}={fmt_shape(v)}" for k, v in SHAPES.items())
-                        + " (default: the goal shapes on CUDA, small on CPU)")
-    b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64 "
-                   "(default: bf16,fp32 on CUDA, fp32 on CPU)")
+                        + " (default: on CUDA r56, r28 and r14 in bf16 and fp32 and c32 in "
+                          "fp32, with --quick c32; on CPU small, with --quick tiny)")
+    b.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16, fp64, each "
+                   "shape in each (default: bf16,fp32 on CUDA, fp32 on CPU; with neither "
+                   "--shapes nor --dtype, the pairs of --shapes's default)")
     b.add_argument("--mode", default="full",
                    help="forward, backward, full, or a comma list (default full)")
     b.add_argument("--backends", default=None,

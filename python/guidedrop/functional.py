@@ -18,12 +18,12 @@ Errors, in eval mode too, each naming the argument: TypeError for a bool or tens
 non-integral block size, a mode or normalize that is not a str, a training that is not a
 bool, x or noise not a floating tensor or not dense (sparse); ValueError for a rate
 outside its range, an unknown mode or normalize, x not 4-D, noise of another shape or
-device, and a GUIDEDROP_BACKEND naming no backend (RuntimeError where the backend it names
-cannot run the input). Where the op acts (training mode, a non-zero rate, a non-empty x):
-a ``generator`` that is not a torch.Generator is a TypeError, ``torch.func.vmap`` over x
-or noise a NotImplementedError, and ``torch.jit.trace`` a RuntimeError (trace in eval
-mode, or use torch.compile / torch.export). Each op's Raises lists its own checks; these
-common ones hold for every op.
+device, and a GUIDEDROP_BACKEND naming no backend. Where the op acts (training mode, a
+non-zero rate, a non-empty x): a GUIDEDROP_BACKEND that cannot run the input is a
+RuntimeError, a ``generator`` that is not a torch.Generator a TypeError,
+``torch.func.vmap`` over x or noise a NotImplementedError, and ``torch.jit.trace`` a
+RuntimeError (trace in eval mode, or use torch.compile / torch.export). Each op's Raises
+lists its own checks; these common ones hold for every op.
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def corrdrop(x, p=0.1, block_size=7, *, normalize="batch", training=True, noise=
 
     With k = block_size: x is average-pooled k x k (ceil mode) to N' = H'·W' positions,
     H' = ceil(H/k), W' = ceil(W/k); position i's correlation F_i = (1/N') Σ_j |â_i·â_j − δ_ij|
-    over its unit channel vectors â (eq. 3); it is kept with probability
+    over its unit channel vectors â (eq. 3), each term rounded to a multiple of 2⁻³² (so
+    F is equal in any order on every backend; it resolves correlations to about 2⁻³³,
+    see the README's "CorrDrop norms and symmetry"); it is kept with probability
     κ_i = (F_i − F_min) / (F_max − F_min) (eq. 4-5: kept where ``noise[0]`` < κ_i), and the
     z positions not kept drop at p̂ = min(1, p'·N'/z) (eq. 6: kept where ``noise[1]`` <
     1 − p̂, 1 − p̂ rounded once to the compute dtype), p' = p·H·W / (k²·H'·W')
@@ -316,15 +318,19 @@ def selectout_counts(top_rate: float, keep: float, c: int, where: str = "") -> N
 @fx_leaf
 def attentiondrop(x, alpha=0.1, beta=20.0, *, mode="ad", normalize="batch", training=True,
                   noise=None, generator=None):
-    """AttentionDrop (Ouyang et al., SPEC §4): soft-mask the top beta % of a map, in an
-    alpha share of maps.
+    """AttentionDrop (Ouyang et al., SPEC §4): soft-mask an alpha share of the maps, each
+    by its top-beta % threshold and its min-max range.
 
     Per (sample, channel) map of H·W units: the threshold ``t`` is the exact
     ``n_β``-th largest value of the map, ``n_β = max(1, math.ceil(beta * H * W / 100))``
     (computed in Python floats left to right, so it can depend on H and W, not only on
     H·W: beta = 16.1 gives 162 on 100 x 10, 161 on 10 x 100), ties kept
     (every unit with ``x >= t`` is a top unit); ``f̂ = (x - min) / (max - min)`` over the
-    map (0 where max = min, and wherever it is not a number or not in [0, 1]). The map's
+    map (0 where max = min, and wherever it is not a number or not in [0, 1]), computed as
+    ``min((x - min)·r, 1)`` with ``r = 1/(max - min)`` rounded up, once per map (the last
+    bits differ from the quotient: a unit an ulp below the maximum can take f̂ = 1; r
+    overflows where max - min is under about 2^-128, see the README's "AttentionDrop's
+    f̂"). The map's
     mask ``S`` by ``mode``: ``"ad"`` ``1 - f̂·[x >= t]`` (Algorithm 1), ``"am"`` ``[x < t]``
     (eq. 4), ``"sm"`` ``1 - f̂`` (eq. 7). A map is masked where ``noise[n, c] < alpha``
     (``gamma ~ Bernoulli(alpha)``, the whole map at once) and kept (``w = 1``) elsewhere;

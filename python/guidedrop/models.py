@@ -25,7 +25,8 @@ from . import modules as M
 # ResNet, factory per position). Groups are addressed by index into the model's
 # residual groups, so the same table serves CIFAR (3 groups) and ImageNet (4) ResNets.
 PLACEMENTS: dict[str, tuple[str, Callable[[int, int], nn.Module]]] = {
-    # CorrDrop: after the residual groups but the last, block sizes 9/7/5 (paper §4.1).
+    # CorrDrop: after the first three residual groups, block sizes 9/7/5 (paper §4.1): all
+    # but the last of a 4-group ResNet, every group of a 3-group (CIFAR) one.
     "corrdrop": ("all_but_last_of_4", lambda i, n: M.CorrDrop(p=0.1, block_size=(9, 7, 5)[i])),
     # SelectScale: after the convolutions of the last groups.
     "selectscale": ("last_two", lambda i, n: M.SelectScale()),
