@@ -406,7 +406,9 @@ class FocusedDropout(GuidedDropout):
     program made by torch.export draws in its graph and does not set it. There the op's
     noise is drawn on every step, applied or not (eager draws none on a step that is
     not), so a compiled run's draws after such a step differ from eager's from the same
-    seed; each reproduces itself.
+    seed; each reproduces itself. Inside torch.utils.checkpoint compiled with
+    fullgraph=True, Dynamo refuses the write of ``last_applied`` (``Unsupported``) unless
+    ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` is True.
     In training inside ``nn.DataParallel`` replicas it raises RuntimeError (each replica
     would draw for its own part of the batch and write ``last_applied`` to its own copy):
     use DistributedDataParallel.
