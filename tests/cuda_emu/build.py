@@ -370,28 +370,7 @@ def build(verbose: bool = False) -> str:
         is_python_module=False,  # loads the library: registers torch.ops.guidedrop_emu.*
         verbose=verbose,
     )
-    _one_core_per_worker()
     return path
-
-
-def _one_core_per_worker() -> None:
-    """Under pytest-xdist, keep this worker (the thread that loads the emulator, and the
-    threads it starts after: the emulator's pool, ``threading`` tests) on a core of its own.
-
-    The emulator runs a block's CUDA threads as OS threads that meet at every
-    __syncthreads and warp intrinsic: with the threads of two workers spread over both
-    cores, each meeting wakes threads across cores (an inter-processor interrupt) and two
-    thirds of the emulated tests' CPU time was the kernel's (futex, sched_yield). Pinned,
-    the meetings hand over on one core: on 2 cores, -n 2, 217 emulated tests of
-    test_backend_properties, test_plans_adversarial and test_block_faults took 102 s
-    instead of 169 s, the 42 of test_emulated_map_select_warp_and_block_sizes 50 s instead
-    of 79 s. Threads still interleave (at every barrier, yield and preemption); one process
-    (-n 0) keeps every core.
-    """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw") and worker[2:].isdigit():
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
 
 
 def ops():
