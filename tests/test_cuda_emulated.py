@@ -48,6 +48,7 @@ from testing import (
 
 from guidedrop import layers as L
 from guidedrop import reference as R
+from guidedrop.autograd import APPLY_OPS
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 
@@ -275,6 +276,22 @@ def test_emulated_opcheck(B, op):
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("op", APPLY_OPS)
+def test_emulated_apply_op_autograd(B, op):
+    """The CUDA apply ops' autograd formula (cuda_backend registers it), which a program
+    exported in train mode runs, its graph holding the bare op: grad_t = op(grad_y, *args),
+    the args constant, and differentiable again (second order)."""
+    f = getattr(torch.ops.guidedrop_emu, op)
+    args = T._samples(device="cpu")[op]
+    t = args[0].detach().clone().requires_grad_()
+    y = f(t, *args[1:])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    (gt,) = torch.autograd.grad(y, t, g, create_graph=True)
+    assert torch.equal(gt, f(g.detach(), *args[1:]))
+    (gg,) = torch.autograd.grad(gt.sum(), g)
+    assert torch.equal(gg, f(torch.ones_like(t), *args[1:]))
+
+
 def test_emulated_ops_registered(E):
     for op in T.OPS:
         assert getattr(E, op).default._schema.name == f"guidedrop_emu::{op}"
@@ -387,6 +404,8 @@ def test_emulated_map_threshold_16bit_keys(E, dtype, hw):
 
 # one case a map size: the sizes take a minute or more together, one case each lets
 # pytest-xdist spread them over its workers
+
+
 @pytest.mark.parametrize("hw", [(1, 1), (6, 8), (8, 8), (5, 13), (12, 12), (16, 16), (1, 257),
                                 (28, 28), (32, 32), (25, 41), (36, 36), (56, 56), (56, 64),
                                 (64, 128)], ids=str)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_training import SHAPE, _ops  # every layer, rates giving non-trivial masks
-from testing import CUDA, emulated
+from testing import CUDA, emulated, force_backend
 
 from guidedrop import dispatch, launches
 from guidedrop.launches import KERNELS, LaunchCounter, count_layer
@@ -32,16 +32,8 @@ BUDGET = {"corrdrop": 3, "selectscale": 3, "spatialscale": 3, "selectout": 3,
 
 @pytest.fixture(params=["triton", CUDA])
 def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and DEV == "cpu":  # the CUDA sources on the CPU emulator
-        import test_cuda_emulated as CE
-        if CE.emu.unavailable():
-            pytest.skip(f"no GPU and no CUDA emulator: {CE.emu.unavailable()}")
-        monkeypatch.setitem(dispatch._loaded, name, (CE.emu.backend(), ""))
-    elif dispatch.load(name)[0] is None:
-        pytest.skip(f"backend {name} unavailable: {dispatch.load(name)[1]}")
-    monkeypatch.setenv("GUIDEDROP_BACKEND", name)
-    return name
+    force_backend(request.param, monkeypatch)  # without a GPU, CUDA on the emulator
+    return request.param
 
 
 @pytest.mark.parametrize("layer", list(BUDGET))

@@ -338,7 +338,8 @@ def test_swap_timm_dropblock_refuses_what_it_cannot_map(settings, setting):
 # --------------------------------------------------------------------------- torch.fx
 
 from test_api import every_backend  # noqa: E402, F401, F811 (a fixture)
-from testing import CUDA, TRITON_SLOW  # noqa: E402
+from test_block_faults import layer_case  # noqa: E402
+from testing import CUDA, DEV, TRITON_SLOW, force_backend  # noqa: E402
 
 
 def test_symbolic_trace_leaf():
@@ -409,6 +410,46 @@ class _CamDropOp(nn.Module):
 
     def forward(self, x, target):
         return guidedrop.functional.camdrop(x, self.fc.weight, target, self.block_size, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA])
+@pytest.mark.parametrize("layer", models.LAYERS)
+def test_train_export_backward_matches_eager(layer, backend, monkeypatch):
+    """A program exported in train mode trains on every backend (CUDA's sources on the
+    emulator without a GPU): each functional op with its noise an input of the program,
+    its output, the gradients of the input and of the conv's weight, and a second-order
+    gradient equal eager's. A helper's attack: the exported graph holds the bare apply op
+    (torch.export inlines the layer's autograd Function), which had no autograd formula
+    on the kernel backends ("no autograd formula was registered" at backward)."""
+    force_backend(backend, monkeypatch)
+    n, c, h, w = 2, 8, 7, 9
+    params, kw, noise_shape = layer_case(layer, n, c, h, w)  # tensors on DEV
+    op = getattr(guidedrop.functional, layer)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, c, 3, padding=1)
+
+        def forward(self, input, noise):
+            return op(self.conv(input), *params, noise=noise, **kw)
+
+    model = Model().to(DEV)
+    gen = torch.Generator().manual_seed(1)
+    args = (torch.randn(n, 3, h, w, generator=gen).to(DEV),
+            torch.rand(noise_shape, generator=gen).to(DEV))
+    exported = torch.export.export(model, args).module()
+    results = []
+    for run in (exported, model):
+        x = args[0].clone().requires_grad_()
+        y = run(x, args[1])
+        gx, gw = torch.autograd.grad(y.square().sum(), (x, model.conv.weight),
+                                     create_graph=True)
+        (ggx,) = torch.autograd.grad(gw.square().sum(), x)  # through the backward's apply
+        results.append((y, gx, gw, ggx))
+    for got, want, what in zip(*results, ("y", "grad x", "grad weight", "grad^2 x"), strict=True):
+        assert torch.equal(got, want), (layer, what)
+    assert not torch.equal(results[1][0], model.conv(args[0]))  # the layer acted
 
 
 @pytest.mark.parametrize("layer", ["corrdrop", "dropblock", "camdrop"])

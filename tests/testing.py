@@ -82,6 +82,15 @@ def load_backend(name: str, *, emulate: bool = True) -> types.ModuleType:
     return mod
 
 
+def force_backend(name: str, monkeypatch) -> None:
+    """GUIDEDROP_BACKEND=name for this test: without a GPU, "cuda" is the CUDA sources on
+    the CPU emulator (dispatch hands them CPU tensors); skips where the backend cannot run."""
+    mod = load_backend(name)
+    if name == "cuda" and not HAS_CUDA:
+        monkeypatch.setitem(dispatch._loaded, name, (mod, ""))
+    monkeypatch.setenv("GUIDEDROP_BACKEND", name)
+
+
 def fake_backend(name: str = "triton", **overrides) -> types.ModuleType:
     """A backend module for dispatch's and the CLI's rules, no kernel in it: the reference's
     functions under ``name``, with ``overrides`` (a wrong primitive, an ``unsupported(x)``

@@ -6,9 +6,12 @@ channels_last and sliced inputs alike, no copies). Importing it without Triton r
 ImportError, which guidedrop.dispatch reports as "unavailable".
 """
 
+import torch
 import triton  # noqa: F401  (ImportError here: the backend is unavailable)
 
-from ._common import unavailable, unsupported
+from guidedrop.autograd import register_apply_ops
+
+from ._common import HAS_OPS, unavailable, unsupported
 from .block_mask import apply_block, apply_seeds, seed_bits, seed_coverage
 from .channel_ranking import apply_channel, channel_stats
 from .class_activation import cam
@@ -22,6 +25,9 @@ from .plans.selectscale import plan_selectout, plan_selectscale
 from .pooled_correlation import pooled_correlation
 
 name = "triton"
+
+if HAS_OPS:  # (older torch: plain functions, which an exported program traces through)
+    register_apply_ops(torch.ops.guidedrop_triton)
 
 __all__ = [
     "name",

@@ -129,8 +129,9 @@ def apply(backend, plan: layers.Plan, x: torch.Tensor) -> torch.Tensor:
     src = x.detach() if plan.kind == "attention" else None
     if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         # torch.compile(torch.func.grad(f)): Dynamo takes x for a tensor that does not
-        # require grad there and inlines the Function's forward, whose kernel ops have no
-        # autograd formula (the CUDA backend's gradient came out 0). Run it eagerly.
+        # require grad there and inlines the Function's forward (the CUDA backend's
+        # gradient came out 0, before register_apply_ops gave its ops a formula; not
+        # retried without this). Run it eagerly.
         return _apply_eagerly(x, src, backend, plan.kind, plan.meta, plan.state)
     return _function().apply(x, src, backend, plan.kind, plan.meta, plan.state)
 
@@ -138,3 +139,43 @@ def apply(backend, plan: layers.Plan, x: torch.Tensor) -> torch.Tensor:
 @torch.compiler.disable
 def _apply_eagerly(*args):
     return _function().apply(*args)
+
+
+# The kernel backends' apply ops (backend_contract.md): each (t, *args) -> t * w(args).
+APPLY_OPS = ("apply_channel", "apply_block", "apply_seeds", "apply_attention")
+
+
+def register_apply_ops(namespace) -> None:
+    """Gives the apply ops of ``namespace`` (``torch.ops.guidedrop_triton``,
+    ``torch.ops.guidedrop``) the Function's own autograd formula: grad_t = op(grad_y,
+    *args), every other argument held constant, its gradient None (SPEC §1; also
+    AttentionDrop's x, w's source). The layers do not need it (the Function calls the ops
+    with grad mode off), but a program torch.export makes in train mode inlines the
+    Function's forward, so its graph holds the bare op and its backward is this (without
+    it, backward through a Triton or CUDA program raised "no autograd formula was
+    registered", found by a helper's attack). The Triton ops' ``_dynamic`` twins need none:
+    they are reached only below autograd, inside an op being traced. Called once, where
+    the backend's ops are registered."""
+    for name in APPLY_OPS:
+        op = getattr(namespace, name)
+        torch.library.register_autograd(op.default, _op_backward(op),
+                                        setup_context=_op_setup_context)
+
+
+def _op_setup_context(ctx, inputs, output):
+    # args minus t: the tensors saved (saved-tensor hooks and checks see them), the rest kept
+    ctx.args = list(inputs[1:])
+    ctx.tensor_at = [i for i, a in enumerate(ctx.args) if isinstance(a, torch.Tensor)]
+    ctx.save_for_backward(*(ctx.args[i] for i in ctx.tensor_at))
+    for i in ctx.tensor_at:
+        ctx.args[i] = None
+
+
+def _op_backward(op):
+    def backward(ctx, grad):
+        args = list(ctx.args)
+        for i, saved in zip(ctx.tensor_at, ctx.saved_tensors, strict=True):
+            args[i] = saved
+        # the op again, on grad_y: itself differentiable (second order) through this formula
+        return (op(_validation.resolved(grad), *args), *(None,) * len(args))
+    return backward

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from guidedrop import _validation
+from guidedrop import _validation, autograd
 from guidedrop.layers import (
     Plan,
     _rate,
@@ -154,26 +154,37 @@ def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.
 # The multipliers are float32 (the reference casts them to float32 before multiplying).
 
 
+def _apply(op, *args):
+    """An apply op: in eager calls past its autograd kernel (autograd.register_apply_ops),
+    a Python one that costs ~6 µs of host time a call and that the layers' Function, which
+    calls the applies with grad mode off, never needs; traced (torch.compile, torch.export),
+    the op itself, whose graph may need the formula."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def apply_channel(t, w):
     """t: (N, C, H, W), w: (N, C) -> t * w[n, c]."""
-    return _ops.apply_channel(t, w.to(torch.float32))
+    return _apply(_ops.apply_channel, t, w.to(torch.float32))
 
 
 def apply_block(t, mask, k, scale):
     """t * (mask[n, h//k, w//k] * scale[n]); mask: (N, Hs, Ws) uint8, scale: (N,)."""
     k = one_window(k, t.shape[-2], t.shape[-1])  # larger: one block, same indices
-    return _ops.apply_block(t, mask.to(torch.uint8), k, scale.to(torch.float32))
+    return _apply(_ops.apply_block, t, mask.to(torch.uint8), k, scale.to(torch.float32))
 
 
 def apply_seeds(t, bits, r, shared, scale):
     """t * ((1 - dropped) * scale[n]), dropped = r x r expansion of the packed seeds."""
-    return _ops.apply_seeds(t, bits, r, shared, scale.to(torch.float32))
+    return _apply(_ops.apply_seeds, t, bits, r, shared, scale.to(torch.float32))
 
 
 def apply_attention(t, x, state, active, mode):
     """t * (S * scale[n]) where active, t * scale[n] elsewhere; S from x (SPEC §4); state
     (N, C, 4): reference.attention_state."""
-    return _ops.apply_attention(t, x, state.to(torch.float32), active, mode)
+    return _apply(_ops.apply_attention, t, x, state.to(torch.float32), active, mode)
 
 
 # --------------------------------------------------------------------------- plans
@@ -445,3 +456,4 @@ def _register_fakes() -> None:
 
 
 _register_fakes()
+autograd.register_apply_ops(_ops)
