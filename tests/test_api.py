@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import math
@@ -685,6 +686,24 @@ def test_focused_dropout_participation():
     assert m(x) is x and m.last_applied is False
 
 
+def test_focused_dropout_draws_on_the_cpu_whatever_the_default_device():
+    """The participation draw comes from torch's CPU generator (the docstring: no device
+    sync) also under a default device: it drew on it (a helper's attack: under
+    torch.set_default_device("meta") the eager forward failed, "Tensor.item() cannot be
+    called on meta tensors"; a CUDA default device would sync every step). The same draws
+    and outputs as without one, from the same seed."""
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    m = guidedrop.FocusedDropout(participation=0.5)
+    runs = []
+    for default in (None, torch.device("meta")):
+        torch.manual_seed(4)
+        with default or contextlib.nullcontext():
+            runs.append([(m(x), m.last_applied) for _ in range(6)])
+    for (y, applied), (want, want_applied) in zip(*runs, strict=True):
+        assert applied is want_applied and y.device == x.device and torch.equal(y, want)
+    assert {applied for _, applied in runs[0]} == {True, False}
+
+
 def test_focused_dropout_last_applied_reset_where_it_returns_x():
     """last_applied tells whether the last forward applied the op: a forward that returns x
     without a draw (eval mode, participation 0) sets it back to False, so that a training
@@ -1011,6 +1030,15 @@ def test_rate_beyond_float_refused(name, bad):
     with pytest.raises(ValueError, match=arg) as info:
         call(name, **{arg: bad})
     assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("tiny", [Decimal("1e-999999"), Fraction(1, 10**400)])
+def test_rate_rounding_to_an_open_bound_says_so(tiny):
+    """A positive beta that rounds to 0.0, the open bound of (0, 100]: the message gives the
+    float it became (a helper's attack: "got 1E-999999" read as a positive value refused)."""
+    message = r"beta must be in \(0, 100\], got .* \(as a float: 0\.0\)"
+    with pytest.raises(ValueError, match=message):
+        F.attentiondrop(torch.ones(1, 1, 2, 2), 0.5, beta=tiny)
 
 
 def test_huge_negative_block_size_message():
@@ -1669,6 +1697,7 @@ def test_every_public_submodule_is_an_attribute():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
 
 def test_base_class_says_what_it_is():
     """guidedrop.GuidedDropout (exported for isinstance checks) called directly: a message

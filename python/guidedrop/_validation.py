@@ -43,7 +43,9 @@ def real(name: str, v, lo: float | None = None, hi: float | None = None, *,
         f = math.nan
     if f != f or f > hi or f < lo or (open_lo and f == lo):
         left = "(" if open_lo else "["
-        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {_short(v)}")
+        # a value above an open lo that rounds to it (Decimal("1e-999999") -> 0.0)
+        why = f" (as a float: {f!r})" if open_lo and f == lo and v > lo else ""
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {_short(v)}{why}")
     return f + 0.0  # -0.0 as 0.0 (a repr of p=-0.0; the same rate)
 
 

@@ -489,7 +489,8 @@ class FocusedDropout(GuidedDropout):
                                      applied=applied)
         V.not_jit_traced()  # before the draw, which a trace would bake in
         V.not_vmapped(x)  # before the draw too
-        self.last_applied = bool(torch.rand(()) < self.participation)
+        # the CPU generator whatever torch's default device (a CUDA one: a sync per step)
+        self.last_applied = bool(torch.rand((), device="cpu") < self.participation)
         if not self.last_applied:
             dispatch.requested()  # a GUIDEDROP_BACKEND naming no backend raises, as _identity
             return x
