@@ -1368,6 +1368,20 @@ def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
     return True
 
 
+def op_legend(ops: list[dict], modes: list[str]) -> str:
+    """What the op table's columns mean (printed under it, and in the markdown report)."""
+    graph = ("graph ms, graph x floor, graph vs compile: the same for the forward + "
+             "backward replayed in a CUDA graph." if any("graph_ms" in r for r in ops) else "")
+    return ("ms: the median time of a call. Floor: passes over x's bytes at the measured "
+            "memory copy bandwidth, " + ", ".join(f"{m} {PASSES[m]}" for m in modes)
+            + " (one yardstick for every layer: SpatialScale, DropBlock and AttentionDrop "
+            "need about 4 passes, not 5, and can run below 1x); x floor: ms / the floor's. "
+            "GB/s: the floor's bytes / ms. vs eager, vs compile: the reference's eager ms, "
+            "torch.compile(reference)'s ms, over this row's (above 1: this row is faster; "
+            "-: that baseline was not run). kept/x: bytes saved for backward (x itself "
+            "excluded) / bytes of x. " + graph).rstrip()
+
+
 def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str],
                    note: str | None = None) -> None:
     ops = [r for r in rows if r["bench"] == "op"]
@@ -1375,12 +1389,7 @@ def write_markdown(path: str, rows: list[dict], meta: dict, modes: list[str],
     bandwidth = ("not measured (dry run)" if meta["copy_gbps"] is None
                  else f"{meta['copy_gbps']:.1f} GB/s (read + write)")
     parts = [f"Device: {meta['device']}; {meta['versions']}; {meta['date']}.",
-             f"Measured memory copy bandwidth: {bandwidth}. "
-             "Floor = passes over x at that bandwidth: "
-             + ", ".join(f"{m} {PASSES[m]}" for m in modes) + " (one yardstick for every "
-             "layer: SpatialScale, DropBlock and AttentionDrop need about 4 passes, not 5, "
-             "and can run below 1x). `GB/s`: the floor's bytes / time. `kept/x`: bytes saved "
-             "for backward (x itself excluded) / bytes of x.", ""]
+             f"Measured memory copy bandwidth: {bandwidth}. " + op_legend(ops, modes), ""]
     if ops:
         parts += [format_table(ops, op_columns(ops), markdown=True), ""]
     if res:
@@ -1690,7 +1699,7 @@ def run(args) -> list[dict]:
         "torch.compile's rows least: the OpenMP threads of its CPU kernels wait for each "
         "other, 100x eager's time where one is descheduled"
         + (".)" if torch.get_num_threads() == 1 else "; OMP_NUM_THREADS=1 avoids that.)"))
-    tables = [format_table(ops, op_columns(ops))]
+    tables = [format_table(ops, op_columns(ops)), *([op_legend(ops, modes)] if ops else [])]
     if args.resnet:
         note = " (torch.compile is not timed here)" if "compile" in providers else ""
         tables += [f"\nResNet-50 training step, layer after layer1, layer2, layer3{note}:",
