@@ -8,6 +8,8 @@ soft mask depends on x unit by unit, keeps x (detached: w is a constant of x).
 The backward is the same Function applied to grad_y, so it is itself differentiable
 (SPEC §1 "Second order"): with ``create_graph=True`` the graph records grad_y * w with w
 constant, on every backend, and the kernel ops never see a tensor that requires grad.
+Only where the Function is gone, in a program torch.export made in train mode, do the
+apply ops meet one: :func:`register_apply_ops` gives them the same formula.
 """
 
 from __future__ import annotations

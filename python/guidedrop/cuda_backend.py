@@ -155,11 +155,12 @@ def seed_coverage(bits: torch.Tensor, r: int, cs: int, h: int, w: int) -> torch.
 
 
 def _apply(op, *args):
-    """An apply op: in eager calls past its autograd kernel (autograd.register_apply_ops),
-    a Python one that costs ~6 µs of host time a call and that the layers' Function, which
-    calls the applies with grad mode off, never needs; traced (torch.compile, torch.export),
-    the op itself, whose graph may need the formula."""
-    if torch.compiler.is_compiling():
+    """An apply op. The layers' Function calls the applies with grad mode off, eagerly: then
+    past the op's autograd kernel (autograd.register_apply_ops), a Python one that costs
+    ~6 µs of host time a call and has nothing to record. Traced (torch.compile,
+    torch.export), or with grad mode on (a caller other than the Function, whose output
+    must keep its graph), the op itself."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -20,7 +20,7 @@ from .functional import fx_leaf, no_autocast
 def _backend(x: torch.Tensor):
     """The backend that runs a primitive on x (validated), and x as the kernels read it
     (V.resolved), detached: no primitive is differentiable (the module docstring), also
-    while torch.compile traces the kernel ops, which have no autograd formula."""
+    while torch.compile traces the kernel ops, whose statistics have no autograd formula."""
     V.feature_map(x)
     return dispatch.backend_for(x), V.resolved(x.detach())
 
