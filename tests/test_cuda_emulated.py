@@ -404,8 +404,6 @@ def test_emulated_map_threshold_16bit_keys(E, dtype, hw):
 
 # one case a map size: the sizes take a minute or more together, one case each lets
 # pytest-xdist spread them over its workers
-
-
 @pytest.mark.parametrize("hw", [(1, 1), (6, 8), (8, 8), (5, 13), (12, 12), (16, 16), (1, 257),
                                 (28, 28), (32, 32), (25, 41), (36, 36), (56, 56), (56, 64),
                                 (64, 128)], ids=str)
